@@ -1,0 +1,324 @@
+//! The lease state machine: granting → active → revoking → ended.
+//!
+//! A lease is the time-bounded membership that an approved request produces.
+//! `preexisting` records, before jitbot touches the directory, whether the
+//! user was already a member: jitbot only ever removes what it added.
+
+use crate::policy::GroupPolicy;
+use crate::{GroupName, Instant, LeaseId, Refusal, RequestId, Span, UserId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseState {
+    /// Durably recorded; the directory change may or may not have happened.
+    Granting,
+    /// The membership is in place until `expires_at`.
+    Active,
+    /// The membership is being removed; retried until it is gone.
+    Revoking,
+    /// Over; the membership jitbot added is gone.
+    Ended,
+}
+
+impl LeaseState {
+    pub fn describe(self) -> &'static str {
+        match self {
+            LeaseState::Granting => "being granted",
+            LeaseState::Active => "active",
+            LeaseState::Revoking => "being revoked",
+            LeaseState::Ended => "ended",
+        }
+    }
+    /// Whether the user may hold the membership in this state.
+    pub fn is_live(self) -> bool {
+        matches!(self, LeaseState::Granting | LeaseState::Active)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// The lease ran out.
+    Expired,
+    /// The holder checked in early.
+    Released,
+    /// An approver or admin took it away.
+    Revoked { by: UserId, reason: String },
+    /// The directory refused the grant; any partial change is undone.
+    GrantFailed { error: String },
+}
+
+impl EndReason {
+    pub fn describe(&self) -> String {
+        match self {
+            EndReason::Expired => "expired".into(),
+            EndReason::Released => "released early".into(),
+            EndReason::Revoked { by, reason } => format!("revoked by {by}: {reason}"),
+            EndReason::GrantFailed { error } => format!("grant failed: {error}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: LeaseId,
+    pub request: RequestId,
+    pub group: GroupName,
+    pub user: UserId,
+    /// When approval landed: the lease clock starts here.
+    pub starts_at: Instant,
+    pub expires_at: Instant,
+    /// Extensions may not push `expires_at` past this.
+    pub latest_end: Instant,
+    pub state: LeaseState,
+    /// `None` until checked; `Some(true)` when the user was a member before
+    /// jitbot, in which case jitbot neither adds nor removes anything.
+    pub preexisting: Option<bool>,
+    pub end_reason: Option<EndReason>,
+    pub ended_at: Option<Instant>,
+    /// Failed revocation attempts so far.
+    pub revoke_attempts: u32,
+    pub last_error: Option<String>,
+    /// An alert went out for repeated revocation failures.
+    pub alerted: bool,
+    /// The expiry warning went out.
+    pub warned: bool,
+}
+
+impl Lease {
+    /// A new lease for an approved request, starting `now`.
+    pub fn start(
+        id: LeaseId,
+        request: RequestId,
+        policy: &GroupPolicy,
+        user: UserId,
+        duration: Span,
+        now: Instant,
+    ) -> Lease {
+        Lease {
+            id,
+            request,
+            group: policy.name.clone(),
+            user,
+            starts_at: now,
+            expires_at: now + duration.to_chrono(),
+            latest_end: now + policy.max_total_duration.max(duration).to_chrono(),
+            state: LeaseState::Granting,
+            preexisting: None,
+            end_reason: None,
+            ended_at: None,
+            revoke_attempts: 0,
+            last_error: None,
+            alerted: false,
+            warned: false,
+        }
+    }
+
+    fn not_in(&self, expected: LeaseState) -> Result<(), Refusal> {
+        if self.state != expected {
+            return Err(Refusal::LeaseNotActive {
+                state: self.state.describe().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records what the directory said before any change.
+    pub fn record_preexisting(&mut self, was_member: bool) {
+        if self.preexisting.is_none() {
+            self.preexisting = Some(was_member);
+        }
+    }
+
+    /// Whether jitbot added (or may have been about to add) the membership,
+    /// and so must remove it at the end.
+    pub fn owns_membership(&self) -> bool {
+        self.preexisting == Some(false)
+    }
+
+    /// The directory now holds the membership.
+    pub fn activate(&mut self) -> Result<(), Refusal> {
+        self.not_in(LeaseState::Granting)?;
+        self.state = LeaseState::Active;
+        Ok(())
+    }
+
+    /// Starts the end of a live lease. Idempotent for a lease already revoking.
+    pub fn begin_revoke(&mut self, reason: EndReason, now: Instant) -> Result<(), Refusal> {
+        match self.state {
+            LeaseState::Granting | LeaseState::Active => {
+                self.state = LeaseState::Revoking;
+                self.end_reason = Some(reason);
+                self.ended_at = Some(now);
+                Ok(())
+            }
+            LeaseState::Revoking => Ok(()),
+            LeaseState::Ended => Err(Refusal::LeaseNotActive {
+                state: self.state.describe().to_string(),
+            }),
+        }
+    }
+
+    /// A removal attempt failed; returns the attempt count.
+    pub fn revoke_failed(&mut self, error: &str) -> u32 {
+        self.revoke_attempts = self.revoke_attempts.saturating_add(1);
+        self.last_error = Some(error.to_string());
+        self.revoke_attempts
+    }
+
+    /// The membership is gone (or was never jitbot's to remove).
+    pub fn finish(&mut self) -> Result<(), Refusal> {
+        self.not_in(LeaseState::Revoking)?;
+        self.state = LeaseState::Ended;
+        self.last_error = None;
+        Ok(())
+    }
+
+    pub fn is_due(&self, now: Instant) -> bool {
+        self.state == LeaseState::Active && now >= self.expires_at
+    }
+
+    /// Time left, zero once due.
+    pub fn remaining(&self, now: Instant) -> chrono::Duration {
+        (self.expires_at - now).max(chrono::Duration::zero())
+    }
+
+    /// Adds time, bounded by the group's maximum total duration.
+    pub fn extend(&mut self, by: Span, policy: &GroupPolicy, now: Instant) -> Result<Instant, Refusal> {
+        self.not_in(LeaseState::Active)?;
+        if now >= self.expires_at {
+            return Err(Refusal::LeaseNotActive {
+                state: "expired".into(),
+            });
+        }
+        if by > policy.max_duration {
+            return Err(Refusal::DurationOverMax {
+                group: policy.name.clone(),
+                requested: by,
+                max: policy.max_duration,
+            });
+        }
+        let new_end = self.expires_at + by.to_chrono();
+        if new_end > self.latest_end {
+            return Err(Refusal::OverTotalDuration {
+                group: policy.name.clone(),
+                max_total: policy.max_total_duration,
+            });
+        }
+        self.expires_at = new_end;
+        self.warned = false;
+        Ok(new_end)
+    }
+
+    /// When the expiry warning is due, if the group has one and it has not gone out.
+    pub fn warning_at(&self, policy: &GroupPolicy) -> Option<Instant> {
+        let lead = policy.expiry_warning?;
+        (!self.warned && self.state == LeaseState::Active).then(|| self.expires_at - lead.to_chrono())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, TimeZone, Utc};
+
+    fn t0() -> Instant {
+        Utc.with_ymd_and_hms(2026, 1, 1, 9, 0, 0).unwrap()
+    }
+
+    fn policy() -> GroupPolicy {
+        let mut p = GroupPolicy::new("db-admins", "cn=db-admins,dc=example,dc=org");
+        p.max_duration = Span::from_hours(4);
+        p.max_total_duration = Span::from_hours(6);
+        p.expiry_warning = Some(Span::from_mins(10));
+        p
+    }
+
+    fn lease() -> Lease {
+        Lease::start(
+            LeaseId::new("l1"),
+            RequestId::new("r1"),
+            &policy(),
+            UserId::new("alice"),
+            Span::from_hours(2),
+            t0(),
+        )
+    }
+
+    #[test]
+    fn full_lifecycle() {
+        let mut l = lease();
+        assert_eq!(l.state, LeaseState::Granting);
+        assert_eq!(l.expires_at, t0() + Duration::hours(2));
+        l.record_preexisting(false);
+        assert!(l.owns_membership());
+        l.activate().unwrap();
+        assert!(!l.is_due(t0() + Duration::minutes(119)));
+        assert!(l.is_due(t0() + Duration::hours(2)));
+        l.begin_revoke(EndReason::Expired, t0() + Duration::hours(2)).unwrap();
+        assert_eq!(l.state, LeaseState::Revoking);
+        assert_eq!(l.revoke_failed("directory down"), 1);
+        assert_eq!(l.revoke_failed("directory down"), 2);
+        l.finish().unwrap();
+        assert_eq!(l.state, LeaseState::Ended);
+        assert_eq!(l.end_reason, Some(EndReason::Expired));
+        assert_eq!(l.last_error, None);
+    }
+
+    #[test]
+    fn illegal_transitions_are_refused() {
+        let mut l = lease();
+        assert!(l.finish().is_err(), "granting cannot end without revoking");
+        l.activate().unwrap();
+        assert!(l.activate().is_err());
+        l.begin_revoke(EndReason::Released, t0()).unwrap();
+        l.begin_revoke(EndReason::Expired, t0()).unwrap();
+        assert_eq!(l.end_reason, Some(EndReason::Released), "first reason wins");
+        assert!(l.extend(Span::from_hours(1), &policy(), t0()).is_err());
+        l.finish().unwrap();
+        assert!(l.begin_revoke(EndReason::Expired, t0()).is_err());
+    }
+
+    #[test]
+    fn standing_membership_is_never_owned() {
+        let mut l = lease();
+        assert!(!l.owns_membership(), "unknown means jitbot never added it");
+        l.record_preexisting(true);
+        l.record_preexisting(false);
+        assert_eq!(l.preexisting, Some(true), "the first observation sticks");
+        assert!(!l.owns_membership());
+    }
+
+    #[test]
+    fn extension_is_bounded_by_total() {
+        let p = policy();
+        let mut l = lease();
+        l.activate().unwrap();
+        assert_eq!(
+            l.extend(Span::from_hours(3), &p, t0()).unwrap(),
+            t0() + Duration::hours(5)
+        );
+        assert_eq!(
+            l.extend(Span::from_hours(2), &p, t0()),
+            Err(Refusal::OverTotalDuration {
+                group: p.name.clone(),
+                max_total: Span::from_hours(6)
+            })
+        );
+        assert!(matches!(
+            l.extend(Span::from_hours(5), &p, t0()),
+            Err(Refusal::DurationOverMax { .. })
+        ));
+        assert!(l.extend(Span::from_hours(1), &p, t0() + Duration::hours(6)).is_err());
+    }
+
+    #[test]
+    fn warning_time() {
+        let p = policy();
+        let mut l = lease();
+        assert_eq!(l.warning_at(&p), None, "not while granting");
+        l.activate().unwrap();
+        assert_eq!(l.warning_at(&p), Some(t0() + Duration::minutes(110)));
+        l.warned = true;
+        assert_eq!(l.warning_at(&p), None);
+    }
+}

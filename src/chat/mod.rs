@@ -1,0 +1,3 @@
+//! Chat adapters and the platform-neutral message model they render.
+
+pub mod view;

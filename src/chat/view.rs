@@ -1,0 +1,94 @@
+//! Platform-neutral message content. The engine builds these; each chat
+//! adapter renders them in its own format (Block Kit, Discord components, HTML).
+
+use jitbot_core::command::Action;
+use jitbot_core::{GroupName, RequestId, UserId};
+use serde::{Deserialize, Serialize};
+
+/// Where a person talked to jitbot from, so that answers and DMs find them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRef {
+    /// `slack`, `discord` or `web`.
+    pub platform: String,
+    /// The platform's user id.
+    pub user: String,
+    /// The channel the command came from, if any.
+    pub channel: Option<String>,
+}
+
+/// A posted message that jitbot may edit later.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRef {
+    pub platform: String,
+    pub channel: String,
+    /// Slack's `ts`, Discord's message id, the console's message number.
+    pub id: String,
+}
+
+/// Who a notice is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Audience {
+    /// A person, by directory id, reached where they last talked to jitbot.
+    User { user: UserId, chat: Option<ChatRef> },
+    /// The channel configured for a group (falls back to the default channel).
+    Group(GroupName),
+    /// The security alert channel.
+    Alert,
+}
+
+/// A one-off message, possibly with buttons.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub to: Audience,
+    pub text: String,
+    #[serde(default, with = "action_ids")]
+    pub buttons: Vec<Action>,
+}
+
+/// Everything an approval message shows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalCard {
+    pub request: RequestId,
+    pub group: GroupName,
+    pub requester: UserId,
+    pub duration: String,
+    pub reason: String,
+    /// True for an extension of an existing lease.
+    pub extension: bool,
+    /// Approvals so far and how many are needed.
+    pub approvals: Vec<UserId>,
+    pub needed: u32,
+    /// `pending`, `approved`, `denied`, ... with who decided and when, once decided.
+    pub status: String,
+    /// Approve and Deny buttons are shown only while this is true.
+    pub open: bool,
+}
+
+impl ApprovalCard {
+    pub fn buttons(&self) -> Vec<Action> {
+        if self.open {
+            vec![
+                Action::Approve(self.request.to_string()),
+                Action::Deny(self.request.to_string()),
+            ]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+mod action_ids {
+    use jitbot_core::command::Action;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(actions: &[Action], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(actions.iter().map(Action::id))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Action>, D::Error> {
+        let ids = Vec::<String>::deserialize(d)?;
+        ids.iter()
+            .map(|id| Action::parse(id).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}

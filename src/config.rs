@@ -1,0 +1,638 @@
+//! Configuration: TOML, unknown keys rejected, validated as a whole before
+//! anything is bound or written. Secrets are named (env or file), not written.
+
+use crate::secret::SecretSource;
+use jitbot_core::policy::{GroupPolicy, Policy, Principals};
+use jitbot_core::{GroupDn, GroupName, Span, UserId};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    pub directory: DirectoryConfig,
+    pub ldap: Option<LdapConfig>,
+    pub memory: Option<MemoryDirectoryConfig>,
+    pub slack: Option<SlackConfig>,
+    pub discord: Option<DiscordConfig>,
+    #[serde(default)]
+    pub admins: PrincipalsConfig,
+    #[serde(default, rename = "group")]
+    pub groups: Vec<Spanned<GroupConfig>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the HTTP server listens (health, admin API, chat endpoints, console).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token for the admin API and dashboard; both are off without it.
+    pub admin_token: Option<SecretSource>,
+    /// Serve the dashboard (behind the admin token).
+    #[serde(default)]
+    pub dashboard: bool,
+    /// Seconds to finish in-flight work after SIGTERM.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace: Span,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            admin_token: None,
+            dashboard: false,
+            shutdown_grace: default_grace(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_grace() -> Span {
+    Span::from_secs(20)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Directory of the sled database.
+    pub path: PathBuf,
+    /// sled's page cache, in MiB (sled's own default is 1 GiB).
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+fn default_cache_mb() -> u64 {
+    64
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Longest the scheduler sleeps before re-reading the wall clock.
+    #[serde(default = "d_max_wait")]
+    pub max_wait: Span,
+    /// First retry delay after a failed revocation; doubles each time.
+    #[serde(default = "d_retry_base")]
+    pub retry_base: Span,
+    /// Longest delay between retries.
+    #[serde(default = "d_retry_max")]
+    pub retry_max: Span,
+    /// Failed attempts before the alert channel hears of it.
+    #[serde(default = "d_alert_after")]
+    pub alert_after: u32,
+    /// How often ZSP groups are checked for members without a lease.
+    #[serde(default = "d_zsp_interval")]
+    pub zsp_interval: Span,
+    /// Directory operations run at once while draining expiries.
+    #[serde(default = "d_concurrency")]
+    pub concurrency: usize,
+}
+
+fn d_max_wait() -> Span {
+    Span::from_secs(60)
+}
+fn d_retry_base() -> Span {
+    Span::from_secs(5)
+}
+fn d_retry_max() -> Span {
+    Span::from_mins(5)
+}
+fn d_alert_after() -> u32 {
+    5
+}
+fn d_zsp_interval() -> Span {
+    Span::from_mins(5)
+}
+fn d_concurrency() -> usize {
+    32
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_wait: d_max_wait(),
+            retry_base: d_retry_base(),
+            retry_max: d_retry_max(),
+            alert_after: d_alert_after(),
+            zsp_interval: d_zsp_interval(),
+            concurrency: d_concurrency(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectoryKind {
+    Ldap,
+    Memory,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// `ldap` for production, `memory` for tests and the demo.
+    pub kind: DirectoryKind,
+}
+
+/// How a group lists its members.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MembershipKind {
+    /// `member` with DNs (groupOfNames, Active Directory).
+    #[default]
+    #[serde(rename = "member")]
+    Member,
+    /// `uniqueMember` with DNs (groupOfUniqueNames).
+    #[serde(rename = "uniqueMember")]
+    UniqueMember,
+    /// `memberUid` with the user id (posixGroup).
+    #[serde(rename = "memberUid")]
+    MemberUid,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LdapConfig {
+    /// `ldap://host:389` or `ldaps://host:636`.
+    pub url: String,
+    /// Upgrade `ldap://` with StartTLS.
+    #[serde(default)]
+    pub starttls: bool,
+    /// PEM file of the CA that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Check the certificate's host name (never turn off in production).
+    #[serde(default = "yes")]
+    pub verify_hostname: bool,
+    pub bind_dn: String,
+    pub password: SecretSource,
+    /// Where user entries live.
+    pub user_base: String,
+    /// The attribute whose value is the jitbot user id (`uid`, `sAMAccountName`).
+    #[serde(default = "d_user_id_attr")]
+    pub user_id_attribute: String,
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout: Span,
+    #[serde(default = "d_op_timeout")]
+    pub operation_timeout: Span,
+    /// How deep to follow nested groups on OpenLDAP.
+    #[serde(default = "d_nested_depth")]
+    pub nested_depth: u32,
+    /// Use Active Directory's in-chain matching rule for nested groups.
+    #[serde(default)]
+    pub active_directory: bool,
+    /// A DN kept in groupOfNames groups so they are never empty (OpenLDAP
+    /// refuses an empty groupOfNames); not counted as a member.
+    pub placeholder_dn: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn d_user_id_attr() -> String {
+    "uid".into()
+}
+fn d_connect_timeout() -> Span {
+    Span::from_secs(5)
+}
+fn d_op_timeout() -> Span {
+    Span::from_secs(10)
+}
+fn d_nested_depth() -> u32 {
+    3
+}
+
+/// The in-memory directory, seeded from config: for tests and the demo.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryDirectoryConfig {
+    #[serde(default, rename = "user")]
+    pub users: Vec<MemoryUser>,
+    /// Group DN → initial member ids.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryUser {
+    pub id: String,
+    /// Other attributes, e.g. `mail`, used to map chat identities.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SlackMode {
+    #[default]
+    Socket,
+    Http,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SlackConfig {
+    #[serde(default)]
+    pub mode: SlackMode,
+    /// `xoxb-` bot token.
+    pub bot_token: SecretSource,
+    /// Signing secret; required in HTTP mode.
+    pub signing_secret: Option<SecretSource>,
+    /// `xapp-` app-level token; required in Socket Mode.
+    pub app_token: Option<SecretSource>,
+    #[serde(default = "d_slack_api")]
+    pub api_url: String,
+    /// Directory attribute holding a Slack user's email.
+    #[serde(default = "d_mail")]
+    pub user_attribute: String,
+    /// Channel for approval cards and notices of groups with no channel of their own.
+    pub default_channel: String,
+    /// Channel for security alerts (break-glass, drift, stuck revocations).
+    pub alert_channel: Option<String>,
+    /// Group name → channel id.
+    #[serde(default)]
+    pub channels: BTreeMap<String, String>,
+    /// Also DM each approver named directly in the group's approvers.
+    #[serde(default)]
+    pub approver_dms: bool,
+}
+
+fn d_slack_api() -> String {
+    "https://slack.com/api".into()
+}
+fn d_mail() -> String {
+    "mail".into()
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DiscordConfig {
+    pub bot_token: SecretSource,
+    /// The application's Ed25519 public key (hex), for the interactions endpoint.
+    pub public_key: Option<String>,
+    pub application_id: String,
+    pub default_channel: String,
+    pub alert_channel: Option<String>,
+    #[serde(default)]
+    pub channels: BTreeMap<String, String>,
+    /// Directory attribute holding a Discord user id.
+    pub user_attribute: Option<String>,
+    /// Static map, Discord user id → directory user id.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalsConfig {
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+impl PrincipalsConfig {
+    fn to_principals(&self) -> Principals {
+        Principals {
+            users: self.users.iter().map(UserId::new).collect(),
+            groups: self.groups.iter().map(GroupDn::new).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    pub dn: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub membership: MembershipKind,
+    pub requesters: PrincipalsConfig,
+    #[serde(default)]
+    pub approvers: PrincipalsConfig,
+    #[serde(default = "one")]
+    pub approvals_required: u32,
+    pub default_duration: Span,
+    pub max_duration: Span,
+    pub max_total_duration: Option<Span>,
+    #[serde(default = "yes")]
+    pub reason_required: bool,
+    #[serde(default)]
+    pub zsp: bool,
+    #[serde(default)]
+    pub remediate: bool,
+    #[serde(default = "d_approval_timeout")]
+    pub approval_timeout: Span,
+    #[serde(default)]
+    pub auto_approve: bool,
+    #[serde(default)]
+    pub auto_approve_for: PrincipalsConfig,
+    #[serde(default)]
+    pub break_glass: bool,
+    #[serde(default = "yes")]
+    pub deny_ends_request: bool,
+    #[serde(default)]
+    pub extension_requires_approval: bool,
+    pub expiry_warning: Option<Span>,
+    /// Also write Active Directory's `<TTL=...>` temporary membership.
+    #[serde(default)]
+    pub ad_ttl: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn d_approval_timeout() -> Span {
+    Span::from_mins(30)
+}
+
+impl GroupConfig {
+    pub fn to_policy(&self) -> GroupPolicy {
+        GroupPolicy {
+            name: GroupName::new(&self.name),
+            dn: GroupDn::new(&self.dn),
+            description: self.description.clone(),
+            requesters: self.requesters.to_principals(),
+            approvers: self.approvers.to_principals(),
+            approvals_required: self.approvals_required,
+            default_duration: self.default_duration,
+            max_duration: self.max_duration,
+            max_total_duration: self.max_total_duration.unwrap_or(self.max_duration),
+            reason_required: self.reason_required,
+            zsp: self.zsp,
+            remediate: self.remediate,
+            approval_timeout: self.approval_timeout,
+            auto_approve: self.auto_approve,
+            auto_approve_for: self.auto_approve_for.to_principals(),
+            break_glass: self.break_glass,
+            deny_ends_request: self.deny_ends_request,
+            extension_requires_approval: self.extension_requires_approval,
+            expiry_warning: self.expiry_warning,
+        }
+    }
+}
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+/// A config that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("{} has {} problem(s):\n{}", .file, .issues.len(), .issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub file: String,
+    pub issues: Vec<ConfigIssue>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            issues: vec![ConfigIssue {
+                key: "(file)".into(),
+                line: None,
+                message: format!("cannot read it: {e}"),
+            }],
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_string(),
+            issues: vec![ConfigIssue {
+                key: "(syntax)".into(),
+                line: e.span().map(|s| line_of(text, s.start)),
+                message: e.message().trim().to_string(),
+            }],
+        })?;
+        let issues = config.validate(text);
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                file: file.to_string(),
+                issues,
+            })
+        }
+    }
+
+    fn validate(&self, text: &str) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let mut issue = |key: String, line: Option<usize>, message: String| {
+            issues.push(ConfigIssue { key, line, message })
+        };
+        match self.directory.kind {
+            DirectoryKind::Ldap if self.ldap.is_none() => issue(
+                "directory.kind".into(),
+                None,
+                "is `ldap` but there is no [ldap] section".into(),
+            ),
+            DirectoryKind::Memory if self.memory.is_none() => issue(
+                "directory.kind".into(),
+                None,
+                "is `memory` but there is no [memory] section".into(),
+            ),
+            _ => {}
+        }
+        if let Some(ldap) = &self.ldap {
+            if !(ldap.url.starts_with("ldap://") || ldap.url.starts_with("ldaps://")) {
+                issue("ldap.url".into(), None, "must start with ldap:// or ldaps://".into());
+            }
+            if ldap.starttls && ldap.url.starts_with("ldaps://") {
+                issue("ldap.starttls".into(), None, "StartTLS makes no sense on ldaps://".into());
+            }
+        }
+        if let Some(slack) = &self.slack {
+            match slack.mode {
+                SlackMode::Http if slack.signing_secret.is_none() => issue(
+                    "slack.signing_secret".into(),
+                    None,
+                    "HTTP mode needs the signing secret to verify requests".into(),
+                ),
+                SlackMode::Socket if slack.app_token.is_none() => issue(
+                    "slack.app_token".into(),
+                    None,
+                    "Socket Mode needs an xapp- app-level token".into(),
+                ),
+                _ => {}
+            }
+        }
+        if self.scheduler.concurrency == 0 {
+            issue("scheduler.concurrency".into(), None, "must be at least 1".into());
+        }
+        if self.groups.is_empty() {
+            issue("group".into(), None, "no [[group]] is configured; jitbot would manage nothing".into());
+        }
+        let mut names = BTreeSet::new();
+        for spanned in &self.groups {
+            let g = spanned.get_ref();
+            let line = Some(line_of(text, spanned.span().start));
+            let key = |k: &str| format!("group[{}].{k}", g.name);
+            if !names.insert(g.name.clone()) {
+                issue(key("name"), line, "is used by two groups".into());
+            }
+            if jitbot_core::Command::parse(&format!("release {}", g.name)).is_err() {
+                issue(key("name"), line, "use letters, digits, `-`, `_` or `.` only".into());
+            }
+            if !g.dn.contains('=') {
+                issue(key("dn"), line, format!("`{}` is not a distinguished name", g.dn));
+            }
+            if g.requesters.users.is_empty() && g.requesters.groups.is_empty() {
+                issue(key("requesters"), line, "nobody may request this group".into());
+            }
+            let needs_approvers = !g.auto_approve;
+            if needs_approvers && g.approvers.users.is_empty() && g.approvers.groups.is_empty() {
+                issue(key("approvers"), line, "nobody can approve; add approvers or set auto_approve".into());
+            }
+            if g.approvals_required == 0 {
+                issue(key("approvals_required"), line, "must be at least 1 (use auto_approve for none)".into());
+            }
+            if g.approvals_required as usize > g.approvers.users.len() && g.approvers.groups.is_empty() {
+                issue(
+                    key("approvals_required"),
+                    line,
+                    format!(
+                        "needs {} approvers but only {} are named",
+                        g.approvals_required,
+                        g.approvers.users.len()
+                    ),
+                );
+            }
+            if g.default_duration > g.max_duration {
+                issue(
+                    key("default_duration"),
+                    line,
+                    format!("{} is longer than max_duration {}", g.default_duration, g.max_duration),
+                );
+            }
+            if let Some(total) = g.max_total_duration {
+                if total < g.max_duration {
+                    issue(
+                        key("max_total_duration"),
+                        line,
+                        format!("{total} is shorter than max_duration {}", g.max_duration),
+                    );
+                }
+            }
+            if g.remediate && !g.zsp {
+                issue(key("remediate"), line, "only applies to zsp groups; set zsp = true".into());
+            }
+            if let Some(w) = g.expiry_warning {
+                if w >= g.max_duration {
+                    issue(key("expiry_warning"), line, "must be shorter than max_duration".into());
+                }
+            }
+        }
+        issues
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy {
+            groups: self.groups.iter().map(|g| g.get_ref().to_policy()).collect(),
+            admins: self.admins.to_principals(),
+        }
+    }
+
+    pub fn group_configs(&self) -> impl Iterator<Item = &GroupConfig> {
+        self.groups.iter().map(|g| g.get_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[store]
+path = "/tmp/x"
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = { users = ["alice"] }
+approvers = { users = ["bob"] }
+default_duration = "1h"
+max_duration = "4h"
+"#;
+
+    #[test]
+    fn minimal_config_loads() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        let p = c.policy();
+        assert_eq!(p.groups[0].max_total_duration, Span::from_hours(4));
+        assert_eq!(c.store.cache_mb, 64);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jitbot.example.toml");
+        if let Err(e) = Config::load(&path) {
+            panic!("{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_its_line() {
+        let text = MINIMAL.replace("max_duration = \"4h\"", "max_duration = \"4h\"\nmax_durration = \"9h\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(err.issues[0].line, Some(17), "{err}");
+        assert!(err.to_string().contains("max_durration"), "{err}");
+    }
+
+    #[test]
+    fn semantic_problems_name_key_and_line() {
+        let text = MINIMAL.replace("default_duration = \"1h\"", "default_duration = \"9h\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("group[db-admins].default_duration"), "{msg}");
+        assert_eq!(err.issues[0].line, Some(10), "{msg}");
+    }
+
+    #[test]
+    fn bad_durations_and_secrets_in_toml_are_refused() {
+        let text = MINIMAL.replace("\"4h\"", "\"forever\"");
+        assert!(Config::parse(&text, "t").unwrap_err().to_string().contains("forever"));
+        let text = format!("{MINIMAL}\n[server]\nadmin_token = \"plaintext\"\n");
+        assert!(Config::parse(&text, "t").is_err(), "a secret must be a source, not a value");
+    }
+}

@@ -1,0 +1,3 @@
+//! Directory adapters: LDAP for production, in-memory for tests and the demo.
+
+pub mod memory;

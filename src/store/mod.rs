@@ -1,0 +1,590 @@
+//! The durable store on sled: the single source of truth.
+//!
+//! Trees: `requests`, `leases`, `timers` (ordered by due time: what the
+//! scheduler works from), `timer_ix` (which key each timer has now), `live`
+//! (group + user → the live lease, so a user never holds two), `audit`
+//! (append-only, hash-chained), `outbox` (notifications still to deliver).
+//!
+//! Every change goes through [`Store::update`]: the closure reads and stages
+//! writes under a single writer lock (a compare-and-swap on the whole store),
+//! the writes commit atomically across trees, and the database is flushed
+//! before `update` returns, so the caller's side effect always follows a
+//! durable record of it.
+
+mod records;
+mod timers;
+
+pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
+pub use timers::{Timer, TimerKind};
+
+use jitbot_core::{GroupName, Instant, LeaseId, RequestId, UserId};
+use records::{StoredAudit, StoredLease, StoredOutbox, StoredRequest};
+use sha2::{Digest, Sha256};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("the store at {path} is in use by another process (is `jitbot run` already running?)")]
+    Locked { path: String },
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("stored record {key} is unreadable: {error}")]
+    Corrupt { key: String, error: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    requests: sled::Tree,
+    leases: sled::Tree,
+    timers: sled::Tree,
+    timer_ix: sled::Tree,
+    live: sled::Tree,
+    audit: sled::Tree,
+    outbox: sled::Tree,
+    meta: sled::Tree,
+    writer: Mutex<()>,
+}
+
+const AUDIT_HEAD: &[u8] = b"audit_head";
+const SCHEMA: &[u8] = b"schema";
+
+fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
+    let mut k = group.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(user.as_str().as_bytes());
+    k
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        error: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs to JSON cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Audit record before it gets its sequence number and chain hash.
+#[derive(Clone, Debug, Default)]
+pub struct AuditDraft {
+    pub actor: String,
+    pub action: String,
+    pub request: Option<String>,
+    pub lease: Option<String>,
+    pub group: Option<String>,
+    pub user: Option<String>,
+    pub detail: String,
+}
+
+/// The staged writes of one [`Store::update`], with read-your-writes.
+pub struct Tx<'a> {
+    store: &'a Inner,
+    now: Instant,
+    requests: BTreeMap<String, Option<RequestRecord>>,
+    leases: BTreeMap<String, Option<LeaseRecord>>,
+    timers: Vec<(TimerKind, String, Option<Instant>)>,
+    live: Vec<(Vec<u8>, Option<LeaseId>)>,
+    audit: Vec<AuditDraft>,
+    outbox: Vec<OutboxItem>,
+}
+
+impl<'a> Tx<'a> {
+    pub fn request(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        if let Some(staged) = self.requests.get(id.as_str()) {
+            return Ok(staged.clone());
+        }
+        read_request(&self.store.requests, id)
+    }
+
+    pub fn lease(&self, id: &LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        if let Some(staged) = self.leases.get(id.as_str()) {
+            return Ok(staged.clone());
+        }
+        read_lease(&self.store.leases, id)
+    }
+
+    /// The live (granting or active) lease `user` holds on `group`, if any.
+    pub fn live_lease(&self, group: &GroupName, user: &UserId) -> Result<Option<LeaseId>, StoreError> {
+        let key = live_key(group, user);
+        if let Some((_, staged)) = self.live.iter().rev().find(|(k, _)| *k == key) {
+            return Ok(staged.clone());
+        }
+        Ok(self
+            .store
+            .live
+            .get(&key)?
+            .map(|v| LeaseId::new(String::from_utf8_lossy(&v).into_owned())))
+    }
+
+    pub fn put_request(&mut self, rec: RequestRecord) {
+        self.requests.insert(rec.request.id.to_string(), Some(rec));
+    }
+
+    pub fn put_lease(&mut self, rec: LeaseRecord) {
+        let l = &rec.lease;
+        let key = live_key(&l.group, &l.user);
+        self.live.push((key, l.state.is_live().then(|| l.id.clone())));
+        self.leases.insert(l.id.to_string(), Some(rec));
+    }
+
+    /// Sets (or moves) the timer of this kind for `id`.
+    pub fn set_timer(&mut self, kind: TimerKind, id: &str, due: Instant) {
+        self.timers.push((kind, id.to_string(), Some(due)));
+    }
+
+    pub fn clear_timer(&mut self, kind: TimerKind, id: &str) {
+        self.timers.push((kind, id.to_string(), None));
+    }
+
+    pub fn audit(&mut self, draft: AuditDraft) {
+        self.audit.push(draft);
+    }
+
+    pub fn outbox(&mut self, item: OutboxItem) {
+        self.outbox.push(item);
+    }
+
+    /// A fresh id with a prefix (`r-17`, `l-4`), unique for this database.
+    pub fn new_id(&self, prefix: &str) -> Result<String, StoreError> {
+        Ok(format!("{prefix}-{}", self.store.db.generate_id()? + 1))
+    }
+
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+}
+
+fn read_request(tree: &sled::Tree, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+    match tree.get(id.as_str())? {
+        None => Ok(None),
+        Some(bytes) => {
+            let stored: StoredRequest = decode(id.as_str().as_bytes(), &bytes)?;
+            RequestRecord::try_from(stored)
+                .map(Some)
+                .map_err(|error| StoreError::Corrupt {
+                    key: id.to_string(),
+                    error,
+                })
+        }
+    }
+}
+
+fn read_lease(tree: &sled::Tree, id: &LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+    match tree.get(id.as_str())? {
+        None => Ok(None),
+        Some(bytes) => {
+            let stored: StoredLease = decode(id.as_str().as_bytes(), &bytes)?;
+            LeaseRecord::try_from(stored)
+                .map(Some)
+                .map_err(|error| StoreError::Corrupt {
+                    key: id.to_string(),
+                    error,
+                })
+        }
+    }
+}
+
+/// Outcome of checking the audit chain.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuditCheck {
+    Intact { records: u64 },
+    /// The first record whose stored bytes no longer match the chain.
+    Broken { seq: u64, problem: String },
+}
+
+impl Store {
+    /// Opens (or creates) the store. `cache_mb` bounds sled's page cache.
+    pub fn open(path: &Path, cache_mb: u64) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_mb.max(1) * 1024 * 1024)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked {
+                    path: path.display().to_string(),
+                },
+                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
+                    path: path.display().to_string(),
+                },
+                other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
+            })?;
+        let inner = Inner {
+            requests: db.open_tree("requests")?,
+            leases: db.open_tree("leases")?,
+            timers: db.open_tree("timers")?,
+            timer_ix: db.open_tree("timer_ix")?,
+            live: db.open_tree("live")?,
+            audit: db.open_tree("audit")?,
+            outbox: db.open_tree("outbox")?,
+            meta: db.open_tree("meta")?,
+            writer: Mutex::new(()),
+            db,
+        };
+        if inner.meta.get(SCHEMA)?.is_none() {
+            inner.meta.insert(SCHEMA, &b"1"[..])?;
+        }
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    /// Runs `f` under the writer lock, commits what it staged atomically and
+    /// flushes to disk. `f`'s error aborts the whole change.
+    pub async fn update<T, E>(&self, now: Instant, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        let value = {
+            let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tx = Tx {
+                store: &self.inner,
+                now,
+                requests: BTreeMap::new(),
+                leases: BTreeMap::new(),
+                timers: Vec::new(),
+                live: Vec::new(),
+                audit: Vec::new(),
+                outbox: Vec::new(),
+            };
+            let value = f(&mut tx)?;
+            self.commit(tx)?;
+            value
+        };
+        self.flush().await?;
+        Ok(value)
+    }
+
+    fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
+        let s = &*self.inner;
+        // Ids for outbox entries are drawn outside the sled transaction
+        // (generate_id is not transactional); gaps are harmless.
+        let mut outbox_ids = Vec::with_capacity(tx.outbox.len());
+        for _ in &tx.outbox {
+            outbox_ids.push(s.db.generate_id()?);
+        }
+        let trees = (
+            &s.requests,
+            &s.leases,
+            &s.timers,
+            &s.timer_ix,
+            &s.live,
+            &s.audit,
+            &s.outbox,
+            &s.meta,
+        );
+        let result: Result<(), TransactionError<StoreError>> = trees.transaction(
+            |(requests, leases, timers, timer_ix, live, audit, outbox, meta)| {
+                for (id, rec) in &tx.requests {
+                    if let Some(rec) = rec {
+                        requests.insert(id.as_bytes(), encode(&StoredRequest::from(rec)))?;
+                    }
+                }
+                for (id, rec) in &tx.leases {
+                    if let Some(rec) = rec {
+                        leases.insert(id.as_bytes(), encode(&StoredLease::from(rec)))?;
+                    }
+                }
+                for (kind, id, due) in &tx.timers {
+                    let ix = timers::index_key(*kind, id);
+                    if let Some(old) = timer_ix.get(&ix)? {
+                        timers.remove(old)?;
+                        timer_ix.remove(ix.clone())?;
+                    }
+                    if let Some(due) = due {
+                        let key = timers::timer_key(*due, *kind, id);
+                        timers.insert(key.clone(), &[][..])?;
+                        timer_ix.insert(ix, key)?;
+                    }
+                }
+                for (key, lease) in &tx.live {
+                    match lease {
+                        Some(id) => {
+                            live.insert(key.clone(), id.as_str().as_bytes())?;
+                        }
+                        None => {
+                            // Only clear the slot if it still points at a lease
+                            // staged as no longer live in this change.
+                            if let Some(current) = live.get(key)? {
+                                let current = String::from_utf8_lossy(&current).into_owned();
+                                if tx.leases.get(&current).is_some_and(|l| {
+                                    l.as_ref().is_some_and(|l| !l.lease.state.is_live())
+                                }) {
+                                    live.remove(key.clone())?;
+                                }
+                            }
+                        }
+                    }
+                }
+                if !tx.audit.is_empty() {
+                    let (mut seq, mut prev) = match meta.get(AUDIT_HEAD)? {
+                        Some(head) => {
+                            let text = String::from_utf8_lossy(&head).into_owned();
+                            let (seq, hash) = text.split_once(':').unwrap_or(("0", ""));
+                            (seq.parse::<u64>().unwrap_or(0), hash.to_string())
+                        }
+                        None => (0, String::new()),
+                    };
+                    for draft in &tx.audit {
+                        seq += 1;
+                        let entry = AuditEntry {
+                            seq,
+                            at: tx.now,
+                            actor: draft.actor.clone(),
+                            action: draft.action.clone(),
+                            request: draft.request.clone(),
+                            lease: draft.lease.clone(),
+                            group: draft.group.clone(),
+                            user: draft.user.clone(),
+                            detail: draft.detail.clone(),
+                            prev: prev.clone(),
+                        };
+                        let bytes = encode(&StoredAudit::V1(entry));
+                        prev = hex::encode(Sha256::digest(&bytes));
+                        audit.insert(&seq.to_be_bytes(), bytes)?;
+                    }
+                    meta.insert(AUDIT_HEAD, format!("{seq}:{prev}").as_bytes())?;
+                }
+                for (item, id) in tx.outbox.iter().zip(&outbox_ids) {
+                    let stored = StoredOutbox::V1 {
+                        item: item.clone(),
+                        attempts: 0,
+                    };
+                    outbox.insert(&id.to_be_bytes(), encode(&stored))?;
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            },
+        );
+        result.map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+        })
+    }
+
+    /// Waits until everything written so far is on disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+
+    pub fn request(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        read_request(&self.inner.requests, id)
+    }
+
+    pub fn lease(&self, id: &LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        read_lease(&self.inner.leases, id)
+    }
+
+    pub fn requests(&self) -> Result<Vec<RequestRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.requests.iter() {
+            let (k, v) = item?;
+            let stored: StoredRequest = decode(&k, &v)?;
+            out.push(RequestRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                error,
+            })?);
+        }
+        Ok(out)
+    }
+
+    pub fn leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.leases.iter() {
+            let (k, v) = item?;
+            let stored: StoredLease = decode(&k, &v)?;
+            out.push(LeaseRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                error,
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Live (granting or active) leases of one group.
+    pub fn live_leases_in(&self, group: &GroupName) -> Result<Vec<(UserId, LeaseId)>, StoreError> {
+        let mut prefix = group.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.inner.live.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let user = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((UserId::new(user), LeaseId::new(String::from_utf8_lossy(&v).into_owned())));
+        }
+        Ok(out)
+    }
+
+    pub fn live_lease(&self, group: &GroupName, user: &UserId) -> Result<Option<LeaseId>, StoreError> {
+        Ok(self
+            .inner
+            .live
+            .get(live_key(group, user))?
+            .map(|v| LeaseId::new(String::from_utf8_lossy(&v).into_owned())))
+    }
+
+    /// Timers due at or before `now`, earliest first, at most `limit`.
+    pub fn due_timers(&self, now: Instant, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        let end = timers::timer_key(now, TimerKind::MAX, "\u{10FFFF}");
+        let mut out = Vec::new();
+        for item in self.inner.timers.range(..=end).take(limit) {
+            let (k, _) = item?;
+            if let Some(t) = timers::parse_key(&k) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Timers in due order starting after `after` (for skipping ones in flight).
+    pub fn timers_from(&self, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.timers.iter().take(limit) {
+            let (k, _) = item?;
+            if let Some(t) = timers::parse_key(&k) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn timer_count(&self) -> usize {
+        self.inner.timers.len()
+    }
+
+    /// The earliest timer's due time.
+    pub fn next_due(&self) -> Result<Option<Instant>, StoreError> {
+        Ok(match self.inner.timers.first()? {
+            Some((k, _)) => timers::parse_key(&k).map(|t| t.due),
+            None => None,
+        })
+    }
+
+    /// Outbox entries in order, with their attempt counts.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxItem, u32)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.outbox.iter().take(limit) {
+            let (k, v) = item?;
+            let StoredOutbox::V1 { item, attempts } = decode(&k, &v)?;
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&k[..8]);
+            out.push((u64::from_be_bytes(id), item, attempts));
+        }
+        Ok(out)
+    }
+
+    pub fn outbox_done(&self, id: u64) -> Result<(), StoreError> {
+        self.inner.outbox.remove(id.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn outbox_retry(&self, id: u64, item: &OutboxItem, attempts: u32) -> Result<(), StoreError> {
+        let stored = StoredOutbox::V1 {
+            item: item.clone(),
+            attempts,
+        };
+        self.inner.outbox.insert(id.to_be_bytes(), encode(&stored))?;
+        Ok(())
+    }
+
+    /// Records the messages an approval card was posted as.
+    pub async fn set_messages(
+        &self,
+        id: &RequestId,
+        messages: Vec<crate::chat::view::MessageRef>,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        self.update(now, |tx| {
+            if let Some(mut rec) = tx.request(id)? {
+                rec.messages = messages;
+                tx.put_request(rec);
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await
+    }
+
+    /// Audit records with `seq >= from`, in order.
+    pub fn audit(&self, from: u64) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
+        self.inner.audit.range(from.to_be_bytes()..).map(|item| {
+            let (k, v) = item?;
+            let StoredAudit::V1(entry) = decode(&k, &v)?;
+            Ok(entry)
+        })
+    }
+
+    /// Checks the audit hash chain from the first record to the stored head.
+    pub fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
+        let mut prev_hash = String::new();
+        let mut prev_seq = 0u64;
+        let mut count = 0u64;
+        for item in self.inner.audit.iter() {
+            let (k, v) = item?;
+            let mut seq_bytes = [0u8; 8];
+            seq_bytes.copy_from_slice(&k[..8]);
+            let seq = u64::from_be_bytes(seq_bytes);
+            let entry = match serde_json::from_slice::<StoredAudit>(&v) {
+                Ok(StoredAudit::V1(e)) => e,
+                Err(e) => {
+                    return Ok(AuditCheck::Broken {
+                        seq,
+                        problem: format!("record is unreadable: {e}"),
+                    })
+                }
+            };
+            if entry.seq != seq || seq != prev_seq + 1 {
+                return Ok(AuditCheck::Broken {
+                    seq,
+                    problem: format!("sequence jumps from {prev_seq} to {seq}"),
+                });
+            }
+            if entry.prev != prev_hash {
+                // This record's link does not match its predecessor's bytes:
+                // the predecessor was altered (or this link was).
+                return Ok(AuditCheck::Broken {
+                    seq: prev_seq.max(1),
+                    problem: "its contents no longer match the hash recorded after it".into(),
+                });
+            }
+            prev_hash = hex::encode(Sha256::digest(&v));
+            prev_seq = seq;
+            count += 1;
+        }
+        let head = self
+            .inner
+            .meta
+            .get(AUDIT_HEAD)?
+            .map(|h| String::from_utf8_lossy(&h).into_owned())
+            .unwrap_or_else(|| "0:".into());
+        if head != format!("{prev_seq}:{prev_hash}") {
+            return Ok(AuditCheck::Broken {
+                seq: prev_seq,
+                problem: "the last record does not match the recorded chain head".into(),
+            });
+        }
+        Ok(AuditCheck::Intact { records: count })
+    }
+
+    /// Raw access for tests that tamper with the audit trail.
+    #[doc(hidden)]
+    pub fn audit_tree(&self) -> &sled::Tree {
+        &self.inner.audit
+    }
+}

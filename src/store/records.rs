@@ -1,0 +1,355 @@
+//! Stored formats: versioned structs, kept apart from the domain types so
+//! that the domain can change without breaking databases already on disk.
+//! Each record is JSON tagged with its version (`"v": 1`).
+
+use crate::chat::view::{ChatRef, MessageRef, Notice};
+use jitbot_core::lease::{EndReason, LeaseState};
+use jitbot_core::request::{BreakGlass, Decision, RequestKind, RequestState};
+use jitbot_core::{AccessRequest, GroupName, Instant, Lease, LeaseId, RequestId, Span, UserId};
+use serde::{Deserialize, Serialize};
+
+/// A request as the engine keeps it: the domain request plus where it came
+/// from and where its approval card was posted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestRecord {
+    pub request: AccessRequest,
+    pub origin: Option<ChatRef>,
+    pub messages: Vec<MessageRef>,
+    /// The lease this request produced (or extended).
+    pub lease: Option<LeaseId>,
+}
+
+/// A lease as the engine keeps it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseRecord {
+    pub lease: Lease,
+    pub origin: Option<ChatRef>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub(super) enum StoredRequest {
+    #[serde(rename = "1")]
+    V1(RequestV1),
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct RequestV1 {
+    id: String,
+    extends: Option<String>,
+    group: String,
+    requester: String,
+    duration_secs: u64,
+    reason: String,
+    created_at: Instant,
+    decide_by: Instant,
+    state: String,
+    approvals: Vec<DecisionV1>,
+    denials: Vec<DecisionV1>,
+    cancelled_by: Option<String>,
+    auto_approved: bool,
+    break_glass_reason: Option<String>,
+    break_glass_ack: Option<DecisionV1>,
+    decided_at: Option<Instant>,
+    origin: Option<ChatRef>,
+    messages: Vec<MessageRef>,
+    lease: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DecisionV1 {
+    by: String,
+    at: Instant,
+    duration_secs: Option<u64>,
+    reason: Option<String>,
+}
+
+impl From<&Decision> for DecisionV1 {
+    fn from(d: &Decision) -> Self {
+        DecisionV1 {
+            by: d.by.to_string(),
+            at: d.at,
+            duration_secs: d.duration.map(Span::as_secs),
+            reason: d.reason.clone(),
+        }
+    }
+}
+
+impl From<DecisionV1> for Decision {
+    fn from(d: DecisionV1) -> Self {
+        Decision {
+            by: UserId::new(d.by),
+            at: d.at,
+            duration: d.duration_secs.map(Span::from_secs),
+            reason: d.reason,
+        }
+    }
+}
+
+fn request_state_name(s: RequestState) -> &'static str {
+    match s {
+        RequestState::Pending => "pending",
+        RequestState::Approved => "approved",
+        RequestState::Denied => "denied",
+        RequestState::Cancelled => "cancelled",
+        RequestState::TimedOut => "timed_out",
+    }
+}
+
+fn request_state(name: &str) -> Result<RequestState, String> {
+    Ok(match name {
+        "pending" => RequestState::Pending,
+        "approved" => RequestState::Approved,
+        "denied" => RequestState::Denied,
+        "cancelled" => RequestState::Cancelled,
+        "timed_out" => RequestState::TimedOut,
+        other => return Err(format!("unknown request state `{other}`")),
+    })
+}
+
+impl From<&RequestRecord> for StoredRequest {
+    fn from(rec: &RequestRecord) -> Self {
+        let r = &rec.request;
+        StoredRequest::V1(RequestV1 {
+            id: r.id.to_string(),
+            extends: match &r.kind {
+                RequestKind::Grant => None,
+                RequestKind::Extend { lease } => Some(lease.to_string()),
+            },
+            group: r.group.to_string(),
+            requester: r.requester.to_string(),
+            duration_secs: r.duration.as_secs(),
+            reason: r.reason.clone(),
+            created_at: r.created_at,
+            decide_by: r.decide_by,
+            state: request_state_name(r.state).into(),
+            approvals: r.approvals.iter().map(Into::into).collect(),
+            denials: r.denials.iter().map(Into::into).collect(),
+            cancelled_by: r.cancelled_by.as_ref().map(ToString::to_string),
+            auto_approved: r.auto_approved,
+            break_glass_reason: r.break_glass.as_ref().map(|b| b.reason.clone()),
+            break_glass_ack: r
+                .break_glass
+                .as_ref()
+                .and_then(|b| b.acknowledged.as_ref())
+                .map(Into::into),
+            decided_at: r.decided_at,
+            origin: rec.origin.clone(),
+            messages: rec.messages.clone(),
+            lease: rec.lease.as_ref().map(ToString::to_string),
+        })
+    }
+}
+
+impl TryFrom<StoredRequest> for RequestRecord {
+    type Error = String;
+    fn try_from(s: StoredRequest) -> Result<Self, String> {
+        let StoredRequest::V1(v) = s;
+        Ok(RequestRecord {
+            request: AccessRequest {
+                id: RequestId::new(v.id),
+                kind: match v.extends {
+                    None => RequestKind::Grant,
+                    Some(l) => RequestKind::Extend { lease: LeaseId::new(l) },
+                },
+                group: GroupName::new(v.group),
+                requester: UserId::new(v.requester),
+                duration: Span::from_secs(v.duration_secs),
+                reason: v.reason,
+                created_at: v.created_at,
+                decide_by: v.decide_by,
+                state: request_state(&v.state)?,
+                approvals: v.approvals.into_iter().map(Into::into).collect(),
+                denials: v.denials.into_iter().map(Into::into).collect(),
+                cancelled_by: v.cancelled_by.map(UserId::new),
+                auto_approved: v.auto_approved,
+                break_glass: v.break_glass_reason.map(|reason| BreakGlass {
+                    reason,
+                    acknowledged: v.break_glass_ack.map(Into::into),
+                }),
+                decided_at: v.decided_at,
+            },
+            origin: v.origin,
+            messages: v.messages,
+            lease: v.lease.map(LeaseId::new),
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub(super) enum StoredLease {
+    #[serde(rename = "1")]
+    V1(LeaseV1),
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct LeaseV1 {
+    id: String,
+    request: String,
+    group: String,
+    user: String,
+    starts_at: Instant,
+    expires_at: Instant,
+    latest_end: Instant,
+    state: String,
+    preexisting: Option<bool>,
+    end: Option<EndV1>,
+    ended_at: Option<Instant>,
+    revoke_attempts: u32,
+    last_error: Option<String>,
+    alerted: bool,
+    warned: bool,
+    origin: Option<ChatRef>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum EndV1 {
+    Expired,
+    Released,
+    Revoked { by: String, reason: String },
+    GrantFailed { error: String },
+}
+
+impl From<&EndReason> for EndV1 {
+    fn from(e: &EndReason) -> Self {
+        match e {
+            EndReason::Expired => EndV1::Expired,
+            EndReason::Released => EndV1::Released,
+            EndReason::Revoked { by, reason } => EndV1::Revoked {
+                by: by.to_string(),
+                reason: reason.clone(),
+            },
+            EndReason::GrantFailed { error } => EndV1::GrantFailed { error: error.clone() },
+        }
+    }
+}
+
+impl From<EndV1> for EndReason {
+    fn from(e: EndV1) -> Self {
+        match e {
+            EndV1::Expired => EndReason::Expired,
+            EndV1::Released => EndReason::Released,
+            EndV1::Revoked { by, reason } => EndReason::Revoked {
+                by: UserId::new(by),
+                reason,
+            },
+            EndV1::GrantFailed { error } => EndReason::GrantFailed { error },
+        }
+    }
+}
+
+fn lease_state_name(s: LeaseState) -> &'static str {
+    match s {
+        LeaseState::Granting => "granting",
+        LeaseState::Active => "active",
+        LeaseState::Revoking => "revoking",
+        LeaseState::Ended => "ended",
+    }
+}
+
+fn lease_state(name: &str) -> Result<LeaseState, String> {
+    Ok(match name {
+        "granting" => LeaseState::Granting,
+        "active" => LeaseState::Active,
+        "revoking" => LeaseState::Revoking,
+        "ended" => LeaseState::Ended,
+        other => return Err(format!("unknown lease state `{other}`")),
+    })
+}
+
+impl From<&LeaseRecord> for StoredLease {
+    fn from(rec: &LeaseRecord) -> Self {
+        let l = &rec.lease;
+        StoredLease::V1(LeaseV1 {
+            id: l.id.to_string(),
+            request: l.request.to_string(),
+            group: l.group.to_string(),
+            user: l.user.to_string(),
+            starts_at: l.starts_at,
+            expires_at: l.expires_at,
+            latest_end: l.latest_end,
+            state: lease_state_name(l.state).into(),
+            preexisting: l.preexisting,
+            end: l.end_reason.as_ref().map(Into::into),
+            ended_at: l.ended_at,
+            revoke_attempts: l.revoke_attempts,
+            last_error: l.last_error.clone(),
+            alerted: l.alerted,
+            warned: l.warned,
+            origin: rec.origin.clone(),
+        })
+    }
+}
+
+impl TryFrom<StoredLease> for LeaseRecord {
+    type Error = String;
+    fn try_from(s: StoredLease) -> Result<Self, String> {
+        let StoredLease::V1(v) = s;
+        Ok(LeaseRecord {
+            lease: Lease {
+                id: LeaseId::new(v.id),
+                request: RequestId::new(v.request),
+                group: GroupName::new(v.group),
+                user: UserId::new(v.user),
+                starts_at: v.starts_at,
+                expires_at: v.expires_at,
+                latest_end: v.latest_end,
+                state: lease_state(&v.state)?,
+                preexisting: v.preexisting,
+                end_reason: v.end.map(Into::into),
+                ended_at: v.ended_at,
+                revoke_attempts: v.revoke_attempts,
+                last_error: v.last_error,
+                alerted: v.alerted,
+                warned: v.warned,
+            },
+            origin: v.origin,
+        })
+    }
+}
+
+/// Work the notifier still has to deliver, written with the transition that
+/// caused it and removed once delivered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OutboxItem {
+    /// Post the approval card of this request (once).
+    PostApproval { request: RequestId },
+    /// Re-render the card of this request wherever it was posted.
+    UpdateApproval { request: RequestId },
+    Send { notice: Notice },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub(super) enum StoredOutbox {
+    #[serde(rename = "1")]
+    V1 { item: OutboxItem, attempts: u32 },
+}
+
+/// One line of the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at: Instant,
+    /// Directory id of who did it, or `jitbot` for the engine itself.
+    pub actor: String,
+    /// What happened: `request.opened`, `lease.granted`, `lease.revoked`, ...
+    pub action: String,
+    pub request: Option<String>,
+    pub lease: Option<String>,
+    pub group: Option<String>,
+    pub user: Option<String>,
+    pub detail: String,
+    /// SHA-256 (hex) of the previous record's stored bytes.
+    pub prev: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub(super) enum StoredAudit {
+    #[serde(rename = "1")]
+    V1(AuditEntry),
+}
