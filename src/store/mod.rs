@@ -17,7 +17,7 @@ mod timers;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
 pub use timers::{Timer, TimerKind};
 
-use jitbot_core::{GroupName, Instant, LeaseId, RequestId, UserId};
+use jitbot_core::{GroupName, Instant, LeaseId, LeaseState, RequestId, UserId};
 use records::{StoredAudit, StoredLease, StoredOutbox, StoredRequest};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -123,7 +123,7 @@ impl<'a> Tx<'a> {
         read_lease(&self.store.leases, id)
     }
 
-    /// The live (granting or active) lease `user` holds on `group`, if any.
+    /// The lease `user` holds on `group` that has not ended, if any.
     pub fn live_lease(&self, group: &GroupName, user: &UserId) -> Result<Option<LeaseId>, StoreError> {
         let key = live_key(group, user);
         if let Some((_, staged)) = self.live.iter().rev().find(|(k, _)| *k == key) {
@@ -143,7 +143,9 @@ impl<'a> Tx<'a> {
     pub fn put_lease(&mut self, rec: LeaseRecord) {
         let l = &rec.lease;
         let key = live_key(&l.group, &l.user);
-        self.live.push((key, l.state.is_live().then(|| l.id.clone())));
+        // A lease occupies its (group, user) slot until it has fully ended, so a
+        // new lease never starts while an old one's removal is still pending.
+        self.live.push((key, (l.state != LeaseState::Ended).then(|| l.id.clone())));
         self.leases.insert(l.id.to_string(), Some(rec));
     }
 
@@ -326,7 +328,7 @@ impl Store {
                             if let Some(current) = live.get(key)? {
                                 let current = String::from_utf8_lossy(&current).into_owned();
                                 if tx.leases.get(&current).is_some_and(|l| {
-                                    l.as_ref().is_some_and(|l| !l.lease.state.is_live())
+                                    l.as_ref().is_some_and(|l| l.lease.state == LeaseState::Ended)
                                 }) {
                                     live.remove(key.clone())?;
                                 }
@@ -419,7 +421,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Live (granting or active) leases of one group.
+    /// Leases of one group that have not ended (granting, active or revoking).
     pub fn live_leases_in(&self, group: &GroupName) -> Result<Vec<(UserId, LeaseId)>, StoreError> {
         let mut prefix = group.as_str().as_bytes().to_vec();
         prefix.push(0);

@@ -1,0 +1,209 @@
+//! Wiring: builds the engine and its adapters from a config, starts the
+//! HTTP server, the scheduler, the outbox worker and the ZSP monitor, and
+//! drains them on shutdown.
+
+use crate::chat::fanout::{Fanout, LogNotifier};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, DirectoryKind};
+use crate::directory::memory::MemoryDirectory;
+use crate::engine::{Engine, EngineSettings};
+use crate::http::{self, HttpState};
+use crate::ports::{Directory, Notifier};
+use crate::scheduler::{self, SchedulerSettings};
+use crate::secret::Secret;
+use crate::store::Store;
+use anyhow::Context;
+use axum::Router;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Everything `start` needs, already built.
+pub struct Parts {
+    pub engine: Engine,
+    pub notifier: Arc<dyn Notifier>,
+    /// Routes of the chat adapters and the console.
+    pub routers: Vec<Router>,
+    pub admin_token: Option<Secret>,
+    pub scheduler: SchedulerSettings,
+    /// How often the ZSP monitor runs (it also runs at start-up).
+    pub zsp_interval: Duration,
+}
+
+/// A running jitbot.
+pub struct Running {
+    pub engine: Engine,
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// A receiver that turns true at shutdown, for extra tasks (Socket Mode).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Runs another task that must stop with the rest.
+    pub fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Stops taking commands, lets in-flight directory work finish (within
+    /// `grace`), and flushes the store. Leases are re-armed at the next start.
+    pub async fn stop(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown grace ran out; unfinished work resumes at the next start");
+            self.tasks.abort_all();
+        }
+        if let Err(e) = self.engine.store().flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!("jitbot stopped");
+    }
+}
+
+/// Starts the server and background workers on an already-bound listener.
+pub fn start(parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
+    let addr = listener.local_addr()?;
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let engine = parts.engine.clone();
+    let router = http::router(
+        HttpState {
+            engine: engine.clone(),
+            admin_token: parts.admin_token,
+            metrics: crate::metrics::install(),
+        },
+        parts.routers,
+    );
+    let server_rx = rx.clone();
+    tasks.spawn(async move {
+        if let Err(e) = http::serve(listener, router, server_rx).await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tasks.spawn(scheduler::run(engine.clone(), parts.scheduler, rx.clone()));
+    tasks.spawn(crate::chat::outbox::run(engine.clone(), parts.notifier, rx.clone()));
+    tasks.spawn(zsp_monitor(engine.clone(), parts.zsp_interval, rx));
+    tracing::info!(%addr, "jitbot listening");
+    Ok(Running {
+        engine,
+        addr,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+async fn zsp_monitor(engine: Engine, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match engine.check_zsp().await {
+            Ok(drift) if !drift.is_empty() => tracing::warn!(count = drift.len(), "ZSP drift found"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ZSP check failed; will try again"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Builds the directory a config names.
+pub async fn directory(config: &Config) -> anyhow::Result<Arc<dyn Directory>> {
+    Ok(match config.directory.kind {
+        DirectoryKind::Memory => Arc::new(MemoryDirectory::from_config(
+            config.memory.as_ref().context("directory.kind = memory needs a [memory] section")?,
+        )),
+        DirectoryKind::Ldap => {
+            let ldap = config.ldap.as_ref().context("directory.kind = ldap needs an [ldap] section")?;
+            let groups: Vec<_> = config.group_configs().cloned().collect();
+            Arc::new(crate::directory::ldap::LdapDirectory::new(ldap, &groups)?)
+        }
+    })
+}
+
+/// Engine settings from a config.
+pub fn engine_settings(config: &Config) -> EngineSettings {
+    EngineSettings {
+        retry_base: config.scheduler.retry_base,
+        retry_max: config.scheduler.retry_max,
+        alert_after: config.scheduler.alert_after,
+    }
+}
+
+/// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let admin_token = match &config.server.admin_token {
+        Some(src) => Some(src.resolve().context("server.admin_token")?),
+        None => None,
+    };
+    let store = Store::open(&config.store.path, config.store.cache_mb)?;
+    let directory = directory(&config).await?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let engine = Engine::new(config.policy(), store, directory, clock.clone(), engine_settings(&config));
+    let mut platforms: Vec<(String, Arc<dyn Notifier>)> = Vec::new();
+    let routers: Vec<Router> = Vec::new();
+    let extra = crate::chat::configure(&config, &engine, clock, &mut platforms)?;
+    let notifier: Arc<dyn Notifier> = if platforms.is_empty() {
+        Arc::new(LogNotifier)
+    } else {
+        Arc::new(Fanout::new(platforms))
+    };
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let mut running = start(
+        Parts {
+            engine,
+            notifier,
+            routers: routers.into_iter().chain(extra.routers).collect(),
+            admin_token,
+            scheduler: SchedulerSettings {
+                max_wait: config.scheduler.max_wait.to_std(),
+                concurrency: config.scheduler.concurrency,
+            },
+            zsp_interval: config.scheduler.zsp_interval.to_std(),
+        },
+        listener,
+    )?;
+    for task in extra.tasks {
+        let rx = running.shutdown_signal();
+        running.spawn(task(rx));
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.stop(config.server.shutdown_grace.to_std()).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

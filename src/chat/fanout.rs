@@ -1,0 +1,77 @@
+//! Notifier plumbing: a fan-out over every configured platform, and a
+//! notifier that only logs (when no chat platform is configured).
+
+use crate::ports::{ApprovalCard, ChatError, MessageRef, Notice, Notifier};
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// Sends to every platform; approval cards are updated on the platform
+/// that posted them.
+pub struct Fanout {
+    platforms: Vec<(String, Arc<dyn Notifier>)>,
+}
+
+impl Fanout {
+    pub fn new(platforms: Vec<(String, Arc<dyn Notifier>)>) -> Self {
+        Fanout { platforms }
+    }
+}
+
+#[async_trait]
+impl Notifier for Fanout {
+    async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
+        let mut all = Vec::new();
+        let mut last_err = None;
+        for (_, n) in &self.platforms {
+            match n.post_approval(card).await {
+                Ok(refs) => all.extend(refs),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        match (all.is_empty(), last_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(all),
+        }
+    }
+
+    async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
+        match self.platforms.iter().find(|(name, _)| *name == at.platform) {
+            Some((_, n)) => n.update_approval(at, card).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
+        let mut result = Ok(());
+        for (name, n) in &self.platforms {
+            // A notice for a person goes only to the platform they used.
+            if let crate::ports::Audience::User { chat: Some(chat), .. } = &notice.to {
+                if chat.platform != *name {
+                    continue;
+                }
+            }
+            if let Err(e) = n.send(notice).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+/// Writes notices to the log only.
+pub struct LogNotifier;
+
+#[async_trait]
+impl Notifier for LogNotifier {
+    async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
+        tracing::info!(request = %card.request, group = %card.group, "approval needed");
+        Ok(Vec::new())
+    }
+    async fn update_approval(&self, _at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {
+        Ok(())
+    }
+    async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
+        tracing::info!(to = ?notice.to, text = %notice.text, "notice");
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! The Slack adapter: Block Kit messages out through the Web API
+//! (slack-morphism), slash commands and clicks in through HTTP mode or
+//! Socket Mode. Both modes hand their payloads to one [`handle`] module.
+
+pub mod blocks;
+mod handle;
+mod http;
+pub mod signature;
+mod socket;
+
+pub use handle::SlackHandler;
+pub use http::{routes, BODY_LIMIT};
+pub use signature::{verify_signature, SignatureError};
+pub use socket::run_socket_mode;
+
+use crate::config::SlackConfig;
+use crate::ports::{ApprovalCard, Audience, ChatError, MessageRef, Notice, Notifier};
+use crate::secret::{Secret, SecretError};
+use async_trait::async_trait;
+use slack_morphism::errors::SlackClientError;
+use slack_morphism::prelude::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The platform name in [`MessageRef`] and [`crate::ports::ChatRef`].
+pub const PLATFORM: &str = "slack";
+
+/// slack-morphism's hyper client over a connector that speaks HTTPS to Slack
+/// and plain HTTP to a local fake or a proxy on loopback.
+pub type Client = SlackClient<SlackClientHyperHttpsConnector>;
+
+/// Why the adapter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SlackSetupError {
+    #[error("slack.bot_token: {0}")]
+    Token(#[from] SecretError),
+    #[error("cannot load the system's TLS roots: {0}")]
+    Tls(std::io::Error),
+}
+
+/// Talks to Slack's Web API; implements [`Notifier`].
+pub struct SlackAdapter {
+    client: Arc<Client>,
+    token: SlackApiToken,
+    config: SlackConfig,
+}
+
+impl SlackAdapter {
+    /// Builds the adapter from config, resolving the bot token.
+    pub fn new(config: &SlackConfig) -> Result<SlackAdapter, SlackSetupError> {
+        let token = config.bot_token.resolve()?;
+        SlackAdapter::with_token(config, token)
+    }
+
+    /// Builds the adapter with an already-resolved bot token.
+    pub fn with_token(config: &SlackConfig, bot_token: Secret) -> Result<SlackAdapter, SlackSetupError> {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(SlackSetupError::Tls)?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .build();
+        // slack-morphism appends `/{method}` itself.
+        let api_url = config.api_url.trim_end_matches('/');
+        let connector = SlackClientHyperConnector::with_connector(https).with_slack_api_url(api_url);
+        Ok(SlackAdapter {
+            client: Arc::new(SlackClient::new(connector)),
+            token: SlackApiToken::new(bot_token.expose().to_string().into()),
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &SlackConfig {
+        &self.config
+    }
+
+    pub(crate) fn client(&self) -> Arc<Client> {
+        self.client.clone()
+    }
+
+    fn session(&self) -> SlackClientSession<'_, SlackClientHyperHttpsConnector> {
+        self.client.open_session(&self.token)
+    }
+
+    fn channel_for(&self, audience: &Audience) -> Option<String> {
+        match audience {
+            Audience::Group(g) => Some(
+                self.config
+                    .channels
+                    .get(g.as_str())
+                    .unwrap_or(&self.config.default_channel)
+                    .clone(),
+            ),
+            Audience::Alert => Some(
+                self.config
+                    .alert_channel
+                    .clone()
+                    .unwrap_or_else(|| self.config.default_channel.clone()),
+            ),
+            Audience::User { .. } => None,
+        }
+    }
+
+    /// Posts a message; returns its channel and `ts`.
+    async fn post(&self, channel: &str, content: SlackMessageContent) -> Result<(String, String), ChatError> {
+        let req = SlackApiChatPostMessageRequest::new(channel.to_string().into(), content);
+        let res = self.session().chat_post_message(&req).await.map_err(chat_error)?;
+        Ok((res.channel.to_string(), res.ts.to_string()))
+    }
+
+    /// Opens (or finds) the DM channel with a Slack user.
+    pub(crate) async fn dm_channel(&self, slack_user: &str) -> Result<String, ChatError> {
+        let req = SlackApiConversationsOpenRequest::new().with_users(vec![slack_user.to_string().into()]);
+        let res = self.session().conversations_open(&req).await.map_err(chat_error)?;
+        Ok(res.channel.id.to_string())
+    }
+
+    /// Sends `text` by DM to a Slack user.
+    pub(crate) async fn dm(&self, slack_user: &str, content: SlackMessageContent) -> Result<(), ChatError> {
+        let channel = self.dm_channel(slack_user).await?;
+        self.post(&channel, content).await.map(|_| ())
+    }
+
+    /// An ephemeral message only `slack_user` sees in `channel`.
+    pub(crate) async fn ephemeral(&self, channel: &str, slack_user: &str, text: &str) -> Result<(), ChatError> {
+        let req = SlackApiChatPostEphemeralRequest::new(
+            channel.to_string().into(),
+            slack_user.to_string().into(),
+            SlackMessageContent::new().with_text(text.to_string()),
+        );
+        self.session().chat_post_ephemeral(&req).await.map_err(chat_error)?;
+        Ok(())
+    }
+
+    /// The email on a Slack user's profile (`users.info`, scope `users:read.email`).
+    pub(crate) async fn email_of(&self, slack_user: &str) -> Result<Option<String>, ChatError> {
+        let req = SlackApiUsersInfoRequest::new(slack_user.to_string().into());
+        let res = self.session().users_info(&req).await.map_err(chat_error)?;
+        Ok(res.user.profile.and_then(|p| p.email).map(|e| e.to_string()))
+    }
+
+    /// Opens a modal; `trigger_id` is valid for 3 seconds after the click.
+    pub(crate) async fn open_view(&self, trigger_id: &str, view: SlackView) -> Result<(), ChatError> {
+        let req = SlackApiViewsOpenRequest::new(trigger_id.to_string().into(), view);
+        self.session().views_open(&req).await.map_err(chat_error)?;
+        Ok(())
+    }
+
+    /// Answers through a `response_url` (ephemeral, at most 5 uses in 30
+    /// minutes). The bot token is not sent there: the URL itself is the
+    /// credential. Retries a rate limit or a transient failure twice.
+    pub(crate) async fn respond(&self, response_url: &str, text: &str) -> Result<(), ChatError> {
+        let url: url::Url = response_url
+            .parse()
+            .map_err(|_| ChatError::Refused("response_url is not a URL".into()))?;
+        let body = serde_json::json!({ "response_type": "ephemeral", "text": text });
+        let span = tracing::debug_span!("slack response_url");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let context = SlackClientApiCallContext {
+                rate_control_params: None,
+                token: None,
+                tracing_span: &span,
+                is_sensitive_url: true,
+            };
+            let sent: Result<serde_json::Value, _> =
+                self.client.http_api.connector.http_post_uri(url.clone(), &body, context).await;
+            match sent.map_err(chat_error) {
+                Ok(_) => return Ok(()),
+                Err(ChatError::RateLimited(secs)) if attempt < 3 => {
+                    tokio::time::sleep(Duration::from_secs(secs.clamp(1, 10))).await
+                }
+                Err(ChatError::Unavailable(_)) if attempt < 3 => {
+                    tokio::time::sleep(Duration::from_millis(250 * attempt)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Maps slack-morphism's errors to the port's, and counts them.
+fn chat_error(e: SlackClientError) -> ChatError {
+    crate::metrics::chat_error(PLATFORM);
+    let mapped = match &e {
+        SlackClientError::RateLimitError(r) => {
+            ChatError::RateLimited(r.retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1))
+        }
+        SlackClientError::ApiError(api) => ChatError::Refused(api.code.clone()),
+        SlackClientError::HttpError(h) if h.status_code.is_server_error() => {
+            ChatError::Unavailable(format!("HTTP {}", h.status_code))
+        }
+        SlackClientError::HttpError(h) => ChatError::Refused(format!("HTTP {}", h.status_code)),
+        other => ChatError::Unavailable(first_line(&other.to_string())),
+    };
+    tracing::warn!(error = %mapped, "Slack API call failed");
+    mapped
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().chars().take(200).collect()
+}
+
+#[async_trait]
+impl Notifier for SlackAdapter {
+    async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
+        let channel = self
+            .channel_for(&Audience::Group(card.group.clone()))
+            .unwrap_or_else(|| self.config.default_channel.clone());
+        let (channel, ts) = self.post(&channel, blocks::approval_card(card)).await?;
+        // Approver DMs (`approver_dms`) need a directory user → Slack user
+        // mapping (email → users.lookupByEmail) that the Directory port does
+        // not offer yet; the channel card is the one place approvers act.
+        Ok(vec![MessageRef {
+            platform: PLATFORM.into(),
+            channel,
+            id: ts,
+        }])
+    }
+
+    async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
+        if at.platform != PLATFORM {
+            return Ok(());
+        }
+        let req = SlackApiChatUpdateRequest::new(
+            at.channel.clone().into(),
+            blocks::approval_card(card),
+            at.id.clone().into(),
+        );
+        self.session().chat_update(&req).await.map_err(chat_error)?;
+        Ok(())
+    }
+
+    async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
+        let content = blocks::notice(notice);
+        match &notice.to {
+            Audience::User { chat: Some(chat), .. } if chat.platform == PLATFORM => self.dm(&chat.user, content).await,
+            Audience::User { user, .. } => {
+                // Never talked to jitbot on Slack: nowhere to reach them here.
+                tracing::debug!(%user, "no Slack identity for this person; notice not sent on Slack");
+                Ok(())
+            }
+            audience => {
+                let channel = self.channel_for(audience).unwrap_or_else(|| self.config.default_channel.clone());
+                self.post(&channel, content).await.map(|_| ())
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! The command line: `jitbot run`, `check-config`, `demo`, and the admin
+//! commands, which talk to a running jitbot over its admin API (sled lets
+//! only one process open the store).
+
+use crate::config::Config;
+use crate::http::admin::{LeaseView, RequestView, RevokeBody};
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "jitbot", version, about = "Just-in-time group membership from chat, with leases that always end")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How admin commands reach the running jitbot.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Remote {
+    /// Base URL of the running jitbot's HTTP server.
+    #[arg(long, env = "JITBOT_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The admin token (server.admin_token of the running jitbot).
+    #[arg(long, env = "JITBOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run jitbot with a config file.
+    Run {
+        #[arg(long, short, env = "JITBOT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file (and, for LDAP, bind and check every group).
+    CheckConfig {
+        #[arg(long, short, env = "JITBOT_CONFIG")]
+        config: PathBuf,
+        /// Only check the file; do not contact the directory.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// The whole flow in a browser: in-memory directory, web chat console, dashboard.
+    Demo(crate::demo::DemoArgs),
+    /// Leases: list, show, revoke.
+    Leases {
+        #[command(subcommand)]
+        cmd: LeasesCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Requests: list (including break-glass grants awaiting review), cancel.
+    Requests {
+        #[command(subcommand)]
+        cmd: RequestsCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The audit trail: verify its hash chain, export it for a SIEM.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LeasesCmd {
+    /// Leases that have not ended (`--all` for every lease).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        all: bool,
+    },
+    Show {
+        id: String,
+    },
+    /// End an active lease now.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RequestsCmd {
+    /// Pending requests and unreviewed break-glass grants (`--all` for every request).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        all: bool,
+    },
+    Cancel {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Check the hash chain; names the first broken record.
+    Verify,
+    /// Print the audit trail.
+    Export {
+        /// RFC 3339 instant, e.g. 2026-01-31T00:00:00Z.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+/// Exit code for a config that cannot be used (EX_USAGE).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+pub fn load_config(path: &std::path::Path) -> Config {
+    match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(EXIT_BAD_CONFIG);
+        }
+    }
+}
+
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Run { config } => crate::app::run(load_config(&config)).await,
+        Cmd::CheckConfig { config, offline } => check_config(&config, offline).await,
+        Cmd::Demo(args) => crate::demo::run(args).await,
+        Cmd::Leases { cmd, remote } => leases(cmd, &remote).await,
+        Cmd::Requests { cmd, remote } => requests(cmd, &remote).await,
+        Cmd::Audit { cmd, remote } => audit(cmd, &remote).await,
+    }
+}
+
+async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
+    let config = load_config(path);
+    let mut problems = Vec::new();
+    let secrets = [
+        ("server.admin_token", config.server.admin_token.as_ref()),
+        ("ldap.password", config.ldap.as_ref().map(|l| &l.password)),
+        ("slack.bot_token", config.slack.as_ref().map(|s| &s.bot_token)),
+        ("slack.signing_secret", config.slack.as_ref().and_then(|s| s.signing_secret.as_ref())),
+        ("slack.app_token", config.slack.as_ref().and_then(|s| s.app_token.as_ref())),
+        ("discord.bot_token", config.discord.as_ref().map(|d| &d.bot_token)),
+    ];
+    for (key, src) in secrets {
+        if let Some(src) = src {
+            if let Err(e) = src.resolve() {
+                problems.push(format!("{key}: {e}"));
+            }
+        }
+    }
+    if !offline {
+        if let Some(ldap) = &config.ldap {
+            let groups: Vec<_> = config.group_configs().cloned().collect();
+            match crate::directory::ldap::LdapDirectory::new(ldap, &groups) {
+                Ok(dir) => problems.extend(dir.check_groups(&groups).await),
+                Err(e) => problems.push(format!("ldap: {e}")),
+            }
+        }
+    }
+    if problems.is_empty() {
+        println!("{}: OK ({} groups)", path.display(), config.groups.len());
+        Ok(())
+    } else {
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        eprintln!("{}: {} problem(s)", path.display(), problems.len());
+        std::process::exit(EXIT_BAD_CONFIG);
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn new(remote: &Remote) -> Self {
+        Client {
+            http: reqwest::Client::new(),
+            base: remote.url.trim_end_matches('/').to_string(),
+            token: remote.token.clone(),
+        }
+    }
+
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<String> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach jitbot at {} (is `jitbot run` up? set --url)", self.base))?;
+        let status = resp.status();
+        let body = resp.text().await?;
+        if !status.is_success() {
+            bail!("{status}: {}", body.trim());
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str) -> anyhow::Result<String> {
+        self.call(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    async fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> anyhow::Result<String> {
+        self.call(self.http.post(format!("{}{path}", self.base)).json(body)).await
+    }
+}
+
+async fn leases(cmd: LeasesCmd, remote: &Remote) -> anyhow::Result<()> {
+    let client = Client::new(remote);
+    match cmd {
+        LeasesCmd::List { json, all } => {
+            let body = client.get(&format!("/admin/leases?all={all}")).await?;
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let leases: Vec<LeaseView> = serde_json::from_str(&body)?;
+            println!("{:<10} {:<16} {:<12} {:<14} EXPIRES", "LEASE", "GROUP", "USER", "STATE");
+            for l in leases {
+                println!("{:<10} {:<16} {:<12} {:<14} {}", l.id, l.group, l.user, l.state, l.expires_at);
+            }
+        }
+        LeasesCmd::Show { id } => {
+            let body = client.get(&format!("/admin/leases/{id}")).await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        LeasesCmd::Revoke { id, reason } => {
+            let body = RevokeBody { reason, by: None };
+            print!("{}", client.post(&format!("/admin/leases/{id}/revoke"), &body).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn requests(cmd: RequestsCmd, remote: &Remote) -> anyhow::Result<()> {
+    let client = Client::new(remote);
+    match cmd {
+        RequestsCmd::List { json, all } => {
+            let body = client.get(&format!("/admin/requests?all={all}")).await?;
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let reqs: Vec<RequestView> = serde_json::from_str(&body)?;
+            println!("{:<10} {:<16} {:<12} {:<26} REASON", "REQUEST", "GROUP", "REQUESTER", "STATE");
+            for r in reqs {
+                let state = if r.break_glass_unreviewed {
+                    "break-glass, unreviewed".to_string()
+                } else {
+                    r.state
+                };
+                println!("{:<10} {:<16} {:<12} {:<26} {}", r.id, r.group, r.requester, state, r.reason);
+            }
+        }
+        RequestsCmd::Cancel { id } => {
+            print!("{}", client.post(&format!("/admin/requests/{id}/cancel"), &()).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn audit(cmd: AuditCmd, remote: &Remote) -> anyhow::Result<()> {
+    let client = Client::new(remote);
+    match cmd {
+        AuditCmd::Verify => match client.get("/admin/audit/verify").await {
+            Ok(body) => print!("{body}"),
+            Err(e) => {
+                eprintln!("{e}");
+                std::process::exit(1);
+            }
+        },
+        AuditCmd::Export { since, format } => {
+            let format = match format {
+                ExportFormat::Jsonl => "jsonl",
+                ExportFormat::Csv => "csv",
+            };
+            let mut path = format!("/admin/audit?format={format}");
+            if let Some(since) = since {
+                path.push_str(&format!("&since={since}"));
+            }
+            print!("{}", client.get(&path).await?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,154 @@
+//! `jitbot check-config` against the directory: the groups exist, have the
+//! configured shape, and the service account may change their membership.
+
+use super::conn::{describe, rc};
+use super::{attribute, dn, values, LdapDirectory};
+use crate::config::{GroupConfig, MembershipKind};
+use crate::ports::Directory;
+use jitbot_core::GroupDn;
+use ldap3::{Mod, Scope};
+use std::collections::HashSet;
+
+/// The `memberUid` value used to test write access to posix groups.
+const PROBE_UID: &str = "jitbot-write-check";
+
+impl LdapDirectory {
+    /// Binds and checks every group; returns the problems in plain words
+    /// (lines starting with `warning:` do not stop jitbot). Empty means fine.
+    ///
+    /// The write check is a real but harmless modify: one operation that
+    /// adds a value to the membership attribute and deletes it again (or
+    /// deletes and re-adds it when already present), so the group ends as it
+    /// began while the server checks the service account's write right. The
+    /// value is the placeholder DN (else the bind DN) for DN groups and
+    /// `jitbot-write-check` for posix groups. Not tried against a live AD.
+    pub async fn check_groups(&self, groups: &[GroupConfig]) -> Vec<String> {
+        if let Err(e) = self.ping().await {
+            return vec![format!("cannot use the directory: {e}")];
+        }
+        let mut problems = Vec::new();
+        for g in groups {
+            let label = format!("group {} ({})", g.name, g.dn);
+            match self.check_shape(g).await {
+                Ok(None) => {}
+                Ok(Some(problem)) => {
+                    problems.push(format!("{label}: {problem}"));
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(format!("{label}: {e}"));
+                    continue;
+                }
+            }
+            if let Some(problem) = self.check_write(g).await {
+                problems.push(format!("{label}: {problem}"));
+            }
+            problems.extend(
+                self.warnings(g)
+                    .into_iter()
+                    .map(|w| format!("warning: {label}: {w}")),
+            );
+        }
+        problems
+    }
+
+    /// The group exists and its object classes hold the configured kind.
+    async fn check_shape(
+        &self,
+        g: &GroupConfig,
+    ) -> Result<Option<String>, crate::ports::DirectoryError> {
+        let (entries, result) = self
+            .search(&g.dn, Scope::Base, "(objectClass=*)", &["objectClass"])
+            .await?;
+        match result.rc {
+            rc::SUCCESS => {}
+            rc::NO_SUCH_OBJECT => {
+                return Ok(Some(
+                    "does not exist in the directory; check its `dn`".into(),
+                ))
+            }
+            _ => return Ok(Some(format!("cannot be read: {}", describe(&result)))),
+        }
+        let classes = entries
+            .first()
+            .map(|e| values(e, "objectClass").to_vec())
+            .unwrap_or_default();
+        let expected: &[&str] = match g.membership {
+            MembershipKind::Member => &["groupOfNames", "group"],
+            MembershipKind::UniqueMember => &["groupOfUniqueNames"],
+            MembershipKind::MemberUid => &["posixGroup"],
+        };
+        let fits = classes
+            .iter()
+            .any(|c| expected.iter().any(|e| e.eq_ignore_ascii_case(c)));
+        Ok((!fits).then(|| {
+            format!(
+                "membership = \"{}\" expects object class {} but the entry has {}; set `membership` to match",
+                attribute(g.membership),
+                expected.join(" or "),
+                classes.join(", ")
+            )
+        }))
+    }
+
+    async fn check_write(&self, g: &GroupConfig) -> Option<String> {
+        let attr = attribute(g.membership);
+        let probe = match g.membership {
+            MembershipKind::MemberUid => PROBE_UID.to_string(),
+            _ => self
+                .placeholder
+                .clone()
+                .unwrap_or_else(|| self.conn.bind_dn().to_string()),
+        };
+        let present = match self.has_value(&GroupDn::new(&g.dn), attr, &probe).await {
+            Ok(p) => p,
+            Err(e) => return Some(e.to_string()),
+        };
+        let add = Mod::Add(attr.to_string(), HashSet::from([probe.clone()]));
+        let delete = Mod::Delete(attr.to_string(), HashSet::from([probe]));
+        let mods = if present {
+            vec![delete, add]
+        } else {
+            vec![add, delete]
+        };
+        match self.modify(&g.dn, mods).await {
+            Ok(result) if result.rc == rc::SUCCESS => None,
+            Ok(result) if result.rc == rc::INSUFFICIENT_ACCESS => Some(format!(
+                "{} may not modify `{attr}`; grant it write access to the group",
+                self.conn.bind_dn()
+            )),
+            Ok(result) => Some(format!(
+                "test modify of `{attr}` failed: {}",
+                describe(&result)
+            )),
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    fn warnings(&self, g: &GroupConfig) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.active_directory && dn::is_ad_protected_group(&g.dn) {
+            warnings.push(
+                "is protected by AdminSDHolder: Active Directory resets its permissions about every hour, \
+                 so rights delegated on the group itself are lost; give the service account rights on \
+                 AdminSDHolder or manage an unprotected group"
+                    .to_string(),
+            );
+        }
+        if g.ad_ttl && !self.active_directory {
+            warnings.push(
+                "ad_ttl only works on Active Directory (ldap.active_directory = true)".into(),
+            );
+        }
+        if g.ad_ttl && g.membership != MembershipKind::Member {
+            warnings.push("ad_ttl only applies to membership = \"member\"".into());
+        }
+        let needs_placeholder = !self.active_directory && g.membership != MembershipKind::MemberUid;
+        if needs_placeholder && self.placeholder.is_none() {
+            warnings.push(
+                "OpenLDAP refuses to remove the last member of this kind of group; set ldap.placeholder_dn".into(),
+            );
+        }
+        warnings
+    }
+}

@@ -1,0 +1,528 @@
+//! The LDAP directory: the production implementation of the [`Directory`]
+//! port over ldap3 (OpenLDAP, and Active Directory where noted).
+//!
+//! Every value that comes from outside is escaped: `ldap_escape` in filters,
+//! `dn_escape` in DNs. Every change is read back before it is reported done.
+//! The bind password is read once and never logged nor put in an error.
+
+mod check;
+mod conn;
+mod dn;
+
+pub use dn::{ad_ttl_value, is_ad_protected_group};
+
+use crate::config::{GroupConfig, LdapConfig, MembershipKind};
+use crate::ports::{Directory, DirectoryError};
+use async_trait::async_trait;
+use conn::{describe, rc, Supervisor};
+use jitbot_core::{GroupDn, UserId};
+use ldap3::{dn_escape, ldap_escape, LdapResult, Mod, Scope, SearchEntry};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use tokio::sync::OnceCell;
+
+/// Active Directory's LDAP_MATCHING_RULE_IN_CHAIN: transitive membership.
+const IN_CHAIN: &str = "1.2.840.113556.1.4.1941";
+/// How many DNs one nested-group search asks about at once.
+const DNS_PER_SEARCH: usize = 32;
+
+/// Group membership in an LDAP directory, over one supervised connection.
+pub struct LdapDirectory {
+    conn: Supervisor,
+    user_base: String,
+    id_attr: String,
+    nested_depth: u32,
+    active_directory: bool,
+    placeholder: Option<String>,
+    /// Configured groups by normalized DN; others are read as `member` groups.
+    groups: HashMap<String, GroupSpec>,
+    naming_contexts: OnceCell<Vec<String>>,
+}
+
+#[derive(Clone, Copy)]
+struct GroupSpec {
+    kind: MembershipKind,
+    /// Seconds for Active Directory's `<TTL=...>` membership, when enabled.
+    ad_ttl: Option<u64>,
+}
+
+impl LdapDirectory {
+    /// Reads the bind password and prepares the connection; nothing is
+    /// contacted until the first operation.
+    ///
+    /// With `ad_ttl = true` a group's AD membership is written with a TTL of
+    /// its longest possible lease (`max_total_duration`, else `max_duration`),
+    /// so AD ends it even if jitbot never does.
+    pub fn new(config: &LdapConfig, groups: &[GroupConfig]) -> Result<Self, DirectoryError> {
+        let password = config
+            .password
+            .resolve()
+            .map_err(|e| DirectoryError::Refused(format!("ldap.password: {e}")))?;
+        if !valid_attribute(&config.user_id_attribute) {
+            return Err(DirectoryError::Refused(format!(
+                "ldap.user_id_attribute `{}` is not an attribute name",
+                config.user_id_attribute
+            )));
+        }
+        let groups = groups
+            .iter()
+            .map(|g| {
+                let ttl = g
+                    .max_total_duration
+                    .unwrap_or(g.max_duration)
+                    .to_std()
+                    .as_secs();
+                let spec = GroupSpec {
+                    kind: g.membership,
+                    ad_ttl: g.ad_ttl.then_some(ttl),
+                };
+                (dn::normalize(&g.dn), spec)
+            })
+            .collect();
+        Ok(LdapDirectory {
+            conn: Supervisor::new(config, password)?,
+            user_base: config.user_base.clone(),
+            id_attr: config.user_id_attribute.clone(),
+            nested_depth: config.nested_depth,
+            active_directory: config.active_directory,
+            placeholder: config.placeholder_dn.clone(),
+            groups,
+            naming_contexts: OnceCell::new(),
+        })
+    }
+
+    fn spec(&self, group: &GroupDn) -> GroupSpec {
+        self.groups
+            .get(&dn::normalize(group.as_str()))
+            .copied()
+            .unwrap_or(GroupSpec {
+                kind: MembershipKind::Member,
+                ad_ttl: None,
+            })
+    }
+
+    async fn search(
+        &self,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<(Vec<SearchEntry>, LdapResult), DirectoryError> {
+        let result = self
+            .conn
+            .run(|mut ldap| async move { ldap.search(base, scope, filter, attrs).await })
+            .await?;
+        let entries = result
+            .0
+            .into_iter()
+            .filter(|e| !e.is_ref() && !e.is_intermediate())
+            .map(SearchEntry::construct)
+            .collect();
+        Ok((entries, result.1))
+    }
+
+    async fn modify(&self, dn: &str, mods: Vec<Mod<String>>) -> Result<LdapResult, DirectoryError> {
+        self.conn
+            .run(|mut ldap| {
+                let mods = mods.clone();
+                async move { ldap.modify(dn, mods).await }
+            })
+            .await
+    }
+
+    /// Turns a result that is neither success nor one the caller handles
+    /// into an error worded for the operator.
+    fn refusal(&self, result: &LdapResult, what: &str) -> DirectoryError {
+        match result.rc {
+            rc::INSUFFICIENT_ACCESS => DirectoryError::Refused(format!(
+                "insufficient access: {} may not {what}",
+                self.conn.bind_dn()
+            )),
+            rc::BUSY | rc::UNAVAILABLE | rc::TIME_LIMIT => {
+                DirectoryError::Unavailable(format!("{what}: {}", describe(result)))
+            }
+            _ => DirectoryError::Refused(format!("{what}: {}", describe(result))),
+        }
+    }
+
+    /// The DN of the entry under `user_base` whose id attribute is `user`.
+    async fn user_dn(&self, user: &UserId) -> Result<String, DirectoryError> {
+        let id = user.as_str();
+        if id.is_empty() || id.contains('\0') {
+            return Err(DirectoryError::NoSuchUser(user.to_string()));
+        }
+        let filter = format!("(&(objectClass=*)({}={}))", self.id_attr, ldap_escape(id));
+        let (entries, result) = self
+            .search(&self.user_base, Scope::Subtree, &filter, &["1.1"])
+            .await?;
+        self.check_user_base(&result)?;
+        match entries.as_slice() {
+            [] => Err(DirectoryError::NoSuchUser(user.to_string())),
+            [one] => Ok(one.dn.clone()),
+            _ => Err(DirectoryError::Ambiguous(format!("{}={id}", self.id_attr))),
+        }
+    }
+
+    fn check_user_base(&self, result: &LdapResult) -> Result<(), DirectoryError> {
+        match result.rc {
+            rc::SUCCESS => Ok(()),
+            rc::NO_SUCH_OBJECT => Err(DirectoryError::Refused(format!(
+                "ldap.user_base {} does not exist",
+                self.user_base
+            ))),
+            _ => Err(self.refusal(result, &format!("search {}", self.user_base))),
+        }
+    }
+
+    /// The value that stands for `user` in a group of this kind.
+    async fn member_value(
+        &self,
+        kind: MembershipKind,
+        user: &UserId,
+    ) -> Result<String, DirectoryError> {
+        match kind {
+            MembershipKind::MemberUid => Ok(user.to_string()),
+            MembershipKind::Member | MembershipKind::UniqueMember => self.user_dn(user).await,
+        }
+    }
+
+    /// Whether `group` holds `value` in `attr` (the server compares, with the
+    /// attribute's own matching rule).
+    async fn has_value(
+        &self,
+        group: &GroupDn,
+        attr: &str,
+        value: &str,
+    ) -> Result<bool, DirectoryError> {
+        let filter = format!("({attr}={})", ldap_escape(value));
+        let (entries, result) = self
+            .search(group.as_str(), Scope::Base, &filter, &["1.1"])
+            .await?;
+        match result.rc {
+            rc::SUCCESS => Ok(!entries.is_empty()),
+            rc::NO_SUCH_OBJECT => Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => Err(self.refusal(&result, &format!("read {group}"))),
+        }
+    }
+
+    /// The user id behind a member DN: from the RDN when it is the id
+    /// attribute, else from the entry. `None` for entries that are not users
+    /// under `user_base` (nested groups, the placeholder, dangling DNs).
+    async fn id_of_dn(&self, member: &str) -> Result<Option<UserId>, DirectoryError> {
+        if !dn::is_under(member, &self.user_base) {
+            return Ok(None);
+        }
+        if let Some((attr, value)) = dn::first_rdn(member) {
+            if attr.eq_ignore_ascii_case(&self.id_attr) {
+                return Ok(Some(UserId::new(value)));
+            }
+        }
+        let (entries, result) = self
+            .search(
+                member,
+                Scope::Base,
+                "(objectClass=*)",
+                &[self.id_attr.as_str()],
+            )
+            .await?;
+        match result.rc {
+            rc::SUCCESS => {}
+            rc::NO_SUCH_OBJECT => return Ok(None),
+            _ => return Err(self.refusal(&result, &format!("read {member}"))),
+        }
+        Ok(entries
+            .first()
+            .and_then(|e| single(values(e, &self.id_attr)))
+            .map(UserId::new))
+    }
+}
+
+#[async_trait]
+impl Directory for LdapDirectory {
+    async fn find_user(
+        &self,
+        attribute: &str,
+        value: &str,
+    ) -> Result<Option<UserId>, DirectoryError> {
+        if value.is_empty() || value.contains('\0') {
+            return Ok(None);
+        }
+        if !valid_attribute(attribute) {
+            return Err(DirectoryError::Refused(format!(
+                "`{attribute}` is not an attribute name"
+            )));
+        }
+        let filter = format!("(&(objectClass=*)({attribute}={}))", ldap_escape(value));
+        let (entries, result) = self
+            .search(
+                &self.user_base,
+                Scope::Subtree,
+                &filter,
+                &[self.id_attr.as_str()],
+            )
+            .await?;
+        self.check_user_base(&result)?;
+        let ambiguous = || DirectoryError::Ambiguous(format!("{attribute}={value}"));
+        match entries.as_slice() {
+            [] => Ok(None),
+            [one] => match values(one, &self.id_attr) {
+                [] => Ok(None),
+                [id] => Ok(Some(UserId::new(id))),
+                _ => Err(ambiguous()),
+            },
+            _ => Err(ambiguous()),
+        }
+    }
+
+    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
+        let kind = self.spec(group).kind;
+        let value = match self.member_value(kind, user).await {
+            Ok(v) => v,
+            Err(DirectoryError::NoSuchUser(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        self.has_value(group, attribute(kind), &value).await
+    }
+
+    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
+        let spec = self.spec(group);
+        let attr = attribute(spec.kind);
+        // The user must exist, whatever the kind holds.
+        let user_dn = self.user_dn(user).await?;
+        let value = match spec.kind {
+            MembershipKind::MemberUid => user.to_string(),
+            _ => user_dn,
+        };
+        let written = match spec.ad_ttl {
+            Some(ttl) if spec.kind == MembershipKind::Member => ad_ttl_value(&value, ttl),
+            _ => value.clone(),
+        };
+        let result = self
+            .modify(
+                group.as_str(),
+                vec![Mod::Add(attr.into(), HashSet::from([written]))],
+            )
+            .await?;
+        match result.rc {
+            rc::SUCCESS | rc::ATTRIBUTE_EXISTS => {}
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => return Err(self.refusal(&result, &format!("add {user} to {group}"))),
+        }
+        if !self.has_value(group, attr, &value).await? {
+            return Err(DirectoryError::Refused(format!(
+                "added {user} to {group}, but reading the group back does not show the membership"
+            )));
+        }
+        tracing::info!(group = %group, user = %user, "directory membership added");
+        Ok(())
+    }
+
+    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
+        let kind = self.spec(group).kind;
+        let attr = attribute(kind);
+        let value = match self.member_value(kind, user).await {
+            Ok(v) => v,
+            // The account is gone but its DN may still sit in the group (no
+            // referential integrity): remove the DN it would have had.
+            Err(DirectoryError::NoSuchUser(_)) => {
+                format!(
+                    "{}={},{}",
+                    self.id_attr,
+                    dn_escape(user.as_str()),
+                    self.user_base
+                )
+            }
+            Err(e) => return Err(e),
+        };
+        let delete = || Mod::Delete(attr.to_string(), HashSet::from([value.clone()]));
+        let result = self.modify(group.as_str(), vec![delete()]).await?;
+        match result.rc {
+            rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => {}
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            rc::OBJECT_CLASS_VIOLATION if kind != MembershipKind::MemberUid => {
+                self.remove_last(group, user, attr, &value).await?;
+            }
+            _ => return Err(self.refusal(&result, &format!("remove {user} from {group}"))),
+        }
+        if self.has_value(group, attr, &value).await? {
+            return Err(DirectoryError::Refused(format!(
+                "removed {user} from {group}, but reading the group back still shows the membership"
+            )));
+        }
+        tracing::info!(group = %group, user = %user, "directory membership removed");
+        Ok(())
+    }
+
+    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
+        let kind = self.spec(group).kind;
+        let attr = attribute(kind);
+        let (entries, result) = self
+            .search(group.as_str(), Scope::Base, "(objectClass=*)", &[attr])
+            .await?;
+        match result.rc {
+            rc::SUCCESS => {}
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => return Err(self.refusal(&result, &format!("read {group}"))),
+        }
+        let found = entries
+            .first()
+            .map(|e| values(e, attr).to_vec())
+            .unwrap_or_default();
+        let placeholder = self.placeholder.as_deref().map(dn::normalize);
+        let mut ids = BTreeSet::new();
+        for value in found {
+            if kind == MembershipKind::MemberUid {
+                ids.insert(UserId::new(value));
+            } else if placeholder.as_deref() != Some(dn::normalize(&value).as_str()) {
+                ids.extend(self.id_of_dn(&value).await?);
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn groups_of(
+        &self,
+        user: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        if among.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let user_dn = match self.user_dn(user).await {
+            Ok(dn) => dn,
+            Err(DirectoryError::NoSuchUser(_)) => return Ok(BTreeSet::new()),
+            Err(e) => return Err(e),
+        };
+        let mut found = BTreeSet::new();
+        if self.active_directory {
+            for group in among {
+                if self.in_chain(group, &user_dn, user).await? {
+                    found.insert(group.clone());
+                }
+            }
+        } else {
+            let reached = self.walk_up(&user_dn, user).await?;
+            found.extend(
+                among
+                    .iter()
+                    .filter(|g| reached.contains(&dn::normalize(g.as_str())))
+                    .cloned(),
+            );
+        }
+        Ok(found)
+    }
+
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        let (_, result) = self
+            .search("", Scope::Base, "(objectClass=*)", &["1.1"])
+            .await?;
+        if result.rc == rc::SUCCESS {
+            return Ok(());
+        }
+        let (_, result) = self
+            .search(&self.user_base, Scope::Base, "(objectClass=*)", &["1.1"])
+            .await?;
+        self.check_user_base(&result)
+    }
+}
+
+impl LdapDirectory {
+    /// OpenLDAP refuses to empty a groupOfNames (result 65): put the
+    /// placeholder in and take the member out in one modify, so that a
+    /// revocation is never blocked by the schema.
+    async fn remove_last(
+        &self,
+        group: &GroupDn,
+        user: &UserId,
+        attr: &str,
+        value: &str,
+    ) -> Result<(), DirectoryError> {
+        let placeholder = match &self.placeholder {
+            Some(p) if dn::normalize(p) != dn::normalize(value) => p,
+            _ => {
+                return Err(DirectoryError::Refused(format!(
+                    "{user} is the last member of {group} and the directory refuses an empty group; \
+                     set ldap.placeholder_dn (for example the service account's DN) so that jitbot can keep one"
+                )))
+            }
+        };
+        let mods = vec![
+            Mod::Add(attr.to_string(), HashSet::from([placeholder.clone()])),
+            Mod::Delete(attr.to_string(), HashSet::from([value.to_string()])),
+        ];
+        let result = self.modify(group.as_str(), mods).await?;
+        match result.rc {
+            rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => Ok(()),
+            // The placeholder arrived meanwhile: the plain delete works now.
+            rc::ATTRIBUTE_EXISTS => {
+                let delete = Mod::Delete(attr.to_string(), HashSet::from([value.to_string()]));
+                let result = self.modify(group.as_str(), vec![delete]).await?;
+                match result.rc {
+                    rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => Ok(()),
+                    _ => Err(self.refusal(&result, &format!("remove {user} from {group}"))),
+                }
+            }
+            rc::NO_SUCH_OBJECT => Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => Err(self.refusal(&result, &format!("remove {user} from {group}"))),
+        }
+    }
+}
+
+/// The attribute a group of this kind lists its members in.
+fn attribute(kind: MembershipKind) -> &'static str {
+    match kind {
+        MembershipKind::Member => "member",
+        MembershipKind::UniqueMember => "uniqueMember",
+        MembershipKind::MemberUid => "memberUid",
+    }
+}
+
+/// An entry's values of `attr`, whatever case the server spelled it in.
+fn values<'e>(entry: &'e SearchEntry, attr: &str) -> &'e [String] {
+    entry
+        .attrs
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(attr))
+        .map(|(_, v)| v.as_slice())
+        .unwrap_or(&[])
+}
+
+fn single(values: &[String]) -> Option<String> {
+    match values {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
+}
+
+/// An attribute description is a name or OID, with options: nothing that
+/// could change a filter's structure.
+fn valid_attribute(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b';')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_names_cannot_inject() {
+        assert!(valid_attribute("mail"));
+        assert!(valid_attribute("sAMAccountName"));
+        assert!(valid_attribute("1.2.840.113556.1.4.221"));
+        for bad in ["", "mail)(uid=*", "a=b", "mail*", "cn\0"] {
+            assert!(!valid_attribute(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn suffix_of_user_base() {
+        assert_eq!(
+            dc_suffix("ou=people,dc=example,dc=org"),
+            "dc=example,dc=org"
+        );
+        assert_eq!(dc_suffix("ou=people,o=corp"), "ou=people,o=corp");
+        assert_eq!(dc_suffix("dc=x"), "dc=x");
+    }
+}

@@ -1,0 +1,296 @@
+//! The engine: applies commands and timers to the store, then performs the
+//! side effects (directory changes) that the durable records call for.
+//!
+//! Write-ahead rule: every method first commits and flushes the transition
+//! (with its audit lines, its outbox notices and the timer that will finish
+//! or undo it), then touches the directory, then commits the result. A crash
+//! anywhere leaves a timer in the store that takes the work forward on the
+//! next start: `Grant` redoes an unfinished grant, `Revoke` an unfinished
+//! revocation, `Expire` a lease that ended while jitbot was down.
+
+mod admin;
+mod leases;
+mod queries;
+mod requests;
+mod zsp;
+
+pub use zsp::Drift;
+
+use crate::clock::Clock;
+use crate::ports::{ChatRef, Directory, DirectoryError};
+use crate::store::{AuditDraft, Store, StoreError, Timer, TimerKind};
+use jitbot_core::command::{Action, Command};
+use jitbot_core::policy::{Actor, GroupPolicy, Policy};
+use jitbot_core::{GroupName, Instant, Refusal, Span, UserId};
+use std::sync::Arc;
+use thiserror::Error;
+use tokio::sync::Notify;
+
+/// Retry and alert settings for directory work.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    pub retry_base: Span,
+    pub retry_max: Span,
+    /// Failed revocation attempts before an alert goes out.
+    pub alert_after: u32,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            retry_base: Span::from_secs(5),
+            retry_max: Span::from_mins(5),
+            alert_after: 5,
+        }
+    }
+}
+
+/// Who sent a command: their directory account and where they wrote from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub user: UserId,
+    pub chat: Option<ChatRef>,
+}
+
+impl Caller {
+    pub fn new(user: &str, chat: Option<ChatRef>) -> Self {
+        Caller {
+            user: UserId::new(user),
+            chat,
+        }
+    }
+}
+
+/// The answer to the person who sent a command (shown only to them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub ok: bool,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn ok(text: impl Into<String>) -> Self {
+        Reply {
+            ok: true,
+            text: text.into(),
+        }
+    }
+    pub fn refused(text: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            text: text.into(),
+        }
+    }
+}
+
+/// Everything that can stop a command, worded for the person.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the directory could not be asked ({0}); try again in a minute")]
+    Directory(#[from] DirectoryError),
+    #[error("jitbot's store failed ({0}); nothing was changed, tell your jitbot admins")]
+    Store(#[from] StoreError),
+}
+
+/// The engine handle; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: Policy,
+    store: Store,
+    directory: Arc<dyn Directory>,
+    clock: Arc<dyn Clock>,
+    settings: EngineSettings,
+    /// Wakes the scheduler when a timer is set earlier than it expects.
+    timers_changed: Notify,
+    /// Wakes the outbox worker when there is something to deliver.
+    outbox_changed: Notify,
+    zsp_seen: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+}
+
+pub(crate) const ENGINE_ACTOR: &str = "jitbot";
+
+impl Engine {
+    pub fn new(
+        policy: Policy,
+        store: Store,
+        directory: Arc<dyn Directory>,
+        clock: Arc<dyn Clock>,
+        settings: EngineSettings,
+    ) -> Engine {
+        Engine {
+            inner: Arc::new(Inner {
+                policy,
+                store,
+                directory,
+                clock,
+                settings,
+                timers_changed: Notify::new(),
+                outbox_changed: Notify::new(),
+                zsp_seen: Default::default(),
+            }),
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        self.inner.clock.now()
+    }
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+    pub fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+    pub fn directory(&self) -> &Arc<dyn Directory> {
+        &self.inner.directory
+    }
+    pub fn settings(&self) -> &EngineSettings {
+        &self.inner.settings
+    }
+    /// Notified whenever timers may have moved earlier.
+    pub fn timers_changed(&self) -> &Notify {
+        &self.inner.timers_changed
+    }
+    /// Notified whenever the outbox has new work.
+    pub fn outbox_changed(&self) -> &Notify {
+        &self.inner.outbox_changed
+    }
+
+    fn changed(&self) {
+        self.inner.timers_changed.notify_one();
+        self.inner.outbox_changed.notify_one();
+    }
+
+    fn group(&self, name: &GroupName) -> Result<&GroupPolicy, Refusal> {
+        self.inner.policy.group(name)
+    }
+
+    /// Maps a chat identity to a directory account through `attribute`.
+    pub async fn identify(&self, attribute: &str, value: &str) -> Result<UserId, Reply> {
+        match self.inner.directory.find_user(attribute, value).await {
+            Ok(Some(user)) => Ok(user),
+            Ok(None) => Err(Reply::refused(format!(
+                "jitbot cannot find your directory account (no entry has {attribute} = {value}); ask your jitbot admins to link it"
+            ))),
+            Err(e) => Err(Reply::refused(format!("jitbot cannot identify you right now: {e}"))),
+        }
+    }
+
+    /// The caller as the core sees them: their account and the directory
+    /// groups (of those any rule mentions) they belong to.
+    async fn actor(&self, user: &UserId) -> Result<Actor, EngineError> {
+        let mentioned = self.inner.policy.mentioned_groups();
+        let groups = if mentioned.is_empty() {
+            Default::default()
+        } else {
+            self.inner.directory.groups_of(user, &mentioned).await?
+        };
+        Ok(Actor {
+            user: user.clone(),
+            groups,
+        })
+    }
+
+    fn is_admin(&self, actor: &Actor) -> bool {
+        self.inner.policy.admins.includes(actor)
+    }
+
+    /// Applies a command and answers the caller. Never panics on bad input:
+    /// every refusal comes back as a [`Reply`] saying what to do.
+    pub async fn execute(&self, caller: &Caller, command: Command) -> Reply {
+        let result = match command {
+            Command::Help => Ok(Reply::ok(jitbot_core::command::HELP)),
+            Command::Request {
+                group,
+                duration,
+                reason,
+            } => self.request(caller, &group, duration, &reason, false).await,
+            Command::BreakGlass {
+                group,
+                duration,
+                reason,
+            } => self.request(caller, &group, duration, &reason, true).await,
+            Command::Approve { request, duration } => self.approve(caller, &request, duration).await,
+            Command::Deny { request, reason } => self.deny(caller, &request, &reason).await,
+            Command::Cancel { request } => self.cancel(caller, &request).await,
+            Command::Acknowledge { request } => self.acknowledge(caller, &request).await,
+            Command::Release { target } => self.release(caller, &target, None).await,
+            Command::Revoke { lease, reason } => self.release(caller, &lease, Some(reason)).await,
+            Command::Extend { target, duration } => self.extend(caller, &target, duration).await,
+            Command::List => self.list(caller).await,
+            Command::Groups => self.groups(caller).await,
+            Command::Pending => self.pending(caller).await,
+        };
+        result.unwrap_or_else(|e| Reply::refused(e.to_string()))
+    }
+
+    /// The command a button stands for. Deny has none: it needs a reason, so
+    /// the adapter asks for one and then sends [`Command::Deny`].
+    pub fn command_for(&self, action: &Action) -> Option<Command> {
+        Some(match action {
+            Action::Approve(r) => Command::Approve {
+                request: r.clone(),
+                duration: None,
+            },
+            Action::Deny(_) => return None,
+            Action::Release(l) => Command::Release { target: l.clone() },
+            Action::Acknowledge(r) => Command::Acknowledge { request: r.clone() },
+            Action::Extend(l) => {
+                let duration = self
+                    .inner
+                    .store
+                    .lease(&jitbot_core::LeaseId::new(l.as_str()))
+                    .ok()
+                    .flatten()
+                    .and_then(|rec| self.group(&rec.lease.group).ok().map(|p| p.default_duration))
+                    .unwrap_or(Span::from_hours(1));
+                Command::Extend {
+                    target: l.clone(),
+                    duration,
+                }
+            }
+        })
+    }
+
+    /// Runs one due timer. Always clears or moves it, so it never fires twice
+    /// for the same work.
+    pub async fn fire(&self, timer: Timer) {
+        let outcome = match timer.kind {
+            TimerKind::Grant => self.grant(&timer.id).await,
+            TimerKind::Expire => self.expire(&timer.id).await,
+            TimerKind::Revoke => self.revoke(&timer.id).await,
+            TimerKind::RequestTimeout => self.time_out(&timer.id).await,
+            TimerKind::Warn => self.warn(&timer.id).await,
+        };
+        if let Err(e) = outcome {
+            tracing::error!(kind = ?timer.kind, id = %timer.id, error = %e, "timer work failed; retrying later");
+            let retry = self.now() + self.inner.settings.retry_base.to_chrono();
+            let moved = self
+                .inner
+                .store
+                .update(self.now(), |tx| {
+                    tx.set_timer(timer.kind, &timer.id, retry);
+                    Ok::<(), StoreError>(())
+                })
+                .await;
+            if let Err(e) = moved {
+                tracing::error!(error = %e, "cannot reschedule timer");
+            }
+        }
+    }
+
+    pub(crate) fn audit(actor: &str, action: &str) -> AuditDraft {
+        AuditDraft {
+            actor: actor.to_string(),
+            action: action.to_string(),
+            ..AuditDraft::default()
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The HTTP server: health, readiness, metrics and the admin API here; chat
+//! adapters and the console mount their own routes next to them.
+
+pub mod admin;
+
+use crate::engine::Engine;
+use crate::secret::Secret;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the built-in routes need.
+#[derive(Clone)]
+pub struct HttpState {
+    pub engine: Engine,
+    /// Bearer token of the admin API; `None` turns the admin API off.
+    pub admin_token: Option<Secret>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// The built-in routes merged with the adapters' routes.
+pub fn router(state: HttpState, adapters: Vec<Router>) -> Router {
+    let mut app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .nest("/admin", admin::routes())
+        .with_state(state);
+    for r in adapters {
+        app = app.merge(r);
+    }
+    app
+}
+
+async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    let store = state.engine.store().next_due().is_ok();
+    let directory = state.engine.directory().ping().await;
+    match (store, directory) {
+        (true, Ok(())) => (StatusCode::OK, "ready\n".to_string()),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n".to_string()),
+        (_, Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    let (active, pending) = state.engine.counts().unwrap_or((0, 0));
+    crate::metrics::set_gauges(active, pending);
+    match &state.metrics {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n".to_string()),
+    }
+}
+
+/// Serves on an already-bound listener until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, app: Router, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+}

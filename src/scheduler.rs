@@ -1,0 +1,99 @@
+//! The scheduler: one actor that runs due timers from the store's timer
+//! index. It holds no timers of its own — the store is the truth — so a
+//! restart simply picks up where the last run stopped, overdue work first.
+//!
+//! Each wait is capped (`max_wait`) and the wall clock is re-read on every
+//! wake, so a suspended machine or a clock jump makes it late by at most the
+//! cap. Work runs concurrently up to `concurrency` timers at a time.
+
+use crate::engine::Engine;
+use crate::store::{Timer, TimerKind};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerSettings {
+    pub max_wait: Duration,
+    pub concurrency: usize,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        SchedulerSettings {
+            max_wait: Duration::from_secs(60),
+            concurrency: 32,
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true, then lets in-flight work finish.
+pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watch::Receiver<bool>) {
+    let mut in_flight: HashSet<(TimerKind, String)> = HashSet::new();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Task id → its timer, so that even a panicking task frees its slot.
+    let mut running: HashMap<tokio::task::Id, (TimerKind, String)> = HashMap::new();
+    let batch = settings.concurrency.max(1);
+    tracing::info!(timers = engine.store().timer_count(), "scheduler started");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let now = engine.now();
+        // Start due work, skipping timers already being worked on.
+        let mut next_due: Option<jitbot_core::Instant> = None;
+        match engine.store().timers_from(in_flight.len() + batch) {
+            Ok(timers) => {
+                for Timer { due, kind, id } in timers {
+                    let key = (kind, id.clone());
+                    if in_flight.contains(&key) {
+                        continue;
+                    }
+                    if due > now || tasks.len() >= batch {
+                        next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                        if due > now {
+                            break;
+                        }
+                        continue;
+                    }
+                    in_flight.insert(key.clone());
+                    let engine = engine.clone();
+                    let handle = tasks.spawn(async move { engine.fire(Timer { due, kind, id }).await });
+                    running.insert(handle.id(), key);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read timers; retrying"),
+        }
+        let wait = match next_due {
+            Some(due) if tasks.len() < batch => (due - engine.now()).to_std().unwrap_or(Duration::ZERO),
+            _ => settings.max_wait,
+        }
+        .min(settings.max_wait);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = engine.timers_changed().notified() => {}
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let mut finished = vec![done];
+                while let Some(more) = tasks.try_join_next_with_id() {
+                    finished.push(more);
+                }
+                for result in finished {
+                    let id = match result {
+                        Ok((id, ())) => id,
+                        Err(e) => {
+                            tracing::error!(error = %e, "timer task failed; its timer stays and is retried");
+                            e.id()
+                        }
+                    };
+                    if let Some(key) = running.remove(&id) {
+                        in_flight.remove(&key);
+                    }
+                }
+            }
+            _ = shutdown.changed() => {}
+        }
+    }
+    tracing::info!(in_flight = tasks.len(), "scheduler stopping; finishing directory work in flight");
+    while tasks.join_next().await.is_some() {}
+}

@@ -1,0 +1,562 @@
+//! The LDAP directory against a real slapd: membership of each kind,
+//! hostile lookups, bad credentials, an outage, nesting and TLS.
+
+use crate::support::slapd::*;
+use jitbot::config::LdapConfig;
+use jitbot::directory::ldap::LdapDirectory;
+use jitbot::ports::{Directory, DirectoryError};
+use jitbot::secret::SecretSource;
+use jitbot_core::{GroupDn, UserId};
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+fn directory(config: &LdapConfig) -> LdapDirectory {
+    LdapDirectory::new(config, &group_configs()).expect("LdapDirectory::new")
+}
+
+fn user(id: &str) -> UserId {
+    UserId::new(id)
+}
+
+fn group(dn: &str) -> GroupDn {
+    GroupDn::new(dn)
+}
+
+fn person(uid: &str) -> String {
+    format!("uid={uid},{PEOPLE}")
+}
+
+fn ids(list: &[&str]) -> Vec<UserId> {
+    list.iter().map(|s| user(s)).collect()
+}
+
+#[tokio::test]
+async fn member_groups_add_remove_idempotent_and_read_back() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let (g, alice, bob) = (group(DB_ADMINS), user("alice"), user("bob"));
+
+    dir.add_member(&g, &alice).await.unwrap();
+    dir.add_member(&g, &alice).await.unwrap();
+    dir.add_member(&g, &bob).await.unwrap();
+    let mut want = vec![person("alice"), person("bob"), SERVICE_DN.to_string()];
+    want.sort();
+    assert_eq!(slapd.values(DB_ADMINS, "member").await, want);
+    assert!(dir.is_member(&g, &alice).await.unwrap());
+    assert_eq!(
+        dir.list_members(&g).await.unwrap(),
+        ids(&["alice", "bob"]),
+        "placeholder excluded"
+    );
+
+    dir.remove_member(&g, &alice).await.unwrap();
+    dir.remove_member(&g, &alice).await.unwrap();
+    assert!(!dir.is_member(&g, &alice).await.unwrap());
+    dir.remove_member(&g, &bob).await.unwrap();
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    assert_eq!(
+        dir.list_members(&g).await.unwrap(),
+        Vec::<UserId>::new(),
+        "ZSP group empty at rest"
+    );
+}
+
+#[tokio::test]
+async fn unique_member_groups() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let (g, alice) = (group(OPS), user("alice"));
+    dir.add_member(&g, &alice).await.unwrap();
+    dir.add_member(&g, &alice).await.unwrap();
+    assert_eq!(
+        slapd.values(OPS, "uniqueMember").await,
+        vec![SERVICE_DN.to_string(), person("alice")]
+    );
+    assert_eq!(dir.list_members(&g).await.unwrap(), ids(&["alice"]));
+    assert!(dir.is_member(&g, &alice).await.unwrap());
+    dir.remove_member(&g, &alice).await.unwrap();
+    dir.remove_member(&g, &alice).await.unwrap();
+    assert_eq!(
+        slapd.values(OPS, "uniqueMember").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    assert!(!dir.is_member(&g, &alice).await.unwrap());
+}
+
+#[tokio::test]
+async fn member_uid_groups_hold_the_user_id() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let (g, alice, bob) = (group(POSIX_ADMINS), user("alice"), user("bob"));
+    // Removing from a group that has no memberUid at all is a no-op.
+    dir.remove_member(&g, &alice).await.unwrap();
+    dir.add_member(&g, &alice).await.unwrap();
+    dir.add_member(&g, &alice).await.unwrap();
+    dir.add_member(&g, &bob).await.unwrap();
+    assert_eq!(
+        slapd.values(POSIX_ADMINS, "memberUid").await,
+        vec!["alice", "bob"]
+    );
+    assert_eq!(dir.list_members(&g).await.unwrap(), ids(&["alice", "bob"]));
+    dir.remove_member(&g, &alice).await.unwrap();
+    dir.remove_member(&g, &bob).await.unwrap();
+    dir.remove_member(&g, &bob).await.unwrap();
+    assert!(
+        slapd.values(POSIX_ADMINS, "memberUid").await.is_empty(),
+        "posix groups can be empty"
+    );
+    assert!(matches!(
+        dir.add_member(&g, &user("nobody")).await,
+        Err(DirectoryError::NoSuchUser(_))
+    ));
+}
+
+#[tokio::test]
+async fn last_member_removal_uses_the_placeholder() {
+    let slapd = Slapd::start();
+    let (g, dave) = (group(WEB_ADMINS), user("dave"));
+
+    let mut without = slapd.ldap_config();
+    without.placeholder_dn = None;
+    let err = directory(&without)
+        .remove_member(&g, &dave)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, DirectoryError::Refused(m) if m.contains("ldap.placeholder_dn")),
+        "{err}"
+    );
+    assert_eq!(
+        slapd.values(WEB_ADMINS, "member").await,
+        vec![person("dave")]
+    );
+
+    let dir = directory(&slapd.ldap_config());
+    dir.remove_member(&g, &dave).await.unwrap();
+    assert_eq!(
+        slapd.values(WEB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    assert!(dir.list_members(&g).await.unwrap().is_empty());
+    dir.remove_member(&g, &dave).await.unwrap();
+}
+
+#[tokio::test]
+async fn hostile_lookups_never_match_another_entry() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    assert_eq!(
+        dir.find_user("uid", "alice").await.unwrap(),
+        Some(user("alice"))
+    );
+    assert_eq!(
+        dir.find_user("mail", "bob@example.org").await.unwrap(),
+        Some(user("bob"))
+    );
+    for hostile in [
+        "*",
+        ")(uid=*",
+        "alice)(uid=*",
+        "*)(|(uid=*",
+        "\\",
+        "\\2a",
+        "alice\0",
+        "\0",
+        "",
+        "al*",
+        "zoe",
+        "x,y+z,ou=people",
+        "uid=alice,ou=people,dc=example,dc=org",
+    ] {
+        for attr in ["uid", "mail", "cn"] {
+            let got = dir.find_user(attr, hostile).await;
+            assert!(matches!(got, Ok(None)), "{attr}={hostile:?} gave {got:?}");
+        }
+    }
+    // Special characters and non-ASCII find exactly their own entry.
+    for id in ["zoë", "x,y+z", "evil,+\"\\<>;"] {
+        assert_eq!(
+            dir.find_user("uid", id).await.unwrap(),
+            Some(user(id)),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        dir.find_user("mail", "evil@example.org").await.unwrap(),
+        Some(user("evil,+\"\\<>;"))
+    );
+    let err = dir
+        .find_user("mail", "oncall@example.org")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DirectoryError::Ambiguous(_)), "{err}");
+    let err = dir.find_user("uid=*)(mail", "x").await.unwrap_err();
+    assert!(matches!(err, DirectoryError::Refused(_)), "{err}");
+}
+
+#[tokio::test]
+async fn hostile_names_round_trip_through_groups() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let g = group(DB_ADMINS);
+    let hostile = ["x,y+z", "evil,+\"\\<>;", "zoë"];
+    for id in hostile {
+        dir.add_member(&g, &user(id)).await.unwrap();
+        assert!(dir.is_member(&g, &user(id)).await.unwrap(), "{id}");
+    }
+    let mut want = ids(&hostile);
+    want.sort();
+    assert_eq!(dir.list_members(&g).await.unwrap(), want);
+    assert_eq!(slapd.values(DB_ADMINS, "member").await.len(), 4);
+    for id in hostile {
+        dir.remove_member(&g, &user(id)).await.unwrap();
+    }
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    // A hostile id that is nobody's: no entry is touched.
+    assert!(!dir.is_member(&group(WEB_ADMINS), &user("*")).await.unwrap());
+    dir.remove_member(&group(WEB_ADMINS), &user("*"))
+        .await
+        .unwrap();
+    assert_eq!(
+        slapd.values(WEB_ADMINS, "member").await,
+        vec![person("dave")]
+    );
+}
+
+/// Collects everything logged while it is the thread's default subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn wrong_password_is_a_clear_error_without_the_secret() {
+    let slapd = Slapd::start();
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(logs.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let secret = "Tr0ub4dor&3-not-the-password";
+    let mut config = slapd.ldap_config();
+    config.password = slapd.password_file("wrong.pw", secret);
+    let dir = directory(&config);
+    for result in [
+        dir.ping().await,
+        dir.add_member(&group(DB_ADMINS), &user("alice")).await,
+    ] {
+        let err = result.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, DirectoryError::Refused(_)), "{text}");
+        assert!(
+            text.contains("bind failed: check ldap.bind_dn and the password source"),
+            "{text}"
+        );
+        assert!(!text.contains(secret), "{text}");
+    }
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logged.contains("invalid credentials"),
+        "the failure is logged: {logged}"
+    );
+    assert!(!logged.contains(secret), "{logged}");
+
+    let mut unset = slapd.ldap_config();
+    unset.password = SecretSource::env("JITBOT_TEST_LDAP_PASSWORD_SURELY_UNSET");
+    let err = LdapDirectory::new(&unset, &[])
+        .err()
+        .expect("missing password refused");
+    assert!(err.to_string().contains("ldap.password"), "{err}");
+}
+
+#[tokio::test]
+async fn outage_then_recovery_without_a_new_directory() {
+    let mut slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let (g, alice, bob) = (group(DB_ADMINS), user("alice"), user("bob"));
+    dir.ping().await.unwrap();
+    dir.add_member(&g, &alice).await.unwrap();
+
+    slapd.stop();
+    let err = dir.add_member(&g, &bob).await.unwrap_err();
+    assert!(matches!(err, DirectoryError::Unavailable(_)), "{err}");
+    assert!(err.is_transient());
+    let err = dir.ping().await.unwrap_err();
+    assert!(
+        err.to_string().contains(&slapd.url()),
+        "says which server: {err}"
+    );
+
+    slapd.restart();
+    dir.remove_member(&g, &alice).await.unwrap();
+    dir.add_member(&g, &bob).await.unwrap();
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string(), person("bob")]
+    );
+
+    // A restart between two operations: the stale handle is replaced and
+    // the operation goes through on its first call.
+    slapd.stop();
+    slapd.restart();
+    dir.remove_member(&g, &bob).await.unwrap();
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+}
+
+#[tokio::test]
+async fn nested_groups_of() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let among: BTreeSet<GroupDn> = [
+        SECURITY,
+        APPROVERS,
+        CHANGE_BOARD,
+        DB_ADMINS,
+        WEB_ADMINS,
+        POSIX_ADMINS,
+        AUDITORS,
+    ]
+    .into_iter()
+    .map(group)
+    .collect();
+    let of = |dns: &[&str]| dns.iter().map(|d| group(d)).collect::<BTreeSet<_>>();
+
+    assert_eq!(
+        dir.groups_of(&user("carol"), &among).await.unwrap(),
+        of(&[SECURITY, APPROVERS, CHANGE_BOARD])
+    );
+    assert_eq!(
+        dir.groups_of(&user("dave"), &among).await.unwrap(),
+        of(&[WEB_ADMINS])
+    );
+    assert_eq!(
+        dir.groups_of(&user("eve"), &among).await.unwrap(),
+        of(&[AUDITORS])
+    );
+    assert_eq!(
+        dir.groups_of(&user("alice"), &among).await.unwrap(),
+        of(&[])
+    );
+    assert_eq!(
+        dir.groups_of(&user("nobody"), &among).await.unwrap(),
+        of(&[])
+    );
+    // Case of the configured DN does not matter.
+    let upper: BTreeSet<GroupDn> = [group(&APPROVERS.to_uppercase())].into();
+    assert_eq!(dir.groups_of(&user("carol"), &upper).await.unwrap(), upper);
+
+    dir.add_member(&group(POSIX_ADMINS), &user("alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        dir.groups_of(&user("alice"), &among).await.unwrap(),
+        of(&[POSIX_ADMINS])
+    );
+
+    let mut shallow = slapd.ldap_config();
+    shallow.nested_depth = 1;
+    assert_eq!(
+        directory(&shallow)
+            .groups_of(&user("carol"), &among)
+            .await
+            .unwrap(),
+        of(&[SECURITY, APPROVERS])
+    );
+}
+
+#[tokio::test]
+async fn missing_groups_and_missing_rights_are_named() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let nope = group("cn=nope,ou=groups,dc=example,dc=org");
+    let alice = user("alice");
+    assert!(matches!(
+        dir.add_member(&nope, &alice).await,
+        Err(DirectoryError::NoSuchGroup(_))
+    ));
+    assert!(matches!(
+        dir.remove_member(&nope, &alice).await,
+        Err(DirectoryError::NoSuchGroup(_))
+    ));
+    assert!(matches!(
+        dir.list_members(&nope).await,
+        Err(DirectoryError::NoSuchGroup(_))
+    ));
+    assert!(matches!(
+        dir.is_member(&nope, &alice).await,
+        Err(DirectoryError::NoSuchGroup(_))
+    ));
+    let err = dir.add_member(&group(AUDITORS), &alice).await.unwrap_err();
+    assert!(
+        matches!(&err, DirectoryError::Refused(m) if m.contains("insufficient access")),
+        "{err}"
+    );
+    assert!(matches!(
+        dir.add_member(&group(DB_ADMINS), &user("nobody")).await,
+        Err(DirectoryError::NoSuchUser(_))
+    ));
+}
+
+#[tokio::test]
+async fn concurrent_operations_share_one_connection() {
+    let slapd = Slapd::start();
+    let dir = Arc::new(directory(&slapd.ldap_config()));
+    let tasks: Vec<_> = ["alice", "bob", "carol", "dave", "eve"]
+        .into_iter()
+        .map(|id| {
+            let dir = dir.clone();
+            tokio::spawn(async move {
+                dir.add_member(&group(DB_ADMINS), &user(id)).await?;
+                dir.is_member(&group(DB_ADMINS), &user(id)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap());
+    }
+    assert_eq!(dir.list_members(&group(DB_ADMINS)).await.unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn check_groups_reports_in_plain_words() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let groups = group_configs();
+    assert_eq!(dir.check_groups(&groups).await, Vec::<String>::new());
+    // The write check leaves every group as it was.
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    assert_eq!(
+        slapd.values(WEB_ADMINS, "member").await,
+        vec![person("dave")]
+    );
+    assert!(slapd.values(POSIX_ADMINS, "memberUid").await.is_empty());
+
+    let mut bad = groups.clone();
+    bad[0].dn = "cn=nope,ou=groups,dc=example,dc=org".into();
+    bad[1].dn = AUDITORS.into();
+    bad[2].membership = jitbot::config::MembershipKind::MemberUid;
+    let problems = dir.check_groups(&bad).await;
+    assert_eq!(problems.len(), 3, "{problems:#?}");
+    assert!(problems[0].contains("does not exist"), "{}", problems[0]);
+    assert!(
+        problems[1].contains("may not modify `member`"),
+        "{}",
+        problems[1]
+    );
+    assert!(problems[2].contains("posixGroup"), "{}", problems[2]);
+
+    let mut config = slapd.ldap_config();
+    config.password = slapd.password_file("bad.pw", "nope");
+    let problems = directory(&config).check_groups(&groups).await;
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].contains("bind failed"), "{}", problems[0]);
+}
+
+/// A CA, and a server certificate for `host` signed by it: (cert, key, ca).
+fn certificates(host: &str) -> (String, String, String) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "jitbot test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut server = CertificateParams::new(vec![host.to_string()]).unwrap();
+    server.distinguished_name.push(DnType::CommonName, host);
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = server.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    (cert.pem(), key.serialize_pem(), ca_cert.pem())
+}
+
+fn tls_slapd(host: &str) -> Slapd {
+    let (cert, key, ca) = certificates(host);
+    Slapd::start_tls(&cert, &key, &ca)
+}
+
+#[tokio::test]
+async fn starttls_and_ldaps_with_a_private_ca() {
+    let slapd = tls_slapd("localhost");
+    let mut starttls = slapd.ldap_config();
+    starttls.url = format!("ldap://localhost:{}", slapd.port());
+    starttls.starttls = true;
+    starttls.ca_file = Some(slapd.ca_file());
+    let dir = directory(&starttls);
+    dir.ping().await.unwrap();
+    dir.add_member(&group(DB_ADMINS), &user("alice"))
+        .await
+        .unwrap();
+
+    let mut ldaps = slapd.ldap_config();
+    ldaps.url = slapd.ldaps_url();
+    ldaps.ca_file = Some(slapd.ca_file());
+    let dir = directory(&ldaps);
+    dir.ping().await.unwrap();
+    assert_eq!(
+        dir.list_members(&group(DB_ADMINS)).await.unwrap(),
+        ids(&["alice"])
+    );
+
+    // Without the private CA the server is not trusted.
+    ldaps.ca_file = None;
+    let err = directory(&ldaps).ping().await.unwrap_err();
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_host_is_refused() {
+    let slapd = tls_slapd("wrong.example.net");
+    let mut ldaps = slapd.ldap_config();
+    ldaps.url = slapd.ldaps_url();
+    ldaps.ca_file = Some(slapd.ca_file());
+    let err = directory(&ldaps).ping().await.unwrap_err();
+    assert!(
+        matches!(&err, DirectoryError::Refused(m) if m.contains("not valid for name")),
+        "{err}"
+    );
+
+    let mut starttls = slapd.ldap_config();
+    starttls.url = format!("ldap://localhost:{}", slapd.port());
+    starttls.starttls = true;
+    starttls.ca_file = Some(slapd.ca_file());
+    let err = directory(&starttls).ping().await.unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+
+    // Turning host name checks off accepts it (the chain is still checked).
+    ldaps.verify_hostname = false;
+    directory(&ldaps).ping().await.unwrap();
+}

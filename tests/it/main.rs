@@ -1,0 +1,6 @@
+//! The one integration test binary: one module per area.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod ldap;
