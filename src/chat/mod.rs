@@ -2,7 +2,9 @@
 
 pub mod fanout;
 pub mod outbox;
+pub mod slack;
 pub mod view;
+pub mod web;
 
 use crate::clock::Clock;
 use crate::config::Config;

@@ -4,3 +4,6 @@
 mod support;
 
 mod ldap;
+mod lifecycle;
+mod slack;
+mod console;

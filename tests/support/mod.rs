@@ -1,3 +1,6 @@
 //! Shared test helpers.
 
 pub mod slapd;
+pub mod bot;
+pub mod fake_slack;
+pub mod browser;

@@ -53,7 +53,9 @@ fn buttons(actions: &[Action]) -> Option<SlackBlock> {
         .iter()
         .map(|a| {
             let (text, style) = label(a);
-            let mut button = SlackBlockButtonElement::new(a.id().into(), plain(text)).with_value(target(a).to_string());
+            let mut button = SlackBlockButtonElement::new(plain(text))
+                .with_action_id(a.id().into())
+                .with_value(target(a).to_string());
             if let Some(style) = style {
                 button = button.with_style(style);
             }
@@ -103,7 +105,8 @@ pub fn notice(notice: &Notice) -> SlackMessageContent {
 }
 
 fn input(block_id: &str, title: &str, placeholder: &str, multiline: bool, optional: bool) -> SlackBlock {
-    let element = SlackBlockPlainTextInputElement::new(block_id.into())
+    let element = SlackBlockPlainTextInputElement::new()
+        .with_action_id(block_id.into())
         .with_placeholder(plain(placeholder))
         .with_multiline(multiline);
     SlackInputBlock::new(plain(title), SlackInputBlockElement::PlainTextInput(element))

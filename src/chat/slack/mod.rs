@@ -36,6 +36,8 @@ pub enum SlackSetupError {
     Token(#[from] SecretError),
     #[error("cannot load the system's TLS roots: {0}")]
     Tls(std::io::Error),
+    #[error("Slack Socket Mode: {0}")]
+    SocketMode(String),
 }
 
 /// Talks to Slack's Web API; implements [`Notifier`].

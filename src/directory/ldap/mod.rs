@@ -8,6 +8,8 @@
 mod check;
 mod conn;
 mod dn;
+mod members;
+mod nested;
 
 pub use dn::{ad_ttl_value, is_ad_protected_group};
 
@@ -19,11 +21,6 @@ use jitbot_core::{GroupDn, UserId};
 use ldap3::{dn_escape, ldap_escape, LdapResult, Mod, Scope, SearchEntry};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use tokio::sync::OnceCell;
-
-/// Active Directory's LDAP_MATCHING_RULE_IN_CHAIN: transitive membership.
-const IN_CHAIN: &str = "1.2.840.113556.1.4.1941";
-/// How many DNs one nested-group search asks about at once.
-const DNS_PER_SEARCH: usize = 32;
 
 /// Group membership in an LDAP directory, over one supervised connection.
 pub struct LdapDirectory {
@@ -202,37 +199,6 @@ impl LdapDirectory {
             rc::NO_SUCH_OBJECT => Err(DirectoryError::NoSuchGroup(group.to_string())),
             _ => Err(self.refusal(&result, &format!("read {group}"))),
         }
-    }
-
-    /// The user id behind a member DN: from the RDN when it is the id
-    /// attribute, else from the entry. `None` for entries that are not users
-    /// under `user_base` (nested groups, the placeholder, dangling DNs).
-    async fn id_of_dn(&self, member: &str) -> Result<Option<UserId>, DirectoryError> {
-        if !dn::is_under(member, &self.user_base) {
-            return Ok(None);
-        }
-        if let Some((attr, value)) = dn::first_rdn(member) {
-            if attr.eq_ignore_ascii_case(&self.id_attr) {
-                return Ok(Some(UserId::new(value)));
-            }
-        }
-        let (entries, result) = self
-            .search(
-                member,
-                Scope::Base,
-                "(objectClass=*)",
-                &[self.id_attr.as_str()],
-            )
-            .await?;
-        match result.rc {
-            rc::SUCCESS => {}
-            rc::NO_SUCH_OBJECT => return Ok(None),
-            _ => return Err(self.refusal(&result, &format!("read {member}"))),
-        }
-        Ok(entries
-            .first()
-            .and_then(|e| single(values(e, &self.id_attr)))
-            .map(UserId::new))
     }
 }
 
@@ -425,48 +391,6 @@ impl Directory for LdapDirectory {
     }
 }
 
-impl LdapDirectory {
-    /// OpenLDAP refuses to empty a groupOfNames (result 65): put the
-    /// placeholder in and take the member out in one modify, so that a
-    /// revocation is never blocked by the schema.
-    async fn remove_last(
-        &self,
-        group: &GroupDn,
-        user: &UserId,
-        attr: &str,
-        value: &str,
-    ) -> Result<(), DirectoryError> {
-        let placeholder = match &self.placeholder {
-            Some(p) if dn::normalize(p) != dn::normalize(value) => p,
-            _ => {
-                return Err(DirectoryError::Refused(format!(
-                    "{user} is the last member of {group} and the directory refuses an empty group; \
-                     set ldap.placeholder_dn (for example the service account's DN) so that jitbot can keep one"
-                )))
-            }
-        };
-        let mods = vec![
-            Mod::Add(attr.to_string(), HashSet::from([placeholder.clone()])),
-            Mod::Delete(attr.to_string(), HashSet::from([value.to_string()])),
-        ];
-        let result = self.modify(group.as_str(), mods).await?;
-        match result.rc {
-            rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => Ok(()),
-            // The placeholder arrived meanwhile: the plain delete works now.
-            rc::ATTRIBUTE_EXISTS => {
-                let delete = Mod::Delete(attr.to_string(), HashSet::from([value.to_string()]));
-                let result = self.modify(group.as_str(), vec![delete]).await?;
-                match result.rc {
-                    rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => Ok(()),
-                    _ => Err(self.refusal(&result, &format!("remove {user} from {group}"))),
-                }
-            }
-            rc::NO_SUCH_OBJECT => Err(DirectoryError::NoSuchGroup(group.to_string())),
-            _ => Err(self.refusal(&result, &format!("remove {user} from {group}"))),
-        }
-    }
-}
-
 /// The attribute a group of this kind lists its members in.
 fn attribute(kind: MembershipKind) -> &'static str {
     match kind {
@@ -514,15 +438,5 @@ mod tests {
         for bad in ["", "mail)(uid=*", "a=b", "mail*", "cn\0"] {
             assert!(!valid_attribute(bad), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn suffix_of_user_base() {
-        assert_eq!(
-            dc_suffix("ou=people,dc=example,dc=org"),
-            "dc=example,dc=org"
-        );
-        assert_eq!(dc_suffix("ou=people,o=corp"), "ou=people,o=corp");
-        assert_eq!(dc_suffix("dc=x"), "dc=x");
     }
 }

@@ -14,7 +14,6 @@ const IN_CHAIN: &str = "1.2.840.113556.1.4.1941";
 const DNS_PER_SEARCH: usize = 32;
 
 impl LdapDirectory {
-
     /// The directory's naming contexts, read once from the root DSE; the
     /// suffix of `user_base` when the root DSE does not list them.
     async fn naming_contexts(&self) -> Result<&[String], DirectoryError> {
@@ -40,7 +39,7 @@ impl LdapDirectory {
     /// OpenLDAP: the groups reached from `user_dn` by walking `member` /
     /// `uniqueMember` upward (and `memberUid` at the first step), as
     /// normalized DNs.
-    async fn walk_up(
+    pub(super) async fn walk_up(
         &self,
         user_dn: &str,
         user: &UserId,
@@ -82,7 +81,7 @@ impl LdapDirectory {
     }
 
     /// Active Directory: whether `user_dn` is in `group`, transitively.
-    async fn in_chain(
+    pub(super) async fn in_chain(
         &self,
         group: &GroupDn,
         user_dn: &str,
@@ -107,7 +106,6 @@ impl LdapDirectory {
     }
 }
 
-
 /// The trailing `dc=` RDNs of `dn` (the usual suffix), or `dn` itself.
 fn dc_suffix(dn: &str) -> String {
     let rdns: Vec<&str> = dn.split(',').collect();
@@ -128,7 +126,10 @@ mod tests {
 
     #[test]
     fn suffix_of_user_base() {
-        assert_eq!(dc_suffix("ou=people,dc=example,dc=org"), "dc=example,dc=org");
+        assert_eq!(
+            dc_suffix("ou=people,dc=example,dc=org"),
+            "dc=example,dc=org"
+        );
         assert_eq!(dc_suffix("ou=people,o=corp"), "ou=people,o=corp");
         assert_eq!(dc_suffix("dc=x"), "dc=x");
     }

@@ -1,0 +1,437 @@
+//! What jitbot does with a slash command or a click, whichever mode it came
+//! through. The accept step is synchronous and cheap (parse, dedupe, spawn)
+//! so the caller can acknowledge Slack at once; the work runs in a task and
+//! answers through `response_url`, an ephemeral message or a DM.
+
+use super::blocks::{self, DENY_MODAL, DURATION_INPUT, GROUP_INPUT, REASON_INPUT, REQUEST_MODAL};
+use super::{SlackAdapter, PLATFORM};
+use crate::engine::{Caller, Engine};
+use crate::ports::ChatRef;
+use jitbot_core::command::{Action, Command, ParseError, MAX_REASON_CHARS};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// How many recent trigger ids / action timestamps are remembered to drop
+/// Slack's retries. Slack retries within minutes, so a few thousand is ample.
+const SEEN_CAPACITY: usize = 10_000;
+
+/// A slash command's fields, from the HTTP form or a Socket Mode envelope.
+#[derive(Clone, Debug)]
+pub struct SlashCommand {
+    pub user_id: String,
+    pub channel_id: String,
+    pub text: String,
+    pub response_url: String,
+    pub trigger_id: String,
+}
+
+/// Why an interaction payload was refused outright (HTTP 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejected {
+    #[error("malformed interaction payload: {0}")]
+    Malformed(String),
+    #[error("unknown action `{0}`")]
+    UnknownAction(String),
+}
+
+/// Shared by HTTP mode and Socket Mode: one place that turns Slack payloads
+/// into engine commands.
+pub struct SlackHandler {
+    engine: Engine,
+    adapter: Arc<SlackAdapter>,
+    seen: Mutex<Seen>,
+}
+
+/// A bounded set of recently seen ids, oldest forgotten first.
+#[derive(Default)]
+struct Seen {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl Seen {
+    fn first_time(&mut self, key: String) -> bool {
+        if self.set.contains(&key) {
+            return false;
+        }
+        if self.order.len() >= SEEN_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.set.insert(key.clone());
+        self.order.push_back(key);
+        true
+    }
+}
+
+/// Where an answer goes.
+enum Answer {
+    Url(String),
+    Ephemeral { channel: String, user: String },
+    Dm(String),
+}
+
+/// Carried in a modal's `private_metadata`, which Slack hands back on submit.
+#[derive(Serialize, Deserialize, Default)]
+struct Metadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    channel: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type")]
+enum Payload {
+    #[serde(rename = "block_actions")]
+    BlockActions(BlockActions),
+    #[serde(rename = "view_submission")]
+    ViewSubmission(ViewSubmission),
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct BlockActions {
+    user: IdOnly,
+    trigger_id: String,
+    response_url: Option<String>,
+    channel: Option<IdOnly>,
+    actions: Vec<ActionInfo>,
+}
+
+#[derive(Deserialize)]
+struct ActionInfo {
+    action_id: String,
+    action_ts: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ViewSubmission {
+    user: IdOnly,
+    view: View,
+}
+
+#[derive(Deserialize)]
+struct View {
+    id: String,
+    callback_id: Option<String>,
+    #[serde(default)]
+    private_metadata: String,
+    state: Option<ViewState>,
+}
+
+#[derive(Deserialize)]
+struct ViewState {
+    values: HashMap<String, HashMap<String, StateValue>>,
+}
+
+#[derive(Deserialize)]
+struct StateValue {
+    value: Option<String>,
+}
+
+impl View {
+    fn input(&self, id: &str) -> String {
+        self.state
+            .as_ref()
+            .and_then(|s| s.values.get(id))
+            .and_then(|b| b.get(id))
+            .and_then(|v| v.value.clone())
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+/// A modal submission, checked and ready to run.
+enum Submission {
+    Deny { request: String, reason: String },
+    Request { group: String, duration: String, reason: String },
+}
+
+impl SlackHandler {
+    pub fn new(engine: Engine, adapter: Arc<SlackAdapter>) -> Arc<SlackHandler> {
+        Arc::new(SlackHandler {
+            engine,
+            adapter,
+            seen: Mutex::new(Seen::default()),
+        })
+    }
+
+    fn first_time(&self, key: String) -> bool {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).first_time(key)
+    }
+
+    /// Accepts a slash command and starts its work. Returns false for a
+    /// retry of a command already taken (same `trigger_id`).
+    pub fn command(self: &Arc<Self>, cmd: SlashCommand) -> bool {
+        if !self.first_time(format!("cmd:{}", cmd.trigger_id)) {
+            tracing::info!("Slack retried a slash command already taken; ignored");
+            return false;
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.run_command(cmd).await });
+        true
+    }
+
+    /// Accepts an interaction payload (`payload=` JSON in HTTP mode, the
+    /// envelope's payload in Socket Mode). `Ok(false)` means a retry or a
+    /// kind jitbot ignores; errors mean nothing was started.
+    pub fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
+        let payload: Payload = serde_json::from_value(payload).map_err(|e| Rejected::Malformed(e.to_string()))?;
+        match payload {
+            Payload::BlockActions(ba) => {
+                let Some(first) = ba.actions.first() else {
+                    return Err(Rejected::Malformed("block_actions without actions".into()));
+                };
+                let action =
+                    Action::parse(&first.action_id).map_err(|_| Rejected::UnknownAction(first.action_id.clone()))?;
+                let key = first.action_ts.clone().unwrap_or_else(|| ba.trigger_id.clone());
+                if !self.first_time(format!("act:{key}")) {
+                    tracing::info!("Slack retried a click already taken; ignored");
+                    return Ok(false);
+                }
+                let this = self.clone();
+                tokio::spawn(async move { this.run_action(ba, action).await });
+                Ok(true)
+            }
+            Payload::ViewSubmission(vs) => {
+                let meta: Metadata = if vs.view.private_metadata.is_empty() {
+                    Metadata::default()
+                } else {
+                    serde_json::from_str(&vs.view.private_metadata)
+                        .map_err(|_| Rejected::Malformed("private_metadata".into()))?
+                };
+                let submission = match vs.view.callback_id.as_deref() {
+                    Some(DENY_MODAL) => Submission::Deny {
+                        request: meta
+                            .request
+                            .clone()
+                            .ok_or_else(|| Rejected::Malformed("deny modal without a request".into()))?,
+                        reason: vs.view.input(REASON_INPUT),
+                    },
+                    Some(REQUEST_MODAL) => Submission::Request {
+                        group: vs.view.input(GROUP_INPUT),
+                        duration: vs.view.input(DURATION_INPUT),
+                        reason: vs.view.input(REASON_INPUT),
+                    },
+                    other => return Err(Rejected::UnknownAction(other.unwrap_or_default().to_string())),
+                };
+                if !self.first_time(format!("view:{}", vs.view.id)) {
+                    return Ok(false);
+                }
+                let this = self.clone();
+                let user = vs.user.id;
+                tokio::spawn(async move { this.run_submission(user, meta.channel, submission).await });
+                Ok(true)
+            }
+            Payload::Other => Ok(false),
+        }
+    }
+
+    async fn run_command(&self, cmd: SlashCommand) {
+        let answer = Answer::Url(cmd.response_url.clone());
+        let command = match Command::parse(&cmd.text) {
+            Ok(c) => c,
+            Err(ParseError::Usage(usage)) if is_bare_request(&cmd.text) => {
+                let meta = Metadata {
+                    request: None,
+                    channel: Some(cmd.channel_id.clone()),
+                };
+                let meta = serde_json::to_string(&meta).unwrap_or_default();
+                if let Err(e) = self.adapter.open_view(&cmd.trigger_id, blocks::request_modal(meta)).await {
+                    tracing::warn!(error = %e, "cannot open the request modal");
+                    self.answer(&answer, &format!("usage: {usage}")).await;
+                }
+                return;
+            }
+            Err(e) => return self.answer(&answer, &e.to_string()).await,
+        };
+        let text = self.execute(&cmd.user_id, Some(cmd.channel_id.clone()), command).await;
+        self.answer(&answer, &text).await;
+    }
+
+    async fn run_action(&self, ba: BlockActions, action: Action) {
+        let channel = ba.channel.map(|c| c.id);
+        let answer = match (&ba.response_url, &channel) {
+            (Some(url), _) => Answer::Url(url.clone()),
+            (None, Some(channel)) => Answer::Ephemeral {
+                channel: channel.clone(),
+                user: ba.user.id.clone(),
+            },
+            (None, None) => Answer::Dm(ba.user.id.clone()),
+        };
+        if let Action::Deny(request) = &action {
+            let meta = Metadata {
+                request: Some(request.clone()),
+                channel: channel.clone(),
+            };
+            let meta = serde_json::to_string(&meta).unwrap_or_default();
+            if let Err(e) = self.adapter.open_view(&ba.trigger_id, blocks::deny_modal(request, meta)).await {
+                tracing::warn!(error = %e, "cannot open the deny modal");
+                let text = format!("Slack would not open the form ({e}); use `/jit deny {request} <reason>`.");
+                self.answer(&answer, &text).await;
+            }
+            return;
+        }
+        let text = match self.engine.command_for(&action) {
+            Some(command) => self.execute(&ba.user.id, channel, command).await,
+            None => "That button does nothing here.".to_string(),
+        };
+        self.answer(&answer, &text).await;
+    }
+
+    async fn run_submission(&self, user: String, channel: Option<String>, submission: Submission) {
+        let answer = match &channel {
+            Some(channel) => Answer::Ephemeral {
+                channel: channel.clone(),
+                user: user.clone(),
+            },
+            None => Answer::Dm(user.clone()),
+        };
+        let command = match submission {
+            Submission::Deny { reason, .. } if reason.chars().count() > MAX_REASON_CHARS => {
+                Err(ParseError::ReasonTooLong)
+            }
+            Submission::Deny { request, reason } => Ok(Command::Deny { request, reason }),
+            Submission::Request {
+                group,
+                duration,
+                reason,
+            } => request_from_form(&group, &duration, &reason),
+        };
+        let text = match command {
+            Ok(command) => self.execute(&user, channel, command).await,
+            Err(e) => e.to_string(),
+        };
+        self.answer(&answer, &text).await;
+    }
+
+    /// Identifies the Slack user in the directory and runs the command.
+    async fn execute(&self, slack_user: &str, channel: Option<String>, command: Command) -> String {
+        if command == Command::Help {
+            return jitbot_core::command::HELP.to_string();
+        }
+        let email = match self.adapter.email_of(slack_user).await {
+            Ok(Some(email)) => email,
+            Ok(None) => {
+                return "Your Slack profile shows no email address, so jitbot cannot find your directory account."
+                    .to_string()
+            }
+            Err(e) => return format!("jitbot cannot look you up in Slack right now ({e}); try again in a minute."),
+        };
+        let user = match self.engine.identify(&self.adapter.config().user_attribute, &email).await {
+            Ok(user) => user,
+            Err(reply) => return reply.text,
+        };
+        let caller = Caller {
+            user,
+            chat: Some(ChatRef {
+                platform: PLATFORM.into(),
+                user: slack_user.to_string(),
+                channel,
+            }),
+        };
+        self.engine.execute(&caller, command).await.text
+    }
+
+    async fn answer(&self, to: &Answer, text: &str) {
+        let sent = match to {
+            Answer::Url(url) => self.adapter.respond(url, text).await,
+            Answer::Ephemeral { channel, user } => self.adapter.ephemeral(channel, user, text).await,
+            Answer::Dm(user) => {
+                let content = slack_morphism::prelude::SlackMessageContent::new().with_text(text.to_string());
+                self.adapter.dm(user, content).await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "cannot answer on Slack");
+        }
+    }
+}
+
+/// `/jit request` with nothing after it: the case for the modal.
+fn is_bare_request(text: &str) -> bool {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    matches!(words.as_slice(), [verb] if verb.eq_ignore_ascii_case("request") || verb.eq_ignore_ascii_case("req"))
+}
+
+/// The request modal's fields as a command, checked by the same parser as
+/// the slash command (names, durations) while keeping the reason verbatim:
+/// a reason that starts with a digit must not be read as a duration.
+fn request_from_form(group: &str, duration: &str, reason: &str) -> Result<Command, ParseError> {
+    if group.split_whitespace().count() != 1 {
+        return Err(ParseError::Usage("one group name, e.g. db-admins"));
+    }
+    if duration.split_whitespace().count() > 1 {
+        return Err(ParseError::Usage("one duration, e.g. 2h"));
+    }
+    if reason.chars().count() > MAX_REASON_CHARS {
+        return Err(ParseError::ReasonTooLong);
+    }
+    // The duration box holds a duration or nothing: parse it as one, so a
+    // typo is refused rather than taken as the start of the reason.
+    let duration = match duration {
+        "" => None,
+        d => Some(d.parse::<jitbot_core::Span>()?),
+    };
+    match Command::parse(&format!("request {group} -"))? {
+        Command::Request { group, .. } => Ok(Command::Request {
+            group,
+            duration,
+            reason: reason.to_string(),
+        }),
+        _ => Err(ParseError::Usage("/jit request <group> [duration] <reason>")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jitbot_core::{GroupName, Span};
+
+    #[test]
+    fn seen_drops_repeats_and_forgets_the_oldest() {
+        let mut seen = Seen::default();
+        assert!(seen.first_time("a".into()));
+        assert!(!seen.first_time("a".into()));
+        for i in 0..SEEN_CAPACITY {
+            seen.first_time(format!("k{i}"));
+        }
+        assert_eq!(seen.order.len(), SEEN_CAPACITY);
+        assert!(seen.first_time("a".into()), "the oldest key is forgotten");
+    }
+
+    #[test]
+    fn the_request_form_becomes_a_request() {
+        let cmd = request_from_form("db-admins", "2h", "3 replicas down").unwrap();
+        assert_eq!(
+            cmd,
+            Command::Request {
+                group: GroupName::new("db-admins"),
+                duration: Some(Span::from_hours(2)),
+                reason: "3 replicas down".into()
+            }
+        );
+        let cmd = request_from_form("db-admins", "", "3 replicas down").unwrap();
+        assert!(matches!(cmd, Command::Request { duration: None, ref reason, .. } if reason == "3 replicas down"));
+        assert!(request_from_form("db admins", "", "x").is_err());
+        assert!(request_from_form("db", "soon", "x").is_err());
+        assert!(request_from_form("*)(uid=*", "", "x").is_err());
+    }
+
+    #[test]
+    fn only_a_bare_request_opens_the_modal() {
+        assert!(is_bare_request(" request "));
+        assert!(!is_bare_request("request db"));
+        assert!(!is_bare_request("deny"));
+    }
+}

@@ -1,0 +1,100 @@
+//! Socket Mode: Slack pushes commands and clicks over a websocket opened
+//! with the `xapp-` app-level token, so jitbot needs no public URL.
+//!
+//! This path cannot be exercised against real Slack in the test suite (the
+//! websocket URL comes from `apps.connections.open`); it shares every step
+//! after the transport with HTTP mode, which the tests drive end to end.
+
+use super::handle::{SlackHandler, SlashCommand};
+use super::{Client, SlackAdapter, SlackSetupError};
+use crate::engine::Engine;
+use crate::secret::Secret;
+use slack_morphism::prelude::*;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// The handler, kept in slack-morphism's user state because its callbacks
+/// are plain function pointers.
+struct SocketState(Arc<SlackHandler>);
+
+/// Listens until `shutdown` turns true. The callbacks only accept and spawn,
+/// because slack-morphism sends the envelope's ack after they return.
+pub async fn run_socket_mode(
+    engine: Engine,
+    adapter: Arc<SlackAdapter>,
+    app_token: Secret,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SlackSetupError> {
+    let handler = SlackHandler::new(engine, adapter.clone());
+    let callbacks = SlackSocketModeListenerCallbacks::new()
+        .with_command_events(on_command)
+        .with_interaction_events(on_interaction);
+    let environment = Arc::new(
+        SlackClientEventsListenerEnvironment::new(adapter.client())
+            .with_error_handler(on_error)
+            .with_user_state(SocketState(handler)),
+    );
+    let listener = SlackClientSocketModeListener::new(&SlackClientSocketModeConfig::new(), environment, callbacks);
+    let token = SlackApiToken::new(app_token.expose().to_string().into());
+    listener
+        .listen_for(&token)
+        .await
+        .map_err(|e| SlackSetupError::SocketMode(e.to_string()))?;
+    listener.start().await;
+    tracing::info!("Slack Socket Mode connected");
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            break;
+        }
+    }
+    listener.shutdown().await;
+    Ok(())
+}
+
+async fn handler(states: &SlackClientEventsUserState) -> Option<Arc<SlackHandler>> {
+    states.read().await.get_user_state::<SocketState>().map(|s| s.0.clone())
+}
+
+async fn on_command(
+    ev: SlackCommandEvent,
+    _client: Arc<Client>,
+    states: SlackClientEventsUserState,
+) -> UserCallbackResult<SlackCommandEventResponse> {
+    if let Some(h) = handler(&states).await {
+        h.command(SlashCommand {
+            user_id: ev.user_id.to_string(),
+            channel_id: ev.channel_id.to_string(),
+            text: ev.text.unwrap_or_default(),
+            response_url: ev.response_url.0.to_string(),
+            trigger_id: ev.trigger_id.to_string(),
+        });
+    }
+    Ok(
+        SlackCommandEventResponse::new(SlackMessageContent::new().with_text("Working on it…".into()))
+            .with_response_type(SlackMessageResponseType::Ephemeral),
+    )
+}
+
+async fn on_interaction(
+    ev: SlackInteractionEvent,
+    _client: Arc<Client>,
+    states: SlackClientEventsUserState,
+) -> UserCallbackResult<()> {
+    // Back to Slack's JSON so both modes go through one parser.
+    let json = serde_json::to_value(&ev)?;
+    if let Some(h) = handler(&states).await {
+        if let Err(e) = h.interaction(json) {
+            tracing::warn!(error = %e, "refused a Slack interaction");
+        }
+    }
+    Ok(())
+}
+
+fn on_error(
+    err: Box<dyn std::error::Error + Send + Sync>,
+    _client: Arc<Client>,
+    _states: SlackClientEventsUserState,
+) -> HttpStatusCode {
+    tracing::warn!(error = %err, "Slack Socket Mode error");
+    HttpStatusCode::OK
+}

@@ -1,0 +1,408 @@
+//! Service tests: the engine with the in-memory directory, a real sled store
+//! and a manual clock. Crashes are simulated by dropping the engine while a
+//! directory call hangs, then reopening the store.
+
+use crate::support::bot::{policy, TestBot, DB, WEB};
+use async_trait::async_trait;
+use chrono::Duration;
+use jitbot::directory::memory::MemoryDirectory;
+use jitbot::ports::{Directory, DirectoryError};
+use jitbot::store::AuditCheck;
+use jitbot_core::{EndReason, GroupDn, LeaseState, UserId};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+#[tokio::test]
+async fn request_approve_expire() {
+    let bot = TestBot::new();
+    let text = bot.ok("alice", "request db-admins 2h fixing replication").await;
+    let id = TestBot::request_id(&text);
+    assert!(!bot.is_member(DB, "alice"));
+    let approved = bot.ok("bob", &format!("approve {id}")).await;
+    assert!(approved.contains("Approved"), "{approved}");
+    assert!(bot.is_member(DB, "alice"), "membership added on approval");
+    let lease = bot.lease();
+    assert_eq!(lease.state, LeaseState::Active);
+    assert_eq!(lease.preexisting, Some(false));
+
+    bot.advance(Duration::minutes(119));
+    bot.run_due().await;
+    assert!(bot.is_member(DB, "alice"), "not yet");
+    bot.advance(Duration::minutes(1));
+    bot.run_due().await;
+    assert!(!bot.is_member(DB, "alice"), "removed at expiry");
+    let lease = bot.lease();
+    assert_eq!(lease.state, LeaseState::Ended);
+    assert_eq!(lease.end_reason, Some(EndReason::Expired));
+    let actions = bot.audit_actions();
+    for want in ["request.opened", "request.approval", "lease.granting", "lease.granted", "lease.revoking", "lease.ended"] {
+        assert!(actions.iter().any(|a| a == want), "audit lacks {want}: {actions:?}");
+    }
+    assert_eq!(bot.engine.store().verify_audit().unwrap(), AuditCheck::Intact { records: actions.len() as u64 });
+}
+
+#[tokio::test]
+async fn refusals_change_nothing() {
+    let bot = TestBot::new();
+    let cases = [
+        ("mallory", "request db-admins 1h x", "may not request"),
+        ("alice", "request nope 1h x", "no group called"),
+        ("alice", "request db-admins 9h x", "longer than"),
+        ("alice", "request db-admins 1h", "needs a reason"),
+    ];
+    for (who, text, want) in cases {
+        let reply = bot.say(who, text).await;
+        assert!(!reply.ok && reply.text.contains(want), "{who} {text}: {}", reply.text);
+    }
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    for (who, want) in [("alice", "own request"), ("dave", "not an approver")] {
+        let reply = bot.say(who, &format!("approve {id}")).await;
+        assert!(!reply.ok && reply.text.contains(want), "{who}: {}", reply.text);
+    }
+    assert!(bot.engine.store().leases().unwrap().is_empty());
+    bot.ok("carol", &format!("deny {id} not during the freeze")).await;
+    let reply = bot.say("bob", &format!("approve {id}")).await;
+    assert!(!reply.ok && reply.text.contains("denied"), "{}", reply.text);
+    assert!(bot.engine.store().leases().unwrap().is_empty());
+    assert!(!bot.is_member(DB, "alice"));
+}
+
+#[tokio::test]
+async fn early_release_and_admin_revoke() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let refused = bot.say("dave", "release db-admins").await;
+    assert!(!refused.ok, "{}", refused.text);
+    bot.ok("alice", "release db-admins").await;
+    assert!(!bot.is_member(DB, "alice"));
+    assert_eq!(bot.lease().end_reason, Some(EndReason::Released));
+
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let lease = bot
+        .engine
+        .store()
+        .live_lease(&jitbot_core::GroupName::new("db-admins"), &UserId::new("alice"))
+        .unwrap()
+        .unwrap();
+    bot.ok("root", &format!("revoke {lease} left the team")).await;
+    assert!(!bot.is_member(DB, "alice"));
+    assert!(bot.engine.store().timer_count() == 0, "nothing left scheduled");
+}
+
+#[tokio::test]
+async fn standing_membership_is_never_removed() {
+    let bot = TestBot::new();
+    assert!(bot.is_member(WEB, "dave"));
+    let id = TestBot::request_id(&bot.ok("dave", "request web-admins 1h deploy").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert_eq!(bot.lease().preexisting, Some(true));
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(bot.is_member(WEB, "dave"), "a membership jitbot did not add stays");
+    assert_eq!(bot.dir.changes.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn second_request_becomes_an_extension() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let first = bot.lease();
+    let text = bot.ok("alice", "request db-admins 1h more").await;
+    assert!(text.contains("extension"), "{text}");
+    let ext = TestBot::request_id(&text);
+    bot.ok("carol", &format!("approve {ext}")).await;
+    let lease = bot.lease();
+    assert_eq!(lease.id, first.id, "never a second lease");
+    assert_eq!(lease.expires_at, first.expires_at + Duration::hours(1));
+    bot.advance(Duration::minutes(90));
+    bot.run_due().await;
+    assert!(bot.is_member(DB, "alice"), "the extension holds");
+    bot.advance(Duration::minutes(31));
+    bot.run_due().await;
+    assert!(!bot.is_member(DB, "alice"));
+}
+
+#[tokio::test]
+async fn pending_request_times_out() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    let rec = bot
+        .engine
+        .store()
+        .request(&jitbot_core::RequestId::new(id.as_str()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.request.state, jitbot_core::RequestState::TimedOut);
+    let reply = bot.say("bob", &format!("approve {id}")).await;
+    assert!(!reply.ok, "{}", reply.text);
+    assert!(bot.engine.store().leases().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn revocation_retries_with_backoff_until_done() {
+    let bot = TestBot::builder().settings(|s| s.alert_after = 3).build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.dir.fail_next(4);
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    let lease = bot.lease();
+    assert_eq!(lease.state, LeaseState::Revoking);
+    assert_eq!(lease.revoke_attempts, 1);
+    assert!(bot.is_member(DB, "alice"));
+    // Each retry waits longer; step the clock through them.
+    let mut waits = Vec::new();
+    for _ in 0..10 {
+        let next = bot.engine.store().next_due().unwrap().expect("a revoke timer stays");
+        waits.push((next - bot.engine.now()).num_seconds());
+        bot.clock.set(next);
+        bot.run_due().await;
+        if bot.lease().state == LeaseState::Ended {
+            break;
+        }
+    }
+    assert_eq!(bot.lease().state, LeaseState::Ended, "revoked in the end");
+    assert!(!bot.is_member(DB, "alice"));
+    assert_eq!(waits.len(), 4, "three more failures, then success: {waits:?}");
+    assert!(waits.windows(2).all(|w| w[1] >= w[0]), "backoff grows: {waits:?}");
+    let actions = bot.audit_actions();
+    assert_eq!(actions.iter().filter(|a| *a == "lease.revoke_failed").count(), 4);
+    assert!(bot.lease().alerted, "an alert went out after repeated failures");
+    let alerts = bot.engine.store().outbox(100).unwrap();
+    assert!(alerts.iter().any(|(_, item, _)| format!("{item:?}").contains("cannot remove alice")));
+}
+
+/// A directory that hangs forever at one point, standing for a crash there.
+struct Hang {
+    inner: Arc<MemoryDirectory>,
+    at: &'static str,
+}
+
+#[async_trait]
+impl Directory for Hang {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.inner.find_user(a, v).await
+    }
+    async fn is_member(&self, g: &GroupDn, u: &UserId) -> Result<bool, DirectoryError> {
+        self.inner.is_member(g, u).await
+    }
+    async fn add_member(&self, g: &GroupDn, u: &UserId) -> Result<(), DirectoryError> {
+        if self.at == "before-add" {
+            std::future::pending::<()>().await;
+        }
+        self.inner.add_member(g, u).await?;
+        if self.at == "after-add" {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+    async fn remove_member(&self, g: &GroupDn, u: &UserId) -> Result<(), DirectoryError> {
+        if self.at == "before-remove" {
+            std::future::pending::<()>().await;
+        }
+        self.inner.remove_member(g, u).await?;
+        if self.at == "after-remove" {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+    async fn list_members(&self, g: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
+        self.inner.list_members(g).await
+    }
+    async fn groups_of(&self, u: &UserId, among: &BTreeSet<GroupDn>) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.inner.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+/// Crash while granting (before or after the directory add): after a
+/// restart the grant is finished exactly once, and the lease still ends.
+#[tokio::test]
+async fn crash_during_grant_is_finished_on_restart() {
+    for at in ["before-add", "after-add"] {
+        let memory = crate::support::bot::seeded();
+        let hang: Arc<dyn Directory> = Arc::new(Hang { inner: memory.clone(), at });
+        let bot = TestBot::builder().wrap(|_| hang).build();
+        let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+        let text = format!("approve {id}");
+        let approve = bot.say("bob", &text);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), approve).await.is_err(),
+            "{at}: the approval should hang in the directory"
+        );
+        assert_eq!(memory.members(DB).contains("alice"), at == "after-add", "{at}");
+
+        let bot = bot.restart(memory.clone(), policy());
+        assert_eq!(bot.lease().state, LeaseState::Granting, "{at}");
+        bot.run_due().await;
+        assert_eq!(bot.lease().state, LeaseState::Active, "{at}: finished on restart");
+        assert!(memory.members(DB).contains("alice"), "{at}");
+        assert_eq!(memory.changes.load(Ordering::SeqCst), 1, "{at}: added exactly once");
+        bot.advance(Duration::hours(1));
+        bot.run_due().await;
+        assert!(!memory.members(DB).contains("alice"), "{at}: and it still ends");
+    }
+}
+
+/// Crash while revoking: after a restart the membership is removed.
+#[tokio::test]
+async fn crash_during_revoke_is_finished_on_restart() {
+    for at in ["before-remove", "after-remove"] {
+        let memory = crate::support::bot::seeded();
+        let hang: Arc<dyn Directory> = Arc::new(Hang { inner: memory.clone(), at });
+        let bot = TestBot::builder().wrap(|_| hang).build();
+        let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+        bot.ok("bob", &format!("approve {id}")).await;
+        bot.advance(Duration::hours(1));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), bot.run_due()).await.is_err(),
+            "{at}: the revocation should hang"
+        );
+        assert_eq!(bot.lease().state, LeaseState::Revoking, "{at}: durable before the side effect");
+
+        let bot = bot.restart(memory.clone(), policy());
+        bot.run_due().await;
+        assert_eq!(bot.lease().state, LeaseState::Ended, "{at}");
+        assert!(!memory.members(DB).contains("alice"), "{at}: no membership without a lease");
+    }
+}
+
+/// jitbot down across an expiry: the overdue lease is revoked at start.
+#[tokio::test]
+async fn overdue_leases_are_revoked_after_restart() {
+    let bot = TestBot::new();
+    for user in ["alice", "dave", "erin"] {
+        let id = TestBot::request_id(&bot.ok(user, "request db-admins 30m x").await);
+        bot.ok("bob", &format!("approve {id}")).await;
+    }
+    let memory = bot.dir.clone();
+    let bot = bot.restart(memory.clone(), policy());
+    bot.advance(Duration::hours(3));
+    bot.run_due().await;
+    assert!(memory.members(DB).is_empty(), "{:?}", memory.members(DB));
+    let leases = bot.engine.store().leases().unwrap();
+    assert_eq!(leases.len(), 3);
+    assert!(leases.iter().all(|l| l.lease.state == LeaseState::Ended));
+}
+
+#[tokio::test]
+async fn hundred_concurrent_approvals_grant_once() {
+    let approvers: Vec<String> = (0..100).map(|i| format!("approver{i}")).collect();
+    let names = approvers.clone();
+    let bot = TestBot::builder()
+        .policy(move |p| {
+            for a in &names {
+                p.groups[0].approvers.users.insert(UserId::new(a));
+            }
+        })
+        .build();
+    for a in &approvers {
+        bot.dir.add_user(a, []);
+    }
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for a in approvers {
+        let engine = bot.engine.clone();
+        let cmd = jitbot_core::Command::parse(&format!("approve {id}")).unwrap();
+        tasks.spawn(async move { engine.execute(&jitbot::engine::Caller::new(&a, None), cmd).await });
+    }
+    let mut approved = 0;
+    while let Some(reply) = tasks.join_next().await {
+        let reply = reply.unwrap();
+        if reply.ok && reply.text.starts_with("Approved") {
+            approved += 1;
+        }
+    }
+    assert_eq!(approved, 1, "exactly one approval wins");
+    assert_eq!(bot.engine.store().leases().unwrap().len(), 1, "one lease");
+    assert_eq!(bot.dir.changes.load(Ordering::SeqCst), 1, "one membership change");
+}
+
+#[tokio::test]
+async fn n_of_m_and_break_glass() {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            p.groups[0].approvals_required = 2;
+            p.groups[1].break_glass = true;
+        })
+        .build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    assert!(bot.ok("bob", &format!("approve {id}")).await.contains("1 of 2"));
+    assert!(bot.ok("bob", &format!("approve {id}")).await.contains("already"));
+    assert!(!bot.is_member(DB, "alice"));
+    bot.ok("carol", &format!("approve {id}")).await;
+    assert!(bot.is_member(DB, "alice"));
+
+    let refused = bot.say("alice", "breakglass db-admins 1h prod down").await;
+    assert!(!refused.ok, "db-admins has no break-glass: {}", refused.text);
+    let text = bot.ok("alice", "breakglass web-admins 1h prod down").await;
+    assert!(bot.is_member(WEB, "alice"), "{text}");
+    let pending = bot.ok("bob", "pending").await;
+    assert!(pending.contains("BREAK-GLASS"), "{pending}");
+    let bg = TestBot::request_id(&pending);
+    bot.ok("bob", &format!("ack {bg}")).await;
+    assert!(!bot.ok("bob", "pending").await.contains("BREAK-GLASS"));
+}
+
+#[tokio::test]
+async fn zsp_drift_is_reported_and_remediated() {
+    let bot = TestBot::builder().policy(|p| p.groups[0].remediate = true).build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.dir.add_group(DB, ["alice", "erin"]);
+    let drift = bot.engine.check_zsp().await.unwrap();
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert_eq!(drift[0].user.as_str(), "erin");
+    assert!(drift[0].remediated);
+    assert!(bot.is_member(DB, "alice"), "the leased member stays");
+    assert!(!bot.is_member(DB, "erin"));
+    assert!(bot.audit_actions().iter().any(|a| a == "zsp.remediated"));
+}
+
+#[tokio::test]
+async fn audit_tampering_is_found_at_the_record() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let tree = bot.engine.store().audit_tree();
+    let (key, value) = tree.iter().nth(2).unwrap().unwrap();
+    let mut bytes = value.to_vec();
+    let pos = bytes.iter().position(|b| *b == b'a').unwrap();
+    bytes[pos] = b'b';
+    tree.insert(key, bytes).unwrap();
+    match bot.engine.store().verify_audit().unwrap() {
+        AuditCheck::Broken { seq, .. } => assert_eq!(seq, 3),
+        other => panic!("tampering not found: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn scheduler_actor_revokes_on_time() {
+    let bot = TestBot::new();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let settings = jitbot::scheduler::SchedulerSettings {
+        max_wait: std::time::Duration::from_millis(50),
+        concurrency: 4,
+    };
+    let task = tokio::spawn(jitbot::scheduler::run(bot.engine.clone(), settings, rx));
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.advance(Duration::hours(1));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while bot.is_member(DB, "alice") {
+        assert!(std::time::Instant::now() < deadline, "scheduler did not revoke");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tx.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+}

@@ -1,0 +1,500 @@
+//! Slack end to end: real signed HTTP requests into `/slack/*`, the engine
+//! with an in-memory directory and a sled store, the outbox and scheduler
+//! running, and a fake Slack Web API recording what jitbot sends.
+
+use crate::support::bot::{TestBot, DB};
+use crate::support::fake_slack::{Call, FakeSlack};
+use jitbot::chat::slack::signature::sign;
+use jitbot::chat::slack::{routes, SlackAdapter};
+use jitbot::clock::Clock;
+use jitbot::config::{SlackConfig, SlackMode};
+use jitbot::ports::Notifier;
+use jitbot::scheduler::SchedulerSettings;
+use jitbot::secret::{Secret, SecretSource};
+use jitbot_core::request::RequestState;
+use jitbot_core::RequestId;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+const SIGNING: &str = "test-signing-secret";
+const WAIT: Duration = Duration::from_secs(5);
+/// The channel configured for db-admins.
+const CDB: &str = "CDB";
+
+struct Harness {
+    bot: TestBot,
+    slack: FakeSlack,
+    base: String,
+    http: reqwest::Client,
+    next: AtomicU32,
+    _stop: watch::Sender<bool>,
+}
+
+fn slack_id(user: &str) -> String {
+    format!("U{}", user.to_uppercase())
+}
+
+fn config(api_url: String) -> SlackConfig {
+    SlackConfig {
+        mode: SlackMode::Http,
+        bot_token: SecretSource::env("JITBOT_TEST_UNUSED_SLACK_TOKEN"),
+        signing_secret: None,
+        app_token: None,
+        api_url,
+        user_attribute: "mail".into(),
+        default_channel: "CJIT".into(),
+        alert_channel: Some("CALERT".into()),
+        channels: [("db-admins".to_string(), CDB.to_string())].into(),
+        approver_dms: false,
+    }
+}
+
+async fn harness() -> Harness {
+    let bot = TestBot::new();
+    let slack = FakeSlack::start().await;
+    for u in ["alice", "bob", "carol", "dave", "erin"] {
+        slack.add_user(&slack_id(u), &format!("{u}@example.org"));
+    }
+    let adapter = Arc::new(SlackAdapter::with_token(&config(slack.api_url()), Secret::new("xoxb-test")).unwrap());
+    let (stop, rx) = watch::channel(false);
+    let notifier: Arc<dyn Notifier> = adapter.clone();
+    tokio::spawn(jitbot::chat::outbox::run(bot.engine.clone(), notifier, rx.clone()));
+    let settings = SchedulerSettings {
+        max_wait: Duration::from_millis(200),
+        concurrency: 4,
+    };
+    tokio::spawn(jitbot::scheduler::run(bot.engine.clone(), settings, rx));
+    let app = routes(
+        bot.engine.clone(),
+        adapter,
+        Secret::new(SIGNING),
+        Arc::new(bot.clock.clone()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Harness {
+        bot,
+        slack,
+        base,
+        http: reqwest::Client::new(),
+        next: AtomicU32::new(0),
+        _stop: stop,
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut s = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    s.finish()
+}
+
+impl Harness {
+    fn n(&self) -> u32 {
+        self.next.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn now(&self) -> i64 {
+        self.bot.clock.now().timestamp()
+    }
+
+    async fn post_raw(&self, path: &str, body: String, ts: i64, secret: &str) -> StatusCode {
+        let sig = sign(secret, ts, body.as_bytes());
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-slack-request-timestamp", ts.to_string())
+            .header("x-slack-signature", sig)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    async fn post(&self, path: &str, body: String) -> StatusCode {
+        self.post_raw(path, body, self.now(), SIGNING).await
+    }
+
+    fn command_body(&self, user: &str, text: &str, n: u32) -> String {
+        form(&[
+            ("token", "legacy"),
+            ("team_id", "T1"),
+            ("team_domain", "example"),
+            ("channel_id", CDB),
+            ("channel_name", "db"),
+            ("user_id", &slack_id(user)),
+            ("user_name", user),
+            ("command", "/jit"),
+            ("text", text),
+            ("response_url", &self.slack.response_url(n)),
+            ("trigger_id", &format!("trigger.{n}")),
+        ])
+    }
+
+    /// `/jit <text>` as `user`; returns the response_url number.
+    async fn command(&self, user: &str, text: &str) -> u32 {
+        let n = self.n();
+        let status = self.post("/slack/commands", self.command_body(user, text, n)).await;
+        assert_eq!(status, StatusCode::OK);
+        n
+    }
+
+    fn click_payload(&self, user: &str, action_id: &str, action_ts: &str, n: u32) -> String {
+        let payload = json!({
+            "type": "block_actions",
+            "team": {"id": "T1", "domain": "example"},
+            "user": {"id": slack_id(user), "username": user, "team_id": "T1"},
+            "api_app_id": "A1",
+            "container": {"type": "message", "message_ts": "1700000000.000001", "channel_id": CDB, "is_ephemeral": false},
+            "trigger_id": format!("trigger.{n}"),
+            "channel": {"id": CDB, "name": "db"},
+            "response_url": self.slack.response_url(n),
+            "actions": [{"type": "button", "action_id": action_id, "block_id": "b1",
+                         "text": {"type": "plain_text", "text": "Approve"}, "value": "x", "action_ts": action_ts}]
+        });
+        form(&[("payload", &payload.to_string())])
+    }
+
+    /// A button click; returns the status and the response_url number.
+    async fn click(&self, user: &str, action_id: &str, action_ts: &str) -> (StatusCode, u32) {
+        let n = self.n();
+        let status = self
+            .post("/slack/interactions", self.click_payload(user, action_id, action_ts, n))
+            .await;
+        (status, n)
+    }
+
+    /// The text posted to response_url `n`.
+    async fn answer(&self, n: u32) -> String {
+        let method = format!("response/{n}");
+        let call = self
+            .slack
+            .wait_for(WAIT, |c| c.method == method)
+            .await
+            .unwrap_or_else(|| panic!("no answer on {method}; calls: {:#?}", self.slack.calls()));
+        assert_eq!(call.body["response_type"], "ephemeral");
+        assert!(call.authorization.is_none(), "the bot token must not go to response_url");
+        call.body["text"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Requests db-admins as alice and returns the request id and the card's ts.
+    async fn request_db(&self) -> (String, String) {
+        let n = self.command("alice", "request db-admins 2h fixing replication").await;
+        let text = self.answer(n).await;
+        let id = TestBot::request_id(&text);
+        let approve = format!("jit:approve:{id}");
+        let card = self
+            .slack
+            .wait_for(WAIT, |c| c.method == "chat.postMessage" && c.body.to_string().contains(&approve))
+            .await
+            .expect("approval card posted");
+        assert_eq!(card.body["channel"], CDB);
+        assert_eq!(card.authorization.as_deref(), Some("Bearer xoxb-test"));
+        let card_text = card.body.to_string();
+        assert!(card_text.contains(&format!("jit:deny:{id}")), "{card_text}");
+        assert!(card_text.contains("fixing replication") && card_text.contains("0 of 1"), "{card_text}");
+        let ts = self.slack.calls_to("chat.postMessage").len();
+        (id, format!("1700000000.{ts:06}"))
+    }
+
+    fn state(&self, id: &str) -> RequestState {
+        let rec = self.bot.engine.store().request(&RequestId::new(id)).unwrap().unwrap();
+        rec.request.state
+    }
+
+    fn request_count(&self) -> usize {
+        self.bot.engine.store().requests().unwrap().len()
+    }
+
+    async fn until(&self, what: &str, f: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Makes sure response_url `n` gets no answer (work not done twice).
+    async fn no_answer(&self, n: u32) {
+        let method = format!("response/{n}");
+        let got = self.slack.wait_for(Duration::from_millis(700), |c| c.method == method).await;
+        assert!(got.is_none(), "unexpected answer: {got:?}");
+    }
+}
+
+fn update_for(call: &Call, ts: &str) -> bool {
+    call.method == "chat.update" && call.body["ts"] == ts
+}
+
+#[tokio::test]
+async fn request_approve_grant_expire_through_slack() {
+    let h = harness().await;
+    let (id, ts) = h.request_db().await;
+
+    let (status, n) = h.click("bob", &format!("jit:approve:{id}"), "1700000100.000001").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = h.answer(n).await;
+    assert!(text.contains("Approved"), "{text}");
+    h.until("alice in db-admins", || h.bot.is_member(DB, "alice")).await;
+
+    let update = h.slack.wait_for(WAIT, |c| update_for(c, &ts)).await.expect("card updated");
+    assert_eq!(update.body["channel"], CDB);
+    let body = update.body.to_string();
+    assert!(!body.contains("action_id"), "buttons must be gone: {body}");
+    assert!(body.contains("approved by bob"), "{body}");
+
+    // The requester hears the outcome by DM.
+    let dm = h
+        .slack
+        .wait_for(WAIT, |c| c.method == "chat.postMessage" && c.body["channel"] == "DUALICE")
+        .await;
+    assert!(dm.is_some(), "no DM to alice: {:#?}", h.slack.calls());
+    assert!(!h.slack.calls_to("conversations.open").is_empty());
+
+    // Expiry: the lease was 2h.
+    h.bot.advance(chrono::Duration::hours(2) + chrono::Duration::seconds(1));
+    h.bot.engine.timers_changed().notify_one();
+    h.until("alice removed", || !h.bot.is_member(DB, "alice")).await;
+    let notice = h
+        .slack
+        .wait_for(WAIT, |c| {
+            c.method == "chat.postMessage" && c.body["channel"] == CDB && c.body.to_string().contains("ended")
+        })
+        .await;
+    assert!(notice.is_some(), "no channel notice of the expiry: {:#?}", h.slack.calls());
+}
+
+#[tokio::test]
+async fn deny_asks_for_a_reason_in_a_modal() {
+    let h = harness().await;
+    let (id, ts) = h.request_db().await;
+
+    let (status, n) = h.click("bob", &format!("jit:deny:{id}"), "1700000100.000002").await;
+    assert_eq!(status, StatusCode::OK);
+    let open = h.slack.wait_for(WAIT, |c| c.method == "views.open").await.expect("modal opened");
+    assert_eq!(open.body["trigger_id"], format!("trigger.{n}"));
+    assert_eq!(open.body["view"]["callback_id"], "jit:deny");
+    assert_eq!(h.state(&id), RequestState::Pending, "a click alone denies nothing");
+
+    // Slack hands back the view with what bob typed.
+    let metadata = open.body["view"]["private_metadata"].as_str().unwrap().to_string();
+    let payload = json!({
+        "type": "view_submission",
+        "team": {"id": "T1"},
+        "user": {"id": "UBOB", "username": "bob", "team_id": "T1"},
+        "api_app_id": "A1",
+        "trigger_id": "trigger.submit",
+        "view": {
+            "id": "V1", "team_id": "T1", "type": "modal", "hash": "1.abc",
+            "callback_id": "jit:deny", "private_metadata": metadata,
+            "title": {"type": "plain_text", "text": "Deny request"}, "blocks": [],
+            "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": "not during the freeze"}}}}
+        }
+    });
+    let status = h
+        .post("/slack/interactions", form(&[("payload", &payload.to_string())]))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    h.until("request denied", || h.state(&id) == RequestState::Denied).await;
+    let eph = h
+        .slack
+        .wait_for(WAIT, |c| c.method == "chat.postEphemeral" && c.body["user"] == "UBOB")
+        .await
+        .expect("bob told");
+    assert_eq!(eph.body["channel"], CDB);
+    let update = h.slack.wait_for(WAIT, |c| update_for(c, &ts)).await.expect("card updated");
+    let body = update.body.to_string();
+    assert!(body.contains("not during the freeze") && !body.contains("action_id"), "{body}");
+    assert!(!h.bot.is_member(DB, "alice"));
+}
+
+#[tokio::test]
+async fn bare_request_opens_the_request_modal_and_its_submit_requests() {
+    let h = harness().await;
+    let n = h.command("alice", "request").await;
+    let open = h.slack.wait_for(WAIT, |c| c.method == "views.open").await.expect("modal");
+    assert_eq!(open.body["trigger_id"], format!("trigger.{n}"));
+    assert_eq!(open.body["view"]["callback_id"], "jit:request");
+    let metadata = open.body["view"]["private_metadata"].as_str().unwrap().to_string();
+    let values = json!({
+        "group": {"group": {"type": "plain_text_input", "value": "db-admins"}},
+        "duration": {"duration": {"type": "plain_text_input", "value": "1h"}},
+        "reason": {"reason": {"type": "plain_text_input", "value": "3 replicas down"}}
+    });
+    let payload = json!({
+        "type": "view_submission", "team": {"id": "T1"}, "user": {"id": "UALICE"},
+        "view": {"id": "V9", "team_id": "T1", "type": "modal", "hash": "h", "callback_id": "jit:request",
+                 "private_metadata": metadata, "state": {"values": values}}
+    });
+    let status = h
+        .post("/slack/interactions", form(&[("payload", &payload.to_string())]))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    h.until("a request", || h.request_count() == 1).await;
+    let rec = h.bot.engine.store().requests().unwrap().remove(0);
+    assert_eq!(rec.request.reason, "3 replicas down");
+    assert_eq!(rec.request.duration, jitbot_core::Span::from_hours(1));
+    assert_eq!(rec.request.requester.as_str(), "alice");
+}
+
+#[tokio::test]
+async fn refused_clicks_change_nothing() {
+    let h = harness().await;
+    let (id, _) = h.request_db().await;
+    let approve = format!("jit:approve:{id}");
+
+    // Self-approval.
+    let (_, n) = h.click("alice", &approve, "1700000100.000010").await;
+    let text = h.answer(n).await;
+    assert!(!text.contains("Approved"), "{text}");
+    // Not an approver.
+    let (_, n) = h.click("dave", &approve, "1700000100.000011").await;
+    let text = h.answer(n).await;
+    assert!(!text.contains("Approved"), "{text}");
+    assert_eq!(h.state(&id), RequestState::Pending);
+    assert!(!h.bot.is_member(DB, "alice"));
+
+    // Double click: Slack's retry carries the same action_ts.
+    let (_, first) = h.click("bob", &approve, "1700000100.000012").await;
+    assert!(h.answer(first).await.contains("Approved"));
+    let n = h.n();
+    let body = h.click_payload("bob", &approve, "1700000100.000012", n);
+    let sig = sign(SIGNING, h.now(), body.as_bytes());
+    let status = h
+        .http
+        .post(format!("{}/slack/interactions", h.base))
+        .header("x-slack-request-timestamp", h.now().to_string())
+        .header("x-slack-signature", sig)
+        .header("x-slack-retry-num", "1")
+        .header("x-slack-retry-reason", "http_timeout")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::OK, "a retry is acknowledged");
+    h.no_answer(n).await;
+    let rec = h.bot.engine.store().request(&RequestId::new(&id)).unwrap().unwrap();
+    assert_eq!(rec.request.approvals.len(), 1);
+}
+
+#[tokio::test]
+async fn a_click_after_the_request_expired_is_answered_and_changes_nothing() {
+    let h = harness().await;
+    let (id, _) = h.request_db().await;
+    h.bot.advance(chrono::Duration::hours(2));
+    h.bot.engine.timers_changed().notify_one();
+    h.until("request timed out", || h.state(&id) == RequestState::TimedOut).await;
+    let (status, n) = h.click("bob", &format!("jit:approve:{id}"), "1700000100.000020").await;
+    assert_eq!(status, StatusCode::OK);
+    let text = h.answer(n).await;
+    assert!(!text.contains("Approved"), "{text}");
+    assert_eq!(h.state(&id), RequestState::TimedOut);
+    assert!(!h.bot.is_member(DB, "alice"));
+}
+
+#[tokio::test]
+async fn forged_stale_malformed_and_oversized_requests_are_refused() {
+    let h = harness().await;
+    let body = h.command_body("alice", "request db-admins 2h x", 1);
+    assert_eq!(
+        h.post_raw("/slack/commands", body.clone(), h.now(), "wrong-secret").await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        h.post_raw("/slack/commands", body.clone(), h.now() - 301, SIGNING).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let unsigned = h
+        .http
+        .post(format!("{}/slack/commands", h.base))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(unsigned, StatusCode::UNAUTHORIZED);
+    // A signed body changed after signing.
+    let ts = h.now();
+    let sig = sign(SIGNING, ts, body.as_bytes());
+    let tampered = body.replace("db-admins", "db-admin5");
+    let status = h
+        .http
+        .post(format!("{}/slack/commands", h.base))
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", sig)
+        .body(tampered)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    for payload in [
+        form(&[("payload", "{not json")]),
+        form(&[("nothing", "here")]),
+        form(&[("payload", r#"{"type":"block_actions","user":{"id":"UBOB"}}"#)]),
+    ] {
+        assert_eq!(h.post("/slack/interactions", payload).await, StatusCode::BAD_REQUEST);
+    }
+    let (status, _) = h.click("bob", "jit:launch:r-1", "1700000100.000030").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let huge = form(&[("payload", &"x".repeat(70 * 1024))]);
+    assert_eq!(h.post("/slack/interactions", huge).await, StatusCode::PAYLOAD_TOO_LARGE);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.request_count(), 0);
+    assert!(h.slack.calls().is_empty(), "nothing reached Slack: {:#?}", h.slack.calls());
+}
+
+#[tokio::test]
+async fn rate_limited_card_is_posted_after_retry_after() {
+    let h = harness().await;
+    h.slack.rate_limit("chat.postMessage", 1, 1);
+    let (id, _) = h.request_db().await;
+    let posts = h.slack.calls_to("chat.postMessage");
+    assert!(posts.len() >= 2, "the 429 was retried: {posts:#?}");
+    assert!(posts[0].body.to_string().contains(&id));
+}
+
+#[tokio::test]
+async fn parse_mistakes_are_explained() {
+    let h = harness().await;
+    let n = h.command("alice", "request db-admins 5x oops").await;
+    let text = h.answer(n).await;
+    assert!(!text.is_empty());
+    let n = h.command("alice", "frobnicate").await;
+    assert!(h.answer(n).await.contains("unknown command"));
+    let n = h.command("alice", "request nosuch 1h x").await;
+    let text = h.answer(n).await;
+    assert!(text.to_lowercase().contains("nosuch"), "{text}");
+    assert_eq!(h.request_count(), 0);
+}
+
+#[tokio::test]
+async fn notices_reach_channels_and_people() {
+    let h = harness().await;
+    let adapter = SlackAdapter::with_token(&config(h.slack.api_url()), Secret::new("xoxb-test")).unwrap();
+    let alert = jitbot::ports::Notice {
+        to: jitbot::ports::Audience::Alert,
+        text: "break-glass <!channel>".into(),
+        buttons: vec![jitbot_core::command::Action::Acknowledge("r-9".into())],
+    };
+    adapter.send(&alert).await.unwrap();
+    let call = h.slack.wait_for(WAIT, |c| c.body["channel"] == "CALERT").await.unwrap();
+    let body: Value = call.body;
+    assert!(body.to_string().contains("jit:ack:r-9"), "{body}");
+    assert!(body.to_string().contains("&lt;!channel&gt;"), "{body}");
+
+    h.slack.rate_limit("chat.postMessage", 1, 7);
+    let err = adapter.send(&alert).await.unwrap_err();
+    assert_eq!(err, jitbot::ports::ChatError::RateLimited(7));
+}

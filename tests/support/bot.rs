@@ -1,0 +1,201 @@
+//! `TestBot`: the engine with an in-memory directory, a real sled store in a
+//! temporary directory and a clock the test moves. Built with a builder so
+//! each test says only what differs.
+
+use chrono::{Duration, TimeZone, Utc};
+use jitbot::clock::ManualClock;
+use jitbot::directory::memory::MemoryDirectory;
+use jitbot::engine::{Caller, Engine, EngineSettings, Reply};
+use jitbot::ports::Directory;
+use jitbot::store::Store;
+use jitbot_core::policy::{GroupPolicy, Policy};
+use jitbot_core::{Command, Span, UserId};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub const DB: &str = "cn=db-admins,ou=groups,dc=example,dc=org";
+pub const WEB: &str = "cn=web-admins,ou=groups,dc=example,dc=org";
+
+/// The default policy: `db-admins` (ZSP, bob or carol approve) and
+/// `web-admins` (dave is a standing member; bob approves).
+pub fn policy() -> Policy {
+    let mut db = GroupPolicy::new("db-admins", DB);
+    db.zsp = true;
+    for u in ["alice", "dave", "erin"] {
+        db.requesters.users.insert(UserId::new(u));
+    }
+    for u in ["bob", "carol"] {
+        db.approvers.users.insert(UserId::new(u));
+    }
+    db.max_duration = Span::from_hours(4);
+    db.max_total_duration = Span::from_hours(8);
+    let mut web = GroupPolicy::new("web-admins", WEB);
+    for u in ["alice", "dave"] {
+        web.requesters.users.insert(UserId::new(u));
+    }
+    web.approvers.users.insert(UserId::new("bob"));
+    let mut admins = jitbot_core::Principals::default();
+    admins.users.insert(UserId::new("root"));
+    Policy {
+        groups: vec![db, web],
+        admins,
+    }
+}
+
+pub struct TestBot {
+    pub engine: Engine,
+    pub dir: Arc<MemoryDirectory>,
+    pub clock: ManualClock,
+    pub path: PathBuf,
+    _tmp: Arc<tempfile::TempDir>,
+}
+
+pub struct Builder {
+    policy: Policy,
+    settings: EngineSettings,
+    directory: Option<Arc<dyn Directory>>,
+}
+
+impl Builder {
+    pub fn policy(mut self, f: impl FnOnce(&mut Policy)) -> Self {
+        f(&mut self.policy);
+        self
+    }
+    pub fn settings(mut self, f: impl FnOnce(&mut EngineSettings)) -> Self {
+        f(&mut self.settings);
+        self
+    }
+    /// Puts a wrapper (fault injection) in front of the in-memory directory.
+    pub fn wrap(mut self, f: impl FnOnce(Arc<MemoryDirectory>) -> Arc<dyn Directory>) -> Self {
+        let dir = seeded();
+        self.directory = Some(f(dir));
+        self
+    }
+    pub fn build(self) -> TestBot {
+        let tmp = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let path = tmp.path().join("db");
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap());
+        let memory = seeded();
+        let directory: Arc<dyn Directory> = self.directory.unwrap_or_else(|| memory.clone());
+        let store = Store::open(&path, 16).expect("open store");
+        let engine = Engine::new(self.policy, store, directory, Arc::new(clock.clone()), self.settings);
+        TestBot {
+            engine,
+            dir: memory,
+            clock,
+            path,
+            _tmp: tmp,
+        }
+    }
+}
+
+pub fn seeded() -> Arc<MemoryDirectory> {
+    let dir = MemoryDirectory::new();
+    for u in ["alice", "bob", "carol", "dave", "erin", "root"] {
+        let mail = format!("{u}@example.org");
+        dir.add_user(u, [("mail", mail.as_str())]);
+    }
+    dir.add_group(DB, []);
+    dir.add_group(WEB, ["dave"]);
+    Arc::new(dir)
+}
+
+impl TestBot {
+    pub fn builder() -> Builder {
+        Builder {
+            policy: policy(),
+            settings: EngineSettings {
+                retry_base: Span::from_secs(5),
+                retry_max: Span::from_mins(5),
+                alert_after: 3,
+            },
+            directory: None,
+        }
+    }
+
+    pub fn new() -> TestBot {
+        Self::builder().build()
+    }
+
+    /// Runs `/jit <text>` as `user` and returns the reply.
+    pub async fn say(&self, user: &str, text: &str) -> Reply {
+        let cmd = Command::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        self.engine.execute(&Caller::new(user, None), cmd).await
+    }
+
+    /// Like `say`, but the command must succeed.
+    pub async fn ok(&self, user: &str, text: &str) -> String {
+        let reply = self.say(user, text).await;
+        assert!(reply.ok, "{user}: /jit {text} was refused: {}", reply.text);
+        reply.text
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    /// Fires every timer due now, repeatedly, as the scheduler would.
+    pub async fn run_due(&self) {
+        for _ in 0..100 {
+            let due = self.engine.store().due_timers(self.engine.now(), 1000).expect("timers");
+            if due.is_empty() {
+                return;
+            }
+            for t in due {
+                self.engine.fire(t).await;
+            }
+        }
+        panic!("timers keep firing: something never clears its timer");
+    }
+
+    pub fn is_member(&self, group_dn: &str, user: &str) -> bool {
+        self.dir.members(group_dn).contains(user)
+    }
+
+    /// The only lease in the store.
+    pub fn lease(&self) -> jitbot_core::Lease {
+        let mut all = self.engine.store().leases().expect("leases");
+        assert_eq!(all.len(), 1, "expected exactly one lease: {all:?}");
+        all.remove(0).lease
+    }
+
+    pub fn audit_actions(&self) -> Vec<String> {
+        self.engine
+            .store()
+            .audit(0)
+            .map(|e| e.expect("audit").action)
+            .collect()
+    }
+
+    /// The id in a reply such as "Request r-3 for ...".
+    pub fn request_id(text: &str) -> String {
+        text.split_whitespace()
+            .find(|w| w.starts_with("r-"))
+            .unwrap_or_else(|| panic!("no request id in {text:?}"))
+            .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+            .to_string()
+    }
+
+    /// Drops the engine (a crash: nothing more runs) and opens a new one on
+    /// the same store, with `directory` standing for the real directory.
+    pub fn restart(self, directory: Arc<dyn Directory>, policy: Policy) -> TestBot {
+        let TestBot {
+            engine,
+            dir,
+            clock,
+            path,
+            _tmp,
+        } = self;
+        let settings = engine.settings().clone();
+        drop(engine);
+        let store = Store::open(&path, 16).expect("reopen store after crash");
+        let engine = Engine::new(policy, store, directory, Arc::new(clock.clone()), settings);
+        TestBot {
+            engine,
+            dir,
+            clock,
+            path,
+            _tmp,
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! A fake Slack Web API on `127.0.0.1:0`: records every call (method and
+//! JSON, form or query body) and answers in Slack's JSON shapes. It also
+//! serves `/response/<n>` to stand in for `response_url`, and can answer a
+//! method with HTTP 429 and `Retry-After` a given number of times.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One recorded call.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// `chat.postMessage`, ..., or `response/<n>` for a response_url post.
+    pub method: String,
+    pub body: Value,
+    pub authorization: Option<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    calls: Mutex<Vec<Call>>,
+    /// Slack user id → email, for `users.info`.
+    emails: Mutex<HashMap<String, String>>,
+    /// Method → (remaining 429 answers, Retry-After seconds).
+    limits: Mutex<HashMap<String, (u32, u64)>>,
+    ts: AtomicU64,
+}
+
+/// Handle on a running fake; cheap to clone.
+#[derive(Clone)]
+pub struct FakeSlack {
+    inner: Arc<Inner>,
+    /// `http://127.0.0.1:<port>`
+    pub base: String,
+}
+
+impl FakeSlack {
+    pub async fn start() -> FakeSlack {
+        let inner = Arc::new(Inner::default());
+        let app = Router::new()
+            .route("/api/{method}", any(api))
+            .route("/response/{n}", post(response))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake slack");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeSlack {
+            inner,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// The Web API base URL to give jitbot (`api_url`).
+    pub fn api_url(&self) -> String {
+        format!("{}/api/", self.base)
+    }
+
+    /// A fresh response_url.
+    pub fn response_url(&self, n: u32) -> String {
+        format!("{}/response/{n}", self.base)
+    }
+
+    pub fn add_user(&self, slack_id: &str, email: &str) {
+        self.inner
+            .emails
+            .lock()
+            .unwrap()
+            .insert(slack_id.to_string(), email.to_string());
+    }
+
+    /// The next `times` calls of `method` get 429 with `Retry-After: secs`.
+    pub fn rate_limit(&self, method: &str, times: u32, secs: u64) {
+        self.inner.limits.lock().unwrap().insert(method.to_string(), (times, secs));
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.inner.calls.lock().unwrap().clone()
+    }
+
+    pub fn calls_to(&self, method: &str) -> Vec<Call> {
+        self.calls().into_iter().filter(|c| c.method == method).collect()
+    }
+
+    /// Waits up to `timeout` for a call matching `pred`, returning it.
+    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Call) -> bool) -> Option<Call> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.calls().into_iter().find(|c| pred(c)) {
+                return Some(c);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn record(&self, call: Call) {
+        self.inner.calls.lock().unwrap().push(call);
+    }
+}
+
+fn parse_body(headers: &HeaderMap, body: &[u8], query: HashMap<String, String>) -> Value {
+    let json_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json_type {
+        return serde_json::from_slice(body).unwrap_or(Value::Null);
+    }
+    let mut map: serde_json::Map<String, Value> =
+        query.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    for (k, v) in url::form_urlencoded::parse(body) {
+        map.insert(k.into_owned(), Value::String(v.into_owned()));
+    }
+    Value::Object(map)
+}
+
+async fn api(
+    State(inner): State<Arc<Inner>>,
+    Path(method): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fake = FakeSlack {
+        inner: inner.clone(),
+        base: String::new(),
+    };
+    let body = parse_body(&headers, &body, query);
+    fake.record(Call {
+        method: method.clone(),
+        body: body.clone(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    });
+    if let Some((left, secs)) = inner.limits.lock().unwrap().get_mut(&method) {
+        if *left > 0 {
+            *left -= 1;
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", secs.to_string())],
+                Json(json!({"ok": false, "error": "ratelimited"})),
+            )
+                .into_response();
+        }
+    }
+    let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let answer = match method.as_str() {
+        "chat.postMessage" => {
+            let n = inner.ts.fetch_add(1, Ordering::SeqCst) + 1;
+            let ts = format!("1700000000.{n:06}");
+            json!({"ok": true, "channel": s("channel"), "ts": ts,
+                   "message": {"type": "message", "ts": ts, "text": s("text"), "bot_id": "B1"}})
+        }
+        "chat.update" => json!({"ok": true, "channel": s("channel"), "ts": s("ts"), "text": s("text"),
+                                "message": {"text": s("text")}}),
+        "chat.postEphemeral" => json!({"ok": true, "message_ts": "1700000000.999999"}),
+        "views.open" => {
+            let mut view = body.get("view").cloned().unwrap_or(json!({}));
+            if let Some(v) = view.as_object_mut() {
+                v.insert("id".into(), json!("V1"));
+                v.insert("team_id".into(), json!("T1"));
+                v.insert("hash".into(), json!("1.abc"));
+            }
+            json!({"ok": true, "view": view})
+        }
+        "users.info" => {
+            let user = s("user");
+            match inner.emails.lock().unwrap().get(&user) {
+                Some(email) => json!({"ok": true, "user": {"id": user, "team_id": "T1", "name": user,
+                                                         "profile": {"email": email}}}),
+                None => json!({"ok": false, "error": "user_not_found"}),
+            }
+        }
+        "conversations.open" => {
+            let user = body
+                .get("users")
+                .and_then(|u| match u {
+                    Value::Array(a) => a.first().and_then(Value::as_str).map(str::to_string),
+                    Value::String(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            json!({"ok": true, "channel": {"id": format!("D{user}")}})
+        }
+        _ => json!({"ok": false, "error": "unknown_method"}),
+    };
+    Json(answer).into_response()
+}
+
+async fn response(State(inner): State<Arc<Inner>>, Path(n): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+    let fake = FakeSlack { inner, base: String::new() };
+    fake.record(Call {
+        method: format!("response/{n}"),
+        body: parse_body(&headers, &body, HashMap::new()),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    });
+    (StatusCode::OK, "ok").into_response()
+}
