@@ -276,13 +276,29 @@ fn d_mail() -> String {
     "mail".into()
 }
 
+/// How Discord delivers interactions to jitbot.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscordMode {
+    /// A bot connection to Discord's gateway: no public endpoint needed.
+    #[default]
+    Gateway,
+    /// Discord POSTs to `/discord/interactions` (needs `public_key`).
+    Http,
+}
+
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct DiscordConfig {
+    /// `gateway` (default) or `http` (the interactions endpoint).
+    #[serde(default)]
+    pub mode: DiscordMode,
     pub bot_token: SecretSource,
     /// The application's Ed25519 public key (hex), for the interactions endpoint.
     pub public_key: Option<String>,
     pub application_id: String,
+    /// Register `/jit` in this guild only (instant); globally when absent.
+    pub guild_id: Option<String>,
     pub default_channel: String,
     pub alert_channel: Option<String>,
     #[serde(default)]

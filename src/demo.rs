@@ -12,7 +12,7 @@ use crate::scheduler::SchedulerSettings;
 use crate::store::Store;
 use anyhow::Context;
 use jitbot_core::policy::{GroupPolicy, Policy, Principals};
-use jitbot_core::{GroupDn, Span, UserId};
+use jitbot_core::{Span, UserId};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -215,7 +215,7 @@ mod tests {
         let db = p.group(&jitbot_core::GroupName::new("db-admins")).unwrap();
         assert_eq!(db.duration_for(Some(Span::from_mins(1))).unwrap(), Span::from_mins(1));
         assert!(db.duration_for(Some(Span::from_hours(5))).is_err());
-        assert_eq!(db.dn, GroupDn::new("cn=db-admins,ou=groups,dc=demo,dc=example"));
+        assert_eq!(db.dn, jitbot_core::GroupDn::new("cn=db-admins,ou=groups,dc=demo,dc=example"));
         for g in &p.groups {
             assert!(!g.requesters.is_empty() && !g.approvers.is_empty(), "{}", g.name);
         }

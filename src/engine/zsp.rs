@@ -68,9 +68,54 @@ impl Engine {
                 });
             }
         }
+        self.check_granted_memberships(&mut seen_now).await?;
         *self.inner.zsp_seen.lock().unwrap_or_else(|p| p.into_inner()) = seen_now;
         self.changed();
         Ok(found)
+    }
+
+    /// Standard groups: a membership jitbot granted must be present while its
+    /// lease is active. A missing one is alerted (someone removed it by hand,
+    /// or the directory lost it); jitbot does not silently re-add it.
+    async fn check_granted_memberships(&self, seen_now: &mut BTreeSet<(String, String)>) -> Result<(), EngineError> {
+        for rec in self.inner.store.leases()? {
+            let lease = &rec.lease;
+            if lease.state != jitbot_core::LeaseState::Active || !lease.owns_membership() {
+                continue;
+            }
+            let Ok(policy) = self.group(&lease.group) else { continue };
+            if self.inner.directory.is_member(&policy.dn, &lease.user).await? {
+                continue;
+            }
+            let key = (format!("missing:{}", lease.group), lease.user.to_string());
+            let new = !self.zsp_seen().contains(&key);
+            seen_now.insert(key);
+            if new {
+                self.inner
+                    .store
+                    .update(self.now(), |tx| {
+                        let mut audit = Engine::audit(ENGINE_ACTOR, "lease.membership_missing");
+                        audit.lease = Some(lease.id.to_string());
+                        audit.group = Some(lease.group.to_string());
+                        audit.user = Some(lease.user.to_string());
+                        audit.detail = "active lease but the directory has no such membership".into();
+                        tx.audit(audit);
+                        tx.outbox(OutboxItem::Send {
+                            notice: Notice {
+                                to: Audience::Alert,
+                                text: format!(
+                                    "{} holds lease {} on `{}` but is not a member in the directory; someone changed it outside jitbot.",
+                                    lease.user, lease.id, lease.group
+                                ),
+                                buttons: vec![],
+                            },
+                        });
+                        Ok::<_, EngineError>(())
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     fn zsp_seen(&self) -> BTreeSet<(String, String)> {

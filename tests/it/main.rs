@@ -7,3 +7,4 @@ mod ldap;
 mod lifecycle;
 mod slack;
 mod console;
+mod ldap_flow;

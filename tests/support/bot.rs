@@ -71,6 +71,11 @@ impl Builder {
         self.directory = Some(f(dir));
         self
     }
+    /// Uses another directory (a real slapd) instead of the in-memory one.
+    pub fn directory(mut self, directory: Arc<dyn Directory>) -> Self {
+        self.directory = Some(directory);
+        self
+    }
     pub fn build(self) -> TestBot {
         let tmp = Arc::new(tempfile::tempdir().expect("tempdir"));
         let path = tmp.path().join("db");

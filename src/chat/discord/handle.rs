@@ -1,0 +1,229 @@
+//! What jitbot does with an interaction, whichever way it arrived (HTTP
+//! endpoint or gateway): one [`DiscordHandler::handle`] that returns the
+//! interaction response, plus the work still running when that response had
+//! to be deferred to meet Discord's 3-second limit.
+
+use super::command::{self, to_command};
+use super::interaction::{Incoming, Invocation, Origin, Rejected};
+use super::message::{self, DENY_MODAL_PREFIX, REASON_INPUT};
+use super::{DiscordAdapter, PLATFORM};
+use crate::engine::{Caller, Engine};
+use crate::ports::ChatRef;
+use jitbot_core::command::{Action, Command, MAX_REASON_CHARS};
+use jitbot_core::policy::Actor;
+use jitbot_core::UserId;
+use serde_json::Value;
+use serenity::all::{AutocompleteChoice, CreateAutocompleteResponse, CreateInteractionResponse};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Discord shows at most 25 autocomplete choices.
+const MAX_CHOICES: usize = 25;
+/// Autocomplete cannot be deferred: past this, answer with no choices.
+const AUTOCOMPLETE_BUDGET: Duration = Duration::from_millis(2500);
+
+/// Work that finishes a deferred answer; run it after the response is sent.
+pub type Later = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The interaction response, and the work that edits it later if deferred.
+pub struct Outcome {
+    pub response: Value,
+    pub later: Option<Later>,
+}
+
+impl Outcome {
+    fn now(response: CreateInteractionResponse) -> Outcome {
+        Outcome {
+            response: message::to_json(&response),
+            later: None,
+        }
+    }
+}
+
+/// Turns interactions into engine commands; shared by both modes.
+pub struct DiscordHandler {
+    engine: Engine,
+    adapter: Arc<DiscordAdapter>,
+}
+
+impl DiscordHandler {
+    pub fn new(engine: Engine, adapter: Arc<DiscordAdapter>) -> Arc<DiscordHandler> {
+        Arc::new(DiscordHandler { engine, adapter })
+    }
+
+    /// Handles one interaction. `Err` means nothing was started and the
+    /// payload should be refused (HTTP 400).
+    pub async fn handle(self: &Arc<Self>, incoming: Incoming) -> Result<Outcome, Rejected> {
+        match incoming {
+            Incoming::Ping => Ok(Outcome {
+                response: message::pong(),
+                later: None,
+            }),
+            Incoming::Command(inv) => {
+                check_name(&inv)?;
+                match to_command(&inv) {
+                    Ok(Command::Help) => Ok(Outcome::now(message::ephemeral(jitbot_core::command::HELP))),
+                    Ok(cmd) => Ok(self.run(inv.origin, cmd).await),
+                    Err(e) => Ok(Outcome::now(message::ephemeral(&e.to_string()))),
+                }
+            }
+            Incoming::Autocomplete(inv) => {
+                check_name(&inv)?;
+                Ok(Outcome::now(self.autocomplete(&inv).await))
+            }
+            Incoming::Button { origin, custom_id } => {
+                let action = Action::parse(&custom_id).map_err(|_| Rejected::UnknownComponent(custom_id.clone()))?;
+                if let Action::Deny(request) = &action {
+                    return Ok(Outcome::now(message::deny_modal(request)));
+                }
+                match self.engine.command_for(&action) {
+                    Some(cmd) => Ok(self.run(origin, cmd).await),
+                    None => Ok(Outcome::now(message::ephemeral("That button does nothing here."))),
+                }
+            }
+            Incoming::Modal {
+                origin,
+                custom_id,
+                fields,
+            } => {
+                let request = custom_id
+                    .strip_prefix(DENY_MODAL_PREFIX)
+                    .filter(|r| Action::parse(&Action::Deny(r.to_string()).id()).is_ok())
+                    .ok_or_else(|| Rejected::UnknownComponent(custom_id.clone()))?;
+                let reason = fields.get(REASON_INPUT).map(|r| r.trim()).unwrap_or_default();
+                if reason.chars().count() > MAX_REASON_CHARS {
+                    let e = jitbot_core::command::ParseError::ReasonTooLong;
+                    return Ok(Outcome::now(message::ephemeral(&e.to_string())));
+                }
+                let cmd = Command::Deny {
+                    request: request.to_string(),
+                    reason: reason.to_string(),
+                };
+                Ok(self.run(origin, cmd).await)
+            }
+        }
+    }
+
+    /// Runs a command; answers with its reply if it is done within the
+    /// adapter's budget, else defers and edits the original response later.
+    async fn run(self: &Arc<Self>, origin: Origin, cmd: Command) -> Outcome {
+        let this = self.clone();
+        let o = origin.clone();
+        let mut work = tokio::spawn(async move { this.execute(&o, cmd).await });
+        match tokio::time::timeout(self.adapter.answer_budget(), &mut work).await {
+            Ok(Ok(text)) => Outcome::now(message::ephemeral(&text)),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "Discord command task failed");
+                Outcome::now(message::ephemeral("jitbot failed to run that; tell your jitbot admins."))
+            }
+            Err(_) => {
+                let adapter = self.adapter.clone();
+                let later: Later = Box::pin(async move {
+                    let text = work
+                        .await
+                        .unwrap_or_else(|_| "jitbot failed to run that; tell your jitbot admins.".to_string());
+                    if let Err(e) = adapter.edit_original(&origin.token, &text).await {
+                        tracing::warn!(error = %e, "cannot edit the deferred Discord answer");
+                    }
+                });
+                Outcome {
+                    response: message::to_json(&message::deferred()),
+                    later: Some(later),
+                }
+            }
+        }
+    }
+
+    /// The directory account of a Discord user: the static map first, then
+    /// the configured directory attribute.
+    async fn identify(&self, discord_user: &str) -> Result<UserId, String> {
+        let config = self.adapter.config();
+        if let Some(user) = config.users.get(discord_user) {
+            return Ok(UserId::new(user));
+        }
+        match &config.user_attribute {
+            Some(attribute) => self.engine.identify(attribute, discord_user).await.map_err(|r| r.text),
+            None => Err(format!(
+                "jitbot does not know who Discord user {discord_user} is; ask your jitbot admins to link your account"
+            )),
+        }
+    }
+
+    async fn execute(&self, origin: &Origin, cmd: Command) -> String {
+        let user = match self.identify(&origin.user).await {
+            Ok(user) => user,
+            Err(text) => return text,
+        };
+        let caller = Caller {
+            user,
+            chat: Some(ChatRef {
+                platform: PLATFORM.into(),
+                user: origin.user.clone(),
+                channel: origin.channel.clone(),
+            }),
+        };
+        self.engine.execute(&caller, cmd).await.text
+    }
+
+    /// Choices for the `group` option: the groups this user may request
+    /// whose name contains what they typed.
+    async fn autocomplete(&self, inv: &Invocation) -> CreateInteractionResponse {
+        let typed = inv
+            .focused
+            .as_ref()
+            .and_then(|f| inv.options.get(f))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        let groups = if inv.focused.as_deref() == Some("group") {
+            tokio::time::timeout(AUTOCOMPLETE_BUDGET, self.requestable(&inv.origin.user))
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let choices = groups
+            .into_iter()
+            .filter(|g| g.to_ascii_lowercase().contains(&typed))
+            .take(MAX_CHOICES)
+            .map(|g| AutocompleteChoice::new(g.clone(), g))
+            .collect();
+        CreateInteractionResponse::Autocomplete(CreateAutocompleteResponse::new().set_choices(choices))
+    }
+
+    /// The groups `discord_user` may request; empty when unknown.
+    async fn requestable(&self, discord_user: &str) -> Vec<String> {
+        let Ok(user) = self.identify(discord_user).await else {
+            return Vec::new();
+        };
+        let policy = self.engine.policy();
+        let mentioned = policy.mentioned_groups();
+        let groups = if mentioned.is_empty() {
+            Default::default()
+        } else {
+            match self.engine.directory().groups_of(&user, &mentioned).await {
+                Ok(groups) => groups,
+                Err(e) => {
+                    tracing::warn!(error = %e, "autocomplete: cannot read directory groups");
+                    return Vec::new();
+                }
+            }
+        };
+        let actor = Actor { user, groups };
+        policy
+            .groups
+            .iter()
+            .filter(|g| g.may_request(&actor))
+            .map(|g| g.name.to_string())
+            .collect()
+    }
+}
+
+fn check_name(inv: &Invocation) -> Result<(), Rejected> {
+    if inv.command == command::NAME {
+        Ok(())
+    } else {
+        Err(Rejected::UnknownCommand(inv.command.chars().take(40).collect()))
+    }
+}
