@@ -28,11 +28,11 @@ pub enum LogFormat {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Remote {
     /// Base URL of the running jitbot's HTTP server.
-    #[arg(long, env = "JITBOT_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(long, global = true, env = "JITBOT_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// The admin token (server.admin_token of the running jitbot).
-    #[arg(long, env = "JITBOT_ADMIN_TOKEN", hide_env_values = true)]
-    pub token: String,
+    #[arg(long, global = true, env = "JITBOT_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,6 +65,21 @@ pub enum Cmd {
         cmd: RequestsCmd,
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Copy the running jitbot's store to a file.
+    Backup {
+        #[arg(long)]
+        to: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Load a backup into a new, empty store directory (jitbot stopped).
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        /// The new store directory (store.path in the config).
+        #[arg(long)]
+        data: PathBuf,
     },
     /// The audit trail: verify its hash chain, export it for a SIEM.
     Audit {
@@ -150,6 +165,19 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Leases { cmd, remote } => leases(cmd, &remote).await,
         Cmd::Requests { cmd, remote } => requests(cmd, &remote).await,
         Cmd::Audit { cmd, remote } => audit(cmd, &remote).await,
+        Cmd::Backup { to, remote } => {
+            let body = Client::new(&remote)?.get_bytes("/admin/backup").await?;
+            std::fs::write(&to, &body).with_context(|| format!("cannot write {}", to.display()))?;
+            println!("backup written to {} ({} bytes)", to.display(), body.len());
+            Ok(())
+        }
+        Cmd::Restore { from, data } => {
+            let file = std::fs::File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;
+            let store = crate::store::Store::open(&data, 16)?;
+            let n = store.restore(std::io::BufReader::new(file)).await?;
+            println!("restored {n} records into {}", data.display());
+            Ok(())
+        }
     }
 }
 
@@ -199,12 +227,15 @@ struct Client {
 }
 
 impl Client {
-    fn new(remote: &Remote) -> Self {
-        Client {
+    fn new(remote: &Remote) -> anyhow::Result<Self> {
+        let Some(token) = remote.token.clone() else {
+            bail!("set JITBOT_ADMIN_TOKEN (or --token) to the running jitbot's server.admin_token");
+        };
+        Ok(Client {
             http: reqwest::Client::new(),
             base: remote.url.trim_end_matches('/').to_string(),
-            token: remote.token.clone(),
-        }
+            token,
+        })
     }
 
     async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<String> {
@@ -221,6 +252,10 @@ impl Client {
         Ok(body)
     }
 
+    async fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        Ok(self.get(path).await?.into_bytes())
+    }
+
     async fn get(&self, path: &str) -> anyhow::Result<String> {
         self.call(self.http.get(format!("{}{path}", self.base))).await
     }
@@ -231,7 +266,7 @@ impl Client {
 }
 
 async fn leases(cmd: LeasesCmd, remote: &Remote) -> anyhow::Result<()> {
-    let client = Client::new(remote);
+    let client = Client::new(remote)?;
     match cmd {
         LeasesCmd::List { json, all } => {
             let body = client.get(&format!("/admin/leases?all={all}")).await?;
@@ -259,7 +294,7 @@ async fn leases(cmd: LeasesCmd, remote: &Remote) -> anyhow::Result<()> {
 }
 
 async fn requests(cmd: RequestsCmd, remote: &Remote) -> anyhow::Result<()> {
-    let client = Client::new(remote);
+    let client = Client::new(remote)?;
     match cmd {
         RequestsCmd::List { json, all } => {
             let body = client.get(&format!("/admin/requests?all={all}")).await?;
@@ -286,7 +321,7 @@ async fn requests(cmd: RequestsCmd, remote: &Remote) -> anyhow::Result<()> {
 }
 
 async fn audit(cmd: AuditCmd, remote: &Remote) -> anyhow::Result<()> {
-    let client = Client::new(remote);
+    let client = Client::new(remote)?;
     match cmd {
         AuditCmd::Verify => match client.get("/admin/audit/verify").await {
             Ok(body) => print!("{body}"),
@@ -308,4 +343,17 @@ async fn audit(cmd: AuditCmd, remote: &Remote) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["jitbot", "leases", "list", "--json", "--url", "http://x"]).unwrap();
+        assert!(matches!(cli.command, Cmd::Leases { .. }));
+    }
 }

@@ -193,7 +193,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "jitbot demo is running: open http://{}/ (dashboard: /dashboard). Ctrl-C to stop.",
         running.addr
     );
-    println!("Demo people: {}.", USERS.map(|(id, role)| format!("{id} ({role})")).join(", "));
+    println!(
+        "Demo people: {}.",
+        USERS.map(|(id, role)| format!("{id} ({role})")).join(", ")
+    );
     match &data {
         DemoData::Temporary(t) => println!("The store is in {} and is removed at exit.", t.path().display()),
         DemoData::Kept(p) => println!("The store is kept in {}.", p.display()),
@@ -213,9 +216,15 @@ mod tests {
     fn demo_policy_allows_a_one_minute_db_lease() {
         let p = policy();
         let db = p.group(&jitbot_core::GroupName::new("db-admins")).unwrap();
-        assert_eq!(db.duration_for(Some(Span::from_mins(1))).unwrap(), Span::from_mins(1));
+        assert_eq!(
+            db.duration_for(Some(Span::from_mins(1))).unwrap(),
+            Span::from_mins(1)
+        );
         assert!(db.duration_for(Some(Span::from_hours(5))).is_err());
-        assert_eq!(db.dn, jitbot_core::GroupDn::new("cn=db-admins,ou=groups,dc=demo,dc=example"));
+        assert_eq!(
+            db.dn,
+            jitbot_core::GroupDn::new("cn=db-admins,ou=groups,dc=demo,dc=example")
+        );
         for g in &p.groups {
             assert!(!g.requesters.is_empty() && !g.approvers.is_empty(), "{}", g.name);
         }

@@ -1,7 +1,9 @@
 //! Chat adapters and the platform-neutral message model they render.
 
+pub mod discord;
 pub mod fanout;
 pub mod outbox;
+pub mod render;
 pub mod slack;
 pub mod view;
 pub mod web;

@@ -23,6 +23,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/audit", get(audit))
         .route("/audit/verify", get(verify))
         .route("/zsp", post(zsp))
+        .route("/backup", get(backup))
 }
 
 /// Proof that the request carried the admin token; every handler takes it.
@@ -241,6 +242,14 @@ async fn zsp(_: Admin, State(s): State<HttpState>) -> Response {
                 .collect::<Vec<_>>(),
         )
         .into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn backup(_: Admin, State(s): State<HttpState>) -> Response {
+    let mut out = Vec::new();
+    match s.engine.store().backup(&mut out) {
+        Ok(_) => (StatusCode::OK, out).into_response(),
         Err(e) => fail(e),
     }
 }

@@ -11,6 +11,7 @@
 //! before `update` returns, so the caller's side effect always follows a
 //! durable record of it.
 
+mod backup;
 mod records;
 mod timers;
 

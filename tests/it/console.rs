@@ -30,34 +30,55 @@ impl Api {
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.json().await.unwrap())
     }
 
     async fn command(&self, user: &str, text: &str) -> Value {
-        self.post("/api/command", json!({"user": user, "text": text})).await.1
+        self.post("/api/command", json!({"user": user, "text": text}))
+            .await
+            .1
     }
 
     async fn action(&self, user: &str, action: &str, reason: Option<&str>) -> Value {
-        self.post("/api/action", json!({"user": user, "action": action, "reason": reason})).await.1
+        self.post(
+            "/api/action",
+            json!({"user": user, "action": action, "reason": reason}),
+        )
+        .await
+        .1
     }
 
     async fn get(&self, path: &str) -> Value {
-        let r = self.http.get(format!("{}{path}", self.base)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
         r.json().await.unwrap()
     }
 
     /// Waits for the approval card of `requester`'s request for `group`.
     async fn card(&self, requester: &str, group: &str, open: bool) -> Value {
-        let messages = self.get("/api/messages?after=0&user=bob").await;
-        let _ = messages;
         wait_for("the approval card", WAIT, || async {
             let m = self.get("/api/messages?after=0&user=bob").await;
-            m["messages"].as_array()?.iter().rev().find(|m| {
-                let c = &m["card"];
-                c["requester"] == requester && c["group"] == group && c["open"] == open
-            }).cloned()
+            m["messages"]
+                .as_array()?
+                .iter()
+                .rev()
+                .find(|m| {
+                    let c = &m["card"];
+                    c["requester"] == requester && c["group"] == group && c["open"] == open
+                })
+                .cloned()
         })
         .await
         .unwrap()
@@ -65,7 +86,9 @@ impl Api {
 }
 
 fn ok(reply: &Value) -> bool {
-    reply["ok"].as_bool().unwrap_or_else(|| panic!("not a reply: {reply}"))
+    reply["ok"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("not a reply: {reply}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,25 +100,48 @@ async fn console_api_request_approve_and_deny() {
     assert!(ok(&reply), "{reply}");
     let card = api.card("alice", "db-admins", true).await;
     let request = card["card"]["request"].as_str().unwrap().to_string();
-    let buttons: Vec<&str> = card["buttons"].as_array().unwrap().iter().map(|b| b["action"].as_str().unwrap()).collect();
-    assert_eq!(buttons, [format!("jit:approve:{request}"), format!("jit:deny:{request}")]);
+    let buttons: Vec<&str> = card["buttons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        buttons,
+        [format!("jit:approve:{request}"), format!("jit:deny:{request}")]
+    );
 
     // The requester cannot approve their own request, and strangers are turned away.
     let own = api.action("alice", &format!("jit:approve:{request}"), None).await;
     assert!(!ok(&own), "self-approval must be refused: {own}");
-    let (status, _) = api.post("/api/command", json!({"user": "mallory", "text": "list"})).await;
+    let (status, _) = api
+        .post("/api/command", json!({"user": "mallory", "text": "list"}))
+        .await;
     assert_eq!(status, 400);
 
     let approved = api.action("bob", &format!("jit:approve:{request}"), None).await;
     assert!(ok(&approved), "{approved}");
     let closed = api.card("alice", "db-admins", false).await;
-    assert!(closed["card"]["status"].as_str().unwrap().contains("approved by bob"), "{closed}");
-    assert!(closed["buttons"].as_array().unwrap().is_empty(), "no buttons once decided");
+    assert!(
+        closed["card"]["status"]
+            .as_str()
+            .unwrap()
+            .contains("approved by bob"),
+        "{closed}"
+    );
+    assert!(
+        closed["buttons"].as_array().unwrap().is_empty(),
+        "no buttons once decided"
+    );
     assert_eq!(closed["id"], card["id"], "the card is updated in place");
 
     let lease = wait_for("the lease on the dashboard", WAIT, || async {
         let d = api.get("/api/dashboard").await;
-        d["leases"].as_array()?.iter().find(|l| l["user"] == "alice" && l["state"] == "active").cloned()
+        d["leases"]
+            .as_array()?
+            .iter()
+            .find(|l| l["user"] == "alice" && l["state"] == "active")
+            .cloned()
     })
     .await
     .unwrap();
@@ -110,30 +156,60 @@ async fn console_api_request_approve_and_deny() {
         .unwrap());
     let dash = api.get("/api/dashboard").await;
     assert_eq!(dash["mode"], "demo");
-    let zsp = dash["zsp"].as_array().unwrap().iter().find(|z| z["group"] == "db-admins").unwrap();
+    let zsp = dash["zsp"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|z| z["group"] == "db-admins")
+        .unwrap();
     assert_eq!(zsp["members"], json!(["alice"]));
     assert_eq!(zsp["unleased"], json!([]));
-    assert!(dash["audit"].as_array().unwrap().iter().any(|a| a["action"] == "request.opened"), "{dash}");
+    assert!(
+        dash["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "request.opened"),
+        "{dash}"
+    );
 
     // The requester hears about it in a direct message that only they see.
     let dm = wait_for("alice's DM", WAIT, || async {
         let m = api.get("/api/messages?after=0&user=alice").await;
-        m["messages"].as_array()?.iter().find(|m| m["place"] == "direct").cloned()
+        m["messages"]
+            .as_array()?
+            .iter()
+            .find(|m| m["place"] == "direct")
+            .cloned()
     })
     .await
     .unwrap();
     assert_eq!(dm["to"], "alice");
     let bobs = api.get("/api/messages?after=0&user=bob").await;
-    assert!(!bobs["messages"].as_array().unwrap().iter().any(|m| m["place"] == "direct" && m["to"] == "alice"));
+    assert!(!bobs["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["place"] == "direct" && m["to"] == "alice"));
 
     // Deny needs a reason, and then closes the card.
-    assert!(ok(&api.command("dave", "/jit request db-admins 30m reindexing").await));
+    assert!(ok(&api
+        .command("dave", "/jit request db-admins 30m reindexing")
+        .await));
     let dave = api.card("dave", "db-admins", true).await;
     let deny = format!("jit:deny:{}", dave["card"]["request"].as_str().unwrap());
     assert!(!ok(&api.action("carol", &deny, None).await));
-    assert!(ok(&api.action("carol", &deny, Some("not during the freeze")).await));
+    assert!(ok(&api
+        .action("carol", &deny, Some("not during the freeze"))
+        .await));
     let denied = api.card("dave", "db-admins", false).await;
-    assert!(denied["card"]["status"].as_str().unwrap().contains("not during the freeze"), "{denied}");
+    assert!(
+        denied["card"]["status"]
+            .as_str()
+            .unwrap()
+            .contains("not during the freeze"),
+        "{denied}"
+    );
 
     running.stop(Duration::from_secs(5)).await;
 }
@@ -141,14 +217,20 @@ async fn console_api_request_approve_and_deny() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_needs_the_admin_token_outside_the_demo() {
     let (running, _data) = start_demo("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
-    let app = dashboard_routes(running.engine.clone(), DashboardAccess::Token(Secret::new("s3cret")));
+    let app = dashboard_routes(
+        running.engine.clone(),
+        DashboardAccess::Token(Secret::new("s3cret")),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     let http = reqwest::Client::new();
     let url = format!("http://{addr}/api/dashboard");
     assert_eq!(http.get(&url).send().await.unwrap().status(), 401);
-    assert_eq!(http.get(&url).bearer_auth("wrong").send().await.unwrap().status(), 401);
+    assert_eq!(
+        http.get(&url).bearer_auth("wrong").send().await.unwrap().status(),
+        401
+    );
     let r = http.get(&url).bearer_auth("s3cret").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["mode"], "admin");
@@ -178,7 +260,10 @@ async fn console_in_chromium_request_approve_expire() {
         panic!("{e:#} (screenshot: {shot:?})");
     }
     let shot = shot.expect("screenshot saved");
-    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "{shot:?} is empty");
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 1000,
+        "{shot:?} is empty"
+    );
 }
 
 async fn browser_flow(b: &Browser, running: &Running, clock: &ManualClock) -> anyhow::Result<()> {
@@ -189,22 +274,32 @@ async fn browser_flow(b: &Browser, running: &Running, clock: &ManualClock) -> an
         let c = b.client.clone();
         async move { c.find(Locator::Id("user-select")).await }
     };
-    wait_for("the user picker", WAIT, || async { b.client.find(Locator::Css("#user-select option")).await.ok() }).await?;
+    wait_for("the user picker", WAIT, || async {
+        b.client.find(Locator::Css("#user-select option")).await.ok()
+    })
+    .await?;
     user_select(b).await?.select_by_value("alice").await?;
-    b.wait_for_text("#user-role", "alice may request db-admins", WAIT).await?;
+    b.wait_for_text("#user-role", "alice may request db-admins", WAIT)
+        .await?;
 
     let input = b.client.find(Locator::Id("command-input")).await?;
     input.send_keys("/jit request db-admins 1m e2e test").await?;
     b.client.find(Locator::Id("command-send")).await?.click().await?;
     b.wait_for_text("[data-testid=reply]", "r-", WAIT).await?;
-    b.wait_for_text("[data-testid=approval-card]", "e2e test", WAIT).await?;
+    b.wait_for_text("[data-testid=approval-card]", "e2e test", WAIT)
+        .await?;
 
     user_select(b).await?.select_by_value("bob").await?;
-    b.wait_for_text("#user-role", "bob approves db-admins", WAIT).await?;
+    b.wait_for_text("#user-role", "approves db-admins", WAIT).await?;
     b.click("button[data-action^='jit:approve:']", WAIT).await?;
-    b.wait_for_text("[data-testid=card-status]", "approved by bob", WAIT).await?;
+    b.wait_for_text("[data-testid=card-status]", "approved by bob", WAIT)
+        .await?;
     wait_for("alice in db-admins", WAIT, || async {
-        let member = running.engine.directory().is_member(&GroupDn::new(DB_DN), &UserId::new("alice")).await;
+        let member = running
+            .engine
+            .directory()
+            .is_member(&GroupDn::new(DB_DN), &UserId::new("alice"))
+            .await;
         member.ok().filter(|m| *m)
     })
     .await?;
@@ -212,20 +307,42 @@ async fn browser_flow(b: &Browser, running: &Running, clock: &ManualClock) -> an
     b.client.goto(&format!("{base}/dashboard")).await?;
     let row = "[data-testid=lease-row][data-user=alice][data-group=db-admins]";
     b.wait_for_text(row, "active", WAIT).await?;
-    b.wait_for_text(&format!("{row} [data-testid=countdown]"), "m ", WAIT).await?;
-    b.wait_for_text("[data-testid=zsp-row][data-group=db-admins]", "every member holds a lease", WAIT).await?;
+    b.wait_for_text(&format!("{row} [data-testid=countdown]"), "m ", WAIT)
+        .await?;
+    b.wait_for_text(
+        "[data-testid=zsp-row][data-group=db-admins]",
+        "every member holds a lease",
+        WAIT,
+    )
+    .await?;
+    b.wait_for_text("[data-testid=audit-row]", "lease.granted", WAIT)
+        .await?;
+    b.screenshot("dashboard-e2e.png").await?;
 
     // Back in the console as alice, let the lease run out.
     b.client.goto(&format!("{base}/")).await?;
-    wait_for("the user picker", WAIT, || async { b.client.find(Locator::Css("#user-select option")).await.ok() }).await?;
+    wait_for("the user picker", WAIT, || async {
+        b.client.find(Locator::Css("#user-select option")).await.ok()
+    })
+    .await?;
     user_select(b).await?.select_by_value("alice").await?;
-    b.wait_for_text("[data-testid=dms]", "You have db-admins until", WAIT).await?;
+    b.wait_for_text("[data-testid=dms]", "You have db-admins until", WAIT)
+        .await?;
     clock.advance(chrono::Duration::minutes(2));
     running.engine.timers_changed().notify_one();
-    b.wait_for_text("#feed [data-testid=message-text]", "alice's access to db-admins ended (expired)", WAIT)
+    b.wait_for_text(
+        "#feed [data-testid=message-text]",
+        "alice's access to db-admins ended (expired)",
+        WAIT,
+    )
+    .await?;
+    b.wait_for_text("[data-testid=dms]", "ended (expired)", WAIT)
         .await?;
-    b.wait_for_text("[data-testid=dms]", "ended (expired)", WAIT).await?;
-    let still = running.engine.directory().is_member(&GroupDn::new(DB_DN), &UserId::new("alice")).await?;
+    let still = running
+        .engine
+        .directory()
+        .is_member(&GroupDn::new(DB_DN), &UserId::new("alice"))
+        .await?;
     anyhow::ensure!(!still, "alice is still in db-admins after expiry");
     Ok(())
 }

@@ -8,3 +8,5 @@ mod lifecycle;
 mod slack;
 mod console;
 mod ldap_flow;
+mod discord;
+mod ops;

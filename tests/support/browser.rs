@@ -42,7 +42,10 @@ impl Browser {
         let url = format!("http://127.0.0.1:{port}");
         let mut driver = DriverGuard(Some(driver));
         wait_for("chromedriver to answer", Duration::from_secs(30), || async {
-            reqwest::get(format!("{url}/status")).await.ok().filter(|r| r.status().is_success())
+            reqwest::get(format!("{url}/status"))
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -102,7 +105,11 @@ impl Browser {
     /// Waits until an element matching `css` has text containing `needle`.
     pub async fn wait_for_text(&self, css: &str, needle: &str, timeout: Duration) -> anyhow::Result<String> {
         wait_for(&format!("`{needle}` in {css}"), timeout, || async {
-            self.texts(css).await.ok()?.into_iter().find(|t| t.contains(needle))
+            self.texts(css)
+                .await
+                .ok()?
+                .into_iter()
+                .find(|t| t.contains(needle))
         })
         .await
     }

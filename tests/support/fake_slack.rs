@@ -49,7 +49,9 @@ impl FakeSlack {
             .route("/api/{method}", any(api))
             .route("/response/{n}", post(response))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake slack");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake slack");
         let addr = listener.local_addr().expect("local addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -80,7 +82,11 @@ impl FakeSlack {
 
     /// The next `times` calls of `method` get 429 with `Retry-After: secs`.
     pub fn rate_limit(&self, method: &str, times: u32, secs: u64) {
-        self.inner.limits.lock().unwrap().insert(method.to_string(), (times, secs));
+        self.inner
+            .limits
+            .lock()
+            .unwrap()
+            .insert(method.to_string(), (times, secs));
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -157,7 +163,12 @@ async fn api(
                 .into_response();
         }
     }
-    let s = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let s = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let answer = match method.as_str() {
         "chat.postMessage" => {
             let n = inner.ts.fetch_add(1, Ordering::SeqCst) + 1;
@@ -201,8 +212,16 @@ async fn api(
     Json(answer).into_response()
 }
 
-async fn response(State(inner): State<Arc<Inner>>, Path(n): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    let fake = FakeSlack { inner, base: String::new() };
+async fn response(
+    State(inner): State<Arc<Inner>>,
+    Path(n): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let fake = FakeSlack {
+        inner,
+        base: String::new(),
+    };
     fake.record(Call {
         method: format!("response/{n}"),
         body: parse_body(&headers, &body, HashMap::new()),

@@ -59,12 +59,22 @@ pub fn routes(
 }
 
 /// Why a request was refused with 401; logged, never the signature or body.
-#[derive(Debug)]
 enum Refusal {
     MissingHeaders,
     BadSignature,
     BadTimestamp,
     Stale(i64),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::MissingHeaders => f.write_str("signature headers missing"),
+            Refusal::BadSignature => f.write_str("signature does not verify"),
+            Refusal::BadTimestamp => f.write_str("timestamp is not a number"),
+            Refusal::Stale(skew) => write!(f, "timestamp is {skew}s away from our clock"),
+        }
+    }
 }
 
 impl EndpointState {
@@ -86,7 +96,7 @@ impl EndpointState {
             Ok(())
         })();
         checked.map_err(|why| {
-            tracing::warn!(reason = ?why, "refused a Discord interaction");
+            tracing::warn!(reason = %why, "refused a Discord interaction");
             crate::metrics::refused_signature(PLATFORM);
             (StatusCode::UNAUTHORIZED, "invalid request signature").into_response()
         })

@@ -17,7 +17,9 @@ pub const REASON_INPUT: &str = "reason";
 /// Escapes the three characters Slack's mrkdwn treats as markup, so that a
 /// reason cannot ping `<!channel>` or forge a link.
 pub fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn mrkdwn(text: String) -> SlackBlockText {
@@ -40,7 +42,11 @@ fn label(action: &Action) -> (&'static str, Option<SlackBlockButtonStyle>) {
 
 fn target(action: &Action) -> &str {
     match action {
-        Action::Approve(t) | Action::Deny(t) | Action::Extend(t) | Action::Release(t) | Action::Acknowledge(t) => t,
+        Action::Approve(t)
+        | Action::Deny(t)
+        | Action::Extend(t)
+        | Action::Release(t)
+        | Action::Acknowledge(t) => t,
     }
 }
 
@@ -68,7 +74,11 @@ fn buttons(actions: &[Action]) -> Option<SlackBlock> {
 /// The approval card: who wants what for how long and why, the approvals
 /// so far, the status, and Approve/Deny only while the request is open.
 pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
-    let kind = if card.extension { "an extension of" } else { "membership in" };
+    let kind = if card.extension {
+        "an extension of"
+    } else {
+        "membership in"
+    };
     let headline = format!(
         "*{}* requests {kind} *{}* for *{}*",
         escape(card.requester.as_str()),
@@ -77,7 +87,11 @@ pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
     );
     let fields = vec![
         mrkdwn(format!("*Reason*\n{}", escape(&card.reason))),
-        mrkdwn(format!("*Approvals*\n{} of {}", card.approvals.len(), card.needed)),
+        mrkdwn(format!(
+            "*Approvals*\n{} of {}",
+            card.approvals.len(),
+            card.needed
+        )),
         mrkdwn(format!("*Status*\n{}", escape(&card.status))),
         mrkdwn(format!("*Request*\n`{}`", escape(card.request.as_str()))),
     ];
@@ -97,11 +111,15 @@ pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
 
 /// A notice: its text, and its buttons when it has any.
 pub fn notice(notice: &Notice) -> SlackMessageContent {
-    let mut blocks: Vec<SlackBlock> = vec![SlackSectionBlock::new().with_text(mrkdwn(escape(&notice.text))).into()];
+    let mut blocks: Vec<SlackBlock> = vec![SlackSectionBlock::new()
+        .with_text(mrkdwn(escape(&notice.text)))
+        .into()];
     if let Some(b) = buttons(&notice.buttons) {
         blocks.push(b);
     }
-    SlackMessageContent::new().with_text(notice.text.clone()).with_blocks(blocks)
+    SlackMessageContent::new()
+        .with_text(notice.text.clone())
+        .with_blocks(blocks)
 }
 
 fn input(block_id: &str, title: &str, placeholder: &str, multiline: bool, optional: bool) -> SlackBlock {
@@ -122,7 +140,13 @@ pub fn request_modal(private_metadata: String) -> SlackView {
             plain("Request access"),
             vec![
                 input(GROUP_INPUT, "Group", "db-admins", false, false),
-                input(DURATION_INPUT, "Duration", "2h (empty: the group's default)", false, true),
+                input(
+                    DURATION_INPUT,
+                    "Duration",
+                    "2h (empty: the group's default)",
+                    false,
+                    true,
+                ),
                 input(REASON_INPUT, "Reason", "What are you going to do?", true, false),
             ],
         )
@@ -140,9 +164,18 @@ pub fn deny_modal(request: &str, private_metadata: String) -> SlackView {
             plain("Deny request"),
             vec![
                 SlackSectionBlock::new()
-                    .with_text(mrkdwn(format!("Why is `{}` denied? The requester will see this.", escape(request))))
+                    .with_text(mrkdwn(format!(
+                        "Why is `{}` denied? The requester will see this.",
+                        escape(request)
+                    )))
                     .into(),
-                input(REASON_INPUT, "Reason", "Not during the change freeze", true, false),
+                input(
+                    REASON_INPUT,
+                    "Reason",
+                    "Not during the change freeze",
+                    true,
+                    false,
+                ),
             ],
         )
         .with_submit(plain("Deny"))

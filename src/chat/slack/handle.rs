@@ -153,8 +153,15 @@ impl View {
 
 /// A modal submission, checked and ready to run.
 enum Submission {
-    Deny { request: String, reason: String },
-    Request { group: String, duration: String, reason: String },
+    Deny {
+        request: String,
+        reason: String,
+    },
+    Request {
+        group: String,
+        duration: String,
+        reason: String,
+    },
 }
 
 impl SlackHandler {
@@ -167,7 +174,10 @@ impl SlackHandler {
     }
 
     fn first_time(&self, key: String) -> bool {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).first_time(key)
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .first_time(key)
     }
 
     /// Accepts a slash command and starts its work. Returns false for a
@@ -186,14 +196,15 @@ impl SlackHandler {
     /// envelope's payload in Socket Mode). `Ok(false)` means a retry or a
     /// kind jitbot ignores; errors mean nothing was started.
     pub fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
-        let payload: Payload = serde_json::from_value(payload).map_err(|e| Rejected::Malformed(e.to_string()))?;
+        let payload: Payload =
+            serde_json::from_value(payload).map_err(|e| Rejected::Malformed(e.to_string()))?;
         match payload {
             Payload::BlockActions(ba) => {
                 let Some(first) = ba.actions.first() else {
                     return Err(Rejected::Malformed("block_actions without actions".into()));
                 };
-                let action =
-                    Action::parse(&first.action_id).map_err(|_| Rejected::UnknownAction(first.action_id.clone()))?;
+                let action = Action::parse(&first.action_id)
+                    .map_err(|_| Rejected::UnknownAction(first.action_id.clone()))?;
                 let key = first.action_ts.clone().unwrap_or_else(|| ba.trigger_id.clone());
                 if !self.first_time(format!("act:{key}")) {
                     tracing::info!("Slack retried a click already taken; ignored");
@@ -247,7 +258,11 @@ impl SlackHandler {
                     channel: Some(cmd.channel_id.clone()),
                 };
                 let meta = serde_json::to_string(&meta).unwrap_or_default();
-                if let Err(e) = self.adapter.open_view(&cmd.trigger_id, blocks::request_modal(meta)).await {
+                if let Err(e) = self
+                    .adapter
+                    .open_view(&cmd.trigger_id, blocks::request_modal(meta))
+                    .await
+                {
                     tracing::warn!(error = %e, "cannot open the request modal");
                     self.answer(&answer, &format!("usage: {usage}")).await;
                 }
@@ -255,7 +270,9 @@ impl SlackHandler {
             }
             Err(e) => return self.answer(&answer, &e.to_string()).await,
         };
-        let text = self.execute(&cmd.user_id, Some(cmd.channel_id.clone()), command).await;
+        let text = self
+            .execute(&cmd.user_id, Some(cmd.channel_id.clone()), command)
+            .await;
         self.answer(&answer, &text).await;
     }
 
@@ -275,9 +292,14 @@ impl SlackHandler {
                 channel: channel.clone(),
             };
             let meta = serde_json::to_string(&meta).unwrap_or_default();
-            if let Err(e) = self.adapter.open_view(&ba.trigger_id, blocks::deny_modal(request, meta)).await {
+            if let Err(e) = self
+                .adapter
+                .open_view(&ba.trigger_id, blocks::deny_modal(request, meta))
+                .await
+            {
                 tracing::warn!(error = %e, "cannot open the deny modal");
-                let text = format!("Slack would not open the form ({e}); use `/jit deny {request} <reason>`.");
+                let text =
+                    format!("Slack would not open the form ({e}); use `/jit deny {request} <reason>`.");
                 self.answer(&answer, &text).await;
             }
             return;
@@ -328,7 +350,11 @@ impl SlackHandler {
             }
             Err(e) => return format!("jitbot cannot look you up in Slack right now ({e}); try again in a minute."),
         };
-        let user = match self.engine.identify(&self.adapter.config().user_attribute, &email).await {
+        let user = match self
+            .engine
+            .identify(&self.adapter.config().user_attribute, &email)
+            .await
+        {
             Ok(user) => user,
             Err(reply) => return reply.text,
         };
@@ -422,7 +448,9 @@ mod tests {
             }
         );
         let cmd = request_from_form("db-admins", "", "3 replicas down").unwrap();
-        assert!(matches!(cmd, Command::Request { duration: None, ref reason, .. } if reason == "3 replicas down"));
+        assert!(
+            matches!(cmd, Command::Request { duration: None, ref reason, .. } if reason == "3 replicas down")
+        );
         assert!(request_from_form("db admins", "", "x").is_err());
         assert!(request_from_form("db", "soon", "x").is_err());
         assert!(request_from_form("*)(uid=*", "", "x").is_err());

@@ -28,7 +28,12 @@ struct HttpState {
 }
 
 /// The Slack endpoints, to be merged into jitbot's HTTP server.
-pub fn routes(engine: Engine, adapter: Arc<SlackAdapter>, signing_secret: Secret, clock: Arc<dyn Clock>) -> Router {
+pub fn routes(
+    engine: Engine,
+    adapter: Arc<SlackAdapter>,
+    signing_secret: Secret,
+    clock: Arc<dyn Clock>,
+) -> Router {
     let state = Arc::new(HttpState {
         handler: SlackHandler::new(engine, adapter),
         signing_secret,
@@ -42,8 +47,8 @@ pub fn routes(engine: Engine, adapter: Arc<SlackAdapter>, signing_secret: Secret
 }
 
 impl HttpState {
-    /// 401 unless Slack signed this body recently.
-    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
+    /// Refused (401) unless Slack signed this body recently.
+    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Refused> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let now = self.clock.now().timestamp();
         let checked = verify_signature(
@@ -57,8 +62,17 @@ impl HttpState {
             // The reason only: never the secret, the signature or the body.
             tracing::warn!(reason = %e, "refused a Slack request with a bad signature");
             crate::metrics::refused_signature(PLATFORM);
-            (StatusCode::UNAUTHORIZED, "invalid signature").into_response()
+            Refused
         })
+    }
+}
+
+/// A request that failed verification; answered 401 and never processed.
+struct Refused;
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        (StatusCode::UNAUTHORIZED, "invalid signature").into_response()
     }
 }
 
@@ -82,14 +96,17 @@ fn bad_request(why: &str) -> Response {
 
 async fn commands(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(refused) = state.verify(&headers, &body) {
-        return refused;
+        return refused.into_response();
     }
     note_retry(&headers);
     let mut f = form(&body);
     let mut take = |k: &str| f.remove(k).filter(|v| !v.is_empty());
-    let (Some(user_id), Some(channel_id), Some(response_url), Some(trigger_id)) =
-        (take("user_id"), take("channel_id"), take("response_url"), take("trigger_id"))
-    else {
+    let (Some(user_id), Some(channel_id), Some(response_url), Some(trigger_id)) = (
+        take("user_id"),
+        take("channel_id"),
+        take("response_url"),
+        take("trigger_id"),
+    ) else {
         return bad_request("missing slash command fields");
     };
     let text = take("text").unwrap_or_default();
@@ -106,7 +123,7 @@ async fn commands(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
 
 async fn interactions(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(refused) = state.verify(&headers, &body) {
-        return refused;
+        return refused.into_response();
     }
     note_retry(&headers);
     let Some(payload) = form(&body).remove("payload") else {

@@ -114,7 +114,11 @@ impl SlackAdapter {
     /// Opens (or finds) the DM channel with a Slack user.
     pub(crate) async fn dm_channel(&self, slack_user: &str) -> Result<String, ChatError> {
         let req = SlackApiConversationsOpenRequest::new().with_users(vec![slack_user.to_string().into()]);
-        let res = self.session().conversations_open(&req).await.map_err(chat_error)?;
+        let res = self
+            .session()
+            .conversations_open(&req)
+            .await
+            .map_err(chat_error)?;
         Ok(res.channel.id.to_string())
     }
 
@@ -125,13 +129,21 @@ impl SlackAdapter {
     }
 
     /// An ephemeral message only `slack_user` sees in `channel`.
-    pub(crate) async fn ephemeral(&self, channel: &str, slack_user: &str, text: &str) -> Result<(), ChatError> {
+    pub(crate) async fn ephemeral(
+        &self,
+        channel: &str,
+        slack_user: &str,
+        text: &str,
+    ) -> Result<(), ChatError> {
         let req = SlackApiChatPostEphemeralRequest::new(
             channel.to_string().into(),
             slack_user.to_string().into(),
             SlackMessageContent::new().with_text(text.to_string()),
         );
-        self.session().chat_post_ephemeral(&req).await.map_err(chat_error)?;
+        self.session()
+            .chat_post_ephemeral(&req)
+            .await
+            .map_err(chat_error)?;
         Ok(())
     }
 
@@ -167,8 +179,12 @@ impl SlackAdapter {
                 tracing_span: &span,
                 is_sensitive_url: true,
             };
-            let sent: Result<serde_json::Value, _> =
-                self.client.http_api.connector.http_post_uri(url.clone(), &body, context).await;
+            let sent: Result<serde_json::Value, _> = self
+                .client
+                .http_api
+                .connector
+                .http_post_uri(url.clone(), &body, context)
+                .await;
             match sent.map_err(chat_error) {
                 Ok(_) => return Ok(()),
                 Err(ChatError::RateLimited(secs)) if attempt < 3 => {
@@ -202,7 +218,12 @@ fn chat_error(e: SlackClientError) -> ChatError {
 }
 
 fn first_line(text: &str) -> String {
-    text.lines().next().unwrap_or_default().chars().take(200).collect()
+    text.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect()
 }
 
 #[async_trait]
@@ -238,14 +259,18 @@ impl Notifier for SlackAdapter {
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
         let content = blocks::notice(notice);
         match &notice.to {
-            Audience::User { chat: Some(chat), .. } if chat.platform == PLATFORM => self.dm(&chat.user, content).await,
+            Audience::User { chat: Some(chat), .. } if chat.platform == PLATFORM => {
+                self.dm(&chat.user, content).await
+            }
             Audience::User { user, .. } => {
                 // Never talked to jitbot on Slack: nowhere to reach them here.
                 tracing::debug!(%user, "no Slack identity for this person; notice not sent on Slack");
                 Ok(())
             }
             audience => {
-                let channel = self.channel_for(audience).unwrap_or_else(|| self.config.default_channel.clone());
+                let channel = self
+                    .channel_for(audience)
+                    .unwrap_or_else(|| self.config.default_channel.clone());
                 self.post(&channel, content).await.map(|_| ())
             }
         }

@@ -36,7 +36,10 @@ pub fn verify_signature(
     let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
         return Err(SignatureError::Missing);
     };
-    let ts: i64 = timestamp.trim().parse().map_err(|_| SignatureError::BadTimestamp)?;
+    let ts: i64 = timestamp
+        .trim()
+        .parse()
+        .map_err(|_| SignatureError::BadTimestamp)?;
     let skew = now.saturating_sub(ts);
     if skew.abs() > MAX_SKEW_SECS {
         return Err(SignatureError::Stale(skew));
@@ -89,33 +92,63 @@ mod tests {
         let mut sig = SIG.to_string();
         sig.replace_range(10..11, "0");
         assert_ne!(sig, SIG);
-        assert_eq!(check(SECRET, TS, &sig, BODY.as_bytes(), NOW), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(SECRET, TS, &sig, BODY.as_bytes(), NOW),
+            Err(SignatureError::Mismatch)
+        );
         // The timestamp is signed too.
-        assert_eq!(check(SECRET, "1531420619", SIG, BODY.as_bytes(), NOW), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(SECRET, "1531420619", SIG, BODY.as_bytes(), NOW),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
     fn refuses_a_wrong_secret() {
         let wrong = "8f742231b10e8888abcd99yyyzzz85a6";
-        assert_eq!(check(wrong, TS, SIG, BODY.as_bytes(), NOW), Err(SignatureError::Mismatch));
+        assert_eq!(
+            check(wrong, TS, SIG, BODY.as_bytes(), NOW),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
     fn refuses_stale_and_future_timestamps() {
         let ts = 1531420618;
         assert_eq!(check(SECRET, TS, SIG, BODY.as_bytes(), ts + 300), Ok(()));
-        assert_eq!(check(SECRET, TS, SIG, BODY.as_bytes(), ts + 301), Err(SignatureError::Stale(301)));
-        assert_eq!(check(SECRET, TS, SIG, BODY.as_bytes(), ts - 301), Err(SignatureError::Stale(-301)));
+        assert_eq!(
+            check(SECRET, TS, SIG, BODY.as_bytes(), ts + 301),
+            Err(SignatureError::Stale(301))
+        );
+        assert_eq!(
+            check(SECRET, TS, SIG, BODY.as_bytes(), ts - 301),
+            Err(SignatureError::Stale(-301))
+        );
     }
 
     #[test]
     fn refuses_missing_and_malformed_headers() {
         let body = BODY.as_bytes();
-        assert_eq!(verify_signature(SECRET, None, Some(SIG), body, NOW), Err(SignatureError::Missing));
-        assert_eq!(verify_signature(SECRET, Some(TS), None, body, NOW), Err(SignatureError::Missing));
-        assert_eq!(check(SECRET, "soon", SIG, body, NOW), Err(SignatureError::BadTimestamp));
-        assert_eq!(check(SECRET, TS, &SIG[3..], body, NOW), Err(SignatureError::Malformed));
-        assert_eq!(check(SECRET, TS, "v0=zz", body, NOW), Err(SignatureError::Malformed));
+        assert_eq!(
+            verify_signature(SECRET, None, Some(SIG), body, NOW),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            verify_signature(SECRET, Some(TS), None, body, NOW),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            check(SECRET, "soon", SIG, body, NOW),
+            Err(SignatureError::BadTimestamp)
+        );
+        assert_eq!(
+            check(SECRET, TS, &SIG[3..], body, NOW),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(
+            check(SECRET, TS, "v0=zz", body, NOW),
+            Err(SignatureError::Malformed)
+        );
         assert_eq!(check(SECRET, TS, "v0=", body, NOW), Err(SignatureError::Mismatch));
     }
 }

@@ -34,7 +34,8 @@ pub async fn run_socket_mode(
             .with_error_handler(on_error)
             .with_user_state(SocketState(handler)),
     );
-    let listener = SlackClientSocketModeListener::new(&SlackClientSocketModeConfig::new(), environment, callbacks);
+    let listener =
+        SlackClientSocketModeListener::new(&SlackClientSocketModeConfig::new(), environment, callbacks);
     let token = SlackApiToken::new(app_token.expose().to_string().into());
     listener
         .listen_for(&token)
@@ -52,7 +53,11 @@ pub async fn run_socket_mode(
 }
 
 async fn handler(states: &SlackClientEventsUserState) -> Option<Arc<SlackHandler>> {
-    states.read().await.get_user_state::<SocketState>().map(|s| s.0.clone())
+    states
+        .read()
+        .await
+        .get_user_state::<SocketState>()
+        .map(|s| s.0.clone())
 }
 
 async fn on_command(

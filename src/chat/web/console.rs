@@ -120,15 +120,25 @@ struct ReplyView {
 
 impl From<Reply> for ReplyView {
     fn from(r: Reply) -> Self {
-        ReplyView { ok: r.ok, text: r.text }
+        ReplyView {
+            ok: r.ok,
+            text: r.text,
+        }
     }
 }
 
 impl ConsoleState {
     fn caller(&self, user: &str) -> Result<Caller, Response> {
         if !self.users.iter().any(|u| u == user) {
-            let msg = format!("unknown demo user `{user}`; pick one of: {}", self.users.join(", "));
-            return Err((StatusCode::BAD_REQUEST, Json(ReplyView::from(Reply::refused(msg)))).into_response());
+            let msg = format!(
+                "unknown demo user `{user}`; pick one of: {}",
+                self.users.join(", ")
+            );
+            return Err((
+                StatusCode::BAD_REQUEST,
+                Json(ReplyView::from(Reply::refused(msg))),
+            )
+                .into_response());
         }
         Ok(Caller::new(
             user,
@@ -171,15 +181,19 @@ async fn action(State(s): State<ConsoleState>, Json(body): Json<ActionBody>) -> 
         (Action::Deny(request), None) => {
             let reason = body.reason.unwrap_or_default().trim().to_string();
             if reason.is_empty() {
-                return Json(ReplyView::from(Reply::refused("say why you deny it: a reason is required")))
-                    .into_response();
+                return Json(ReplyView::from(Reply::refused(
+                    "say why you deny it: a reason is required",
+                )))
+                .into_response();
             }
             Command::Deny {
                 request: request.clone(),
                 reason,
             }
         }
-        (_, None) => return Json(ReplyView::from(Reply::refused("this button does nothing"))).into_response(),
+        (_, None) => {
+            return Json(ReplyView::from(Reply::refused("this button does nothing"))).into_response()
+        }
     };
     Json(ReplyView::from(s.engine.execute(&caller, command).await)).into_response()
 }

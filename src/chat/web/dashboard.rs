@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use jitbot_core::request::RequestState;
 use jitbot_core::LeaseState;
 use serde::Serialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use subtle::ConstantTimeEq;
 
 const PAGE: &str = include_str!("dashboard.html");
@@ -153,7 +153,11 @@ async fn view(engine: &Engine, demo: bool) -> Result<DashboardView, crate::store
         .map(|rec| {
             let r = rec.request;
             PendingRequest {
-                needed: engine.policy().group(&r.group).map(|p| p.approvals_required).unwrap_or(1),
+                needed: engine
+                    .policy()
+                    .group(&r.group)
+                    .map(|p| p.approvals_required)
+                    .unwrap_or(1),
                 id: r.id.to_string(),
                 group: r.group.to_string(),
                 requester: r.requester.to_string(),
@@ -185,9 +189,13 @@ async fn view(engine: &Engine, demo: bool) -> Result<DashboardView, crate::store
             error,
         });
     }
-    let mut audit: Vec<AuditEntry> = engine.store().audit(0).collect::<Result<_, _>>()?;
-    audit.reverse();
-    audit.truncate(AUDIT_LINES);
+    // Only the tail is shown; keep no more than that in memory while reading.
+    let mut tail: VecDeque<AuditEntry> = VecDeque::with_capacity(AUDIT_LINES + 1);
+    for entry in engine.store().audit(0) {
+        tail.push_front(entry?);
+        tail.truncate(AUDIT_LINES);
+    }
+    let audit: Vec<AuditEntry> = tail.into();
     Ok(DashboardView {
         mode: if demo { "demo" } else { "admin" },
         now: now.to_rfc3339(),

@@ -137,7 +137,15 @@ impl WebConsole {
         }
     }
 
-    fn push(&self, place: Place, to: Option<String>, group: Option<String>, text: String, buttons: Vec<Button>, card: Option<ApprovalCard>) -> u64 {
+    fn push(
+        &self,
+        place: Place,
+        to: Option<String>,
+        group: Option<String>,
+        text: String,
+        buttons: Vec<Button>,
+        card: Option<ApprovalCard>,
+    ) -> u64 {
         let at = self.clock.now().to_rfc3339();
         let mut log = self.lock();
         log.seq += 1;
@@ -161,7 +169,11 @@ impl WebConsole {
     }
 
     fn card_text(card: &ApprovalCard) -> String {
-        let what = if card.extension { "an extension of" } else { "access to" };
+        let what = if card.extension {
+            "an extension of"
+        } else {
+            "access to"
+        };
         format!(
             "{} asks for {what} `{}` for {}: {}",
             card.requester, card.group, card.duration, card.reason
@@ -206,15 +218,11 @@ impl Notifier for WebConsole {
             let seq = log.seq;
             // By number first; after a restart (the log is memory only) the
             // card may still be found by its request, else it is posted anew.
-            let index = log
-                .messages
-                .iter()
-                .rposition(|m| Some(m.id) == id)
-                .or_else(|| {
-                    log.messages
-                        .iter()
-                        .rposition(|m| m.card.as_ref().is_some_and(|c| c.request == card.request))
-                });
+            let index = log.messages.iter().rposition(|m| Some(m.id) == id).or_else(|| {
+                log.messages
+                    .iter()
+                    .rposition(|m| m.card.as_ref().is_some_and(|c| c.request == card.request))
+            });
             let target = index.and_then(|i| log.messages.get_mut(i));
             if let Some(m) = target {
                 m.seq = seq;
@@ -232,8 +240,12 @@ impl Notifier for WebConsole {
         let buttons = notice.buttons.iter().map(Button::of).collect();
         let text = notice.text.clone();
         match &notice.to {
-            Audience::User { user, .. } => self.push(Place::Direct, Some(user.to_string()), None, text, buttons, None),
-            Audience::Group(group) => self.push(Place::Channel, None, Some(group.to_string()), text, buttons, None),
+            Audience::User { user, .. } => {
+                self.push(Place::Direct, Some(user.to_string()), None, text, buttons, None)
+            }
+            Audience::Group(group) => {
+                self.push(Place::Channel, None, Some(group.to_string()), text, buttons, None)
+            }
             Audience::Alert => self.push(Place::Alert, None, None, text, buttons, None),
         };
         Ok(())
@@ -256,7 +268,11 @@ mod tests {
             extension: false,
             approvals: vec![],
             needed: 1,
-            status: if open { "pending".into() } else { "approved by bob".into() },
+            status: if open {
+                "pending".into()
+            } else {
+                "approved by bob".into()
+            },
             open,
         }
     }
@@ -290,7 +306,10 @@ mod tests {
     #[tokio::test]
     async fn unknown_card_after_restart_is_posted_again() {
         let console = WebConsole::new(Arc::new(SystemClock));
-        console.update_approval(&message_ref(42), &card(false)).await.unwrap();
+        console
+            .update_approval(&message_ref(42), &card(false))
+            .await
+            .unwrap();
         assert_eq!(console.changes(0, None).messages.len(), 1);
     }
 

@@ -1,0 +1,268 @@
+//! The Discord adapter (serenity 0.12): approval cards with buttons and
+//! notices out through the REST API with the bot token; `/jit`, clicks and
+//! modals in through the gateway (default) or the HTTP interactions
+//! endpoint. Both modes hand their interactions to one [`DiscordHandler`].
+
+mod command;
+mod endpoint;
+mod gateway;
+mod handle;
+mod interaction;
+pub mod message;
+
+pub use endpoint::{routes, BODY_LIMIT, MAX_SKEW_SECS};
+pub use handle::{DiscordHandler, Outcome};
+pub use interaction::{Incoming, Rejected};
+
+use crate::chat::render;
+use crate::clock::Clock;
+use crate::config::{DiscordConfig, DiscordMode};
+use crate::engine::Engine;
+use crate::ports::{ApprovalCard, Audience, ChatError, MessageRef, Notice, Notifier};
+use crate::secret::{Secret, SecretError};
+use async_trait::async_trait;
+use serenity::all::{
+    ApplicationId, ChannelId, CreateAllowedMentions, EditInteractionResponse, GuildId, HttpError, MessageId,
+    UserId as DiscordUserId,
+};
+use serenity::http::{Http, HttpBuilder};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The platform name in [`MessageRef`] and [`crate::ports::ChatRef`].
+pub const PLATFORM: &str = "discord";
+
+/// How long an interaction's work may run before its answer is deferred.
+/// Discord allows 3 seconds for the first response, network included.
+pub const DEFAULT_ANSWER_BUDGET: Duration = Duration::from_millis(2000);
+
+/// Why the adapter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscordSetupError {
+    #[error("discord.bot_token: {0}")]
+    Token(#[from] SecretError),
+    #[error("discord.{0}: `{1}` is not a Discord id (a non-zero number)")]
+    BadId(&'static str, String),
+}
+
+/// Talks to Discord's REST API; implements [`Notifier`].
+pub struct DiscordAdapter {
+    http: Arc<Http>,
+    config: DiscordConfig,
+    answer_budget: Duration,
+}
+
+/// A Discord id (snowflake) from text; serenity's ids must not be zero.
+fn snowflake(text: &str) -> Option<u64> {
+    text.trim().parse::<u64>().ok().filter(|id| *id != 0)
+}
+
+fn channel_id(text: &str) -> Result<ChannelId, ChatError> {
+    snowflake(text)
+        .map(ChannelId::new)
+        .ok_or_else(|| ChatError::Refused(format!("`{text}` is not a Discord channel id")))
+}
+
+impl DiscordAdapter {
+    /// Builds the adapter from config, resolving the bot token.
+    pub fn new(config: &DiscordConfig) -> Result<DiscordAdapter, DiscordSetupError> {
+        let token = config.bot_token.resolve()?;
+        DiscordAdapter::with_token(config, token, None)
+    }
+
+    /// Builds the adapter with an already-resolved bot token.
+    ///
+    /// `api_base` is **for tests only**: it sends every REST call to a local
+    /// fake (e.g. `http://127.0.0.1:PORT`, serving `/api/v10/...`) and turns
+    /// serenity's rate limiter off, which its proxy setting requires. There
+    /// is no config key for it; production passes `None`.
+    pub fn with_token(
+        config: &DiscordConfig,
+        bot_token: Secret,
+        api_base: Option<&str>,
+    ) -> Result<DiscordAdapter, DiscordSetupError> {
+        let app = snowflake(&config.application_id)
+            .ok_or_else(|| DiscordSetupError::BadId("application_id", config.application_id.clone()))?;
+        let mut ids = vec![("default_channel", &config.default_channel)];
+        ids.extend(config.alert_channel.iter().map(|c| ("alert_channel", c)));
+        ids.extend(config.channels.values().map(|c| ("channels", c)));
+        ids.extend(config.guild_id.iter().map(|g| ("guild_id", g)));
+        if let Some((key, bad)) = ids.into_iter().find(|(_, v)| snowflake(v).is_none()) {
+            return Err(DiscordSetupError::BadId(key, bad.clone()));
+        }
+        let mut builder = HttpBuilder::new(bot_token.expose()).application_id(ApplicationId::new(app));
+        if let Some(base) = api_base {
+            builder = builder.proxy(base).ratelimiter_disabled(true);
+        }
+        Ok(DiscordAdapter {
+            http: Arc::new(builder.build()),
+            config: config.clone(),
+            answer_budget: DEFAULT_ANSWER_BUDGET,
+        })
+    }
+
+    /// Changes how long work may run before an answer is deferred.
+    pub fn with_answer_budget(mut self, budget: Duration) -> Self {
+        self.answer_budget = budget;
+        self
+    }
+
+    pub fn config(&self) -> &DiscordConfig {
+        &self.config
+    }
+
+    pub(crate) fn answer_budget(&self) -> Duration {
+        self.answer_budget
+    }
+
+    /// Registers `/jit` in the configured guild, or globally. A bulk
+    /// overwrite: registering the same definition again changes nothing.
+    pub async fn register_commands(&self) -> Result<(), ChatError> {
+        let commands = vec![command::definition()];
+        let done = match self.config.guild_id.as_deref().and_then(snowflake) {
+            Some(guild) => GuildId::new(guild).set_commands(&*self.http, commands).await,
+            None => serenity::all::Command::set_global_commands(&*self.http, commands).await,
+        };
+        done.map(|_| ()).map_err(chat_error)
+    }
+
+    fn channel_for(&self, audience: &Audience) -> String {
+        let c = &self.config;
+        match audience {
+            Audience::Group(g) => c.channels.get(g.as_str()).unwrap_or(&c.default_channel).clone(),
+            Audience::Alert => c.alert_channel.clone().unwrap_or_else(|| c.default_channel.clone()),
+            Audience::User { .. } => c.default_channel.clone(),
+        }
+    }
+
+    /// Replaces a deferred answer (the interaction token lasts 15 minutes).
+    /// Tried twice: Discord may not have taken the deferral when the work
+    /// finishes just after it was sent.
+    pub(crate) async fn edit_original(&self, token: &str, text: &str) -> Result<(), ChatError> {
+        let edit = EditInteractionResponse::new()
+            .content(render::clip(text, message::CONTENT_LIMIT))
+            .allowed_mentions(CreateAllowedMentions::new());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.http.edit_original_interaction_response(token, &edit, vec![]).await {
+                Ok(_) => return Ok(()),
+                Err(_) if attempt < 2 => tokio::time::sleep(Duration::from_secs(1)).await,
+                Err(e) => return Err(chat_error(e)),
+            }
+        }
+    }
+
+    async fn dm(&self, discord_user: &str, notice: &Notice) -> Result<(), ChatError> {
+        let user = snowflake(discord_user)
+            .map(DiscordUserId::new)
+            .ok_or_else(|| ChatError::Refused(format!("`{discord_user}` is not a Discord user id")))?;
+        let dm = user.create_dm_channel(&*self.http).await.map_err(chat_error)?;
+        dm.id
+            .send_message(&*self.http, message::notice_message(notice))
+            .await
+            .map_err(chat_error)?;
+        Ok(())
+    }
+}
+
+/// Maps serenity's errors to the port's, and counts them. Tokens never
+/// appear in serenity's error texts, only status, URL path and Discord's code.
+fn chat_error(e: serenity::Error) -> ChatError {
+    crate::metrics::chat_error(PLATFORM);
+    let mapped = match &e {
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) if r.status_code.as_u16() == 429 => {
+            // With the rate limiter on, serenity waits out 429s itself; one
+            // reaching here means a shared or global limit: back off a little.
+            ChatError::RateLimited(1)
+        }
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) if r.status_code.is_server_error() => {
+            ChatError::Unavailable(format!("HTTP {}", r.status_code))
+        }
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) => ChatError::Refused(format!(
+            "HTTP {} (Discord code {}: {})",
+            r.status_code, r.error.code, r.error.message
+        )),
+        serenity::Error::Http(HttpError::Request(_)) => ChatError::Unavailable("cannot reach Discord".into()),
+        other => ChatError::Unavailable(other.to_string().chars().take(200).collect()),
+    };
+    tracing::warn!(error = %mapped, "Discord API call failed");
+    mapped
+}
+
+#[async_trait]
+impl Notifier for DiscordAdapter {
+    async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
+        let channel = channel_id(&self.channel_for(&Audience::Group(card.group.clone())))?;
+        let posted = channel
+            .send_message(&*self.http, message::approval_message(card))
+            .await
+            .map_err(chat_error)?;
+        Ok(vec![MessageRef {
+            platform: PLATFORM.into(),
+            channel: posted.channel_id.to_string(),
+            id: posted.id.to_string(),
+        }])
+    }
+
+    async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
+        if at.platform != PLATFORM {
+            return Ok(());
+        }
+        let message = snowflake(&at.id)
+            .map(MessageId::new)
+            .ok_or_else(|| ChatError::Refused(format!("`{}` is not a Discord message id", at.id)))?;
+        // The bot token, not the interaction's: cards are edited long after
+        // the 15 minutes an interaction token lasts.
+        channel_id(&at.channel)?
+            .edit_message(&*self.http, message, message::approval_edit(card))
+            .await
+            .map_err(chat_error)?;
+        Ok(())
+    }
+
+    async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
+        match &notice.to {
+            Audience::User { chat: Some(chat), .. } if chat.platform == PLATFORM => self.dm(&chat.user, notice).await,
+            Audience::User { user, .. } => {
+                // Never talked to jitbot on Discord: nowhere to reach them here.
+                tracing::debug!(%user, "no Discord identity for this person; notice not sent on Discord");
+                Ok(())
+            }
+            audience => {
+                let channel = channel_id(&self.channel_for(audience))?;
+                channel
+                    .send_message(&*self.http, message::notice_message(notice))
+                    .await
+                    .map_err(chat_error)?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Builds the Discord adapter from config: the notifier, the interactions
+/// endpoint in HTTP mode, and a start-up task that registers `/jit` (and, in
+/// gateway mode, then runs the gateway connection until shutdown).
+pub fn configure(
+    config: &DiscordConfig,
+    engine: &Engine,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<(Arc<DiscordAdapter>, Option<axum::Router>, Option<crate::chat::AdapterTask>)> {
+    let token = config.bot_token.resolve().map_err(DiscordSetupError::from)?;
+    let adapter = Arc::new(DiscordAdapter::with_token(config, token.clone(), None)?);
+    match config.mode {
+        DiscordMode::Http => {
+            let key = config
+                .public_key
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("discord.public_key: HTTP mode needs the application's public key"))?;
+            let router = routes(engine.clone(), adapter.clone(), key, clock)?;
+            Ok((adapter.clone(), Some(router), Some(gateway::register_task(adapter))))
+        }
+        DiscordMode::Gateway => {
+            let handler = DiscordHandler::new(engine.clone(), adapter.clone());
+            Ok((adapter.clone(), None, Some(gateway::task(token, handler, adapter))))
+        }
+    }
+}

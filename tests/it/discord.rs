@@ -1,0 +1,459 @@
+//! Discord end to end: interaction payloads signed with an Ed25519 key made
+//! here, posted to `/discord/interactions`; the engine with an in-memory
+//! directory (or a real slapd) and a sled store; a fake Discord REST API
+//! recording the messages, edits, DMs and deferred answers jitbot sends.
+
+use crate::support::bot::{TestBot, DB};
+use crate::support::fake_discord::{FakeDiscord, APP_ID};
+use crate::support::slapd::{group_configs, Slapd, DB_ADMINS};
+use ed25519_dalek::{Signer, SigningKey};
+use jitbot::chat::discord::{routes, DiscordAdapter};
+use jitbot::clock::Clock;
+use jitbot::config::{DiscordConfig, DiscordMode};
+use jitbot::directory::ldap::LdapDirectory;
+use jitbot::ports::{ChatError, Notifier};
+use jitbot::secret::{Secret, SecretSource};
+use jitbot_core::request::RequestState;
+use jitbot_core::{RequestId, Span};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const KEY: [u8; 32] = [7; 32];
+const OTHER_KEY: [u8; 32] = [9; 32];
+/// The channel configured for db-admins, and the default one.
+const CDB: &str = "510";
+const CDEFAULT: &str = "500";
+/// Where slash commands are typed.
+const CTYPED: &str = "600";
+const GUILD: &str = "700000000000000001";
+
+/// Discord user ids of the test people.
+fn did(user: &str) -> String {
+    let n = ["alice", "bob", "carol", "dave", "erin"]
+        .iter()
+        .position(|u| *u == user)
+        .map(|i| i + 1)
+        .unwrap_or(99);
+    format!("10000000000000000{n:02}")
+}
+
+fn config(public_key: &str) -> DiscordConfig {
+    DiscordConfig {
+        mode: DiscordMode::Http,
+        bot_token: SecretSource::env("JITBOT_TEST_UNUSED_DISCORD_TOKEN"),
+        public_key: Some(public_key.to_string()),
+        application_id: APP_ID.into(),
+        guild_id: None,
+        default_channel: CDEFAULT.into(),
+        alert_channel: Some("501".into()),
+        channels: [("db-admins".to_string(), CDB.to_string())].into(),
+        user_attribute: None,
+        users: ["alice", "bob", "carol", "dave", "erin"]
+            .iter()
+            .map(|u| (did(u), u.to_string()))
+            .collect(),
+    }
+}
+
+fn public_hex(key: &[u8; 32]) -> String {
+    hex::encode(SigningKey::from_bytes(key).verifying_key().to_bytes())
+}
+
+struct Harness {
+    bot: TestBot,
+    discord: FakeDiscord,
+    adapter: Arc<DiscordAdapter>,
+    base: String,
+    http: reqwest::Client,
+    next: AtomicU32,
+}
+
+async fn harness() -> Harness {
+    start(TestBot::new(), Duration::from_secs(2)).await
+}
+
+async fn start(bot: TestBot, answer_budget: Duration) -> Harness {
+    let discord = FakeDiscord::start().await;
+    let key = public_hex(&KEY);
+    let adapter = DiscordAdapter::with_token(&config(&key), Secret::new("test-bot-token"), Some(&discord.base))
+        .expect("adapter")
+        .with_answer_budget(answer_budget);
+    let adapter = Arc::new(adapter);
+    let app = routes(bot.engine.clone(), adapter.clone(), &key, Arc::new(bot.clock.clone())).expect("routes");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Harness {
+        bot,
+        discord,
+        adapter,
+        base,
+        http: reqwest::Client::new(),
+        next: AtomicU32::new(0),
+    }
+}
+
+fn option(name: &str, value: &str, focused: bool) -> Value {
+    json!({ "name": name, "type": 3, "value": value, "focused": focused })
+}
+
+impl Harness {
+    fn envelope(&self, kind: u8, user: &str, data: Value) -> Value {
+        let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        json!({
+            "type": kind,
+            "id": format!("80000000000000{n:04}"),
+            "application_id": APP_ID,
+            "token": format!("tok-{n}"),
+            "version": 1,
+            "locale": "en-US",
+            "guild_id": GUILD,
+            "channel_id": CTYPED,
+            "member": { "user": { "id": did(user), "username": user }, "roles": [] },
+            "data": data,
+        })
+    }
+
+    fn command(&self, user: &str, sub: &str, options: &[(&str, &str)]) -> Value {
+        let options: Vec<Value> = options.iter().map(|(k, v)| option(k, v, false)).collect();
+        let data = json!({ "id": "1", "name": "jit", "type": 1, "options": [{ "name": sub, "type": 1, "options": options }] });
+        self.envelope(2, user, data)
+    }
+
+    fn autocomplete(&self, user: &str, typed: &str) -> Value {
+        let data = json!({ "id": "1", "name": "jit", "type": 1,
+            "options": [{ "name": "request", "type": 1, "options": [option("group", typed, true)] }] });
+        self.envelope(4, user, data)
+    }
+
+    fn button(&self, user: &str, custom_id: &str) -> Value {
+        let mut v = self.envelope(3, user, json!({ "custom_id": custom_id, "component_type": 2 }));
+        v["message"] = json!({ "id": "1300000000000000001", "channel_id": CDB });
+        v
+    }
+
+    fn modal(&self, user: &str, custom_id: &str, reason: &str) -> Value {
+        let data = json!({ "custom_id": custom_id, "components": [
+            { "type": 1, "components": [{ "type": 4, "custom_id": "reason", "value": reason }] }] });
+        self.envelope(5, user, data)
+    }
+
+    /// Posts `body` signed with `key` at timestamp `ts`.
+    async fn post_signed(&self, body: &[u8], ts: i64, key: &[u8; 32]) -> (StatusCode, Value) {
+        let ts = ts.to_string();
+        let signed = [ts.as_bytes(), body].concat();
+        let sig = hex::encode(SigningKey::from_bytes(key).sign(&signed).to_bytes());
+        let r = self
+            .http
+            .post(format!("{}/discord/interactions", self.base))
+            .header("content-type", "application/json")
+            .header("x-signature-ed25519", sig)
+            .header("x-signature-timestamp", ts)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    fn now(&self) -> i64 {
+        self.bot.clock.now().timestamp()
+    }
+
+    /// Posts a correctly signed interaction; it must be accepted.
+    async fn send(&self, payload: &Value) -> Value {
+        let (status, body) = self.post_signed(payload.to_string().as_bytes(), self.now(), &KEY).await;
+        assert_eq!(status, StatusCode::OK, "{payload}: {body}");
+        body
+    }
+
+    /// An accepted interaction's ephemeral answer text.
+    async fn answer(&self, payload: &Value) -> String {
+        let r = self.send(payload).await;
+        assert_eq!(r["type"], 4, "{r}");
+        assert_eq!(r["data"]["flags"], 64, "answers are ephemeral: {r}");
+        r["data"]["content"].as_str().unwrap_or_default().to_string()
+    }
+
+    async fn drain(&self) {
+        jitbot::chat::outbox::drain(&self.bot.engine, self.adapter.as_ref()).await;
+    }
+
+    fn state(&self, id: &str) -> RequestState {
+        let rec = self.bot.engine.store().request(&RequestId::new(id)).unwrap().expect("request");
+        rec.request.state
+    }
+
+    /// `/jit request db-admins 2h <reason>` by alice; returns the request id.
+    async fn alice_requests(&self) -> String {
+        let text = self
+            .answer(&self.command("alice", "request", &[("group", "db-admins"), ("duration", "2h"), ("reason", "3 replicas down")]))
+            .await;
+        TestBot::request_id(&text)
+    }
+}
+
+fn custom_ids(message: &Value) -> Vec<String> {
+    message["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|row| row["components"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["custom_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn field<'a>(message: &'a Value, name: &str) -> &'a str {
+    message["embeds"][0]["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == name))
+        .and_then(|f| f["value"].as_str())
+        .unwrap_or_else(|| panic!("no field {name} in {message}"))
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_pong() {
+    let h = harness().await;
+    let r = h.send(&json!({ "type": 1, "id": "1", "application_id": APP_ID, "token": "t", "version": 1 })).await;
+    assert_eq!(r, json!({ "type": 1 }));
+}
+
+#[tokio::test]
+async fn request_posts_a_card_and_an_approval_grants_and_clears_the_buttons() {
+    let h = harness().await;
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let posted = h.discord.calls_to("POST", &format!("/channels/{CDB}/messages"));
+    assert_eq!(posted.len(), 1, "{:?}", h.discord.calls());
+    let card = &posted[0].body;
+    assert_eq!(custom_ids(card), [format!("jit:approve:{id}"), format!("jit:deny:{id}")]);
+    assert_eq!(field(card, "Requester"), "alice");
+    assert_eq!(field(card, "Group"), "db-admins");
+    assert_eq!(field(card, "Duration"), "2h");
+    assert_eq!(field(card, "Reason"), "3 replicas down");
+    assert_eq!(field(card, "Approvals"), "0 of 1");
+    assert_eq!(card["allowed_mentions"]["parse"], json!([]), "a reason must not ping anyone");
+
+    let text = h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
+    assert!(text.contains("pprove"), "{text}");
+    h.bot.run_due().await;
+    assert!(h.bot.is_member(DB, "alice"), "approved request must grant");
+    assert_eq!(h.state(&id), RequestState::Approved);
+
+    h.drain().await;
+    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits.last().expect("the card is edited");
+    assert_eq!(custom_ids(&last.body), Vec::<String>::new(), "buttons removed: {}", last.body);
+    assert!(field(&last.body, "Status").contains("approved by bob"), "{}", last.body);
+    // alice hears the outcome by DM: a DM channel is opened, then written to.
+    let dm = h.discord.calls_to("POST", "/users/@me/channels");
+    assert!(dm.iter().any(|c| c.body["recipient_id"] == did("alice")), "{dm:?}");
+    let dm_channel = format!("9{}", did("alice"));
+    assert!(!h.discord.calls_to("POST", &format!("/channels/{dm_channel}/messages")).is_empty());
+}
+
+#[tokio::test]
+async fn deny_opens_a_modal_and_its_reason_denies() {
+    let h = harness().await;
+    let id = h.alice_requests().await;
+    let modal = h.send(&h.button("bob", &format!("jit:deny:{id}"))).await;
+    assert_eq!(modal["type"], 9, "{modal}");
+    assert_eq!(modal["data"]["custom_id"], format!("jit:deny-modal:{id}"));
+    assert_eq!(h.state(&id), RequestState::Pending, "the click alone denies nothing");
+
+    let text = h.answer(&h.modal("bob", &format!("jit:deny-modal:{id}"), "not during the freeze")).await;
+    assert!(text.to_lowercase().contains("denied"), "{text}");
+    assert_eq!(h.state(&id), RequestState::Denied);
+    assert!(!h.bot.is_member(DB, "alice"));
+    h.drain().await;
+    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits.last().expect("the card is edited");
+    assert!(custom_ids(&last.body).is_empty());
+    assert!(field(&last.body, "Status").contains("not during the freeze"), "{}", last.body);
+}
+
+#[tokio::test]
+async fn autocomplete_offers_only_the_groups_the_user_may_request() {
+    let h = harness().await;
+    let choices = |r: Value| -> Vec<String> {
+        assert_eq!(r["type"], 8, "{r}");
+        r["data"]["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["value"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(choices(h.send(&h.autocomplete("alice", "")).await), ["db-admins", "web-admins"]);
+    assert_eq!(choices(h.send(&h.autocomplete("alice", "web")).await), ["web-admins"]);
+    assert_eq!(choices(h.send(&h.autocomplete("erin", "")).await), ["db-admins"]);
+    assert!(choices(h.send(&h.autocomplete("bob", "")).await).is_empty(), "bob may request nothing");
+    assert!(choices(h.send(&h.autocomplete("mallory", "")).await).is_empty(), "unknown people get nothing");
+}
+
+#[tokio::test]
+async fn refused_requests_change_nothing() {
+    let h = harness().await;
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let calls = h.discord.calls().len();
+    let audit = h.bot.audit_actions();
+    let approve = h.button("bob", &format!("jit:approve:{id}")).to_string();
+    let now = h.now();
+
+    // A signature over other bytes.
+    let ts = now.to_string();
+    let sig = hex::encode(SigningKey::from_bytes(&KEY).sign(format!("{ts}{{}}").as_bytes()).to_bytes());
+    let r = h
+        .http
+        .post(format!("{}/discord/interactions", h.base))
+        .header("x-signature-ed25519", sig)
+        .header("x-signature-timestamp", ts)
+        .body(approve.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "bad signature");
+    let r = h.http.post(format!("{}/discord/interactions", h.base)).body(approve.clone()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "no signature");
+    assert_eq!(h.post_signed(approve.as_bytes(), now, &OTHER_KEY).await.0, StatusCode::UNAUTHORIZED, "wrong key");
+    assert_eq!(h.post_signed(approve.as_bytes(), now - 301, &KEY).await.0, StatusCode::UNAUTHORIZED, "stale");
+    assert_eq!(h.post_signed(approve.as_bytes(), now + 301, &KEY).await.0, StatusCode::UNAUTHORIZED, "future");
+    assert_eq!(h.post_signed(b"{\"type\":3,", now, &KEY).await.0, StatusCode::BAD_REQUEST, "malformed JSON");
+    let unknown = h.button("bob", &format!("jit:launch:{id}")).to_string();
+    assert_eq!(h.post_signed(unknown.as_bytes(), now, &KEY).await.0, StatusCode::BAD_REQUEST, "unknown button");
+    let forged_modal = h.modal("bob", "jit:approve-modal:r-1", "x").to_string();
+    assert_eq!(h.post_signed(forged_modal.as_bytes(), now, &KEY).await.0, StatusCode::BAD_REQUEST, "unknown modal");
+
+    // A timestamp just inside the window is still accepted.
+    assert_eq!(h.post_signed(br#"{"type":1}"#, now - 299, &KEY).await.0, StatusCode::OK);
+
+    h.bot.run_due().await;
+    h.drain().await;
+    assert_eq!(h.state(&id), RequestState::Pending);
+    assert!(!h.bot.is_member(DB, "alice"));
+    assert_eq!(h.bot.audit_actions(), audit, "nothing was audited");
+    assert_eq!(h.discord.calls().len(), calls, "nothing was sent to Discord");
+}
+
+#[tokio::test]
+async fn self_approval_is_refused_and_changes_nothing() {
+    let h = harness().await;
+    let id = h.alice_requests().await;
+    let text = h.answer(&h.button("alice", &format!("jit:approve:{id}"))).await;
+    assert!(!text.is_empty());
+    assert_eq!(h.state(&id), RequestState::Pending, "{text}");
+    h.bot.run_due().await;
+    assert!(!h.bot.is_member(DB, "alice"));
+    // A stranger to jitbot is told so, and nothing happens either.
+    let text = h.answer(&h.button("mallory", &format!("jit:approve:{id}"))).await;
+    assert!(text.contains("does not know"), "{text}");
+    assert_eq!(h.state(&id), RequestState::Pending);
+}
+
+#[tokio::test]
+async fn slow_work_is_deferred_and_the_answer_edits_the_original_response() {
+    let h = start(TestBot::new(), Duration::ZERO).await;
+    let r = h.send(&h.command("alice", "groups", &[])).await;
+    assert_eq!(r, json!({ "type": 5, "data": { "flags": 64 } }));
+    let token = "tok-1";
+    let path = format!("/webhooks/{APP_ID}/{token}/messages/@original");
+    let edit = h
+        .discord
+        .wait_for(Duration::from_secs(5), |c| c.method == "PATCH" && c.path == path)
+        .await
+        .expect("the deferred answer arrives as an edit");
+    let content = edit.body["content"].as_str().unwrap();
+    assert!(content.contains("db-admins") && content.contains("web-admins"), "{content}");
+}
+
+#[tokio::test]
+async fn help_and_bad_options_are_answered_at_once() {
+    let h = harness().await;
+    assert!(h.answer(&h.command("alice", "help", &[])).await.contains("/jit request"));
+    let text = h.answer(&h.command("alice", "request", &[("group", "db-admins"), ("duration", "soon")])).await;
+    assert!(!text.is_empty());
+    assert!(h.bot.engine.store().requests().unwrap().is_empty(), "{text}");
+    let unknown = h.command("alice", "list", &[]);
+    let mut other = unknown.clone();
+    other["data"]["name"] = json!("other");
+    let (status, _) = h.post_signed(other.to_string().as_bytes(), h.now(), &KEY).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a command that is not /jit");
+}
+
+#[tokio::test]
+async fn registering_the_command_is_a_repeatable_bulk_overwrite() {
+    let h = harness().await;
+    h.adapter.register_commands().await.expect("register");
+    h.adapter.register_commands().await.expect("register again");
+    let puts = h.discord.calls_to("PUT", &format!("/applications/{APP_ID}/commands"));
+    assert_eq!(puts.len(), 2);
+    assert_eq!(puts[0].body, puts[1].body, "the same definition each time");
+    let jit = &puts[0].body[0];
+    assert_eq!(jit["name"], "jit");
+    let request = jit["options"].as_array().unwrap().iter().find(|o| o["name"] == "request").unwrap();
+    let group = request["options"].as_array().unwrap().iter().find(|o| o["name"] == "group").unwrap();
+    assert_eq!(group["autocomplete"], true);
+    let subs: Vec<&str> = jit["options"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    for s in ["request", "list", "release", "extend", "groups", "pending", "help"] {
+        assert!(subs.contains(&s), "{s} missing from {subs:?}");
+    }
+
+    let mut in_guild = config(&public_hex(&KEY));
+    in_guild.guild_id = Some(GUILD.into());
+    let adapter = DiscordAdapter::with_token(&in_guild, Secret::new("t"), Some(&h.discord.base)).unwrap();
+    adapter.register_commands().await.expect("register in guild");
+    assert_eq!(h.discord.calls_to("PUT", &format!("/applications/{APP_ID}/guilds/{GUILD}/commands")).len(), 1);
+}
+
+#[tokio::test]
+async fn rate_limits_reach_the_outbox_as_such() {
+    let h = harness().await;
+    h.alice_requests().await;
+    h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 1);
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
+    let card = h.bot.engine.card(&h.bot.engine.store().requests().unwrap()[0]);
+    assert!(matches!(h.adapter.post_approval(&card).await, Ok(_)));
+    h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 1);
+    assert!(matches!(h.adapter.post_approval(&card).await, Err(ChatError::RateLimited(_))));
+}
+
+#[tokio::test]
+async fn bad_config_is_refused_before_anything_runs() {
+    let bot = TestBot::new();
+    let discord = FakeDiscord::start().await;
+    let mut c = config("zz");
+    assert!(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).is_ok());
+    let adapter = Arc::new(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).unwrap());
+    assert!(routes(bot.engine.clone(), adapter, "zz", Arc::new(bot.clock.clone())).is_err(), "bad public key");
+    c.default_channel = "general".into();
+    assert!(DiscordAdapter::with_token(&c, Secret::new("t"), None).is_err(), "channel names are not ids");
+}
+
+/// The whole flow against a real OpenLDAP: request, approval by button,
+/// membership in slapd, expiry removes it, the card ends without buttons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_against_slapd() {
+    let slapd = Slapd::start();
+    let ldap = LdapDirectory::new(&slapd.ldap_config(), &group_configs()).expect("ldap directory");
+    let bot = TestBot::builder().wrap(|_| Arc::new(ldap)).build();
+    let h = start(bot, Duration::from_secs(2)).await;
+    let id = h.alice_requests().await;
+    h.drain().await;
+    assert_eq!(h.discord.calls_to("POST", &format!("/channels/{CDB}/messages")).len(), 1);
+    h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
+    h.bot.run_due().await;
+    let alice = "uid=alice,ou=people,dc=example,dc=org".to_string();
+    assert!(slapd.values(DB_ADMINS, "member").await.contains(&alice), "granted in slapd");
+    h.bot.advance(Span::from_hours(2).to_chrono() + chrono::Duration::seconds(1));
+    h.bot.run_due().await;
+    assert!(!slapd.values(DB_ADMINS, "member").await.contains(&alice), "revoked in slapd at expiry");
+    h.drain().await;
+    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    assert!(custom_ids(&edits.last().expect("card edited").body).is_empty());
+}

@@ -1,0 +1,276 @@
+//! Operations, through the real binary: health, readiness, metrics, the admin
+//! API and CLI, backup and restore, SIGTERM during activity, and no secret in
+//! the logs.
+
+use crate::support::bot::TestBot;
+use chrono::Duration;
+use jitbot::config::Config;
+use jitbot::store::{AuditCheck, Store};
+use jitbot_core::LeaseState;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const TOKEN: &str = "adm1n-t0ken-that-must-never-be-logged";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn config_text(port: u16, store: &std::path::Path) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_token = {{ env = "JITBOT_TEST_ADMIN_TOKEN" }}
+shutdown_grace = "5s"
+
+[store]
+path = "{}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [], "cn=web-admins,ou=groups,dc=example,dc=org" = ["dave"] }}
+
+[[memory.user]]
+id = "alice"
+[[memory.user]]
+id = "dave"
+[[memory.user]]
+id = "bob"
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+zsp = true
+requesters = {{ users = ["alice", "dave"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+
+[[group]]
+name = "web-admins"
+dn = "cn=web-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        store.display()
+    )
+}
+
+fn jitbot() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitbot"));
+    cmd.env("JITBOT_TEST_ADMIN_TOKEN", TOKEN)
+        .env("JITBOT_ADMIN_TOKEN", TOKEN)
+        .env("JITBOT_LOG", "debug");
+    cmd
+}
+
+fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_operates_and_stops_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store_path = tmp.path().join("db");
+    let port = free_port();
+    let text = config_text(port, &store_path);
+    let config_path = tmp.path().join("jitbot.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let config = Config::parse(&text, "test").unwrap();
+
+    // Leases made before the start: two that end a few seconds after it, one
+    // that lasts.
+    {
+        let bot = TestBot::builder().policy(|p| *p = config.policy()).build();
+        drop(bot);
+        let store = Store::open(&store_path, 16).unwrap();
+        let dir = crate::support::bot::seeded();
+        let clock = jitbot::clock::ManualClock::new(chrono::Utc::now() - Duration::minutes(59) - Duration::seconds(57));
+        let engine = jitbot::engine::Engine::new(
+            config.policy(),
+            store,
+            dir,
+            std::sync::Arc::new(clock.clone()),
+            Default::default(),
+        );
+        let say = |user: &'static str, text: String| {
+            let engine = engine.clone();
+            async move {
+                engine
+                    .execute(&jitbot::engine::Caller::new(user, None), jitbot_core::Command::parse(&text).unwrap())
+                    .await
+            }
+        };
+        for user in ["alice", "dave"] {
+            let r = say(user, "request db-admins 1h soon over".into()).await;
+            say("bob", format!("approve {}", TestBot::request_id(&r.text))).await;
+        }
+        clock.set(chrono::Utc::now());
+        let r = say("alice", "request web-admins 2h lasting".into()).await;
+        say("bob", format!("approve {}", TestBot::request_id(&r.text))).await;
+        assert_eq!(engine.store().leases().unwrap().len(), 3);
+    }
+
+    let log_path = tmp.path().join("stderr.log");
+    let mut child = jitbot()
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "jitbot did not come up");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+
+    // The admin API refuses a wrong token and serves the right one.
+    let wrong = http.get(format!("{base}/admin/leases")).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    // The overdue leases are revoked by the running scheduler.
+    let leases_json = || {
+        let out = jitbot()
+            .args(["leases", "list", "--json", "--all", "--url", &base])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+    };
+    wait_until("the two short leases to end", 30, || {
+        leases_json().iter().filter(|l| l["state"] == "ended").count() == 2
+    });
+
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert_eq!(value("jitbot_revocations_total"), 2.0);
+    assert_eq!(value("jitbot_active_leases"), 1.0);
+    assert!(value("jitbot_revocation_lag_seconds_count") >= 2.0);
+
+    let verify = jitbot().args(["audit", "verify", "--url", &base]).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("intact"));
+    let csv = jitbot()
+        .args(["audit", "export", "--format", "csv", "--url", &base])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&csv.stdout);
+    assert!(csv.starts_with("seq,at,actor,action") && csv.contains("lease.ended"), "{csv}");
+
+    let backup = tmp.path().join("backup.jsonl");
+    let out = jitbot()
+        .args(["backup", "--url", &base, "--to"])
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A second jitbot on the same store is refused with a clear message.
+    let second = jitbot()
+        .args(["restore", "--from"])
+        .arg(&backup)
+        .arg("--data")
+        .arg(&store_path)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+
+    // SIGTERM: a clean, bounded exit.
+    let stopped_at = Instant::now();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(stopped_at.elapsed() < std::time::Duration::from_secs(10));
+
+    // The store reopens cleanly with every lease and an intact audit chain.
+    let store = Store::open(&store_path, 16).unwrap();
+    let leases = store.leases().unwrap();
+    assert_eq!(leases.len(), 3, "no lease lost");
+    assert_eq!(leases.iter().filter(|l| l.lease.state == LeaseState::Active).count(), 1);
+    assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Intact { .. }));
+    drop(store);
+
+    // The backup restores into a new store with the same leases.
+    let restored_path = tmp.path().join("restored");
+    let out = jitbot()
+        .args(["restore", "--from"])
+        .arg(&backup)
+        .arg("--data")
+        .arg(&restored_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let restored = Store::open(&restored_path, 16).unwrap();
+    assert_eq!(restored.leases().unwrap().len(), 3);
+    assert!(matches!(restored.verify_audit().unwrap(), AuditCheck::Intact { .. }));
+
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logs.contains("jitbot listening"), "{logs}");
+    assert!(!logs.contains(TOKEN), "the admin token leaked into the logs");
+}
+
+#[test]
+fn a_bad_config_exits_64_before_binding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = config_text(port, &tmp.path().join("db")).replace("max_duration = \"4h\"", "max_duration = \"30m\"");
+    let path = tmp.path().join("bad.toml");
+    std::fs::write(&path, text).unwrap();
+    for sub in ["run", "check-config"] {
+        let out = jitbot().args([sub, "--config"]).arg(&path).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{sub}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("group[db-admins].default_duration"), "{sub}: {err}");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "{sub} bound the port");
+        assert!(!tmp.path().join("db").exists(), "{sub} created the store");
+    }
+}
+
+#[test]
+fn check_config_names_a_missing_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config_text(free_port(), &tmp.path().join("db"));
+    let path = tmp.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_jitbot"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("JITBOT_TEST_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JITBOT_TEST_ADMIN_TOKEN"));
+    let ok = jitbot().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}

@@ -1,0 +1,196 @@
+//! A fake Discord REST API on `127.0.0.1:0`: records every call under
+//! `/api/v10/...` (method, path, JSON body) and answers in Discord's JSON
+//! shapes (message objects with fresh ids, DM channel objects, registered
+//! commands). It can answer a path with HTTP 429 a given number of times.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The application id the tests configure.
+pub const APP_ID: &str = "1100000000000000001";
+/// The bot's own user id, as author of the messages it posts.
+const BOT_USER: &str = "1200000000000000001";
+
+/// One recorded call.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub method: String,
+    /// The path after `/api/v10`, e.g. `/channels/42/messages`.
+    pub path: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct Inner {
+    calls: Mutex<Vec<Call>>,
+    /// (path prefix, remaining 429 answers).
+    limits: Mutex<Vec<(String, u32)>>,
+    next_id: AtomicU64,
+}
+
+/// Handle on a running fake; cheap to clone.
+#[derive(Clone)]
+pub struct FakeDiscord {
+    inner: Arc<Inner>,
+    /// `http://127.0.0.1:<port>`: the `api_base` to give the adapter.
+    pub base: String,
+}
+
+impl FakeDiscord {
+    pub async fn start() -> FakeDiscord {
+        let inner = Arc::new(Inner {
+            next_id: AtomicU64::new(1_300_000_000_000_000_000),
+            ..Inner::default()
+        });
+        let app = Router::new().route("/api/v10/{*rest}", any(api)).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake discord");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeDiscord {
+            inner,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    /// Answers calls whose path starts with `prefix` with 429, `times` times.
+    pub fn rate_limit(&self, prefix: &str, times: u32) {
+        self.inner.limits.lock().unwrap().push((prefix.to_string(), times));
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.inner.calls.lock().unwrap().clone()
+    }
+
+    /// Calls with this method whose path matches `path`, where `*` in
+    /// `path` stands for one segment.
+    pub fn calls_to(&self, method: &str, path: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method == method && matches(path, &c.path))
+            .collect()
+    }
+
+    /// Waits until a call satisfies `pred`; `None` after `timeout`.
+    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Call) -> bool) -> Option<Call> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.calls().into_iter().find(|c| pred(c)) {
+                return Some(c);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn matches(pattern: &str, path: &str) -> bool {
+    let (p, s): (Vec<&str>, Vec<&str>) = (pattern.split('/').collect(), path.split('/').collect());
+    p.len() == s.len() && p.iter().zip(&s).all(|(p, s)| *p == "*" || p == s)
+}
+
+fn user(id: &str, name: &str, bot: bool) -> Value {
+    json!({ "id": id, "username": name, "discriminator": "0", "global_name": null, "avatar": null, "bot": bot })
+}
+
+/// A message object as Discord returns it from create and edit.
+fn message(id: &str, channel: &str, body: &Value) -> Value {
+    json!({
+        "id": id,
+        "channel_id": channel,
+        "author": user(BOT_USER, "jitbot", true),
+        "content": body.get("content").cloned().unwrap_or(json!("")),
+        "timestamp": "2026-03-01T09:00:00.000000+00:00",
+        "edited_timestamp": null,
+        "tts": false,
+        "mention_everyone": false,
+        "mentions": [],
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": body.get("embeds").cloned().unwrap_or(json!([])),
+        "components": body.get("components").cloned().unwrap_or(json!([])),
+        "pinned": false,
+        "type": 0,
+        "flags": 0
+    })
+}
+
+async fn api(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let path = uri.path().trim_start_matches("/api/v10").to_string();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    inner.calls.lock().unwrap().push(Call {
+        method: method.to_string(),
+        path: path.clone(),
+        body: body.clone(),
+    });
+    {
+        let mut limits = inner.limits.lock().unwrap();
+        if let Some(limit) = limits.iter_mut().find(|(p, n)| *n > 0 && path.starts_with(p.as_str())) {
+            limit.1 -= 1;
+            let body = json!({ "message": "You are being rate limited.", "retry_after": 1.0, "global": false, "code": 0 });
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], Json(body)).into_response();
+        }
+    }
+    let fresh = || inner.next_id.fetch_add(1, Ordering::SeqCst).to_string();
+    let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method.as_str(), seg.as_slice()) {
+        ("POST", ["channels", channel, "messages"]) => Json(message(&fresh(), channel, &body)).into_response(),
+        ("PATCH", ["channels", channel, "messages", id]) => Json(message(id, channel, &body)).into_response(),
+        ("POST", ["users", "@me", "channels"]) => {
+            let recipient = body["recipient_id"].as_str().unwrap_or("0").to_string();
+            Json(json!({
+                "id": format!("9{recipient}"),
+                "type": 1,
+                "last_message_id": null,
+                "recipients": [user(&recipient, "someone", false)]
+            }))
+            .into_response()
+        }
+        ("PATCH", ["webhooks", _app, _token, "messages", "@original"]) => {
+            Json(message(&fresh(), "1", &body)).into_response()
+        }
+        ("POST", ["interactions", _id, _token, "callback"]) => StatusCode::NO_CONTENT.into_response(),
+        ("PUT", ["applications", app, "commands"]) | ("PUT", ["applications", app, "guilds", _, "commands"]) => {
+            let guild = seg.get(3).filter(|_| seg.len() == 5).map(|g| json!(g)).unwrap_or(Value::Null);
+            let registered: Vec<Value> = body
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| {
+                    json!({
+                        "id": "1400000000000000001",
+                        "application_id": app,
+                        "guild_id": guild,
+                        "version": "1400000000000000002",
+                        "type": 1,
+                        "name": c["name"],
+                        "description": c["description"],
+                        "options": c.get("options").cloned().unwrap_or(json!([])),
+                        "default_member_permissions": null,
+                        "nsfw": false
+                    })
+                })
+                .collect();
+            Json(Value::Array(registered)).into_response()
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "message": "Unknown route in the fake", "code": 0 })),
+        )
+            .into_response(),
+    }
+}
