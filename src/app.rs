@@ -56,10 +56,8 @@ impl Running {
     /// `grace`), and flushes the store. Leases are re-armed at the next start.
     pub async fn stop(mut self, grace: Duration) {
         let _ = self.shutdown.send(true);
-        let drained = tokio::time::timeout(grace, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(grace, async { while self.tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("shutdown grace ran out; unfinished work resumes at the next start");
             self.tasks.abort_all();
@@ -92,7 +90,11 @@ pub fn start(parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
         }
     });
     tasks.spawn(scheduler::run(engine.clone(), parts.scheduler, rx.clone()));
-    tasks.spawn(crate::chat::outbox::run(engine.clone(), parts.notifier, rx.clone()));
+    tasks.spawn(crate::chat::outbox::run(
+        engine.clone(),
+        parts.notifier,
+        rx.clone(),
+    ));
     tasks.spawn(zsp_monitor(engine.clone(), parts.zsp_interval, rx));
     tracing::info!(%addr, "jitbot listening");
     Ok(Running {
@@ -121,10 +123,16 @@ async fn zsp_monitor(engine: Engine, every: Duration, mut shutdown: watch::Recei
 pub async fn directory(config: &Config) -> anyhow::Result<Arc<dyn Directory>> {
     Ok(match config.directory.kind {
         DirectoryKind::Memory => Arc::new(MemoryDirectory::from_config(
-            config.memory.as_ref().context("directory.kind = memory needs a [memory] section")?,
+            config
+                .memory
+                .as_ref()
+                .context("directory.kind = memory needs a [memory] section")?,
         )),
         DirectoryKind::Ldap => {
-            let ldap = config.ldap.as_ref().context("directory.kind = ldap needs an [ldap] section")?;
+            let ldap = config
+                .ldap
+                .as_ref()
+                .context("directory.kind = ldap needs an [ldap] section")?;
             let groups: Vec<_> = config.group_configs().cloned().collect();
             Arc::new(crate::directory::ldap::LdapDirectory::new(ldap, &groups)?)
         }
@@ -149,7 +157,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let engine = Engine::new(config.policy(), store, directory, clock.clone(), engine_settings(&config));
+    let engine = Engine::new(
+        config.policy(),
+        store,
+        directory,
+        clock.clone(),
+        engine_settings(&config),
+    );
     let mut platforms: Vec<(String, Arc<dyn Notifier>)> = Vec::new();
     let routers: Vec<Router> = Vec::new();
     let extra = crate::chat::configure(&config, &engine, clock, &mut platforms)?;

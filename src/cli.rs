@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "jitbot", version, about = "Just-in-time group membership from chat, with leases that always end")]
+#[command(
+    name = "jitbot",
+    version,
+    about = "Just-in-time group membership from chat, with leases that always end"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -28,7 +32,12 @@ pub enum LogFormat {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Remote {
     /// Base URL of the running jitbot's HTTP server.
-    #[arg(long, global = true, env = "JITBOT_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "JITBOT_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
     /// The admin token (server.admin_token of the running jitbot).
     #[arg(long, global = true, env = "JITBOT_ADMIN_TOKEN", hide_env_values = true)]
@@ -172,7 +181,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Restore { from, data } => {
-            let file = std::fs::File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;
+            let file =
+                std::fs::File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;
             let store = crate::store::Store::open(&data, 16)?;
             let n = store.restore(std::io::BufReader::new(file)).await?;
             println!("restored {n} records into {}", data.display());
@@ -188,8 +198,14 @@ async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<(
         ("server.admin_token", config.server.admin_token.as_ref()),
         ("ldap.password", config.ldap.as_ref().map(|l| &l.password)),
         ("slack.bot_token", config.slack.as_ref().map(|s| &s.bot_token)),
-        ("slack.signing_secret", config.slack.as_ref().and_then(|s| s.signing_secret.as_ref())),
-        ("slack.app_token", config.slack.as_ref().and_then(|s| s.app_token.as_ref())),
+        (
+            "slack.signing_secret",
+            config.slack.as_ref().and_then(|s| s.signing_secret.as_ref()),
+        ),
+        (
+            "slack.app_token",
+            config.slack.as_ref().and_then(|s| s.app_token.as_ref()),
+        ),
         ("discord.bot_token", config.discord.as_ref().map(|d| &d.bot_token)),
     ];
     for (key, src) in secrets {
@@ -239,11 +255,12 @@ impl Client {
     }
 
     async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<String> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach jitbot at {} (is `jitbot run` up? set --url)", self.base))?;
+        let resp = req.bearer_auth(&self.token).send().await.with_context(|| {
+            format!(
+                "cannot reach jitbot at {} (is `jitbot run` up? set --url)",
+                self.base
+            )
+        })?;
         let status = resp.status();
         let body = resp.text().await?;
         if !status.is_success() {
@@ -261,7 +278,8 @@ impl Client {
     }
 
     async fn post<T: serde::Serialize>(&self, path: &str, body: &T) -> anyhow::Result<String> {
-        self.call(self.http.post(format!("{}{path}", self.base)).json(body)).await
+        self.call(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 }
 
@@ -275,9 +293,15 @@ async fn leases(cmd: LeasesCmd, remote: &Remote) -> anyhow::Result<()> {
                 return Ok(());
             }
             let leases: Vec<LeaseView> = serde_json::from_str(&body)?;
-            println!("{:<10} {:<16} {:<12} {:<14} EXPIRES", "LEASE", "GROUP", "USER", "STATE");
+            println!(
+                "{:<10} {:<16} {:<12} {:<14} EXPIRES",
+                "LEASE", "GROUP", "USER", "STATE"
+            );
             for l in leases {
-                println!("{:<10} {:<16} {:<12} {:<14} {}", l.id, l.group, l.user, l.state, l.expires_at);
+                println!(
+                    "{:<10} {:<16} {:<12} {:<14} {}",
+                    l.id, l.group, l.user, l.state, l.expires_at
+                );
             }
         }
         LeasesCmd::Show { id } => {
@@ -287,7 +311,10 @@ async fn leases(cmd: LeasesCmd, remote: &Remote) -> anyhow::Result<()> {
         }
         LeasesCmd::Revoke { id, reason } => {
             let body = RevokeBody { reason, by: None };
-            print!("{}", client.post(&format!("/admin/leases/{id}/revoke"), &body).await?);
+            print!(
+                "{}",
+                client.post(&format!("/admin/leases/{id}/revoke"), &body).await?
+            );
         }
     }
     Ok(())
@@ -303,18 +330,27 @@ async fn requests(cmd: RequestsCmd, remote: &Remote) -> anyhow::Result<()> {
                 return Ok(());
             }
             let reqs: Vec<RequestView> = serde_json::from_str(&body)?;
-            println!("{:<10} {:<16} {:<12} {:<26} REASON", "REQUEST", "GROUP", "REQUESTER", "STATE");
+            println!(
+                "{:<10} {:<16} {:<12} {:<26} REASON",
+                "REQUEST", "GROUP", "REQUESTER", "STATE"
+            );
             for r in reqs {
                 let state = if r.break_glass_unreviewed {
                     "break-glass, unreviewed".to_string()
                 } else {
                     r.state
                 };
-                println!("{:<10} {:<16} {:<12} {:<26} {}", r.id, r.group, r.requester, state, r.reason);
+                println!(
+                    "{:<10} {:<16} {:<12} {:<26} {}",
+                    r.id, r.group, r.requester, state, r.reason
+                );
             }
         }
         RequestsCmd::Cancel { id } => {
-            print!("{}", client.post(&format!("/admin/requests/{id}/cancel"), &()).await?);
+            print!(
+                "{}",
+                client.post(&format!("/admin/requests/{id}/cancel"), &()).await?
+            );
         }
     }
     Ok(())

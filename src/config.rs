@@ -487,10 +487,18 @@ impl Config {
         }
         if let Some(ldap) = &self.ldap {
             if !(ldap.url.starts_with("ldap://") || ldap.url.starts_with("ldaps://")) {
-                issue("ldap.url".into(), None, "must start with ldap:// or ldaps://".into());
+                issue(
+                    "ldap.url".into(),
+                    None,
+                    "must start with ldap:// or ldaps://".into(),
+                );
             }
             if ldap.starttls && ldap.url.starts_with("ldaps://") {
-                issue("ldap.starttls".into(), None, "StartTLS makes no sense on ldaps://".into());
+                issue(
+                    "ldap.starttls".into(),
+                    None,
+                    "StartTLS makes no sense on ldaps://".into(),
+                );
             }
         }
         if let Some(slack) = &self.slack {
@@ -508,11 +516,31 @@ impl Config {
                 _ => {}
             }
         }
+        if let Some(discord) = &self.discord {
+            if discord.mode == DiscordMode::Http && discord.public_key.is_none() {
+                issue(
+                    "discord.public_key".into(),
+                    None,
+                    "HTTP interactions mode needs the application's public key (hex)".into(),
+                );
+            }
+        }
+        if self.server.dashboard && self.server.admin_token.is_none() {
+            issue(
+                "server.dashboard".into(),
+                None,
+                "the dashboard is served only behind server.admin_token; set one".into(),
+            );
+        }
         if self.scheduler.concurrency == 0 {
             issue("scheduler.concurrency".into(), None, "must be at least 1".into());
         }
         if self.groups.is_empty() {
-            issue("group".into(), None, "no [[group]] is configured; jitbot would manage nothing".into());
+            issue(
+                "group".into(),
+                None,
+                "no [[group]] is configured; jitbot would manage nothing".into(),
+            );
         }
         let mut names = BTreeSet::new();
         for spanned in &self.groups {
@@ -523,7 +551,11 @@ impl Config {
                 issue(key("name"), line, "is used by two groups".into());
             }
             if jitbot_core::Command::parse(&format!("release {}", g.name)).is_err() {
-                issue(key("name"), line, "use letters, digits, `-`, `_` or `.` only".into());
+                issue(
+                    key("name"),
+                    line,
+                    "use letters, digits, `-`, `_` or `.` only".into(),
+                );
             }
             if !g.dn.contains('=') {
                 issue(key("dn"), line, format!("`{}` is not a distinguished name", g.dn));
@@ -533,10 +565,18 @@ impl Config {
             }
             let needs_approvers = !g.auto_approve;
             if needs_approvers && g.approvers.users.is_empty() && g.approvers.groups.is_empty() {
-                issue(key("approvers"), line, "nobody can approve; add approvers or set auto_approve".into());
+                issue(
+                    key("approvers"),
+                    line,
+                    "nobody can approve; add approvers or set auto_approve".into(),
+                );
             }
             if g.approvals_required == 0 {
-                issue(key("approvals_required"), line, "must be at least 1 (use auto_approve for none)".into());
+                issue(
+                    key("approvals_required"),
+                    line,
+                    "must be at least 1 (use auto_approve for none)".into(),
+                );
             }
             if g.approvals_required as usize > g.approvers.users.len() && g.approvers.groups.is_empty() {
                 issue(
@@ -553,7 +593,10 @@ impl Config {
                 issue(
                     key("default_duration"),
                     line,
-                    format!("{} is longer than max_duration {}", g.default_duration, g.max_duration),
+                    format!(
+                        "{} is longer than max_duration {}",
+                        g.default_duration, g.max_duration
+                    ),
                 );
             }
             if let Some(total) = g.max_total_duration {
@@ -566,11 +609,19 @@ impl Config {
                 }
             }
             if g.remediate && !g.zsp {
-                issue(key("remediate"), line, "only applies to zsp groups; set zsp = true".into());
+                issue(
+                    key("remediate"),
+                    line,
+                    "only applies to zsp groups; set zsp = true".into(),
+                );
             }
             if let Some(w) = g.expiry_warning {
                 if w >= g.max_duration {
-                    issue(key("expiry_warning"), line, "must be shorter than max_duration".into());
+                    issue(
+                        key("expiry_warning"),
+                        line,
+                        "must be shorter than max_duration".into(),
+                    );
                 }
             }
         }
@@ -629,7 +680,10 @@ max_duration = "4h"
 
     #[test]
     fn unknown_key_is_reported_with_its_line() {
-        let text = MINIMAL.replace("max_duration = \"4h\"", "max_duration = \"4h\"\nmax_durration = \"9h\"");
+        let text = MINIMAL.replace(
+            "max_duration = \"4h\"",
+            "max_duration = \"4h\"\nmax_durration = \"9h\"",
+        );
         let err = Config::parse(&text, "t.toml").unwrap_err();
         assert_eq!(err.issues[0].line, Some(17), "{err}");
         assert!(err.to_string().contains("max_durration"), "{err}");
@@ -647,8 +701,14 @@ max_duration = "4h"
     #[test]
     fn bad_durations_and_secrets_in_toml_are_refused() {
         let text = MINIMAL.replace("\"4h\"", "\"forever\"");
-        assert!(Config::parse(&text, "t").unwrap_err().to_string().contains("forever"));
+        assert!(Config::parse(&text, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("forever"));
         let text = format!("{MINIMAL}\n[server]\nadmin_token = \"plaintext\"\n");
-        assert!(Config::parse(&text, "t").is_err(), "a secret must be a source, not a value");
+        assert!(
+            Config::parse(&text, "t").is_err(),
+            "a secret must be a source, not a value"
+        );
     }
 }

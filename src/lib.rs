@@ -5,18 +5,18 @@
 //! directories (LDAP, in-memory), the chat platforms (Slack, Discord, the web
 //! console), the scheduler, the HTTP server and the CLI. See ARCHITECTURE.md.
 
+pub mod app;
+pub mod audit;
 pub mod chat;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod directory;
+pub mod engine;
+pub mod http;
+pub mod metrics;
 pub mod ports;
+pub mod scheduler;
 pub mod secret;
 pub mod store;
-pub mod engine;
-pub mod metrics;
-pub mod scheduler;
-pub mod audit;
-pub mod http;
-pub mod app;
-pub mod cli;
-pub mod demo;

@@ -8,7 +8,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("JITBOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

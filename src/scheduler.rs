@@ -94,6 +94,9 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
             _ = shutdown.changed() => {}
         }
     }
-    tracing::info!(in_flight = tasks.len(), "scheduler stopping; finishing directory work in flight");
+    tracing::info!(
+        in_flight = tasks.len(),
+        "scheduler stopping; finishing directory work in flight"
+    );
     while tasks.join_next().await.is_some() {}
 }

@@ -21,7 +21,9 @@ mod tests {
     fn doubles_then_caps() {
         let base = Span::from_secs(5);
         let cap = Span::from_secs(60);
-        let delays: Vec<u64> = (1..=6).map(|a| retry_delay(a, base, cap, 1.0).as_secs()).collect();
+        let delays: Vec<u64> = (1..=6)
+            .map(|a| retry_delay(a, base, cap, 1.0).as_secs())
+            .collect();
         assert_eq!(delays, vec![5, 10, 20, 40, 60, 60]);
     }
 

@@ -144,7 +144,9 @@ impl Command {
             ("groups", []) => Command::Groups,
             ("pending", []) => Command::Pending,
             ("help", _) => Command::Help,
-            ("release", [target]) => Command::Release { target: name(target)? },
+            ("release", [target]) => Command::Release {
+                target: name(target)?,
+            },
             ("release", _) => return Err(ParseError::Usage("/jit release <lease|group>")),
             ("extend", [target, duration]) => Command::Extend {
                 target: name(target)?,
@@ -165,14 +167,18 @@ impl Command {
                 reason: reason(rest)?,
             },
             ("deny", _) => return Err(ParseError::Usage("/jit deny <request> <reason>")),
-            ("cancel", [request]) => Command::Cancel { request: name(request)? },
+            ("cancel", [request]) => Command::Cancel {
+                request: name(request)?,
+            },
             ("cancel", _) => return Err(ParseError::Usage("/jit cancel <request>")),
             ("revoke", [lease, rest @ ..]) => Command::Revoke {
                 lease: name(lease)?,
                 reason: reason(rest)?,
             },
             ("revoke", _) => return Err(ParseError::Usage("/jit revoke <lease> <reason>")),
-            ("ack", [request]) => Command::Acknowledge { request: name(request)? },
+            ("ack", [request]) => Command::Acknowledge {
+                request: name(request)?,
+            },
             ("ack", _) => return Err(ParseError::Usage("/jit ack <request>")),
             ("list" | "groups" | "pending", _) => {
                 return Err(ParseError::Usage("this command takes no arguments"))
@@ -239,7 +245,10 @@ mod tests {
     #[test]
     fn parses_every_command() {
         let cases = [
-            ("request db-admins 2h fixing replication", req("db-admins", Some(7200), "fixing replication")),
+            (
+                "request db-admins 2h fixing replication",
+                req("db-admins", Some(7200), "fixing replication"),
+            ),
             ("request db-admins fixing it", req("db-admins", None, "fixing it")),
             ("  REQUEST   db-admins   30m  ", req("db-admins", Some(1800), "")),
             ("list", Command::List),
@@ -247,7 +256,12 @@ mod tests {
             ("help me", Command::Help),
             ("groups", Command::Groups),
             ("pending", Command::Pending),
-            ("release db-admins", Command::Release { target: "db-admins".into() }),
+            (
+                "release db-admins",
+                Command::Release {
+                    target: "db-admins".into(),
+                },
+            ),
             (
                 "extend l-123 1h",
                 Command::Extend {
@@ -269,7 +283,12 @@ mod tests {
                     reason: "not during the freeze".into(),
                 },
             ),
-            ("cancel r-1", Command::Cancel { request: "r-1".into() }),
+            (
+                "cancel r-1",
+                Command::Cancel {
+                    request: "r-1".into(),
+                },
+            ),
             (
                 "revoke l-1 left the team",
                 Command::Revoke {
@@ -277,7 +296,12 @@ mod tests {
                     reason: "left the team".into(),
                 },
             ),
-            ("ack r-9", Command::Acknowledge { request: "r-9".into() }),
+            (
+                "ack r-9",
+                Command::Acknowledge {
+                    request: "r-9".into(),
+                },
+            ),
         ];
         for (text, want) in cases {
             assert_eq!(Command::parse(text).unwrap(), want, "{text:?}");
@@ -291,7 +315,9 @@ mod tests {
             ("request", |e| matches!(e, ParseError::Usage(_))),
             ("request *)(uid=* 1h x", |e| matches!(e, ParseError::BadName(_))),
             ("request db 5x oops", |e| matches!(e, ParseError::Duration(_))),
-            ("request db 0s oops", |e| matches!(e, ParseError::Duration(SpanError::Zero))),
+            ("request db 0s oops", |e| {
+                matches!(e, ParseError::Duration(SpanError::Zero))
+            }),
             ("extend l-1 soon", |e| matches!(e, ParseError::Duration(_))),
             ("list everything", |e| matches!(e, ParseError::Usage(_))),
         ];
@@ -315,7 +341,14 @@ mod tests {
         ] {
             assert_eq!(Action::parse(&a.id()).unwrap(), a);
         }
-        for bad in ["", "jit", "jit:approve", "jit:launch:r-1", "x:approve:r-1", "jit:approve:r 1"] {
+        for bad in [
+            "",
+            "jit",
+            "jit:approve",
+            "jit:launch:r-1",
+            "x:approve:r-1",
+            "jit:approve:r 1",
+        ] {
             assert!(Action::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -254,7 +254,8 @@ mod tests {
         l.activate().unwrap();
         assert!(!l.is_due(t0() + Duration::minutes(119)));
         assert!(l.is_due(t0() + Duration::hours(2)));
-        l.begin_revoke(EndReason::Expired, t0() + Duration::hours(2)).unwrap();
+        l.begin_revoke(EndReason::Expired, t0() + Duration::hours(2))
+            .unwrap();
         assert_eq!(l.state, LeaseState::Revoking);
         assert_eq!(l.revoke_failed("directory down"), 1);
         assert_eq!(l.revoke_failed("directory down"), 2);
@@ -308,7 +309,9 @@ mod tests {
             l.extend(Span::from_hours(5), &p, t0()),
             Err(Refusal::DurationOverMax { .. })
         ));
-        assert!(l.extend(Span::from_hours(1), &p, t0() + Duration::hours(6)).is_err());
+        assert!(l
+            .extend(Span::from_hours(1), &p, t0() + Duration::hours(6))
+            .is_err());
     }
 
     #[test]

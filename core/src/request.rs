@@ -342,7 +342,9 @@ mod tests {
         p.requesters.users.insert(UserId::new("bob"));
         p.approvers.users.insert(UserId::new("bob"));
         p.approvers.users.insert(UserId::new("carol"));
-        p.approvers.groups.insert(GroupDn::new("cn=sec,dc=example,dc=org"));
+        p.approvers
+            .groups
+            .insert(GroupDn::new("cn=sec,dc=example,dc=org"));
         p
     }
 
@@ -367,7 +369,9 @@ mod tests {
                 "mallory",
                 None,
                 "x",
-                Refusal::NotAllowedToRequest { group: p.name.clone() },
+                Refusal::NotAllowedToRequest {
+                    group: p.name.clone(),
+                },
             ),
             (
                 "alice",
@@ -379,7 +383,14 @@ mod tests {
                     max: Span::from_hours(8),
                 },
             ),
-            ("alice", None, "   ", Refusal::ReasonRequired { group: p.name.clone() }),
+            (
+                "alice",
+                None,
+                "   ",
+                Refusal::ReasonRequired {
+                    group: p.name.clone(),
+                },
+            ),
         ];
         for (who, dur, reason, want) in cases {
             let got = AccessRequest::open(
@@ -436,7 +447,9 @@ mod tests {
         let mut dave = Actor::user("dave");
         assert_eq!(
             r.approve(&p, &dave, None, t0()),
-            Err(Refusal::NotAnApprover { group: p.name.clone() })
+            Err(Refusal::NotAnApprover {
+                group: p.name.clone()
+            })
         );
         dave.groups.insert(GroupDn::new("cn=sec,dc=example,dc=org"));
         assert!(r.approve(&p, &dave, None, t0()).is_ok());
@@ -452,7 +465,9 @@ mod tests {
         );
         assert_eq!(
             r.approve(&p, &Actor::user("mallory"), None, t0()),
-            Err(Refusal::NotAnApprover { group: p.name.clone() })
+            Err(Refusal::NotAnApprover {
+                group: p.name.clone()
+            })
         );
         assert_eq!(
             r.approve(&p, &Actor::user("bob"), Some(Span::from_hours(3)), t0()),
@@ -564,7 +579,11 @@ mod tests {
         .unwrap();
         assert_eq!(r.state, RequestState::Approved);
         assert!(r.auto_approved);
-        assert_eq!(open(&p).state, RequestState::Pending, "alice still needs approval");
+        assert_eq!(
+            open(&p).state,
+            RequestState::Pending,
+            "alice still needs approval"
+        );
         p.auto_approve = true;
         assert!(open(&p).auto_approved);
     }
@@ -575,7 +594,9 @@ mod tests {
         let mut r = open(&p);
         assert_eq!(
             r.break_glass(&p, &Actor::user("alice"), "prod down", t0()),
-            Err(Refusal::BreakGlassNotAllowed { group: p.name.clone() })
+            Err(Refusal::BreakGlassNotAllowed {
+                group: p.name.clone()
+            })
         );
         p.break_glass = true;
         assert_eq!(
@@ -584,9 +605,12 @@ mod tests {
         );
         assert_eq!(
             r.break_glass(&p, &Actor::user("bob"), "x", t0()),
-            Err(Refusal::NotYourLease { group: p.name.clone() })
+            Err(Refusal::NotYourLease {
+                group: p.name.clone()
+            })
         );
-        r.break_glass(&p, &Actor::user("alice"), "prod down", t0()).unwrap();
+        r.break_glass(&p, &Actor::user("alice"), "prod down", t0())
+            .unwrap();
         assert_eq!(r.state, RequestState::Approved);
         assert!(r.awaits_review());
         assert_eq!(

@@ -9,9 +9,10 @@ pub mod view;
 pub mod web;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, SlackMode};
 use crate::engine::Engine;
 use crate::ports::Notifier;
+use anyhow::Context;
 use axum::Router;
 use std::future::Future;
 use std::pin::Pin;
@@ -20,7 +21,8 @@ use tokio::sync::watch;
 
 /// A background task of an adapter (Socket Mode, a gateway), given the
 /// shutdown signal.
-pub type AdapterTask = Box<dyn FnOnce(watch::Receiver<bool>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+pub type AdapterTask =
+    Box<dyn FnOnce(watch::Receiver<bool>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
 /// What the configured chat adapters add to a running jitbot.
 #[derive(Default)]
@@ -36,7 +38,58 @@ pub fn configure(
     clock: Arc<dyn Clock>,
     platforms: &mut Vec<(String, Arc<dyn Notifier>)>,
 ) -> anyhow::Result<Adapters> {
-    let adapters = Adapters::default();
-    let _ = (config, engine, clock, platforms);
+    let mut adapters = Adapters::default();
+    if let Some(cfg) = &config.slack {
+        let adapter = Arc::new(slack::SlackAdapter::new(cfg).context("slack")?);
+        platforms.push(("slack".into(), adapter.clone()));
+        match cfg.mode {
+            SlackMode::Http => {
+                let secret = cfg
+                    .signing_secret
+                    .as_ref()
+                    .context("slack.signing_secret: HTTP mode needs it")?
+                    .resolve()
+                    .context("slack.signing_secret")?;
+                adapters
+                    .routers
+                    .push(slack::routes(engine.clone(), adapter, secret, clock.clone()));
+            }
+            SlackMode::Socket => {
+                let token = cfg
+                    .app_token
+                    .as_ref()
+                    .context("slack.app_token: Socket Mode needs it")?
+                    .resolve()
+                    .context("slack.app_token")?;
+                let engine = engine.clone();
+                adapters.tasks.push(Box::new(move |shutdown| {
+                    Box::pin(async move {
+                        if let Err(e) = slack::run_socket_mode(engine, adapter, token, shutdown).await {
+                            tracing::error!(error = %e, "Slack Socket Mode stopped");
+                        }
+                    })
+                }));
+            }
+        }
+    }
+    if let Some(cfg) = &config.discord {
+        let (adapter, router, task) = discord::configure(cfg, engine, clock.clone())?;
+        platforms.push(("discord".into(), adapter));
+        adapters.routers.extend(router);
+        adapters.tasks.extend(task);
+    }
+    if config.server.dashboard {
+        let token = config
+            .server
+            .admin_token
+            .as_ref()
+            .context("server.dashboard needs server.admin_token")?
+            .resolve()
+            .context("server.admin_token")?;
+        adapters.routers.push(web::dashboard_routes(
+            engine.clone(),
+            web::DashboardAccess::Token(token),
+        ));
+    }
     Ok(adapters)
 }

@@ -18,8 +18,15 @@ pub fn button_label(action: &Action) -> &'static str {
 
 /// "alice requests membership in db-admins for 2h" (or an extension of it).
 pub fn headline(card: &ApprovalCard) -> String {
-    let kind = if card.extension { "an extension of" } else { "membership in" };
-    format!("{} requests {kind} {} for {}", card.requester, card.group, card.duration)
+    let kind = if card.extension {
+        "an extension of"
+    } else {
+        "membership in"
+    };
+    format!(
+        "{} requests {kind} {} for {}",
+        card.requester, card.group, card.duration
+    )
 }
 
 /// "1 of 2".

@@ -77,7 +77,9 @@ impl MemoryDirectory {
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         match took {
-            Ok(_) => Err(DirectoryError::Unavailable("in-memory directory: injected outage".into())),
+            Ok(_) => Err(DirectoryError::Unavailable(
+                "in-memory directory: injected outage".into(),
+            )),
             Err(_) => Ok(()),
         }
     }
@@ -93,7 +95,8 @@ impl Directory for MemoryDirectory {
             .users
             .iter()
             .filter(|(id, attrs)| {
-                (attribute == "uid" && id.as_str() == value) || attrs.get(&attribute).is_some_and(|v| v == value)
+                (attribute == "uid" && id.as_str() == value)
+                    || attrs.get(&attribute).is_some_and(|v| v == value)
             })
             .map(|(id, _)| id)
             .collect();
@@ -178,7 +181,11 @@ impl Directory for MemoryDirectory {
                 break;
             }
         }
-        Ok(among.iter().filter(|g| reached.contains(g.as_str())).cloned().collect())
+        Ok(among
+            .iter()
+            .filter(|g| reached.contains(g.as_str()))
+            .cloned()
+            .collect())
     }
 
     async fn ping(&self) -> Result<(), DirectoryError> {
@@ -200,7 +207,10 @@ mod tests {
         d.add_group("cn=db", ["bob"]);
         let g = GroupDn::new("cn=db");
         let alice = UserId::new("alice");
-        assert_eq!(d.find_user("mail", "alice@example.org").await.unwrap(), Some(alice.clone()));
+        assert_eq!(
+            d.find_user("mail", "alice@example.org").await.unwrap(),
+            Some(alice.clone())
+        );
         assert_eq!(d.find_user("mail", "*").await.unwrap(), None);
         d.add_member(&g, &alice).await.unwrap();
         d.add_member(&g, &alice).await.unwrap();

@@ -51,7 +51,8 @@ impl Engine {
                                 audit.lease = Some(id.to_string());
                                 audit.group = Some(rec.lease.group.to_string());
                                 audit.user = Some(rec.lease.user.to_string());
-                                audit.detail = "already a member before jitbot; jitbot will not remove it".into();
+                                audit.detail =
+                                    "already a member before jitbot; jitbot will not remove it".into();
                                 tx.audit(audit);
                             }
                             tx.put_lease(rec);
@@ -91,14 +92,23 @@ impl Engine {
                 tx.outbox(OutboxItem::Send {
                     notice: Notice {
                         to: Audience::Group(rec.lease.group.clone()),
-                        text: format!(":key: {} now has `{}` until {until} (lease {id}).", rec.lease.user, rec.lease.group),
+                        text: format!(
+                            ":key: {} now has `{}` until {until} (lease {id}).",
+                            rec.lease.user, rec.lease.group
+                        ),
                         buttons: vec![],
                     },
                 });
                 tx.outbox(OutboxItem::Send {
                     notice: Notice {
-                        to: Audience::User { user: rec.lease.user.clone(), chat: rec.origin.clone() },
-                        text: format!("You have `{}` until {until}. Release it early with `/jit release {id}`.", rec.lease.group),
+                        to: Audience::User {
+                            user: rec.lease.user.clone(),
+                            chat: rec.origin.clone(),
+                        },
+                        text: format!(
+                            "You have `{}` until {until}. Release it early with `/jit release {id}`.",
+                            rec.lease.group
+                        ),
                         buttons: vec![Action::Release(id.to_string()), Action::Extend(id.to_string())],
                     },
                 });
@@ -120,7 +130,12 @@ impl Engine {
             .update(self.now(), |tx| {
                 let mut rec = self.load_lease(tx, id)?;
                 let now = tx.now();
-                rec.lease.begin_revoke(EndReason::GrantFailed { error: error.to_string() }, now)?;
+                rec.lease.begin_revoke(
+                    EndReason::GrantFailed {
+                        error: error.to_string(),
+                    },
+                    now,
+                )?;
                 tx.clear_timer(TimerKind::Grant, id);
                 tx.set_timer(TimerKind::Revoke, id, now);
                 let mut audit = Engine::audit(ENGINE_ACTOR, "lease.grant_failed");
@@ -129,12 +144,26 @@ impl Engine {
                 audit.user = Some(rec.lease.user.to_string());
                 audit.detail = error.to_string();
                 tx.audit(audit);
-                let text = format!("Granting `{}` to {} failed: {error}", rec.lease.group, rec.lease.user);
+                let text = format!(
+                    "Granting `{}` to {} failed: {error}",
+                    rec.lease.group, rec.lease.user
+                );
                 tx.outbox(OutboxItem::Send {
-                    notice: Notice { to: Audience::User { user: rec.lease.user.clone(), chat: rec.origin.clone() }, text: text.clone(), buttons: vec![] },
+                    notice: Notice {
+                        to: Audience::User {
+                            user: rec.lease.user.clone(),
+                            chat: rec.origin.clone(),
+                        },
+                        text: text.clone(),
+                        buttons: vec![],
+                    },
                 });
                 tx.outbox(OutboxItem::Send {
-                    notice: Notice { to: Audience::Group(rec.lease.group.clone()), text, buttons: vec![] },
+                    notice: Notice {
+                        to: Audience::Group(rec.lease.group.clone()),
+                        text,
+                        buttons: vec![],
+                    },
                 });
                 tx.put_lease(rec);
                 Ok::<_, EngineError>(())
@@ -213,7 +242,11 @@ impl Engine {
         let policy = self.group(&rec.lease.group)?.clone();
         if rec.lease.owns_membership() {
             let started = std::time::Instant::now();
-            let removed = self.inner.directory.remove_member(&policy.dn, &rec.lease.user).await;
+            let removed = self
+                .inner
+                .directory
+                .remove_member(&policy.dn, &rec.lease.user)
+                .await;
             crate::metrics::directory_op("remove", started.elapsed());
             if let Err(e) = removed {
                 return self.revoke_failed(id, &e.to_string()).await;
@@ -242,23 +275,46 @@ impl Engine {
                 audit.detail = format!(
                     "{}; membership {}",
                     reason.describe(),
-                    if rec.lease.owns_membership() { "removed" } else { "left as it was before jitbot" }
+                    if rec.lease.owns_membership() {
+                        "removed"
+                    } else {
+                        "left as it was before jitbot"
+                    }
                 );
                 tx.audit(audit);
                 if !matches!(reason, EndReason::GrantFailed { .. }) {
-                    let text = format!(":lock: {}'s access to `{}` ended ({}).", rec.lease.user, rec.lease.group, reason.describe());
+                    let text = format!(
+                        ":lock: {}'s access to `{}` ended ({}).",
+                        rec.lease.user,
+                        rec.lease.group,
+                        reason.describe()
+                    );
                     tx.outbox(OutboxItem::Send {
-                        notice: Notice { to: Audience::Group(rec.lease.group.clone()), text: text.clone(), buttons: vec![] },
+                        notice: Notice {
+                            to: Audience::Group(rec.lease.group.clone()),
+                            text: text.clone(),
+                            buttons: vec![],
+                        },
                     });
                     tx.outbox(OutboxItem::Send {
-                        notice: Notice { to: Audience::User { user: rec.lease.user.clone(), chat: rec.origin.clone() }, text, buttons: vec![] },
+                        notice: Notice {
+                            to: Audience::User {
+                                user: rec.lease.user.clone(),
+                                chat: rec.origin.clone(),
+                            },
+                            text,
+                            buttons: vec![],
+                        },
                     });
                 }
                 if rec.lease.alerted {
                     tx.outbox(OutboxItem::Send {
                         notice: Notice {
                             to: Audience::Alert,
-                            text: format!("Resolved: {}'s membership of `{}` is removed after {} failed attempts.", rec.lease.user, rec.lease.group, rec.lease.revoke_attempts),
+                            text: format!(
+                                "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
+                                rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
+                            ),
                             buttons: vec![],
                         },
                     });
@@ -330,7 +386,12 @@ impl Engine {
 
     /// Early release by the holder (`reason` None), or revocation by an
     /// approver or admin (`reason` given).
-    pub(super) async fn release(&self, caller: &Caller, target: &str, reason: Option<String>) -> Result<Reply, EngineError> {
+    pub(super) async fn release(
+        &self,
+        caller: &Caller,
+        target: &str,
+        reason: Option<String>,
+    ) -> Result<Reply, EngineError> {
         let actor = self.actor(&caller.user).await?;
         let (id, reply) = self
             .inner
@@ -341,22 +402,39 @@ impl Engine {
                 let holder = rec.lease.user == caller.user;
                 let end = match &reason {
                     None if holder => EndReason::Released,
-                    None => return Err(Refusal::NotYourLease { group: rec.lease.group.clone() }.into()),
+                    None => {
+                        return Err(Refusal::NotYourLease {
+                            group: rec.lease.group.clone(),
+                        }
+                        .into())
+                    }
                     Some(reason) => {
                         if !(policy.may_approve(&actor) || self.is_admin(&actor)) {
-                            return Err(Refusal::NotAnApprover { group: rec.lease.group.clone() }.into());
+                            return Err(Refusal::NotAnApprover {
+                                group: rec.lease.group.clone(),
+                            }
+                            .into());
                         }
-                        EndReason::Revoked { by: caller.user.clone(), reason: reason.clone() }
+                        EndReason::Revoked {
+                            by: caller.user.clone(),
+                            reason: reason.clone(),
+                        }
                     }
                 };
                 if rec.lease.state != LeaseState::Active {
-                    return Err(Refusal::LeaseNotActive { state: rec.lease.state.describe().to_string() }.into());
+                    return Err(Refusal::LeaseNotActive {
+                        state: rec.lease.state.describe().to_string(),
+                    }
+                    .into());
                 }
                 let now = tx.now();
                 rec.lease.begin_revoke(end.clone(), now)?;
                 self.revoking(tx, &rec, caller.user.as_str(), &end.describe());
                 let id = rec.lease.id.clone();
-                let reply = Reply::ok(format!("Removing {} from `{}` now (lease {id}).", rec.lease.user, rec.lease.group));
+                let reply = Reply::ok(format!(
+                    "Removing {} from `{}` now (lease {id}).",
+                    rec.lease.user, rec.lease.group
+                ));
                 tx.put_lease(rec);
                 Ok::<_, EngineError>((id, reply))
             })
@@ -378,7 +456,10 @@ impl Engine {
                 let mut rec = self.find_lease(tx, caller, target)?;
                 let policy = self.group(&rec.lease.group)?;
                 if rec.lease.user != caller.user {
-                    return Err(Refusal::NotYourLease { group: rec.lease.group.clone() }.into());
+                    return Err(Refusal::NotYourLease {
+                        group: rec.lease.group.clone(),
+                    }
+                    .into());
                 }
                 let lease_id = rec.lease.id.clone();
                 if policy.extension_requires_approval {
@@ -387,7 +468,9 @@ impl Engine {
                         req_id.clone(),
                         policy,
                         &actor,
-                        RequestKind::Extend { lease: lease_id.clone() },
+                        RequestKind::Extend {
+                            lease: lease_id.clone(),
+                        },
                         Some(by),
                         "extension",
                         now,
@@ -395,15 +478,24 @@ impl Engine {
                     // Check now that the extension would fit, so nobody approves an impossible one.
                     rec.lease.clone().extend(by, policy, now)?;
                     tx.set_timer(TimerKind::RequestTimeout, req_id.as_str(), request.decide_by);
-                    tx.outbox(OutboxItem::PostApproval { request: req_id.clone() });
+                    tx.outbox(OutboxItem::PostApproval {
+                        request: req_id.clone(),
+                    });
                     let mut audit = Engine::audit(caller.user.as_str(), "request.opened");
                     audit.request = Some(req_id.to_string());
                     audit.lease = Some(lease_id.to_string());
                     audit.group = Some(rec.lease.group.to_string());
                     audit.detail = format!("extension by {by}");
                     tx.audit(audit);
-                    tx.put_request(RequestRecord { request, origin: caller.chat.clone(), messages: vec![], lease: Some(lease_id) });
-                    return Ok(Reply::ok(format!("Extension request {req_id} is waiting for approval.")));
+                    tx.put_request(RequestRecord {
+                        request,
+                        origin: caller.chat.clone(),
+                        messages: vec![],
+                        lease: Some(lease_id),
+                    });
+                    return Ok(Reply::ok(format!(
+                        "Extension request {req_id} is waiting for approval."
+                    )));
                 }
                 let until = rec.lease.extend(by, policy, now)?;
                 self.arm_lease_timers(tx, &rec, policy);
@@ -416,12 +508,20 @@ impl Engine {
                 tx.outbox(OutboxItem::Send {
                     notice: Notice {
                         to: Audience::Group(rec.lease.group.clone()),
-                        text: format!("{} extended `{}` by {by} (until {}).", rec.lease.user, rec.lease.group, until.format("%H:%M UTC")),
+                        text: format!(
+                            "{} extended `{}` by {by} (until {}).",
+                            rec.lease.user,
+                            rec.lease.group,
+                            until.format("%H:%M UTC")
+                        ),
                         buttons: vec![],
                     },
                 });
                 tx.put_lease(rec);
-                Ok::<_, EngineError>(Reply::ok(format!("Extended until {}.", until.format("%H:%M:%S UTC"))))
+                Ok::<_, EngineError>(Reply::ok(format!(
+                    "Extended until {}.",
+                    until.format("%H:%M:%S UTC")
+                )))
             })
             .await?;
         self.changed();
@@ -444,8 +544,14 @@ impl Engine {
                 let left = Span::from_secs(rec.lease.remaining(tx.now()).num_seconds().max(0) as u64);
                 tx.outbox(OutboxItem::Send {
                     notice: Notice {
-                        to: Audience::User { user: rec.lease.user.clone(), chat: rec.origin.clone() },
-                        text: format!("Your access to `{}` ends in {left} (lease {id}).", rec.lease.group),
+                        to: Audience::User {
+                            user: rec.lease.user.clone(),
+                            chat: rec.origin.clone(),
+                        },
+                        text: format!(
+                            "Your access to `{}` ends in {left} (lease {id}).",
+                            rec.lease.group
+                        ),
                         buttons: vec![Action::Extend(id.to_string()), Action::Release(id.to_string())],
                     },
                 });

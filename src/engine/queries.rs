@@ -57,7 +57,11 @@ impl Engine {
                     g.name,
                     g.max_duration,
                     g.default_duration,
-                    if g.needs_approval(&actor) { "" } else { ", no approval needed" },
+                    if g.needs_approval(&actor) {
+                        ""
+                    } else {
+                        ", no approval needed"
+                    },
                     if g.zsp { ", zero standing privilege" } else { "" },
                     g.description
                 )
@@ -76,7 +80,9 @@ impl Engine {
         let mut lines = Vec::new();
         for rec in self.inner.store.requests()? {
             let r = &rec.request;
-            let Ok(policy) = self.group(&r.group) else { continue };
+            let Ok(policy) = self.group(&r.group) else {
+                continue;
+            };
             if !(policy.may_approve(&actor) || self.is_admin(&actor)) || r.requester == caller.user {
                 continue;
             }
@@ -110,7 +116,10 @@ impl Engine {
         let r = &rec.request;
         let needed = self.group(&r.group).map(|p| p.approvals_required).unwrap_or(1);
         let decided = |verb: &str, by: Option<&jitbot_core::UserId>| {
-            let at = r.decided_at.map(|t| t.format(" at %H:%M:%S UTC").to_string()).unwrap_or_default();
+            let at = r
+                .decided_at
+                .map(|t| t.format(" at %H:%M:%S UTC").to_string())
+                .unwrap_or_default();
             match by {
                 Some(by) => format!("{verb} by {by}{at}"),
                 None => format!("{verb}{at}"),

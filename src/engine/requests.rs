@@ -119,7 +119,12 @@ impl Engine {
     /// Turns an approved request into a new lease (state `Granting`, with a
     /// `Grant` timer due now so that a crash before the directory change is
     /// finished on restart) or into more time on the lease it extends.
-    fn approved(&self, tx: &mut Tx<'_>, rec: &mut RequestRecord, caller: &Caller) -> Result<Next, EngineError> {
+    fn approved(
+        &self,
+        tx: &mut Tx<'_>,
+        rec: &mut RequestRecord,
+        caller: &Caller,
+    ) -> Result<Next, EngineError> {
         let now = tx.now();
         let req = &rec.request;
         let policy = self.group(&req.group)?;
@@ -127,7 +132,14 @@ impl Engine {
         match &req.kind {
             RequestKind::Grant => {
                 let lease_id = LeaseId::new(tx.new_id("l")?);
-                let lease = Lease::start(lease_id.clone(), req.id.clone(), policy, req.requester.clone(), req.duration, now);
+                let lease = Lease::start(
+                    lease_id.clone(),
+                    req.id.clone(),
+                    policy,
+                    req.requester.clone(),
+                    req.duration,
+                    now,
+                );
                 let mut audit = Engine::audit(ENGINE_ACTOR, "lease.granting");
                 audit.request = Some(req.id.to_string());
                 audit.lease = Some(lease_id.to_string());
@@ -136,12 +148,17 @@ impl Engine {
                 audit.detail = format!("until {}", lease.expires_at.to_rfc3339());
                 tx.audit(audit);
                 tx.set_timer(TimerKind::Grant, lease_id.as_str(), now);
-                tx.put_lease(LeaseRecord { lease, origin: rec.origin.clone().or_else(|| caller.chat.clone()) });
+                tx.put_lease(LeaseRecord {
+                    lease,
+                    origin: rec.origin.clone().or_else(|| caller.chat.clone()),
+                });
                 rec.lease = Some(lease_id.clone());
                 Ok(Next::Grant(lease_id))
             }
             RequestKind::Extend { lease } => {
-                let mut lrec = tx.lease(lease)?.ok_or_else(|| EngineError::NotFound(lease.to_string()))?;
+                let mut lrec = tx
+                    .lease(lease)?
+                    .ok_or_else(|| EngineError::NotFound(lease.to_string()))?;
                 let until = lrec.lease.extend(req.duration, policy, now)?;
                 self.arm_lease_timers(tx, &lrec, policy);
                 let mut audit = Engine::audit(ENGINE_ACTOR, "lease.extended");
@@ -154,7 +171,13 @@ impl Engine {
                 tx.outbox(OutboxItem::Send {
                     notice: Notice {
                         to: Audience::Group(req.group.clone()),
-                        text: format!("{}'s access to `{}` was extended by {} (until {}).", req.requester, req.group, req.duration, until.format("%H:%M UTC")),
+                        text: format!(
+                            "{}'s access to `{}` was extended by {} (until {}).",
+                            req.requester,
+                            req.group,
+                            req.duration,
+                            until.format("%H:%M UTC")
+                        ),
                         buttons: vec![],
                     },
                 });
@@ -174,11 +197,19 @@ impl Engine {
     }
 
     fn load_request(&self, tx: &Tx<'_>, id: &str) -> Result<RequestRecord, EngineError> {
-        tx.request(&RequestId::new(id))?
-            .ok_or_else(|| EngineError::NotFound(format!("there is no request {id}; `/jit pending` lists open ones")))
+        tx.request(&RequestId::new(id))?.ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "there is no request {id}; `/jit pending` lists open ones"
+            ))
+        })
     }
 
-    pub(super) async fn approve(&self, caller: &Caller, id: &str, shorten: Option<Span>) -> Result<Reply, EngineError> {
+    pub(super) async fn approve(
+        &self,
+        caller: &Caller,
+        id: &str,
+        shorten: Option<Span>,
+    ) -> Result<Reply, EngineError> {
         let actor = self.actor(&caller.user).await?;
         let now = self.now();
         let (reply, next) = self
@@ -194,28 +225,48 @@ impl Engine {
                 audit.user = Some(rec.request.requester.to_string());
                 let (reply, next) = match outcome {
                     ApprovalOutcome::AlreadyCounted { have, need } => {
-                        return Ok((Reply::ok(format!("You already approved {id} ({have} of {need}).")), Next::Nothing));
+                        return Ok((
+                            Reply::ok(format!("You already approved {id} ({have} of {need}).")),
+                            Next::Nothing,
+                        ));
                     }
                     ApprovalOutcome::Recorded { have, need } => {
                         audit.detail = format!("{have} of {need}");
-                        (Reply::ok(format!("Approval recorded for {id}: {have} of {need}.")), Next::Nothing)
+                        (
+                            Reply::ok(format!("Approval recorded for {id}: {have} of {need}.")),
+                            Next::Nothing,
+                        )
                     }
                     ApprovalOutcome::Approved { duration } => {
                         audit.detail = format!("approved for {duration}");
                         let requester = rec.request.requester.clone();
                         tx.outbox(OutboxItem::Send {
                             notice: Notice {
-                                to: Audience::User { user: requester, chat: rec.origin.clone() },
-                                text: format!("{} approved your request {id} for `{}` ({duration}).", caller.user, rec.request.group),
+                                to: Audience::User {
+                                    user: requester,
+                                    chat: rec.origin.clone(),
+                                },
+                                text: format!(
+                                    "{} approved your request {id} for `{}` ({duration}).",
+                                    caller.user, rec.request.group
+                                ),
                                 buttons: vec![],
                             },
                         });
                         let next = self.approved(tx, &mut rec, caller)?;
-                        (Reply::ok(format!("Approved {id}: {} gets `{}` for {duration}.", rec.request.requester, rec.request.group)), next)
+                        (
+                            Reply::ok(format!(
+                                "Approved {id}: {} gets `{}` for {duration}.",
+                                rec.request.requester, rec.request.group
+                            )),
+                            next,
+                        )
                     }
                 };
                 tx.audit(audit);
-                tx.outbox(OutboxItem::UpdateApproval { request: rec.request.id.clone() });
+                tx.outbox(OutboxItem::UpdateApproval {
+                    request: rec.request.id.clone(),
+                });
                 tx.put_request(rec);
                 Ok::<_, EngineError>((reply, next))
             })
@@ -235,7 +286,14 @@ impl Engine {
                 let mut rec = self.load_request(tx, id)?;
                 let policy = self.group(&rec.request.group)?;
                 let ended = rec.request.deny(policy, &actor, reason, now)?;
-                let mut audit = Engine::audit(caller.user.as_str(), if ended { "request.denied" } else { "request.dissent" });
+                let mut audit = Engine::audit(
+                    caller.user.as_str(),
+                    if ended {
+                        "request.denied"
+                    } else {
+                        "request.dissent"
+                    },
+                );
                 audit.request = Some(id.to_string());
                 audit.group = Some(rec.request.group.to_string());
                 audit.user = Some(rec.request.requester.to_string());
@@ -245,13 +303,21 @@ impl Engine {
                     tx.clear_timer(TimerKind::RequestTimeout, id);
                     tx.outbox(OutboxItem::Send {
                         notice: Notice {
-                            to: Audience::User { user: rec.request.requester.clone(), chat: rec.origin.clone() },
-                            text: format!("{} denied your request {id} for `{}`: {reason}", caller.user, rec.request.group),
+                            to: Audience::User {
+                                user: rec.request.requester.clone(),
+                                chat: rec.origin.clone(),
+                            },
+                            text: format!(
+                                "{} denied your request {id} for `{}`: {reason}",
+                                caller.user, rec.request.group
+                            ),
                             buttons: vec![],
                         },
                     });
                 }
-                tx.outbox(OutboxItem::UpdateApproval { request: rec.request.id.clone() });
+                tx.outbox(OutboxItem::UpdateApproval {
+                    request: rec.request.id.clone(),
+                });
                 tx.put_request(rec);
                 Ok::<_, EngineError>(Reply::ok(if ended {
                     format!("Denied {id}.")
@@ -273,7 +339,10 @@ impl Engine {
             .update(now, |tx| {
                 let mut rec = self.load_request(tx, id)?;
                 if rec.request.requester != caller.user && !self.is_admin(&actor) {
-                    return Err(Refusal::NotYourLease { group: rec.request.group.clone() }.into());
+                    return Err(Refusal::NotYourLease {
+                        group: rec.request.group.clone(),
+                    }
+                    .into());
                 }
                 rec.request.cancel(&caller.user, now)?;
                 tx.clear_timer(TimerKind::RequestTimeout, id);
@@ -281,7 +350,9 @@ impl Engine {
                 audit.request = Some(id.to_string());
                 audit.group = Some(rec.request.group.to_string());
                 tx.audit(audit);
-                tx.outbox(OutboxItem::UpdateApproval { request: rec.request.id.clone() });
+                tx.outbox(OutboxItem::UpdateApproval {
+                    request: rec.request.id.clone(),
+                });
                 tx.put_request(rec);
                 Ok::<_, EngineError>(Reply::ok(format!("Cancelled {id}.")))
             })

@@ -32,7 +32,13 @@ impl Engine {
                 .map(|(user, _)| user)
                 .collect();
             for user in members.into_iter().filter(|u| !leased.contains(u)) {
-                let remediated = policy.remediate && self.inner.directory.remove_member(&policy.dn, &user).await.is_ok();
+                let remediated = policy.remediate
+                    && self
+                        .inner
+                        .directory
+                        .remove_member(&policy.dn, &user)
+                        .await
+                        .is_ok();
                 let key = (policy.name.to_string(), user.to_string());
                 let new = !self.zsp_seen().contains(&key);
                 seen_now.insert(key);
@@ -77,13 +83,18 @@ impl Engine {
     /// Standard groups: a membership jitbot granted must be present while its
     /// lease is active. A missing one is alerted (someone removed it by hand,
     /// or the directory lost it); jitbot does not silently re-add it.
-    async fn check_granted_memberships(&self, seen_now: &mut BTreeSet<(String, String)>) -> Result<(), EngineError> {
+    async fn check_granted_memberships(
+        &self,
+        seen_now: &mut BTreeSet<(String, String)>,
+    ) -> Result<(), EngineError> {
         for rec in self.inner.store.leases()? {
             let lease = &rec.lease;
             if lease.state != jitbot_core::LeaseState::Active || !lease.owns_membership() {
                 continue;
             }
-            let Ok(policy) = self.group(&lease.group) else { continue };
+            let Ok(policy) = self.group(&lease.group) else {
+                continue;
+            };
             if self.inner.directory.is_member(&policy.dn, &lease.user).await? {
                 continue;
             }
@@ -119,6 +130,10 @@ impl Engine {
     }
 
     fn zsp_seen(&self) -> BTreeSet<(String, String)> {
-        self.inner.zsp_seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .zsp_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }

@@ -34,7 +34,11 @@ impl FromRequestParts<HttpState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, Self::Rejection> {
         let Some(token) = state.admin_token.as_ref() else {
-            return Err((StatusCode::NOT_FOUND, "the admin API is off: set server.admin_token\n").into_response());
+            return Err((
+                StatusCode::NOT_FOUND,
+                "the admin API is off: set server.admin_token\n",
+            )
+                .into_response());
         };
         let given = parts
             .headers
@@ -46,7 +50,11 @@ impl FromRequestParts<HttpState> for Admin {
             Ok(Admin)
         } else {
             tracing::warn!("admin API: refused a request with a missing or wrong token");
-            Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token (Authorization: Bearer ...)\n").into_response())
+            Err((
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token (Authorization: Bearer ...)\n",
+            )
+                .into_response())
         }
     }
 }
@@ -122,7 +130,12 @@ pub struct RevokeBody {
     pub by: Option<String>,
 }
 
-async fn revoke(_: Admin, State(s): State<HttpState>, Path(id): Path<String>, Json(body): Json<RevokeBody>) -> Response {
+async fn revoke(
+    _: Admin,
+    State(s): State<HttpState>,
+    Path(id): Path<String>,
+    Json(body): Json<RevokeBody>,
+) -> Response {
     if body.reason.trim().is_empty() {
         return (StatusCode::BAD_REQUEST, "a reason is required\n").into_response();
     }
@@ -199,7 +212,11 @@ async fn audit(_: Admin, State(s): State<HttpState>, Query(q): Query<AuditQuery>
         None => None,
         Some(Ok(t)) => Some(t.with_timezone(&chrono::Utc)),
         Some(Err(_)) => {
-            return (StatusCode::BAD_REQUEST, "since must be RFC 3339, e.g. 2026-01-31T00:00:00Z\n").into_response()
+            return (
+                StatusCode::BAD_REQUEST,
+                "since must be RFC 3339, e.g. 2026-01-31T00:00:00Z\n",
+            )
+                .into_response()
         }
     };
     let mut rows: Vec<AuditEntry> = Vec::new();
@@ -216,7 +233,13 @@ async fn audit(_: Admin, State(s): State<HttpState>, Query(q): Query<AuditQuery>
             .map(|r| serde_json::to_string(r).unwrap_or_default() + "\n")
             .collect::<String>(),
         "csv" => crate::audit::to_csv(&rows),
-        other => return (StatusCode::BAD_REQUEST, format!("unknown format {other}: use jsonl or csv\n")).into_response(),
+        other => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("unknown format {other}: use jsonl or csv\n"),
+            )
+                .into_response()
+        }
     };
     (StatusCode::OK, body).into_response()
 }
@@ -226,9 +249,11 @@ async fn verify(_: Admin, State(s): State<HttpState>) -> Response {
         Ok(crate::store::AuditCheck::Intact { records }) => {
             (StatusCode::OK, format!("audit chain intact: {records} records\n")).into_response()
         }
-        Ok(crate::store::AuditCheck::Broken { seq, problem }) => {
-            (StatusCode::CONFLICT, format!("audit chain broken at record {seq}: {problem}\n")).into_response()
-        }
+        Ok(crate::store::AuditCheck::Broken { seq, problem }) => (
+            StatusCode::CONFLICT,
+            format!("audit chain broken at record {seq}: {problem}\n"),
+        )
+            .into_response(),
         Err(e) => fail(e),
     }
 }

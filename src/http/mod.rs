@@ -57,7 +57,11 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 /// Serves on an already-bound listener until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, app: Router, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             while !*shutdown.borrow() {

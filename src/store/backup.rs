@@ -6,7 +6,9 @@ use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 
-const TREES: [&str; 8] = ["requests", "leases", "timers", "timer_ix", "live", "audit", "outbox", "meta"];
+const TREES: [&str; 8] = [
+    "requests", "leases", "timers", "timer_ix", "live", "audit", "outbox", "meta",
+];
 
 #[derive(Serialize, Deserialize)]
 struct Line {
@@ -25,7 +27,8 @@ impl Store {
     /// one pass; take backups when jitbot is quiet for a point-in-time copy).
     pub fn backup(&self, out: &mut impl Write) -> Result<u64, StoreError> {
         let io = |e: std::io::Error| StoreError::Io(e.to_string());
-        serde_json::to_writer(&mut *out, &Header { jitbot_backup: 1 }).map_err(|e| StoreError::Io(e.to_string()))?;
+        serde_json::to_writer(&mut *out, &Header { jitbot_backup: 1 })
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         out.write_all(b"\n").map_err(io)?;
         let mut count = 0;
         for name in TREES {
@@ -57,7 +60,10 @@ impl Store {
             error: what.to_string(),
         };
         let mut lines = input.lines();
-        let header = lines.next().ok_or_else(|| bad(1, "the file is empty"))?.map_err(|e| StoreError::Io(e.to_string()))?;
+        let header = lines
+            .next()
+            .ok_or_else(|| bad(1, "the file is empty"))?
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         match serde_json::from_str::<Header>(&header) {
             Ok(Header { jitbot_backup: 1 }) => {}
             _ => return Err(bad(1, "not a jitbot backup (version 1 header missing)")),

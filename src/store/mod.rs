@@ -146,7 +146,8 @@ impl<'a> Tx<'a> {
         let key = live_key(&l.group, &l.user);
         // A lease occupies its (group, user) slot until it has fully ended, so a
         // new lease never starts while an old one's removal is still pending.
-        self.live.push((key, (l.state != LeaseState::Ended).then(|| l.id.clone())));
+        self.live
+            .push((key, (l.state != LeaseState::Ended).then(|| l.id.clone())));
         self.leases.insert(l.id.to_string(), Some(rec));
     }
 
@@ -210,9 +211,14 @@ fn read_lease(tree: &sled::Tree, id: &LeaseId) -> Result<Option<LeaseRecord>, St
 /// Outcome of checking the audit chain.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AuditCheck {
-    Intact { records: u64 },
+    Intact {
+        records: u64,
+    },
     /// The first record whose stored bytes no longer match the chain.
-    Broken { seq: u64, problem: String },
+    Broken {
+        seq: u64,
+        problem: String,
+    },
 }
 
 impl Store {
@@ -224,9 +230,11 @@ impl Store {
             .flush_every_ms(Some(500))
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked {
-                    path: path.display().to_string(),
-                },
+                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked {
+                        path: path.display().to_string(),
+                    }
+                }
                 sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
                     path: path.display().to_string(),
                 },
@@ -247,12 +255,18 @@ impl Store {
         if inner.meta.get(SCHEMA)?.is_none() {
             inner.meta.insert(SCHEMA, &b"1"[..])?;
         }
-        Ok(Store { inner: Arc::new(inner) })
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
     }
 
     /// Runs `f` under the writer lock, commits what it staged atomically and
     /// flushes to disk. `f`'s error aborts the whole change.
-    pub async fn update<T, E>(&self, now: Instant, f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>) -> Result<T, E>
+    pub async fn update<T, E>(
+        &self,
+        now: Instant,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
     where
         E: From<StoreError>,
     {
@@ -401,10 +415,12 @@ impl Store {
         for item in self.inner.requests.iter() {
             let (k, v) = item?;
             let stored: StoredRequest = decode(&k, &v)?;
-            out.push(RequestRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                error,
-            })?);
+            out.push(
+                RequestRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    error,
+                })?,
+            );
         }
         Ok(out)
     }
@@ -414,10 +430,12 @@ impl Store {
         for item in self.inner.leases.iter() {
             let (k, v) = item?;
             let stored: StoredLease = decode(&k, &v)?;
-            out.push(LeaseRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                error,
-            })?);
+            out.push(
+                LeaseRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    error,
+                })?,
+            );
         }
         Ok(out)
     }
@@ -430,7 +448,10 @@ impl Store {
         for item in self.inner.live.scan_prefix(&prefix) {
             let (k, v) = item?;
             let user = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            out.push((UserId::new(user), LeaseId::new(String::from_utf8_lossy(&v).into_owned())));
+            out.push((
+                UserId::new(user),
+                LeaseId::new(String::from_utf8_lossy(&v).into_owned()),
+            ));
         }
         Ok(out)
     }

@@ -150,7 +150,9 @@ impl TryFrom<StoredRequest> for RequestRecord {
                 id: RequestId::new(v.id),
                 kind: match v.extends {
                     None => RequestKind::Grant,
-                    Some(l) => RequestKind::Extend { lease: LeaseId::new(l) },
+                    Some(l) => RequestKind::Extend {
+                        lease: LeaseId::new(l),
+                    },
                 },
                 group: GroupName::new(v.group),
                 requester: UserId::new(v.requester),
@@ -316,10 +318,16 @@ impl TryFrom<StoredLease> for LeaseRecord {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OutboxItem {
     /// Post the approval card of this request (once).
-    PostApproval { request: RequestId },
+    PostApproval {
+        request: RequestId,
+    },
     /// Re-render the card of this request wherever it was posted.
-    UpdateApproval { request: RequestId },
-    Send { notice: Notice },
+    UpdateApproval {
+        request: RequestId,
+    },
+    Send {
+        notice: Notice,
+    },
 }
 
 #[derive(Serialize, Deserialize)]

@@ -4,19 +4,21 @@
 //! recording the messages, edits, DMs and deferred answers jitbot sends.
 
 use crate::support::bot::{TestBot, DB};
-use crate::support::fake_discord::{FakeDiscord, APP_ID};
+use crate::support::fake_discord::{dm_channel, FakeDiscord, APP_ID};
 use crate::support::slapd::{group_configs, Slapd, DB_ADMINS};
 use ed25519_dalek::{Signer, SigningKey};
 use jitbot::chat::discord::{routes, DiscordAdapter};
 use jitbot::clock::Clock;
 use jitbot::config::{DiscordConfig, DiscordMode};
 use jitbot::directory::ldap::LdapDirectory;
-use jitbot::ports::{ChatError, Notifier};
+use jitbot::directory::memory::MemoryDirectory;
+use jitbot::ports::{ChatError, Directory, DirectoryError, Notifier};
 use jitbot::secret::{Secret, SecretSource};
 use jitbot_core::request::RequestState;
-use jitbot_core::{RequestId, Span};
+use jitbot_core::{GroupDn, RequestId, Span, UserId};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,17 +74,25 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
-    start(TestBot::new(), Duration::from_secs(2)).await
+    start(TestBot::new(), Duration::from_secs(2), |_| {}).await
 }
 
-async fn start(bot: TestBot, answer_budget: Duration) -> Harness {
+async fn start(bot: TestBot, answer_budget: Duration, tweak: impl FnOnce(&mut DiscordConfig)) -> Harness {
     let discord = FakeDiscord::start().await;
     let key = public_hex(&KEY);
-    let adapter = DiscordAdapter::with_token(&config(&key), Secret::new("test-bot-token"), Some(&discord.base))
+    let mut config = config(&key);
+    tweak(&mut config);
+    let adapter = DiscordAdapter::with_token(&config, Secret::new("test-bot-token"), Some(&discord.base))
         .expect("adapter")
         .with_answer_budget(answer_budget);
     let adapter = Arc::new(adapter);
-    let app = routes(bot.engine.clone(), adapter.clone(), &key, Arc::new(bot.clock.clone())).expect("routes");
+    let app = routes(
+        bot.engine.clone(),
+        adapter.clone(),
+        &key,
+        Arc::new(bot.clock.clone()),
+    )
+    .expect("routes");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -166,7 +176,9 @@ impl Harness {
 
     /// Posts a correctly signed interaction; it must be accepted.
     async fn send(&self, payload: &Value) -> Value {
-        let (status, body) = self.post_signed(payload.to_string().as_bytes(), self.now(), &KEY).await;
+        let (status, body) = self
+            .post_signed(payload.to_string().as_bytes(), self.now(), &KEY)
+            .await;
         assert_eq!(status, StatusCode::OK, "{payload}: {body}");
         body
     }
@@ -184,14 +196,28 @@ impl Harness {
     }
 
     fn state(&self, id: &str) -> RequestState {
-        let rec = self.bot.engine.store().request(&RequestId::new(id)).unwrap().expect("request");
+        let rec = self
+            .bot
+            .engine
+            .store()
+            .request(&RequestId::new(id))
+            .unwrap()
+            .expect("request");
         rec.request.state
     }
 
     /// `/jit request db-admins 2h <reason>` by alice; returns the request id.
     async fn alice_requests(&self) -> String {
         let text = self
-            .answer(&self.command("alice", "request", &[("group", "db-admins"), ("duration", "2h"), ("reason", "3 replicas down")]))
+            .answer(&self.command(
+                "alice",
+                "request",
+                &[
+                    ("group", "db-admins"),
+                    ("duration", "2h"),
+                    ("reason", "3 replicas down"),
+                ],
+            ))
             .await;
         TestBot::request_id(&text)
     }
@@ -218,7 +244,9 @@ fn field<'a>(message: &'a Value, name: &str) -> &'a str {
 #[tokio::test]
 async fn ping_is_answered_with_pong() {
     let h = harness().await;
-    let r = h.send(&json!({ "type": 1, "id": "1", "application_id": APP_ID, "token": "t", "version": 1 })).await;
+    let r = h
+        .send(&json!({ "type": 1, "id": "1", "application_id": APP_ID, "token": "t", "version": 1 }))
+        .await;
     assert_eq!(r, json!({ "type": 1 }));
 }
 
@@ -230,13 +258,20 @@ async fn request_posts_a_card_and_an_approval_grants_and_clears_the_buttons() {
     let posted = h.discord.calls_to("POST", &format!("/channels/{CDB}/messages"));
     assert_eq!(posted.len(), 1, "{:?}", h.discord.calls());
     let card = &posted[0].body;
-    assert_eq!(custom_ids(card), [format!("jit:approve:{id}"), format!("jit:deny:{id}")]);
+    assert_eq!(
+        custom_ids(card),
+        [format!("jit:approve:{id}"), format!("jit:deny:{id}")]
+    );
     assert_eq!(field(card, "Requester"), "alice");
     assert_eq!(field(card, "Group"), "db-admins");
     assert_eq!(field(card, "Duration"), "2h");
     assert_eq!(field(card, "Reason"), "3 replicas down");
     assert_eq!(field(card, "Approvals"), "0 of 1");
-    assert_eq!(card["allowed_mentions"]["parse"], json!([]), "a reason must not ping anyone");
+    assert_eq!(
+        card["allowed_mentions"]["parse"],
+        json!([]),
+        "a reason must not ping anyone"
+    );
 
     let text = h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
     assert!(text.contains("pprove"), "{text}");
@@ -245,35 +280,69 @@ async fn request_posts_a_card_and_an_approval_grants_and_clears_the_buttons() {
     assert_eq!(h.state(&id), RequestState::Approved);
 
     h.drain().await;
-    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
-    let last = edits.last().expect("the card is edited");
-    assert_eq!(custom_ids(&last.body), Vec::<String>::new(), "buttons removed: {}", last.body);
-    assert!(field(&last.body, "Status").contains("approved by bob"), "{}", last.body);
+    let edits = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits
+        .last()
+        .unwrap_or_else(|| panic!("the card is edited: {:#?}", h.discord.calls()));
+    assert_eq!(
+        custom_ids(&last.body),
+        Vec::<String>::new(),
+        "buttons removed: {}",
+        last.body
+    );
+    assert!(
+        field(&last.body, "Status").contains("approved by bob"),
+        "{}",
+        last.body
+    );
     // alice hears the outcome by DM: a DM channel is opened, then written to.
     let dm = h.discord.calls_to("POST", "/users/@me/channels");
-    assert!(dm.iter().any(|c| c.body["recipient_id"] == did("alice")), "{dm:?}");
-    let dm_channel = format!("9{}", did("alice"));
-    assert!(!h.discord.calls_to("POST", &format!("/channels/{dm_channel}/messages")).is_empty());
+    assert!(
+        dm.iter().any(|c| c.body["recipient_id"] == did("alice")),
+        "{dm:?}"
+    );
+    let to_alice = h.discord.calls_to(
+        "POST",
+        &format!("/channels/{}/messages", dm_channel(&did("alice"))),
+    );
+    assert!(!to_alice.is_empty(), "{:?}", h.discord.calls());
 }
 
 #[tokio::test]
 async fn deny_opens_a_modal_and_its_reason_denies() {
     let h = harness().await;
     let id = h.alice_requests().await;
+    h.drain().await;
     let modal = h.send(&h.button("bob", &format!("jit:deny:{id}"))).await;
     assert_eq!(modal["type"], 9, "{modal}");
     assert_eq!(modal["data"]["custom_id"], format!("jit:deny-modal:{id}"));
-    assert_eq!(h.state(&id), RequestState::Pending, "the click alone denies nothing");
+    assert_eq!(
+        h.state(&id),
+        RequestState::Pending,
+        "the click alone denies nothing"
+    );
 
-    let text = h.answer(&h.modal("bob", &format!("jit:deny-modal:{id}"), "not during the freeze")).await;
+    let text = h
+        .answer(&h.modal("bob", &format!("jit:deny-modal:{id}"), "not during the freeze"))
+        .await;
     assert!(text.to_lowercase().contains("denied"), "{text}");
     assert_eq!(h.state(&id), RequestState::Denied);
     assert!(!h.bot.is_member(DB, "alice"));
     h.drain().await;
-    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
-    let last = edits.last().expect("the card is edited");
+    let edits = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits
+        .last()
+        .unwrap_or_else(|| panic!("the card is edited: {:#?}", h.discord.calls()));
     assert!(custom_ids(&last.body).is_empty());
-    assert!(field(&last.body, "Status").contains("not during the freeze"), "{}", last.body);
+    assert!(
+        field(&last.body, "Status").contains("not during the freeze"),
+        "{}",
+        last.body
+    );
 }
 
 #[tokio::test]
@@ -288,11 +357,23 @@ async fn autocomplete_offers_only_the_groups_the_user_may_request() {
             .map(|c| c["value"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(choices(h.send(&h.autocomplete("alice", "")).await), ["db-admins", "web-admins"]);
-    assert_eq!(choices(h.send(&h.autocomplete("alice", "web")).await), ["web-admins"]);
+    assert_eq!(
+        choices(h.send(&h.autocomplete("alice", "")).await),
+        ["db-admins", "web-admins"]
+    );
+    assert_eq!(
+        choices(h.send(&h.autocomplete("alice", "web")).await),
+        ["web-admins"]
+    );
     assert_eq!(choices(h.send(&h.autocomplete("erin", "")).await), ["db-admins"]);
-    assert!(choices(h.send(&h.autocomplete("bob", "")).await).is_empty(), "bob may request nothing");
-    assert!(choices(h.send(&h.autocomplete("mallory", "")).await).is_empty(), "unknown people get nothing");
+    assert!(
+        choices(h.send(&h.autocomplete("bob", "")).await).is_empty(),
+        "bob may request nothing"
+    );
+    assert!(
+        choices(h.send(&h.autocomplete("mallory", "")).await).is_empty(),
+        "unknown people get nothing"
+    );
 }
 
 #[tokio::test]
@@ -307,7 +388,11 @@ async fn refused_requests_change_nothing() {
 
     // A signature over other bytes.
     let ts = now.to_string();
-    let sig = hex::encode(SigningKey::from_bytes(&KEY).sign(format!("{ts}{{}}").as_bytes()).to_bytes());
+    let sig = hex::encode(
+        SigningKey::from_bytes(&KEY)
+            .sign(format!("{ts}{{}}").as_bytes())
+            .to_bytes(),
+    );
     let r = h
         .http
         .post(format!("{}/discord/interactions", h.base))
@@ -318,19 +403,52 @@ async fn refused_requests_change_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "bad signature");
-    let r = h.http.post(format!("{}/discord/interactions", h.base)).body(approve.clone()).send().await.unwrap();
+    let r = h
+        .http
+        .post(format!("{}/discord/interactions", h.base))
+        .body(approve.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "no signature");
-    assert_eq!(h.post_signed(approve.as_bytes(), now, &OTHER_KEY).await.0, StatusCode::UNAUTHORIZED, "wrong key");
-    assert_eq!(h.post_signed(approve.as_bytes(), now - 301, &KEY).await.0, StatusCode::UNAUTHORIZED, "stale");
-    assert_eq!(h.post_signed(approve.as_bytes(), now + 301, &KEY).await.0, StatusCode::UNAUTHORIZED, "future");
-    assert_eq!(h.post_signed(b"{\"type\":3,", now, &KEY).await.0, StatusCode::BAD_REQUEST, "malformed JSON");
+    assert_eq!(
+        h.post_signed(approve.as_bytes(), now, &OTHER_KEY).await.0,
+        StatusCode::UNAUTHORIZED,
+        "wrong key"
+    );
+    assert_eq!(
+        h.post_signed(approve.as_bytes(), now - 301, &KEY).await.0,
+        StatusCode::UNAUTHORIZED,
+        "stale"
+    );
+    assert_eq!(
+        h.post_signed(approve.as_bytes(), now + 301, &KEY).await.0,
+        StatusCode::UNAUTHORIZED,
+        "future"
+    );
+    assert_eq!(
+        h.post_signed(b"{\"type\":3,", now, &KEY).await.0,
+        StatusCode::BAD_REQUEST,
+        "malformed JSON"
+    );
     let unknown = h.button("bob", &format!("jit:launch:{id}")).to_string();
-    assert_eq!(h.post_signed(unknown.as_bytes(), now, &KEY).await.0, StatusCode::BAD_REQUEST, "unknown button");
+    assert_eq!(
+        h.post_signed(unknown.as_bytes(), now, &KEY).await.0,
+        StatusCode::BAD_REQUEST,
+        "unknown button"
+    );
     let forged_modal = h.modal("bob", "jit:approve-modal:r-1", "x").to_string();
-    assert_eq!(h.post_signed(forged_modal.as_bytes(), now, &KEY).await.0, StatusCode::BAD_REQUEST, "unknown modal");
+    assert_eq!(
+        h.post_signed(forged_modal.as_bytes(), now, &KEY).await.0,
+        StatusCode::BAD_REQUEST,
+        "unknown modal"
+    );
 
     // A timestamp just inside the window is still accepted.
-    assert_eq!(h.post_signed(br#"{"type":1}"#, now - 299, &KEY).await.0, StatusCode::OK);
+    assert_eq!(
+        h.post_signed(br#"{"type":1}"#, now - 299, &KEY).await.0,
+        StatusCode::OK
+    );
 
     h.bot.run_due().await;
     h.drain().await;
@@ -355,11 +473,64 @@ async fn self_approval_is_refused_and_changes_nothing() {
     assert_eq!(h.state(&id), RequestState::Pending);
 }
 
+/// The in-memory directory behind a slow `find_user`, like a busy LDAP server.
+struct SlowLookups(Arc<MemoryDirectory>, Duration);
+
+#[async_trait::async_trait]
+impl Directory for SlowLookups {
+    async fn find_user(&self, attribute: &str, value: &str) -> Result<Option<UserId>, DirectoryError> {
+        tokio::time::sleep(self.1).await;
+        self.0.find_user(attribute, value).await
+    }
+    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
+        self.0.is_member(group, user).await
+    }
+    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
+        self.0.add_member(group, user).await
+    }
+    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
+        self.0.remove_member(group, user).await
+    }
+    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
+        self.0.list_members(group).await
+    }
+    async fn groups_of(
+        &self,
+        user: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.0.groups_of(user, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        self.0.ping().await
+    }
+}
+
 #[tokio::test]
 async fn slow_work_is_deferred_and_the_answer_edits_the_original_response() {
-    let h = start(TestBot::new(), Duration::ZERO).await;
+    // alice is found through a directory attribute holding her Discord id,
+    // and that lookup takes longer than the answer budget.
+    let bot = TestBot::builder()
+        .wrap(|dir| {
+            let discord_id = did("alice");
+            dir.add_user(
+                "alice",
+                [("mail", "alice@example.org"), ("discordId", discord_id.as_str())],
+            );
+            Arc::new(SlowLookups(dir, Duration::from_millis(400)))
+        })
+        .build();
+    let h = start(bot, Duration::from_millis(50), |c| {
+        c.users.clear();
+        c.user_attribute = Some("discordId".into());
+    })
+    .await;
     let r = h.send(&h.command("alice", "groups", &[])).await;
-    assert_eq!(r, json!({ "type": 5, "data": { "flags": 64 } }));
+    assert_eq!(
+        (r["type"].as_u64(), r["data"]["flags"].as_u64()),
+        (Some(5), Some(64)),
+        "deferred, ephemeral: {r}"
+    );
     let token = "tok-1";
     let path = format!("/webhooks/{APP_ID}/{token}/messages/@original");
     let edit = h
@@ -368,14 +539,26 @@ async fn slow_work_is_deferred_and_the_answer_edits_the_original_response() {
         .await
         .expect("the deferred answer arrives as an edit");
     let content = edit.body["content"].as_str().unwrap();
-    assert!(content.contains("db-admins") && content.contains("web-admins"), "{content}");
+    assert!(
+        content.contains("db-admins") && content.contains("web-admins"),
+        "{content}"
+    );
 }
 
 #[tokio::test]
 async fn help_and_bad_options_are_answered_at_once() {
     let h = harness().await;
-    assert!(h.answer(&h.command("alice", "help", &[])).await.contains("/jit request"));
-    let text = h.answer(&h.command("alice", "request", &[("group", "db-admins"), ("duration", "soon")])).await;
+    assert!(h
+        .answer(&h.command("alice", "help", &[]))
+        .await
+        .contains("/jit request"));
+    let text = h
+        .answer(&h.command(
+            "alice",
+            "request",
+            &[("group", "db-admins"), ("duration", "soon")],
+        ))
+        .await;
     assert!(!text.is_empty());
     assert!(h.bot.engine.store().requests().unwrap().is_empty(), "{text}");
     let unknown = h.command("alice", "list", &[]);
@@ -390,16 +573,35 @@ async fn registering_the_command_is_a_repeatable_bulk_overwrite() {
     let h = harness().await;
     h.adapter.register_commands().await.expect("register");
     h.adapter.register_commands().await.expect("register again");
-    let puts = h.discord.calls_to("PUT", &format!("/applications/{APP_ID}/commands"));
+    let puts = h
+        .discord
+        .calls_to("PUT", &format!("/applications/{APP_ID}/commands"));
     assert_eq!(puts.len(), 2);
     assert_eq!(puts[0].body, puts[1].body, "the same definition each time");
     let jit = &puts[0].body[0];
     assert_eq!(jit["name"], "jit");
-    let request = jit["options"].as_array().unwrap().iter().find(|o| o["name"] == "request").unwrap();
-    let group = request["options"].as_array().unwrap().iter().find(|o| o["name"] == "group").unwrap();
+    let request = jit["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "request")
+        .unwrap();
+    let group = request["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "group")
+        .unwrap();
     assert_eq!(group["autocomplete"], true);
-    let subs: Vec<&str> = jit["options"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
-    for s in ["request", "list", "release", "extend", "groups", "pending", "help"] {
+    let subs: Vec<&str> = jit["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    for s in [
+        "request", "list", "release", "extend", "groups", "pending", "help",
+    ] {
         assert!(subs.contains(&s), "{s} missing from {subs:?}");
     }
 
@@ -407,7 +609,12 @@ async fn registering_the_command_is_a_repeatable_bulk_overwrite() {
     in_guild.guild_id = Some(GUILD.into());
     let adapter = DiscordAdapter::with_token(&in_guild, Secret::new("t"), Some(&h.discord.base)).unwrap();
     adapter.register_commands().await.expect("register in guild");
-    assert_eq!(h.discord.calls_to("PUT", &format!("/applications/{APP_ID}/guilds/{GUILD}/commands")).len(), 1);
+    assert_eq!(
+        h.discord
+            .calls_to("PUT", &format!("/applications/{APP_ID}/guilds/{GUILD}/commands"))
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -417,10 +624,17 @@ async fn rate_limits_reach_the_outbox_as_such() {
     h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 1);
     let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
     assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
+    h.drain().await;
+    let posted = h.discord.calls_to("POST", &format!("/channels/{CDB}/messages"));
+    assert_eq!(
+        posted.len(),
+        2,
+        "refused once, then posted once the pause is over"
+    );
     let card = h.bot.engine.card(&h.bot.engine.store().requests().unwrap()[0]);
-    assert!(matches!(h.adapter.post_approval(&card).await, Ok(_)));
     h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 1);
-    assert!(matches!(h.adapter.post_approval(&card).await, Err(ChatError::RateLimited(_))));
+    let refused = h.adapter.post_approval(&card).await;
+    assert!(matches!(refused, Err(ChatError::RateLimited(_))), "{refused:?}");
 }
 
 #[tokio::test]
@@ -430,9 +644,15 @@ async fn bad_config_is_refused_before_anything_runs() {
     let mut c = config("zz");
     assert!(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).is_ok());
     let adapter = Arc::new(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).unwrap());
-    assert!(routes(bot.engine.clone(), adapter, "zz", Arc::new(bot.clock.clone())).is_err(), "bad public key");
+    assert!(
+        routes(bot.engine.clone(), adapter, "zz", Arc::new(bot.clock.clone())).is_err(),
+        "bad public key"
+    );
     c.default_channel = "general".into();
-    assert!(DiscordAdapter::with_token(&c, Secret::new("t"), None).is_err(), "channel names are not ids");
+    assert!(
+        DiscordAdapter::with_token(&c, Secret::new("t"), None).is_err(),
+        "channel names are not ids"
+    );
 }
 
 /// The whole flow against a real OpenLDAP: request, approval by button,
@@ -442,18 +662,32 @@ async fn flow_against_slapd() {
     let slapd = Slapd::start();
     let ldap = LdapDirectory::new(&slapd.ldap_config(), &group_configs()).expect("ldap directory");
     let bot = TestBot::builder().wrap(|_| Arc::new(ldap)).build();
-    let h = start(bot, Duration::from_secs(2)).await;
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
     let id = h.alice_requests().await;
     h.drain().await;
-    assert_eq!(h.discord.calls_to("POST", &format!("/channels/{CDB}/messages")).len(), 1);
+    assert_eq!(
+        h.discord
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .len(),
+        1
+    );
     h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
     h.bot.run_due().await;
     let alice = "uid=alice,ou=people,dc=example,dc=org".to_string();
-    assert!(slapd.values(DB_ADMINS, "member").await.contains(&alice), "granted in slapd");
-    h.bot.advance(Span::from_hours(2).to_chrono() + chrono::Duration::seconds(1));
+    assert!(
+        slapd.values(DB_ADMINS, "member").await.contains(&alice),
+        "granted in slapd"
+    );
+    h.bot
+        .advance(Span::from_hours(2).to_chrono() + chrono::Duration::seconds(1));
     h.bot.run_due().await;
-    assert!(!slapd.values(DB_ADMINS, "member").await.contains(&alice), "revoked in slapd at expiry");
+    assert!(
+        !slapd.values(DB_ADMINS, "member").await.contains(&alice),
+        "revoked in slapd at expiry"
+    );
     h.drain().await;
-    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let edits = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
     assert!(custom_ids(&edits.last().expect("card edited").body).is_empty());
 }

@@ -122,18 +122,12 @@ async fn last_member_removal_uses_the_placeholder() {
 
     let mut without = slapd.ldap_config();
     without.placeholder_dn = None;
-    let err = directory(&without)
-        .remove_member(&g, &dave)
-        .await
-        .unwrap_err();
+    let err = directory(&without).remove_member(&g, &dave).await.unwrap_err();
     assert!(
         matches!(&err, DirectoryError::Refused(m) if m.contains("ldap.placeholder_dn")),
         "{err}"
     );
-    assert_eq!(
-        slapd.values(WEB_ADMINS, "member").await,
-        vec![person("dave")]
-    );
+    assert_eq!(slapd.values(WEB_ADMINS, "member").await, vec![person("dave")]);
 
     let dir = directory(&slapd.ldap_config());
     dir.remove_member(&g, &dave).await.unwrap();
@@ -149,10 +143,7 @@ async fn last_member_removal_uses_the_placeholder() {
 async fn hostile_lookups_never_match_another_entry() {
     let slapd = Slapd::start();
     let dir = directory(&slapd.ldap_config());
-    assert_eq!(
-        dir.find_user("uid", "alice").await.unwrap(),
-        Some(user("alice"))
-    );
+    assert_eq!(dir.find_user("uid", "alice").await.unwrap(), Some(user("alice")));
     assert_eq!(
         dir.find_user("mail", "bob@example.org").await.unwrap(),
         Some(user("bob"))
@@ -179,20 +170,13 @@ async fn hostile_lookups_never_match_another_entry() {
     }
     // Special characters and non-ASCII find exactly their own entry.
     for id in ["zoë", "x,y+z", "evil,+\"\\<>;"] {
-        assert_eq!(
-            dir.find_user("uid", id).await.unwrap(),
-            Some(user(id)),
-            "{id}"
-        );
+        assert_eq!(dir.find_user("uid", id).await.unwrap(), Some(user(id)), "{id}");
     }
     assert_eq!(
         dir.find_user("mail", "evil@example.org").await.unwrap(),
         Some(user("evil,+\"\\<>;"))
     );
-    let err = dir
-        .find_user("mail", "oncall@example.org")
-        .await
-        .unwrap_err();
+    let err = dir.find_user("mail", "oncall@example.org").await.unwrap_err();
     assert!(matches!(err, DirectoryError::Ambiguous(_)), "{err}");
     let err = dir.find_user("uid=*)(mail", "x").await.unwrap_err();
     assert!(matches!(err, DirectoryError::Refused(_)), "{err}");
@@ -221,13 +205,8 @@ async fn hostile_names_round_trip_through_groups() {
     );
     // A hostile id that is nobody's: no entry is touched.
     assert!(!dir.is_member(&group(WEB_ADMINS), &user("*")).await.unwrap());
-    dir.remove_member(&group(WEB_ADMINS), &user("*"))
-        .await
-        .unwrap();
-    assert_eq!(
-        slapd.values(WEB_ADMINS, "member").await,
-        vec![person("dave")]
-    );
+    dir.remove_member(&group(WEB_ADMINS), &user("*")).await.unwrap();
+    assert_eq!(slapd.values(WEB_ADMINS, "member").await, vec![person("dave")]);
 }
 
 /// Collects everything logged while it is the thread's default subscriber.
@@ -306,10 +285,7 @@ async fn outage_then_recovery_without_a_new_directory() {
     assert!(matches!(err, DirectoryError::Unavailable(_)), "{err}");
     assert!(err.is_transient());
     let err = dir.ping().await.unwrap_err();
-    assert!(
-        err.to_string().contains(&slapd.url()),
-        "says which server: {err}"
-    );
+    assert!(err.to_string().contains(&slapd.url()), "says which server: {err}");
 
     slapd.restart();
     dir.remove_member(&g, &alice).await.unwrap();
@@ -360,14 +336,8 @@ async fn nested_groups_of() {
         dir.groups_of(&user("eve"), &among).await.unwrap(),
         of(&[AUDITORS])
     );
-    assert_eq!(
-        dir.groups_of(&user("alice"), &among).await.unwrap(),
-        of(&[])
-    );
-    assert_eq!(
-        dir.groups_of(&user("nobody"), &among).await.unwrap(),
-        of(&[])
-    );
+    assert_eq!(dir.groups_of(&user("alice"), &among).await.unwrap(), of(&[]));
+    assert_eq!(dir.groups_of(&user("nobody"), &among).await.unwrap(), of(&[]));
     // Case of the configured DN does not matter.
     let upper: BTreeSet<GroupDn> = [group(&APPROVERS.to_uppercase())].into();
     assert_eq!(dir.groups_of(&user("carol"), &upper).await.unwrap(), upper);
@@ -455,10 +425,7 @@ async fn check_groups_reports_in_plain_words() {
         slapd.values(DB_ADMINS, "member").await,
         vec![SERVICE_DN.to_string()]
     );
-    assert_eq!(
-        slapd.values(WEB_ADMINS, "member").await,
-        vec![person("dave")]
-    );
+    assert_eq!(slapd.values(WEB_ADMINS, "member").await, vec![person("dave")]);
     assert!(slapd.values(POSIX_ADMINS, "memberUid").await.is_empty());
 
     let mut bad = groups.clone();
@@ -468,11 +435,7 @@ async fn check_groups_reports_in_plain_words() {
     let problems = dir.check_groups(&bad).await;
     assert_eq!(problems.len(), 3, "{problems:#?}");
     assert!(problems[0].contains("does not exist"), "{}", problems[0]);
-    assert!(
-        problems[1].contains("may not modify `member`"),
-        "{}",
-        problems[1]
-    );
+    assert!(problems[1].contains("may not modify `member`"), "{}", problems[1]);
     assert!(problems[2].contains("posixGroup"), "{}", problems[2]);
 
     let mut config = slapd.ldap_config();
@@ -485,14 +448,12 @@ async fn check_groups_reports_in_plain_words() {
 /// A CA, and a server certificate for `host` signed by it: (cert, key, ca).
 fn certificates(host: &str) -> (String, String, String) {
     use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
     };
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "jitbot test CA");
+    ca.distinguished_name.push(DnType::CommonName, "jitbot test CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
@@ -517,9 +478,7 @@ async fn starttls_and_ldaps_with_a_private_ca() {
     starttls.ca_file = Some(slapd.ca_file());
     let dir = directory(&starttls);
     dir.ping().await.unwrap();
-    dir.add_member(&group(DB_ADMINS), &user("alice"))
-        .await
-        .unwrap();
+    dir.add_member(&group(DB_ADMINS), &user("alice")).await.unwrap();
 
     let mut ldaps = slapd.ldap_config();
     ldaps.url = slapd.ldaps_url();

@@ -37,13 +37,25 @@ async fn request_approve_expire_against_slapd() {
     bot.ok("carol", &format!("approve {id}")).await;
     assert_eq!(bot.lease().state, LeaseState::Active);
     let members = server.values(DB_ADMINS, "member").await;
-    assert!(members.contains(&alice_dn()), "membership present in slapd: {members:?}");
-    assert!(bot.engine.check_zsp().await.unwrap().is_empty(), "a leased member is no drift");
+    assert!(
+        members.contains(&alice_dn()),
+        "membership present in slapd: {members:?}"
+    );
+    assert!(
+        bot.engine.check_zsp().await.unwrap().is_empty(),
+        "a leased member is no drift"
+    );
 
     bot.advance(Duration::hours(2));
     bot.run_due().await;
     assert_eq!(bot.lease().state, LeaseState::Ended);
     let members = server.values(DB_ADMINS, "member").await;
-    assert!(!members.contains(&alice_dn()), "membership gone after expiry: {members:?}");
-    assert!(members.contains(&slapd::SERVICE_DN.to_string()), "the placeholder stays");
+    assert!(
+        !members.contains(&alice_dn()),
+        "membership gone after expiry: {members:?}"
+    );
+    assert!(
+        members.contains(&slapd::SERVICE_DN.to_string()),
+        "the placeholder stays"
+    );
 }

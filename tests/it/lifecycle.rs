@@ -36,10 +36,25 @@ async fn request_approve_expire() {
     assert_eq!(lease.state, LeaseState::Ended);
     assert_eq!(lease.end_reason, Some(EndReason::Expired));
     let actions = bot.audit_actions();
-    for want in ["request.opened", "request.approval", "lease.granting", "lease.granted", "lease.revoking", "lease.ended"] {
-        assert!(actions.iter().any(|a| a == want), "audit lacks {want}: {actions:?}");
+    for want in [
+        "request.opened",
+        "request.approval",
+        "lease.granting",
+        "lease.granted",
+        "lease.revoking",
+        "lease.ended",
+    ] {
+        assert!(
+            actions.iter().any(|a| a == want),
+            "audit lacks {want}: {actions:?}"
+        );
     }
-    assert_eq!(bot.engine.store().verify_audit().unwrap(), AuditCheck::Intact { records: actions.len() as u64 });
+    assert_eq!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact {
+            records: actions.len() as u64
+        }
+    );
 }
 
 #[tokio::test]
@@ -53,7 +68,11 @@ async fn refusals_change_nothing() {
     ];
     for (who, text, want) in cases {
         let reply = bot.say(who, text).await;
-        assert!(!reply.ok && reply.text.contains(want), "{who} {text}: {}", reply.text);
+        assert!(
+            !reply.ok && reply.text.contains(want),
+            "{who} {text}: {}",
+            reply.text
+        );
     }
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     for (who, want) in [("alice", "own request"), ("dave", "not an approver")] {
@@ -102,7 +121,10 @@ async fn standing_membership_is_never_removed() {
     bot.advance(Duration::hours(2));
     bot.run_due().await;
     assert_eq!(bot.lease().state, LeaseState::Ended);
-    assert!(bot.is_member(WEB, "dave"), "a membership jitbot did not add stays");
+    assert!(
+        bot.is_member(WEB, "dave"),
+        "a membership jitbot did not add stays"
+    );
     assert_eq!(bot.dir.changes.load(Ordering::SeqCst), 0);
 }
 
@@ -160,7 +182,12 @@ async fn revocation_retries_with_backoff_until_done() {
     // Each retry waits longer; step the clock through them.
     let mut waits = Vec::new();
     for _ in 0..10 {
-        let next = bot.engine.store().next_due().unwrap().expect("a revoke timer stays");
+        let next = bot
+            .engine
+            .store()
+            .next_due()
+            .unwrap()
+            .expect("a revoke timer stays");
         waits.push((next - bot.engine.now()).num_seconds());
         bot.clock.set(next);
         bot.run_due().await;
@@ -176,7 +203,9 @@ async fn revocation_retries_with_backoff_until_done() {
     assert_eq!(actions.iter().filter(|a| *a == "lease.revoke_failed").count(), 4);
     assert!(bot.lease().alerted, "an alert went out after repeated failures");
     let alerts = bot.engine.store().outbox(100).unwrap();
-    assert!(alerts.iter().any(|(_, item, _)| format!("{item:?}").contains("cannot remove alice")));
+    assert!(alerts
+        .iter()
+        .any(|(_, item, _)| format!("{item:?}").contains("cannot remove alice")));
 }
 
 /// A directory that hangs forever at one point, standing for a crash there.
@@ -216,7 +245,11 @@ impl Directory for Hang {
     async fn list_members(&self, g: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
         self.inner.list_members(g).await
     }
-    async fn groups_of(&self, u: &UserId, among: &BTreeSet<GroupDn>) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
         self.inner.groups_of(u, among).await
     }
     async fn ping(&self) -> Result<(), DirectoryError> {
@@ -230,13 +263,18 @@ impl Directory for Hang {
 async fn crash_during_grant_is_finished_on_restart() {
     for at in ["before-add", "after-add"] {
         let memory = crate::support::bot::seeded();
-        let hang: Arc<dyn Directory> = Arc::new(Hang { inner: memory.clone(), at });
+        let hang: Arc<dyn Directory> = Arc::new(Hang {
+            inner: memory.clone(),
+            at,
+        });
         let bot = TestBot::builder().wrap(|_| hang).build();
         let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
         let text = format!("approve {id}");
         let approve = bot.say("bob", &text);
         assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(200), approve).await.is_err(),
+            tokio::time::timeout(std::time::Duration::from_millis(200), approve)
+                .await
+                .is_err(),
             "{at}: the approval should hang in the directory"
         );
         assert_eq!(memory.members(DB).contains("alice"), at == "after-add", "{at}");
@@ -246,7 +284,11 @@ async fn crash_during_grant_is_finished_on_restart() {
         bot.run_due().await;
         assert_eq!(bot.lease().state, LeaseState::Active, "{at}: finished on restart");
         assert!(memory.members(DB).contains("alice"), "{at}");
-        assert_eq!(memory.changes.load(Ordering::SeqCst), 1, "{at}: added exactly once");
+        assert_eq!(
+            memory.changes.load(Ordering::SeqCst),
+            1,
+            "{at}: added exactly once"
+        );
         bot.advance(Duration::hours(1));
         bot.run_due().await;
         assert!(!memory.members(DB).contains("alice"), "{at}: and it still ends");
@@ -258,21 +300,33 @@ async fn crash_during_grant_is_finished_on_restart() {
 async fn crash_during_revoke_is_finished_on_restart() {
     for at in ["before-remove", "after-remove"] {
         let memory = crate::support::bot::seeded();
-        let hang: Arc<dyn Directory> = Arc::new(Hang { inner: memory.clone(), at });
+        let hang: Arc<dyn Directory> = Arc::new(Hang {
+            inner: memory.clone(),
+            at,
+        });
         let bot = TestBot::builder().wrap(|_| hang).build();
         let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
         bot.ok("bob", &format!("approve {id}")).await;
         bot.advance(Duration::hours(1));
         assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(200), bot.run_due()).await.is_err(),
+            tokio::time::timeout(std::time::Duration::from_millis(200), bot.run_due())
+                .await
+                .is_err(),
             "{at}: the revocation should hang"
         );
-        assert_eq!(bot.lease().state, LeaseState::Revoking, "{at}: durable before the side effect");
+        assert_eq!(
+            bot.lease().state,
+            LeaseState::Revoking,
+            "{at}: durable before the side effect"
+        );
 
         let bot = bot.restart(memory.clone(), policy());
         bot.run_due().await;
         assert_eq!(bot.lease().state, LeaseState::Ended, "{at}");
-        assert!(!memory.members(DB).contains("alice"), "{at}: no membership without a lease");
+        assert!(
+            !memory.members(DB).contains("alice"),
+            "{at}: no membership without a lease"
+        );
     }
 }
 
@@ -355,7 +409,9 @@ async fn n_of_m_and_break_glass() {
 
 #[tokio::test]
 async fn zsp_drift_is_reported_and_remediated() {
-    let bot = TestBot::builder().policy(|p| p.groups[0].remediate = true).build();
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].remediate = true)
+        .build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     bot.dir.add_group(DB, ["alice", "erin"]);

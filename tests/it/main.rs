@@ -3,10 +3,10 @@
 #[path = "../support/mod.rs"]
 mod support;
 
-mod ldap;
-mod lifecycle;
-mod slack;
 mod console;
-mod ldap_flow;
 mod discord;
+mod ldap;
+mod ldap_flow;
+mod lifecycle;
 mod ops;
+mod slack;

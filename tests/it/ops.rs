@@ -12,8 +12,24 @@ use std::time::Instant;
 
 const TOKEN: &str = "adm1n-t0ken-that-must-never-be-logged";
 
+/// Kills the child if the test fails before it is stopped on purpose.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn config_text(port: u16, store: &std::path::Path) -> String {
@@ -99,7 +115,9 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
         drop(bot);
         let store = Store::open(&store_path, 16).unwrap();
         let dir = crate::support::bot::seeded();
-        let clock = jitbot::clock::ManualClock::new(chrono::Utc::now() - Duration::minutes(59) - Duration::seconds(57));
+        let clock = jitbot::clock::ManualClock::new(
+            chrono::Utc::now() - Duration::minutes(59) - Duration::seconds(57),
+        );
         let engine = jitbot::engine::Engine::new(
             config.policy(),
             store,
@@ -111,7 +129,10 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
             let engine = engine.clone();
             async move {
                 engine
-                    .execute(&jitbot::engine::Caller::new(user, None), jitbot_core::Command::parse(&text).unwrap())
+                    .execute(
+                        &jitbot::engine::Caller::new(user, None),
+                        jitbot_core::Command::parse(&text).unwrap(),
+                    )
                     .await
             }
         };
@@ -126,13 +147,14 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     }
 
     let log_path = tmp.path().join("stderr.log");
-    let mut child = jitbot()
+    let child = jitbot()
         .args(["run", "--config"])
         .arg(&config_path)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(Some(child));
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
@@ -145,10 +167,18 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
         assert!(Instant::now() < deadline, "jitbot did not come up");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{base}/readyz")).send().await.unwrap().status(),
+        200
+    );
 
     // The admin API refuses a wrong token and serves the right one.
-    let wrong = http.get(format!("{base}/admin/leases")).bearer_auth("nope").send().await.unwrap();
+    let wrong = http
+        .get(format!("{base}/admin/leases"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
 
     // The overdue leases are revoked by the running scheduler.
@@ -164,7 +194,14 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
         leases_json().iter().filter(|l| l["state"] == "ended").count() == 2
     });
 
-    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let value = |name: &str| -> f64 {
         metrics
             .lines()
@@ -177,15 +214,25 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     assert_eq!(value("jitbot_active_leases"), 1.0);
     assert!(value("jitbot_revocation_lag_seconds_count") >= 2.0);
 
-    let verify = jitbot().args(["audit", "verify", "--url", &base]).output().unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let verify = jitbot()
+        .args(["audit", "verify", "--url", &base])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert!(String::from_utf8_lossy(&verify.stdout).contains("intact"));
     let csv = jitbot()
         .args(["audit", "export", "--format", "csv", "--url", &base])
         .output()
         .unwrap();
     let csv = String::from_utf8_lossy(&csv.stdout);
-    assert!(csv.starts_with("seq,at,actor,action") && csv.contains("lease.ended"), "{csv}");
+    assert!(
+        csv.starts_with("seq,at,actor,action") && csv.contains("lease.ended"),
+        "{csv}"
+    );
 
     let backup = tmp.path().join("backup.jsonl");
     let out = jitbot()
@@ -207,8 +254,13 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
 
     // SIGTERM: a clean, bounded exit.
     let stopped_at = Instant::now();
+    let mut child = child.0.take().unwrap();
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
     assert!(stopped_at.elapsed() < std::time::Duration::from_secs(10));
@@ -217,7 +269,13 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     let store = Store::open(&store_path, 16).unwrap();
     let leases = store.leases().unwrap();
     assert_eq!(leases.len(), 3, "no lease lost");
-    assert_eq!(leases.iter().filter(|l| l.lease.state == LeaseState::Active).count(), 1);
+    assert_eq!(
+        leases
+            .iter()
+            .filter(|l| l.lease.state == LeaseState::Active)
+            .count(),
+        1
+    );
     assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Intact { .. }));
     drop(store);
 
@@ -233,7 +291,10 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let restored = Store::open(&restored_path, 16).unwrap();
     assert_eq!(restored.leases().unwrap().len(), 3);
-    assert!(matches!(restored.verify_audit().unwrap(), AuditCheck::Intact { .. }));
+    assert!(matches!(
+        restored.verify_audit().unwrap(),
+        AuditCheck::Intact { .. }
+    ));
 
     let logs = std::fs::read_to_string(&log_path).unwrap();
     assert!(logs.contains("jitbot listening"), "{logs}");
@@ -244,7 +305,8 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
 fn a_bad_config_exits_64_before_binding() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let text = config_text(port, &tmp.path().join("db")).replace("max_duration = \"4h\"", "max_duration = \"30m\"");
+    let text =
+        config_text(port, &tmp.path().join("db")).replace("max_duration = \"4h\"", "max_duration = \"30m\"");
     let path = tmp.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
     for sub in ["run", "check-config"] {
@@ -252,7 +314,10 @@ fn a_bad_config_exits_64_before_binding() {
         assert_eq!(out.status.code(), Some(64), "{sub}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("group[db-admins].default_duration"), "{sub}: {err}");
-        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "{sub} bound the port");
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "{sub} bound the port"
+        );
         assert!(!tmp.path().join("db").exists(), "{sub} created the store");
     }
 }
@@ -271,6 +336,10 @@ fn check_config_names_a_missing_secret() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("JITBOT_TEST_ADMIN_TOKEN"));
-    let ok = jitbot().args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let ok = jitbot()
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
 }

@@ -83,7 +83,13 @@ impl Builder {
         let memory = seeded();
         let directory: Arc<dyn Directory> = self.directory.unwrap_or_else(|| memory.clone());
         let store = Store::open(&path, 16).expect("open store");
-        let engine = Engine::new(self.policy, store, directory, Arc::new(clock.clone()), self.settings);
+        let engine = Engine::new(
+            self.policy,
+            store,
+            directory,
+            Arc::new(clock.clone()),
+            self.settings,
+        );
         TestBot {
             engine,
             dir: memory,
@@ -142,7 +148,11 @@ impl TestBot {
     /// Fires every timer due now, repeatedly, as the scheduler would.
     pub async fn run_due(&self) {
         for _ in 0..100 {
-            let due = self.engine.store().due_timers(self.engine.now(), 1000).expect("timers");
+            let due = self
+                .engine
+                .store()
+                .due_timers(self.engine.now(), 1000)
+                .expect("timers");
             if due.is_empty() {
                 return;
             }

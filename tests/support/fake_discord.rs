@@ -50,7 +50,9 @@ impl FakeDiscord {
             next_id: AtomicU64::new(1_300_000_000_000_000_000),
             ..Inner::default()
         });
-        let app = Router::new().route("/api/v10/{*rest}", any(api)).with_state(inner.clone());
+        let app = Router::new()
+            .route("/api/v10/{*rest}", any(api))
+            .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake discord");
@@ -66,7 +68,11 @@ impl FakeDiscord {
 
     /// Answers calls whose path starts with `prefix` with 429, `times` times.
     pub fn rate_limit(&self, prefix: &str, times: u32) {
-        self.inner.limits.lock().unwrap().push((prefix.to_string(), times));
+        self.inner
+            .limits
+            .lock()
+            .unwrap()
+            .push((prefix.to_string(), times));
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -95,6 +101,11 @@ impl FakeDiscord {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// The id of the DM channel with a user: stable, so tests can find it.
+pub fn dm_channel(user: &str) -> String {
+    format!("15{}", user.get(2..).unwrap_or_default())
 }
 
 fn matches(pattern: &str, path: &str) -> bool {
@@ -138,7 +149,10 @@ async fn api(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: By
     });
     {
         let mut limits = inner.limits.lock().unwrap();
-        if let Some(limit) = limits.iter_mut().find(|(p, n)| *n > 0 && path.starts_with(p.as_str())) {
+        if let Some(limit) = limits
+            .iter_mut()
+            .find(|(p, n)| *n > 0 && path.starts_with(p.as_str()))
+        {
             limit.1 -= 1;
             let body = json!({ "message": "You are being rate limited.", "retry_after": 1.0, "global": false, "code": 0 });
             return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], Json(body)).into_response();
@@ -147,12 +161,14 @@ async fn api(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: By
     let fresh = || inner.next_id.fetch_add(1, Ordering::SeqCst).to_string();
     let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method.as_str(), seg.as_slice()) {
-        ("POST", ["channels", channel, "messages"]) => Json(message(&fresh(), channel, &body)).into_response(),
+        ("POST", ["channels", channel, "messages"]) => {
+            Json(message(&fresh(), channel, &body)).into_response()
+        }
         ("PATCH", ["channels", channel, "messages", id]) => Json(message(id, channel, &body)).into_response(),
         ("POST", ["users", "@me", "channels"]) => {
             let recipient = body["recipient_id"].as_str().unwrap_or("0").to_string();
             Json(json!({
-                "id": format!("9{recipient}"),
+                "id": dm_channel(&recipient),
                 "type": 1,
                 "last_message_id": null,
                 "recipients": [user(&recipient, "someone", false)]
@@ -163,8 +179,13 @@ async fn api(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: By
             Json(message(&fresh(), "1", &body)).into_response()
         }
         ("POST", ["interactions", _id, _token, "callback"]) => StatusCode::NO_CONTENT.into_response(),
-        ("PUT", ["applications", app, "commands"]) | ("PUT", ["applications", app, "guilds", _, "commands"]) => {
-            let guild = seg.get(3).filter(|_| seg.len() == 5).map(|g| json!(g)).unwrap_or(Value::Null);
+        ("PUT", ["applications", app, "commands"])
+        | ("PUT", ["applications", app, "guilds", _, "commands"]) => {
+            let guild = seg
+                .get(3)
+                .filter(|_| seg.len() == 5)
+                .map(|g| json!(g))
+                .unwrap_or(Value::Null);
             let registered: Vec<Value> = body
                 .as_array()
                 .cloned()

@@ -142,14 +142,10 @@ impl Slapd {
             {
                 return;
             }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
                 self.stop();
-                let log =
-                    std::fs::read_to_string(self.dir.path().join("slapd.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(self.dir.path().join("slapd.log")).unwrap_or_default();
                 panic!("slapd did not start on port(s) {ports:?}:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -213,9 +209,7 @@ impl Slapd {
     /// A plain ldap3 connection bound as the directory's root, independent
     /// of the code under test.
     pub async fn admin(&self) -> Ldap {
-        let (conn, mut ldap) = LdapConnAsync::new(&self.url())
-            .await
-            .expect("admin connect");
+        let (conn, mut ldap) = LdapConnAsync::new(&self.url()).await.expect("admin connect");
         ldap3::drive!(conn);
         ldap.simple_bind(ADMIN_DN, ADMIN_PW)
             .await

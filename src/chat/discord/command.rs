@@ -31,9 +31,7 @@ fn sub(name: &str, description: &str, options: Vec<CreateCommandOption>) -> Crea
 /// registering it again at each start is harmless.
 pub fn definition() -> CreateCommand {
     let duration = |required| text("duration", "How long, e.g. 2h or 1h30m", required);
-    let reason = |required| {
-        text("reason", "Why", required).max_length(MAX_REASON_CHARS as u16)
-    };
+    let reason = |required| text("reason", "Why", required).max_length(MAX_REASON_CHARS as u16);
     let id = |name: &str, what: &str| text(name, what, true);
     CreateCommand::new(NAME)
         .description("Just-in-time group membership")
@@ -48,7 +46,11 @@ pub fn definition() -> CreateCommand {
             vec![group_option(), duration(false), reason(false)],
         ))
         .add_option(sub("list", "Your leases and pending requests", vec![]))
-        .add_option(sub("release", "Give a membership back now", vec![id("target", "Lease id or group")]))
+        .add_option(sub(
+            "release",
+            "Give a membership back now",
+            vec![id("target", "Lease id or group")],
+        ))
         .add_option(sub(
             "extend",
             "Ask for more time",
@@ -67,13 +69,21 @@ pub fn definition() -> CreateCommand {
             "Deny a request (approvers)",
             vec![id("request", "Request id, e.g. r-12"), reason(true)],
         ))
-        .add_option(sub("cancel", "Withdraw your pending request", vec![id("request", "Request id")]))
+        .add_option(sub(
+            "cancel",
+            "Withdraw your pending request",
+            vec![id("request", "Request id")],
+        ))
         .add_option(sub(
             "revoke",
             "End someone's lease (approvers, admins)",
             vec![id("lease", "Lease id"), reason(true)],
         ))
-        .add_option(sub("ack", "Acknowledge a break-glass grant", vec![id("request", "Request id")]))
+        .add_option(sub(
+            "ack",
+            "Acknowledge a break-glass grant",
+            vec![id("request", "Request id")],
+        ))
 }
 
 /// The command an invocation stands for.
@@ -87,13 +97,19 @@ pub fn to_command(inv: &Invocation) -> Result<Command, ParseError> {
         }
     };
     let reason = || -> Result<String, ParseError> {
-        let r = inv.options.get("reason").map(|r| r.trim().to_string()).unwrap_or_default();
+        let r = inv
+            .options
+            .get("reason")
+            .map(|r| r.trim().to_string())
+            .unwrap_or_default();
         if r.chars().count() > MAX_REASON_CHARS {
             return Err(ParseError::ReasonTooLong);
         }
         Ok(r)
     };
-    let duration = || -> Result<Option<Span>, ParseError> { word("duration")?.map(str::parse).transpose().map_err(Into::into) };
+    let duration = || -> Result<Option<Span>, ParseError> {
+        word("duration")?.map(str::parse).transpose().map_err(Into::into)
+    };
     let sub = inv.sub.as_str();
     match sub {
         "request" | "breakglass" => {
@@ -103,8 +119,16 @@ pub fn to_command(inv: &Invocation) -> Result<Command, ParseError> {
             let duration = duration()?;
             let reason = reason()?;
             Ok(match Command::parse(&format!("{sub} {group}"))? {
-                Command::Request { group, .. } => Command::Request { group, duration, reason },
-                Command::BreakGlass { group, .. } => Command::BreakGlass { group, duration, reason },
+                Command::Request { group, .. } => Command::Request {
+                    group,
+                    duration,
+                    reason,
+                },
+                Command::BreakGlass { group, .. } => Command::BreakGlass {
+                    group,
+                    duration,
+                    reason,
+                },
                 other => other,
             })
         }
@@ -145,7 +169,10 @@ mod tests {
             },
             command: NAME.into(),
             sub: sub.into(),
-            options: options.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             focused: None,
         }
     }
@@ -154,7 +181,10 @@ mod tests {
     fn options_become_the_shared_commands() {
         let cases = [
             (
-                inv("request", &[("group", "db-admins"), ("reason", "3 replicas down")]),
+                inv(
+                    "request",
+                    &[("group", "db-admins"), ("reason", "3 replicas down")],
+                ),
                 Command::Request {
                     group: GroupName::new("db-admins"),
                     duration: None,
@@ -162,7 +192,10 @@ mod tests {
                 },
             ),
             (
-                inv("request", &[("group", "db-admins"), ("duration", "2h"), ("reason", "x")]),
+                inv(
+                    "request",
+                    &[("group", "db-admins"), ("duration", "2h"), ("reason", "x")],
+                ),
                 Command::Request {
                     group: GroupName::new("db-admins"),
                     duration: Some(Span::from_hours(2)),
@@ -185,7 +218,12 @@ mod tests {
                     duration: Span::from_hours(1),
                 },
             ),
-            (inv("ack", &[("request", "r-2")]), Command::Acknowledge { request: "r-2".into() }),
+            (
+                inv("ack", &[("request", "r-2")]),
+                Command::Acknowledge {
+                    request: "r-2".into(),
+                },
+            ),
         ];
         for (i, want) in cases {
             assert_eq!(to_command(&i).unwrap(), want, "{i:?}");
@@ -199,6 +237,9 @@ mod tests {
         assert!(to_command(&inv("request", &[("group", "db"), ("duration", "soon")])).is_err());
         assert!(to_command(&inv("frobnicate", &[])).is_err());
         let long = "x".repeat(MAX_REASON_CHARS + 1);
-        assert_eq!(to_command(&inv("deny", &[("request", "r-1"), ("reason", &long)])), Err(ParseError::ReasonTooLong));
+        assert_eq!(
+            to_command(&inv("deny", &[("request", "r-1"), ("reason", &long)])),
+            Err(ParseError::ReasonTooLong)
+        );
     }
 }

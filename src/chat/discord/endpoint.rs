@@ -37,7 +37,8 @@ pub fn verifier(public_key_hex: &str) -> anyhow::Result<Verifier> {
         .ok()
         .and_then(|b| b.try_into().ok())
         .context("discord.public_key must be 64 hex digits (the application's public key)")?;
-    Verifier::try_new(bytes).map_err(|e| anyhow::anyhow!("discord.public_key is not a valid Ed25519 key: {e}"))
+    Verifier::try_new(bytes)
+        .map_err(|e| anyhow::anyhow!("discord.public_key is not a valid Ed25519 key: {e}"))
 }
 
 /// The interactions endpoint, to be merged into jitbot's HTTP server.
@@ -81,7 +82,8 @@ impl EndpointState {
     fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let checked = (|| {
-            let (Some(signature), Some(timestamp)) = (header("x-signature-ed25519"), header("x-signature-timestamp"))
+            let (Some(signature), Some(timestamp)) =
+                (header("x-signature-ed25519"), header("x-signature-timestamp"))
             else {
                 return Err(Refusal::MissingHeaders);
             };

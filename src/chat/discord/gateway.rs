@@ -38,7 +38,10 @@ impl EventHandler for Gateway {
         let id: InteractionId = interaction.id();
         match self.handler.handle(incoming).await {
             Ok(outcome) => {
-                let sent = ctx.http.create_interaction_response(id, &token, &outcome.response, vec![]).await;
+                let sent = ctx
+                    .http
+                    .create_interaction_response(id, &token, &outcome.response, vec![])
+                    .await;
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, "cannot answer a Discord interaction");
                 }

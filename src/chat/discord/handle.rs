@@ -74,7 +74,8 @@ impl DiscordHandler {
                 Ok(Outcome::now(self.autocomplete(&inv).await))
             }
             Incoming::Button { origin, custom_id } => {
-                let action = Action::parse(&custom_id).map_err(|_| Rejected::UnknownComponent(custom_id.clone()))?;
+                let action =
+                    Action::parse(&custom_id).map_err(|_| Rejected::UnknownComponent(custom_id.clone()))?;
                 if let Action::Deny(request) = &action {
                     return Ok(Outcome::now(message::deny_modal(request)));
                 }
@@ -116,14 +117,16 @@ impl DiscordHandler {
             Ok(Ok(text)) => Outcome::now(message::ephemeral(&text)),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "Discord command task failed");
-                Outcome::now(message::ephemeral("jitbot failed to run that; tell your jitbot admins."))
+                Outcome::now(message::ephemeral(
+                    "jitbot failed to run that; tell your jitbot admins.",
+                ))
             }
             Err(_) => {
                 let adapter = self.adapter.clone();
                 let later: Later = Box::pin(async move {
-                    let text = work
-                        .await
-                        .unwrap_or_else(|_| "jitbot failed to run that; tell your jitbot admins.".to_string());
+                    let text = work.await.unwrap_or_else(|_| {
+                        "jitbot failed to run that; tell your jitbot admins.".to_string()
+                    });
                     if let Err(e) = adapter.edit_original(&origin.token, &text).await {
                         tracing::warn!(error = %e, "cannot edit the deferred Discord answer");
                     }

@@ -37,7 +37,10 @@ pub enum Incoming {
     Command(Invocation),
     Autocomplete(Invocation),
     /// A button: its `custom_id`.
-    Button { origin: Origin, custom_id: String },
+    Button {
+        origin: Origin,
+        custom_id: String,
+    },
     /// A modal submit: its `custom_id` and text inputs.
     Modal {
         origin: Origin,
@@ -162,7 +165,11 @@ impl Incoming {
                     options,
                     focused,
                 };
-                Ok(if raw.kind == 2 { Incoming::Command(inv) } else { Incoming::Autocomplete(inv) })
+                Ok(if raw.kind == 2 {
+                    Incoming::Command(inv)
+                } else {
+                    Incoming::Autocomplete(inv)
+                })
             }
             3 => Ok(Incoming::Button {
                 origin,
@@ -197,7 +204,12 @@ impl Incoming {
             Interaction::Ping(_) => Incoming::Ping,
             Interaction::Command(c) | Interaction::Autocomplete(c) => {
                 let user = c.member.as_ref().map(|m| m.user.id).unwrap_or(c.user.id);
-                let o = origin(c.id.to_string(), &c.token, user.to_string(), c.channel_id.to_string());
+                let o = origin(
+                    c.id.to_string(),
+                    &c.token,
+                    user.to_string(),
+                    c.channel_id.to_string(),
+                );
                 let mut inv = Invocation {
                     origin: o,
                     command: c.data.name.clone(),
@@ -220,7 +232,12 @@ impl Incoming {
             Interaction::Component(c) => {
                 let user = c.member.as_ref().map(|m| m.user.id).unwrap_or(c.user.id);
                 Incoming::Button {
-                    origin: origin(c.id.to_string(), &c.token, user.to_string(), c.channel_id.to_string()),
+                    origin: origin(
+                        c.id.to_string(),
+                        &c.token,
+                        user.to_string(),
+                        c.channel_id.to_string(),
+                    ),
                     custom_id: c.data.custom_id.clone(),
                 }
             }
@@ -239,7 +256,12 @@ impl Incoming {
                     })
                     .collect();
                 Incoming::Modal {
-                    origin: origin(m.id.to_string(), &m.token, user.to_string(), m.channel_id.to_string()),
+                    origin: origin(
+                        m.id.to_string(),
+                        &m.token,
+                        user.to_string(),
+                        m.channel_id.to_string(),
+                    ),
                     custom_id: m.data.custom_id.clone(),
                     fields,
                 }
@@ -271,7 +293,9 @@ mod tests {
         let body = br#"{"type":2,"id":"9","token":"t","channel_id":"c1","member":{"user":{"id":"u1"}},
             "data":{"name":"jit","options":[{"name":"request","type":1,"options":[
                 {"name":"group","type":3,"value":"db-admins"},{"name":"duration","type":3,"value":"2h"}]}]}}"#;
-        let Incoming::Command(inv) = Incoming::from_json(body).unwrap() else { panic!("not a command") };
+        let Incoming::Command(inv) = Incoming::from_json(body).unwrap() else {
+            panic!("not a command")
+        };
         assert_eq!((inv.command.as_str(), inv.sub.as_str()), ("jit", "request"));
         assert_eq!(inv.options["group"], "db-admins");
         assert_eq!(inv.origin.user, "u1");
@@ -280,7 +304,10 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_read() {
         assert!(matches!(Incoming::from_json(b"{"), Err(Rejected::Malformed(_))));
-        assert!(matches!(Incoming::from_json(br#"{"type":3,"id":"1","token":"t","user":{"id":"u"}}"#), Err(Rejected::Malformed(_))));
+        assert!(matches!(
+            Incoming::from_json(br#"{"type":3,"id":"1","token":"t","user":{"id":"u"}}"#),
+            Err(Rejected::Malformed(_))
+        ));
         assert_eq!(
             Incoming::from_json(br#"{"type":42,"id":"1","token":"t","user":{"id":"u"},"data":{}}"#),
             Err(Rejected::UnknownType(42))

@@ -42,7 +42,9 @@ pub fn buttons(actions: &[Action]) -> Vec<CreateActionRow> {
                 Action::Deny(_) => ButtonStyle::Danger,
                 _ => ButtonStyle::Secondary,
             };
-            CreateButton::new(a.id()).label(render::button_label(a)).style(style)
+            CreateButton::new(a.id())
+                .label(render::button_label(a))
+                .style(style)
         })
         .collect();
     vec![CreateActionRow::Buttons(row)]
@@ -50,9 +52,13 @@ pub fn buttons(actions: &[Action]) -> Vec<CreateActionRow> {
 
 /// The card's embed: headline, the facts as fields, yellow while open.
 pub fn card_embed(card: &ApprovalCard) -> CreateEmbed {
-    let fields = render::fields(card)
-        .into_iter()
-        .map(|(label, value)| (label, render::clip(&value, FIELD_LIMIT), matches!(label, "Requester" | "Group" | "Duration" | "Approvals")));
+    let fields = render::fields(card).into_iter().map(|(label, value)| {
+        (
+            label,
+            render::clip(&value, FIELD_LIMIT),
+            matches!(label, "Requester" | "Group" | "Duration" | "Approvals"),
+        )
+    });
     CreateEmbed::new()
         .title(render::clip(&render::headline(card), 256))
         .fields(fields)
@@ -168,7 +174,10 @@ mod tests {
         assert_eq!(v["type"], 4);
         assert_eq!(v["data"]["flags"], 64);
         let v = to_json(&deferred());
-        assert_eq!((v["type"].as_u64(), v["data"]["flags"].as_u64()), (Some(5), Some(64)));
+        assert_eq!(
+            (v["type"].as_u64(), v["data"]["flags"].as_u64()),
+            (Some(5), Some(64))
+        );
         let v = to_json(&deny_modal("r-7"));
         assert_eq!(v["type"], 9);
         assert_eq!(v["data"]["custom_id"], "jit:deny-modal:r-7");

@@ -130,7 +130,10 @@ impl DiscordAdapter {
         let c = &self.config;
         match audience {
             Audience::Group(g) => c.channels.get(g.as_str()).unwrap_or(&c.default_channel).clone(),
-            Audience::Alert => c.alert_channel.clone().unwrap_or_else(|| c.default_channel.clone()),
+            Audience::Alert => c
+                .alert_channel
+                .clone()
+                .unwrap_or_else(|| c.default_channel.clone()),
             Audience::User { .. } => c.default_channel.clone(),
         }
     }
@@ -145,7 +148,11 @@ impl DiscordAdapter {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.http.edit_original_interaction_response(token, &edit, vec![]).await {
+            match self
+                .http
+                .edit_original_interaction_response(token, &edit, vec![])
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(_) if attempt < 2 => tokio::time::sleep(Duration::from_secs(1)).await,
                 Err(e) => return Err(chat_error(e)),
@@ -223,7 +230,9 @@ impl Notifier for DiscordAdapter {
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
         match &notice.to {
-            Audience::User { chat: Some(chat), .. } if chat.platform == PLATFORM => self.dm(&chat.user, notice).await,
+            Audience::User { chat: Some(chat), .. } if chat.platform == PLATFORM => {
+                self.dm(&chat.user, notice).await
+            }
             Audience::User { user, .. } => {
                 // Never talked to jitbot on Discord: nowhere to reach them here.
                 tracing::debug!(%user, "no Discord identity for this person; notice not sent on Discord");
@@ -248,21 +257,32 @@ pub fn configure(
     config: &DiscordConfig,
     engine: &Engine,
     clock: Arc<dyn Clock>,
-) -> anyhow::Result<(Arc<DiscordAdapter>, Option<axum::Router>, Option<crate::chat::AdapterTask>)> {
+) -> anyhow::Result<(
+    Arc<DiscordAdapter>,
+    Option<axum::Router>,
+    Option<crate::chat::AdapterTask>,
+)> {
     let token = config.bot_token.resolve().map_err(DiscordSetupError::from)?;
     let adapter = Arc::new(DiscordAdapter::with_token(config, token.clone(), None)?);
     match config.mode {
         DiscordMode::Http => {
-            let key = config
-                .public_key
-                .as_deref()
-                .ok_or_else(|| anyhow::anyhow!("discord.public_key: HTTP mode needs the application's public key"))?;
+            let key = config.public_key.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("discord.public_key: HTTP mode needs the application's public key")
+            })?;
             let router = routes(engine.clone(), adapter.clone(), key, clock)?;
-            Ok((adapter.clone(), Some(router), Some(gateway::register_task(adapter))))
+            Ok((
+                adapter.clone(),
+                Some(router),
+                Some(gateway::register_task(adapter)),
+            ))
         }
         DiscordMode::Gateway => {
             let handler = DiscordHandler::new(engine.clone(), adapter.clone());
-            Ok((adapter.clone(), None, Some(gateway::task(token, handler, adapter))))
+            Ok((
+                adapter.clone(),
+                None,
+                Some(gateway::task(token, handler, adapter)),
+            ))
         }
     }
 }

@@ -53,20 +53,13 @@ impl LdapDirectory {
     }
 
     /// The group exists and its object classes hold the configured kind.
-    async fn check_shape(
-        &self,
-        g: &GroupConfig,
-    ) -> Result<Option<String>, crate::ports::DirectoryError> {
+    async fn check_shape(&self, g: &GroupConfig) -> Result<Option<String>, crate::ports::DirectoryError> {
         let (entries, result) = self
             .search(&g.dn, Scope::Base, "(objectClass=*)", &["objectClass"])
             .await?;
         match result.rc {
             rc::SUCCESS => {}
-            rc::NO_SUCH_OBJECT => {
-                return Ok(Some(
-                    "does not exist in the directory; check its `dn`".into(),
-                ))
-            }
+            rc::NO_SUCH_OBJECT => return Ok(Some("does not exist in the directory; check its `dn`".into())),
             _ => return Ok(Some(format!("cannot be read: {}", describe(&result)))),
         }
         let classes = entries
@@ -117,10 +110,7 @@ impl LdapDirectory {
                 "{} may not modify `{attr}`; grant it write access to the group",
                 self.conn.bind_dn()
             )),
-            Ok(result) => Some(format!(
-                "test modify of `{attr}` failed: {}",
-                describe(&result)
-            )),
+            Ok(result) => Some(format!("test modify of `{attr}` failed: {}", describe(&result))),
             Err(e) => Some(e.to_string()),
         }
     }
@@ -136,9 +126,7 @@ impl LdapDirectory {
             );
         }
         if g.ad_ttl && !self.active_directory {
-            warnings.push(
-                "ad_ttl only works on Active Directory (ldap.active_directory = true)".into(),
-            );
+            warnings.push("ad_ttl only works on Active Directory (ldap.active_directory = true)".into());
         }
         if g.ad_ttl && g.membership != MembershipKind::Member {
             warnings.push("ad_ttl only applies to membership = \"member\"".into());
@@ -146,7 +134,8 @@ impl LdapDirectory {
         let needs_placeholder = !self.active_directory && g.membership != MembershipKind::MemberUid;
         if needs_placeholder && self.placeholder.is_none() {
             warnings.push(
-                "OpenLDAP refuses to remove the last member of this kind of group; set ldap.placeholder_dn".into(),
+                "OpenLDAP refuses to remove the last member of this kind of group; set ldap.placeholder_dn"
+                    .into(),
             );
         }
         warnings

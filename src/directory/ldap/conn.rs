@@ -10,9 +10,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,10 +105,7 @@ impl Supervisor {
                         // A freshly made connection that fails is not stale:
                         // the server itself is in trouble.
                         if fresh || retried {
-                            return Err(DirectoryError::Unavailable(format!(
-                                "{}: {why}",
-                                self.url
-                            )));
+                            return Err(DirectoryError::Unavailable(format!("{}: {why}", self.url)));
                         }
                         tracing::info!(url = %self.url, error = %why, "LDAP connection lost; reconnecting");
                         retried = true;
@@ -150,9 +145,7 @@ impl Supervisor {
             .map_err(|e| connect_error(&self.url, e))?;
         ldap3::drive!(conn);
         ldap.with_timeout(self.op_timeout);
-        let bound = ldap
-            .simple_bind(&self.bind_dn, self.password.expose())
-            .await;
+        let bound = ldap.simple_bind(&self.bind_dn, self.password.expose()).await;
         let result = bound.map_err(|e| match classify(e) {
             Failure::Transport(why) | Failure::Hung(why) => {
                 DirectoryError::Unavailable(format!("{}: bind: {why}", self.url))
@@ -202,9 +195,7 @@ fn classify(e: LdapError) -> Failure {
             _ => Failure::Final(DirectoryError::Refused(describe(&result))),
         },
         LdapError::Timeout { .. } => Failure::Hung("operation timed out".into()),
-        LdapError::FilterParsing => {
-            Failure::Final(DirectoryError::Refused("invalid search filter".into()))
-        }
+        LdapError::FilterParsing => Failure::Final(DirectoryError::Refused("invalid search filter".into())),
         other => Failure::Transport(other.to_string()),
     }
 }
@@ -222,9 +213,7 @@ fn connect_error(url: &str, e: LdapError) -> DirectoryError {
         (Some(why), _) => DirectoryError::Refused(format!(
             "TLS with {url} failed: {why}; check ldap.ca_file and the host name in ldap.url"
         )),
-        (None, LdapError::Timeout { .. }) => {
-            DirectoryError::Unavailable(format!("{url}: connect timed out"))
-        }
+        (None, LdapError::Timeout { .. }) => DirectoryError::Unavailable(format!("{url}: connect timed out")),
         (None, e) => DirectoryError::Unavailable(format!("cannot connect to {url}: {e}")),
     }
 }
@@ -235,9 +224,8 @@ fn tls_config(config: &LdapConfig) -> Result<Arc<ClientConfig>, DirectoryError> 
     let mut roots = RootCertStore::empty();
     match &config.ca_file {
         Some(path) => {
-            let bad = |why: String| {
-                DirectoryError::Refused(format!("ldap.ca_file {}: {why}", path.display()))
-            };
+            let bad =
+                |why: String| DirectoryError::Refused(format!("ldap.ca_file {}: {why}", path.display()));
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| bad(e.to_string()))?
                 .collect::<Result<Vec<_>, _>>()

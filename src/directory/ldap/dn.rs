@@ -79,9 +79,7 @@ fn unescape_value(raw: &str) -> Option<String> {
             continue;
         }
         let next = *bytes.get(i + 1)?;
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
         match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
             Some(b) if next.is_ascii_hexdigit() => {
                 out.push(b);
@@ -149,10 +147,7 @@ mod tests {
     #[test]
     fn first_rdn_unescapes() {
         let cases = [
-            (
-                "uid=alice,ou=people,dc=example,dc=org",
-                Some(("uid", "alice")),
-            ),
+            ("uid=alice,ou=people,dc=example,dc=org", Some(("uid", "alice"))),
             (r"uid=x\2Cy\2Bz,ou=people", Some(("uid", "x,y+z"))),
             (r#"cn=weird \"name\",ou=x"#, Some(("cn", r#"weird "name""#))),
             (r"cn=a\,b\\c,dc=x", Some(("cn", r"a,b\c"))),

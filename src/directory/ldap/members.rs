@@ -22,12 +22,7 @@ impl LdapDirectory {
             }
         }
         let (entries, result) = self
-            .search(
-                member,
-                Scope::Base,
-                "(objectClass=*)",
-                &[self.id_attr.as_str()],
-            )
+            .search(member, Scope::Base, "(objectClass=*)", &[self.id_attr.as_str()])
             .await?;
         match result.rc {
             rc::SUCCESS => {}

@@ -63,11 +63,7 @@ impl LdapDirectory {
         let groups = groups
             .iter()
             .map(|g| {
-                let ttl = g
-                    .max_total_duration
-                    .unwrap_or(g.max_duration)
-                    .to_std()
-                    .as_secs();
+                let ttl = g.max_total_duration.unwrap_or(g.max_duration).to_std().as_secs();
                 let spec = GroupSpec {
                     kind: g.membership,
                     ad_ttl: g.ad_ttl.then_some(ttl),
@@ -171,11 +167,7 @@ impl LdapDirectory {
     }
 
     /// The value that stands for `user` in a group of this kind.
-    async fn member_value(
-        &self,
-        kind: MembershipKind,
-        user: &UserId,
-    ) -> Result<String, DirectoryError> {
+    async fn member_value(&self, kind: MembershipKind, user: &UserId) -> Result<String, DirectoryError> {
         match kind {
             MembershipKind::MemberUid => Ok(user.to_string()),
             MembershipKind::Member | MembershipKind::UniqueMember => self.user_dn(user).await,
@@ -184,12 +176,7 @@ impl LdapDirectory {
 
     /// Whether `group` holds `value` in `attr` (the server compares, with the
     /// attribute's own matching rule).
-    async fn has_value(
-        &self,
-        group: &GroupDn,
-        attr: &str,
-        value: &str,
-    ) -> Result<bool, DirectoryError> {
+    async fn has_value(&self, group: &GroupDn, attr: &str, value: &str) -> Result<bool, DirectoryError> {
         let filter = format!("({attr}={})", ldap_escape(value));
         let (entries, result) = self
             .search(group.as_str(), Scope::Base, &filter, &["1.1"])
@@ -204,11 +191,7 @@ impl LdapDirectory {
 
 #[async_trait]
 impl Directory for LdapDirectory {
-    async fn find_user(
-        &self,
-        attribute: &str,
-        value: &str,
-    ) -> Result<Option<UserId>, DirectoryError> {
+    async fn find_user(&self, attribute: &str, value: &str) -> Result<Option<UserId>, DirectoryError> {
         if value.is_empty() || value.contains('\0') {
             return Ok(None);
         }
@@ -219,12 +202,7 @@ impl Directory for LdapDirectory {
         }
         let filter = format!("(&(objectClass=*)({attribute}={}))", ldap_escape(value));
         let (entries, result) = self
-            .search(
-                &self.user_base,
-                Scope::Subtree,
-                &filter,
-                &[self.id_attr.as_str()],
-            )
+            .search(&self.user_base, Scope::Subtree, &filter, &[self.id_attr.as_str()])
             .await?;
         self.check_user_base(&result)?;
         let ambiguous = || DirectoryError::Ambiguous(format!("{attribute}={value}"));
@@ -290,12 +268,7 @@ impl Directory for LdapDirectory {
             // The account is gone but its DN may still sit in the group (no
             // referential integrity): remove the DN it would have had.
             Err(DirectoryError::NoSuchUser(_)) => {
-                format!(
-                    "{}={},{}",
-                    self.id_attr,
-                    dn_escape(user.as_str()),
-                    self.user_base
-                )
+                format!("{}={},{}", self.id_attr, dn_escape(user.as_str()), self.user_base)
             }
             Err(e) => return Err(e),
         };
@@ -378,9 +351,7 @@ impl Directory for LdapDirectory {
     }
 
     async fn ping(&self) -> Result<(), DirectoryError> {
-        let (_, result) = self
-            .search("", Scope::Base, "(objectClass=*)", &["1.1"])
-            .await?;
+        let (_, result) = self.search("", Scope::Base, "(objectClass=*)", &["1.1"]).await?;
         if result.rc == rc::SUCCESS {
             return Ok(());
         }

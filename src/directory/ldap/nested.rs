@@ -60,8 +60,7 @@ impl LdapDirectory {
                 }
                 filter.push(')');
                 for base in &bases {
-                    let (entries, result) =
-                        self.search(base, Scope::Subtree, &filter, &["1.1"]).await?;
+                    let (entries, result) = self.search(base, Scope::Subtree, &filter, &["1.1"]).await?;
                     if result.rc != rc::SUCCESS && result.rc != rc::NO_SUCH_OBJECT {
                         return Err(self.refusal(&result, &format!("search groups under {base}")));
                     }
@@ -126,10 +125,7 @@ mod tests {
 
     #[test]
     fn suffix_of_user_base() {
-        assert_eq!(
-            dc_suffix("ou=people,dc=example,dc=org"),
-            "dc=example,dc=org"
-        );
+        assert_eq!(dc_suffix("ou=people,dc=example,dc=org"), "dc=example,dc=org");
         assert_eq!(dc_suffix("ou=people,o=corp"), "ou=people,o=corp");
         assert_eq!(dc_suffix("dc=x"), "dc=x");
     }
