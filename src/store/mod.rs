@@ -398,7 +398,13 @@ impl Store {
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush_async().await?;
+        // sled 0.34's `flush_async` can deadlock when many run at once (its
+        // I/O threads wait on each other), so the blocking flush runs on
+        // tokio's blocking pool instead.
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Io(format!("flush task failed: {e}")))??;
         Ok(())
     }
 

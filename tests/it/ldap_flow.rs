@@ -59,3 +59,69 @@ async fn request_approve_expire_against_slapd() {
         "the placeholder stays"
     );
 }
+
+/// The directory down across a batch of expiries: nothing is dropped, an
+/// alert goes out, and every membership is removed once it is back.
+#[tokio::test]
+async fn directory_outage_across_expiries() {
+    let mut server = Slapd::start();
+    let groups = slapd::group_configs();
+    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
+    let policy = Policy {
+        groups: groups.iter().map(|g| g.to_policy()).collect(),
+        admins: Default::default(),
+    };
+    let bot = TestBot::builder()
+        .policy(|p| *p = policy)
+        .settings(|s| s.alert_after = 2)
+        .directory(Arc::new(directory))
+        .build();
+    for user in ["alice", "bob"] {
+        let id = TestBot::request_id(&bot.ok(user, "request db-admins 1h batch").await);
+        bot.ok("carol", &format!("approve {id}")).await;
+    }
+    assert_eq!(
+        server.values(DB_ADMINS, "member").await.len(),
+        3,
+        "two members and the placeholder"
+    );
+
+    server.stop();
+    bot.advance(Duration::hours(1));
+    for _ in 0..3 {
+        bot.run_due().await;
+        let next = bot
+            .engine
+            .store()
+            .next_due()
+            .unwrap()
+            .expect("revocations stay scheduled");
+        bot.clock.set(next);
+    }
+    let leases = bot.engine.store().leases().unwrap();
+    assert!(
+        leases.iter().all(|l| l.lease.state == LeaseState::Revoking),
+        "{leases:?}"
+    );
+    assert!(leases
+        .iter()
+        .all(|l| l.lease.alerted && l.lease.revoke_attempts >= 2));
+    let outbox = format!("{:?}", bot.engine.store().outbox(100).unwrap());
+    assert!(
+        outbox.contains("cannot remove alice") && outbox.contains("cannot remove bob"),
+        "{outbox}"
+    );
+
+    server.restart();
+    bot.advance(Duration::minutes(10));
+    bot.run_due().await;
+    let leases = bot.engine.store().leases().unwrap();
+    assert!(
+        leases.iter().all(|l| l.lease.state == LeaseState::Ended),
+        "{leases:?}"
+    );
+    assert_eq!(
+        server.values(DB_ADMINS, "member").await,
+        vec![slapd::SERVICE_DN.to_string()]
+    );
+}

@@ -10,3 +10,4 @@ mod ldap_flow;
 mod lifecycle;
 mod ops;
 mod slack;
+mod store;
