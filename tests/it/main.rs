@@ -11,3 +11,4 @@ mod lifecycle;
 mod ops;
 mod slack;
 mod store;
+mod faults;
