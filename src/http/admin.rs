@@ -158,6 +158,10 @@ pub struct RequestView {
     pub approvals: Vec<String>,
     pub break_glass_unreviewed: bool,
     pub created_at: String,
+    /// `grant` or `extend`.
+    pub kind: String,
+    /// The lease this request produced, or the one it extends.
+    pub lease: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +187,18 @@ async fn requests(_: Admin, State(s): State<HttpState>, Query(f): Query<RequestF
                         approvals: r.approvals.iter().map(|a| a.by.to_string()).collect(),
                         break_glass_unreviewed: r.awaits_review(),
                         created_at: r.created_at.to_rfc3339(),
+                        kind: match &r.kind {
+                            jitbot_core::RequestKind::Grant => "grant".into(),
+                            jitbot_core::RequestKind::Extend { .. } => "extend".into(),
+                        },
+                        lease: rec
+                            .lease
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .or_else(|| match &r.kind {
+                                jitbot_core::RequestKind::Extend { lease } => Some(lease.to_string()),
+                                jitbot_core::RequestKind::Grant => None,
+                            }),
                     }
                 })
                 .collect::<Vec<_>>(),

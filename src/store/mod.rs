@@ -61,10 +61,16 @@ struct Inner {
     outbox: sled::Tree,
     meta: sled::Tree,
     writer: Mutex<()>,
+    /// Group commit: commits made so far, and how many of them are on disk.
+    committed: std::sync::atomic::AtomicU64,
+    flushed: std::sync::atomic::AtomicU64,
+    flusher: tokio::sync::Mutex<()>,
 }
 
 const AUDIT_HEAD: &[u8] = b"audit_head";
 const SCHEMA: &[u8] = b"schema";
+const NEXT_ID: &[u8] = b"next_id";
+const NEXT_OUTBOX: &[u8] = b"next_outbox";
 
 fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
     let mut k = group.as_str().as_bytes().to_vec();
@@ -107,6 +113,20 @@ pub struct Tx<'a> {
     live: Vec<(Vec<u8>, Option<LeaseId>)>,
     audit: Vec<AuditDraft>,
     outbox: Vec<OutboxItem>,
+    /// The next id to hand out, once read from `meta`; written back on commit.
+    next_id: Option<u64>,
+}
+
+/// Reads a big-endian counter from `meta`.
+fn counter(meta: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    Ok(match meta.get(key)? {
+        Some(v) if v.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            u64::from_be_bytes(b)
+        }
+        _ => 1,
+    })
 }
 
 impl<'a> Tx<'a> {
@@ -169,8 +189,17 @@ impl<'a> Tx<'a> {
     }
 
     /// A fresh id with a prefix (`r-17`, `l-4`), unique for this database.
-    pub fn new_id(&self, prefix: &str) -> Result<String, StoreError> {
-        Ok(format!("{prefix}-{}", self.store.db.generate_id()? + 1))
+    ///
+    /// The counter lives in the store and is committed with the records that
+    /// use it, so an id is never handed out twice, even across crashes
+    /// (sled's own `generate_id` can repeat ids after a kill).
+    pub fn new_id(&mut self, prefix: &str) -> Result<String, StoreError> {
+        let next = match self.next_id {
+            Some(n) => n,
+            None => counter(&self.store.meta, NEXT_ID)?,
+        };
+        self.next_id = Some(next + 1);
+        Ok(format!("{prefix}-{next}"))
     }
 
     pub fn now(&self) -> Instant {
@@ -250,6 +279,9 @@ impl Store {
             outbox: db.open_tree("outbox")?,
             meta: db.open_tree("meta")?,
             writer: Mutex::new(()),
+            committed: Default::default(),
+            flushed: Default::default(),
+            flusher: tokio::sync::Mutex::new(()),
             db,
         };
         if inner.meta.get(SCHEMA)?.is_none() {
@@ -281,23 +313,22 @@ impl Store {
                 live: Vec::new(),
                 audit: Vec::new(),
                 outbox: Vec::new(),
+                next_id: None,
             };
             let value = f(&mut tx)?;
             self.commit(tx)?;
             value
         };
-        self.flush().await?;
+        self.flush_committed().await?;
         Ok(value)
     }
 
     fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
         let s = &*self.inner;
-        // Ids for outbox entries are drawn outside the sled transaction
-        // (generate_id is not transactional); gaps are harmless.
-        let mut outbox_ids = Vec::with_capacity(tx.outbox.len());
-        for _ in &tx.outbox {
-            outbox_ids.push(s.db.generate_id()?);
-        }
+        // Outbox keys come from a counter committed with the entries (the
+        // writer lock makes reading it here safe).
+        let first_outbox = counter(&s.meta, NEXT_OUTBOX)?;
+        let outbox_ids: Vec<u64> = (0..tx.outbox.len() as u64).map(|i| first_outbox + i).collect();
         let trees = (
             &s.requests,
             &s.leases,
@@ -380,6 +411,15 @@ impl Store {
                     }
                     meta.insert(AUDIT_HEAD, format!("{seq}:{prev}").as_bytes())?;
                 }
+                if let Some(next) = tx.next_id {
+                    meta.insert(NEXT_ID, &next.to_be_bytes())?;
+                }
+                if !tx.outbox.is_empty() {
+                    meta.insert(
+                        NEXT_OUTBOX,
+                        &(first_outbox + tx.outbox.len() as u64).to_be_bytes(),
+                    )?;
+                }
                 for (item, id) in tx.outbox.iter().zip(&outbox_ids) {
                     let stored = StoredOutbox::V1 {
                         item: item.clone(),
@@ -393,18 +433,41 @@ impl Store {
         result.map_err(|e| match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => StoreError::Io(e.to_string()),
-        })
+        })?;
+        self.inner
+            .committed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        // sled 0.34's `flush_async` can deadlock when many run at once (its
-        // I/O threads wait on each other), so the blocking flush runs on
-        // tokio's blocking pool instead.
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| StoreError::Io(format!("flush task failed: {e}")))??;
+        Ok(())
+    }
+
+    /// Waits until every commit made so far is on disk.
+    ///
+    /// Group commit: one flush covers every commit made before it started,
+    /// so concurrent writers wait for one disk sync instead of one each.
+    /// sled 0.34's `flush_async` can deadlock when many run at once, so the
+    /// blocking flush runs on tokio's blocking pool instead.
+    async fn flush_committed(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let mine = self.inner.committed.load(Ordering::SeqCst);
+        if self.inner.flushed.load(Ordering::SeqCst) >= mine && mine > 0 {
+            return Ok(());
+        }
+        let _turn = self.inner.flusher.lock().await;
+        if self.inner.flushed.load(Ordering::SeqCst) >= mine && mine > 0 {
+            return Ok(());
+        }
+        let target = self.inner.committed.load(Ordering::SeqCst);
+        self.flush().await?;
+        self.inner.flushed.fetch_max(target, Ordering::SeqCst);
         Ok(())
     }
 

@@ -25,7 +25,11 @@ struct Bot {
 
 impl Bot {
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         self.child = Some(
             Command::new(env!("CARGO_BIN_EXE_jitbot"))
                 .args(["run", "--config"])
@@ -55,7 +59,11 @@ impl Bot {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "jitbot did not come up; see {}", self.log.display());
+            assert!(
+                Instant::now() < deadline,
+                "jitbot did not come up; see {}",
+                self.log.display()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -127,7 +135,11 @@ async fn sigkill_at_random_points_leaves_no_standing_privilege() {
         slack.add_user(&slack_id(u), &format!("{u}@example.org"));
     }
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let ldap = server.ldap_config();
     let config = format!(
         r#"
@@ -230,7 +242,12 @@ reason_required = false
                 "response_url": slack.response_url(n),
                 "actions": [{"type": "button", "action_id": format!("jit:approve:{id}"), "action_ts": format!("{n}.0")}]
             });
-            bot.post(&http, "/slack/interactions", form(&[("payload", &payload.to_string())])).await;
+            bot.post(
+                &http,
+                "/slack/interactions",
+                form(&[("payload", &payload.to_string())]),
+            )
+            .await;
         }
         tokio::time::sleep(kill_after).await;
         bot.kill();
@@ -249,10 +266,17 @@ reason_required = false
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let requests = bot.requests(&http).await;
+    // Approved grants; a request for a group the user still held became an
+    // extension of that lease instead, which must exist.
     let approved: BTreeSet<String> = requests
         .iter()
-        .filter(|r| r["state"] == "approved")
+        .filter(|r| r["state"] == "approved" && r["kind"] == "grant")
         .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let extended: Vec<String> = requests
+        .iter()
+        .filter(|r| r["state"] == "approved" && r["kind"] == "extend")
+        .map(|r| r["lease"].as_str().unwrap().to_string())
         .collect();
     assert!(!approved.is_empty(), "the drill approved nothing: {requests:#?}");
     // No lease lost: every approved request has its lease; no double grant:
@@ -268,13 +292,24 @@ reason_required = false
         *per_request.entry(l.lease.request.to_string()).or_default() += 1;
     }
     for id in &approved {
-        assert_eq!(per_request.get(id), Some(&1), "request {id}: leases {per_request:?}");
+        assert_eq!(
+            per_request.get(id),
+            Some(&1),
+            "request {id}: leases {per_request:?}"
+        );
     }
     assert_eq!(store_leases.len(), all_leases.len());
+    for lease in &extended {
+        assert!(
+            store_leases.iter().any(|l| l.lease.id.as_str() == lease),
+            "extended lease {lease} is missing"
+        );
+    }
     println!(
-        "fault drill: {} requests, {} approved, {} leases, all ended",
+        "fault drill: {} requests, {} approved grants, {} extensions, {} leases, all ended",
         requests.len(),
         approved.len(),
+        extended.len(),
         store_leases.len()
     );
     // No membership without a lease: only the placeholder is left.

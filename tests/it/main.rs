@@ -5,10 +5,10 @@ mod support;
 
 mod console;
 mod discord;
+mod faults;
 mod ldap;
 mod ldap_flow;
 mod lifecycle;
 mod ops;
 mod slack;
 mod store;
-mod faults;
