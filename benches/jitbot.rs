@@ -9,13 +9,16 @@
 //!
 //! Figures go to stdout; BENCHMARKS.md records a run.
 
+#[path = "../tests/support/fake_slack.rs"]
+#[allow(dead_code)]
+mod fake_slack;
 #[path = "../tests/support/slapd.rs"]
 #[allow(dead_code)]
 mod slapd;
 
 use chrono::{Duration, Utc};
 use jitbot::chat::fanout::LogNotifier;
-use jitbot::clock::{Clock, SystemClock};
+use jitbot::clock::SystemClock;
 use jitbot::directory::ldap::LdapDirectory;
 use jitbot::engine::{Caller, Engine, EngineSettings};
 use jitbot::ports::Directory;
@@ -247,7 +250,13 @@ fn lags(engine: &Engine) -> Vec<f64> {
         .collect()
 }
 
-async fn run_scheduler_until_done(engine: &Engine, n: usize, concurrency: usize, limit_secs: u64) -> f64 {
+/// Runs the scheduler until no timer is due and `until` has passed.
+async fn run_scheduler_until_done(
+    engine: &Engine,
+    until: chrono::DateTime<Utc>,
+    concurrency: usize,
+    limit_secs: u64,
+) -> f64 {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let settings = jitbot::scheduler::SchedulerSettings {
         max_wait: std::time::Duration::from_secs(1),
@@ -256,17 +265,13 @@ async fn run_scheduler_until_done(engine: &Engine, n: usize, concurrency: usize,
     let started = Instant::now();
     let task = tokio::spawn(jitbot::scheduler::run(engine.clone(), settings, rx));
     loop {
-        let ended = engine
-            .store()
-            .leases()
-            .unwrap()
-            .iter()
-            .filter(|l| l.lease.state == LeaseState::Ended)
-            .count();
-        if ended >= n || started.elapsed().as_secs() > limit_secs {
+        // Cheap: the first key of the timer index.
+        let now = Utc::now();
+        let idle = engine.store().due_timers(now, 1).unwrap().is_empty();
+        if (idle && now > until) || started.elapsed().as_secs() > limit_secs {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();
     tx.send(true).unwrap();
@@ -288,7 +293,7 @@ async fn bench_revocation(server: &Slapd, people_added: usize) {
         start + Duration::milliseconds((i as i64 * 60_000) / n as i64)
     })
     .await;
-    run_scheduler_until_done(&engine, n, 32, 600).await;
+    run_scheduler_until_done(&engine, start + Duration::seconds(60), 32, 600).await;
     println!(
         "revocation lag ({n} leases expiring within 60 s, LDAP remove + read-back each): {}",
         summary(lags(&engine))
@@ -335,7 +340,7 @@ async fn bench_mass(server: &Slapd) {
     let engine = engine_on(&tmp.path().join("db"), directory(server), Span::from_hours(4));
     let due = Utc::now();
     seed_leases(engine.store(), n, |_| due).await;
-    let secs = run_scheduler_until_done(&engine, n, 32, 600).await;
+    let secs = run_scheduler_until_done(&engine, due, 32, 600).await;
     println!(
         "mass expiry: {n} leases due at once: jitbot {secs:.2}s ({:.0}/s, each durable before and after, with read-back) vs plain ldap3 loop {plain:.2}s ({:.0}/s): ratio {:.2}",
         n as f64 / secs,
@@ -368,26 +373,147 @@ async fn bench_restart(server: &Slapd) {
             seeding.elapsed().as_secs_f64()
         );
     }
+    // A fresh process opens the store and starts scheduling: its time and
+    // memory are what a restarted jitbot pays.
+    let probe = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("restart-probe")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let probe = String::from_utf8_lossy(&probe.stdout).to_string();
+    let field = |name: &str| -> f64 {
+        probe
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("probe said {probe:?}"))
+    };
+    let (open_secs, rss) = (field("open_secs"), field("rss_kib"));
     add_members(server, 0, overdue).await;
-    let rss_before = rss_kib();
-    let started = Instant::now();
     let engine = engine_on(&path, directory(server), Span::from_hours(24 * 365));
-    let first = engine.store().next_due().unwrap();
-    let scheduled = started.elapsed().as_secs_f64();
-    assert!(first.is_some());
-    let secs = run_scheduler_until_done(&engine, overdue, 32, 600).await;
-    let rss_after = rss_kib();
+    let secs = run_scheduler_until_done(&engine, Utc::now(), 32, 600).await;
     println!(
-        "restart: {n} leases in the store: open + scheduled in {scheduled:.3}s (the schedule is the store's timer index; nothing is loaded); {overdue} overdue revoked in {secs:.2}s; RSS {} MiB → {} MiB ({:.1} bytes per scheduled lease, sled cache 64 MiB)",
-        rss_before / 1024,
-        rss_after / 1024,
-        (rss_after.saturating_sub(rss_before) as f64 * 1024.0) / n as f64
+        "restart: {n} leases in the store: a fresh process opens it and has its next timer in {open_secs:.3}s (the schedule is the store's timer index; nothing is loaded into memory); RSS {:.0} MiB = {:.0} bytes per scheduled lease (sled cache 64 MiB); {overdue} overdue leases revoked in {secs:.2}s ({:.0}/s)",
+        rss / 1024.0,
+        rss * 1024.0 / n as f64,
+        overdue as f64 / secs
     );
-    let _ = SystemClock.now();
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// Acknowledgement latency of signed Slack slash commands over HTTP at fixed
+/// (open-loop) rates; the work behind each ack runs meanwhile.
+async fn bench_ack(server: &Slapd) {
+    use jitbot::chat::slack::{routes, signature::sign, SlackAdapter};
+    use jitbot::config::{SlackConfig, SlackMode};
+    use jitbot::secret::{Secret, SecretSource};
+    let slack = fake_slack::FakeSlack::start().await;
+    slack.add_user("UALICE", "alice@example.org");
+    let config = SlackConfig {
+        mode: SlackMode::Http,
+        bot_token: SecretSource::env("UNUSED"),
+        signing_secret: None,
+        app_token: None,
+        api_url: slack.api_url(),
+        user_attribute: "mail".into(),
+        default_channel: "CJIT".into(),
+        alert_channel: None,
+        channels: Default::default(),
+        approver_dms: false,
+    };
+    let adapter = Arc::new(SlackAdapter::with_token(&config, Secret::new("xoxb-bench")).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let engine = engine_on(&tmp.path().join("db"), directory(server), Span::from_hours(4));
+    let app = routes(
+        engine,
+        adapter,
+        Secret::new("bench-secret"),
+        Arc::new(SystemClock),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/slack/commands", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::new();
+    let secs = env_usize("JITBOT_BENCH_ACK_SECS", 3) as u64;
+    let mut n = 0u64;
+    for rate in [100u64, 500, 1000] {
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut tick = tokio::time::interval(std::time::Duration::from_micros(1_000_000 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for _ in 0..rate * secs {
+            tick.tick().await;
+            n += 1;
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("team_id", "T1")
+                .append_pair("channel_id", "CJIT")
+                .append_pair("user_id", "UALICE")
+                .append_pair("command", "/jit")
+                .append_pair("text", "list")
+                .append_pair("response_url", &slack.response_url(n as u32))
+                .append_pair("trigger_id", &format!("bench.{n}"));
+            let body = form.finish();
+            let ts = Utc::now().timestamp();
+            let sig = sign("bench-secret", ts, body.as_bytes());
+            let req = http
+                .post(&base)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-slack-request-timestamp", ts.to_string())
+                .header("x-slack-signature", sig)
+                .body(body);
+            tasks.spawn(async move {
+                let started = Instant::now();
+                let status = req.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+                (status, started.elapsed().as_secs_f64() * 1000.0)
+            });
+        }
+        let mut samples = Vec::new();
+        let mut failed = 0;
+        while let Some(r) = tasks.join_next().await {
+            let (status, ms) = r.unwrap();
+            if status == 200 {
+                samples.push(ms);
+            } else {
+                failed += 1;
+            }
+        }
+        println!(
+            "slack ack at {rate}/s for {secs}s: {} ({failed} not acknowledged with 200)",
+            summary(samples)
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// The child side of the restart benchmark: open, find the next timer, report.
+fn restart_probe(path: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let started = Instant::now();
+        let store = Store::open(std::path::Path::new(path), 64).unwrap();
+        let next = store.next_due().unwrap();
+        let batch = store.due_timers(Utc::now(), 32).unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        assert!(next.is_some() && !batch.is_empty());
+        println!("open_secs={secs} rss_kib={}", rss_kib());
+    });
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("restart-probe") {
+        return restart_probe(&argv[2]);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
+async fn run() {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -400,9 +526,15 @@ async fn main() {
     if want("store") {
         bench_store().await;
     }
-    let needs_ldap = ["grant", "revocation", "mass", "restart"].iter().any(|s| want(s));
+    let needs_ldap = ["ack", "grant", "revocation", "mass", "restart"]
+        .iter()
+        .any(|s| want(s));
     if !needs_ldap {
         return;
+    }
+    if want("ack") {
+        let server = Slapd::start();
+        bench_ack(&server).await;
     }
     if want("grant") {
         let server = Slapd::start();

@@ -80,6 +80,7 @@ pub fn start(parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
             engine: engine.clone(),
             admin_token: parts.admin_token,
             metrics: crate::metrics::install(),
+            chat: Some(parts.notifier.clone()),
         },
         parts.routers,
     );

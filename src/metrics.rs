@@ -24,8 +24,14 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
-pub fn request(outcome: &'static str) {
-    counter!("jitbot_requests_total", "outcome" => outcome).increment(1);
+/// Requests, approvals and denials by outcome (`accepted` or `refused`).
+pub fn command(kind: &'static str, outcome: &'static str) {
+    let name = match kind {
+        "request" => "jitbot_requests_total",
+        "approval" => "jitbot_approvals_total",
+        _ => "jitbot_denials_total",
+    };
+    counter!(name, "outcome" => outcome).increment(1);
 }
 pub fn granted() {
     counter!("jitbot_grants_total").increment(1);

@@ -79,4 +79,8 @@ pub trait Notifier: Send + Sync + 'static {
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError>;
     /// Sends a notice to a person, a group's channel or the alert channel.
     async fn send(&self, notice: &Notice) -> Result<(), ChatError>;
+    /// Whether the platform answers with jitbot's credentials (for `/readyz`).
+    async fn ready(&self) -> Result<(), ChatError> {
+        Ok(())
+    }
 }

@@ -310,7 +310,8 @@ mod tests {
 
     #[test]
     fn explains_mistakes() {
-        let cases: [(&str, fn(&ParseError) -> bool); 7] = [
+        type Check = fn(&ParseError) -> bool;
+        let cases: [(&str, Check); 7] = [
             ("frobnicate", |e| matches!(e, ParseError::UnknownCommand(_))),
             ("request", |e| matches!(e, ParseError::Usage(_))),
             ("request *)(uid=* 1h x", |e| matches!(e, ParseError::BadName(_))),

@@ -56,6 +56,15 @@ impl Notifier for Fanout {
         }
         result
     }
+
+    async fn ready(&self) -> Result<(), ChatError> {
+        for (name, n) in &self.platforms {
+            n.ready()
+                .await
+                .map_err(|e| ChatError::Unavailable(format!("{name}: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes notices to the log only.

@@ -205,6 +205,20 @@ impl Engine {
     /// Applies a command and answers the caller. Never panics on bad input:
     /// every refusal comes back as a [`Reply`] saying what to do.
     pub async fn execute(&self, caller: &Caller, command: Command) -> Reply {
+        let kind = match &command {
+            Command::Request { .. } | Command::BreakGlass { .. } => Some("request"),
+            Command::Approve { .. } => Some("approval"),
+            Command::Deny { .. } => Some("denial"),
+            _ => None,
+        };
+        let reply = self.apply(caller, command).await;
+        if let Some(kind) = kind {
+            crate::metrics::command(kind, if reply.ok { "accepted" } else { "refused" });
+        }
+        reply
+    }
+
+    async fn apply(&self, caller: &Caller, command: Command) -> Reply {
         let result = match command {
             Command::Help => Ok(Reply::ok(jitbot_core::command::HELP)),
             Command::Request {

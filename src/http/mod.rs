@@ -21,6 +21,8 @@ pub struct HttpState {
     /// Bearer token of the admin API; `None` turns the admin API off.
     pub admin_token: Option<Secret>,
     pub metrics: Option<PrometheusHandle>,
+    /// The chat platforms, for readiness.
+    pub chat: Option<std::sync::Arc<dyn crate::ports::Notifier>>,
 }
 
 /// The built-in routes merged with the adapters' routes.
@@ -37,14 +39,21 @@ pub fn router(state: HttpState, adapters: Vec<Router>) -> Router {
     app
 }
 
+/// Ready when the store answers, the directory answers and every chat
+/// platform accepts jitbot's credentials.
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
-    let store = state.engine.store().next_due().is_ok();
-    let directory = state.engine.directory().ping().await;
-    match (store, directory) {
-        (true, Ok(())) => (StatusCode::OK, "ready\n".to_string()),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n".to_string()),
-        (_, Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    if state.engine.store().next_due().is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n".to_string());
     }
+    if let Err(e) = state.engine.directory().ping().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
+    }
+    if let Some(chat) = &state.chat {
+        if let Err(e) = chat.ready().await {
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("chat: {e}\n"));
+        }
+    }
+    (StatusCode::OK, "ready\n".to_string())
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

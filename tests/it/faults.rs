@@ -37,6 +37,7 @@ impl Bot {
                 .env("FAULT_SIGNING", SIGNING)
                 .env("FAULT_BOT_TOKEN", "xoxb-fault")
                 .env("FAULT_ADMIN", TOKEN)
+                .env("JITBOT_LOG", "debug")
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -317,4 +318,11 @@ reason_required = false
     let users: Vec<String> = members.iter().filter_map(|m| uid_of(m)).collect();
     assert!(users.is_empty(), "memberships left behind: {members:?}");
     assert!(members.contains(&slapd::SERVICE_DN.to_string()));
+
+    // No secret in the logs, at debug level, across all those runs.
+    let log = std::fs::read_to_string(&bot.log).unwrap();
+    assert!(log.contains("jitbot listening"), "the log was captured");
+    for secret in [SIGNING, TOKEN, "xoxb-fault", slapd::SERVICE_PW] {
+        assert!(!log.contains(secret), "a secret leaked into the logs");
+    }
 }

@@ -317,11 +317,15 @@ modulepath /usr/lib/ldap
 moduleload back_mdb
 {tls}
 database mdb
-maxsize 67108864
+maxsize 536870912
 suffix "{SUFFIX}"
 rootdn "{ADMIN_DN}"
 rootpw {ADMIN_PW}
 directory {d}/data
+# The equality indexes any production directory has on these.
+index objectClass eq
+index uid,mail,cn eq
+index member,uniqueMember,memberUid eq
 
 access to dn.base=""
   by * read

@@ -248,6 +248,14 @@ impl Notifier for DiscordAdapter {
             }
         }
     }
+
+    async fn ready(&self) -> Result<(), ChatError> {
+        self.http
+            .get_current_user()
+            .await
+            .map(|_| ())
+            .map_err(|e| ChatError::Unavailable(format!("cannot read the bot user: {e}")))
+    }
 }
 
 /// Builds the Discord adapter from config: the notifier, the interactions

@@ -275,4 +275,11 @@ impl Notifier for SlackAdapter {
             }
         }
     }
+
+    async fn ready(&self) -> Result<(), ChatError> {
+        self.session().auth_test().await.map(|_| ()).map_err(|e| {
+            crate::metrics::chat_error(PLATFORM);
+            ChatError::Unavailable(format!("auth.test failed: {e}"))
+        })
+    }
 }

@@ -5,6 +5,7 @@
 //! `dn_escape` in DNs. Every change is read back before it is reported done.
 //! The bind password is read once and never logged nor put in an error.
 
+mod batch;
 mod check;
 mod conn;
 mod dn;
@@ -16,10 +17,12 @@ pub use dn::{ad_ttl_value, is_ad_protected_group};
 use crate::config::{GroupConfig, LdapConfig, MembershipKind};
 use crate::ports::{Directory, DirectoryError};
 use async_trait::async_trait;
+use batch::{Change, Combiner, Item};
 use conn::{describe, rc, Supervisor};
 use jitbot_core::{GroupDn, UserId};
 use ldap3::{dn_escape, ldap_escape, LdapResult, Mod, Scope, SearchEntry};
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::OnceCell;
 
 /// Group membership in an LDAP directory, over one supervised connection.
@@ -33,6 +36,10 @@ pub struct LdapDirectory {
     /// Configured groups by normalized DN; others are read as `member` groups.
     groups: HashMap<String, GroupSpec>,
     naming_contexts: OnceCell<Vec<String>>,
+    /// Membership changes queued behind a group's modify in flight.
+    combiner: Combiner,
+    /// Modify operations sent, for tests and benchmarks.
+    modifies: AtomicU64,
 }
 
 #[derive(Clone, Copy)]
@@ -80,7 +87,15 @@ impl LdapDirectory {
             placeholder: config.placeholder_dn.clone(),
             groups,
             naming_contexts: OnceCell::new(),
+            combiner: Combiner::default(),
+            modifies: AtomicU64::new(0),
         })
+    }
+
+    /// How many modify operations this directory has sent (a combined
+    /// change counts once).
+    pub fn modify_count(&self) -> u64 {
+        self.modifies.load(Ordering::Relaxed)
     }
 
     fn spec(&self, group: &GroupDn) -> GroupSpec {
@@ -114,6 +129,7 @@ impl LdapDirectory {
     }
 
     async fn modify(&self, dn: &str, mods: Vec<Mod<String>>) -> Result<LdapResult, DirectoryError> {
+        self.modifies.fetch_add(1, Ordering::Relaxed);
         self.conn
             .run(|mut ldap| {
                 let mods = mods.clone();
@@ -177,16 +193,79 @@ impl LdapDirectory {
     /// Whether `group` holds `value` in `attr` (the server compares, with the
     /// attribute's own matching rule).
     async fn has_value(&self, group: &GroupDn, attr: &str, value: &str) -> Result<bool, DirectoryError> {
-        let filter = format!("({attr}={})", ldap_escape(value));
-        let (entries, result) = self
-            .search(group.as_str(), Scope::Base, &filter, &["1.1"])
-            .await?;
+        self.matches(group, &format!("({attr}={})", ldap_escape(value)))
+            .await
+    }
+
+    /// Whether `group` matches `filter` (a base search).
+    async fn matches(&self, group: &GroupDn, filter: &str) -> Result<bool, DirectoryError> {
+        let (entries, result) = self.search(group.as_str(), Scope::Base, filter, &["1.1"]).await?;
         match result.rc {
             rc::SUCCESS => Ok(!entries.is_empty()),
             rc::NO_SUCH_OBJECT => Err(DirectoryError::NoSuchGroup(group.to_string())),
             _ => Err(self.refusal(&result, &format!("read {group}"))),
         }
     }
+}
+
+/// The one-value paths: each change in its own modify, each read back.
+impl LdapDirectory {
+    async fn add_one(
+        &self,
+        group: &GroupDn,
+        user: &UserId,
+        attr: &str,
+        value: &str,
+        written: &str,
+    ) -> Result<(), DirectoryError> {
+        let add = Mod::Add(attr.to_string(), HashSet::from([written.to_string()]));
+        let result = self.modify(group.as_str(), vec![add]).await?;
+        match result.rc {
+            rc::SUCCESS | rc::ATTRIBUTE_EXISTS => {}
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => return Err(self.refusal(&result, &format!("add {user} to {group}"))),
+        }
+        if !self.has_value(group, attr, value).await? {
+            return Err(not_added(group, user));
+        }
+        Ok(())
+    }
+
+    async fn remove_one(
+        &self,
+        group: &GroupDn,
+        user: &UserId,
+        kind: MembershipKind,
+        attr: &str,
+        value: &str,
+    ) -> Result<(), DirectoryError> {
+        let delete = Mod::Delete(attr.to_string(), HashSet::from([value.to_string()]));
+        let result = self.modify(group.as_str(), vec![delete]).await?;
+        match result.rc {
+            rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => {}
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            rc::OBJECT_CLASS_VIOLATION if kind != MembershipKind::MemberUid => {
+                self.remove_last(group, user, attr, value).await?;
+            }
+            _ => return Err(self.refusal(&result, &format!("remove {user} from {group}"))),
+        }
+        if self.has_value(group, attr, value).await? {
+            return Err(not_removed(group, user));
+        }
+        Ok(())
+    }
+}
+
+fn not_added(group: &GroupDn, user: &UserId) -> DirectoryError {
+    DirectoryError::Refused(format!(
+        "added {user} to {group}, but reading the group back does not show the membership"
+    ))
+}
+
+fn not_removed(group: &GroupDn, user: &UserId) -> DirectoryError {
+    DirectoryError::Refused(format!(
+        "removed {user} from {group}, but reading the group back still shows the membership"
+    ))
 }
 
 #[async_trait]
@@ -229,7 +308,6 @@ impl Directory for LdapDirectory {
 
     async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
         let spec = self.spec(group);
-        let attr = attribute(spec.kind);
         // The user must exist, whatever the kind holds.
         let user_dn = self.user_dn(user).await?;
         let value = match spec.kind {
@@ -240,29 +318,16 @@ impl Directory for LdapDirectory {
             Some(ttl) if spec.kind == MembershipKind::Member => ad_ttl_value(&value, ttl),
             _ => value.clone(),
         };
-        let result = self
-            .modify(
-                group.as_str(),
-                vec![Mod::Add(attr.into(), HashSet::from([written]))],
-            )
-            .await?;
-        match result.rc {
-            rc::SUCCESS | rc::ATTRIBUTE_EXISTS => {}
-            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
-            _ => return Err(self.refusal(&result, &format!("add {user} to {group}"))),
-        }
-        if !self.has_value(group, attr, &value).await? {
-            return Err(DirectoryError::Refused(format!(
-                "added {user} to {group}, but reading the group back does not show the membership"
-            )));
-        }
-        tracing::info!(group = %group, user = %user, "directory membership added");
-        Ok(())
+        let item = Item {
+            user: user.clone(),
+            value,
+            written,
+        };
+        self.combined(Change::Add, group, spec.kind, item).await
     }
 
     async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
         let kind = self.spec(group).kind;
-        let attr = attribute(kind);
         let value = match self.member_value(kind, user).await {
             Ok(v) => v,
             // The account is gone but its DN may still sit in the group (no
@@ -272,23 +337,12 @@ impl Directory for LdapDirectory {
             }
             Err(e) => return Err(e),
         };
-        let delete = || Mod::Delete(attr.to_string(), HashSet::from([value.clone()]));
-        let result = self.modify(group.as_str(), vec![delete()]).await?;
-        match result.rc {
-            rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => {}
-            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
-            rc::OBJECT_CLASS_VIOLATION if kind != MembershipKind::MemberUid => {
-                self.remove_last(group, user, attr, &value).await?;
-            }
-            _ => return Err(self.refusal(&result, &format!("remove {user} from {group}"))),
-        }
-        if self.has_value(group, attr, &value).await? {
-            return Err(DirectoryError::Refused(format!(
-                "removed {user} from {group}, but reading the group back still shows the membership"
-            )));
-        }
-        tracing::info!(group = %group, user = %user, "directory membership removed");
-        Ok(())
+        let item = Item {
+            user: user.clone(),
+            written: value.clone(),
+            value,
+        };
+        self.combined(Change::Remove, group, kind, item).await
     }
 
     async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
