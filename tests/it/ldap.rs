@@ -7,7 +7,8 @@ use jitbot::directory::ldap::LdapDirectory;
 use jitbot::ports::{Directory, DirectoryError};
 use jitbot::secret::SecretSource;
 use jitbot_core::{GroupDn, UserId};
-use std::collections::BTreeSet;
+use ldap3::Mod;
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -518,4 +519,212 @@ async fn a_certificate_for_another_host_is_refused() {
     // Turning host name checks off accepts it (the chain is still checked).
     ldaps.verify_hostname = false;
     directory(&ldaps).ping().await.unwrap();
+}
+
+// Write-combining: concurrent changes to one group share modifies.
+
+/// Adds people `u000000..` (`from` to `from + n`) as the root; returns their ids.
+async fn add_people(slapd: &Slapd, from: usize, n: usize) -> Vec<String> {
+    let mut ldap = slapd.admin().await;
+    let mut uids = Vec::new();
+    for i in from..from + n {
+        let uid = format!("u{i:06}");
+        let attrs = vec![
+            ("objectClass", HashSet::from(["inetOrgPerson"])),
+            ("uid", HashSet::from([uid.as_str()])),
+            ("cn", HashSet::from([uid.as_str()])),
+            ("sn", HashSet::from(["batch"])),
+        ];
+        ldap.add(&person(&uid), attrs)
+            .await
+            .and_then(|r| r.success())
+            .expect("add person");
+        uids.push(uid);
+    }
+    uids
+}
+
+/// Adds `values` to `attr` of `dn` as the root, in one modify.
+async fn add_values(slapd: &Slapd, dn: &str, attr: &str, values: &[String]) {
+    let mut ldap = slapd.admin().await;
+    let values: HashSet<&str> = values.iter().map(String::as_str).collect();
+    ldap.modify(dn, vec![Mod::Add(attr, values)])
+        .await
+        .and_then(|r| r.success())
+        .expect("admin modify");
+}
+
+/// Runs `change` for every id at once; the results in the ids' order.
+async fn all_at_once<F, Fut>(
+    dir: &Arc<LdapDirectory>,
+    g: &str,
+    uids: &[String],
+    change: F,
+) -> Vec<Result<(), DirectoryError>>
+where
+    F: Fn(Arc<LdapDirectory>, GroupDn, UserId) -> Fut,
+    Fut: std::future::Future<Output = Result<(), DirectoryError>> + Send + 'static,
+{
+    let tasks: Vec<_> = uids
+        .iter()
+        .map(|id| tokio::spawn(change(dir.clone(), group(g), user(id))))
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("task"));
+    }
+    results
+}
+
+async fn remove_all(dir: &Arc<LdapDirectory>, g: &str, uids: &[String]) -> Vec<Result<(), DirectoryError>> {
+    all_at_once(dir, g, uids, |dir, g, u| async move {
+        dir.remove_member(&g, &u).await
+    })
+    .await
+}
+
+async fn add_all(dir: &Arc<LdapDirectory>, g: &str, uids: &[String]) -> Vec<Result<(), DirectoryError>> {
+    all_at_once(
+        dir,
+        g,
+        uids,
+        |dir, g, u| async move { dir.add_member(&g, &u).await },
+    )
+    .await
+}
+
+fn assert_all_ok(results: &[Result<(), DirectoryError>], uids: &[String]) {
+    for (result, id) in results.iter().zip(uids) {
+        assert!(result.is_ok(), "{id}: {result:?}");
+    }
+    assert_eq!(results.len(), uids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_removals_are_combined_into_fewer_modifies() {
+    let slapd = Slapd::start();
+    let uids = add_people(&slapd, 0, 200).await;
+    let dns: Vec<String> = uids.iter().map(|u| person(u)).collect();
+    add_values(&slapd, DB_ADMINS, "member", &dns).await;
+    // A standing member nobody revokes.
+    add_values(&slapd, DB_ADMINS, "member", &[person("alice")]).await;
+    assert_eq!(slapd.values(DB_ADMINS, "member").await.len(), 202);
+
+    let dir = Arc::new(directory(&slapd.ldap_config()));
+    let results = remove_all(&dir, DB_ADMINS, &uids).await;
+    assert_all_ok(&results, &uids);
+    let mut want = vec![person("alice"), SERVICE_DN.to_string()];
+    want.sort();
+    assert_eq!(slapd.values(DB_ADMINS, "member").await, want);
+    let modifies = dir.modify_count();
+    eprintln!("200 concurrent removals: {modifies} modify operations");
+    assert!(modifies < 200, "{modifies} modifies for 200 removals");
+
+    // Removing them all again: every value is absent, every call succeeds.
+    let results = remove_all(&dir, DB_ADMINS, &uids).await;
+    assert_all_ok(&results, &uids);
+    assert_eq!(slapd.values(DB_ADMINS, "member").await, want);
+    assert!(!dir.is_member(&group(DB_ADMINS), &user("u000000")).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_combined_removal_with_an_absent_value_falls_back_per_value() {
+    let slapd = Slapd::start();
+    let uids = add_people(&slapd, 0, 100).await;
+    // Every other person is a member; the others are already absent.
+    let members: Vec<String> = uids.iter().step_by(2).map(|u| person(u)).collect();
+    add_values(&slapd, DB_ADMINS, "member", &members).await;
+
+    let dir = Arc::new(directory(&slapd.ldap_config()));
+    let results = remove_all(&dir, DB_ADMINS, &uids).await;
+    assert_all_ok(&results, &uids);
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    // One modify per value, plus one per combined modify that was refused:
+    // more than 100 shows that a batch was refused and fell back.
+    let modifies = dir.modify_count();
+    eprintln!("100 concurrent removals, 50 absent: {modifies} modify operations");
+    assert!(modifies > 100, "no combined modify was refused: {modifies}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_removals_that_would_empty_the_group_keep_the_placeholder() {
+    let slapd = Slapd::start();
+    let mut uids = add_people(&slapd, 0, 50).await;
+    let dns: Vec<String> = uids.iter().map(|u| person(u)).collect();
+    add_values(&slapd, WEB_ADMINS, "member", &dns).await;
+    uids.push("dave".into());
+    assert_eq!(slapd.values(WEB_ADMINS, "member").await.len(), 51);
+
+    let dir = Arc::new(directory(&slapd.ldap_config()));
+    let results = remove_all(&dir, WEB_ADMINS, &uids).await;
+    assert_all_ok(&results, &uids);
+    assert_eq!(
+        slapd.values(WEB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    assert!(dir.list_members(&group(WEB_ADMINS)).await.unwrap().is_empty());
+    eprintln!(
+        "51 concurrent removals emptying a groupOfNames: {} modify operations",
+        dir.modify_count()
+    );
+
+    // Without a placeholder, of two removals that would empty the group
+    // exactly one is refused, and it says why.
+    let two = add_people(&slapd, 50, 2).await;
+    let dns: HashSet<String> = two.iter().map(|u| person(u)).collect();
+    let mut ldap = slapd.admin().await;
+    ldap.modify(WEB_ADMINS, vec![Mod::Replace("member".to_string(), dns)])
+        .await
+        .and_then(|r| r.success())
+        .expect("admin modify");
+    let mut without = slapd.ldap_config();
+    without.placeholder_dn = None;
+    let dir = Arc::new(directory(&without));
+    let results = remove_all(&dir, WEB_ADMINS, &two).await;
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert!(
+        matches!(refused[0], DirectoryError::Refused(m) if m.contains("ldap.placeholder_dn")),
+        "{}",
+        refused[0]
+    );
+    assert_eq!(slapd.values(WEB_ADMINS, "member").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_additions_are_combined_and_tolerate_present_values() {
+    let slapd = Slapd::start();
+    let uids = add_people(&slapd, 0, 120).await;
+    // A few are members already: their batch is refused (20) and falls back.
+    let present: Vec<String> = uids.iter().step_by(30).map(|u| person(u)).collect();
+    add_values(&slapd, DB_ADMINS, "member", &present).await;
+
+    let dir = Arc::new(directory(&slapd.ldap_config()));
+    let results = add_all(&dir, DB_ADMINS, &uids).await;
+    assert_all_ok(&results, &uids);
+    let mut want: Vec<String> = uids.iter().map(|u| person(u)).collect();
+    want.push(SERVICE_DN.to_string());
+    want.sort();
+    assert_eq!(slapd.values(DB_ADMINS, "member").await, want);
+    let first = dir.modify_count();
+
+    // No one present: combined adds succeed as a whole.
+    let more = add_people(&slapd, 120, 120).await;
+    let results = add_all(&dir, DB_ADMINS, &more).await;
+    assert_all_ok(&results, &more);
+    let second = dir.modify_count() - first;
+    eprintln!("120 concurrent adds (4 present): {first} modifies; 120 more: {second} modifies");
+    assert!(second < 120, "{second} modifies for 120 additions");
+    assert_eq!(slapd.values(DB_ADMINS, "member").await.len(), 241);
+
+    // memberUid groups combine too, and may end empty.
+    let results = add_all(&dir, POSIX_ADMINS, &more).await;
+    assert_all_ok(&results, &more);
+    assert_eq!(slapd.values(POSIX_ADMINS, "memberUid").await, more);
+    let results = remove_all(&dir, POSIX_ADMINS, &more).await;
+    assert_all_ok(&results, &more);
+    assert!(slapd.values(POSIX_ADMINS, "memberUid").await.is_empty());
 }

@@ -316,3 +316,76 @@ fn log_done(change: Change, group: &GroupDn, user: &UserId) {
         Change::Remove => tracing::info!(group = %group, user = %user, "directory membership removed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item() -> Item {
+        Item {
+            user: UserId::new("alice"),
+            value: "uid=alice".into(),
+            written: "uid=alice".into(),
+        }
+    }
+
+    fn key() -> Key {
+        (Change::Remove, "cn=g".into())
+    }
+
+    fn idle(combiner: &Combiner) -> bool {
+        lock(&combiner.queues).is_empty()
+    }
+
+    #[test]
+    fn the_first_caller_leads_at_once_and_the_group_goes_idle_after() {
+        let combiner = Combiner::default();
+        let leader = combiner.join(&key(), &item()).ok().expect("leads");
+        assert!(combiner.take(&key()).is_empty());
+        drop(leader);
+        assert!(idle(&combiner));
+        // Another change kind on the same group has its own queue.
+        let remove = combiner.join(&key(), &item()).ok().expect("leads");
+        let add = combiner.join(&(Change::Add, "cn=g".into()), &item());
+        assert!(add.is_ok());
+        drop(remove);
+    }
+
+    #[test]
+    fn the_lead_passes_over_cancelled_callers() {
+        let combiner = Combiner::default();
+        let leader = combiner.join(&key(), &item()).ok().expect("leads");
+        let gone = combiner.join(&key(), &item()).err().expect("queued");
+        let mut next = combiner.join(&key(), &item()).err().expect("queued");
+        drop(gone);
+        drop(leader);
+        let Ok(Turn::Lead(leader)) = next.try_recv() else {
+            panic!("the next live caller leads");
+        };
+        drop(leader);
+        assert!(idle(&combiner));
+    }
+
+    #[test]
+    fn a_lead_dropped_unread_passes_on() {
+        let combiner = Combiner::default();
+        let leader = combiner.join(&key(), &item()).ok().expect("leads");
+        let first = combiner.join(&key(), &item()).err().expect("queued");
+        let mut second = combiner.join(&key(), &item()).err().expect("queued");
+        drop(leader);
+        // `first` is told to lead but is cancelled before it reads that.
+        drop(first);
+        let Ok(Turn::Lead(leader)) = second.try_recv() else {
+            panic!("the lead reached the second caller");
+        };
+        let mut queued: Vec<_> = (0..MAX_BATCH + 5)
+            .map(|_| combiner.join(&key(), &item()).err().expect("queued"))
+            .collect();
+        assert_eq!(combiner.take(&key()).len(), MAX_BATCH - 1, "batches are capped");
+        drop(leader);
+        assert!(matches!(queued[MAX_BATCH - 1].try_recv(), Ok(Turn::Lead(_))));
+        // A leader that took callers and was cancelled drops their senders:
+        // they see it and queue again.
+        assert!(queued[0].try_recv().is_err());
+    }
+}
