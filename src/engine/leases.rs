@@ -1,7 +1,7 @@
 //! Leases: grant, expire, revoke (with retries), release, extend, warn.
 
-use super::{Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
-use crate::ports::{Audience, Notice};
+use super::{notice, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
+use crate::ports::Audience;
 use crate::store::{LeaseRecord, OutboxItem, RequestRecord, TimerKind, Tx};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::command::Action;
@@ -89,29 +89,25 @@ impl Engine {
                 audit.detail = format!("until {}", rec.lease.expires_at.to_rfc3339());
                 tx.audit(audit);
                 let until = rec.lease.expires_at.format("%H:%M:%S UTC");
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::Group(rec.lease.group.clone()),
-                        text: format!(
-                            ":key: {} now has `{}` until {until} (lease {id}).",
-                            rec.lease.user, rec.lease.group
-                        ),
-                        buttons: vec![],
+                tx.outbox(notice(
+                    Audience::Group(rec.lease.group.clone()),
+                    format!(
+                        ":key: {} now has `{}` until {until} (lease {id}).",
+                        rec.lease.user, rec.lease.group
+                    ),
+                    vec![],
+                ));
+                tx.outbox(notice(
+                    Audience::User {
+                        user: rec.lease.user.clone(),
+                        chat: rec.origin.clone(),
                     },
-                });
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::User {
-                            user: rec.lease.user.clone(),
-                            chat: rec.origin.clone(),
-                        },
-                        text: format!(
-                            "You have `{}` until {until}. Release it early with `/jit release {id}`.",
-                            rec.lease.group
-                        ),
-                        buttons: vec![Action::Release(id.to_string()), Action::Extend(id.to_string())],
-                    },
-                });
+                    format!(
+                        "You have `{}` until {until}. Release it early with `/jit release {id}`.",
+                        rec.lease.group
+                    ),
+                    vec![Action::Release(id.to_string()), Action::Extend(id.to_string())],
+                ));
                 crate::metrics::granted();
                 tx.put_lease(rec);
                 Ok::<_, EngineError>(())
@@ -148,23 +144,12 @@ impl Engine {
                     "Granting `{}` to {} failed: {error}",
                     rec.lease.group, rec.lease.user
                 );
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::User {
-                            user: rec.lease.user.clone(),
-                            chat: rec.origin.clone(),
-                        },
-                        text: text.clone(),
-                        buttons: vec![],
-                    },
-                });
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::Group(rec.lease.group.clone()),
-                        text,
-                        buttons: vec![],
-                    },
-                });
+                let holder = Audience::User {
+                    user: rec.lease.user.clone(),
+                    chat: rec.origin.clone(),
+                };
+                tx.outbox(notice(holder, text.clone(), vec![]));
+                tx.outbox(notice(Audience::Group(rec.lease.group.clone()), text, vec![]));
                 tx.put_lease(rec);
                 Ok::<_, EngineError>(())
             })
@@ -289,35 +274,23 @@ impl Engine {
                         rec.lease.group,
                         reason.describe()
                     );
-                    tx.outbox(OutboxItem::Send {
-                        notice: Notice {
-                            to: Audience::Group(rec.lease.group.clone()),
-                            text: text.clone(),
-                            buttons: vec![],
-                        },
-                    });
-                    tx.outbox(OutboxItem::Send {
-                        notice: Notice {
-                            to: Audience::User {
-                                user: rec.lease.user.clone(),
-                                chat: rec.origin.clone(),
-                            },
-                            text,
-                            buttons: vec![],
-                        },
-                    });
+                    tx.outbox(notice(
+                        Audience::Group(rec.lease.group.clone()),
+                        text.clone(),
+                        vec![],
+                    ));
+                    let holder = Audience::User {
+                        user: rec.lease.user.clone(),
+                        chat: rec.origin.clone(),
+                    };
+                    tx.outbox(notice(holder, text, vec![]));
                 }
                 if rec.lease.alerted {
-                    tx.outbox(OutboxItem::Send {
-                        notice: Notice {
-                            to: Audience::Alert,
-                            text: format!(
-                                "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
-                                rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
-                            ),
-                            buttons: vec![],
-                        },
-                    });
+                    let text = format!(
+                        "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
+                        rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
+                    );
+                    tx.outbox(notice(Audience::Alert, text, vec![]));
                 }
                 tx.put_lease(rec);
                 Ok::<_, EngineError>(())
@@ -346,16 +319,10 @@ impl Engine {
                 tx.audit(audit);
                 if attempt >= settings.alert_after && !rec.lease.alerted {
                     rec.lease.alerted = true;
-                    tx.outbox(OutboxItem::Send {
-                        notice: Notice {
-                            to: Audience::Alert,
-                            text: format!(
+                    tx.outbox(notice(Audience::Alert, format!(
                                 ":warning: jitbot cannot remove {} from `{}` ({attempt} attempts: {error}). It keeps retrying; check the directory.",
                                 rec.lease.user, rec.lease.group
-                            ),
-                            buttons: vec![],
-                        },
-                    });
+                            ), vec![]));
                 }
                 tx.put_lease(rec);
                 Ok::<_, EngineError>(attempt)
@@ -505,18 +472,16 @@ impl Engine {
                 audit.user = Some(rec.lease.user.to_string());
                 audit.detail = format!("by {by} until {}", until.to_rfc3339());
                 tx.audit(audit);
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::Group(rec.lease.group.clone()),
-                        text: format!(
-                            "{} extended `{}` by {by} (until {}).",
-                            rec.lease.user,
-                            rec.lease.group,
-                            until.format("%H:%M UTC")
-                        ),
-                        buttons: vec![],
-                    },
-                });
+                tx.outbox(notice(
+                    Audience::Group(rec.lease.group.clone()),
+                    format!(
+                        "{} extended `{}` by {by} (until {}).",
+                        rec.lease.user,
+                        rec.lease.group,
+                        until.format("%H:%M UTC")
+                    ),
+                    vec![],
+                ));
                 tx.put_lease(rec);
                 Ok::<_, EngineError>(Reply::ok(format!(
                     "Extended until {}.",
@@ -542,19 +507,17 @@ impl Engine {
                 }
                 rec.lease.warned = true;
                 let left = Span::from_secs(rec.lease.remaining(tx.now()).num_seconds().max(0) as u64);
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::User {
-                            user: rec.lease.user.clone(),
-                            chat: rec.origin.clone(),
-                        },
-                        text: format!(
-                            "Your access to `{}` ends in {left} (lease {id}).",
-                            rec.lease.group
-                        ),
-                        buttons: vec![Action::Extend(id.to_string()), Action::Release(id.to_string())],
+                tx.outbox(notice(
+                    Audience::User {
+                        user: rec.lease.user.clone(),
+                        chat: rec.origin.clone(),
                     },
-                });
+                    format!(
+                        "Your access to `{}` ends in {left} (lease {id}).",
+                        rec.lease.group
+                    ),
+                    vec![Action::Extend(id.to_string()), Action::Release(id.to_string())],
+                ));
                 tx.put_lease(rec);
                 Ok::<_, EngineError>(())
             })

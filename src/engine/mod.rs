@@ -17,8 +17,8 @@ mod zsp;
 pub use zsp::Drift;
 
 use crate::clock::Clock;
-use crate::ports::{ChatRef, Directory, DirectoryError};
-use crate::store::{AuditDraft, Store, StoreError, Timer, TimerKind};
+use crate::ports::{Audience, ChatRef, Directory, DirectoryError, Notice};
+use crate::store::{AuditDraft, OutboxItem, Store, StoreError, Timer, TimerKind};
 use jitbot_core::command::{Action, Command};
 use jitbot_core::policy::{Actor, GroupPolicy, Policy};
 use jitbot_core::{GroupName, Instant, Refusal, Span, UserId};
@@ -116,6 +116,17 @@ struct Inner {
 }
 
 pub(crate) const ENGINE_ACTOR: &str = "jitbot";
+
+/// An outbox entry that sends `text` (and buttons) to `to` once committed.
+pub(crate) fn notice(to: Audience, text: impl Into<String>, buttons: Vec<Action>) -> OutboxItem {
+    OutboxItem::Send {
+        notice: Notice {
+            to,
+            text: text.into(),
+            buttons,
+        },
+    }
+}
 
 impl Engine {
     pub fn new(

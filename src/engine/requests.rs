@@ -1,8 +1,9 @@
 //! Requests: open, approve, deny, cancel, break-glass, acknowledge, time out.
 
-use super::{Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
-use crate::ports::{Audience, Notice};
+use super::{notice, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
+use crate::ports::Audience;
 use crate::store::{LeaseRecord, OutboxItem, RequestRecord, TimerKind, Tx};
+use jitbot_core::command::Action;
 use jitbot_core::request::{ApprovalOutcome, RequestKind, RequestState};
 use jitbot_core::{AccessRequest, GroupName, Lease, LeaseId, LeaseState, Refusal, RequestId, Span};
 
@@ -77,12 +78,9 @@ impl Engine {
                             ":rotating_light: BREAK-GLASS: {} approved their own access to `{}` for {}: {}. An approver must review it with `/jit ack {}`.",
                             caller.user, group, rec.request.duration, rec.request.reason, id
                         );
-                        tx.outbox(OutboxItem::Send {
-                            notice: Notice { to: Audience::Alert, text: text.clone(), buttons: vec![jitbot_core::command::Action::Acknowledge(id.to_string())] },
-                        });
-                        tx.outbox(OutboxItem::Send {
-                            notice: Notice { to: Audience::Group(group.clone()), text, buttons: vec![jitbot_core::command::Action::Acknowledge(id.to_string())] },
-                        });
+                        let ack = vec![Action::Acknowledge(id.to_string())];
+                        tx.outbox(notice(Audience::Alert, text.clone(), ack.clone()));
+                        tx.outbox(notice(Audience::Group(group.clone()), text, ack));
                     }
                     let next = self.approved(tx, &mut rec, caller)?;
                     let text = match (&next, &rec.request.kind) {
@@ -168,19 +166,14 @@ impl Engine {
                 audit.user = Some(req.requester.to_string());
                 audit.detail = format!("by {} until {}", req.duration, until.to_rfc3339());
                 tx.audit(audit);
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::Group(req.group.clone()),
-                        text: format!(
-                            "{}'s access to `{}` was extended by {} (until {}).",
-                            req.requester,
-                            req.group,
-                            req.duration,
-                            until.format("%H:%M UTC")
-                        ),
-                        buttons: vec![],
-                    },
-                });
+                let text = format!(
+                    "{}'s access to `{}` was extended by {} (until {}).",
+                    req.requester,
+                    req.group,
+                    req.duration,
+                    until.format("%H:%M UTC")
+                );
+                tx.outbox(notice(Audience::Group(req.group.clone()), text, vec![]));
                 tx.put_lease(lrec);
                 rec.lease = Some(lease.clone());
                 Ok(Next::Nothing)
@@ -240,19 +233,17 @@ impl Engine {
                     ApprovalOutcome::Approved { duration } => {
                         audit.detail = format!("approved for {duration}");
                         let requester = rec.request.requester.clone();
-                        tx.outbox(OutboxItem::Send {
-                            notice: Notice {
-                                to: Audience::User {
-                                    user: requester,
-                                    chat: rec.origin.clone(),
-                                },
-                                text: format!(
-                                    "{} approved your request {id} for `{}` ({duration}).",
-                                    caller.user, rec.request.group
-                                ),
-                                buttons: vec![],
+                        tx.outbox(notice(
+                            Audience::User {
+                                user: requester,
+                                chat: rec.origin.clone(),
                             },
-                        });
+                            format!(
+                                "{} approved your request {id} for `{}` ({duration}).",
+                                caller.user, rec.request.group
+                            ),
+                            vec![],
+                        ));
                         let next = self.approved(tx, &mut rec, caller)?;
                         (
                             Reply::ok(format!(
@@ -301,19 +292,17 @@ impl Engine {
                 tx.audit(audit);
                 if ended {
                     tx.clear_timer(TimerKind::RequestTimeout, id);
-                    tx.outbox(OutboxItem::Send {
-                        notice: Notice {
-                            to: Audience::User {
-                                user: rec.request.requester.clone(),
-                                chat: rec.origin.clone(),
-                            },
-                            text: format!(
-                                "{} denied your request {id} for `{}`: {reason}",
-                                caller.user, rec.request.group
-                            ),
-                            buttons: vec![],
+                    tx.outbox(notice(
+                        Audience::User {
+                            user: rec.request.requester.clone(),
+                            chat: rec.origin.clone(),
                         },
-                    });
+                        format!(
+                            "{} denied your request {id} for `{}`: {reason}",
+                            caller.user, rec.request.group
+                        ),
+                        vec![],
+                    ));
                 }
                 tx.outbox(OutboxItem::UpdateApproval {
                     request: rec.request.id.clone(),
@@ -406,13 +395,7 @@ impl Engine {
                 audit.user = Some(rec.request.requester.to_string());
                 tx.audit(audit);
                 tx.outbox(OutboxItem::UpdateApproval { request: rec.request.id.clone() });
-                tx.outbox(OutboxItem::Send {
-                    notice: Notice {
-                        to: Audience::User { user: rec.request.requester.clone(), chat: rec.origin.clone() },
-                        text: format!("Your request {id} for `{}` expired before anyone decided it. Ask again if you still need it.", rec.request.group),
-                        buttons: vec![],
-                    },
-                });
+                tx.outbox(notice(Audience::User { user: rec.request.requester.clone(), chat: rec.origin.clone() }, format!("Your request {id} for `{}` expired before anyone decided it. Ask again if you still need it.", rec.request.group), vec![]));
                 tx.put_request(rec);
                 Ok::<_, EngineError>(())
             })

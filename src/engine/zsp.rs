@@ -2,9 +2,8 @@
 //! lease are drift. Reported to the alert channel, removed where the group
 //! sets `remediate`, audited either way.
 
-use super::{Engine, EngineError, ENGINE_ACTOR};
-use crate::ports::{Audience, Notice};
-use crate::store::OutboxItem;
+use super::{notice, Engine, EngineError, ENGINE_ACTOR};
+use crate::ports::Audience;
 use jitbot_core::{GroupName, UserId};
 use std::collections::BTreeSet;
 
@@ -52,17 +51,11 @@ impl Engine {
                             audit.user = Some(user.to_string());
                             audit.detail = "member of a zero-standing-privilege group without a lease".into();
                             tx.audit(audit);
-                            tx.outbox(OutboxItem::Send {
-                                notice: Notice {
-                                    to: Audience::Alert,
-                                    text: format!(
+                            tx.outbox(notice(Audience::Alert, format!(
                                         ":rotating_light: ZSP drift: {user} is a member of `{}` without a jitbot lease{}",
                                         policy.name,
                                         if remediated { "; jitbot removed them." } else { "; set remediate = true to have jitbot remove such members." }
-                                    ),
-                                    buttons: vec![],
-                                },
-                            });
+                                    ), vec![]));
                             Ok::<_, EngineError>(())
                         })
                         .await?;
@@ -111,16 +104,10 @@ impl Engine {
                         audit.user = Some(lease.user.to_string());
                         audit.detail = "active lease but the directory has no such membership".into();
                         tx.audit(audit);
-                        tx.outbox(OutboxItem::Send {
-                            notice: Notice {
-                                to: Audience::Alert,
-                                text: format!(
+                        tx.outbox(notice(Audience::Alert, format!(
                                     "{} holds lease {} on `{}` but is not a member in the directory; someone changed it outside jitbot.",
                                     lease.user, lease.id, lease.group
-                                ),
-                                buttons: vec![],
-                            },
-                        });
+                                ), vec![]));
                         Ok::<_, EngineError>(())
                     })
                     .await?;
