@@ -196,17 +196,10 @@ impl SlackHandler {
     /// envelope's payload in Socket Mode). `Ok(false)` means a retry or a
     /// kind jitbot ignores; errors mean nothing was started.
     pub fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
-        let payload: Payload =
-            serde_json::from_value(payload).map_err(|e| Rejected::Malformed(e.to_string()))?;
-        match payload {
-            Payload::BlockActions(ba) => {
-                let Some(first) = ba.actions.first() else {
-                    return Err(Rejected::Malformed("block_actions without actions".into()));
-                };
-                let action = Action::parse(&first.action_id)
-                    .map_err(|_| Rejected::UnknownAction(first.action_id.clone()))?;
-                let key = first.action_ts.clone().unwrap_or_else(|| ba.trigger_id.clone());
-                if !self.first_time(format!("act:{key}")) {
+        let Decoded(work) = decode_interaction(payload)?;
+        match work {
+            Work::Click { ba, action, key } => {
+                if !self.first_time(key) {
                     tracing::info!("Slack retried a click already taken; ignored");
                     return Ok(false);
                 }
@@ -214,37 +207,20 @@ impl SlackHandler {
                 tokio::spawn(async move { this.run_action(ba, action).await });
                 Ok(true)
             }
-            Payload::ViewSubmission(vs) => {
-                let meta: Metadata = if vs.view.private_metadata.is_empty() {
-                    Metadata::default()
-                } else {
-                    serde_json::from_str(&vs.view.private_metadata)
-                        .map_err(|_| Rejected::Malformed("private_metadata".into()))?
-                };
-                let submission = match vs.view.callback_id.as_deref() {
-                    Some(DENY_MODAL) => Submission::Deny {
-                        request: meta
-                            .request
-                            .clone()
-                            .ok_or_else(|| Rejected::Malformed("deny modal without a request".into()))?,
-                        reason: vs.view.input(REASON_INPUT),
-                    },
-                    Some(REQUEST_MODAL) => Submission::Request {
-                        group: vs.view.input(GROUP_INPUT),
-                        duration: vs.view.input(DURATION_INPUT),
-                        reason: vs.view.input(REASON_INPUT),
-                    },
-                    other => return Err(Rejected::UnknownAction(other.unwrap_or_default().to_string())),
-                };
-                if !self.first_time(format!("view:{}", vs.view.id)) {
+            Work::Submit {
+                user,
+                channel,
+                submission,
+                key,
+            } => {
+                if !self.first_time(key) {
                     return Ok(false);
                 }
                 let this = self.clone();
-                let user = vs.user.id;
-                tokio::spawn(async move { this.run_submission(user, meta.channel, submission).await });
+                tokio::spawn(async move { this.run_submission(user, channel, submission).await });
                 Ok(true)
             }
-            Payload::Other => Ok(false),
+            Work::Ignored => Ok(false),
         }
     }
 
@@ -385,6 +361,89 @@ impl SlackHandler {
 }
 
 /// `/jit request` with nothing after it: the case for the modal.
+/// An interaction payload, decoded and checked, before anything runs.
+pub struct Decoded(Work);
+
+enum Work {
+    Click {
+        ba: BlockActions,
+        action: Action,
+        /// Dedupe key: Slack retries carry the same `action_ts`.
+        key: String,
+    },
+    Submit {
+        user: String,
+        channel: Option<String>,
+        submission: Submission,
+        key: String,
+    },
+    Ignored,
+}
+
+/// Decodes an interaction payload without side effects: what the HTTP
+/// endpoint and Socket Mode both start from (and what the fuzz target feeds).
+pub fn decode_interaction(payload: serde_json::Value) -> Result<Decoded, Rejected> {
+    let payload: Payload = serde_json::from_value(payload).map_err(|e| Rejected::Malformed(e.to_string()))?;
+    let work = match payload {
+        Payload::BlockActions(ba) => {
+            let Some(first) = ba.actions.first() else {
+                return Err(Rejected::Malformed("block_actions without actions".into()));
+            };
+            let action = Action::parse(&first.action_id)
+                .map_err(|_| Rejected::UnknownAction(first.action_id.clone()))?;
+            let key = format!(
+                "act:{}",
+                first.action_ts.clone().unwrap_or_else(|| ba.trigger_id.clone())
+            );
+            Work::Click { ba, action, key }
+        }
+        Payload::ViewSubmission(vs) => {
+            let meta: Metadata = if vs.view.private_metadata.is_empty() {
+                Metadata::default()
+            } else {
+                serde_json::from_str(&vs.view.private_metadata)
+                    .map_err(|_| Rejected::Malformed("private_metadata".into()))?
+            };
+            let submission = match vs.view.callback_id.as_deref() {
+                Some(DENY_MODAL) => Submission::Deny {
+                    request: meta
+                        .request
+                        .clone()
+                        .ok_or_else(|| Rejected::Malformed("deny modal without a request".into()))?,
+                    reason: vs.view.input(REASON_INPUT),
+                },
+                Some(REQUEST_MODAL) => Submission::Request {
+                    group: vs.view.input(GROUP_INPUT),
+                    duration: vs.view.input(DURATION_INPUT),
+                    reason: vs.view.input(REASON_INPUT),
+                },
+                other => return Err(Rejected::UnknownAction(other.unwrap_or_default().to_string())),
+            };
+            Work::Submit {
+                user: vs.user.id,
+                channel: meta.channel,
+                submission,
+                key: format!("view:{}", vs.view.id),
+            }
+        }
+        Payload::Other => Work::Ignored,
+    };
+    Ok(Decoded(work))
+}
+
+/// Reads a slash command's form body; `None` when a required field is missing.
+pub fn decode_command(body: &[u8]) -> Option<SlashCommand> {
+    let mut form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
+    let mut take = |k: &str| form.remove(k).filter(|v| !v.is_empty());
+    Some(SlashCommand {
+        user_id: take("user_id")?,
+        channel_id: take("channel_id")?,
+        response_url: take("response_url")?,
+        trigger_id: take("trigger_id")?,
+        text: take("text").unwrap_or_default(),
+    })
+}
+
 fn is_bare_request(text: &str) -> bool {
     let words: Vec<&str> = text.split_whitespace().collect();
     matches!(words.as_slice(), [verb] if verb.eq_ignore_ascii_case("request") || verb.eq_ignore_ascii_case("req"))

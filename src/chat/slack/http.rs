@@ -2,7 +2,7 @@
 //! request is checked (size, signature, timestamp) before anything is
 //! parsed, acknowledged at once, and its work handed to [`SlackHandler`].
 
-use super::handle::{SlackHandler, SlashCommand};
+use super::handle::{decode_command, SlackHandler};
 use super::signature::verify_signature;
 use super::{SlackAdapter, PLATFORM};
 use crate::clock::Clock;
@@ -99,24 +99,10 @@ async fn commands(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
         return refused.into_response();
     }
     note_retry(&headers);
-    let mut f = form(&body);
-    let mut take = |k: &str| f.remove(k).filter(|v| !v.is_empty());
-    let (Some(user_id), Some(channel_id), Some(response_url), Some(trigger_id)) = (
-        take("user_id"),
-        take("channel_id"),
-        take("response_url"),
-        take("trigger_id"),
-    ) else {
+    let Some(command) = decode_command(&body) else {
         return bad_request("missing slash command fields");
     };
-    let text = take("text").unwrap_or_default();
-    state.handler.command(SlashCommand {
-        user_id,
-        channel_id,
-        text,
-        response_url,
-        trigger_id,
-    });
+    state.handler.command(command);
     // An empty 200 acknowledges without a visible message; the answer follows.
     StatusCode::OK.into_response()
 }

@@ -8,7 +8,7 @@ mod http;
 pub mod signature;
 mod socket;
 
-pub use handle::SlackHandler;
+pub use handle::{decode_command, decode_interaction, Decoded, SlackHandler, SlashCommand};
 pub use http::{routes, BODY_LIMIT};
 pub use signature::{verify_signature, SignatureError};
 pub use socket::run_socket_mode;
