@@ -418,7 +418,6 @@ async fn bench_ack(server: &Slapd) {
         default_channel: "CJIT".into(),
         alert_channel: None,
         channels: Default::default(),
-        approver_dms: false,
     };
     let adapter = Arc::new(SlackAdapter::with_token(&config, Secret::new("xoxb-bench")).unwrap());
     let tmp = tempfile::tempdir().unwrap();

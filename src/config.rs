@@ -264,9 +264,6 @@ pub struct SlackConfig {
     /// Group name → channel id.
     #[serde(default)]
     pub channels: BTreeMap<String, String>,
-    /// Also DM each approver named directly in the group's approvers.
-    #[serde(default)]
-    pub approver_dms: bool,
 }
 
 fn d_slack_api() -> String {

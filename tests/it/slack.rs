@@ -49,7 +49,6 @@ fn config(api_url: String) -> SlackConfig {
         default_channel: "CJIT".into(),
         alert_channel: Some("CALERT".into()),
         channels: [("db-admins".to_string(), CDB.to_string())].into(),
-        approver_dms: false,
     }
 }
 

@@ -233,9 +233,9 @@ impl Notifier for SlackAdapter {
             .channel_for(&Audience::Group(card.group.clone()))
             .unwrap_or_else(|| self.config.default_channel.clone());
         let (channel, ts) = self.post(&channel, blocks::approval_card(card)).await?;
-        // Approver DMs (`approver_dms`) need a directory user → Slack user
-        // mapping (email → users.lookupByEmail) that the Directory port does
-        // not offer yet; the channel card is the one place approvers act.
+        // The card goes to the group's channel only: DMs to approvers would
+        // need a directory user → Slack user mapping that the Directory port
+        // does not offer yet.
         Ok(vec![MessageRef {
             platform: PLATFORM.into(),
             channel,
