@@ -3,7 +3,6 @@
 
 use super::{Engine, EngineError};
 use crate::store::{OutboxItem, TimerKind};
-use jitbot_core::request::RequestState;
 use jitbot_core::{EndReason, LeaseId, LeaseState, Refusal, RequestId, UserId};
 
 impl Engine {
@@ -61,22 +60,17 @@ impl Engine {
         Ok(format!("request {id} cancelled"))
     }
 
-    /// Active leases and pending requests, for the gauges.
+    /// Active leases and pending requests, for the gauges. Reads only the
+    /// live and pending indexes, never the whole history.
     pub fn counts(&self) -> Result<(usize, usize), EngineError> {
         let active = self
             .inner
             .store
-            .leases()?
+            .live_leases()?
             .iter()
             .filter(|l| l.lease.state == LeaseState::Active)
             .count();
-        let pending = self
-            .inner
-            .store
-            .requests()?
-            .iter()
-            .filter(|r| r.request.state == RequestState::Pending)
-            .count();
+        let pending = self.inner.store.pending_requests()?.len();
         Ok((active, pending))
     }
 }

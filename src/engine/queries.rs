@@ -10,7 +10,7 @@ impl Engine {
     pub(super) async fn list(&self, caller: &Caller) -> Result<Reply, EngineError> {
         let now = self.now();
         let mut lines = Vec::new();
-        for rec in self.inner.store.leases()? {
+        for rec in self.inner.store.live_leases()? {
             let l = &rec.lease;
             if l.user == caller.user && l.state != LeaseState::Ended {
                 let left = l.remaining(now);
@@ -24,7 +24,7 @@ impl Engine {
                 ));
             }
         }
-        for rec in self.inner.store.requests()? {
+        for rec in self.inner.store.pending_requests()? {
             let r = &rec.request;
             if r.requester == caller.user && r.state == RequestState::Pending {
                 lines.push(format!(
@@ -78,7 +78,12 @@ impl Engine {
     pub(super) async fn pending(&self, caller: &Caller) -> Result<Reply, EngineError> {
         let actor = self.actor(&caller.user).await?;
         let mut lines = Vec::new();
-        for rec in self.inner.store.requests()? {
+        let store = &self.inner.store;
+        for rec in store
+            .pending_requests()?
+            .into_iter()
+            .chain(store.requests_awaiting_review()?)
+        {
             let r = &rec.request;
             let Ok(policy) = self.group(&r.group) else {
                 continue;

@@ -80,7 +80,7 @@ impl Engine {
         &self,
         seen_now: &mut BTreeSet<(String, String)>,
     ) -> Result<(), EngineError> {
-        for rec in self.inner.store.leases()? {
+        for rec in self.inner.store.live_leases()? {
             let lease = &rec.lease;
             if lease.state != jitbot_core::LeaseState::Active || !lease.owns_membership() {
                 continue;

@@ -103,7 +103,12 @@ struct LeaseFilter {
 }
 
 async fn leases(_: Admin, State(s): State<HttpState>, Query(f): Query<LeaseFilter>) -> Response {
-    match s.engine.store().leases() {
+    let leases = if f.all {
+        s.engine.store().leases()
+    } else {
+        s.engine.store().live_leases()
+    };
+    match leases {
         Ok(all) => Json(
             all.iter()
                 .filter(|r| f.all || r.lease.state != jitbot_core::LeaseState::Ended)
@@ -171,7 +176,17 @@ struct RequestFilter {
 }
 
 async fn requests(_: Admin, State(s): State<HttpState>, Query(f): Query<RequestFilter>) -> Response {
-    match s.engine.store().requests() {
+    let store = s.engine.store();
+    let requests = if f.all {
+        store.requests()
+    } else {
+        // Only the pending and review indexes, never the whole history.
+        store.pending_requests().and_then(|mut open| {
+            open.extend(store.requests_awaiting_review()?);
+            Ok(open)
+        })
+    };
+    match requests {
         Ok(all) => Json(
             all.iter()
                 .filter(|r| f.all || !r.request.state.is_final() || r.request.awaits_review())

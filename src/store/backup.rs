@@ -6,8 +6,8 @@ use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 
-const TREES: [&str; 8] = [
-    "requests", "leases", "timers", "timer_ix", "live", "audit", "outbox", "meta",
+const TREES: [&str; 9] = [
+    "requests", "leases", "timers", "timer_ix", "live", "audit", "outbox", "meta", "review",
 ];
 
 #[derive(Serialize, Deserialize)]

@@ -60,6 +60,8 @@ struct Inner {
     audit: sled::Tree,
     outbox: sled::Tree,
     meta: sled::Tree,
+    /// Requests approved by break-glass and not yet acknowledged.
+    review: sled::Tree,
     writer: Mutex<()>,
     /// Group commit: commits made so far, and how many of them are on disk.
     committed: std::sync::atomic::AtomicU64,
@@ -278,6 +280,7 @@ impl Store {
             audit: db.open_tree("audit")?,
             outbox: db.open_tree("outbox")?,
             meta: db.open_tree("meta")?,
+            review: db.open_tree("review")?,
             writer: Mutex::new(()),
             committed: Default::default(),
             flushed: Default::default(),
@@ -338,12 +341,18 @@ impl Store {
             &s.audit,
             &s.outbox,
             &s.meta,
+            &s.review,
         );
         let result: Result<(), TransactionError<StoreError>> = trees.transaction(
-            |(requests, leases, timers, timer_ix, live, audit, outbox, meta)| {
+            |(requests, leases, timers, timer_ix, live, audit, outbox, meta, review)| {
                 for (id, rec) in &tx.requests {
                     if let Some(rec) = rec {
                         requests.insert(id.as_bytes(), encode(&StoredRequest::from(rec)))?;
+                        if rec.request.awaits_review() {
+                            review.insert(id.as_bytes(), &[][..])?;
+                        } else {
+                            review.remove(id.as_bytes())?;
+                        }
                     }
                 }
                 for (id, rec) in &tx.leases {
@@ -521,6 +530,43 @@ impl Store {
                 UserId::new(user),
                 LeaseId::new(String::from_utf8_lossy(&v).into_owned()),
             ));
+        }
+        Ok(out)
+    }
+
+    /// Every lease that has not ended, from the `live` index (no full scan).
+    pub fn live_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.live.iter() {
+            let (_, v) = item?;
+            if let Some(rec) = self.lease(&LeaseId::new(String::from_utf8_lossy(&v).into_owned()))? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pending requests: exactly those with a decision-window timer.
+    pub fn pending_requests(&self) -> Result<Vec<RequestRecord>, StoreError> {
+        self.requests_by_ids(
+            self.inner.timer_ix.scan_prefix([TimerKind::RequestTimeout as u8]),
+            1,
+        )
+    }
+
+    /// Break-glass requests that no approver has acknowledged yet.
+    pub fn requests_awaiting_review(&self) -> Result<Vec<RequestRecord>, StoreError> {
+        self.requests_by_ids(self.inner.review.iter(), 0)
+    }
+
+    fn requests_by_ids(&self, keys: sled::Iter, skip: usize) -> Result<Vec<RequestRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in keys {
+            let (k, _) = item?;
+            let id = String::from_utf8_lossy(&k[skip..]).into_owned();
+            if let Some(rec) = self.request(&RequestId::new(id))? {
+                out.push(rec);
+            }
         }
         Ok(out)
     }

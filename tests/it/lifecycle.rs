@@ -19,12 +19,19 @@ async fn request_approve_expire() {
     let text = bot.ok("alice", "request db-admins 2h fixing replication").await;
     let id = TestBot::request_id(&text);
     assert!(!bot.is_member(DB, "alice"));
+    assert!(
+        bot.ok("alice", "list").await.contains(&id),
+        "a pending request is listed"
+    );
+    assert!(bot.ok("bob", "pending").await.contains(&id), "and waits for bob");
     let approved = bot.ok("bob", &format!("approve {id}")).await;
     assert!(approved.contains("Approved"), "{approved}");
     assert!(bot.is_member(DB, "alice"), "membership added on approval");
     let lease = bot.lease();
     assert_eq!(lease.state, LeaseState::Active);
     assert_eq!(lease.preexisting, Some(false));
+    assert!(bot.ok("alice", "list").await.contains(lease.id.as_str()));
+    assert_eq!(bot.engine.counts().unwrap(), (1, 0));
 
     bot.advance(Duration::minutes(119));
     bot.run_due().await;
@@ -35,6 +42,8 @@ async fn request_approve_expire() {
     let lease = bot.lease();
     assert_eq!(lease.state, LeaseState::Ended);
     assert_eq!(lease.end_reason, Some(EndReason::Expired));
+    assert!(bot.ok("alice", "list").await.contains("no leases"));
+    assert_eq!(bot.engine.counts().unwrap(), (0, 0));
     let actions = bot.audit_actions();
     for want in [
         "request.opened",

@@ -137,7 +137,7 @@ async fn view(engine: &Engine, demo: bool) -> Result<DashboardView, crate::store
     let now = engine.now();
     let leases = engine
         .store()
-        .leases()?
+        .live_leases()?
         .iter()
         .filter(|r| r.lease.state != LeaseState::Ended)
         .map(|r| LiveLease {
@@ -147,7 +147,7 @@ async fn view(engine: &Engine, demo: bool) -> Result<DashboardView, crate::store
         .collect();
     let pending = engine
         .store()
-        .requests()?
+        .pending_requests()?
         .into_iter()
         .filter(|r| r.request.state == RequestState::Pending)
         .map(|rec| {
