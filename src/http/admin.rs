@@ -26,6 +26,17 @@ pub fn routes() -> Router<HttpState> {
         .route("/backup", get(backup))
 }
 
+/// Whether the request carries `Authorization: Bearer <token>`, compared in
+/// constant time.
+pub fn bearer_matches(headers: &axum::http::HeaderMap, token: &crate::secret::Secret) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.as_bytes().ct_eq(token.expose().as_bytes()).into()
+}
+
 /// Proof that the request carried the admin token; every handler takes it.
 pub struct Admin;
 
@@ -40,13 +51,7 @@ impl FromRequestParts<HttpState> for Admin {
             )
                 .into_response());
         };
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if given.as_bytes().ct_eq(token.expose().as_bytes()).into() {
+        if bearer_matches(&parts.headers, token) {
             Ok(Admin)
         } else {
             tracing::warn!("admin API: refused a request with a missing or wrong token");

@@ -16,7 +16,6 @@ use jitbot_core::request::RequestState;
 use jitbot_core::LeaseState;
 use serde::Serialize;
 use std::collections::{BTreeSet, VecDeque};
-use subtle::ConstantTimeEq;
 
 const PAGE: &str = include_str!("dashboard.html");
 /// Audit lines shown, newest first.
@@ -66,13 +65,7 @@ impl FromRequestParts<DashState> for Allowed {
         let DashboardAccess::Token(token) = &state.access else {
             return Ok(Allowed);
         };
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if given.as_bytes().ct_eq(token.expose().as_bytes()).into() {
+        if crate::http::admin::bearer_matches(&parts.headers, token) {
             Ok(Allowed)
         } else {
             Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token\n").into_response())
