@@ -84,22 +84,7 @@ fn policy(max: Span) -> Policy {
 
 /// Adds `n` people `u00000`.. to the directory (as root).
 async fn add_people(server: &Slapd, n: usize) {
-    let mut ldap = server.admin().await;
-    for i in 0..n {
-        let uid = format!("u{i:06}");
-        let dn = format!("uid={uid},{}", slapd::PEOPLE);
-        let attrs = vec![
-            ("objectClass", HashSet::from(["inetOrgPerson"])),
-            ("uid", HashSet::from([uid.as_str()])),
-            ("cn", HashSet::from([uid.as_str()])),
-            ("sn", HashSet::from(["bench"])),
-        ];
-        ldap.add(&dn, attrs)
-            .await
-            .expect("add person")
-            .success()
-            .expect("add person");
-    }
+    add_people_from(server, 0, n).await;
 }
 
 fn engine_on(path: &std::path::Path, dir: Arc<dyn Directory>, max: Span) -> Engine {
@@ -300,6 +285,7 @@ async fn bench_revocation(server: &Slapd, people_added: usize) {
     );
 }
 
+/// Adds people `u<from>`..`u<to>` to the directory (as root).
 async fn add_people_from(server: &Slapd, from: usize, to: usize) {
     let mut ldap = server.admin().await;
     for i in from..to {
