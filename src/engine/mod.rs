@@ -113,6 +113,8 @@ struct Inner {
     /// Wakes the outbox worker when there is something to deliver.
     outbox_changed: Notify,
     zsp_seen: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// Where retry jitter comes from when not random (the simulator's seed).
+    jitter: std::sync::OnceLock<Box<dyn Fn() -> f64 + Send + Sync>>,
 }
 
 pub(crate) const ENGINE_ACTOR: &str = "jitbot";
@@ -146,7 +148,24 @@ impl Engine {
                 timers_changed: Notify::new(),
                 outbox_changed: Notify::new(),
                 zsp_seen: Default::default(),
+                jitter: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Takes retry jitter (a number in `0..1`) from `source` instead of the
+    /// thread's random generator, so that a seeded simulation replays
+    /// exactly. Only the first call on an engine counts.
+    pub fn with_jitter(self, source: impl Fn() -> f64 + Send + Sync + 'static) -> Engine {
+        let _ = self.inner.jitter.set(Box::new(source));
+        self
+    }
+
+    /// A number in `0..1` for spreading retries out.
+    pub(crate) fn jitter(&self) -> f64 {
+        match self.inner.jitter.get() {
+            Some(source) => source(),
+            None => rand::random::<f64>(),
         }
     }
 

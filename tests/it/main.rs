@@ -10,5 +10,7 @@ mod ldap;
 mod ldap_flow;
 mod lifecycle;
 mod ops;
+#[path = "../sim/mod.rs"]
+mod sim;
 mod slack;
 mod store;

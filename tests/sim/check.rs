@@ -1,0 +1,100 @@
+//! The invariants, checked against the directory and the store after every
+//! step (I3, which needs the work run out, is checked by `Op::Quiesce` and
+//! at the end of every run).
+
+use super::world::{dns_of, Violation, World, MANAGED};
+use jitbot::store::AuditCheck;
+use jitbot_core::LeaseState;
+use std::collections::BTreeMap;
+
+fn violation(invariant: &'static str, detail: String) -> Result<(), Violation> {
+    Err(Violation { invariant, detail })
+}
+
+pub fn check(world: &mut World) -> Result<(), Violation> {
+    let store = world.engine().store().clone();
+    // I4: the audit chain verifies.
+    match store.verify_audit() {
+        Ok(AuditCheck::Intact { .. }) => {}
+        Ok(broken) => return violation("I4", format!("audit chain: {broken:?}")),
+        Err(e) => return violation("I4", format!("audit chain unreadable: {e}")),
+    }
+    let leases = match store.leases() {
+        Ok(l) => l,
+        Err(e) => return violation("store", format!("leases unreadable: {e}")),
+    };
+    // I5: at most one non-ended lease per (group, user).
+    let mut live: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for l in leases.iter().filter(|l| l.lease.state != LeaseState::Ended) {
+        live.entry((l.lease.group.to_string(), l.lease.user.to_string()))
+            .or_default()
+            .push(format!("{} ({:?})", l.lease.id, l.lease.state));
+    }
+    if let Some(((group, user), ids)) = live.iter().find(|(_, ids)| ids.len() > 1) {
+        return violation("I5", format!("{user} holds {} live leases on {group}: {ids:?}", ids.len()));
+    }
+    for dn in MANAGED {
+        let members = world.dir.members(dn);
+        let standing = world.standing.get(dn).cloned().unwrap_or_default();
+        // A standing membership (put there by a person) is never removed by jitbot.
+        if let Some(gone) = standing.iter().find(|u| !members.contains(*u)) {
+            return violation(
+                "I1-standing",
+                format!("{gone}'s standing membership of {dn} (added by a person, not jitbot) is gone"),
+            );
+        }
+        for m in members.iter().filter(|m| !standing.contains(*m)) {
+            let on_dn = |l: &&jitbot::store::LeaseRecord| l.lease.user.as_str() == m && dns_of(l.lease.group.as_str()).contains(&dn);
+            if leases.iter().filter(on_dn).any(|l| l.lease.state != LeaseState::Ended) {
+                continue;
+            }
+            // I2: an ended lease left no membership it added.
+            if let Some(l) = leases.iter().filter(on_dn).find(|l| l.lease.owns_membership()) {
+                return violation(
+                    "I2",
+                    format!(
+                        "{m} is still a member of {dn}, added for lease {} which has ended ({:?}); nothing will remove it",
+                        l.lease.id, l.lease.end_reason
+                    ),
+                );
+            }
+            // I1: every member is standing or holds a live lease.
+            return violation(
+                "I1",
+                format!("{m} is a member of {dn} with no live lease and no standing membership (orphaned privilege)"),
+            );
+        }
+    }
+    // I6: every notice committed is delivered or still pending.
+    world.observe_outbox();
+    let pending: std::collections::BTreeSet<u64> = store
+        .outbox(10_000)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    let gone: Vec<u64> = world
+        .outbox_seen
+        .keys()
+        .filter(|id| !pending.contains(id))
+        .copied()
+        .collect();
+    for id in gone {
+        let Some(notice) = world.outbox_seen.remove(&id) else {
+            continue;
+        };
+        let mut sent = world.chat.sent.lock().unwrap_or_else(|p| p.into_inner());
+        match sent.iter().position(|n| *n == notice) {
+            Some(i) => {
+                sent.remove(i);
+            }
+            None => {
+                return violation(
+                    "I6",
+                    format!("notice {id} to {:?} left the outbox undelivered: {:?}", notice.to, notice.text),
+                )
+            }
+        }
+    }
+    Ok(())
+}

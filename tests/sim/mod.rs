@@ -1,0 +1,189 @@
+//! A deterministic simulation that hunts orphaned privilege: the real
+//! engine and sled store, an in-memory directory whose calls the seed
+//! releases in any order and with faults, a manual clock, crashes, restarts
+//! into other configurations, backups and restores; the invariants checked
+//! after every step. See TESTING.md.
+
+mod check;
+mod directory;
+mod ops;
+mod world;
+
+use ops::Op;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use world::{Violation, World};
+
+fn env(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// A run that broke an invariant: at which step, and what it did.
+struct Failure {
+    violation: Violation,
+    ops: Vec<Op>,
+    log: Vec<String>,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread tokio runtime")
+}
+
+/// Runs `steps` operations drawn from `seed`.
+fn run_seed(seed: u64, steps: usize) -> Result<usize, Failure> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    runtime().block_on(async {
+        let mut world = World::new(seed);
+        let mut ops = Vec::with_capacity(steps);
+        for _ in 0..steps {
+            let op = ops::generate(&mut rng, world.gate.parked_len());
+            ops.push(op.clone());
+            if let Err(violation) = step(&mut world, &op).await {
+                let log = world.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                return Err(Failure { violation, ops, log });
+            }
+        }
+        ops.push(Op::Quiesce);
+        if let Err(violation) = step(&mut world, &Op::Quiesce).await {
+            let log = world.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            return Err(Failure { violation, ops, log });
+        }
+        Ok(steps)
+    })
+}
+
+async fn step(world: &mut World, op: &Op) -> Result<(), Violation> {
+    world.note(format!("{op:?}"));
+    world.apply(op).await?;
+    check::check(world)
+}
+
+/// Replays a fixed trace (no randomness), then a final quiesce.
+fn replay(seed: u64, ops: &[Op]) -> Result<(), Failure> {
+    runtime().block_on(async {
+        let mut world = World::new(seed);
+        for (i, op) in ops.iter().chain(std::iter::once(&Op::Quiesce)).enumerate() {
+            if let Err(violation) = step(&mut world, op).await {
+                let log = world.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                return Err(Failure {
+                    violation,
+                    ops: ops[..i.min(ops.len())].to_vec(),
+                    log,
+                });
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Delta debugging: drops chunks of operations while the same invariant
+/// still breaks, then single operations, within a budget of replays.
+fn shrink(seed: u64, failure: Failure, budget: usize) -> Failure {
+    let want = failure.violation.invariant;
+    let mut best = failure;
+    let mut tries = 0;
+    let mut chunk = best.ops.len().div_ceil(2).max(1);
+    while tries < budget {
+        let mut improved = false;
+        let mut start = 0;
+        while start < best.ops.len() && tries < budget {
+            let mut candidate = best.ops.clone();
+            let end = (start + chunk).min(candidate.len());
+            candidate.drain(start..end);
+            tries += 1;
+            match replay(seed, &candidate) {
+                Err(f) if f.violation.invariant == want => {
+                    best = f;
+                    improved = true;
+                }
+                _ => start += chunk,
+            }
+        }
+        if !improved {
+            if chunk == 1 {
+                break;
+            }
+            chunk = chunk.div_ceil(2);
+        }
+    }
+    best
+}
+
+fn describe(seed: u64, f: &Failure) -> String {
+    let mut s = format!(
+        "seed {seed}: {} broken: {}\n  {} operations:\n",
+        f.violation.invariant,
+        f.violation.detail,
+        f.ops.len()
+    );
+    for line in &f.log {
+        s.push_str("    ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s
+}
+
+/// `SIM_SEEDS` seeds (default 200) of `SIM_STEPS` steps (default 300) from
+/// `SIM_SEED0` (default 0). The first failure of each invariant is shrunk
+/// (`SIM_SHRINK` replays at most, default 400) and printed; the test fails
+/// if any invariant broke.
+#[test]
+fn seeds() {
+    let seeds = env("SIM_SEEDS", 200);
+    let steps = env("SIM_STEPS", 300) as usize;
+    let first = env("SIM_SEED0", 0);
+    let budget = env("SIM_SHRINK", 400) as usize;
+    let started = Instant::now();
+    let mut total_steps = 0usize;
+    let mut found: BTreeMap<&'static str, (u64, usize, String)> = BTreeMap::new();
+    for seed in first..first + seeds {
+        match run_seed(seed, steps) {
+            Ok(n) => total_steps += n,
+            Err(failure) => {
+                total_steps += failure.ops.len();
+                let invariant = failure.violation.invariant;
+                let entry = found.entry(invariant).or_insert((seed, 0, String::new()));
+                entry.1 += 1;
+                if entry.1 == 1 {
+                    println!(
+                        "sim: seed {seed} broke {invariant} after {:.1}s ({} seeds run): {}",
+                        started.elapsed().as_secs_f64(),
+                        seed - first + 1,
+                        failure.violation.detail
+                    );
+                    let full = failure.ops.len();
+                    let small = if budget > 0 { shrink(seed, failure, budget) } else { failure };
+                    println!("sim: shrunk from {full} to {} operations", small.ops.len());
+                    entry.2 = describe(seed, &small);
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let failures: usize = found.values().map(|(_, n, _)| n).sum();
+    println!(
+        "sim: {seeds} seeds x {steps} steps from seed {first}: {total_steps} steps in {secs:.1}s ({:.1} seeds/s, {:.0} steps/s); {failures} seeds broke an invariant: {:?}",
+        seeds as f64 / secs,
+        total_steps as f64 / secs,
+        found.iter().map(|(k, (s, n, _))| format!("{k} x{n} (first seed {s})")).collect::<Vec<_>>()
+    );
+    if !found.is_empty() {
+        let report: Vec<String> = found.values().map(|(_, _, text)| text.clone()).collect();
+        panic!(
+            "the simulation broke invariants (rerun one with SIM_SEED0=<seed> SIM_SEEDS=1):\n{}",
+            report.join("\n")
+        );
+    }
+}
