@@ -10,7 +10,7 @@ use jitbot::clock::ManualClock;
 use jitbot::directory::memory::MemoryDirectory;
 use jitbot::engine::{Caller, Engine, EngineSettings};
 use jitbot::ports::{ApprovalCard, ChatError, MessageRef, Notice, Notifier};
-use jitbot::store::{OutboxItem, Store, TimerKind};
+use jitbot::store::{OutboxItem, Store, StoreError, TimerKind};
 use jitbot_core::policy::{GroupPolicy, Policy};
 use jitbot_core::request::RequestState;
 use jitbot_core::{Command, GroupDn, GroupName, LeaseState, Principals, Span, UserId};
@@ -155,6 +155,8 @@ pub struct World {
     pub outbox_seen: BTreeMap<u64, Notice>,
     /// What each step and each finished task did, for the trace.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// Steps applied so far.
+    pub steps: u64,
     tasks: Vec<Task>,
     tmp: tempfile::TempDir,
     path: PathBuf,
@@ -185,6 +187,19 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("a temporary directory for the simulated store")
 }
 
+/// Opens the store at `path`. After a crash sled's background threads may
+/// hold the old handle's file lock for a moment: wait for them.
+fn open_store(path: &std::path::Path) -> Store {
+    for _ in 0..400 {
+        match Store::open(path, 4) {
+            Ok(store) => return store,
+            Err(StoreError::Locked { .. }) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(e) => panic!("cannot open the simulated store at {}: {e}", path.display()),
+        }
+    }
+    panic!("the simulated store at {} stayed locked for 2 s after a crash", path.display())
+}
+
 impl World {
     pub fn new(seed: u64) -> World {
         let dir = MemoryDirectory::new();
@@ -209,13 +224,14 @@ impl World {
             standing,
             outbox_seen: BTreeMap::new(),
             log: Arc::new(Mutex::new(Vec::new())),
+            steps: 0,
             tasks: Vec::new(),
             path: tmp.path().join("store-0"),
             tmp,
             stores: 0,
             jitter: Arc::new(AtomicU64::new(seed)),
         };
-        let store = Store::open(&world.path, 4).expect("open the simulated store");
+        let store = open_store(&world.path);
         world.start(store);
         world
     }
@@ -462,7 +478,7 @@ impl World {
             }
             Op::Crash => {
                 self.crash().await;
-                let store = Store::open(&self.path, 4).expect("reopen the simulated store after a crash");
+                let store = open_store(&self.path);
                 self.start(store);
                 self.fire().await
             }
@@ -470,7 +486,7 @@ impl World {
                 self.crash().await;
                 self.variant = variant % 5;
                 self.note(format!("    restarted with configuration {}", self.variant));
-                let store = Store::open(&self.path, 4).expect("reopen the simulated store after a reload");
+                let store = open_store(&self.path);
                 self.start(store);
                 self.fire().await
             }
@@ -485,7 +501,7 @@ impl World {
                 self.crash().await;
                 self.stores += 1;
                 self.path = self.tmp.path().join(format!("store-{}", self.stores));
-                let store = Store::open(&self.path, 4).expect("open a store to restore into");
+                let store = open_store(&self.path);
                 if let Err(e) = store.restore(&backup[..]).await {
                     return Err(Violation {
                         invariant: "backup",
@@ -495,7 +511,7 @@ impl World {
                 self.start(store);
                 self.fire().await
             }
-            Op::Quiesce => Box::pin(self.quiesce()).await,
+            Op::Quiesce => self.quiesce().await,
         }
     }
 
