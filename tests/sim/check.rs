@@ -24,6 +24,20 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             Ok(broken) => found.push(violation("I4", format!("audit chain: {broken:?}"))),
             Err(e) => found.push(violation("I4", format!("audit chain unreadable: {e}"))),
         }
+        // I3, the other half: no grant is finished after its lease's end.
+        for entry in store.audit(0).flatten().filter(|e| e.action == "lease.granted") {
+            let Some(id) = entry.lease.as_deref() else { continue };
+            let lease = store.lease(&jitbot_core::LeaseId::new(id)).ok().flatten();
+            if let Some(l) = lease.filter(|l| entry.at > l.lease.expires_at) {
+                found.push(violation(
+                    "I3",
+                    format!(
+                        "lease {id} ({} on {}) was granted at {} although it ended at {}",
+                        l.lease.user, l.lease.group, entry.at, l.lease.expires_at
+                    ),
+                ));
+            }
+        }
     }
     let leases = match store.leases() {
         Ok(l) => l,

@@ -66,8 +66,7 @@ pub enum Op {
 /// calls are parked, so that they get released often enough.
 pub fn generate(rng: &mut StdRng, parked: usize) -> Op {
     let pick = rng.gen::<u32>();
-    let r = rng.gen_range(0..100u32);
-    if parked > 0 && r >= 66 {
+    if parked > 0 && rng.gen_bool(0.35) {
         let outcome = match rng.gen_range(0..100u32) {
             0..=69 => Outcome::Ok,
             70..=84 => Outcome::Unavailable,
@@ -78,46 +77,46 @@ pub fn generate(rng: &mut StdRng, parked: usize) -> Op {
     }
     let approver = rng.gen_range(0..APPROVERS.len() as u8);
     let requester = rng.gen_range(0..REQUESTERS.len() as u8);
-    match r % 66 {
-        0..=13 => Op::Request {
+    // Weights out of 100.
+    match rng.gen_range(0..100u32) {
+        0..=19 => Op::Request {
             user: requester,
             group: rng.gen_range(0..GROUP_NAMES.len() as u8),
             hours: rng.gen_bool(0.8).then(|| rng.gen_range(1..=5)),
             break_glass: rng.gen_bool(0.05),
         },
-        14..=24 => Op::Approve { by: approver, pick },
-        25..=26 => Op::Deny { by: approver, pick },
-        27 => Op::Cancel { pick },
-        28..=30 => Op::Release { pick },
-        31..=33 => Op::Extend {
+        20..=35 => Op::Approve { by: approver, pick },
+        36..=38 => Op::Deny { by: approver, pick },
+        39..=40 => Op::Cancel { pick },
+        41..=44 => Op::Release { pick },
+        45..=49 => Op::Extend {
             pick,
             hours: rng.gen_range(1..=4),
         },
-        34..=35 => Op::Revoke { by: approver, pick },
-        36 => Op::AdminRevoke { pick },
-        37..=43 => Op::Fire,
-        44..=49 => Op::Advance {
+        50..=52 => Op::Revoke { by: approver, pick },
+        53 => Op::AdminRevoke { pick },
+        54..=64 => Op::Fire,
+        65..=72 => Op::Advance {
             secs: [1, 10, 60, 300, 1200, 3600, 7200][rng.gen_range(0..7)],
         },
-        50 => Op::Back {
+        73 => Op::Back {
             secs: [30, 300, 3600][rng.gen_range(0..3)],
         },
-        51..=52 => Op::Operator {
+        74..=76 => Op::Operator {
             add: rng.gen_bool(0.5),
             user: requester,
             group: rng.gen_range(0..4),
         },
-        53..=55 => Op::Drain,
-        56 => Op::Chat {
+        77..=84 => Op::Drain,
+        85..=86 => Op::Chat {
             down: rng.gen_bool(0.5),
         },
-        57 => Op::Zsp,
-        58..=59 => Op::Crash,
-        60 => Op::Reload {
+        87..=88 => Op::Zsp,
+        89..=92 => Op::Crash,
+        93..=94 => Op::Reload {
             variant: rng.gen_range(0..5),
         },
-        61 => Op::BackupRestore,
-        62 => Op::Quiesce,
-        _ => Op::Fire,
+        95..=96 => Op::BackupRestore,
+        _ => Op::Quiesce,
     }
 }
