@@ -114,15 +114,17 @@ fn replay(seed: u64, ops: &[Op]) -> Result<(), Failure> {
 
 /// Delta debugging: drops chunks of operations while the same invariant
 /// still breaks, then single operations, within a budget of replays.
-fn shrink(seed: u64, failure: Failure, budget: usize) -> Failure {
+fn shrink(seed: u64, failure: Failure, budget: usize, time: std::time::Duration) -> Failure {
     let want = failure.violation.invariant;
     let mut best = failure;
     let mut tries = 0;
+    let deadline = Instant::now() + time;
+    let within = |tries: usize| tries < budget && Instant::now() < deadline;
     let mut chunk = best.ops.len().div_ceil(2).max(1);
-    while tries < budget {
+    while within(tries) {
         let mut improved = false;
         let mut start = 0;
-        while start < best.ops.len() && tries < budget {
+        while start < best.ops.len() && within(tries) {
             let mut candidate = best.ops.clone();
             let end = (start + chunk).min(candidate.len());
             candidate.drain(start..end);
@@ -162,14 +164,15 @@ fn describe(seed: u64, f: &Failure) -> String {
 
 /// `SIM_SEEDS` seeds (default 200) of `SIM_STEPS` steps (default 300) from
 /// `SIM_SEED0` (default 0). The first failure of each invariant is shrunk
-/// (`SIM_SHRINK` replays at most, default 400) and printed; the test fails
-/// if any invariant broke.
+/// (at most `SIM_SHRINK` replays, default 400, and `SIM_SHRINK_SECS`
+/// seconds, default 30) and printed; the test fails if any invariant broke.
 #[test]
 fn seeds() {
     let seeds = env("SIM_SEEDS", 200);
     let steps = env("SIM_STEPS", 300) as usize;
     let first = env("SIM_SEED0", 0);
     let budget = env("SIM_SHRINK", 400) as usize;
+    let shrink_time = std::time::Duration::from_secs(env("SIM_SHRINK_SECS", 30));
     let started = Instant::now();
     let mut total_steps = 0usize;
     let mut found: BTreeMap<&'static str, (u64, usize, String)> = BTreeMap::new();
@@ -189,7 +192,7 @@ fn seeds() {
                         failure.violation.detail
                     );
                     let full = failure.ops.len();
-                    let small = if budget > 0 { shrink(seed, failure, budget) } else { failure };
+                    let small = if budget > 0 { shrink(seed, failure, budget, shrink_time) } else { failure };
                     println!("sim: shrunk from {full} to {} operations", small.ops.len());
                     entry.2 = describe(seed, &small);
                 }
