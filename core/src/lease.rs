@@ -173,6 +173,8 @@ impl Lease {
     pub fn record_preexisting(&mut self, was_member: bool, membership: Membership) {
         if self.preexisting.is_none() {
             self.preexisting = Some(was_member);
+        }
+        if self.membership.is_none() {
             self.membership = Some(membership);
         }
     }
