@@ -36,6 +36,9 @@ pub enum StoreError {
     Io(String),
     #[error("stored record {key} is unreadable: {error}")]
     Corrupt { key: String, error: String },
+    /// A change would break a store invariant; it was not committed.
+    #[error("refused to commit: {0}")]
+    Invariant(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -67,6 +70,8 @@ struct Inner {
     committed: std::sync::atomic::AtomicU64,
     flushed: std::sync::atomic::AtomicU64,
     flusher: tokio::sync::Mutex<()>,
+    /// Flush on the calling thread (see [`Store::flush_inline`]).
+    inline_flush: std::sync::atomic::AtomicBool,
 }
 
 const AUDIT_HEAD: &[u8] = b"audit_head";
@@ -77,7 +82,9 @@ const NEXT_OUTBOX: &[u8] = b"next_outbox";
 fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
     let mut k = group.as_str().as_bytes().to_vec();
     k.push(0);
-    k.extend_from_slice(user.as_str().as_bytes());
+    // Directories compare account names case-insensitively, and so does
+    // the slot: `Alice` and `alice` share one.
+    k.extend_from_slice(user.folded().as_bytes());
     k
 }
 
@@ -105,6 +112,34 @@ pub struct AuditDraft {
     pub detail: String,
 }
 
+impl AuditDraft {
+    #[must_use]
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+    #[must_use]
+    pub fn request(mut self, id: impl ToString) -> Self {
+        self.request = Some(id.to_string());
+        self
+    }
+    #[must_use]
+    pub fn lease(mut self, id: impl ToString) -> Self {
+        self.lease = Some(id.to_string());
+        self
+    }
+    #[must_use]
+    pub fn group(mut self, group: impl ToString) -> Self {
+        self.group = Some(group.to_string());
+        self
+    }
+    #[must_use]
+    pub fn user(mut self, user: impl ToString) -> Self {
+        self.user = Some(user.to_string());
+        self
+    }
+}
+
 /// The staged writes of one [`Store::update`], with read-your-writes.
 pub struct Tx<'a> {
     store: &'a Inner,
@@ -117,6 +152,8 @@ pub struct Tx<'a> {
     outbox: Vec<OutboxItem>,
     /// The next id to hand out, once read from `meta`; written back on commit.
     next_id: Option<u64>,
+    /// A staged change that breaks an invariant; the commit refuses it.
+    violation: Option<String>,
 }
 
 /// Reads a big-endian counter from `meta`.
@@ -159,13 +196,47 @@ impl<'a> Tx<'a> {
             .map(|v| LeaseId::new(String::from_utf8_lossy(&v).into_owned())))
     }
 
+    /// The pending request `user` has for `group`, if any (from the pending
+    /// index: requests with a decision-window timer).
+    pub fn pending_request_of(&self, group: &GroupName, user: &UserId) -> Result<Option<RequestId>, StoreError> {
+        for item in self.store.timer_ix.scan_prefix([TimerKind::RequestTimeout as u8]) {
+            let (k, _) = item?;
+            let id = RequestId::new(String::from_utf8_lossy(&k[1..]).into_owned());
+            if let Some(rec) = self.request(&id)? {
+                let r = &rec.request;
+                if r.state == jitbot_core::RequestState::Pending && r.group == *group && r.requester == *user {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     pub fn put_request(&mut self, rec: RequestRecord) {
         self.requests.insert(rec.request.id.to_string(), Some(rec));
     }
 
+    /// Stages a lease. A lease that has not ended takes its (group, user)
+    /// slot; if another lease that has not ended holds the slot, the whole
+    /// change is refused at commit: one lease per (group, user) is enforced
+    /// here, where every lease is written, not by each caller.
     pub fn put_lease(&mut self, rec: LeaseRecord) {
         let l = &rec.lease;
         let key = live_key(&l.group, &l.user);
+        if l.state != LeaseState::Ended {
+            match self.live_lease(&l.group, &l.user) {
+                Ok(Some(holder)) if holder != l.id => {
+                    self.violation.get_or_insert(format!(
+                        "lease {} would be a second live lease of {} on `{}` (lease {holder} holds it)",
+                        l.id, l.user, l.group
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.violation.get_or_insert(e.to_string());
+                }
+            }
+        }
         // A lease occupies its (group, user) slot until it has fully ended, so a
         // new lease never starts while an old one's removal is still pending.
         self.live
@@ -285,6 +356,7 @@ impl Store {
             committed: Default::default(),
             flushed: Default::default(),
             flusher: tokio::sync::Mutex::new(()),
+            inline_flush: Default::default(),
             db,
         };
         if inner.meta.get(SCHEMA)?.is_none() {
@@ -317,8 +389,12 @@ impl Store {
                 audit: Vec::new(),
                 outbox: Vec::new(),
                 next_id: None,
+                violation: None,
             };
             let value = f(&mut tx)?;
+            if let Some(violation) = tx.violation.take() {
+                return Err(StoreError::Invariant(violation).into());
+            }
             self.commit(tx)?;
             value
         };
@@ -449,8 +525,22 @@ impl Store {
         Ok(())
     }
 
+    /// Flushes on the calling thread from now on, instead of on tokio's
+    /// blocking pool: for the deterministic simulation, where the one
+    /// runtime thread must be the only thing that moves. It blocks that
+    /// thread for each flush, so it is not for a running jitbot.
+    pub fn flush_inline(&self) {
+        self.inner
+            .inline_flush
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if self.inner.inline_flush.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.db.flush()?;
+            return Ok(());
+        }
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await

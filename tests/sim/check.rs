@@ -67,7 +67,15 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             ));
         }
         for m in members.iter().filter(|m| !standing.contains(*m)) {
-            let on_dn = |l: &&jitbot::store::LeaseRecord| l.lease.user.as_str() == m && dns_of(l.lease.group.as_str()).contains(&dn);
+            // The lease's recorded membership says where it writes; before
+            // it is recorded, any DN its group name has had.
+            let on_dn = |l: &&jitbot::store::LeaseRecord| {
+                l.lease.user.as_str() == m
+                    && match &l.lease.membership {
+                        Some(written) => written.group.as_str() == dn,
+                        None => dns_of(l.lease.group.as_str()).contains(&dn),
+                    }
+            };
             if leases.iter().filter(on_dn).any(|l| l.lease.state != LeaseState::Ended) {
                 continue;
             }

@@ -5,11 +5,11 @@
 
 use async_trait::async_trait;
 use jitbot::directory::memory::MemoryDirectory;
-use jitbot::ports::{Directory, DirectoryError};
+use jitbot::ports::{Added, Directory, DirectoryError, GroupMember, Membership};
 use jitbot_core::{GroupDn, UserId};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 /// What a released call does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,8 +42,6 @@ impl Parked {
 #[derive(Default)]
 pub struct Gate {
     pub parked: Mutex<Vec<Parked>>,
-    /// Notified whenever a call parks (the simulator waits for quiet).
-    pub moved: Arc<Notify>,
 }
 
 impl Gate {
@@ -82,7 +80,6 @@ impl SimDirectory {
                 what: what.clone(),
                 release: tx,
             });
-        self.gate.moved.notify_one();
         match rx.await {
             Ok(Outcome::Unavailable) | Err(_) => Err(DirectoryError::Unavailable(format!("sim: {what} unreachable"))),
             Ok(Outcome::Refused) => Err(DirectoryError::Refused(format!("sim: {what} refused"))),
@@ -104,21 +101,25 @@ impl Directory for SimDirectory {
         let o = self.park(format!("find_user {attribute}={value}")).await?;
         Self::lost(o, self.inner.find_user(attribute, value).await)
     }
-    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
-        let o = self.park(format!("is_member {user} {group}")).await?;
-        Self::lost(o, self.inner.is_member(group, user).await)
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
+        let o = self.park(format!("membership_of {user} {group}")).await?;
+        Self::lost(o, self.inner.membership_of(group, user).await)
     }
-    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        let o = self.park(format!("add_member {user} {group}")).await?;
-        Self::lost(o, self.inner.add_member(group, user).await)
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        let o = self.park(format!("has_membership {} {}", m.value, m.group)).await?;
+        Self::lost(o, self.inner.has_membership(m).await)
     }
-    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        let o = self.park(format!("remove_member {user} {group}")).await?;
-        Self::lost(o, self.inner.remove_member(group, user).await)
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        let o = self.park(format!("add_membership {} {}", m.value, m.group)).await?;
+        Self::lost(o, self.inner.add_membership(m).await)
     }
-    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
-        let o = self.park(format!("list_members {group}")).await?;
-        Self::lost(o, self.inner.list_members(group).await)
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        let o = self.park(format!("remove_membership {} {}", m.value, m.group)).await?;
+        Self::lost(o, self.inner.remove_membership(m).await)
+    }
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        let o = self.park(format!("members {group}")).await?;
+        Self::lost(o, self.inner.members(group).await)
     }
     async fn groups_of(
         &self,

@@ -17,7 +17,10 @@ use jitbot_core::{Command, GroupDn, GroupName, LeaseState, Principals, Span, Use
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use tokio::task::JoinHandle;
 
 pub const DB: &str = "cn=db-admins,ou=groups,dc=sim";
@@ -140,6 +143,46 @@ struct Task {
     handle: JoinHandle<()>,
     /// A timer task, as (kind, id): the scheduler runs one at a time.
     timer: Option<(TimerKind, String)>,
+    /// Its last poll returned `Pending` and nothing has woken it since.
+    idle: Arc<AtomicBool>,
+}
+
+/// A task's future, watched: `idle` is set when a poll returns `Pending`
+/// without the task having woken itself, and cleared when it is woken.
+struct Tracked {
+    work: Pin<Box<dyn Future<Output = ()> + Send>>,
+    idle: Arc<AtomicBool>,
+}
+
+struct TrackedWaker {
+    idle: Arc<AtomicBool>,
+    inner: Waker,
+}
+
+impl Wake for TrackedWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.idle.store(false, Ordering::SeqCst);
+        self.inner.wake_by_ref();
+    }
+}
+
+impl Future for Tracked {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.idle.store(true, Ordering::SeqCst);
+        let waker = Waker::from(Arc::new(TrackedWaker {
+            idle: self.idle.clone(),
+            inner: cx.waker().clone(),
+        }));
+        let poll = self.work.as_mut().poll(&mut Context::from_waker(&waker));
+        if poll.is_ready() {
+            self.idle.store(false, Ordering::SeqCst);
+        }
+        poll
+    }
 }
 
 pub struct World {
@@ -237,6 +280,7 @@ impl World {
     }
 
     fn start(&mut self, store: Store) {
+        store.flush_inline();
         let directory = Arc::new(SimDirectory {
             inner: self.dir.clone(),
             gate: self.gate.clone(),
@@ -268,43 +312,52 @@ impl World {
     }
 
     /// Starts `work` as a task and runs until everything in flight has
-    /// finished or waits on the directory.
-    async fn spawn(&mut self, label: String, timer: Option<(TimerKind, String)>, work: impl std::future::Future<Output = String> + Send + 'static) -> Result<(), Violation> {
+    /// finished or waits (on the directory, or on another task).
+    async fn spawn(
+        &mut self,
+        label: String,
+        timer: Option<(TimerKind, String)>,
+        work: impl Future<Output = String> + Send + 'static,
+    ) -> Result<(), Violation> {
         let log = self.log.clone();
-        let moved = self.gate.moved.clone();
         let name = label.clone();
-        let handle = tokio::spawn(async move {
-            let said = work.await;
-            log.lock().unwrap_or_else(|p| p.into_inner()).push(format!("    {name} → {said}"));
-            moved.notify_one();
+        let idle = Arc::new(AtomicBool::new(false));
+        let handle = tokio::spawn(Tracked {
+            work: Box::pin(async move {
+                let said = work.await;
+                log.lock().unwrap_or_else(|p| p.into_inner()).push(format!("    {name} → {said}"));
+            }),
+            idle: idle.clone(),
         });
-        self.tasks.push(Task { label, handle, timer });
+        self.tasks.push(Task {
+            label,
+            handle,
+            timer,
+            idle,
+        });
         self.settle().await
     }
 
-    /// Waits until every task has finished or is parked on the directory.
-    /// Only one task ever runs between two parks, so the order of store
-    /// commits is the seed's.
+    /// Runs the tasks until every one has finished or waits with nothing to
+    /// wake it but the simulator (a parked directory call, or a lock held by
+    /// a task that is parked). Nothing outside this thread wakes a task (the
+    /// store flushes inline), so the order of everything is the seed's.
     pub async fn settle(&mut self) -> Result<(), Violation> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            let notified = self.gate.moved.notified();
+        for _ in 0..1_000_000 {
             self.tasks.retain(|t| !t.handle.is_finished());
-            if self.tasks.len() == self.gate.parked_len() {
+            if self.tasks.iter().all(|t| t.idle.load(Ordering::SeqCst)) {
                 return Ok(());
             }
-            if std::time::Instant::now() > deadline {
-                return Err(Violation {
-                    invariant: "stuck",
-                    detail: format!(
-                        "tasks {:?} neither finish nor wait on the directory (parked: {:?})",
-                        self.tasks.iter().map(|t| &t.label).collect::<Vec<_>>(),
-                        self.gate.describe()
-                    ),
-                });
-            }
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), notified).await;
+            tokio::task::yield_now().await;
         }
+        Err(Violation {
+            invariant: "stuck",
+            detail: format!(
+                "tasks {:?} keep running without finishing or waiting (parked: {:?})",
+                self.tasks.iter().map(|t| &t.label).collect::<Vec<_>>(),
+                self.gate.describe()
+            ),
+        })
     }
 
     fn caller(user: &str) -> Caller {
@@ -608,6 +661,15 @@ impl World {
             }
             let now = self.engine().now();
             if self.engine().store().due_timers(now, 1).unwrap_or_default().is_empty() {
+                if !self.tasks.is_empty() {
+                    return Err(Violation {
+                        invariant: "stuck",
+                        detail: format!(
+                            "with every directory call answered, tasks {:?} still wait (a deadlock)",
+                            self.tasks.iter().map(|t| &t.label).collect::<Vec<_>>()
+                        ),
+                    });
+                }
                 return Ok(());
             }
             self.fire().await?;
