@@ -119,7 +119,7 @@ impl Directory for SimDirectory {
     }
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
         let o = self.park(format!("members {group}")).await?;
-        Self::lost(o, self.inner.members(group).await)
+        Self::lost(o, Directory::members(self.inner.as_ref(), group).await)
     }
     async fn groups_of(
         &self,

@@ -175,6 +175,8 @@ fn seeds() {
     let shrink_time = std::time::Duration::from_secs(env("SIM_SHRINK_SECS", 30));
     let started = Instant::now();
     let mut total_steps = 0usize;
+    // Time spent shrinking, left out of the rates.
+    let mut shrinking = std::time::Duration::ZERO;
     let mut found: BTreeMap<&'static str, (u64, usize, String)> = BTreeMap::new();
     for seed in first..first + seeds {
         match run_seed(seed, steps) {
@@ -186,23 +188,29 @@ fn seeds() {
                 entry.1 += 1;
                 if entry.1 == 1 {
                     println!(
-                        "sim: seed {seed} broke {invariant} after {:.1}s ({} seeds run): {}",
-                        started.elapsed().as_secs_f64(),
+                        "sim: seed {seed} broke {invariant} after {:.1}s of simulation ({} seeds run): {}",
+                        (started.elapsed() - shrinking).as_secs_f64(),
                         seed - first + 1,
                         failure.violation.detail
                     );
                     let full = failure.ops.len();
+                    let shrink_started = Instant::now();
                     let small = if budget > 0 { shrink(seed, failure, budget, shrink_time) } else { failure };
-                    println!("sim: shrunk from {full} to {} operations", small.ops.len());
+                    shrinking += shrink_started.elapsed();
+                    println!(
+                        "sim: shrunk from {full} to {} operations in {:.1}s",
+                        small.ops.len(),
+                        shrink_started.elapsed().as_secs_f64()
+                    );
                     entry.2 = describe(seed, &small);
                 }
             }
         }
     }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = (started.elapsed() - shrinking).as_secs_f64();
     let failures: usize = found.values().map(|(_, n, _)| n).sum();
     println!(
-        "sim: {seeds} seeds x {steps} steps from seed {first}: {total_steps} steps in {secs:.1}s ({:.1} seeds/s, {:.0} steps/s); {failures} seeds broke an invariant: {:?}",
+        "sim: {seeds} seeds x {steps} steps from seed {first}: {total_steps} steps in {secs:.1}s, shrinking apart ({:.1} seeds/s, {:.0} steps/s); {failures} seeds broke an invariant: {:?}",
         seeds as f64 / secs,
         total_steps as f64 / secs,
         found.iter().map(|(k, (s, n, _))| format!("{k} x{n} (first seed {s})")).collect::<Vec<_>>()
