@@ -26,7 +26,9 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
         }
         // I3, the other half: no grant is finished after its lease's end.
         for entry in store.audit(0).flatten().filter(|e| e.action == "lease.granted") {
-            let Some(id) = entry.lease.as_deref() else { continue };
+            let Some(id) = entry.lease.as_deref() else {
+                continue;
+            };
             let lease = store.lease(&jitbot_core::LeaseId::new(id)).ok().flatten();
             if let Some(l) = lease.filter(|l| entry.at > l.lease.expires_at) {
                 found.push(violation(
@@ -54,7 +56,10 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             .push(format!("{} ({:?})", l.lease.id, l.lease.state));
     }
     if let Some(((group, user), ids)) = live.iter().find(|(_, ids)| ids.len() > 1) {
-        found.push(violation("I5", format!("{user} holds {} live leases on {group}: {ids:?}", ids.len())));
+        found.push(violation(
+            "I5",
+            format!("{user} holds {} live leases on {group}: {ids:?}", ids.len()),
+        ));
     }
     for dn in MANAGED {
         let members = world.dir.members(dn);
@@ -76,7 +81,11 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
                         None => dns_of(l.lease.group.as_str()).contains(&dn),
                     }
             };
-            if leases.iter().filter(on_dn).any(|l| l.lease.state != LeaseState::Ended) {
+            if leases
+                .iter()
+                .filter(on_dn)
+                .any(|l| l.lease.state != LeaseState::Ended)
+            {
                 continue;
             }
             // I2: an ended lease left no membership it added.
@@ -122,7 +131,10 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             }
             None => found.push(violation(
                 "I6",
-                format!("notice {id} to {:?} left the outbox undelivered: {:?}", notice.to, notice.text),
+                format!(
+                    "notice {id} to {:?} left the outbox undelivered: {:?}",
+                    notice.to, notice.text
+                ),
             )),
         }
     }

@@ -81,7 +81,9 @@ impl SimDirectory {
                 release: tx,
             });
         match rx.await {
-            Ok(Outcome::Unavailable) | Err(_) => Err(DirectoryError::Unavailable(format!("sim: {what} unreachable"))),
+            Ok(Outcome::Unavailable) | Err(_) => {
+                Err(DirectoryError::Unavailable(format!("sim: {what} unreachable")))
+            }
             Ok(Outcome::Refused) => Err(DirectoryError::Refused(format!("sim: {what} refused"))),
             Ok(outcome) => Ok(outcome),
         }
@@ -106,15 +108,21 @@ impl Directory for SimDirectory {
         Self::lost(o, self.inner.membership_of(group, user).await)
     }
     async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        let o = self.park(format!("has_membership {} {}", m.value, m.group)).await?;
+        let o = self
+            .park(format!("has_membership {} {}", m.value, m.group))
+            .await?;
         Self::lost(o, self.inner.has_membership(m).await)
     }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
-        let o = self.park(format!("add_membership {} {}", m.value, m.group)).await?;
+        let o = self
+            .park(format!("add_membership {} {}", m.value, m.group))
+            .await?;
         Self::lost(o, self.inner.add_membership(m).await)
     }
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        let o = self.park(format!("remove_membership {} {}", m.value, m.group)).await?;
+        let o = self
+            .park(format!("remove_membership {} {}", m.value, m.group))
+            .await?;
         Self::lost(o, self.inner.remove_membership(m).await)
     }
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {

@@ -195,7 +195,11 @@ fn seeds() {
                     );
                     let full = failure.ops.len();
                     let shrink_started = Instant::now();
-                    let small = if budget > 0 { shrink(seed, failure, budget, shrink_time) } else { failure };
+                    let small = if budget > 0 {
+                        shrink(seed, failure, budget, shrink_time)
+                    } else {
+                        failure
+                    };
                     shrinking += shrink_started.elapsed();
                     println!(
                         "sim: shrunk from {full} to {} operations in {:.1}s",

@@ -24,38 +24,71 @@ pub enum Op {
         break_glass: bool,
     },
     /// `/jit approve` of a request (pending ones mostly).
-    Approve { by: u8, pick: u32 },
-    Deny { by: u8, pick: u32 },
+    Approve {
+        by: u8,
+        pick: u32,
+    },
+    Deny {
+        by: u8,
+        pick: u32,
+    },
     /// The requester cancels.
-    Cancel { pick: u32 },
+    Cancel {
+        pick: u32,
+    },
     /// The holder releases a lease.
-    Release { pick: u32 },
+    Release {
+        pick: u32,
+    },
     /// The holder extends a lease.
-    Extend { pick: u32, hours: u8 },
+    Extend {
+        pick: u32,
+        hours: u8,
+    },
     /// `/jit revoke` by an approver or admin.
-    Revoke { by: u8, pick: u32 },
+    Revoke {
+        by: u8,
+        pick: u32,
+    },
     /// The admin API's revoke.
-    AdminRevoke { pick: u32 },
+    AdminRevoke {
+        pick: u32,
+    },
     /// Releases one parked directory call with this outcome.
-    Directory { pick: u32, outcome: Outcome },
+    Directory {
+        pick: u32,
+        outcome: Outcome,
+    },
     /// Starts every due timer not already running, as the scheduler would.
     Fire,
     /// Moves the clock forward.
-    Advance { secs: u32 },
+    Advance {
+        secs: u32,
+    },
     /// Steps the clock back.
-    Back { secs: u32 },
+    Back {
+        secs: u32,
+    },
     /// An operator adds or removes a member by hand.
-    Operator { add: bool, user: u8, group: u8 },
+    Operator {
+        add: bool,
+        user: u8,
+        group: u8,
+    },
     /// One pass of the outbox worker.
     Drain,
     /// The chat platform goes down or comes back.
-    Chat { down: bool },
+    Chat {
+        down: bool,
+    },
     /// One pass of the ZSP monitor.
     Zsp,
     /// Everything in flight dies; the store is reopened from disk.
     Crash,
     /// A restart into another configuration.
-    Reload { variant: u8 },
+    Reload {
+        variant: u8,
+    },
     /// Backup now, crash, restore the backup into a new store.
     BackupRestore,
     /// Directory up, all work run to quiescence, then the expiry check (I3).

@@ -15,10 +15,10 @@ use jitbot_core::policy::{GroupPolicy, Policy};
 use jitbot_core::request::RequestState;
 use jitbot_core::{Command, GroupDn, GroupName, LeaseState, Principals, Span, UserId};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use tokio::task::JoinHandle;
@@ -125,7 +125,10 @@ impl Notifier for SimChat {
     }
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
         self.up()?;
-        self.sent.lock().unwrap_or_else(|p| p.into_inner()).push(notice.clone());
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(notice.clone());
         Ok(())
     }
 }
@@ -240,7 +243,10 @@ fn open_store(path: &std::path::Path) -> Store {
             Err(e) => panic!("cannot open the simulated store at {}: {e}", path.display()),
         }
     }
-    panic!("the simulated store at {} stayed locked for 2 s after a crash", path.display())
+    panic!(
+        "the simulated store at {} stayed locked for 2 s after a crash",
+        path.display()
+    )
 }
 
 impl World {
@@ -254,12 +260,17 @@ impl World {
         dir.add_group(WEB2, []);
         dir.add_group(OPS, []);
         dir.add_group(SEC, ["carol"]);
-        let mut standing: BTreeMap<&'static str, BTreeSet<String>> = MANAGED.iter().map(|g| (*g, BTreeSet::new())).collect();
+        let mut standing: BTreeMap<&'static str, BTreeSet<String>> =
+            MANAGED.iter().map(|g| (*g, BTreeSet::new())).collect();
         standing.entry(WEB).or_default().insert("dave".into());
         let tmp = tempdir();
         let mut world = World {
             engine: None,
-            clock: ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).single().expect("a valid start time")),
+            clock: ManualClock::new(
+                Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0)
+                    .single()
+                    .expect("a valid start time"),
+            ),
             dir: Arc::new(dir),
             gate: Arc::new(Gate::default()),
             chat: Arc::new(SimChat::default()),
@@ -325,7 +336,9 @@ impl World {
         let handle = tokio::spawn(Tracked {
             work: Box::pin(async move {
                 let said = work.await;
-                log.lock().unwrap_or_else(|p| p.into_inner()).push(format!("    {name} → {said}"));
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("    {name} → {said}"));
             }),
             idle: idle.clone(),
         });
@@ -424,16 +437,30 @@ impl World {
                 let duration = hours.map(|h| Span::from_hours(u64::from(h)));
                 let reason = "sim".to_string();
                 let command = if break_glass {
-                    Command::BreakGlass { group, duration, reason }
+                    Command::BreakGlass {
+                        group,
+                        duration,
+                        reason,
+                    }
                 } else {
-                    Command::Request { group, duration, reason }
+                    Command::Request {
+                        group,
+                        duration,
+                        reason,
+                    }
                 };
                 self.command(REQUESTERS[user as usize % 3], command).await
             }
             Op::Approve { by, pick } => match Self::pick(&self.requests(true), pick) {
                 Some((request, _)) => {
-                    self.command(APPROVERS[by as usize % 3], Command::Approve { request, duration: None })
-                        .await
+                    self.command(
+                        APPROVERS[by as usize % 3],
+                        Command::Approve {
+                            request,
+                            duration: None,
+                        },
+                    )
+                    .await
                 }
                 None => Ok(()),
             },
@@ -581,7 +608,8 @@ impl World {
     async fn fire(&mut self) -> Result<(), Violation> {
         let now = self.engine().now();
         let due = self.engine().store().due_timers(now, 16).unwrap_or_default();
-        let running: HashSet<(TimerKind, String)> = self.tasks.iter().filter_map(|t| t.timer.clone()).collect();
+        let running: HashSet<(TimerKind, String)> =
+            self.tasks.iter().filter_map(|t| t.timer.clone()).collect();
         for timer in due {
             let key = (timer.kind, timer.id.clone());
             if running.contains(&key) {
@@ -660,7 +688,13 @@ impl World {
                 self.release(0, Outcome::Ok).await?;
             }
             let now = self.engine().now();
-            if self.engine().store().due_timers(now, 1).unwrap_or_default().is_empty() {
+            if self
+                .engine()
+                .store()
+                .due_timers(now, 1)
+                .unwrap_or_default()
+                .is_empty()
+            {
                 if !self.tasks.is_empty() {
                     return Err(Violation {
                         invariant: "stuck",
@@ -678,7 +712,10 @@ impl World {
             invariant: "I3",
             detail: format!(
                 "timers keep firing with the directory up: {:?}",
-                self.engine().store().due_timers(self.engine().now(), 5).unwrap_or_default()
+                self.engine()
+                    .store()
+                    .due_timers(self.engine().now(), 5)
+                    .unwrap_or_default()
             ),
         })
     }
