@@ -42,8 +42,14 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Runs `steps` operations drawn from `seed`.
 fn run_seed(seed: u64, steps: usize) -> Result<usize, Failure> {
+    run_seed_logged(seed, steps).0
+}
+
+/// Runs `steps` operations drawn from `seed`; also returns what happened.
+fn run_seed_logged(seed: u64, steps: usize) -> (Result<usize, Failure>, Vec<String>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    runtime().block_on(async {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let result = runtime().block_on(async {
         let mut world = World::new(seed);
         let mut ops = Vec::with_capacity(steps);
         for _ in 0..steps {
@@ -55,12 +61,41 @@ fn run_seed(seed: u64, steps: usize) -> Result<usize, Failure> {
             }
         }
         ops.push(Op::Quiesce);
-        if let Err(violation) = step(&mut world, &Op::Quiesce).await {
-            let log = world.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            return Err(Failure { violation, ops, log });
+        let result = step(&mut world, &Op::Quiesce).await;
+        *log.lock().unwrap_or_else(|p| p.into_inner()) =
+            world.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match result {
+            Err(violation) => {
+                let log = world.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                Err(Failure { violation, ops, log })
+            }
+            Ok(()) => Ok(steps),
         }
-        Ok(steps)
-    })
+    });
+    let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match result {
+        Err(f) => {
+            let log = f.log.clone();
+            (Err(f), log)
+        }
+        ok => (ok, log),
+    }
+}
+
+/// The same seed does the same thing, step for step and task for task:
+/// what shrinking and "rerun seed N" rely on.
+#[test]
+fn replays_exactly() {
+    for seed in 0..4 {
+        let (first, a) = run_seed_logged(seed, 150);
+        let (second, b) = run_seed_logged(seed, 150);
+        assert!(a.len() > 150, "seed {seed} logged too little to compare: {a:?}");
+        assert_eq!(a, b, "seed {seed} ran differently the second time");
+        assert_eq!(
+            first.err().map(|f| f.violation.invariant),
+            second.err().map(|f| f.violation.invariant)
+        );
+    }
 }
 
 async fn step(world: &mut World, op: &Op) -> Result<(), Violation> {
