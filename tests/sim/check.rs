@@ -65,6 +65,29 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
         let members = world.dir.members(dn);
         let standing = world.standing.get(dn).cloned().unwrap_or_default();
         // A standing membership (put there by a person) is never removed by jitbot.
+        // The one exception: the ZSP monitor's remediation (a lease that
+        // ends with `Drift`) removes members of a group that sets `remediate`.
+        let remediated: Vec<String> = standing
+            .iter()
+            .filter(|u| !members.contains(*u))
+            .filter(|u| {
+                leases.iter().any(|l| {
+                    l.lease.user.as_str() == u.as_str()
+                        && l.lease.end_reason == Some(jitbot_core::EndReason::Drift)
+                        && l.lease
+                            .membership
+                            .as_ref()
+                            .is_some_and(|m| m.group.as_str() == dn)
+                })
+            })
+            .cloned()
+            .collect();
+        if let Some(set) = world.standing.get_mut(dn) {
+            for u in &remediated {
+                set.remove(u);
+            }
+        }
+        let standing = world.standing.get(dn).cloned().unwrap_or_default();
         if let Some(gone) = standing.iter().find(|u| !members.contains(*u)) {
             found.push(violation(
                 "I1-standing",

@@ -70,6 +70,9 @@ pub fn policy(variant: u8) -> Policy {
     ops.approvers.groups.insert(GroupDn::new(SEC));
     ops.approvals_required = 2;
     ops.extension_requires_approval = true;
+    // Members without a lease are removed by the ZSP monitor here.
+    ops.zsp = true;
+    ops.remediate = true;
     match variant {
         1 => return with_admins(vec![db, ops]),
         2 => db.name = GroupName::new("database-admins"),
