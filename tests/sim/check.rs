@@ -24,7 +24,8 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             Ok(broken) => found.push(violation("I4", format!("audit chain: {broken:?}"))),
             Err(e) => found.push(violation("I4", format!("audit chain unreadable: {e}"))),
         }
-        // I3, the other half: no grant is finished after its lease's end.
+        // I3-late, the other half of I3: no grant is finished after its
+        // lease's end.
         for entry in store.audit(0).flatten().filter(|e| e.action == "lease.granted") {
             let Some(id) = entry.lease.as_deref() else {
                 continue;
@@ -32,7 +33,7 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             let lease = store.lease(&jitbot_core::LeaseId::new(id)).ok().flatten();
             if let Some(l) = lease.filter(|l| entry.at > l.lease.expires_at) {
                 found.push(violation(
-                    "I3",
+                    "I3-late",
                     format!(
                         "lease {id} ({} on {}) was granted at {} although it ended at {}",
                         l.lease.user, l.lease.group, entry.at, l.lease.expires_at
