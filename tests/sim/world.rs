@@ -206,6 +206,10 @@ pub struct World {
     pub log: Arc<Mutex<Vec<String>>>,
     /// Steps applied so far.
     pub steps: u64,
+    /// Seconds the clock was stepped back since the last quiesce: timers
+    /// are fired by their wall-clock due time here (the scheduler is not
+    /// simulated), so a step back delays them by as much.
+    stepped_back: i64,
     tasks: Vec<Task>,
     tmp: tempfile::TempDir,
     path: PathBuf,
@@ -282,6 +286,7 @@ impl World {
             outbox_seen: BTreeMap::new(),
             log: Arc::new(Mutex::new(Vec::new())),
             steps: 0,
+            stepped_back: 0,
             tasks: Vec::new(),
             path: tmp.path().join("store-0"),
             tmp,
@@ -519,6 +524,7 @@ impl World {
             }
             Op::Back { secs } => {
                 self.clock.advance(-Duration::seconds(i64::from(secs)));
+                self.stepped_back += i64::from(secs);
                 Ok(())
             }
             Op::Operator { add, user, group } => {
@@ -657,8 +663,8 @@ impl World {
             .filter(|l| l.lease.state != LeaseState::Ended && l.lease.expires_at <= now0)
             .map(|l| l.lease.id.to_string())
             .collect();
-        self.clock
-            .advance(Duration::seconds(MAX_WAIT_SECS + SETTINGS_RETRY_MAX_SECS));
+        let window = MAX_WAIT_SECS + SETTINGS_RETRY_MAX_SECS + std::mem::take(&mut self.stepped_back);
+        self.clock.advance(Duration::seconds(window));
         self.run_out().await?;
         for id in overdue {
             let lease = self
@@ -675,7 +681,7 @@ impl World {
                         l.lease.user,
                         l.lease.group,
                         l.lease.state,
-                        Span::from_secs((MAX_WAIT_SECS + SETTINGS_RETRY_MAX_SECS) as u64),
+                        Span::from_secs(window.max(1) as u64),
                         l.lease.revoke_attempts,
                         l.lease.last_error
                     ),
