@@ -48,7 +48,11 @@ impl Engine {
                     .ok_or_else(|| EngineError::NotFound(format!("there is no request {id}")))?;
                 rec.request.cancel(&UserId::new("admin-api"), now)?;
                 tx.clear_timer(TimerKind::RequestTimeout, id.as_str());
-                tx.audit(about_request("admin-api", AuditAction::RequestCancelled, &rec.request));
+                tx.audit(about_request(
+                    "admin-api",
+                    AuditAction::RequestCancelled,
+                    &rec.request,
+                ));
                 tx.outbox(OutboxItem::UpdateApproval { request: id.clone() });
                 tx.put_request(rec);
                 Ok::<_, EngineError>(())

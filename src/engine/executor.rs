@@ -272,7 +272,10 @@ impl Engine {
             tx.clear_timer(TimerKind::Grant, id.as_str());
             tx.set_timer(TimerKind::Revoke, id.as_str(), now);
             tx.audit(about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantFailed, &rec.lease).detail(error));
-            let text = format!("Granting `{}` to {} failed: {error}", rec.lease.group, rec.lease.user);
+            let text = format!(
+                "Granting `{}` to {} failed: {error}",
+                rec.lease.group, rec.lease.user
+            );
             let holder = Audience::User {
                 user: rec.lease.user.clone(),
                 chat: rec.origin.clone(),
@@ -369,7 +372,11 @@ impl Engine {
                             rec.lease.group,
                             reason.describe()
                         );
-                        tx.outbox(notice(Audience::Group(rec.lease.group.clone()), text.clone(), vec![]));
+                        tx.outbox(notice(
+                            Audience::Group(rec.lease.group.clone()),
+                            text.clone(),
+                            vec![],
+                        ));
                         let holder = Audience::User {
                             user: rec.lease.user.clone(),
                             chat: rec.origin.clone(),

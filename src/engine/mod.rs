@@ -293,7 +293,9 @@ impl Engine {
     /// for the same work.
     pub async fn fire(&self, timer: Timer) {
         let outcome = match timer.kind {
-            TimerKind::Grant | TimerKind::Revoke => self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await,
+            TimerKind::Grant | TimerKind::Revoke => {
+                self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await
+            }
             TimerKind::Expire => self.expire(&timer.id).await,
             TimerKind::RequestTimeout => self.time_out(&timer.id).await,
             TimerKind::Warn => self.warn(&timer.id).await,
