@@ -176,6 +176,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    for note in engine.leases_outside_config()? {
+        tracing::warn!("{note}");
+    }
     let store_watch = engine.store().clone();
     let mut running = start(
         Parts {
