@@ -269,6 +269,12 @@ pub struct SlackConfig {
 fn d_slack_api() -> String {
     "https://slack.com/api".into()
 }
+/// Discord's own REST API base, without the `/api/v10` that serenity adds.
+pub const DISCORD_API: &str = "https://discord.com";
+
+fn d_discord_api() -> String {
+    DISCORD_API.into()
+}
 fn d_mail() -> String {
     "mail".into()
 }
@@ -291,6 +297,12 @@ pub struct DiscordConfig {
     #[serde(default)]
     pub mode: DiscordMode,
     pub bot_token: SecretSource,
+    /// Base of Discord's REST API (jitbot calls `{api_url}/api/v10/...` and
+    /// asks `GET /api/v10/gateway/bot` there for the gateway URL). Anything
+    /// but the default is treated as a rate-limiting proxy: serenity's own
+    /// rate limiter is turned off, since it ignores a proxy otherwise.
+    #[serde(default = "d_discord_api")]
+    pub api_url: String,
     /// The application's Ed25519 public key (hex), for the interactions endpoint.
     pub public_key: Option<String>,
     pub application_id: String,
@@ -519,6 +531,19 @@ impl Config {
                     "discord.public_key".into(),
                     None,
                     "HTTP interactions mode needs the application's public key (hex)".into(),
+                );
+            }
+            let base = discord.api_url.trim_end_matches('/');
+            let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
+            if !scheme_ok || base.ends_with("/api") || base.contains("/api/") {
+                issue(
+                    "discord.api_url".into(),
+                    None,
+                    format!(
+                        "`{}` must be a base such as {DISCORD_API} or http://proxy:3000, \
+                         without the /api/v10 that jitbot adds",
+                        discord.api_url
+                    ),
                 );
             }
         }
