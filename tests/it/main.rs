@@ -11,4 +11,5 @@ mod ldap_flow;
 mod lifecycle;
 mod ops;
 mod slack;
+mod socket_mode;
 mod store;
