@@ -253,6 +253,7 @@ async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
     assert_eq!(opens.len(), 5, "one apps.connections.open per connection: {opens:?}");
     assert!(opens.iter().all(|o| o.granted));
     assert_eq!(s.sm.refused(), 0, "a ticket is used once");
+    assert_eq!(s.sm.accepted(), 5);
     assert_eq!(s.sm.live().len(), 2, "{:?}", s.sm.live());
     assert!(s.sm.live().contains(&dropped));
 
@@ -260,6 +261,9 @@ async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
     let payload = slash_payload(s.slack(), &slack_id("alice"), CHANNEL, "request db-admins 1h redelivered", 900);
     let env = s.sm.deliver_losing_ack("slash_commands", payload, true).await;
     s.sm.ack(&env).await;
+    let tries: Vec<_> = s.sm.deliveries().into_iter().filter(|d| d.envelope_id == env).collect();
+    assert_eq!(tries.len(), 2, "{tries:?}");
+    assert!(tries[0].retry_attempt == 0 && tries[1].retry_attempt == 1 && tries[1].kind == "slash_commands");
     let id = s.card(1).await;
     // And so is the approval's.
     let click = crate::support::fake_socket_mode::block_actions_payload(
