@@ -59,16 +59,10 @@ impl FakeDiscord {
         let app = Router::new()
             .route("/api/v10/{*rest}", any(api))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake discord");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let base = super::net::serve(app, "fake discord").await;
         FakeDiscord {
             inner,
-            base: format!("http://{addr}"),
+            base,
         }
     }
 

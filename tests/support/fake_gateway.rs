@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -30,16 +30,13 @@ pub struct Frame {
     pub connection: u64,
     pub op: u64,
     pub d: Value,
-    pub at: Instant,
 }
 
 /// A WebSocket connection a client opened.
 #[derive(Clone, Debug)]
 pub struct Connect {
-    pub connection: u64,
     /// The query of the URL it connected to (`v=10...`).
     pub query: String,
-    pub at: Instant,
 }
 
 enum Out {
@@ -280,9 +277,7 @@ async fn serve_connection(inner: Arc<Inner>, tcp: tokio::net::TcpStream) {
     let Ok(ws) = accepted else { return };
     let id = inner.next.fetch_add(1, Ordering::SeqCst);
     inner.connects.push(Connect {
-        connection: id,
         query: query.lock().unwrap().clone(),
-        at: Instant::now(),
     });
     let (tx, mut rx) = mpsc::unbounded_channel();
     inner.live.lock().unwrap().push(Conn { id, tx, session: None });
@@ -331,7 +326,6 @@ fn received(inner: &Inner, conn: u64, text: &str) {
         connection: conn,
         op,
         d: d.clone(),
-        at: Instant::now(),
     });
     match op {
         1 => {

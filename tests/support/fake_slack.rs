@@ -55,16 +55,10 @@ impl FakeSlack {
             .route("/api/{method}", any(api))
             .route("/response/{n}", post(response))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake slack");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let base = super::net::serve(app, "fake slack").await;
         FakeSlack {
             inner,
-            base: format!("http://{addr}"),
+            base,
         }
     }
 
