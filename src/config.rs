@@ -721,6 +721,24 @@ max_duration = "4h"
     }
 
     #[test]
+    fn discord_api_url_is_a_base_without_the_api_path() {
+        let discord = |url: &str| {
+            format!(
+                "{MINIMAL}\n[discord]\nbot_token = {{ env = \"T\" }}\napplication_id = \"1\"\n\
+                 default_channel = \"2\"\n{url}"
+            )
+        };
+        let c = Config::parse(&discord(""), "t").unwrap();
+        assert_eq!(c.discord.unwrap().api_url, DISCORD_API);
+        let c = Config::parse(&discord("api_url = \"http://127.0.0.1:3000\""), "t").unwrap();
+        assert_eq!(c.discord.unwrap().api_url, "http://127.0.0.1:3000");
+        for bad in ["discord.com", "https://discord.com/api/v10", "https://proxy/api"] {
+            let err = Config::parse(&discord(&format!("api_url = \"{bad}\"")), "t").unwrap_err();
+            assert!(err.to_string().contains("discord.api_url"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_durations_and_secrets_in_toml_are_refused() {
         let text = MINIMAL.replace("\"4h\"", "\"forever\"");
         assert!(Config::parse(&text, "t")

@@ -1,9 +1,9 @@
 //! Socket Mode: Slack pushes commands and clicks over a websocket opened
 //! with the `xapp-` app-level token, so jitbot needs no public URL.
 //!
-//! This path cannot be exercised against real Slack in the test suite (the
-//! websocket URL comes from `apps.connections.open`); it shares every step
-//! after the transport with HTTP mode, which the tests drive end to end.
+//! The websocket URL comes from `apps.connections.open` at `slack.api_url`;
+//! `tests/it/socket_mode.rs` runs this mode through `jitbot run` against a
+//! Socket Mode fake. Every step after the transport is shared with HTTP mode.
 
 use super::handle::{SlackHandler, SlashCommand};
 use super::{Client, SlackAdapter, SlackSetupError};
