@@ -119,12 +119,17 @@ impl Setup {
         self.discord()
             .calls_to("POST", &format!("/channels/{CDB}/messages"))
             .into_iter()
-            .filter_map(|c| custom_id(&c.body, "jit:approve:").map(|a| (a["jit:approve:".len()..].to_string(), c)))
+            .filter_map(|c| {
+                custom_id(&c.body, "jit:approve:").map(|a| (a["jit:approve:".len()..].to_string(), c))
+            })
             .collect()
     }
 
     async fn card(&self, n: usize) -> String {
-        eventually(WAIT, &format!("approval card #{n}"), || self.cards().get(n - 1).map(|(id, _)| id.clone())).await
+        eventually(WAIT, &format!("approval card #{n}"), || {
+            self.cards().get(n - 1).map(|(id, _)| id.clone())
+        })
+        .await
     }
 
     /// Sends an interaction over the gateway; returns everything jitbot
@@ -178,7 +183,9 @@ impl Setup {
     async fn request_state(&self, id: &str) -> String {
         let requests = self.bot.admin("requests").await;
         let found = requests.iter().find(|r| r["id"] == id);
-        found.map(|r| r["state"].as_str().unwrap_or_default().to_string()).unwrap_or_default()
+        found
+            .map(|r| r["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
     }
 
     fn request(&self, user: &str, duration: &str, reason: &str) -> Value {
@@ -209,15 +216,24 @@ fn custom_id(body: &Value, prefix: &str) -> Option<String> {
 async fn request_approve_expire_through_the_gateway() {
     let s = setup().await;
     let identify = s.gw.wait_op(2, 1, WAIT).await;
-    assert_eq!(identify.d["intents"], 0, "interactions need no intent: {}", identify.d);
+    assert_eq!(
+        identify.d["intents"], 0,
+        "interactions need no intent: {}",
+        identify.d
+    );
     assert!(
-        identify.d["token"].as_str().is_some_and(|t| t.ends_with(BOT_TOKEN)),
+        identify.d["token"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(BOT_TOKEN)),
         "identified with the bot token"
     );
     assert!(identify.d["properties"]["os"].is_string(), "{}", identify.d);
     let asked = s.discord().calls_to("GET", "/gateway/bot");
     assert_eq!(asked.len(), 1, "the gateway URL comes from /gateway/bot");
-    assert_eq!(asked[0].authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    assert_eq!(
+        asked[0].authorization.as_deref(),
+        Some(format!("Bot {BOT_TOKEN}").as_str())
+    );
     assert!(s.gw.connects()[0].query.contains("v=10"), "{:?}", s.gw.connects());
     // Heartbeats flow and are acknowledged.
     s.gw.wait_op(1, 2, WAIT).await;
@@ -246,7 +262,9 @@ async fn request_approve_expire_through_the_gateway() {
     let leases = s.bot.admin("leases").await;
     assert_eq!(leases.len(), 1, "one grant for two clicks: {leases:#?}");
     s.discord()
-        .wait_for(WAIT, |c| c.method == "PATCH" && c.path.starts_with(&format!("/channels/{CDB}/messages/")))
+        .wait_for(WAIT, |c| {
+            c.method == "PATCH" && c.path.starts_with(&format!("/channels/{CDB}/messages/"))
+        })
         .await
         .expect("the card is edited in place");
 
@@ -259,7 +277,9 @@ async fn request_approve_expire_through_the_gateway() {
     let notice = s
         .discord()
         .wait_for(WAIT, |c| {
-            c.method == "POST" && c.path == format!("/channels/{CDB}/messages") && c.body.to_string().contains("ended (expired)")
+            c.method == "POST"
+                && c.path == format!("/channels/{CDB}/messages")
+                && c.body.to_string().contains("ended (expired)")
         })
         .await;
     assert!(notice.is_some(), "no expiry notice: {:#?}", s.discord().calls());
@@ -287,7 +307,11 @@ async fn zombie_reconnect_and_invalid_session_are_recovered() {
             .find(|f| f.connection != first && (f.op == 2 || f.op == 6))
     })
     .await;
-    println!("reconnected {:?} after the ACKs stopped (op {})", zombie_at.elapsed(), again.op);
+    println!(
+        "reconnected {:?} after the ACKs stopped (op {})",
+        zombie_at.elapsed(),
+        again.op
+    );
     let second = s.gw.session_connection().await;
     assert_ne!(second, first);
     assert!(!s.gw.live().contains(&first), "the zombie connection was closed");
@@ -298,7 +322,11 @@ async fn zombie_reconnect_and_invalid_session_are_recovered() {
     let request = s.request("alice", "1h", "dispatched while reconnecting");
     s.gw.dispatch_interaction(&request);
     let resume = s.gw.wait_op(6, 1, WAIT).await;
-    assert!(resume.d["session_id"].is_string() && resume.d["seq"].is_u64(), "{}", resume.d);
+    assert!(
+        resume.d["session_id"].is_string() && resume.d["seq"].is_u64(),
+        "{}",
+        resume.d
+    );
     assert!(resume.d["token"].as_str().is_some_and(|t| t.ends_with(BOT_TOKEN)));
     let answer = s.answer(&request).await;
     let id = s.card(1).await;
@@ -320,5 +348,9 @@ async fn zombie_reconnect_and_invalid_session_are_recovered() {
     assert_eq!(s.bot.admin("leases").await.len(), 1, "one grant");
     assert_eq!(s.cards().len(), 1, "one card");
     let callbacks = s.discord().calls_to("POST", "/interactions/*/*/callback");
-    assert_eq!(callbacks.len(), 2, "each interaction answered once: {callbacks:#?}");
+    assert_eq!(
+        callbacks.len(),
+        2,
+        "each interaction answered once: {callbacks:#?}"
+    );
 }

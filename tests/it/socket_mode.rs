@@ -112,12 +112,17 @@ impl Setup {
             .calls_to("chat.postMessage")
             .into_iter()
             .filter(|c| c.body["channel"] == CHANNEL)
-            .filter_map(|c| action_id(&c.body, "jit:approve:").map(|a| (a["jit:approve:".len()..].to_string(), c)))
+            .filter_map(|c| {
+                action_id(&c.body, "jit:approve:").map(|a| (a["jit:approve:".len()..].to_string(), c))
+            })
             .collect()
     }
 
     async fn card(&self, n: usize) -> String {
-        eventually(WAIT, &format!("approval card #{n}"), || self.cards().get(n - 1).map(|(id, _)| id.clone())).await
+        eventually(WAIT, &format!("approval card #{n}"), || {
+            self.cards().get(n - 1).map(|(id, _)| id.clone())
+        })
+        .await
     }
 
     async fn member(&self, user: &str) -> bool {
@@ -153,7 +158,9 @@ impl Setup {
     async fn request_state(&self, id: &str) -> String {
         let requests = self.bot.admin("requests").await;
         let found = requests.iter().find(|r| r["id"] == id);
-        found.map(|r| r["state"].as_str().unwrap_or_default().to_string()).unwrap_or_default()
+        found
+            .map(|r| r["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
     }
 }
 
@@ -174,9 +181,12 @@ async fn request_approve_expire_through_socket_mode() {
     let opened = s.sm.opens();
     assert!(opened[0].granted, "apps.connections.open with the app token");
 
-    let env = s
-        .sm
-        .slash(&slack_id("alice"), CHANNEL, "request db-admins 3s fixing replication")
+    let env =
+        s.sm.slash(
+            &slack_id("alice"),
+            CHANNEL,
+            "request db-admins 3s fixing replication",
+        )
         .await;
     let ack = s.sm.ack(&env).await;
     let reply = ack.payload.expect("a slash command is answered in its ack");
@@ -185,18 +195,41 @@ async fn request_approve_expire_through_socket_mode() {
     assert_eq!(s.request_state(&id).await, "pending");
 
     // alice may not approve her own request.
-    let env = s.sm.click(&slack_id("alice"), CHANNEL, "1700000000.000001", &format!("jit:approve:{id}")).await;
+    let env =
+        s.sm.click(
+            &slack_id("alice"),
+            CHANNEL,
+            "1700000000.000001",
+            &format!("jit:approve:{id}"),
+        )
+        .await;
     s.sm.ack(&env).await;
     eventually(WAIT, "alice told she cannot approve", || {
-        s.answers_to("alice").into_iter().find(|t| t.contains("your own request"))
+        s.answers_to("alice")
+            .into_iter()
+            .find(|t| t.contains("your own request"))
     })
     .await;
     assert_eq!(s.request_state(&id).await, "pending");
     assert!(!s.member("alice").await);
 
     // carol (security ⊂ approvers) clicks Approve twice in a row.
-    let first = s.sm.click(&slack_id("carol"), CHANNEL, "1700000000.000001", &format!("jit:approve:{id}")).await;
-    let second = s.sm.click(&slack_id("carol"), CHANNEL, "1700000000.000001", &format!("jit:approve:{id}")).await;
+    let first =
+        s.sm.click(
+            &slack_id("carol"),
+            CHANNEL,
+            "1700000000.000001",
+            &format!("jit:approve:{id}"),
+        )
+        .await;
+    let second =
+        s.sm.click(
+            &slack_id("carol"),
+            CHANNEL,
+            "1700000000.000001",
+            &format!("jit:approve:{id}"),
+        )
+        .await;
     s.sm.ack(&first).await;
     s.sm.ack(&second).await;
     s.wait_member("alice", true).await;
@@ -204,14 +237,19 @@ async fn request_approve_expire_through_socket_mode() {
     let leases = s.bot.admin("leases").await;
     assert_eq!(leases.len(), 1, "one grant for two clicks: {leases:#?}");
     s.slack()
-        .wait_for(WAIT, |c| c.method == "chat.update" && c.body["channel"] == CHANNEL)
+        .wait_for(WAIT, |c| {
+            c.method == "chat.update" && c.body["channel"] == CHANNEL
+        })
         .await
         .expect("the card is updated in place");
 
     // The 3 s lease runs out: membership gone, the channel told.
     s.wait_member("alice", false).await;
     assert!(
-        s.server.values(DB_ADMINS, "member").await.contains(&slapd::SERVICE_DN.to_string()),
+        s.server
+            .values(DB_ADMINS, "member")
+            .await
+            .contains(&slapd::SERVICE_DN.to_string()),
         "the placeholder stays"
     );
     let notice = s
@@ -222,7 +260,11 @@ async fn request_approve_expire_through_socket_mode() {
                 && c.body.to_string().contains("ended (expired)")
         })
         .await;
-    assert!(notice.is_some(), "no expiry notice in the channel: {:#?}", s.slack().calls());
+    assert!(
+        notice.is_some(),
+        "no expiry notice in the channel: {:#?}",
+        s.slack().calls()
+    );
     let leases = s.bot.admin("leases").await;
     assert_eq!(leases[0]["state"], "ended", "{leases:#?}");
 
@@ -243,14 +285,24 @@ async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
     s.sm.wait_live(2).await;
     let live = s.sm.live();
 
-    s.sm.disconnect(live[1], "refresh_requested", Duration::from_millis(200)).await;
+    s.sm.disconnect(live[1], "refresh_requested", Duration::from_millis(200))
+        .await;
     let refreshed = s.sm.wait_new_connection(&live, WAIT).await;
-    s.sm.disconnect(refreshed, "warning", Duration::from_millis(200)).await;
-    let warned = s.sm.wait_new_connection(&[live[0], live[1], refreshed], WAIT).await;
+    s.sm.disconnect(refreshed, "warning", Duration::from_millis(200))
+        .await;
+    let warned =
+        s.sm.wait_new_connection(&[live[0], live[1], refreshed], WAIT)
+            .await;
     s.sm.drop_socket(live[0]);
-    let dropped = s.sm.wait_new_connection(&[live[0], live[1], refreshed, warned], WAIT).await;
+    let dropped =
+        s.sm.wait_new_connection(&[live[0], live[1], refreshed, warned], WAIT)
+            .await;
     let opens = s.sm.opens();
-    assert_eq!(opens.len(), 5, "one apps.connections.open per connection: {opens:?}");
+    assert_eq!(
+        opens.len(),
+        5,
+        "one apps.connections.open per connection: {opens:?}"
+    );
     assert!(opens.iter().all(|o| o.granted));
     assert_eq!(s.sm.refused(), 0, "a ticket is used once");
     assert_eq!(s.sm.accepted(), 5);
@@ -258,10 +310,20 @@ async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
     assert!(s.sm.live().contains(&dropped));
 
     // The command's ack is lost: Slack delivers it again.
-    let payload = slash_payload(s.slack(), &slack_id("alice"), CHANNEL, "request db-admins 1h redelivered", 900);
+    let payload = slash_payload(
+        s.slack(),
+        &slack_id("alice"),
+        CHANNEL,
+        "request db-admins 1h redelivered",
+        900,
+    );
     let env = s.sm.deliver_losing_ack("slash_commands", payload, true).await;
     s.sm.ack(&env).await;
-    let tries: Vec<_> = s.sm.deliveries().into_iter().filter(|d| d.envelope_id == env).collect();
+    let tries: Vec<_> =
+        s.sm.deliveries()
+            .into_iter()
+            .filter(|d| d.envelope_id == env)
+            .collect();
     assert_eq!(tries.len(), 2, "{tries:?}");
     assert!(tries[0].retry_attempt == 0 && tries[1].retry_attempt == 1 && tries[1].kind == "slash_commands");
     let id = s.card(1).await;
@@ -278,15 +340,28 @@ async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
     s.sm.ack(&env).await;
     s.wait_member("alice", true).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(s.bot.admin("requests").await.len(), 1, "one request for two deliveries");
+    assert_eq!(
+        s.bot.admin("requests").await.len(),
+        1,
+        "one request for two deliveries"
+    );
     assert_eq!(s.cards().len(), 1, "one card");
     assert_eq!(s.bot.admin("leases").await.len(), 1, "one grant");
 
     // Deny with a reason: the click opens a modal, its submission denies.
-    let env = s.sm.slash(&slack_id("eve"), CHANNEL, "request db-admins 1h second").await;
+    let env =
+        s.sm.slash(&slack_id("eve"), CHANNEL, "request db-admins 1h second")
+            .await;
     s.sm.ack(&env).await;
     let denied = s.card(2).await;
-    let env = s.sm.click(&slack_id("carol"), CHANNEL, "1700000000.000002", &format!("jit:deny:{denied}")).await;
+    let env =
+        s.sm.click(
+            &slack_id("carol"),
+            CHANNEL,
+            "1700000000.000002",
+            &format!("jit:deny:{denied}"),
+        )
+        .await;
     s.sm.ack(&env).await;
     let open = s
         .slack()
@@ -311,7 +386,11 @@ async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
     s.sm.ack(&env).await;
     let deadline = Instant::now() + WAIT;
     while s.request_state(&denied).await != "denied" {
-        assert!(Instant::now() < deadline, "never denied; log:\n{}", s.bot.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "never denied; log:\n{}",
+            s.bot.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!s.member("eve").await);
@@ -340,7 +419,13 @@ async fn a_failed_reconnect_is_retried_after_a_pause() {
     assert!(s.sm.live().contains(&back));
 
     // The restored connection carries commands.
-    let env = s.sm.slash(&slack_id("alice"), CHANNEL, "request db-admins 1h after the outage").await;
+    let env =
+        s.sm.slash(
+            &slack_id("alice"),
+            CHANNEL,
+            "request db-admins 1h after the outage",
+        )
+        .await;
     s.sm.ack(&env).await;
     s.card(1).await;
 }

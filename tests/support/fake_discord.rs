@@ -60,10 +60,7 @@ impl FakeDiscord {
             .route("/api/v10/{*rest}", any(api))
             .with_state(inner.clone());
         let base = super::net::serve(app, "fake discord").await;
-        FakeDiscord {
-            inner,
-            base,
-        }
+        FakeDiscord { inner, base }
     }
 
     /// Answers calls whose path starts with `prefix` with 429, `times` times.

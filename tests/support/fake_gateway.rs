@@ -128,7 +128,10 @@ impl FakeGateway {
 
     /// Waits for the `n`-th frame with opcode `op`.
     pub async fn wait_op(&self, op: u64, n: usize, within: Duration) -> Frame {
-        eventually(within, &format!("frame #{n} with op {op}"), || self.ops(op).get(n - 1).cloned()).await
+        eventually(within, &format!("frame #{n} with op {op}"), || {
+            self.ops(op).get(n - 1).cloned()
+        })
+        .await
     }
 
     /// The connection that holds the current session.
@@ -136,7 +139,9 @@ impl FakeGateway {
         eventually(Duration::from_secs(20), "a connection with a session", || {
             let current = self.inner.current.lock().unwrap().clone()?;
             let live = self.inner.live.lock().unwrap();
-            live.iter().find(|c| c.session.as_ref() == Some(&current)).map(|c| c.id)
+            live.iter()
+                .find(|c| c.session.as_ref() == Some(&current))
+                .map(|c| c.id)
         })
         .await
     }
@@ -154,7 +159,10 @@ impl FakeGateway {
     /// Sends op 7 RECONNECT on `conn` and closes it, as Discord does; waits
     /// until it is gone.
     pub async fn reconnect(&self, conn: u64) {
-        self.send_to(conn, Out::Text(json!({"op": 7, "d": null, "s": null, "t": null}).to_string()));
+        self.send_to(
+            conn,
+            Out::Text(json!({"op": 7, "d": null, "s": null, "t": null}).to_string()),
+        );
         self.send_to(conn, Out::Close);
         eventually(Duration::from_secs(5), "the old connection closed", || {
             (!self.live().contains(&conn)).then_some(())
@@ -231,7 +239,9 @@ impl FakeGateway {
     fn send_to(&self, conn: u64, out: Out) {
         let sent = {
             let live = self.inner.live.lock().unwrap();
-            live.iter().find(|c| c.id == conn).is_some_and(|c| c.tx.send(out).is_ok())
+            live.iter()
+                .find(|c| c.id == conn)
+                .is_some_and(|c| c.tx.send(out).is_ok())
         };
         assert!(sent, "gateway connection {conn} is not live");
     }
@@ -280,7 +290,11 @@ async fn serve_connection(inner: Arc<Inner>, tcp: tokio::net::TcpStream) {
         query: query.lock().unwrap().clone(),
     });
     let (tx, mut rx) = mpsc::unbounded_channel();
-    inner.live.lock().unwrap().push(Conn { id, tx, session: None });
+    inner.live.lock().unwrap().push(Conn {
+        id,
+        tx,
+        session: None,
+    });
     let (mut sink, mut stream) = ws.split();
     let hello = json!({"op": 10, "d": {"heartbeat_interval": inner.heartbeat_ms}, "s": null, "t": null});
     let mut open = sink.send(Message::Text(hello.to_string().into())).await.is_ok();
@@ -328,10 +342,8 @@ fn received(inner: &Inner, conn: u64, text: &str) {
         d: d.clone(),
     });
     match op {
-        1 => {
-            if !inner.withhold.lock().unwrap().contains(&conn) {
-                send(inner, conn, json!({"op": 11, "d": null, "s": null, "t": null}));
-            }
+        1 if !inner.withhold.lock().unwrap().contains(&conn) => {
+            send(inner, conn, json!({"op": 11, "d": null, "s": null, "t": null}));
         }
         2 => {
             let session = format!("session-{}", inner.next.fetch_add(1, Ordering::SeqCst));

@@ -55,11 +55,15 @@ impl FakeSlack {
             .route("/api/{method}", any(api))
             .route("/response/{n}", post(response))
             .with_state(inner.clone());
-        let base = super::net::serve(app, "fake slack").await;
-        FakeSlack {
-            inner,
-            base,
-        }
+        // Not `net::serve`: benches/jitbot.rs includes this file on its own.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake slack");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeSlack { inner, base }
     }
 
     /// The Web API base URL to give jitbot (`api_url`).

@@ -100,7 +100,9 @@ impl FakeSocketMode {
     /// Starts the WebSocket side and teaches `slack` to answer
     /// `apps.connections.open` for `app_token`.
     pub async fn start(slack: FakeSlack, app_token: &str) -> FakeSocketMode {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake socket mode");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake socket mode");
         let addr = listener.local_addr().expect("local addr");
         let inner = Arc::new(Inner {
             app_token: app_token.to_string(),
@@ -169,10 +171,14 @@ impl FakeSocketMode {
 
     /// Waits until at least `n` connections are live; returns the newest.
     pub async fn wait_live(&self, n: usize) -> u64 {
-        eventually(Duration::from_secs(20), &format!("{n} live Socket Mode connection(s)"), || {
-            let live = self.live();
-            (live.len() >= n).then(|| *live.last().expect("one"))
-        })
+        eventually(
+            Duration::from_secs(20),
+            &format!("{n} live Socket Mode connection(s)"),
+            || {
+                let live = self.live();
+                (live.len() >= n).then(|| *live.last().expect("one"))
+            },
+        )
         .await
     }
 
@@ -187,15 +193,20 @@ impl FakeSocketMode {
     /// Delivers an envelope to the newest live connection; returns its id.
     pub async fn deliver(&self, kind: &str, payload: Value, accepts_response_payload: bool) -> String {
         let id = format!("env-{}", self.inner.next.fetch_add(1, Ordering::SeqCst));
-        self.send_envelope(&id, kind, payload, accepts_response_payload, 0).await;
+        self.send_envelope(&id, kind, payload, accepts_response_payload, 0)
+            .await;
         id
     }
 
     /// A slash command `/jit <text>` from `user` in `channel`.
     pub async fn slash(&self, user: &str, channel: &str, text: &str) -> String {
         let n = self.inner.next.fetch_add(1, Ordering::SeqCst);
-        self.deliver("slash_commands", slash_payload(&self.slack, user, channel, text, n), true)
-            .await
+        self.deliver(
+            "slash_commands",
+            slash_payload(&self.slack, user, channel, text, n),
+            true,
+        )
+        .await
     }
 
     /// A click on the button `action_id` of the message `message_ts`.
@@ -208,16 +219,24 @@ impl FakeSocketMode {
     /// Delivers an envelope, drops its acknowledgement as if it never
     /// reached Slack, and delivers it again with `retry_attempt` 1 and
     /// `retry_reason` `timeout`. Returns the envelope id.
-    pub async fn deliver_losing_ack(&self, kind: &str, payload: Value, accepts_response_payload: bool) -> String {
+    pub async fn deliver_losing_ack(
+        &self,
+        kind: &str,
+        payload: Value,
+        accepts_response_payload: bool,
+    ) -> String {
         let id = format!("env-{}", self.inner.next.fetch_add(1, Ordering::SeqCst));
         self.inner.lose.lock().unwrap().insert(id.clone());
         self.send_envelope(&id, kind, payload.clone(), accepts_response_payload, 0)
             .await;
         self.inner
             .acks
-            .wait_for(ACK_WITHIN, "the ack that is to be lost", |a| a.envelope_id == id && a.lost)
+            .wait_for(ACK_WITHIN, "the ack that is to be lost", |a| {
+                a.envelope_id == id && a.lost
+            })
             .await;
-        self.send_envelope(&id, kind, payload, accepts_response_payload, 1).await;
+        self.send_envelope(&id, kind, payload, accepts_response_payload, 1)
+            .await;
         id
     }
 
@@ -315,7 +334,9 @@ impl FakeSocketMode {
 
     fn try_send(&self, conn: u64, out: Out) -> bool {
         let live = self.inner.live.lock().unwrap();
-        live.iter().find(|c| c.id == conn).is_some_and(|c| c.tx.send(out).is_ok())
+        live.iter()
+            .find(|c| c.id == conn)
+            .is_some_and(|c| c.tx.send(out).is_ok())
     }
 }
 

@@ -45,7 +45,10 @@ impl Jitbot {
         cmd.args(["run", "--config"])
             .arg(&path)
             .env("JITBOT_TEST_ADMIN", ADMIN_TOKEN)
-            .env("JITBOT_LOG", "debug,serenity=info,slack_morphism=debug,rustls=info,hyper=info,h2=info")
+            .env(
+                "JITBOT_LOG",
+                "debug,serenity=info,slack_morphism=debug,rustls=info,hyper=info,h2=info",
+            )
             .stdout(Stdio::null())
             .stderr(stderr);
         for (k, v) in env {

@@ -10,7 +10,9 @@ use super::DiscordAdapter;
 use crate::chat::AdapterTask;
 use crate::secret::Secret;
 use async_trait::async_trait;
-use serenity::all::{ClientBuilder, Context, EventHandler, GatewayIntents, Interaction, InteractionId, Ready};
+use serenity::all::{
+    ClientBuilder, Context, EventHandler, GatewayIntents, Interaction, InteractionId, Ready,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;

@@ -77,7 +77,10 @@ impl DiscordAdapter {
     /// proxy (a shared rate-limiting proxy, or a test server): serenity then
     /// leaves rate limiting to it, because it ignores a proxy while its own
     /// rate limiter is on.
-    pub fn with_token(config: &DiscordConfig, bot_token: Secret) -> Result<DiscordAdapter, DiscordSetupError> {
+    pub fn with_token(
+        config: &DiscordConfig,
+        bot_token: Secret,
+    ) -> Result<DiscordAdapter, DiscordSetupError> {
         let app = snowflake(&config.application_id)
             .ok_or_else(|| DiscordSetupError::BadId("application_id", config.application_id.clone()))?;
         let mut ids = vec![("default_channel", &config.default_channel)];
