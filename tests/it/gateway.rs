@@ -286,6 +286,12 @@ async fn request_approve_expire_through_the_gateway() {
     assert_eq!(s.bot.admin("leases").await[0]["state"], "ended");
     assert_eq!(s.cards().len(), 1);
     assert_eq!(s.gw.ops(2).len(), 1, "one session all along");
+    let log = s.bot.log_text();
+    assert!(log.contains("connected to the Discord gateway"), "{log}");
+    assert!(
+        !log.contains(BOT_TOKEN),
+        "the bot token leaked into the debug log"
+    );
 }
 
 /// A withheld heartbeat ACK makes jitbot reconnect; op 7 RECONNECT is

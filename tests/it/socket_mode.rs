@@ -268,6 +268,11 @@ async fn request_approve_expire_through_socket_mode() {
     let leases = s.bot.admin("leases").await;
     assert_eq!(leases[0]["state"], "ended", "{leases:#?}");
 
+    let log = s.bot.log_text();
+    assert!(log.contains("Slack Socket Mode connected"), "{log}");
+    for secret in [APP_TOKEN, BOT_TOKEN] {
+        assert!(!log.contains(secret), "a token leaked into the debug log");
+    }
     let delivered = s.sm.assert_all_acked();
     assert_eq!(delivered, 4);
     assert_eq!(s.sm.refused(), 0, "no ticket was used twice");

@@ -27,6 +27,15 @@ pub async fn run_socket_mode(
 ) -> Result<(), SlackSetupError> {
     let handler = SlackHandler::new(engine, adapter.clone());
     let callbacks = SlackSocketModeListenerCallbacks::new()
+        // Slack's `hello` on a new connection: only now is jitbot reachable.
+        // (A closure: slack-morphism does not export the event's type.)
+        .with_hello_events(|ev, _client, _states| async move {
+            tracing::info!(
+                connections = ev.num_connections,
+                host = %ev.debug_info.host,
+                "Slack Socket Mode connected"
+            );
+        })
         .with_command_events(on_command)
         .with_interaction_events(on_interaction);
     let environment = Arc::new(
@@ -42,7 +51,9 @@ pub async fn run_socket_mode(
         .await
         .map_err(|e| SlackSetupError::SocketMode(e.to_string()))?;
     listener.start().await;
-    tracing::info!("Slack Socket Mode connected");
+    // Connections open in the background (and are logged by `on_hello`);
+    // slack-morphism retries a failed `apps.connections.open` every 30 s.
+    tracing::info!("Slack Socket Mode started");
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
             break;
