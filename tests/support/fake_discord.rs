@@ -193,7 +193,10 @@ async fn api(
         }
         ("POST", ["interactions", _id, _token, "callback"]) => StatusCode::NO_CONTENT.into_response(),
         ("GET", ["gateway"]) | ("GET", ["gateway", "bot"]) => match inner.gateway.lock().unwrap().clone() {
-            Some(url) if seg.len() == 1 => Json(json!({ "url": url })).into_response(),
+            // Unauthenticated `/gateway` names Discord's public gateway, as
+            // the real one does: only a bot that asks `/gateway/bot` at its
+            // API base finds the fake.
+            Some(_) if seg.len() == 1 => Json(json!({ "url": "wss://gateway.discord.gg" })).into_response(),
             Some(url) => Json(json!({
                 "url": url,
                 "shards": 1,
