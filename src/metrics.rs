@@ -96,7 +96,9 @@ static OUTBOX_HEAD: Mutex<Option<(u64, std::time::Instant)>> = Mutex::new(None);
 /// as this process has seen (0 when the outbox is empty).
 pub fn observe_outbox(backlog: usize, head: Option<u64>) {
     let waited = {
-        let mut seen = OUTBOX_HEAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut seen = OUTBOX_HEAD
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match (head, *seen) {
             (Some(id), Some((seen_id, since))) if id == seen_id => since.elapsed(),
             (Some(id), _) => {
@@ -131,7 +133,11 @@ fn register_all() {
     describe_counter!("jitbot_requests_total", "Access requests, by outcome.");
     describe_counter!("jitbot_approvals_total", "Approvals, by outcome.");
     describe_counter!("jitbot_denials_total", "Denials, by outcome.");
-    for name in ["jitbot_requests_total", "jitbot_approvals_total", "jitbot_denials_total"] {
+    for name in [
+        "jitbot_requests_total",
+        "jitbot_approvals_total",
+        "jitbot_denials_total",
+    ] {
         for outcome in ["accepted", "refused"] {
             counter!(name, "outcome" => outcome).increment(0);
         }
@@ -142,7 +148,10 @@ fn register_all() {
         "jitbot_revocation_failures_total",
         "Revocation attempts that failed and will be retried."
     );
-    describe_counter!("jitbot_zsp_drift_total", "Members found in zero-standing-privilege groups.");
+    describe_counter!(
+        "jitbot_zsp_drift_total",
+        "Members found in zero-standing-privilege groups."
+    );
     describe_counter!(
         "jitbot_clock_steps_back_total",
         "Backward steps of the wall clock ignored by the steady clock."
@@ -160,7 +169,10 @@ fn register_all() {
         "jitbot_refused_signatures_total",
         "Chat requests refused for a bad or stale signature, by platform."
     );
-    describe_counter!("jitbot_chat_api_errors_total", "Failed chat platform API calls, by platform.");
+    describe_counter!(
+        "jitbot_chat_api_errors_total",
+        "Failed chat platform API calls, by platform."
+    );
     for platform in ["slack", "discord"] {
         counter!("jitbot_refused_signatures_total", "platform" => platform).increment(0);
         counter!("jitbot_chat_api_errors_total", "platform" => platform).increment(0);
@@ -201,7 +213,10 @@ fn register_all() {
         Unit::Seconds,
         "How far past its end the most overdue live lease is."
     );
-    describe_gauge!("jitbot_directory_up", "1 when the directory answered the last ping.");
+    describe_gauge!(
+        "jitbot_directory_up",
+        "1 when the directory answered the last ping."
+    );
     set_gauges(0, 0);
     observe_outbox(0, None);
     set_overdue_revocation(Duration::ZERO);

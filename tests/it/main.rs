@@ -11,6 +11,7 @@ mod invariants;
 mod ldap;
 mod ldap_flow;
 mod lifecycle;
+mod observability;
 mod ops;
 mod slack;
 mod socket_mode;
