@@ -99,20 +99,30 @@ pub fn observe_outbox(backlog: usize, head: Option<u64>) {
         let mut seen = OUTBOX_HEAD
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match (head, *seen) {
-            (Some(id), Some((seen_id, since))) if id == seen_id => since.elapsed(),
-            (Some(id), _) => {
-                *seen = Some((id, std::time::Instant::now()));
-                Duration::ZERO
-            }
-            (None, _) => {
-                *seen = None;
-                Duration::ZERO
-            }
-        }
+        head_wait(&mut seen, head, std::time::Instant::now())
     };
     gauge!("jitbot_outbox_backlog").set(backlog as f64);
     gauge!("jitbot_outbox_oldest_seconds").set(waited.as_secs_f64());
+}
+
+/// How long `head` has been the outbox's head, given what was `seen` before;
+/// a new head (or an empty outbox) starts the count again.
+fn head_wait(
+    seen: &mut Option<(u64, std::time::Instant)>,
+    head: Option<u64>,
+    now: std::time::Instant,
+) -> Duration {
+    match (head, *seen) {
+        (Some(id), Some((seen_id, since))) if id == seen_id => now.saturating_duration_since(since),
+        (Some(id), _) => {
+            *seen = Some((id, now));
+            Duration::ZERO
+        }
+        (None, _) => {
+            *seen = None;
+            Duration::ZERO
+        }
+    }
 }
 
 /// How far past its end the most overdue live lease is (0 when none is).
@@ -220,4 +230,26 @@ fn register_all() {
     set_gauges(0, 0);
     observe_outbox(0, None);
     set_overdue_revocation(Duration::ZERO);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outbox_age_counts_while_the_same_notice_stays_at_the_head() {
+        let t0 = std::time::Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut seen = None;
+        assert_eq!(head_wait(&mut seen, Some(7), at(0)), Duration::ZERO);
+        assert_eq!(head_wait(&mut seen, Some(7), at(30)), Duration::from_secs(30));
+        assert_eq!(head_wait(&mut seen, Some(7), at(90)), Duration::from_secs(90));
+        // Delivered: the next notice starts from zero.
+        assert_eq!(head_wait(&mut seen, Some(8), at(95)), Duration::ZERO);
+        assert_eq!(head_wait(&mut seen, Some(8), at(100)), Duration::from_secs(5));
+        // An empty outbox resets the count, even for an id seen before.
+        assert_eq!(head_wait(&mut seen, None, at(110)), Duration::ZERO);
+        assert_eq!(seen, None);
+        assert_eq!(head_wait(&mut seen, Some(8), at(120)), Duration::ZERO);
+    }
 }
