@@ -862,6 +862,110 @@ max_duration = "4h"
         assert_eq!(err.issues[0].line, Some(10), "{msg}");
     }
 
+    fn ldap(extra: &str) -> String {
+        MINIMAL.replace("kind = \"memory\"", "kind = \"ldap\"").replace(
+            "[memory]\n",
+            &format!(
+                "[ldap]\nurl = \"ldap://ldap.example.org\"\nbind_dn = \"cn=jitbot,dc=example,dc=org\"\n\
+                 password = {{ env = \"PW\" }}\nuser_base = \"ou=people,dc=example,dc=org\"\n{extra}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn a_plaintext_bind_is_refused_unless_allowed_with_a_warning() {
+        let err = Config::parse(&ldap(""), "t.toml").unwrap_err();
+        let issue = &err.issues[0];
+        assert_eq!((issue.key.as_str(), issue.line), ("ldap.url", Some(9)), "{err}");
+        assert!(issue.message.contains("allow_plaintext_bind = true"), "{err}");
+        let allowed = Config::parse(&ldap("allow_plaintext_bind = true"), "t.toml").unwrap();
+        let warnings = allowed.warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].starts_with("ldap.allow_plaintext_bind"),
+            "{warnings:?}"
+        );
+        let tls = Config::parse(&ldap("starttls = true"), "t.toml").unwrap();
+        assert!(tls.warnings().is_empty());
+        let ldaps = Config::parse(
+            &ldap("").replace("ldap://ldap.example.org", "ldaps://ldap.example.org"),
+            "t.toml",
+        )
+        .unwrap();
+        assert!(ldaps.warnings().is_empty());
+    }
+
+    #[test]
+    fn verify_hostname_off_needs_a_ca_file() {
+        let err = Config::parse(&ldap("starttls = true\nverify_hostname = false"), "t.toml").unwrap_err();
+        let issue = &err.issues[0];
+        assert_eq!(
+            (issue.key.as_str(), issue.line),
+            ("ldap.verify_hostname", Some(14)),
+            "{err}"
+        );
+        assert!(issue.message.contains("ca_file"), "{err}");
+        Config::parse(
+            &ldap("starttls = true\nverify_hostname = false\nca_file = \"/etc/ca.pem\""),
+            "t.toml",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn weak_or_placeholder_discord_keys_are_refused() {
+        let discord = |key: &str| {
+            format!(
+                "{MINIMAL}\n[discord]\nbot_token = {{ env = \"T\" }}\napplication_id = \"1\"\n\
+                 default_channel = \"2\"\npublic_key = \"{key}\"\n"
+            )
+        };
+        let text = discord(&"0".repeat(64));
+        let key_line = text.lines().position(|l| l.starts_with("public_key")).unwrap() + 1;
+        let zero = Config::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(zero.issues[0].key, "discord.public_key", "{zero}");
+        assert_eq!(zero.issues[0].line, Some(key_line), "{zero}");
+        assert!(zero.to_string().contains("weak (small-order)"), "{zero}");
+        // The example's placeholder, uncommented, is refused as such.
+        let example = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jitbot.example.toml"),
+        )
+        .unwrap();
+        let placeholder = example
+            .lines()
+            .find_map(|l| l.strip_prefix("# public_key = "))
+            .expect("the example shows the key commented out");
+        let text = example.replace(&format!("# public_key = {placeholder}"), &format!("public_key = {placeholder}"));
+        let err = Config::parse(&text, "example").unwrap_err();
+        assert!(
+            err.to_string().contains("discord.public_key")
+                && err.to_string().contains("is not an Ed25519 public key (64 hex digits)"),
+            "{err}"
+        );
+        let real = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+        Config::parse(&discord(real), "t.toml").unwrap();
+    }
+
+    #[test]
+    fn server_limits_have_safe_defaults_and_the_admin_listener_is_apart() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        let limits = c.server.limits();
+        assert!(limits.header_read_timeout <= std::time::Duration::from_secs(10));
+        assert!(limits.body_read_timeout <= std::time::Duration::from_secs(10));
+        assert!(limits.max_connections >= 64);
+        assert!(c.server.admin_listen.ip().is_loopback());
+        assert_ne!(c.server.admin_listen, c.server.listen);
+        assert_eq!(c.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        let same = format!("[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{MINIMAL}");
+        let err = Config::parse(&same, "t.toml").unwrap_err();
+        assert_eq!(err.issues[0].key, "server.admin_listen", "{err}");
+        assert_eq!(err.issues[0].line, Some(3), "{err}");
+        let zero = format!("[server]\nmax_connections = 0\n{MINIMAL}");
+        assert!(Config::parse(&zero, "t").unwrap_err().to_string().contains("max_connections"));
+        let open = format!("[server]\nadmin_listen = \"0.0.0.0:8081\"\n{MINIMAL}");
+        let warnings = Config::parse(&open, "t").unwrap().warnings();
+        assert!(warnings[0].starts_with("server.admin_listen"), "{warnings:?}");
+    }
+
     #[test]
     fn bad_durations_and_secrets_in_toml_are_refused() {
         let text = MINIMAL.replace("\"4h\"", "\"forever\"");
