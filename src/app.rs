@@ -204,7 +204,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("server.listen: cannot listen on {}", config.server.listen))?;
     let admin_listener = TcpListener::bind(config.server.admin_listen)
         .await
-        .with_context(|| format!("server.admin_listen: cannot listen on {}", config.server.admin_listen))?;
+        .with_context(|| {
+            format!(
+                "server.admin_listen: cannot listen on {}",
+                config.server.admin_listen
+            )
+        })?;
     let mut running = start(
         Parts {
             engine,

@@ -926,19 +926,23 @@ max_duration = "4h"
         assert_eq!(zero.issues[0].line, Some(key_line), "{zero}");
         assert!(zero.to_string().contains("weak (small-order)"), "{zero}");
         // The example's placeholder, uncommented, is refused as such.
-        let example = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jitbot.example.toml"),
-        )
-        .unwrap();
+        let example =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jitbot.example.toml"))
+                .unwrap();
         let placeholder = example
             .lines()
             .find_map(|l| l.strip_prefix("# public_key = "))
             .expect("the example shows the key commented out");
-        let text = example.replace(&format!("# public_key = {placeholder}"), &format!("public_key = {placeholder}"));
+        let text = example.replace(
+            &format!("# public_key = {placeholder}"),
+            &format!("public_key = {placeholder}"),
+        );
         let err = Config::parse(&text, "example").unwrap_err();
         assert!(
             err.to_string().contains("discord.public_key")
-                && err.to_string().contains("is not an Ed25519 public key (64 hex digits)"),
+                && err
+                    .to_string()
+                    .contains("is not an Ed25519 public key (64 hex digits)"),
             "{err}"
         );
         let real = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
@@ -955,12 +959,16 @@ max_duration = "4h"
         assert!(c.server.admin_listen.ip().is_loopback());
         assert_ne!(c.server.admin_listen, c.server.listen);
         assert_eq!(c.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
-        let same = format!("[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{MINIMAL}");
+        let same =
+            format!("[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{MINIMAL}");
         let err = Config::parse(&same, "t.toml").unwrap_err();
         assert_eq!(err.issues[0].key, "server.admin_listen", "{err}");
         assert_eq!(err.issues[0].line, Some(3), "{err}");
         let zero = format!("[server]\nmax_connections = 0\n{MINIMAL}");
-        assert!(Config::parse(&zero, "t").unwrap_err().to_string().contains("max_connections"));
+        assert!(Config::parse(&zero, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("max_connections"));
         let open = format!("[server]\nadmin_listen = \"0.0.0.0:8081\"\n{MINIMAL}");
         let warnings = Config::parse(&open, "t").unwrap().warnings();
         assert!(warnings[0].starts_with("server.admin_listen"), "{warnings:?}");

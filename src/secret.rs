@@ -202,7 +202,8 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(
-            err.to_string().contains("JITBOT_TEST_BLANK_SECRET_ONLY_HERE") && matches!(err, SecretError::Empty(_)),
+            err.to_string().contains("JITBOT_TEST_BLANK_SECRET_ONLY_HERE")
+                && matches!(err, SecretError::Empty(_)),
             "{err}"
         );
         // Inner spaces are part of a real secret.
@@ -230,7 +231,10 @@ mod tests {
         }
         let good = "3f9c1d7a0b5e42c8a6d1f0e9b7c3a215";
         assert_eq!(
-            file_source(&dir, "t", good).resolve_admin_token().unwrap().expose(),
+            file_source(&dir, "t", good)
+                .resolve_admin_token()
+                .unwrap()
+                .expose(),
             good
         );
         assert_eq!(MIN_ADMIN_TOKEN_LEN, 16);

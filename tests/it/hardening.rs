@@ -78,7 +78,11 @@ fn an_empty_or_weak_admin_token_stops_run_and_check_config_with_64() {
             let out = jitbot()
                 .args([sub, "--config"])
                 .arg(&path)
-                .arg(if sub == "run" { "--log-format=text" } else { "--offline" })
+                .arg(if sub == "run" {
+                    "--log-format=text"
+                } else {
+                    "--offline"
+                })
                 .output()
                 .unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
@@ -155,7 +159,11 @@ async fn slow_and_idle_clients_cannot_starve_the_server() {
         .await
         .unwrap();
     assert_eq!(admin.status(), 200);
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     let started = Instant::now();
     let health = http
         .get(format!("http://127.0.0.1:{port}/healthz"))
@@ -190,7 +198,11 @@ async fn slow_and_idle_clients_cannot_starve_the_server() {
         .await
         .expect("a slow body held the connection for 15 s");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,5 +269,8 @@ async fn the_public_readyz_says_only_not_ready() {
     let detail = admin.text().await.unwrap();
     assert!(detail.contains(&format!("127.0.0.1:{ldap_port}")), "{detail}");
     let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains("ldap.allow_plaintext_bind"), "warned at start-up: {logs}");
+    assert!(
+        logs.contains("ldap.allow_plaintext_bind"),
+        "warned at start-up: {logs}"
+    );
 }

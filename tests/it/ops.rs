@@ -179,7 +179,13 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     }
 
     // The admin surface is on the admin listener only.
-    for path in ["/admin/leases", "/metrics", "/api/dashboard", "/dashboard", "/admin/backup"] {
+    for path in [
+        "/admin/leases",
+        "/metrics",
+        "/api/dashboard",
+        "/dashboard",
+        "/admin/backup",
+    ] {
         let on_public = http
             .get(format!("{public}{path}"))
             .bearer_auth(TOKEN)
@@ -336,8 +342,8 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
 fn a_bad_config_exits_64_before_binding() {
     let tmp = tempfile::tempdir().unwrap();
     let (port, admin_port) = free_ports();
-    let text =
-        config_text(port, admin_port, &tmp.path().join("db")).replace("max_duration = \"4h\"", "max_duration = \"30m\"");
+    let text = config_text(port, admin_port, &tmp.path().join("db"))
+        .replace("max_duration = \"4h\"", "max_duration = \"30m\"");
     let path = tmp.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
     for sub in ["run", "check-config"] {

@@ -155,9 +155,18 @@ mod tests {
     #[test]
     fn the_all_zero_key_is_refused_with_a_clear_error() {
         let err = verifier(&"0".repeat(64)).err().expect("refused").to_string();
-        assert!(err.contains("discord.public_key") && err.contains("weak"), "{err}");
-        let err = verifier("<paste the public key>").err().expect("refused").to_string();
-        assert!(err.contains("64 hex digits") && err.contains("Developer Portal"), "{err}");
+        assert!(
+            err.contains("discord.public_key") && err.contains("weak"),
+            "{err}"
+        );
+        let err = verifier("<paste the public key>")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("64 hex digits") && err.contains("Developer Portal"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -189,8 +198,12 @@ mod tests {
         let signing = SigningKey::from_bytes(&[7u8; 32]);
         let v = verifier(&hex::encode(signing.verifying_key().to_bytes())).unwrap();
         let signature = signing.sign(b"1700000000{}");
-        assert!(v.verify(&hex::encode(signature.to_bytes()), "1700000000", b"{}").is_ok());
-        assert!(v.verify(&hex::encode(signature.to_bytes()), "1700000001", b"{}").is_err());
+        assert!(v
+            .verify(&hex::encode(signature.to_bytes()), "1700000000", b"{}")
+            .is_ok());
+        assert!(v
+            .verify(&hex::encode(signature.to_bytes()), "1700000001", b"{}")
+            .is_err());
         assert!(v.verify("zz", "1700000000", b"{}").is_err());
     }
 }
