@@ -53,6 +53,15 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<String
     Some(String::from_utf8_lossy(&seen).into_owned())
 }
 
+/// How many sockets process `pid` has open (Linux `/proc`).
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
 #[test]
 fn an_empty_or_weak_admin_token_stops_run_and_check_config_with_64() {
     let tmp = tempfile::tempdir().unwrap();
@@ -125,7 +134,8 @@ async fn slow_and_idle_clients_cannot_starve_the_server() {
     let config = tmp.path().join("jitbot.toml");
     std::fs::write(&config, text).unwrap();
     let log = tmp.path().join("stderr.log");
-    let _bot = start(&config, &log, port).await;
+    let bot = start(&config, &log, port).await;
+    let pid = bot.0.as_ref().unwrap().id();
     let public = ("127.0.0.1", port);
 
     // Half a request line, then silence: closed well within 15 s.
@@ -142,11 +152,19 @@ async fn slow_and_idle_clients_cannot_starve_the_server() {
     );
     assert!(!answer.contains("200 OK"), "{answer}");
 
-    // Three times as many idle sockets as the cap: /healthz still answers.
+    // Three times as many idle sockets as the cap: jitbot holds at most the
+    // cap of them (the rest wait in the backlog), and /healthz still answers.
+    let before = sockets_of(pid);
     let mut idle = Vec::new();
     for _ in 0..3 * CAP {
         idle.push(TcpStream::connect(public).await.unwrap());
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = sockets_of(pid) - before;
+    assert!(
+        held > 0 && held <= CAP,
+        "jitbot holds {held} of the idle sockets (cap {CAP})"
+    );
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
