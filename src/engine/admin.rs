@@ -1,6 +1,7 @@
 //! Operations for the admin API: the admin token is the authority, so these
 //! skip the chat permission checks but are audited under the given name.
 
+use super::audit::{about_request, AuditAction};
 use super::{Engine, EngineError};
 use crate::store::{OutboxItem, TimerKind};
 use jitbot_core::{EndReason, LeaseId, LeaseState, Refusal, RequestId, UserId};
@@ -32,7 +33,7 @@ impl Engine {
             })
             .await?;
         self.changed();
-        self.revoke(id).await?;
+        self.drive(&LeaseId::new(id)).await?;
         Ok(format!("lease {id} revoked"))
     }
 
@@ -47,10 +48,11 @@ impl Engine {
                     .ok_or_else(|| EngineError::NotFound(format!("there is no request {id}")))?;
                 rec.request.cancel(&UserId::new("admin-api"), now)?;
                 tx.clear_timer(TimerKind::RequestTimeout, id.as_str());
-                let mut audit = Engine::audit("admin-api", "request.cancelled");
-                audit.request = Some(id.to_string());
-                audit.group = Some(rec.request.group.to_string());
-                tx.audit(audit);
+                tx.audit(about_request(
+                    "admin-api",
+                    AuditAction::RequestCancelled,
+                    &rec.request,
+                ));
                 tx.outbox(OutboxItem::UpdateApproval { request: id.clone() });
                 tx.put_request(rec);
                 Ok::<_, EngineError>(())

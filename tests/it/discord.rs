@@ -12,7 +12,7 @@ use jitbot::clock::Clock;
 use jitbot::config::{DiscordConfig, DiscordMode};
 use jitbot::directory::ldap::LdapDirectory;
 use jitbot::directory::memory::MemoryDirectory;
-use jitbot::ports::{ChatError, Directory, DirectoryError, Notifier};
+use jitbot::ports::{Added, ChatError, Directory, DirectoryError, GroupMember, Membership, Notifier};
 use jitbot::secret::{Secret, SecretSource};
 use jitbot_core::request::RequestState;
 use jitbot_core::{GroupDn, RequestId, Span, UserId};
@@ -482,17 +482,20 @@ impl Directory for SlowLookups {
         tokio::time::sleep(self.1).await;
         self.0.find_user(attribute, value).await
     }
-    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
-        self.0.is_member(group, user).await
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
+        self.0.membership_of(group, user).await
     }
-    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        self.0.add_member(group, user).await
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.0.has_membership(m).await
     }
-    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        self.0.remove_member(group, user).await
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.0.add_membership(m).await
     }
-    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
-        self.0.list_members(group).await
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.0.remove_membership(m).await
+    }
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.0, group).await
     }
     async fn groups_of(
         &self,
