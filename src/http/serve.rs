@@ -195,3 +195,49 @@ impl hyper::body::Body for TimedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+
+    #[tokio::test]
+    async fn a_slow_handler_is_answered_503_at_the_request_timeout() {
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .route("/fast", get(|| async { "ok" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            request_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, app, limits, stopped));
+        let http = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let slow = http.get(format!("http://{addr}/slow")).send().await.unwrap();
+        assert_eq!(slow.status(), 503);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(slow.text().await.unwrap().contains("server.request_timeout"));
+        let fast = http.get(format!("http://{addr}/fast")).send().await.unwrap();
+        assert_eq!(fast.text().await.unwrap(), "ok");
+        stop.send(true).unwrap();
+        drop(http);
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops when told")
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -292,3 +292,49 @@ async fn the_public_readyz_says_only_not_ready() {
         "warned at start-up: {logs}"
     );
 }
+
+#[tokio::test]
+async fn the_public_readyz_is_cached_and_the_admin_one_is_not() {
+    use jitbot::http::{self, HttpState, Limits, PUBLIC_READY_CACHE};
+    let bot = crate::support::bot::TestBot::new();
+    let state = HttpState::new(bot.engine.clone(), None, None, None);
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let mut bases = Vec::new();
+    for router in [
+        http::public_router(state.clone(), Vec::new()),
+        http::admin_router(state, Vec::new()),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        bases.push(format!("http://{}", listener.local_addr().unwrap()));
+        tokio::spawn(http::serve(listener, router, Limits::default(), stopped.clone()));
+    }
+    let (public, admin) = (&bases[0], &bases[1]);
+    let get = |url: String| async move {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+
+    bot.dir.fail_next(1);
+    let started = Instant::now();
+    assert_eq!(get(format!("{public}/readyz")).await, (503, "not ready\n".into()));
+    // The directory answers again, but the public verdict is reused: a
+    // flood of probes costs one check per period.
+    for _ in 0..20 {
+        assert_eq!(get(format!("{public}/readyz")).await.0, 503);
+    }
+    assert!(started.elapsed() < PUBLIC_READY_CACHE);
+    // The admin listener checks every time and says what was wrong.
+    bot.dir.fail_next(1);
+    let (status, detail) = get(format!("{admin}/readyz")).await;
+    assert_eq!(status, 503);
+    assert!(detail.contains("injected outage"), "{detail}");
+    assert_eq!(get(format!("{admin}/readyz")).await, (200, "ready\n".into()));
+    // Once the period is over, the public listener checks again.
+    tokio::time::sleep(PUBLIC_READY_CACHE.saturating_sub(started.elapsed()) + Duration::from_millis(200))
+        .await;
+    assert_eq!(get(format!("{public}/readyz")).await, (200, "ready\n".into()));
+    // Neither listener serves the other's routes.
+    assert_eq!(get(format!("{public}/metrics")).await.0, 404);
+    assert_eq!(get(format!("{public}/admin/leases")).await.0, 404);
+    assert_eq!(get(format!("{admin}/healthz")).await.0, 200);
+}
