@@ -210,6 +210,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.server.admin_listen
             )
         })?;
+    for note in engine.leases_outside_config()? {
+        tracing::warn!("{note}");
+    }
     let store_watch = engine.store().clone();
     let mut running = start(
         Parts {

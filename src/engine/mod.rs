@@ -16,6 +16,7 @@ mod queries;
 mod requests;
 mod zsp;
 
+pub use admin::leases_outside_config;
 pub use zsp::Drift;
 
 use crate::clock::Clock;
