@@ -315,7 +315,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     }
 
     let exposition = http
-        .get(format!("{}/metrics", bot.base))
+        .get(format!("{}/metrics", bot.admin_base))
         .send()
         .await
         .expect("scrape")
