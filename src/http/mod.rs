@@ -89,9 +89,7 @@ async fn check_ready(state: &HttpState) -> Result<(), String> {
     if state.engine.store().next_due().is_err() {
         return Err("store unavailable".into());
     }
-    if let Err(e) = directory_up(&state.engine).await {
-        return Err(e);
-    }
+    directory_up(&state.engine).await?;
     if let Some(chat) = &state.chat {
         if let Err(e) = chat.ready().await {
             return Err(format!("chat: {e}"));
