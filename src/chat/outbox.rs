@@ -239,7 +239,8 @@ impl Pass {
 
 /// One pass: delivers (in due order) what is due on every destination of
 /// `notifier` at the engine's time, one destination after the other, and
-/// returns how long until something is due again. The worker ([`run`])
+/// returns how long until something is due again (30 s when nothing is
+/// queued). The worker ([`run`])
 /// runs destinations concurrently instead; this is for tests, benchmarks
 /// and one-off drains.
 pub async fn drain(engine: &Engine, notifier: &dyn Notifier) -> Duration {
@@ -265,11 +266,15 @@ pub async fn drain(engine: &Engine, notifier: &dyn Notifier) -> Duration {
         .map(|d| (d.name.to_string(), d.own_messages_only))
         .collect();
     fan_out(engine, &names);
-    let mut wait = MAX_WAIT;
+    let mut wait = None::<Duration>;
     for dest in dests {
-        wait = wait.min(deliver_due(engine, dest, engine.now()).await.wait());
+        let pass = deliver_due(engine, dest, engine.now()).await;
+        if pass.pause.is_some() || pass.next_due.is_some() {
+            let this = pass.wait();
+            wait = Some(wait.map_or(this, |w| w.min(this)));
+        }
     }
-    wait
+    wait.unwrap_or(MAX_WAIT)
 }
 
 /// Delivers what is due on `dest` at `now`.
@@ -349,6 +354,10 @@ async fn failed(engine: &Engine, dest: Dest<'_>, job: &OutboxJob, error: &ChatEr
     let what = kind(&job.item);
     let attempts = job.attempts + 1;
     crate::metrics::outbox_failure(dest.name, what);
+    let pause = match error {
+        ChatError::RateLimited(secs) => Some(Duration::from_secs((*secs).clamp(1, MAX_PAUSE))),
+        _ => None,
+    };
     if attempts >= MAX_ATTEMPTS && !never_give_up(engine, &job.item) {
         tracing::error!(
             platform = dest.name,
@@ -362,18 +371,15 @@ async fn failed(engine: &Engine, dest: Dest<'_>, job: &OutboxJob, error: &ChatEr
         if let Err(e) = engine.store().outbox_finish(job.id, dest.name) {
             tracing::error!(platform = dest.name, error = %e, "cannot drop an undeliverable notice");
         }
-        return None;
+        return pause;
     }
-    let (delay, pause) = match error {
-        ChatError::RateLimited(secs) => {
-            let secs = (*secs).clamp(1, MAX_PAUSE);
-            (Duration::from_secs(secs), Some(Duration::from_secs(secs)))
-        }
-        _ => {
+    let delay = match pause {
+        Some(pause) => pause,
+        None => {
             let settings = engine.settings();
             let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
             let delay = retry_delay(attempts, settings.retry_base, settings.retry_max, jitter);
-            (Duration::from_secs(delay.as_secs()), None)
+            Duration::from_secs(delay.as_secs())
         }
     };
     let next = now + chrono::Duration::from_std(delay).unwrap_or_default();

@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod backup;
 mod console;
 mod discord;
 mod faults;
@@ -10,5 +11,6 @@ mod ldap;
 mod ldap_flow;
 mod lifecycle;
 mod ops;
+mod outbox;
 mod slack;
 mod store;
