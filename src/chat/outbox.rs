@@ -108,7 +108,9 @@ fn forget_unconfigured(engine: &Engine, dests: &[(String, bool)]) {
                 ?items,
                 "notices queued for a platform that is no longer configured were dropped"
             ),
-            Err(e) => tracing::error!(platform = %gone, error = %e, "cannot drop notices of an unconfigured platform"),
+            Err(e) => {
+                tracing::error!(platform = %gone, error = %e, "cannot drop notices of an unconfigured platform")
+            }
         }
     }
 }
@@ -319,7 +321,10 @@ async fn deliver_due(engine: &Engine, dest: Dest<'_>, now: Instant) -> Pass {
             Some(Duration::from_secs(5))
         }
     };
-    Pass { next_due, pause: None }
+    Pass {
+        next_due,
+        pause: None,
+    }
 }
 
 /// What an item is, for logs and metrics.
@@ -350,7 +355,13 @@ fn never_give_up(engine: &Engine, item: &OutboxItem) -> bool {
 /// Records a failed attempt: retried after a backoff (or the platform's
 /// pause), or given up if the item allows it. Returns the pause a rate
 /// limit asked for.
-async fn failed(engine: &Engine, dest: Dest<'_>, job: &OutboxJob, error: &ChatError, now: Instant) -> Option<Duration> {
+async fn failed(
+    engine: &Engine,
+    dest: Dest<'_>,
+    job: &OutboxJob,
+    error: &ChatError,
+    now: Instant,
+) -> Option<Duration> {
     let what = kind(&job.item);
     let attempts = job.attempts + 1;
     crate::metrics::outbox_failure(dest.name, what);

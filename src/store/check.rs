@@ -54,7 +54,9 @@ pub(super) fn problems(snap: &Snapshot) -> Vec<String> {
     for id in snap.tree("review").keys() {
         let id = String::from_utf8_lossy(id);
         if !requests.contains_key(id.as_ref()) {
-            p.add(format!("the break-glass review list names request {id}, which does not exist"));
+            p.add(format!(
+                "the break-glass review list names request {id}, which does not exist"
+            ));
         }
     }
     counters(snap, &requests, &leases, &mut p);
@@ -77,7 +79,10 @@ fn requests(snap: &Snapshot, p: &mut Problems) -> BTreeMap<String, RequestRecord
             Ok(rec) if rec.request.id.as_str() == key => {
                 out.insert(key, rec);
             }
-            Ok(rec) => p.add(format!("request {key} is stored under the id of request {}", rec.request.id)),
+            Ok(rec) => p.add(format!(
+                "request {key} is stored under the id of request {}",
+                rec.request.id
+            )),
             Err(e) => p.add(format!("request {key} is unreadable: {e}")),
         }
     }
@@ -95,7 +100,10 @@ fn leases(snap: &Snapshot, p: &mut Problems) -> BTreeMap<String, LeaseRecord> {
             Ok(rec) if rec.lease.id.as_str() == key => {
                 out.insert(key, rec);
             }
-            Ok(rec) => p.add(format!("lease {key} is stored under the id of lease {}", rec.lease.id)),
+            Ok(rec) => p.add(format!(
+                "lease {key} is stored under the id of lease {}",
+                rec.lease.id
+            )),
             Err(e) => p.add(format!("lease {key} is unreadable: {e}")),
         }
     }
@@ -107,7 +115,10 @@ fn timers(snap: &Snapshot, leases: &BTreeMap<String, LeaseRecord>, p: &mut Probl
     let index = snap.tree("timer_ix");
     for key in timers.keys() {
         let Some(t) = parse_key(key) else {
-            p.add(format!("the timers tree holds a malformed key {}", hex::encode(key)));
+            p.add(format!(
+                "the timers tree holds a malformed key {}",
+                hex::encode(key)
+            ));
             continue;
         };
         if index.get(&index_key(t.kind, &t.id)) != Some(key) {
@@ -154,10 +165,12 @@ fn live(snap: &Snapshot, leases: &BTreeMap<String, LeaseRecord>, p: &mut Problem
         let slot = String::from_utf8_lossy(k).replace('\0', "/");
         let id = String::from_utf8_lossy(v).into_owned();
         match leases.get(&id) {
-            None => p.add(format!("the live index points {slot} at lease {id}, which does not exist")),
-            Some(rec) if rec.lease.state == LeaseState::Ended => {
-                p.add(format!("the live index points {slot} at lease {id}, which has ended"))
-            }
+            None => p.add(format!(
+                "the live index points {slot} at lease {id}, which does not exist"
+            )),
+            Some(rec) if rec.lease.state == LeaseState::Ended => p.add(format!(
+                "the live index points {slot} at lease {id}, which has ended"
+            )),
             Some(rec) if live_key(&rec.lease.group, &rec.lease.user) != *k => p.add(format!(
                 "the live index points {slot} at lease {id}, which is for {}/{}",
                 rec.lease.group, rec.lease.user
@@ -167,7 +180,9 @@ fn live(snap: &Snapshot, leases: &BTreeMap<String, LeaseRecord>, p: &mut Problem
     }
     for (id, rec) in leases {
         let l = &rec.lease;
-        if l.state != LeaseState::Ended && live.get(&live_key(&l.group, &l.user)) != Some(&id.as_bytes().to_vec()) {
+        if l.state != LeaseState::Ended
+            && live.get(&live_key(&l.group, &l.user)) != Some(&id.as_bytes().to_vec())
+        {
             p.add(format!(
                 "lease {id} ({} for {}) has not ended but the live index does not point to it",
                 l.group, l.user
@@ -181,16 +196,18 @@ fn audit(snap: &Snapshot, p: &mut Problems) {
     let records = snap.tree("audit").iter().map(Ok::<_, StoreError>);
     match audit_chain(records, head) {
         Ok(AuditCheck::Intact { .. }) => {}
-        Ok(AuditCheck::Broken { seq, problem }) => {
-            p.add(format!("the audit chain does not verify at record {seq}: {problem}"))
-        }
+        Ok(AuditCheck::Broken { seq, problem }) => p.add(format!(
+            "the audit chain does not verify at record {seq}: {problem}"
+        )),
         Err(e) => p.add(format!("the audit trail cannot be read: {e}")),
     }
 }
 
 fn counter(snap: &Snapshot, key: &[u8]) -> u64 {
     match snap.tree("meta").get(key) {
-        Some(v) => <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_slice())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0),
         None => 1,
     }
 }
@@ -243,18 +260,25 @@ fn outbox(snap: &Snapshot, p: &mut Problems) {
         }
         let entry = upgrade(stored);
         if !entry.fanned_out && !queue.contains_key(&due_key("", entry.queued_at, id)) {
-            p.add(format!("outbox entry {id} is new but not queued: it would never be delivered"));
+            p.add(format!(
+                "outbox entry {id} is new but not queued: it would never be delivered"
+            ));
         }
         for (dest, d) in &entry.dests {
             if !queue.contains_key(&due_key(dest, d.next_attempt, id)) {
-                p.add(format!("outbox entry {id} is not queued on {dest}: it would never be delivered there"));
+                p.add(format!(
+                    "outbox entry {id} is not queued on {dest}: it would never be delivered there"
+                ));
             }
         }
         entries.insert(id, entry);
     }
     for key in queue.keys() {
         let Some((dest, due, id)) = parse_due_key(key) else {
-            p.add(format!("the outbox queue holds a malformed key {}", hex::encode(key)));
+            p.add(format!(
+                "the outbox queue holds a malformed key {}",
+                hex::encode(key)
+            ));
             continue;
         };
         let agrees = entries.get(&id).is_some_and(|e| {
@@ -267,7 +291,11 @@ fn outbox(snap: &Snapshot, p: &mut Problems) {
             }
         });
         if !agrees {
-            let on = if dest.is_empty() { "new entries" } else { dest.as_str() };
+            let on = if dest.is_empty() {
+                "new entries"
+            } else {
+                dest.as_str()
+            };
             p.add(format!(
                 "the outbox queue of {on} holds entry {id} (due {due}), which the outbox does not hold there"
             ));

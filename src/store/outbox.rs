@@ -371,8 +371,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.outbox_write(true, |requests, outbox, due| {
             if let Some(bytes) = requests.get(request.as_str())? {
-                let stored: StoredRequest =
-                    decode(request.as_str().as_bytes(), &bytes).map_err(ConflictableTransactionError::Abort)?;
+                let stored: StoredRequest = decode(request.as_str().as_bytes(), &bytes)
+                    .map_err(ConflictableTransactionError::Abort)?;
                 let mut rec = RequestRecord::try_from(stored).map_err(|error| {
                     ConflictableTransactionError::Abort(StoreError::Corrupt {
                         key: request.to_string(),

@@ -145,19 +145,30 @@ async fn backup_taken_while_writers_commit_restores_consistently() {
     while let Some(r) = writers.join_next().await {
         r.unwrap();
     }
-    assert!(copies.len() >= 20, "only {} backups were taken during the writes", copies.len());
+    assert!(
+        copies.len() >= 20,
+        "only {} backups were taken during the writes",
+        copies.len()
+    );
     let step = copies.len() / 40 + 1;
     for (round, copy) in copies.iter().enumerate().step_by(step) {
         let target = Store::open(&tmp.path().join(format!("restored-{round}")), 16).unwrap();
         if let Err(e) = target.restore(copy.as_slice()).await {
-            panic!("backup {round} of {} taken during commits does not restore: {e}", copies.len());
+            panic!(
+                "backup {round} of {} taken during commits does not restore: {e}",
+                copies.len()
+            );
         }
         assert!(
             matches!(target.verify_audit().unwrap(), AuditCheck::Intact { .. }),
             "backup {round}: audit chain {:?}",
             target.verify_audit()
         );
-        assert_eq!(target.check_consistency().unwrap(), Vec::<String>::new(), "backup {round}");
+        assert_eq!(
+            target.check_consistency().unwrap(),
+            Vec::<String>::new(),
+            "backup {round}"
+        );
     }
     assert_eq!(store.check_consistency().unwrap(), Vec::<String>::new());
 }
@@ -191,7 +202,11 @@ async fn good_backup() -> Vec<String> {
         .unwrap();
     let mut copy = Vec::new();
     store.backup(&mut copy).unwrap();
-    String::from_utf8(copy).unwrap().lines().map(str::to_string).collect()
+    String::from_utf8(copy)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn without(lines: &[String], tree: &str, which: fn(usize, usize) -> bool) -> String {
@@ -220,34 +235,55 @@ async fn inconsistent_backup_is_refused_with_the_problem_named() {
     let last = |seen: usize, total: usize| seen == total;
     let cases = [
         (
-            without(&without(&lines, "timers", all).lines().map(str::to_string).collect::<Vec<_>>(), "timer_ix", all),
+            without(
+                &without(&lines, "timers", all)
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+                "timer_ix",
+                all,
+            ),
             "lease l-1 is Granting but has no Grant timer",
         ),
-        (without(&lines, "timer_ix", all), "is not the one timer_ix points to"),
+        (
+            without(&lines, "timer_ix", all),
+            "is not the one timer_ix points to",
+        ),
         (without(&lines, "timers", all), "which is not in the timers tree"),
         (
             without(&lines, "live", all),
             "lease l-1 (db-admins for alice) has not ended but the live index does not point to it",
         ),
         (without(&lines, "audit", last), "the audit chain does not verify"),
-        (without(&lines, "outbox_due", all), "outbox entry 1 is new but not queued"),
+        (
+            without(&lines, "outbox_due", all),
+            "outbox entry 1 is new but not queued",
+        ),
     ];
     let good = lines.join("\n");
     let tmp = tempfile::tempdir().unwrap();
     let fresh = Store::open(&tmp.path().join("good"), 16).unwrap();
-    fresh.restore(good.as_bytes()).await.expect("the untouched backup restores");
+    fresh
+        .restore(good.as_bytes())
+        .await
+        .expect("the untouched backup restores");
     for (i, (file, expected)) in cases.iter().enumerate() {
         let target = Store::open(&tmp.path().join(format!("bad-{i}")), 16).unwrap();
         match target.restore(file.as_bytes()).await {
             Err(e @ StoreError::Inconsistent { .. }) => {
                 let text = e.to_string();
-                assert!(text.contains(expected), "case {i}: expected {expected:?} in {text}");
+                assert!(
+                    text.contains(expected),
+                    "case {i}: expected {expected:?} in {text}"
+                );
                 assert!(text.contains("nothing was restored"), "{text}");
             }
             other => panic!("case {i} ({expected}): restore gave {other:?}"),
         }
         assert!(
-            target.leases().unwrap().is_empty() && target.audit(0).next().is_none() && target.timer_count() == 0,
+            target.leases().unwrap().is_empty()
+                && target.audit(0).next().is_none()
+                && target.timer_count() == 0,
             "case {i}: nothing written"
         );
     }

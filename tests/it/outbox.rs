@@ -70,7 +70,11 @@ impl Scripted {
     }
     /// Successful calls.
     fn delivered(&self) -> Vec<Call> {
-        self.calls().into_iter().filter(|(_, ok)| *ok).map(|(c, _)| c).collect()
+        self.calls()
+            .into_iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(c, _)| c)
+            .collect()
     }
     fn attempts(&self) -> usize {
         self.calls.lock().unwrap().len()
@@ -143,11 +147,15 @@ async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recover
     slack.always(Err(ChatError::Unavailable("slack is down".into())));
     queue(&bot, Audience::Alert, "cannot remove alice from db-admins").await;
     let failures = 3 * MAX_ATTEMPTS as usize;
-    while slack.attempts() < failures {
+    for _ in 0..failures {
         drain_and_wait(&bot, slack.as_ref()).await;
     }
     let left = bot.engine.store().outbox(10).unwrap();
-    assert_eq!(left.len(), 1, "the alert is still queued after {failures} failures");
+    assert_eq!(
+        left.len(),
+        1,
+        "the alert is still queued after {failures} failures"
+    );
     assert_eq!(left[0].2 as usize, failures, "every failure counted");
     slack.always(Ok(()));
     drain_and_wait(&bot, slack.as_ref()).await;
@@ -195,7 +203,11 @@ async fn rate_limited_destination_does_not_block_another() {
         bot.advance(chrono::Duration::seconds(61));
         drain(&bot.engine, &both).await;
     }
-    assert_eq!(slack.attempts(), 1 + 6 * MAX_ATTEMPTS as usize, "one call per pause");
+    assert_eq!(
+        slack.attempts(),
+        1 + 6 * MAX_ATTEMPTS as usize,
+        "one call per pause"
+    );
     let left = bot.engine.store().outbox(10).unwrap();
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(format!("{:?}", left[0].1).contains("the alert"), "{left:?}");
@@ -228,7 +240,10 @@ async fn partial_post_is_retried_only_on_the_failed_platform() {
     retried.sort_by_key(|c| format!("{c:?}"));
     assert_eq!(
         retried,
-        vec![Call::Post(id.clone()), Call::Send("a notice for the group".into())],
+        vec![
+            Call::Post(id.clone()),
+            Call::Send("a notice for the group".into())
+        ],
         "each retried once on discord (in either order: each has its own backoff)"
     );
     let rec = bot.engine.store().request(&RequestId::new(&id)).unwrap().unwrap();
@@ -312,15 +327,31 @@ async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_mos
     assert!(crashed.is_err(), "the post hung");
     let dir = bot_directory(&bot);
     let bot = bot.restart(dir, crate::support::bot::policy());
-    let jobs = bot.engine.store().outbox_due("chat", bot.engine.now(), 10).unwrap();
+    let jobs = bot
+        .engine
+        .store()
+        .outbox_due("chat", bot.engine.now(), 10)
+        .unwrap();
     assert_eq!(jobs.len(), 1);
     assert!(jobs[0].interrupted_post, "the restart knows a copy may be posted");
     slack.hang_after_post.store(false, Ordering::SeqCst);
     drain(&bot.engine, slack.as_ref()).await;
     drain(&bot.engine, slack.as_ref()).await;
-    let posts = slack.calls().iter().filter(|(c, _)| matches!(c, Call::Post(_))).count();
-    assert_eq!(posts, 2, "one post before the crash, one after: at most one duplicate");
+    let posts = slack
+        .calls()
+        .iter()
+        .filter(|(c, _)| matches!(c, Call::Post(_)))
+        .count();
+    assert_eq!(
+        posts, 2,
+        "one post before the crash, one after: at most one duplicate"
+    );
     let rec = bot.engine.store().request(&RequestId::new(&id)).unwrap().unwrap();
-    assert_eq!(rec.messages.len(), 1, "the second post is recorded: {:?}", rec.messages);
+    assert_eq!(
+        rec.messages.len(),
+        1,
+        "the second post is recorded: {:?}",
+        rec.messages
+    );
     assert!(bot.engine.store().outbox(10).unwrap().is_empty());
 }
