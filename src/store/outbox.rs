@@ -429,3 +429,22 @@ pub(super) fn upgrade_v1(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize,
     }
     Ok(old.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn queue_keys_round_trip_and_sort_by_destination_then_due() {
+        let t = chrono::Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap();
+        let later = t + chrono::Duration::seconds(1);
+        let k = due_key("slack", t, 7);
+        assert_eq!(parse_due_key(&k), Some(("slack".to_string(), t, 7)));
+        assert_eq!(parse_due_key(&due_key("", t, 1)), Some((String::new(), t, 1)));
+        assert!(due_key("slack", t, 9) < due_key("slack", later, 1), "due order first");
+        assert!(due_key("", later, 1) < due_key("discord", t, 1), "new entries first");
+        assert!(due_key("slack", later, 1) < due_key("slackx", t, 1), "no prefix overlap");
+        assert_eq!(parse_due_key(b"slack"), None);
+    }
+}
