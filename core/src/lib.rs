@@ -5,6 +5,8 @@
 //! depends on time takes `now` as an argument. The compiler holds that line,
 //! because this crate depends on no runtime, store, directory or chat crate.
 
+#![forbid(unsafe_code)]
+
 pub mod backoff;
 pub mod command;
 pub mod ids;
@@ -16,7 +18,7 @@ pub mod span;
 
 pub use command::{Command, ParseError};
 pub use ids::{GroupDn, GroupName, LeaseId, RequestId, UserId};
-pub use lease::{EndReason, Lease, LeaseState};
+pub use lease::{EndReason, Lease, LeaseState, Membership};
 pub use policy::{Actor, GroupPolicy, Principals};
 pub use refusal::Refusal;
 pub use request::{AccessRequest, ApprovalOutcome, RequestKind, RequestState};

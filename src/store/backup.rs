@@ -45,6 +45,8 @@ impl Store {
     /// wait for the backup's output, which is written after the lock is
     /// released).
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // After a failed flush, memory may hold what the disk does not.
+        self.check_healthy()?;
         let s = &*self.inner;
         let trees = [
             &s.requests,

@@ -144,6 +144,7 @@ impl Store {
         &self,
         f: impl Fn(&TransactionalTree, &TransactionalTree, &TransactionalTree) -> Result<T, Abort>,
     ) -> Result<T, StoreError> {
+        self.check_healthy()?;
         let s = &*self.inner;
         let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
         let value = (&s.requests, &s.outbox, &s.outbox_due)
@@ -180,6 +181,7 @@ impl Store {
         limit: usize,
         targets: impl Fn(&OutboxItem) -> Vec<String>,
     ) -> Result<usize, StoreError> {
+        self.check_healthy()?;
         let mut plan = Vec::new();
         for item in self.inner.outbox_due.scan_prefix(prefix("")).take(limit) {
             let (k, _) = item?;
@@ -231,6 +233,7 @@ impl Store {
 
     /// Up to `limit` entries due on `dest` at `now`, earliest first.
     pub fn outbox_due(&self, dest: &str, now: Instant, limit: usize) -> Result<Vec<OutboxJob>, StoreError> {
+        self.check_healthy()?;
         let start = prefix(dest);
         let end = due_key(dest, now, u64::MAX);
         let mut out = Vec::new();
@@ -442,9 +445,18 @@ mod tests {
         let k = due_key("slack", t, 7);
         assert_eq!(parse_due_key(&k), Some(("slack".to_string(), t, 7)));
         assert_eq!(parse_due_key(&due_key("", t, 1)), Some((String::new(), t, 1)));
-        assert!(due_key("slack", t, 9) < due_key("slack", later, 1), "due order first");
-        assert!(due_key("", later, 1) < due_key("discord", t, 1), "new entries first");
-        assert!(due_key("slack", later, 1) < due_key("slackx", t, 1), "no prefix overlap");
+        assert!(
+            due_key("slack", t, 9) < due_key("slack", later, 1),
+            "due order first"
+        );
+        assert!(
+            due_key("", later, 1) < due_key("discord", t, 1),
+            "new entries first"
+        );
+        assert!(
+            due_key("slack", later, 1) < due_key("slackx", t, 1),
+            "no prefix overlap"
+        );
         assert_eq!(parse_due_key(b"slack"), None);
     }
 }

@@ -6,7 +6,7 @@ use jitbot::chat::view::{Audience, Notice};
 use jitbot::store::{AuditCheck, AuditDraft, LeaseRecord, OutboxItem, Store, StoreError, TimerKind};
 use jitbot_core::lease::EndReason;
 use jitbot_core::policy::GroupPolicy;
-use jitbot_core::{Lease, LeaseId, RequestId, Span, UserId};
+use jitbot_core::{GroupDn, Lease, LeaseId, Membership, RequestId, Span, UserId};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -71,7 +71,12 @@ async fn lease_lifecycle(store: &Store, policy: &GroupPolicy, user: &str) -> Str
         }
     };
     step(|l, id, tx| {
-        l.record_preexisting(false);
+        let membership = Membership {
+            group: GroupDn::new("cn=db-admins,dc=example,dc=org"),
+            attribute: "member".into(),
+            value: format!("uid={},ou=people,dc=example,dc=org", l.user),
+        };
+        l.record_preexisting(false, membership);
         l.activate().expect("activate");
         tx.clear_timer(TimerKind::Grant, id);
         tx.set_timer(TimerKind::Expire, id, l.expires_at);
