@@ -273,7 +273,10 @@ async fn partial_post_is_retried_only_on_the_failed_platform() {
 
 #[tokio::test]
 async fn engine_wake_ups_do_not_burn_attempts() {
-    let bot = TestBot::new();
+    // The first retry waits at least 30 s (60 s, halved at most by jitter).
+    let bot = TestBot::builder()
+        .settings(|s| s.retry_base = jitbot_core::Span::from_mins(1))
+        .build();
     let slack = Scripted::new("slack");
     slack.always(Err(ChatError::Unavailable("timeout".into())));
     let (stop, rx) = tokio::sync::watch::channel(false);
@@ -285,7 +288,7 @@ async fn engine_wake_ups_do_not_burn_attempts() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         bot.engine.outbox_changed().notify_one();
     }
-    // retry_base is 5 s: within 1.2 s, sixty wake-ups make no second attempt.
+    // Sixty wake-ups make no second attempt before the backoff is over.
     assert_eq!(slack.attempts(), 1, "{:?}", slack.calls());
     let left = bot.engine.store().outbox(10).unwrap();
     assert_eq!((left.len(), left[0].2), (1, 1), "{left:?}");
