@@ -232,6 +232,21 @@ fn register_all() {
     set_overdue_revocation(Duration::ZERO);
 }
 
+/// A notice, card or card update that failed on one platform (`kind`:
+/// `alert`, `notice`, `card`, `card_update`); it is retried.
+pub fn outbox_failure(platform: &str, kind: &'static str) {
+    counter!("jitbot_outbox_failures_total", "platform" => platform.to_string(), "kind" => kind).increment(1);
+}
+/// A notice given up on one platform after its last attempt (never an alert).
+pub fn outbox_dropped(platform: &str, kind: &'static str) {
+    counter!("jitbot_outbox_dropped_total", "platform" => platform.to_string(), "kind" => kind).increment(1);
+}
+/// A card posted again after a post whose outcome was never recorded: the
+/// platform may show it twice.
+pub fn outbox_possible_duplicate(platform: &str) {
+    counter!("jitbot_outbox_possible_duplicates_total", "platform" => platform.to_string()).increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod backup;
 mod console;
 mod discord;
 mod faults;
@@ -14,6 +15,7 @@ mod ldap_flow;
 mod lifecycle;
 mod observability;
 mod ops;
+mod outbox;
 mod slack;
 mod socket_mode;
 mod store;
