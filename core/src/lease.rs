@@ -147,7 +147,13 @@ impl Lease {
     /// A lease that only removes: a member of a zero-standing-privilege
     /// group found without a lease. It starts `Revoking`, owns exactly the
     /// value found, and goes through the same retried removal as any lease.
-    pub fn remediation(id: LeaseId, group: GroupName, user: UserId, membership: Membership, now: Instant) -> Lease {
+    pub fn remediation(
+        id: LeaseId,
+        group: GroupName,
+        user: UserId,
+        membership: Membership,
+        now: Instant,
+    ) -> Lease {
         Lease {
             id,
             request: RequestId::new("zsp-monitor"),
@@ -395,7 +401,10 @@ mod tests {
                 max_total: Span::from_hours(3)
             })
         );
-        assert_eq!(l.extend(Span::from_hours(1), &p, t0()).unwrap(), t0() + Duration::hours(3));
+        assert_eq!(
+            l.extend(Span::from_hours(1), &p, t0()).unwrap(),
+            t0() + Duration::hours(3)
+        );
     }
 
     #[test]
@@ -405,7 +414,11 @@ mod tests {
         assert!(l.owns_membership());
         l.added_by_someone_else();
         assert!(!l.owns_membership());
-        assert_eq!(l.membership, Some(membership()), "what was written is still known");
+        assert_eq!(
+            l.membership,
+            Some(membership()),
+            "what was written is still known"
+        );
     }
 
     #[test]

@@ -192,7 +192,10 @@ impl Directory for MemoryDirectory {
         for _ in 0..=s.groups.len() {
             let before = reached.len();
             for (dn, members) in &s.groups {
-                if members.iter().any(|m| m.eq_ignore_ascii_case(user.as_str()) || reached.contains(m)) {
+                if members
+                    .iter()
+                    .any(|m| m.eq_ignore_ascii_case(user.as_str()) || reached.contains(m))
+                {
                     reached.insert(dn.clone());
                 }
             }

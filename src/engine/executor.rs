@@ -208,7 +208,22 @@ impl Engine {
                 })
                 .await?;
             }
-            Ok(Added::AlreadyPresent) => {}
+            // A retry after a crash: jitbot's own earlier add may have
+            // landed, or somebody added the user meanwhile. There is no way
+            // to tell, and leaving privilege behind is the worse mistake, so
+            // jitbot claims it (and removes it at the end), and says so.
+            Ok(Added::AlreadyPresent) => {
+                self.transition(&id, &granting, |tx, rec| {
+                    tx.audit(
+                        about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                            "after a restart the membership was already there; jitbot cannot tell its own \
+                             earlier add from someone else's, so it will remove it when the lease ends",
+                        ),
+                    );
+                    Ok(())
+                })
+                .await?;
+            }
             Err(e) => return self.grant_failed(&id, &e.to_string()).await,
         }
         self.activate(&id).await
@@ -272,7 +287,10 @@ impl Engine {
             tx.clear_timer(TimerKind::Grant, id.as_str());
             tx.set_timer(TimerKind::Revoke, id.as_str(), now);
             tx.audit(about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantFailed, &rec.lease).detail(error));
-            let text = format!("Granting `{}` to {} failed: {error}", rec.lease.group, rec.lease.user);
+            let text = format!(
+                "Granting `{}` to {} failed: {error}",
+                rec.lease.group, rec.lease.user
+            );
             let holder = Audience::User {
                 user: rec.lease.user.clone(),
                 chat: rec.origin.clone(),
@@ -323,6 +341,9 @@ impl Engine {
                 let started = std::time::Instant::now();
                 let removed = self.inner.directory.remove_membership(&m).await;
                 crate::metrics::directory_op("remove", started.elapsed());
+                // The modify with its read-back (the LDAP backend also
+                // records `read_back` on its own).
+                crate::metrics::stage("directory_modify", started.elapsed());
                 removed
             }
             Err(e) => Err(e),
@@ -330,6 +351,7 @@ impl Engine {
         if let Err(e) = removed {
             return self.revoke_failed(&id, &e.to_string()).await;
         }
+        let committing = std::time::Instant::now();
         let ended = self
             .transition(&id, &[LeaseState::Revoking], |tx, rec| {
                 rec.lease.finish()?;
@@ -369,7 +391,11 @@ impl Engine {
                             rec.lease.group,
                             reason.describe()
                         );
-                        tx.outbox(notice(Audience::Group(rec.lease.group.clone()), text.clone(), vec![]));
+                        tx.outbox(notice(
+                            Audience::Group(rec.lease.group.clone()),
+                            text.clone(),
+                            vec![],
+                        ));
                         let holder = Audience::User {
                             user: rec.lease.user.clone(),
                             chat: rec.origin.clone(),
@@ -388,6 +414,7 @@ impl Engine {
             })
             .await?;
         if ended.is_some() {
+            crate::metrics::stage("commit_after", committing.elapsed());
             crate::metrics::revoked();
             self.changed();
         }

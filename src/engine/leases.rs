@@ -15,7 +15,11 @@ impl Engine {
     pub(super) fn arm_lease_timers(&self, tx: &mut Tx<'_>, rec: &LeaseRecord) {
         let id = rec.lease.id.as_str();
         tx.set_timer(TimerKind::Expire, id, rec.lease.expires_at);
-        match self.group(&rec.lease.group).ok().and_then(|p| rec.lease.warning_at(p)) {
+        match self
+            .group(&rec.lease.group)
+            .ok()
+            .and_then(|p| rec.lease.warning_at(p))
+        {
             Some(at) => tx.set_timer(TimerKind::Warn, id, at),
             None => tx.clear_timer(TimerKind::Warn, id),
         }
@@ -28,6 +32,7 @@ impl Engine {
 
     /// An `Expire` timer fired: start revoking if the lease really is due.
     pub(crate) async fn expire(&self, id: &str) -> Result<(), EngineError> {
+        let committing = std::time::Instant::now();
         let revoke = self
             .inner
             .store
@@ -52,6 +57,7 @@ impl Engine {
             })
             .await?;
         if revoke {
+            crate::metrics::stage("commit_before", committing.elapsed());
             self.changed();
             self.drive(&LeaseId::new(id)).await?;
         }

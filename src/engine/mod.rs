@@ -16,6 +16,7 @@ mod queries;
 mod requests;
 mod zsp;
 
+pub use admin::leases_outside_config;
 pub use zsp::Drift;
 
 use crate::clock::Clock;
@@ -311,8 +312,14 @@ impl Engine {
     /// Runs one due timer. Always clears or moves it, so it never fires twice
     /// for the same work.
     pub async fn fire(&self, timer: Timer) {
+        if matches!(timer.kind, TimerKind::Expire | TimerKind::Revoke) {
+            let late = (self.now() - timer.due).to_std().unwrap_or_default();
+            crate::metrics::stage("timer_lateness", late);
+        }
         let outcome = match timer.kind {
-            TimerKind::Grant | TimerKind::Revoke => self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await,
+            TimerKind::Grant | TimerKind::Revoke => {
+                self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await
+            }
             TimerKind::Expire => self.expire(&timer.id).await,
             TimerKind::RequestTimeout => self.time_out(&timer.id).await,
             TimerKind::Warn => self.warn(&timer.id).await,

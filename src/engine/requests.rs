@@ -246,7 +246,8 @@ impl Engine {
                 let mut rec = self.load_request(tx, id)?;
                 let policy = self.group(&rec.request.group)?;
                 let outcome = rec.request.approve(policy, &actor, shorten, now)?;
-                let mut audit = about_request(caller.user.as_str(), AuditAction::RequestApproval, &rec.request);
+                let mut audit =
+                    about_request(caller.user.as_str(), AuditAction::RequestApproval, &rec.request);
                 let (reply, next) = match outcome {
                     ApprovalOutcome::AlreadyCounted { have, need } => {
                         return Ok((
@@ -359,7 +360,11 @@ impl Engine {
                 }
                 rec.request.cancel(&caller.user, now)?;
                 tx.clear_timer(TimerKind::RequestTimeout, id);
-                tx.audit(about_request(caller.user.as_str(), AuditAction::RequestCancelled, &rec.request));
+                tx.audit(about_request(
+                    caller.user.as_str(),
+                    AuditAction::RequestCancelled,
+                    &rec.request,
+                ));
                 tx.outbox(OutboxItem::UpdateApproval {
                     request: rec.request.id.clone(),
                 });

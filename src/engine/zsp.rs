@@ -36,7 +36,14 @@ impl Engine {
         let mut found = Vec::new();
         let mut seen_now = BTreeSet::new();
         let mut remediations = Vec::new();
-        let groups: Vec<GroupPolicy> = self.inner.policy.groups.iter().filter(|g| g.zsp).cloned().collect();
+        let groups: Vec<GroupPolicy> = self
+            .inner
+            .policy
+            .groups
+            .iter()
+            .filter(|g| g.zsp)
+            .cloned()
+            .collect();
         for policy in &groups {
             match self.check_group(policy, &mut seen_now, &mut remediations).await {
                 Ok(drift) => found.extend(drift),
@@ -70,14 +77,17 @@ impl Engine {
         for member in members {
             let (who, reached) = match &member.kind {
                 MemberKind::User(user) => (user.clone(), vec![]),
-                MemberKind::NestedGroup { reaches } => (UserId::new(member.membership.value.as_str()), reaches.clone()),
+                MemberKind::NestedGroup { reaches } => {
+                    (UserId::new(member.membership.value.as_str()), reaches.clone())
+                }
                 MemberKind::Unknown => (UserId::new(member.membership.value.as_str()), vec![]),
             };
             if leased.contains(&who) {
                 continue;
             }
             let remediated = policy.remediate && self.remediate(policy, &who, &member, remediations).await?;
-            self.report(policy, &who, None, &member, remediated, seen_now).await?;
+            self.report(policy, &who, None, &member, remediated, seen_now)
+                .await?;
             found.push(Drift {
                 group: policy.name.clone(),
                 user: who.clone(),
@@ -85,8 +95,15 @@ impl Engine {
                 remediated,
             });
             for user in reached {
-                self.report(policy, &user, Some(&member.membership.value), &member, remediated, seen_now)
-                    .await?;
+                self.report(
+                    policy,
+                    &user,
+                    Some(&member.membership.value),
+                    &member,
+                    remediated,
+                    seen_now,
+                )
+                .await?;
                 found.push(Drift {
                     group: policy.name.clone(),
                     user,
@@ -125,8 +142,10 @@ impl Engine {
                 );
                 tx.set_timer(TimerKind::Revoke, id.as_str(), tx.now());
                 tx.audit(
-                    about_lease(ENGINE_ACTOR, AuditAction::ZspRemediating, &lease)
-                        .detail(format!("removing {} from {}", member.membership.value, member.membership.group)),
+                    about_lease(ENGINE_ACTOR, AuditAction::ZspRemediating, &lease).detail(format!(
+                        "removing {} from {}",
+                        member.membership.value, member.membership.group
+                    )),
                 );
                 tx.put_lease(LeaseRecord { lease, origin: None });
                 Ok::<_, EngineError>(Some(id))
@@ -159,11 +178,16 @@ impl Engine {
             return Ok(());
         }
         let what = match (&member.kind, via) {
-            (_, Some(group)) => format!("{who} is a member of `{}` through the nested group {group}", policy.name),
+            (_, Some(group)) => format!(
+                "{who} is a member of `{}` through the nested group {group}",
+                policy.name
+            ),
             (MemberKind::NestedGroup { .. }, None) => {
                 format!("the group {who} is nested in `{}`", policy.name)
             }
-            (MemberKind::Unknown, None) => format!("{who} (no user jitbot knows) is a member of `{}`", policy.name),
+            (MemberKind::Unknown, None) => {
+                format!("{who} (no user jitbot knows) is a member of `{}`", policy.name)
+            }
             (MemberKind::User(_), None) => format!("{who} is a member of `{}`", policy.name),
         };
         let action = if remediated && via.is_none() {
@@ -230,7 +254,10 @@ impl Engine {
     /// A membership jitbot granted must be present while its lease is
     /// active. A missing one is alerted (someone removed it by hand, or the
     /// directory lost it); jitbot does not silently re-add it.
-    async fn check_granted_memberships(&self, seen_now: &mut BTreeSet<(String, String)>) -> Result<(), EngineError> {
+    async fn check_granted_memberships(
+        &self,
+        seen_now: &mut BTreeSet<(String, String)>,
+    ) -> Result<(), EngineError> {
         for rec in self.inner.store.live_leases()? {
             let lease = &rec.lease;
             if lease.state != LeaseState::Active || !lease.owns_membership() {

@@ -46,6 +46,7 @@ fn config(public_key: &str) -> DiscordConfig {
     DiscordConfig {
         mode: DiscordMode::Http,
         bot_token: SecretSource::env("JITBOT_TEST_UNUSED_DISCORD_TOKEN"),
+        api_url: jitbot::config::DISCORD_API.into(),
         public_key: Some(public_key.to_string()),
         application_id: APP_ID.into(),
         guild_id: None,
@@ -81,8 +82,9 @@ async fn start(bot: TestBot, answer_budget: Duration, tweak: impl FnOnce(&mut Di
     let discord = FakeDiscord::start().await;
     let key = public_hex(&KEY);
     let mut config = config(&key);
+    config.api_url = discord.base.clone();
     tweak(&mut config);
-    let adapter = DiscordAdapter::with_token(&config, Secret::new("test-bot-token"), Some(&discord.base))
+    let adapter = DiscordAdapter::with_token(&config, Secret::new("test-bot-token"))
         .expect("adapter")
         .with_answer_budget(answer_budget);
     let adapter = Arc::new(adapter);
@@ -609,8 +611,9 @@ async fn registering_the_command_is_a_repeatable_bulk_overwrite() {
     }
 
     let mut in_guild = config(&public_hex(&KEY));
+    in_guild.api_url = h.discord.base.clone();
     in_guild.guild_id = Some(GUILD.into());
-    let adapter = DiscordAdapter::with_token(&in_guild, Secret::new("t"), Some(&h.discord.base)).unwrap();
+    let adapter = DiscordAdapter::with_token(&in_guild, Secret::new("t")).unwrap();
     adapter.register_commands().await.expect("register in guild");
     assert_eq!(
         h.discord
@@ -627,6 +630,15 @@ async fn rate_limits_reach_the_outbox_as_such() {
     h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 1);
     let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
     assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
+    h.drain().await;
+    assert_eq!(
+        h.discord
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .len(),
+        1,
+        "no second try before the pause is over"
+    );
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
     h.drain().await;
     let posted = h.discord.calls_to("POST", &format!("/channels/{CDB}/messages"));
     assert_eq!(
@@ -645,15 +657,16 @@ async fn bad_config_is_refused_before_anything_runs() {
     let bot = TestBot::new();
     let discord = FakeDiscord::start().await;
     let mut c = config("zz");
-    assert!(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).is_ok());
-    let adapter = Arc::new(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).unwrap());
+    c.api_url = discord.base.clone();
+    assert!(DiscordAdapter::with_token(&c, Secret::new("t")).is_ok());
+    let adapter = Arc::new(DiscordAdapter::with_token(&c, Secret::new("t")).unwrap());
     assert!(
         routes(bot.engine.clone(), adapter, "zz", Arc::new(bot.clock.clone())).is_err(),
         "bad public key"
     );
     c.default_channel = "general".into();
     assert!(
-        DiscordAdapter::with_token(&c, Secret::new("t"), None).is_err(),
+        DiscordAdapter::with_token(&c, Secret::new("t")).is_err(),
         "channel names are not ids"
     );
 }

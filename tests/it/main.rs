@@ -3,14 +3,21 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod backup;
 mod console;
 mod discord;
 mod faults;
+mod gateway;
+mod hardening;
+mod invariants;
 mod ldap;
 mod ldap_flow;
 mod lifecycle;
+mod observability;
 mod ops;
+mod outbox;
 #[path = "../sim/mod.rs"]
 mod sim;
 mod slack;
+mod socket_mode;
 mod store;

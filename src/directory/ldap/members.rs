@@ -10,7 +10,11 @@ use std::collections::HashSet;
 
 impl LdapDirectory {
     /// Every value of `attr` in `group` (a base search).
-    pub(super) async fn member_values(&self, group: &GroupDn, attr: &str) -> Result<Vec<String>, DirectoryError> {
+    pub(super) async fn member_values(
+        &self,
+        group: &GroupDn,
+        attr: &str,
+    ) -> Result<Vec<String>, DirectoryError> {
         let (entries, result) = self
             .search(group.as_str(), Scope::Base, "(objectClass=*)", &[attr])
             .await?;
@@ -41,7 +45,12 @@ impl LdapDirectory {
                     continue;
                 }
                 let (entries, result) = self
-                    .search(&group, Scope::Base, "(objectClass=*)", &["member", "uniqueMember"])
+                    .search(
+                        &group,
+                        Scope::Base,
+                        "(objectClass=*)",
+                        &["member", "uniqueMember"],
+                    )
                     .await?;
                 if result.rc != rc::SUCCESS {
                     continue;

@@ -252,7 +252,10 @@ impl LdapDirectory {
             }
             _ => return Err(self.refusal(&result, &format!("remove {user} from {group}"))),
         }
-        if self.has_value(group, attr, value).await? {
+        let reading = std::time::Instant::now();
+        let still_there = self.has_value(group, attr, value).await?;
+        crate::metrics::stage("read_back", reading.elapsed());
+        if still_there {
             return Err(not_removed(group, user));
         }
         Ok(())
@@ -331,7 +334,11 @@ impl Directory for LdapDirectory {
             written,
         };
         let already = self.combined(Change::Add, &m.group, kind, item).await?;
-        Ok(if already { Added::AlreadyPresent } else { Added::Added })
+        Ok(if already {
+            Added::AlreadyPresent
+        } else {
+            Added::Added
+        })
     }
 
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
@@ -341,7 +348,9 @@ impl Directory for LdapDirectory {
             value: m.value.clone(),
             written: m.value.clone(),
         };
-        self.combined(Change::Remove, &m.group, kind, item).await.map(|_| ())
+        self.combined(Change::Remove, &m.group, kind, item)
+            .await
+            .map(|_| ())
     }
 
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
@@ -422,10 +431,14 @@ impl Directory for LdapDirectory {
 /// The membership kind a recorded attribute names; anything else is refused
 /// (a recorded value never turns into a write to another attribute).
 fn valid_member_attribute(name: &str) -> Result<MembershipKind, DirectoryError> {
-    [MembershipKind::Member, MembershipKind::UniqueMember, MembershipKind::MemberUid]
-        .into_iter()
-        .find(|k| attribute(*k).eq_ignore_ascii_case(name))
-        .ok_or_else(|| DirectoryError::Refused(format!("`{name}` is not a membership attribute")))
+    [
+        MembershipKind::Member,
+        MembershipKind::UniqueMember,
+        MembershipKind::MemberUid,
+    ]
+    .into_iter()
+    .find(|k| attribute(*k).eq_ignore_ascii_case(name))
+    .ok_or_else(|| DirectoryError::Refused(format!("`{name}` is not a membership attribute")))
 }
 
 /// The attribute a group of this kind lists its members in.
