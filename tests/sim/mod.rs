@@ -105,6 +105,7 @@ async fn step(world: &mut World, op: &Op) -> Result<(), Violation> {
             return Err(v);
         }
     }
+    world.restart_if_failed().await?;
     world.steps += 1;
     // The audit chain every 16 steps and after the final quiesce.
     let audit = world.steps % 16 == 0 || *op == Op::Quiesce;

@@ -93,6 +93,9 @@ pub enum Op {
     BackupRestore,
     /// Directory up, all work run to quiescence, then the expiry check (I3).
     Quiesce,
+    /// The next store flush fails (a full disk): the store fails closed and
+    /// jitbot is restarted, as its supervisor would.
+    DiskFull,
 }
 
 /// Picks the next operation. Reads the world only for how many directory
@@ -150,6 +153,7 @@ pub fn generate(rng: &mut StdRng, parked: usize) -> Op {
             variant: rng.gen_range(0..5),
         },
         95..=96 => Op::BackupRestore,
+        97 => Op::DiskFull,
         _ => Op::Quiesce,
     }
 }

@@ -601,7 +601,24 @@ impl World {
                 self.fire().await
             }
             Op::Quiesce => self.quiesce().await,
+            Op::DiskFull => {
+                self.engine().store().fail_next_flush();
+                Ok(())
+            }
         }
+    }
+
+    /// A store that failed closed (a flush failed) stops jitbot: restart it
+    /// from disk, as its supervisor would.
+    pub async fn restart_if_failed(&mut self) -> Result<(), Violation> {
+        if self.engine().store().check_healthy().is_ok() {
+            return Ok(());
+        }
+        self.note("    store failed closed; restarting".into());
+        self.crash().await;
+        let store = open_store(&self.path);
+        self.start(store);
+        self.fire().await
     }
 
     /// Answers one parked directory call; its task runs to its next park.
