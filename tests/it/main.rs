@@ -7,6 +7,7 @@ mod console;
 mod discord;
 mod faults;
 mod gateway;
+mod invariant_breaks;
 mod invariants;
 mod ldap;
 mod ldap_flow;
