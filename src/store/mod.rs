@@ -97,6 +97,52 @@ fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
     k
 }
 
+/// Re-keys `live` slots written before account names were folded
+/// (`db-admins\0Alice`) to the folded spelling that [`live_key`] gives, so
+/// that a lease from an older release still holds its slot: otherwise its
+/// holder could get a second lease, and the first could never be written
+/// again (its slot taken) and so never end. Idempotent; cheap (the index
+/// holds only live leases). Two legacy slots that fold to one are both
+/// kept and logged: a person must look at them.
+fn fold_live_slots(live: &sled::Tree) -> Result<(), StoreError> {
+    let legacy: Vec<(sled::IVec, sled::IVec)> = live
+        .iter()
+        .filter_map(|item| match item {
+            Ok((k, v)) if k.iter().any(u8::is_ascii_uppercase) => Some(Ok((k, v))),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()?;
+    for (key, lease) in legacy {
+        let Some(split) = key.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        let mut folded = key[..=split].to_vec();
+        folded.extend(key[split + 1..].iter().map(u8::to_ascii_lowercase));
+        if folded == key.as_ref() {
+            continue;
+        }
+        match live.get(&folded)? {
+            Some(other) if other != lease => {
+                tracing::error!(
+                    slot = %String::from_utf8_lossy(&folded).replace('\0', " "),
+                    lease = %String::from_utf8_lossy(&lease),
+                    other = %String::from_utf8_lossy(&other),
+                    "two live leases of one user and group from an older jitbot (ids spelled in different case); \
+                     revoke one of them with the admin API"
+                );
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                live.insert(folded, lease)?;
+            }
+        }
+        live.remove(key)?;
+    }
+    Ok(())
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -377,6 +423,7 @@ impl Store {
         if inner.meta.get(SCHEMA)?.is_none() {
             inner.meta.insert(SCHEMA, &b"1"[..])?;
         }
+        fold_live_slots(&inner.live)?;
         Ok(Store {
             inner: Arc::new(inner),
         })
