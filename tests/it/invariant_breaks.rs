@@ -272,3 +272,45 @@ async fn a_lease_ending_during_a_zsp_pass_is_not_alerted_as_missing() {
         .collect();
     assert!(false_alerts.is_empty(), "{false_alerts:?}");
 }
+
+/// Two configured groups may name one directory group (the same DN, or one
+/// spelled in another case or spacing). Their leases then share one
+/// membership under two slots: alice's lease on the second is recorded as
+/// standing (it sees the first one's membership) while the first one's end
+/// removes it; and the ZSP monitor of one counts the other's lease holder
+/// as drift and removes her membership while her lease is active.
+#[test]
+fn two_groups_naming_one_directory_group_are_refused() {
+    let text = r#"
+[store]
+path = "/tmp/x"
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = { users = ["alice"] }
+approvers = { users = ["bob"] }
+default_duration = "1h"
+max_duration = "4h"
+zsp = true
+remediate = true
+
+[[group]]
+name = "db-oncall"
+dn = "CN=DB-Admins, ou=groups,dc=example,dc=org"
+requesters = { users = ["alice"] }
+approvers = { users = ["bob"] }
+default_duration = "1h"
+max_duration = "4h"
+"#;
+    let err = match jitbot::config::Config::parse(text, "t.toml") {
+        Ok(_) => panic!("two groups with one DN were accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("group[db-oncall].dn"), "{err}");
+}
