@@ -314,3 +314,28 @@ max_duration = "4h"
     };
     assert!(err.contains("group[db-oncall].dn"), "{err}");
 }
+
+/// A request for a group the user holds becomes an extension request of
+/// that lease. When the lease ends first, the extension request stays
+/// pending: approving it is refused ("not active") and rolls back, and it
+/// counts as the user's one pending request, so asking for the group again
+/// is refused until somebody cancels it or it times out (up to the whole
+/// approval window) — the user is locked out of a group they may request.
+#[tokio::test]
+async fn an_extension_request_outliving_its_lease_does_not_lock_the_user_out() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.advance(Duration::minutes(50));
+    let ext = bot.ok("alice", "request db-admins 1h more").await;
+    assert!(ext.contains("extension"), "{ext}");
+    bot.advance(Duration::minutes(11));
+    bot.run_due().await;
+    assert_eq!(
+        bot.engine.store().live_leases().unwrap().len(),
+        0,
+        "the lease ended"
+    );
+    let again = bot.say("alice", "request db-admins 1h again").await;
+    assert!(again.ok, "locked out by a stale extension: {}", again.text);
+}
