@@ -339,3 +339,108 @@ async fn an_extension_request_outliving_its_lease_does_not_lock_the_user_out() {
     let again = bot.say("alice", "request db-admins 1h again").await;
     assert!(again.ok, "locked out by a stale extension: {}", again.text);
 }
+
+/// A TCP proxy in front of slapd that can hold what the client sends (the
+/// server then sees it late, as from a slow network), for ordering tests.
+struct HoldingProxy {
+    port: u16,
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+impl HoldingProxy {
+    async fn start(upstream: u16) -> HoldingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (held, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .expect("connect slapd");
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let mut hold = watch.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        // Sent on only once nothing is held.
+                        if hold.wait_for(|h| !*h).await.is_err() {
+                            return;
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+            }
+        });
+        HoldingProxy { port, held }
+    }
+}
+
+/// `combined` re-queues a change whose leader was cancelled before it
+/// answered ("every change is idempotent"), and sends it again as a first
+/// send. But the cancelled leader's modify had already gone out: the
+/// server applies it, then answers the second send with 20
+/// (attributeOrValueExists), which `add_one` reports as
+/// `Added::AlreadyPresent` because *this* modify was sent once. The grant
+/// then records jitbot's own membership as someone else's
+/// (`added_by_someone_else`) and never removes it. A leader is cancelled
+/// whenever the future driving it is dropped: an admin API call
+/// (`revoke_as_admin`, `/zsp/check`) or a web console command whose HTTP
+/// client hung up, or a shutdown.
+#[tokio::test]
+async fn an_add_sent_by_a_cancelled_batch_leader_is_not_taken_for_someone_elses() {
+    let slapd = crate::support::slapd::Slapd::start();
+    let proxy = HoldingProxy::start(slapd.port()).await;
+    let mut config = slapd.ldap_config();
+    config.url = format!("ldap://127.0.0.1:{}", proxy.port);
+    let dir = Arc::new(
+        jitbot::directory::ldap::LdapDirectory::new(&config, &crate::support::slapd::group_configs())
+            .expect("LdapDirectory::new"),
+    );
+    dir.ping().await.expect("connected");
+    let group = GroupDn::new(crate::support::slapd::DB_ADMINS);
+    let membership = |uid: &str| Membership {
+        group: group.clone(),
+        attribute: "member".into(),
+        value: format!("uid={uid},{}", crate::support::slapd::PEOPLE),
+    };
+    let add = |uid: &str| {
+        let (dir, m) = (dir.clone(), membership(uid));
+        tokio::spawn(async move { dir.add_membership(&m).await })
+    };
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(150));
+
+    proxy.held.send_replace(true);
+    let first = add("alice"); // leads; its modify waits in the proxy
+    settle().await;
+    let second = add("bob"); // queued
+    let third = add("carol"); // queued
+    settle().await;
+    first.abort(); // bob's caller leads and sends bob and carol together
+    settle().await;
+    second.abort(); // cancelled before it answers carol's caller
+    settle().await;
+    proxy.held.send_replace(false); // the server now sees all three modifies
+    let carol = third.await.expect("join").expect("add carol");
+
+    assert_eq!(
+        slapd.values(crate::support::slapd::DB_ADMINS, "member").await.len(),
+        4,
+        "placeholder, alice, bob and carol"
+    );
+    assert_eq!(
+        carol,
+        Added::Added,
+        "carol's value was written by jitbot's own (combined) modify, not by someone else"
+    );
+}
