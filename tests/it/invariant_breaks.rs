@@ -444,3 +444,56 @@ async fn an_add_sent_by_a_cancelled_batch_leader_is_not_taken_for_someone_elses(
         "carol's value was written by jitbot's own (combined) modify, not by someone else"
     );
 }
+
+/// A lease written by the previous release records no `Membership`. Its
+/// revocation falls back to today's config (`to_remove`): after the
+/// group's `dn` changes, jitbot removes the user from the *new* DN (where
+/// she may be a standing member: a membership jitbot never added) and
+/// leaves the one it added in the old DN for good. Start-up and
+/// `check-config` cannot name such a lease either (nothing to compare).
+/// The upgrade start, with the config unchanged, is the last moment the
+/// value can be known: record it then.
+#[tokio::test]
+async fn a_lease_from_before_recorded_memberships_survives_a_dn_change() {
+    let bot = TestBot::new();
+    bot.dir.add_group(DB, ["alice"]); // added by the previous release
+    let group = policy().groups[0].clone();
+    bot.engine
+        .store()
+        .update(bot.engine.now(), |tx| {
+            let mut lease = jitbot_core::Lease::start(
+                jitbot_core::LeaseId::new("l-old"),
+                jitbot_core::RequestId::new("r-old"),
+                &group,
+                UserId::new("alice"),
+                jitbot_core::Span::from_hours(1),
+                tx.now(),
+            );
+            lease.preexisting = Some(false);
+            lease.activate().expect("activate");
+            tx.set_timer(jitbot::store::TimerKind::Expire, "l-old", lease.expires_at);
+            tx.put_lease(jitbot::store::LeaseRecord { lease, origin: None });
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .expect("legacy lease");
+    let memory = bot.dir.clone();
+    // The upgrade: the new release starts on the same config.
+    let bot = bot.restart(memory.clone(), policy());
+    // Later the group moves; alice is a standing member of the new DN.
+    memory.add_group(crate::support::bot::WEB, ["dave", "alice"]);
+    let mut moved = policy();
+    moved.groups[0].dn = GroupDn::new(crate::support::bot::WEB);
+    let bot = bot.restart(memory.clone(), moved);
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+
+    assert!(
+        memory.members(crate::support::bot::WEB).contains("alice"),
+        "a standing membership jitbot never added was removed"
+    );
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "the membership the lease added outlives it"
+    );
+}
