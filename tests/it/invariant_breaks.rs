@@ -497,3 +497,50 @@ async fn a_lease_from_before_recorded_memberships_survives_a_dn_change() {
         "the membership the lease added outlives it"
     );
 }
+
+/// `SteadyClock` keeps counting from before a backward wall-clock step, but
+/// only in memory: a restart while the wall clock is still behind anchors
+/// the new clock at the wall clock again, and every revocation is delayed
+/// by the size of the step (defect 8, through a restart). The store knows
+/// the latest time it committed; the clock must not start before it.
+#[tokio::test]
+async fn a_restart_after_a_backward_clock_step_does_not_delay_revocations() {
+    use chrono::TimeZone;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("db");
+    let wall = jitbot::clock::ManualClock::new(chrono::Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap());
+    let mono = Arc::new(std::sync::Mutex::new(std::time::Duration::ZERO));
+    let steady = || {
+        let (w, m) = (wall.clone(), mono.clone());
+        Arc::new(jitbot::clock::SteadyClock::with_sources(
+            move || jitbot::clock::Clock::now(&w),
+            move || *m.lock().unwrap(),
+        ))
+    };
+    let memory = crate::support::bot::seeded();
+    let settings = jitbot::engine::EngineSettings {
+        retry_base: jitbot_core::Span::from_secs(5),
+        retry_max: jitbot_core::Span::from_mins(5),
+        alert_after: 3,
+    };
+    let engine = Engine::new(policy(), reopen(&path), memory.clone(), steady(), settings.clone());
+    let reply = say(&engine, "alice", "request db-admins 1h x").await;
+    let id = TestBot::request_id(&reply.text);
+    assert!(say(&engine, "bob", &format!("approve {id}")).await.ok);
+    assert!(memory.members(DB).contains("alice"));
+
+    // The wall clock steps back an hour; jitbot restarts meanwhile.
+    wall.advance(Duration::hours(-1));
+    drop(engine);
+    let engine = Engine::new(policy(), reopen(&path), memory.clone(), steady(), settings);
+
+    // One real hour later the lease is due.
+    wall.advance(Duration::hours(1));
+    *mono.lock().unwrap() += std::time::Duration::from_secs(3600);
+    run_due(&engine).await;
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "revocation delayed by the size of the step (engine now {})",
+        engine.now()
+    );
+}
