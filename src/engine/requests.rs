@@ -227,7 +227,10 @@ impl Engine {
         let RequestKind::Extend { lease } = rec.request.kind.clone() else {
             return Ok(false);
         };
-        if tx.lease(&lease)?.is_some_and(|l| l.lease.state == LeaseState::Active) {
+        if tx
+            .lease(&lease)?
+            .is_some_and(|l| l.lease.state == LeaseState::Active)
+        {
             return Ok(false);
         }
         let requester = rec.request.requester.clone();

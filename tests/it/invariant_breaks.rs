@@ -87,9 +87,9 @@ async fn live_slots_written_before_case_folding_still_hold_their_lease() {
     {
         let db = sled::open(&path).expect("open sled");
         let live = db.open_tree("live").expect("live tree");
-        let folded = b"db-admins\0alice".to_vec();
-        let lease = live.remove(&folded).expect("remove").expect("the folded slot");
-        live.insert(b"db-admins\0Alice".to_vec(), lease).expect("insert");
+        let folded = b"db-admins\0alice";
+        let lease = live.remove(folded).expect("remove").expect("the folded slot");
+        live.insert(b"db-admins\0Alice", lease).expect("insert");
         db.flush().expect("flush");
     }
     let engine = Engine::new(
@@ -434,7 +434,10 @@ async fn an_add_sent_by_a_cancelled_batch_leader_is_not_taken_for_someone_elses(
     let carol = third.await.expect("join").expect("add carol");
 
     assert_eq!(
-        slapd.values(crate::support::slapd::DB_ADMINS, "member").await.len(),
+        slapd
+            .values(crate::support::slapd::DB_ADMINS, "member")
+            .await
+            .len(),
         4,
         "placeholder, alice, bob and carol"
     );
@@ -523,7 +526,13 @@ async fn a_restart_after_a_backward_clock_step_does_not_delay_revocations() {
         retry_max: jitbot_core::Span::from_mins(5),
         alert_after: 3,
     };
-    let engine = Engine::new(policy(), reopen(&path), memory.clone(), steady(), settings.clone());
+    let engine = Engine::new(
+        policy(),
+        reopen(&path),
+        memory.clone(),
+        steady(),
+        settings.clone(),
+    );
     let reply = say(&engine, "alice", "request db-admins 1h x").await;
     let id = TestBot::request_id(&reply.text);
     assert!(say(&engine, "bob", &format!("approve {id}")).await.ok);
