@@ -832,6 +832,18 @@ impl Store {
         .await
     }
 
+    /// When the latest audit record was committed: no transition is older,
+    /// so a restarted clock must not start before it.
+    pub fn last_audit_time(&self) -> Result<Option<Instant>, StoreError> {
+        match self.inner.audit.last()? {
+            Some((k, v)) => {
+                let StoredAudit::V1(entry) = decode(&k, &v)?;
+                Ok(Some(entry.at))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Audit records with `seq >= from`, in order.
     pub fn audit(&self, from: u64) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
         self.inner.audit.range(from.to_be_bytes()..).map(|item| {
