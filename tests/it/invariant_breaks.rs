@@ -345,6 +345,8 @@ async fn an_extension_request_outliving_its_lease_does_not_lock_the_user_out() {
 struct HoldingProxy {
     port: u16,
     held: tokio::sync::watch::Sender<bool>,
+    /// Client writes the proxy has read (sent on or held).
+    reads: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl HoldingProxy {
@@ -352,6 +354,8 @@ impl HoldingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let (held, watch) = tokio::sync::watch::channel(false);
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = reads.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
@@ -360,21 +364,35 @@ impl HoldingProxy {
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
                 let mut hold = watch.clone();
+                let counter = counter.clone();
+                let (chunks, mut queued) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
                 tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    use tokio::io::AsyncReadExt;
                     let mut buf = vec![0u8; 64 * 1024];
                     loop {
                         let n = match cr.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => n,
                         };
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        if chunks.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    while let Some(chunk) = queued.recv().await {
                         // Sent on only once nothing is held.
                         if hold.wait_for(|h| !*h).await.is_err() {
                             return;
                         }
-                        if sw.write_all(&buf[..n]).await.is_err() {
+                        if sw.write_all(&chunk).await.is_err() {
                             return;
                         }
+                        // slapd runs the operations of one connection
+                        // concurrently: let each finish before the next.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 });
                 tokio::spawn(async move {
@@ -382,7 +400,19 @@ impl HoldingProxy {
                 });
             }
         });
-        HoldingProxy { port, held }
+        HoldingProxy { port, held, reads }
+    }
+
+    /// Waits until the client has written `n` times in all.
+    async fn wait_reads(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.reads.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client never sent write {n}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -421,15 +451,17 @@ async fn an_add_sent_by_a_cancelled_batch_leader_is_not_taken_for_someone_elses(
     let settle = || tokio::time::sleep(std::time::Duration::from_millis(150));
 
     proxy.held.send_replace(true);
+    let sent = proxy.reads.load(Ordering::SeqCst);
     let first = add("alice"); // leads; its modify waits in the proxy
-    settle().await;
+    proxy.wait_reads(sent + 1).await;
     let second = add("bob"); // queued
+    settle().await;
     let third = add("carol"); // queued
     settle().await;
     first.abort(); // bob's caller leads and sends bob and carol together
-    settle().await;
+    proxy.wait_reads(sent + 2).await;
     second.abort(); // cancelled before it answers carol's caller
-    settle().await;
+    proxy.wait_reads(sent + 3).await;
     proxy.held.send_replace(false); // the server now sees all three modifies
     let carol = third.await.expect("join").expect("add carol");
 
