@@ -208,7 +208,22 @@ impl Engine {
                 })
                 .await?;
             }
-            Ok(Added::AlreadyPresent) => {}
+            // A retry after a crash: jitbot's own earlier add may have
+            // landed, or somebody added the user meanwhile. There is no way
+            // to tell, and leaving privilege behind is the worse mistake, so
+            // jitbot claims it (and removes it at the end), and says so.
+            Ok(Added::AlreadyPresent) => {
+                self.transition(&id, &granting, |tx, rec| {
+                    tx.audit(
+                        about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                            "after a restart the membership was already there; jitbot cannot tell its own \
+                             earlier add from someone else's, so it will remove it when the lease ends",
+                        ),
+                    );
+                    Ok(())
+                })
+                .await?;
+            }
             Err(e) => return self.grant_failed(&id, &e.to_string()).await,
         }
         self.activate(&id).await
@@ -326,6 +341,9 @@ impl Engine {
                 let started = std::time::Instant::now();
                 let removed = self.inner.directory.remove_membership(&m).await;
                 crate::metrics::directory_op("remove", started.elapsed());
+                // The modify with its read-back (the LDAP backend also
+                // records `read_back` on its own).
+                crate::metrics::stage("directory_modify", started.elapsed());
                 removed
             }
             Err(e) => Err(e),
@@ -333,6 +351,7 @@ impl Engine {
         if let Err(e) = removed {
             return self.revoke_failed(&id, &e.to_string()).await;
         }
+        let committing = std::time::Instant::now();
         let ended = self
             .transition(&id, &[LeaseState::Revoking], |tx, rec| {
                 rec.lease.finish()?;
@@ -395,6 +414,7 @@ impl Engine {
             })
             .await?;
         if ended.is_some() {
+            crate::metrics::stage("commit_after", committing.elapsed());
             crate::metrics::revoked();
             self.changed();
         }

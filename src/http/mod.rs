@@ -1,7 +1,12 @@
-//! The HTTP server: health, readiness, metrics and the admin API here; chat
-//! adapters and the console mount their own routes next to them.
+//! The HTTP server: two listeners. The public one serves the chat adapters'
+//! routes and a bare `/healthz` and `/readyz`; the admin one (loopback by
+//! default) serves the admin API, the dashboard, `/metrics` and the detailed
+//! `/readyz`. Both serve with [`Limits`] against slow or idle clients.
 
 pub mod admin;
+mod serve;
+
+pub use serve::{serve, Limits};
 
 use crate::engine::Engine;
 use crate::secret::Secret;
@@ -11,8 +16,13 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// How long the public `/readyz` answer is reused: a flood of probes costs
+/// one directory ping and one chat API call per period, not one per request.
+pub const PUBLIC_READY_CACHE: Duration = Duration::from_secs(5);
 
 /// What the built-in routes need.
 #[derive(Clone)]
@@ -22,62 +32,142 @@ pub struct HttpState {
     pub admin_token: Option<Secret>,
     pub metrics: Option<PrometheusHandle>,
     /// The chat platforms, for readiness.
-    pub chat: Option<std::sync::Arc<dyn crate::ports::Notifier>>,
+    pub chat: Option<Arc<dyn crate::ports::Notifier>>,
+    /// The public `/readyz` verdict and when it was taken.
+    pub public_ready: Arc<Mutex<Option<(Instant, bool)>>>,
 }
 
-/// The built-in routes merged with the adapters' routes.
-pub fn router(state: HttpState, adapters: Vec<Router>) -> Router {
+impl HttpState {
+    /// State with an empty readiness cache.
+    pub fn new(
+        engine: Engine,
+        admin_token: Option<Secret>,
+        metrics: Option<PrometheusHandle>,
+        chat: Option<Arc<dyn crate::ports::Notifier>>,
+    ) -> Self {
+        HttpState {
+            engine,
+            admin_token,
+            metrics,
+            chat,
+            public_ready: Arc::default(),
+        }
+    }
+}
+
+/// The public listener's routes: `/healthz`, a bare `/readyz`, and the chat
+/// adapters' routes. Nothing here reveals state or configuration.
+pub fn public_router(state: HttpState, chat: Vec<Router>) -> Router {
+    let mut app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(public_ready))
+        .with_state(state);
+    for r in chat {
+        app = app.merge(r);
+    }
+    app
+}
+
+/// The admin listener's routes: `/healthz`, the detailed `/readyz`,
+/// `/metrics`, the admin API, and `extra` (the dashboard).
+pub fn admin_router(state: HttpState, extra: Vec<Router>) -> Router {
     let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .nest("/admin", admin::routes())
         .with_state(state);
-    for r in adapters {
+    for r in extra {
         app = app.merge(r);
     }
     app
 }
 
 /// Ready when the store answers, the directory answers and every chat
-/// platform accepts jitbot's credentials.
-async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+/// platform accepts jitbot's credentials; the error says which did not.
+async fn check_ready(state: &HttpState) -> Result<(), String> {
     if state.engine.store().next_due().is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n".to_string());
+        return Err("store unavailable".into());
     }
-    if let Err(e) = state.engine.directory().ping().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
-    }
+    directory_up(&state.engine).await?;
     if let Some(chat) = &state.chat {
         if let Err(e) = chat.ready().await {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("chat: {e}\n"));
+            return Err(format!("chat: {e}"));
         }
     }
-    (StatusCode::OK, "ready\n".to_string())
+    Ok(())
 }
+
+/// The detailed readiness, for operators on the admin listener.
+async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    match check_ready(&state).await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+/// Readiness for probes on the public listener: ok or not, no detail,
+/// checked at most once per [`PUBLIC_READY_CACHE`]. The lock makes
+/// concurrent probes wait for one check instead of each running one.
+async fn public_ready(State(state): State<HttpState>) -> impl IntoResponse {
+    let mut cached = state.public_ready.lock().await;
+    let ok = match *cached {
+        Some((at, ok)) if at.elapsed() < PUBLIC_READY_CACHE => ok,
+        _ => {
+            let result = check_ready(&state).await;
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "not ready (details on the admin listener's /readyz)");
+            }
+            *cached = Some((Instant::now(), result.is_ok()));
+            result.is_ok()
+        }
+    };
+    if ok {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Pings the directory and records the answer in `jitbot_directory_up`.
+async fn directory_up(engine: &Engine) -> Result<(), String> {
+    let answer = tokio::time::timeout(DIRECTORY_PING_TIMEOUT, engine.directory().ping()).await;
+    let result = match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the directory did not answer a ping within {}s",
+            DIRECTORY_PING_TIMEOUT.as_secs()
+        )),
+    };
+    crate::metrics::set_directory_up(result.is_ok());
+    result
+}
+
+/// A scrape must not hang on a directory that stopped answering.
+const DIRECTORY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The outbox gauge reads at most this many entries per scrape.
+const OUTBOX_GAUGE_CAP: usize = 10_000;
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     let (active, pending) = state.engine.counts().unwrap_or((0, 0));
     crate::metrics::set_gauges(active, pending);
+    if let Ok(outbox) = state.engine.store().outbox(OUTBOX_GAUGE_CAP) {
+        crate::metrics::observe_outbox(outbox.len(), outbox.first().map(|(id, _, _)| *id));
+    }
+    if let Ok(live) = state.engine.store().live_leases() {
+        let now = state.engine.now();
+        let overdue = live
+            .iter()
+            .filter_map(|l| (now - l.lease.expires_at).to_std().ok())
+            .max()
+            .unwrap_or_default();
+        crate::metrics::set_overdue_revocation(overdue);
+    }
+    // The error is already in the gauge; the detailed /readyz says it in words.
+    let _ = directory_up(&state.engine).await;
     match &state.metrics {
         Some(handle) => (StatusCode::OK, handle.render()),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n".to_string()),
     }
-}
-
-/// Serves on an already-bound listener until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await
 }
