@@ -9,6 +9,7 @@ mod discord;
 mod faults;
 mod gateway;
 mod hardening;
+mod invariant_breaks;
 mod invariants;
 mod ldap;
 mod ldap_flow;

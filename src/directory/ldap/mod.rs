@@ -8,7 +8,7 @@
 mod batch;
 mod check;
 mod conn;
-mod dn;
+pub(crate) mod dn;
 mod members;
 mod nested;
 
