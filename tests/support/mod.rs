@@ -4,4 +4,5 @@ pub mod bot;
 pub mod browser;
 pub mod fake_discord;
 pub mod fake_slack;
+pub mod samba;
 pub mod slapd;
