@@ -19,9 +19,6 @@
 //! `member` of the managed groups only, and 1,600 load-test users in one
 //! zero-standing-privilege group.
 
-use jitbot::config::LdapConfig;
-use jitbot::secret::SecretSource;
-use jitbot_core::Span;
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -35,7 +32,8 @@ pub const SAMBA: &str = "/usr/sbin/samba";
 pub const SAMBA_TOOL: &str = "/usr/bin/samba-tool";
 /// Samba's own Python (its modules are not on other interpreters' path).
 const PYTHON: &str = "/usr/bin/python3";
-const INSTALL: &str = "Samba is not installed: run `sudo apt-get install -y samba` (or ./scripts/test, which does it)";
+const INSTALL: &str =
+    "Samba is not installed: run `sudo apt-get install -y samba` (or ./scripts/test, which does it)";
 
 pub const REALM: &str = "EXAMPLE.TEST";
 pub const DOMAIN: &str = "DC=example,DC=test";
@@ -231,7 +229,11 @@ impl SambaDc {
                     return;
                 }
                 Err(e) if Instant::now() > deadline => {
-                    panic!("samba on {} never accepted the admin bind: {e}\n{}", self.ip, self.logs())
+                    panic!(
+                        "samba on {} never accepted the admin bind: {e}\n{}",
+                        self.ip,
+                        self.logs()
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -247,10 +249,6 @@ impl SambaDc {
             }
         }
         out
-    }
-
-    pub fn ip(&self) -> Ipv4Addr {
-        self.ip
     }
 
     /// `ldaps://127.0.0.N` (port 636).
@@ -278,30 +276,6 @@ impl SambaDc {
         let path = self.dir.path().join(name);
         std::fs::write(&path, content).expect("write file");
         path
-    }
-
-    /// jitbot's LDAP config for this DC: LDAPS with the harness's CA, bound
-    /// as the delegated service account, `sAMAccountName` ids under
-    /// `OU=Staff`, the in-chain rule for nested groups.
-    pub fn ldap_config(&self) -> LdapConfig {
-        LdapConfig {
-            url: self.ldaps_url(),
-            starttls: false,
-            ca_file: Some(self.ca_file()),
-            verify_hostname: true,
-            bind_dn: SERVICE_DN.into(),
-            password: SecretSource {
-                env: None,
-                file: Some(self.password_file()),
-            },
-            user_base: STAFF.into(),
-            user_id_attribute: "sAMAccountName".into(),
-            connect_timeout: Span::from_secs(5),
-            operation_timeout: Span::from_secs(20),
-            nested_depth: 3,
-            active_directory: true,
-            placeholder_dn: None,
-        }
     }
 
     async fn try_admin(&self) -> Result<Ldap, String> {
@@ -510,7 +484,11 @@ fn remove_dead_runs() {
         let Some(rest) = name.strip_prefix("jitbot-samba-") else {
             continue;
         };
-        let pid = rest.trim_start_matches("template-").split('-').next().unwrap_or("");
+        let pid = rest
+            .trim_start_matches("template-")
+            .split('-')
+            .next()
+            .unwrap_or("");
         if let Ok(pid) = pid.parse::<u32>() {
             if !Path::new(&format!("/proc/{pid}")).exists() {
                 let _ = std::fs::remove_dir_all(entry.path());
@@ -527,7 +505,12 @@ fn copy_dir(from: &Path, to: &Path) {
         .arg(to)
         .status()
         .expect("run cp");
-    assert!(status.success(), "cp -a {} {} failed", from.display(), to.display());
+    assert!(
+        status.success(),
+        "cp -a {} {} failed",
+        from.display(),
+        to.display()
+    );
 }
 
 /// A CA, and a server certificate it signed for `dc1.example.test` and
@@ -540,7 +523,8 @@ fn certificates() -> (String, String, String) {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "jitbot test AD CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "jitbot test AD CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
     let key = KeyPair::generate().expect("server key");
@@ -550,9 +534,13 @@ fn certificates() -> (String, String, String) {
             .subject_alt_names
             .push(SanType::IpAddress(Ipv4Addr::new(127, 0, 0, n).into()));
     }
-    server.distinguished_name.push(DnType::CommonName, "dc1.example.test");
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "dc1.example.test");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let cert = server.signed_by(&key, &ca_cert, &ca_key).expect("server certificate");
+    let cert = server
+        .signed_by(&key, &ca_cert, &ca_key)
+        .expect("server certificate");
     (cert.pem(), key.serialize_pem(), ca_cert.pem())
 }
 

@@ -20,10 +20,15 @@ use async_trait::async_trait;
 use batch::{Change, Combiner, Item};
 use conn::{describe, rc, Supervisor};
 use jitbot_core::{GroupDn, UserId};
+use ldap3::adapters::PagedResults;
 use ldap3::{dn_escape, ldap_escape, LdapResult, Mod, Scope, SearchEntry};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::OnceCell;
+
+/// Entries per page of a paged search: under Active Directory's default
+/// `MaxPageSize` (1,000), past which AD stops returning entries.
+const PAGE_SIZE: i32 = 500;
 
 /// Group membership in an LDAP directory, over one supervised connection.
 pub struct LdapDirectory {
@@ -36,6 +41,8 @@ pub struct LdapDirectory {
     /// Configured groups by normalized DN; others are read as `member` groups.
     groups: HashMap<String, GroupSpec>,
     naming_contexts: OnceCell<Vec<String>>,
+    /// Whether the DC takes `<TTL=...>` member values (`ad_ttl`), once asked.
+    ttl_works: OnceCell<bool>,
     /// Membership changes queued behind a group's modify in flight.
     combiner: Combiner,
     /// Modify operations sent, for tests and benchmarks.
@@ -87,6 +94,7 @@ impl LdapDirectory {
             placeholder: config.placeholder_dn.clone(),
             groups,
             naming_contexts: OnceCell::new(),
+            ttl_works: OnceCell::new(),
             combiner: Combiner::default(),
             modifies: AtomicU64::new(0),
         })
@@ -126,6 +134,32 @@ impl LdapDirectory {
             .map(SearchEntry::construct)
             .collect();
         Ok((entries, result.1))
+    }
+
+    /// A search whose answer may exceed the server's page size, read page by
+    /// page with the paged-results control.
+    async fn search_paged(
+        &self,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<(Vec<SearchEntry>, LdapResult), DirectoryError> {
+        self.conn
+            .run(|mut ldap| async move {
+                let pages = PagedResults::<&str, &[&str]>::new(PAGE_SIZE);
+                let mut stream = ldap
+                    .streaming_search_with(pages, base, scope, filter, attrs)
+                    .await?;
+                let mut entries = Vec::new();
+                while let Some(entry) = stream.next().await? {
+                    if !entry.is_ref() && !entry.is_intermediate() {
+                        entries.push(SearchEntry::construct(entry));
+                    }
+                }
+                Ok((entries, stream.finish().await))
+            })
+            .await
     }
 
     async fn modify(&self, dn: &str, mods: Vec<Mod<String>>) -> Result<LdapResult, DirectoryError> {
@@ -221,7 +255,8 @@ impl LdapDirectory {
         let add = Mod::Add(attr.to_string(), HashSet::from([written.to_string()]));
         let result = self.modify(group.as_str(), vec![add]).await?;
         match result.rc {
-            rc::SUCCESS | rc::ATTRIBUTE_EXISTS => {}
+            // AD says 68 where OpenLDAP says 20; the read-back decides.
+            rc::SUCCESS | rc::ATTRIBUTE_EXISTS | rc::ENTRY_ALREADY_EXISTS => {}
             rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
             _ => return Err(self.refusal(&result, &format!("add {user} to {group}"))),
         }
@@ -243,6 +278,8 @@ impl LdapDirectory {
         let result = self.modify(group.as_str(), vec![delete]).await?;
         match result.rc {
             rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => {}
+            // AD's "not a member" (where OpenLDAP says 16); the read-back decides.
+            rc::UNWILLING_TO_PERFORM if self.active_directory => {}
             rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
             rc::OBJECT_CLASS_VIOLATION if kind != MembershipKind::MemberUid => {
                 self.remove_last(group, user, attr, value).await?;
@@ -315,7 +352,9 @@ impl Directory for LdapDirectory {
             _ => user_dn,
         };
         let written = match spec.ad_ttl {
-            Some(ttl) if spec.kind == MembershipKind::Member => ad_ttl_value(&value, ttl),
+            Some(ttl) if spec.kind == MembershipKind::Member && self.ttl_accepted(group).await => {
+                ad_ttl_value(&value, ttl)
+            }
             _ => value.clone(),
         };
         let item = Item {
@@ -347,6 +386,9 @@ impl Directory for LdapDirectory {
 
     async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
         let kind = self.spec(group).kind;
+        if self.active_directory && kind == MembershipKind::Member {
+            return self.list_ad_members(group).await;
+        }
         let attr = attribute(kind);
         let (entries, result) = self
             .search(group.as_str(), Scope::Base, "(objectClass=*)", &[attr])
