@@ -434,6 +434,22 @@ async fn large_groups_are_read_completely() {
          default_duration = \"1h\"\nmax_duration = \"4h\"\n",
         samba::FLEET_ROOT
     );
+    // The DC caps the values it sends when asked for a range, as AD does
+    // unasked: a reader that stopped after one answer would miss members.
+    let mut ldap = dc.admin().await;
+    let (entries, _) = ldap
+        .search(
+            samba::FLEET_ROOT,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["member;range=0-1499"],
+        )
+        .await
+        .and_then(|r| r.success())
+        .unwrap();
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    assert_eq!(entry.attrs.get("member;range=0-1499").map(Vec::len), Some(1500));
+
     let dir = directory(&dc, &fleet);
     let fleet_root = group(samba::FLEET_ROOT);
     let started = Instant::now();
