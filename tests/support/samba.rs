@@ -387,6 +387,14 @@ fn build_template() -> Result<Template, String> {
             return Err(format!("{INSTALL} ({bin} is missing)"));
         }
     }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if !status.lines().any(|l| l.starts_with("Uid:\t0\t")) {
+        return Err(
+            "the Samba AD DC tests need root: provisioning does, and a DC listens on the \
+                    fixed ports 389 and 636"
+                .into(),
+        );
+    }
     remove_dead_runs();
     let dir = std::env::temp_dir().join(format!("jitbot-samba-template-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
