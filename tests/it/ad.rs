@@ -751,4 +751,43 @@ async fn the_whole_flow_through_jitbot_run() {
         !log.contains(samba::SERVICE_PW),
         "the password leaked into the log"
     );
+    drop(bot);
+
+    // Slack users found by `userPrincipalName` instead: dave, whose account
+    // is in the sub-OU OU=Contractors, asks.
+    for u in &samba::USERS {
+        slack.add_user(&slack_id(u.sam), u.upn);
+    }
+    let by_upn = text.replace(
+        "default_channel = \"CJIT\"",
+        "default_channel = \"CJIT\"\nuser_attribute = \"userPrincipalName\"",
+    );
+    std::fs::write(&config, &by_upn).unwrap();
+    let bot = Running::spawn(
+        &config,
+        &tmp.path().join("jitbot2.log"),
+        format!("http://127.0.0.1:{port}"),
+    );
+    bot.wait_up().await;
+    bot.post(
+        "/slack/commands",
+        form(&[
+            ("team_id", "T1"),
+            ("channel_id", "CJIT"),
+            ("user_id", &slack_id("dave")),
+            ("user_name", "dave"),
+            ("command", "/jit"),
+            ("text", "request db-admins 1h vacuum the big table"),
+            ("response_url", &slack.response_url(4)),
+            ("trigger_id", "trigger.4"),
+        ]),
+    )
+    .await;
+    bot.until("dave's request", || async {
+        bot.admin("requests")
+            .await
+            .iter()
+            .any(|r| r["requester"] == "dave" && r["state"] == "pending")
+    })
+    .await;
 }
