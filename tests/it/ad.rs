@@ -492,9 +492,10 @@ fn zsp_bot(dc: &SambaDc, remediate: bool) -> TestBot {
         .build()
 }
 
-/// The ZSP monitor against AD: a member added behind jitbot's back is drift
-/// and, with `remediate`, removed; a nested group in the ZSP group is left
-/// alone (remediation removes direct members only).
+/// The ZSP monitor against AD, with `remediate`: a user and a nested group
+/// added behind jitbot's back are drift; the users the nested group reaches
+/// are reported too. Remediation removes the direct values only: the
+/// nested group keeps its own members.
 #[tokio::test]
 async fn zsp_monitor_finds_and_removes_direct_drift() {
     let dc = SambaDc::start().await;
@@ -502,29 +503,39 @@ async fn zsp_monitor_finds_and_removes_direct_drift() {
     dc.set_member(samba::DB_ADMINS, samba::user("bob").dn, true).await;
     dc.set_member(samba::DB_ADMINS, samba::LEGACY_DBAS, true).await;
     let drift = bot.engine.check_zsp().await.unwrap();
-    let bob = drift
-        .iter()
-        .find(|d| d.user == user("bob"))
-        .unwrap_or_else(|| panic!("bob's standing membership is drift: {drift:?}"));
-    assert!(bob.remediated, "{drift:?}");
+    let find = |id: &str| {
+        drift
+            .iter()
+            .find(|d| d.user.as_str().eq_ignore_ascii_case(id))
+            .unwrap_or_else(|| panic!("{id} is drift: {drift:?}"))
+    };
+    let bob = find("bob");
+    assert!(bob.remediated && bob.via.is_none(), "{drift:?}");
+    let nested = find(samba::LEGACY_DBAS);
+    assert!(nested.remediated, "{drift:?}");
+    let erin = find("erin");
+    assert!(!erin.remediated && erin.via.is_some(), "{drift:?}");
+    // The removals are transitions of their own, run by the scheduler.
+    bot.run_due().await;
+    assert!(
+        dc.values(samba::DB_ADMINS, "member").await.is_empty(),
+        "bob and the nested group removed"
+    );
     assert_eq!(
-        dc.values(samba::DB_ADMINS, "member").await,
-        vec![samba::LEGACY_DBAS.to_string()],
-        "bob removed, the nested group left alone"
+        dc.values(samba::LEGACY_DBAS, "member").await,
+        vec![samba::user("erin").dn.to_string()],
+        "a nested group's own members are not jitbot's to remove"
     );
     let outbox = format!("{:?}", bot.engine.store().outbox(100).unwrap());
-    assert!(outbox.contains("ZSP drift: bob"), "{outbox}");
+    assert!(outbox.contains("bob"), "{outbox}");
 }
 
-/// The ZSP monitor against AD reports members reached through a nested
-/// group (standing access all the same) and does not remove them.
-///
-/// Expected to fail until the ZSP monitor reports nested members (issue 12,
-/// defect 6): today `check_zsp` sees direct members only.
+/// Without `remediate`, members reached through a nested group are
+/// reported (standing access all the same) and nothing is removed.
 #[tokio::test]
 async fn zsp_monitor_reports_nested_members() {
     let dc = SambaDc::start().await;
-    let bot = zsp_bot(&dc, true);
+    let bot = zsp_bot(&dc, false);
     dc.set_member(samba::DB_ADMINS, samba::LEGACY_DBAS, true).await;
     let drift = bot.engine.check_zsp().await.unwrap();
     let erin: Vec<&Drift> = drift.iter().filter(|d| d.user == user("erin")).collect();
@@ -534,6 +545,14 @@ async fn zsp_monitor_reports_nested_members() {
         "erin is in DB Admins through Legacy DBAs, standing access the monitor must report: {drift:?}"
     );
     assert!(!erin[0].remediated, "{drift:?}");
+    assert!(
+        erin[0]
+            .via
+            .as_deref()
+            .is_some_and(|g| g.eq_ignore_ascii_case(samba::LEGACY_DBAS)),
+        "{drift:?}"
+    );
+    bot.run_due().await;
     assert_eq!(
         dc.values(samba::DB_ADMINS, "member").await,
         vec![samba::LEGACY_DBAS.to_string()]

@@ -7,13 +7,103 @@ use super::{dn, single, values, LdapDirectory};
 use crate::ports::DirectoryError;
 use jitbot_core::{GroupDn, UserId};
 use ldap3::{ldap_escape, Mod, Scope};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 /// Values one ranged read asks for: AD's default `MaxValRange`. A DC with a
 /// lower limit answers with fewer, and the next read starts where it stopped.
 const RANGE_STEP: usize = 1500;
 
 impl LdapDirectory {
+    /// Every value of `attr` in `group` (a base search). Active Directory
+    /// answers a plain read of `member` with at most `MaxValRange` values
+    /// (1,500 by default), so there it is read in ranges.
+    pub(super) async fn member_values(
+        &self,
+        group: &GroupDn,
+        attr: &str,
+    ) -> Result<Vec<String>, DirectoryError> {
+        if self.active_directory && attr.eq_ignore_ascii_case("member") {
+            return self.ranged_values(group, attr).await;
+        }
+        let (entries, result) = self
+            .search(group.as_str(), Scope::Base, "(objectClass=*)", &[attr])
+            .await?;
+        match result.rc {
+            rc::SUCCESS => {}
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => return Err(self.refusal(&result, &format!("read {group}"))),
+        }
+        Ok(entries
+            .first()
+            .map(|e| values(e, attr).to_vec())
+            .unwrap_or_default())
+    }
+
+    /// When `dn` is a group: the users it reaches through `member` /
+    /// `uniqueMember`, however deep (bounded by `nested_depth`, at least
+    /// 8 levels). `None` when `dn` is no group.
+    pub(super) async fn nested_users(&self, dn: &str) -> Result<Option<Vec<UserId>>, DirectoryError> {
+        let mut users = std::collections::BTreeSet::new();
+        let mut seen = HashSet::new();
+        let mut level = vec![dn.to_string()];
+        let depth = self.nested_depth.max(8);
+        let mut is_group = false;
+        for _ in 0..depth {
+            let mut next = Vec::new();
+            for group in level.drain(..) {
+                if !seen.insert(dn::normalize(&group)) {
+                    continue;
+                }
+                let (entries, result) = self
+                    .search(
+                        &group,
+                        Scope::Base,
+                        "(objectClass=*)",
+                        &["member", "uniqueMember"],
+                    )
+                    .await?;
+                if result.rc != rc::SUCCESS {
+                    continue;
+                }
+                let Some(entry) = entries.first() else { continue };
+                let found: Vec<String> = values(entry, "member")
+                    .iter()
+                    .chain(values(entry, "uniqueMember"))
+                    .cloned()
+                    .collect();
+                let has_attr = entry
+                    .attrs
+                    .keys()
+                    .any(|a| a.eq_ignore_ascii_case("member") || a.eq_ignore_ascii_case("uniqueMember"));
+                if group == dn {
+                    is_group = has_attr || self.is_group_entry(dn).await?;
+                    if !is_group {
+                        return Ok(None);
+                    }
+                }
+                for member in found {
+                    match self.id_of_dn(&member).await? {
+                        Some(user) => {
+                            users.insert(user);
+                        }
+                        None => next.push(member),
+                    }
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            level = next;
+        }
+        Ok(is_group.then(|| users.into_iter().collect()))
+    }
+
+    /// Whether `dn` is a group entry (an empty AD group has no `member`).
+    async fn is_group_entry(&self, dn: &str) -> Result<bool, DirectoryError> {
+        let filter = "(|(objectClass=group)(objectClass=groupOfNames)(objectClass=groupOfUniqueNames)(objectClass=posixGroup))";
+        let (entries, result) = self.search(dn, Scope::Base, filter, &["1.1"]).await?;
+        Ok(result.rc == rc::SUCCESS && !entries.is_empty())
+    }
     /// The user id behind a member DN: from the RDN when it is the id
     /// attribute, else from the entry. `None` for entries that are not users
     /// under `user_base` (nested groups, the placeholder, dangling DNs).
@@ -38,37 +128,6 @@ impl LdapDirectory {
             .first()
             .and_then(|e| single(values(e, &self.id_attr)))
             .map(UserId::new))
-    }
-
-    /// Active Directory: the direct members of a `member` group, all of
-    /// them however many there are. AD answers a plain read of `member` with
-    /// at most `MaxValRange` values (1,500 by default), so the values are read
-    /// in ranges; the users among them are then named by one paged search
-    /// of the `memberOf` back-link rather than one read per member.
-    pub(super) async fn list_ad_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
-        let found = self.ranged_values(group, "member").await?;
-        let known = if found.is_empty() {
-            HashMap::new()
-        } else {
-            self.member_ids_by_dn(group).await?
-        };
-        let placeholder = self.placeholder.as_deref().map(dn::normalize);
-        let mut ids = BTreeSet::new();
-        for value in found {
-            let key = dn::normalize(&value);
-            if placeholder.as_deref() == Some(key.as_str()) {
-                continue;
-            }
-            match known.get(&key) {
-                Some(id) => {
-                    ids.insert(id.clone());
-                }
-                // Nested groups and entries outside `user_base` give `None`
-                // at once; a user the back-link search missed is read.
-                None => ids.extend(self.id_of_dn(&value).await?),
-            }
-        }
-        Ok(ids.into_iter().collect())
     }
 
     /// Every value of `attr` on `group` through ranged retrieval:
@@ -114,8 +173,11 @@ impl LdapDirectory {
 
     /// AD: direct members of `group` under `user_base` by normalized DN, from
     /// one paged search on `memberOf` (a group can have more members than
-    /// the server returns per page).
-    async fn member_ids_by_dn(&self, group: &GroupDn) -> Result<HashMap<String, UserId>, DirectoryError> {
+    /// the server returns per page) rather than one read per member.
+    pub(super) async fn member_ids_by_dn(
+        &self,
+        group: &GroupDn,
+    ) -> Result<HashMap<String, UserId>, DirectoryError> {
         let filter = format!("(memberOf={})", ldap_escape(group.as_str()));
         let (entries, result) = self
             .search_paged(&self.user_base, Scope::Subtree, &filter, &[self.id_attr.as_str()])
