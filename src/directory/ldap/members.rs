@@ -66,11 +66,17 @@ impl LdapDirectory {
                     continue;
                 }
                 let Some(entry) = entries.first() else { continue };
-                let found: Vec<String> = values(entry, "member")
-                    .iter()
-                    .chain(values(entry, "uniqueMember"))
-                    .cloned()
-                    .collect();
+                let found: Vec<String> = if self.active_directory {
+                    // AD sends a large group's `member` in ranges only.
+                    self.member_values(&GroupDn::new(group.as_str()), "member")
+                        .await?
+                } else {
+                    values(entry, "member")
+                        .iter()
+                        .chain(values(entry, "uniqueMember"))
+                        .cloned()
+                        .collect()
+                };
                 let has_attr = entry
                     .attrs
                     .keys()
