@@ -22,8 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const SIGNING: &str = "ad-signing-secret";
-const TOKEN: &str = "ad-admin-token";
+const SIGNING: &str = "ad-test-slack-signing-secret";
+const TOKEN: &str = "ad-test-admin-token-0123456789";
 const EXAMPLE_DOMAIN: &str = "DC=corp,DC=example,DC=com";
 
 /// The example config's Active Directory block, uncommented, for `dc`.
@@ -48,13 +48,15 @@ fn example_ad_section(dc: &SambaDc) -> String {
         .replace("/etc/jitbot/ad-ca.pem", &dc.ca_file().display().to_string())
 }
 
-/// A whole config: server, store, Slack HTTP mode, then the example's AD
-/// block, then `extra` (more `[[group]]`s).
+/// A whole config: server (public listener on `port`, admin on `port + 1`),
+/// store, Slack HTTP mode, then the example's AD block, then `extra` (more
+/// `[[group]]`s).
 fn config_text(dc: &SambaDc, dir: &Path, port: u16, slack_api: &str, extra: &str) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
 admin_token = {{ env = "AD_TEST_ADMIN" }}
 shutdown_grace = "2s"
 
@@ -81,6 +83,7 @@ default_channel = "CJIT"
 {extra}
 "#,
         store = dir.join("db").display(),
+        admin_port = port + 1,
         ad = example_ad_section(dc),
     )
 }
@@ -118,7 +121,7 @@ fn jitbot() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitbot"));
     cmd.env("JITBOT_LDAP_PASSWORD", samba::SERVICE_PW)
         .env("AD_TEST_ADMIN", TOKEN)
-        .env("AD_TEST_BOT_TOKEN", "xoxb-ad")
+        .env("AD_TEST_BOT_TOKEN", "xoxb-ad-test")
         .env("AD_TEST_SIGNING", SIGNING);
     cmd
 }
@@ -269,7 +272,11 @@ async fn ldaps_starttls_and_refusals() {
     let text = config_text(&dc, tmp.path(), 1, "http://127.0.0.1:1/api/", "");
     let (code, out) = check_config(tmp.path(), &text);
     assert_eq!(code, Some(0), "{out}");
-    let plain = text.replace(&dc.ldaps_url(), &dc.ldap_url());
+    // Even with plaintext allowed on jitbot's side, the DC refuses.
+    let plain = text.replace(&dc.ldaps_url(), &dc.ldap_url()).replace(
+        "active_directory = true",
+        "active_directory = true\nallow_plaintext_bind = true",
+    );
     let (code, out) = check_config(tmp.path(), &plain);
     assert_eq!(code, Some(64), "{out}");
     assert!(
@@ -568,6 +575,8 @@ struct Running {
 }
 
 impl Running {
+    /// Starts `jitbot run`; its public listener is `base`, the admin one
+    /// the next port.
     fn spawn(config: &Path, log: &Path, base: String) -> Running {
         let file = std::fs::File::create(log).unwrap();
         let child = jitbot()
@@ -584,6 +593,12 @@ impl Running {
             log: log.to_path_buf(),
             http: reqwest::Client::new(),
         }
+    }
+
+    fn admin_base(&self) -> String {
+        let (host, port) = self.base.rsplit_once(':').expect("base has a port");
+        let port: u16 = port.parse().expect("port");
+        format!("{host}:{}", port + 1)
     }
 
     fn log(&self) -> String {
@@ -625,7 +640,7 @@ impl Running {
 
     async fn admin(&self, what: &str) -> Vec<serde_json::Value> {
         self.http
-            .get(format!("{}/admin/{what}?all=true", self.base))
+            .get(format!("{}/admin/{what}?all=true", self.admin_base()))
             .bearer_auth(TOKEN)
             .send()
             .await
@@ -657,6 +672,17 @@ impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A free port whose successor is free too (public and admin listeners).
+fn free_port_pair() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
     }
 }
 
@@ -698,11 +724,7 @@ async fn the_whole_flow_through_jitbot_run() {
         slack.add_user(&slack_id(u.sam), u.mail);
     }
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port_pair();
     let text = config_text(&dc, tmp.path(), port, &slack.api_url(), "");
     let config = tmp.path().join("jitbot.toml");
     std::fs::write(&config, &text).unwrap();

@@ -8,6 +8,7 @@ mod console;
 mod discord;
 mod faults;
 mod gateway;
+mod hardening;
 mod invariants;
 mod ldap;
 mod ldap_flow;

@@ -1,0 +1,340 @@
+//! Security hardening, through the real binary: secrets that cannot be
+//! empty or weak, slow and idle clients that cannot starve the server, and
+//! a public listener that serves no admin surface and leaks no detail.
+
+use crate::ops::{config_text, free_ports, jitbot, KillOnDrop};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Starts `jitbot run` on `config` and waits until the public listener
+/// answers `/healthz`.
+async fn start(config: &std::path::Path, log: &std::path::Path, port: u16) -> KillOnDrop {
+    let child = jitbot()
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(Some(child));
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+            if r.status().is_success() {
+                return child;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jitbot did not come up: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads until the peer closes (or resets) the connection; returns what
+/// was read, or `None` if it stayed open past `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    Some(String::from_utf8_lossy(&seen).into_owned())
+}
+
+/// How many sockets process `pid` has open (Linux `/proc`).
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+#[test]
+fn an_empty_or_weak_admin_token_stops_run_and_check_config_with_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, admin_port) = free_ports();
+    let token_file = tmp.path().join("admin.token");
+    let text = config_text(port, admin_port, &tmp.path().join("db")).replace(
+        "admin_token = { env = \"JITBOT_TEST_ADMIN_TOKEN\" }",
+        &format!("admin_token = {{ file = \"{}\" }}", token_file.display()),
+    );
+    assert!(text.contains("admin.token"), "the token comes from the file");
+    let path = tmp.path().join("jitbot.toml");
+    std::fs::write(&path, text).unwrap();
+    for (content, expect) in [
+        ("", "empty"),
+        ("\n", "empty"),
+        ("   \t\n", "empty"),
+        ("change-me\n", "bytes long"),
+        ("change-me-change-me-change-me\n", "placeholder"),
+        ("xxxxxxxxxxxxxxxxxxxxxxxx", "repeated"),
+    ] {
+        std::fs::write(&token_file, content).unwrap();
+        for sub in ["run", "check-config"] {
+            let out = jitbot()
+                .args([sub, "--config"])
+                .arg(&path)
+                .arg(if sub == "run" {
+                    "--log-format=text"
+                } else {
+                    "--offline"
+                })
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{sub} with {content:?}: {err}");
+            assert!(
+                err.contains("server.admin_token") && err.contains(expect),
+                "{sub} with {content:?}: {err}"
+            );
+            assert!(
+                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                    && std::net::TcpListener::bind(("127.0.0.1", admin_port)).is_ok(),
+                "{sub} bound a port"
+            );
+            assert!(!tmp.path().join("db").exists(), "{sub} created the store");
+        }
+    }
+    // A real token passes.
+    std::fs::write(&token_file, "9c1e0f6a3b7d4e2f8a5c0b1d6e3f7a29\n").unwrap();
+    let ok = jitbot()
+        .args(["check-config", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_cannot_starve_the_server() {
+    const CAP: usize = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, admin_port) = free_ports();
+    let text = config_text(port, admin_port, &tmp.path().join("db")).replacen(
+        "[server]\n",
+        &format!(
+            "[server]\nmax_connections = {CAP}\nheader_read_timeout = \"2s\"\n\
+             body_read_timeout = \"2s\"\nrequest_timeout = \"5s\"\n"
+        ),
+        1,
+    );
+    let config = tmp.path().join("jitbot.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = tmp.path().join("stderr.log");
+    let bot = start(&config, &log, port).await;
+    let pid = bot.0.as_ref().unwrap().id();
+    let public = ("127.0.0.1", port);
+
+    // Half a request line, then silence: closed well within 15 s.
+    let mut half = TcpStream::connect(public).await.unwrap();
+    half.write_all(b"GET /heal").await.unwrap();
+    let started = Instant::now();
+    let answer = closed_within(&mut half, Duration::from_secs(15))
+        .await
+        .expect("a half-sent request line held the connection open for 15 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed too early ({:?}): is the timeout what was configured?",
+        started.elapsed()
+    );
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // Three times as many idle sockets as the cap: jitbot holds at most the
+    // cap of them (the rest wait in the backlog), and /healthz still answers.
+    let before = sockets_of(pid);
+    let mut idle = Vec::new();
+    for _ in 0..3 * CAP {
+        idle.push(TcpStream::connect(public).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = sockets_of(pid) - before;
+    assert!(
+        held > 0 && held <= CAP,
+        "jitbot holds {held} of the idle sockets (cap {CAP})"
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    // The admin listener has its own cap: not slowed at all.
+    let started = Instant::now();
+    let admin = http
+        .get(format!("http://127.0.0.1:{admin_port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let health = http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .expect("/healthz did not answer with idle sockets over the cap");
+    assert_eq!(health.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "/healthz took {:?}",
+        started.elapsed()
+    );
+    // Every idle socket was closed by the server, none held forever.
+    for mut s in idle {
+        assert!(closed_within(&mut s, Duration::from_secs(15)).await.is_some());
+    }
+
+    // A body that never finishes: refused once body_read_timeout passes.
+    let mut slow = TcpStream::connect(("127.0.0.1", admin_port)).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /admin/leases/L1/revoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"reason\":",
+            crate::ops::TOKEN
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let answer = closed_within(&mut slow, Duration::from_secs(15))
+        .await
+        .expect("a slow body held the connection for 15 s");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_readyz_says_only_not_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, admin_port) = free_ports();
+    // A directory that is down: a port nothing listens on.
+    let (ldap_port, _) = free_ports();
+    let pw = tmp.path().join("ldap.pw");
+    std::fs::write(&pw, "not-the-real-password\n").unwrap();
+    let text = config_text(port, admin_port, &tmp.path().join("db"))
+        .replace("kind = \"memory\"", "kind = \"ldap\"")
+        .replace(
+            "[memory]\n",
+            &format!(
+                "[ldap]\nurl = \"ldap://127.0.0.1:{ldap_port}\"\nallow_plaintext_bind = true\n\
+                 bind_dn = \"cn=jitbot-service,ou=services,dc=example,dc=org\"\n\
+                 password = {{ file = \"{}\" }}\nuser_base = \"ou=people,dc=example,dc=org\"\n\
+                 connect_timeout = \"1s\"\n\n[memory]\n",
+                pw.display()
+            ),
+        );
+    let config = tmp.path().join("jitbot.toml");
+    std::fs::write(&config, &text).unwrap();
+
+    // check-config accepts the explicit plaintext bind, with a warning.
+    let checked = jitbot()
+        .args(["check-config", "--offline", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{err}");
+    assert!(err.contains("warning: ldap.allow_plaintext_bind"), "{err}");
+    // Without it, the same file is refused, naming the key and its line.
+    let refused_path = tmp.path().join("plain.toml");
+    std::fs::write(&refused_path, text.replace("allow_plaintext_bind = true\n", "")).unwrap();
+    let refused = jitbot()
+        .args(["check-config", "--offline", "--config"])
+        .arg(&refused_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(64), "{err}");
+    let url_line = text.lines().position(|l| l.starts_with("url = ")).unwrap() + 1;
+    assert!(err.contains(&format!("line {url_line}: ldap.url")), "{err}");
+
+    let log = tmp.path().join("stderr.log");
+    let _bot = start(&config, &log, port).await;
+    let http = reqwest::Client::new();
+    let public = http
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 503);
+    assert_eq!(public.text().await.unwrap(), "not ready\n");
+    let admin = http
+        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 503);
+    let detail = admin.text().await.unwrap();
+    assert!(detail.contains(&format!("127.0.0.1:{ldap_port}")), "{detail}");
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("ldap.allow_plaintext_bind"),
+        "warned at start-up: {logs}"
+    );
+}
+
+#[tokio::test]
+async fn the_public_readyz_is_cached_and_the_admin_one_is_not() {
+    use jitbot::http::{self, HttpState, Limits, PUBLIC_READY_CACHE};
+    let bot = crate::support::bot::TestBot::new();
+    let state = HttpState::new(bot.engine.clone(), None, None, None);
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let mut bases = Vec::new();
+    for router in [
+        http::public_router(state.clone(), Vec::new()),
+        http::admin_router(state, Vec::new()),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        bases.push(format!("http://{}", listener.local_addr().unwrap()));
+        tokio::spawn(http::serve(listener, router, Limits::default(), stopped.clone()));
+    }
+    let (public, admin) = (&bases[0], &bases[1]);
+    let get = |url: String| async move {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+
+    bot.dir.fail_next(1);
+    let started = Instant::now();
+    assert_eq!(get(format!("{public}/readyz")).await, (503, "not ready\n".into()));
+    // The directory answers again, but the public verdict is reused: a
+    // flood of probes costs one check per period.
+    for _ in 0..20 {
+        assert_eq!(get(format!("{public}/readyz")).await.0, 503);
+    }
+    assert!(started.elapsed() < PUBLIC_READY_CACHE);
+    // The admin listener checks every time and says what was wrong.
+    bot.dir.fail_next(1);
+    let (status, detail) = get(format!("{admin}/readyz")).await;
+    assert_eq!(status, 503);
+    assert!(detail.contains("injected outage"), "{detail}");
+    assert_eq!(get(format!("{admin}/readyz")).await, (200, "ready\n".into()));
+    // Once the period is over, the public listener checks again.
+    tokio::time::sleep(PUBLIC_READY_CACHE.saturating_sub(started.elapsed()) + Duration::from_millis(200))
+        .await;
+    assert_eq!(get(format!("{public}/readyz")).await, (200, "ready\n".into()));
+    // Neither listener serves the other's routes.
+    assert_eq!(get(format!("{public}/metrics")).await.0, 404);
+    assert_eq!(get(format!("{public}/admin/leases")).await.0, 404);
+    assert_eq!(get(format!("{admin}/healthz")).await.0, 200);
+}
