@@ -3,7 +3,8 @@
 //! Trees: `requests`, `leases`, `timers` (ordered by due time: what the
 //! scheduler works from), `timer_ix` (which key each timer has now), `live`
 //! (group + user → the live lease, so a user never holds two), `audit`
-//! (append-only, hash-chained), `outbox` (notifications still to deliver).
+//! (append-only, hash-chained), `outbox` and `outbox_due` (notifications
+//! still to deliver, and each destination's queue of them: see `outbox.rs`).
 //!
 //! Every change goes through [`Store::update`]: the closure reads and stages
 //! writes under a single writer lock (a compare-and-swap on the whole store),
@@ -12,14 +13,17 @@
 //! durable record of it.
 
 mod backup;
+mod check;
+mod outbox;
 mod records;
 mod timers;
 
+pub use outbox::OutboxJob;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
 pub use timers::{Timer, TimerKind};
 
 use jitbot_core::{GroupName, Instant, LeaseId, LeaseState, RequestId, UserId};
-use records::{StoredAudit, StoredLease, StoredOutbox, StoredRequest};
+use records::{StoredAudit, StoredLease, StoredRequest};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
@@ -36,6 +40,9 @@ pub enum StoreError {
     Io(String),
     #[error("stored record {key} is unreadable: {error}")]
     Corrupt { key: String, error: String },
+    /// A backup whose trees do not agree with each other; nothing was restored.
+    #[error("the backup is inconsistent, so nothing was restored: {problems}. Take a new backup from the running jitbot (`jitbot backup`) and restore that one")]
+    Inconsistent { problems: String },
     /// A flush to disk failed earlier: what is in memory may not be on
     /// disk, so the store refuses everything until jitbot restarts and
     /// recovers from what the disk holds.
@@ -69,6 +76,8 @@ struct Inner {
     live: sled::Tree,
     audit: sled::Tree,
     outbox: sled::Tree,
+    /// Each destination's outbox queue in due order (see `outbox.rs`).
+    outbox_due: sled::Tree,
     meta: sled::Tree,
     /// Requests approved by break-glass and not yet acknowledged.
     review: sled::Tree,
@@ -364,6 +373,7 @@ impl Store {
             live: db.open_tree("live")?,
             audit: db.open_tree("audit")?,
             outbox: db.open_tree("outbox")?,
+            outbox_due: db.open_tree("outbox_due")?,
             meta: db.open_tree("meta")?,
             review: db.open_tree("review")?,
             writer: Mutex::new(()),
@@ -377,6 +387,7 @@ impl Store {
         if inner.meta.get(SCHEMA)?.is_none() {
             inner.meta.insert(SCHEMA, &b"1"[..])?;
         }
+        outbox::upgrade_v1(&inner.outbox, &inner.outbox_due)?;
         Ok(Store {
             inner: Arc::new(inner),
         })
@@ -434,9 +445,10 @@ impl Store {
             &s.outbox,
             &s.meta,
             &s.review,
+            &s.outbox_due,
         );
         let result: Result<(), TransactionError<StoreError>> = trees.transaction(
-            |(requests, leases, timers, timer_ix, live, audit, outbox, meta, review)| {
+            |(requests, leases, timers, timer_ix, live, audit, outbox, meta, review, outbox_due)| {
                 for (id, rec) in &tx.requests {
                     if let Some(rec) = rec {
                         requests.insert(id.as_bytes(), encode(&StoredRequest::from(rec)))?;
@@ -522,11 +534,7 @@ impl Store {
                     )?;
                 }
                 for (item, id) in tx.outbox.iter().zip(&outbox_ids) {
-                    let stored = StoredOutbox::V1 {
-                        item: item.clone(),
-                        attempts: 0,
-                    };
-                    outbox.insert(&id.to_be_bytes(), encode(&stored))?;
+                    outbox::stage_new(outbox, outbox_due, *id, item, tx.now)?;
                 }
                 Ok::<(), ConflictableTransactionError<StoreError>>(())
             },
@@ -741,33 +749,6 @@ impl Store {
         })
     }
 
-    /// Outbox entries in order, with their attempt counts.
-    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxItem, u32)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.inner.outbox.iter().take(limit) {
-            let (k, v) = item?;
-            let StoredOutbox::V1 { item, attempts } = decode(&k, &v)?;
-            let mut id = [0u8; 8];
-            id.copy_from_slice(&k[..8]);
-            out.push((u64::from_be_bytes(id), item, attempts));
-        }
-        Ok(out)
-    }
-
-    pub fn outbox_done(&self, id: u64) -> Result<(), StoreError> {
-        self.inner.outbox.remove(id.to_be_bytes())?;
-        Ok(())
-    }
-
-    pub fn outbox_retry(&self, id: u64, item: &OutboxItem, attempts: u32) -> Result<(), StoreError> {
-        let stored = StoredOutbox::V1 {
-            item: item.clone(),
-            attempts,
-        };
-        self.inner.outbox.insert(id.to_be_bytes(), encode(&stored))?;
-        Ok(())
-    }
-
     /// Records the messages an approval card was posted as.
     pub async fn set_messages(
         &self,
@@ -796,54 +777,11 @@ impl Store {
 
     /// Checks the audit hash chain from the first record to the stored head.
     pub fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
-        let mut prev_hash = String::new();
-        let mut prev_seq = 0u64;
-        let mut count = 0u64;
-        for item in self.inner.audit.iter() {
-            let (k, v) = item?;
-            let mut seq_bytes = [0u8; 8];
-            seq_bytes.copy_from_slice(&k[..8]);
-            let seq = u64::from_be_bytes(seq_bytes);
-            let entry = match serde_json::from_slice::<StoredAudit>(&v) {
-                Ok(StoredAudit::V1(e)) => e,
-                Err(e) => {
-                    return Ok(AuditCheck::Broken {
-                        seq,
-                        problem: format!("record is unreadable: {e}"),
-                    })
-                }
-            };
-            if entry.seq != seq || seq != prev_seq + 1 {
-                return Ok(AuditCheck::Broken {
-                    seq,
-                    problem: format!("sequence jumps from {prev_seq} to {seq}"),
-                });
-            }
-            if entry.prev != prev_hash {
-                // This record's link does not match its predecessor's bytes:
-                // the predecessor was altered (or this link was).
-                return Ok(AuditCheck::Broken {
-                    seq: prev_seq.max(1),
-                    problem: "its contents no longer match the hash recorded after it".into(),
-                });
-            }
-            prev_hash = hex::encode(Sha256::digest(&v));
-            prev_seq = seq;
-            count += 1;
-        }
-        let head = self
-            .inner
-            .meta
-            .get(AUDIT_HEAD)?
-            .map(|h| String::from_utf8_lossy(&h).into_owned())
-            .unwrap_or_else(|| "0:".into());
-        if head != format!("{prev_seq}:{prev_hash}") {
-            return Ok(AuditCheck::Broken {
-                seq: prev_seq,
-                problem: "the last record does not match the recorded chain head".into(),
-            });
-        }
-        Ok(AuditCheck::Intact { records: count })
+        let head = self.inner.meta.get(AUDIT_HEAD)?;
+        audit_chain(
+            self.inner.audit.iter().map(|item| item.map_err(StoreError::from)),
+            head.as_deref(),
+        )
     }
 
     /// Raw access for tests that tamper with the audit trail.
@@ -851,4 +789,62 @@ impl Store {
     pub fn audit_tree(&self) -> &sled::Tree {
         &self.inner.audit
     }
+}
+
+/// Checks a hash chain of audit records (`seq` key → stored bytes, in
+/// order) against the recorded head: the live store's and a backup's.
+fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    records: impl Iterator<Item = Result<(K, V), StoreError>>,
+    head: Option<&[u8]>,
+) -> Result<AuditCheck, StoreError> {
+    let mut prev_hash = String::new();
+    let mut prev_seq = 0u64;
+    let mut count = 0u64;
+    for item in records {
+        let (k, v) = item?;
+        let (k, v) = (k.as_ref(), v.as_ref());
+        let Ok(seq_bytes) = <[u8; 8]>::try_from(k) else {
+            return Ok(AuditCheck::Broken {
+                seq: prev_seq + 1,
+                problem: format!("a record has a malformed key ({} bytes)", k.len()),
+            });
+        };
+        let seq = u64::from_be_bytes(seq_bytes);
+        let entry = match serde_json::from_slice::<StoredAudit>(v) {
+            Ok(StoredAudit::V1(e)) => e,
+            Err(e) => {
+                return Ok(AuditCheck::Broken {
+                    seq,
+                    problem: format!("record is unreadable: {e}"),
+                })
+            }
+        };
+        if entry.seq != seq || seq != prev_seq + 1 {
+            return Ok(AuditCheck::Broken {
+                seq,
+                problem: format!("sequence jumps from {prev_seq} to {seq}"),
+            });
+        }
+        if entry.prev != prev_hash {
+            // This record's link does not match its predecessor's bytes:
+            // the predecessor was altered (or this link was).
+            return Ok(AuditCheck::Broken {
+                seq: prev_seq.max(1),
+                problem: "its contents no longer match the hash recorded after it".into(),
+            });
+        }
+        prev_hash = hex::encode(Sha256::digest(v));
+        prev_seq = seq;
+        count += 1;
+    }
+    let head = head
+        .map(|h| String::from_utf8_lossy(h).into_owned())
+        .unwrap_or_else(|| "0:".into());
+    if head != format!("{prev_seq}:{prev_hash}") {
+        return Ok(AuditCheck::Broken {
+            seq: prev_seq,
+            problem: "the last record does not match the recorded chain head".into(),
+        });
+    }
+    Ok(AuditCheck::Intact { records: count })
 }

@@ -4,6 +4,7 @@
 mod support;
 
 mod ad;
+mod backup;
 mod console;
 mod discord;
 mod faults;
@@ -13,7 +14,9 @@ mod invariants;
 mod ldap;
 mod ldap_flow;
 mod lifecycle;
+mod observability;
 mod ops;
+mod outbox;
 mod slack;
 mod socket_mode;
 mod store;
