@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod ad;
 mod backup;
 mod console;
 mod discord;
