@@ -185,6 +185,13 @@ impl Lease {
         }
     }
 
+    /// The grant stopped before jitbot ever sent its add: nothing of this
+    /// lease is in the directory, so its end removes nothing (a membership
+    /// that appears meanwhile is someone else's).
+    pub fn never_added(&mut self) {
+        self.preexisting = None;
+    }
+
     /// jitbot's first add found the value already there (LDAP result 20):
     /// someone else added it between the check and the add. It is theirs,
     /// so jitbot never claims it and never removes it.

@@ -17,9 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
-/// Failed attempts after which an ordinary notice or card update is given up
-/// on one destination (and logged as lost). Alerts, and cards of requests
-/// still pending, are never given up.
+/// Refusals after which an ordinary notice or card update is given up on
+/// one destination (and logged as lost): only a platform's permanent "no"
+/// (a deleted channel, a missing scope) ends delivery. An outage or a rate
+/// limit is waited out however long it lasts, for every item. Alerts, and
+/// cards of requests still pending, are never given up.
 pub const MAX_ATTEMPTS: u32 = 8;
 /// The longest a worker sleeps before looking at its queue again.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -369,7 +371,8 @@ async fn failed(
         ChatError::RateLimited(secs) => Some(Duration::from_secs((*secs).clamp(1, MAX_PAUSE))),
         _ => None,
     };
-    if attempts >= MAX_ATTEMPTS && !never_give_up(engine, &job.item) {
+    let permanent = matches!(error, ChatError::Refused(_));
+    if permanent && attempts >= MAX_ATTEMPTS && !never_give_up(engine, &job.item) {
         tracing::error!(
             platform = dest.name,
             kind = what,

@@ -128,22 +128,11 @@ impl Engine {
     async fn grant_step(&self, rec: LeaseRecord) -> Result<(), EngineError> {
         let id = rec.lease.id.clone();
         let granting = [LeaseState::Granting];
-        // A grant finished after its lease has run out (jitbot was down)
-        // would hand out privilege nobody may hold any more.
+        // A grant finished after its lease has run out (jitbot was down, or
+        // the directory was slow) would hand out privilege nobody may hold
+        // any more. Checked here, before the add, and again when activating.
         if self.now() >= rec.lease.expires_at {
-            self.transition(&id, &granting, |tx, rec| {
-                let now = tx.now();
-                rec.lease.begin_revoke(EndReason::Expired, now)?;
-                tx.clear_timer(TimerKind::Grant, id.as_str());
-                tx.set_timer(TimerKind::Revoke, id.as_str(), now);
-                tx.audit(
-                    about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantTooLate, &rec.lease)
-                        .detail("the lease ran out before the grant finished; nothing more is added"),
-                );
-                Ok(())
-            })
-            .await?;
-            return Ok(());
+            return self.too_late(&id, false).await;
         }
         let dir = &self.inner.directory;
         // Only the add that follows jitbot's own membership check can tell
@@ -189,6 +178,10 @@ impl Engine {
         if rec.lease.preexisting == Some(true) {
             return self.activate(&id).await;
         }
+        if self.now() >= rec.lease.expires_at {
+            // After jitbot's own check in this pass, no add was ever sent.
+            return self.too_late(&id, first_add).await;
+        }
         let started = std::time::Instant::now();
         let added = dir.add_membership(&membership).await;
         crate::metrics::directory_op("add", started.elapsed());
@@ -229,11 +222,44 @@ impl Engine {
         self.activate(&id).await
     }
 
+    /// `Granting` → `Revoking` for a lease that ran out before its grant
+    /// finished: whatever jitbot may have added is removed, nothing more.
+    async fn too_late(&self, id: &LeaseId, add_never_sent: bool) -> Result<(), EngineError> {
+        self.transition(id, &[LeaseState::Granting], |tx, rec| {
+            let now = tx.now();
+            if add_never_sent {
+                rec.lease.never_added();
+            }
+            rec.lease.begin_revoke(EndReason::Expired, now)?;
+            tx.clear_timer(TimerKind::Grant, id.as_str());
+            tx.set_timer(TimerKind::Revoke, id.as_str(), now);
+            tx.audit(
+                about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantTooLate, &rec.lease)
+                    .detail("the lease ran out before the grant finished; what was added is removed"),
+            );
+            Ok(())
+        })
+        .await?;
+        self.changed();
+        Ok(())
+    }
+
     /// `Granting` → `Active`: the membership is in place (or was never
-    /// jitbot's to add). Arms the expiry and warning timers.
+    /// jitbot's to add). Arms the expiry and warning timers. A lease that ran
+    /// out meanwhile is not activated: it goes to revoking instead.
     async fn activate(&self, id: &LeaseId) -> Result<(), EngineError> {
+        if let Some(rec) = self.inner.store.lease(id)? {
+            if rec.lease.state == LeaseState::Granting && self.now() >= rec.lease.expires_at {
+                return self.too_late(id, false).await;
+            }
+        }
         let done = self
             .transition(id, &[LeaseState::Granting], |tx, rec| {
+                if tx.now() >= rec.lease.expires_at {
+                    // Raced past the end since the check above: leave it
+                    // granting; the next drive pass ends it.
+                    return Ok(false);
+                }
                 rec.lease.activate()?;
                 tx.clear_timer(TimerKind::Grant, id.as_str());
                 self.arm_lease_timers(tx, rec);
@@ -262,10 +288,10 @@ impl Engine {
                     ),
                     vec![Action::Release(id.to_string()), Action::Extend(id.to_string())],
                 ));
-                Ok(())
+                Ok(true)
             })
             .await?;
-        if done.is_some() {
+        if done == Some(true) {
             crate::metrics::granted();
             self.changed();
         }
