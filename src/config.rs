@@ -428,6 +428,21 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The key written on the line at `offset` (`max_duration = "1000y"` →
+/// `max_duration`), so a value the parser refuses is named, not just placed.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    bare.then(|| key.to_string())
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -448,7 +463,10 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
             issues: vec![ConfigIssue {
-                key: "(syntax)".into(),
+                key: e
+                    .span()
+                    .and_then(|s| key_at(text, s.start))
+                    .unwrap_or_else(|| "(syntax)".into()),
                 line: e.span().map(|s| line_of(text, s.start)),
                 message: e.message().trim().to_string(),
             }],
@@ -693,6 +711,36 @@ max_duration = "4h"
         let msg = err.to_string();
         assert!(msg.contains("group[db-admins].default_duration"), "{msg}");
         assert_eq!(err.issues[0].line, Some(10), "{msg}");
+    }
+
+    #[test]
+    fn durations_beyond_the_cap_are_refused_with_key_and_line() {
+        for (key, value) in [
+            ("max_total_duration", "99999y"),
+            ("approval_timeout", "1000years"),
+            ("max_duration", "367d"),
+        ] {
+            let text = MINIMAL.replace(
+                "max_duration = \"4h\"",
+                &format!("max_duration = \"4h\"\n{key} = \"{value}\""),
+            );
+            let text = if key == "max_duration" {
+                MINIMAL.replace("max_duration = \"4h\"", &format!("max_duration = \"{value}\""))
+            } else {
+                text
+            };
+            let err = Config::parse(&text, "t.toml").unwrap_err();
+            let msg = err.to_string();
+            assert_eq!(err.issues[0].key, key, "{msg}");
+            let want_line = text.lines().position(|l| l.contains(value)).map(|i| i + 1);
+            assert_eq!(err.issues[0].line, want_line, "{msg}");
+            assert!(msg.contains("366 days"), "{msg}");
+        }
+        let text = MINIMAL.replace("max_duration = \"4h\"", "max_duration = \"4h\"\nmax_total_duration = \"366d\"");
+        Config::parse(&text, "t.toml").unwrap();
+        let text = format!("{MINIMAL}\n[scheduler]\nretry_max = \"500d\"\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(err.issues[0].key, "retry_max", "{err}");
     }
 
     #[test]

@@ -100,8 +100,8 @@ impl Lease {
             group: policy.name.clone(),
             user,
             starts_at: now,
-            expires_at: now + duration.to_chrono(),
-            latest_end: now + policy.max_total_duration.max(duration).to_chrono(),
+            expires_at: duration.after(now),
+            latest_end: policy.max_total_duration.max(duration).after(now),
             state: LeaseState::Granting,
             preexisting: None,
             end_reason: None,
@@ -197,7 +197,7 @@ impl Lease {
                 max: policy.max_duration,
             });
         }
-        let new_end = self.expires_at + by.to_chrono();
+        let new_end = by.after(self.expires_at);
         if new_end > self.latest_end {
             return Err(Refusal::OverTotalDuration {
                 group: policy.name.clone(),
@@ -212,7 +212,7 @@ impl Lease {
     /// When the expiry warning is due, if the group has one and it has not gone out.
     pub fn warning_at(&self, policy: &GroupPolicy) -> Option<Instant> {
         let lead = policy.expiry_warning?;
-        (!self.warned && self.state == LeaseState::Active).then(|| self.expires_at - lead.to_chrono())
+        (!self.warned && self.state == LeaseState::Active).then(|| lead.before(self.expires_at))
     }
 }
 
