@@ -619,6 +619,11 @@ async fn notices_reach_channels_and_people() {
     let body: Value = call.body;
     assert!(body.to_string().contains("jit:ack:r-9"), "{body}");
     assert!(body.to_string().contains("&lt;!channel&gt;"), "{body}");
+    let fallback = body["text"].as_str().unwrap_or_default();
+    assert_eq!(
+        fallback, "break-glass &lt;!channel&gt;",
+        "the top-level text pings nobody either"
+    );
 
     h.slack.rate_limit("chat.postMessage", 1, 7);
     let err = adapter.send(&alert).await.unwrap_err();

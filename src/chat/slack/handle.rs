@@ -350,7 +350,8 @@ impl SlackHandler {
             Answer::Url(url) => self.adapter.respond(url, text).await,
             Answer::Ephemeral { channel, user } => self.adapter.ephemeral(channel, user, text).await,
             Answer::Dm(user) => {
-                let content = slack_morphism::prelude::SlackMessageContent::new().with_text(text.to_string());
+                let content =
+                    slack_morphism::prelude::SlackMessageContent::new().with_text(blocks::escape(text));
                 self.adapter.dm(user, content).await
             }
         };
