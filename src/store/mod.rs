@@ -3,7 +3,8 @@
 //! Trees: `requests`, `leases`, `timers` (ordered by due time: what the
 //! scheduler works from), `timer_ix` (which key each timer has now), `live`
 //! (group + user → the live lease, so a user never holds two), `audit`
-//! (append-only, hash-chained), `outbox` (notifications still to deliver).
+//! (append-only, hash-chained), `outbox` (notifications still to deliver),
+//! `seen` (payload ids recently taken, against replays: see [`seen`]).
 //!
 //! Every change goes through [`Store::update`]: the closure reads and stages
 //! writes under a single writer lock (a compare-and-swap on the whole store),
@@ -13,6 +14,7 @@
 
 mod backup;
 mod records;
+pub mod seen;
 mod timers;
 
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
@@ -62,6 +64,9 @@ struct Inner {
     meta: sled::Tree,
     /// Requests approved by break-glass and not yet acknowledged.
     review: sled::Tree,
+    /// Chat payload ids recently taken (replay protection).
+    seen: sled::Tree,
+    seen_count: std::sync::atomic::AtomicU64,
     writer: Mutex<()>,
     /// Group commit: commits made so far, and how many of them are on disk.
     committed: std::sync::atomic::AtomicU64,
@@ -281,6 +286,8 @@ impl Store {
             outbox: db.open_tree("outbox")?,
             meta: db.open_tree("meta")?,
             review: db.open_tree("review")?,
+            seen: db.open_tree("seen")?,
+            seen_count: Default::default(),
             writer: Mutex::new(()),
             committed: Default::default(),
             flushed: Default::default(),

@@ -9,12 +9,8 @@ use crate::engine::{Caller, Engine};
 use crate::ports::ChatRef;
 use jitbot_core::command::{Action, Command, ParseError, MAX_REASON_CHARS};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
-
-/// How many recent trigger ids / action timestamps are remembered to drop
-/// Slack's retries. Slack retries within minutes, so a few thousand is ample.
-const SEEN_CAPACITY: usize = 10_000;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A slash command's fields, from the HTTP form or a Socket Mode envelope.
 #[derive(Clone, Debug)]
@@ -40,30 +36,6 @@ pub enum Rejected {
 pub struct SlackHandler {
     engine: Engine,
     adapter: Arc<SlackAdapter>,
-    seen: Mutex<Seen>,
-}
-
-/// A bounded set of recently seen ids, oldest forgotten first.
-#[derive(Default)]
-struct Seen {
-    order: VecDeque<String>,
-    set: HashSet<String>,
-}
-
-impl Seen {
-    fn first_time(&mut self, key: String) -> bool {
-        if self.set.contains(&key) {
-            return false;
-        }
-        if self.order.len() >= SEEN_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        self.set.insert(key.clone());
-        self.order.push_back(key);
-        true
-    }
 }
 
 /// Where an answer goes.
@@ -166,24 +138,34 @@ enum Submission {
 
 impl SlackHandler {
     pub fn new(engine: Engine, adapter: Arc<SlackAdapter>) -> Arc<SlackHandler> {
-        Arc::new(SlackHandler {
-            engine,
-            adapter,
-            seen: Mutex::new(Seen::default()),
-        })
+        Arc::new(SlackHandler { engine, adapter })
     }
 
-    fn first_time(&self, key: String) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first_time(key)
+    /// True the first time a payload id is seen within the replay window
+    /// (Slack's retries and captured replays carry the same id). Recorded
+    /// durably, so a restart forgets nothing. Fails closed: a payload whose
+    /// id cannot be recorded is dropped.
+    async fn first_time(&self, key: String) -> bool {
+        let now = self.engine.now();
+        let until = crate::store::seen::REPLAY_WINDOW.after(now);
+        match self
+            .engine
+            .store()
+            .first_sighting(&format!("slack:{key}"), until, now)
+            .await
+        {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a Slack payload id against replays; the payload was dropped (check the store's disk)");
+                false
+            }
+        }
     }
 
     /// Accepts a slash command and starts its work. Returns false for a
-    /// retry of a command already taken (same `trigger_id`).
-    pub fn command(self: &Arc<Self>, cmd: SlashCommand) -> bool {
-        if !self.first_time(format!("cmd:{}", cmd.trigger_id)) {
+    /// retry or replay of a command already taken (same `trigger_id`).
+    pub async fn command(self: &Arc<Self>, cmd: SlashCommand) -> bool {
+        if !self.first_time(format!("cmd:{}", cmd.trigger_id)).await {
             tracing::info!("Slack retried a slash command already taken; ignored");
             return false;
         }
@@ -195,12 +177,12 @@ impl SlackHandler {
     /// Accepts an interaction payload (`payload=` JSON in HTTP mode, the
     /// envelope's payload in Socket Mode). `Ok(false)` means a retry or a
     /// kind jitbot ignores; errors mean nothing was started.
-    pub fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
+    pub async fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
         let Decoded(work) = decode_interaction(payload)?;
         match work {
             Work::Click { ba, action, key } => {
-                if !self.first_time(key) {
-                    tracing::info!("Slack retried a click already taken; ignored");
+                if !self.first_time(key).await {
+                    tracing::info!("Slack retried (or someone replayed) a click already taken; ignored");
                     return Ok(false);
                 }
                 let this = self.clone();
@@ -213,7 +195,7 @@ impl SlackHandler {
                 submission,
                 key,
             } => {
-                if !self.first_time(key) {
+                if !self.first_time(key).await {
                     return Ok(false);
                 }
                 let this = self.clone();
@@ -483,18 +465,6 @@ fn request_from_form(group: &str, duration: &str, reason: &str) -> Result<Comman
 mod tests {
     use super::*;
     use jitbot_core::{GroupName, Span};
-
-    #[test]
-    fn seen_drops_repeats_and_forgets_the_oldest() {
-        let mut seen = Seen::default();
-        assert!(seen.first_time("a".into()));
-        assert!(!seen.first_time("a".into()));
-        for i in 0..SEEN_CAPACITY {
-            seen.first_time(format!("k{i}"));
-        }
-        assert_eq!(seen.order.len(), SEEN_CAPACITY);
-        assert!(seen.first_time("a".into()), "the oldest key is forgotten");
-    }
 
     #[test]
     fn the_request_form_becomes_a_request() {

@@ -102,7 +102,7 @@ async fn commands(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
     let Some(command) = decode_command(&body) else {
         return bad_request("missing slash command fields");
     };
-    state.handler.command(command);
+    state.handler.command(command).await;
     // An empty 200 acknowledges without a visible message; the answer follows.
     StatusCode::OK.into_response()
 }
@@ -118,7 +118,7 @@ async fn interactions(State(state): State<Arc<HttpState>>, headers: HeaderMap, b
     let Ok(json) = serde_json::from_str::<serde_json::Value>(&payload) else {
         return bad_request("payload is not JSON");
     };
-    match state.handler.interaction(json) {
+    match state.handler.interaction(json).await {
         // An empty 200 also closes a submitted modal.
         Ok(_) => StatusCode::OK.into_response(),
         Err(e) => {

@@ -72,7 +72,8 @@ async fn on_command(
             text: ev.text.unwrap_or_default(),
             response_url: ev.response_url.0.to_string(),
             trigger_id: ev.trigger_id.to_string(),
-        });
+        })
+        .await;
     }
     Ok(
         SlackCommandEventResponse::new(SlackMessageContent::new().with_text("Working on it…".into()))
@@ -88,7 +89,7 @@ async fn on_interaction(
     // Back to Slack's JSON so both modes go through one parser.
     let json = serde_json::to_value(&ev)?;
     if let Some(h) = handler(&states).await {
-        if let Err(e) = h.interaction(json) {
+        if let Err(e) = h.interaction(json).await {
             tracing::warn!(error = %e, "refused a Slack interaction");
         }
     }
