@@ -252,6 +252,13 @@ pub struct SlackConfig {
     pub signing_secret: Option<SecretSource>,
     /// `xapp-` app-level token; required in Socket Mode.
     pub app_token: Option<SecretSource>,
+    /// The workspace jitbot serves (`T…`); payloads from any other are refused.
+    #[serde(default)]
+    pub team_id: String,
+    /// The Slack app's id (`A…`); when set, payloads for another app are refused.
+    pub app_id: Option<String>,
+    /// The Enterprise Grid org (`E…`); when set, payloads naming another are refused.
+    pub enterprise_id: Option<String>,
     #[serde(default = "d_slack_api")]
     pub api_url: String,
     /// Directory attribute holding a Slack user's email.
@@ -530,6 +537,18 @@ impl Config {
                 ),
                 _ => {}
             }
+            // Required in both modes: a signing secret or app token proves
+            // the payload came from Slack for this app, not from which
+            // workspace (an app can be installed in several).
+            if !slack.team_id.trim().starts_with('T') {
+                issue(
+                    "slack.team_id".into(),
+                    None,
+                    "is required: the id (T…) of the one workspace jitbot serves; payloads from any other are refused. \
+                     Find it in the workspace's URL (app.slack.com/client/T…) or with auth.test"
+                        .into(),
+                );
+            }
         }
         if let Some(discord) = &self.discord {
             if discord.mode == DiscordMode::Http && discord.public_key.is_none() {
@@ -741,6 +760,16 @@ max_duration = "4h"
         let text = format!("{MINIMAL}\n[scheduler]\nretry_max = \"500d\"\n");
         let err = Config::parse(&text, "t.toml").unwrap_err();
         assert_eq!(err.issues[0].key, "retry_max", "{err}");
+    }
+
+    #[test]
+    fn slack_needs_the_workspace_it_serves() {
+        let slack = "\n[slack]\nmode = \"http\"\nbot_token = { env = \"B\" }\nsigning_secret = { env = \"S\" }\ndefault_channel = \"C1\"\n";
+        let err = Config::parse(&format!("{MINIMAL}{slack}"), "t").unwrap_err();
+        assert_eq!(err.issues[0].key, "slack.team_id", "{err}");
+        let bound = format!("{MINIMAL}{slack}team_id = \"T0001\"\napp_id = \"A1\"\n");
+        let c = Config::parse(&bound, "t").unwrap();
+        assert_eq!(c.slack.unwrap().team_id, "T0001");
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub fn zsp_drift() {
 pub fn refused_signature(platform: &'static str) {
     counter!("jitbot_refused_signatures_total", "platform" => platform).increment(1);
 }
+/// Signed payloads refused because they come from another workspace, app or
+/// org, or from an external (Slack Connect) user; `reason` says which.
+pub fn refused_payload(platform: &'static str, reason: &'static str) {
+    counter!("jitbot_refused_payloads_total", "platform" => platform, "reason" => reason).increment(1);
+}
 pub fn chat_error(platform: &'static str) {
     counter!("jitbot_chat_api_errors_total", "platform" => platform).increment(1);
 }

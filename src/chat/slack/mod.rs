@@ -2,6 +2,7 @@
 //! (slack-morphism), slash commands and clicks in through HTTP mode or
 //! Socket Mode. Both modes hand their payloads to one [`handle`] module.
 
+pub mod binding;
 pub mod blocks;
 mod handle;
 mod http;
