@@ -6,6 +6,7 @@ mod support;
 mod console;
 mod discord;
 mod faults;
+mod hardening;
 mod ldap;
 mod ldap_flow;
 mod lifecycle;

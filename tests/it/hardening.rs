@@ -1,0 +1,190 @@
+//! Security hardening through the real binary: Slack payloads replayed after
+//! a restart, and the audit chain anchored outside the store.
+
+use crate::support::fake_slack::FakeSlack;
+use jitbot::chat::slack::signature::sign;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "hardening-admin-token-0123456789";
+const SIGNING: &str = "hardening-signing-secret";
+
+/// The running binary; killed if a test fails before stopping it.
+struct Running(Option<Child>, String);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Running {
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        let mut child = self.0.take().expect("running");
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn jitbot() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitbot"));
+    cmd.env("JITBOT_HARDENING_ADMIN_TOKEN", TOKEN)
+        .env("JITBOT_ADMIN_TOKEN", TOKEN)
+        .env("JITBOT_HARDENING_SIGNING", SIGNING)
+        .env("JITBOT_HARDENING_BOT", "xoxb-hardening")
+        .env("JITBOT_LOG", "debug");
+    cmd
+}
+
+/// A config with Slack in HTTP mode against `slack`, plus `extra` TOML.
+fn write_config(dir: &Path, port: u16, slack: &FakeSlack, extra: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_token = {{ env = "JITBOT_HARDENING_ADMIN_TOKEN" }}
+shutdown_grace = "5s"
+
+[store]
+path = "{store}"
+cache_mb = 16
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
+
+[[memory.user]]
+id = "alice"
+attributes = {{ mail = "alice@example.org" }}
+[[memory.user]]
+id = "bob"
+attributes = {{ mail = "bob@example.org" }}
+
+[slack]
+mode = "http"
+bot_token = {{ env = "JITBOT_HARDENING_BOT" }}
+signing_secret = {{ env = "JITBOT_HARDENING_SIGNING" }}
+team_id = "T1"
+api_url = "{api}"
+default_channel = "CJIT"
+alert_channel = "CALERT"
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+{extra}
+"#,
+        store = dir.join("db").display(),
+        api = slack.api_url(),
+    );
+    let path = dir.join("jitbot.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn start(config: &Path, port: u16, log: &Path) -> Running {
+    let child = jitbot()
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let running = Running(Some(child), format!("http://127.0.0.1:{port}"));
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("{}/healthz", running.1)).send().await {
+            if r.status().is_success() {
+                return running;
+            }
+        }
+        let logs = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(Instant::now() < deadline, "jitbot did not come up:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn command_body(slack: &FakeSlack, text: &str, n: u32) -> String {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("team_id", "T1")
+        .append_pair("api_app_id", "A1")
+        .append_pair("channel_id", "CJIT")
+        .append_pair("user_id", "UALICE")
+        .append_pair("command", "/jit")
+        .append_pair("text", text)
+        .append_pair("response_url", &slack.response_url(n))
+        .append_pair("trigger_id", &format!("trigger.{n}"));
+    form.finish()
+}
+
+async fn post_signed(base: &str, body: &str, ts: i64) -> reqwest::StatusCode {
+    reqwest::Client::new()
+        .post(format!("{base}/slack/commands"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", sign(SIGNING, ts, body.as_bytes()))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// A signed slash command captured and replayed after jitbot restarted,
+/// inside the signature window, is acknowledged but not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_payload_replayed_after_a_restart_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slack = FakeSlack::start().await;
+    slack.add_user("UALICE", "alice@example.org");
+    let port = free_port();
+    let config = write_config(tmp.path(), port, &slack, "");
+    let log = tmp.path().join("first.log");
+    let bot = start(&config, port, &log).await;
+
+    let body = command_body(&slack, "request db-admins 1h replicas down", 1);
+    let ts = chrono::Utc::now().timestamp();
+    assert_eq!(post_signed(&bot.1, &body, ts).await, 200);
+    let wait = Duration::from_secs(10);
+    let first = slack.wait_for(wait, |c| c.method == "response/1").await;
+    let first = first.unwrap_or_else(|| panic!("no answer: {:?}", std::fs::read_to_string(&log)));
+    assert!(first.body["text"].as_str().unwrap_or_default().contains("r-"), "{first:?}");
+    bot.stop();
+
+    let log = tmp.path().join("second.log");
+    let bot = start(&config, port, &log).await;
+    assert_eq!(post_signed(&bot.1, &body, ts).await, 200, "acknowledged, so Slack stops retrying");
+    // A fresh command is answered: the replay had its chance to be too.
+    let fresh = command_body(&slack, "list", 2);
+    assert_eq!(post_signed(&bot.1, &fresh, chrono::Utc::now().timestamp()).await, 200);
+    assert!(slack.wait_for(wait, |c| c.method == "response/2").await.is_some());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(slack.calls_to("response/1").len(), 1, "the replay was run again");
+    bot.stop();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("already taken"), "{logs}");
+    let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
+    assert_eq!(store.requests().unwrap().len(), 1, "one request, not two");
+}
