@@ -146,6 +146,7 @@ pub fn engine_settings(config: &Config) -> EngineSettings {
         retry_base: config.scheduler.retry_base,
         retry_max: config.scheduler.retry_max,
         alert_after: config.scheduler.alert_after,
+        max_pending_per_user: config.policy.max_pending_per_user,
     }
 }
 

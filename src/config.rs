@@ -26,6 +26,8 @@ pub struct Config {
     pub discord: Option<DiscordConfig>,
     #[serde(default)]
     pub admins: PrincipalsConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
     #[serde(default, rename = "group")]
     pub groups: Vec<Spanned<GroupConfig>>,
 }
@@ -314,6 +316,28 @@ pub struct DiscordConfig {
     pub users: BTreeMap<String, String>,
 }
 
+/// Rules for every group at once.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Requests one person may have waiting for a decision at once; more are
+    /// refused (the requester is told how to cancel old ones).
+    #[serde(default = "d_max_pending")]
+    pub max_pending_per_user: usize,
+}
+
+fn d_max_pending() -> usize {
+    5
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            max_pending_per_user: d_max_pending(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct PrincipalsConfig {
@@ -564,6 +588,13 @@ impl Config {
                 "server.dashboard".into(),
                 None,
                 "the dashboard is served only behind server.admin_token; set one".into(),
+            );
+        }
+        if self.policy.max_pending_per_user == 0 {
+            issue(
+                "policy.max_pending_per_user".into(),
+                None,
+                "must be at least 1, or nobody could ask for anything".into(),
             );
         }
         if self.scheduler.concurrency == 0 {

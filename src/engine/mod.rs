@@ -9,6 +9,7 @@
 //! revocation, `Expire` a lease that ended while jitbot was down.
 
 mod admin;
+mod floods;
 mod leases;
 mod queries;
 mod requests;
@@ -33,6 +34,8 @@ pub struct EngineSettings {
     pub retry_max: Span,
     /// Failed revocation attempts before an alert goes out.
     pub alert_after: u32,
+    /// Requests one person may have waiting for a decision at once.
+    pub max_pending_per_user: usize,
 }
 
 impl Default for EngineSettings {
@@ -41,6 +44,7 @@ impl Default for EngineSettings {
             retry_base: Span::from_secs(5),
             retry_max: Span::from_mins(5),
             alert_after: 5,
+            max_pending_per_user: 5,
         }
     }
 }

@@ -49,6 +49,7 @@ impl Engine {
                 if break_glass {
                     request.break_glass(&policy, &actor, reason, now)?;
                 }
+                self.within_pending_cap(&request)?;
                 let mut audit = Engine::audit(caller.user.as_str(), "request.opened");
                 audit.request = Some(id.to_string());
                 audit.group = Some(group.to_string());

@@ -1,6 +1,8 @@
-//! Security hardening through the real binary: Slack payloads replayed after
-//! a restart, and the audit chain anchored outside the store.
+//! Security hardening: Slack payloads replayed after a restart and the audit
+//! chain anchored outside the store (through the real binary), and the cap
+//! on pending requests per person (through the engine).
 
+use crate::support::bot::TestBot;
 use crate::support::fake_slack::FakeSlack;
 use jitbot::chat::slack::signature::sign;
 use std::path::Path;
@@ -187,4 +189,35 @@ async fn a_slack_payload_replayed_after_a_restart_is_refused() {
     assert!(logs.contains("already taken"), "{logs}");
     let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
     assert_eq!(store.requests().unwrap().len(), 1, "one request, not two");
+}
+
+/// A requester can keep only `max_pending_per_user` requests waiting; the
+/// refusal names them and says how to cancel one. Break-glass and other
+/// people are not held back.
+#[tokio::test]
+async fn pending_requests_per_person_are_capped() {
+    let bot = TestBot::builder()
+        .settings(|s| s.max_pending_per_user = 2)
+        .policy(|p| p.groups[0].break_glass = true)
+        .build();
+    let first = TestBot::request_id(&bot.ok("alice", "request web-admins 1h one").await);
+    let second = TestBot::request_id(&bot.ok("alice", "request db-admins 1h two").await);
+    let third = bot.say("alice", "request web-admins 1h three").await;
+    assert!(!third.ok, "{}", third.text);
+    for part in ["/jit cancel", &first, &second, "2 requests"] {
+        assert!(third.text.contains(part), "{part} missing: {}", third.text);
+    }
+    assert_eq!(bot.engine.store().requests().unwrap().len(), 2, "nothing was queued");
+
+    // Someone else is not affected.
+    bot.ok("dave", "request db-admins 1h mine").await;
+    // Break-glass is granted at once, so the cap never holds it back.
+    let glass = bot.say("alice", "breakglass db-admins 1h prod down").await;
+    assert!(glass.ok, "{}", glass.text);
+    bot.run_due().await;
+    assert!(bot.is_member(crate::support::bot::DB, "alice"), "break-glass granted");
+
+    // Cancelling one frees a slot.
+    bot.ok("alice", &format!("cancel {first}")).await;
+    bot.ok("alice", "request web-admins 1h three again").await;
 }
