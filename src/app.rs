@@ -150,6 +150,19 @@ pub fn engine_settings(config: &Config) -> EngineSettings {
     }
 }
 
+/// The `[audit] key`, refused when too short to resist guessing.
+pub fn audit_key(src: &crate::secret::SecretSource) -> anyhow::Result<crate::secret::Secret> {
+    let key = src.resolve().context("audit.key")?;
+    let len = key.expose().trim().len();
+    if len < crate::config::MIN_AUDIT_KEY_BYTES {
+        anyhow::bail!(
+            "audit.key: is {len} bytes; use at least {} random bytes (e.g. `openssl rand -hex 32`)",
+            crate::config::MIN_AUDIT_KEY_BYTES
+        );
+    }
+    Ok(key)
+}
+
 /// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_token = match &config.server.admin_token {
@@ -157,6 +170,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
+    if let Some(src) = &config.audit.key {
+        store.set_audit_key(audit_key(src)?);
+        store.seal_unkeyed_history(chrono::Utc::now()).await?;
+    }
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let engine = Engine::new(
@@ -166,6 +183,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         clock.clone(),
         engine_settings(&config),
     );
+    let anchor_engine = engine.clone();
     let mut platforms: Vec<(String, Arc<dyn Notifier>)> = Vec::new();
     let routers: Vec<Router> = Vec::new();
     let extra = crate::chat::configure(&config, &engine, clock, &mut platforms)?;
@@ -194,6 +212,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for task in extra.tasks {
         let rx = running.shutdown_signal();
         running.spawn(task(rx));
+    }
+    if let Some(every) = config.audit.anchor_every {
+        let rx = running.shutdown_signal();
+        running.spawn(crate::engine::anchor::run_anchors(
+            anchor_engine,
+            every.to_std(),
+            rx,
+        ));
     }
     wait_for_signal().await;
     tracing::info!("shutting down");

@@ -28,6 +28,8 @@ pub struct Config {
     pub admins: PrincipalsConfig,
     #[serde(default)]
     pub policy: PolicyConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     #[serde(default, rename = "group")]
     pub groups: Vec<Spanned<GroupConfig>>,
 }
@@ -316,6 +318,21 @@ pub struct DiscordConfig {
     pub users: BTreeMap<String, String>,
 }
 
+/// The audit chain's protection against someone with write access to the store.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// HMAC-SHA256 key for the chain (env or file, at least 32 bytes): with
+    /// it, write access to the store alone cannot forge history.
+    pub key: Option<SecretSource>,
+    /// Publish the chain's head to the alert channel and the log this often
+    /// (and at start-up).
+    pub anchor_every: Option<Span>,
+}
+
+/// The shortest `[audit] key` accepted, in bytes.
+pub const MIN_AUDIT_KEY_BYTES: usize = 32;
+
 /// Rules for every group at once.
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -590,6 +607,15 @@ impl Config {
                 "the dashboard is served only behind server.admin_token; set one".into(),
             );
         }
+        if let Some(every) = self.audit.anchor_every {
+            if every < Span::from_mins(1) {
+                issue(
+                    "audit.anchor_every".into(),
+                    None,
+                    "must be at least 1m; anchors are for people to keep, not a log stream".into(),
+                );
+            }
+        }
         if self.policy.max_pending_per_user == 0 {
             issue(
                 "policy.max_pending_per_user".into(),
@@ -786,7 +812,10 @@ max_duration = "4h"
             assert_eq!(err.issues[0].line, want_line, "{msg}");
             assert!(msg.contains("366 days"), "{msg}");
         }
-        let text = MINIMAL.replace("max_duration = \"4h\"", "max_duration = \"4h\"\nmax_total_duration = \"366d\"");
+        let text = MINIMAL.replace(
+            "max_duration = \"4h\"",
+            "max_duration = \"4h\"\nmax_total_duration = \"366d\"",
+        );
         Config::parse(&text, "t.toml").unwrap();
         let text = format!("{MINIMAL}\n[scheduler]\nretry_max = \"500d\"\n");
         let err = Config::parse(&text, "t.toml").unwrap_err();

@@ -339,7 +339,10 @@ mod tests {
     fn a_bad_duration_after_the_group_is_refused_not_taken_as_the_reason() {
         for verb in ["request", "breakglass"] {
             for (token, check) in [
-                ("-5m", (|e| matches!(e, SpanError::Invalid(_))) as fn(&SpanError) -> bool),
+                (
+                    "-5m",
+                    (|e| matches!(e, SpanError::Invalid(_))) as fn(&SpanError) -> bool,
+                ),
                 ("+5m", |e| matches!(e, SpanError::Invalid(_))),
                 ("-1", |e| matches!(e, SpanError::Invalid(_))),
                 ("0m", |e| matches!(e, SpanError::Zero)),

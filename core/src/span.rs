@@ -155,7 +155,10 @@ mod tests {
         let huge = Span::from_secs(u64::MAX);
         assert_eq!(huge.after(now), DateTime::<Utc>::MAX_UTC);
         assert_eq!(huge.before(now), DateTime::<Utc>::MIN_UTC);
-        assert_eq!(Span::from_secs(CHRONO_MAX_SECS + 1).to_chrono().num_seconds(), CHRONO_MAX_SECS as i64);
+        assert_eq!(
+            Span::from_secs(CHRONO_MAX_SECS + 1).to_chrono().num_seconds(),
+            CHRONO_MAX_SECS as i64
+        );
         assert_eq!(Span::from_hours(1).after(now), now + chrono::Duration::hours(1));
     }
 }

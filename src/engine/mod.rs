@@ -9,6 +9,7 @@
 //! revocation, `Expire` a lease that ended while jitbot was down.
 
 mod admin;
+pub mod anchor;
 mod floods;
 mod leases;
 mod queries;

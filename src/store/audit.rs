@@ -35,7 +35,12 @@ impl fmt::Display for Anchor {
 impl FromStr for Anchor {
     type Err = String;
     fn from_str(s: &str) -> Result<Anchor, String> {
-        let bad = || format!("`{}` is not an anchor; write SEQ:HASH as `jitbot audit anchor` prints it", s.chars().take(100).collect::<String>());
+        let bad = || {
+            format!(
+                "`{}` is not an anchor; write SEQ:HASH as `jitbot audit anchor` prints it",
+                s.chars().take(100).collect::<String>()
+            )
+        };
         let (seq, hash) = s.trim().split_once(':').ok_or_else(bad)?;
         let seq: u64 = seq.parse().map_err(|_| bad())?;
         let hex_ok = hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit());
@@ -228,11 +233,7 @@ impl Store {
         let mut anchor_found = anchor.is_some_and(|a| a.seq == 0);
         for item in self.inner.audit.iter() {
             let (k, v) = item?;
-            let seq = k
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(u64::MAX);
+            let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
             let stored = match serde_json::from_slice::<StoredAudit>(&v) {
                 Ok(s) => s,
                 Err(e) => return broken(seq, format!("record is unreadable: {e}")),
@@ -253,7 +254,8 @@ impl Store {
             if seen_keyed && !keyed {
                 return broken(
                     seq,
-                    "it is unkeyed after keyed records: written without the [audit] key, so not by jitbot".into(),
+                    "it is unkeyed after keyed records: written without the [audit] key, so not by jitbot"
+                        .into(),
                 );
             }
             prev_hash = match link(&v, keyed, key) {
@@ -276,7 +278,9 @@ impl Store {
             prev_seq = seq;
         }
         let head = self.inner.meta.get(AUDIT_HEAD)?;
-        if head.as_deref() != Some(format!("{prev_seq}:{prev_hash}").as_bytes()) && !(prev_seq == 0 && head.is_none()) {
+        if head.as_deref() != Some(format!("{prev_seq}:{prev_hash}").as_bytes())
+            && !(prev_seq == 0 && head.is_none())
+        {
             return broken(
                 prev_seq,
                 "the last record does not match the recorded chain head".into(),
@@ -393,16 +397,36 @@ mod tests {
         store.seal_unkeyed_history(now()).await.unwrap();
         write(&store, 2).await.unwrap();
         assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 5 });
-        let text = String::from_utf8(store.inner.audit.get(5u64.to_be_bytes()).unwrap().unwrap().to_vec()).unwrap();
+        let text = String::from_utf8(
+            store
+                .inner
+                .audit
+                .get(5u64.to_be_bytes())
+                .unwrap()
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
         assert!(text.contains("\"v\":\"1-hmac\""), "{text}");
-        let third = String::from_utf8(store.inner.audit.get(3u64.to_be_bytes()).unwrap().unwrap().to_vec()).unwrap();
+        let third = String::from_utf8(
+            store
+                .inner
+                .audit
+                .get(3u64.to_be_bytes())
+                .unwrap()
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
         assert!(third.contains("audit.keyed"), "{third}");
 
         // Rewriting with plain SHA-256 (no key) is caught at the first
         // unkeyed record after keyed ones, or at the end.
         rewrite_from(&store, 4, None);
         match store.verify_audit().unwrap() {
-            AuditCheck::Broken { seq, problem } => assert!(seq >= 4 && problem.contains("unkeyed"), "{seq} {problem}"),
+            AuditCheck::Broken { seq, problem } => {
+                assert!(seq >= 4 && problem.contains("unkeyed"), "{seq} {problem}")
+            }
             other => panic!("{other:?}"),
         }
         // A guessed key does not help either.
@@ -455,6 +479,10 @@ mod tests {
             prev = link(&bytes, keyed, store.audit_key()).unwrap();
         }
         let last = store.inner.audit.len();
-        store.inner.meta.insert(AUDIT_HEAD, format!("{last}:{prev}").as_bytes()).unwrap();
+        store
+            .inner
+            .meta
+            .insert(AUDIT_HEAD, format!("{last}:{prev}").as_bytes())
+            .unwrap();
     }
 }

@@ -61,7 +61,12 @@ impl Store {
             let (key, value) = item?;
             if expiry(&value) <= now.timestamp() {
                 // Only if unchanged: a fresh sighting of the same id stays.
-                if self.inner.seen.compare_and_swap(&key, Some(&value), None::<&[u8]>)?.is_ok() {
+                if self
+                    .inner
+                    .seen
+                    .compare_and_swap(&key, Some(&value), None::<&[u8]>)?
+                    .is_ok()
+                {
                     removed += 1;
                 }
             }
@@ -89,12 +94,18 @@ mod tests {
         assert!(store.first_sighting("slack:act:1", until, t0).await.unwrap());
         assert!(!store.first_sighting("slack:act:1", until, t0).await.unwrap());
         let later = Span::from_secs(599).after(t0);
-        assert!(!store.first_sighting("slack:act:1", REPLAY_WINDOW.after(later), later).await.unwrap());
+        assert!(!store
+            .first_sighting("slack:act:1", REPLAY_WINDOW.after(later), later)
+            .await
+            .unwrap());
         assert!(store.first_sighting("slack:act:2", until, t0).await.unwrap());
         let after = REPLAY_WINDOW.after(t0);
         assert_eq!(store.prune_seen(after).unwrap(), 2);
         assert_eq!(store.seen_len(), 0);
-        assert!(store.first_sighting("slack:act:1", REPLAY_WINDOW.after(after), after).await.unwrap());
+        assert!(store
+            .first_sighting("slack:act:1", REPLAY_WINDOW.after(after), after)
+            .await
+            .unwrap());
     }
 
     #[tokio::test]
@@ -103,9 +114,15 @@ mod tests {
         let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         {
             let store = Store::open(dir.path(), 8).unwrap();
-            assert!(store.first_sighting("discord:42", REPLAY_WINDOW.after(t0), t0).await.unwrap());
+            assert!(store
+                .first_sighting("discord:42", REPLAY_WINDOW.after(t0), t0)
+                .await
+                .unwrap());
         }
         let store = Store::open(dir.path(), 8).unwrap();
-        assert!(!store.first_sighting("discord:42", REPLAY_WINDOW.after(t0), t0).await.unwrap());
+        assert!(!store
+            .first_sighting("discord:42", REPLAY_WINDOW.after(t0), t0)
+            .await
+            .unwrap());
     }
 }

@@ -29,7 +29,11 @@ impl Running {
     fn stop(mut self) {
         let mut child = self.0.take().expect("running");
         let pid = child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
         let status = child.wait().unwrap();
         assert!(status.success(), "exit status after SIGTERM: {status}");
     }
@@ -113,19 +117,7 @@ async fn start(config: &Path, port: u16, log: &Path) -> Running {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    let running = Running(Some(child), format!("http://127.0.0.1:{port}"));
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = http.get(format!("{}/healthz", running.1)).send().await {
-            if r.status().is_success() {
-                return running;
-            }
-        }
-        let logs = std::fs::read_to_string(log).unwrap_or_default();
-        assert!(Instant::now() < deadline, "jitbot did not come up:\n{logs}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), log).await
 }
 
 fn command_body(slack: &FakeSlack, text: &str, n: u32) -> String {
@@ -172,15 +164,25 @@ async fn a_slack_payload_replayed_after_a_restart_is_refused() {
     let wait = Duration::from_secs(10);
     let first = slack.wait_for(wait, |c| c.method == "response/1").await;
     let first = first.unwrap_or_else(|| panic!("no answer: {:?}", std::fs::read_to_string(&log)));
-    assert!(first.body["text"].as_str().unwrap_or_default().contains("r-"), "{first:?}");
+    assert!(
+        first.body["text"].as_str().unwrap_or_default().contains("r-"),
+        "{first:?}"
+    );
     bot.stop();
 
     let log = tmp.path().join("second.log");
     let bot = start(&config, port, &log).await;
-    assert_eq!(post_signed(&bot.1, &body, ts).await, 200, "acknowledged, so Slack stops retrying");
+    assert_eq!(
+        post_signed(&bot.1, &body, ts).await,
+        200,
+        "acknowledged, so Slack stops retrying"
+    );
     // A fresh command is answered: the replay had its chance to be too.
     let fresh = command_body(&slack, "list", 2);
-    assert_eq!(post_signed(&bot.1, &fresh, chrono::Utc::now().timestamp()).await, 200);
+    assert_eq!(
+        post_signed(&bot.1, &fresh, chrono::Utc::now().timestamp()).await,
+        200
+    );
     assert!(slack.wait_for(wait, |c| c.method == "response/2").await.is_some());
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(slack.calls_to("response/1").len(), 1, "the replay was run again");
@@ -207,7 +209,11 @@ async fn pending_requests_per_person_are_capped() {
     for part in ["/jit cancel", &first, &second, "2 requests"] {
         assert!(third.text.contains(part), "{part} missing: {}", third.text);
     }
-    assert_eq!(bot.engine.store().requests().unwrap().len(), 2, "nothing was queued");
+    assert_eq!(
+        bot.engine.store().requests().unwrap().len(),
+        2,
+        "nothing was queued"
+    );
 
     // Someone else is not affected.
     bot.ok("dave", "request db-admins 1h mine").await;
@@ -215,9 +221,154 @@ async fn pending_requests_per_person_are_capped() {
     let glass = bot.say("alice", "breakglass db-admins 1h prod down").await;
     assert!(glass.ok, "{}", glass.text);
     bot.run_due().await;
-    assert!(bot.is_member(crate::support::bot::DB, "alice"), "break-glass granted");
+    assert!(
+        bot.is_member(crate::support::bot::DB, "alice"),
+        "break-glass granted"
+    );
 
     // Cancelling one frees a slot.
     bot.ok("alice", &format!("cancel {first}")).await;
     bot.ok("alice", "request web-admins 1h three again").await;
+}
+
+/// `jitbot audit anchor` publishes the head to the alert channel (and the
+/// scheduled anchor does at start-up); `verify --anchor` accepts the chain
+/// while it is intact, and refuses it once someone with store access has
+/// rewritten a record before the anchor and re-linked everything after it.
+/// With `[audit] key`, records are HMAC-keyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_anchors_catch_rewritten_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slack = FakeSlack::start().await;
+    slack.add_user("UALICE", "alice@example.org");
+    let port = free_port();
+    let audit = "\n[audit]\nkey = { env = \"JITBOT_HARDENING_AUDIT_KEY\" }\nanchor_every = \"1h\"\n";
+    let config = write_config(tmp.path(), port, &slack, audit);
+    let log = tmp.path().join("anchor.log");
+    let key = "k".repeat(40);
+    let child = jitbot()
+        .env("JITBOT_HARDENING_AUDIT_KEY", &key)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let bot = wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), &log).await;
+    let wait = Duration::from_secs(10);
+    let scheduled = slack
+        .wait_for(wait, |c| {
+            c.method == "chat.postMessage" && c.body["channel"] == "CALERT"
+        })
+        .await
+        .expect("the scheduled anchor at start-up");
+    assert!(
+        scheduled.body.to_string().contains("Audit anchor `0:`"),
+        "{:?}",
+        scheduled.body
+    );
+
+    // Some history: a request, then the anchor.
+    let body = command_body(&slack, "request db-admins 1h replicas down", 1);
+    assert_eq!(
+        post_signed(&bot.1, &body, chrono::Utc::now().timestamp()).await,
+        200
+    );
+    assert!(slack.wait_for(wait, |c| c.method == "response/1").await.is_some());
+    let base = bot.1.clone();
+    let cli = |args: &[&str]| jitbot().args(args).args(["--url", &base]).output().unwrap();
+    let out = cli(&["audit", "anchor"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let anchor = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let parsed: jitbot::store::Anchor = anchor.parse().expect("SEQ:HASH");
+    assert!(parsed.seq >= 1, "{anchor}");
+    let published = slack
+        .wait_for(wait, |c| {
+            c.body["channel"] == "CALERT" && c.body.to_string().contains(&anchor)
+        })
+        .await;
+    assert!(
+        published.is_some(),
+        "the anchor reached the alert channel: {:?}",
+        slack.calls()
+    );
+    assert!(
+        std::fs::read_to_string(&log).unwrap().contains(&anchor),
+        "and the log"
+    );
+
+    // More history after the anchor; the chain verifies against it.
+    let body = command_body(&slack, "list", 2);
+    assert_eq!(
+        post_signed(&bot.1, &body, chrono::Utc::now().timestamp()).await,
+        200
+    );
+    assert!(slack.wait_for(wait, |c| c.method == "response/2").await.is_some());
+    let out = cli(&["audit", "verify", "--anchor", &anchor]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("matches anchor"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bot.stop();
+
+    // Offline, with write access to the store: every record is keyed, so
+    // the attacker rewrites record 1 and re-links the chain with SHA-256.
+    {
+        let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
+        let tree = store.audit_tree();
+        let raw: Vec<(sled::IVec, sled::IVec)> = tree.iter().map(|i| i.unwrap()).collect();
+        assert!(!raw.is_empty());
+        for (_, v) in &raw {
+            assert!(
+                String::from_utf8_lossy(v).contains("\"v\":\"1-hmac\""),
+                "keyed records"
+            );
+        }
+        let mut prev = String::new();
+        for (k, v) in &raw {
+            let mut json: serde_json::Value = serde_json::from_slice(v).unwrap();
+            if json["seq"] == 1 {
+                json["detail"] = "nothing happened".into();
+            }
+            json["v"] = "1".into();
+            json["prev"] = prev.clone().into();
+            let bytes = serde_json::to_vec(&json).unwrap();
+            use sha2::Digest;
+            prev = hex::encode(sha2::Sha256::digest(&bytes));
+            tree.insert(k, bytes).unwrap();
+        }
+        store.flush().await.unwrap();
+    }
+    let log = tmp.path().join("after.log");
+    let child = jitbot()
+        .env("JITBOT_HARDENING_AUDIT_KEY", &key)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let bot = wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), &log).await;
+    let out = cli(&["audit", "verify", "--anchor", &anchor]);
+    assert!(!out.status.success(), "a rewritten history must not verify");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken at record"), "{err}");
+    bot.stop();
+}
+
+async fn wait_up(running: Running, log: &Path) -> Running {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("{}/healthz", running.1)).send().await {
+            if r.status().is_success() {
+                return running;
+            }
+        }
+        let logs = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(Instant::now() < deadline, "jitbot did not come up:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -585,7 +585,10 @@ async fn payloads_from_elsewhere_and_external_clicks_are_refused() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{to}");
         let text = r.text().await.unwrap();
-        assert!(text.contains("slack.team_id") || text.contains("slack.app_id"), "{text}");
+        assert!(
+            text.contains("slack.team_id") || text.contains("slack.app_id"),
+            "{text}"
+        );
         h.no_answer(n).await;
     }
     assert_eq!(h.request_count(), requests, "nothing was requested");
@@ -610,22 +613,34 @@ async fn payloads_from_elsewhere_and_external_clicks_are_refused() {
     }
     // Same workspace and app, but bob's account lives in another workspace.
     let n = h.n();
-    let status = h.post("/slack/interactions", click("T1", "A1", "TOTHER", n)).await;
+    let status = h
+        .post("/slack/interactions", click("T1", "A1", "TOTHER", n))
+        .await;
     assert_eq!(status, StatusCode::OK);
     let text = h.answer(n).await;
     assert!(text.contains("own Slack workspace"), "{text}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(h.state(&id), RequestState::Pending, "an external click approves nothing");
+    assert_eq!(
+        h.state(&id),
+        RequestState::Pending,
+        "an external click approves nothing"
+    );
 
     // The same click from bob at home still works.
     let n = h.n();
-    assert_eq!(h.post("/slack/interactions", click("T1", "A1", "T1", n)).await, StatusCode::OK);
-    h.until("approval", || h.state(&id) == RequestState::Approved).await;
+    assert_eq!(
+        h.post("/slack/interactions", click("T1", "A1", "T1", n)).await,
+        StatusCode::OK
+    );
+    h.until("approval", || h.state(&id) == RequestState::Approved)
+        .await;
 
     let rendered = metrics.render();
     for reason in ["workspace", "app", "external_user"] {
         assert!(
-            rendered.contains(&format!("jitbot_refused_payloads_total{{platform=\"slack\",reason=\"{reason}\"}}")),
+            rendered.contains(&format!(
+                "jitbot_refused_payloads_total{{platform=\"slack\",reason=\"{reason}\"}}"
+            )),
             "{reason}: {rendered}"
         );
     }

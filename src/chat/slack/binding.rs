@@ -14,7 +14,9 @@ pub enum Mismatch {
     Workspace { got: String, want: String },
     #[error("it was sent to Slack app `{got}`, but this jitbot is app `{want}` (slack.app_id)")]
     App { got: String, want: String },
-    #[error("it comes from Enterprise Grid org `{got}`, but this jitbot serves `{want}` (slack.enterprise_id)")]
+    #[error(
+        "it comes from Enterprise Grid org `{got}`, but this jitbot serves `{want}` (slack.enterprise_id)"
+    )]
     Enterprise { got: String, want: String },
     #[error("the user belongs to Slack workspace `{got}`, not to `{want}`")]
     ExternalUser { got: String, want: String },
@@ -34,9 +36,11 @@ impl Mismatch {
     /// What the person who clicked is told.
     pub fn user_message(&self) -> String {
         match self {
-            Mismatch::ExternalUser { .. } => "jitbot takes commands and clicks only from members of its own Slack workspace; \
+            Mismatch::ExternalUser { .. } => {
+                "jitbot takes commands and clicks only from members of its own Slack workspace; \
                  ask someone in that workspace to act on this request."
-                .to_string(),
+                    .to_string()
+            }
             other => format!("jitbot refused this payload: {other}."),
         }
     }
