@@ -480,6 +480,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// `max_duration`), so a value the parser refuses is named, not just placed.
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let offset = offset.min(text.len());
+    if !text.is_char_boundary(offset) {
+        return None;
+    }
     let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = text[start..].lines().next()?;
     let (key, _) = line.split_once('=')?;
