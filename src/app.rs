@@ -172,7 +172,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
     if let Some(src) = &config.audit.key {
         store.set_audit_key(audit_key(src)?);
-        store.seal_unkeyed_history(chrono::Utc::now()).await?;
+        if store.seal_unkeyed_history(chrono::Utc::now()).await? {
+            tracing::warn!(
+                "audit chain: its last record was unkeyed, so it was sealed with an `audit.keyed` record. \
+                 Expected once, when [audit] key is first set; at any other start someone rewrote the chain \
+                 without the key: run `jitbot audit verify --anchor` with your last published anchor"
+            );
+        }
     }
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -186,17 +186,20 @@ impl Store {
 
     /// Appends an `audit.keyed` record when a key is configured but the last
     /// record is unkeyed, so that from here on an unkeyed last record means
-    /// the keyed history was cut off or rewritten.
-    pub async fn seal_unkeyed_history(&self, now: Instant) -> Result<(), StoreError> {
+    /// the keyed history was cut off or rewritten. Returns whether it did:
+    /// expected once, when the key is first configured; at any later start it
+    /// means someone rewrote the chain without the key (only an anchor
+    /// published before can then tell which records are genuine).
+    pub async fn seal_unkeyed_history(&self, now: Instant) -> Result<bool, StoreError> {
         if self.audit_key().is_none() {
-            return Ok(());
+            return Ok(false);
         }
         let last = match self.inner.audit.last()? {
-            None => return Ok(()),
+            None => return Ok(false),
             Some((k, v)) => super::decode::<StoredAudit>(&k, &v)?,
         };
         if last.keyed() {
-            return Ok(());
+            return Ok(false);
         }
         self.update(now, |tx| {
             tx.audit(AuditDraft {
@@ -207,7 +210,8 @@ impl Store {
             });
             Ok::<(), StoreError>(())
         })
-        .await
+        .await?;
+        Ok(true)
     }
 
     /// The chain's head: the anchor to publish.

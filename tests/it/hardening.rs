@@ -341,6 +341,11 @@ async fn audit_anchors_catch_rewritten_history() {
         }
         store.flush().await.unwrap();
     }
+    let first_logs = std::fs::read_to_string(tmp.path().join("anchor.log")).unwrap();
+    assert!(
+        !first_logs.contains("so it was sealed"),
+        "a new keyed store needs no seal"
+    );
     let log = tmp.path().join("after.log");
     let child = jitbot()
         .env("JITBOT_HARDENING_AUDIT_KEY", &key)
@@ -356,6 +361,11 @@ async fn audit_anchors_catch_rewritten_history() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken at record"), "{err}");
     bot.stop();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("so it was sealed"),
+        "the downgrade is logged: {logs}"
+    );
 }
 
 async fn wait_up(running: Running, log: &Path) -> Running {
