@@ -189,7 +189,12 @@ async fn seed_leases(store: &Store, n: usize, expiry: impl Fn(usize) -> chrono::
                         now,
                     );
                     lease.expires_at = expiry(i);
-                    lease.record_preexisting(false);
+                    let membership = jitbot_core::Membership {
+                        group: group.dn.clone(),
+                        attribute: "member".into(),
+                        value: format!("uid=u{i:06},{}", slapd::PEOPLE),
+                    };
+                    lease.record_preexisting(false, membership);
                     lease.state = LeaseState::Active;
                     tx.set_timer(TimerKind::Expire, lease.id.as_str(), lease.expires_at);
                     tx.put_lease(LeaseRecord { lease, origin: None });

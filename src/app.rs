@@ -3,7 +3,7 @@
 //! drains them on shutdown.
 
 use crate::chat::fanout::{Fanout, LogNotifier};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SteadyClock};
 use crate::config::{Config, DirectoryKind};
 use crate::directory::memory::MemoryDirectory;
 use crate::engine::{Engine, EngineSettings};
@@ -181,7 +181,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let directory = directory(&config).await?;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
     let engine = Engine::new(
         config.policy(),
         store,
@@ -201,6 +201,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    for note in engine.leases_outside_config()? {
+        tracing::warn!("{note}");
+    }
+    let store_watch = engine.store().clone();
     let mut running = start(
         Parts {
             engine,
@@ -227,10 +231,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             rx,
         ));
     }
-    wait_for_signal().await;
+    let failed = store_failure(store_watch);
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        why = failed => {
+            // Fail closed: stop, and let the next start recover from disk.
+            running.stop(config.server.shutdown_grace.to_std()).await;
+            anyhow::bail!("{why}");
+        }
+    }
     tracing::info!("shutting down");
     running.stop(config.server.shutdown_grace.to_std()).await;
     Ok(())
+}
+
+/// Resolves with the error once the store has failed closed.
+async fn store_failure(store: crate::store::Store) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Err(e) = store.check_healthy() {
+            return e.to_string();
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

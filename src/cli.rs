@@ -237,6 +237,22 @@ async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<(
             }
         }
     }
+    if config.store.path.exists() {
+        match crate::store::Store::open(&config.store.path, 8) {
+            Ok(store) => match store.live_leases() {
+                Ok(live) => {
+                    for note in crate::engine::leases_outside_config(&config.policy(), &live) {
+                        println!("  note: {note}");
+                    }
+                }
+                Err(e) => problems.push(format!("store: {e}")),
+            },
+            Err(crate::store::StoreError::Locked { .. }) => println!(
+                "  note: the store is in use by a running jitbot; its start-up log lists live leases whose group left the config"
+            ),
+            Err(e) => problems.push(format!("store: {e}")),
+        }
+    }
     if problems.is_empty() {
         println!("{}: OK ({} groups)", path.display(), config.groups.len());
         Ok(())

@@ -280,6 +280,12 @@ pub struct SlackConfig {
 fn d_slack_api() -> String {
     "https://slack.com/api".into()
 }
+/// Discord's own REST API base, without the `/api/v10` that serenity adds.
+pub const DISCORD_API: &str = "https://discord.com";
+
+fn d_discord_api() -> String {
+    DISCORD_API.into()
+}
 fn d_mail() -> String {
     "mail".into()
 }
@@ -302,6 +308,12 @@ pub struct DiscordConfig {
     #[serde(default)]
     pub mode: DiscordMode,
     pub bot_token: SecretSource,
+    /// Base of Discord's REST API (jitbot calls `{api_url}/api/v10/...` and
+    /// asks `GET /api/v10/gateway/bot` there for the gateway URL). Anything
+    /// but the default is treated as a rate-limiting proxy: serenity's own
+    /// rate limiter is turned off, since it ignores a proxy otherwise.
+    #[serde(default = "d_discord_api")]
+    pub api_url: String,
     /// The application's Ed25519 public key (hex), for the interactions endpoint.
     pub public_key: Option<String>,
     pub application_id: String,
@@ -602,6 +614,19 @@ impl Config {
                     "HTTP interactions mode needs the application's public key (hex)".into(),
                 );
             }
+            let base = discord.api_url.trim_end_matches('/');
+            let scheme_ok = base.starts_with("https://") || base.starts_with("http://");
+            if !scheme_ok || base.ends_with("/api") || base.contains("/api/") {
+                issue(
+                    "discord.api_url".into(),
+                    None,
+                    format!(
+                        "`{}` must be a base such as {DISCORD_API} or http://proxy:3000, \
+                         without the /api/v10 that jitbot adds",
+                        discord.api_url
+                    ),
+                );
+            }
         }
         if self.server.dashboard && self.server.admin_token.is_none() {
             issue(
@@ -833,6 +858,24 @@ max_duration = "4h"
         let bound = format!("{MINIMAL}{slack}team_id = \"T0001\"\napp_id = \"A1\"\n");
         let c = Config::parse(&bound, "t").unwrap();
         assert_eq!(c.slack.unwrap().team_id, "T0001");
+    }
+
+    #[test]
+    fn discord_api_url_is_a_base_without_the_api_path() {
+        let discord = |url: &str| {
+            format!(
+                "{MINIMAL}\n[discord]\nbot_token = {{ env = \"T\" }}\napplication_id = \"1\"\n\
+                 default_channel = \"2\"\n{url}"
+            )
+        };
+        let c = Config::parse(&discord(""), "t").unwrap();
+        assert_eq!(c.discord.unwrap().api_url, DISCORD_API);
+        let c = Config::parse(&discord("api_url = \"http://127.0.0.1:3000\""), "t").unwrap();
+        assert_eq!(c.discord.unwrap().api_url, "http://127.0.0.1:3000");
+        for bad in ["discord.com", "https://discord.com/api/v10", "https://proxy/api"] {
+            let err = Config::parse(&discord(&format!("api_url = \"{bad}\"")), "t").unwrap_err();
+            assert!(err.to_string().contains("discord.api_url"), "{bad}: {err}");
+        }
     }
 
     #[test]

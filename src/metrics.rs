@@ -67,3 +67,8 @@ pub fn set_gauges(active: usize, pending: usize) {
     gauge!("jitbot_active_leases").set(active as f64);
     gauge!("jitbot_pending_requests").set(pending as f64);
 }
+
+/// The wall clock went back (the steady clock ignored the step).
+pub fn clock_stepped_back() {
+    counter!("jitbot_clock_steps_back_total").increment(1);
+}

@@ -2,6 +2,7 @@
 //! in-memory directory, Slack, Discord and the web console implement them.
 
 use async_trait::async_trait;
+pub use jitbot_core::Membership;
 use jitbot_core::{GroupDn, UserId};
 use std::collections::BTreeSet;
 use thiserror::Error;
@@ -32,19 +33,57 @@ impl DirectoryError {
     }
 }
 
-/// Group membership in the directory. Add and remove are idempotent: adding a
-/// present member or removing an absent one succeeds.
+/// What adding a membership found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Added {
+    /// The directory did not hold the value; now it does.
+    Added,
+    /// The directory already held the value when this add arrived (LDAP
+    /// result 20): somebody else put it there. Only ever reported when the
+    /// add was sent once, so it cannot be jitbot's own earlier attempt.
+    AlreadyPresent,
+}
+
+/// One value of a group's membership attribute, as the ZSP monitor sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMember {
+    /// The value exactly as the group holds it: removing it undoes it.
+    pub membership: Membership,
+    pub kind: MemberKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberKind {
+    /// A user jitbot can name.
+    User(UserId),
+    /// A group nested in this one, and the users it reaches.
+    NestedGroup { reaches: Vec<UserId> },
+    /// A value that is no user under the user base nor a group (a DN
+    /// outside `user_base`, or a dangling one).
+    Unknown,
+}
+
+/// Group membership in the directory.
+///
+/// The engine works on [`Membership`] values: it asks once which value
+/// stands for a user in a group ([`Directory::membership_of`]), records it
+/// on the lease, and from then on adds, checks and removes exactly that
+/// value. Add and remove are idempotent: adding a present value or removing
+/// an absent one succeeds.
 #[async_trait]
 pub trait Directory: Send + Sync + 'static {
     /// The user whose `attribute` equals `value` exactly; `None` when nobody
     /// matches, [`DirectoryError::Ambiguous`] when several do.
     async fn find_user(&self, attribute: &str, value: &str) -> Result<Option<UserId>, DirectoryError>;
-    /// Whether `user` is a direct member of `group`.
-    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError>;
-    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError>;
-    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError>;
-    /// The group's members as user ids (placeholders excluded).
-    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError>;
+    /// The value that stands for `user` in `group` (their DN, or their id
+    /// for `memberUid`). [`DirectoryError::NoSuchUser`] when there is none.
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError>;
+    /// Whether the group holds exactly this value.
+    async fn has_membership(&self, membership: &Membership) -> Result<bool, DirectoryError>;
+    async fn add_membership(&self, membership: &Membership) -> Result<Added, DirectoryError>;
+    async fn remove_membership(&self, membership: &Membership) -> Result<(), DirectoryError>;
+    /// Every value of the group's membership attribute (placeholders excluded).
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError>;
     /// Of `among`, the groups `user` belongs to directly or through nesting.
     async fn groups_of(
         &self,
@@ -53,6 +92,43 @@ pub trait Directory: Send + Sync + 'static {
     ) -> Result<BTreeSet<GroupDn>, DirectoryError>;
     /// Cheap reachability probe for readiness.
     async fn ping(&self) -> Result<(), DirectoryError>;
+
+    /// Whether `user` is a direct member of `group` (tests, tools).
+    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
+        match self.membership_of(group, user).await {
+            Ok(m) => self.has_membership(&m).await,
+            Err(DirectoryError::NoSuchUser(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+    /// Adds `user` to `group` (tests, tools: the engine records the value first).
+    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
+        let m = self.membership_of(group, user).await?;
+        self.add_membership(&m).await.map(|_| ())
+    }
+    /// Removes `user` from `group` (tests, tools: the engine removes the recorded value).
+    /// A user the directory does not know has no value to remove: nothing
+    /// is guessed (the engine removes the value recorded at grant time).
+    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
+        match self.membership_of(group, user).await {
+            Ok(m) => self.remove_membership(&m).await,
+            Err(DirectoryError::NoSuchUser(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+    /// The group's direct user members, sorted (tests, tools).
+    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
+        let users: BTreeSet<UserId> = self
+            .members(group)
+            .await?
+            .into_iter()
+            .filter_map(|m| match m.kind {
+                MemberKind::User(u) => Some(u),
+                _ => None,
+            })
+            .collect();
+        Ok(users.into_iter().collect())
+    }
 }
 
 /// Why a chat call failed.

@@ -5,7 +5,7 @@
 //! user was already a member: jitbot only ever removes what it added.
 
 use crate::policy::GroupPolicy;
-use crate::{GroupName, Instant, LeaseId, Refusal, RequestId, Span, UserId};
+use crate::{GroupDn, GroupName, Instant, LeaseId, Refusal, RequestId, Span, UserId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +45,9 @@ pub enum EndReason {
     Revoked { by: UserId, reason: String },
     /// The directory refused the grant; any partial change is undone.
     GrantFailed { error: String },
+    /// Not a grant at all: a member of a zero-standing-privilege group
+    /// without a lease, being removed by the ZSP monitor.
+    Drift,
 }
 
 impl EndReason {
@@ -54,8 +57,23 @@ impl EndReason {
             EndReason::Released => "released early".into(),
             EndReason::Revoked { by, reason } => format!("revoked by {by}: {reason}"),
             EndReason::GrantFailed { error } => format!("grant failed: {error}"),
+            EndReason::Drift => "standing membership of a zero-standing-privilege group removed".into(),
         }
     }
+}
+
+/// Exactly what a grant writes into the directory: the group's DN, the
+/// membership attribute and the value. Recorded on the lease *before* the
+/// write, so that revocation removes this value from this group and nothing
+/// else, whatever the configuration or the directory says later (a group
+/// dropped from the config, a changed `dn`, a user renamed or deleted).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub group: GroupDn,
+    /// `member`, `uniqueMember` or `memberUid`.
+    pub attribute: String,
+    /// The user's DN, or their id for `memberUid`.
+    pub value: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +91,9 @@ pub struct Lease {
     /// `None` until checked; `Some(true)` when the user was a member before
     /// jitbot, in which case jitbot neither adds nor removes anything.
     pub preexisting: Option<bool>,
+    /// What the grant writes (and so what revocation removes); set together
+    /// with `preexisting`, before the directory is touched.
+    pub membership: Option<Membership>,
     pub end_reason: Option<EndReason>,
     pub ended_at: Option<Instant>,
     /// Failed revocation attempts so far.
@@ -104,6 +125,7 @@ impl Lease {
             latest_end: policy.max_total_duration.max(duration).after(now),
             state: LeaseState::Granting,
             preexisting: None,
+            membership: None,
             end_reason: None,
             ended_at: None,
             revoke_attempts: 0,
@@ -122,11 +144,52 @@ impl Lease {
         Ok(())
     }
 
-    /// Records what the directory said before any change.
-    pub fn record_preexisting(&mut self, was_member: bool) {
+    /// A lease that only removes: a member of a zero-standing-privilege
+    /// group found without a lease. It starts `Revoking`, owns exactly the
+    /// value found, and goes through the same retried removal as any lease.
+    pub fn remediation(
+        id: LeaseId,
+        group: GroupName,
+        user: UserId,
+        membership: Membership,
+        now: Instant,
+    ) -> Lease {
+        Lease {
+            id,
+            request: RequestId::new("zsp-monitor"),
+            group,
+            user,
+            starts_at: now,
+            expires_at: now,
+            latest_end: now,
+            state: LeaseState::Revoking,
+            preexisting: Some(false),
+            membership: Some(membership),
+            end_reason: Some(EndReason::Drift),
+            ended_at: Some(now),
+            revoke_attempts: 0,
+            last_error: None,
+            alerted: false,
+            warned: false,
+        }
+    }
+
+    /// Records what the directory said before any change, and what the
+    /// grant will write. The first observation sticks.
+    pub fn record_preexisting(&mut self, was_member: bool, membership: Membership) {
         if self.preexisting.is_none() {
             self.preexisting = Some(was_member);
         }
+        if self.membership.is_none() {
+            self.membership = Some(membership);
+        }
+    }
+
+    /// jitbot's first add found the value already there (LDAP result 20):
+    /// someone else added it between the check and the add. It is theirs,
+    /// so jitbot never claims it and never removes it.
+    pub fn added_by_someone_else(&mut self) {
+        self.preexisting = Some(true);
     }
 
     /// Whether jitbot added (or may have been about to add) the membership,
@@ -182,7 +245,9 @@ impl Lease {
         (self.expires_at - now).max(chrono::Duration::zero())
     }
 
-    /// Adds time, bounded by the group's maximum total duration.
+    /// Adds time, bounded by the group's maximum total duration as the
+    /// policy says *today* (a lowered limit binds live leases too) and by
+    /// the bound fixed when the lease started.
     pub fn extend(&mut self, by: Span, policy: &GroupPolicy, now: Instant) -> Result<Instant, Refusal> {
         self.not_in(LeaseState::Active)?;
         if now >= self.expires_at {
@@ -198,7 +263,8 @@ impl Lease {
             });
         }
         let new_end = by.after(self.expires_at);
-        if new_end > self.latest_end {
+        let today = policy.max_total_duration.after(self.starts_at);
+        if new_end > self.latest_end.min(today) {
             return Err(Refusal::OverTotalDuration {
                 group: policy.name.clone(),
                 max_total: policy.max_total_duration,
@@ -233,6 +299,14 @@ mod tests {
         p
     }
 
+    fn membership() -> Membership {
+        Membership {
+            group: GroupDn::new("cn=db-admins,dc=example,dc=org"),
+            attribute: "member".into(),
+            value: "uid=alice,dc=example,dc=org".into(),
+        }
+    }
+
     fn lease() -> Lease {
         Lease::start(
             LeaseId::new("l1"),
@@ -249,7 +323,7 @@ mod tests {
         let mut l = lease();
         assert_eq!(l.state, LeaseState::Granting);
         assert_eq!(l.expires_at, t0() + Duration::hours(2));
-        l.record_preexisting(false);
+        l.record_preexisting(false, membership());
         assert!(l.owns_membership());
         l.activate().unwrap();
         assert!(!l.is_due(t0() + Duration::minutes(119)));
@@ -283,8 +357,8 @@ mod tests {
     fn standing_membership_is_never_owned() {
         let mut l = lease();
         assert!(!l.owns_membership(), "unknown means jitbot never added it");
-        l.record_preexisting(true);
-        l.record_preexisting(false);
+        l.record_preexisting(true, membership());
+        l.record_preexisting(false, membership());
         assert_eq!(l.preexisting, Some(true), "the first observation sticks");
         assert!(!l.owns_membership());
     }
@@ -312,6 +386,39 @@ mod tests {
         assert!(l
             .extend(Span::from_hours(1), &p, t0() + Duration::hours(6))
             .is_err());
+    }
+
+    #[test]
+    fn a_lowered_total_limit_binds_live_leases() {
+        let mut p = policy();
+        let mut l = lease();
+        l.activate().unwrap();
+        p.max_total_duration = Span::from_hours(3);
+        assert_eq!(
+            l.extend(Span::from_hours(2), &p, t0()),
+            Err(Refusal::OverTotalDuration {
+                group: p.name.clone(),
+                max_total: Span::from_hours(3)
+            })
+        );
+        assert_eq!(
+            l.extend(Span::from_hours(1), &p, t0()).unwrap(),
+            t0() + Duration::hours(3)
+        );
+    }
+
+    #[test]
+    fn an_add_someone_else_made_is_never_claimed() {
+        let mut l = lease();
+        l.record_preexisting(false, membership());
+        assert!(l.owns_membership());
+        l.added_by_someone_else();
+        assert!(!l.owns_membership());
+        assert_eq!(
+            l.membership,
+            Some(membership()),
+            "what was written is still known"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod span;
 
 pub use command::{Command, ParseError};
 pub use ids::{GroupDn, GroupName, LeaseId, RequestId, UserId};
-pub use lease::{EndReason, Lease, LeaseState};
+pub use lease::{EndReason, Lease, LeaseState, Membership};
 pub use policy::{Actor, GroupPolicy, Principals};
 pub use refusal::Refusal;
 pub use request::{AccessRequest, ApprovalOutcome, RequestKind, RequestState};

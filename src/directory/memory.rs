@@ -6,7 +6,7 @@
 //! an unreachable server would, for outage tests.
 
 use crate::config::MemoryDirectoryConfig;
-use crate::ports::{Directory, DirectoryError};
+use crate::ports::{Added, Directory, DirectoryError, GroupMember, MemberKind, Membership};
 use async_trait::async_trait;
 use jitbot_core::{GroupDn, UserId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -107,56 +107,75 @@ impl Directory for MemoryDirectory {
         }
     }
 
-    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
         self.maybe_fail()?;
         let s = self.lock();
-        let members = s
-            .groups
-            .get(group.as_str())
-            .ok_or_else(|| DirectoryError::NoSuchGroup(group.to_string()))?;
-        Ok(members.contains(user.as_str()))
+        let id = s
+            .users
+            .keys()
+            .find(|id| id.eq_ignore_ascii_case(user.as_str()))
+            .ok_or_else(|| DirectoryError::NoSuchUser(user.to_string()))?;
+        Ok(Membership {
+            group: group.clone(),
+            attribute: "member".into(),
+            value: id.clone(),
+        })
     }
 
-    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.maybe_fail()?;
+        let s = self.lock();
+        Ok(find(members_of(&s, &m.group)?, &m.value).is_some())
+    }
+
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         self.maybe_fail()?;
         let mut s = self.lock();
-        if !s.users.contains_key(user.as_str()) {
-            return Err(DirectoryError::NoSuchUser(user.to_string()));
+        let members = members_of_mut(&mut s, &m.group)?;
+        if find(members, &m.value).is_some() {
+            return Ok(Added::AlreadyPresent);
         }
-        let members = s
-            .groups
-            .get_mut(group.as_str())
-            .ok_or_else(|| DirectoryError::NoSuchGroup(group.to_string()))?;
-        if members.insert(user.to_string()) {
+        members.insert(m.value.clone());
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        Ok(Added::Added)
+    }
+
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.maybe_fail()?;
+        let mut s = self.lock();
+        let members = members_of_mut(&mut s, &m.group)?;
+        if let Some(present) = find(members, &m.value).cloned() {
+            members.remove(&present);
             self.changes.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
     }
 
-    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        self.maybe_fail()?;
-        let mut s = self.lock();
-        let members = s
-            .groups
-            .get_mut(group.as_str())
-            .ok_or_else(|| DirectoryError::NoSuchGroup(group.to_string()))?;
-        if members.remove(user.as_str()) {
-            self.changes.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(())
-    }
-
-    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
         self.maybe_fail()?;
         let s = self.lock();
-        let members = s
-            .groups
-            .get(group.as_str())
-            .ok_or_else(|| DirectoryError::NoSuchGroup(group.to_string()))?;
+        let members = members_of(&s, group)?;
         Ok(members
             .iter()
-            .filter(|m| !s.groups.contains_key(m.as_str()))
-            .map(UserId::new)
+            .map(|value| {
+                let kind = if s.groups.contains_key(value) {
+                    MemberKind::NestedGroup {
+                        reaches: reached_users(&s, value),
+                    }
+                } else if let Some(id) = s.users.keys().find(|id| id.eq_ignore_ascii_case(value)) {
+                    MemberKind::User(UserId::new(id.as_str()))
+                } else {
+                    MemberKind::Unknown
+                };
+                GroupMember {
+                    membership: Membership {
+                        group: group.clone(),
+                        attribute: "member".into(),
+                        value: value.clone(),
+                    },
+                    kind,
+                }
+            })
             .collect())
     }
 
@@ -173,7 +192,10 @@ impl Directory for MemoryDirectory {
         for _ in 0..=s.groups.len() {
             let before = reached.len();
             for (dn, members) in &s.groups {
-                if members.contains(user.as_str()) || members.iter().any(|m| reached.contains(m)) {
+                if members
+                    .iter()
+                    .any(|m| m.eq_ignore_ascii_case(user.as_str()) || reached.contains(m))
+                {
                     reached.insert(dn.clone());
                 }
             }
@@ -191,6 +213,43 @@ impl Directory for MemoryDirectory {
     async fn ping(&self) -> Result<(), DirectoryError> {
         self.maybe_fail()
     }
+}
+
+fn members_of<'s>(s: &'s State, group: &GroupDn) -> Result<&'s BTreeSet<String>, DirectoryError> {
+    s.groups
+        .get(group.as_str())
+        .ok_or_else(|| DirectoryError::NoSuchGroup(group.to_string()))
+}
+
+fn members_of_mut<'s>(s: &'s mut State, group: &GroupDn) -> Result<&'s mut BTreeSet<String>, DirectoryError> {
+    s.groups
+        .get_mut(group.as_str())
+        .ok_or_else(|| DirectoryError::NoSuchGroup(group.to_string()))
+}
+
+/// The member equal to `value` as a directory compares account names.
+fn find<'m>(members: &'m BTreeSet<String>, value: &str) -> Option<&'m String> {
+    members.iter().find(|m| m.eq_ignore_ascii_case(value))
+}
+
+/// Users reached through the nested group `dn`, however deep.
+fn reached_users(s: &State, dn: &str) -> Vec<UserId> {
+    let mut users = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![dn.to_string()];
+    while let Some(group) = todo.pop() {
+        if !seen.insert(group.clone()) {
+            continue;
+        }
+        for m in s.groups.get(&group).into_iter().flatten() {
+            if s.groups.contains_key(m) {
+                todo.push(m.clone());
+            } else {
+                users.insert(UserId::new(m.as_str()));
+            }
+        }
+    }
+    users.into_iter().collect()
 }
 
 #[cfg(test)]

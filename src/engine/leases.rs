@@ -1,20 +1,25 @@
-//! Leases: grant, expire, revoke (with retries), release, extend, warn.
+//! Leases as people and timers see them: expire, release, revoke, extend,
+//! warn. The directory work itself is the executor's (`executor.rs`).
 
+use super::audit::{about_lease, about_request, AuditAction};
 use super::{notice, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
 use crate::ports::Audience;
 use crate::store::{LeaseRecord, OutboxItem, RequestRecord, TimerKind, Tx};
-use jitbot_core::backoff::retry_delay;
 use jitbot_core::command::Action;
-use jitbot_core::policy::GroupPolicy;
 use jitbot_core::request::RequestKind;
 use jitbot_core::{AccessRequest, EndReason, GroupName, LeaseId, LeaseState, Refusal, RequestId, Span};
 
 impl Engine {
-    /// Sets the `Expire` and `Warn` timers of an active lease.
-    pub(super) fn arm_lease_timers(&self, tx: &mut Tx<'_>, rec: &LeaseRecord, policy: &GroupPolicy) {
+    /// Sets the `Expire` and `Warn` timers of an active lease (no warning
+    /// when its group has left the configuration: it still expires).
+    pub(super) fn arm_lease_timers(&self, tx: &mut Tx<'_>, rec: &LeaseRecord) {
         let id = rec.lease.id.as_str();
         tx.set_timer(TimerKind::Expire, id, rec.lease.expires_at);
-        match rec.lease.warning_at(policy) {
+        match self
+            .group(&rec.lease.group)
+            .ok()
+            .and_then(|p| rec.lease.warning_at(p))
+        {
             Some(at) => tx.set_timer(TimerKind::Warn, id, at),
             None => tx.clear_timer(TimerKind::Warn, id),
         }
@@ -23,149 +28,6 @@ impl Engine {
     fn load_lease(&self, tx: &Tx<'_>, id: &str) -> Result<LeaseRecord, EngineError> {
         tx.lease(&LeaseId::new(id))?
             .ok_or_else(|| EngineError::NotFound(format!("there is no lease {id}; `/jit list` shows yours")))
-    }
-
-    /// Puts the membership in place for a `Granting` lease. Safe to run again
-    /// after a crash at any point: the membership check is recorded before the
-    /// add, and the add is idempotent.
-    pub(crate) async fn grant(&self, id: &str) -> Result<(), EngineError> {
-        let lease_id = LeaseId::new(id);
-        let Some(rec) = self.inner.store.lease(&lease_id)? else {
-            return self.drop_timer(TimerKind::Grant, id).await;
-        };
-        if rec.lease.state != LeaseState::Granting {
-            return self.drop_timer(TimerKind::Grant, id).await;
-        }
-        let policy = self.group(&rec.lease.group)?.clone();
-        let dir = &self.inner.directory;
-        if rec.lease.preexisting.is_none() {
-            match dir.is_member(&policy.dn, &rec.lease.user).await {
-                Ok(was_member) => {
-                    self.inner
-                        .store
-                        .update(self.now(), |tx| {
-                            let mut rec = self.load_lease(tx, id)?;
-                            rec.lease.record_preexisting(was_member);
-                            if was_member {
-                                let mut audit = Engine::audit(ENGINE_ACTOR, "lease.standing_membership");
-                                audit.lease = Some(id.to_string());
-                                audit.group = Some(rec.lease.group.to_string());
-                                audit.user = Some(rec.lease.user.to_string());
-                                audit.detail =
-                                    "already a member before jitbot; jitbot will not remove it".into();
-                                tx.audit(audit);
-                            }
-                            tx.put_lease(rec);
-                            Ok::<_, EngineError>(())
-                        })
-                        .await?;
-                }
-                Err(e) => return self.grant_failed(id, &e.to_string()).await,
-            }
-        }
-        let Some(rec) = self.inner.store.lease(&lease_id)? else {
-            return Ok(());
-        };
-        if rec.lease.owns_membership() {
-            let started = std::time::Instant::now();
-            let added = dir.add_member(&policy.dn, &rec.lease.user).await;
-            crate::metrics::directory_op("add", started.elapsed());
-            if let Err(e) = added {
-                return self.grant_failed(id, &e.to_string()).await;
-            }
-        }
-        self.inner
-            .store
-            .update(self.now(), |tx| {
-                let mut rec = self.load_lease(tx, id)?;
-                rec.lease.activate()?;
-                tx.clear_timer(TimerKind::Grant, id);
-                self.arm_lease_timers(tx, &rec, &policy);
-                let mut audit = Engine::audit(ENGINE_ACTOR, "lease.granted");
-                audit.lease = Some(id.to_string());
-                audit.request = Some(rec.lease.request.to_string());
-                audit.group = Some(rec.lease.group.to_string());
-                audit.user = Some(rec.lease.user.to_string());
-                audit.detail = format!("until {}", rec.lease.expires_at.to_rfc3339());
-                tx.audit(audit);
-                let until = rec.lease.expires_at.format("%H:%M:%S UTC");
-                tx.outbox(notice(
-                    Audience::Group(rec.lease.group.clone()),
-                    format!(
-                        ":key: {} now has `{}` until {until} (lease {id}).",
-                        rec.lease.user, rec.lease.group
-                    ),
-                    vec![],
-                ));
-                tx.outbox(notice(
-                    Audience::User {
-                        user: rec.lease.user.clone(),
-                        chat: rec.origin.clone(),
-                    },
-                    format!(
-                        "You have `{}` until {until}. Release it early with `/jit release {id}`.",
-                        rec.lease.group
-                    ),
-                    vec![Action::Release(id.to_string()), Action::Extend(id.to_string())],
-                ));
-                crate::metrics::granted();
-                tx.put_lease(rec);
-                Ok::<_, EngineError>(())
-            })
-            .await?;
-        self.changed();
-        Ok(())
-    }
-
-    /// The directory refused or failed the grant: undo through the revoke
-    /// path, which removes only what jitbot may have added.
-    async fn grant_failed(&self, id: &str, error: &str) -> Result<(), EngineError> {
-        tracing::warn!(lease = id, error, "grant failed; undoing");
-        self.inner
-            .store
-            .update(self.now(), |tx| {
-                let mut rec = self.load_lease(tx, id)?;
-                let now = tx.now();
-                rec.lease.begin_revoke(
-                    EndReason::GrantFailed {
-                        error: error.to_string(),
-                    },
-                    now,
-                )?;
-                tx.clear_timer(TimerKind::Grant, id);
-                tx.set_timer(TimerKind::Revoke, id, now);
-                let mut audit = Engine::audit(ENGINE_ACTOR, "lease.grant_failed");
-                audit.lease = Some(id.to_string());
-                audit.group = Some(rec.lease.group.to_string());
-                audit.user = Some(rec.lease.user.to_string());
-                audit.detail = error.to_string();
-                tx.audit(audit);
-                let text = format!(
-                    "Granting `{}` to {} failed: {error}",
-                    rec.lease.group, rec.lease.user
-                );
-                let holder = Audience::User {
-                    user: rec.lease.user.clone(),
-                    chat: rec.origin.clone(),
-                };
-                tx.outbox(notice(holder, text.clone(), vec![]));
-                tx.outbox(notice(Audience::Group(rec.lease.group.clone()), text, vec![]));
-                tx.put_lease(rec);
-                Ok::<_, EngineError>(())
-            })
-            .await?;
-        self.changed();
-        self.revoke(id).await
-    }
-
-    async fn drop_timer(&self, kind: TimerKind, id: &str) -> Result<(), EngineError> {
-        self.inner
-            .store
-            .update(self.now(), |tx| {
-                tx.clear_timer(kind, id);
-                Ok::<_, EngineError>(())
-            })
-            .await
     }
 
     /// An `Expire` timer fired: start revoking if the lease really is due.
@@ -194,7 +56,8 @@ impl Engine {
             })
             .await?;
         if revoke {
-            self.revoke(id).await?;
+            self.changed();
+            self.drive(&LeaseId::new(id)).await?;
         }
         Ok(())
     }
@@ -206,132 +69,7 @@ impl Engine {
         tx.clear_timer(TimerKind::Expire, id);
         tx.clear_timer(TimerKind::Warn, id);
         tx.set_timer(TimerKind::Revoke, id, tx.now());
-        let mut audit = Engine::audit(actor, "lease.revoking");
-        audit.lease = Some(id.to_string());
-        audit.group = Some(rec.lease.group.to_string());
-        audit.user = Some(rec.lease.user.to_string());
-        audit.detail = why.to_string();
-        tx.audit(audit);
-    }
-
-    /// Removes the membership of a `Revoking` lease. On failure the lease
-    /// stays `Revoking` and its timer moves out by the backoff; after
-    /// `alert_after` failures an alert goes out. It is never dropped.
-    pub(crate) async fn revoke(&self, id: &str) -> Result<(), EngineError> {
-        let Some(rec) = self.inner.store.lease(&LeaseId::new(id))? else {
-            return self.drop_timer(TimerKind::Revoke, id).await;
-        };
-        if rec.lease.state != LeaseState::Revoking {
-            return self.drop_timer(TimerKind::Revoke, id).await;
-        }
-        let policy = self.group(&rec.lease.group)?.clone();
-        if rec.lease.owns_membership() {
-            let started = std::time::Instant::now();
-            let removed = self
-                .inner
-                .directory
-                .remove_member(&policy.dn, &rec.lease.user)
-                .await;
-            crate::metrics::directory_op("remove", started.elapsed());
-            if let Err(e) = removed {
-                return self.revoke_failed(id, &e.to_string()).await;
-            }
-        }
-        self.inner
-            .store
-            .update(self.now(), |tx| {
-                let mut rec = self.load_lease(tx, id)?;
-                if rec.lease.state != LeaseState::Revoking {
-                    tx.clear_timer(TimerKind::Revoke, id);
-                    return Ok(());
-                }
-                rec.lease.finish()?;
-                tx.clear_timer(TimerKind::Revoke, id);
-                let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
-                let now = tx.now();
-                if matches!(reason, EndReason::Expired) {
-                    crate::metrics::revocation_lag((now - rec.lease.expires_at).to_std().unwrap_or_default());
-                }
-                crate::metrics::revoked();
-                let mut audit = Engine::audit(ENGINE_ACTOR, "lease.ended");
-                audit.lease = Some(id.to_string());
-                audit.group = Some(rec.lease.group.to_string());
-                audit.user = Some(rec.lease.user.to_string());
-                audit.detail = format!(
-                    "{}; membership {}",
-                    reason.describe(),
-                    if rec.lease.owns_membership() {
-                        "removed"
-                    } else {
-                        "left as it was before jitbot"
-                    }
-                );
-                tx.audit(audit);
-                if !matches!(reason, EndReason::GrantFailed { .. }) {
-                    let text = format!(
-                        ":lock: {}'s access to `{}` ended ({}).",
-                        rec.lease.user,
-                        rec.lease.group,
-                        reason.describe()
-                    );
-                    tx.outbox(notice(
-                        Audience::Group(rec.lease.group.clone()),
-                        text.clone(),
-                        vec![],
-                    ));
-                    let holder = Audience::User {
-                        user: rec.lease.user.clone(),
-                        chat: rec.origin.clone(),
-                    };
-                    tx.outbox(notice(holder, text, vec![]));
-                }
-                if rec.lease.alerted {
-                    let text = format!(
-                        "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
-                        rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
-                    );
-                    tx.outbox(notice(Audience::Alert, text, vec![]));
-                }
-                tx.put_lease(rec);
-                Ok::<_, EngineError>(())
-            })
-            .await?;
-        self.changed();
-        Ok(())
-    }
-
-    async fn revoke_failed(&self, id: &str, error: &str) -> Result<(), EngineError> {
-        let settings = self.inner.settings.clone();
-        let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
-        let attempt = self
-            .inner
-            .store
-            .update(self.now(), |tx| {
-                let mut rec = self.load_lease(tx, id)?;
-                let attempt = rec.lease.revoke_failed(error);
-                let delay = retry_delay(attempt, settings.retry_base, settings.retry_max, jitter);
-                tx.set_timer(TimerKind::Revoke, id, tx.now() + delay.to_chrono());
-                let mut audit = Engine::audit(ENGINE_ACTOR, "lease.revoke_failed");
-                audit.lease = Some(id.to_string());
-                audit.group = Some(rec.lease.group.to_string());
-                audit.user = Some(rec.lease.user.to_string());
-                audit.detail = format!("attempt {attempt}: {error}; next try in {delay}");
-                tx.audit(audit);
-                if attempt >= settings.alert_after && !rec.lease.alerted {
-                    rec.lease.alerted = true;
-                    tx.outbox(notice(Audience::Alert, format!(
-                                ":warning: jitbot cannot remove {} from `{}` ({attempt} attempts: {error}). It keeps retrying; check the directory.",
-                                rec.lease.user, rec.lease.group
-                            ), vec![]));
-                }
-                tx.put_lease(rec);
-                Ok::<_, EngineError>(attempt)
-            })
-            .await?;
-        crate::metrics::revoke_retry();
-        tracing::warn!(lease = id, attempt, error, "revocation failed; will retry");
-        self.changed();
-        Ok(())
+        tx.audit(about_lease(actor, AuditAction::LeaseRevoking, &rec.lease).detail(why));
     }
 
     /// The lease `target` (an id, or a group the caller holds) for this caller.
@@ -407,7 +145,7 @@ impl Engine {
             })
             .await?;
         self.changed();
-        self.revoke(id.as_str()).await?;
+        self.drive(&id).await?;
         Ok(reply)
     }
 
@@ -448,12 +186,11 @@ impl Engine {
                     tx.outbox(OutboxItem::PostApproval {
                         request: req_id.clone(),
                     });
-                    let mut audit = Engine::audit(caller.user.as_str(), "request.opened");
-                    audit.request = Some(req_id.to_string());
-                    audit.lease = Some(lease_id.to_string());
-                    audit.group = Some(rec.lease.group.to_string());
-                    audit.detail = format!("extension by {by}");
-                    tx.audit(audit);
+                    tx.audit(
+                        about_request(caller.user.as_str(), AuditAction::RequestOpened, &request)
+                            .lease(&lease_id)
+                            .detail(format!("extension by {by}")),
+                    );
                     tx.put_request(RequestRecord {
                         request,
                         origin: caller.chat.clone(),
@@ -465,13 +202,11 @@ impl Engine {
                     )));
                 }
                 let until = rec.lease.extend(by, policy, now)?;
-                self.arm_lease_timers(tx, &rec, policy);
-                let mut audit = Engine::audit(caller.user.as_str(), "lease.extended");
-                audit.lease = Some(lease_id.to_string());
-                audit.group = Some(rec.lease.group.to_string());
-                audit.user = Some(rec.lease.user.to_string());
-                audit.detail = format!("by {by} until {}", until.to_rfc3339());
-                tx.audit(audit);
+                self.arm_lease_timers(tx, &rec);
+                tx.audit(
+                    about_lease(caller.user.as_str(), AuditAction::LeaseExtended, &rec.lease)
+                        .detail(format!("by {by} until {}", until.to_rfc3339())),
+                );
                 tx.outbox(notice(
                     Audience::Group(rec.lease.group.clone()),
                     format!(

@@ -10,17 +10,20 @@
 
 mod admin;
 pub mod anchor;
+pub(crate) mod audit;
+mod executor;
 mod floods;
 mod leases;
 mod queries;
 mod requests;
 mod zsp;
 
+pub use admin::leases_outside_config;
 pub use zsp::Drift;
 
 use crate::clock::Clock;
 use crate::ports::{Audience, ChatRef, Directory, DirectoryError, Notice};
-use crate::store::{AuditDraft, OutboxItem, Store, StoreError, Timer, TimerKind};
+use crate::store::{OutboxItem, Store, StoreError, Timer, TimerKind};
 use jitbot_core::command::{Action, Command};
 use jitbot_core::policy::{Actor, GroupPolicy, Policy};
 use jitbot_core::{GroupName, Instant, Refusal, Span, UserId};
@@ -118,6 +121,8 @@ struct Inner {
     /// Wakes the outbox worker when there is something to deliver.
     outbox_changed: Notify,
     zsp_seen: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// One executor per lease at a time (see `executor.rs`).
+    lease_locks: executor::LeaseLocks,
 }
 
 pub(crate) const ENGINE_ACTOR: &str = "jitbot";
@@ -151,6 +156,7 @@ impl Engine {
                 timers_changed: Notify::new(),
                 outbox_changed: Notify::new(),
                 zsp_seen: Default::default(),
+                lease_locks: Default::default(),
             }),
         }
     }
@@ -293,9 +299,10 @@ impl Engine {
     /// for the same work.
     pub async fn fire(&self, timer: Timer) {
         let outcome = match timer.kind {
-            TimerKind::Grant => self.grant(&timer.id).await,
+            TimerKind::Grant | TimerKind::Revoke => {
+                self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await
+            }
             TimerKind::Expire => self.expire(&timer.id).await,
-            TimerKind::Revoke => self.revoke(&timer.id).await,
             TimerKind::RequestTimeout => self.time_out(&timer.id).await,
             TimerKind::Warn => self.warn(&timer.id).await,
         };
@@ -313,14 +320,6 @@ impl Engine {
             if let Err(e) = moved {
                 tracing::error!(error = %e, "cannot reschedule timer");
             }
-        }
-    }
-
-    pub(crate) fn audit(actor: &str, action: &str) -> AuditDraft {
-        AuditDraft {
-            actor: actor.to_string(),
-            action: action.to_string(),
-            ..AuditDraft::default()
         }
     }
 }

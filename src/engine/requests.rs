@@ -1,5 +1,6 @@
 //! Requests: open, approve, deny, cancel, break-glass, acknowledge, time out.
 
+use super::audit::{about_lease, about_request, AuditAction};
 use super::{notice, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
 use crate::ports::Audience;
 use crate::store::{LeaseRecord, OutboxItem, RequestRecord, TimerKind, Tx};
@@ -43,6 +44,15 @@ impl Engine {
                         RequestKind::Extend { lease }
                     }
                 };
+                // One open request per (group, user): a second one would
+                // race the first to a second lease.
+                if let Some(open) = tx.pending_request_of(group, &caller.user)? {
+                    return Err(Refusal::AlreadyPending {
+                        group: group.clone(),
+                        request: open.to_string(),
+                    }
+                    .into());
+                }
                 let id = RequestId::new(tx.new_id("r")?);
                 let mut request =
                     AccessRequest::open(id.clone(), &policy, &actor, kind.clone(), duration, reason, now)?;
@@ -50,17 +60,14 @@ impl Engine {
                     request.break_glass(&policy, &actor, reason, now)?;
                 }
                 self.within_pending_cap(&request)?;
-                let mut audit = Engine::audit(caller.user.as_str(), "request.opened");
-                audit.request = Some(id.to_string());
-                audit.group = Some(group.to_string());
-                audit.user = Some(caller.user.to_string());
-                audit.detail = format!(
-                    "{} for {}: {}",
-                    if matches!(kind, RequestKind::Extend { .. }) { "extension" } else { "grant" },
-                    request.duration,
-                    request.reason
+                tx.audit(
+                    about_request(caller.user.as_str(), AuditAction::RequestOpened, &request).detail(format!(
+                        "{} for {}: {}",
+                        if matches!(kind, RequestKind::Extend { .. }) { "extension" } else { "grant" },
+                        request.duration,
+                        request.reason
+                    )),
                 );
-                tx.audit(audit);
                 let mut rec = RequestRecord {
                     request,
                     origin: caller.chat.clone(),
@@ -68,12 +75,14 @@ impl Engine {
                     lease: None,
                 };
                 if rec.request.state == RequestState::Approved {
-                    let how = if break_glass { "request.break_glass" } else { "request.auto_approved" };
-                    let mut audit = Engine::audit(caller.user.as_str(), how);
-                    audit.request = Some(id.to_string());
-                    audit.group = Some(group.to_string());
-                    audit.detail = rec.request.reason.clone();
-                    tx.audit(audit);
+                    let how = if break_glass {
+                        AuditAction::RequestBreakGlass
+                    } else {
+                        AuditAction::RequestAutoApproved
+                    };
+                    tx.audit(
+                        about_request(caller.user.as_str(), how, &rec.request).detail(rec.request.reason.clone()),
+                    );
                     if break_glass {
                         let text = format!(
                             ":rotating_light: BREAK-GLASS: {} approved their own access to `{}` for {}: {}. An approver must review it with `/jit ack {}`.",
@@ -118,6 +127,12 @@ impl Engine {
     /// Turns an approved request into a new lease (state `Granting`, with a
     /// `Grant` timer due now so that a crash before the directory change is
     /// finished on restart) or into more time on the lease it extends.
+    ///
+    /// One lease per (group, user) is decided here, in the same commit: a
+    /// grant approved while the requester already holds an active lease
+    /// becomes an extension of it (with the same caps); while that lease is
+    /// being granted or revoked the approval is refused, to be given again
+    /// once it has settled.
     fn approved(
         &self,
         tx: &mut Tx<'_>,
@@ -128,63 +143,82 @@ impl Engine {
         let req = &rec.request;
         let policy = self.group(&req.group)?;
         tx.clear_timer(TimerKind::RequestTimeout, req.id.as_str());
-        match &req.kind {
-            RequestKind::Grant => {
-                let lease_id = LeaseId::new(tx.new_id("l")?);
-                let lease = Lease::start(
-                    lease_id.clone(),
-                    req.id.clone(),
-                    policy,
-                    req.requester.clone(),
-                    req.duration,
-                    now,
-                );
-                let mut audit = Engine::audit(ENGINE_ACTOR, "lease.granting");
-                audit.request = Some(req.id.to_string());
-                audit.lease = Some(lease_id.to_string());
-                audit.group = Some(req.group.to_string());
-                audit.user = Some(req.requester.to_string());
-                audit.detail = format!("until {}", lease.expires_at.to_rfc3339());
-                tx.audit(audit);
-                tx.set_timer(TimerKind::Grant, lease_id.as_str(), now);
-                tx.put_lease(LeaseRecord {
-                    lease,
-                    origin: rec.origin.clone().or_else(|| caller.chat.clone()),
-                });
-                rec.lease = Some(lease_id.clone());
-                Ok(Next::Grant(lease_id))
+        let extends = match &req.kind {
+            RequestKind::Extend { lease } => Some(lease.clone()),
+            RequestKind::Grant => match tx.live_lease(&req.group, &req.requester)? {
+                None => None,
+                Some(live) => {
+                    let state = tx.lease(&live)?.map(|l| l.lease.state);
+                    if state != Some(LeaseState::Active) {
+                        return Err(Refusal::LeaseNotActive {
+                            state: format!(
+                                "{}'s lease {live} on `{}` is {}",
+                                req.requester,
+                                req.group,
+                                state.map_or("missing", |s| s.describe())
+                            ),
+                        }
+                        .into());
+                    }
+                    Some(live)
+                }
+            },
+        };
+        let Some(lease) = extends else {
+            let lease_id = LeaseId::new(tx.new_id("l")?);
+            let lease = Lease::start(
+                lease_id.clone(),
+                req.id.clone(),
+                policy,
+                req.requester.clone(),
+                req.duration,
+                now,
+            );
+            tx.audit(
+                about_lease(ENGINE_ACTOR, AuditAction::LeaseGranting, &lease)
+                    .request(&req.id)
+                    .detail(format!("until {}", lease.expires_at.to_rfc3339())),
+            );
+            tx.set_timer(TimerKind::Grant, lease_id.as_str(), now);
+            tx.put_lease(LeaseRecord {
+                lease,
+                origin: rec.origin.clone().or_else(|| caller.chat.clone()),
+            });
+            rec.lease = Some(lease_id.clone());
+            return Ok(Next::Grant(lease_id));
+        };
+        let mut lrec = tx
+            .lease(&lease)?
+            .ok_or_else(|| EngineError::NotFound(lease.to_string()))?;
+        if lrec.lease.state != LeaseState::Active {
+            return Err(Refusal::LeaseNotActive {
+                state: lrec.lease.state.describe().to_string(),
             }
-            RequestKind::Extend { lease } => {
-                let mut lrec = tx
-                    .lease(lease)?
-                    .ok_or_else(|| EngineError::NotFound(lease.to_string()))?;
-                let until = lrec.lease.extend(req.duration, policy, now)?;
-                self.arm_lease_timers(tx, &lrec, policy);
-                let mut audit = Engine::audit(ENGINE_ACTOR, "lease.extended");
-                audit.request = Some(req.id.to_string());
-                audit.lease = Some(lease.to_string());
-                audit.group = Some(req.group.to_string());
-                audit.user = Some(req.requester.to_string());
-                audit.detail = format!("by {} until {}", req.duration, until.to_rfc3339());
-                tx.audit(audit);
-                let text = format!(
-                    "{}'s access to `{}` was extended by {} (until {}).",
-                    req.requester,
-                    req.group,
-                    req.duration,
-                    until.format("%H:%M UTC")
-                );
-                tx.outbox(notice(Audience::Group(req.group.clone()), text, vec![]));
-                tx.put_lease(lrec);
-                rec.lease = Some(lease.clone());
-                Ok(Next::Nothing)
-            }
+            .into());
         }
+        let until = lrec.lease.extend(req.duration, policy, now)?;
+        self.arm_lease_timers(tx, &lrec);
+        tx.audit(
+            about_lease(ENGINE_ACTOR, AuditAction::LeaseExtended, &lrec.lease)
+                .request(&req.id)
+                .detail(format!("by {} until {}", req.duration, until.to_rfc3339())),
+        );
+        let text = format!(
+            "{}'s access to `{}` was extended by {} (until {}).",
+            req.requester,
+            req.group,
+            req.duration,
+            until.format("%H:%M UTC")
+        );
+        tx.outbox(notice(Audience::Group(req.group.clone()), text, vec![]));
+        tx.put_lease(lrec);
+        rec.lease = Some(lease);
+        Ok(Next::Nothing)
     }
 
     async fn follow(&self, next: Next) {
         if let Next::Grant(lease) = next {
-            if let Err(e) = self.grant(lease.as_str()).await {
+            if let Err(e) = self.drive(&lease).await {
                 tracing::error!(lease = %lease, error = %e, "grant did not finish; its timer will retry");
             }
         }
@@ -213,10 +247,8 @@ impl Engine {
                 let mut rec = self.load_request(tx, id)?;
                 let policy = self.group(&rec.request.group)?;
                 let outcome = rec.request.approve(policy, &actor, shorten, now)?;
-                let mut audit = Engine::audit(caller.user.as_str(), "request.approval");
-                audit.request = Some(id.to_string());
-                audit.group = Some(rec.request.group.to_string());
-                audit.user = Some(rec.request.requester.to_string());
+                let mut audit =
+                    about_request(caller.user.as_str(), AuditAction::RequestApproval, &rec.request);
                 let (reply, next) = match outcome {
                     ApprovalOutcome::AlreadyCounted { have, need } => {
                         return Ok((
@@ -278,19 +310,12 @@ impl Engine {
                 let mut rec = self.load_request(tx, id)?;
                 let policy = self.group(&rec.request.group)?;
                 let ended = rec.request.deny(policy, &actor, reason, now)?;
-                let mut audit = Engine::audit(
-                    caller.user.as_str(),
-                    if ended {
-                        "request.denied"
-                    } else {
-                        "request.dissent"
-                    },
-                );
-                audit.request = Some(id.to_string());
-                audit.group = Some(rec.request.group.to_string());
-                audit.user = Some(rec.request.requester.to_string());
-                audit.detail = reason.to_string();
-                tx.audit(audit);
+                let action = if ended {
+                    AuditAction::RequestDenied
+                } else {
+                    AuditAction::RequestDissent
+                };
+                tx.audit(about_request(caller.user.as_str(), action, &rec.request).detail(reason));
                 if ended {
                     tx.clear_timer(TimerKind::RequestTimeout, id);
                     tx.outbox(notice(
@@ -336,10 +361,11 @@ impl Engine {
                 }
                 rec.request.cancel(&caller.user, now)?;
                 tx.clear_timer(TimerKind::RequestTimeout, id);
-                let mut audit = Engine::audit(caller.user.as_str(), "request.cancelled");
-                audit.request = Some(id.to_string());
-                audit.group = Some(rec.request.group.to_string());
-                tx.audit(audit);
+                tx.audit(about_request(
+                    caller.user.as_str(),
+                    AuditAction::RequestCancelled,
+                    &rec.request,
+                ));
                 tx.outbox(OutboxItem::UpdateApproval {
                     request: rec.request.id.clone(),
                 });
@@ -361,11 +387,11 @@ impl Engine {
                 let mut rec = self.load_request(tx, id)?;
                 let policy = self.group(&rec.request.group)?;
                 rec.request.acknowledge(policy, &actor, now)?;
-                let mut audit = Engine::audit(caller.user.as_str(), "request.break_glass_reviewed");
-                audit.request = Some(id.to_string());
-                audit.group = Some(rec.request.group.to_string());
-                audit.user = Some(rec.request.requester.to_string());
-                tx.audit(audit);
+                tx.audit(about_request(
+                    caller.user.as_str(),
+                    AuditAction::RequestBreakGlassReviewed,
+                    &rec.request,
+                ));
                 tx.put_request(rec);
                 Ok::<_, EngineError>(Reply::ok(format!("Break-glass grant {id} acknowledged.")))
             })
@@ -390,11 +416,7 @@ impl Engine {
                     }
                     return Ok(());
                 }
-                let mut audit = Engine::audit(ENGINE_ACTOR, "request.timed_out");
-                audit.request = Some(id.to_string());
-                audit.group = Some(rec.request.group.to_string());
-                audit.user = Some(rec.request.requester.to_string());
-                tx.audit(audit);
+                tx.audit(about_request(ENGINE_ACTOR, AuditAction::RequestTimedOut, &rec.request));
                 tx.outbox(OutboxItem::UpdateApproval { request: rec.request.id.clone() });
                 tx.outbox(notice(Audience::User { user: rec.request.requester.clone(), chat: rec.origin.clone() }, format!("Your request {id} for `{}` expired before anyone decided it. Ask again if you still need it.", rec.request.group), vec![]));
                 tx.put_request(rec);

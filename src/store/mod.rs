@@ -39,6 +39,16 @@ pub enum StoreError {
     Io(String),
     #[error("stored record {key} is unreadable: {error}")]
     Corrupt { key: String, error: String },
+    /// A flush to disk failed earlier: what is in memory may not be on
+    /// disk, so the store refuses everything until jitbot restarts and
+    /// recovers from what the disk holds.
+    #[error(
+        "the store failed to write to disk ({0}); jitbot stops and must be restarted to recover from disk"
+    )]
+    Failed(String),
+    /// A change would break a store invariant; it was not committed.
+    #[error("refused to commit: {0}")]
+    Invariant(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -75,6 +85,10 @@ struct Inner {
     committed: std::sync::atomic::AtomicU64,
     flushed: std::sync::atomic::AtomicU64,
     flusher: tokio::sync::Mutex<()>,
+    /// Set when a flush failed: fail closed from then on.
+    failed: std::sync::OnceLock<String>,
+    /// Test hook: the next flush fails as a full disk would.
+    fail_next_flush: std::sync::atomic::AtomicBool,
 }
 
 const AUDIT_HEAD: &[u8] = b"audit_head";
@@ -85,7 +99,9 @@ const NEXT_OUTBOX: &[u8] = b"next_outbox";
 fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
     let mut k = group.as_str().as_bytes().to_vec();
     k.push(0);
-    k.extend_from_slice(user.as_str().as_bytes());
+    // Directories compare account names case-insensitively, and so does
+    // the slot: `Alice` and `alice` share one.
+    k.extend_from_slice(user.folded().as_bytes());
     k
 }
 
@@ -113,6 +129,34 @@ pub struct AuditDraft {
     pub detail: String,
 }
 
+impl AuditDraft {
+    #[must_use]
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+    #[must_use]
+    pub fn request(mut self, id: impl ToString) -> Self {
+        self.request = Some(id.to_string());
+        self
+    }
+    #[must_use]
+    pub fn lease(mut self, id: impl ToString) -> Self {
+        self.lease = Some(id.to_string());
+        self
+    }
+    #[must_use]
+    pub fn group(mut self, group: impl ToString) -> Self {
+        self.group = Some(group.to_string());
+        self
+    }
+    #[must_use]
+    pub fn user(mut self, user: impl ToString) -> Self {
+        self.user = Some(user.to_string());
+        self
+    }
+}
+
 /// The staged writes of one [`Store::update`], with read-your-writes.
 pub struct Tx<'a> {
     store: &'a Inner,
@@ -125,6 +169,8 @@ pub struct Tx<'a> {
     outbox: Vec<OutboxItem>,
     /// The next id to hand out, once read from `meta`; written back on commit.
     next_id: Option<u64>,
+    /// A staged change that breaks an invariant; the commit refuses it.
+    violation: Option<String>,
 }
 
 /// Reads a big-endian counter from `meta`.
@@ -167,13 +213,52 @@ impl<'a> Tx<'a> {
             .map(|v| LeaseId::new(String::from_utf8_lossy(&v).into_owned())))
     }
 
+    /// The pending request `user` has for `group`, if any (from the pending
+    /// index: requests with a decision-window timer).
+    pub fn pending_request_of(
+        &self,
+        group: &GroupName,
+        user: &UserId,
+    ) -> Result<Option<RequestId>, StoreError> {
+        for item in self.store.timer_ix.scan_prefix([TimerKind::RequestTimeout as u8]) {
+            let (k, _) = item?;
+            let id = RequestId::new(String::from_utf8_lossy(&k[1..]).into_owned());
+            if let Some(rec) = self.request(&id)? {
+                let r = &rec.request;
+                if r.state == jitbot_core::RequestState::Pending && r.group == *group && r.requester == *user
+                {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     pub fn put_request(&mut self, rec: RequestRecord) {
         self.requests.insert(rec.request.id.to_string(), Some(rec));
     }
 
+    /// Stages a lease. A lease that has not ended takes its (group, user)
+    /// slot; if another lease that has not ended holds the slot, the whole
+    /// change is refused at commit: one lease per (group, user) is enforced
+    /// here, where every lease is written, not by each caller.
     pub fn put_lease(&mut self, rec: LeaseRecord) {
         let l = &rec.lease;
         let key = live_key(&l.group, &l.user);
+        if l.state != LeaseState::Ended {
+            match self.live_lease(&l.group, &l.user) {
+                Ok(Some(holder)) if holder != l.id => {
+                    self.violation.get_or_insert(format!(
+                        "lease {} would be a second live lease of {} on `{}` (lease {holder} holds it)",
+                        l.id, l.user, l.group
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.violation.get_or_insert(e.to_string());
+                }
+            }
+        }
         // A lease occupies its (group, user) slot until it has fully ended, so a
         // new lease never starts while an old one's removal is still pending.
         self.live
@@ -283,6 +368,8 @@ impl Store {
             committed: Default::default(),
             flushed: Default::default(),
             flusher: tokio::sync::Mutex::new(()),
+            failed: std::sync::OnceLock::new(),
+            fail_next_flush: Default::default(),
             db,
         };
         if inner.meta.get(SCHEMA)?.is_none() {
@@ -303,6 +390,7 @@ impl Store {
     where
         E: From<StoreError>,
     {
+        self.check_healthy()?;
         let value = {
             let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
             let mut tx = Tx {
@@ -315,8 +403,12 @@ impl Store {
                 audit: Vec::new(),
                 outbox: Vec::new(),
                 next_id: None,
+                violation: None,
             };
             let value = f(&mut tx)?;
+            if let Some(violation) = tx.violation.take() {
+                return Err(StoreError::Invariant(violation).into());
+            }
             self.commit(tx)?;
             value
         };
@@ -445,16 +537,47 @@ impl Store {
             return Ok(());
         }
         let target = self.inner.committed.load(Ordering::SeqCst);
-        self.flush().await?;
+        self.check_healthy()?;
+        let flushed = if self.inner.fail_next_flush.swap(false, Ordering::SeqCst) {
+            Err(StoreError::Io("injected flush failure".into()))
+        } else {
+            self.flush().await
+        };
+        if let Err(e) = flushed {
+            // Like a database: a commit that may not be on disk must not be
+            // acted on. Nothing reads or writes the store any more.
+            let why = e.to_string();
+            let _ = self.inner.failed.set(why.clone());
+            tracing::error!(error = %why, "store flush failed; refusing all further work: restart jitbot to recover from disk");
+            return Err(StoreError::Failed(why));
+        }
         self.inner.flushed.fetch_max(target, Ordering::SeqCst);
         Ok(())
     }
 
+    /// Errors once a flush has failed (see [`StoreError::Failed`]).
+    pub fn check_healthy(&self) -> Result<(), StoreError> {
+        match self.inner.failed.get() {
+            Some(why) => Err(StoreError::Failed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Test hook: makes the next flush fail.
+    #[doc(hidden)]
+    pub fn fail_next_flush(&self) {
+        self.inner
+            .fail_next_flush
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn request(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        self.check_healthy()?;
         read_request(&self.inner.requests, id)
     }
 
     pub fn lease(&self, id: &LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        self.check_healthy()?;
         read_lease(&self.inner.leases, id)
     }
 
@@ -551,6 +674,7 @@ impl Store {
 
     /// Timers due at or before `now`, earliest first, at most `limit`.
     pub fn due_timers(&self, now: Instant, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        self.check_healthy()?;
         let end = timers::timer_key(now, TimerKind::MAX, "\u{10FFFF}");
         let mut out = Vec::new();
         for item in self.inner.timers.range(..=end).take(limit) {
@@ -564,6 +688,7 @@ impl Store {
 
     /// Timers in due order starting after `after` (for skipping ones in flight).
     pub fn timers_from(&self, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        self.check_healthy()?;
         let mut out = Vec::new();
         for item in self.inner.timers.iter().take(limit) {
             let (k, _) = item?;

@@ -3,9 +3,9 @@
 //! Each record is JSON tagged with its version (`"v": 1`).
 
 use crate::chat::view::{ChatRef, MessageRef, Notice};
-use jitbot_core::lease::{EndReason, LeaseState};
+use jitbot_core::lease::{EndReason, LeaseState, Membership};
 use jitbot_core::request::{BreakGlass, Decision, RequestKind, RequestState};
-use jitbot_core::{AccessRequest, GroupName, Instant, Lease, LeaseId, RequestId, Span, UserId};
+use jitbot_core::{AccessRequest, GroupDn, GroupName, Instant, Lease, LeaseId, RequestId, Span, UserId};
 use serde::{Deserialize, Serialize};
 
 /// A request as the engine keeps it: the domain request plus where it came
@@ -196,6 +196,9 @@ pub(super) struct LeaseV1 {
     latest_end: Instant,
     state: String,
     preexisting: Option<bool>,
+    /// What the grant wrote; absent in records written before it was kept.
+    #[serde(default)]
+    membership: Option<MembershipV1>,
     end: Option<EndV1>,
     ended_at: Option<Instant>,
     revoke_attempts: u32,
@@ -212,6 +215,34 @@ enum EndV1 {
     Released,
     Revoked { by: String, reason: String },
     GrantFailed { error: String },
+    Drift,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MembershipV1 {
+    group_dn: String,
+    attribute: String,
+    value: String,
+}
+
+impl From<&Membership> for MembershipV1 {
+    fn from(m: &Membership) -> Self {
+        MembershipV1 {
+            group_dn: m.group.to_string(),
+            attribute: m.attribute.clone(),
+            value: m.value.clone(),
+        }
+    }
+}
+
+impl From<MembershipV1> for Membership {
+    fn from(m: MembershipV1) -> Self {
+        Membership {
+            group: GroupDn::new(m.group_dn),
+            attribute: m.attribute,
+            value: m.value,
+        }
+    }
 }
 
 impl From<&EndReason> for EndV1 {
@@ -224,6 +255,7 @@ impl From<&EndReason> for EndV1 {
                 reason: reason.clone(),
             },
             EndReason::GrantFailed { error } => EndV1::GrantFailed { error: error.clone() },
+            EndReason::Drift => EndV1::Drift,
         }
     }
 }
@@ -238,6 +270,7 @@ impl From<EndV1> for EndReason {
                 reason,
             },
             EndV1::GrantFailed { error } => EndReason::GrantFailed { error },
+            EndV1::Drift => EndReason::Drift,
         }
     }
 }
@@ -274,6 +307,7 @@ impl From<&LeaseRecord> for StoredLease {
             latest_end: l.latest_end,
             state: lease_state_name(l.state).into(),
             preexisting: l.preexisting,
+            membership: l.membership.as_ref().map(Into::into),
             end: l.end_reason.as_ref().map(Into::into),
             ended_at: l.ended_at,
             revoke_attempts: l.revoke_attempts,
@@ -300,6 +334,7 @@ impl TryFrom<StoredLease> for LeaseRecord {
                 latest_end: v.latest_end,
                 state: lease_state(&v.state)?,
                 preexisting: v.preexisting,
+                membership: v.membership.map(Into::into),
                 end_reason: v.end.map(Into::into),
                 ended_at: v.ended_at,
                 revoke_attempts: v.revoke_attempts,

@@ -33,6 +33,7 @@ impl Store {
     /// before this returns true, so a payload replayed after a restart is
     /// still refused.
     pub async fn first_sighting(&self, key: &str, until: Instant, now: Instant) -> Result<bool, StoreError> {
+        self.check_healthy()?;
         let tree = &self.inner.seen;
         let value = until.timestamp().to_be_bytes();
         loop {

@@ -12,7 +12,7 @@ use jitbot::clock::Clock;
 use jitbot::config::{DiscordConfig, DiscordMode};
 use jitbot::directory::ldap::LdapDirectory;
 use jitbot::directory::memory::MemoryDirectory;
-use jitbot::ports::{ChatError, Directory, DirectoryError, Notifier};
+use jitbot::ports::{Added, ChatError, Directory, DirectoryError, GroupMember, Membership, Notifier};
 use jitbot::secret::{Secret, SecretSource};
 use jitbot_core::request::RequestState;
 use jitbot_core::{GroupDn, RequestId, Span, UserId};
@@ -46,6 +46,7 @@ fn config(public_key: &str) -> DiscordConfig {
     DiscordConfig {
         mode: DiscordMode::Http,
         bot_token: SecretSource::env("JITBOT_TEST_UNUSED_DISCORD_TOKEN"),
+        api_url: jitbot::config::DISCORD_API.into(),
         public_key: Some(public_key.to_string()),
         application_id: APP_ID.into(),
         guild_id: None,
@@ -81,8 +82,9 @@ async fn start(bot: TestBot, answer_budget: Duration, tweak: impl FnOnce(&mut Di
     let discord = FakeDiscord::start().await;
     let key = public_hex(&KEY);
     let mut config = config(&key);
+    config.api_url = discord.base.clone();
     tweak(&mut config);
-    let adapter = DiscordAdapter::with_token(&config, Secret::new("test-bot-token"), Some(&discord.base))
+    let adapter = DiscordAdapter::with_token(&config, Secret::new("test-bot-token"))
         .expect("adapter")
         .with_answer_budget(answer_budget);
     let adapter = Arc::new(adapter);
@@ -514,17 +516,20 @@ impl Directory for SlowLookups {
         tokio::time::sleep(self.1).await;
         self.0.find_user(attribute, value).await
     }
-    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
-        self.0.is_member(group, user).await
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
+        self.0.membership_of(group, user).await
     }
-    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        self.0.add_member(group, user).await
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.0.has_membership(m).await
     }
-    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        self.0.remove_member(group, user).await
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.0.add_membership(m).await
     }
-    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
-        self.0.list_members(group).await
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.0.remove_membership(m).await
+    }
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.0, group).await
     }
     async fn groups_of(
         &self,
@@ -638,8 +643,9 @@ async fn registering_the_command_is_a_repeatable_bulk_overwrite() {
     }
 
     let mut in_guild = config(&public_hex(&KEY));
+    in_guild.api_url = h.discord.base.clone();
     in_guild.guild_id = Some(GUILD.into());
-    let adapter = DiscordAdapter::with_token(&in_guild, Secret::new("t"), Some(&h.discord.base)).unwrap();
+    let adapter = DiscordAdapter::with_token(&in_guild, Secret::new("t")).unwrap();
     adapter.register_commands().await.expect("register in guild");
     assert_eq!(
         h.discord
@@ -674,15 +680,16 @@ async fn bad_config_is_refused_before_anything_runs() {
     let bot = TestBot::new();
     let discord = FakeDiscord::start().await;
     let mut c = config("zz");
-    assert!(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).is_ok());
-    let adapter = Arc::new(DiscordAdapter::with_token(&c, Secret::new("t"), Some(&discord.base)).unwrap());
+    c.api_url = discord.base.clone();
+    assert!(DiscordAdapter::with_token(&c, Secret::new("t")).is_ok());
+    let adapter = Arc::new(DiscordAdapter::with_token(&c, Secret::new("t")).unwrap());
     assert!(
         routes(bot.engine.clone(), adapter, "zz", Arc::new(bot.clock.clone())).is_err(),
         "bad public key"
     );
     c.default_channel = "general".into();
     assert!(
-        DiscordAdapter::with_token(&c, Secret::new("t"), None).is_err(),
+        DiscordAdapter::with_token(&c, Secret::new("t")).is_err(),
         "channel names are not ids"
     );
 }

@@ -6,7 +6,7 @@ use crate::support::bot::{policy, TestBot, DB, WEB};
 use async_trait::async_trait;
 use chrono::Duration;
 use jitbot::directory::memory::MemoryDirectory;
-use jitbot::ports::{Directory, DirectoryError};
+use jitbot::ports::{Added, Directory, DirectoryError, GroupMember, Membership};
 use jitbot::store::AuditCheck;
 use jitbot_core::{EndReason, GroupDn, LeaseState, UserId};
 use std::collections::BTreeSet;
@@ -228,31 +228,34 @@ impl Directory for Hang {
     async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
         self.inner.find_user(a, v).await
     }
-    async fn is_member(&self, g: &GroupDn, u: &UserId) -> Result<bool, DirectoryError> {
-        self.inner.is_member(g, u).await
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.inner.membership_of(g, u).await
     }
-    async fn add_member(&self, g: &GroupDn, u: &UserId) -> Result<(), DirectoryError> {
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.inner.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         if self.at == "before-add" {
             std::future::pending::<()>().await;
         }
-        self.inner.add_member(g, u).await?;
+        let added = self.inner.add_membership(m).await?;
         if self.at == "after-add" {
             std::future::pending::<()>().await;
         }
-        Ok(())
+        Ok(added)
     }
-    async fn remove_member(&self, g: &GroupDn, u: &UserId) -> Result<(), DirectoryError> {
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
         if self.at == "before-remove" {
             std::future::pending::<()>().await;
         }
-        self.inner.remove_member(g, u).await?;
+        self.inner.remove_membership(m).await?;
         if self.at == "after-remove" {
             std::future::pending::<()>().await;
         }
         Ok(())
     }
-    async fn list_members(&self, g: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
-        self.inner.list_members(g).await
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.inner, g).await
     }
     async fn groups_of(
         &self,
@@ -430,7 +433,9 @@ async fn zsp_drift_is_reported_and_remediated() {
     assert!(drift[0].remediated);
     assert!(bot.is_member(DB, "alice"), "the leased member stays");
     assert!(!bot.is_member(DB, "erin"));
-    assert!(bot.audit_actions().iter().any(|a| a == "zsp.remediated"));
+    let actions = bot.audit_actions();
+    assert!(actions.iter().any(|a| a == "zsp.remediating"), "{actions:?}");
+    assert!(actions.iter().any(|a| a == "zsp.drift"), "{actions:?}");
 }
 
 #[tokio::test]

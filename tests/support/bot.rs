@@ -204,7 +204,18 @@ impl TestBot {
         } = self;
         let settings = engine.settings().clone();
         drop(engine);
-        let store = Store::open(&path, 16).expect("reopen store after crash");
+        // A flush still finishing on the blocking pool holds the database
+        // for a moment after the engine is gone.
+        let mut tries = 0;
+        let store = loop {
+            match Store::open(&path, 16) {
+                Err(jitbot::store::StoreError::Locked { .. }) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.expect("reopen store after crash"),
+            }
+        };
         let engine = Engine::new(policy, store, directory, Arc::new(clock.clone()), settings);
         TestBot {
             engine,

@@ -1,11 +1,13 @@
 //! A fake Discord REST API on `127.0.0.1:0`: records every call under
 //! `/api/v10/...` (method, path, JSON body) and answers in Discord's JSON
 //! shapes (message objects with fresh ids, DM channel objects, registered
-//! commands). It can answer a path with HTTP 429 a given number of times.
+//! commands). It can answer a path with HTTP 429 a given number of times,
+//! and tells a bot where the gateway is (`GET /gateway/bot`) once a gateway
+//! fake has said where it listens.
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
@@ -17,7 +19,7 @@ use std::time::Duration;
 /// The application id the tests configure.
 pub const APP_ID: &str = "1100000000000000001";
 /// The bot's own user id, as author of the messages it posts.
-const BOT_USER: &str = "1200000000000000001";
+pub const BOT_USER: &str = "1200000000000000001";
 
 /// One recorded call.
 #[derive(Clone, Debug)]
@@ -26,6 +28,8 @@ pub struct Call {
     /// The path after `/api/v10`, e.g. `/channels/42/messages`.
     pub path: String,
     pub body: Value,
+    /// The `Authorization` header (`Bot <token>`), if any.
+    pub authorization: Option<String>,
 }
 
 #[derive(Default)]
@@ -33,6 +37,8 @@ struct Inner {
     calls: Mutex<Vec<Call>>,
     /// (path prefix, remaining 429 answers).
     limits: Mutex<Vec<(String, u32)>>,
+    /// The `ws://` URL `GET /gateway` and `GET /gateway/bot` hand out.
+    gateway: Mutex<Option<String>>,
     next_id: AtomicU64,
 }
 
@@ -53,17 +59,8 @@ impl FakeDiscord {
         let app = Router::new()
             .route("/api/v10/{*rest}", any(api))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake discord");
-        let addr = listener.local_addr().expect("local addr");
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        FakeDiscord {
-            inner,
-            base: format!("http://{addr}"),
-        }
+        let base = super::net::serve(app, "fake discord").await;
+        FakeDiscord { inner, base }
     }
 
     /// Answers calls whose path starts with `prefix` with 429, `times` times.
@@ -73,6 +70,11 @@ impl FakeDiscord {
             .lock()
             .unwrap()
             .push((prefix.to_string(), times));
+    }
+
+    /// From now on `GET /gateway(/bot)` points bots at `url`.
+    pub fn set_gateway_url(&self, url: &str) {
+        *self.inner.gateway.lock().unwrap() = Some(url.to_string());
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -113,12 +115,13 @@ fn matches(pattern: &str, path: &str) -> bool {
     p.len() == s.len() && p.iter().zip(&s).all(|(p, s)| *p == "*" || p == s)
 }
 
-fn user(id: &str, name: &str, bot: bool) -> Value {
+/// A user object.
+pub fn user(id: &str, name: &str, bot: bool) -> Value {
     json!({ "id": id, "username": name, "discriminator": "0", "global_name": null, "avatar": null, "bot": bot })
 }
 
 /// A message object as Discord returns it from create and edit.
-fn message(id: &str, channel: &str, body: &Value) -> Value {
+pub fn message(id: &str, channel: &str, body: &Value) -> Value {
     json!({
         "id": id,
         "channel_id": channel,
@@ -139,13 +142,23 @@ fn message(id: &str, channel: &str, body: &Value) -> Value {
     })
 }
 
-async fn api(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: Bytes) -> Response {
+async fn api(
+    State(inner): State<Arc<Inner>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let path = uri.path().trim_start_matches("/api/v10").to_string();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     inner.calls.lock().unwrap().push(Call {
         method: method.to_string(),
         path: path.clone(),
         body: body.clone(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
     });
     {
         let mut limits = inner.limits.lock().unwrap();
@@ -179,6 +192,19 @@ async fn api(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, body: By
             Json(message(&fresh(), "1", &body)).into_response()
         }
         ("POST", ["interactions", _id, _token, "callback"]) => StatusCode::NO_CONTENT.into_response(),
+        ("GET", ["gateway"]) | ("GET", ["gateway", "bot"]) => match inner.gateway.lock().unwrap().clone() {
+            // Unauthenticated `/gateway` names Discord's public gateway, as
+            // the real one does: only a bot that asks `/gateway/bot` at its
+            // API base finds the fake.
+            Some(_) if seg.len() == 1 => Json(json!({ "url": "wss://gateway.discord.gg" })).into_response(),
+            Some(url) => Json(json!({
+                "url": url,
+                "shards": 1,
+                "session_start_limit": { "total": 1000, "remaining": 999, "reset_after": 14_400_000, "max_concurrency": 1 }
+            }))
+            .into_response(),
+            None => (StatusCode::NOT_FOUND, Json(json!({ "message": "no gateway in this fake", "code": 0 }))).into_response(),
+        },
         ("PUT", ["applications", app, "commands"])
         | ("PUT", ["applications", app, "guilds", _, "commands"]) => {
             let guild = seg

@@ -1,7 +1,8 @@
 //! A fake Slack Web API on `127.0.0.1:0`: records every call (method and
 //! JSON, form or query body) and answers in Slack's JSON shapes. It also
-//! serves `/response/<n>` to stand in for `response_url`, and can answer a
-//! method with HTTP 429 and `Retry-After` a given number of times.
+//! serves `/response/<n>` to stand in for `response_url`, can answer a
+//! method with HTTP 429 and `Retry-After` a given number of times, and lets
+//! another fake answer a method (Socket Mode's `apps.connections.open`).
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -31,8 +32,13 @@ struct Inner {
     emails: Mutex<HashMap<String, String>>,
     /// Method → (remaining 429 answers, Retry-After seconds).
     limits: Mutex<HashMap<String, (u32, u64)>>,
+    /// Method → who answers it instead of the built-in answers.
+    answers: Mutex<HashMap<String, Answerer>>,
     ts: AtomicU64,
 }
+
+/// Answers a method with Slack's JSON, given the recorded call.
+type Answerer = Arc<dyn Fn(&Call) -> Value + Send + Sync>;
 
 /// Handle on a running fake; cheap to clone.
 #[derive(Clone)]
@@ -49,17 +55,15 @@ impl FakeSlack {
             .route("/api/{method}", any(api))
             .route("/response/{n}", post(response))
             .with_state(inner.clone());
+        // Not `net::serve`: benches/jitbot.rs includes this file on its own.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake slack");
-        let addr = listener.local_addr().expect("local addr");
+        let base = format!("http://{}", listener.local_addr().expect("local addr"));
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        FakeSlack {
-            inner,
-            base: format!("http://{addr}"),
-        }
+        FakeSlack { inner, base }
     }
 
     /// The Web API base URL to give jitbot (`api_url`).
@@ -87,6 +91,15 @@ impl FakeSlack {
             .lock()
             .unwrap()
             .insert(method.to_string(), (times, secs));
+    }
+
+    /// From now on `answer` answers `method` (recorded as any other call).
+    pub fn answer_with(&self, method: &str, answer: impl Fn(&Call) -> Value + Send + Sync + 'static) {
+        self.inner
+            .answers
+            .lock()
+            .unwrap()
+            .insert(method.to_string(), Arc::new(answer));
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -144,14 +157,19 @@ async fn api(
         base: String::new(),
     };
     let body = parse_body(&headers, &body, query);
-    fake.record(Call {
+    let call = Call {
         method: method.clone(),
         body: body.clone(),
         authorization: headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
-    });
+    };
+    fake.record(call.clone());
+    let answerer = inner.answers.lock().unwrap().get(&method).cloned();
+    if let Some(answer) = answerer {
+        return Json(answer(&call)).into_response();
+    }
     if let Some((left, secs)) = inner.limits.lock().unwrap().get_mut(&method) {
         if *left > 0 {
             *left -= 1;

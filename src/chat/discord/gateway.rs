@@ -1,8 +1,8 @@
 //! Gateway mode: a serenity `Client` whose only event handler turns each
 //! interaction into the shared [`Incoming`] and answers with what
-//! [`DiscordHandler::handle`] returns. It needs a live Discord connection,
-//! so the tests cover the shared handling through the HTTP endpoint and
-//! this file only compiles here; registration runs in both modes.
+//! [`DiscordHandler::handle`] returns. The gateway URL comes from
+//! `GET /gateway/bot` at `discord.api_url`; `tests/it/gateway.rs` runs it
+//! against a gateway v10 fake. Registration runs in both modes.
 
 use super::handle::DiscordHandler;
 use super::interaction::Incoming;
@@ -10,7 +10,9 @@ use super::DiscordAdapter;
 use crate::chat::AdapterTask;
 use crate::secret::Secret;
 use async_trait::async_trait;
-use serenity::all::{Client, Context, EventHandler, GatewayIntents, Interaction, InteractionId, Ready};
+use serenity::all::{
+    ClientBuilder, Context, EventHandler, GatewayIntents, Interaction, InteractionId, Ready,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -89,9 +91,48 @@ pub fn register_task(adapter: Arc<DiscordAdapter>) -> AdapterTask {
     })
 }
 
+/// Asks `GET /gateway/bot` where the gateway is, retrying with capped
+/// backoff (Discord down, a proxy not up yet) until it answers or shutdown.
+async fn gateway_url(adapter: &DiscordAdapter, shutdown: &mut watch::Receiver<bool>) -> Option<String> {
+    let mut attempt = 0;
+    loop {
+        match adapter.bot_gateway().await {
+            Ok(gateway) => {
+                let limit = &gateway.session_start_limit;
+                tracing::info!(
+                    url = %gateway.url,
+                    sessions_left = limit.remaining,
+                    sessions_per_day = limit.total,
+                    "found the Discord gateway"
+                );
+                if limit.remaining == 0 {
+                    tracing::warn!(
+                        reset_after_ms = limit.reset_after,
+                        "no Discord session starts left today: the gateway will refuse to identify \
+                         until the limit resets; look for a jitbot restarting in a loop"
+                    );
+                }
+                return Some(gateway.url);
+            }
+            Err(e) => {
+                attempt += 1;
+                let wait = Duration::from_secs((1u64 << attempt.min(6)).min(60));
+                tracing::warn!(error = %e, retry_in = ?wait,
+                    "cannot ask Discord for the gateway URL (GET /gateway/bot at discord.api_url); \
+                     check the bot token and that discord.api_url is reachable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopped(shutdown) => return None,
+                }
+            }
+        }
+    }
+}
+
 /// Gateway mode's task: register `/jit`, then hold the gateway connection
-/// (serenity reconnects by itself) until shutdown. Interactions need no
-/// privileged intents.
+/// (serenity reconnects and resumes by itself) until shutdown.
+/// Interactions arrive with no intent at all, so jitbot asks for none: no
+/// guild, message or presence events reach it.
 pub fn task(token: Secret, handler: Arc<DiscordHandler>, adapter: Arc<DiscordAdapter>) -> AdapterTask {
     Box::new(move |mut shutdown| {
         Box::pin(async move {
@@ -99,13 +140,19 @@ pub fn task(token: Secret, handler: Arc<DiscordHandler>, adapter: Arc<DiscordAda
                 _ = register(&adapter) => {}
                 _ = stopped(&mut shutdown) => return,
             }
-            let built = Client::builder(token.expose(), GatewayIntents::empty())
+            let Some(url) = gateway_url(&adapter, &mut shutdown).await else {
+                return;
+            };
+            let built = ClientBuilder::new_with_http(adapter.gateway_http(&token), GatewayIntents::empty())
                 .event_handler(Gateway { handler })
                 .await;
             let mut client = match built {
                 Ok(client) => client,
                 Err(e) => return tracing::error!(error = %e, "cannot start the Discord gateway client"),
             };
+            // serenity's builder asked `GET /gateway` (and falls back to
+            // discord.gg when that fails); `/gateway/bot` is the bot's answer.
+            *client.ws_url.lock().await = url;
             let shards = client.shard_manager.clone();
             tokio::select! {
                 ended = client.start() => {

@@ -16,7 +16,7 @@ pub use interaction::{Incoming, Rejected};
 
 use crate::chat::render;
 use crate::clock::Clock;
-use crate::config::{DiscordConfig, DiscordMode};
+use crate::config::{DiscordConfig, DiscordMode, DISCORD_API};
 use crate::engine::Engine;
 use crate::ports::{ApprovalCard, Audience, ChatError, MessageRef, Notice, Notifier};
 use crate::secret::{Secret, SecretError};
@@ -48,6 +48,7 @@ pub enum DiscordSetupError {
 /// Talks to Discord's REST API; implements [`Notifier`].
 pub struct DiscordAdapter {
     http: Arc<Http>,
+    app: ApplicationId,
     config: DiscordConfig,
     answer_budget: Duration,
 }
@@ -67,19 +68,18 @@ impl DiscordAdapter {
     /// Builds the adapter from config, resolving the bot token.
     pub fn new(config: &DiscordConfig) -> Result<DiscordAdapter, DiscordSetupError> {
         let token = config.bot_token.resolve()?;
-        DiscordAdapter::with_token(config, token, None)
+        DiscordAdapter::with_token(config, token)
     }
 
     /// Builds the adapter with an already-resolved bot token.
     ///
-    /// `api_base` is **for tests only**: it sends every REST call to a local
-    /// fake (e.g. `http://127.0.0.1:PORT`, serving `/api/v10/...`) and turns
-    /// serenity's rate limiter off, which its proxy setting requires. There
-    /// is no config key for it; production passes `None`.
+    /// REST calls go to `discord.api_url`. Any base but Discord's own is a
+    /// proxy (a shared rate-limiting proxy, or a test server): serenity then
+    /// leaves rate limiting to it, because it ignores a proxy while its own
+    /// rate limiter is on.
     pub fn with_token(
         config: &DiscordConfig,
         bot_token: Secret,
-        api_base: Option<&str>,
     ) -> Result<DiscordAdapter, DiscordSetupError> {
         let app = snowflake(&config.application_id)
             .ok_or_else(|| DiscordSetupError::BadId("application_id", config.application_id.clone()))?;
@@ -90,12 +90,10 @@ impl DiscordAdapter {
         if let Some((key, bad)) = ids.into_iter().find(|(_, v)| snowflake(v).is_none()) {
             return Err(DiscordSetupError::BadId(key, bad.clone()));
         }
-        let mut builder = HttpBuilder::new(bot_token.expose()).application_id(ApplicationId::new(app));
-        if let Some(base) = api_base {
-            builder = builder.proxy(base).ratelimiter_disabled(true);
-        }
+        let app = ApplicationId::new(app);
         Ok(DiscordAdapter {
-            http: Arc::new(builder.build()),
+            http: Arc::new(http_client(config, &bot_token, app)),
+            app,
             config: config.clone(),
             answer_budget: DEFAULT_ANSWER_BUDGET,
         })
@@ -113,6 +111,18 @@ impl DiscordAdapter {
 
     pub(crate) fn answer_budget(&self) -> Duration {
         self.answer_budget
+    }
+
+    /// A second REST client like the adapter's, for the gateway client
+    /// (serenity's `ClientBuilder` takes one by value).
+    pub(crate) fn gateway_http(&self, bot_token: &Secret) -> Http {
+        http_client(&self.config, bot_token, self.app)
+    }
+
+    /// `GET /gateway/bot` at `discord.api_url`: where the gateway is, and how
+    /// many session starts are left today.
+    pub(crate) async fn bot_gateway(&self) -> Result<serenity::all::BotGateway, ChatError> {
+        self.http.get_bot_gateway().await.map_err(chat_error)
     }
 
     /// Registers `/jit` in the configured guild, or globally. A bulk
@@ -171,6 +181,18 @@ impl DiscordAdapter {
             .map_err(chat_error)?;
         Ok(())
     }
+}
+
+/// A serenity REST client for `discord.api_url`. Any base but Discord's own
+/// is a proxy: serenity ignores a proxy unless its rate limiter is off, and a
+/// shared proxy does the rate limiting in its place.
+fn http_client(config: &DiscordConfig, bot_token: &Secret, app: ApplicationId) -> Http {
+    let mut builder = HttpBuilder::new(bot_token.expose()).application_id(app);
+    let base = config.api_url.trim_end_matches('/');
+    if base != DISCORD_API {
+        builder = builder.proxy(base).ratelimiter_disabled(true);
+    }
+    builder.build()
 }
 
 /// Maps serenity's errors to the port's, and counts them. Tokens never
@@ -271,7 +293,7 @@ pub fn configure(
     Option<crate::chat::AdapterTask>,
 )> {
     let token = config.bot_token.resolve().map_err(DiscordSetupError::from)?;
-    let adapter = Arc::new(DiscordAdapter::with_token(config, token.clone(), None)?);
+    let adapter = Arc::new(DiscordAdapter::with_token(config, token.clone())?);
     match config.mode {
         DiscordMode::Http => {
             let key = config.public_key.as_deref().ok_or_else(|| {

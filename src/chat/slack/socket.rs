@@ -1,9 +1,9 @@
 //! Socket Mode: Slack pushes commands and clicks over a websocket opened
 //! with the `xapp-` app-level token, so jitbot needs no public URL.
 //!
-//! This path cannot be exercised against real Slack in the test suite (the
-//! websocket URL comes from `apps.connections.open`); it shares every step
-//! after the transport with HTTP mode, which the tests drive end to end.
+//! The websocket URL comes from `apps.connections.open` at `slack.api_url`;
+//! `tests/it/socket_mode.rs` runs this mode through `jitbot run` against a
+//! Socket Mode fake. Every step after the transport is shared with HTTP mode.
 
 use super::handle::{SlackHandler, SlashCommand};
 use super::{Client, SlackAdapter, SlackSetupError};
@@ -27,6 +27,15 @@ pub async fn run_socket_mode(
 ) -> Result<(), SlackSetupError> {
     let handler = SlackHandler::new(engine, adapter.clone());
     let callbacks = SlackSocketModeListenerCallbacks::new()
+        // Slack's `hello` on a new connection: only now is jitbot reachable.
+        // (A closure: slack-morphism does not export the event's type.)
+        .with_hello_events(|ev, _client, _states| async move {
+            tracing::info!(
+                connections = ev.num_connections,
+                host = %ev.debug_info.host,
+                "Slack Socket Mode connected"
+            );
+        })
         .with_command_events(on_command)
         .with_interaction_events(on_interaction);
     let environment = Arc::new(
@@ -42,7 +51,9 @@ pub async fn run_socket_mode(
         .await
         .map_err(|e| SlackSetupError::SocketMode(e.to_string()))?;
     listener.start().await;
-    tracing::info!("Slack Socket Mode connected");
+    // Connections open in the background (and are logged by `on_hello`);
+    // slack-morphism retries a failed `apps.connections.open` every 30 s.
+    tracing::info!("Slack Socket Mode started");
     while !*shutdown.borrow() {
         if shutdown.changed().await.is_err() {
             break;

@@ -34,9 +34,14 @@ pub enum Change {
     Remove,
 }
 
+/// Whether a change found the group already as wanted (an add whose value
+/// was present, a remove whose value was absent).
+pub type Already = bool;
+
 /// One caller's change to a group.
 #[derive(Clone)]
 pub struct Item {
+    /// Who the value stands for, for messages and logs.
     pub user: UserId,
     /// The value as the group holds it: what the read-back looks for.
     pub value: String,
@@ -59,7 +64,7 @@ enum Turn {
     /// The modify in flight is done: send the queue's changes.
     Lead(Leader),
     /// A leader sent this caller's change; here is how it went.
-    Done(Result<(), DirectoryError>),
+    Done(Result<Already, DirectoryError>),
 }
 
 /// The groups with a modify in flight (a key is present while one is), and
@@ -165,7 +170,7 @@ impl LdapDirectory {
         group: &GroupDn,
         kind: MembershipKind,
         item: Item,
-    ) -> Result<(), DirectoryError> {
+    ) -> Result<Already, DirectoryError> {
         let key = (change, dn::normalize(group.as_str()));
         let leader = loop {
             match self.combiner.join(&key, &item) {
@@ -204,10 +209,10 @@ impl LdapDirectory {
         group: &GroupDn,
         kind: MembershipKind,
         items: &[&Item],
-    ) -> Vec<Result<(), DirectoryError>> {
+    ) -> Vec<Result<Already, DirectoryError>> {
         let attr = super::attribute(kind);
         if let [one] = items {
-            return vec![self.apply_one(change, group, kind, one).await];
+            return vec![self.apply_one(change, group, kind, one, false).await];
         }
         let values: HashSet<String> = items.iter().map(|i| i.written.clone()).collect();
         let modification = match change {
@@ -215,8 +220,8 @@ impl LdapDirectory {
             Change::Remove => Mod::Delete(attr.to_string(), values),
         };
         let every = |e: DirectoryError| items.iter().map(|_| Err(e.clone())).collect();
-        let result = match self.modify(group.as_str(), vec![modification]).await {
-            Ok(result) => result,
+        let (result, resent) = match self.modify_tracked(group.as_str(), vec![modification]).await {
+            Ok(sent) => sent,
             // Unreachable or timed out: each change alone would fail the same
             // way, and trying them one by one would wait once per value.
             Err(e) => return every(e),
@@ -227,8 +232,10 @@ impl LdapDirectory {
             code => {
                 tracing::debug!(group = %group, change = ?change, values = items.len(), code, "combined modify refused; one value at a time");
                 let mut results = Vec::with_capacity(items.len());
+                // A batch sent twice may have landed the first time, so
+                // "already there" below is then no news of someone else.
                 for item in items {
-                    results.push(self.apply_one(change, group, kind, item).await);
+                    results.push(self.apply_one(change, group, kind, item, resent).await);
                 }
                 return results;
             }
@@ -240,9 +247,9 @@ impl LdapDirectory {
         let mut results = Vec::with_capacity(items.len());
         for item in items {
             let result = if done {
-                Ok(())
+                Ok(false)
             } else {
-                self.check_one(change, group, attr, item).await
+                self.check_one(change, group, attr, item).await.map(|()| false)
             };
             if result.is_ok() {
                 log_done(change, group, &item.user);
@@ -258,20 +265,23 @@ impl LdapDirectory {
         group: &GroupDn,
         kind: MembershipKind,
         item: &Item,
-    ) -> Result<(), DirectoryError> {
+        resent: bool,
+    ) -> Result<Already, DirectoryError> {
         let attr = super::attribute(kind);
-        match change {
+        let already = match change {
             Change::Add => {
                 self.add_one(group, &item.user, attr, &item.value, &item.written)
                     .await?
+                    && !resent
             }
             Change::Remove => {
                 self.remove_one(group, &item.user, kind, attr, &item.value)
-                    .await?
+                    .await?;
+                false
             }
-        }
+        };
         log_done(change, group, &item.user);
-        Ok(())
+        Ok(already)
     }
 
     /// One base search for the whole batch: whether every value was added

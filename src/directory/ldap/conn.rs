@@ -88,12 +88,23 @@ impl Supervisor {
         F: Fn(Ldap) -> Fut,
         Fut: Future<Output = Result<T, LdapError>>,
     {
+        Ok(self.run_tracked(op).await?.0)
+    }
+
+    /// Like [`Supervisor::run`], and also tells whether the operation was
+    /// sent a second time after a lost connection: its first send may have
+    /// reached the server, so "already done" answers are then ambiguous.
+    pub async fn run_tracked<T, F, Fut>(&self, op: F) -> Result<(T, bool), DirectoryError>
+    where
+        F: Fn(Ldap) -> Fut,
+        Fut: Future<Output = Result<T, LdapError>>,
+    {
         let mut retried = false;
         loop {
             let (generation, fresh, mut ldap) = self.handle().await?;
             ldap.with_timeout(self.op_timeout);
             match op(ldap).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => return Ok((v, retried)),
                 Err(e) => match classify(e) {
                     Failure::Final(e) => return Err(e),
                     Failure::Hung(why) => {

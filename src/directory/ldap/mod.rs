@@ -15,12 +15,12 @@ mod nested;
 pub use dn::{ad_ttl_value, is_ad_protected_group};
 
 use crate::config::{GroupConfig, LdapConfig, MembershipKind};
-use crate::ports::{Directory, DirectoryError};
+use crate::ports::{Added, Directory, DirectoryError, GroupMember, MemberKind, Membership};
 use async_trait::async_trait;
 use batch::{Change, Combiner, Item};
 use conn::{describe, rc, Supervisor};
 use jitbot_core::{GroupDn, UserId};
-use ldap3::{dn_escape, ldap_escape, LdapResult, Mod, Scope, SearchEntry};
+use ldap3::{ldap_escape, LdapResult, Mod, Scope, SearchEntry};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::OnceCell;
@@ -129,9 +129,18 @@ impl LdapDirectory {
     }
 
     async fn modify(&self, dn: &str, mods: Vec<Mod<String>>) -> Result<LdapResult, DirectoryError> {
+        Ok(self.modify_tracked(dn, mods).await?.0)
+    }
+
+    /// A modify, and whether it was sent twice (after a lost connection).
+    async fn modify_tracked(
+        &self,
+        dn: &str,
+        mods: Vec<Mod<String>>,
+    ) -> Result<(LdapResult, bool), DirectoryError> {
         self.modifies.fetch_add(1, Ordering::Relaxed);
         self.conn
-            .run(|mut ldap| {
+            .run_tracked(|mut ldap| {
                 let mods = mods.clone();
                 async move { ldap.modify(dn, mods).await }
             })
@@ -182,14 +191,6 @@ impl LdapDirectory {
         }
     }
 
-    /// The value that stands for `user` in a group of this kind.
-    async fn member_value(&self, kind: MembershipKind, user: &UserId) -> Result<String, DirectoryError> {
-        match kind {
-            MembershipKind::MemberUid => Ok(user.to_string()),
-            MembershipKind::Member | MembershipKind::UniqueMember => self.user_dn(user).await,
-        }
-    }
-
     /// Whether `group` holds `value` in `attr` (the server compares, with the
     /// attribute's own matching rule).
     async fn has_value(&self, group: &GroupDn, attr: &str, value: &str) -> Result<bool, DirectoryError> {
@@ -217,18 +218,20 @@ impl LdapDirectory {
         attr: &str,
         value: &str,
         written: &str,
-    ) -> Result<(), DirectoryError> {
+    ) -> Result<bool, DirectoryError> {
         let add = Mod::Add(attr.to_string(), HashSet::from([written.to_string()]));
-        let result = self.modify(group.as_str(), vec![add]).await?;
-        match result.rc {
-            rc::SUCCESS | rc::ATTRIBUTE_EXISTS => {}
+        let (result, resent) = self.modify_tracked(group.as_str(), vec![add]).await?;
+        let already = match result.rc {
+            rc::SUCCESS => false,
+            // Present already: news only if this add was sent once.
+            rc::ATTRIBUTE_EXISTS => !resent,
             rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
             _ => return Err(self.refusal(&result, &format!("add {user} to {group}"))),
-        }
+        };
         if !self.has_value(group, attr, value).await? {
             return Err(not_added(group, user));
         }
-        Ok(())
+        Ok(already)
     }
 
     async fn remove_one(
@@ -296,80 +299,86 @@ impl Directory for LdapDirectory {
         }
     }
 
-    async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
         let kind = self.spec(group).kind;
-        let value = match self.member_value(kind, user).await {
-            Ok(v) => v,
-            Err(DirectoryError::NoSuchUser(_)) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        self.has_value(group, attribute(kind), &value).await
-    }
-
-    async fn add_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        let spec = self.spec(group);
         // The user must exist, whatever the kind holds.
         let user_dn = self.user_dn(user).await?;
-        let value = match spec.kind {
+        let value = match kind {
             MembershipKind::MemberUid => user.to_string(),
             _ => user_dn,
         };
-        let written = match spec.ad_ttl {
-            Some(ttl) if spec.kind == MembershipKind::Member => ad_ttl_value(&value, ttl),
-            _ => value.clone(),
+        Ok(Membership {
+            group: group.clone(),
+            attribute: attribute(kind).to_string(),
+            value,
+        })
+    }
+
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        let attr = valid_member_attribute(&m.attribute)?;
+        self.has_value(&m.group, attribute(attr), &m.value).await
+    }
+
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        let kind = valid_member_attribute(&m.attribute)?;
+        let written = match self.spec(&m.group).ad_ttl {
+            Some(ttl) if kind == MembershipKind::Member => ad_ttl_value(&m.value, ttl),
+            _ => m.value.clone(),
         };
         let item = Item {
-            user: user.clone(),
-            value,
+            user: UserId::new(m.value.as_str()),
+            value: m.value.clone(),
             written,
         };
-        self.combined(Change::Add, group, spec.kind, item).await
+        let already = self.combined(Change::Add, &m.group, kind, item).await?;
+        Ok(if already {
+            Added::AlreadyPresent
+        } else {
+            Added::Added
+        })
     }
 
-    async fn remove_member(&self, group: &GroupDn, user: &UserId) -> Result<(), DirectoryError> {
-        let kind = self.spec(group).kind;
-        let value = match self.member_value(kind, user).await {
-            Ok(v) => v,
-            // The account is gone but its DN may still sit in the group (no
-            // referential integrity): remove the DN it would have had.
-            Err(DirectoryError::NoSuchUser(_)) => {
-                format!("{}={},{}", self.id_attr, dn_escape(user.as_str()), self.user_base)
-            }
-            Err(e) => return Err(e),
-        };
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        let kind = valid_member_attribute(&m.attribute)?;
         let item = Item {
-            user: user.clone(),
-            written: value.clone(),
-            value,
+            user: UserId::new(m.value.as_str()),
+            value: m.value.clone(),
+            written: m.value.clone(),
         };
-        self.combined(Change::Remove, group, kind, item).await
+        self.combined(Change::Remove, &m.group, kind, item)
+            .await
+            .map(|_| ())
     }
 
-    async fn list_members(&self, group: &GroupDn) -> Result<Vec<UserId>, DirectoryError> {
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
         let kind = self.spec(group).kind;
         let attr = attribute(kind);
-        let (entries, result) = self
-            .search(group.as_str(), Scope::Base, "(objectClass=*)", &[attr])
-            .await?;
-        match result.rc {
-            rc::SUCCESS => {}
-            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
-            _ => return Err(self.refusal(&result, &format!("read {group}"))),
-        }
-        let found = entries
-            .first()
-            .map(|e| values(e, attr).to_vec())
-            .unwrap_or_default();
+        let found = self.member_values(group, attr).await?;
         let placeholder = self.placeholder.as_deref().map(dn::normalize);
-        let mut ids = BTreeSet::new();
+        let mut out = Vec::with_capacity(found.len());
         for value in found {
-            if kind == MembershipKind::MemberUid {
-                ids.insert(UserId::new(value));
-            } else if placeholder.as_deref() != Some(dn::normalize(&value).as_str()) {
-                ids.extend(self.id_of_dn(&value).await?);
-            }
+            let member_kind = if kind == MembershipKind::MemberUid {
+                MemberKind::User(UserId::new(value.as_str()))
+            } else if placeholder.as_deref() == Some(dn::normalize(&value).as_str()) {
+                continue;
+            } else if let Some(user) = self.id_of_dn(&value).await? {
+                MemberKind::User(user)
+            } else {
+                match self.nested_users(&value).await? {
+                    Some(reaches) => MemberKind::NestedGroup { reaches },
+                    None => MemberKind::Unknown,
+                }
+            };
+            out.push(GroupMember {
+                membership: Membership {
+                    group: group.clone(),
+                    attribute: attr.to_string(),
+                    value,
+                },
+                kind: member_kind,
+            });
         }
-        Ok(ids.into_iter().collect())
+        Ok(out)
     }
 
     async fn groups_of(
@@ -414,6 +423,19 @@ impl Directory for LdapDirectory {
             .await?;
         self.check_user_base(&result)
     }
+}
+
+/// The membership kind a recorded attribute names; anything else is refused
+/// (a recorded value never turns into a write to another attribute).
+fn valid_member_attribute(name: &str) -> Result<MembershipKind, DirectoryError> {
+    [
+        MembershipKind::Member,
+        MembershipKind::UniqueMember,
+        MembershipKind::MemberUid,
+    ]
+    .into_iter()
+    .find(|k| attribute(*k).eq_ignore_ascii_case(name))
+    .ok_or_else(|| DirectoryError::Refused(format!("`{name}` is not a membership attribute")))
 }
 
 /// The attribute a group of this kind lists its members in.

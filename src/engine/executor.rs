@@ -1,0 +1,437 @@
+//! The lease executor: the one place that changes the directory for a lease.
+//!
+//! Two rules make a membership end by construction:
+//! - **One executor per lease.** [`Engine::drive`] takes the lease's lock, so
+//!   a grant finished by the approving command and the same grant fired by
+//!   the scheduler's `Grant` timer run one after the other, never together;
+//!   the second finds the lease `Active` and does nothing.
+//! - **Every step is fenced.** [`Engine::transition`] commits a change only
+//!   if the lease is still in the state the step started from; a step that
+//!   lost a race commits nothing and does not touch the directory again.
+//!
+//! The grant records *what it will write* ([`Membership`]: group DN,
+//! attribute, value) and whether the user already held it, durably, before
+//! the add. Revocation removes exactly that value from exactly that group and
+//! never consults today's configuration, so a group dropped from the config,
+//! a changed `dn` or a renamed user cannot strand a membership.
+
+use super::audit::{about_lease, AuditAction};
+use super::{notice, Engine, EngineError, ENGINE_ACTOR};
+use crate::ports::{Added, Audience, DirectoryError};
+use crate::store::{LeaseRecord, TimerKind, Tx};
+use jitbot_core::backoff::retry_delay;
+use jitbot_core::command::Action;
+use jitbot_core::{EndReason, LeaseId, LeaseState, Membership};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Per-lease locks: held while a lease's directory work runs.
+#[derive(Default)]
+pub(super) struct LeaseLocks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl LeaseLocks {
+    fn get(&self, id: &LeaseId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Forgets the lock of `id` when nobody holds or waits for it. Every
+    /// clone is made under the map's mutex, so the count cannot rise here.
+    fn release(&self, id: &LeaseId, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        drop(lock);
+        if map.get(id.as_str()).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(id.as_str());
+        }
+    }
+}
+
+impl Engine {
+    /// Commits `change` to lease `id` only if its state is one of `from`;
+    /// otherwise commits nothing and returns `None`. `change` stages the new
+    /// lease through the record it is handed: the helper writes it back, so
+    /// no step can forget to.
+    pub(super) async fn transition<T>(
+        &self,
+        id: &LeaseId,
+        from: &[LeaseState],
+        change: impl FnOnce(&mut Tx<'_>, &mut LeaseRecord) -> Result<T, EngineError>,
+    ) -> Result<Option<T>, EngineError> {
+        self.inner
+            .store
+            .update(self.now(), |tx| {
+                let Some(mut rec) = tx.lease(id)? else {
+                    return Ok(None);
+                };
+                if !from.contains(&rec.lease.state) {
+                    return Ok(None);
+                }
+                let value = change(tx, &mut rec)?;
+                tx.put_lease(rec);
+                Ok(Some(value))
+            })
+            .await
+    }
+
+    /// Takes lease `id` as far as the directory lets it: finishes a
+    /// `Granting` lease, removes the membership of a `Revoking` one. Safe to
+    /// call any number of times from anywhere (commands, timers, start-up).
+    pub(crate) async fn drive(&self, id: &LeaseId) -> Result<(), EngineError> {
+        let lock = self.inner.lease_locks.get(id);
+        let result = {
+            let _turn = lock.lock().await;
+            self.drive_locked(id).await
+        };
+        self.inner.lease_locks.release(id, lock);
+        result
+    }
+
+    async fn drive_locked(&self, id: &LeaseId) -> Result<(), EngineError> {
+        // Each pass either ends in a settled state or moves the lease on
+        // (granting → active or revoking; revoking → ended or retry later).
+        for _ in 0..4 {
+            let Some(rec) = self.inner.store.lease(id)? else {
+                return self.clear_work_timers(id).await;
+            };
+            match rec.lease.state {
+                LeaseState::Granting => self.grant_step(rec).await?,
+                LeaseState::Revoking => return self.revoke_step(rec).await,
+                LeaseState::Active | LeaseState::Ended => return self.clear_work_timers(id).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `Grant` and `Revoke` timers of a lease that needs no more
+    /// directory work (fenced: only while it is active or ended).
+    async fn clear_work_timers(&self, id: &LeaseId) -> Result<(), EngineError> {
+        self.inner
+            .store
+            .update(self.now(), |tx| {
+                let settled = match tx.lease(id)? {
+                    None => true,
+                    Some(rec) => matches!(rec.lease.state, LeaseState::Active | LeaseState::Ended),
+                };
+                if settled {
+                    tx.clear_timer(TimerKind::Grant, id.as_str());
+                    tx.clear_timer(TimerKind::Revoke, id.as_str());
+                }
+                Ok::<_, EngineError>(())
+            })
+            .await
+    }
+
+    /// One step of a `Granting` lease. Leaves it `Active`, or `Revoking`
+    /// (failed, or too late), or unchanged when another step won a race.
+    async fn grant_step(&self, rec: LeaseRecord) -> Result<(), EngineError> {
+        let id = rec.lease.id.clone();
+        let granting = [LeaseState::Granting];
+        // A grant finished after its lease has run out (jitbot was down)
+        // would hand out privilege nobody may hold any more.
+        if self.now() >= rec.lease.expires_at {
+            self.transition(&id, &granting, |tx, rec| {
+                let now = tx.now();
+                rec.lease.begin_revoke(EndReason::Expired, now)?;
+                tx.clear_timer(TimerKind::Grant, id.as_str());
+                tx.set_timer(TimerKind::Revoke, id.as_str(), now);
+                tx.audit(
+                    about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantTooLate, &rec.lease)
+                        .detail("the lease ran out before the grant finished; nothing more is added"),
+                );
+                Ok(())
+            })
+            .await?;
+            return Ok(());
+        }
+        let dir = &self.inner.directory;
+        // Only the add that follows jitbot's own membership check can tell
+        // that "already there" means somebody else.
+        let first_add = rec.lease.preexisting.is_none();
+        let membership = match (rec.lease.preexisting, rec.lease.membership.clone()) {
+            (Some(_), Some(m)) => m,
+            _ => {
+                // The only moment today's configuration is read for a lease:
+                // which group DN, and which value stands for the user.
+                let policy = match self.group(&rec.lease.group) {
+                    Ok(p) => p.clone(),
+                    Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+                };
+                let m = match dir.membership_of(&policy.dn, &rec.lease.user).await {
+                    Ok(m) => m,
+                    Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+                };
+                let was_member = match dir.has_membership(&m).await {
+                    Ok(was) => was,
+                    Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+                };
+                let recorded = self
+                    .transition(&id, &granting, |tx, rec| {
+                        rec.lease.record_preexisting(was_member, m.clone());
+                        if was_member {
+                            tx.audit(
+                                about_lease(ENGINE_ACTOR, AuditAction::LeaseStandingMembership, &rec.lease)
+                                    .detail("already a member before jitbot; jitbot will not remove it"),
+                            );
+                        }
+                        Ok(rec.lease.owns_membership())
+                    })
+                    .await?;
+                match recorded {
+                    None => return Ok(()),
+                    Some(false) => return self.activate(&id).await,
+                    Some(true) => {}
+                }
+                m
+            }
+        };
+        if rec.lease.preexisting == Some(true) {
+            return self.activate(&id).await;
+        }
+        let started = std::time::Instant::now();
+        let added = dir.add_membership(&membership).await;
+        crate::metrics::directory_op("add", started.elapsed());
+        match added {
+            Ok(Added::Added) => {}
+            // Only jitbot's first add can tell: after a crash the earlier
+            // attempt may have landed, and then "already there" is ours.
+            Ok(Added::AlreadyPresent) if first_add => {
+                self.transition(&id, &granting, |tx, rec| {
+                    rec.lease.added_by_someone_else();
+                    tx.audit(
+                        about_lease(ENGINE_ACTOR, AuditAction::LeaseAddedBySomeoneElse, &rec.lease).detail(
+                            "the membership appeared between jitbot's check and its add; jitbot will not remove it",
+                        ),
+                    );
+                    Ok(())
+                })
+                .await?;
+            }
+            Ok(Added::AlreadyPresent) => {}
+            Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+        }
+        self.activate(&id).await
+    }
+
+    /// `Granting` → `Active`: the membership is in place (or was never
+    /// jitbot's to add). Arms the expiry and warning timers.
+    async fn activate(&self, id: &LeaseId) -> Result<(), EngineError> {
+        let done = self
+            .transition(id, &[LeaseState::Granting], |tx, rec| {
+                rec.lease.activate()?;
+                tx.clear_timer(TimerKind::Grant, id.as_str());
+                self.arm_lease_timers(tx, rec);
+                tx.audit(
+                    about_lease(ENGINE_ACTOR, AuditAction::LeaseGranted, &rec.lease)
+                        .request(&rec.lease.request)
+                        .detail(format!("until {}", rec.lease.expires_at.to_rfc3339())),
+                );
+                let until = rec.lease.expires_at.format("%H:%M:%S UTC");
+                tx.outbox(notice(
+                    Audience::Group(rec.lease.group.clone()),
+                    format!(
+                        ":key: {} now has `{}` until {until} (lease {id}).",
+                        rec.lease.user, rec.lease.group
+                    ),
+                    vec![],
+                ));
+                tx.outbox(notice(
+                    Audience::User {
+                        user: rec.lease.user.clone(),
+                        chat: rec.origin.clone(),
+                    },
+                    format!(
+                        "You have `{}` until {until}. Release it early with `/jit release {id}`.",
+                        rec.lease.group
+                    ),
+                    vec![Action::Release(id.to_string()), Action::Extend(id.to_string())],
+                ));
+                Ok(())
+            })
+            .await?;
+        if done.is_some() {
+            crate::metrics::granted();
+            self.changed();
+        }
+        Ok(())
+    }
+
+    /// The directory refused or failed the grant: `Granting` → `Revoking`,
+    /// so the revoke step removes whatever jitbot may have added.
+    async fn grant_failed(&self, id: &LeaseId, error: &str) -> Result<(), EngineError> {
+        tracing::warn!(lease = %id, error, "grant failed; undoing");
+        self.transition(id, &[LeaseState::Granting], |tx, rec| {
+            let now = tx.now();
+            rec.lease.begin_revoke(
+                EndReason::GrantFailed {
+                    error: error.to_string(),
+                },
+                now,
+            )?;
+            tx.clear_timer(TimerKind::Grant, id.as_str());
+            tx.set_timer(TimerKind::Revoke, id.as_str(), now);
+            tx.audit(about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantFailed, &rec.lease).detail(error));
+            let text = format!(
+                "Granting `{}` to {} failed: {error}",
+                rec.lease.group, rec.lease.user
+            );
+            let holder = Audience::User {
+                user: rec.lease.user.clone(),
+                chat: rec.origin.clone(),
+            };
+            tx.outbox(notice(holder, text.clone(), vec![]));
+            tx.outbox(notice(Audience::Group(rec.lease.group.clone()), text, vec![]));
+            Ok(())
+        })
+        .await?;
+        self.changed();
+        Ok(())
+    }
+
+    /// What a `Revoking` lease must remove: the recorded value, or, for a
+    /// lease recorded before values were kept, the value today's
+    /// configuration gives (an error if the group is gone: retried and
+    /// alerted, never dropped).
+    async fn to_remove(&self, rec: &LeaseRecord) -> Result<Option<Membership>, DirectoryError> {
+        if !rec.lease.owns_membership() {
+            return Ok(None);
+        }
+        if let Some(m) = &rec.lease.membership {
+            return Ok(Some(m.clone()));
+        }
+        let policy = self.group(&rec.lease.group).map_err(|_| {
+            DirectoryError::Refused(format!(
+                "lease {} predates recorded memberships and group `{}` is no longer configured; \
+                 put the group back in the config or remove {} from it by hand",
+                rec.lease.id, rec.lease.group, rec.lease.user
+            ))
+        })?;
+        self.inner
+            .directory
+            .membership_of(&policy.dn, &rec.lease.user)
+            .await
+            .map(Some)
+    }
+
+    /// One step of a `Revoking` lease: remove the value jitbot added, then
+    /// `Revoking` → `Ended`. On failure the lease stays `Revoking` and its
+    /// timer moves out by the backoff; after `alert_after` failures an
+    /// alert goes out. It is never dropped.
+    async fn revoke_step(&self, rec: LeaseRecord) -> Result<(), EngineError> {
+        let id = rec.lease.id.clone();
+        let removed = match self.to_remove(&rec).await {
+            Ok(None) => Ok(()),
+            Ok(Some(m)) => {
+                let started = std::time::Instant::now();
+                let removed = self.inner.directory.remove_membership(&m).await;
+                crate::metrics::directory_op("remove", started.elapsed());
+                removed
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = removed {
+            return self.revoke_failed(&id, &e.to_string()).await;
+        }
+        let ended = self
+            .transition(&id, &[LeaseState::Revoking], |tx, rec| {
+                rec.lease.finish()?;
+                tx.clear_timer(TimerKind::Revoke, id.as_str());
+                let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
+                if matches!(reason, EndReason::Expired) {
+                    let lag = (tx.now() - rec.lease.expires_at).to_std().unwrap_or_default();
+                    crate::metrics::revocation_lag(lag);
+                }
+                tx.audit(
+                    about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
+                        "{}; membership {}",
+                        reason.describe(),
+                        if rec.lease.owns_membership() {
+                            "removed"
+                        } else {
+                            "left as it was before jitbot"
+                        }
+                    )),
+                );
+                match reason {
+                    EndReason::GrantFailed { .. } => {}
+                    EndReason::Drift => {
+                        tx.outbox(notice(
+                            Audience::Alert,
+                            format!(
+                                "ZSP drift remediated: jitbot removed {} from `{}`.",
+                                rec.lease.user, rec.lease.group
+                            ),
+                            vec![],
+                        ));
+                    }
+                    _ => {
+                        let text = format!(
+                            ":lock: {}'s access to `{}` ended ({}).",
+                            rec.lease.user,
+                            rec.lease.group,
+                            reason.describe()
+                        );
+                        tx.outbox(notice(
+                            Audience::Group(rec.lease.group.clone()),
+                            text.clone(),
+                            vec![],
+                        ));
+                        let holder = Audience::User {
+                            user: rec.lease.user.clone(),
+                            chat: rec.origin.clone(),
+                        };
+                        tx.outbox(notice(holder, text, vec![]));
+                    }
+                }
+                if rec.lease.alerted {
+                    let text = format!(
+                        "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
+                        rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
+                    );
+                    tx.outbox(notice(Audience::Alert, text, vec![]));
+                }
+                Ok(())
+            })
+            .await?;
+        if ended.is_some() {
+            crate::metrics::revoked();
+            self.changed();
+        }
+        Ok(())
+    }
+
+    async fn revoke_failed(&self, id: &LeaseId, error: &str) -> Result<(), EngineError> {
+        let settings = self.inner.settings.clone();
+        let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
+        let attempt = self
+            .transition(id, &[LeaseState::Revoking], |tx, rec| {
+                let attempt = rec.lease.revoke_failed(error);
+                let delay = retry_delay(attempt, settings.retry_base, settings.retry_max, jitter);
+                tx.set_timer(TimerKind::Revoke, id.as_str(), tx.now() + delay.to_chrono());
+                tx.audit(
+                    about_lease(ENGINE_ACTOR, AuditAction::LeaseRevokeFailed, &rec.lease)
+                        .detail(format!("attempt {attempt}: {error}; next try in {delay}")),
+                );
+                if attempt >= settings.alert_after && !rec.lease.alerted {
+                    rec.lease.alerted = true;
+                    tx.outbox(notice(
+                        Audience::Alert,
+                        format!(
+                            ":warning: jitbot cannot remove {} from `{}` ({attempt} attempts: {error}). It keeps retrying; check the directory.",
+                            rec.lease.user, rec.lease.group
+                        ),
+                        vec![],
+                    ));
+                }
+                Ok(attempt)
+            })
+            .await?;
+        if let Some(attempt) = attempt {
+            crate::metrics::revoke_retry();
+            tracing::warn!(lease = %id, attempt, error, "revocation failed; will retry");
+            self.changed();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,362 @@
+//! The Discord gateway, Discord's default mode, end to end: the real
+//! `jitbot run` binary against a real slapd, a gateway v10 fake written from
+//! Discord's documentation (`support::fake_gateway`) and the REST fake.
+
+use crate::support::fake_discord::{Call, FakeDiscord, APP_ID};
+use crate::support::fake_gateway::{FakeGateway, GUILD};
+use crate::support::net::eventually;
+use crate::support::process::Jitbot;
+use crate::support::slapd::{self, Slapd, APPROVERS, DB_ADMINS};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const BOT_TOKEN: &str = "gateway-test-bot-token";
+/// The channel of db-admins, where cards and notices go.
+const CDB: &str = "510";
+/// Where people type `/jit`.
+const CTYPED: &str = "600";
+const WAIT: Duration = Duration::from_secs(20);
+/// Short, so that a withheld ACK shows within a second or two.
+const HEARTBEAT: Duration = Duration::from_millis(1000);
+
+/// Discord user ids of the test people.
+fn did(user: &str) -> String {
+    let n = ["alice", "bob", "carol", "dave", "eve"]
+        .iter()
+        .position(|u| *u == user)
+        .map_or(99, |i| i + 1);
+    format!("10000000000000000{n:02}")
+}
+
+fn dn(user: &str) -> String {
+    format!("uid={user},{}", slapd::PEOPLE)
+}
+
+fn config(server: &Slapd, discord: &FakeDiscord) -> String {
+    let ldap = server.ldap_config();
+    let users: Vec<String> = ["alice", "bob", "carol", "eve"]
+        .iter()
+        .map(|u| format!("\"{}\" = \"{u}\"", did(u)))
+        .collect();
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+retry_max = "2s"
+
+[directory]
+kind = "ldap"
+
+[ldap]
+url = "{url}"
+bind_dn = "{bind}"
+password = {{ file = "{pw}" }}
+user_base = "{people}"
+placeholder_dn = "{bind}"
+connect_timeout = "2s"
+operation_timeout = "5s"
+
+[discord]
+mode = "gateway"
+bot_token = {{ env = "GW_BOT_TOKEN" }}
+api_url = "{api}"
+application_id = "{APP_ID}"
+guild_id = "{GUILD}"
+default_channel = "500"
+channels = {{ db-admins = "{CDB}" }}
+users = {{ {users} }}
+
+[[group]]
+name = "db-admins"
+dn = "{DB_ADMINS}"
+zsp = true
+requesters = {{ users = ["alice", "bob", "dave", "eve"] }}
+approvers = {{ groups = ["{APPROVERS}"] }}
+default_duration = "3s"
+max_duration = "1h"
+reason_required = false
+"#,
+        url = ldap.url,
+        bind = ldap.bind_dn,
+        pw = ldap.password.file.as_ref().expect("password file").display(),
+        people = ldap.user_base,
+        api = discord.base,
+        users = users.join(", "),
+    )
+}
+
+struct Setup {
+    server: Slapd,
+    gw: FakeGateway,
+    bot: Jitbot,
+}
+
+async fn setup() -> Setup {
+    let server = Slapd::start();
+    let discord = FakeDiscord::start().await;
+    let gw = FakeGateway::start(discord.clone(), HEARTBEAT).await;
+    let bot = Jitbot::start(&config(&server, &discord), &[("GW_BOT_TOKEN", BOT_TOKEN)]).await;
+    Setup { server, gw, bot }
+}
+
+impl Setup {
+    fn discord(&self) -> &FakeDiscord {
+        &self.gw.discord
+    }
+
+    /// Approval cards posted in db-admins' channel, as (request id, message).
+    fn cards(&self) -> Vec<(String, Call)> {
+        self.discord()
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .into_iter()
+            .filter_map(|c| {
+                custom_id(&c.body, "jit:approve:").map(|a| (a["jit:approve:".len()..].to_string(), c))
+            })
+            .collect()
+    }
+
+    async fn card(&self, n: usize) -> String {
+        eventually(WAIT, &format!("approval card #{n}"), || {
+            self.cards().get(n - 1).map(|(id, _)| id.clone())
+        })
+        .await
+    }
+
+    /// Sends an interaction over the gateway; returns everything jitbot
+    /// answered it with (the callback, and an edit of a deferred answer),
+    /// once the callback is there.
+    async fn interact(&self, interaction: &Value) -> String {
+        self.gw.dispatch_interaction(interaction);
+        self.answer(interaction).await
+    }
+
+    async fn answer(&self, interaction: &Value) -> String {
+        let id = interaction["id"].as_str().unwrap_or_default();
+        let token = interaction["token"].as_str().unwrap_or_default();
+        let callback = format!("/interactions/{id}/{token}/callback");
+        let call = self
+            .discord()
+            .wait_for(WAIT, |c| c.method == "POST" && c.path == callback)
+            .await
+            .unwrap_or_else(|| panic!("no answer to {id}; jitbot's log:\n{}", self.bot.log_text()));
+        let deferred = call.body["type"] == 5 || call.body["type"] == 6;
+        let mut text = call.body.to_string();
+        if deferred {
+            let edit = format!("/webhooks/{APP_ID}/{token}/messages/@original");
+            let edited = self
+                .discord()
+                .wait_for(WAIT, |c| c.method == "PATCH" && c.path == edit)
+                .await
+                .expect("the deferred answer is edited in");
+            text.push_str(&edited.body.to_string());
+        }
+        text
+    }
+
+    async fn member(&self, user: &str) -> bool {
+        self.server.values(DB_ADMINS, "member").await.contains(&dn(user))
+    }
+
+    async fn wait_member(&self, user: &str, present: bool) {
+        let deadline = Instant::now() + WAIT;
+        while self.member(user).await != present {
+            assert!(
+                Instant::now() < deadline,
+                "{user} never became {} of db-admins; jitbot's log:\n{}",
+                if present { "a member" } else { "no member" },
+                self.bot.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn request_state(&self, id: &str) -> String {
+        let requests = self.bot.admin("requests").await;
+        let found = requests.iter().find(|r| r["id"] == id);
+        found
+            .map(|r| r["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    }
+
+    fn request(&self, user: &str, duration: &str, reason: &str) -> Value {
+        self.gw.command(
+            &did(user),
+            CTYPED,
+            "request",
+            &[("group", "db-admins"), ("duration", duration), ("reason", reason)],
+        )
+    }
+
+    fn click(&self, user: &str, custom_id: &str) -> Value {
+        self.gw.button(&did(user), CDB, "1300000000000000001", custom_id)
+    }
+}
+
+/// The first `custom_id` in a message body starting with `prefix`.
+fn custom_id(body: &Value, prefix: &str) -> Option<String> {
+    let text = body.to_string();
+    let start = text.find(prefix)?;
+    let end = text[start..].find('"')? + start;
+    Some(text[start..end].to_string())
+}
+
+/// `/jit request` → card → a refused self-approval → a double click by an
+/// approver (one grant) → member in slapd → expiry → removed → notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_approve_expire_through_the_gateway() {
+    let s = setup().await;
+    let identify = s.gw.wait_op(2, 1, WAIT).await;
+    assert_eq!(
+        identify.d["intents"], 0,
+        "interactions need no intent: {}",
+        identify.d
+    );
+    assert!(
+        identify.d["token"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(BOT_TOKEN)),
+        "identified with the bot token"
+    );
+    assert!(identify.d["properties"]["os"].is_string(), "{}", identify.d);
+    let asked = s.discord().calls_to("GET", "/gateway/bot");
+    assert_eq!(asked.len(), 1, "the gateway URL comes from /gateway/bot");
+    assert_eq!(
+        asked[0].authorization.as_deref(),
+        Some(format!("Bot {BOT_TOKEN}").as_str())
+    );
+    assert!(s.gw.connects()[0].query.contains("v=10"), "{:?}", s.gw.connects());
+    // Heartbeats flow and are acknowledged.
+    s.gw.wait_op(1, 2, WAIT).await;
+    s.gw.session_connection().await;
+
+    let answer = s.interact(&s.request("alice", "3s", "fixing replication")).await;
+    assert!(answer.contains("\"flags\":64"), "answers are ephemeral: {answer}");
+    let id = s.card(1).await;
+    assert!(answer.contains(&id), "{answer}");
+    assert_eq!(s.request_state(&id).await, "pending");
+
+    let refused = s.interact(&s.click("alice", &format!("jit:approve:{id}"))).await;
+    assert!(refused.contains("your own request"), "{refused}");
+    assert_eq!(s.request_state(&id).await, "pending");
+    assert!(!s.member("alice").await);
+
+    // carol (security ⊂ approvers) clicks Approve twice.
+    let first = s.click("carol", &format!("jit:approve:{id}"));
+    let second = s.click("carol", &format!("jit:approve:{id}"));
+    s.gw.dispatch_interaction(&first);
+    s.gw.dispatch_interaction(&second);
+    s.answer(&first).await;
+    s.answer(&second).await;
+    s.wait_member("alice", true).await;
+    assert_eq!(s.request_state(&id).await, "approved");
+    let leases = s.bot.admin("leases").await;
+    assert_eq!(leases.len(), 1, "one grant for two clicks: {leases:#?}");
+    s.discord()
+        .wait_for(WAIT, |c| {
+            c.method == "PATCH" && c.path.starts_with(&format!("/channels/{CDB}/messages/"))
+        })
+        .await
+        .expect("the card is edited in place");
+
+    s.wait_member("alice", false).await;
+    assert!(s
+        .server
+        .values(DB_ADMINS, "member")
+        .await
+        .contains(&slapd::SERVICE_DN.to_string()));
+    let notice = s
+        .discord()
+        .wait_for(WAIT, |c| {
+            c.method == "POST"
+                && c.path == format!("/channels/{CDB}/messages")
+                && c.body.to_string().contains("ended (expired)")
+        })
+        .await;
+    assert!(notice.is_some(), "no expiry notice: {:#?}", s.discord().calls());
+    assert_eq!(s.bot.admin("leases").await[0]["state"], "ended");
+    assert_eq!(s.cards().len(), 1);
+    assert_eq!(s.gw.ops(2).len(), 1, "one session all along");
+    let log = s.bot.log_text();
+    assert!(log.contains("connected to the Discord gateway"), "{log}");
+    assert!(
+        !log.contains(BOT_TOKEN),
+        "the bot token leaked into the debug log"
+    );
+}
+
+/// A withheld heartbeat ACK makes jitbot reconnect; op 7 RECONNECT is
+/// followed by a RESUME that receives what was dispatched meanwhile; an
+/// op 9 INVALID_SESSION answer to a RESUME makes jitbot identify anew; and
+/// nothing is processed twice along the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_reconnect_and_invalid_session_are_recovered() {
+    let s = setup().await;
+    s.gw.wait_op(2, 1, WAIT).await;
+    let first = s.gw.session_connection().await;
+
+    // A zombied connection: heartbeats go unanswered.
+    s.gw.withhold_acks(first);
+    let zombie_at = Instant::now();
+    let again = eventually(WAIT, "a new connection after the missing ACK", || {
+        s.gw.frames()
+            .into_iter()
+            .find(|f| f.connection != first && (f.op == 2 || f.op == 6))
+    })
+    .await;
+    println!(
+        "reconnected {:?} after the ACKs stopped (op {})",
+        zombie_at.elapsed(),
+        again.op
+    );
+    let second = s.gw.session_connection().await;
+    assert_ne!(second, first);
+    assert!(!s.gw.live().contains(&first), "the zombie connection was closed");
+
+    // op 7: jitbot resumes, and gets what was dispatched in between.
+    let identified = s.gw.ops(2).len();
+    s.gw.reconnect(second).await;
+    let request = s.request("alice", "1h", "dispatched while reconnecting");
+    s.gw.dispatch_interaction(&request);
+    let resume = s.gw.wait_op(6, 1, WAIT).await;
+    assert!(
+        resume.d["session_id"].is_string() && resume.d["seq"].is_u64(),
+        "{}",
+        resume.d
+    );
+    assert!(resume.d["token"].as_str().is_some_and(|t| t.ends_with(BOT_TOKEN)));
+    let answer = s.answer(&request).await;
+    let id = s.card(1).await;
+    assert!(answer.contains(&id), "{answer}");
+    assert_eq!(s.gw.ops(2).len(), identified, "resumed, not identified again");
+
+    // op 9 in answer to a RESUME: jitbot identifies a new session.
+    let third = s.gw.session_connection().await;
+    s.gw.invalidate_next_resume();
+    s.gw.reconnect(third).await;
+    s.gw.wait_op(6, 2, WAIT).await;
+    s.gw.wait_op(2, identified + 1, WAIT).await;
+    s.gw.session_connection().await;
+
+    let approve = s.click("carol", &format!("jit:approve:{id}"));
+    s.interact(&approve).await;
+    s.wait_member("alice", true).await;
+    assert_eq!(s.bot.admin("requests").await.len(), 1, "one request");
+    assert_eq!(s.bot.admin("leases").await.len(), 1, "one grant");
+    assert_eq!(s.cards().len(), 1, "one card");
+    let callbacks = s.discord().calls_to("POST", "/interactions/*/*/callback");
+    assert_eq!(
+        callbacks.len(),
+        2,
+        "each interaction answered once: {callbacks:#?}"
+    );
+}

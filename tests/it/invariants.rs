@@ -1,0 +1,520 @@
+//! Named regression tests for the ways a membership could outlive its lease
+//! (issue "Leases that always end, by construction"). Each test names the
+//! defect it guards; each failed on the engine before the executor and the
+//! recorded memberships.
+
+use crate::support::bot::{policy, seeded, TestBot, DB, WEB};
+use crate::support::slapd::{self, Slapd, DB_ADMINS};
+use async_trait::async_trait;
+use chrono::Duration;
+use jitbot::directory::ldap::LdapDirectory;
+use jitbot::directory::memory::MemoryDirectory;
+use jitbot::ports::{Added, Directory, DirectoryError, GroupMember, Membership};
+use jitbot::store::{LeaseRecord, StoreError};
+use jitbot_core::policy::Policy;
+use jitbot_core::{GroupDn, Lease, LeaseId, LeaseState, RequestId, Span, UserId};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// Defect 1: the lease revokes from what it recorded, not from the config.
+#[tokio::test]
+async fn a_lease_on_a_group_dropped_from_the_config_is_still_revoked() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert!(bot.is_member(DB, "alice"));
+
+    let mut without = policy();
+    without.groups.retain(|g| g.name.as_str() != "db-admins");
+    let memory = bot.dir.clone();
+    let bot = bot.restart(memory.clone(), without);
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "removed although the group left the config"
+    );
+}
+
+/// Defect 1: a changed `dn` does not send the removal to the new group.
+#[tokio::test]
+async fn a_lease_removes_from_the_dn_it_was_granted_in_after_the_dn_changes() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+
+    let mut moved = policy();
+    moved.groups[0].dn = GroupDn::new(WEB);
+    let memory = bot.dir.clone();
+    memory.add_group(WEB, ["dave", "alice"]); // alice's own standing membership there
+    let bot = bot.restart(memory.clone(), moved);
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "removed from the DN written"
+    );
+    assert!(memory.members(WEB).contains("alice"), "the new DN is not touched");
+}
+
+/// A directory whose first membership check waits for the test, and whose
+/// second one fails: the interleaving that used to end a lease under a
+/// grant still in flight, which then added the member to an ended lease.
+struct RacingChecks {
+    inner: Arc<MemoryDirectory>,
+    calls: AtomicU32,
+    release: Notify,
+}
+
+#[async_trait]
+impl Directory for RacingChecks {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.inner.find_user(a, v).await
+    }
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.inner.membership_of(g, u).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        match self.calls.fetch_add(1, Ordering::SeqCst) {
+            0 => self.release.notified().await,
+            1 => return Err(DirectoryError::Unavailable("second check fails".into())),
+            _ => {}
+        }
+        self.inner.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.inner.add_membership(m).await
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.inner.remove_membership(m).await
+    }
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.inner, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.inner.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+/// Defect 2: the approving command and the scheduler's `Grant` timer never
+/// work on one lease at once, and no step acts on a lease that moved on.
+#[tokio::test]
+async fn a_grant_run_twice_at_once_never_strands_a_membership() {
+    let memory = seeded();
+    let racing = Arc::new(RacingChecks {
+        inner: memory.clone(),
+        calls: AtomicU32::new(0),
+        release: Notify::new(),
+    });
+    let dir: Arc<dyn Directory> = racing.clone();
+    let bot = TestBot::builder().wrap(|_| dir).build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    let approving = {
+        let engine = bot.engine.clone();
+        let text = format!("approve {id}");
+        tokio::spawn(async move {
+            let cmd = jitbot_core::Command::parse(&text).expect("parse");
+            engine
+                .execute(&jitbot::engine::Caller::new("bob", None), cmd)
+                .await
+        })
+    };
+    while racing.calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The scheduler fires the same grant while the first check hangs.
+    let timers = bot
+        .engine
+        .store()
+        .due_timers(bot.engine.now(), 10)
+        .expect("timers");
+    let firing = {
+        let engine = bot.engine.clone();
+        tokio::spawn(async move {
+            for t in timers {
+                engine.fire(t).await;
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    racing.release.notify_one();
+    approving.await.expect("approve");
+    firing.await.expect("fire");
+    bot.run_due().await;
+
+    let lease = bot.lease();
+    let member = memory.members(DB).contains("alice");
+    assert!(
+        lease.state == LeaseState::Active || !member,
+        "a lease that is {:?} left alice in the group",
+        lease.state
+    );
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(!memory.members(DB).contains("alice"), "nothing left behind");
+}
+
+/// Defect 3: a second open request for the same group is refused, with a
+/// pointer to the first.
+#[tokio::test]
+async fn a_second_request_while_one_is_pending_is_refused() {
+    let bot = TestBot::new();
+    let first = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    let second = bot.say("alice", "request db-admins 2h y").await;
+    assert!(!second.ok);
+    assert!(second.text.contains(&first), "{}", second.text);
+    // Case makes no second person.
+    let third = bot.say("ALICE", "request db-admins 2h y").await;
+    assert!(!third.ok, "{}", third.text);
+}
+
+/// Defect 3: at commit, a second live lease of one (group, user) is refused
+/// whatever path tries to write it.
+#[tokio::test]
+async fn a_second_live_lease_of_one_user_and_group_is_refused_at_commit() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let store = bot.engine.store();
+    let group = &policy().groups[0];
+    let result = store
+        .update(bot.engine.now(), |tx| {
+            let lease = Lease::start(
+                LeaseId::new("l-other"),
+                RequestId::new("r-other"),
+                group,
+                UserId::new("Alice"),
+                Span::from_hours(1),
+                tx.now(),
+            );
+            tx.put_lease(LeaseRecord { lease, origin: None });
+            Ok::<_, StoreError>(())
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::Invariant(_))), "{result:?}");
+    assert!(store.lease(&LeaseId::new("l-other")).unwrap().is_none());
+}
+
+/// Defect 3: approving a grant while the requester holds an active lease
+/// (a request from before this rule, say) extends that lease instead.
+#[tokio::test]
+async fn approving_a_grant_while_a_lease_is_active_extends_it() {
+    let bot = TestBot::new();
+    let first = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    // A second pending request, as an older jitbot could leave behind.
+    let second = TestBot::request_id(&bot.ok("alice", "request web-admins 1h y").await);
+    bot.engine
+        .store()
+        .update(bot.engine.now(), |tx| {
+            let mut rec = tx.request(&RequestId::new(second.as_str()))?.expect("request");
+            rec.request.group = jitbot_core::GroupName::new("db-admins");
+            tx.put_request(rec);
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .unwrap();
+    bot.ok("bob", &format!("approve {first}")).await;
+    let before = bot.lease().expires_at;
+    bot.ok("bob", &format!("approve {second}")).await;
+    let lease = bot.lease();
+    assert_eq!(
+        lease.expires_at,
+        before + Duration::hours(1),
+        "one lease, extended"
+    );
+    assert_eq!(bot.engine.store().live_leases().unwrap().len(), 1);
+}
+
+/// Defect 6: one group that cannot be read does not hide drift in others;
+/// remediation goes through a durable lease, retried until it is done.
+#[tokio::test]
+async fn zsp_checks_each_group_alone_and_remediates_write_ahead() {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            p.groups[0].remediate = true;
+            let mut broken = p.groups[1].clone();
+            broken.name = jitbot_core::GroupName::new("gone");
+            broken.dn = GroupDn::new("cn=gone,ou=groups,dc=example,dc=org");
+            broken.zsp = true;
+            p.groups.insert(0, broken);
+        })
+        .build();
+    bot.dir
+        .add_group("cn=nested,ou=groups,dc=example,dc=org", ["carol"]);
+    bot.dir
+        .add_group(DB, ["erin", "cn=nested,ou=groups,dc=example,dc=org"]);
+    bot.dir.fail_next(0);
+    let drift = bot
+        .engine
+        .check_zsp()
+        .await
+        .expect("the pass goes on past a missing group");
+    let users: Vec<_> = drift
+        .iter()
+        .map(|d| (d.user.to_string(), d.via.is_some()))
+        .collect();
+    assert!(users.contains(&("erin".into(), false)), "{users:?}");
+    assert!(
+        users.contains(&("carol".into(), true)),
+        "nested member reported: {users:?}"
+    );
+    assert!(
+        bot.dir.members(DB).is_empty(),
+        "direct values removed: {:?}",
+        bot.dir.members(DB)
+    );
+    assert!(
+        bot.dir
+            .members("cn=nested,ou=groups,dc=example,dc=org")
+            .contains("carol"),
+        "only direct members are removed"
+    );
+    let actions = bot.audit_actions();
+    assert!(actions.iter().any(|a| a == "zsp.check_failed"), "{actions:?}");
+
+    // A removal that fails stays written and is retried.
+    bot.dir.add_group(DB, ["dave"]);
+    bot.dir.fail_next(1_000);
+    let _ = bot.engine.check_zsp().await;
+    bot.dir.fail_next(0);
+    let pending: Vec<_> = bot
+        .engine
+        .store()
+        .live_leases()
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.lease.state == LeaseState::Revoking)
+        .collect();
+    assert!(bot.dir.members(DB).contains("dave") || pending.is_empty());
+    bot.advance(Duration::minutes(10));
+    bot.run_due().await;
+    let _ = bot.engine.check_zsp().await;
+    bot.run_due().await;
+    assert!(
+        !bot.dir.members(DB).contains("dave"),
+        "remediated once the directory is back"
+    );
+}
+
+/// Defect 7: a user deleted from the directory, named by another RDN than
+/// the id attribute, is removed by the exact DN written at grant time.
+#[tokio::test]
+async fn a_deleted_user_is_removed_by_the_dn_written_at_grant() {
+    let server = Slapd::start();
+    let mut groups = slapd::group_configs();
+    for g in &mut groups {
+        if g.name == "db-admins" {
+            g.requesters.users.push("evil,+\"\\<>;".into());
+        }
+    }
+    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
+    let policy = Policy {
+        groups: groups.iter().map(|g| g.to_policy()).collect(),
+        admins: Default::default(),
+    };
+    let bot = TestBot::builder()
+        .policy(|p| *p = policy)
+        .directory(Arc::new(directory))
+        .build();
+    let weird = "cn=weird \\\"name\\\",ou=people,dc=example,dc=org";
+    let id = TestBot::request_id(&bot.ok("evil,+\"\\<>;", "request db-admins 1h x").await);
+    bot.ok("carol", &format!("approve {id}")).await;
+    let written = bot.lease().membership.expect("recorded").value;
+    assert!(
+        server.values(DB_ADMINS, "member").await.contains(&written),
+        "{written}"
+    );
+
+    let mut admin = server.admin().await;
+    admin
+        .delete(weird)
+        .await
+        .and_then(|r| r.success())
+        .expect("delete the user");
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    let members = server.values(DB_ADMINS, "member").await;
+    assert!(
+        !members.contains(&written),
+        "the dangling DN is gone: {members:?}"
+    );
+}
+
+/// A directory whose adds never return: a crash just before the add.
+struct HangingAdd(Arc<MemoryDirectory>);
+
+#[async_trait]
+impl Directory for HangingAdd {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.0.find_user(a, v).await
+    }
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.0.membership_of(g, u).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.0.has_membership(m).await
+    }
+    async fn add_membership(&self, _: &Membership) -> Result<Added, DirectoryError> {
+        std::future::pending().await
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.0.remove_membership(m).await
+    }
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.0, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.0.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+/// Defect 9: a grant whose lease ran out while jitbot was down adds nothing.
+#[tokio::test]
+async fn a_grant_finished_after_its_lease_expired_adds_nothing() {
+    let memory = seeded();
+    let hanging: Arc<dyn Directory> = Arc::new(HangingAdd(memory.clone()));
+    let bot = TestBot::builder().wrap(|_| hanging).build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    let text = format!("approve {id}");
+    let approve = bot.say("bob", &text);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), approve)
+            .await
+            .is_err(),
+        "the grant hangs at the add: jitbot dies there"
+    );
+    // jitbot stays down past the lease's end.
+    let bot = bot.restart(memory.clone(), policy());
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(!memory.members(DB).contains("alice"));
+    assert_eq!(memory.changes.load(Ordering::SeqCst), 0, "nothing was added");
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.grant_too_late"));
+}
+
+/// A directory that reports the member absent and then finds it present at
+/// the add: somebody added it in between.
+struct AddedMeanwhile(Arc<MemoryDirectory>);
+
+#[async_trait]
+impl Directory for AddedMeanwhile {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.0.find_user(a, v).await
+    }
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.0.membership_of(g, u).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        let was = self.0.has_membership(m).await?;
+        // An operator adds it right after jitbot looked.
+        self.0.add_membership(m).await?;
+        Ok(was)
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.0.add_membership(m).await
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.0.remove_membership(m).await
+    }
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.0, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.0.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+/// Defect 10: "already a member" at jitbot's first add is someone else's
+/// membership: recorded as standing, audited, never removed.
+#[tokio::test]
+async fn a_membership_added_by_someone_else_during_the_grant_is_never_removed() {
+    let memory = seeded();
+    let dir: Arc<dyn Directory> = Arc::new(AddedMeanwhile(memory.clone()));
+    let bot = TestBot::builder().wrap(|_| dir).build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert_eq!(bot.lease().preexisting, Some(true));
+    assert!(bot
+        .audit_actions()
+        .iter()
+        .any(|a| a == "lease.added_by_someone_else"));
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(memory.members(DB).contains("alice"), "not jitbot's to remove");
+}
+
+/// Defect 11: account names compare as the directory compares them.
+#[tokio::test]
+async fn identities_that_differ_only_in_case_are_one_person() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approvals_required = 2)
+        .build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    let own = bot.say("ALICE", &format!("approve {id}")).await;
+    assert!(!own.ok, "no self-approval under another spelling: {}", own.text);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let again = bot.ok("Bob", &format!("approve {id}")).await;
+    assert!(again.contains("already"), "Bob and bob count once: {again}");
+    bot.ok("carol", &format!("approve {id}")).await;
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    // The directory spells the member differently: no drift.
+    bot.dir.add_group(DB, ["Alice"]);
+    let drift = bot.engine.check_zsp().await.unwrap();
+    assert!(drift.is_empty(), "{drift:?}");
+}
+
+/// Defect 12: a failed flush stops all further store work (fail closed).
+#[tokio::test]
+async fn a_failed_flush_stops_the_store() {
+    let bot = TestBot::new();
+    bot.engine.store().fail_next_flush();
+    let refused = bot.say("alice", "request db-admins 1h x").await;
+    assert!(!refused.ok);
+    assert!(refused.text.contains("restarted"), "{}", refused.text);
+    let after = bot.say("alice", "request db-admins 1h x").await;
+    assert!(!after.ok, "still closed: {}", after.text);
+    assert!(bot.engine.store().due_timers(bot.engine.now(), 10).is_err());
+}
+
+/// Defect 13: extensions of live leases obey today's total limit.
+#[tokio::test]
+async fn a_lowered_total_limit_binds_leases_already_running() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let mut lowered = policy();
+    lowered.groups[0].max_total_duration = Span::from_hours(2);
+    let memory = bot.dir.clone();
+    let bot = bot.restart(memory, lowered);
+    let refused = bot.say("alice", "extend db-admins 3h").await;
+    assert!(!refused.ok, "{}", refused.text);
+    bot.ok("alice", "extend db-admins 1h").await;
+}

@@ -1,0 +1,437 @@
+//! Slack Socket Mode, the default Slack mode, end to end: the real
+//! `jitbot run` binary against a real slapd and a Socket Mode fake written
+//! from Slack's protocol description (`support::fake_socket_mode`).
+
+use crate::support::fake_slack::{Call, FakeSlack};
+use crate::support::fake_socket_mode::{slash_payload, FakeSocketMode};
+use crate::support::net::eventually;
+use crate::support::process::Jitbot;
+use crate::support::slapd::{self, Slapd, APPROVERS, DB_ADMINS};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const APP_TOKEN: &str = "xapp-1-A0JITBOT-socket-test";
+const BOT_TOKEN: &str = "xoxb-socket-test";
+const CHANNEL: &str = "CJIT";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn slack_id(user: &str) -> String {
+    format!("U{}", user.to_uppercase())
+}
+
+fn dn(user: &str) -> String {
+    format!("uid={user},{}", slapd::PEOPLE)
+}
+
+/// A Socket Mode config: no signing secret, no public URL. Leases of
+/// db-admins last 3 s unless asked otherwise.
+fn config(server: &Slapd, slack: &FakeSlack) -> String {
+    let ldap = server.ldap_config();
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+retry_max = "2s"
+
+[directory]
+kind = "ldap"
+
+[ldap]
+url = "{url}"
+bind_dn = "{bind}"
+password = {{ file = "{pw}" }}
+user_base = "{people}"
+placeholder_dn = "{bind}"
+connect_timeout = "2s"
+operation_timeout = "5s"
+
+[slack]
+mode = "socket"
+bot_token = {{ env = "SM_BOT_TOKEN" }}
+app_token = {{ env = "SM_APP_TOKEN" }}
+team_id = "T1"
+api_url = "{api}"
+default_channel = "{CHANNEL}"
+
+[[group]]
+name = "db-admins"
+dn = "{DB_ADMINS}"
+zsp = true
+requesters = {{ users = ["alice", "bob", "dave", "eve"] }}
+approvers = {{ groups = ["{APPROVERS}"] }}
+default_duration = "3s"
+max_duration = "1h"
+reason_required = false
+"#,
+        url = ldap.url,
+        bind = ldap.bind_dn,
+        pw = ldap.password.file.as_ref().expect("password file").display(),
+        people = ldap.user_base,
+        api = slack.api_url(),
+    )
+}
+
+struct Setup {
+    server: Slapd,
+    sm: FakeSocketMode,
+    bot: Jitbot,
+}
+
+async fn setup() -> Setup {
+    let server = Slapd::start();
+    let slack = FakeSlack::start().await;
+    for user in ["alice", "bob", "carol", "eve"] {
+        slack.add_user(&slack_id(user), &format!("{user}@example.org"));
+    }
+    let sm = FakeSocketMode::start(slack.clone(), APP_TOKEN).await;
+    let bot = Jitbot::start(
+        &config(&server, &slack),
+        &[("SM_BOT_TOKEN", BOT_TOKEN), ("SM_APP_TOKEN", APP_TOKEN)],
+    )
+    .await;
+    Setup { server, sm, bot }
+}
+
+impl Setup {
+    fn slack(&self) -> &FakeSlack {
+        &self.sm.slack
+    }
+
+    /// Approval cards posted to the channel, as (request id, call).
+    fn cards(&self) -> Vec<(String, Call)> {
+        self.slack()
+            .calls_to("chat.postMessage")
+            .into_iter()
+            .filter(|c| c.body["channel"] == CHANNEL)
+            .filter_map(|c| {
+                action_id(&c.body, "jit:approve:").map(|a| (a["jit:approve:".len()..].to_string(), c))
+            })
+            .collect()
+    }
+
+    async fn card(&self, n: usize) -> String {
+        eventually(WAIT, &format!("approval card #{n}"), || {
+            self.cards().get(n - 1).map(|(id, _)| id.clone())
+        })
+        .await
+    }
+
+    async fn member(&self, user: &str) -> bool {
+        self.server.values(DB_ADMINS, "member").await.contains(&dn(user))
+    }
+
+    async fn wait_member(&self, user: &str, present: bool) {
+        let deadline = Instant::now() + WAIT;
+        while self.member(user).await != present {
+            assert!(
+                Instant::now() < deadline,
+                "{user} never became {} of db-admins; jitbot's log:\n{}",
+                if present { "a member" } else { "no member" },
+                self.bot.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What jitbot answered a person, through a response_url or ephemerally.
+    fn answers_to(&self, user: &str) -> Vec<String> {
+        self.slack()
+            .calls()
+            .into_iter()
+            .filter(|c| {
+                c.method.starts_with("response/")
+                    || (c.method == "chat.postEphemeral" && c.body["user"] == slack_id(user))
+            })
+            .map(|c| c.body["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    async fn request_state(&self, id: &str) -> String {
+        let requests = self.bot.admin("requests").await;
+        let found = requests.iter().find(|r| r["id"] == id);
+        found
+            .map(|r| r["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// The first `action_id` in a message body starting with `prefix`.
+fn action_id(body: &Value, prefix: &str) -> Option<String> {
+    let text = body.to_string();
+    let start = text.find(prefix)?;
+    let end = text[start..].find('"')? + start;
+    Some(text[start..end].to_string())
+}
+
+/// `/jit request` → card → a refused self-approval → a double click by an
+/// approver (one grant) → member in slapd → expiry → removed → notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_approve_expire_through_socket_mode() {
+    let s = setup().await;
+    s.sm.wait_live(1).await;
+    let opened = s.sm.opens();
+    assert!(opened[0].granted, "apps.connections.open with the app token");
+
+    let env =
+        s.sm.slash(
+            &slack_id("alice"),
+            CHANNEL,
+            "request db-admins 3s fixing replication",
+        )
+        .await;
+    let ack = s.sm.ack(&env).await;
+    let reply = ack.payload.expect("a slash command is answered in its ack");
+    assert!(reply["text"].as_str().is_some_and(|t| !t.is_empty()), "{reply}");
+    let id = s.card(1).await;
+    assert_eq!(s.request_state(&id).await, "pending");
+
+    // alice may not approve her own request.
+    let env =
+        s.sm.click(
+            &slack_id("alice"),
+            CHANNEL,
+            "1700000000.000001",
+            &format!("jit:approve:{id}"),
+        )
+        .await;
+    s.sm.ack(&env).await;
+    eventually(WAIT, "alice told she cannot approve", || {
+        s.answers_to("alice")
+            .into_iter()
+            .find(|t| t.contains("your own request"))
+    })
+    .await;
+    assert_eq!(s.request_state(&id).await, "pending");
+    assert!(!s.member("alice").await);
+
+    // carol (security ⊂ approvers) clicks Approve twice in a row.
+    let first =
+        s.sm.click(
+            &slack_id("carol"),
+            CHANNEL,
+            "1700000000.000001",
+            &format!("jit:approve:{id}"),
+        )
+        .await;
+    let second =
+        s.sm.click(
+            &slack_id("carol"),
+            CHANNEL,
+            "1700000000.000001",
+            &format!("jit:approve:{id}"),
+        )
+        .await;
+    s.sm.ack(&first).await;
+    s.sm.ack(&second).await;
+    s.wait_member("alice", true).await;
+    assert_eq!(s.request_state(&id).await, "approved");
+    let leases = s.bot.admin("leases").await;
+    assert_eq!(leases.len(), 1, "one grant for two clicks: {leases:#?}");
+    s.slack()
+        .wait_for(WAIT, |c| {
+            c.method == "chat.update" && c.body["channel"] == CHANNEL
+        })
+        .await
+        .expect("the card is updated in place");
+
+    // The 3 s lease runs out: membership gone, the channel told.
+    s.wait_member("alice", false).await;
+    assert!(
+        s.server
+            .values(DB_ADMINS, "member")
+            .await
+            .contains(&slapd::SERVICE_DN.to_string()),
+        "the placeholder stays"
+    );
+    let notice = s
+        .slack()
+        .wait_for(WAIT, |c| {
+            c.method == "chat.postMessage"
+                && c.body["channel"] == CHANNEL
+                && c.body.to_string().contains("ended (expired)")
+        })
+        .await;
+    assert!(
+        notice.is_some(),
+        "no expiry notice in the channel: {:#?}",
+        s.slack().calls()
+    );
+    let leases = s.bot.admin("leases").await;
+    assert_eq!(leases[0]["state"], "ended", "{leases:#?}");
+
+    let log = s.bot.log_text();
+    assert!(log.contains("Slack Socket Mode connected"), "{log}");
+    for secret in [APP_TOKEN, BOT_TOKEN] {
+        assert!(!log.contains(secret), "a token leaked into the debug log");
+    }
+    let delivered = s.sm.assert_all_acked();
+    assert_eq!(delivered, 4);
+    assert_eq!(s.sm.refused(), 0, "no ticket was used twice");
+    assert_eq!(s.cards().len(), 1);
+}
+
+/// Connections rotated by Slack (`disconnect`: refresh_requested, warning)
+/// or dropped without a word are reopened with a fresh ticket; an envelope
+/// redelivered after a lost ack is acknowledged again but acted on once;
+/// a deny reason arrives as a `view_submission`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
+    let s = setup().await;
+    // slack-morphism keeps two connections; the second opens a little later.
+    s.sm.wait_live(2).await;
+    let live = s.sm.live();
+
+    s.sm.disconnect(live[1], "refresh_requested", Duration::from_millis(200))
+        .await;
+    let refreshed = s.sm.wait_new_connection(&live, WAIT).await;
+    s.sm.disconnect(refreshed, "warning", Duration::from_millis(200))
+        .await;
+    let warned =
+        s.sm.wait_new_connection(&[live[0], live[1], refreshed], WAIT)
+            .await;
+    s.sm.drop_socket(live[0]);
+    let dropped =
+        s.sm.wait_new_connection(&[live[0], live[1], refreshed, warned], WAIT)
+            .await;
+    let opens = s.sm.opens();
+    assert_eq!(
+        opens.len(),
+        5,
+        "one apps.connections.open per connection: {opens:?}"
+    );
+    assert!(opens.iter().all(|o| o.granted));
+    assert_eq!(s.sm.refused(), 0, "a ticket is used once");
+    assert_eq!(s.sm.accepted(), 5);
+    assert_eq!(s.sm.live().len(), 2, "{:?}", s.sm.live());
+    assert!(s.sm.live().contains(&dropped));
+
+    // The command's ack is lost: Slack delivers it again.
+    let payload = slash_payload(
+        s.slack(),
+        &slack_id("alice"),
+        CHANNEL,
+        "request db-admins 1h redelivered",
+        900,
+    );
+    let env = s.sm.deliver_losing_ack("slash_commands", payload, true).await;
+    s.sm.ack(&env).await;
+    let tries: Vec<_> =
+        s.sm.deliveries()
+            .into_iter()
+            .filter(|d| d.envelope_id == env)
+            .collect();
+    assert_eq!(tries.len(), 2, "{tries:?}");
+    assert!(tries[0].retry_attempt == 0 && tries[1].retry_attempt == 1 && tries[1].kind == "slash_commands");
+    let id = s.card(1).await;
+    // And so is the approval's.
+    let click = crate::support::fake_socket_mode::block_actions_payload(
+        s.slack(),
+        &slack_id("carol"),
+        CHANNEL,
+        "1700000000.000001",
+        &format!("jit:approve:{id}"),
+        901,
+    );
+    let env = s.sm.deliver_losing_ack("interactive", click, false).await;
+    s.sm.ack(&env).await;
+    s.wait_member("alice", true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        s.bot.admin("requests").await.len(),
+        1,
+        "one request for two deliveries"
+    );
+    assert_eq!(s.cards().len(), 1, "one card");
+    assert_eq!(s.bot.admin("leases").await.len(), 1, "one grant");
+
+    // Deny with a reason: the click opens a modal, its submission denies.
+    let env =
+        s.sm.slash(&slack_id("eve"), CHANNEL, "request db-admins 1h second")
+            .await;
+    s.sm.ack(&env).await;
+    let denied = s.card(2).await;
+    let env =
+        s.sm.click(
+            &slack_id("carol"),
+            CHANNEL,
+            "1700000000.000002",
+            &format!("jit:deny:{denied}"),
+        )
+        .await;
+    s.sm.ack(&env).await;
+    let open = s
+        .slack()
+        .wait_for(WAIT, |c| c.method == "views.open")
+        .await
+        .expect("deny modal opened");
+    let metadata = open.body["view"]["private_metadata"].as_str().unwrap_or_default();
+    let submit = json!({
+        "type": "view_submission",
+        "team": {"id": "T1", "domain": "example"},
+        "user": {"id": slack_id("carol"), "username": "carol", "team_id": "T1"},
+        "api_app_id": crate::support::fake_socket_mode::APP_ID,
+        "trigger_id": "submit.1.trigger",
+        "view": {
+            "id": "V1", "team_id": "T1", "type": "modal", "hash": "1.abc",
+            "callback_id": "jit:deny", "private_metadata": metadata,
+            "title": {"type": "plain_text", "text": "Deny request"}, "blocks": [],
+            "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": "not during the freeze"}}}}
+        }
+    });
+    let env = s.sm.deliver("interactive", submit, true).await;
+    s.sm.ack(&env).await;
+    let deadline = Instant::now() + WAIT;
+    while s.request_state(&denied).await != "denied" {
+        assert!(
+            Instant::now() < deadline,
+            "never denied; log:\n{}",
+            s.bot.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!s.member("eve").await);
+
+    s.sm.assert_all_acked();
+}
+
+/// A reconnect that fails (`apps.connections.open` errors) is retried after
+/// a pause, not in a tight loop, and the connection comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reconnect_is_retried_after_a_pause() {
+    let s = setup().await;
+    let first = s.sm.wait_live(1).await;
+    s.sm.wait_live(2).await;
+    let before = s.sm.opens().len();
+    let old = s.sm.live();
+    s.sm.fail_next_opens(1);
+    s.sm.drop_socket(first);
+    let back = s.sm.wait_new_connection(&old, Duration::from_secs(60)).await;
+    let opens = s.sm.opens();
+    let tries = &opens[before..];
+    assert!(tries.len() >= 2, "{tries:?}");
+    assert!(!tries[0].granted && tries[1].granted, "{tries:?}");
+    let pause = tries[1].at - tries[0].at;
+    assert!(pause >= Duration::from_secs(5), "retried after only {pause:?}");
+    assert!(s.sm.live().contains(&back));
+
+    // The restored connection carries commands.
+    let env =
+        s.sm.slash(
+            &slack_id("alice"),
+            CHANNEL,
+            "request db-admins 1h after the outage",
+        )
+        .await;
+    s.sm.ack(&env).await;
+    s.card(1).await;
+}
