@@ -25,9 +25,13 @@ use tokio::task::JoinSet;
 pub struct Parts {
     pub engine: Engine,
     pub notifier: Arc<dyn Notifier>,
-    /// Routes of the chat adapters and the console.
+    /// Routes of the chat adapters and the console, for the public listener.
     pub routers: Vec<Router>,
+    /// Routes for the admin listener besides the built-in ones (the dashboard).
+    pub admin_routers: Vec<Router>,
     pub admin_token: Option<Secret>,
+    /// Connection cap and timeouts of both listeners.
+    pub limits: http::Limits,
     pub scheduler: SchedulerSettings,
     /// How often the ZSP monitor runs (it also runs at start-up).
     pub zsp_interval: Duration,
@@ -36,7 +40,10 @@ pub struct Parts {
 /// A running jitbot.
 pub struct Running {
     pub engine: Engine,
+    /// The public listener's address.
     pub addr: SocketAddr,
+    /// The admin listener's address, when there is one.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -69,27 +76,39 @@ impl Running {
     }
 }
 
-/// Starts the server and background workers on an already-bound listener.
-pub fn start(parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
+/// Starts the servers and background workers on already-bound listeners:
+/// `listener` is public (chat endpoints, bare health), `admin` serves the
+/// admin API, dashboard, metrics and detailed readiness. Without `admin`,
+/// those are not served at all (the demo).
+pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
+    let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
     let (tx, rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     let engine = parts.engine.clone();
-    let router = http::router(
-        HttpState {
-            engine: engine.clone(),
-            admin_token: parts.admin_token,
-            metrics: crate::metrics::install(),
-            chat: Some(parts.notifier.clone()),
-        },
-        parts.routers,
+    let state = HttpState::new(
+        engine.clone(),
+        parts.admin_token,
+        crate::metrics::install(),
+        Some(parts.notifier.clone()),
     );
+    let limits = parts.limits;
+    let public = http::public_router(state.clone(), parts.routers);
     let server_rx = rx.clone();
     tasks.spawn(async move {
-        if let Err(e) = http::serve(listener, router, server_rx).await {
+        if let Err(e) = http::serve(listener, public, limits, server_rx).await {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
+    if let Some(admin) = admin {
+        let router = http::admin_router(state, parts.admin_routers);
+        let server_rx = rx.clone();
+        tasks.spawn(async move {
+            if let Err(e) = http::serve(admin, router, limits, server_rx).await {
+                tracing::error!(error = %e, "admin HTTP server failed");
+            }
+        });
+    }
     tasks.spawn(scheduler::run(engine.clone(), parts.scheduler, rx.clone()));
     tasks.spawn(crate::chat::outbox::run(
         engine.clone(),
@@ -97,10 +116,14 @@ pub fn start(parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
         rx.clone(),
     ));
     tasks.spawn(zsp_monitor(engine.clone(), parts.zsp_interval, rx));
-    tracing::info!(%addr, "jitbot listening");
+    match admin_addr {
+        Some(admin) => tracing::info!(%addr, %admin, "jitbot listening"),
+        None => tracing::info!(%addr, "jitbot listening"),
+    }
     Ok(Running {
         engine,
         addr,
+        admin_addr,
         shutdown: tx,
         tasks,
     })
@@ -165,8 +188,11 @@ pub fn audit_key(src: &crate::secret::SecretSource) -> anyhow::Result<crate::sec
 
 /// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let admin_token = match &config.server.admin_token {
-        Some(src) => Some(src.resolve().context("server.admin_token")?),
+        Some(src) => Some(src.resolve_admin_token().context("server.admin_token")?),
         None => None,
     };
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
@@ -200,7 +226,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let listener = TcpListener::bind(config.server.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        .with_context(|| format!("server.listen: cannot listen on {}", config.server.listen))?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "server.admin_listen: cannot listen on {}",
+                config.server.admin_listen
+            )
+        })?;
     for note in engine.leases_outside_config()? {
         tracing::warn!("{note}");
     }
@@ -210,7 +244,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             engine,
             notifier,
             routers: routers.into_iter().chain(extra.routers).collect(),
+            admin_routers: extra.admin_routers,
             admin_token,
+            limits: config.server.limits(),
             scheduler: SchedulerSettings {
                 max_wait: config.scheduler.max_wait.to_std(),
                 concurrency: config.scheduler.concurrency,
@@ -218,6 +254,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             zsp_interval: config.scheduler.zsp_interval.to_std(),
         },
         listener,
+        Some(admin_listener),
     )?;
     for task in extra.tasks {
         let rx = running.shutdown_signal();

@@ -31,12 +31,12 @@ pub enum LogFormat {
 /// How admin commands reach the running jitbot.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Remote {
-    /// Base URL of the running jitbot's HTTP server.
+    /// Base URL of the running jitbot's admin listener (server.admin_listen).
     #[arg(
         long,
         global = true,
         env = "JITBOT_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8081"
     )]
     pub url: String,
     /// The admin token (server.admin_token of the running jitbot).
@@ -176,7 +176,18 @@ pub fn load_config(path: &std::path::Path) -> Config {
 
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Run { config } => crate::app::run(load_config(&config)).await,
+        Cmd::Run { config } => {
+            let config = load_config(&config);
+            let problems = secret_problems(&config);
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("  - {p}");
+                }
+                eprintln!("jitbot cannot start: {} problem(s) with secrets", problems.len());
+                std::process::exit(EXIT_BAD_CONFIG);
+            }
+            crate::app::run(config).await
+        }
         Cmd::CheckConfig { config, offline } => check_config(&config, offline).await,
         Cmd::Demo(args) => crate::demo::run(args).await,
         Cmd::Leases { cmd, remote } => leases(cmd, &remote).await,
@@ -199,11 +210,16 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
-    let config = load_config(path);
+/// Every secret the config names, resolved: what is missing, empty, or (for
+/// the admin token) weak, each with its key. `run` refuses to start on any.
+pub fn secret_problems(config: &Config) -> Vec<String> {
     let mut problems = Vec::new();
+    if let Some(src) = &config.server.admin_token {
+        if let Err(e) = src.resolve_admin_token() {
+            problems.push(format!("server.admin_token: {e}"));
+        }
+    }
     let secrets = [
-        ("server.admin_token", config.server.admin_token.as_ref()),
         ("ldap.password", config.ldap.as_ref().map(|l| &l.password)),
         ("slack.bot_token", config.slack.as_ref().map(|s| &s.bot_token)),
         (
@@ -228,6 +244,15 @@ async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<(
             problems.push(format!("{e:#}"));
         }
     }
+    problems
+}
+
+async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
+    let config = load_config(path);
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    let mut problems = secret_problems(&config);
     if !offline {
         if let Some(ldap) = &config.ldap {
             let groups: Vec<_> = config.group_configs().cloned().collect();

@@ -37,9 +37,14 @@ pub struct Config {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Where the HTTP server listens (health, admin API, chat endpoints, console).
+    /// The public listener: the chat endpoints (`/slack/*`,
+    /// `/discord/*`) and a bare `/healthz` and `/readyz`.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// The admin listener: the admin API, the dashboard, `/metrics` and the
+    /// detailed `/readyz`. Keep it on loopback.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
     /// Bearer token for the admin API and dashboard; both are off without it.
     pub admin_token: Option<SecretSource>,
     /// Serve the dashboard (behind the admin token).
@@ -48,15 +53,45 @@ pub struct ServerConfig {
     /// Seconds to finish in-flight work after SIGTERM.
     #[serde(default = "default_grace")]
     pub shutdown_grace: Span,
+    /// Connections served at once on each listener; more wait to be accepted.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Longest wait for a request's line and headers (idle keep-alive
+    /// connections included) before the connection is closed.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Span,
+    /// Longest wait for a request's whole body once its headers are in.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout: Span,
+    /// Longest time from a request's headers to its response.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Span,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: default_listen(),
+            admin_listen: default_admin_listen(),
             admin_token: None,
             dashboard: false,
             shutdown_grace: default_grace(),
+            max_connections: default_max_connections(),
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            request_timeout: default_request_timeout(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The limits both listeners serve with.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout.to_std(),
+            body_read_timeout: self.body_read_timeout.to_std(),
+            request_timeout: self.request_timeout.to_std(),
         }
     }
 }
@@ -64,8 +99,25 @@ impl Default for ServerConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
+/// The admin listener's default address; `jitbot leases` etc. call it.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
 fn default_grace() -> Span {
     Span::from_secs(20)
+}
+fn default_max_connections() -> usize {
+    512
+}
+fn default_header_read_timeout() -> Span {
+    Span::from_secs(10)
+}
+fn default_body_read_timeout() -> Span {
+    Span::from_secs(10)
+}
+fn default_request_timeout() -> Span {
+    Span::from_secs(30)
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,9 +228,14 @@ pub struct LdapConfig {
     pub starttls: bool,
     /// PEM file of the CA that signed the server's certificate.
     pub ca_file: Option<PathBuf>,
-    /// Check the certificate's host name (never turn off in production).
+    /// Check the certificate's host name (never turn off in production);
+    /// turning it off needs `ca_file`, so only that CA's certificates pass.
     #[serde(default = "yes")]
     pub verify_hostname: bool,
+    /// Accept `ldap://` without StartTLS, which sends the bind password in
+    /// clear: for a directory on the same host or in tests only.
+    #[serde(default)]
+    pub allow_plaintext_bind: bool,
     pub bind_dn: String,
     pub password: SecretSource,
     /// Where user entries live.
@@ -506,6 +563,47 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     bare.then(|| key.to_string())
 }
 
+/// The line of `key = …` in the `[section]` table, or of the table's header
+/// when the key is not written (a default): for keys deserialized without
+/// their spans.
+fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let header = format!("[{section}]");
+    let mut header_line = None;
+    let mut inside = false;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.starts_with('[') {
+            inside = line == header;
+            if inside {
+                header_line = Some(n + 1);
+            }
+        } else if inside && line.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
+            return Some(n + 1);
+        }
+    }
+    header_line
+}
+
+/// Checks a Discord application public key: 64 hex digits of an Ed25519
+/// key that is not weak. A small-order key lets forged signatures verify
+/// (with the all-zero key, about one timestamp in four).
+pub fn discord_public_key(hex_key: &str) -> Result<[u8; 32], String> {
+    let where_ = "copy it from the Discord Developer Portal, General Information → Public Key";
+    let bytes: [u8; 32] = hex::decode(hex_key.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("`{hex_key}` is not an Ed25519 public key (64 hex digits); {where_}"))?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| format!("is not a valid Ed25519 public key; {where_}"))?;
+    if key.is_weak() {
+        return Err(format!(
+            "is a weak (small-order) Ed25519 key, which lets forged signatures verify; \
+             it cannot be Discord's; {where_}"
+        ));
+    }
+    Ok(bytes)
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -578,6 +676,26 @@ impl Config {
                     "StartTLS makes no sense on ldaps://".into(),
                 );
             }
+            if ldap.url.starts_with("ldap://") && !ldap.starttls && !ldap.allow_plaintext_bind {
+                issue(
+                    "ldap.url".into(),
+                    key_line(text, "ldap", "url"),
+                    "ldap:// without StartTLS sends the bind password in clear; use ldaps://, \
+                     or set starttls = true, or (for a directory on this host only) write \
+                     allow_plaintext_bind = true"
+                        .into(),
+                );
+            }
+            if !ldap.verify_hostname && ldap.ca_file.is_none() {
+                issue(
+                    "ldap.verify_hostname".into(),
+                    key_line(text, "ldap", "verify_hostname"),
+                    "= false without ca_file accepts any publicly trusted certificate for any \
+                     host; set ca_file to the CA that signed the directory's certificate, or \
+                     leave verify_hostname on"
+                        .into(),
+                );
+            }
         }
         if let Some(slack) = &self.slack {
             match slack.mode {
@@ -627,6 +745,32 @@ impl Config {
                     ),
                 );
             }
+            if let Some(Err(why)) = discord.public_key.as_deref().map(discord_public_key) {
+                issue(
+                    "discord.public_key".into(),
+                    key_line(text, "discord", "public_key"),
+                    why,
+                );
+            }
+        }
+        let server = &self.server;
+        if server.admin_listen == server.listen && server.listen.port() != 0 {
+            issue(
+                "server.admin_listen".into(),
+                key_line(text, "server", "admin_listen"),
+                format!(
+                    "is the same address as server.listen ({}); the admin API needs its own, \
+                     on loopback (default {DEFAULT_ADMIN_LISTEN})",
+                    server.listen
+                ),
+            );
+        }
+        if server.max_connections == 0 {
+            issue(
+                "server.max_connections".into(),
+                key_line(text, "server", "max_connections"),
+                "must be at least 1".into(),
+            );
         }
         if self.server.dashboard && self.server.admin_token.is_none() {
             issue(
@@ -747,6 +891,29 @@ impl Config {
         issues
     }
 
+    /// Settings that are allowed but weaken jitbot, worded for the log at
+    /// start-up and for `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(ldap) = &self.ldap {
+            if ldap.url.starts_with("ldap://") && !ldap.starttls && ldap.allow_plaintext_bind {
+                out.push(format!(
+                    "ldap.allow_plaintext_bind: the bind password goes to {} in clear; \
+                     use ldaps:// or starttls = true unless the directory is on this host",
+                    ldap.url
+                ));
+            }
+        }
+        if !self.server.admin_listen.ip().is_loopback() {
+            out.push(format!(
+                "server.admin_listen: {} is not a loopback address; the admin API, \
+                 dashboard and metrics are reachable from the network (behind the admin token)",
+                self.server.admin_listen
+            ));
+        }
+        out
+    }
+
     pub fn policy(&self) -> Policy {
         Policy {
             groups: self.groups.iter().map(|g| g.get_ref().to_policy()).collect(),
@@ -815,6 +982,118 @@ max_duration = "4h"
         let msg = err.to_string();
         assert!(msg.contains("group[db-admins].default_duration"), "{msg}");
         assert_eq!(err.issues[0].line, Some(10), "{msg}");
+    }
+
+    fn ldap(extra: &str) -> String {
+        MINIMAL.replace("kind = \"memory\"", "kind = \"ldap\"").replace(
+            "[memory]\n",
+            &format!(
+                "[ldap]\nurl = \"ldap://ldap.example.org\"\nbind_dn = \"cn=jitbot,dc=example,dc=org\"\n\
+                 password = {{ env = \"PW\" }}\nuser_base = \"ou=people,dc=example,dc=org\"\n{extra}\n"
+            ),
+        )
+    }
+
+    #[test]
+    fn a_plaintext_bind_is_refused_unless_allowed_with_a_warning() {
+        let err = Config::parse(&ldap(""), "t.toml").unwrap_err();
+        let issue = &err.issues[0];
+        assert_eq!((issue.key.as_str(), issue.line), ("ldap.url", Some(9)), "{err}");
+        assert!(issue.message.contains("allow_plaintext_bind = true"), "{err}");
+        let allowed = Config::parse(&ldap("allow_plaintext_bind = true"), "t.toml").unwrap();
+        let warnings = allowed.warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].starts_with("ldap.allow_plaintext_bind"),
+            "{warnings:?}"
+        );
+        let tls = Config::parse(&ldap("starttls = true"), "t.toml").unwrap();
+        assert!(tls.warnings().is_empty());
+        let ldaps = Config::parse(
+            &ldap("").replace("ldap://ldap.example.org", "ldaps://ldap.example.org"),
+            "t.toml",
+        )
+        .unwrap();
+        assert!(ldaps.warnings().is_empty());
+    }
+
+    #[test]
+    fn verify_hostname_off_needs_a_ca_file() {
+        let err = Config::parse(&ldap("starttls = true\nverify_hostname = false"), "t.toml").unwrap_err();
+        let issue = &err.issues[0];
+        assert_eq!(
+            (issue.key.as_str(), issue.line),
+            ("ldap.verify_hostname", Some(14)),
+            "{err}"
+        );
+        assert!(issue.message.contains("ca_file"), "{err}");
+        Config::parse(
+            &ldap("starttls = true\nverify_hostname = false\nca_file = \"/etc/ca.pem\""),
+            "t.toml",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn weak_or_placeholder_discord_keys_are_refused() {
+        let discord = |key: &str| {
+            format!(
+                "{MINIMAL}\n[discord]\nbot_token = {{ env = \"T\" }}\napplication_id = \"1\"\n\
+                 default_channel = \"2\"\npublic_key = \"{key}\"\n"
+            )
+        };
+        let text = discord(&"0".repeat(64));
+        let key_line = text.lines().position(|l| l.starts_with("public_key")).unwrap() + 1;
+        let zero = Config::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(zero.issues[0].key, "discord.public_key", "{zero}");
+        assert_eq!(zero.issues[0].line, Some(key_line), "{zero}");
+        assert!(zero.to_string().contains("weak (small-order)"), "{zero}");
+        // The example's placeholder, uncommented, is refused as such.
+        let example =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jitbot.example.toml"))
+                .unwrap();
+        let placeholder = example
+            .lines()
+            .find_map(|l| l.strip_prefix("# public_key = "))
+            .expect("the example shows the key commented out");
+        let text = example.replace(
+            &format!("# public_key = {placeholder}"),
+            &format!("public_key = {placeholder}"),
+        );
+        let err = Config::parse(&text, "example").unwrap_err();
+        assert!(
+            err.to_string().contains("discord.public_key")
+                && err
+                    .to_string()
+                    .contains("is not an Ed25519 public key (64 hex digits)"),
+            "{err}"
+        );
+        let real = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+        Config::parse(&discord(real), "t.toml").unwrap();
+    }
+
+    #[test]
+    fn server_limits_have_safe_defaults_and_the_admin_listener_is_apart() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        let limits = c.server.limits();
+        assert!(limits.header_read_timeout <= std::time::Duration::from_secs(10));
+        assert!(limits.body_read_timeout <= std::time::Duration::from_secs(10));
+        assert!(limits.max_connections >= 64);
+        assert!(c.server.admin_listen.ip().is_loopback());
+        assert_ne!(c.server.admin_listen, c.server.listen);
+        assert_eq!(c.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        let same =
+            format!("[server]\nlisten = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n{MINIMAL}");
+        let err = Config::parse(&same, "t.toml").unwrap_err();
+        assert_eq!(err.issues[0].key, "server.admin_listen", "{err}");
+        assert_eq!(err.issues[0].line, Some(3), "{err}");
+        let zero = format!("[server]\nmax_connections = 0\n{MINIMAL}");
+        assert!(Config::parse(&zero, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("max_connections"));
+        let open = format!("[server]\nadmin_listen = \"0.0.0.0:8081\"\n{MINIMAL}");
+        let warnings = Config::parse(&open, "t").unwrap().warnings();
+        assert!(warnings[0].starts_with("server.admin_listen"), "{warnings:?}");
     }
 
     #[test]

@@ -172,8 +172,12 @@ pub async fn start_demo_with(options: DemoOptions) -> anyhow::Result<(Running, D
         Parts {
             engine: engine.clone(),
             notifier: console.clone() as Arc<dyn Notifier>,
+            // The console and its open dashboard: on loopback, for one person
+            // trying jitbot. No admin listener: the admin API needs a token.
             routers: vec![web::routes(engine, console, ids)],
+            admin_routers: Vec::new(),
             admin_token: None,
+            limits: Default::default(),
             scheduler: SchedulerSettings {
                 // Short waits keep a one-minute lease's expiry visibly on time.
                 max_wait: Duration::from_secs(1),
@@ -182,6 +186,7 @@ pub async fn start_demo_with(options: DemoOptions) -> anyhow::Result<(Running, D
             zsp_interval: Duration::from_secs(30),
         },
         listener,
+        None,
     )?;
     Ok((running, data))
 }

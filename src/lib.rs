@@ -5,6 +5,8 @@
 //! directories (LDAP, in-memory), the chat platforms (Slack, Discord, the web
 //! console), the scheduler, the HTTP server and the CLI. See ARCHITECTURE.md.
 
+#![forbid(unsafe_code)]
+
 pub mod app;
 pub mod audit;
 pub mod chat;

@@ -1,5 +1,7 @@
 //! The `jitbot` binary: parse the command line, set up logging, run.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use jitbot::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;

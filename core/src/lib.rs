@@ -5,6 +5,8 @@
 //! depends on time takes `now` as an argument. The compiler holds that line,
 //! because this crate depends on no runtime, store, directory or chat crate.
 
+#![forbid(unsafe_code)]
+
 pub mod backoff;
 pub mod command;
 pub mod ids;

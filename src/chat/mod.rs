@@ -27,7 +27,10 @@ pub type AdapterTask =
 /// What the configured chat adapters add to a running jitbot.
 #[derive(Default)]
 pub struct Adapters {
+    /// Routes for the public listener (chat endpoints).
     pub routers: Vec<Router>,
+    /// Routes for the admin listener (the dashboard).
+    pub admin_routers: Vec<Router>,
     pub tasks: Vec<AdapterTask>,
 }
 
@@ -84,9 +87,9 @@ pub fn configure(
             .admin_token
             .as_ref()
             .context("server.dashboard needs server.admin_token")?
-            .resolve()
+            .resolve_admin_token()
             .context("server.admin_token")?;
-        adapters.routers.push(web::dashboard_routes(
+        adapters.admin_routers.push(web::dashboard_routes(
             engine.clone(),
             web::DashboardAccess::Token(token),
         ));

@@ -208,7 +208,22 @@ impl Engine {
                 })
                 .await?;
             }
-            Ok(Added::AlreadyPresent) => {}
+            // A retry after a crash: jitbot's own earlier add may have
+            // landed, or somebody added the user meanwhile. There is no way
+            // to tell, and leaving privilege behind is the worse mistake, so
+            // jitbot claims it (and removes it at the end), and says so.
+            Ok(Added::AlreadyPresent) => {
+                self.transition(&id, &granting, |tx, rec| {
+                    tx.audit(
+                        about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                            "after a restart the membership was already there; jitbot cannot tell its own \
+                             earlier add from someone else's, so it will remove it when the lease ends",
+                        ),
+                    );
+                    Ok(())
+                })
+                .await?;
+            }
             Err(e) => return self.grant_failed(&id, &e.to_string()).await,
         }
         self.activate(&id).await

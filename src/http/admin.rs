@@ -28,8 +28,12 @@ pub fn routes() -> Router<HttpState> {
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared in
-/// constant time.
+/// constant time. Never true for an empty configured token: two empty slices
+/// compare equal, and a missing header would then pass.
 pub fn bearer_matches(headers: &axum::http::HeaderMap, token: &crate::secret::Secret) -> bool {
+    if token.expose().trim().is_empty() {
+        return false;
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -342,5 +346,30 @@ async fn backup(_: Admin, State(s): State<HttpState>) -> Response {
     match s.engine.store().backup(&mut out) {
         Ok(_) => (StatusCode::OK, out).into_response(),
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+    use axum::http::{HeaderMap, HeaderValue};
+
+    fn with_auth(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn an_empty_token_matches_nothing() {
+        let empty = Secret::new("");
+        assert!(!bearer_matches(&HeaderMap::new(), &empty));
+        assert!(!bearer_matches(&with_auth("Bearer "), &empty));
+        assert!(!bearer_matches(&with_auth("Bearer  "), &Secret::new(" ")));
+        let token = Secret::new("0123456789abcdef0123");
+        assert!(bearer_matches(&with_auth("Bearer 0123456789abcdef0123"), &token));
+        assert!(!bearer_matches(&with_auth("Bearer 0123456789abcdef012"), &token));
+        assert!(!bearer_matches(&HeaderMap::new(), &token));
     }
 }

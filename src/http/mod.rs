@@ -1,7 +1,12 @@
-//! The HTTP server: health, readiness, metrics and the admin API here; chat
-//! adapters and the console mount their own routes next to them.
+//! The HTTP server: two listeners. The public one serves the chat adapters'
+//! routes and a bare `/healthz` and `/readyz`; the admin one (loopback by
+//! default) serves the admin API, the dashboard, `/metrics` and the detailed
+//! `/readyz`. Both serve with [`Limits`] against slow or idle clients.
 
 pub mod admin;
+mod serve;
+
+pub use serve::{serve, Limits};
 
 use crate::engine::Engine;
 use crate::secret::Secret;
@@ -11,8 +16,13 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// How long the public `/readyz` answer is reused: a flood of probes costs
+/// one directory ping and one chat API call per period, not one per request.
+pub const PUBLIC_READY_CACHE: Duration = Duration::from_secs(5);
 
 /// What the built-in routes need.
 #[derive(Clone)]
@@ -22,38 +32,103 @@ pub struct HttpState {
     pub admin_token: Option<Secret>,
     pub metrics: Option<PrometheusHandle>,
     /// The chat platforms, for readiness.
-    pub chat: Option<std::sync::Arc<dyn crate::ports::Notifier>>,
+    pub chat: Option<Arc<dyn crate::ports::Notifier>>,
+    /// The public `/readyz` verdict and when it was taken.
+    pub public_ready: Arc<Mutex<Option<(Instant, bool)>>>,
 }
 
-/// The built-in routes merged with the adapters' routes.
-pub fn router(state: HttpState, adapters: Vec<Router>) -> Router {
+impl HttpState {
+    /// State with an empty readiness cache.
+    pub fn new(
+        engine: Engine,
+        admin_token: Option<Secret>,
+        metrics: Option<PrometheusHandle>,
+        chat: Option<Arc<dyn crate::ports::Notifier>>,
+    ) -> Self {
+        HttpState {
+            engine,
+            admin_token,
+            metrics,
+            chat,
+            public_ready: Arc::default(),
+        }
+    }
+}
+
+/// The public listener's routes: `/healthz`, a bare `/readyz`, and the chat
+/// adapters' routes. Nothing here reveals state or configuration.
+pub fn public_router(state: HttpState, chat: Vec<Router>) -> Router {
+    let mut app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(public_ready))
+        .with_state(state);
+    for r in chat {
+        app = app.merge(r);
+    }
+    app
+}
+
+/// The admin listener's routes: `/healthz`, the detailed `/readyz`,
+/// `/metrics`, the admin API, and `extra` (the dashboard).
+pub fn admin_router(state: HttpState, extra: Vec<Router>) -> Router {
     let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .nest("/admin", admin::routes())
         .with_state(state);
-    for r in adapters {
+    for r in extra {
         app = app.merge(r);
     }
     app
 }
 
 /// Ready when the store answers, the directory answers and every chat
-/// platform accepts jitbot's credentials.
-async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+/// platform accepts jitbot's credentials; the error says which did not.
+async fn check_ready(state: &HttpState) -> Result<(), String> {
     if state.engine.store().next_due().is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n".to_string());
+        return Err("store unavailable".into());
     }
     if let Err(e) = state.engine.directory().ping().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
+        return Err(e.to_string());
     }
     if let Some(chat) = &state.chat {
         if let Err(e) = chat.ready().await {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("chat: {e}\n"));
+            return Err(format!("chat: {e}"));
         }
     }
-    (StatusCode::OK, "ready\n".to_string())
+    Ok(())
+}
+
+/// The detailed readiness, for operators on the admin listener.
+async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    match check_ready(&state).await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
+/// Readiness for probes on the public listener: ok or not, no detail,
+/// checked at most once per [`PUBLIC_READY_CACHE`]. The lock makes
+/// concurrent probes wait for one check instead of each running one.
+async fn public_ready(State(state): State<HttpState>) -> impl IntoResponse {
+    let mut cached = state.public_ready.lock().await;
+    let ok = match *cached {
+        Some((at, ok)) if at.elapsed() < PUBLIC_READY_CACHE => ok,
+        _ => {
+            let result = check_ready(&state).await;
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "not ready (details on the admin listener's /readyz)");
+            }
+            *cached = Some((Instant::now(), result.is_ok()));
+            result.is_ok()
+        }
+    };
+    if ok {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -63,21 +138,4 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         Some(handle) => (StatusCode::OK, handle.render()),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n".to_string()),
     }
-}
-
-/// Serves on an already-bound listener until `shutdown` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
-        .await
 }

@@ -20,6 +20,8 @@ struct Bot {
     child: Option<Child>,
     config: std::path::PathBuf,
     base: String,
+    /// The admin listener.
+    admin: String,
     log: std::path::PathBuf,
 }
 
@@ -82,7 +84,7 @@ impl Bot {
     }
 
     async fn leases(&self, http: &reqwest::Client) -> Vec<serde_json::Value> {
-        http.get(format!("{}/admin/leases?all=true", self.base))
+        http.get(format!("{}/admin/leases?all=true", self.admin))
             .bearer_auth(TOKEN)
             .send()
             .await
@@ -93,7 +95,7 @@ impl Bot {
     }
 
     async fn requests(&self, http: &reqwest::Client) -> Vec<serde_json::Value> {
-        http.get(format!("{}/admin/requests?all=true", self.base))
+        http.get(format!("{}/admin/requests?all=true", self.admin))
             .bearer_auth(TOKEN)
             .send()
             .await
@@ -136,16 +138,18 @@ async fn sigkill_at_random_points_leaves_no_standing_privilege() {
         slack.add_user(&slack_id(u), &format!("{u}@example.org"));
     }
     let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (port, admin_port) = {
+        // Both held at once, so they differ.
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+    };
     let ldap = server.ldap_config();
     let config = format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
 admin_token = {{ env = "FAULT_ADMIN" }}
 shutdown_grace = "2s"
 
@@ -163,6 +167,7 @@ kind = "ldap"
 
 [ldap]
 url = "{url}"
+allow_plaintext_bind = true
 bind_dn = "{bind}"
 password = {{ file = "{pw}" }}
 user_base = "{people}"
@@ -202,6 +207,7 @@ reason_required = false
         child: None,
         config: config_path,
         base: format!("http://127.0.0.1:{port}"),
+        admin: format!("http://127.0.0.1:{admin_port}"),
         log: tmp.path().join("jitbot.log"),
     };
     let http = reqwest::Client::new();

@@ -1,116 +1,16 @@
-//! Security hardening: Slack payloads replayed after a restart and the audit
-//! chain anchored outside the store (through the real binary), and the cap
-//! on pending requests per person (through the engine).
+//! Security hardening, through the real binary: secrets that cannot be
+//! empty or weak, slow and idle clients that cannot starve the server, and
+//! a public listener that serves no admin surface and leaks no detail.
 
-use crate::support::bot::TestBot;
-use crate::support::fake_slack::FakeSlack;
-use jitbot::chat::slack::signature::sign;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use crate::ops::{config_text, free_ports, jitbot, KillOnDrop};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-const TOKEN: &str = "hardening-admin-token-0123456789";
-const SIGNING: &str = "hardening-signing-secret";
-const OPS: &str = "cn=ops-admins,ou=groups,dc=example,dc=org";
-
-/// The running binary; killed if a test fails before stopping it.
-struct Running(Option<Child>, String);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Running {
-    /// SIGTERM, and a clean exit.
-    fn stop(mut self) {
-        let mut child = self.0.take().expect("running");
-        let pid = child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let status = child.wait().unwrap();
-        assert!(status.success(), "exit status after SIGTERM: {status}");
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn jitbot() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitbot"));
-    cmd.env("JITBOT_HARDENING_ADMIN_TOKEN", TOKEN)
-        .env("JITBOT_ADMIN_TOKEN", TOKEN)
-        .env("JITBOT_HARDENING_SIGNING", SIGNING)
-        .env("JITBOT_HARDENING_BOT", "xoxb-hardening")
-        .env("JITBOT_LOG", "debug");
-    cmd
-}
-
-/// A config with Slack in HTTP mode against `slack`, plus `extra` TOML.
-fn write_config(dir: &Path, port: u16, slack: &FakeSlack, extra: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:{port}"
-admin_token = {{ env = "JITBOT_HARDENING_ADMIN_TOKEN" }}
-shutdown_grace = "5s"
-
-[store]
-path = "{store}"
-cache_mb = 16
-
-[directory]
-kind = "memory"
-
-[memory]
-groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
-
-[[memory.user]]
-id = "alice"
-attributes = {{ mail = "alice@example.org" }}
-[[memory.user]]
-id = "bob"
-attributes = {{ mail = "bob@example.org" }}
-
-[slack]
-mode = "http"
-bot_token = {{ env = "JITBOT_HARDENING_BOT" }}
-signing_secret = {{ env = "JITBOT_HARDENING_SIGNING" }}
-team_id = "T1"
-api_url = "{api}"
-default_channel = "CJIT"
-alert_channel = "CALERT"
-
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
-{extra}
-"#,
-        store = dir.join("db").display(),
-        api = slack.api_url(),
-    );
-    let path = dir.join("jitbot.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-async fn start(config: &Path, port: u16, log: &Path) -> Running {
+/// Starts `jitbot run` on `config` and waits until the public listener
+/// answers `/healthz`.
+async fn start(config: &std::path::Path, log: &std::path::Path, port: u16) -> KillOnDrop {
     let child = jitbot()
         .args(["run", "--config"])
         .arg(config)
@@ -118,272 +18,323 @@ async fn start(config: &Path, port: u16, log: &Path) -> Running {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), log).await
-}
-
-fn command_body(slack: &FakeSlack, text: &str, n: u32) -> String {
-    let mut form = url::form_urlencoded::Serializer::new(String::new());
-    form.append_pair("team_id", "T1")
-        .append_pair("api_app_id", "A1")
-        .append_pair("channel_id", "CJIT")
-        .append_pair("user_id", "UALICE")
-        .append_pair("command", "/jit")
-        .append_pair("text", text)
-        .append_pair("response_url", &slack.response_url(n))
-        .append_pair("trigger_id", &format!("trigger.{n}"));
-    form.finish()
-}
-
-async fn post_signed(base: &str, body: &str, ts: i64) -> reqwest::StatusCode {
-    reqwest::Client::new()
-        .post(format!("{base}/slack/commands"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-slack-request-timestamp", ts.to_string())
-        .header("x-slack-signature", sign(SIGNING, ts, body.as_bytes()))
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap()
-        .status()
-}
-
-/// A signed slash command captured and replayed after jitbot restarted,
-/// inside the signature window, is acknowledged but not run again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slack_payload_replayed_after_a_restart_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let slack = FakeSlack::start().await;
-    slack.add_user("UALICE", "alice@example.org");
-    let port = free_port();
-    let config = write_config(tmp.path(), port, &slack, "");
-    let log = tmp.path().join("first.log");
-    let bot = start(&config, port, &log).await;
-
-    let body = command_body(&slack, "request db-admins 1h replicas down", 1);
-    let ts = chrono::Utc::now().timestamp();
-    assert_eq!(post_signed(&bot.1, &body, ts).await, 200);
-    let wait = Duration::from_secs(10);
-    let first = slack.wait_for(wait, |c| c.method == "response/1").await;
-    let first = first.unwrap_or_else(|| panic!("no answer: {:?}", std::fs::read_to_string(&log)));
-    assert!(
-        first.body["text"].as_str().unwrap_or_default().contains("r-"),
-        "{first:?}"
-    );
-    bot.stop();
-
-    let log = tmp.path().join("second.log");
-    let bot = start(&config, port, &log).await;
-    assert_eq!(
-        post_signed(&bot.1, &body, ts).await,
-        200,
-        "acknowledged, so Slack stops retrying"
-    );
-    // A fresh command is answered: the replay had its chance to be too.
-    let fresh = command_body(&slack, "list", 2);
-    assert_eq!(
-        post_signed(&bot.1, &fresh, chrono::Utc::now().timestamp()).await,
-        200
-    );
-    assert!(slack.wait_for(wait, |c| c.method == "response/2").await.is_some());
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(slack.calls_to("response/1").len(), 1, "the replay was run again");
-    bot.stop();
-    let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains("already taken"), "{logs}");
-    let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
-    assert_eq!(store.requests().unwrap().len(), 1, "one request, not two");
-}
-
-/// A requester can keep only `max_pending_per_user` requests waiting; the
-/// refusal names them and says how to cancel one. Break-glass and other
-/// people are not held back.
-#[tokio::test]
-async fn pending_requests_per_person_are_capped() {
-    let bot = TestBot::builder()
-        .settings(|s| s.max_pending_per_user = 2)
-        .policy(|p| {
-            let mut ops = p.groups[1].clone();
-            ops.break_glass = true;
-            ops.name = jitbot_core::GroupName::new("ops-admins");
-            ops.dn = jitbot_core::GroupDn::new(OPS);
-            p.groups.push(ops);
-        })
-        .build();
-    bot.dir.add_group(OPS, Vec::<&str>::new());
-    let first = TestBot::request_id(&bot.ok("alice", "request web-admins 1h one").await);
-    let second = TestBot::request_id(&bot.ok("alice", "request db-admins 1h two").await);
-    let third = bot.say("alice", "request ops-admins 1h three").await;
-    assert!(!third.ok, "{}", third.text);
-    for part in ["/jit cancel", &first, &second, "2 requests"] {
-        assert!(third.text.contains(part), "{part} missing: {}", third.text);
-    }
-    assert_eq!(
-        bot.engine.store().requests().unwrap().len(),
-        2,
-        "nothing was queued"
-    );
-
-    // Someone else is not affected.
-    bot.ok("dave", "request db-admins 1h mine").await;
-    // Break-glass is granted at once, so the cap never holds it back.
-    let glass = bot.say("alice", "breakglass ops-admins 1h prod down").await;
-    assert!(glass.ok, "{}", glass.text);
-    bot.run_due().await;
-    assert!(bot.is_member(OPS, "alice"), "break-glass granted");
-
-    // Cancelling one frees a slot.
-    bot.ok("alice", &format!("cancel {first}")).await;
-    bot.ok("alice", "request web-admins 1h three again").await;
-}
-
-/// `jitbot audit anchor` publishes the head to the alert channel (and the
-/// scheduled anchor does at start-up); `verify --anchor` accepts the chain
-/// while it is intact, and refuses it once someone with store access has
-/// rewritten a record before the anchor and re-linked everything after it.
-/// With `[audit] key`, records are HMAC-keyed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_anchors_catch_rewritten_history() {
-    let tmp = tempfile::tempdir().unwrap();
-    let slack = FakeSlack::start().await;
-    slack.add_user("UALICE", "alice@example.org");
-    let port = free_port();
-    let audit = "\n[audit]\nkey = { env = \"JITBOT_HARDENING_AUDIT_KEY\" }\nanchor_every = \"1h\"\n";
-    let config = write_config(tmp.path(), port, &slack, audit);
-    let log = tmp.path().join("anchor.log");
-    let key = "k".repeat(40);
-    let child = jitbot()
-        .env("JITBOT_HARDENING_AUDIT_KEY", &key)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let bot = wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), &log).await;
-    let wait = Duration::from_secs(10);
-    let scheduled = slack
-        .wait_for(wait, |c| {
-            c.method == "chat.postMessage" && c.body["channel"] == "CALERT"
-        })
-        .await
-        .expect("the scheduled anchor at start-up");
-    assert!(
-        scheduled.body.to_string().contains("Audit anchor `0:`"),
-        "{:?}",
-        scheduled.body
-    );
-
-    // Some history: a request, then the anchor.
-    let body = command_body(&slack, "request db-admins 1h replicas down", 1);
-    assert_eq!(
-        post_signed(&bot.1, &body, chrono::Utc::now().timestamp()).await,
-        200
-    );
-    assert!(slack.wait_for(wait, |c| c.method == "response/1").await.is_some());
-    let base = bot.1.clone();
-    let cli = |args: &[&str]| jitbot().args(args).args(["--url", &base]).output().unwrap();
-    let out = cli(&["audit", "anchor"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let anchor = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let parsed: jitbot::store::Anchor = anchor.parse().expect("SEQ:HASH");
-    assert!(parsed.seq >= 1, "{anchor}");
-    let published = slack
-        .wait_for(wait, |c| {
-            c.body["channel"] == "CALERT" && c.body.to_string().contains(&anchor)
-        })
-        .await;
-    assert!(
-        published.is_some(),
-        "the anchor reached the alert channel: {:?}",
-        slack.calls()
-    );
-    assert!(
-        std::fs::read_to_string(&log).unwrap().contains(&anchor),
-        "and the log"
-    );
-
-    // More history after the anchor; the chain verifies against it.
-    let body = command_body(&slack, "list", 2);
-    assert_eq!(
-        post_signed(&bot.1, &body, chrono::Utc::now().timestamp()).await,
-        200
-    );
-    assert!(slack.wait_for(wait, |c| c.method == "response/2").await.is_some());
-    let out = cli(&["audit", "verify", "--anchor", &anchor]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("matches anchor"),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bot.stop();
-
-    // Offline, with write access to the store: every record is keyed, so
-    // the attacker rewrites record 1 and re-links the chain with SHA-256.
-    {
-        let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
-        let tree = store.audit_tree();
-        let raw: Vec<(sled::IVec, sled::IVec)> = tree.iter().map(|i| i.unwrap()).collect();
-        assert!(!raw.is_empty());
-        for (_, v) in &raw {
-            assert!(
-                String::from_utf8_lossy(v).contains("\"v\":\"1-hmac\""),
-                "keyed records"
-            );
-        }
-        let mut prev = String::new();
-        for (k, v) in &raw {
-            let mut json: serde_json::Value = serde_json::from_slice(v).unwrap();
-            if json["seq"] == 1 {
-                json["detail"] = "nothing happened".into();
-            }
-            json["v"] = "1".into();
-            json["prev"] = prev.clone().into();
-            let bytes = serde_json::to_vec(&json).unwrap();
-            use sha2::Digest;
-            prev = hex::encode(sha2::Sha256::digest(&bytes));
-            tree.insert(k, bytes).unwrap();
-        }
-        store.flush().await.unwrap();
-    }
-    let first_logs = std::fs::read_to_string(tmp.path().join("anchor.log")).unwrap();
-    assert!(
-        !first_logs.contains("so it was sealed"),
-        "a new keyed store needs no seal"
-    );
-    let log = tmp.path().join("after.log");
-    let child = jitbot()
-        .env("JITBOT_HARDENING_AUDIT_KEY", &key)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let bot = wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), &log).await;
-    let out = cli(&["audit", "verify", "--anchor", &anchor]);
-    assert!(!out.status.success(), "a rewritten history must not verify");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("broken at record"), "{err}");
-    bot.stop();
-    let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        logs.contains("so it was sealed"),
-        "the downgrade is logged: {logs}"
-    );
-}
-
-async fn wait_up(running: Running, log: &Path) -> Running {
+    let child = KillOnDrop(Some(child));
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(r) = http.get(format!("{}/healthz", running.1)).send().await {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
             if r.status().is_success() {
-                return running;
+                return child;
             }
         }
-        let logs = std::fs::read_to_string(log).unwrap_or_default();
-        assert!(Instant::now() < deadline, "jitbot did not come up:\n{logs}");
+        assert!(
+            Instant::now() < deadline,
+            "jitbot did not come up: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Reads until the peer closes (or resets) the connection; returns what
+/// was read, or `None` if it stayed open past `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    Some(String::from_utf8_lossy(&seen).into_owned())
+}
+
+/// How many sockets process `pid` has open (Linux `/proc`).
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+#[test]
+fn an_empty_or_weak_admin_token_stops_run_and_check_config_with_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, admin_port) = free_ports();
+    let token_file = tmp.path().join("admin.token");
+    let text = config_text(port, admin_port, &tmp.path().join("db")).replace(
+        "admin_token = { env = \"JITBOT_TEST_ADMIN_TOKEN\" }",
+        &format!("admin_token = {{ file = \"{}\" }}", token_file.display()),
+    );
+    assert!(text.contains("admin.token"), "the token comes from the file");
+    let path = tmp.path().join("jitbot.toml");
+    std::fs::write(&path, text).unwrap();
+    for (content, expect) in [
+        ("", "empty"),
+        ("\n", "empty"),
+        ("   \t\n", "empty"),
+        ("change-me\n", "bytes long"),
+        ("change-me-change-me-change-me\n", "placeholder"),
+        ("xxxxxxxxxxxxxxxxxxxxxxxx", "repeated"),
+    ] {
+        std::fs::write(&token_file, content).unwrap();
+        for sub in ["run", "check-config"] {
+            let out = jitbot()
+                .args([sub, "--config"])
+                .arg(&path)
+                .arg(if sub == "run" {
+                    "--log-format=text"
+                } else {
+                    "--offline"
+                })
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{sub} with {content:?}: {err}");
+            assert!(
+                err.contains("server.admin_token") && err.contains(expect),
+                "{sub} with {content:?}: {err}"
+            );
+            assert!(
+                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                    && std::net::TcpListener::bind(("127.0.0.1", admin_port)).is_ok(),
+                "{sub} bound a port"
+            );
+            assert!(!tmp.path().join("db").exists(), "{sub} created the store");
+        }
+    }
+    // A real token passes.
+    std::fs::write(&token_file, "9c1e0f6a3b7d4e2f8a5c0b1d6e3f7a29\n").unwrap();
+    let ok = jitbot()
+        .args(["check-config", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_cannot_starve_the_server() {
+    const CAP: usize = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, admin_port) = free_ports();
+    let text = config_text(port, admin_port, &tmp.path().join("db")).replacen(
+        "[server]\n",
+        &format!(
+            "[server]\nmax_connections = {CAP}\nheader_read_timeout = \"2s\"\n\
+             body_read_timeout = \"2s\"\nrequest_timeout = \"5s\"\n"
+        ),
+        1,
+    );
+    let config = tmp.path().join("jitbot.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = tmp.path().join("stderr.log");
+    let bot = start(&config, &log, port).await;
+    let pid = bot.0.as_ref().unwrap().id();
+    let public = ("127.0.0.1", port);
+
+    // Half a request line, then silence: closed well within 15 s.
+    let mut half = TcpStream::connect(public).await.unwrap();
+    half.write_all(b"GET /heal").await.unwrap();
+    let started = Instant::now();
+    let answer = closed_within(&mut half, Duration::from_secs(15))
+        .await
+        .expect("a half-sent request line held the connection open for 15 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed too early ({:?}): is the timeout what was configured?",
+        started.elapsed()
+    );
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // Three times as many idle sockets as the cap: jitbot holds at most the
+    // cap of them (the rest wait in the backlog), and /healthz still answers.
+    let before = sockets_of(pid);
+    let mut idle = Vec::new();
+    for _ in 0..3 * CAP {
+        idle.push(TcpStream::connect(public).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = sockets_of(pid) - before;
+    assert!(
+        held > 0 && held <= CAP,
+        "jitbot holds {held} of the idle sockets (cap {CAP})"
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    // The admin listener has its own cap: not slowed at all.
+    let started = Instant::now();
+    let admin = http
+        .get(format!("http://127.0.0.1:{admin_port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let health = http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .expect("/healthz did not answer with idle sockets over the cap");
+    assert_eq!(health.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "/healthz took {:?}",
+        started.elapsed()
+    );
+    // Every idle socket was closed by the server, none held forever.
+    for mut s in idle {
+        assert!(closed_within(&mut s, Duration::from_secs(15)).await.is_some());
+    }
+
+    // A body that never finishes: refused once body_read_timeout passes.
+    let mut slow = TcpStream::connect(("127.0.0.1", admin_port)).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /admin/leases/L1/revoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"reason\":",
+            crate::ops::TOKEN
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let answer = closed_within(&mut slow, Duration::from_secs(15))
+        .await
+        .expect("a slow body held the connection for 15 s");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_readyz_says_only_not_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, admin_port) = free_ports();
+    // A directory that is down: a port nothing listens on.
+    let (ldap_port, _) = free_ports();
+    let pw = tmp.path().join("ldap.pw");
+    std::fs::write(&pw, "not-the-real-password\n").unwrap();
+    let text = config_text(port, admin_port, &tmp.path().join("db"))
+        .replace("kind = \"memory\"", "kind = \"ldap\"")
+        .replace(
+            "[memory]\n",
+            &format!(
+                "[ldap]\nurl = \"ldap://127.0.0.1:{ldap_port}\"\nallow_plaintext_bind = true\n\
+                 bind_dn = \"cn=jitbot-service,ou=services,dc=example,dc=org\"\n\
+                 password = {{ file = \"{}\" }}\nuser_base = \"ou=people,dc=example,dc=org\"\n\
+                 connect_timeout = \"1s\"\n\n[memory]\n",
+                pw.display()
+            ),
+        );
+    let config = tmp.path().join("jitbot.toml");
+    std::fs::write(&config, &text).unwrap();
+
+    // check-config accepts the explicit plaintext bind, with a warning.
+    let checked = jitbot()
+        .args(["check-config", "--offline", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{err}");
+    assert!(err.contains("warning: ldap.allow_plaintext_bind"), "{err}");
+    // Without it, the same file is refused, naming the key and its line.
+    let refused_path = tmp.path().join("plain.toml");
+    std::fs::write(&refused_path, text.replace("allow_plaintext_bind = true\n", "")).unwrap();
+    let refused = jitbot()
+        .args(["check-config", "--offline", "--config"])
+        .arg(&refused_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(64), "{err}");
+    let url_line = text.lines().position(|l| l.starts_with("url = ")).unwrap() + 1;
+    assert!(err.contains(&format!("line {url_line}: ldap.url")), "{err}");
+
+    let log = tmp.path().join("stderr.log");
+    let _bot = start(&config, &log, port).await;
+    let http = reqwest::Client::new();
+    let public = http
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 503);
+    assert_eq!(public.text().await.unwrap(), "not ready\n");
+    let admin = http
+        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 503);
+    let detail = admin.text().await.unwrap();
+    assert!(detail.contains(&format!("127.0.0.1:{ldap_port}")), "{detail}");
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("ldap.allow_plaintext_bind"),
+        "warned at start-up: {logs}"
+    );
+}
+
+#[tokio::test]
+async fn the_public_readyz_is_cached_and_the_admin_one_is_not() {
+    use jitbot::http::{self, HttpState, Limits, PUBLIC_READY_CACHE};
+    let bot = crate::support::bot::TestBot::new();
+    let state = HttpState::new(bot.engine.clone(), None, None, None);
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let mut bases = Vec::new();
+    for router in [
+        http::public_router(state.clone(), Vec::new()),
+        http::admin_router(state, Vec::new()),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        bases.push(format!("http://{}", listener.local_addr().unwrap()));
+        tokio::spawn(http::serve(listener, router, Limits::default(), stopped.clone()));
+    }
+    let (public, admin) = (&bases[0], &bases[1]);
+    let get = |url: String| async move {
+        let r = reqwest::get(url).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+
+    bot.dir.fail_next(1);
+    let started = Instant::now();
+    assert_eq!(get(format!("{public}/readyz")).await, (503, "not ready\n".into()));
+    // The directory answers again, but the public verdict is reused: a
+    // flood of probes costs one check per period.
+    for _ in 0..20 {
+        assert_eq!(get(format!("{public}/readyz")).await.0, 503);
+    }
+    assert!(started.elapsed() < PUBLIC_READY_CACHE);
+    // The admin listener checks every time and says what was wrong.
+    bot.dir.fail_next(1);
+    let (status, detail) = get(format!("{admin}/readyz")).await;
+    assert_eq!(status, 503);
+    assert!(detail.contains("injected outage"), "{detail}");
+    assert_eq!(get(format!("{admin}/readyz")).await, (200, "ready\n".into()));
+    // Once the period is over, the public listener checks again.
+    tokio::time::sleep(PUBLIC_READY_CACHE.saturating_sub(started.elapsed()) + Duration::from_millis(200))
+        .await;
+    assert_eq!(get(format!("{public}/readyz")).await, (200, "ready\n".into()));
+    // Neither listener serves the other's routes.
+    assert_eq!(get(format!("{public}/metrics")).await.0, 404);
+    assert_eq!(get(format!("{public}/admin/leases")).await.0, 404);
+    assert_eq!(get(format!("{admin}/healthz")).await.0, 200);
 }

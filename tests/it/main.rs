@@ -13,6 +13,7 @@ mod ldap;
 mod ldap_flow;
 mod lifecycle;
 mod ops;
+mod safeguards;
 mod slack;
 mod socket_mode;
 mod store;

@@ -10,10 +10,10 @@ use jitbot_core::LeaseState;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-const TOKEN: &str = "adm1n-t0ken-that-must-never-be-logged";
+pub(crate) const TOKEN: &str = "adm1n-t0ken-that-must-never-be-logged";
 
 /// Kills the child if the test fails before it is stopped on purpose.
-struct KillOnDrop(Option<std::process::Child>);
+pub(crate) struct KillOnDrop(pub(crate) Option<std::process::Child>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -24,20 +24,24 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two free ports, different from each other: the public and the admin
+/// listener's.
+pub(crate) fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
-fn config_text(port: u16, store: &std::path::Path) -> String {
+/// A memory-directory config; `[server]` is the first table, so a test can
+/// add server keys by inserting lines after its header.
+pub(crate) fn config_text(port: u16, admin_port: u16, store: &std::path::Path) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
 admin_token = {{ env = "JITBOT_TEST_ADMIN_TOKEN" }}
+dashboard = true
 shutdown_grace = "5s"
 
 [store]
@@ -82,7 +86,7 @@ max_duration = "4h"
     )
 }
 
-fn jitbot() -> Command {
+pub(crate) fn jitbot() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitbot"));
     cmd.env("JITBOT_TEST_ADMIN_TOKEN", TOKEN)
         .env("JITBOT_ADMIN_TOKEN", TOKEN)
@@ -90,7 +94,7 @@ fn jitbot() -> Command {
     cmd
 }
 
-fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + std::time::Duration::from_secs(secs);
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -102,8 +106,8 @@ fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
 async fn the_binary_serves_operates_and_stops_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let store_path = tmp.path().join("db");
-    let port = free_port();
-    let text = config_text(port, &store_path);
+    let (port, admin_port) = free_ports();
+    let text = config_text(port, admin_port, &store_path);
     let config_path = tmp.path().join("jitbot.toml");
     std::fs::write(&config_path, &text).unwrap();
     let config = Config::parse(&text, "test").unwrap();
@@ -155,11 +159,12 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(Some(child));
-    let base = format!("http://127.0.0.1:{port}");
+    let public = format!("http://127.0.0.1:{port}");
+    let base = format!("http://127.0.0.1:{admin_port}");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
+        if let Ok(r) = http.get(format!("{public}/healthz")).send().await {
             if r.status().is_success() {
                 break;
             }
@@ -167,9 +172,41 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
         assert!(Instant::now() < deadline, "jitbot did not come up");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        http.get(format!("{base}/readyz")).send().await.unwrap().status(),
-        200
+    for url in [&public, &base] {
+        let r = http.get(format!("{url}/readyz")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        assert_eq!(r.text().await.unwrap(), "ready\n", "{url}");
+    }
+
+    // The admin surface is on the admin listener only.
+    for path in [
+        "/admin/leases",
+        "/metrics",
+        "/api/dashboard",
+        "/dashboard",
+        "/admin/backup",
+    ] {
+        let on_public = http
+            .get(format!("{public}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(on_public.status(), 404, "{path} on the public listener");
+        let on_admin = http
+            .get(format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(on_admin.status(), 200, "{path} on the admin listener");
+    }
+    // The admin CLI's default URL is the default admin listener.
+    let help = jitbot().args(["leases", "list", "--help"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("http://127.0.0.1:8081"),
+        "{}",
+        String::from_utf8_lossy(&help.stdout)
     );
 
     // The admin API refuses a wrong token and serves the right one.
@@ -304,9 +341,9 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
 #[test]
 fn a_bad_config_exits_64_before_binding() {
     let tmp = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let text =
-        config_text(port, &tmp.path().join("db")).replace("max_duration = \"4h\"", "max_duration = \"30m\"");
+    let (port, admin_port) = free_ports();
+    let text = config_text(port, admin_port, &tmp.path().join("db"))
+        .replace("max_duration = \"4h\"", "max_duration = \"30m\"");
     let path = tmp.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
     for sub in ["run", "check-config"] {
@@ -315,7 +352,8 @@ fn a_bad_config_exits_64_before_binding() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("group[db-admins].default_duration"), "{sub}: {err}");
         assert!(
-            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", admin_port)).is_ok(),
             "{sub} bound the port"
         );
         assert!(!tmp.path().join("db").exists(), "{sub} created the store");
@@ -325,7 +363,8 @@ fn a_bad_config_exits_64_before_binding() {
 #[test]
 fn check_config_names_a_missing_secret() {
     let tmp = tempfile::tempdir().unwrap();
-    let text = config_text(free_port(), &tmp.path().join("db"));
+    let (port, admin_port) = free_ports();
+    let text = config_text(port, admin_port, &tmp.path().join("db"));
     let path = tmp.path().join("c.toml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_jitbot"))

@@ -48,6 +48,7 @@ kind = "ldap"
 
 [ldap]
 url = "{url}"
+allow_plaintext_bind = true
 bind_dn = "{bind}"
 password = {{ file = "{pw}" }}
 user_base = "{people}"

@@ -12,8 +12,10 @@ pub const ADMIN_TOKEN: &str = "process-admin-token";
 
 pub struct Jitbot {
     child: Child,
-    /// `http://127.0.0.1:<port>`
+    /// `http://127.0.0.1:<port>`, the public listener.
     pub base: String,
+    /// The admin listener (`server.admin_listen`, added here).
+    pub admin_base: String,
     pub log: PathBuf,
     http: reqwest::Client,
     _dir: TempDir,
@@ -22,18 +24,27 @@ pub struct Jitbot {
 impl Jitbot {
     /// Starts `jitbot run` with `config`, a TOML text in which `{listen}`,
     /// `{store}` and `{admin}` are filled in here ([server] and [store] are
-    /// the caller's to write), and the given environment. Waits for
-    /// `/healthz`.
+    /// the caller's to write; `server.admin_listen` is added on a free
+    /// port), and the given environment. Waits for `/healthz`.
     pub async fn start(config: &str, env: &[(&str, &str)]) -> Jitbot {
         let dir = tempfile::Builder::new()
             .prefix("jitbot-run-")
             .tempdir()
             .expect("temp dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        // Both held at once, so they differ.
+        let (public, admin) = (
+            std::net::TcpListener::bind("127.0.0.1:0").expect("free port"),
+            std::net::TcpListener::bind("127.0.0.1:0").expect("free port"),
+        );
+        let port = public.local_addr().expect("free port").port();
+        let admin_port = admin.local_addr().expect("free port").port();
+        drop((public, admin));
         let text = config
+            .replacen(
+                "[server]\n",
+                &format!("[server]\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"),
+                1,
+            )
             .replace("{listen}", &format!("127.0.0.1:{port}"))
             .replace("{store}", &dir.path().join("db").display().to_string())
             .replace("{admin}", "{ env = \"JITBOT_TEST_ADMIN\" }");
@@ -58,6 +69,7 @@ impl Jitbot {
         let bot = Jitbot {
             child,
             base: format!("http://127.0.0.1:{port}"),
+            admin_base: format!("http://127.0.0.1:{admin_port}"),
             log,
             http: reqwest::Client::new(),
             _dir: dir,
@@ -92,7 +104,7 @@ impl Jitbot {
     pub async fn admin(&self, what: &str) -> Vec<serde_json::Value> {
         let res = self
             .http
-            .get(format!("{}/admin/{what}?all=true", self.base))
+            .get(format!("{}/admin/{what}?all=true", self.admin_base))
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await

@@ -181,6 +181,9 @@ impl Slapd {
             starttls: false,
             ca_file: None,
             verify_hostname: true,
+            // The test slapd listens on loopback without TLS (the TLS tests
+            // turn on starttls).
+            allow_plaintext_bind: true,
             bind_dn: SERVICE_DN.into(),
             password: SecretSource {
                 env: None,

@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serenity::interactions_endpoint::Verifier;
+use ed25519_dalek::{Signature, VerifyingKey};
 use std::sync::Arc;
 
 /// Largest accepted body. A button click carries the whole message it was
@@ -27,18 +27,38 @@ pub const MAX_SKEW_SECS: i64 = 300;
 
 struct EndpointState {
     handler: Arc<DiscordHandler>,
-    verifier: Verifier,
+    verifier: StrictVerifier,
     clock: Arc<dyn Clock>,
 }
 
-/// Parses the application's public key (64 hex digits).
-pub fn verifier(public_key_hex: &str) -> anyhow::Result<Verifier> {
-    let bytes: [u8; 32] = hex::decode(public_key_hex.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .context("discord.public_key must be 64 hex digits (the application's public key)")?;
-    Verifier::try_new(bytes)
-        .map_err(|e| anyhow::anyhow!("discord.public_key is not a valid Ed25519 key: {e}"))
+/// Checks Discord's Ed25519 signatures with `verify_strict`, which refuses
+/// small-order keys and signature points that ordinary verification lets
+/// a forger use.
+pub struct StrictVerifier(VerifyingKey);
+
+impl StrictVerifier {
+    /// Whether `signature_hex` signs `timestamp || body`.
+    pub fn verify(&self, signature_hex: &str, timestamp: &str, body: &[u8]) -> Result<(), ()> {
+        let signature: [u8; 64] = hex::decode(signature_hex)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or(())?;
+        let mut message = Vec::with_capacity(timestamp.len() + body.len());
+        message.extend_from_slice(timestamp.as_bytes());
+        message.extend_from_slice(body);
+        self.0
+            .verify_strict(&message, &Signature::from_bytes(&signature))
+            .map_err(|_| ())
+    }
+}
+
+/// Parses the application's public key (64 hex digits), refusing weak keys.
+pub fn verifier(public_key_hex: &str) -> anyhow::Result<StrictVerifier> {
+    let bytes = crate::config::discord_public_key(public_key_hex)
+        .map_err(|why| anyhow::anyhow!("discord.public_key {why}"))?;
+    VerifyingKey::from_bytes(&bytes)
+        .map(StrictVerifier)
+        .context("discord.public_key is not a valid Ed25519 key")
 }
 
 /// The interactions endpoint, to be merged into jitbot's HTTP server.
@@ -124,5 +144,66 @@ async fn interactions(State(state): State<Arc<EndpointState>>, headers: HeaderMa
             tracing::warn!(error = %e, "refused a Discord interaction");
             (StatusCode::BAD_REQUEST, e.to_string()).into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::Verifier as _;
+
+    #[test]
+    fn the_all_zero_key_is_refused_with_a_clear_error() {
+        let err = verifier(&"0".repeat(64)).err().expect("refused").to_string();
+        assert!(
+            err.contains("discord.public_key") && err.contains("weak"),
+            "{err}"
+        );
+        let err = verifier("<paste the public key>")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("64 hex digits") && err.contains("Developer Portal"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_forged_signature_with_a_small_order_key_is_refused() {
+        // The identity point: a small-order key for which R = identity, s = 0
+        // "signs" every message under ordinary (cofactored-lenient) checks.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let key = VerifyingKey::from_bytes(&identity).unwrap();
+        let mut forged = [0u8; 64];
+        forged[0] = 1;
+        let body = br#"{"type":3,"data":{"custom_id":"jit:approve:r1"}}"#;
+        let message = [b"1700000000".as_slice(), body].concat();
+        assert!(
+            key.verify(&message, &Signature::from_bytes(&forged)).is_ok(),
+            "the forgery works against lenient verification, so this test can fail"
+        );
+        let err = verifier(&hex::encode(identity)).err().expect("weak key refused");
+        assert!(err.to_string().contains("weak"), "{err}");
+        // Even past the start-up check, strict verification refuses it.
+        assert!(StrictVerifier(key)
+            .verify(&hex::encode(forged), "1700000000", body)
+            .is_err());
+    }
+
+    #[test]
+    fn a_real_signature_verifies() {
+        use ed25519_dalek::{Signer, SigningKey};
+        let signing = SigningKey::from_bytes(&[7u8; 32]);
+        let v = verifier(&hex::encode(signing.verifying_key().to_bytes())).unwrap();
+        let signature = signing.sign(b"1700000000{}");
+        assert!(v
+            .verify(&hex::encode(signature.to_bytes()), "1700000000", b"{}")
+            .is_ok());
+        assert!(v
+            .verify(&hex::encode(signature.to_bytes()), "1700000001", b"{}")
+            .is_err());
+        assert!(v.verify("zz", "1700000000", b"{}").is_err());
     }
 }
