@@ -1,9 +1,9 @@
 //! Prometheus metrics through the `metrics` facade. Names are listed here,
 //! once, so the set jitbot exports is easy to review.
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -20,6 +20,7 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(|_| register_all())
         })
         .clone()
 }
@@ -71,4 +72,204 @@ pub fn set_gauges(active: usize, pending: usize) {
 /// The wall clock went back (the steady clock ignored the step).
 pub fn clock_stepped_back() {
     counter!("jitbot_clock_steps_back_total").increment(1);
+}
+
+/// The stages of a revocation, in order, as `stage` label values of
+/// `jitbot_revocation_stage_seconds`: from the timer being due to the
+/// scheduler picking it up, the store commit before the directory change,
+/// the LDAP modify, the read-back, and the store commit after it.
+pub const REVOCATION_STAGES: [&str; 5] = [
+    "timer_lateness",
+    "commit_before",
+    "directory_modify",
+    "read_back",
+    "commit_after",
+];
+
+/// How long one stage of a revocation took (see [`REVOCATION_STAGES`]).
+pub fn stage(name: &'static str, took: Duration) {
+    histogram!("jitbot_revocation_stage_seconds", "stage" => name).record(took.as_secs_f64());
+}
+
+/// Outbox entries are not timestamped, so the age of the oldest is measured
+/// from when this process first saw it at the head: (its id, first seen).
+static OUTBOX_HEAD: Mutex<Option<(u64, std::time::Instant)>> = Mutex::new(None);
+
+/// Notices waiting in the outbox (`backlog`) and the id of the oldest
+/// (`head`), as read at a scrape. Sets `jitbot_outbox_backlog` and
+/// `jitbot_outbox_oldest_seconds`: how long that head has been waiting as far
+/// as this process has seen (0 when the outbox is empty).
+pub fn observe_outbox(backlog: usize, head: Option<u64>) {
+    let waited = {
+        let mut seen = OUTBOX_HEAD
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        head_wait(&mut seen, head, std::time::Instant::now())
+    };
+    gauge!("jitbot_outbox_backlog").set(backlog as f64);
+    gauge!("jitbot_outbox_oldest_seconds").set(waited.as_secs_f64());
+}
+
+/// How long `head` has been the outbox's head, given what was `seen` before;
+/// a new head (or an empty outbox) starts the count again.
+fn head_wait(
+    seen: &mut Option<(u64, std::time::Instant)>,
+    head: Option<u64>,
+    now: std::time::Instant,
+) -> Duration {
+    match (head, *seen) {
+        (Some(id), Some((seen_id, since))) if id == seen_id => now.saturating_duration_since(since),
+        (Some(id), _) => {
+            *seen = Some((id, now));
+            Duration::ZERO
+        }
+        (None, _) => {
+            *seen = None;
+            Duration::ZERO
+        }
+    }
+}
+
+/// How far past its end the most overdue live lease is (0 when none is).
+pub fn set_overdue_revocation(overdue: Duration) {
+    gauge!("jitbot_revocation_overdue_seconds").set(overdue.as_secs_f64());
+}
+
+/// Whether the directory answered jitbot's last ping (1) or not (0).
+pub fn set_directory_up(up: bool) {
+    gauge!("jitbot_directory_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// Registers every metric with its help text and a zero value, so that
+/// `/metrics` lists the whole set from start-up: a dashboard or an alert on
+/// a counter that has not moved yet (failures, drift, refused signatures)
+/// then reads 0 rather than "no data".
+fn register_all() {
+    describe_counter!("jitbot_requests_total", "Access requests, by outcome.");
+    describe_counter!("jitbot_approvals_total", "Approvals, by outcome.");
+    describe_counter!("jitbot_denials_total", "Denials, by outcome.");
+    for name in [
+        "jitbot_requests_total",
+        "jitbot_approvals_total",
+        "jitbot_denials_total",
+    ] {
+        for outcome in ["accepted", "refused"] {
+            counter!(name, "outcome" => outcome).increment(0);
+        }
+    }
+    describe_counter!("jitbot_grants_total", "Memberships granted.");
+    describe_counter!("jitbot_revocations_total", "Memberships revoked.");
+    describe_counter!(
+        "jitbot_revocation_failures_total",
+        "Revocation attempts that failed and will be retried."
+    );
+    describe_counter!(
+        "jitbot_zsp_drift_total",
+        "Members found in zero-standing-privilege groups."
+    );
+    describe_counter!(
+        "jitbot_clock_steps_back_total",
+        "Backward steps of the wall clock ignored by the steady clock."
+    );
+    for name in [
+        "jitbot_grants_total",
+        "jitbot_revocations_total",
+        "jitbot_revocation_failures_total",
+        "jitbot_zsp_drift_total",
+        "jitbot_clock_steps_back_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    describe_counter!(
+        "jitbot_refused_signatures_total",
+        "Chat requests refused for a bad or stale signature, by platform."
+    );
+    describe_counter!(
+        "jitbot_chat_api_errors_total",
+        "Failed chat platform API calls, by platform."
+    );
+    for platform in ["slack", "discord"] {
+        counter!("jitbot_refused_signatures_total", "platform" => platform).increment(0);
+        counter!("jitbot_chat_api_errors_total", "platform" => platform).increment(0);
+    }
+    describe_histogram!(
+        "jitbot_revocation_lag_seconds",
+        Unit::Seconds,
+        "Time from a lease's expiry to its membership being gone."
+    );
+    // Looking a histogram up registers it: it renders with zero samples.
+    let _ = histogram!("jitbot_revocation_lag_seconds");
+    describe_histogram!(
+        "jitbot_revocation_stage_seconds",
+        Unit::Seconds,
+        "Time spent in each stage of a revocation."
+    );
+    for name in REVOCATION_STAGES {
+        let _ = histogram!("jitbot_revocation_stage_seconds", "stage" => name);
+    }
+    describe_histogram!(
+        "jitbot_directory_operation_seconds",
+        Unit::Seconds,
+        "Directory changes (add, remove), read-back included."
+    );
+    for op in ["add", "remove"] {
+        let _ = histogram!("jitbot_directory_operation_seconds", "op" => op);
+    }
+    describe_gauge!("jitbot_active_leases", "Leases whose membership is in force.");
+    describe_gauge!("jitbot_pending_requests", "Requests waiting for approval.");
+    describe_gauge!("jitbot_outbox_backlog", "Notices waiting in the outbox.");
+    describe_gauge!(
+        "jitbot_outbox_oldest_seconds",
+        Unit::Seconds,
+        "How long the oldest notice has been waiting in the outbox, as seen since start-up."
+    );
+    describe_gauge!(
+        "jitbot_revocation_overdue_seconds",
+        Unit::Seconds,
+        "How far past its end the most overdue live lease is."
+    );
+    describe_gauge!(
+        "jitbot_directory_up",
+        "1 when the directory answered the last ping."
+    );
+    set_gauges(0, 0);
+    observe_outbox(0, None);
+    set_overdue_revocation(Duration::ZERO);
+}
+
+/// A notice, card or card update that failed on one platform (`kind`:
+/// `alert`, `notice`, `card`, `card_update`); it is retried.
+pub fn outbox_failure(platform: &str, kind: &'static str) {
+    counter!("jitbot_outbox_failures_total", "platform" => platform.to_string(), "kind" => kind).increment(1);
+}
+/// A notice given up on one platform after its last attempt (never an alert).
+pub fn outbox_dropped(platform: &str, kind: &'static str) {
+    counter!("jitbot_outbox_dropped_total", "platform" => platform.to_string(), "kind" => kind).increment(1);
+}
+/// A card posted again after a post whose outcome was never recorded: the
+/// platform may show it twice.
+pub fn outbox_possible_duplicate(platform: &str) {
+    counter!("jitbot_outbox_possible_duplicates_total", "platform" => platform.to_string()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_outbox_age_counts_while_the_same_notice_stays_at_the_head() {
+        let t0 = std::time::Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        let mut seen = None;
+        assert_eq!(head_wait(&mut seen, Some(7), at(0)), Duration::ZERO);
+        assert_eq!(head_wait(&mut seen, Some(7), at(30)), Duration::from_secs(30));
+        assert_eq!(head_wait(&mut seen, Some(7), at(90)), Duration::from_secs(90));
+        // Delivered: the next notice starts from zero.
+        assert_eq!(head_wait(&mut seen, Some(8), at(95)), Duration::ZERO);
+        assert_eq!(head_wait(&mut seen, Some(8), at(100)), Duration::from_secs(5));
+        // An empty outbox resets the count, even for an id seen before.
+        assert_eq!(head_wait(&mut seen, None, at(110)), Duration::ZERO);
+        assert_eq!(seen, None);
+        assert_eq!(head_wait(&mut seen, Some(8), at(120)), Duration::ZERO);
+    }
 }

@@ -159,4 +159,11 @@ pub trait Notifier: Send + Sync + 'static {
     async fn ready(&self) -> Result<(), ChatError> {
         Ok(())
     }
+    /// The platforms behind this notifier, by name (`slack`, `discord`,
+    /// `web`), for a caller that delivers to each on its own: the outbox
+    /// keeps attempts and due times per platform. A notifier for one
+    /// platform returns none and is used as a whole.
+    fn platforms(&self) -> Vec<(String, std::sync::Arc<dyn Notifier>)> {
+        Vec::new()
+    }
 }

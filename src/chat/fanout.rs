@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 /// Sends to every platform; approval cards are updated on the platform
-/// that posted them.
+/// that posted them. The outbox does not go through these aggregate calls:
+/// it delivers to each of [`Notifier::platforms`] on its own, so that one
+/// failing platform is retried alone.
 pub struct Fanout {
     platforms: Vec<(String, Arc<dyn Notifier>)>,
 }
@@ -19,18 +21,29 @@ impl Fanout {
 
 #[async_trait]
 impl Notifier for Fanout {
+    /// Posts on every platform; fails if any platform failed (the cards
+    /// other platforms posted are logged, since the caller gets no
+    /// reference to them).
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
         let mut all = Vec::new();
-        let mut last_err = None;
-        for (_, n) in &self.platforms {
+        let mut first_err = None;
+        for (name, n) in &self.platforms {
             match n.post_approval(card).await {
                 Ok(refs) => all.extend(refs),
-                Err(e) => last_err = Some(e),
+                Err(e) => {
+                    tracing::warn!(platform = %name, error = %e, request = %card.request, "approval card not posted");
+                    first_err.get_or_insert(e);
+                }
             }
         }
-        match (all.is_empty(), last_err) {
-            (true, Some(e)) => Err(e),
-            _ => Ok(all),
+        match first_err {
+            Some(e) => {
+                if !all.is_empty() {
+                    tracing::warn!(request = %card.request, posted = ?all, "approval card posted on some platforms only");
+                }
+                Err(e)
+            }
+            None => Ok(all),
         }
     }
 
@@ -64,6 +77,10 @@ impl Notifier for Fanout {
                 .map_err(|e| ChatError::Unavailable(format!("{name}: {e}")))?;
         }
         Ok(())
+    }
+
+    fn platforms(&self) -> Vec<(String, Arc<dyn Notifier>)> {
+        self.platforms.clone()
     }
 }
 

@@ -1,28 +1,150 @@
-//! The outbox worker: delivers the notices the engine wrote durably with
-//! each transition. Delivery is in order, retried with backoff, and never
+//! The outbox worker: delivers the notices and approval cards the engine
+//! wrote durably with each transition, to each destination (chat platform)
+//! on its own. Each entry has, per destination, a stored attempt count and
+//! due time: an engine wake-up only looks for due work, so it never bypasses
+//! a backoff; a destination that fails or is rate limited (even forever)
+//! delays nobody else; alerts are retried until delivered. Delivery never
 //! holds up a grant or a revocation: those were committed before the notice
 //! was queued.
 
 use crate::engine::Engine;
-use crate::ports::{ChatError, Notifier};
-use crate::store::OutboxItem;
+use crate::ports::{Audience, ChatError, MessageRef, Notifier};
+use crate::store::{OutboxItem, OutboxJob, StoreError};
+use jitbot_core::backoff::retry_delay;
+use jitbot_core::request::RequestState;
+use jitbot_core::Instant;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
-/// Attempts before a notice is given up (and logged as lost).
-const MAX_ATTEMPTS: u32 = 8;
+/// Failed attempts after which an ordinary notice or card update is given up
+/// on one destination (and logged as lost). Alerts, and cards of requests
+/// still pending, are never given up.
+pub const MAX_ATTEMPTS: u32 = 8;
+/// The longest a worker sleeps before looking at its queue again.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Entries taken per pass.
+const BATCH: usize = 64;
+/// The name of the one destination of a notifier with no [`Notifier::platforms`].
+const SINGLE: &str = "chat";
+/// The longest pause a platform's rate limit imposes.
+const MAX_PAUSE: u64 = 3600;
 
-pub async fn run(engine: Engine, notifier: Arc<dyn Notifier>, mut shutdown: watch::Receiver<bool>) {
+/// One destination, borrowed for a pass.
+#[derive(Clone, Copy)]
+struct Dest<'a> {
+    name: &'a str,
+    notifier: &'a dyn Notifier,
+    /// Only the card messages of this platform are its to update (false for
+    /// a single notifier, which owns them all).
+    own_messages_only: bool,
+}
+
+impl Dest<'_> {
+    fn owns(&self, m: &MessageRef) -> bool {
+        !self.own_messages_only || m.platform == self.name
+    }
+}
+
+/// The destinations of `notifier` by name, with whether each owns only its
+/// own messages.
+fn destinations(notifier: &Arc<dyn Notifier>) -> Vec<(String, Arc<dyn Notifier>, bool)> {
+    let platforms = notifier.platforms();
+    if platforms.is_empty() {
+        vec![(SINGLE.to_string(), notifier.clone(), false)]
+    } else {
+        platforms.into_iter().map(|(name, n)| (name, n, true)).collect()
+    }
+}
+
+/// Which destinations an item goes to: a notice for a person goes only to
+/// the platform they talked to jitbot on; everything else goes everywhere
+/// (a card update finds its messages on each).
+fn targets(item: &OutboxItem, dests: &[(String, bool)]) -> Vec<String> {
+    dests
+        .iter()
+        .filter(|(name, own_only)| match item {
+            OutboxItem::Send { notice } => match &notice.to {
+                Audience::User { chat: Some(chat), .. } if *own_only => chat.platform == *name,
+                _ => true,
+            },
+            _ => true,
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Queues new entries on their destinations.
+fn fan_out(engine: &Engine, dests: &[(String, bool)]) {
     loop {
-        let delay = drain(&engine, notifier.as_ref()).await;
+        match engine
+            .store()
+            .outbox_fan_out(engine.now(), 256, |item| targets(item, dests))
+        {
+            Ok(n) if n > 0 => continue,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot queue new notices; will try again");
+                return;
+            }
+        }
+    }
+}
+
+/// Drops deliveries queued on platforms no longer configured.
+fn forget_unconfigured(engine: &Engine, dests: &[(String, bool)]) {
+    let queued = match engine.store().outbox_destinations() {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the outbox");
+            return;
+        }
+    };
+    for gone in queued.iter().filter(|q| !dests.iter().any(|(d, _)| d == *q)) {
+        match engine.store().outbox_drop_destination(gone) {
+            Ok(items) => tracing::warn!(
+                platform = %gone,
+                count = items.len(),
+                ?items,
+                "notices queued for a platform that is no longer configured were dropped"
+            ),
+            Err(e) => {
+                tracing::error!(platform = %gone, error = %e, "cannot drop notices of an unconfigured platform")
+            }
+        }
+    }
+}
+
+/// Runs until shutdown: one task fans new entries out, one task per
+/// destination delivers its queue.
+pub async fn run(engine: Engine, notifier: Arc<dyn Notifier>, mut shutdown: watch::Receiver<bool>) {
+    let dests = destinations(&notifier);
+    let names: Vec<(String, bool)> = dests.iter().map(|(n, _, own)| (n.clone(), *own)).collect();
+    forget_unconfigured(&engine, &names);
+    let (stop, stopped) = watch::channel(false);
+    let mut workers = tokio::task::JoinSet::new();
+    let mut wakes = Vec::new();
+    for (name, n, own) in dests {
+        let wake = Arc::new(Notify::new());
+        wakes.push(wake.clone());
+        workers.spawn(deliver_loop(engine.clone(), name, n, own, wake, stopped.clone()));
+    }
+    loop {
+        fan_out(&engine, &names);
+        for w in &wakes {
+            w.notify_one();
+        }
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(MAX_WAIT) => {}
             _ = engine.outbox_changed().notified() => {}
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    // One last pass so announcements of final revocations go out.
-                    drain(&engine, notifier.as_ref()).await;
+            r = shutdown.changed() => {
+                if r.is_err() || *shutdown.borrow() {
+                    // Queue what the last transitions wrote; each destination
+                    // then makes one last pass, so announcements of final
+                    // revocations go out.
+                    fan_out(&engine, &names);
+                    let _ = stop.send(true);
+                    while workers.join_next().await.is_some() {}
                     return;
                 }
             }
@@ -30,69 +152,308 @@ pub async fn run(engine: Engine, notifier: Arc<dyn Notifier>, mut shutdown: watc
     }
 }
 
-/// Delivers what it can; returns how long to wait before the next pass.
-pub async fn drain(engine: &Engine, notifier: &dyn Notifier) -> Duration {
-    let idle = Duration::from_secs(30);
-    let items = match engine.store().outbox(256) {
-        Ok(items) => items,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the outbox");
-            return Duration::from_secs(5);
-        }
-    };
-    for (id, item, attempts) in items {
-        match deliver(engine, notifier, &item).await {
-            Ok(()) => {
-                if let Err(e) = engine.store().outbox_done(id) {
-                    tracing::error!(error = %e, "cannot clear delivered notice");
-                }
-            }
-            Err(ChatError::RateLimited(secs)) => {
-                tracing::warn!(secs, "chat rate limit; pausing notices");
-                return Duration::from_secs(secs.clamp(1, 300));
-            }
-            Err(e) => {
-                let attempts = attempts + 1;
-                if attempts >= MAX_ATTEMPTS {
-                    tracing::error!(error = %e, ?item, "notice could not be delivered; giving up on it");
-                    let _ = engine.store().outbox_done(id);
-                } else {
-                    tracing::warn!(error = %e, attempts, "notice delivery failed; will retry");
-                    let _ = engine.store().outbox_retry(id, &item, attempts);
-                    // Keep order: later notices wait for this one.
-                    return Duration::from_secs(u64::from(attempts).pow(2).min(60));
-                }
-            }
+/// Wall-clock time that never runs behind the monotonic clock. Due times are
+/// stored in wall-clock (they survive a restart), but a backward step of
+/// the wall clock must not stall deliveries, and waits are measured on the
+/// monotonic clock.
+struct Floor {
+    wall: Instant,
+    at: tokio::time::Instant,
+}
+
+impl Floor {
+    fn new(wall: Instant) -> Floor {
+        Floor {
+            wall,
+            at: tokio::time::Instant::now(),
         }
     }
-    if engine.store().outbox(1).map(|o| o.is_empty()).unwrap_or(true) {
-        idle
-    } else {
-        Duration::ZERO
+
+    fn now(&mut self, wall: Instant) -> Instant {
+        let elapsed = chrono::Duration::from_std(self.at.elapsed()).unwrap_or_default();
+        let now = wall.max(self.wall + elapsed);
+        self.wall = now;
+        self.at = tokio::time::Instant::now();
+        now
     }
 }
 
-async fn deliver(engine: &Engine, notifier: &dyn Notifier, item: &OutboxItem) -> Result<(), ChatError> {
-    let store_err = |e: crate::store::StoreError| ChatError::Unavailable(e.to_string());
+async fn deliver_loop(
+    engine: Engine,
+    name: String,
+    notifier: Arc<dyn Notifier>,
+    own_messages_only: bool,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let dest = Dest {
+        name: &name,
+        notifier: notifier.as_ref(),
+        own_messages_only,
+    };
+    let mut clock = Floor::new(engine.now());
+    // A rate limit pauses the whole destination, whatever wakes it.
+    let mut resume_at = tokio::time::Instant::now();
+    loop {
+        let wait = if tokio::time::Instant::now() >= resume_at {
+            let pass = deliver_due(&engine, dest, clock.now(engine.now())).await;
+            if let Some(pause) = pass.pause {
+                resume_at = tokio::time::Instant::now() + pause;
+            }
+            pass.wait()
+        } else {
+            resume_at - tokio::time::Instant::now()
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait.min(MAX_WAIT)) => {}
+            _ = wake.notified() => {}
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    if tokio::time::Instant::now() >= resume_at {
+                        deliver_due(&engine, dest, clock.now(engine.now())).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What one pass over a destination's queue found.
+#[derive(Debug, Default)]
+struct Pass {
+    /// Until the next entry is due; `None` when the queue is empty.
+    next_due: Option<Duration>,
+    /// The platform asked for a pause (rate limit).
+    pause: Option<Duration>,
+}
+
+impl Pass {
+    fn wait(&self) -> Duration {
+        match (self.pause, self.next_due) {
+            (Some(p), Some(d)) => p.max(d),
+            (Some(p), None) => p,
+            (None, Some(d)) => d,
+            (None, None) => MAX_WAIT,
+        }
+    }
+}
+
+/// One pass: delivers (in due order) what is due on every destination of
+/// `notifier` at the engine's time, one destination after the other, and
+/// returns how long until something is due again (30 s when nothing is
+/// queued). The worker ([`run`])
+/// runs destinations concurrently instead; this is for tests, benchmarks
+/// and one-off drains.
+pub async fn drain(engine: &Engine, notifier: &dyn Notifier) -> Duration {
+    let platforms = notifier.platforms();
+    let dests: Vec<Dest<'_>> = if platforms.is_empty() {
+        vec![Dest {
+            name: SINGLE,
+            notifier,
+            own_messages_only: false,
+        }]
+    } else {
+        platforms
+            .iter()
+            .map(|(name, n)| Dest {
+                name,
+                notifier: n.as_ref(),
+                own_messages_only: true,
+            })
+            .collect()
+    };
+    let names: Vec<(String, bool)> = dests
+        .iter()
+        .map(|d| (d.name.to_string(), d.own_messages_only))
+        .collect();
+    fan_out(engine, &names);
+    let mut wait = None::<Duration>;
+    for dest in dests {
+        let pass = deliver_due(engine, dest, engine.now()).await;
+        if pass.pause.is_some() || pass.next_due.is_some() {
+            let this = pass.wait();
+            wait = Some(wait.map_or(this, |w| w.min(this)));
+        }
+    }
+    wait.unwrap_or(MAX_WAIT)
+}
+
+/// Delivers what is due on `dest` at `now`.
+async fn deliver_due(engine: &Engine, dest: Dest<'_>, now: Instant) -> Pass {
+    let store = engine.store();
+    let jobs = match store.outbox_due(dest.name, now, BATCH) {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            tracing::error!(platform = dest.name, error = %e, "cannot read the outbox; will try again");
+            return Pass {
+                next_due: Some(Duration::from_secs(5)),
+                pause: None,
+            };
+        }
+    };
+    let full = jobs.len() == BATCH;
+    for job in jobs {
+        let Err(e) = deliver(engine, dest, &job).await else {
+            if let Err(e) = store.outbox_finish(job.id, dest.name) {
+                tracing::error!(platform = dest.name, error = %e, "cannot mark a delivered notice; it may be sent again");
+            }
+            continue;
+        };
+        if let Some(pause) = failed(engine, dest, &job, &e, now).await {
+            // The platform asked for a pause: the rest of its queue waits.
+            return Pass {
+                next_due: None,
+                pause: Some(pause),
+            };
+        }
+    }
+    if full {
+        return Pass {
+            next_due: Some(Duration::ZERO),
+            pause: None,
+        };
+    }
+    let next_due = match store.outbox_next_due(dest.name) {
+        Ok(next) => next.map(|due| (due - now).to_std().unwrap_or(Duration::ZERO)),
+        Err(e) => {
+            tracing::error!(platform = dest.name, error = %e, "cannot read the outbox; will try again");
+            Some(Duration::from_secs(5))
+        }
+    };
+    Pass {
+        next_due,
+        pause: None,
+    }
+}
+
+/// What an item is, for logs and metrics.
+fn kind(item: &OutboxItem) -> &'static str {
     match item {
-        OutboxItem::Send { notice } => notifier.send(notice).await,
+        OutboxItem::Send { notice } if notice.to == Audience::Alert => "alert",
+        OutboxItem::Send { .. } => "notice",
+        OutboxItem::PostApproval { .. } => "card",
+        OutboxItem::UpdateApproval { .. } => "card_update",
+    }
+}
+
+/// Whether an item is retried until delivered: alerts, and the card of a
+/// request still waiting for approvers (without it nobody can approve).
+fn never_give_up(engine: &Engine, item: &OutboxItem) -> bool {
+    match item {
+        OutboxItem::Send { notice } => notice.to == Audience::Alert,
+        OutboxItem::PostApproval { request } => engine
+            .store()
+            .request(request)
+            .ok()
+            .flatten()
+            .is_some_and(|rec| rec.request.state == RequestState::Pending),
+        OutboxItem::UpdateApproval { .. } => false,
+    }
+}
+
+/// Records a failed attempt: retried after a backoff (or the platform's
+/// pause), or given up if the item allows it. Returns the pause a rate
+/// limit asked for.
+async fn failed(
+    engine: &Engine,
+    dest: Dest<'_>,
+    job: &OutboxJob,
+    error: &ChatError,
+    now: Instant,
+) -> Option<Duration> {
+    let what = kind(&job.item);
+    let attempts = job.attempts + 1;
+    crate::metrics::outbox_failure(dest.name, what);
+    let pause = match error {
+        ChatError::RateLimited(secs) => Some(Duration::from_secs((*secs).clamp(1, MAX_PAUSE))),
+        _ => None,
+    };
+    if attempts >= MAX_ATTEMPTS && !never_give_up(engine, &job.item) {
+        tracing::error!(
+            platform = dest.name,
+            kind = what,
+            attempts,
+            error = %error,
+            item = ?job.item,
+            "notice could not be delivered; giving up on it"
+        );
+        crate::metrics::outbox_dropped(dest.name, what);
+        if let Err(e) = engine.store().outbox_finish(job.id, dest.name) {
+            tracing::error!(platform = dest.name, error = %e, "cannot drop an undeliverable notice");
+        }
+        return pause;
+    }
+    let delay = match pause {
+        Some(pause) => pause,
+        None => {
+            let settings = engine.settings();
+            let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
+            let delay = retry_delay(attempts, settings.retry_base, settings.retry_max, jitter);
+            Duration::from_secs(delay.as_secs())
+        }
+    };
+    let next = now + chrono::Duration::from_std(delay).unwrap_or_default();
+    // A call that failed without an answer may still have posted the card.
+    let may_have_posted = matches!(error, ChatError::Unavailable(_));
+    if let Err(e) = engine
+        .store()
+        .outbox_failed(job.id, dest.name, next, &error.to_string(), may_have_posted)
+    {
+        tracing::error!(platform = dest.name, error = %e, "cannot record a failed delivery");
+    }
+    if what == "alert" {
+        tracing::error!(
+            platform = dest.name,
+            attempts,
+            error = %error,
+            retry_in = ?delay,
+            "security alert not delivered yet; retrying until it is"
+        );
+    } else {
+        tracing::warn!(platform = dest.name, kind = what, attempts, error = %error, retry_in = ?delay, "delivery failed; will retry");
+    }
+    pause
+}
+
+async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(), ChatError> {
+    let store_err = |e: StoreError| ChatError::Unavailable(e.to_string());
+    match &job.item {
+        OutboxItem::Send { notice } => dest.notifier.send(notice).await,
         OutboxItem::PostApproval { request } => {
             let Some(rec) = engine.store().request(request).map_err(store_err)? else {
                 return Ok(());
             };
-            if !rec.messages.is_empty() {
-                // Already posted before a restart: update instead of posting twice.
-                let card = engine.card(&rec);
-                for m in &rec.messages {
-                    notifier.update_approval(m, &card).await?;
+            let card = engine.card(&rec);
+            let posted: Vec<&MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).collect();
+            if !posted.is_empty() {
+                // Already posted here: update instead of posting twice.
+                for m in posted {
+                    dest.notifier.update_approval(m, &card).await?;
                 }
                 return Ok(());
             }
-            let card = engine.card(&rec);
-            let messages = notifier.post_approval(&card).await?;
+            if job.interrupted_post {
+                // Slack has no idempotency key for posts and looking the card
+                // up would need history scopes jitbot does not ask for: post
+                // again and say so. The older copy's buttons still act on the
+                // same request; only its status text goes stale.
+                tracing::warn!(
+                    platform = dest.name,
+                    request = %request,
+                    "the outcome of an earlier post of this approval card was never recorded (jitbot stopped, or the call failed without an answer); posting it again, so it may show twice"
+                );
+                crate::metrics::outbox_possible_duplicate(dest.name);
+            }
             engine
                 .store()
-                .set_messages(request, messages, engine.now())
+                .outbox_start_post(job.id, dest.name)
+                .await
+                .map_err(store_err)?;
+            let messages = dest.notifier.post_approval(&card).await?;
+            engine
+                .store()
+                .outbox_posted(job.id, dest.name, request, messages)
                 .await
                 .map_err(store_err)
         }
@@ -101,8 +462,8 @@ async fn deliver(engine: &Engine, notifier: &dyn Notifier, item: &OutboxItem) ->
                 return Ok(());
             };
             let card = engine.card(&rec);
-            for m in &rec.messages {
-                notifier.update_approval(m, &card).await?;
+            for m in rec.messages.iter().filter(|m| dest.owns(m)) {
+                dest.notifier.update_approval(m, &card).await?;
             }
             Ok(())
         }

@@ -341,6 +341,9 @@ impl Engine {
                 let started = std::time::Instant::now();
                 let removed = self.inner.directory.remove_membership(&m).await;
                 crate::metrics::directory_op("remove", started.elapsed());
+                // The modify with its read-back (the LDAP backend also
+                // records `read_back` on its own).
+                crate::metrics::stage("directory_modify", started.elapsed());
                 removed
             }
             Err(e) => Err(e),
@@ -348,6 +351,7 @@ impl Engine {
         if let Err(e) = removed {
             return self.revoke_failed(&id, &e.to_string()).await;
         }
+        let committing = std::time::Instant::now();
         let ended = self
             .transition(&id, &[LeaseState::Revoking], |tx, rec| {
                 rec.lease.finish()?;
@@ -410,6 +414,7 @@ impl Engine {
             })
             .await?;
         if ended.is_some() {
+            crate::metrics::stage("commit_after", committing.elapsed());
             crate::metrics::revoked();
             self.changed();
         }

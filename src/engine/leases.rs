@@ -32,6 +32,7 @@ impl Engine {
 
     /// An `Expire` timer fired: start revoking if the lease really is due.
     pub(crate) async fn expire(&self, id: &str) -> Result<(), EngineError> {
+        let committing = std::time::Instant::now();
         let revoke = self
             .inner
             .store
@@ -56,6 +57,7 @@ impl Engine {
             })
             .await?;
         if revoke {
+            crate::metrics::stage("commit_before", committing.elapsed());
             self.changed();
             self.drive(&LeaseId::new(id)).await?;
         }

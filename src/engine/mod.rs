@@ -298,6 +298,10 @@ impl Engine {
     /// Runs one due timer. Always clears or moves it, so it never fires twice
     /// for the same work.
     pub async fn fire(&self, timer: Timer) {
+        if matches!(timer.kind, TimerKind::Expire | TimerKind::Revoke) {
+            let late = (self.now() - timer.due).to_std().unwrap_or_default();
+            crate::metrics::stage("timer_lateness", late);
+        }
         let outcome = match timer.kind {
             TimerKind::Grant | TimerKind::Revoke => {
                 self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await

@@ -89,9 +89,7 @@ async fn check_ready(state: &HttpState) -> Result<(), String> {
     if state.engine.store().next_due().is_err() {
         return Err("store unavailable".into());
     }
-    if let Err(e) = state.engine.directory().ping().await {
-        return Err(e.to_string());
-    }
+    directory_up(&state.engine).await?;
     if let Some(chat) = &state.chat {
         if let Err(e) = chat.ready().await {
             return Err(format!("chat: {e}"));
@@ -131,9 +129,43 @@ async fn public_ready(State(state): State<HttpState>) -> impl IntoResponse {
     }
 }
 
+/// Pings the directory and records the answer in `jitbot_directory_up`.
+async fn directory_up(engine: &Engine) -> Result<(), String> {
+    let answer = tokio::time::timeout(DIRECTORY_PING_TIMEOUT, engine.directory().ping()).await;
+    let result = match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the directory did not answer a ping within {}s",
+            DIRECTORY_PING_TIMEOUT.as_secs()
+        )),
+    };
+    crate::metrics::set_directory_up(result.is_ok());
+    result
+}
+
+/// A scrape must not hang on a directory that stopped answering.
+const DIRECTORY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The outbox gauge reads at most this many entries per scrape.
+const OUTBOX_GAUGE_CAP: usize = 10_000;
+
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     let (active, pending) = state.engine.counts().unwrap_or((0, 0));
     crate::metrics::set_gauges(active, pending);
+    if let Ok(outbox) = state.engine.store().outbox(OUTBOX_GAUGE_CAP) {
+        crate::metrics::observe_outbox(outbox.len(), outbox.first().map(|(id, _, _)| *id));
+    }
+    if let Ok(live) = state.engine.store().live_leases() {
+        let now = state.engine.now();
+        let overdue = live
+            .iter()
+            .filter_map(|l| (now - l.lease.expires_at).to_std().ok())
+            .max()
+            .unwrap_or_default();
+        crate::metrics::set_overdue_revocation(overdue);
+    }
+    // The error is already in the gauge; the detailed /readyz says it in words.
+    let _ = directory_up(&state.engine).await;
     match &state.metrics {
         Some(handle) => (StatusCode::OK, handle.render()),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n".to_string()),

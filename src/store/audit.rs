@@ -228,83 +228,138 @@ impl Store {
     /// `anchor.seq` still hashes to `anchor.hash` (the history up to it was
     /// not rewritten) and that the chain continues intact from it.
     pub fn verify_audit_against(&self, anchor: Option<&Anchor>) -> Result<AuditCheck, StoreError> {
-        let key = self.audit_key();
-        let broken = |seq: u64, problem: String| Ok(AuditCheck::Broken { seq, problem });
-        let mut prev_hash = String::new();
-        let mut prev_seq = 0u64;
-        let mut seen_keyed = false;
-        let mut last_keyed = false;
-        let mut anchor_found = anchor.is_some_and(|a| a.seq == 0);
-        for item in self.inner.audit.iter() {
-            let (k, v) = item?;
-            let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(u64::MAX);
-            let stored = match serde_json::from_slice::<StoredAudit>(&v) {
-                Ok(s) => s,
-                Err(e) => return broken(seq, format!("record is unreadable: {e}")),
-            };
-            let keyed = stored.keyed();
-            let entry = stored.into_entry();
-            if entry.seq != seq || seq != prev_seq + 1 {
-                return broken(seq, format!("sequence jumps from {prev_seq} to {seq}"));
-            }
-            if entry.prev != prev_hash {
-                // This record's link does not match its predecessor's bytes:
-                // the predecessor was altered (or this link was).
-                return broken(
-                    prev_seq.max(1),
-                    "its contents no longer match the hash recorded after it".into(),
-                );
-            }
-            if seen_keyed && !keyed {
+        let keyed = match self.audit_key() {
+            Some(key) => Keyed::With(key),
+            None => Keyed::Missing,
+        };
+        let head = self.inner.meta.get(AUDIT_HEAD)?;
+        audit_chain(
+            self.inner.audit.iter().map(|item| item.map_err(StoreError::from)),
+            head.as_deref(),
+            keyed,
+            anchor,
+        )
+    }
+}
+
+/// How keyed (HMAC) records are checked.
+#[derive(Clone, Copy)]
+pub(super) enum Keyed<'a> {
+    /// With the key: every link is checked, and a configured key means the
+    /// last record must be keyed.
+    With(&'a Secret),
+    /// Without the key, keyed records cannot be checked: said so.
+    Missing,
+    /// A backup checked offline, without the key: keyed links are taken as
+    /// written; the sequence, the unkeyed links and the order are checked.
+    Trusted,
+}
+
+/// Checks a chain of audit records (`seq` key → stored bytes, in order)
+/// against the recorded head and, when given, a published anchor: the live
+/// store's and a backup's.
+pub(super) fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    records: impl Iterator<Item = Result<(K, V), StoreError>>,
+    head: Option<&[u8]>,
+    keyed: Keyed<'_>,
+    anchor: Option<&Anchor>,
+) -> Result<AuditCheck, StoreError> {
+    let broken = |seq: u64, problem: String| Ok(AuditCheck::Broken { seq, problem });
+    // `None` after a keyed record checked as `Trusted`: its hash is unknown.
+    let mut prev_hash = Some(String::new());
+    let mut prev_seq = 0u64;
+    let mut seen_keyed = false;
+    let mut last_keyed = false;
+    let mut anchor_found = anchor.is_some_and(|a| a.seq == 0);
+    for item in records {
+        let (k, v) = item?;
+        let (k, v) = (k.as_ref(), v.as_ref());
+        let Ok(seq_bytes) = <[u8; 8]>::try_from(k) else {
+            return broken(
+                prev_seq + 1,
+                format!("a record has a malformed key ({} bytes)", k.len()),
+            );
+        };
+        let seq = u64::from_be_bytes(seq_bytes);
+        let stored = match serde_json::from_slice::<StoredAudit>(v) {
+            Ok(s) => s,
+            Err(e) => return broken(seq, format!("record is unreadable: {e}")),
+        };
+        let is_keyed = stored.keyed();
+        let entry = stored.into_entry();
+        if entry.seq != seq || seq != prev_seq + 1 {
+            return broken(seq, format!("sequence jumps from {prev_seq} to {seq}"));
+        }
+        if prev_hash.as_ref().is_some_and(|h| *h != entry.prev) {
+            // This record's link does not match its predecessor's bytes:
+            // the predecessor was altered (or this link was).
+            return broken(
+                prev_seq.max(1),
+                "its contents no longer match the hash recorded after it".into(),
+            );
+        }
+        if seen_keyed && !is_keyed {
+            return broken(
+                seq,
+                "it is unkeyed after keyed records: written without the [audit] key, so not by jitbot".into(),
+            );
+        }
+        prev_hash = match (is_keyed, keyed) {
+            (true, Keyed::Trusted) => None,
+            (true, Keyed::With(key)) => match link(v, true, Some(key)) {
+                Ok(h) => Some(h),
+                Err(problem) => return broken(seq, problem),
+            },
+            (true, Keyed::Missing) => match link(v, true, None) {
+                Ok(h) => Some(h),
+                Err(problem) => return broken(seq, problem),
+            },
+            (false, _) => match link(v, false, None) {
+                Ok(h) => Some(h),
+                Err(problem) => return broken(seq, problem),
+            },
+        };
+        if let Some(a) = anchor.filter(|a| a.seq == seq) {
+            if let Some(hash) = prev_hash.as_ref().filter(|h| **h != a.hash) {
                 return broken(
                     seq,
-                    "it is unkeyed after keyed records: written without the [audit] key, so not by jitbot"
-                        .into(),
+                    format!(
+                        "it does not match the published anchor {a} (it hashes to {hash}): the history up to it was rewritten"
+                    ),
                 );
             }
-            prev_hash = match link(&v, keyed, key) {
-                Ok(h) => h,
-                Err(problem) => return broken(seq, problem),
-            };
-            if let Some(a) = anchor.filter(|a| a.seq == seq) {
-                if a.hash != prev_hash {
-                    return broken(
-                        seq,
-                        format!(
-                            "it does not match the published anchor {a} (it hashes to {prev_hash}): the history up to it was rewritten"
-                        ),
-                    );
-                }
-                anchor_found = true;
-            }
-            seen_keyed |= keyed;
-            last_keyed = keyed;
-            prev_seq = seq;
+            anchor_found = true;
         }
-        let head = self.inner.meta.get(AUDIT_HEAD)?;
-        if head.as_deref() != Some(format!("{prev_seq}:{prev_hash}").as_bytes())
-            && !(prev_seq == 0 && head.is_none())
-        {
-            return broken(
-                prev_seq,
-                "the last record does not match the recorded chain head".into(),
-            );
-        }
-        if let Some(a) = anchor.filter(|_| !anchor_found) {
-            return broken(
-                a.seq,
-                format!("it is missing, but the published anchor {a} says it existed: records were removed"),
-            );
-        }
-        if key.is_some() && prev_seq > 0 && !last_keyed {
-            return broken(
-                prev_seq,
-                "the last record is unkeyed although an [audit] key is configured: keyed records after it were removed"
-                    .into(),
-            );
-        }
-        Ok(AuditCheck::Intact { records: prev_seq })
+        seen_keyed |= is_keyed;
+        last_keyed = is_keyed;
+        prev_seq = seq;
     }
+    let head_ok = match (head, &prev_hash) {
+        (None, _) => prev_seq == 0,
+        (Some(h), Some(hash)) => h == format!("{prev_seq}:{hash}").as_bytes(),
+        // A trusted keyed tail: only the head's sequence can be checked.
+        (Some(h), None) => parse_head(Some(h)).is_ok_and(|a| a.seq == prev_seq),
+    };
+    if !head_ok {
+        return broken(
+            prev_seq,
+            "the last record does not match the recorded chain head".into(),
+        );
+    }
+    if let Some(a) = anchor.filter(|_| !anchor_found) {
+        return broken(
+            a.seq,
+            format!("it is missing, but the published anchor {a} says it existed: records were removed"),
+        );
+    }
+    if matches!(keyed, Keyed::With(_)) && prev_seq > 0 && !last_keyed {
+        return broken(
+            prev_seq,
+            "the last record is unkeyed although an [audit] key is configured: keyed records after it were removed"
+                .into(),
+        );
+    }
+    Ok(AuditCheck::Intact { records: prev_seq })
 }
 
 #[cfg(test)]

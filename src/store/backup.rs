@@ -1,13 +1,27 @@
 //! Backup and restore: every tree as JSON lines (`{"tree","key","value"}`,
-//! bytes in hex) after a header line. Taken through the admin API while
-//! jitbot runs; restored offline into an empty store.
+//! bytes in hex) after a header line. A backup is a point-in-time copy,
+//! taken through the admin API while jitbot runs; a restore checks that the
+//! copy's trees agree with each other before it writes anything into an
+//! empty store.
 
+use super::check::{problems, Snapshot};
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
 use std::io::{BufRead, Write};
 
-const TREES: [&str; 9] = [
-    "requests", "leases", "timers", "timer_ix", "live", "audit", "outbox", "meta", "review",
+const TREES: [&str; 10] = [
+    "requests",
+    "leases",
+    "timers",
+    "timer_ix",
+    "live",
+    "audit",
+    "outbox",
+    "outbox_due",
+    "meta",
+    "review",
 ];
 
 #[derive(Serialize, Deserialize)]
@@ -23,18 +37,75 @@ struct Header {
 }
 
 impl Store {
-    /// Writes a consistent-enough copy of every tree (each tree is read in
-    /// one pass; take backups when jitbot is quiet for a point-in-time copy).
+    /// Reads every tree at one point in time.
+    ///
+    /// sled 0.34 has no snapshot, so this holds the writer lock that every
+    /// change takes ([`Store::update`] and the outbox's writes): no commit
+    /// interleaves with the read. Commits wait for the read (they never
+    /// wait for the backup's output, which is written after the lock is
+    /// released).
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // After a failed flush, memory may hold what the disk does not.
+        self.check_healthy()?;
+        let s = &*self.inner;
+        let trees = [
+            &s.requests,
+            &s.leases,
+            &s.timers,
+            &s.timer_ix,
+            &s.live,
+            &s.audit,
+            &s.outbox,
+            &s.outbox_due,
+            &s.meta,
+            &s.review,
+        ];
+        let mut raw = Vec::with_capacity(TREES.len());
+        {
+            let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, tree) in TREES.into_iter().zip(trees) {
+                // IVecs are reference-counted: copying them out happens after
+                // the lock is released.
+                let items = tree.iter().collect::<Result<Vec<_>, _>>()?;
+                raw.push((name, items));
+            }
+        }
+        let mut snap = Snapshot::default();
+        for (name, items) in raw {
+            snap.trees.insert(
+                name,
+                items.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+            );
+        }
+        Ok(snap)
+    }
+
+    /// Problems in how the trees of the live store agree with each other
+    /// (the checks a restore makes), read at one point in time; empty when
+    /// there are none.
+    pub fn check_consistency(&self) -> Result<Vec<String>, StoreError> {
+        Ok(problems(&self.snapshot()?))
+    }
+
+    /// Writes a point-in-time copy of every tree; returns the records written.
     pub fn backup(&self, out: &mut impl Write) -> Result<u64, StoreError> {
         let io = |e: std::io::Error| StoreError::Io(e.to_string());
+        let snap = self.snapshot()?;
+        let found = problems(&snap);
+        if !found.is_empty() {
+            // Written anyway (it is what the store holds), but the restore
+            // will refuse it: say so now, while someone is looking.
+            tracing::error!(problems = %found.join("; "), "the store's trees disagree; this backup will not restore until that is fixed");
+        }
         serde_json::to_writer(&mut *out, &Header { jitbot_backup: 1 })
             .map_err(|e| StoreError::Io(e.to_string()))?;
         out.write_all(b"\n").map_err(io)?;
         let mut count = 0;
         for name in TREES {
-            let tree = self.inner.db.open_tree(name)?;
-            for item in tree.iter() {
-                let (k, v) = item?;
+            let Some(tree) = snap.trees.get(name) else {
+                continue;
+            };
+            for (k, v) in tree {
                 let line = Line {
                     tree: name.to_string(),
                     key: hex::encode(k),
@@ -48,7 +119,12 @@ impl Store {
         Ok(count)
     }
 
-    /// Loads a backup into this store, which must be empty.
+    /// Loads a backup into this store, which must be empty. The whole file
+    /// is read and checked first (every Granting or Revoking lease has its
+    /// timer, `timers` and `timer_ix` agree, `live` agrees with the leases,
+    /// the audit chain verifies up to its head, the outbox queues agree with
+    /// the outbox); an inconsistent file is refused with what is wrong, and
+    /// nothing is written.
     pub async fn restore(&self, input: impl BufRead) -> Result<u64, StoreError> {
         if !self.inner.requests.is_empty() || !self.inner.leases.is_empty() || !self.inner.audit.is_empty() {
             return Err(StoreError::Io(
@@ -68,6 +144,7 @@ impl Store {
             Ok(Header { jitbot_backup: 1 }) => {}
             _ => return Err(bad(1, "not a jitbot backup (version 1 header missing)")),
         }
+        let mut snap = Snapshot::default();
         let mut count = 0;
         for (i, line) in lines.enumerate() {
             let line = line.map_err(|e| StoreError::Io(e.to_string()))?;
@@ -75,14 +152,41 @@ impl Store {
                 continue;
             }
             let l: Line = serde_json::from_str(&line).map_err(|e| bad(i + 2, &e.to_string()))?;
-            if !TREES.contains(&l.tree.as_str()) {
+            let Some(name) = TREES.into_iter().find(|t| *t == l.tree) else {
                 return Err(bad(i + 2, &format!("unknown tree {}", l.tree)));
-            }
+            };
             let key = hex::decode(&l.key).map_err(|e| bad(i + 2, &e.to_string()))?;
             let value = hex::decode(&l.value).map_err(|e| bad(i + 2, &e.to_string()))?;
-            self.inner.db.open_tree(&l.tree)?.insert(key, value)?;
+            if snap.trees.entry(name).or_default().insert(key, value).is_some() {
+                return Err(bad(i + 2, &format!("a second value for one key of tree {name}")));
+            }
             count += 1;
         }
+        let found = problems(&snap);
+        if !found.is_empty() {
+            return Err(StoreError::Inconsistent {
+                problems: found.join("; "),
+            });
+        }
+        // One transaction: a restore that stops half-way leaves nothing.
+        let trees = TREES
+            .into_iter()
+            .map(|name| self.inner.db.open_tree(name))
+            .collect::<Result<Vec<_>, _>>()?;
+        trees
+            .as_slice()
+            .transaction(|views| {
+                for (view, name) in views.iter().zip(TREES) {
+                    for (k, v) in snap.tree(name) {
+                        view.insert(k.as_slice(), v.as_slice())?;
+                    }
+                }
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+            })?;
         self.flush().await?;
         Ok(count)
     }

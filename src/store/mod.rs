@@ -3,8 +3,10 @@
 //! Trees: `requests`, `leases`, `timers` (ordered by due time: what the
 //! scheduler works from), `timer_ix` (which key each timer has now), `live`
 //! (group + user → the live lease, so a user never holds two), `audit`
-//! (append-only, hash-chained: see [`audit`]), `outbox` (notifications still to deliver),
-//! `seen` (payload ids recently taken, against replays: see [`seen`]).
+//! (append-only, hash-chained: see [`audit`]), `outbox` and `outbox_due`
+//! (notifications still to deliver, and each destination's queue of them:
+//! see `outbox.rs`), `seen` (payload ids recently taken, against replays:
+//! see [`seen`]).
 //!
 //! Every change goes through [`Store::update`]: the closure reads and stages
 //! writes under a single writer lock (a compare-and-swap on the whole store),
@@ -14,16 +16,19 @@
 
 pub mod audit;
 mod backup;
+mod check;
+mod outbox;
 mod records;
 pub mod seen;
 mod timers;
 
 pub use audit::{Anchor, AuditCheck};
+pub use outbox::OutboxJob;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
 pub use timers::{Timer, TimerKind};
 
 use jitbot_core::{GroupName, Instant, LeaseId, LeaseState, RequestId, UserId};
-use records::{StoredAudit, StoredLease, StoredOutbox, StoredRequest};
+use records::{StoredAudit, StoredLease, StoredRequest};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::collections::BTreeMap;
@@ -39,6 +44,9 @@ pub enum StoreError {
     Io(String),
     #[error("stored record {key} is unreadable: {error}")]
     Corrupt { key: String, error: String },
+    /// A backup whose trees do not agree with each other; nothing was restored.
+    #[error("the backup is inconsistent, so nothing was restored: {problems}. Take a new backup from the running jitbot (`jitbot backup`) and restore that one")]
+    Inconsistent { problems: String },
     /// A flush to disk failed earlier: what is in memory may not be on
     /// disk, so the store refuses everything until jitbot restarts and
     /// recovers from what the disk holds.
@@ -72,6 +80,8 @@ struct Inner {
     live: sled::Tree,
     audit: sled::Tree,
     outbox: sled::Tree,
+    /// Each destination's outbox queue in due order (see `outbox.rs`).
+    outbox_due: sled::Tree,
     meta: sled::Tree,
     /// Requests approved by break-glass and not yet acknowledged.
     review: sled::Tree,
@@ -359,6 +369,7 @@ impl Store {
             live: db.open_tree("live")?,
             audit: db.open_tree("audit")?,
             outbox: db.open_tree("outbox")?,
+            outbox_due: db.open_tree("outbox_due")?,
             meta: db.open_tree("meta")?,
             review: db.open_tree("review")?,
             seen: db.open_tree("seen")?,
@@ -375,6 +386,7 @@ impl Store {
         if inner.meta.get(SCHEMA)?.is_none() {
             inner.meta.insert(SCHEMA, &b"1"[..])?;
         }
+        outbox::upgrade_v1(&inner.outbox, &inner.outbox_due)?;
         Ok(Store {
             inner: Arc::new(inner),
         })
@@ -432,9 +444,10 @@ impl Store {
             &s.outbox,
             &s.meta,
             &s.review,
+            &s.outbox_due,
         );
         let result: Result<(), TransactionError<StoreError>> = trees.transaction(
-            |(requests, leases, timers, timer_ix, live, audit, outbox, meta, review)| {
+            |(requests, leases, timers, timer_ix, live, audit, outbox, meta, review, outbox_due)| {
                 for (id, rec) in &tx.requests {
                     if let Some(rec) = rec {
                         requests.insert(id.as_bytes(), encode(&StoredRequest::from(rec)))?;
@@ -492,11 +505,7 @@ impl Store {
                     )?;
                 }
                 for (item, id) in tx.outbox.iter().zip(&outbox_ids) {
-                    let stored = StoredOutbox::V1 {
-                        item: item.clone(),
-                        attempts: 0,
-                    };
-                    outbox.insert(&id.to_be_bytes(), encode(&stored))?;
+                    outbox::stage_new(outbox, outbox_due, *id, item, tx.now)?;
                 }
                 Ok::<(), ConflictableTransactionError<StoreError>>(())
             },
@@ -709,33 +718,6 @@ impl Store {
             Some((k, _)) => timers::parse_key(&k).map(|t| t.due),
             None => None,
         })
-    }
-
-    /// Outbox entries in order, with their attempt counts.
-    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxItem, u32)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.inner.outbox.iter().take(limit) {
-            let (k, v) = item?;
-            let StoredOutbox::V1 { item, attempts } = decode(&k, &v)?;
-            let mut id = [0u8; 8];
-            id.copy_from_slice(&k[..8]);
-            out.push((u64::from_be_bytes(id), item, attempts));
-        }
-        Ok(out)
-    }
-
-    pub fn outbox_done(&self, id: u64) -> Result<(), StoreError> {
-        self.inner.outbox.remove(id.to_be_bytes())?;
-        Ok(())
-    }
-
-    pub fn outbox_retry(&self, id: u64, item: &OutboxItem, attempts: u32) -> Result<(), StoreError> {
-        let stored = StoredOutbox::V1 {
-            item: item.clone(),
-            attempts,
-        };
-        self.inner.outbox.insert(id.to_be_bytes(), encode(&stored))?;
-        Ok(())
     }
 
     /// Records the messages an approval card was posted as.

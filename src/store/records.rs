@@ -368,8 +368,37 @@ pub enum OutboxItem {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "v")]
 pub(super) enum StoredOutbox {
+    /// Before per-destination delivery: one attempt count for all platforms.
+    /// Upgraded to V2 (not yet fanned out) when the store opens.
     #[serde(rename = "1")]
     V1 { item: OutboxItem, attempts: u32 },
+    #[serde(rename = "2")]
+    V2(OutboxV2),
+}
+
+/// An outbox entry and its delivery state on each destination still to reach.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct OutboxV2 {
+    pub(super) item: OutboxItem,
+    pub(super) queued_at: Instant,
+    /// False until the worker has decided which destinations the item goes
+    /// to; until then the entry waits under the empty destination.
+    pub(super) fanned_out: bool,
+    /// Destinations not yet delivered to (or given up on).
+    pub(super) dests: std::collections::BTreeMap<String, DestV2>,
+}
+
+/// Delivery of one entry to one destination.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct DestV2 {
+    /// Failed attempts so far.
+    pub(super) attempts: u32,
+    /// Not tried again before this time (also its key in `outbox_due`).
+    pub(super) next_attempt: Instant,
+    /// A card post was started and its outcome is not known (jitbot stopped,
+    /// or the call failed in a way that may have posted it).
+    pub(super) posting: bool,
+    pub(super) last_error: Option<String>,
 }
 
 /// One line of the audit trail.

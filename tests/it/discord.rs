@@ -663,6 +663,15 @@ async fn rate_limits_reach_the_outbox_as_such() {
     let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
     assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
     h.drain().await;
+    assert_eq!(
+        h.discord
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .len(),
+        1,
+        "no second try before the pause is over"
+    );
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+    h.drain().await;
     let posted = h.discord.calls_to("POST", &format!("/channels/{CDB}/messages"));
     assert_eq!(
         posted.len(),

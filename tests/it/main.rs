@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod backup;
 mod console;
 mod discord;
 mod faults;
@@ -12,7 +13,9 @@ mod invariants;
 mod ldap;
 mod ldap_flow;
 mod lifecycle;
+mod observability;
 mod ops;
+mod outbox;
 mod safeguards;
 mod slack;
 mod socket_mode;

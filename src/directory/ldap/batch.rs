@@ -240,7 +240,12 @@ impl LdapDirectory {
                 return results;
             }
         }
-        let done = match self.read_back(change, group, attr, items).await {
+        let reading = std::time::Instant::now();
+        let read = self.read_back(change, group, attr, items).await;
+        if change == Change::Remove {
+            crate::metrics::stage("read_back", reading.elapsed());
+        }
+        let done = match read {
             Ok(done) => done,
             Err(e) => return every(e),
         };

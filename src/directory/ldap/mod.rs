@@ -252,7 +252,10 @@ impl LdapDirectory {
             }
             _ => return Err(self.refusal(&result, &format!("remove {user} from {group}"))),
         }
-        if self.has_value(group, attr, value).await? {
+        let reading = std::time::Instant::now();
+        let still_there = self.has_value(group, attr, value).await?;
+        crate::metrics::stage("read_back", reading.elapsed());
+        if still_there {
             return Err(not_removed(group, user));
         }
         Ok(())

@@ -1,0 +1,462 @@
+//! The outbox: notices and approval cards written with each transition and
+//! delivered afterwards, to each destination (chat platform) on its own.
+//!
+//! Trees: `outbox` (entry id → the item and, per destination still to reach,
+//! its failed attempts, next attempt and whether a card post may be in
+//! flight) and `outbox_due` (`destination 0x00 [due ms] [entry id]` → empty:
+//! each destination's queue in due order). The engine's commit queues a new
+//! entry under the empty destination; the worker fans it out to the
+//! destinations configured now. Every write here takes the store's writer
+//! lock, like [`Store::update`], so a backup never sees half of one.
+
+use super::records::{DestV2, OutboxV2, StoredOutbox, StoredRequest};
+use super::{decode, encode, OutboxItem, RequestRecord, Store, StoreError};
+use crate::chat::view::MessageRef;
+use jitbot_core::{Instant, RequestId};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+/// One entry's delivery to one destination, as the worker sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxJob {
+    pub id: u64,
+    pub item: OutboxItem,
+    pub queued_at: Instant,
+    /// Failed attempts on this destination so far.
+    pub attempts: u32,
+    /// A post of this card was started and its outcome was never recorded:
+    /// posting again may show the card twice.
+    pub interrupted_post: bool,
+    pub next_attempt: Instant,
+}
+
+type Abort = ConflictableTransactionError<StoreError>;
+
+fn millis(at: Instant) -> u64 {
+    u64::try_from(at.timestamp_millis()).unwrap_or(0)
+}
+
+/// The key of an entry in a destination's queue (`""` = not fanned out yet).
+pub(super) fn due_key(dest: &str, due: Instant, id: u64) -> Vec<u8> {
+    let mut k = dest.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&millis(due).to_be_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// `(destination, due, entry id)` of a queue key.
+pub(super) fn parse_due_key(key: &[u8]) -> Option<(String, Instant, u64)> {
+    let nul = key.iter().position(|b| *b == 0)?;
+    let rest = &key[nul + 1..];
+    if rest.len() != 16 {
+        return None;
+    }
+    let mut ms = [0u8; 8];
+    ms.copy_from_slice(&rest[..8]);
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&rest[8..]);
+    let due = chrono::DateTime::from_timestamp_millis(i64::try_from(u64::from_be_bytes(ms)).ok()?)?;
+    let dest = String::from_utf8(key[..nul].to_vec()).ok()?;
+    Some((dest, due, u64::from_be_bytes(id)))
+}
+
+fn prefix(dest: &str) -> Vec<u8> {
+    let mut p = dest.as_bytes().to_vec();
+    p.push(0);
+    p
+}
+
+pub(super) fn entry_id(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+/// An entry in today's format (V1 entries are upgraded when the store opens).
+pub(super) fn upgrade(stored: StoredOutbox) -> OutboxV2 {
+    match stored {
+        StoredOutbox::V1 { item, .. } => OutboxV2 {
+            item,
+            queued_at: chrono::DateTime::UNIX_EPOCH,
+            fanned_out: false,
+            dests: BTreeMap::new(),
+        },
+        StoredOutbox::V2(v) => v,
+    }
+}
+
+/// Stages a new entry inside the engine's commit: queued, not fanned out.
+pub(super) fn stage_new(
+    outbox: &TransactionalTree,
+    due: &TransactionalTree,
+    id: u64,
+    item: &OutboxItem,
+    now: Instant,
+) -> Result<(), Abort> {
+    let entry = OutboxV2 {
+        item: item.clone(),
+        queued_at: now,
+        fanned_out: false,
+        dests: BTreeMap::new(),
+    };
+    outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry)))?;
+    due.insert(due_key("", now, id), &[][..])?;
+    Ok(())
+}
+
+fn read_entry(outbox: &TransactionalTree, id: u64) -> Result<Option<OutboxV2>, Abort> {
+    match outbox.get(id.to_be_bytes())? {
+        None => Ok(None),
+        Some(bytes) => decode::<StoredOutbox>(&id.to_be_bytes(), &bytes)
+            .map(|s| Some(upgrade(s)))
+            .map_err(ConflictableTransactionError::Abort),
+    }
+}
+
+/// Writes an entry back, or removes it once no destination is left.
+fn write_entry(outbox: &TransactionalTree, id: u64, entry: OutboxV2) -> Result<(), Abort> {
+    if entry.fanned_out && entry.dests.is_empty() {
+        outbox.remove(&id.to_be_bytes())?;
+    } else {
+        outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry)))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Runs `f` as one atomic change of `requests`, `outbox` and
+    /// `outbox_due`, under the writer lock; flushed only when asked.
+    async fn outbox_write<T>(
+        &self,
+        flush: bool,
+        f: impl Fn(&TransactionalTree, &TransactionalTree, &TransactionalTree) -> Result<T, Abort>,
+    ) -> Result<T, StoreError> {
+        let value = self.outbox_write_now(f)?;
+        if flush {
+            self.flush_committed().await?;
+        }
+        Ok(value)
+    }
+
+    fn outbox_write_now<T>(
+        &self,
+        f: impl Fn(&TransactionalTree, &TransactionalTree, &TransactionalTree) -> Result<T, Abort>,
+    ) -> Result<T, StoreError> {
+        self.check_healthy()?;
+        let s = &*self.inner;
+        let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let value = (&s.requests, &s.outbox, &s.outbox_due)
+            .transaction(|(requests, outbox, due)| f(requests, outbox, due))
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+            })?;
+        s.committed.fetch_add(1, Ordering::SeqCst);
+        Ok(value)
+    }
+
+    /// Outbox entries in order, with the most attempts any destination has
+    /// made on them.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxItem, u32)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.outbox.iter().take(limit) {
+            let (k, v) = item?;
+            let entry = upgrade(decode(&k, &v)?);
+            let attempts = entry.dests.values().map(|d| d.attempts).max().unwrap_or(0);
+            if let Some(id) = entry_id(&k) {
+                out.push((id, entry.item, attempts));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decides the destinations of up to `limit` new entries (`targets`
+    /// names them; none means the entry is done) and queues each there, due
+    /// `now`. Returns how many entries were fanned out.
+    pub fn outbox_fan_out(
+        &self,
+        now: Instant,
+        limit: usize,
+        targets: impl Fn(&OutboxItem) -> Vec<String>,
+    ) -> Result<usize, StoreError> {
+        self.check_healthy()?;
+        let mut plan = Vec::new();
+        for item in self.inner.outbox_due.scan_prefix(prefix("")).take(limit) {
+            let (k, _) = item?;
+            let Some((_, _, id)) = parse_due_key(&k) else {
+                continue;
+            };
+            let Some(bytes) = self.inner.outbox.get(id.to_be_bytes())? else {
+                plan.push((k.to_vec(), id, Vec::new()));
+                continue;
+            };
+            let entry = upgrade(decode(&id.to_be_bytes(), &bytes)?);
+            let dests: BTreeSet<String> = targets(&entry.item)
+                .into_iter()
+                .filter(|d| !d.is_empty() && !d.contains('\0'))
+                .collect();
+            plan.push((k.to_vec(), id, dests.into_iter().collect()));
+        }
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        self.outbox_write_now(|_, outbox, due| {
+            for (key, id, dests) in &plan {
+                due.remove(key.as_slice())?;
+                let Some(mut entry) = read_entry(outbox, *id)? else {
+                    continue;
+                };
+                if entry.fanned_out {
+                    continue;
+                }
+                entry.fanned_out = true;
+                for d in dests {
+                    entry.dests.insert(
+                        d.clone(),
+                        DestV2 {
+                            attempts: 0,
+                            next_attempt: now,
+                            posting: false,
+                            last_error: None,
+                        },
+                    );
+                    due.insert(due_key(d, now, *id), &[][..])?;
+                }
+                write_entry(outbox, *id, entry)?;
+            }
+            Ok(())
+        })?;
+        Ok(plan.len())
+    }
+
+    /// Up to `limit` entries due on `dest` at `now`, earliest first.
+    pub fn outbox_due(&self, dest: &str, now: Instant, limit: usize) -> Result<Vec<OutboxJob>, StoreError> {
+        self.check_healthy()?;
+        let start = prefix(dest);
+        let end = due_key(dest, now, u64::MAX);
+        let mut out = Vec::new();
+        for item in self.inner.outbox_due.range(start..=end).take(limit) {
+            let (k, _) = item?;
+            let Some((_, _, id)) = parse_due_key(&k) else {
+                continue;
+            };
+            let Some(bytes) = self.inner.outbox.get(id.to_be_bytes())? else {
+                continue;
+            };
+            let entry = upgrade(decode(&id.to_be_bytes(), &bytes)?);
+            if let Some(d) = entry.dests.get(dest) {
+                out.push(OutboxJob {
+                    id,
+                    item: entry.item.clone(),
+                    queued_at: entry.queued_at,
+                    attempts: d.attempts,
+                    interrupted_post: d.posting,
+                    next_attempt: d.next_attempt,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the earliest entry queued on `dest` is due (`""`: entries not
+    /// fanned out yet).
+    pub fn outbox_next_due(&self, dest: &str) -> Result<Option<Instant>, StoreError> {
+        match self.inner.outbox_due.scan_prefix(prefix(dest)).next() {
+            Some(item) => {
+                let (k, _) = item?;
+                Ok(parse_due_key(&k).map(|(_, due, _)| due))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Destinations that have entries queued (not counting new entries).
+    pub fn outbox_destinations(&self) -> Result<BTreeSet<String>, StoreError> {
+        let mut out = BTreeSet::new();
+        for item in self.inner.outbox_due.iter() {
+            let (k, _) = item?;
+            if let Some((dest, _, _)) = parse_due_key(&k) {
+                if !dest.is_empty() {
+                    out.insert(dest);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops every delivery queued on `dest` (a platform no longer
+    /// configured); returns the items it held, for the log.
+    pub fn outbox_drop_destination(&self, dest: &str) -> Result<Vec<OutboxItem>, StoreError> {
+        let mut keys = Vec::new();
+        for item in self.inner.outbox_due.scan_prefix(prefix(dest)) {
+            let (k, _) = item?;
+            if let Some((_, _, id)) = parse_due_key(&k) {
+                keys.push((k.to_vec(), id));
+            }
+        }
+        self.outbox_write_now(|_, outbox, due| {
+            let mut dropped = Vec::new();
+            for (key, id) in &keys {
+                due.remove(key.as_slice())?;
+                if let Some(mut entry) = read_entry(outbox, *id)? {
+                    if entry.dests.remove(dest).is_some() {
+                        dropped.push(entry.item.clone());
+                        write_entry(outbox, *id, entry)?;
+                    }
+                }
+            }
+            Ok(dropped)
+        })
+    }
+
+    /// Entry `id` is done on `dest`: delivered, or given up on.
+    pub fn outbox_finish(&self, id: u64, dest: &str) -> Result<(), StoreError> {
+        self.outbox_write_now(|_, outbox, due| finish(outbox, due, id, dest))
+    }
+
+    /// Records a failed attempt of entry `id` on `dest` and when to try
+    /// again; `may_have_posted` keeps the mark of a card post whose outcome
+    /// is unknown. Returns the attempts made so far.
+    pub fn outbox_failed(
+        &self,
+        id: u64,
+        dest: &str,
+        next_attempt: Instant,
+        error: &str,
+        may_have_posted: bool,
+    ) -> Result<u32, StoreError> {
+        self.outbox_write_now(|_, outbox, due| {
+            let Some(mut entry) = read_entry(outbox, id)? else {
+                return Ok(0);
+            };
+            let Some(d) = entry.dests.get_mut(dest) else {
+                return Ok(0);
+            };
+            due.remove(due_key(dest, d.next_attempt, id))?;
+            d.attempts += 1;
+            d.next_attempt = next_attempt;
+            d.posting = d.posting && may_have_posted;
+            d.last_error = Some(error.to_string());
+            let attempts = d.attempts;
+            due.insert(due_key(dest, next_attempt, id), &[][..])?;
+            write_entry(outbox, id, entry)?;
+            Ok(attempts)
+        })
+    }
+
+    /// Marks, durably, that the card of entry `id` is about to be posted on
+    /// `dest`, so that a restart before [`Store::outbox_posted`] knows a
+    /// copy may already be there.
+    pub async fn outbox_start_post(&self, id: u64, dest: &str) -> Result<(), StoreError> {
+        self.outbox_write(true, |_, outbox, _| {
+            let Some(mut entry) = read_entry(outbox, id)? else {
+                return Ok(());
+            };
+            if let Some(d) = entry.dests.get_mut(dest) {
+                d.posting = true;
+                write_entry(outbox, id, entry)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records where the card of `request` was posted on `dest` and marks
+    /// entry `id` done there, in one durable change.
+    pub async fn outbox_posted(
+        &self,
+        id: u64,
+        dest: &str,
+        request: &RequestId,
+        messages: Vec<MessageRef>,
+    ) -> Result<(), StoreError> {
+        self.outbox_write(true, |requests, outbox, due| {
+            if let Some(bytes) = requests.get(request.as_str())? {
+                let stored: StoredRequest = decode(request.as_str().as_bytes(), &bytes)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                let mut rec = RequestRecord::try_from(stored).map_err(|error| {
+                    ConflictableTransactionError::Abort(StoreError::Corrupt {
+                        key: request.to_string(),
+                        error,
+                    })
+                })?;
+                for m in &messages {
+                    if !rec.messages.contains(m) {
+                        rec.messages.push(m.clone());
+                    }
+                }
+                requests.insert(request.as_str().as_bytes(), encode(&StoredRequest::from(&rec)))?;
+            }
+            finish(outbox, due, id, dest)
+        })
+        .await
+    }
+}
+
+fn finish(outbox: &TransactionalTree, due: &TransactionalTree, id: u64, dest: &str) -> Result<(), Abort> {
+    let Some(mut entry) = read_entry(outbox, id)? else {
+        return Ok(());
+    };
+    if let Some(d) = entry.dests.remove(dest) {
+        due.remove(due_key(dest, d.next_attempt, id))?;
+        write_entry(outbox, id, entry)?;
+    }
+    Ok(())
+}
+
+/// Upgrades entries stored before per-destination delivery: each is queued
+/// again as new (it may reach a platform that already had it once).
+pub(super) fn upgrade_v1(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize, StoreError> {
+    let mut old = Vec::new();
+    for item in outbox.iter() {
+        let (k, v) = item?;
+        if let StoredOutbox::V1 { .. } = decode::<StoredOutbox>(&k, &v)? {
+            if let Some(id) = entry_id(&k) {
+                old.push((id, upgrade(decode(&k, &v)?)));
+            }
+        }
+    }
+    for (id, entry) in &old {
+        (outbox, due)
+            .transaction(|(outbox, due)| {
+                outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry.clone())))?;
+                due.insert(due_key("", entry.queued_at, *id), &[][..])?;
+                Ok::<(), ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+            })?;
+    }
+    Ok(old.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn queue_keys_round_trip_and_sort_by_destination_then_due() {
+        let t = chrono::Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap();
+        let later = t + chrono::Duration::seconds(1);
+        let k = due_key("slack", t, 7);
+        assert_eq!(parse_due_key(&k), Some(("slack".to_string(), t, 7)));
+        assert_eq!(parse_due_key(&due_key("", t, 1)), Some((String::new(), t, 1)));
+        assert!(
+            due_key("slack", t, 9) < due_key("slack", later, 1),
+            "due order first"
+        );
+        assert!(
+            due_key("", later, 1) < due_key("discord", t, 1),
+            "new entries first"
+        );
+        assert!(
+            due_key("slack", later, 1) < due_key("slackx", t, 1),
+            "no prefix overlap"
+        );
+        assert_eq!(parse_due_key(b"slack"), None);
+    }
+}

@@ -1,0 +1,360 @@
+//! Outbox delivery per destination (issue 12, defect 5): alerts are never
+//! dropped, a rate-limited platform delays nobody else, a partial post is
+//! retried only where it failed, engine wake-ups never bypass a backoff,
+//! and a post interrupted by a crash is known.
+
+use crate::support::bot::TestBot;
+use async_trait::async_trait;
+use jitbot::chat::fanout::Fanout;
+use jitbot::chat::outbox::{drain, MAX_ATTEMPTS};
+use jitbot::chat::view::{ApprovalCard, Audience, MessageRef, Notice};
+use jitbot::ports::{ChatError, Notifier};
+use jitbot::store::{OutboxItem, StoreError};
+use jitbot_core::{GroupName, RequestId};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What a scripted platform was asked to do.
+#[derive(Clone, Debug, PartialEq)]
+enum Call {
+    Post(String),
+    Update(String),
+    Send(String),
+}
+
+/// A chat platform whose answers the test scripts: each call takes the next
+/// scripted outcome, or the standing one when the script is empty.
+struct Scripted {
+    name: &'static str,
+    script: Mutex<VecDeque<Result<(), ChatError>>>,
+    standing: Mutex<Result<(), ChatError>>,
+    /// Calls made, with whether they succeeded.
+    calls: Mutex<Vec<(Call, bool)>>,
+    /// Posts hang forever after reaching the platform (a crash stand-in).
+    hang_after_post: AtomicBool,
+}
+
+impl Scripted {
+    fn new(name: &'static str) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            name,
+            script: Mutex::new(VecDeque::new()),
+            standing: Mutex::new(Ok(())),
+            calls: Mutex::new(Vec::new()),
+            hang_after_post: AtomicBool::new(false),
+        })
+    }
+    fn fail_next(&self, times: usize, error: ChatError) {
+        let mut s = self.script.lock().unwrap();
+        for _ in 0..times {
+            s.push_back(Err(error.clone()));
+        }
+    }
+    fn always(&self, outcome: Result<(), ChatError>) {
+        *self.standing.lock().unwrap() = outcome;
+    }
+    fn outcome(&self, call: Call) -> Result<(), ChatError> {
+        let r = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| self.standing.lock().unwrap().clone());
+        self.calls.lock().unwrap().push((call, r.is_ok()));
+        r
+    }
+    fn calls(&self) -> Vec<(Call, bool)> {
+        self.calls.lock().unwrap().clone()
+    }
+    /// Successful calls.
+    fn delivered(&self) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|(_, ok)| *ok)
+            .map(|(c, _)| c)
+            .collect()
+    }
+    fn attempts(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Notifier for Scripted {
+    async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
+        self.outcome(Call::Post(card.request.to_string()))?;
+        if self.hang_after_post.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        Ok(vec![MessageRef {
+            platform: self.name.into(),
+            channel: "C1".into(),
+            id: format!("{}-{}", self.name, self.attempts()),
+        }])
+    }
+    async fn update_approval(&self, at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {
+        self.outcome(Call::Update(at.id.clone()))
+    }
+    async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
+        self.outcome(Call::Send(notice.text.clone()))
+    }
+}
+
+fn fanout(platforms: &[&Arc<Scripted>]) -> Fanout {
+    Fanout::new(
+        platforms
+            .iter()
+            .map(|p| (p.name.to_string(), (*p).clone() as Arc<dyn Notifier>))
+            .collect(),
+    )
+}
+
+async fn queue(bot: &TestBot, to: Audience, text: &str) {
+    let item = OutboxItem::Send {
+        notice: Notice {
+            to,
+            text: text.into(),
+            buttons: vec![],
+        },
+    };
+    bot.engine
+        .store()
+        .update(bot.engine.now(), |tx| {
+            tx.outbox(item.clone());
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+}
+
+/// Drains once and moves the test clock to when the outbox says the next
+/// entry is due.
+async fn drain_and_wait(bot: &TestBot, notifier: &dyn Notifier) {
+    let wait = drain(&bot.engine, notifier).await;
+    bot.advance(chrono::Duration::from_std(wait).unwrap() + chrono::Duration::milliseconds(1));
+}
+
+fn group() -> Audience {
+    Audience::Group(GroupName::new("db-admins"))
+}
+
+#[tokio::test]
+async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recovers() {
+    let bot = TestBot::new();
+    let slack = Scripted::new("slack");
+    slack.always(Err(ChatError::Unavailable("slack is down".into())));
+    queue(&bot, Audience::Alert, "cannot remove alice from db-admins").await;
+    let failures = 3 * MAX_ATTEMPTS as usize;
+    for _ in 0..failures {
+        drain_and_wait(&bot, slack.as_ref()).await;
+    }
+    let left = bot.engine.store().outbox(10).unwrap();
+    assert_eq!(
+        left.len(),
+        1,
+        "the alert is still queued after {failures} failures"
+    );
+    assert_eq!(left[0].2 as usize, failures, "every failure counted");
+    slack.always(Ok(()));
+    drain_and_wait(&bot, slack.as_ref()).await;
+    assert_eq!(
+        slack.delivered(),
+        vec![Call::Send("cannot remove alice from db-admins".into())],
+        "delivered once the platform recovered"
+    );
+    assert!(bot.engine.store().outbox(10).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn ordinary_notice_is_given_up_after_its_last_attempt() {
+    let bot = TestBot::new();
+    let slack = Scripted::new("slack");
+    slack.always(Err(ChatError::Refused("channel_not_found".into())));
+    queue(&bot, group(), "alice holds db-admins").await;
+    for _ in 0..(MAX_ATTEMPTS + 3) {
+        drain_and_wait(&bot, slack.as_ref()).await;
+    }
+    assert_eq!(slack.attempts(), MAX_ATTEMPTS as usize);
+    assert!(bot.engine.store().outbox(10).unwrap().is_empty(), "given up");
+}
+
+#[tokio::test]
+async fn rate_limited_destination_does_not_block_another() {
+    let bot = TestBot::new();
+    let (slack, discord) = (Scripted::new("slack"), Scripted::new("discord"));
+    slack.always(Err(ChatError::RateLimited(60)));
+    let both = fanout(&[&slack, &discord]);
+    for i in 0..5 {
+        queue(&bot, group(), &format!("notice {i}")).await;
+    }
+    queue(&bot, Audience::Alert, "the alert").await;
+    drain(&bot.engine, &both).await;
+    let sent: Vec<Call> = (0..5)
+        .map(|i| Call::Send(format!("notice {i}")))
+        .chain([Call::Send("the alert".into())])
+        .collect();
+    assert_eq!(discord.delivered(), sent, "discord got everything at once");
+    assert_eq!(slack.attempts(), 1, "slack asked for a pause: its queue waits");
+    // A 429 that never ends costs each ordinary notice its attempts, one per
+    // pause, and never the alert; discord is not sent anything twice.
+    for _ in 0..(6 * MAX_ATTEMPTS) {
+        bot.advance(chrono::Duration::seconds(61));
+        drain(&bot.engine, &both).await;
+    }
+    assert_eq!(
+        slack.attempts(),
+        1 + 6 * MAX_ATTEMPTS as usize,
+        "one call per pause"
+    );
+    let left = bot.engine.store().outbox(10).unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(format!("{:?}", left[0].1).contains("the alert"), "{left:?}");
+    assert_eq!(discord.delivered(), sent);
+}
+
+#[tokio::test]
+async fn partial_post_is_retried_only_on_the_failed_platform() {
+    let bot = TestBot::new();
+    let (slack, discord) = (Scripted::new("slack"), Scripted::new("discord"));
+    discord.fail_next(2, ChatError::Refused("missing access".into()));
+    let both = fanout(&[&slack, &discord]);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h replicas down").await);
+    queue(&bot, group(), "a notice for the group").await;
+    drain_and_wait(&bot, &both).await;
+    assert_eq!(slack.attempts(), 2, "slack: the card and the notice");
+    assert_eq!(discord.delivered(), vec![]);
+    for _ in 0..3 {
+        drain_and_wait(&bot, &both).await;
+    }
+    assert_eq!(
+        slack.calls(),
+        vec![
+            (Call::Post(id.clone()), true),
+            (Call::Send("a notice for the group".into()), true)
+        ],
+        "nothing re-sent to slack"
+    );
+    let mut retried = discord.delivered();
+    retried.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(
+        retried,
+        vec![
+            Call::Post(id.clone()),
+            Call::Send("a notice for the group".into())
+        ],
+        "each retried once on discord (in either order: each has its own backoff)"
+    );
+    let rec = bot.engine.store().request(&RequestId::new(&id)).unwrap().unwrap();
+    let platforms: Vec<&str> = rec.messages.iter().map(|m| m.platform.as_str()).collect();
+    assert_eq!(platforms, ["slack", "discord"], "both cards recorded");
+    // A decision updates each card on its own platform, once.
+    bot.ok("bob", &format!("approve {id}")).await;
+    drain(&bot.engine, &both).await;
+    for p in [&slack, &discord] {
+        let updates: Vec<String> = p
+            .delivered()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Update(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert!(!updates.is_empty(), "{}: card updated", p.name);
+        assert!(
+            updates.iter().all(|m| m.starts_with(p.name)),
+            "{} updates only its own card: {updates:?}",
+            p.name
+        );
+    }
+    assert!(bot.engine.store().outbox(10).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn engine_wake_ups_do_not_burn_attempts() {
+    // The first retry waits at least 30 s (60 s, halved at most by jitter).
+    let bot = TestBot::builder()
+        .settings(|s| s.retry_base = jitbot_core::Span::from_mins(1))
+        .build();
+    let slack = Scripted::new("slack");
+    slack.always(Err(ChatError::Unavailable("timeout".into())));
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let notifier: Arc<dyn Notifier> = slack.clone();
+    let worker = tokio::spawn(jitbot::chat::outbox::run(bot.engine.clone(), notifier, rx));
+    queue(&bot, Audience::Alert, "cannot remove alice").await;
+    bot.engine.outbox_changed().notify_one();
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        bot.engine.outbox_changed().notify_one();
+    }
+    // Sixty wake-ups make no second attempt before the backoff is over.
+    assert_eq!(slack.attempts(), 1, "{:?}", slack.calls());
+    let left = bot.engine.store().outbox(10).unwrap();
+    assert_eq!((left.len(), left[0].2), (1, 1), "{left:?}");
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .expect("the worker stops")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn backoff_survives_a_restart() {
+    let bot = TestBot::new();
+    let slack = Scripted::new("slack");
+    slack.fail_next(1, ChatError::Unavailable("timeout".into()));
+    queue(&bot, group(), "hello").await;
+    drain(&bot.engine, slack.as_ref()).await;
+    let dir = bot_directory(&bot);
+    let bot = bot.restart(dir, crate::support::bot::policy());
+    drain(&bot.engine, slack.as_ref()).await;
+    assert_eq!(slack.attempts(), 1, "not due yet after the restart");
+    bot.advance(chrono::Duration::minutes(1));
+    drain(&bot.engine, slack.as_ref()).await;
+    assert_eq!(slack.delivered(), vec![Call::Send("hello".into())]);
+}
+
+fn bot_directory(bot: &TestBot) -> Arc<dyn jitbot::ports::Directory> {
+    bot.dir.clone()
+}
+
+#[tokio::test]
+async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more() {
+    let bot = TestBot::new();
+    let slack = Scripted::new("slack");
+    slack.hang_after_post.store(true, Ordering::SeqCst);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h replicas down").await);
+    // The post reaches slack, then jitbot "crashes" before recording it.
+    let crashed = tokio::time::timeout(Duration::from_millis(300), drain(&bot.engine, slack.as_ref())).await;
+    assert!(crashed.is_err(), "the post hung");
+    let dir = bot_directory(&bot);
+    let bot = bot.restart(dir, crate::support::bot::policy());
+    let jobs = bot
+        .engine
+        .store()
+        .outbox_due("chat", bot.engine.now(), 10)
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert!(jobs[0].interrupted_post, "the restart knows a copy may be posted");
+    slack.hang_after_post.store(false, Ordering::SeqCst);
+    drain(&bot.engine, slack.as_ref()).await;
+    drain(&bot.engine, slack.as_ref()).await;
+    let posts = slack
+        .calls()
+        .iter()
+        .filter(|(c, _)| matches!(c, Call::Post(_)))
+        .count();
+    assert_eq!(
+        posts, 2,
+        "one post before the crash, one after: at most one duplicate"
+    );
+    let rec = bot.engine.store().request(&RequestId::new(&id)).unwrap().unwrap();
+    assert_eq!(
+        rec.messages.len(),
+        1,
+        "the second post is recorded: {:?}",
+        rec.messages
+    );
+    assert!(bot.engine.store().outbox(10).unwrap().is_empty());
+}
