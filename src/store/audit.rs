@@ -507,6 +507,44 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_backup_of_a_keyed_chain_is_checked_without_the_key() {
+        let (_dir, store) = open();
+        write(&store, 1).await.unwrap();
+        store.set_audit_key(Secret::new("audit-key-0123456789abcdef"));
+        store.seal_unkeyed_history(now()).await.unwrap();
+        write(&store, 2).await.unwrap();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = store
+            .inner
+            .audit
+            .iter()
+            .map(|i| i.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+            .collect();
+        let head = store.inner.meta.get(AUDIT_HEAD).unwrap().map(|h| h.to_vec());
+        let check = |records: &[(Vec<u8>, Vec<u8>)], head: Option<&[u8]>| {
+            audit_chain(records.iter().cloned().map(Ok), head, Keyed::Trusted, None).unwrap()
+        };
+        assert_eq!(
+            check(&records, head.as_deref()),
+            AuditCheck::Intact { records: 4 }
+        );
+        // The structure is still checked: a missing record, a wrong head.
+        let mut gap = records.clone();
+        gap.remove(2);
+        assert!(matches!(check(&gap, head.as_deref()), AuditCheck::Broken { .. }));
+        assert!(matches!(check(&records, Some(b"9:")), AuditCheck::Broken { .. }));
+        // And so are the unkeyed links before the key.
+        let mut altered = records.clone();
+        altered[0].1 = String::from_utf8(altered[0].1.clone())
+            .unwrap()
+            .replace("record 0", "record X")
+            .into_bytes();
+        assert!(matches!(
+            check(&altered, head.as_deref()),
+            AuditCheck::Broken { seq: 1, .. }
+        ));
+    }
+
     /// What an attacker with write access to the store would do: change
     /// record `from`'s detail, then re-link every later record and the head
     /// with plain SHA-256 (or HMAC under a key they guess).
