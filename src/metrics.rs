@@ -232,6 +232,13 @@ fn register_all() {
         "jitbot_directory_up",
         "1 when the directory answered the last ping."
     );
+    describe_counter!(
+        "jitbot_refused_payloads_total",
+        "Signed Slack payloads refused: another workspace, app or org, or an external user."
+    );
+    for reason in ["workspace", "app", "enterprise", "external_user"] {
+        counter!("jitbot_refused_payloads_total", "platform" => "slack", "reason" => reason).increment(0);
+    }
     set_gauges(0, 0);
     observe_outbox(0, None);
     set_overdue_revocation(Duration::ZERO);
