@@ -796,8 +796,8 @@ impl Store {
     pub fn last_audit_time(&self) -> Result<Option<Instant>, StoreError> {
         match self.inner.audit.last()? {
             Some((k, v)) => {
-                let StoredAudit::V1(entry) = decode(&k, &v)?;
-                Ok(Some(entry.at))
+                let stored: StoredAudit = decode(&k, &v)?;
+                Ok(Some(stored.into_entry().at))
             }
             None => Ok(None),
         }
