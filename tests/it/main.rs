@@ -19,6 +19,8 @@ mod observability;
 mod ops;
 mod outbox;
 mod safeguards;
+#[path = "../sim/mod.rs"]
+mod sim;
 mod slack;
 mod socket_mode;
 mod store;
