@@ -169,7 +169,21 @@ pub fn engine_settings(config: &Config) -> EngineSettings {
         retry_base: config.scheduler.retry_base,
         retry_max: config.scheduler.retry_max,
         alert_after: config.scheduler.alert_after,
+        max_pending_per_user: config.policy.max_pending_per_user,
     }
+}
+
+/// The `[audit] key`, refused when too short to resist guessing.
+pub fn audit_key(src: &crate::secret::SecretSource) -> anyhow::Result<crate::secret::Secret> {
+    let key = src.resolve().context("audit.key")?;
+    let len = key.expose().trim().len();
+    if len < crate::config::MIN_AUDIT_KEY_BYTES {
+        anyhow::bail!(
+            "audit.key: is {len} bytes; use at least {} random bytes (e.g. `openssl rand -hex 32`)",
+            crate::config::MIN_AUDIT_KEY_BYTES
+        );
+    }
+    Ok(key)
 }
 
 /// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.
@@ -182,6 +196,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
+    if let Some(src) = &config.audit.key {
+        store.set_audit_key(audit_key(src)?);
+        if store.seal_unkeyed_history(chrono::Utc::now()).await? {
+            tracing::warn!(
+                "audit chain: its last record was unkeyed, so it was sealed with an `audit.keyed` record. \
+                 Expected once, when [audit] key is first set; at any other start someone rewrote the chain \
+                 without the key: run `jitbot audit verify --anchor` with your last published anchor"
+            );
+        }
+    }
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
     let engine = Engine::new(
@@ -191,6 +215,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         clock.clone(),
         engine_settings(&config),
     );
+    let anchor_engine = engine.clone();
     let mut platforms: Vec<(String, Arc<dyn Notifier>)> = Vec::new();
     let routers: Vec<Router> = Vec::new();
     let extra = crate::chat::configure(&config, &engine, clock, &mut platforms)?;
@@ -242,6 +267,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for task in extra.tasks {
         let rx = running.shutdown_signal();
         running.spawn(task(rx));
+    }
+    if let Some(every) = config.audit.anchor_every {
+        let rx = running.shutdown_signal();
+        running.spawn(crate::engine::anchor::run_anchors(
+            anchor_engine,
+            every.to_std(),
+            rx,
+        ));
     }
     let failed = store_failure(store_watch);
     tokio::select! {

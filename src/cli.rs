@@ -136,7 +136,15 @@ pub enum RequestsCmd {
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
     /// Check the hash chain; names the first broken record.
-    Verify,
+    Verify {
+        /// An anchor published earlier (`SEQ:HASH`): record SEQ must still
+        /// hash to HASH and the chain must continue intact from it.
+        #[arg(long)]
+        anchor: Option<String>,
+    },
+    /// Publish the chain's head (`SEQ:HASH`) to the alert channel and the
+    /// log, and print it: keep it somewhere jitbot cannot write.
+    Anchor,
     /// Print the audit trail.
     Export {
         /// RFC 3339 instant, e.g. 2026-01-31T00:00:00Z.
@@ -229,6 +237,11 @@ pub fn secret_problems(config: &Config) -> Vec<String> {
             if let Err(e) = src.resolve() {
                 problems.push(format!("{key}: {e}"));
             }
+        }
+    }
+    if let Some(src) = &config.audit.key {
+        if let Err(e) = crate::app::audit_key(src) {
+            problems.push(format!("{e:#}"));
         }
     }
     problems
@@ -400,13 +413,26 @@ async fn requests(cmd: RequestsCmd, remote: &Remote) -> anyhow::Result<()> {
 async fn audit(cmd: AuditCmd, remote: &Remote) -> anyhow::Result<()> {
     let client = Client::new(remote)?;
     match cmd {
-        AuditCmd::Verify => match client.get("/admin/audit/verify").await {
-            Ok(body) => print!("{body}"),
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(1);
+        AuditCmd::Anchor => print!("{}", client.post("/admin/audit/anchor", &()).await?),
+        AuditCmd::Verify { anchor } => {
+            let path = match anchor {
+                Some(a) => {
+                    let a: crate::store::Anchor = a.parse().map_err(anyhow::Error::msg)?;
+                    format!(
+                        "/admin/audit/verify?anchor={}",
+                        url::form_urlencoded::byte_serialize(a.to_string().as_bytes()).collect::<String>()
+                    )
+                }
+                None => "/admin/audit/verify".to_string(),
+            };
+            match client.get(&path).await {
+                Ok(body) => print!("{body}"),
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(1);
+                }
             }
-        },
+        }
         AuditCmd::Export { since, format } => {
             let format = match format {
                 ExportFormat::Jsonl => "jsonl",

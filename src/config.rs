@@ -26,6 +26,10 @@ pub struct Config {
     pub discord: Option<DiscordConfig>,
     #[serde(default)]
     pub admins: PrincipalsConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     #[serde(default, rename = "group")]
     pub groups: Vec<Spanned<GroupConfig>>,
 }
@@ -309,6 +313,13 @@ pub struct SlackConfig {
     pub signing_secret: Option<SecretSource>,
     /// `xapp-` app-level token; required in Socket Mode.
     pub app_token: Option<SecretSource>,
+    /// The workspace jitbot serves (`T…`); payloads from any other are refused.
+    #[serde(default)]
+    pub team_id: String,
+    /// The Slack app's id (`A…`); when set, payloads for another app are refused.
+    pub app_id: Option<String>,
+    /// The Enterprise Grid org (`E…`); when set, payloads naming another are refused.
+    pub enterprise_id: Option<String>,
     #[serde(default = "d_slack_api")]
     pub api_url: String,
     /// Directory attribute holding a Slack user's email.
@@ -374,6 +385,43 @@ pub struct DiscordConfig {
     /// Static map, Discord user id → directory user id.
     #[serde(default)]
     pub users: BTreeMap<String, String>,
+}
+
+/// The audit chain's protection against someone with write access to the store.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// HMAC-SHA256 key for the chain (env or file, at least 32 bytes): with
+    /// it, write access to the store alone cannot forge history.
+    pub key: Option<SecretSource>,
+    /// Publish the chain's head to the alert channel and the log this often
+    /// (and at start-up).
+    pub anchor_every: Option<Span>,
+}
+
+/// The shortest `[audit] key` accepted, in bytes.
+pub const MIN_AUDIT_KEY_BYTES: usize = 32;
+
+/// Rules for every group at once.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Requests one person may have waiting for a decision at once; more are
+    /// refused (the requester is told how to cancel old ones).
+    #[serde(default = "d_max_pending")]
+    pub max_pending_per_user: usize,
+}
+
+fn d_max_pending() -> usize {
+    5
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            max_pending_per_user: d_max_pending(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -497,6 +545,24 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The key written on the line at `offset` (`max_duration = "1000y"` →
+/// `max_duration`), so a value the parser refuses is named, not just placed.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    if !text.is_char_boundary(offset) {
+        return None;
+    }
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    bare.then(|| key.to_string())
+}
+
 /// The line of `key = …` in the `[section]` table, or of the table's header
 /// when the key is not written (a default): for keys deserialized without
 /// their spans.
@@ -558,7 +624,10 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_string(),
             issues: vec![ConfigIssue {
-                key: "(syntax)".into(),
+                key: e
+                    .span()
+                    .and_then(|s| key_at(text, s.start))
+                    .unwrap_or_else(|| "(syntax)".into()),
                 line: e.span().map(|s| line_of(text, s.start)),
                 message: e.message().trim().to_string(),
             }],
@@ -642,6 +711,18 @@ impl Config {
                 ),
                 _ => {}
             }
+            // Required in both modes: a signing secret or app token proves
+            // the payload came from Slack for this app, not from which
+            // workspace (an app can be installed in several).
+            if !slack.team_id.trim().starts_with('T') {
+                issue(
+                    "slack.team_id".into(),
+                    None,
+                    "is required: the id (T…) of the one workspace jitbot serves; payloads from any other are refused. \
+                     Find it in the workspace's URL (app.slack.com/client/T…) or with auth.test"
+                        .into(),
+                );
+            }
         }
         if let Some(discord) = &self.discord {
             if discord.mode == DiscordMode::Http && discord.public_key.is_none() {
@@ -696,6 +777,22 @@ impl Config {
                 "server.dashboard".into(),
                 None,
                 "the dashboard is served only behind server.admin_token; set one".into(),
+            );
+        }
+        if let Some(every) = self.audit.anchor_every {
+            if every < Span::from_mins(1) {
+                issue(
+                    "audit.anchor_every".into(),
+                    None,
+                    "must be at least 1m; anchors are for people to keep, not a log stream".into(),
+                );
+            }
+        }
+        if self.policy.max_pending_per_user == 0 {
+            issue(
+                "policy.max_pending_per_user".into(),
+                None,
+                "must be at least 1, or nobody could ask for anything".into(),
             );
         }
         if self.scheduler.concurrency == 0 {
@@ -1011,6 +1108,49 @@ max_duration = "4h"
         let open = format!("[server]\nadmin_listen = \"0.0.0.0:8081\"\n{MINIMAL}");
         let warnings = Config::parse(&open, "t").unwrap().warnings();
         assert!(warnings[0].starts_with("server.admin_listen"), "{warnings:?}");
+    }
+
+    #[test]
+    fn durations_beyond_the_cap_are_refused_with_key_and_line() {
+        for (key, value) in [
+            ("max_total_duration", "99999y"),
+            ("approval_timeout", "1000years"),
+            ("max_duration", "367d"),
+        ] {
+            let text = MINIMAL.replace(
+                "max_duration = \"4h\"",
+                &format!("max_duration = \"4h\"\n{key} = \"{value}\""),
+            );
+            let text = if key == "max_duration" {
+                MINIMAL.replace("max_duration = \"4h\"", &format!("max_duration = \"{value}\""))
+            } else {
+                text
+            };
+            let err = Config::parse(&text, "t.toml").unwrap_err();
+            let msg = err.to_string();
+            assert_eq!(err.issues[0].key, key, "{msg}");
+            let want_line = text.lines().position(|l| l.contains(value)).map(|i| i + 1);
+            assert_eq!(err.issues[0].line, want_line, "{msg}");
+            assert!(msg.contains("366 days"), "{msg}");
+        }
+        let text = MINIMAL.replace(
+            "max_duration = \"4h\"",
+            "max_duration = \"4h\"\nmax_total_duration = \"366d\"",
+        );
+        Config::parse(&text, "t.toml").unwrap();
+        let text = format!("{MINIMAL}\n[scheduler]\nretry_max = \"500d\"\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err();
+        assert_eq!(err.issues[0].key, "retry_max", "{err}");
+    }
+
+    #[test]
+    fn slack_needs_the_workspace_it_serves() {
+        let slack = "\n[slack]\nmode = \"http\"\nbot_token = { env = \"B\" }\nsigning_secret = { env = \"S\" }\ndefault_channel = \"C1\"\n";
+        let err = Config::parse(&format!("{MINIMAL}{slack}"), "t").unwrap_err();
+        assert_eq!(err.issues[0].key, "slack.team_id", "{err}");
+        let bound = format!("{MINIMAL}{slack}team_id = \"T0001\"\napp_id = \"A1\"\n");
+        let c = Config::parse(&bound, "t").unwrap();
+        assert_eq!(c.slack.unwrap().team_id, "T0001");
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub fn zsp_drift() {
 pub fn refused_signature(platform: &'static str) {
     counter!("jitbot_refused_signatures_total", "platform" => platform).increment(1);
 }
+/// Signed payloads refused because they come from another workspace, app or
+/// org, or from an external (Slack Connect) user; `reason` says which.
+pub fn refused_payload(platform: &'static str, reason: &'static str) {
+    counter!("jitbot_refused_payloads_total", "platform" => platform, "reason" => reason).increment(1);
+}
 pub fn chat_error(platform: &'static str) {
     counter!("jitbot_chat_api_errors_total", "platform" => platform).increment(1);
 }
@@ -227,6 +232,13 @@ fn register_all() {
         "jitbot_directory_up",
         "1 when the directory answered the last ping."
     );
+    describe_counter!(
+        "jitbot_refused_payloads_total",
+        "Signed Slack payloads refused: another workspace, app or org, or an external user."
+    );
+    for reason in ["workspace", "app", "enterprise", "external_user"] {
+        counter!("jitbot_refused_payloads_total", "platform" => "slack", "reason" => reason).increment(0);
+    }
     set_gauges(0, 0);
     observe_outbox(0, None);
     set_overdue_revocation(Duration::ZERO);

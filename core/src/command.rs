@@ -108,8 +108,12 @@ fn duration_and_reason(words: &[&str]) -> Result<(Option<Span>, String), ParseEr
     }
 }
 
+/// A word that starts with a digit, or a sign then a digit (`-5m`, `+2h`),
+/// was meant as a duration: it is parsed as one and refused if it is not a
+/// valid one, never swallowed into the reason.
 fn looks_like_duration(word: &str) -> bool {
-    word.starts_with(|c: char| c.is_ascii_digit())
+    let unsigned = word.strip_prefix(['-', '+']).unwrap_or(word);
+    unsigned.starts_with(|c: char| c.is_ascii_digit())
 }
 
 impl Command {
@@ -329,6 +333,58 @@ mod tests {
         }
         let long = format!("request db 1h {}", "x".repeat(MAX_REASON_CHARS + 1));
         assert_eq!(Command::parse(&long), Err(ParseError::ReasonTooLong));
+    }
+
+    #[test]
+    fn a_bad_duration_after_the_group_is_refused_not_taken_as_the_reason() {
+        for verb in ["request", "breakglass"] {
+            for (token, check) in [
+                (
+                    "-5m",
+                    (|e| matches!(e, SpanError::Invalid(_))) as fn(&SpanError) -> bool,
+                ),
+                ("+5m", |e| matches!(e, SpanError::Invalid(_))),
+                ("-1", |e| matches!(e, SpanError::Invalid(_))),
+                ("0m", |e| matches!(e, SpanError::Zero)),
+                ("99999y", |e| matches!(e, SpanError::TooLong(_))),
+                ("367d", |e| matches!(e, SpanError::TooLong(_))),
+            ] {
+                let text = format!("{verb} db-admins {token} fixing replication");
+                match Command::parse(&text) {
+                    Err(ParseError::Duration(e)) => assert!(check(&e), "{text:?} gave {e:?}"),
+                    other => panic!("{text:?} gave {other:?}"),
+                }
+            }
+        }
+        for (text, token) in [
+            ("approve r-1 -5m", "-5m"),
+            ("extend l-1 99999y", "99999y"),
+            ("approve r-1 0m", "0m"),
+        ] {
+            assert!(
+                matches!(Command::parse(text), Err(ParseError::Duration(_))),
+                "{token} in {text:?}"
+            );
+        }
+        // A reason that merely starts with a dash is still a reason.
+        assert_eq!(
+            Command::parse("request db-admins - see ticket").unwrap(),
+            req("db-admins", None, "- see ticket")
+        );
+    }
+
+    #[test]
+    fn long_or_strange_input_never_panics() {
+        for text in [
+            "request db 18446744073709551615s x",
+            "request db 9999999999999999999999999d x",
+            "request db -9223372036854775808s x",
+            "extend l-1 1000000000y",
+            "request db 1e9s x",
+            "request db \u{0}5m x",
+        ] {
+            let _ = Command::parse(text);
+        }
     }
 
     #[test]

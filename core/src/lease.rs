@@ -121,8 +121,8 @@ impl Lease {
             group: policy.name.clone(),
             user,
             starts_at: now,
-            expires_at: now + duration.to_chrono(),
-            latest_end: now + policy.max_total_duration.max(duration).to_chrono(),
+            expires_at: duration.after(now),
+            latest_end: policy.max_total_duration.max(duration).after(now),
             state: LeaseState::Granting,
             preexisting: None,
             membership: None,
@@ -269,8 +269,8 @@ impl Lease {
                 max: policy.max_duration,
             });
         }
-        let new_end = self.expires_at + by.to_chrono();
-        let today = self.starts_at + policy.max_total_duration.to_chrono();
+        let new_end = by.after(self.expires_at);
+        let today = policy.max_total_duration.after(self.starts_at);
         if new_end > self.latest_end.min(today) {
             return Err(Refusal::OverTotalDuration {
                 group: policy.name.clone(),
@@ -285,7 +285,7 @@ impl Lease {
     /// When the expiry warning is due, if the group has one and it has not gone out.
     pub fn warning_at(&self, policy: &GroupPolicy) -> Option<Instant> {
         let lead = policy.expiry_warning?;
-        (!self.warned && self.state == LeaseState::Active).then(|| self.expires_at - lead.to_chrono())
+        (!self.warned && self.state == LeaseState::Active).then(|| lead.before(self.expires_at))
     }
 }
 

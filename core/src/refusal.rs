@@ -36,6 +36,8 @@ pub enum Refusal {
     BreakGlassNotAllowed { group: GroupName },
     #[error("break-glass needs a reason; it is shown to every approver")]
     BreakGlassReasonRequired,
+    #[error("you already have {count} requests waiting for a decision ({requests}), the most jitbot takes from one person; withdraw one with `/jit cancel <request>` (`/jit list` shows them) or wait for an approver")]
+    TooManyPending { count: usize, requests: String },
     #[error("you already have request {request} pending for `{group}`")]
     AlreadyPending { group: GroupName, request: String },
     #[error("shortening must give a duration shorter than the {requested} requested")]

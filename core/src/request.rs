@@ -119,7 +119,7 @@ impl AccessRequest {
             duration,
             reason: reason.to_string(),
             created_at: now,
-            decide_by: now + policy.approval_timeout.to_chrono(),
+            decide_by: policy.approval_timeout.after(now),
             state: if auto {
                 RequestState::Approved
             } else {

@@ -5,11 +5,21 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A length of time with second precision. Parsing accepts humantime's forms
-/// (`90s`, `15m`, `2h`, `1h30m`, `1d`); zero is refused.
+/// (`90s`, `15m`, `2h`, `1h30m`, `1d`); zero, negative and longer than
+/// [`Span::MAX`] are refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Span(u64);
 
+/// The most seconds chrono's `Duration::seconds` takes without panicking.
+const CHRONO_MAX_SECS: u64 = (i64::MAX / 1000) as u64;
+
 impl Span {
+    /// The longest duration jitbot reads from people or config: 366 days.
+    /// Nothing jitbot times (a lease, a decision window, a retry) needs more,
+    /// and a cap keeps every instant it computes far from chrono's limits,
+    /// so "unlimited" written as `1000y` is refused instead of panicking.
+    pub const MAX: Span = Span(366 * 86_400);
+
     pub const fn from_secs(secs: u64) -> Self {
         Self(secs)
     }
@@ -23,9 +33,19 @@ impl Span {
         self.0
     }
     pub fn to_chrono(self) -> chrono::Duration {
-        // A Span is parsed from at most humantime's range; i64 seconds cannot overflow
-        // for any value a person can type, but saturate anyway rather than panic.
-        chrono::Duration::seconds(i64::try_from(self.0).unwrap_or(i64::MAX / 1000))
+        // Parsed spans are at most `MAX`, but one built with `from_secs` from
+        // a stored number could be anything: saturate rather than panic.
+        chrono::Duration::seconds(self.0.min(CHRONO_MAX_SECS) as i64)
+    }
+    /// `t` plus this span, saturating at the latest time chrono can hold.
+    pub fn after(self, t: crate::Instant) -> crate::Instant {
+        t.checked_add_signed(self.to_chrono())
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+    }
+    /// `t` minus this span, saturating at the earliest time chrono can hold.
+    pub fn before(self, t: crate::Instant) -> crate::Instant {
+        t.checked_sub_signed(self.to_chrono())
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
     }
     pub fn to_std(self) -> std::time::Duration {
         std::time::Duration::from_secs(self.0)
@@ -39,6 +59,8 @@ pub enum SpanError {
     Invalid(String),
     #[error("a duration must be longer than zero")]
     Zero,
+    #[error("`{0}` is too long: jitbot takes durations of at most 366 days (366d); there is no unlimited")]
+    TooLong(String),
 }
 
 impl FromStr for Span {
@@ -47,6 +69,9 @@ impl FromStr for Span {
         let d = humantime::parse_duration(s.trim()).map_err(|_| SpanError::Invalid(s.to_string()))?;
         if d.as_secs() == 0 {
             return Err(SpanError::Zero);
+        }
+        if d.as_secs() > Span::MAX.0 {
+            return Err(SpanError::TooLong(s.trim().chars().take(40).collect()));
         }
         Ok(Span(d.as_secs()))
     }
@@ -108,5 +133,32 @@ mod tests {
         assert!(matches!("-2h".parse::<Span>(), Err(SpanError::Invalid(_))));
         assert_eq!("0s".parse::<Span>(), Err(SpanError::Zero));
         assert!("99999999999999999999h".parse::<Span>().is_err());
+    }
+
+    #[test]
+    fn refuses_more_than_the_cap() {
+        assert_eq!("366d".parse::<Span>(), Ok(Span::MAX));
+        for long in ["367d", "99999y", "1000years", "9000000000000000s"] {
+            assert!(
+                matches!(long.parse::<Span>(), Err(SpanError::TooLong(_))),
+                "{long}"
+            );
+        }
+        let msg = "99999y".parse::<Span>().unwrap_err().to_string();
+        assert!(msg.contains("366 days"), "{msg}");
+    }
+
+    #[test]
+    fn arithmetic_saturates_instead_of_panicking() {
+        use chrono::{DateTime, TimeZone, Utc};
+        let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let huge = Span::from_secs(u64::MAX);
+        assert_eq!(huge.after(now), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(huge.before(now), DateTime::<Utc>::MIN_UTC);
+        assert_eq!(
+            Span::from_secs(CHRONO_MAX_SECS + 1).to_chrono().num_seconds(),
+            CHRONO_MAX_SECS as i64
+        );
+        assert_eq!(Span::from_hours(1).after(now), now + chrono::Duration::hours(1));
     }
 }

@@ -9,8 +9,10 @@
 //! revocation, `Expire` a lease that ended while jitbot was down.
 
 mod admin;
+pub mod anchor;
 pub(crate) mod audit;
 mod executor;
+mod floods;
 mod leases;
 mod queries;
 mod requests;
@@ -36,6 +38,8 @@ pub struct EngineSettings {
     pub retry_max: Span,
     /// Failed revocation attempts before an alert goes out.
     pub alert_after: u32,
+    /// Requests one person may have waiting for a decision at once.
+    pub max_pending_per_user: usize,
 }
 
 impl Default for EngineSettings {
@@ -44,6 +48,7 @@ impl Default for EngineSettings {
             retry_base: Span::from_secs(5),
             retry_max: Span::from_mins(5),
             alert_after: 5,
+            max_pending_per_user: 5,
         }
     }
 }

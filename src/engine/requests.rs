@@ -61,6 +61,7 @@ impl Engine {
                 if break_glass {
                     request.break_glass(&policy, &actor, reason, now)?;
                 }
+                self.within_pending_cap(&request)?;
                 tx.audit(
                     about_request(caller.user.as_str(), AuditAction::RequestOpened, &request).detail(format!(
                         "{} for {}: {}",

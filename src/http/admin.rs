@@ -22,6 +22,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/requests/{id}/cancel", post(cancel))
         .route("/audit", get(audit))
         .route("/audit/verify", get(verify))
+        .route("/audit/anchor", post(anchor))
         .route("/zsp", post(zsp))
         .route("/backup", get(backup))
 }
@@ -284,16 +285,45 @@ async fn audit(_: Admin, State(s): State<HttpState>, Query(q): Query<AuditQuery>
     (StatusCode::OK, body).into_response()
 }
 
-async fn verify(_: Admin, State(s): State<HttpState>) -> Response {
-    match s.engine.store().verify_audit() {
+#[derive(Deserialize)]
+struct VerifyQuery {
+    /// `SEQ:HASH`, as `jitbot audit anchor` printed it.
+    anchor: Option<String>,
+}
+
+async fn verify(_: Admin, State(s): State<HttpState>, Query(q): Query<VerifyQuery>) -> Response {
+    let anchor = match q
+        .anchor
+        .as_deref()
+        .map(str::parse::<crate::store::Anchor>)
+        .transpose()
+    {
+        Ok(a) => a,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    match s.engine.store().verify_audit_against(anchor.as_ref()) {
         Ok(crate::store::AuditCheck::Intact { records }) => {
-            (StatusCode::OK, format!("audit chain intact: {records} records\n")).into_response()
+            let pinned = anchor
+                .map(|a| format!("; it matches anchor {a}"))
+                .unwrap_or_default();
+            (
+                StatusCode::OK,
+                format!("audit chain intact: {records} records{pinned}\n"),
+            )
+                .into_response()
         }
         Ok(crate::store::AuditCheck::Broken { seq, problem }) => (
             StatusCode::CONFLICT,
             format!("audit chain broken at record {seq}: {problem}\n"),
         )
             .into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn anchor(_: Admin, State(s): State<HttpState>) -> Response {
+    match s.engine.publish_audit_anchor().await {
+        Ok(anchor) => (StatusCode::OK, format!("{anchor}\n")).into_response(),
         Err(e) => fail(e),
     }
 }

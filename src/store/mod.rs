@@ -3,8 +3,10 @@
 //! Trees: `requests`, `leases`, `timers` (ordered by due time: what the
 //! scheduler works from), `timer_ix` (which key each timer has now), `live`
 //! (group + user → the live lease, so a user never holds two), `audit`
-//! (append-only, hash-chained), `outbox` and `outbox_due` (notifications
-//! still to deliver, and each destination's queue of them: see `outbox.rs`).
+//! (append-only, hash-chained: see [`audit`]), `outbox` and `outbox_due`
+//! (notifications still to deliver, and each destination's queue of them:
+//! see `outbox.rs`), `seen` (payload ids recently taken, against replays:
+//! see [`seen`]).
 //!
 //! Every change goes through [`Store::update`]: the closure reads and stages
 //! writes under a single writer lock (a compare-and-swap on the whole store),
@@ -12,19 +14,21 @@
 //! before `update` returns, so the caller's side effect always follows a
 //! durable record of it.
 
+pub mod audit;
 mod backup;
 mod check;
 mod outbox;
 mod records;
+pub mod seen;
 mod timers;
 
+pub use audit::{Anchor, AuditCheck};
 pub use outbox::OutboxJob;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
 pub use timers::{Timer, TimerKind};
 
 use jitbot_core::{GroupName, Instant, LeaseId, LeaseState, RequestId, UserId};
 use records::{StoredAudit, StoredLease, StoredRequest};
-use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::collections::BTreeMap;
@@ -81,6 +85,11 @@ struct Inner {
     meta: sled::Tree,
     /// Requests approved by break-glass and not yet acknowledged.
     review: sled::Tree,
+    /// Chat payload ids recently taken (replay protection).
+    seen: sled::Tree,
+    seen_count: std::sync::atomic::AtomicU64,
+    /// The `[audit] key`, when the chain is keyed.
+    audit_key: std::sync::OnceLock<crate::secret::Secret>,
     writer: Mutex<()>,
     /// Group commit: commits made so far, and how many of them are on disk.
     committed: std::sync::atomic::AtomicU64,
@@ -388,19 +397,6 @@ fn read_lease(tree: &sled::Tree, id: &LeaseId) -> Result<Option<LeaseRecord>, St
     }
 }
 
-/// Outcome of checking the audit chain.
-#[derive(Debug, PartialEq, Eq)]
-pub enum AuditCheck {
-    Intact {
-        records: u64,
-    },
-    /// The first record whose stored bytes no longer match the chain.
-    Broken {
-        seq: u64,
-        problem: String,
-    },
-}
-
 impl Store {
     /// Opens (or creates) the store. `cache_mb` bounds sled's page cache.
     pub fn open(path: &Path, cache_mb: u64) -> Result<Store, StoreError> {
@@ -431,6 +427,9 @@ impl Store {
             outbox_due: db.open_tree("outbox_due")?,
             meta: db.open_tree("meta")?,
             review: db.open_tree("review")?,
+            seen: db.open_tree("seen")?,
+            seen_count: Default::default(),
+            audit_key: Default::default(),
             writer: Mutex::new(()),
             committed: Default::default(),
             flushed: Default::default(),
@@ -552,35 +551,7 @@ impl Store {
                         }
                     }
                 }
-                if !tx.audit.is_empty() {
-                    let (mut seq, mut prev) = match meta.get(AUDIT_HEAD)? {
-                        Some(head) => {
-                            let text = String::from_utf8_lossy(&head).into_owned();
-                            let (seq, hash) = text.split_once(':').unwrap_or(("0", ""));
-                            (seq.parse::<u64>().unwrap_or(0), hash.to_string())
-                        }
-                        None => (0, String::new()),
-                    };
-                    for draft in &tx.audit {
-                        seq += 1;
-                        let entry = AuditEntry {
-                            seq,
-                            at: tx.now,
-                            actor: draft.actor.clone(),
-                            action: draft.action.clone(),
-                            request: draft.request.clone(),
-                            lease: draft.lease.clone(),
-                            group: draft.group.clone(),
-                            user: draft.user.clone(),
-                            detail: draft.detail.clone(),
-                            prev: prev.clone(),
-                        };
-                        let bytes = encode(&StoredAudit::V1(entry));
-                        prev = hex::encode(Sha256::digest(&bytes));
-                        audit.insert(&seq.to_be_bytes(), bytes)?;
-                    }
-                    meta.insert(AUDIT_HEAD, format!("{seq}:{prev}").as_bytes())?;
-                }
+                audit::append(audit, meta, &tx.audit, tx.now, self.inner.audit_key.get())?;
                 if let Some(next) = tx.next_id {
                     meta.insert(NEXT_ID, &next.to_be_bytes())?;
                 }
@@ -842,8 +813,8 @@ impl Store {
     pub fn last_audit_time(&self) -> Result<Option<Instant>, StoreError> {
         match self.inner.audit.last()? {
             Some((k, v)) => {
-                let StoredAudit::V1(entry) = decode(&k, &v)?;
-                Ok(Some(entry.at))
+                let stored: StoredAudit = decode(&k, &v)?;
+                Ok(Some(stored.into_entry().at))
             }
             None => Ok(None),
         }
@@ -853,18 +824,9 @@ impl Store {
     pub fn audit(&self, from: u64) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
         self.inner.audit.range(from.to_be_bytes()..).map(|item| {
             let (k, v) = item?;
-            let StoredAudit::V1(entry) = decode(&k, &v)?;
-            Ok(entry)
+            let stored: StoredAudit = decode(&k, &v)?;
+            Ok(stored.into_entry())
         })
-    }
-
-    /// Checks the audit hash chain from the first record to the stored head.
-    pub fn verify_audit(&self) -> Result<AuditCheck, StoreError> {
-        let head = self.inner.meta.get(AUDIT_HEAD)?;
-        audit_chain(
-            self.inner.audit.iter().map(|item| item.map_err(StoreError::from)),
-            head.as_deref(),
-        )
     }
 
     /// Raw access for tests that tamper with the audit trail.
@@ -872,62 +834,4 @@ impl Store {
     pub fn audit_tree(&self) -> &sled::Tree {
         &self.inner.audit
     }
-}
-
-/// Checks a hash chain of audit records (`seq` key → stored bytes, in
-/// order) against the recorded head: the live store's and a backup's.
-fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
-    records: impl Iterator<Item = Result<(K, V), StoreError>>,
-    head: Option<&[u8]>,
-) -> Result<AuditCheck, StoreError> {
-    let mut prev_hash = String::new();
-    let mut prev_seq = 0u64;
-    let mut count = 0u64;
-    for item in records {
-        let (k, v) = item?;
-        let (k, v) = (k.as_ref(), v.as_ref());
-        let Ok(seq_bytes) = <[u8; 8]>::try_from(k) else {
-            return Ok(AuditCheck::Broken {
-                seq: prev_seq + 1,
-                problem: format!("a record has a malformed key ({} bytes)", k.len()),
-            });
-        };
-        let seq = u64::from_be_bytes(seq_bytes);
-        let entry = match serde_json::from_slice::<StoredAudit>(v) {
-            Ok(StoredAudit::V1(e)) => e,
-            Err(e) => {
-                return Ok(AuditCheck::Broken {
-                    seq,
-                    problem: format!("record is unreadable: {e}"),
-                })
-            }
-        };
-        if entry.seq != seq || seq != prev_seq + 1 {
-            return Ok(AuditCheck::Broken {
-                seq,
-                problem: format!("sequence jumps from {prev_seq} to {seq}"),
-            });
-        }
-        if entry.prev != prev_hash {
-            // This record's link does not match its predecessor's bytes:
-            // the predecessor was altered (or this link was).
-            return Ok(AuditCheck::Broken {
-                seq: prev_seq.max(1),
-                problem: "its contents no longer match the hash recorded after it".into(),
-            });
-        }
-        prev_hash = hex::encode(Sha256::digest(v));
-        prev_seq = seq;
-        count += 1;
-    }
-    let head = head
-        .map(|h| String::from_utf8_lossy(h).into_owned())
-        .unwrap_or_else(|| "0:".into());
-    if head != format!("{prev_seq}:{prev_hash}") {
-        return Ok(AuditCheck::Broken {
-            seq: prev_seq,
-            problem: "the last record does not match the recorded chain head".into(),
-        });
-    }
-    Ok(AuditCheck::Intact { records: count })
 }

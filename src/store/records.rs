@@ -415,13 +415,18 @@ pub struct AuditEntry {
     pub group: Option<String>,
     pub user: Option<String>,
     pub detail: String,
-    /// SHA-256 (hex) of the previous record's stored bytes.
+    /// SHA-256 (hex) of the previous record's stored bytes, or HMAC-SHA256
+    /// under the `[audit] key` when that record is keyed.
     pub prev: String,
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "v")]
 pub(super) enum StoredAudit {
+    /// Linked to the next record by SHA-256.
     #[serde(rename = "1")]
     V1(AuditEntry),
+    /// Linked by HMAC-SHA256 under the `[audit] key`.
+    #[serde(rename = "1-hmac")]
+    Keyed(AuditEntry),
 }

@@ -77,6 +77,7 @@ kind = "ldap"
 mode = "http"
 bot_token = {{ env = "AD_TEST_BOT_TOKEN" }}
 signing_secret = {{ env = "AD_TEST_SIGNING" }}
+team_id = "T1"
 api_url = "{slack_api}"
 default_channel = "CJIT"
 {ad}
@@ -701,7 +702,9 @@ fn slack_id(user: &str) -> String {
 fn click(slack: &FakeSlack, who: &str, id: &str, n: u32) -> String {
     let payload = json!({
         "type": "block_actions",
-        "user": {"id": slack_id(who), "username": who},
+        "team": {"id": "T1"},
+        "api_app_id": "A1",
+        "user": {"id": slack_id(who), "username": who, "team_id": "T1"},
         "trigger_id": format!("trigger.{n}"),
         "channel": {"id": "CJIT"},
         "container": {"type": "message", "message_ts": "1.1", "channel_id": "CJIT"},

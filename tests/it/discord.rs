@@ -312,6 +312,38 @@ async fn request_posts_a_card_and_an_approval_grants_and_clears_the_buttons() {
     assert!(!to_alice.is_empty(), "{:?}", h.discord.calls());
 }
 
+/// A signed Extend click captured and sent again inside the signature window
+/// is refused by its interaction id: the lease is extended once.
+#[tokio::test]
+async fn a_replayed_extend_click_does_nothing_the_second_time() {
+    let h = harness().await;
+    let id = h.alice_requests().await;
+    h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
+    h.bot.run_due().await;
+    let lease = h.bot.lease();
+    let click = h.button("alice", &format!("jit:extend:{}", lease.id));
+    let body = click.to_string();
+    let ts = h.now();
+    let (status, first) = h.post_signed(body.as_bytes(), ts, &KEY).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let extended = h.bot.lease().expires_at;
+    assert!(extended > lease.expires_at, "the first click extends: {first}");
+
+    h.bot.advance(chrono::Duration::seconds(120));
+    let (status, again) = h.post_signed(body.as_bytes(), ts, &KEY).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    let text = again["data"]["content"].as_str().unwrap_or_default();
+    assert!(text.contains("already handled"), "{again}");
+    assert_eq!(h.bot.lease().expires_at, extended, "the replay extends nothing");
+    let extends = h
+        .bot
+        .audit_actions()
+        .iter()
+        .filter(|a| a.contains("extend"))
+        .count();
+    assert_eq!(extends, 1, "{:?}", h.bot.audit_actions());
+}
+
 #[tokio::test]
 async fn deny_opens_a_modal_and_its_reason_denies() {
     let h = harness().await;

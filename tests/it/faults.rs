@@ -179,6 +179,7 @@ operation_timeout = "5s"
 mode = "http"
 bot_token = {{ env = "FAULT_BOT_TOKEN" }}
 signing_secret = {{ env = "FAULT_SIGNING" }}
+team_id = "T1"
 api_url = "{api}"
 default_channel = "CJIT"
 
@@ -242,7 +243,9 @@ reason_required = false
             n += 1;
             let payload = json!({
                 "type": "block_actions",
-                "user": {"id": slack_id("carol"), "username": "carol"},
+                "team": {"id": "T1"},
+                "api_app_id": "A1",
+                "user": {"id": slack_id("carol"), "username": "carol", "team_id": "T1"},
                 "trigger_id": format!("trigger.{n}"),
                 "channel": {"id": "CJIT"},
                 "container": {"type": "message", "message_ts": "1.1", "channel_id": "CJIT"},

@@ -559,6 +559,7 @@ async fn a_restart_after_a_backward_clock_step_does_not_delay_revocations() {
         retry_base: jitbot_core::Span::from_secs(5),
         retry_max: jitbot_core::Span::from_mins(5),
         alert_after: 3,
+        ..jitbot::engine::EngineSettings::default()
     };
     let engine = Engine::new(
         policy(),

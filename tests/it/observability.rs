@@ -171,6 +171,7 @@ attributes = {{ mail = "carol@example.org" }}
 mode = "http"
 bot_token = {{ env = "OBS_BOT_TOKEN" }}
 signing_secret = {{ env = "OBS_SIGNING" }}
+team_id = "T1"
 api_url = "{api}"
 default_channel = "CJIT"
 
@@ -288,7 +289,9 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
     };
     let payload = json!({
         "type": "block_actions",
-        "user": {"id": "UCAROL", "username": "carol"},
+        "team": {"id": "T1"},
+        "api_app_id": "A1",
+        "user": {"id": "UCAROL", "username": "carol", "team_id": "T1"},
         "trigger_id": "trigger.2",
         "channel": {"id": "CJIT"},
         "container": {"type": "message", "message_ts": "1.1", "channel_id": "CJIT"},

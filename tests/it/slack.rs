@@ -44,6 +44,9 @@ fn config(api_url: String) -> SlackConfig {
         bot_token: SecretSource::env("JITBOT_TEST_UNUSED_SLACK_TOKEN"),
         signing_secret: None,
         app_token: None,
+        team_id: "T1".into(),
+        app_id: Some("A1".into()),
+        enterprise_id: None,
         api_url,
         user_attribute: "mail".into(),
         default_channel: "CJIT".into(),
@@ -133,6 +136,7 @@ impl Harness {
         form(&[
             ("token", "legacy"),
             ("team_id", "T1"),
+            ("api_app_id", "A1"),
             ("team_domain", "example"),
             ("channel_id", CDB),
             ("channel_name", "db"),
@@ -407,7 +411,7 @@ async fn bare_request_opens_the_request_modal_and_its_submit_requests() {
         "reason": {"reason": {"type": "plain_text_input", "value": "3 replicas down"}}
     });
     let payload = json!({
-        "type": "view_submission", "team": {"id": "T1"}, "user": {"id": "UALICE"},
+        "type": "view_submission", "team": {"id": "T1"}, "api_app_id": "A1", "user": {"id": "UALICE"},
         "view": {"id": "V9", "team_id": "T1", "type": "modal", "hash": "h", "callback_id": "jit:request",
                  "private_metadata": metadata, "state": {"values": values}}
     });
@@ -554,6 +558,95 @@ async fn forged_stale_malformed_and_oversized_requests_are_refused() {
     );
 }
 
+/// Signed payloads from another workspace or app are refused with 403 and a
+/// clear message; a Slack Connect user's click on a shared approval card is
+/// answered and changes nothing. Each refusal is logged and counted.
+#[tokio::test]
+async fn payloads_from_elsewhere_and_external_clicks_are_refused() {
+    let metrics = jitbot::metrics::install().expect("metrics recorder");
+    let h = harness().await;
+    let (id, _) = h.request_db().await;
+    let requests = h.request_count();
+
+    for (from, to) in [("team_id=T1", "team_id=T2"), ("api_app_id=A1", "api_app_id=A2")] {
+        let n = h.n();
+        let body = h
+            .command_body("alice", "request web-admins 1h elsewhere", n)
+            .replace(from, to);
+        assert!(body.contains(to), "{body}");
+        let r = h
+            .http
+            .post(format!("{}/slack/commands", h.base))
+            .header("x-slack-request-timestamp", h.now().to_string())
+            .header("x-slack-signature", sign(SIGNING, h.now(), body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{to}");
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains("slack.team_id") || text.contains("slack.app_id"),
+            "{text}"
+        );
+        h.no_answer(n).await;
+    }
+    assert_eq!(h.request_count(), requests, "nothing was requested");
+
+    let click = |team: &str, app: &str, user_team: &str, n: u32| {
+        let payload = json!({
+            "type": "block_actions",
+            "team": {"id": team},
+            "user": {"id": slack_id("bob"), "username": "bob", "team_id": user_team},
+            "api_app_id": app,
+            "trigger_id": format!("trigger.{n}"),
+            "channel": {"id": CDB},
+            "response_url": h.slack.response_url(n),
+            "actions": [{"type": "button", "action_id": format!("jit:approve:{id}"), "action_ts": format!("{n}.5")}]
+        });
+        form(&[("payload", &payload.to_string())])
+    };
+    for (team, app) in [("T2", "A1"), ("T1", "A2")] {
+        let n = h.n();
+        let status = h.post("/slack/interactions", click(team, app, team, n)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "team {team}, app {app}");
+    }
+    // Same workspace and app, but bob's account lives in another workspace.
+    let n = h.n();
+    let status = h
+        .post("/slack/interactions", click("T1", "A1", "TOTHER", n))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = h.answer(n).await;
+    assert!(text.contains("own Slack workspace"), "{text}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.state(&id),
+        RequestState::Pending,
+        "an external click approves nothing"
+    );
+
+    // The same click from bob at home still works.
+    let n = h.n();
+    assert_eq!(
+        h.post("/slack/interactions", click("T1", "A1", "T1", n)).await,
+        StatusCode::OK
+    );
+    h.until("approval", || h.state(&id) == RequestState::Approved)
+        .await;
+
+    let rendered = metrics.render();
+    for reason in ["workspace", "app", "external_user"] {
+        let series = format!("jitbot_refused_payloads_total{{platform=\"slack\",reason=\"{reason}\"}} ");
+        let count: f64 = rendered
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(count >= 1.0, "{reason} not counted: {rendered}");
+    }
+}
+
 #[tokio::test]
 async fn rate_limited_card_is_posted_after_retry_after() {
     let h = harness().await;
@@ -619,6 +712,11 @@ async fn notices_reach_channels_and_people() {
     let body: Value = call.body;
     assert!(body.to_string().contains("jit:ack:r-9"), "{body}");
     assert!(body.to_string().contains("&lt;!channel&gt;"), "{body}");
+    let fallback = body["text"].as_str().unwrap_or_default();
+    assert_eq!(
+        fallback, "break-glass &lt;!channel&gt;",
+        "the top-level text pings nobody either"
+    );
 
     h.slack.rate_limit("chat.postMessage", 1, 7);
     let err = adapter.send(&alert).await.unwrap_err();

@@ -60,6 +60,7 @@ operation_timeout = "5s"
 mode = "socket"
 bot_token = {{ env = "SM_BOT_TOKEN" }}
 app_token = {{ env = "SM_APP_TOKEN" }}
+team_id = "T1"
 api_url = "{api}"
 default_channel = "{CHANNEL}"
 

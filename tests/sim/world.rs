@@ -225,6 +225,9 @@ fn settings() -> EngineSettings {
         retry_base: Span::from_secs(5),
         retry_max: Span::from_secs(SETTINGS_RETRY_MAX_SECS as u64),
         alert_after: 3,
+        // The simulator checks the lease guarantees, not flood control: no
+        // cap, so its request mix is not thinned out.
+        max_pending_per_user: usize::MAX,
     }
 }
 

@@ -119,6 +119,7 @@ impl TestBot {
                 retry_base: Span::from_secs(5),
                 retry_max: Span::from_mins(5),
                 alert_after: 3,
+                ..EngineSettings::default()
             },
             directory: None,
         }

@@ -56,6 +56,14 @@ impl DiscordHandler {
     /// Handles one interaction. `Err` means nothing was started and the
     /// payload should be refused (HTTP 400).
     pub async fn handle(self: &Arc<Self>, incoming: Incoming) -> Result<Outcome, Rejected> {
+        if let Some(origin) = acting_origin(&incoming) {
+            if !self.first_time(&origin.id).await {
+                tracing::info!("a Discord interaction arrived twice (a replay); ignored");
+                return Ok(Outcome::now(message::ephemeral(
+                    "That interaction was already handled; nothing was done again.",
+                )));
+            }
+        }
         match incoming {
             Incoming::Ping => Ok(Outcome {
                 response: message::pong(),
@@ -103,6 +111,25 @@ impl DiscordHandler {
                     reason: reason.to_string(),
                 };
                 Ok(self.run(origin, cmd).await)
+            }
+        }
+    }
+
+    /// True the first time an interaction id is seen within the replay
+    /// window, recorded durably. Fails closed when the store cannot record it.
+    async fn first_time(&self, interaction: &str) -> bool {
+        let now = self.engine.now();
+        let until = crate::store::seen::REPLAY_WINDOW.after(now);
+        match self
+            .engine
+            .store()
+            .first_sighting(&format!("discord:{interaction}"), until, now)
+            .await
+        {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a Discord interaction id against replays; the interaction was dropped (check the store's disk)");
+                false
             }
         }
     }
@@ -220,6 +247,16 @@ impl DiscordHandler {
             .filter(|g| g.may_request(&actor))
             .map(|g| g.name.to_string())
             .collect()
+    }
+}
+
+/// The origin of an interaction that can change something (commands,
+/// buttons, modal submits); pings and autocomplete only read.
+fn acting_origin(incoming: &Incoming) -> Option<&Origin> {
+    match incoming {
+        Incoming::Command(inv) => Some(&inv.origin),
+        Incoming::Button { origin, .. } | Incoming::Modal { origin, .. } => Some(origin),
+        Incoming::Ping | Incoming::Autocomplete(_) => None,
     }
 }
 

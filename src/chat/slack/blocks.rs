@@ -102,10 +102,12 @@ pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
     if let Some(b) = buttons(&card.buttons()) {
         blocks.push(b);
     }
-    let fallback = format!(
+    // The top-level text is mrkdwn too (notifications, screen readers):
+    // escaped like the blocks, so a reason cannot ping `<!channel>`.
+    let fallback = escape(&format!(
         "{} requests {} for {} ({}): {}",
         card.requester, card.group, card.duration, card.status, card.reason
-    );
+    ));
     SlackMessageContent::new().with_text(fallback).with_blocks(blocks)
 }
 
@@ -118,7 +120,7 @@ pub fn notice(notice: &Notice) -> SlackMessageContent {
         blocks.push(b);
     }
     SlackMessageContent::new()
-        .with_text(notice.text.clone())
+        .with_text(escape(&notice.text))
         .with_blocks(blocks)
 }
 
@@ -213,6 +215,23 @@ mod tests {
         assert!(json.contains("1 of 2"), "{json}");
         assert!(json.contains("&lt;!channel&gt; &amp; more"), "{json}");
         assert!(!json.contains("<!channel>\""), "{json}");
+    }
+
+    #[test]
+    fn top_level_text_is_escaped_too() {
+        for content in [
+            approval_card(&card(true)),
+            notice(&Notice {
+                to: crate::ports::Audience::Alert,
+                text: "fix <!channel> & <@U123> <https://evil|x>".into(),
+                buttons: vec![],
+            }),
+        ] {
+            let text = content.text.clone().unwrap();
+            assert!(!text.contains('<') && !text.contains('>'), "{text}");
+            assert!(text.contains("&lt;!channel&gt;"), "{text}");
+            assert!(text.contains(" &amp; "), "{text}");
+        }
     }
 
     #[test]

@@ -3,18 +3,15 @@
 //! so the caller can acknowledge Slack at once; the work runs in a task and
 //! answers through `response_url`, an ephemeral message or a DM.
 
+use super::binding::{self, Binding, Mismatch};
 use super::blocks::{self, DENY_MODAL, DURATION_INPUT, GROUP_INPUT, REASON_INPUT, REQUEST_MODAL};
 use super::{SlackAdapter, PLATFORM};
 use crate::engine::{Caller, Engine};
 use crate::ports::ChatRef;
 use jitbot_core::command::{Action, Command, ParseError, MAX_REASON_CHARS};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
-
-/// How many recent trigger ids / action timestamps are remembered to drop
-/// Slack's retries. Slack retries within minutes, so a few thousand is ample.
-const SEEN_CAPACITY: usize = 10_000;
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A slash command's fields, from the HTTP form or a Socket Mode envelope.
 #[derive(Clone, Debug)]
@@ -24,6 +21,8 @@ pub struct SlashCommand {
     pub text: String,
     pub response_url: String,
     pub trigger_id: String,
+    /// The workspace, app and org the payload claims (checked against config).
+    pub origin: binding::Origin,
 }
 
 /// Why an interaction payload was refused outright (HTTP 400).
@@ -33,6 +32,9 @@ pub enum Rejected {
     Malformed(String),
     #[error("unknown action `{0}`")]
     UnknownAction(String),
+    /// Signed, but from another workspace, app or org (HTTP 403).
+    #[error("{}", .0.user_message())]
+    Foreign(Mismatch),
 }
 
 /// Shared by HTTP mode and Socket Mode: one place that turns Slack payloads
@@ -40,30 +42,7 @@ pub enum Rejected {
 pub struct SlackHandler {
     engine: Engine,
     adapter: Arc<SlackAdapter>,
-    seen: Mutex<Seen>,
-}
-
-/// A bounded set of recently seen ids, oldest forgotten first.
-#[derive(Default)]
-struct Seen {
-    order: VecDeque<String>,
-    set: HashSet<String>,
-}
-
-impl Seen {
-    fn first_time(&mut self, key: String) -> bool {
-        if self.set.contains(&key) {
-            return false;
-        }
-        if self.order.len() >= SEEN_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
-        }
-        self.set.insert(key.clone());
-        self.order.push_back(key);
-        true
-    }
+    binding: Binding,
 }
 
 /// Where an answer goes.
@@ -166,41 +145,82 @@ enum Submission {
 
 impl SlackHandler {
     pub fn new(engine: Engine, adapter: Arc<SlackAdapter>) -> Arc<SlackHandler> {
+        let binding = Binding::new(adapter.config());
         Arc::new(SlackHandler {
             engine,
             adapter,
-            seen: Mutex::new(Seen::default()),
+            binding,
         })
     }
 
-    fn first_time(&self, key: String) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .first_time(key)
+    /// Checks the payload's workspace, app, org and user against config;
+    /// a refusal is logged and counted like a bad signature.
+    fn bound(&self, origin: &binding::Origin) -> Result<(), Mismatch> {
+        self.binding.check(origin).map_err(|mismatch| {
+            tracing::warn!(reason = mismatch.kind(), %mismatch, "refused a Slack payload from outside the configured workspace");
+            crate::metrics::refused_payload(PLATFORM, mismatch.kind());
+            mismatch
+        })
     }
 
-    /// Accepts a slash command and starts its work. Returns false for a
-    /// retry of a command already taken (same `trigger_id`).
-    pub fn command(self: &Arc<Self>, cmd: SlashCommand) -> bool {
-        if !self.first_time(format!("cmd:{}", cmd.trigger_id)) {
+    /// True the first time a payload id is seen within the replay window
+    /// (Slack's retries and captured replays carry the same id). Recorded
+    /// durably, so a restart forgets nothing. Fails closed: a payload whose
+    /// id cannot be recorded is dropped.
+    async fn first_time(&self, key: String) -> bool {
+        let now = self.engine.now();
+        let until = crate::store::seen::REPLAY_WINDOW.after(now);
+        match self
+            .engine
+            .store()
+            .first_sighting(&format!("slack:{key}"), until, now)
+            .await
+        {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a Slack payload id against replays; the payload was dropped (check the store's disk)");
+                false
+            }
+        }
+    }
+
+    /// Accepts a slash command and starts its work. `Ok(false)` for a
+    /// retry or replay of a command already taken (same `trigger_id`);
+    /// `Err` for a command from another workspace or app.
+    pub async fn command(self: &Arc<Self>, cmd: SlashCommand) -> Result<bool, Rejected> {
+        self.bound(&cmd.origin).map_err(Rejected::Foreign)?;
+        if !self.first_time(format!("cmd:{}", cmd.trigger_id)).await {
             tracing::info!("Slack retried a slash command already taken; ignored");
-            return false;
+            return Ok(false);
         }
         let this = self.clone();
         tokio::spawn(async move { this.run_command(cmd).await });
-        true
+        Ok(true)
     }
 
     /// Accepts an interaction payload (`payload=` JSON in HTTP mode, the
     /// envelope's payload in Socket Mode). `Ok(false)` means a retry or a
     /// kind jitbot ignores; errors mean nothing was started.
-    pub fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
+    pub async fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
+        let origin = binding::Origin::of_interaction(&payload);
         let Decoded(work) = decode_interaction(payload)?;
+        match self.bound(&origin) {
+            Ok(()) => {}
+            // A Slack Connect user clicked a card shared into their
+            // workspace: the payload is genuine, so tell them why not.
+            Err(external @ Mismatch::ExternalUser { .. }) => {
+                if let Some(answer) = work.answer() {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.answer(&answer, &external.user_message()).await });
+                }
+                return Ok(false);
+            }
+            Err(other) => return Err(Rejected::Foreign(other)),
+        }
         match work {
             Work::Click { ba, action, key } => {
-                if !self.first_time(key) {
-                    tracing::info!("Slack retried a click already taken; ignored");
+                if !self.first_time(key).await {
+                    tracing::info!("Slack retried (or someone replayed) a click already taken; ignored");
                     return Ok(false);
                 }
                 let this = self.clone();
@@ -213,7 +233,7 @@ impl SlackHandler {
                 submission,
                 key,
             } => {
-                if !self.first_time(key) {
+                if !self.first_time(key).await {
                     return Ok(false);
                 }
                 let this = self.clone();
@@ -350,7 +370,8 @@ impl SlackHandler {
             Answer::Url(url) => self.adapter.respond(url, text).await,
             Answer::Ephemeral { channel, user } => self.adapter.ephemeral(channel, user, text).await,
             Answer::Dm(user) => {
-                let content = slack_morphism::prelude::SlackMessageContent::new().with_text(text.to_string());
+                let content =
+                    slack_morphism::prelude::SlackMessageContent::new().with_text(blocks::escape(text));
                 self.adapter.dm(user, content).await
             }
         };
@@ -360,7 +381,6 @@ impl SlackHandler {
     }
 }
 
-/// `/jit request` with nothing after it: the case for the modal.
 /// An interaction payload, decoded and checked, before anything runs.
 pub struct Decoded(Work);
 
@@ -378,6 +398,30 @@ enum Work {
         key: String,
     },
     Ignored,
+}
+
+impl Work {
+    /// Where to tell the user something about this payload.
+    fn answer(&self) -> Option<Answer> {
+        match self {
+            Work::Click { ba, .. } => Some(match (&ba.response_url, &ba.channel) {
+                (Some(url), _) => Answer::Url(url.clone()),
+                (None, Some(channel)) => Answer::Ephemeral {
+                    channel: channel.id.clone(),
+                    user: ba.user.id.clone(),
+                },
+                (None, None) => Answer::Dm(ba.user.id.clone()),
+            }),
+            Work::Submit { user, channel, .. } => Some(match channel {
+                Some(channel) => Answer::Ephemeral {
+                    channel: channel.clone(),
+                    user: user.clone(),
+                },
+                None => Answer::Dm(user.clone()),
+            }),
+            Work::Ignored => None,
+        }
+    }
 }
 
 /// Decodes an interaction payload without side effects: what the HTTP
@@ -435,7 +479,15 @@ pub fn decode_interaction(payload: serde_json::Value) -> Result<Decoded, Rejecte
 pub fn decode_command(body: &[u8]) -> Option<SlashCommand> {
     let mut form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
     let mut take = |k: &str| form.remove(k).filter(|v| !v.is_empty());
+    let origin = binding::Origin {
+        team: take("team_id"),
+        // Slack always sends it over HTTP: a missing one reads as empty.
+        app: Some(take("api_app_id").unwrap_or_default()),
+        enterprise: take("enterprise_id"),
+        user_team: None,
+    };
     Some(SlashCommand {
+        origin,
         user_id: take("user_id")?,
         channel_id: take("channel_id")?,
         response_url: take("response_url")?,
@@ -482,18 +534,6 @@ fn request_from_form(group: &str, duration: &str, reason: &str) -> Result<Comman
 mod tests {
     use super::*;
     use jitbot_core::{GroupName, Span};
-
-    #[test]
-    fn seen_drops_repeats_and_forgets_the_oldest() {
-        let mut seen = Seen::default();
-        assert!(seen.first_time("a".into()));
-        assert!(!seen.first_time("a".into()));
-        for i in 0..SEEN_CAPACITY {
-            seen.first_time(format!("k{i}"));
-        }
-        assert_eq!(seen.order.len(), SEEN_CAPACITY);
-        assert!(seen.first_time("a".into()), "the oldest key is forgotten");
-    }
 
     #[test]
     fn the_request_form_becomes_a_request() {

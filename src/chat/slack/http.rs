@@ -2,7 +2,7 @@
 //! request is checked (size, signature, timestamp) before anything is
 //! parsed, acknowledged at once, and its work handed to [`SlackHandler`].
 
-use super::handle::{decode_command, SlackHandler};
+use super::handle::{decode_command, Rejected, SlackHandler};
 use super::signature::verify_signature;
 use super::{SlackAdapter, PLATFORM};
 use crate::clock::Clock;
@@ -102,9 +102,11 @@ async fn commands(State(state): State<Arc<HttpState>>, headers: HeaderMap, body:
     let Some(command) = decode_command(&body) else {
         return bad_request("missing slash command fields");
     };
-    state.handler.command(command);
-    // An empty 200 acknowledges without a visible message; the answer follows.
-    StatusCode::OK.into_response()
+    match state.handler.command(command).await {
+        // An empty 200 acknowledges without a visible message; the answer follows.
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) => refused(e),
+    }
 }
 
 async fn interactions(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -118,12 +120,21 @@ async fn interactions(State(state): State<Arc<HttpState>>, headers: HeaderMap, b
     let Ok(json) = serde_json::from_str::<serde_json::Value>(&payload) else {
         return bad_request("payload is not JSON");
     };
-    match state.handler.interaction(json) {
+    match state.handler.interaction(json).await {
         // An empty 200 also closes a submitted modal.
         Ok(_) => StatusCode::OK.into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "refused a Slack interaction");
-            bad_request(&e.to_string())
+        Err(e) => refused(e),
+    }
+}
+
+/// 403 for a payload from another workspace or app (already logged and
+/// counted), 400 for one jitbot cannot read.
+fn refused(e: Rejected) -> Response {
+    match e {
+        Rejected::Foreign(_) => (StatusCode::FORBIDDEN, e.to_string()).into_response(),
+        other => {
+            tracing::warn!(error = %other, "refused a Slack interaction");
+            bad_request(&other.to_string())
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (slack-morphism), slash commands and clicks in through HTTP mode or
 //! Socket Mode. Both modes hand their payloads to one [`handle`] module.
 
+pub mod binding;
 pub mod blocks;
 mod handle;
 mod http;
@@ -138,7 +139,7 @@ impl SlackAdapter {
         let req = SlackApiChatPostEphemeralRequest::new(
             channel.to_string().into(),
             slack_user.to_string().into(),
-            SlackMessageContent::new().with_text(text.to_string()),
+            SlackMessageContent::new().with_text(blocks::escape(text)),
         );
         self.session()
             .chat_post_ephemeral(&req)
@@ -168,7 +169,7 @@ impl SlackAdapter {
         let url: url::Url = response_url
             .parse()
             .map_err(|_| ChatError::Refused("response_url is not a URL".into()))?;
-        let body = serde_json::json!({ "response_type": "ephemeral", "text": text });
+        let body = serde_json::json!({ "response_type": "ephemeral", "text": blocks::escape(text) });
         let span = tracing::debug_span!("slack response_url");
         let mut attempt = 0;
         loop {

@@ -77,13 +77,22 @@ async fn on_command(
     states: SlackClientEventsUserState,
 ) -> UserCallbackResult<SlackCommandEventResponse> {
     if let Some(h) = handler(&states).await {
-        h.command(SlashCommand {
+        let cmd = SlashCommand {
             user_id: ev.user_id.to_string(),
             channel_id: ev.channel_id.to_string(),
             text: ev.text.unwrap_or_default(),
             response_url: ev.response_url.0.to_string(),
             trigger_id: ev.trigger_id.to_string(),
-        });
+            // The socket is opened with this app's token, so the app is
+            // given; the workspace is still checked.
+            origin: super::binding::Origin {
+                team: Some(ev.team_id.to_string()),
+                ..Default::default()
+            },
+        };
+        if let Err(e) = h.command(cmd).await {
+            tracing::warn!(error = %e, "refused a Slack slash command");
+        }
     }
     Ok(
         SlackCommandEventResponse::new(SlackMessageContent::new().with_text("Working on it…".into()))
@@ -99,7 +108,7 @@ async fn on_interaction(
     // Back to Slack's JSON so both modes go through one parser.
     let json = serde_json::to_value(&ev)?;
     if let Some(h) = handler(&states).await {
-        if let Err(e) = h.interaction(json) {
+        if let Err(e) = h.interaction(json).await {
             tracing::warn!(error = %e, "refused a Slack interaction");
         }
     }

@@ -1,0 +1,398 @@
+//! Safeguards against replays, floods and rewritten history: Slack payloads
+//! replayed after a restart and the audit chain anchored outside the store
+//! (through the real binary), and the cap on pending requests per person
+//! (through the engine).
+
+use crate::support::bot::TestBot;
+use crate::support::fake_slack::FakeSlack;
+use jitbot::chat::slack::signature::sign;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "hardening-admin-token-0123456789";
+const SIGNING: &str = "hardening-signing-secret";
+const OPS: &str = "cn=ops-admins,ou=groups,dc=example,dc=org";
+
+/// The running binary; killed if a test fails before stopping it.
+struct Running(Option<Child>, String);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Running {
+    /// SIGTERM, and a clean exit.
+    fn stop(mut self) {
+        let mut child = self.0.take().expect("running");
+        let pid = child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "exit status after SIGTERM: {status}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn jitbot() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitbot"));
+    cmd.env("JITBOT_HARDENING_ADMIN_TOKEN", TOKEN)
+        .env("JITBOT_ADMIN_TOKEN", TOKEN)
+        .env("JITBOT_HARDENING_SIGNING", SIGNING)
+        .env("JITBOT_HARDENING_BOT", "xoxb-hardening")
+        .env("JITBOT_LOG", "debug");
+    cmd
+}
+
+/// A config with Slack in HTTP mode against `slack`, plus `extra` TOML.
+fn write_config(
+    dir: &Path,
+    port: u16,
+    admin_port: u16,
+    slack: &FakeSlack,
+    extra: &str,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+admin_token = {{ env = "JITBOT_HARDENING_ADMIN_TOKEN" }}
+shutdown_grace = "5s"
+
+[store]
+path = "{store}"
+cache_mb = 16
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
+
+[[memory.user]]
+id = "alice"
+attributes = {{ mail = "alice@example.org" }}
+[[memory.user]]
+id = "bob"
+attributes = {{ mail = "bob@example.org" }}
+
+[slack]
+mode = "http"
+bot_token = {{ env = "JITBOT_HARDENING_BOT" }}
+signing_secret = {{ env = "JITBOT_HARDENING_SIGNING" }}
+team_id = "T1"
+api_url = "{api}"
+default_channel = "CJIT"
+alert_channel = "CALERT"
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+{extra}
+"#,
+        store = dir.join("db").display(),
+        api = slack.api_url(),
+    );
+    let path = dir.join("jitbot.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn start(config: &Path, port: u16, log: &Path) -> Running {
+    let child = jitbot()
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), log).await
+}
+
+fn command_body(slack: &FakeSlack, text: &str, n: u32) -> String {
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("team_id", "T1")
+        .append_pair("api_app_id", "A1")
+        .append_pair("channel_id", "CJIT")
+        .append_pair("user_id", "UALICE")
+        .append_pair("command", "/jit")
+        .append_pair("text", text)
+        .append_pair("response_url", &slack.response_url(n))
+        .append_pair("trigger_id", &format!("trigger.{n}"));
+    form.finish()
+}
+
+async fn post_signed(base: &str, body: &str, ts: i64) -> reqwest::StatusCode {
+    reqwest::Client::new()
+        .post(format!("{base}/slack/commands"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", sign(SIGNING, ts, body.as_bytes()))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// A signed slash command captured and replayed after jitbot restarted,
+/// inside the signature window, is acknowledged but not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_payload_replayed_after_a_restart_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slack = FakeSlack::start().await;
+    slack.add_user("UALICE", "alice@example.org");
+    let port = free_port();
+    let config = write_config(tmp.path(), port, free_port(), &slack, "");
+    let log = tmp.path().join("first.log");
+    let bot = start(&config, port, &log).await;
+
+    let body = command_body(&slack, "request db-admins 1h replicas down", 1);
+    let ts = chrono::Utc::now().timestamp();
+    assert_eq!(post_signed(&bot.1, &body, ts).await, 200);
+    let wait = Duration::from_secs(10);
+    let first = slack.wait_for(wait, |c| c.method == "response/1").await;
+    let first = first.unwrap_or_else(|| panic!("no answer: {:?}", std::fs::read_to_string(&log)));
+    assert!(
+        first.body["text"].as_str().unwrap_or_default().contains("r-"),
+        "{first:?}"
+    );
+    bot.stop();
+
+    let log = tmp.path().join("second.log");
+    let bot = start(&config, port, &log).await;
+    assert_eq!(
+        post_signed(&bot.1, &body, ts).await,
+        200,
+        "acknowledged, so Slack stops retrying"
+    );
+    // A fresh command is answered: the replay had its chance to be too.
+    let fresh = command_body(&slack, "list", 2);
+    assert_eq!(
+        post_signed(&bot.1, &fresh, chrono::Utc::now().timestamp()).await,
+        200
+    );
+    assert!(slack.wait_for(wait, |c| c.method == "response/2").await.is_some());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(slack.calls_to("response/1").len(), 1, "the replay was run again");
+    bot.stop();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("already taken"), "{logs}");
+    let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
+    assert_eq!(store.requests().unwrap().len(), 1, "one request, not two");
+}
+
+/// A requester can keep only `max_pending_per_user` requests waiting; the
+/// refusal names them and says how to cancel one. Break-glass and other
+/// people are not held back.
+#[tokio::test]
+async fn pending_requests_per_person_are_capped() {
+    let bot = TestBot::builder()
+        .settings(|s| s.max_pending_per_user = 2)
+        .policy(|p| {
+            let mut ops = p.groups[1].clone();
+            ops.break_glass = true;
+            ops.name = jitbot_core::GroupName::new("ops-admins");
+            ops.dn = jitbot_core::GroupDn::new(OPS);
+            p.groups.push(ops);
+        })
+        .build();
+    bot.dir.add_group(OPS, Vec::<&str>::new());
+    let first = TestBot::request_id(&bot.ok("alice", "request web-admins 1h one").await);
+    let second = TestBot::request_id(&bot.ok("alice", "request db-admins 1h two").await);
+    let third = bot.say("alice", "request ops-admins 1h three").await;
+    assert!(!third.ok, "{}", third.text);
+    for part in ["/jit cancel", &first, &second, "2 requests"] {
+        assert!(third.text.contains(part), "{part} missing: {}", third.text);
+    }
+    assert_eq!(
+        bot.engine.store().requests().unwrap().len(),
+        2,
+        "nothing was queued"
+    );
+
+    // Someone else is not affected.
+    bot.ok("dave", "request db-admins 1h mine").await;
+    // Break-glass is granted at once, so the cap never holds it back.
+    let glass = bot.say("alice", "breakglass ops-admins 1h prod down").await;
+    assert!(glass.ok, "{}", glass.text);
+    bot.run_due().await;
+    assert!(bot.is_member(OPS, "alice"), "break-glass granted");
+
+    // Cancelling one frees a slot.
+    bot.ok("alice", &format!("cancel {first}")).await;
+    bot.ok("alice", "request web-admins 1h three again").await;
+}
+
+/// `jitbot audit anchor` publishes the head to the alert channel (and the
+/// scheduled anchor does at start-up); `verify --anchor` accepts the chain
+/// while it is intact, and refuses it once someone with store access has
+/// rewritten a record before the anchor and re-linked everything after it.
+/// With `[audit] key`, records are HMAC-keyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_anchors_catch_rewritten_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slack = FakeSlack::start().await;
+    slack.add_user("UALICE", "alice@example.org");
+    let port = free_port();
+    let admin_port = free_port();
+    let audit = "\n[audit]\nkey = { env = \"JITBOT_HARDENING_AUDIT_KEY\" }\nanchor_every = \"1h\"\n";
+    let config = write_config(tmp.path(), port, admin_port, &slack, audit);
+    let log = tmp.path().join("anchor.log");
+    let key = "k".repeat(40);
+    let child = jitbot()
+        .env("JITBOT_HARDENING_AUDIT_KEY", &key)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let bot = wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), &log).await;
+    let wait = Duration::from_secs(10);
+    let scheduled = slack
+        .wait_for(wait, |c| {
+            c.method == "chat.postMessage" && c.body["channel"] == "CALERT"
+        })
+        .await
+        .expect("the scheduled anchor at start-up");
+    assert!(
+        scheduled.body.to_string().contains("Audit anchor `0:`"),
+        "{:?}",
+        scheduled.body
+    );
+
+    // Some history: a request, then the anchor.
+    let body = command_body(&slack, "request db-admins 1h replicas down", 1);
+    assert_eq!(
+        post_signed(&bot.1, &body, chrono::Utc::now().timestamp()).await,
+        200
+    );
+    assert!(slack.wait_for(wait, |c| c.method == "response/1").await.is_some());
+    let base = format!("http://127.0.0.1:{admin_port}");
+    let cli = |args: &[&str]| jitbot().args(args).args(["--url", &base]).output().unwrap();
+    let out = cli(&["audit", "anchor"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let anchor = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let parsed: jitbot::store::Anchor = anchor.parse().expect("SEQ:HASH");
+    assert!(parsed.seq >= 1, "{anchor}");
+    let published = slack
+        .wait_for(wait, |c| {
+            c.body["channel"] == "CALERT" && c.body.to_string().contains(&anchor)
+        })
+        .await;
+    assert!(
+        published.is_some(),
+        "the anchor reached the alert channel: {:?}",
+        slack.calls()
+    );
+    assert!(
+        std::fs::read_to_string(&log).unwrap().contains(&anchor),
+        "and the log"
+    );
+
+    // More history after the anchor; the chain verifies against it.
+    let body = command_body(&slack, "list", 2);
+    assert_eq!(
+        post_signed(&bot.1, &body, chrono::Utc::now().timestamp()).await,
+        200
+    );
+    assert!(slack.wait_for(wait, |c| c.method == "response/2").await.is_some());
+    let out = cli(&["audit", "verify", "--anchor", &anchor]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("matches anchor"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bot.stop();
+
+    // Offline, with write access to the store: every record is keyed, so
+    // the attacker rewrites record 1 and re-links the chain with SHA-256.
+    {
+        let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
+        let tree = store.audit_tree();
+        let raw: Vec<(sled::IVec, sled::IVec)> = tree.iter().map(|i| i.unwrap()).collect();
+        assert!(!raw.is_empty());
+        for (_, v) in &raw {
+            assert!(
+                String::from_utf8_lossy(v).contains("\"v\":\"1-hmac\""),
+                "keyed records"
+            );
+        }
+        let mut prev = String::new();
+        for (k, v) in &raw {
+            let mut json: serde_json::Value = serde_json::from_slice(v).unwrap();
+            if json["seq"] == 1 {
+                json["detail"] = "nothing happened".into();
+            }
+            json["v"] = "1".into();
+            json["prev"] = prev.clone().into();
+            let bytes = serde_json::to_vec(&json).unwrap();
+            use sha2::Digest;
+            prev = hex::encode(sha2::Sha256::digest(&bytes));
+            tree.insert(k, bytes).unwrap();
+        }
+        store.flush().await.unwrap();
+    }
+    let first_logs = std::fs::read_to_string(tmp.path().join("anchor.log")).unwrap();
+    assert!(
+        !first_logs.contains("so it was sealed"),
+        "a new keyed store needs no seal"
+    );
+    let log = tmp.path().join("after.log");
+    let child = jitbot()
+        .env("JITBOT_HARDENING_AUDIT_KEY", &key)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let bot = wait_up(Running(Some(child), format!("http://127.0.0.1:{port}")), &log).await;
+    let out = cli(&["audit", "verify", "--anchor", &anchor]);
+    assert!(!out.status.success(), "a rewritten history must not verify");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken at record"), "{err}");
+    bot.stop();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("so it was sealed"),
+        "the downgrade is logged: {logs}"
+    );
+}
+
+async fn wait_up(running: Running, log: &Path) -> Running {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("{}/healthz", running.1)).send().await {
+            if r.status().is_success() {
+                return running;
+            }
+        }
+        let logs = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(Instant::now() < deadline, "jitbot did not come up:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
