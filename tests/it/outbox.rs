@@ -197,8 +197,9 @@ async fn rate_limited_destination_does_not_block_another() {
         .collect();
     assert_eq!(discord.delivered(), sent, "discord got everything at once");
     assert_eq!(slack.attempts(), 1, "slack asked for a pause: its queue waits");
-    // A 429 that never ends costs each ordinary notice its attempts, one per
-    // pause, and never the alert; discord is not sent anything twice.
+    // A 429 that never ends is waited out, one call per pause, and nothing
+    // is given up (only a platform's permanent refusal ends delivery);
+    // discord is not sent anything twice.
     for _ in 0..(6 * MAX_ATTEMPTS) {
         bot.advance(chrono::Duration::seconds(61));
         drain(&bot.engine, &both).await;
@@ -209,8 +210,7 @@ async fn rate_limited_destination_does_not_block_another() {
         "one call per pause"
     );
     let left = bot.engine.store().outbox(10).unwrap();
-    assert_eq!(left.len(), 1, "{left:?}");
-    assert!(format!("{:?}", left[0].1).contains("the alert"), "{left:?}");
+    assert_eq!(left.len(), 6, "still queued for slack: {left:?}");
     assert_eq!(discord.delivered(), sent);
 }
 

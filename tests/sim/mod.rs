@@ -209,12 +209,27 @@ fn seeds() {
     let first = env("SIM_SEED0", 0);
     let budget = env("SIM_SHRINK", 400) as usize;
     let shrink_time = std::time::Duration::from_secs(env("SIM_SHRINK_SECS", 30));
+    // A wall-clock budget for long runs (`SIM_SECS`, 0 = none): stop after
+    // it, and say how many seeds ran.
+    let time_limit = env("SIM_SECS", 0);
     let started = Instant::now();
+    let mut ran = 0u64;
     let mut total_steps = 0usize;
     // Time spent shrinking, left out of the rates.
     let mut shrinking = std::time::Duration::ZERO;
     let mut found: BTreeMap<&'static str, (u64, usize, String)> = BTreeMap::new();
     for seed in first..first + seeds {
+        if time_limit > 0 && started.elapsed().as_secs() >= time_limit {
+            break;
+        }
+        ran += 1;
+        if ran % 1000 == 0 {
+            println!(
+                "sim: {ran} seeds, {total_steps} steps in {:.0}s, {} broke an invariant so far",
+                started.elapsed().as_secs_f64(),
+                found.values().map(|(_, n, _)| n).sum::<usize>()
+            );
+        }
         match run_seed(seed, steps) {
             Ok(n) => total_steps += n,
             Err(failure) => {
@@ -250,8 +265,8 @@ fn seeds() {
     let secs = (started.elapsed() - shrinking).as_secs_f64();
     let failures: usize = found.values().map(|(_, n, _)| n).sum();
     println!(
-        "sim: {seeds} seeds x {steps} steps from seed {first}: {total_steps} steps in {secs:.1}s, shrinking apart ({:.1} seeds/s, {:.0} steps/s); {failures} seeds broke an invariant: {:?}",
-        seeds as f64 / secs,
+        "sim: {ran} seeds x {steps} steps from seed {first}: {total_steps} steps in {secs:.1}s, shrinking apart ({:.1} seeds/s, {:.0} steps/s); {failures} seeds broke an invariant: {:?}",
+        ran as f64 / secs,
         total_steps as f64 / secs,
         found.iter().map(|(k, (s, n, _))| format!("{k} x{n} (first seed {s})")).collect::<Vec<_>>()
     );
