@@ -2,7 +2,7 @@
 //! anything is bound or written. Secrets are named (env or file), not written.
 
 use crate::secret::SecretSource;
-use jitbot_core::policy::{GroupPolicy, Policy, Principals};
+use jitbot_core::policy::{CardDelivery, GroupPolicy, Policy, Principals};
 use jitbot_core::{GroupDn, GroupName, Span, UserId};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +26,9 @@ pub struct Config {
     pub discord: Option<DiscordConfig>,
     #[serde(default)]
     pub admins: PrincipalsConfig,
+    /// Defaults for every `[[group]]` that does not set its own.
+    #[serde(default)]
+    pub policy: PolicyDefaults,
     #[serde(default, rename = "group")]
     pub groups: Vec<Spanned<GroupConfig>>,
 }
@@ -376,6 +379,15 @@ pub struct DiscordConfig {
     pub users: BTreeMap<String, String>,
 }
 
+/// The `[policy]` table: defaults for every group.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDefaults {
+    /// Where approval cards go: `channel` (default), `dm` or `both`.
+    #[serde(default)]
+    pub approval_cards: CardDelivery,
+}
+
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct PrincipalsConfig {
@@ -433,6 +445,8 @@ pub struct GroupConfig {
     /// Also write Active Directory's `<TTL=...>` temporary membership.
     #[serde(default)]
     pub ad_ttl: bool,
+    /// Where this group's approval cards go; `[policy] approval_cards` when absent.
+    pub approval_cards: Option<CardDelivery>,
 }
 
 fn one() -> u32 {
@@ -464,6 +478,7 @@ impl GroupConfig {
             deny_ends_request: self.deny_ends_request,
             extension_requires_approval: self.extension_requires_approval,
             expiry_warning: self.expiry_warning,
+            approval_cards: self.approval_cards.unwrap_or_default(),
         }
     }
 }
@@ -819,7 +834,15 @@ impl Config {
 
     pub fn policy(&self) -> Policy {
         Policy {
-            groups: self.groups.iter().map(|g| g.get_ref().to_policy()).collect(),
+            groups: self
+                .groups
+                .iter()
+                .map(|g| {
+                    let mut p = g.get_ref().to_policy();
+                    p.approval_cards = g.get_ref().approval_cards.unwrap_or(self.policy.approval_cards);
+                    p
+                })
+                .collect(),
             admins: self.admins.to_principals(),
         }
     }

@@ -13,6 +13,7 @@ pub(crate) mod audit;
 mod executor;
 mod leases;
 mod queries;
+mod recipients;
 mod requests;
 mod zsp;
 

@@ -202,6 +202,7 @@ mod tests {
             needed: 2,
             status: "pending".into(),
             open,
+            recipients: Default::default(),
         }
     }
 
