@@ -883,6 +883,26 @@ max_duration = "4h"
     }
 
     #[test]
+    fn approval_cards_default_to_the_channel_and_policy_sets_the_default() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.policy().groups[0].approval_cards, CardDelivery::Channel);
+        let text = MINIMAL.replace("[memory]", "[policy]\napproval_cards = \"dm\"\n\n[memory]");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.policy().groups[0].approval_cards, CardDelivery::Dm);
+        let text = format!("{text}approval_cards = \"both\"\n");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(
+            c.policy().groups[0].approval_cards,
+            CardDelivery::Both,
+            "a group's own setting wins"
+        );
+        let bad = MINIMAL.replace("[memory]", "[policy]\napproval_cards = \"email\"\n\n[memory]");
+        let err = Config::parse(&bad, "t.toml").unwrap_err();
+        assert!(err.to_string().contains("`channel`, `dm`, `both`"), "{err}");
+        assert_eq!(err.issues[0].line, Some(9), "{err}");
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jitbot.example.toml");
         if let Err(e) = Config::load(&path) {
