@@ -305,7 +305,10 @@ mod tests {
             .user_attributes(&alice, &["Mail".to_string(), "discordId".to_string()])
             .await
             .unwrap();
-        assert_eq!(attrs, [("Mail".to_string(), "alice@example.org".to_string())].into());
+        assert_eq!(
+            attrs,
+            [("Mail".to_string(), "alice@example.org".to_string())].into()
+        );
         assert!(matches!(
             d.user_attributes(&UserId::new("nobody"), &[]).await,
             Err(DirectoryError::NoSuchUser(_))

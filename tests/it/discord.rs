@@ -808,9 +808,7 @@ async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
 
     // carol (found by her directory attribute) decides: every copy says so,
     // without buttons.
-    let text = h
-        .answer(&h.button("carol", &format!("jit:approve:{id}")))
-        .await;
+    let text = h.answer(&h.button("carol", &format!("jit:approve:{id}"))).await;
     assert!(text.contains("pprove"), "{text}");
     h.bot.run_due().await;
     assert!(h.bot.is_member(DB, "alice"));
@@ -876,16 +874,18 @@ async fn holder_notices_arrive_by_dm_on_slack_and_discord() {
             .count()
     };
 
-    let text = h
-        .bot
-        .ok("alice", "request db-admins 1h fixing replication")
-        .await;
+    let text = h.bot.ok("alice", "request db-admins 1h fixing replication").await;
     let id = TestBot::request_id(&text);
     h.bot.ok("bob", &format!("approve {id}")).await;
     h.bot.run_due().await;
     jitbot::chat::outbox::drain(&h.bot.engine, &both).await;
     assert_eq!(slack_dms("You have `db-admins` until"), 1, "{:#?}", slack.calls());
-    assert_eq!(discord_dms("You have `db-admins` until"), 1, "{:#?}", h.discord.calls());
+    assert_eq!(
+        discord_dms("You have `db-admins` until"),
+        1,
+        "{:#?}",
+        h.discord.calls()
+    );
     assert!(slack
         .calls_to("users.lookupByEmail")
         .iter()
@@ -894,7 +894,12 @@ async fn holder_notices_arrive_by_dm_on_slack_and_discord() {
     h.bot.advance(chrono::Duration::minutes(51));
     h.bot.run_due().await;
     jitbot::chat::outbox::drain(&h.bot.engine, &both).await;
-    assert_eq!(slack_dms("ends in"), 1, "expiry warning on Slack: {:#?}", slack.calls());
+    assert_eq!(
+        slack_dms("ends in"),
+        1,
+        "expiry warning on Slack: {:#?}",
+        slack.calls()
+    );
     assert_eq!(discord_dms("ends in"), 1, "expiry warning on Discord");
 
     h.bot.advance(chrono::Duration::minutes(10));

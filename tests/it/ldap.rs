@@ -738,7 +738,10 @@ async fn user_attributes_read_the_persons_entry() {
     let dir = directory(&slapd.ldap_config());
     let wanted = ["mail".to_string(), "telephoneNumber".to_string()];
     let attrs = dir.user_attributes(&user("alice"), &wanted).await.unwrap();
-    assert_eq!(attrs, [("mail".to_string(), "alice@example.org".to_string())].into());
+    assert_eq!(
+        attrs,
+        [("mail".to_string(), "alice@example.org".to_string())].into()
+    );
     let attrs = dir
         .user_attributes(&user("evil,+\"\\<>;"), &wanted)
         .await
@@ -749,7 +752,8 @@ async fn user_attributes_read_the_persons_entry() {
         Err(DirectoryError::NoSuchUser(_))
     ));
     assert!(matches!(
-        dir.user_attributes(&user("alice"), &["mail)(uid=*".to_string()]).await,
+        dir.user_attributes(&user("alice"), &["mail)(uid=*".to_string()])
+            .await,
         Err(DirectoryError::Refused(_))
     ));
 }
@@ -776,5 +780,8 @@ async fn eligible_approvers_expand_nested_groups_in_slapd() {
         "never the requester"
     );
     let carol = bot.engine.contact(&user("carol"), &["mail".to_string()]).await;
-    assert_eq!(carol.attributes.get("mail").map(String::as_str), Some("carol@example.org"));
+    assert_eq!(
+        carol.attributes.get("mail").map(String::as_str),
+        Some("carol@example.org")
+    );
 }

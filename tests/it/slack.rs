@@ -781,7 +781,10 @@ async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
     assert!(!lookups.contains(&"alice@example.org".to_string()), "{lookups:?}");
     let channel_card = posts.iter().find(|c| c.body["channel"] == CDB).unwrap();
     let text = channel_card.body.to_string();
-    assert!(text.contains("Could not reach by DM") && text.contains("frank"), "{text}");
+    assert!(
+        text.contains("Could not reach by DM") && text.contains("frank"),
+        "{text}"
+    );
     let ts_of = |channel: &str| {
         let post = posts.iter().find(|c| c.body["channel"] == channel).unwrap();
         // The fake numbers messages in posting order.
@@ -824,7 +827,10 @@ async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
             b.contains("approved by bob, carol")
         })
         .await;
-        assert!(!body.contains("action_id"), "buttons must be gone on {channel}: {body}");
+        assert!(
+            !body.contains("action_id"),
+            "buttons must be gone on {channel}: {body}"
+        );
     }
     h.until("alice in db-admins", || h.bot.is_member(DB, "alice"))
         .await;
@@ -857,9 +863,7 @@ async fn approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached() 
         "{posts:#?}"
     );
     // A second card finds frank through the cache: one lookup per mail.
-    let n = h
-        .command("dave", "request db-admins 1h another")
-        .await;
+    let n = h.command("dave", "request db-admins 1h another").await;
     let second = TestBot::request_id(&h.answer(n).await);
     crate::support::net::eventually(WAIT, "the second card's DMs", || {
         (card_posts(&h, &second).len() >= 4).then_some(())

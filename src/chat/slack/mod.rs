@@ -209,7 +209,9 @@ impl SlackAdapter {
             .ok_or_else(|| format!("the directory has no {attr} for {}", contact.user))?;
         match self.user_by_mail(mail).await {
             Ok(Some(id)) => Ok(id),
-            Ok(None) => Err(format!("no Slack user has the email {mail} (users.lookupByEmail)")),
+            Ok(None) => Err(format!(
+                "no Slack user has the email {mail} (users.lookupByEmail)"
+            )),
             Err(e) => Err(format!("users.lookupByEmail failed: {e}")),
         }
     }

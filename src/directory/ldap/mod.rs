@@ -422,7 +422,9 @@ impl Directory for LdapDirectory {
         attributes: &[String],
     ) -> Result<BTreeMap<String, String>, DirectoryError> {
         if let Some(bad) = attributes.iter().find(|a| !valid_attribute(a)) {
-            return Err(DirectoryError::Refused(format!("`{bad}` is not an attribute name")));
+            return Err(DirectoryError::Refused(format!(
+                "`{bad}` is not an attribute name"
+            )));
         }
         let id = user.as_str();
         if attributes.is_empty() || id.is_empty() || id.contains('\0') {
