@@ -721,6 +721,22 @@ fn card_posts(h: &Harness, id: &str) -> Vec<crate::support::fake_discord::Call> 
         .collect()
 }
 
+/// A button click in a DM, shaped as Discord sends it there: no guild, no
+/// `member`, the clicker as `user`, the DM as channel.
+fn dm_click(h: &Harness, user: &str, custom_id: &str, dm: &str) -> Value {
+    let mut v = h.button(user, custom_id);
+    let o = v.as_object_mut().unwrap();
+    o.remove("guild_id");
+    o.remove("member");
+    o.insert("user".into(), json!({ "id": did(user), "username": user }));
+    o.insert("channel_id".into(), json!(dm));
+    o.insert(
+        "message".into(),
+        json!({ "id": "1300000000000000002", "channel_id": dm }),
+    );
+    v
+}
+
 /// The last edit of each message: path → body.
 fn last_edits(h: &Harness) -> std::collections::BTreeMap<String, Value> {
     h.discord
@@ -787,7 +803,9 @@ async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
     assert_eq!(field(&channel_card.body, "Could not reach by DM"), "frank");
 
     // bob approves from his DM: 1 of 2 on every copy, buttons still there.
-    let text = h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
+    let text = h
+        .answer(&dm_click(&h, "bob", &format!("jit:approve:{id}"), &dm_bob))
+        .await;
     assert!(text.contains("1 of 2"), "{text}");
     h.drain().await;
     let edits = last_edits(&h);
@@ -908,4 +926,44 @@ async fn holder_notices_arrive_by_dm_on_slack_and_discord() {
     jitbot::chat::outbox::drain(&h.bot.engine, &both).await;
     assert_eq!(slack_dms("ended"), 1, "expiry on Slack: {:#?}", slack.calls());
     assert_eq!(discord_dms("ended"), 1, "expiry on Discord");
+}
+
+/// With `approval_cards = "both"`, the channel copy goes out first; bob does
+/// not accept DMs (Discord's 403, code 50007), so the channel copy is
+/// rewritten to list him, while carol's DM still goes out and the post
+/// succeeds.
+#[tokio::test]
+async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    h.discord.refuse_dms(&did("bob"));
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let posts = card_posts(&h, &id);
+    let paths: Vec<&str> = posts.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            format!("/channels/{CDB}/messages"),
+            format!("/channels/{}/messages", dm_channel(&did("bob"))),
+            format!("/channels/{}/messages", dm_channel(&did("carol")))
+        ],
+        "channel first, then the DMs (bob's refused)"
+    );
+    let edits = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits.last().expect("channel card rewritten");
+    assert_eq!(field(&last.body, "Could not reach by DM"), "bob");
+    assert_eq!(custom_ids(&last.body).len(), 2, "still open");
+    let rec = h
+        .bot
+        .engine
+        .store()
+        .request(&RequestId::new(&id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.messages.len(), 2, "both copies recorded: {:?}", rec.messages);
 }
