@@ -119,3 +119,143 @@ pub async fn post(
     }
     Ok(refs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::Recipients;
+    use jitbot_core::{GroupName, RequestId};
+
+    /// Records what was posted where; DMs to `closed` fail; the channel
+    /// fails when `channel_down`.
+    #[derive(Default)]
+    struct Copies {
+        log: Mutex<Vec<String>>,
+        closed: Vec<&'static str>,
+        channel_down: bool,
+    }
+
+    fn at(channel: &str) -> MessageRef {
+        MessageRef {
+            platform: "test".into(),
+            channel: channel.into(),
+            id: "1".into(),
+        }
+    }
+
+    #[async_trait]
+    impl CardCopies for Copies {
+        async fn post_in_channel(&self, card: &ApprovalCard) -> Result<MessageRef, ChatError> {
+            if self.channel_down {
+                return Err(ChatError::Unavailable("down".into()));
+            }
+            let listed: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
+            self.log.lock().unwrap().push(format!("channel {listed:?}"));
+            Ok(at("C"))
+        }
+        async fn rewrite(&self, _: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
+            let listed: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
+            self.log.lock().unwrap().push(format!("rewrite {listed:?}"));
+            Ok(())
+        }
+        async fn post_by_dm(&self, to: &Contact, _: &ApprovalCard) -> Result<MessageRef, String> {
+            self.log.lock().unwrap().push(format!("dm {}", to.user));
+            if self.closed.contains(&to.user.as_str()) {
+                return Err("closed".into());
+            }
+            Ok(at(&format!("D{}", to.user)))
+        }
+    }
+
+    fn card(channel: bool, dm: &[&str]) -> ApprovalCard {
+        ApprovalCard {
+            request: RequestId::new("r-1"),
+            group: GroupName::new("db"),
+            requester: UserId::new("alice"),
+            duration: "1h".into(),
+            reason: "x".into(),
+            extension: false,
+            approvals: vec![],
+            needed: 1,
+            status: "pending".into(),
+            open: true,
+            recipients: Recipients {
+                channel,
+                dm: dm
+                    .iter()
+                    .map(|u| Contact {
+                        user: UserId::new(*u),
+                        attributes: Default::default(),
+                    })
+                    .collect(),
+                unreachable: vec![],
+            },
+        }
+    }
+
+    async fn run(copies: &Copies, card: &ApprovalCard) -> (Result<Vec<MessageRef>, ChatError>, Vec<String>) {
+        let seen = Unreachable::default();
+        let r = post("test", copies, &seen, card).await;
+        (r, copies.log.lock().unwrap().clone())
+    }
+
+    #[tokio::test]
+    async fn which_copies_go_where() {
+        // dm, all reached: no channel copy.
+        let (r, log) = run(&Copies::default(), &card(false, &["bob", "carol"])).await;
+        assert_eq!(log, ["dm bob", "dm carol"]);
+        assert_eq!(r.unwrap().len(), 2);
+        // dm, nobody to DM: the channel.
+        let (r, log) = run(&Copies::default(), &card(false, &[])).await;
+        assert_eq!(log, ["channel []"]);
+        assert_eq!(r.unwrap().len(), 1);
+        // dm, one unreachable: the channel lists them.
+        let copies = Copies {
+            closed: vec!["carol"],
+            ..Copies::default()
+        };
+        let (r, log) = run(&copies, &card(false, &["bob", "carol"])).await;
+        assert_eq!(log, ["dm bob", "dm carol", "channel [\"carol\"]"]);
+        assert_eq!(r.unwrap().len(), 2);
+        // both, one unreachable: channel first, then rewritten.
+        let copies = Copies {
+            closed: vec!["bob"],
+            ..Copies::default()
+        };
+        let (r, log) = run(&copies, &card(true, &["bob", "carol"])).await;
+        assert_eq!(log, ["channel []", "dm bob", "dm carol", "rewrite [\"bob\"]"]);
+        assert_eq!(r.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_channel_post_fails_before_any_dm() {
+        let copies = Copies {
+            channel_down: true,
+            ..Copies::default()
+        };
+        let (r, log) = run(&copies, &card(true, &["bob"])).await;
+        assert!(r.is_err());
+        assert!(log.is_empty(), "{log:?}");
+    }
+
+    #[test]
+    fn updates_keep_the_list_until_decided() {
+        let seen = Unreachable::default();
+        seen.remember(&at("C"), vec![UserId::new("bob")]);
+        let mut c = card(true, &[]);
+        assert_eq!(
+            seen.for_copy(&at("C"), &c).recipients.unreachable,
+            [UserId::new("bob")]
+        );
+        assert!(seen.for_copy(&at("Dx"), &c).recipients.unreachable.is_empty());
+        c.open = false;
+        assert_eq!(
+            seen.for_copy(&at("C"), &c).recipients.unreachable,
+            [UserId::new("bob")]
+        );
+        assert!(
+            seen.for_copy(&at("C"), &c).recipients.unreachable.is_empty(),
+            "forgotten once decided"
+        );
+    }
+}
