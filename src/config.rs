@@ -829,6 +829,21 @@ impl Config {
                 self.server.admin_listen
             ));
         }
+        let dm_groups: Vec<String> = self
+            .policy()
+            .groups
+            .iter()
+            .filter(|g| g.approval_cards.dms())
+            .map(|g| g.name.to_string())
+            .collect();
+        if let Some(d) = &self.discord {
+            if !dm_groups.is_empty() && d.user_attribute.is_none() && d.users.is_empty() {
+                out.push(format!(
+                    "approval_cards: groups {} send cards by DM, but discord.user_attribute and                      discord.users are both empty, so jitbot cannot find approvers on Discord                      (their cards go to the channel); set one of them",
+                    dm_groups.join(", ")
+                ));
+            }
+        }
         out
     }
 
@@ -895,6 +910,20 @@ max_duration = "4h"
             c.policy().groups[0].approval_cards,
             CardDelivery::Both,
             "a group's own setting wins"
+        );
+        assert!(
+            c.warnings().is_empty(),
+            "no Discord configured: {:?}",
+            c.warnings()
+        );
+        let with_discord = format!(
+            "[discord]\nbot_token = {{ env = \"T\" }}\napplication_id = \"1\"\ndefault_channel = \"2\"\n{text}"
+        );
+        let c = Config::parse(&with_discord, "t.toml").unwrap();
+        assert!(
+            c.warnings().iter().any(|w| w.contains("discord.user_attribute")),
+            "{:?}",
+            c.warnings()
         );
         let bad = MINIMAL.replace("[memory]", "[policy]\napproval_cards = \"email\"\n\n[memory]");
         let err = Config::parse(&bad, "t.toml").unwrap_err();

@@ -93,8 +93,8 @@ pub trait Directory: Send + Sync + 'static {
     /// Cheap reachability probe for readiness.
     async fn ping(&self) -> Result<(), DirectoryError>;
 
-    /// The values of `attributes` on `user`'s entry (one value each; an
-    /// attribute the entry lacks is left out), so chat platforms can find
+    /// The values of `attributes` on `user`'s entry (one value each, the
+    /// first the directory returns; an attribute the entry lacks is left out), so chat platforms can find
     /// the person (Slack by mail, Discord by a user id attribute). A
     /// directory that cannot tell returns none: the person is then reached
     /// only where they talked to jitbot.
