@@ -881,7 +881,7 @@ async fn approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached() 
 #[tokio::test]
 async fn approver_lookup_waits_out_a_rate_limit() {
     let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Both)).await;
-    h.slack.rate_limit("users.lookupByEmail", 1, 1);
+    h.slack.rate_limit("users.lookupByEmail", 1, 2);
     let started = tokio::time::Instant::now();
     let n = h
         .command("alice", "request db-admins 2h fixing replication")
@@ -899,7 +899,7 @@ async fn approver_lookup_waits_out_a_rate_limit() {
     })
     .await;
     assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "the 429's Retry-After of 1 s must be waited out"
+        started.elapsed() >= Duration::from_millis(1900),
+        "the 429's Retry-After of 2 s must be waited out"
     );
 }
