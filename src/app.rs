@@ -210,6 +210,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 config.server.admin_listen
             )
         })?;
+    match engine.adopt_legacy_leases().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            leases = n,
+            "recorded the memberships of leases from an older jitbot"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot record the memberships of leases from an older jitbot"),
+    }
     for note in engine.leases_outside_config()? {
         tracing::warn!("{note}");
     }

@@ -106,6 +106,40 @@ impl Clock for SteadyClock {
     }
 }
 
+/// A clock that never starts behind the store: `SteadyClock` keeps time
+/// across a backward wall-clock step only in memory, so after a restart
+/// during the step the wall clock would be behind the commits already made
+/// and every revocation would wait out the step again. Started behind the
+/// latest commit, it runs on from that commit's time (an offset kept for
+/// the life of the process, as `SteadyClock` does after a step).
+pub struct NotBefore {
+    inner: Arc<dyn Clock>,
+    offset: chrono::Duration,
+}
+
+impl NotBefore {
+    pub fn new(inner: Arc<dyn Clock>, floor: Option<Instant>) -> Self {
+        let now = inner.now();
+        let offset = floor
+            .map(|f| (f - now).max(chrono::Duration::zero()))
+            .unwrap_or_else(chrono::Duration::zero);
+        if offset > chrono::Duration::seconds(1) {
+            crate::metrics::clock_stepped_back();
+            tracing::warn!(
+                behind_secs = offset.num_seconds(),
+                "the wall clock is behind the store's latest commit; jitbot counts on from that commit, so no revocation is delayed"
+            );
+        }
+        NotBefore { inner, offset }
+    }
+}
+
+impl Clock for NotBefore {
+    fn now(&self) -> Instant {
+        self.inner.now() + self.offset
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -724,6 +724,9 @@ impl Config {
             );
         }
         let mut names = BTreeSet::new();
+        // Two groups on one directory group would share one membership
+        // under two leases: one would remove what the other holds.
+        let mut dns = std::collections::BTreeMap::new();
         for spanned in &self.groups {
             let g = spanned.get_ref();
             let line = Some(line_of(text, spanned.span().start));
@@ -740,6 +743,17 @@ impl Config {
             }
             if !g.dn.contains('=') {
                 issue(key("dn"), line, format!("`{}` is not a distinguished name", g.dn));
+            }
+            let dn = crate::directory::ldap::dn::normalize(&g.dn);
+            if let Some(first) = dns.insert(dn, g.name.clone()) {
+                issue(
+                    key("dn"),
+                    line,
+                    format!(
+                        "names the same directory group as group `{first}`; \
+                         give each directory group one [[group]] entry"
+                    ),
+                );
             }
             if g.requesters.users.is_empty() && g.requesters.groups.is_empty() {
                 issue(key("requesters"), line, "nobody may request this group".into());

@@ -1,8 +1,8 @@
 //! Operations for the admin API: the admin token is the authority, so these
 //! skip the chat permission checks but are audited under the given name.
 
-use super::audit::{about_request, AuditAction};
-use super::{Engine, EngineError};
+use super::audit::{about_lease, about_request, AuditAction};
+use super::{Engine, EngineError, ENGINE_ACTOR};
 use crate::store::{OutboxItem, TimerKind};
 use jitbot_core::{EndReason, LeaseId, LeaseState, Refusal, RequestId, UserId};
 
@@ -74,6 +74,53 @@ impl Engine {
             .count();
         let pending = self.inner.store.pending_requests()?.len();
         Ok((active, pending))
+    }
+
+    /// Start-up step: live leases written before jitbot recorded the
+    /// membership a grant writes get it recorded now, from the
+    /// configuration they were granted under (an upgrade starts on the same
+    /// config), so that a later `dn` change cannot misdirect their removal.
+    /// A lease whose group or user cannot be resolved is left as it was and
+    /// named in the log; its removal then falls back to today's config.
+    pub async fn adopt_legacy_leases(&self) -> Result<usize, EngineError> {
+        let mut adopted = 0;
+        for rec in self.inner.store.live_leases()? {
+            if rec.lease.membership.is_some() || !rec.lease.owns_membership() {
+                continue;
+            }
+            let id = rec.lease.id.clone();
+            let resolved = match self.inner.policy.group(&rec.lease.group) {
+                Ok(policy) => {
+                    self.inner
+                        .directory
+                        .membership_of(&policy.dn, &rec.lease.user)
+                        .await
+                }
+                Err(e) => Err(crate::ports::DirectoryError::Refused(e.to_string())),
+            };
+            let m = match resolved {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(lease = %id, error = %e, "cannot record the membership of a lease from an older jitbot; it will be removed as today's config says");
+                    continue;
+                }
+            };
+            let live = [LeaseState::Granting, LeaseState::Active, LeaseState::Revoking];
+            let done = self
+                .transition(&id, &live, |tx, r| {
+                    if r.lease.membership.is_none() {
+                        tx.audit(
+                            about_lease(ENGINE_ACTOR, AuditAction::LeaseMembershipRecorded, &r.lease)
+                                .detail(format!("{} in {} (lease from an older jitbot)", m.value, m.group)),
+                        );
+                        r.lease.membership = Some(m.clone());
+                    }
+                    Ok(())
+                })
+                .await?;
+            adopted += usize::from(done.is_some());
+        }
+        Ok(adopted)
     }
 
     /// Live leases whose group left the configuration or whose `dn`

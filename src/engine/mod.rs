@@ -142,6 +142,11 @@ impl Engine {
         clock: Arc<dyn Clock>,
         settings: EngineSettings,
     ) -> Engine {
+        let floor = store.last_audit_time().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the time of the latest commit");
+            None
+        });
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::NotBefore::new(clock, floor));
         Engine {
             inner: Arc::new(Inner {
                 policy,

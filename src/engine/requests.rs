@@ -47,11 +47,13 @@ impl Engine {
                 // One open request per (group, user): a second one would
                 // race the first to a second lease.
                 if let Some(open) = tx.pending_request_of(group, &caller.user)? {
-                    return Err(Refusal::AlreadyPending {
+                    if !self.close_stale_extension(tx, &open)? {
+                        return Err(Refusal::AlreadyPending {
                         group: group.clone(),
-                        request: open.to_string(),
+                            request: open.to_string(),
+                        }
+                        .into());
                     }
-                    .into());
                 }
                 let id = RequestId::new(tx.new_id("r")?);
                 let mut request =
@@ -213,6 +215,34 @@ impl Engine {
         tx.put_lease(lrec);
         rec.lease = Some(lease);
         Ok(Next::Nothing)
+    }
+
+    /// Closes pending extension request `id` when the lease it extends is
+    /// no longer active: it can never be approved, and it must not hold the
+    /// user's one pending request. False when it is still a live request.
+    fn close_stale_extension(&self, tx: &mut Tx<'_>, id: &RequestId) -> Result<bool, EngineError> {
+        let Some(mut rec) = tx.request(id)? else {
+            return Ok(false);
+        };
+        let RequestKind::Extend { lease } = rec.request.kind.clone() else {
+            return Ok(false);
+        };
+        if tx
+            .lease(&lease)?
+            .is_some_and(|l| l.lease.state == LeaseState::Active)
+        {
+            return Ok(false);
+        }
+        let requester = rec.request.requester.clone();
+        rec.request.cancel(&requester, tx.now())?;
+        tx.clear_timer(TimerKind::RequestTimeout, id.as_str());
+        tx.audit(
+            about_request(ENGINE_ACTOR, AuditAction::RequestCancelled, &rec.request)
+                .detail(format!("lease {lease} it extends is no longer active")),
+        );
+        tx.outbox(OutboxItem::UpdateApproval { request: id.clone() });
+        tx.put_request(rec);
+        Ok(true)
     }
 
     async fn follow(&self, next: Next) {

@@ -85,6 +85,16 @@ impl Engine {
             if leased.contains(&who) {
                 continue;
             }
+            // The member list is older than the lease set: a lease that
+            // ended in between left its holder in the list with the
+            // membership already removed. Ask again, then look for a lease
+            // that started since (its slot is taken before its add).
+            if !self.inner.directory.has_membership(&member.membership).await? {
+                continue;
+            }
+            if self.inner.store.live_lease(&policy.name, &who)?.is_some() {
+                continue;
+            }
             let remediated = policy.remediate && self.remediate(policy, &who, &member, remediations).await?;
             self.report(policy, &who, None, &member, remediated, seen_now)
                 .await?;
@@ -276,11 +286,16 @@ impl Engine {
             }
             let key = (format!("missing:{}", lease.group), lease.user.folded());
             let new = !self.zsp_seen().contains(&key);
-            seen_now.insert(key);
             if new {
-                self.inner
+                // Fenced: a lease revoked since the list was read rightly
+                // lost its membership; only a lease still active is news.
+                let alerted = self
+                    .inner
                     .store
                     .update(self.now(), |tx| {
+                        if tx.lease(&lease.id)?.map(|r| r.lease.state) != Some(LeaseState::Active) {
+                            return Ok(false);
+                        }
                         tx.audit(
                             about_lease(ENGINE_ACTOR, AuditAction::LeaseMembershipMissing, lease)
                                 .detail("active lease but the directory has no such membership"),
@@ -293,10 +308,14 @@ impl Engine {
                             ),
                             vec![],
                         ));
-                        Ok::<_, EngineError>(())
+                        Ok::<_, EngineError>(true)
                     })
                     .await?;
+                if !alerted {
+                    continue;
+                }
             }
+            seen_now.insert(key);
         }
         Ok(())
     }

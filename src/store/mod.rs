@@ -106,6 +106,52 @@ fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
     k
 }
 
+/// Re-keys `live` slots written before account names were folded
+/// (`db-admins\0Alice`) to the folded spelling that [`live_key`] gives, so
+/// that a lease from an older release still holds its slot: otherwise its
+/// holder could get a second lease, and the first could never be written
+/// again (its slot taken) and so never end. Idempotent; cheap (the index
+/// holds only live leases). Two legacy slots that fold to one are both
+/// kept and logged: a person must look at them.
+fn fold_live_slots(live: &sled::Tree) -> Result<(), StoreError> {
+    let legacy: Vec<(sled::IVec, sled::IVec)> = live
+        .iter()
+        .filter_map(|item| match item {
+            Ok((k, v)) if k.iter().any(u8::is_ascii_uppercase) => Some(Ok((k, v))),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()?;
+    for (key, lease) in legacy {
+        let Some(split) = key.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        let mut folded = key[..=split].to_vec();
+        folded.extend(key[split + 1..].iter().map(u8::to_ascii_lowercase));
+        if folded == key.as_ref() {
+            continue;
+        }
+        match live.get(&folded)? {
+            Some(other) if other != lease => {
+                tracing::error!(
+                    slot = %String::from_utf8_lossy(&folded).replace('\0', " "),
+                    lease = %String::from_utf8_lossy(&lease),
+                    other = %String::from_utf8_lossy(&other),
+                    "two live leases of one user and group from an older jitbot (ids spelled in different case); \
+                     revoke one of them with the admin API"
+                );
+                continue;
+            }
+            Some(_) => {}
+            None => {
+                live.insert(folded, lease)?;
+            }
+        }
+        live.remove(key)?;
+    }
+    Ok(())
+}
+
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -246,13 +292,23 @@ impl<'a> Tx<'a> {
     pub fn put_lease(&mut self, rec: LeaseRecord) {
         let l = &rec.lease;
         let key = live_key(&l.group, &l.user);
+        // A lease occupies its (group, user) slot until it has fully ended, so a
+        // new lease never starts while an old one's removal is still pending.
+        let mut slot = (l.state != LeaseState::Ended).then(|| l.id.clone());
         if l.state != LeaseState::Ended {
             match self.live_lease(&l.group, &l.user) {
                 Ok(Some(holder)) if holder != l.id => {
-                    self.violation.get_or_insert(format!(
-                        "lease {} would be a second live lease of {} on `{}` (lease {holder} holds it)",
-                        l.id, l.user, l.group
-                    ));
+                    if l.state == LeaseState::Revoking {
+                        // Found after the fact (old data, a restore): a
+                        // lease on its way out may always go on ending; it
+                        // just does not take the slot from the holder.
+                        slot = Some(holder);
+                    } else {
+                        self.violation.get_or_insert(format!(
+                            "lease {} would be a second live lease of {} on `{}` (lease {holder} holds it)",
+                            l.id, l.user, l.group
+                        ));
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -260,10 +316,7 @@ impl<'a> Tx<'a> {
                 }
             }
         }
-        // A lease occupies its (group, user) slot until it has fully ended, so a
-        // new lease never starts while an old one's removal is still pending.
-        self.live
-            .push((key, (l.state != LeaseState::Ended).then(|| l.id.clone())));
+        self.live.push((key, slot));
         self.leases.insert(l.id.to_string(), Some(rec));
     }
 
@@ -388,6 +441,7 @@ impl Store {
             inner.meta.insert(SCHEMA, &b"1"[..])?;
         }
         outbox::upgrade_v1(&inner.outbox, &inner.outbox_due)?;
+        fold_live_slots(&inner.live)?;
         Ok(Store {
             inner: Arc::new(inner),
         })
@@ -764,6 +818,18 @@ impl Store {
             Ok::<(), StoreError>(())
         })
         .await
+    }
+
+    /// When the latest audit record was committed: no transition is older,
+    /// so a restarted clock must not start before it.
+    pub fn last_audit_time(&self) -> Result<Option<Instant>, StoreError> {
+        match self.inner.audit.last()? {
+            Some((k, v)) => {
+                let StoredAudit::V1(entry) = decode(&k, &v)?;
+                Ok(Some(entry.at))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Audit records with `seq >= from`, in order.

@@ -3,12 +3,14 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod ad;
 mod backup;
 mod console;
 mod discord;
 mod faults;
 mod gateway;
 mod hardening;
+mod invariant_breaks;
 mod invariants;
 mod ldap;
 mod ldap_flow;

@@ -8,4 +8,5 @@ pub mod fake_slack;
 pub mod fake_socket_mode;
 pub mod net;
 pub mod process;
+pub mod samba;
 pub mod slapd;

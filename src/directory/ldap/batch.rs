@@ -172,6 +172,9 @@ impl LdapDirectory {
         item: Item,
     ) -> Result<Already, DirectoryError> {
         let key = (change, dn::normalize(group.as_str()));
+        // Set when a leader that held our change was cancelled: its modify
+        // may have reached the server, so "already there" is no news.
+        let mut maybe_sent = false;
         let leader = loop {
             match self.combiner.join(&key, &item) {
                 Ok(leader) => break leader,
@@ -180,7 +183,10 @@ impl LdapDirectory {
                     Ok(Turn::Lead(leader)) => break leader,
                     // The leader holding our change was cancelled before it
                     // answered: queue again (every change is idempotent).
-                    Err(_) => continue,
+                    Err(_) => {
+                        maybe_sent = true;
+                        continue;
+                    }
                 },
             }
         };
@@ -199,6 +205,7 @@ impl LdapDirectory {
         }
         drop(leader);
         own.unwrap_or_else(|| Err(DirectoryError::Refused("combined modify gave no result".into())))
+            .map(|already| already && !maybe_sent)
     }
 
     /// Sends `items` as one modify and reads them back; one result per item,

@@ -2,15 +2,18 @@
 //! configured shape, and the service account may change their membership.
 
 use super::conn::{describe, rc};
-use super::{attribute, dn, values, LdapDirectory};
+use super::{ad_ttl_value, attribute, dn, values, LdapDirectory};
 use crate::config::{GroupConfig, MembershipKind};
-use crate::ports::Directory;
+use crate::ports::{Directory, DirectoryError};
 use jitbot_core::GroupDn;
 use ldap3::{Mod, Scope};
 use std::collections::HashSet;
 
 /// The `memberUid` value used to test write access to posix groups.
 const PROBE_UID: &str = "jitbot-write-check";
+/// Seconds of the TTL membership the `ad_ttl` probe writes (and deletes in
+/// the same modify): short, should a DC ever keep it.
+const PROBE_TTL: u64 = 60;
 
 impl LdapDirectory {
     /// Binds and checks every group; returns the problems in plain words
@@ -21,7 +24,7 @@ impl LdapDirectory {
     /// deletes and re-adds it when already present), so the group ends as it
     /// began while the server checks the service account's write right. The
     /// value is the placeholder DN (else the bind DN) for DN groups and
-    /// `jitbot-write-check` for posix groups. Not tried against a live AD.
+    /// `jitbot-write-check` for posix groups. Tried against Samba's AD DC.
     pub async fn check_groups(&self, groups: &[GroupConfig]) -> Vec<String> {
         if let Err(e) = self.ping().await {
             return vec![format!("cannot use the directory: {e}")];
@@ -42,6 +45,8 @@ impl LdapDirectory {
             }
             if let Some(problem) = self.check_write(g).await {
                 problems.push(format!("{label}: {problem}"));
+            } else if let Some(warning) = self.check_ttl(g).await {
+                problems.push(format!("warning: {label}: {warning}"));
             }
             problems.extend(
                 self.warnings(g)
@@ -84,14 +89,18 @@ impl LdapDirectory {
         }))
     }
 
+    /// The DN written by the write checks: the placeholder, else the bind DN.
+    fn probe_dn(&self) -> String {
+        self.placeholder
+            .clone()
+            .unwrap_or_else(|| self.conn.bind_dn().to_string())
+    }
+
     async fn check_write(&self, g: &GroupConfig) -> Option<String> {
         let attr = attribute(g.membership);
         let probe = match g.membership {
             MembershipKind::MemberUid => PROBE_UID.to_string(),
-            _ => self
-                .placeholder
-                .clone()
-                .unwrap_or_else(|| self.conn.bind_dn().to_string()),
+            _ => self.probe_dn(),
         };
         let present = match self.has_value(&GroupDn::new(&g.dn), attr, &probe).await {
             Ok(p) => p,
@@ -113,6 +122,67 @@ impl LdapDirectory {
             Ok(result) => Some(format!("test modify of `{attr}` failed: {}", describe(&result))),
             Err(e) => Some(e.to_string()),
         }
+    }
+
+    /// `ad_ttl` on Active Directory: whether the DC takes TTL membership.
+    async fn check_ttl(&self, g: &GroupConfig) -> Option<String> {
+        if !(g.ad_ttl && self.active_directory && g.membership == MembershipKind::Member) {
+            return None;
+        }
+        match self.ttl_refusal(&GroupDn::new(&g.dn)).await {
+            Ok(None) => None,
+            Ok(Some(why)) => Some(format!(
+                "the DC refuses TTL membership (ad_ttl: a `<TTL=seconds,DN>` member value was refused: {why}); \
+                 jitbot falls back to its own revocation, which ends every lease anyway. TTL membership needs \
+                 Windows Server 2016 forest functional level with the Privileged Access Management feature \
+                 enabled (Samba has none); or set ad_ttl = false"
+            )),
+            Err(e) => Some(format!("could not test TTL membership (ad_ttl): {e}")),
+        }
+    }
+
+    /// Whether the DC takes AD's TTL membership: `None` when it does, else
+    /// why not. One harmless modify adds the probe DN with a short TTL and
+    /// deletes it again (Samba answers 34, invalidDNSyntax). Untested
+    /// against a Windows DC.
+    pub(super) async fn ttl_refusal(&self, group: &GroupDn) -> Result<Option<String>, DirectoryError> {
+        let probe = self.probe_dn();
+        if self.has_value(group, "member", &probe).await? {
+            return Ok(Some(format!(
+                "{probe} is a member of the group, so the test could not run"
+            )));
+        }
+        let mods = vec![
+            Mod::Add(
+                "member".to_string(),
+                HashSet::from([ad_ttl_value(&probe, PROBE_TTL)]),
+            ),
+            Mod::Delete("member".to_string(), HashSet::from([probe])),
+        ];
+        let result = self.modify(group.as_str(), mods).await?;
+        Ok(match result.rc {
+            rc::SUCCESS => None,
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => Some(describe(&result)),
+        })
+    }
+
+    /// Whether `add_member` writes TTL membership: asked of the DC once, on
+    /// the first `ad_ttl` add. A DC that refuses gets plain values, which
+    /// jitbot's own revocation removes as it does everywhere else; a probe
+    /// that fails (DC unreachable) is tried again on the next add.
+    pub(super) async fn ttl_accepted(&self, group: &GroupDn) -> bool {
+        let probed = self
+            .ttl_works
+            .get_or_try_init(|| async {
+                let refusal = self.ttl_refusal(group).await?;
+                if let Some(why) = &refusal {
+                    tracing::warn!(group = %group, why = %why, "the directory refuses TTL membership (ad_ttl); writing plain members, which jitbot's own revocation removes");
+                }
+                Ok::<_, DirectoryError>(refusal.is_none())
+            })
+            .await;
+        probed.copied().unwrap_or(false)
     }
 
     fn warnings(&self, g: &GroupConfig) -> Vec<String> {

@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 pub mod rc {
     pub const SUCCESS: u32 = 0;
     pub const TIME_LIMIT: u32 = 3;
+    pub const STRONGER_AUTH_REQUIRED: u32 = 8;
     pub const NO_SUCH_ATTRIBUTE: u32 = 16;
     pub const ATTRIBUTE_EXISTS: u32 = 20;
     pub const NO_SUCH_OBJECT: u32 = 32;
@@ -27,7 +28,11 @@ pub mod rc {
     pub const INSUFFICIENT_ACCESS: u32 = 50;
     pub const BUSY: u32 = 51;
     pub const UNAVAILABLE: u32 = 52;
+    /// Active Directory's answer to removing a `member` that is not there.
+    pub const UNWILLING_TO_PERFORM: u32 = 53;
     pub const OBJECT_CLASS_VIOLATION: u32 = 65;
+    /// Active Directory's answer to adding a `member` that is already there.
+    pub const ENTRY_ALREADY_EXISTS: u32 = 68;
 }
 
 pub struct Supervisor {
@@ -174,6 +179,15 @@ impl Supervisor {
                     "bind failed: check ldap.bind_dn and the password source".into(),
                 ))
             }
+            // Active Directory (and Samba by default) refuse simple binds on
+            // a connection without TLS.
+            rc::STRONGER_AUTH_REQUIRED => Err(DirectoryError::Refused(format!(
+                "bind as {} refused: the DC requires LDAPS or StartTLS for simple binds \
+                 (ldap server require strong auth); use an ldaps:// URL or set ldap.starttls = true \
+                 (the DC said: {})",
+                self.bind_dn,
+                describe(&result)
+            ))),
             rc::BUSY | rc::UNAVAILABLE => Err(DirectoryError::Unavailable(format!(
                 "{}: bind: {}",
                 self.url,

@@ -1,20 +1,30 @@
-//! Reading and removing members: member DNs back to user ids, and the
-//! placeholder that keeps OpenLDAP groups from becoming empty.
+//! Reading and removing members: member DNs back to user ids, Active
+//! Directory's ranged retrieval of large groups, and the placeholder that
+//! keeps OpenLDAP groups from becoming empty.
 
 use super::conn::rc;
 use super::{dn, single, values, LdapDirectory};
 use crate::ports::DirectoryError;
 use jitbot_core::{GroupDn, UserId};
-use ldap3::{Mod, Scope};
-use std::collections::HashSet;
+use ldap3::{ldap_escape, Mod, Scope};
+use std::collections::{HashMap, HashSet};
+
+/// Values one ranged read asks for: AD's default `MaxValRange`. A DC with a
+/// lower limit answers with fewer, and the next read starts where it stopped.
+const RANGE_STEP: usize = 1500;
 
 impl LdapDirectory {
-    /// Every value of `attr` in `group` (a base search).
+    /// Every value of `attr` in `group` (a base search). Active Directory
+    /// answers a plain read of `member` with at most `MaxValRange` values
+    /// (1,500 by default), so there it is read in ranges.
     pub(super) async fn member_values(
         &self,
         group: &GroupDn,
         attr: &str,
     ) -> Result<Vec<String>, DirectoryError> {
+        if self.active_directory && attr.eq_ignore_ascii_case("member") {
+            return self.ranged_values(group, attr).await;
+        }
         let (entries, result) = self
             .search(group.as_str(), Scope::Base, "(objectClass=*)", &[attr])
             .await?;
@@ -56,11 +66,17 @@ impl LdapDirectory {
                     continue;
                 }
                 let Some(entry) = entries.first() else { continue };
-                let found: Vec<String> = values(entry, "member")
-                    .iter()
-                    .chain(values(entry, "uniqueMember"))
-                    .cloned()
-                    .collect();
+                let found: Vec<String> = if self.active_directory {
+                    // AD sends a large group's `member` in ranges only.
+                    self.member_values(&GroupDn::new(group.as_str()), "member")
+                        .await?
+                } else {
+                    values(entry, "member")
+                        .iter()
+                        .chain(values(entry, "uniqueMember"))
+                        .cloned()
+                        .collect()
+                };
                 let has_attr = entry
                     .attrs
                     .keys()
@@ -120,6 +136,68 @@ impl LdapDirectory {
             .map(UserId::new))
     }
 
+    /// Every value of `attr` on `group` through ranged retrieval:
+    /// `attr;range=0-1499`, then from one past the end the server reports,
+    /// until it reports `*` (the last values).
+    async fn ranged_values(&self, group: &GroupDn, attr: &str) -> Result<Vec<String>, DirectoryError> {
+        let mut all = Vec::new();
+        let mut start = 0usize;
+        loop {
+            let want = format!("{attr};range={start}-{}", start + RANGE_STEP - 1);
+            let (entries, result) = self
+                .search(group.as_str(), Scope::Base, "(objectClass=*)", &[want.as_str()])
+                .await?;
+            match result.rc {
+                rc::SUCCESS => {}
+                rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+                _ => return Err(self.refusal(&result, &format!("read {group}"))),
+            }
+            let Some(entry) = entries.first() else {
+                return Ok(all);
+            };
+            match ranged(&entry.attrs, attr) {
+                Range::Whole(values) => {
+                    all.extend(values);
+                    return Ok(all);
+                }
+                Range::Last(values) => {
+                    all.extend(values);
+                    return Ok(all);
+                }
+                Range::Part(values, end) if end >= start => {
+                    all.extend(values);
+                    start = end + 1;
+                }
+                Range::Part(_, end) => {
+                    return Err(DirectoryError::Refused(format!(
+                        "read {group}: asked for {want}, the server answered a range ending at {end}"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// AD: direct members of `group` under `user_base` by normalized DN, from
+    /// one paged search on `memberOf` (a group can have more members than
+    /// the server returns per page) rather than one read per member.
+    pub(super) async fn member_ids_by_dn(
+        &self,
+        group: &GroupDn,
+    ) -> Result<HashMap<String, UserId>, DirectoryError> {
+        let filter = format!("(memberOf={})", ldap_escape(group.as_str()));
+        let (entries, result) = self
+            .search_paged(&self.user_base, Scope::Subtree, &filter, &[self.id_attr.as_str()])
+            .await?;
+        self.check_user_base(&result)?;
+        Ok(entries
+            .iter()
+            .filter_map(|e| {
+                let id = single(values(e, &self.id_attr))?;
+                Some((dn::normalize(&e.dn), UserId::new(id)))
+            })
+            .collect())
+    }
+
     /// OpenLDAP refuses to empty a groupOfNames (result 65): put the
     /// placeholder in and take the member out in one modify, so that a
     /// revocation is never blocked by the schema.
@@ -157,6 +235,96 @@ impl LdapDirectory {
             }
             rc::NO_SUCH_OBJECT => Err(DirectoryError::NoSuchGroup(group.to_string())),
             _ => Err(self.refusal(&result, &format!("remove {user} from {group}"))),
+        }
+    }
+}
+
+/// One answer to a ranged read of an attribute.
+#[derive(Debug, PartialEq, Eq)]
+enum Range {
+    /// The server ignored the range and sent every value (or none).
+    Whole(Vec<String>),
+    /// `attr;range=N-*`: these are the last values.
+    Last(Vec<String>),
+    /// `attr;range=N-M`: more values follow from `M + 1`.
+    Part(Vec<String>, usize),
+}
+
+/// Reads the answer to `attr;range=...` from an entry's attributes: the
+/// server names the range it sent in the attribute description.
+fn ranged(attrs: &HashMap<String, Vec<String>>, attr: &str) -> Range {
+    for (name, vals) in attrs {
+        let Some((base, options)) = name.split_once(';') else {
+            continue;
+        };
+        if !base.eq_ignore_ascii_case(attr) {
+            continue;
+        }
+        let range = options.split(';').find_map(|o| {
+            o.get(..6)
+                .filter(|p| p.eq_ignore_ascii_case("range="))
+                .map(|_| &o[6..])
+        });
+        let Some(end) = range.and_then(|r| r.split_once('-')).map(|(_, end)| end) else {
+            continue;
+        };
+        return match end.parse::<usize>() {
+            Ok(end) => Range::Part(vals.clone(), end),
+            // `*`, or anything that is no number: nothing more to ask for.
+            Err(_) => Range::Last(vals.clone()),
+        };
+    }
+    Range::Whole(values_of(attrs, attr))
+}
+
+fn values_of(attrs: &HashMap<String, Vec<String>>, attr: &str) -> Vec<String> {
+    attrs
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(attr))
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(pairs: &[(&str, &[&str])]) -> HashMap<String, Vec<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+            .collect()
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn ranged_answers() {
+        let cases: Vec<(HashMap<String, Vec<String>>, Range)> = vec![
+            (
+                attrs(&[("member;range=0-1499", &["a", "b"])]),
+                Range::Part(strings(&["a", "b"]), 1499),
+            ),
+            (
+                attrs(&[("Member;Range=1500-*", &["c"])]),
+                Range::Last(strings(&["c"])),
+            ),
+            (attrs(&[("member", &["a"])]), Range::Whole(strings(&["a"]))),
+            (attrs(&[]), Range::Whole(vec![])),
+            (attrs(&[("memberOf;range=0-*", &["x"])]), Range::Whole(vec![])),
+            (
+                attrs(&[("member;range=0-999", &["a"]), ("cn", &["g"])]),
+                Range::Part(strings(&["a"]), 999),
+            ),
+            (
+                attrs(&[("member;x-tag;range=10-19", &["a"])]),
+                Range::Part(strings(&["a"]), 19),
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(ranged(&input, "member"), want, "{input:?}");
         }
     }
 }

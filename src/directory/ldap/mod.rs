@@ -8,7 +8,7 @@
 mod batch;
 mod check;
 mod conn;
-mod dn;
+pub(crate) mod dn;
 mod members;
 mod nested;
 
@@ -20,10 +20,15 @@ use async_trait::async_trait;
 use batch::{Change, Combiner, Item};
 use conn::{describe, rc, Supervisor};
 use jitbot_core::{GroupDn, UserId};
+use ldap3::adapters::PagedResults;
 use ldap3::{ldap_escape, LdapResult, Mod, Scope, SearchEntry};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::OnceCell;
+
+/// Entries per page of a paged search: under Active Directory's default
+/// `MaxPageSize` (1,000), past which AD stops returning entries.
+const PAGE_SIZE: i32 = 500;
 
 /// Group membership in an LDAP directory, over one supervised connection.
 pub struct LdapDirectory {
@@ -36,6 +41,8 @@ pub struct LdapDirectory {
     /// Configured groups by normalized DN; others are read as `member` groups.
     groups: HashMap<String, GroupSpec>,
     naming_contexts: OnceCell<Vec<String>>,
+    /// Whether the DC takes `<TTL=...>` member values (`ad_ttl`), once asked.
+    ttl_works: OnceCell<bool>,
     /// Membership changes queued behind a group's modify in flight.
     combiner: Combiner,
     /// Modify operations sent, for tests and benchmarks.
@@ -87,6 +94,7 @@ impl LdapDirectory {
             placeholder: config.placeholder_dn.clone(),
             groups,
             naming_contexts: OnceCell::new(),
+            ttl_works: OnceCell::new(),
             combiner: Combiner::default(),
             modifies: AtomicU64::new(0),
         })
@@ -126,6 +134,32 @@ impl LdapDirectory {
             .map(SearchEntry::construct)
             .collect();
         Ok((entries, result.1))
+    }
+
+    /// A search whose answer may exceed the server's page size, read page by
+    /// page with the paged-results control.
+    async fn search_paged(
+        &self,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<(Vec<SearchEntry>, LdapResult), DirectoryError> {
+        self.conn
+            .run(|mut ldap| async move {
+                let pages = PagedResults::<&str, &[&str]>::new(PAGE_SIZE);
+                let mut stream = ldap
+                    .streaming_search_with(pages, base, scope, filter, attrs)
+                    .await?;
+                let mut entries = Vec::new();
+                while let Some(entry) = stream.next().await? {
+                    if !entry.is_ref() && !entry.is_intermediate() {
+                        entries.push(SearchEntry::construct(entry));
+                    }
+                }
+                Ok((entries, stream.finish().await))
+            })
+            .await
     }
 
     async fn modify(&self, dn: &str, mods: Vec<Mod<String>>) -> Result<LdapResult, DirectoryError> {
@@ -224,7 +258,8 @@ impl LdapDirectory {
         let already = match result.rc {
             rc::SUCCESS => false,
             // Present already: news only if this add was sent once.
-            rc::ATTRIBUTE_EXISTS => !resent,
+            // AD says 68 (entryAlreadyExists) where OpenLDAP says 20.
+            rc::ATTRIBUTE_EXISTS | rc::ENTRY_ALREADY_EXISTS => !resent,
             rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
             _ => return Err(self.refusal(&result, &format!("add {user} to {group}"))),
         };
@@ -246,6 +281,8 @@ impl LdapDirectory {
         let result = self.modify(group.as_str(), vec![delete]).await?;
         match result.rc {
             rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => {}
+            // AD's "not a member" (where OpenLDAP says 16); the read-back decides.
+            rc::UNWILLING_TO_PERFORM if self.active_directory => {}
             rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
             rc::OBJECT_CLASS_VIOLATION if kind != MembershipKind::MemberUid => {
                 self.remove_last(group, user, attr, value).await?;
@@ -325,7 +362,9 @@ impl Directory for LdapDirectory {
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         let kind = valid_member_attribute(&m.attribute)?;
         let written = match self.spec(&m.group).ad_ttl {
-            Some(ttl) if kind == MembershipKind::Member => ad_ttl_value(&m.value, ttl),
+            Some(ttl) if kind == MembershipKind::Member && self.ttl_accepted(&m.group).await => {
+                ad_ttl_value(&m.value, ttl)
+            }
             _ => m.value.clone(),
         };
         let item = Item {
@@ -357,6 +396,12 @@ impl Directory for LdapDirectory {
         let kind = self.spec(group).kind;
         let attr = attribute(kind);
         let found = self.member_values(group, attr).await?;
+        // AD: the users among many members named by one paged search.
+        let known = if self.active_directory && kind == MembershipKind::Member && !found.is_empty() {
+            self.member_ids_by_dn(group).await?
+        } else {
+            HashMap::new()
+        };
         let placeholder = self.placeholder.as_deref().map(dn::normalize);
         let mut out = Vec::with_capacity(found.len());
         for value in found {
@@ -364,6 +409,8 @@ impl Directory for LdapDirectory {
                 MemberKind::User(UserId::new(value.as_str()))
             } else if placeholder.as_deref() == Some(dn::normalize(&value).as_str()) {
                 continue;
+            } else if let Some(user) = known.get(&dn::normalize(&value)) {
+                MemberKind::User(user.clone())
             } else if let Some(user) = self.id_of_dn(&value).await? {
                 MemberKind::User(user)
             } else {
