@@ -423,7 +423,7 @@ impl Engine {
 
     async fn revoke_failed(&self, id: &LeaseId, error: &str) -> Result<(), EngineError> {
         let settings = self.inner.settings.clone();
-        let jitter: f64 = rand::random::<f64>() * 0.5 + 0.5;
+        let jitter: f64 = self.jitter() * 0.5 + 0.5;
         let attempt = self
             .transition(id, &[LeaseState::Revoking], |tx, rec| {
                 let attempt = rec.lease.revoke_failed(error);

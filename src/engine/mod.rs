@@ -119,6 +119,8 @@ struct Inner {
     zsp_seen: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
     /// One executor per lease at a time (see `executor.rs`).
     lease_locks: executor::LeaseLocks,
+    /// Where retry jitter comes from when not random (the simulator's seed).
+    jitter: std::sync::OnceLock<Box<dyn Fn() -> f64 + Send + Sync>>,
 }
 
 pub(crate) const ENGINE_ACTOR: &str = "jitbot";
@@ -158,7 +160,24 @@ impl Engine {
                 outbox_changed: Notify::new(),
                 zsp_seen: Default::default(),
                 lease_locks: Default::default(),
+                jitter: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Takes retry jitter (a number in `0..1`) from `source` instead of the
+    /// thread's random generator, so that a seeded simulation replays
+    /// exactly. Only the first call on an engine counts.
+    pub fn with_jitter(self, source: impl Fn() -> f64 + Send + Sync + 'static) -> Engine {
+        let _ = self.inner.jitter.set(Box::new(source));
+        self
+    }
+
+    /// A number in `0..1` for spreading retries out.
+    pub(crate) fn jitter(&self) -> f64 {
+        match self.inner.jitter.get() {
+            Some(source) => source(),
+            None => rand::random::<f64>(),
         }
     }
 

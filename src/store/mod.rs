@@ -90,6 +90,8 @@ struct Inner {
     failed: std::sync::OnceLock<String>,
     /// Test hook: the next flush fails as a full disk would.
     fail_next_flush: std::sync::atomic::AtomicBool,
+    /// Flush on the calling thread (see [`Store::flush_inline`]).
+    inline_flush: std::sync::atomic::AtomicBool,
 }
 
 const AUDIT_HEAD: &[u8] = b"audit_head";
@@ -435,6 +437,7 @@ impl Store {
             flusher: tokio::sync::Mutex::new(()),
             failed: std::sync::OnceLock::new(),
             fail_next_flush: Default::default(),
+            inline_flush: Default::default(),
             db,
         };
         if inner.meta.get(SCHEMA)?.is_none() {
@@ -603,8 +606,22 @@ impl Store {
         Ok(())
     }
 
+    /// Flushes on the calling thread from now on, instead of on tokio's
+    /// blocking pool: for the deterministic simulation, where the one
+    /// runtime thread must be the only thing that moves. It blocks that
+    /// thread for each flush, so it is not for a running jitbot.
+    pub fn flush_inline(&self) {
+        self.inner
+            .inline_flush
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        if self.inner.inline_flush.load(std::sync::atomic::Ordering::SeqCst) {
+            self.inner.db.flush()?;
+            return Ok(());
+        }
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await

@@ -18,6 +18,8 @@ mod lifecycle;
 mod observability;
 mod ops;
 mod outbox;
+#[path = "../sim/mod.rs"]
+mod sim;
 mod slack;
 mod socket_mode;
 mod store;
