@@ -2,7 +2,7 @@
 //! anything is bound or written. Secrets are named (env or file), not written.
 
 use crate::secret::SecretSource;
-use jitbot_core::policy::{GroupPolicy, Policy, Principals};
+use jitbot_core::policy::{CardDelivery, GroupPolicy, Policy, Principals};
 use jitbot_core::{GroupDn, GroupName, Span, UserId};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +26,8 @@ pub struct Config {
     pub discord: Option<DiscordConfig>,
     #[serde(default)]
     pub admins: PrincipalsConfig,
+    /// Rules for every group at once, and defaults for every `[[group]]`
+    /// that does not set its own.
     #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(default)]
@@ -410,6 +412,10 @@ pub struct PolicyConfig {
     /// refused (the requester is told how to cancel old ones).
     #[serde(default = "d_max_pending")]
     pub max_pending_per_user: usize,
+    /// Where approval cards go unless a group says: `channel` (default),
+    /// `dm` or `both`.
+    #[serde(default)]
+    pub approval_cards: CardDelivery,
 }
 
 fn d_max_pending() -> usize {
@@ -420,6 +426,7 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             max_pending_per_user: d_max_pending(),
+            approval_cards: CardDelivery::default(),
         }
     }
 }
@@ -481,6 +488,8 @@ pub struct GroupConfig {
     /// Also write Active Directory's `<TTL=...>` temporary membership.
     #[serde(default)]
     pub ad_ttl: bool,
+    /// Where this group's approval cards go; `[policy] approval_cards` when absent.
+    pub approval_cards: Option<CardDelivery>,
 }
 
 fn one() -> u32 {
@@ -512,6 +521,7 @@ impl GroupConfig {
             deny_ends_request: self.deny_ends_request,
             extension_requires_approval: self.extension_requires_approval,
             expiry_warning: self.expiry_warning,
+            approval_cards: self.approval_cards.unwrap_or_default(),
         }
     }
 }
@@ -925,12 +935,35 @@ impl Config {
                 self.server.admin_listen
             ));
         }
+        let dm_groups: Vec<String> = self
+            .policy()
+            .groups
+            .iter()
+            .filter(|g| g.approval_cards.dms())
+            .map(|g| g.name.to_string())
+            .collect();
+        if let Some(d) = &self.discord {
+            if !dm_groups.is_empty() && d.user_attribute.is_none() && d.users.is_empty() {
+                out.push(format!(
+                    "approval_cards: groups {} send cards by DM, but discord.user_attribute and                      discord.users are both empty, so jitbot cannot find approvers on Discord                      (their cards go to the channel); set one of them",
+                    dm_groups.join(", ")
+                ));
+            }
+        }
         out
     }
 
     pub fn policy(&self) -> Policy {
         Policy {
-            groups: self.groups.iter().map(|g| g.get_ref().to_policy()).collect(),
+            groups: self
+                .groups
+                .iter()
+                .map(|g| {
+                    let mut p = g.get_ref().to_policy();
+                    p.approval_cards = g.get_ref().approval_cards.unwrap_or(self.policy.approval_cards);
+                    p
+                })
+                .collect(),
             admins: self.admins.to_principals(),
         }
     }
@@ -968,6 +1001,40 @@ max_duration = "4h"
         let p = c.policy();
         assert_eq!(p.groups[0].max_total_duration, Span::from_hours(4));
         assert_eq!(c.store.cache_mb, 64);
+    }
+
+    #[test]
+    fn approval_cards_default_to_the_channel_and_policy_sets_the_default() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.policy().groups[0].approval_cards, CardDelivery::Channel);
+        let text = MINIMAL.replace("[memory]", "[policy]\napproval_cards = \"dm\"\n\n[memory]");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.policy().groups[0].approval_cards, CardDelivery::Dm);
+        let text = format!("{text}approval_cards = \"both\"\n");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(
+            c.policy().groups[0].approval_cards,
+            CardDelivery::Both,
+            "a group's own setting wins"
+        );
+        assert!(
+            c.warnings().is_empty(),
+            "no Discord configured: {:?}",
+            c.warnings()
+        );
+        let with_discord = format!(
+            "[discord]\nbot_token = {{ env = \"T\" }}\napplication_id = \"1\"\ndefault_channel = \"2\"\n{text}"
+        );
+        let c = Config::parse(&with_discord, "t.toml").unwrap();
+        assert!(
+            c.warnings().iter().any(|w| w.contains("discord.user_attribute")),
+            "{:?}",
+            c.warnings()
+        );
+        let bad = MINIMAL.replace("[memory]", "[policy]\napproval_cards = \"email\"\n\n[memory]");
+        let err = Config::parse(&bad, "t.toml").unwrap_err();
+        assert!(err.to_string().contains("`channel`, `dm`, `both`"), "{err}");
+        assert_eq!(err.issues[0].line, Some(9), "{err}");
     }
 
     #[test]

@@ -4,10 +4,10 @@
 use async_trait::async_trait;
 pub use jitbot_core::Membership;
 use jitbot_core::{GroupDn, UserId};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
-pub use crate::chat::view::{ApprovalCard, Audience, ChatRef, MessageRef, Notice};
+pub use crate::chat::view::{ApprovalCard, Audience, ChatRef, Contact, MessageRef, Notice, Recipients};
 
 /// Why a directory operation failed, worded for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -93,6 +93,20 @@ pub trait Directory: Send + Sync + 'static {
     /// Cheap reachability probe for readiness.
     async fn ping(&self) -> Result<(), DirectoryError>;
 
+    /// The values of `attributes` on `user`'s entry (one value each, the
+    /// first the directory returns; an attribute the entry lacks is left out), so chat platforms can find
+    /// the person (Slack by mail, Discord by a user id attribute). A
+    /// directory that cannot tell returns none: the person is then reached
+    /// only where they talked to jitbot.
+    async fn user_attributes(
+        &self,
+        user: &UserId,
+        attributes: &[String],
+    ) -> Result<BTreeMap<String, String>, DirectoryError> {
+        let _ = (user, attributes);
+        Ok(BTreeMap::new())
+    }
+
     /// Whether `user` is a direct member of `group` (tests, tools).
     async fn is_member(&self, group: &GroupDn, user: &UserId) -> Result<bool, DirectoryError> {
         match self.membership_of(group, user).await {
@@ -155,6 +169,18 @@ pub trait Notifier: Send + Sync + 'static {
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError>;
     /// Sends a notice to a person, a group's channel or the alert channel.
     async fn send(&self, notice: &Notice) -> Result<(), ChatError>;
+    /// Sends a notice for a person ([`Audience::User`]) with what the
+    /// directory says about them, so a platform can find them by DM even
+    /// if they never talked to jitbot there. By default, [`Notifier::send`].
+    async fn send_to(&self, notice: &Notice, contact: &Contact) -> Result<(), ChatError> {
+        let _ = contact;
+        self.send(notice).await
+    }
+    /// The directory attributes this platform finds people by (for
+    /// [`Contact::attributes`]); none by default.
+    fn contact_attributes(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Whether the platform answers with jitbot's credentials (for `/readyz`).
     async fn ready(&self) -> Result<(), ChatError> {
         Ok(())

@@ -38,6 +38,26 @@ impl Actor {
     }
 }
 
+/// Where a group's approval cards go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CardDelivery {
+    /// The group's channel only (the default).
+    #[default]
+    Channel,
+    /// A DM to each eligible approver; the channel only when no DM could be sent.
+    Dm,
+    /// The channel and a DM to each eligible approver.
+    Both,
+}
+
+impl CardDelivery {
+    /// Whether approvers get the card by DM.
+    pub fn dms(self) -> bool {
+        matches!(self, CardDelivery::Dm | CardDelivery::Both)
+    }
+}
+
 /// The rules for one managed group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupPolicy {
@@ -73,6 +93,8 @@ pub struct GroupPolicy {
     pub extension_requires_approval: bool,
     /// How long before expiry the holder is warned.
     pub expiry_warning: Option<Span>,
+    /// Where approval cards go: the channel, approvers' DMs, or both.
+    pub approval_cards: CardDelivery,
 }
 
 impl GroupPolicy {
@@ -99,6 +121,7 @@ impl GroupPolicy {
             deny_ends_request: true,
             extension_requires_approval: false,
             expiry_warning: None,
+            approval_cards: CardDelivery::Channel,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Notifier plumbing: a fan-out over every configured platform, and a
 //! notifier that only logs (when no chat platform is configured).
 
-use crate::ports::{ApprovalCard, ChatError, MessageRef, Notice, Notifier};
+use crate::ports::{ApprovalCard, ChatError, Contact, MessageRef, Notice, Notifier};
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -68,6 +68,32 @@ impl Notifier for Fanout {
             }
         }
         result
+    }
+
+    async fn send_to(&self, notice: &Notice, contact: &Contact) -> Result<(), ChatError> {
+        let mut result = Ok(());
+        for (name, n) in &self.platforms {
+            if let crate::ports::Audience::User { chat: Some(chat), .. } = &notice.to {
+                if chat.platform != *name {
+                    continue;
+                }
+            }
+            if let Err(e) = n.send_to(notice, contact).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    fn contact_attributes(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .platforms
+            .iter()
+            .flat_map(|(_, n)| n.contact_attributes())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
     }
 
     async fn ready(&self) -> Result<(), ChatError> {

@@ -1,5 +1,6 @@
 //! Chat adapters and the platform-neutral message model they render.
 
+pub mod cards;
 pub mod discord;
 pub mod fanout;
 pub mod outbox;

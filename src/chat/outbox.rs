@@ -422,15 +422,27 @@ async fn failed(
 async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(), ChatError> {
     let store_err = |e: StoreError| ChatError::Unavailable(e.to_string());
     match &job.item {
-        OutboxItem::Send { notice } => dest.notifier.send(notice).await,
+        OutboxItem::Send { notice } => match &notice.to {
+            Audience::User { user, chat } => {
+                // Where they talked to jitbot is enough; elsewhere the
+                // platform looks them up by what the directory says.
+                let attributes = match chat {
+                    Some(chat) if chat.platform == dest.name => Vec::new(),
+                    _ => dest.notifier.contact_attributes(),
+                };
+                let contact = engine.contact(user, &attributes).await;
+                dest.notifier.send_to(notice, &contact).await
+            }
+            _ => dest.notifier.send(notice).await,
+        },
         OutboxItem::PostApproval { request } => {
             let Some(rec) = engine.store().request(request).map_err(store_err)? else {
                 return Ok(());
             };
-            let card = engine.card(&rec);
             let posted: Vec<&MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).collect();
             if !posted.is_empty() {
                 // Already posted here: update instead of posting twice.
+                let card = engine.card(&rec);
                 for m in posted {
                     dest.notifier.update_approval(m, &card).await?;
                 }
@@ -448,6 +460,10 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                 );
                 crate::metrics::outbox_possible_duplicate(dest.name);
             }
+            // Directory lookups first: the post mark covers only the post.
+            let card = engine
+                .card_to_post(&rec, &dest.notifier.contact_attributes())
+                .await;
             engine
                 .store()
                 .outbox_start_post(job.id, dest.name)

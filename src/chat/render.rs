@@ -36,7 +36,7 @@ pub fn approvals(card: &ApprovalCard) -> String {
 
 /// The card's labelled facts, in display order.
 pub fn fields(card: &ApprovalCard) -> Vec<(&'static str, String)> {
-    vec![
+    let mut fields = vec![
         ("Requester", card.requester.to_string()),
         ("Group", card.group.to_string()),
         ("Duration", card.duration.clone()),
@@ -44,7 +44,12 @@ pub fn fields(card: &ApprovalCard) -> Vec<(&'static str, String)> {
         ("Approvals", approvals(card)),
         ("Status", card.status.clone()),
         ("Request", card.request.to_string()),
-    ]
+    ];
+    if !card.recipients.unreachable.is_empty() {
+        let names: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
+        fields.push(("Could not reach by DM", names.join(", ")));
+    }
+    fields
 }
 
 /// The whole card as plain text, for fallbacks and text-only surfaces.
@@ -87,6 +92,7 @@ mod tests {
             needed: 2,
             status: "pending: 1 of 2 approvals".into(),
             open: true,
+            recipients: Default::default(),
         }
     }
 
@@ -98,6 +104,15 @@ mod tests {
         let text = card_text(&c);
         assert!(text.contains("Reason: fixing replication"), "{text}");
         assert!(text.contains("Request: r-1"), "{text}");
+        assert!(!text.contains("DM"), "{text}");
+    }
+
+    #[test]
+    fn unreachable_approvers_are_listed() {
+        let mut c = card();
+        c.recipients.unreachable = vec![UserId::new("carol"), UserId::new("dave")];
+        let text = card_text(&c);
+        assert!(text.contains("Could not reach by DM: carol, dave"), "{text}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use jitbot_core::command::Action;
 use jitbot_core::{GroupName, RequestId, UserId};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Where a person talked to jitbot from, so that answers and DMs find them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +63,48 @@ pub struct ApprovalCard {
     pub status: String,
     /// Approve and Deny buttons are shown only while this is true.
     pub open: bool,
+    /// Where the card goes when it is first posted.
+    #[serde(default)]
+    pub recipients: Recipients,
+}
+
+/// A person jitbot may have to find on a chat platform: their directory id
+/// and the directory attributes the platforms look them up by (Slack the
+/// mail attribute, Discord `discord.user_attribute`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    pub user: UserId,
+    /// Attribute name (as configured) → value; absent when the directory has none.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Who gets an approval card: the group's channel, approvers by DM, or both.
+/// Updates go to wherever the first post went (the stored message refs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipients {
+    /// Post in the group's channel. When false, the card still goes to the
+    /// channel if no DM could be sent.
+    pub channel: bool,
+    /// The eligible approvers to DM (after nested-group expansion, never the
+    /// requester).
+    #[serde(default)]
+    pub dm: Vec<Contact>,
+    /// Approvers the platform could not reach by DM; the channel card lists
+    /// them. Filled in by the adapter that tried.
+    #[serde(default)]
+    pub unreachable: Vec<UserId>,
+}
+
+impl Default for Recipients {
+    /// The group's channel only.
+    fn default() -> Self {
+        Recipients {
+            channel: true,
+            dm: Vec::new(),
+            unreachable: Vec::new(),
+        }
+    }
 }
 
 impl ApprovalCard {

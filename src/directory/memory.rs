@@ -213,6 +213,25 @@ impl Directory for MemoryDirectory {
     async fn ping(&self) -> Result<(), DirectoryError> {
         self.maybe_fail()
     }
+
+    async fn user_attributes(
+        &self,
+        user: &UserId,
+        attributes: &[String],
+    ) -> Result<BTreeMap<String, String>, DirectoryError> {
+        self.maybe_fail()?;
+        let s = self.lock();
+        let entry = s
+            .users
+            .iter()
+            .find(|(id, _)| id.eq_ignore_ascii_case(user.as_str()))
+            .map(|(_, attrs)| attrs)
+            .ok_or_else(|| DirectoryError::NoSuchUser(user.to_string()))?;
+        Ok(attributes
+            .iter()
+            .filter_map(|a| entry.get(&a.to_ascii_lowercase()).map(|v| (a.clone(), v.clone())))
+            .collect())
+    }
 }
 
 fn members_of<'s>(s: &'s State, group: &GroupDn) -> Result<&'s BTreeSet<String>, DirectoryError> {
@@ -282,6 +301,18 @@ mod tests {
             d.groups_of(&alice, &among).await.unwrap(),
             [GroupDn::new("cn=approvers")].into()
         );
+        let attrs = d
+            .user_attributes(&alice, &["Mail".to_string(), "discordId".to_string()])
+            .await
+            .unwrap();
+        assert_eq!(
+            attrs,
+            [("Mail".to_string(), "alice@example.org".to_string())].into()
+        );
+        assert!(matches!(
+            d.user_attributes(&UserId::new("nobody"), &[]).await,
+            Err(DirectoryError::NoSuchUser(_))
+        ));
         d.fail_next(1);
         assert!(d.ping().await.is_err());
         assert!(d.ping().await.is_ok());

@@ -15,6 +15,7 @@ mod executor;
 mod floods;
 mod leases;
 mod queries;
+mod recipients;
 mod requests;
 mod zsp;
 

@@ -116,7 +116,8 @@ impl Engine {
         Ok(Reply::ok(lines.join("\n")))
     }
 
-    /// The approval card of a request as it stands now.
+    /// The approval card of a request as it stands now, for updates of the
+    /// copies already posted ([`Engine::card_to_post`] for a first post).
     pub fn card(&self, rec: &RequestRecord) -> ApprovalCard {
         let r = &rec.request;
         let needed = self.group(&r.group).map(|p| p.approvals_required).unwrap_or(1);
@@ -157,6 +158,7 @@ impl Engine {
             needed,
             status,
             open: r.state == RequestState::Pending,
+            recipients: Default::default(),
         }
     }
 }

@@ -739,3 +739,266 @@ async fn flow_against_slapd() {
         .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
     assert!(custom_ids(&edits.last().expect("card edited").body).is_empty());
 }
+
+const SEC: &str = "cn=security,ou=groups,dc=example,dc=org";
+const ONCALL: &str = "cn=oncall,ou=groups,dc=example,dc=org";
+
+/// The posts of request `id`'s card (those with its Approve button).
+fn card_posts(h: &Harness, id: &str) -> Vec<crate::support::fake_discord::Call> {
+    let approve = format!("jit:approve:{id}");
+    h.discord
+        .calls_to("POST", "/channels/*/messages")
+        .into_iter()
+        .filter(|c| custom_ids(&c.body).contains(&approve))
+        .collect()
+}
+
+/// A button click in a DM, shaped as Discord sends it there: no guild, no
+/// `member`, the clicker as `user`, the DM as channel.
+fn dm_click(h: &Harness, user: &str, custom_id: &str, dm: &str) -> Value {
+    let mut v = h.button(user, custom_id);
+    let o = v.as_object_mut().unwrap();
+    o.remove("guild_id");
+    o.remove("member");
+    o.insert("user".into(), json!({ "id": did(user), "username": user }));
+    o.insert("channel_id".into(), json!(dm));
+    o.insert(
+        "message".into(),
+        json!({ "id": "1300000000000000002", "channel_id": dm }),
+    );
+    v
+}
+
+/// The last edit of each message: path → body.
+fn last_edits(h: &Harness) -> std::collections::BTreeMap<String, Value> {
+    h.discord
+        .calls_to("PATCH", "/channels/*/messages/*")
+        .into_iter()
+        .map(|c| (c.path, c.body))
+        .collect()
+}
+
+#[tokio::test]
+async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
+    // db-admins: `approval_cards = "dm"`, two approvals, approvers bob and
+    // frank by name and `security` (alice, the requester, and carol through
+    // the nested `oncall`). carol is found by `user_attribute`, bob through
+    // `discord.users`; frank by neither.
+    let bot = TestBot::builder()
+        .policy(|p| {
+            let db = &mut p.groups[0];
+            db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
+            db.approvals_required = 2;
+            db.approvers.users.insert(UserId::new("frank"));
+            db.approvers.groups.insert(GroupDn::new(SEC));
+        })
+        .build();
+    bot.dir.add_user("frank", [("mail", "frank@example.org")]);
+    let carol = did("carol");
+    bot.dir.add_user(
+        "carol",
+        [("mail", "carol@example.org"), ("discordId", carol.as_str())],
+    );
+    bot.dir.add_group(ONCALL, ["carol"]);
+    bot.dir.add_group(SEC, ["alice", ONCALL]);
+    let h = start(bot, Duration::from_secs(2), |c| {
+        c.users.remove(&did("carol"));
+        c.user_attribute = Some("discordId".into());
+    })
+    .await;
+
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let opened: BTreeSet<String> = h
+        .discord
+        .calls_to("POST", "/users/@me/channels")
+        .iter()
+        .map(|c| c.body["recipient_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(opened, [did("bob"), did("carol")].into(), "never the requester");
+    let posts = card_posts(&h, &id);
+    let channels: BTreeSet<String> = posts
+        .iter()
+        .map(|c| c.path.split('/').nth(2).unwrap_or_default().to_string())
+        .collect();
+    let (dm_bob, dm_carol) = (dm_channel(&did("bob")), dm_channel(&did("carol")));
+    assert_eq!(
+        channels,
+        [dm_bob.clone(), dm_carol.clone(), CDB.to_string()].into(),
+        "{posts:#?}"
+    );
+    assert_eq!(posts.len(), 3, "each copy once");
+    let channel_card = posts
+        .iter()
+        .find(|c| c.path == format!("/channels/{CDB}/messages"))
+        .unwrap();
+    assert_eq!(field(&channel_card.body, "Could not reach by DM"), "frank");
+
+    // bob approves from his DM: 1 of 2 on every copy, buttons still there.
+    let text = h
+        .answer(&dm_click(&h, "bob", &format!("jit:approve:{id}"), &dm_bob))
+        .await;
+    assert!(text.contains("1 of 2"), "{text}");
+    h.drain().await;
+    let edits = last_edits(&h);
+    for channel in [&dm_bob, &dm_carol, &CDB.to_string()] {
+        let (_, body) = edits
+            .iter()
+            .find(|(path, _)| path.starts_with(&format!("/channels/{channel}/messages/")))
+            .unwrap_or_else(|| panic!("copy in {channel} not updated: {edits:#?}"));
+        assert_eq!(field(body, "Approvals"), "1 of 2", "{channel}");
+        assert_eq!(custom_ids(body).len(), 2, "{channel}: still open");
+    }
+    let on_channel = edits
+        .iter()
+        .find(|(p, _)| p.starts_with(&format!("/channels/{CDB}/")))
+        .unwrap()
+        .1;
+    assert_eq!(field(on_channel, "Could not reach by DM"), "frank");
+
+    // carol (found by her directory attribute) decides: every copy says so,
+    // without buttons.
+    let text = h.answer(&h.button("carol", &format!("jit:approve:{id}"))).await;
+    assert!(text.contains("pprove"), "{text}");
+    h.bot.run_due().await;
+    assert!(h.bot.is_member(DB, "alice"));
+    h.drain().await;
+    let edits = last_edits(&h);
+    for channel in [&dm_bob, &dm_carol, &CDB.to_string()] {
+        let (_, body) = edits
+            .iter()
+            .find(|(path, _)| path.starts_with(&format!("/channels/{channel}/messages/")))
+            .unwrap();
+        assert!(custom_ids(body).is_empty(), "{channel}: buttons removed: {body}");
+        assert!(
+            field(body, "Status").contains("approved by bob, carol"),
+            "{channel}: {body}"
+        );
+    }
+}
+
+/// Grant, expiry warning and expiry reach the holder by DM on both
+/// platforms, though the request came from neither (no chat identity
+/// stored): Slack finds alice by her directory mail, Discord through
+/// `discord.users`.
+#[tokio::test]
+async fn holder_notices_arrive_by_dm_on_slack_and_discord() {
+    use crate::support::fake_slack::FakeSlack;
+    use jitbot::chat::fanout::Fanout;
+    use jitbot::chat::slack::SlackAdapter;
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].expiry_warning = Some(Span::from_mins(10)))
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    let slack = FakeSlack::start().await;
+    slack.add_user("UALICE", "alice@example.org");
+    let slack_config = jitbot::config::SlackConfig {
+        mode: jitbot::config::SlackMode::Http,
+        bot_token: SecretSource::env("JITBOT_TEST_UNUSED_SLACK_TOKEN"),
+        signing_secret: None,
+        app_token: None,
+        api_url: slack.api_url(),
+        user_attribute: "mail".into(),
+        default_channel: "CJIT".into(),
+        alert_channel: None,
+        channels: Default::default(),
+        team_id: "T1".into(),
+        app_id: None,
+        enterprise_id: None,
+    };
+    let slack_adapter = SlackAdapter::with_token(&slack_config, Secret::new("xoxb-test")).unwrap();
+    let both = Fanout::new(vec![
+        ("slack".into(), Arc::new(slack_adapter) as Arc<dyn Notifier>),
+        ("discord".into(), h.adapter.clone() as Arc<dyn Notifier>),
+    ]);
+    let discord_dm = format!("/channels/{}/messages", dm_channel(&did("alice")));
+    let slack_dms = |needle: &str| {
+        slack
+            .calls_to("chat.postMessage")
+            .into_iter()
+            .filter(|c| c.body["channel"] == "DUALICE" && c.body.to_string().contains(needle))
+            .count()
+    };
+    let discord_dms = |needle: &str| {
+        h.discord
+            .calls_to("POST", &discord_dm)
+            .into_iter()
+            .filter(|c| c.body.to_string().contains(needle))
+            .count()
+    };
+
+    let text = h.bot.ok("alice", "request db-admins 1h fixing replication").await;
+    let id = TestBot::request_id(&text);
+    h.bot.ok("bob", &format!("approve {id}")).await;
+    h.bot.run_due().await;
+    jitbot::chat::outbox::drain(&h.bot.engine, &both).await;
+    assert_eq!(slack_dms("You have `db-admins` until"), 1, "{:#?}", slack.calls());
+    assert_eq!(
+        discord_dms("You have `db-admins` until"),
+        1,
+        "{:#?}",
+        h.discord.calls()
+    );
+    assert!(slack
+        .calls_to("users.lookupByEmail")
+        .iter()
+        .any(|c| c.body["email"] == "alice@example.org"));
+
+    h.bot.advance(chrono::Duration::minutes(51));
+    h.bot.run_due().await;
+    jitbot::chat::outbox::drain(&h.bot.engine, &both).await;
+    assert_eq!(
+        slack_dms("ends in"),
+        1,
+        "expiry warning on Slack: {:#?}",
+        slack.calls()
+    );
+    assert_eq!(discord_dms("ends in"), 1, "expiry warning on Discord");
+
+    h.bot.advance(chrono::Duration::minutes(10));
+    h.bot.run_due().await;
+    assert!(!h.bot.is_member(DB, "alice"));
+    jitbot::chat::outbox::drain(&h.bot.engine, &both).await;
+    assert_eq!(slack_dms("ended"), 1, "expiry on Slack: {:#?}", slack.calls());
+    assert_eq!(discord_dms("ended"), 1, "expiry on Discord");
+}
+
+/// With `approval_cards = "both"`, the channel copy goes out first; bob does
+/// not accept DMs (Discord's 403, code 50007), so the channel copy is
+/// rewritten to list him, while carol's DM still goes out and the post
+/// succeeds.
+#[tokio::test]
+async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    h.discord.refuse_dms(&did("bob"));
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let posts = card_posts(&h, &id);
+    let paths: Vec<&str> = posts.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            format!("/channels/{CDB}/messages"),
+            format!("/channels/{}/messages", dm_channel(&did("bob"))),
+            format!("/channels/{}/messages", dm_channel(&did("carol")))
+        ],
+        "channel first, then the DMs (bob's refused)"
+    );
+    let edits = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits.last().expect("channel card rewritten");
+    assert_eq!(field(&last.body, "Could not reach by DM"), "bob");
+    assert_eq!(custom_ids(&last.body).len(), 2, "still open");
+    let rec = h
+        .bot
+        .engine
+        .store()
+        .request(&RequestId::new(&id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.messages.len(), 2, "both copies recorded: {:?}", rec.messages);
+}

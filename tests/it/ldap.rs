@@ -728,3 +728,60 @@ async fn concurrent_additions_are_combined_and_tolerate_present_values() {
     assert_all_ok(&results, &more);
     assert!(slapd.values(POSIX_ADMINS, "memberUid").await.is_empty());
 }
+
+/// The attributes chat platforms find people by, read from the person's
+/// entry: escaped lookups, absent attributes left out, unknown people and
+/// bad attribute names refused.
+#[tokio::test]
+async fn user_attributes_read_the_persons_entry() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let wanted = ["mail".to_string(), "telephoneNumber".to_string()];
+    let attrs = dir.user_attributes(&user("alice"), &wanted).await.unwrap();
+    assert_eq!(
+        attrs,
+        [("mail".to_string(), "alice@example.org".to_string())].into()
+    );
+    let attrs = dir
+        .user_attributes(&user("evil,+\"\\<>;"), &wanted)
+        .await
+        .unwrap();
+    assert_eq!(attrs.get("mail").map(String::as_str), Some("evil@example.org"));
+    assert!(matches!(
+        dir.user_attributes(&user("nobody"), &wanted).await,
+        Err(DirectoryError::NoSuchUser(_))
+    ));
+    assert!(matches!(
+        dir.user_attributes(&user("alice"), &["mail)(uid=*".to_string()])
+            .await,
+        Err(DirectoryError::Refused(_))
+    ));
+}
+
+/// The approvers an approval card is DMed to, against slapd: db-admins is
+/// approved by `approvers`, which holds `security`, which holds carol.
+#[tokio::test]
+async fn eligible_approvers_expand_nested_groups_in_slapd() {
+    let slapd = Slapd::start();
+    let groups = group_configs();
+    let ldap = LdapDirectory::new(&slapd.ldap_config(), &groups).expect("ldap directory");
+    let bot = crate::support::bot::TestBot::builder()
+        .wrap(|_| Arc::new(ldap))
+        .policy(|p| p.groups = groups.iter().map(|g| g.to_policy()).collect())
+        .build();
+    let policy = bot.engine.policy().groups[0].clone();
+    assert_eq!(
+        bot.engine.eligible_approvers(&policy, &user("alice")).await,
+        ids(&["carol"])
+    );
+    assert_eq!(
+        bot.engine.eligible_approvers(&policy, &user("carol")).await,
+        Vec::<UserId>::new(),
+        "never the requester"
+    );
+    let carol = bot.engine.contact(&user("carol"), &["mail".to_string()]).await;
+    assert_eq!(
+        carol.attributes.get("mail").map(String::as_str),
+        Some("carol@example.org")
+    );
+}

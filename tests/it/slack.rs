@@ -788,3 +788,216 @@ async fn approval_through_slack_changes_membership_in_slapd() {
         .await;
     assert!(notice.is_some(), "no expiry notice: {:#?}", h.slack.calls());
 }
+
+const SEC: &str = "cn=security,ou=groups,dc=example,dc=org";
+const ONCALL: &str = "cn=oncall,ou=groups,dc=example,dc=org";
+
+/// db-admins with `approval_cards = "dm"`, two approvals needed, approvers
+/// bob and frank by name and the `security` group, which holds alice (the
+/// requester) and, through the nested `oncall`, carol. frank has a mail
+/// that no Slack user has.
+fn dm_bot(delivery: jitbot_core::policy::CardDelivery) -> TestBot {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            let db = &mut p.groups[0];
+            db.approval_cards = delivery;
+            db.approvals_required = 2;
+            db.approvers.users.insert(jitbot_core::UserId::new("frank"));
+            db.approvers.groups.insert(jitbot_core::GroupDn::new(SEC));
+        })
+        .build();
+    bot.dir.add_user("frank", [("mail", "frank@example.org")]);
+    bot.dir.add_group(ONCALL, ["carol"]);
+    bot.dir.add_group(SEC, ["alice", ONCALL]);
+    bot
+}
+
+/// The posts of the card of request `id` (those with its Approve button).
+fn card_posts(h: &Harness, id: &str) -> Vec<Call> {
+    let approve = format!("jit:approve:{id}");
+    h.slack
+        .calls_to("chat.postMessage")
+        .into_iter()
+        .filter(|c| c.body.to_string().contains(&approve))
+        .collect()
+}
+
+/// The last `chat.update` of the message at `channel`/`ts`, once `pred` holds for it.
+async fn updated(h: &Harness, channel: &str, ts: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    crate::support::net::eventually(WAIT, what, || {
+        h.slack
+            .calls_to("chat.update")
+            .into_iter()
+            .rev()
+            .find(|c| c.body["channel"] == channel && c.body["ts"] == ts)
+            .map(|c| c.body.to_string())
+            .filter(|b| pred(b))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
+    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    let id = TestBot::request_id(&h.answer(n).await);
+
+    // bob (named) and carol (security ⊃ oncall ∋ carol) get it by DM;
+    // alice, the requester, although in security, does not; frank has no
+    // Slack user, so the channel card lists him.
+    let posts = crate::support::net::eventually(WAIT, "the card's DMs and channel copy", || {
+        let posts = card_posts(&h, &id);
+        (posts.len() >= 3).then_some(posts)
+    })
+    .await;
+    let channels: std::collections::BTreeSet<String> = posts
+        .iter()
+        .map(|c| c.body["channel"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        channels,
+        ["DUBOB", "DUCAROL", CDB].map(String::from).into(),
+        "{posts:#?}"
+    );
+    assert_eq!(posts.len(), 3, "each copy once: {posts:#?}");
+    let opened: Vec<String> = h
+        .slack
+        .calls_to("conversations.open")
+        .iter()
+        .map(|c| c.body["users"].to_string())
+        .collect();
+    assert!(!opened.iter().any(|u| u.contains("UALICE")), "{opened:?}");
+    let lookups: Vec<String> = h
+        .slack
+        .calls_to("users.lookupByEmail")
+        .iter()
+        .map(|c| c.body["email"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(lookups.contains(&"frank@example.org".to_string()), "{lookups:?}");
+    assert!(!lookups.contains(&"alice@example.org".to_string()), "{lookups:?}");
+    let channel_card = posts.iter().find(|c| c.body["channel"] == CDB).unwrap();
+    let text = channel_card.body.to_string();
+    assert!(
+        text.contains("Could not reach by DM") && text.contains("frank"),
+        "{text}"
+    );
+    let ts_of = |channel: &str| {
+        let post = posts.iter().find(|c| c.body["channel"] == channel).unwrap();
+        // The fake numbers messages in posting order.
+        let nth = h
+            .slack
+            .calls_to("chat.postMessage")
+            .iter()
+            .position(|c| c.body == post.body)
+            .unwrap()
+            + 1;
+        format!("1700000000.{nth:06}")
+    };
+    let copies: Vec<(String, String)> = ["DUBOB", "DUCAROL", CDB]
+        .iter()
+        .map(|c| (c.to_string(), ts_of(c)))
+        .collect();
+
+    // bob approves from his DM: 1 of 2 shows on every copy, buttons kept,
+    // and the channel copy still lists frank.
+    let (status, n) = h
+        .click("bob", &format!("jit:approve:{id}"), "1700000300.000001")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    h.answer(n).await;
+    for (channel, ts) in &copies {
+        let body = updated(&h, channel, ts, "1 of 2 on every copy", |b| b.contains("1 of 2")).await;
+        assert!(body.contains(&format!("jit:approve:{id}")), "{channel}: {body}");
+        if channel == CDB {
+            assert!(body.contains("frank"), "{body}");
+        }
+    }
+
+    // carol's approval decides: every copy loses its buttons and says who.
+    let (_, n) = h
+        .click("carol", &format!("jit:approve:{id}"), "1700000300.000002")
+        .await;
+    assert!(h.answer(n).await.contains("Approved"));
+    for (channel, ts) in &copies {
+        let body = updated(&h, channel, ts, "the decision on every copy", |b| {
+            b.contains("approved by bob, carol")
+        })
+        .await;
+        assert!(
+            !body.contains("action_id"),
+            "buttons must be gone on {channel}: {body}"
+        );
+    }
+    h.until("alice in db-admins", || h.bot.is_member(DB, "alice"))
+        .await;
+}
+
+#[tokio::test]
+async fn approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached() {
+    let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
+    // frank gets a Slack account with his directory mail.
+    let h = harness_with(bot).await;
+    h.slack.add_user("UFRANK", "frank@example.org");
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    let id = TestBot::request_id(&h.answer(n).await);
+    let posts = crate::support::net::eventually(WAIT, "three DMs", || {
+        let posts = card_posts(&h, &id);
+        (posts.len() >= 3).then_some(posts)
+    })
+    .await;
+    // Give a stray channel post time to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let channels: std::collections::BTreeSet<String> = card_posts(&h, &id)
+        .iter()
+        .map(|c| c.body["channel"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        channels,
+        ["DUBOB", "DUCAROL", "DUFRANK"].map(String::from).into(),
+        "{posts:#?}"
+    );
+    // A second card finds frank through the cache: one lookup per mail.
+    let n = h.command("dave", "request db-admins 1h another").await;
+    let second = TestBot::request_id(&h.answer(n).await);
+    crate::support::net::eventually(WAIT, "the second card's DMs", || {
+        (card_posts(&h, &second).len() >= 4).then_some(())
+    })
+    .await;
+    let frank_lookups = h
+        .slack
+        .calls_to("users.lookupByEmail")
+        .iter()
+        .filter(|c| c.body["email"] == "frank@example.org")
+        .count();
+    assert_eq!(frank_lookups, 1, "lookups are cached");
+}
+
+#[tokio::test]
+async fn approver_lookup_waits_out_a_rate_limit() {
+    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Both)).await;
+    h.slack.rate_limit("users.lookupByEmail", 1, 2);
+    let started = tokio::time::Instant::now();
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    let id = TestBot::request_id(&h.answer(n).await);
+    crate::support::net::eventually(WAIT, "channel card and DMs to bob and carol", || {
+        let channels: Vec<String> = card_posts(&h, &id)
+            .iter()
+            .map(|c| c.body["channel"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (["DUBOB", "DUCAROL", CDB]
+            .iter()
+            .all(|c| channels.iter().any(|x| x == c)))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "the 429's Retry-After of 2 s must be waited out"
+    );
+}

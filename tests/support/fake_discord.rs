@@ -2,6 +2,7 @@
 //! `/api/v10/...` (method, path, JSON body) and answers in Discord's JSON
 //! shapes (message objects with fresh ids, DM channel objects, registered
 //! commands). It can answer a path with HTTP 429 a given number of times,
+//! refuse DMs to a user as Discord does (403, code 50007),
 //! and tells a bot where the gateway is (`GET /gateway/bot`) once a gateway
 //! fake has said where it listens.
 
@@ -37,6 +38,8 @@ struct Inner {
     calls: Mutex<Vec<Call>>,
     /// (path prefix, remaining 429 answers).
     limits: Mutex<Vec<(String, u32)>>,
+    /// DM channels whose user does not accept DMs from the bot.
+    closed_dms: Mutex<Vec<String>>,
     /// The `ws://` URL `GET /gateway` and `GET /gateway/bot` hand out.
     gateway: Mutex<Option<String>>,
     next_id: AtomicU64,
@@ -70,6 +73,13 @@ impl FakeDiscord {
             .lock()
             .unwrap()
             .push((prefix.to_string(), times));
+    }
+
+    /// `user` does not accept DMs (privacy settings, no shared server):
+    /// Discord still opens the DM channel, then refuses messages in it with
+    /// 403 and code 50007.
+    pub fn refuse_dms(&self, user: &str) {
+        self.inner.closed_dms.lock().unwrap().push(dm_channel(user));
     }
 
     /// From now on `GET /gateway(/bot)` points bots at `url`.
@@ -174,6 +184,12 @@ async fn api(
     let fresh = || inner.next_id.fetch_add(1, Ordering::SeqCst).to_string();
     let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method.as_str(), seg.as_slice()) {
+        ("POST", ["channels", channel, "messages"])
+            if inner.closed_dms.lock().unwrap().iter().any(|c| c == channel) =>
+        {
+            let body = json!({ "message": "Cannot send messages to this user", "code": 50007 });
+            (StatusCode::FORBIDDEN, Json(body)).into_response()
+        }
         ("POST", ["channels", channel, "messages"]) => {
             Json(message(&fresh(), channel, &body)).into_response()
         }

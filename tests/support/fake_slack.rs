@@ -28,7 +28,7 @@ pub struct Call {
 #[derive(Default)]
 struct Inner {
     calls: Mutex<Vec<Call>>,
-    /// Slack user id → email, for `users.info`.
+    /// Slack user id → email, for `users.info` and `users.lookupByEmail`.
     emails: Mutex<HashMap<String, String>>,
     /// Method → (remaining 429 answers, Retry-After seconds).
     limits: Mutex<HashMap<String, (u32, u64)>>,
@@ -212,6 +212,24 @@ async fn api(
                 Some(email) => json!({"ok": true, "user": {"id": user, "team_id": "T1", "name": user,
                                                          "profile": {"email": email}}}),
                 None => json!({"ok": false, "error": "user_not_found"}),
+            }
+        }
+        // Slack answers with the user object, or `users_not_found`; the
+        // email goes in the query (slack-morphism sends a GET).
+        "users.lookupByEmail" => {
+            let email = s("email");
+            let found = inner
+                .emails
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, e)| e.eq_ignore_ascii_case(&email))
+                .map(|(id, e)| (id.clone(), e.clone()));
+            match found {
+                Some((id, email)) => json!({"ok": true, "user": {"id": id, "team_id": "T1", "name": id,
+                                                                "deleted": false, "is_bot": false,
+                                                                "profile": {"email": email}}}),
+                None => json!({"ok": false, "error": "users_not_found"}),
             }
         }
         "conversations.open" => {

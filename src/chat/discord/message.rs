@@ -150,6 +150,7 @@ mod tests {
             needed: 2,
             status: "pending".into(),
             open,
+            recipients: Default::default(),
         }
     }
 

@@ -14,11 +14,12 @@ pub use endpoint::{routes, BODY_LIMIT, MAX_SKEW_SECS};
 pub use handle::{DiscordHandler, Outcome};
 pub use interaction::{Incoming, Rejected};
 
+use crate::chat::cards::{self, CardCopies, Unreachable};
 use crate::chat::render;
 use crate::clock::Clock;
 use crate::config::{DiscordConfig, DiscordMode, DISCORD_API};
 use crate::engine::Engine;
-use crate::ports::{ApprovalCard, Audience, ChatError, MessageRef, Notice, Notifier};
+use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use serenity::all::{
@@ -51,6 +52,7 @@ pub struct DiscordAdapter {
     app: ApplicationId,
     config: DiscordConfig,
     answer_budget: Duration,
+    unreachable: Unreachable,
 }
 
 /// A Discord id (snowflake) from text; serenity's ids must not be zero.
@@ -96,6 +98,7 @@ impl DiscordAdapter {
             app,
             config: config.clone(),
             answer_budget: DEFAULT_ANSWER_BUDGET,
+            unreachable: Unreachable::default(),
         })
     }
 
@@ -171,15 +174,46 @@ impl DiscordAdapter {
     }
 
     async fn dm(&self, discord_user: &str, notice: &Notice) -> Result<(), ChatError> {
+        let dm = self.dm_channel(discord_user).await?;
+        dm.send_message(&*self.http, message::notice_message(notice))
+            .await
+            .map_err(chat_error)?;
+        Ok(())
+    }
+
+    /// The DM channel with a Discord user (`POST /users/@me/channels`).
+    async fn dm_channel(&self, discord_user: &str) -> Result<ChannelId, ChatError> {
         let user = snowflake(discord_user)
             .map(DiscordUserId::new)
             .ok_or_else(|| ChatError::Refused(format!("`{discord_user}` is not a Discord user id")))?;
         let dm = user.create_dm_channel(&*self.http).await.map_err(chat_error)?;
-        dm.id
-            .send_message(&*self.http, message::notice_message(notice))
-            .await
-            .map_err(chat_error)?;
-        Ok(())
+        Ok(dm.id)
+    }
+
+    /// The Discord user for a directory person: the entry of `discord.users`
+    /// that maps to them, else their `discord.user_attribute`. The error
+    /// says why there is none.
+    fn discord_user(&self, contact: &Contact) -> Result<String, String> {
+        let c = &self.config;
+        let mapped = c
+            .users
+            .iter()
+            .find(|(_, dir)| dir.eq_ignore_ascii_case(contact.user.as_str()))
+            .map(|(discord, _)| discord.clone());
+        if let Some(id) = mapped {
+            return Ok(id);
+        }
+        match &c.user_attribute {
+            Some(attr) => contact
+                .attributes
+                .get(attr)
+                .cloned()
+                .ok_or_else(|| format!("the directory has no {attr} for {}", contact.user)),
+            None => Err(format!(
+                "{} is not in discord.users and discord.user_attribute is not set",
+                contact.user
+            )),
+        }
     }
 }
 
@@ -222,32 +256,14 @@ fn chat_error(e: serenity::Error) -> ChatError {
 #[async_trait]
 impl Notifier for DiscordAdapter {
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
-        let channel = channel_id(&self.channel_for(&Audience::Group(card.group.clone())))?;
-        let posted = channel
-            .send_message(&*self.http, message::approval_message(card))
-            .await
-            .map_err(chat_error)?;
-        Ok(vec![MessageRef {
-            platform: PLATFORM.into(),
-            channel: posted.channel_id.to_string(),
-            id: posted.id.to_string(),
-        }])
+        cards::post(PLATFORM, self, &self.unreachable, card).await
     }
 
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
         if at.platform != PLATFORM {
             return Ok(());
         }
-        let message = snowflake(&at.id)
-            .map(MessageId::new)
-            .ok_or_else(|| ChatError::Refused(format!("`{}` is not a Discord message id", at.id)))?;
-        // The bot token, not the interaction's: cards are edited long after
-        // the 15 minutes an interaction token lasts.
-        channel_id(&at.channel)?
-            .edit_message(&*self.http, message, message::approval_edit(card))
-            .await
-            .map_err(chat_error)?;
-        Ok(())
+        self.rewrite(at, &self.unreachable.for_copy(at, card)).await
     }
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
@@ -271,12 +287,83 @@ impl Notifier for DiscordAdapter {
         }
     }
 
+    /// By DM: where they talked to jitbot on Discord, else the Discord user
+    /// `discord.users` or `discord.user_attribute` names. Someone with
+    /// neither is skipped.
+    async fn send_to(&self, notice: &Notice, contact: &Contact) -> Result<(), ChatError> {
+        if let Audience::User { chat: Some(chat), .. } = &notice.to {
+            if chat.platform == PLATFORM {
+                return self.send(notice).await;
+            }
+        }
+        if !matches!(notice.to, Audience::User { .. }) {
+            return self.send(notice).await;
+        }
+        match self.discord_user(contact) {
+            Ok(discord_user) => self.dm(&discord_user, notice).await,
+            Err(why) => {
+                tracing::debug!(user = %contact.user, reason = %why, "notice not sent on Discord");
+                Ok(())
+            }
+        }
+    }
+
+    fn contact_attributes(&self) -> Vec<String> {
+        self.config.user_attribute.iter().cloned().collect()
+    }
+
     async fn ready(&self) -> Result<(), ChatError> {
         self.http
             .get_current_user()
             .await
             .map(|_| ())
             .map_err(|e| ChatError::Unavailable(format!("cannot read the bot user: {e}")))
+    }
+}
+
+#[async_trait]
+impl CardCopies for DiscordAdapter {
+    async fn post_in_channel(&self, card: &ApprovalCard) -> Result<MessageRef, ChatError> {
+        let channel = channel_id(&self.channel_for(&Audience::Group(card.group.clone())))?;
+        self.post_card_in(channel, card).await
+    }
+
+    async fn rewrite(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
+        let message = snowflake(&at.id)
+            .map(MessageId::new)
+            .ok_or_else(|| ChatError::Refused(format!("`{}` is not a Discord message id", at.id)))?;
+        // The bot token, not the interaction's: cards are edited long after
+        // the 15 minutes an interaction token lasts.
+        channel_id(&at.channel)?
+            .edit_message(&*self.http, message, message::approval_edit(card))
+            .await
+            .map_err(chat_error)?;
+        Ok(())
+    }
+
+    async fn post_by_dm(&self, to: &Contact, card: &ApprovalCard) -> Result<MessageRef, String> {
+        let discord_user = self.discord_user(to)?;
+        let channel = self
+            .dm_channel(&discord_user)
+            .await
+            .map_err(|e| format!("cannot open a DM with Discord user {discord_user}: {e}"))?;
+        self.post_card_in(channel, card)
+            .await
+            .map_err(|e| format!("cannot post in the DM: {e}"))
+    }
+}
+
+impl DiscordAdapter {
+    async fn post_card_in(&self, channel: ChannelId, card: &ApprovalCard) -> Result<MessageRef, ChatError> {
+        let posted = channel
+            .send_message(&*self.http, message::approval_message(card))
+            .await
+            .map_err(chat_error)?;
+        Ok(MessageRef {
+            platform: PLATFORM.into(),
+            channel: posted.channel_id.to_string(),
+            id: posted.id.to_string(),
+        })
     }
 }
 

@@ -85,7 +85,7 @@ pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
         escape(card.group.as_str()),
         escape(&card.duration)
     );
-    let fields = vec![
+    let mut fields = vec![
         mrkdwn(format!("*Reason*\n{}", escape(&card.reason))),
         mrkdwn(format!(
             "*Approvals*\n{} of {}",
@@ -95,6 +95,13 @@ pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
         mrkdwn(format!("*Status*\n{}", escape(&card.status))),
         mrkdwn(format!("*Request*\n`{}`", escape(card.request.as_str()))),
     ];
+    if !card.recipients.unreachable.is_empty() {
+        let names: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
+        fields.push(mrkdwn(format!(
+            "*Could not reach by DM*\n{}",
+            escape(&names.join(", "))
+        )));
+    }
     let mut blocks: Vec<SlackBlock> = vec![
         SlackSectionBlock::new().with_text(mrkdwn(headline)).into(),
         SlackSectionBlock::new().with_fields(fields).into(),
@@ -204,6 +211,7 @@ mod tests {
             needed: 2,
             status: "pending".into(),
             open,
+            recipients: Default::default(),
         }
     }
 

@@ -14,17 +14,25 @@ pub use http::{routes, BODY_LIMIT};
 pub use signature::{verify_signature, SignatureError};
 pub use socket::run_socket_mode;
 
+use crate::chat::cards::{self, CardCopies, Unreachable};
 use crate::config::SlackConfig;
-use crate::ports::{ApprovalCard, Audience, ChatError, MessageRef, Notice, Notifier};
+use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use slack_morphism::errors::SlackClientError;
 use slack_morphism::prelude::*;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The platform name in [`MessageRef`] and [`crate::ports::ChatRef`].
 pub const PLATFORM: &str = "slack";
+
+/// Tries of a `users.lookupByEmail` answered 429, and the longest
+/// `Retry-After` waited out in between (a longer one leaves the person
+/// unreached this time).
+const LOOKUP_TRIES: u32 = 3;
+const LOOKUP_MAX_WAIT: u64 = 30;
 
 /// slack-morphism's hyper client over a connector that speaks HTTPS to Slack
 /// and plain HTTP to a local fake or a proxy on loopback.
@@ -46,6 +54,9 @@ pub struct SlackAdapter {
     client: Arc<Client>,
     token: SlackApiToken,
     config: SlackConfig,
+    /// Directory mail → Slack user id, found by `users.lookupByEmail`.
+    by_mail: Mutex<HashMap<String, String>>,
+    unreachable: Unreachable,
 }
 
 impl SlackAdapter {
@@ -71,6 +82,8 @@ impl SlackAdapter {
             client: Arc::new(SlackClient::new(connector)),
             token: SlackApiToken::new(bot_token.expose().to_string().into()),
             config: config.clone(),
+            by_mail: Mutex::default(),
+            unreachable: Unreachable::default(),
         })
     }
 
@@ -155,6 +168,55 @@ impl SlackAdapter {
         Ok(res.user.profile.and_then(|p| p.email).map(|e| e.to_string()))
     }
 
+    /// The Slack user whose profile has `mail` (`users.lookupByEmail`, scope
+    /// `users:read.email`), or `None`. Found ids are cached for the life of
+    /// the process; a 429 is waited out for its `Retry-After`.
+    pub(crate) async fn user_by_mail(&self, mail: &str) -> Result<Option<String>, ChatError> {
+        let cached = self.by_mail.lock().ok().and_then(|m| m.get(mail).cloned());
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let req = SlackApiUsersLookupByEmailRequest::new(mail.to_string().into());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let err = match self.session().users_lookup_by_email(&req).await {
+                Ok(res) => {
+                    let id = res.user.id.to_string();
+                    if let Ok(mut m) = self.by_mail.lock() {
+                        m.insert(mail.to_string(), id.clone());
+                    }
+                    return Ok(Some(id));
+                }
+                Err(SlackClientError::ApiError(api)) if api.code == "users_not_found" => return Ok(None),
+                Err(e) => chat_error(e),
+            };
+            match err {
+                ChatError::RateLimited(secs) if attempt < LOOKUP_TRIES && secs <= LOOKUP_MAX_WAIT => {
+                    tokio::time::sleep(Duration::from_secs(secs)).await
+                }
+                e => return Err(e),
+            }
+        }
+    }
+
+    /// The Slack user for a directory person: by the mail attribute
+    /// (`slack.user_attribute`). The error says why there is none.
+    async fn slack_user(&self, contact: &Contact) -> Result<String, String> {
+        let attr = &self.config.user_attribute;
+        let mail = contact
+            .attributes
+            .get(attr)
+            .ok_or_else(|| format!("the directory has no {attr} for {}", contact.user))?;
+        match self.user_by_mail(mail).await {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err(format!(
+                "no Slack user has the email {mail} (users.lookupByEmail)"
+            )),
+            Err(e) => Err(format!("users.lookupByEmail failed: {e}")),
+        }
+    }
+
     /// Opens a modal; `trigger_id` is valid for 3 seconds after the click.
     pub(crate) async fn open_view(&self, trigger_id: &str, view: SlackView) -> Result<(), ChatError> {
         let req = SlackApiViewsOpenRequest::new(trigger_id.to_string().into(), view);
@@ -230,31 +292,14 @@ fn first_line(text: &str) -> String {
 #[async_trait]
 impl Notifier for SlackAdapter {
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
-        let channel = self
-            .channel_for(&Audience::Group(card.group.clone()))
-            .unwrap_or_else(|| self.config.default_channel.clone());
-        let (channel, ts) = self.post(&channel, blocks::approval_card(card)).await?;
-        // The card goes to the group's channel only: DMs to approvers would
-        // need a directory user → Slack user mapping that the Directory port
-        // does not offer yet.
-        Ok(vec![MessageRef {
-            platform: PLATFORM.into(),
-            channel,
-            id: ts,
-        }])
+        cards::post(PLATFORM, self, &self.unreachable, card).await
     }
 
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
         if at.platform != PLATFORM {
             return Ok(());
         }
-        let req = SlackApiChatUpdateRequest::new(
-            at.channel.clone().into(),
-            blocks::approval_card(card),
-            at.id.clone().into(),
-        );
-        self.session().chat_update(&req).await.map_err(chat_error)?;
-        Ok(())
+        self.rewrite(at, &self.unreachable.for_copy(at, card)).await
     }
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
@@ -277,10 +322,76 @@ impl Notifier for SlackAdapter {
         }
     }
 
+    /// By DM: where they talked to jitbot on Slack, else the Slack user
+    /// with their directory mail. Someone Slack does not know is skipped.
+    async fn send_to(&self, notice: &Notice, contact: &Contact) -> Result<(), ChatError> {
+        if let Audience::User { chat: Some(chat), .. } = &notice.to {
+            if chat.platform == PLATFORM {
+                return self.send(notice).await;
+            }
+        }
+        if !matches!(notice.to, Audience::User { .. }) {
+            return self.send(notice).await;
+        }
+        match self.slack_user(contact).await {
+            Ok(slack_user) => self.dm(&slack_user, blocks::notice(notice)).await,
+            Err(why) => {
+                tracing::debug!(user = %contact.user, reason = %why, "notice not sent on Slack");
+                Ok(())
+            }
+        }
+    }
+
+    fn contact_attributes(&self) -> Vec<String> {
+        vec![self.config.user_attribute.clone()]
+    }
+
     async fn ready(&self) -> Result<(), ChatError> {
         self.session().auth_test().await.map(|_| ()).map_err(|e| {
             crate::metrics::chat_error(PLATFORM);
             ChatError::Unavailable(format!("auth.test failed: {e}"))
+        })
+    }
+}
+
+#[async_trait]
+impl CardCopies for SlackAdapter {
+    async fn post_in_channel(&self, card: &ApprovalCard) -> Result<MessageRef, ChatError> {
+        let channel = self
+            .channel_for(&Audience::Group(card.group.clone()))
+            .unwrap_or_else(|| self.config.default_channel.clone());
+        let (channel, ts) = self.post(&channel, blocks::approval_card(card)).await?;
+        Ok(MessageRef {
+            platform: PLATFORM.into(),
+            channel,
+            id: ts,
+        })
+    }
+
+    async fn rewrite(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
+        let req = SlackApiChatUpdateRequest::new(
+            at.channel.clone().into(),
+            blocks::approval_card(card),
+            at.id.clone().into(),
+        );
+        self.session().chat_update(&req).await.map_err(chat_error)?;
+        Ok(())
+    }
+
+    async fn post_by_dm(&self, to: &Contact, card: &ApprovalCard) -> Result<MessageRef, String> {
+        let slack_user = self.slack_user(to).await?;
+        let channel = self
+            .dm_channel(&slack_user)
+            .await
+            .map_err(|e| format!("conversations.open failed: {e}"))?;
+        let (channel, ts) = self
+            .post(&channel, blocks::approval_card(card))
+            .await
+            .map_err(|e| format!("chat.postMessage to the DM failed: {e}"))?;
+        Ok(MessageRef {
+            platform: PLATFORM.into(),
+            channel,
+            id: ts,
         })
     }
 }

@@ -203,6 +203,8 @@ fn message_ref(id: u64) -> MessageRef {
 
 #[async_trait]
 impl Notifier for WebConsole {
+    /// The console has no DMs: every card goes to its one shared feed,
+    /// whatever `approval_cards` says (`dm` and `both` act as `channel`).
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
         Ok(vec![message_ref(self.post(card))])
     }
@@ -274,6 +276,7 @@ mod tests {
                 "approved by bob".into()
             },
             open,
+            recipients: Default::default(),
         }
     }
 

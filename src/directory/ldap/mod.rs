@@ -22,7 +22,7 @@ use conn::{describe, rc, Supervisor};
 use jitbot_core::{GroupDn, UserId};
 use ldap3::adapters::PagedResults;
 use ldap3::{ldap_escape, LdapResult, Mod, Scope, SearchEntry};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::OnceCell;
 
@@ -461,6 +461,36 @@ impl Directory for LdapDirectory {
             );
         }
         Ok(found)
+    }
+
+    async fn user_attributes(
+        &self,
+        user: &UserId,
+        attributes: &[String],
+    ) -> Result<BTreeMap<String, String>, DirectoryError> {
+        if let Some(bad) = attributes.iter().find(|a| !valid_attribute(a)) {
+            return Err(DirectoryError::Refused(format!(
+                "`{bad}` is not an attribute name"
+            )));
+        }
+        let id = user.as_str();
+        if attributes.is_empty() || id.is_empty() || id.contains('\0') {
+            return Ok(BTreeMap::new());
+        }
+        let filter = format!("(&(objectClass=*)({}={}))", self.id_attr, ldap_escape(id));
+        let wanted: Vec<&str> = attributes.iter().map(String::as_str).collect();
+        let (entries, result) = self
+            .search(&self.user_base, Scope::Subtree, &filter, &wanted)
+            .await?;
+        self.check_user_base(&result)?;
+        match entries.as_slice() {
+            [] => Err(DirectoryError::NoSuchUser(user.to_string())),
+            [one] => Ok(attributes
+                .iter()
+                .filter_map(|a| values(one, a).first().map(|v| (a.clone(), v.clone())))
+                .collect()),
+            _ => Err(DirectoryError::Ambiguous(format!("{}={id}", self.id_attr))),
+        }
     }
 
     async fn ping(&self) -> Result<(), DirectoryError> {

@@ -1,0 +1,84 @@
+//! Who an approval card and a person's notices reach: the eligible approvers
+//! of a group (nested groups expanded, never the requester) and the
+//! directory attributes the chat platforms find people by.
+
+use super::Engine;
+use crate::ports::{ApprovalCard, Contact, MemberKind};
+use crate::store::RequestRecord;
+use jitbot_core::policy::{CardDelivery, GroupPolicy};
+use jitbot_core::UserId;
+use std::collections::BTreeSet;
+
+impl Engine {
+    /// The approval card of a request as it is first posted: [`Engine::card`]
+    /// plus where it goes. With `approval_cards = "dm"` or `"both"`, every
+    /// eligible approver is listed with the `attributes` the platforms need
+    /// to find them. A directory failure never stops the post: whoever could
+    /// not be resolved is left out and the log says why (with `dm` the card
+    /// then goes to the channel if no DM is sent).
+    pub async fn card_to_post(&self, rec: &RequestRecord, attributes: &[String]) -> ApprovalCard {
+        let mut card = self.card(rec);
+        let Ok(policy) = self.group(&rec.request.group) else {
+            return card;
+        };
+        if !card.open || !policy.approval_cards.dms() {
+            return card;
+        }
+        card.recipients.channel = policy.approval_cards == CardDelivery::Both;
+        for user in self.eligible_approvers(policy, &rec.request.requester).await {
+            card.recipients.dm.push(self.contact(&user, attributes).await);
+        }
+        card
+    }
+
+    /// Everyone who may approve in `policy`, except `requester`: the named
+    /// approvers and the users reached through the approver groups, however
+    /// deeply nested; sorted, each once.
+    pub async fn eligible_approvers(&self, policy: &GroupPolicy, requester: &UserId) -> Vec<UserId> {
+        let mut users: BTreeSet<UserId> = policy.approvers.users.clone();
+        for group in &policy.approvers.groups {
+            match self.inner.directory.members(group).await {
+                Ok(members) => {
+                    for m in members {
+                        match m.kind {
+                            MemberKind::User(u) => {
+                                users.insert(u);
+                            }
+                            MemberKind::NestedGroup { reaches } => users.extend(reaches),
+                            MemberKind::Unknown => {}
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    group = %policy.name,
+                    approvers = %group,
+                    error = %e,
+                    "cannot list an approver group; its members get no DM of this approval card"
+                ),
+            }
+        }
+        users.remove(requester);
+        users.into_iter().collect()
+    }
+
+    /// `user` with the values of `attributes` the directory holds for them.
+    /// A lookup failure gives a contact without attributes (logged), whom a
+    /// platform can then reach only where they talked to jitbot.
+    pub async fn contact(&self, user: &UserId, attributes: &[String]) -> Contact {
+        let attributes = if attributes.is_empty() {
+            Default::default()
+        } else {
+            match self.inner.directory.user_attributes(user, attributes).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(%user, error = %e, "cannot read the directory attributes chat platforms find this person by");
+                    Default::default()
+                }
+            }
+        };
+        Contact {
+            user: user.clone(),
+            attributes,
+        }
+    }
+}
