@@ -539,8 +539,35 @@ impl World {
                 use jitbot::ports::Directory as _;
                 if add && !present {
                     let _ = self.dir.add_member(&gid, &uid).await;
-                    self.standing.entry(dn).or_default().insert(user.to_string());
-                    self.note(format!("    operator added {user} to {dn}"));
+                    // While a live lease of this user already owns this
+                    // membership (granted, or being revoked), the value in
+                    // the directory is that lease's: jitbot cannot tell a
+                    // person's add of the same value from its own, and the
+                    // lease's end removes it (ARCHITECTURE.md, "A lease
+                    // removes exactly what it wrote"). Only an add while no
+                    // lease owns it makes a standing membership.
+                    let owned = self
+                        .engine()
+                        .store()
+                        .live_leases()
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|l| {
+                            l.lease.user.as_str().eq_ignore_ascii_case(user)
+                                && l.lease.owns_membership()
+                                && l.lease
+                                    .membership
+                                    .as_ref()
+                                    .is_some_and(|m| m.group.as_str() == dn)
+                        });
+                    if owned {
+                        self.note(format!(
+                            "    operator added {user} to {dn} (absorbed by a live lease)"
+                        ));
+                    } else {
+                        self.standing.entry(dn).or_default().insert(user.to_string());
+                        self.note(format!("    operator added {user} to {dn}"));
+                    }
                 } else if !add && present {
                     let _ = self.dir.remove_member(&gid, &uid).await;
                     self.standing.entry(dn).or_default().remove(user);
