@@ -686,6 +686,15 @@ impl Config {
                     "StartTLS makes no sense on ldaps://".into(),
                 );
             }
+            if ldap.bind_dn.trim().is_empty() {
+                issue(
+                    "ldap.bind_dn".into(),
+                    key_line(text, "ldap", "bind_dn"),
+                    "an empty bind DN makes the bind anonymous (and some servers accept it \
+                     whatever the password); write the service account's DN"
+                        .into(),
+                );
+            }
             if ldap.url.starts_with("ldap://") && !ldap.starttls && !ldap.allow_plaintext_bind {
                 issue(
                     "ldap.url".into(),

@@ -182,6 +182,16 @@ impl Engine {
                         "extension",
                         now,
                     )?;
+                    // One open request per (group, user), and the cap on
+                    // pending requests per person, hold for extensions too.
+                    if let Some(open) = tx.pending_request_of(&rec.lease.group, &caller.user)? {
+                        return Err(Refusal::AlreadyPending {
+                            group: rec.lease.group.clone(),
+                            request: open.to_string(),
+                        }
+                        .into());
+                    }
+                    self.within_pending_cap(&request)?;
                     // Check now that the extension would fit, so nobody approves an impossible one.
                     rec.lease.clone().extend(by, policy, now)?;
                     tx.set_timer(TimerKind::RequestTimeout, req_id.as_str(), request.decide_by);

@@ -396,3 +396,71 @@ async fn wait_up(running: Running, log: &Path) -> Running {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Issue 13 item 10: `/jit extend` on a group whose extensions need
+/// approval opens a pending request (and posts an approval card) without
+/// the per-person pending cap, so one holder can queue any number of
+/// cards in front of break-glass and drift alerts.
+#[tokio::test]
+async fn extension_requests_obey_the_pending_cap() {
+    let bot = TestBot::builder()
+        .settings(|s| s.max_pending_per_user = 2)
+        .policy(|p| p.groups[0].extension_requires_approval = true)
+        .build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    let mut queued = 0;
+    for _ in 0..6 {
+        if bot.say("alice", "extend db-admins 1m").await.ok {
+            queued += 1;
+        }
+    }
+    let pending = bot
+        .engine
+        .store()
+        .pending_requests()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.request.requester.as_str() == "alice")
+        .count();
+    assert!(
+        pending <= 2,
+        "alice has {pending} requests waiting ({queued} extensions accepted); the cap is 2"
+    );
+}
+
+/// Issue 13 item 1: an empty bind DN would make the LDAP bind anonymous.
+#[test]
+fn an_empty_ldap_bind_dn_is_refused_at_load() {
+    for dn in ["", "   "] {
+        let text = format!(
+            r#"
+[store]
+path = "/tmp/x"
+
+[directory]
+kind = "ldap"
+
+[ldap]
+url = "ldaps://ldap.example.org"
+bind_dn = "{dn}"
+password = {{ env = "PW" }}
+user_base = "ou=people,dc=example,dc=org"
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+        );
+        let parsed = jitbot::config::Config::parse(&text, "t.toml");
+        assert!(
+            parsed.is_err(),
+            "bind_dn = {dn:?} was accepted: jitbot would bind anonymously"
+        );
+    }
+}

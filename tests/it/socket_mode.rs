@@ -436,3 +436,77 @@ async fn a_failed_reconnect_is_retried_after_a_pause() {
     s.sm.ack(&env).await;
     s.card(1).await;
 }
+
+// ---- brk14: adversarial review of issue 14 ----
+
+/// With `slack.app_id` set (as SECURITY.md recommends for a shared
+/// workspace), a deny reason submitted in Socket Mode must still deny.
+/// Today `on_interaction` re-serialises slack-morphism's event, whose
+/// `view_submission` type has no `api_app_id`: the payload reads as coming
+/// from app `(none)` and is refused, so no one can deny with a reason (the
+/// deny modal opens, the submit does nothing). Clicks carry the field and pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk14_a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
+    let server = Slapd::start();
+    let slack = FakeSlack::start().await;
+    for user in ["alice", "bob", "carol", "eve"] {
+        slack.add_user(&slack_id(user), &format!("{user}@example.org"));
+    }
+    let sm = FakeSocketMode::start(slack.clone(), APP_TOKEN).await;
+    let cfg = config(&server, &slack).replace(
+        "team_id = \"T1\"",
+        &format!(
+            "team_id = \"T1\"\napp_id = \"{}\"",
+            crate::support::fake_socket_mode::APP_ID
+        ),
+    );
+    assert!(cfg.contains("app_id = "));
+    let bot = Jitbot::start(&cfg, &[("SM_BOT_TOKEN", BOT_TOKEN), ("SM_APP_TOKEN", APP_TOKEN)]).await;
+    let s = Setup { server, sm, bot };
+    s.sm.wait_live(1).await;
+
+    let env =
+        s.sm.slash(&slack_id("eve"), CHANNEL, "request db-admins 1h second")
+            .await;
+    s.sm.ack(&env).await;
+    let denied = s.card(1).await;
+    let env =
+        s.sm.click(
+            &slack_id("carol"),
+            CHANNEL,
+            "1700000000.000002",
+            &format!("jit:deny:{denied}"),
+        )
+        .await;
+    s.sm.ack(&env).await;
+    let open = s
+        .slack()
+        .wait_for(WAIT, |c| c.method == "views.open")
+        .await
+        .expect("deny modal opened (the click passed the app check)");
+    let metadata = open.body["view"]["private_metadata"].as_str().unwrap_or_default();
+    let submit = json!({
+        "type": "view_submission",
+        "team": {"id": "T1", "domain": "example"},
+        "user": {"id": slack_id("carol"), "username": "carol", "team_id": "T1"},
+        "api_app_id": crate::support::fake_socket_mode::APP_ID,
+        "trigger_id": "submit.1.trigger",
+        "view": {
+            "id": "V1", "team_id": "T1", "type": "modal", "hash": "1.abc",
+            "callback_id": "jit:deny", "private_metadata": metadata,
+            "title": {"type": "plain_text", "text": "Deny request"}, "blocks": [],
+            "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": "not during the freeze"}}}}
+        }
+    });
+    let env = s.sm.deliver("interactive", submit, true).await;
+    s.sm.ack(&env).await;
+    let deadline = Instant::now() + WAIT;
+    while s.request_state(&denied).await != "denied" {
+        assert!(
+            Instant::now() < deadline,
+            "the deny reason was never taken; log:\n{}",
+            s.bot.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -203,6 +203,23 @@ impl SlackHandler {
     /// kind jitbot ignores; errors mean nothing was started.
     pub async fn interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
         let origin = binding::Origin::of_interaction(&payload);
+        self.interaction_from(payload, origin).await
+    }
+
+    /// An interaction that arrived over Socket Mode: the socket is opened
+    /// with this app's token, so the app is given (slack-morphism's typed
+    /// `view_submission` drops `api_app_id`); the workspace is still checked.
+    pub async fn socket_interaction(self: &Arc<Self>, payload: serde_json::Value) -> Result<bool, Rejected> {
+        let mut origin = binding::Origin::of_interaction(&payload);
+        origin.app = None;
+        self.interaction_from(payload, origin).await
+    }
+
+    async fn interaction_from(
+        self: &Arc<Self>,
+        payload: serde_json::Value,
+        origin: binding::Origin,
+    ) -> Result<bool, Rejected> {
         let Decoded(work) = decode_interaction(payload)?;
         match self.bound(&origin) {
             Ok(()) => {}

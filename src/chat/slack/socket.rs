@@ -108,7 +108,7 @@ async fn on_interaction(
     // Back to Slack's JSON so both modes go through one parser.
     let json = serde_json::to_value(&ev)?;
     if let Some(h) = handler(&states).await {
-        if let Err(e) = h.interaction(json).await {
+        if let Err(e) = h.socket_interaction(json).await {
             tracing::warn!(error = %e, "refused a Slack interaction");
         }
     }
