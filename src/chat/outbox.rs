@@ -443,10 +443,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             if !posted.is_empty() {
                 // Already posted here: update instead of posting twice.
                 let card = engine.card(&rec);
-                for m in posted {
-                    dest.notifier.update_approval(m, &card).await?;
-                }
-                return Ok(());
+                return update_every_copy(dest, posted, &card).await;
             }
             if job.interrupted_post {
                 // Slack has no idempotency key for posts and looking the card
@@ -481,10 +478,33 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                 return Ok(());
             };
             let card = engine.card(&rec);
-            for m in rec.messages.iter().filter(|m| dest.owns(m)) {
-                dest.notifier.update_approval(m, &card).await?;
-            }
-            Ok(())
+            let copies: Vec<&MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).collect();
+            update_every_copy(dest, copies, &card).await
         }
     }
+}
+
+/// Rewrites every copy of a card on one platform. One copy that fails does
+/// not keep the others from the decision: each copy is tried; a copy the
+/// platform refuses for good (deleted, read-only DM) is skipped and logged;
+/// the first temporary failure is returned so the whole update is retried
+/// (updates are idempotent).
+async fn update_every_copy(
+    dest: Dest<'_>,
+    copies: Vec<&MessageRef>,
+    card: &crate::ports::ApprovalCard,
+) -> Result<(), ChatError> {
+    let mut retry = None;
+    for m in copies {
+        match dest.notifier.update_approval(m, card).await {
+            Ok(()) => {}
+            Err(ChatError::Refused(why)) => {
+                tracing::warn!(platform = dest.name, channel = %m.channel, message = %m.id, error = %why, "a copy of an approval card cannot be updated; the other copies are");
+            }
+            Err(e) => {
+                retry.get_or_insert(e);
+            }
+        }
+    }
+    retry.map_or(Ok(()), Err)
 }

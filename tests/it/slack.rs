@@ -1001,3 +1001,63 @@ async fn approver_lookup_waits_out_a_rate_limit() {
         "the 429's Retry-After of 2 s must be waited out"
     );
 }
+
+// Adversarial review of issue 14 (approver DMs).
+
+/// One copy that Slack will no longer let jitbot edit (the approver was
+/// deactivated while the card waited, so their DM is read-only; or, with
+/// `both`, the bot was removed from the channel, and the channel copy is the
+/// first of the list) must not keep the decision off the other copies.
+/// Before the fix the outbox's update loop stops at the first failed copy (`?`), and
+/// every retry stops at the same copy, so carol's DM and the channel card
+/// keep their Approve buttons and never say the request was decided.
+#[tokio::test]
+async fn brk14_one_uneditable_dm_copy_keeps_the_decision_off_the_others() {
+    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    let id = TestBot::request_id(&h.answer(n).await);
+    let posts = crate::support::net::eventually(WAIT, "the card's DMs and channel copy", || {
+        let posts = card_posts(&h, &id);
+        (posts.len() >= 3).then_some(posts)
+    })
+    .await;
+    assert_eq!(posts.len(), 3, "{posts:#?}");
+    // bob's DM copy can no longer be edited.
+    h.slack.answer_with("chat.update", |c| {
+        if c.body["channel"] == "DUBOB" {
+            json!({"ok": false, "error": "message_not_found"})
+        } else {
+            json!({"ok": true, "channel": c.body["channel"], "ts": c.body["ts"], "text": c.body["text"],
+                   "message": {"text": c.body["text"]}})
+        }
+    });
+    let (_, n) = h
+        .click("bob", &format!("jit:approve:{id}"), "1700000300.000001")
+        .await;
+    h.answer(n).await;
+    let (_, n) = h
+        .click("carol", &format!("jit:approve:{id}"), "1700000300.000002")
+        .await;
+    assert!(h.answer(n).await.contains("Approved"));
+    h.until("alice in db-admins", || h.bot.is_member(DB, "alice"))
+        .await;
+    // carol's DM and the channel card must both show the decision.
+    for channel in ["DUCAROL", CDB] {
+        let decided = crate::support::net::eventually(
+            Duration::from_secs(20),
+            "the decision on the copies Slack lets jitbot edit",
+            || {
+                h.slack.calls_to("chat.update").into_iter().find(|c| {
+                    c.body["channel"] == channel && c.body.to_string().contains("approved by bob, carol")
+                })
+            },
+        )
+        .await;
+        assert!(
+            !decided.body.to_string().contains("action_id"),
+            "{channel}: {decided:#?}"
+        );
+    }
+}
