@@ -555,6 +555,10 @@ impl World {
                         .any(|l| {
                             l.lease.user.as_str().eq_ignore_ascii_case(user)
                                 && l.lease.owns_membership()
+                            // A lease still granting has not added yet: its
+                            // add finds the value present and leaves it as
+                            // the person's.
+                            && matches!(l.lease.state, LeaseState::Active | LeaseState::Revoking)
                                 && l.lease
                                     .membership
                                     .as_ref()
