@@ -217,7 +217,24 @@ impl Engine {
                 })
                 .await?;
             }
-            Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+            Err(e) => {
+                if !first_add {
+                    // A retry after a crash that got no answer: whatever is
+                    // in the group now (jitbot's earlier add, or someone
+                    // else's) is removed by the undo, and the audit says so.
+                    self.transition(&id, &granting, |tx, rec| {
+                        tx.audit(
+                            about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                                "a retried add after a restart failed; jitbot cannot tell whether its earlier add \
+                                 landed, so the undo removes the membership if it is there",
+                            ),
+                        );
+                        Ok(())
+                    })
+                    .await?;
+                }
+                return self.grant_failed(&id, &e.to_string()).await;
+            }
         }
         self.activate(&id).await
     }
