@@ -58,6 +58,10 @@ pub enum MemberKind {
     User(UserId),
     /// A group nested in this one, and the users it reaches.
     NestedGroup { reaches: Vec<UserId> },
+    /// Active Directory: a user whose *primary group* this is
+    /// (`primaryGroupID`). `member` does not list them and no member value
+    /// can be removed: the user's primary group must be changed.
+    PrimaryGroup(UserId),
     /// A value that is no user under the user base nor a group (a DN
     /// outside `user_base`, or a dangling one).
     Unknown,
@@ -82,6 +86,12 @@ pub trait Directory: Send + Sync + 'static {
     async fn has_membership(&self, membership: &Membership) -> Result<bool, DirectoryError>;
     async fn add_membership(&self, membership: &Membership) -> Result<Added, DirectoryError>;
     async fn remove_membership(&self, membership: &Membership) -> Result<(), DirectoryError>;
+    /// [`Directory::remove_membership`], and a note for the audit when the
+    /// value removed was not the one recorded (the user renamed, moved or
+    /// deleted during the lease). The default removes and has nothing to say.
+    async fn revoke_membership(&self, membership: &Membership) -> Result<Option<String>, DirectoryError> {
+        self.remove_membership(membership).await.map(|()| None)
+    }
     /// Every value of the group's membership attribute (placeholders excluded).
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError>;
     /// Of `among`, the groups `user` belongs to directly or through nesting.

@@ -223,6 +223,10 @@ struct MembershipV1 {
     group_dn: String,
     attribute: String,
     value: String,
+    /// The user entry's stable identity; absent in records written before
+    /// it was kept (and for `memberUid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
 }
 
 impl From<&Membership> for MembershipV1 {
@@ -231,6 +235,7 @@ impl From<&Membership> for MembershipV1 {
             group_dn: m.group.to_string(),
             attribute: m.attribute.clone(),
             value: m.value.clone(),
+            identity: m.identity.clone(),
         }
     }
 }
@@ -241,6 +246,7 @@ impl From<MembershipV1> for Membership {
             group: GroupDn::new(m.group_dn),
             attribute: m.attribute,
             value: m.value,
+            identity: m.identity,
         }
     }
 }
