@@ -10,10 +10,12 @@
 //!   lost a race commits nothing and does not touch the directory again.
 //!
 //! The grant records *what it will write* ([`Membership`]: group DN,
-//! attribute, value) and whether the user already held it, durably, before
-//! the add. Revocation removes exactly that value from exactly that group and
-//! never consults today's configuration, so a group dropped from the config,
-//! a changed `dn` or a renamed user cannot strand a membership.
+//! attribute, value, the user entry's stable identity) and whether the user
+//! already held it, durably, before the add. Revocation removes exactly that
+//! membership from exactly that group and never consults today's
+//! configuration, so a group dropped from the config, a changed `dn` or a
+//! renamed user cannot strand a membership (the directory finds a renamed
+//! user's current DN from the recorded identity, and says so in the audit).
 
 use super::audit::{about_lease, AuditAction};
 use super::{notice, Engine, EngineError, ENGINE_ACTOR};

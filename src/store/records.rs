@@ -436,3 +436,27 @@ pub(super) enum StoredAudit {
     #[serde(rename = "1-hmac")]
     Keyed(AuditEntry),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_membership_keeps_its_identity_and_old_records_still_read() {
+        let old = r#"{"group_dn":"cn=g,dc=x","attribute":"member","value":"uid=a,dc=x"}"#;
+        let m: Membership = serde_json::from_str::<MembershipV1>(old).unwrap().into();
+        assert_eq!(m.identity, None);
+        assert_eq!(
+            serde_json::to_string(&MembershipV1::from(&m)).unwrap(),
+            old,
+            "written as before when there is no identity"
+        );
+        let m = Membership {
+            identity: Some("objectGUID:00112233445566778899aabbccddeeff".into()),
+            ..m
+        };
+        let text = serde_json::to_string(&MembershipV1::from(&m)).unwrap();
+        let back: Membership = serde_json::from_str::<MembershipV1>(&text).unwrap().into();
+        assert_eq!(back, m);
+    }
+}

@@ -25,6 +25,9 @@ impl LdapDirectory {
     /// began while the server checks the service account's write right. The
     /// value is the placeholder DN (else the bind DN) for DN groups and
     /// `jitbot-write-check` for posix groups. Tried against Samba's AD DC.
+    /// On AD the group's `allowedAttributesEffective` must list the
+    /// attribute too: the probe's own DN passes with "Add/Remove self as
+    /// member" alone.
     pub async fn check_groups(&self, groups: &[GroupConfig]) -> Vec<String> {
         if let Err(e) = self.ping().await {
             return vec![format!("cannot use the directory: {e}")];

@@ -217,7 +217,7 @@ impl Supervisor {
 /// `None` for a wrong password (`52e`) or any other server.
 fn ad_bind_problem(text: &str) -> Option<&'static str> {
     let code = text
-        .split(|c: char| c == ',' || c == ':')
+        .split([',', ':'])
         .map(str::trim)
         .find_map(|part| part.strip_prefix("data "))?
         .split_whitespace()
