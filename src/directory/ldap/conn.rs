@@ -21,6 +21,7 @@ pub mod rc {
     pub const SUCCESS: u32 = 0;
     pub const TIME_LIMIT: u32 = 3;
     pub const STRONGER_AUTH_REQUIRED: u32 = 8;
+    pub const REFERRAL: u32 = 10;
     pub const NO_SUCH_ATTRIBUTE: u32 = 16;
     pub const ATTRIBUTE_EXISTS: u32 = 20;
     pub const NO_SUCH_OBJECT: u32 = 32;

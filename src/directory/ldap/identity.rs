@@ -63,15 +63,34 @@ impl LdapDirectory {
     }
 
     /// The DN of the entry with this recorded identity now; `None` when no
-    /// entry has it (deleted).
+    /// entry has it (deleted). Active Directory is asked for the entry by
+    /// GUID itself (`<GUID=…>` as the base of a base search: one lookup,
+    /// wherever in the forest's partitions this DC holds it); OpenLDAP by
+    /// `entryUUID` under each naming context.
     pub(super) async fn current_dn(&self, identity: &str) -> Result<Option<String>, DirectoryError> {
         let filter = identity_filter(identity)?;
-        let bases = self.naming_contexts().await?.to_vec();
+        let searches: Vec<(String, Scope, String)> = match identity.split_once(':') {
+            Some((GUID, hex)) if self.active_directory => {
+                vec![(
+                    format!("<GUID={hex}>"),
+                    Scope::Base,
+                    "(objectClass=*)".to_string(),
+                )]
+            }
+            _ => self
+                .naming_contexts()
+                .await?
+                .iter()
+                .map(|base| (base.clone(), Scope::Subtree, filter.clone()))
+                .collect(),
+        };
         let mut found = Vec::new();
-        for base in &bases {
-            let (entries, result) = self.search(base, Scope::Subtree, &filter, &["1.1"]).await?;
+        for (base, scope, filter) in &searches {
+            let (entries, result) = self.search(base, *scope, filter, &["1.1"]).await?;
             match result.rc {
-                rc::SUCCESS | rc::NO_SUCH_OBJECT => {}
+                // A partition this server does not hold answers with a
+                // referral: the entry is not there.
+                rc::SUCCESS | rc::NO_SUCH_OBJECT | rc::REFERRAL => {}
                 _ => return Err(self.refusal(&result, &format!("search {base} for {identity}"))),
             }
             found.extend(entries.into_iter().map(|e| e.dn));

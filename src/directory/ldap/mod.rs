@@ -483,10 +483,9 @@ impl Directory for LdapDirectory {
         // AD: users whose primary group this is are members `member` omits.
         if self.active_directory && kind == MembershipKind::Member {
             for (dn, id) in self.primary_members(group).await? {
-                let member_kind = match id {
-                    Some(user) => MemberKind::PrimaryGroup(user),
-                    None => MemberKind::Unknown,
-                };
+                // Never `Unknown`: that is a value ZSP remediation would
+                // try to delete, and there is none.
+                let member_kind = MemberKind::PrimaryGroup(id.unwrap_or_else(|| UserId::new(dn.as_str())));
                 out.push(GroupMember {
                     membership: Membership {
                         group: group.clone(),
