@@ -1166,6 +1166,7 @@ async fn a_user_deleted_during_a_lease_ends_removed_and_says_so() {
     let _ = ldap.unbind().await;
     assert!(dc.values(samba::DB_ADMINS, "member").await.is_empty());
 
+    assert!(!dir.has_membership(&lease).await.unwrap());
     let note = dir.revoke_membership(&lease).await.unwrap();
     let note = note.expect("the audit is told");
     assert!(note.contains("no longer exists"), "{note}");

@@ -23,7 +23,8 @@ const UUID: &str = "entryUUID";
 /// The value a membership check or removal works on, and what is worth
 /// telling the audit about how it was found.
 pub(super) struct Resolved {
-    pub value: String,
+    /// `None`: the group holds nothing for this membership any more.
+    pub value: Option<String>,
     pub note: Option<String>,
 }
 
@@ -102,21 +103,33 @@ impl LdapDirectory {
         }
     }
 
+    /// Whether the entry at `dn` is the one with this identity.
+    async fn still_at(&self, dn: &str, identity: &str) -> Result<bool, DirectoryError> {
+        let filter = identity_filter(identity)?;
+        let (entries, result) = self.search(dn, Scope::Base, &filter, &["1.1"]).await?;
+        match result.rc {
+            rc::SUCCESS => Ok(!entries.is_empty()),
+            rc::NO_SUCH_OBJECT => Ok(false),
+            _ => Err(self.refusal(&result, &format!("read {dn}"))),
+        }
+    }
+
     /// The value of `m` as the group holds it today. Without an identity
     /// (`memberUid`, old leases, a server without one) that is the recorded
     /// value. Otherwise the user's current DN when they were renamed or
     /// moved and the directory rewrote the value (always on Active
     /// Directory; OpenLDAP keeps the recorded value unless refint is on).
-    /// A user deleted entirely leaves the recorded value: AD dropped it with
-    /// the entry (the read-back then finds nothing), plain OpenLDAP did not
-    /// (and it is removed as recorded).
+    /// A user deleted entirely: AD dropped the value with the entry, so
+    /// there is nothing left (`value` is `None`, and a value under the old
+    /// DN now would be another entry's); plain OpenLDAP kept it, and it is
+    /// removed as recorded.
     pub(super) async fn resolve(
         &self,
         m: &Membership,
         kind: MembershipKind,
     ) -> Result<Resolved, DirectoryError> {
         let recorded = || Resolved {
-            value: m.value.clone(),
+            value: Some(m.value.clone()),
             note: None,
         };
         let Some(identity) = m.identity.as_deref() else {
@@ -126,6 +139,10 @@ impl LdapDirectory {
             return Ok(recorded());
         }
         let attr = super::attribute(kind);
+        // The usual case, in one base search: the user is where they were.
+        if self.still_at(&m.value, identity).await? {
+            return Ok(recorded());
+        }
         match self.current_dn(identity).await? {
             Some(now) if dn::normalize(&now) == dn::normalize(&m.value) => Ok(recorded()),
             Some(now) => {
@@ -133,7 +150,7 @@ impl LdapDirectory {
                 // the lease added, and what goes.
                 if !self.active_directory && self.has_value(&m.group, attr, &m.value).await? {
                     return Ok(Resolved {
-                        value: m.value.clone(),
+                        value: Some(m.value.clone()),
                         note: Some(format!(
                             "the user's entry is now {now}; the value jitbot wrote ({}) was still in the group",
                             m.value
@@ -143,17 +160,26 @@ impl LdapDirectory {
                 tracing::info!(group = %m.group, recorded = %m.value, now = %now, "the user was renamed or moved during the lease; working on their current DN");
                 Ok(Resolved {
                     note: Some(format!(
-                        "the user was renamed or moved during the lease: {} is now {now}, and the directory \
-                         rewrote the membership to it",
+                        "the user was renamed or moved during the lease ({} is now {now}); the membership \
+                         was removed under the new DN",
                         m.value
                     )),
-                    value: now,
+                    value: Some(now),
                 })
             }
+            // AD's values are links: the deleted entry's went with it, and a
+            // value under that DN now is another entry's, not the lease's.
+            None if self.active_directory => Ok(Resolved {
+                value: None,
+                note: Some(format!(
+                    "the user's entry ({}) no longer exists and the directory dropped its membership with it",
+                    m.value
+                )),
+            }),
             None => {
                 let gone = !self.has_value(&m.group, attr, &m.value).await?;
                 Ok(Resolved {
-                    value: m.value.clone(),
+                    value: Some(m.value.clone()),
                     note: gone.then(|| {
                         format!(
                             "the user's entry ({}) no longer exists and the directory dropped its membership \

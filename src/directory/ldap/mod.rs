@@ -399,8 +399,10 @@ impl Directory for LdapDirectory {
             return self.has_primary_group(m).await;
         }
         let kind = valid_member_attribute(&m.attribute)?;
-        let value = self.resolve(m, kind).await?.value;
-        self.has_value(&m.group, attribute(kind), &value).await
+        match self.resolve(m, kind).await?.value {
+            Some(value) => self.has_value(&m.group, attribute(kind), &value).await,
+            None => Ok(false),
+        }
     }
 
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
@@ -434,10 +436,13 @@ impl Directory for LdapDirectory {
     async fn revoke_membership(&self, m: &Membership) -> Result<Option<String>, DirectoryError> {
         let kind = valid_member_attribute(&m.attribute)?;
         let resolved = self.resolve(m, kind).await?;
+        let Some(value) = resolved.value else {
+            return Ok(resolved.note);
+        };
         let item = Item {
-            user: UserId::new(resolved.value.as_str()),
-            value: resolved.value.clone(),
-            written: resolved.value,
+            user: UserId::new(value.as_str()),
+            value: value.clone(),
+            written: value,
         };
         self.combined(Change::Remove, &m.group, kind, item).await?;
         Ok(resolved.note)
