@@ -1171,3 +1171,53 @@ async fn a_user_deleted_during_a_lease_ends_removed_and_says_so() {
     let note = note.expect("the audit is told");
     assert!(note.contains("no longer exists"), "{note}");
 }
+
+/// Through the engine: a lease whose user is renamed while it runs ends
+/// with the membership gone from the DC, and the audit's `lease.ended`
+/// says the user was found under their new DN.
+#[tokio::test]
+async fn a_lease_outlives_no_rename_and_the_audit_says_what_happened() {
+    let dc = SambaDc::start().await;
+    let (config, groups) = parsed(&dc, EXTRA_GROUPS);
+    let dir = LdapDirectory::new(config.ldap.as_ref().unwrap(), &groups).unwrap();
+    let policy = Policy {
+        groups: groups.iter().map(|g| g.to_policy()).collect(),
+        admins: Default::default(),
+    };
+    let bot = TestBot::builder()
+        .policy(|p| *p = policy)
+        .directory(Arc::new(dir))
+        .build();
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h deploy").await);
+    bot.ok("carol", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(
+        dc.values(samba::WEB_ADMINS, "member").await,
+        vec![samba::user("alice").dn.to_string()],
+        "granted: {:?}",
+        bot.audit_actions()
+    );
+
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer-Smith", None).await;
+    bot.advance(chrono::Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        dc.values(samba::WEB_ADMINS, "member").await.is_empty(),
+        "the renamed user kept the membership after the lease: {:?}",
+        bot.audit_actions()
+    );
+    let ended: Vec<String> = bot
+        .engine
+        .store()
+        .audit(0)
+        .map(|e| e.expect("audit"))
+        .filter(|e| e.action == "lease.ended")
+        .map(|e| e.detail)
+        .collect();
+    assert!(
+        ended
+            .iter()
+            .any(|d| d.contains("membership removed") && d.contains("renamed or moved")),
+        "{ended:?}"
+    );
+}
