@@ -403,7 +403,10 @@ impl Store {
     /// Checks the chain and, given an anchor published earlier, that record
     /// `anchor.seq` still hashes to `anchor.hash` (the history up to it was
     /// not rewritten) and that the chain continues intact from it.
+    /// Holds the writer lock meanwhile, so that a commit cannot land between
+    /// reading the records and the head (and its MAC) and pass for a break.
     pub fn verify_audit_against(&self, anchor: Option<&Anchor>) -> Result<AuditCheck, StoreError> {
+        let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
         let keyed_since = self.inner.meta.get(KEYED_SINCE)?;
         let head_mac = self.inner.meta.get(HEAD_MAC)?;
         let keyed = match self.audit_key() {
