@@ -1002,3 +1002,78 @@ async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
         .unwrap();
     assert_eq!(rec.messages.len(), 2, "both copies recorded: {:?}", rec.messages);
 }
+
+/// A 429 on `POST /users/@me/channels` is a "wait", never "cannot be
+/// reached": a short one is waited out inline, and bob and carol get their
+/// DMs with no channel card listing them (`approval_cards = "dm"`).
+#[tokio::test]
+async fn a_rate_limited_dm_open_is_waited_out_not_taken_as_unreachable() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    h.discord.rate_limit("/users/@me/channels", 1);
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let channels: Vec<String> = card_posts(&h, &id)
+        .iter()
+        .map(|c| c.path.split('/').nth(2).unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        channels,
+        [dm_channel(&did("bob")), dm_channel(&did("carol"))],
+        "every approver by DM, none in the channel"
+    );
+}
+
+/// A rate limit that outlasts the inline waits fails the post as rate
+/// limited, with the copies already made recorded: after the pause, the
+/// retry posts only bob's DM, and no copy ever lists him as unreachable.
+#[tokio::test]
+async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    // bob's DM is opened first: its three tries are answered 429.
+    h.discord.rate_limit("/users/@me/channels", 3);
+    let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
+    let rec = h
+        .bot
+        .engine
+        .store()
+        .request(&RequestId::new(&id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rec.messages.len(),
+        2,
+        "channel and carol recorded: {:?}",
+        rec.messages
+    );
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+    h.drain().await;
+    let mut paths: Vec<String> = card_posts(&h, &id).iter().map(|c| c.path.clone()).collect();
+    paths.sort();
+    let mut want = vec![
+        format!("/channels/{CDB}/messages"),
+        format!("/channels/{}/messages", dm_channel(&did("bob"))),
+        format!("/channels/{}/messages", dm_channel(&did("carol"))),
+    ];
+    want.sort();
+    assert_eq!(paths, want, "each copy once");
+    for edit in h.discord.calls_to("PATCH", "/channels/*/messages/*") {
+        assert!(
+            !edit.body.to_string().contains("Could not reach by DM"),
+            "{edit:#?}"
+        );
+    }
+    // The decision reaches all three copies.
+    h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
+    h.drain().await;
+    let edits = last_edits(&h);
+    assert_eq!(edits.len(), 3, "{edits:#?}");
+    assert!(edits.values().all(|b| custom_ids(b).is_empty()), "{edits:#?}");
+}

@@ -437,16 +437,16 @@ async fn a_failed_reconnect_is_retried_after_a_pause() {
     s.card(1).await;
 }
 
-// ---- brk14: adversarial review of issue 14 ----
+// From the adversarial review of issue 14.
 
 /// With `slack.app_id` set (as SECURITY.md recommends for a shared
 /// workspace), a deny reason submitted in Socket Mode must still deny.
-/// Today `on_interaction` re-serialises slack-morphism's event, whose
-/// `view_submission` type has no `api_app_id`: the payload reads as coming
-/// from app `(none)` and is refused, so no one can deny with a reason (the
-/// deny modal opens, the submit does nothing). Clicks carry the field and pass.
+/// slack-morphism's `view_submission` type has no `api_app_id`, so a
+/// handler that re-serialised its event read the payload as coming from app
+/// `(none)` and refused it: the deny modal opened, the submit did nothing.
+/// Clicks carry the field and pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk14_a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
+async fn a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
     let server = Slapd::start();
     let slack = FakeSlack::start().await;
     for user in ["alice", "bob", "carol", "eve"] {
