@@ -1,6 +1,8 @@
-//! Platform-neutral wording of approval cards and buttons, shared by the chat
-//! adapters so every platform says the same thing; each adapter adds only its
-//! own markup and limits.
+//! Every word jitbot's chat layer says on its own (the engine's replies and
+//! notices come worded from the engine): approval cards, buttons, the deny
+//! form and the answers of the shared inbound route. Shared by the chat
+//! adapters so every platform says the same thing; each adapter adds only
+//! its own markup and limits.
 
 use crate::ports::ApprovalCard;
 use jitbot_core::command::Action;
@@ -18,6 +20,12 @@ pub fn button_label(action: &Action) -> &'static str {
 
 /// "alice requests membership in db-admins for 2h" (or an extension of it).
 pub fn headline(card: &ApprovalCard) -> String {
+    headline_marked(card, |s| s.to_string())
+}
+
+/// The headline with each fact (requester, group, duration) passed through
+/// `mark`: a platform's emphasis and escaping.
+pub fn headline_marked(card: &ApprovalCard, mark: impl Fn(&str) -> String) -> String {
     let kind = if card.extension {
         "an extension of"
     } else {
@@ -25,8 +33,49 @@ pub fn headline(card: &ApprovalCard) -> String {
     };
     format!(
         "{} requests {kind} {} for {}",
-        card.requester, card.group, card.duration
+        mark(card.requester.as_str()),
+        mark(card.group.as_str()),
+        mark(&card.duration)
     )
+}
+
+/// The card in one line, for notifications and screen readers: "alice
+/// requests db-admins for 2h (pending: 0 of 1 approvals): fixing replication".
+pub fn card_summary(card: &ApprovalCard) -> String {
+    format!(
+        "{} requests {} for {} ({}): {}",
+        card.requester, card.group, card.duration, card.status, card.reason
+    )
+}
+
+/// The facts a card shows below its headline (the headline already names
+/// requester, group and duration).
+pub fn detail_fields(card: &ApprovalCard) -> Vec<(&'static str, String)> {
+    fields(card).into_iter().skip(3).collect()
+}
+
+/// The answer to a click on a button that stands for nothing here.
+pub const BUTTON_DOES_NOTHING: &str = "That button does nothing here.";
+/// The answer to an interaction delivered again (a platform's retry or a replay).
+pub const ALREADY_HANDLED: &str = "That interaction was already handled; nothing was done again.";
+/// The answer when a command's work failed unexpectedly.
+pub const FAILED_TO_RUN: &str = "jitbot failed to run that; tell your jitbot admins.";
+/// A deny submitted without a reason.
+pub const REASON_REQUIRED: &str = "Say why you deny it: a reason is required.";
+/// The deny form: its title, the reason box's label and placeholder, its button.
+pub const DENY_TITLE: &str = "Deny request";
+pub const REASON_LABEL: &str = "Reason";
+pub const DENY_PLACEHOLDER: &str = "Not during the change freeze";
+pub const DENY_SUBMIT: &str = "Deny";
+
+/// The deny form's question.
+pub fn deny_prompt(request: &str) -> String {
+    format!("Why is {request} denied? The requester will see this.")
+}
+
+/// The answer when a platform would not open the deny form.
+pub fn deny_form_failed(platform: &str, error: &dyn std::fmt::Display, request: &str) -> String {
+    format!("{platform} would not open the form ({error}); use `/jit deny {request} <reason>`.")
 }
 
 /// "1 of 2".

@@ -1077,3 +1077,119 @@ async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
     assert_eq!(edits.len(), 3, "{edits:#?}");
     assert!(edits.values().all(|b| custom_ids(b).is_empty()), "{edits:#?}");
 }
+
+/// Discord's HTTP interactions mode as a [`crate::contract::Platform`].
+pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
+    harness().await
+}
+
+impl Harness {
+    /// Runs due timers and the outbox until `f` finds what it looks for.
+    async fn poll<T>(&self, what: &str, f: impl Fn() -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + crate::contract::WAIT;
+        loop {
+            self.bot.run_due().await;
+            self.drain().await;
+            if let Some(found) = f() {
+                return found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; calls: {:#?}",
+                self.discord.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A click with a fixed interaction id, so that a replay repeats it.
+    fn press_payload(&self, user: &str, action: &str, click: u32) -> Value {
+        let mut v = self.button(user, action);
+        v["id"] = json!(format!("81000000000000{click:04}"));
+        v
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::contract::Platform for Harness {
+    fn mode(&self) -> &'static str {
+        "Discord HTTP"
+    }
+
+    async fn type_command(&self, user: &str, text: &str) -> String {
+        // `/jit request <group> <duration> <reason>` as Discord's options.
+        let words: Vec<&str> = text.splitn(4, ' ').collect();
+        let payload = match words.as_slice() {
+            ["request", group, duration, reason] => self.command(
+                user,
+                "request",
+                &[("group", group), ("duration", duration), ("reason", reason)],
+            ),
+            _ => panic!("the contract types only requests here: {text}"),
+        };
+        self.answer(&payload).await
+    }
+
+    async fn press(&self, user: &str, action: &str, click: u32) -> String {
+        self.answer(&self.press_payload(user, action, click)).await
+    }
+
+    async fn press_again(&self, user: &str, action: &str, click: u32) -> crate::contract::Replay {
+        crate::contract::Replay::Answered(self.answer(&self.press_payload(user, action, click)).await)
+    }
+
+    async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String {
+        let modal = self
+            .send(&self.button(user, &format!("jit:deny:{request}")))
+            .await;
+        assert_eq!(modal["type"], 9, "Deny opens a modal: {modal}");
+        let custom_id = modal["data"]["custom_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.answer(&self.modal(user, &custom_id, reason)).await
+    }
+
+    async fn card(&self, request: &str, ready: &(dyn for<'x> Fn(&'x str) -> bool + Sync)) -> String {
+        self.poll(&format!("the card of {request}"), || {
+            self.discord
+                .calls()
+                .into_iter()
+                .filter(|c| c.path.starts_with(&format!("/channels/{CDB}/messages")))
+                .filter(|c| c.method == "POST" || c.method == "PATCH")
+                .map(|c| c.body.to_string())
+                .filter(|b| b.contains(request))
+                .last()
+                .filter(|b| ready(b))
+        })
+        .await
+    }
+
+    async fn direct_message(&self, user: &str, needle: &str) -> String {
+        let path = format!("/channels/{}/messages", dm_channel(&did(user)));
+        self.poll(&format!("a DM to {user}"), || {
+            self.discord
+                .calls_to("POST", &path)
+                .into_iter()
+                .map(|c| c.body.to_string())
+                .filter(|b| b.contains(needle))
+                .last()
+        })
+        .await
+    }
+
+    async fn wait_member(&self, user: &str, member: bool) {
+        self.poll("membership", || {
+            (self.bot.is_member(DB, user) == member).then_some(())
+        })
+        .await
+    }
+
+    async fn forged_command(&self) -> Option<u16> {
+        let payload = self.command("alice", "list", &[]);
+        let (status, _) = self
+            .post_signed(payload.to_string().as_bytes(), self.now(), &OTHER_KEY)
+            .await;
+        Some(status.as_u16())
+    }
+}

@@ -1179,3 +1179,137 @@ async fn a_rate_limited_dm_open_is_waited_out_not_taken_as_unreachable() {
         "every approver by DM, none in the channel"
     );
 }
+
+/// Slack's HTTP mode as a [`crate::contract::Platform`].
+pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
+    harness().await
+}
+
+impl Harness {
+    /// The newest post or update in db-admins' channel mentioning `text`.
+    fn newest_in_channel(&self, text: &str) -> Option<String> {
+        self.slack
+            .calls()
+            .into_iter()
+            .filter(|c| matches!(c.method.as_str(), "chat.postMessage" | "chat.update"))
+            .filter(|c| c.body["channel"] == CDB)
+            .map(|c| c.body.to_string())
+            .filter(|b| b.contains(text))
+            .last()
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::contract::Platform for Harness {
+    fn mode(&self) -> &'static str {
+        "Slack HTTP"
+    }
+
+    async fn type_command(&self, user: &str, text: &str) -> String {
+        let n = self.command(user, text).await;
+        self.answer(n).await
+    }
+
+    async fn press(&self, user: &str, action: &str, click: u32) -> String {
+        let (status, n) = self.click(user, action, &format!("1700000900.{click:06}")).await;
+        assert_eq!(status, StatusCode::OK);
+        self.answer(n).await
+    }
+
+    async fn press_again(&self, user: &str, action: &str, click: u32) -> crate::contract::Replay {
+        let (status, n) = self.click(user, action, &format!("1700000900.{click:06}")).await;
+        assert_eq!(status, StatusCode::OK, "a retry is acknowledged");
+        let method = format!("response/{n}");
+        match self
+            .slack
+            .wait_for(Duration::from_millis(700), |c| c.method == method)
+            .await
+        {
+            Some(c) => crate::contract::Replay::Answered(c.body["text"].to_string()),
+            None => crate::contract::Replay::Dropped,
+        }
+    }
+
+    async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String {
+        let (status, n) = self
+            .click(
+                user,
+                &format!("jit:deny:{request}"),
+                &format!("1700000950.{:06}", self.n()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let trigger = format!("trigger.{n}");
+        let open = self
+            .slack
+            .wait_for(WAIT, |c| {
+                c.method == "views.open" && c.body["trigger_id"] == trigger
+            })
+            .await
+            .expect("the deny modal opened");
+        let payload = json!({
+            "type": "view_submission",
+            "team": {"id": "T1"},
+            "user": {"id": slack_id(user), "username": user, "team_id": "T1"},
+            "api_app_id": "A1",
+            "trigger_id": format!("{trigger}.submit"),
+            "view": {
+                "id": format!("V{n}"), "team_id": "T1", "type": "modal", "hash": "1.abc",
+                "callback_id": "jit:deny", "private_metadata": open.body["view"]["private_metadata"],
+                "title": {"type": "plain_text", "text": "Deny request"}, "blocks": [],
+                "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": reason}}}}
+            }
+        });
+        let before = self.slack.calls_to("chat.postEphemeral").len();
+        let status = self
+            .post("/slack/interactions", form(&[("payload", &payload.to_string())]))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        // The answer to a modal goes to the channel, seen only by the submitter.
+        let uid = slack_id(user);
+        crate::support::net::eventually(WAIT, "the answer to the deny form", || {
+            self.slack
+                .calls_to("chat.postEphemeral")
+                .into_iter()
+                .skip(before)
+                .find(|c| c.body["user"] == uid.as_str())
+                .map(|c| c.body["text"].as_str().unwrap_or_default().to_string())
+        })
+        .await
+    }
+
+    async fn card(&self, request: &str, ready: &(dyn for<'x> Fn(&'x str) -> bool + Sync)) -> String {
+        let what = format!("the card of {request}");
+        crate::support::net::eventually(WAIT, &what, || {
+            self.newest_in_channel(request).filter(|c| ready(c))
+        })
+        .await
+    }
+
+    async fn direct_message(&self, user: &str, needle: &str) -> String {
+        let dm = format!("D{}", slack_id(user));
+        crate::support::net::eventually(WAIT, &format!("a DM to {user}"), || {
+            self.slack
+                .calls_to("chat.postMessage")
+                .into_iter()
+                .filter(|c| c.body["channel"] == dm.as_str())
+                .map(|c| c.body.to_string())
+                .filter(|b| b.contains(needle))
+                .last()
+        })
+        .await
+    }
+
+    async fn wait_member(&self, user: &str, member: bool) {
+        self.until("membership", || self.bot.is_member(DB, user) == member)
+            .await;
+    }
+
+    async fn forged_command(&self) -> Option<u16> {
+        let body = self.command_body("alice", "request db-admins 30m forged", self.n());
+        let status = self
+            .post_raw("/slack/commands", body, self.now(), "not-the-signing-secret")
+            .await;
+        Some(status.as_u16())
+    }
+}

@@ -115,12 +115,13 @@ pub fn deferred() -> CreateInteractionResponse {
 
 /// The modal asking an approver why they deny `request` (type 9).
 pub fn deny_modal(request: &str) -> CreateInteractionResponse {
-    let reason = CreateInputText::new(InputTextStyle::Paragraph, "Reason", REASON_INPUT)
-        .placeholder("Why is this request denied? The requester will see it.")
+    // Discord's modals have no text block: the question is the placeholder.
+    let reason = CreateInputText::new(InputTextStyle::Paragraph, render::REASON_LABEL, REASON_INPUT)
+        .placeholder(render::clip(&render::deny_prompt("this request"), 100))
         .min_length(1)
         .max_length(MAX_REASON_CHARS as u16)
         .required(true);
-    let title = render::clip(&format!("Deny {request}"), 45);
+    let title = render::clip(&format!("{} {request}", render::DENY_SUBMIT), 45);
     CreateInteractionResponse::Modal(
         CreateModal::new(format!("{DENY_MODAL_PREFIX}{request}"), title)
             .components(vec![CreateActionRow::InputText(reason)]),

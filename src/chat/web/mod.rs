@@ -52,16 +52,14 @@ pub struct Button {
 
 impl Button {
     fn of(action: &Action) -> Button {
-        let (label, style) = match action {
-            Action::Approve(_) => ("Approve", "primary"),
-            Action::Deny(_) => ("Deny", "danger"),
-            Action::Extend(_) => ("Extend", "plain"),
-            Action::Release(_) => ("Release", "plain"),
-            Action::Acknowledge(_) => ("Acknowledge", "primary"),
+        let style = match action {
+            Action::Approve(_) | Action::Acknowledge(_) => "primary",
+            Action::Deny(_) => "danger",
+            Action::Extend(_) | Action::Release(_) => "plain",
         };
         Button {
             action: action.id(),
-            label,
+            label: crate::chat::render::button_label(action),
             style,
         }
     }
@@ -169,15 +167,7 @@ impl WebConsole {
     }
 
     fn card_text(card: &ApprovalCard) -> String {
-        let what = if card.extension {
-            "an extension of"
-        } else {
-            "access to"
-        };
-        format!(
-            "{} asks for {what} `{}` for {}: {}",
-            card.requester, card.group, card.duration, card.reason
-        )
+        crate::chat::render::card_summary(card)
     }
 
     fn post(&self, card: &ApprovalCard) -> u64 {
