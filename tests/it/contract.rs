@@ -162,3 +162,8 @@ async fn web_console_keeps_the_contract() {
 async fn slack_socket_mode_keeps_the_contract() {
     run(&crate::socket_mode::contract_platform().await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_gateway_keeps_the_contract() {
+    run(&crate::gateway::contract_platform().await).await;
+}
