@@ -1158,8 +1158,7 @@ impl crate::contract::Platform for Harness {
                 .filter(|c| c.path.starts_with(&format!("/channels/{CDB}/messages")))
                 .filter(|c| c.method == "POST" || c.method == "PATCH")
                 .map(|c| c.body.to_string())
-                .filter(|b| b.contains(request))
-                .last()
+                .rfind(|b| b.contains(request))
                 .filter(|b| ready(b))
         })
         .await
@@ -1172,8 +1171,7 @@ impl crate::contract::Platform for Harness {
                 .calls_to("POST", &path)
                 .into_iter()
                 .map(|c| c.body.to_string())
-                .filter(|b| b.contains(needle))
-                .last()
+                .rfind(|b| b.contains(needle))
         })
         .await
     }

@@ -410,8 +410,7 @@ impl Setup {
             .filter(|c| c.path.starts_with(&format!("/channels/{channel}/messages")))
             .filter(|c| c.method == "POST" || c.method == "PATCH")
             .map(|c| c.body.to_string())
-            .filter(|b| b.contains(text))
-            .last()
+            .rfind(|b| b.contains(text))
     }
 }
 

@@ -1194,8 +1194,7 @@ impl Harness {
             .filter(|c| matches!(c.method.as_str(), "chat.postMessage" | "chat.update"))
             .filter(|c| c.body["channel"] == CDB)
             .map(|c| c.body.to_string())
-            .filter(|b| b.contains(text))
-            .last()
+            .rfind(|b| b.contains(text))
     }
 }
 
@@ -1294,8 +1293,7 @@ impl crate::contract::Platform for Harness {
                 .into_iter()
                 .filter(|c| c.body["channel"] == dm.as_str())
                 .map(|c| c.body.to_string())
-                .filter(|b| b.contains(needle))
-                .last()
+                .rfind(|b| b.contains(needle))
         })
         .await
     }

@@ -641,8 +641,7 @@ impl crate::contract::Platform for Setup {
                 .filter(|c| matches!(c.method.as_str(), "chat.postMessage" | "chat.update"))
                 .filter(|c| c.body["channel"] == CHANNEL)
                 .map(|c| c.body.to_string())
-                .filter(|b| b.contains(request))
-                .last()
+                .rfind(|b| b.contains(request))
                 .filter(|b| ready(b))
         })
         .await
@@ -656,8 +655,7 @@ impl crate::contract::Platform for Setup {
                 .into_iter()
                 .filter(|c| c.body["channel"] == dm.as_str())
                 .map(|c| c.body.to_string())
-                .filter(|b| b.contains(needle))
-                .last()
+                .rfind(|b| b.contains(needle))
         })
         .await
     }
