@@ -73,9 +73,30 @@ pub fn deny_prompt(request: &str) -> String {
     format!("Why is {request} denied? The requester will see this.")
 }
 
+/// The answer to someone whose chat profile has no email to find them by.
+pub fn no_profile_email(platform: &str) -> String {
+    format!("Your {platform} profile shows no email address, so jitbot cannot find your directory account.")
+}
+
+/// The answer when the platform could not say who someone is.
+pub fn lookup_failed(platform: &str, error: &dyn std::fmt::Display) -> String {
+    format!("jitbot cannot look you up in {platform} right now ({error}); try again in a minute.")
+}
+
+/// The answer to a chat user no config or directory entry links to anyone.
+pub fn unknown_chat_user(platform: &str, id: &str) -> String {
+    format!("jitbot does not know who {platform} user {id} is; ask your jitbot admins to link your account")
+}
+
 /// The answer when a platform would not open the deny form.
 pub fn deny_form_failed(platform: &str, error: &dyn std::fmt::Display, request: &str) -> String {
     format!("{platform} would not open the form ({error}); use `/jit deny {request} <reason>`.")
+}
+
+/// "Access request r-1" (or "Extension request r-1"): what a card is.
+pub fn card_title(card: &ApprovalCard) -> String {
+    let kind = if card.extension { "Extension" } else { "Access" };
+    format!("{kind} request {}", card.request)
 }
 
 /// "1 of 2".
@@ -111,6 +132,24 @@ pub fn card_text(card: &ApprovalCard) -> String {
             .map(|(label, value)| format!("{label}: {value}")),
     );
     lines.join("\n")
+}
+
+/// `text` without Slack-style emoji shortcodes (`:key:` as a word of its
+/// own), which the engine's notices start with: Slack draws them, other
+/// platforms would show the code (and many machines lack an emoji font).
+pub fn without_shortcodes(text: &str) -> String {
+    let is_shortcode = |w: &str| {
+        w.len() > 2
+            && w.starts_with(':')
+            && w.ends_with(':')
+            && w[1..w.len() - 1]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_')
+    };
+    text.split(' ')
+        .filter(|w| !is_shortcode(w))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Cuts `text` to at most `max` characters, ending with `…` when cut, so a
@@ -162,6 +201,16 @@ mod tests {
         c.recipients.unreachable = vec![UserId::new("carol"), UserId::new("dave")];
         let text = card_text(&c);
         assert!(text.contains("Could not reach by DM: carol, dave"), "{text}");
+    }
+
+    #[test]
+    fn shortcodes_are_dropped_for_platforms_that_would_show_them() {
+        assert_eq!(
+            without_shortcodes(":key: alice now has `db` until 10:00 (lease l-1)."),
+            "alice now has `db` until 10:00 (lease l-1)."
+        );
+        assert_eq!(without_shortcodes("a :x: b 10:30: c"), "a b 10:30: c");
+        assert_eq!(without_shortcodes("no codes: here"), "no codes: here");
     }
 
     #[test]

@@ -163,10 +163,12 @@ impl DiscordHandler {
             return Ok(UserId::new(user));
         }
         match &config.user_attribute {
-            Some(attribute) => self.engine.identify(attribute, discord_user).await.map_err(|r| r.text),
-            None => Err(format!(
-                "jitbot does not know who Discord user {discord_user} is; ask your jitbot admins to link your account"
-            )),
+            Some(attribute) => self
+                .engine
+                .identify(attribute, discord_user)
+                .await
+                .map_err(|r| r.text),
+            None => Err(render::unknown_chat_user("Discord", discord_user)),
         }
     }
 

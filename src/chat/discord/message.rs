@@ -68,7 +68,7 @@ pub fn card_embed(card: &ApprovalCard) -> CreateEmbed {
 /// A new approval message in the approvers' channel.
 pub fn approval_message(card: &ApprovalCard) -> CreateMessage {
     CreateMessage::new()
-        .content(format!("Access request {}", card.request))
+        .content(render::card_title(card))
         .embed(card_embed(card))
         .components(buttons(&card.buttons()))
         .allowed_mentions(no_pings())
@@ -78,7 +78,7 @@ pub fn approval_message(card: &ApprovalCard) -> CreateMessage {
 /// card's buttons are removed (an empty list clears them).
 pub fn approval_edit(card: &ApprovalCard) -> EditMessage {
     EditMessage::new()
-        .content(format!("Access request {}", card.request))
+        .content(render::card_title(card))
         .embed(card_embed(card))
         .components(buttons(&card.buttons()))
         .allowed_mentions(no_pings())
@@ -87,7 +87,10 @@ pub fn approval_edit(card: &ApprovalCard) -> EditMessage {
 /// A notice: its text, with its buttons when it has any.
 pub fn notice_message(notice: &Notice) -> CreateMessage {
     CreateMessage::new()
-        .content(render::clip(&notice.text, CONTENT_LIMIT))
+        .content(render::clip(
+            &render::without_shortcodes(&notice.text),
+            CONTENT_LIMIT,
+        ))
         .components(buttons(&notice.buttons))
         .allowed_mentions(no_pings())
 }

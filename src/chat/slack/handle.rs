@@ -356,11 +356,8 @@ impl SlackHandler {
         }
         let email = match self.adapter.email_of(slack_user).await {
             Ok(Some(email)) => email,
-            Ok(None) => {
-                return "Your Slack profile shows no email address, so jitbot cannot find your directory account."
-                    .to_string()
-            }
-            Err(e) => return format!("jitbot cannot look you up in Slack right now ({e}); try again in a minute."),
+            Ok(None) => return render::no_profile_email("Slack"),
+            Err(e) => return render::lookup_failed("Slack", &e),
         };
         let user = match self
             .engine

@@ -13,6 +13,7 @@ mod dashboard;
 pub use console::routes;
 pub use dashboard::{dashboard_routes, DashboardAccess, DashboardView};
 
+use crate::chat::render;
 use crate::clock::Clock;
 use crate::ports::{ApprovalCard, Audience, ChatError, MessageRef, Notice, Notifier};
 use async_trait::async_trait;
@@ -59,7 +60,7 @@ impl Button {
         };
         Button {
             action: action.id(),
-            label: crate::chat::render::button_label(action),
+            label: render::button_label(action),
             style,
         }
     }
@@ -83,6 +84,28 @@ pub struct Message {
     pub buttons: Vec<Button>,
     /// Set on approval cards.
     pub card: Option<ApprovalCard>,
+    /// How the page shows an approval card, worded by [`render`].
+    pub view: Option<CardView>,
+}
+
+/// An approval card's title and labelled facts, worded by [`render`] as
+/// on every other platform; the page adds only markup.
+#[derive(Clone, Debug, Serialize)]
+pub struct CardView {
+    pub title: String,
+    pub fields: Vec<(&'static str, String)>,
+    /// The question of the page's deny form.
+    pub deny_prompt: String,
+}
+
+impl CardView {
+    fn of(card: &ApprovalCard) -> CardView {
+        CardView {
+            title: render::card_title(card),
+            fields: render::fields(card),
+            deny_prompt: render::deny_prompt(card.request.as_str()),
+        }
+    }
 }
 
 /// Changes since a sequence number, as `GET /api/messages` returns them.
@@ -157,6 +180,7 @@ impl WebConsole {
             group,
             text,
             buttons,
+            view: card.as_ref().map(CardView::of),
             card,
         };
         log.messages.push_back(message);
@@ -167,7 +191,7 @@ impl WebConsole {
     }
 
     fn card_text(card: &ApprovalCard) -> String {
-        crate::chat::render::card_summary(card)
+        render::card_summary(card)
     }
 
     fn post(&self, card: &ApprovalCard) -> u64 {
@@ -220,6 +244,7 @@ impl Notifier for WebConsole {
                 m.seq = seq;
                 m.text = Self::card_text(card);
                 m.buttons = card.buttons().iter().map(Button::of).collect();
+                m.view = Some(CardView::of(card));
                 m.card = Some(card.clone());
                 return Ok(());
             }
@@ -230,7 +255,7 @@ impl Notifier for WebConsole {
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
         let buttons = notice.buttons.iter().map(Button::of).collect();
-        let text = notice.text.clone();
+        let text = render::without_shortcodes(&notice.text);
         match &notice.to {
             Audience::User { user, .. } => {
                 self.push(Place::Direct, Some(user.to_string()), None, text, buttons, None)
