@@ -220,16 +220,32 @@ impl Engine {
                 .await?;
             }
             Err(e) => {
-                if !first_add {
-                    // A retry after a crash that got no answer: whatever is
-                    // in the group now (jitbot's earlier add, or someone
-                    // else's) is removed by the undo, and the audit says so.
+                if first_add && !e.is_transient() {
+                    // The server answered no to jitbot's only add: nothing
+                    // of this lease landed, so the undo removes nothing (a
+                    // person may add the user later; that is theirs).
+                    self.transition(&id, &granting, |_, rec| {
+                        rec.lease.never_added();
+                        Ok(())
+                    })
+                    .await?;
+                } else {
+                    // No answer (or a retry after a crash): jitbot's add may
+                    // have landed, and somebody may have added the user
+                    // meanwhile. There is no telling whose the membership
+                    // is, and leaving privilege behind is the worse mistake,
+                    // so the undo removes it if it is there, and says so.
+                    let detail = if first_add {
+                        "the add got no answer; jitbot cannot tell whether it landed or whether somebody else \
+                         added the user meanwhile, so the undo removes the membership if it is there"
+                    } else {
+                        "a retried add after a restart failed; jitbot cannot tell whether its earlier add \
+                         landed, so the undo removes the membership if it is there"
+                    };
                     self.transition(&id, &granting, |tx, rec| {
                         tx.audit(
-                            about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
-                                "a retried add after a restart failed; jitbot cannot tell whether its earlier add \
-                                 landed, so the undo removes the membership if it is there",
-                            ),
+                            about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease)
+                                .detail(detail),
                         );
                         Ok(())
                     })
