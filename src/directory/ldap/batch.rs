@@ -57,6 +57,8 @@ type Queues = Arc<Mutex<HashMap<Key, VecDeque<Waiting>>>>;
 struct Waiting {
     item: Item,
     reply: oneshot::Sender<Turn>,
+    /// When it queued: its wait for a batch is measured from here.
+    since: std::time::Instant,
 }
 
 /// What a waiting caller is told.
@@ -142,6 +144,7 @@ impl Combiner {
                 queue.push_back(Waiting {
                     item: item.clone(),
                     reply,
+                    since: std::time::Instant::now(),
                 });
                 Err(answer)
             }
@@ -172,6 +175,7 @@ impl LdapDirectory {
         item: Item,
     ) -> Result<Already, DirectoryError> {
         let key = (change, dn::normalize(group.as_str()));
+        let arrived = std::time::Instant::now();
         // Set when a leader that held our change was cancelled: its modify
         // may have reached the server, so "already there" is no news.
         let mut maybe_sent = false;
@@ -191,6 +195,12 @@ impl LdapDirectory {
             }
         };
         let others = self.combiner.take(&key);
+        if change == Change::Remove {
+            crate::metrics::stage("batch_wait", arrived.elapsed());
+            for waiting in &others {
+                crate::metrics::stage("batch_wait", waiting.since.elapsed());
+            }
+        }
         let items: Vec<&Item> = std::iter::once(&item)
             .chain(others.iter().map(|w| &w.item))
             .collect();
@@ -218,6 +228,11 @@ impl LdapDirectory {
         items: &[&Item],
     ) -> Vec<Result<Already, DirectoryError>> {
         let attr = super::attribute(kind);
+        let label = match change {
+            Change::Add => "add",
+            Change::Remove => "remove",
+        };
+        crate::metrics::directory_batch(label, items.len());
         if let [one] = items {
             return vec![self.apply_one(change, group, kind, one, false).await];
         }
@@ -227,7 +242,14 @@ impl LdapDirectory {
             Change::Remove => Mod::Delete(attr.to_string(), values),
         };
         let every = |e: DirectoryError| items.iter().map(|_| Err(e.clone())).collect();
-        let (result, resent) = match self.modify_tracked(group.as_str(), vec![modification]).await {
+        let modifying = std::time::Instant::now();
+        let sent = self.modify_tracked(group.as_str(), vec![modification]).await;
+        if change == Change::Remove {
+            for _ in items {
+                crate::metrics::stage("directory_modify", modifying.elapsed());
+            }
+        }
+        let (result, resent) = match sent {
             Ok(sent) => sent,
             // Unreachable or timed out: each change alone would fail the same
             // way, and trying them one by one would wait once per value.
@@ -250,7 +272,9 @@ impl LdapDirectory {
         let reading = std::time::Instant::now();
         let read = self.read_back(change, group, attr, items).await;
         if change == Change::Remove {
-            crate::metrics::stage("read_back", reading.elapsed());
+            for _ in items {
+                crate::metrics::stage("read_back", reading.elapsed());
+            }
         }
         let done = match read {
             Ok(done) => done,
