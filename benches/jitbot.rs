@@ -703,15 +703,15 @@ impl SlackClient {
     async fn command(&self, kind: &'static str, user: &str, text: &str) {
         use jitbot::chat::slack::signature::sign;
         let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("team_id", "T1")
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("team_id", "T1")
             .append_pair("channel_id", "CJIT")
             .append_pair("user_id", user)
             .append_pair("command", "/jit")
             .append_pair("text", text)
             .append_pair("response_url", &self.slack.response_url(n))
-            .append_pair("trigger_id", &format!("day.{n}"));
-        let body = form.finish();
+            .append_pair("trigger_id", &format!("day.{n}"))
+            .finish();
         let ts = Utc::now().timestamp();
         let sig = sign("bench-secret", ts, body.as_bytes());
         let started = Instant::now();

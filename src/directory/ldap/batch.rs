@@ -207,25 +207,26 @@ impl LdapDirectory {
         if items.len() > 1 {
             tracing::debug!(group = %group, change = ?change, values = items.len(), "combined membership modify");
         }
-        let mut results = self.apply(change, group, kind, &items).await.into_iter();
+        let mut results = self.apply(change, group, kind, &items, leader).await.into_iter();
         let own = results.next();
         for (waiting, result) in others.into_iter().zip(results) {
             // A caller that went away needs no answer.
             let _ = waiting.reply.send(Turn::Done(result));
         }
-        drop(leader);
         own.unwrap_or_else(|| Err(DirectoryError::Refused("combined modify gave no result".into())))
             .map(|already| already && !maybe_sent)
     }
 
     /// Sends `items` as one modify and reads them back; one result per item,
-    /// in order.
+    /// in order. The group's next modify may start once this one is done
+    /// (`leader` is dropped then), while this batch is being read back.
     async fn apply(
         &self,
         change: Change,
         group: &GroupDn,
         kind: MembershipKind,
         items: &[&Item],
+        leader: Leader,
     ) -> Vec<Result<Already, DirectoryError>> {
         let attr = super::attribute(kind);
         let label = match change {
@@ -269,6 +270,7 @@ impl LdapDirectory {
                 return results;
             }
         }
+        drop(leader);
         let reading = std::time::Instant::now();
         let read = self.read_back(change, group, attr, items).await;
         if change == Change::Remove {
