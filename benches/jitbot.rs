@@ -310,11 +310,7 @@ fn lags(engine: &Engine) -> Vec<f64> {
 }
 
 /// Runs the scheduler until no timer is due and `until` has passed.
-async fn run_scheduler_until_done(
-    engine: &Engine,
-    until: chrono::DateTime<Utc>,
-    limit_secs: u64,
-) -> f64 {
+async fn run_scheduler_until_done(engine: &Engine, until: chrono::DateTime<Utc>, limit_secs: u64) -> f64 {
     let (tx, rx) = tokio::sync::watch::channel(false);
     // jitbot's defaults, but for the cap on one wait.
     let settings = jitbot::scheduler::SchedulerSettings {
@@ -729,7 +725,10 @@ impl SlackClient {
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         assert_eq!(status, 200, "day: `/jit {text}` from {user} was not acknowledged");
         self.acks.lock().unwrap().entry(kind).or_default().push(ms);
-        self.sent.lock().unwrap().push((n, format!("{user}: /jit {text}")));
+        self.sent
+            .lock()
+            .unwrap()
+            .push((n, format!("{user}: /jit {text}")));
     }
 }
 
@@ -797,7 +796,12 @@ async fn bench_day() {
         Arc::new(SystemClock),
         settings,
     );
-    let app = routes(engine.clone(), adapter, Secret::new("bench-secret"), Arc::new(SystemClock));
+    let app = routes(
+        engine.clone(),
+        adapter,
+        Secret::new("bench-secret"),
+        Arc::new(SystemClock),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/slack/commands", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -810,7 +814,11 @@ async fn bench_day() {
         },
         stopped.clone(),
     ));
-    let outbox = tokio::spawn(jitbot::chat::outbox::run(engine.clone(), Arc::new(LogNotifier), stopped));
+    let outbox = tokio::spawn(jitbot::chat::outbox::run(
+        engine.clone(),
+        Arc::new(LogNotifier),
+        stopped,
+    ));
     let client = SlackClient {
         http: reqwest::Client::new(),
         url,
@@ -846,7 +854,11 @@ async fn bench_day() {
                 let client = client.clone();
                 tasks.spawn(async move {
                     client
-                        .command("request", &format!("U{i:06}"), &format!("request {group} {secs}s day"))
+                        .command(
+                            "request",
+                            &format!("U{i:06}"),
+                            &format!("request {group} {secs}s day"),
+                        )
                         .await
                 });
             }
@@ -856,29 +868,44 @@ async fn bench_day() {
         })
     };
     // Carol decides each pending request after a random delay; 10 % denied.
+    // A decision that did not land (the directory was down when her command
+    // came) is sent again a few seconds later, as a person would.
     let approver = {
         let (client, engine) = (client.clone(), engine.clone());
         tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
-            let mut seen = HashSet::new();
+            // Request → (denied, when to try again if it is still pending).
+            let mut decided: std::collections::HashMap<String, (bool, f64)> = Default::default();
             let mut tasks = tokio::task::JoinSet::new();
-            let mut denied = 0usize;
-            while began.elapsed().as_secs_f64() < day {
-                for rec in engine.store().pending_requests().unwrap() {
+            loop {
+                let now = began.elapsed().as_secs_f64();
+                let pending = engine.store().pending_requests().unwrap();
+                if (now > day && pending.is_empty()) || now > day * 2.0 + 120.0 {
+                    break;
+                }
+                for rec in pending {
                     let id = rec.request.id.to_string();
-                    if !seen.insert(id.clone()) {
-                        continue;
-                    }
-                    let delay = rng.gen_range(0.2..(day * 0.02).max(1.0));
-                    let deny = rng.gen_bool(0.1);
-                    denied += usize::from(deny);
+                    let delay = match decided.get(&id) {
+                        Some((_, retry)) if *retry > now => continue,
+                        Some(_) => 0.0,
+                        None => rng.gen_range(0.2..(day * 0.02).max(1.0)),
+                    };
+                    let deny = match decided.get(&id) {
+                        Some((deny, _)) => *deny,
+                        None => rng.gen_bool(0.1),
+                    };
+                    decided.insert(id.clone(), (deny, now + delay + 3.0));
                     let client = client.clone();
                     tasks.spawn(async move {
                         tokio::time::sleep(std::time::Duration::from_secs_f64(delay)).await;
                         if deny {
-                            client.command("deny", "UCAROL", &format!("deny {id} not today")).await
+                            client
+                                .command("deny", "UCAROL", &format!("deny {id} not today"))
+                                .await
                         } else {
-                            client.command("approve", "UCAROL", &format!("approve {id}")).await
+                            client
+                                .command("approve", "UCAROL", &format!("approve {id}"))
+                                .await
                         }
                     });
                 }
@@ -887,7 +914,8 @@ async fn bench_day() {
             while let Some(done) = tasks.join_next().await {
                 done.unwrap();
             }
-            (seen.len(), denied)
+            let denied = decided.values().filter(|(deny, _)| *deny).count();
+            (decided.len(), denied)
         })
     };
     // Holders: 10 % extend their lease, 20 % release it early.
@@ -909,7 +937,10 @@ async fn bench_day() {
                     }
                     let user = rec.lease.user.as_str().replace('u', "U");
                     let (kind, text) = if roll < 0.1 {
-                        ("extend", format!("extend {} {}s", rec.lease.id, shortest.round() as u64))
+                        (
+                            "extend",
+                            format!("extend {} {}s", rec.lease.id, shortest.round() as u64),
+                        )
                     } else {
                         ("release", format!("release {}", rec.lease.id))
                     };
@@ -961,7 +992,10 @@ async fn bench_day() {
     // the members it started with.
     for ((name, dn), start) in DAY_GROUPS.iter().zip(&before) {
         let now = server.values(dn, "member").await;
-        assert_eq!(&now, start, "day: ORPHANED memberships in {name}: slapd's members differ from the start");
+        assert_eq!(
+            &now, start,
+            "day: ORPHANED memberships in {name}: slapd's members differ from the start"
+        );
     }
     // No lost command: every one was answered through its response_url.
     let answered: HashSet<String> = slack
@@ -976,7 +1010,10 @@ async fn bench_day() {
         .filter(|(n, _)| !answered.contains(&format!("response/{n}")))
         .map(|(_, what)| what)
         .collect();
-    assert!(unanswered.is_empty(), "day: LOST commands, never answered: {unanswered:?}");
+    assert!(
+        unanswered.is_empty(),
+        "day: LOST commands, never answered: {unanswered:?}"
+    );
     // No lost lease: every approved request has a lease, and every lease ended.
     let leases = engine.store().leases().unwrap();
     let not_ended: Vec<String> = leases
@@ -984,13 +1021,19 @@ async fn bench_day() {
         .filter(|l| l.lease.state != LeaseState::Ended)
         .map(|l| format!("{} ({:?})", l.lease.id, l.lease.state))
         .collect();
-    assert!(not_ended.is_empty(), "day: leases that never ended: {not_ended:?}");
+    assert!(
+        not_ended.is_empty(),
+        "day: leases that never ended: {not_ended:?}"
+    );
     let reqs = engine.store().requests().unwrap();
     let approved_without_lease = reqs
         .iter()
         .filter(|r| r.request.state == jitbot_core::RequestState::Approved && r.lease.is_none())
         .count();
-    assert_eq!(approved_without_lease, 0, "day: LOST leases: approved requests without a lease");
+    assert_eq!(
+        approved_without_lease, 0,
+        "day: LOST leases: approved requests without a lease"
+    );
 
     // Stages from the audit trail (commit times).
     let audit: Vec<_> = engine.store().audit(0).filter_map(|e| e.ok()).collect();
@@ -1003,7 +1046,11 @@ async fn bench_day() {
         }
         m
     };
-    let (granting, granted, ended) = (first("lease.granting"), first("lease.granted"), first("lease.ended"));
+    let (granting, granted, ended) = (
+        first("lease.granting"),
+        first("lease.granted"),
+        first("lease.ended"),
+    );
     let grant: Vec<f64> = granting
         .iter()
         .filter_map(|(l, at)| Some(ms_between(*at, *granted.get(l)?)))
@@ -1015,7 +1062,12 @@ async fn bench_day() {
         .collect();
     let mut reasons = std::collections::BTreeMap::new();
     for l in &leases {
-        let why = l.lease.end_reason.as_ref().map(|r| r.describe()).unwrap_or_default();
+        let why = l
+            .lease
+            .end_reason
+            .as_ref()
+            .map(|r| r.describe())
+            .unwrap_or_default();
         let why = why.split([':', '(']).next().unwrap_or("").trim().to_string();
         *reasons.entry(why).or_insert(0usize) += 1;
     }
@@ -1029,9 +1081,18 @@ async fn bench_day() {
     for (kind, ms) in client.acks.lock().unwrap().iter() {
         println!("  ack of /jit {kind:<8} {}", summary(ms.clone()));
     }
-    println!("  approval → lease granted (LDAP add + read-back, durable) {}", summary(grant));
-    println!("  release → lease ended (LDAP remove + read-back, durable) {}", summary(released));
-    let lag: Vec<f64> = samples.get("lag").map(|v| v.iter().map(|s| s * 1000.0).collect()).unwrap_or_default();
+    println!(
+        "  approval → lease granted (LDAP add + read-back, durable) {}",
+        summary(grant)
+    );
+    println!(
+        "  release → lease ended (LDAP remove + read-back, durable) {}",
+        summary(released)
+    );
+    let lag: Vec<f64> = samples
+        .get("lag")
+        .map(|v| v.iter().map(|s| s * 1000.0).collect())
+        .unwrap_or_default();
     println!("  expiry → lease ended (durable) {}", summary(lag));
     println!(
         "day: zero lost or orphaned leases: every command answered, every lease ended, slapd's groups as they started (checked on a separate connection)"

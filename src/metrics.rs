@@ -123,7 +123,11 @@ fn capture(name: &'static str, value: f64) {
         return;
     }
     let mut captured = CAPTURED.lock().unwrap_or_else(|p| p.into_inner());
-    captured.get_or_insert_with(HashMap::new).entry(name).or_default().push(value);
+    captured
+        .get_or_insert_with(HashMap::new)
+        .entry(name)
+        .or_default()
+        .push(value);
 }
 
 /// Benchmark hook: from now on, keep every sample of the revocation stages,
