@@ -401,10 +401,9 @@ impl Engine {
             Ok(Some(m)) => {
                 let started = std::time::Instant::now();
                 let removed = self.inner.directory.revoke_membership(&m).await;
+                // The wait for a batch, the modify and the read-back, which
+                // the LDAP backend also records as stages of their own.
                 crate::metrics::directory_op("remove", started.elapsed());
-                // The modify with its read-back (the LDAP backend also
-                // records `read_back` on its own).
-                crate::metrics::stage("directory_modify", started.elapsed());
                 removed
             }
             Err(e) => Err(e),
@@ -420,10 +419,7 @@ impl Engine {
                 rec.lease.finish()?;
                 tx.clear_timer(TimerKind::Revoke, id.as_str());
                 let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
-                if matches!(reason, EndReason::Expired) {
-                    let lag = (tx.now() - rec.lease.expires_at).to_std().unwrap_or_default();
-                    crate::metrics::revocation_lag(lag);
-                }
+                let expired_at = matches!(reason, EndReason::Expired).then_some(rec.lease.expires_at);
                 tx.audit(
                     about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
                         "{}; membership {}{note}",
@@ -473,11 +469,16 @@ impl Engine {
                     );
                     tx.outbox(notice(Audience::Alert, text, vec![]));
                 }
-                Ok(())
+                Ok(expired_at)
             })
             .await?;
-        if ended.is_some() {
+        if let Some(expired_at) = ended {
             crate::metrics::stage("commit_after", committing.elapsed());
+            // Measured once the end is durable: that is when it counts.
+            if let Some(expired_at) = expired_at {
+                let lag = (self.now() - expired_at).to_std().unwrap_or_default();
+                crate::metrics::revocation_lag(lag);
+            }
             crate::metrics::revoked();
             self.changed();
         }
