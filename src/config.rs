@@ -1061,6 +1061,37 @@ max_duration = "4h"
     }
 
     #[test]
+    fn store_retain_takes_long_spans_refuses_less_than_a_day_and_archives_beside_the_store() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.store.retain, None, "unset keeps everything");
+        let with =
+            |extra: &str| MINIMAL.replace("path = \"/tmp/x\"", &format!("path = \"/tmp/x/db\"\n{extra}"));
+        let c = Config::parse(&with("retain = \"400d\""), "t.toml").unwrap();
+        assert_eq!(c.store.retain, Some(Span::from_secs(400 * 86_400)));
+        assert_eq!(c.store.archive_dir(), PathBuf::from("/tmp/x/audit-archive"));
+        let c = Config::parse(&with("retain = \"2y\"\narchive_dir = \"/srv/audit\""), "t.toml").unwrap();
+        assert_eq!(c.store.archive_dir(), PathBuf::from("/srv/audit"));
+        let err = Config::parse(&with("retain = \"12h\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.retain") && err.contains("shorter than a day"),
+            "{err}"
+        );
+        let err = Config::parse(&with("retain = \"forever\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a duration"), "{err}");
+        let err = Config::parse(&with("archive_dir = \"/srv/audit\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.archive_dir") && err.contains("retain"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn approval_cards_default_to_the_channel_and_policy_sets_the_default() {
         let c = Config::parse(MINIMAL, "t.toml").unwrap();
         assert_eq!(c.policy().groups[0].approval_cards, CardDelivery::Channel);

@@ -264,7 +264,11 @@ async fn audit(_: Admin, State(s): State<HttpState>, Query(q): Query<AuditQuery>
         }
     };
     let store = s.engine.store();
-    let archive = q.archive.as_deref().map(std::path::Path::new).or(store.archive_dir());
+    let archive = q
+        .archive
+        .as_deref()
+        .map(std::path::Path::new)
+        .or(store.archive_dir());
     let rows: Vec<AuditEntry> = match store.audit_with_archive(archive) {
         Ok(all) => all
             .into_iter()

@@ -93,7 +93,8 @@ pub(super) fn write_file(dir: &Path, records: &[(u64, Vec<u8>)]) -> Result<Archi
     let (Some((first, _)), Some((last, _))) = (records.first(), records.last()) else {
         return Err(archive_error("nothing to archive"));
     };
-    let io = |what: &str, e: std::io::Error| archive_error(format!("cannot {what} in {}: {e}", dir.display()));
+    let io =
+        |what: &str, e: std::io::Error| archive_error(format!("cannot {what} in {}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(|e| io("create the directory", e))?;
     let name = file_name(*first, *last);
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -226,7 +227,10 @@ impl Iterator for Reader<'_> {
                         Ok(stored) => stored.into_entry().seq,
                         Err(e) => {
                             let after = self.seen.map(|(_, b)| b).unwrap_or(0);
-                            return self.fail(ix, format!("the line after record {after} is not an audit record: {e}"));
+                            return self.fail(
+                                ix,
+                                format!("the line after record {after} is not an audit record: {e}"),
+                            );
                         }
                     };
                     self.seen = Some(match self.seen {
@@ -254,7 +258,9 @@ pub(super) fn parse_base(stored: Option<&[u8]>) -> Result<Anchor, StoreError> {
         .and_then(|t| t.parse::<Anchor>().ok())
         .ok_or_else(|| StoreError::Corrupt {
             key: "meta/audit_base".into(),
-            error: "the record of where the audit archive ends is unreadable; restore the store from a backup".into(),
+            error:
+                "the record of where the audit archive ends is unreadable; restore the store from a backup"
+                    .into(),
         })
 }
 
@@ -279,7 +285,11 @@ impl Store {
     /// Checks the archive in `dir` and the store as one chain, from record 1
     /// to the store's head (and, given one, a published anchor anywhere in
     /// it). A problem names the archive file (or the store) it is in.
-    pub fn verify_audit_with_archive(&self, dir: &Path, anchor: Option<&Anchor>) -> Result<AuditCheck, StoreError> {
+    pub fn verify_audit_with_archive(
+        &self,
+        dir: &Path,
+        anchor: Option<&Anchor>,
+    ) -> Result<AuditCheck, StoreError> {
         let files = list(dir)?;
         let keyed = match self.inner.audit_key.get() {
             Some(key) => Keyed::With(key),
@@ -307,7 +317,9 @@ impl Store {
                 Ok(kv) => kv,
                 Err(e) => return Some(Err(StoreError::from(e))),
             };
-            let seq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).unwrap_or(0);
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
             if seq != 0 && seq <= last_archived {
                 return match overlap.get(&seq) {
                     Some(bytes) if bytes.as_slice() == v.as_ref() => None,
@@ -323,7 +335,13 @@ impl Store {
             note(seq, "the store".into());
             Some(Ok((k.to_vec(), v.to_vec())))
         });
-        let check = audit_chain(&Anchor::GENESIS, archived.chain(stored), head.as_deref(), keyed, anchor)?;
+        let check = audit_chain(
+            &Anchor::GENESIS,
+            archived.chain(stored),
+            head.as_deref(),
+            keyed,
+            anchor,
+        )?;
         Ok(match check {
             AuditCheck::Broken { seq, mut problem } => {
                 let sources = sources.borrow();
@@ -347,7 +365,9 @@ impl Store {
             return Ok(out);
         };
         let first_held = match self.inner.audit.first()? {
-            Some((k, _)) => <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).unwrap_or(0),
+            Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0),
             None => return Ok(out),
         };
         if first_held > last.last {

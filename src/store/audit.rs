@@ -546,7 +546,14 @@ mod tests {
             .collect();
         let head = store.inner.meta.get(AUDIT_HEAD).unwrap().map(|h| h.to_vec());
         let check = |records: &[(Vec<u8>, Vec<u8>)], head: Option<&[u8]>| {
-            audit_chain(&Anchor::GENESIS, records.iter().cloned().map(Ok), head, Keyed::Trusted, None).unwrap()
+            audit_chain(
+                &Anchor::GENESIS,
+                records.iter().cloned().map(Ok),
+                head,
+                Keyed::Trusted,
+                None,
+            )
+            .unwrap()
         };
         assert_eq!(
             check(&records, head.as_deref()),

@@ -72,7 +72,8 @@ pub struct Holds {
     pub timer: bool,
     /// A notice or card in the outbox names it.
     pub outbox: bool,
-    /// A break-glass grant not yet acknowledged.
+    /// A break-glass grant not yet acknowledged (the request, or the lease
+    /// it granted).
     pub review: bool,
 }
 
@@ -219,7 +220,12 @@ impl Store {
         if !request_prunable(&rec.request, cutoff, LeaseFate::NoLease, holds) {
             return Ok(false);
         }
-        Ok(request_prunable(&rec.request, cutoff, self.request_lease_fate(rec)?, holds))
+        Ok(request_prunable(
+            &rec.request,
+            cutoff,
+            self.request_lease_fate(rec)?,
+            holds,
+        ))
     }
 
     fn lease_is_prunable(
@@ -232,7 +238,8 @@ impl Store {
         let holds = Holds {
             timer: has_timer(self, id)?,
             outbox: outbox.contains(id),
-            review: false,
+            // A break-glass grant's lease stays while its review is open.
+            review: self.inner.review.contains_key(rec.lease.request.as_str())?,
         };
         Ok(lease_prunable(&rec.lease, cutoff, holds))
     }
@@ -251,12 +258,18 @@ impl Store {
                 self.request_is_prunable(&rec, cutoff, &outbox)
             })?;
             if !ids.is_empty() {
-                let n = self.remove_checked(&self.inner.requests, &ids, |id, outbox| {
-                    match super::read_request(&self.inner.requests, &jitbot_core::RequestId::new(id))? {
-                        Some(rec) => self.request_is_prunable(&rec, cutoff, outbox),
-                        None => Ok(false),
-                    }
-                })?;
+                let n =
+                    self.remove_checked(
+                        &self.inner.requests,
+                        &ids,
+                        |id, outbox| match super::read_request(
+                            &self.inner.requests,
+                            &jitbot_core::RequestId::new(id),
+                        )? {
+                            Some(rec) => self.request_is_prunable(&rec, cutoff, outbox),
+                            None => Ok(false),
+                        },
+                    )?;
                 crate::metrics::store_pruned("request", n);
                 total += n;
                 self.flush_committed().await?;
@@ -313,7 +326,10 @@ impl Store {
         mut pick: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
     ) -> Result<(Vec<String>, Option<Vec<u8>>), StoreError> {
         let iter = match &after {
-            Some(k) => tree.range::<&[u8], _>((std::ops::Bound::Excluded(k.as_slice()), std::ops::Bound::Unbounded)),
+            Some(k) => tree.range::<&[u8], _>((
+                std::ops::Bound::Excluded(k.as_slice()),
+                std::ops::Bound::Unbounded,
+            )),
             None => tree.iter(),
         };
         let mut picked = Vec::new();
@@ -365,8 +381,7 @@ impl Store {
     /// time; the store's last record always stays (it carries the time a
     /// restarted clock must not start before, and the chain's link).
     async fn archive_audit(&self, cutoff: Instant, s: &RetentionSettings) -> Result<u64, StoreError> {
-        self.reconcile_archive(s).await?;
-        let mut total = 0;
+        let mut total = self.reconcile_archive(s).await?;
         loop {
             let (records, oldest) = self.archivable(cutoff, s.archive_chunk)?;
             let Some(oldest) = oldest else {
@@ -390,7 +405,11 @@ impl Store {
     /// Up to `chunk` records from the first, older than `cutoff`, never the
     /// last one; and the time of the oldest.
     #[allow(clippy::type_complexity)]
-    fn archivable(&self, cutoff: Instant, chunk: usize) -> Result<(Vec<(u64, Vec<u8>)>, Option<Instant>), StoreError> {
+    fn archivable(
+        &self,
+        cutoff: Instant,
+        chunk: usize,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, Option<Instant>), StoreError> {
         let last = match self.inner.audit.last()? {
             Some((k, _)) => k,
             None => return Ok((Vec::new(), None)),
@@ -457,6 +476,22 @@ impl Store {
         }))?;
         s.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Test hook: the first step of archiving alone, as if jitbot stopped
+    /// right after writing an archive file and before removing its records
+    /// from the store. Returns the file written, if any.
+    #[doc(hidden)]
+    pub fn archive_then_stop(
+        &self,
+        now: Instant,
+        s: &RetentionSettings,
+    ) -> Result<Option<archive::ArchiveFile>, StoreError> {
+        let (records, _) = self.archivable(s.retain.before(now), s.archive_chunk)?;
+        if records.is_empty() {
+            return Ok(None);
+        }
+        archive::write_file(&s.archive_dir, &records).map(Some)
     }
 
     /// Finishes a move a crash interrupted: records of the last archive file
@@ -585,22 +620,38 @@ mod tests {
         let free = Holds::default();
         assert!(lease_prunable(&lease(LeaseState::Ended, old), cutoff, free));
         // Ended recently: kept.
-        assert!(!lease_prunable(&lease(LeaseState::Ended, Some(cutoff + D::seconds(1))), cutoff, free));
-        assert!(!lease_prunable(&lease(LeaseState::Ended, Some(cutoff)), cutoff, free));
+        assert!(!lease_prunable(
+            &lease(LeaseState::Ended, Some(cutoff + D::seconds(1))),
+            cutoff,
+            free
+        ));
+        assert!(!lease_prunable(
+            &lease(LeaseState::Ended, Some(cutoff)),
+            cutoff,
+            free
+        ));
         // Never anything that has not ended, however old.
         for state in [LeaseState::Granting, LeaseState::Active, LeaseState::Revoking] {
             assert!(!lease_prunable(&lease(state, old), cutoff, free), "{state:?}");
         }
-        // Held by a timer or a notice still to send.
+        // Held by a timer, a notice still to send, an open review.
         for holds in [
             Holds { timer: true, ..free },
             Holds { outbox: true, ..free },
+            Holds { review: true, ..free },
         ] {
-            assert!(!lease_prunable(&lease(LeaseState::Ended, old), cutoff, holds), "{holds:?}");
+            assert!(
+                !lease_prunable(&lease(LeaseState::Ended, old), cutoff, holds),
+                "{holds:?}"
+            );
         }
         // A lease from before `ended_at` was kept: its latest possible end counts.
         assert!(lease_prunable(&lease(LeaseState::Ended, None), cutoff, free));
-        assert!(!lease_prunable(&lease(LeaseState::Ended, None), t0() + D::hours(8), free));
+        assert!(!lease_prunable(
+            &lease(LeaseState::Ended, None),
+            t0() + D::hours(8),
+            free
+        ));
     }
 
     #[test]
@@ -614,17 +665,45 @@ mod tests {
             RequestState::Cancelled,
             RequestState::TimedOut,
         ] {
-            assert!(request_prunable(&request(state, old), cutoff, LeaseFate::NoLease, free), "{state:?}");
+            assert!(
+                request_prunable(&request(state, old), cutoff, LeaseFate::NoLease, free),
+                "{state:?}"
+            );
         }
-        assert!(request_prunable(&request(RequestState::Approved, old), cutoff, LeaseFate::Ended, free));
-        assert!(request_prunable(&request(RequestState::Approved, old), cutoff, LeaseFate::Gone, free));
+        assert!(request_prunable(
+            &request(RequestState::Approved, old),
+            cutoff,
+            LeaseFate::Ended,
+            free
+        ));
+        assert!(request_prunable(
+            &request(RequestState::Approved, old),
+            cutoff,
+            LeaseFate::Gone,
+            free
+        ));
         // Its lease still live: kept, however old the decision.
-        assert!(!request_prunable(&request(RequestState::Approved, old), cutoff, LeaseFate::Live, free));
+        assert!(!request_prunable(
+            &request(RequestState::Approved, old),
+            cutoff,
+            LeaseFate::Live,
+            free
+        ));
         // Pending: never (even one whose window is long past).
-        assert!(!request_prunable(&request(RequestState::Pending, None), cutoff, LeaseFate::NoLease, free));
+        assert!(!request_prunable(
+            &request(RequestState::Pending, None),
+            cutoff,
+            LeaseFate::NoLease,
+            free
+        ));
         // Decided recently.
         let recent = Some(cutoff + D::hours(1));
-        assert!(!request_prunable(&request(RequestState::Denied, recent), cutoff, LeaseFate::NoLease, free));
+        assert!(!request_prunable(
+            &request(RequestState::Denied, recent),
+            cutoff,
+            LeaseFate::NoLease,
+            free
+        ));
         // Awaiting break-glass review.
         let mut bg = request(RequestState::Approved, old);
         bg.break_glass = Some(BreakGlass {
@@ -639,11 +718,21 @@ mod tests {
             Holds { outbox: true, ..free },
         ] {
             assert!(
-                !request_prunable(&request(RequestState::Denied, old), cutoff, LeaseFate::NoLease, holds),
+                !request_prunable(
+                    &request(RequestState::Denied, old),
+                    cutoff,
+                    LeaseFate::NoLease,
+                    holds
+                ),
                 "{holds:?}"
             );
         }
         // No decision time recorded: its decision deadline counts.
-        assert!(request_prunable(&request(RequestState::TimedOut, None), cutoff, LeaseFate::NoLease, free));
+        assert!(request_prunable(
+            &request(RequestState::TimedOut, None),
+            cutoff,
+            LeaseFate::NoLease,
+            free
+        ));
     }
 }
