@@ -163,19 +163,22 @@ fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreEr
 }
 
 impl Store {
-    /// One retention pass at `now`: finishes an archive move a crash
-    /// interrupted, archives old audit records, prunes old requests and
-    /// ended leases. Counts what it removed in the metrics as it goes.
+    /// One retention pass at `now`: prunes old requests and ended leases,
+    /// finishes an archive move a crash interrupted, and archives old audit
+    /// records. Each of the three runs even when another failed (an
+    /// unwritable archive directory stops no pruning); the first error is
+    /// returned. Counts what it removed in the metrics as it goes.
     pub async fn prune(&self, now: Instant, settings: &RetentionSettings) -> Result<Pruned, StoreError> {
         self.check_healthy()?;
         let cutoff = settings.retain.before(now);
-        let mut done = Pruned {
-            audit: self.archive_audit(cutoff, settings).await?,
-            ..Pruned::default()
-        };
-        done.requests = self.prune_requests(cutoff, settings.batch).await?;
-        done.leases = self.prune_leases(cutoff, settings.batch).await?;
-        Ok(done)
+        let requests = self.prune_requests(cutoff, settings.batch).await;
+        let leases = self.prune_leases(cutoff, settings.batch).await;
+        let audit = self.archive_audit(cutoff, settings).await;
+        Ok(Pruned {
+            requests: requests?,
+            leases: leases?,
+            audit: audit?,
+        })
     }
 
     fn lease_fate(&self, id: &LeaseId) -> Result<LeaseFate, StoreError> {
