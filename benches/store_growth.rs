@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo bench --bench store_growth
 //! JITBOT_BENCH_LIFECYCLES=1000000 cargo bench --bench store_growth
+//! JITBOT_BENCH_PRUNE_BATCH=500 cargo bench --bench store_growth  # records per prune commit
 //! ```
 //!
 //! Each lifecycle goes through the engine (in-memory directory, manual
@@ -352,7 +353,11 @@ async fn run() {
     let engine = new_engine(open(&path));
     grant_wave(&engine).await;
     clock.advance(Duration::days(40));
-    let settings = RetentionSettings::new(Span::parse_long("30d").expect("span"), tmp.path().join("archive"));
+    let settings = RetentionSettings {
+        batch: env_usize("JITBOT_BENCH_PRUNE_BATCH", 100),
+        ..RetentionSettings::new(Span::parse_long("30d").expect("span"), tmp.path().join("archive"))
+    };
+    let batch = settings.batch;
     let store = engine.store().clone();
     let now = engine.now();
     let pass = tokio::spawn(async move {
@@ -364,7 +369,7 @@ async fn run() {
     let (pruned, took) = pass.await.expect("pass");
     let removed = pruned.leases + pruned.requests + pruned.audit;
     println!(
-        "prune: {} leases, {} requests, {} audit records archived in {:.1}s = {:.0} records/s",
+        "prune (batches of {batch}): {} leases, {} requests, {} audit records archived in {:.1}s = {:.0} records/s",
         pruned.leases,
         pruned.requests,
         pruned.audit,

@@ -42,13 +42,13 @@ pub struct RetentionSettings {
 }
 
 impl RetentionSettings {
-    /// The defaults: batches of 500, files of at most 100,000 records or
+    /// The defaults: batches of 100, files of at most 100,000 records or
     /// about a day, a pass every 10 minutes.
     pub fn new(retain: Span, archive_dir: PathBuf) -> Self {
         RetentionSettings {
             retain,
             archive_dir,
-            batch: 500,
+            batch: 100,
             archive_chunk: 100_000,
             archive_after: Span::from_hours(24),
             every: Duration::from_secs(600),
