@@ -365,7 +365,19 @@ async fn run() {
         let pruned = store.prune(now, &settings).await.expect("prune");
         (pruned, started.elapsed())
     });
-    let during = fire_due(&engine, Some(PACE)).await;
+    // Leases keep coming and expiring while the pass runs: each round
+    // grants a wave and fires its expiries, paced, until the pass is done.
+    let mut during = Vec::new();
+    let mut rounds = 0;
+    while !pass.is_finished() {
+        if rounds > 0 {
+            grant_wave(&engine).await;
+        }
+        clock.advance(Duration::hours(2));
+        during.extend(fire_due(&engine, Some(PACE)).await);
+        deliver_outbox(&engine);
+        rounds += 1;
+    }
     let (pruned, took) = pass.await.expect("pass");
     let removed = pruned.leases + pruned.requests + pruned.audit;
     println!(
@@ -377,7 +389,7 @@ async fn run() {
         removed as f64 / took.as_secs_f64()
     );
     println!(
-        "expiry latency (timer fired → lease ended, durable), one every {PACE:?}: without pruning {}; while pruning {}",
+        "expiry latency (timer fired → lease ended, durable), one every {PACE:?}: without pruning {}; while pruning ({rounds} waves of {WAVE} granted and expired during the pass) {}",
         summary(baseline),
         summary(during)
     );
@@ -390,6 +402,23 @@ async fn run() {
         mib(len),
         mib(archive),
         archive as f64 / n as f64
+    );
+    // Steady load with retention on: later writes reuse the space the
+    // pruned records held.
+    let more = (n / 10).div_ceil(WAVE) * WAVE;
+    for _ in 0..more / WAVE {
+        grant_wave(&engine).await;
+        clock.advance(Duration::hours(2));
+        fire_due(&engine, None).await;
+        deliver_outbox(&engine);
+    }
+    engine.store().flush().await.expect("flush");
+    let (after_more, _) = disk(&path);
+    println!(
+        "then {more} more lifecycles: store {:.1} MiB apparent ({:+.1} MiB, {:.0} bytes per new lifecycle)",
+        mib(after_more),
+        mib(after_more) - mib(len),
+        (after_more as f64 - len as f64) / more as f64
     );
     drop(engine);
     std::thread::sleep(std::time::Duration::from_millis(200));
