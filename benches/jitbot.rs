@@ -193,6 +193,7 @@ async fn seed_leases(store: &Store, n: usize, expiry: impl Fn(usize) -> chrono::
                         group: group.dn.clone(),
                         attribute: "member".into(),
                         value: format!("uid=u{i:06},{}", slapd::PEOPLE),
+                        identity: None,
                     };
                     lease.record_preexisting(false, membership);
                     lease.state = LeaseState::Active;

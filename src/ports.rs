@@ -58,6 +58,10 @@ pub enum MemberKind {
     User(UserId),
     /// A group nested in this one, and the users it reaches.
     NestedGroup { reaches: Vec<UserId> },
+    /// Active Directory: a user whose *primary group* this is
+    /// (`primaryGroupID`). `member` does not list them and no member value
+    /// can be removed: the user's primary group must be changed.
+    PrimaryGroup(UserId),
     /// A value that is no user under the user base nor a group (a DN
     /// outside `user_base`, or a dangling one).
     Unknown,
@@ -82,6 +86,12 @@ pub trait Directory: Send + Sync + 'static {
     async fn has_membership(&self, membership: &Membership) -> Result<bool, DirectoryError>;
     async fn add_membership(&self, membership: &Membership) -> Result<Added, DirectoryError>;
     async fn remove_membership(&self, membership: &Membership) -> Result<(), DirectoryError>;
+    /// [`Directory::remove_membership`], and a note for the audit when the
+    /// value removed was not the one recorded (the user renamed, moved or
+    /// deleted during the lease). The default removes and has nothing to say.
+    async fn revoke_membership(&self, membership: &Membership) -> Result<Option<String>, DirectoryError> {
+        self.remove_membership(membership).await.map(|()| None)
+    }
     /// Every value of the group's membership attribute (placeholders excluded).
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError>;
     /// Of `among`, the groups `user` belongs to directly or through nesting.
@@ -158,6 +168,27 @@ pub enum ChatError {
     Refused(String),
 }
 
+/// A post of an approval card that failed part way: the copies that did go
+/// out (to record, so that a retry posts only the missing ones and the
+/// decision reaches every copy), and why the rest did not.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{error}")]
+pub struct PostError {
+    /// The copies posted before the failure.
+    pub posted: Vec<MessageRef>,
+    #[source]
+    pub error: ChatError,
+}
+
+impl From<ChatError> for PostError {
+    fn from(error: ChatError) -> Self {
+        PostError {
+            posted: Vec::new(),
+            error,
+        }
+    }
+}
+
 /// Outgoing chat messages. Every platform adapter implements it; a fan-out
 /// sends to all configured platforms.
 #[async_trait]
@@ -165,6 +196,21 @@ pub trait Notifier: Send + Sync + 'static {
     /// Posts an approval card where approvers will see it; returns where it
     /// went so that it can be updated in place later (even after a restart).
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError>;
+    /// Posts the copies of an approval card that are not among `posted`
+    /// (those an earlier, partly failed attempt recorded); returns the new
+    /// ones, or with the error those that went out before it. By default,
+    /// [`Notifier::post_approval`] when nothing was posted, else nothing.
+    async fn post_missing_copies(
+        &self,
+        card: &ApprovalCard,
+        posted: &[MessageRef],
+    ) -> Result<Vec<MessageRef>, PostError> {
+        if posted.is_empty() {
+            Ok(self.post_approval(card).await?)
+        } else {
+            Ok(Vec::new())
+        }
+    }
     /// Rewrites a posted approval card (new approvals, decision, buttons removed).
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError>;
     /// Sends a notice to a person, a group's channel or the alert channel.

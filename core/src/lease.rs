@@ -67,6 +67,11 @@ impl EndReason {
 /// write, so that revocation removes this value from this group and nothing
 /// else, whatever the configuration or the directory says later (a group
 /// dropped from the config, a changed `dn`, a user renamed or deleted).
+///
+/// A DN value can change under the lease: Active Directory (and OpenLDAP
+/// with the refint overlay) rewrites `member` when the user is renamed or
+/// moved. So the user entry's stable identity is recorded too, and the
+/// directory resolves it to the user's current DN at removal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Membership {
     pub group: GroupDn,
@@ -74,6 +79,12 @@ pub struct Membership {
     pub attribute: String,
     /// The user's DN, or their id for `memberUid`.
     pub value: String,
+    /// The user entry's stable identity, as `attribute:value` in the
+    /// directory's own terms (`objectGUID:<hex>` on Active Directory,
+    /// `entryUUID:<uuid>` on OpenLDAP); `None` for `memberUid`, for a
+    /// directory without one, and in leases recorded before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,6 +322,7 @@ mod tests {
             group: GroupDn::new("cn=db-admins,dc=example,dc=org"),
             attribute: "member".into(),
             value: "uid=alice,dc=example,dc=org".into(),
+            identity: None,
         }
     }
 

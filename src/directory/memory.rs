@@ -119,6 +119,7 @@ impl Directory for MemoryDirectory {
             group: group.clone(),
             attribute: "member".into(),
             value: id.clone(),
+            identity: None,
         })
     }
 
@@ -172,6 +173,7 @@ impl Directory for MemoryDirectory {
                         group: group.clone(),
                         attribute: "member".into(),
                         value: value.clone(),
+                        identity: None,
                     },
                     kind,
                 }

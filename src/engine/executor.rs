@@ -10,10 +10,12 @@
 //!   lost a race commits nothing and does not touch the directory again.
 //!
 //! The grant records *what it will write* ([`Membership`]: group DN,
-//! attribute, value) and whether the user already held it, durably, before
-//! the add. Revocation removes exactly that value from exactly that group and
-//! never consults today's configuration, so a group dropped from the config,
-//! a changed `dn` or a renamed user cannot strand a membership.
+//! attribute, value, the user entry's stable identity) and whether the user
+//! already held it, durably, before the add. Revocation removes exactly that
+//! membership from exactly that group and never consults today's
+//! configuration, so a group dropped from the config, a changed `dn` or a
+//! renamed user cannot strand a membership (the directory finds a renamed
+//! user's current DN from the recorded identity, and says so in the audit).
 
 use super::audit::{about_lease, AuditAction};
 use super::{notice, Engine, EngineError, ENGINE_ACTOR};
@@ -379,10 +381,10 @@ impl Engine {
     async fn revoke_step(&self, rec: LeaseRecord) -> Result<(), EngineError> {
         let id = rec.lease.id.clone();
         let removed = match self.to_remove(&rec).await {
-            Ok(None) => Ok(()),
+            Ok(None) => Ok(None),
             Ok(Some(m)) => {
                 let started = std::time::Instant::now();
-                let removed = self.inner.directory.remove_membership(&m).await;
+                let removed = self.inner.directory.revoke_membership(&m).await;
                 crate::metrics::directory_op("remove", started.elapsed());
                 // The modify with its read-back (the LDAP backend also
                 // records `read_back` on its own).
@@ -391,9 +393,11 @@ impl Engine {
             }
             Err(e) => Err(e),
         };
-        if let Err(e) = removed {
-            return self.revoke_failed(&id, &e.to_string()).await;
-        }
+        // How the value was found, when it was not the one recorded.
+        let note = match removed {
+            Ok(note) => note.map(|n| format!(" ({n})")).unwrap_or_default(),
+            Err(e) => return self.revoke_failed(&id, &e.to_string()).await,
+        };
         let committing = std::time::Instant::now();
         let ended = self
             .transition(&id, &[LeaseState::Revoking], |tx, rec| {
@@ -406,7 +410,7 @@ impl Engine {
                 }
                 tx.audit(
                     about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
-                        "{}; membership {}",
+                        "{}; membership {}{note}",
                         reason.describe(),
                         if rec.lease.owns_membership() {
                             "removed"

@@ -45,7 +45,8 @@ impl Engine {
                                 users.insert(u);
                             }
                             MemberKind::NestedGroup { reaches } => users.extend(reaches),
-                            MemberKind::Unknown => {}
+                            // As AD's in-chain rule, which approval uses, does not count them.
+                            MemberKind::PrimaryGroup(_) | MemberKind::Unknown => {}
                         }
                     }
                 }

@@ -76,7 +76,7 @@ impl Engine {
         let mut found = Vec::new();
         for member in members {
             let (who, reached) = match &member.kind {
-                MemberKind::User(user) => (user.clone(), vec![]),
+                MemberKind::User(user) | MemberKind::PrimaryGroup(user) => (user.clone(), vec![]),
                 MemberKind::NestedGroup { reaches } => {
                     (UserId::new(member.membership.value.as_str()), reaches.clone())
                 }
@@ -95,7 +95,10 @@ impl Engine {
             if self.inner.store.live_lease(&policy.name, &who)?.is_some() {
                 continue;
             }
-            let remediated = policy.remediate && self.remediate(policy, &who, &member, remediations).await?;
+            // A primary group is no member value: nothing jitbot can remove.
+            let removable = !matches!(member.kind, MemberKind::PrimaryGroup(_));
+            let remediated =
+                policy.remediate && removable && self.remediate(policy, &who, &member, remediations).await?;
             self.report(policy, &who, None, &member, remediated, seen_now)
                 .await?;
             found.push(Drift {
@@ -199,8 +202,16 @@ impl Engine {
                 format!("{who} (no user jitbot knows) is a member of `{}`", policy.name)
             }
             (MemberKind::User(_), None) => format!("{who} is a member of `{}`", policy.name),
+            (MemberKind::PrimaryGroup(_), None) => format!(
+                "{who} is a member of `{}` as their primary group (primaryGroupID), which the group's \
+                 `member` does not list",
+                policy.name
+            ),
         };
-        let action = if remediated && via.is_none() {
+        let action = if matches!(member.kind, MemberKind::PrimaryGroup(_)) {
+            "; jitbot cannot remove a primary group membership: set the user's primary group back to \
+             another group (for example Domain Users) in Active Directory."
+        } else if remediated && via.is_none() {
             "; jitbot is removing it."
         } else if via.is_some() {
             "; removing the nested group removes it."

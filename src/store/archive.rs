@@ -13,7 +13,7 @@
 //! records in both places; the next pass ([`Store::reconcile_archive`])
 //! checks they are the same bytes and finishes the move.
 
-use super::audit::{audit_chain, Keyed};
+use super::audit::{audit_chain, Keyed, HEAD_MAC, KEYED_SINCE};
 use super::records::StoredAudit;
 use super::{Anchor, AuditCheck, AuditEntry, Store, StoreError, AUDIT_HEAD};
 use flate2::read::MultiGzDecoder;
@@ -291,11 +291,26 @@ impl Store {
         anchor: Option<&Anchor>,
     ) -> Result<AuditCheck, StoreError> {
         let files = list(dir)?;
+        // The head, its MAC and the keyed-since marker as of one moment
+        // (under the writer lock, briefly: the archive is read without it);
+        // store records appended after it are left out.
+        let (head, head_mac, keyed_since) = {
+            let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                self.inner.meta.get(AUDIT_HEAD)?,
+                self.inner.meta.get(HEAD_MAC)?,
+                self.inner.meta.get(KEYED_SINCE)?,
+            )
+        };
+        let head_seq = super::audit::parse_head(head.as_deref())?.seq;
         let keyed = match self.inner.audit_key.get() {
-            Some(key) => Keyed::With(key),
+            Some(key) => Keyed::With {
+                key,
+                keyed_since: keyed_since.as_deref(),
+                head_mac: head_mac.as_deref(),
+            },
             None => Keyed::Missing,
         };
-        let head = self.inner.meta.get(AUDIT_HEAD)?;
         let last_archived = files.last().map(|f| f.last).unwrap_or(0);
         // Records a crash left in both places must be the same bytes.
         let overlap = self.overlap(&files)?;
@@ -320,6 +335,9 @@ impl Store {
             let seq = <[u8; 8]>::try_from(k.as_ref())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
+            if seq > head_seq {
+                return None;
+            }
             if seq != 0 && seq <= last_archived {
                 return match overlap.get(&seq) {
                     Some(bytes) if bytes.as_slice() == v.as_ref() => None,
@@ -345,7 +363,8 @@ impl Store {
         Ok(match check {
             AuditCheck::Broken { seq, mut problem } => {
                 let sources = sources.borrow();
-                if let Some((_, source)) = sources.iter().rev().find(|(s, _)| *s == seq) {
+                if let Some((_, source)) = sources.iter().rev().find(|(s, src)| *s == seq && !src.is_empty())
+                {
                     problem = format!("{problem} (in {source})");
                 }
                 if problem.starts_with("sequence jumps") {

@@ -223,6 +223,10 @@ struct MembershipV1 {
     group_dn: String,
     attribute: String,
     value: String,
+    /// The user entry's stable identity; absent in records written before
+    /// it was kept (and for `memberUid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
 }
 
 impl From<&Membership> for MembershipV1 {
@@ -231,6 +235,7 @@ impl From<&Membership> for MembershipV1 {
             group_dn: m.group.to_string(),
             attribute: m.attribute.clone(),
             value: m.value.clone(),
+            identity: m.identity.clone(),
         }
     }
 }
@@ -241,6 +246,7 @@ impl From<MembershipV1> for Membership {
             group: GroupDn::new(m.group_dn),
             attribute: m.attribute,
             value: m.value,
+            identity: m.identity,
         }
     }
 }
@@ -429,4 +435,28 @@ pub(super) enum StoredAudit {
     /// Linked by HMAC-SHA256 under the `[audit] key`.
     #[serde(rename = "1-hmac")]
     Keyed(AuditEntry),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_membership_keeps_its_identity_and_old_records_still_read() {
+        let old = r#"{"group_dn":"cn=g,dc=x","attribute":"member","value":"uid=a,dc=x"}"#;
+        let m: Membership = serde_json::from_str::<MembershipV1>(old).unwrap().into();
+        assert_eq!(m.identity, None);
+        assert_eq!(
+            serde_json::to_string(&MembershipV1::from(&m)).unwrap(),
+            old,
+            "written as before when there is no identity"
+        );
+        let m = Membership {
+            identity: Some("objectGUID:00112233445566778899aabbccddeeff".into()),
+            ..m
+        };
+        let text = serde_json::to_string(&MembershipV1::from(&m)).unwrap();
+        let back: Membership = serde_json::from_str::<MembershipV1>(&text).unwrap().into();
+        assert_eq!(back, m);
+    }
 }

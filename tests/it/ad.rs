@@ -10,7 +10,7 @@ use jitbot::chat::slack::signature::sign;
 use jitbot::config::{Config, GroupConfig};
 use jitbot::directory::ldap::LdapDirectory;
 use jitbot::engine::Drift;
-use jitbot::ports::Directory;
+use jitbot::ports::{Directory, DirectoryError};
 use jitbot::secret::SecretSource;
 use jitbot_core::policy::Policy;
 use jitbot_core::{GroupDn, UserId};
@@ -834,4 +834,390 @@ async fn the_whole_flow_through_jitbot_run() {
             .any(|r| r["requester"] == "dave" && r["state"] == "pending")
     })
     .await;
+}
+
+/// Renames or moves `dn` to `rdn` under `parent` as Administrator.
+async fn admin_modifydn(dc: &SambaDc, dn: &str, rdn: &str, parent: Option<&str>) {
+    let mut ldap = dc.admin().await;
+    ldap.modifydn(dn, rdn, true, parent)
+        .await
+        .and_then(|r| r.success())
+        .expect("admin modifydn");
+    let _ = ldap.unbind().await;
+}
+
+/// A user renamed (new CN) while a lease is active. AD rewrites the
+/// group's `member` value to the new DN by itself (a linked attribute), so
+/// the value recorded at grant no longer exists. Revocation finds the user
+/// by the `objectGUID` recorded with the lease and takes the membership
+/// away under the new DN — never reports it removed while the renamed user
+/// stays in the group — and tells the audit what happened.
+#[tokio::test]
+async fn a_user_renamed_during_a_lease_is_still_removed() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    assert_eq!(lease.value, samba::user("alice").dn);
+    assert!(
+        lease
+            .identity
+            .as_deref()
+            .is_some_and(|i| i.starts_with("objectGUID:")),
+        "{lease:?}"
+    );
+    dir.add_membership(&lease).await.unwrap();
+
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer-Smith", None).await;
+    let renamed = "CN=Alice Archer-Smith,OU=Staff,DC=example,DC=test";
+    assert_eq!(
+        dc.values(samba::DB_ADMINS, "member").await,
+        vec![renamed.to_string()]
+    );
+    assert!(
+        dir.has_membership(&lease).await.unwrap(),
+        "the lease's membership, under the new DN, is there"
+    );
+
+    let removed = dir.revoke_membership(&lease).await;
+    let left = dc.values(samba::DB_ADMINS, "member").await;
+    assert!(
+        removed.is_err() || left.is_empty(),
+        "revocation reported success ({removed:?}) but the renamed user is still a member: {left:?}"
+    );
+    assert!(
+        left.is_empty(),
+        "the lease's membership outlived it: {left:?} ({removed:?})"
+    );
+    let note = removed.unwrap().expect("the audit is told");
+    assert!(
+        note.contains("renamed or moved") && note.contains(renamed),
+        "{note}"
+    );
+}
+
+/// The same for a user moved to another OU (here the sub-OU) while a lease
+/// is active.
+#[tokio::test]
+async fn a_user_moved_during_a_lease_is_still_removed() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("bob")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+
+    admin_modifydn(
+        &dc,
+        samba::user("bob").dn,
+        "CN=Bob Baker",
+        Some(samba::CONTRACTORS),
+    )
+    .await;
+    let moved = format!("CN=Bob Baker,{}", samba::CONTRACTORS);
+    assert_eq!(dc.values(samba::DB_ADMINS, "member").await, vec![moved]);
+
+    let removed = dir.remove_membership(&lease).await;
+    let left = dc.values(samba::DB_ADMINS, "member").await;
+    assert!(
+        removed.is_err() || left.is_empty(),
+        "revocation reported success ({removed:?}) but the moved user is still a member: {left:?}"
+    );
+    assert!(
+        left.is_empty(),
+        "the lease's membership outlived it: {left:?} ({removed:?})"
+    );
+}
+
+/// The string form (`S-1-5-21-…`) of a binary `objectSid`.
+fn sid_string(b: &[u8]) -> String {
+    let authority = b[2..8].iter().fold(0u64, |a, x| (a << 8) | u64::from(*x));
+    let subs: Vec<String> = b[8..]
+        .chunks(4)
+        .take(usize::from(b[1]))
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]).to_string())
+        .collect();
+    format!("S-{}-{authority}-{}", b[0], subs.join("-"))
+}
+
+/// check-config's write probe adds and deletes the *service account's own
+/// DN*. AD has a right for exactly that — the validated write "Add/Remove
+/// self as member" (SW on `member`) — which an AD admin may well have given
+/// the account on a group (or which it inherits). With only that right the
+/// probe passes, so on AD check-config also reads the group's
+/// `allowedAttributesEffective`, and names the group unwritable.
+#[tokio::test]
+async fn check_config_is_not_fooled_by_a_right_to_add_oneself() {
+    let dc = SambaDc::start().await;
+    // OA;;SW;member — Add/Remove self as member, and nothing more — on Finance.
+    let mut ldap = dc.admin().await;
+    let (entries, _) = ldap
+        .search(
+            samba::SERVICE_DN,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["objectSid"],
+        )
+        .await
+        .and_then(|r| r.success())
+        .unwrap();
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    let sid = sid_string(&entry.bin_attrs["objectSid"][0]);
+    let _ = ldap.unbind().await;
+    let out = Command::new(samba::SAMBA_TOOL)
+        .args(["dsacl", "set", "-H", &dc.ldap_url(), "-U"])
+        .arg(format!("{}%{}", samba::ADMIN, samba::ADMIN_PW))
+        .arg(format!("--objectdn={}", samba::FINANCE))
+        .arg(format!(
+            "--sddl=(OA;;SW;bf9679c0-0de6-11d0-a285-00aa003049e2;;{sid})"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The account really may not write other members there.
+    let dir = directory(&dc, EXTRA_GROUPS);
+    let err = dir
+        .add_member(&group(samba::FINANCE), &user("alice"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("insufficient access"), "{err}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config_text(&dc, tmp.path(), 1, "http://127.0.0.1:1/api/", EXTRA_GROUPS);
+    let (_, out) = check_config(tmp.path(), &text);
+    let finance: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("group finance-approvers ("))
+        .collect();
+    assert!(
+        finance.iter().any(|l| l.contains("may not modify `member`")),
+        "check-config calls finance-approvers writable, but adding alice there fails: {err}\n{out}"
+    );
+}
+
+/// AD's primary group is a membership that `member` does not list. A user
+/// whose `primaryGroupID` is the ZSP group (AD takes the `member` value
+/// away when it is set) has standing access the monitor must see. No
+/// member value can be removed, so even with `remediate` it is alerted
+/// with what to do, and left alone.
+#[tokio::test]
+async fn zsp_reports_a_primary_group_membership_without_removing_it() {
+    let dc = SambaDc::start().await;
+    let bot = zsp_bot(&dc, true);
+    let mut ldap = dc.admin().await;
+    let (entries, _) = ldap
+        .search(
+            samba::DB_ADMINS,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["objectSid"],
+        )
+        .await
+        .and_then(|r| r.success())
+        .unwrap();
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    let sid = sid_string(&entry.bin_attrs["objectSid"][0]);
+    let rid = sid.rsplit('-').next().unwrap().to_string();
+    dc.set_member(samba::DB_ADMINS, samba::user("bob").dn, true).await;
+    ldap.modify(
+        samba::user("bob").dn,
+        vec![ldap3::Mod::Replace(
+            "primaryGroupID".to_string(),
+            std::collections::HashSet::from([rid.clone()]),
+        )],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("set bob's primary group");
+    let _ = ldap.unbind().await;
+    // bob is in DB Admins (its token says so), but `member` no longer lists him.
+    assert!(dc.values(samba::DB_ADMINS, "member").await.is_empty());
+
+    let drift = bot.engine.check_zsp().await.unwrap();
+    let bob: Vec<&Drift> = drift
+        .iter()
+        .filter(|d| d.user.as_str().eq_ignore_ascii_case("bob"))
+        .collect();
+    assert!(
+        !bob.is_empty(),
+        "bob is a member of the ZSP group through primaryGroupID and no drift names him: {drift:?}"
+    );
+    assert!(bob.iter().all(|d| !d.remediated), "{drift:?}");
+    bot.run_due().await;
+    let outbox = format!("{:?}", bot.engine.store().outbox(100).unwrap());
+    assert!(
+        outbox.contains("primary group") && outbox.contains("set the user's primary group"),
+        "{outbox}"
+    );
+    assert_eq!(
+        dc.values(samba::user("bob").dn, "primaryGroupID").await,
+        vec![rid],
+        "jitbot does not touch a user's primary group"
+    );
+    // Checked again, it is the same drift, not a new alert.
+    let again = bot.engine.check_zsp().await.unwrap();
+    assert!(again.iter().any(|d| d.user.as_str().eq_ignore_ascii_case("bob")));
+}
+
+/// A grant whose recorded value went stale (the user renamed between
+/// jitbot's lookup and its add, e.g. a retry after a restart) is refused by
+/// the DC with noSuchObject about the *value*; jitbot must not tell the
+/// operator that the group is missing from the directory.
+#[tokio::test]
+async fn a_stale_member_value_is_not_reported_as_a_missing_group() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let m = dir.membership_of(&db, &user("alice")).await.unwrap();
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer-Smith", None).await;
+    let err = dir.add_membership(&m).await.unwrap_err().to_string();
+    assert!(
+        !err.contains("does not exist in the directory; check its `dn` in the config"),
+        "the group exists; the member value is what the DC did not find: {err}"
+    );
+    assert!(err.contains("Alice Archer"), "{err}");
+    assert!(err.contains("names no entry"), "{err}");
+}
+
+/// The delegated account disabled (or expired, locked out, due for a
+/// password change) is refused by the DC with rc 49 and a sub-code (`data
+/// 533` disabled, `532` password expired, `773` must change, `775` locked).
+/// jitbot says which, not "check the bind DN and password", which would
+/// send the operator after the wrong thing (and re-typing a password into
+/// a locked account locks it longer).
+#[tokio::test]
+async fn a_disabled_service_account_is_reported_as_disabled() {
+    let dc = SambaDc::start().await;
+    let mut ldap = dc.admin().await;
+    ldap.modify(
+        samba::SERVICE_DN,
+        vec![ldap3::Mod::Replace(
+            "userAccountControl".to_string(),
+            std::collections::HashSet::from(["66050".to_string()]),
+        )],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("disable the service account");
+    let _ = ldap.unbind().await;
+    // What the DC says to the bind, on a connection of the test's own.
+    let (conn, mut own) = ldap3::LdapConnAsync::with_settings(
+        ldap3::LdapConnSettings::new().set_no_tls_verify(true),
+        &dc.ldaps_url(),
+    )
+    .await
+    .unwrap();
+    ldap3::drive!(conn);
+    let said = own
+        .simple_bind(samba::SERVICE_DN, samba::SERVICE_PW)
+        .await
+        .unwrap();
+    assert_eq!(said.rc, 49);
+    assert!(said.text.contains("data 533"), "{said:?}");
+    let dir = directory(&dc, "");
+    let err = dir.ping().await.unwrap_err().to_string();
+    assert!(
+        err.contains("the account is disabled; ask an AD admin to enable it"),
+        "the DC said the account is disabled; jitbot says: {err}"
+    );
+    assert!(!err.contains("password source"), "{err}");
+}
+
+/// The group renamed during a lease. Revocation cannot reach it under the
+/// recorded DN and says so (retried and alerted by the engine), never
+/// "removed".
+#[tokio::test]
+async fn a_group_renamed_during_a_lease_fails_loudly() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    admin_modifydn(&dc, samba::DB_ADMINS, "CN=DB Admins Old", None).await;
+    let removed = dir.remove_membership(&lease).await;
+    assert!(
+        matches!(removed, Err(DirectoryError::NoSuchGroup(_))),
+        "{removed:?}"
+    );
+    let renamed = "CN=DB Admins Old,OU=JIT Groups,DC=example,DC=test";
+    assert_eq!(
+        dc.values(renamed, "member").await,
+        vec![samba::user("alice").dn.to_string()]
+    );
+}
+
+/// A user deleted entirely while a lease is active: AD drops their
+/// `member` values with the entry. The recorded identity finds no entry and
+/// the recorded value is gone, so the lease ends "removed" — and the audit
+/// note says why there was nothing left to remove.
+#[tokio::test]
+async fn a_user_deleted_during_a_lease_ends_removed_and_says_so() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("carol")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    let mut ldap = dc.admin().await;
+    ldap.delete(samba::user("carol").dn)
+        .await
+        .and_then(|r| r.success())
+        .expect("delete carol");
+    let _ = ldap.unbind().await;
+    assert!(dc.values(samba::DB_ADMINS, "member").await.is_empty());
+
+    assert!(!dir.has_membership(&lease).await.unwrap());
+    let note = dir.revoke_membership(&lease).await.unwrap();
+    let note = note.expect("the audit is told");
+    assert!(note.contains("no longer exists"), "{note}");
+}
+
+/// Through the engine: a lease whose user is renamed while it runs ends
+/// with the membership gone from the DC, and the audit's `lease.ended`
+/// says the user was found under their new DN.
+#[tokio::test]
+async fn a_lease_outlives_no_rename_and_the_audit_says_what_happened() {
+    let dc = SambaDc::start().await;
+    let (config, groups) = parsed(&dc, EXTRA_GROUPS);
+    let dir = LdapDirectory::new(config.ldap.as_ref().unwrap(), &groups).unwrap();
+    let policy = Policy {
+        groups: groups.iter().map(|g| g.to_policy()).collect(),
+        admins: Default::default(),
+    };
+    let bot = TestBot::builder()
+        .policy(|p| *p = policy)
+        .directory(Arc::new(dir))
+        .build();
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h deploy").await);
+    bot.ok("carol", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(
+        dc.values(samba::WEB_ADMINS, "member").await,
+        vec![samba::user("alice").dn.to_string()],
+        "granted: {:?}",
+        bot.audit_actions()
+    );
+
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer-Smith", None).await;
+    bot.advance(chrono::Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        dc.values(samba::WEB_ADMINS, "member").await.is_empty(),
+        "the renamed user kept the membership after the lease: {:?}",
+        bot.audit_actions()
+    );
+    let ended: Vec<String> = bot
+        .engine
+        .store()
+        .audit(0)
+        .map(|e| e.expect("audit"))
+        .filter(|e| e.action == "lease.ended")
+        .map(|e| e.detail)
+        .collect();
+    assert!(
+        ended
+            .iter()
+            .any(|d| d.contains("membership removed") && d.contains("renamed or moved")),
+        "{ended:?}"
+    );
 }

@@ -75,6 +75,7 @@ async fn lease_lifecycle(store: &Store, policy: &GroupPolicy, user: &str) -> Str
             group: GroupDn::new("cn=db-admins,dc=example,dc=org"),
             attribute: "member".into(),
             value: format!("uid={},ou=people,dc=example,dc=org", l.user),
+            identity: None,
         };
         l.record_preexisting(false, membership);
         l.activate().expect("activate");

@@ -443,6 +443,7 @@ async fn an_add_sent_by_a_cancelled_batch_leader_is_not_taken_for_someone_elses(
         group: group.clone(),
         attribute: "member".into(),
         value: format!("uid={uid},{}", crate::support::slapd::PEOPLE),
+        identity: None,
     };
     let add = |uid: &str| {
         let (dir, m) = (dir.clone(), membership(uid));

@@ -785,3 +785,97 @@ async fn eligible_approvers_expand_nested_groups_in_slapd() {
         Some("carol@example.org")
     );
 }
+
+/// Moves `dn` to `rdn` under `parent` as the directory's root.
+async fn root_modifydn(slapd: &Slapd, dn: &str, rdn: &str, parent: &str) {
+    let mut ldap = slapd.admin().await;
+    ldap.modifydn(dn, rdn, true, Some(parent))
+        .await
+        .and_then(|r| r.success())
+        .expect("root modifydn");
+    let _ = ldap.unbind().await;
+}
+
+/// Plain OpenLDAP (no refint overlay) keeps a renamed or moved user's old
+/// DN in `member`. The lease recorded the user's `entryUUID`; removal finds
+/// the user under their new DN, sees that the value jitbot wrote is still
+/// there, and removes exactly that value, saying so.
+#[tokio::test]
+async fn a_user_moved_during_a_lease_loses_the_value_jitbot_wrote() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let g = group(DB_ADMINS);
+    let lease = dir.membership_of(&g, &user("alice")).await.unwrap();
+    assert!(
+        lease
+            .identity
+            .as_deref()
+            .is_some_and(|i| i.starts_with("entryUUID:")),
+        "{lease:?}"
+    );
+    dir.add_membership(&lease).await.unwrap();
+    let moved = format!("uid=alice,{}", "ou=services,dc=example,dc=org");
+    root_modifydn(
+        &slapd,
+        &person("alice"),
+        "uid=alice",
+        "ou=services,dc=example,dc=org",
+    )
+    .await;
+    // slapd did not rewrite the group's value.
+    assert!(slapd.values(DB_ADMINS, "member").await.contains(&person("alice")));
+
+    let note = dir.revoke_membership(&lease).await.unwrap();
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()]
+    );
+    let note = note.expect("the audit is told the user moved");
+    assert!(note.contains(&moved), "{note}");
+}
+
+/// With the refint overlay (or an admin following the rename by hand),
+/// the group holds the user's *new* DN: removal takes that value away and
+/// never takes "the old value is absent" for done.
+#[tokio::test]
+async fn a_user_moved_during_a_lease_whose_value_followed_is_still_removed() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let g = group(DB_ADMINS);
+    let lease = dir.membership_of(&g, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    let moved = "uid=alice,ou=services,dc=example,dc=org".to_string();
+    root_modifydn(
+        &slapd,
+        &person("alice"),
+        "uid=alice",
+        "ou=services,dc=example,dc=org",
+    )
+    .await;
+    // What refint does: the member value follows the entry.
+    let mut root = slapd.admin().await;
+    root.modify(
+        DB_ADMINS,
+        vec![
+            Mod::Delete("member".to_string(), HashSet::from([person("alice")])),
+            Mod::Add("member".to_string(), HashSet::from([moved.clone()])),
+        ],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("follow the rename");
+    let _ = root.unbind().await;
+    assert!(
+        dir.has_membership(&lease).await.unwrap(),
+        "the lease's membership, under its new DN"
+    );
+
+    let note = dir.revoke_membership(&lease).await.unwrap();
+    assert_eq!(
+        slapd.values(DB_ADMINS, "member").await,
+        vec![SERVICE_DN.to_string()],
+        "the moved user's membership outlived the lease"
+    );
+    assert!(note.is_some_and(|n| n.contains("renamed or moved")));
+    assert!(!dir.has_membership(&lease).await.unwrap());
+}

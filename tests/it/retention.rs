@@ -338,7 +338,9 @@ async fn a_crash_between_the_archive_write_and_the_removal_loses_and_duplicates_
     let key = "audit-key-0123456789abcdef-retention";
     let store = Store::open(&path, 16).unwrap();
     store.set_audit_key(Secret::new(key));
-    write_audit(&store, 12).await;
+    store.seal_unkeyed_history(t0()).await.unwrap();
+    write_audit(&store, 12 - store.audit_head().unwrap().seq).await;
+    assert_eq!(store.audit_head().unwrap().seq, 12);
     let s = RetentionSettings {
         batch: 5,
         ..settings(tmp.path())

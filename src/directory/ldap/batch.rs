@@ -233,9 +233,17 @@ impl LdapDirectory {
             // way, and trying them one by one would wait once per value.
             Err(e) => return every(e),
         };
+        // 32 is a missing group, or (on AD) one value naming no entry: the
+        // values one at a time say which.
+        if result.rc == rc::NO_SUCH_OBJECT {
+            match self.group_exists(group).await {
+                Ok(true) => {}
+                Ok(false) => return every(DirectoryError::NoSuchGroup(group.to_string())),
+                Err(e) => return every(e),
+            }
+        }
         match result.rc {
             rc::SUCCESS => {}
-            rc::NO_SUCH_OBJECT => return every(DirectoryError::NoSuchGroup(group.to_string())),
             code => {
                 tracing::debug!(group = %group, change = ?change, values = items.len(), code, "combined modify refused; one value at a time");
                 let mut results = Vec::with_capacity(items.len());

@@ -25,6 +25,9 @@ impl LdapDirectory {
     /// began while the server checks the service account's write right. The
     /// value is the placeholder DN (else the bind DN) for DN groups and
     /// `jitbot-write-check` for posix groups. Tried against Samba's AD DC.
+    /// On AD the group's `allowedAttributesEffective` must list the
+    /// attribute too: the probe's own DN passes with "Add/Remove self as
+    /// member" alone.
     pub async fn check_groups(&self, groups: &[GroupConfig]) -> Vec<String> {
         if let Err(e) = self.ping().await {
             return vec![format!("cannot use the directory: {e}")];
@@ -98,6 +101,20 @@ impl LdapDirectory {
 
     async fn check_write(&self, g: &GroupConfig) -> Option<String> {
         let attr = attribute(g.membership);
+        if self.active_directory {
+            match self.may_write_any(&g.dn, attr).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Some(format!(
+                        "{} may not modify `{attr}` (the DC does not list it in the group's \
+                         allowedAttributesEffective: \"Add/Remove self as member\" is not enough); grant it \
+                         \"Write Members\" on the group",
+                        self.conn.bind_dn()
+                    ))
+                }
+                Err(e) => return Some(e.to_string()),
+            }
+        }
         let probe = match g.membership {
             MembershipKind::MemberUid => PROBE_UID.to_string(),
             _ => self.probe_dn(),
@@ -122,6 +139,30 @@ impl LdapDirectory {
             Ok(result) => Some(format!("test modify of `{attr}` failed: {}", describe(&result))),
             Err(e) => Some(e.to_string()),
         }
+    }
+
+    /// Active Directory: whether the bound account may write `attr` of the
+    /// group for any value. The probe below writes the account's own DN,
+    /// which AD's validated write "Add/Remove self as member" allows on its
+    /// own; the DC's `allowedAttributesEffective` (computed for the bound
+    /// account) lists `member` only with the full write right.
+    async fn may_write_any(&self, group: &str, attr: &str) -> Result<bool, DirectoryError> {
+        let (entries, result) = self
+            .search(
+                group,
+                Scope::Base,
+                "(objectClass=*)",
+                &["allowedAttributesEffective"],
+            )
+            .await?;
+        if result.rc != rc::SUCCESS {
+            return Err(self.refusal(&result, &format!("read {group}")));
+        }
+        Ok(entries.first().is_some_and(|e| {
+            values(e, "allowedAttributesEffective")
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(attr))
+        }))
     }
 
     /// `ad_ttl` on Active Directory: whether the DC takes TTL membership.

@@ -21,6 +21,7 @@ pub mod rc {
     pub const SUCCESS: u32 = 0;
     pub const TIME_LIMIT: u32 = 3;
     pub const STRONGER_AUTH_REQUIRED: u32 = 8;
+    pub const REFERRAL: u32 = 10;
     pub const NO_SUCH_ATTRIBUTE: u32 = 16;
     pub const ATTRIBUTE_EXISTS: u32 = 20;
     pub const NO_SUCH_OBJECT: u32 = 32;
@@ -173,12 +174,22 @@ impl Supervisor {
                 tracing::debug!(url = %self.url, bind_dn = %self.bind_dn, "LDAP connection bound");
                 Ok(ldap)
             }
-            rc::INVALID_CREDENTIALS => {
-                tracing::warn!(url = %self.url, bind_dn = %self.bind_dn, "LDAP bind refused: invalid credentials");
-                Err(DirectoryError::Refused(
-                    "bind failed: check ldap.bind_dn and the password source".into(),
-                ))
-            }
+            rc::INVALID_CREDENTIALS => match ad_bind_problem(&result.text) {
+                Some(problem) => {
+                    tracing::warn!(url = %self.url, bind_dn = %self.bind_dn, problem, "LDAP bind refused: the account cannot log on");
+                    Err(DirectoryError::Refused(format!(
+                        "bind as {} refused: {problem} (the DC said: {})",
+                        self.bind_dn,
+                        describe(&result)
+                    )))
+                }
+                None => {
+                    tracing::warn!(url = %self.url, bind_dn = %self.bind_dn, "LDAP bind refused: invalid credentials");
+                    Err(DirectoryError::Refused(
+                        "bind failed: check ldap.bind_dn and the password source".into(),
+                    ))
+                }
+            },
             // Active Directory (and Samba by default) refuse simple binds on
             // a connection without TLS.
             rc::STRONGER_AUTH_REQUIRED => Err(DirectoryError::Refused(format!(
@@ -200,6 +211,35 @@ impl Supervisor {
             ))),
         }
     }
+}
+
+/// Active Directory words a refused bind (49) in its diagnostic as `data
+/// <code>`: what is wrong with the account, when it is not the password.
+/// `None` for a wrong password (`52e`) or any other server.
+fn ad_bind_problem(text: &str) -> Option<&'static str> {
+    let code = text
+        .split([',', ':'])
+        .map(str::trim)
+        .find_map(|part| part.strip_prefix("data "))?
+        .split_whitespace()
+        .next()?;
+    Some(match code.to_ascii_lowercase().as_str() {
+        "525" => "the DC knows no account with this bind DN; check ldap.bind_dn",
+        "530" => "the account may not log on at this time of day; ask an AD admin to lift its logon hours",
+        "531" => "the account may not log on from this computer; ask an AD admin to lift its workstation restriction",
+        "532" => "the account's password has expired; set a new password in AD and in jitbot's password source",
+        "533" => "the account is disabled; ask an AD admin to enable it",
+        "701" => "the account has expired; ask an AD admin to extend its expiry date",
+        "773" => {
+            "the account must change its password before it can log on; set a new password in AD \
+             (and uncheck \"must change password\") and put it in jitbot's password source"
+        }
+        "775" => {
+            "the account is locked out; ask an AD admin to unlock it, and do not retry the password \
+             until then (each failed try keeps it locked)"
+        }
+        _ => return None,
+    })
 }
 
 /// Words a result for an operator: the server's message and the code.
@@ -333,5 +373,28 @@ impl ServerCertVerifier for AnyHostname {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ad_bind_problem;
+
+    #[test]
+    fn ad_bind_diagnostics_say_what_is_wrong_with_the_account() {
+        let said = |code: &str| {
+            format!("80090308: LdapErr: DSID-0C0903A9, comment: AcceptSecurityContext error, data {code}, v1db1\0")
+        };
+        assert!(ad_bind_problem(&said("533")).unwrap().contains("disabled"));
+        assert!(ad_bind_problem(&said("775")).unwrap().contains("locked out"));
+        assert!(ad_bind_problem(&said("532")).unwrap().contains("expired"));
+        assert!(ad_bind_problem(&said("701"))
+            .unwrap()
+            .contains("account has expired"));
+        assert!(ad_bind_problem(&said("773")).unwrap().contains("must change"));
+        // A wrong password, and servers that say nothing of the kind.
+        assert_eq!(ad_bind_problem(&said("52e")), None);
+        assert_eq!(ad_bind_problem("Invalid credentials"), None);
+        assert_eq!(ad_bind_problem(""), None);
     }
 }

@@ -13,6 +13,11 @@ use std::collections::{HashMap, HashSet};
 /// lower limit answers with fewer, and the next read starts where it stopped.
 const RANGE_STEP: usize = 1500;
 
+/// The attribute of an AD user naming their primary group by RID: a
+/// membership `member` does not show. Recorded as a [`Membership`]'s
+/// attribute it is only ever read, never written.
+pub(super) const PRIMARY_GROUP: &str = "primaryGroupID";
+
 impl LdapDirectory {
     /// Every value of `attr` in `group` (a base search). Active Directory
     /// answers a plain read of `member` with at most `MaxValRange` values
@@ -198,6 +203,71 @@ impl LdapDirectory {
             .collect())
     }
 
+    /// Active Directory: the group's RID, the last sub-authority of its
+    /// `objectSid` (what users' `primaryGroupID` holds).
+    async fn group_rid(&self, group: &GroupDn) -> Result<Option<u32>, DirectoryError> {
+        let (entries, result) = self
+            .search(group.as_str(), Scope::Base, "(objectClass=*)", &["objectSid"])
+            .await?;
+        match result.rc {
+            rc::SUCCESS => {}
+            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            _ => return Err(self.refusal(&result, &format!("read {group}"))),
+        }
+        let sid = entries.first().and_then(|e| {
+            e.bin_attrs
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("objectSid"))
+                .and_then(|(_, v)| v.first().cloned())
+                .or_else(|| values(e, "objectSid").first().map(|s| s.as_bytes().to_vec()))
+        });
+        Ok(sid.as_deref().and_then(rid_of_sid))
+    }
+
+    /// Active Directory: the users whose primary group is `group` (found by
+    /// `primaryGroupID`, in one paged search of the group's domain), each
+    /// as a [`MemberKind::PrimaryGroup`](crate::ports::MemberKind) member.
+    pub(super) async fn primary_members(
+        &self,
+        group: &GroupDn,
+    ) -> Result<Vec<(String, Option<UserId>)>, DirectoryError> {
+        let Some(rid) = self.group_rid(group).await? else {
+            return Ok(Vec::new());
+        };
+        let base = super::nested::dc_suffix(group.as_str());
+        let filter = format!("({PRIMARY_GROUP}={rid})");
+        let (entries, result) = self
+            .search_paged(&base, Scope::Subtree, &filter, &[self.id_attr.as_str()])
+            .await?;
+        if result.rc != rc::SUCCESS {
+            return Err(self.refusal(&result, &format!("search {base} for {filter}")));
+        }
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let id = single(values(&e, &self.id_attr)).map(UserId::new);
+                (e.dn, id)
+            })
+            .collect())
+    }
+
+    /// Whether the user entry `m.value` still has `m.group` as its primary group.
+    pub(super) async fn has_primary_group(
+        &self,
+        m: &crate::ports::Membership,
+    ) -> Result<bool, DirectoryError> {
+        let Some(rid) = self.group_rid(&m.group).await? else {
+            return Ok(false);
+        };
+        let filter = format!("({PRIMARY_GROUP}={rid})");
+        let (entries, result) = self.search(&m.value, Scope::Base, &filter, &["1.1"]).await?;
+        match result.rc {
+            rc::SUCCESS => Ok(!entries.is_empty()),
+            rc::NO_SUCH_OBJECT => Ok(false),
+            _ => Err(self.refusal(&result, &format!("read {}", m.value))),
+        }
+    }
+
     /// OpenLDAP refuses to empty a groupOfNames (result 65): put the
     /// placeholder in and take the member out in one modify, so that a
     /// revocation is never blocked by the schema.
@@ -285,6 +355,16 @@ fn values_of(attrs: &HashMap<String, Vec<String>>, attr: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The RID of a binary SID: its last sub-authority (little-endian).
+fn rid_of_sid(sid: &[u8]) -> Option<u32> {
+    let count = usize::from(*sid.get(1)?);
+    if count == 0 || sid.len() < 8 + 4 * count {
+        return None;
+    }
+    let last = &sid[8 + 4 * (count - 1)..8 + 4 * count];
+    Some(u32::from_le_bytes([last[0], last[1], last[2], last[3]]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +406,18 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(ranged(&input, "member"), want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn a_sid_gives_its_last_sub_authority() {
+        // S-1-5-21-1-2-3-1105
+        let mut sid = vec![1u8, 5, 0, 0, 0, 0, 0, 5];
+        for sub in [21u32, 1, 2, 3, 1105] {
+            sid.extend_from_slice(&sub.to_le_bytes());
+        }
+        assert_eq!(rid_of_sid(&sid), Some(1105));
+        assert_eq!(rid_of_sid(&sid[..20]), None);
+        assert_eq!(rid_of_sid(&[1, 0, 0, 0, 0, 0, 0, 5]), None);
+        assert_eq!(rid_of_sid(&[]), None);
     }
 }

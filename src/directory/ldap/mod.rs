@@ -9,6 +9,7 @@ mod batch;
 mod check;
 mod conn;
 pub(crate) mod dn;
+mod identity;
 mod members;
 mod nested;
 
@@ -198,19 +199,47 @@ impl LdapDirectory {
 
     /// The DN of the entry under `user_base` whose id attribute is `user`.
     async fn user_dn(&self, user: &UserId) -> Result<String, DirectoryError> {
+        Ok(self.user_entry(user, &["1.1"]).await?.dn)
+    }
+
+    /// The entry under `user_base` whose id attribute is `user`, with `attrs`.
+    async fn user_entry(&self, user: &UserId, attrs: &[&str]) -> Result<SearchEntry, DirectoryError> {
         let id = user.as_str();
         if id.is_empty() || id.contains('\0') {
             return Err(DirectoryError::NoSuchUser(user.to_string()));
         }
         let filter = format!("(&(objectClass=*)({}={}))", self.id_attr, ldap_escape(id));
-        let (entries, result) = self
-            .search(&self.user_base, Scope::Subtree, &filter, &["1.1"])
+        let (mut entries, result) = self
+            .search(&self.user_base, Scope::Subtree, &filter, attrs)
             .await?;
         self.check_user_base(&result)?;
-        match entries.as_slice() {
-            [] => Err(DirectoryError::NoSuchUser(user.to_string())),
-            [one] => Ok(one.dn.clone()),
+        match entries.len() {
+            0 => Err(DirectoryError::NoSuchUser(user.to_string())),
+            1 => Ok(entries.remove(0)),
             _ => Err(DirectoryError::Ambiguous(format!("{}={id}", self.id_attr))),
+        }
+    }
+
+    /// Whether `group` exists (a base search).
+    async fn group_exists(&self, group: &GroupDn) -> Result<bool, DirectoryError> {
+        let (_, result) = self
+            .search(group.as_str(), Scope::Base, "(objectClass=*)", &["1.1"])
+            .await?;
+        match result.rc {
+            rc::SUCCESS => Ok(true),
+            rc::NO_SUCH_OBJECT => Ok(false),
+            _ => Err(self.refusal(&result, &format!("read {group}"))),
+        }
+    }
+
+    /// A modify of `group` answered 32 (noSuchObject): the group is missing,
+    /// or (the group being there) the member value names no entry — a DN
+    /// gone stale since it was looked up (AD checks DN values).
+    async fn no_such_object(&self, group: &GroupDn, value: &str) -> DirectoryError {
+        match self.group_exists(group).await {
+            Ok(false) => DirectoryError::NoSuchGroup(group.to_string()),
+            Ok(true) => stale_value(group, value),
+            Err(e) => e,
         }
     }
 
@@ -260,7 +289,7 @@ impl LdapDirectory {
             // Present already: news only if this add was sent once.
             // AD says 68 (entryAlreadyExists) where OpenLDAP says 20.
             rc::ATTRIBUTE_EXISTS | rc::ENTRY_ALREADY_EXISTS => !resent,
-            rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
+            rc::NO_SUCH_OBJECT => return Err(self.no_such_object(group, value).await),
             _ => return Err(self.refusal(&result, &format!("add {user} to {group}"))),
         };
         if !self.has_value(group, attr, value).await? {
@@ -283,6 +312,9 @@ impl LdapDirectory {
             rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => {}
             // AD's "not a member" (where OpenLDAP says 16); the read-back decides.
             rc::UNWILLING_TO_PERFORM if self.active_directory => {}
+            // The group is there and the value names no entry: it cannot be
+            // a member (AD's values are links); the read-back decides.
+            rc::NO_SUCH_OBJECT if self.active_directory && self.group_exists(group).await? => {}
             rc::NO_SUCH_OBJECT => return Err(DirectoryError::NoSuchGroup(group.to_string())),
             rc::OBJECT_CLASS_VIOLATION if kind != MembershipKind::MemberUid => {
                 self.remove_last(group, user, attr, value).await?;
@@ -302,6 +334,13 @@ impl LdapDirectory {
 fn not_added(group: &GroupDn, user: &UserId) -> DirectoryError {
     DirectoryError::Refused(format!(
         "added {user} to {group}, but reading the group back does not show the membership"
+    ))
+}
+
+fn stale_value(group: &GroupDn, value: &str) -> DirectoryError {
+    DirectoryError::Refused(format!(
+        "group {group} exists, but the member value {value} names no entry in the directory: the user was \
+         renamed, moved or deleted since jitbot looked them up; ask for the access again"
     ))
 }
 
@@ -342,21 +381,28 @@ impl Directory for LdapDirectory {
     async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
         let kind = self.spec(group).kind;
         // The user must exist, whatever the kind holds.
-        let user_dn = self.user_dn(user).await?;
-        let value = match kind {
-            MembershipKind::MemberUid => user.to_string(),
-            _ => user_dn,
+        let entry = self.user_entry(user, &[self.identity_attribute()]).await?;
+        let (value, identity) = match kind {
+            MembershipKind::MemberUid => (user.to_string(), None),
+            _ => (entry.dn.clone(), self.identity_of(&entry)),
         };
         Ok(Membership {
             group: group.clone(),
             attribute: attribute(kind).to_string(),
             value,
+            identity,
         })
     }
 
     async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        let attr = valid_member_attribute(&m.attribute)?;
-        self.has_value(&m.group, attribute(attr), &m.value).await
+        if m.attribute.eq_ignore_ascii_case(members::PRIMARY_GROUP) {
+            return self.has_primary_group(m).await;
+        }
+        let kind = valid_member_attribute(&m.attribute)?;
+        match self.resolve(m, kind).await?.value {
+            Some(value) => self.has_value(&m.group, attribute(kind), &value).await,
+            None => Ok(false),
+        }
     }
 
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
@@ -381,15 +427,25 @@ impl Directory for LdapDirectory {
     }
 
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.revoke_membership(m).await.map(|_| ())
+    }
+
+    /// Removes the value the group holds for the recorded user *today*
+    /// (renamed or moved users resolved by their recorded identity), and
+    /// says how when that differs from the recorded value.
+    async fn revoke_membership(&self, m: &Membership) -> Result<Option<String>, DirectoryError> {
         let kind = valid_member_attribute(&m.attribute)?;
-        let item = Item {
-            user: UserId::new(m.value.as_str()),
-            value: m.value.clone(),
-            written: m.value.clone(),
+        let resolved = self.resolve(m, kind).await?;
+        let Some(value) = resolved.value else {
+            return Ok(resolved.note);
         };
-        self.combined(Change::Remove, &m.group, kind, item)
-            .await
-            .map(|_| ())
+        let item = Item {
+            user: UserId::new(value.as_str()),
+            value: value.clone(),
+            written: value,
+        };
+        self.combined(Change::Remove, &m.group, kind, item).await?;
+        Ok(resolved.note)
     }
 
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
@@ -424,9 +480,27 @@ impl Directory for LdapDirectory {
                     group: group.clone(),
                     attribute: attr.to_string(),
                     value,
+                    identity: None,
                 },
                 kind: member_kind,
             });
+        }
+        // AD: users whose primary group this is are members `member` omits.
+        if self.active_directory && kind == MembershipKind::Member {
+            for (dn, id) in self.primary_members(group).await? {
+                // Never `Unknown`: that is a value ZSP remediation would
+                // try to delete, and there is none.
+                let member_kind = MemberKind::PrimaryGroup(id.unwrap_or_else(|| UserId::new(dn.as_str())));
+                out.push(GroupMember {
+                    membership: Membership {
+                        group: group.clone(),
+                        attribute: members::PRIMARY_GROUP.to_string(),
+                        value: dn,
+                        identity: None,
+                    },
+                    kind: member_kind,
+                });
+            }
         }
         Ok(out)
     }

@@ -16,7 +16,7 @@ const DNS_PER_SEARCH: usize = 32;
 impl LdapDirectory {
     /// The directory's naming contexts, read once from the root DSE; the
     /// suffix of `user_base` when the root DSE does not list them.
-    async fn naming_contexts(&self) -> Result<&[String], DirectoryError> {
+    pub(super) async fn naming_contexts(&self) -> Result<&[String], DirectoryError> {
         let contexts = self
             .naming_contexts
             .get_or_try_init(|| async {
@@ -106,7 +106,7 @@ impl LdapDirectory {
 }
 
 /// The trailing `dc=` RDNs of `dn` (the usual suffix), or `dn` itself.
-fn dc_suffix(dn: &str) -> String {
+pub(super) fn dc_suffix(dn: &str) -> String {
     let rdns: Vec<&str> = dn.split(',').collect();
     let start = rdns
         .iter()
