@@ -303,9 +303,30 @@ fn register_all() {
     for reason in ["workspace", "app", "enterprise", "external_user"] {
         counter!("jitbot_refused_payloads_total", "platform" => "slack", "reason" => reason).increment(0);
     }
+    describe_counter!(
+        "jitbot_store_pruned_total",
+        "Ended leases and finished requests pruned by [store] retain, by kind."
+    );
+    for kind in ["lease", "request"] {
+        counter!("jitbot_store_pruned_total", "kind" => kind).increment(0);
+    }
+    describe_counter!(
+        "jitbot_audit_archived_total",
+        "Audit records moved from the store to the audit archive by [store] retain."
+    );
+    counter!("jitbot_audit_archived_total").increment(0);
     set_gauges(0, 0);
     observe_outbox(0, None);
     set_overdue_revocation(Duration::ZERO);
+}
+
+/// Records removed from the store by retention (`kind`: `lease`, `request`).
+pub fn store_pruned(kind: &'static str, n: u64) {
+    counter!("jitbot_store_pruned_total", "kind" => kind).increment(n);
+}
+/// Audit records moved from the store to the archive by retention.
+pub fn audit_archived(n: u64) {
+    counter!("jitbot_audit_archived_total").increment(n);
 }
 
 /// A notice, card or card update that failed on one platform (`kind`:
