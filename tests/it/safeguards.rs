@@ -698,3 +698,145 @@ async fn a_legacy_chain_is_sealed_once_and_a_forged_marker_is_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Reads `audit_head` and `audit_head_mac` from a closed store, as anyone
+/// with read access to it (or to any backup of it) can.
+fn copy_head_and_mac(db: &Path) -> (sled::IVec, sled::IVec) {
+    let raw = sled::open(db).unwrap();
+    let meta = raw.open_tree("meta").unwrap();
+    let head = meta.get("audit_head").unwrap().expect("a head");
+    let mac = meta.get("audit_head_mac").unwrap().expect("a head MAC");
+    (head, mac)
+}
+
+/// brk13b: cutting off the newest keyed records and putting back a head and head MAC copied
+/// earlier (any backup has them) verifies Intact: the head MAC binds seq+hash only, to nothing
+/// that moves on. Fix: bind the head MAC to a monotonic value kept outside the store (the last
+/// published anchor), or have start-up and `verify` compare with the last anchor jitbot published.
+#[tokio::test]
+async fn brk13b_cutting_off_records_and_replaying_an_old_head_mac_verifies_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    // The attacker's copy, from a backup or an earlier look at the store.
+    let (old_head, old_mac) = copy_head_and_mac(&db);
+    // Later: records 4 and 5 show the attacker's own grant.
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact);
+    write_records(&store, 2).await;
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 5 });
+    drop(store);
+    // Without the key: delete them and put the old head and its MAC back.
+    {
+        let raw = sled::open(&db).unwrap();
+        let audit = raw.open_tree("audit").unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        audit.remove(4u64.to_be_bytes()).unwrap();
+        audit.remove(5u64.to_be_bytes()).unwrap();
+        meta.insert("audit_head", old_head).unwrap();
+        meta.insert("audit_head_mac", old_mac).unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    let check = store.verify_audit().unwrap();
+    assert!(
+        matches!(sealing, Sealing::Tampered { .. }) && matches!(check, AuditCheck::Broken { .. }),
+        "records 4 and 5 of a keyed chain were cut off without the key, and start-up says {sealing:?}, verify says {check:?}"
+    );
+}
+
+/// brk13b: the head MAC of the empty chain and the marker `1:` are the same for every store keyed
+/// with the same key, so a keyed store emptied and given another (fresh) store's meta values
+/// verifies Intact with 0 records. Fix: MAC a random per-store id (kept in meta, under the MAC)
+/// into the marker and the head MAC, and alert when a keyed store's chain is empty after a start
+/// that saw records.
+#[tokio::test]
+async fn brk13b_an_emptied_keyed_chain_with_another_stores_marker_and_head_mac_verifies_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    // Any other store keyed with the same key (staging, a test run, a
+    // fresh install), before its first record.
+    let other = tmp.path().join("other");
+    drop(keyed_store(&other, 0).await);
+    let (other_head, other_mac, other_marker) = {
+        let raw = sled::open(&other).unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        (
+            meta.get("audit_head").unwrap(),
+            meta.get("audit_head_mac").unwrap().expect("head MAC"),
+            meta.get("audit_keyed_since").unwrap().expect("marker"),
+        )
+    };
+    {
+        let raw = sled::open(&db).unwrap();
+        raw.open_tree("audit").unwrap().clear().unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        match other_head {
+            Some(h) => meta.insert("audit_head", h).unwrap(),
+            None => meta.remove("audit_head").unwrap(),
+        };
+        meta.insert("audit_head_mac", other_mac).unwrap();
+        meta.insert("audit_keyed_since", other_marker).unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    let check = store.verify_audit().unwrap();
+    assert!(
+        matches!(sealing, Sealing::Tampered { .. }) && matches!(check, AuditCheck::Broken { .. }),
+        "all 3 records of a keyed store were deleted without the key, and start-up says {sealing:?}, verify says {check:?}"
+    );
+}
+
+/// brk13b: one start with a wrong `[audit] key` (a typo, a rotated secret, one replica's stale
+/// env) appends `audit.tampered` and then every commit under the wrong key, so with the right key
+/// back the chain never verifies again, and `verify` stops at that first false break, hiding any
+/// later real tampering. Fix: when the marker, the head MAC and the last keyed link all fail under
+/// the key, refuse to start (key mismatch, exit non-zero) instead of writing under that key.
+#[tokio::test]
+async fn brk13b_one_start_with_a_wrong_audit_key_poisons_the_keyed_chain_for_good() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    {
+        let store = Store::open(&db, 8).unwrap();
+        store.set_audit_key(Secret::new("a-different-audit-key-0123456789abcdef"));
+        // As `jitbot run` does: seal (or not), then carry on serving.
+        if store.seal_unkeyed_history(chrono::Utc::now()).await.is_ok() {
+            write_records(&store, 1).await;
+        }
+    }
+    // The operator puts the right key back.
+    let (store, sealing) = start_keyed(&db).await;
+    let check = store.verify_audit().unwrap();
+    assert!(
+        sealing == Sealing::Intact && matches!(check, AuditCheck::Intact { .. }),
+        "nobody tampered with the chain, yet after one start with a wrong key start-up says {sealing:?} and verify says {check:?}"
+    );
+}
+
+/// brk13b: `jitbot run` without `[audit] key` (a config rollback, a missing section) opens a keyed
+/// store without a word and appends unkeyed records after the keyed ones, so with the key back the
+/// chain is reported tampered for ever (a false `audit.tampered`, and `verify` stops there).
+/// Fix: refuse to start when the store has a keyed-since marker or head MAC and no key is set.
+#[tokio::test]
+async fn brk13b_one_start_without_the_audit_key_poisons_the_keyed_chain_for_good() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    {
+        // As `jitbot run` does with no `[audit] key`: no check, carry on.
+        let store = Store::open(&db, 8).unwrap();
+        assert_eq!(
+            store.seal_unkeyed_history(chrono::Utc::now()).await.unwrap(),
+            Sealing::Unkeyed
+        );
+        write_records(&store, 1).await;
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    let check = store.verify_audit().unwrap();
+    assert!(
+        sealing == Sealing::Intact && matches!(check, AuditCheck::Intact { .. }),
+        "nobody tampered with the chain, yet after one start without the key start-up says {sealing:?} and verify says {check:?}"
+    );
+}
