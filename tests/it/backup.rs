@@ -294,3 +294,25 @@ async fn inconsistent_backup_is_refused_with_the_problem_named() {
         );
     }
 }
+
+/// brk13b: a backup leaves out the `seen` tree (payload ids kept against replays), so a store
+/// restored from a backup taken a minute ago accepts again a Slack click or Discord interaction it
+/// already took, for the rest of the 600 s window. Fix: add `seen` to the backup's trees (and to
+/// the restore), keeping only unexpired ids.
+#[tokio::test]
+async fn brk13b_a_restored_store_forgets_the_payload_ids_it_took_within_the_replay_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 8).unwrap();
+    let now = Utc::now();
+    let until = jitbot::store::seen::REPLAY_WINDOW.after(now);
+    assert!(store.first_sighting("discord:1234", until, now).await.unwrap());
+    let mut copy = Vec::new();
+    store.backup(&mut copy).expect("backup");
+    drop(store);
+    let target = Store::open(&tmp.path().join("restored"), 8).unwrap();
+    target.restore(copy.as_slice()).await.expect("restore");
+    assert!(
+        !target.first_sighting("discord:1234", until, now).await.unwrap(),
+        "an interaction taken before the backup is taken again after the restore, within its replay window"
+    );
+}
