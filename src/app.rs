@@ -196,13 +196,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
-    let sealing = match &config.audit.key {
-        Some(src) => {
-            store.set_audit_key(audit_key(src)?);
-            store.seal_unkeyed_history(chrono::Utc::now()).await?
-        }
-        None => crate::store::Sealing::Unkeyed,
-    };
+    if let Some(src) = &config.audit.key {
+        store.set_audit_key(audit_key(src)?);
+    }
+    // Before anything is written: a keyed chain opened without its key, or
+    // with another key, is refused here (`StoreError::AuditKey`, exit 64).
+    let sealing = store.seal_unkeyed_history(chrono::Utc::now()).await?;
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
     let engine = Engine::new(

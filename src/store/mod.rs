@@ -57,6 +57,11 @@ pub enum StoreError {
     /// A change would break a store invariant; it was not committed.
     #[error("refused to commit: {0}")]
     Invariant(String),
+    /// The `[audit] key` is missing, or is not the key the store's audit
+    /// chain was written with: jitbot refuses to start (and writes nothing),
+    /// since every record written now would break the chain for good.
+    #[error("{0}")]
+    AuditKey(String),
 }
 
 impl From<sled::Error> for StoreError {

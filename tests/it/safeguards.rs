@@ -788,13 +788,13 @@ async fn brk13b_an_emptied_keyed_chain_with_another_stores_marker_and_head_mac_v
     );
 }
 
-/// brk13b: one start with a wrong `[audit] key` (a typo, a rotated secret, one replica's stale
-/// env) appends `audit.tampered` and then every commit under the wrong key, so with the right key
-/// back the chain never verifies again, and `verify` stops at that first false break, hiding any
-/// later real tampering. Fix: when the marker, the head MAC and the last keyed link all fail under
-/// the key, refuse to start (key mismatch, exit non-zero) instead of writing under that key.
+/// Issue 13 item 11 (review brk13b): one start with a wrong `[audit] key` (a typo, a rotated
+/// secret, one replica's stale env) used to append `audit.tampered` and then every commit under
+/// the wrong key, so with the right key back the chain never verified again. Now, when the marker,
+/// the head MAC and the last keyed link all fail under the key, start-up refuses (a key mismatch)
+/// and writes nothing; with the right key back the chain is intact.
 #[tokio::test]
-async fn brk13b_one_start_with_a_wrong_audit_key_poisons_the_keyed_chain_for_good() {
+async fn a_wrong_audit_key_is_refused_before_anything_is_written() {
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("db");
     drop(keyed_store(&db, 3).await);
@@ -802,41 +802,87 @@ async fn brk13b_one_start_with_a_wrong_audit_key_poisons_the_keyed_chain_for_goo
         let store = Store::open(&db, 8).unwrap();
         store.set_audit_key(Secret::new("a-different-audit-key-0123456789abcdef"));
         // As `jitbot run` does: seal (or not), then carry on serving.
-        if store.seal_unkeyed_history(chrono::Utc::now()).await.is_ok() {
-            write_records(&store, 1).await;
+        match store.seal_unkeyed_history(chrono::Utc::now()).await {
+            Err(StoreError::AuditKey(m)) => assert!(
+                m.contains("differs") && m.contains("rotation is not supported"),
+                "{m}"
+            ),
+            other => panic!("a wrong key must be refused at start-up: {other:?}"),
         }
+        assert_eq!(store.audit_head().unwrap().seq, 3, "nothing was written");
     }
     // The operator puts the right key back.
     let (store, sealing) = start_keyed(&db).await;
-    let check = store.verify_audit().unwrap();
-    assert!(
-        sealing == Sealing::Intact && matches!(check, AuditCheck::Intact { .. }),
-        "nobody tampered with the chain, yet after one start with a wrong key start-up says {sealing:?} and verify says {check:?}"
-    );
+    assert_eq!(sealing, Sealing::Intact);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 3 });
 }
 
-/// brk13b: `jitbot run` without `[audit] key` (a config rollback, a missing section) opens a keyed
-/// store without a word and appends unkeyed records after the keyed ones, so with the key back the
-/// chain is reported tampered for ever (a false `audit.tampered`, and `verify` stops there).
-/// Fix: refuse to start when the store has a keyed-since marker or head MAC and no key is set.
+/// Issue 13 item 11 (review brk13b): `jitbot run` without `[audit] key` (a config rollback, a
+/// missing section) used to open a keyed store without a word and append unkeyed records after
+/// the keyed ones, so with the key back the chain was reported tampered for ever. Now start-up
+/// refuses a keyed store without the key and writes nothing.
 #[tokio::test]
-async fn brk13b_one_start_without_the_audit_key_poisons_the_keyed_chain_for_good() {
+async fn a_keyed_store_without_its_audit_key_is_refused_before_anything_is_written() {
     let tmp = tempfile::tempdir().unwrap();
     let db = tmp.path().join("db");
     drop(keyed_store(&db, 3).await);
     {
-        // As `jitbot run` does with no `[audit] key`: no check, carry on.
+        // As `jitbot run` does with no `[audit] key`.
         let store = Store::open(&db, 8).unwrap();
-        assert_eq!(
-            store.seal_unkeyed_history(chrono::Utc::now()).await.unwrap(),
-            Sealing::Unkeyed
-        );
-        write_records(&store, 1).await;
+        match store.seal_unkeyed_history(chrono::Utc::now()).await {
+            Err(StoreError::AuditKey(m)) => {
+                assert!(m.contains("keyed") && m.contains("[audit] key"), "{m}")
+            }
+            other => panic!("a keyed store without its key must be refused: {other:?}"),
+        }
+        assert_eq!(store.audit_head().unwrap().seq, 3, "nothing was written");
     }
     let (store, sealing) = start_keyed(&db).await;
-    let check = store.verify_audit().unwrap();
-    assert!(
-        sealing == Sealing::Intact && matches!(check, AuditCheck::Intact { .. }),
-        "nobody tampered with the chain, yet after one start without the key start-up says {sealing:?} and verify says {check:?}"
+    assert_eq!(sealing, Sealing::Intact);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 3 });
+    // A store never keyed still starts without a key.
+    let plain = Store::open(&tmp.path().join("plain"), 8).unwrap();
+    write_records(&plain, 1).await;
+    assert_eq!(
+        plain.seal_unkeyed_history(chrono::Utc::now()).await.unwrap(),
+        Sealing::Unkeyed
     );
+}
+
+/// Through the real binary: `jitbot run` and `check-config` on a keyed store
+/// without its key, or with another key, exit 64 with the reason, bind no
+/// port and leave the chain as it was.
+#[tokio::test]
+async fn run_and_check_config_refuse_a_missing_or_wrong_audit_key_with_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 2).await);
+    let (port, admin_port) = crate::ops::free_ports();
+    let base = crate::ops::config_text(port, admin_port, &db);
+    let keyed = format!("{base}\n[audit]\nkey = {{ env = \"JITBOT_BRK_AUDIT_KEY\" }}\n");
+    for (text, key, expect) in [
+        (&base, AUDIT_KEY, "no [audit] key is configured"),
+        (&keyed, "another-audit-key-0123456789abcdef0123", "differs from the key"),
+    ] {
+        let config = tmp.path().join("jitbot.toml");
+        std::fs::write(&config, text).unwrap();
+        for sub in ["run", "check-config"] {
+            let mut cmd = crate::ops::jitbot();
+            cmd.env("JITBOT_BRK_AUDIT_KEY", key).args([sub, "--config"]).arg(&config);
+            if sub == "check-config" {
+                cmd.arg("--offline");
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{sub}: {err}");
+            assert!(err.contains(expect), "{sub}: {err}");
+            assert!(
+                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+                "{sub} left its port bound"
+            );
+        }
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
 }
