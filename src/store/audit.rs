@@ -13,7 +13,12 @@
 //! newest records or emptying the chain shows, and "keyed since record N"
 //! (`audit_keyed_since`), so that a keyed history rewritten as an unkeyed
 //! one is never sealed as if it were a legacy chain keyed for the first
-//! time. Only a chain that never carried either is sealed, once.
+//! time. Only a chain that never carried either is sealed, once. Neither
+//! binds anything outside the store: an older consistent state of the
+//! `audit` tree with its meta (a backup, another store with the same key)
+//! verifies intact, and only a published anchor catches it. A keyed store
+//! opened without its key or with another one is refused before anything is
+//! written ([`Store::check_audit_key`]).
 
 use super::records::{AuditEntry, StoredAudit};
 use super::{encode, AuditDraft, Store, StoreError, AUDIT_HEAD};
