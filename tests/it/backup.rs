@@ -308,7 +308,11 @@ async fn a_restored_store_remembers_the_payload_ids_it_took_within_the_replay_wi
     // An id whose window has passed protects nothing: it is not carried.
     let past = now - chrono::Duration::seconds(700);
     assert!(store
-        .first_sighting("discord:old", jitbot::store::seen::REPLAY_WINDOW.after(past), past)
+        .first_sighting(
+            "discord:old",
+            jitbot::store::seen::REPLAY_WINDOW.after(past),
+            past
+        )
         .await
         .unwrap());
     let mut copy = Vec::new();

@@ -873,17 +873,25 @@ async fn run_and_check_config_refuse_a_missing_or_wrong_audit_key_with_64() {
     let keyed = format!("{base}\n[audit]\nkey = {{ env = \"JITBOT_BRK_AUDIT_KEY\" }}\n");
     for (text, key, expect) in [
         (&base, AUDIT_KEY, "no [audit] key is configured"),
-        (&keyed, "another-audit-key-0123456789abcdef0123", "differs from the key"),
+        (
+            &keyed,
+            "another-audit-key-0123456789abcdef0123",
+            "differs from the key",
+        ),
     ] {
         let config = tmp.path().join("jitbot.toml");
         std::fs::write(&config, text).unwrap();
         for sub in ["run", "check-config"] {
             let mut cmd = crate::ops::jitbot();
-            cmd.env("JITBOT_BRK_AUDIT_KEY", key).args([sub, "--config"]).arg(&config);
+            cmd.env("JITBOT_BRK_AUDIT_KEY", key)
+                .args([sub, "--config"])
+                .arg(&config);
             if sub == "check-config" {
                 cmd.arg("--offline");
             }
-            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(64), "{sub}: {err}");
             assert!(err.contains(expect), "{sub}: {err}");
