@@ -201,7 +201,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     // Before anything is written: a keyed chain opened without its key, or
     // with another key, is refused here (`StoreError::AuditKey`, exit 64).
-    let sealing = store.seal_unkeyed_history(chrono::Utc::now()).await?;
+    let mut sealing = store.seal_unkeyed_history(chrono::Utc::now()).await?;
+    if let Some(path) = &config.audit.anchor_file {
+        store.set_anchor_file(path.clone());
+        // A rollback of the chain with its meta verifies under the key; the
+        // last anchor jitbot published outside the store catches it.
+        if let Some(anchor) = store.last_published_anchor()? {
+            if let crate::store::AuditCheck::Broken { seq, problem } =
+                store.verify_audit_against(Some(&anchor))?
+            {
+                if !matches!(sealing, crate::store::Sealing::Tampered { .. }) {
+                    sealing = crate::store::Sealing::Tampered {
+                        seq,
+                        problem: format!("against the last anchor in audit.anchor_file: {problem}"),
+                        recorded: false,
+                    };
+                }
+            }
+        }
+    }
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
     let engine = Engine::new(

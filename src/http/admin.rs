@@ -301,6 +301,14 @@ async fn verify(_: Admin, State(s): State<HttpState>, Query(q): Query<VerifyQuer
         Ok(a) => a,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
+    // Without one given, the last anchor jitbot recorded in audit.anchor_file.
+    let anchor = match anchor {
+        Some(a) => Some(a),
+        None => match s.engine.store().last_published_anchor() {
+            Ok(a) => a,
+            Err(e) => return fail(e),
+        },
+    };
     match s.engine.store().verify_audit_against(anchor.as_ref()) {
         Ok(crate::store::AuditCheck::Intact { records }) => {
             let pinned = anchor

@@ -14,6 +14,7 @@
 //! before `update` returns, so the caller's side effect always follows a
 //! durable record of it.
 
+pub mod anchor_file;
 pub mod audit;
 mod backup;
 mod check;
@@ -95,6 +96,8 @@ struct Inner {
     seen_count: std::sync::atomic::AtomicU64,
     /// The `[audit] key`, when the chain is keyed.
     audit_key: std::sync::OnceLock<crate::secret::Secret>,
+    /// `[audit] anchor_file`: where published anchors are appended.
+    anchor_file: std::sync::OnceLock<std::path::PathBuf>,
     writer: Mutex<()>,
     /// Group commit: commits made so far, and how many of them are on disk.
     committed: std::sync::atomic::AtomicU64,
@@ -435,6 +438,7 @@ impl Store {
             seen: db.open_tree("seen")?,
             seen_count: Default::default(),
             audit_key: Default::default(),
+            anchor_file: Default::default(),
             writer: Mutex::new(()),
             committed: Default::default(),
             flushed: Default::default(),

@@ -495,10 +495,24 @@ async fn write_records(store: &Store, n: usize) {
     store.flush().await.unwrap();
 }
 
+/// Opens the store, waiting (up to 5 s) for the sled flusher of a handle
+/// just dropped to let go of the lock.
+fn open_store(path: &Path) -> Store {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Store::open(path, 8) {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 /// Opens the store as `jitbot run` does with `[audit] key` set, start-up
 /// keying included.
 async fn start_keyed(path: &Path) -> (Store, Sealing) {
-    let store = Store::open(path, 8).unwrap();
+    let store = open_store(path);
     store.set_audit_key(Secret::new(AUDIT_KEY));
     let sealing = store.seal_unkeyed_history(chrono::Utc::now()).await.unwrap();
     (store, sealing)
@@ -810,7 +824,7 @@ async fn a_wrong_audit_key_is_refused_before_anything_is_written() {
     let db = tmp.path().join("db");
     drop(keyed_store(&db, 3).await);
     {
-        let store = Store::open(&db, 8).unwrap();
+        let store = open_store(&db);
         store.set_audit_key(Secret::new("a-different-audit-key-0123456789abcdef"));
         // As `jitbot run` does: seal (or not), then carry on serving.
         match store.seal_unkeyed_history(chrono::Utc::now()).await {
@@ -839,7 +853,7 @@ async fn a_keyed_store_without_its_audit_key_is_refused_before_anything_is_writt
     drop(keyed_store(&db, 3).await);
     {
         // As `jitbot run` does with no `[audit] key`.
-        let store = Store::open(&db, 8).unwrap();
+        let store = open_store(&db);
         match store.seal_unkeyed_history(chrono::Utc::now()).await {
             Err(StoreError::AuditKey(m)) => {
                 assert!(m.contains("keyed") && m.contains("[audit] key"), "{m}")
@@ -904,4 +918,49 @@ async fn run_and_check_config_refuse_a_missing_or_wrong_audit_key_with_64() {
     let (store, sealing) = start_keyed(&db).await;
     assert_eq!(sealing, Sealing::Intact);
     assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+}
+
+/// `[audit] anchor_file`: each anchor jitbot publishes is appended to a file
+/// outside the store, and start-up and `audit verify` check the chain against
+/// its last line, so a rollback of the audit tree with its old head MAC
+/// (which the store alone verifies intact) is found without anyone pasting
+/// an anchor. A line that is not an anchor is refused, naming the file.
+#[tokio::test]
+async fn the_last_anchor_in_the_anchor_file_catches_a_rollback_with_its_meta() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    let anchors = tmp.path().join("anchors");
+    drop(keyed_store(&db, 3).await);
+    let (old_head, old_mac) = copy_head_and_mac(&db);
+    let (store, _) = start_keyed(&db).await;
+    store.set_anchor_file(anchors.clone());
+    assert_eq!(store.last_published_anchor().unwrap(), None, "no file yet");
+    store
+        .record_published_anchor(&store.audit_head().unwrap())
+        .unwrap();
+    write_records(&store, 2).await;
+    let published = store.audit_head().unwrap();
+    store.record_published_anchor(&published).unwrap();
+    drop(store);
+    {
+        let raw = sled::open(&db).unwrap();
+        let audit = raw.open_tree("audit").unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        audit.remove(4u64.to_be_bytes()).unwrap();
+        audit.remove(5u64.to_be_bytes()).unwrap();
+        meta.insert("audit_head", old_head).unwrap();
+        meta.insert("audit_head_mac", old_mac).unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, _) = start_keyed(&db).await;
+    store.set_anchor_file(anchors.clone());
+    let last = store.last_published_anchor().unwrap();
+    assert_eq!(last.as_ref(), Some(&published));
+    assert!(matches!(
+        store.verify_audit_against(last.as_ref()).unwrap(),
+        AuditCheck::Broken { seq: 5, .. }
+    ));
+    std::fs::write(&anchors, "5:not-an-anchor\n").unwrap();
+    let err = store.last_published_anchor().unwrap_err().to_string();
+    assert!(err.contains("anchor_file"), "{err}");
 }
