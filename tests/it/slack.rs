@@ -1311,3 +1311,122 @@ impl crate::contract::Platform for Harness {
         Some(status.as_u16())
     }
 }
+
+// brk14b: adversarial review of issue 14 after the chat2 merge.
+
+/// The OK answer the fake gives `conversations.open`.
+fn brk14b_dm_open(c: &Call) -> Value {
+    let user = c.body["users"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| c.body["users"][0].as_str().map(str::to_string))
+        .unwrap_or_default();
+    json!({"ok": true, "channel": {"id": format!("D{user}")}})
+}
+
+/// Shows: a retry mistakes an approver's DM copy for the channel copy when that approver was reached by the first attempt and is refused on the retry (`cards::post` takes "the copy in no DM of this attempt" as the channel card), so no channel card is ever posted and frank, whom no DM reaches, never sees the card (silently dropped); carol's DM is rewritten to list her and frank as unreachable. Fix: tell copies apart by kind (store whether a `MessageRef` is the channel or a DM copy, or compare with the group's channel id), not by "not among this attempt's DM channels".
+#[tokio::test]
+async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card_and_drops_the_unreachable_approver() {
+    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+    // First attempt: bob's DM cannot be opened for now (429 three times:
+    // more than jitbot waits inline), carol's DM goes out, frank has no
+    // Slack user; the post fails with carol's copy handed back.
+    h.slack.rate_limit("conversations.open", 3, 1);
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    let id = TestBot::request_id(&h.answer(n).await);
+    crate::support::net::eventually(WAIT, "carol's DM copy", || {
+        card_posts(&h, &id)
+            .into_iter()
+            .find(|c| c.body["channel"] == "DUCAROL")
+    })
+    .await;
+    // Before the retry, carol's account is deactivated: Slack now refuses
+    // to open her DM (bob's opens fine).
+    h.slack.answer_with("conversations.open", |c| {
+        if c.body.to_string().contains("UCAROL") {
+            json!({"ok": false, "error": "user_disabled"})
+        } else {
+            brk14b_dm_open(c)
+        }
+    });
+    crate::support::net::eventually(Duration::from_secs(15), "bob's DM copy on the retry", || {
+        card_posts(&h, &id)
+            .into_iter()
+            .find(|c| c.body["channel"] == "DUBOB")
+    })
+    .await;
+    // frank (no Slack user) and now carol are reached by no DM: the channel
+    // card must go out and list them.
+    let channel_card = h
+        .slack
+        .wait_for(Duration::from_secs(5), |c| {
+            c.method == "chat.postMessage"
+                && c.body["channel"] == CDB
+                && c.body.to_string().contains(&format!("jit:approve:{id}"))
+        })
+        .await;
+    let carol_dm_rewritten_as_channel_card = h
+        .slack
+        .calls_to("chat.update")
+        .iter()
+        .any(|c| c.body["channel"] == "DUCAROL" && c.body.to_string().contains("Could not reach by DM"));
+    assert!(
+        channel_card.is_some(),
+        "no channel card: frank is never shown the card (carol's DM copy was rewritten as the channel card: {carol_dm_rewritten_as_channel_card})"
+    );
+}
+
+/// Shows: a crash in the middle of the DM fan-out (after bob's DM went out, while carol's is in flight) loses the ref of bob's completed copy, so after the restart bob gets the card a second time and his first copy never learns the decision (live Approve buttons forever); the "at most one duplicate" of a single post becomes one orphan per approver already reached. Fix: record each copy durably as soon as it is posted (per-copy store write, or hand the refs to the outbox as they come), so a crash can only repeat the one post in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk14b_a_crash_during_the_dm_fanout_posts_completed_dm_copies_again() {
+    let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
+    let policy = bot.engine.policy().clone();
+    let slack = FakeSlack::start().await;
+    for u in ["alice", "bob", "carol", "frank"] {
+        slack.add_user(&slack_id(u), &format!("{u}@example.org"));
+    }
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let next_ts = Arc::new(AtomicU32::new(100));
+    {
+        let (hang, next_ts) = (hang.clone(), next_ts.clone());
+        slack.answer_with("chat.postMessage", move |c| {
+            // carol's DM hangs (jitbot is killed while waiting for it).
+            if c.body["channel"] == "DUCAROL" && hang.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            let n = next_ts.fetch_add(1, Ordering::SeqCst);
+            let ts = format!("1700000000.{n:06}");
+            json!({"ok": true, "channel": c.body["channel"], "ts": ts,
+                   "message": {"type": "message", "ts": ts, "text": c.body["text"], "bot_id": "B1"}})
+        });
+    }
+    let adapter = SlackAdapter::with_token(&config(slack.api_url()), Secret::new("xoxb-test")).unwrap();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h fixing replication").await);
+    let crashed = tokio::time::timeout(
+        Duration::from_millis(1000),
+        jitbot::chat::outbox::drain(&bot.engine, &adapter),
+    )
+    .await;
+    assert!(crashed.is_err(), "the post to carol hung");
+    let bob_dms = |s: &FakeSlack| {
+        s.calls_to("chat.postMessage")
+            .iter()
+            .filter(|c| {
+                c.body["channel"] == "DUBOB" && c.body.to_string().contains(&format!("jit:approve:{id}"))
+            })
+            .count()
+    };
+    assert_eq!(bob_dms(&slack), 1, "bob's DM went out before the crash");
+    let dir: Arc<dyn jitbot::ports::Directory> = bot.dir.clone();
+    let bot = bot.restart(dir, policy);
+    hang.store(false, Ordering::SeqCst);
+    jitbot::chat::outbox::drain(&bot.engine, &adapter).await;
+    jitbot::chat::outbox::drain(&bot.engine, &adapter).await;
+    assert_eq!(
+        bob_dms(&slack),
+        1,
+        "bob's DM copy, completed before the crash, was posted again after the restart; the first one is never updated"
+    );
+}
