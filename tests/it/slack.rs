@@ -1430,3 +1430,37 @@ async fn brk14b_a_crash_during_the_dm_fanout_posts_completed_dm_copies_again() {
         "bob's DM copy, completed before the crash, was posted again after the restart; the first one is never updated"
     );
 }
+
+/// Shows: every retry of a partly posted card opens the DM of every approver again, even those whose copy is recorded (`post_dm` calls `open_dm` before looking at `already`, since copies are matched by DM channel), so under Slack's per-method budget (Tier 3 for `conversations.open`) the approvers already reached use up the budget of each retry and the same last approvers hit the 429 every time: with enough approvers the card never reaches them, and with `dm` the channel card is never posted either. Fix: store which approver each copy is for and skip them without any call.
+#[tokio::test]
+async fn brk14b_a_retry_opens_again_the_dms_of_approvers_already_reached() {
+    let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
+    let h = harness_with(bot).await;
+    h.slack.add_user("UFRANK", "frank@example.org");
+    // bob's DM cannot be opened for now (three 429s), carol's and frank's go out.
+    h.slack.rate_limit("conversations.open", 3, 1);
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    let id = TestBot::request_id(&h.answer(n).await);
+    crate::support::net::eventually(Duration::from_secs(15), "every approver's DM copy", || {
+        let posts = card_posts(&h, &id);
+        ["DUBOB", "DUCAROL", "DUFRANK"]
+            .iter()
+            .all(|d| posts.iter().any(|c| c.body["channel"] == *d))
+            .then_some(())
+    })
+    .await;
+    let opens_of = |user: &str| {
+        h.slack
+            .calls_to("conversations.open")
+            .iter()
+            .filter(|c| c.body.to_string().contains(user))
+            .count()
+    };
+    assert_eq!(
+        (opens_of("UCAROL"), opens_of("UFRANK")),
+        (1, 1),
+        "the retry spent conversations.open calls on carol and frank, whose copies were already recorded"
+    );
+}
