@@ -1464,3 +1464,25 @@ async fn brk14b_a_retry_opens_again_the_dms_of_approvers_already_reached() {
         "the retry spent conversations.open calls on carol and frank, whose copies were already recorded"
     );
 }
+
+/// Shows: while `conversations.open` stays rate limited (a 429 that does not end: Tier 3 spent by a burst of cards), a `dm` card is posted nowhere at all: `cards::post` returns before the channel post whenever one DM is deferred, so frank, whom no DM can ever reach, is not listed anywhere and no approver sees the request, although `chat.postMessage` in the channel works. Fix: post (or rewrite) the channel card listing the unreachable approvers, and saying which DMs are still pending, before failing for the deferred DMs.
+#[tokio::test]
+async fn brk14b_an_endless_dm_rate_limit_keeps_the_card_from_everyone() {
+    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+    h.slack.rate_limit("conversations.open", 100_000, 1);
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    let id = TestBot::request_id(&h.answer(n).await);
+    let anywhere = h
+        .slack
+        .wait_for(Duration::from_secs(12), |c| {
+            c.method == "chat.postMessage" && c.body.to_string().contains(&format!("jit:approve:{id}"))
+        })
+        .await;
+    let opens = h.slack.calls_to("conversations.open").len();
+    assert!(
+        anywhere.is_some_and(|c| c.body["channel"] == CDB && c.body.to_string().contains("frank")),
+        "after {opens} rate-limited conversations.open calls, the card is still posted nowhere; frank is listed nowhere"
+    );
+}
