@@ -1191,3 +1191,62 @@ impl crate::contract::Platform for Harness {
         Some(status.as_u16())
     }
 }
+
+// brk14b: adversarial review of issue 14 after the chat2 merge.
+
+/// Shows (Discord): an approver reached on the first attempt and unreachable on the retry (carol's `discordId` removed from the directory in between) gets her DM copy taken for the channel card: it is rewritten to list her and frank as "Could not reach by DM", and no channel card is ever posted, so frank is never shown the request. Fix: record which copy is the channel copy (or the approver of each DM copy) instead of inferring it from "not among this attempt's DM channels".
+#[tokio::test]
+async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card() {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            let db = &mut p.groups[0];
+            db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
+            db.approvals_required = 2;
+            db.approvers.users.insert(UserId::new("frank"));
+            db.approvers.groups.insert(GroupDn::new(SEC));
+        })
+        .build();
+    bot.dir.add_user("frank", [("mail", "frank@example.org")]);
+    let carol = did("carol");
+    bot.dir.add_user(
+        "carol",
+        [("mail", "carol@example.org"), ("discordId", carol.as_str())],
+    );
+    bot.dir.add_group(ONCALL, ["carol"]);
+    bot.dir.add_group(SEC, ["alice", ONCALL]);
+    let h = start(bot, Duration::from_secs(2), |c| {
+        c.users.remove(&did("carol"));
+        c.user_attribute = Some("discordId".into());
+    })
+    .await;
+    // bob's DM is opened first: its three tries are answered 429; carol's goes out.
+    h.discord.rate_limit("/users/@me/channels", 3);
+    let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    let dm_carol = dm_channel(&carol);
+    assert_eq!(
+        card_posts(&h, &id)
+            .iter()
+            .filter(|c| c.path == format!("/channels/{dm_carol}/messages"))
+            .count(),
+        1,
+        "carol's DM went out on the first attempt"
+    );
+    // carol's Discord account is unlinked in the directory before the retry.
+    h.bot.dir.add_user("carol", [("mail", "carol@example.org")]);
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+    h.drain().await;
+    let channel_posts = card_posts(&h, &id)
+        .into_iter()
+        .filter(|c| c.path == format!("/channels/{CDB}/messages"))
+        .count();
+    let carol_dm_listed_as_channel_card = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{dm_carol}/messages/*"))
+        .iter()
+        .any(|c| !field(&c.body, "Could not reach by DM").is_empty());
+    assert_eq!(
+        channel_posts, 1,
+        "no channel card listing frank and carol; carol's DM copy was rewritten as the channel card: {carol_dm_listed_as_channel_card}"
+    );
+}
