@@ -1250,3 +1250,31 @@ async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card() {
         "no channel card listing frank and carol; carol's DM copy was rewritten as the channel card: {carol_dm_listed_as_channel_card}"
     );
 }
+
+/// Shows (low): a request decided (here cancelled) while its `dm` card is still being retried, with no copy posted yet, has its decided card posted in the group's channel, which `approval_cards = "dm"` keeps approval cards out of (requester and reason shown there; nobody needs a card for a closed request). Fix: in `deliver`'s PostApproval, when the request is no longer pending and no copy was ever posted, finish the job without posting.
+#[tokio::test]
+async fn brk14b_a_card_decided_before_any_copy_lands_in_the_channel_of_a_dm_group() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    // bob's and carol's DMs cannot be opened for now (three 429s each).
+    h.discord.rate_limit("/users/@me/channels", 6);
+    let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    assert!(card_posts(&h, &id).is_empty(), "nothing posted yet");
+    h.bot.ok("alice", &format!("cancel {id}")).await;
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+    h.drain().await;
+    h.drain().await;
+    let in_channel: Vec<_> = h
+        .discord
+        .calls_to("POST", &format!("/channels/{CDB}/messages"))
+        .into_iter()
+        .filter(|c| c.body.to_string().contains(&id))
+        .collect();
+    assert!(
+        in_channel.is_empty(),
+        "the closed request's card was posted in the channel of a dm-only group: {in_channel:#?}"
+    );
+}
