@@ -1244,7 +1244,7 @@ async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card() {
         .discord
         .calls_to("PATCH", &format!("/channels/{dm_carol}/messages/*"))
         .iter()
-        .any(|c| !field(&c.body, "Could not reach by DM").is_empty());
+        .any(|c| c.body.to_string().contains("Could not reach by DM"));
     assert_eq!(
         channel_posts, 1,
         "no channel card listing frank and carol; carol's DM copy was rewritten as the channel card: {carol_dm_listed_as_channel_card}"
@@ -1276,5 +1276,87 @@ async fn brk14b_a_card_decided_before_any_copy_lands_in_the_channel_of_a_dm_grou
     assert!(
         in_channel.is_empty(),
         "the closed request's card was posted in the channel of a dm-only group: {in_channel:#?}"
+    );
+}
+
+/// The in-memory directory, except that listing `SEC` fails once (a busy
+/// LDAP server timing out), as it may while a card is being posted.
+struct SecListingFailsOnce(Arc<MemoryDirectory>, std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl Directory for SecListingFailsOnce {
+    async fn find_user(&self, attribute: &str, value: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.0.find_user(attribute, value).await
+    }
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
+        self.0.membership_of(group, user).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.0.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.0.add_membership(m).await
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.0.remove_membership(m).await
+    }
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        if group.as_str() == SEC && !self.1.swap(true, Ordering::SeqCst) {
+            return Err(DirectoryError::Unavailable("timed out".into()));
+        }
+        Directory::members(&*self.0, group).await
+    }
+    async fn groups_of(
+        &self,
+        user: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.0.groups_of(user, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        self.0.ping().await
+    }
+    async fn user_attributes(
+        &self,
+        user: &UserId,
+        attributes: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, DirectoryError> {
+        self.0.user_attributes(user, attributes).await
+    }
+}
+
+/// Shows: one failed listing of an approver group while a `dm` card is posted (an LDAP timeout) silently drops every approver reached only through that group: carol gets no DM, no channel card lists her, and the post counts as done, so no retry ever reaches her (only a log line says so). Fix: a failed expansion fails the post for later (like a deferred DM: `PostError` with the copies made), or posts the channel card naming the approver group that could not be listed.
+#[tokio::test]
+async fn brk14b_a_failed_approver_group_listing_silently_drops_its_members() {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            let db = &mut p.groups[0];
+            db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
+            db.approvers.users.remove(&UserId::new("carol"));
+            db.approvers.groups.insert(GroupDn::new(SEC));
+        })
+        .wrap(|dir| {
+            dir.add_group(ONCALL, ["carol"]);
+            dir.add_group(SEC, [ONCALL]);
+            Arc::new(SecListingFailsOnce(dir, Default::default()))
+        })
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    let id = h.alice_requests().await;
+    for _ in 0..3 {
+        h.drain().await;
+        h.bot.advance(chrono::Duration::minutes(5));
+    }
+    let posts = card_posts(&h, &id);
+    let carol_dm = posts
+        .iter()
+        .any(|c| c.path == format!("/channels/{}/messages", dm_channel(&did("carol"))));
+    let carol_listed = posts.iter().any(|c| {
+        c.body.to_string().contains("Could not reach by DM") && c.body.to_string().contains("carol")
+    });
+    let paths: Vec<&str> = posts.iter().map(|c| c.path.as_str()).collect();
+    assert!(
+        carol_dm || carol_listed,
+        "carol, an approver through `security`, got no copy and is listed nowhere: {paths:?}"
     );
 }
