@@ -1486,3 +1486,48 @@ async fn brk14b_an_endless_dm_rate_limit_keeps_the_card_from_everyone() {
         "after {opens} rate-limited conversations.open calls, the card is still posted nowhere; frank is listed nowhere"
     );
 }
+
+/// Shows: the inline wait-out of `conversations.open` 429s runs inside the Slack destination's only delivery worker, so while a card's DMs are being opened (3 tries per approver, each `Retry-After` slept, approvers one after the other; again on every retry), a security alert queued meanwhile waits, although `chat.postMessage` (another rate-limit bucket) is not limited at all. Fix: do not sleep inside `deliver`: fail the DM for later at the first 429 (the outbox schedules it), or open DMs off the delivery path, so alerts and revocation notices are never held behind a card.
+#[tokio::test]
+async fn brk14b_dm_open_rate_limit_waits_hold_back_security_alerts() {
+    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+    h.slack.add_user("UFRANK", "frank@example.org");
+    h.slack.rate_limit("conversations.open", 100_000, 2);
+    let n = h
+        .command("alice", "request db-admins 2h fixing replication")
+        .await;
+    TestBot::request_id(&h.answer(n).await);
+    h.slack
+        .wait_for(WAIT, |c| c.method == "conversations.open")
+        .await
+        .expect("the card's DMs are being opened");
+    let alert = jitbot::store::OutboxItem::Send {
+        notice: jitbot::chat::view::Notice {
+            to: jitbot::chat::view::Audience::Alert,
+            text: "cannot remove bob from db-admins".into(),
+            buttons: vec![],
+        },
+    };
+    h.bot
+        .engine
+        .store()
+        .update(h.bot.engine.now(), |tx| {
+            tx.outbox(alert.clone());
+            Ok::<(), jitbot::store::StoreError>(())
+        })
+        .await
+        .unwrap();
+    h.bot.engine.outbox_changed().notify_one();
+    let queued = tokio::time::Instant::now();
+    let sent = h
+        .slack
+        .wait_for(Duration::from_secs(5), |c| {
+            c.method == "chat.postMessage" && c.body.to_string().contains("cannot remove bob")
+        })
+        .await;
+    assert!(
+        sent.is_some(),
+        "the alert was not posted within {:?} while card DMs waited out conversations.open 429s",
+        queued.elapsed()
+    );
+}
