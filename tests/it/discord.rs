@@ -1360,3 +1360,31 @@ async fn brk14b_a_failed_approver_group_listing_silently_drops_its_members() {
         "carol, an approver through `security`, got no copy and is listed nowhere: {paths:?}"
     );
 }
+
+/// Shows (low): two approvers who are one chat person (an everyday account and an admin account in the directory, both naming the same Discord id) get the card twice in that one DM: copies are deduplicated by DM channel only across attempts, not within one. Fix: in `cards::post`, skip an approver whose DM channel already got a copy in this attempt (and list both names on that copy, if wanted).
+#[tokio::test]
+async fn brk14b_two_approvers_with_one_discord_account_get_two_copies_in_one_dm() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
+        .build();
+    let bob = did("bob");
+    bot.dir.add_user(
+        "carol",
+        [("mail", "carol@example.org"), ("discordId", bob.as_str())],
+    );
+    let h = start(bot, Duration::from_secs(2), |c| {
+        c.users.remove(&did("carol"));
+        c.user_attribute = Some("discordId".into());
+    })
+    .await;
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let in_bobs_dm = card_posts(&h, &id)
+        .iter()
+        .filter(|c| c.path == format!("/channels/{}/messages", dm_channel(&bob)))
+        .count();
+    assert_eq!(
+        in_bobs_dm, 1,
+        "one person, one DM channel, {in_bobs_dm} copies of the card"
+    );
+}
