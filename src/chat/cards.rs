@@ -92,8 +92,8 @@ impl CopyLog for Collected {
 /// recorded is skipped without any call; an approver whose DM channel got a
 /// copy in this post is added to that copy. An approver no DM reaches is
 /// logged and listed on the channel card; one whose DM fails for now (rate
-/// limit, outage) is listed as pending, and after a rate limit the
-/// remaining approvers are left pending without calls. The channel card is
+/// limit, outage) is listed as pending, and after a rate limit on opening
+/// a DM the remaining approvers are left pending without calls. The channel card is
 /// then posted (or rewritten) listing them whenever it exists, someone is unreachable
 /// or pending, an approver group could not be listed, or no DM copy exists,
 /// even with `approval_cards = "dm"`; only then does the post fail
@@ -142,9 +142,9 @@ pub async fn post(
             pending.push(to.user.clone());
             continue;
         }
-        let outcome = match copies.open_dm(to).await {
-            Ok(dm) => post_dm(copies, &dm, to, card, &mut dms, log).await?,
-            Err(e) => Err(e),
+        let (outcome, opening) = match copies.open_dm(to).await {
+            Ok(dm) => (post_dm(copies, &dm, to, card, &mut dms, log).await?, false),
+            Err(e) => (Err(e), true),
         };
         match outcome {
             Ok(()) => {}
@@ -166,9 +166,10 @@ pub async fn post(
                     error = %error,
                     "approver's DM not sent for now; the channel card lists them as pending and their copy is retried"
                 );
-                // After a rate limit, the others wait too: each call would
-                // only spend the platform's budget again.
-                limited = matches!(error, ChatError::RateLimited(_));
+                // After a rate limit on opening DMs (one budget for all of
+                // them), the others wait too: each call would only spend it
+                // again. A post's limit is the DM channel's own.
+                limited = opening && matches!(error, ChatError::RateLimited(_));
                 pending.push(to.user.clone());
                 later.get_or_insert(error);
             }

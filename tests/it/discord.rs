@@ -1219,8 +1219,9 @@ async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card() {
         c.user_attribute = Some("discordId".into());
     })
     .await;
-    // bob's DM is opened first: its three tries are answered 429; carol's goes out.
-    h.discord.rate_limit("/users/@me/channels", 3);
+    // bob's DM copy is rate limited (its DM channel's own limit); carol's goes out.
+    h.discord
+        .rate_limit(&format!("/channels/{}/messages", dm_channel(&did("bob"))), 1);
     let id = h.alice_requests().await;
     let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
     let dm_carol = dm_channel(&carol);
@@ -1258,24 +1259,31 @@ async fn brk14b_a_card_decided_before_any_copy_lands_in_the_channel_of_a_dm_grou
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
-    // bob's and carol's DMs cannot be opened for now (three 429s each).
+    // Nothing can be posted for now: DM opens and the channel are rate
+    // limited (the channel card would list bob and carol as pending).
     h.discord.rate_limit("/users/@me/channels", 6);
+    h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 6);
     let id = h.alice_requests().await;
     let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
-    assert!(card_posts(&h, &id).is_empty(), "nothing posted yet");
+    let in_channel = || {
+        h.discord
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .into_iter()
+            .filter(|c| c.body.to_string().contains(&id))
+            .count()
+    };
+    let refused = in_channel();
+    assert!(refused >= 1, "the channel card was tried (and answered 429)");
+    let rec = h.bot.engine.store().request(&RequestId::new(&id)).unwrap().unwrap();
+    assert!(rec.messages.is_empty(), "nothing posted yet: {:?}", rec.messages);
     h.bot.ok("alice", &format!("cancel {id}")).await;
     h.bot.advance(chrono::Duration::from_std(delay).unwrap());
     h.drain().await;
     h.drain().await;
-    let in_channel: Vec<_> = h
-        .discord
-        .calls_to("POST", &format!("/channels/{CDB}/messages"))
-        .into_iter()
-        .filter(|c| c.body.to_string().contains(&id))
-        .collect();
-    assert!(
-        in_channel.is_empty(),
-        "the closed request's card was posted in the channel of a dm-only group: {in_channel:#?}"
+    assert_eq!(
+        in_channel(),
+        refused,
+        "the closed request's card was posted in the channel of a dm-only group"
     );
 }
 
