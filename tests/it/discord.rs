@@ -1003,17 +1003,21 @@ async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
     assert_eq!(rec.messages.len(), 2, "both copies recorded: {:?}", rec.messages);
 }
 
-/// A 429 on `POST /users/@me/channels` is a "wait", never "cannot be
-/// reached": a short one is waited out inline, and bob and carol get their
-/// DMs with no channel card listing them (`approval_cards = "dm"`).
+/// A 429 on `POST /users/@me/channels` is a "not yet", never "cannot be
+/// reached": the copies are retried after the pause (not slept on in the
+/// delivery worker), and bob and carol get their DMs; the channel card,
+/// posted while they waited (`approval_cards = "dm"`), lists them as pending
+/// and then no longer does, and never as unreachable.
 #[tokio::test]
-async fn a_rate_limited_dm_open_is_waited_out_not_taken_as_unreachable() {
+async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
     let bot = TestBot::builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
     h.discord.rate_limit("/users/@me/channels", 1);
     let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
     h.drain().await;
     let channels: Vec<String> = card_posts(&h, &id)
         .iter()
@@ -1021,25 +1025,35 @@ async fn a_rate_limited_dm_open_is_waited_out_not_taken_as_unreachable() {
         .collect();
     assert_eq!(
         channels,
-        [dm_channel(&did("bob")), dm_channel(&did("carol"))],
-        "every approver by DM, none in the channel"
+        [CDB.to_string(), dm_channel(&did("bob")), dm_channel(&did("carol"))],
+        "the channel card while the DMs waited, then every approver by DM, each once"
     );
+    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits.last().expect("the channel card is brought up to date");
+    assert!(!last.body.to_string().contains("DM not sent yet"), "{last:#?}");
+    for c in h.discord.calls() {
+        assert!(
+            !c.body.to_string().contains("Could not reach by DM"),
+            "a rate limit is not unreachable: {c:#?}"
+        );
+    }
 }
 
-/// A rate limit that outlasts the inline waits fails the post as rate
-/// limited, with the copies already made recorded: after the pause, the
-/// retry posts only bob's DM, and no copy ever lists him as unreachable.
+/// A rate limit that lasts fails the post for later, with the copies made
+/// recorded: the channel card (listing bob and carol as pending meanwhile),
+/// then, once the limit is over, only the missing DMs, each once; no copy
+/// ever lists anyone as unreachable, and the other deliveries are not paused.
 #[tokio::test]
 async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
     let bot = TestBot::builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
-    // bob's DM is opened first: its three tries are answered 429.
+    // bob's DM is opened first: three tries are answered 429.
     h.discord.rate_limit("/users/@me/channels", 3);
     let id = h.alice_requests().await;
-    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
-    assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
+    let mut delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    assert!(delay >= Duration::from_secs(1), "the card waits for the pause: {delay:?}");
     let rec = h
         .bot
         .engine
@@ -1049,10 +1063,14 @@ async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
         .unwrap();
     assert_eq!(
         rec.messages.len(),
-        2,
-        "channel and carol recorded: {:?}",
+        1,
+        "the channel card recorded: {:?}",
         rec.messages
     );
+    for _ in 0..2 {
+        h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+        delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    }
     h.bot.advance(chrono::Duration::from_std(delay).unwrap());
     h.drain().await;
     let mut paths: Vec<String> = card_posts(&h, &id).iter().map(|c| c.path.clone()).collect();
