@@ -977,7 +977,7 @@ async fn approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached() 
 }
 
 #[tokio::test]
-async fn approver_lookup_waits_out_a_rate_limit() {
+async fn approver_lookup_rate_limit_is_retried_after_its_pause() {
     let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Both)).await;
     h.slack.rate_limit("users.lookupByEmail", 1, 2);
     let started = tokio::time::Instant::now();
@@ -998,7 +998,7 @@ async fn approver_lookup_waits_out_a_rate_limit() {
     .await;
     assert!(
         started.elapsed() >= Duration::from_millis(1900),
-        "the 429's Retry-After of 2 s must be waited out"
+        "the 429's Retry-After of 2 s must be respected"
     );
 }
 
@@ -1324,10 +1324,10 @@ impl crate::contract::Platform for Harness {
     }
 }
 
-// brk14b: adversarial review of issue 14 after the chat2 merge.
+// Approval-card copies across retries, rate limits and restarts (issue 14).
 
 /// The OK answer the fake gives `conversations.open`.
-fn brk14b_dm_open(c: &Call) -> Value {
+fn dm_open_answer(c: &Call) -> Value {
     let user = c.body["users"]
         .as_str()
         .map(str::to_string)
@@ -1336,13 +1336,16 @@ fn brk14b_dm_open(c: &Call) -> Value {
     json!({"ok": true, "channel": {"id": format!("D{user}")}})
 }
 
-/// Shows: a retry mistakes an approver's DM copy for the channel copy when that approver was reached by the first attempt and is refused on the retry (`cards::post` takes "the copy in no DM of this attempt" as the channel card), so no channel card is ever posted and frank, whom no DM reaches, never sees the card (silently dropped); carol's DM is rewritten to list her and frank as unreachable. Fix: tell copies apart by kind (store whether a `MessageRef` is the channel or a DM copy, or compare with the group's channel id), not by "not among this attempt's DM channels".
+/// Each copy is recorded with what it is, so a retry never takes an
+/// approver's DM copy for the channel card (as it did when the channel copy
+/// was inferred from "in no DM of this attempt"): frank, whom no DM reaches,
+/// is listed on a real channel card, and carol's DM is never rewritten as one.
 #[tokio::test]
-async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card_and_drops_the_unreachable_approver() {
+async fn a_retry_never_takes_a_dm_copy_for_the_channel_card() {
     let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
-    // First attempt: bob's DM cannot be opened for now (429 three times:
-    // more than jitbot waits inline), carol's DM goes out, frank has no
-    // Slack user; the post fails with carol's copy handed back.
+    // bob's DM cannot be opened for now (429 three times), so the first
+    // attempts leave bob and carol pending; frank has no Slack user. carol's
+    // DM goes out once the limit is over, and is recorded as hers.
     h.slack.rate_limit("conversations.open", 3, 1);
     let n = h
         .command("alice", "request db-admins 2h fixing replication")
@@ -1360,7 +1363,7 @@ async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card_and_drops_the_unreach
         if c.body.to_string().contains("UCAROL") {
             json!({"ok": false, "error": "user_disabled"})
         } else {
-            brk14b_dm_open(c)
+            dm_open_answer(c)
         }
     });
     crate::support::net::eventually(Duration::from_secs(15), "bob's DM copy on the retry", || {
@@ -1390,9 +1393,11 @@ async fn brk14b_retry_takes_a_dm_copy_for_the_channel_card_and_drops_the_unreach
     );
 }
 
-/// Shows: a crash in the middle of the DM fan-out (after bob's DM went out, while carol's is in flight) loses the ref of bob's completed copy, so after the restart bob gets the card a second time and his first copy never learns the decision (live Approve buttons forever); the "at most one duplicate" of a single post becomes one orphan per approver already reached. Fix: record each copy durably as soon as it is posted (per-copy store write, or hand the refs to the outbox as they come), so a crash can only repeat the one post in flight.
+/// Each copy is recorded as soon as it is posted: a crash in the middle of
+/// the DM fan-out (bob's DM out, carol's in flight) posts again at most the
+/// copy in flight, never bob's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk14b_a_crash_during_the_dm_fanout_posts_completed_dm_copies_again() {
+async fn a_crash_during_the_dm_fanout_posts_no_completed_copy_again() {
     let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
     let policy = bot.engine.policy().clone();
     let slack = FakeSlack::start().await;
@@ -1444,9 +1449,12 @@ async fn brk14b_a_crash_during_the_dm_fanout_posts_completed_dm_copies_again() {
     );
 }
 
-/// Shows: every retry of a partly posted card opens the DM of every approver again, even those whose copy is recorded (`post_dm` calls `open_dm` before looking at `already`, since copies are matched by DM channel), so under Slack's per-method budget (Tier 3 for `conversations.open`) the approvers already reached use up the budget of each retry and the same last approvers hit the 429 every time: with enough approvers the card never reaches them, and with `dm` the channel card is never posted either. Fix: store which approver each copy is for and skip them without any call.
+/// A retry skips, without any call (no `conversations.open`), the approvers
+/// whose copy is recorded, so the approvers already reached do not spend the
+/// rate-limit budget of every retry; and after a 429 on opening a DM, the
+/// other opens of that attempt wait too.
 #[tokio::test]
-async fn brk14b_a_retry_opens_again_the_dms_of_approvers_already_reached() {
+async fn a_retry_opens_no_dm_of_an_approver_already_reached() {
     let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
     let h = harness_with(bot).await;
     h.slack.add_user("UFRANK", "frank@example.org");
@@ -1478,9 +1486,11 @@ async fn brk14b_a_retry_opens_again_the_dms_of_approvers_already_reached() {
     );
 }
 
-/// Shows: while `conversations.open` stays rate limited (a 429 that does not end: Tier 3 spent by a burst of cards), a `dm` card is posted nowhere at all: `cards::post` returns before the channel post whenever one DM is deferred, so frank, whom no DM can ever reach, is not listed anywhere and no approver sees the request, although `chat.postMessage` in the channel works. Fix: post (or rewrite) the channel card listing the unreachable approvers, and saying which DMs are still pending, before failing for the deferred DMs.
+/// While `conversations.open` stays rate limited, a `dm` card is still posted
+/// in the channel, listing the approvers whose DM is pending (frank among
+/// them), before the post fails for the deferred DMs.
 #[tokio::test]
-async fn brk14b_an_endless_dm_rate_limit_keeps_the_card_from_everyone() {
+async fn an_endless_dm_rate_limit_still_shows_the_card_in_the_channel() {
     let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
     h.slack.rate_limit("conversations.open", 100_000, 1);
     let n = h
@@ -1500,9 +1510,11 @@ async fn brk14b_an_endless_dm_rate_limit_keeps_the_card_from_everyone() {
     );
 }
 
-/// Shows: the inline wait-out of `conversations.open` 429s runs inside the Slack destination's only delivery worker, so while a card's DMs are being opened (3 tries per approver, each `Retry-After` slept, approvers one after the other; again on every retry), a security alert queued meanwhile waits, although `chat.postMessage` (another rate-limit bucket) is not limited at all. Fix: do not sleep inside `deliver`: fail the DM for later at the first 429 (the outbox schedules it), or open DMs off the delivery path, so alerts and revocation notices are never held behind a card.
+/// A 429 on opening a card's DM is not slept on inside the delivery worker,
+/// nor does it pause the platform: the card is retried after the pause, and
+/// a security alert queued meanwhile goes out at once.
 #[tokio::test]
-async fn brk14b_dm_open_rate_limit_waits_hold_back_security_alerts() {
+async fn a_dm_open_rate_limit_never_holds_back_security_alerts() {
     let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
     h.slack.add_user("UFRANK", "frank@example.org");
     h.slack.rate_limit("conversations.open", 100_000, 2);
@@ -1540,7 +1552,7 @@ async fn brk14b_dm_open_rate_limit_waits_hold_back_security_alerts() {
         .await;
     assert!(
         sent.is_some(),
-        "the alert was not posted within {:?} while card DMs waited out conversations.open 429s",
+        "the alert was not posted within {:?} while card DMs met conversations.open 429s",
         queued.elapsed()
     );
 }
