@@ -7,7 +7,9 @@ use jitbot_core::{GroupDn, UserId};
 use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
-pub use crate::chat::view::{ApprovalCard, Audience, CardCopy, ChatRef, Contact, MessageRef, Notice, Recipients};
+pub use crate::chat::view::{
+    ApprovalCard, Audience, CardCopy, ChatRef, Contact, MessageRef, Notice, Recipients,
+};
 
 /// Why a directory operation failed, worded for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

@@ -221,7 +221,10 @@ pub async fn post(
         }
     }
     if let Some(error) = later {
-        return Err(PostError { error, deferred: true });
+        return Err(PostError {
+            error,
+            deferred: true,
+        });
     }
     if !unlisted.is_empty() {
         return Err(PostError {
@@ -267,9 +270,9 @@ async fn post_dm(
             dms.push(at);
             Ok(Ok(()))
         }
-        Err(ChatError::Refused(why)) => Ok(Err(DmError::Unreachable(format!(
-            "cannot post in the DM: {why}"
-        )))),
+        Err(ChatError::Refused(why)) => {
+            Ok(Err(DmError::Unreachable(format!("cannot post in the DM: {why}"))))
+        }
         Err(e) => Ok(Err(DmError::Failed(e))),
     }
 }
@@ -386,7 +389,11 @@ mod tests {
         }
     }
 
-    async fn run(copies: &Copies, card: &ApprovalCard, already: &[MessageRef]) -> (Result<(), PostError>, Vec<MessageRef>) {
+    async fn run(
+        copies: &Copies,
+        card: &ApprovalCard,
+        already: &[MessageRef],
+    ) -> (Result<(), PostError>, Vec<MessageRef>) {
         let log = Collected::default();
         let r = post("test", copies, card, already, &log).await;
         (r, log.into_copies())
@@ -401,13 +408,20 @@ mod tests {
         // dm, all reached: no channel copy.
         let copies = Copies::default();
         let (r, made) = run(&copies, &card(false, &["bob", "carol"]), &[]).await;
-        assert_eq!(take_log(&copies), ["open bob", "dm bob", "open carol", "dm carol"]);
+        assert_eq!(
+            take_log(&copies),
+            ["open bob", "dm bob", "open carol", "dm carol"]
+        );
         r.unwrap();
         assert_eq!(
             made.iter().map(|m| m.copy.clone()).collect::<Vec<_>>(),
             [
-                CardCopy::Dm { approvers: users(&["bob"]) },
-                CardCopy::Dm { approvers: users(&["carol"]) }
+                CardCopy::Dm {
+                    approvers: users(&["bob"])
+                },
+                CardCopy::Dm {
+                    approvers: users(&["carol"])
+                }
             ]
         );
         // dm, nobody to DM: the channel.
@@ -423,7 +437,13 @@ mod tests {
         let (r, made) = run(&copies, &card(false, &["bob", "carol"]), &[]).await;
         assert_eq!(
             take_log(&copies),
-            ["open bob", "dm bob", "open carol", "dm carol", "channel [\"carol\"][]"]
+            [
+                "open bob",
+                "dm bob",
+                "open carol",
+                "dm carol",
+                "channel [\"carol\"][]"
+            ]
         );
         r.unwrap();
         assert_eq!(made.len(), 2);
@@ -436,11 +456,22 @@ mod tests {
         let (r, made) = run(&copies, &card(true, &["bob", "carol"]), &[]).await;
         assert_eq!(
             take_log(&copies),
-            ["channel [][]", "open bob", "dm bob", "open carol", "dm carol", "rewrite [\"bob\"][]"]
+            [
+                "channel [][]",
+                "open bob",
+                "dm bob",
+                "open carol",
+                "dm carol",
+                "rewrite [\"bob\"][]"
+            ]
         );
         r.unwrap();
         assert_eq!(made.len(), 2);
-        assert_eq!(made[0].copy, channel_copy(&["bob"], &[]), "the rewrite is recorded");
+        assert_eq!(
+            made[0].copy,
+            channel_copy(&["bob"], &[]),
+            "the rewrite is recorded"
+        );
     }
 
     #[tokio::test]
@@ -464,7 +495,11 @@ mod tests {
         let c = card(false, &["bob", "carol"]);
         let (r, made) = run(&copies, &c, &[]).await;
         let e = r.unwrap_err();
-        assert_eq!(e.error, ChatError::RateLimited(1), "a rate limit is not unreachable");
+        assert_eq!(
+            e.error,
+            ChatError::RateLimited(1),
+            "a rate limit is not unreachable"
+        );
         assert!(e.deferred);
         assert_eq!(
             take_log(&copies),
@@ -484,7 +519,9 @@ mod tests {
     #[tokio::test]
     async fn a_retry_skips_recorded_approvers_without_a_call() {
         let mut bob = at("Dbob");
-        bob.copy = CardCopy::Dm { approvers: users(&["bob"]) };
+        bob.copy = CardCopy::Dm {
+            approvers: users(&["bob"]),
+        };
         let mut channel = at("C");
         channel.copy = channel_copy(&[], &["carol"]);
         let copies = Copies {
@@ -505,14 +542,19 @@ mod tests {
     async fn a_dm_copy_is_never_taken_for_the_channel_copy() {
         // carol's DM copy exists; now she and frank are unreachable.
         let mut carol = at("Dcarol");
-        carol.copy = CardCopy::Dm { approvers: users(&["carol"]) };
+        carol.copy = CardCopy::Dm {
+            approvers: users(&["carol"]),
+        };
         let copies = Copies {
             closed: vec!["frank"],
             ..Copies::default()
         };
         let (r, made) = run(&copies, &card(false, &["carol", "frank"]), &[carol]).await;
         r.unwrap();
-        assert_eq!(take_log(&copies), ["open frank", "dm frank", "channel [\"frank\"][]"]);
+        assert_eq!(
+            take_log(&copies),
+            ["open frank", "dm frank", "channel [\"frank\"][]"]
+        );
         assert_eq!(made[0].copy, channel_copy(&["frank"], &[]));
     }
 
@@ -526,7 +568,12 @@ mod tests {
         r.unwrap();
         assert_eq!(take_log(&copies), ["open bob", "dm bob", "open carol"]);
         assert_eq!(made.len(), 1);
-        assert_eq!(made[0].copy, CardCopy::Dm { approvers: users(&["bob", "carol"]) });
+        assert_eq!(
+            made[0].copy,
+            CardCopy::Dm {
+                approvers: users(&["bob", "carol"])
+            }
+        );
     }
 
     #[tokio::test]
@@ -539,7 +586,9 @@ mod tests {
         assert!(e.deferred, "{e}");
         assert!(matches!(e.error, ChatError::Unavailable(_)));
         assert_eq!(made.len(), 2, "bob's DM and the channel card naming the group");
-        assert!(matches!(&made[1].copy, CardCopy::Channel { unlisted, .. } if unlisted == &["cn=security".to_string()]));
+        assert!(
+            matches!(&made[1].copy, CardCopy::Channel { unlisted, .. } if unlisted == &["cn=security".to_string()])
+        );
     }
 
     #[test]
@@ -554,6 +603,9 @@ mod tests {
         c.open = false;
         let shown = for_copy(&channel, &c);
         assert_eq!(shown.recipients.unreachable, users(&["bob"]));
-        assert!(shown.recipients.pending.is_empty(), "nobody is pending once decided");
+        assert!(
+            shown.recipients.pending.is_empty(),
+            "nobody is pending once decided"
+        );
     }
 }

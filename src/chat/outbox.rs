@@ -534,7 +534,9 @@ impl CopyLog for RecordCopies<'_> {
                 Ok::<(), StoreError>(())
             })
             .await
-            .map_err(|e| ChatError::Unavailable(format!("cannot record a posted copy of the approval card: {e}")))
+            .map_err(|e| {
+                ChatError::Unavailable(format!("cannot record a posted copy of the approval card: {e}"))
+            })
     }
 }
 

@@ -124,7 +124,10 @@ pub fn fields(card: &ApprovalCard) -> Vec<(&'static str, String)> {
         fields.push(("DM not sent yet", names.join(", ")));
     }
     if !card.recipients.unlisted.is_empty() {
-        fields.push(("Approver groups not listed yet", card.recipients.unlisted.join(", ")));
+        fields.push((
+            "Approver groups not listed yet",
+            card.recipients.unlisted.join(", "),
+        ));
     }
     fields
 }
@@ -212,7 +215,10 @@ mod tests {
         c.recipients.unlisted = vec!["cn=security".into()];
         let text = card_text(&c);
         assert!(text.contains("DM not sent yet: bob"), "{text}");
-        assert!(text.contains("Approver groups not listed yet: cn=security"), "{text}");
+        assert!(
+            text.contains("Approver groups not listed yet: cn=security"),
+            "{text}"
+        );
     }
 
     #[test]

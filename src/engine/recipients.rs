@@ -50,7 +50,11 @@ impl Engine {
 
     /// [`Engine::eligible_approvers`], and the approver groups the directory
     /// could not list.
-    async fn approvers_listed(&self, policy: &GroupPolicy, requester: &UserId) -> (Vec<UserId>, Vec<GroupDn>) {
+    async fn approvers_listed(
+        &self,
+        policy: &GroupPolicy,
+        requester: &UserId,
+    ) -> (Vec<UserId>, Vec<GroupDn>) {
         let mut unlisted = Vec::new();
         let mut users: BTreeSet<UserId> = policy.approvers.users.clone();
         for group in &policy.approvers.groups {

@@ -1025,10 +1025,16 @@ async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
         .collect();
     assert_eq!(
         channels,
-        [CDB.to_string(), dm_channel(&did("bob")), dm_channel(&did("carol"))],
+        [
+            CDB.to_string(),
+            dm_channel(&did("bob")),
+            dm_channel(&did("carol"))
+        ],
         "the channel card while the DMs waited, then every approver by DM, each once"
     );
-    let edits = h.discord.calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let edits = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
     let last = edits.last().expect("the channel card is brought up to date");
     assert!(!last.body.to_string().contains("DM not sent yet"), "{last:#?}");
     for c in h.discord.calls() {
@@ -1053,7 +1059,10 @@ async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
     h.discord.rate_limit("/users/@me/channels", 3);
     let id = h.alice_requests().await;
     let mut delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
-    assert!(delay >= Duration::from_secs(1), "the card waits for the pause: {delay:?}");
+    assert!(
+        delay >= Duration::from_secs(1),
+        "the card waits for the pause: {delay:?}"
+    );
     let rec = h
         .bot
         .engine
@@ -1296,7 +1305,13 @@ async fn a_card_decided_before_any_copy_is_not_posted_in_a_dm_group() {
     };
     let refused = in_channel();
     assert!(refused >= 1, "the channel card was tried (and answered 429)");
-    let rec = h.bot.engine.store().request(&RequestId::new(&id)).unwrap().unwrap();
+    let rec = h
+        .bot
+        .engine
+        .store()
+        .request(&RequestId::new(&id))
+        .unwrap()
+        .unwrap();
     assert!(rec.messages.is_empty(), "nothing posted yet: {:?}", rec.messages);
     h.bot.ok("alice", &format!("cancel {id}")).await;
     h.bot.advance(chrono::Duration::from_std(delay).unwrap());

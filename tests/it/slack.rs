@@ -1174,7 +1174,8 @@ async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
     .await;
     // The channel card, posted while the DMs waited, is brought up to date.
     crate::support::net::eventually(WAIT, "the channel card without pending DMs", || {
-        h.newest_in_channel(&id).filter(|c| !c.contains("DM not sent yet"))
+        h.newest_in_channel(&id)
+            .filter(|c| !c.contains("DM not sent yet"))
     })
     .await;
     let dm_posts = card_posts(&h, &id)

@@ -19,7 +19,9 @@ use crate::chat::render;
 use crate::clock::Clock;
 use crate::config::{DiscordConfig, DiscordMode, DISCORD_API};
 use crate::engine::Engine;
-use crate::ports::{ApprovalCard, Audience, ChatError, Contact, CopyLog, MessageRef, Notice, Notifier, PostError};
+use crate::ports::{
+    ApprovalCard, Audience, ChatError, Contact, CopyLog, MessageRef, Notice, Notifier, PostError,
+};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use serenity::all::{

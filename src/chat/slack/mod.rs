@@ -16,7 +16,9 @@ pub use socket::run_socket_mode;
 
 use crate::chat::cards::{self, CardCopies, DmError};
 use crate::config::SlackConfig;
-use crate::ports::{ApprovalCard, Audience, ChatError, Contact, CopyLog, MessageRef, Notice, Notifier, PostError};
+use crate::ports::{
+    ApprovalCard, Audience, ChatError, Contact, CopyLog, MessageRef, Notice, Notifier, PostError,
+};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use slack_morphism::errors::SlackClientError;
