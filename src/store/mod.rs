@@ -14,8 +14,8 @@
 //! before `update` returns, so the caller's side effect always follows a
 //! durable record of it.
 
-mod archive;
 pub mod anchor_file;
+mod archive;
 pub mod audit;
 mod backup;
 mod check;
