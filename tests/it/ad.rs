@@ -16,7 +16,7 @@ use jitbot_core::policy::Policy;
 use jitbot_core::{GroupDn, UserId};
 use ldap3::Scope;
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -1219,5 +1219,160 @@ async fn a_lease_outlives_no_rename_and_the_audit_says_what_happened() {
             .iter()
             .any(|d| d.contains("membership removed") && d.contains("renamed or moved")),
         "{ended:?}"
+    );
+}
+
+// ---- brk15b: adversarial review of issue 15's removal-by-identity ----
+
+/// The service account's SID string, read as Administrator.
+async fn brk15b_service_sid(dc: &SambaDc) -> String {
+    let mut ldap = dc.admin().await;
+    let (entries, _) = ldap
+        .search(
+            samba::SERVICE_DN,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["objectSid"],
+        )
+        .await
+        .and_then(|r| r.success())
+        .unwrap();
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    let _ = ldap.unbind().await;
+    sid_string(&entry.bin_attrs["objectSid"][0])
+}
+
+/// Adds an entry as Administrator.
+async fn brk15b_admin_add(dc: &SambaDc, dn: &str, attrs: Vec<(&str, Vec<&str>)>) {
+    let mut ldap = dc.admin().await;
+    let attrs: Vec<(String, HashSet<String>)> = attrs
+        .into_iter()
+        .map(|(a, vs)| (a.to_string(), vs.into_iter().map(String::from).collect()))
+        .collect();
+    ldap.add(dn, attrs)
+        .await
+        .and_then(|r| r.success())
+        .unwrap_or_else(|e| panic!("admin add {dn}: {e}"));
+    let _ = ldap.unbind().await;
+}
+
+// Shows: a user moved into an OU the service account cannot read keeps the
+// membership, and revocation reports success ("no longer exists") because
+// the <GUID=…> lookup finds nothing. Fix: do not take "GUID not found" for
+// deletion — read the group's `member` with the extended-DN control
+// (1.2.840.113556.1.4.529, values carry <GUID=…>) to find the value, or
+// confirm deletion via the Show Deleted control; otherwise fail loudly.
+#[tokio::test]
+async fn brk15b_a_user_moved_into_an_unreadable_ou_keeps_the_membership() {
+    let dc = SambaDc::start().await;
+    let hidden = "OU=Hidden,DC=example,DC=test";
+    brk15b_admin_add(&dc, hidden, vec![("objectClass", vec!["organizationalUnit"])]).await;
+    let sid = brk15b_service_sid(&dc).await;
+    let out = Command::new(samba::SAMBA_TOOL)
+        .args(["dsacl", "set", "-H", &dc.ldap_url(), "-U"])
+        .arg(format!("{}%{}", samba::ADMIN, samba::ADMIN_PW))
+        .arg(format!("--objectdn={hidden}"))
+        .arg(format!("--sddl=(D;CI;RPLCLORC;;;{sid})"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer", Some(hidden)).await;
+    let moved = format!("CN=Alice Archer,{hidden}");
+    assert_eq!(dc.values(samba::DB_ADMINS, "member").await, vec![moved.clone()]);
+
+    let removed = dir.revoke_membership(&lease).await;
+    let left = dc.values(samba::DB_ADMINS, "member").await;
+    assert!(
+        removed.is_err() || left.is_empty(),
+        "revocation reported success ({removed:?}) but the moved user is still a member: {left:?}"
+    );
+}
+
+// Shows: the grant's add is retried with the Membership recorded before it
+// (here: recorded, then the user renamed and a new user created under the
+// old DN, then the add) — jitbot adds the *new* user, and the lease's
+// removal later goes to the renamed user, so the new user keeps the
+// membership forever. Fix: resolve the recorded identity before the add
+// (add the user's current DN, or refuse when the entry at the recorded DN
+// is not the recorded identity), and check it again on read-back.
+#[tokio::test]
+async fn brk15b_a_grant_after_a_rename_and_a_new_user_at_the_old_dn_adds_the_wrong_user() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    // Between recording the Membership and the add (e.g. a directory outage
+    // the grant retries through): alice renamed, another account created
+    // under her old DN.
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer-Smith", None).await;
+    brk15b_admin_add(
+        &dc,
+        samba::user("alice").dn,
+        vec![("objectClass", vec!["user"]), ("sAMAccountName", vec!["mallory"])],
+    )
+    .await;
+    let added = dir.add_membership(&lease).await;
+    let during = dc.values(samba::DB_ADMINS, "member").await;
+    let _ = dir.revoke_membership(&lease).await;
+    let after = dc.values(samba::DB_ADMINS, "member").await;
+    assert!(
+        after.is_empty(),
+        "add {added:?} left the group {during:?}; after the lease's removal the group still holds {after:?} \
+         (an account jitbot granted but never removes)"
+    );
+    assert!(
+        added.is_err() || during == vec!["CN=Alice Archer-Smith,OU=Staff,DC=example,DC=test".to_string()],
+        "jitbot granted alice's lease to the account now at her old DN: {during:?}"
+    );
+}
+
+// Shows: a stored lease whose identity was tampered with (a well-formed
+// GUID of no entry) makes revocation report the user deleted and remove
+// nothing, while the user is still a member under the recorded DN. Fix: when
+// the recorded DN still exists and the GUID finds nothing, confirm deletion
+// (Show Deleted control / tombstone by GUID) before ending the lease;
+// otherwise refuse loudly (the lease and the directory disagree).
+#[tokio::test]
+async fn brk15b_a_tampered_identity_leaves_the_membership_in_place() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let mut lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    lease.identity = Some(format!("objectGUID:{}", "0f".repeat(16)));
+    let removed = dir.revoke_membership(&lease).await;
+    let left = dc.values(samba::DB_ADMINS, "member").await;
+    assert!(
+        removed.is_err() || left.is_empty(),
+        "revocation reported success ({removed:?}) but alice is still a member: {left:?}"
+    );
+}
+
+// Shows: a stored lease whose identity was swapped for another user's GUID
+// removes that user's standing membership (never added by jitbot) and
+// leaves the lease's own. Fix: bind the identity to the lease (store
+// integrity, e.g. a MAC over the Membership), and on AD refuse to remove a
+// resolved DN when the recorded DN still exists as a different entry that
+// is still in the group.
+#[tokio::test]
+async fn brk15b_a_tampered_identity_removes_someone_elses_standing_membership() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    dc.set_member(samba::DB_ADMINS, samba::user("bob").dn, true).await;
+    let bob = dir.membership_of(&db, &user("bob")).await.unwrap();
+    let mut lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    lease.identity = bob.identity.clone();
+    let removed = dir.revoke_membership(&lease).await;
+    let left: BTreeSet<String> = dc.values(samba::DB_ADMINS, "member").await.into_iter().collect();
+    assert!(
+        left.contains(samba::user("bob").dn),
+        "bob's standing membership (not jitbot's) was removed ({removed:?}); left: {left:?}"
     );
 }
