@@ -1376,3 +1376,51 @@ async fn brk15b_a_tampered_identity_removes_someone_elses_standing_membership() 
         "bob's standing membership (not jitbot's) was removed ({removed:?}); left: {left:?}"
     );
 }
+
+// Shows: an admin sets the leased user's primaryGroupID to the managed group
+// during the lease (AD then drops the `member` value); has_membership says
+// false and revocation ends the lease "removed" (Ok(None)) while the user is
+// still in the group through their primary group. Fix: on AD, have
+// has_membership/revoke_membership also compare the user's primaryGroupID
+// with the group's RID and, when they match, fail the revocation loudly with
+// what to do ("set bob's primary group back, then the lease ends").
+#[tokio::test]
+async fn brk15b_a_primary_group_set_during_a_lease_is_reported_removed() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("bob")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    let mut ldap = dc.admin().await;
+    let (entries, _) = ldap
+        .search(
+            samba::DB_ADMINS,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["objectSid"],
+        )
+        .await
+        .and_then(|r| r.success())
+        .unwrap();
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    let sid = sid_string(&entry.bin_attrs["objectSid"][0]);
+    let rid = sid.rsplit('-').next().unwrap().to_string();
+    ldap.modify(
+        samba::user("bob").dn,
+        vec![ldap3::Mod::Replace(
+            "primaryGroupID".to_string(),
+            HashSet::from([rid.clone()]),
+        )],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("set bob's primary group");
+    let _ = ldap.unbind().await;
+    let has = dir.has_membership(&lease).await;
+    let removed = dir.revoke_membership(&lease).await;
+    let pg = dc.values(samba::user("bob").dn, "primaryGroupID").await;
+    assert!(
+        removed.is_err() || pg != vec![rid.clone()],
+        "revocation reported success ({removed:?}, has_membership before: {has:?}) but bob is still in DB Admins via primaryGroupID {pg:?}"
+    );
+}
