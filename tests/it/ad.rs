@@ -1424,3 +1424,40 @@ async fn brk15b_a_primary_group_set_during_a_lease_is_reported_removed() {
         "revocation reported success ({removed:?}, has_membership before: {has:?}) but bob is still in DB Admins via primaryGroupID {pg:?}"
     );
 }
+
+// Shows: a service account that may write `member` of DB Admins but not read
+// it passes check-config ("OK"), then every grant fails with "added … but
+// reading the group back does not show the membership" (the add did land)
+// and no word about read rights. Fix: check-config reads back its probe
+// value (and `member` itself) and names the group ("may write but not read
+// `member`: grant the account Read Property on member"); the not-added
+// error should mention that the value may be unreadable.
+#[tokio::test]
+async fn brk15b_check_config_passes_when_member_is_unreadable() {
+    let dc = SambaDc::start().await;
+    let sid = brk15b_service_sid(&dc).await;
+    // OD;;RP;member — deny reading `member` of DB Admins (writing stays).
+    let out = Command::new(samba::SAMBA_TOOL)
+        .args(["dsacl", "set", "-H", &dc.ldap_url(), "-U"])
+        .arg(format!("{}%{}", samba::ADMIN, samba::ADMIN_PW))
+        .arg(format!("--objectdn={}", samba::DB_ADMINS))
+        .arg(format!(
+            "--sddl=(OD;;RP;bf9679c0-0de6-11d0-a285-00aa003049e2;;{sid})"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    let added = dir.add_membership(&lease).await;
+    let members = dc.values(samba::DB_ADMINS, "member").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config_text(&dc, tmp.path(), 1, "http://127.0.0.1:1/api/", "");
+    let (rc, cc) = check_config(tmp.path(), &text);
+    assert!(
+        rc != Some(0) && cc.to_lowercase().contains("read"),
+        "check-config rc {rc:?} says nothing of the unreadable `member` of DB Admins, yet a grant gives \
+         {added:?} with the group holding {members:?}:\n{cc}"
+    );
+}
