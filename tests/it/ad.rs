@@ -1293,9 +1293,10 @@ async fn brk15b_a_user_moved_into_an_unreadable_ou_keeps_the_membership() {
     );
 }
 
-// Shows: the grant's add is retried with the Membership recorded before it
-// (here: recorded, then the user renamed and a new user created under the
-// old DN, then the add) — jitbot adds the *new* user, and the lease's
+// Shows: the grant adds the Membership value recorded before it (recorded in
+// the store, then the add; after a restart in between, executor.rs reuses the
+// recorded one however old): here the user is renamed and a new user created
+// under the old DN in between — jitbot adds the *new* user, and the lease's
 // removal later goes to the renamed user, so the new user keeps the
 // membership forever. Fix: resolve the recorded identity before the add
 // (add the user's current DN, or refuse when the entry at the recorded DN
