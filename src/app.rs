@@ -196,16 +196,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
-    if let Some(src) = &config.audit.key {
-        store.set_audit_key(audit_key(src)?);
-        if store.seal_unkeyed_history(chrono::Utc::now()).await? {
-            tracing::warn!(
-                "audit chain: its last record was unkeyed, so it was sealed with an `audit.keyed` record. \
-                 Expected once, when [audit] key is first set; at any other start someone rewrote the chain \
-                 without the key: run `jitbot audit verify --anchor` with your last published anchor"
-            );
+    let sealing = match &config.audit.key {
+        Some(src) => {
+            store.set_audit_key(audit_key(src)?);
+            store.seal_unkeyed_history(chrono::Utc::now()).await?
         }
-    }
+        None => crate::store::Sealing::Unkeyed,
+    };
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
     let engine = Engine::new(
@@ -215,6 +212,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         clock.clone(),
         engine_settings(&config),
     );
+    // Through the alert path: delivered once the platforms are up.
+    if let Err(e) = engine.report_audit_keying(&sealing).await {
+        tracing::error!(error = %e, "cannot queue the audit chain alert: {sealing:?}");
+    }
     let anchor_engine = engine.clone();
     let mut platforms: Vec<(String, Arc<dyn Notifier>)> = Vec::new();
     let routers: Vec<Router> = Vec::new();

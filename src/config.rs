@@ -58,6 +58,10 @@ pub struct ServerConfig {
     /// Connections served at once on each listener; more wait to be accepted.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections from one IP address served at once on each listener;
+    /// more from that address are closed on accept.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
     /// Longest wait for a request's line and headers (idle keep-alive
     /// connections included) before the connection is closed.
     #[serde(default = "default_header_read_timeout")]
@@ -79,6 +83,7 @@ impl Default for ServerConfig {
             dashboard: false,
             shutdown_grace: default_grace(),
             max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
             header_read_timeout: default_header_read_timeout(),
             body_read_timeout: default_body_read_timeout(),
             request_timeout: default_request_timeout(),
@@ -91,6 +96,7 @@ impl ServerConfig {
     pub fn limits(&self) -> crate::http::Limits {
         crate::http::Limits {
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             header_read_timeout: self.header_read_timeout.to_std(),
             body_read_timeout: self.body_read_timeout.to_std(),
             request_timeout: self.request_timeout.to_std(),
@@ -111,6 +117,9 @@ fn default_grace() -> Span {
 }
 fn default_max_connections() -> usize {
     512
+}
+fn default_max_connections_per_ip() -> usize {
+    64
 }
 fn default_header_read_timeout() -> Span {
     Span::from_secs(10)
@@ -791,6 +800,13 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        if server.max_connections_per_ip == 0 {
+            issue(
+                "server.max_connections_per_ip".into(),
+                key_line(text, "server", "max_connections_per_ip"),
+                "must be at least 1".into(),
+            );
+        }
         if self.server.dashboard && self.server.admin_token.is_none() {
             issue(
                 "server.dashboard".into(),
@@ -1168,6 +1184,13 @@ max_duration = "4h"
         assert!(limits.header_read_timeout <= std::time::Duration::from_secs(10));
         assert!(limits.body_read_timeout <= std::time::Duration::from_secs(10));
         assert!(limits.max_connections >= 64);
+        assert_eq!(limits.max_connections_per_ip, 64);
+        assert!(limits.max_connections_per_ip < limits.max_connections);
+        let zero_ip = format!("[server]\nmax_connections_per_ip = 0\n{MINIMAL}");
+        assert!(Config::parse(&zero_ip, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("max_connections_per_ip"));
         assert!(c.server.admin_listen.ip().is_loopback());
         assert_ne!(c.server.admin_listen, c.server.listen);
         assert_eq!(c.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);

@@ -168,6 +168,27 @@ pub enum ChatError {
     Refused(String),
 }
 
+/// A post of an approval card that failed part way: the copies that did go
+/// out (to record, so that a retry posts only the missing ones and the
+/// decision reaches every copy), and why the rest did not.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{error}")]
+pub struct PostError {
+    /// The copies posted before the failure.
+    pub posted: Vec<MessageRef>,
+    #[source]
+    pub error: ChatError,
+}
+
+impl From<ChatError> for PostError {
+    fn from(error: ChatError) -> Self {
+        PostError {
+            posted: Vec::new(),
+            error,
+        }
+    }
+}
+
 /// Outgoing chat messages. Every platform adapter implements it; a fan-out
 /// sends to all configured platforms.
 #[async_trait]
@@ -175,6 +196,21 @@ pub trait Notifier: Send + Sync + 'static {
     /// Posts an approval card where approvers will see it; returns where it
     /// went so that it can be updated in place later (even after a restart).
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError>;
+    /// Posts the copies of an approval card that are not among `posted`
+    /// (those an earlier, partly failed attempt recorded); returns the new
+    /// ones, or with the error those that went out before it. By default,
+    /// [`Notifier::post_approval`] when nothing was posted, else nothing.
+    async fn post_missing_copies(
+        &self,
+        card: &ApprovalCard,
+        posted: &[MessageRef],
+    ) -> Result<Vec<MessageRef>, PostError> {
+        if posted.is_empty() {
+            Ok(self.post_approval(card).await?)
+        } else {
+            Ok(Vec::new())
+        }
+    }
     /// Rewrites a posted approval card (new approvals, decision, buttons removed).
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError>;
     /// Sends a notice to a person, a group's channel or the alert channel.

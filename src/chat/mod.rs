@@ -3,6 +3,7 @@
 pub mod cards;
 pub mod discord;
 pub mod fanout;
+pub mod inbound;
 pub mod outbox;
 pub mod render;
 pub mod slack;

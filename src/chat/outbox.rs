@@ -8,11 +8,11 @@
 //! was queued.
 
 use crate::engine::Engine;
-use crate::ports::{Audience, ChatError, MessageRef, Notifier};
+use crate::ports::{Audience, ChatError, MessageRef, Notifier, PostError};
 use crate::store::{OutboxItem, OutboxJob, StoreError};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::request::RequestState;
-use jitbot_core::Instant;
+use jitbot_core::{Instant, RequestId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -439,12 +439,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             let Some(rec) = engine.store().request(request).map_err(store_err)? else {
                 return Ok(());
             };
-            let posted: Vec<&MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).collect();
-            if !posted.is_empty() {
-                // Already posted here: update instead of posting twice.
-                let card = engine.card(&rec);
-                return update_every_copy(dest, posted, &card).await;
-            }
+            let posted: Vec<MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).cloned().collect();
             if job.interrupted_post {
                 // Slack has no idempotency key for posts and looking the card
                 // up would need history scopes jitbot does not ask for: post
@@ -466,7 +461,20 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                 .outbox_start_post(job.id, dest.name)
                 .await
                 .map_err(store_err)?;
-            let messages = dest.notifier.post_approval(&card).await?;
+            // Copies an earlier attempt posted before it failed are left
+            // out, and brought up to date after the missing ones are posted.
+            let messages = match dest.notifier.post_missing_copies(&card, &posted).await {
+                Ok(messages) => messages,
+                Err(PostError { posted: made, error }) => {
+                    if !made.is_empty() {
+                        record_copies(engine, request, made).await.map_err(store_err)?;
+                    }
+                    return Err(error);
+                }
+            };
+            if !posted.is_empty() {
+                update_every_copy(dest, posted.iter().collect(), &engine.card(&rec)).await?;
+            }
             engine
                 .store()
                 .outbox_posted(job.id, dest.name, request, messages)
@@ -482,6 +490,29 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             update_every_copy(dest, copies, &card).await
         }
     }
+}
+
+/// Records copies of a card posted by an attempt that then failed, so that
+/// the retry leaves them out and the decision reaches them.
+async fn record_copies(
+    engine: &Engine,
+    request: &RequestId,
+    copies: Vec<MessageRef>,
+) -> Result<(), StoreError> {
+    engine
+        .store()
+        .update(engine.now(), |tx| {
+            if let Some(mut rec) = tx.request(request)? {
+                for m in copies {
+                    if !rec.messages.contains(&m) {
+                        rec.messages.push(m);
+                    }
+                }
+                tx.put_request(rec);
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await
 }
 
 /// Rewrites every copy of a card on one platform. One copy that fails does

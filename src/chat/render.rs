@@ -1,6 +1,8 @@
-//! Platform-neutral wording of approval cards and buttons, shared by the chat
-//! adapters so every platform says the same thing; each adapter adds only its
-//! own markup and limits.
+//! Every word jitbot's chat layer says on its own (the engine's replies and
+//! notices come worded from the engine): approval cards, buttons, the deny
+//! form and the answers of the shared inbound route. Shared by the chat
+//! adapters so every platform says the same thing; each adapter adds only
+//! its own markup and limits.
 
 use crate::ports::ApprovalCard;
 use jitbot_core::command::Action;
@@ -18,6 +20,12 @@ pub fn button_label(action: &Action) -> &'static str {
 
 /// "alice requests membership in db-admins for 2h" (or an extension of it).
 pub fn headline(card: &ApprovalCard) -> String {
+    headline_marked(card, |s| s.to_string())
+}
+
+/// The headline with each fact (requester, group, duration) passed through
+/// `mark`: a platform's emphasis and escaping.
+pub fn headline_marked(card: &ApprovalCard, mark: impl Fn(&str) -> String) -> String {
     let kind = if card.extension {
         "an extension of"
     } else {
@@ -25,8 +33,70 @@ pub fn headline(card: &ApprovalCard) -> String {
     };
     format!(
         "{} requests {kind} {} for {}",
-        card.requester, card.group, card.duration
+        mark(card.requester.as_str()),
+        mark(card.group.as_str()),
+        mark(&card.duration)
     )
+}
+
+/// The card in one line, for notifications and screen readers: "alice
+/// requests db-admins for 2h (pending: 0 of 1 approvals): fixing replication".
+pub fn card_summary(card: &ApprovalCard) -> String {
+    format!(
+        "{} requests {} for {} ({}): {}",
+        card.requester, card.group, card.duration, card.status, card.reason
+    )
+}
+
+/// The facts a card shows below its headline (the headline already names
+/// requester, group and duration).
+pub fn detail_fields(card: &ApprovalCard) -> Vec<(&'static str, String)> {
+    fields(card).into_iter().skip(3).collect()
+}
+
+/// The answer to a click on a button that stands for nothing here.
+pub const BUTTON_DOES_NOTHING: &str = "That button does nothing here.";
+/// The answer to an interaction delivered again (a platform's retry or a replay).
+pub const ALREADY_HANDLED: &str = "That interaction was already handled; nothing was done again.";
+/// The answer when a command's work failed unexpectedly.
+pub const FAILED_TO_RUN: &str = "jitbot failed to run that; tell your jitbot admins.";
+/// A deny submitted without a reason.
+pub const REASON_REQUIRED: &str = "Say why you deny it: a reason is required.";
+/// The deny form: its title, the reason box's label and placeholder, its button.
+pub const DENY_TITLE: &str = "Deny request";
+pub const REASON_LABEL: &str = "Reason";
+pub const DENY_PLACEHOLDER: &str = "Not during the change freeze";
+pub const DENY_SUBMIT: &str = "Deny";
+
+/// The deny form's question.
+pub fn deny_prompt(request: &str) -> String {
+    format!("Why is {request} denied? The requester will see this.")
+}
+
+/// The answer to someone whose chat profile has no email to find them by.
+pub fn no_profile_email(platform: &str) -> String {
+    format!("Your {platform} profile shows no email address, so jitbot cannot find your directory account.")
+}
+
+/// The answer when the platform could not say who someone is.
+pub fn lookup_failed(platform: &str, error: &dyn std::fmt::Display) -> String {
+    format!("jitbot cannot look you up in {platform} right now ({error}); try again in a minute.")
+}
+
+/// The answer to a chat user no config or directory entry links to anyone.
+pub fn unknown_chat_user(platform: &str, id: &str) -> String {
+    format!("jitbot does not know who {platform} user {id} is; ask your jitbot admins to link your account")
+}
+
+/// The answer when a platform would not open the deny form.
+pub fn deny_form_failed(platform: &str, error: &dyn std::fmt::Display, request: &str) -> String {
+    format!("{platform} would not open the form ({error}); use `/jit deny {request} <reason>`.")
+}
+
+/// "Access request r-1" (or "Extension request r-1"): what a card is.
+pub fn card_title(card: &ApprovalCard) -> String {
+    let kind = if card.extension { "Extension" } else { "Access" };
+    format!("{kind} request {}", card.request)
 }
 
 /// "1 of 2".
@@ -62,6 +132,24 @@ pub fn card_text(card: &ApprovalCard) -> String {
             .map(|(label, value)| format!("{label}: {value}")),
     );
     lines.join("\n")
+}
+
+/// `text` without Slack-style emoji shortcodes (`:key:` as a word of its
+/// own), which the engine's notices start with: Slack draws them, other
+/// platforms would show the code (and many machines lack an emoji font).
+pub fn without_shortcodes(text: &str) -> String {
+    let is_shortcode = |w: &str| {
+        w.len() > 2
+            && w.starts_with(':')
+            && w.ends_with(':')
+            && w[1..w.len() - 1]
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_')
+    };
+    text.split(' ')
+        .filter(|w| !is_shortcode(w))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Cuts `text` to at most `max` characters, ending with `…` when cut, so a
@@ -113,6 +201,16 @@ mod tests {
         c.recipients.unreachable = vec![UserId::new("carol"), UserId::new("dave")];
         let text = card_text(&c);
         assert!(text.contains("Could not reach by DM: carol, dave"), "{text}");
+    }
+
+    #[test]
+    fn shortcodes_are_dropped_for_platforms_that_would_show_them() {
+        assert_eq!(
+            without_shortcodes(":key: alice now has `db` until 10:00 (lease l-1)."),
+            "alice now has `db` until 10:00 (lease l-1)."
+        );
+        assert_eq!(without_shortcodes("a :x: b 10:30: c"), "a b 10:30: c");
+        assert_eq!(without_shortcodes("no codes: here"), "no codes: here");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use super::{notice, Engine, EngineError};
 use crate::ports::Audience;
-use crate::store::Anchor;
+use crate::store::{Anchor, Sealing};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -30,6 +30,71 @@ impl Engine {
             .await?;
         self.outbox_changed().notify_one();
         Ok(head)
+    }
+}
+
+impl Engine {
+    /// Reports what start-up found when keying the audit chain: in the log
+    /// and, when it needs a person, to the alert channel. A chain that does
+    /// not verify under the key (it was not sealed) is an alert at every
+    /// start until it is dealt with; so is the first keying of a chain that
+    /// already held unkeyed records, since that is also what a keyed history
+    /// rewritten without the key, its marker deleted, would look like.
+    pub async fn report_audit_keying(&self, sealing: &Sealing) -> Result<(), EngineError> {
+        let text = match sealing {
+            Sealing::Unkeyed | Sealing::Intact => return Ok(()),
+            Sealing::FirstKeyed { legacy: 0, .. } => {
+                tracing::info!("audit chain: keyed with [audit] key from its first record");
+                return Ok(());
+            }
+            Sealing::FirstKeyed { since, legacy } => {
+                tracing::warn!(
+                    since,
+                    legacy,
+                    "audit chain: keyed for the first time; its {legacy} unkeyed records were sealed with an \
+                     `audit.keyed` record ({since}). Expected once, when [audit] key is first set; otherwise \
+                     someone rewrote a keyed chain and deleted its marker: run `jitbot audit verify --anchor` \
+                     with your last published anchor"
+                );
+                format!(
+                    ":lock: The audit chain was keyed for the first time: its {legacy} unkeyed records were sealed \
+                     at record {since}. If [audit] key was set before, this is not expected: check the chain \
+                     with `jitbot audit verify --anchor` and your last published anchor."
+                )
+            }
+            Sealing::Tampered {
+                seq,
+                problem,
+                recorded,
+            } => {
+                tracing::error!(
+                    seq,
+                    recorded,
+                    "audit chain does not verify under [audit] key at record {seq}: {problem}. \
+                     It was NOT sealed; compare it with your published anchors and backups"
+                );
+                format!(
+                    ":rotating_light: jitbot's audit chain does not verify under its key at record {seq}: \
+                     {problem}. Someone with write access to the store may have rewritten, cut off or emptied \
+                     it. jitbot did not seal it{}; compare it with your published anchors \
+                     (`jitbot audit verify --anchor`) and backups.",
+                    if *recorded {
+                        " and recorded the finding in the chain"
+                    } else {
+                        ""
+                    }
+                )
+            }
+        };
+        self.inner
+            .store
+            .update(self.now(), |tx| {
+                tx.outbox(notice(Audience::Alert, text, Vec::new()));
+                Ok::<(), EngineError>(())
+            })
+            .await?;
+        self.outbox_changed().notify_one();
+        Ok(())
     }
 }
 

@@ -1,6 +1,9 @@
-//! The accept loop: HTTP/1.1 with a connection cap and timeouts for the
-//! request head, the body and the whole request, so slow or idle clients
-//! (slowloris) cannot hold every file descriptor.
+//! The accept loop: HTTP/1.1 with a connection cap, a per-address cap and
+//! timeouts for the request head, the body and the whole request, so slow or
+//! idle clients (slowloris) cannot hold every file descriptor. At the cap a
+//! new connection replaces the oldest one still waiting for its request
+//! headers, so a flood of idle sockets cannot make real requests queue
+//! behind it for several header timeouts.
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
@@ -8,14 +11,16 @@ use axum::response::IntoResponse;
 use axum::Router;
 use hyper::body::{Bytes, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
@@ -23,8 +28,13 @@ use tower::ServiceExt;
 /// the same names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Connections served at once; further ones wait in the kernel's backlog.
+    /// Connections served at once. At the cap a new connection replaces
+    /// the oldest one that has not sent complete request headers; only when
+    /// every connection is serving a request do new ones wait in the
+    /// kernel's backlog.
     pub max_connections: usize,
+    /// Connections from one IP address at once; more are closed on accept.
+    pub max_connections_per_ip: usize,
     /// Longest wait for a request line and headers, idle keep-alive included.
     pub header_read_timeout: Duration,
     /// Longest wait for a whole request body once the headers are in.
@@ -37,6 +47,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 512,
+            max_connections_per_ip: 64,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
@@ -53,6 +64,165 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
+/// One open connection, as the accept loop sees it.
+struct Conn {
+    ip: IpAddr,
+    /// Serving a request (its headers are complete): never shed.
+    busy: bool,
+    /// Since when it has been waiting for a request's headers.
+    waiting_since: std::time::Instant,
+    /// Told to close the connection when it is shed.
+    shed: Arc<Notify>,
+}
+
+/// The connections a listener holds.
+#[derive(Default)]
+struct Conns {
+    next_id: u64,
+    open: HashMap<u64, Conn>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Conns {
+    /// The connection that has waited longest for its request headers,
+    /// and since when.
+    fn oldest_waiting(&self) -> Option<(u64, std::time::Instant)> {
+        self.open
+            .iter()
+            .filter(|(_, c)| !c.busy)
+            .min_by_key(|(id, c)| (c.waiting_since, **id))
+            .map(|(id, c)| (*id, c.waiting_since))
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Conn> {
+        let conn = self.open.remove(&id)?;
+        if let Some(n) = self.per_ip.get_mut(&conn.ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&conn.ip);
+            }
+        }
+        Some(conn)
+    }
+}
+
+/// How long a connection may wait for its request headers before a new
+/// connection at the cap may replace it: time for a client to send them
+/// right after connecting, short enough that a flood of idle sockets delays
+/// a real request by a fraction of a second per `max_connections` of them.
+const SHED_GRACE: Duration = Duration::from_millis(100);
+
+/// Whether the accept loop may take a connection.
+enum Room {
+    Now,
+    /// At the cap; the oldest waiting connection can be shed after this.
+    After(Duration),
+    /// At the cap and every connection is serving a request.
+    Busy,
+}
+
+/// The registry shared by the accept loop, the connections and their
+/// requests.
+#[derive(Default)]
+struct Registry {
+    conns: Mutex<Conns>,
+    /// A connection closed or finished a request: the accept loop, waiting
+    /// at the cap with every connection busy, looks again.
+    changed: Notify,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a new connection can be taken now: below the cap, or one to
+    /// shed; else how long until one can be shed, if any.
+    fn room(&self, max: usize) -> Room {
+        let conns = self.lock();
+        if conns.open.len() < max {
+            return Room::Now;
+        }
+        match conns.oldest_waiting() {
+            None => Room::Busy,
+            Some((_, since)) => match SHED_GRACE.checked_sub(since.elapsed()) {
+                Some(left) if !left.is_zero() => Room::After(left),
+                _ => Room::Now,
+            },
+        }
+    }
+
+    fn set_busy(&self, id: u64, busy: bool) {
+        if let Some(c) = self.lock().open.get_mut(&id) {
+            c.busy = busy;
+            if !busy {
+                c.waiting_since = std::time::Instant::now();
+            }
+        }
+        if !busy {
+            self.changed.notify_one();
+        }
+    }
+
+    fn closed(&self, id: u64) {
+        self.lock().remove(id);
+        self.changed.notify_one();
+    }
+}
+
+/// Removes a connection from the registry when its task ends, however.
+struct Registered(Arc<Registry>, u64);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.closed(self.1);
+    }
+}
+
+/// What to do with a connection just accepted.
+enum Admission {
+    /// Served, under this id, told to close through this.
+    Serve(u64, Arc<Notify>),
+    /// Closed at once: its address holds `max_connections_per_ip` already.
+    PerIpCap,
+    /// Closed at once: at the cap, and no connection can be shed (rare: one
+    /// turned busy between the check and the accept).
+    Full,
+}
+
+fn admit(registry: &Registry, ip: IpAddr, limits: &Limits) -> Admission {
+    let mut conns = registry.lock();
+    if conns.per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_connections_per_ip.max(1) {
+        return Admission::PerIpCap;
+    }
+    if conns.open.len() >= limits.max_connections.max(1) {
+        let Some(victim) = conns
+            .oldest_waiting()
+            .filter(|(_, since)| since.elapsed() >= SHED_GRACE)
+            .map(|(id, _)| id)
+        else {
+            return Admission::Full;
+        };
+        if let Some(victim) = conns.remove(victim) {
+            victim.shed.notify_one();
+        }
+    }
+    let id = conns.next_id;
+    conns.next_id += 1;
+    let shed = Arc::new(Notify::new());
+    conns.open.insert(
+        id,
+        Conn {
+            ip,
+            busy: false,
+            waiting_since: std::time::Instant::now(),
+            shed: shed.clone(),
+        },
+    );
+    *conns.per_ip.entry(ip).or_insert(0) += 1;
+    Admission::Serve(id, shed)
+}
+
 /// Serves `app` on an already-bound listener until `shutdown` turns true,
 /// then lets in-flight requests finish (the caller bounds that wait).
 pub async fn serve(
@@ -61,25 +231,32 @@ pub async fn serve(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let registry = Arc::new(Registry::default());
+    let max = limits.max_connections.max(1);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
     let mut connections = JoinSet::new();
-    loop {
+    'accept: loop {
         while connections.try_join_next().is_some() {}
-        // A permit first: at the cap, new connections wait in the backlog
-        // rather than costing a descriptor each.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = stopped(&mut shutdown) => break,
-        };
-        let stream = tokio::select! {
+        // At the cap, new connections wait in the backlog (rather than cost
+        // a descriptor each) until an idle one can be shed or, when every
+        // connection is serving a request, until one is done.
+        loop {
+            let wait = match registry.room(max) {
+                Room::Now => break,
+                Room::After(left) => left,
+                Room::Busy => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = registry.changed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped(&mut shutdown) => break 'accept,
+            }
+        }
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors or a connection reset before
                     // accept: wait a little rather than spin.
@@ -90,15 +267,36 @@ pub async fn serve(
             },
             _ = stopped(&mut shutdown) => break,
         };
+        let (id, shed) = match admit(&registry, peer.ip(), &limits) {
+            Admission::Serve(id, shed) => (id, shed),
+            Admission::PerIpCap => {
+                tracing::debug!(peer = %peer.ip(), "closed a connection: server.max_connections_per_ip reached");
+                continue;
+            }
+            Admission::Full => {
+                tracing::debug!(peer = %peer.ip(), "closed a connection: server.max_connections reached, all busy");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let service = hyper::service::service_fn({
             let app = app.clone();
-            move |req: Request<Incoming>| handle(app.clone(), limits, req)
+            let registry = registry.clone();
+            move |req: Request<Incoming>| {
+                let (app, registry) = (app.clone(), registry.clone());
+                async move {
+                    registry.set_busy(id, true);
+                    let response = handle(app, limits, req).await;
+                    registry.set_busy(id, false);
+                    response
+                }
+            }
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let mut shutdown = shutdown.clone();
+        let registered = Registered(registry.clone(), id);
         connections.spawn(async move {
-            let _permit = permit;
+            let _registered = registered;
             let mut conn = std::pin::pin!(conn);
             let mut draining = false;
             loop {
@@ -107,6 +305,10 @@ pub async fn serve(
                         if let Err(e) = done {
                             tracing::debug!(error = %e, "connection closed");
                         }
+                        break;
+                    }
+                    _ = shed.notified(), if !draining => {
+                        tracing::debug!("shed a connection still waiting for its headers: server.max_connections reached");
                         break;
                     }
                     _ = stopped(&mut shutdown), if !draining => {

@@ -7,6 +7,13 @@
 //! history and recompute every hash; keyed, they cannot without the key.
 //! Either way, an [`Anchor`] published outside the store (`jitbot audit
 //! anchor`) pins the history up to it: `jitbot audit verify --anchor`.
+//!
+//! A keyed chain also keeps two MACs under the key in `meta`: the head's
+//! (`audit_head_mac`, HMAC of `seq` and `hash`), so that cutting off the
+//! newest records or emptying the chain shows, and "keyed since record N"
+//! (`audit_keyed_since`), so that a keyed history rewritten as an unkeyed
+//! one is never sealed as if it were a legacy chain keyed for the first
+//! time. Only a chain that never carried either is sealed, once.
 
 use super::records::{AuditEntry, StoredAudit};
 use super::{encode, AuditDraft, Store, StoreError, AUDIT_HEAD};
@@ -14,7 +21,8 @@ use crate::secret::Secret;
 use hmac::{Hmac, Mac};
 use jitbot_core::Instant;
 use sha2::{Digest, Sha256};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
 use std::fmt;
 use std::str::FromStr;
 
@@ -80,6 +88,65 @@ fn link(bytes: &[u8], keyed: bool, key: Option<&Secret>) -> Result<String, Strin
         .map_err(|e| format!("the [audit] key cannot be used: {e}"))?;
     mac.update(bytes);
     Ok(hex::encode(mac.finalize().into_bytes()))
+}
+
+/// `meta` key of the head's MAC under the `[audit] key`.
+const HEAD_MAC: &[u8] = b"audit_head_mac";
+/// `meta` key of `N:MAC`: records from `N` on are keyed.
+const KEYED_SINCE: &[u8] = b"audit_keyed_since";
+/// The action of the record start-up appends when the chain does not verify.
+const TAMPERED: &str = "audit.tampered";
+
+/// HMAC-SHA256 under the key of a domain tag and its fields, hex.
+fn mac(key: &Secret, domain: &[u8], fields: &[&[u8]]) -> Result<String, String> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
+        .map_err(|e| format!("the [audit] key cannot be used: {e}"))?;
+    mac.update(domain);
+    for f in fields {
+        mac.update(&(f.len() as u64).to_be_bytes());
+        mac.update(f);
+    }
+    Ok(hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The MAC of a head: `HMAC(key, "head" ‖ seq ‖ hash)`.
+fn head_mac(key: &Secret, head: &Anchor) -> Result<String, String> {
+    mac(
+        key,
+        b"jitbot audit head\0",
+        &[&head.seq.to_be_bytes(), head.hash.as_bytes()],
+    )
+}
+
+/// The stored marker `N:MAC` saying records from `since` on are keyed.
+fn keyed_since_marker(key: &Secret, since: u64) -> Result<String, String> {
+    let m = mac(key, b"jitbot audit keyed since\0", &[&since.to_be_bytes()])?;
+    Ok(format!("{since}:{m}"))
+}
+
+/// Reads the keyed-since marker: the record from which the chain is keyed,
+/// or why it cannot be believed.
+fn check_keyed_since(key: &Secret, stored: Option<&[u8]>) -> Result<u64, String> {
+    let Some(bytes) = stored else {
+        return Err(
+            "an [audit] key is configured but the chain has no keyed-since marker: it was deleted, \
+             so the chain may have been rewritten without the key"
+                .into(),
+        );
+    };
+    let since = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.split_once(':'))
+        .and_then(|(n, _)| n.parse::<u64>().ok())
+        .ok_or_else(|| "the keyed-since marker is unreadable: it was tampered with".to_string())?;
+    let expected = keyed_since_marker(key, since)?;
+    if expected.as_bytes() != bytes {
+        return Err(format!(
+            "the keyed-since marker (record {since}) does not verify under the [audit] key: \
+             it was forged, or the key changed"
+        ));
+    }
+    Ok(since)
 }
 
 fn corrupt_head(why: String) -> StoreError {
@@ -159,7 +226,33 @@ pub(super) fn append(
         audit.insert(&seq.to_be_bytes(), bytes)?;
     }
     meta.insert(AUDIT_HEAD, format!("{seq}:{prev}").as_bytes())?;
+    if let Some(key) = key {
+        let head = Anchor { seq, hash: prev };
+        let m = head_mac(key, &head).map_err(|e| ConflictableTransactionError::Abort(StoreError::Io(e)))?;
+        meta.insert(HEAD_MAC, m.as_bytes())?;
+    }
     Ok(())
+}
+
+/// What start-up found when keying the chain ([`Store::seal_unkeyed_history`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sealing {
+    /// No `[audit] key` is configured.
+    Unkeyed,
+    /// Keyed before, and it verifies under the key.
+    Intact,
+    /// Keyed for the first time: records from `since` on are keyed;
+    /// `legacy` unkeyed records before it were sealed with an `audit.keyed`
+    /// record (none for a new chain).
+    FirstKeyed { since: u64, legacy: u64 },
+    /// The chain does not verify under the key, so it was not sealed: the
+    /// history was rewritten, cut off or emptied without the key. `recorded`
+    /// says an `audit.tampered` record now says so in the chain itself.
+    Tampered {
+        seq: u64,
+        problem: String,
+        recorded: bool,
+    },
 }
 
 impl StoredAudit {
@@ -184,34 +277,117 @@ impl Store {
         self.inner.audit_key.get()
     }
 
-    /// Appends an `audit.keyed` record when a key is configured but the last
-    /// record is unkeyed, so that from here on an unkeyed last record means
-    /// the keyed history was cut off or rewritten. Returns whether it did:
-    /// expected once, when the key is first configured; at any later start it
-    /// means someone rewrote the chain without the key (only an anchor
-    /// published before can then tell which records are genuine).
-    pub async fn seal_unkeyed_history(&self, now: Instant) -> Result<bool, StoreError> {
-        if self.audit_key().is_none() {
-            return Ok(false);
-        }
-        let last = match self.inner.audit.last()? {
-            None => return Ok(false),
-            Some((k, v)) => super::decode::<StoredAudit>(&k, &v)?,
+    /// Keys the chain at start-up, once the `[audit] key` is set, and checks
+    /// it. A chain that never carried a keyed record, a head MAC or a
+    /// keyed-since marker is keyed for the first time: a legacy chain is
+    /// sealed with an `audit.keyed` record, and the keyed-since marker and
+    /// the head's MAC are written, in one commit. Any other chain must verify
+    /// under the key; if it does not, nothing is sealed, an `audit.tampered`
+    /// record (once) keeps the finding in the chain for `jitbot audit
+    /// verify`, and the caller raises an alert.
+    pub async fn seal_unkeyed_history(&self, now: Instant) -> Result<Sealing, StoreError> {
+        let Some(key) = self.audit_key() else {
+            return Ok(Sealing::Unkeyed);
         };
-        if last.keyed() {
-            return Ok(false);
+        let never_keyed = self.inner.meta.get(KEYED_SINCE)?.is_none()
+            && self.inner.meta.get(HEAD_MAC)?.is_none()
+            && !self.any_keyed_record()?;
+        if never_keyed {
+            return self.key_first_time(now, key).await;
         }
-        self.update(now, |tx| {
-            tx.audit(AuditDraft {
-                actor: "jitbot".into(),
-                action: "audit.keyed".into(),
-                detail: "the audit chain is HMAC-keyed from this record on".into(),
-                ..AuditDraft::default()
-            });
-            Ok::<(), StoreError>(())
+        let (seq, problem) = match self.verify_audit()? {
+            AuditCheck::Intact { .. } => return Ok(Sealing::Intact),
+            AuditCheck::Broken { seq, problem } => (seq, problem),
+        };
+        // One finding in the chain is enough: `verify` reports the chain
+        // broken at it from then on, whatever is appended after it.
+        let already = self.recorded_tampering()?;
+        let mut recorded = false;
+        if !already {
+            let written = self
+                .update(now, |tx| {
+                    tx.audit(AuditDraft {
+                        actor: "jitbot".into(),
+                        action: TAMPERED.into(),
+                        detail: format!("at start-up the chain did not verify at record {seq}: {problem}"),
+                        ..AuditDraft::default()
+                    });
+                    Ok::<(), StoreError>(())
+                })
+                .await;
+            match written {
+                Ok(()) => recorded = true,
+                Err(e) => tracing::error!(error = %e, "cannot record the broken audit chain in it"),
+            }
+        }
+        Ok(Sealing::Tampered {
+            seq,
+            problem,
+            recorded,
         })
-        .await?;
-        Ok(true)
+    }
+
+    fn recorded_tampering(&self) -> Result<bool, StoreError> {
+        for item in self.inner.audit.iter().rev() {
+            let (_, v) = item?;
+            if serde_json::from_slice::<StoredAudit>(&v)
+                .is_ok_and(|s| s.keyed() && s.into_entry().action == TAMPERED)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn any_keyed_record(&self) -> Result<bool, StoreError> {
+        for item in self.inner.audit.iter() {
+            let (_, v) = item?;
+            if serde_json::from_slice::<StoredAudit>(&v).is_ok_and(|s| s.keyed()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The first keying: the seal record (for a legacy chain), the marker
+    /// and the head's MAC in one commit.
+    async fn key_first_time(&self, now: Instant, key: &Secret) -> Result<Sealing, StoreError> {
+        self.check_healthy()?;
+        let s = &*self.inner;
+        let seal = [AuditDraft {
+            actor: "jitbot".into(),
+            action: "audit.keyed".into(),
+            detail: "the audit chain is HMAC-keyed from this record on".into(),
+            ..AuditDraft::default()
+        }];
+        let abort = |e: String| ConflictableTransactionError::Abort(StoreError::Io(e));
+        let legacy = {
+            let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let legacy = (&s.audit, &s.meta)
+                .transaction(|(audit, meta)| {
+                    let head = parse_head(meta.get(AUDIT_HEAD)?.as_deref())
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    if head.seq > 0 {
+                        append(audit, meta, &seal, now, Some(key))?;
+                    } else {
+                        meta.insert(HEAD_MAC, head_mac(key, &head).map_err(abort)?.as_bytes())?;
+                    }
+                    let marker = keyed_since_marker(key, head.seq + 1).map_err(abort)?;
+                    meta.insert(KEYED_SINCE, marker.as_bytes())?;
+                    Ok(head.seq)
+                })
+                .map_err(|e| match e {
+                    TransactionError::Abort(e) => e,
+                    TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+                })?;
+            s.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            legacy
+        };
+        self.flush_committed().await?;
+        Ok(Sealing::FirstKeyed {
+            since: legacy + 1,
+            legacy,
+        })
     }
 
     /// The chain's head: the anchor to publish.
@@ -227,9 +403,18 @@ impl Store {
     /// Checks the chain and, given an anchor published earlier, that record
     /// `anchor.seq` still hashes to `anchor.hash` (the history up to it was
     /// not rewritten) and that the chain continues intact from it.
+    /// Holds the writer lock meanwhile, so that a commit cannot land between
+    /// reading the records and the head (and its MAC) and pass for a break.
     pub fn verify_audit_against(&self, anchor: Option<&Anchor>) -> Result<AuditCheck, StoreError> {
+        let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let keyed_since = self.inner.meta.get(KEYED_SINCE)?;
+        let head_mac = self.inner.meta.get(HEAD_MAC)?;
         let keyed = match self.audit_key() {
-            Some(key) => Keyed::With(key),
+            Some(key) => Keyed::With {
+                key,
+                keyed_since: keyed_since.as_deref(),
+                head_mac: head_mac.as_deref(),
+            },
             None => Keyed::Missing,
         };
         let head = self.inner.meta.get(AUDIT_HEAD)?;
@@ -245,9 +430,14 @@ impl Store {
 /// How keyed (HMAC) records are checked.
 #[derive(Clone, Copy)]
 pub(super) enum Keyed<'a> {
-    /// With the key: every link is checked, and a configured key means the
-    /// last record must be keyed.
-    With(&'a Secret),
+    /// With the key: every link is checked, the keyed-since marker and the
+    /// head's MAC (stored in `meta`) must verify, and every record from the
+    /// marker's on must be keyed.
+    With {
+        key: &'a Secret,
+        keyed_since: Option<&'a [u8]>,
+        head_mac: Option<&'a [u8]>,
+    },
     /// Without the key, keyed records cannot be checked: said so.
     Missing,
     /// A backup checked offline, without the key: keyed links are taken as
@@ -271,6 +461,13 @@ pub(super) fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
     let mut seen_keyed = false;
     let mut last_keyed = false;
     let mut anchor_found = anchor.is_some_and(|a| a.seq == 0);
+    let keyed_since = match keyed {
+        Keyed::With { key, keyed_since, .. } => match check_keyed_since(key, keyed_since) {
+            Ok(since) => Some(since),
+            Err(problem) => return broken(0, problem),
+        },
+        _ => None,
+    };
     for item in records {
         let (k, v) = item?;
         let (k, v) = (k.as_ref(), v.as_ref());
@@ -298,6 +495,26 @@ pub(super) fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
                 "its contents no longer match the hash recorded after it".into(),
             );
         }
+        if !is_keyed && keyed_since.is_some_and(|since| seq >= since) {
+            return broken(
+                seq,
+                format!(
+                    "it is unkeyed, but the chain is keyed since record {}: written without the [audit] key, so not by jitbot",
+                    keyed_since.unwrap_or_default()
+                ),
+            );
+        }
+        if is_keyed && matches!(keyed, Keyed::With { .. }) && entry.action == TAMPERED {
+            return broken(
+                seq,
+                format!(
+                    "jitbot found this chain tampered with when it started ({}): {}. \
+                     Compare it with your published anchors and backups",
+                    entry.at.to_rfc3339(),
+                    entry.detail
+                ),
+            );
+        }
         if seen_keyed && !is_keyed {
             return broken(
                 seq,
@@ -306,7 +523,7 @@ pub(super) fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         }
         prev_hash = match (is_keyed, keyed) {
             (true, Keyed::Trusted) => None,
-            (true, Keyed::With(key)) => match link(v, true, Some(key)) {
+            (true, Keyed::With { key, .. }) => match link(v, true, Some(key)) {
                 Ok(h) => Some(h),
                 Err(problem) => return broken(seq, problem),
             },
@@ -352,12 +569,57 @@ pub(super) fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
             format!("it is missing, but the published anchor {a} says it existed: records were removed"),
         );
     }
-    if matches!(keyed, Keyed::With(_)) && prev_seq > 0 && !last_keyed {
+    if matches!(keyed, Keyed::With { .. }) && prev_seq > 0 && !last_keyed {
         return broken(
             prev_seq,
             "the last record is unkeyed although an [audit] key is configured: keyed records after it were removed"
                 .into(),
         );
+    }
+    if let (
+        Keyed::With {
+            key,
+            head_mac: stored,
+            ..
+        },
+        Some(since),
+    ) = (keyed, keyed_since)
+    {
+        if prev_seq + 1 < since {
+            return broken(
+                prev_seq + 1,
+                format!(
+                    "the chain was keyed at record {since} but ends at record {prev_seq}: records were removed"
+                ),
+            );
+        }
+        let Ok(head) = parse_head(head) else {
+            return broken(prev_seq, "the chain head is unreadable".into());
+        };
+        let expected = match head_mac(key, &head) {
+            Ok(m) => m,
+            Err(problem) => return broken(prev_seq, problem),
+        };
+        match stored {
+            None => {
+                return broken(
+                    prev_seq,
+                    "the chain head carries no MAC under the [audit] key: the newest records were cut off, \
+                     or the chain was emptied"
+                        .into(),
+                )
+            }
+            Some(m) if m != expected.as_bytes() => {
+                return broken(
+                    prev_seq,
+                    format!(
+                        "the chain head {head} does not match its MAC under the [audit] key: \
+                         the newest records were cut off (or the chain was emptied)"
+                    ),
+                )
+            }
+            Some(_) => {}
+        }
     }
     Ok(AuditCheck::Intact { records: prev_seq })
 }

@@ -3,7 +3,7 @@
 //! the copy it took.
 
 use super::audit::{audit_chain, Keyed};
-use super::outbox::{due_key, entry_id, parse_due_key, upgrade};
+use super::outbox::{due_keys, entry_id, parse_due_key, upgrade};
 use super::records::{StoredLease, StoredOutbox, StoredRequest};
 use super::timers::{index_key, parse_key, TimerKind};
 use super::{live_key, AuditCheck, LeaseRecord, RequestRecord, StoreError};
@@ -262,13 +262,18 @@ fn outbox(snap: &Snapshot, p: &mut Problems) {
             continue;
         }
         let entry = upgrade(stored);
-        if !entry.fanned_out && !queue.contains_key(&due_key("", entry.queued_at, id)) {
+        let queued = |dest: &str, due| {
+            due_keys(dest, &entry.item, due, id)
+                .iter()
+                .any(|k| queue.contains_key(k))
+        };
+        if !entry.fanned_out && !queued("", entry.queued_at) {
             p.add(format!(
                 "outbox entry {id} is new but not queued: it would never be delivered"
             ));
         }
         for (dest, d) in &entry.dests {
-            if !queue.contains_key(&due_key(dest, d.next_attempt, id)) {
+            if !queued(dest, d.next_attempt) {
                 p.add(format!(
                     "outbox entry {id} is not queued on {dest}: it would never be delivered there"
                 ));
@@ -286,11 +291,11 @@ fn outbox(snap: &Snapshot, p: &mut Problems) {
         };
         let agrees = entries.get(&id).is_some_and(|e| {
             if dest.is_empty() {
-                !e.fanned_out && due_key("", e.queued_at, id) == *key
+                !e.fanned_out && due_keys("", &e.item, e.queued_at, id).contains(key)
             } else {
                 e.dests
                     .get(&dest)
-                    .is_some_and(|d| due_key(&dest, d.next_attempt, id) == *key)
+                    .is_some_and(|d| due_keys(&dest, &e.item, d.next_attempt, id).contains(key))
             }
         });
         if !agrees {

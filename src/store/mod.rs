@@ -22,7 +22,7 @@ mod records;
 pub mod seen;
 mod timers;
 
-pub use audit::{Anchor, AuditCheck};
+pub use audit::{Anchor, AuditCheck, Sealing};
 pub use outbox::OutboxJob;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
 pub use timers::{Timer, TimerKind};
@@ -443,6 +443,7 @@ impl Store {
             inner.meta.insert(SCHEMA, &b"1"[..])?;
         }
         outbox::upgrade_v1(&inner.outbox, &inner.outbox_due)?;
+        outbox::upgrade_due_keys(&inner.outbox, &inner.outbox_due)?;
         fold_live_slots(&inner.live)?;
         Ok(Store {
             inner: Arc::new(inner),

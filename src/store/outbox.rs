@@ -3,8 +3,11 @@
 //!
 //! Trees: `outbox` (entry id → the item and, per destination still to reach,
 //! its failed attempts, next attempt and whether a card post may be in
-//! flight) and `outbox_due` (`destination 0x00 [due ms] [entry id]` → empty:
-//! each destination's queue in due order). The engine's commit queues a new
+//! flight) and `outbox_due` (`destination 0x00 [priority] [due ms] [entry id]`
+//! → empty: each destination's queue, urgent entries first, then in due
+//! order, so alerts never wait behind user cards on a rate-limited platform).
+//! Keys written before priorities (`destination 0x00 [due ms] [entry id]`)
+//! are re-keyed when the store opens and still read. The engine's commit queues a new
 //! entry under the empty destination; the worker fans it out to the
 //! destinations configured now. Every write here takes the store's writer
 //! lock, like [`Store::update`], so a backup never sees half of one.
@@ -12,6 +15,7 @@
 use super::records::{DestV2, OutboxV2, StoredOutbox, StoredRequest};
 use super::{decode, encode, OutboxItem, RequestRecord, Store, StoreError};
 use crate::chat::view::MessageRef;
+use crate::ports::Audience;
 use jitbot_core::{Instant, RequestId};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
@@ -38,22 +42,61 @@ fn millis(at: Instant) -> u64 {
     u64::try_from(at.timestamp_millis()).unwrap_or(0)
 }
 
+/// How soon an entry goes out on its destination, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Priority {
+    /// Security alerts (break-glass, drift, stuck revocations, anchors):
+    /// drained before anything user traffic can queue.
+    Urgent = 0,
+    /// Approval cards, card updates and notices to people and groups.
+    Normal = 1,
+}
+
+const PRIORITIES: [Priority; 2] = [Priority::Urgent, Priority::Normal];
+
+impl Priority {
+    /// The priority of an item: alerts are urgent.
+    pub(super) fn of(item: &OutboxItem) -> Priority {
+        match item {
+            OutboxItem::Send { notice } if notice.to == Audience::Alert => Priority::Urgent,
+            _ => Priority::Normal,
+        }
+    }
+}
+
 /// The key of an entry in a destination's queue (`""` = not fanned out yet).
-pub(super) fn due_key(dest: &str, due: Instant, id: u64) -> Vec<u8> {
-    let mut k = dest.as_bytes().to_vec();
-    k.push(0);
+pub(super) fn due_key(dest: &str, priority: Priority, due: Instant, id: u64) -> Vec<u8> {
+    let mut k = prefix(dest);
+    k.push(priority as u8);
     k.extend_from_slice(&millis(due).to_be_bytes());
     k.extend_from_slice(&id.to_be_bytes());
     k
 }
 
-/// `(destination, due, entry id)` of a queue key.
+/// The key the same entry had before priorities (read, never written).
+fn legacy_due_key(dest: &str, due: Instant, id: u64) -> Vec<u8> {
+    let mut k = prefix(dest);
+    k.extend_from_slice(&millis(due).to_be_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Both keys an entry may be queued under: today's and the legacy one.
+pub(super) fn due_keys(dest: &str, item: &OutboxItem, due: Instant, id: u64) -> [Vec<u8>; 2] {
+    [
+        due_key(dest, Priority::of(item), due, id),
+        legacy_due_key(dest, due, id),
+    ]
+}
+
+/// `(destination, due, entry id)` of a queue key, today's or legacy.
 pub(super) fn parse_due_key(key: &[u8]) -> Option<(String, Instant, u64)> {
     let nul = key.iter().position(|b| *b == 0)?;
-    let rest = &key[nul + 1..];
-    if rest.len() != 16 {
-        return None;
-    }
+    let rest = match &key[nul + 1..] {
+        [p, rest @ ..] if rest.len() == 16 && *p <= Priority::Normal as u8 => rest,
+        rest if rest.len() == 16 => rest,
+        _ => return None,
+    };
     let mut ms = [0u8; 8];
     ms.copy_from_slice(&rest[..8]);
     let mut id = [0u8; 8];
@@ -61,6 +104,13 @@ pub(super) fn parse_due_key(key: &[u8]) -> Option<(String, Instant, u64)> {
     let due = chrono::DateTime::from_timestamp_millis(i64::try_from(u64::from_be_bytes(ms)).ok()?)?;
     let dest = String::from_utf8(key[..nul].to_vec()).ok()?;
     Some((dest, due, u64::from_be_bytes(id)))
+}
+
+/// Whether `key` is in the legacy (pre-priority) format.
+fn is_legacy(key: &[u8]) -> bool {
+    key.iter()
+        .position(|b| *b == 0)
+        .is_some_and(|nul| key.len() - nul - 1 == 16)
 }
 
 fn prefix(dest: &str) -> Vec<u8> {
@@ -102,7 +152,7 @@ pub(super) fn stage_new(
         dests: BTreeMap::new(),
     };
     outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry)))?;
-    due.insert(due_key("", now, id), &[][..])?;
+    due.insert(due_key("", Priority::of(item), now, id), &[][..])?;
     Ok(())
 }
 
@@ -212,6 +262,7 @@ impl Store {
                     continue;
                 }
                 entry.fanned_out = true;
+                let priority = Priority::of(&entry.item);
                 for d in dests {
                     entry.dests.insert(
                         d.clone(),
@@ -222,7 +273,7 @@ impl Store {
                             last_error: None,
                         },
                     );
-                    due.insert(due_key(d, now, *id), &[][..])?;
+                    due.insert(due_key(d, priority, now, *id), &[][..])?;
                 }
                 write_entry(outbox, *id, entry)?;
             }
@@ -231,45 +282,60 @@ impl Store {
         Ok(plan.len())
     }
 
-    /// Up to `limit` entries due on `dest` at `now`, earliest first.
+    /// Up to `limit` entries due on `dest` at `now`: urgent ones first,
+    /// then earliest first.
     pub fn outbox_due(&self, dest: &str, now: Instant, limit: usize) -> Result<Vec<OutboxJob>, StoreError> {
         self.check_healthy()?;
-        let start = prefix(dest);
-        let end = due_key(dest, now, u64::MAX);
         let mut out = Vec::new();
-        for item in self.inner.outbox_due.range(start..=end).take(limit) {
-            let (k, _) = item?;
-            let Some((_, _, id)) = parse_due_key(&k) else {
-                continue;
+        for priority in PRIORITIES {
+            let start = {
+                let mut p = prefix(dest);
+                p.push(priority as u8);
+                p
             };
-            let Some(bytes) = self.inner.outbox.get(id.to_be_bytes())? else {
-                continue;
-            };
-            let entry = upgrade(decode(&id.to_be_bytes(), &bytes)?);
-            if let Some(d) = entry.dests.get(dest) {
-                out.push(OutboxJob {
-                    id,
-                    item: entry.item.clone(),
-                    queued_at: entry.queued_at,
-                    attempts: d.attempts,
-                    interrupted_post: d.posting,
-                    next_attempt: d.next_attempt,
-                });
+            let end = due_key(dest, priority, now, u64::MAX);
+            for item in self.inner.outbox_due.range(start..=end) {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                let (k, _) = item?;
+                let Some((_, _, id)) = parse_due_key(&k) else {
+                    continue;
+                };
+                let Some(bytes) = self.inner.outbox.get(id.to_be_bytes())? else {
+                    continue;
+                };
+                let entry = upgrade(decode(&id.to_be_bytes(), &bytes)?);
+                if let Some(d) = entry.dests.get(dest) {
+                    out.push(OutboxJob {
+                        id,
+                        item: entry.item.clone(),
+                        queued_at: entry.queued_at,
+                        attempts: d.attempts,
+                        interrupted_post: d.posting,
+                        next_attempt: d.next_attempt,
+                    });
+                }
             }
         }
         Ok(out)
     }
 
     /// When the earliest entry queued on `dest` is due (`""`: entries not
-    /// fanned out yet).
+    /// fanned out yet), whatever its priority.
     pub fn outbox_next_due(&self, dest: &str) -> Result<Option<Instant>, StoreError> {
-        match self.inner.outbox_due.scan_prefix(prefix(dest)).next() {
-            Some(item) => {
+        let mut next: Option<Instant> = None;
+        for priority in PRIORITIES {
+            let mut p = prefix(dest);
+            p.push(priority as u8);
+            if let Some(item) = self.inner.outbox_due.scan_prefix(p).next() {
                 let (k, _) = item?;
-                Ok(parse_due_key(&k).map(|(_, due, _)| due))
+                if let Some((_, due, _)) = parse_due_key(&k) {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
             }
-            None => Ok(None),
         }
+        Ok(next)
     }
 
     /// Destinations that have entries queued (not counting new entries).
@@ -331,16 +397,17 @@ impl Store {
             let Some(mut entry) = read_entry(outbox, id)? else {
                 return Ok(0);
             };
+            let priority = Priority::of(&entry.item);
             let Some(d) = entry.dests.get_mut(dest) else {
                 return Ok(0);
             };
-            due.remove(due_key(dest, d.next_attempt, id))?;
+            due.remove(due_key(dest, priority, d.next_attempt, id))?;
             d.attempts += 1;
             d.next_attempt = next_attempt;
             d.posting = d.posting && may_have_posted;
             d.last_error = Some(error.to_string());
             let attempts = d.attempts;
-            due.insert(due_key(dest, next_attempt, id), &[][..])?;
+            due.insert(due_key(dest, priority, next_attempt, id), &[][..])?;
             write_entry(outbox, id, entry)?;
             Ok(attempts)
         })
@@ -399,8 +466,9 @@ fn finish(outbox: &TransactionalTree, due: &TransactionalTree, id: u64, dest: &s
     let Some(mut entry) = read_entry(outbox, id)? else {
         return Ok(());
     };
+    let priority = Priority::of(&entry.item);
     if let Some(d) = entry.dests.remove(dest) {
-        due.remove(due_key(dest, d.next_attempt, id))?;
+        due.remove(due_key(dest, priority, d.next_attempt, id))?;
         write_entry(outbox, id, entry)?;
     }
     Ok(())
@@ -422,7 +490,10 @@ pub(super) fn upgrade_v1(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize,
         (outbox, due)
             .transaction(|(outbox, due)| {
                 outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry.clone())))?;
-                due.insert(due_key("", entry.queued_at, *id), &[][..])?;
+                due.insert(
+                    due_key("", Priority::of(&entry.item), entry.queued_at, *id),
+                    &[][..],
+                )?;
                 Ok::<(), ConflictableTransactionError<StoreError>>(())
             })
             .map_err(|e| match e {
@@ -433,30 +504,72 @@ pub(super) fn upgrade_v1(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize,
     Ok(old.len())
 }
 
+/// Re-keys queue entries written before priorities (`destination 0x00 [due
+/// ms] [entry id]`) under today's key, each in one transaction, so a restart
+/// on an older store loses nothing and alerts already queued move ahead of
+/// user traffic. Returns how many were re-keyed.
+pub(super) fn upgrade_due_keys(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize, StoreError> {
+    let mut old = Vec::new();
+    for item in due.iter() {
+        let (k, _) = item?;
+        if !is_legacy(&k) {
+            continue;
+        }
+        if let Some((dest, at, id)) = parse_due_key(&k) {
+            let priority = match outbox.get(id.to_be_bytes())? {
+                Some(bytes) => Priority::of(&upgrade(decode(&id.to_be_bytes(), &bytes)?).item),
+                None => Priority::Normal,
+            };
+            old.push((k.to_vec(), due_key(&dest, priority, at, id)));
+        }
+    }
+    for (from, to) in &old {
+        due.transaction(|due| {
+            due.remove(from.as_slice())?;
+            due.insert(to.as_slice(), &[][..])?;
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        })
+        .map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+        })?;
+    }
+    Ok(old.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
 
     #[test]
-    fn queue_keys_round_trip_and_sort_by_destination_then_due() {
+    fn queue_keys_round_trip_and_sort_by_destination_then_priority_then_due() {
         let t = chrono::Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap();
         let later = t + chrono::Duration::seconds(1);
-        let k = due_key("slack", t, 7);
+        let n = Priority::Normal;
+        let k = due_key("slack", n, t, 7);
         assert_eq!(parse_due_key(&k), Some(("slack".to_string(), t, 7)));
-        assert_eq!(parse_due_key(&due_key("", t, 1)), Some((String::new(), t, 1)));
+        assert_eq!(parse_due_key(&due_key("", n, t, 1)), Some((String::new(), t, 1)));
         assert!(
-            due_key("slack", t, 9) < due_key("slack", later, 1),
-            "due order first"
+            due_key("slack", n, t, 9) < due_key("slack", n, later, 1),
+            "due order"
         );
         assert!(
-            due_key("", later, 1) < due_key("discord", t, 1),
+            due_key("slack", Priority::Urgent, later, 9) < due_key("slack", n, t, 1),
+            "urgent before normal, whatever their due times"
+        );
+        assert!(
+            due_key("", n, later, 1) < due_key("discord", Priority::Urgent, t, 1),
             "new entries first"
         );
         assert!(
-            due_key("slack", later, 1) < due_key("slackx", t, 1),
+            due_key("slack", n, later, 1) < due_key("slackx", Priority::Urgent, t, 1),
             "no prefix overlap"
         );
         assert_eq!(parse_due_key(b"slack"), None);
+        // Keys written before priorities still parse.
+        let legacy = legacy_due_key("slack", t, 7);
+        assert!(is_legacy(&legacy) && !is_legacy(&k));
+        assert_eq!(parse_due_key(&legacy), Some(("slack".to_string(), t, 7)));
     }
 }

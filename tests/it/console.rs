@@ -346,3 +346,102 @@ async fn browser_flow(b: &Browser, running: &Running, clock: &ManualClock) -> an
     anyhow::ensure!(!still, "alice is still in db-admins after expiry");
     Ok(())
 }
+
+/// The web console of `jitbot demo` as a [`crate::contract::Platform`]: the
+/// same inbound route as the chat platforms, over the page's JSON API.
+pub(crate) struct ConsolePlatform {
+    running: Running,
+    api: Api,
+    _data: jitbot::demo::DemoData,
+}
+
+pub(crate) async fn contract_platform() -> ConsolePlatform {
+    let (running, data) = start_demo("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let api = Api::new(&running);
+    ConsolePlatform {
+        running,
+        api,
+        _data: data,
+    }
+}
+
+impl ConsolePlatform {
+    /// The newest message `user` sees that satisfies `f`, as JSON text.
+    async fn newest(&self, user: &str, what: &str, f: &(dyn for<'x> Fn(&'x Value) -> bool + Sync)) -> String {
+        wait_for(what, crate::contract::WAIT, || async {
+            let m = self.api.get(&format!("/api/messages?after=0&user={user}")).await;
+            m["messages"]
+                .as_array()?
+                .iter()
+                .rev()
+                .find(|m| f(m))
+                .map(|m| m.to_string())
+        })
+        .await
+        .unwrap()
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::contract::Platform for ConsolePlatform {
+    fn mode(&self) -> &'static str {
+        "web console"
+    }
+
+    async fn type_command(&self, user: &str, text: &str) -> String {
+        let reply = self.api.command(user, &format!("/jit {text}")).await;
+        reply["text"].as_str().unwrap_or_default().to_string()
+    }
+
+    async fn press(&self, user: &str, action: &str, _click: u32) -> String {
+        let reply = self.api.action(user, action, None).await;
+        reply["text"].as_str().unwrap_or_default().to_string()
+    }
+
+    async fn press_again(&self, _user: &str, _action: &str, _click: u32) -> crate::contract::Replay {
+        crate::contract::Replay::NotApplicable(
+            "the console's clicks carry no delivery id: each is a new click by a demo user",
+        )
+    }
+
+    async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String {
+        let deny = format!("jit:deny:{request}");
+        // The page asks for the reason; a Deny without one is refused.
+        let bare = self.api.action(user, &deny, None).await;
+        assert!(!ok(&bare), "a deny without a reason: {bare}");
+        let reply = self.api.action(user, &deny, Some(reason)).await;
+        reply["text"].as_str().unwrap_or_default().to_string()
+    }
+
+    async fn card(&self, request: &str, ready: &(dyn for<'x> Fn(&'x str) -> bool + Sync)) -> String {
+        self.newest("bob", &format!("the card of {request}"), &|m| {
+            m["card"]["request"] == request && ready(&m.to_string())
+        })
+        .await
+    }
+
+    async fn direct_message(&self, user: &str, needle: &str) -> String {
+        self.newest(user, &format!("a DM to {user}"), &|m| {
+            m["place"] == "direct" && m["to"] == user && m.to_string().contains(needle)
+        })
+        .await
+    }
+
+    async fn wait_member(&self, user: &str, member: bool) {
+        let dir = self.running.engine.directory();
+        wait_for("membership", crate::contract::WAIT, || async {
+            let now = dir
+                .is_member(&GroupDn::new(DB_DN), &UserId::new(user))
+                .await
+                .ok()?;
+            (now == member).then_some(())
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn forged_command(&self) -> Option<u16> {
+        // The demo console acts as any demo user by design: nothing is signed.
+        None
+    }
+}

@@ -1002,3 +1002,192 @@ async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
         .unwrap();
     assert_eq!(rec.messages.len(), 2, "both copies recorded: {:?}", rec.messages);
 }
+
+/// A 429 on `POST /users/@me/channels` is a "wait", never "cannot be
+/// reached": a short one is waited out inline, and bob and carol get their
+/// DMs with no channel card listing them (`approval_cards = "dm"`).
+#[tokio::test]
+async fn a_rate_limited_dm_open_is_waited_out_not_taken_as_unreachable() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    h.discord.rate_limit("/users/@me/channels", 1);
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let channels: Vec<String> = card_posts(&h, &id)
+        .iter()
+        .map(|c| c.path.split('/').nth(2).unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        channels,
+        [dm_channel(&did("bob")), dm_channel(&did("carol"))],
+        "every approver by DM, none in the channel"
+    );
+}
+
+/// A rate limit that outlasts the inline waits fails the post as rate
+/// limited, with the copies already made recorded: after the pause, the
+/// retry posts only bob's DM, and no copy ever lists him as unreachable.
+#[tokio::test]
+async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    // bob's DM is opened first: its three tries are answered 429.
+    h.discord.rate_limit("/users/@me/channels", 3);
+    let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
+    let rec = h
+        .bot
+        .engine
+        .store()
+        .request(&RequestId::new(&id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rec.messages.len(),
+        2,
+        "channel and carol recorded: {:?}",
+        rec.messages
+    );
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+    h.drain().await;
+    let mut paths: Vec<String> = card_posts(&h, &id).iter().map(|c| c.path.clone()).collect();
+    paths.sort();
+    let mut want = vec![
+        format!("/channels/{CDB}/messages"),
+        format!("/channels/{}/messages", dm_channel(&did("bob"))),
+        format!("/channels/{}/messages", dm_channel(&did("carol"))),
+    ];
+    want.sort();
+    assert_eq!(paths, want, "each copy once");
+    for edit in h.discord.calls_to("PATCH", "/channels/*/messages/*") {
+        assert!(
+            !edit.body.to_string().contains("Could not reach by DM"),
+            "{edit:#?}"
+        );
+    }
+    // The decision reaches all three copies.
+    h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
+    h.drain().await;
+    let edits = last_edits(&h);
+    assert_eq!(edits.len(), 3, "{edits:#?}");
+    assert!(edits.values().all(|b| custom_ids(b).is_empty()), "{edits:#?}");
+}
+
+/// Discord's HTTP interactions mode as a [`crate::contract::Platform`].
+pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
+    harness().await
+}
+
+impl Harness {
+    /// Runs due timers and the outbox until `f` finds what it looks for.
+    async fn poll<T>(&self, what: &str, f: impl Fn() -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + crate::contract::WAIT;
+        loop {
+            self.bot.run_due().await;
+            self.drain().await;
+            if let Some(found) = f() {
+                return found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; calls: {:#?}",
+                self.discord.calls()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A click with a fixed interaction id, so that a replay repeats it.
+    fn press_payload(&self, user: &str, action: &str, click: u32) -> Value {
+        let mut v = self.button(user, action);
+        v["id"] = json!(format!("81000000000000{click:04}"));
+        v
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::contract::Platform for Harness {
+    fn mode(&self) -> &'static str {
+        "Discord HTTP"
+    }
+
+    async fn type_command(&self, user: &str, text: &str) -> String {
+        // `/jit request <group> <duration> <reason>` as Discord's options.
+        let words: Vec<&str> = text.splitn(4, ' ').collect();
+        let payload = match words.as_slice() {
+            ["request", group, duration, reason] => self.command(
+                user,
+                "request",
+                &[("group", group), ("duration", duration), ("reason", reason)],
+            ),
+            _ => panic!("the contract types only requests here: {text}"),
+        };
+        self.answer(&payload).await
+    }
+
+    async fn press(&self, user: &str, action: &str, click: u32) -> String {
+        self.answer(&self.press_payload(user, action, click)).await
+    }
+
+    async fn press_again(&self, user: &str, action: &str, click: u32) -> crate::contract::Replay {
+        crate::contract::Replay::Answered(self.answer(&self.press_payload(user, action, click)).await)
+    }
+
+    async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String {
+        let modal = self
+            .send(&self.button(user, &format!("jit:deny:{request}")))
+            .await;
+        assert_eq!(modal["type"], 9, "Deny opens a modal: {modal}");
+        let custom_id = modal["data"]["custom_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.answer(&self.modal(user, &custom_id, reason)).await
+    }
+
+    async fn card(&self, request: &str, ready: &(dyn for<'x> Fn(&'x str) -> bool + Sync)) -> String {
+        self.poll(&format!("the card of {request}"), || {
+            self.discord
+                .calls()
+                .into_iter()
+                .filter(|c| c.path.starts_with(&format!("/channels/{CDB}/messages")))
+                .filter(|c| c.method == "POST" || c.method == "PATCH")
+                .map(|c| c.body.to_string())
+                .rfind(|b| b.contains(request))
+                .filter(|b| ready(b))
+        })
+        .await
+    }
+
+    async fn direct_message(&self, user: &str, needle: &str) -> String {
+        let path = format!("/channels/{}/messages", dm_channel(&did(user)));
+        self.poll(&format!("a DM to {user}"), || {
+            self.discord
+                .calls_to("POST", &path)
+                .into_iter()
+                .map(|c| c.body.to_string())
+                .rfind(|b| b.contains(needle))
+        })
+        .await
+    }
+
+    async fn wait_member(&self, user: &str, member: bool) {
+        self.poll("membership", || {
+            (self.bot.is_member(DB, user) == member).then_some(())
+        })
+        .await
+    }
+
+    async fn forged_command(&self) -> Option<u16> {
+        let payload = self.command("alice", "list", &[]);
+        let (status, _) = self
+            .post_signed(payload.to_string().as_bytes(), self.now(), &OTHER_KEY)
+            .await;
+        Some(status.as_u16())
+    }
+}

@@ -96,7 +96,7 @@ reason_required = false
     )
 }
 
-struct Setup {
+pub(crate) struct Setup {
     server: Slapd,
     gw: FakeGateway,
     bot: Jitbot,
@@ -360,4 +360,128 @@ async fn zombie_reconnect_and_invalid_session_are_recovered() {
         2,
         "each interaction answered once: {callbacks:#?}"
     );
+}
+
+/// Discord's gateway, through the real binary, as a
+/// [`crate::contract::Platform`].
+pub(crate) async fn contract_platform() -> Setup {
+    let s = setup().await;
+    s.gw.wait_op(2, 1, WAIT).await;
+    s
+}
+
+impl Setup {
+    /// Dispatches `interaction` and waits for one more callback to it than
+    /// it had; the text of that answer (or of the edit of a deferred one).
+    async fn dispatch_and_read(&self, interaction: &Value) -> Value {
+        let id = interaction["id"].as_str().unwrap_or_default();
+        let token = interaction["token"].as_str().unwrap_or_default();
+        let callback = format!("/interactions/{id}/{token}/callback");
+        let before = self.discord().calls_to("POST", &callback).len();
+        self.gw.dispatch_interaction(interaction);
+        let call = eventually(WAIT, &format!("an answer to {id}"), || {
+            self.discord().calls_to("POST", &callback).into_iter().nth(before)
+        })
+        .await;
+        if call.body["type"] == 5 {
+            let edit = format!("/webhooks/{APP_ID}/{token}/messages/@original");
+            let edited = self
+                .discord()
+                .wait_for(WAIT, |c| c.method == "PATCH" && c.path == edit)
+                .await
+                .expect("the deferred answer is edited in");
+            return edited.body;
+        }
+        call.body
+    }
+
+    /// An answer's text.
+    async fn read(&self, interaction: &Value) -> String {
+        let body = self.dispatch_and_read(interaction).await;
+        let content = body["data"]["content"].as_str().or(body["content"].as_str());
+        content.unwrap_or_default().to_string()
+    }
+
+    /// The newest post or edit in `channel` mentioning `text`.
+    fn newest_in(&self, channel: &str, text: &str) -> Option<String> {
+        self.discord()
+            .calls()
+            .into_iter()
+            .filter(|c| c.path.starts_with(&format!("/channels/{channel}/messages")))
+            .filter(|c| c.method == "POST" || c.method == "PATCH")
+            .map(|c| c.body.to_string())
+            .rfind(|b| b.contains(text))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::contract::Platform for Setup {
+    fn mode(&self) -> &'static str {
+        "Discord gateway"
+    }
+
+    fn approver(&self) -> &'static str {
+        "carol"
+    }
+
+    async fn type_command(&self, user: &str, text: &str) -> String {
+        let words: Vec<&str> = text.splitn(4, ' ').collect();
+        let interaction = match words.as_slice() {
+            ["request", "db-admins", duration, reason] => self.request(user, duration, reason),
+            _ => panic!("the contract types only requests here: {text}"),
+        };
+        self.read(&interaction).await
+    }
+
+    async fn press(&self, user: &str, action: &str, click: u32) -> String {
+        let mut interaction = self.click(user, action);
+        interaction["id"] = serde_json::json!(format!("82000000000000{click:04}"));
+        interaction["token"] = serde_json::json!(format!("contract-token-{click}"));
+        self.read(&interaction).await
+    }
+
+    async fn press_again(&self, user: &str, action: &str, click: u32) -> crate::contract::Replay {
+        crate::contract::Replay::Answered(self.press(user, action, click).await)
+    }
+
+    async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String {
+        let modal = self
+            .dispatch_and_read(&self.click(user, &format!("jit:deny:{request}")))
+            .await;
+        assert_eq!(modal["type"], 9, "Deny opens a modal: {modal}");
+        let mut submit = self.click(user, "unused");
+        submit["type"] = serde_json::json!(5);
+        submit["data"] = serde_json::json!({
+            "custom_id": modal["data"]["custom_id"],
+            "components": [{"type": 1, "components": [
+                {"type": 4, "custom_id": "reason", "value": reason}
+            ]}]
+        });
+        if let Some(o) = submit.as_object_mut() {
+            o.remove("message");
+        }
+        self.read(&submit).await
+    }
+
+    async fn card(&self, request: &str, ready: &(dyn for<'x> Fn(&'x str) -> bool + Sync)) -> String {
+        eventually(WAIT, &format!("the card of {request}"), || {
+            self.newest_in(CDB, request).filter(|b| ready(b))
+        })
+        .await
+    }
+
+    async fn direct_message(&self, user: &str, needle: &str) -> String {
+        let dm = crate::support::fake_discord::dm_channel(&did(user));
+        eventually(WAIT, &format!("a DM to {user}"), || self.newest_in(&dm, needle)).await
+    }
+
+    async fn wait_member(&self, user: &str, member: bool) {
+        Setup::wait_member(self, user, member).await
+    }
+
+    async fn forged_command(&self) -> Option<u16> {
+        // Interactions arrive on the bot's own authenticated gateway
+        // connection: nothing in them is signed.
+        None
+    }
 }

@@ -1,6 +1,7 @@
 //! Security hardening, through the real binary: secrets that cannot be
-//! empty or weak, slow and idle clients that cannot starve the server, and
-//! a public listener that serves no admin surface and leaks no detail.
+//! empty or weak, slow and idle clients (one-off or a sustained flood, from
+//! one address or many) that cannot starve the server, and a public
+//! listener that serves no admin surface and leaks no detail.
 
 use crate::ops::{config_text, free_ports, jitbot, KillOnDrop};
 use std::process::Stdio;
@@ -153,7 +154,7 @@ async fn slow_and_idle_clients_cannot_starve_the_server() {
     assert!(!answer.contains("200 OK"), "{answer}");
 
     // Three times as many idle sockets as the cap: jitbot holds at most the
-    // cap of them (the rest wait in the backlog), and /healthz still answers.
+    // cap of them (each new one replaces the oldest), and /healthz answers.
     let before = sockets_of(pid);
     let mut idle = Vec::new();
     for _ in 0..3 * CAP {
@@ -337,4 +338,152 @@ async fn the_public_readyz_is_cached_and_the_admin_one_is_not() {
     assert_eq!(get(format!("{public}/metrics")).await.0, 404);
     assert_eq!(get(format!("{public}/admin/leases")).await.0, 404);
     assert_eq!(get(format!("{admin}/healthz")).await.0, 200);
+}
+
+/// Starts jitbot with `[server]` limits `extra` and returns it with its
+/// public port.
+async fn start_with_limits(tmp: &std::path::Path, extra: &str) -> (KillOnDrop, u16) {
+    let (port, admin_port) = free_ports();
+    let text = config_text(port, admin_port, &tmp.join("db")).replacen(
+        "[server]\n",
+        &format!("[server]\n{extra}"),
+        1,
+    );
+    let config = tmp.join("jitbot.toml");
+    std::fs::write(&config, text).unwrap();
+    let bot = start(&config, &tmp.join("stderr.log"), port).await;
+    (bot, port)
+}
+
+/// Adversarial review of issue 13, finding 4: at the cap, new connections
+/// used to wait in the kernel's backlog, first come first served, so an
+/// attacker who keeps reopening a few more idle sockets than
+/// `max_connections` (each held until `header_read_timeout`) kept every
+/// real request waiting behind theirs for several header timeouts (9 s with
+/// cap 4), far past Slack's 3-second deadline. Now a new connection
+/// replaces the oldest one still waiting for its headers. Here: cap 4, a
+/// 2 s header timeout, 20 attacker sockets reopened as soon as they close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sustained_idle_socket_flood_does_not_push_real_requests_past_slacks_deadline() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let (bot, port) =
+        start_with_limits(tmp.path(), "max_connections = 4\nheader_read_timeout = \"2s\"\n").await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let attacking = Arc::new(AtomicBool::new(true));
+    let mut attackers = Vec::new();
+    for _ in 0..20 {
+        let attacking = attacking.clone();
+        attackers.push(tokio::spawn(async move {
+            while attacking.load(Ordering::SeqCst) {
+                let Ok(mut s) = TcpStream::connect(addr).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                // Hold it, sending nothing, until the server closes it.
+                let mut buf = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await;
+            }
+        }));
+    }
+    // Let the flood reach its steady state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // A new connection per request, as a webhook's sender opens it.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let health = http
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .expect("/healthz answers under the flood");
+        assert_eq!(health.status(), 200);
+        took.push(started.elapsed());
+    }
+    eprintln!("/healthz under the flood took {took:?}");
+    attacking.store(false, Ordering::SeqCst);
+    for a in attackers {
+        a.abort();
+    }
+    drop(bot);
+    assert!(
+        took.iter().all(|t| *t < Duration::from_secs(3)),
+        "/healthz took {took:?} under a sustained flood of 20 idle sockets (cap 4)"
+    );
+}
+
+/// Connects to `port` on 127.0.0.1 from `from` (any 127/8 address is this
+/// host on Linux), to play a client on another address.
+async fn connect_from(from: [u8; 4], port: u16) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap()
+}
+
+/// `server.max_connections_per_ip`: one address cannot take every
+/// connection. Past its share, its new connections are closed at once
+/// (the ones it holds stay open until their header timeout), while clients
+/// on other addresses are served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_more_than_its_share_of_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bot, port) = start_with_limits(
+        tmp.path(),
+        "max_connections = 16\nmax_connections_per_ip = 3\nheader_read_timeout = \"10s\"\n",
+    )
+    .await;
+    let pid = bot.0.as_ref().unwrap().id();
+    let before = sockets_of(pid);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from([127, 0, 0, 2], port).await);
+    }
+    for _ in 0..5 {
+        let mut extra = connect_from([127, 0, 0, 2], port).await;
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut extra, Duration::from_secs(2)).await.is_some(),
+            "a connection over the address's share stayed open"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open = sockets_of(pid).saturating_sub(before);
+    assert!(
+        open <= 3,
+        "jitbot holds {open} connections of the address, its share is 3"
+    );
+    // Another address is not affected (and neither is the first one's
+    // share: the held sockets are still open).
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let health = http
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    for s in &mut held {
+        assert!(
+            closed_within(s, Duration::from_millis(200)).await.is_none(),
+            "a connection within the share was closed early"
+        );
+    }
 }

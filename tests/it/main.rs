@@ -6,6 +6,7 @@ mod support;
 mod ad;
 mod backup;
 mod console;
+mod contract;
 mod discord;
 mod faults;
 mod gateway;

@@ -191,11 +191,16 @@ async fn rate_limited_destination_does_not_block_another() {
     }
     queue(&bot, Audience::Alert, "the alert").await;
     drain(&bot.engine, &both).await;
-    let sent: Vec<Call> = (0..5)
-        .map(|i| Call::Send(format!("notice {i}")))
-        .chain([Call::Send("the alert".into())])
+    // The alert first (issue 13: alerts are drained before user traffic).
+    let sent: Vec<Call> = [Call::Send("the alert".into())]
+        .into_iter()
+        .chain((0..5).map(|i| Call::Send(format!("notice {i}"))))
         .collect();
-    assert_eq!(discord.delivered(), sent, "discord got everything at once");
+    assert_eq!(
+        discord.delivered(),
+        sent,
+        "discord got everything at once, the alert first"
+    );
     assert_eq!(slack.attempts(), 1, "slack asked for a pause: its queue waits");
     // A 429 that never ends is waited out, one call per pause, and nothing
     // is given up (only a platform's permanent refusal ends delivery);
@@ -357,4 +362,163 @@ async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_mos
         rec.messages
     );
     assert!(bot.engine.store().outbox(10).unwrap().is_empty());
+}
+
+/// A platform that takes `budget` calls and then answers 429 for a minute,
+/// like Slack under a burst of posts to one channel.
+struct Limited {
+    budget: Mutex<usize>,
+    delivered: Mutex<Vec<String>>,
+}
+
+impl Limited {
+    fn take(&self, what: String) -> Result<(), ChatError> {
+        let mut budget = self.budget.lock().unwrap();
+        if *budget == 0 {
+            return Err(ChatError::RateLimited(60));
+        }
+        *budget -= 1;
+        self.delivered.lock().unwrap().push(what);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Notifier for Limited {
+    async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
+        self.take(format!("card {}", card.request))?;
+        Ok(vec![MessageRef {
+            platform: "slack".into(),
+            channel: "C1".into(),
+            id: card.request.to_string(),
+        }])
+    }
+    async fn update_approval(&self, at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {
+        self.take(format!("update {}", at.id))
+    }
+    async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
+        self.take(notice.text.clone())
+    }
+}
+
+/// Issue 13 item 10 ("keep alerts off the queue that user traffic can
+/// fill"), from the adversarial review: thirty people each open one request
+/// (within the per-person cap), then someone breaks glass. The platform
+/// rate-limits after five calls; the break-glass alert must be among them,
+/// not behind the thirty approval cards queued before it.
+#[tokio::test]
+async fn a_break_glass_alert_is_not_queued_behind_user_cards() {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            for i in 0..30 {
+                p.groups[0]
+                    .requesters
+                    .users
+                    .insert(jitbot_core::UserId::new(format!("u{i}")));
+            }
+            p.groups[1].break_glass = true;
+        })
+        .build();
+    for i in 0..30 {
+        let user = format!("u{i}");
+        let mail = format!("{user}@example.org");
+        bot.dir.add_user(&user, [("mail", mail.as_str())]);
+        bot.ok(&user, "request db-admins 1h routine work").await;
+    }
+    let glass = bot.say("alice", "breakglass web-admins 1h prod down").await;
+    assert!(glass.ok, "{}", glass.text);
+    let platform = Limited {
+        budget: Mutex::new(5),
+        delivered: Mutex::new(Vec::new()),
+    };
+    drain(&bot.engine, &platform).await;
+    let delivered = platform.delivered.lock().unwrap().clone();
+    assert!(
+        delivered.iter().any(|d| d.contains("BREAK-GLASS")),
+        "the platform took 5 calls and the break-glass alert was not among them: {delivered:?}"
+    );
+}
+
+/// Queue keys written before priorities (`dest 0x00 [due] [id]`) are
+/// re-keyed when the store opens: a restart on an older store loses no
+/// entry, fanned out or not, and an alert already queued moves ahead of
+/// the notices queued before it.
+#[tokio::test]
+async fn queue_entries_from_before_priorities_survive_a_restart_and_alerts_go_first() {
+    use jitbot::store::Store;
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    let now = chrono::Utc::now();
+    let send = |to: Audience, text: &str| OutboxItem::Send {
+        notice: Notice {
+            to,
+            text: text.into(),
+            buttons: vec![],
+        },
+    };
+    {
+        let store = Store::open(&db, 8).unwrap();
+        store
+            .update(now, |tx| {
+                tx.outbox(send(group(), "routine 1"));
+                tx.outbox(send(group(), "routine 2"));
+                tx.outbox(send(Audience::Alert, "urgent"));
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            store.outbox_fan_out(now, 10, |_| vec!["slack".into()]).unwrap(),
+            3
+        );
+        store
+            .update(now, |tx| {
+                tx.outbox(send(group(), "not fanned out yet"));
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+    }
+    // Rewrite every queue key the way an older jitbot wrote it.
+    {
+        let raw = sled::open(&db).unwrap();
+        let due = raw.open_tree("outbox_due").unwrap();
+        let keys: Vec<sled::IVec> = due.iter().keys().map(|k| k.unwrap()).collect();
+        assert_eq!(keys.len(), 4);
+        for k in keys {
+            let nul = k.iter().position(|b| *b == 0).unwrap();
+            assert_eq!(k.len() - nul - 1, 17, "today's keys carry a priority byte");
+            let mut old = k[..=nul].to_vec();
+            old.extend_from_slice(&k[nul + 2..]);
+            due.remove(&k).unwrap();
+            due.insert(old, &[][..]).unwrap();
+        }
+        raw.flush().unwrap();
+    }
+    let store = Store::open(&db, 8).unwrap();
+    assert_eq!(store.check_consistency().unwrap(), Vec::<String>::new());
+    let later = now + chrono::Duration::seconds(1);
+    let jobs = store.outbox_due("slack", later, 10).unwrap();
+    let texts: Vec<String> = jobs
+        .iter()
+        .map(|j| match &j.item {
+            OutboxItem::Send { notice } => notice.text.clone(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        ["urgent", "routine 1", "routine 2"],
+        "nothing lost, the alert first"
+    );
+    assert_eq!(
+        store.outbox_fan_out(later, 10, |_| vec!["slack".into()]).unwrap(),
+        1
+    );
+    for job in store.outbox_due("slack", later, 10).unwrap() {
+        store.outbox_finish(job.id, "slack").unwrap();
+    }
+    assert!(store.outbox(10).unwrap().is_empty(), "every entry delivered once");
+    assert_eq!(store.outbox_next_due("slack").unwrap(), None);
 }

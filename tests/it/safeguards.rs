@@ -357,8 +357,8 @@ async fn audit_anchors_catch_rewritten_history() {
     }
     let first_logs = std::fs::read_to_string(tmp.path().join("anchor.log")).unwrap();
     assert!(
-        !first_logs.contains("so it was sealed"),
-        "a new keyed store needs no seal"
+        !first_logs.contains("keyed for the first time") && !first_logs.contains("NOT sealed"),
+        "a new keyed store needs no seal and raises no alert"
     );
     let log = tmp.path().join("after.log");
     let child = jitbot()
@@ -374,11 +374,17 @@ async fn audit_anchors_catch_rewritten_history() {
     assert!(!out.status.success(), "a rewritten history must not verify");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broken at record"), "{err}");
+    let alert = slack
+        .wait_for(wait, |c| {
+            c.body["channel"] == "CALERT" && c.body.to_string().contains("does not verify under its key")
+        })
+        .await;
+    assert!(alert.is_some(), "the rewrite is alerted: {:?}", slack.calls());
     bot.stop();
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(
-        logs.contains("so it was sealed"),
-        "the downgrade is logged: {logs}"
+        logs.contains("It was NOT sealed") && !logs.contains("keyed for the first time"),
+        "the rewritten chain is not sealed, and that is logged: {logs}"
     );
 }
 
@@ -462,5 +468,233 @@ max_duration = "4h"
             parsed.is_err(),
             "bind_dn = {dn:?} was accepted: jitbot would bind anonymously"
         );
+    }
+}
+
+use jitbot::secret::Secret;
+use jitbot::store::{AuditCheck, AuditDraft, Sealing, Store, StoreError};
+
+const AUDIT_KEY: &str = "safeguards-audit-hmac-key-0123456789abcdef";
+
+/// Appends `n` records, as the engine's commits do.
+async fn write_records(store: &Store, n: usize) {
+    for i in 0..n {
+        store
+            .update(chrono::Utc::now(), |tx| {
+                tx.audit(AuditDraft {
+                    actor: "alice".into(),
+                    action: "request.opened".into(),
+                    detail: format!("genuine record {i}"),
+                    ..AuditDraft::default()
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+    }
+    store.flush().await.unwrap();
+}
+
+/// Opens the store as `jitbot run` does with `[audit] key` set, start-up
+/// keying included.
+async fn start_keyed(path: &Path) -> (Store, Sealing) {
+    let store = Store::open(path, 8).unwrap();
+    store.set_audit_key(Secret::new(AUDIT_KEY));
+    let sealing = store.seal_unkeyed_history(chrono::Utc::now()).await.unwrap();
+    (store, sealing)
+}
+
+/// A new keyed store holding `n` records.
+async fn keyed_store(path: &Path, n: usize) -> Store {
+    let (store, sealing) = start_keyed(path).await;
+    assert_eq!(sealing, Sealing::FirstKeyed { since: 1, legacy: 0 });
+    write_records(&store, n).await;
+    store
+}
+
+fn assert_tampered(sealing: &Sealing) {
+    assert!(
+        matches!(sealing, Sealing::Tampered { recorded: true, .. }),
+        "start-up must refuse to seal and record the finding: {sealing:?}"
+    );
+}
+
+/// Issue 13 item 11 (adversarial review, finding 1): with store write access
+/// an attacker replaces the whole keyed chain by an unkeyed one of their
+/// choosing (links and head recomputed with SHA-256). The next start must
+/// not seal it as a legacy chain: the keyed-since marker, MACed under the
+/// key, says the chain was keyed from record 1; start-up refuses to seal
+/// and `verify` reports the chain broken, also after later commits.
+#[tokio::test]
+async fn a_keyed_history_rewritten_without_the_key_is_not_sealed_at_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    {
+        let raw = sled::open(&db).unwrap();
+        let audit = raw.open_tree("audit").unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        let records: Vec<(sled::IVec, sled::IVec)> = audit.iter().map(|i| i.unwrap()).collect();
+        assert_eq!(records.len(), 3);
+        let mut prev = String::new();
+        let mut seq = 0;
+        for (k, v) in &records {
+            let mut json: serde_json::Value = serde_json::from_slice(v).unwrap();
+            assert_eq!(json["v"], "1-hmac", "the store was keyed");
+            json["v"] = "1".into();
+            json["prev"] = prev.clone().into();
+            json["detail"] = "nothing happened".into();
+            let bytes = serde_json::to_vec(&json).unwrap();
+            use sha2::Digest;
+            prev = hex::encode(sha2::Sha256::digest(&bytes));
+            seq = json["seq"].as_u64().unwrap();
+            audit.insert(k, bytes).unwrap();
+        }
+        meta.insert("audit_head", format!("{seq}:{prev}").as_bytes())
+            .unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_tampered(&sealing);
+    let check = store.verify_audit().unwrap();
+    assert!(
+        matches!(&check, AuditCheck::Broken { seq: 1, problem } if problem.contains("keyed since record 1")),
+        "a history forged without the key verifies with the key: {check:?}"
+    );
+    // Normal work goes on; the finding stays.
+    write_records(&store, 2).await;
+    drop(store);
+    let (store, sealing) = start_keyed(&db).await;
+    assert!(matches!(sealing, Sealing::Tampered { .. }), "{sealing:?}");
+    assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Broken { .. }));
+
+    // Deleting the marker as well does not make it a legacy chain while a
+    // head MAC remains.
+    drop(store);
+    {
+        let raw = sled::open(&db).unwrap();
+        raw.open_tree("meta")
+            .unwrap()
+            .remove("audit_keyed_since")
+            .unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert!(matches!(sealing, Sealing::Tampered { .. }), "{sealing:?}");
+    assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Broken { .. }));
+}
+
+/// Finding 2: cutting off the newest keyed records (say the ones that show
+/// the attacker's own grant) needs no key to relink, since the last kept
+/// record's link is stored in the clear as the deleted record's `prev`. The
+/// head's MAC under the key catches it, at start-up and in `verify`, and
+/// the next commit does not bless the shortened chain.
+#[tokio::test]
+async fn cutting_off_the_newest_keyed_records_is_caught_by_the_head_mac() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 5).await);
+    {
+        let raw = sled::open(&db).unwrap();
+        let audit = raw.open_tree("audit").unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        assert_eq!(audit.len(), 5);
+        let fourth: serde_json::Value =
+            serde_json::from_slice(&audit.get(4u64.to_be_bytes()).unwrap().unwrap()).unwrap();
+        assert_eq!(fourth["v"], "1-hmac", "the store was keyed");
+        let hash_of_third = fourth["prev"].as_str().unwrap().to_string();
+        audit.remove(4u64.to_be_bytes()).unwrap();
+        audit.remove(5u64.to_be_bytes()).unwrap();
+        meta.insert("audit_head", format!("3:{hash_of_third}").as_bytes())
+            .unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    match &sealing {
+        Sealing::Tampered {
+            seq: 3,
+            problem,
+            recorded: true,
+        } => {
+            assert!(problem.contains("cut off"), "{problem}")
+        }
+        other => panic!("records 4 and 5 were deleted without the key, and start-up says {other:?}"),
+    }
+    write_records(&store, 1).await;
+    let check = store.verify_audit().unwrap();
+    assert!(
+        matches!(&check, AuditCheck::Broken { seq: 4, problem } if problem.contains("tampered")),
+        "records 4 and 5 of a keyed chain were deleted without the key, and verify says {check:?}"
+    );
+}
+
+/// Finding 5: an emptied keyed chain with its head deleted is not "a new
+/// chain of 0 records": the keyed head (and marker) written when the store
+/// was first keyed tell "empty" from "deleted".
+#[tokio::test]
+async fn an_emptied_keyed_chain_does_not_verify_as_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    {
+        let raw = sled::open(&db).unwrap();
+        raw.open_tree("audit").unwrap().clear().unwrap();
+        raw.open_tree("meta").unwrap().remove("audit_head").unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_tampered(&sealing);
+    let check = store.verify_audit().unwrap();
+    assert!(
+        matches!(check, AuditCheck::Broken { .. }),
+        "every audit record of a keyed store was deleted, and verify says {check:?}"
+    );
+
+    // A new keyed store with no record yet is intact, and stays so.
+    let fresh = tmp.path().join("fresh");
+    let (store, _) = start_keyed(&fresh).await;
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 0 });
+    drop(store);
+    let (store, sealing) = start_keyed(&fresh).await;
+    assert_eq!(sealing, Sealing::Intact);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 0 });
+}
+
+/// The first keying of a legacy unkeyed chain seals it once (an
+/// `audit.keyed` record, the marker and the head's MAC), and every later
+/// start finds it intact instead of sealing again; a forged marker is
+/// refused.
+#[tokio::test]
+async fn a_legacy_chain_is_sealed_once_and_a_forged_marker_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    {
+        let store = Store::open(&db, 8).unwrap();
+        write_records(&store, 2).await;
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::FirstKeyed { since: 3, legacy: 2 });
+    write_records(&store, 1).await;
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 4 });
+    drop(store);
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact);
+    drop(store);
+    // Moving the marker past the keyed records (to pass them off as
+    // legacy) without the key does not verify.
+    {
+        let raw = sled::open(&db).unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        let marker = String::from_utf8(meta.get("audit_keyed_since").unwrap().unwrap().to_vec()).unwrap();
+        let (_, mac) = marker.split_once(':').unwrap();
+        meta.insert("audit_keyed_since", format!("5:{mac}").as_bytes())
+            .unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_tampered(&sealing);
+    match store.verify_audit().unwrap() {
+        AuditCheck::Broken { problem, .. } => assert!(problem.contains("marker"), "{problem}"),
+        other => panic!("{other:?}"),
     }
 }

@@ -82,7 +82,7 @@ reason_required = false
     )
 }
 
-struct Setup {
+pub(crate) struct Setup {
     server: Slapd,
     sm: FakeSocketMode,
     bot: Jitbot,
@@ -437,16 +437,16 @@ async fn a_failed_reconnect_is_retried_after_a_pause() {
     s.card(1).await;
 }
 
-// ---- brk14: adversarial review of issue 14 ----
+// From the adversarial review of issue 14.
 
 /// With `slack.app_id` set (as SECURITY.md recommends for a shared
 /// workspace), a deny reason submitted in Socket Mode must still deny.
-/// Today `on_interaction` re-serialises slack-morphism's event, whose
-/// `view_submission` type has no `api_app_id`: the payload reads as coming
-/// from app `(none)` and is refused, so no one can deny with a reason (the
-/// deny modal opens, the submit does nothing). Clicks carry the field and pass.
+/// slack-morphism's `view_submission` type has no `api_app_id`, so a
+/// handler that re-serialised its event read the payload as coming from app
+/// `(none)` and refused it: the deny modal opened, the submit did nothing.
+/// Clicks carry the field and pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk14_a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
+async fn a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
     let server = Slapd::start();
     let slack = FakeSlack::start().await;
     for user in ["alice", "bob", "carol", "eve"] {
@@ -508,5 +508,165 @@ async fn brk14_a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
             s.bot.log_text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Slack's Socket Mode, through the real binary, as a
+/// [`crate::contract::Platform`].
+pub(crate) async fn contract_platform() -> Setup {
+    let s = setup().await;
+    s.sm.wait_live(1).await;
+    s
+}
+
+impl Setup {
+    /// A click whose payload (trigger, `action_ts`, response_url) is fixed
+    /// by `n`, so that delivering it again is a redelivery; returns the
+    /// response_url's call name once the envelope is acknowledged.
+    async fn press_n(&self, user: &str, action: &str, n: u64) -> String {
+        let payload = crate::support::fake_socket_mode::block_actions_payload(
+            self.slack(),
+            &slack_id(user),
+            CHANNEL,
+            "1700000000.000001",
+            action,
+            n,
+        );
+        let env = self.sm.deliver("interactive", payload, false).await;
+        self.sm.ack(&env).await;
+        format!("response/{n}")
+    }
+
+    /// Waits for the `k`th call named `method` (1-based); its text.
+    async fn nth_answer(&self, method: &str, k: usize) -> String {
+        eventually(WAIT, &format!("answer #{k} on {method}"), || {
+            self.slack()
+                .calls()
+                .into_iter()
+                .filter(|c| c.method == method)
+                .nth(k - 1)
+                .map(|c| c.body["text"].as_str().unwrap_or_default().to_string())
+        })
+        .await
+    }
+}
+
+/// Click numbers of the contract, far from the fake's own counter.
+const CONTRACT_CLICKS: u64 = 900;
+
+#[async_trait::async_trait]
+impl crate::contract::Platform for Setup {
+    fn mode(&self) -> &'static str {
+        "Slack Socket Mode"
+    }
+
+    fn approver(&self) -> &'static str {
+        "carol"
+    }
+
+    async fn type_command(&self, user: &str, text: &str) -> String {
+        // The ack says "working on it"; the answer follows on response_url.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(CONTRACT_CLICKS + 100);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let payload = slash_payload(self.slack(), &slack_id(user), CHANNEL, text, n);
+        let env = self.sm.deliver("slash_commands", payload, true).await;
+        self.sm.ack(&env).await;
+        self.nth_answer(&format!("response/{n}"), 1).await
+    }
+
+    async fn press(&self, user: &str, action: &str, click: u32) -> String {
+        let method = self
+            .press_n(user, action, CONTRACT_CLICKS + u64::from(click))
+            .await;
+        self.nth_answer(&method, 1).await
+    }
+
+    async fn press_again(&self, user: &str, action: &str, click: u32) -> crate::contract::Replay {
+        let method = self
+            .press_n(user, action, CONTRACT_CLICKS + u64::from(click))
+            .await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let answers: Vec<String> = self
+            .slack()
+            .calls()
+            .into_iter()
+            .filter(|c| c.method == method)
+            .map(|c| c.body["text"].as_str().unwrap_or_default().to_string())
+            .collect();
+        match answers.as_slice() {
+            [_] => crate::contract::Replay::Dropped,
+            [_, .., again] => crate::contract::Replay::Answered(again.clone()),
+            [] => panic!("the first click was never answered"),
+        }
+    }
+
+    async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String {
+        let n = CONTRACT_CLICKS + 50;
+        self.press_n(user, &format!("jit:deny:{request}"), n).await;
+        let trigger = format!("{n}.2.trigger");
+        let open = self
+            .slack()
+            .wait_for(WAIT, |c| {
+                c.method == "views.open" && c.body["trigger_id"] == trigger
+            })
+            .await
+            .expect("the deny modal opened");
+        let before = self.answers_to(user).len();
+        let submit = json!({
+            "type": "view_submission",
+            "team": {"id": "T1", "domain": "example"},
+            "user": {"id": slack_id(user), "username": user, "team_id": "T1"},
+            "api_app_id": crate::support::fake_socket_mode::APP_ID,
+            "trigger_id": "submit.contract.trigger",
+            "view": {
+                "id": "VCONTRACT", "team_id": "T1", "type": "modal", "hash": "1.abc",
+                "callback_id": "jit:deny", "private_metadata": open.body["view"]["private_metadata"],
+                "title": {"type": "plain_text", "text": "Deny request"}, "blocks": [],
+                "state": {"values": {"reason": {"reason": {"type": "plain_text_input", "value": reason}}}}
+            }
+        });
+        let env = self.sm.deliver("interactive", submit, true).await;
+        self.sm.ack(&env).await;
+        eventually(WAIT, "the answer to the deny form", || {
+            self.answers_to(user).into_iter().nth(before)
+        })
+        .await
+    }
+
+    async fn card(&self, request: &str, ready: &(dyn for<'x> Fn(&'x str) -> bool + Sync)) -> String {
+        eventually(WAIT, &format!("the card of {request}"), || {
+            self.slack()
+                .calls()
+                .into_iter()
+                .filter(|c| matches!(c.method.as_str(), "chat.postMessage" | "chat.update"))
+                .filter(|c| c.body["channel"] == CHANNEL)
+                .map(|c| c.body.to_string())
+                .rfind(|b| b.contains(request))
+                .filter(|b| ready(b))
+        })
+        .await
+    }
+
+    async fn direct_message(&self, user: &str, needle: &str) -> String {
+        let dm = format!("D{}", slack_id(user));
+        eventually(WAIT, &format!("a DM to {user}"), || {
+            self.slack()
+                .calls_to("chat.postMessage")
+                .into_iter()
+                .filter(|c| c.body["channel"] == dm.as_str())
+                .map(|c| c.body.to_string())
+                .rfind(|b| b.contains(needle))
+        })
+        .await
+    }
+
+    async fn wait_member(&self, user: &str, member: bool) {
+        Setup::wait_member(self, user, member).await
+    }
+
+    async fn forged_command(&self) -> Option<u16> {
+        // Envelopes arrive on a socket opened with the app token: nothing
+        // in them is signed.
+        None
     }
 }

@@ -7,9 +7,11 @@ use super::command::{self, to_command};
 use super::interaction::{Incoming, Invocation, Origin, Rejected};
 use super::message::{self, DENY_MODAL_PREFIX, REASON_INPUT};
 use super::{DiscordAdapter, PLATFORM};
+use crate::chat::inbound::{self, Click};
+use crate::chat::render;
 use crate::engine::{Caller, Engine};
 use crate::ports::ChatRef;
-use jitbot_core::command::{Action, Command, MAX_REASON_CHARS};
+use jitbot_core::command::{Action, Command};
 use jitbot_core::policy::Actor;
 use jitbot_core::UserId;
 use serde_json::Value;
@@ -59,9 +61,7 @@ impl DiscordHandler {
         if let Some(origin) = acting_origin(&incoming) {
             if !self.first_time(&origin.id).await {
                 tracing::info!("a Discord interaction arrived twice (a replay); ignored");
-                return Ok(Outcome::now(message::ephemeral(
-                    "That interaction was already handled; nothing was done again.",
-                )));
+                return Ok(Outcome::now(message::ephemeral(render::ALREADY_HANDLED)));
             }
         }
         match incoming {
@@ -84,12 +84,10 @@ impl DiscordHandler {
             Incoming::Button { origin, custom_id } => {
                 let action =
                     Action::parse(&custom_id).map_err(|_| Rejected::UnknownComponent(custom_id.clone()))?;
-                if let Action::Deny(request) = &action {
-                    return Ok(Outcome::now(message::deny_modal(request)));
-                }
-                match self.engine.command_for(&action) {
-                    Some(cmd) => Ok(self.run(origin, cmd).await),
-                    None => Ok(Outcome::now(message::ephemeral("That button does nothing here."))),
+                match inbound::click(&self.engine, &action) {
+                    Click::Run(cmd) => Ok(self.run(origin, cmd).await),
+                    Click::AskDenyReason { request } => Ok(Outcome::now(message::deny_modal(&request))),
+                    Click::Answer(text) => Ok(Outcome::now(message::ephemeral(text))),
                 }
             }
             Incoming::Modal {
@@ -101,16 +99,11 @@ impl DiscordHandler {
                     .strip_prefix(DENY_MODAL_PREFIX)
                     .filter(|r| Action::parse(&Action::Deny(r.to_string()).id()).is_ok())
                     .ok_or_else(|| Rejected::UnknownComponent(custom_id.clone()))?;
-                let reason = fields.get(REASON_INPUT).map(|r| r.trim()).unwrap_or_default();
-                if reason.chars().count() > MAX_REASON_CHARS {
-                    let e = jitbot_core::command::ParseError::ReasonTooLong;
-                    return Ok(Outcome::now(message::ephemeral(&e.to_string())));
+                let reason = fields.get(REASON_INPUT).map(String::as_str).unwrap_or_default();
+                match inbound::deny(request, reason) {
+                    Ok(cmd) => Ok(self.run(origin, cmd).await),
+                    Err(text) => Ok(Outcome::now(message::ephemeral(&text))),
                 }
-                let cmd = Command::Deny {
-                    request: request.to_string(),
-                    reason: reason.to_string(),
-                };
-                Ok(self.run(origin, cmd).await)
             }
         }
     }
@@ -144,16 +137,12 @@ impl DiscordHandler {
             Ok(Ok(text)) => Outcome::now(message::ephemeral(&text)),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "Discord command task failed");
-                Outcome::now(message::ephemeral(
-                    "jitbot failed to run that; tell your jitbot admins.",
-                ))
+                Outcome::now(message::ephemeral(render::FAILED_TO_RUN))
             }
             Err(_) => {
                 let adapter = self.adapter.clone();
                 let later: Later = Box::pin(async move {
-                    let text = work.await.unwrap_or_else(|_| {
-                        "jitbot failed to run that; tell your jitbot admins.".to_string()
-                    });
+                    let text = work.await.unwrap_or_else(|_| render::FAILED_TO_RUN.to_string());
                     if let Err(e) = adapter.edit_original(&origin.token, &text).await {
                         tracing::warn!(error = %e, "cannot edit the deferred Discord answer");
                     }
@@ -174,10 +163,12 @@ impl DiscordHandler {
             return Ok(UserId::new(user));
         }
         match &config.user_attribute {
-            Some(attribute) => self.engine.identify(attribute, discord_user).await.map_err(|r| r.text),
-            None => Err(format!(
-                "jitbot does not know who Discord user {discord_user} is; ask your jitbot admins to link your account"
-            )),
+            Some(attribute) => self
+                .engine
+                .identify(attribute, discord_user)
+                .await
+                .map_err(|r| r.text),
+            None => Err(render::unknown_chat_user("Discord", discord_user)),
         }
     }
 

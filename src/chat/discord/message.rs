@@ -68,7 +68,7 @@ pub fn card_embed(card: &ApprovalCard) -> CreateEmbed {
 /// A new approval message in the approvers' channel.
 pub fn approval_message(card: &ApprovalCard) -> CreateMessage {
     CreateMessage::new()
-        .content(format!("Access request {}", card.request))
+        .content(render::card_title(card))
         .embed(card_embed(card))
         .components(buttons(&card.buttons()))
         .allowed_mentions(no_pings())
@@ -78,7 +78,7 @@ pub fn approval_message(card: &ApprovalCard) -> CreateMessage {
 /// card's buttons are removed (an empty list clears them).
 pub fn approval_edit(card: &ApprovalCard) -> EditMessage {
     EditMessage::new()
-        .content(format!("Access request {}", card.request))
+        .content(render::card_title(card))
         .embed(card_embed(card))
         .components(buttons(&card.buttons()))
         .allowed_mentions(no_pings())
@@ -87,7 +87,10 @@ pub fn approval_edit(card: &ApprovalCard) -> EditMessage {
 /// A notice: its text, with its buttons when it has any.
 pub fn notice_message(notice: &Notice) -> CreateMessage {
     CreateMessage::new()
-        .content(render::clip(&notice.text, CONTENT_LIMIT))
+        .content(render::clip(
+            &render::without_shortcodes(&notice.text),
+            CONTENT_LIMIT,
+        ))
         .components(buttons(&notice.buttons))
         .allowed_mentions(no_pings())
 }
@@ -115,12 +118,13 @@ pub fn deferred() -> CreateInteractionResponse {
 
 /// The modal asking an approver why they deny `request` (type 9).
 pub fn deny_modal(request: &str) -> CreateInteractionResponse {
-    let reason = CreateInputText::new(InputTextStyle::Paragraph, "Reason", REASON_INPUT)
-        .placeholder("Why is this request denied? The requester will see it.")
+    // Discord's modals have no text block: the question is the placeholder.
+    let reason = CreateInputText::new(InputTextStyle::Paragraph, render::REASON_LABEL, REASON_INPUT)
+        .placeholder(render::clip(&render::deny_prompt("this request"), 100))
         .min_length(1)
         .max_length(MAX_REASON_CHARS as u16)
         .required(true);
-    let title = render::clip(&format!("Deny {request}"), 45);
+    let title = render::clip(&format!("{} {request}", render::DENY_SUBMIT), 45);
     CreateInteractionResponse::Modal(
         CreateModal::new(format!("{DENY_MODAL_PREFIX}{request}"), title)
             .components(vec![CreateActionRow::InputText(reason)]),

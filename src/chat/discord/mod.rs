@@ -14,12 +14,12 @@ pub use endpoint::{routes, BODY_LIMIT, MAX_SKEW_SECS};
 pub use handle::{DiscordHandler, Outcome};
 pub use interaction::{Incoming, Rejected};
 
-use crate::chat::cards::{self, CardCopies, Unreachable};
+use crate::chat::cards::{self, waiting_out_rate_limits, CardCopies, DmError, Unreachable};
 use crate::chat::render;
 use crate::clock::Clock;
 use crate::config::{DiscordConfig, DiscordMode, DISCORD_API};
 use crate::engine::Engine;
-use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier};
+use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier, PostError};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use serenity::all::{
@@ -36,6 +36,11 @@ pub const PLATFORM: &str = "discord";
 /// How long an interaction's work may run before its answer is deferred.
 /// Discord allows 3 seconds for the first response, network included.
 pub const DEFAULT_ANSWER_BUDGET: Duration = Duration::from_millis(2000);
+
+/// Tries of `POST /users/@me/channels` answered 429, and the longest pause
+/// waited out in between; then the rate limit goes to the outbox.
+const DM_OPEN_TRIES: u32 = 3;
+const DM_OPEN_MAX_WAIT: u64 = 30;
 
 /// Why the adapter could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -181,12 +186,17 @@ impl DiscordAdapter {
         Ok(())
     }
 
-    /// The DM channel with a Discord user (`POST /users/@me/channels`).
+    /// The DM channel with a Discord user (`POST /users/@me/channels`); a
+    /// 429 is waited out a few times before it fails the call.
     async fn dm_channel(&self, discord_user: &str) -> Result<ChannelId, ChatError> {
         let user = snowflake(discord_user)
             .map(DiscordUserId::new)
             .ok_or_else(|| ChatError::Refused(format!("`{discord_user}` is not a Discord user id")))?;
-        let dm = user.create_dm_channel(&*self.http).await.map_err(chat_error)?;
+        let http = &*self.http;
+        let dm = waiting_out_rate_limits(DM_OPEN_TRIES, DM_OPEN_MAX_WAIT, || async move {
+            user.create_dm_channel(http).await.map_err(chat_error)
+        })
+        .await?;
         Ok(dm.id)
     }
 
@@ -256,7 +266,17 @@ fn chat_error(e: serenity::Error) -> ChatError {
 #[async_trait]
 impl Notifier for DiscordAdapter {
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
-        cards::post(PLATFORM, self, &self.unreachable, card).await
+        cards::post(PLATFORM, self, &self.unreachable, card, &[])
+            .await
+            .map_err(|e| e.error)
+    }
+
+    async fn post_missing_copies(
+        &self,
+        card: &ApprovalCard,
+        posted: &[MessageRef],
+    ) -> Result<Vec<MessageRef>, PostError> {
+        cards::post(PLATFORM, self, &self.unreachable, card, posted).await
     }
 
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
@@ -341,15 +361,19 @@ impl CardCopies for DiscordAdapter {
         Ok(())
     }
 
-    async fn post_by_dm(&self, to: &Contact, card: &ApprovalCard) -> Result<MessageRef, String> {
-        let discord_user = self.discord_user(to)?;
-        let channel = self
-            .dm_channel(&discord_user)
-            .await
-            .map_err(|e| format!("cannot open a DM with Discord user {discord_user}: {e}"))?;
-        self.post_card_in(channel, card)
-            .await
-            .map_err(|e| format!("cannot post in the DM: {e}"))
+    async fn open_dm(&self, to: &Contact) -> Result<String, DmError> {
+        let discord_user = self.discord_user(to).map_err(DmError::Unreachable)?;
+        match self.dm_channel(&discord_user).await {
+            Ok(channel) => Ok(channel.to_string()),
+            Err(ChatError::Refused(why)) => Err(DmError::Unreachable(format!(
+                "cannot open a DM with Discord user {discord_user}: {why}"
+            ))),
+            Err(e) => Err(DmError::Failed(e)),
+        }
+    }
+
+    async fn post_in_dm(&self, dm: &str, card: &ApprovalCard) -> Result<MessageRef, ChatError> {
+        self.post_card_in(channel_id(dm)?, card).await
     }
 }
 

@@ -1,6 +1,7 @@
 //! Block Kit rendering: approval cards, notices and the two modals (request
 //! and deny reason). Pure functions from jitbot's view model to Slack JSON.
 
+use crate::chat::render;
 use crate::ports::{ApprovalCard, Notice};
 use jitbot_core::command::Action;
 use slack_morphism::prelude::*;
@@ -30,13 +31,11 @@ fn plain(text: &str) -> SlackBlockPlainTextOnly {
     SlackBlockPlainText::new(text.to_string()).into()
 }
 
-fn label(action: &Action) -> (&'static str, Option<SlackBlockButtonStyle>) {
+fn style(action: &Action) -> Option<SlackBlockButtonStyle> {
     match action {
-        Action::Approve(_) => ("Approve", Some(SlackBlockButtonStyle::Primary)),
-        Action::Deny(_) => ("Deny", Some(SlackBlockButtonStyle::Danger)),
-        Action::Extend(_) => ("Extend", None),
-        Action::Release(_) => ("Release now", None),
-        Action::Acknowledge(_) => ("Acknowledge", None),
+        Action::Approve(_) => Some(SlackBlockButtonStyle::Primary),
+        Action::Deny(_) => Some(SlackBlockButtonStyle::Danger),
+        _ => None,
     }
 }
 
@@ -58,11 +57,10 @@ fn buttons(actions: &[Action]) -> Option<SlackBlock> {
     let elements = actions
         .iter()
         .map(|a| {
-            let (text, style) = label(a);
-            let mut button = SlackBlockButtonElement::new(plain(text))
+            let mut button = SlackBlockButtonElement::new(plain(render::button_label(a)))
                 .with_action_id(a.id().into())
                 .with_value(target(a).to_string());
-            if let Some(style) = style {
+            if let Some(style) = style(a) {
                 button = button.with_style(style);
             }
             SlackActionBlockElement::Button(button)
@@ -74,34 +72,14 @@ fn buttons(actions: &[Action]) -> Option<SlackBlock> {
 /// The approval card: who wants what for how long and why, the approvals
 /// so far, the status, and Approve/Deny only while the request is open.
 pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
-    let kind = if card.extension {
-        "an extension of"
-    } else {
-        "membership in"
-    };
-    let headline = format!(
-        "*{}* requests {kind} *{}* for *{}*",
-        escape(card.requester.as_str()),
-        escape(card.group.as_str()),
-        escape(&card.duration)
-    );
-    let mut fields = vec![
-        mrkdwn(format!("*Reason*\n{}", escape(&card.reason))),
-        mrkdwn(format!(
-            "*Approvals*\n{} of {}",
-            card.approvals.len(),
-            card.needed
-        )),
-        mrkdwn(format!("*Status*\n{}", escape(&card.status))),
-        mrkdwn(format!("*Request*\n`{}`", escape(card.request.as_str()))),
-    ];
-    if !card.recipients.unreachable.is_empty() {
-        let names: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
-        fields.push(mrkdwn(format!(
-            "*Could not reach by DM*\n{}",
-            escape(&names.join(", "))
-        )));
-    }
+    let headline = render::headline_marked(card, |fact| format!("*{}*", escape(fact)));
+    let fields = render::detail_fields(card)
+        .into_iter()
+        .map(|(label, value)| match label {
+            "Request" => mrkdwn(format!("*{label}*\n`{}`", escape(&value))),
+            _ => mrkdwn(format!("*{label}*\n{}", escape(&value))),
+        })
+        .collect();
     let mut blocks: Vec<SlackBlock> = vec![
         SlackSectionBlock::new().with_text(mrkdwn(headline)).into(),
         SlackSectionBlock::new().with_fields(fields).into(),
@@ -111,10 +89,7 @@ pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
     }
     // The top-level text is mrkdwn too (notifications, screen readers):
     // escaped like the blocks, so a reason cannot ping `<!channel>`.
-    let fallback = escape(&format!(
-        "{} requests {} for {} ({}): {}",
-        card.requester, card.group, card.duration, card.status, card.reason
-    ));
+    let fallback = escape(&render::card_summary(card));
     SlackMessageContent::new().with_text(fallback).with_blocks(blocks)
 }
 
@@ -170,24 +145,21 @@ pub fn request_modal(private_metadata: String) -> SlackView {
 pub fn deny_modal(request: &str, private_metadata: String) -> SlackView {
     SlackView::Modal(
         SlackModalView::new(
-            plain("Deny request"),
+            plain(render::DENY_TITLE),
             vec![
                 SlackSectionBlock::new()
-                    .with_text(mrkdwn(format!(
-                        "Why is `{}` denied? The requester will see this.",
-                        escape(request)
-                    )))
+                    .with_text(mrkdwn(render::deny_prompt(&format!("`{}`", escape(request)))))
                     .into(),
                 input(
                     REASON_INPUT,
-                    "Reason",
-                    "Not during the change freeze",
+                    render::REASON_LABEL,
+                    render::DENY_PLACEHOLDER,
                     true,
                     false,
                 ),
             ],
         )
-        .with_submit(plain("Deny"))
+        .with_submit(plain(render::DENY_SUBMIT))
         .with_close(plain("Cancel"))
         .with_callback_id(DENY_MODAL.into())
         .with_private_metadata(private_metadata),

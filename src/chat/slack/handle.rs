@@ -6,6 +6,8 @@
 use super::binding::{self, Binding, Mismatch};
 use super::blocks::{self, DENY_MODAL, DURATION_INPUT, GROUP_INPUT, REASON_INPUT, REQUEST_MODAL};
 use super::{SlackAdapter, PLATFORM};
+use crate::chat::inbound::{self, Click};
+use crate::chat::render;
 use crate::engine::{Caller, Engine};
 use crate::ports::ChatRef;
 use jitbot_core::command::{Action, Command, ParseError, MAX_REASON_CHARS};
@@ -299,27 +301,27 @@ impl SlackHandler {
             },
             (None, None) => Answer::Dm(ba.user.id.clone()),
         };
-        if let Action::Deny(request) = &action {
-            let meta = Metadata {
-                request: Some(request.clone()),
-                channel: channel.clone(),
-            };
-            let meta = serde_json::to_string(&meta).unwrap_or_default();
-            if let Err(e) = self
-                .adapter
-                .open_view(&ba.trigger_id, blocks::deny_modal(request, meta))
-                .await
-            {
-                tracing::warn!(error = %e, "cannot open the deny modal");
-                let text =
-                    format!("Slack would not open the form ({e}); use `/jit deny {request} <reason>`.");
-                self.answer(&answer, &text).await;
+        let text = match inbound::click(&self.engine, &action) {
+            Click::Run(command) => self.execute(&ba.user.id, channel, command).await,
+            Click::Answer(text) => text.to_string(),
+            Click::AskDenyReason { request } => {
+                let meta = Metadata {
+                    request: Some(request.clone()),
+                    channel: channel.clone(),
+                };
+                let meta = serde_json::to_string(&meta).unwrap_or_default();
+                match self
+                    .adapter
+                    .open_view(&ba.trigger_id, blocks::deny_modal(&request, meta))
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open the deny modal");
+                        render::deny_form_failed("Slack", &e, &request)
+                    }
+                }
             }
-            return;
-        }
-        let text = match self.engine.command_for(&action) {
-            Some(command) => self.execute(&ba.user.id, channel, command).await,
-            None => "That button does nothing here.".to_string(),
         };
         self.answer(&answer, &text).await;
     }
@@ -333,19 +335,16 @@ impl SlackHandler {
             None => Answer::Dm(user.clone()),
         };
         let command = match submission {
-            Submission::Deny { reason, .. } if reason.chars().count() > MAX_REASON_CHARS => {
-                Err(ParseError::ReasonTooLong)
-            }
-            Submission::Deny { request, reason } => Ok(Command::Deny { request, reason }),
+            Submission::Deny { request, reason } => inbound::deny(&request, &reason),
             Submission::Request {
                 group,
                 duration,
                 reason,
-            } => request_from_form(&group, &duration, &reason),
+            } => request_from_form(&group, &duration, &reason).map_err(|e| e.to_string()),
         };
         let text = match command {
             Ok(command) => self.execute(&user, channel, command).await,
-            Err(e) => e.to_string(),
+            Err(text) => text,
         };
         self.answer(&answer, &text).await;
     }
@@ -357,11 +356,8 @@ impl SlackHandler {
         }
         let email = match self.adapter.email_of(slack_user).await {
             Ok(Some(email)) => email,
-            Ok(None) => {
-                return "Your Slack profile shows no email address, so jitbot cannot find your directory account."
-                    .to_string()
-            }
-            Err(e) => return format!("jitbot cannot look you up in Slack right now ({e}); try again in a minute."),
+            Ok(None) => return render::no_profile_email("Slack"),
+            Err(e) => return render::lookup_failed("Slack", &e),
         };
         let user = match self
             .engine

@@ -14,9 +14,9 @@ pub use http::{routes, BODY_LIMIT};
 pub use signature::{verify_signature, SignatureError};
 pub use socket::run_socket_mode;
 
-use crate::chat::cards::{self, CardCopies, Unreachable};
+use crate::chat::cards::{self, waiting_out_rate_limits, CardCopies, DmError, Unreachable};
 use crate::config::SlackConfig;
-use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier};
+use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier, PostError};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use slack_morphism::errors::SlackClientError;
@@ -28,9 +28,9 @@ use std::time::Duration;
 /// The platform name in [`MessageRef`] and [`crate::ports::ChatRef`].
 pub const PLATFORM: &str = "slack";
 
-/// Tries of a `users.lookupByEmail` answered 429, and the longest
-/// `Retry-After` waited out in between (a longer one leaves the person
-/// unreached this time).
+/// Tries of a `users.lookupByEmail` or `conversations.open` answered 429,
+/// and the longest `Retry-After` waited out in between (a longer one fails
+/// the call as rate limited: the outbox retries it after the pause).
 const LOOKUP_TRIES: u32 = 3;
 const LOOKUP_MAX_WAIT: u64 = 30;
 
@@ -125,14 +125,14 @@ impl SlackAdapter {
         Ok((res.channel.to_string(), res.ts.to_string()))
     }
 
-    /// Opens (or finds) the DM channel with a Slack user.
+    /// Opens (or finds) the DM channel with a Slack user; a short 429 is
+    /// waited out for its `Retry-After`.
     pub(crate) async fn dm_channel(&self, slack_user: &str) -> Result<String, ChatError> {
-        let req = SlackApiConversationsOpenRequest::new().with_users(vec![slack_user.to_string().into()]);
-        let res = self
-            .session()
-            .conversations_open(&req)
-            .await
-            .map_err(chat_error)?;
+        let req = &SlackApiConversationsOpenRequest::new().with_users(vec![slack_user.to_string().into()]);
+        let res = waiting_out_rate_limits(LOOKUP_TRIES, LOOKUP_MAX_WAIT, || async move {
+            self.session().conversations_open(req).await.map_err(chat_error)
+        })
+        .await?;
         Ok(res.channel.id.to_string())
     }
 
@@ -176,44 +176,39 @@ impl SlackAdapter {
         if cached.is_some() {
             return Ok(cached);
         }
-        let req = SlackApiUsersLookupByEmailRequest::new(mail.to_string().into());
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let err = match self.session().users_lookup_by_email(&req).await {
-                Ok(res) => {
-                    let id = res.user.id.to_string();
-                    if let Ok(mut m) = self.by_mail.lock() {
-                        m.insert(mail.to_string(), id.clone());
-                    }
-                    return Ok(Some(id));
-                }
-                Err(SlackClientError::ApiError(api)) if api.code == "users_not_found" => return Ok(None),
-                Err(e) => chat_error(e),
-            };
-            match err {
-                ChatError::RateLimited(secs) if attempt < LOOKUP_TRIES && secs <= LOOKUP_MAX_WAIT => {
-                    tokio::time::sleep(Duration::from_secs(secs)).await
-                }
-                e => return Err(e),
+        let req = &SlackApiUsersLookupByEmailRequest::new(mail.to_string().into());
+        let found = waiting_out_rate_limits(LOOKUP_TRIES, LOOKUP_MAX_WAIT, || async move {
+            match self.session().users_lookup_by_email(req).await {
+                Ok(res) => Ok(Some(res.user.id.to_string())),
+                Err(SlackClientError::ApiError(api)) if api.code == "users_not_found" => Ok(None),
+                Err(e) => Err(chat_error(e)),
             }
+        })
+        .await?;
+        if let (Some(id), Ok(mut m)) = (&found, self.by_mail.lock()) {
+            m.insert(mail.to_string(), id.clone());
         }
+        Ok(found)
     }
 
     /// The Slack user for a directory person: by the mail attribute
-    /// (`slack.user_attribute`). The error says why there is none.
-    async fn slack_user(&self, contact: &Contact) -> Result<String, String> {
+    /// (`slack.user_attribute`). The error says why there is none, or that
+    /// the lookup failed for now (a rate limit longer than jitbot waits
+    /// inline, an outage).
+    async fn slack_user(&self, contact: &Contact) -> Result<String, DmError> {
         let attr = &self.config.user_attribute;
-        let mail = contact
-            .attributes
-            .get(attr)
-            .ok_or_else(|| format!("the directory has no {attr} for {}", contact.user))?;
+        let mail = contact.attributes.get(attr).ok_or_else(|| {
+            DmError::Unreachable(format!("the directory has no {attr} for {}", contact.user))
+        })?;
         match self.user_by_mail(mail).await {
             Ok(Some(id)) => Ok(id),
-            Ok(None) => Err(format!(
+            Ok(None) => Err(DmError::Unreachable(format!(
                 "no Slack user has the email {mail} (users.lookupByEmail)"
-            )),
-            Err(e) => Err(format!("users.lookupByEmail failed: {e}")),
+            ))),
+            Err(ChatError::Refused(why)) => Err(DmError::Unreachable(format!(
+                "users.lookupByEmail refused: {why}"
+            ))),
+            Err(e) => Err(DmError::Failed(e)),
         }
     }
 
@@ -292,7 +287,17 @@ fn first_line(text: &str) -> String {
 #[async_trait]
 impl Notifier for SlackAdapter {
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
-        cards::post(PLATFORM, self, &self.unreachable, card).await
+        cards::post(PLATFORM, self, &self.unreachable, card, &[])
+            .await
+            .map_err(|e| e.error)
+    }
+
+    async fn post_missing_copies(
+        &self,
+        card: &ApprovalCard,
+        posted: &[MessageRef],
+    ) -> Result<Vec<MessageRef>, PostError> {
+        cards::post(PLATFORM, self, &self.unreachable, card, posted).await
     }
 
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
@@ -335,10 +340,11 @@ impl Notifier for SlackAdapter {
         }
         match self.slack_user(contact).await {
             Ok(slack_user) => self.dm(&slack_user, blocks::notice(notice)).await,
-            Err(why) => {
+            Err(DmError::Unreachable(why)) => {
                 tracing::debug!(user = %contact.user, reason = %why, "notice not sent on Slack");
                 Ok(())
             }
+            Err(DmError::Failed(e)) => Err(e),
         }
     }
 
@@ -378,16 +384,16 @@ impl CardCopies for SlackAdapter {
         Ok(())
     }
 
-    async fn post_by_dm(&self, to: &Contact, card: &ApprovalCard) -> Result<MessageRef, String> {
+    async fn open_dm(&self, to: &Contact) -> Result<String, DmError> {
         let slack_user = self.slack_user(to).await?;
-        let channel = self
-            .dm_channel(&slack_user)
-            .await
-            .map_err(|e| format!("conversations.open failed: {e}"))?;
-        let (channel, ts) = self
-            .post(&channel, blocks::approval_card(card))
-            .await
-            .map_err(|e| format!("chat.postMessage to the DM failed: {e}"))?;
+        self.dm_channel(&slack_user).await.map_err(|e| match e {
+            ChatError::Refused(why) => DmError::Unreachable(format!("conversations.open refused: {why}")),
+            e => DmError::Failed(e),
+        })
+    }
+
+    async fn post_in_dm(&self, dm: &str, card: &ApprovalCard) -> Result<MessageRef, ChatError> {
+        let (channel, ts) = self.post(dm, blocks::approval_card(card)).await?;
         Ok(MessageRef {
             platform: PLATFORM.into(),
             channel,

@@ -2,6 +2,7 @@
 //! command and button endpoints that hand the engine `(caller, command)`.
 
 use super::{dashboard, DashboardAccess, WebConsole, CHANNEL, PLATFORM};
+use crate::chat::inbound::{self, Click};
 use crate::engine::{Caller, Engine, Reply};
 use crate::ports::ChatRef;
 use axum::extract::{Query, State};
@@ -175,25 +176,16 @@ async fn action(State(s): State<ConsoleState>, Json(body): Json<ActionBody>) -> 
         Ok(a) => a,
         Err(e) => return Json(ReplyView::from(Reply::refused(e.to_string()))).into_response(),
     };
-    let command = match (&action, s.engine.command_for(&action)) {
-        (_, Some(cmd)) => cmd,
-        // Deny has no command of its own: the page asked for the reason.
-        (Action::Deny(request), None) => {
-            let reason = body.reason.unwrap_or_default().trim().to_string();
-            if reason.is_empty() {
-                return Json(ReplyView::from(Reply::refused(
-                    "say why you deny it: a reason is required",
-                )))
-                .into_response();
-            }
-            Command::Deny {
-                request: request.clone(),
-                reason,
+    let command = match inbound::click(&s.engine, &action) {
+        Click::Run(command) => command,
+        // The page asks for the reason before it sends a Deny.
+        Click::AskDenyReason { request } => {
+            match inbound::deny(&request, body.reason.as_deref().unwrap_or_default()) {
+                Ok(command) => command,
+                Err(text) => return Json(ReplyView::from(Reply::refused(text))).into_response(),
             }
         }
-        (_, None) => {
-            return Json(ReplyView::from(Reply::refused("this button does nothing"))).into_response()
-        }
+        Click::Answer(text) => return Json(ReplyView::from(Reply::refused(text))).into_response(),
     };
     Json(ReplyView::from(s.engine.execute(&caller, command).await)).into_response()
 }

@@ -13,6 +13,7 @@ mod dashboard;
 pub use console::routes;
 pub use dashboard::{dashboard_routes, DashboardAccess, DashboardView};
 
+use crate::chat::render;
 use crate::clock::Clock;
 use crate::ports::{ApprovalCard, Audience, ChatError, MessageRef, Notice, Notifier};
 use async_trait::async_trait;
@@ -52,16 +53,14 @@ pub struct Button {
 
 impl Button {
     fn of(action: &Action) -> Button {
-        let (label, style) = match action {
-            Action::Approve(_) => ("Approve", "primary"),
-            Action::Deny(_) => ("Deny", "danger"),
-            Action::Extend(_) => ("Extend", "plain"),
-            Action::Release(_) => ("Release", "plain"),
-            Action::Acknowledge(_) => ("Acknowledge", "primary"),
+        let style = match action {
+            Action::Approve(_) | Action::Acknowledge(_) => "primary",
+            Action::Deny(_) => "danger",
+            Action::Extend(_) | Action::Release(_) => "plain",
         };
         Button {
             action: action.id(),
-            label,
+            label: render::button_label(action),
             style,
         }
     }
@@ -85,6 +84,28 @@ pub struct Message {
     pub buttons: Vec<Button>,
     /// Set on approval cards.
     pub card: Option<ApprovalCard>,
+    /// How the page shows an approval card, worded by [`render`].
+    pub view: Option<CardView>,
+}
+
+/// An approval card's title and labelled facts, worded by [`render`] as
+/// on every other platform; the page adds only markup.
+#[derive(Clone, Debug, Serialize)]
+pub struct CardView {
+    pub title: String,
+    pub fields: Vec<(&'static str, String)>,
+    /// The question of the page's deny form.
+    pub deny_prompt: String,
+}
+
+impl CardView {
+    fn of(card: &ApprovalCard) -> CardView {
+        CardView {
+            title: render::card_title(card),
+            fields: render::fields(card),
+            deny_prompt: render::deny_prompt(card.request.as_str()),
+        }
+    }
 }
 
 /// Changes since a sequence number, as `GET /api/messages` returns them.
@@ -159,6 +180,7 @@ impl WebConsole {
             group,
             text,
             buttons,
+            view: card.as_ref().map(CardView::of),
             card,
         };
         log.messages.push_back(message);
@@ -169,15 +191,7 @@ impl WebConsole {
     }
 
     fn card_text(card: &ApprovalCard) -> String {
-        let what = if card.extension {
-            "an extension of"
-        } else {
-            "access to"
-        };
-        format!(
-            "{} asks for {what} `{}` for {}: {}",
-            card.requester, card.group, card.duration, card.reason
-        )
+        render::card_summary(card)
     }
 
     fn post(&self, card: &ApprovalCard) -> u64 {
@@ -230,6 +244,7 @@ impl Notifier for WebConsole {
                 m.seq = seq;
                 m.text = Self::card_text(card);
                 m.buttons = card.buttons().iter().map(Button::of).collect();
+                m.view = Some(CardView::of(card));
                 m.card = Some(card.clone());
                 return Ok(());
             }
@@ -240,7 +255,7 @@ impl Notifier for WebConsole {
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
         let buttons = notice.buttons.iter().map(Button::of).collect();
-        let text = notice.text.clone();
+        let text = render::without_shortcodes(&notice.text);
         match &notice.to {
             Audience::User { user, .. } => {
                 self.push(Place::Direct, Some(user.to_string()), None, text, buttons, None)

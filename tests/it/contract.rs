@@ -1,0 +1,169 @@
+//! The chat platform contract, written once: request → approval card →
+//! self-approval refused → approve → grant notice; extend and release from
+//! the grant notice's buttons; deny with a reason; a click delivered twice;
+//! a forged signature. Every platform mode runs it through [`Platform`], a
+//! small harness trait its own test module implements over its wire format
+//! (`slack.rs`, `socket_mode.rs`, `discord.rs`, `gateway.rs`, `console.rs`),
+//! so a new platform inherits the whole specification by implementing it.
+//!
+//! alice may request `db-admins` everywhere; [`Platform::approver`] may
+//! approve it (bob in memory, carol through nested groups in slapd).
+
+use jitbot::chat::render;
+use std::time::Duration;
+
+/// How long a scenario waits for something a platform shows.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// What became of a click delivered a second time with the same id.
+#[derive(Debug)]
+pub enum Replay {
+    /// Dropped without an answer (Slack: a retry is acknowledged, not redone).
+    Dropped,
+    /// Answered without running anything (Discord answers every interaction).
+    Answered(String),
+    /// The transport has no click ids to replay; the reason says why.
+    NotApplicable(&'static str),
+}
+
+/// One chat platform mode, driven as its users would drive it.
+#[async_trait::async_trait]
+pub trait Platform: Send + Sync {
+    /// Which mode this is, for failure messages.
+    fn mode(&self) -> &'static str;
+    /// Someone who may approve alice's `db-admins` requests.
+    fn approver(&self) -> &'static str {
+        "bob"
+    }
+    /// `/jit <text>` typed by `user`; the answer only they see.
+    async fn type_command(&self, user: &str, text: &str) -> String;
+    /// `user` clicks the button whose action id is `action`; `click` names
+    /// this delivery (its trigger, interaction or action id). The answer
+    /// only the clicker sees.
+    async fn press(&self, user: &str, action: &str, click: u32) -> String;
+    /// The same click delivered again, as a platform's retry or a replay.
+    async fn press_again(&self, user: &str, action: &str, click: u32) -> Replay;
+    /// `user` clicks Deny on `request` and gives `reason` in the form the
+    /// platform opens for it; the answer only they see.
+    async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String;
+    /// The newest rendering of `request`'s card in the group's channel
+    /// (wire format, as text), once `ready` holds for it.
+    async fn card(&self, request: &str, ready: &(dyn for<'x> Fn(&'x str) -> bool + Sync)) -> String;
+    /// The newest direct message to `user` containing `needle`.
+    async fn direct_message(&self, user: &str, needle: &str) -> String;
+    /// Waits until `user` is (or is not) in `db-admins`.
+    async fn wait_member(&self, user: &str, member: bool);
+    /// A command with a forged signature: the HTTP status it got, or `None`
+    /// when the transport carries no signature (an authenticated socket,
+    /// the demo's console).
+    async fn forged_command(&self) -> Option<u16>;
+}
+
+/// Runs the whole contract against one platform mode.
+pub async fn run(p: &dyn Platform) {
+    let mode = p.mode();
+
+    // Request → card with Approve and Deny.
+    let answer = p
+        .type_command("alice", "request db-admins 30m fixing replication")
+        .await;
+    let id = crate::support::bot::TestBot::request_id(&answer);
+    let approve = format!("jit:approve:{id}");
+    let deny = format!("jit:deny:{id}");
+    let card = p.card(&id, &|c| c.contains(&approve)).await;
+    assert!(
+        card.contains(&deny) && card.contains("fixing replication"),
+        "{mode}: {card}"
+    );
+    assert!(card.contains("0 of 1"), "{mode}: approvals shown: {card}");
+
+    // Self-approval is refused and changes nothing.
+    let own = p.press("alice", &approve, 1).await;
+    assert!(own.contains("cannot approve your own request"), "{mode}: {own}");
+
+    // The approver approves: alice is granted and told, with Extend and
+    // Release; the click delivered again does nothing more.
+    let approver = p.approver();
+    let approved = p.press(approver, &approve, 2).await;
+    assert!(approved.contains(&format!("Approved {id}")), "{mode}: {approved}");
+    match p.press_again(approver, &approve, 2).await {
+        Replay::Dropped => {}
+        Replay::NotApplicable(why) => eprintln!("{mode}: no replay to try: {why}"),
+        Replay::Answered(text) => assert_eq!(text, render::ALREADY_HANDLED, "{mode}"),
+    }
+    p.wait_member("alice", true).await;
+    let decided = p
+        .card(&id, &|c| {
+            c.contains(&format!("approved by {approver}")) && !c.contains(&approve)
+        })
+        .await;
+    assert!(!decided.contains(&deny), "{mode}: buttons removed: {decided}");
+    let grant = p.direct_message("alice", "You have `db-admins` until").await;
+    let lease = action_target(&grant, "jit:release:")
+        .unwrap_or_else(|| panic!("{mode}: no Release button on the grant notice: {grant}"));
+    let extend = format!("jit:extend:{lease}");
+    assert!(grant.contains(&extend), "{mode}: no Extend button: {grant}");
+
+    // Extend, then release, from the notice's buttons.
+    let extended = p.press("alice", &extend, 3).await;
+    assert!(extended.contains("Extended until"), "{mode}: {extended}");
+    let released = p.press("alice", &format!("jit:release:{lease}"), 4).await;
+    assert!(released.contains(lease.as_str()), "{mode}: {released}");
+    p.wait_member("alice", false).await;
+
+    // Deny with a reason: the requester hears it, the card closes.
+    let answer = p.type_command("alice", "request db-admins 30m second try").await;
+    let second = crate::support::bot::TestBot::request_id(&answer);
+    p.card(&second, &|c| c.contains(&format!("jit:deny:{second}")))
+        .await;
+    let denied = p
+        .deny_with_reason(approver, &second, "not during the freeze")
+        .await;
+    assert!(denied.contains(&format!("Denied {second}")), "{mode}: {denied}");
+    let told = p.direct_message("alice", "not during the freeze").await;
+    assert!(told.contains(&second), "{mode}: {told}");
+    p.card(&second, &|c| {
+        c.contains("denied") && !c.contains(&format!("jit:deny:{second}"))
+    })
+    .await;
+
+    // A forged signature is refused before anything runs.
+    if let Some(status) = p.forged_command().await {
+        assert_eq!(status, 401, "{mode}: a forged signature must be refused");
+    }
+}
+
+/// The target of the first button id starting with `prefix` in `text`.
+fn action_target(text: &str, prefix: &str) -> Option<String> {
+    let at = text.find(prefix)? + prefix.len();
+    let id: String = text[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    (!id.is_empty()).then_some(id)
+}
+
+#[tokio::test]
+async fn slack_http_mode_keeps_the_contract() {
+    run(&crate::slack::contract_platform().await).await;
+}
+
+#[tokio::test]
+async fn discord_http_mode_keeps_the_contract() {
+    run(&crate::discord::contract_platform().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_console_keeps_the_contract() {
+    run(&crate::console::contract_platform().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_socket_mode_keeps_the_contract() {
+    run(&crate::socket_mode::contract_platform().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_gateway_keeps_the_contract() {
+    run(&crate::gateway::contract_platform().await).await;
+}
