@@ -880,17 +880,12 @@ async fn a_user_moved_during_a_lease_whose_value_followed_is_still_removed() {
     assert!(!dir.has_membership(&lease).await.unwrap());
 }
 
-// Shows: with refint (here done by hand, as the existing refint test does),
-// alice is moved during her lease and a new person is created under her old
-// DN and added to the group by an admin (standing). Revocation sees "the
-// value jitbot wrote is still in the group" (it is the new person's) and
-// removes it, while alice's membership under her new DN stays. Fix: when
-// the recorded DN now names a *different* entry (still_at false, entry
-// exists), the recorded value is not jitbot's; remove the identity's
-// current DN instead (and only keep the plain-OpenLDAP branch for a
-// recorded DN that no longer names any entry).
+// With refint (here done by hand, as the existing refint test does), alice
+// is moved during her lease and a new person is created under her old DN
+// and made a standing member by an admin: the value under the old DN is the
+// new person's and stays; alice's value under her new DN goes.
 #[tokio::test]
-async fn brk15b_refint_rename_then_new_person_at_old_dn_loses_standing_membership() {
+async fn a_refint_move_then_a_new_person_at_the_old_dn_keeps_their_standing_membership() {
     let slapd = Slapd::start();
     let dir = directory(&slapd.ldap_config());
     let g = group(DB_ADMINS);
