@@ -400,13 +400,22 @@ impl LdapDirectory {
                 guid: None,
             });
         }
+        let identity = format!("{GUID}:{guid}");
+        let note = match self.current_dn(&identity).await? {
+            Some(now) => format!(
+                "no member value of the group carries the user's identity ({identity}); the user ({now}) was \
+                 taken out of the group by someone else"
+            ),
+            None => format!(
+                "the user's entry ({}, {identity}) no longer exists (or the service account may not read it) \
+                 and no member value of the group carries its identity: the directory dropped its \
+                 membership with it",
+                m.value
+            ),
+        };
         Ok(Resolved {
             value: None,
-            note: Some(format!(
-                "no member value of the group carries the user's identity ({GUID}:{guid}, recorded as {}): \
-                 the entry was deleted or the membership removed by someone else",
-                m.value
-            )),
+            note: Some(note),
             guid: None,
         })
     }
