@@ -5,6 +5,7 @@
 //! cargo bench --bench jitbot                 # every scenario, default sizes
 //! cargo bench --bench jitbot -- store grant  # some scenarios
 //! JITBOT_BENCH_RESTART_LEASES=1000000 cargo bench --bench jitbot -- restart
+//! JITBOT_BENCH_DAY_SECS=120 JITBOT_BENCH_DAY_REQUESTS=1000 cargo bench --bench jitbot -- day
 //! ```
 //!
 //! Figures go to stdout; BENCHMARKS.md records a run.
@@ -52,6 +53,73 @@ fn summary(mut ms: Vec<f64>) -> String {
         pick(0.99),
         ms[ms.len() - 1]
     )
+}
+
+/// p50 and p99 of samples (any unit), nearest rank.
+fn quantiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    (pick(0.5), pick(0.99), v[v.len() - 1])
+}
+
+/// Prints each revocation stage as jitbot records it for Prometheus
+/// (`jitbot_revocation_stage_seconds{stage}`), from the samples the metrics
+/// module kept since `capture_samples`; returns them.
+fn print_stages(label: &str) -> std::collections::HashMap<&'static str, Vec<f64>> {
+    let samples = jitbot::metrics::take_samples();
+    let ms = |name: &str| -> Vec<f64> {
+        samples
+            .get(name)
+            .map(|v| v.iter().map(|s| s * 1000.0).collect())
+            .unwrap_or_default()
+    };
+    println!("{label}: stages (jitbot_revocation_stage_seconds, per revocation):");
+    for stage in jitbot::metrics::REVOCATION_STAGES {
+        println!("  {stage:<17} {}", summary(ms(stage)));
+    }
+    println!("  {:<17} {}", "lag (durable)", summary(ms("lag")));
+    let sizes = samples.get("batch_values").cloned().unwrap_or_default();
+    let (p50, p99, max) = quantiles(sizes.clone());
+    println!(
+        "  values per remove modify: {} modifies, mean {:.1}, p50 {p50:.0}, p99 {p99:.0}, max {max:.0}",
+        sizes.len(),
+        sizes.iter().sum::<f64>() / sizes.len().max(1) as f64
+    );
+    samples
+}
+
+/// The mean number of values per combined remove, rounded up.
+fn mean_batch(samples: &std::collections::HashMap<&'static str, Vec<f64>>) -> usize {
+    let sizes = samples.get("batch_values").cloned().unwrap_or_default();
+    let total: f64 = sizes.iter().sum();
+    ((total / sizes.len().max(1) as f64).ceil() as usize).max(1)
+}
+
+/// The physical limit: a plain ldap3 connection removes members
+/// `from..to` from the bench group, `batch` values per modify, with no store
+/// and no read-back. Returns the seconds it took and each modify's latency
+/// in milliseconds.
+async fn raw_removals(server: &Slapd, from: usize, to: usize, batch: usize) -> (f64, Vec<f64>) {
+    let mut ldap = server.admin().await;
+    let dns: Vec<String> = (from..to)
+        .map(|i| format!("uid=u{i:06},{}", slapd::PEOPLE))
+        .collect();
+    let started = Instant::now();
+    let mut each = Vec::new();
+    for chunk in dns.chunks(batch.max(1)) {
+        let values: HashSet<&str> = chunk.iter().map(String::as_str).collect();
+        let one = Instant::now();
+        ldap.modify(slapd::DB_ADMINS, vec![Mod::Delete("member", values)])
+            .await
+            .unwrap()
+            .success()
+            .unwrap();
+        each.push(one.elapsed().as_secs_f64() * 1000.0);
+    }
+    (started.elapsed().as_secs_f64(), each)
 }
 
 fn rss_kib() -> u64 {
@@ -207,19 +275,20 @@ async fn seed_leases(store: &Store, n: usize, expiry: impl Fn(usize) -> chrono::
     }
 }
 
-/// Adds the leases' memberships directly, as the grants would have.
+/// Adds the leases' memberships directly, as the grants would have (500
+/// values per modify: seeding, not measured).
 async fn add_members(server: &Slapd, from: usize, to: usize) {
     let mut ldap = server.admin().await;
-    for i in from..to {
-        let dn = format!("uid=u{i:06},{}", slapd::PEOPLE);
-        ldap.modify(
-            slapd::DB_ADMINS,
-            vec![Mod::Add("member", HashSet::from([dn.as_str()]))],
-        )
-        .await
-        .unwrap()
-        .success()
-        .unwrap();
+    let dns: Vec<String> = (from..to)
+        .map(|i| format!("uid=u{i:06},{}", slapd::PEOPLE))
+        .collect();
+    for chunk in dns.chunks(500) {
+        let values: HashSet<&str> = chunk.iter().map(String::as_str).collect();
+        ldap.modify(slapd::DB_ADMINS, vec![Mod::Add("member", values)])
+            .await
+            .unwrap()
+            .success()
+            .unwrap();
     }
 }
 
@@ -242,16 +311,12 @@ fn lags(engine: &Engine) -> Vec<f64> {
 }
 
 /// Runs the scheduler until no timer is due and `until` has passed.
-async fn run_scheduler_until_done(
-    engine: &Engine,
-    until: chrono::DateTime<Utc>,
-    concurrency: usize,
-    limit_secs: u64,
-) -> f64 {
+async fn run_scheduler_until_done(engine: &Engine, until: chrono::DateTime<Utc>, limit_secs: u64) -> f64 {
     let (tx, rx) = tokio::sync::watch::channel(false);
+    // jitbot's defaults, but for the cap on one wait.
     let settings = jitbot::scheduler::SchedulerSettings {
         max_wait: std::time::Duration::from_secs(1),
-        concurrency,
+        ..Default::default()
     };
     let started = Instant::now();
     let task = tokio::spawn(jitbot::scheduler::run(engine.clone(), settings, rx));
@@ -270,7 +335,8 @@ async fn run_scheduler_until_done(
     secs
 }
 
-/// 10,000 leases expiring within one minute, revoked by the scheduler.
+/// 10,000 leases expiring within one minute from a 10,000-member group,
+/// revoked by the scheduler; then the physical limit for the same group.
 async fn bench_revocation(server: &Slapd, people_added: usize) {
     let n = env_usize("JITBOT_BENCH_REVOCATIONS", 10_000);
     if n > people_added {
@@ -284,10 +350,29 @@ async fn bench_revocation(server: &Slapd, people_added: usize) {
         start + Duration::milliseconds((i as i64 * 60_000) / n as i64)
     })
     .await;
-    run_scheduler_until_done(&engine, start + Duration::seconds(60), 32, 600).await;
+    jitbot::metrics::take_samples();
+    jitbot::metrics::capture_samples();
+    run_scheduler_until_done(&engine, start + Duration::seconds(60), 600).await;
     println!(
-        "revocation lag ({n} leases expiring within 60 s, LDAP remove + read-back each): {}",
+        "revocation lag ({n} leases expiring within 60 s, each durable before and after, LDAP remove + read-back): {}",
         summary(lags(&engine))
+    );
+    let samples = print_stages("revocation");
+    let batch = mean_batch(&samples);
+    assert!(
+        server.values(slapd::DB_ADMINS, "member").await.len() <= 1,
+        "every leased membership is gone"
+    );
+    // The physical limit for the same group and members: one value per
+    // modify, then batches of the size jitbot formed.
+    add_members(server, 0, n).await;
+    let (_, single) = raw_removals(server, 0, n, 1).await;
+    add_members(server, 0, n).await;
+    let (_, batched) = raw_removals(server, 0, n, batch).await;
+    println!(
+        "revocation physical limit (plain ldap3, no store, no read-back, group of {n} shrinking to 0): one value per modify {} · {batch} values per modify {}",
+        summary(single),
+        summary(batched)
     );
 }
 
@@ -307,36 +392,35 @@ async fn add_people_from(server: &Slapd, from: usize, to: usize) {
     }
 }
 
-/// N leases due in the same second, drained by jitbot, against a plain
-/// ldap3 loop doing the same removals on the same slapd.
+/// N leases due in the same second, drained by jitbot, against the physical
+/// limit: a plain ldap3 connection doing the same removals on the same
+/// slapd, one value per modify and in batches of the size jitbot formed.
 async fn bench_mass(server: &Slapd) {
     let n = env_usize("JITBOT_BENCH_MASS", 2000);
-    // Baseline: the same removals with one plain ldap3 connection, sequential.
-    add_members(server, 0, n).await;
-    let mut ldap = server.admin().await;
-    let started = Instant::now();
-    for i in 0..n {
-        let dn = format!("uid=u{i:06},{}", slapd::PEOPLE);
-        ldap.modify(
-            slapd::DB_ADMINS,
-            vec![Mod::Delete("member", HashSet::from([dn.as_str()]))],
-        )
-        .await
-        .unwrap()
-        .success()
-        .unwrap();
-    }
-    let plain = started.elapsed().as_secs_f64();
     add_members(server, 0, n).await;
     let tmp = tempfile::tempdir().unwrap();
     let engine = engine_on(&tmp.path().join("db"), directory(server), Span::from_hours(4));
     let due = Utc::now();
     seed_leases(engine.store(), n, |_| due).await;
-    let secs = run_scheduler_until_done(&engine, due, 32, 600).await;
+    jitbot::metrics::take_samples();
+    jitbot::metrics::capture_samples();
+    let secs = run_scheduler_until_done(&engine, due, 600).await;
+    let samples = print_stages("mass expiry");
+    let batch = mean_batch(&samples);
+    assert!(
+        server.values(slapd::DB_ADMINS, "member").await.len() <= 1,
+        "every leased membership is gone"
+    );
+    add_members(server, 0, n).await;
+    let (plain, _) = raw_removals(server, 0, n, 1).await;
+    add_members(server, 0, n).await;
+    let (batched, _) = raw_removals(server, 0, n, batch).await;
     println!(
-        "mass expiry: {n} leases due at once: jitbot {secs:.2}s ({:.0}/s, each durable before and after, with read-back) vs plain ldap3 loop {plain:.2}s ({:.0}/s): ratio {:.2}",
+        "mass expiry: {n} leases due at once: jitbot {secs:.2}s ({:.0}/s, each durable before and after, with read-back) · plain ldap3 one value per modify {plain:.2}s ({:.0}/s) · plain ldap3 {batch} values per modify (jitbot's mean batch) {batched:.2}s ({:.0}/s) · ratio jitbot/batched raw {:.2} (goal ≥ 0.8), jitbot/one-by-one raw {:.2}",
         n as f64 / secs,
         n as f64 / plain,
+        n as f64 / batched,
+        batched / secs,
         plain / secs
     );
 }
@@ -383,7 +467,7 @@ async fn bench_restart(server: &Slapd) {
     let (open_secs, rss) = (field("open_secs"), field("rss_kib"));
     add_members(server, 0, overdue).await;
     let engine = engine_on(&path, directory(server), Span::from_hours(24 * 365));
-    let secs = run_scheduler_until_done(&engine, Utc::now(), 32, 600).await;
+    let secs = run_scheduler_until_done(&engine, Utc::now(), 600).await;
     println!(
         "restart: {n} leases in the store: a fresh process opens it and has its next timer in {open_secs:.3}s (the schedule is the store's timer index; nothing is loaded into memory); RSS {:.0} MiB = {:.0} bytes per scheduled lease (sled cache 64 MiB); {overdue} overdue leases revoked in {secs:.2}s ({:.0}/s)",
         rss / 1024.0,
@@ -520,7 +604,7 @@ async fn run() {
     if want("store") {
         bench_store().await;
     }
-    let needs_ldap = ["ack", "grant", "revocation", "mass", "restart"]
+    let needs_ldap = ["ack", "grant", "revocation", "mass", "day", "restart"]
         .iter()
         .any(|s| want(s));
     if !needs_ldap {
@@ -543,10 +627,475 @@ async fn run() {
         let server = Slapd::start();
         bench_revocation(&server, 0).await;
     }
+    if want("day") {
+        bench_day().await;
+    }
     if want("restart") {
         let server = Slapd::start();
         let overdue = env_usize("JITBOT_BENCH_RESTART_OVERDUE", 1000);
         add_people(&server, overdue).await;
         bench_restart(&server).await;
     }
+}
+
+/// The day scenario's groups: (name, DN); both hold `member` DNs.
+const DAY_GROUPS: [(&str, &str); 2] = [("db-admins", slapd::DB_ADMINS), ("web-admins", slapd::WEB_ADMINS)];
+
+/// Everybody may ask for either day group; carol approves.
+fn day_policy(people: usize) -> Policy {
+    let groups = DAY_GROUPS
+        .iter()
+        .map(|(name, dn)| {
+            let mut g = GroupPolicy::new(name, dn);
+            for i in 0..people {
+                g.requesters.users.insert(UserId::new(format!("u{i:06}")));
+            }
+            g.approvers.users.insert(UserId::new("carol"));
+            g.max_duration = Span::from_hours(4);
+            g.max_total_duration = Span::from_hours(8);
+            g.reason_required = false;
+            g.approval_timeout = Span::from_hours(24);
+            g
+        })
+        .collect();
+    Policy {
+        groups,
+        admins: Default::default(),
+    }
+}
+
+/// Adds people `u000000`.. with a `mail` (Slack finds them by it).
+async fn add_people_with_mail(server: &Slapd, n: usize) {
+    let mut ldap = server.admin().await;
+    for i in 0..n {
+        let uid = format!("u{i:06}");
+        let mail = format!("{uid}@example.org");
+        let dn = format!("uid={uid},{}", slapd::PEOPLE);
+        let attrs = vec![
+            ("objectClass", HashSet::from(["inetOrgPerson"])),
+            ("uid", HashSet::from([uid.as_str()])),
+            ("cn", HashSet::from([uid.as_str()])),
+            ("sn", HashSet::from(["bench"])),
+            ("mail", HashSet::from([mail.as_str()])),
+        ];
+        ldap.add(&dn, attrs).await.unwrap().success().unwrap();
+    }
+}
+
+/// Sends signed Slack slash commands to the in-process app and keeps the
+/// acknowledgement latency of each kind of command.
+#[derive(Clone)]
+struct SlackClient {
+    http: reqwest::Client,
+    url: String,
+    slack: fake_slack::FakeSlack,
+    next: Arc<std::sync::atomic::AtomicU32>,
+    acks: Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, Vec<f64>>>>,
+    /// (response_url number, what was sent), for the end-of-day check that
+    /// every command was answered.
+    sent: Arc<std::sync::Mutex<Vec<(u32, String)>>>,
+}
+
+impl SlackClient {
+    async fn command(&self, kind: &'static str, user: &str, text: &str) {
+        use jitbot::chat::slack::signature::sign;
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("team_id", "T1")
+            .append_pair("channel_id", "CJIT")
+            .append_pair("user_id", user)
+            .append_pair("command", "/jit")
+            .append_pair("text", text)
+            .append_pair("response_url", &self.slack.response_url(n))
+            .append_pair("trigger_id", &format!("day.{n}"))
+            .finish();
+        let ts = Utc::now().timestamp();
+        let sig = sign("bench-secret", ts, body.as_bytes());
+        let started = Instant::now();
+        let status = self
+            .http
+            .post(&self.url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-slack-request-timestamp", ts.to_string())
+            .header("x-slack-signature", sig)
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(status, 200, "day: `/jit {text}` from {user} was not acknowledged");
+        self.acks.lock().unwrap().entry(kind).or_default().push(ms);
+        self.sent
+            .lock()
+            .unwrap()
+            .push((n, format!("{user}: /jit {text}")));
+    }
+}
+
+/// Seconds from `from` to `to` as milliseconds.
+fn ms_between(from: chrono::DateTime<Utc>, to: chrono::DateTime<Utc>) -> f64 {
+    (to - from).num_microseconds().unwrap_or(0) as f64 / 1000.0
+}
+
+/// A 10,000-person company's working day compressed into minutes: signed
+/// Slack slash commands against the in-process app (fake Slack Web API),
+/// approvals after random delays, 10 % denials, extensions, early releases,
+/// expiries, and slapd stopped and restarted in the middle. At the end
+/// every request must have been answered, every lease ended, and slapd
+/// (read on its own connection) must hold exactly the members it started
+/// with: no lost and no orphaned lease. Fails loudly otherwise.
+async fn bench_day() {
+    use jitbot::chat::slack::{routes, SlackAdapter};
+    use jitbot::config::{SlackConfig, SlackMode};
+    use jitbot::secret::{Secret, SecretSource};
+    use rand::{Rng, SeedableRng};
+    let people = env_usize("JITBOT_BENCH_DAY_PEOPLE", 10_000);
+    let requests = env_usize("JITBOT_BENCH_DAY_REQUESTS", 5_000).min(people);
+    let day = env_usize("JITBOT_BENCH_DAY_SECS", 360) as f64;
+    let outage = env_usize("JITBOT_BENCH_DAY_OUTAGE_SECS", 5) as u64;
+    // Leases last 5–20 % of the day: most end by expiry before it is over.
+    let (shortest, longest) = ((day * 0.05).max(5.0), (day * 0.2).max(10.0));
+    let mut server = Slapd::start();
+    let seeding = Instant::now();
+    add_people_with_mail(&server, people).await;
+    let mut before = Vec::new();
+    for (_, dn) in DAY_GROUPS {
+        before.push(server.values(dn, "member").await);
+    }
+    let slack = fake_slack::FakeSlack::start().await;
+    slack.add_user("UCAROL", "carol@example.org");
+    for i in 0..people {
+        slack.add_user(&format!("U{i:06}"), &format!("u{i:06}@example.org"));
+    }
+    let config = SlackConfig {
+        mode: SlackMode::Http,
+        bot_token: SecretSource::env("UNUSED"),
+        signing_secret: None,
+        app_token: None,
+        team_id: "T1".into(),
+        app_id: None,
+        enterprise_id: None,
+        api_url: slack.api_url(),
+        user_attribute: "mail".into(),
+        default_channel: "CJIT".into(),
+        alert_channel: None,
+        channels: Default::default(),
+    };
+    let adapter = Arc::new(SlackAdapter::with_token(&config, Secret::new("xoxb-bench")).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 64).unwrap();
+    let settings = EngineSettings {
+        retry_base: Span::from_secs(1),
+        retry_max: Span::from_secs(10),
+        ..Default::default()
+    };
+    let engine = Engine::new(
+        day_policy(people),
+        store,
+        directory(&server),
+        Arc::new(SystemClock),
+        settings,
+    );
+    let app = routes(
+        engine.clone(),
+        adapter,
+        Secret::new("bench-secret"),
+        Arc::new(SystemClock),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/slack/commands", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let scheduler = tokio::spawn(jitbot::scheduler::run(
+        engine.clone(),
+        jitbot::scheduler::SchedulerSettings {
+            max_wait: std::time::Duration::from_secs(1),
+            ..Default::default()
+        },
+        stopped.clone(),
+    ));
+    let outbox = tokio::spawn(jitbot::chat::outbox::run(
+        engine.clone(),
+        Arc::new(LogNotifier),
+        stopped,
+    ));
+    let client = SlackClient {
+        http: reqwest::Client::new(),
+        url,
+        slack: slack.clone(),
+        next: Arc::new(std::sync::atomic::AtomicU32::new(1)),
+        acks: Default::default(),
+        sent: Default::default(),
+    };
+    println!(
+        "day: {people} people, {requests} requests over {day:.0}s, leases of {shortest:.0}–{longest:.0}s, slapd down for {outage}s mid-day (seeded in {:.1}s)",
+        seeding.elapsed().as_secs_f64()
+    );
+    jitbot::metrics::take_samples();
+    jitbot::metrics::capture_samples();
+    let began = Instant::now();
+    let seed = env_usize("JITBOT_BENCH_SEED", 17) as u64;
+
+    // People ask over the first 70 % of the day, at random moments.
+    let requester = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut at: Vec<f64> = (0..requests).map(|_| rng.gen_range(0.0..day * 0.7)).collect();
+            at.sort_by(|a, b| a.total_cmp(b));
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, at) in at.into_iter().enumerate() {
+                let wait = at - began.elapsed().as_secs_f64();
+                if wait > 0.0 {
+                    tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+                }
+                let group = DAY_GROUPS[rng.gen_range(0..DAY_GROUPS.len())].0;
+                let secs = rng.gen_range(shortest..longest).round() as u64;
+                let client = client.clone();
+                tasks.spawn(async move {
+                    client
+                        .command(
+                            "request",
+                            &format!("U{i:06}"),
+                            &format!("request {group} {secs}s day"),
+                        )
+                        .await
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        })
+    };
+    // Carol decides each pending request after a random delay; 10 % denied.
+    // A decision that did not land (the directory was down when her command
+    // came) is sent again a few seconds later, as a person would.
+    let approver = {
+        let (client, engine) = (client.clone(), engine.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
+            // Request → (denied, when to try again if it is still pending).
+            let mut decided: std::collections::HashMap<String, (bool, f64)> = Default::default();
+            let mut tasks = tokio::task::JoinSet::new();
+            loop {
+                let now = began.elapsed().as_secs_f64();
+                let pending = engine.store().pending_requests().unwrap();
+                if (now > day && pending.is_empty()) || now > day * 2.0 + 120.0 {
+                    break;
+                }
+                for rec in pending {
+                    let id = rec.request.id.to_string();
+                    let delay = match decided.get(&id) {
+                        Some((_, retry)) if *retry > now => continue,
+                        Some(_) => 0.0,
+                        None => rng.gen_range(0.2..(day * 0.02).max(1.0)),
+                    };
+                    let deny = match decided.get(&id) {
+                        Some((deny, _)) => *deny,
+                        None => rng.gen_bool(0.1),
+                    };
+                    decided.insert(id.clone(), (deny, now + delay + 3.0));
+                    let client = client.clone();
+                    tasks.spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs_f64(delay)).await;
+                        if deny {
+                            client
+                                .command("deny", "UCAROL", &format!("deny {id} not today"))
+                                .await
+                        } else {
+                            client
+                                .command("approve", "UCAROL", &format!("approve {id}"))
+                                .await
+                        }
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+            let denied = decided.values().filter(|(deny, _)| *deny).count();
+            (decided.len(), denied)
+        })
+    };
+    // Holders: 10 % extend their lease, 20 % release it early.
+    let holders = {
+        let (client, engine) = (client.clone(), engine.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 2);
+            let mut seen = HashSet::new();
+            let mut tasks = tokio::task::JoinSet::new();
+            while began.elapsed().as_secs_f64() < day {
+                for rec in engine.store().live_leases().unwrap() {
+                    if rec.lease.state != LeaseState::Active || !seen.insert(rec.lease.id.to_string()) {
+                        continue;
+                    }
+                    let left = (rec.lease.expires_at - Utc::now()).num_milliseconds() as f64 / 1000.0;
+                    let roll: f64 = rng.gen();
+                    if roll >= 0.3 || left < 2.0 {
+                        continue;
+                    }
+                    let user = rec.lease.user.as_str().replace('u', "U");
+                    let (kind, text) = if roll < 0.1 {
+                        (
+                            "extend",
+                            format!("extend {} {}s", rec.lease.id, shortest.round() as u64),
+                        )
+                    } else {
+                        ("release", format!("release {}", rec.lease.id))
+                    };
+                    let delay = rng.gen_range(0.1..0.8) * left;
+                    let client = client.clone();
+                    tasks.spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs_f64(delay)).await;
+                        client.command(kind, &user, &text).await
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        })
+    };
+    // Mid-day, the directory goes away and comes back.
+    tokio::time::sleep(std::time::Duration::from_secs_f64(day / 2.0)).await;
+    tokio::task::block_in_place(|| server.stop());
+    tokio::time::sleep(std::time::Duration::from_secs(outage)).await;
+    tokio::task::block_in_place(|| server.restart());
+    println!("day: slapd stopped at {:.0}s for {outage}s, restarted", day / 2.0);
+    requester.await.unwrap();
+    let (decided, denied) = approver.await.unwrap();
+    holders.await.unwrap();
+    // The last leases run out after the day; wait for jitbot to settle.
+    let settle = Instant::now();
+    loop {
+        let live = engine.store().live_leases().unwrap().len();
+        let pending = engine.store().pending_requests().unwrap().len();
+        let outbox_done = engine.store().outbox(1).map(|o| o.is_empty()).unwrap_or(false);
+        if live == 0 && pending == 0 && outbox_done {
+            break;
+        }
+        assert!(
+            settle.elapsed().as_secs_f64() < longest * 2.0 + 120.0,
+            "day: jitbot did not settle: {live} live leases, {pending} pending requests"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let wall = began.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    scheduler.await.unwrap();
+    outbox.await.unwrap();
+    let samples = print_stages("day");
+
+    // No orphaned membership: slapd, on its own connection, holds exactly
+    // the members it started with.
+    for ((name, dn), start) in DAY_GROUPS.iter().zip(&before) {
+        let now = server.values(dn, "member").await;
+        assert_eq!(
+            &now, start,
+            "day: ORPHANED memberships in {name}: slapd's members differ from the start"
+        );
+    }
+    // No lost command: every one was answered through its response_url.
+    let answered: HashSet<String> = slack
+        .calls()
+        .into_iter()
+        .filter(|c| c.method.starts_with("response/"))
+        .map(|c| c.method)
+        .collect();
+    let sent = client.sent.lock().unwrap().clone();
+    let unanswered: Vec<&String> = sent
+        .iter()
+        .filter(|(n, _)| !answered.contains(&format!("response/{n}")))
+        .map(|(_, what)| what)
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "day: LOST commands, never answered: {unanswered:?}"
+    );
+    // No lost lease: every approved request has a lease, and every lease ended.
+    let leases = engine.store().leases().unwrap();
+    let not_ended: Vec<String> = leases
+        .iter()
+        .filter(|l| l.lease.state != LeaseState::Ended)
+        .map(|l| format!("{} ({:?})", l.lease.id, l.lease.state))
+        .collect();
+    assert!(
+        not_ended.is_empty(),
+        "day: leases that never ended: {not_ended:?}"
+    );
+    let reqs = engine.store().requests().unwrap();
+    let approved_without_lease = reqs
+        .iter()
+        .filter(|r| r.request.state == jitbot_core::RequestState::Approved && r.lease.is_none())
+        .count();
+    assert_eq!(
+        approved_without_lease, 0,
+        "day: LOST leases: approved requests without a lease"
+    );
+
+    // Stages from the audit trail (commit times).
+    let audit: Vec<_> = engine.store().audit(0).filter_map(|e| e.ok()).collect();
+    let first = |action: &str| -> std::collections::HashMap<String, chrono::DateTime<Utc>> {
+        let mut m = std::collections::HashMap::new();
+        for e in audit.iter().filter(|e| e.action == action) {
+            if let Some(l) = &e.lease {
+                m.entry(l.clone()).or_insert(e.at);
+            }
+        }
+        m
+    };
+    let (granting, granted, ended) = (
+        first("lease.granting"),
+        first("lease.granted"),
+        first("lease.ended"),
+    );
+    let grant: Vec<f64> = granting
+        .iter()
+        .filter_map(|(l, at)| Some(ms_between(*at, *granted.get(l)?)))
+        .collect();
+    let released: Vec<f64> = audit
+        .iter()
+        .filter(|e| e.action == "lease.revoking" && e.actor != "jitbot")
+        .filter_map(|e| Some(ms_between(e.at, *ended.get(e.lease.as_ref()?)?)))
+        .collect();
+    let mut reasons = std::collections::BTreeMap::new();
+    for l in &leases {
+        let why = l
+            .lease
+            .end_reason
+            .as_ref()
+            .map(|r| r.describe())
+            .unwrap_or_default();
+        let why = why.split([':', '(']).next().unwrap_or("").trim().to_string();
+        *reasons.entry(why).or_insert(0usize) += 1;
+    }
+    println!(
+        "day: {} commands in {wall:.0}s; {} requests stored, {decided} decided by carol ({denied} denied); {} leases: {:?}",
+        sent.len(),
+        reqs.len(),
+        leases.len(),
+        reasons
+    );
+    for (kind, ms) in client.acks.lock().unwrap().iter() {
+        println!("  ack of /jit {kind:<8} {}", summary(ms.clone()));
+    }
+    println!(
+        "  approval → lease granted (LDAP add + read-back, durable) {}",
+        summary(grant)
+    );
+    println!(
+        "  release → lease ended (LDAP remove + read-back, durable) {}",
+        summary(released)
+    );
+    let lag: Vec<f64> = samples
+        .get("lag")
+        .map(|v| v.iter().map(|s| s * 1000.0).collect())
+        .unwrap_or_default();
+    println!("  expiry → lease ended (durable) {}", summary(lag));
+    println!(
+        "day: zero lost or orphaned leases: every command answered, every lease ended, slapd's groups as they started (checked on a separate connection)"
+    );
 }

@@ -11,6 +11,7 @@ use crate::http::{self, HttpState};
 use crate::ports::{Directory, Notifier};
 use crate::scheduler::{self, SchedulerSettings};
 use crate::secret::Secret;
+use crate::store::retention::RetentionSettings;
 use crate::store::Store;
 use anyhow::Context;
 use axum::Router;
@@ -203,8 +204,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => crate::store::Sealing::Unkeyed,
     };
+    let retention = config.store.retain.map(|retain| {
+        let settings = RetentionSettings::new(retain, config.store.archive_dir());
+        store.set_archive_dir(settings.archive_dir.clone());
+        settings
+    });
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
+    let retention_clock = clock.clone();
     let engine = Engine::new(
         config.policy(),
         store,
@@ -274,6 +281,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         running.spawn(crate::engine::anchor::run_anchors(
             anchor_engine,
             every.to_std(),
+            rx,
+        ));
+    }
+    if let Some(settings) = retention {
+        let rx = running.shutdown_signal();
+        running.spawn(crate::store::retention::run(
+            store_watch.clone(),
+            retention_clock,
+            settings,
             rx,
         ));
     }

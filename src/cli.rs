@@ -141,6 +141,10 @@ pub enum AuditCmd {
         /// hash to HASH and the chain must continue intact from it.
         #[arg(long)]
         anchor: Option<String>,
+        /// Also check the audit archive in DIR (`store.archive_dir`, as the
+        /// running jitbot sees it), from record 1 through the store's head.
+        #[arg(long, value_name = "DIR")]
+        archive: Option<String>,
     },
     /// Publish the chain's head (`SEQ:HASH`) to the alert channel and the
     /// log, and print it: keep it somewhere jitbot cannot write.
@@ -152,6 +156,10 @@ pub enum AuditCmd {
         since: Option<String>,
         #[arg(long, value_enum, default_value = "jsonl")]
         format: ExportFormat,
+        /// Read archived records from DIR (as the running jitbot sees it);
+        /// by default its `store.archive_dir` when `store.retain` is set.
+        #[arg(long, value_name = "DIR")]
+        archive: Option<String>,
     },
 }
 
@@ -414,17 +422,16 @@ async fn audit(cmd: AuditCmd, remote: &Remote) -> anyhow::Result<()> {
     let client = Client::new(remote)?;
     match cmd {
         AuditCmd::Anchor => print!("{}", client.post("/admin/audit/anchor", &()).await?),
-        AuditCmd::Verify { anchor } => {
-            let path = match anchor {
-                Some(a) => {
-                    let a: crate::store::Anchor = a.parse().map_err(anyhow::Error::msg)?;
-                    format!(
-                        "/admin/audit/verify?anchor={}",
-                        url::form_urlencoded::byte_serialize(a.to_string().as_bytes()).collect::<String>()
-                    )
-                }
-                None => "/admin/audit/verify".to_string(),
-            };
+        AuditCmd::Verify { anchor, archive } => {
+            let mut query = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(a) = anchor {
+                let a: crate::store::Anchor = a.parse().map_err(anyhow::Error::msg)?;
+                query.append_pair("anchor", &a.to_string());
+            }
+            if let Some(dir) = &archive {
+                query.append_pair("archive", dir);
+            }
+            let path = format!("/admin/audit/verify?{}", query.finish());
             match client.get(&path).await {
                 Ok(body) => print!("{body}"),
                 Err(e) => {
@@ -433,7 +440,11 @@ async fn audit(cmd: AuditCmd, remote: &Remote) -> anyhow::Result<()> {
                 }
             }
         }
-        AuditCmd::Export { since, format } => {
+        AuditCmd::Export {
+            since,
+            format,
+            archive,
+        } => {
             let format = match format {
                 ExportFormat::Jsonl => "jsonl",
                 ExportFormat::Csv => "csv",
@@ -441,6 +452,10 @@ async fn audit(cmd: AuditCmd, remote: &Remote) -> anyhow::Result<()> {
             let mut path = format!("/admin/audit?format={format}");
             if let Some(since) = since {
                 path.push_str(&format!("&since={since}"));
+            }
+            if let Some(dir) = archive {
+                let dir: String = url::form_urlencoded::byte_serialize(dir.as_bytes()).collect();
+                path.push_str(&format!("&archive={dir}"));
             }
             print!("{}", client.get(&path).await?);
         }

@@ -139,6 +139,36 @@ pub struct StoreConfig {
     /// sled's page cache, in MiB (sled's own default is 1 GiB).
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// How long ended leases, finished requests and audit records stay in
+    /// the store (`"400d"`); unset keeps everything forever. Audit records
+    /// older than this move to compressed files in `archive_dir`.
+    #[serde(default, deserialize_with = "retain_span")]
+    pub retain: Option<Span>,
+    /// Where audit records older than `retain` are archived; by default
+    /// `audit-archive` beside the store directory (`<path>/../audit-archive`).
+    pub archive_dir: Option<PathBuf>,
+}
+
+/// The shortest `[store] retain` accepted.
+pub const MIN_RETAIN: Span = Span::from_hours(24);
+
+impl StoreConfig {
+    /// The archive directory: `archive_dir`, or `audit-archive` beside the
+    /// store directory.
+    pub fn archive_dir(&self) -> PathBuf {
+        match &self.archive_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let parent = self.path.parent().unwrap_or_else(|| Path::new("."));
+                parent.join("audit-archive")
+            }
+        }
+    }
+}
+
+fn retain_span<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Span>, D::Error> {
+    let raw = String::deserialize(d)?;
+    Span::parse_long(&raw).map(Some).map_err(serde::de::Error::custom)
 }
 
 fn default_cache_mb() -> u64 {
@@ -814,6 +844,24 @@ impl Config {
                 "the dashboard is served only behind server.admin_token; set one".into(),
             );
         }
+        if let Some(retain) = self.store.retain.filter(|r| *r < MIN_RETAIN) {
+            issue(
+                "store.retain".into(),
+                key_line(text, "store", "retain"),
+                format!(
+                    "= \"{retain}\" is shorter than a day: records would be pruned before anyone reviews \
+                     yesterday's access, and an approval card or notice still being retried could lose its \
+                     request; use at least \"1d\" (a year or more is usual), or leave it unset to keep everything"
+                ),
+            );
+        }
+        if self.store.archive_dir.is_some() && self.store.retain.is_none() {
+            issue(
+                "store.archive_dir".into(),
+                key_line(text, "store", "archive_dir"),
+                "is set but store.retain is not, so nothing would be archived; set retain too, or remove archive_dir".into(),
+            );
+        }
         if let Some(every) = self.audit.anchor_every {
             if every < Span::from_mins(1) {
                 issue(
@@ -1026,6 +1074,37 @@ max_duration = "4h"
         let p = c.policy();
         assert_eq!(p.groups[0].max_total_duration, Span::from_hours(4));
         assert_eq!(c.store.cache_mb, 64);
+    }
+
+    #[test]
+    fn store_retain_takes_long_spans_refuses_less_than_a_day_and_archives_beside_the_store() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.store.retain, None, "unset keeps everything");
+        let with =
+            |extra: &str| MINIMAL.replace("path = \"/tmp/x\"", &format!("path = \"/tmp/x/db\"\n{extra}"));
+        let c = Config::parse(&with("retain = \"400d\""), "t.toml").unwrap();
+        assert_eq!(c.store.retain, Some(Span::from_secs(400 * 86_400)));
+        assert_eq!(c.store.archive_dir(), PathBuf::from("/tmp/x/audit-archive"));
+        let c = Config::parse(&with("retain = \"2y\"\narchive_dir = \"/srv/audit\""), "t.toml").unwrap();
+        assert_eq!(c.store.archive_dir(), PathBuf::from("/srv/audit"));
+        let err = Config::parse(&with("retain = \"12h\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.retain") && err.contains("shorter than a day"),
+            "{err}"
+        );
+        let err = Config::parse(&with("retain = \"forever\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a duration"), "{err}");
+        let err = Config::parse(&with("archive_dir = \"/srv/audit\""), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.archive_dir") && err.contains("retain"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -16,6 +18,11 @@ pub fn install() -> Option<PrometheusHandle> {
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
                     &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0],
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("jitbot_directory_batch_values".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
                 )
                 .ok()?
                 .install_recorder()
@@ -46,6 +53,7 @@ pub fn revoke_retry() {
 /// Time from a lease's expiry to its membership being gone.
 pub fn revocation_lag(lag: Duration) {
     histogram!("jitbot_revocation_lag_seconds").record(lag.as_secs_f64());
+    capture("lag", lag.as_secs_f64());
 }
 pub fn directory_op(op: &'static str, took: Duration) {
     histogram!("jitbot_directory_operation_seconds", "op" => op).record(took.as_secs_f64());
@@ -77,10 +85,12 @@ pub fn clock_stepped_back() {
 /// The stages of a revocation, in order, as `stage` label values of
 /// `jitbot_revocation_stage_seconds`: from the timer being due to the
 /// scheduler picking it up, the store commit before the directory change,
-/// the LDAP modify, the read-back, and the store commit after it.
-pub const REVOCATION_STAGES: [&str; 5] = [
+/// the wait for a place in a combined modify of the group, the LDAP modify,
+/// the read-back, and the store commit after it (durable, flush included).
+pub const REVOCATION_STAGES: [&str; 6] = [
     "timer_lateness",
     "commit_before",
+    "batch_wait",
     "directory_modify",
     "read_back",
     "commit_after",
@@ -89,6 +99,53 @@ pub const REVOCATION_STAGES: [&str; 5] = [
 /// How long one stage of a revocation took (see [`REVOCATION_STAGES`]).
 pub fn stage(name: &'static str, took: Duration) {
     histogram!("jitbot_revocation_stage_seconds", "stage" => name).record(took.as_secs_f64());
+    capture(name, took.as_secs_f64());
+}
+
+/// How many values one combined membership modify carried (`change`:
+/// `add` or `remove`).
+pub fn directory_batch(change: &'static str, values: usize) {
+    histogram!("jitbot_directory_batch_values", "change" => change).record(values as f64);
+    if change == "remove" {
+        capture("batch_values", values as f64);
+    }
+}
+
+/// Raw samples of the revocation stages, for the benchmark, which needs exact
+/// percentiles rather than the exporter's buckets: off (one atomic load per
+/// sample) until [`capture_samples`] turns it on.
+static CAPTURING: AtomicBool = AtomicBool::new(false);
+type Samples = HashMap<&'static str, Vec<f64>>;
+static CAPTURED: Mutex<Option<Samples>> = Mutex::new(None);
+
+fn capture(name: &'static str, value: f64) {
+    if !CAPTURING.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut captured = CAPTURED.lock().unwrap_or_else(|p| p.into_inner());
+    captured
+        .get_or_insert_with(HashMap::new)
+        .entry(name)
+        .or_default()
+        .push(value);
+}
+
+/// Benchmark hook: from now on, keep every sample of the revocation stages,
+/// of `lag` (expiry → ended, durable) and of `batch_values` (values per
+/// combined remove), in seconds (or values), until [`take_samples`].
+#[doc(hidden)]
+pub fn capture_samples() {
+    CAPTURING.store(true, Ordering::SeqCst);
+}
+
+/// Benchmark hook: the samples kept since the last call, by name.
+#[doc(hidden)]
+pub fn take_samples() -> HashMap<&'static str, Vec<f64>> {
+    CAPTURED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default()
 }
 
 /// Outbox entries are not timestamped, so the age of the oldest is measured
@@ -215,6 +272,13 @@ fn register_all() {
     for op in ["add", "remove"] {
         let _ = histogram!("jitbot_directory_operation_seconds", "op" => op);
     }
+    describe_histogram!(
+        "jitbot_directory_batch_values",
+        "Values carried by one combined membership modify, by change (add, remove)."
+    );
+    for change in ["add", "remove"] {
+        let _ = histogram!("jitbot_directory_batch_values", "change" => change);
+    }
     describe_gauge!("jitbot_active_leases", "Leases whose membership is in force.");
     describe_gauge!("jitbot_pending_requests", "Requests waiting for approval.");
     describe_gauge!("jitbot_outbox_backlog", "Notices waiting in the outbox.");
@@ -239,9 +303,30 @@ fn register_all() {
     for reason in ["workspace", "app", "enterprise", "external_user"] {
         counter!("jitbot_refused_payloads_total", "platform" => "slack", "reason" => reason).increment(0);
     }
+    describe_counter!(
+        "jitbot_store_pruned_total",
+        "Ended leases and finished requests pruned by [store] retain, by kind."
+    );
+    for kind in ["lease", "request"] {
+        counter!("jitbot_store_pruned_total", "kind" => kind).increment(0);
+    }
+    describe_counter!(
+        "jitbot_audit_archived_total",
+        "Audit records moved from the store to the audit archive by [store] retain."
+    );
+    counter!("jitbot_audit_archived_total").increment(0);
     set_gauges(0, 0);
     observe_outbox(0, None);
     set_overdue_revocation(Duration::ZERO);
+}
+
+/// Records removed from the store by retention (`kind`: `lease`, `request`).
+pub fn store_pruned(kind: &'static str, n: u64) {
+    counter!("jitbot_store_pruned_total", "kind" => kind).increment(n);
+}
+/// Audit records moved from the store to the archive by retention.
+pub fn audit_archived(n: u64) {
+    counter!("jitbot_audit_archived_total").increment(n);
 }
 
 /// A notice, card or card update that failed on one platform (`kind`:

@@ -5,10 +5,23 @@
 //! Each wait is capped (`max_wait`) and the wall clock is re-read on every
 //! wake, so a suspended machine or a clock jump makes it late by at most the
 //! cap. Work runs concurrently up to `concurrency` timers at a time.
+//!
+//! At most one timer per lease (or request) runs at a time: an `Expire`
+//! commits the lease as revoking with a `Revoke` timer due at once and then
+//! removes the membership itself, so starting that `Revoke` timer meanwhile
+//! would only queue behind the lease's lock and commit a second time.
 
 use crate::engine::Engine;
 use crate::store::{Timer, TimerKind};
 use std::collections::{HashMap, HashSet};
+
+/// What a timer works on: a lease, or a request (`RequestTimeout`). Ids of
+/// the two kinds are kept apart.
+type Subject = (bool, String);
+
+fn subject(kind: TimerKind, id: &str) -> Subject {
+    (kind == TimerKind::RequestTimeout, id.to_string())
+}
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -30,10 +43,10 @@ impl Default for SchedulerSettings {
 
 /// Runs until `shutdown` turns true, then lets in-flight work finish.
 pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watch::Receiver<bool>) {
-    let mut in_flight: HashSet<(TimerKind, String)> = HashSet::new();
+    let mut in_flight: HashSet<Subject> = HashSet::new();
     let mut tasks: JoinSet<()> = JoinSet::new();
     // Task id → its timer, so that even a panicking task frees its slot.
-    let mut running: HashMap<tokio::task::Id, (TimerKind, String)> = HashMap::new();
+    let mut running: HashMap<tokio::task::Id, Subject> = HashMap::new();
     let batch = settings.concurrency.max(1);
     tracing::info!(timers = engine.store().timer_count(), "scheduler started");
     loop {
@@ -43,10 +56,13 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
         let now = engine.now();
         // Start due work, skipping timers already being worked on.
         let mut next_due: Option<jitbot_core::Instant> = None;
-        match engine.store().timers_from(in_flight.len() + batch) {
+        // A subject in flight has at most one timer of each kind, so this
+        // many keys always include `batch` timers of other subjects.
+        let scan = in_flight.len() * (TimerKind::MAX as usize) + batch;
+        match engine.store().timers_from(scan) {
             Ok(timers) => {
                 for Timer { due, kind, id } in timers {
-                    let key = (kind, id.clone());
+                    let key = subject(kind, &id);
                     if in_flight.contains(&key) {
                         continue;
                     }

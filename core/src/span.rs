@@ -20,6 +20,17 @@ impl Span {
     /// so "unlimited" written as `1000y` is refused instead of panicking.
     pub const MAX: Span = Span(366 * 86_400);
 
+    /// The longest retention period jitbot reads (`[store] retain`): 100
+    /// years. Records are kept for years, not days, so [`Span::MAX`] is too
+    /// short there; this still keeps every instant far from chrono's limits.
+    pub const LONG_MAX: Span = Span(100 * 366 * 86_400);
+
+    /// Parses a long span such as a retention period (`400d`, `7years`):
+    /// the forms [`Span`]'s `FromStr` takes, up to [`Span::LONG_MAX`].
+    pub fn parse_long(s: &str) -> Result<Span, SpanError> {
+        parse_up_to(s, Span::LONG_MAX, SpanError::TooLongForRetention)
+    }
+
     pub const fn from_secs(secs: u64) -> Self {
         Self(secs)
     }
@@ -61,19 +72,26 @@ pub enum SpanError {
     Zero,
     #[error("`{0}` is too long: jitbot takes durations of at most 366 days (366d); there is no unlimited")]
     TooLong(String),
+    #[error("`{0}` is too long: a retention period is at most 100 years; leave it unset to keep everything")]
+    TooLongForRetention(String),
+}
+
+/// Parses `s` as a span of at most `max`; `too_long` words the refusal.
+fn parse_up_to(s: &str, max: Span, too_long: fn(String) -> SpanError) -> Result<Span, SpanError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|_| SpanError::Invalid(s.to_string()))?;
+    if d.as_secs() == 0 {
+        return Err(SpanError::Zero);
+    }
+    if d.as_secs() > max.0 {
+        return Err(too_long(s.trim().chars().take(40).collect()));
+    }
+    Ok(Span(d.as_secs()))
 }
 
 impl FromStr for Span {
     type Err = SpanError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let d = humantime::parse_duration(s.trim()).map_err(|_| SpanError::Invalid(s.to_string()))?;
-        if d.as_secs() == 0 {
-            return Err(SpanError::Zero);
-        }
-        if d.as_secs() > Span::MAX.0 {
-            return Err(SpanError::TooLong(s.trim().chars().take(40).collect()));
-        }
-        Ok(Span(d.as_secs()))
+        parse_up_to(s, Span::MAX, SpanError::TooLong)
     }
 }
 
@@ -146,6 +164,17 @@ mod tests {
         }
         let msg = "99999y".parse::<Span>().unwrap_err().to_string();
         assert!(msg.contains("366 days"), "{msg}");
+    }
+
+    #[test]
+    fn a_retention_period_may_be_longer_than_a_year() {
+        assert_eq!(Span::parse_long("400d"), Ok(Span::from_secs(400 * 86_400)));
+        assert!(Span::parse_long("7years").is_ok());
+        assert_eq!(Span::parse_long("0d"), Err(SpanError::Zero));
+        assert!(matches!(Span::parse_long("ever"), Err(SpanError::Invalid(_))));
+        let msg = Span::parse_long("1000y").unwrap_err().to_string();
+        assert!(msg.contains("100 years"), "{msg}");
+        assert!("400d".parse::<Span>().is_err(), "the short form keeps its cap");
     }
 
     #[test]

@@ -220,16 +220,32 @@ impl Engine {
                 .await?;
             }
             Err(e) => {
-                if !first_add {
-                    // A retry after a crash that got no answer: whatever is
-                    // in the group now (jitbot's earlier add, or someone
-                    // else's) is removed by the undo, and the audit says so.
+                if first_add && !e.is_transient() {
+                    // The server answered no to jitbot's only add: nothing
+                    // of this lease landed, so the undo removes nothing (a
+                    // person may add the user later; that is theirs).
+                    self.transition(&id, &granting, |_, rec| {
+                        rec.lease.never_added();
+                        Ok(())
+                    })
+                    .await?;
+                } else {
+                    // No answer (or a retry after a crash): jitbot's add may
+                    // have landed, and somebody may have added the user
+                    // meanwhile. There is no telling whose the membership
+                    // is, and leaving privilege behind is the worse mistake,
+                    // so the undo removes it if it is there, and says so.
+                    let detail = if first_add {
+                        "the add got no answer; jitbot cannot tell whether it landed or whether somebody else \
+                         added the user meanwhile, so the undo removes the membership if it is there"
+                    } else {
+                        "a retried add after a restart failed; jitbot cannot tell whether its earlier add \
+                         landed, so the undo removes the membership if it is there"
+                    };
                     self.transition(&id, &granting, |tx, rec| {
                         tx.audit(
-                            about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
-                                "a retried add after a restart failed; jitbot cannot tell whether its earlier add \
-                                 landed, so the undo removes the membership if it is there",
-                            ),
+                            about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease)
+                                .detail(detail),
                         );
                         Ok(())
                     })
@@ -385,10 +401,9 @@ impl Engine {
             Ok(Some(m)) => {
                 let started = std::time::Instant::now();
                 let removed = self.inner.directory.revoke_membership(&m).await;
+                // The wait for a batch, the modify and the read-back, which
+                // the LDAP backend also records as stages of their own.
                 crate::metrics::directory_op("remove", started.elapsed());
-                // The modify with its read-back (the LDAP backend also
-                // records `read_back` on its own).
-                crate::metrics::stage("directory_modify", started.elapsed());
                 removed
             }
             Err(e) => Err(e),
@@ -404,10 +419,7 @@ impl Engine {
                 rec.lease.finish()?;
                 tx.clear_timer(TimerKind::Revoke, id.as_str());
                 let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
-                if matches!(reason, EndReason::Expired) {
-                    let lag = (tx.now() - rec.lease.expires_at).to_std().unwrap_or_default();
-                    crate::metrics::revocation_lag(lag);
-                }
+                let expired_at = matches!(reason, EndReason::Expired).then_some(rec.lease.expires_at);
                 tx.audit(
                     about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
                         "{}; membership {}{note}",
@@ -457,11 +469,16 @@ impl Engine {
                     );
                     tx.outbox(notice(Audience::Alert, text, vec![]));
                 }
-                Ok(())
+                Ok(expired_at)
             })
             .await?;
-        if ended.is_some() {
+        if let Some(expired_at) = ended {
             crate::metrics::stage("commit_after", committing.elapsed());
+            // Measured once the end is durable: that is when it counts.
+            if let Some(expired_at) = expired_at {
+                let lag = (self.now() - expired_at).to_std().unwrap_or_default();
+                crate::metrics::revocation_lag(lag);
+            }
             crate::metrics::revoked();
             self.changed();
         }

@@ -246,6 +246,9 @@ struct AuditQuery {
     since: Option<String>,
     #[serde(default)]
     format: Option<String>,
+    /// The audit archive directory to read first (as this jitbot sees it);
+    /// by default its `[store] archive_dir` when retention is on.
+    archive: Option<String>,
 }
 
 async fn audit(_: Admin, State(s): State<HttpState>, Query(q): Query<AuditQuery>) -> Response {
@@ -260,14 +263,19 @@ async fn audit(_: Admin, State(s): State<HttpState>, Query(q): Query<AuditQuery>
                 .into_response()
         }
     };
-    let mut rows: Vec<AuditEntry> = Vec::new();
-    for entry in s.engine.store().audit(0) {
-        match entry {
-            Ok(e) if since.is_none_or(|t| e.at >= t) => rows.push(e),
-            Ok(_) => {}
-            Err(e) => return fail(e),
-        }
-    }
+    let store = s.engine.store();
+    let archive = q
+        .archive
+        .as_deref()
+        .map(std::path::Path::new)
+        .or(store.archive_dir());
+    let rows: Vec<AuditEntry> = match store.audit_with_archive(archive) {
+        Ok(all) => all
+            .into_iter()
+            .filter(|e| since.is_none_or(|t| e.at >= t))
+            .collect(),
+        Err(e) => return fail(e),
+    };
     let body = match q.format.as_deref().unwrap_or("jsonl") {
         "jsonl" => rows
             .iter()
@@ -289,6 +297,9 @@ async fn audit(_: Admin, State(s): State<HttpState>, Query(q): Query<AuditQuery>
 struct VerifyQuery {
     /// `SEQ:HASH`, as `jitbot audit anchor` printed it.
     anchor: Option<String>,
+    /// An audit archive directory (as this jitbot sees it) to check with
+    /// the store, from record 1.
+    archive: Option<String>,
 }
 
 async fn verify(_: Admin, State(s): State<HttpState>, Query(q): Query<VerifyQuery>) -> Response {
@@ -301,14 +312,27 @@ async fn verify(_: Admin, State(s): State<HttpState>, Query(q): Query<VerifyQuer
         Ok(a) => a,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
-    match s.engine.store().verify_audit_against(anchor.as_ref()) {
+    let store = s.engine.store();
+    let checked = match q.archive.as_deref() {
+        Some(dir) => store.verify_audit_with_archive(std::path::Path::new(dir), anchor.as_ref()),
+        None => store.verify_audit_against(anchor.as_ref()),
+    };
+    match checked {
         Ok(crate::store::AuditCheck::Intact { records }) => {
             let pinned = anchor
                 .map(|a| format!("; it matches anchor {a}"))
                 .unwrap_or_default();
+            let from = match (&q.archive, store.audit_base()) {
+                (Some(dir), _) => format!(" (archive {dir} and the store)"),
+                (None, Ok(base)) if base.seq > 0 => format!(
+                    " (from record {}: earlier ones are archived; add --archive DIR to check them)",
+                    base.seq + 1
+                ),
+                _ => String::new(),
+            };
             (
                 StatusCode::OK,
-                format!("audit chain intact: {records} records{pinned}\n"),
+                format!("audit chain intact: {records} records{from}{pinned}\n"),
             )
                 .into_response()
         }

@@ -34,6 +34,14 @@ pub struct Anchor {
     pub hash: String,
 }
 
+impl Anchor {
+    /// The empty chain, before record 1.
+    pub const GENESIS: Anchor = Anchor {
+        seq: 0,
+        hash: String::new(),
+    };
+}
+
 impl fmt::Display for Anchor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.seq, self.hash)
@@ -91,9 +99,9 @@ fn link(bytes: &[u8], keyed: bool, key: Option<&Secret>) -> Result<String, Strin
 }
 
 /// `meta` key of the head's MAC under the `[audit] key`.
-const HEAD_MAC: &[u8] = b"audit_head_mac";
+pub(super) const HEAD_MAC: &[u8] = b"audit_head_mac";
 /// `meta` key of `N:MAC`: records from `N` on are keyed.
-const KEYED_SINCE: &[u8] = b"audit_keyed_since";
+pub(super) const KEYED_SINCE: &[u8] = b"audit_keyed_since";
 /// The action of the record start-up appends when the chain does not verify.
 const TAMPERED: &str = "audit.tampered";
 
@@ -160,7 +168,7 @@ fn corrupt_head(why: String) -> StoreError {
 }
 
 /// Parses the stored head; a missing head is the empty chain.
-fn parse_head(stored: Option<&[u8]>) -> Result<Anchor, StoreError> {
+pub(super) fn parse_head(stored: Option<&[u8]>) -> Result<Anchor, StoreError> {
     match stored {
         None => Ok(Anchor {
             seq: 0,
@@ -419,6 +427,7 @@ impl Store {
         };
         let head = self.inner.meta.get(AUDIT_HEAD)?;
         audit_chain(
+            &self.audit_base()?,
             self.inner.audit.iter().map(|item| item.map_err(StoreError::from)),
             head.as_deref(),
             keyed,
@@ -448,19 +457,34 @@ pub(super) enum Keyed<'a> {
 /// Checks a chain of audit records (`seq` key → stored bytes, in order)
 /// against the recorded head and, when given, a published anchor: the live
 /// store's and a backup's.
+///
+/// `start` is where the records begin: [`Anchor::GENESIS`], or the last
+/// record archived by retention (`archive.rs`), to which the first record
+/// must link.
 pub(super) fn audit_chain<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+    start: &Anchor,
     records: impl Iterator<Item = Result<(K, V), StoreError>>,
     head: Option<&[u8]>,
     keyed: Keyed<'_>,
     anchor: Option<&Anchor>,
 ) -> Result<AuditCheck, StoreError> {
     let broken = |seq: u64, problem: String| Ok(AuditCheck::Broken { seq, problem });
+    if let Some(a) = anchor.filter(|a| a.seq < start.seq) {
+        return broken(
+            a.seq,
+            format!(
+                "the anchor {a} is older than the store's first record ({}): it is in the audit archive; \
+                 check it with `jitbot audit verify --archive DIR --anchor {a}`",
+                start.seq + 1
+            ),
+        );
+    }
     // `None` after a keyed record checked as `Trusted`: its hash is unknown.
-    let mut prev_hash = Some(String::new());
-    let mut prev_seq = 0u64;
+    let mut prev_hash = Some(start.hash.clone());
+    let mut prev_seq = start.seq;
     let mut seen_keyed = false;
     let mut last_keyed = false;
-    let mut anchor_found = anchor.is_some_and(|a| a.seq == 0);
+    let mut anchor_found = anchor.is_some_and(|a| *a == *start);
     let keyed_since = match keyed {
         Keyed::With { key, keyed_since, .. } => match check_keyed_since(key, keyed_since) {
             Ok(since) => Some(since),
@@ -784,7 +808,14 @@ mod tests {
             .collect();
         let head = store.inner.meta.get(AUDIT_HEAD).unwrap().map(|h| h.to_vec());
         let check = |records: &[(Vec<u8>, Vec<u8>)], head: Option<&[u8]>| {
-            audit_chain(records.iter().cloned().map(Ok), head, Keyed::Trusted, None).unwrap()
+            audit_chain(
+                &Anchor::GENESIS,
+                records.iter().cloned().map(Ok),
+                head,
+                Keyed::Trusted,
+                None,
+            )
+            .unwrap()
         };
         assert_eq!(
             check(&records, head.as_deref()),

@@ -2,6 +2,7 @@
 //! restore checks before it writes anything, and what a backup checks of
 //! the copy it took.
 
+use super::archive::{parse_base, AUDIT_BASE};
 use super::audit::{audit_chain, Keyed};
 use super::outbox::{due_keys, entry_id, parse_due_key, upgrade};
 use super::records::{StoredLease, StoredOutbox, StoredRequest};
@@ -195,9 +196,15 @@ fn live(snap: &Snapshot, leases: &BTreeMap<String, LeaseRecord>, p: &mut Problem
 fn audit(snap: &Snapshot, p: &mut Problems) {
     let head = snap.tree("meta").get(AUDIT_HEAD).map(Vec::as_slice);
     let records = snap.tree("audit").iter().map(Ok::<_, StoreError>);
+    // Records archived by retention are not in the copy: the chain starts
+    // after the last of them.
+    let base = match parse_base(snap.tree("meta").get(AUDIT_BASE).map(Vec::as_slice)) {
+        Ok(base) => base,
+        Err(e) => return p.add(format!("the audit trail cannot be read: {e}")),
+    };
     // A backup is checked without the `[audit] key`: keyed links are taken
     // as written here; `jitbot audit verify` checks them once restored.
-    match audit_chain(records, head, Keyed::Trusted, None) {
+    match audit_chain(&base, records, head, Keyed::Trusted, None) {
         Ok(AuditCheck::Intact { .. }) => {}
         Ok(AuditCheck::Broken { seq, problem }) => p.add(format!(
             "the audit chain does not verify at record {seq}: {problem}"

@@ -14,14 +14,17 @@
 //! before `update` returns, so the caller's side effect always follows a
 //! durable record of it.
 
+mod archive;
 pub mod audit;
 mod backup;
 mod check;
 mod outbox;
 mod records;
+pub mod retention;
 pub mod seen;
 mod timers;
 
+pub use archive::ArchiveFile;
 pub use audit::{Anchor, AuditCheck, Sealing};
 pub use outbox::OutboxJob;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
@@ -90,6 +93,8 @@ struct Inner {
     seen_count: std::sync::atomic::AtomicU64,
     /// The `[audit] key`, when the chain is keyed.
     audit_key: std::sync::OnceLock<crate::secret::Secret>,
+    /// The audit archive directory, when retention is on (`archive.rs`).
+    archive_dir: std::sync::OnceLock<std::path::PathBuf>,
     writer: Mutex<()>,
     /// Group commit: commits made so far, and how many of them are on disk.
     committed: std::sync::atomic::AtomicU64,
@@ -430,6 +435,7 @@ impl Store {
             seen: db.open_tree("seen")?,
             seen_count: Default::default(),
             audit_key: Default::default(),
+            archive_dir: Default::default(),
             writer: Mutex::new(()),
             committed: Default::default(),
             flushed: Default::default(),

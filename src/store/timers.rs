@@ -41,8 +41,18 @@ pub struct Timer {
     pub id: String,
 }
 
+/// `at` in whole milliseconds, rounded up: a timer never fires before its
+/// instant. Rounded down, an expiry 0.4 ms into a millisecond would fire
+/// early, find the lease not yet due, re-arm at the same key and spin until
+/// the instant passed, committing each time.
 fn millis(at: Instant) -> u64 {
-    u64::try_from(at.timestamp_millis()).unwrap_or(0)
+    let ms = at.timestamp_millis();
+    let ceil = if at.timestamp_subsec_nanos() % 1_000_000 == 0 {
+        ms
+    } else {
+        ms.saturating_add(1)
+    };
+    u64::try_from(ceil).unwrap_or(0)
 }
 
 pub(super) fn timer_key(due: Instant, kind: TimerKind, id: &str) -> Vec<u8> {
@@ -70,4 +80,20 @@ pub(super) fn parse_key(key: &[u8]) -> Option<Timer> {
         kind: TimerKind::from_byte(key[8])?,
         id: String::from_utf8(key[9..].to_vec()).ok()?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timer_key_never_comes_before_its_instant() {
+        let whole = chrono::DateTime::from_timestamp_millis(1_700_000_000_123).expect("instant");
+        let key = parse_key(&timer_key(whole, TimerKind::Expire, "l-1")).expect("parses");
+        assert_eq!(key.due, whole, "a whole millisecond is kept as it is");
+        let inside = whole + chrono::Duration::microseconds(400);
+        let key = parse_key(&timer_key(inside, TimerKind::Expire, "l-1")).expect("parses");
+        assert!(key.due >= inside, "{} is before {}", key.due, inside);
+        assert_eq!(key.due, whole + chrono::Duration::milliseconds(1));
+    }
 }

@@ -518,3 +518,86 @@ async fn a_lowered_total_limit_binds_leases_already_running() {
     assert!(!refused.ok, "{}", refused.text);
     bot.ok("alice", "extend db-admins 1h").await;
 }
+
+/// A person adds the user right after jitbot's add was sent, and the add
+/// then fails with `outcome`: the two cases the simulator's seed 302933
+/// told apart.
+struct AddFailsAfterAPersonAdds {
+    memory: Arc<MemoryDirectory>,
+    outcome: fn() -> DirectoryError,
+}
+
+#[async_trait]
+impl Directory for AddFailsAfterAPersonAdds {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.memory.find_user(a, v).await
+    }
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.memory.membership_of(g, u).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.memory.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.memory.add_membership(m).await?;
+        Err((self.outcome)())
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.memory.remove_membership(m).await
+    }
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.memory, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.memory.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+async fn grant_through(outcome: fn() -> DirectoryError) -> (TestBot, Arc<MemoryDirectory>) {
+    let memory = seeded();
+    let dir: Arc<dyn Directory> = Arc::new(AddFailsAfterAPersonAdds {
+        memory: memory.clone(),
+        outcome,
+    });
+    let bot = TestBot::builder().wrap(|_| dir).build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    (bot, memory)
+}
+
+/// Simulator seed 302933: jitbot's first add got no answer, and a person
+/// had added the user meanwhile. Whose membership it is cannot be known;
+/// the undo removes it (no privilege left behind) and the audit says that
+/// it was ambiguous, so a person can put theirs back.
+#[tokio::test]
+async fn a_first_add_without_an_answer_is_undone_and_audited_as_ambiguous() {
+    let (bot, memory) = grant_through(|| DirectoryError::Unavailable("timed out".into())).await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(!memory.members(DB).contains("alice"), "nothing left standing");
+    assert!(
+        bot.audit_actions().iter().any(|a| a == "lease.add_ambiguous"),
+        "the removal of a membership that may be a person's is audited: {:?}",
+        bot.audit_actions()
+    );
+}
+
+/// The other side of seed 302933: a refused add landed nothing, so the
+/// undo removes nothing, and the person's add stays.
+#[tokio::test]
+async fn a_refused_first_add_undoes_nothing_and_a_persons_add_stays() {
+    let (bot, memory) = grant_through(|| DirectoryError::Refused("insufficient access".into())).await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(
+        memory.members(DB).contains("alice"),
+        "the person's membership is not jitbot's"
+    );
+    assert!(!bot.audit_actions().iter().any(|a| a == "lease.add_ambiguous"));
+}

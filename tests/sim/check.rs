@@ -89,9 +89,10 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             }
         }
         let standing = world.standing.get(dn).cloned().unwrap_or_default();
-        // A documented exception: after a crash, an "already there" answer
-        // to jitbot's retried add cannot be told from someone else's add;
-        // jitbot claims it (audited `lease.add_ambiguous`) and removes it.
+        // A documented exception: an add that got no answer (or, after a
+        // crash, an "already there" answer to jitbot's retried add) cannot
+        // be told from someone else's add; jitbot claims it (audited
+        // `lease.add_ambiguous`) and removes it.
         let ambiguous = |user: &str| {
             let claimed: Vec<String> = store
                 .audit(0)

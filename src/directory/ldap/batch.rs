@@ -57,6 +57,8 @@ type Queues = Arc<Mutex<HashMap<Key, VecDeque<Waiting>>>>;
 struct Waiting {
     item: Item,
     reply: oneshot::Sender<Turn>,
+    /// When it queued: its wait for a batch is measured from here.
+    since: std::time::Instant,
 }
 
 /// What a waiting caller is told.
@@ -142,6 +144,7 @@ impl Combiner {
                 queue.push_back(Waiting {
                     item: item.clone(),
                     reply,
+                    since: std::time::Instant::now(),
                 });
                 Err(answer)
             }
@@ -172,6 +175,7 @@ impl LdapDirectory {
         item: Item,
     ) -> Result<Already, DirectoryError> {
         let key = (change, dn::normalize(group.as_str()));
+        let arrived = std::time::Instant::now();
         // Set when a leader that held our change was cancelled: its modify
         // may have reached the server, so "already there" is no news.
         let mut maybe_sent = false;
@@ -191,33 +195,45 @@ impl LdapDirectory {
             }
         };
         let others = self.combiner.take(&key);
+        if change == Change::Remove {
+            crate::metrics::stage("batch_wait", arrived.elapsed());
+            for waiting in &others {
+                crate::metrics::stage("batch_wait", waiting.since.elapsed());
+            }
+        }
         let items: Vec<&Item> = std::iter::once(&item)
             .chain(others.iter().map(|w| &w.item))
             .collect();
         if items.len() > 1 {
             tracing::debug!(group = %group, change = ?change, values = items.len(), "combined membership modify");
         }
-        let mut results = self.apply(change, group, kind, &items).await.into_iter();
+        let mut results = self.apply(change, group, kind, &items, leader).await.into_iter();
         let own = results.next();
         for (waiting, result) in others.into_iter().zip(results) {
             // A caller that went away needs no answer.
             let _ = waiting.reply.send(Turn::Done(result));
         }
-        drop(leader);
         own.unwrap_or_else(|| Err(DirectoryError::Refused("combined modify gave no result".into())))
             .map(|already| already && !maybe_sent)
     }
 
     /// Sends `items` as one modify and reads them back; one result per item,
-    /// in order.
+    /// in order. The group's next modify may start once this one is done
+    /// (`leader` is dropped then), while this batch is being read back.
     async fn apply(
         &self,
         change: Change,
         group: &GroupDn,
         kind: MembershipKind,
         items: &[&Item],
+        leader: Leader,
     ) -> Vec<Result<Already, DirectoryError>> {
         let attr = super::attribute(kind);
+        let label = match change {
+            Change::Add => "add",
+            Change::Remove => "remove",
+        };
+        crate::metrics::directory_batch(label, items.len());
         if let [one] = items {
             return vec![self.apply_one(change, group, kind, one, false).await];
         }
@@ -227,7 +243,14 @@ impl LdapDirectory {
             Change::Remove => Mod::Delete(attr.to_string(), values),
         };
         let every = |e: DirectoryError| items.iter().map(|_| Err(e.clone())).collect();
-        let (result, resent) = match self.modify_tracked(group.as_str(), vec![modification]).await {
+        let modifying = std::time::Instant::now();
+        let sent = self.modify_tracked(group.as_str(), vec![modification]).await;
+        if change == Change::Remove {
+            for _ in items {
+                crate::metrics::stage("directory_modify", modifying.elapsed());
+            }
+        }
+        let (result, resent) = match sent {
             Ok(sent) => sent,
             // Unreachable or timed out: each change alone would fail the same
             // way, and trying them one by one would wait once per value.
@@ -255,10 +278,13 @@ impl LdapDirectory {
                 return results;
             }
         }
+        drop(leader);
         let reading = std::time::Instant::now();
         let read = self.read_back(change, group, attr, items).await;
         if change == Change::Remove {
-            crate::metrics::stage("read_back", reading.elapsed());
+            for _ in items {
+                crate::metrics::stage("read_back", reading.elapsed());
+            }
         }
         let done = match read {
             Ok(done) => done,

@@ -337,7 +337,9 @@ impl LdapDirectory {
         value: &str,
     ) -> Result<(), DirectoryError> {
         let delete = Mod::Delete(attr.to_string(), HashSet::from([value.to_string()]));
+        let modifying = std::time::Instant::now();
         let result = self.modify(group.as_str(), vec![delete]).await?;
+        crate::metrics::stage("directory_modify", modifying.elapsed());
         match result.rc {
             rc::SUCCESS | rc::NO_SUCH_ATTRIBUTE => {}
             // AD's "not a member" (where OpenLDAP says 16); the read-back decides.

@@ -1,0 +1,424 @@
+//! The audit archive: audit records older than `[store] retain` moved out
+//! of the store into gzip-compressed JSONL files, one stored record per
+//! line, byte for byte as the store held it (sequence, `prev` link, HMAC
+//! tag when keyed), so the chain runs on from the archive into the store.
+//!
+//! Files are named `audit-<first seq>-<last seq>.jsonl.gz` (20 digits each,
+//! so names sort in chain order). A file is written under a temporary name,
+//! synced, renamed and its directory synced *before* its records leave the
+//! store; the store then remembers, in `meta/audit_base`, the last archived
+//! record and its hash (`SEQ:HASH`), so `jitbot audit verify` still checks
+//! the store alone from there, and `jitbot audit verify --archive DIR`
+//! checks archive and store end to end. A crash between the two leaves the
+//! records in both places; the next pass ([`Store::reconcile_archive`])
+//! checks they are the same bytes and finishes the move.
+
+use super::audit::{audit_chain, Keyed, HEAD_MAC, KEYED_SINCE};
+use super::records::StoredAudit;
+use super::{Anchor, AuditCheck, AuditEntry, Store, StoreError, AUDIT_HEAD};
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+/// `meta` key of the last archived record and its hash (`SEQ:HASH`);
+/// absent while nothing has been archived.
+pub(super) const AUDIT_BASE: &[u8] = b"audit_base";
+
+const PREFIX: &str = "audit-";
+const SUFFIX: &str = ".jsonl.gz";
+
+/// One archive file and the records its name says it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveFile {
+    pub path: PathBuf,
+    pub first: u64,
+    pub last: u64,
+}
+
+impl ArchiveFile {
+    /// The file's name, for messages.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.display().to_string())
+    }
+}
+
+fn archive_error(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("audit archive: {what}"))
+}
+
+fn file_name(first: u64, last: u64) -> String {
+    format!("{PREFIX}{first:020}-{last:020}{SUFFIX}")
+}
+
+/// Parses `audit-<first>-<last>.jsonl.gz`; `None` for any other name.
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let range = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    let (first, last) = range.split_once('-')?;
+    Some((first.parse().ok()?, last.parse().ok()?))
+}
+
+/// The archive files in `dir` in chain order; an absent directory holds none.
+pub fn list(dir: &Path) -> Result<Vec<ArchiveFile>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(archive_error(format!("cannot read {}: {e}", dir.display()))),
+    };
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| archive_error(format!("cannot read {}: {e}", dir.display())))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((first, last)) = parse_name(&name) {
+            files.push(ArchiveFile {
+                path: entry.path(),
+                first,
+                last,
+            });
+        }
+    }
+    files.sort_by_key(|f| (f.first, f.last));
+    Ok(files)
+}
+
+/// Writes `records` (seq, stored bytes; consecutive) as one archive file
+/// and makes it durable: temporary name, fsync, rename, fsync of the
+/// directory. Returns the file.
+pub(super) fn write_file(dir: &Path, records: &[(u64, Vec<u8>)]) -> Result<ArchiveFile, StoreError> {
+    let (Some((first, _)), Some((last, _))) = (records.first(), records.last()) else {
+        return Err(archive_error("nothing to archive"));
+    };
+    let io =
+        |what: &str, e: std::io::Error| archive_error(format!("cannot {what} in {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(|e| io("create the directory", e))?;
+    let name = file_name(*first, *last);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let file = std::fs::File::create(&tmp).map_err(|e| io("create a file", e))?;
+    let mut gz = GzEncoder::new(std::io::BufWriter::new(file), Compression::default());
+    for (_, bytes) in records {
+        gz.write_all(bytes).map_err(|e| io("write", e))?;
+        gz.write_all(b"\n").map_err(|e| io("write", e))?;
+    }
+    let file = gz
+        .finish()
+        .map_err(|e| io("write", e))?
+        .into_inner()
+        .map_err(|e| io("write", e.into_error()))?;
+    file.sync_all().map_err(|e| io("sync a file", e))?;
+    drop(file);
+    let path = dir.join(&name);
+    std::fs::rename(&tmp, &path).map_err(|e| io("rename a file", e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("sync the directory", e))?;
+    Ok(ArchiveFile {
+        path,
+        first: *first,
+        last: *last,
+    })
+}
+
+/// Removes temporary files a pass interrupted by a crash left behind (their
+/// records are still in the store).
+pub(super) fn remove_leftovers(dir: &Path) -> Result<(), StoreError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!(".{PREFIX}")) && name.ends_with(".tmp") {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| archive_error(format!("cannot remove {}: {e}", entry.path().display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// One archived record: where it is, its sequence number, its stored bytes.
+pub struct Archived {
+    /// Index into the file list the reader was made with.
+    pub file: usize,
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads the records of archive files in order. An unreadable file, a line
+/// that is not an audit record, or a file whose records are not the range
+/// its name says, ends the reading with an error naming the file.
+pub struct Reader<'a> {
+    files: &'a [ArchiveFile],
+    next_file: usize,
+    current: Option<(usize, std::io::Split<BufReader<MultiGzDecoder<std::fs::File>>>)>,
+    /// (first, last) seq read from the current file.
+    seen: Option<(u64, u64)>,
+    done: bool,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(files: &'a [ArchiveFile]) -> Self {
+        Reader {
+            files,
+            next_file: 0,
+            current: None,
+            seen: None,
+            done: false,
+        }
+    }
+
+    fn fail(&mut self, file: usize, what: String) -> Option<Result<Archived, StoreError>> {
+        self.done = true;
+        Some(Err(StoreError::Corrupt {
+            key: format!("audit archive file {}", self.files[file].path.display()),
+            error: what,
+        }))
+    }
+}
+
+impl Iterator for Reader<'_> {
+    type Item = Result<Archived, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let Some((ix, lines)) = self.current.as_mut() else {
+                let ix = self.next_file;
+                let file = self.files.get(ix)?;
+                self.next_file += 1;
+                match std::fs::File::open(&file.path) {
+                    Ok(f) => {
+                        let lines = BufReader::new(MultiGzDecoder::new(f)).split(b'\n');
+                        self.current = Some((ix, lines));
+                        self.seen = None;
+                        continue;
+                    }
+                    Err(e) => return self.fail(ix, format!("cannot open it: {e}")),
+                }
+            };
+            let ix = *ix;
+            match lines.next() {
+                None => {
+                    self.current = None;
+                    let file = &self.files[ix];
+                    if self.seen != Some((file.first, file.last)) {
+                        let held = match self.seen {
+                            Some((a, b)) => format!("records {a} to {b}"),
+                            None => "no records".into(),
+                        };
+                        return self.fail(
+                            ix,
+                            format!(
+                                "its name says records {} to {} but it holds {held}: records were removed from it or it was renamed",
+                                file.first, file.last
+                            ),
+                        );
+                    }
+                }
+                Some(Err(e)) => return self.fail(ix, format!("it is damaged (not a whole gzip file): {e}")),
+                Some(Ok(line)) if line.is_empty() => {}
+                Some(Ok(line)) => {
+                    let seq = match serde_json::from_slice::<StoredAudit>(&line) {
+                        Ok(stored) => stored.into_entry().seq,
+                        Err(e) => {
+                            let after = self.seen.map(|(_, b)| b).unwrap_or(0);
+                            return self.fail(
+                                ix,
+                                format!("the line after record {after} is not an audit record: {e}"),
+                            );
+                        }
+                    };
+                    self.seen = Some(match self.seen {
+                        None => (seq, seq),
+                        Some((a, _)) => (a, seq),
+                    });
+                    return Some(Ok(Archived {
+                        file: ix,
+                        seq,
+                        bytes: line,
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Parses `meta/audit_base`; absent is the empty chain.
+pub(super) fn parse_base(stored: Option<&[u8]>) -> Result<Anchor, StoreError> {
+    let Some(bytes) = stored else {
+        return Ok(Anchor::GENESIS);
+    };
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.parse::<Anchor>().ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            key: "meta/audit_base".into(),
+            error:
+                "the record of where the audit archive ends is unreadable; restore the store from a backup"
+                    .into(),
+        })
+}
+
+impl Store {
+    /// Where the store's audit records start: the last archived record and
+    /// its hash ([`Anchor::GENESIS`] while nothing was archived).
+    pub fn audit_base(&self) -> Result<Anchor, StoreError> {
+        parse_base(self.inner.meta.get(AUDIT_BASE)?.as_deref())
+    }
+
+    /// Names the audit archive directory of this jitbot (`[store]
+    /// archive_dir`), which `audit export` reads. Set once.
+    pub fn set_archive_dir(&self, dir: PathBuf) {
+        let _ = self.inner.archive_dir.set(dir);
+    }
+
+    /// The audit archive directory, when retention is on.
+    pub fn archive_dir(&self) -> Option<&Path> {
+        self.inner.archive_dir.get().map(PathBuf::as_path)
+    }
+
+    /// Checks the archive in `dir` and the store as one chain, from record 1
+    /// to the store's head (and, given one, a published anchor anywhere in
+    /// it). A problem names the archive file (or the store) it is in.
+    pub fn verify_audit_with_archive(
+        &self,
+        dir: &Path,
+        anchor: Option<&Anchor>,
+    ) -> Result<AuditCheck, StoreError> {
+        let files = list(dir)?;
+        // The head, its MAC and the keyed-since marker as of one moment
+        // (under the writer lock, briefly: the archive is read without it);
+        // store records appended after it are left out.
+        let (head, head_mac, keyed_since) = {
+            let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                self.inner.meta.get(AUDIT_HEAD)?,
+                self.inner.meta.get(HEAD_MAC)?,
+                self.inner.meta.get(KEYED_SINCE)?,
+            )
+        };
+        let head_seq = super::audit::parse_head(head.as_deref())?.seq;
+        let keyed = match self.inner.audit_key.get() {
+            Some(key) => Keyed::With {
+                key,
+                keyed_since: keyed_since.as_deref(),
+                head_mac: head_mac.as_deref(),
+            },
+            None => Keyed::Missing,
+        };
+        let last_archived = files.last().map(|f| f.last).unwrap_or(0);
+        // Records a crash left in both places must be the same bytes.
+        let overlap = self.overlap(&files)?;
+        // Where the last two records came from: a broken chain is reported
+        // at the current record or the one before it.
+        let sources = std::cell::RefCell::new([(0u64, String::new()), (0u64, String::new())]);
+        let note = |seq: u64, source: String| {
+            let mut s = sources.borrow_mut();
+            s[0] = std::mem::replace(&mut s[1], (seq, source));
+        };
+        let archived = Reader::new(&files).map(|r| {
+            r.map(|rec| {
+                note(rec.seq, format!("archive file {}", files[rec.file].name()));
+                (rec.seq.to_be_bytes().to_vec(), rec.bytes)
+            })
+        });
+        let stored = self.inner.audit.iter().filter_map(|item| {
+            let (k, v) = match item {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(StoreError::from(e))),
+            };
+            let seq = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if seq > head_seq {
+                return None;
+            }
+            if seq != 0 && seq <= last_archived {
+                return match overlap.get(&seq) {
+                    Some(bytes) if bytes.as_slice() == v.as_ref() => None,
+                    _ => Some(Err(StoreError::Corrupt {
+                        key: format!("audit record {seq}"),
+                        error: format!(
+                            "it is in the store and in the archive ({}), and the two differ",
+                            files.last().map(ArchiveFile::name).unwrap_or_default()
+                        ),
+                    })),
+                };
+            }
+            note(seq, "the store".into());
+            Some(Ok((k.to_vec(), v.to_vec())))
+        });
+        let check = audit_chain(
+            &Anchor::GENESIS,
+            archived.chain(stored),
+            head.as_deref(),
+            keyed,
+            anchor,
+        )?;
+        Ok(match check {
+            AuditCheck::Broken { seq, mut problem } => {
+                let sources = sources.borrow();
+                if let Some((_, source)) = sources.iter().rev().find(|(s, src)| *s == seq && !src.is_empty())
+                {
+                    problem = format!("{problem} (in {source})");
+                }
+                if problem.starts_with("sequence jumps") {
+                    problem.push_str(": an archive file is missing, or records were removed");
+                }
+                AuditCheck::Broken { seq, problem }
+            }
+            intact => intact,
+        })
+    }
+
+    /// The records of the last archive file that the store still holds (a
+    /// pass stopped between writing the file and removing its records).
+    fn overlap(&self, files: &[ArchiveFile]) -> Result<BTreeMap<u64, Vec<u8>>, StoreError> {
+        let mut out = BTreeMap::new();
+        let Some(last) = files.last() else {
+            return Ok(out);
+        };
+        let first_held = match self.inner.audit.first()? {
+            Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0),
+            None => return Ok(out),
+        };
+        if first_held > last.last {
+            return Ok(out);
+        }
+        for rec in Reader::new(std::slice::from_ref(last)) {
+            let rec = rec?;
+            if rec.seq >= first_held {
+                out.insert(rec.seq, rec.bytes);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The audit trail from the archive in `dir` (when given) and then the
+    /// store, in order, for `jitbot audit export`.
+    pub fn audit_with_archive(&self, dir: Option<&Path>) -> Result<Vec<AuditEntry>, StoreError> {
+        let files = match dir {
+            Some(dir) => list(dir)?,
+            None => Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut last = 0;
+        for rec in Reader::new(&files) {
+            let rec = rec?;
+            let stored: StoredAudit = super::decode(&rec.seq.to_be_bytes(), &rec.bytes)?;
+            last = rec.seq;
+            out.push(stored.into_entry());
+        }
+        for entry in self.audit(last + 1) {
+            out.push(entry?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,741 @@
+//! Retention (`[store] retain`): ended leases and finished requests older
+//! than the retention period are pruned, and audit records older than it
+//! move to the archive (`archive.rs`).
+//!
+//! A pass works in batches of at most [`RetentionSettings::batch`] records:
+//! each batch is re-checked and committed under the writer lock, flushed
+//! after the lock is released, and followed by a yield, so a revocation
+//! waits for at most one small batch, never for a whole pass. Nothing live
+//! is pruned: not a lease that has not ended, nor a request that is pending
+//! or awaiting break-glass review, nor anything with a timer or named by a
+//! notice still in the outbox.
+
+use super::archive::{self, AUDIT_BASE};
+use super::records::{StoredAudit, StoredLease, StoredRequest};
+use super::timers::{index_key, TimerKind};
+use super::{decode, read_lease, LeaseRecord, OutboxItem, RequestRecord, Store, StoreError};
+use jitbot_core::request::RequestKind;
+use jitbot_core::{AccessRequest, Instant, Lease, LeaseId, LeaseState, RequestState, Span};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How retention runs.
+#[derive(Clone, Debug)]
+pub struct RetentionSettings {
+    /// Records older than this are pruned or archived.
+    pub retain: Span,
+    /// Where audit records go (`[store] archive_dir`).
+    pub archive_dir: PathBuf,
+    /// Most records removed in one commit.
+    pub batch: usize,
+    /// Most audit records in one archive file.
+    pub archive_chunk: usize,
+    /// Audit records wait until the oldest is this far past `retain` (or a
+    /// whole chunk is ready) before they are archived, so files hold about a
+    /// day each rather than one per pass.
+    pub archive_after: Span,
+    /// Time between passes.
+    pub every: Duration,
+}
+
+impl RetentionSettings {
+    /// The defaults: batches of 100, files of at most 100,000 records or
+    /// about a day, a pass every 10 minutes.
+    pub fn new(retain: Span, archive_dir: PathBuf) -> Self {
+        RetentionSettings {
+            retain,
+            archive_dir,
+            batch: 100,
+            archive_chunk: 100_000,
+            archive_after: Span::from_hours(24),
+            every: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What one pass removed from the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub leases: u64,
+    pub requests: u64,
+    /// Audit records moved to the archive.
+    pub audit: u64,
+}
+
+/// What keeps a record in the store whatever its age.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// A timer is set for it.
+    pub timer: bool,
+    /// A notice or card in the outbox names it.
+    pub outbox: bool,
+    /// A break-glass grant not yet acknowledged (the request, or the lease
+    /// it granted).
+    pub review: bool,
+}
+
+impl Holds {
+    fn any(self) -> bool {
+        self.timer || self.outbox || self.review
+    }
+}
+
+/// What became of the lease (or leases) a request names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseFate {
+    /// The request names no lease.
+    NoLease,
+    /// Its lease has not ended.
+    Live,
+    /// Its lease has ended.
+    Ended,
+    /// Its lease was pruned already.
+    Gone,
+}
+
+/// Whether an ended lease may be pruned: ended before `cutoff` and held by
+/// nothing. A lease that has not ended never is.
+pub fn lease_prunable(lease: &Lease, cutoff: Instant, holds: Holds) -> bool {
+    // Leases from before `ended_at` was kept: their latest possible end.
+    let ended = lease.ended_at.unwrap_or(lease.latest_end);
+    lease.state == LeaseState::Ended && ended < cutoff && !holds.any()
+}
+
+/// Whether a request may be pruned: decided before `cutoff`, not pending,
+/// not awaiting review, its lease (if any) ended or gone, held by nothing.
+pub fn request_prunable(request: &AccessRequest, cutoff: Instant, lease: LeaseFate, holds: Holds) -> bool {
+    let decided = request.decided_at.unwrap_or(request.decide_by);
+    request.state != RequestState::Pending
+        && !request.awaits_review()
+        && decided < cutoff
+        && lease != LeaseFate::Live
+        && !holds.any()
+}
+
+/// The ids (requests and leases) named by outbox entries still to deliver.
+fn outbox_references(store: &Store) -> Result<BTreeSet<String>, StoreError> {
+    let mut out = BTreeSet::new();
+    for (_, item, _) in store.outbox(usize::MAX)? {
+        match item {
+            OutboxItem::PostApproval { request } | OutboxItem::UpdateApproval { request } => {
+                out.insert(request.to_string());
+            }
+            OutboxItem::Send { notice } => {
+                for action in &notice.buttons {
+                    // `jit:<verb>:<id>`
+                    if let Some((_, id)) = action.id().rsplit_once(':') {
+                        out.insert(id.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn has_timer(store: &Store, id: &str) -> Result<bool, StoreError> {
+    for kind in [
+        TimerKind::Grant,
+        TimerKind::Expire,
+        TimerKind::Revoke,
+        TimerKind::RequestTimeout,
+        TimerKind::Warn,
+    ] {
+        if store.inner.timer_ix.contains_key(index_key(kind, id))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+    })
+}
+
+impl Store {
+    /// One retention pass at `now`: prunes old requests and ended leases,
+    /// finishes an archive move a crash interrupted, and archives old audit
+    /// records. Each of the three runs even when another failed (an
+    /// unwritable archive directory stops no pruning); the first error is
+    /// returned. Counts what it removed in the metrics as it goes.
+    pub async fn prune(&self, now: Instant, settings: &RetentionSettings) -> Result<Pruned, StoreError> {
+        self.check_healthy()?;
+        let cutoff = settings.retain.before(now);
+        let requests = self.prune_requests(cutoff, settings.batch).await;
+        let leases = self.prune_leases(cutoff, settings.batch).await;
+        let audit = self.archive_audit(cutoff, settings).await;
+        Ok(Pruned {
+            requests: requests?,
+            leases: leases?,
+            audit: audit?,
+        })
+    }
+
+    fn lease_fate(&self, id: &LeaseId) -> Result<LeaseFate, StoreError> {
+        Ok(match read_lease(&self.inner.leases, id)? {
+            None => LeaseFate::Gone,
+            Some(rec) if rec.lease.state == LeaseState::Ended => LeaseFate::Ended,
+            Some(_) => LeaseFate::Live,
+        })
+    }
+
+    /// The fate of the leases a request names (its grant, or the lease it
+    /// extends): live if any is.
+    fn request_lease_fate(&self, rec: &RequestRecord) -> Result<LeaseFate, StoreError> {
+        let mut fate = LeaseFate::NoLease;
+        let extends = match &rec.request.kind {
+            RequestKind::Extend { lease } => Some(lease),
+            RequestKind::Grant => None,
+        };
+        for id in rec.lease.iter().chain(extends) {
+            match self.lease_fate(id)? {
+                LeaseFate::Live => return Ok(LeaseFate::Live),
+                f if fate == LeaseFate::NoLease || f == LeaseFate::Ended => fate = f,
+                _ => {}
+            }
+        }
+        Ok(fate)
+    }
+
+    fn request_is_prunable(
+        &self,
+        rec: &RequestRecord,
+        cutoff: Instant,
+        outbox: &BTreeSet<String>,
+    ) -> Result<bool, StoreError> {
+        let id = rec.request.id.as_str();
+        let holds = Holds {
+            timer: has_timer(self, id)?,
+            outbox: outbox.contains(id),
+            review: self.inner.review.contains_key(id)?,
+        };
+        // The cheap checks first: most records are kept or pruned on them.
+        if !request_prunable(&rec.request, cutoff, LeaseFate::NoLease, holds) {
+            return Ok(false);
+        }
+        Ok(request_prunable(
+            &rec.request,
+            cutoff,
+            self.request_lease_fate(rec)?,
+            holds,
+        ))
+    }
+
+    fn lease_is_prunable(
+        &self,
+        rec: &LeaseRecord,
+        cutoff: Instant,
+        outbox: &BTreeSet<String>,
+    ) -> Result<bool, StoreError> {
+        let id = rec.lease.id.as_str();
+        let holds = Holds {
+            timer: has_timer(self, id)?,
+            outbox: outbox.contains(id),
+            // A break-glass grant's lease stays while its review is open.
+            review: self.inner.review.contains_key(rec.lease.request.as_str())?,
+        };
+        Ok(lease_prunable(&rec.lease, cutoff, holds))
+    }
+
+    async fn prune_requests(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
+        let outbox = outbox_references(self)?;
+        let mut total = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (ids, next) = self.scan(&self.inner.requests, after.take(), batch, |k, v| {
+                let stored: StoredRequest = decode(k, v)?;
+                let rec = RequestRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(k).into_owned(),
+                    error,
+                })?;
+                self.request_is_prunable(&rec, cutoff, &outbox)
+            })?;
+            if !ids.is_empty() {
+                let n =
+                    self.remove_checked(
+                        &self.inner.requests,
+                        &ids,
+                        |id, outbox| match super::read_request(
+                            &self.inner.requests,
+                            &jitbot_core::RequestId::new(id),
+                        )? {
+                            Some(rec) => self.request_is_prunable(&rec, cutoff, outbox),
+                            None => Ok(false),
+                        },
+                    )?;
+                crate::metrics::store_pruned("request", n);
+                total += n;
+                self.flush_committed().await?;
+            }
+            tokio::task::yield_now().await;
+            match next {
+                Some(k) => after = Some(k),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    async fn prune_leases(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
+        let outbox = outbox_references(self)?;
+        let mut total = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (ids, next) = self.scan(&self.inner.leases, after.take(), batch, |k, v| {
+                let stored: StoredLease = decode(k, v)?;
+                let rec = LeaseRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(k).into_owned(),
+                    error,
+                })?;
+                self.lease_is_prunable(&rec, cutoff, &outbox)
+            })?;
+            if !ids.is_empty() {
+                let n = self.remove_checked(&self.inner.leases, &ids, |id, outbox| {
+                    match read_lease(&self.inner.leases, &LeaseId::new(id))? {
+                        Some(rec) => self.lease_is_prunable(&rec, cutoff, outbox),
+                        None => Ok(false),
+                    }
+                })?;
+                crate::metrics::store_pruned("lease", n);
+                total += n;
+                self.flush_committed().await?;
+            }
+            tokio::task::yield_now().await;
+            match next {
+                Some(k) => after = Some(k),
+                None => return Ok(total),
+            }
+        }
+    }
+
+    /// Up to `batch` keys of `tree` after `after` that `pick` chooses, read
+    /// without the writer lock, and the key to continue after (`None` at
+    /// the end). Looks at no more than four batches' worth of keys per call.
+    #[allow(clippy::type_complexity)]
+    fn scan(
+        &self,
+        tree: &sled::Tree,
+        after: Option<Vec<u8>>,
+        batch: usize,
+        mut pick: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(Vec<String>, Option<Vec<u8>>), StoreError> {
+        let iter = match &after {
+            Some(k) => tree.range::<&[u8], _>((
+                std::ops::Bound::Excluded(k.as_slice()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => tree.iter(),
+        };
+        let mut picked = Vec::new();
+        let mut last = None;
+        for (looked, item) in iter.enumerate() {
+            let (k, v) = item?;
+            if looked >= batch * 4 || picked.len() >= batch {
+                return Ok((picked, last));
+            }
+            if pick(&k, &v)? {
+                picked.push(String::from_utf8_lossy(&k).into_owned());
+            }
+            last = Some(k.to_vec());
+        }
+        Ok((picked, None))
+    }
+
+    /// Removes the keys of `tree` that `still` (checked again under the
+    /// writer lock, where nothing else changes the store, with the outbox's
+    /// references as they are then) says may go, in one atomic batch.
+    /// Returns how many went.
+    fn remove_checked(
+        &self,
+        tree: &sled::Tree,
+        ids: &[String],
+        still: impl Fn(&str, &BTreeSet<String>) -> Result<bool, StoreError>,
+    ) -> Result<u64, StoreError> {
+        self.check_healthy()?;
+        let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let outbox = outbox_references(self)?;
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for id in ids {
+            if still(id, &outbox)? {
+                batch.remove(id.as_bytes());
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tree.apply_batch(batch)?;
+            self.inner
+                .committed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(n)
+    }
+
+    /// Moves audit records older than `cutoff` to the archive, a file at a
+    /// time; the store's last record always stays (it carries the time a
+    /// restarted clock must not start before, and the chain's link).
+    async fn archive_audit(&self, cutoff: Instant, s: &RetentionSettings) -> Result<u64, StoreError> {
+        let mut total = self.reconcile_archive(s).await?;
+        loop {
+            let (records, oldest) = self.archivable(cutoff, s.archive_chunk)?;
+            let Some(oldest) = oldest else {
+                return Ok(total);
+            };
+            if records.len() < s.archive_chunk && oldest >= s.archive_after.before(cutoff) {
+                return Ok(total);
+            }
+            let base = self.audit_base()?;
+            if records.first().map(|(seq, _)| *seq) != Some(base.seq + 1) {
+                return Err(StoreError::Invariant(format!(
+                    "the store's audit records do not start after record {} where the archive ends; run `jitbot audit verify`",
+                    base.seq
+                )));
+            }
+            archive::write_file(&s.archive_dir, &records)?;
+            total += self.remove_archived(&records, s.batch).await?;
+        }
+    }
+
+    /// Up to `chunk` records from the first, older than `cutoff`, never the
+    /// last one; and the time of the oldest.
+    #[allow(clippy::type_complexity)]
+    fn archivable(
+        &self,
+        cutoff: Instant,
+        chunk: usize,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, Option<Instant>), StoreError> {
+        let last = match self.inner.audit.last()? {
+            Some((k, _)) => k,
+            None => return Ok((Vec::new(), None)),
+        };
+        let mut out = Vec::new();
+        let mut oldest = None;
+        for item in self.inner.audit.range(..last).take(chunk) {
+            let (k, v) = item?;
+            let stored: StoredAudit = decode(&k, &v)?;
+            let entry = stored.into_entry();
+            if entry.at >= cutoff {
+                break;
+            }
+            oldest.get_or_insert(entry.at);
+            out.push((entry.seq, v.to_vec()));
+        }
+        Ok((out, oldest))
+    }
+
+    /// Removes archived `records` from the store in batches, each checked
+    /// (the store must hold the very bytes archived) and committed with the
+    /// new `audit_base` under the writer lock, flushed, then a yield.
+    async fn remove_archived(&self, records: &[(u64, Vec<u8>)], batch: usize) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for part in records.chunks(batch.max(1)) {
+            self.remove_archived_now(part)?;
+            crate::metrics::audit_archived(part.len() as u64);
+            total += part.len() as u64;
+            self.flush_committed().await?;
+            tokio::task::yield_now().await;
+        }
+        Ok(total)
+    }
+
+    fn remove_archived_now(&self, part: &[(u64, Vec<u8>)]) -> Result<(), StoreError> {
+        let Some((last, _)) = part.last() else {
+            return Ok(());
+        };
+        self.check_healthy()?;
+        let s = &*self.inner;
+        let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
+        tx_result((&s.audit, &s.meta).transaction(|(audit, meta)| {
+            for (seq, bytes) in part {
+                match audit.get(seq.to_be_bytes())? {
+                    Some(held) if held.as_ref() == bytes.as_slice() => {
+                        audit.remove(&seq.to_be_bytes())?;
+                    }
+                    _ => {
+                        return Err(abort(StoreError::Invariant(format!(
+                            "audit record {seq} in the store is not the record archived; nothing was removed. Run `jitbot audit verify --archive`"
+                        ))))
+                    }
+                }
+            }
+            let next = audit.get((last + 1).to_be_bytes())?.ok_or_else(|| {
+                abort(StoreError::Invariant(format!(
+                    "audit record {} is missing, so the last archived record cannot be linked; nothing was removed",
+                    last + 1
+                )))
+            })?;
+            let next: StoredAudit = decode(&(last + 1).to_be_bytes(), &next).map_err(abort)?;
+            meta.insert(AUDIT_BASE, format!("{last}:{}", next.into_entry().prev).as_bytes())?;
+            Ok(())
+        }))?;
+        s.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Test hook: the first step of archiving alone, as if jitbot stopped
+    /// right after writing an archive file and before removing its records
+    /// from the store. Returns the file written, if any.
+    #[doc(hidden)]
+    pub fn archive_then_stop(
+        &self,
+        now: Instant,
+        s: &RetentionSettings,
+    ) -> Result<Option<archive::ArchiveFile>, StoreError> {
+        let (records, _) = self.archivable(s.retain.before(now), s.archive_chunk)?;
+        if records.is_empty() {
+            return Ok(None);
+        }
+        archive::write_file(&s.archive_dir, &records).map(Some)
+    }
+
+    /// Finishes a move a crash interrupted: records of the last archive file
+    /// that the store still holds (the same bytes) are removed from the
+    /// store. Refuses to go on when the archive and the store disagree.
+    pub async fn reconcile_archive(&self, s: &RetentionSettings) -> Result<u64, StoreError> {
+        archive::remove_leftovers(&s.archive_dir)?;
+        let files = archive::list(&s.archive_dir)?;
+        let base = self.audit_base()?;
+        let archived_to = files.last().map(|f| f.last).unwrap_or(0);
+        if archived_to < base.seq {
+            return Err(StoreError::Invariant(format!(
+                "the audit archive in {} ends at record {archived_to} but the store's records start after record {}: \
+                 archive files are missing. Put them back (or set store.archive_dir to where they are); \
+                 nothing is archived until then",
+                s.archive_dir.display(),
+                base.seq
+            )));
+        }
+        let Some(last) = files.last().filter(|f| f.last > base.seq) else {
+            return Ok(0);
+        };
+        let mut leftover = Vec::new();
+        for rec in archive::Reader::new(std::slice::from_ref(last)) {
+            let rec = rec?;
+            if rec.seq > base.seq {
+                leftover.push((rec.seq, rec.bytes));
+            }
+        }
+        tracing::info!(
+            file = %last.name(),
+            records = leftover.len(),
+            "finishing an audit archive move a restart interrupted"
+        );
+        self.remove_archived(&leftover, s.batch).await
+    }
+}
+
+/// Runs retention passes every `settings.every` (the first at once) until
+/// shutdown. A failed pass is logged and tried again at the next one; it
+/// never stops jitbot.
+pub async fn run(
+    store: Store,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+    settings: RetentionSettings,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            done = store.prune(clock.now(), &settings) => match done {
+                Ok(p) if p != Pruned::default() => tracing::info!(
+                    leases = p.leases,
+                    requests = p.requests,
+                    audit_archived = p.audit,
+                    retain = %settings.retain,
+                    "retention: pruned old records"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention pass failed; it runs again at the next interval"),
+            },
+            _ = shutdown.changed() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration as D, TimeZone, Utc};
+    use jitbot_core::request::BreakGlass;
+    use jitbot_core::{GroupName, RequestId, UserId};
+
+    fn t0() -> Instant {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    fn request(state: RequestState, decided: Option<Instant>) -> AccessRequest {
+        AccessRequest {
+            id: RequestId::new("r-1"),
+            kind: RequestKind::Grant,
+            group: GroupName::new("db-admins"),
+            requester: UserId::new("alice"),
+            duration: Span::from_hours(1),
+            reason: "x".into(),
+            created_at: t0(),
+            decide_by: t0() + D::hours(1),
+            state,
+            approvals: Vec::new(),
+            denials: Vec::new(),
+            cancelled_by: None,
+            auto_approved: false,
+            break_glass: None,
+            decided_at: decided,
+        }
+    }
+
+    fn lease(state: LeaseState, ended: Option<Instant>) -> Lease {
+        Lease {
+            id: LeaseId::new("l-2"),
+            request: RequestId::new("r-1"),
+            group: GroupName::new("db-admins"),
+            user: UserId::new("alice"),
+            starts_at: t0(),
+            expires_at: t0() + D::hours(1),
+            latest_end: t0() + D::hours(8),
+            state,
+            preexisting: Some(false),
+            membership: None,
+            end_reason: None,
+            ended_at: ended,
+            revoke_attempts: 0,
+            last_error: None,
+            alerted: false,
+            warned: false,
+        }
+    }
+
+    #[test]
+    fn only_ended_leases_older_than_the_cutoff_and_held_by_nothing_are_pruned() {
+        let cutoff = t0() + D::days(10);
+        let old = Some(t0() + D::hours(2));
+        let free = Holds::default();
+        assert!(lease_prunable(&lease(LeaseState::Ended, old), cutoff, free));
+        // Ended recently: kept.
+        assert!(!lease_prunable(
+            &lease(LeaseState::Ended, Some(cutoff + D::seconds(1))),
+            cutoff,
+            free
+        ));
+        assert!(!lease_prunable(
+            &lease(LeaseState::Ended, Some(cutoff)),
+            cutoff,
+            free
+        ));
+        // Never anything that has not ended, however old.
+        for state in [LeaseState::Granting, LeaseState::Active, LeaseState::Revoking] {
+            assert!(!lease_prunable(&lease(state, old), cutoff, free), "{state:?}");
+        }
+        // Held by a timer, a notice still to send, an open review.
+        for holds in [
+            Holds { timer: true, ..free },
+            Holds { outbox: true, ..free },
+            Holds { review: true, ..free },
+        ] {
+            assert!(
+                !lease_prunable(&lease(LeaseState::Ended, old), cutoff, holds),
+                "{holds:?}"
+            );
+        }
+        // A lease from before `ended_at` was kept: its latest possible end counts.
+        assert!(lease_prunable(&lease(LeaseState::Ended, None), cutoff, free));
+        assert!(!lease_prunable(
+            &lease(LeaseState::Ended, None),
+            t0() + D::hours(8),
+            free
+        ));
+    }
+
+    #[test]
+    fn only_finished_requests_whose_lease_ended_are_pruned() {
+        let cutoff = t0() + D::days(10);
+        let old = Some(t0() + D::minutes(5));
+        let free = Holds::default();
+        for state in [
+            RequestState::Approved,
+            RequestState::Denied,
+            RequestState::Cancelled,
+            RequestState::TimedOut,
+        ] {
+            assert!(
+                request_prunable(&request(state, old), cutoff, LeaseFate::NoLease, free),
+                "{state:?}"
+            );
+        }
+        assert!(request_prunable(
+            &request(RequestState::Approved, old),
+            cutoff,
+            LeaseFate::Ended,
+            free
+        ));
+        assert!(request_prunable(
+            &request(RequestState::Approved, old),
+            cutoff,
+            LeaseFate::Gone,
+            free
+        ));
+        // Its lease still live: kept, however old the decision.
+        assert!(!request_prunable(
+            &request(RequestState::Approved, old),
+            cutoff,
+            LeaseFate::Live,
+            free
+        ));
+        // Pending: never (even one whose window is long past).
+        assert!(!request_prunable(
+            &request(RequestState::Pending, None),
+            cutoff,
+            LeaseFate::NoLease,
+            free
+        ));
+        // Decided recently.
+        let recent = Some(cutoff + D::hours(1));
+        assert!(!request_prunable(
+            &request(RequestState::Denied, recent),
+            cutoff,
+            LeaseFate::NoLease,
+            free
+        ));
+        // Awaiting break-glass review.
+        let mut bg = request(RequestState::Approved, old);
+        bg.break_glass = Some(BreakGlass {
+            reason: "outage".into(),
+            acknowledged: None,
+        });
+        assert!(!request_prunable(&bg, cutoff, LeaseFate::Ended, free));
+        // Held by its review entry, a timer, a notice.
+        for holds in [
+            Holds { review: true, ..free },
+            Holds { timer: true, ..free },
+            Holds { outbox: true, ..free },
+        ] {
+            assert!(
+                !request_prunable(
+                    &request(RequestState::Denied, old),
+                    cutoff,
+                    LeaseFate::NoLease,
+                    holds
+                ),
+                "{holds:?}"
+            );
+        }
+        // No decision time recorded: its decision deadline counts.
+        assert!(request_prunable(
+            &request(RequestState::TimedOut, None),
+            cutoff,
+            LeaseFate::NoLease,
+            free
+        ));
+    }
+}

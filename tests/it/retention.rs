@@ -1,0 +1,526 @@
+//! Retention (`[store] retain`): old ended leases and finished requests are
+//! pruned, never live, pending or unreviewed ones; old audit records move to
+//! gzip archive files whose chain `audit verify --archive` checks with the
+//! store's; a crash between the archive write and the removal loses and
+//! duplicates nothing; the real binary prunes with `retain` in its config.
+
+use crate::support::bot::TestBot;
+use crate::support::net::eventually;
+use crate::support::process::{Jitbot, ADMIN_TOKEN};
+use chrono::{Duration, TimeZone, Utc};
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use jitbot::secret::Secret;
+use jitbot::store::retention::RetentionSettings;
+use jitbot::store::{Anchor, AuditCheck, AuditDraft, OutboxItem, Store, StoreError};
+use jitbot_core::{Instant, LeaseState, RequestId, Span};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+fn settings(dir: &Path) -> RetentionSettings {
+    RetentionSettings::new(Span::parse_long("30d").unwrap(), dir.join("audit-archive"))
+}
+
+/// Delivers nothing and forgets every queued notice, as a delivered outbox would.
+fn drain_outbox(store: &Store, now: Instant) {
+    store.outbox_fan_out(now, 100_000, |_| Vec::new()).unwrap();
+    assert!(store.outbox(10).unwrap().is_empty());
+}
+
+fn request_ids(store: &Store) -> Vec<String> {
+    let mut ids: Vec<String> = store
+        .requests()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.request.id.to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn old_ended_leases_and_finished_requests_are_pruned_and_live_ones_kept() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[1].break_glass = true)
+        .build();
+    let store = bot.engine.store().clone();
+    // Day 0: a whole lifecycle (request, approval, grant, expiry), a denied
+    // request, and a break-glass grant nobody has reviewed yet.
+    let done = TestBot::request_id(&bot.ok("alice", "request db-admins 1h old work").await);
+    bot.ok("bob", &format!("approve {done}")).await;
+    let denied = TestBot::request_id(&bot.ok("erin", "request db-admins 1h nope").await);
+    bot.ok("bob", &format!("deny {denied} not today")).await;
+    bot.ok("alice", "breakglass web-admins 1h prod down").await;
+    let unreviewed = store.requests_awaiting_review().unwrap()[0]
+        .request
+        .id
+        .to_string();
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(store
+        .leases()
+        .unwrap()
+        .iter()
+        .all(|l| l.lease.state == LeaseState::Ended));
+    // 400 days later: a live lease and a pending request.
+    bot.advance(Duration::days(400));
+    let live = TestBot::request_id(&bot.ok("dave", "request db-admins 1h today").await);
+    bot.ok("bob", &format!("approve {live}")).await;
+    let pending = TestBot::request_id(&bot.ok("erin", "request db-admins 1h later").await);
+    let now = bot.engine.now();
+    drain_outbox(&store, now);
+    // A card update still to deliver names the old denied request.
+    store
+        .update(now, |tx| {
+            tx.outbox(OutboxItem::UpdateApproval {
+                request: RequestId::new(&denied),
+            });
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+    let live_lease = store.live_leases().unwrap()[0].lease.id.to_string();
+    let head = store.audit_head().unwrap();
+
+    let s = settings(bot.path.parent().unwrap());
+    let pruned = store.prune(now, &s).await.unwrap();
+    assert_eq!(pruned.requests, 1, "{pruned:?}");
+    assert_eq!(pruned.leases, 1, "only the old lifecycle's lease: {pruned:?}");
+    let mut kept = vec![denied.clone(), unreviewed.clone(), live.clone(), pending.clone()];
+    kept.sort();
+    assert_eq!(request_ids(&store), kept, "{done} pruned, the rest kept");
+    let leases: Vec<String> = store
+        .leases()
+        .unwrap()
+        .iter()
+        .map(|l| l.lease.id.to_string())
+        .collect();
+    assert_eq!(
+        leases.len(),
+        2,
+        "the break-glass lease (in review) and the live one: {leases:?}"
+    );
+    assert!(leases.contains(&live_lease));
+    assert!(store
+        .pending_requests()
+        .unwrap()
+        .iter()
+        .any(|r| r.request.id.as_str() == pending));
+
+    // The notice delivered: the denied request goes at the next pass; the
+    // review acknowledged: the break-glass request and its lease go too.
+    drain_outbox(&store, now);
+    bot.ok("bob", &format!("ack {unreviewed}")).await;
+    drain_outbox(&store, bot.engine.now());
+    let again = store.prune(bot.engine.now(), &s).await.unwrap();
+    assert_eq!((again.requests, again.leases), (2, 1), "{again:?}");
+    let mut kept = vec![live.clone(), pending.clone()];
+    kept.sort();
+    assert_eq!(request_ids(&store), kept);
+    // The engine still works on what is left.
+    bot.ok("bob", &format!("approve {pending}")).await;
+
+    // Day-0 audit records went to the archive; the store's chain verifies
+    // from there on, and with the archive from record 1.
+    assert!(pruned.audit > 0, "{pruned:?}");
+    let base = store.audit_base().unwrap();
+    assert_eq!(base.seq, pruned.audit);
+    assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Intact { .. }));
+    let total = store.audit_head().unwrap().seq;
+    assert_eq!(
+        store
+            .verify_audit_with_archive(&s.archive_dir, Some(&head))
+            .unwrap(),
+        AuditCheck::Intact { records: total }
+    );
+    let all = store.audit_with_archive(Some(&s.archive_dir)).unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    // An anchor from before the archived records now needs the archive.
+    match store.verify_audit_against(Some(&head)).unwrap() {
+        AuditCheck::Intact { .. } => {}
+        other => panic!("the head anchor is still in the store: {other:?}"),
+    }
+    let early = Anchor {
+        seq: 1,
+        hash: all[1].prev.clone(),
+    };
+    match store.verify_audit_against(Some(&early)).unwrap() {
+        AuditCheck::Broken { problem, .. } => assert!(problem.contains("--archive"), "{problem}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store
+            .verify_audit_with_archive(&s.archive_dir, Some(&early))
+            .unwrap(),
+        AuditCheck::Intact { records: total }
+    );
+}
+
+fn t0() -> Instant {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+/// `n` audit records, one commit each, a minute apart from `t0`.
+async fn write_audit(store: &Store, n: u64) {
+    for i in 0..n {
+        store
+            .update(t0() + Duration::minutes(i as i64), |tx| {
+                tx.audit(AuditDraft {
+                    actor: "alice".into(),
+                    action: "request.opened".into(),
+                    detail: format!("record {}", i + 1),
+                    ..AuditDraft::default()
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    let mut text = String::new();
+    MultiGzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut gz = GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::default(),
+    );
+    for l in lines {
+        gz.write_all(l.as_bytes()).unwrap();
+        gz.write_all(b"\n").unwrap();
+    }
+    gz.finish().unwrap();
+}
+
+fn archive_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn broken(check: AuditCheck) -> (u64, String) {
+    match check {
+        AuditCheck::Broken { seq, problem } => (seq, problem),
+        other => panic!("expected a broken chain, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn archive_and_store_verify_end_to_end_and_tampering_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    write_audit(&store, 35).await;
+    let s = RetentionSettings {
+        batch: 4,
+        archive_chunk: 10,
+        ..settings(tmp.path())
+    };
+    let pruned = store.prune(t0() + Duration::days(100), &s).await.unwrap();
+    assert_eq!(pruned.audit, 34, "all but the store's last record");
+    let files = archive_files(&s.archive_dir);
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert_eq!(
+        names[0],
+        "audit-00000000000000000001-00000000000000000010.jsonl.gz"
+    );
+    assert_eq!(store.audit_base().unwrap().seq, 34);
+    assert_eq!(store.audit(0).count(), 1);
+    // Each archived line is the stored record byte for byte: it links to the next.
+    let first = read_lines(&files[0]);
+    assert_eq!(first.len(), 10);
+    assert!(first[0].starts_with("{\"v\":\"1\""), "{}", first[0]);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 35 });
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 35 }
+    );
+    let exported = store.audit_with_archive(Some(&s.archive_dir)).unwrap();
+    assert_eq!(exported.len(), 35);
+    assert_eq!(exported[11].detail, "record 12");
+    // Nothing more to archive: a second pass changes nothing.
+    assert_eq!(
+        store.prune(t0() + Duration::days(100), &s).await.unwrap().audit,
+        0
+    );
+
+    // A record altered inside an archive file.
+    let original = read_lines(&files[1]);
+    let mut altered = original.clone();
+    altered[3] = altered[3].replace("record 14", "record 41");
+    write_lines(&files[1], &altered);
+    let (seq, problem) = broken(store.verify_audit_with_archive(&s.archive_dir, None).unwrap());
+    assert_eq!(seq, 14, "{problem}");
+    assert!(problem.contains(&names[1]), "{problem}");
+    // Two records swapped.
+    let mut swapped = original.clone();
+    swapped.swap(4, 5);
+    write_lines(&files[1], &swapped);
+    let (seq, problem) = broken(store.verify_audit_with_archive(&s.archive_dir, None).unwrap());
+    assert_eq!(seq, 16, "{problem}");
+    assert!(
+        problem.contains("sequence") && problem.contains(&names[1]),
+        "{problem}"
+    );
+    // The file's last record cut off.
+    write_lines(&files[1], &original[..9]);
+    let err = store
+        .verify_audit_with_archive(&s.archive_dir, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&names[1]) && err.contains("records 11 to 19"),
+        "{err}"
+    );
+    // Not gzip any more.
+    std::fs::write(&files[1], b"not gzip").unwrap();
+    let err = store
+        .verify_audit_with_archive(&s.archive_dir, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&names[1]) && err.contains("damaged"), "{err}");
+    write_lines(&files[1], &original);
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 35 }
+    );
+
+    // A whole file missing, in the middle or at the start.
+    for gone in [2, 0] {
+        let saved = std::fs::read(&files[gone]).unwrap();
+        std::fs::remove_file(&files[gone]).unwrap();
+        let (seq, problem) = broken(store.verify_audit_with_archive(&s.archive_dir, None).unwrap());
+        assert_eq!(seq, gone as u64 * 10 + 11, "{problem}");
+        assert!(problem.contains("archive file is missing"), "{problem}");
+        std::fs::write(&files[gone], saved).unwrap();
+    }
+    // The store's own record altered: named as the store's.
+    let key = 35u64.to_be_bytes();
+    let held = store.audit_tree().get(key).unwrap().unwrap();
+    let forged = String::from_utf8(held.to_vec())
+        .unwrap()
+        .replace("record 35", "record 53");
+    store.audit_tree().insert(key, forged.as_bytes()).unwrap();
+    let (seq, problem) = broken(store.verify_audit_with_archive(&s.archive_dir, None).unwrap());
+    assert_eq!(seq, 35, "{problem}");
+    assert!(problem.contains("the store"), "{problem}");
+    store.audit_tree().insert(key, held).unwrap();
+    // A missing archive file stops the next pass rather than widening the gap.
+    std::fs::remove_file(&files[3]).unwrap();
+    write_audit(&store, 1).await;
+    let err = store
+        .prune(t0() + Duration::days(100), &s)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("archive files are missing"), "{err}");
+}
+
+#[tokio::test]
+async fn a_crash_between_the_archive_write_and_the_removal_loses_and_duplicates_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("db");
+    let key = "audit-key-0123456789abcdef-retention";
+    let store = Store::open(&path, 16).unwrap();
+    store.set_audit_key(Secret::new(key));
+    store.seal_unkeyed_history(t0()).await.unwrap();
+    write_audit(&store, 12 - store.audit_head().unwrap().seq).await;
+    assert_eq!(store.audit_head().unwrap().seq, 12);
+    let s = RetentionSettings {
+        batch: 5,
+        ..settings(tmp.path())
+    };
+    let now = t0() + Duration::days(60);
+    let file = store.archive_then_stop(now, &s).unwrap().expect("a file");
+    assert_eq!((file.first, file.last), (1, 11));
+    // A temporary file of an interrupted later write, too.
+    std::fs::write(s.archive_dir.join(".audit-x.jsonl.gz.tmp"), b"half").unwrap();
+    drop(store);
+    let store = Store::open(&path, 16).unwrap();
+    store.set_audit_key(Secret::new(key));
+    // Before the pass finishes the move: both copies agree, nothing counted twice.
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 12 }
+    );
+    assert_eq!(store.audit_with_archive(Some(&s.archive_dir)).unwrap().len(), 12);
+    // The next pass finishes it.
+    let pruned = store.prune(now, &s).await.unwrap();
+    assert_eq!(pruned.audit, 11);
+    assert_eq!(store.audit_base().unwrap().seq, 11);
+    assert_eq!(store.audit(0).count(), 1);
+    assert_eq!(
+        archive_files(&s.archive_dir).len(),
+        1,
+        "the leftover is gone, no second file"
+    );
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 12 }
+    );
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 12 });
+    let seqs: Vec<u64> = store
+        .audit_with_archive(Some(&s.archive_dir))
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
+    // The chain goes on from the store.
+    write_audit(&store, 1).await;
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 13 });
+
+    // A store record that differs from its archived copy is never removed.
+    let store2_dir = tempfile::tempdir().unwrap();
+    let other = Store::open(&store2_dir.path().join("db"), 16).unwrap();
+    write_audit(&other, 12).await;
+    let s2 = settings(store2_dir.path());
+    other.archive_then_stop(now, &s2).unwrap().expect("a file");
+    let held = other.audit_tree().get(5u64.to_be_bytes()).unwrap().unwrap();
+    let changed = String::from_utf8(held.to_vec())
+        .unwrap()
+        .replace("record 5", "record 6");
+    other
+        .audit_tree()
+        .insert(5u64.to_be_bytes(), changed.as_bytes())
+        .unwrap();
+    let (seq, problem) = match other.verify_audit_with_archive(&s2.archive_dir, None) {
+        Err(e) => (5, e.to_string()),
+        Ok(check) => broken(check),
+    };
+    assert_eq!(seq, 5);
+    assert!(problem.contains("differ"), "{problem}");
+    let err = other.prune(now, &s2).await.unwrap_err().to_string();
+    assert!(err.contains("not the record archived"), "{err}");
+    assert_eq!(other.audit(0).count(), 12, "nothing removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jitbot_run_with_retain_prunes_and_exports_archive_and_store() {
+    // History from March 2026 (the test bot's clock), months before today.
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h old work").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    let store = bot.engine.store().clone();
+    drain_outbox(&store, bot.engine.now());
+    let records = store.audit_head().unwrap().seq;
+    assert!(records >= 4, "{records}");
+    let path = bot.path.clone();
+    drop(store);
+    drop(bot.engine);
+    // A flush still finishing on the blocking pool holds the database briefly.
+    let mut tries = 0;
+    while let Err(StoreError::Locked { .. }) = Store::open(&path, 16).map(drop) {
+        tries += 1;
+        assert!(tries < 100, "the test bot's store stays locked");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let archive = path.parent().unwrap().join("audit-archive");
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+path = "{}"
+cache_mb = 16
+retain = "30d"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        path.display()
+    );
+    let jitbot = Jitbot::start(&config, &[]).await;
+    let http = reqwest::Client::new();
+    let get = |what: String| {
+        let http = http.clone();
+        let url = format!("{}{what}", jitbot.admin_base);
+        async move {
+            http.get(url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .expect("admin API")
+                .text()
+                .await
+                .expect("body")
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let metrics = get("/metrics".into()).await;
+        if metrics.contains("jitbot_store_pruned_total{kind=\"lease\"} 1")
+            && metrics.contains("jitbot_store_pruned_total{kind=\"request\"} 1")
+            && !metrics.contains("jitbot_audit_archived_total 0")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jitbot did not prune; metrics:\n{metrics}\nlog:\n{}",
+            jitbot.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(jitbot.admin("leases").await.is_empty());
+    assert!(jitbot.admin("requests").await.is_empty());
+    let first = eventually(std::time::Duration::from_secs(5), "the archive file", || {
+        std::fs::read_dir(&archive).ok().and_then(|mut d| d.next())
+    })
+    .await
+    .expect("archive directory entry");
+    assert!(first.file_name().to_string_lossy().starts_with("audit-"));
+    // `audit export` reads the archive and the store; `verify --archive` checks both.
+    let export = get("/admin/audit?format=jsonl".into()).await;
+    let seqs: Vec<u64> = export
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let head = seqs.len() as u64;
+    assert!(head >= records, "{export}");
+    assert_eq!(seqs, (1..=head).collect::<Vec<_>>(), "{export}");
+    let dir: String =
+        url::form_urlencoded::byte_serialize(archive.display().to_string().as_bytes()).collect();
+    let verified = get(format!("/admin/audit/verify?archive={dir}")).await;
+    assert!(
+        verified.contains(&format!("audit chain intact: {head} records")),
+        "{verified}"
+    );
+    let alone = get("/admin/audit/verify".into()).await;
+    assert!(alone.contains("earlier ones are archived"), "{alone}");
+}
