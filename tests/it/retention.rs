@@ -785,3 +785,38 @@ async fn brk17_a_pass_does_not_hold_the_writer_lock_for_a_whole_outbox_scan() {
         "a commit waited {worst:?} behind the pass (commits alone: {baseline:?})"
     );
 }
+
+// Shows: after `archive_dir` is changed (files left in the old place), `audit export` reads the
+// new, empty directory and the store and returns records 12.. as if they were the whole
+// trail, with no error — while the pass itself refuses ("archive files are missing").
+// Fix: in `audit_with_archive`, check the archive ends at `audit_base` (as `reconcile_archive`
+// does) and fail naming the gap.
+#[tokio::test]
+async fn brk17_audit_export_from_a_changed_archive_dir_does_not_silently_drop_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    write_audit(&store, 12).await;
+    let s = settings(tmp.path());
+    assert_eq!(
+        store.prune(t0() + Duration::days(100), &s).await.unwrap().audit,
+        11
+    );
+    let moved = tmp.path().join("new-archive");
+    std::fs::create_dir_all(&moved).unwrap();
+    let pass = store
+        .prune(
+            t0() + Duration::days(100),
+            &RetentionSettings::new(s.retain, moved.clone()),
+        )
+        .await;
+    assert!(pass.is_err(), "the pass notices the missing files");
+    match store.audit_with_archive(Some(&moved)) {
+        Err(e) => assert!(e.to_string().contains("missing"), "{e}"),
+        Ok(rows) => assert_eq!(
+            rows.first().map(|e| e.seq),
+            Some(1),
+            "export silently began at record {:?} of 12",
+            rows.first().map(|e| e.seq)
+        ),
+    }
+}
