@@ -197,18 +197,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let store = Store::open(&config.store.path, config.store.cache_mb)?;
-    let sealing = match &config.audit.key {
-        Some(src) => {
-            store.set_audit_key(audit_key(src)?);
-            store.seal_unkeyed_history(chrono::Utc::now()).await?
-        }
-        None => crate::store::Sealing::Unkeyed,
-    };
+    if let Some(src) = &config.audit.key {
+        store.set_audit_key(audit_key(src)?);
+    }
+    // Before anything is written: a keyed chain opened without its key, or
+    // with another key, is refused here (`StoreError::AuditKey`, exit 64).
+    let mut sealing = store.seal_unkeyed_history(chrono::Utc::now()).await?;
     let retention = config.store.retain.map(|retain| {
         let settings = RetentionSettings::new(retain, config.store.archive_dir());
         store.set_archive_dir(settings.archive_dir.clone());
         settings
     });
+    if let Some(path) = &config.audit.anchor_file {
+        store.set_anchor_file(path.clone());
+        // A rollback of the chain with its meta verifies under the key; the
+        // last anchor jitbot published outside the store catches it.
+        if let Some(anchor) = store.last_published_anchor()? {
+            // With retention on, the anchor may lie in the archived part.
+            let checked = match &retention {
+                Some(settings) => store.verify_audit_with_archive(&settings.archive_dir, Some(&anchor))?,
+                None => store.verify_audit_against(Some(&anchor))?,
+            };
+            if let crate::store::AuditCheck::Broken { seq, problem } = checked {
+                if !matches!(sealing, crate::store::Sealing::Tampered { .. }) {
+                    sealing = crate::store::Sealing::Tampered {
+                        seq,
+                        problem: format!("against the last anchor in audit.anchor_file: {problem}"),
+                        recorded: false,
+                    };
+                }
+            }
+        }
+    }
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
     let retention_clock = clock.clone();

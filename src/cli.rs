@@ -194,7 +194,13 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("jitbot cannot start: {} problem(s) with secrets", problems.len());
                 std::process::exit(EXIT_BAD_CONFIG);
             }
-            crate::app::run(config).await
+            match crate::app::run(config).await {
+                Err(e) if matches!(e.downcast_ref(), Some(crate::store::StoreError::AuditKey(_))) => {
+                    eprintln!("jitbot cannot start: {e}");
+                    std::process::exit(EXIT_BAD_CONFIG);
+                }
+                other => other,
+            }
         }
         Cmd::CheckConfig { config, offline } => check_config(&config, offline).await,
         Cmd::Demo(args) => crate::demo::run(args).await,
@@ -272,14 +278,32 @@ async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<(
     }
     if config.store.path.exists() {
         match crate::store::Store::open(&config.store.path, 8) {
-            Ok(store) => match store.live_leases() {
-                Ok(live) => {
-                    for note in crate::engine::leases_outside_config(&config.policy(), &live) {
-                        println!("  note: {note}");
+            Ok(store) => {
+                // The check `run` makes before it writes: a keyed chain
+                // needs its own key (a key that did not resolve is already
+                // a problem above).
+                let usable = match config.audit.key.as_ref().map(crate::app::audit_key) {
+                    Some(Ok(key)) => {
+                        store.set_audit_key(key);
+                        true
+                    }
+                    Some(Err(_)) => false,
+                    None => true,
+                };
+                if usable {
+                    if let Err(e) = store.check_audit_key() {
+                        problems.push(format!("audit.key: {e}"));
                     }
                 }
-                Err(e) => problems.push(format!("store: {e}")),
-            },
+                match store.live_leases() {
+                    Ok(live) => {
+                        for note in crate::engine::leases_outside_config(&config.policy(), &live) {
+                            println!("  note: {note}");
+                        }
+                    }
+                    Err(e) => problems.push(format!("store: {e}")),
+                }
+            }
             Err(crate::store::StoreError::Locked { .. }) => println!(
                 "  note: the store is in use by a running jitbot; its start-up log lists live leases whose group left the config"
             ),

@@ -438,6 +438,10 @@ pub struct AuditConfig {
     /// Publish the chain's head to the alert channel and the log this often
     /// (and at start-up).
     pub anchor_every: Option<Span>,
+    /// A file outside the store that every published anchor is appended to
+    /// (`SEQ:HASH` a line); start-up and `jitbot audit verify` check the
+    /// chain against its last line, which catches a rollback of the chain.
+    pub anchor_file: Option<std::path::PathBuf>,
 }
 
 /// The shortest `[audit] key` accepted, in bytes.

@@ -7,7 +7,9 @@ use jitbot_core::{GroupDn, UserId};
 use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
-pub use crate::chat::view::{ApprovalCard, Audience, ChatRef, Contact, MessageRef, Notice, Recipients};
+pub use crate::chat::view::{
+    ApprovalCard, Audience, CardCopy, ChatRef, Contact, MessageRef, Notice, Recipients,
+};
 
 /// Why a directory operation failed, worded for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -168,25 +170,36 @@ pub enum ChatError {
     Refused(String),
 }
 
-/// A post of an approval card that failed part way: the copies that did go
-/// out (to record, so that a retry posts only the missing ones and the
-/// decision reaches every copy), and why the rest did not.
+/// A post of an approval card that did not post every copy. The copies
+/// that did go out were already handed to the [`CopyLog`].
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{error}")]
 pub struct PostError {
-    /// The copies posted before the failure.
-    pub posted: Vec<MessageRef>,
     #[source]
     pub error: ChatError,
+    /// Only some approvers' copies were put off (their DM rate limited or
+    /// failing, an approver group not listed): the post is retried after the
+    /// error's pause, but the platform's other deliveries are not paused.
+    pub deferred: bool,
 }
 
 impl From<ChatError> for PostError {
     fn from(error: ChatError) -> Self {
         PostError {
-            posted: Vec::new(),
             error,
+            deferred: false,
         }
     }
+}
+
+/// Where a post of an approval card records each copy the moment it is
+/// made (or its role changes), before the next call to the platform, so
+/// that a crash or a failure part way never posts it again and every
+/// decision reaches it.
+#[async_trait]
+pub trait CopyLog: Send + Sync {
+    /// Records `copy`, replacing the record of the same message if any.
+    async fn record(&self, copy: &MessageRef) -> Result<(), ChatError>;
 }
 
 /// Outgoing chat messages. Every platform adapter implements it; a fan-out
@@ -197,19 +210,21 @@ pub trait Notifier: Send + Sync + 'static {
     /// went so that it can be updated in place later (even after a restart).
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError>;
     /// Posts the copies of an approval card that are not among `posted`
-    /// (those an earlier, partly failed attempt recorded); returns the new
-    /// ones, or with the error those that went out before it. By default,
-    /// [`Notifier::post_approval`] when nothing was posted, else nothing.
+    /// (those earlier attempts recorded), handing each to `log` as soon as
+    /// it is posted. By default, [`Notifier::post_approval`] when nothing
+    /// was posted, else nothing.
     async fn post_missing_copies(
         &self,
         card: &ApprovalCard,
         posted: &[MessageRef],
-    ) -> Result<Vec<MessageRef>, PostError> {
+        log: &dyn CopyLog,
+    ) -> Result<(), PostError> {
         if posted.is_empty() {
-            Ok(self.post_approval(card).await?)
-        } else {
-            Ok(Vec::new())
+            for m in self.post_approval(card).await? {
+                log.record(&m).await?;
+            }
         }
+        Ok(())
     }
     /// Rewrites a posted approval card (new approvals, decision, buttons removed).
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError>;

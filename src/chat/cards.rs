@@ -1,18 +1,15 @@
 //! Posting an approval card to a group's channel and to approvers' DMs, the
 //! same way on every platform: each platform says how to post one copy
-//! ([`CardCopies`]); this module decides which copies go where, lists the
-//! approvers no DM reached on the channel card, and remembers that list so
-//! later updates of the channel card keep it. A post that fails part way
-//! hands back the copies it made ([`PostError`]), and a retry given them
-//! posts only the missing ones: copies are told apart by their channel.
+//! ([`CardCopies`]); this module decides which copies go where and records
+//! each copy with what it is ([`CardCopy`]: the channel copy with the
+//! approvers it lists, or the DM copy for given approvers) the moment it is
+//! posted ([`CopyLog`]). A retry skips, without any call to the platform,
+//! every approver whose copy is recorded; updates of the channel copy keep
+//! listing the approvers its record names.
 
-use crate::ports::{ApprovalCard, ChatError, Contact, MessageRef, PostError};
+use crate::ports::{ApprovalCard, CardCopy, ChatError, Contact, CopyLog, MessageRef, PostError};
 use async_trait::async_trait;
-use jitbot_core::UserId;
-use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
 
 /// Why a card could not go to an approver by DM.
 #[derive(Debug)]
@@ -20,12 +17,15 @@ pub enum DmError {
     /// They cannot be reached by DM on this platform (no chat identity,
     /// DMs closed, the platform refused): the channel card lists them.
     Unreachable(String),
-    /// Not now (a rate limit, an outage): the post fails with this error and
-    /// the outbox tries the missing copies again later.
+    /// Not now (a rate limit, an outage): the channel card lists them as
+    /// pending, the post fails with this error and the outbox tries the
+    /// missing copies again later.
     Failed(ChatError),
 }
 
-/// How one platform posts and edits the copies of an approval card.
+/// How one platform posts and edits the copies of an approval card. None
+/// of these calls waits out a rate limit: it returns it, and the outbox
+/// retries after the pause.
 #[async_trait]
 pub trait CardCopies: Send + Sync {
     /// Posts the card in the group's channel.
@@ -39,74 +39,115 @@ pub trait CardCopies: Send + Sync {
     async fn post_in_dm(&self, dm: &str, card: &ApprovalCard) -> Result<MessageRef, ChatError>;
 }
 
-/// Approvers not reached by DM, per channel card (`channel/id`), so updates
-/// of that card keep listing them. In memory: after a restart, updates no
-/// longer list them (the first post's copy did).
-#[derive(Default)]
-pub struct Unreachable(Mutex<HashMap<String, Vec<UserId>>>);
-
-fn key(at: &MessageRef) -> String {
-    format!("{}/{}", at.channel, at.id)
-}
-
-impl Unreachable {
-    fn remember(&self, at: &MessageRef, users: Vec<UserId>) {
-        if let Ok(mut map) = self.0.lock() {
-            map.insert(key(at), users);
+/// `card` as the copy at `at` shows it: the channel copy with the
+/// approvers its record lists (those still pending, and the approver
+/// groups not listed, only while the card is open).
+pub fn for_copy(at: &MessageRef, card: &ApprovalCard) -> ApprovalCard {
+    let mut card = card.clone();
+    if let CardCopy::Channel {
+        unreachable,
+        pending,
+        unlisted,
+    } = &at.copy
+    {
+        card.recipients.unreachable = unreachable.clone();
+        if card.open {
+            card.recipients.pending = pending.clone();
+            card.recipients.unlisted = unlisted.clone();
         }
     }
+    card
+}
 
-    /// `card` as the copy at `at` shows it: with the approvers its first
-    /// post listed. Forgets them once the card is decided (its last update).
-    pub fn for_copy(&self, at: &MessageRef, card: &ApprovalCard) -> ApprovalCard {
-        let mut card = card.clone();
-        if let Ok(mut map) = self.0.lock() {
-            let listed = if card.open {
-                map.get(&key(at)).cloned()
-            } else {
-                map.remove(&key(at))
-            };
-            if let Some(users) = listed {
-                card.recipients.unreachable = users;
-            }
+/// A [`CopyLog`] that keeps the copies in memory, for a post whose copies
+/// are returned at the end ([`crate::ports::Notifier::post_approval`]).
+#[derive(Default)]
+pub struct Collected(Mutex<Vec<MessageRef>>);
+
+impl Collected {
+    /// The copies recorded, each once.
+    pub fn into_copies(self) -> Vec<MessageRef> {
+        self.0.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl CopyLog for Collected {
+    async fn record(&self, copy: &MessageRef) -> Result<(), ChatError> {
+        let mut copies = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match copies.iter_mut().find(|m| m.same_message(copy)) {
+            Some(m) => *m = copy.clone(),
+            None => copies.push(copy.clone()),
         }
-        card
+        Ok(())
     }
 }
 
 /// Posts `card` where its [`crate::ports::Recipients`] say, on one platform,
-/// leaving out the copies in `already` (posted by an earlier attempt that
-/// failed part way). The channel copy goes first when asked for (its failure
-/// fails the post, before any DM), then one DM per approver. An approver no
-/// DM reaches is logged and listed on the channel card, which is then posted
-/// (or rewritten) even with `approval_cards = "dm"`; so is a card no DM
-/// reached at all. A DM that fails for now (rate limit, outage) does not
-/// make its approver unreachable: the other DMs go out, then the post fails
-/// with the copies made so far, and the retry posts the rest. Returns the
-/// new copies.
+/// leaving out the copies in `already` (recorded by earlier attempts), and
+/// hands each new copy to `log` before the next call.
+///
+/// The channel copy goes first when asked for (its failure fails the post,
+/// before any DM). Then one DM per approver: an approver whose DM copy is
+/// recorded is skipped without any call; an approver whose DM channel got a
+/// copy in this post is added to that copy. An approver no DM reaches is
+/// logged and listed on the channel card; one whose DM fails for now (rate
+/// limit, outage) is listed as pending, and after a rate limit on opening
+/// a DM the remaining approvers are left pending without calls. The channel card is
+/// then posted (or rewritten) listing them whenever it exists, someone is unreachable
+/// or pending, an approver group could not be listed, or no DM copy exists,
+/// even with `approval_cards = "dm"`; only then does the post fail
+/// ([`PostError::deferred`]) so the outbox retries the missing copies.
 pub async fn post(
     platform: &str,
     copies: &dyn CardCopies,
-    unreachable: &Unreachable,
     card: &ApprovalCard,
     already: &[MessageRef],
-) -> Result<Vec<MessageRef>, PostError> {
-    let mut posted = Vec::new();
-    let mut channel = None;
-    if card.recipients.channel && already.is_empty() {
-        let at = copies.post_in_channel(card).await?;
-        posted.push(at.clone());
+    log: &dyn CopyLog,
+) -> Result<(), PostError> {
+    let mut channel: Option<MessageRef> = already
+        .iter()
+        .find(|m| matches!(m.copy, CardCopy::Channel { .. }))
+        .cloned();
+    if card.recipients.channel && channel.is_none() {
+        let mut at = copies.post_in_channel(card).await?;
+        at.copy = CardCopy::Channel {
+            unreachable: Vec::new(),
+            pending: Vec::new(),
+            unlisted: Vec::new(),
+        };
+        log.record(&at).await?;
         channel = Some(at);
     }
-    let mut dms = Vec::new();
+    // DM copies known so far: recorded by earlier attempts (those of an
+    // unknown role may be DM copies: they are matched by DM channel), then
+    // those of this post.
+    let mut dms: Vec<MessageRef> = already
+        .iter()
+        .filter(|m| !matches!(m.copy, CardCopy::Channel { .. }))
+        .cloned()
+        .collect();
     let mut missed = Vec::new();
-    let mut later = None;
+    let mut pending = Vec::new();
+    let mut later: Option<ChatError> = None;
+    let mut limited = false;
     for to in &card.recipients.dm {
-        match post_dm(copies, to, card, already).await {
-            Ok((dm, at)) => {
-                posted.extend(at);
-                dms.push(dm);
-            }
+        let has_copy = dms
+            .iter()
+            .any(|m| matches!(&m.copy, CardCopy::Dm { approvers } if approvers.contains(&to.user)));
+        if has_copy {
+            continue;
+        }
+        if limited {
+            pending.push(to.user.clone());
+            continue;
+        }
+        let (outcome, opening) = match copies.open_dm(to).await {
+            Ok(dm) => (post_dm(copies, &dm, to, card, &mut dms, log).await?, false),
+            Err(e) => (Err(e), true),
+        };
+        match outcome {
+            Ok(()) => {}
             Err(DmError::Unreachable(why)) => {
                 tracing::warn!(
                     platform,
@@ -123,90 +164,116 @@ pub async fn post(
                     request = %card.request,
                     approver = %to.user,
                     error = %error,
-                    "approver's DM not sent for now; the card's missing copies are retried"
+                    "approver's DM not sent for now; the channel card lists them as pending and their copy is retried"
                 );
+                // After a rate limit on opening DMs (one budget for all of
+                // them), the others wait too: each call would only spend it
+                // again. A post's limit is the DM channel's own.
+                limited = opening && matches!(error, ChatError::RateLimited(_));
+                pending.push(to.user.clone());
                 later.get_or_insert(error);
             }
         }
     }
-    if let Some(error) = later {
-        return Err(PostError { posted, error });
-    }
-    // A copy posted earlier outside every approver's DM is the channel copy.
-    let channel = channel.or_else(|| already.iter().find(|m| !dms.contains(&m.channel)).cloned());
-    if !card.recipients.channel && missed.is_empty() && !dms.is_empty() {
-        return Ok(posted);
-    }
-    let mut listed = card.clone();
-    listed.recipients.unreachable = missed.clone();
-    match channel {
-        Some(at) => {
-            if !missed.is_empty() {
-                // The channel copy went out before the DMs were tried.
-                if let Err(e) = copies.rewrite(&at, &listed).await {
-                    tracing::warn!(platform, request = %card.request, error = %e, "cannot list the approvers no DM reached on the channel card");
+    let unlisted = card.recipients.unlisted.clone();
+    let no_dm_copy = !dms.iter().any(|m| matches!(m.copy, CardCopy::Dm { .. }));
+    // An existing channel copy is brought up to date (approvers no longer
+    // pending are no longer listed).
+    let needs_channel = card.recipients.channel
+        || channel.is_some()
+        || !missed.is_empty()
+        || !pending.is_empty()
+        || !unlisted.is_empty()
+        || no_dm_copy;
+    if needs_channel {
+        let role = CardCopy::Channel {
+            unreachable: missed,
+            pending,
+            unlisted: unlisted.clone(),
+        };
+        let mut listed = card.clone();
+        if let CardCopy::Channel {
+            unreachable,
+            pending,
+            unlisted,
+        } = &role
+        {
+            listed.recipients.unreachable = unreachable.clone();
+            listed.recipients.pending = pending.clone();
+            listed.recipients.unlisted = unlisted.clone();
+        }
+        match channel {
+            Some(mut at) => {
+                if at.copy != role {
+                    copies.rewrite(&at, &listed).await?;
+                    at.copy = role;
+                    log.record(&at).await?;
                 }
-                unreachable.remember(&at, missed);
             }
-        }
-        None => {
-            if dms.is_empty() && !card.recipients.channel {
-                tracing::info!(platform, request = %card.request, "no approver got this card by DM; posting it in the channel");
+            None => {
+                if no_dm_copy && !card.recipients.channel {
+                    tracing::info!(platform, request = %card.request, "no approver got this card by DM; posting it in the channel");
+                }
+                let mut at = copies.post_in_channel(&listed).await?;
+                at.copy = role;
+                log.record(&at).await?;
             }
-            let at = match copies.post_in_channel(&listed).await {
-                Ok(at) => at,
-                Err(error) => return Err(PostError { posted, error }),
-            };
-            if !missed.is_empty() {
-                unreachable.remember(&at, missed);
-            }
-            posted.push(at);
         }
     }
-    Ok(posted)
+    if let Some(error) = later {
+        return Err(PostError {
+            error,
+            deferred: true,
+        });
+    }
+    if !unlisted.is_empty() {
+        return Err(PostError {
+            error: ChatError::Unavailable(format!(
+                "cannot list the approver groups {} in the directory; their members get the card once it answers",
+                unlisted.join(", ")
+            )),
+            deferred: true,
+        });
+    }
+    Ok(())
 }
 
-/// One approver's DM copy: their DM channel, and the copy if it is new (none
-/// when `already` has one there). A platform's refusal to post makes them
-/// unreachable; any other failure is for later.
+/// One approver's DM copy in DM channel `dm`: added to the copy there if
+/// `dms` has one (another directory person with the same chat account, or a
+/// copy recorded before copies said whom they are for), else posted. A
+/// platform's refusal to post makes them unreachable; any other failure is
+/// for later. The outer error is a failure to record the copy.
 async fn post_dm(
     copies: &dyn CardCopies,
+    dm: &str,
     to: &Contact,
     card: &ApprovalCard,
-    already: &[MessageRef],
-) -> Result<(String, Option<MessageRef>), DmError> {
-    let dm = copies.open_dm(to).await?;
-    if already.iter().any(|m| m.channel == dm) {
-        return Ok((dm, None));
+    dms: &mut Vec<MessageRef>,
+    log: &dyn CopyLog,
+) -> Result<Result<(), DmError>, ChatError> {
+    if let Some(at) = dms.iter_mut().find(|m| m.channel == dm) {
+        let mut approvers = match &at.copy {
+            CardCopy::Dm { approvers } => approvers.clone(),
+            _ => Vec::new(),
+        };
+        approvers.push(to.user.clone());
+        at.copy = CardCopy::Dm { approvers };
+        log.record(at).await?;
+        return Ok(Ok(()));
     }
-    match copies.post_in_dm(&dm, card).await {
-        Ok(at) => Ok((dm, Some(at))),
-        Err(ChatError::Refused(why)) => Err(DmError::Unreachable(format!("cannot post in the DM: {why}"))),
-        Err(e) => Err(DmError::Failed(e)),
-    }
-}
-
-/// Runs a chat call up to `tries` times, waiting out each rate limit whose
-/// pause is at most `max_wait` seconds; any other outcome, or a longer
-/// pause, is returned as is (the outbox then waits it out).
-pub(crate) async fn waiting_out_rate_limits<T, F, Fut>(
-    tries: u32,
-    max_wait: u64,
-    mut call: F,
-) -> Result<T, ChatError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, ChatError>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match call().await {
-            Err(ChatError::RateLimited(secs)) if attempt < tries && secs <= max_wait => {
-                tokio::time::sleep(Duration::from_secs(secs.max(1))).await
-            }
-            other => return other,
+    match copies.post_in_dm(dm, card).await {
+        Ok(mut at) => {
+            at.copy = CardCopy::Dm {
+                approvers: vec![to.user.clone()],
+            };
+            log.record(&at).await?;
+            dms.push(at);
+            Ok(Ok(()))
         }
+        Err(ChatError::Refused(why)) => {
+            Ok(Err(DmError::Unreachable(format!("cannot post in the DM: {why}"))))
+        }
+        Err(e) => Ok(Err(DmError::Failed(e))),
     }
 }
 
@@ -214,16 +281,18 @@ where
 mod tests {
     use super::*;
     use crate::ports::Recipients;
-    use jitbot_core::{GroupName, RequestId};
+    use jitbot_core::{GroupName, RequestId, UserId};
 
-    /// Records what was posted where; DMs to `closed` are refused, DMs to
-    /// `limited` rate limited; the channel fails when `channel_down`.
+    /// Records what was posted where; DMs to `closed` are refused, DM opens
+    /// for `limited` rate limited; the channel fails when `channel_down`.
+    /// `same` maps a user to another's DM channel (one chat account).
     #[derive(Default)]
     struct Copies {
         log: Mutex<Vec<String>>,
         closed: Vec<&'static str>,
         limited: Mutex<Vec<&'static str>>,
         channel_down: Mutex<u32>,
+        same: Vec<(&'static str, &'static str)>,
     }
 
     fn at(channel: &str) -> MessageRef {
@@ -231,7 +300,17 @@ mod tests {
             platform: "test".into(),
             channel: channel.into(),
             id: "1".into(),
+            copy: CardCopy::Unknown,
         }
+    }
+
+    fn listed(card: &ApprovalCard) -> String {
+        let names = |v: &[UserId]| v.iter().map(|u| u.as_str().to_string()).collect::<Vec<_>>();
+        format!(
+            "{:?}{:?}",
+            names(&card.recipients.unreachable),
+            names(&card.recipients.pending)
+        )
     }
 
     #[async_trait]
@@ -242,22 +321,26 @@ mod tests {
                 *down -= 1;
                 return Err(ChatError::Unavailable("down".into()));
             }
-            let listed: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
-            self.log.lock().unwrap().push(format!("channel {listed:?}"));
+            self.log.lock().unwrap().push(format!("channel {}", listed(card)));
             Ok(at("C"))
         }
         async fn rewrite(&self, _: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
-            let listed: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
-            self.log.lock().unwrap().push(format!("rewrite {listed:?}"));
+            self.log.lock().unwrap().push(format!("rewrite {}", listed(card)));
             Ok(())
         }
         async fn open_dm(&self, to: &Contact) -> Result<String, DmError> {
+            self.log.lock().unwrap().push(format!("open {}", to.user));
             let mut limited = self.limited.lock().unwrap();
             if let Some(i) = limited.iter().position(|u| *u == to.user.as_str()) {
                 limited.remove(i);
                 return Err(DmError::Failed(ChatError::RateLimited(1)));
             }
-            Ok(format!("D{}", to.user))
+            let user = self
+                .same
+                .iter()
+                .find(|(u, _)| *u == to.user.as_str())
+                .map_or(to.user.as_str(), |(_, other)| other);
+            Ok(format!("D{user}"))
         }
         async fn post_in_dm(&self, dm: &str, _: &ApprovalCard) -> Result<MessageRef, ChatError> {
             self.log.lock().unwrap().push(format!("dm {}", &dm[1..]));
@@ -289,43 +372,106 @@ mod tests {
                         attributes: Default::default(),
                     })
                     .collect(),
-                unreachable: vec![],
+                ..Recipients::default()
             },
         }
     }
 
-    async fn run(copies: &Copies, card: &ApprovalCard) -> (Result<Vec<MessageRef>, PostError>, Vec<String>) {
-        let seen = Unreachable::default();
-        let r = post("test", copies, &seen, card, &[]).await;
-        (r, copies.log.lock().unwrap().clone())
+    fn users(names: &[&str]) -> Vec<UserId> {
+        names.iter().map(|n| UserId::new(*n)).collect()
+    }
+
+    fn channel_copy(unreachable: &[&str], pending: &[&str]) -> CardCopy {
+        CardCopy::Channel {
+            unreachable: users(unreachable),
+            pending: users(pending),
+            unlisted: vec![],
+        }
+    }
+
+    async fn run(
+        copies: &Copies,
+        card: &ApprovalCard,
+        already: &[MessageRef],
+    ) -> (Result<(), PostError>, Vec<MessageRef>) {
+        let log = Collected::default();
+        let r = post("test", copies, card, already, &log).await;
+        (r, log.into_copies())
+    }
+
+    fn take_log(copies: &Copies) -> Vec<String> {
+        std::mem::take(&mut *copies.log.lock().unwrap())
     }
 
     #[tokio::test]
     async fn which_copies_go_where() {
         // dm, all reached: no channel copy.
-        let (r, log) = run(&Copies::default(), &card(false, &["bob", "carol"])).await;
-        assert_eq!(log, ["dm bob", "dm carol"]);
-        assert_eq!(r.unwrap().len(), 2);
+        let copies = Copies::default();
+        let (r, made) = run(&copies, &card(false, &["bob", "carol"]), &[]).await;
+        assert_eq!(
+            take_log(&copies),
+            ["open bob", "dm bob", "open carol", "dm carol"]
+        );
+        r.unwrap();
+        assert_eq!(
+            made.iter().map(|m| m.copy.clone()).collect::<Vec<_>>(),
+            [
+                CardCopy::Dm {
+                    approvers: users(&["bob"])
+                },
+                CardCopy::Dm {
+                    approvers: users(&["carol"])
+                }
+            ]
+        );
         // dm, nobody to DM: the channel.
-        let (r, log) = run(&Copies::default(), &card(false, &[])).await;
-        assert_eq!(log, ["channel []"]);
-        assert_eq!(r.unwrap().len(), 1);
-        // dm, one unreachable: the channel lists them.
+        let (r, made) = run(&copies, &card(false, &[]), &[]).await;
+        assert_eq!(take_log(&copies), ["channel [][]"]);
+        r.unwrap();
+        assert_eq!(made[0].copy, channel_copy(&[], &[]));
+        // dm, one unreachable: the channel lists them, and its record too.
         let copies = Copies {
             closed: vec!["carol"],
             ..Copies::default()
         };
-        let (r, log) = run(&copies, &card(false, &["bob", "carol"])).await;
-        assert_eq!(log, ["dm bob", "dm carol", "channel [\"carol\"]"]);
-        assert_eq!(r.unwrap().len(), 2);
+        let (r, made) = run(&copies, &card(false, &["bob", "carol"]), &[]).await;
+        assert_eq!(
+            take_log(&copies),
+            [
+                "open bob",
+                "dm bob",
+                "open carol",
+                "dm carol",
+                "channel [\"carol\"][]"
+            ]
+        );
+        r.unwrap();
+        assert_eq!(made.len(), 2);
+        assert_eq!(made[1].copy, channel_copy(&["carol"], &[]));
         // both, one unreachable: channel first, then rewritten.
         let copies = Copies {
             closed: vec!["bob"],
             ..Copies::default()
         };
-        let (r, log) = run(&copies, &card(true, &["bob", "carol"])).await;
-        assert_eq!(log, ["channel []", "dm bob", "dm carol", "rewrite [\"bob\"]"]);
-        assert_eq!(r.unwrap().len(), 2);
+        let (r, made) = run(&copies, &card(true, &["bob", "carol"]), &[]).await;
+        assert_eq!(
+            take_log(&copies),
+            [
+                "channel [][]",
+                "open bob",
+                "dm bob",
+                "open carol",
+                "dm carol",
+                "rewrite [\"bob\"][]"
+            ]
+        );
+        r.unwrap();
+        assert_eq!(made.len(), 2);
+        assert_eq!(
+            made[0].copy,
+            channel_copy(&["bob"], &[]),
+            "the rewrite is recorded"
+        );
     }
 
     #[tokio::test]
@@ -334,70 +480,132 @@ mod tests {
             channel_down: Mutex::new(1),
             ..Copies::default()
         };
-        let (r, log) = run(&copies, &card(true, &["bob"])).await;
-        assert_eq!(r.unwrap_err().posted, []);
-        assert!(log.is_empty(), "{log:?}");
+        let (r, made) = run(&copies, &card(true, &["bob"]), &[]).await;
+        assert!(!r.unwrap_err().deferred);
+        assert!(made.is_empty());
+        assert!(take_log(&copies).is_empty());
     }
 
     #[tokio::test]
-    async fn a_retry_posts_only_the_missing_copies() {
-        // dm, carol unreachable: the channel post after the DMs fails once.
-        let copies = Copies {
-            closed: vec!["carol"],
-            channel_down: Mutex::new(1),
-            ..Copies::default()
-        };
-        let c = card(false, &["bob", "carol"]);
-        let seen = Unreachable::default();
-        let failed = post("test", &copies, &seen, &c, &[]).await.unwrap_err();
-        assert_eq!(failed.posted, [at("Dbob")], "bob's DM is handed back");
-        let again = post("test", &copies, &seen, &c, &failed.posted).await.unwrap();
-        assert_eq!(again, [at("C")]);
-        assert_eq!(
-            *copies.log.lock().unwrap(),
-            ["dm bob", "dm carol", "dm carol", "channel [\"carol\"]"],
-            "bob's DM is not posted twice"
-        );
-        // both: the channel copy of the first attempt is found again.
+    async fn a_rate_limit_defers_the_rest_and_the_channel_card_lists_them() {
         let copies = Copies {
             limited: Mutex::new(vec!["bob"]),
             ..Copies::default()
         };
-        let c = card(true, &["bob", "carol"]);
-        let failed = post("test", &copies, &seen, &c, &[]).await.unwrap_err();
+        let c = card(false, &["bob", "carol"]);
+        let (r, made) = run(&copies, &c, &[]).await;
+        let e = r.unwrap_err();
         assert_eq!(
-            failed.error,
+            e.error,
             ChatError::RateLimited(1),
             "a rate limit is not unreachable"
         );
-        assert_eq!(failed.posted, [at("C"), at("Dcarol")]);
-        let again = post("test", &copies, &seen, &c, &failed.posted).await.unwrap();
-        assert_eq!(again, [at("Dbob")]);
+        assert!(e.deferred);
         assert_eq!(
-            *copies.log.lock().unwrap(),
-            ["channel []", "dm carol", "dm bob"],
-            "each copy once, nobody listed as unreachable"
+            take_log(&copies),
+            ["open bob", "channel [][\"bob\", \"carol\"]"],
+            "no more DM opens after a rate limit; the card is in the channel meanwhile"
+        );
+        // The retry posts the DMs and rewrites the channel card without them.
+        let (r, again) = run(&copies, &c, &made).await;
+        r.unwrap();
+        assert_eq!(
+            take_log(&copies),
+            ["open bob", "dm bob", "open carol", "dm carol", "rewrite [][]"]
+        );
+        assert_eq!(again.last().unwrap().copy, channel_copy(&[], &[]));
+    }
+
+    #[tokio::test]
+    async fn a_retry_skips_recorded_approvers_without_a_call() {
+        let mut bob = at("Dbob");
+        bob.copy = CardCopy::Dm {
+            approvers: users(&["bob"]),
+        };
+        let mut channel = at("C");
+        channel.copy = channel_copy(&[], &["carol"]);
+        let copies = Copies {
+            closed: vec!["carol"],
+            ..Copies::default()
+        };
+        let (r, made) = run(&copies, &card(false, &["bob", "carol"]), &[bob, channel]).await;
+        r.unwrap();
+        assert_eq!(
+            take_log(&copies),
+            ["open carol", "dm carol", "rewrite [\"carol\"][]"],
+            "bob is not asked about; the channel copy is the recorded one"
+        );
+        assert_eq!(made[0].copy, channel_copy(&["carol"], &[]));
+    }
+
+    #[tokio::test]
+    async fn a_dm_copy_is_never_taken_for_the_channel_copy() {
+        // carol's DM copy exists; now she and frank are unreachable.
+        let mut carol = at("Dcarol");
+        carol.copy = CardCopy::Dm {
+            approvers: users(&["carol"]),
+        };
+        let copies = Copies {
+            closed: vec!["frank"],
+            ..Copies::default()
+        };
+        let (r, made) = run(&copies, &card(false, &["carol", "frank"]), &[carol]).await;
+        r.unwrap();
+        assert_eq!(
+            take_log(&copies),
+            ["open frank", "dm frank", "channel [\"frank\"][]"]
+        );
+        assert_eq!(made[0].copy, channel_copy(&["frank"], &[]));
+    }
+
+    #[tokio::test]
+    async fn one_dm_channel_gets_one_copy_for_both_approvers() {
+        let copies = Copies {
+            same: vec![("carol", "bob")],
+            ..Copies::default()
+        };
+        let (r, made) = run(&copies, &card(false, &["bob", "carol"]), &[]).await;
+        r.unwrap();
+        assert_eq!(take_log(&copies), ["open bob", "dm bob", "open carol"]);
+        assert_eq!(made.len(), 1);
+        assert_eq!(
+            made[0].copy,
+            CardCopy::Dm {
+                approvers: users(&["bob", "carol"])
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unlisted_approver_group_is_named_and_retried() {
+        let copies = Copies::default();
+        let mut c = card(false, &["bob"]);
+        c.recipients.unlisted = vec!["cn=security".into()];
+        let (r, made) = run(&copies, &c, &[]).await;
+        let e = r.unwrap_err();
+        assert!(e.deferred, "{e}");
+        assert!(matches!(e.error, ChatError::Unavailable(_)));
+        assert_eq!(made.len(), 2, "bob's DM and the channel card naming the group");
+        assert!(
+            matches!(&made[1].copy, CardCopy::Channel { unlisted, .. } if unlisted == &["cn=security".to_string()])
         );
     }
 
     #[test]
-    fn updates_keep_the_list_until_decided() {
-        let seen = Unreachable::default();
-        seen.remember(&at("C"), vec![UserId::new("bob")]);
+    fn updates_show_what_the_channel_copy_lists() {
+        let mut channel = at("C");
+        channel.copy = channel_copy(&["bob"], &["carol"]);
         let mut c = card(true, &[]);
-        assert_eq!(
-            seen.for_copy(&at("C"), &c).recipients.unreachable,
-            [UserId::new("bob")]
-        );
-        assert!(seen.for_copy(&at("Dx"), &c).recipients.unreachable.is_empty());
+        let shown = for_copy(&channel, &c);
+        assert_eq!(shown.recipients.unreachable, users(&["bob"]));
+        assert_eq!(shown.recipients.pending, users(&["carol"]));
+        assert!(for_copy(&at("Dx"), &c).recipients.unreachable.is_empty());
         c.open = false;
-        assert_eq!(
-            seen.for_copy(&at("C"), &c).recipients.unreachable,
-            [UserId::new("bob")]
-        );
+        let shown = for_copy(&channel, &c);
+        assert_eq!(shown.recipients.unreachable, users(&["bob"]));
         assert!(
-            seen.for_copy(&at("C"), &c).recipients.unreachable.is_empty(),
-            "forgotten once decided"
+            shown.recipients.pending.is_empty(),
+            "nobody is pending once decided"
         );
     }
 }

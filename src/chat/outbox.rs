@@ -8,7 +8,7 @@
 //! was queued.
 
 use crate::engine::Engine;
-use crate::ports::{Audience, ChatError, MessageRef, Notifier, PostError};
+use crate::ports::{Audience, ChatError, CopyLog, MessageRef, Notifier, PostError};
 use crate::store::{OutboxItem, OutboxJob, StoreError};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::request::RequestState;
@@ -302,7 +302,7 @@ async fn deliver_due(engine: &Engine, dest: Dest<'_>, now: Instant) -> Pass {
             }
             continue;
         };
-        if let Some(pause) = failed(engine, dest, &job, &e, now).await {
+        if let Some(pause) = failed(engine, dest, &job, &e.error, e.deferred, now).await {
             // The platform asked for a pause: the rest of its queue waits.
             return Pass {
                 next_due: None,
@@ -356,12 +356,14 @@ fn never_give_up(engine: &Engine, item: &OutboxItem) -> bool {
 
 /// Records a failed attempt: retried after a backoff (or the platform's
 /// pause), or given up if the item allows it. Returns the pause a rate
-/// limit asked for.
+/// limit asked for, unless only this item's copies were `deferred` (a DM
+/// channel rate limited): then only this item waits for it.
 async fn failed(
     engine: &Engine,
     dest: Dest<'_>,
     job: &OutboxJob,
     error: &ChatError,
+    deferred: bool,
     now: Instant,
 ) -> Option<Duration> {
     let what = kind(&job.item);
@@ -371,6 +373,7 @@ async fn failed(
         ChatError::RateLimited(secs) => Some(Duration::from_secs((*secs).clamp(1, MAX_PAUSE))),
         _ => None,
     };
+    let (pause, own_pause) = if deferred { (None, pause) } else { (pause, pause) };
     let permanent = matches!(error, ChatError::Refused(_));
     if permanent && attempts >= MAX_ATTEMPTS && !never_give_up(engine, &job.item) {
         tracing::error!(
@@ -387,7 +390,7 @@ async fn failed(
         }
         return pause;
     }
-    let delay = match pause {
+    let delay = match own_pause {
         Some(pause) => pause,
         None => {
             let settings = engine.settings();
@@ -419,10 +422,10 @@ async fn failed(
     pause
 }
 
-async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(), ChatError> {
+async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(), PostError> {
     let store_err = |e: StoreError| ChatError::Unavailable(e.to_string());
     match &job.item {
-        OutboxItem::Send { notice } => match &notice.to {
+        OutboxItem::Send { notice } => Ok(match &notice.to {
             Audience::User { user, chat } => {
                 // Where they talked to jitbot is enough; elsewhere the
                 // platform looks them up by what the directory says.
@@ -434,17 +437,28 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                 dest.notifier.send_to(notice, &contact).await
             }
             _ => dest.notifier.send(notice).await,
-        },
+        }?),
         OutboxItem::PostApproval { request } => {
             let Some(rec) = engine.store().request(request).map_err(store_err)? else {
                 return Ok(());
             };
             let posted: Vec<MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).cloned().collect();
+            if posted.is_empty()
+                && rec.request.state != RequestState::Pending
+                && engine.cards_by_dm_only(&rec.request.group)
+            {
+                // Decided before any copy went out: nobody needs the card,
+                // and the group keeps cards out of its channel.
+                tracing::info!(platform = dest.name, request = %request, "request decided before its approval card was posted; not posting it");
+                return Ok(());
+            }
             if job.interrupted_post {
                 // Slack has no idempotency key for posts and looking the card
                 // up would need history scopes jitbot does not ask for: post
                 // again and say so. The older copy's buttons still act on the
-                // same request; only its status text goes stale.
+                // same request; only its status text goes stale. Every copy
+                // whose post was answered is recorded, so at most the one
+                // post in flight shows twice.
                 tracing::warn!(
                     platform = dest.name,
                     request = %request,
@@ -461,25 +475,28 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                 .outbox_start_post(job.id, dest.name)
                 .await
                 .map_err(store_err)?;
-            // Copies an earlier attempt posted before it failed are left
-            // out, and brought up to date after the missing ones are posted.
-            let messages = match dest.notifier.post_missing_copies(&card, &posted).await {
-                Ok(messages) => messages,
-                Err(PostError { posted: made, error }) => {
-                    if !made.is_empty() {
-                        record_copies(engine, request, made).await.map_err(store_err)?;
-                    }
-                    return Err(error);
-                }
-            };
+            // Copies earlier attempts recorded are left out, and brought up
+            // to date after the missing ones are posted; each new copy is
+            // recorded as soon as it is posted.
+            let log = RecordCopies { engine, request };
+            dest.notifier.post_missing_copies(&card, &posted, &log).await?;
             if !posted.is_empty() {
-                update_every_copy(dest, posted.iter().collect(), &engine.card(&rec)).await?;
+                // As recorded now (the channel copy may list others).
+                if let Some(rec) = engine.store().request(request).map_err(store_err)? {
+                    let fresh: Vec<&MessageRef> = rec
+                        .messages
+                        .iter()
+                        .filter(|m| posted.iter().any(|p| p.same_message(m)))
+                        .collect();
+                    update_every_copy(dest, fresh, &engine.card(&rec)).await?;
+                }
             }
             engine
                 .store()
-                .outbox_posted(job.id, dest.name, request, messages)
+                .outbox_posted(job.id, dest.name, request, Vec::new())
                 .await
-                .map_err(store_err)
+                .map_err(store_err)?;
+            Ok(())
         }
         OutboxItem::UpdateApproval { request } => {
             let Some(rec) = engine.store().request(request).map_err(store_err)? else {
@@ -487,32 +504,40 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             };
             let card = engine.card(&rec);
             let copies: Vec<&MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).collect();
-            update_every_copy(dest, copies, &card).await
+            Ok(update_every_copy(dest, copies, &card).await?)
         }
     }
 }
 
-/// Records copies of a card posted by an attempt that then failed, so that
-/// the retry leaves them out and the decision reaches them.
-async fn record_copies(
-    engine: &Engine,
-    request: &RequestId,
-    copies: Vec<MessageRef>,
-) -> Result<(), StoreError> {
-    engine
-        .store()
-        .update(engine.now(), |tx| {
-            if let Some(mut rec) = tx.request(request)? {
-                for m in copies {
-                    if !rec.messages.contains(&m) {
-                        rec.messages.push(m);
+/// Records the copies of one request's card, each in its own durable
+/// change, as the platform posts them: a crash part way posts again at
+/// most the copy in flight.
+struct RecordCopies<'a> {
+    engine: &'a Engine,
+    request: &'a RequestId,
+}
+
+#[async_trait::async_trait]
+impl CopyLog for RecordCopies<'_> {
+    async fn record(&self, copy: &MessageRef) -> Result<(), ChatError> {
+        let request = self.request;
+        self.engine
+            .store()
+            .update(self.engine.now(), |tx| {
+                if let Some(mut rec) = tx.request(request)? {
+                    match rec.messages.iter_mut().find(|m| m.same_message(copy)) {
+                        Some(m) => *m = copy.clone(),
+                        None => rec.messages.push(copy.clone()),
                     }
+                    tx.put_request(rec);
                 }
-                tx.put_request(rec);
-            }
-            Ok::<(), StoreError>(())
-        })
-        .await
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .map_err(|e| {
+                ChatError::Unavailable(format!("cannot record a posted copy of the approval card: {e}"))
+            })
+    }
 }
 
 /// Rewrites every copy of a card on one platform. One copy that fails does

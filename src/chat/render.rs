@@ -119,6 +119,16 @@ pub fn fields(card: &ApprovalCard) -> Vec<(&'static str, String)> {
         let names: Vec<&str> = card.recipients.unreachable.iter().map(|u| u.as_str()).collect();
         fields.push(("Could not reach by DM", names.join(", ")));
     }
+    if !card.recipients.pending.is_empty() {
+        let names: Vec<&str> = card.recipients.pending.iter().map(|u| u.as_str()).collect();
+        fields.push(("DM not sent yet", names.join(", ")));
+    }
+    if !card.recipients.unlisted.is_empty() {
+        fields.push((
+            "Approver groups not listed yet",
+            card.recipients.unlisted.join(", "),
+        ));
+    }
     fields
 }
 
@@ -201,6 +211,14 @@ mod tests {
         c.recipients.unreachable = vec![UserId::new("carol"), UserId::new("dave")];
         let text = card_text(&c);
         assert!(text.contains("Could not reach by DM: carol, dave"), "{text}");
+        c.recipients.pending = vec![UserId::new("bob")];
+        c.recipients.unlisted = vec!["cn=security".into()];
+        let text = card_text(&c);
+        assert!(text.contains("DM not sent yet: bob"), "{text}");
+        assert!(
+            text.contains("Approver groups not listed yet: cn=security"),
+            "{text}"
+        );
     }
 
     #[test]

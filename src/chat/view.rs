@@ -24,6 +24,49 @@ pub struct MessageRef {
     pub channel: String,
     /// Slack's `ts`, Discord's message id, the console's message number.
     pub id: String,
+    /// Which copy of an approval card this is (unknown for messages
+    /// recorded before copies said so).
+    #[serde(default, skip_serializing_if = "CardCopy::is_unknown")]
+    pub copy: CardCopy,
+}
+
+impl MessageRef {
+    /// The same posted message (whatever its role says).
+    pub fn same_message(&self, other: &MessageRef) -> bool {
+        self.platform == other.platform && self.channel == other.channel && self.id == other.id
+    }
+}
+
+/// What one copy of an approval card is, stored with it so that a retry
+/// knows which copies exist without asking the platform, and updates keep
+/// what the copy listed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CardCopy {
+    /// Recorded before copies said what they are (or not a card copy).
+    #[default]
+    Unknown,
+    /// The copy in the group's channel, with the approvers it lists.
+    Channel {
+        /// Approvers no DM can reach.
+        #[serde(default)]
+        unreachable: Vec<UserId>,
+        /// Approvers whose DM copy is still to be sent (rate limit, outage).
+        #[serde(default)]
+        pending: Vec<UserId>,
+        /// Approver groups whose members could not be listed yet.
+        #[serde(default)]
+        unlisted: Vec<String>,
+    },
+    /// The copy in a DM channel, for these approvers (usually one; more
+    /// when several directory people are one chat account).
+    Dm { approvers: Vec<UserId> },
+}
+
+impl CardCopy {
+    pub fn is_unknown(&self) -> bool {
+        *self == CardCopy::Unknown
+    }
 }
 
 /// Who a notice is for.
@@ -94,6 +137,14 @@ pub struct Recipients {
     /// them. Filled in by the adapter that tried.
     #[serde(default)]
     pub unreachable: Vec<UserId>,
+    /// Approvers whose DM copy could not be sent yet (rate limit, outage);
+    /// the channel card lists them until it is. Filled in by the adapter.
+    #[serde(default)]
+    pub pending: Vec<UserId>,
+    /// Approver groups whose members could not be listed (a directory
+    /// failure): the post is retried, and the channel card names them.
+    #[serde(default)]
+    pub unlisted: Vec<String>,
 }
 
 impl Default for Recipients {
@@ -103,6 +154,8 @@ impl Default for Recipients {
             channel: true,
             dm: Vec::new(),
             unreachable: Vec::new(),
+            pending: Vec::new(),
+            unlisted: Vec::new(),
         }
     }
 }

@@ -16,6 +16,9 @@ impl Engine {
     pub async fn publish_audit_anchor(&self) -> Result<Anchor, EngineError> {
         let store = &self.inner.store;
         let head = store.audit_head()?;
+        // Outside the store first: an anchor announced but not recorded
+        // would be one start-up cannot check.
+        store.record_published_anchor(&head)?;
         tracing::info!(anchor = %head, "audit anchor: keep it outside jitbot's store");
         let text = format!(
             ":anchor: Audit anchor `{head}` (record {} of jitbot's audit chain). Keep this message: \

@@ -312,6 +312,14 @@ async fn verify(_: Admin, State(s): State<HttpState>, Query(q): Query<VerifyQuer
         Ok(a) => a,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
+    // Without one given, the last anchor jitbot recorded in audit.anchor_file.
+    let anchor = match anchor {
+        Some(a) => Some(a),
+        None => match s.engine.store().last_published_anchor() {
+            Ok(a) => a,
+            Err(e) => return fail(e),
+        },
+    };
     let store = s.engine.store();
     let checked = match q.archive.as_deref() {
         Some(dir) => store.verify_audit_with_archive(std::path::Path::new(dir), anchor.as_ref()),

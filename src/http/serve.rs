@@ -2,8 +2,9 @@
 //! timeouts for the request head, the body and the whole request, so slow or
 //! idle clients (slowloris) cannot hold every file descriptor. At the cap a
 //! new connection replaces the oldest one still waiting for its request
-//! headers, so a flood of idle sockets cannot make real requests queue
-//! behind it for several header timeouts.
+//! headers (after 100 ms) or still reading its request body (after 1 s), so
+//! a flood of idle sockets or of trickling bodies cannot make real requests
+//! queue behind it for several timeouts.
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
@@ -29,9 +30,10 @@ use tower::ServiceExt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Connections served at once. At the cap a new connection replaces
-    /// the oldest one that has not sent complete request headers; only when
-    /// every connection is serving a request do new ones wait in the
-    /// kernel's backlog.
+    /// the oldest one that has not sent complete request headers, or that
+    /// has been reading its request body for over a second; only when every
+    /// connection is serving a request do new ones wait in the kernel's
+    /// backlog.
     pub max_connections: usize,
     /// Connections from one IP address at once; more are closed on accept.
     pub max_connections_per_ip: usize,
@@ -64,13 +66,23 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Where a connection is in its request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a request's headers, since then: sheddable after
+    /// [`SHED_GRACE`].
+    Headers(std::time::Instant),
+    /// Headers in, still reading the request body, since then: sheddable
+    /// after [`BODY_SHED_GRACE`].
+    Body(std::time::Instant),
+    /// The whole request is in and being answered: never shed.
+    Serving,
+}
+
 /// One open connection, as the accept loop sees it.
 struct Conn {
     ip: IpAddr,
-    /// Serving a request (its headers are complete): never shed.
-    busy: bool,
-    /// Since when it has been waiting for a request's headers.
-    waiting_since: std::time::Instant,
+    phase: Phase,
     /// Told to close the connection when it is shed.
     shed: Arc<Notify>,
 }
@@ -84,14 +96,18 @@ struct Conns {
 }
 
 impl Conns {
-    /// The connection that has waited longest for its request headers,
-    /// and since when.
-    fn oldest_waiting(&self) -> Option<(u64, std::time::Instant)> {
+    /// The connection to shed first (waiting for its headers or reading
+    /// its body, the one whose grace ends first), and when it may be shed.
+    fn next_to_shed(&self) -> Option<(u64, std::time::Instant)> {
         self.open
             .iter()
-            .filter(|(_, c)| !c.busy)
-            .min_by_key(|(id, c)| (c.waiting_since, **id))
-            .map(|(id, c)| (*id, c.waiting_since))
+            .filter_map(|(id, c)| match c.phase {
+                Phase::Headers(since) => Some((since + SHED_GRACE, *id)),
+                Phase::Body(since) => Some((since + BODY_SHED_GRACE, *id)),
+                Phase::Serving => None,
+            })
+            .min()
+            .map(|(at, id)| (id, at))
     }
 
     fn remove(&mut self, id: u64) -> Option<Conn> {
@@ -112,12 +128,20 @@ impl Conns {
 /// a real request by a fraction of a second per `max_connections` of them.
 const SHED_GRACE: Duration = Duration::from_millis(100);
 
+/// How long a connection may read its request body before a new connection
+/// at the cap may replace it. The bodies jitbot takes are small chat
+/// payloads (a few KB) that arrive with their headers or a round trip after;
+/// a second is generous even across the internet, and short enough that
+/// bodies trickled a byte at a time from a few addresses cannot hold every
+/// connection past Slack's 3 s deadline. Only at the cap is anyone shed.
+const BODY_SHED_GRACE: Duration = Duration::from_secs(1);
+
 /// Whether the accept loop may take a connection.
 enum Room {
     Now,
-    /// At the cap; the oldest waiting connection can be shed after this.
+    /// At the cap; the next connection to shed can be shed after this.
     After(Duration),
-    /// At the cap and every connection is serving a request.
+    /// At the cap and every connection is answering a whole request.
     Busy,
 }
 
@@ -143,25 +167,42 @@ impl Registry {
         if conns.open.len() < max {
             return Room::Now;
         }
-        match conns.oldest_waiting() {
+        match conns.next_to_shed() {
             None => Room::Busy,
-            Some((_, since)) => match SHED_GRACE.checked_sub(since.elapsed()) {
+            Some((_, at)) => match at.checked_duration_since(std::time::Instant::now()) {
                 Some(left) if !left.is_zero() => Room::After(left),
                 _ => Room::Now,
             },
         }
     }
 
-    fn set_busy(&self, id: u64, busy: bool) {
+    /// A request's headers are in: it reads its body (sheddable after
+    /// [`BODY_SHED_GRACE`]) unless it has none.
+    fn request_started(&self, id: u64, has_body: bool) {
         if let Some(c) = self.lock().open.get_mut(&id) {
-            c.busy = busy;
-            if !busy {
-                c.waiting_since = std::time::Instant::now();
+            c.phase = match has_body {
+                true => Phase::Body(std::time::Instant::now()),
+                false => Phase::Serving,
+            };
+        }
+    }
+
+    /// The request's body was read (or given up by its handler): the
+    /// connection is answering it and is no longer shed.
+    fn body_read(&self, id: u64) {
+        if let Some(c) = self.lock().open.get_mut(&id) {
+            if matches!(c.phase, Phase::Body(_)) {
+                c.phase = Phase::Serving;
             }
         }
-        if !busy {
-            self.changed.notify_one();
+    }
+
+    /// The response is out: the connection waits for its next request.
+    fn request_done(&self, id: u64) {
+        if let Some(c) = self.lock().open.get_mut(&id) {
+            c.phase = Phase::Headers(std::time::Instant::now());
         }
+        self.changed.notify_one();
     }
 
     fn closed(&self, id: u64) {
@@ -197,8 +238,8 @@ fn admit(registry: &Registry, ip: IpAddr, limits: &Limits) -> Admission {
     }
     if conns.open.len() >= limits.max_connections.max(1) {
         let Some(victim) = conns
-            .oldest_waiting()
-            .filter(|(_, since)| since.elapsed() >= SHED_GRACE)
+            .next_to_shed()
+            .filter(|(_, at)| *at <= std::time::Instant::now())
             .map(|(id, _)| id)
         else {
             return Admission::Full;
@@ -214,8 +255,7 @@ fn admit(registry: &Registry, ip: IpAddr, limits: &Limits) -> Admission {
         id,
         Conn {
             ip,
-            busy: false,
-            waiting_since: std::time::Instant::now(),
+            phase: Phase::Headers(std::time::Instant::now()),
             shed: shed.clone(),
         },
     );
@@ -285,9 +325,10 @@ pub async fn serve(
             move |req: Request<Incoming>| {
                 let (app, registry) = (app.clone(), registry.clone());
                 async move {
-                    registry.set_busy(id, true);
-                    let response = handle(app, limits, req).await;
-                    registry.set_busy(id, false);
+                    registry.request_started(id, !hyper::body::Body::is_end_stream(req.body()));
+                    let done = BodyDone(registry.clone(), id);
+                    let response = handle(app, limits, req, done).await;
+                    registry.request_done(id);
                     response
                 }
             }
@@ -308,7 +349,7 @@ pub async fn serve(
                         break;
                     }
                     _ = shed.notified(), if !draining => {
-                        tracing::debug!("shed a connection still waiting for its headers: server.max_connections reached");
+                        tracing::debug!("shed a connection still waiting for its headers or body: server.max_connections reached");
                         break;
                     }
                     _ = stopped(&mut shutdown), if !draining => {
@@ -326,8 +367,13 @@ pub async fn serve(
 
 /// One request: the body behind its read timeout, the whole under the
 /// request timeout.
-async fn handle(app: Router, limits: Limits, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let req = req.map(|body| Body::new(TimedBody::new(body, limits.body_read_timeout)));
+async fn handle(
+    app: Router,
+    limits: Limits,
+    req: Request<Incoming>,
+    done: BodyDone,
+) -> Result<Response<Body>, Infallible> {
+    let req = req.map(|body| Body::new(TimedBody::new(body, limits.body_read_timeout, done)));
     match tokio::time::timeout(limits.request_timeout, app.oneshot(req)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(never)) => match never {},
@@ -345,19 +391,32 @@ async fn handle(app: Router, limits: Limits, req: Request<Incoming>) -> Result<R
     }
 }
 
+/// Tells the registry, once, that a connection's request body was read (or
+/// dropped unread): from then on the connection is not shed.
+struct BodyDone(Arc<Registry>, u64);
+
+impl Drop for BodyDone {
+    fn drop(&mut self) {
+        self.0.body_read(self.1);
+    }
+}
+
 /// A request body that fails once its deadline passes.
 struct TimedBody {
     inner: Incoming,
     deadline: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
+    /// Dropped when the body ends, fails, or is dropped.
+    done: Option<BodyDone>,
 }
 
 impl TimedBody {
-    fn new(inner: Incoming, limit: Duration) -> Self {
+    fn new(inner: Incoming, limit: Duration, done: BodyDone) -> Self {
         TimedBody {
             inner,
             deadline: Box::pin(tokio::time::sleep(limit)),
             limit,
+            done: Some(done),
         }
     }
 }
@@ -381,9 +440,13 @@ impl hyper::body::Body for TimedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if !matches!(frame, Some(Ok(_))) || this.inner.is_end_stream() {
+                this.done = None;
+            }
             return Poll::Ready(frame.map(|f| f.map_err(BodyError::from)));
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
+            this.done = None;
             return Poll::Ready(Some(Err(BodyError::TooSlow(this.limit))));
         }
         Poll::Pending

@@ -13,7 +13,12 @@
 //! newest records or emptying the chain shows, and "keyed since record N"
 //! (`audit_keyed_since`), so that a keyed history rewritten as an unkeyed
 //! one is never sealed as if it were a legacy chain keyed for the first
-//! time. Only a chain that never carried either is sealed, once.
+//! time. Only a chain that never carried either is sealed, once. Neither
+//! binds anything outside the store: an older consistent state of the
+//! `audit` tree with its meta (a backup, another store with the same key)
+//! verifies intact, and only a published anchor catches it. A keyed store
+//! opened without its key or with another one is refused before anything is
+//! written ([`Store::check_audit_key`]).
 
 use super::records::{AuditEntry, StoredAudit};
 use super::{encode, AuditDraft, Store, StoreError, AUDIT_HEAD};
@@ -293,7 +298,11 @@ impl Store {
     /// under the key; if it does not, nothing is sealed, an `audit.tampered`
     /// record (once) keeps the finding in the chain for `jitbot audit
     /// verify`, and the caller raises an alert.
+    ///
+    /// Before anything is written, [`Store::check_audit_key`] refuses a
+    /// missing key for a keyed chain and a key that is not the chain's.
     pub async fn seal_unkeyed_history(&self, now: Instant) -> Result<Sealing, StoreError> {
+        self.check_audit_key()?;
         let Some(key) = self.audit_key() else {
             return Ok(Sealing::Unkeyed);
         };
@@ -333,6 +342,81 @@ impl Store {
             problem,
             recorded,
         })
+    }
+
+    /// Refuses, writing nothing, a start that would poison a keyed chain:
+    /// no `[audit] key` although the chain is keyed (it has a keyed-since
+    /// marker, a head MAC or ends in a keyed record), or a key under which
+    /// none of the marker, the head MAC and the last keyed record's link
+    /// verifies (a key mismatch; rotation is not supported). When the key
+    /// verifies some of them but not others, the chain was tampered with:
+    /// that is for [`Store::seal_unkeyed_history`] to record, not refused.
+    pub fn check_audit_key(&self) -> Result<(), StoreError> {
+        let meta = &self.inner.meta;
+        let marker = meta.get(KEYED_SINCE)?;
+        let stored_mac = meta.get(HEAD_MAC)?;
+        let head = meta.get(AUDIT_HEAD)?;
+        let last_keyed = self.last_keyed_record()?;
+        let Some(key) = self.audit_key() else {
+            if marker.is_some() || stored_mac.is_some() || last_keyed.is_some() {
+                return Err(StoreError::AuditKey(
+                    "the store's audit chain is keyed (HMAC), but no [audit] key is configured: \
+                     every record written now would break the chain for good, so jitbot does not start. \
+                     Configure the key the chain was written with as [audit] key (or its env/file source)"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        };
+        // Each piece present is checked; a piece that cannot be checked
+        // (no head to MAC, a keyed record without a successor or head to
+        // link to) counts neither way.
+        let mut checked = 0;
+        let mut verified = 0;
+        if let Some(m) = marker.as_deref() {
+            checked += 1;
+            verified += usize::from(check_keyed_since(key, Some(m)).is_ok());
+        }
+        let head = parse_head(head.as_deref()).ok();
+        if let (Some(m), Some(head)) = (stored_mac.as_deref(), head.as_ref()) {
+            checked += 1;
+            verified += usize::from(head_mac(key, head).is_ok_and(|e| e.as_bytes() == m));
+        }
+        if let Some((seq, bytes)) = last_keyed {
+            let next = match self.inner.audit.get((seq + 1).to_be_bytes())? {
+                Some(v) => serde_json::from_slice::<StoredAudit>(&v)
+                    .ok()
+                    .map(|s| s.into_entry().prev),
+                None => head.as_ref().filter(|h| h.seq == seq).map(|h| h.hash.clone()),
+            };
+            if let Some(expected) = next {
+                checked += 1;
+                verified += usize::from(link(&bytes, true, Some(key)).is_ok_and(|h| h == expected));
+            }
+        }
+        if checked > 0 && verified == 0 {
+            return Err(StoreError::AuditKey(
+                "the configured [audit] key differs from the key the store's audit chain was written with: \
+                 neither its keyed-since marker, nor its head MAC, nor its last keyed record verifies under it. \
+                 jitbot does not start, so nothing is written under the wrong key. Configure the original key \
+                 (a typo, a stale env or file?); key rotation is not supported yet. If the key is right, \
+                 someone replaced all three without it: compare the chain with your published anchors and backups"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The newest keyed record (`seq` and stored bytes), if any.
+    fn last_keyed_record(&self) -> Result<Option<(u64, sled::IVec)>, StoreError> {
+        for item in self.inner.audit.iter().rev() {
+            let (k, v) = item?;
+            if serde_json::from_slice::<StoredAudit>(&v).is_ok_and(|s| s.keyed()) {
+                let seq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).ok();
+                return Ok(seq.map(|seq| (seq, v)));
+            }
+        }
+        Ok(None)
     }
 
     fn recorded_tampering(&self) -> Result<bool, StoreError> {

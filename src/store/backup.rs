@@ -1,4 +1,5 @@
-//! Backup and restore: every tree as JSON lines (`{"tree","key","value"}`,
+//! Backup and restore: every tree (the `seen` tree's unexpired payload ids
+//! only) as JSON lines (`{"tree","key","value"}`,
 //! bytes in hex) after a header line. A backup is a point-in-time copy,
 //! taken through the admin API while jitbot runs; a restore checks that the
 //! copy's trees agree with each other before it writes anything into an
@@ -11,7 +12,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::io::{BufRead, Write};
 
-const TREES: [&str; 10] = [
+const TREES: [&str; 11] = [
     "requests",
     "leases",
     "timers",
@@ -22,6 +23,9 @@ const TREES: [&str; 10] = [
     "outbox_due",
     "meta",
     "review",
+    // Payload ids still inside their replay window: without them a restored
+    // store would take again a click it already took (see `seen`).
+    "seen",
 ];
 
 #[derive(Serialize, Deserialize)]
@@ -59,6 +63,7 @@ impl Store {
             &s.outbox_due,
             &s.meta,
             &s.review,
+            &s.seen,
         ];
         let mut raw = Vec::with_capacity(TREES.len());
         {
@@ -70,11 +75,17 @@ impl Store {
                 raw.push((name, items));
             }
         }
+        let now = chrono::Utc::now();
         let mut snap = Snapshot::default();
         for (name, items) in raw {
             snap.trees.insert(
                 name,
-                items.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+                items
+                    .into_iter()
+                    // Expired payload ids protect nothing any more.
+                    .filter(|(_, v)| name != "seen" || super::seen::unexpired(v, now))
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect(),
             );
         }
         Ok(snap)
@@ -161,6 +172,11 @@ impl Store {
                 return Err(bad(i + 2, &format!("a second value for one key of tree {name}")));
             }
             count += 1;
+        }
+        // Payload ids whose replay window passed while the backup waited.
+        let now = chrono::Utc::now();
+        if let Some(seen) = snap.trees.get_mut("seen") {
+            seen.retain(|_, v| super::seen::unexpired(v, now));
         }
         let found = problems(&snap);
         if !found.is_empty() {

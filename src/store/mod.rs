@@ -14,6 +14,7 @@
 //! before `update` returns, so the caller's side effect always follows a
 //! durable record of it.
 
+pub mod anchor_file;
 mod archive;
 pub mod audit;
 mod backup;
@@ -60,6 +61,11 @@ pub enum StoreError {
     /// A change would break a store invariant; it was not committed.
     #[error("refused to commit: {0}")]
     Invariant(String),
+    /// The `[audit] key` is missing, or is not the key the store's audit
+    /// chain was written with: jitbot refuses to start (and writes nothing),
+    /// since every record written now would break the chain for good.
+    #[error("{0}")]
+    AuditKey(String),
 }
 
 impl From<sled::Error> for StoreError {
@@ -95,6 +101,8 @@ struct Inner {
     audit_key: std::sync::OnceLock<crate::secret::Secret>,
     /// The audit archive directory, when retention is on (`archive.rs`).
     archive_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// `[audit] anchor_file`: where published anchors are appended.
+    anchor_file: std::sync::OnceLock<std::path::PathBuf>,
     writer: Mutex<()>,
     /// Group commit: commits made so far, and how many of them are on disk.
     committed: std::sync::atomic::AtomicU64,
@@ -436,6 +444,7 @@ impl Store {
             seen_count: Default::default(),
             audit_key: Default::default(),
             archive_dir: Default::default(),
+            anchor_file: Default::default(),
             writer: Mutex::new(()),
             committed: Default::default(),
             flushed: Default::default(),

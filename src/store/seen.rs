@@ -27,6 +27,12 @@ fn expiry(value: &[u8]) -> i64 {
         .unwrap_or(i64::MAX)
 }
 
+/// True while a stored expiry (`seen` value) is still ahead of `now`: the
+/// id must be kept (and backed up, and restored).
+pub(super) fn unexpired(value: &[u8], now: Instant) -> bool {
+    expiry(value) > now.timestamp()
+}
+
 impl Store {
     /// True the first time `key` is seen (it is then remembered until
     /// `until`); false for a repeat within that time. The record is on disk

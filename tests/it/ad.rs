@@ -16,7 +16,7 @@ use jitbot_core::policy::Policy;
 use jitbot_core::{GroupDn, UserId};
 use ldap3::Scope;
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -1063,13 +1063,17 @@ async fn zsp_reports_a_primary_group_membership_without_removing_it() {
 /// A grant whose recorded value went stale (the user renamed between
 /// jitbot's lookup and its add, e.g. a retry after a restart) is refused by
 /// the DC with noSuchObject about the *value*; jitbot must not tell the
-/// operator that the group is missing from the directory.
+/// operator that the group is missing from the directory. (With a recorded
+/// identity the add goes to the user's current DN instead: see
+/// `a_grant_after_a_rename_and_a_new_user_at_the_old_dn_adds_the_renamed_user`;
+/// this is a membership recorded without one, as older versions did.)
 #[tokio::test]
 async fn a_stale_member_value_is_not_reported_as_a_missing_group() {
     let dc = SambaDc::start().await;
     let dir = directory(&dc, "");
     let db = group(samba::DB_ADMINS);
-    let m = dir.membership_of(&db, &user("alice")).await.unwrap();
+    let mut m = dir.membership_of(&db, &user("alice")).await.unwrap();
+    m.identity = None;
     admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer-Smith", None).await;
     let err = dir.add_membership(&m).await.unwrap_err().to_string();
     assert!(
@@ -1220,4 +1224,247 @@ async fn a_lease_outlives_no_rename_and_the_audit_says_what_happened() {
             .any(|d| d.contains("membership removed") && d.contains("renamed or moved")),
         "{ended:?}"
     );
+}
+
+// ---- removal by identity against what an adversarial review tried (brk15b) ----
+
+/// The service account's SID string, read as Administrator.
+async fn service_sid(dc: &SambaDc) -> String {
+    let mut ldap = dc.admin().await;
+    let (entries, _) = ldap
+        .search(
+            samba::SERVICE_DN,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["objectSid"],
+        )
+        .await
+        .and_then(|r| r.success())
+        .unwrap();
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    let _ = ldap.unbind().await;
+    sid_string(&entry.bin_attrs["objectSid"][0])
+}
+
+/// Adds an entry as Administrator.
+async fn admin_add(dc: &SambaDc, dn: &str, attrs: Vec<(&str, Vec<&str>)>) {
+    let mut ldap = dc.admin().await;
+    let attrs: Vec<(String, HashSet<String>)> = attrs
+        .into_iter()
+        .map(|(a, vs)| (a.to_string(), vs.into_iter().map(String::from).collect()))
+        .collect();
+    ldap.add(dn, attrs)
+        .await
+        .and_then(|r| r.success())
+        .unwrap_or_else(|e| panic!("admin add {dn}: {e}"));
+    let _ = ldap.unbind().await;
+}
+
+// Shows: a user moved into an OU the service account cannot read keeps the
+// membership, and revocation reports success ("no longer exists") because
+// the <GUID=…> lookup finds nothing. Fix: do not take "GUID not found" for
+// deletion — read the group's `member` with the extended-DN control
+// (1.2.840.113556.1.4.529, values carry <GUID=…>) to find the value, or
+// confirm deletion via the Show Deleted control; otherwise fail loudly.
+#[tokio::test]
+async fn a_user_moved_into_an_ou_the_service_account_cannot_read_is_still_removed() {
+    let dc = SambaDc::start().await;
+    let hidden = "OU=Hidden,DC=example,DC=test";
+    admin_add(&dc, hidden, vec![("objectClass", vec!["organizationalUnit"])]).await;
+    let sid = service_sid(&dc).await;
+    let out = Command::new(samba::SAMBA_TOOL)
+        .args(["dsacl", "set", "-H", &dc.ldap_url(), "-U"])
+        .arg(format!("{}%{}", samba::ADMIN, samba::ADMIN_PW))
+        .arg(format!("--objectdn={hidden}"))
+        .arg(format!("--sddl=(D;CI;RPLCLORC;;;{sid})"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer", Some(hidden)).await;
+    let moved = format!("CN=Alice Archer,{hidden}");
+    assert_eq!(dc.values(samba::DB_ADMINS, "member").await, vec![moved.clone()]);
+
+    // The service account cannot read alice's entry any more, but the
+    // group's value still carries her GUID (extended-DN control).
+    assert!(dir.has_membership(&lease).await.unwrap());
+    let removed = dir.revoke_membership(&lease).await;
+    let left = dc.values(samba::DB_ADMINS, "member").await;
+    assert!(
+        removed.is_ok() && left.is_empty(),
+        "revocation said {removed:?} and the group holds {left:?}"
+    );
+}
+
+// Shows: the grant adds the Membership value recorded before it (recorded in
+// the store, then the add; after a restart in between, executor.rs reuses the
+// recorded one however old): here the user is renamed and a new user created
+// under the old DN in between — jitbot adds the *new* user, and the lease's
+// removal later goes to the renamed user, so the new user keeps the
+// membership forever. Fix: resolve the recorded identity before the add
+// (add the user's current DN, or refuse when the entry at the recorded DN
+// is not the recorded identity), and check it again on read-back.
+#[tokio::test]
+async fn a_grant_after_a_rename_and_a_new_user_at_the_old_dn_adds_the_renamed_user() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    // Between recording the Membership and the add (e.g. a directory outage
+    // the grant retries through): alice renamed, another account created
+    // under her old DN.
+    admin_modifydn(&dc, samba::user("alice").dn, "CN=Alice Archer-Smith", None).await;
+    admin_add(
+        &dc,
+        samba::user("alice").dn,
+        vec![("objectClass", vec!["user"]), ("sAMAccountName", vec!["mallory"])],
+    )
+    .await;
+    let added = dir.add_membership(&lease).await;
+    let during = dc.values(samba::DB_ADMINS, "member").await;
+    let _ = dir.revoke_membership(&lease).await;
+    let after = dc.values(samba::DB_ADMINS, "member").await;
+    assert!(
+        after.is_empty(),
+        "add {added:?} left the group {during:?}; after the lease's removal the group still holds {after:?} \
+         (an account jitbot granted but never removes)"
+    );
+    assert!(
+        added.is_ok() && during == vec!["CN=Alice Archer-Smith,OU=Staff,DC=example,DC=test".to_string()],
+        "add {added:?}: jitbot must grant alice (renamed), not the account now at her old DN: {during:?}"
+    );
+}
+
+// A lease whose recorded identity matches no member value while the
+// recorded DN is a value linking to another entry (here: a record altered
+// in the store; in life also a rename whose DN was reused and whose
+// membership someone removed): that value is not the lease's, so nothing is
+// removed, and the note (which goes into the audit) names both identities.
+// Store integrity is trusted (SECURITY.md); this is what tampering shows.
+#[tokio::test]
+async fn an_identity_matching_no_value_leaves_another_entrys_value_and_says_so() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let mut lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    let alice = lease.identity.clone().unwrap();
+    lease.identity = Some(format!("objectGUID:{}", "0f".repeat(16)));
+    let removed = dir.revoke_membership(&lease).await;
+    let left = dc.values(samba::DB_ADMINS, "member").await;
+    assert_eq!(left, vec![samba::user("alice").dn.to_string()], "{removed:?}");
+    let note = removed.unwrap().unwrap();
+    assert!(
+        note.contains(&"0f".repeat(16)) && note.contains(&alice) && note.contains("left in place"),
+        "{note}"
+    );
+}
+
+// The recorded identity decides which value is the lease's, over the
+// recorded DN: that is what makes a renamed user's membership go. So a
+// record whose identity was swapped in the store for a standing member's
+// removes that member's value and leaves the DN recorded. The store is
+// trusted (SECURITY.md: its integrity rests on its access control); the
+// note, which goes into the audit, names the value removed.
+#[tokio::test]
+async fn a_recorded_identity_is_trusted_over_the_recorded_dn() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    dc.set_member(samba::DB_ADMINS, samba::user("bob").dn, true).await;
+    let bob = dir.membership_of(&db, &user("bob")).await.unwrap();
+    let mut lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    lease.identity = bob.identity.clone();
+    let removed = dir.revoke_membership(&lease).await;
+    let left = dc.values(samba::DB_ADMINS, "member").await;
+    assert_eq!(left, vec![samba::user("alice").dn.to_string()], "{removed:?}");
+    let note = removed.unwrap().unwrap();
+    assert!(note.contains(samba::user("bob").dn), "{note}");
+}
+
+// An admin sets the leased user's primaryGroupID to the managed group
+// during the lease (AD then drops the `member` value): the user is still in
+// the group, so has_membership says so and the removal fails with what to
+// do, instead of ending the lease as removed.
+#[tokio::test]
+async fn a_primary_group_set_during_a_lease_fails_the_removal_with_what_to_do() {
+    let dc = SambaDc::start().await;
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("bob")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    let mut ldap = dc.admin().await;
+    let (entries, _) = ldap
+        .search(
+            samba::DB_ADMINS,
+            Scope::Base,
+            "(objectClass=*)",
+            vec!["objectSid"],
+        )
+        .await
+        .and_then(|r| r.success())
+        .unwrap();
+    let entry = ldap3::SearchEntry::construct(entries.into_iter().next().unwrap());
+    let sid = sid_string(&entry.bin_attrs["objectSid"][0]);
+    let rid = sid.rsplit('-').next().unwrap().to_string();
+    ldap.modify(
+        samba::user("bob").dn,
+        vec![ldap3::Mod::Replace(
+            "primaryGroupID".to_string(),
+            HashSet::from([rid.clone()]),
+        )],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("set bob's primary group");
+    let _ = ldap.unbind().await;
+    let has = dir.has_membership(&lease).await;
+    let removed = dir.revoke_membership(&lease).await;
+    let pg = dc.values(samba::user("bob").dn, "primaryGroupID").await;
+    assert_eq!(pg, vec![rid.clone()]);
+    assert!(matches!(has, Ok(true)), "{has:?}");
+    let err = removed
+        .expect_err("bob is still in DB Admins through primaryGroupID")
+        .to_string();
+    assert!(err.contains("primary group back"), "{err}");
+}
+
+// A service account that may write `member` of DB Admins but not read it:
+// check-config says so (its probe value is read back), and a grant's
+// read-back error says the value may be unreadable.
+#[tokio::test]
+async fn check_config_names_a_group_whose_member_it_may_write_but_not_read() {
+    let dc = SambaDc::start().await;
+    let sid = service_sid(&dc).await;
+    // OD;;RP;member — deny reading `member` of DB Admins (writing stays).
+    let out = Command::new(samba::SAMBA_TOOL)
+        .args(["dsacl", "set", "-H", &dc.ldap_url(), "-U"])
+        .arg(format!("{}%{}", samba::ADMIN, samba::ADMIN_PW))
+        .arg(format!("--objectdn={}", samba::DB_ADMINS))
+        .arg(format!(
+            "--sddl=(OD;;RP;bf9679c0-0de6-11d0-a285-00aa003049e2;;{sid})"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = directory(&dc, "");
+    let db = group(samba::DB_ADMINS);
+    let lease = dir.membership_of(&db, &user("alice")).await.unwrap();
+    let added = dir.add_membership(&lease).await;
+    let members = dc.values(samba::DB_ADMINS, "member").await;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config_text(&dc, tmp.path(), 1, "http://127.0.0.1:1/api/", "");
+    let (rc, cc) = check_config(tmp.path(), &text);
+    assert!(
+        rc != Some(0) && cc.contains("may write but not read `member`") && cc.contains("DB Admins"),
+        "check-config rc {rc:?}:\n{cc}"
+    );
+    let added = added.expect_err("the read-back cannot see the value").to_string();
+    assert!(added.contains("may write but not read"), "{added}");
+    assert_eq!(members, vec![samba::user("alice").dn.to_string()]);
 }

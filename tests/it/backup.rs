@@ -294,3 +294,35 @@ async fn inconsistent_backup_is_refused_with_the_problem_named() {
         );
     }
 }
+
+/// Issue 13 item 6 (review brk13b): the backup carries the `seen` tree (payload ids kept against
+/// replays), so a store restored from a backup taken a minute ago still refuses a Slack click or
+/// Discord interaction it already took, for the rest of the 600 s window; expired ids are left out.
+#[tokio::test]
+async fn a_restored_store_remembers_the_payload_ids_it_took_within_the_replay_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 8).unwrap();
+    let now = Utc::now();
+    let until = jitbot::store::seen::REPLAY_WINDOW.after(now);
+    assert!(store.first_sighting("discord:1234", until, now).await.unwrap());
+    // An id whose window has passed protects nothing: it is not carried.
+    let past = now - chrono::Duration::seconds(700);
+    assert!(store
+        .first_sighting(
+            "discord:old",
+            jitbot::store::seen::REPLAY_WINDOW.after(past),
+            past
+        )
+        .await
+        .unwrap());
+    let mut copy = Vec::new();
+    store.backup(&mut copy).expect("backup");
+    drop(store);
+    let target = Store::open(&tmp.path().join("restored"), 8).unwrap();
+    target.restore(copy.as_slice()).await.expect("restore");
+    assert!(
+        !target.first_sighting("discord:1234", until, now).await.unwrap(),
+        "an interaction taken before the backup is taken again after the restore, within its replay window"
+    );
+    assert_eq!(target.seen_len(), 1, "only the unexpired id is restored");
+}

@@ -1003,17 +1003,21 @@ async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
     assert_eq!(rec.messages.len(), 2, "both copies recorded: {:?}", rec.messages);
 }
 
-/// A 429 on `POST /users/@me/channels` is a "wait", never "cannot be
-/// reached": a short one is waited out inline, and bob and carol get their
-/// DMs with no channel card listing them (`approval_cards = "dm"`).
+/// A 429 on `POST /users/@me/channels` is a "not yet", never "cannot be
+/// reached": the copies are retried after the pause (not slept on in the
+/// delivery worker), and bob and carol get their DMs; the channel card,
+/// posted while they waited (`approval_cards = "dm"`), lists them as pending
+/// and then no longer does, and never as unreachable.
 #[tokio::test]
-async fn a_rate_limited_dm_open_is_waited_out_not_taken_as_unreachable() {
+async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
     let bot = TestBot::builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
     h.discord.rate_limit("/users/@me/channels", 1);
     let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
     h.drain().await;
     let channels: Vec<String> = card_posts(&h, &id)
         .iter()
@@ -1021,25 +1025,44 @@ async fn a_rate_limited_dm_open_is_waited_out_not_taken_as_unreachable() {
         .collect();
     assert_eq!(
         channels,
-        [dm_channel(&did("bob")), dm_channel(&did("carol"))],
-        "every approver by DM, none in the channel"
+        [
+            CDB.to_string(),
+            dm_channel(&did("bob")),
+            dm_channel(&did("carol"))
+        ],
+        "the channel card while the DMs waited, then every approver by DM, each once"
     );
+    let edits = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{CDB}/messages/*"));
+    let last = edits.last().expect("the channel card is brought up to date");
+    assert!(!last.body.to_string().contains("DM not sent yet"), "{last:#?}");
+    for c in h.discord.calls() {
+        assert!(
+            !c.body.to_string().contains("Could not reach by DM"),
+            "a rate limit is not unreachable: {c:#?}"
+        );
+    }
 }
 
-/// A rate limit that outlasts the inline waits fails the post as rate
-/// limited, with the copies already made recorded: after the pause, the
-/// retry posts only bob's DM, and no copy ever lists him as unreachable.
+/// A rate limit that lasts fails the post for later, with the copies made
+/// recorded: the channel card (listing bob and carol as pending meanwhile),
+/// then, once the limit is over, only the missing DMs, each once; no copy
+/// ever lists anyone as unreachable, and the other deliveries are not paused.
 #[tokio::test]
 async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
     let bot = TestBot::builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
-    // bob's DM is opened first: its three tries are answered 429.
+    // bob's DM is opened first: three tries are answered 429.
     h.discord.rate_limit("/users/@me/channels", 3);
     let id = h.alice_requests().await;
-    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
-    assert!(delay >= Duration::from_secs(1), "the outbox pauses: {delay:?}");
+    let mut delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    assert!(
+        delay >= Duration::from_secs(1),
+        "the card waits for the pause: {delay:?}"
+    );
     let rec = h
         .bot
         .engine
@@ -1049,10 +1072,14 @@ async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
         .unwrap();
     assert_eq!(
         rec.messages.len(),
-        2,
-        "channel and carol recorded: {:?}",
+        1,
+        "the channel card recorded: {:?}",
         rec.messages
     );
+    for _ in 0..2 {
+        h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+        delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    }
     h.bot.advance(chrono::Duration::from_std(delay).unwrap());
     h.drain().await;
     let mut paths: Vec<String> = card_posts(&h, &id).iter().map(|c| c.path.clone()).collect();
@@ -1190,4 +1217,222 @@ impl crate::contract::Platform for Harness {
             .await;
         Some(status.as_u16())
     }
+}
+
+// Approval-card copies across retries, rate limits and restarts (issue 14).
+
+/// (Discord) An approver reached on the first attempt and unreachable on the
+/// retry (carol's `discordId` removed in between) keeps her recorded DM copy,
+/// which is never taken for the channel card: one channel card lists frank.
+#[tokio::test]
+async fn a_retry_never_takes_a_dm_copy_for_the_channel_card() {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            let db = &mut p.groups[0];
+            db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
+            db.approvals_required = 2;
+            db.approvers.users.insert(UserId::new("frank"));
+            db.approvers.groups.insert(GroupDn::new(SEC));
+        })
+        .build();
+    bot.dir.add_user("frank", [("mail", "frank@example.org")]);
+    let carol = did("carol");
+    bot.dir.add_user(
+        "carol",
+        [("mail", "carol@example.org"), ("discordId", carol.as_str())],
+    );
+    bot.dir.add_group(ONCALL, ["carol"]);
+    bot.dir.add_group(SEC, ["alice", ONCALL]);
+    let h = start(bot, Duration::from_secs(2), |c| {
+        c.users.remove(&did("carol"));
+        c.user_attribute = Some("discordId".into());
+    })
+    .await;
+    // bob's DM copy is rate limited (its DM channel's own limit); carol's goes out.
+    h.discord
+        .rate_limit(&format!("/channels/{}/messages", dm_channel(&did("bob"))), 1);
+    let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    let dm_carol = dm_channel(&carol);
+    assert_eq!(
+        card_posts(&h, &id)
+            .iter()
+            .filter(|c| c.path == format!("/channels/{dm_carol}/messages"))
+            .count(),
+        1,
+        "carol's DM went out on the first attempt"
+    );
+    // carol's Discord account is unlinked in the directory before the retry.
+    h.bot.dir.add_user("carol", [("mail", "carol@example.org")]);
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+    h.drain().await;
+    let channel_posts = card_posts(&h, &id)
+        .into_iter()
+        .filter(|c| c.path == format!("/channels/{CDB}/messages"))
+        .count();
+    let carol_dm_listed_as_channel_card = h
+        .discord
+        .calls_to("PATCH", &format!("/channels/{dm_carol}/messages/*"))
+        .iter()
+        .any(|c| c.body.to_string().contains("Could not reach by DM"));
+    assert_eq!(
+        channel_posts, 1,
+        "no channel card listing frank and carol; carol's DM copy was rewritten as the channel card: {carol_dm_listed_as_channel_card}"
+    );
+}
+
+/// A request decided (here cancelled) while its `dm` card is still being
+/// retried, with no copy posted yet, is not posted at all: not in the
+/// channel the group keeps cards out of.
+#[tokio::test]
+async fn a_card_decided_before_any_copy_is_not_posted_in_a_dm_group() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    // Nothing can be posted for now: DM opens and the channel are rate
+    // limited (the channel card would list bob and carol as pending).
+    h.discord.rate_limit("/users/@me/channels", 6);
+    h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 6);
+    let id = h.alice_requests().await;
+    let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
+    let in_channel = || {
+        h.discord
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .into_iter()
+            .filter(|c| c.body.to_string().contains(&id))
+            .count()
+    };
+    let refused = in_channel();
+    assert!(refused >= 1, "the channel card was tried (and answered 429)");
+    let rec = h
+        .bot
+        .engine
+        .store()
+        .request(&RequestId::new(&id))
+        .unwrap()
+        .unwrap();
+    assert!(rec.messages.is_empty(), "nothing posted yet: {:?}", rec.messages);
+    h.bot.ok("alice", &format!("cancel {id}")).await;
+    h.bot.advance(chrono::Duration::from_std(delay).unwrap());
+    h.drain().await;
+    h.drain().await;
+    assert_eq!(
+        in_channel(),
+        refused,
+        "the closed request's card was posted in the channel of a dm-only group"
+    );
+}
+
+/// The in-memory directory, except that listing `SEC` fails once (a busy
+/// LDAP server timing out), as it may while a card is being posted.
+struct SecListingFailsOnce(Arc<MemoryDirectory>, std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl Directory for SecListingFailsOnce {
+    async fn find_user(&self, attribute: &str, value: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.0.find_user(attribute, value).await
+    }
+    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
+        self.0.membership_of(group, user).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.0.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.0.add_membership(m).await
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.0.remove_membership(m).await
+    }
+    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        if group.as_str() == SEC && !self.1.swap(true, Ordering::SeqCst) {
+            return Err(DirectoryError::Unavailable("timed out".into()));
+        }
+        Directory::members(&*self.0, group).await
+    }
+    async fn groups_of(
+        &self,
+        user: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.0.groups_of(user, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        self.0.ping().await
+    }
+    async fn user_attributes(
+        &self,
+        user: &UserId,
+        attributes: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, DirectoryError> {
+        self.0.user_attributes(user, attributes).await
+    }
+}
+
+/// An approver group the directory cannot list while a `dm` card is posted
+/// (an LDAP timeout) fails the post for later, naming the group on the
+/// channel card meanwhile; the retry reaches its members (carol).
+#[tokio::test]
+async fn a_failed_approver_group_listing_is_retried_for_its_members() {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            let db = &mut p.groups[0];
+            db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
+            db.approvers.users.remove(&UserId::new("carol"));
+            db.approvers.groups.insert(GroupDn::new(SEC));
+        })
+        .wrap(|dir| {
+            dir.add_group(ONCALL, ["carol"]);
+            dir.add_group(SEC, [ONCALL]);
+            Arc::new(SecListingFailsOnce(dir, Default::default()))
+        })
+        .build();
+    let h = start(bot, Duration::from_secs(2), |_| {}).await;
+    let id = h.alice_requests().await;
+    for _ in 0..3 {
+        h.drain().await;
+        h.bot.advance(chrono::Duration::minutes(5));
+    }
+    let posts = card_posts(&h, &id);
+    let carol_dm = posts
+        .iter()
+        .any(|c| c.path == format!("/channels/{}/messages", dm_channel(&did("carol"))));
+    let carol_listed = posts.iter().any(|c| {
+        c.body.to_string().contains("Could not reach by DM") && c.body.to_string().contains("carol")
+    });
+    let paths: Vec<&str> = posts.iter().map(|c| c.path.as_str()).collect();
+    assert!(
+        carol_dm || carol_listed,
+        "carol, an approver through `security`, got no copy and is listed nowhere: {paths:?}"
+    );
+}
+
+/// Two approvers who are one chat person (both directory entries name the
+/// same Discord id) get one copy in that DM, recorded for both.
+#[tokio::test]
+async fn two_approvers_with_one_discord_account_get_one_copy() {
+    let bot = TestBot::builder()
+        .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
+        .build();
+    let bob = did("bob");
+    bot.dir.add_user(
+        "carol",
+        [("mail", "carol@example.org"), ("discordId", bob.as_str())],
+    );
+    let h = start(bot, Duration::from_secs(2), |c| {
+        c.users.remove(&did("carol"));
+        c.user_attribute = Some("discordId".into());
+    })
+    .await;
+    let id = h.alice_requests().await;
+    h.drain().await;
+    let in_bobs_dm = card_posts(&h, &id)
+        .iter()
+        .filter(|c| c.path == format!("/channels/{}/messages", dm_channel(&bob)))
+        .count();
+    assert_eq!(
+        in_bobs_dm, 1,
+        "one person, one DM channel, {in_bobs_dm} copies of the card"
+    );
 }

@@ -487,3 +487,97 @@ async fn one_address_cannot_hold_more_than_its_share_of_connections() {
         );
     }
 }
+
+/// Issue 13 item 2 (review brk13b): a request whose headers came fast but whose body trickles
+/// used to count as busy and was never shed, so a few addresses (or one IPv6 /64) each holding
+/// `max_connections_per_ip` slow-body POSTs kept every connection busy for `body_read_timeout`
+/// again and again. Now a connection still reading its body after 1 s is shed at the cap, oldest
+/// first, like one waiting for its headers, and `/healthz` answers within Slack's 3 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_from_a_few_addresses_are_shed_so_a_request_meets_slacks_deadline() {
+    use crate::support::fake_slack::FakeSlack;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let slack = FakeSlack::start().await;
+    let (port, admin_port) = free_ports();
+    let text = config_text(port, admin_port, &tmp.path().join("db")).replacen(
+        "[server]\n",
+        "[server]\nmax_connections = 4\nmax_connections_per_ip = 2\nheader_read_timeout = \"2s\"\nbody_read_timeout = \"10s\"\n",
+        1,
+    ) + &format!(
+        "\n[slack]\nmode = \"http\"\nbot_token = {{ env = \"BRK13B_BOT\" }}\nsigning_secret = {{ env = \"BRK13B_SIGNING\" }}\nteam_id = \"T1\"\napi_url = \"{}\"\ndefault_channel = \"CJIT\"\n",
+        slack.api_url()
+    );
+    let config = tmp.path().join("jitbot.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = tmp.path().join("stderr.log");
+    let child = jitbot()
+        .env("BRK13B_BOT", "xoxb-brk13b-bot-token")
+        .env("BRK13B_SIGNING", "brk13b-signing-secret-0123456789")
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let bot = KillOnDrop(Some(child));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "jitbot did not come up: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Four attacker addresses, each within its share of 2 connections.
+    let attacking = Arc::new(AtomicBool::new(true));
+    let mut attackers = Vec::new();
+    for host in 2..6u8 {
+        for _ in 0..2 {
+            let attacking = attacking.clone();
+            attackers.push(tokio::spawn(async move {
+                while attacking.load(Ordering::SeqCst) {
+                    let mut s = connect_from([127, 0, 0, host], port).await;
+                    let head = "POST /slack/commands HTTP/1.1\r\nHost: jitbot\r\n\
+                                Content-Type: application/x-www-form-urlencoded\r\n\
+                                Content-Length: 60000\r\n\r\n";
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        continue;
+                    }
+                    // One byte of body every 200 ms, until the server closes.
+                    while attacking.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if s.write_all(b"a").await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let health = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await;
+    let took = started.elapsed();
+    attacking.store(false, Ordering::SeqCst);
+    for a in attackers {
+        a.abort();
+    }
+    drop(bot);
+    assert!(
+        health.is_ok_and(|r| r.status() == 200) && took < Duration::from_secs(3),
+        "/healthz took {took:?} while 8 slow-body POSTs from 4 addresses (2 each, the per-address share) held a listener of 4"
+    );
+}

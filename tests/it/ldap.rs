@@ -879,3 +879,71 @@ async fn a_user_moved_during_a_lease_whose_value_followed_is_still_removed() {
     assert!(note.is_some_and(|n| n.contains("renamed or moved")));
     assert!(!dir.has_membership(&lease).await.unwrap());
 }
+
+// With refint (here done by hand, as the existing refint test does), alice
+// is moved during her lease and a new person is created under her old DN
+// and made a standing member by an admin: the value under the old DN is the
+// new person's and stays; alice's value under her new DN goes.
+#[tokio::test]
+async fn a_refint_move_then_a_new_person_at_the_old_dn_keeps_their_standing_membership() {
+    let slapd = Slapd::start();
+    let dir = directory(&slapd.ldap_config());
+    let g = group(DB_ADMINS);
+    let lease = dir.membership_of(&g, &user("alice")).await.unwrap();
+    dir.add_membership(&lease).await.unwrap();
+    let moved = "uid=alice,ou=services,dc=example,dc=org".to_string();
+    root_modifydn(
+        &slapd,
+        &person("alice"),
+        "uid=alice",
+        "ou=services,dc=example,dc=org",
+    )
+    .await;
+    let mut root = slapd.admin().await;
+    // refint: the member value follows the entry.
+    root.modify(
+        DB_ADMINS,
+        vec![
+            Mod::Delete("member".to_string(), HashSet::from([person("alice")])),
+            Mod::Add("member".to_string(), HashSet::from([moved.clone()])),
+        ],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("follow the rename");
+    // A new person under alice's old DN, made a standing member by an admin.
+    root.add(
+        &person("alice"),
+        vec![
+            (
+                "objectClass".to_string(),
+                HashSet::from(["inetOrgPerson".to_string()]),
+            ),
+            ("uid".to_string(), HashSet::from(["alice".to_string()])),
+            ("cn".to_string(), HashSet::from(["Alice Newhire".to_string()])),
+            ("sn".to_string(), HashSet::from(["Newhire".to_string()])),
+        ],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("new person at the old DN");
+    root.modify(
+        DB_ADMINS,
+        vec![Mod::Add("member".to_string(), HashSet::from([person("alice")]))],
+    )
+    .await
+    .and_then(|r| r.success())
+    .expect("standing membership of the new person");
+    let _ = root.unbind().await;
+
+    let removed = dir.revoke_membership(&lease).await;
+    let left: BTreeSet<String> = slapd.values(DB_ADMINS, "member").await.into_iter().collect();
+    assert!(
+        left.contains(&person("alice")),
+        "the new person's standing membership (not jitbot's) was removed ({removed:?}): {left:?}"
+    );
+    assert!(
+        !left.contains(&moved),
+        "alice's leased membership (under her new DN) outlived the lease ({removed:?}): {left:?}"
+    );
+}

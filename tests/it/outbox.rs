@@ -92,6 +92,7 @@ impl Notifier for Scripted {
             platform: self.name.into(),
             channel: "C1".into(),
             id: format!("{}-{}", self.name, self.attempts()),
+            copy: Default::default(),
         }])
     }
     async fn update_approval(&self, at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {
@@ -391,6 +392,7 @@ impl Notifier for Limited {
             platform: "slack".into(),
             channel: "C1".into(),
             id: card.request.to_string(),
+            copy: Default::default(),
         }])
     }
     async fn update_approval(&self, at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {

@@ -495,10 +495,24 @@ async fn write_records(store: &Store, n: usize) {
     store.flush().await.unwrap();
 }
 
+/// Opens the store, waiting (up to 5 s) for the sled flusher of a handle
+/// just dropped to let go of the lock.
+fn open_store(path: &Path) -> Store {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Store::open(path, 8) {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 /// Opens the store as `jitbot run` does with `[audit] key` set, start-up
 /// keying included.
 async fn start_keyed(path: &Path) -> (Store, Sealing) {
-    let store = Store::open(path, 8).unwrap();
+    let store = open_store(path);
     store.set_audit_key(Secret::new(AUDIT_KEY));
     let sealing = store.seal_unkeyed_history(chrono::Utc::now()).await.unwrap();
     (store, sealing)
@@ -697,4 +711,256 @@ async fn a_legacy_chain_is_sealed_once_and_a_forged_marker_is_refused() {
         AuditCheck::Broken { problem, .. } => assert!(problem.contains("marker"), "{problem}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// Reads `audit_head` and `audit_head_mac` from a closed store, as anyone
+/// with read access to it (or to any backup of it) can.
+fn copy_head_and_mac(db: &Path) -> (sled::IVec, sled::IVec) {
+    let raw = sled::open(db).unwrap();
+    let meta = raw.open_tree("meta").unwrap();
+    let head = meta.get("audit_head").unwrap().expect("a head");
+    let mac = meta.get("audit_head_mac").unwrap().expect("a head MAC");
+    (head, mac)
+}
+
+/// Issue 13 item 11 (review brk13b), what the head MAC cannot catch: cutting off the newest keyed
+/// records and putting back a head and head MAC copied earlier (any backup has them) is a
+/// consistent older state of the audit tree and its meta, so the store alone verifies it intact
+/// (SECURITY.md says so). An anchor published outside the store after the cut-off records were
+/// written catches it.
+#[tokio::test]
+async fn a_rollback_to_an_old_head_and_head_mac_is_caught_only_by_a_later_anchor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    // The attacker's copy, from a backup or an earlier look at the store.
+    let (old_head, old_mac) = copy_head_and_mac(&db);
+    // Later: records 4 and 5 show the attacker's own grant, and jitbot
+    // publishes an anchor of them (`jitbot audit anchor`).
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact);
+    write_records(&store, 2).await;
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 5 });
+    let published = store.audit_head().unwrap();
+    drop(store);
+    // Without the key: delete them and put the old head and its MAC back.
+    {
+        let raw = sled::open(&db).unwrap();
+        let audit = raw.open_tree("audit").unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        audit.remove(4u64.to_be_bytes()).unwrap();
+        audit.remove(5u64.to_be_bytes()).unwrap();
+        meta.insert("audit_head", old_head).unwrap();
+        meta.insert("audit_head_mac", old_mac).unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact, "the store alone cannot tell");
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 3 });
+    match store.verify_audit_against(Some(&published)).unwrap() {
+        AuditCheck::Broken { seq: 5, problem } => {
+            assert!(problem.contains("records were removed"), "{problem}")
+        }
+        other => panic!("the anchor {published} must catch the cut-off records: {other:?}"),
+    }
+}
+
+/// Issue 13 item 11 (review brk13b), what the head MAC cannot catch: the head MAC of the empty
+/// chain and the marker `1:` are the same for every store keyed with the same key, so a keyed
+/// store emptied and given another (fresh) store's meta values is a consistent state the store
+/// alone verifies intact with 0 records (SECURITY.md says so). Any anchor published before the
+/// emptying catches it.
+#[tokio::test]
+async fn an_emptied_chain_with_another_stores_meta_is_caught_only_by_an_anchor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    let store = keyed_store(&db, 3).await;
+    let published = store.audit_head().unwrap();
+    drop(store);
+    // Any other store keyed with the same key (staging, a test run, a
+    // fresh install), before its first record.
+    let other = tmp.path().join("other");
+    drop(keyed_store(&other, 0).await);
+    let (other_head, other_mac, other_marker) = {
+        let raw = sled::open(&other).unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        (
+            meta.get("audit_head").unwrap(),
+            meta.get("audit_head_mac").unwrap().expect("head MAC"),
+            meta.get("audit_keyed_since").unwrap().expect("marker"),
+        )
+    };
+    {
+        let raw = sled::open(&db).unwrap();
+        raw.open_tree("audit").unwrap().clear().unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        match other_head {
+            Some(h) => meta.insert("audit_head", h).unwrap(),
+            None => meta.remove("audit_head").unwrap(),
+        };
+        meta.insert("audit_head_mac", other_mac).unwrap();
+        meta.insert("audit_keyed_since", other_marker).unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact, "the store alone cannot tell");
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 0 });
+    match store.verify_audit_against(Some(&published)).unwrap() {
+        AuditCheck::Broken { seq: 3, problem } => {
+            assert!(problem.contains("records were removed"), "{problem}")
+        }
+        other => panic!("the anchor {published} must catch the emptied chain: {other:?}"),
+    }
+}
+
+/// Issue 13 item 11 (review brk13b): one start with a wrong `[audit] key` (a typo, a rotated
+/// secret, one replica's stale env) used to append `audit.tampered` and then every commit under
+/// the wrong key, so with the right key back the chain never verified again. Now, when the marker,
+/// the head MAC and the last keyed link all fail under the key, start-up refuses (a key mismatch)
+/// and writes nothing; with the right key back the chain is intact.
+#[tokio::test]
+async fn a_wrong_audit_key_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    {
+        let store = open_store(&db);
+        store.set_audit_key(Secret::new("a-different-audit-key-0123456789abcdef"));
+        // As `jitbot run` does: seal (or not), then carry on serving.
+        match store.seal_unkeyed_history(chrono::Utc::now()).await {
+            Err(StoreError::AuditKey(m)) => assert!(
+                m.contains("differs") && m.contains("rotation is not supported"),
+                "{m}"
+            ),
+            other => panic!("a wrong key must be refused at start-up: {other:?}"),
+        }
+        assert_eq!(store.audit_head().unwrap().seq, 3, "nothing was written");
+    }
+    // The operator puts the right key back.
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 3 });
+}
+
+/// Issue 13 item 11 (review brk13b): `jitbot run` without `[audit] key` (a config rollback, a
+/// missing section) used to open a keyed store without a word and append unkeyed records after
+/// the keyed ones, so with the key back the chain was reported tampered for ever. Now start-up
+/// refuses a keyed store without the key and writes nothing.
+#[tokio::test]
+async fn a_keyed_store_without_its_audit_key_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 3).await);
+    {
+        // As `jitbot run` does with no `[audit] key`.
+        let store = open_store(&db);
+        match store.seal_unkeyed_history(chrono::Utc::now()).await {
+            Err(StoreError::AuditKey(m)) => {
+                assert!(m.contains("keyed") && m.contains("[audit] key"), "{m}")
+            }
+            other => panic!("a keyed store without its key must be refused: {other:?}"),
+        }
+        assert_eq!(store.audit_head().unwrap().seq, 3, "nothing was written");
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 3 });
+    // A store never keyed still starts without a key.
+    let plain = Store::open(&tmp.path().join("plain"), 8).unwrap();
+    write_records(&plain, 1).await;
+    assert_eq!(
+        plain.seal_unkeyed_history(chrono::Utc::now()).await.unwrap(),
+        Sealing::Unkeyed
+    );
+}
+
+/// Through the real binary: `jitbot run` and `check-config` on a keyed store
+/// without its key, or with another key, exit 64 with the reason, bind no
+/// port and leave the chain as it was.
+#[tokio::test]
+async fn run_and_check_config_refuse_a_missing_or_wrong_audit_key_with_64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    drop(keyed_store(&db, 2).await);
+    let (port, admin_port) = crate::ops::free_ports();
+    let base = crate::ops::config_text(port, admin_port, &db);
+    let keyed = format!("{base}\n[audit]\nkey = {{ env = \"JITBOT_BRK_AUDIT_KEY\" }}\n");
+    for (text, key, expect) in [
+        (&base, AUDIT_KEY, "no [audit] key is configured"),
+        (
+            &keyed,
+            "another-audit-key-0123456789abcdef0123",
+            "differs from the key",
+        ),
+    ] {
+        let config = tmp.path().join("jitbot.toml");
+        std::fs::write(&config, text).unwrap();
+        for sub in ["run", "check-config"] {
+            let mut cmd = crate::ops::jitbot();
+            cmd.env("JITBOT_BRK_AUDIT_KEY", key)
+                .args([sub, "--config"])
+                .arg(&config);
+            if sub == "check-config" {
+                cmd.arg("--offline");
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+                .await
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(64), "{sub}: {err}");
+            assert!(err.contains(expect), "{sub}: {err}");
+            assert!(
+                std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+                "{sub} left its port bound"
+            );
+        }
+    }
+    let (store, sealing) = start_keyed(&db).await;
+    assert_eq!(sealing, Sealing::Intact);
+    assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+}
+
+/// `[audit] anchor_file`: each anchor jitbot publishes is appended to a file
+/// outside the store, and start-up and `audit verify` check the chain against
+/// its last line, so a rollback of the audit tree with its old head MAC
+/// (which the store alone verifies intact) is found without anyone pasting
+/// an anchor. A line that is not an anchor is refused, naming the file.
+#[tokio::test]
+async fn the_last_anchor_in_the_anchor_file_catches_a_rollback_with_its_meta() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    let anchors = tmp.path().join("anchors");
+    drop(keyed_store(&db, 3).await);
+    let (old_head, old_mac) = copy_head_and_mac(&db);
+    let (store, _) = start_keyed(&db).await;
+    store.set_anchor_file(anchors.clone());
+    assert_eq!(store.last_published_anchor().unwrap(), None, "no file yet");
+    store
+        .record_published_anchor(&store.audit_head().unwrap())
+        .unwrap();
+    write_records(&store, 2).await;
+    let published = store.audit_head().unwrap();
+    store.record_published_anchor(&published).unwrap();
+    drop(store);
+    {
+        let raw = sled::open(&db).unwrap();
+        let audit = raw.open_tree("audit").unwrap();
+        let meta = raw.open_tree("meta").unwrap();
+        audit.remove(4u64.to_be_bytes()).unwrap();
+        audit.remove(5u64.to_be_bytes()).unwrap();
+        meta.insert("audit_head", old_head).unwrap();
+        meta.insert("audit_head_mac", old_mac).unwrap();
+        raw.flush().unwrap();
+    }
+    let (store, _) = start_keyed(&db).await;
+    store.set_anchor_file(anchors.clone());
+    let last = store.last_published_anchor().unwrap();
+    assert_eq!(last.as_ref(), Some(&published));
+    assert!(matches!(
+        store.verify_audit_against(last.as_ref()).unwrap(),
+        AuditCheck::Broken { seq: 5, .. }
+    ));
+    std::fs::write(&anchors, "5:not-an-anchor\n").unwrap();
+    let err = store.last_published_anchor().unwrap_err().to_string();
+    assert!(err.contains("anchor_file"), "{err}");
 }

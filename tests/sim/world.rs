@@ -121,6 +121,7 @@ impl Notifier for SimChat {
             platform: "sim".into(),
             channel: "approvals".into(),
             id: n.to_string(),
+            copy: Default::default(),
         }])
     }
     async fn update_approval(&self, _at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {

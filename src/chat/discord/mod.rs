@@ -14,12 +14,14 @@ pub use endpoint::{routes, BODY_LIMIT, MAX_SKEW_SECS};
 pub use handle::{DiscordHandler, Outcome};
 pub use interaction::{Incoming, Rejected};
 
-use crate::chat::cards::{self, waiting_out_rate_limits, CardCopies, DmError, Unreachable};
+use crate::chat::cards::{self, CardCopies, DmError};
 use crate::chat::render;
 use crate::clock::Clock;
 use crate::config::{DiscordConfig, DiscordMode, DISCORD_API};
 use crate::engine::Engine;
-use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier, PostError};
+use crate::ports::{
+    ApprovalCard, Audience, ChatError, Contact, CopyLog, MessageRef, Notice, Notifier, PostError,
+};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use serenity::all::{
@@ -37,11 +39,6 @@ pub const PLATFORM: &str = "discord";
 /// Discord allows 3 seconds for the first response, network included.
 pub const DEFAULT_ANSWER_BUDGET: Duration = Duration::from_millis(2000);
 
-/// Tries of `POST /users/@me/channels` answered 429, and the longest pause
-/// waited out in between; then the rate limit goes to the outbox.
-const DM_OPEN_TRIES: u32 = 3;
-const DM_OPEN_MAX_WAIT: u64 = 30;
-
 /// Why the adapter could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscordSetupError {
@@ -57,7 +54,6 @@ pub struct DiscordAdapter {
     app: ApplicationId,
     config: DiscordConfig,
     answer_budget: Duration,
-    unreachable: Unreachable,
 }
 
 /// A Discord id (snowflake) from text; serenity's ids must not be zero.
@@ -103,7 +99,6 @@ impl DiscordAdapter {
             app,
             config: config.clone(),
             answer_budget: DEFAULT_ANSWER_BUDGET,
-            unreachable: Unreachable::default(),
         })
     }
 
@@ -187,16 +182,12 @@ impl DiscordAdapter {
     }
 
     /// The DM channel with a Discord user (`POST /users/@me/channels`); a
-    /// 429 is waited out a few times before it fails the call.
+    /// 429 is returned at once (the outbox retries after the pause).
     async fn dm_channel(&self, discord_user: &str) -> Result<ChannelId, ChatError> {
         let user = snowflake(discord_user)
             .map(DiscordUserId::new)
             .ok_or_else(|| ChatError::Refused(format!("`{discord_user}` is not a Discord user id")))?;
-        let http = &*self.http;
-        let dm = waiting_out_rate_limits(DM_OPEN_TRIES, DM_OPEN_MAX_WAIT, || async move {
-            user.create_dm_channel(http).await.map_err(chat_error)
-        })
-        .await?;
+        let dm = user.create_dm_channel(&*self.http).await.map_err(chat_error)?;
         Ok(dm.id)
     }
 
@@ -266,24 +257,27 @@ fn chat_error(e: serenity::Error) -> ChatError {
 #[async_trait]
 impl Notifier for DiscordAdapter {
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
-        cards::post(PLATFORM, self, &self.unreachable, card, &[])
+        let copies = cards::Collected::default();
+        cards::post(PLATFORM, self, card, &[], &copies)
             .await
-            .map_err(|e| e.error)
+            .map_err(|e| e.error)?;
+        Ok(copies.into_copies())
     }
 
     async fn post_missing_copies(
         &self,
         card: &ApprovalCard,
         posted: &[MessageRef],
-    ) -> Result<Vec<MessageRef>, PostError> {
-        cards::post(PLATFORM, self, &self.unreachable, card, posted).await
+        log: &dyn CopyLog,
+    ) -> Result<(), PostError> {
+        cards::post(PLATFORM, self, card, posted, log).await
     }
 
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
         if at.platform != PLATFORM {
             return Ok(());
         }
-        self.rewrite(at, &self.unreachable.for_copy(at, card)).await
+        self.rewrite(at, &cards::for_copy(at, card)).await
     }
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
@@ -387,6 +381,7 @@ impl DiscordAdapter {
             platform: PLATFORM.into(),
             channel: posted.channel_id.to_string(),
             id: posted.id.to_string(),
+            copy: Default::default(),
         })
     }
 }

@@ -14,9 +14,11 @@ pub use http::{routes, BODY_LIMIT};
 pub use signature::{verify_signature, SignatureError};
 pub use socket::run_socket_mode;
 
-use crate::chat::cards::{self, waiting_out_rate_limits, CardCopies, DmError, Unreachable};
+use crate::chat::cards::{self, CardCopies, DmError};
 use crate::config::SlackConfig;
-use crate::ports::{ApprovalCard, Audience, ChatError, Contact, MessageRef, Notice, Notifier, PostError};
+use crate::ports::{
+    ApprovalCard, Audience, ChatError, Contact, CopyLog, MessageRef, Notice, Notifier, PostError,
+};
 use crate::secret::{Secret, SecretError};
 use async_trait::async_trait;
 use slack_morphism::errors::SlackClientError;
@@ -27,12 +29,6 @@ use std::time::Duration;
 
 /// The platform name in [`MessageRef`] and [`crate::ports::ChatRef`].
 pub const PLATFORM: &str = "slack";
-
-/// Tries of a `users.lookupByEmail` or `conversations.open` answered 429,
-/// and the longest `Retry-After` waited out in between (a longer one fails
-/// the call as rate limited: the outbox retries it after the pause).
-const LOOKUP_TRIES: u32 = 3;
-const LOOKUP_MAX_WAIT: u64 = 30;
 
 /// slack-morphism's hyper client over a connector that speaks HTTPS to Slack
 /// and plain HTTP to a local fake or a proxy on loopback.
@@ -56,7 +52,6 @@ pub struct SlackAdapter {
     config: SlackConfig,
     /// Directory mail → Slack user id, found by `users.lookupByEmail`.
     by_mail: Mutex<HashMap<String, String>>,
-    unreachable: Unreachable,
 }
 
 impl SlackAdapter {
@@ -83,7 +78,6 @@ impl SlackAdapter {
             token: SlackApiToken::new(bot_token.expose().to_string().into()),
             config: config.clone(),
             by_mail: Mutex::default(),
-            unreachable: Unreachable::default(),
         })
     }
 
@@ -125,14 +119,17 @@ impl SlackAdapter {
         Ok((res.channel.to_string(), res.ts.to_string()))
     }
 
-    /// Opens (or finds) the DM channel with a Slack user; a short 429 is
-    /// waited out for its `Retry-After`.
+    /// Opens (or finds) the DM channel with a Slack user. A 429 is returned
+    /// at once as [`ChatError::RateLimited`], never slept on here: the
+    /// outbox retries after its `Retry-After`, and other deliveries (alerts)
+    /// go on meanwhile.
     pub(crate) async fn dm_channel(&self, slack_user: &str) -> Result<String, ChatError> {
-        let req = &SlackApiConversationsOpenRequest::new().with_users(vec![slack_user.to_string().into()]);
-        let res = waiting_out_rate_limits(LOOKUP_TRIES, LOOKUP_MAX_WAIT, || async move {
-            self.session().conversations_open(req).await.map_err(chat_error)
-        })
-        .await?;
+        let req = SlackApiConversationsOpenRequest::new().with_users(vec![slack_user.to_string().into()]);
+        let res = self
+            .session()
+            .conversations_open(&req)
+            .await
+            .map_err(chat_error)?;
         Ok(res.channel.id.to_string())
     }
 
@@ -170,21 +167,18 @@ impl SlackAdapter {
 
     /// The Slack user whose profile has `mail` (`users.lookupByEmail`, scope
     /// `users:read.email`), or `None`. Found ids are cached for the life of
-    /// the process; a 429 is waited out for its `Retry-After`.
+    /// the process; a 429 is returned at once (the outbox retries after it).
     pub(crate) async fn user_by_mail(&self, mail: &str) -> Result<Option<String>, ChatError> {
         let cached = self.by_mail.lock().ok().and_then(|m| m.get(mail).cloned());
         if cached.is_some() {
             return Ok(cached);
         }
-        let req = &SlackApiUsersLookupByEmailRequest::new(mail.to_string().into());
-        let found = waiting_out_rate_limits(LOOKUP_TRIES, LOOKUP_MAX_WAIT, || async move {
-            match self.session().users_lookup_by_email(req).await {
-                Ok(res) => Ok(Some(res.user.id.to_string())),
-                Err(SlackClientError::ApiError(api)) if api.code == "users_not_found" => Ok(None),
-                Err(e) => Err(chat_error(e)),
-            }
-        })
-        .await?;
+        let req = SlackApiUsersLookupByEmailRequest::new(mail.to_string().into());
+        let found = match self.session().users_lookup_by_email(&req).await {
+            Ok(res) => Some(res.user.id.to_string()),
+            Err(SlackClientError::ApiError(api)) if api.code == "users_not_found" => None,
+            Err(e) => return Err(chat_error(e)),
+        };
         if let (Some(id), Ok(mut m)) = (&found, self.by_mail.lock()) {
             m.insert(mail.to_string(), id.clone());
         }
@@ -193,8 +187,7 @@ impl SlackAdapter {
 
     /// The Slack user for a directory person: by the mail attribute
     /// (`slack.user_attribute`). The error says why there is none, or that
-    /// the lookup failed for now (a rate limit longer than jitbot waits
-    /// inline, an outage).
+    /// the lookup failed for now (a rate limit, an outage).
     async fn slack_user(&self, contact: &Contact) -> Result<String, DmError> {
         let attr = &self.config.user_attribute;
         let mail = contact.attributes.get(attr).ok_or_else(|| {
@@ -287,24 +280,27 @@ fn first_line(text: &str) -> String {
 #[async_trait]
 impl Notifier for SlackAdapter {
     async fn post_approval(&self, card: &ApprovalCard) -> Result<Vec<MessageRef>, ChatError> {
-        cards::post(PLATFORM, self, &self.unreachable, card, &[])
+        let copies = cards::Collected::default();
+        cards::post(PLATFORM, self, card, &[], &copies)
             .await
-            .map_err(|e| e.error)
+            .map_err(|e| e.error)?;
+        Ok(copies.into_copies())
     }
 
     async fn post_missing_copies(
         &self,
         card: &ApprovalCard,
         posted: &[MessageRef],
-    ) -> Result<Vec<MessageRef>, PostError> {
-        cards::post(PLATFORM, self, &self.unreachable, card, posted).await
+        log: &dyn CopyLog,
+    ) -> Result<(), PostError> {
+        cards::post(PLATFORM, self, card, posted, log).await
     }
 
     async fn update_approval(&self, at: &MessageRef, card: &ApprovalCard) -> Result<(), ChatError> {
         if at.platform != PLATFORM {
             return Ok(());
         }
-        self.rewrite(at, &self.unreachable.for_copy(at, card)).await
+        self.rewrite(at, &cards::for_copy(at, card)).await
     }
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
@@ -371,6 +367,7 @@ impl CardCopies for SlackAdapter {
             platform: PLATFORM.into(),
             channel,
             id: ts,
+            copy: Default::default(),
         })
     }
 
@@ -398,6 +395,7 @@ impl CardCopies for SlackAdapter {
             platform: PLATFORM.into(),
             channel,
             id: ts,
+            copy: Default::default(),
         })
     }
 }

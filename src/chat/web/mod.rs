@@ -212,6 +212,7 @@ fn message_ref(id: u64) -> MessageRef {
         platform: PLATFORM.into(),
         channel: CHANNEL.into(),
         id: id.to_string(),
+        copy: Default::default(),
     }
 }
 

@@ -24,7 +24,9 @@ impl LdapDirectory {
     /// deletes and re-adds it when already present), so the group ends as it
     /// began while the server checks the service account's write right. The
     /// value is the placeholder DN (else the bind DN) for DN groups and
-    /// `jitbot-write-check` for posix groups. Tried against Samba's AD DC.
+    /// `jitbot-write-check` for posix groups. When it was not there, it is
+    /// then added, read back and removed (two more modifies: the account
+    /// must be able to read what it writes). Tried against Samba's AD DC.
     /// On AD the group's `allowedAttributesEffective` must list the
     /// attribute too: the probe's own DN passes with "Add/Remove self as
     /// member" alone.
@@ -124,20 +126,61 @@ impl LdapDirectory {
             Err(e) => return Some(e.to_string()),
         };
         let add = Mod::Add(attr.to_string(), HashSet::from([probe.clone()]));
-        let delete = Mod::Delete(attr.to_string(), HashSet::from([probe]));
+        let delete = Mod::Delete(attr.to_string(), HashSet::from([probe.clone()]));
         let mods = if present {
             vec![delete, add]
         } else {
             vec![add, delete]
         };
         match self.modify(&g.dn, mods).await {
-            Ok(result) if result.rc == rc::SUCCESS => None,
+            Ok(result) if result.rc == rc::SUCCESS && present => None,
+            // Written and taken out again in one modify: whether the
+            // account may also *read* the attribute (every change is read
+            // back) is told by a value it knows is there — the probe, for
+            // the moment between two modifies.
+            Ok(result) if result.rc == rc::SUCCESS => self.check_read(g, attr, &probe).await,
             Ok(result) if result.rc == rc::INSUFFICIENT_ACCESS => Some(format!(
                 "{} may not modify `{attr}`; grant it write access to the group",
                 self.conn.bind_dn()
             )),
             Ok(result) => Some(format!("test modify of `{attr}` failed: {}", describe(&result))),
             Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// Adds the probe, reads it back, and takes it out again: a group whose
+    /// `attr` the account may write but not read fails every grant's
+    /// read-back. The probe is the placeholder (else the bind DN), which
+    /// holds no person's rights; it stays in the group only for the read.
+    async fn check_read(&self, g: &GroupConfig, attr: &str, probe: &str) -> Option<String> {
+        let group = GroupDn::new(&g.dn);
+        let add = Mod::Add(attr.to_string(), HashSet::from([probe.to_string()]));
+        match self.modify(&g.dn, vec![add]).await {
+            Ok(result) if result.rc == rc::SUCCESS => {}
+            Ok(result) => return Some(format!("test add of `{attr}` failed: {}", describe(&result))),
+            Err(e) => return Some(e.to_string()),
+        }
+        let seen = self.has_value(&group, attr, probe).await;
+        let delete = Mod::Delete(attr.to_string(), HashSet::from([probe.to_string()]));
+        let removed = match self.modify(&g.dn, vec![delete]).await {
+            Ok(result) if result.rc == rc::SUCCESS || result.rc == rc::NO_SUCH_ATTRIBUTE => None,
+            Ok(result) => Some(describe(&result)),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = removed {
+            return Some(format!(
+                "the write test left {probe} in `{attr}` (removing it failed: {why}); remove it by hand"
+            ));
+        }
+        match seen {
+            Ok(true) => None,
+            Ok(false) => Some(format!(
+                "{} may write but not read `{attr}` (a value it added was not there when read back), so \
+                 every grant would fail its read-back; grant it read access to `{attr}` of the group (on \
+                 Active Directory: Read Property on member)",
+                self.conn.bind_dn()
+            )),
+            Err(e) => Some(format!("reading back `{attr}`: {e}")),
         }
     }
 

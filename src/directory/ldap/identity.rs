@@ -14,11 +14,19 @@ use super::conn::rc;
 use super::{dn, LdapDirectory};
 use crate::config::MembershipKind;
 use crate::ports::{DirectoryError, Membership};
+use jitbot_core::GroupDn;
+use ldap3::controls::RawControl;
 use ldap3::{ldap_escape, Scope, SearchEntry};
 use std::fmt::Write as _;
 
 const GUID: &str = "objectGUID";
 const UUID: &str = "entryUUID";
+
+/// Active Directory's LDAP_SERVER_EXTENDED_DN control. Sent without a
+/// value, the DC prefixes every DN it returns with the linked entry's
+/// `<GUID=hex>` (and `<SID=hex>`), hex in the byte order of `objectGUID`,
+/// whether or not the bound account may read that entry.
+const EXTENDED_DN: &str = "1.2.840.113556.1.4.529";
 
 /// The value a membership check or removal works on, and what is worth
 /// telling the audit about how it was found.
@@ -26,6 +34,10 @@ pub(super) struct Resolved {
     /// `None`: the group holds nothing for this membership any more.
     pub value: Option<String>,
     pub note: Option<String>,
+    /// Active Directory: the recorded `objectGUID` (hex) that `value` was
+    /// found by among the group's own `member` values (read with the
+    /// extended-DN control), so the removal is checked against it too.
+    pub guid: Option<String>,
 }
 
 impl LdapDirectory {
@@ -131,12 +143,17 @@ impl LdapDirectory {
         let recorded = || Resolved {
             value: Some(m.value.clone()),
             note: None,
+            guid: None,
         };
         let Some(identity) = m.identity.as_deref() else {
             return Ok(recorded());
         };
         if kind == MembershipKind::MemberUid {
             return Ok(recorded());
+        }
+        if let (true, Some((GUID, hex))) = (self.active_directory, identity.split_once(':')) {
+            identity_filter(identity)?;
+            return self.resolve_by_guid(m, &hex.to_ascii_lowercase()).await;
         }
         let attr = super::attribute(kind);
         // The usual case, in one base search: the user is where they were.
@@ -147,14 +164,21 @@ impl LdapDirectory {
             Some(now) if dn::normalize(&now) == dn::normalize(&m.value) => Ok(recorded()),
             Some(now) => {
                 // Plain OpenLDAP kept the value jitbot wrote: that is what
-                // the lease added, and what goes.
-                if !self.active_directory && self.has_value(&m.group, attr, &m.value).await? {
+                // the lease added, and what goes — but only while the
+                // recorded DN names no entry. When it names another entry
+                // (someone created at the old DN), a value under it is that
+                // entry's, and the lease's value followed the user (refint).
+                if !self.active_directory
+                    && !self.entry_exists(&m.value).await?
+                    && self.has_value(&m.group, attr, &m.value).await?
+                {
                     return Ok(Resolved {
                         value: Some(m.value.clone()),
                         note: Some(format!(
                             "the user's entry is now {now}; the value jitbot wrote ({}) was still in the group",
                             m.value
                         )),
+                        guid: None,
                     });
                 }
                 tracing::info!(group = %m.group, recorded = %m.value, now = %now, "the user was renamed or moved during the lease; working on their current DN");
@@ -165,6 +189,7 @@ impl LdapDirectory {
                         m.value
                     )),
                     value: Some(now),
+                    guid: None,
                 })
             }
             // AD's values are links: the deleted entry's went with it, and a
@@ -175,6 +200,7 @@ impl LdapDirectory {
                     "the user's entry ({}) no longer exists and the directory dropped its membership with it",
                     m.value
                 )),
+                guid: None,
             }),
             None => {
                 let gone = !self.has_value(&m.group, attr, &m.value).await?;
@@ -187,10 +213,230 @@ impl LdapDirectory {
                             m.value
                         )
                     }),
+                    guid: None,
                 })
             }
         }
     }
+
+    /// The value an add writes for `m`: the recorded one, unless the
+    /// recorded identity's entry is now elsewhere (renamed or moved) —
+    /// then its current DN; refused when no entry has the identity.
+    pub(super) async fn value_to_add(
+        &self,
+        m: &Membership,
+        kind: MembershipKind,
+    ) -> Result<String, DirectoryError> {
+        let Some(identity) = m.identity.as_deref() else {
+            return Ok(m.value.clone());
+        };
+        if kind == MembershipKind::MemberUid || self.still_at(&m.value, identity).await? {
+            return Ok(m.value.clone());
+        }
+        match self.current_dn(identity).await? {
+            Some(now) => {
+                tracing::info!(group = %m.group, recorded = %m.value, now = %now, "the user was renamed or moved since the lease recorded them; adding their current DN");
+                Ok(now)
+            }
+            None => Err(DirectoryError::Refused(format!(
+                "the user recorded for this lease ({}, {identity}) no longer exists under that identity: the \
+                 entry was deleted, or is one the service account may not read; nothing was added — ask for \
+                 the access again",
+                m.value
+            ))),
+        }
+    }
+
+    /// After an add: the entry at the value written is still the recorded
+    /// identity (a rename between the lookup and the add would otherwise
+    /// grant whoever took the DN).
+    pub(super) async fn check_added_identity(
+        &self,
+        m: &Membership,
+        kind: MembershipKind,
+        value: &str,
+    ) -> Result<(), DirectoryError> {
+        let Some(identity) = m.identity.as_deref() else {
+            return Ok(());
+        };
+        if kind == MembershipKind::MemberUid || self.still_at(value, identity).await? {
+            return Ok(());
+        }
+        Err(DirectoryError::Refused(format!(
+            "added {value} to {}, but that entry is no longer the lease's user ({identity}): the user was \
+             renamed or moved during the add; the undo removes the lease's membership, check the group",
+            m.group
+        )))
+    }
+
+    /// Active Directory, after a removal: no `member` value carries the
+    /// lease's GUID any more (read with the extended-DN control, so a user
+    /// the service account cannot read is seen too).
+    pub(super) async fn check_removed_guid(
+        &self,
+        group: &GroupDn,
+        guid: &str,
+        value: &str,
+    ) -> Result<(), DirectoryError> {
+        if !self.member_guids(group).await?.iter().any(|(g, _)| g == guid) {
+            return Ok(());
+        }
+        Err(DirectoryError::Refused(format!(
+            "removed {value} from {group}, but the group still holds a member value with the user's identity \
+             ({GUID}:{guid}); the service account may lack rights on the user's entry (for example in an OU \
+             it may not read): remove the membership by hand or grant the account read access there"
+        )))
+    }
+
+    /// Active Directory: the DN of the lease's user when `m.group` is their
+    /// primary group (a membership with no `member` value); `None`
+    /// elsewhere, or when the user cannot be found by identity.
+    pub(super) async fn in_primary_group(&self, m: &Membership) -> Result<Option<String>, DirectoryError> {
+        if !self.active_directory || !m.attribute.eq_ignore_ascii_case("member") {
+            return Ok(None);
+        }
+        let dn = match m.identity.as_deref() {
+            Some(identity) => match self.current_dn(identity).await? {
+                Some(dn) => dn,
+                None => return Ok(None),
+            },
+            None => m.value.clone(),
+        };
+        let probe = Membership {
+            value: dn.clone(),
+            ..m.clone()
+        };
+        Ok(self.has_primary_group(&probe).await?.then_some(dn))
+    }
+
+    /// Whether any entry is named `dn` (a base search).
+    async fn entry_exists(&self, dn: &str) -> Result<bool, DirectoryError> {
+        let (entries, result) = self.search(dn, Scope::Base, "(objectClass=*)", &["1.1"]).await?;
+        match result.rc {
+            rc::SUCCESS => Ok(!entries.is_empty()),
+            rc::NO_SUCH_OBJECT => Ok(false),
+            _ => Err(self.refusal(&result, &format!("read {dn}"))),
+        }
+    }
+
+    /// Active Directory: every `member` value of `group` as `(guid, dn)`,
+    /// the linked entry's `objectGUID` in lowercase hex, read with the
+    /// extended-DN control (critical: a server without it refuses the read,
+    /// and jitbot claims nothing). A value the DC sends without a GUID is an
+    /// error too: which value is the lease's could not be told.
+    pub(super) async fn member_guids(
+        &self,
+        group: &GroupDn,
+    ) -> Result<Vec<(String, String)>, DirectoryError> {
+        let control = RawControl {
+            ctype: EXTENDED_DN.to_string(),
+            crit: true,
+            val: None,
+        };
+        let values = self.ranged_values(group, "member", vec![control]).await?;
+        values
+            .iter()
+            .map(|v| {
+                extended_dn(v).ok_or_else(|| {
+                    DirectoryError::Refused(format!(
+                        "read `member` of {group} with the extended-DN control ({EXTENDED_DN}): the DC sent \
+                         `{v}` without a <GUID=…>, so jitbot cannot tell which value is the lease's and \
+                         changes nothing; ldap.active_directory = true needs a DC that supports the control"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Active Directory: the lease's value found among the group's own
+    /// `member` values by the recorded GUID — wherever the user was moved,
+    /// and whether or not the service account may read the user's entry.
+    /// The membership is gone only when no value carries the GUID.
+    async fn resolve_by_guid(&self, m: &Membership, guid: &str) -> Result<Resolved, DirectoryError> {
+        let values = self.member_guids(&m.group).await?;
+        if let Some((_, now)) = values.iter().find(|(g, _)| g == guid) {
+            if dn::normalize(now) == dn::normalize(&m.value) {
+                return Ok(Resolved {
+                    value: Some(m.value.clone()),
+                    note: None,
+                    guid: Some(guid.to_string()),
+                });
+            }
+            tracing::info!(group = %m.group, recorded = %m.value, now = %now, "the user was renamed or moved during the lease; working on their current DN");
+            return Ok(Resolved {
+                note: Some(format!(
+                    "the user was renamed or moved during the lease ({} is now {now}); the membership was \
+                     removed under the new DN",
+                    m.value
+                )),
+                value: Some(now.clone()),
+                guid: Some(guid.to_string()),
+            });
+        }
+        // No value is the lease's. A value under the recorded DN that links
+        // to another entry is that entry's, never removed for this lease;
+        // it also means the lease record and the directory disagree (a new
+        // entry at the old DN, or a record altered in the store): say so.
+        if let Some((other, _)) = values
+            .iter()
+            .find(|(_, v)| dn::normalize(v) == dn::normalize(&m.value))
+        {
+            tracing::warn!(
+                group = %m.group,
+                recorded_dn = %m.value,
+                recorded_identity = %format!("{GUID}:{guid}"),
+                value_identity = %format!("{GUID}:{other}"),
+                "the group holds the recorded DN for a different entry and nothing for the lease's identity; \
+                 leaving that value alone (check the lease record in the store and the audit)"
+            );
+            return Ok(Resolved {
+                value: None,
+                note: Some(format!(
+                    "no member value carries the lease's identity ({GUID}:{guid}); the value {} in the group \
+                     is another entry's ({GUID}:{other}) and was left in place — if nobody renamed the user and \
+                     reused the DN, check the lease record in the store",
+                    m.value
+                )),
+                guid: None,
+            });
+        }
+        let identity = format!("{GUID}:{guid}");
+        let note = match self.current_dn(&identity).await? {
+            Some(now) => format!(
+                "no member value of the group carries the user's identity ({identity}); the user ({now}) was \
+                 taken out of the group by someone else"
+            ),
+            None => format!(
+                "the user's entry ({}, {identity}) no longer exists (or the service account may not read it) \
+                 and no member value of the group carries its identity: the directory dropped its \
+                 membership with it",
+                m.value
+            ),
+        };
+        Ok(Resolved {
+            value: None,
+            note: Some(note),
+            guid: None,
+        })
+    }
+}
+
+/// Splits an extended DN in hex form (`<GUID=hex>;<SID=hex>;dn`) into the
+/// GUID (lowercase hex) and the DN; `None` without a well-formed GUID.
+fn extended_dn(value: &str) -> Option<(String, String)> {
+    let mut rest = value;
+    let mut guid = None;
+    while let Some(after) = rest.strip_prefix('<') {
+        let (component, tail) = after.split_once('>')?;
+        if let Some((name, v)) = component.split_once('=') {
+            if name.eq_ignore_ascii_case("GUID") {
+                guid = Some(v.to_ascii_lowercase());
+            }
+        }
+        rest = tail.strip_prefix(';').unwrap_or(tail);
+    }
+    let guid = guid.filter(|g| g.len() == 32 && g.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    Some((guid, rest.to_string()))
 }
 
 /// A search filter for a recorded identity; anything but the two known
@@ -227,6 +473,27 @@ fn identity_filter(identity: &str) -> Result<String, DirectoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extended_dns_give_the_guid_and_the_dn() {
+        let guid = "00112233445566778899aabbccddeeff";
+        assert_eq!(
+            extended_dn(&format!("<GUID={}>;<SID=010500>;CN=A,DC=x", guid.to_uppercase())),
+            Some((guid.to_string(), "CN=A,DC=x".to_string()))
+        );
+        assert_eq!(
+            extended_dn(&format!("<GUID={guid}>;CN=G,DC=x")),
+            Some((guid.to_string(), "CN=G,DC=x".to_string()))
+        );
+        for bad in [
+            "CN=A,DC=x",
+            "<SID=0105>;CN=A",
+            "<GUID=0011>;CN=A",
+            "<GUID=00112233",
+        ] {
+            assert_eq!(extended_dn(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn identities_become_exact_filters_and_nothing_else_does() {

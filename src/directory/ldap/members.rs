@@ -6,6 +6,7 @@ use super::conn::rc;
 use super::{dn, single, values, LdapDirectory};
 use crate::ports::DirectoryError;
 use jitbot_core::{GroupDn, UserId};
+use ldap3::controls::RawControl;
 use ldap3::{ldap_escape, Mod, Scope};
 use std::collections::{HashMap, HashSet};
 
@@ -28,7 +29,7 @@ impl LdapDirectory {
         attr: &str,
     ) -> Result<Vec<String>, DirectoryError> {
         if self.active_directory && attr.eq_ignore_ascii_case("member") {
-            return self.ranged_values(group, attr).await;
+            return self.ranged_values(group, attr, Vec::new()).await;
         }
         let (entries, result) = self
             .search(group.as_str(), Scope::Base, "(objectClass=*)", &[attr])
@@ -144,13 +145,25 @@ impl LdapDirectory {
     /// Every value of `attr` on `group` through ranged retrieval:
     /// `attr;range=0-1499`, then from one past the end the server reports,
     /// until it reports `*` (the last values).
-    async fn ranged_values(&self, group: &GroupDn, attr: &str) -> Result<Vec<String>, DirectoryError> {
+    /// `controls` go with every read (the extended-DN control, say).
+    pub(super) async fn ranged_values(
+        &self,
+        group: &GroupDn,
+        attr: &str,
+        controls: Vec<RawControl>,
+    ) -> Result<Vec<String>, DirectoryError> {
         let mut all = Vec::new();
         let mut start = 0usize;
         loop {
             let want = format!("{attr};range={start}-{}", start + RANGE_STEP - 1);
             let (entries, result) = self
-                .search(group.as_str(), Scope::Base, "(objectClass=*)", &[want.as_str()])
+                .search_with(
+                    controls.clone(),
+                    group.as_str(),
+                    Scope::Base,
+                    "(objectClass=*)",
+                    &[want.as_str()],
+                )
                 .await?;
             match result.rc {
                 rc::SUCCESS => {}
@@ -205,7 +218,7 @@ impl LdapDirectory {
 
     /// Active Directory: the group's RID, the last sub-authority of its
     /// `objectSid` (what users' `primaryGroupID` holds).
-    async fn group_rid(&self, group: &GroupDn) -> Result<Option<u32>, DirectoryError> {
+    pub(super) async fn group_rid(&self, group: &GroupDn) -> Result<Option<u32>, DirectoryError> {
         let (entries, result) = self
             .search(group.as_str(), Scope::Base, "(objectClass=*)", &["objectSid"])
             .await?;

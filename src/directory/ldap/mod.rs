@@ -22,6 +22,7 @@ use batch::{Change, Combiner, Item};
 use conn::{describe, rc, Supervisor};
 use jitbot_core::{GroupDn, UserId};
 use ldap3::adapters::PagedResults;
+use ldap3::controls::RawControl;
 use ldap3::{ldap_escape, LdapResult, Mod, Scope, SearchEntry};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,6 +128,35 @@ impl LdapDirectory {
         let result = self
             .conn
             .run(|mut ldap| async move { ldap.search(base, scope, filter, attrs).await })
+            .await?;
+        let entries = result
+            .0
+            .into_iter()
+            .filter(|e| !e.is_ref() && !e.is_intermediate())
+            .map(SearchEntry::construct)
+            .collect();
+        Ok((entries, result.1))
+    }
+
+    /// A base-or-subtree search sent with these request controls.
+    async fn search_with(
+        &self,
+        controls: Vec<RawControl>,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: &[&str],
+    ) -> Result<(Vec<SearchEntry>, LdapResult), DirectoryError> {
+        let result = self
+            .conn
+            .run(|mut ldap| {
+                let controls = controls.clone();
+                async move {
+                    ldap.with_controls(controls)
+                        .search(base, scope, filter, attrs)
+                        .await
+                }
+            })
             .await?;
         let entries = result
             .0
@@ -335,7 +365,17 @@ impl LdapDirectory {
 
 fn not_added(group: &GroupDn, user: &UserId) -> DirectoryError {
     DirectoryError::Refused(format!(
-        "added {user} to {group}, but reading the group back does not show the membership"
+        "added {user} to {group}, but reading the group back does not show the membership (the add may \
+         have landed: if the service account may write but not read `member` of the group, grant it read \
+         access too)"
+    ))
+}
+
+fn primary_group_member(group: &GroupDn, user_dn: &str) -> DirectoryError {
+    DirectoryError::Refused(format!(
+        "{user_dn} is still in {group} through its primary group (its primaryGroupID is the group's RID; \
+         Active Directory then keeps no `member` value to remove): set the user's primary group back (for \
+         example to Domain Users), then the lease ends on the next try"
     ))
 }
 
@@ -401,26 +441,35 @@ impl Directory for LdapDirectory {
             return self.has_primary_group(m).await;
         }
         let kind = valid_member_attribute(&m.attribute)?;
-        match self.resolve(m, kind).await?.value {
+        let resolved = self.resolve(m, kind).await?;
+        match resolved.value {
+            // Found among the group's own values by the recorded GUID.
+            Some(_) if resolved.guid.is_some() => Ok(true),
             Some(value) => self.has_value(&m.group, attribute(kind), &value).await,
-            None => Ok(false),
+            // AD: a member through their primary group has no value.
+            None => self.in_primary_group(m).await.map(|dn| dn.is_some()),
         }
     }
 
+    /// Adds the recorded user's value: with a recorded identity, the DN of
+    /// the entry that has it *now* (the recorded DN may name another entry
+    /// by the time a grant is retried), checked again after the add.
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         let kind = valid_member_attribute(&m.attribute)?;
+        let value = self.value_to_add(m, kind).await?;
         let written = match self.spec(&m.group).ad_ttl {
             Some(ttl) if kind == MembershipKind::Member && self.ttl_accepted(&m.group).await => {
-                ad_ttl_value(&m.value, ttl)
+                ad_ttl_value(&value, ttl)
             }
-            _ => m.value.clone(),
+            _ => value.clone(),
         };
         let item = Item {
-            user: UserId::new(m.value.as_str()),
-            value: m.value.clone(),
+            user: UserId::new(value.as_str()),
+            value: value.clone(),
             written,
         };
         let already = self.combined(Change::Add, &m.group, kind, item).await?;
+        self.check_added_identity(m, kind, &value).await?;
         Ok(if already {
             Added::AlreadyPresent
         } else {
@@ -439,14 +488,20 @@ impl Directory for LdapDirectory {
         let kind = valid_member_attribute(&m.attribute)?;
         let resolved = self.resolve(m, kind).await?;
         let Some(value) = resolved.value else {
+            if let Some(dn) = self.in_primary_group(m).await? {
+                return Err(primary_group_member(&m.group, &dn));
+            }
             return Ok(resolved.note);
         };
         let item = Item {
             user: UserId::new(value.as_str()),
             value: value.clone(),
-            written: value,
+            written: value.clone(),
         };
         self.combined(Change::Remove, &m.group, kind, item).await?;
+        if let Some(guid) = &resolved.guid {
+            self.check_removed_guid(&m.group, guid, &value).await?;
+        }
         Ok(resolved.note)
     }
 
