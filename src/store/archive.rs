@@ -340,13 +340,18 @@ impl Store {
             }
             if seq != 0 && seq <= last_archived {
                 return match overlap.get(&seq) {
-                    Some(bytes) if bytes.as_slice() == v.as_ref() => None,
-                    _ => Some(Err(StoreError::Corrupt {
+                    Some((_, bytes)) if bytes.as_slice() == v.as_ref() => None,
+                    Some((file, _)) => Some(Err(StoreError::Corrupt {
                         key: format!("audit record {seq}"),
                         error: format!(
                             "it is in the store and in the archive ({}), and the two differ",
-                            files.last().map(ArchiveFile::name).unwrap_or_default()
+                            files[*file].name()
                         ),
+                    })),
+                    None => Some(Err(StoreError::Corrupt {
+                        key: format!("audit record {seq}"),
+                        error: "it is in the store, and the archive files that should hold it too do not"
+                            .into(),
                     })),
                 };
             }
@@ -376,26 +381,24 @@ impl Store {
         })
     }
 
-    /// The records of the last archive file that the store still holds (a
-    /// pass stopped between writing the file and removing its records).
-    fn overlap(&self, files: &[ArchiveFile]) -> Result<BTreeMap<u64, Vec<u8>>, StoreError> {
+    /// The records of archive files that the store still holds (a pass
+    /// stopped between writing a file and removing its records, or a backup
+    /// from before a pass was restored next to the archive): every file
+    /// reaching past the store's first record is read.
+    fn overlap(&self, files: &[ArchiveFile]) -> Result<BTreeMap<u64, (usize, Vec<u8>)>, StoreError> {
         let mut out = BTreeMap::new();
-        let Some(last) = files.last() else {
-            return Ok(out);
-        };
         let first_held = match self.inner.audit.first()? {
             Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0),
             None => return Ok(out),
         };
-        if first_held > last.last {
-            return Ok(out);
-        }
-        for rec in Reader::new(std::slice::from_ref(last)) {
+        let from = files.partition_point(|f| f.last < first_held);
+        let tail = &files[from..];
+        for rec in Reader::new(tail) {
             let rec = rec?;
             if rec.seq >= first_held {
-                out.insert(rec.seq, rec.bytes);
+                out.insert(rec.seq, (from + rec.file, rec.bytes));
             }
         }
         Ok(out)

@@ -497,9 +497,10 @@ impl Store {
         archive::write_file(&s.archive_dir, &records).map(Some)
     }
 
-    /// Finishes a move a crash interrupted: records of the last archive file
-    /// that the store still holds (the same bytes) are removed from the
-    /// store. Refuses to go on when the archive and the store disagree.
+    /// Finishes a move a crash interrupted (or catches a restored backup up
+    /// with the archive): records of every archive file past the store's
+    /// base that the store still holds (the same bytes) are removed from
+    /// the store. Refuses to go on when the archive and the store disagree.
     pub async fn reconcile_archive(&self, s: &RetentionSettings) -> Result<u64, StoreError> {
         archive::remove_leftovers(&s.archive_dir)?;
         let files = archive::list(&s.archive_dir)?;
@@ -514,18 +515,33 @@ impl Store {
                 base.seq
             )));
         }
-        let Some(last) = files.last().filter(|f| f.last > base.seq) else {
+        // Every file past the base: a backup from before a pass may be
+        // restored next to files the pass wrote later.
+        let from = files.partition_point(|f| f.last <= base.seq);
+        let tail = &files[from..];
+        if tail.is_empty() {
             return Ok(0);
-        };
+        }
         let mut leftover = Vec::new();
-        for rec in archive::Reader::new(std::slice::from_ref(last)) {
+        for rec in archive::Reader::new(tail) {
             let rec = rec?;
             if rec.seq > base.seq {
+                let expected = base.seq + 1 + leftover.len() as u64;
+                if rec.seq != expected {
+                    return Err(StoreError::Invariant(format!(
+                        "the audit archive in {} holds record {} where record {expected} should come next \
+                         (in {}): archive files are missing or overlap. Put the files back and check them with \
+                         `jitbot audit verify --archive`; nothing is archived until then",
+                        s.archive_dir.display(),
+                        rec.seq,
+                        tail[rec.file].name()
+                    )));
+                }
                 leftover.push((rec.seq, rec.bytes));
             }
         }
         tracing::info!(
-            file = %last.name(),
+            files = tail.len(),
             records = leftover.len(),
             "finishing an audit archive move a restart interrupted"
         );

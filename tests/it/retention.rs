@@ -639,7 +639,7 @@ async fn brk17_audit_verify_racing_a_retention_pass_reports_a_false_break() {
 // `reconcile_archive`, take every file past the store's base (from `base.seq + 1`, checking
 // bytes), not just the last one.
 #[tokio::test]
-async fn brk17_a_backup_from_before_archiving_restores_next_to_the_archive() {
+async fn a_backup_from_before_archiving_several_files_restores_next_to_the_archive() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&tmp.path().join("db"), 16).unwrap();
     write_audit(&store, 35).await;

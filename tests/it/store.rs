@@ -42,7 +42,7 @@ async fn many_concurrent_flushed_updates_complete() {
 // bench drive timers with it; `expire` then re-arms the same key and `run_due` spins).
 // Fix: bound the range by `now` rounded *down* (keys whose ms ≤ floor(now)), not up.
 #[tokio::test]
-async fn brk17_due_timers_never_hands_out_a_timer_before_its_instant() {
+async fn due_timers_never_hands_out_a_timer_before_its_instant() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&tmp.path().join("db"), 16).unwrap();
     let ms = chrono::DateTime::from_timestamp_millis(1_780_000_000_123).unwrap();
