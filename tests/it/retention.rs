@@ -583,7 +583,7 @@ fn brk17_feed(fifo: &Path, bytes: &[u8]) {
 // and read any file past the last one read (or read the store under a snapshot taken with
 // the file list, e.g. hold off removals while an export/verify runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk17_audit_export_racing_a_retention_pass_loses_records() {
+async fn audit_export_racing_a_retention_pass_loses_no_records() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, s, fifo, bytes) = brk17_archive_with_a_slow_first_file(tmp.path()).await;
     let exporter = {
@@ -612,7 +612,7 @@ async fn brk17_audit_export_racing_a_retention_pass_loses_records() {
 // Fix: re-list the archive when the store's records start past the last file read (or take
 // the file list and the store view as one moment, under the writer lock / a removal guard).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk17_audit_verify_racing_a_retention_pass_reports_a_false_break() {
+async fn audit_verify_racing_a_retention_pass_reads_the_files_that_appear() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, s, fifo, bytes) = brk17_archive_with_a_slow_first_file(tmp.path()).await;
     let verifier = {
@@ -687,7 +687,7 @@ async fn a_backup_from_before_archiving_several_files_restores_next_to_the_archi
 // export with no word. Fix: when `audit_base` > 0 and no archive is given, refuse (or say
 // "records 1..N are archived; pass --archive DIR") instead of exporting a silent suffix.
 #[tokio::test]
-async fn brk17_audit_export_after_retain_is_removed_does_not_silently_drop_the_archive() {
+async fn audit_export_without_an_archive_refuses_when_records_are_archived() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("db");
     let store = Store::open(&path, 16).unwrap();
@@ -792,7 +792,7 @@ async fn brk17_a_pass_does_not_hold_the_writer_lock_for_a_whole_outbox_scan() {
 // Fix: in `audit_with_archive`, check the archive ends at `audit_base` (as `reconcile_archive`
 // does) and fail naming the gap.
 #[tokio::test]
-async fn brk17_audit_export_from_a_changed_archive_dir_does_not_silently_drop_records() {
+async fn audit_export_from_a_changed_archive_dir_names_the_missing_records() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&tmp.path().join("db"), 16).unwrap();
     write_audit(&store, 12).await;
