@@ -496,7 +496,7 @@ impl Store {
                 Some(dir) => list(dir)?.into_iter().filter(|f| f.last >= next).collect(),
                 None => Vec::new(),
             };
-            if !appeared.first().is_some_and(|f| f.first <= next) {
+            if appeared.first().is_none_or(|f| f.first > next) {
                 let range = format!("audit records {next} to {}", found - 1);
                 return Err(StoreError::Invariant(match dir {
                     None => format!(
