@@ -151,7 +151,7 @@ pub struct Archived {
 /// that is not an audit record, or a file whose records are not the range
 /// its name says, ends the reading with an error naming the file.
 pub struct Reader<'a> {
-    files: &'a [ArchiveFile],
+    files: std::borrow::Cow<'a, [ArchiveFile]>,
     next_file: usize,
     current: Option<(usize, std::io::Split<BufReader<MultiGzDecoder<std::fs::File>>>)>,
     /// (first, last) seq read from the current file.
@@ -161,6 +161,15 @@ pub struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub fn new(files: &'a [ArchiveFile]) -> Self {
+        Reader::with(std::borrow::Cow::Borrowed(files))
+    }
+
+    /// A reader that owns its file list.
+    pub fn owned(files: Vec<ArchiveFile>) -> Reader<'static> {
+        Reader::with(std::borrow::Cow::Owned(files))
+    }
+
+    fn with(files: std::borrow::Cow<'a, [ArchiveFile]>) -> Self {
         Reader {
             files,
             next_file: 0,
@@ -321,45 +330,90 @@ impl Store {
             let mut s = sources.borrow_mut();
             s[0] = std::mem::replace(&mut s[1], (seq, source));
         };
-        let archived = Reader::new(&files).map(|r| {
-            r.map(|rec| {
-                note(rec.seq, format!("archive file {}", files[rec.file].name()));
-                (rec.seq.to_be_bytes().to_vec(), rec.bytes)
-            })
-        });
-        let stored = self.inner.audit.iter().filter_map(|item| {
-            let (k, v) = match item {
-                Ok(kv) => kv,
-                Err(e) => return Some(Err(StoreError::from(e))),
-            };
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            if seq > head_seq {
-                return None;
+        // The archive, then the store. A pass running meanwhile moves
+        // records from the store to a new archive file (written before they
+        // leave the store): when the store's records jump past the next one
+        // expected, the archive is listed again and the files that appeared
+        // are read, so the check sees every record once.
+        enum Part {
+            Archive(Reader<'static>),
+            Store(sled::Iter),
+        }
+        let mut part = Part::Archive(Reader::owned(files.clone()));
+        let mut next = 1u64;
+        let mut archived_to = last_archived;
+        let chain = std::iter::from_fn(|| loop {
+            match &mut part {
+                Part::Archive(reader) => match reader.next() {
+                    // The whole store the first time (records a crash left
+                    // in both places are compared); after a re-listing, on
+                    // from the next record.
+                    None if archived_to > last_archived => {
+                        part = Part::Store(self.inner.audit.range(next.to_be_bytes()..))
+                    }
+                    None => part = Part::Store(self.inner.audit.iter()),
+                    Some(Err(e)) => return Some(Err(e)),
+                    Some(Ok(rec)) if rec.seq < next => {}
+                    Some(Ok(rec)) => {
+                        let name = reader.files[rec.file].name();
+                        note(rec.seq, format!("archive file {name}"));
+                        next = rec.seq + 1;
+                        return Some(Ok((rec.seq.to_be_bytes().to_vec(), rec.bytes)));
+                    }
+                },
+                Part::Store(iter) => {
+                    let (k, v) = match iter.next()? {
+                        Ok(kv) => kv,
+                        Err(e) => return Some(Err(StoreError::from(e))),
+                    };
+                    let seq = <[u8; 8]>::try_from(k.as_ref())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
+                    if seq > head_seq {
+                        return None;
+                    }
+                    if seq != 0 && seq <= archived_to {
+                        if seq > last_archived {
+                            // Read from a file that appeared while checking.
+                            continue;
+                        }
+                        match overlap.get(&seq) {
+                            Some((_, bytes)) if bytes.as_slice() == v.as_ref() => continue,
+                            Some((file, _)) => {
+                                return Some(Err(StoreError::Corrupt {
+                                    key: format!("audit record {seq}"),
+                                    error: format!(
+                                        "it is in the store and in the archive ({}), and the two differ",
+                                        files[*file].name()
+                                    ),
+                                }))
+                            }
+                            None => return Some(Err(StoreError::Corrupt {
+                                key: format!("audit record {seq}"),
+                                error:
+                                    "it is in the store, and the archive files that should hold it too do not"
+                                        .into(),
+                            })),
+                        }
+                    }
+                    if seq > next {
+                        let appeared = match list(dir) {
+                            Ok(all) => all.into_iter().filter(|f| f.last >= next).collect::<Vec<_>>(),
+                            Err(e) => return Some(Err(e)),
+                        };
+                        if appeared.first().is_some_and(|f| f.first <= next) {
+                            archived_to = appeared.last().map_or(archived_to, |f| f.last);
+                            part = Part::Archive(Reader::owned(appeared));
+                            continue;
+                        }
+                    }
+                    note(seq, "the store".into());
+                    next = seq + 1;
+                    return Some(Ok((k.to_vec(), v.to_vec())));
+                }
             }
-            if seq != 0 && seq <= last_archived {
-                return match overlap.get(&seq) {
-                    Some(bytes) if bytes.as_slice() == v.as_ref() => None,
-                    _ => Some(Err(StoreError::Corrupt {
-                        key: format!("audit record {seq}"),
-                        error: format!(
-                            "it is in the store and in the archive ({}), and the two differ",
-                            files.last().map(ArchiveFile::name).unwrap_or_default()
-                        ),
-                    })),
-                };
-            }
-            note(seq, "the store".into());
-            Some(Ok((k.to_vec(), v.to_vec())))
         });
-        let check = audit_chain(
-            &Anchor::GENESIS,
-            archived.chain(stored),
-            head.as_deref(),
-            keyed,
-            anchor,
-        )?;
+        let check = audit_chain(&Anchor::GENESIS, chain, head.as_deref(), keyed, anchor)?;
         Ok(match check {
             AuditCheck::Broken { seq, mut problem } => {
                 let sources = sources.borrow();
@@ -376,26 +430,24 @@ impl Store {
         })
     }
 
-    /// The records of the last archive file that the store still holds (a
-    /// pass stopped between writing the file and removing its records).
-    fn overlap(&self, files: &[ArchiveFile]) -> Result<BTreeMap<u64, Vec<u8>>, StoreError> {
+    /// The records of archive files that the store still holds (a pass
+    /// stopped between writing a file and removing its records, or a backup
+    /// from before a pass was restored next to the archive): every file
+    /// reaching past the store's first record is read.
+    fn overlap(&self, files: &[ArchiveFile]) -> Result<BTreeMap<u64, (usize, Vec<u8>)>, StoreError> {
         let mut out = BTreeMap::new();
-        let Some(last) = files.last() else {
-            return Ok(out);
-        };
         let first_held = match self.inner.audit.first()? {
             Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0),
             None => return Ok(out),
         };
-        if first_held > last.last {
-            return Ok(out);
-        }
-        for rec in Reader::new(std::slice::from_ref(last)) {
+        let from = files.partition_point(|f| f.last < first_held);
+        let tail = &files[from..];
+        for rec in Reader::new(tail) {
             let rec = rec?;
             if rec.seq >= first_held {
-                out.insert(rec.seq, rec.bytes);
+                out.insert(rec.seq, (from + rec.file, rec.bytes));
             }
         }
         Ok(out)
@@ -403,22 +455,62 @@ impl Store {
 
     /// The audit trail from the archive in `dir` (when given) and then the
     /// store, in order, for `jitbot audit export`.
+    ///
+    /// A pass running meanwhile moves records from the store to a new
+    /// archive file (written before they leave the store): when the store no
+    /// longer holds the next record, the archive is listed again and the
+    /// files that appeared are read. Records that are in neither (no archive
+    /// given, or the wrong one) make it fail, naming them, rather than
+    /// export part of the trail as if it were the whole.
     pub fn audit_with_archive(&self, dir: Option<&Path>) -> Result<Vec<AuditEntry>, StoreError> {
-        let files = match dir {
+        let mut files = match dir {
             Some(dir) => list(dir)?,
             None => Vec::new(),
         };
         let mut out = Vec::new();
-        let mut last = 0;
-        for rec in Reader::new(&files) {
-            let rec = rec?;
-            let stored: StoredAudit = super::decode(&rec.seq.to_be_bytes(), &rec.bytes)?;
-            last = rec.seq;
-            out.push(stored.into_entry());
+        let mut next = 1u64;
+        loop {
+            for rec in Reader::new(&files) {
+                let rec = rec?;
+                if rec.seq < next {
+                    continue;
+                }
+                let stored: StoredAudit = super::decode(&rec.seq.to_be_bytes(), &rec.bytes)?;
+                next = rec.seq + 1;
+                out.push(stored.into_entry());
+            }
+            let mut gap = None;
+            for entry in self.audit(next) {
+                let entry = entry?;
+                if entry.seq != next {
+                    gap = Some(entry.seq);
+                    break;
+                }
+                next += 1;
+                out.push(entry);
+            }
+            let Some(found) = gap else {
+                return Ok(out);
+            };
+            let appeared: Vec<ArchiveFile> = match dir {
+                Some(dir) => list(dir)?.into_iter().filter(|f| f.last >= next).collect(),
+                None => Vec::new(),
+            };
+            if appeared.first().is_none_or(|f| f.first > next) {
+                let range = format!("audit records {next} to {}", found - 1);
+                return Err(StoreError::Invariant(match dir {
+                    None => format!(
+                        "{range} are not in the store: they were moved to the audit archive. \
+                         Pass `--archive DIR` naming the directory that holds them ([store] archive_dir)"
+                    ),
+                    Some(dir) => format!(
+                        "{range} are in neither the store nor the audit archive in {}: archive files are missing. \
+                         Pass `--archive DIR` naming the directory that holds them, or put the files back",
+                        dir.display()
+                    ),
+                }));
+            }
+            files = appeared;
         }
-        for entry in self.audit(last + 1) {
-            out.push(entry?);
-        }
-        Ok(out)
     }
 }

@@ -771,7 +771,12 @@ impl Store {
     /// Timers due at or before `now`, earliest first, at most `limit`.
     pub fn due_timers(&self, now: Instant, limit: usize) -> Result<Vec<Timer>, StoreError> {
         self.check_healthy()?;
-        let end = timers::timer_key(now, TimerKind::MAX, "\u{10FFFF}");
+        // Keys hold a due time rounded *up* to the ms, so a key's ms at or
+        // before `now` rounded *down* is due; one in `now`'s own ms may not be.
+        let floor = u64::try_from(now.timestamp_millis()).unwrap_or(0);
+        let mut end = floor.to_be_bytes().to_vec();
+        end.push(TimerKind::MAX as u8);
+        end.extend_from_slice("\u{10FFFF}".as_bytes());
         let mut out = Vec::new();
         for item in self.inner.timers.range(..=end).take(limit) {
             let (k, _) = item?;

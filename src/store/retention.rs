@@ -115,10 +115,22 @@ pub fn request_prunable(request: &AccessRequest, cutoff: Instant, lease: LeaseFa
         && !holds.any()
 }
 
-/// The ids (requests and leases) named by outbox entries still to deliver.
-fn outbox_references(store: &Store) -> Result<BTreeSet<String>, StoreError> {
+/// The first outbox entry id not yet handed out. Read under the writer
+/// lock (every commit adding entries holds it, and entry ids grow with each
+/// commit), so every entry below it is committed and a later one is at or
+/// above it.
+fn outbox_mark(store: &Store) -> Result<u64, StoreError> {
+    let _guard = store.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+    super::counter(&store.inner.meta, super::NEXT_OUTBOX)
+}
+
+/// The ids (requests and leases) named by outbox entries still to deliver
+/// whose entry id is `from` or later.
+fn outbox_references(store: &Store, from: u64) -> Result<BTreeSet<String>, StoreError> {
     let mut out = BTreeSet::new();
-    for (_, item, _) in store.outbox(usize::MAX)? {
+    for entry in store.inner.outbox.range(from.to_be_bytes()..) {
+        let (k, v) = entry?;
+        let item = super::outbox::upgrade(decode(&k, &v)?).item;
         match item {
             OutboxItem::PostApproval { request } | OutboxItem::UpdateApproval { request } => {
                 out.insert(request.to_string());
@@ -134,6 +146,21 @@ fn outbox_references(store: &Store) -> Result<BTreeSet<String>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// The ids outbox entries name: those a pass collected once, without the
+/// writer lock, from the entries below a mark, and (under the lock, when
+/// removing) those of entries added since. An entry delivered since the
+/// scan still counts: that only keeps a record one pass longer.
+struct OutboxRefs<'a> {
+    scanned: &'a BTreeSet<String>,
+    fresh: BTreeSet<String>,
+}
+
+impl OutboxRefs<'_> {
+    fn contains(&self, id: &str) -> bool {
+        self.scanned.contains(id) || self.fresh.contains(id)
+    }
 }
 
 fn has_timer(store: &Store, id: &str) -> Result<bool, StoreError> {
@@ -211,7 +238,7 @@ impl Store {
         &self,
         rec: &RequestRecord,
         cutoff: Instant,
-        outbox: &BTreeSet<String>,
+        outbox: &OutboxRefs<'_>,
     ) -> Result<bool, StoreError> {
         let id = rec.request.id.as_str();
         let holds = Holds {
@@ -235,7 +262,7 @@ impl Store {
         &self,
         rec: &LeaseRecord,
         cutoff: Instant,
-        outbox: &BTreeSet<String>,
+        outbox: &OutboxRefs<'_>,
     ) -> Result<bool, StoreError> {
         let id = rec.lease.id.as_str();
         let holds = Holds {
@@ -248,7 +275,12 @@ impl Store {
     }
 
     async fn prune_requests(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
-        let outbox = outbox_references(self)?;
+        let mark = outbox_mark(self)?;
+        let scanned = outbox_references(self, 0)?;
+        let outbox = OutboxRefs {
+            scanned: &scanned,
+            fresh: BTreeSet::new(),
+        };
         let mut total = 0;
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -261,18 +293,12 @@ impl Store {
                 self.request_is_prunable(&rec, cutoff, &outbox)
             })?;
             if !ids.is_empty() {
-                let n =
-                    self.remove_checked(
-                        &self.inner.requests,
-                        &ids,
-                        |id, outbox| match super::read_request(
-                            &self.inner.requests,
-                            &jitbot_core::RequestId::new(id),
-                        )? {
-                            Some(rec) => self.request_is_prunable(&rec, cutoff, outbox),
-                            None => Ok(false),
-                        },
-                    )?;
+                let n = self.remove_checked(&self.inner.requests, &ids, (&scanned, mark), |id, outbox| {
+                    match super::read_request(&self.inner.requests, &jitbot_core::RequestId::new(id))? {
+                        Some(rec) => self.request_is_prunable(&rec, cutoff, outbox),
+                        None => Ok(false),
+                    }
+                })?;
                 crate::metrics::store_pruned("request", n);
                 total += n;
                 self.flush_committed().await?;
@@ -286,7 +312,12 @@ impl Store {
     }
 
     async fn prune_leases(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
-        let outbox = outbox_references(self)?;
+        let mark = outbox_mark(self)?;
+        let scanned = outbox_references(self, 0)?;
+        let outbox = OutboxRefs {
+            scanned: &scanned,
+            fresh: BTreeSet::new(),
+        };
         let mut total = 0;
         let mut after: Option<Vec<u8>> = None;
         loop {
@@ -299,7 +330,7 @@ impl Store {
                 self.lease_is_prunable(&rec, cutoff, &outbox)
             })?;
             if !ids.is_empty() {
-                let n = self.remove_checked(&self.inner.leases, &ids, |id, outbox| {
+                let n = self.remove_checked(&self.inner.leases, &ids, (&scanned, mark), |id, outbox| {
                     match read_lease(&self.inner.leases, &LeaseId::new(id))? {
                         Some(rec) => self.lease_is_prunable(&rec, cutoff, outbox),
                         None => Ok(false),
@@ -351,18 +382,24 @@ impl Store {
     }
 
     /// Removes the keys of `tree` that `still` (checked again under the
-    /// writer lock, where nothing else changes the store, with the outbox's
-    /// references as they are then) says may go, in one atomic batch.
-    /// Returns how many went.
+    /// writer lock, where nothing else changes the store) says may go, in
+    /// one atomic batch. The outbox's references are those `scanned` once
+    /// per pass (entries below `mark`) and, read under the lock, those of
+    /// the few entries added since: the whole outbox is never read under
+    /// the lock. Returns how many went.
     fn remove_checked(
         &self,
         tree: &sled::Tree,
         ids: &[String],
-        still: impl Fn(&str, &BTreeSet<String>) -> Result<bool, StoreError>,
+        (scanned, mark): (&BTreeSet<String>, u64),
+        still: impl Fn(&str, &OutboxRefs<'_>) -> Result<bool, StoreError>,
     ) -> Result<u64, StoreError> {
         self.check_healthy()?;
         let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let outbox = outbox_references(self)?;
+        let outbox = OutboxRefs {
+            scanned,
+            fresh: outbox_references(self, mark)?,
+        };
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for id in ids {
@@ -497,9 +534,10 @@ impl Store {
         archive::write_file(&s.archive_dir, &records).map(Some)
     }
 
-    /// Finishes a move a crash interrupted: records of the last archive file
-    /// that the store still holds (the same bytes) are removed from the
-    /// store. Refuses to go on when the archive and the store disagree.
+    /// Finishes a move a crash interrupted (or catches a restored backup up
+    /// with the archive): records of every archive file past the store's
+    /// base that the store still holds (the same bytes) are removed from
+    /// the store. Refuses to go on when the archive and the store disagree.
     pub async fn reconcile_archive(&self, s: &RetentionSettings) -> Result<u64, StoreError> {
         archive::remove_leftovers(&s.archive_dir)?;
         let files = archive::list(&s.archive_dir)?;
@@ -514,18 +552,33 @@ impl Store {
                 base.seq
             )));
         }
-        let Some(last) = files.last().filter(|f| f.last > base.seq) else {
+        // Every file past the base: a backup from before a pass may be
+        // restored next to files the pass wrote later.
+        let from = files.partition_point(|f| f.last <= base.seq);
+        let tail = &files[from..];
+        if tail.is_empty() {
             return Ok(0);
-        };
+        }
         let mut leftover = Vec::new();
-        for rec in archive::Reader::new(std::slice::from_ref(last)) {
+        for rec in archive::Reader::new(tail) {
             let rec = rec?;
             if rec.seq > base.seq {
+                let expected = base.seq + 1 + leftover.len() as u64;
+                if rec.seq != expected {
+                    return Err(StoreError::Invariant(format!(
+                        "the audit archive in {} holds record {} where record {expected} should come next \
+                         (in {}): archive files are missing or overlap. Put the files back and check them with \
+                         `jitbot audit verify --archive`; nothing is archived until then",
+                        s.archive_dir.display(),
+                        rec.seq,
+                        tail[rec.file].name()
+                    )));
+                }
                 leftover.push((rec.seq, rec.bytes));
             }
         }
         tracing::info!(
-            file = %last.name(),
+            files = tail.len(),
             records = leftover.len(),
             "finishing an audit archive move a restart interrupted"
         );

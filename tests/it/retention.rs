@@ -524,3 +524,299 @@ max_duration = "4h"
     let alone = get("/admin/audit/verify".into()).await;
     assert!(alone.contains("earlier ones are archived"), "{alone}");
 }
+
+/// `n` more audit records, one commit each, a minute apart from a day after `t0`.
+async fn brk17_write_more_audit(store: &Store, n: u64) {
+    for i in 0..n {
+        store
+            .update(t0() + Duration::days(1) + Duration::minutes(i as i64), |tx| {
+                tx.audit(AuditDraft {
+                    actor: "alice".into(),
+                    action: "request.opened".into(),
+                    detail: format!("later record {}", i + 1),
+                    ..AuditDraft::default()
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// A store whose records 1..=19 are archived (files 1-10 and 11-19) and
+/// 20..=35 are still in the store; the first archive file is replaced by a
+/// FIFO, so a reader of the archive stops on it until the test feeds it.
+/// Returns the store, the settings, the FIFO's path and the file's bytes.
+async fn brk17_archive_with_a_slow_first_file(tmp: &Path) -> (Store, RetentionSettings, PathBuf, Vec<u8>) {
+    let store = Store::open(&tmp.join("db"), 16).unwrap();
+    write_audit(&store, 20).await;
+    let s = RetentionSettings {
+        batch: 4,
+        archive_chunk: 10,
+        ..settings(tmp)
+    };
+    let now = t0() + Duration::days(100);
+    assert_eq!(store.prune(now, &s).await.unwrap().audit, 19);
+    brk17_write_more_audit(&store, 15).await;
+    assert_eq!(store.audit_head().unwrap().seq, 35);
+    let files = archive_files(&s.archive_dir);
+    assert_eq!(files.len(), 2, "{files:?}");
+    let bytes = std::fs::read(&files[0]).unwrap();
+    std::fs::remove_file(&files[0]).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&files[0])
+        .status()
+        .expect("mkfifo (coreutils) runs");
+    assert!(made.success());
+    (store, s, files[0].clone(), bytes)
+}
+
+/// Feeds the FIFO the archive file's bytes (blocks until a reader opens it).
+fn brk17_feed(fifo: &Path, bytes: &[u8]) {
+    let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+    w.write_all(bytes).unwrap();
+}
+
+// Shows: `audit export` (`audit_with_archive`) racing a retention pass silently drops the
+// records the pass moved from the store to a new archive file after export listed the files
+// (21..34 are in neither part it reads). Fix: after reading the store, re-list the archive
+// and read any file past the last one read (or read the store under a snapshot taken with
+// the file list, e.g. hold off removals while an export/verify runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_export_racing_a_retention_pass_loses_no_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s, fifo, bytes) = brk17_archive_with_a_slow_first_file(tmp.path()).await;
+    let exporter = {
+        let store = store.clone();
+        let dir = s.archive_dir.clone();
+        std::thread::spawn(move || store.audit_with_archive(Some(&dir)))
+    };
+    // The export has listed the files and waits on the first one.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Meanwhile a pass archives 20..=34 (a file 20-29 and one 30-34).
+    let pruned = store.prune(t0() + Duration::days(100), &s).await.unwrap();
+    assert_eq!(pruned.audit, 15);
+    brk17_feed(&fifo, &bytes);
+    let exported = exporter.join().unwrap().unwrap();
+    let seqs: Vec<u64> = exported.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=35).collect::<Vec<_>>(),
+        "the export lost records a racing pass archived"
+    );
+}
+
+// Shows: `audit verify --archive` racing a retention pass reports a broken chain ("sequence
+// jumps ... an archive file is missing") on an intact archive + store: it lists the files
+// before the pass writes a new one and reads the store after the pass removed its records.
+// Fix: re-list the archive when the store's records start past the last file read (or take
+// the file list and the store view as one moment, under the writer lock / a removal guard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_racing_a_retention_pass_reads_the_files_that_appear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s, fifo, bytes) = brk17_archive_with_a_slow_first_file(tmp.path()).await;
+    let verifier = {
+        let store = store.clone();
+        let dir = s.archive_dir.clone();
+        std::thread::spawn(move || store.verify_audit_with_archive(&dir, None))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pruned = store.prune(t0() + Duration::days(100), &s).await.unwrap();
+    assert_eq!(pruned.audit, 15);
+    brk17_feed(&fifo, &bytes);
+    let checked = verifier.join().unwrap().unwrap();
+    assert_eq!(
+        checked,
+        AuditCheck::Intact { records: 35 },
+        "an intact archive + store reported broken while a pass ran"
+    );
+}
+
+// Shows: restoring last night's backup (taken before a pass archived more than one file) next
+// to the same archive makes `verify --archive` fail with a false "in the store and in the
+// archive ... differ" (`overlap` reads only the last file), and the next pass's reconcile would
+// remove only the last file's records, leaving 1..=10 below the new base. Fix: in `overlap` and
+// `reconcile_archive`, take every file past the store's base (from `base.seq + 1`, checking
+// bytes), not just the last one.
+#[tokio::test]
+async fn a_backup_from_before_archiving_several_files_restores_next_to_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    write_audit(&store, 35).await;
+    let mut backup = Vec::new();
+    store.backup(&mut backup).unwrap();
+    let s = RetentionSettings {
+        batch: 4,
+        archive_chunk: 10,
+        ..settings(tmp.path())
+    };
+    let now = t0() + Duration::days(100);
+    assert_eq!(store.prune(now, &s).await.unwrap().audit, 34);
+    assert_eq!(archive_files(&s.archive_dir).len(), 4);
+    drop(store);
+    // The disk is lost; the backup is restored into a new store, same archive_dir.
+    let restored = Store::open(&tmp.path().join("db2"), 16).unwrap();
+    restored.restore(backup.as_slice()).await.unwrap();
+    assert_eq!(
+        restored.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 35 },
+        "right after the restore"
+    );
+    let pass = restored.prune(now, &s).await;
+    assert!(pass.is_ok(), "the first pass after the restore: {pass:?}");
+    assert!(restored.check_consistency().unwrap().is_empty());
+    assert_eq!(
+        restored.verify_audit().unwrap(),
+        AuditCheck::Intact { records: 35 }
+    );
+    assert_eq!(
+        restored.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 35 }
+    );
+    let seqs: Vec<u64> = restored
+        .audit_with_archive(Some(&s.archive_dir))
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=35).collect::<Vec<_>>());
+}
+
+// Shows: with `retain` removed from the config (retention off, so no archive_dir is set),
+// `audit export` silently starts at the store's base: the archived records vanish from the
+// export with no word. Fix: when `audit_base` > 0 and no archive is given, refuse (or say
+// "records 1..N are archived; pass --archive DIR") instead of exporting a silent suffix.
+#[tokio::test]
+async fn audit_export_without_an_archive_refuses_when_records_are_archived() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("db");
+    let store = Store::open(&path, 16).unwrap();
+    write_audit(&store, 12).await;
+    let s = settings(tmp.path());
+    assert_eq!(
+        store.prune(t0() + Duration::days(100), &s).await.unwrap().audit,
+        11
+    );
+    drop(store);
+    // Restarted without `retain`: nothing calls set_archive_dir.
+    let store = Store::open(&path, 16).unwrap();
+    assert!(store.archive_dir().is_none());
+    match store.audit_with_archive(store.archive_dir()) {
+        Err(e) => assert!(e.to_string().contains("archive"), "{e}"),
+        Ok(rows) => assert_eq!(
+            rows.first().map(|e| e.seq),
+            Some(1),
+            "export silently began at record {:?} of 12",
+            rows.first().map(|e| e.seq)
+        ),
+    }
+}
+
+// Shows: a pass holds the store's writer lock while it reads and decodes the *whole* outbox
+// (`remove_checked` → `outbox_references`), once per batch; with a notice backlog (Slack down)
+// every commit — a revocation's included — waits for that scan, far more than "one small
+// batch". Fix: keep a maintained index of ids the outbox names (or check each candidate id
+// against such an index) instead of scanning the outbox under the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk17_a_pass_does_not_hold_the_writer_lock_for_a_whole_outbox_scan() {
+    let bot = TestBot::new();
+    let store = bot.engine.store().clone();
+    // Old finished requests: the pass has something to remove, in a few batches.
+    for i in 0..3 {
+        let id = TestBot::request_id(&bot.ok("erin", &format!("request db-admins 1h old {i}")).await);
+        bot.ok("bob", &format!("deny {id} no")).await;
+    }
+    bot.advance(Duration::days(400));
+    let now = bot.engine.now();
+    drain_outbox(&store, now);
+    // A backlog of 60,000 card updates that could not be delivered.
+    for chunk in 0..60 {
+        store
+            .update(now, |tx| {
+                for i in 0..1000 {
+                    tx.outbox(OutboxItem::UpdateApproval {
+                        request: RequestId::new(format!("r-backlog-{chunk}-{i}")),
+                    });
+                }
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+    }
+    let commit = |store: Store| async move {
+        let started = std::time::Instant::now();
+        store
+            .update(now, |tx| {
+                tx.audit(AuditDraft {
+                    actor: "jitbot".into(),
+                    action: "lease.revoked".into(),
+                    detail: "a revocation's commit".into(),
+                    ..AuditDraft::default()
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        started.elapsed()
+    };
+    let mut baseline = std::time::Duration::ZERO;
+    for _ in 0..5 {
+        baseline = baseline.max(commit(store.clone()).await);
+    }
+    let s = RetentionSettings {
+        batch: 1,
+        ..RetentionSettings::new(
+            Span::parse_long("30d").unwrap(),
+            bot.path.parent().unwrap().join("arch"),
+        )
+    };
+    let pass = {
+        let store = store.clone();
+        tokio::spawn(async move { store.prune(now, &s).await })
+    };
+    let mut worst = std::time::Duration::ZERO;
+    while !pass.is_finished() {
+        worst = worst.max(commit(store.clone()).await);
+    }
+    let pruned = pass.await.unwrap().unwrap();
+    assert!(pruned.requests >= 3, "{pruned:?}");
+    assert!(
+        worst < baseline + std::time::Duration::from_millis(50),
+        "a commit waited {worst:?} behind the pass (commits alone: {baseline:?})"
+    );
+}
+
+// Shows: after `archive_dir` is changed (files left in the old place), `audit export` reads the
+// new, empty directory and the store and returns records 12.. as if they were the whole
+// trail, with no error — while the pass itself refuses ("archive files are missing").
+// Fix: in `audit_with_archive`, check the archive ends at `audit_base` (as `reconcile_archive`
+// does) and fail naming the gap.
+#[tokio::test]
+async fn audit_export_from_a_changed_archive_dir_names_the_missing_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    write_audit(&store, 12).await;
+    let s = settings(tmp.path());
+    assert_eq!(
+        store.prune(t0() + Duration::days(100), &s).await.unwrap().audit,
+        11
+    );
+    let moved = tmp.path().join("new-archive");
+    std::fs::create_dir_all(&moved).unwrap();
+    let pass = store
+        .prune(
+            t0() + Duration::days(100),
+            &RetentionSettings::new(s.retain, moved.clone()),
+        )
+        .await;
+    assert!(pass.is_err(), "the pass notices the missing files");
+    match store.audit_with_archive(Some(&moved)) {
+        Err(e) => assert!(e.to_string().contains("missing"), "{e}"),
+        Ok(rows) => assert_eq!(
+            rows.first().map(|e| e.seq),
+            Some(1),
+            "export silently began at record {:?} of 12",
+            rows.first().map(|e| e.seq)
+        ),
+    }
+}

@@ -36,3 +36,33 @@ async fn many_concurrent_flushed_updates_complete() {
     assert_eq!(store.timer_count(), 200);
     assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 200 });
 }
+
+// Shows: `due_timers(now)` rounds `now` up to the ms as it does timer keys, so a timer due
+// later in the same millisecond is handed out early (the test bot, the simulator and the
+// bench drive timers with it; `expire` then re-arms the same key and `run_due` spins).
+// Fix: bound the range by `now` rounded *down* (keys whose ms ≤ floor(now)), not up.
+#[tokio::test]
+async fn due_timers_never_hands_out_a_timer_before_its_instant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    let ms = chrono::DateTime::from_timestamp_millis(1_780_000_000_123).unwrap();
+    let due = ms + chrono::Duration::microseconds(700);
+    store
+        .update(ms, |tx| {
+            tx.set_timer(TimerKind::Expire, "l-1", due);
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+    let now = ms + chrono::Duration::microseconds(200);
+    let early: Vec<_> = store
+        .due_timers(now, 10)
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.id == "l-1")
+        .collect();
+    assert!(
+        early.is_empty(),
+        "at {now} the timer due {due} was handed out: {early:?}"
+    );
+}
