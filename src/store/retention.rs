@@ -275,43 +275,46 @@ impl Store {
     }
 
     async fn prune_requests(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
-        let mark = outbox_mark(self)?;
-        let scanned = outbox_references(self, 0)?;
-        let outbox = OutboxRefs {
-            scanned: &scanned,
-            fresh: BTreeSet::new(),
+        let decode_request = |k: &[u8], v: &[u8]| {
+            RequestRecord::try_from(decode::<StoredRequest>(k, v)?).map_err(|error| StoreError::Corrupt {
+                key: String::from_utf8_lossy(k).into_owned(),
+                error,
+            })
         };
-        let mut total = 0;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let (ids, next) = self.scan(&self.inner.requests, after.take(), batch, |k, v| {
-                let stored: StoredRequest = decode(k, v)?;
-                let rec = RequestRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(k).into_owned(),
-                    error,
-                })?;
-                self.request_is_prunable(&rec, cutoff, &outbox)
-            })?;
-            if !ids.is_empty() {
-                let n = self.remove_checked(&self.inner.requests, &ids, (&scanned, mark), |id, outbox| {
-                    match super::read_request(&self.inner.requests, &jitbot_core::RequestId::new(id))? {
-                        Some(rec) => self.request_is_prunable(&rec, cutoff, outbox),
-                        None => Ok(false),
-                    }
-                })?;
-                crate::metrics::store_pruned("request", n);
-                total += n;
-                self.flush_committed().await?;
-            }
-            tokio::task::yield_now().await;
-            match next {
-                Some(k) => after = Some(k),
-                None => return Ok(total),
-            }
-        }
+        self.prune_tree(
+            &self.inner.requests,
+            "request",
+            batch,
+            decode_request,
+            |rec, outbox| self.request_is_prunable(rec, cutoff, outbox),
+        )
+        .await
     }
 
     async fn prune_leases(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
+        let decode_lease = |k: &[u8], v: &[u8]| {
+            LeaseRecord::try_from(decode::<StoredLease>(k, v)?).map_err(|error| StoreError::Corrupt {
+                key: String::from_utf8_lossy(k).into_owned(),
+                error,
+            })
+        };
+        self.prune_tree(&self.inner.leases, "lease", batch, decode_lease, |rec, outbox| {
+            self.lease_is_prunable(rec, cutoff, outbox)
+        })
+        .await
+    }
+
+    /// One pass over `tree`: candidates are picked without the writer lock,
+    /// then each batch is read again and re-checked under it
+    /// (`remove_checked`), flushed, and the task yields before the next.
+    async fn prune_tree<R>(
+        &self,
+        tree: &sled::Tree,
+        kind: &'static str,
+        batch: usize,
+        decode_record: impl Fn(&[u8], &[u8]) -> Result<R, StoreError>,
+        prunable: impl Fn(&R, &OutboxRefs<'_>) -> Result<bool, StoreError>,
+    ) -> Result<u64, StoreError> {
         let mark = outbox_mark(self)?;
         let scanned = outbox_references(self, 0)?;
         let outbox = OutboxRefs {
@@ -321,22 +324,16 @@ impl Store {
         let mut total = 0;
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let (ids, next) = self.scan(&self.inner.leases, after.take(), batch, |k, v| {
-                let stored: StoredLease = decode(k, v)?;
-                let rec = LeaseRecord::try_from(stored).map_err(|error| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(k).into_owned(),
-                    error,
-                })?;
-                self.lease_is_prunable(&rec, cutoff, &outbox)
+            let (ids, next) = self.scan(tree, after.take(), batch, |k, v| {
+                prunable(&decode_record(k, v)?, &outbox)
             })?;
             if !ids.is_empty() {
-                let n = self.remove_checked(&self.inner.leases, &ids, (&scanned, mark), |id, outbox| {
-                    match read_lease(&self.inner.leases, &LeaseId::new(id))? {
-                        Some(rec) => self.lease_is_prunable(&rec, cutoff, outbox),
+                let n =
+                    self.remove_checked(tree, &ids, (&scanned, mark), |id, outbox| match tree.get(id)? {
+                        Some(v) => prunable(&decode_record(id.as_bytes(), &v)?, outbox),
                         None => Ok(false),
-                    }
-                })?;
-                crate::metrics::store_pruned("lease", n);
+                    })?;
+                crate::metrics::store_pruned(kind, n);
                 total += n;
                 self.flush_committed().await?;
             }
