@@ -135,9 +135,11 @@ pub(super) enum Backend {
 /// under it sees the current state of every replica's commits.
 pub(super) struct Writer<'s> {
     store: &'s Store,
-    _lock: MutexGuard<'s, ()>,
-    /// The open PostgreSQL transaction (rolled back if dropped).
+    /// The open PostgreSQL transaction (rolled back if dropped). Declared
+    /// before the lock, so it is dropped first: the rollback reaches the
+    /// connection before another writer's BEGIN can.
     pg: Option<super::pg::Open<'s>>,
+    _lock: MutexGuard<'s, ()>,
 }
 
 fn tx_error(e: TransactionError<StoreError>) -> StoreError {
@@ -165,8 +167,8 @@ impl Store {
         };
         Ok(Writer {
             store: self,
-            _lock: lock,
             pg,
+            _lock: lock,
         })
     }
 

@@ -197,12 +197,15 @@ fn migrate_with(client: &mut postgres::Client) -> Result<usize, StoreError> {
 }
 
 fn schema_version(client: &mut postgres::Client) -> Result<i32, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('jitbot_schema') IS NOT NULL", &[])
+        .map_err(|e| pg_error("reading the schema version", &e))?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
     let row = client
-        .query_one(
-            "SELECT CASE WHEN to_regclass('jitbot_schema') IS NULL THEN 0 ELSE \
-             (SELECT coalesce(max(version), 0) FROM jitbot_schema) END",
-            &[],
-        )
+        .query_one("SELECT coalesce(max(version), 0) FROM jitbot_schema", &[])
         .map_err(|e| pg_error("reading the schema version", &e))?;
     Ok(row.get(0))
 }

@@ -62,6 +62,8 @@ impl Store {
 
     /// Removes ids whose replay window has passed; returns how many.
     pub fn prune_seen(&self, now: Instant) -> Result<usize, StoreError> {
+        // Under the writer lock: with PostgreSQL, the mirror is current.
+        let writer = self.writer()?;
         let mut expired = Vec::new();
         for item in self.inner.seen.iter() {
             let (key, value) = item?;
@@ -72,7 +74,7 @@ impl Store {
         if expired.is_empty() {
             return Ok(0);
         }
-        self.writer()?.transact([TreeId::Seen], |[seen]| {
+        writer.transact([TreeId::Seen], |[seen]| {
             let mut removed = 0;
             for key in &expired {
                 // Only if still expired: a fresh sighting of the same id stays.

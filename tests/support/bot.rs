@@ -1,12 +1,14 @@
 //! `TestBot`: the engine with an in-memory directory, a real sled store in a
-//! temporary directory and a clock the test moves. Built with a builder so
-//! each test says only what differs.
+//! temporary directory (or, with `.postgres()`, a replica of a new database
+//! on the test PostgreSQL) and a clock the test moves. Built with a builder
+//! so each test says only what differs.
 
 use chrono::{Duration, TimeZone, Utc};
 use jitbot::clock::ManualClock;
 use jitbot::directory::memory::MemoryDirectory;
 use jitbot::engine::{Caller, Engine, EngineSettings, Reply};
 use jitbot::ports::Directory;
+use super::postgres::Database;
 use jitbot::store::Store;
 use jitbot_core::policy::{GroupPolicy, Policy};
 use jitbot_core::{Command, Span, UserId};
@@ -47,6 +49,8 @@ pub struct TestBot {
     pub dir: Arc<MemoryDirectory>,
     pub clock: ManualClock,
     pub path: PathBuf,
+    /// The database, when the store is on PostgreSQL.
+    pub pg: Option<Arc<Database>>,
     _tmp: Arc<tempfile::TempDir>,
 }
 
@@ -54,6 +58,15 @@ pub struct Builder {
     policy: Policy,
     settings: EngineSettings,
     directory: Option<Arc<dyn Directory>>,
+    postgres: bool,
+}
+
+/// Opens the store at `path`: sled, or a replica of `pg`.
+pub fn open_store(path: &std::path::Path, pg: Option<&Database>) -> Result<Store, jitbot::store::StoreError> {
+    match pg {
+        Some(db) => Store::open_postgres(path, 16, &db.settings()),
+        None => Store::open(path, 16),
+    }
 }
 
 impl Builder {
@@ -76,13 +89,20 @@ impl Builder {
         self.directory = Some(directory);
         self
     }
+    /// Keeps the store in a new database on the test PostgreSQL (the sled
+    /// directory is this replica's mirror).
+    pub fn postgres(mut self) -> Self {
+        self.postgres = true;
+        self
+    }
     pub fn build(self) -> TestBot {
         let tmp = Arc::new(tempfile::tempdir().expect("tempdir"));
         let path = tmp.path().join("db");
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap());
         let memory = seeded();
         let directory: Arc<dyn Directory> = self.directory.unwrap_or_else(|| memory.clone());
-        let store = Store::open(&path, 16).expect("open store");
+        let pg = self.postgres.then(|| Arc::new(Database::create()));
+        let store = open_store(&path, pg.as_deref()).expect("open store");
         let engine = Engine::new(
             self.policy,
             store,
@@ -95,6 +115,7 @@ impl Builder {
             dir: memory,
             clock,
             path,
+            pg,
             _tmp: tmp,
         }
     }
@@ -122,6 +143,7 @@ impl TestBot {
                 ..EngineSettings::default()
             },
             directory: None,
+            postgres: false,
         }
     }
 
@@ -200,6 +222,7 @@ impl TestBot {
             dir,
             clock,
             path,
+            pg,
             _tmp,
         } = self;
         let settings = engine.settings().clone();
@@ -208,7 +231,7 @@ impl TestBot {
         // for a moment after the engine is gone.
         let mut tries = 0;
         let store = loop {
-            match Store::open(&path, 16) {
+            match open_store(&path, pg.as_deref()) {
                 Err(jitbot::store::StoreError::Locked { .. }) if tries < 100 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -222,6 +245,7 @@ impl TestBot {
             dir,
             clock,
             path,
+            pg,
             _tmp,
         }
     }

@@ -1,0 +1,378 @@
+//! The store on PostgreSQL (a real server, `support::postgres`): replicas
+//! sharing one database see each other's commits, concurrent writers keep
+//! the audit chain and the one-live-lease rule, a crash between the
+//! database's COMMIT and the mirror loses nothing, a failed COMMIT changes
+//! nothing, and the engine's whole flow runs on it against slapd.
+
+use crate::support::bot::{open_store, policy, TestBot, DB};
+use crate::support::postgres::Database;
+use crate::support::slapd::{self, Slapd, DB_ADMINS};
+use chrono::{Duration, Utc};
+use jitbot::directory::ldap::LdapDirectory;
+use jitbot::engine::Engine;
+use jitbot::store::{AuditCheck, AuditDraft, LeaseRecord, Store, StoreError, TimerKind};
+use jitbot_core::policy::Policy;
+use jitbot_core::{Lease, LeaseId, LeaseState, RequestId, Span, UserId};
+use std::sync::Arc;
+
+fn draft(action: &str) -> AuditDraft {
+    AuditDraft {
+        actor: "test".into(),
+        action: action.into(),
+        ..Default::default()
+    }
+}
+
+/// Commits one timer and one audit record.
+async fn write(store: &Store, timer: &str) -> Result<(), StoreError> {
+    store
+        .update(Utc::now(), |tx| {
+            tx.set_timer(TimerKind::Warn, timer, Utc::now());
+            tx.audit(draft("test.write"));
+            Ok::<(), StoreError>(())
+        })
+        .await
+}
+
+/// A second replica of `bot`'s database, sharing its clock and directory.
+fn second_replica(bot: &TestBot, dir: &tempfile::TempDir) -> Engine {
+    let store = open_store(&dir.path().join("b"), bot.pg.as_deref()).expect("open replica b");
+    Engine::new(
+        policy(),
+        store,
+        bot.dir.clone(),
+        Arc::new(bot.clock.clone()),
+        bot.engine.settings().clone(),
+    )
+}
+
+#[tokio::test]
+async fn a_write_on_one_replica_is_seen_by_the_others_next_transaction() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    write(&a, "x-1").await.unwrap();
+    assert_eq!(b.timer_count(), 0, "b's mirror is not refreshed yet");
+    write(&b, "x-2").await.unwrap();
+    assert_eq!(b.timer_count(), 2, "b's transaction pulled a's write first");
+    a.refresh().unwrap();
+    assert_eq!(a.timer_count(), 2, "a refresh pulls b's write");
+    for s in [&a, &b] {
+        assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    }
+    // A third replica starts from nothing and loads everything.
+    let c = Store::open_postgres(&tmp.path().join("c"), 16, &db.settings()).unwrap();
+    assert_eq!(c.timer_count(), 2);
+    assert_eq!(c.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    // One version per commit: the schema marker written at the first open, then the two writes.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_two_replicas_keep_the_audit_chain_intact() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.spawn(async move { write(&store, &format!("x-{i}")).await });
+    }
+    let all = async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(120), all)
+        .await
+        .expect("concurrent writers on two replicas must not deadlock");
+    for s in [&a, &b] {
+        s.refresh().unwrap();
+        assert_eq!(s.timer_count(), 100);
+        assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 100 });
+        assert!(s.check_consistency().unwrap().is_empty());
+    }
+}
+
+/// A lease for `user` on db-admins, staged as granting.
+fn granting(id: &str, user: &str, now: chrono::DateTime<Utc>) -> LeaseRecord {
+    let lease = Lease::start(
+        LeaseId::new(id),
+        RequestId::new(format!("r-{id}")),
+        &policy().groups[0],
+        UserId::new(user),
+        Span::from_hours(1),
+        now,
+    );
+    LeaseRecord { lease, origin: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_never_make_two_live_leases_of_one_slot() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.spawn(async move {
+            store
+                .update(Utc::now(), |tx| {
+                    tx.put_lease(granting(&format!("l-{i}"), "alice", tx.now()));
+                    tx.audit(draft("lease.granting"));
+                    Ok::<(), StoreError>(())
+                })
+                .await
+        });
+    }
+    let mut won = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::Invariant(_)) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one lease takes the slot");
+    for s in [&a, &b] {
+        s.refresh().unwrap();
+        assert_eq!(s.live_leases().unwrap().len(), 1);
+        assert_eq!(s.leases().unwrap().len(), 1);
+        assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 1 });
+    }
+}
+
+#[tokio::test]
+async fn a_replica_with_a_stale_mirror_still_refuses_a_second_lease() {
+    let bot = TestBot::builder().postgres().build();
+    let tmp = tempfile::tempdir().unwrap();
+    // Replica b opens before the lease exists: its mirror knows nothing.
+    let b = second_replica(&bot, &tmp);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert!(bot.is_member(DB, "alice"));
+    assert!(b.store().live_leases().unwrap().is_empty(), "b is stale");
+    let result = b
+        .store()
+        .update(bot.engine.now(), |tx| {
+            tx.put_lease(granting("l-other", "Alice", tx.now()));
+            Ok::<(), StoreError>(())
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::Invariant(_))), "{result:?}");
+    assert_eq!(b.store().live_leases().unwrap().len(), 1, "the pull happened");
+    // And through the engine: a request on b while alice holds the lease
+    // extends nothing and grants nothing twice.
+    let reply = b
+        .execute(
+            &jitbot::engine::Caller::new("bob", None),
+            jitbot_core::Command::parse(&format!("approve {id}")).unwrap(),
+        )
+        .await;
+    assert!(!reply.ok, "already decided on replica a: {}", reply.text);
+}
+
+#[tokio::test]
+async fn an_approval_on_another_replica_grants_the_request_made_on_the_first() {
+    let bot = TestBot::builder().postgres().build();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = second_replica(&bot, &tmp);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    let reply = b
+        .execute(
+            &jitbot::engine::Caller::new("bob", None),
+            jitbot_core::Command::parse(&format!("approve {id}")).unwrap(),
+        )
+        .await;
+    assert!(reply.ok, "{}", reply.text);
+    assert!(bot.is_member(DB, "alice"));
+    bot.engine.store().refresh().unwrap();
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    // Expiry fired by replica a removes what b granted.
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(!bot.is_member(DB, "alice"));
+    b.store().refresh().unwrap();
+    let check = bot.engine.store().verify_audit().unwrap();
+    assert!(matches!(check, AuditCheck::Intact { .. }), "{check:?}");
+    assert_eq!(b.store().verify_audit().unwrap(), check, "both replicas hold one chain");
+}
+
+#[tokio::test]
+async fn a_crash_between_the_database_commit_and_the_mirror_loses_nothing() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("a");
+    {
+        let a = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+        write(&a, "x-1").await.unwrap();
+        a.lose_next_mirror_apply();
+        let lost = write(&a, "x-2").await;
+        assert!(lost.is_err(), "the caller is told: nothing acts on it");
+        assert_eq!(a.timer_count(), 1, "the mirror did not take it");
+        // Versions: the schema marker, x-1, x-2.
+        assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3", "the database did");
+    }
+    // The restarted replica pulls the change from the database.
+    let a = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+    assert_eq!(a.timer_count(), 2);
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    // And the next commit continues the chain from there.
+    write(&a, "x-3").await.unwrap();
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 3 });
+}
+
+#[tokio::test]
+async fn a_failed_commit_leaves_neither_the_database_nor_the_mirror_changed() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    write(&a, "x-1").await.unwrap();
+    a.fail_next_pg_commit();
+    let failed = write(&a, "x-2").await;
+    let err = failed.expect_err("the commit failed");
+    assert!(err.to_string().contains("nothing was acted on"), "{err}");
+    assert_eq!(a.timer_count(), 1, "the mirror is unchanged");
+    // Versions: the schema marker, x-1; nothing since.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "2");
+    assert_eq!(
+        db.value("SELECT count(*)::text FROM jitbot_kv WHERE tree = 'timers'"),
+        "1",
+        "the database is unchanged"
+    );
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    assert_eq!(b.timer_count(), 1);
+    write(&a, "x-3").await.unwrap();
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+}
+
+#[tokio::test]
+async fn a_payload_seen_on_one_replica_is_refused_on_another() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let now = Utc::now();
+    let until = jitbot::store::seen::REPLAY_WINDOW.after(now);
+    assert!(a.first_sighting("slack:act:1", until, now).await.unwrap());
+    assert!(!b.first_sighting("slack:act:1", until, now).await.unwrap());
+    assert!(b.first_sighting("slack:act:2", until, now).await.unwrap());
+    let later = jitbot::store::seen::REPLAY_WINDOW.after(now);
+    assert_eq!(a.prune_seen(later).unwrap(), 2);
+    b.refresh().unwrap();
+    assert_eq!(b.seen_len(), 0, "the sweep reached every replica");
+}
+
+#[tokio::test]
+async fn a_sled_store_is_not_taken_for_a_mirror() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("db");
+    {
+        let sled_store = Store::open(&path, 16).unwrap();
+        write(&sled_store, "x-1").await.unwrap();
+    }
+    let err = Store::open_postgres(&path, 16, &db.settings())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("jitbot store copy"), "{err}");
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_a_missing_schema_is_refused_without_migrate() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = db.settings();
+    settings.migrate = false;
+    let err = Store::open_postgres(&tmp.path().join("a"), 16, &settings)
+        .err()
+        .expect("no schema");
+    assert!(err.to_string().contains("jitbot migrate"), "{err}");
+    assert_eq!(jitbot::store::pg::migrate(&settings).unwrap(), 1);
+    assert_eq!(jitbot::store::pg::migrate(&settings).unwrap(), 0);
+    Store::open_postgres(&tmp.path().join("a"), 16, &settings).unwrap();
+    db.run("INSERT INTO jitbot_schema (version) VALUES (99)");
+    let err = jitbot::store::pg::migrate(&settings).unwrap_err();
+    assert!(err.to_string().contains("newer"), "{err}");
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_tls_url_is_refused_with_what_to_do() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = db.settings();
+    settings.password = Some(jitbot::secret::Secret::new("wrong"));
+    let err = Store::open_postgres(&tmp.path().join("a"), 16, &settings)
+        .err()
+        .expect("bad password");
+    assert!(err.to_string().contains("password"), "{err}");
+    let mut settings = db.settings();
+    settings.url = settings.url.replace("sslmode=disable", "sslmode=verify-full");
+    let err = Store::open_postgres(&tmp.path().join("b"), 16, &settings)
+        .err()
+        .expect("tls");
+    assert!(err.to_string().contains("sslmode"), "{err}");
+}
+
+#[tokio::test]
+async fn backup_of_a_replica_restores_into_another_database() {
+    let bot = TestBot::builder().postgres().build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let mut out = Vec::new();
+    let written = bot.engine.store().backup(&mut out).unwrap();
+    assert!(written > 0);
+    let target_db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = Store::open_postgres(&tmp.path().join("t"), 16, &target_db.settings()).unwrap();
+    assert_eq!(target.restore(out.as_slice()).await.unwrap(), written);
+    let again = Store::open_postgres(&tmp.path().join("t2"), 16, &target_db.settings()).unwrap();
+    assert_eq!(again.live_leases().unwrap().len(), 1);
+    assert!(again.check_consistency().unwrap().is_empty());
+    assert_eq!(
+        again.verify_audit().unwrap(),
+        bot.engine.store().verify_audit().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn request_approve_expire_against_slapd_on_postgres() {
+    let server = Slapd::start();
+    let groups = slapd::group_configs();
+    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
+    let policy = Policy {
+        groups: groups.iter().map(|g| g.to_policy()).collect(),
+        admins: Default::default(),
+    };
+    let bot = TestBot::builder()
+        .policy(|p| *p = policy.clone())
+        .directory(Arc::new(directory))
+        .postgres()
+        .build();
+    let alice = format!("uid=alice,{}", slapd::PEOPLE);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h fixing replication").await);
+    bot.ok("carol", &format!("approve {id}")).await;
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    assert!(server.values(DB_ADMINS, "member").await.contains(&alice));
+
+    // A crash and a restart on a new mirror: everything comes from PostgreSQL.
+    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
+    let mut bot = bot;
+    let fresh = tempfile::tempdir().unwrap();
+    bot.path = fresh.path().join("mirror");
+    let bot = bot.restart(Arc::new(directory), policy);
+    assert_eq!(bot.lease().state, LeaseState::Active);
+
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(!server.values(DB_ADMINS, "member").await.contains(&alice));
+    assert!(matches!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact { .. }
+    ));
+}
