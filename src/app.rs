@@ -187,6 +187,39 @@ pub fn audit_key(src: &crate::secret::SecretSource) -> anyhow::Result<crate::sec
     Ok(key)
 }
 
+/// How often a PostgreSQL replica pulls other replicas' commits between
+/// its own transactions (every transaction pulls first anyway).
+const MIRROR_REFRESH: Duration = Duration::from_secs(1);
+
+/// How `[store]` reaches PostgreSQL, when `kind = "postgres"`.
+pub fn pg_settings(store: &crate::config::StoreConfig) -> anyhow::Result<Option<crate::store::PgSettings>> {
+    if store.kind != crate::config::StoreKind::Postgres {
+        return Ok(None);
+    }
+    let url = store
+        .url
+        .clone()
+        .context("store.url: is missing; kind = \"postgres\" needs url = \"postgres://user@host:5432/dbname\"")?;
+    let password = match &store.password {
+        Some(src) => Some(src.resolve().context("store.password")?),
+        None => None,
+    };
+    Ok(Some(crate::store::PgSettings {
+        url,
+        password,
+        migrate: store.migrate,
+    }))
+}
+
+/// Opens the store `[store]` names: the sled directory, or a replica of
+/// the PostgreSQL database with its mirror in `path`.
+pub fn open_store(store: &crate::config::StoreConfig) -> anyhow::Result<Store> {
+    Ok(match pg_settings(store)? {
+        Some(settings) => Store::open_postgres(&store.path, store.cache_mb, &settings)?,
+        None => Store::open(&store.path, store.cache_mb)?,
+    })
+}
+
 /// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     for warning in config.warnings() {
@@ -196,7 +229,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(src) => Some(src.resolve_admin_token().context("server.admin_token")?),
         None => None,
     };
-    let store = Store::open(&config.store.path, config.store.cache_mb)?;
+    let store = open_store(&config.store)?;
     if let Some(src) = &config.audit.key {
         store.set_audit_key(audit_key(src)?);
     }
@@ -310,6 +343,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             store_watch.clone(),
             retention_clock,
             settings,
+            rx,
+        ));
+    }
+    if store_watch.is_postgres() {
+        let rx = running.shutdown_signal();
+        running.spawn(crate::store::pg::refresh_every(
+            store_watch.clone(),
+            MIRROR_REFRESH,
             rx,
         ));
     }

@@ -47,7 +47,7 @@ impl Store {
     /// interleaves with the read. Commits wait for the read (they never
     /// wait for the backup's output, which is written after the lock is
     /// released).
-    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+    pub(super) fn snapshot(&self) -> Result<Snapshot, StoreError> {
         // After a failed flush, memory may hold what the disk does not.
         self.check_healthy()?;
         let trees = TreeId::ALL.map(|t| self.tree(t));

@@ -19,6 +19,7 @@ mod archive;
 pub mod audit;
 mod backup;
 mod check;
+mod copy;
 mod kv;
 mod outbox;
 pub mod pg;
@@ -28,6 +29,7 @@ pub mod seen;
 mod timers;
 
 pub use archive::ArchiveFile;
+pub use copy::CopyReport;
 pub use audit::{Anchor, AuditCheck, Sealing};
 pub use outbox::OutboxJob;
 pub use pg::PgSettings;

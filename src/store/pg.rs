@@ -535,6 +535,27 @@ impl Store {
     }
 }
 
+/// Refreshes `store`'s mirror every `every` until shutdown (the refresh
+/// waits for the database on tokio's blocking pool).
+pub async fn refresh_every(
+    store: Store,
+    every: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.refresh()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot pull other replicas' changes from PostgreSQL; retrying"),
+            Err(e) => tracing::warn!(error = %e, "the mirror refresh task failed; retrying"),
+        }
+    }
+}
+
 // ---- the connection thread ----
 
 struct Conn {

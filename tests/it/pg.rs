@@ -376,3 +376,34 @@ async fn request_approve_expire_against_slapd_on_postgres() {
         AuditCheck::Intact { .. }
     ));
 }
+
+#[tokio::test]
+async fn store_copy_moves_a_sled_store_into_postgres_and_verifies_it() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let source_check = bot.engine.store().verify_audit().unwrap();
+    let path = bot.path.clone();
+    let TestBot { engine, .. } = bot;
+    drop(engine);
+    let db = Database::create();
+    let settings = db.settings();
+    let from = path.clone();
+    let report = tokio::task::spawn_blocking(move || Store::copy_to_postgres(&from, &settings, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.audit, source_check);
+    assert_eq!(report.counts.get("leases"), Some(&1));
+    let tmp = tempfile::tempdir().unwrap();
+    let replica = Store::open_postgres(&tmp.path().join("m"), 16, &db.settings()).unwrap();
+    assert_eq!(replica.live_leases().unwrap().len(), 1);
+    assert_eq!(replica.verify_audit().unwrap(), source_check);
+    // A second copy into the same database is refused.
+    let settings = db.settings();
+    let err = tokio::task::spawn_blocking(move || Store::copy_to_postgres(&path, &settings, None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("empty database"), "{err}");
+}
