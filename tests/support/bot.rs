@@ -250,3 +250,52 @@ impl TestBot {
         }
     }
 }
+
+/// Which store a test runs on: store-level behaviour is written once and
+/// run on both (see [`both_stores!`](crate::both_stores)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    /// A new database on the test PostgreSQL for every store opened.
+    Postgres,
+}
+
+impl Backend {
+    /// Opens a new store at `path` (a new database with PostgreSQL).
+    pub fn open(self, path: &std::path::Path) -> Store {
+        match self {
+            Backend::Sled => Store::open(path, 16).expect("open sled store"),
+            Backend::Postgres => {
+                let db = Database::create();
+                Store::open_postgres(path, 16, &db.settings()).expect("open PostgreSQL store")
+            }
+        }
+    }
+
+    /// A test bot builder on this store.
+    pub fn builder(self) -> Builder {
+        match self {
+            Backend::Sled => TestBot::builder(),
+            Backend::Postgres => TestBot::builder().postgres(),
+        }
+    }
+}
+
+/// Runs `async fn $name(backend: Backend)` as two tests, `$name::sled` and
+/// `$name::postgres`; a tokio test flavor may follow the name.
+#[macro_export]
+macro_rules! both_stores {
+    ($name:ident $(, $($flavor:tt)*)?) => {
+        mod $name {
+            use $crate::support::bot::Backend;
+            #[tokio::test $( ( $($flavor)* ) )?]
+            async fn sled() {
+                super::$name(Backend::Sled).await
+            }
+            #[tokio::test $( ( $($flavor)* ) )?]
+            async fn postgres() {
+                super::$name(Backend::Postgres).await
+            }
+        }
+    };
+}
