@@ -196,10 +196,9 @@ pub fn pg_settings(store: &crate::config::StoreConfig) -> anyhow::Result<Option<
     if store.kind != crate::config::StoreKind::Postgres {
         return Ok(None);
     }
-    let url = store
-        .url
-        .clone()
-        .context("store.url: is missing; kind = \"postgres\" needs url = \"postgres://user@host:5432/dbname\"")?;
+    let url = store.url.clone().context(
+        "store.url: is missing; kind = \"postgres\" needs url = \"postgres://user@host:5432/dbname\"",
+    )?;
     let password = match &store.password {
         Some(src) => Some(src.resolve().context("store.password")?),
         None => None,

@@ -257,11 +257,12 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Store {
-            cmd: StoreCmd::Copy {
-                from,
-                to,
-                audit_key_env,
-            },
+            cmd:
+                StoreCmd::Copy {
+                    from,
+                    to,
+                    audit_key_env,
+                },
         } => {
             let password = std::env::var("PGPASSWORD")
                 .ok()

@@ -1171,7 +1171,10 @@ max_duration = "4h"
                 "kind = \"postgres\"\nurl = \"postgres://db/jitbot?sslmode=verify-full\"",
                 "sslmode",
             ),
-            ("kind = \"postgres\"\nurl = \"postgres://u:pw@db/jitbot\"", "store.password"),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u:pw@db/jitbot\"",
+                "store.password",
+            ),
             ("kind = \"mysql\"", "unknown variant"),
         ] {
             let err = Config::parse(&pg(extra), "t.toml").unwrap_err().to_string();

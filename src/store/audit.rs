@@ -20,13 +20,13 @@
 //! opened without its key or with another one is refused before anything is
 //! written ([`Store::check_audit_key`]).
 
+use super::kv::{TreeId, View};
 use super::records::{AuditEntry, StoredAudit};
 use super::{encode, AuditDraft, Store, StoreError, AUDIT_HEAD};
 use crate::secret::Secret;
 use hmac::{Hmac, Mac};
 use jitbot_core::Instant;
 use sha2::{Digest, Sha256};
-use super::kv::{TreeId, View};
 use sled::transaction::ConflictableTransactionError;
 use std::fmt;
 use std::str::FromStr;
@@ -455,8 +455,8 @@ impl Store {
         let legacy = self
             .writer()?
             .transact([TreeId::Audit, TreeId::Meta], |[audit, meta]| {
-                let head =
-                    parse_head(meta.get(AUDIT_HEAD)?.as_deref()).map_err(ConflictableTransactionError::Abort)?;
+                let head = parse_head(meta.get(AUDIT_HEAD)?.as_deref())
+                    .map_err(ConflictableTransactionError::Abort)?;
                 if head.seq > 0 {
                     append(audit, meta, &seal, now, Some(key))?;
                 } else {

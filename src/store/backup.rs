@@ -6,9 +6,9 @@
 //! empty store.
 
 use super::check::{problems, Snapshot};
+use super::kv::TreeId;
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
-use super::kv::TreeId;
 use std::io::{BufRead, Write};
 
 const TREES: [&str; 11] = [

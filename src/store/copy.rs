@@ -56,7 +56,8 @@ impl Store {
             }
         }
         let counts = super::pg::copy_into(rows, to)?;
-        let dir = tempfile::tempdir().map_err(|e| StoreError::Io(format!("cannot make a temporary directory: {e}")))?;
+        let dir = tempfile::tempdir()
+            .map_err(|e| StoreError::Io(format!("cannot make a temporary directory: {e}")))?;
         let copy = Store::open_postgres(&dir.path().join("mirror"), 64, to)?;
         if let Some(key) = audit_key {
             copy.set_audit_key(key);

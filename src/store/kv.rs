@@ -219,23 +219,21 @@ impl Writer<'_> {
                 value.map_err(tx_error)?
             }
             Some(open) => {
-                let ended = sled_trees
-                    .as_slice()
-                    .transaction::<_, ()>(|views| {
-                        let log = RefCell::new(Vec::new());
-                        let ending = match run(views, &log) {
-                            Ok(value) => Ending::Captured(value, log.into_inner()),
-                            Err(ConflictableTransactionError::Abort(e)) => Ending::Failed(e),
-                            Err(ConflictableTransactionError::Conflict) => {
-                                return Err(ConflictableTransactionError::Conflict)
-                            }
-                            Err(ConflictableTransactionError::Storage(e)) => {
-                                Ending::Failed(StoreError::Io(e.to_string()))
-                            }
-                        };
-                        // Never let sled commit: PostgreSQL commits first.
-                        Err(ConflictableTransactionError::Abort(ending))
-                    });
+                let ended = sled_trees.as_slice().transaction::<_, ()>(|views| {
+                    let log = RefCell::new(Vec::new());
+                    let ending = match run(views, &log) {
+                        Ok(value) => Ending::Captured(value, log.into_inner()),
+                        Err(ConflictableTransactionError::Abort(e)) => Ending::Failed(e),
+                        Err(ConflictableTransactionError::Conflict) => {
+                            return Err(ConflictableTransactionError::Conflict)
+                        }
+                        Err(ConflictableTransactionError::Storage(e)) => {
+                            Ending::Failed(StoreError::Io(e.to_string()))
+                        }
+                    };
+                    // Never let sled commit: PostgreSQL commits first.
+                    Err(ConflictableTransactionError::Abort(ending))
+                });
                 let (value, log) = match ended {
                     Err(TransactionError::Abort(Ending::Captured(value, log))) => (value, log),
                     Err(TransactionError::Abort(Ending::Failed(e))) => return Err(e),

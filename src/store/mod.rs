@@ -29,8 +29,8 @@ pub mod seen;
 mod timers;
 
 pub use archive::ArchiveFile;
-pub use copy::CopyReport;
 pub use audit::{Anchor, AuditCheck, Sealing};
+pub use copy::CopyReport;
 pub use outbox::OutboxJob;
 pub use pg::PgSettings;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};

@@ -12,12 +12,12 @@
 //! destinations configured now. Every write here takes the store's writer
 //! lock, like [`Store::update`], so a backup never sees half of one.
 
+use super::kv::{Abort, TreeId, View};
 use super::records::{DestV2, OutboxV2, StoredOutbox, StoredRequest};
 use super::{decode, encode, OutboxItem, RequestRecord, Store, StoreError};
 use crate::chat::view::MessageRef;
 use crate::ports::Audience;
 use jitbot_core::{Instant, RequestId};
-use super::kv::{Abort, TreeId, View};
 use sled::transaction::ConflictableTransactionError;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -191,10 +191,10 @@ impl Store {
         &self,
         f: impl Fn(&View<'_>, &View<'_>, &View<'_>) -> Result<T, Abort>,
     ) -> Result<T, StoreError> {
-        self.writer()?
-            .transact([TreeId::Requests, TreeId::Outbox, TreeId::OutboxDue], |[requests, outbox, due]| {
-                f(requests, outbox, due)
-            })
+        self.writer()?.transact(
+            [TreeId::Requests, TreeId::Outbox, TreeId::OutboxDue],
+            |[requests, outbox, due]| f(requests, outbox, due),
+        )
     }
 
     /// Outbox entries in order, with the most attempts any destination has

@@ -106,17 +106,27 @@ impl PgSettings {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("jitbot");
+        config.keepalives(true);
         Ok(config)
     }
 
     fn connect(&self) -> Result<postgres::Client, StoreError> {
-        self.config()?.connect(postgres::NoTls).map_err(|e| {
+        let mut client = self.config()?.connect(postgres::NoTls).map_err(|e| {
             StoreError::Io(format!(
                 "cannot connect to PostgreSQL at [store] url ({}); check the URL, the password and that the \
                  server accepts connections from here",
                 describe(&e)
             ))
-        })
+        })?;
+        // A replica that hangs while holding the head's lock must not stop
+        // every other replica: the server ends such a transaction.
+        client
+            .batch_execute(
+                "SET statement_timeout = '30s'; SET lock_timeout = '30s'; \
+                 SET idle_in_transaction_session_timeout = '60s'",
+            )
+            .map_err(|e| pg_error("setting the session's timeouts", &e))?;
+        Ok(client)
     }
 }
 
@@ -192,7 +202,8 @@ fn migrate_with(client: &mut postgres::Client) -> Result<usize, StoreError> {
             .map_err(|e| pg_error("recording a migration", &e))?;
         applied += 1;
     }
-    tx.commit().map_err(|e| pg_error("COMMIT of the migrations", &e))?;
+    tx.commit()
+        .map_err(|e| pg_error("COMMIT of the migrations", &e))?;
     Ok(applied)
 }
 
@@ -537,11 +548,7 @@ impl Store {
 
 /// Refreshes `store`'s mirror every `every` until shutdown (the refresh
 /// waits for the database on tokio's blocking pool).
-pub async fn refresh_every(
-    store: Store,
-    every: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn refresh_every(store: Store, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -550,7 +557,9 @@ pub async fn refresh_every(
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.refresh()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot pull other replicas' changes from PostgreSQL; retrying"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot pull other replicas' changes from PostgreSQL; retrying")
+            }
             Err(e) => tracing::warn!(error = %e, "the mirror refresh task failed; retrying"),
         }
     }
@@ -711,7 +720,10 @@ fn changes_of(rows: Vec<postgres::Row>) -> Result<Vec<Change>, StoreError> {
         .collect()
 }
 
-fn snapshot(client: &mut postgres::Client, since: Option<(i64, String)>) -> Result<(Head, Pulled), StoreError> {
+fn snapshot(
+    client: &mut postgres::Client,
+    since: Option<(i64, String)>,
+) -> Result<(Head, Pulled), StoreError> {
     let mut tx = client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)

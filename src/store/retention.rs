@@ -383,8 +383,9 @@ impl Store {
         (scanned, mark): (&BTreeSet<String>, u64),
         still: impl Fn(&str, &OutboxRefs<'_>) -> Result<bool, StoreError>,
     ) -> Result<u64, StoreError> {
-        let id = super::kv::TreeId::from_name(&String::from_utf8_lossy(&tree.name()))
-            .ok_or_else(|| StoreError::Io("retention pruned a tree the store does not know; report this bug".into()))?;
+        let id = super::kv::TreeId::from_name(&String::from_utf8_lossy(&tree.name())).ok_or_else(|| {
+            StoreError::Io("retention pruned a tree the store does not know; report this bug".into())
+        })?;
         let writer = self.writer()?;
         let outbox = OutboxRefs {
             scanned,

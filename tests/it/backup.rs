@@ -1,9 +1,9 @@
 //! Backups are point-in-time copies, and a restore refuses a copy whose
 //! trees disagree (issue 12, defect 4).
 
+use crate::support::bot::Backend;
 use chrono::Utc;
 use jitbot::chat::view::{Audience, Notice};
-use crate::support::bot::Backend;
 use jitbot::store::{AuditCheck, AuditDraft, LeaseRecord, OutboxItem, Store, StoreError, TimerKind};
 use jitbot_core::lease::EndReason;
 use jitbot_core::policy::GroupPolicy;
@@ -102,7 +102,11 @@ async fn lease_lifecycle(store: &Store, policy: &GroupPolicy, user: &str) -> Str
     id
 }
 
-crate::both_stores!(backup_taken_while_writers_commit_restores_consistently, flavor = "multi_thread", worker_threads = 2);
+crate::both_stores!(
+    backup_taken_while_writers_commit_restores_consistently,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 async fn backup_taken_while_writers_commit_restores_consistently(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let store = backend.open(&tmp.path().join("db"));

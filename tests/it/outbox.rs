@@ -280,7 +280,8 @@ async fn partial_post_is_retried_only_on_the_failed_platform(backend: Backend) {
 crate::both_stores!(engine_wake_ups_do_not_burn_attempts);
 async fn engine_wake_ups_do_not_burn_attempts(backend: Backend) {
     // The first retry waits at least 30 s (60 s, halved at most by jitter).
-    let bot = backend.builder()
+    let bot = backend
+        .builder()
         .settings(|s| s.retry_base = jitbot_core::Span::from_mins(1))
         .build();
     let slack = Scripted::new("slack");
@@ -326,7 +327,9 @@ fn bot_directory(bot: &TestBot) -> Arc<dyn jitbot::ports::Directory> {
 }
 
 crate::both_stores!(crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more);
-async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more(backend: Backend) {
+async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more(
+    backend: Backend,
+) {
     let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.hang_after_post.store(true, Ordering::SeqCst);
@@ -410,7 +413,8 @@ crate::both_stores!(a_break_glass_alert_is_not_queued_behind_user_cards);
 /// rate-limits after five calls; the break-glass alert must be among them,
 /// not behind the thirty approval cards queued before it.
 async fn a_break_glass_alert_is_not_queued_behind_user_cards(backend: Backend) {
-    let bot = backend.builder()
+    let bot = backend
+        .builder()
         .policy(|p| {
             for i in 0..30 {
                 p.groups[0]

@@ -199,7 +199,11 @@ async fn an_approval_on_another_replica_grants_the_request_made_on_the_first() {
     b.store().refresh().unwrap();
     let check = bot.engine.store().verify_audit().unwrap();
     assert!(matches!(check, AuditCheck::Intact { .. }), "{check:?}");
-    assert_eq!(b.store().verify_audit().unwrap(), check, "both replicas hold one chain");
+    assert_eq!(
+        b.store().verify_audit().unwrap(),
+        check,
+        "both replicas hold one chain"
+    );
 }
 
 #[tokio::test]
@@ -215,7 +219,11 @@ async fn a_crash_between_the_database_commit_and_the_mirror_loses_nothing() {
         assert!(lost.is_err(), "the caller is told: nothing acts on it");
         assert_eq!(a.timer_count(), 1, "the mirror did not take it");
         // Versions: the schema marker, x-1, x-2.
-        assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3", "the database did");
+        assert_eq!(
+            db.value("SELECT version::text FROM jitbot_head"),
+            "3",
+            "the database did"
+        );
     }
     // The restarted replica pulls the change from the database.
     let a = Store::open_postgres(&path, 16, &db.settings()).unwrap();

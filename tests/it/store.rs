@@ -2,11 +2,15 @@
 //! `update` commits and flushes, none deadlocks, and the audit chain stays
 //! intact.
 
-use chrono::Utc;
 use crate::support::bot::Backend;
+use chrono::Utc;
 use jitbot::store::{AuditCheck, AuditDraft, StoreError, TimerKind};
 
-crate::both_stores!(many_concurrent_flushed_updates_complete, flavor = "multi_thread", worker_threads = 2);
+crate::both_stores!(
+    many_concurrent_flushed_updates_complete,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 async fn many_concurrent_flushed_updates_complete(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let store = backend.open(&tmp.path().join("db"));

@@ -3,12 +3,12 @@
 //! on the test PostgreSQL) and a clock the test moves. Built with a builder
 //! so each test says only what differs.
 
+use super::postgres::Database;
 use chrono::{Duration, TimeZone, Utc};
 use jitbot::clock::ManualClock;
 use jitbot::directory::memory::MemoryDirectory;
 use jitbot::engine::{Caller, Engine, EngineSettings, Reply};
 use jitbot::ports::Directory;
-use super::postgres::Database;
 use jitbot::store::Store;
 use jitbot_core::policy::{GroupPolicy, Policy};
 use jitbot_core::{Command, Span, UserId};

@@ -83,7 +83,11 @@ fn start() -> Cluster {
             .args(["-R", "postgres:", &d])
             .output()
             .expect("chown");
-        assert!(out.status.success(), "chown: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "chown: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = as_postgres(&initdb)
         .args(["-D", &format!("{d}/data"), "-U", "postgres"])
@@ -140,7 +144,10 @@ fn start() -> Cluster {
 impl Cluster {
     /// The URL of database `name` (the password is given apart).
     pub fn url(&self, name: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{name}?sslmode=disable", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{name}?sslmode=disable",
+            self.port
+        )
     }
 
     /// Runs `sql` as the superuser on the `postgres` database, on a thread
@@ -187,7 +194,11 @@ pub struct Database {
 impl Database {
     pub fn create() -> Database {
         let c = cluster();
-        let name = format!("t{}_{}", std::process::id(), NEXT_DB.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        );
         c.admin(&format!("CREATE DATABASE {name}"))
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
         Database { name }
