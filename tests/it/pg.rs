@@ -415,3 +415,149 @@ async fn store_copy_moves_a_sled_store_into_postgres_and_verifies_it() {
         .unwrap_err();
     assert!(err.to_string().contains("empty database"), "{err}");
 }
+
+fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_jitbot"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run jitbot")
+}
+
+/// The real binaries: `jitbot store copy` moves a sled store holding an
+/// overdue lease into PostgreSQL, `jitbot migrate` has nothing left to do,
+/// and two `jitbot run` replicas on the database both see the lease; their
+/// two schedulers race to expire it, and it ends exactly once, with one
+/// intact audit chain that both replicas serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jitbot_run_replicas_share_one_database_and_end_a_lease_once() {
+    use crate::support::process::{Jitbot, ADMIN_TOKEN};
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let path = bot.path.clone();
+    // The engine stops (its sled store closes); the directory stays.
+    drop(bot.engine);
+
+    let db = Database::create();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let pw = crate::support::postgres::PASSWORD;
+    let out = run_cli(
+        &[
+            "store",
+            "copy",
+            "--from",
+            &path.display().to_string(),
+            "--to",
+            &url,
+        ],
+        &[("PGPASSWORD", pw)],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "store copy failed: {said}");
+    assert!(said.contains("leases: 1") && said.contains("Intact"), "{said}");
+
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let cfg_path = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        cfg_path.path(),
+        config
+            .replace("{store}", "/nonexistent")
+            .replace("{listen}", "127.0.0.1:1")
+            .replace("{admin}", "{ env = \"X\" }"),
+    )
+    .unwrap();
+    let out = run_cli(
+        &["migrate", "--config", &cfg_path.path().display().to_string()],
+        &[("JITBOT_TEST_PGPW", pw), ("X", "an-admin-token-0123456789")],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("applied 0 migration"),
+        "{said}"
+    );
+
+    let env = [("JITBOT_TEST_PGPW", pw)];
+    let a = Jitbot::start(&config, &env).await;
+    let b = Jitbot::start(&config, &env).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (la, lb) = (a.admin("leases").await, b.admin("leases").await);
+        assert_eq!(la.len(), 1, "{la:?}");
+        if la[0]["state"] == "ended" && lb.len() == 1 && lb[0]["state"] == "ended" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the overdue lease did not end on both replicas: {la:?} {lb:?}\nA:\n{}\nB:\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let http = reqwest::Client::new();
+    let mut exports = Vec::new();
+    for replica in [&a, &b] {
+        let verify = http
+            .get(format!("{}/admin/audit/verify", replica.admin_base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(verify.to_lowercase().contains("intact"), "{verify}");
+        let export = http
+            .get(format!("{}/admin/audit?format=jsonl", replica.admin_base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let ended = export.lines().filter(|l| l.contains("\"lease.ended\"")).count();
+        assert_eq!(ended, 1, "the lease ended exactly once:\n{export}");
+        exports.push(export);
+    }
+    // Both replicas serve one chain (b may be a refresh behind a).
+    let (ea, eb) = (&exports[0], &exports[1]);
+    assert!(
+        ea.starts_with(eb.as_str()) || eb.starts_with(ea.as_str()),
+        "{ea}\n---\n{eb}"
+    );
+}
