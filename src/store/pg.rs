@@ -56,11 +56,19 @@ const MIGRATIONS: &[(i32, &str)] = &[(
 /// The schema version this build needs.
 pub const SCHEMA_VERSION: i32 = 1;
 
-/// Deletions are kept this many versions, for replicas catching up; a
-/// mirror further behind reloads everything.
-const GC_KEEP: i64 = 100_000;
-/// Tombstones are collected every this many versions.
-const GC_EVERY: i64 = 1_000;
+/// When deletions are garbage-collected: every `every` versions, those
+/// older than `keep` versions go; a mirror further behind reloads
+/// everything.
+#[derive(Clone, Copy, Debug)]
+struct Gc {
+    keep: i64,
+    every: i64,
+}
+
+const GC: Gc = Gc {
+    keep: 100_000,
+    every: 1_000,
+};
 
 /// Advisory lock key that serializes migrations (ASCII "jitbotmg").
 const MIGRATION_LOCK: i64 = 0x6a69_7462_6f74_6d67;
@@ -250,6 +258,7 @@ enum Job {
     /// Write `changes` as version head + 1 and COMMIT.
     Commit {
         changes: Vec<Change>,
+        gc: Gc,
         reply: Reply<i64>,
     },
     Rollback,
@@ -264,6 +273,8 @@ enum Job {
 /// the connection.
 pub(crate) struct Replica {
     jobs: mpsc::Sender<Job>,
+    /// The deletion horizon's settings (a test hook makes them small).
+    gc: std::sync::Mutex<Gc>,
     /// Test hook: the next COMMIT fails (a real failing statement first).
     fail_next_commit: AtomicBool,
     /// Test hook: the next commit reaches PostgreSQL but not the mirror,
@@ -316,6 +327,7 @@ impl Replica {
             .map_err(|_| StoreError::Io("the PostgreSQL thread stopped while connecting".into()))??;
         Ok(Replica {
             jobs,
+            gc: std::sync::Mutex::new(GC),
             fail_next_commit: AtomicBool::new(false),
             lose_next_apply: AtomicBool::new(false),
         })
@@ -381,6 +393,7 @@ impl Open<'_> {
         let changes: Vec<Change> = last.into_values().collect();
         if self.replica.fail_next_commit.swap(false, Ordering::SeqCst) {
             let _ = self.replica.ask(|reply| Job::Commit {
+                gc: GC,
                 changes: vec![Change {
                     tree: TreeId::Meta,
                     key: FAIL_KEY.to_vec(),
@@ -389,7 +402,9 @@ impl Open<'_> {
                 reply,
             })?;
         }
+        let gc = *self.replica.gc.lock().unwrap_or_else(|p| p.into_inner());
         let version = self.replica.ask(|reply| Job::Commit {
+            gc,
             changes: changes.clone(),
             reply,
         })?;
@@ -527,6 +542,18 @@ impl Store {
         }
     }
 
+    /// Test hook: this replica collects deletions older than `keep`
+    /// versions every `every` versions (instead of 100,000 and 1,000).
+    #[doc(hidden)]
+    pub fn set_pg_gc(&self, keep: i64, every: i64) {
+        if let super::kv::Backend::Postgres(r) = &self.inner.backend {
+            *r.gc.lock().unwrap_or_else(|p| p.into_inner()) = Gc {
+                keep,
+                every: every.max(1),
+            };
+        }
+    }
+
     /// Brings this replica's mirror up to date with what other replicas
     /// committed (with PostgreSQL; nothing to do on sled). Every write
     /// does this first; call it periodically so reads between writes stay
@@ -646,8 +673,8 @@ fn in_transaction(
     };
     loop {
         match inbox.recv() {
-            Ok(Job::Commit { changes, reply }) => {
-                let _ = reply.send(write(tx, &head, &changes));
+            Ok(Job::Commit { changes, gc, reply }) => {
+                let _ = reply.send(write(tx, &head, &changes, gc));
                 return;
             }
             Ok(Job::Rollback) | Err(_) => return,
@@ -736,7 +763,12 @@ fn snapshot(
     Ok((head, pulled))
 }
 
-fn write(mut tx: postgres::Transaction<'_>, head: &Head, changes: &[Change]) -> Result<i64, StoreError> {
+fn write(
+    mut tx: postgres::Transaction<'_>,
+    head: &Head,
+    changes: &[Change],
+    gc_at: Gc,
+) -> Result<i64, StoreError> {
     let version = head.version + 1;
     let trees: Vec<&str> = changes.iter().map(|c| c.tree.name()).collect();
     let keys: Vec<&[u8]> = changes.iter().map(|c| c.key.as_slice()).collect();
@@ -753,8 +785,8 @@ fn write(mut tx: postgres::Transaction<'_>, head: &Head, changes: &[Change]) -> 
     )
     .map_err(|e| pg_error("writing the change", &e))?;
     let mut gc = head.gc_version;
-    if version % GC_EVERY == 0 && version > GC_KEEP {
-        gc = version - GC_KEEP;
+    if version % gc_at.every == 0 && version > gc_at.keep {
+        gc = version - gc_at.keep;
         tx.execute(
             "DELETE FROM jitbot_kv WHERE value IS NULL AND version <= $1",
             &[&gc],

@@ -561,3 +561,63 @@ max_duration = "4h"
         "{ea}\n---\n{eb}"
     );
 }
+
+#[tokio::test]
+async fn deletions_are_collected_and_a_mirror_behind_the_horizon_reloads() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    write(&b, "kept").await.unwrap();
+    a.set_pg_gc(5, 5);
+    // Each step moves timer `t` (deleting its old key) and writes a record.
+    for i in 0..30 {
+        a.update(Utc::now() + Duration::seconds(i), |tx| {
+            tx.set_timer(TimerKind::Expire, "t", tx.now());
+            tx.audit(draft("test.move"));
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+    }
+    let gc: i64 = db
+        .value("SELECT gc_version::text FROM jitbot_head")
+        .parse()
+        .unwrap();
+    let head: i64 = db.value("SELECT version::text FROM jitbot_head").parse().unwrap();
+    assert!(
+        gc > 0 && gc >= head - 10,
+        "the horizon moved: gc {gc}, head {head}"
+    );
+    let old_tombstones: i64 = db
+        .value(&format!(
+            "SELECT count(*)::text FROM jitbot_kv WHERE value IS NULL AND version <= {gc}"
+        ))
+        .parse()
+        .unwrap();
+    assert_eq!(old_tombstones, 0, "deletions below the horizon are gone");
+    // b's mirror is behind the horizon: it reloads, and has no stale key.
+    b.refresh().unwrap();
+    assert_eq!(b.timer_count(), 2, "`kept` and the one `t`");
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 31 });
+    assert!(b.check_consistency().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_mirror_pointed_at_another_database_reloads_from_it() {
+    let (one, two) = (Database::create(), Database::create());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m");
+    {
+        let s = Store::open_postgres(&path, 16, &one.settings()).unwrap();
+        write(&s, "x-1").await.unwrap();
+        write(&s, "x-2").await.unwrap();
+    }
+    {
+        let other = Store::open_postgres(&tmp.path().join("o"), 16, &two.settings()).unwrap();
+        write(&other, "y-1").await.unwrap();
+    }
+    let s = Store::open_postgres(&path, 16, &two.settings()).unwrap();
+    assert_eq!(s.timer_count(), 1, "only the second database's timer");
+    assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 1 });
+}
