@@ -36,7 +36,25 @@ pub struct Parts {
     pub scheduler: SchedulerSettings,
     /// How often the ZSP monitor runs (it also runs at start-up).
     pub zsp_interval: Duration,
+    /// With replicas (PostgreSQL): the scheduler, the outbox worker and the
+    /// ZSP monitor run only while this replica leads. `None`: always.
+    pub leader: Option<LeaderSettings>,
 }
+
+/// How this replica takes part in leadership (`store::leader`).
+#[derive(Clone, Debug)]
+pub struct LeaderSettings {
+    /// This replica's name in `jitbot_leader` (unique per process).
+    pub holder: String,
+    /// A term's length; the leader renews every third of it, and stops its
+    /// work two thirds of it after its last renewal.
+    pub ttl: Duration,
+}
+
+/// A leader's term: long enough to ride out a slow renewal, short enough
+/// that another replica revokes on time after a leader dies (it takes over
+/// at most this plus a third of it after the last renewal).
+pub const LEADER_TTL: Duration = Duration::from_secs(6);
 
 /// A running jitbot.
 pub struct Running {
@@ -110,13 +128,37 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
             }
         });
     }
-    tasks.spawn(scheduler::run(engine.clone(), parts.scheduler, rx.clone()));
-    tasks.spawn(crate::chat::outbox::run(
+    let (work_engine, notifier, schedule, zsp) = (
         engine.clone(),
         parts.notifier,
-        rx.clone(),
-    ));
-    tasks.spawn(zsp_monitor(engine.clone(), parts.zsp_interval, rx));
+        parts.scheduler,
+        parts.zsp_interval,
+    );
+    // The work only one replica does at a time.
+    let work = move |stop: watch::Receiver<bool>| {
+        let mut set = JoinSet::new();
+        set.spawn(scheduler::run(
+            work_engine.clone(),
+            schedule.clone(),
+            stop.clone(),
+        ));
+        set.spawn(crate::chat::outbox::run(
+            work_engine.clone(),
+            notifier.clone(),
+            stop.clone(),
+        ));
+        set.spawn(zsp_monitor(work_engine.clone(), zsp, stop));
+        set
+    };
+    match parts.leader {
+        None => {
+            let mut set = work(rx);
+            tasks.spawn(async move { while set.join_next().await.is_some() {} });
+        }
+        Some(settings) => {
+            tasks.spawn(lead(engine.store().clone(), settings, rx, work));
+        }
+    }
     match admin_addr {
         Some(admin) => tracing::info!(%addr, %admin, "jitbot listening"),
         None => tracing::info!(%addr, "jitbot listening"),
@@ -128,6 +170,85 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
         shutdown: tx,
         tasks,
     })
+}
+
+/// Runs `blocking` on tokio's blocking pool (the store waits for the
+/// database there).
+async fn off_runtime<T: Send + 'static>(
+    store: &Store,
+    blocking: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || blocking(&store))
+        .await
+        .map_err(|e| crate::store::StoreError::Io(format!("the leadership task failed: {e}")))?
+}
+
+/// Takes part in leadership until shutdown: while this replica leads, its
+/// store is fenced with the term's token and `work` runs; when the term is
+/// lost (another replica holds it, or no renewal succeeded for two thirds
+/// of a term), the work is stopped, then the fence lifted.
+async fn lead<F>(store: Store, settings: LeaderSettings, mut shutdown: watch::Receiver<bool>, work: F)
+where
+    F: Fn(watch::Receiver<bool>) -> JoinSet<()> + Send + 'static,
+{
+    let renew = settings.ttl / 3;
+    loop {
+        let (holder, ttl) = (settings.holder.clone(), settings.ttl);
+        let token = match off_runtime(&store, move |s| s.lead(&holder, ttl)).await {
+            Ok(Some(token)) => token,
+            Ok(None) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(renew) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach PostgreSQL for the leadership; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(renew) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        tracing::info!(token, holder = %settings.holder, "this replica leads: it runs the scheduler, the outbox and the ZSP monitor");
+        store.set_fence(Some(token));
+        let (stop, stopped) = watch::channel(false);
+        let mut running = work(stopped);
+        let mut renewed = tokio::time::Instant::now();
+        let shutting_down = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(renew) => {}
+                _ = shutdown.changed() => break true,
+            }
+            let (holder, ttl) = (settings.holder.clone(), settings.ttl);
+            match off_runtime(&store, move |s| s.lead(&holder, ttl)).await {
+                Ok(Some(t)) if t == token => renewed = tokio::time::Instant::now(),
+                Ok(_) => {
+                    tracing::warn!(
+                        token,
+                        "this replica lost the leadership to another; stopping its work"
+                    );
+                    break false;
+                }
+                Err(e) if renewed.elapsed() >= settings.ttl * 2 / 3 => {
+                    tracing::warn!(error = %e, token, "cannot renew the leadership in time; stopping this replica's work");
+                    break false;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew the leadership; trying again"),
+            }
+        };
+        let _ = stop.send(true);
+        while running.join_next().await.is_some() {}
+        store.set_fence(None);
+        if shutting_down {
+            let holder = settings.holder.clone();
+            if let Err(e) = off_runtime(&store, move |s| s.resign(&holder, token)).await {
+                tracing::warn!(error = %e, "cannot resign the leadership; another replica takes over when it expires");
+            }
+            return;
+        }
+    }
 }
 
 async fn zsp_monitor(engine: Engine, every: Duration, mut shutdown: watch::Receiver<bool>) {
@@ -320,6 +441,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 concurrency: config.scheduler.concurrency,
             },
             zsp_interval: config.scheduler.zsp_interval.to_std(),
+            leader: store_watch.is_postgres().then(|| LeaderSettings {
+                holder: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+                ttl: LEADER_TTL,
+            }),
         },
         listener,
         Some(admin_listener),

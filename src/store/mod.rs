@@ -21,6 +21,7 @@ mod backup;
 mod check;
 mod copy;
 mod kv;
+pub mod leader;
 mod outbox;
 pub mod pg;
 mod records;
@@ -65,6 +66,13 @@ pub enum StoreError {
     /// A change would break a store invariant; it was not committed.
     #[error("refused to commit: {0}")]
     Invariant(String),
+    /// This replica committed as the leader (a fenced store) and another
+    /// replica has taken over: the change was not committed.
+    #[error(
+        "this replica is no longer the leader (another replica took over), so the change was not committed; \
+         the leader does this work now"
+    )]
+    Deposed,
     /// The `[audit] key` is missing, or is not the key the store's audit
     /// chain was written with: jitbot refuses to start (and writes nothing),
     /// since every record written now would break the chain for good.
@@ -105,6 +113,9 @@ struct Inner {
     mirror: sled::Tree,
     /// Where commits go: sled itself, or PostgreSQL first.
     backend: Backend,
+    /// The leader's fencing token every commit is checked against, while
+    /// this replica leads (0: none; see `leader.rs`).
+    fence: std::sync::atomic::AtomicI64,
     seen_count: std::sync::atomic::AtomicU64,
     /// The `[audit] key`, when the chain is keyed.
     audit_key: std::sync::OnceLock<crate::secret::Secret>,
@@ -484,6 +495,7 @@ impl Store {
             seen: db.open_tree("seen")?,
             mirror: db.open_tree("mirror")?,
             backend,
+            fence: Default::default(),
             seen_count: Default::default(),
             audit_key: Default::default(),
             archive_dir: Default::default(),

@@ -33,9 +33,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// The schema, one migration per version, applied in order by [`migrate`].
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE jitbot_kv (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE jitbot_kv (
         tree text NOT NULL,
         key bytea NOT NULL,
         value bytea NULL,
@@ -51,10 +52,20 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     );
     INSERT INTO jitbot_head (id, version, gc_version, db_id)
         VALUES (1, 0, 0, md5(random()::text || clock_timestamp()::text));",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE jitbot_leader (
+        id int PRIMARY KEY CHECK (id = 1),
+        holder text NOT NULL,
+        token bigint NOT NULL,
+        expires_at timestamptz NOT NULL
+    );",
+    ),
+];
 
 /// The schema version this build needs.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// When deletions are garbage-collected: every `every` versions, those
 /// older than `keep` versions go; a mirror further behind reloads
@@ -259,7 +270,21 @@ enum Job {
     Commit {
         changes: Vec<Change>,
         gc: Gc,
+        /// The leader's fencing token this replica commits under, if any.
+        fence: Option<i64>,
         reply: Reply<i64>,
+    },
+    /// Take or renew the leadership for `holder` for `ttl` seconds.
+    Lead {
+        holder: String,
+        ttl: f64,
+        reply: Reply<Option<i64>>,
+    },
+    /// Give the leadership up (at shutdown), if still held with `token`.
+    Resign {
+        holder: String,
+        token: i64,
+        reply: Reply<()>,
     },
     Rollback,
     /// Catch up without locking (a read-only snapshot).
@@ -358,6 +383,22 @@ impl Replica {
         Ok(open)
     }
 
+    pub(super) fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        self.ask(|reply| Job::Lead {
+            holder: holder.to_string(),
+            ttl: ttl.as_secs_f64(),
+            reply,
+        })
+    }
+
+    pub(super) fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError> {
+        self.ask(|reply| Job::Resign {
+            holder: holder.to_string(),
+            token,
+            reply,
+        })
+    }
+
     /// Brings the mirror up to date without taking the database's lock.
     /// Called with the store's writer lock held.
     pub(super) fn refresh(&self, store: &Store) -> Result<(), StoreError> {
@@ -394,6 +435,7 @@ impl Open<'_> {
         if self.replica.fail_next_commit.swap(false, Ordering::SeqCst) {
             let _ = self.replica.ask(|reply| Job::Commit {
                 gc: GC,
+                fence: None,
                 changes: vec![Change {
                     tree: TreeId::Meta,
                     key: FAIL_KEY.to_vec(),
@@ -403,8 +445,10 @@ impl Open<'_> {
             })?;
         }
         let gc = *self.replica.gc.lock().unwrap_or_else(|p| p.into_inner());
+        let fence = self.store.fence();
         let version = self.replica.ask(|reply| Job::Commit {
             gc,
+            fence,
             changes: changes.clone(),
             reply,
         })?;
@@ -637,8 +681,29 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
             Job::Commit { reply, .. } => {
                 let _ = reply.send(Err(StoreError::Io("no PostgreSQL transaction is open".into())));
             }
+            Job::Lead { holder, ttl, reply } => {
+                let _ = reply.send(conn.client().and_then(|c| lead(c, &holder, ttl)));
+            }
+            Job::Resign { holder, token, reply } => {
+                let answer = conn.client().and_then(|c| {
+                    c.execute(
+                        // Expired, not deleted: the next term's token must
+                        // still be larger than this one's.
+                        "UPDATE jitbot_leader SET expires_at = clock_timestamp() \
+                         WHERE id = 1 AND holder = $1 AND token = $2",
+                        &[&holder, &token],
+                    )
+                    .map(|_| ())
+                    .map_err(|e| pg_error("resigning the leadership", &e))
+                });
+                let _ = reply.send(answer);
+            }
         }
     }
+}
+
+fn busy() -> StoreError {
+    StoreError::Io("a PostgreSQL transaction is already open on this replica; report this bug".into())
 }
 
 /// Runs one locked transaction: the head lock and catch-up, then whatever
@@ -673,15 +738,24 @@ fn in_transaction(
     };
     loop {
         match inbox.recv() {
-            Ok(Job::Commit { changes, gc, reply }) => {
-                let _ = reply.send(write(tx, &head, &changes, gc));
+            Ok(Job::Commit {
+                changes,
+                gc,
+                fence,
+                reply,
+            }) => {
+                let _ = reply.send(write(tx, &head, &changes, gc, fence));
                 return;
             }
             Ok(Job::Rollback) | Err(_) => return,
             Ok(Job::Begin { reply, .. }) | Ok(Job::Refresh { reply, .. }) => {
-                let _ = reply.send(Err(StoreError::Io(
-                    "a PostgreSQL transaction is already open on this replica; report this bug".into(),
-                )));
+                let _ = reply.send(Err(busy()));
+            }
+            Ok(Job::Lead { reply, .. }) => {
+                let _ = reply.send(Err(busy()));
+            }
+            Ok(Job::Resign { reply, .. }) => {
+                let _ = reply.send(Err(busy()));
             }
         }
     }
@@ -763,12 +837,48 @@ fn snapshot(
     Ok((head, pulled))
 }
 
+/// Takes the leadership when it is free or expired, or renews it when
+/// `holder` has it; the token grows with every new term. The database's
+/// clock decides expiry, so the replicas' clocks need not agree.
+fn lead(client: &mut postgres::Client, holder: &str, ttl: f64) -> Result<Option<i64>, StoreError> {
+    let rows = client
+        .query(
+            "INSERT INTO jitbot_leader AS l (id, holder, token, expires_at) \
+             VALUES (1, $1, 1, clock_timestamp() + make_interval(secs => $2)) \
+             ON CONFLICT (id) DO UPDATE SET \
+               token = CASE WHEN l.holder = excluded.holder AND l.expires_at > clock_timestamp() \
+                       THEN l.token ELSE l.token + 1 END, \
+               holder = excluded.holder, \
+               expires_at = excluded.expires_at \
+             WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder \
+             RETURNING token",
+            &[&holder, &ttl],
+        )
+        .map_err(|e| pg_error("taking the leadership", &e))?;
+    Ok(rows.first().map(|r| r.get(0)))
+}
+
 fn write(
     mut tx: postgres::Transaction<'_>,
     head: &Head,
     changes: &[Change],
     gc_at: Gc,
+    fence: Option<i64>,
 ) -> Result<i64, StoreError> {
+    if let Some(token) = fence {
+        // FOR SHARE: a takeover (an UPDATE of this row) waits for this
+        // COMMIT, so no change of a deposed leader lands in a later term.
+        let held = tx
+            .query(
+                "SELECT token FROM jitbot_leader WHERE id = 1 AND token = $1 \
+                 AND expires_at > clock_timestamp() FOR SHARE",
+                &[&token],
+            )
+            .map_err(|e| pg_error("checking the leadership", &e))?;
+        if held.is_empty() {
+            return Err(StoreError::Deposed);
+        }
+    }
     let version = head.version + 1;
     let trees: Vec<&str> = changes.iter().map(|c| c.tree.name()).collect();
     let keys: Vec<&[u8]> = changes.iter().map(|c| c.key.as_slice()).collect();

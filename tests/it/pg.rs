@@ -300,7 +300,10 @@ async fn migrations_apply_once_and_a_missing_schema_is_refused_without_migrate()
         .err()
         .expect("no schema");
     assert!(err.to_string().contains("jitbot migrate"), "{err}");
-    assert_eq!(jitbot::store::pg::migrate(&settings).unwrap(), 1);
+    assert_eq!(
+        jitbot::store::pg::migrate(&settings).unwrap(),
+        jitbot::store::pg::SCHEMA_VERSION as usize
+    );
     assert_eq!(jitbot::store::pg::migrate(&settings).unwrap(), 0);
     Store::open_postgres(&tmp.path().join("a"), 16, &settings).unwrap();
     db.run("INSERT INTO jitbot_schema (version) VALUES (99)");
@@ -620,4 +623,147 @@ async fn a_mirror_pointed_at_another_database_reloads_from_it() {
     let s = Store::open_postgres(&path, 16, &two.settings()).unwrap();
     assert_eq!(s.timer_count(), 1, "only the second database's timer");
     assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 1 });
+}
+
+#[tokio::test]
+async fn one_replica_leads_at_a_time_and_a_deposed_leader_commits_nothing() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let term = std::time::Duration::from_secs(30);
+    let token = a.lead("a", term).unwrap().expect("a leads");
+    assert_eq!(b.lead("b", term).unwrap(), None, "b follows while a's term runs");
+    assert_eq!(a.lead("a", term).unwrap(), Some(token), "a renews its own term");
+    a.set_fence(Some(token));
+    write(&a, "x-1").await.unwrap();
+    write(&b, "x-2")
+        .await
+        .expect("a follower's commands commit unfenced");
+
+    // a's term runs out (a hung, say) and b takes over with a new token.
+    db.run("UPDATE jitbot_leader SET expires_at = clock_timestamp() - interval '1 second'");
+    let next = b.lead("b", term).unwrap().expect("b takes the expired term");
+    assert!(next > token, "a new term, a new token: {next} > {token}");
+    let head = db.value("SELECT version::text FROM jitbot_head");
+    let refused = write(&a, "x-3").await;
+    assert!(matches!(refused, Err(StoreError::Deposed)), "{refused:?}");
+    assert_eq!(
+        db.value("SELECT version::text FROM jitbot_head"),
+        head,
+        "nothing landed"
+    );
+    assert_eq!(a.timer_count(), 2, "nor in a's mirror");
+    assert_eq!(a.lead("a", term).unwrap(), None, "a cannot renew b's term");
+    a.set_fence(None);
+    write(&a, "x-3").await.expect("as a follower, a commits again");
+    b.set_fence(Some(next));
+    write(&b, "x-4").await.unwrap();
+    b.resign("b", next).unwrap();
+    assert!(
+        a.lead("a", term).unwrap().is_some_and(|t| t > next),
+        "a resigned term is free at once"
+    );
+    let refused = write(&b, "x-5").await;
+    assert!(matches!(refused, Err(StoreError::Deposed)), "{refused:?}");
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 4 });
+}
+
+/// Failover through the real binaries: two `jitbot run` replicas, the
+/// leader is SIGKILLed before a lease is due, and the other takes over and
+/// revokes it; the lease ends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_is_killed_the_other_replica_revokes_what_is_due() {
+    use crate::support::process::Jitbot;
+    // A lease granted so that it ends 20 s from now (real time).
+    let bot = TestBot::new();
+    let start = bot.engine.now();
+    let end_at = Utc::now() + Duration::seconds(20);
+    bot.advance(end_at - Duration::hours(1) - start);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let path = bot.path.clone();
+    drop(bot.engine);
+    let db = Database::create();
+    let settings = db.settings();
+    tokio::task::spawn_blocking(move || Store::copy_to_postgres(&path, &settings, None))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
+    let a = Jitbot::start(&config, &env).await;
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+    assert_eq!(b.admin("leases").await[0]["state"], "active");
+    drop(a); // SIGKILL
+    let killed = std::time::Instant::now();
+    loop {
+        let leases = b.admin("leases").await;
+        if leases[0]["state"] == "ended" {
+            break;
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(40),
+            "replica b did not end the lease after the leader died: {leases:?}\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let late = Utc::now() - end_at;
+    assert!(b.log_text().contains("this replica leads"), "{}", b.log_text());
+    // b takes over within a term and a third (8 s) of the kill, long before
+    // the lease is due; it ends on time, give or take the scheduler's wake.
+    assert!(late < Duration::seconds(5), "revoked {late} after it was due");
+    let audit = reqwest::Client::new()
+        .get(format!("{}/admin/audit?format=jsonl", b.admin_base))
+        .bearer_auth(crate::support::process::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        audit.lines().filter(|l| l.contains("\"lease.ended\"")).count(),
+        1,
+        "{audit}"
+    );
 }
