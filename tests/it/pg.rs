@@ -675,10 +675,10 @@ async fn one_replica_leads_at_a_time_and_a_deposed_leader_commits_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_leader_is_killed_the_other_replica_revokes_what_is_due() {
     use crate::support::process::Jitbot;
-    // A lease granted so that it ends 20 s from now (real time).
+    // A lease granted so that it ends 30 s from now (real time).
     let bot = TestBot::new();
     let start = bot.engine.now();
-    let end_at = Utc::now() + Duration::seconds(20);
+    let end_at = Utc::now() + Duration::seconds(30);
     bot.advance(end_at - Duration::hours(1) - start);
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
@@ -733,8 +733,21 @@ max_duration = "4h"
     .await;
     let b = Jitbot::start(&config, &env).await;
     assert_eq!(b.admin("leases").await[0]["state"], "active");
+    let readyz = |bot: &Jitbot| {
+        let url = format!("{}/readyz", bot.admin_base);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(readyz(&a).await, "ready (leader)\n");
+    assert_eq!(readyz(&b).await, "ready (follower)\n");
     drop(a); // SIGKILL
     let killed = std::time::Instant::now();
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica b takes over", || {
+        b.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let takeover = killed.elapsed();
+    eprintln!("failover: replica b leads {takeover:?} after the leader was killed");
+    assert_eq!(readyz(&b).await, "ready (leader)\n");
     loop {
         let leases = b.admin("leases").await;
         if leases[0]["state"] == "ended" {
