@@ -20,7 +20,12 @@ impl Store {
         self.check_healthy()?;
         match &self.inner.backend {
             Backend::Sled => Ok(Some(1)),
-            Backend::Postgres(replica) => replica.lead(holder, ttl),
+            Backend::Postgres(replica) => {
+                // The connection serves one thing at a time: wait for an
+                // open transaction to end rather than fail the renewal.
+                let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+                replica.lead(holder, ttl)
+            }
         }
     }
 
@@ -29,7 +34,10 @@ impl Store {
     pub fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError> {
         match &self.inner.backend {
             Backend::Sled => Ok(()),
-            Backend::Postgres(replica) => replica.resign(holder, token),
+            Backend::Postgres(replica) => {
+                let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+                replica.resign(holder, token)
+            }
         }
     }
 

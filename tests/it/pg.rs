@@ -780,3 +780,34 @@ max_duration = "4h"
         "{audit}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_renews_its_term_while_its_replica_commits() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let term = std::time::Duration::from_secs(30);
+    let token = a.lead("a", term).unwrap().expect("a leads");
+    a.set_fence(Some(token));
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let a = a.clone();
+        writers.spawn(async move { write(&a, &format!("x-{i}")).await });
+    }
+    let renewing = a.clone();
+    let renewals = tokio::task::spawn_blocking(move || {
+        (0..30)
+            .map(|_| renewing.lead("a", term).map_err(|e| e.to_string()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    while let Some(w) = writers.join_next().await {
+        w.unwrap().unwrap();
+    }
+    assert!(
+        renewals.iter().all(|r| *r == Ok(Some(token))),
+        "every renewal kept the term: {renewals:?}"
+    );
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 100 });
+}
