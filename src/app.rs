@@ -251,6 +251,30 @@ where
     }
 }
 
+/// Retention with replicas: a pass runs only on the leader (its commits
+/// are fenced), so two replicas never archive the same records.
+async fn retention_on_the_leader(
+    store: Store,
+    clock: Arc<dyn Clock>,
+    settings: RetentionSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if store.fence().is_some() {
+            match store.prune(clock.now(), &settings).await {
+                Ok(p) => tracing::debug!(?p, "retention pass on the leader"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention pass failed; it runs again at the next interval")
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 async fn zsp_monitor(engine: Engine, every: Duration, mut shutdown: watch::Receiver<bool>) {
     loop {
         match engine.check_zsp().await {
@@ -463,12 +487,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(settings) = retention {
         let rx = running.shutdown_signal();
-        running.spawn(crate::store::retention::run(
-            store_watch.clone(),
-            retention_clock,
-            settings,
-            rx,
-        ));
+        if store_watch.is_postgres() {
+            running.spawn(retention_on_the_leader(
+                store_watch.clone(),
+                retention_clock,
+                settings,
+                rx,
+            ));
+        } else {
+            running.spawn(crate::store::retention::run(
+                store_watch.clone(),
+                retention_clock,
+                settings,
+                rx,
+            ));
+        }
     }
     if store_watch.is_postgres() {
         let rx = running.shutdown_signal();

@@ -534,6 +534,9 @@ fn apply(store: &Store, changes: &[Change], version: i64, db: Option<&str>) -> R
 fn reload(store: &Store, head: &Head, rows: Vec<Change>) -> Result<(), StoreError> {
     store.inner.mirror.remove(MIRROR_VERSION)?;
     store.inner.mirror.remove(MIRROR_DB)?;
+    // On disk before anything is cleared: a crash from here on leaves a
+    // mirror without a version, which reloads.
+    store.inner.db.flush()?;
     for t in TreeId::ALL {
         store.tree(t).clear()?;
     }
