@@ -5,7 +5,7 @@
 //! (`jitbot audit verify --anchor SEQ:HASH`).
 
 use super::{notice, Engine, EngineError};
-use crate::ports::Audience;
+use crate::messages::Audience;
 use crate::store::{Anchor, Sealing};
 use std::time::Duration;
 use tokio::sync::watch;

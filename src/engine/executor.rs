@@ -19,7 +19,8 @@
 
 use super::audit::{about_lease, AuditAction};
 use super::{notice, Engine, EngineError, ENGINE_ACTOR};
-use crate::ports::{Added, Audience, DirectoryError};
+use crate::messages::Audience;
+use crate::ports::{Added, DirectoryError};
 use crate::store::{LeaseRecord, TimerKind, Tx};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::command::Action;

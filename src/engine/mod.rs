@@ -23,7 +23,8 @@ pub use admin::leases_outside_config;
 pub use zsp::Drift;
 
 use crate::clock::Clock;
-use crate::ports::{Audience, ChatRef, Directory, DirectoryError, Notice};
+use crate::messages::{Audience, ChatRef, Notice};
+use crate::ports::{Directory, DirectoryError};
 use crate::store::{OutboxItem, Store, StoreError, Timer, TimerKind};
 use jitbot_core::command::{Action, Command};
 use jitbot_core::policy::{Actor, GroupPolicy, Policy};

@@ -12,7 +12,8 @@
 
 use super::audit::{about, about_lease, AuditAction};
 use super::{notice, Engine, EngineError, ENGINE_ACTOR};
-use crate::ports::{Audience, GroupMember, MemberKind};
+use crate::messages::Audience;
+use crate::ports::{GroupMember, MemberKind};
 use crate::store::{LeaseRecord, TimerKind};
 use jitbot_core::policy::GroupPolicy;
 use jitbot_core::{GroupName, Lease, LeaseId, LeaseState, UserId};

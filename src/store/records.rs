@@ -2,7 +2,7 @@
 //! that the domain can change without breaking databases already on disk.
 //! Each record is JSON tagged with its version (`"v": 1`).
 
-use crate::chat::view::{ChatRef, MessageRef, Notice};
+use crate::messages::{ChatRef, MessageRef, Notice};
 use jitbot_core::lease::{EndReason, LeaseState, Membership};
 use jitbot_core::request::{BreakGlass, Decision, RequestKind, RequestState};
 use jitbot_core::{AccessRequest, GroupDn, GroupName, Instant, Lease, LeaseId, RequestId, Span, UserId};
