@@ -89,9 +89,43 @@ pub enum Audience {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notice {
     pub to: Audience,
+    /// Plain words, no platform markup or emoji: the platform adds its
+    /// decoration for the [`Tone`].
     pub text: String,
     #[serde(default, with = "action_ids")]
     pub buttons: Vec<Action>,
+    /// What kind of news this is (absent in notices queued before tones).
+    #[serde(default, skip_serializing_if = "Tone::is_plain")]
+    pub tone: Tone,
+}
+
+/// What kind of news a notice is, so that each platform marks it its own
+/// way (`chat::render` chooses: Slack an emoji, others nothing) while the
+/// engine words only the text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tone {
+    /// Nothing to mark.
+    #[default]
+    Plain,
+    /// Needs a person now: break-glass, ZSP drift, an audit chain that
+    /// does not verify.
+    Alarm,
+    /// Something jitbot cannot finish on its own: a removal that keeps
+    /// failing, a group it cannot check.
+    Warning,
+    /// Access was given.
+    Granted,
+    /// Access ended, or the audit chain was locked with its key.
+    Locked,
+    /// An audit anchor to keep outside jitbot.
+    Anchor,
+}
+
+impl Tone {
+    pub fn is_plain(&self) -> bool {
+        *self == Tone::Plain
+    }
 }
 
 /// Everything an approval message shows.

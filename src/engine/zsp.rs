@@ -11,8 +11,8 @@
 //! reported and the others are still checked.
 
 use super::audit::{about, about_lease, AuditAction};
-use super::{notice, Engine, EngineError, ENGINE_ACTOR};
-use crate::messages::Audience;
+use super::{notice, toned, Engine, EngineError, ENGINE_ACTOR};
+use crate::messages::{Audience, Tone};
 use crate::ports::{GroupMember, MemberKind};
 use crate::store::{LeaseRecord, TimerKind};
 use jitbot_core::policy::GroupPolicy;
@@ -228,9 +228,10 @@ impl Engine {
                         .user(who)
                         .detail(format!("{what} without a jitbot lease")),
                 );
-                tx.outbox(notice(
+                tx.outbox(toned(
+                    Tone::Alarm,
                     Audience::Alert,
-                    format!(":rotating_light: ZSP drift: {what} without a jitbot lease{action}"),
+                    format!("ZSP drift: {what} without a jitbot lease{action}"),
                     vec![],
                 ));
                 Ok::<_, EngineError>(())
@@ -258,10 +259,11 @@ impl Engine {
                             .group(&policy.name)
                             .detail(error.to_string()),
                     );
-                    tx.outbox(notice(
+                    tx.outbox(toned(
+                        Tone::Warning,
                         Audience::Alert,
                         format!(
-                            ":warning: jitbot cannot check zero-standing-privilege group `{}`: {error}",
+                            "jitbot cannot check zero-standing-privilege group `{}`: {error}",
                             policy.name
                         ),
                         vec![],

@@ -38,7 +38,7 @@ fn slack_id(user: &str) -> String {
     format!("U{}", user.to_uppercase())
 }
 
-fn config(api_url: String) -> SlackConfig {
+pub(crate) fn config(api_url: String) -> SlackConfig {
     SlackConfig {
         mode: SlackMode::Http,
         bot_token: SecretSource::env("JITBOT_TEST_UNUSED_SLACK_TOKEN"),
@@ -702,6 +702,7 @@ async fn notices_reach_channels_and_people() {
         to: jitbot::ports::Audience::Alert,
         text: "break-glass <!channel>".into(),
         buttons: vec![jitbot_core::command::Action::Acknowledge("r-9".into())],
+        tone: Default::default(),
     };
     adapter.send(&alert).await.unwrap();
     let call = h
@@ -1532,6 +1533,7 @@ async fn a_dm_open_rate_limit_never_holds_back_security_alerts() {
             to: jitbot::chat::view::Audience::Alert,
             text: "cannot remove bob from db-admins".into(),
             buttons: vec![],
+            tone: Default::default(),
         },
     };
     h.bot
