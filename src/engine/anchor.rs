@@ -59,11 +59,14 @@ impl Engine {
                      someone rewrote a keyed chain and deleted its marker: run `jitbot audit verify --anchor` \
                      with your last published anchor"
                 );
-                (Tone::Locked, format!(
+                (
+                    Tone::Locked,
+                    format!(
                     "The audit chain was keyed for the first time: its {legacy} unkeyed records were sealed \
                      at record {since}. If [audit] key was set before, this is not expected: check the chain \
                      with `jitbot audit verify --anchor` and your last published anchor."
-                ))
+                ),
+                )
             }
             Sealing::Tampered {
                 seq,

@@ -359,13 +359,9 @@ impl TryFrom<StoredLease> for LeaseRecord {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OutboxItem {
     /// Post the approval card of this request (once).
-    PostApproval {
-        request: RequestId,
-    },
+    PostApproval { request: RequestId },
     /// Re-render the card of this request wherever it was posted.
-    UpdateApproval {
-        request: RequestId,
-    },
+    UpdateApproval { request: RequestId },
     Send {
         #[serde(deserialize_with = "notice_with_tone")]
         notice: Notice,

@@ -568,7 +568,10 @@ async fn a_notice_queued_with_a_shortcode_before_an_upgrade_still_delivers() {
         for (k, v) in entries {
             let mut json: serde_json::Value = serde_json::from_slice(&v).unwrap();
             let notice = &mut json["item"]["notice"];
-            assert!(notice.get("tone").is_none(), "a plain notice is written without a tone");
+            assert!(
+                notice.get("tone").is_none(),
+                "a plain notice is written without a tone"
+            );
             notice["text"] = format!(":key: {words}").into();
             outbox.insert(k, serde_json::to_vec(&json).unwrap()).unwrap();
         }
@@ -584,7 +587,8 @@ async fn a_notice_queued_with_a_shortcode_before_an_upgrade_still_delivers() {
         Default::default(),
     );
     let slack = crate::support::fake_slack::FakeSlack::start().await;
-    let adapter = SlackAdapter::with_token(&crate::slack::config(slack.api_url()), Secret::new("xoxb-test")).unwrap();
+    let adapter =
+        SlackAdapter::with_token(&crate::slack::config(slack.api_url()), Secret::new("xoxb-test")).unwrap();
     let console = Arc::new(WebConsole::new(Arc::new(clock.clone())));
     let both = Fanout::new(vec![
         ("slack".into(), Arc::new(adapter) as Arc<dyn Notifier>),
@@ -595,8 +599,20 @@ async fn a_notice_queued_with_a_shortcode_before_an_upgrade_still_delivers() {
     }
     let posts = slack.calls_to("chat.postMessage");
     assert_eq!(posts.len(), 1, "delivered once on Slack: {posts:#?}");
-    assert_eq!(posts[0].body["text"], format!(":key: {words}"), "Slack keeps its emoji");
-    let shown: Vec<String> = console.changes(0, None).messages.into_iter().map(|m| m.text).collect();
+    assert_eq!(
+        posts[0].body["text"],
+        format!(":key: {words}"),
+        "Slack keeps its emoji"
+    );
+    let shown: Vec<String> = console
+        .changes(0, None)
+        .messages
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
     assert_eq!(shown, [words], "delivered once on the console, without the code");
-    assert!(engine.store().outbox(10).unwrap().is_empty(), "nothing left queued");
+    assert!(
+        engine.store().outbox(10).unwrap().is_empty(),
+        "nothing left queued"
+    );
 }

@@ -1196,7 +1196,12 @@ async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
 
 /// Slack's HTTP mode as a [`crate::contract::Platform`].
 pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
-    harness().await
+    harness_with(
+        TestBot::builder()
+            .settings(|s| s.max_pending_per_user = 1)
+            .build(),
+    )
+    .await
 }
 
 impl Harness {
@@ -1206,7 +1211,7 @@ impl Harness {
             .calls()
             .into_iter()
             .filter(|c| matches!(c.method.as_str(), "chat.postMessage" | "chat.update"))
-            .filter(|c| c.body["channel"] == CDB)
+            .filter(|c| c.body["channel"] == CDB && !c.rate_limited)
             .map(|c| c.body.to_string())
             .rfind(|b| b.contains(text))
     }
@@ -1323,6 +1328,25 @@ impl crate::contract::Platform for Harness {
             .post_raw("/slack/commands", body, self.now(), "not-the-signing-secret")
             .await;
         Some(status.as_u16())
+    }
+
+    async fn rate_limit_next_card(&self) -> bool {
+        self.slack.rate_limit_in("chat.postMessage", CDB, 1, 1);
+        true
+    }
+
+    async fn card_posts(&self, request: &str) -> crate::contract::Posts {
+        let posts: Vec<Call> = self
+            .slack
+            .calls_to("chat.postMessage")
+            .into_iter()
+            .filter(|c| c.body["channel"] == CDB)
+            .filter(|c| crate::contract::mentions(&c.body.to_string(), request))
+            .collect();
+        crate::contract::Posts {
+            accepted: posts.iter().filter(|c| !c.rate_limited).count(),
+            rate_limited: posts.iter().filter(|c| c.rate_limited).count(),
+        }
     }
 }
 
