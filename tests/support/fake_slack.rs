@@ -36,11 +36,14 @@ struct Inner {
     /// Slack user id → email, for `users.info` and `users.lookupByEmail`.
     emails: Mutex<HashMap<String, String>>,
     /// (method, channel or any) → (remaining 429 answers, Retry-After seconds).
-    limits: Mutex<HashMap<(String, Option<String>), (u32, u64)>>,
+    limits: Mutex<HashMap<LimitKey, (u32, u64)>>,
     /// Method → who answers it instead of the built-in answers.
     answers: Mutex<HashMap<String, Answerer>>,
     ts: AtomicU64,
 }
+
+/// A rate limit's method, and its channel (`None`: any).
+type LimitKey = (String, Option<String>);
 
 /// Answers a method with Slack's JSON, given the recorded call.
 type Answerer = Arc<dyn Fn(&Call) -> Value + Send + Sync>;
