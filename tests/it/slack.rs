@@ -304,6 +304,19 @@ async fn request_approve_grant_expire_through_slack() {
         .await;
     assert!(dm.is_some(), "no DM to alice: {:#?}", h.slack.calls());
     assert!(!h.slack.calls_to("conversations.open").is_empty());
+    // The engine says what kind of news a notice is; Slack marks it with its emoji.
+    let text = |c: &Call| c.body["text"].as_str().unwrap_or_default().to_string();
+    let granted = h
+        .slack
+        .wait_for(WAIT, |c| {
+            c.method == "chat.postMessage" && c.body["channel"] == CDB && text(c).contains("now has")
+        })
+        .await
+        .expect("a channel notice of the grant");
+    assert!(
+        text(&granted).starts_with(":key: alice now has `db-admins`"),
+        "{granted:#?}"
+    );
 
     // Expiry: the lease was 2h.
     h.bot
@@ -321,6 +334,8 @@ async fn request_approve_grant_expire_through_slack() {
         "no channel notice of the expiry: {:#?}",
         h.slack.calls()
     );
+    let ended = notice.map(|c| text(&c)).unwrap_or_default();
+    assert!(ended.starts_with(":lock: alice's access"), "{ended}");
 }
 
 #[tokio::test]
