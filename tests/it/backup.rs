@@ -28,6 +28,7 @@ fn alert(text: String) -> OutboxItem {
             to: Audience::Alert,
             text,
             buttons: vec![],
+            tone: Default::default(),
         },
     }
 }
