@@ -876,7 +876,7 @@ impl Store {
     pub async fn set_messages(
         &self,
         id: &RequestId,
-        messages: Vec<crate::chat::view::MessageRef>,
+        messages: Vec<crate::messages::MessageRef>,
         now: Instant,
     ) -> Result<(), StoreError> {
         self.update(now, |tx| {

@@ -15,8 +15,7 @@
 use super::kv::{Abort, TreeId, View};
 use super::records::{DestV2, OutboxV2, StoredOutbox, StoredRequest};
 use super::{decode, encode, OutboxItem, RequestRecord, Store, StoreError};
-use crate::chat::view::MessageRef;
-use crate::ports::Audience;
+use crate::messages::{Audience, MessageRef};
 use jitbot_core::{Instant, RequestId};
 use sled::transaction::ConflictableTransactionError;
 use std::collections::{BTreeMap, BTreeSet};

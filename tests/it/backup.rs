@@ -29,6 +29,7 @@ fn alert(text: String) -> OutboxItem {
             to: Audience::Alert,
             text,
             buttons: vec![],
+            tone: Default::default(),
         },
     }
 }

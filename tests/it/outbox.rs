@@ -118,6 +118,7 @@ async fn queue(bot: &TestBot, to: Audience, text: &str) {
             to,
             text: text.into(),
             buttons: vec![],
+            tone: Default::default(),
         },
     };
     bot.engine
@@ -460,6 +461,7 @@ async fn queue_entries_from_before_priorities_survive_a_restart_and_alerts_go_fi
             to,
             text: text.into(),
             buttons: vec![],
+            tone: Default::default(),
         },
     };
     {
@@ -527,4 +529,94 @@ async fn queue_entries_from_before_priorities_survive_a_restart_and_alerts_go_fi
     }
     assert!(store.outbox(10).unwrap().is_empty(), "every entry delivered once");
     assert_eq!(store.outbox_next_due("slack").unwrap(), None);
+}
+
+/// A notice queued by a jitbot from before tones (its text starting with
+/// the Slack shortcode that marked it) still delivers once on every
+/// platform after an upgrade: Slack shows its emoji as before, the web
+/// console shows the words without the code.
+#[tokio::test]
+async fn a_notice_queued_with_a_shortcode_before_an_upgrade_still_delivers() {
+    use jitbot::chat::slack::SlackAdapter;
+    use jitbot::chat::web::WebConsole;
+    use jitbot::secret::Secret;
+    use jitbot::store::Store;
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    let now = chrono::Utc::now();
+    let words = "alice now has `db-admins` until 10:00:00 UTC (lease l-1).";
+    {
+        let store = Store::open(&db, 8).unwrap();
+        store
+            .update(now, |tx| {
+                tx.outbox(OutboxItem::Send {
+                    notice: Notice {
+                        to: group(),
+                        text: words.into(),
+                        buttons: vec![],
+                        tone: Default::default(),
+                    },
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+    }
+    // Rewrite the entry as the older jitbot wrote it: no tone, a shortcode.
+    {
+        let raw = sled::open(&db).unwrap();
+        let outbox = raw.open_tree("outbox").unwrap();
+        let entries: Vec<(sled::IVec, sled::IVec)> = outbox.iter().map(|e| e.unwrap()).collect();
+        assert_eq!(entries.len(), 1);
+        for (k, v) in entries {
+            let mut json: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            let notice = &mut json["item"]["notice"];
+            assert!(
+                notice.get("tone").is_none(),
+                "a plain notice is written without a tone"
+            );
+            notice["text"] = format!(":key: {words}").into();
+            outbox.insert(k, serde_json::to_vec(&json).unwrap()).unwrap();
+        }
+        raw.flush().unwrap();
+    }
+    let store = Store::open(&db, 8).unwrap();
+    let clock = jitbot::clock::ManualClock::new(now + chrono::Duration::seconds(1));
+    let engine = jitbot::engine::Engine::new(
+        crate::support::bot::policy(),
+        store,
+        Arc::new(jitbot::directory::memory::MemoryDirectory::new()),
+        Arc::new(clock.clone()),
+        Default::default(),
+    );
+    let slack = crate::support::fake_slack::FakeSlack::start().await;
+    let adapter =
+        SlackAdapter::with_token(&crate::slack::config(slack.api_url()), Secret::new("xoxb-test")).unwrap();
+    let console = Arc::new(WebConsole::new(Arc::new(clock.clone())));
+    let both = Fanout::new(vec![
+        ("slack".into(), Arc::new(adapter) as Arc<dyn Notifier>),
+        ("web".into(), console.clone() as Arc<dyn Notifier>),
+    ]);
+    for _ in 0..3 {
+        drain(&engine, &both).await;
+    }
+    let posts = slack.calls_to("chat.postMessage");
+    assert_eq!(posts.len(), 1, "delivered once on Slack: {posts:#?}");
+    assert_eq!(
+        posts[0].body["text"],
+        format!(":key: {words}"),
+        "Slack keeps its emoji"
+    );
+    let shown: Vec<String> = console
+        .changes(0, None)
+        .messages
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(shown, [words], "delivered once on the console, without the code");
+    assert!(
+        engine.store().outbox(10).unwrap().is_empty(),
+        "nothing left queued"
+    );
 }
