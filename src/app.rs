@@ -505,9 +505,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if store_watch.is_postgres() {
         let rx = running.shutdown_signal();
+        let engine = running.engine.clone();
         running.spawn(crate::store::pg::refresh_every(
             store_watch.clone(),
             MIRROR_REFRESH,
+            move || {
+                engine.timers_changed().notify_one();
+                engine.outbox_changed().notify_one();
+            },
             rx,
         ));
     }

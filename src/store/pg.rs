@@ -401,7 +401,7 @@ impl Replica {
 
     /// Brings the mirror up to date without taking the database's lock.
     /// Called with the store's writer lock held.
-    pub(super) fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+    pub(super) fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
         let since = mirror_position(store)?;
         let (head, pulled) = self.ask(|reply| Job::Refresh { since, reply })?;
         catch_up(store, &head, pulled)
@@ -486,15 +486,17 @@ fn mirror_position(store: &Store) -> Result<Option<(i64, String)>, StoreError> {
     })
 }
 
-fn catch_up(store: &Store, head: &Head, pulled: Pulled) -> Result<(), StoreError> {
+/// Brings the mirror to `head`; whether anything changed.
+fn catch_up(store: &Store, head: &Head, pulled: Pulled) -> Result<bool, StoreError> {
     match pulled {
         Pulled::Changes(changes) => {
             if changes.is_empty() && mirror_position(store)?.is_some_and(|(v, _)| v == head.version) {
-                return Ok(());
+                return Ok(false);
             }
-            apply(store, &changes, head.version, None)
+            apply(store, &changes, head.version, None)?;
+            Ok(!changes.is_empty())
         }
-        Pulled::Reload(rows) => reload(store, head, rows),
+        Pulled::Reload(rows) => reload(store, head, rows).map(|()| true),
     }
 }
 
@@ -604,14 +606,16 @@ impl Store {
     /// Brings this replica's mirror up to date with what other replicas
     /// committed (with PostgreSQL; nothing to do on sled). Every write
     /// does this first; call it periodically so reads between writes stay
-    /// fresh.
-    pub fn refresh(&self) -> Result<(), StoreError> {
+    /// fresh. Returns whether anything changed.
+    pub fn refresh(&self) -> Result<bool, StoreError> {
         self.check_healthy()?;
-        if let super::kv::Backend::Postgres(replica) = &self.inner.backend {
-            let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-            replica.refresh(self)?;
+        match &self.inner.backend {
+            super::kv::Backend::Postgres(replica) => {
+                let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+                replica.refresh(self)
+            }
+            super::kv::Backend::Sled => Ok(false),
         }
-        Ok(())
     }
 
     /// Whether this store is a replica of PostgreSQL.
@@ -621,8 +625,15 @@ impl Store {
 }
 
 /// Refreshes `store`'s mirror every `every` until shutdown (the refresh
-/// waits for the database on tokio's blocking pool).
-pub async fn refresh_every(store: Store, every: Duration, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// waits for the database on tokio's blocking pool), calling `changed`
+/// when it pulled something, so the scheduler and the outbox worker look
+/// at other replicas' new timers and notices at once.
+pub async fn refresh_every(
+    store: Store,
+    every: Duration,
+    changed: impl Fn() + Send + 'static,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -630,7 +641,8 @@ pub async fn refresh_every(store: Store, every: Duration, mut shutdown: tokio::s
         }
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.refresh()).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(true)) => changed(),
+            Ok(Ok(false)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot pull other replicas' changes from PostgreSQL; retrying")
             }

@@ -811,3 +811,39 @@ async fn the_leader_renews_its_term_while_its_replica_commits() {
     );
     assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 100 });
 }
+
+#[tokio::test]
+async fn the_periodic_refresh_pulls_other_replicas_writes_and_says_so() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let counter = woken.clone();
+    let refresher = tokio::spawn(jitbot::store::pg::refresh_every(
+        a.clone(),
+        std::time::Duration::from_millis(50),
+        move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        },
+        stopped,
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        woken.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing new, no wake-up"
+    );
+    write(&b, "x-1").await.unwrap();
+    crate::support::net::eventually(std::time::Duration::from_secs(5), "a pulls b's write", || {
+        (a.timer_count() == 1).then_some(())
+    })
+    .await;
+    crate::support::net::eventually(std::time::Duration::from_secs(5), "a wake-up", || {
+        (woken.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    stop.send(true).unwrap();
+    refresher.await.unwrap();
+}
