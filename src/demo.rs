@@ -187,6 +187,7 @@ pub async fn start_demo_with(options: DemoOptions) -> anyhow::Result<(Running, D
                 concurrency: 8,
             },
             zsp_interval: Duration::from_secs(30),
+            leader: None,
         },
         listener,
         None,

@@ -3,7 +3,7 @@
 //! retried only where it failed, engine wake-ups never bypass a backoff,
 //! and a post interrupted by a crash is known.
 
-use crate::support::bot::TestBot;
+use crate::support::bot::{Backend, TestBot};
 use async_trait::async_trait;
 use jitbot::chat::fanout::Fanout;
 use jitbot::chat::outbox::{drain, MAX_ATTEMPTS};
@@ -142,9 +142,9 @@ fn group() -> Audience {
     Audience::Group(GroupName::new("db-admins"))
 }
 
-#[tokio::test]
-async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recovers() {
-    let bot = TestBot::new();
+crate::both_stores!(alert_survives_many_failures_and_is_delivered_when_the_platform_recovers);
+async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recovers(backend: Backend) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.always(Err(ChatError::Unavailable("slack is down".into())));
     queue(&bot, Audience::Alert, "cannot remove alice from db-admins").await;
@@ -169,9 +169,9 @@ async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recover
     assert!(bot.engine.store().outbox(10).unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn ordinary_notice_is_given_up_after_its_last_attempt() {
-    let bot = TestBot::new();
+crate::both_stores!(ordinary_notice_is_given_up_after_its_last_attempt);
+async fn ordinary_notice_is_given_up_after_its_last_attempt(backend: Backend) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.always(Err(ChatError::Refused("channel_not_found".into())));
     queue(&bot, group(), "alice holds db-admins").await;
@@ -182,9 +182,9 @@ async fn ordinary_notice_is_given_up_after_its_last_attempt() {
     assert!(bot.engine.store().outbox(10).unwrap().is_empty(), "given up");
 }
 
-#[tokio::test]
-async fn rate_limited_destination_does_not_block_another() {
-    let bot = TestBot::new();
+crate::both_stores!(rate_limited_destination_does_not_block_another);
+async fn rate_limited_destination_does_not_block_another(backend: Backend) {
+    let bot = backend.builder().build();
     let (slack, discord) = (Scripted::new("slack"), Scripted::new("discord"));
     slack.always(Err(ChatError::RateLimited(60)));
     let both = fanout(&[&slack, &discord]);
@@ -221,9 +221,9 @@ async fn rate_limited_destination_does_not_block_another() {
     assert_eq!(discord.delivered(), sent);
 }
 
-#[tokio::test]
-async fn partial_post_is_retried_only_on_the_failed_platform() {
-    let bot = TestBot::new();
+crate::both_stores!(partial_post_is_retried_only_on_the_failed_platform);
+async fn partial_post_is_retried_only_on_the_failed_platform(backend: Backend) {
+    let bot = backend.builder().build();
     let (slack, discord) = (Scripted::new("slack"), Scripted::new("discord"));
     discord.fail_next(2, ChatError::Refused("missing access".into()));
     let both = fanout(&[&slack, &discord]);
@@ -278,10 +278,11 @@ async fn partial_post_is_retried_only_on_the_failed_platform() {
     assert!(bot.engine.store().outbox(10).unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn engine_wake_ups_do_not_burn_attempts() {
+crate::both_stores!(engine_wake_ups_do_not_burn_attempts);
+async fn engine_wake_ups_do_not_burn_attempts(backend: Backend) {
     // The first retry waits at least 30 s (60 s, halved at most by jitter).
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .settings(|s| s.retry_base = jitbot_core::Span::from_mins(1))
         .build();
     let slack = Scripted::new("slack");
@@ -306,9 +307,9 @@ async fn engine_wake_ups_do_not_burn_attempts() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn backoff_survives_a_restart() {
-    let bot = TestBot::new();
+crate::both_stores!(backoff_survives_a_restart);
+async fn backoff_survives_a_restart(backend: Backend) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.fail_next(1, ChatError::Unavailable("timeout".into()));
     queue(&bot, group(), "hello").await;
@@ -326,9 +327,11 @@ fn bot_directory(bot: &TestBot) -> Arc<dyn jitbot::ports::Directory> {
     bot.dir.clone()
 }
 
-#[tokio::test]
-async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more() {
-    let bot = TestBot::new();
+crate::both_stores!(crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more);
+async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more(
+    backend: Backend,
+) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.hang_after_post.store(true, Ordering::SeqCst);
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h replicas down").await);
@@ -404,14 +407,15 @@ impl Notifier for Limited {
     }
 }
 
+crate::both_stores!(a_break_glass_alert_is_not_queued_behind_user_cards);
 /// Issue 13 item 10 ("keep alerts off the queue that user traffic can
 /// fill"), from the adversarial review: thirty people each open one request
 /// (within the per-person cap), then someone breaks glass. The platform
 /// rate-limits after five calls; the break-glass alert must be among them,
 /// not behind the thirty approval cards queued before it.
-#[tokio::test]
-async fn a_break_glass_alert_is_not_queued_behind_user_cards() {
-    let bot = TestBot::builder()
+async fn a_break_glass_alert_is_not_queued_behind_user_cards(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| {
             for i in 0..30 {
                 p.groups[0]
