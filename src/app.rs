@@ -150,7 +150,11 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
         set.spawn(zsp_monitor(work_engine.clone(), zsp, stop));
         set
     };
-    let kind = if engine.store().is_postgres() { "postgres" } else { "sled" };
+    let kind = if engine.store().is_postgres() {
+        "postgres"
+    } else {
+        "sled"
+    };
     // A follower until `lead` takes a term; alone (sled), always the leader.
     crate::metrics::set_leader(kind, parts.leader.is_none());
     match parts.leader {
@@ -359,6 +363,7 @@ pub fn pg_settings(store: &crate::config::StoreConfig) -> anyhow::Result<Option<
         url,
         password,
         migrate: store.migrate,
+        ca_file: store.ca_file.clone(),
     }))
 }
 

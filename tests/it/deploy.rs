@@ -96,10 +96,7 @@ fn every_yaml_file_in_deploy_parses() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 dirs.push(path);
-            } else if matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yml" | "yaml")
-            ) {
+            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yml" | "yaml")) {
                 files.push(path);
             }
         }
@@ -165,7 +162,10 @@ fn the_postgres_manifest_runs_two_replicas_whose_config_checks() {
             var["valueFrom"]["secretKeyRef"]["name"].is_string(),
             "{name} is not read from a Secret: {var}"
         );
-        env.push((name.clone(), format!("{}-value-for-the-check", name.to_lowercase())));
+        env.push((
+            name.clone(),
+            format!("{}-value-for-the-check", name.to_lowercase()),
+        ));
     }
     assert!(env.iter().any(|(n, _)| n == "JITBOT_DB_PASSWORD"), "{env:?}");
 
@@ -179,6 +179,16 @@ fn the_postgres_manifest_runs_two_replicas_whose_config_checks() {
     let config = map["data"]["jitbot.toml"].as_str().expect("jitbot.toml");
     assert!(config.contains("kind = \"postgres\""), "{config}");
     assert!(config.contains("path = \"/var/lib/jitbot/"), "{config}");
+    // TLS to the database, its CA mounted where the config says.
+    assert!(config.contains("sslmode=verify-full"), "{config}");
+    assert!(
+        volume_at(app, "/etc/jitbot-postgres-ca")["secret"]["secretName"].is_string(),
+        "the PostgreSQL CA is not mounted"
+    );
+    assert!(
+        config.contains("ca_file = \"/etc/jitbot-postgres-ca/"),
+        "{config}"
+    );
     let (code, out) = check_config(config, &env);
     assert_eq!(code, Some(0), "the manifest's config fails check-config:\n{out}");
     // The check reads the environment: without the password it refuses.
@@ -256,7 +266,10 @@ fn the_compose_try_out_starts_postgres_slapd_and_two_replicas_whose_config_check
     let (code, out) = check_config(&config, &env);
     assert_eq!(code, Some(0), "the try-out's config fails check-config:\n{out}");
     let seed = std::fs::read_to_string(deploy("compose/seed.ldif")).unwrap();
-    for dn in ["cn=db-admins,ou=groups,dc=example,dc=org", "uid=alice,ou=people,dc=example,dc=org"] {
+    for dn in [
+        "cn=db-admins,ou=groups,dc=example,dc=org",
+        "uid=alice,ou=people,dc=example,dc=org",
+    ] {
         assert!(seed.contains(&format!("dn: {dn}\n")), "seed.ldif lacks {dn}");
     }
 }
