@@ -114,10 +114,15 @@ fn start() -> Cluster {
         String::from_utf8_lossy(&out.stderr)
     );
     let port = free_port();
-    // fsync off: these tests kill jitbot, never the database server.
+    // fsync off: these tests kill jitbot, never the database server. The
+    // benchmark turns it on (JITBOT_PG_FSYNC=on) to measure durable commits.
+    let fsync = match std::env::var("JITBOT_PG_FSYNC").as_deref() {
+        Ok("on") => "on",
+        _ => "off",
+    };
     let script = format!(
         "{BIN}/postgres -D {d}/data -c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={d}/sock \
-         -c fsync=off -c max_connections=300 -c ssl=on -c ssl_cert_file={d}/server.crt \
+         -c fsync={fsync} -c max_connections=300 -c ssl=on -c ssl_cert_file={d}/server.crt \
          -c ssl_key_file={d}/server.key >{d}/pg.log 2>&1 & p=$!; cat >/dev/null; kill -INT $p; wait $p; rm -rf {d}"
     );
     let mut child = as_postgres("sh")
