@@ -6,7 +6,13 @@
 //! cargo bench --bench jitbot -- store grant  # some scenarios
 //! JITBOT_BENCH_RESTART_LEASES=1000000 cargo bench --bench jitbot -- restart
 //! JITBOT_BENCH_DAY_SECS=120 JITBOT_BENCH_DAY_REQUESTS=1000 cargo bench --bench jitbot -- day
+//! JITBOT_BENCH_BACKEND=postgres JITBOT_PG_FSYNC=on cargo bench --bench jitbot -- store grant
 //! ```
+//!
+//! `store` and `grant` run on sled, or with `JITBOT_BENCH_BACKEND=postgres`
+//! on a replica of a new database in the test harness's PostgreSQL 15
+//! (`tests/support/postgres.rs`, on loopback; `JITBOT_PG_FSYNC=on` makes
+//! its commits reach the disk, as sled's flushes do).
 //!
 //! Figures go to stdout; BENCHMARKS.md records a run.
 
@@ -16,6 +22,9 @@ mod fake_slack;
 #[path = "../tests/support/net.rs"]
 #[allow(dead_code)]
 mod net;
+#[path = "../tests/support/postgres.rs"]
+#[allow(dead_code)]
+mod postgres;
 #[path = "../tests/support/slapd.rs"]
 #[allow(dead_code)]
 mod slapd;
@@ -158,8 +167,24 @@ async fn add_people(server: &Slapd, n: usize) {
     add_people_from(server, 0, n).await;
 }
 
+/// Whether `JITBOT_BENCH_BACKEND=postgres` asks for PostgreSQL.
+fn on_postgres() -> bool {
+    std::env::var("JITBOT_BENCH_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// The store the benchmark runs on: sled at `path`, or a replica (its
+/// mirror at `path`) of a new PostgreSQL database.
+fn open_store(path: &std::path::Path) -> Store {
+    if on_postgres() {
+        let db = postgres::Database::create();
+        Store::open_postgres(path, 64, &db.settings()).expect("PostgreSQL store")
+    } else {
+        Store::open(path, 64).expect("store")
+    }
+}
+
 fn engine_on(path: &std::path::Path, dir: Arc<dyn Directory>, max: Span) -> Engine {
-    let store = Store::open(path, 64).expect("store");
+    let store = open_store(path);
     Engine::new(
         policy(max),
         store,
@@ -176,7 +201,7 @@ fn directory(server: &Slapd) -> Arc<dyn Directory> {
 /// Durable transitions per second: concurrent `Store::update`s, each flushed.
 async fn bench_store() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&tmp.path().join("db"), 64).unwrap();
+    let store = open_store(&tmp.path().join("db"));
     let n = env_usize("JITBOT_BENCH_STORE_OPS", 5000);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -601,8 +626,13 @@ async fn run() {
         .collect();
     let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name || a == "all");
     println!(
-        "jitbot benchmarks on {} cores, slapd on loopback",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        "jitbot benchmarks on {} cores, slapd on loopback, store on {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        if on_postgres() {
+            "PostgreSQL 15 (loopback)"
+        } else {
+            "sled"
+        }
     );
     if want("store") {
         bench_store().await;

@@ -150,6 +150,13 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
         set.spawn(zsp_monitor(work_engine.clone(), zsp, stop));
         set
     };
+    let kind = if engine.store().is_postgres() {
+        "postgres"
+    } else {
+        "sled"
+    };
+    // A follower until `lead` takes a term; alone (sled), always the leader.
+    crate::metrics::set_leader(kind, parts.leader.is_none());
     match parts.leader {
         None => {
             let mut set = work(rx);
@@ -193,6 +200,7 @@ where
     F: Fn(watch::Receiver<bool>) -> JoinSet<()> + Send + 'static,
 {
     let renew = settings.ttl / 3;
+    let kind = if store.is_postgres() { "postgres" } else { "sled" };
     loop {
         let (holder, ttl) = (settings.holder.clone(), settings.ttl);
         let token = match off_runtime(&store, move |s| s.lead(&holder, ttl)).await {
@@ -213,6 +221,8 @@ where
         };
         tracing::info!(token, holder = %settings.holder, "this replica leads: it runs the scheduler, the outbox and the ZSP monitor");
         store.set_fence(Some(token));
+        crate::metrics::set_leader(kind, true);
+        crate::metrics::leadership_taken();
         let (stop, stopped) = watch::channel(false);
         let mut running = work(stopped);
         let mut renewed = tokio::time::Instant::now();
@@ -241,6 +251,7 @@ where
         let _ = stop.send(true);
         while running.join_next().await.is_some() {}
         store.set_fence(None);
+        crate::metrics::set_leader(kind, false);
         if shutting_down {
             let holder = settings.holder.clone();
             if let Err(e) = off_runtime(&store, move |s| s.resign(&holder, token)).await {
@@ -352,6 +363,7 @@ pub fn pg_settings(store: &crate::config::StoreConfig) -> anyhow::Result<Option<
         url,
         password,
         migrate: store.migrate,
+        ca_file: store.ca_file.clone(),
     }))
 }
 

@@ -115,7 +115,8 @@ pub enum StoreCmd {
     /// Copy every tree of a sled store (jitbot stopped) into an empty
     /// PostgreSQL database, then check the copy: counts per tree, the
     /// trees' consistency and the audit chain. The password comes from the
-    /// URL's environment: PGPASSWORD.
+    /// URL's environment: PGPASSWORD; with `sslmode=verify-full` in the
+    /// URL, the CA file from PGSSLROOTCERT.
     Copy {
         /// The sled store directory (the old `[store] path`).
         #[arg(long)]
@@ -276,6 +277,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 url: to,
                 password,
                 migrate: true,
+                // libpq's variable for the CA of sslmode=verify-full.
+                ca_file: std::env::var_os("PGSSLROOTCERT").map(std::path::PathBuf::from),
             };
             let report = tokio::task::spawn_blocking(move || {
                 crate::store::Store::copy_to_postgres(&from, &settings, key)

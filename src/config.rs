@@ -145,6 +145,9 @@ pub struct StoreConfig {
     pub url: Option<String>,
     /// With `kind = "postgres"`: the database password, when not in `url`.
     pub password: Option<SecretSource>,
+    /// With `kind = "postgres"` and `sslmode=verify-full` in `url`: the PEM
+    /// file of the CA that signed the server's certificate.
+    pub ca_file: Option<PathBuf>,
     /// With `kind = "postgres"`: apply missing schema migrations at start-up
     /// (else `jitbot migrate` must have).
     #[serde(default = "yes")]
@@ -903,16 +906,30 @@ impl Config {
         }
         if let Some(url) = &self.store.url {
             let lowered = url.to_ascii_lowercase();
-            if ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"]
-                .iter()
-                .any(|m| lowered.contains(m))
-            {
+            let verify_full = lowered.contains("sslmode=verify-full");
+            if lowered.contains("sslmode=require") || lowered.contains("sslmode=verify-ca") {
                 issue(
                     "store.url".into(),
                     key_line(text, "store", "url"),
-                    "asks for TLS (sslmode=require/verify-ca/verify-full), which this jitbot does not speak to \
-                     PostgreSQL yet; reach the database over a private network or a local TLS tunnel and use \
-                     sslmode=disable"
+                    "asks for TLS that does not check the certificate names the server (sslmode=require or \
+                     verify-ca); use sslmode=verify-full with store.ca_file set to the CA that signed the \
+                     server's certificate"
+                        .into(),
+                );
+            } else if verify_full && self.store.ca_file.is_none() {
+                issue(
+                    "store.url".into(),
+                    key_line(text, "store", "url"),
+                    "asks for sslmode=verify-full but store.ca_file is not set; set it to the PEM file of the CA \
+                     that signed the PostgreSQL server's certificate"
+                        .into(),
+                );
+            } else if !verify_full && self.store.ca_file.is_some() {
+                issue(
+                    "store.ca_file".into(),
+                    key_line(text, "store", "ca_file"),
+                    "is set but store.url does not ask for sslmode=verify-full; add ?sslmode=verify-full to the \
+                     url, or remove ca_file"
                         .into(),
                 );
             } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -1164,12 +1181,26 @@ max_duration = "4h"
         .unwrap();
         assert_eq!(ok.store.kind, StoreKind::Postgres);
         assert!(ok.store.migrate, "migrations run at start-up by default");
+        let tls = Config::parse(
+            &pg("kind = \"postgres\"\nurl = \"postgres://jitbot@db:5432/jitbot?sslmode=verify-full\"\nca_file = \"/etc/jitbot/pg-ca.pem\""),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(tls.store.ca_file, Some(PathBuf::from("/etc/jitbot/pg-ca.pem")));
         for (extra, want) in [
             ("kind = \"postgres\"", "needs url"),
             ("url = \"postgres://db/jitbot\"", "kind = \"postgres\""),
             (
                 "kind = \"postgres\"\nurl = \"postgres://db/jitbot?sslmode=verify-full\"",
                 "sslmode",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://db/jitbot?sslmode=require\"\nca_file = \"/ca.pem\"",
+                "verify-full",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://db/jitbot\"\nca_file = \"/ca.pem\"",
+                "store.ca_file",
             ),
             (
                 "kind = \"postgres\"\nurl = \"postgres://u:pw@db/jitbot\"",

@@ -192,6 +192,19 @@ pub fn set_overdue_revocation(overdue: Duration) {
     gauge!("jitbot_revocation_overdue_seconds").set(overdue.as_secs_f64());
 }
 
+/// This replica's role, as `jitbot_leader{store}`: 1 while it leads (runs
+/// the scheduler, the outbox worker and the ZSP monitor), 0 while it
+/// follows. With sled (`store="sled"`) the one process always leads.
+pub fn set_leader(store: &'static str, leads: bool) {
+    gauge!("jitbot_leader", "store" => store).set(if leads { 1.0 } else { 0.0 });
+}
+
+/// This replica took the leader's term (`jitbot_leader_changes_total`):
+/// summed over the replicas, how often the leadership changed hands.
+pub fn leadership_taken() {
+    counter!("jitbot_leader_changes_total").increment(1);
+}
+
 /// Whether the directory answered jitbot's last ping (1) or not (0).
 pub fn set_directory_up(up: bool) {
     gauge!("jitbot_directory_up").set(if up { 1.0 } else { 0.0 });
@@ -296,6 +309,16 @@ fn register_all() {
         "jitbot_directory_up",
         "1 when the directory answered the last ping."
     );
+    // `jitbot_leader` is set by `app::start`, which knows the store's kind.
+    describe_gauge!(
+        "jitbot_leader",
+        "1 while this replica leads (runs the scheduler, the outbox and the ZSP monitor), 0 while it follows; by store kind."
+    );
+    describe_counter!(
+        "jitbot_leader_changes_total",
+        "Times this replica took the leader's term; summed over replicas, the leader changes."
+    );
+    counter!("jitbot_leader_changes_total").increment(0);
     describe_counter!(
         "jitbot_refused_payloads_total",
         "Signed Slack payloads refused: another workspace, app or org, or an external user."

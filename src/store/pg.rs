@@ -97,23 +97,15 @@ pub struct PgSettings {
     pub password: Option<Secret>,
     /// Apply missing migrations when connecting (else refuse to start).
     pub migrate: bool,
+    /// With `sslmode=verify-full` in the url: the CA that signed the
+    /// server's certificate (`[store] ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl PgSettings {
     fn config(&self) -> Result<postgres::Config, StoreError> {
-        let lowered = self.url.to_ascii_lowercase();
-        if ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"]
-            .iter()
-            .any(|m| lowered.contains(m))
-        {
-            return Err(StoreError::Io(
-                "[store] url asks for TLS (sslmode=require/verify-ca/verify-full), which this jitbot does not \
-                 speak to PostgreSQL yet; reach the database over a private network or a local TLS tunnel \
-                 and use sslmode=disable"
-                    .into(),
-            ));
-        }
-        let mut config: postgres::Config = self.url.parse().map_err(|e| {
+        let url = super::pg_tls::driver_url(&self.url, self.ca_file.as_deref())?;
+        let mut config: postgres::Config = url.parse().map_err(|e| {
             StoreError::Io(format!(
                 "[store] url is not a PostgreSQL connection URL ({e}); write it as postgres://user@host:5432/dbname"
             ))
@@ -130,10 +122,23 @@ impl PgSettings {
     }
 
     fn connect(&self) -> Result<postgres::Client, StoreError> {
-        let mut client = self.config()?.connect(postgres::NoTls).map_err(|e| {
+        let config = self.config()?;
+        let connected = match super::pg_tls::transport(&self.url, self.ca_file.as_deref())? {
+            super::pg_tls::Transport::Plain => config.connect(postgres::NoTls),
+            super::pg_tls::Transport::Verified(tls) => config.connect(tls),
+        };
+        let mut client = connected.map_err(|e| {
+            let tls = match &self.ca_file {
+                Some(ca) => format!(
+                    "; with sslmode=verify-full, also that [store] ca_file ({}) holds the CA that signed the \
+                     server's certificate and that the certificate names the url's host",
+                    ca.display()
+                ),
+                None => String::new(),
+            };
             StoreError::Io(format!(
                 "cannot connect to PostgreSQL at [store] url ({}); check the URL, the password and that the \
-                 server accepts connections from here",
+                 server accepts connections from here{tls}",
                 describe(&e)
             ))
         })?;

@@ -7,6 +7,7 @@ mod ad;
 mod backup;
 mod console;
 mod contract;
+mod deploy;
 mod discord;
 mod faults;
 mod gateway;

@@ -1,7 +1,7 @@
 //! The operator assets in `deploy/`: the Prometheus alerting rules pass
 //! `promtool check rules` and their unit tests, every dashboard query is valid
 //! PromQL, and every metric the dashboard and the rules name is one a running
-//! jitbot exports.
+//! jitbot exports; the leader gauge names one leader among replicas.
 
 use crate::support::fake_slack::FakeSlack;
 use crate::support::process::Jitbot;
@@ -98,6 +98,7 @@ fn alerting_rules_pass_promtool_check_and_their_unit_tests() {
         "JitbotOutboxStuck",
         "JitbotRefusedSignaturesSpike",
         "JitbotDirectoryUnavailable",
+        "JitbotNoLeader",
     ] {
         assert!(
             alerts.iter().any(|a| a == required),
@@ -353,6 +354,9 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
         ) >= 1.0
     );
     assert_eq!(value(&exposition, "jitbot_directory_up"), 1.0);
+    // One process on sled: always the leader, never a change of leader.
+    assert_eq!(value(&exposition, r#"jitbot_leader{store="sled"}"#), 1.0);
+    assert_eq!(value(&exposition, "jitbot_leader_changes_total"), 0.0);
     assert_eq!(value(&exposition, "jitbot_active_leases"), 0.0);
     assert_eq!(value(&exposition, "jitbot_revocation_overdue_seconds"), 0.0);
     // Metrics no event has touched are there too, at zero.
@@ -383,5 +387,87 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
             unknown.is_empty(),
             "deploy/{asset} uses metrics jitbot does not export: {unknown:?}\nexported: {exported:?}"
         );
+    }
+}
+
+/// `GET /metrics` on the admin listener.
+async fn scrape(bot: &Jitbot) -> String {
+    reqwest::get(format!("{}/metrics", bot.admin_base))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_gauge_names_one_replica_and_follows_a_failover() {
+    use crate::support::net::eventually;
+    use crate::support::postgres::{cluster, Database, PASSWORD};
+    let db = Database::create();
+    let url = cluster().url(&db.name);
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "OBS_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "{DB_ADMINS}" = [] }}
+
+[[group]]
+name = "db-admins"
+dn = "{DB_ADMINS}"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["carol"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let env = [("OBS_PGPW", PASSWORD)];
+    let leader = r#"jitbot_leader{store="postgres"}"#;
+    let a = Jitbot::start(&config, &env).await;
+    eventually(Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+    // b has had a renewal period (2 s) to try for the term, and must not hold it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (on_a, on_b) = (scrape(&a).await, scrape(&b).await);
+    assert_eq!(value(&on_a, leader), 1.0, "{on_a}");
+    assert_eq!(value(&on_a, "jitbot_leader_changes_total"), 1.0);
+    assert_eq!(value(&on_b, leader), 0.0, "{on_b}");
+    assert_eq!(value(&on_b, "jitbot_leader_changes_total"), 0.0);
+    assert!(
+        !on_b.contains(r#"jitbot_leader{store="sled"}"#),
+        "a replica on PostgreSQL reports a sled role:\n{on_b}"
+    );
+
+    drop(a); // SIGKILL: b takes the term once it expires.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let on_b = scrape(&b).await;
+        if value(&on_b, leader) == 1.0 {
+            assert_eq!(value(&on_b, "jitbot_leader_changes_total"), 1.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica b never reported itself leader after the leader was killed:\n{on_b}\nlog:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

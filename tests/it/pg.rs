@@ -847,3 +847,73 @@ async fn the_periodic_refresh_pulls_other_replicas_writes_and_says_so() {
     stop.send(true).unwrap();
     refresher.await.unwrap();
 }
+
+/// `sslmode=verify-full` with `[store] ca_file`: the replica's connection
+/// is encrypted and checked against the CA; a certificate from another CA,
+/// or one that does not name the host, is refused with what to check.
+#[tokio::test]
+async fn verify_full_connects_over_tls_with_the_servers_ca_and_refuses_anything_else() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = crate::support::postgres::cluster();
+    let mut settings = db.settings();
+    settings.url = settings.url.replace("sslmode=disable", "sslmode=verify-full");
+    settings.ca_file = Some(cluster.ca_file.clone());
+    let store = Store::open_postgres(&tmp.path().join("a"), 16, &settings)
+        .unwrap_or_else(|e| panic!("verify-full with the server's CA: {e}"));
+    write(&store, "over-tls").await.unwrap();
+    let encrypted = db.value(
+        "SELECT count(*)::text FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE ssl AND application_name = 'jitbot'",
+    );
+    assert_ne!(encrypted, "0", "jitbot's connection is not encrypted");
+    drop(store);
+
+    // A CA that did not sign the server's certificate.
+    let other = {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "some other CA");
+        ca.self_signed(&key).unwrap().pem()
+    };
+    let other_ca = tmp.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other).unwrap();
+    let mut wrong = settings.clone();
+    wrong.ca_file = Some(other_ca);
+    let err = Store::open_postgres(&tmp.path().join("b"), 16, &wrong)
+        .err()
+        .expect("a server certificate from another CA")
+        .to_string();
+    assert!(
+        err.contains("invalid peer certificate") && err.contains("ca_file"),
+        "{err}"
+    );
+
+    // The right CA, but a host name the certificate does not carry (the
+    // connection still goes to 127.0.0.1).
+    let mut misnamed = settings.clone();
+    misnamed.url = misnamed
+        .url
+        .replace("@127.0.0.1:", "@db.example.org:")
+        .replace("sslmode=verify-full", "sslmode=verify-full&hostaddr=127.0.0.1");
+    let err = Store::open_postgres(&tmp.path().join("c"), 16, &misnamed)
+        .err()
+        .expect("a certificate for another name")
+        .to_string();
+    assert!(
+        err.contains("not valid for name") && err.contains("db.example.org"),
+        "{err}"
+    );
+    assert!(err.contains("names the url's host"), "{err}");
+
+    // TLS that would not check the server's name is refused outright.
+    let mut require = settings.clone();
+    require.url = require.url.replace("sslmode=verify-full", "sslmode=require");
+    let err = Store::open_postgres(&tmp.path().join("d"), 16, &require)
+        .err()
+        .expect("sslmode=require")
+        .to_string();
+    assert!(err.contains("verify-full"), "{err}");
+}

@@ -19,6 +19,9 @@ pub const PASSWORD: &str = "pg-test-secret";
 
 pub struct Cluster {
     pub port: u16,
+    /// The CA that signed the server's certificate (for 127.0.0.1): the
+    /// server offers TLS, and `sslmode=verify-full` checks it against this.
+    pub ca_file: std::path::PathBuf,
     /// Held open: closing it (this process ending) stops the server.
     _stdin: Mutex<ChildStdin>,
     _child: Mutex<Child>,
@@ -78,6 +81,7 @@ fn start() -> Cluster {
     let d = dir.display().to_string();
     std::fs::create_dir(dir.join("sock")).expect("socket dir");
     std::fs::write(dir.join("pw"), PASSWORD).expect("password file");
+    write_certificates(&dir);
     if is_root() {
         let out = Command::new("chown")
             .args(["-R", "postgres:", &d])
@@ -110,10 +114,16 @@ fn start() -> Cluster {
         String::from_utf8_lossy(&out.stderr)
     );
     let port = free_port();
-    // fsync off: these tests kill jitbot, never the database server.
+    // fsync off: these tests kill jitbot, never the database server. The
+    // benchmark turns it on (JITBOT_PG_FSYNC=on) to measure durable commits.
+    let fsync = match std::env::var("JITBOT_PG_FSYNC").as_deref() {
+        Ok("on") => "on",
+        _ => "off",
+    };
     let script = format!(
         "{BIN}/postgres -D {d}/data -c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={d}/sock \
-         -c fsync=off -c max_connections=300 >{d}/pg.log 2>&1 & p=$!; cat >/dev/null; kill -INT $p; wait $p; rm -rf {d}"
+         -c fsync={fsync} -c max_connections=300 -c ssl=on -c ssl_cert_file={d}/server.crt \
+         -c ssl_key_file={d}/server.key >{d}/pg.log 2>&1 & p=$!; cat >/dev/null; kill -INT $p; wait $p; rm -rf {d}"
     );
     let mut child = as_postgres("sh")
         .args(["-c", &script])
@@ -125,6 +135,7 @@ fn start() -> Cluster {
     let stdin = child.stdin.take().expect("wrapper stdin");
     let cluster = Cluster {
         port,
+        ca_file: dir.join("ca.pem"),
         _stdin: Mutex::new(stdin),
         _child: Mutex::new(child),
     };
@@ -139,6 +150,30 @@ fn start() -> Cluster {
             }
         }
     }
+}
+
+/// A CA (`ca.pem`) and the server's certificate for 127.0.0.1 signed by
+/// it (`server.crt`, `server.key`, readable by its owner only, as
+/// PostgreSQL requires), in `dir`.
+fn write_certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "jitbot test PostgreSQL CA");
+    let ca = ca.self_signed(&ca_key).expect("CA certificate");
+    let key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("server params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("server certificate");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("ca.pem");
+    std::fs::write(dir.join("server.crt"), server.pem()).expect("server.crt");
+    let key_path = dir.join("server.key");
+    std::fs::write(&key_path, key.serialize_pem()).expect("server.key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod server.key");
 }
 
 impl Cluster {
@@ -210,6 +245,7 @@ impl Database {
             url: cluster().url(&self.name),
             password: Some(Secret::new(PASSWORD)),
             migrate: true,
+            ca_file: None,
         }
     }
 
