@@ -5,6 +5,7 @@ mod support;
 
 mod ad;
 mod backup;
+mod brk14c;
 mod console;
 mod contract;
 mod discord;
