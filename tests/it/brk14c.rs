@@ -175,3 +175,241 @@ async fn brk14c_gateway_replayed_interaction_answers_first_that_nothing_was_done
         answers.iter().map(|c| c.body.to_string()).collect::<Vec<_>>()
     );
 }
+
+// ---------------------------------------------------------------------
+// Approver DMs on Slack: the engine, the outbox and the Slack adapter
+// against the Web API fake (as `tests/it/slack.rs` runs them).
+// ---------------------------------------------------------------------
+
+const SEC: &str = "cn=security,ou=groups,dc=example,dc=org";
+const ONCALL: &str = "cn=oncall,ou=groups,dc=example,dc=org";
+/// db-admins' Slack channel (`slack::config`).
+const CDB: &str = "CDB";
+
+fn slack_id(user: &str) -> String {
+    format!("U{}", user.to_uppercase())
+}
+
+/// db-admins with `approval_cards = delivery`, two approvals needed,
+/// approvers bob and frank by name and `security` (alice, the requester,
+/// and through `oncall` carol). frank has no Slack account.
+fn dm_bot(delivery: jitbot_core::policy::CardDelivery) -> TestBot {
+    let bot = TestBot::builder()
+        .policy(|p| {
+            let db = &mut p.groups[0];
+            db.approval_cards = delivery;
+            db.approvals_required = 2;
+            db.approvers.users.insert(jitbot_core::UserId::new("frank"));
+            db.approvers.groups.insert(jitbot_core::GroupDn::new(SEC));
+        })
+        .settings(|s| {
+            s.retry_base = jitbot_core::Span::from_secs(1);
+            s.retry_max = jitbot_core::Span::from_secs(2);
+        })
+        .build();
+    bot.dir.add_user("frank", [("mail", "frank@example.org")]);
+    bot.dir.add_group(ONCALL, ["carol"]);
+    bot.dir.add_group(SEC, ["alice", ONCALL]);
+    bot
+}
+
+/// The engine with the Slack adapter as its notifier, the outbox and the
+/// scheduler running; the fake knows alice, bob, carol, dave and erin.
+struct SlackDms {
+    bot: TestBot,
+    slack: FakeSlack,
+    _stop: watch::Sender<bool>,
+}
+
+async fn slack_dms(bot: TestBot, prepare: impl FnOnce(&FakeSlack)) -> SlackDms {
+    let slack = FakeSlack::start().await;
+    for u in ["alice", "bob", "carol", "dave", "erin"] {
+        slack.add_user(&slack_id(u), &format!("{u}@example.org"));
+    }
+    prepare(&slack);
+    let adapter = Arc::new(
+        SlackAdapter::with_token(&crate::slack::config(slack.api_url()), Secret::new("xoxb-test"))
+            .expect("adapter"),
+    );
+    let (stop, rx) = watch::channel(false);
+    let notifier: Arc<dyn Notifier> = adapter;
+    tokio::spawn(jitbot::chat::outbox::run(
+        bot.engine.clone(),
+        notifier,
+        rx.clone(),
+    ));
+    let settings = SchedulerSettings {
+        max_wait: Duration::from_millis(200),
+        concurrency: 4,
+    };
+    tokio::spawn(jitbot::scheduler::run(bot.engine.clone(), settings, rx));
+    SlackDms {
+        bot,
+        slack,
+        _stop: stop,
+    }
+}
+
+impl SlackDms {
+    /// The posts of request `id`'s card (those with its Approve button).
+    fn card_posts(&self, id: &str) -> Vec<Call> {
+        let approve = format!("jit:approve:{id}");
+        self.slack
+            .calls_to("chat.postMessage")
+            .into_iter()
+            .filter(|c| c.body.to_string().contains(&approve))
+            .collect()
+    }
+}
+
+/// `users.lookupByEmail` answers with whoever has that address anywhere
+/// Slack can see: in an Enterprise Grid org, or for an address that also
+/// belongs to an account in another workspace, the user it returns can
+/// have a `team_id` that is not `slack.team_id`. jitbot refuses every
+/// click from such a user (binding: "external_user"), so a card DMed to
+/// them has buttons that can never work, and the channel card does not
+/// list them as unreachable: the approver silently never gets a usable
+/// card.
+///
+/// On `main` `SlackAdapter::user_by_mail` takes `res.user.id` without
+/// looking at `team_id` (nor `deleted`/`is_bot`), and the card goes to
+/// bob's DM. The lookup should refuse a user outside the configured
+/// workspace (and a deactivated or bot user) as unreachable, with a log
+/// line saying why.
+#[tokio::test]
+async fn brk14c_slack_dm_card_goes_to_a_user_of_another_workspace() {
+    let h = slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Dm), |slack| {
+        slack.answer_with("users.lookupByEmail", |c| {
+            let email = c.body["email"].as_str().unwrap_or_default().to_ascii_lowercase();
+            let Some(name) = email.strip_suffix("@example.org") else {
+                return json!({"ok": false, "error": "users_not_found"});
+            };
+            if !["alice", "bob", "carol", "dave", "erin"].contains(&name) {
+                return json!({"ok": false, "error": "users_not_found"});
+            }
+            // bob's address belongs to an account of another workspace.
+            let team = if name == "bob" { "T2" } else { "T1" };
+            json!({"ok": true, "user": {"id": slack_id(name), "team_id": team, "name": name,
+                   "deleted": false, "is_bot": false, "profile": {"email": email}}})
+        });
+    })
+    .await;
+    let id = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
+    // carol's DM and the channel card (frank has no Slack account).
+    let posts = eventually(WAIT, "carol's DM and the channel card", || {
+        let posts = h.card_posts(&id);
+        let channels: Vec<String> = posts
+            .iter()
+            .map(|c| c.body["channel"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (channels.iter().any(|c| c == "DUCAROL") && channels.iter().any(|c| c == CDB)).then_some(posts)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let posts = h
+        .card_posts(&id)
+        .into_iter()
+        .skip(posts.len())
+        .chain(posts)
+        .collect::<Vec<_>>();
+    assert!(
+        !posts.iter().any(|c| c.body["channel"] == "DUBOB"),
+        "the card went to bob's DM although Slack says his account belongs to workspace T2, \
+         whose clicks jitbot refuses: {:#?}",
+        posts
+            .iter()
+            .map(|c| c.body["channel"].clone())
+            .collect::<Vec<_>>()
+    );
+    let channel_card = posts
+        .iter()
+        .find(|c| c.body["channel"] == CDB)
+        .map(|c| c.body.to_string())
+        .unwrap_or_default();
+    assert!(
+        channel_card.contains("Could not reach by DM") && channel_card.contains("bob"),
+        "the channel card must list bob as unreachable: {channel_card}"
+    );
+    assert!(!h.bot.is_member(DB, "alice"));
+}
+
+/// Slack reports its own hiccups inside HTTP 200 answers: `internal_error`,
+/// `fatal_error`, `service_unavailable` and `request_timeout` are in the
+/// documented error list of `chat.update` (Slack "chat.update": "the server
+/// could not complete your operation(s) without encountering an error,
+/// likely due to a transient issue on our end"). They are worth a retry.
+///
+/// On `main` `slack::chat_error` maps every `ApiError` to
+/// `ChatError::Refused` (a permanent "no"), and `outbox::update_every_copy`
+/// skips a refused copy for good and finishes the update: one transient
+/// `internal_error` on the decision's update leaves carol's DM copy saying
+/// "pending" with live Approve/Deny buttons forever, although the request
+/// was approved. Transient Slack error codes should map to
+/// `ChatError::Unavailable` so the update is retried.
+#[tokio::test]
+async fn brk14c_slack_transient_error_on_the_decision_leaves_a_copy_with_live_buttons() {
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = {
+        let failed = failed.clone();
+        let shown = shown.clone();
+        let hiccup = std::sync::Mutex::new(None::<std::time::Instant>);
+        slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Both), move |slack| {
+            slack.answer_with("chat.update", move |c| {
+                let decision = c.body.to_string().contains("approved by bob, carol");
+                // A Slack hiccup of half a second on carol's DM, from the
+                // first decision update on.
+                if c.body["channel"] == "DUCAROL" && decision {
+                    let mut since = hiccup.lock().unwrap();
+                    let start = *since.get_or_insert_with(std::time::Instant::now);
+                    if start.elapsed() < Duration::from_millis(500) {
+                        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return json!({"ok": false, "error": "internal_error"});
+                    }
+                    shown.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                json!({"ok": true, "channel": c.body["channel"], "ts": c.body["ts"],
+                       "text": c.body["text"], "message": {"text": c.body["text"]}})
+            });
+        })
+        .await
+    };
+    let id = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
+    eventually(WAIT, "the channel card and the DMs to bob and carol", || {
+        let channels: Vec<String> = h
+            .card_posts(&id)
+            .iter()
+            .map(|c| c.body["channel"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (["DUBOB", "DUCAROL", CDB]
+            .iter()
+            .all(|c| channels.iter().any(|x| x == c)))
+        .then_some(())
+    })
+    .await;
+    h.bot.ok("bob", &format!("approve {id}")).await;
+    h.bot.ok("carol", &format!("approve {id}")).await;
+    eventually(WAIT, "alice in db-admins", || {
+        h.bot.is_member(DB, "alice").then_some(())
+    })
+    .await;
+    eventually(WAIT, "Slack's internal_error on carol's copy", || {
+        failed.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+    })
+    .await;
+    // The outbox retries after retry_base (1 s in tests); give it a few.
+    let decided = crate::support::net::within(Duration::from_secs(10), || {
+        shown.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+    })
+    .await;
+    assert!(
+        decided.is_some(),
+        "carol's DM copy was never updated with the decision after half a second of transient internal_error answers; \
+         it still shows live buttons. chat.update calls: {:#?}",
+        h.slack
+            .calls_to("chat.update")
+            .iter()
+            .map(|c| (c.body["channel"].clone(), c.body.to_string().contains("approved by bob, carol")))
+            .collect::<Vec<_>>()
+    );
+}
