@@ -413,3 +413,189 @@ async fn brk14c_slack_transient_error_on_the_decision_leaves_a_copy_with_live_bu
             .collect::<Vec<_>>()
     );
 }
+
+// ---------------------------------------------------------------------
+// Slack Socket Mode, through `jitbot run` with a real slapd.
+// ---------------------------------------------------------------------
+
+const SM_APP_TOKEN: &str = "xapp-1-A0JITBOT-brk14c";
+const SM_BOT_TOKEN: &str = "xoxb-brk14c";
+const SM_CHANNEL: &str = "CJIT";
+
+fn socket_config(server: &Slapd, slack: &FakeSlack) -> String {
+    let ldap = server.ldap_config();
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "5s"
+
+[store]
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+retry_max = "2s"
+
+[directory]
+kind = "ldap"
+
+[ldap]
+url = "{url}"
+allow_plaintext_bind = true
+bind_dn = "{bind}"
+password = {{ file = "{pw}" }}
+user_base = "{people}"
+placeholder_dn = "{bind}"
+connect_timeout = "2s"
+operation_timeout = "5s"
+
+[slack]
+mode = "socket"
+bot_token = {{ env = "BRK14C_SM_BOT_TOKEN" }}
+app_token = {{ env = "BRK14C_SM_APP_TOKEN" }}
+team_id = "T1"
+api_url = "{api}"
+default_channel = "{SM_CHANNEL}"
+
+[[group]]
+name = "db-admins"
+dn = "{DB_ADMINS}"
+zsp = true
+requesters = {{ users = ["alice", "bob", "dave", "eve"] }}
+approvers = {{ groups = ["{APPROVERS}"] }}
+default_duration = "30m"
+max_duration = "1h"
+reason_required = false
+"#,
+        url = ldap.url,
+        bind = ldap.bind_dn,
+        pw = ldap.password.file.as_ref().expect("password file").display(),
+        people = ldap.user_base,
+        api = slack.api_url(),
+    )
+}
+
+/// The pid of the `jitbot run` whose log is `bot.log` (its config sits
+/// beside the log), found in /proc.
+fn pid_of(bot: &Jitbot) -> u32 {
+    let config = bot.log.with_file_name("jitbot.toml");
+    let config = config.to_string_lossy().to_string();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Ok(entry) = entry else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&config) {
+            return pid;
+        }
+    }
+    panic!("no process runs {config}");
+}
+
+/// Whether process `pid` is gone (exited; a zombie counts as gone).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// Socket Mode acknowledges an envelope as soon as the work is spawned (as
+/// slack-morphism requires), so once acked Slack never delivers it again:
+/// from then on jitbot alone is responsible for the command. A graceful
+/// stop (SIGTERM, as every deploy or `systemctl restart` sends) must let
+/// work already acknowledged finish within `server.shutdown_grace`.
+///
+/// On `main` the handler's work runs in a detached `tokio::spawn`
+/// (`slack/handle.rs`: `command`, `interaction_from`) that nothing tracks:
+/// `jitbot run` stops its servers, workers and the Socket Mode listener,
+/// returns, and the runtime drops the task halfway. alice was told
+/// "Working on it…" in the ack, her trigger id is recorded as seen, and
+/// then nothing: no answer, no request, no card, and no log line saying a
+/// command was dropped. (The same holds for a click, e.g. an approver's
+/// Approve, and for HTTP mode.) Here the users.info lookup takes 1.5 s, well
+/// inside the 5 s grace. The in-flight handler tasks should be tracked and
+/// drained (bounded by the grace) before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk14c_socket_mode_acked_command_is_dropped_by_a_graceful_stop() {
+    let server = Slapd::start();
+    let slack = FakeSlack::start().await;
+    for user in ["alice", "bob", "carol", "eve"] {
+        slack.add_user(&slack_id(user), &format!("{user}@example.org"));
+    }
+    // A slow users.info (Slack under load): the command's work is still
+    // running when jitbot is told to stop.
+    slack.answer_with("users.info", |c| {
+        std::thread::sleep(Duration::from_millis(1500));
+        let user = c.body["user"].as_str().unwrap_or_default().to_string();
+        let name = user.trim_start_matches('U').to_ascii_lowercase();
+        json!({"ok": true, "user": {"id": user, "team_id": "T1", "name": name,
+               "profile": {"email": format!("{name}@example.org")}}})
+    });
+    let sm = crate::support::fake_socket_mode::FakeSocketMode::start(slack.clone(), SM_APP_TOKEN).await;
+    let bot = Jitbot::start(
+        &socket_config(&server, &slack),
+        &[
+            ("BRK14C_SM_BOT_TOKEN", SM_BOT_TOKEN),
+            ("BRK14C_SM_APP_TOKEN", SM_APP_TOKEN),
+        ],
+    )
+    .await;
+    sm.wait_live(1).await;
+    let env = sm
+        .slash(
+            &slack_id("alice"),
+            SM_CHANNEL,
+            "request db-admins 30m fixing replication",
+        )
+        .await;
+    let ack = sm.ack(&env).await;
+    assert!(ack.payload.is_some(), "the command was taken: {ack:?}");
+
+    let pid = pid_of(&bot);
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+
+    // Whatever the command leads to: an answer on its response_url, or the
+    // approval card in the channel.
+    let done = crate::support::net::within(Duration::from_secs(8), || {
+        slack
+            .calls()
+            .into_iter()
+            .find(|c| {
+                c.method.starts_with("response/")
+                    || (c.method == "chat.postMessage" && c.body.to_string().contains("jit:approve:"))
+            })
+            .map(|c| c.method)
+    })
+    .await;
+    let gone = exited(pid);
+    assert!(
+        done.is_some(),
+        "alice's acknowledged /jit request was dropped by a graceful stop (jitbot exited: {gone}); \
+         Slack calls: {:#?}\njitbot's log (tail):\n{}",
+        slack.calls().iter().map(|c| c.method.clone()).collect::<Vec<_>>(),
+        bot.log_text()
+            .lines()
+            .rev()
+            .take(25)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
