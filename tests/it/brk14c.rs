@@ -599,3 +599,70 @@ async fn brk14c_socket_mode_acked_command_is_dropped_by_a_graceful_stop() {
             .join("\n")
     );
 }
+
+/// ARCHITECTURE.md: "a rate limit or outage is never 'unreachable': the
+/// approver is listed as pending on the channel card and the post fails
+/// for later". Slack reports its outages inside HTTP 200 answers
+/// (`service_unavailable`, `internal_error`, `fatal_error`,
+/// `request_timeout` are in the documented errors of `conversations.open`
+/// and `users.lookupByEmail`).
+///
+/// On `main` `slack::chat_error` maps every `ApiError` to `Refused`, and
+/// `open_dm` turns a refused `conversations.open` into
+/// `DmError::Unreachable`: one `service_unavailable` while the card goes
+/// out lists bob on the channel card as "Could not reach by DM" and he
+/// never gets his copy, although Slack was back a moment later.
+#[tokio::test]
+async fn brk14c_slack_outage_answer_marks_an_approver_unreachable_for_good() {
+    let h = slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Both), |slack| {
+        let once = std::sync::atomic::AtomicBool::new(false);
+        slack.answer_with("conversations.open", move |c| {
+            let user = match &c.body["users"] {
+                Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or_default().to_string(),
+                Value::String(s) => s.clone(),
+                _ => String::new(),
+            };
+            if user == "UBOB" && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return json!({"ok": false, "error": "service_unavailable"});
+            }
+            json!({"ok": true, "channel": {"id": format!("D{user}")}})
+        });
+    })
+    .await;
+    let id = TestBot::request_id(
+        &h.bot
+            .ok("alice", "request db-admins 2h fixing replication")
+            .await,
+    );
+    eventually(WAIT, "the channel card and carol's DM", || {
+        let channels: Vec<String> = h
+            .card_posts(&id)
+            .iter()
+            .map(|c| c.body["channel"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (channels.iter().any(|c| c == "DUCAROL") && channels.iter().any(|c| c == CDB)).then_some(())
+    })
+    .await;
+    // The outbox retries after retry_base (1 s here); give it several.
+    let bob = crate::support::net::within(Duration::from_secs(8), || {
+        h.card_posts(&id)
+            .into_iter()
+            .find(|c| c.body["channel"] == "DUBOB")
+    })
+    .await;
+    let channel_card = h
+        .slack
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            (c.method == "chat.postMessage" || c.method == "chat.update") && c.body["channel"] == CDB
+        })
+        .map(|c| c.body.to_string())
+        .next_back()
+        .unwrap_or_default();
+    assert!(
+        bob.is_some(),
+        "one service_unavailable from conversations.open made bob unreachable for good: \
+         he never got his DM copy. The channel card says: {channel_card}"
+    );
+}
