@@ -176,6 +176,59 @@ async fn brk14c_gateway_replayed_interaction_answers_first_that_nothing_was_done
     );
 }
 
+/// A requester writes the reason, and the card shows it to every approver
+/// (now also in their DMs, under the bot's name). Discord renders markdown
+/// in embed field values, masked links included: `[text](url)` shows as a
+/// clickable "text". On Slack the same reason is neutralised (`blocks::escape`
+/// turns `<url|text>` into plain characters), so a Discord approver sees
+/// what a Slack approver does not: a link the requester chose, dressed as
+/// part of jitbot's card ("[Approve in the SSO portal](https://…)").
+///
+/// On `main` `discord::message::card_embed` puts the reason into a field
+/// with `render::clip` only, no markdown escaping. Requester-written
+/// values (reason, and anything else not jitbot's own) should have
+/// Discord's markdown escaped (`\[`, `\]`, `\(`, `*`, `_`, `~`, `` ` ``,
+/// `|`, `>`), as Slack's are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk14c_discord_card_renders_a_requester_masked_link() {
+    let server = Slapd::start();
+    let discord = FakeDiscord::start().await;
+    let gw = FakeGateway::start(discord.clone(), Duration::from_secs(1)).await;
+    let bot = Jitbot::start(
+        &gateway_config(&server, &discord),
+        &[("BRK14C_GW_TOKEN", GW_TOKEN)],
+    )
+    .await;
+    gw.wait_op(2, 1, WAIT).await;
+    gw.session_connection().await;
+    let phish = "[Approve in the SSO portal](https://sso.evil.example/jit)";
+    let request = gw.command(
+        &did("alice"),
+        GW_CTYPED,
+        "request",
+        &[("group", "db-admins"), ("duration", "30m"), ("reason", phish)],
+    );
+    gw.dispatch_interaction(&request);
+    let card = discord
+        .wait_for(WAIT, |c| {
+            c.method == "POST"
+                && c.path == format!("/channels/{GW_CDB}/messages")
+                && c.body.to_string().contains("jit:approve:")
+        })
+        .await
+        .unwrap_or_else(|| panic!("no approval card; jitbot's log:\n{}", bot.log_text()));
+    let reason = card.body["embeds"][0]["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == "Reason"))
+        .map(|f| f["value"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no Reason field: {}", card.body));
+    assert!(
+        !reason.contains("](https://"),
+        "the requester's masked link reaches the approvers' card as markdown Discord renders \
+         as a clickable link: Reason = {reason:?}"
+    );
+}
+
 // ---------------------------------------------------------------------
 // Approver DMs on Slack: the engine, the outbox and the Slack adapter
 // against the Web API fake (as `tests/it/slack.rs` runs them).
