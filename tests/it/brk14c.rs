@@ -682,11 +682,7 @@ async fn brk14c_slack_outage_answer_marks_an_approver_unreachable_for_good() {
         });
     })
     .await;
-    let id = TestBot::request_id(
-        &h.bot
-            .ok("alice", "request db-admins 2h fixing replication")
-            .await,
-    );
+    let id = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
     eventually(WAIT, "the channel card and carol's DM", || {
         let channels: Vec<String> = h
             .card_posts(&id)
@@ -707,9 +703,7 @@ async fn brk14c_slack_outage_answer_marks_an_approver_unreachable_for_good() {
         .slack
         .calls()
         .into_iter()
-        .filter(|c| {
-            (c.method == "chat.postMessage" || c.method == "chat.update") && c.body["channel"] == CDB
-        })
+        .filter(|c| (c.method == "chat.postMessage" || c.method == "chat.update") && c.body["channel"] == CDB)
         .map(|c| c.body.to_string())
         .next_back()
         .unwrap_or_default();
@@ -717,5 +711,57 @@ async fn brk14c_slack_outage_answer_marks_an_approver_unreachable_for_good() {
         bob.is_some(),
         "one service_unavailable from conversations.open made bob unreachable for good: \
          he never got his DM copy. The channel card says: {channel_card}"
+    );
+}
+
+/// A slash command from another workspace (an org-wide install on
+/// Enterprise Grid delivers every workspace's commands over the one
+/// socket) is refused by the workspace binding, and nothing more happens.
+///
+/// On `main` Socket Mode's `on_command` logs the refusal and still
+/// acknowledges with "Working on it…": the person is promised work that
+/// will never come, with no answer afterwards. (HTTP mode answers 403 with
+/// the binding's explanation.) The ack should carry the refusal's
+/// `user_message()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk14c_socket_mode_foreign_command_is_told_working_on_it() {
+    let server = Slapd::start();
+    let slack = FakeSlack::start().await;
+    for user in ["alice", "bob", "carol", "eve"] {
+        slack.add_user(&slack_id(user), &format!("{user}@example.org"));
+    }
+    let sm = crate::support::fake_socket_mode::FakeSocketMode::start(slack.clone(), SM_APP_TOKEN).await;
+    let _bot = Jitbot::start(
+        &socket_config(&server, &slack),
+        &[
+            ("BRK14C_SM_BOT_TOKEN", SM_BOT_TOKEN),
+            ("BRK14C_SM_APP_TOKEN", SM_APP_TOKEN),
+        ],
+    )
+    .await;
+    sm.wait_live(1).await;
+    let mut payload = crate::support::fake_socket_mode::slash_payload(
+        &slack,
+        &slack_id("alice"),
+        SM_CHANNEL,
+        "request db-admins 30m fixing replication",
+        77,
+    );
+    payload["team_id"] = json!("T2");
+    let env = sm.deliver("slash_commands", payload, true).await;
+    let ack = sm.ack(&env).await;
+    let text = ack
+        .payload
+        .as_ref()
+        .and_then(|p| p["text"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    // Nothing is done for it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(slack.calls_to("response/77").is_empty(), "{:#?}", slack.calls());
+    assert!(
+        !text.contains("Working on it"),
+        "a command refused as coming from another workspace is acknowledged with {text:?}, \
+         and then nothing ever answers it"
     );
 }
