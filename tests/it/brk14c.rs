@@ -9,7 +9,7 @@ use crate::support::fake_gateway::{FakeGateway, GUILD};
 use crate::support::fake_slack::{Call, FakeSlack};
 use crate::support::net::eventually;
 use crate::support::process::Jitbot;
-use crate::support::slapd::{self, Slapd, APPROVERS, DB_ADMINS};
+use crate::support::slapd::{Slapd, APPROVERS, DB_ADMINS};
 use jitbot::chat::slack::SlackAdapter;
 use jitbot::ports::Notifier;
 use jitbot::scheduler::SchedulerSettings;
@@ -394,10 +394,11 @@ async fn brk14c_slack_dm_card_goes_to_a_user_of_another_workspace() {
 ///
 /// On `main` `slack::chat_error` maps every `ApiError` to
 /// `ChatError::Refused` (a permanent "no"), and `outbox::update_every_copy`
-/// skips a refused copy for good and finishes the update: one transient
-/// `internal_error` on the decision's update leaves carol's DM copy saying
-/// "pending" with live Approve/Deny buttons forever, although the request
-/// was approved. Transient Slack error codes should map to
+/// skips a refused copy for good and finishes the update: half a second of
+/// `internal_error` answers on carol's DM while the decision goes out (the
+/// decision's update and the one after the grant both fall in it) leaves
+/// her copy saying "pending" with live Approve/Deny buttons forever,
+/// although the request was approved. Transient Slack error codes should map to
 /// `ChatError::Unavailable` so the update is retried.
 #[tokio::test]
 async fn brk14c_slack_transient_error_on_the_decision_leaves_a_copy_with_live_buttons() {
