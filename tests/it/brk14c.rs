@@ -247,9 +247,17 @@ fn slack_id(user: &str) -> String {
 /// approvers bob and frank by name and `security` (alice, the requester,
 /// and through `oncall` carol). frank has no Slack account.
 fn dm_bot(delivery: jitbot_core::policy::CardDelivery) -> TestBot {
+    dm_bot_with(delivery, &[])
+}
+
+/// [`dm_bot`] with `more` approvers by name.
+fn dm_bot_with(delivery: jitbot_core::policy::CardDelivery, more: &[&str]) -> TestBot {
     let bot = TestBot::builder()
         .policy(|p| {
             let db = &mut p.groups[0];
+            for user in more {
+                db.approvers.users.insert(jitbot_core::UserId::new(*user));
+            }
             db.approval_cards = delivery;
             db.approvals_required = 2;
             db.approvers.users.insert(jitbot_core::UserId::new("frank"));
@@ -764,5 +772,66 @@ async fn brk14c_socket_mode_foreign_command_is_told_working_on_it() {
         !text.contains("Working on it"),
         "a command refused as coming from another workspace is acknowledged with {text:?}, \
          and then nothing ever answers it"
+    );
+}
+
+/// With `approval_cards = "dm"`/`"both"` every decision is one `chat.update`
+/// per copy, all at once, and Slack's per-method budget (Tier 3 for
+/// chat.update: about 50 a minute per workspace) is shared by all of them.
+/// A large approver group has more copies than one window's budget.
+///
+/// On `main` `outbox::update_every_copy` tries every copy on each attempt,
+/// in the same order, and a 429 on any copy makes the whole update retry
+/// after the pause: each retry spends the budget on the copies already
+/// updated, and the copies at the end of the list are rate limited every
+/// time. They never get the decision (live Approve buttons, "pending"),
+/// and the update retries forever. Here: 5 copies and a budget of 3 per
+/// 2 s window; the fix (skip copies already showing this state, or stop
+/// at the first 429 and resume from that copy) updates all 5 within a few
+/// windows.
+#[tokio::test]
+async fn brk14c_slack_rate_limit_keeps_the_last_copies_from_the_decision_forever() {
+    let bot = dm_bot_with(jitbot_core::policy::CardDelivery::Both, &["dave", "erin"]);
+    let h = slack_dms(bot, |_| {}).await;
+    let id = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
+    let copies = ["DUBOB", "DUCAROL", "DUDAVE", "DUERIN", CDB];
+    eventually(WAIT, "the channel card and four DMs", || {
+        let channels: Vec<String> = h
+            .card_posts(&id)
+            .iter()
+            .map(|c| c.body["channel"].as_str().unwrap_or_default().to_string())
+            .collect();
+        copies
+            .iter()
+            .all(|c| channels.iter().any(|x| x == c))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.slack.budget("chat.update", 3, Duration::from_secs(2), 1);
+    h.bot.ok("bob", &format!("approve {id}")).await;
+    h.bot.ok("carol", &format!("approve {id}")).await;
+    let decided = |channel: &str| {
+        h.slack.calls_to("chat.update").iter().any(|c| {
+            c.body["channel"] == channel
+                && !c.rate_limited
+                && c.body.to_string().contains("approved by bob, carol")
+        })
+    };
+    crate::support::net::within(Duration::from_secs(14), || {
+        copies.iter().all(|c| decided(c)).then_some(())
+    })
+    .await;
+    let stale: Vec<&str> = copies.iter().copied().filter(|c| !decided(c)).collect();
+    let limited = h
+        .slack
+        .calls_to("chat.update")
+        .iter()
+        .filter(|c| c.rate_limited)
+        .count();
+    assert!(
+        stale.is_empty(),
+        "after 14 s (7 budget windows) these copies still show the request as pending with live \
+         buttons: {stale:?}; chat.update was rate limited {limited} times"
     );
 }
