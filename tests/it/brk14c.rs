@@ -835,3 +835,89 @@ async fn brk14c_slack_rate_limit_keeps_the_last_copies_from_the_decision_forever
          buttons: {stale:?}; chat.update was rate limited {limited} times"
     );
 }
+
+/// `users.lookupByEmail` results are cached for the life of the process.
+/// When a person's Slack account is replaced (deactivated and provisioned
+/// again by SCIM, or moved between workspaces of an org), the mail now
+/// belongs to a new Slack user and the old id is disabled.
+///
+/// On `main` `SlackAdapter::user_by_mail` keeps answering the old id from
+/// its cache, `conversations.open` refuses it (`user_disabled`), and bob is
+/// listed as unreachable on every later card until jitbot restarts,
+/// although Slack would find his new account on asking again. A refusal of
+/// a cached id should drop that cache entry and look the mail up again (or
+/// the cache should expire).
+#[tokio::test]
+async fn brk14c_slack_cached_lookup_keeps_a_replaced_account_unreachable() {
+    let replaced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let h = {
+        let replaced_lookup = replaced.clone();
+        let replaced_open = replaced.clone();
+        slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Both), move |slack| {
+            slack.answer_with("users.lookupByEmail", move |c| {
+                let email = c.body["email"].as_str().unwrap_or_default().to_ascii_lowercase();
+                let Some(name) = email.strip_suffix("@example.org") else {
+                    return json!({"ok": false, "error": "users_not_found"});
+                };
+                if !["alice", "bob", "carol", "dave", "erin"].contains(&name) {
+                    return json!({"ok": false, "error": "users_not_found"});
+                }
+                let mut id = slack_id(name);
+                if name == "bob" && replaced_lookup.load(std::sync::atomic::Ordering::SeqCst) {
+                    id = "UBOB2".into();
+                }
+                json!({"ok": true, "user": {"id": id, "team_id": "T1", "name": name,
+                       "deleted": false, "is_bot": false, "profile": {"email": email}}})
+            });
+            slack.answer_with("conversations.open", move |c| {
+                let user = match &c.body["users"] {
+                    Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or_default().to_string(),
+                    Value::String(s) => s.clone(),
+                    _ => String::new(),
+                };
+                if user == "UBOB" && replaced_open.load(std::sync::atomic::Ordering::SeqCst) {
+                    return json!({"ok": false, "error": "user_disabled"});
+                }
+                json!({"ok": true, "channel": {"id": format!("D{user}")}})
+            });
+        })
+        .await
+    };
+    let first = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
+    eventually(WAIT, "bob's DM copy of the first card", || {
+        h.card_posts(&first)
+            .into_iter()
+            .find(|c| c.body["channel"] == "DUBOB")
+    })
+    .await;
+    // bob's Slack account is replaced: the old one is disabled.
+    replaced.store(true, std::sync::atomic::Ordering::SeqCst);
+    let second = TestBot::request_id(&h.bot.ok("dave", "request db-admins 1h another").await);
+    eventually(WAIT, "the second card's channel copy", || {
+        h.card_posts(&second)
+            .into_iter()
+            .find(|c| c.body["channel"] == CDB)
+    })
+    .await;
+    let bob = crate::support::net::within(Duration::from_secs(6), || {
+        h.card_posts(&second)
+            .into_iter()
+            .find(|c| c.body["channel"] == "DUBOB2")
+    })
+    .await;
+    let lookups = h
+        .slack
+        .calls_to("users.lookupByEmail")
+        .iter()
+        .filter(|c| c.body["email"] == "bob@example.org")
+        .count();
+    assert!(
+        bob.is_some(),
+        "bob's new Slack account never got the second card: the cached id of his disabled \
+         account was used ({lookups} lookup(s) of bob's mail in all); channels: {:?}",
+        h.card_posts(&second)
+            .iter()
+            .map(|c| c.body["channel"].clone())
+            .collect::<Vec<_>>()
+    );
+}
