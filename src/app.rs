@@ -66,7 +66,10 @@ impl Running {
         let _ = self.shutdown.send(true);
         let pending = crate::chat::work::in_flight();
         if pending > 0 {
-            tracing::info!(pending, "waiting for acknowledged chat commands and clicks to finish");
+            tracing::info!(
+                pending,
+                "waiting for acknowledged chat commands and clicks to finish"
+            );
         }
         let drained = tokio::time::timeout(grace, async {
             // Work already acknowledged to a chat platform is owed to a

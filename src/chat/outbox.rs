@@ -604,5 +604,7 @@ async fn record_shown(
             Ok::<(), StoreError>(())
         })
         .await
-        .map_err(|e| ChatError::Unavailable(format!("cannot record an updated copy of the approval card: {e}")))
+        .map_err(|e| {
+            ChatError::Unavailable(format!("cannot record an updated copy of the approval card: {e}"))
+        })
 }

@@ -5,7 +5,6 @@ mod support;
 
 mod ad;
 mod backup;
-mod brk14c;
 mod console;
 mod contract;
 mod discord;
@@ -25,5 +24,6 @@ mod safeguards;
 #[path = "../sim/mod.rs"]
 mod sim;
 mod slack;
+mod slack_dm_delivery;
 mod socket_mode;
 mod store;

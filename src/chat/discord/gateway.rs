@@ -53,7 +53,9 @@ impl EventHandler for Gateway {
                 // Only now may a replay of this interaction be told it was handled.
                 drop(outcome);
             }
-            Err(e @ Rejected::InFlight(_)) => tracing::info!(error = %e, "ignored a replayed Discord interaction"),
+            Err(e @ Rejected::InFlight(_)) => {
+                tracing::info!(error = %e, "ignored a replayed Discord interaction")
+            }
             Err(e) => tracing::warn!(error = %e, "refused a Discord interaction"),
         }
     }

@@ -16,9 +16,9 @@ use jitbot_core::policy::Actor;
 use jitbot_core::UserId;
 use serde_json::Value;
 use serenity::all::{AutocompleteChoice, CreateAutocompleteResponse, CreateInteractionResponse};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

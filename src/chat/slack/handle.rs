@@ -230,7 +230,9 @@ impl SlackHandler {
             Err(external @ Mismatch::ExternalUser { .. }) => {
                 if let Some(answer) = work.answer() {
                     let this = self.clone();
-                    crate::chat::work::spawn(async move { this.answer(&answer, &external.user_message()).await });
+                    crate::chat::work::spawn(
+                        async move { this.answer(&answer, &external.user_message()).await },
+                    );
                 }
                 return Ok(false);
             }
