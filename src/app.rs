@@ -82,9 +82,25 @@ impl Running {
     /// `grace`), and flushes the store. Leases are re-armed at the next start.
     pub async fn stop(mut self, grace: Duration) {
         let _ = self.shutdown.send(true);
-        let drained =
-            tokio::time::timeout(grace, async { while self.tasks.join_next().await.is_some() {} }).await;
+        let pending = crate::chat::work::in_flight();
+        if pending > 0 {
+            tracing::info!(
+                pending,
+                "waiting for acknowledged chat commands and clicks to finish"
+            );
+        }
+        let drained = tokio::time::timeout(grace, async {
+            // Work already acknowledged to a chat platform is owed to a
+            // person: nobody would deliver it again.
+            crate::chat::work::finished().await;
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
         if drained.is_err() {
+            let dropped = crate::chat::work::in_flight();
+            if dropped > 0 {
+                tracing::error!(dropped, "shutdown grace ran out with acknowledged chat commands or clicks unfinished; they were dropped and the people who sent them get no answer");
+            }
             tracing::warn!("shutdown grace ran out; unfinished work resumes at the next start");
             self.tasks.abort_all();
         }

@@ -33,6 +33,11 @@ pub struct MessageRef {
     /// recorded before copies said so).
     #[serde(default, skip_serializing_if = "CardCopy::is_unknown")]
     pub copy: CardCopy,
+    /// A fingerprint of the card state this copy was last updated to, so a
+    /// retried update skips the copies already showing it (none until the
+    /// first update: a fresh post is brought up to date once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shows: Option<String>,
 }
 
 impl MessageRef {

@@ -309,6 +309,7 @@ mod tests {
             channel: channel.into(),
             id: "1".into(),
             copy: CardCopy::Unknown,
+            shows: None,
         }
     }
 

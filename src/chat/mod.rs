@@ -9,6 +9,7 @@ pub mod render;
 pub mod slack;
 pub mod view;
 pub mod web;
+pub mod work;
 
 use crate::clock::Clock;
 use crate::config::{Config, SlackMode};

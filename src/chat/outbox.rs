@@ -488,7 +488,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                         .iter()
                         .filter(|m| posted.iter().any(|p| p.same_message(m)))
                         .collect();
-                    update_every_copy(dest, fresh, &engine.card(&rec)).await?;
+                    update_every_copy(engine, dest, request, fresh, &engine.card(&rec)).await?;
                 }
             }
             engine
@@ -504,7 +504,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             };
             let card = engine.card(&rec);
             let copies: Vec<&MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).collect();
-            Ok(update_every_copy(dest, copies, &card).await?)
+            Ok(update_every_copy(engine, dest, request, copies, &card).await?)
         }
     }
 }
@@ -543,24 +543,68 @@ impl CopyLog for RecordCopies<'_> {
 /// Rewrites every copy of a card on one platform. One copy that fails does
 /// not keep the others from the decision: each copy is tried; a copy the
 /// platform refuses for good (deleted, read-only DM) is skipped and logged;
-/// the first temporary failure is returned so the whole update is retried
-/// (updates are idempotent).
+/// the first temporary failure is returned so the whole update is retried.
+/// Each copy updated is recorded with what it now shows, so the retry skips
+/// it: a rate limit stops the pass at once, and the retry resumes at the
+/// first copy not yet showing this state instead of spending the budget on
+/// copies already up to date.
 async fn update_every_copy(
+    engine: &Engine,
     dest: Dest<'_>,
+    request: &RequestId,
     copies: Vec<&MessageRef>,
     card: &crate::ports::ApprovalCard,
 ) -> Result<(), ChatError> {
     let mut retry = None;
     for m in copies {
+        let shows = fingerprint(card, m);
+        if m.shows.as_deref() == Some(shows.as_str()) {
+            continue;
+        }
         match dest.notifier.update_approval(m, card).await {
-            Ok(()) => {}
+            Ok(()) => record_shown(engine, request, m, shows).await?,
             Err(ChatError::Refused(why)) => {
                 tracing::warn!(platform = dest.name, channel = %m.channel, message = %m.id, error = %why, "a copy of an approval card cannot be updated; the other copies are");
             }
+            Err(e @ ChatError::RateLimited(_)) => return Err(e),
             Err(e) => {
                 retry.get_or_insert(e);
             }
         }
     }
     retry.map_or(Ok(()), Err)
+}
+
+/// What copy `m` of `card` shows, as a short stable fingerprint (SHA-256 of
+/// the card and the copy's role, which together decide what it renders).
+fn fingerprint(card: &crate::ports::ApprovalCard, m: &MessageRef) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(serde_json::to_vec(card).unwrap_or_default());
+    hash.update(serde_json::to_vec(&m.copy).unwrap_or_default());
+    hex::encode(&hash.finalize()[..16])
+}
+
+/// Durably records that copy `m` of `request`'s card now shows `shows`.
+async fn record_shown(
+    engine: &Engine,
+    request: &RequestId,
+    m: &MessageRef,
+    shows: String,
+) -> Result<(), ChatError> {
+    engine
+        .store()
+        .update(engine.now(), |tx| {
+            if let Some(mut rec) = tx.request(request)? {
+                if let Some(copy) = rec.messages.iter_mut().find(|c| c.same_message(m)) {
+                    copy.shows = Some(shows.clone());
+                    tx.put_request(rec);
+                }
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .map_err(|e| {
+            ChatError::Unavailable(format!("cannot record an updated copy of the approval card: {e}"))
+        })
 }

@@ -59,6 +59,8 @@ pub fn detail_fields(card: &ApprovalCard) -> Vec<(&'static str, String)> {
 pub const BUTTON_DOES_NOTHING: &str = "That button does nothing here.";
 /// The answer to an interaction delivered again (a platform's retry or a replay).
 pub const ALREADY_HANDLED: &str = "That interaction was already handled; nothing was done again.";
+/// Slack's acknowledgement of a slash command taken: the answer follows.
+pub const WORKING_ON_IT: &str = "Working on it…";
 /// The answer when a command's work failed unexpectedly.
 pub const FAILED_TO_RUN: &str = "jitbot failed to run that; tell your jitbot admins.";
 /// A deny submitted without a reason.

@@ -538,3 +538,71 @@ impl crate::contract::Platform for Setup {
         }
     }
 }
+
+/// A RESUME replays the events the client missed, so an
+/// `INTERACTION_CREATE` jitbot is still answering can arrive a second time.
+/// Discord takes only the first callback of an interaction, so the person
+/// sees whatever jitbot answered first: a replay of an interaction still
+/// being answered must not be answered "already handled; nothing was done"
+/// ahead of the real answer. jitbot ignores such a replay (a later answer
+/// would be refused by Discord anyway, and counts as an invalid request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_interaction_in_flight_is_not_answered_nothing_was_done() {
+    let s = setup().await;
+    s.gw.wait_op(2, 1, WAIT).await;
+    s.gw.session_connection().await;
+    let request = s.request("alice", "30m", "fixing replication");
+    // The original dispatch and its replay after a RESUME.
+    s.gw.dispatch_interaction(&request);
+    s.gw.dispatch_interaction(&request);
+    let id = request["id"].as_str().unwrap_or_default().to_string();
+    let token = request["token"].as_str().unwrap_or_default().to_string();
+    let callback = format!("/interactions/{id}/{token}/callback");
+    // The request is opened: its card reaches the channel.
+    s.card(1).await;
+    // Both deliveries were handled: the replay ignored while the first was
+    // being answered, or told "already handled" after it.
+    let answers = eventually(WAIT, "the replay handled", || {
+        let calls = s.discord().calls_to("POST", &callback);
+        let ignored = s
+            .bot
+            .log_text()
+            .contains("ignored a replayed Discord interaction");
+        (!calls.is_empty() && (ignored || calls.len() >= 2)).then_some(calls)
+    })
+    .await;
+    let shown = answers[0].body.to_string();
+    assert!(
+        !shown.contains("already handled"),
+        "alice's request was opened, but the answer Discord accepted (the first of {}) is not \
+         its answer: {shown}\nall callbacks: {:#?}",
+        answers.len(),
+        answers.iter().map(|c| c.body.to_string()).collect::<Vec<_>>()
+    );
+}
+
+/// Requesters write the reason, and the card shows it to every approver
+/// under the bot's name. Discord renders markdown in embed field values,
+/// masked links included, so the reason's markdown is escaped: a
+/// requester's `[Approve in the SSO portal](https://…)` shows as typed, not
+/// as a link dressed as part of jitbot's card (as Slack's `blocks::escape`
+/// already neutralises `<url|text>`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_written_masked_link_shows_as_typed_on_the_card() {
+    let s = setup().await;
+    s.gw.wait_op(2, 1, WAIT).await;
+    s.gw.session_connection().await;
+    let phish = "[Approve in the SSO portal](https://sso.evil.example/jit)";
+    s.gw.dispatch_interaction(&s.request("alice", "30m", phish));
+    s.card(1).await;
+    let (_, card) = s.cards().remove(0);
+    let reason = card.body["embeds"][0]["fields"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == "Reason"))
+        .map(|f| f["value"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no Reason field: {}", card.body));
+    assert_eq!(
+        reason, r"\[Approve in the SSO portal\]\(https://sso.evil.example/jit\)",
+        "the requester's masked link must reach the approvers' card escaped"
+    );
+}

@@ -26,5 +26,6 @@ mod safeguards;
 #[path = "../sim/mod.rs"]
 mod sim;
 mod slack;
+mod slack_dm_delivery;
 mod socket_mode;
 mod store;

@@ -93,6 +93,7 @@ impl Notifier for Scripted {
             channel: "C1".into(),
             id: format!("{}-{}", self.name, self.attempts()),
             copy: Default::default(),
+            shows: None,
         }])
     }
     async fn update_approval(&self, at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {
@@ -397,6 +398,7 @@ impl Notifier for Limited {
             channel: "C1".into(),
             id: card.request.to_string(),
             copy: Default::default(),
+            shows: None,
         }])
     }
     async fn update_approval(&self, at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {

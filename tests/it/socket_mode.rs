@@ -715,3 +715,135 @@ impl crate::contract::Platform for Setup {
         }
     }
 }
+
+/// Socket Mode acknowledges an envelope as soon as the work is spawned (as
+/// slack-morphism requires), so once acked Slack never delivers it again:
+/// jitbot alone owes the person the command. A graceful stop (SIGTERM, as
+/// every deploy sends) lets work already acknowledged finish within
+/// `server.shutdown_grace` before the process exits. Here the command's
+/// `users.info` is held until jitbot is stopping (it logged that it waits,
+/// or it exited), then answered: the command must still be carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_finishes_an_acknowledged_command() {
+    let mut s = setup().await;
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stopping = stopping.clone();
+        let held = held.clone();
+        s.slack().answer_with("users.info", move |c| {
+            held.store(true, std::sync::atomic::Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !stopping.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let user = c.body["user"].as_str().unwrap_or_default().to_string();
+            let name = user.trim_start_matches('U').to_ascii_lowercase();
+            json!({"ok": true, "user": {"id": user, "team_id": "T1", "name": name,
+                   "profile": {"email": format!("{name}@example.org")}}})
+        });
+    }
+    s.sm.wait_live(1).await;
+    let env =
+        s.sm.slash(
+            &slack_id("alice"),
+            CHANNEL,
+            "request db-admins 30m fixing replication",
+        )
+        .await;
+    let ack = s.sm.ack(&env).await;
+    assert!(ack.payload.is_some(), "the command was taken: {ack:?}");
+    eventually(WAIT, "the command's users.info call", || {
+        held.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+    })
+    .await;
+
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &s.bot.pid().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    eventually(WAIT, "jitbot stopping (waiting for the command, or gone)", || {
+        (s.bot
+            .log_text()
+            .contains("waiting for acknowledged chat commands")
+            || s.bot.has_exited())
+        .then_some(())
+    })
+    .await;
+    stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    // Whatever the command leads to: an answer on its response_url, or the
+    // approval card in the channel.
+    let done = crate::support::net::within(WAIT, || {
+        s.slack()
+            .calls()
+            .into_iter()
+            .find(|c| {
+                c.method.starts_with("response/")
+                    || (c.method == "chat.postMessage" && c.body.to_string().contains("jit:approve:"))
+            })
+            .map(|c| c.method)
+    })
+    .await;
+    assert!(
+        done.is_some(),
+        "alice's acknowledged /jit request was dropped by a graceful stop (jitbot exited: {}); \
+         Slack calls: {:#?}\njitbot's log:\n{}",
+        s.bot.has_exited(),
+        s.slack()
+            .calls()
+            .iter()
+            .map(|c| c.method.clone())
+            .collect::<Vec<_>>(),
+        s.bot.log_text()
+    );
+}
+
+/// A slash command from another workspace (an org-wide install on
+/// Enterprise Grid delivers every workspace's commands over the one socket)
+/// is refused by the workspace binding and nothing more happens, so its ack
+/// carries the refusal, not a promise of work ("Working on it…") that never
+/// comes. (HTTP mode answers 403 with the same explanation.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_from_another_workspace_is_acknowledged_with_the_refusal() {
+    let s = setup().await;
+    s.sm.wait_live(1).await;
+    let mut payload = slash_payload(
+        s.slack(),
+        &slack_id("alice"),
+        CHANNEL,
+        "request db-admins 30m fixing replication",
+        77,
+    );
+    payload["team_id"] = json!("T2");
+    let env = s.sm.deliver("slash_commands", payload, true).await;
+    let ack = s.sm.ack(&env).await;
+    let text = ack
+        .payload
+        .as_ref()
+        .and_then(|p| p["text"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !text.contains("Working on it") && text.contains("T2") && text.contains("slack.team_id"),
+        "a command refused as coming from another workspace is acknowledged with {text:?}"
+    );
+    // Nothing is done for it: a command from the right workspace, sent
+    // after it, is answered first and alone.
+    let env = s.sm.slash(&slack_id("alice"), CHANNEL, "list").await;
+    s.sm.ack(&env).await;
+    eventually(WAIT, "the answer to alice's list", || {
+        s.slack()
+            .calls()
+            .iter()
+            .any(|c| c.method.starts_with("response/") && c.method != "response/77")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        s.slack().calls_to("response/77").is_empty(),
+        "{:#?}",
+        s.slack().calls()
+    );
+}

@@ -122,6 +122,7 @@ impl Notifier for SimChat {
             channel: "approvals".into(),
             id: n.to_string(),
             copy: Default::default(),
+            shows: None,
         }])
     }
     async fn update_approval(&self, _at: &MessageRef, _card: &ApprovalCard) -> Result<(), ChatError> {

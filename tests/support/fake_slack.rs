@@ -39,7 +39,19 @@ struct Inner {
     limits: Mutex<HashMap<LimitKey, (u32, u64)>>,
     /// Method → who answers it instead of the built-in answers.
     answers: Mutex<HashMap<String, Answerer>>,
+    /// Method → a per-window call budget (see [`FakeSlack::budget`]).
+    budgets: Mutex<HashMap<String, Budget>>,
     ts: AtomicU64,
+}
+
+/// At most `calls` answered calls per `window`; past it, 429 with
+/// `Retry-After: retry_after` until the window ends.
+struct Budget {
+    calls: u32,
+    window: Duration,
+    retry_after: u64,
+    started: std::time::Instant,
+    used: u32,
 }
 
 /// A rate limit's method, and its channel (`None`: any).
@@ -104,6 +116,22 @@ impl FakeSlack {
             .insert((method.to_string(), Some(channel.to_string())), (times, secs));
     }
 
+    /// From now on `method` answers at most `calls` calls per `window` and
+    /// 429 (`Retry-After: retry_after`) past that, as Slack's per-method
+    /// tiers do (chat.update is Tier 3: about 50 a minute per workspace).
+    pub fn budget(&self, method: &str, calls: u32, window: Duration, retry_after: u64) {
+        self.inner.budgets.lock().unwrap().insert(
+            method.to_string(),
+            Budget {
+                calls,
+                window,
+                retry_after,
+                started: std::time::Instant::now(),
+                used: 0,
+            },
+        );
+    }
+
     /// From now on `answer` answers `method` (recorded as any other call).
     pub fn answer_with(&self, method: &str, answer: impl Fn(&Call) -> Value + Send + Sync + 'static) {
         self.inner
@@ -129,6 +157,16 @@ impl FakeSlack {
 
 /// Whether a 429 is set for this call (and counts it down).
 fn limited(inner: &Inner, method: &str, body: &Value) -> Option<u64> {
+    if let Some(b) = inner.budgets.lock().unwrap().get_mut(method) {
+        if b.started.elapsed() >= b.window {
+            b.started = std::time::Instant::now();
+            b.used = 0;
+        }
+        if b.used >= b.calls {
+            return Some(b.retry_after);
+        }
+        b.used += 1;
+    }
     let channel = body.get("channel").and_then(Value::as_str).map(str::to_string);
     let mut limits = inner.limits.lock().unwrap();
     for key in [(method.to_string(), channel), (method.to_string(), None)] {

@@ -100,6 +100,16 @@ impl Jitbot {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process id, to signal it (a graceful stop is `kill -TERM`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// `GET /admin/<what>?all=true` as JSON.
     pub async fn admin(&self, what: &str) -> Vec<serde_json::Value> {
         let res = self

@@ -136,7 +136,7 @@ async fn interactions(State(state): State<Arc<EndpointState>>, headers: HeaderMa
     match outcome {
         Ok(outcome) => {
             if let Some(later) = outcome.later {
-                tokio::spawn(later);
+                crate::chat::work::spawn(later);
             }
             Json(outcome.response).into_response()
         }

@@ -5,7 +5,7 @@
 //! against a gateway v10 fake. Registration runs in both modes.
 
 use super::handle::DiscordHandler;
-use super::interaction::Incoming;
+use super::interaction::{Incoming, Rejected};
 use super::DiscordAdapter;
 use crate::chat::AdapterTask;
 use crate::secret::Secret;
@@ -39,7 +39,7 @@ impl EventHandler for Gateway {
         };
         let id: InteractionId = interaction.id();
         match self.handler.handle(incoming).await {
-            Ok(outcome) => {
+            Ok(mut outcome) => {
                 let sent = ctx
                     .http
                     .create_interaction_response(id, &token, &outcome.response, vec![])
@@ -47,9 +47,14 @@ impl EventHandler for Gateway {
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, "cannot answer a Discord interaction");
                 }
-                if let Some(later) = outcome.later {
-                    tokio::spawn(later);
+                if let Some(later) = outcome.later.take() {
+                    crate::chat::work::spawn(later);
                 }
+                // Only now may a replay of this interaction be told it was handled.
+                drop(outcome);
+            }
+            Err(e @ Rejected::InFlight(_)) => {
+                tracing::info!(error = %e, "ignored a replayed Discord interaction")
             }
             Err(e) => tracing::warn!(error = %e, "refused a Discord interaction"),
         }

@@ -16,9 +16,10 @@ use jitbot_core::policy::Actor;
 use jitbot_core::UserId;
 use serde_json::Value;
 use serenity::all::{AutocompleteChoice, CreateAutocompleteResponse, CreateInteractionResponse};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Discord shows at most 25 autocomplete choices.
@@ -30,9 +31,12 @@ const AUTOCOMPLETE_BUDGET: Duration = Duration::from_millis(2500);
 pub type Later = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The interaction response, and the work that edits it later if deferred.
+/// Until it is dropped (after the response is sent), a replay of the
+/// interaction is ignored rather than told it was already handled.
 pub struct Outcome {
     pub response: Value,
     pub later: Option<Later>,
+    answering: Option<Answering>,
 }
 
 impl Outcome {
@@ -40,6 +44,29 @@ impl Outcome {
         Outcome {
             response: message::to_json(&response),
             later: None,
+            answering: None,
+        }
+    }
+
+    fn answering(mut self, guard: Option<Answering>) -> Outcome {
+        self.answering = guard;
+        self
+    }
+}
+
+/// Interaction ids whose first delivery is being answered.
+type Answered = Arc<Mutex<HashSet<String>>>;
+
+/// Marks an interaction as being answered until dropped.
+struct Answering {
+    id: String,
+    set: Answered,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.id);
         }
     }
 }
@@ -48,26 +75,53 @@ impl Outcome {
 pub struct DiscordHandler {
     engine: Engine,
     adapter: Arc<DiscordAdapter>,
+    answering: Answered,
 }
 
 impl DiscordHandler {
     pub fn new(engine: Engine, adapter: Arc<DiscordAdapter>) -> Arc<DiscordHandler> {
-        Arc::new(DiscordHandler { engine, adapter })
+        Arc::new(DiscordHandler {
+            engine,
+            adapter,
+            answering: Answered::default(),
+        })
     }
 
     /// Handles one interaction. `Err` means nothing was started and the
     /// payload should be refused (HTTP 400).
     pub async fn handle(self: &Arc<Self>, incoming: Incoming) -> Result<Outcome, Rejected> {
+        let mut guard = None;
         if let Some(origin) = acting_origin(&incoming) {
+            // Marked before the durable check, so a replay racing the
+            // first delivery finds it in flight.
+            let marked = self
+                .answering
+                .lock()
+                .map(|mut set| set.insert(origin.id.clone()))
+                .unwrap_or(false);
+            if !marked {
+                return Err(Rejected::InFlight(origin.id.clone()));
+            }
+            let answering = Answering {
+                id: origin.id.clone(),
+                set: self.answering.clone(),
+            };
             if !self.first_time(&origin.id).await {
                 tracing::info!("a Discord interaction arrived twice (a replay); ignored");
                 return Ok(Outcome::now(message::ephemeral(render::ALREADY_HANDLED)));
             }
+            guard = Some(answering);
         }
+        self.handle_first(incoming).await.map(|o| o.answering(guard))
+    }
+
+    /// Handles the first delivery of an interaction.
+    async fn handle_first(self: &Arc<Self>, incoming: Incoming) -> Result<Outcome, Rejected> {
         match incoming {
             Incoming::Ping => Ok(Outcome {
                 response: message::pong(),
                 later: None,
+                answering: None,
             }),
             Incoming::Command(inv) => {
                 check_name(&inv)?;
@@ -132,7 +186,7 @@ impl DiscordHandler {
     async fn run(self: &Arc<Self>, origin: Origin, cmd: Command) -> Outcome {
         let this = self.clone();
         let o = origin.clone();
-        let mut work = tokio::spawn(async move { this.execute(&o, cmd).await });
+        let mut work = crate::chat::work::spawn(async move { this.execute(&o, cmd).await });
         match tokio::time::timeout(self.adapter.answer_budget(), &mut work).await {
             Ok(Ok(text)) => Outcome::now(message::ephemeral(&text)),
             Ok(Err(e)) => {
@@ -150,6 +204,7 @@ impl DiscordHandler {
                 Outcome {
                     response: message::to_json(&message::deferred()),
                     later: Some(later),
+                    answering: None,
                 }
             }
         }

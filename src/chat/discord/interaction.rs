@@ -60,6 +60,11 @@ pub enum Rejected {
     UnknownCommand(String),
     #[error("unknown component `{0}`")]
     UnknownComponent(String),
+    /// A replay (a gateway RESUME) of an interaction whose first delivery is
+    /// still being answered: the first answer is the one Discord shows, so
+    /// the replay gets none.
+    #[error("interaction {0} arrived again while its first delivery is still being answered")]
+    InFlight(String),
 }
 
 // Only the fields jitbot reads; everything else Discord sends is ignored,

@@ -53,6 +53,13 @@ pub fn buttons(actions: &[Action]) -> Vec<CreateActionRow> {
 /// The card's embed: headline, the facts as fields, yellow while open.
 pub fn card_embed(card: &ApprovalCard) -> CreateEmbed {
     let fields = render::fields(card).into_iter().map(|(label, value)| {
+        // People write the reason (and a denier's reason in the status):
+        // Discord would render their markdown, masked links included, as
+        // if jitbot had written it.
+        let value = match label {
+            "Reason" | "Status" => escape_markdown(&value),
+            _ => value,
+        };
         (
             label,
             render::clip(&value, FIELD_LIMIT),
@@ -63,6 +70,23 @@ pub fn card_embed(card: &ApprovalCard) -> CreateEmbed {
         .title(render::clip(&render::headline(card), 256))
         .fields(fields)
         .colour(if card.open { OPEN_COLOUR } else { DECIDED_COLOUR })
+}
+
+/// `text` with Discord's markdown characters backslash-escaped, so it shows
+/// as typed: no masked links, emphasis, code, spoilers, quotes, headings or
+/// mention syntax.
+pub fn escape_markdown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(
+            c,
+            '\\' | '*' | '_' | '~' | '`' | '|' | '>' | '<' | '[' | ']' | '(' | ')' | '#'
+        ) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A new approval message in the approvers' channel.
@@ -186,5 +210,24 @@ mod tests {
         let v = to_json(&deny_modal("r-7"));
         assert_eq!(v["type"], 9);
         assert_eq!(v["data"]["custom_id"], "jit:deny-modal:r-7");
+    }
+
+    #[test]
+    fn people_written_values_show_as_typed() {
+        assert_eq!(
+            escape_markdown("[SSO](https://x/y) *b* `c` ||d|| > e <@1> # f \\"),
+            "\\[SSO\\]\\(https://x/y\\) \\*b\\* \\`c\\` \\|\\|d\\|\\| \\> e \\<@1\\> \\# f \\\\"
+        );
+        let mut phish = card(true);
+        phish.reason = "[Approve here](https://evil.example)".into();
+        let v = serde_json::to_value(approval_message(&phish)).unwrap();
+        let reason = v["embeds"][0]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "Reason")
+            .unwrap()["value"]
+            .clone();
+        assert_eq!(reason, "\\[Approve here\\]\\(https://evil.example\\)");
     }
 }

@@ -382,6 +382,7 @@ impl DiscordAdapter {
             channel: posted.channel_id.to_string(),
             id: posted.id.to_string(),
             copy: Default::default(),
+            shows: None,
         })
     }
 }

@@ -196,7 +196,7 @@ impl SlackHandler {
             return Ok(false);
         }
         let this = self.clone();
-        tokio::spawn(async move { this.run_command(cmd).await });
+        crate::chat::work::spawn(async move { this.run_command(cmd).await });
         Ok(true)
     }
 
@@ -230,7 +230,9 @@ impl SlackHandler {
             Err(external @ Mismatch::ExternalUser { .. }) => {
                 if let Some(answer) = work.answer() {
                     let this = self.clone();
-                    tokio::spawn(async move { this.answer(&answer, &external.user_message()).await });
+                    crate::chat::work::spawn(
+                        async move { this.answer(&answer, &external.user_message()).await },
+                    );
                 }
                 return Ok(false);
             }
@@ -243,7 +245,7 @@ impl SlackHandler {
                     return Ok(false);
                 }
                 let this = self.clone();
-                tokio::spawn(async move { this.run_action(ba, action).await });
+                crate::chat::work::spawn(async move { this.run_action(ba, action).await });
                 Ok(true)
             }
             Work::Submit {
@@ -256,7 +258,7 @@ impl SlackHandler {
                     return Ok(false);
                 }
                 let this = self.clone();
-                tokio::spawn(async move { this.run_submission(user, channel, submission).await });
+                crate::chat::work::spawn(async move { this.run_submission(user, channel, submission).await });
                 Ok(true)
             }
             Work::Ignored => Ok(false),

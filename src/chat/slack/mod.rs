@@ -50,8 +50,42 @@ pub struct SlackAdapter {
     client: Arc<Client>,
     token: SlackApiToken,
     config: SlackConfig,
-    /// Directory mail → Slack user id, found by `users.lookupByEmail`.
-    by_mail: Mutex<HashMap<String, String>>,
+    /// Directory mail → Slack user id found by `users.lookupByEmail`, and
+    /// when: kept for [`LOOKUP_TTL`], and dropped as soon as Slack refuses
+    /// the id (a replaced or deactivated account).
+    by_mail: Mutex<HashMap<String, (String, std::time::Instant)>>,
+}
+
+/// How long a `users.lookupByEmail` answer is reused.
+const LOOKUP_TTL: Duration = Duration::from_secs(3600);
+
+/// Slack's `error` codes that report a hiccup on Slack's side rather than a
+/// "no" about the call: worth a retry (Slack's method docs: "likely due to a
+/// transient issue on our end").
+const TRANSIENT: &[&str] = &[
+    "internal_error",
+    "fatal_error",
+    "service_unavailable",
+    "request_timeout",
+    "team_added_to_org",
+];
+
+/// `conversations.open` refusals that say the user id itself is no good
+/// (the account was deactivated, replaced or is a bot): the cached lookup
+/// of their mail is dropped and asked again.
+const STALE_USER: &[&str] = &[
+    "user_not_found",
+    "user_disabled",
+    "account_inactive",
+    "cannot_dm_bot",
+    "user_not_visible",
+];
+
+/// A Slack user found by mail, or why they cannot get a DM.
+enum Lookup {
+    /// Their id, and whether it came from the cache.
+    Found(String, bool),
+    Unusable(String),
 }
 
 impl SlackAdapter {
@@ -168,36 +202,76 @@ impl SlackAdapter {
     /// The Slack user whose profile has `mail` (`users.lookupByEmail`, scope
     /// `users:read.email`), or `None`. Found ids are cached for the life of
     /// the process; a 429 is returned at once (the outbox retries after it).
-    pub(crate) async fn user_by_mail(&self, mail: &str) -> Result<Option<String>, ChatError> {
-        let cached = self.by_mail.lock().ok().and_then(|m| m.get(mail).cloned());
-        if cached.is_some() {
-            return Ok(cached);
+    async fn user_by_mail(&self, mail: &str) -> Result<Lookup, ChatError> {
+        let cached = self
+            .by_mail
+            .lock()
+            .ok()
+            .and_then(|m| m.get(mail).cloned())
+            .filter(|(_, at)| at.elapsed() < LOOKUP_TTL);
+        if let Some((id, _)) = cached {
+            return Ok(Lookup::Found(id, true));
         }
         let req = SlackApiUsersLookupByEmailRequest::new(mail.to_string().into());
-        let found = match self.session().users_lookup_by_email(&req).await {
-            Ok(res) => Some(res.user.id.to_string()),
-            Err(SlackClientError::ApiError(api)) if api.code == "users_not_found" => None,
+        let user = match self.session().users_lookup_by_email(&req).await {
+            Ok(res) => res.user,
+            Err(SlackClientError::ApiError(api)) if api.code == "users_not_found" => {
+                return Ok(Lookup::Unusable(format!(
+                    "no Slack user has the email {mail} (users.lookupByEmail)"
+                )))
+            }
             Err(e) => return Err(chat_error(e)),
         };
-        if let (Some(id), Ok(mut m)) = (&found, self.by_mail.lock()) {
-            m.insert(mail.to_string(), id.clone());
+        let id = user.id.to_string();
+        // jitbot refuses clicks from users of another workspace, and
+        // neither a deactivated account nor a bot can act on a card.
+        let team = user.team_id.as_ref().map(|t| t.to_string());
+        let unusable = match team {
+            Some(team) if team != self.config.team_id => Some(format!(
+                "the Slack user {id} with the email {mail} belongs to workspace {team}, not to {} (slack.team_id), whose clicks jitbot refuses",
+                self.config.team_id
+            )),
+            _ if user.deleted == Some(true) => Some(format!(
+                "the Slack user {id} with the email {mail} is deactivated"
+            )),
+            _ if user.flags.is_bot == Some(true) => Some(format!(
+                "the Slack user {id} with the email {mail} is a bot"
+            )),
+            _ => None,
+        };
+        if let Some(why) = unusable {
+            return Ok(Lookup::Unusable(why));
         }
-        Ok(found)
+        if let Ok(mut m) = self.by_mail.lock() {
+            m.insert(mail.to_string(), (id.clone(), std::time::Instant::now()));
+        }
+        Ok(Lookup::Found(id, false))
+    }
+
+    /// Drops the cached lookup of `mail`.
+    fn forget_mail(&self, mail: &str) {
+        if let Ok(mut m) = self.by_mail.lock() {
+            m.remove(mail);
+        }
     }
 
     /// The Slack user for a directory person: by the mail attribute
     /// (`slack.user_attribute`). The error says why there is none, or that
     /// the lookup failed for now (a rate limit, an outage).
     async fn slack_user(&self, contact: &Contact) -> Result<String, DmError> {
+        self.slack_user_by_mail(contact).await.map(|(id, _, _)| id)
+    }
+
+    /// [`Self::slack_user`] with the mail it was found by and whether the
+    /// answer came from the cache.
+    async fn slack_user_by_mail(&self, contact: &Contact) -> Result<(String, String, bool), DmError> {
         let attr = &self.config.user_attribute;
         let mail = contact.attributes.get(attr).ok_or_else(|| {
             DmError::Unreachable(format!("the directory has no {attr} for {}", contact.user))
         })?;
         match self.user_by_mail(mail).await {
-            Ok(Some(id)) => Ok(id),
-            Ok(None) => Err(DmError::Unreachable(format!(
-                "no Slack user has the email {mail} (users.lookupByEmail)"
-            ))),
+            Ok(Lookup::Found(id, cached)) => Ok((id, mail.clone(), cached)),
+            Ok(Lookup::Unusable(why)) => Err(DmError::Unreachable(why)),
             Err(ChatError::Refused(why)) => Err(DmError::Unreachable(format!(
                 "users.lookupByEmail refused: {why}"
             ))),
@@ -256,6 +330,10 @@ fn chat_error(e: SlackClientError) -> ChatError {
     let mapped = match &e {
         SlackClientError::RateLimitError(r) => {
             ChatError::RateLimited(r.retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1))
+        }
+        SlackClientError::ApiError(api) if api.code == "ratelimited" => ChatError::RateLimited(1),
+        SlackClientError::ApiError(api) if TRANSIENT.contains(&api.code.as_str()) => {
+            ChatError::Unavailable(format!("Slack answered {}", api.code))
         }
         SlackClientError::ApiError(api) => ChatError::Refused(api.code.clone()),
         SlackClientError::HttpError(h) if h.status_code.is_server_error() => {
@@ -368,6 +446,7 @@ impl CardCopies for SlackAdapter {
             channel,
             id: ts,
             copy: Default::default(),
+            shows: None,
         })
     }
 
@@ -382,11 +461,28 @@ impl CardCopies for SlackAdapter {
     }
 
     async fn open_dm(&self, to: &Contact) -> Result<String, DmError> {
-        let slack_user = self.slack_user(to).await?;
-        self.dm_channel(&slack_user).await.map_err(|e| match e {
-            ChatError::Refused(why) => DmError::Unreachable(format!("conversations.open refused: {why}")),
-            e => DmError::Failed(e),
-        })
+        let (mut slack_user, mail, mut cached) = self.slack_user_by_mail(to).await?;
+        loop {
+            match self.dm_channel(&slack_user).await {
+                Ok(channel) => return Ok(channel),
+                Err(ChatError::Refused(why)) if STALE_USER.contains(&why.as_str()) => {
+                    // The account behind the id is gone or replaced: ask
+                    // Slack again next time, and now if the id was cached.
+                    self.forget_mail(&mail);
+                    if !cached {
+                        return Err(DmError::Unreachable(format!(
+                            "conversations.open refused Slack user {slack_user}: {why}"
+                        )));
+                    }
+                    tracing::info!(user = %to.user, slack_user = %slack_user, reason = %why, "Slack refused a cached user id; looking the mail up again");
+                    (slack_user, _, cached) = self.slack_user_by_mail(to).await?;
+                }
+                Err(ChatError::Refused(why)) => {
+                    return Err(DmError::Unreachable(format!("conversations.open refused: {why}")))
+                }
+                Err(e) => return Err(DmError::Failed(e)),
+            }
+        }
     }
 
     async fn post_in_dm(&self, dm: &str, card: &ApprovalCard) -> Result<MessageRef, ChatError> {
@@ -396,6 +492,7 @@ impl CardCopies for SlackAdapter {
             channel,
             id: ts,
             copy: Default::default(),
+            shows: None,
         })
     }
 }

@@ -7,6 +7,7 @@
 
 use super::handle::{SlackHandler, SlashCommand};
 use super::{Client, SlackAdapter, SlackSetupError};
+use crate::chat::render;
 use crate::engine::Engine;
 use crate::secret::Secret;
 use slack_morphism::prelude::*;
@@ -92,12 +93,17 @@ async fn on_command(
         };
         if let Err(e) = h.command(cmd).await {
             tracing::warn!(error = %e, "refused a Slack slash command");
+            // Nothing will follow: the ack is the only answer.
+            return Ok(ephemeral(&e.to_string()));
         }
     }
-    Ok(
-        SlackCommandEventResponse::new(SlackMessageContent::new().with_text("Working on it…".into()))
-            .with_response_type(SlackMessageResponseType::Ephemeral),
-    )
+    Ok(ephemeral(render::WORKING_ON_IT))
+}
+
+/// An ephemeral acknowledgement of a slash command.
+fn ephemeral(text: &str) -> SlackCommandEventResponse {
+    SlackCommandEventResponse::new(SlackMessageContent::new().with_text(super::blocks::escape(text)))
+        .with_response_type(SlackMessageResponseType::Ephemeral)
 }
 
 async fn on_interaction(

@@ -213,6 +213,7 @@ fn message_ref(id: u64) -> MessageRef {
         channel: CHANNEL.into(),
         id: id.to_string(),
         copy: Default::default(),
+        shows: None,
     }
 }
 
