@@ -14,6 +14,7 @@ pub(crate) mod audit;
 mod executor;
 mod floods;
 mod leases;
+mod outage;
 mod queries;
 mod recipients;
 mod requests;
@@ -99,10 +100,25 @@ pub enum EngineError {
     Refused(#[from] Refusal),
     #[error("{0}")]
     NotFound(String),
-    #[error("the directory could not be asked ({0}); try again in a minute")]
+    #[error("{}", directory_trouble(.0, "nothing was changed"))]
     Directory(#[from] DirectoryError),
     #[error("jitbot's store failed ({0}); nothing was changed, tell your jitbot admins")]
     Store(#[from] StoreError),
+}
+
+/// A directory failure worded for the person whose command it stopped:
+/// what happened, that `outcome` (nothing was done), and what to do — wait
+/// out an outage, or ask the admins about anything retrying will not fix.
+pub(crate) fn directory_trouble(error: &DirectoryError, outcome: &str) -> String {
+    if error.is_transient() {
+        format!(
+            "jitbot cannot reach the directory that holds accounts and groups right now ({error}), \
+             so {outcome}. Try again in a minute or two; if it keeps failing, tell your jitbot admins \
+             the directory is down."
+        )
+    } else {
+        format!("{error}; {outcome}. Tell your jitbot admins: trying again will not help.")
+    }
 }
 
 /// The engine handle; cheap to clone.
@@ -124,6 +140,8 @@ struct Inner {
     zsp_seen: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
     /// One executor per lease at a time (see `executor.rs`).
     lease_locks: executor::LeaseLocks,
+    /// Directory failures outstanding, and the probe (see `outage.rs`).
+    outage: outage::Outage,
     /// Where retry jitter comes from when not random (the simulator's seed).
     jitter: std::sync::OnceLock<Box<dyn Fn() -> f64 + Send + Sync>>,
 }
@@ -165,6 +183,7 @@ impl Engine {
                 outbox_changed: Notify::new(),
                 zsp_seen: Default::default(),
                 lease_locks: Default::default(),
+                outage: Default::default(),
                 jitter: std::sync::OnceLock::new(),
             }),
         }
@@ -226,7 +245,10 @@ impl Engine {
             Ok(None) => Err(Reply::refused(format!(
                 "jitbot cannot find your directory account (no entry has {attribute} = {value}); ask your jitbot admins to link it"
             ))),
-            Err(e) => Err(Reply::refused(format!("jitbot cannot identify you right now: {e}"))),
+            Err(e) => Err(Reply::refused(format!(
+                "jitbot cannot identify you right now: {}",
+                directory_trouble(&e, "nothing was done")
+            ))),
         }
     }
 

@@ -800,6 +800,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Every timer of one kind, from the `timer_ix` index (no scan of the
+    /// schedule): the revocations and grants waiting out a backoff are few.
+    pub fn timers_of(&self, kind: TimerKind) -> Result<Vec<Timer>, StoreError> {
+        self.check_healthy()?;
+        let mut out = Vec::new();
+        for item in self.inner.timer_ix.scan_prefix([kind as u8]) {
+            let (_, key) = item?;
+            if let Some(t) = timers::parse_key(&key) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn timer_count(&self) -> usize {
         self.inner.timers.len()
     }

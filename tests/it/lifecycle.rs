@@ -476,3 +476,48 @@ async fn scheduler_actor_revokes_on_time() {
     task.await.unwrap();
     assert_eq!(bot.lease().state, LeaseState::Ended);
 }
+
+/// A grant whose directory check keeps failing retries while the approved
+/// window has time, and gives up only when the next try would come after
+/// the lease's end, telling the requester and the group why.
+#[tokio::test]
+async fn grant_gives_up_only_when_the_approved_time_is_gone() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.dir.fail_next(1_000_000);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let expires = bot.lease().expires_at;
+    let mut tries = 1;
+    while bot.lease().state == LeaseState::Granting {
+        let next = bot.engine.store().next_due().unwrap().expect("the Grant timer");
+        assert!(next < expires, "a retry is only scheduled inside the window");
+        bot.clock.set(next);
+        bot.run_due().await;
+        tries += 1;
+        assert!(tries < 50, "the grant never gave up");
+    }
+    let gave_up = bot.engine.now();
+    assert!(
+        expires - gave_up <= Duration::minutes(5),
+        "gave up at {gave_up}, {} before the end: too early",
+        expires - gave_up
+    );
+    bot.dir.fail_next(0);
+    bot.run_due().await;
+    let lease = bot.lease();
+    assert_eq!(lease.state, LeaseState::Ended);
+    let actions = bot.audit_actions();
+    assert_eq!(
+        actions.iter().filter(|a| *a == "lease.grant_retry").count(),
+        tries - 1,
+        "{actions:?}"
+    );
+    assert!(actions.iter().any(|a| a == "lease.grant_failed"));
+    let outbox = format!("{:?}", bot.engine.store().outbox(100).unwrap());
+    assert!(
+        outbox.contains("approved time ran out")
+            && outbox.contains("Request again once the directory is back"),
+        "{outbox}"
+    );
+    assert!(!bot.is_member(DB, "alice"));
+}
