@@ -87,6 +87,37 @@ impl Engine {
             .await
     }
 
+    /// [`Engine::transition`] for many leases in one store commit: each
+    /// lease's `change` is staged only if its state is one of `from` (its
+    /// entry is `None` otherwise) and the helper writes each lease back.
+    /// An error from any `change` aborts the whole commit.
+    pub(super) async fn transition_each<J, T>(
+        &self,
+        jobs: &[(LeaseId, J)],
+        from: &[LeaseState],
+        change: impl Fn(&mut Tx<'_>, &mut LeaseRecord, &J) -> Result<T, EngineError>,
+    ) -> Result<Vec<Option<T>>, EngineError> {
+        self.inner
+            .store
+            .update(self.now(), |tx| {
+                let mut out = Vec::with_capacity(jobs.len());
+                for (id, job) in jobs {
+                    let Some(mut rec) = tx.lease(id)? else {
+                        out.push(None);
+                        continue;
+                    };
+                    if !from.contains(&rec.lease.state) {
+                        out.push(None);
+                        continue;
+                    }
+                    out.push(Some(change(tx, &mut rec, job)?));
+                    tx.put_lease(rec);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     /// Takes lease `id` as far as the directory lets it: finishes a
     /// `Granting` lease, removes the membership of a `Revoking` one. Safe to
     /// call any number of times from anywhere (commands, timers, start-up).
@@ -521,64 +552,9 @@ impl Engine {
         };
 
         let committing = std::time::Instant::now();
-        let ended = self
-            .transition(&id, &[LeaseState::Revoking], |tx, rec| {
-                rec.lease.finish()?;
-                tx.clear_timer(TimerKind::Revoke, id.as_str());
-                let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
-                let expired_at = matches!(reason, EndReason::Expired).then_some(rec.lease.expires_at);
-                tx.audit(
-                    about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
-                        "{}; membership {}{note}",
-                        reason.describe(),
-                        if rec.lease.owns_membership() {
-                            "removed"
-                        } else {
-                            "left as it was before jitbot"
-                        }
-                    )),
-                );
-                match reason {
-                    EndReason::GrantFailed { .. } => {}
-                    EndReason::Drift => {
-                        tx.outbox(notice(
-                            Audience::Alert,
-                            format!(
-                                "ZSP drift remediated: jitbot removed {} from `{}`.",
-                                rec.lease.user, rec.lease.group
-                            ),
-                            vec![],
-                        ));
-                    }
-                    _ => {
-                        let text = format!(
-                            ":lock: {}'s access to `{}` ended ({}).",
-                            rec.lease.user,
-                            rec.lease.group,
-                            reason.describe()
-                        );
-                        tx.outbox(notice(
-                            Audience::Group(rec.lease.group.clone()),
-                            text.clone(),
-                            vec![],
-                        ));
-                        let holder = Audience::User {
-                            user: rec.lease.user.clone(),
-                            chat: rec.origin.clone(),
-                        };
-                        tx.outbox(notice(holder, text, vec![]));
-                    }
-                }
-                if rec.lease.alerted {
-                    let text = format!(
-                        "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
-                        rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
-                    );
-                    tx.outbox(notice(Audience::Alert, text, vec![]));
-                }
-                Ok(expired_at)
-            })
-            .await?;
+        // Committed together with the ends of other revocations finishing
+        // now (one store commit for all of them: see `ends.rs`).
+        let ended = self.end_together(&id, note).await?;
         if let Some(expired_at) = ended {
             crate::metrics::stage("commit_after", committing.elapsed());
             // Measured once the end is durable: that is when it counts.
@@ -595,6 +571,74 @@ impl Engine {
             self.directory_answered().await;
         }
         Ok(())
+    }
+
+    /// `Revoking` → `Ended` for a lease whose membership is gone (or was
+    /// never jitbot's): the audit record, the notices, an alert resolved.
+    /// Staged by [`Engine::end_together`] through
+    /// [`Engine::transition_each`]. Returns the expiry instant of a lease
+    /// that ended by expiring (for the lag metric).
+    pub(super) fn end_change(
+        &self,
+        tx: &mut Tx<'_>,
+        rec: &mut LeaseRecord,
+        note: &str,
+    ) -> Result<Option<jitbot_core::Instant>, EngineError> {
+        let id = rec.lease.id.clone();
+        rec.lease.finish()?;
+        tx.clear_timer(TimerKind::Revoke, id.as_str());
+        let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
+        let expired_at = matches!(reason, EndReason::Expired).then_some(rec.lease.expires_at);
+        tx.audit(
+            about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
+                "{}; membership {}{note}",
+                reason.describe(),
+                if rec.lease.owns_membership() {
+                    "removed"
+                } else {
+                    "left as it was before jitbot"
+                }
+            )),
+        );
+        match reason {
+            EndReason::GrantFailed { .. } => {}
+            EndReason::Drift => {
+                tx.outbox(notice(
+                    Audience::Alert,
+                    format!(
+                        "ZSP drift remediated: jitbot removed {} from `{}`.",
+                        rec.lease.user, rec.lease.group
+                    ),
+                    vec![],
+                ));
+            }
+            _ => {
+                let text = format!(
+                    ":lock: {}'s access to `{}` ended ({}).",
+                    rec.lease.user,
+                    rec.lease.group,
+                    reason.describe()
+                );
+                tx.outbox(notice(
+                    Audience::Group(rec.lease.group.clone()),
+                    text.clone(),
+                    vec![],
+                ));
+                let holder = Audience::User {
+                    user: rec.lease.user.clone(),
+                    chat: rec.origin.clone(),
+                };
+                tx.outbox(notice(holder, text, vec![]));
+            }
+        }
+        if rec.lease.alerted {
+            let text = format!(
+                "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
+                rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
+            );
+            tx.outbox(notice(Audience::Alert, text, vec![]));
+        }
+        Ok(expired_at)
     }
 
     async fn revoke_failed(&self, id: &LeaseId, error: &str) -> Result<(), EngineError> {

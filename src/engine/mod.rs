@@ -11,6 +11,7 @@
 mod admin;
 pub mod anchor;
 pub(crate) mod audit;
+mod ends;
 mod executor;
 mod floods;
 mod leases;
@@ -142,6 +143,8 @@ struct Inner {
     lease_locks: executor::LeaseLocks,
     /// Directory failures outstanding, and the probe (see `outage.rs`).
     outage: outage::Outage,
+    /// Lease ends waiting to be committed together (see `ends.rs`).
+    ends: ends::Ends,
     /// Where retry jitter comes from when not random (the simulator's seed).
     jitter: std::sync::OnceLock<Box<dyn Fn() -> f64 + Send + Sync>>,
 }
@@ -184,6 +187,7 @@ impl Engine {
                 zsp_seen: Default::default(),
                 lease_locks: Default::default(),
                 outage: Default::default(),
+                ends: Default::default(),
                 jitter: std::sync::OnceLock::new(),
             }),
         }

@@ -521,3 +521,58 @@ async fn grant_gives_up_only_when_the_approved_time_is_gone() {
     );
     assert!(!bot.is_member(DB, "alice"));
 }
+
+/// Leases expiring together end together: their `ended` commits may share
+/// one store commit, and still each lease ends once, fenced, with its own
+/// audit record and notices, and the audit chain intact.
+#[tokio::test]
+async fn leases_expiring_together_each_end_once() {
+    let bot = TestBot::new();
+    for (user, group) in [
+        ("alice", "db-admins"),
+        ("dave", "db-admins"),
+        ("erin", "db-admins"),
+        ("alice", "web-admins"),
+    ] {
+        let id = TestBot::request_id(&bot.ok(user, &format!("request {group} 1h x")).await);
+        bot.ok("bob", &format!("approve {id}")).await;
+    }
+    bot.advance(Duration::hours(1));
+    let due = bot.engine.store().due_timers(bot.engine.now(), 100).unwrap();
+    assert_eq!(due.len(), 4, "{due:?}");
+    // As the scheduler does: all at once.
+    let mut all = tokio::task::JoinSet::new();
+    for t in due {
+        let engine = bot.engine.clone();
+        all.spawn(async move { engine.fire(t).await });
+    }
+    while all.join_next().await.is_some() {}
+    let leases = bot.engine.store().leases().unwrap();
+    assert!(
+        leases.iter().all(|l| l.lease.state == LeaseState::Ended),
+        "{leases:?}"
+    );
+    for user in ["alice", "dave", "erin"] {
+        assert!(!bot.is_member(DB, user), "{user}");
+    }
+    let actions = bot.audit_actions();
+    assert_eq!(
+        actions.iter().filter(|a| *a == "lease.ended").count(),
+        4,
+        "{actions:?}"
+    );
+    let outbox = format!("{:?}", bot.engine.store().outbox(100).unwrap());
+    assert_eq!(
+        outbox.matches("access to `db-admins` ended").count(),
+        6,
+        "{outbox}"
+    );
+    assert_eq!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact {
+            records: actions.len() as u64
+        }
+    );
+    bot.run_due().await;
+    assert_eq!(bot.audit_actions().len(), actions.len(), "nothing ends twice");
+}
