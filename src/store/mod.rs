@@ -814,6 +814,31 @@ impl Store {
         Ok(out)
     }
 
+    /// How many timers of one kind there are, from the `timer_ix` keys
+    /// alone (no record is read): the gauges' count of pending requests
+    /// (`RequestTimeout`).
+    pub fn count_timers(&self, kind: TimerKind) -> Result<usize, StoreError> {
+        self.check_healthy()?;
+        let mut n = 0;
+        for item in self.inner.timer_ix.scan_prefix([kind as u8]).keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// How many leases hold a (group, user) slot: those not ended, from
+    /// the `live` index's keys alone.
+    pub fn live_count(&self) -> Result<usize, StoreError> {
+        self.check_healthy()?;
+        let mut n = 0;
+        for item in self.inner.live.iter().keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub fn timer_count(&self) -> usize {
         self.inner.timers.len()
     }

@@ -576,3 +576,34 @@ async fn leases_expiring_together_each_end_once() {
     bot.run_due().await;
     assert_eq!(bot.audit_actions().len(), actions.len(), "nothing ends twice");
 }
+
+/// What `/metrics` shows comes from the timer index: active leases,
+/// pending requests, and the most overdue lease — an active one whose
+/// expiry is due, or one whose revocation keeps failing.
+#[tokio::test]
+async fn scrape_counts_come_from_the_timer_index() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.ok("dave", "request db-admins 1h y").await;
+    assert_eq!(
+        bot.engine.scrape_counts().unwrap(),
+        (1, 1, std::time::Duration::ZERO)
+    );
+    bot.advance(Duration::hours(1) + Duration::seconds(3));
+    let (active, _, overdue) = bot.engine.scrape_counts().unwrap();
+    assert_eq!(active, 1, "not yet picked up");
+    assert_eq!(overdue, std::time::Duration::from_secs(3), "expiry due, not run");
+    bot.dir.fail_next(1);
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Revoking);
+    bot.advance(Duration::seconds(2));
+    let (active, pending, overdue) = bot.engine.scrape_counts().unwrap();
+    assert_eq!(active, 0);
+    assert_eq!(pending, 0, "dave's request timed out meanwhile");
+    assert_eq!(
+        overdue,
+        std::time::Duration::from_secs(5),
+        "the failing revocation"
+    );
+}
