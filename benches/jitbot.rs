@@ -13,6 +13,9 @@
 #[path = "../tests/support/fake_slack.rs"]
 #[allow(dead_code)]
 mod fake_slack;
+#[path = "../tests/support/net.rs"]
+#[allow(dead_code)]
+mod net;
 #[path = "../tests/support/slapd.rs"]
 #[allow(dead_code)]
 mod slapd;

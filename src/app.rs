@@ -36,7 +36,25 @@ pub struct Parts {
     pub scheduler: SchedulerSettings,
     /// How often the ZSP monitor runs (it also runs at start-up).
     pub zsp_interval: Duration,
+    /// With replicas (PostgreSQL): the scheduler, the outbox worker and the
+    /// ZSP monitor run only while this replica leads. `None`: always.
+    pub leader: Option<LeaderSettings>,
 }
+
+/// How this replica takes part in leadership (`store::leader`).
+#[derive(Clone, Debug)]
+pub struct LeaderSettings {
+    /// This replica's name in `jitbot_leader` (unique per process).
+    pub holder: String,
+    /// A term's length; the leader renews every third of it, and stops its
+    /// work two thirds of it after its last renewal.
+    pub ttl: Duration,
+}
+
+/// A leader's term: long enough to ride out a slow renewal, short enough
+/// that another replica revokes on time after a leader dies (it takes over
+/// at most this plus a third of it after the last renewal).
+pub const LEADER_TTL: Duration = Duration::from_secs(6);
 
 /// A running jitbot.
 pub struct Running {
@@ -110,13 +128,37 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
             }
         });
     }
-    tasks.spawn(scheduler::run(engine.clone(), parts.scheduler, rx.clone()));
-    tasks.spawn(crate::chat::outbox::run(
+    let (work_engine, notifier, schedule, zsp) = (
         engine.clone(),
         parts.notifier,
-        rx.clone(),
-    ));
-    tasks.spawn(zsp_monitor(engine.clone(), parts.zsp_interval, rx));
+        parts.scheduler,
+        parts.zsp_interval,
+    );
+    // The work only one replica does at a time.
+    let work = move |stop: watch::Receiver<bool>| {
+        let mut set = JoinSet::new();
+        set.spawn(scheduler::run(
+            work_engine.clone(),
+            schedule.clone(),
+            stop.clone(),
+        ));
+        set.spawn(crate::chat::outbox::run(
+            work_engine.clone(),
+            notifier.clone(),
+            stop.clone(),
+        ));
+        set.spawn(zsp_monitor(work_engine.clone(), zsp, stop));
+        set
+    };
+    match parts.leader {
+        None => {
+            let mut set = work(rx);
+            tasks.spawn(async move { while set.join_next().await.is_some() {} });
+        }
+        Some(settings) => {
+            tasks.spawn(lead(engine.store().clone(), settings, rx, work));
+        }
+    }
     match admin_addr {
         Some(admin) => tracing::info!(%addr, %admin, "jitbot listening"),
         None => tracing::info!(%addr, "jitbot listening"),
@@ -128,6 +170,109 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
         shutdown: tx,
         tasks,
     })
+}
+
+/// Runs `blocking` on tokio's blocking pool (the store waits for the
+/// database there).
+async fn off_runtime<T: Send + 'static>(
+    store: &Store,
+    blocking: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, crate::store::StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || blocking(&store))
+        .await
+        .map_err(|e| crate::store::StoreError::Io(format!("the leadership task failed: {e}")))?
+}
+
+/// Takes part in leadership until shutdown: while this replica leads, its
+/// store is fenced with the term's token and `work` runs; when the term is
+/// lost (another replica holds it, or no renewal succeeded for two thirds
+/// of a term), the work is stopped, then the fence lifted.
+async fn lead<F>(store: Store, settings: LeaderSettings, mut shutdown: watch::Receiver<bool>, work: F)
+where
+    F: Fn(watch::Receiver<bool>) -> JoinSet<()> + Send + 'static,
+{
+    let renew = settings.ttl / 3;
+    loop {
+        let (holder, ttl) = (settings.holder.clone(), settings.ttl);
+        let token = match off_runtime(&store, move |s| s.lead(&holder, ttl)).await {
+            Ok(Some(token)) => token,
+            Ok(None) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(renew) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach PostgreSQL for the leadership; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(renew) => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+        };
+        tracing::info!(token, holder = %settings.holder, "this replica leads: it runs the scheduler, the outbox and the ZSP monitor");
+        store.set_fence(Some(token));
+        let (stop, stopped) = watch::channel(false);
+        let mut running = work(stopped);
+        let mut renewed = tokio::time::Instant::now();
+        let shutting_down = loop {
+            tokio::select! {
+                _ = tokio::time::sleep(renew) => {}
+                _ = shutdown.changed() => break true,
+            }
+            let (holder, ttl) = (settings.holder.clone(), settings.ttl);
+            match off_runtime(&store, move |s| s.lead(&holder, ttl)).await {
+                Ok(Some(t)) if t == token => renewed = tokio::time::Instant::now(),
+                Ok(_) => {
+                    tracing::warn!(
+                        token,
+                        "this replica lost the leadership to another; stopping its work"
+                    );
+                    break false;
+                }
+                Err(e) if renewed.elapsed() >= settings.ttl * 2 / 3 => {
+                    tracing::warn!(error = %e, token, "cannot renew the leadership in time; stopping this replica's work");
+                    break false;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew the leadership; trying again"),
+            }
+        };
+        let _ = stop.send(true);
+        while running.join_next().await.is_some() {}
+        store.set_fence(None);
+        if shutting_down {
+            let holder = settings.holder.clone();
+            if let Err(e) = off_runtime(&store, move |s| s.resign(&holder, token)).await {
+                tracing::warn!(error = %e, "cannot resign the leadership; another replica takes over when it expires");
+            }
+            return;
+        }
+    }
+}
+
+/// Retention with replicas: a pass runs only on the leader (its commits
+/// are fenced), so two replicas never archive the same records.
+async fn retention_on_the_leader(
+    store: Store,
+    clock: Arc<dyn Clock>,
+    settings: RetentionSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if store.fence().is_some() {
+            match store.prune(clock.now(), &settings).await {
+                Ok(p) => tracing::debug!(?p, "retention pass on the leader"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention pass failed; it runs again at the next interval")
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 async fn zsp_monitor(engine: Engine, every: Duration, mut shutdown: watch::Receiver<bool>) {
@@ -187,6 +332,38 @@ pub fn audit_key(src: &crate::secret::SecretSource) -> anyhow::Result<crate::sec
     Ok(key)
 }
 
+/// How often a PostgreSQL replica pulls other replicas' commits between
+/// its own transactions (every transaction pulls first anyway).
+const MIRROR_REFRESH: Duration = Duration::from_secs(1);
+
+/// How `[store]` reaches PostgreSQL, when `kind = "postgres"`.
+pub fn pg_settings(store: &crate::config::StoreConfig) -> anyhow::Result<Option<crate::store::PgSettings>> {
+    if store.kind != crate::config::StoreKind::Postgres {
+        return Ok(None);
+    }
+    let url = store.url.clone().context(
+        "store.url: is missing; kind = \"postgres\" needs url = \"postgres://user@host:5432/dbname\"",
+    )?;
+    let password = match &store.password {
+        Some(src) => Some(src.resolve().context("store.password")?),
+        None => None,
+    };
+    Ok(Some(crate::store::PgSettings {
+        url,
+        password,
+        migrate: store.migrate,
+    }))
+}
+
+/// Opens the store `[store]` names: the sled directory, or a replica of
+/// the PostgreSQL database with its mirror in `path`.
+pub fn open_store(store: &crate::config::StoreConfig) -> anyhow::Result<Store> {
+    Ok(match pg_settings(store)? {
+        Some(settings) => Store::open_postgres(&store.path, store.cache_mb, &settings)?,
+        None => Store::open(&store.path, store.cache_mb)?,
+    })
+}
+
 /// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     for warning in config.warnings() {
@@ -196,7 +373,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(src) => Some(src.resolve_admin_token().context("server.admin_token")?),
         None => None,
     };
-    let store = Store::open(&config.store.path, config.store.cache_mb)?;
+    let store = open_store(&config.store)?;
     if let Some(src) = &config.audit.key {
         store.set_audit_key(audit_key(src)?);
     }
@@ -288,6 +465,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 concurrency: config.scheduler.concurrency,
             },
             zsp_interval: config.scheduler.zsp_interval.to_std(),
+            leader: store_watch.is_postgres().then(|| LeaderSettings {
+                holder: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+                ttl: LEADER_TTL,
+            }),
         },
         listener,
         Some(admin_listener),
@@ -306,10 +487,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(settings) = retention {
         let rx = running.shutdown_signal();
-        running.spawn(crate::store::retention::run(
+        if store_watch.is_postgres() {
+            running.spawn(retention_on_the_leader(
+                store_watch.clone(),
+                retention_clock,
+                settings,
+                rx,
+            ));
+        } else {
+            running.spawn(crate::store::retention::run(
+                store_watch.clone(),
+                retention_clock,
+                settings,
+                rx,
+            ));
+        }
+    }
+    if store_watch.is_postgres() {
+        let rx = running.shutdown_signal();
+        let engine = running.engine.clone();
+        running.spawn(crate::store::pg::refresh_every(
             store_watch.clone(),
-            retention_clock,
-            settings,
+            MIRROR_REFRESH,
+            move || {
+                engine.timers_changed().notify_one();
+                engine.outbox_changed().notify_one();
+            },
             rx,
         ));
     }

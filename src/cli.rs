@@ -90,12 +90,42 @@ pub enum Cmd {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Apply the PostgreSQL schema migrations of `[store]` (kind =
+    /// "postgres"); `jitbot run` also does at start-up unless `migrate = false`.
+    Migrate {
+        #[arg(long, short, env = "JITBOT_CONFIG")]
+        config: PathBuf,
+    },
+    /// The store itself (jitbot stopped): copy a sled store into PostgreSQL.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
     /// The audit trail: verify its hash chain, export it for a SIEM.
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,
         #[command(flatten)]
         remote: Remote,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Copy every tree of a sled store (jitbot stopped) into an empty
+    /// PostgreSQL database, then check the copy: counts per tree, the
+    /// trees' consistency and the audit chain. The password comes from the
+    /// URL's environment: PGPASSWORD.
+    Copy {
+        /// The sled store directory (the old `[store] path`).
+        #[arg(long)]
+        from: PathBuf,
+        /// postgres://user@host:5432/dbname of the new, empty database.
+        #[arg(long)]
+        to: String,
+        /// An env variable holding the `[audit] key`, when the chain is keyed.
+        #[arg(long, value_name = "NAME")]
+        audit_key_env: Option<String>,
     },
 }
 
@@ -213,6 +243,54 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             println!("backup written to {} ({} bytes)", to.display(), body.len());
             Ok(())
         }
+        Cmd::Migrate { config } => {
+            let config = load_config(&config);
+            let Some(mut settings) = crate::app::pg_settings(&config.store)? else {
+                bail!("store.kind is \"sled\": there is nothing to migrate (sled stores upgrade themselves when opened)");
+            };
+            settings.migrate = true;
+            let applied = tokio::task::spawn_blocking(move || crate::store::pg::migrate(&settings)).await??;
+            println!(
+                "applied {applied} migration(s); the schema is at version {}",
+                crate::store::pg::SCHEMA_VERSION
+            );
+            Ok(())
+        }
+        Cmd::Store {
+            cmd:
+                StoreCmd::Copy {
+                    from,
+                    to,
+                    audit_key_env,
+                },
+        } => {
+            let password = std::env::var("PGPASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .map(crate::secret::Secret::new);
+            let key = match audit_key_env {
+                Some(name) => Some(crate::app::audit_key(&crate::secret::SecretSource::env(&name))?),
+                None => None,
+            };
+            let settings = crate::store::PgSettings {
+                url: to,
+                password,
+                migrate: true,
+            };
+            let report = tokio::task::spawn_blocking(move || {
+                crate::store::Store::copy_to_postgres(&from, &settings, key)
+            })
+            .await??;
+            for (tree, n) in &report.counts {
+                println!("  {tree}: {n}");
+            }
+            println!(
+                "copied {} keys; the copy verifies: {:?}. Set [store] kind = \"postgres\", url, and a new, empty path",
+                report.counts.values().sum::<u64>(),
+                report.audit
+            );
+            Ok(())
+        }
         Cmd::Restore { from, data } => {
             let file =
                 std::fs::File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;
@@ -253,6 +331,11 @@ pub fn secret_problems(config: &Config) -> Vec<String> {
             }
         }
     }
+    if let Some(src) = &config.store.password {
+        if let Err(e) = src.resolve() {
+            problems.push(format!("store.password: {e}"));
+        }
+    }
     if let Some(src) = &config.audit.key {
         if let Err(e) = crate::app::audit_key(src) {
             problems.push(format!("{e:#}"));
@@ -276,8 +359,20 @@ async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<(
             }
         }
     }
-    if config.store.path.exists() {
-        match crate::store::Store::open(&config.store.path, 8) {
+    let postgres = config.store.kind == crate::config::StoreKind::Postgres;
+    if (postgres && !offline) || (!postgres && config.store.path.exists()) {
+        let opened = match crate::app::pg_settings(&config.store) {
+            Ok(Some(settings)) => {
+                let path = config.store.path.clone();
+                tokio::task::spawn_blocking(move || crate::store::Store::open_postgres(&path, 8, &settings))
+                    .await
+                    .map_err(|e| crate::store::StoreError::Io(e.to_string()))
+                    .and_then(|r| r)
+            }
+            Ok(None) => crate::store::Store::open(&config.store.path, 8),
+            Err(e) => Err(crate::store::StoreError::Io(format!("{e:#}"))),
+        };
+        match opened {
             Ok(store) => {
                 // The check `run` makes before it writes: a keyed chain
                 // needs its own key (a key that did not resolve is already

@@ -134,8 +134,21 @@ fn default_request_timeout() -> Span {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Directory of the sled database.
+    /// Where the store's truth is: `"sled"` (the default: the directory at
+    /// `path`) or `"postgres"` (the database at `url`; `path` then holds
+    /// this replica's mirror of it).
+    #[serde(default)]
+    pub kind: StoreKind,
+    /// Directory of the sled database (with PostgreSQL: the mirror).
     pub path: PathBuf,
+    /// With `kind = "postgres"`: `postgres://user@host:5432/dbname`.
+    pub url: Option<String>,
+    /// With `kind = "postgres"`: the database password, when not in `url`.
+    pub password: Option<SecretSource>,
+    /// With `kind = "postgres"`: apply missing schema migrations at start-up
+    /// (else `jitbot migrate` must have).
+    #[serde(default = "yes")]
+    pub migrate: bool,
     /// sled's page cache, in MiB (sled's own default is 1 GiB).
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
@@ -147,6 +160,15 @@ pub struct StoreConfig {
     /// Where audit records older than `retain` are archived; by default
     /// `audit-archive` beside the store directory (`<path>/../audit-archive`).
     pub archive_dir: Option<PathBuf>,
+}
+
+/// `[store] kind`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sled,
+    Postgres,
 }
 
 /// The shortest `[store] retain` accepted.
@@ -859,6 +881,56 @@ impl Config {
                 ),
             );
         }
+        match (self.store.kind, &self.store.url) {
+            (StoreKind::Postgres, None) => issue(
+                "store.url".into(),
+                key_line(text, "store", "kind"),
+                "is missing: kind = \"postgres\" needs url = \"postgres://user@host:5432/dbname\"".into(),
+            ),
+            (StoreKind::Sled, Some(_)) => issue(
+                "store.url".into(),
+                key_line(text, "store", "url"),
+                "is set but store.kind is \"sled\"; set kind = \"postgres\" to use the database, or remove url".into(),
+            ),
+            _ => {}
+        }
+        if self.store.kind == StoreKind::Sled && self.store.password.is_some() {
+            issue(
+                "store.password".into(),
+                key_line(text, "store", "password"),
+                "is set but store.kind is \"sled\"; remove it, or set kind = \"postgres\"".into(),
+            );
+        }
+        if let Some(url) = &self.store.url {
+            let lowered = url.to_ascii_lowercase();
+            if ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"]
+                .iter()
+                .any(|m| lowered.contains(m))
+            {
+                issue(
+                    "store.url".into(),
+                    key_line(text, "store", "url"),
+                    "asks for TLS (sslmode=require/verify-ca/verify-full), which this jitbot does not speak to \
+                     PostgreSQL yet; reach the database over a private network or a local TLS tunnel and use \
+                     sslmode=disable"
+                        .into(),
+                );
+            } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                issue(
+                    "store.url".into(),
+                    key_line(text, "store", "url"),
+                    "must be a postgres:// URL, e.g. postgres://jitbot@db.internal:5432/jitbot".into(),
+                );
+            }
+            let userinfo = url.rsplit_once('@').map(|(u, _)| u).unwrap_or("");
+            if userinfo.matches(':').count() > 1 {
+                issue(
+                    "store.url".into(),
+                    key_line(text, "store", "url"),
+                    "holds a password; put it in store.password = { env = \"…\" } or { file = \"…\" } instead".into(),
+                );
+            }
+        }
         if self.store.archive_dir.is_some() && self.store.retain.is_none() {
             issue(
                 "store.archive_dir".into(),
@@ -1078,6 +1150,36 @@ max_duration = "4h"
         let p = c.policy();
         assert_eq!(p.groups[0].max_total_duration, Span::from_hours(4));
         assert_eq!(c.store.cache_mb, 64);
+    }
+
+    #[test]
+    fn store_kind_postgres_needs_a_url_and_refuses_tls_and_passwords_in_it() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.store.kind, StoreKind::Sled, "sled is the default");
+        let pg = |extra: &str| MINIMAL.replace("path = \"/tmp/x\"", &format!("path = \"/tmp/x\"\n{extra}"));
+        let ok = Config::parse(
+            &pg("kind = \"postgres\"\nurl = \"postgres://jitbot@db:5432/jitbot\"\npassword = { env = \"PGPW\" }"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(ok.store.kind, StoreKind::Postgres);
+        assert!(ok.store.migrate, "migrations run at start-up by default");
+        for (extra, want) in [
+            ("kind = \"postgres\"", "needs url"),
+            ("url = \"postgres://db/jitbot\"", "kind = \"postgres\""),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://db/jitbot?sslmode=verify-full\"",
+                "sslmode",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u:pw@db/jitbot\"",
+                "store.password",
+            ),
+            ("kind = \"mysql\"", "unknown variant"),
+        ] {
+            let err = Config::parse(&pg(extra), "t.toml").unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
     }
 
     #[test]

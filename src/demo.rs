@@ -128,6 +128,8 @@ pub struct DemoOptions {
     /// The engine's and console's clock; tests pass a `ManualClock` to make
     /// leases expire without waiting.
     pub clock: Arc<dyn Clock>,
+    /// The engine's settings (tests tighten its limits).
+    pub settings: EngineSettings,
 }
 
 /// Starts the demo on `listen` (use port 0 in tests: see [`Running::addr`]).
@@ -136,6 +138,7 @@ pub async fn start_demo(listen: SocketAddr, data: Option<PathBuf>) -> anyhow::Re
         listen,
         data,
         clock: Arc::new(SystemClock),
+        settings: EngineSettings::default(),
     })
     .await
 }
@@ -161,7 +164,7 @@ pub async fn start_demo_with(options: DemoOptions) -> anyhow::Result<(Running, D
         store,
         directory,
         options.clock.clone(),
-        EngineSettings::default(),
+        options.settings,
     );
     let console = Arc::new(WebConsole::new(options.clock));
     let ids = USERS.iter().map(|(id, _)| id.to_string()).collect();
@@ -184,6 +187,7 @@ pub async fn start_demo_with(options: DemoOptions) -> anyhow::Result<(Running, D
                 concurrency: 8,
             },
             zsp_interval: Duration::from_secs(30),
+            leader: None,
         },
         listener,
         None,

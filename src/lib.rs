@@ -17,6 +17,7 @@ pub mod demo;
 pub mod directory;
 pub mod engine;
 pub mod http;
+pub mod messages;
 pub mod metrics;
 pub mod ports;
 pub mod scheduler;

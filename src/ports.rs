@@ -7,7 +7,7 @@ use jitbot_core::{GroupDn, UserId};
 use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
-pub use crate::chat::view::{
+pub use crate::messages::{
     ApprovalCard, Audience, CardCopy, ChatRef, Contact, MessageRef, Notice, Recipients,
 };
 

@@ -109,7 +109,11 @@ pub async fn post(
         .iter()
         .find(|m| matches!(m.copy, CardCopy::Channel { .. }))
         .cloned();
-    if card.recipients.channel && channel.is_none() {
+    // A copy recorded before copies said what they are (a request in flight
+    // at an upgrade) is the channel copy, unless it is found below in an
+    // approver's DM channel: no second channel copy is posted meanwhile.
+    let unknown = channel.is_none() && already.iter().any(|m| m.copy.is_unknown());
+    if card.recipients.channel && channel.is_none() && !unknown {
         let mut at = copies.post_in_channel(card).await?;
         at.copy = CardCopy::Channel {
             unreachable: Vec::new(),
@@ -174,6 +178,10 @@ pub async fn post(
                 later.get_or_insert(error);
             }
         }
+    }
+    if channel.is_none() {
+        // An old copy no approver's DM channel claimed: the channel copy.
+        channel = dms.iter().find(|m| m.copy.is_unknown()).cloned();
     }
     let unlisted = card.recipients.unlisted.clone();
     let no_dm_copy = !dms.iter().any(|m| matches!(m.copy, CardCopy::Dm { .. }));
@@ -556,6 +564,41 @@ mod tests {
             ["open frank", "dm frank", "channel [\"frank\"][]"]
         );
         assert_eq!(made[0].copy, channel_copy(&["frank"], &[]));
+    }
+
+    #[tokio::test]
+    async fn a_copy_recorded_before_roles_is_the_channel_copy() {
+        // `both`, in flight at an upgrade: the old channel copy has no role.
+        let copies = Copies::default();
+        let (r, made) = run(&copies, &card(true, &["bob"]), &[at("C")]).await;
+        r.unwrap();
+        assert_eq!(
+            take_log(&copies),
+            ["open bob", "dm bob", "rewrite [][]"],
+            "no second channel copy; the old one is rewritten once with its role"
+        );
+        assert_eq!(made.len(), 2);
+        assert_eq!(made[1].copy, channel_copy(&[], &[]), "{made:?}");
+        assert!(made[1].same_message(&at("C")));
+        // The next retry finds it by its role and calls nothing.
+        let (r, _) = run(&copies, &card(true, &["bob"]), &made).await;
+        r.unwrap();
+        assert!(take_log(&copies).is_empty());
+
+        // An old copy in an approver's DM channel is still their DM copy;
+        // the channel copy is posted.
+        let (r, made) = run(&copies, &card(true, &["bob"]), &[at("Dbob")]).await;
+        r.unwrap();
+        assert_eq!(take_log(&copies), ["open bob", "channel [][]"]);
+        assert_eq!(
+            made.iter().map(|m| m.copy.clone()).collect::<Vec<_>>(),
+            [
+                CardCopy::Dm {
+                    approvers: users(&["bob"])
+                },
+                channel_copy(&[], &[])
+            ]
+        );
     }
 
     #[tokio::test]

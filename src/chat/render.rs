@@ -1,10 +1,11 @@
 //! Every word jitbot's chat layer says on its own (the engine's replies and
-//! notices come worded from the engine): approval cards, buttons, the deny
-//! form and the answers of the shared inbound route. Shared by the chat
-//! adapters so every platform says the same thing; each adapter adds only
-//! its own markup and limits.
+//! notices come worded from the engine, in plain words with a [`Tone`]):
+//! approval cards, buttons, the deny form, the answers of the shared
+//! inbound route, and how each platform marks a notice's tone. Shared by
+//! the chat adapters so every platform says the same thing; each adapter
+//! adds only its own markup and limits.
 
-use crate::ports::ApprovalCard;
+use crate::messages::{ApprovalCard, Notice, Tone};
 use jitbot_core::command::Action;
 
 /// The label of a button, the same on every platform.
@@ -144,22 +145,38 @@ pub fn card_text(card: &ApprovalCard) -> String {
     lines.join("\n")
 }
 
-/// `text` without Slack-style emoji shortcodes (`:key:` as a word of its
-/// own), which the engine's notices start with: Slack draws them, other
-/// platforms would show the code (and many machines lack an emoji font).
-pub fn without_shortcodes(text: &str) -> String {
-    let is_shortcode = |w: &str| {
-        w.len() > 2
-            && w.starts_with(':')
-            && w.ends_with(':')
-            && w[1..w.len() - 1]
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c == '_')
+/// How a platform marks a notice's [`Tone`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoration {
+    /// Slack's emoji shortcodes (`:key:`), which Slack draws.
+    SlackEmoji,
+    /// Nothing: the words alone (Discord would show a shortcode as typed,
+    /// and many machines running the web console lack an emoji font).
+    Plain,
+}
+
+/// The Slack emoji that marks `tone`, if any.
+pub fn slack_emoji(tone: Tone) -> Option<&'static str> {
+    match tone {
+        Tone::Plain => None,
+        Tone::Alarm => Some(":rotating_light:"),
+        Tone::Warning => Some(":warning:"),
+        Tone::Granted => Some(":key:"),
+        Tone::Locked => Some(":lock:"),
+        Tone::Anchor => Some(":anchor:"),
+    }
+}
+
+/// A notice's text as a platform shows it: its tone's mark, then the words.
+pub fn notice_text(notice: &Notice, decoration: Decoration) -> String {
+    let mark = match decoration {
+        Decoration::SlackEmoji => slack_emoji(notice.tone),
+        Decoration::Plain => None,
     };
-    text.split(' ')
-        .filter(|w| !is_shortcode(w))
-        .collect::<Vec<_>>()
-        .join(" ")
+    match mark {
+        Some(mark) => format!("{mark} {}", notice.text),
+        None => notice.text.clone(),
+    }
 }
 
 /// Cuts `text` to at most `max` characters, ending with `…` when cut, so a
@@ -222,13 +239,20 @@ mod tests {
     }
 
     #[test]
-    fn shortcodes_are_dropped_for_platforms_that_would_show_them() {
+    fn only_slack_marks_a_tone_and_plain_notices_are_left_alone() {
+        let mut n = Notice {
+            to: crate::messages::Audience::Alert,
+            text: "alice now has `db` until 10:00 (lease l-1).".into(),
+            buttons: Vec::new(),
+            tone: Tone::Granted,
+        };
         assert_eq!(
-            without_shortcodes(":key: alice now has `db` until 10:00 (lease l-1)."),
-            "alice now has `db` until 10:00 (lease l-1)."
+            notice_text(&n, Decoration::SlackEmoji),
+            ":key: alice now has `db` until 10:00 (lease l-1)."
         );
-        assert_eq!(without_shortcodes("a :x: b 10:30: c"), "a b 10:30: c");
-        assert_eq!(without_shortcodes("no codes: here"), "no codes: here");
+        assert_eq!(notice_text(&n, Decoration::Plain), n.text);
+        n.tone = Tone::Plain;
+        assert_eq!(notice_text(&n, Decoration::SlackEmoji), n.text);
     }
 
     #[test]

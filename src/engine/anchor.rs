@@ -4,8 +4,8 @@
 //! can later check that history up to it was not rewritten
 //! (`jitbot audit verify --anchor SEQ:HASH`).
 
-use super::{notice, Engine, EngineError};
-use crate::ports::Audience;
+use super::{toned, Engine, EngineError};
+use crate::messages::{Audience, Tone};
 use crate::store::{Anchor, Sealing};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -21,13 +21,13 @@ impl Engine {
         store.record_published_anchor(&head)?;
         tracing::info!(anchor = %head, "audit anchor: keep it outside jitbot's store");
         let text = format!(
-            ":anchor: Audit anchor `{head}` (record {} of jitbot's audit chain). Keep this message: \
+            "Audit anchor `{head}` (record {} of jitbot's audit chain). Keep this message: \
              `jitbot audit verify --anchor {head}` later proves the history up to it was not rewritten.",
             head.seq
         );
         store
             .update(self.now(), |tx| {
-                tx.outbox(notice(Audience::Alert, text, Vec::new()));
+                tx.outbox(toned(Tone::Anchor, Audience::Alert, text, Vec::new()));
                 Ok::<(), EngineError>(())
             })
             .await?;
@@ -44,7 +44,7 @@ impl Engine {
     /// already held unkeyed records, since that is also what a keyed history
     /// rewritten without the key, its marker deleted, would look like.
     pub async fn report_audit_keying(&self, sealing: &Sealing) -> Result<(), EngineError> {
-        let text = match sealing {
+        let (tone, text) = match sealing {
             Sealing::Unkeyed | Sealing::Intact => return Ok(()),
             Sealing::FirstKeyed { legacy: 0, .. } => {
                 tracing::info!("audit chain: keyed with [audit] key from its first record");
@@ -59,10 +59,13 @@ impl Engine {
                      someone rewrote a keyed chain and deleted its marker: run `jitbot audit verify --anchor` \
                      with your last published anchor"
                 );
-                format!(
-                    ":lock: The audit chain was keyed for the first time: its {legacy} unkeyed records were sealed \
+                (
+                    Tone::Locked,
+                    format!(
+                    "The audit chain was keyed for the first time: its {legacy} unkeyed records were sealed \
                      at record {since}. If [audit] key was set before, this is not expected: check the chain \
                      with `jitbot audit verify --anchor` and your last published anchor."
+                ),
                 )
             }
             Sealing::Tampered {
@@ -76,8 +79,8 @@ impl Engine {
                     "audit chain does not verify under [audit] key at record {seq}: {problem}. \
                      It was NOT sealed; compare it with your published anchors and backups"
                 );
-                format!(
-                    ":rotating_light: jitbot's audit chain does not verify under its key at record {seq}: \
+                (Tone::Alarm, format!(
+                    "jitbot's audit chain does not verify under its key at record {seq}: \
                      {problem}. Someone with write access to the store may have rewritten, cut off or emptied \
                      it. jitbot did not seal it{}; compare it with your published anchors \
                      (`jitbot audit verify --anchor`) and backups.",
@@ -86,13 +89,13 @@ impl Engine {
                     } else {
                         ""
                     }
-                )
+                ))
             }
         };
         self.inner
             .store
             .update(self.now(), |tx| {
-                tx.outbox(notice(Audience::Alert, text, Vec::new()));
+                tx.outbox(toned(tone, Audience::Alert, text, Vec::new()));
                 Ok::<(), EngineError>(())
             })
             .await?;

@@ -18,8 +18,9 @@
 //! user's current DN from the recorded identity, and says so in the audit).
 
 use super::audit::{about_lease, AuditAction};
-use super::{notice, Engine, EngineError, ENGINE_ACTOR};
-use crate::ports::{Added, Audience, DirectoryError};
+use super::{notice, toned, Engine, EngineError, ENGINE_ACTOR};
+use crate::messages::{Audience, Tone};
+use crate::ports::{Added, DirectoryError};
 use crate::store::{LeaseRecord, TimerKind, Tx};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::command::Action;
@@ -436,10 +437,11 @@ impl Engine {
                         .detail(format!("until {}", rec.lease.expires_at.to_rfc3339())),
                 );
                 let until = rec.lease.expires_at.format("%H:%M:%S UTC");
-                tx.outbox(notice(
+                tx.outbox(toned(
+                    Tone::Granted,
                     Audience::Group(rec.lease.group.clone()),
                     format!(
-                        ":key: {} now has `{}` until {until} (lease {id}).",
+                        "{} now has `{}` until {until} (lease {id}).",
                         rec.lease.user, rec.lease.group
                     ),
                     vec![],
@@ -614,12 +616,13 @@ impl Engine {
             }
             _ => {
                 let text = format!(
-                    ":lock: {}'s access to `{}` ended ({}).",
+                    "{}'s access to `{}` ended ({}).",
                     rec.lease.user,
                     rec.lease.group,
                     reason.describe()
                 );
-                tx.outbox(notice(
+                tx.outbox(toned(
+                    Tone::Locked,
                     Audience::Group(rec.lease.group.clone()),
                     text.clone(),
                     vec![],
@@ -628,7 +631,7 @@ impl Engine {
                     user: rec.lease.user.clone(),
                     chat: rec.origin.clone(),
                 };
-                tx.outbox(notice(holder, text, vec![]));
+                tx.outbox(toned(Tone::Locked, holder, text, vec![]));
             }
         }
         if rec.lease.alerted {
@@ -655,10 +658,11 @@ impl Engine {
                 );
                 if attempt >= settings.alert_after && !rec.lease.alerted {
                     rec.lease.alerted = true;
-                    tx.outbox(notice(
+                    tx.outbox(toned(
+                        Tone::Warning,
                         Audience::Alert,
                         format!(
-                            ":warning: jitbot cannot remove {} from `{}` ({attempt} attempts: {error}). It keeps retrying; check the directory.",
+                            "jitbot cannot remove {} from `{}` ({attempt} attempts: {error}). It keeps retrying; check the directory.",
                             rec.lease.user, rec.lease.group
                         ),
                         vec![],

@@ -3,7 +3,7 @@
 
 use super::audit::{about_lease, about_request, AuditAction};
 use super::{notice, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
-use crate::ports::Audience;
+use crate::messages::Audience;
 use crate::store::{LeaseRecord, OutboxItem, RequestRecord, TimerKind, Tx};
 use jitbot_core::command::Action;
 use jitbot_core::request::RequestKind;

@@ -25,7 +25,8 @@ pub use admin::leases_outside_config;
 pub use zsp::Drift;
 
 use crate::clock::Clock;
-use crate::ports::{Audience, ChatRef, Directory, DirectoryError, Notice};
+use crate::messages::{Audience, ChatRef, Notice, Tone};
+use crate::ports::{Directory, DirectoryError};
 use crate::store::{OutboxItem, Store, StoreError, Timer, TimerKind};
 use jitbot_core::command::{Action, Command};
 use jitbot_core::policy::{Actor, GroupPolicy, Policy};
@@ -153,11 +154,17 @@ pub(crate) const ENGINE_ACTOR: &str = "jitbot";
 
 /// An outbox entry that sends `text` (and buttons) to `to` once committed.
 pub(crate) fn notice(to: Audience, text: impl Into<String>, buttons: Vec<Action>) -> OutboxItem {
+    toned(Tone::Plain, to, text, buttons)
+}
+
+/// [`notice`] of a given [`Tone`], which each platform marks its own way.
+pub(crate) fn toned(tone: Tone, to: Audience, text: impl Into<String>, buttons: Vec<Action>) -> OutboxItem {
     OutboxItem::Send {
         notice: Notice {
             to,
             text: text.into(),
             buttons,
+            tone,
         },
     }
 }

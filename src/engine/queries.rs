@@ -1,7 +1,7 @@
 //! Read-only answers: list, groups, pending, and the approval card view.
 
 use super::{Caller, Engine, EngineError, Reply};
-use crate::ports::ApprovalCard;
+use crate::messages::ApprovalCard;
 use crate::store::RequestRecord;
 use jitbot_core::request::{RequestKind, RequestState};
 use jitbot_core::LeaseState;

@@ -3,7 +3,8 @@
 //! directory attributes the chat platforms find people by.
 
 use super::Engine;
-use crate::ports::{ApprovalCard, Contact, MemberKind};
+use crate::messages::{ApprovalCard, Contact};
+use crate::ports::MemberKind;
 use crate::store::RequestRecord;
 use jitbot_core::policy::{CardDelivery, GroupPolicy};
 use jitbot_core::{GroupDn, GroupName, UserId};
@@ -14,7 +15,7 @@ impl Engine {
     /// plus where it goes. With `approval_cards = "dm"` or `"both"`, every
     /// eligible approver is listed with the `attributes` the platforms need
     /// to find them. An approver group the directory cannot list now is
-    /// named in [`crate::ports::Recipients::unlisted`]: the post then fails
+    /// named in [`crate::messages::Recipients::unlisted`]: the post then fails
     /// for later once the others have their copies, so its members are not
     /// dropped.
     pub async fn card_to_post(&self, rec: &RequestRecord, attributes: &[String]) -> ApprovalCard {

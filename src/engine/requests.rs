@@ -1,8 +1,8 @@
 //! Requests: open, approve, deny, cancel, break-glass, acknowledge, time out.
 
 use super::audit::{about_lease, about_request, AuditAction};
-use super::{notice, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
-use crate::ports::Audience;
+use super::{notice, toned, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
+use crate::messages::{Audience, Tone};
 use crate::store::{LeaseRecord, OutboxItem, RequestRecord, TimerKind, Tx};
 use jitbot_core::command::Action;
 use jitbot_core::request::{ApprovalOutcome, RequestKind, RequestState};
@@ -87,12 +87,12 @@ impl Engine {
                     );
                     if break_glass {
                         let text = format!(
-                            ":rotating_light: BREAK-GLASS: {} approved their own access to `{}` for {}: {}. An approver must review it with `/jit ack {}`.",
+                            "BREAK-GLASS: {} approved their own access to `{}` for {}: {}. An approver must review it with `/jit ack {}`.",
                             caller.user, group, rec.request.duration, rec.request.reason, id
                         );
                         let ack = vec![Action::Acknowledge(id.to_string())];
-                        tx.outbox(notice(Audience::Alert, text.clone(), ack.clone()));
-                        tx.outbox(notice(Audience::Group(group.clone()), text, ack));
+                        tx.outbox(toned(Tone::Alarm, Audience::Alert, text.clone(), ack.clone()));
+                        tx.outbox(toned(Tone::Alarm, Audience::Group(group.clone()), text, ack));
                     }
                     let next = self.approved(tx, &mut rec, caller)?;
                     let text = match (&next, &rec.request.kind) {

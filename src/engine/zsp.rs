@@ -11,8 +11,9 @@
 //! reported and the others are still checked.
 
 use super::audit::{about, about_lease, AuditAction};
-use super::{notice, Engine, EngineError, ENGINE_ACTOR};
-use crate::ports::{Audience, GroupMember, MemberKind};
+use super::{notice, toned, Engine, EngineError, ENGINE_ACTOR};
+use crate::messages::{Audience, Tone};
+use crate::ports::{GroupMember, MemberKind};
 use crate::store::{LeaseRecord, TimerKind};
 use jitbot_core::policy::GroupPolicy;
 use jitbot_core::{GroupName, Lease, LeaseId, LeaseState, UserId};
@@ -227,9 +228,10 @@ impl Engine {
                         .user(who)
                         .detail(format!("{what} without a jitbot lease")),
                 );
-                tx.outbox(notice(
+                tx.outbox(toned(
+                    Tone::Alarm,
                     Audience::Alert,
-                    format!(":rotating_light: ZSP drift: {what} without a jitbot lease{action}"),
+                    format!("ZSP drift: {what} without a jitbot lease{action}"),
                     vec![],
                 ));
                 Ok::<_, EngineError>(())
@@ -257,10 +259,11 @@ impl Engine {
                             .group(&policy.name)
                             .detail(error.to_string()),
                     );
-                    tx.outbox(notice(
+                    tx.outbox(toned(
+                        Tone::Warning,
                         Audience::Alert,
                         format!(
-                            ":warning: jitbot cannot check zero-standing-privilege group `{}`: {error}",
+                            "jitbot cannot check zero-standing-privilege group `{}`: {error}",
                             policy.name
                         ),
                         vec![],

@@ -103,8 +103,15 @@ async fn check_ready(state: &HttpState) -> Result<(), String> {
 
 /// The detailed readiness, for operators on the admin listener.
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    // With replicas, which one this is: only the leader runs the scheduler.
+    let store = state.engine.store();
+    let role = match (store.is_postgres(), store.fence()) {
+        (false, _) => "",
+        (true, Some(_)) => " (leader)",
+        (true, None) => " (follower)",
+    };
     match check_ready(&state).await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(()) => (StatusCode::OK, format!("ready{role}\n")),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }

@@ -304,7 +304,7 @@ impl Store {
         // (under the writer lock, briefly: the archive is read without it);
         // store records appended after it are left out.
         let (head, head_mac, keyed_since) = {
-            let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self.writer()?;
             (
                 self.inner.meta.get(AUDIT_HEAD)?,
                 self.inner.meta.get(HEAD_MAC)?,

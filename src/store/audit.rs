@@ -20,14 +20,14 @@
 //! opened without its key or with another one is refused before anything is
 //! written ([`Store::check_audit_key`]).
 
+use super::kv::{TreeId, View};
 use super::records::{AuditEntry, StoredAudit};
 use super::{encode, AuditDraft, Store, StoreError, AUDIT_HEAD};
 use crate::secret::Secret;
 use hmac::{Hmac, Mac};
 use jitbot_core::Instant;
 use sha2::{Digest, Sha256};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
 use std::fmt;
 use std::str::FromStr;
 
@@ -195,8 +195,8 @@ pub(super) fn parse_head(stored: Option<&[u8]>) -> Result<Anchor, StoreError> {
 /// never resets the sequence, when the head is unreadable or missing while
 /// records exist.
 pub(super) fn append(
-    audit: &TransactionalTree,
-    meta: &TransactionalTree,
+    audit: &View<'_>,
+    meta: &View<'_>,
     drafts: &[AuditDraft],
     now: Instant,
     key: Option<&Secret>,
@@ -236,7 +236,7 @@ pub(super) fn append(
         let bytes = encode(&stored);
         prev = link(&bytes, key.is_some(), key)
             .map_err(|e| ConflictableTransactionError::Abort(StoreError::Io(e)))?;
-        audit.insert(&seq.to_be_bytes(), bytes)?;
+        audit.insert(seq.to_be_bytes(), bytes)?;
     }
     meta.insert(AUDIT_HEAD, format!("{seq}:{prev}").as_bytes())?;
     if let Some(key) = key {
@@ -445,7 +445,6 @@ impl Store {
     /// and the head's MAC in one commit.
     async fn key_first_time(&self, now: Instant, key: &Secret) -> Result<Sealing, StoreError> {
         self.check_healthy()?;
-        let s = &*self.inner;
         let seal = [AuditDraft {
             actor: "jitbot".into(),
             action: "audit.keyed".into(),
@@ -453,28 +452,20 @@ impl Store {
             ..AuditDraft::default()
         }];
         let abort = |e: String| ConflictableTransactionError::Abort(StoreError::Io(e));
-        let legacy = {
-            let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
-            let legacy = (&s.audit, &s.meta)
-                .transaction(|(audit, meta)| {
-                    let head = parse_head(meta.get(AUDIT_HEAD)?.as_deref())
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    if head.seq > 0 {
-                        append(audit, meta, &seal, now, Some(key))?;
-                    } else {
-                        meta.insert(HEAD_MAC, head_mac(key, &head).map_err(abort)?.as_bytes())?;
-                    }
-                    let marker = keyed_since_marker(key, head.seq + 1).map_err(abort)?;
-                    meta.insert(KEYED_SINCE, marker.as_bytes())?;
-                    Ok(head.seq)
-                })
-                .map_err(|e| match e {
-                    TransactionError::Abort(e) => e,
-                    TransactionError::Storage(e) => StoreError::Io(e.to_string()),
-                })?;
-            s.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            legacy
-        };
+        let legacy = self
+            .writer()?
+            .transact([TreeId::Audit, TreeId::Meta], |[audit, meta]| {
+                let head = parse_head(meta.get(AUDIT_HEAD)?.as_deref())
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if head.seq > 0 {
+                    append(audit, meta, &seal, now, Some(key))?;
+                } else {
+                    meta.insert(HEAD_MAC, head_mac(key, &head).map_err(abort)?.as_bytes())?;
+                }
+                let marker = keyed_since_marker(key, head.seq + 1).map_err(abort)?;
+                meta.insert(KEYED_SINCE, marker.as_bytes())?;
+                Ok(head.seq)
+            })?;
         self.flush_committed().await?;
         Ok(Sealing::FirstKeyed {
             since: legacy + 1,
@@ -498,7 +489,7 @@ impl Store {
     /// Holds the writer lock meanwhile, so that a commit cannot land between
     /// reading the records and the head (and its MAC) and pass for a break.
     pub fn verify_audit_against(&self, anchor: Option<&Anchor>) -> Result<AuditCheck, StoreError> {
-        let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.writer()?;
         let keyed_since = self.inner.meta.get(KEYED_SINCE)?;
         let head_mac = self.inner.meta.get(HEAD_MAC)?;
         let keyed = match self.audit_key() {

@@ -6,10 +6,9 @@
 //! empty store.
 
 use super::check::{problems, Snapshot};
+use super::kv::TreeId;
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use std::io::{BufRead, Write};
 
 const TREES: [&str; 11] = [
@@ -48,26 +47,13 @@ impl Store {
     /// interleaves with the read. Commits wait for the read (they never
     /// wait for the backup's output, which is written after the lock is
     /// released).
-    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+    pub(super) fn snapshot(&self) -> Result<Snapshot, StoreError> {
         // After a failed flush, memory may hold what the disk does not.
         self.check_healthy()?;
-        let s = &*self.inner;
-        let trees = [
-            &s.requests,
-            &s.leases,
-            &s.timers,
-            &s.timer_ix,
-            &s.live,
-            &s.audit,
-            &s.outbox,
-            &s.outbox_due,
-            &s.meta,
-            &s.review,
-            &s.seen,
-        ];
+        let trees = TreeId::ALL.map(|t| self.tree(t));
         let mut raw = Vec::with_capacity(TREES.len());
         {
-            let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let _guard = self.writer()?;
             for (name, tree) in TREES.into_iter().zip(trees) {
                 // IVecs are reference-counted: copying them out happens after
                 // the lock is released.
@@ -185,24 +171,14 @@ impl Store {
             });
         }
         // One transaction: a restore that stops half-way leaves nothing.
-        let trees = TREES
-            .into_iter()
-            .map(|name| self.inner.db.open_tree(name))
-            .collect::<Result<Vec<_>, _>>()?;
-        trees
-            .as_slice()
-            .transaction(|views| {
-                for (view, name) in views.iter().zip(TREES) {
-                    for (k, v) in snap.tree(name) {
-                        view.insert(k.as_slice(), v.as_slice())?;
-                    }
+        self.writer()?.transact(TreeId::ALL, |views| {
+            for (view, name) in views.iter().zip(TREES) {
+                for (k, v) in snap.tree(name) {
+                    view.insert(k, v)?;
                 }
-                Ok::<(), ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Io(e.to_string()),
-            })?;
+            }
+            Ok(())
+        })?;
         self.flush().await?;
         Ok(count)
     }

@@ -19,7 +19,11 @@ mod archive;
 pub mod audit;
 mod backup;
 mod check;
+mod copy;
+mod kv;
+pub mod leader;
 mod outbox;
+pub mod pg;
 mod records;
 pub mod retention;
 pub mod seen;
@@ -27,14 +31,15 @@ mod timers;
 
 pub use archive::ArchiveFile;
 pub use audit::{Anchor, AuditCheck, Sealing};
+pub use copy::CopyReport;
 pub use outbox::OutboxJob;
+pub use pg::PgSettings;
 pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
 pub use timers::{Timer, TimerKind};
 
 use jitbot_core::{GroupName, Instant, LeaseId, LeaseState, RequestId, UserId};
+use kv::{Backend, TreeId, Writer};
 use records::{StoredAudit, StoredLease, StoredRequest};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -61,6 +66,13 @@ pub enum StoreError {
     /// A change would break a store invariant; it was not committed.
     #[error("refused to commit: {0}")]
     Invariant(String),
+    /// This replica committed as the leader (a fenced store) and another
+    /// replica has taken over: the change was not committed.
+    #[error(
+        "this replica is no longer the leader (another replica took over), so the change was not committed; \
+         the leader does this work now"
+    )]
+    Deposed,
     /// The `[audit] key` is missing, or is not the key the store's audit
     /// chain was written with: jitbot refuses to start (and writes nothing),
     /// since every record written now would break the chain for good.
@@ -96,6 +108,14 @@ struct Inner {
     review: sled::Tree,
     /// Chat payload ids recently taken (replay protection).
     seen: sled::Tree,
+    /// The mirror's own bookkeeping with PostgreSQL (`pg.rs`); never
+    /// replicated, backed up or copied.
+    mirror: sled::Tree,
+    /// Where commits go: sled itself, or PostgreSQL first.
+    backend: Backend,
+    /// The leader's fencing token every commit is checked against, while
+    /// this replica leads (0: none; see `leader.rs`).
+    fence: std::sync::atomic::AtomicI64,
     seen_count: std::sync::atomic::AtomicU64,
     /// The `[audit] key`, when the chain is keyed.
     audit_key: std::sync::OnceLock<crate::secret::Secret>,
@@ -137,8 +157,10 @@ fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
 /// again (its slot taken) and so never end. Idempotent; cheap (the index
 /// holds only live leases). Two legacy slots that fold to one are both
 /// kept and logged: a person must look at them.
-fn fold_live_slots(live: &sled::Tree) -> Result<(), StoreError> {
-    let legacy: Vec<(sled::IVec, sled::IVec)> = live
+fn fold_live_slots(store: &Store) -> Result<(), StoreError> {
+    let legacy: Vec<(sled::IVec, sled::IVec)> = store
+        .inner
+        .live
         .iter()
         .filter_map(|item| match item {
             Ok((k, v)) if k.iter().any(u8::is_ascii_uppercase) => Some(Ok((k, v))),
@@ -146,34 +168,39 @@ fn fold_live_slots(live: &sled::Tree) -> Result<(), StoreError> {
             Err(e) => Some(Err(e)),
         })
         .collect::<Result<_, _>>()?;
-    for (key, lease) in legacy {
-        let Some(split) = key.iter().position(|b| *b == 0) else {
-            continue;
-        };
-        let mut folded = key[..=split].to_vec();
-        folded.extend(key[split + 1..].iter().map(u8::to_ascii_lowercase));
-        if folded == key.as_ref() {
-            continue;
-        }
-        match live.get(&folded)? {
-            Some(other) if other != lease => {
-                tracing::error!(
-                    slot = %String::from_utf8_lossy(&folded).replace('\0', " "),
-                    lease = %String::from_utf8_lossy(&lease),
-                    other = %String::from_utf8_lossy(&other),
-                    "two live leases of one user and group from an older jitbot (ids spelled in different case); \
-                     revoke one of them with the admin API"
-                );
+    if legacy.is_empty() {
+        return Ok(());
+    }
+    store.writer()?.transact([TreeId::Live], |[live]| {
+        for (key, lease) in &legacy {
+            let Some(split) = key.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let mut folded = key[..=split].to_vec();
+            folded.extend(key[split + 1..].iter().map(u8::to_ascii_lowercase));
+            if folded == key.as_ref() {
                 continue;
             }
-            Some(_) => {}
-            None => {
-                live.insert(folded, lease)?;
+            match live.get(&folded)? {
+                Some(other) if other != *lease => {
+                    tracing::error!(
+                        slot = %String::from_utf8_lossy(&folded).replace('\0', " "),
+                        lease = %String::from_utf8_lossy(lease),
+                        other = %String::from_utf8_lossy(&other),
+                        "two live leases of one user and group from an older jitbot (ids spelled in different case); \
+                         revoke one of them with the admin API"
+                    );
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    live.insert(&folded, lease)?;
+                }
             }
+            live.remove(key)?;
         }
-        live.remove(key)?;
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
@@ -413,6 +440,31 @@ fn read_lease(tree: &sled::Tree, id: &LeaseId) -> Result<Option<LeaseRecord>, St
 impl Store {
     /// Opens (or creates) the store. `cache_mb` bounds sled's page cache.
     pub fn open(path: &Path, cache_mb: u64) -> Result<Store, StoreError> {
+        let store = Store::open_sled(path, cache_mb, Backend::Sled)?;
+        store.upgrade()?;
+        Ok(store)
+    }
+
+    /// Opens a replica of the store in PostgreSQL: `path` holds this
+    /// replica's mirror (created, or caught up, from the database). Applies
+    /// migrations first when `settings.migrate` is on.
+    pub fn open_postgres(path: &Path, cache_mb: u64, settings: &PgSettings) -> Result<Store, StoreError> {
+        let replica = pg::Replica::start(settings)?;
+        let store = Store::open_sled(path, cache_mb, Backend::Postgres(replica))?;
+        if pg::holds_sled_store(&store)? {
+            return Err(StoreError::Io(format!(
+                "{} holds a sled store, not a mirror of PostgreSQL; move its data with \
+                 `jitbot store copy --from {} --to <postgres url>` and give [store] path a new, empty directory",
+                path.display(),
+                path.display()
+            )));
+        }
+        store.refresh()?;
+        store.upgrade()?;
+        Ok(store)
+    }
+
+    fn open_sled(path: &Path, cache_mb: u64, backend: Backend) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_mb.max(1) * 1024 * 1024)
@@ -441,6 +493,9 @@ impl Store {
             meta: db.open_tree("meta")?,
             review: db.open_tree("review")?,
             seen: db.open_tree("seen")?,
+            mirror: db.open_tree("mirror")?,
+            backend,
+            fence: Default::default(),
             seen_count: Default::default(),
             audit_key: Default::default(),
             archive_dir: Default::default(),
@@ -454,15 +509,25 @@ impl Store {
             inline_flush: Default::default(),
             db,
         };
-        if inner.meta.get(SCHEMA)?.is_none() {
-            inner.meta.insert(SCHEMA, &b"1"[..])?;
-        }
-        outbox::upgrade_v1(&inner.outbox, &inner.outbox_due)?;
-        outbox::upgrade_due_keys(&inner.outbox, &inner.outbox_due)?;
-        fold_live_slots(&inner.live)?;
         Ok(Store {
             inner: Arc::new(inner),
         })
+    }
+
+    /// The open-time upgrades of older stored formats, each a transaction.
+    fn upgrade(&self) -> Result<(), StoreError> {
+        if self.inner.meta.get(SCHEMA)?.is_none() {
+            self.writer()?.transact([TreeId::Meta], |[meta]| {
+                if meta.get(SCHEMA)?.is_none() {
+                    meta.insert(SCHEMA, b"1")?;
+                }
+                Ok(())
+            })?;
+        }
+        outbox::upgrade_v1(self)?;
+        outbox::upgrade_due_keys(self)?;
+        fold_live_slots(self)?;
+        Ok(())
     }
 
     /// Runs `f` under the writer lock, commits what it staged atomically and
@@ -477,7 +542,7 @@ impl Store {
     {
         self.check_healthy()?;
         let value = {
-            let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let writer = self.writer()?;
             let mut tx = Tx {
                 store: &self.inner,
                 now,
@@ -494,38 +559,39 @@ impl Store {
             if let Some(violation) = tx.violation.take() {
                 return Err(StoreError::Invariant(violation).into());
             }
-            self.commit(tx)?;
+            self.commit(writer, tx)?;
             value
         };
         self.flush_committed().await?;
         Ok(value)
     }
 
-    fn commit(&self, tx: Tx<'_>) -> Result<(), StoreError> {
+    fn commit(&self, writer: Writer<'_>, tx: Tx<'_>) -> Result<(), StoreError> {
         let s = &*self.inner;
         // Outbox keys come from a counter committed with the entries (the
         // writer lock makes reading it here safe).
         let first_outbox = counter(&s.meta, NEXT_OUTBOX)?;
         let outbox_ids: Vec<u64> = (0..tx.outbox.len() as u64).map(|i| first_outbox + i).collect();
-        let trees = (
-            &s.requests,
-            &s.leases,
-            &s.timers,
-            &s.timer_ix,
-            &s.live,
-            &s.audit,
-            &s.outbox,
-            &s.meta,
-            &s.review,
-            &s.outbox_due,
-        );
-        let result: Result<(), TransactionError<StoreError>> = trees.transaction(
-            |(requests, leases, timers, timer_ix, live, audit, outbox, meta, review, outbox_due)| {
+        let trees = [
+            TreeId::Requests,
+            TreeId::Leases,
+            TreeId::Timers,
+            TreeId::TimerIx,
+            TreeId::Live,
+            TreeId::Audit,
+            TreeId::Outbox,
+            TreeId::Meta,
+            TreeId::Review,
+            TreeId::OutboxDue,
+        ];
+        writer.transact(
+            trees,
+            |[requests, leases, timers, timer_ix, live, audit, outbox, meta, review, outbox_due]| {
                 for (id, rec) in &tx.requests {
                     if let Some(rec) = rec {
                         requests.insert(id.as_bytes(), encode(&StoredRequest::from(rec)))?;
                         if rec.request.awaits_review() {
-                            review.insert(id.as_bytes(), &[][..])?;
+                            review.insert(id.as_bytes(), b"")?;
                         } else {
                             review.remove(id.as_bytes())?;
                         }
@@ -540,18 +606,18 @@ impl Store {
                     let ix = timers::index_key(*kind, id);
                     if let Some(old) = timer_ix.get(&ix)? {
                         timers.remove(old)?;
-                        timer_ix.remove(ix.clone())?;
+                        timer_ix.remove(&ix)?;
                     }
                     if let Some(due) = due {
                         let key = timers::timer_key(*due, *kind, id);
-                        timers.insert(key.clone(), &[][..])?;
-                        timer_ix.insert(ix, key)?;
+                        timers.insert(&key, b"")?;
+                        timer_ix.insert(&ix, &key)?;
                     }
                 }
                 for (key, lease) in &tx.live {
                     match lease {
                         Some(id) => {
-                            live.insert(key.clone(), id.as_str().as_bytes())?;
+                            live.insert(key, id.as_str().as_bytes())?;
                         }
                         None => {
                             // Only clear the slot if it still points at a lease
@@ -561,7 +627,7 @@ impl Store {
                                 if tx.leases.get(&current).is_some_and(|l| {
                                     l.as_ref().is_some_and(|l| l.lease.state == LeaseState::Ended)
                                 }) {
-                                    live.remove(key.clone())?;
+                                    live.remove(key)?;
                                 }
                             }
                         }
@@ -569,28 +635,17 @@ impl Store {
                 }
                 audit::append(audit, meta, &tx.audit, tx.now, self.inner.audit_key.get())?;
                 if let Some(next) = tx.next_id {
-                    meta.insert(NEXT_ID, &next.to_be_bytes())?;
+                    meta.insert(NEXT_ID, next.to_be_bytes())?;
                 }
                 if !tx.outbox.is_empty() {
-                    meta.insert(
-                        NEXT_OUTBOX,
-                        &(first_outbox + tx.outbox.len() as u64).to_be_bytes(),
-                    )?;
+                    meta.insert(NEXT_OUTBOX, (first_outbox + tx.outbox.len() as u64).to_be_bytes())?;
                 }
                 for (item, id) in tx.outbox.iter().zip(&outbox_ids) {
                     outbox::stage_new(outbox, outbox_due, *id, item, tx.now)?;
                 }
-                Ok::<(), ConflictableTransactionError<StoreError>>(())
+                Ok(())
             },
-        );
-        result.map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Io(e.to_string()),
-        })?;
-        self.inner
-            .committed
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        )
     }
 
     /// Flushes on the calling thread from now on, instead of on tokio's
@@ -624,6 +679,11 @@ impl Store {
     /// blocking flush runs on tokio's blocking pool instead.
     async fn flush_committed(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
+        if matches!(self.inner.backend, Backend::Postgres(_)) {
+            // PostgreSQL committed it durably; the mirror is rebuilt from
+            // there, so it need not reach the disk first.
+            return self.check_healthy();
+        }
         let mine = self.inner.committed.load(Ordering::SeqCst);
         if self.inner.flushed.load(Ordering::SeqCst) >= mine && mine > 0 {
             return Ok(());
@@ -855,7 +915,7 @@ impl Store {
     pub async fn set_messages(
         &self,
         id: &RequestId,
-        messages: Vec<crate::chat::view::MessageRef>,
+        messages: Vec<crate::messages::MessageRef>,
         now: Instant,
     ) -> Result<(), StoreError> {
         self.update(now, |tx| {

@@ -12,15 +12,13 @@
 //! destinations configured now. Every write here takes the store's writer
 //! lock, like [`Store::update`], so a backup never sees half of one.
 
+use super::kv::{Abort, TreeId, View};
 use super::records::{DestV2, OutboxV2, StoredOutbox, StoredRequest};
 use super::{decode, encode, OutboxItem, RequestRecord, Store, StoreError};
-use crate::chat::view::MessageRef;
-use crate::ports::Audience;
+use crate::messages::{Audience, MessageRef};
 use jitbot_core::{Instant, RequestId};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
 
 /// One entry's delivery to one destination, as the worker sees it.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,8 +33,6 @@ pub struct OutboxJob {
     pub interrupted_post: bool,
     pub next_attempt: Instant,
 }
-
-type Abort = ConflictableTransactionError<StoreError>;
 
 fn millis(at: Instant) -> u64 {
     u64::try_from(at.timestamp_millis()).unwrap_or(0)
@@ -139,8 +135,8 @@ pub(super) fn upgrade(stored: StoredOutbox) -> OutboxV2 {
 
 /// Stages a new entry inside the engine's commit: queued, not fanned out.
 pub(super) fn stage_new(
-    outbox: &TransactionalTree,
-    due: &TransactionalTree,
+    outbox: &View<'_>,
+    due: &View<'_>,
     id: u64,
     item: &OutboxItem,
     now: Instant,
@@ -151,12 +147,12 @@ pub(super) fn stage_new(
         fanned_out: false,
         dests: BTreeMap::new(),
     };
-    outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry)))?;
-    due.insert(due_key("", Priority::of(item), now, id), &[][..])?;
+    outbox.insert(id.to_be_bytes(), encode(&StoredOutbox::V2(entry)))?;
+    due.insert(due_key("", Priority::of(item), now, id), b"")?;
     Ok(())
 }
 
-fn read_entry(outbox: &TransactionalTree, id: u64) -> Result<Option<OutboxV2>, Abort> {
+fn read_entry(outbox: &View<'_>, id: u64) -> Result<Option<OutboxV2>, Abort> {
     match outbox.get(id.to_be_bytes())? {
         None => Ok(None),
         Some(bytes) => decode::<StoredOutbox>(&id.to_be_bytes(), &bytes)
@@ -166,11 +162,11 @@ fn read_entry(outbox: &TransactionalTree, id: u64) -> Result<Option<OutboxV2>, A
 }
 
 /// Writes an entry back, or removes it once no destination is left.
-fn write_entry(outbox: &TransactionalTree, id: u64, entry: OutboxV2) -> Result<(), Abort> {
+fn write_entry(outbox: &View<'_>, id: u64, entry: OutboxV2) -> Result<(), Abort> {
     if entry.fanned_out && entry.dests.is_empty() {
-        outbox.remove(&id.to_be_bytes())?;
+        outbox.remove(id.to_be_bytes())?;
     } else {
-        outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry)))?;
+        outbox.insert(id.to_be_bytes(), encode(&StoredOutbox::V2(entry)))?;
     }
     Ok(())
 }
@@ -181,7 +177,7 @@ impl Store {
     async fn outbox_write<T>(
         &self,
         flush: bool,
-        f: impl Fn(&TransactionalTree, &TransactionalTree, &TransactionalTree) -> Result<T, Abort>,
+        f: impl Fn(&View<'_>, &View<'_>, &View<'_>) -> Result<T, Abort>,
     ) -> Result<T, StoreError> {
         let value = self.outbox_write_now(f)?;
         if flush {
@@ -192,19 +188,12 @@ impl Store {
 
     fn outbox_write_now<T>(
         &self,
-        f: impl Fn(&TransactionalTree, &TransactionalTree, &TransactionalTree) -> Result<T, Abort>,
+        f: impl Fn(&View<'_>, &View<'_>, &View<'_>) -> Result<T, Abort>,
     ) -> Result<T, StoreError> {
-        self.check_healthy()?;
-        let s = &*self.inner;
-        let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let value = (&s.requests, &s.outbox, &s.outbox_due)
-            .transaction(|(requests, outbox, due)| f(requests, outbox, due))
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Io(e.to_string()),
-            })?;
-        s.committed.fetch_add(1, Ordering::SeqCst);
-        Ok(value)
+        self.writer()?.transact(
+            [TreeId::Requests, TreeId::Outbox, TreeId::OutboxDue],
+            |[requests, outbox, due]| f(requests, outbox, due),
+        )
     }
 
     /// Outbox entries in order, with the most attempts any destination has
@@ -273,7 +262,7 @@ impl Store {
                             last_error: None,
                         },
                     );
-                    due.insert(due_key(d, priority, now, *id), &[][..])?;
+                    due.insert(due_key(d, priority, now, *id), b"")?;
                 }
                 write_entry(outbox, *id, entry)?;
             }
@@ -407,7 +396,7 @@ impl Store {
             d.posting = d.posting && may_have_posted;
             d.last_error = Some(error.to_string());
             let attempts = d.attempts;
-            due.insert(due_key(dest, priority, next_attempt, id), &[][..])?;
+            due.insert(due_key(dest, priority, next_attempt, id), b"")?;
             write_entry(outbox, id, entry)?;
             Ok(attempts)
         })
@@ -462,7 +451,7 @@ impl Store {
     }
 }
 
-fn finish(outbox: &TransactionalTree, due: &TransactionalTree, id: u64, dest: &str) -> Result<(), Abort> {
+fn finish(outbox: &View<'_>, due: &View<'_>, id: u64, dest: &str) -> Result<(), Abort> {
     let Some(mut entry) = read_entry(outbox, id)? else {
         return Ok(());
     };
@@ -476,9 +465,9 @@ fn finish(outbox: &TransactionalTree, due: &TransactionalTree, id: u64, dest: &s
 
 /// Upgrades entries stored before per-destination delivery: each is queued
 /// again as new (it may reach a platform that already had it once).
-pub(super) fn upgrade_v1(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize, StoreError> {
+pub(super) fn upgrade_v1(store: &Store) -> Result<usize, StoreError> {
     let mut old = Vec::new();
-    for item in outbox.iter() {
+    for item in store.inner.outbox.iter() {
         let (k, v) = item?;
         if let StoredOutbox::V1 { .. } = decode::<StoredOutbox>(&k, &v)? {
             if let Some(id) = entry_id(&k) {
@@ -487,18 +476,12 @@ pub(super) fn upgrade_v1(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize,
         }
     }
     for (id, entry) in &old {
-        (outbox, due)
-            .transaction(|(outbox, due)| {
-                outbox.insert(&id.to_be_bytes(), encode(&StoredOutbox::V2(entry.clone())))?;
-                due.insert(
-                    due_key("", Priority::of(&entry.item), entry.queued_at, *id),
-                    &[][..],
-                )?;
-                Ok::<(), ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+        store
+            .writer()?
+            .transact([TreeId::Outbox, TreeId::OutboxDue], |[outbox, due]| {
+                outbox.insert(id.to_be_bytes(), encode(&StoredOutbox::V2(entry.clone())))?;
+                due.insert(due_key("", Priority::of(&entry.item), entry.queued_at, *id), b"")?;
+                Ok(())
             })?;
     }
     Ok(old.len())
@@ -508,15 +491,15 @@ pub(super) fn upgrade_v1(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize,
 /// ms] [entry id]`) under today's key, each in one transaction, so a restart
 /// on an older store loses nothing and alerts already queued move ahead of
 /// user traffic. Returns how many were re-keyed.
-pub(super) fn upgrade_due_keys(outbox: &sled::Tree, due: &sled::Tree) -> Result<usize, StoreError> {
+pub(super) fn upgrade_due_keys(store: &Store) -> Result<usize, StoreError> {
     let mut old = Vec::new();
-    for item in due.iter() {
+    for item in store.inner.outbox_due.iter() {
         let (k, _) = item?;
         if !is_legacy(&k) {
             continue;
         }
         if let Some((dest, at, id)) = parse_due_key(&k) {
-            let priority = match outbox.get(id.to_be_bytes())? {
+            let priority = match store.inner.outbox.get(id.to_be_bytes())? {
                 Some(bytes) => Priority::of(&upgrade(decode(&id.to_be_bytes(), &bytes)?).item),
                 None => Priority::Normal,
             };
@@ -524,14 +507,10 @@ pub(super) fn upgrade_due_keys(outbox: &sled::Tree, due: &sled::Tree) -> Result<
         }
     }
     for (from, to) in &old {
-        due.transaction(|due| {
-            due.remove(from.as_slice())?;
-            due.insert(to.as_slice(), &[][..])?;
-            Ok::<(), ConflictableTransactionError<StoreError>>(())
-        })
-        .map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+        store.writer()?.transact([TreeId::OutboxDue], |[due]| {
+            due.remove(from)?;
+            due.insert(to, b"")?;
+            Ok(())
         })?;
     }
     Ok(old.len())

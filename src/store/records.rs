@@ -2,7 +2,7 @@
 //! that the domain can change without breaking databases already on disk.
 //! Each record is JSON tagged with its version (`"v": 1`).
 
-use crate::chat::view::{ChatRef, MessageRef, Notice};
+use crate::messages::{ChatRef, MessageRef, Notice, Tone};
 use jitbot_core::lease::{EndReason, LeaseState, Membership};
 use jitbot_core::request::{BreakGlass, Decision, RequestKind, RequestState};
 use jitbot_core::{AccessRequest, GroupDn, GroupName, Instant, Lease, LeaseId, RequestId, Span, UserId};
@@ -359,16 +359,52 @@ impl TryFrom<StoredLease> for LeaseRecord {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OutboxItem {
     /// Post the approval card of this request (once).
-    PostApproval {
-        request: RequestId,
-    },
+    PostApproval { request: RequestId },
     /// Re-render the card of this request wherever it was posted.
-    UpdateApproval {
-        request: RequestId,
-    },
+    UpdateApproval { request: RequestId },
     Send {
+        #[serde(deserialize_with = "notice_with_tone")]
         notice: Notice,
     },
+}
+
+/// Reads a queued notice. One queued before notices carried a [`Tone`]
+/// starts with the Slack shortcode that stood for it (`:key: alice now has
+/// …`): the code becomes the tone, so Slack still shows its emoji and no
+/// other platform shows the code.
+fn notice_with_tone<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Notice, D::Error> {
+    let mut notice = Notice::deserialize(d)?;
+    if notice.tone.is_plain() {
+        if let Some((code, rest)) = notice.text.split_once(' ') {
+            if let Some(tone) = legacy_tone(code) {
+                notice.tone = tone;
+                notice.text = rest.to_string();
+            }
+        }
+    }
+    Ok(notice)
+}
+
+/// The tone a notice's leading shortcode stood for; any other shortcode
+/// (none was ever written) is dropped as plain.
+fn legacy_tone(code: &str) -> Option<Tone> {
+    let is_shortcode = code.len() > 2
+        && code.starts_with(':')
+        && code.ends_with(':')
+        && code[1..code.len() - 1]
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_');
+    if !is_shortcode {
+        return None;
+    }
+    Some(match code {
+        ":rotating_light:" => Tone::Alarm,
+        ":warning:" => Tone::Warning,
+        ":key:" => Tone::Granted,
+        ":lock:" => Tone::Locked,
+        ":anchor:" => Tone::Anchor,
+        _ => Tone::Plain,
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -440,6 +476,42 @@ pub(super) enum StoredAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_notice_queued_with_a_shortcode_reads_as_its_tone() {
+        let old = r#"{"kind":"send","notice":{"to":"Alert","text":":rotating_light: BREAK-GLASS: alice approved","buttons":["jit:ack:r-1"]}}"#;
+        let OutboxItem::Send { notice } = serde_json::from_str::<OutboxItem>(old).unwrap() else {
+            panic!("not a notice");
+        };
+        assert_eq!(notice.tone, Tone::Alarm);
+        assert_eq!(notice.text, "BREAK-GLASS: alice approved");
+        for (text, tone, words) in [
+            (":key: a b", Tone::Granted, "a b"),
+            (":lock: a", Tone::Locked, "a"),
+            (":warning: a", Tone::Warning, "a"),
+            (":anchor: a", Tone::Anchor, "a"),
+            (":tada: a", Tone::Plain, "a"),
+            ("10:30: a", Tone::Plain, "10:30: a"),
+            ("plain words", Tone::Plain, "plain words"),
+        ] {
+            let item = serde_json::json!({"kind": "send", "notice": {"to": "Alert", "text": text}});
+            let OutboxItem::Send { notice } = serde_json::from_value::<OutboxItem>(item).unwrap() else {
+                panic!("not a notice");
+            };
+            assert_eq!((notice.tone, notice.text.as_str()), (tone, words), "{text}");
+        }
+        // Today's notices are written without a tone when plain, and read back as written.
+        let now = OutboxItem::Send {
+            notice: Notice {
+                to: crate::messages::Audience::Alert,
+                text: "a".into(),
+                buttons: Vec::new(),
+                tone: Tone::Warning,
+            },
+        };
+        let text = serde_json::to_string(&now).unwrap();
+        assert_eq!(serde_json::from_str::<OutboxItem>(&text).unwrap(), now);
+    }
 
     #[test]
     fn a_recorded_membership_keeps_its_identity_and_old_records_still_read() {

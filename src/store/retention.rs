@@ -21,8 +21,7 @@ use super::timers::{index_key, TimerKind};
 use super::{decode, read_lease, LeaseRecord, OutboxItem, RequestRecord, Store, StoreError};
 use jitbot_core::request::RequestKind;
 use jitbot_core::{AccessRequest, Instant, Lease, LeaseId, LeaseState, RequestState, Span};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
+use sled::transaction::ConflictableTransactionError;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -125,7 +124,7 @@ pub fn request_prunable(request: &AccessRequest, cutoff: Instant, lease: LeaseFa
 /// commit), so every entry below it is committed and a later one is at or
 /// above it.
 fn outbox_mark(store: &Store) -> Result<u64, StoreError> {
-    let _guard = store.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = store.writer()?;
     super::counter(&store.inner.meta, super::NEXT_OUTBOX)
 }
 
@@ -185,13 +184,6 @@ fn has_timer(store: &Store, id: &str) -> Result<bool, StoreError> {
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
     ConflictableTransactionError::Abort(e)
-}
-
-fn tx_result<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
-    r.map_err(|e| match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => StoreError::Io(e.to_string()),
-    })
 }
 
 impl Store {
@@ -440,27 +432,29 @@ impl Store {
         (scanned, mark): (&BTreeSet<String>, u64),
         still: impl Fn(&str, &OutboxRefs<'_>) -> Result<bool, StoreError>,
     ) -> Result<u64, StoreError> {
-        self.check_healthy()?;
-        let _guard = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let id = super::kv::TreeId::from_name(&String::from_utf8_lossy(&tree.name())).ok_or_else(|| {
+            StoreError::Io("retention pruned a tree the store does not know; report this bug".into())
+        })?;
+        let writer = self.writer()?;
         let outbox = OutboxRefs {
             scanned,
             fresh: outbox_references(self, mark)?,
         };
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
+        let mut gone = Vec::new();
         for id in ids {
             if still(id, &outbox)? {
-                batch.remove(id.as_bytes());
-                n += 1;
+                gone.push(id);
             }
         }
-        if n > 0 {
-            tree.apply_batch(batch)?;
-            self.inner
-                .committed
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !gone.is_empty() {
+            writer.transact([id], |[tree]| {
+                for id in &gone {
+                    tree.remove(id.as_bytes())?;
+                }
+                Ok(())
+            })?;
         }
-        Ok(n)
+        Ok(gone.len() as u64)
     }
 
     /// Moves audit records older than `cutoff` to the archive, a file at a
@@ -541,14 +535,12 @@ impl Store {
         let Some((last, _)) = part.last() else {
             return Ok(());
         };
-        self.check_healthy()?;
-        let s = &*self.inner;
-        let _guard = s.writer.lock().unwrap_or_else(|p| p.into_inner());
-        tx_result((&s.audit, &s.meta).transaction(|(audit, meta)| {
+        let trees = [super::kv::TreeId::Audit, super::kv::TreeId::Meta];
+        self.writer()?.transact(trees, |[audit, meta]| {
             for (seq, bytes) in part {
                 match audit.get(seq.to_be_bytes())? {
                     Some(held) if held.as_ref() == bytes.as_slice() => {
-                        audit.remove(&seq.to_be_bytes())?;
+                        audit.remove(seq.to_be_bytes())?;
                     }
                     _ => {
                         return Err(abort(StoreError::Invariant(format!(
@@ -566,9 +558,7 @@ impl Store {
             let next: StoredAudit = decode(&(last + 1).to_be_bytes(), &next).map_err(abort)?;
             meta.insert(AUDIT_BASE, format!("{last}:{}", next.into_entry().prev).as_bytes())?;
             Ok(())
-        }))?;
-        s.committed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
+        })
     }
 
     /// Test hook: the first step of archiving alone, as if jitbot stopped

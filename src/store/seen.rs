@@ -3,10 +3,12 @@
 //! payload could be replayed has passed, across restarts.
 //!
 //! These writes bypass [`Store::update`] on purpose: they are not domain
-//! records, carry no audit and need no cross-tree atomicity; a sled
-//! compare-and-swap on one key is the whole transaction. They are flushed
-//! (group-committed with everything else) before the caller acts.
+//! records and carry no audit; a transaction on the one `seen` tree,
+//! under the writer lock like every write (so with PostgreSQL every replica
+//! sees the id), is the whole change. They are flushed (group-committed
+//! with everything else) before the caller acts.
 
+use super::kv::TreeId;
 use super::{Store, StoreError};
 use jitbot_core::{Instant, Span};
 use std::sync::atomic::Ordering;
@@ -39,46 +41,50 @@ impl Store {
     /// before this returns true, so a payload replayed after a restart is
     /// still refused.
     pub async fn first_sighting(&self, key: &str, until: Instant, now: Instant) -> Result<bool, StoreError> {
-        self.check_healthy()?;
-        let tree = &self.inner.seen;
         let value = until.timestamp().to_be_bytes();
-        loop {
-            let current = tree.get(key)?;
+        let first = self.writer()?.transact([TreeId::Seen], |[seen]| {
+            let current = seen.get(key)?;
             if current.as_deref().is_some_and(|v| expiry(v) > now.timestamp()) {
                 return Ok(false);
             }
-            match tree.compare_and_swap(key, current, Some(&value[..]))? {
-                Ok(()) => break,
-                // Someone else wrote this key meanwhile: look again.
-                Err(_) => continue,
-            }
+            seen.insert(key, value)?;
+            Ok(true)
+        })?;
+        if !first {
+            return Ok(false);
         }
         if self.inner.seen_count.fetch_add(1, Ordering::Relaxed) % PRUNE_EVERY == PRUNE_EVERY - 1 {
             self.prune_seen(now)?;
         }
-        self.inner.committed.fetch_add(1, Ordering::SeqCst);
         self.flush_committed().await?;
         Ok(true)
     }
 
     /// Removes ids whose replay window has passed; returns how many.
     pub fn prune_seen(&self, now: Instant) -> Result<usize, StoreError> {
-        let mut removed = 0;
+        // Under the writer lock: with PostgreSQL, the mirror is current.
+        let writer = self.writer()?;
+        let mut expired = Vec::new();
         for item in self.inner.seen.iter() {
             let (key, value) = item?;
             if expiry(&value) <= now.timestamp() {
-                // Only if unchanged: a fresh sighting of the same id stays.
-                if self
-                    .inner
-                    .seen
-                    .compare_and_swap(&key, Some(&value), None::<&[u8]>)?
-                    .is_ok()
-                {
+                expired.push(key);
+            }
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        writer.transact([TreeId::Seen], |[seen]| {
+            let mut removed = 0;
+            for key in &expired {
+                // Only if still expired: a fresh sighting of the same id stays.
+                if seen.get(key)?.is_some_and(|v| expiry(&v) <= now.timestamp()) {
+                    seen.remove(key)?;
                     removed += 1;
                 }
             }
-        }
-        Ok(removed)
+            Ok(removed)
+        })
     }
 
     /// How many payload ids are remembered (for tests and diagnostics).

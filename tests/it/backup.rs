@@ -1,6 +1,7 @@
 //! Backups are point-in-time copies, and a restore refuses a copy whose
 //! trees disagree (issue 12, defect 4).
 
+use crate::support::bot::Backend;
 use chrono::Utc;
 use jitbot::chat::view::{Audience, Notice};
 use jitbot::store::{AuditCheck, AuditDraft, LeaseRecord, OutboxItem, Store, StoreError, TimerKind};
@@ -28,6 +29,7 @@ fn alert(text: String) -> OutboxItem {
             to: Audience::Alert,
             text,
             buttons: vec![],
+            tone: Default::default(),
         },
     }
 }
@@ -101,10 +103,14 @@ async fn lease_lifecycle(store: &Store, policy: &GroupPolicy, user: &str) -> Str
     id
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn backup_taken_while_writers_commit_restores_consistently() {
+crate::both_stores!(
+    backup_taken_while_writers_commit_restores_consistently,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn backup_taken_while_writers_commit_restores_consistently(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    let store = backend.open(&tmp.path().join("db"));
     let writing = Arc::new(AtomicUsize::new(3));
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = tokio::task::JoinSet::new();
@@ -158,7 +164,7 @@ async fn backup_taken_while_writers_commit_restores_consistently() {
     );
     let step = copies.len() / 40 + 1;
     for (round, copy) in copies.iter().enumerate().step_by(step) {
-        let target = Store::open(&tmp.path().join(format!("restored-{round}")), 16).unwrap();
+        let target = backend.open(&tmp.path().join(format!("restored-{round}")));
         if let Err(e) = target.restore(copy.as_slice()).await {
             panic!(
                 "backup {round} of {} taken during commits does not restore: {e}",
@@ -181,9 +187,9 @@ async fn backup_taken_while_writers_commit_restores_consistently() {
 
 /// A backup of a store holding one granting lease (with its timer, live
 /// slot, audit record and a queued notice), as lines.
-async fn good_backup() -> Vec<String> {
+async fn good_backup(backend: Backend) -> Vec<String> {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    let store = backend.open(&tmp.path().join("db"));
     let now = Utc::now();
     store
         .update(now, |tx| {
@@ -234,9 +240,9 @@ fn without(lines: &[String], tree: &str, which: fn(usize, usize) -> bool) -> Str
     out
 }
 
-#[tokio::test]
-async fn inconsistent_backup_is_refused_with_the_problem_named() {
-    let lines = good_backup().await;
+crate::both_stores!(inconsistent_backup_is_refused_with_the_problem_named);
+async fn inconsistent_backup_is_refused_with_the_problem_named(backend: Backend) {
+    let lines = good_backup(backend).await;
     let all = |_: usize, _: usize| true;
     let last = |seen: usize, total: usize| seen == total;
     let cases = [
@@ -268,13 +274,13 @@ async fn inconsistent_backup_is_refused_with_the_problem_named() {
     ];
     let good = lines.join("\n");
     let tmp = tempfile::tempdir().unwrap();
-    let fresh = Store::open(&tmp.path().join("good"), 16).unwrap();
+    let fresh = backend.open(&tmp.path().join("good"));
     fresh
         .restore(good.as_bytes())
         .await
         .expect("the untouched backup restores");
     for (i, (file, expected)) in cases.iter().enumerate() {
-        let target = Store::open(&tmp.path().join(format!("bad-{i}")), 16).unwrap();
+        let target = backend.open(&tmp.path().join(format!("bad-{i}")));
         match target.restore(file.as_bytes()).await {
             Err(e @ StoreError::Inconsistent { .. }) => {
                 let text = e.to_string();
@@ -295,13 +301,13 @@ async fn inconsistent_backup_is_refused_with_the_problem_named() {
     }
 }
 
+crate::both_stores!(a_restored_store_remembers_the_payload_ids_it_took_within_the_replay_window);
 /// Issue 13 item 6 (review brk13b): the backup carries the `seen` tree (payload ids kept against
 /// replays), so a store restored from a backup taken a minute ago still refuses a Slack click or
 /// Discord interaction it already took, for the rest of the 600 s window; expired ids are left out.
-#[tokio::test]
-async fn a_restored_store_remembers_the_payload_ids_it_took_within_the_replay_window() {
+async fn a_restored_store_remembers_the_payload_ids_it_took_within_the_replay_window(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&tmp.path().join("db"), 8).unwrap();
+    let store = backend.open(&tmp.path().join("db"));
     let now = Utc::now();
     let until = jitbot::store::seen::REPLAY_WINDOW.after(now);
     assert!(store.first_sighting("discord:1234", until, now).await.unwrap());
@@ -318,7 +324,7 @@ async fn a_restored_store_remembers_the_payload_ids_it_took_within_the_replay_wi
     let mut copy = Vec::new();
     store.backup(&mut copy).expect("backup");
     drop(store);
-    let target = Store::open(&tmp.path().join("restored"), 8).unwrap();
+    let target = backend.open(&tmp.path().join("restored"));
     target.restore(copy.as_slice()).await.expect("restore");
     assert!(
         !target.first_sighting("discord:1234", until, now).await.unwrap(),

@@ -248,6 +248,7 @@ async fn console_in_chromium_request_approve_expire() {
         listen: "127.0.0.1:0".parse().unwrap(),
         data: None,
         clock: Arc::new(clock.clone()),
+        settings: Default::default(),
     })
     .await
     .unwrap();
@@ -356,7 +357,17 @@ pub(crate) struct ConsolePlatform {
 }
 
 pub(crate) async fn contract_platform() -> ConsolePlatform {
-    let (running, data) = start_demo("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+    let (running, data) = start_demo_with(DemoOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: None,
+        clock: Arc::new(jitbot::clock::SystemClock),
+        settings: jitbot::engine::EngineSettings {
+            max_pending_per_user: 1,
+            ..Default::default()
+        },
+    })
+    .await
+    .unwrap();
     let api = Api::new(&running);
     ConsolePlatform {
         running,
@@ -443,5 +454,27 @@ impl crate::contract::Platform for ConsolePlatform {
     async fn forged_command(&self) -> Option<u16> {
         // The demo console acts as any demo user by design: nothing is signed.
         None
+    }
+
+    async fn rate_limit_next_card(&self) -> bool {
+        // The console is jitbot's own page: no platform limits its posts.
+        false
+    }
+
+    async fn card_posts(&self, request: &str) -> crate::contract::Posts {
+        // A card's updates rewrite its message in place: one message per post.
+        let m = self.api.get("/api/messages?after=0&user=bob").await;
+        let accepted = m["messages"]
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .filter(|m| m["place"] == "channel" && m["card"]["request"] == request)
+                    .count()
+            })
+            .unwrap_or_default();
+        crate::contract::Posts {
+            accepted,
+            rate_limited: 0,
+        }
     }
 }

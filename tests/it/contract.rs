@@ -1,13 +1,17 @@
 //! The chat platform contract, written once: request → approval card →
 //! self-approval refused → approve → grant notice; extend and release from
 //! the grant notice's buttons; deny with a reason; a click delivered twice;
-//! a forged signature. Every platform mode runs it through [`Platform`], a
-//! small harness trait its own test module implements over its wire format
-//! (`slack.rs`, `socket_mode.rs`, `discord.rs`, `gateway.rs`, `console.rs`),
-//! so a new platform inherits the whole specification by implementing it.
+//! rate limits (the platform's 429 on a card post, and jitbot's cap on the
+//! requests one person keeps waiting); a forged signature. Every platform
+//! mode runs it through [`Platform`], a small harness trait its own test
+//! module implements over its wire format (`slack.rs`, `socket_mode.rs`,
+//! `discord.rs`, `gateway.rs`, `console.rs`), so a new platform inherits
+//! the whole specification by implementing it.
 //!
-//! alice may request `db-admins` everywhere; [`Platform::approver`] may
-//! approve it (bob in memory, carol through nested groups in slapd).
+//! alice may request `db-admins` and `web-admins` everywhere;
+//! [`Platform::approver`] may approve `db-admins` (bob in memory, carol
+//! through nested groups in slapd). Every mode runs with
+//! `policy.max_pending_per_user = 1`.
 
 use jitbot::chat::render;
 use std::time::Duration;
@@ -26,6 +30,15 @@ pub enum Replay {
     NotApplicable(&'static str),
 }
 
+/// The posts of one card in the group's channel, as the platform saw them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Posts {
+    /// New messages the platform accepted (edits are not posts).
+    pub accepted: usize,
+    /// Posts it refused with its rate limit.
+    pub rate_limited: usize,
+}
+
 /// One chat platform mode, driven as its users would drive it.
 #[async_trait::async_trait]
 pub trait Platform: Send + Sync {
@@ -35,7 +48,8 @@ pub trait Platform: Send + Sync {
     fn approver(&self) -> &'static str {
         "bob"
     }
-    /// `/jit <text>` typed by `user`; the answer only they see.
+    /// `/jit <text>` typed by `user` (`request <group> <duration>
+    /// <reason>` or `cancel <request>`); the answer only they see.
     async fn type_command(&self, user: &str, text: &str) -> String;
     /// `user` clicks the button whose action id is `action`; `click` names
     /// this delivery (its trigger, interaction or action id). The answer
@@ -57,6 +71,13 @@ pub trait Platform: Send + Sync {
     /// when the transport carries no signature (an authenticated socket,
     /// the demo's console).
     async fn forged_command(&self) -> Option<u16>;
+    /// Makes the platform refuse the next post in `db-admins`' channel with
+    /// its rate limit (Slack: HTTP 429 `ratelimited` with `Retry-After: 1`;
+    /// Discord: 429 with `retry_after: 1`); false for a platform that has
+    /// no rate limit (the console).
+    async fn rate_limit_next_card(&self) -> bool;
+    /// The posts of `request`'s card in `db-admins`' channel so far.
+    async fn card_posts(&self, request: &str) -> Posts;
 }
 
 /// Runs the whole contract against one platform mode.
@@ -127,10 +148,76 @@ pub async fn run(p: &dyn Platform) {
     })
     .await;
 
+    rate_limits(p).await;
+
     // A forged signature is refused before anything runs.
     if let Some(status) = p.forged_command().await {
         assert_eq!(status, 401, "{mode}: a forged signature must be refused");
     }
+}
+
+/// The platform's rate limit defers a card post, which still arrives once;
+/// jitbot's own limit (one request waiting per person in these modes)
+/// refuses one more request through the platform, with what to do, and
+/// queues nothing for it; cancelling frees the slot.
+async fn rate_limits(p: &dyn Platform) {
+    let mode = p.mode();
+    let limited = p.rate_limit_next_card().await;
+    let answer = p.type_command("alice", "request db-admins 30m third try").await;
+    let third = crate::support::bot::TestBot::request_id(&answer);
+    let approve = format!("jit:approve:{third}");
+    p.card(&third, &|c| c.contains(&approve)).await;
+
+    let refused = p
+        .type_command("alice", "request web-admins 30m one too many")
+        .await;
+    for part in [
+        "the most jitbot takes from one person",
+        third.as_str(),
+        "/jit cancel",
+    ] {
+        assert!(
+            refused.contains(part),
+            "{mode}: `{part}` missing from the refusal: {refused}"
+        );
+    }
+
+    let cancelled = p.type_command("alice", &format!("cancel {third}")).await;
+    assert!(
+        cancelled.contains(&format!("Cancelled {third}")),
+        "{mode}: {cancelled}"
+    );
+    p.card(&third, &|c| c.contains("cancelled") && !c.contains(&approve))
+        .await;
+    // By now the card's update went out after its post on the same queue:
+    // a second post of it would have gone before.
+    let posts = p.card_posts(&third).await;
+    assert_eq!(
+        posts,
+        Posts {
+            accepted: 1,
+            rate_limited: usize::from(limited),
+        },
+        "{mode}: the card posted once, after the platform's 429 when it has one"
+    );
+
+    // The slot is free again: the same request now waits for a decision.
+    let fits = p
+        .type_command("alice", "request web-admins 30m now it fits")
+        .await;
+    let fourth = crate::support::bot::TestBot::request_id(&fits);
+    assert_ne!(fourth, third, "{mode}: {fits}");
+}
+
+/// Whether `text` names request (or lease) `id` as a word of its own, so
+/// that `r-1` is not found in `r-12`.
+pub fn mentions(text: &str, id: &str) -> bool {
+    text.match_indices(id).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + id.len()..].chars().next();
+        let apart = |c: Option<char>| !c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-');
+        apart(before) && apart(after)
+    })
 }
 
 /// The target of the first button id starting with `prefix` in `text`.

@@ -1107,18 +1107,27 @@ async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
 
 /// Discord's HTTP interactions mode as a [`crate::contract::Platform`].
 pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
-    harness().await
+    let bot = TestBot::builder()
+        .settings(|s| s.max_pending_per_user = 1)
+        .build();
+    start(bot, Duration::from_secs(2), |_| {}).await
 }
 
 impl Harness {
     /// Runs due timers and the outbox until `f` finds what it looks for.
+    /// The test clock moves on to a delivery put off by a short pause (a
+    /// rate limit), as time would.
     async fn poll<T>(&self, what: &str, f: impl Fn() -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + crate::contract::WAIT;
         loop {
             self.bot.run_due().await;
-            self.drain().await;
+            let wait = jitbot::chat::outbox::drain(&self.bot.engine, self.adapter.as_ref()).await;
             if let Some(found) = f() {
                 return found;
+            }
+            if wait <= Duration::from_secs(2) {
+                self.bot
+                    .advance(chrono::Duration::from_std(wait).unwrap_or_default());
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -1152,7 +1161,8 @@ impl crate::contract::Platform for Harness {
                 "request",
                 &[("group", group), ("duration", duration), ("reason", reason)],
             ),
-            _ => panic!("the contract types only requests here: {text}"),
+            ["cancel", request] => self.command(user, "cancel", &[("request", request)]),
+            _ => panic!("the contract types only requests and cancels here: {text}"),
         };
         self.answer(&payload).await
     }
@@ -1183,7 +1193,7 @@ impl crate::contract::Platform for Harness {
                 .calls()
                 .into_iter()
                 .filter(|c| c.path.starts_with(&format!("/channels/{CDB}/messages")))
-                .filter(|c| c.method == "POST" || c.method == "PATCH")
+                .filter(|c| (c.method == "POST" || c.method == "PATCH") && !c.rate_limited)
                 .map(|c| c.body.to_string())
                 .rfind(|b| b.contains(request))
                 .filter(|b| ready(b))
@@ -1216,6 +1226,24 @@ impl crate::contract::Platform for Harness {
             .post_signed(payload.to_string().as_bytes(), self.now(), &OTHER_KEY)
             .await;
         Some(status.as_u16())
+    }
+
+    async fn rate_limit_next_card(&self) -> bool {
+        self.discord.rate_limit(&format!("/channels/{CDB}/messages"), 1);
+        true
+    }
+
+    async fn card_posts(&self, request: &str) -> crate::contract::Posts {
+        let posts: Vec<crate::support::fake_discord::Call> = self
+            .discord
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .into_iter()
+            .filter(|c| crate::contract::mentions(&c.body.to_string(), request))
+            .collect();
+        crate::contract::Posts {
+            accepted: posts.iter().filter(|c| !c.rate_limited).count(),
+            rate_limited: posts.iter().filter(|c| c.rate_limited).count(),
+        }
     }
 }
 

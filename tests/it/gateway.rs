@@ -103,11 +103,38 @@ pub(crate) struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// [`setup`] with `extra` appended to the config.
+async fn setup_with(extra: &str) -> Setup {
     let server = Slapd::start();
     let discord = FakeDiscord::start().await;
     let gw = FakeGateway::start(discord.clone(), HEARTBEAT).await;
-    let bot = Jitbot::start(&config(&server, &discord), &[("GW_BOT_TOKEN", BOT_TOKEN)]).await;
+    let config = config(&server, &discord) + extra;
+    let bot = Jitbot::start(&config, &[("GW_BOT_TOKEN", BOT_TOKEN)]).await;
     Setup { server, gw, bot }
+}
+
+/// What the contract adds to this mode's config: one request waiting per
+/// person, and a second group alice may request.
+fn contract_config() -> String {
+    format!(
+        r#"
+[policy]
+max_pending_per_user = 1
+
+[[group]]
+name = "web-admins"
+dn = "{}"
+requesters = {{ users = ["alice"] }}
+approvers = {{ groups = ["{APPROVERS}"] }}
+default_duration = "30m"
+max_duration = "1h"
+reason_required = false
+"#,
+        slapd::WEB_ADMINS
+    )
 }
 
 impl Setup {
@@ -365,7 +392,7 @@ async fn zombie_reconnect_and_invalid_session_are_recovered() {
 /// Discord's gateway, through the real binary, as a
 /// [`crate::contract::Platform`].
 pub(crate) async fn contract_platform() -> Setup {
-    let s = setup().await;
+    let s = setup_with(&contract_config()).await;
     s.gw.wait_op(2, 1, WAIT).await;
     s
 }
@@ -408,7 +435,7 @@ impl Setup {
             .calls()
             .into_iter()
             .filter(|c| c.path.starts_with(&format!("/channels/{channel}/messages")))
-            .filter(|c| c.method == "POST" || c.method == "PATCH")
+            .filter(|c| (c.method == "POST" || c.method == "PATCH") && !c.rate_limited)
             .map(|c| c.body.to_string())
             .rfind(|b| b.contains(text))
     }
@@ -427,8 +454,16 @@ impl crate::contract::Platform for Setup {
     async fn type_command(&self, user: &str, text: &str) -> String {
         let words: Vec<&str> = text.splitn(4, ' ').collect();
         let interaction = match words.as_slice() {
-            ["request", "db-admins", duration, reason] => self.request(user, duration, reason),
-            _ => panic!("the contract types only requests here: {text}"),
+            ["request", group, duration, reason] => self.gw.command(
+                &did(user),
+                CTYPED,
+                "request",
+                &[("group", group), ("duration", duration), ("reason", reason)],
+            ),
+            ["cancel", request] => self
+                .gw
+                .command(&did(user), CTYPED, "cancel", &[("request", request)]),
+            _ => panic!("the contract types only requests and cancels here: {text}"),
         };
         self.read(&interaction).await
     }
@@ -483,5 +518,23 @@ impl crate::contract::Platform for Setup {
         // Interactions arrive on the bot's own authenticated gateway
         // connection: nothing in them is signed.
         None
+    }
+
+    async fn rate_limit_next_card(&self) -> bool {
+        self.discord().rate_limit(&format!("/channels/{CDB}/messages"), 1);
+        true
+    }
+
+    async fn card_posts(&self, request: &str) -> crate::contract::Posts {
+        let posts: Vec<Call> = self
+            .discord()
+            .calls_to("POST", &format!("/channels/{CDB}/messages"))
+            .into_iter()
+            .filter(|c| crate::contract::mentions(&c.body.to_string(), request))
+            .collect();
+        crate::contract::Posts {
+            accepted: posts.iter().filter(|c| !c.rate_limited).count(),
+            rate_limited: posts.iter().filter(|c| c.rate_limited).count(),
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! defect it guards; each failed on the engine before the executor and the
 //! recorded memberships.
 
-use crate::support::bot::{policy, seeded, TestBot, DB, WEB};
+use crate::support::bot::{policy, seeded, Backend, TestBot, DB, WEB};
 use crate::support::slapd::{self, Slapd, DB_ADMINS};
 use async_trait::async_trait;
 use chrono::Duration;
@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+crate::both_stores!(a_lease_on_a_group_dropped_from_the_config_is_still_revoked);
 /// Defect 1: the lease revokes from what it recorded, not from the config.
-#[tokio::test]
-async fn a_lease_on_a_group_dropped_from_the_config_is_still_revoked() {
-    let bot = TestBot::new();
+async fn a_lease_on_a_group_dropped_from_the_config_is_still_revoked(backend: Backend) {
+    let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     assert!(bot.is_member(DB, "alice"));
@@ -39,10 +39,10 @@ async fn a_lease_on_a_group_dropped_from_the_config_is_still_revoked() {
     );
 }
 
+crate::both_stores!(a_lease_removes_from_the_dn_it_was_granted_in_after_the_dn_changes);
 /// Defect 1: a changed `dn` does not send the removal to the new group.
-#[tokio::test]
-async fn a_lease_removes_from_the_dn_it_was_granted_in_after_the_dn_changes() {
-    let bot = TestBot::new();
+async fn a_lease_removes_from_the_dn_it_was_granted_in_after_the_dn_changes(backend: Backend) {
+    let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
 
@@ -106,10 +106,10 @@ impl Directory for RacingChecks {
     }
 }
 
+crate::both_stores!(a_grant_run_twice_at_once_never_strands_a_membership);
 /// Defect 2: the approving command and the scheduler's `Grant` timer never
 /// work on one lease at once, and no step acts on a lease that moved on.
-#[tokio::test]
-async fn a_grant_run_twice_at_once_never_strands_a_membership() {
+async fn a_grant_run_twice_at_once_never_strands_a_membership(backend: Backend) {
     let memory = seeded();
     let racing = Arc::new(RacingChecks {
         inner: memory.clone(),
@@ -117,7 +117,7 @@ async fn a_grant_run_twice_at_once_never_strands_a_membership() {
         release: Notify::new(),
     });
     let dir: Arc<dyn Directory> = racing.clone();
-    let bot = TestBot::builder().wrap(|_| dir).build();
+    let bot = backend.builder().wrap(|_| dir).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     let approving = {
         let engine = bot.engine.clone();
@@ -165,11 +165,11 @@ async fn a_grant_run_twice_at_once_never_strands_a_membership() {
     assert!(!memory.members(DB).contains("alice"), "nothing left behind");
 }
 
+crate::both_stores!(a_second_request_while_one_is_pending_is_refused);
 /// Defect 3: a second open request for the same group is refused, with a
 /// pointer to the first.
-#[tokio::test]
-async fn a_second_request_while_one_is_pending_is_refused() {
-    let bot = TestBot::new();
+async fn a_second_request_while_one_is_pending_is_refused(backend: Backend) {
+    let bot = backend.builder().build();
     let first = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     let second = bot.say("alice", "request db-admins 2h y").await;
     assert!(!second.ok);
@@ -179,11 +179,11 @@ async fn a_second_request_while_one_is_pending_is_refused() {
     assert!(!third.ok, "{}", third.text);
 }
 
+crate::both_stores!(a_second_live_lease_of_one_user_and_group_is_refused_at_commit);
 /// Defect 3: at commit, a second live lease of one (group, user) is refused
 /// whatever path tries to write it.
-#[tokio::test]
-async fn a_second_live_lease_of_one_user_and_group_is_refused_at_commit() {
-    let bot = TestBot::new();
+async fn a_second_live_lease_of_one_user_and_group_is_refused_at_commit(backend: Backend) {
+    let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     let store = bot.engine.store();
@@ -206,11 +206,11 @@ async fn a_second_live_lease_of_one_user_and_group_is_refused_at_commit() {
     assert!(store.lease(&LeaseId::new("l-other")).unwrap().is_none());
 }
 
+crate::both_stores!(approving_a_grant_while_a_lease_is_active_extends_it);
 /// Defect 3: approving a grant while the requester holds an active lease
 /// (a request from before this rule, say) extends that lease instead.
-#[tokio::test]
-async fn approving_a_grant_while_a_lease_is_active_extends_it() {
-    let bot = TestBot::new();
+async fn approving_a_grant_while_a_lease_is_active_extends_it(backend: Backend) {
+    let bot = backend.builder().build();
     let first = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     // A second pending request, as an older jitbot could leave behind.
     let second = TestBot::request_id(&bot.ok("alice", "request web-admins 1h y").await);
@@ -236,11 +236,12 @@ async fn approving_a_grant_while_a_lease_is_active_extends_it() {
     assert_eq!(bot.engine.store().live_leases().unwrap().len(), 1);
 }
 
+crate::both_stores!(zsp_checks_each_group_alone_and_remediates_write_ahead);
 /// Defect 6: one group that cannot be read does not hide drift in others;
 /// remediation goes through a durable lease, retried until it is done.
-#[tokio::test]
-async fn zsp_checks_each_group_alone_and_remediates_write_ahead() {
-    let bot = TestBot::builder()
+async fn zsp_checks_each_group_alone_and_remediates_write_ahead(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| {
             p.groups[0].remediate = true;
             let mut broken = p.groups[1].clone();
@@ -307,10 +308,10 @@ async fn zsp_checks_each_group_alone_and_remediates_write_ahead() {
     );
 }
 
+crate::both_stores!(a_deleted_user_is_removed_by_the_dn_written_at_grant);
 /// Defect 7: a user deleted from the directory, named by another RDN than
 /// the id attribute, is removed by the exact DN written at grant time.
-#[tokio::test]
-async fn a_deleted_user_is_removed_by_the_dn_written_at_grant() {
+async fn a_deleted_user_is_removed_by_the_dn_written_at_grant(backend: Backend) {
     let server = Slapd::start();
     let mut groups = slapd::group_configs();
     for g in &mut groups {
@@ -323,7 +324,8 @@ async fn a_deleted_user_is_removed_by_the_dn_written_at_grant() {
         groups: groups.iter().map(|g| g.to_policy()).collect(),
         admins: Default::default(),
     };
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .policy(|p| *p = policy)
         .directory(Arc::new(directory))
         .build();
@@ -387,12 +389,12 @@ impl Directory for HangingAdd {
     }
 }
 
+crate::both_stores!(a_grant_finished_after_its_lease_expired_adds_nothing);
 /// Defect 9: a grant whose lease ran out while jitbot was down adds nothing.
-#[tokio::test]
-async fn a_grant_finished_after_its_lease_expired_adds_nothing() {
+async fn a_grant_finished_after_its_lease_expired_adds_nothing(backend: Backend) {
     let memory = seeded();
     let hanging: Arc<dyn Directory> = Arc::new(HangingAdd(memory.clone()));
-    let bot = TestBot::builder().wrap(|_| hanging).build();
+    let bot = backend.builder().wrap(|_| hanging).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     let text = format!("approve {id}");
     let approve = bot.say("bob", &text);
@@ -451,13 +453,13 @@ impl Directory for AddedMeanwhile {
     }
 }
 
+crate::both_stores!(a_membership_added_by_someone_else_during_the_grant_is_never_removed);
 /// Defect 10: "already a member" at jitbot's first add is someone else's
 /// membership: recorded as standing, audited, never removed.
-#[tokio::test]
-async fn a_membership_added_by_someone_else_during_the_grant_is_never_removed() {
+async fn a_membership_added_by_someone_else_during_the_grant_is_never_removed(backend: Backend) {
     let memory = seeded();
     let dir: Arc<dyn Directory> = Arc::new(AddedMeanwhile(memory.clone()));
-    let bot = TestBot::builder().wrap(|_| dir).build();
+    let bot = backend.builder().wrap(|_| dir).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     assert_eq!(bot.lease().preexisting, Some(true));
@@ -471,10 +473,11 @@ async fn a_membership_added_by_someone_else_during_the_grant_is_never_removed() 
     assert!(memory.members(DB).contains("alice"), "not jitbot's to remove");
 }
 
+crate::both_stores!(identities_that_differ_only_in_case_are_one_person);
 /// Defect 11: account names compare as the directory compares them.
-#[tokio::test]
-async fn identities_that_differ_only_in_case_are_one_person() {
-    let bot = TestBot::builder()
+async fn identities_that_differ_only_in_case_are_one_person(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| p.groups[0].approvals_required = 2)
         .build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
@@ -504,10 +507,10 @@ async fn a_failed_flush_stops_the_store() {
     assert!(bot.engine.store().due_timers(bot.engine.now(), 10).is_err());
 }
 
+crate::both_stores!(a_lowered_total_limit_binds_leases_already_running);
 /// Defect 13: extensions of live leases obey today's total limit.
-#[tokio::test]
-async fn a_lowered_total_limit_binds_leases_already_running() {
-    let bot = TestBot::new();
+async fn a_lowered_total_limit_binds_leases_already_running(backend: Backend) {
+    let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     let mut lowered = policy();

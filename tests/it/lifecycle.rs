@@ -2,7 +2,7 @@
 //! and a manual clock. Crashes are simulated by dropping the engine while a
 //! directory call hangs, then reopening the store.
 
-use crate::support::bot::{policy, TestBot, DB, WEB};
+use crate::support::bot::{policy, Backend, TestBot, DB, WEB};
 use async_trait::async_trait;
 use chrono::Duration;
 use jitbot::directory::memory::MemoryDirectory;
@@ -13,9 +13,9 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-#[tokio::test]
-async fn request_approve_expire() {
-    let bot = TestBot::new();
+crate::both_stores!(request_approve_expire);
+async fn request_approve_expire(backend: Backend) {
+    let bot = backend.builder().build();
     let text = bot.ok("alice", "request db-admins 2h fixing replication").await;
     let id = TestBot::request_id(&text);
     assert!(!bot.is_member(DB, "alice"));
@@ -66,9 +66,9 @@ async fn request_approve_expire() {
     );
 }
 
-#[tokio::test]
-async fn refusals_change_nothing() {
-    let bot = TestBot::new();
+crate::both_stores!(refusals_change_nothing);
+async fn refusals_change_nothing(backend: Backend) {
+    let bot = backend.builder().build();
     let cases = [
         ("mallory", "request db-admins 1h x", "may not request"),
         ("alice", "request nope 1h x", "no group called"),
@@ -96,9 +96,9 @@ async fn refusals_change_nothing() {
     assert!(!bot.is_member(DB, "alice"));
 }
 
-#[tokio::test]
-async fn early_release_and_admin_revoke() {
-    let bot = TestBot::new();
+crate::both_stores!(early_release_and_admin_revoke);
+async fn early_release_and_admin_revoke(backend: Backend) {
+    let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     let refused = bot.say("dave", "release db-admins").await;
@@ -120,9 +120,9 @@ async fn early_release_and_admin_revoke() {
     assert!(bot.engine.store().timer_count() == 0, "nothing left scheduled");
 }
 
-#[tokio::test]
-async fn standing_membership_is_never_removed() {
-    let bot = TestBot::new();
+crate::both_stores!(standing_membership_is_never_removed);
+async fn standing_membership_is_never_removed(backend: Backend) {
+    let bot = backend.builder().build();
     assert!(bot.is_member(WEB, "dave"));
     let id = TestBot::request_id(&bot.ok("dave", "request web-admins 1h deploy").await);
     bot.ok("bob", &format!("approve {id}")).await;
@@ -137,9 +137,9 @@ async fn standing_membership_is_never_removed() {
     assert_eq!(bot.dir.changes.load(Ordering::SeqCst), 0);
 }
 
-#[tokio::test]
-async fn second_request_becomes_an_extension() {
-    let bot = TestBot::new();
+crate::both_stores!(second_request_becomes_an_extension);
+async fn second_request_becomes_an_extension(backend: Backend) {
+    let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     let first = bot.lease();
@@ -158,9 +158,9 @@ async fn second_request_becomes_an_extension() {
     assert!(!bot.is_member(DB, "alice"));
 }
 
-#[tokio::test]
-async fn pending_request_times_out() {
-    let bot = TestBot::new();
+crate::both_stores!(pending_request_times_out);
+async fn pending_request_times_out(backend: Backend) {
+    let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.advance(Duration::hours(1));
     bot.run_due().await;
@@ -176,9 +176,9 @@ async fn pending_request_times_out() {
     assert!(bot.engine.store().leases().unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn revocation_retries_with_backoff_until_done() {
-    let bot = TestBot::builder().settings(|s| s.alert_after = 3).build();
+crate::both_stores!(revocation_retries_with_backoff_until_done);
+async fn revocation_retries_with_backoff_until_done(backend: Backend) {
+    let bot = backend.builder().settings(|s| s.alert_after = 3).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     bot.dir.fail_next(4);
@@ -269,17 +269,17 @@ impl Directory for Hang {
     }
 }
 
+crate::both_stores!(crash_during_grant_is_finished_on_restart);
 /// Crash while granting (before or after the directory add): after a
 /// restart the grant is finished exactly once, and the lease still ends.
-#[tokio::test]
-async fn crash_during_grant_is_finished_on_restart() {
+async fn crash_during_grant_is_finished_on_restart(backend: Backend) {
     for at in ["before-add", "after-add"] {
         let memory = crate::support::bot::seeded();
         let hang: Arc<dyn Directory> = Arc::new(Hang {
             inner: memory.clone(),
             at,
         });
-        let bot = TestBot::builder().wrap(|_| hang).build();
+        let bot = backend.builder().wrap(|_| hang).build();
         let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
         let text = format!("approve {id}");
         let approve = bot.say("bob", &text);
@@ -307,16 +307,16 @@ async fn crash_during_grant_is_finished_on_restart() {
     }
 }
 
+crate::both_stores!(crash_during_revoke_is_finished_on_restart);
 /// Crash while revoking: after a restart the membership is removed.
-#[tokio::test]
-async fn crash_during_revoke_is_finished_on_restart() {
+async fn crash_during_revoke_is_finished_on_restart(backend: Backend) {
     for at in ["before-remove", "after-remove"] {
         let memory = crate::support::bot::seeded();
         let hang: Arc<dyn Directory> = Arc::new(Hang {
             inner: memory.clone(),
             at,
         });
-        let bot = TestBot::builder().wrap(|_| hang).build();
+        let bot = backend.builder().wrap(|_| hang).build();
         let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
         bot.ok("bob", &format!("approve {id}")).await;
         bot.advance(Duration::hours(1));
@@ -342,10 +342,10 @@ async fn crash_during_revoke_is_finished_on_restart() {
     }
 }
 
+crate::both_stores!(overdue_leases_are_revoked_after_restart);
 /// jitbot down across an expiry: the overdue lease is revoked at start.
-#[tokio::test]
-async fn overdue_leases_are_revoked_after_restart() {
-    let bot = TestBot::new();
+async fn overdue_leases_are_revoked_after_restart(backend: Backend) {
+    let bot = backend.builder().build();
     for user in ["alice", "dave", "erin"] {
         let id = TestBot::request_id(&bot.ok(user, "request db-admins 30m x").await);
         bot.ok("bob", &format!("approve {id}")).await;
@@ -360,11 +360,12 @@ async fn overdue_leases_are_revoked_after_restart() {
     assert!(leases.iter().all(|l| l.lease.state == LeaseState::Ended));
 }
 
-#[tokio::test]
-async fn hundred_concurrent_approvals_grant_once() {
+crate::both_stores!(hundred_concurrent_approvals_grant_once);
+async fn hundred_concurrent_approvals_grant_once(backend: Backend) {
     let approvers: Vec<String> = (0..100).map(|i| format!("approver{i}")).collect();
     let names = approvers.clone();
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .policy(move |p| {
             for a in &names {
                 p.groups[0].approvers.users.insert(UserId::new(a));
@@ -393,9 +394,10 @@ async fn hundred_concurrent_approvals_grant_once() {
     assert_eq!(bot.dir.changes.load(Ordering::SeqCst), 1, "one membership change");
 }
 
-#[tokio::test]
-async fn n_of_m_and_break_glass() {
-    let bot = TestBot::builder()
+crate::both_stores!(n_of_m_and_break_glass);
+async fn n_of_m_and_break_glass(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| {
             p.groups[0].approvals_required = 2;
             p.groups[1].break_glass = true;
@@ -419,11 +421,9 @@ async fn n_of_m_and_break_glass() {
     assert!(!bot.ok("bob", "pending").await.contains("BREAK-GLASS"));
 }
 
-#[tokio::test]
-async fn zsp_drift_is_reported_and_remediated() {
-    let bot = TestBot::builder()
-        .policy(|p| p.groups[0].remediate = true)
-        .build();
+crate::both_stores!(zsp_drift_is_reported_and_remediated);
+async fn zsp_drift_is_reported_and_remediated(backend: Backend) {
+    let bot = backend.builder().policy(|p| p.groups[0].remediate = true).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
     bot.dir.add_group(DB, ["alice", "erin"]);
@@ -455,9 +455,9 @@ async fn audit_tampering_is_found_at_the_record() {
     }
 }
 
-#[tokio::test]
-async fn scheduler_actor_revokes_on_time() {
-    let bot = TestBot::new();
+crate::both_stores!(scheduler_actor_revokes_on_time);
+async fn scheduler_actor_revokes_on_time(backend: Backend) {
+    let bot = backend.builder().build();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let settings = jitbot::scheduler::SchedulerSettings {
         max_wait: std::time::Duration::from_millis(50),

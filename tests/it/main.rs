@@ -19,6 +19,7 @@ mod lifecycle;
 mod observability;
 mod ops;
 mod outbox;
+mod pg;
 mod retention;
 mod safeguards;
 #[path = "../sim/mod.rs"]

@@ -3,7 +3,7 @@
 //! retried only where it failed, engine wake-ups never bypass a backoff,
 //! and a post interrupted by a crash is known.
 
-use crate::support::bot::TestBot;
+use crate::support::bot::{Backend, TestBot};
 use async_trait::async_trait;
 use jitbot::chat::fanout::Fanout;
 use jitbot::chat::outbox::{drain, MAX_ATTEMPTS};
@@ -118,6 +118,7 @@ async fn queue(bot: &TestBot, to: Audience, text: &str) {
             to,
             text: text.into(),
             buttons: vec![],
+            tone: Default::default(),
         },
     };
     bot.engine
@@ -141,9 +142,9 @@ fn group() -> Audience {
     Audience::Group(GroupName::new("db-admins"))
 }
 
-#[tokio::test]
-async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recovers() {
-    let bot = TestBot::new();
+crate::both_stores!(alert_survives_many_failures_and_is_delivered_when_the_platform_recovers);
+async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recovers(backend: Backend) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.always(Err(ChatError::Unavailable("slack is down".into())));
     queue(&bot, Audience::Alert, "cannot remove alice from db-admins").await;
@@ -168,9 +169,9 @@ async fn alert_survives_many_failures_and_is_delivered_when_the_platform_recover
     assert!(bot.engine.store().outbox(10).unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn ordinary_notice_is_given_up_after_its_last_attempt() {
-    let bot = TestBot::new();
+crate::both_stores!(ordinary_notice_is_given_up_after_its_last_attempt);
+async fn ordinary_notice_is_given_up_after_its_last_attempt(backend: Backend) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.always(Err(ChatError::Refused("channel_not_found".into())));
     queue(&bot, group(), "alice holds db-admins").await;
@@ -181,9 +182,9 @@ async fn ordinary_notice_is_given_up_after_its_last_attempt() {
     assert!(bot.engine.store().outbox(10).unwrap().is_empty(), "given up");
 }
 
-#[tokio::test]
-async fn rate_limited_destination_does_not_block_another() {
-    let bot = TestBot::new();
+crate::both_stores!(rate_limited_destination_does_not_block_another);
+async fn rate_limited_destination_does_not_block_another(backend: Backend) {
+    let bot = backend.builder().build();
     let (slack, discord) = (Scripted::new("slack"), Scripted::new("discord"));
     slack.always(Err(ChatError::RateLimited(60)));
     let both = fanout(&[&slack, &discord]);
@@ -220,9 +221,9 @@ async fn rate_limited_destination_does_not_block_another() {
     assert_eq!(discord.delivered(), sent);
 }
 
-#[tokio::test]
-async fn partial_post_is_retried_only_on_the_failed_platform() {
-    let bot = TestBot::new();
+crate::both_stores!(partial_post_is_retried_only_on_the_failed_platform);
+async fn partial_post_is_retried_only_on_the_failed_platform(backend: Backend) {
+    let bot = backend.builder().build();
     let (slack, discord) = (Scripted::new("slack"), Scripted::new("discord"));
     discord.fail_next(2, ChatError::Refused("missing access".into()));
     let both = fanout(&[&slack, &discord]);
@@ -277,10 +278,11 @@ async fn partial_post_is_retried_only_on_the_failed_platform() {
     assert!(bot.engine.store().outbox(10).unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn engine_wake_ups_do_not_burn_attempts() {
+crate::both_stores!(engine_wake_ups_do_not_burn_attempts);
+async fn engine_wake_ups_do_not_burn_attempts(backend: Backend) {
     // The first retry waits at least 30 s (60 s, halved at most by jitter).
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .settings(|s| s.retry_base = jitbot_core::Span::from_mins(1))
         .build();
     let slack = Scripted::new("slack");
@@ -305,9 +307,9 @@ async fn engine_wake_ups_do_not_burn_attempts() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn backoff_survives_a_restart() {
-    let bot = TestBot::new();
+crate::both_stores!(backoff_survives_a_restart);
+async fn backoff_survives_a_restart(backend: Backend) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.fail_next(1, ChatError::Unavailable("timeout".into()));
     queue(&bot, group(), "hello").await;
@@ -325,9 +327,11 @@ fn bot_directory(bot: &TestBot) -> Arc<dyn jitbot::ports::Directory> {
     bot.dir.clone()
 }
 
-#[tokio::test]
-async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more() {
-    let bot = TestBot::new();
+crate::both_stores!(crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more);
+async fn crash_between_posting_a_card_and_recording_it_is_known_and_posts_at_most_once_more(
+    backend: Backend,
+) {
+    let bot = backend.builder().build();
     let slack = Scripted::new("slack");
     slack.hang_after_post.store(true, Ordering::SeqCst);
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h replicas down").await);
@@ -403,14 +407,15 @@ impl Notifier for Limited {
     }
 }
 
+crate::both_stores!(a_break_glass_alert_is_not_queued_behind_user_cards);
 /// Issue 13 item 10 ("keep alerts off the queue that user traffic can
 /// fill"), from the adversarial review: thirty people each open one request
 /// (within the per-person cap), then someone breaks glass. The platform
 /// rate-limits after five calls; the break-glass alert must be among them,
 /// not behind the thirty approval cards queued before it.
-#[tokio::test]
-async fn a_break_glass_alert_is_not_queued_behind_user_cards() {
-    let bot = TestBot::builder()
+async fn a_break_glass_alert_is_not_queued_behind_user_cards(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| {
             for i in 0..30 {
                 p.groups[0]
@@ -456,6 +461,7 @@ async fn queue_entries_from_before_priorities_survive_a_restart_and_alerts_go_fi
             to,
             text: text.into(),
             buttons: vec![],
+            tone: Default::default(),
         },
     };
     {
@@ -484,7 +490,7 @@ async fn queue_entries_from_before_priorities_survive_a_restart_and_alerts_go_fi
     }
     // Rewrite every queue key the way an older jitbot wrote it.
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let due = raw.open_tree("outbox_due").unwrap();
         let keys: Vec<sled::IVec> = due.iter().keys().map(|k| k.unwrap()).collect();
         assert_eq!(keys.len(), 4);
@@ -523,4 +529,94 @@ async fn queue_entries_from_before_priorities_survive_a_restart_and_alerts_go_fi
     }
     assert!(store.outbox(10).unwrap().is_empty(), "every entry delivered once");
     assert_eq!(store.outbox_next_due("slack").unwrap(), None);
+}
+
+/// A notice queued by a jitbot from before tones (its text starting with
+/// the Slack shortcode that marked it) still delivers once on every
+/// platform after an upgrade: Slack shows its emoji as before, the web
+/// console shows the words without the code.
+#[tokio::test]
+async fn a_notice_queued_with_a_shortcode_before_an_upgrade_still_delivers() {
+    use jitbot::chat::slack::SlackAdapter;
+    use jitbot::chat::web::WebConsole;
+    use jitbot::secret::Secret;
+    use jitbot::store::Store;
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("db");
+    let now = chrono::Utc::now();
+    let words = "alice now has `db-admins` until 10:00:00 UTC (lease l-1).";
+    {
+        let store = Store::open(&db, 8).unwrap();
+        store
+            .update(now, |tx| {
+                tx.outbox(OutboxItem::Send {
+                    notice: Notice {
+                        to: group(),
+                        text: words.into(),
+                        buttons: vec![],
+                        tone: Default::default(),
+                    },
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+    }
+    // Rewrite the entry as the older jitbot wrote it: no tone, a shortcode.
+    {
+        let raw = crate::support::open_raw_sled(&db);
+        let outbox = raw.open_tree("outbox").unwrap();
+        let entries: Vec<(sled::IVec, sled::IVec)> = outbox.iter().map(|e| e.unwrap()).collect();
+        assert_eq!(entries.len(), 1);
+        for (k, v) in entries {
+            let mut json: serde_json::Value = serde_json::from_slice(&v).unwrap();
+            let notice = &mut json["item"]["notice"];
+            assert!(
+                notice.get("tone").is_none(),
+                "a plain notice is written without a tone"
+            );
+            notice["text"] = format!(":key: {words}").into();
+            outbox.insert(k, serde_json::to_vec(&json).unwrap()).unwrap();
+        }
+        raw.flush().unwrap();
+    }
+    let store = Store::open(&db, 8).unwrap();
+    let clock = jitbot::clock::ManualClock::new(now + chrono::Duration::seconds(1));
+    let engine = jitbot::engine::Engine::new(
+        crate::support::bot::policy(),
+        store,
+        Arc::new(jitbot::directory::memory::MemoryDirectory::new()),
+        Arc::new(clock.clone()),
+        Default::default(),
+    );
+    let slack = crate::support::fake_slack::FakeSlack::start().await;
+    let adapter =
+        SlackAdapter::with_token(&crate::slack::config(slack.api_url()), Secret::new("xoxb-test")).unwrap();
+    let console = Arc::new(WebConsole::new(Arc::new(clock.clone())));
+    let both = Fanout::new(vec![
+        ("slack".into(), Arc::new(adapter) as Arc<dyn Notifier>),
+        ("web".into(), console.clone() as Arc<dyn Notifier>),
+    ]);
+    for _ in 0..3 {
+        drain(&engine, &both).await;
+    }
+    let posts = slack.calls_to("chat.postMessage");
+    assert_eq!(posts.len(), 1, "delivered once on Slack: {posts:#?}");
+    assert_eq!(
+        posts[0].body["text"],
+        format!(":key: {words}"),
+        "Slack keeps its emoji"
+    );
+    let shown: Vec<String> = console
+        .changes(0, None)
+        .messages
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(shown, [words], "delivered once on the console, without the code");
+    assert!(
+        engine.store().outbox(10).unwrap().is_empty(),
+        "nothing left queued"
+    );
 }

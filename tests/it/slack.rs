@@ -38,7 +38,7 @@ fn slack_id(user: &str) -> String {
     format!("U{}", user.to_uppercase())
 }
 
-fn config(api_url: String) -> SlackConfig {
+pub(crate) fn config(api_url: String) -> SlackConfig {
     SlackConfig {
         mode: SlackMode::Http,
         bot_token: SecretSource::env("JITBOT_TEST_UNUSED_SLACK_TOKEN"),
@@ -304,6 +304,19 @@ async fn request_approve_grant_expire_through_slack() {
         .await;
     assert!(dm.is_some(), "no DM to alice: {:#?}", h.slack.calls());
     assert!(!h.slack.calls_to("conversations.open").is_empty());
+    // The engine says what kind of news a notice is; Slack marks it with its emoji.
+    let text = |c: &Call| c.body["text"].as_str().unwrap_or_default().to_string();
+    let granted = h
+        .slack
+        .wait_for(WAIT, |c| {
+            c.method == "chat.postMessage" && c.body["channel"] == CDB && text(c).contains("now has")
+        })
+        .await
+        .expect("a channel notice of the grant");
+    assert!(
+        text(&granted).starts_with(":key: alice now has `db-admins`"),
+        "{granted:#?}"
+    );
 
     // Expiry: the lease was 2h.
     h.bot
@@ -321,6 +334,8 @@ async fn request_approve_grant_expire_through_slack() {
         "no channel notice of the expiry: {:#?}",
         h.slack.calls()
     );
+    let ended = notice.map(|c| text(&c)).unwrap_or_default();
+    assert!(ended.starts_with(":lock: alice's access"), "{ended}");
 }
 
 #[tokio::test]
@@ -702,6 +717,7 @@ async fn notices_reach_channels_and_people() {
         to: jitbot::ports::Audience::Alert,
         text: "break-glass <!channel>".into(),
         buttons: vec![jitbot_core::command::Action::Acknowledge("r-9".into())],
+        tone: Default::default(),
     };
     adapter.send(&alert).await.unwrap();
     let call = h
@@ -1195,7 +1211,12 @@ async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
 
 /// Slack's HTTP mode as a [`crate::contract::Platform`].
 pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
-    harness().await
+    harness_with(
+        TestBot::builder()
+            .settings(|s| s.max_pending_per_user = 1)
+            .build(),
+    )
+    .await
 }
 
 impl Harness {
@@ -1205,7 +1226,7 @@ impl Harness {
             .calls()
             .into_iter()
             .filter(|c| matches!(c.method.as_str(), "chat.postMessage" | "chat.update"))
-            .filter(|c| c.body["channel"] == CDB)
+            .filter(|c| c.body["channel"] == CDB && !c.rate_limited)
             .map(|c| c.body.to_string())
             .rfind(|b| b.contains(text))
     }
@@ -1322,6 +1343,25 @@ impl crate::contract::Platform for Harness {
             .post_raw("/slack/commands", body, self.now(), "not-the-signing-secret")
             .await;
         Some(status.as_u16())
+    }
+
+    async fn rate_limit_next_card(&self) -> bool {
+        self.slack.rate_limit_in("chat.postMessage", CDB, 1, 1);
+        true
+    }
+
+    async fn card_posts(&self, request: &str) -> crate::contract::Posts {
+        let posts: Vec<Call> = self
+            .slack
+            .calls_to("chat.postMessage")
+            .into_iter()
+            .filter(|c| c.body["channel"] == CDB)
+            .filter(|c| crate::contract::mentions(&c.body.to_string(), request))
+            .collect();
+        crate::contract::Posts {
+            accepted: posts.iter().filter(|c| !c.rate_limited).count(),
+            rate_limited: posts.iter().filter(|c| c.rate_limited).count(),
+        }
     }
 }
 
@@ -1532,6 +1572,7 @@ async fn a_dm_open_rate_limit_never_holds_back_security_alerts() {
             to: jitbot::chat::view::Audience::Alert,
             text: "cannot remove bob from db-admins".into(),
             buttons: vec![],
+            tone: Default::default(),
         },
     };
     h.bot

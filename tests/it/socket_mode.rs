@@ -89,6 +89,11 @@ pub(crate) struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with("").await
+}
+
+/// [`setup`] with `extra` appended to the config.
+async fn setup_with(extra: &str) -> Setup {
     let server = Slapd::start();
     let slack = FakeSlack::start().await;
     for user in ["alice", "bob", "carol", "eve"] {
@@ -96,11 +101,32 @@ async fn setup() -> Setup {
     }
     let sm = FakeSocketMode::start(slack.clone(), APP_TOKEN).await;
     let bot = Jitbot::start(
-        &config(&server, &slack),
+        &(config(&server, &slack) + extra),
         &[("SM_BOT_TOKEN", BOT_TOKEN), ("SM_APP_TOKEN", APP_TOKEN)],
     )
     .await;
     Setup { server, sm, bot }
+}
+
+/// What the contract adds to this mode's config: one request waiting per
+/// person, and a second group alice may request.
+fn contract_config() -> String {
+    format!(
+        r#"
+[policy]
+max_pending_per_user = 1
+
+[[group]]
+name = "web-admins"
+dn = "{}"
+requesters = {{ users = ["alice"] }}
+approvers = {{ groups = ["{APPROVERS}"] }}
+default_duration = "30m"
+max_duration = "1h"
+reason_required = false
+"#,
+        slapd::WEB_ADMINS
+    )
 }
 
 impl Setup {
@@ -514,7 +540,7 @@ async fn a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
 /// Slack's Socket Mode, through the real binary, as a
 /// [`crate::contract::Platform`].
 pub(crate) async fn contract_platform() -> Setup {
-    let s = setup().await;
+    let s = setup_with(&contract_config()).await;
     s.sm.wait_live(1).await;
     s
 }
@@ -639,7 +665,7 @@ impl crate::contract::Platform for Setup {
                 .calls()
                 .into_iter()
                 .filter(|c| matches!(c.method.as_str(), "chat.postMessage" | "chat.update"))
-                .filter(|c| c.body["channel"] == CHANNEL)
+                .filter(|c| c.body["channel"] == CHANNEL && !c.rate_limited)
                 .map(|c| c.body.to_string())
                 .rfind(|b| b.contains(request))
                 .filter(|b| ready(b))
@@ -668,5 +694,24 @@ impl crate::contract::Platform for Setup {
         // Envelopes arrive on a socket opened with the app token: nothing
         // in them is signed.
         None
+    }
+
+    async fn rate_limit_next_card(&self) -> bool {
+        self.slack().rate_limit_in("chat.postMessage", CHANNEL, 1, 1);
+        true
+    }
+
+    async fn card_posts(&self, request: &str) -> crate::contract::Posts {
+        let posts: Vec<Call> = self
+            .slack()
+            .calls_to("chat.postMessage")
+            .into_iter()
+            .filter(|c| c.body["channel"] == CHANNEL)
+            .filter(|c| crate::contract::mentions(&c.body.to_string(), request))
+            .collect();
+        crate::contract::Posts {
+            accepted: posts.iter().filter(|c| !c.rate_limited).count(),
+            rate_limited: posts.iter().filter(|c| c.rate_limited).count(),
+        }
     }
 }

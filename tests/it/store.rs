@@ -1,13 +1,19 @@
-//! The store under concurrent writers: every `update` commits and flushes,
-//! none deadlocks, and the audit chain stays intact.
+//! The store under concurrent writers, on sled and on PostgreSQL: every
+//! `update` commits and flushes, none deadlocks, and the audit chain stays
+//! intact.
 
+use crate::support::bot::Backend;
 use chrono::Utc;
-use jitbot::store::{AuditCheck, AuditDraft, Store, StoreError, TimerKind};
+use jitbot::store::{AuditCheck, AuditDraft, StoreError, TimerKind};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_concurrent_flushed_updates_complete() {
+crate::both_stores!(
+    many_concurrent_flushed_updates_complete,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn many_concurrent_flushed_updates_complete(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    let store = backend.open(&tmp.path().join("db"));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200 {
         let store = store.clone();
@@ -37,14 +43,14 @@ async fn many_concurrent_flushed_updates_complete() {
     assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 200 });
 }
 
+crate::both_stores!(due_timers_never_hands_out_a_timer_before_its_instant);
 // Shows: `due_timers(now)` rounds `now` up to the ms as it does timer keys, so a timer due
 // later in the same millisecond is handed out early (the test bot, the simulator and the
 // bench drive timers with it; `expire` then re-arms the same key and `run_due` spins).
 // Fix: bound the range by `now` rounded *down* (keys whose ms ≤ floor(now)), not up.
-#[tokio::test]
-async fn due_timers_never_hands_out_a_timer_before_its_instant() {
+async fn due_timers_never_hands_out_a_timer_before_its_instant(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    let store = backend.open(&tmp.path().join("db"));
     let ms = chrono::DateTime::from_timestamp_millis(1_780_000_000_123).unwrap();
     let due = ms + chrono::Duration::microseconds(700);
     store

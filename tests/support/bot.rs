@@ -1,7 +1,9 @@
 //! `TestBot`: the engine with an in-memory directory, a real sled store in a
-//! temporary directory and a clock the test moves. Built with a builder so
-//! each test says only what differs.
+//! temporary directory (or, with `.postgres()`, a replica of a new database
+//! on the test PostgreSQL) and a clock the test moves. Built with a builder
+//! so each test says only what differs.
 
+use super::postgres::Database;
 use chrono::{Duration, TimeZone, Utc};
 use jitbot::clock::ManualClock;
 use jitbot::directory::memory::MemoryDirectory;
@@ -47,6 +49,8 @@ pub struct TestBot {
     pub dir: Arc<MemoryDirectory>,
     pub clock: ManualClock,
     pub path: PathBuf,
+    /// The database, when the store is on PostgreSQL.
+    pub pg: Option<Arc<Database>>,
     _tmp: Arc<tempfile::TempDir>,
 }
 
@@ -54,6 +58,15 @@ pub struct Builder {
     policy: Policy,
     settings: EngineSettings,
     directory: Option<Arc<dyn Directory>>,
+    postgres: bool,
+}
+
+/// Opens the store at `path`: sled, or a replica of `pg`.
+pub fn open_store(path: &std::path::Path, pg: Option<&Database>) -> Result<Store, jitbot::store::StoreError> {
+    match pg {
+        Some(db) => Store::open_postgres(path, 16, &db.settings()),
+        None => Store::open(path, 16),
+    }
 }
 
 impl Builder {
@@ -76,13 +89,20 @@ impl Builder {
         self.directory = Some(directory);
         self
     }
+    /// Keeps the store in a new database on the test PostgreSQL (the sled
+    /// directory is this replica's mirror).
+    pub fn postgres(mut self) -> Self {
+        self.postgres = true;
+        self
+    }
     pub fn build(self) -> TestBot {
         let tmp = Arc::new(tempfile::tempdir().expect("tempdir"));
         let path = tmp.path().join("db");
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 9, 0, 0).unwrap());
         let memory = seeded();
         let directory: Arc<dyn Directory> = self.directory.unwrap_or_else(|| memory.clone());
-        let store = Store::open(&path, 16).expect("open store");
+        let pg = self.postgres.then(|| Arc::new(Database::create()));
+        let store = open_store(&path, pg.as_deref()).expect("open store");
         let engine = Engine::new(
             self.policy,
             store,
@@ -95,6 +115,7 @@ impl Builder {
             dir: memory,
             clock,
             path,
+            pg,
             _tmp: tmp,
         }
     }
@@ -122,6 +143,7 @@ impl TestBot {
                 ..EngineSettings::default()
             },
             directory: None,
+            postgres: false,
         }
     }
 
@@ -200,6 +222,7 @@ impl TestBot {
             dir,
             clock,
             path,
+            pg,
             _tmp,
         } = self;
         let settings = engine.settings().clone();
@@ -208,7 +231,7 @@ impl TestBot {
         // for a moment after the engine is gone.
         let mut tries = 0;
         let store = loop {
-            match Store::open(&path, 16) {
+            match open_store(&path, pg.as_deref()) {
                 Err(jitbot::store::StoreError::Locked { .. }) if tries < 100 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
@@ -222,7 +245,57 @@ impl TestBot {
             dir,
             clock,
             path,
+            pg,
             _tmp,
         }
     }
+}
+
+/// Which store a test runs on: store-level behaviour is written once and
+/// run on both (see [`both_stores!`](crate::both_stores)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    /// A new database on the test PostgreSQL for every store opened.
+    Postgres,
+}
+
+impl Backend {
+    /// Opens a new store at `path` (a new database with PostgreSQL).
+    pub fn open(self, path: &std::path::Path) -> Store {
+        match self {
+            Backend::Sled => Store::open(path, 16).expect("open sled store"),
+            Backend::Postgres => {
+                let db = Database::create();
+                Store::open_postgres(path, 16, &db.settings()).expect("open PostgreSQL store")
+            }
+        }
+    }
+
+    /// A test bot builder on this store.
+    pub fn builder(self) -> Builder {
+        match self {
+            Backend::Sled => TestBot::builder(),
+            Backend::Postgres => TestBot::builder().postgres(),
+        }
+    }
+}
+
+/// Runs `async fn $name(backend: Backend)` as two tests, `$name::sled` and
+/// `$name::postgres`; a tokio test flavor may follow the name.
+#[macro_export]
+macro_rules! both_stores {
+    ($name:ident $(, $($flavor:tt)*)?) => {
+        mod $name {
+            use $crate::support::bot::Backend;
+            #[tokio::test $( ( $($flavor)* ) )?]
+            async fn sled() {
+                super::$name(Backend::Sled).await
+            }
+            #[tokio::test $( ( $($flavor)* ) )?]
+            async fn postgres() {
+                super::$name(Backend::Postgres).await
+            }
+        }
+    };
 }

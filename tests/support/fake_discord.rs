@@ -6,6 +6,7 @@
 //! and tells a bot where the gateway is (`GET /gateway/bot`) once a gateway
 //! fake has said where it listens.
 
+use super::net::Recorder;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -31,11 +32,13 @@ pub struct Call {
     pub body: Value,
     /// The `Authorization` header (`Bot <token>`), if any.
     pub authorization: Option<String>,
+    /// Answered with HTTP 429: Discord did nothing.
+    pub rate_limited: bool,
 }
 
 #[derive(Default)]
 struct Inner {
-    calls: Mutex<Vec<Call>>,
+    calls: Recorder<Call>,
     /// (path prefix, remaining 429 answers).
     limits: Mutex<Vec<(String, u32)>>,
     /// DM channels whose user does not accept DMs from the bot.
@@ -88,7 +91,7 @@ impl FakeDiscord {
     }
 
     pub fn calls(&self) -> Vec<Call> {
-        self.inner.calls.lock().unwrap().clone()
+        self.inner.calls.all()
     }
 
     /// Calls with this method whose path matches `path`, where `*` in
@@ -102,16 +105,7 @@ impl FakeDiscord {
 
     /// Waits until a call satisfies `pred`; `None` after `timeout`.
     pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Call) -> bool) -> Option<Call> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.calls().into_iter().find(|c| pred(c)) {
-                return Some(c);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.inner.calls.find_within(timeout, pred).await
     }
 }
 
@@ -161,7 +155,20 @@ async fn api(
 ) -> Response {
     let path = uri.path().trim_start_matches("/api/v10").to_string();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    inner.calls.lock().unwrap().push(Call {
+    let rate_limited = {
+        let mut limits = inner.limits.lock().unwrap();
+        match limits
+            .iter_mut()
+            .find(|(p, n)| *n > 0 && path.starts_with(p.as_str()))
+        {
+            Some(limit) => {
+                limit.1 -= 1;
+                true
+            }
+            None => false,
+        }
+    };
+    inner.calls.push(Call {
         method: method.to_string(),
         path: path.clone(),
         body: body.clone(),
@@ -169,17 +176,11 @@ async fn api(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
+        rate_limited,
     });
-    {
-        let mut limits = inner.limits.lock().unwrap();
-        if let Some(limit) = limits
-            .iter_mut()
-            .find(|(p, n)| *n > 0 && path.starts_with(p.as_str()))
-        {
-            limit.1 -= 1;
-            let body = json!({ "message": "You are being rate limited.", "retry_after": 1.0, "global": false, "code": 0 });
-            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], Json(body)).into_response();
-        }
+    if rate_limited {
+        let body = json!({ "message": "You are being rate limited.", "retry_after": 1.0, "global": false, "code": 0 });
+        return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")], Json(body)).into_response();
     }
     let fresh = || inner.next_id.fetch_add(1, Ordering::SeqCst).to_string();
     let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();

@@ -1,9 +1,12 @@
 //! A fake Slack Web API on `127.0.0.1:0`: records every call (method and
 //! JSON, form or query body) and answers in Slack's JSON shapes. It also
 //! serves `/response/<n>` to stand in for `response_url`, can answer a
-//! method with HTTP 429 and `Retry-After` a given number of times, and lets
-//! another fake answer a method (Socket Mode's `apps.connections.open`).
+//! method (in one channel, or any) with HTTP 429 and `Retry-After` a given
+//! number of times, and lets another fake answer a method (Socket Mode's
+//! `apps.connections.open`). Built on `net.rs` (`serve`, `Recorder`,
+//! `within`) like the other fakes; benches/jitbot.rs includes both files.
 
+use super::net::{serve, Recorder};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -23,19 +26,24 @@ pub struct Call {
     pub method: String,
     pub body: Value,
     pub authorization: Option<String>,
+    /// Answered with HTTP 429 (`ratelimited`): Slack did nothing.
+    pub rate_limited: bool,
 }
 
 #[derive(Default)]
 struct Inner {
-    calls: Mutex<Vec<Call>>,
+    calls: Recorder<Call>,
     /// Slack user id → email, for `users.info` and `users.lookupByEmail`.
     emails: Mutex<HashMap<String, String>>,
-    /// Method → (remaining 429 answers, Retry-After seconds).
-    limits: Mutex<HashMap<String, (u32, u64)>>,
+    /// (method, channel or any) → (remaining 429 answers, Retry-After seconds).
+    limits: Mutex<HashMap<LimitKey, (u32, u64)>>,
     /// Method → who answers it instead of the built-in answers.
     answers: Mutex<HashMap<String, Answerer>>,
     ts: AtomicU64,
 }
+
+/// A rate limit's method, and its channel (`None`: any).
+type LimitKey = (String, Option<String>);
 
 /// Answers a method with Slack's JSON, given the recorded call.
 type Answerer = Arc<dyn Fn(&Call) -> Value + Send + Sync>;
@@ -55,14 +63,7 @@ impl FakeSlack {
             .route("/api/{method}", any(api))
             .route("/response/{n}", post(response))
             .with_state(inner.clone());
-        // Not `net::serve`: benches/jitbot.rs includes this file on its own.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind fake slack");
-        let base = format!("http://{}", listener.local_addr().expect("local addr"));
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let base = serve(app, "fake slack").await;
         FakeSlack { inner, base }
     }
 
@@ -90,7 +91,17 @@ impl FakeSlack {
             .limits
             .lock()
             .unwrap()
-            .insert(method.to_string(), (times, secs));
+            .insert((method.to_string(), None), (times, secs));
+    }
+
+    /// [`FakeSlack::rate_limit`] for calls in `channel` only (Slack limits
+    /// `chat.postMessage` per channel).
+    pub fn rate_limit_in(&self, method: &str, channel: &str, times: u32, secs: u64) {
+        self.inner
+            .limits
+            .lock()
+            .unwrap()
+            .insert((method.to_string(), Some(channel.to_string())), (times, secs));
     }
 
     /// From now on `answer` answers `method` (recorded as any other call).
@@ -103,7 +114,7 @@ impl FakeSlack {
     }
 
     pub fn calls(&self) -> Vec<Call> {
-        self.inner.calls.lock().unwrap().clone()
+        self.inner.calls.all()
     }
 
     pub fn calls_to(&self, method: &str) -> Vec<Call> {
@@ -112,21 +123,23 @@ impl FakeSlack {
 
     /// Waits up to `timeout` for a call matching `pred`, returning it.
     pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Call) -> bool) -> Option<Call> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.calls().into_iter().find(|c| pred(c)) {
-                return Some(c);
+        self.inner.calls.find_within(timeout, pred).await
+    }
+}
+
+/// Whether a 429 is set for this call (and counts it down).
+fn limited(inner: &Inner, method: &str, body: &Value) -> Option<u64> {
+    let channel = body.get("channel").and_then(Value::as_str).map(str::to_string);
+    let mut limits = inner.limits.lock().unwrap();
+    for key in [(method.to_string(), channel), (method.to_string(), None)] {
+        if let Some((left, secs)) = limits.get_mut(&key) {
+            if *left > 0 {
+                *left -= 1;
+                return Some(*secs);
             }
-            if tokio::time::Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-
-    fn record(&self, call: Call) {
-        self.inner.calls.lock().unwrap().push(call);
-    }
+    None
 }
 
 fn parse_body(headers: &HeaderMap, body: &[u8], query: HashMap<String, String>) -> Value {
@@ -152,11 +165,12 @@ async fn api(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fake = FakeSlack {
-        inner: inner.clone(),
-        base: String::new(),
-    };
     let body = parse_body(&headers, &body, query);
+    let answerer = inner.answers.lock().unwrap().get(&method).cloned();
+    let limit = match answerer {
+        Some(_) => None,
+        None => limited(&inner, &method, &body),
+    };
     let call = Call {
         method: method.clone(),
         body: body.clone(),
@@ -164,22 +178,19 @@ async fn api(
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
+        rate_limited: limit.is_some(),
     };
-    fake.record(call.clone());
-    let answerer = inner.answers.lock().unwrap().get(&method).cloned();
+    inner.calls.push(call.clone());
     if let Some(answer) = answerer {
         return Json(answer(&call)).into_response();
     }
-    if let Some((left, secs)) = inner.limits.lock().unwrap().get_mut(&method) {
-        if *left > 0 {
-            *left -= 1;
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [("retry-after", secs.to_string())],
-                Json(json!({"ok": false, "error": "ratelimited"})),
-            )
-                .into_response();
-        }
+    if let Some(secs) = limit {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", secs.to_string())],
+            Json(json!({"ok": false, "error": "ratelimited"})),
+        )
+            .into_response();
     }
     let s = |k: &str| {
         body.get(k)
@@ -254,17 +265,14 @@ async fn response(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let fake = FakeSlack {
-        inner,
-        base: String::new(),
-    };
-    fake.record(Call {
+    inner.calls.push(Call {
         method: format!("response/{n}"),
         body: parse_body(&headers, &body, HashMap::new()),
         authorization: headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
+        rate_limited: false,
     });
     (StatusCode::OK, "ok").into_response()
 }

@@ -19,16 +19,24 @@ pub async fn serve(app: Router, what: &str) -> String {
 
 /// Polls `f` every 20 ms until it returns `Some`, for at most `timeout`;
 /// panics with `what` (say what was awaited) when it never does.
-pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    match within(timeout, f).await {
+        Some(v) => v,
+        None => panic!("waited {timeout:?} for {what}"),
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, for at most `timeout`;
+/// `None` when it never does (for a test that expects nothing to come).
+pub async fn within<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited {timeout:?} for {what}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -64,5 +72,10 @@ impl<T: Clone> Recorder<T> {
     /// Waits up to `timeout` for an item matching `pred`.
     pub async fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&T) -> bool) -> T {
         eventually(timeout, what, || self.all().into_iter().find(|t| pred(t))).await
+    }
+
+    /// The first item matching `pred` within `timeout`, or `None`.
+    pub async fn find_within(&self, timeout: Duration, pred: impl Fn(&T) -> bool) -> Option<T> {
+        within(timeout, || self.all().into_iter().find(|t| pred(t))).await
     }
 }

@@ -88,7 +88,7 @@ pub fn approval_edit(card: &ApprovalCard) -> EditMessage {
 pub fn notice_message(notice: &Notice) -> CreateMessage {
     CreateMessage::new()
         .content(render::clip(
-            &render::without_shortcodes(&notice.text),
+            &render::notice_text(notice, render::Decoration::Plain),
             CONTENT_LIMIT,
         ))
         .components(buttons(&notice.buttons))

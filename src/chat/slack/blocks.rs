@@ -95,15 +95,12 @@ pub fn approval_card(card: &ApprovalCard) -> SlackMessageContent {
 
 /// A notice: its text, and its buttons when it has any.
 pub fn notice(notice: &Notice) -> SlackMessageContent {
-    let mut blocks: Vec<SlackBlock> = vec![SlackSectionBlock::new()
-        .with_text(mrkdwn(escape(&notice.text)))
-        .into()];
+    let text = escape(&render::notice_text(notice, render::Decoration::SlackEmoji));
+    let mut blocks: Vec<SlackBlock> = vec![SlackSectionBlock::new().with_text(mrkdwn(text.clone())).into()];
     if let Some(b) = buttons(&notice.buttons) {
         blocks.push(b);
     }
-    SlackMessageContent::new()
-        .with_text(escape(&notice.text))
-        .with_blocks(blocks)
+    SlackMessageContent::new().with_text(text).with_blocks(blocks)
 }
 
 fn input(block_id: &str, title: &str, placeholder: &str, multiline: bool, optional: bool) -> SlackBlock {
@@ -205,6 +202,7 @@ mod tests {
                 to: crate::ports::Audience::Alert,
                 text: "fix <!channel> & <@U123> <https://evil|x>".into(),
                 buttons: vec![],
+                tone: Default::default(),
             }),
         ] {
             let text = content.text.clone().unwrap();

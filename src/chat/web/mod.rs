@@ -256,7 +256,7 @@ impl Notifier for WebConsole {
 
     async fn send(&self, notice: &Notice) -> Result<(), ChatError> {
         let buttons = notice.buttons.iter().map(Button::of).collect();
-        let text = render::without_shortcodes(&notice.text);
+        let text = render::notice_text(notice, render::Decoration::Plain);
         match &notice.to {
             Audience::User { user, .. } => {
                 self.push(Place::Direct, Some(user.to_string()), None, text, buttons, None)
@@ -316,6 +316,7 @@ mod tests {
             },
             text: "for alice".into(),
             buttons: vec![],
+            tone: Default::default(),
         };
         console.send(&dm).await.unwrap();
         assert!(console.changes(after.latest, Some("bob")).messages.is_empty());
@@ -340,6 +341,7 @@ mod tests {
                 to: Audience::Alert,
                 text: format!("alert {i}"),
                 buttons: vec![],
+                tone: Default::default(),
             };
             console.send(&n).await.unwrap();
         }

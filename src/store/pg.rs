@@ -1,0 +1,987 @@
+//! The PostgreSQL backend: PostgreSQL holds the truth, and each replica
+//! keeps its sled store as a mirror of it, brought up to date under the
+//! writer lock before every transaction, so reads stay local and
+//! synchronous and every invariant check reads the current state.
+//!
+//! Tables (`MIGRATIONS`): `jitbot_kv(tree, key, value, version)` holds every
+//! tree's keys (`value` NULL: a deletion, kept so other replicas see it,
+//! until garbage-collected below `jitbot_head.gc_version`), and
+//! `jitbot_head`'s one row the version of the last commit: `SELECT … FOR
+//! UPDATE` on it is the store-wide writer lock across replicas.
+//!
+//! A transaction ([`Replica::begin`], then `Open::commit`): lock the head,
+//! pull what other replicas committed since the mirror's version into the
+//! mirror, run the sled transaction with its writes captured and aborted
+//! (`kv.rs`), write them to PostgreSQL under the next version, COMMIT, and
+//! only then apply them to the mirror with the new version. A failed or
+//! unknown COMMIT leaves the mirror untouched and fails the caller, so
+//! nothing acts on a change PostgreSQL does not hold; the next transaction
+//! pulls whatever did land.
+//!
+//! The blocking `postgres` client runs on a thread of its own, fed by a
+//! channel: the store's writers are synchronous functions called from
+//! async code, and a client on the tokio runtime would need a nested
+//! `block_on` there. A caller waits for the database on its own thread, as
+//! it waits for the writer lock.
+
+use super::kv::{Change, TreeId};
+use super::{Store, StoreError};
+use crate::secret::Secret;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The schema, one migration per version, applied in order by [`migrate`].
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE jitbot_kv (
+        tree text NOT NULL,
+        key bytea NOT NULL,
+        value bytea NULL,
+        version bigint NOT NULL,
+        PRIMARY KEY (tree, key)
+    );
+    CREATE INDEX jitbot_kv_version ON jitbot_kv (version);
+    CREATE TABLE jitbot_head (
+        id int PRIMARY KEY CHECK (id = 1),
+        version bigint NOT NULL,
+        gc_version bigint NOT NULL,
+        db_id text NOT NULL
+    );
+    INSERT INTO jitbot_head (id, version, gc_version, db_id)
+        VALUES (1, 0, 0, md5(random()::text || clock_timestamp()::text));",
+    ),
+    (
+        2,
+        "CREATE TABLE jitbot_leader (
+        id int PRIMARY KEY CHECK (id = 1),
+        holder text NOT NULL,
+        token bigint NOT NULL,
+        expires_at timestamptz NOT NULL
+    );",
+    ),
+];
+
+/// The schema version this build needs.
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// When deletions are garbage-collected: every `every` versions, those
+/// older than `keep` versions go; a mirror further behind reloads
+/// everything.
+#[derive(Clone, Copy, Debug)]
+struct Gc {
+    keep: i64,
+    every: i64,
+}
+
+const GC: Gc = Gc {
+    keep: 100_000,
+    every: 1_000,
+};
+
+/// Advisory lock key that serializes migrations (ASCII "jitbotmg").
+const MIGRATION_LOCK: i64 = 0x6a69_7462_6f74_6d67;
+
+/// Keys of the mirror's own `mirror` tree (never replicated).
+const MIRROR_VERSION: &[u8] = b"version";
+const MIRROR_DB: &[u8] = b"db_id";
+
+/// How to reach PostgreSQL (`[store] kind = "postgres"`).
+#[derive(Clone, Debug)]
+pub struct PgSettings {
+    /// `postgres://user@host:port/dbname?…` (libpq URL or key=value form).
+    pub url: String,
+    /// The password, when not in the URL.
+    pub password: Option<Secret>,
+    /// Apply missing migrations when connecting (else refuse to start).
+    pub migrate: bool,
+}
+
+impl PgSettings {
+    fn config(&self) -> Result<postgres::Config, StoreError> {
+        let lowered = self.url.to_ascii_lowercase();
+        if ["sslmode=require", "sslmode=verify-ca", "sslmode=verify-full"]
+            .iter()
+            .any(|m| lowered.contains(m))
+        {
+            return Err(StoreError::Io(
+                "[store] url asks for TLS (sslmode=require/verify-ca/verify-full), which this jitbot does not \
+                 speak to PostgreSQL yet; reach the database over a private network or a local TLS tunnel \
+                 and use sslmode=disable"
+                    .into(),
+            ));
+        }
+        let mut config: postgres::Config = self.url.parse().map_err(|e| {
+            StoreError::Io(format!(
+                "[store] url is not a PostgreSQL connection URL ({e}); write it as postgres://user@host:5432/dbname"
+            ))
+        })?;
+        if let Some(password) = &self.password {
+            config.password(password.expose());
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        config.application_name("jitbot");
+        config.keepalives(true);
+        Ok(config)
+    }
+
+    fn connect(&self) -> Result<postgres::Client, StoreError> {
+        let mut client = self.config()?.connect(postgres::NoTls).map_err(|e| {
+            StoreError::Io(format!(
+                "cannot connect to PostgreSQL at [store] url ({}); check the URL, the password and that the \
+                 server accepts connections from here",
+                describe(&e)
+            ))
+        })?;
+        // A replica that hangs while holding the head's lock must not stop
+        // every other replica: the server ends such a transaction.
+        client
+            .batch_execute(
+                "SET statement_timeout = '30s'; SET lock_timeout = '30s'; \
+                 SET idle_in_transaction_session_timeout = '60s'",
+            )
+            .map_err(|e| pg_error("setting the session's timeouts", &e))?;
+        Ok(client)
+    }
+}
+
+/// The error and, when PostgreSQL sent one, its message.
+fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {}", db.message()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn pg_error(what: &str, e: &postgres::Error) -> StoreError {
+    StoreError::Io(format!(
+        "PostgreSQL {what} failed ({}); nothing was acted on. If the database is down, jitbot retries on \
+         the next change; check the server",
+        describe(e)
+    ))
+}
+
+/// Applies the missing migrations (under an advisory lock, so replicas
+/// starting together apply each once); returns how many were applied.
+/// Refuses a database whose schema is newer than this build.
+pub fn migrate(settings: &PgSettings) -> Result<usize, StoreError> {
+    let settings = settings.clone();
+    on_own_thread(move || {
+        let mut client = settings.connect()?;
+        migrate_with(&mut client)
+    })
+}
+
+/// Runs `f` on a new thread: the blocking client must not run on a tokio
+/// runtime thread.
+fn on_own_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    std::thread::Builder::new()
+        .name("jitbot-pg".into())
+        .spawn(f)
+        .map_err(|e| StoreError::Io(format!("cannot start the PostgreSQL thread: {e}")))?
+        .join()
+        .map_err(|_| StoreError::Io("the PostgreSQL thread panicked; report this bug".into()))?
+}
+
+fn migrate_with(client: &mut postgres::Client) -> Result<usize, StoreError> {
+    let mut tx = client.transaction().map_err(|e| pg_error("BEGIN", &e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(|e| pg_error("taking the migration lock", &e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS jitbot_schema (
+            version int PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        )",
+    )
+    .map_err(|e| pg_error("creating jitbot_schema", &e))?;
+    let current: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM jitbot_schema", &[])
+        .map_err(|e| pg_error("reading the schema version", &e))?
+        .get(0);
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Io(format!(
+            "the database's jitbot schema is version {current}, newer than this jitbot's ({SCHEMA_VERSION}); \
+             run the newer jitbot release, or restore the database from before the upgrade"
+        )));
+    }
+    let mut applied = 0;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql)
+            .map_err(|e| pg_error(&format!("migration {version}"), &e))?;
+        tx.execute("INSERT INTO jitbot_schema (version) VALUES ($1)", &[version])
+            .map_err(|e| pg_error("recording a migration", &e))?;
+        applied += 1;
+    }
+    tx.commit()
+        .map_err(|e| pg_error("COMMIT of the migrations", &e))?;
+    Ok(applied)
+}
+
+fn schema_version(client: &mut postgres::Client) -> Result<i32, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('jitbot_schema') IS NOT NULL", &[])
+        .map_err(|e| pg_error("reading the schema version", &e))?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let row = client
+        .query_one("SELECT coalesce(max(version), 0) FROM jitbot_schema", &[])
+        .map_err(|e| pg_error("reading the schema version", &e))?;
+    Ok(row.get(0))
+}
+
+/// The head row: the last committed version, the deletion horizon, and
+/// the database's identity (a mirror of another database reloads).
+#[derive(Clone, Debug)]
+struct Head {
+    version: i64,
+    gc_version: i64,
+    db_id: String,
+}
+
+/// What a mirror must do to catch up.
+enum Pulled {
+    /// Apply these changes; the mirror is then at `head`.
+    Changes(Vec<Change>),
+    /// Replace the mirror with these (every key that has a value).
+    Reload(Vec<Change>),
+}
+
+type Reply<T> = mpsc::SyncSender<Result<T, StoreError>>;
+
+enum Job {
+    /// BEGIN, lock the head, and catch up from the mirror at `since`
+    /// (of database `db`); then wait for `Commit` or `Rollback`.
+    Begin {
+        since: Option<(i64, String)>,
+        reply: Reply<(Head, Pulled)>,
+    },
+    /// Write `changes` as version head + 1 and COMMIT.
+    Commit {
+        changes: Vec<Change>,
+        gc: Gc,
+        /// The leader's fencing token this replica commits under, if any.
+        fence: Option<i64>,
+        reply: Reply<i64>,
+    },
+    /// Take or renew the leadership for `holder` for `ttl` seconds.
+    Lead {
+        holder: String,
+        ttl: f64,
+        reply: Reply<Option<i64>>,
+    },
+    /// Give the leadership up (at shutdown), if still held with `token`.
+    Resign {
+        holder: String,
+        token: i64,
+        reply: Reply<()>,
+    },
+    Rollback,
+    /// Catch up without locking (a read-only snapshot).
+    Refresh {
+        since: Option<(i64, String)>,
+        reply: Reply<(Head, Pulled)>,
+    },
+}
+
+/// This replica's link to the database: a channel to the thread that owns
+/// the connection.
+pub(crate) struct Replica {
+    jobs: mpsc::Sender<Job>,
+    /// The deletion horizon's settings (a test hook makes them small).
+    gc: std::sync::Mutex<Gc>,
+    /// Test hook: the next COMMIT fails (a real failing statement first).
+    fail_next_commit: AtomicBool,
+    /// Test hook: the next commit reaches PostgreSQL but not the mirror,
+    /// as if the process died in between.
+    lose_next_apply: AtomicBool,
+}
+
+/// An open PostgreSQL transaction holding the head's row lock.
+pub(super) struct Open<'s> {
+    replica: &'s Replica,
+    store: &'s Store,
+    done: bool,
+}
+
+impl Replica {
+    /// Starts the connection thread; connects (and migrates when asked)
+    /// before returning, so a bad URL or password fails the start.
+    pub(super) fn start(settings: &PgSettings) -> Result<Replica, StoreError> {
+        let (jobs, inbox) = mpsc::channel();
+        let (ready, started) = mpsc::sync_channel(1);
+        let settings = settings.clone();
+        std::thread::Builder::new()
+            .name("jitbot-pg".into())
+            .spawn(move || {
+                let client = settings.connect().and_then(|mut client| {
+                    if settings.migrate {
+                        migrate_with(&mut client)?;
+                    }
+                    match schema_version(&mut client)? {
+                        SCHEMA_VERSION => Ok(client),
+                        found => Err(StoreError::Io(format!(
+                            "the database's jitbot schema is version {found}, this jitbot needs {SCHEMA_VERSION}; \
+                             run `jitbot migrate` (or leave [store] migrate on)"
+                        ))),
+                    }
+                });
+                match client {
+                    Ok(client) => {
+                        let _ = ready.send(Ok(()));
+                        serve(client, settings, inbox);
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Io(format!("cannot start the PostgreSQL thread: {e}")))?;
+        started
+            .recv()
+            .map_err(|_| StoreError::Io("the PostgreSQL thread stopped while connecting".into()))??;
+        Ok(Replica {
+            jobs,
+            gc: std::sync::Mutex::new(GC),
+            fail_next_commit: AtomicBool::new(false),
+            lose_next_apply: AtomicBool::new(false),
+        })
+    }
+
+    fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.jobs
+            .send(job(reply))
+            .map_err(|_| StoreError::Io("the PostgreSQL thread has stopped; restart jitbot".into()))?;
+        answer
+            .recv()
+            .map_err(|_| StoreError::Io("the PostgreSQL thread has stopped; restart jitbot".into()))?
+    }
+
+    /// BEGIN and lock the head, then bring the mirror up to date. Called
+    /// with the store's writer lock held.
+    pub(super) fn begin<'s>(&'s self, store: &'s Store) -> Result<Open<'s>, StoreError> {
+        let since = mirror_position(store)?;
+        let (head, pulled) = self.ask(|reply| Job::Begin { since, reply })?;
+        // From here on, dropping `open` rolls the transaction back.
+        let open = Open {
+            replica: self,
+            store,
+            done: false,
+        };
+        catch_up(store, &head, pulled)?;
+        Ok(open)
+    }
+
+    pub(super) fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        self.ask(|reply| Job::Lead {
+            holder: holder.to_string(),
+            ttl: ttl.as_secs_f64(),
+            reply,
+        })
+    }
+
+    pub(super) fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError> {
+        self.ask(|reply| Job::Resign {
+            holder: holder.to_string(),
+            token,
+            reply,
+        })
+    }
+
+    /// Brings the mirror up to date without taking the database's lock.
+    /// Called with the store's writer lock held.
+    pub(super) fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
+        let since = mirror_position(store)?;
+        let (head, pulled) = self.ask(|reply| Job::Refresh { since, reply })?;
+        catch_up(store, &head, pulled)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.replica.jobs.send(Job::Rollback);
+        }
+    }
+}
+
+impl Open<'_> {
+    /// Writes `log` to PostgreSQL as the next version and commits; then
+    /// applies it to the mirror. With nothing written, just ends the
+    /// transaction.
+    pub(super) fn commit(mut self, log: Vec<Change>) -> Result<(), StoreError> {
+        self.done = true;
+        if log.is_empty() {
+            let _ = self.replica.jobs.send(Job::Rollback);
+            return Ok(());
+        }
+        // The last write of each key is the one that counts.
+        let mut last: BTreeMap<(&'static str, Vec<u8>), Change> = BTreeMap::new();
+        for change in log {
+            last.insert((change.tree.name(), change.key.clone()), change);
+        }
+        let changes: Vec<Change> = last.into_values().collect();
+        if self.replica.fail_next_commit.swap(false, Ordering::SeqCst) {
+            let _ = self.replica.ask(|reply| Job::Commit {
+                gc: GC,
+                fence: None,
+                changes: vec![Change {
+                    tree: TreeId::Meta,
+                    key: FAIL_KEY.to_vec(),
+                    value: None,
+                }],
+                reply,
+            })?;
+        }
+        let gc = *self.replica.gc.lock().unwrap_or_else(|p| p.into_inner());
+        let fence = self.store.fence();
+        let version = self.replica.ask(|reply| Job::Commit {
+            gc,
+            fence,
+            changes: changes.clone(),
+            reply,
+        })?;
+        if self.replica.lose_next_apply.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Io(
+                "test hook: committed to PostgreSQL, and the mirror was not updated".into(),
+            ));
+        }
+        if let Err(e) = apply(self.store, &changes, version, None) {
+            // The database holds the change and the mirror may not: fail
+            // closed; the restart catches up from the database.
+            let why = format!("the local mirror could not take a committed change ({e})");
+            let _ = self.store.inner.failed.set(why.clone());
+            return Err(StoreError::Failed(why));
+        }
+        Ok(())
+    }
+}
+
+/// A key whose write makes the commit fail inside PostgreSQL (test hook).
+const FAIL_KEY: &[u8] = b"\0jitbot-test-fail-commit";
+
+/// The mirror's version and database, or `None` when it must reload.
+fn mirror_position(store: &Store) -> Result<Option<(i64, String)>, StoreError> {
+    let mirror = &store.inner.mirror;
+    let version = mirror.get(MIRROR_VERSION)?;
+    let db = mirror.get(MIRROR_DB)?;
+    Ok(match (version, db) {
+        (Some(v), Some(db)) if v.len() == 8 => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v);
+            Some((i64::from_be_bytes(b), String::from_utf8_lossy(&db).into_owned()))
+        }
+        _ => None,
+    })
+}
+
+/// Brings the mirror to `head`; whether anything changed.
+fn catch_up(store: &Store, head: &Head, pulled: Pulled) -> Result<bool, StoreError> {
+    match pulled {
+        Pulled::Changes(changes) => {
+            if changes.is_empty() && mirror_position(store)?.is_some_and(|(v, _)| v == head.version) {
+                return Ok(false);
+            }
+            apply(store, &changes, head.version, None)?;
+            Ok(!changes.is_empty())
+        }
+        Pulled::Reload(rows) => reload(store, head, rows).map(|()| true),
+    }
+}
+
+/// Applies `changes` to the mirror and sets its version, in one sled
+/// transaction.
+fn apply(store: &Store, changes: &[Change], version: i64, db: Option<&str>) -> Result<(), StoreError> {
+    use sled::transaction::{ConflictableTransactionError, TransactionError};
+    use sled::Transactional;
+    let mut trees: Vec<&sled::Tree> = TreeId::ALL.iter().map(|t| store.tree(*t)).collect();
+    trees.push(&store.inner.mirror);
+    let index = |t: TreeId| TreeId::ALL.iter().position(|x| *x == t).unwrap_or(0);
+    trees
+        .as_slice()
+        .transaction(|views| {
+            for c in changes {
+                let view = &views[index(c.tree)];
+                match &c.value {
+                    Some(v) => view.insert(c.key.as_slice(), v.as_slice())?,
+                    None => view.remove(c.key.as_slice())?,
+                };
+            }
+            let mirror = &views[TreeId::ALL.len()];
+            mirror.insert(MIRROR_VERSION, &version.to_be_bytes())?;
+            if let Some(db) = db {
+                mirror.insert(MIRROR_DB, db.as_bytes())?;
+            }
+            Ok::<(), ConflictableTransactionError<StoreError>>(())
+        })
+        .map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Io(e.to_string()),
+        })
+}
+
+/// Replaces the whole mirror with the database's contents. The mirror's
+/// version goes first, so a crash half-way reloads again.
+fn reload(store: &Store, head: &Head, rows: Vec<Change>) -> Result<(), StoreError> {
+    store.inner.mirror.remove(MIRROR_VERSION)?;
+    store.inner.mirror.remove(MIRROR_DB)?;
+    // On disk before anything is cleared: a crash from here on leaves a
+    // mirror without a version, which reloads.
+    store.inner.db.flush()?;
+    for t in TreeId::ALL {
+        store.tree(t).clear()?;
+    }
+    let mut batches: BTreeMap<&'static str, (TreeId, sled::Batch)> = BTreeMap::new();
+    for row in rows {
+        if let Some(v) = row.value {
+            batches
+                .entry(row.tree.name())
+                .or_insert_with(|| (row.tree, sled::Batch::default()))
+                .1
+                .insert(row.key, v);
+        }
+    }
+    for (_, (tree, batch)) in batches {
+        store.tree(tree).apply_batch(batch)?;
+    }
+    apply(store, &[], head.version, Some(&head.db_id))
+}
+
+/// Whether a sled directory holds data but is no mirror: pointing the
+/// PostgreSQL backend at an existing sled store would throw its data away.
+pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
+    if store.inner.mirror.get(MIRROR_DB)?.is_some() {
+        return Ok(false);
+    }
+    for t in TreeId::ALL {
+        if !store.tree(t).is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+impl Store {
+    /// Test hook: the next PostgreSQL COMMIT fails (a failing statement is
+    /// sent in the transaction, so PostgreSQL rolls it back).
+    #[doc(hidden)]
+    pub fn fail_next_pg_commit(&self) {
+        if let super::kv::Backend::Postgres(r) = &self.inner.backend {
+            r.fail_next_commit.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Test hook: the next commit lands in PostgreSQL but not in this
+    /// replica's mirror, as if the process were killed in between.
+    #[doc(hidden)]
+    pub fn lose_next_mirror_apply(&self) {
+        if let super::kv::Backend::Postgres(r) = &self.inner.backend {
+            r.lose_next_apply.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Test hook: this replica collects deletions older than `keep`
+    /// versions every `every` versions (instead of 100,000 and 1,000).
+    #[doc(hidden)]
+    pub fn set_pg_gc(&self, keep: i64, every: i64) {
+        if let super::kv::Backend::Postgres(r) = &self.inner.backend {
+            *r.gc.lock().unwrap_or_else(|p| p.into_inner()) = Gc {
+                keep,
+                every: every.max(1),
+            };
+        }
+    }
+
+    /// Brings this replica's mirror up to date with what other replicas
+    /// committed (with PostgreSQL; nothing to do on sled). Every write
+    /// does this first; call it periodically so reads between writes stay
+    /// fresh. Returns whether anything changed.
+    pub fn refresh(&self) -> Result<bool, StoreError> {
+        self.check_healthy()?;
+        match &self.inner.backend {
+            super::kv::Backend::Postgres(replica) => {
+                let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+                replica.refresh(self)
+            }
+            super::kv::Backend::Sled => Ok(false),
+        }
+    }
+
+    /// Whether this store is a replica of PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.inner.backend, super::kv::Backend::Postgres(_))
+    }
+}
+
+/// Refreshes `store`'s mirror every `every` until shutdown (the refresh
+/// waits for the database on tokio's blocking pool), calling `changed`
+/// when it pulled something, so the scheduler and the outbox worker look
+/// at other replicas' new timers and notices at once.
+pub async fn refresh_every(
+    store: Store,
+    every: Duration,
+    changed: impl Fn() + Send + 'static,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.refresh()).await {
+            Ok(Ok(true)) => changed(),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot pull other replicas' changes from PostgreSQL; retrying")
+            }
+            Err(e) => tracing::warn!(error = %e, "the mirror refresh task failed; retrying"),
+        }
+    }
+}
+
+// ---- the connection thread ----
+
+struct Conn {
+    client: Option<postgres::Client>,
+    settings: PgSettings,
+}
+
+impl Conn {
+    fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(self.settings.connect()?);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| StoreError::Io("no PostgreSQL connection".into()))
+    }
+}
+
+fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<Job>) {
+    let mut conn = Conn {
+        client: Some(client),
+        settings,
+    };
+    while let Ok(job) = inbox.recv() {
+        match job {
+            Job::Begin { since, reply } => {
+                let client = match conn.client() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                };
+                in_transaction(client, since, reply, &inbox);
+            }
+            Job::Refresh { since, reply } => {
+                let answer = conn.client().and_then(|c| snapshot(c, since));
+                let _ = reply.send(answer);
+            }
+            // A rollback or commit without a transaction: the caller gave
+            // up on a `Begin` that failed.
+            Job::Rollback => {}
+            Job::Commit { reply, .. } => {
+                let _ = reply.send(Err(StoreError::Io("no PostgreSQL transaction is open".into())));
+            }
+            Job::Lead { holder, ttl, reply } => {
+                let _ = reply.send(conn.client().and_then(|c| lead(c, &holder, ttl)));
+            }
+            Job::Resign { holder, token, reply } => {
+                let answer = conn.client().and_then(|c| {
+                    c.execute(
+                        // Expired, not deleted: the next term's token must
+                        // still be larger than this one's.
+                        "UPDATE jitbot_leader SET expires_at = clock_timestamp() \
+                         WHERE id = 1 AND holder = $1 AND token = $2",
+                        &[&holder, &token],
+                    )
+                    .map(|_| ())
+                    .map_err(|e| pg_error("resigning the leadership", &e))
+                });
+                let _ = reply.send(answer);
+            }
+        }
+    }
+}
+
+fn busy() -> StoreError {
+    StoreError::Io("a PostgreSQL transaction is already open on this replica; report this bug".into())
+}
+
+/// Runs one locked transaction: the head lock and catch-up, then whatever
+/// the writer sends until it commits or rolls back.
+fn in_transaction(
+    client: &mut postgres::Client,
+    since: Option<(i64, String)>,
+    reply: Reply<(Head, Pulled)>,
+    inbox: &mpsc::Receiver<Job>,
+) {
+    let mut tx = match client.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let _ = reply.send(Err(pg_error("BEGIN", &e)));
+            return;
+        }
+    };
+    let head = match read_head(&mut tx, "FOR UPDATE").and_then(|head| {
+        let pulled = pull(&mut tx, &head, since)?;
+        Ok((head, pulled))
+    }) {
+        Ok((head, pulled)) => {
+            if reply.send(Ok((head.clone(), pulled))).is_err() {
+                return;
+            }
+            head
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
+        }
+    };
+    loop {
+        match inbox.recv() {
+            Ok(Job::Commit {
+                changes,
+                gc,
+                fence,
+                reply,
+            }) => {
+                let _ = reply.send(write(tx, &head, &changes, gc, fence));
+                return;
+            }
+            Ok(Job::Rollback) | Err(_) => return,
+            Ok(Job::Begin { reply, .. }) | Ok(Job::Refresh { reply, .. }) => {
+                let _ = reply.send(Err(busy()));
+            }
+            Ok(Job::Lead { reply, .. }) => {
+                let _ = reply.send(Err(busy()));
+            }
+            Ok(Job::Resign { reply, .. }) => {
+                let _ = reply.send(Err(busy()));
+            }
+        }
+    }
+}
+
+fn read_head(tx: &mut postgres::Transaction<'_>, lock: &str) -> Result<Head, StoreError> {
+    let row = tx
+        .query_one(
+            &format!("SELECT version, gc_version, db_id FROM jitbot_head WHERE id = 1 {lock}"),
+            &[],
+        )
+        .map_err(|e| pg_error("reading jitbot_head", &e))?;
+    Ok(Head {
+        version: row.get(0),
+        gc_version: row.get(1),
+        db_id: row.get(2),
+    })
+}
+
+fn pull(
+    tx: &mut postgres::Transaction<'_>,
+    head: &Head,
+    since: Option<(i64, String)>,
+) -> Result<Pulled, StoreError> {
+    let from = match since {
+        Some((v, db)) if db == head.db_id && v >= head.gc_version && v <= head.version => v,
+        _ => {
+            let rows = tx
+                .query(
+                    "SELECT tree, key, value FROM jitbot_kv WHERE value IS NOT NULL",
+                    &[],
+                )
+                .map_err(|e| pg_error("reading the store", &e))?;
+            return Ok(Pulled::Reload(changes_of(rows)?));
+        }
+    };
+    if from == head.version {
+        return Ok(Pulled::Changes(Vec::new()));
+    }
+    let rows = tx
+        .query(
+            "SELECT tree, key, value FROM jitbot_kv WHERE version > $1 ORDER BY version",
+            &[&from],
+        )
+        .map_err(|e| pg_error("reading changes from other replicas", &e))?;
+    Ok(Pulled::Changes(changes_of(rows)?))
+}
+
+fn changes_of(rows: Vec<postgres::Row>) -> Result<Vec<Change>, StoreError> {
+    rows.into_iter()
+        .map(|row| {
+            let tree: String = row.get(0);
+            let tree = TreeId::from_name(&tree).ok_or_else(|| StoreError::Corrupt {
+                key: format!("jitbot_kv tree {tree}"),
+                error: "not a tree this jitbot knows; is a newer jitbot writing to this database?".into(),
+            })?;
+            Ok(Change {
+                tree,
+                key: row.get(1),
+                value: row.get(2),
+            })
+        })
+        .collect()
+}
+
+fn snapshot(
+    client: &mut postgres::Client,
+    since: Option<(i64, String)>,
+) -> Result<(Head, Pulled), StoreError> {
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(|e| pg_error("BEGIN", &e))?;
+    let head = read_head(&mut tx, "")?;
+    let pulled = pull(&mut tx, &head, since)?;
+    tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
+    Ok((head, pulled))
+}
+
+/// Takes the leadership when it is free or expired, or renews it when
+/// `holder` has it; the token grows with every new term. The database's
+/// clock decides expiry, so the replicas' clocks need not agree.
+fn lead(client: &mut postgres::Client, holder: &str, ttl: f64) -> Result<Option<i64>, StoreError> {
+    let rows = client
+        .query(
+            "INSERT INTO jitbot_leader AS l (id, holder, token, expires_at) \
+             VALUES (1, $1, 1, clock_timestamp() + make_interval(secs => $2)) \
+             ON CONFLICT (id) DO UPDATE SET \
+               token = CASE WHEN l.holder = excluded.holder AND l.expires_at > clock_timestamp() \
+                       THEN l.token ELSE l.token + 1 END, \
+               holder = excluded.holder, \
+               expires_at = excluded.expires_at \
+             WHERE l.expires_at <= clock_timestamp() OR l.holder = excluded.holder \
+             RETURNING token",
+            &[&holder, &ttl],
+        )
+        .map_err(|e| pg_error("taking the leadership", &e))?;
+    Ok(rows.first().map(|r| r.get(0)))
+}
+
+fn write(
+    mut tx: postgres::Transaction<'_>,
+    head: &Head,
+    changes: &[Change],
+    gc_at: Gc,
+    fence: Option<i64>,
+) -> Result<i64, StoreError> {
+    if let Some(token) = fence {
+        // FOR SHARE: a takeover (an UPDATE of this row) waits for this
+        // COMMIT, so no change of a deposed leader lands in a later term.
+        let held = tx
+            .query(
+                "SELECT token FROM jitbot_leader WHERE id = 1 AND token = $1 \
+                 AND expires_at > clock_timestamp() FOR SHARE",
+                &[&token],
+            )
+            .map_err(|e| pg_error("checking the leadership", &e))?;
+        if held.is_empty() {
+            return Err(StoreError::Deposed);
+        }
+    }
+    let version = head.version + 1;
+    let trees: Vec<&str> = changes.iter().map(|c| c.tree.name()).collect();
+    let keys: Vec<&[u8]> = changes.iter().map(|c| c.key.as_slice()).collect();
+    let values: Vec<Option<&[u8]>> = changes.iter().map(|c| c.value.as_deref()).collect();
+    if changes.iter().any(|c| c.key == FAIL_KEY) {
+        tx.execute("SELECT 1 / 0", &[])
+            .map_err(|e| pg_error("COMMIT (test hook)", &e))?;
+    }
+    tx.execute(
+        "INSERT INTO jitbot_kv (tree, key, value, version) \
+         SELECT t, k, v, $4 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(t, k, v) \
+         ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value, version = excluded.version",
+        &[&trees, &keys, &values, &version],
+    )
+    .map_err(|e| pg_error("writing the change", &e))?;
+    let mut gc = head.gc_version;
+    if version % gc_at.every == 0 && version > gc_at.keep {
+        gc = version - gc_at.keep;
+        tx.execute(
+            "DELETE FROM jitbot_kv WHERE value IS NULL AND version <= $1",
+            &[&gc],
+        )
+        .map_err(|e| pg_error("collecting old deletions", &e))?;
+    }
+    tx.execute(
+        "UPDATE jitbot_head SET version = $1, gc_version = $2 WHERE id = 1",
+        &[&version, &gc],
+    )
+    .map_err(|e| pg_error("advancing jitbot_head", &e))?;
+    tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
+    Ok(version)
+}
+
+/// Copies every tree of `from` (a sled store) into the empty database at
+/// `to`, as version 1; returns the keys copied per tree.
+pub(super) fn copy_into(
+    rows: Vec<Change>,
+    settings: &PgSettings,
+) -> Result<BTreeMap<&'static str, u64>, StoreError> {
+    let settings = settings.clone();
+    on_own_thread(move || {
+        let mut client = settings.connect()?;
+        migrate_with(&mut client)?;
+        let mut tx = client.transaction().map_err(|e| pg_error("BEGIN", &e))?;
+        let head = read_head(&mut tx, "FOR UPDATE")?;
+        let any: i64 = tx
+            .query_one("SELECT count(*) FROM jitbot_kv", &[])
+            .map_err(|e| pg_error("counting rows", &e))?
+            .get(0);
+        if head.version != 0 || any != 0 {
+            return Err(StoreError::Io(
+                "the target database already holds a jitbot store; copy into a new, empty database".into(),
+            ));
+        }
+        let mut counts = BTreeMap::new();
+        for chunk in rows.chunks(5_000) {
+            for c in chunk {
+                *counts.entry(c.tree.name()).or_insert(0) += 1;
+            }
+            let trees: Vec<&str> = chunk.iter().map(|c| c.tree.name()).collect();
+            let keys: Vec<&[u8]> = chunk.iter().map(|c| c.key.as_slice()).collect();
+            let values: Vec<Option<&[u8]>> = chunk.iter().map(|c| c.value.as_deref()).collect();
+            tx.execute(
+                "INSERT INTO jitbot_kv (tree, key, value, version) \
+                 SELECT t, k, v, 1 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(t, k, v)",
+                &[&trees, &keys, &values],
+            )
+            .map_err(|e| pg_error("copying rows", &e))?;
+        }
+        tx.execute("UPDATE jitbot_head SET version = 1 WHERE id = 1", &[])
+            .map_err(|e| pg_error("advancing jitbot_head", &e))?;
+        let stored = tx
+            .query(
+                "SELECT tree, count(*) FROM jitbot_kv WHERE value IS NOT NULL GROUP BY tree",
+                &[],
+            )
+            .map_err(|e| pg_error("counting the copy", &e))?;
+        for row in stored {
+            let tree: String = row.get(0);
+            let n: i64 = row.get(1);
+            let want = counts.get(tree.as_str()).copied().unwrap_or(0);
+            if u64::try_from(n).ok() != Some(want) {
+                return Err(StoreError::Io(format!(
+                    "the copy of tree {tree} holds {n} keys, the source {want}; nothing was committed"
+                )));
+            }
+        }
+        tx.commit().map_err(|e| pg_error("COMMIT of the copy", &e))?;
+        Ok(counts)
+    })
+}

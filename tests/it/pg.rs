@@ -1,0 +1,849 @@
+//! The store on PostgreSQL (a real server, `support::postgres`): replicas
+//! sharing one database see each other's commits, concurrent writers keep
+//! the audit chain and the one-live-lease rule, a crash between the
+//! database's COMMIT and the mirror loses nothing, a failed COMMIT changes
+//! nothing, and the engine's whole flow runs on it against slapd.
+
+use crate::support::bot::{open_store, policy, TestBot, DB};
+use crate::support::postgres::Database;
+use crate::support::slapd::{self, Slapd, DB_ADMINS};
+use chrono::{Duration, Utc};
+use jitbot::directory::ldap::LdapDirectory;
+use jitbot::engine::Engine;
+use jitbot::store::{AuditCheck, AuditDraft, LeaseRecord, Store, StoreError, TimerKind};
+use jitbot_core::policy::Policy;
+use jitbot_core::{Lease, LeaseId, LeaseState, RequestId, Span, UserId};
+use std::sync::Arc;
+
+fn draft(action: &str) -> AuditDraft {
+    AuditDraft {
+        actor: "test".into(),
+        action: action.into(),
+        ..Default::default()
+    }
+}
+
+/// Commits one timer and one audit record.
+async fn write(store: &Store, timer: &str) -> Result<(), StoreError> {
+    store
+        .update(Utc::now(), |tx| {
+            tx.set_timer(TimerKind::Warn, timer, Utc::now());
+            tx.audit(draft("test.write"));
+            Ok::<(), StoreError>(())
+        })
+        .await
+}
+
+/// A second replica of `bot`'s database, sharing its clock and directory.
+fn second_replica(bot: &TestBot, dir: &tempfile::TempDir) -> Engine {
+    let store = open_store(&dir.path().join("b"), bot.pg.as_deref()).expect("open replica b");
+    Engine::new(
+        policy(),
+        store,
+        bot.dir.clone(),
+        Arc::new(bot.clock.clone()),
+        bot.engine.settings().clone(),
+    )
+}
+
+#[tokio::test]
+async fn a_write_on_one_replica_is_seen_by_the_others_next_transaction() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    write(&a, "x-1").await.unwrap();
+    assert_eq!(b.timer_count(), 0, "b's mirror is not refreshed yet");
+    write(&b, "x-2").await.unwrap();
+    assert_eq!(b.timer_count(), 2, "b's transaction pulled a's write first");
+    a.refresh().unwrap();
+    assert_eq!(a.timer_count(), 2, "a refresh pulls b's write");
+    for s in [&a, &b] {
+        assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    }
+    // A third replica starts from nothing and loads everything.
+    let c = Store::open_postgres(&tmp.path().join("c"), 16, &db.settings()).unwrap();
+    assert_eq!(c.timer_count(), 2);
+    assert_eq!(c.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    // One version per commit: the schema marker written at the first open, then the two writes.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_on_two_replicas_keep_the_audit_chain_intact() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.spawn(async move { write(&store, &format!("x-{i}")).await });
+    }
+    let all = async {
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(120), all)
+        .await
+        .expect("concurrent writers on two replicas must not deadlock");
+    for s in [&a, &b] {
+        s.refresh().unwrap();
+        assert_eq!(s.timer_count(), 100);
+        assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 100 });
+        assert!(s.check_consistency().unwrap().is_empty());
+    }
+}
+
+/// A lease for `user` on db-admins, staged as granting.
+fn granting(id: &str, user: &str, now: chrono::DateTime<Utc>) -> LeaseRecord {
+    let lease = Lease::start(
+        LeaseId::new(id),
+        RequestId::new(format!("r-{id}")),
+        &policy().groups[0],
+        UserId::new(user),
+        Span::from_hours(1),
+        now,
+    );
+    LeaseRecord { lease, origin: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_racing_never_make_two_live_leases_of_one_slot() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.spawn(async move {
+            store
+                .update(Utc::now(), |tx| {
+                    tx.put_lease(granting(&format!("l-{i}"), "alice", tx.now()));
+                    tx.audit(draft("lease.granting"));
+                    Ok::<(), StoreError>(())
+                })
+                .await
+        });
+    }
+    let mut won = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::Invariant(_)) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(won, 1, "exactly one lease takes the slot");
+    for s in [&a, &b] {
+        s.refresh().unwrap();
+        assert_eq!(s.live_leases().unwrap().len(), 1);
+        assert_eq!(s.leases().unwrap().len(), 1);
+        assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 1 });
+    }
+}
+
+#[tokio::test]
+async fn a_replica_with_a_stale_mirror_still_refuses_a_second_lease() {
+    let bot = TestBot::builder().postgres().build();
+    let tmp = tempfile::tempdir().unwrap();
+    // Replica b opens before the lease exists: its mirror knows nothing.
+    let b = second_replica(&bot, &tmp);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert!(bot.is_member(DB, "alice"));
+    assert!(b.store().live_leases().unwrap().is_empty(), "b is stale");
+    let result = b
+        .store()
+        .update(bot.engine.now(), |tx| {
+            tx.put_lease(granting("l-other", "Alice", tx.now()));
+            Ok::<(), StoreError>(())
+        })
+        .await;
+    assert!(matches!(result, Err(StoreError::Invariant(_))), "{result:?}");
+    assert_eq!(b.store().live_leases().unwrap().len(), 1, "the pull happened");
+    // And through the engine: a request on b while alice holds the lease
+    // extends nothing and grants nothing twice.
+    let reply = b
+        .execute(
+            &jitbot::engine::Caller::new("bob", None),
+            jitbot_core::Command::parse(&format!("approve {id}")).unwrap(),
+        )
+        .await;
+    assert!(!reply.ok, "already decided on replica a: {}", reply.text);
+}
+
+#[tokio::test]
+async fn an_approval_on_another_replica_grants_the_request_made_on_the_first() {
+    let bot = TestBot::builder().postgres().build();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = second_replica(&bot, &tmp);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    let reply = b
+        .execute(
+            &jitbot::engine::Caller::new("bob", None),
+            jitbot_core::Command::parse(&format!("approve {id}")).unwrap(),
+        )
+        .await;
+    assert!(reply.ok, "{}", reply.text);
+    assert!(bot.is_member(DB, "alice"));
+    bot.engine.store().refresh().unwrap();
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    // Expiry fired by replica a removes what b granted.
+    bot.advance(Duration::hours(1));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(!bot.is_member(DB, "alice"));
+    b.store().refresh().unwrap();
+    let check = bot.engine.store().verify_audit().unwrap();
+    assert!(matches!(check, AuditCheck::Intact { .. }), "{check:?}");
+    assert_eq!(
+        b.store().verify_audit().unwrap(),
+        check,
+        "both replicas hold one chain"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_the_database_commit_and_the_mirror_loses_nothing() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("a");
+    {
+        let a = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+        write(&a, "x-1").await.unwrap();
+        a.lose_next_mirror_apply();
+        let lost = write(&a, "x-2").await;
+        assert!(lost.is_err(), "the caller is told: nothing acts on it");
+        assert_eq!(a.timer_count(), 1, "the mirror did not take it");
+        // Versions: the schema marker, x-1, x-2.
+        assert_eq!(
+            db.value("SELECT version::text FROM jitbot_head"),
+            "3",
+            "the database did"
+        );
+    }
+    // The restarted replica pulls the change from the database.
+    let a = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+    assert_eq!(a.timer_count(), 2);
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    // And the next commit continues the chain from there.
+    write(&a, "x-3").await.unwrap();
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 3 });
+}
+
+#[tokio::test]
+async fn a_failed_commit_leaves_neither_the_database_nor_the_mirror_changed() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    write(&a, "x-1").await.unwrap();
+    a.fail_next_pg_commit();
+    let failed = write(&a, "x-2").await;
+    let err = failed.expect_err("the commit failed");
+    assert!(err.to_string().contains("nothing was acted on"), "{err}");
+    assert_eq!(a.timer_count(), 1, "the mirror is unchanged");
+    // Versions: the schema marker, x-1; nothing since.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "2");
+    assert_eq!(
+        db.value("SELECT count(*)::text FROM jitbot_kv WHERE tree = 'timers'"),
+        "1",
+        "the database is unchanged"
+    );
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    assert_eq!(b.timer_count(), 1);
+    write(&a, "x-3").await.unwrap();
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+}
+
+#[tokio::test]
+async fn a_payload_seen_on_one_replica_is_refused_on_another() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let now = Utc::now();
+    let until = jitbot::store::seen::REPLAY_WINDOW.after(now);
+    assert!(a.first_sighting("slack:act:1", until, now).await.unwrap());
+    assert!(!b.first_sighting("slack:act:1", until, now).await.unwrap());
+    assert!(b.first_sighting("slack:act:2", until, now).await.unwrap());
+    let later = jitbot::store::seen::REPLAY_WINDOW.after(now);
+    assert_eq!(a.prune_seen(later).unwrap(), 2);
+    b.refresh().unwrap();
+    assert_eq!(b.seen_len(), 0, "the sweep reached every replica");
+}
+
+#[tokio::test]
+async fn a_sled_store_is_not_taken_for_a_mirror() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("db");
+    {
+        let sled_store = Store::open(&path, 16).unwrap();
+        write(&sled_store, "x-1").await.unwrap();
+    }
+    let err = Store::open_postgres(&path, 16, &db.settings())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("jitbot store copy"), "{err}");
+}
+
+#[tokio::test]
+async fn migrations_apply_once_and_a_missing_schema_is_refused_without_migrate() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = db.settings();
+    settings.migrate = false;
+    let err = Store::open_postgres(&tmp.path().join("a"), 16, &settings)
+        .err()
+        .expect("no schema");
+    assert!(err.to_string().contains("jitbot migrate"), "{err}");
+    assert_eq!(
+        jitbot::store::pg::migrate(&settings).unwrap(),
+        jitbot::store::pg::SCHEMA_VERSION as usize
+    );
+    assert_eq!(jitbot::store::pg::migrate(&settings).unwrap(), 0);
+    Store::open_postgres(&tmp.path().join("a"), 16, &settings).unwrap();
+    db.run("INSERT INTO jitbot_schema (version) VALUES (99)");
+    let err = jitbot::store::pg::migrate(&settings).unwrap_err();
+    assert!(err.to_string().contains("newer"), "{err}");
+}
+
+#[tokio::test]
+async fn a_wrong_password_or_tls_url_is_refused_with_what_to_do() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = db.settings();
+    settings.password = Some(jitbot::secret::Secret::new("wrong"));
+    let err = Store::open_postgres(&tmp.path().join("a"), 16, &settings)
+        .err()
+        .expect("bad password");
+    assert!(err.to_string().contains("password"), "{err}");
+    let mut settings = db.settings();
+    settings.url = settings.url.replace("sslmode=disable", "sslmode=verify-full");
+    let err = Store::open_postgres(&tmp.path().join("b"), 16, &settings)
+        .err()
+        .expect("tls");
+    assert!(err.to_string().contains("sslmode"), "{err}");
+}
+
+#[tokio::test]
+async fn backup_of_a_replica_restores_into_another_database() {
+    let bot = TestBot::builder().postgres().build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let mut out = Vec::new();
+    let written = bot.engine.store().backup(&mut out).unwrap();
+    assert!(written > 0);
+    let target_db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = Store::open_postgres(&tmp.path().join("t"), 16, &target_db.settings()).unwrap();
+    assert_eq!(target.restore(out.as_slice()).await.unwrap(), written);
+    let again = Store::open_postgres(&tmp.path().join("t2"), 16, &target_db.settings()).unwrap();
+    assert_eq!(again.live_leases().unwrap().len(), 1);
+    assert!(again.check_consistency().unwrap().is_empty());
+    assert_eq!(
+        again.verify_audit().unwrap(),
+        bot.engine.store().verify_audit().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn request_approve_expire_against_slapd_on_postgres() {
+    let server = Slapd::start();
+    let groups = slapd::group_configs();
+    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
+    let policy = Policy {
+        groups: groups.iter().map(|g| g.to_policy()).collect(),
+        admins: Default::default(),
+    };
+    let bot = TestBot::builder()
+        .policy(|p| *p = policy.clone())
+        .directory(Arc::new(directory))
+        .postgres()
+        .build();
+    let alice = format!("uid=alice,{}", slapd::PEOPLE);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h fixing replication").await);
+    bot.ok("carol", &format!("approve {id}")).await;
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    assert!(server.values(DB_ADMINS, "member").await.contains(&alice));
+
+    // A crash and a restart on a new mirror: everything comes from PostgreSQL.
+    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
+    let mut bot = bot;
+    let fresh = tempfile::tempdir().unwrap();
+    bot.path = fresh.path().join("mirror");
+    let bot = bot.restart(Arc::new(directory), policy);
+    assert_eq!(bot.lease().state, LeaseState::Active);
+
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(!server.values(DB_ADMINS, "member").await.contains(&alice));
+    assert!(matches!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact { .. }
+    ));
+}
+
+#[tokio::test]
+async fn store_copy_moves_a_sled_store_into_postgres_and_verifies_it() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let source_check = bot.engine.store().verify_audit().unwrap();
+    let path = bot.path.clone();
+    let TestBot { engine, .. } = bot;
+    drop(engine);
+    let db = Database::create();
+    let settings = db.settings();
+    let from = path.clone();
+    let report = tokio::task::spawn_blocking(move || Store::copy_to_postgres(&from, &settings, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.audit, source_check);
+    assert_eq!(report.counts.get("leases"), Some(&1));
+    let tmp = tempfile::tempdir().unwrap();
+    let replica = Store::open_postgres(&tmp.path().join("m"), 16, &db.settings()).unwrap();
+    assert_eq!(replica.live_leases().unwrap().len(), 1);
+    assert_eq!(replica.verify_audit().unwrap(), source_check);
+    // A second copy into the same database is refused.
+    let settings = db.settings();
+    let err = tokio::task::spawn_blocking(move || Store::copy_to_postgres(&path, &settings, None))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("empty database"), "{err}");
+}
+
+fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_jitbot"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run jitbot")
+}
+
+/// The real binaries: `jitbot store copy` moves a sled store holding an
+/// overdue lease into PostgreSQL, `jitbot migrate` has nothing left to do,
+/// and two `jitbot run` replicas on the database both see the lease; their
+/// two schedulers race to expire it, and it ends exactly once, with one
+/// intact audit chain that both replicas serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jitbot_run_replicas_share_one_database_and_end_a_lease_once() {
+    use crate::support::process::{Jitbot, ADMIN_TOKEN};
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let path = bot.path.clone();
+    // The engine stops (its sled store closes); the directory stays.
+    drop(bot.engine);
+
+    let db = Database::create();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let pw = crate::support::postgres::PASSWORD;
+    let out = run_cli(
+        &[
+            "store",
+            "copy",
+            "--from",
+            &path.display().to_string(),
+            "--to",
+            &url,
+        ],
+        &[("PGPASSWORD", pw)],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "store copy failed: {said}");
+    assert!(said.contains("leases: 1") && said.contains("Intact"), "{said}");
+
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let cfg_path = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        cfg_path.path(),
+        config
+            .replace("{store}", "/nonexistent")
+            .replace("{listen}", "127.0.0.1:1")
+            .replace("{admin}", "{ env = \"X\" }"),
+    )
+    .unwrap();
+    let out = run_cli(
+        &["migrate", "--config", &cfg_path.path().display().to_string()],
+        &[("JITBOT_TEST_PGPW", pw), ("X", "an-admin-token-0123456789")],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("applied 0 migration"),
+        "{said}"
+    );
+
+    let env = [("JITBOT_TEST_PGPW", pw)];
+    let a = Jitbot::start(&config, &env).await;
+    let b = Jitbot::start(&config, &env).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (la, lb) = (a.admin("leases").await, b.admin("leases").await);
+        assert_eq!(la.len(), 1, "{la:?}");
+        if la[0]["state"] == "ended" && lb.len() == 1 && lb[0]["state"] == "ended" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the overdue lease did not end on both replicas: {la:?} {lb:?}\nA:\n{}\nB:\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let http = reqwest::Client::new();
+    let mut exports = Vec::new();
+    for replica in [&a, &b] {
+        let verify = http
+            .get(format!("{}/admin/audit/verify", replica.admin_base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(verify.to_lowercase().contains("intact"), "{verify}");
+        let export = http
+            .get(format!("{}/admin/audit?format=jsonl", replica.admin_base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let ended = export.lines().filter(|l| l.contains("\"lease.ended\"")).count();
+        assert_eq!(ended, 1, "the lease ended exactly once:\n{export}");
+        exports.push(export);
+    }
+    // Both replicas serve one chain (b may be a refresh behind a).
+    let (ea, eb) = (&exports[0], &exports[1]);
+    assert!(
+        ea.starts_with(eb.as_str()) || eb.starts_with(ea.as_str()),
+        "{ea}\n---\n{eb}"
+    );
+}
+
+#[tokio::test]
+async fn deletions_are_collected_and_a_mirror_behind_the_horizon_reloads() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    write(&b, "kept").await.unwrap();
+    a.set_pg_gc(5, 5);
+    // Each step moves timer `t` (deleting its old key) and writes a record.
+    for i in 0..30 {
+        a.update(Utc::now() + Duration::seconds(i), |tx| {
+            tx.set_timer(TimerKind::Expire, "t", tx.now());
+            tx.audit(draft("test.move"));
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+    }
+    let gc: i64 = db
+        .value("SELECT gc_version::text FROM jitbot_head")
+        .parse()
+        .unwrap();
+    let head: i64 = db.value("SELECT version::text FROM jitbot_head").parse().unwrap();
+    assert!(
+        gc > 0 && gc >= head - 10,
+        "the horizon moved: gc {gc}, head {head}"
+    );
+    let old_tombstones: i64 = db
+        .value(&format!(
+            "SELECT count(*)::text FROM jitbot_kv WHERE value IS NULL AND version <= {gc}"
+        ))
+        .parse()
+        .unwrap();
+    assert_eq!(old_tombstones, 0, "deletions below the horizon are gone");
+    // b's mirror is behind the horizon: it reloads, and has no stale key.
+    b.refresh().unwrap();
+    assert_eq!(b.timer_count(), 2, "`kept` and the one `t`");
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 31 });
+    assert!(b.check_consistency().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_mirror_pointed_at_another_database_reloads_from_it() {
+    let (one, two) = (Database::create(), Database::create());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m");
+    {
+        let s = Store::open_postgres(&path, 16, &one.settings()).unwrap();
+        write(&s, "x-1").await.unwrap();
+        write(&s, "x-2").await.unwrap();
+    }
+    {
+        let other = Store::open_postgres(&tmp.path().join("o"), 16, &two.settings()).unwrap();
+        write(&other, "y-1").await.unwrap();
+    }
+    let s = Store::open_postgres(&path, 16, &two.settings()).unwrap();
+    assert_eq!(s.timer_count(), 1, "only the second database's timer");
+    assert_eq!(s.verify_audit().unwrap(), AuditCheck::Intact { records: 1 });
+}
+
+#[tokio::test]
+async fn one_replica_leads_at_a_time_and_a_deposed_leader_commits_nothing() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let term = std::time::Duration::from_secs(30);
+    let token = a.lead("a", term).unwrap().expect("a leads");
+    assert_eq!(b.lead("b", term).unwrap(), None, "b follows while a's term runs");
+    assert_eq!(a.lead("a", term).unwrap(), Some(token), "a renews its own term");
+    a.set_fence(Some(token));
+    write(&a, "x-1").await.unwrap();
+    write(&b, "x-2")
+        .await
+        .expect("a follower's commands commit unfenced");
+
+    // a's term runs out (a hung, say) and b takes over with a new token.
+    db.run("UPDATE jitbot_leader SET expires_at = clock_timestamp() - interval '1 second'");
+    let next = b.lead("b", term).unwrap().expect("b takes the expired term");
+    assert!(next > token, "a new term, a new token: {next} > {token}");
+    let head = db.value("SELECT version::text FROM jitbot_head");
+    let refused = write(&a, "x-3").await;
+    assert!(matches!(refused, Err(StoreError::Deposed)), "{refused:?}");
+    assert_eq!(
+        db.value("SELECT version::text FROM jitbot_head"),
+        head,
+        "nothing landed"
+    );
+    assert_eq!(a.timer_count(), 2, "nor in a's mirror");
+    assert_eq!(a.lead("a", term).unwrap(), None, "a cannot renew b's term");
+    a.set_fence(None);
+    write(&a, "x-3").await.expect("as a follower, a commits again");
+    b.set_fence(Some(next));
+    write(&b, "x-4").await.unwrap();
+    b.resign("b", next).unwrap();
+    assert!(
+        a.lead("a", term).unwrap().is_some_and(|t| t > next),
+        "a resigned term is free at once"
+    );
+    let refused = write(&b, "x-5").await;
+    assert!(matches!(refused, Err(StoreError::Deposed)), "{refused:?}");
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 4 });
+}
+
+/// Failover through the real binaries: two `jitbot run` replicas, the
+/// leader is SIGKILLed before a lease is due, and the other takes over and
+/// revokes it; the lease ends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_is_killed_the_other_replica_revokes_what_is_due() {
+    use crate::support::process::Jitbot;
+    // A lease granted so that it ends 30 s from now (real time).
+    let bot = TestBot::new();
+    let start = bot.engine.now();
+    let end_at = Utc::now() + Duration::seconds(30);
+    bot.advance(end_at - Duration::hours(1) - start);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let path = bot.path.clone();
+    drop(bot.engine);
+    let db = Database::create();
+    let settings = db.settings();
+    tokio::task::spawn_blocking(move || Store::copy_to_postgres(&path, &settings, None))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
+    let a = Jitbot::start(&config, &env).await;
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+    assert_eq!(b.admin("leases").await[0]["state"], "active");
+    let readyz = |bot: &Jitbot| {
+        let url = format!("{}/readyz", bot.admin_base);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(readyz(&a).await, "ready (leader)\n");
+    assert_eq!(readyz(&b).await, "ready (follower)\n");
+    drop(a); // SIGKILL
+    let killed = std::time::Instant::now();
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica b takes over", || {
+        b.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let takeover = killed.elapsed();
+    eprintln!("failover: replica b leads {takeover:?} after the leader was killed");
+    assert_eq!(readyz(&b).await, "ready (leader)\n");
+    loop {
+        let leases = b.admin("leases").await;
+        if leases[0]["state"] == "ended" {
+            break;
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(40),
+            "replica b did not end the lease after the leader died: {leases:?}\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let late = Utc::now() - end_at;
+    assert!(b.log_text().contains("this replica leads"), "{}", b.log_text());
+    // b takes over within a term and a third (8 s) of the kill, long before
+    // the lease is due; it ends on time, give or take the scheduler's wake.
+    assert!(late < Duration::seconds(5), "revoked {late} after it was due");
+    let audit = reqwest::Client::new()
+        .get(format!("{}/admin/audit?format=jsonl", b.admin_base))
+        .bearer_auth(crate::support::process::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        audit.lines().filter(|l| l.contains("\"lease.ended\"")).count(),
+        1,
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_renews_its_term_while_its_replica_commits() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let term = std::time::Duration::from_secs(30);
+    let token = a.lead("a", term).unwrap().expect("a leads");
+    a.set_fence(Some(token));
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let a = a.clone();
+        writers.spawn(async move { write(&a, &format!("x-{i}")).await });
+    }
+    let renewing = a.clone();
+    let renewals = tokio::task::spawn_blocking(move || {
+        (0..30)
+            .map(|_| renewing.lead("a", term).map_err(|e| e.to_string()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    while let Some(w) = writers.join_next().await {
+        w.unwrap().unwrap();
+    }
+    assert!(
+        renewals.iter().all(|r| *r == Ok(Some(token))),
+        "every renewal kept the term: {renewals:?}"
+    );
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 100 });
+}
+
+#[tokio::test]
+async fn the_periodic_refresh_pulls_other_replicas_writes_and_says_so() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let counter = woken.clone();
+    let refresher = tokio::spawn(jitbot::store::pg::refresh_every(
+        a.clone(),
+        std::time::Duration::from_millis(50),
+        move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        },
+        stopped,
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        woken.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing new, no wake-up"
+    );
+    write(&b, "x-1").await.unwrap();
+    crate::support::net::eventually(std::time::Duration::from_secs(5), "a pulls b's write", || {
+        (a.timer_count() == 1).then_some(())
+    })
+    .await;
+    crate::support::net::eventually(std::time::Duration::from_secs(5), "a wake-up", || {
+        (woken.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    stop.send(true).unwrap();
+    refresher.await.unwrap();
+}
