@@ -6,6 +6,10 @@
 //! wake, so a suspended machine or a clock jump makes it late by at most the
 //! cap. Work runs concurrently up to `concurrency` timers at a time.
 //!
+//! While a directory failure is outstanding it probes the directory every
+//! second (or `max_wait`, if shorter): the first answer wakes the
+//! revocations waiting out a backoff (see `engine/outage.rs`).
+//!
 //! At most one timer per lease (or request) runs at a time: an `Expire`
 //! commits the lease as revoking with a `Revoke` timer due at once and then
 //! removes the membership itself, so starting that `Revoke` timer meanwhile
@@ -41,6 +45,9 @@ impl Default for SchedulerSettings {
     }
 }
 
+/// How often the directory is probed while failures are outstanding.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs until `shutdown` turns true, then lets in-flight work finish.
 pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watch::Receiver<bool>) {
     let mut in_flight: HashSet<Subject> = HashSet::new();
@@ -48,6 +55,7 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
     // Task id → its timer, so that even a panicking task frees its slot.
     let mut running: HashMap<tokio::task::Id, Subject> = HashMap::new();
     let batch = settings.concurrency.max(1);
+    let mut last_probe = std::time::Instant::now();
     tracing::info!(timers = engine.store().timer_count(), "scheduler started");
     loop {
         if *shutdown.borrow() {
@@ -81,11 +89,22 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
             }
             Err(e) => tracing::error!(error = %e, "cannot read timers; retrying"),
         }
-        let wait = match next_due {
+        let mut wait = match next_due {
             Some(due) if tasks.len() < batch => (due - engine.now()).to_std().unwrap_or(Duration::ZERO),
             _ => settings.max_wait,
         }
         .min(settings.max_wait);
+        if engine.directory_failing() {
+            // Revocations are waiting out a backoff for the directory: ask
+            // it whether it is back, so they run as soon as it is.
+            let probe_every = settings.max_wait.min(PROBE_EVERY);
+            if last_probe.elapsed() >= probe_every {
+                last_probe = std::time::Instant::now();
+                let engine = engine.clone();
+                tokio::spawn(async move { engine.probe_directory().await });
+            }
+            wait = wait.min(probe_every);
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = engine.timers_changed().notified() => {}

@@ -64,6 +64,55 @@ impl Engine {
 
     /// Active leases and pending requests, for the gauges. Reads only the
     /// live and pending indexes, never the whole history.
+    /// What a metrics scrape shows, read from the indexes (never every live
+    /// lease record): active leases (those holding a slot in `live`, less
+    /// the few being granted or revoked, found through their `Grant` and
+    /// `Revoke` timers), pending requests (one decision-window timer each),
+    /// and how long the most overdue lease is past its end — an active
+    /// lease whose `Expire` timer is due, or one still being granted or
+    /// revoked.
+    pub fn scrape_counts(&self) -> Result<(usize, usize, std::time::Duration), EngineError> {
+        let store = &self.inner.store;
+        let now = self.now();
+        let mut oldest: Option<jitbot_core::Instant> = None;
+        let mut settling = 0;
+        for (kind, state) in [
+            (TimerKind::Revoke, LeaseState::Revoking),
+            (TimerKind::Grant, LeaseState::Granting),
+        ] {
+            for t in store.timers_of(kind)? {
+                let id = LeaseId::new(t.id);
+                let Some(rec) = store.lease(&id)? else { continue };
+                if rec.lease.state != state {
+                    continue;
+                }
+                let end = rec.lease.expires_at;
+                oldest = Some(oldest.map_or(end, |o| o.min(end)));
+                if store.live_lease(&rec.lease.group, &rec.lease.user)? == Some(id) {
+                    settling += 1;
+                }
+            }
+        }
+        let active = store.live_count()?.saturating_sub(settling);
+        let pending = store.count_timers(TimerKind::RequestTimeout)?;
+        // The first due `Expire` timer of a lease still active (a timer can
+        // outlive its lease's end until it fires and finds nothing to do).
+        for t in store.due_timers(now, OVERDUE_SCAN)? {
+            if t.kind != TimerKind::Expire {
+                continue;
+            }
+            let active_still = store
+                .lease(&LeaseId::new(t.id.as_str()))?
+                .is_some_and(|r| r.lease.state == LeaseState::Active);
+            if active_still {
+                oldest = Some(oldest.map_or(t.due, |o| o.min(t.due)));
+                break;
+            }
+        }
+        let overdue = oldest.and_then(|o| (now - o).to_std().ok()).unwrap_or_default();
+        Ok((active, pending, overdue))
+    }
+
     pub fn counts(&self) -> Result<(usize, usize), EngineError> {
         let active = self
             .inner
@@ -169,3 +218,6 @@ pub fn leases_outside_config(
     }
     out
 }
+
+/// How many due timers a scrape looks through for an overdue `Expire`.
+const OVERDUE_SCAN: usize = 10_000;

@@ -24,9 +24,19 @@ use crate::ports::{Added, DirectoryError};
 use crate::store::{LeaseRecord, TimerKind, Tx};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::command::Action;
-use jitbot_core::{EndReason, LeaseId, LeaseState, Membership};
+use jitbot_core::{EndReason, LeaseId, LeaseState, Membership, Span};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+/// Where one grant step left a `Granting` lease.
+#[derive(Debug, PartialEq, Eq)]
+enum GrantStep {
+    /// Active, revoking, or moved on by another step.
+    Moved,
+    /// Still granting: the directory could not be asked; its `Grant` timer
+    /// tries again later.
+    Waiting,
+}
 
 /// Per-lease locks: held while a lease's directory work runs.
 #[derive(Default)]
@@ -78,6 +88,37 @@ impl Engine {
             .await
     }
 
+    /// [`Engine::transition`] for many leases in one store commit: each
+    /// lease's `change` is staged only if its state is one of `from` (its
+    /// entry is `None` otherwise) and the helper writes each lease back.
+    /// An error from any `change` aborts the whole commit.
+    pub(super) async fn transition_each<J, T>(
+        &self,
+        jobs: &[(LeaseId, J)],
+        from: &[LeaseState],
+        change: impl Fn(&mut Tx<'_>, &mut LeaseRecord, &J) -> Result<T, EngineError>,
+    ) -> Result<Vec<Option<T>>, EngineError> {
+        self.inner
+            .store
+            .update(self.now(), |tx| {
+                let mut out = Vec::with_capacity(jobs.len());
+                for (id, job) in jobs {
+                    let Some(mut rec) = tx.lease(id)? else {
+                        out.push(None);
+                        continue;
+                    };
+                    if !from.contains(&rec.lease.state) {
+                        out.push(None);
+                        continue;
+                    }
+                    out.push(Some(change(tx, &mut rec, job)?));
+                    tx.put_lease(rec);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     /// Takes lease `id` as far as the directory lets it: finishes a
     /// `Granting` lease, removes the membership of a `Revoking` one. Safe to
     /// call any number of times from anywhere (commands, timers, start-up).
@@ -99,7 +140,12 @@ impl Engine {
                 return self.clear_work_timers(id).await;
             };
             match rec.lease.state {
-                LeaseState::Granting => self.grant_step(rec).await?,
+                LeaseState::Granting => {
+                    if self.grant_step(rec).await? == GrantStep::Waiting {
+                        // Its `Grant` timer tries again after the backoff.
+                        return Ok(());
+                    }
+                }
                 LeaseState::Revoking => return self.revoke_step(rec).await,
                 LeaseState::Active | LeaseState::Ended => return self.clear_work_timers(id).await,
             }
@@ -127,15 +173,27 @@ impl Engine {
     }
 
     /// One step of a `Granting` lease. Leaves it `Active`, or `Revoking`
-    /// (failed, or too late), or unchanged when another step won a race.
-    async fn grant_step(&self, rec: LeaseRecord) -> Result<(), EngineError> {
+    /// (failed, or too late), or unchanged when another step won a race, or
+    /// waiting for the directory ([`GrantStep::Waiting`]).
+    async fn grant_step(&self, rec: LeaseRecord) -> Result<GrantStep, EngineError> {
+        let id = rec.lease.id.clone();
+        match self.try_grant(rec).await? {
+            Err(e) => self.grant_retry(&id, &e).await,
+            Ok(()) => Ok(GrantStep::Moved),
+        }
+    }
+
+    /// The grant itself. A transient directory error met before the add is
+    /// sent comes back as `Ok(Err(_))`: nothing was written, so the grant
+    /// can simply be tried again.
+    async fn try_grant(&self, rec: LeaseRecord) -> Result<Result<(), DirectoryError>, EngineError> {
         let id = rec.lease.id.clone();
         let granting = [LeaseState::Granting];
         // A grant finished after its lease has run out (jitbot was down, or
         // the directory was slow) would hand out privilege nobody may hold
         // any more. Checked here, before the add, and again when activating.
         if self.now() >= rec.lease.expires_at {
-            return self.too_late(&id, false).await;
+            return self.too_late(&id, false).await.map(Ok);
         }
         let dir = &self.inner.directory;
         // Only the add that follows jitbot's own membership check can tell
@@ -148,16 +206,19 @@ impl Engine {
                 // which group DN, and which value stands for the user.
                 let policy = match self.group(&rec.lease.group) {
                     Ok(p) => p.clone(),
-                    Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+                    Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
                 let m = match dir.membership_of(&policy.dn, &rec.lease.user).await {
                     Ok(m) => m,
-                    Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+                    Err(e) if e.is_transient() => return Ok(Err(e)),
+                    Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
                 let was_member = match dir.has_membership(&m).await {
                     Ok(was) => was,
-                    Err(e) => return self.grant_failed(&id, &e.to_string()).await,
+                    Err(e) if e.is_transient() => return Ok(Err(e)),
+                    Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
+                self.directory_answered().await;
                 let recorded = self
                     .transition(&id, &granting, |tx, rec| {
                         rec.lease.record_preexisting(was_member, m.clone());
@@ -171,23 +232,28 @@ impl Engine {
                     })
                     .await?;
                 match recorded {
-                    None => return Ok(()),
-                    Some(false) => return self.activate(&id).await,
+                    None => return Ok(Ok(())),
+                    Some(false) => return self.activate(&id).await.map(Ok),
                     Some(true) => {}
                 }
                 m
             }
         };
         if rec.lease.preexisting == Some(true) {
-            return self.activate(&id).await;
+            return self.activate(&id).await.map(Ok);
         }
         if self.now() >= rec.lease.expires_at {
             // After jitbot's own check in this pass, no add was ever sent.
-            return self.too_late(&id, first_add).await;
+            return self.too_late(&id, first_add).await.map(Ok);
         }
         let started = std::time::Instant::now();
         let added = dir.add_membership(&membership).await;
         crate::metrics::directory_op("add", started.elapsed());
+        match &added {
+            Err(e) if e.is_transient() => self.directory_failed(),
+            Err(_) => {}
+            Ok(_) => self.directory_answered().await,
+        }
         match added {
             Ok(Added::Added) => {}
             // Only jitbot's first add can tell: after a crash the earlier
@@ -252,10 +318,73 @@ impl Engine {
                     })
                     .await?;
                 }
-                return self.grant_failed(&id, &e.to_string()).await;
+                return self.grant_failed(&id, &e.to_string()).await.map(Ok);
             }
         }
-        self.activate(&id).await
+        self.activate(&id).await.map(Ok)
+    }
+
+    /// The directory could not be asked before the add (it is down or
+    /// timed out): nothing was written, so the lease stays `Granting` and
+    /// its `Grant` timer tries again after a backoff, audited each time.
+    /// The backoff is as long as the grant has been failing so far (from
+    /// `retry_base` up to `retry_max`: doubling, with nothing more stored).
+    /// Only when the next try would come after the lease's end does the
+    /// grant give up, telling the requester and the group why.
+    async fn grant_retry(&self, id: &LeaseId, error: &DirectoryError) -> Result<GrantStep, EngineError> {
+        self.directory_failed();
+        let settings = self.inner.settings.clone();
+        let now = self.now();
+        let Some(rec) = self.inner.store.lease(id)? else {
+            return Ok(GrantStep::Moved);
+        };
+        let failing_for = (now - rec.lease.starts_at).to_std().unwrap_or_default();
+        let delay = failing_for
+            .max(settings.retry_base.to_std())
+            .min(settings.retry_max.to_std());
+        let next = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        if next >= rec.lease.expires_at {
+            let text = format!(
+                "{error}. jitbot kept retrying since the approval, but the directory did not answer \
+                 before the approved time ran out, so nothing was added. Request again once the \
+                 directory is back"
+            );
+            return self.grant_failed(id, &text).await.map(|()| GrantStep::Moved);
+        }
+        let shown = Span::from_secs(delay.as_secs().max(1));
+        let retrying = self
+            .transition(id, &[LeaseState::Granting], |tx, rec| {
+                let first = rec.lease.last_error.is_none();
+                rec.lease.last_error = Some(error.to_string());
+                tx.set_timer(TimerKind::Grant, id.as_str(), next);
+                tx.audit(
+                    about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantRetry, &rec.lease)
+                        .detail(format!("{error}; nothing was added; next try in {shown}")),
+                );
+                if first {
+                    tx.outbox(notice(
+                        Audience::User {
+                            user: rec.lease.user.clone(),
+                            chat: rec.origin.clone(),
+                        },
+                        format!(
+                            "Your access to `{}` is approved, but jitbot cannot reach the directory right \
+                             now ({error}). It keeps trying until {} and tells you when you have it; \
+                             nothing for you to do.",
+                            rec.lease.group,
+                            rec.lease.expires_at.format("%H:%M UTC")
+                        ),
+                        vec![],
+                    ));
+                }
+                Ok(())
+            })
+            .await?;
+        if retrying.is_some() {
+            tracing::warn!(lease = %id, error = %error, retry_in = %shown, "grant waits for the directory");
+            self.changed();
+        }
+        Ok(GrantStep::Waiting)
     }
 
     /// `Granting` → `Revoking` for a lease that ran out before its grant
@@ -297,6 +426,9 @@ impl Engine {
                     return Ok(false);
                 }
                 rec.lease.activate()?;
+                // A grant that waited for the directory carries its error
+                // until now; an active lease has none.
+                rec.lease.last_error = None;
                 tx.clear_timer(TimerKind::Grant, id.as_str());
                 self.arm_lease_timers(tx, rec);
                 tx.audit(
@@ -413,68 +545,18 @@ impl Engine {
         // How the value was found, when it was not the one recorded.
         let note = match removed {
             Ok(note) => note.map(|n| format!(" ({n})")).unwrap_or_default(),
-            Err(e) => return self.revoke_failed(&id, &e.to_string()).await,
+            Err(e) => {
+                if e.is_transient() {
+                    self.directory_failed();
+                }
+                return self.revoke_failed(&id, &e.to_string()).await;
+            }
         };
+
         let committing = std::time::Instant::now();
-        let ended = self
-            .transition(&id, &[LeaseState::Revoking], |tx, rec| {
-                rec.lease.finish()?;
-                tx.clear_timer(TimerKind::Revoke, id.as_str());
-                let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
-                let expired_at = matches!(reason, EndReason::Expired).then_some(rec.lease.expires_at);
-                tx.audit(
-                    about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
-                        "{}; membership {}{note}",
-                        reason.describe(),
-                        if rec.lease.owns_membership() {
-                            "removed"
-                        } else {
-                            "left as it was before jitbot"
-                        }
-                    )),
-                );
-                match reason {
-                    EndReason::GrantFailed { .. } => {}
-                    EndReason::Drift => {
-                        tx.outbox(notice(
-                            Audience::Alert,
-                            format!(
-                                "ZSP drift remediated: jitbot removed {} from `{}`.",
-                                rec.lease.user, rec.lease.group
-                            ),
-                            vec![],
-                        ));
-                    }
-                    _ => {
-                        let text = format!(
-                            "{}'s access to `{}` ended ({}).",
-                            rec.lease.user,
-                            rec.lease.group,
-                            reason.describe()
-                        );
-                        tx.outbox(toned(
-                            Tone::Locked,
-                            Audience::Group(rec.lease.group.clone()),
-                            text.clone(),
-                            vec![],
-                        ));
-                        let holder = Audience::User {
-                            user: rec.lease.user.clone(),
-                            chat: rec.origin.clone(),
-                        };
-                        tx.outbox(toned(Tone::Locked, holder, text, vec![]));
-                    }
-                }
-                if rec.lease.alerted {
-                    let text = format!(
-                        "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
-                        rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
-                    );
-                    tx.outbox(notice(Audience::Alert, text, vec![]));
-                }
-                Ok(expired_at)
-            })
-            .await?;
+        // Committed together with the ends of other revocations finishing
+        // now (one store commit for all of them: see `ends.rs`).
+        let ended = self.end_together(&id, note).await?;
         if let Some(expired_at) = ended {
             crate::metrics::stage("commit_after", committing.elapsed());
             // Measured once the end is durable: that is when it counts.
@@ -485,7 +567,81 @@ impl Engine {
             crate::metrics::revoked();
             self.changed();
         }
+        if rec.lease.owns_membership() {
+            // The directory answered: revocations and grants that failed
+            // meanwhile need not wait out their backoff.
+            self.directory_answered().await;
+        }
         Ok(())
+    }
+
+    /// `Revoking` → `Ended` for a lease whose membership is gone (or was
+    /// never jitbot's): the audit record, the notices, an alert resolved.
+    /// Staged by [`Engine::end_together`] through
+    /// [`Engine::transition_each`]. Returns the expiry instant of a lease
+    /// that ended by expiring (for the lag metric).
+    pub(super) fn end_change(
+        &self,
+        tx: &mut Tx<'_>,
+        rec: &mut LeaseRecord,
+        note: &str,
+    ) -> Result<Option<jitbot_core::Instant>, EngineError> {
+        let id = rec.lease.id.clone();
+        rec.lease.finish()?;
+        tx.clear_timer(TimerKind::Revoke, id.as_str());
+        let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
+        let expired_at = matches!(reason, EndReason::Expired).then_some(rec.lease.expires_at);
+        tx.audit(
+            about_lease(ENGINE_ACTOR, AuditAction::LeaseEnded, &rec.lease).detail(format!(
+                "{}; membership {}{note}",
+                reason.describe(),
+                if rec.lease.owns_membership() {
+                    "removed"
+                } else {
+                    "left as it was before jitbot"
+                }
+            )),
+        );
+        match reason {
+            EndReason::GrantFailed { .. } => {}
+            EndReason::Drift => {
+                tx.outbox(notice(
+                    Audience::Alert,
+                    format!(
+                        "ZSP drift remediated: jitbot removed {} from `{}`.",
+                        rec.lease.user, rec.lease.group
+                    ),
+                    vec![],
+                ));
+            }
+            _ => {
+                let text = format!(
+                    "{}'s access to `{}` ended ({}).",
+                    rec.lease.user,
+                    rec.lease.group,
+                    reason.describe()
+                );
+                tx.outbox(toned(
+                    Tone::Locked,
+                    Audience::Group(rec.lease.group.clone()),
+                    text.clone(),
+                    vec![],
+                ));
+                let holder = Audience::User {
+                    user: rec.lease.user.clone(),
+                    chat: rec.origin.clone(),
+                };
+                tx.outbox(toned(Tone::Locked, holder, text, vec![]));
+            }
+        }
+        if rec.lease.alerted {
+            let text = format!(
+                "Resolved: {}'s membership of `{}` is removed after {} failed attempts.",
+                rec.lease.user, rec.lease.group, rec.lease.revoke_attempts
+            );
+            tx.outbox(notice(Audience::Alert, text, vec![]));
+        }
+        Ok(expired_at)
     }
 
     async fn revoke_failed(&self, id: &LeaseId, error: &str) -> Result<(), EngineError> {

@@ -11,9 +11,11 @@
 mod admin;
 pub mod anchor;
 pub(crate) mod audit;
+mod ends;
 mod executor;
 mod floods;
 mod leases;
+mod outage;
 mod queries;
 mod recipients;
 mod requests;
@@ -100,10 +102,25 @@ pub enum EngineError {
     Refused(#[from] Refusal),
     #[error("{0}")]
     NotFound(String),
-    #[error("the directory could not be asked ({0}); try again in a minute")]
+    #[error("{}", directory_trouble(.0, "nothing was changed"))]
     Directory(#[from] DirectoryError),
     #[error("jitbot's store failed ({0}); nothing was changed, tell your jitbot admins")]
     Store(#[from] StoreError),
+}
+
+/// A directory failure worded for the person whose command it stopped:
+/// what happened, that `outcome` (nothing was done), and what to do — wait
+/// out an outage, or ask the admins about anything retrying will not fix.
+pub(crate) fn directory_trouble(error: &DirectoryError, outcome: &str) -> String {
+    if error.is_transient() {
+        format!(
+            "jitbot cannot reach the directory that holds accounts and groups right now ({error}), \
+             so {outcome}. Try again in a minute or two; if it keeps failing, tell your jitbot admins \
+             the directory is down."
+        )
+    } else {
+        format!("{error}; {outcome}. Tell your jitbot admins: trying again will not help.")
+    }
 }
 
 /// The engine handle; cheap to clone.
@@ -125,6 +142,10 @@ struct Inner {
     zsp_seen: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
     /// One executor per lease at a time (see `executor.rs`).
     lease_locks: executor::LeaseLocks,
+    /// Directory failures outstanding, and the probe (see `outage.rs`).
+    outage: outage::Outage,
+    /// Lease ends waiting to be committed together (see `ends.rs`).
+    ends: ends::Ends,
     /// Where retry jitter comes from when not random (the simulator's seed).
     jitter: std::sync::OnceLock<Box<dyn Fn() -> f64 + Send + Sync>>,
 }
@@ -172,6 +193,8 @@ impl Engine {
                 outbox_changed: Notify::new(),
                 zsp_seen: Default::default(),
                 lease_locks: Default::default(),
+                outage: Default::default(),
+                ends: Default::default(),
                 jitter: std::sync::OnceLock::new(),
             }),
         }
@@ -233,7 +256,10 @@ impl Engine {
             Ok(None) => Err(Reply::refused(format!(
                 "jitbot cannot find your directory account (no entry has {attribute} = {value}); ask your jitbot admins to link it"
             ))),
-            Err(e) => Err(Reply::refused(format!("jitbot cannot identify you right now: {e}"))),
+            Err(e) => Err(Reply::refused(format!(
+                "jitbot cannot identify you right now: {}",
+                directory_trouble(&e, "nothing was done")
+            ))),
         }
     }
 

@@ -35,6 +35,8 @@ pub struct HttpState {
     pub chat: Option<Arc<dyn crate::ports::Notifier>>,
     /// The public `/readyz` verdict and when it was taken.
     pub public_ready: Arc<Mutex<Option<(Instant, bool)>>>,
+    /// When `/metrics` last pinged the directory.
+    pub pinged: Arc<Mutex<Option<Instant>>>,
 }
 
 impl HttpState {
@@ -51,6 +53,7 @@ impl HttpState {
             metrics,
             chat,
             public_ready: Arc::default(),
+            pinged: Arc::default(),
         }
     }
 }
@@ -136,6 +139,18 @@ async fn public_ready(State(state): State<HttpState>) -> impl IntoResponse {
     }
 }
 
+/// Sets the gauges only a read of the store can tell, from its indexes
+/// (never every live lease record) and the outbox's first entries.
+fn refresh_gauges(engine: &Engine) {
+    if let Ok((active, pending, overdue)) = engine.scrape_counts() {
+        crate::metrics::set_gauges(active, pending);
+        crate::metrics::set_overdue_revocation(overdue);
+    }
+    if let Ok(outbox) = engine.store().outbox(OUTBOX_GAUGE_CAP) {
+        crate::metrics::observe_outbox(outbox.len(), outbox.first().map(|(id, _, _)| *id));
+    }
+}
+
 /// Pings the directory and records the answer in `jitbot_directory_up`.
 async fn directory_up(engine: &Engine) -> Result<(), String> {
     let answer = tokio::time::timeout(DIRECTORY_PING_TIMEOUT, engine.directory().ping()).await;
@@ -156,23 +171,20 @@ const DIRECTORY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// The outbox gauge reads at most this many entries per scrape.
 const OUTBOX_GAUGE_CAP: usize = 10_000;
 
+/// How long a directory ping's answer is reused by `/metrics`: several
+/// Prometheus servers, or a flood of scrapes, cost one ping per period.
+const SCRAPE_PING_CACHE: Duration = Duration::from_secs(5);
+
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    let (active, pending) = state.engine.counts().unwrap_or((0, 0));
-    crate::metrics::set_gauges(active, pending);
-    if let Ok(outbox) = state.engine.store().outbox(OUTBOX_GAUGE_CAP) {
-        crate::metrics::observe_outbox(outbox.len(), outbox.first().map(|(id, _, _)| *id));
+    refresh_gauges(&state.engine);
+    {
+        let mut pinged = state.pinged.lock().await;
+        if !pinged.is_some_and(|at| at.elapsed() < SCRAPE_PING_CACHE) {
+            // The error is already in the gauge; the detailed /readyz says it in words.
+            let _ = directory_up(&state.engine).await;
+            *pinged = Some(Instant::now());
+        }
     }
-    if let Ok(live) = state.engine.store().live_leases() {
-        let now = state.engine.now();
-        let overdue = live
-            .iter()
-            .filter_map(|l| (now - l.lease.expires_at).to_std().ok())
-            .max()
-            .unwrap_or_default();
-        crate::metrics::set_overdue_revocation(overdue);
-    }
-    // The error is already in the gauge; the detailed /readyz says it in words.
-    let _ = directory_up(&state.engine).await;
     match &state.metrics {
         Some(handle) => (StatusCode::OK, handle.render()),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n".to_string()),

@@ -861,6 +861,45 @@ impl Store {
         Ok(out)
     }
 
+    /// Every timer of one kind, from the `timer_ix` index (no scan of the
+    /// schedule): the revocations and grants waiting out a backoff are few.
+    pub fn timers_of(&self, kind: TimerKind) -> Result<Vec<Timer>, StoreError> {
+        self.check_healthy()?;
+        let mut out = Vec::new();
+        for item in self.inner.timer_ix.scan_prefix([kind as u8]) {
+            let (_, key) = item?;
+            if let Some(t) = timers::parse_key(&key) {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many timers of one kind there are, from the `timer_ix` keys
+    /// alone (no record is read): the gauges' count of pending requests
+    /// (`RequestTimeout`).
+    pub fn count_timers(&self, kind: TimerKind) -> Result<usize, StoreError> {
+        self.check_healthy()?;
+        let mut n = 0;
+        for item in self.inner.timer_ix.scan_prefix([kind as u8]).keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// How many leases hold a (group, user) slot: those not ended, from
+    /// the `live` index's keys alone.
+    pub fn live_count(&self) -> Result<usize, StoreError> {
+        self.check_healthy()?;
+        let mut n = 0;
+        for item in self.inner.live.iter().keys() {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub fn timer_count(&self) -> usize {
         self.inner.timers.len()
     }

@@ -3,9 +3,14 @@
 //! move to the archive (`archive.rs`).
 //!
 //! A pass works in batches of at most [`RetentionSettings::batch`] records:
-//! each batch is re-checked and committed under the writer lock, flushed
-//! after the lock is released, and followed by a yield, so a revocation
-//! waits for at most one small batch, never for a whole pass. Nothing live
+//! each batch is re-checked and committed under the writer lock and
+//! followed by a yield, so a revocation waits for at most one small batch,
+//! never for a whole pass. Pruned requests and leases get no disk sync of
+//! their own (the next commit's covers them; a crash only means the next
+//! pass removes them again); archived audit records are flushed per batch.
+//! The pass's long reads — the outbox scan (once per pass), the records of
+//! an archive file, the file itself — run on tokio's blocking pool, never
+//! on a runtime thread a revocation's task may be queued on. Nothing live
 //! is pruned: not a lease that has not ended, nor a request that is pending
 //! or awaiting break-glass review, nor anything with a timer or named by a
 //! notice still in the outbox.
@@ -190,14 +195,38 @@ impl Store {
     pub async fn prune(&self, now: Instant, settings: &RetentionSettings) -> Result<Pruned, StoreError> {
         self.check_healthy()?;
         let cutoff = settings.retain.before(now);
-        let requests = self.prune_requests(cutoff, settings.batch).await;
-        let leases = self.prune_leases(cutoff, settings.batch).await;
+        // One scan of the outbox per pass, shared by both trees.
+        let outbox = self
+            .off_runtime(|store| Ok((outbox_mark(store)?, outbox_references(store, 0)?)))
+            .await;
+        let (requests, leases) = match outbox {
+            Ok((mark, scanned)) => (
+                self.prune_requests(cutoff, settings.batch, (&scanned, mark))
+                    .await,
+                self.prune_leases(cutoff, settings.batch, (&scanned, mark)).await,
+            ),
+            // Nothing is pruned without knowing what the outbox still names.
+            Err(e) => (Err(e), Ok(0)),
+        };
         let audit = self.archive_audit(cutoff, settings).await;
         Ok(Pruned {
             requests: requests?,
             leases: leases?,
             audit: audit?,
         })
+    }
+
+    /// Runs `work` (a scan of a whole tree, archive file I/O) on tokio's
+    /// blocking pool: on a runtime worker it would stall every task queued
+    /// there — a revocation's commit included — for as long as it takes.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| StoreError::Io(format!("retention task failed: {e}")))?
     }
 
     fn lease_fate(&self, id: &LeaseId) -> Result<LeaseFate, StoreError> {
@@ -266,7 +295,12 @@ impl Store {
         Ok(lease_prunable(&rec.lease, cutoff, holds))
     }
 
-    async fn prune_requests(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
+    async fn prune_requests(
+        &self,
+        cutoff: Instant,
+        batch: usize,
+        outbox: (&BTreeSet<String>, u64),
+    ) -> Result<u64, StoreError> {
         let decode_request = |k: &[u8], v: &[u8]| {
             RequestRecord::try_from(decode::<StoredRequest>(k, v)?).map_err(|error| StoreError::Corrupt {
                 key: String::from_utf8_lossy(k).into_owned(),
@@ -277,40 +311,52 @@ impl Store {
             &self.inner.requests,
             "request",
             batch,
+            outbox,
             decode_request,
             |rec, outbox| self.request_is_prunable(rec, cutoff, outbox),
         )
         .await
     }
 
-    async fn prune_leases(&self, cutoff: Instant, batch: usize) -> Result<u64, StoreError> {
+    async fn prune_leases(
+        &self,
+        cutoff: Instant,
+        batch: usize,
+        outbox: (&BTreeSet<String>, u64),
+    ) -> Result<u64, StoreError> {
         let decode_lease = |k: &[u8], v: &[u8]| {
             LeaseRecord::try_from(decode::<StoredLease>(k, v)?).map_err(|error| StoreError::Corrupt {
                 key: String::from_utf8_lossy(k).into_owned(),
                 error,
             })
         };
-        self.prune_tree(&self.inner.leases, "lease", batch, decode_lease, |rec, outbox| {
-            self.lease_is_prunable(rec, cutoff, outbox)
-        })
+        self.prune_tree(
+            &self.inner.leases,
+            "lease",
+            batch,
+            outbox,
+            decode_lease,
+            |rec, outbox| self.lease_is_prunable(rec, cutoff, outbox),
+        )
         .await
     }
 
     /// One pass over `tree`: candidates are picked without the writer lock,
     /// then each batch is read again and re-checked under it
     /// (`remove_checked`), flushed, and the task yields before the next.
+    /// `(scanned, mark)`: the ids the outbox named when the pass began (read
+    /// once per pass, off the runtime) and the entry id that scan stopped at.
     async fn prune_tree<R>(
         &self,
         tree: &sled::Tree,
         kind: &'static str,
         batch: usize,
+        (scanned, mark): (&BTreeSet<String>, u64),
         decode_record: impl Fn(&[u8], &[u8]) -> Result<R, StoreError>,
         prunable: impl Fn(&R, &OutboxRefs<'_>) -> Result<bool, StoreError>,
     ) -> Result<u64, StoreError> {
-        let mark = outbox_mark(self)?;
-        let scanned = outbox_references(self, 0)?;
         let outbox = OutboxRefs {
-            scanned: &scanned,
+            scanned,
             fresh: BTreeSet::new(),
         };
         let mut total = 0;
@@ -321,13 +367,16 @@ impl Store {
             })?;
             if !ids.is_empty() {
                 let n =
-                    self.remove_checked(tree, &ids, (&scanned, mark), |id, outbox| match tree.get(id)? {
+                    self.remove_checked(tree, &ids, (scanned, mark), |id, outbox| match tree.get(id)? {
                         Some(v) => prunable(&decode_record(id.as_bytes(), &v)?, outbox),
                         None => Ok(false),
                     })?;
                 crate::metrics::store_pruned(kind, n);
                 total += n;
-                self.flush_committed().await?;
+                // Not flushed here: a removal lost in a crash is only made
+                // again by the next pass, and a sync of its own per batch
+                // would make every concurrent commit (a revocation's) wait
+                // for one more disk sync. The next commit's flush covers it.
             }
             tokio::task::yield_now().await;
             match next {
@@ -414,7 +463,11 @@ impl Store {
     async fn archive_audit(&self, cutoff: Instant, s: &RetentionSettings) -> Result<u64, StoreError> {
         let mut total = self.reconcile_archive(s).await?;
         loop {
-            let (records, oldest) = self.archivable(cutoff, s.archive_chunk)?;
+            let chunk = s.archive_chunk;
+            // Up to a whole file's records, decoded: off the runtime.
+            let (records, oldest) = self
+                .off_runtime(move |store| store.archivable(cutoff, chunk))
+                .await?;
             let Some(oldest) = oldest else {
                 return Ok(total);
             };
@@ -428,7 +481,10 @@ impl Store {
                     base.seq
                 )));
             }
-            archive::write_file(&s.archive_dir, &records)?;
+            let dir = s.archive_dir.clone();
+            let records = self
+                .off_runtime(move |_| archive::write_file(&dir, &records).map(|_| records))
+                .await?;
             total += self.remove_archived(&records, s.batch).await?;
         }
     }

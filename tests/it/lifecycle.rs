@@ -476,3 +476,134 @@ async fn scheduler_actor_revokes_on_time(backend: Backend) {
     task.await.unwrap();
     assert_eq!(bot.lease().state, LeaseState::Ended);
 }
+
+/// A grant whose directory check keeps failing retries while the approved
+/// window has time, and gives up only when the next try would come after
+/// the lease's end, telling the requester and the group why.
+#[tokio::test]
+async fn grant_gives_up_only_when_the_approved_time_is_gone() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.dir.fail_next(1_000_000);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let expires = bot.lease().expires_at;
+    let mut tries = 1;
+    while bot.lease().state == LeaseState::Granting {
+        let next = bot.engine.store().next_due().unwrap().expect("the Grant timer");
+        assert!(next < expires, "a retry is only scheduled inside the window");
+        bot.clock.set(next);
+        bot.run_due().await;
+        tries += 1;
+        assert!(tries < 50, "the grant never gave up");
+    }
+    let gave_up = bot.engine.now();
+    assert!(
+        expires - gave_up <= Duration::minutes(5),
+        "gave up at {gave_up}, {} before the end: too early",
+        expires - gave_up
+    );
+    bot.dir.fail_next(0);
+    bot.run_due().await;
+    let lease = bot.lease();
+    assert_eq!(lease.state, LeaseState::Ended);
+    let actions = bot.audit_actions();
+    assert_eq!(
+        actions.iter().filter(|a| *a == "lease.grant_retry").count(),
+        tries - 1,
+        "{actions:?}"
+    );
+    assert!(actions.iter().any(|a| a == "lease.grant_failed"));
+    let outbox = format!("{:?}", bot.engine.store().outbox(100).unwrap());
+    assert!(
+        outbox.contains("approved time ran out")
+            && outbox.contains("Request again once the directory is back"),
+        "{outbox}"
+    );
+    assert!(!bot.is_member(DB, "alice"));
+}
+
+/// Leases expiring together end together: their `ended` commits may share
+/// one store commit, and still each lease ends once, fenced, with its own
+/// audit record and notices, and the audit chain intact.
+#[tokio::test]
+async fn leases_expiring_together_each_end_once() {
+    let bot = TestBot::new();
+    for (user, group) in [
+        ("alice", "db-admins"),
+        ("dave", "db-admins"),
+        ("erin", "db-admins"),
+        ("alice", "web-admins"),
+    ] {
+        let id = TestBot::request_id(&bot.ok(user, &format!("request {group} 1h x")).await);
+        bot.ok("bob", &format!("approve {id}")).await;
+    }
+    bot.advance(Duration::hours(1));
+    let due = bot.engine.store().due_timers(bot.engine.now(), 100).unwrap();
+    assert_eq!(due.len(), 4, "{due:?}");
+    // As the scheduler does: all at once.
+    let mut all = tokio::task::JoinSet::new();
+    for t in due {
+        let engine = bot.engine.clone();
+        all.spawn(async move { engine.fire(t).await });
+    }
+    while all.join_next().await.is_some() {}
+    let leases = bot.engine.store().leases().unwrap();
+    assert!(
+        leases.iter().all(|l| l.lease.state == LeaseState::Ended),
+        "{leases:?}"
+    );
+    for user in ["alice", "dave", "erin"] {
+        assert!(!bot.is_member(DB, user), "{user}");
+    }
+    let actions = bot.audit_actions();
+    assert_eq!(
+        actions.iter().filter(|a| *a == "lease.ended").count(),
+        4,
+        "{actions:?}"
+    );
+    let outbox = format!("{:?}", bot.engine.store().outbox(100).unwrap());
+    assert_eq!(
+        outbox.matches("access to `db-admins` ended").count(),
+        6,
+        "{outbox}"
+    );
+    assert_eq!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact {
+            records: actions.len() as u64
+        }
+    );
+    bot.run_due().await;
+    assert_eq!(bot.audit_actions().len(), actions.len(), "nothing ends twice");
+}
+
+/// What `/metrics` shows comes from the timer index: active leases,
+/// pending requests, and the most overdue lease — an active one whose
+/// expiry is due, or one whose revocation keeps failing.
+#[tokio::test]
+async fn scrape_counts_come_from_the_timer_index() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.ok("dave", "request db-admins 1h y").await;
+    assert_eq!(
+        bot.engine.scrape_counts().unwrap(),
+        (1, 1, std::time::Duration::ZERO)
+    );
+    bot.advance(Duration::hours(1) + Duration::seconds(3));
+    let (active, _, overdue) = bot.engine.scrape_counts().unwrap();
+    assert_eq!(active, 1, "not yet picked up");
+    assert_eq!(overdue, std::time::Duration::from_secs(3), "expiry due, not run");
+    bot.dir.fail_next(1);
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Revoking);
+    bot.advance(Duration::seconds(2));
+    let (active, pending, overdue) = bot.engine.scrape_counts().unwrap();
+    assert_eq!(active, 0);
+    assert_eq!(pending, 0, "dave's request timed out meanwhile");
+    assert_eq!(
+        overdue,
+        std::time::Duration::from_secs(5),
+        "the failing revocation"
+    );
+}

@@ -746,3 +746,83 @@ async fn audit_export_from_a_changed_archive_dir_names_the_missing_records() {
         ),
     }
 }
+
+/// With a backlog of 60,000 undelivered notices (Slack down), a commit made
+/// during a retention pass — a revocation's — waits for no outbox scan: the
+/// pass reads the outbox once, on the blocking pool and outside the writer
+/// lock, and under the lock only the entries added since. One runtime
+/// thread, as a revocation's task shares a worker with the pass: a scan on
+/// it stalls every commit for the whole scan (seconds in a debug build).
+/// The bound is the worst commit of as long a stretch without a pass plus
+/// 100 ms, so the disk's own sync tail on a shared machine (up to ~90 ms
+/// seen here) is not counted against the pass. (Review brk17.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_commit_during_a_pass_waits_for_no_outbox_scan() {
+    let bot = TestBot::new();
+    let store = bot.engine.store().clone();
+    // Old finished requests: the pass has something to remove, in a few batches.
+    for i in 0..3 {
+        let id = TestBot::request_id(&bot.ok("erin", &format!("request db-admins 1h old {i}")).await);
+        bot.ok("bob", &format!("deny {id} no")).await;
+    }
+    bot.advance(Duration::days(400));
+    let now = bot.engine.now();
+    drain_outbox(&store, now);
+    // A backlog of 60,000 card updates that could not be delivered.
+    for chunk in 0..60 {
+        store
+            .update(now, |tx| {
+                for i in 0..1000 {
+                    tx.outbox(OutboxItem::UpdateApproval {
+                        request: RequestId::new(format!("r-backlog-{chunk}-{i}")),
+                    });
+                }
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+    }
+    let commit = |store: Store| async move {
+        let started = std::time::Instant::now();
+        store
+            .update(now, |tx| {
+                tx.audit(AuditDraft {
+                    actor: "jitbot".into(),
+                    action: "lease.revoked".into(),
+                    detail: "a revocation's commit".into(),
+                    ..AuditDraft::default()
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        started.elapsed()
+    };
+    // Commits alone, for about as long as a pass takes.
+    let mut baseline = std::time::Duration::ZERO;
+    let quiet = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < quiet {
+        baseline = baseline.max(commit(store.clone()).await);
+    }
+    let s = RetentionSettings {
+        batch: 1,
+        ..RetentionSettings::new(
+            Span::parse_long("30d").unwrap(),
+            bot.path.parent().unwrap().join("arch"),
+        )
+    };
+    let pass = {
+        let store = store.clone();
+        tokio::spawn(async move { store.prune(now, &s).await })
+    };
+    let mut worst = std::time::Duration::ZERO;
+    while !pass.is_finished() {
+        worst = worst.max(commit(store.clone()).await);
+    }
+    let pruned = pass.await.unwrap().unwrap();
+    assert!(pruned.requests >= 3, "{pruned:?}");
+    assert!(
+        worst < baseline + std::time::Duration::from_millis(100),
+        "a commit waited {worst:?} behind the pass (commits alone: {baseline:?})"
+    );
+}
