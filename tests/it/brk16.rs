@@ -1,0 +1,430 @@
+//! Breaks of issue 16 (PostgreSQL replicas) as merged: each test states a
+//! guarantee of the issue or of ARCHITECTURE.md and fails on `main` for the
+//! reason its doc gives. All run on the real test PostgreSQL; replicas are
+//! engines on their own sled mirrors of one database, sharing the
+//! directory (as every replica shares the real LDAP server).
+
+use crate::support::bot::{open_store, policy, TestBot, WEB};
+use async_trait::async_trait;
+use chrono::{Duration, Utc};
+use jitbot::directory::memory::MemoryDirectory;
+use jitbot::engine::{Caller, Engine};
+use jitbot::ports::{Added, Directory, DirectoryError, GroupMember};
+use jitbot::store::{StoreError, TimerKind};
+use jitbot_core::{Command, GroupDn, LeaseState, Membership, UserId};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// The in-memory directory with gates around `add_membership`: a test
+/// holds one replica's add before it reaches the directory, or right after
+/// it landed, and opens it again later (an LDAP server that is slow to
+/// answer one replica).
+struct Gate {
+    inner: Arc<MemoryDirectory>,
+    hold_before_add: AtomicBool,
+    hold_after_add: AtomicBool,
+    reached: Notify,
+    release: Notify,
+}
+
+impl Gate {
+    fn new(inner: Arc<MemoryDirectory>) -> Arc<Gate> {
+        Arc::new(Gate {
+            inner,
+            hold_before_add: AtomicBool::new(false),
+            hold_after_add: AtomicBool::new(false),
+            reached: Notify::new(),
+            release: Notify::new(),
+        })
+    }
+
+    async fn hold(&self) {
+        self.reached.notify_one();
+        self.release.notified().await;
+    }
+}
+
+#[async_trait]
+impl Directory for Gate {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.inner.find_user(a, v).await
+    }
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.inner.membership_of(g, u).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.inner.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        if self.hold_before_add.swap(false, Ordering::SeqCst) {
+            self.hold().await;
+        }
+        let added = self.inner.add_membership(m).await;
+        if self.hold_after_add.swap(false, Ordering::SeqCst) {
+            self.hold().await;
+        }
+        added
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.inner.remove_membership(m).await
+    }
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.inner, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.inner.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+/// Replica a (a `TestBot` on a new database, directory behind `gate_a`)
+/// and replica b (its own mirror of the same database, directory behind
+/// `gate_b`), both over one in-memory directory and one clock.
+struct Pair {
+    a: TestBot,
+    b: Engine,
+    memory: Arc<MemoryDirectory>,
+    gate_a: Arc<Gate>,
+    gate_b: Arc<Gate>,
+    _tmp: tempfile::TempDir,
+}
+
+fn pair() -> Pair {
+    let memory = crate::support::bot::seeded();
+    let gate_a = Gate::new(memory.clone());
+    let gate_b = Gate::new(memory.clone());
+    let dir_a: Arc<dyn Directory> = gate_a.clone();
+    let a = TestBot::builder().postgres().wrap(|_| dir_a).build();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp.path().join("b"), a.pg.as_deref()).expect("open replica b");
+    let b = Engine::new(
+        policy(),
+        store,
+        gate_b.clone(),
+        Arc::new(a.clock.clone()),
+        a.engine.settings().clone(),
+    );
+    Pair {
+        a,
+        b,
+        memory,
+        gate_a,
+        gate_b,
+        _tmp: tmp,
+    }
+}
+
+async fn say(engine: &Engine, user: &str, text: &str) -> jitbot::engine::Reply {
+    let cmd = Command::parse(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    engine.execute(&Caller::new(user, None), cmd).await
+}
+
+/// What a replica's scheduler does once its mirror refresh woke it: every
+/// timer due now, fired until none is left.
+async fn run_due(engine: &Engine) {
+    engine.store().refresh().expect("refresh");
+    for _ in 0..100 {
+        let due = engine.store().due_timers(engine.now(), 1000).expect("timers");
+        if due.is_empty() {
+            return;
+        }
+        for t in due {
+            engine.fire(t).await;
+        }
+    }
+    panic!("timers keep firing");
+}
+
+fn is_member(memory: &MemoryDirectory, group: &str, user: &str) -> bool {
+    memory.members(group).contains(user)
+}
+
+/// Issue 16: "every replica commits commands" while "only the leader runs
+/// the scheduler", and ARCHITECTURE.md: "One executor per lease ... only
+/// `engine/executor.rs` touches the directory for a lease, through
+/// `Engine::drive`, which holds the lease's lock". That lock is a tokio
+/// mutex inside one process. An approval on a follower commits the lease
+/// as granting with its `Grant` timer due *now* and drives the grant
+/// itself; the leader's mirror refresh (every second) wakes its scheduler,
+/// which fires that due timer and drives the same grant at the same time.
+/// When the follower's add is slower than the leader's (an LDAP server
+/// answering one connection late), the follower's add is answered
+/// "already there" — by the leader's add — and, being jitbot's *first*
+/// add on that replica, is read as "someone else added the user": the
+/// lease is marked as not owning its membership. At expiry jitbot leaves
+/// the membership in place ("left as it was before jitbot"): a lease that
+/// ended with its privilege still held, forever, on a non-ZSP group.
+#[tokio::test]
+async fn brk16_a_grant_driven_by_two_replicas_at_once_leaves_the_membership_behind() {
+    let p = pair();
+    let id = TestBot::request_id(&p.a.ok("alice", "request web-admins 1h x").await);
+
+    // bob approves on replica b; b's add is slow to reach the directory.
+    p.gate_b.hold_before_add.store(true, Ordering::SeqCst);
+    let approving = {
+        let b = p.b.clone();
+        let id = id.clone();
+        tokio::spawn(async move { say(&b, "bob", &format!("approve {id}")).await })
+    };
+    p.gate_b.reached.notified().await;
+
+    // Meanwhile replica a (the leader) refreshes, sees the due Grant timer
+    // and drives the grant: its add lands, its answer is slow to come back.
+    p.gate_a.hold_after_add.store(true, Ordering::SeqCst);
+    p.a.engine.store().refresh().expect("refresh a");
+    let grant_timers: Vec<_> =
+        p.a.engine
+            .store()
+            .due_timers(p.a.engine.now(), 100)
+            .expect("timers")
+            .into_iter()
+            .filter(|t| t.kind == TimerKind::Grant)
+            .collect();
+    assert_eq!(
+        grant_timers.len(),
+        1,
+        "b committed the granting lease with its Grant timer due now"
+    );
+    let leader = {
+        let a = p.a.engine.clone();
+        tokio::spawn(async move {
+            for t in grant_timers {
+                a.fire(t).await;
+            }
+        })
+    };
+    p.gate_a.reached.notified().await;
+    assert!(is_member(&p.memory, WEB, "alice"), "a's add landed");
+
+    // b's add now reaches the directory, then a's answer comes back.
+    p.gate_b.release.notify_one();
+    let reply = approving.await.expect("approve task");
+    assert!(reply.ok, "{}", reply.text);
+    p.gate_a.release.notify_one();
+    leader.await.expect("leader task");
+
+    // The lease runs out; the leader expires it.
+    p.a.advance(Duration::hours(2));
+    run_due(&p.a.engine).await;
+    let lease = p.a.lease();
+    let audit = p.a.audit_actions();
+    assert_eq!(lease.state, LeaseState::Ended, "{audit:?}");
+    assert!(
+        !is_member(&p.memory, WEB, "alice"),
+        "lease {} ended but alice still holds web-admins: two replicas drove one grant at once and b took \
+         a's add for someone else's (preexisting = {:?}); audit: {audit:?}",
+        lease.id,
+        lease.preexisting,
+    );
+}
+
+/// Issue 16: "a deposed leader must not commit a transition after it lost
+/// leadership ...; directory side effects stay safe because they are
+/// write-ahead and idempotent". The fence stops the deposed leader's
+/// *commits*, but not the directory write it started while it still led:
+/// its add, sent before the term ended and answered late, lands after the
+/// new leader has found the lease past its end and ended it (removing
+/// nothing, since nothing was there yet). The old leader's next commit is
+/// refused (`Deposed`), and nobody ever looks at that membership again:
+/// the lease is ended and alice keeps web-admins.
+#[tokio::test]
+async fn brk16_a_deposed_leaders_late_add_lands_after_the_new_leader_ended_the_lease() {
+    let p = pair();
+    let term = std::time::Duration::from_secs(30);
+    let token = p.a.engine.store().lead("a", term).unwrap().expect("a leads");
+    p.a.engine.store().set_fence(Some(token));
+    let id = TestBot::request_id(&p.a.ok("alice", "request web-admins 1h x").await);
+
+    // bob approves on the leader; its add to the directory is slow.
+    p.gate_a.hold_before_add.store(true, Ordering::SeqCst);
+    let approving = {
+        let a = p.a.engine.clone();
+        let id = id.clone();
+        tokio::spawn(async move { say(&a, "bob", &format!("approve {id}")).await })
+    };
+    p.gate_a.reached.notified().await;
+
+    // a's term runs out (a paused, or its renewals did not get through);
+    // b takes over. By the time b's scheduler looks, the lease is past its
+    // end: b ends it, removing nothing (nothing is there yet).
+    let db = p.a.pg.clone().expect("postgres");
+    db.run("UPDATE jitbot_leader SET expires_at = clock_timestamp() - interval '1 second'");
+    let next = p.b.store().lead("b", term).unwrap().expect("b takes over");
+    assert!(next > token);
+    p.b.store().set_fence(Some(next));
+    p.a.advance(Duration::hours(2));
+    run_due(&p.b).await;
+    let ended = p.b.store().leases().unwrap();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].lease.state, LeaseState::Ended, "b ended the lease");
+    assert!(!is_member(&p.memory, WEB, "alice"));
+
+    // a's add, sent while it led, is answered now.
+    p.gate_a.release.notify_one();
+    let _ = approving.await.expect("approve task");
+    // Every replica does whatever is left to do.
+    run_due(&p.b).await;
+    p.a.engine.store().set_fence(None);
+    run_due(&p.a.engine).await;
+
+    let leases = p.b.store().leases().unwrap();
+    assert!(
+        leases.iter().all(|l| l.lease.state == LeaseState::Ended),
+        "{leases:?}"
+    );
+    assert!(
+        !is_member(&p.memory, WEB, "alice"),
+        "every lease of alice has ended, yet she holds web-admins: the deposed leader's add landed after \
+         the new leader ended the lease, and nothing removes it"
+    );
+}
+
+/// Issue 16 asks that another replica "revokes what is due" within 10 s of
+/// losing the leader. Every commit of every replica takes `jitbot_head FOR
+/// UPDATE` and holds it while the replica pulls into its mirror, runs the
+/// transaction and commits; PostgreSQL frees it only when that replica's
+/// session ends or its transaction idles past
+/// `idle_in_transaction_session_timeout` (60 s), and the others wait up to
+/// `lock_timeout` (30 s) per try. So one replica — even a follower —
+/// that stalls inside a transaction (SIGSTOP, a VM pause, a swap storm, a
+/// long mirror reload) stops every revocation of every replica for up to
+/// a minute. Here replica c stalls inside a commit and the leader, with a
+/// lease due, cannot end it within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16_a_replica_stalled_inside_a_transaction_stops_every_revocation() {
+    let bot = TestBot::builder().postgres().build();
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert!(bot.is_member(WEB, "alice"));
+
+    // Replica c enters a transaction and stalls there.
+    let tmp = tempfile::tempdir().unwrap();
+    let c = open_store(&tmp.path().join("c"), bot.pg.as_deref()).expect("open replica c");
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(c.update(Utc::now(), |_tx| {
+            let _ = entered_tx.send(());
+            let _ = released.recv_timeout(std::time::Duration::from_secs(50));
+            Ok::<(), StoreError>(())
+        }))
+    });
+    entered
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("c entered its transaction");
+
+    // The lease is due; the leader's scheduler runs it.
+    bot.advance(Duration::hours(2));
+    let engine = bot.engine.clone();
+    let started = std::time::Instant::now();
+    let leader = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run_due(&engine));
+    });
+    let mut revoked_after = None;
+    while started.elapsed() < std::time::Duration::from_secs(10) {
+        if !bot.is_member(WEB, "alice") {
+            revoked_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = release.send(());
+    let _ = stalled.join();
+    leader.join().expect("leader thread");
+    let settled = started.elapsed();
+    assert!(!bot.is_member(WEB, "alice"), "once c went on, the leader revoked");
+    assert!(
+        revoked_after.is_some(),
+        "alice's lease was due and the leader could not revoke it within 10 s (it did {settled:?} after, once \
+         c's stall ended): replica c, stalled inside a transaction, holds jitbot_head's row lock, and every \
+         other replica waits for it (lock_timeout 30 s, idle_in_transaction_session_timeout 60 s)"
+    );
+}
+
+/// Commits one timer named `name` and one audit record whose action is
+/// `name`.
+async fn mark(store: &jitbot::store::Store, name: &str) {
+    store
+        .update(Utc::now(), |tx| {
+            tx.set_timer(TimerKind::Warn, name, Utc::now());
+            tx.audit(jitbot::store::AuditDraft {
+                actor: "test".into(),
+                action: name.into(),
+                ..Default::default()
+            });
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("commit {name}: {e}"));
+}
+
+fn audit_actions(store: &jitbot::store::Store) -> Vec<String> {
+    store.audit(0).map(|e| e.expect("audit").action).collect()
+}
+
+/// Issue 16 wants PostgreSQL because "every operator already knows how to
+/// back up, replicate and fail over" it. A failover to an asynchronous
+/// standby (Patroni's default) loses the last commits: the new primary's
+/// `jitbot_head.version` goes back, with the same `db_id` (a physical
+/// copy). A replica's pull trusts its mirror's version whenever the head
+/// is not behind it (`pull`: `v <= head.version`, same `db_id`), so once
+/// other replicas have committed past its old version it pulls only the
+/// versions above it: it keeps the lost commits in its mirror and never
+/// sees the new commits that reused their version numbers. Its reads (the
+/// scheduler's timers, leases, the audit it serves) are from a history
+/// the database no longer has, and its next transactions write from it.
+#[tokio::test]
+async fn brk16_a_mirror_ahead_of_a_failed_over_database_never_sees_the_new_history() {
+    let db = crate::support::postgres::Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        jitbot::store::Store::open_postgres(&tmp.path().join(name), 16, &db.settings()).expect("open replica")
+    };
+    let (a, b) = (open("a"), open("b"));
+    mark(&a, "before").await;
+    b.refresh().unwrap();
+    // The standby has everything up to here...
+    db.run(
+        "CREATE TABLE standby_kv AS SELECT * FROM jitbot_kv; \
+         CREATE TABLE standby_head AS SELECT * FROM jitbot_head",
+    );
+    // ...and not b's next two commits, when the primary is lost.
+    mark(&b, "lost-1").await;
+    mark(&b, "lost-2").await;
+    db.run(
+        "BEGIN; DELETE FROM jitbot_kv; INSERT INTO jitbot_kv SELECT * FROM standby_kv; \
+         UPDATE jitbot_head h SET version = s.version, gc_version = s.gc_version, db_id = s.db_id \
+           FROM standby_head s; \
+         DROP TABLE standby_kv; DROP TABLE standby_head; COMMIT",
+    );
+    // The promoted standby takes a's commits (a never saw b's lost ones).
+    for name in ["new-1", "new-2", "new-3"] {
+        mark(&a, name).await;
+    }
+    b.refresh().unwrap();
+    let fresh = open("c");
+    let truth = audit_actions(&fresh);
+    assert_eq!(truth, ["before", "new-1", "new-2", "new-3"]);
+    assert_eq!(
+        audit_actions(&b),
+        truth,
+        "replica b's mirror after the failover is not the database: it kept the lost commits and skipped \
+         the ones that reused their versions"
+    );
+}
