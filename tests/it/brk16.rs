@@ -428,3 +428,122 @@ async fn brk16_a_mirror_ahead_of_a_failed_over_database_never_sees_the_new_histo
          the ones that reused their versions"
     );
 }
+
+/// Issue 16: "Exactly one is the leader at a time", and ARCHITECTURE.md:
+/// "The leader stops its work two thirds of a term after its last
+/// renewal, before the term can expire". The renewal (`Store::lead`)
+/// first takes the replica's own writer lock, and a writer of the leader
+/// (here a backup; the scheduler's expiry or a command do the same) that
+/// waits for `jitbot_head`'s row lock — held by another replica stalled
+/// in its transaction — keeps it for up to `lock_timeout` (30 s). The
+/// renewal waits behind it, the two-thirds deadline is only checked when
+/// a renewal *fails*, so the leader neither renews nor stops: its term
+/// runs out, the other replica takes over, and both run the scheduler,
+/// the outbox worker and the ZSP monitor, and both say "ready (leader)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16_a_leader_whose_renewal_waits_for_its_own_writer_never_steps_down() {
+    use crate::support::process::{Jitbot, ADMIN_TOKEN};
+    let db = crate::support::postgres::Database::create();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
+    let a = Jitbot::start(&config, &env).await;
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+    let readyz = |bot: &Jitbot| {
+        let url = format!("{}/readyz", bot.admin_base);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(readyz(&b).await, "ready (follower)\n");
+
+    // Another replica stalls holding the store-wide lock (a session of its
+    // own, with jitbot's session settings).
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    let stall_url = url.clone();
+    let stalled = std::thread::spawn(move || {
+        let mut config: postgres::Config = stall_url.parse().unwrap();
+        config.password(crate::support::postgres::PASSWORD);
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        client
+            .batch_execute("SET lock_timeout = '30s'; SET idle_in_transaction_session_timeout = '60s'")
+            .unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.query("SELECT version FROM jitbot_head WHERE id = 1 FOR UPDATE", &[])
+            .unwrap();
+        held_tx.send(()).unwrap();
+        let _ = released.recv_timeout(std::time::Duration::from_secs(50));
+        let _ = tx.rollback();
+    });
+    held.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the lock is held");
+
+    // A writer on the leader now waits for that lock.
+    let backup_url = format!("{}/admin/backup", a.admin_base);
+    let backup = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .get(backup_url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await;
+    });
+
+    crate::support::net::eventually(
+        std::time::Duration::from_secs(15),
+        "replica b takes over the expired term",
+        || b.log_text().contains("this replica leads").then_some(()),
+    )
+    .await;
+    let (ra, rb) = (readyz(&a).await, readyz(&b).await);
+    let a_log = a.log_text();
+    let a_stepped_down =
+        a_log.contains("lost the leadership") || a_log.contains("cannot renew the leadership in time");
+    let _ = release.send(());
+    let _ = stalled.join();
+    let _ = backup.await;
+    assert!(
+        a_stepped_down || ra != "ready (leader)\n",
+        "two leaders at once: b took over a's expired term while a still runs the leader's work and says \
+         {ra:?} (b says {rb:?}); a's renewal waits behind its own writer lock.\nA:\n{}",
+        a_log
+            .lines()
+            .filter(|l| l.contains("leader") || l.contains("leads"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
