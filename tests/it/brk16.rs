@@ -523,27 +523,35 @@ max_duration = "4h"
             .await;
     });
 
-    crate::support::net::eventually(
-        std::time::Duration::from_secs(15),
-        "replica b takes over the expired term",
-        || b.log_text().contains("this replica leads").then_some(()),
-    )
-    .await;
-    let (ra, rb) = (readyz(&a).await, readyz(&b).await);
-    let a_log = a.log_text();
-    let a_stepped_down =
-        a_log.contains("lost the leadership") || a_log.contains("cannot renew the leadership in time");
+    // Sample both replicas' roles until b has taken over (or 15 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut both = None;
+    while std::time::Instant::now() < deadline {
+        let (ra, rb) = (readyz(&a).await, readyz(&b).await);
+        if ra == "ready (leader)\n" && rb == "ready (leader)\n" {
+            both = Some(a.log_text());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let b_led = b.log_text().contains("this replica leads");
     let _ = release.send(());
     let _ = stalled.join();
     let _ = backup.await;
     assert!(
-        a_stepped_down || ra != "ready (leader)\n",
-        "two leaders at once: b took over a's expired term while a still runs the leader's work and says \
-         {ra:?} (b says {rb:?}); a's renewal waits behind its own writer lock.\nA:\n{}",
-        a_log
-            .lines()
-            .filter(|l| l.contains("leader") || l.contains("leads"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        b_led,
+        "b never took over; the break needs that:\n{}",
+        b.log_text()
     );
+    if let Some(a_log) = both {
+        panic!(
+            "two leaders at once: b took over a's expired term while a still runs the leader's work and both \
+             say \"ready (leader)\"; a's renewal waits behind its own writer lock. a's leadership log:\n{}",
+            a_log
+                .lines()
+                .filter(|l| l.contains("leader") || l.contains("leads"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }
