@@ -555,3 +555,54 @@ max_duration = "4h"
         );
     }
 }
+
+/// `[store] url` refuses a password written in it ("holds a password; put
+/// it in store.password = { env = … } or { file = … }"), so the secret
+/// never sits in a plain config value (printed, committed, copied into
+/// tickets). The check looks only for `user:password@`; the same URL with
+/// `?password=…` — which the driver honours, as libpq does — passes
+/// `check-config` and logs in.
+#[tokio::test]
+async fn brk16_a_password_in_the_url_query_is_not_refused() {
+    let db = crate::support::postgres::Database::create();
+    let url = format!(
+        "{}&password={}",
+        crate::support::postgres::cluster().url(&db.name),
+        crate::support::postgres::PASSWORD
+    );
+    let settings = jitbot::store::PgSettings {
+        url: url.clone(),
+        password: None,
+        migrate: true,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    jitbot::store::Store::open_postgres(&tmp.path().join("m"), 16, &settings)
+        .expect("the driver logs in with the password from the URL's query");
+    let text = format!(
+        r#"
+[store]
+path = "/tmp/x"
+kind = "postgres"
+url = "{url}"
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let parsed = jitbot::config::Config::parse(&text, "jitbot.toml");
+    assert!(
+        parsed.as_ref().is_err_and(|e| e.to_string().contains("password")),
+        "a config whose store.url carries the database password (?password=…) was accepted: {:?}",
+        parsed.err()
+    );
+}
