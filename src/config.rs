@@ -925,9 +925,13 @@ impl Config {
             let (before_query, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
             let userinfo = before_query.rsplit_once('@').map(|(u, _)| u).unwrap_or("");
             // The driver, like libpq, also takes `?password=…`.
-            let in_query = query
-                .split('&')
-                .any(|pair| pair.split('=').next().unwrap_or("").trim().eq_ignore_ascii_case("password"));
+            let in_query = query.split('&').any(|pair| {
+                pair.split('=')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("password")
+            });
             if userinfo.matches(':').count() > 1 || in_query {
                 issue(
                     "store.url".into(),
