@@ -112,6 +112,10 @@ const IDLE_IN_TRANSACTION: &str = "5s";
 /// waiting writer gives up.
 const LOCK_TIMEOUT: &str = "10s";
 
+/// A catch-up with more changes than this is applied to the mirror
+/// outside the head's lock, before the transaction locks it again.
+const BIG_PULL: usize = 1_000;
+
 /// How many times a writer tries for `jitbot_head`'s lock before it fails
 /// its caller.
 const LOCK_TRIES: usize = 3;
@@ -422,9 +426,10 @@ impl Replica {
 
     /// BEGIN and lock the head, then bring the mirror up to date. Called
     /// with the store's writer lock held. A mirror that must reload
-    /// everything does so without holding the head's lock (a long reload
-    /// would stop every other replica's writes), then locks again to pull
-    /// what landed meanwhile. A lock held elsewhere past `lock_timeout` is
+    /// everything, or apply more than [`BIG_PULL`] changes, does so without
+    /// holding the head's lock (a long catch-up would stop every other
+    /// replica's writes, and outlast the idle timeout), then locks again to
+    /// pull what landed meanwhile. A lock held elsewhere past `lock_timeout` is
     /// tried for again, [`LOCK_TRIES`] times in all.
     pub(super) fn begin<'s>(&'s self, store: &'s Store) -> Result<Open<'s>, StoreError> {
         let mut busy_tries = 0;
@@ -448,7 +453,11 @@ impl Replica {
                 store,
                 done: false,
             };
-            if matches!(pulled, Pulled::Reload { .. }) && !reloaded {
+            let big = match &pulled {
+                Pulled::Reload { .. } => true,
+                Pulled::Changes(changes) => changes.len() > BIG_PULL,
+            };
+            if big && !reloaded {
                 reloaded = true;
                 drop(open);
                 catch_up(store, &head, pulled)?;

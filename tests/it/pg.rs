@@ -939,6 +939,53 @@ async fn a_replica_stalled_inside_a_transaction_holds_up_revocation_for_seconds_
 // Review brk16, finding 4: after a failover to a standby that lost the last
 // commits, a mirror kept the lost history (commits now have identities, schema 3).
 
+/// A session that holds `jitbot_head`'s lock and keeps it (not idle: a
+/// long statement, or a session without jitbot's idle timeout) makes a
+/// writer try three times, `lock_timeout` (10 s) each, then fail its
+/// caller with what happened and what to do; nothing is committed, and the
+/// next write after the lock is free succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_cannot_get_the_lock_tries_three_times_then_says_so() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut config: postgres::Config = url.parse().unwrap();
+        config.password(crate::support::postgres::PASSWORD);
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.query("SELECT version FROM jitbot_head WHERE id = 1 FOR UPDATE", &[])
+            .unwrap();
+        held_tx.send(()).unwrap();
+        let _ = released.recv_timeout(std::time::Duration::from_secs(60));
+        let _ = tx.rollback();
+    });
+    held.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the lock is held");
+    let started = std::time::Instant::now();
+    let err = write(&a, "x-1").await.expect_err("the lock is never free");
+    let waited = started.elapsed();
+    let _ = release.send(());
+    holder.join().expect("holder thread");
+    assert!(
+        waited >= std::time::Duration::from_secs(29) && waited < std::time::Duration::from_secs(45),
+        "three tries of 10 s: {waited:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("held the store's lock")
+            && text.contains("try again")
+            && text.contains("pg_stat_activity"),
+        "{text}"
+    );
+    assert_eq!(a.timer_count(), 0, "nothing was committed");
+    write(&a, "x-2").await.expect("the lock is free again");
+    assert_eq!(a.timer_count(), 1);
+}
+
 /// Commits one timer named `name` and one audit record whose action is
 /// `name`.
 async fn mark(store: &jitbot::store::Store, name: &str) {
