@@ -939,8 +939,17 @@ impl Config {
                     "must be a postgres:// URL, e.g. postgres://jitbot@db.internal:5432/jitbot".into(),
                 );
             }
-            let userinfo = url.rsplit_once('@').map(|(u, _)| u).unwrap_or("");
-            if userinfo.matches(':').count() > 1 {
+            let (before_query, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+            let userinfo = before_query.rsplit_once('@').map(|(u, _)| u).unwrap_or("");
+            // The driver, like libpq, also takes `?password=…`.
+            let in_query = query.split('&').any(|pair| {
+                pair.split('=')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("password")
+            });
+            if userinfo.matches(':').count() > 1 || in_query {
                 issue(
                     "store.url".into(),
                     key_line(text, "store", "url"),
@@ -1204,6 +1213,14 @@ max_duration = "4h"
             ),
             (
                 "kind = \"postgres\"\nurl = \"postgres://u:pw@db/jitbot\"",
+                "store.password",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u@db/jitbot?application_name=x&password=pw\"",
+                "store.password",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://u@db/jitbot?Password=pw\"",
                 "store.password",
             ),
             ("kind = \"mysql\"", "unknown variant"),

@@ -62,10 +62,19 @@ const MIGRATIONS: &[(i32, &str)] = &[
         expires_at timestamptz NOT NULL
     );",
     ),
+    (
+        3,
+        "CREATE TABLE jitbot_commits (
+        version bigint PRIMARY KEY,
+        commit_id text NOT NULL
+    );
+    INSERT INTO jitbot_commits (version, commit_id)
+        SELECT version, md5(random()::text || clock_timestamp()::text) FROM jitbot_head;",
+    ),
 ];
 
 /// The schema version this build needs.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// When deletions are garbage-collected: every `every` versions, those
 /// older than `keep` versions go; a mirror further behind reloads
@@ -87,6 +96,29 @@ const MIGRATION_LOCK: i64 = 0x6a69_7462_6f74_6d67;
 /// Keys of the mirror's own `mirror` tree (never replicated).
 const MIRROR_VERSION: &[u8] = b"version";
 const MIRROR_DB: &[u8] = b"db_id";
+const MIRROR_COMMIT: &[u8] = b"commit_id";
+
+/// How long a session may sit idle inside a transaction before PostgreSQL
+/// ends it. A jitbot transaction never waits for anything outside the
+/// process between its statements (it runs the caller's closure on the
+/// sled mirror; a full mirror reload happens before the lock is taken),
+/// so a longer idle means a stalled replica (SIGSTOP, a VM pause, a swap
+/// storm) holding `jitbot_head`'s lock: it must be cut off well within
+/// the 10 s in which another replica has to revoke what is due.
+const IDLE_IN_TRANSACTION: &str = "5s";
+
+/// How long a writer waits for `jitbot_head`'s lock per try: longer than
+/// [`IDLE_IN_TRANSACTION`], so a stalled replica is cut off before a
+/// waiting writer gives up.
+const LOCK_TIMEOUT: &str = "10s";
+
+/// A catch-up with more changes than this is applied to the mirror
+/// outside the head's lock, before the transaction locks it again.
+const BIG_PULL: usize = 1_000;
+
+/// How many times a writer tries for `jitbot_head`'s lock before it fails
+/// its caller.
+const LOCK_TRIES: usize = 3;
 
 /// How to reach PostgreSQL (`[store] kind = "postgres"`).
 #[derive(Clone, Debug)]
@@ -145,10 +177,10 @@ impl PgSettings {
         // A replica that hangs while holding the head's lock must not stop
         // every other replica: the server ends such a transaction.
         client
-            .batch_execute(
-                "SET statement_timeout = '30s'; SET lock_timeout = '30s'; \
-                 SET idle_in_transaction_session_timeout = '60s'",
-            )
+            .batch_execute(&format!(
+                "SET statement_timeout = '30s'; SET lock_timeout = '{LOCK_TIMEOUT}'; \
+                 SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION}'"
+            ))
             .map_err(|e| pg_error("setting the session's timeouts", &e))?;
         Ok(client)
     }
@@ -252,14 +284,37 @@ struct Head {
     version: i64,
     gc_version: i64,
     db_id: String,
+    /// The identity of the commit that made `version` (`jitbot_commits`),
+    /// when the database has a record of it.
+    commit_id: Option<String>,
+}
+
+/// Where a mirror is: the version and database it last caught up with,
+/// and the identity of that version's commit (none in a mirror made
+/// before schema 3).
+#[derive(Clone, Debug)]
+struct Position {
+    version: i64,
+    db_id: String,
+    commit_id: Option<String>,
 }
 
 /// What a mirror must do to catch up.
 enum Pulled {
     /// Apply these changes; the mirror is then at `head`.
     Changes(Vec<Change>),
-    /// Replace the mirror with these (every key that has a value).
-    Reload(Vec<Change>),
+    /// Replace the mirror with these (every key that has a value); with
+    /// `lost`, why the mirror held history the database no longer has.
+    Reload { rows: Vec<Change>, lost: Option<String> },
+}
+
+/// The answer to a `Begin`.
+enum Began {
+    /// The head is locked and this is what the mirror must do to catch up.
+    Locked(Head, Pulled),
+    /// Another session held the head's lock past `lock_timeout`; the
+    /// transaction was rolled back (the message says so to a person).
+    Busy(String),
 }
 
 type Reply<T> = mpsc::SyncSender<Result<T, StoreError>>;
@@ -268,16 +323,17 @@ enum Job {
     /// BEGIN, lock the head, and catch up from the mirror at `since`
     /// (of database `db`); then wait for `Commit` or `Rollback`.
     Begin {
-        since: Option<(i64, String)>,
-        reply: Reply<(Head, Pulled)>,
+        since: Option<Position>,
+        reply: Reply<Began>,
     },
-    /// Write `changes` as version head + 1 and COMMIT.
+    /// Write `changes` as version head + 1 and COMMIT; answers the new
+    /// version and its commit's identity.
     Commit {
         changes: Vec<Change>,
         gc: Gc,
         /// The leader's fencing token this replica commits under, if any.
         fence: Option<i64>,
-        reply: Reply<i64>,
+        reply: Reply<(i64, String)>,
     },
     /// Take or renew the leadership for `holder` for `ttl` seconds.
     Lead {
@@ -294,7 +350,7 @@ enum Job {
     Rollback,
     /// Catch up without locking (a read-only snapshot).
     Refresh {
-        since: Option<(i64, String)>,
+        since: Option<Position>,
         reply: Reply<(Head, Pulled)>,
     },
 }
@@ -374,18 +430,47 @@ impl Replica {
     }
 
     /// BEGIN and lock the head, then bring the mirror up to date. Called
-    /// with the store's writer lock held.
+    /// with the store's writer lock held. A mirror that must reload
+    /// everything, or apply more than [`BIG_PULL`] changes, does so without
+    /// holding the head's lock (a long catch-up would stop every other
+    /// replica's writes, and outlast the idle timeout), then locks again to
+    /// pull what landed meanwhile. A lock held elsewhere past `lock_timeout` is
+    /// tried for again, [`LOCK_TRIES`] times in all.
     pub(super) fn begin<'s>(&'s self, store: &'s Store) -> Result<Open<'s>, StoreError> {
-        let since = mirror_position(store)?;
-        let (head, pulled) = self.ask(|reply| Job::Begin { since, reply })?;
-        // From here on, dropping `open` rolls the transaction back.
-        let open = Open {
-            replica: self,
-            store,
-            done: false,
-        };
-        catch_up(store, &head, pulled)?;
-        Ok(open)
+        let mut busy_tries = 0;
+        let mut reloaded = false;
+        loop {
+            let since = mirror_position(store)?;
+            let (head, pulled) = match self.ask(|reply| Job::Begin { since, reply })? {
+                Began::Locked(head, pulled) => (head, pulled),
+                Began::Busy(why) => {
+                    busy_tries += 1;
+                    if busy_tries >= LOCK_TRIES {
+                        return Err(StoreError::Io(why));
+                    }
+                    tracing::warn!(error = %why, "waiting again for the store's lock in PostgreSQL");
+                    continue;
+                }
+            };
+            // From here on, dropping `open` rolls the transaction back.
+            let open = Open {
+                replica: self,
+                store,
+                done: false,
+            };
+            let big = match &pulled {
+                Pulled::Reload { .. } => true,
+                Pulled::Changes(changes) => changes.len() > BIG_PULL,
+            };
+            if big && !reloaded {
+                reloaded = true;
+                drop(open);
+                catch_up(store, &head, pulled)?;
+                continue;
+            }
+            catch_up(store, &head, pulled)?;
+            return Ok(open);
+        }
     }
 
     pub(super) fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
@@ -451,7 +536,7 @@ impl Open<'_> {
         }
         let gc = *self.replica.gc.lock().unwrap_or_else(|p| p.into_inner());
         let fence = self.store.fence();
-        let version = self.replica.ask(|reply| Job::Commit {
+        let (version, commit_id) = self.replica.ask(|reply| Job::Commit {
             gc,
             fence,
             changes: changes.clone(),
@@ -462,7 +547,7 @@ impl Open<'_> {
                 "test hook: committed to PostgreSQL, and the mirror was not updated".into(),
             ));
         }
-        if let Err(e) = apply(self.store, &changes, version, None) {
+        if let Err(e) = apply(self.store, &changes, version, None, Some(&commit_id)) {
             // The database holds the change and the mirror may not: fail
             // closed; the restart catches up from the database.
             let why = format!("the local mirror could not take a committed change ({e})");
@@ -476,16 +561,21 @@ impl Open<'_> {
 /// A key whose write makes the commit fail inside PostgreSQL (test hook).
 const FAIL_KEY: &[u8] = b"\0jitbot-test-fail-commit";
 
-/// The mirror's version and database, or `None` when it must reload.
-fn mirror_position(store: &Store) -> Result<Option<(i64, String)>, StoreError> {
+/// The mirror's position, or `None` when it must reload.
+fn mirror_position(store: &Store) -> Result<Option<Position>, StoreError> {
     let mirror = &store.inner.mirror;
     let version = mirror.get(MIRROR_VERSION)?;
     let db = mirror.get(MIRROR_DB)?;
+    let commit = mirror.get(MIRROR_COMMIT)?;
     Ok(match (version, db) {
         (Some(v), Some(db)) if v.len() == 8 => {
             let mut b = [0u8; 8];
             b.copy_from_slice(&v);
-            Some((i64::from_be_bytes(b), String::from_utf8_lossy(&db).into_owned()))
+            Some(Position {
+                version: i64::from_be_bytes(b),
+                db_id: String::from_utf8_lossy(&db).into_owned(),
+                commit_id: commit.map(|c| String::from_utf8_lossy(&c).into_owned()),
+            })
         }
         _ => None,
     })
@@ -495,19 +585,39 @@ fn mirror_position(store: &Store) -> Result<Option<(i64, String)>, StoreError> {
 fn catch_up(store: &Store, head: &Head, pulled: Pulled) -> Result<bool, StoreError> {
     match pulled {
         Pulled::Changes(changes) => {
-            if changes.is_empty() && mirror_position(store)?.is_some_and(|(v, _)| v == head.version) {
+            if changes.is_empty()
+                && mirror_position(store)?
+                    .is_some_and(|p| p.version == head.version && p.commit_id == head.commit_id)
+            {
                 return Ok(false);
             }
-            apply(store, &changes, head.version, None)?;
+            apply(store, &changes, head.version, None, head.commit_id.as_deref())?;
             Ok(!changes.is_empty())
         }
-        Pulled::Reload(rows) => reload(store, head, rows).map(|()| true),
+        Pulled::Reload { rows, lost } => {
+            if let Some(lost) = lost {
+                tracing::error!(
+                    what = %lost,
+                    "the database lost commits this replica saw (a failover to a standby that was behind, or \
+                     a restore of an older copy); reloading this replica's mirror from the database. Whatever \
+                     those commits did (grants, approvals, audit records) is gone from the store: check the \
+                     directory's memberships and the audit log against what users were told"
+                );
+            }
+            reload(store, head, rows).map(|()| true)
+        }
     }
 }
 
-/// Applies `changes` to the mirror and sets its version, in one sled
-/// transaction.
-fn apply(store: &Store, changes: &[Change], version: i64, db: Option<&str>) -> Result<(), StoreError> {
+/// Applies `changes` to the mirror and sets its version (and commit
+/// identity: none removes it), in one sled transaction.
+fn apply(
+    store: &Store,
+    changes: &[Change],
+    version: i64,
+    db: Option<&str>,
+    commit: Option<&str>,
+) -> Result<(), StoreError> {
     use sled::transaction::{ConflictableTransactionError, TransactionError};
     use sled::Transactional;
     let mut trees: Vec<&sled::Tree> = TreeId::ALL.iter().map(|t| store.tree(*t)).collect();
@@ -528,6 +638,10 @@ fn apply(store: &Store, changes: &[Change], version: i64, db: Option<&str>) -> R
             if let Some(db) = db {
                 mirror.insert(MIRROR_DB, db.as_bytes())?;
             }
+            match commit {
+                Some(c) => mirror.insert(MIRROR_COMMIT, c.as_bytes())?,
+                None => mirror.remove(MIRROR_COMMIT)?,
+            };
             Ok::<(), ConflictableTransactionError<StoreError>>(())
         })
         .map_err(|e| match e {
@@ -541,6 +655,7 @@ fn apply(store: &Store, changes: &[Change], version: i64, db: Option<&str>) -> R
 fn reload(store: &Store, head: &Head, rows: Vec<Change>) -> Result<(), StoreError> {
     store.inner.mirror.remove(MIRROR_VERSION)?;
     store.inner.mirror.remove(MIRROR_DB)?;
+    store.inner.mirror.remove(MIRROR_COMMIT)?;
     // On disk before anything is cleared: a crash from here on leaves a
     // mirror without a version, which reloads.
     store.inner.db.flush()?;
@@ -560,7 +675,13 @@ fn reload(store: &Store, head: &Head, rows: Vec<Change>) -> Result<(), StoreErro
     for (_, (tree, batch)) in batches {
         store.tree(tree).apply_batch(batch)?;
     }
-    apply(store, &[], head.version, Some(&head.db_id))
+    apply(
+        store,
+        &[],
+        head.version,
+        Some(&head.db_id),
+        head.commit_id.as_deref(),
+    )
 }
 
 /// Whether a sled directory holds data but is no mirror: pointing the
@@ -730,8 +851,8 @@ fn busy() -> StoreError {
 /// the writer sends until it commits or rolls back.
 fn in_transaction(
     client: &mut postgres::Client,
-    since: Option<(i64, String)>,
-    reply: Reply<(Head, Pulled)>,
+    since: Option<Position>,
+    reply: Reply<Began>,
     inbox: &mpsc::Receiver<Job>,
 ) {
     let mut tx = match client.transaction() {
@@ -741,17 +862,21 @@ fn in_transaction(
             return;
         }
     };
-    let head = match read_head(&mut tx, "FOR UPDATE").and_then(|head| {
-        let pulled = pull(&mut tx, &head, since)?;
+    let head = match read_head(&mut tx, "FOR UPDATE").and_then(|mut head| {
+        let pulled = pull(&mut tx, &mut head, since)?;
         Ok((head, pulled))
     }) {
         Ok((head, pulled)) => {
-            if reply.send(Ok((head.clone(), pulled))).is_err() {
+            if reply.send(Ok(Began::Locked(head.clone(), pulled))).is_err() {
                 return;
             }
             head
         }
-        Err(e) => {
+        Err(HeadError::Busy(why)) => {
+            let _ = reply.send(Ok(Began::Busy(why)));
+            return;
+        }
+        Err(HeadError::Store(e)) => {
             let _ = reply.send(Err(e));
             return;
         }
@@ -768,7 +893,10 @@ fn in_transaction(
                 return;
             }
             Ok(Job::Rollback) | Err(_) => return,
-            Ok(Job::Begin { reply, .. }) | Ok(Job::Refresh { reply, .. }) => {
+            Ok(Job::Begin { reply, .. }) => {
+                let _ = reply.send(Err(busy()));
+            }
+            Ok(Job::Refresh { reply, .. }) => {
                 let _ = reply.send(Err(busy()));
             }
             Ok(Job::Lead { reply, .. }) => {
@@ -781,36 +909,126 @@ fn in_transaction(
     }
 }
 
-fn read_head(tx: &mut postgres::Transaction<'_>, lock: &str) -> Result<Head, StoreError> {
+/// Why the head could not be read.
+enum HeadError {
+    /// Its lock was held elsewhere past `lock_timeout`.
+    Busy(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for HeadError {
+    fn from(e: StoreError) -> HeadError {
+        HeadError::Store(e)
+    }
+}
+
+impl From<HeadError> for StoreError {
+    fn from(e: HeadError) -> StoreError {
+        match e {
+            HeadError::Busy(why) => StoreError::Io(why),
+            HeadError::Store(e) => e,
+        }
+    }
+}
+
+/// Reads the head row (with `lock`, e.g. `FOR UPDATE`); its commit
+/// identity is filled in by [`pull`].
+fn read_head(tx: &mut postgres::Transaction<'_>, lock: &str) -> Result<Head, HeadError> {
     let row = tx
         .query_one(
             &format!("SELECT version, gc_version, db_id FROM jitbot_head WHERE id = 1 {lock}"),
             &[],
         )
-        .map_err(|e| pg_error("reading jitbot_head", &e))?;
+        .map_err(|e| {
+            if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                HeadError::Busy(format!(
+                    "another jitbot replica held the store's lock (jitbot_head) for over {LOCK_TIMEOUT}; nothing \
+                     was acted on, try again. A replica stalled inside a transaction is cut off after \
+                     {IDLE_IN_TRANSACTION}: if this keeps happening, look in pg_stat_activity for the session \
+                     holding it"
+                ))
+            } else {
+                HeadError::Store(pg_error("reading jitbot_head", &e))
+            }
+        })?;
     Ok(Head {
         version: row.get(0),
         gc_version: row.get(1),
         db_id: row.get(2),
+        commit_id: None,
     })
 }
 
+/// The recorded identity of each of `versions`' commits, when the
+/// database has one.
+fn commit_ids(
+    tx: &mut postgres::Transaction<'_>,
+    versions: &[i64],
+) -> Result<BTreeMap<i64, String>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT version, commit_id FROM jitbot_commits WHERE version = ANY($1)",
+            &[&versions],
+        )
+        .map_err(|e| pg_error("reading jitbot_commits", &e))?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// What the mirror at `since` must do to reach `head` (whose commit
+/// identity this fills in). The mirror's history must be the database's:
+/// a head behind the mirror, or a different commit recorded for the
+/// mirror's version, means the database lost commits the mirror holds (a
+/// failover to a standby that was behind), and the mirror reloads.
 fn pull(
     tx: &mut postgres::Transaction<'_>,
-    head: &Head,
-    since: Option<(i64, String)>,
+    head: &mut Head,
+    since: Option<Position>,
 ) -> Result<Pulled, StoreError> {
+    let mut versions = vec![head.version];
+    if let Some(p) = &since {
+        versions.push(p.version);
+    }
+    let ids = commit_ids(tx, &versions)?;
+    head.commit_id = ids.get(&head.version).cloned();
+    let mut lost = None;
     let from = match since {
-        Some((v, db)) if db == head.db_id && v >= head.gc_version && v <= head.version => v,
-        _ => {
-            let rows = tx
-                .query(
-                    "SELECT tree, key, value FROM jitbot_kv WHERE value IS NOT NULL",
-                    &[],
-                )
-                .map_err(|e| pg_error("reading the store", &e))?;
-            return Ok(Pulled::Reload(changes_of(rows)?));
+        Some(p) if p.db_id == head.db_id && p.version > head.version => {
+            lost = Some(format!(
+                "this replica's mirror is at version {}, the database's head at {}",
+                p.version, head.version
+            ));
+            None
         }
+        Some(p) if p.db_id == head.db_id && p.version >= head.gc_version => {
+            match (&p.commit_id, ids.get(&p.version)) {
+                // A mirror from before commits had identities.
+                (None, _) => Some(p.version),
+                (Some(mine), Some(theirs)) if mine == theirs => Some(p.version),
+                (Some(mine), theirs) => {
+                    lost = Some(format!(
+                        "this replica's mirror holds commit {mine} as version {}, the database {}",
+                        p.version,
+                        theirs.map_or("has no record of that version".to_string(), |t| format!(
+                            "holds {t}"
+                        )),
+                    ));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let Some(from) = from else {
+        let rows = tx
+            .query(
+                "SELECT tree, key, value FROM jitbot_kv WHERE value IS NOT NULL",
+                &[],
+            )
+            .map_err(|e| pg_error("reading the store", &e))?;
+        return Ok(Pulled::Reload {
+            rows: changes_of(rows)?,
+            lost,
+        });
     };
     if from == head.version {
         return Ok(Pulled::Changes(Vec::new()));
@@ -841,18 +1059,15 @@ fn changes_of(rows: Vec<postgres::Row>) -> Result<Vec<Change>, StoreError> {
         .collect()
 }
 
-fn snapshot(
-    client: &mut postgres::Client,
-    since: Option<(i64, String)>,
-) -> Result<(Head, Pulled), StoreError> {
+fn snapshot(client: &mut postgres::Client, since: Option<Position>) -> Result<(Head, Pulled), StoreError> {
     let mut tx = client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .map_err(|e| pg_error("BEGIN", &e))?;
-    let head = read_head(&mut tx, "")?;
-    let pulled = pull(&mut tx, &head, since)?;
+    let mut head = read_head(&mut tx, "")?;
+    let pulled = pull(&mut tx, &mut head, since)?;
     tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
     Ok((head, pulled))
 }
@@ -884,7 +1099,7 @@ fn write(
     changes: &[Change],
     gc_at: Gc,
     fence: Option<i64>,
-) -> Result<i64, StoreError> {
+) -> Result<(i64, String), StoreError> {
     if let Some(token) = fence {
         // FOR SHARE: a takeover (an UPDATE of this row) waits for this
         // COMMIT, so no change of a deposed leader lands in a later term.
@@ -922,14 +1137,33 @@ fn write(
             &[&gc],
         )
         .map_err(|e| pg_error("collecting old deletions", &e))?;
+        // A mirror at `gc` or above is checked against its commit's record.
+        tx.execute("DELETE FROM jitbot_commits WHERE version < $1", &[&gc])
+            .map_err(|e| pg_error("collecting old commit records", &e))?;
     }
+    let commit_id = record_commit(&mut tx, version)?;
     tx.execute(
         "UPDATE jitbot_head SET version = $1, gc_version = $2 WHERE id = 1",
         &[&version, &gc],
     )
     .map_err(|e| pg_error("advancing jitbot_head", &e))?;
     tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
-    Ok(version)
+    Ok((version, commit_id))
+}
+
+/// Records a new random identity for the commit of `version` (replacing
+/// the record of a commit the database lost, if it kept one).
+fn record_commit(tx: &mut postgres::Transaction<'_>, version: i64) -> Result<String, StoreError> {
+    let row = tx
+        .query_one(
+            "INSERT INTO jitbot_commits (version, commit_id) \
+             VALUES ($1, md5(random()::text || clock_timestamp()::text)) \
+             ON CONFLICT (version) DO UPDATE SET commit_id = excluded.commit_id \
+             RETURNING commit_id",
+            &[&version],
+        )
+        .map_err(|e| pg_error("recording the commit", &e))?;
+    Ok(row.get(0))
 }
 
 /// Copies every tree of `from` (a sled store) into the empty database at
@@ -970,6 +1204,7 @@ pub(super) fn copy_into(
         }
         tx.execute("UPDATE jitbot_head SET version = 1 WHERE id = 1", &[])
             .map_err(|e| pg_error("advancing jitbot_head", &e))?;
+        record_commit(&mut tx, 1)?;
         let stored = tx
             .query(
                 "SELECT tree, count(*) FROM jitbot_kv WHERE value IS NOT NULL GROUP BY tree",

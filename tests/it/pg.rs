@@ -917,3 +917,322 @@ async fn verify_full_connects_over_tls_with_the_servers_ca_and_refuses_anything_
         .to_string();
     assert!(err.contains("verify-full"), "{err}");
 }
+
+// Review brk16, finding 3: a replica stalled inside a transaction held
+// jitbot_head's lock for up to a minute (idle_in_transaction 60 s, lock_timeout 30 s).
+
+/// What a replica's scheduler does once its mirror refresh woke it: every
+/// timer due now, fired until none is left.
+async fn run_due(engine: &Engine) {
+    engine.store().refresh().expect("refresh");
+    for _ in 0..100 {
+        let due = engine.store().due_timers(engine.now(), 1000).expect("timers");
+        if due.is_empty() {
+            return;
+        }
+        for t in due {
+            engine.fire(t).await;
+        }
+    }
+    panic!("timers keep firing");
+}
+
+/// Issue 16 asks that another replica "revokes what is due" within 10 s of
+/// losing the leader. Every commit takes `jitbot_head FOR UPDATE`; a
+/// replica stalled inside a transaction (SIGSTOP, a VM pause, a swap
+/// storm) holds it until PostgreSQL ends its idle transaction (5 s), and
+/// the others wait for it (`lock_timeout` 10 s, longer than that). Here
+/// replica c stalls inside a commit and the leader, with a lease due, must
+/// still end it within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stalled_inside_a_transaction_holds_up_revocation_for_seconds_not_a_minute() {
+    let bot = TestBot::builder().postgres().build();
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert!(bot.is_member(crate::support::bot::WEB, "alice"));
+
+    // Replica c enters a transaction and stalls there.
+    let tmp = tempfile::tempdir().unwrap();
+    let c = open_store(&tmp.path().join("c"), bot.pg.as_deref()).expect("open replica c");
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(c.update(Utc::now(), |_tx| {
+            let _ = entered_tx.send(());
+            let _ = released.recv_timeout(std::time::Duration::from_secs(50));
+            Ok::<(), StoreError>(())
+        }))
+    });
+    entered
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("c entered its transaction");
+
+    // The lease is due; the leader's scheduler runs it.
+    bot.advance(Duration::hours(2));
+    let engine = bot.engine.clone();
+    let started = std::time::Instant::now();
+    let leader = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(run_due(&engine));
+    });
+    let mut revoked_after = None;
+    while started.elapsed() < std::time::Duration::from_secs(10) {
+        if !bot.is_member(crate::support::bot::WEB, "alice") {
+            revoked_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = release.send(());
+    let _ = stalled.join();
+    leader.join().expect("leader thread");
+    let settled = started.elapsed();
+    assert!(
+        !bot.is_member(crate::support::bot::WEB, "alice"),
+        "once c went on, the leader revoked"
+    );
+    assert!(
+        revoked_after.is_some(),
+        "alice's lease was due and the leader could not revoke it within 10 s (it did {settled:?} after, once \
+         c's stall ended): replica c, stalled inside a transaction, holds jitbot_head's row lock, and every \
+         other replica waits for it (lock_timeout 30 s, idle_in_transaction_session_timeout 60 s)"
+    );
+}
+
+// Review brk16, finding 4: after a failover to a standby that lost the last
+// commits, a mirror kept the lost history (commits now have identities, schema 3).
+
+/// A session that holds `jitbot_head`'s lock and keeps it (not idle: a
+/// long statement, or a session without jitbot's idle timeout) makes a
+/// writer try three times, `lock_timeout` (10 s) each, then fail its
+/// caller with what happened and what to do; nothing is committed, and the
+/// next write after the lock is free succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_cannot_get_the_lock_tries_three_times_then_says_so() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut config: postgres::Config = url.parse().unwrap();
+        config.password(crate::support::postgres::PASSWORD);
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.query("SELECT version FROM jitbot_head WHERE id = 1 FOR UPDATE", &[])
+            .unwrap();
+        held_tx.send(()).unwrap();
+        let _ = released.recv_timeout(std::time::Duration::from_secs(60));
+        let _ = tx.rollback();
+    });
+    held.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the lock is held");
+    let started = std::time::Instant::now();
+    let err = write(&a, "x-1").await.expect_err("the lock is never free");
+    let waited = started.elapsed();
+    let _ = release.send(());
+    holder.join().expect("holder thread");
+    assert!(
+        waited >= std::time::Duration::from_secs(29) && waited < std::time::Duration::from_secs(45),
+        "three tries of 10 s: {waited:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("held the store's lock")
+            && text.contains("try again")
+            && text.contains("pg_stat_activity"),
+        "{text}"
+    );
+    assert_eq!(a.timer_count(), 0, "nothing was committed");
+    write(&a, "x-2").await.expect("the lock is free again");
+    assert_eq!(a.timer_count(), 1);
+}
+
+/// Commits one timer named `name` and one audit record whose action is
+/// `name`.
+async fn mark(store: &jitbot::store::Store, name: &str) {
+    store
+        .update(Utc::now(), |tx| {
+            tx.set_timer(TimerKind::Warn, name, Utc::now());
+            tx.audit(jitbot::store::AuditDraft {
+                actor: "test".into(),
+                action: name.into(),
+                ..Default::default()
+            });
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("commit {name}: {e}"));
+}
+
+fn audit_actions(store: &jitbot::store::Store) -> Vec<String> {
+    store.audit(0).map(|e| e.expect("audit").action).collect()
+}
+
+/// Issue 16 wants PostgreSQL because "every operator already knows how to
+/// back up, replicate and fail over" it. A failover to an asynchronous
+/// standby (Patroni's default) loses the last commits: the new primary's
+/// `jitbot_head.version` goes back, with the same `db_id` (a physical
+/// copy). Version numbers alone would let a replica whose mirror holds the
+/// lost commits pull only the versions above its own once others have
+/// committed past it, keeping history the database no longer has. Every
+/// commit has an identity (`jitbot_commits`), and a mirror whose version's
+/// identity is not the database's reloads.
+#[tokio::test]
+async fn a_mirror_ahead_of_a_failed_over_database_reloads_the_new_history() {
+    let db = crate::support::postgres::Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        jitbot::store::Store::open_postgres(&tmp.path().join(name), 16, &db.settings()).expect("open replica")
+    };
+    let (a, b) = (open("a"), open("b"));
+    mark(&a, "before").await;
+    b.refresh().unwrap();
+    // The standby has everything up to here...
+    db.run(
+        "CREATE TABLE standby_kv AS SELECT * FROM jitbot_kv; \
+         CREATE TABLE standby_head AS SELECT * FROM jitbot_head",
+    );
+    // ...and not b's next two commits, when the primary is lost.
+    mark(&b, "lost-1").await;
+    mark(&b, "lost-2").await;
+    db.run(
+        "BEGIN; DELETE FROM jitbot_kv; INSERT INTO jitbot_kv SELECT * FROM standby_kv; \
+         UPDATE jitbot_head h SET version = s.version, gc_version = s.gc_version, db_id = s.db_id \
+           FROM standby_head s; \
+         DROP TABLE standby_kv; DROP TABLE standby_head; COMMIT",
+    );
+    // The promoted standby takes a's commits (a never saw b's lost ones).
+    for name in ["new-1", "new-2", "new-3"] {
+        mark(&a, name).await;
+    }
+    b.refresh().unwrap();
+    let fresh = open("c");
+    let truth = audit_actions(&fresh);
+    assert_eq!(truth, ["before", "new-1", "new-2", "new-3"]);
+    assert_eq!(
+        audit_actions(&b),
+        truth,
+        "replica b's mirror after the failover is not the database: it kept the lost commits and skipped \
+         the ones that reused their versions"
+    );
+}
+
+/// A database that schema 2 made (no commit identities) gets them from
+/// migration 3: the head's commit is recorded, replicas keep their data
+/// and go on committing, each commit with its own identity.
+#[tokio::test]
+async fn a_schema_2_database_migrates_to_commit_identities_and_keeps_its_data() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+        write(&s, "x-1").await.unwrap();
+        write(&s, "x-2").await.unwrap();
+    }
+    // The database as schema 2 left it.
+    db.run("DROP TABLE jitbot_commits; DELETE FROM jitbot_schema WHERE version = 3");
+    assert_eq!(jitbot::store::pg::migrate(&db.settings()).unwrap(), 1);
+    assert_eq!(
+        db.value(
+            "SELECT string_agg(c.version::text, ',') FROM jitbot_commits c JOIN jitbot_head h ON h.version = c.version"
+        ),
+        db.value("SELECT version::text FROM jitbot_head"),
+        "the migration records the head's commit"
+    );
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    write(&a, "x-3").await.unwrap();
+    write(&b, "x-4").await.unwrap();
+    a.refresh().unwrap();
+    assert_eq!(a.timer_count(), 4);
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 4 });
+    assert_eq!(
+        db.value("SELECT count(DISTINCT commit_id)::text FROM jitbot_commits"),
+        "3",
+        "the head's at migration, then one per commit"
+    );
+}
+
+/// A database restored from an older copy (its head behind what a mirror
+/// saw, same `db_id`): the mirror reloads at once, before anyone commits.
+#[tokio::test]
+async fn a_mirror_ahead_of_the_databases_head_reloads() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    write(&a, "x-1").await.unwrap();
+    db.run(
+        "CREATE TABLE old_kv AS SELECT * FROM jitbot_kv; CREATE TABLE old_head AS SELECT * FROM jitbot_head",
+    );
+    write(&a, "x-2").await.unwrap();
+    db.run(
+        "BEGIN; DELETE FROM jitbot_kv; INSERT INTO jitbot_kv SELECT * FROM old_kv; \
+         UPDATE jitbot_head h SET version = o.version FROM old_head o; COMMIT",
+    );
+    assert!(a.refresh().unwrap(), "the mirror reloaded");
+    assert_eq!(a.timer_count(), 1, "only what the database still has");
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 1 });
+}
+
+// Review brk16, finding 6: a password in store.url's query string passed the
+// config check.
+
+/// `[store] url` refuses a password written in it ("holds a password; put
+/// it in store.password = { env = … } or { file = … }"), so the secret
+/// never sits in a plain config value (printed, committed, copied into
+/// tickets). The same URL with `?password=…` — which the driver honours,
+/// as libpq does — is refused as well.
+#[tokio::test]
+async fn a_password_in_the_url_query_is_refused_by_the_config_check() {
+    let db = crate::support::postgres::Database::create();
+    let url = format!(
+        "{}&password={}",
+        crate::support::postgres::cluster().url(&db.name),
+        crate::support::postgres::PASSWORD
+    );
+    let settings = jitbot::store::PgSettings {
+        url: url.clone(),
+        password: None,
+        migrate: true,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    jitbot::store::Store::open_postgres(&tmp.path().join("m"), 16, &settings)
+        .expect("the driver logs in with the password from the URL's query");
+    let text = format!(
+        r#"
+[store]
+path = "/tmp/x"
+kind = "postgres"
+url = "{url}"
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    let parsed = jitbot::config::Config::parse(&text, "jitbot.toml");
+    assert!(
+        parsed.as_ref().is_err_and(|e| e.to_string().contains("password")),
+        "a config whose store.url carries the database password (?password=…) was accepted: {:?}",
+        parsed.err()
+    );
+}
