@@ -1204,6 +1204,7 @@ async fn a_password_in_the_url_query_is_refused_by_the_config_check() {
         url: url.clone(),
         password: None,
         migrate: true,
+        ca_file: None,
     };
     let tmp = tempfile::tempdir().unwrap();
     jitbot::store::Store::open_postgres(&tmp.path().join("m"), 16, &settings)
