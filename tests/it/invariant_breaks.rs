@@ -85,7 +85,7 @@ async fn live_slots_written_before_case_folding_still_hold_their_lease() {
     drop(engine);
     drop(reopen(&path));
     {
-        let db = sled::open(&path).expect("open sled");
+        let db = crate::support::open_raw_sled(&path);
         let live = db.open_tree("live").expect("live tree");
         let folded = b"db-admins\0alice";
         let lease = live.remove(folded).expect("remove").expect("the folded slot");

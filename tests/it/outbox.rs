@@ -490,7 +490,7 @@ async fn queue_entries_from_before_priorities_survive_a_restart_and_alerts_go_fi
     }
     // Rewrite every queue key the way an older jitbot wrote it.
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let due = raw.open_tree("outbox_due").unwrap();
         let keys: Vec<sled::IVec> = due.iter().keys().map(|k| k.unwrap()).collect();
         assert_eq!(keys.len(), 4);
@@ -565,7 +565,7 @@ async fn a_notice_queued_with_a_shortcode_before_an_upgrade_still_delivers() {
     }
     // Rewrite the entry as the older jitbot wrote it: no tone, a shortcode.
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let outbox = raw.open_tree("outbox").unwrap();
         let entries: Vec<(sled::IVec, sled::IVec)> = outbox.iter().map(|e| e.unwrap()).collect();
         assert_eq!(entries.len(), 1);

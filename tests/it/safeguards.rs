@@ -545,7 +545,7 @@ async fn a_keyed_history_rewritten_without_the_key_is_not_sealed_at_start_up() {
     let db = tmp.path().join("db");
     drop(keyed_store(&db, 3).await);
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let audit = raw.open_tree("audit").unwrap();
         let meta = raw.open_tree("meta").unwrap();
         let records: Vec<(sled::IVec, sled::IVec)> = audit.iter().map(|i| i.unwrap()).collect();
@@ -586,7 +586,7 @@ async fn a_keyed_history_rewritten_without_the_key_is_not_sealed_at_start_up() {
     // head MAC remains.
     drop(store);
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         raw.open_tree("meta")
             .unwrap()
             .remove("audit_keyed_since")
@@ -609,7 +609,7 @@ async fn cutting_off_the_newest_keyed_records_is_caught_by_the_head_mac() {
     let db = tmp.path().join("db");
     drop(keyed_store(&db, 5).await);
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let audit = raw.open_tree("audit").unwrap();
         let meta = raw.open_tree("meta").unwrap();
         assert_eq!(audit.len(), 5);
@@ -651,7 +651,7 @@ async fn an_emptied_keyed_chain_does_not_verify_as_intact() {
     let db = tmp.path().join("db");
     drop(keyed_store(&db, 3).await);
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         raw.open_tree("audit").unwrap().clear().unwrap();
         raw.open_tree("meta").unwrap().remove("audit_head").unwrap();
         raw.flush().unwrap();
@@ -697,7 +697,7 @@ async fn a_legacy_chain_is_sealed_once_and_a_forged_marker_is_refused() {
     // Moving the marker past the keyed records (to pass them off as
     // legacy) without the key does not verify.
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let meta = raw.open_tree("meta").unwrap();
         let marker = String::from_utf8(meta.get("audit_keyed_since").unwrap().unwrap().to_vec()).unwrap();
         let (_, mac) = marker.split_once(':').unwrap();
@@ -716,7 +716,7 @@ async fn a_legacy_chain_is_sealed_once_and_a_forged_marker_is_refused() {
 /// Reads `audit_head` and `audit_head_mac` from a closed store, as anyone
 /// with read access to it (or to any backup of it) can.
 fn copy_head_and_mac(db: &Path) -> (sled::IVec, sled::IVec) {
-    let raw = sled::open(db).unwrap();
+    let raw = crate::support::open_raw_sled(db);
     let meta = raw.open_tree("meta").unwrap();
     let head = meta.get("audit_head").unwrap().expect("a head");
     let mac = meta.get("audit_head_mac").unwrap().expect("a head MAC");
@@ -745,7 +745,7 @@ async fn a_rollback_to_an_old_head_and_head_mac_is_caught_only_by_a_later_anchor
     drop(store);
     // Without the key: delete them and put the old head and its MAC back.
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let audit = raw.open_tree("audit").unwrap();
         let meta = raw.open_tree("meta").unwrap();
         audit.remove(4u64.to_be_bytes()).unwrap();
@@ -782,7 +782,7 @@ async fn an_emptied_chain_with_another_stores_meta_is_caught_only_by_an_anchor()
     let other = tmp.path().join("other");
     drop(keyed_store(&other, 0).await);
     let (other_head, other_mac, other_marker) = {
-        let raw = sled::open(&other).unwrap();
+        let raw = crate::support::open_raw_sled(&other);
         let meta = raw.open_tree("meta").unwrap();
         (
             meta.get("audit_head").unwrap(),
@@ -791,7 +791,7 @@ async fn an_emptied_chain_with_another_stores_meta_is_caught_only_by_an_anchor()
         )
     };
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         raw.open_tree("audit").unwrap().clear().unwrap();
         let meta = raw.open_tree("meta").unwrap();
         match other_head {
@@ -943,7 +943,7 @@ async fn the_last_anchor_in_the_anchor_file_catches_a_rollback_with_its_meta() {
     store.record_published_anchor(&published).unwrap();
     drop(store);
     {
-        let raw = sled::open(&db).unwrap();
+        let raw = crate::support::open_raw_sled(&db);
         let audit = raw.open_tree("audit").unwrap();
         let meta = raw.open_tree("meta").unwrap();
         audit.remove(4u64.to_be_bytes()).unwrap();

@@ -11,3 +11,26 @@ pub mod postgres;
 pub mod process;
 pub mod samba;
 pub mod slapd;
+
+/// Opens a store's sled directory directly, for tests that tamper with it.
+///
+/// A store just dropped may still be finishing a flush on tokio's blocking
+/// pool, holding the directory's lock for a moment: wait for it (up to 2 s)
+/// instead of failing on the race.
+pub fn open_raw_sled(path: impl AsRef<std::path::Path>) -> sled::Db {
+    let path = path.as_ref();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e)) if std::time::Instant::now() < deadline && is_lock_error(&e) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open {} with sled: {e}", path.display()),
+        }
+    }
+}
+
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock")
+}
