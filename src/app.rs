@@ -157,7 +157,25 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
             tasks.spawn(async move { while set.join_next().await.is_some() {} });
         }
         Some(settings) => {
-            tasks.spawn(lead(engine.store().clone(), settings, rx, work));
+            // On a thread and runtime of its own: renewals and the step-down
+            // timer go on even while async code that waits for the store
+            // holds every worker of the main runtime. The work itself runs
+            // on the main runtime.
+            let (store, main) = (engine.store().clone(), tokio::runtime::Handle::current());
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("jitbot-leadership".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt.block_on(lead(store, settings, rx, work, main)),
+                        Err(e) => tracing::error!(error = %e, "cannot start the leadership runtime; this replica never leads"),
+                    }
+                    let _ = done.send(());
+                })
+                .context("cannot start the leadership thread")?;
+            tasks.spawn(async move {
+                let _ = finished.await;
+            });
         }
     }
     match admin_addr {
@@ -192,8 +210,13 @@ async fn off_runtime<T: Send + 'static>(
 /// after the last one began, whether the renewals failed or hang), the
 /// work is stopped (aborted if it does not stop within a sixth of a term),
 /// then the fence lifted, all before the term can expire.
-async fn lead<F>(store: Store, settings: LeaderSettings, mut shutdown: watch::Receiver<bool>, work: F)
-where
+async fn lead<F>(
+    store: Store,
+    settings: LeaderSettings,
+    mut shutdown: watch::Receiver<bool>,
+    work: F,
+    main: tokio::runtime::Handle,
+) where
     F: Fn(watch::Receiver<bool>) -> JoinSet<()> + Send + 'static,
 {
     use tokio::time::{sleep_until, timeout_at, Instant};
@@ -236,6 +259,7 @@ where
             // calls (`Store::acts_from`), then acts from a renewal on.
             if running.is_none() && store.directory_window() != Window::Closed {
                 tracing::info!(token, holder = %settings.holder, "this replica leads: it runs the scheduler, the outbox and the ZSP monitor");
+                let _on_main = main.enter();
                 running = Some(work(stopped.clone()));
             }
             let step_down_at = renewed + settings.ttl * 2 / 3;
@@ -265,7 +289,10 @@ where
                     next_try = Instant::now() + renew / 4;
                 }
                 Err(_) => {
-                    tracing::warn!(token, "cannot renew the leadership in time (no answer); stopping this replica's work");
+                    tracing::warn!(
+                        token,
+                        "cannot renew the leadership in time (no answer); stopping this replica's work"
+                    );
                     break false;
                 }
             }
@@ -281,7 +308,12 @@ where
             if drained.is_err() {
                 tracing::warn!(token, "the leader's work did not stop in time; aborting it");
                 running.abort_all();
-                while running.join_next().await.is_some() {}
+                // A task stuck on a blocked worker ends when it next runs;
+                // the fence goes now, before the term can expire.
+                let _ = tokio::time::timeout(settings.ttl / 12, async {
+                    while running.join_next().await.is_some() {}
+                })
+                .await;
             }
         }
         store.set_fence(None);

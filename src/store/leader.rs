@@ -128,14 +128,24 @@ impl Store {
     /// When this replica, having just taken a term, may start its
     /// directory work (`None`: it does not lead).
     pub fn acts_from(&self) -> Option<Instant> {
-        let term = self.inner.leadership.term.lock().unwrap_or_else(|p| p.into_inner());
+        let term = self
+            .inner
+            .leadership
+            .term
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         term.map(|t| t.act_from)
     }
 
     /// Forgets this replica's term (it stepped down or lost it): from now
     /// on it calls the directory for no lease until it leads again.
     pub fn step_down(&self) {
-        *self.inner.leadership.term.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self
+            .inner
+            .leadership
+            .term
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Gives up the term `token` of `holder` (at shutdown), so another

@@ -375,7 +375,8 @@ impl Replica {
     }
 
     fn ask_leadership<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
-        let stopped = || StoreError::Io("the PostgreSQL leadership thread has stopped; restart jitbot".into());
+        let stopped =
+            || StoreError::Io("the PostgreSQL leadership thread has stopped; restart jitbot".into());
         let (reply, answer) = mpsc::sync_channel(1);
         self.leadership.send(job(reply)).map_err(|_| stopped())?;
         answer.recv().map_err(|_| stopped())?
@@ -740,7 +741,10 @@ fn serve_leadership(settings: PgSettings) -> Result<mpsc::Sender<Job>, StoreErro
     std::thread::Builder::new()
         .name("jitbot-pg-lead".into())
         .spawn(move || {
-            let mut conn = Conn { client: None, settings };
+            let mut conn = Conn {
+                client: None,
+                settings,
+            };
             while let Ok(job) = inbox.recv() {
                 match job {
                     Job::Lead { holder, ttl, reply } => {

@@ -944,7 +944,10 @@ impl jitbot::ports::Directory for SlowAdd {
     ) -> Result<jitbot_core::Membership, jitbot::ports::DirectoryError> {
         self.inner.membership_of(g, u).await
     }
-    async fn has_membership(&self, m: &jitbot_core::Membership) -> Result<bool, jitbot::ports::DirectoryError> {
+    async fn has_membership(
+        &self,
+        m: &jitbot_core::Membership,
+    ) -> Result<bool, jitbot::ports::DirectoryError> {
         self.inner.has_membership(m).await
     }
     async fn add_membership(
@@ -957,7 +960,10 @@ impl jitbot::ports::Directory for SlowAdd {
         }
         self.inner.add_membership(m).await
     }
-    async fn remove_membership(&self, m: &jitbot_core::Membership) -> Result<(), jitbot::ports::DirectoryError> {
+    async fn remove_membership(
+        &self,
+        m: &jitbot_core::Membership,
+    ) -> Result<(), jitbot::ports::DirectoryError> {
         self.inner.remove_membership(m).await
     }
     async fn members(
@@ -1016,7 +1022,10 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
     let approving = {
         let a = bot.engine.clone();
         let approve = jitbot_core::Command::parse(&format!("approve {id}")).unwrap();
-        tokio::spawn(async move { a.execute(&jitbot::engine::Caller::new("bob", None), approve).await })
+        tokio::spawn(async move {
+            a.execute(&jitbot::engine::Caller::new("bob", None), approve)
+                .await
+        })
     };
     slow.reached.notified().await;
 
@@ -1025,7 +1034,11 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
     db.run("UPDATE jitbot_leader SET expires_at = clock_timestamp() - interval '1 second'");
     let next = b.store().lead("b", term).unwrap().expect("b takes over");
     b.store().set_fence(Some(next));
-    assert_eq!(b.store().directory_window(), Window::Closed, "b waits out a's calls");
+    assert_eq!(
+        b.store().directory_window(),
+        Window::Closed,
+        "b waits out a's calls"
+    );
     let started = std::time::Instant::now();
     let reply = approving.await.expect("approve task");
     assert!(reply.ok, "{}", reply.text);
@@ -1060,4 +1073,162 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
         !memory.members(WEB).contains("alice"),
         "the lease ended, yet alice holds web-admins: the deposed leader's add landed late"
     );
+}
+
+// ---- brk16 finding 5: renewal apart from the writer, step-down on time ----
+
+/// Two replicas' config on database `url` (memory directory).
+fn replica_config(url: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    )
+}
+
+/// Holds `lock` (a `SELECT … FOR UPDATE`) in a session of its own, with
+/// jitbot's session settings, until the returned sender is used or 50 s.
+fn hold_row_lock(
+    url: &str,
+    lock: &'static str,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    let url = url.to_string();
+    let stalled = std::thread::spawn(move || {
+        let mut config: postgres::Config = url.parse().unwrap();
+        config.password(crate::support::postgres::PASSWORD);
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        client
+            .batch_execute("SET lock_timeout = '30s'; SET idle_in_transaction_session_timeout = '60s'")
+            .unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.query(lock, &[]).unwrap();
+        held_tx.send(()).unwrap();
+        let _ = released.recv_timeout(std::time::Duration::from_secs(50));
+        let _ = tx.rollback();
+    });
+    held.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the lock is held");
+    (release, stalled)
+}
+
+async fn readyz(bot: &crate::support::process::Jitbot) -> String {
+    let url = format!("{}/readyz", bot.admin_base);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// A writer of the leader (a backup) waits for `jitbot_head`'s row lock,
+/// held by another replica stalled in its transaction. The renewal used to
+/// wait behind that writer until the term expired, and both replicas then
+/// led. It runs on a connection of its own: for longer than a term (6 s)
+/// a keeps its term, b never takes over, never two leaders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_writer_waits_for_the_store_lock_keeps_its_term() {
+    use crate::support::process::{Jitbot, ADMIN_TOKEN};
+    let db = Database::create();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let config = replica_config(&url);
+    let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
+    let a = Jitbot::start(&config, &env).await;
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+    assert_eq!(readyz(&b).await, "ready (follower)\n");
+
+    let (release, stalled) = hold_row_lock(&url, "SELECT version FROM jitbot_head WHERE id = 1 FOR UPDATE");
+    let backup_url = format!("{}/admin/backup", a.admin_base);
+    let backup = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .get(backup_url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await;
+    });
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut samples = Vec::new();
+    while std::time::Instant::now() < deadline {
+        samples.push((readyz(&a).await, readyz(&b).await));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = release.send(());
+    let _ = stalled.join();
+    let _ = backup.await;
+    let leader = "ready (leader)\n".to_string();
+    assert!(
+        samples.iter().all(|(ra, rb)| *ra == leader && *rb != leader),
+        "a kept its term throughout and b never led; samples (a, b): {samples:?}\na:\n{}\nb:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+}
+
+/// When a leader's renewal hangs (here the term row is locked by another
+/// session, so the renewal's UPDATE waits), its step-down is enforced by a
+/// timer, not by the renewal's outcome: it stops its work and says
+/// "follower" within two thirds of a term (4 s) of its last renewal plus
+/// a sixth (1 s) to stop its work: before the 6 s term can expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_renewal_hangs_steps_down_before_its_term_expires() {
+    use crate::support::process::Jitbot;
+    let db = Database::create();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
+    let a = Jitbot::start(&replica_config(&url), &env).await;
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    assert_eq!(readyz(&a).await, "ready (leader)\n");
+
+    let (release, stalled) = hold_row_lock(&url, "SELECT token FROM jitbot_leader WHERE id = 1 FOR UPDATE");
+    let locked = std::time::Instant::now();
+    let mut stepped_down = None;
+    while locked.elapsed() < std::time::Duration::from_secs(10) {
+        if readyz(&a).await == "ready (follower)\n" {
+            stepped_down = Some(locked.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = release.send(());
+    let _ = stalled.join();
+    let log = a.log_text();
+    let after = stepped_down.unwrap_or_else(|| panic!("a never stepped down while its renewal hung:\n{log}"));
+    assert!(
+        after < std::time::Duration::from_millis(5500),
+        "a stepped down {after:?} after its renewals started to hang; its 6 s term could have expired first"
+    );
+    assert!(log.contains("cannot renew the leadership in time"), "{log}");
 }
