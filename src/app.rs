@@ -11,6 +11,7 @@ use crate::http::{self, HttpState};
 use crate::ports::{Directory, Notifier};
 use crate::scheduler::{self, SchedulerSettings};
 use crate::secret::Secret;
+use crate::store::leader::Window;
 use crate::store::retention::RetentionSettings;
 use crate::store::Store;
 use anyhow::Context;
@@ -179,7 +180,25 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
             tasks.spawn(async move { while set.join_next().await.is_some() {} });
         }
         Some(settings) => {
-            tasks.spawn(lead(engine.store().clone(), settings, rx, work));
+            // On a thread and runtime of its own: renewals and the step-down
+            // timer go on even while async code that waits for the store
+            // holds every worker of the main runtime. The work itself runs
+            // on the main runtime.
+            let (store, main) = (engine.store().clone(), tokio::runtime::Handle::current());
+            let (done, finished) = tokio::sync::oneshot::channel::<()>();
+            std::thread::Builder::new()
+                .name("jitbot-leadership".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(rt) => rt.block_on(lead(store, settings, rx, work, main)),
+                        Err(e) => tracing::error!(error = %e, "cannot start the leadership runtime; this replica never leads"),
+                    }
+                    let _ = done.send(());
+                })
+                .context("cannot start the leadership thread")?;
+            tasks.spawn(async move {
+                let _ = finished.await;
+            });
         }
     }
     match admin_addr {
@@ -208,64 +227,121 @@ async fn off_runtime<T: Send + 'static>(
 }
 
 /// Takes part in leadership until shutdown: while this replica leads, its
-/// store is fenced with the term's token and `work` runs; when the term is
-/// lost (another replica holds it, or no renewal succeeded for two thirds
-/// of a term), the work is stopped, then the fence lifted.
-async fn lead<F>(store: Store, settings: LeaderSettings, mut shutdown: watch::Receiver<bool>, work: F)
-where
+/// store is fenced with the term's token and `work` runs (a new term
+/// first waits out the old leader's calls: `Store::acts_from`); when the term is lost (another
+/// replica holds it, or no renewal succeeded within two thirds of a term
+/// after the last one began, whether the renewals failed or hang), the
+/// work is stopped (aborted if it does not stop within a sixth of a term),
+/// then the fence lifted, all before the term can expire.
+async fn lead<F>(
+    store: Store,
+    settings: LeaderSettings,
+    mut shutdown: watch::Receiver<bool>,
+    work: F,
+    main: tokio::runtime::Handle,
+) where
     F: Fn(watch::Receiver<bool>) -> JoinSet<()> + Send + 'static,
 {
+    use tokio::time::{sleep_until, timeout_at, Instant};
     let renew = settings.ttl / 3;
     let kind = if store.is_postgres() { "postgres" } else { "sled" };
-    loop {
+    let renewal = || {
         let (holder, ttl) = (settings.holder.clone(), settings.ttl);
-        let token = match off_runtime(&store, move |s| s.lead(&holder, ttl)).await {
-            Ok(Some(token)) => token,
-            Ok(None) => {
+        off_runtime(&store, move |s| s.lead(&holder, ttl))
+    };
+    loop {
+        let started = Instant::now();
+        // Even the attempt to take the term is bounded: a hung connection
+        // must not keep this loop from trying again.
+        let token = match timeout_at(started + renew, renewal()).await {
+            Ok(Ok(Some(token))) => token,
+            Ok(Ok(None)) => {
                 tokio::select! {
-                    _ = tokio::time::sleep(renew) => continue,
+                    _ = sleep_until(started + renew) => continue,
                     _ = shutdown.changed() => return,
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot reach PostgreSQL for the leadership; trying again");
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer in time".to_string(),
+                };
+                tracing::warn!(%error, "cannot reach PostgreSQL for the leadership; trying again");
                 tokio::select! {
-                    _ = tokio::time::sleep(renew) => continue,
+                    _ = sleep_until(started + renew) => continue,
                     _ = shutdown.changed() => return,
                 }
             }
         };
-        tracing::info!(token, holder = %settings.holder, "this replica leads: it runs the scheduler, the outbox and the ZSP monitor");
         store.set_fence(Some(token));
         crate::metrics::set_leader(kind, true);
         crate::metrics::leadership_taken();
         let (stop, stopped) = watch::channel(false);
-        let mut running = work(stopped);
-        let mut renewed = tokio::time::Instant::now();
+        let mut running: Option<JoinSet<()>> = None;
+        let mut renewed = started;
+        let mut next_try = started + renew;
         let shutting_down = loop {
+            // A new term first waits out the old leader's last directory
+            // calls (`Store::acts_from`), then acts from a renewal on.
+            if running.is_none() && store.directory_window() != Window::Closed {
+                tracing::info!(token, holder = %settings.holder, "this replica leads: it runs the scheduler, the outbox and the ZSP monitor");
+                let _on_main = main.enter();
+                running = Some(work(stopped.clone()));
+            }
+            let step_down_at = renewed + settings.ttl * 2 / 3;
             tokio::select! {
-                _ = tokio::time::sleep(renew) => {}
+                _ = sleep_until(step_down_at) => {
+                    tracing::warn!(token, "cannot renew the leadership in time; stopping this replica's work");
+                    break false;
+                }
+                _ = sleep_until(next_try) => {}
                 _ = shutdown.changed() => break true,
             }
-            let (holder, ttl) = (settings.holder.clone(), settings.ttl);
-            match off_runtime(&store, move |s| s.lead(&holder, ttl)).await {
-                Ok(Some(t)) if t == token => renewed = tokio::time::Instant::now(),
-                Ok(_) => {
+            let attempt = Instant::now();
+            match timeout_at(step_down_at, renewal()).await {
+                Ok(Ok(Some(t))) if t == token => {
+                    renewed = attempt;
+                    next_try = attempt + renew;
+                }
+                Ok(Ok(_)) => {
                     tracing::warn!(
                         token,
                         "this replica lost the leadership to another; stopping its work"
                     );
                     break false;
                 }
-                Err(e) if renewed.elapsed() >= settings.ttl * 2 / 3 => {
-                    tracing::warn!(error = %e, token, "cannot renew the leadership in time; stopping this replica's work");
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot renew the leadership; trying again");
+                    next_try = Instant::now() + renew / 4;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        token,
+                        "cannot renew the leadership in time (no answer); stopping this replica's work"
+                    );
                     break false;
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot renew the leadership; trying again"),
             }
         };
+        // No directory call starts from here on.
+        store.step_down();
         let _ = stop.send(true);
-        while running.join_next().await.is_some() {}
+        if let Some(mut running) = running {
+            let drained = tokio::time::timeout(settings.ttl / 6, async {
+                while running.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(token, "the leader's work did not stop in time; aborting it");
+                running.abort_all();
+                // A task stuck on a blocked worker ends when it next runs;
+                // the fence goes now, before the term can expire.
+                let _ = tokio::time::timeout(settings.ttl / 12, async {
+                    while running.join_next().await.is_some() {}
+                })
+                .await;
+            }
+        }
         store.set_fence(None);
         crate::metrics::set_leader(kind, false);
         if shutting_down {

@@ -21,6 +21,7 @@ use super::audit::{about_lease, AuditAction};
 use super::{notice, toned, Engine, EngineError, ENGINE_ACTOR};
 use crate::messages::{Audience, Tone};
 use crate::ports::{Added, DirectoryError};
+use crate::store::leader::Window;
 use crate::store::{LeaseRecord, TimerKind, Tx};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::command::Action;
@@ -122,7 +123,20 @@ impl Engine {
     /// Takes lease `id` as far as the directory lets it: finishes a
     /// `Granting` lease, removes the membership of a `Revoking` one. Safe to
     /// call any number of times from anywhere (commands, timers, start-up).
+    ///
+    /// With replicas, only the leader drives: elsewhere this does nothing,
+    /// and the lease's due timer brings it to the leader's scheduler (a
+    /// per-lease lock in one process cannot keep two replicas apart).
     pub(crate) async fn drive(&self, id: &LeaseId) -> Result<(), EngineError> {
+        if self.inner.store.directory_window() == Window::Closed {
+            tracing::debug!(lease = %id, "not leading: the leader drives this lease");
+            if self.inner.store.fence().is_some() {
+                // A leader whose term is ending: its scheduler stops soon;
+                // until then the due timer must not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            return Ok(());
+        }
         let lock = self.inner.lease_locks.get(id);
         let result = {
             let _turn = lock.lock().await;
@@ -151,6 +165,28 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Runs one directory call of a lease within this replica's window: a
+    /// leader's call that would outlive its step-down point is abandoned
+    /// (dropped, closing its request) and fails as unanswered.
+    async fn bounded<T>(
+        &self,
+        op: &str,
+        call: impl std::future::Future<Output = Result<T, DirectoryError>>,
+    ) -> Result<T, DirectoryError> {
+        match self.inner.store.directory_window() {
+            Window::Unbounded => call.await,
+            Window::Closed => Err(DirectoryError::Unavailable(format!(
+                "this replica's leadership term is ending; the {op} is left to the next leader"
+            ))),
+            Window::Open(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+                Err(DirectoryError::Unavailable(format!(
+                    "the directory did not answer the {op} within {limit:?}; abandoned before this \
+                     replica's leadership term could end"
+                )))
+            }),
+        }
     }
 
     /// Drops `Grant` and `Revoke` timers of a lease that needs no more
@@ -208,12 +244,15 @@ impl Engine {
                     Ok(p) => p.clone(),
                     Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
-                let m = match dir.membership_of(&policy.dn, &rec.lease.user).await {
+                let m = match self
+                    .bounded("lookup", dir.membership_of(&policy.dn, &rec.lease.user))
+                    .await
+                {
                     Ok(m) => m,
                     Err(e) if e.is_transient() => return Ok(Err(e)),
                     Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
-                let was_member = match dir.has_membership(&m).await {
+                let was_member = match self.bounded("check", dir.has_membership(&m)).await {
                     Ok(was) => was,
                     Err(e) if e.is_transient() => return Ok(Err(e)),
                     Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
@@ -246,8 +285,12 @@ impl Engine {
             // After jitbot's own check in this pass, no add was ever sent.
             return self.too_late(&id, first_add).await.map(Ok);
         }
+        if self.inner.store.directory_window() == Window::Closed {
+            // Nothing sent: the Grant timer brings it to the next leader.
+            return Ok(());
+        }
         let started = std::time::Instant::now();
-        let added = dir.add_membership(&membership).await;
+        let added = self.bounded("add", dir.add_membership(&membership)).await;
         crate::metrics::directory_op("add", started.elapsed());
         match &added {
             Err(e) if e.is_transient() => self.directory_failed(),
@@ -517,11 +560,12 @@ impl Engine {
                 rec.lease.id, rec.lease.group, rec.lease.user
             ))
         })?;
-        self.inner
-            .directory
-            .membership_of(&policy.dn, &rec.lease.user)
-            .await
-            .map(Some)
+        self.bounded(
+            "lookup",
+            self.inner.directory.membership_of(&policy.dn, &rec.lease.user),
+        )
+        .await
+        .map(Some)
     }
 
     /// One step of a `Revoking` lease: remove the value jitbot added, then
@@ -534,7 +578,9 @@ impl Engine {
             Ok(None) => Ok(None),
             Ok(Some(m)) => {
                 let started = std::time::Instant::now();
-                let removed = self.inner.directory.revoke_membership(&m).await;
+                let removed = self
+                    .bounded("remove", self.inner.directory.revoke_membership(&m))
+                    .await;
                 // The wait for a batch, the modify and the read-back, which
                 // the LDAP backend also records as stages of their own.
                 crate::metrics::directory_op("remove", started.elapsed());

@@ -5,28 +5,147 @@
 //! its store is fenced: every commit checks, in the same PostgreSQL
 //! transaction, that the token still holds ([`StoreError::Deposed`]
 //! otherwise). With sled there is one process and it always leads.
+//!
+//! Directory side effects are bounded by the term too ([`Window`]): a
+//! replica that takes part in leadership drives leases only while it leads,
+//! from `CALL_SHARE` of a term after taking it over (the old leader's last
+//! calls have ended or been abandoned by then) until the step-down point,
+//! two thirds of a term after its last renewal began, and no directory
+//! call of it outlives that point.
 
 use super::kv::Backend;
 use super::{Store, StoreError};
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A directory call of a leader may take at most this share of a term
+/// (`ttl / CALL_SHARE`): it is issued only while at least that much of the
+/// window is left, and abandoned when it overruns.
+const CALL_SHARE: u32 = 3;
+
+/// This replica's standing for directory work (`Store::directory_window`).
+#[derive(Default)]
+pub(super) struct Leadership {
+    /// Whether this replica takes part in leadership at all (it asked for
+    /// it once). A store that never did (sled, or a lone PostgreSQL store
+    /// in tests and tools) drives every lease without a bound.
+    joined: AtomicBool,
+    term: Mutex<Option<Term>>,
+}
+
+/// The term this replica last took or renewed.
+#[derive(Clone, Copy)]
+struct Term {
+    token: i64,
+    /// Directory work starts here: a new term waits out the longest call
+    /// the previous leader may still have had under way.
+    act_from: Instant,
+    /// The step-down point: every directory call has ended by then.
+    act_until: Instant,
+    /// The longest a single directory call may take.
+    call: Duration,
+}
+
+/// Whether, and for how long, this replica may call the directory for a
+/// lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// No leadership here (sled, or a store that never asked to lead):
+    /// every call may take as long as it takes.
+    Unbounded,
+    /// This replica does not lead, or its term is about to end, or it has
+    /// just taken over and waits out the old leader's calls: it calls the
+    /// directory for no lease; the leader's scheduler does the work.
+    Closed,
+    /// This replica leads: a call may take at most this long.
+    Open(Duration),
+}
 
 impl Store {
     /// Takes the leadership for `holder` (free or expired), or renews it
     /// (held by `holder`), for `ttl`; the fencing token of the term, or
     /// `None` while another replica leads. Blocks on the database. With
     /// sled, always leads (token 1).
+    ///
+    /// On PostgreSQL this runs on a connection of its own, never behind
+    /// this replica's writer, and from the first call on this store's
+    /// directory work follows the term ([`Store::directory_window`]).
     pub fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
         self.check_healthy()?;
         match &self.inner.backend {
             Backend::Sled => Ok(Some(1)),
             Backend::Postgres(replica) => {
-                // The connection serves one thing at a time: wait for an
-                // open transaction to end rather than fail the renewal.
-                let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-                replica.lead(holder, ttl)
+                let leadership = &self.inner.leadership;
+                leadership.joined.store(true, Ordering::SeqCst);
+                let started = Instant::now();
+                let token = replica.lead(holder, ttl)?;
+                let mut term = leadership.term.lock().unwrap_or_else(|p| p.into_inner());
+                *term = token.map(|token| {
+                    let call = ttl / CALL_SHARE;
+                    let act_from = match *term {
+                        Some(t) if t.token == token => t.act_from,
+                        // Token 1 is the first term ever: nobody led before.
+                        _ if token == 1 => started,
+                        // The old term has expired by now (that is how this
+                        // one began), and every call of the old leader ended
+                        // by its step-down point, before that; the extra
+                        // call's length covers one abandoned in transit.
+                        _ => Instant::now() + call,
+                    };
+                    Term {
+                        token,
+                        act_from,
+                        act_until: started + ttl * 2 / 3,
+                        call,
+                    }
+                });
+                Ok(token)
             }
         }
+    }
+
+    /// Whether, and how long, this replica may call the directory for a
+    /// lease now: see [`Window`]. A leader must also have fenced its store
+    /// with the term's token ([`Store::set_fence`]).
+    pub fn directory_window(&self) -> Window {
+        let leadership = &self.inner.leadership;
+        if !leadership.joined.load(Ordering::SeqCst) {
+            return Window::Unbounded;
+        }
+        let term = *leadership.term.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(term) = term else {
+            return Window::Closed;
+        };
+        let now = Instant::now();
+        let left = term.act_until.saturating_duration_since(now);
+        if self.fence() != Some(term.token) || now < term.act_from || left < term.call {
+            return Window::Closed;
+        }
+        Window::Open(term.call)
+    }
+
+    /// When this replica, having just taken a term, may start its
+    /// directory work (`None`: it does not lead).
+    pub fn acts_from(&self) -> Option<Instant> {
+        let term = self
+            .inner
+            .leadership
+            .term
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        term.map(|t| t.act_from)
+    }
+
+    /// Forgets this replica's term (it stepped down or lost it): from now
+    /// on it calls the directory for no lease until it leads again.
+    pub fn step_down(&self) {
+        *self
+            .inner
+            .leadership
+            .term
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Gives up the term `token` of `holder` (at shutdown), so another
@@ -35,7 +154,7 @@ impl Store {
         match &self.inner.backend {
             Backend::Sled => Ok(()),
             Backend::Postgres(replica) => {
-                let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+                self.step_down();
                 replica.resign(holder, token)
             }
         }

@@ -117,6 +117,8 @@ struct Inner {
     /// The leader's fencing token every commit is checked against, while
     /// this replica leads (0: none; see `leader.rs`).
     fence: std::sync::atomic::AtomicI64,
+    /// This replica's term as the directory sees it (`leader.rs`).
+    leadership: leader::Leadership,
     seen_count: std::sync::atomic::AtomicU64,
     /// The `[audit] key`, when the chain is keyed.
     audit_key: std::sync::OnceLock<crate::secret::Secret>,
@@ -497,6 +499,7 @@ impl Store {
             mirror: db.open_tree("mirror")?,
             backend,
             fence: Default::default(),
+            leadership: Default::default(),
             seen_count: Default::default(),
             audit_key: Default::default(),
             archive_dir: Default::default(),

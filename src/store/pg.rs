@@ -359,6 +359,9 @@ enum Job {
 /// the connection.
 pub(crate) struct Replica {
     jobs: mpsc::Sender<Job>,
+    /// Leadership's own connection (`Lead`, `Resign`): a renewal never
+    /// waits behind this replica's writer or its open transaction.
+    leadership: mpsc::Sender<Job>,
     /// The deletion horizon's settings (a test hook makes them small).
     gc: std::sync::Mutex<Gc>,
     /// Test hook: the next COMMIT fails (a real failing statement first).
@@ -381,6 +384,7 @@ impl Replica {
     pub(super) fn start(settings: &PgSettings) -> Result<Replica, StoreError> {
         let (jobs, inbox) = mpsc::channel();
         let (ready, started) = mpsc::sync_channel(1);
+        let settings_for_leadership = settings.clone();
         let settings = settings.clone();
         std::thread::Builder::new()
             .name("jitbot-pg".into())
@@ -411,8 +415,10 @@ impl Replica {
         started
             .recv()
             .map_err(|_| StoreError::Io("the PostgreSQL thread stopped while connecting".into()))??;
+        let leadership = serve_leadership(settings_for_leadership)?;
         Ok(Replica {
             jobs,
+            leadership,
             gc: std::sync::Mutex::new(GC),
             fail_next_commit: AtomicBool::new(false),
             lose_next_apply: AtomicBool::new(false),
@@ -427,6 +433,14 @@ impl Replica {
         answer
             .recv()
             .map_err(|_| StoreError::Io("the PostgreSQL thread has stopped; restart jitbot".into()))?
+    }
+
+    fn ask_leadership<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let stopped =
+            || StoreError::Io("the PostgreSQL leadership thread has stopped; restart jitbot".into());
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.leadership.send(job(reply)).map_err(|_| stopped())?;
+        answer.recv().map_err(|_| stopped())?
     }
 
     /// BEGIN and lock the head, then bring the mirror up to date. Called
@@ -473,16 +487,18 @@ impl Replica {
         }
     }
 
+    /// Takes or renews the leadership on leadership's own connection.
     pub(super) fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
-        self.ask(|reply| Job::Lead {
+        self.ask_leadership(|reply| Job::Lead {
             holder: holder.to_string(),
             ttl: ttl.as_secs_f64(),
             reply,
         })
     }
 
+    /// Gives the term up on leadership's own connection.
     pub(super) fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError> {
-        self.ask(|reply| Job::Resign {
+        self.ask_leadership(|reply| Job::Resign {
             holder: holder.to_string(),
             token,
             reply,
@@ -841,6 +857,54 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
             }
         }
     }
+}
+
+/// Starts leadership's connection thread: it connects on its first job
+/// (and again after a lost connection) and serves only `Lead` and
+/// `Resign`, so a renewal never queues behind this replica's writes.
+fn serve_leadership(settings: PgSettings) -> Result<mpsc::Sender<Job>, StoreError> {
+    let (jobs, inbox) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("jitbot-pg-lead".into())
+        .spawn(move || {
+            let mut conn = Conn {
+                client: None,
+                settings,
+            };
+            while let Ok(job) = inbox.recv() {
+                match job {
+                    Job::Lead { holder, ttl, reply } => {
+                        let _ = reply.send(conn.client().and_then(|c| lead(c, &holder, ttl)));
+                    }
+                    Job::Resign { holder, token, reply } => {
+                        let _ = reply.send(conn.client().and_then(|c| resign(c, &holder, token)));
+                    }
+                    Job::Begin { reply, .. } | Job::Refresh { reply, .. } => {
+                        let _ = reply.send(Err(busy()));
+                    }
+                    Job::Commit { reply, .. } => {
+                        let _ = reply.send(Err(busy()));
+                    }
+                    Job::Rollback => {}
+                }
+            }
+        })
+        .map_err(|e| StoreError::Io(format!("cannot start the PostgreSQL leadership thread: {e}")))?;
+    Ok(jobs)
+}
+
+/// Expires the term `token` of `holder`, if it still holds it.
+fn resign(client: &mut postgres::Client, holder: &str, token: i64) -> Result<(), StoreError> {
+    client
+        .execute(
+            // Expired, not deleted: the next term's token must still be
+            // larger than this one's.
+            "UPDATE jitbot_leader SET expires_at = clock_timestamp() \
+             WHERE id = 1 AND holder = $1 AND token = $2",
+            &[&holder, &token],
+        )
+        .map(|_| ())
+        .map_err(|e| pg_error("resigning the leadership", &e))
 }
 
 fn busy() -> StoreError {

@@ -1237,3 +1237,388 @@ max_duration = "4h"
         parsed.err()
     );
 }
+
+// ---- brk16 finding 1: only the leader drives directory side effects ----
+
+/// Fires every timer of `engine` due now, after pulling other replicas'
+/// commits, as its scheduler does once its mirror refresh woke it.
+async fn fire_due(engine: &Engine) {
+    engine.store().refresh().expect("refresh");
+    for _ in 0..100 {
+        let due = engine.store().due_timers(engine.now(), 1000).expect("timers");
+        if due.is_empty() {
+            return;
+        }
+        for t in due {
+            engine.fire(t).await;
+        }
+    }
+    panic!("timers keep firing");
+}
+
+/// A per-lease lock lives in one process, so two replicas driving one grant
+/// could both add, and the slower one would take the other's add for
+/// somebody else's and leave the membership behind at expiry. A grant
+/// approved on a follower is committed with its `Grant` timer due now and
+/// left to the leader: the follower never calls the directory, the
+/// leader's scheduler grants, queues alice's confirmation, and expires it.
+#[tokio::test]
+async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
+    use crate::support::bot::WEB;
+    let bot = TestBot::builder().postgres().build();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = second_replica(&bot, &tmp);
+    let term = std::time::Duration::from_secs(30);
+    let token = bot.engine.store().lead("a", term).unwrap().expect("a leads");
+    bot.engine.store().set_fence(Some(token));
+    assert_eq!(b.store().lead("b", term).unwrap(), None, "a leads, b follows");
+
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
+    let approve = jitbot_core::Command::parse(&format!("approve {id}")).unwrap();
+    let reply = b
+        .execute(&jitbot::engine::Caller::new("bob", None), approve)
+        .await;
+    assert!(reply.ok, "{}", reply.text);
+    assert!(
+        !bot.is_member(WEB, "alice"),
+        "the follower called the directory for the grant itself"
+    );
+
+    // The leader's mirror refresh wakes its scheduler: it grants.
+    fire_due(&bot.engine).await;
+    assert!(bot.is_member(WEB, "alice"));
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    let queued: Vec<String> = bot
+        .engine
+        .store()
+        .outbox(1000)
+        .unwrap()
+        .into_iter()
+        .map(|(_, item, _)| format!("{item:?}"))
+        .collect();
+    assert!(
+        queued.iter().any(|i| i.contains("You have `web-admins`")),
+        "alice's grant confirmation is queued in the leader's outbox: {queued:?}"
+    );
+
+    bot.advance(Duration::hours(2));
+    fire_due(&bot.engine).await;
+    assert_eq!(bot.lease().state, LeaseState::Ended, "{:?}", bot.audit_actions());
+    assert!(
+        !bot.is_member(WEB, "alice"),
+        "the lease ended and alice still holds web-admins: {:?}",
+        bot.audit_actions()
+    );
+}
+
+// ---- brk16 finding 2: a leader's directory calls end before its term ----
+
+/// The in-memory directory with a gate before `add_membership`: the add
+/// of one replica is slow to reach the directory until released.
+struct SlowAdd {
+    inner: Arc<jitbot::directory::memory::MemoryDirectory>,
+    hold: std::sync::atomic::AtomicBool,
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl jitbot::ports::Directory for SlowAdd {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, jitbot::ports::DirectoryError> {
+        self.inner.find_user(a, v).await
+    }
+    async fn membership_of(
+        &self,
+        g: &jitbot_core::GroupDn,
+        u: &UserId,
+    ) -> Result<jitbot_core::Membership, jitbot::ports::DirectoryError> {
+        self.inner.membership_of(g, u).await
+    }
+    async fn has_membership(
+        &self,
+        m: &jitbot_core::Membership,
+    ) -> Result<bool, jitbot::ports::DirectoryError> {
+        self.inner.has_membership(m).await
+    }
+    async fn add_membership(
+        &self,
+        m: &jitbot_core::Membership,
+    ) -> Result<jitbot::ports::Added, jitbot::ports::DirectoryError> {
+        if self.hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.reached.notify_one();
+            self.release.notified().await;
+        }
+        self.inner.add_membership(m).await
+    }
+    async fn remove_membership(
+        &self,
+        m: &jitbot_core::Membership,
+    ) -> Result<(), jitbot::ports::DirectoryError> {
+        self.inner.remove_membership(m).await
+    }
+    async fn members(
+        &self,
+        g: &jitbot_core::GroupDn,
+    ) -> Result<Vec<jitbot::ports::GroupMember>, jitbot::ports::DirectoryError> {
+        jitbot::ports::Directory::members(&*self.inner, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &std::collections::BTreeSet<jitbot_core::GroupDn>,
+    ) -> Result<std::collections::BTreeSet<jitbot_core::GroupDn>, jitbot::ports::DirectoryError> {
+        self.inner.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), jitbot::ports::DirectoryError> {
+        Ok(())
+    }
+}
+
+/// A leader's add, sent while it led and slow to reach the directory, used
+/// to land after the new leader had ended the lease. Every directory call
+/// of a leader is bounded to end before its term can expire (here a term
+/// of 3 s: calls of at most 1 s, none after 2 s), and a new leader waits
+/// out one such call before it drives anything: the slow add is abandoned,
+/// the new leader ends the lease, and the membership never appears.
+#[tokio::test]
+async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
+    use crate::support::bot::WEB;
+    use jitbot::store::leader::Window;
+    let memory = crate::support::bot::seeded();
+    let slow = Arc::new(SlowAdd {
+        inner: memory.clone(),
+        hold: std::sync::atomic::AtomicBool::new(false),
+        reached: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let dir: Arc<dyn jitbot::ports::Directory> = slow.clone();
+    let bot = TestBot::builder().postgres().wrap(|_| dir).build();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Engine::new(
+        policy(),
+        open_store(&tmp.path().join("b"), bot.pg.as_deref()).expect("open replica b"),
+        memory.clone(),
+        Arc::new(bot.clock.clone()),
+        bot.engine.settings().clone(),
+    );
+    let term = std::time::Duration::from_secs(3);
+    let token = bot.engine.store().lead("a", term).unwrap().expect("a leads");
+    bot.engine.store().set_fence(Some(token));
+    assert_eq!(b.store().lead("b", term).unwrap(), None);
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
+
+    // bob approves on the leader; its add is slow to reach the directory.
+    slow.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+    let approving = {
+        let a = bot.engine.clone();
+        let approve = jitbot_core::Command::parse(&format!("approve {id}")).unwrap();
+        tokio::spawn(async move {
+            a.execute(&jitbot::engine::Caller::new("bob", None), approve)
+                .await
+        })
+    };
+    slow.reached.notified().await;
+
+    // a's term runs out; b takes over and first waits out a's last call.
+    let db = bot.pg.clone().expect("postgres");
+    db.run("UPDATE jitbot_leader SET expires_at = clock_timestamp() - interval '1 second'");
+    let next = b.store().lead("b", term).unwrap().expect("b takes over");
+    b.store().set_fence(Some(next));
+    assert_eq!(
+        b.store().directory_window(),
+        Window::Closed,
+        "b waits out a's calls"
+    );
+    let started = std::time::Instant::now();
+    let reply = approving.await.expect("approve task");
+    assert!(reply.ok, "{}", reply.text);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "a's add was abandoned within one call's bound (1 s): {:?}",
+        started.elapsed()
+    );
+    let acts_from = b.store().acts_from().expect("b leads");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(acts_from)).await;
+    // Its next renewal opens its window.
+    assert_eq!(b.store().lead("b", term).unwrap(), Some(next));
+    assert_eq!(
+        b.store().directory_window(),
+        Window::Open(std::time::Duration::from_secs(1))
+    );
+
+    // By the time b's scheduler looks, the lease is past its end.
+    bot.advance(Duration::hours(2));
+    fire_due(&b).await;
+    let leases = b.store().leases().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].lease.state, LeaseState::Ended, "b ended the lease");
+
+    // Whatever a's slow add was waiting for comes now; it was abandoned.
+    slow.release.notify_one();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    bot.engine.store().set_fence(None);
+    fire_due(&bot.engine).await;
+    fire_due(&b).await;
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "the lease ended, yet alice holds web-admins: the deposed leader's add landed late"
+    );
+}
+
+// ---- brk16 finding 5: renewal apart from the writer, step-down on time ----
+
+/// Two replicas' config on database `url` (memory directory).
+fn replica_config(url: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    )
+}
+
+/// Holds `lock` (a `SELECT … FOR UPDATE`) in a session of its own, with
+/// jitbot's session settings, until the returned sender is used or 50 s.
+fn hold_row_lock(
+    url: &str,
+    lock: &'static str,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel::<()>();
+    let url = url.to_string();
+    let stalled = std::thread::spawn(move || {
+        let mut config: postgres::Config = url.parse().unwrap();
+        config.password(crate::support::postgres::PASSWORD);
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        client
+            .batch_execute("SET lock_timeout = '30s'; SET idle_in_transaction_session_timeout = '60s'")
+            .unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.query(lock, &[]).unwrap();
+        held_tx.send(()).unwrap();
+        let _ = released.recv_timeout(std::time::Duration::from_secs(50));
+        let _ = tx.rollback();
+    });
+    held.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the lock is held");
+    (release, stalled)
+}
+
+async fn readyz(bot: &crate::support::process::Jitbot) -> String {
+    let url = format!("{}/readyz", bot.admin_base);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// A writer of the leader (a backup) waits for `jitbot_head`'s row lock,
+/// held by another replica stalled in its transaction. The renewal used to
+/// wait behind that writer until the term expired, and both replicas then
+/// led. It runs on a connection of its own: for longer than a term (6 s)
+/// a keeps its term, b never takes over, never two leaders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_writer_waits_for_the_store_lock_keeps_its_term() {
+    use crate::support::process::{Jitbot, ADMIN_TOKEN};
+    let db = Database::create();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let config = replica_config(&url);
+    let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
+    let a = Jitbot::start(&config, &env).await;
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+    assert_eq!(readyz(&b).await, "ready (follower)\n");
+
+    let (release, stalled) = hold_row_lock(&url, "SELECT version FROM jitbot_head WHERE id = 1 FOR UPDATE");
+    let backup_url = format!("{}/admin/backup", a.admin_base);
+    let backup = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .get(backup_url)
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await;
+    });
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut samples = Vec::new();
+    while std::time::Instant::now() < deadline {
+        samples.push((readyz(&a).await, readyz(&b).await));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = release.send(());
+    let _ = stalled.join();
+    let _ = backup.await;
+    let leader = "ready (leader)\n".to_string();
+    assert!(
+        samples.iter().all(|(ra, rb)| *ra == leader && *rb != leader),
+        "a kept its term throughout and b never led; samples (a, b): {samples:?}\na:\n{}\nb:\n{}",
+        a.log_text(),
+        b.log_text()
+    );
+}
+
+/// When a leader's renewal hangs (here the term row is locked by another
+/// session, so the renewal's UPDATE waits), its step-down is enforced by a
+/// timer, not by the renewal's outcome: it stops its work and says
+/// "follower" within two thirds of a term (4 s) of its last renewal plus
+/// a sixth (1 s) to stop its work: before the 6 s term can expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_renewal_hangs_steps_down_before_its_term_expires() {
+    use crate::support::process::Jitbot;
+    let db = Database::create();
+    let url = crate::support::postgres::cluster().url(&db.name);
+    let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
+    let a = Jitbot::start(&replica_config(&url), &env).await;
+    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    assert_eq!(readyz(&a).await, "ready (leader)\n");
+
+    let (release, stalled) = hold_row_lock(&url, "SELECT token FROM jitbot_leader WHERE id = 1 FOR UPDATE");
+    let locked = std::time::Instant::now();
+    let mut stepped_down = None;
+    while locked.elapsed() < std::time::Duration::from_secs(10) {
+        if readyz(&a).await == "ready (follower)\n" {
+            stepped_down = Some(locked.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = release.send(());
+    let _ = stalled.join();
+    let log = a.log_text();
+    let after = stepped_down.unwrap_or_else(|| panic!("a never stepped down while its renewal hung:\n{log}"));
+    assert!(
+        after < std::time::Duration::from_millis(5500),
+        "a stepped down {after:?} after its renewals started to hang; its 6 s term could have expired first"
+    );
+    assert!(log.contains("cannot renew the leadership in time"), "{log}");
+}
