@@ -287,7 +287,7 @@ impl Engine {
         }
         if self.inner.store.directory_window() == Window::Closed {
             // Nothing sent: the Grant timer brings it to the next leader.
-            return Ok(());
+            return Ok(Ok(()));
         }
         let started = std::time::Instant::now();
         let added = self.bounded("add", dir.add_membership(&membership)).await;

@@ -879,7 +879,10 @@ fn serve_leadership(settings: PgSettings) -> Result<mpsc::Sender<Job>, StoreErro
                     Job::Resign { holder, token, reply } => {
                         let _ = reply.send(conn.client().and_then(|c| resign(c, &holder, token)));
                     }
-                    Job::Begin { reply, .. } | Job::Refresh { reply, .. } => {
+                    Job::Begin { reply, .. } => {
+                        let _ = reply.send(Err(busy()));
+                    }
+                    Job::Refresh { reply, .. } => {
                         let _ = reply.send(Err(busy()));
                     }
                     Job::Commit { reply, .. } => {
