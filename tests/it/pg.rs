@@ -675,10 +675,11 @@ async fn one_replica_leads_at_a_time_and_a_deposed_leader_commits_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_leader_is_killed_the_other_replica_revokes_what_is_due() {
     use crate::support::process::Jitbot;
-    // A lease granted so that it ends 30 s from now (real time).
+    // A lease granted so that it ends 60 s from now (real time): after the
+    // two replicas started and the takeover, even on a loaded machine.
     let bot = TestBot::new();
     let start = bot.engine.now();
-    let end_at = Utc::now() + Duration::seconds(30);
+    let end_at = Utc::now() + Duration::seconds(60);
     bot.advance(end_at - Duration::hours(1) - start);
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
@@ -741,7 +742,12 @@ max_duration = "4h"
     assert_eq!(readyz(&b).await, "ready (follower)\n");
     drop(a); // SIGKILL
     let killed = std::time::Instant::now();
-    crate::support::net::eventually(std::time::Duration::from_secs(10), "replica b takes over", || {
+    // By design b leads at most about 10 s after the kill: the 6 s term runs
+    // out, b's next try (every 2 s) takes it, and b waits out the old
+    // leader's bounded directory calls (2 s) before it acts. A loaded
+    // machine adds to that, so the test allows twice as much and prints
+    // the figure.
+    crate::support::net::eventually(std::time::Duration::from_secs(20), "replica b takes over", || {
         b.log_text().contains("this replica leads").then_some(())
     })
     .await;
@@ -754,7 +760,7 @@ max_duration = "4h"
             break;
         }
         assert!(
-            killed.elapsed() < std::time::Duration::from_secs(40),
+            killed.elapsed() < std::time::Duration::from_secs(70),
             "replica b did not end the lease after the leader died: {leases:?}\n{}",
             b.log_text()
         );
@@ -762,8 +768,8 @@ max_duration = "4h"
     }
     let late = Utc::now() - end_at;
     assert!(b.log_text().contains("this replica leads"), "{}", b.log_text());
-    // b takes over within a term and a third (8 s) of the kill, long before
-    // the lease is due; it ends on time, give or take the scheduler's wake.
+    // b takes over long before the lease is due; it ends on time, give or
+    // take the scheduler's wake.
     assert!(late < Duration::seconds(5), "revoked {late} after it was due");
     let audit = reqwest::Client::new()
         .get(format!("{}/admin/audit?format=jsonl", b.admin_base))

@@ -733,10 +733,15 @@ async fn a_graceful_stop_finishes_an_acknowledged_command() {
         let held = held.clone();
         s.slack().answer_with("users.info", move |c| {
             held.store(true, std::sync::atomic::Ordering::SeqCst);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !stopping.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            // Held off the runtime's worker: a worker blocked in place would
+            // keep the task in its LIFO slot (here, the fake's socket taking
+            // jitbot's ack) from running until the hold ends.
+            tokio::task::block_in_place(|| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !stopping.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
             let user = c.body["user"].as_str().unwrap_or_default().to_string();
             let name = user.trim_start_matches('U').to_ascii_lowercase();
             json!({"ok": true, "user": {"id": user, "team_id": "T1", "name": name,
