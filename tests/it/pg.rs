@@ -461,39 +461,7 @@ async fn two_jitbot_run_replicas_share_one_database_and_end_a_lease_once() {
     assert!(out.status.success(), "store copy failed: {said}");
     assert!(said.contains("leases: 1") && said.contains("Intact"), "{said}");
 
-    let config = format!(
-        r#"
-[server]
-listen = "{{listen}}"
-admin_token = {{admin}}
-shutdown_grace = "2s"
-
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ env = "JITBOT_TEST_PGPW" }}
-path = "{{store}}"
-cache_mb = 16
-
-[scheduler]
-max_wait = "1s"
-retry_base = "1s"
-
-[directory]
-kind = "memory"
-
-[memory]
-groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
-
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
-"#
-    );
+    let config = replica_config(&url);
     let cfg_path = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         cfg_path.path(),
@@ -693,39 +661,7 @@ async fn when_the_leader_is_killed_the_other_replica_revokes_what_is_due() {
         .unwrap();
 
     let url = crate::support::postgres::cluster().url(&db.name);
-    let config = format!(
-        r#"
-[server]
-listen = "{{listen}}"
-admin_token = {{admin}}
-shutdown_grace = "2s"
-
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ env = "JITBOT_TEST_PGPW" }}
-path = "{{store}}"
-cache_mb = 16
-
-[scheduler]
-max_wait = "1s"
-retry_base = "1s"
-
-[directory]
-kind = "memory"
-
-[memory]
-groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
-
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
-"#
-    );
+    let config = replica_config(&url);
     let env = [("JITBOT_TEST_PGPW", crate::support::postgres::PASSWORD)];
     let a = Jitbot::start(&config, &env).await;
     crate::support::net::eventually(std::time::Duration::from_secs(10), "replica a leads", || {
@@ -1246,22 +1182,6 @@ max_duration = "4h"
 
 // ---- brk16 finding 1: only the leader drives directory side effects ----
 
-/// Fires every timer of `engine` due now, after pulling other replicas'
-/// commits, as its scheduler does once its mirror refresh woke it.
-async fn fire_due(engine: &Engine) {
-    engine.store().refresh().expect("refresh");
-    for _ in 0..100 {
-        let due = engine.store().due_timers(engine.now(), 1000).expect("timers");
-        if due.is_empty() {
-            return;
-        }
-        for t in due {
-            engine.fire(t).await;
-        }
-    }
-    panic!("timers keep firing");
-}
-
 /// A per-lease lock lives in one process, so two replicas driving one grant
 /// could both add, and the slower one would take the other's add for
 /// somebody else's and leave the membership behind at expiry. A grant
@@ -1291,7 +1211,7 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     );
 
     // The leader's mirror refresh wakes its scheduler: it grants.
-    fire_due(&bot.engine).await;
+    run_due(&bot.engine).await;
     assert!(bot.is_member(WEB, "alice"));
     assert_eq!(bot.lease().state, LeaseState::Active);
     let queued: Vec<String> = bot
@@ -1308,7 +1228,7 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     );
 
     bot.advance(Duration::hours(2));
-    fire_due(&bot.engine).await;
+    run_due(&bot.engine).await;
     assert_eq!(bot.lease().state, LeaseState::Ended, "{:?}", bot.audit_actions());
     assert!(
         !bot.is_member(WEB, "alice"),
@@ -1454,7 +1374,7 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
 
     // By the time b's scheduler looks, the lease is past its end.
     bot.advance(Duration::hours(2));
-    fire_due(&b).await;
+    run_due(&b).await;
     let leases = b.store().leases().unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].lease.state, LeaseState::Ended, "b ended the lease");
@@ -1463,8 +1383,8 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
     slow.release.notify_one();
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     bot.engine.store().set_fence(None);
-    fire_due(&bot.engine).await;
-    fire_due(&b).await;
+    run_due(&bot.engine).await;
+    run_due(&b).await;
     assert!(
         !memory.members(WEB).contains("alice"),
         "the lease ended, yet alice holds web-admins: the deposed leader's add landed late"
