@@ -39,6 +39,24 @@ pub struct Posts {
     pub rate_limited: usize,
 }
 
+impl Posts {
+    /// Counts posts from whether each was refused with the rate limit.
+    pub fn from_flags(rate_limited: impl IntoIterator<Item = bool>) -> Posts {
+        let (mut accepted, mut limited) = (0, 0);
+        for refused in rate_limited {
+            if refused {
+                limited += 1;
+            } else {
+                accepted += 1;
+            }
+        }
+        Posts {
+            accepted,
+            rate_limited: limited,
+        }
+    }
+}
+
 /// One chat platform mode, driven as its users would drive it.
 #[async_trait::async_trait]
 pub trait Platform: Send + Sync {

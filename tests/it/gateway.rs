@@ -532,10 +532,7 @@ impl crate::contract::Platform for Setup {
             .into_iter()
             .filter(|c| crate::contract::mentions(&c.body.to_string(), request))
             .collect();
-        crate::contract::Posts {
-            accepted: posts.iter().filter(|c| !c.rate_limited).count(),
-            rate_limited: posts.iter().filter(|c| c.rate_limited).count(),
-        }
+        crate::contract::Posts::from_flags(posts.iter().map(|c| c.rate_limited))
     }
 }
 

@@ -1358,10 +1358,7 @@ impl crate::contract::Platform for Harness {
             .filter(|c| c.body["channel"] == CDB)
             .filter(|c| crate::contract::mentions(&c.body.to_string(), request))
             .collect();
-        crate::contract::Posts {
-            accepted: posts.iter().filter(|c| !c.rate_limited).count(),
-            rate_limited: posts.iter().filter(|c| c.rate_limited).count(),
-        }
+        crate::contract::Posts::from_flags(posts.iter().map(|c| c.rate_limited))
     }
 }
 
