@@ -46,12 +46,19 @@ fn second_replica(bot: &TestBot, dir: &tempfile::TempDir) -> Engine {
     )
 }
 
-#[tokio::test]
-async fn a_write_on_one_replica_is_seen_by_the_others_next_transaction() {
+/// A new database with two replicas on it, each with its own mirror in
+/// the returned temporary directory.
+fn two_replicas() -> (Database, tempfile::TempDir, Store, Store) {
     let db = Database::create();
     let tmp = tempfile::tempdir().unwrap();
     let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
     let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    (db, tmp, a, b)
+}
+
+#[tokio::test]
+async fn a_write_on_one_replica_is_seen_by_the_others_next_transaction() {
+    let (db, tmp, a, b) = two_replicas();
     write(&a, "x-1").await.unwrap();
     assert_eq!(b.timer_count(), 0, "b's mirror is not refreshed yet");
     write(&b, "x-2").await.unwrap();
@@ -71,10 +78,7 @@ async fn a_write_on_one_replica_is_seen_by_the_others_next_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_on_two_replicas_keep_the_audit_chain_intact() {
-    let db = Database::create();
-    let tmp = tempfile::tempdir().unwrap();
-    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
-    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let (_db, _tmp, a, b) = two_replicas();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..100 {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -111,10 +115,7 @@ fn granting(id: &str, user: &str, now: chrono::DateTime<Utc>) -> LeaseRecord {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_racing_never_make_two_live_leases_of_one_slot() {
-    let db = Database::create();
-    let tmp = tempfile::tempdir().unwrap();
-    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
-    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let (_db, _tmp, a, b) = two_replicas();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
         let store = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -260,10 +261,7 @@ async fn a_failed_commit_leaves_neither_the_database_nor_the_mirror_changed() {
 
 #[tokio::test]
 async fn a_payload_seen_on_one_replica_is_refused_on_another() {
-    let db = Database::create();
-    let tmp = tempfile::tempdir().unwrap();
-    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
-    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let (_db, _tmp, a, b) = two_replicas();
     let now = Utc::now();
     let until = jitbot::store::seen::REPLAY_WINDOW.after(now);
     assert!(a.first_sighting("slack:act:1", until, now).await.unwrap());
@@ -535,10 +533,7 @@ async fn two_jitbot_run_replicas_share_one_database_and_end_a_lease_once() {
 
 #[tokio::test]
 async fn deletions_are_collected_and_a_mirror_behind_the_horizon_reloads() {
-    let db = Database::create();
-    let tmp = tempfile::tempdir().unwrap();
-    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
-    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let (db, _tmp, a, b) = two_replicas();
     write(&b, "kept").await.unwrap();
     a.set_pg_gc(5, 5);
     // Each step moves timer `t` (deleting its old key) and writes a record.
@@ -595,10 +590,7 @@ async fn a_mirror_pointed_at_another_database_reloads_from_it() {
 
 #[tokio::test]
 async fn one_replica_leads_at_a_time_and_a_deposed_leader_commits_nothing() {
-    let db = Database::create();
-    let tmp = tempfile::tempdir().unwrap();
-    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
-    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let (db, _tmp, a, b) = two_replicas();
     let term = std::time::Duration::from_secs(30);
     let token = a.lead("a", term).unwrap().expect("a leads");
     assert_eq!(b.lead("b", term).unwrap(), None, "b follows while a's term runs");
@@ -756,10 +748,7 @@ async fn the_leader_renews_its_term_while_its_replica_commits() {
 
 #[tokio::test]
 async fn the_periodic_refresh_pulls_other_replicas_writes_and_says_so() {
-    let db = Database::create();
-    let tmp = tempfile::tempdir().unwrap();
-    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
-    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let (_db, _tmp, a, b) = two_replicas();
     let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let counter = woken.clone();
