@@ -14,15 +14,21 @@ fn alice_dn() -> String {
     format!("uid=alice,{}", slapd::PEOPLE)
 }
 
-#[tokio::test]
-async fn request_approve_expire_against_slapd() {
-    let server = Slapd::start();
+/// A directory on `server` and a policy over the test groups it holds.
+fn directory_and_policy(server: &Slapd) -> (LdapDirectory, Policy) {
     let groups = slapd::group_configs();
     let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
     let policy = Policy {
         groups: groups.iter().map(|g| g.to_policy()).collect(),
         admins: Default::default(),
     };
+    (directory, policy)
+}
+
+#[tokio::test]
+async fn request_approve_expire_against_slapd() {
+    let server = Slapd::start();
+    let (directory, policy) = directory_and_policy(&server);
     let bot = TestBot::builder()
         .policy(|p| *p = policy)
         .directory(Arc::new(directory))
@@ -65,12 +71,7 @@ async fn request_approve_expire_against_slapd() {
 #[tokio::test]
 async fn directory_outage_across_expiries() {
     let mut server = Slapd::start();
-    let groups = slapd::group_configs();
-    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
-    let policy = Policy {
-        groups: groups.iter().map(|g| g.to_policy()).collect(),
-        admins: Default::default(),
-    };
+    let (directory, policy) = directory_and_policy(&server);
     let bot = TestBot::builder()
         .policy(|p| *p = policy)
         .settings(|s| s.alert_after = 2)
@@ -278,12 +279,7 @@ async fn waiting_revocations_run_as_soon_as_the_directory_is_back() {
 #[tokio::test]
 async fn commands_during_an_outage_say_what_to_do() {
     let mut server = Slapd::start();
-    let groups = slapd::group_configs();
-    let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
-    let policy = Policy {
-        groups: groups.iter().map(|g| g.to_policy()).collect(),
-        admins: Default::default(),
-    };
+    let (directory, policy) = directory_and_policy(&server);
     let bot = TestBot::builder()
         .policy(|p| *p = policy)
         .directory(Arc::new(directory))
