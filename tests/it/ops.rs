@@ -1,8 +1,9 @@
 //! Operations, through the real binary: health, readiness, metrics, the admin
 //! API and CLI, backup and restore, SIGTERM during activity, and no secret in
-//! the logs.
+//! the logs; the store on sled or PostgreSQL (a backup of either restores
+//! into a sled store).
 
-use crate::support::bot::TestBot;
+use crate::support::bot::{Backend, TestBot};
 use chrono::Duration;
 use jitbot::config::Config;
 use jitbot::store::{AuditCheck, Store};
@@ -102,12 +103,17 @@ pub(crate) fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool)
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_serves_operates_and_stops_cleanly() {
+crate::both_stores!(
+    the_binary_serves_operates_and_stops_cleanly,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn the_binary_serves_operates_and_stops_cleanly(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let store_path = tmp.path().join("db");
     let (port, admin_port) = free_ports();
-    let text = config_text(port, admin_port, &store_path);
+    let run = backend.run_store();
+    let text = run.config(&config_text(port, admin_port, &store_path));
     let config_path = tmp.path().join("jitbot.toml");
     std::fs::write(&config_path, &text).unwrap();
     let config = Config::parse(&text, "test").unwrap();
@@ -117,7 +123,7 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     {
         let bot = TestBot::builder().policy(|p| *p = config.policy()).build();
         drop(bot);
-        let store = Store::open(&store_path, 16).unwrap();
+        let store = run.open(&store_path);
         let dir = crate::support::bot::seeded();
         let clock = jitbot::clock::ManualClock::new(
             chrono::Utc::now() - Duration::minutes(59) - Duration::seconds(57),
@@ -154,6 +160,7 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     let child = jitbot()
         .args(["run", "--config"])
         .arg(&config_path)
+        .envs(run.env().iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
@@ -303,7 +310,7 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     assert!(stopped_at.elapsed() < std::time::Duration::from_secs(10));
 
     // The store reopens cleanly with every lease and an intact audit chain.
-    let store = Store::open(&store_path, 16).unwrap();
+    let store = run.open(&store_path);
     let leases = store.leases().unwrap();
     assert_eq!(leases.len(), 3, "no lease lost");
     assert_eq!(
