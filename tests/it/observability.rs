@@ -78,6 +78,7 @@ fn dashboard() -> serde_json::Value {
     serde_json::from_str(&text).expect("jitbot.json is JSON")
 }
 
+// Once, not per store: the rules files alone, no jitbot.
 #[test]
 fn alerting_rules_pass_promtool_check_and_their_unit_tests() {
     let rules = deploy("prometheus/alerts.yml");
@@ -116,6 +117,7 @@ fn alerting_rules_pass_promtool_check_and_their_unit_tests() {
     }
 }
 
+// Once, not per store: the dashboard file alone, no jitbot.
 #[test]
 fn every_dashboard_query_is_valid_promql() {
     let exprs = dashboard_exprs(&dashboard());
@@ -412,6 +414,7 @@ async fn scrape(bot: &Jitbot) -> String {
         .expect("metrics text")
 }
 
+// PostgreSQL only: replicas and a leader's term exist only there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_gauge_names_one_replica_and_follows_a_failover() {
     use crate::support::net::eventually;
