@@ -1,7 +1,8 @@
 //! Discord end to end: interaction payloads signed with an Ed25519 key made
 //! here, posted to `/discord/interactions`; the engine with an in-memory
-//! directory (or a real slapd) and a sled or PostgreSQL store; a fake Discord REST API
-//! recording the messages, edits, DMs and deferred answers jitbot sends.
+//! directory (or a real slapd) and a sled or PostgreSQL store; a fake
+//! Discord REST API recording the messages, edits, DMs and deferred answers
+//! jitbot sends.
 
 use crate::support::bot::{Backend, TestBot, DB};
 use crate::support::fake_discord::{dm_channel, FakeDiscord, APP_ID};

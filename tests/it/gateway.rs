@@ -1,6 +1,7 @@
 //! The Discord gateway, Discord's default mode, end to end: the real
-//! `jitbot run` binary (its store on sled or PostgreSQL) against a real slapd, a gateway v10 fake written from
-//! Discord's documentation (`support::fake_gateway`) and the REST fake.
+//! `jitbot run` binary (its store on sled or PostgreSQL) against a real
+//! slapd, a gateway v10 fake written from Discord's documentation
+//! (`support::fake_gateway`) and the REST fake.
 
 use crate::support::bot::Backend;
 use crate::support::fake_discord::{Call, FakeDiscord, APP_ID};

@@ -1,6 +1,7 @@
 //! Slack end to end: real signed HTTP requests into `/slack/*`, the engine
-//! with an in-memory directory and a sled or PostgreSQL store, the outbox and scheduler
-//! running, and a fake Slack Web API recording what jitbot sends.
+//! with an in-memory directory and a sled or PostgreSQL store, the outbox
+//! and scheduler running, and a fake Slack Web API recording what jitbot
+//! sends.
 
 use crate::support::bot::{Backend, TestBot, DB};
 use crate::support::fake_slack::{Call, FakeSlack};

@@ -1,6 +1,7 @@
 //! Slack Socket Mode, the default Slack mode, end to end: the real
-//! `jitbot run` binary (its store on sled or PostgreSQL) against a real slapd and a Socket Mode fake written
-//! from Slack's protocol description (`support::fake_socket_mode`).
+//! `jitbot run` binary (its store on sled or PostgreSQL) against a real
+//! slapd and a Socket Mode fake written from Slack's protocol description
+//! (`support::fake_socket_mode`).
 
 use crate::support::bot::Backend;
 use crate::support::fake_slack::{Call, FakeSlack};
