@@ -130,6 +130,9 @@ pub struct DemoOptions {
     pub clock: Arc<dyn Clock>,
     /// The engine's settings (tests tighten its limits).
     pub settings: EngineSettings,
+    /// An open store to use instead of a sled store in the data directory
+    /// (tests pass one on PostgreSQL).
+    pub store: Option<Store>,
 }
 
 /// Starts the demo on `listen` (use port 0 in tests: see [`Running::addr`]).
@@ -139,6 +142,7 @@ pub async fn start_demo(listen: SocketAddr, data: Option<PathBuf>) -> anyhow::Re
         data,
         clock: Arc::new(SystemClock),
         settings: EngineSettings::default(),
+        store: None,
     })
     .await
 }
@@ -157,7 +161,10 @@ pub async fn start_demo_with(options: DemoOptions) -> anyhow::Result<(Running, D
                 .context("cannot create a temporary directory for the demo store")?,
         ),
     };
-    let store = Store::open(&data.path().join("store"), 16)?;
+    let store = match options.store {
+        Some(store) => store,
+        None => Store::open(&data.path().join("store"), 16)?,
+    };
     let directory = Arc::new(directory());
     let engine = Engine::new(
         policy(),

@@ -1,11 +1,13 @@
 //! The demo and its web console, end to end: over plain HTTP, and in a real
-//! headless Chromium.
+//! headless Chromium; the store on sled (the demo's own) or PostgreSQL.
 
+use crate::support::bot::Backend;
 use crate::support::browser::{wait_for, Browser};
 use jitbot::app::Running;
 use jitbot::chat::web::{dashboard_routes, DashboardAccess};
-use jitbot::clock::ManualClock;
-use jitbot::demo::{start_demo, start_demo_with, DemoOptions};
+use jitbot::clock::{Clock, ManualClock, SystemClock};
+use jitbot::demo::{start_demo_with, DemoData, DemoOptions};
+use jitbot::engine::EngineSettings;
 use jitbot::secret::Secret;
 use jitbot_core::{GroupDn, UserId};
 use serde_json::{json, Value};
@@ -85,15 +87,51 @@ impl Api {
     }
 }
 
+/// What a running demo keeps on disk: its data directory and, on
+/// PostgreSQL, the replica's mirror.
+struct Kept {
+    _data: DemoData,
+    _mirror: tempfile::TempDir,
+}
+
+/// Starts the demo on a free loopback port with its store on `backend`.
+async fn demo(backend: Backend, clock: Arc<dyn Clock>, settings: EngineSettings) -> (Running, Kept) {
+    let mirror = tempfile::tempdir().expect("temp dir");
+    let store = match backend {
+        Backend::Sled => None,
+        Backend::Postgres => Some(backend.open(&mirror.path().join("db"))),
+    };
+    let (running, data) = start_demo_with(DemoOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data: None,
+        clock,
+        settings,
+        store,
+    })
+    .await
+    .unwrap();
+    (
+        running,
+        Kept {
+            _data: data,
+            _mirror: mirror,
+        },
+    )
+}
+
 fn ok(reply: &Value) -> bool {
     reply["ok"]
         .as_bool()
         .unwrap_or_else(|| panic!("not a reply: {reply}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_api_request_approve_and_deny() {
-    let (running, _data) = start_demo("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+crate::both_stores!(
+    console_api_request_approve_and_deny,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn console_api_request_approve_and_deny(backend: Backend) {
+    let (running, _data) = demo(backend, Arc::new(SystemClock), EngineSettings::default()).await;
     let api = Api::new(&running);
 
     let reply = api.command("alice", "/jit request db-admins 1m testing").await;
@@ -214,9 +252,13 @@ async fn console_api_request_approve_and_deny() {
     running.stop(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_needs_the_admin_token_outside_the_demo() {
-    let (running, _data) = start_demo("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+crate::both_stores!(
+    dashboard_needs_the_admin_token_outside_the_demo,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn dashboard_needs_the_admin_token_outside_the_demo(backend: Backend) {
+    let (running, _data) = demo(backend, Arc::new(SystemClock), EngineSettings::default()).await;
     let app = dashboard_routes(
         running.engine.clone(),
         DashboardAccess::Token(Secret::new("s3cret")),
@@ -241,17 +283,14 @@ async fn dashboard_needs_the_admin_token_outside_the_demo() {
     running.stop(Duration::from_secs(5)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_in_chromium_request_approve_expire() {
+crate::both_stores!(
+    console_in_chromium_request_approve_expire,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn console_in_chromium_request_approve_expire(backend: Backend) {
     let clock = ManualClock::new(chrono::Utc::now());
-    let (running, _data) = start_demo_with(DemoOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data: None,
-        clock: Arc::new(clock.clone()),
-        settings: Default::default(),
-    })
-    .await
-    .unwrap();
+    let (running, _data) = demo(backend, Arc::new(clock.clone()), EngineSettings::default()).await;
     let browser = Browser::start().await;
     let outcome = browser_flow(&browser, &running, &clock).await;
     let shot = browser.screenshot("console-e2e.png").await;
@@ -353,21 +392,19 @@ async fn browser_flow(b: &Browser, running: &Running, clock: &ManualClock) -> an
 pub(crate) struct ConsolePlatform {
     running: Running,
     api: Api,
-    _data: jitbot::demo::DemoData,
+    _data: Kept,
 }
 
-pub(crate) async fn contract_platform() -> ConsolePlatform {
-    let (running, data) = start_demo_with(DemoOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data: None,
-        clock: Arc::new(jitbot::clock::SystemClock),
-        settings: jitbot::engine::EngineSettings {
+pub(crate) async fn contract_platform(backend: Backend) -> ConsolePlatform {
+    let (running, data) = demo(
+        backend,
+        Arc::new(SystemClock),
+        EngineSettings {
             max_pending_per_user: 1,
             ..Default::default()
         },
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let api = Api::new(&running);
     ConsolePlatform {
         running,

@@ -13,6 +13,7 @@
 //! through nested groups in slapd). Every mode runs with
 //! `policy.max_pending_per_user = 1`.
 
+use crate::support::bot::Backend;
 use jitbot::chat::render;
 use std::time::Duration;
 
@@ -248,27 +249,39 @@ fn action_target(text: &str, prefix: &str) -> Option<String> {
     (!id.is_empty()).then_some(id)
 }
 
-#[tokio::test]
-async fn slack_http_mode_keeps_the_contract() {
-    run(&crate::slack::contract_platform().await).await;
+crate::both_stores!(slack_http_mode_keeps_the_contract);
+async fn slack_http_mode_keeps_the_contract(backend: Backend) {
+    run(&crate::slack::contract_platform(backend).await).await;
 }
 
-#[tokio::test]
-async fn discord_http_mode_keeps_the_contract() {
-    run(&crate::discord::contract_platform().await).await;
+crate::both_stores!(discord_http_mode_keeps_the_contract);
+async fn discord_http_mode_keeps_the_contract(backend: Backend) {
+    run(&crate::discord::contract_platform(backend).await).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn web_console_keeps_the_contract() {
-    run(&crate::console::contract_platform().await).await;
+crate::both_stores!(
+    web_console_keeps_the_contract,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn web_console_keeps_the_contract(backend: Backend) {
+    run(&crate::console::contract_platform(backend).await).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slack_socket_mode_keeps_the_contract() {
-    run(&crate::socket_mode::contract_platform().await).await;
+crate::both_stores!(
+    slack_socket_mode_keeps_the_contract,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn slack_socket_mode_keeps_the_contract(backend: Backend) {
+    run(&crate::socket_mode::contract_platform(backend).await).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discord_gateway_keeps_the_contract() {
-    run(&crate::gateway::contract_platform().await).await;
+crate::both_stores!(
+    discord_gateway_keeps_the_contract,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn discord_gateway_keeps_the_contract(backend: Backend) {
+    run(&crate::gateway::contract_platform(backend).await).await;
 }

@@ -1,9 +1,10 @@
 //! Discord end to end: interaction payloads signed with an Ed25519 key made
 //! here, posted to `/discord/interactions`; the engine with an in-memory
-//! directory (or a real slapd) and a sled store; a fake Discord REST API
-//! recording the messages, edits, DMs and deferred answers jitbot sends.
+//! directory (or a real slapd) and a sled or PostgreSQL store; a fake
+//! Discord REST API recording the messages, edits, DMs and deferred answers
+//! jitbot sends.
 
-use crate::support::bot::{TestBot, DB};
+use crate::support::bot::{Backend, TestBot, DB};
 use crate::support::fake_discord::{dm_channel, FakeDiscord, APP_ID};
 use crate::support::slapd::{group_configs, Slapd, DB_ADMINS};
 use ed25519_dalek::{Signer, SigningKey};
@@ -74,8 +75,8 @@ struct Harness {
     next: AtomicU32,
 }
 
-async fn harness() -> Harness {
-    start(TestBot::new(), Duration::from_secs(2), |_| {}).await
+async fn harness(backend: Backend) -> Harness {
+    start(backend.bot(), Duration::from_secs(2), |_| {}).await
 }
 
 async fn start(bot: TestBot, answer_budget: Duration, tweak: impl FnOnce(&mut DiscordConfig)) -> Harness {
@@ -243,18 +244,18 @@ fn field<'a>(message: &'a Value, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no field {name} in {message}"))
 }
 
-#[tokio::test]
-async fn ping_is_answered_with_pong() {
-    let h = harness().await;
+crate::both_stores!(ping_is_answered_with_pong);
+async fn ping_is_answered_with_pong(backend: Backend) {
+    let h = harness(backend).await;
     let r = h
         .send(&json!({ "type": 1, "id": "1", "application_id": APP_ID, "token": "t", "version": 1 }))
         .await;
     assert_eq!(r, json!({ "type": 1 }));
 }
 
-#[tokio::test]
-async fn request_posts_a_card_and_an_approval_grants_and_clears_the_buttons() {
-    let h = harness().await;
+crate::both_stores!(request_posts_a_card_and_an_approval_grants_and_clears_the_buttons);
+async fn request_posts_a_card_and_an_approval_grants_and_clears_the_buttons(backend: Backend) {
+    let h = harness(backend).await;
     let id = h.alice_requests().await;
     h.drain().await;
     let posted = h.discord.calls_to("POST", &format!("/channels/{CDB}/messages"));
@@ -312,11 +313,11 @@ async fn request_posts_a_card_and_an_approval_grants_and_clears_the_buttons() {
     assert!(!to_alice.is_empty(), "{:?}", h.discord.calls());
 }
 
+crate::both_stores!(a_replayed_extend_click_does_nothing_the_second_time);
 /// A signed Extend click captured and sent again inside the signature window
 /// is refused by its interaction id: the lease is extended once.
-#[tokio::test]
-async fn a_replayed_extend_click_does_nothing_the_second_time() {
-    let h = harness().await;
+async fn a_replayed_extend_click_does_nothing_the_second_time(backend: Backend) {
+    let h = harness(backend).await;
     let id = h.alice_requests().await;
     h.answer(&h.button("bob", &format!("jit:approve:{id}"))).await;
     h.bot.run_due().await;
@@ -344,9 +345,9 @@ async fn a_replayed_extend_click_does_nothing_the_second_time() {
     assert_eq!(extends, 1, "{:?}", h.bot.audit_actions());
 }
 
-#[tokio::test]
-async fn deny_opens_a_modal_and_its_reason_denies() {
-    let h = harness().await;
+crate::both_stores!(deny_opens_a_modal_and_its_reason_denies);
+async fn deny_opens_a_modal_and_its_reason_denies(backend: Backend) {
+    let h = harness(backend).await;
     let id = h.alice_requests().await;
     h.drain().await;
     let modal = h.send(&h.button("bob", &format!("jit:deny:{id}"))).await;
@@ -379,9 +380,9 @@ async fn deny_opens_a_modal_and_its_reason_denies() {
     );
 }
 
-#[tokio::test]
-async fn autocomplete_offers_only_the_groups_the_user_may_request() {
-    let h = harness().await;
+crate::both_stores!(autocomplete_offers_only_the_groups_the_user_may_request);
+async fn autocomplete_offers_only_the_groups_the_user_may_request(backend: Backend) {
+    let h = harness(backend).await;
     let choices = |r: Value| -> Vec<String> {
         assert_eq!(r["type"], 8, "{r}");
         r["data"]["choices"]
@@ -410,9 +411,9 @@ async fn autocomplete_offers_only_the_groups_the_user_may_request() {
     );
 }
 
-#[tokio::test]
-async fn refused_requests_change_nothing() {
-    let h = harness().await;
+crate::both_stores!(refused_requests_change_nothing);
+async fn refused_requests_change_nothing(backend: Backend) {
+    let h = harness(backend).await;
     let id = h.alice_requests().await;
     h.drain().await;
     let calls = h.discord.calls().len();
@@ -492,9 +493,9 @@ async fn refused_requests_change_nothing() {
     assert_eq!(h.discord.calls().len(), calls, "nothing was sent to Discord");
 }
 
-#[tokio::test]
-async fn self_approval_is_refused_and_changes_nothing() {
-    let h = harness().await;
+crate::both_stores!(self_approval_is_refused_and_changes_nothing);
+async fn self_approval_is_refused_and_changes_nothing(backend: Backend) {
+    let h = harness(backend).await;
     let id = h.alice_requests().await;
     let text = h.answer(&h.button("alice", &format!("jit:approve:{id}"))).await;
     assert!(!text.is_empty());
@@ -543,11 +544,12 @@ impl Directory for SlowLookups {
     }
 }
 
-#[tokio::test]
-async fn slow_work_is_deferred_and_the_answer_edits_the_original_response() {
+crate::both_stores!(slow_work_is_deferred_and_the_answer_edits_the_original_response);
+async fn slow_work_is_deferred_and_the_answer_edits_the_original_response(backend: Backend) {
     // alice is found through a directory attribute holding her Discord id,
     // and that lookup takes longer than the answer budget.
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .wrap(|dir| {
             let discord_id = did("alice");
             dir.add_user(
@@ -582,9 +584,9 @@ async fn slow_work_is_deferred_and_the_answer_edits_the_original_response() {
     );
 }
 
-#[tokio::test]
-async fn help_and_bad_options_are_answered_at_once() {
-    let h = harness().await;
+crate::both_stores!(help_and_bad_options_are_answered_at_once);
+async fn help_and_bad_options_are_answered_at_once(backend: Backend) {
+    let h = harness(backend).await;
     assert!(h
         .answer(&h.command("alice", "help", &[]))
         .await
@@ -605,9 +607,9 @@ async fn help_and_bad_options_are_answered_at_once() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "a command that is not /jit");
 }
 
-#[tokio::test]
-async fn registering_the_command_is_a_repeatable_bulk_overwrite() {
-    let h = harness().await;
+crate::both_stores!(registering_the_command_is_a_repeatable_bulk_overwrite);
+async fn registering_the_command_is_a_repeatable_bulk_overwrite(backend: Backend) {
+    let h = harness(backend).await;
     h.adapter.register_commands().await.expect("register");
     h.adapter.register_commands().await.expect("register again");
     let puts = h
@@ -655,9 +657,9 @@ async fn registering_the_command_is_a_repeatable_bulk_overwrite() {
     );
 }
 
-#[tokio::test]
-async fn rate_limits_reach_the_outbox_as_such() {
-    let h = harness().await;
+crate::both_stores!(rate_limits_reach_the_outbox_as_such);
+async fn rate_limits_reach_the_outbox_as_such(backend: Backend) {
+    let h = harness(backend).await;
     h.alice_requests().await;
     h.discord.rate_limit(&format!("/channels/{CDB}/messages"), 1);
     let delay = jitbot::chat::outbox::drain(&h.bot.engine, h.adapter.as_ref()).await;
@@ -684,9 +686,9 @@ async fn rate_limits_reach_the_outbox_as_such() {
     assert!(matches!(refused, Err(ChatError::RateLimited(_))), "{refused:?}");
 }
 
-#[tokio::test]
-async fn bad_config_is_refused_before_anything_runs() {
-    let bot = TestBot::new();
+crate::both_stores!(bad_config_is_refused_before_anything_runs);
+async fn bad_config_is_refused_before_anything_runs(backend: Backend) {
+    let bot = backend.bot();
     let discord = FakeDiscord::start().await;
     let mut c = config("zz");
     c.api_url = discord.base.clone();
@@ -703,13 +705,13 @@ async fn bad_config_is_refused_before_anything_runs() {
     );
 }
 
+crate::both_stores!(flow_against_slapd, flavor = "multi_thread", worker_threads = 2);
 /// The whole flow against a real OpenLDAP: request, approval by button,
 /// membership in slapd, expiry removes it, the card ends without buttons.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flow_against_slapd() {
+async fn flow_against_slapd(backend: Backend) {
     let slapd = Slapd::start();
     let ldap = LdapDirectory::new(&slapd.ldap_config(), &group_configs()).expect("ldap directory");
-    let bot = TestBot::builder().wrap(|_| Arc::new(ldap)).build();
+    let bot = backend.builder().wrap(|_| Arc::new(ldap)).build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
     let id = h.alice_requests().await;
     h.drain().await;
@@ -778,13 +780,14 @@ fn last_edits(h: &Harness) -> std::collections::BTreeMap<String, Value> {
         .collect()
 }
 
-#[tokio::test]
-async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
+crate::both_stores!(approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated);
+async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated(backend: Backend) {
     // db-admins: `approval_cards = "dm"`, two approvals, approvers bob and
     // frank by name and `security` (alice, the requester, and carol through
     // the nested `oncall`). carol is found by `user_attribute`, bob through
     // `discord.users`; frank by neither.
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .policy(|p| {
             let db = &mut p.groups[0];
             db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
@@ -877,16 +880,17 @@ async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
     }
 }
 
+crate::both_stores!(holder_notices_arrive_by_dm_on_slack_and_discord);
 /// Grant, expiry warning and expiry reach the holder by DM on both
 /// platforms, though the request came from neither (no chat identity
 /// stored): Slack finds alice by her directory mail, Discord through
 /// `discord.users`.
-#[tokio::test]
-async fn holder_notices_arrive_by_dm_on_slack_and_discord() {
+async fn holder_notices_arrive_by_dm_on_slack_and_discord(backend: Backend) {
     use crate::support::fake_slack::FakeSlack;
     use jitbot::chat::fanout::Fanout;
     use jitbot::chat::slack::SlackAdapter;
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .policy(|p| p.groups[0].expiry_warning = Some(Span::from_mins(10)))
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
@@ -963,13 +967,14 @@ async fn holder_notices_arrive_by_dm_on_slack_and_discord() {
     assert_eq!(discord_dms("ended"), 1, "expiry on Discord");
 }
 
+crate::both_stores!(an_approver_refusing_dms_is_listed_on_the_channel_card);
 /// With `approval_cards = "both"`, the channel copy goes out first; bob does
 /// not accept DMs (Discord's 403, code 50007), so the channel copy is
 /// rewritten to list him, while carol's DM still goes out and the post
 /// succeeds.
-#[tokio::test]
-async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
-    let bot = TestBot::builder()
+async fn an_approver_refusing_dms_is_listed_on_the_channel_card(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
@@ -1003,14 +1008,15 @@ async fn an_approver_refusing_dms_is_listed_on_the_channel_card() {
     assert_eq!(rec.messages.len(), 2, "both copies recorded: {:?}", rec.messages);
 }
 
+crate::both_stores!(a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable);
 /// A 429 on `POST /users/@me/channels` is a "not yet", never "cannot be
 /// reached": the copies are retried after the pause (not slept on in the
 /// delivery worker), and bob and carol get their DMs; the channel card,
 /// posted while they waited (`approval_cards = "dm"`), lists them as pending
 /// and then no longer does, and never as unreachable.
-#[tokio::test]
-async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
-    let bot = TestBot::builder()
+async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
@@ -1045,13 +1051,14 @@ async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
     }
 }
 
+crate::both_stores!(a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only);
 /// A rate limit that lasts fails the post for later, with the copies made
 /// recorded: the channel card (listing bob and carol as pending meanwhile),
 /// then, once the limit is over, only the missing DMs, each once; no copy
 /// ever lists anyone as unreachable, and the other deliveries are not paused.
-#[tokio::test]
-async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
-    let bot = TestBot::builder()
+async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Both)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
@@ -1106,10 +1113,8 @@ async fn a_lasting_dm_rate_limit_is_retried_for_the_missing_copy_only() {
 }
 
 /// Discord's HTTP interactions mode as a [`crate::contract::Platform`].
-pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
-    let bot = TestBot::builder()
-        .settings(|s| s.max_pending_per_user = 1)
-        .build();
+pub(crate) async fn contract_platform(backend: Backend) -> impl crate::contract::Platform {
+    let bot = backend.builder().settings(|s| s.max_pending_per_user = 1).build();
     start(bot, Duration::from_secs(2), |_| {}).await
 }
 
@@ -1246,12 +1251,13 @@ impl crate::contract::Platform for Harness {
 
 // Approval-card copies across retries, rate limits and restarts (issue 14).
 
+crate::both_stores!(a_retry_never_takes_a_dm_copy_for_the_channel_card);
 /// (Discord) An approver reached on the first attempt and unreachable on the
 /// retry (carol's `discordId` removed in between) keeps her recorded DM copy,
 /// which is never taken for the channel card: one channel card lists frank.
-#[tokio::test]
-async fn a_retry_never_takes_a_dm_copy_for_the_channel_card() {
-    let bot = TestBot::builder()
+async fn a_retry_never_takes_a_dm_copy_for_the_channel_card(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| {
             let db = &mut p.groups[0];
             db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
@@ -1306,12 +1312,13 @@ async fn a_retry_never_takes_a_dm_copy_for_the_channel_card() {
     );
 }
 
+crate::both_stores!(a_card_decided_before_any_copy_is_not_posted_in_a_dm_group);
 /// A request decided (here cancelled) while its `dm` card is still being
 /// retried, with no copy posted yet, is not posted at all: not in the
 /// channel the group keeps cards out of.
-#[tokio::test]
-async fn a_card_decided_before_any_copy_is_not_posted_in_a_dm_group() {
-    let bot = TestBot::builder()
+async fn a_card_decided_before_any_copy_is_not_posted_in_a_dm_group(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;
@@ -1395,12 +1402,13 @@ impl Directory for SecListingFailsOnce {
     }
 }
 
+crate::both_stores!(a_failed_approver_group_listing_is_retried_for_its_members);
 /// An approver group the directory cannot list while a `dm` card is posted
 /// (an LDAP timeout) fails the post for later, naming the group on the
 /// channel card meanwhile; the retry reaches its members (carol).
-#[tokio::test]
-async fn a_failed_approver_group_listing_is_retried_for_its_members() {
-    let bot = TestBot::builder()
+async fn a_failed_approver_group_listing_is_retried_for_its_members(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| {
             let db = &mut p.groups[0];
             db.approval_cards = jitbot_core::policy::CardDelivery::Dm;
@@ -1433,11 +1441,12 @@ async fn a_failed_approver_group_listing_is_retried_for_its_members() {
     );
 }
 
+crate::both_stores!(two_approvers_with_one_discord_account_get_one_copy);
 /// Two approvers who are one chat person (both directory entries name the
 /// same Discord id) get one copy in that DM, recorded for both.
-#[tokio::test]
-async fn two_approvers_with_one_discord_account_get_one_copy() {
-    let bot = TestBot::builder()
+async fn two_approvers_with_one_discord_account_get_one_copy(backend: Backend) {
+    let bot = backend
+        .builder()
         .policy(|p| p.groups[0].approval_cards = jitbot_core::policy::CardDelivery::Dm)
         .build();
     let bob = did("bob");

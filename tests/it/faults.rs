@@ -1,8 +1,10 @@
 //! Fault injection through the real binary: SIGKILL at random points during
 //! many grant and revoke cycles (Slack HTTP mode, real slapd), restart, and
 //! check that no membership exists without a lease, no lease is lost, no
-//! grant happens twice, and every expired lease is revoked.
+//! grant happens twice, and every expired lease is revoked; the store on
+//! sled or PostgreSQL.
 
+use crate::support::bot::Backend;
 use crate::support::fake_slack::FakeSlack;
 use crate::support::slapd::{self, Slapd, DB_ADMINS};
 use jitbot::chat::slack::signature::sign;
@@ -23,6 +25,8 @@ struct Bot {
     /// The admin listener.
     admin: String,
     log: std::path::PathBuf,
+    /// The environment the config's `[store]` reads.
+    store_env: &'static [(&'static str, &'static str)],
 }
 
 impl Bot {
@@ -40,6 +44,7 @@ impl Bot {
                 .env("FAULT_BOT_TOKEN", "xoxb-fault")
                 .env("FAULT_ADMIN", TOKEN)
                 .env("JITBOT_LOG", "debug")
+                .envs(self.store_env.iter().copied())
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -130,8 +135,12 @@ fn uid_of(dn: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_points_leaves_no_standing_privilege() {
+crate::both_stores!(
+    sigkill_at_random_points_leaves_no_standing_privilege,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn sigkill_at_random_points_leaves_no_standing_privilege(backend: Backend) {
     let server = Slapd::start();
     let slack = FakeSlack::start().await;
     for u in USERS.iter().chain(&["carol"]) {
@@ -201,14 +210,16 @@ reason_required = false
         api = slack.api_url(),
         dn = DB_ADMINS,
     );
+    let run = backend.run_store();
     let config_path = tmp.path().join("jitbot.toml");
-    std::fs::write(&config_path, config).unwrap();
+    std::fs::write(&config_path, run.config(&config)).unwrap();
     let mut bot = Bot {
         child: None,
         config: config_path,
         base: format!("http://127.0.0.1:{port}"),
         admin: format!("http://127.0.0.1:{admin_port}"),
         log: tmp.path().join("jitbot.log"),
+        store_env: run.env(),
     };
     let http = reqwest::Client::new();
     let seed: u64 = rand::random();
@@ -295,7 +306,7 @@ reason_required = false
     let all_leases: Vec<serde_json::Value> = leases.clone();
     let store_leases = {
         bot.kill();
-        let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
+        let store = run.open(&tmp.path().join("db"));
         store.leases().unwrap()
     };
     for l in &store_leases {

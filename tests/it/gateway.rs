@@ -1,7 +1,9 @@
 //! The Discord gateway, Discord's default mode, end to end: the real
-//! `jitbot run` binary against a real slapd, a gateway v10 fake written from
-//! Discord's documentation (`support::fake_gateway`) and the REST fake.
+//! `jitbot run` binary (its store on sled or PostgreSQL) against a real
+//! slapd, a gateway v10 fake written from Discord's documentation
+//! (`support::fake_gateway`) and the REST fake.
 
+use crate::support::bot::Backend;
 use crate::support::fake_discord::{Call, FakeDiscord, APP_ID};
 use crate::support::fake_gateway::{FakeGateway, GUILD};
 use crate::support::net::eventually;
@@ -102,17 +104,18 @@ pub(crate) struct Setup {
     bot: Jitbot,
 }
 
-async fn setup() -> Setup {
-    setup_with("").await
+async fn setup(backend: Backend) -> Setup {
+    setup_with(backend, "").await
 }
 
 /// [`setup`] with `extra` appended to the config.
-async fn setup_with(extra: &str) -> Setup {
+async fn setup_with(backend: Backend, extra: &str) -> Setup {
     let server = Slapd::start();
     let discord = FakeDiscord::start().await;
     let gw = FakeGateway::start(discord.clone(), HEARTBEAT).await;
-    let config = config(&server, &discord) + extra;
-    let bot = Jitbot::start(&config, &[("GW_BOT_TOKEN", BOT_TOKEN)]).await;
+    let store = backend.run_store();
+    let config = store.config(&(config(&server, &discord) + extra));
+    let bot = Jitbot::start(&config, &store.with_env(&[("GW_BOT_TOKEN", BOT_TOKEN)])).await;
     Setup { server, gw, bot }
 }
 
@@ -238,11 +241,15 @@ fn custom_id(body: &Value, prefix: &str) -> Option<String> {
     Some(text[start..end].to_string())
 }
 
+crate::both_stores!(
+    request_approve_expire_through_the_gateway,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// `/jit request` → card → a refused self-approval → a double click by an
 /// approver (one grant) → member in slapd → expiry → removed → notice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_approve_expire_through_the_gateway() {
-    let s = setup().await;
+async fn request_approve_expire_through_the_gateway(backend: Backend) {
+    let s = setup(backend).await;
     let identify = s.gw.wait_op(2, 1, WAIT).await;
     assert_eq!(
         identify.d["intents"], 0,
@@ -322,13 +329,17 @@ async fn request_approve_expire_through_the_gateway() {
     );
 }
 
+crate::both_stores!(
+    zombie_reconnect_and_invalid_session_are_recovered,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// A withheld heartbeat ACK makes jitbot reconnect; op 7 RECONNECT is
 /// followed by a RESUME that receives what was dispatched meanwhile; an
 /// op 9 INVALID_SESSION answer to a RESUME makes jitbot identify anew; and
 /// nothing is processed twice along the way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zombie_reconnect_and_invalid_session_are_recovered() {
-    let s = setup().await;
+async fn zombie_reconnect_and_invalid_session_are_recovered(backend: Backend) {
+    let s = setup(backend).await;
     s.gw.wait_op(2, 1, WAIT).await;
     let first = s.gw.session_connection().await;
 
@@ -391,8 +402,8 @@ async fn zombie_reconnect_and_invalid_session_are_recovered() {
 
 /// Discord's gateway, through the real binary, as a
 /// [`crate::contract::Platform`].
-pub(crate) async fn contract_platform() -> Setup {
-    let s = setup_with(&contract_config()).await;
+pub(crate) async fn contract_platform(backend: Backend) -> Setup {
+    let s = setup_with(backend, &contract_config()).await;
     s.gw.wait_op(2, 1, WAIT).await;
     s
 }
@@ -536,6 +547,11 @@ impl crate::contract::Platform for Setup {
     }
 }
 
+crate::both_stores!(
+    a_replayed_interaction_in_flight_is_not_answered_nothing_was_done,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// A RESUME replays the events the client missed, so an
 /// `INTERACTION_CREATE` jitbot is still answering can arrive a second time.
 /// Discord takes only the first callback of an interaction, so the person
@@ -543,9 +559,8 @@ impl crate::contract::Platform for Setup {
 /// being answered must not be answered "already handled; nothing was done"
 /// ahead of the real answer. jitbot ignores such a replay (a later answer
 /// would be refused by Discord anyway, and counts as an invalid request).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replayed_interaction_in_flight_is_not_answered_nothing_was_done() {
-    let s = setup().await;
+async fn a_replayed_interaction_in_flight_is_not_answered_nothing_was_done(backend: Backend) {
+    let s = setup(backend).await;
     s.gw.wait_op(2, 1, WAIT).await;
     s.gw.session_connection().await;
     let request = s.request("alice", "30m", "fixing replication");
@@ -578,15 +593,19 @@ async fn a_replayed_interaction_in_flight_is_not_answered_nothing_was_done() {
     );
 }
 
+crate::both_stores!(
+    a_requester_written_masked_link_shows_as_typed_on_the_card,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// Requesters write the reason, and the card shows it to every approver
 /// under the bot's name. Discord renders markdown in embed field values,
 /// masked links included, so the reason's markdown is escaped: a
 /// requester's `[Approve in the SSO portal](https://…)` shows as typed, not
 /// as a link dressed as part of jitbot's card (as Slack's `blocks::escape`
 /// already neutralises `<url|text>`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_requester_written_masked_link_shows_as_typed_on_the_card() {
-    let s = setup().await;
+async fn a_requester_written_masked_link_shows_as_typed_on_the_card(backend: Backend) {
+    let s = setup(backend).await;
     s.gw.wait_op(2, 1, WAIT).await;
     s.gw.session_connection().await;
     let phish = "[Approve in the SSO portal](https://sso.evil.example/jit)";

@@ -1,8 +1,9 @@
 //! The whole engine flow against a real OpenLDAP server: request, approval
 //! by an approver who qualifies through a nested group, membership checked
-//! with a separate connection, expiry, membership gone.
+//! with a separate connection, expiry, membership gone; on sled and on
+//! PostgreSQL.
 
-use crate::support::bot::TestBot;
+use crate::support::bot::{Backend, TestBot};
 use crate::support::slapd::{self, Slapd, DB_ADMINS};
 use chrono::Duration;
 use jitbot::directory::ldap::LdapDirectory;
@@ -25,11 +26,12 @@ fn directory_and_policy(server: &Slapd) -> (LdapDirectory, Policy) {
     (directory, policy)
 }
 
-#[tokio::test]
-async fn request_approve_expire_against_slapd() {
+crate::both_stores!(request_approve_expire_against_slapd);
+async fn request_approve_expire_against_slapd(backend: Backend) {
     let server = Slapd::start();
     let (directory, policy) = directory_and_policy(&server);
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .policy(|p| *p = policy)
         .directory(Arc::new(directory))
         .build();
@@ -66,13 +68,14 @@ async fn request_approve_expire_against_slapd() {
     );
 }
 
+crate::both_stores!(directory_outage_across_expiries);
 /// The directory down across a batch of expiries: nothing is dropped, an
 /// alert goes out, and every membership is removed once it is back.
-#[tokio::test]
-async fn directory_outage_across_expiries() {
+async fn directory_outage_across_expiries(backend: Backend) {
     let mut server = Slapd::start();
     let (directory, policy) = directory_and_policy(&server);
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .policy(|p| *p = policy)
         .settings(|s| s.alert_after = 2)
         .directory(Arc::new(directory))
@@ -129,7 +132,11 @@ async fn directory_outage_across_expiries() {
 
 /// A bot on `server` whose rules name users only, so approving makes no
 /// directory call of its own: the grant is the first thing to meet an outage.
-fn users_only_bot(server: &Slapd, settings: impl FnOnce(&mut jitbot::engine::EngineSettings)) -> TestBot {
+fn users_only_bot(
+    backend: Backend,
+    server: &Slapd,
+    settings: impl FnOnce(&mut jitbot::engine::EngineSettings),
+) -> TestBot {
     let groups = slapd::group_configs();
     let directory = LdapDirectory::new(&server.ldap_config(), &groups).expect("directory");
     let mut policy = Policy {
@@ -141,21 +148,22 @@ fn users_only_bot(server: &Slapd, settings: impl FnOnce(&mut jitbot::engine::Eng
         g.approvers.groups.clear();
         g.approvers.users.insert(jitbot_core::UserId::new("carol"));
     }
-    TestBot::builder()
+    backend
+        .builder()
         .policy(|p| *p = policy)
         .settings(settings)
         .directory(Arc::new(directory))
         .build()
 }
 
+crate::both_stores!(grant_waits_out_a_directory_outage);
 /// The directory goes down between the approval and the grant's membership
 /// check: the lease stays granting and its `Grant` timer tries again with a
 /// growing backoff, each try audited, the requester told once; when slapd
 /// is back the grant finishes (checked in slapd on a separate connection).
-#[tokio::test]
-async fn grant_waits_out_a_directory_outage() {
+async fn grant_waits_out_a_directory_outage(backend: Backend) {
     let mut server = Slapd::start();
-    let bot = users_only_bot(&server, |_| {});
+    let bot = users_only_bot(backend, &server, |_| {});
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 2h outage").await);
     server.stop();
     bot.ok("carol", &format!("approve {id}")).await;
@@ -207,15 +215,15 @@ async fn grant_waits_out_a_directory_outage() {
     assert!(server.values(DB_ADMINS, "member").await.contains(&alice_dn()));
 }
 
+crate::both_stores!(waiting_revocations_run_as_soon_as_the_directory_is_back);
 /// Revocations that failed during an outage do not wait out their backoff
 /// once slapd is back: the scheduler probes the directory while failures
 /// are outstanding and pulls their timers forward. The test's clock stands
 /// still, so only that wake-up can end the leases; the lag from slapd's
 /// return to both leases ended (durable, read back) is printed.
-#[tokio::test]
-async fn waiting_revocations_run_as_soon_as_the_directory_is_back() {
+async fn waiting_revocations_run_as_soon_as_the_directory_is_back(backend: Backend) {
     let mut server = Slapd::start();
-    let bot = users_only_bot(&server, |s| {
+    let bot = users_only_bot(backend, &server, |s| {
         s.retry_base = jitbot_core::Span::from_mins(2);
         s.retry_max = jitbot_core::Span::from_mins(10);
     });
@@ -274,13 +282,14 @@ async fn waiting_revocations_run_as_soon_as_the_directory_is_back() {
     );
 }
 
+crate::both_stores!(commands_during_an_outage_say_what_to_do);
 /// Commands during an outage are refused in words that say what happened,
 /// that nothing was done, and what to do.
-#[tokio::test]
-async fn commands_during_an_outage_say_what_to_do() {
+async fn commands_during_an_outage_say_what_to_do(backend: Backend) {
     let mut server = Slapd::start();
     let (directory, policy) = directory_and_policy(&server);
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .policy(|p| *p = policy)
         .directory(Arc::new(directory))
         .build();

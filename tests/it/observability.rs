@@ -1,8 +1,10 @@
 //! The operator assets in `deploy/`: the Prometheus alerting rules pass
 //! `promtool check rules` and their unit tests, every dashboard query is valid
 //! PromQL, and every metric the dashboard and the rules name is one a running
-//! jitbot exports; the leader gauge names one leader among replicas.
+//! jitbot exports (on sled and on PostgreSQL); the leader gauge names one
+//! leader among replicas (PostgreSQL only: sled has no replicas).
 
+use crate::support::bot::Backend;
 use crate::support::fake_slack::FakeSlack;
 use crate::support::process::Jitbot;
 use jitbot::chat::slack::signature::sign;
@@ -76,6 +78,7 @@ fn dashboard() -> serde_json::Value {
     serde_json::from_str(&text).expect("jitbot.json is JSON")
 }
 
+// Once, not per store: the rules files alone, no jitbot.
 #[test]
 fn alerting_rules_pass_promtool_check_and_their_unit_tests() {
     let rules = deploy("prometheus/alerts.yml");
@@ -114,6 +117,7 @@ fn alerting_rules_pass_promtool_check_and_their_unit_tests() {
     }
 }
 
+// Once, not per store: the dashboard file alone, no jitbot.
 #[test]
 fn every_dashboard_query_is_valid_promql() {
     let exprs = dashboard_exprs(&dashboard());
@@ -234,14 +238,19 @@ fn value(exposition: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{exposition}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
+crate::both_stores!(
+    every_metric_the_dashboard_and_alerts_use_is_exported,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn every_metric_the_dashboard_and_alerts_use_is_exported(backend: Backend) {
     let slack = FakeSlack::start().await;
     slack.add_user("UALICE", "alice@example.org");
     slack.add_user("UCAROL", "carol@example.org");
+    let store = backend.run_store();
     let bot = Jitbot::start(
-        &config(&slack),
-        &[("OBS_BOT_TOKEN", "xoxb-obs"), ("OBS_SIGNING", SIGNING)],
+        &store.config(&config(&slack)),
+        &store.with_env(&[("OBS_BOT_TOKEN", "xoxb-obs"), ("OBS_SIGNING", SIGNING)]),
     )
     .await;
     let http = reqwest::Client::new();
@@ -354,9 +363,14 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported() {
         ) >= 1.0
     );
     assert_eq!(value(&exposition, "jitbot_directory_up"), 1.0);
-    // One process on sled: always the leader, never a change of leader.
-    assert_eq!(value(&exposition, r#"jitbot_leader{store="sled"}"#), 1.0);
-    assert_eq!(value(&exposition, "jitbot_leader_changes_total"), 0.0);
+    // One process: always the leader; on sled it never changes, on
+    // PostgreSQL it took the term once.
+    let (role, changes) = match backend {
+        Backend::Sled => (r#"jitbot_leader{store="sled"}"#, 0.0),
+        Backend::Postgres => (r#"jitbot_leader{store="postgres"}"#, 1.0),
+    };
+    assert_eq!(value(&exposition, role), 1.0);
+    assert_eq!(value(&exposition, "jitbot_leader_changes_total"), changes);
     assert_eq!(value(&exposition, "jitbot_active_leases"), 0.0);
     assert_eq!(value(&exposition, "jitbot_revocation_overdue_seconds"), 0.0);
     // Metrics no event has touched are there too, at zero.
@@ -400,6 +414,7 @@ async fn scrape(bot: &Jitbot) -> String {
         .expect("metrics text")
 }
 
+// PostgreSQL only: replicas and a leader's term exist only there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_gauge_names_one_replica_and_follows_a_failover() {
     use crate::support::net::eventually;

@@ -1,8 +1,9 @@
 //! Operations, through the real binary: health, readiness, metrics, the admin
 //! API and CLI, backup and restore, SIGTERM during activity, and no secret in
-//! the logs.
+//! the logs; the store on sled or PostgreSQL (a backup of either restores
+//! into a sled store).
 
-use crate::support::bot::TestBot;
+use crate::support::bot::{Backend, TestBot};
 use chrono::Duration;
 use jitbot::config::Config;
 use jitbot::store::{AuditCheck, Store};
@@ -102,12 +103,17 @@ pub(crate) fn wait_until(what: &str, secs: u64, mut check: impl FnMut() -> bool)
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_serves_operates_and_stops_cleanly() {
+crate::both_stores!(
+    the_binary_serves_operates_and_stops_cleanly,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn the_binary_serves_operates_and_stops_cleanly(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let store_path = tmp.path().join("db");
     let (port, admin_port) = free_ports();
-    let text = config_text(port, admin_port, &store_path);
+    let run = backend.run_store();
+    let text = run.config(&config_text(port, admin_port, &store_path));
     let config_path = tmp.path().join("jitbot.toml");
     std::fs::write(&config_path, &text).unwrap();
     let config = Config::parse(&text, "test").unwrap();
@@ -117,7 +123,7 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     {
         let bot = TestBot::builder().policy(|p| *p = config.policy()).build();
         drop(bot);
-        let store = Store::open(&store_path, 16).unwrap();
+        let store = run.open(&store_path);
         let dir = crate::support::bot::seeded();
         let clock = jitbot::clock::ManualClock::new(
             chrono::Utc::now() - Duration::minutes(59) - Duration::seconds(57),
@@ -154,6 +160,7 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     let child = jitbot()
         .args(["run", "--config"])
         .arg(&config_path)
+        .envs(run.env().iter().copied())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
@@ -172,10 +179,24 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
         assert!(Instant::now() < deadline, "jitbot did not come up");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    for url in [&public, &base] {
-        let r = http.get(format!("{url}/readyz")).send().await.unwrap();
-        assert_eq!(r.status(), 200, "{url}");
-        assert_eq!(r.text().await.unwrap(), "ready\n", "{url}");
+    // The admin listener's `/readyz` also names the role on PostgreSQL:
+    // the only replica leads once it has taken the term.
+    let admin_ready = match backend {
+        Backend::Sled => "ready\n",
+        Backend::Postgres => "ready (leader)\n",
+    };
+    for (url, ready) in [(&public, "ready\n"), (&base, admin_ready)] {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = http.get(format!("{url}/readyz")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{url}");
+            let text = r.text().await.unwrap();
+            if text == ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url}/readyz: {text:?}, not {ready:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     // The admin surface is on the admin listener only.
@@ -303,7 +324,7 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     assert!(stopped_at.elapsed() < std::time::Duration::from_secs(10));
 
     // The store reopens cleanly with every lease and an intact audit chain.
-    let store = Store::open(&store_path, 16).unwrap();
+    let store = run.open(&store_path);
     let leases = store.leases().unwrap();
     assert_eq!(leases.len(), 3, "no lease lost");
     assert_eq!(
@@ -338,6 +359,7 @@ async fn the_binary_serves_operates_and_stops_cleanly() {
     assert!(!logs.contains(TOKEN), "the admin token leaked into the logs");
 }
 
+// Once, not per store: refused before any store is opened.
 #[test]
 fn a_bad_config_exits_64_before_binding() {
     let tmp = tempfile::tempdir().unwrap();
@@ -360,16 +382,19 @@ fn a_bad_config_exits_64_before_binding() {
     }
 }
 
-#[test]
-fn check_config_names_a_missing_secret() {
+// On both stores: on PostgreSQL, `check-config` also opens the store.
+crate::both_stores!(check_config_names_a_missing_secret);
+async fn check_config_names_a_missing_secret(backend: Backend) {
     let tmp = tempfile::tempdir().unwrap();
     let (port, admin_port) = free_ports();
-    let text = config_text(port, admin_port, &tmp.path().join("db"));
+    let run = backend.run_store();
+    let text = run.config(&config_text(port, admin_port, &tmp.path().join("db")));
     let path = tmp.path().join("c.toml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_jitbot"))
         .args(["check-config", "--config"])
         .arg(&path)
+        .envs(run.env().iter().copied())
         .env_remove("JITBOT_TEST_ADMIN_TOKEN")
         .output()
         .unwrap();
@@ -378,6 +403,7 @@ fn check_config_names_a_missing_secret() {
     let ok = jitbot()
         .args(["check-config", "--config"])
         .arg(&path)
+        .envs(run.env().iter().copied())
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));

@@ -1,8 +1,9 @@
 //! Slack end to end: real signed HTTP requests into `/slack/*`, the engine
-//! with an in-memory directory and a sled store, the outbox and scheduler
-//! running, and a fake Slack Web API recording what jitbot sends.
+//! with an in-memory directory and a sled or PostgreSQL store, the outbox
+//! and scheduler running, and a fake Slack Web API recording what jitbot
+//! sends.
 
-use crate::support::bot::{TestBot, DB};
+use crate::support::bot::{Backend, TestBot, DB};
 use crate::support::fake_slack::{Call, FakeSlack};
 use jitbot::chat::slack::signature::sign;
 use jitbot::chat::slack::{routes, SlackAdapter};
@@ -55,8 +56,8 @@ pub(crate) fn config(api_url: String) -> SlackConfig {
     }
 }
 
-async fn harness() -> Harness {
-    harness_with(TestBot::new()).await
+async fn harness(backend: Backend) -> Harness {
+    harness_with(backend.bot()).await
 }
 
 async fn harness_with(bot: TestBot) -> Harness {
@@ -271,9 +272,9 @@ fn update_for(call: &Call, ts: &str) -> bool {
     call.method == "chat.update" && call.body["ts"] == ts
 }
 
-#[tokio::test]
-async fn request_approve_grant_expire_through_slack() {
-    let h = harness().await;
+crate::both_stores!(request_approve_grant_expire_through_slack);
+async fn request_approve_grant_expire_through_slack(backend: Backend) {
+    let h = harness(backend).await;
     let (id, ts) = h.request_db().await;
 
     let (status, n) = h
@@ -338,9 +339,9 @@ async fn request_approve_grant_expire_through_slack() {
     assert!(ended.starts_with(":lock: alice's access"), "{ended}");
 }
 
-#[tokio::test]
-async fn deny_asks_for_a_reason_in_a_modal() {
-    let h = harness().await;
+crate::both_stores!(deny_asks_for_a_reason_in_a_modal);
+async fn deny_asks_for_a_reason_in_a_modal(backend: Backend) {
+    let h = harness(backend).await;
     let (id, ts) = h.request_db().await;
 
     let (status, n) = h
@@ -405,9 +406,9 @@ async fn deny_asks_for_a_reason_in_a_modal() {
     assert!(!h.bot.is_member(DB, "alice"));
 }
 
-#[tokio::test]
-async fn bare_request_opens_the_request_modal_and_its_submit_requests() {
-    let h = harness().await;
+crate::both_stores!(bare_request_opens_the_request_modal_and_its_submit_requests);
+async fn bare_request_opens_the_request_modal_and_its_submit_requests(backend: Backend) {
+    let h = harness(backend).await;
     let n = h.command("alice", "request").await;
     let open = h
         .slack
@@ -441,9 +442,9 @@ async fn bare_request_opens_the_request_modal_and_its_submit_requests() {
     assert_eq!(rec.request.requester.as_str(), "alice");
 }
 
-#[tokio::test]
-async fn refused_clicks_change_nothing() {
-    let h = harness().await;
+crate::both_stores!(refused_clicks_change_nothing);
+async fn refused_clicks_change_nothing(backend: Backend) {
+    let h = harness(backend).await;
     let (id, _) = h.request_db().await;
     let approve = format!("jit:approve:{id}");
 
@@ -488,9 +489,9 @@ async fn refused_clicks_change_nothing() {
     assert_eq!(rec.request.approvals.len(), 1);
 }
 
-#[tokio::test]
-async fn a_click_after_the_request_expired_is_answered_and_changes_nothing() {
-    let h = harness().await;
+crate::both_stores!(a_click_after_the_request_expired_is_answered_and_changes_nothing);
+async fn a_click_after_the_request_expired_is_answered_and_changes_nothing(backend: Backend) {
+    let h = harness(backend).await;
     let (id, _) = h.request_db().await;
     h.bot.advance(chrono::Duration::hours(2));
     h.bot.engine.timers_changed().notify_one();
@@ -506,9 +507,9 @@ async fn a_click_after_the_request_expired_is_answered_and_changes_nothing() {
     assert!(!h.bot.is_member(DB, "alice"));
 }
 
-#[tokio::test]
-async fn forged_stale_malformed_and_oversized_requests_are_refused() {
-    let h = harness().await;
+crate::both_stores!(forged_stale_malformed_and_oversized_requests_are_refused);
+async fn forged_stale_malformed_and_oversized_requests_are_refused(backend: Backend) {
+    let h = harness(backend).await;
     let body = h.command_body("alice", "request db-admins 2h x", 1);
     assert_eq!(
         h.post_raw("/slack/commands", body.clone(), h.now(), "wrong-secret")
@@ -573,13 +574,13 @@ async fn forged_stale_malformed_and_oversized_requests_are_refused() {
     );
 }
 
+crate::both_stores!(payloads_from_elsewhere_and_external_clicks_are_refused);
 /// Signed payloads from another workspace or app are refused with 403 and a
 /// clear message; a Slack Connect user's click on a shared approval card is
 /// answered and changes nothing. Each refusal is logged and counted.
-#[tokio::test]
-async fn payloads_from_elsewhere_and_external_clicks_are_refused() {
+async fn payloads_from_elsewhere_and_external_clicks_are_refused(backend: Backend) {
     let metrics = jitbot::metrics::install().expect("metrics recorder");
-    let h = harness().await;
+    let h = harness(backend).await;
     let (id, _) = h.request_db().await;
     let requests = h.request_count();
 
@@ -662,9 +663,9 @@ async fn payloads_from_elsewhere_and_external_clicks_are_refused() {
     }
 }
 
-#[tokio::test]
-async fn rate_limited_card_is_posted_after_retry_after() {
-    let h = harness().await;
+crate::both_stores!(rate_limited_card_is_posted_after_retry_after);
+async fn rate_limited_card_is_posted_after_retry_after(backend: Backend) {
+    let h = harness(backend).await;
     h.slack.rate_limit("chat.postMessage", 1, 1);
     let (id, _) = h.request_db().await;
     // The first post got 429 + Retry-After: 1; the outbox waits, then posts again.
@@ -695,9 +696,9 @@ async fn rate_limited_card_is_posted_after_retry_after() {
     assert_eq!(messages[0].id, "1700000000.000001");
 }
 
-#[tokio::test]
-async fn parse_mistakes_are_explained() {
-    let h = harness().await;
+crate::both_stores!(parse_mistakes_are_explained);
+async fn parse_mistakes_are_explained(backend: Backend) {
+    let h = harness(backend).await;
     let n = h.command("alice", "request db-admins 5x oops").await;
     let text = h.answer(n).await;
     assert!(text.contains("5x") && !text.contains("waiting"), "{text}");
@@ -709,9 +710,9 @@ async fn parse_mistakes_are_explained() {
     assert_eq!(h.request_count(), 0);
 }
 
-#[tokio::test]
-async fn notices_reach_channels_and_people() {
-    let h = harness().await;
+crate::both_stores!(notices_reach_channels_and_people);
+async fn notices_reach_channels_and_people(backend: Backend) {
+    let h = harness(backend).await;
     let adapter = SlackAdapter::with_token(&config(h.slack.api_url()), Secret::new("xoxb-test")).unwrap();
     let alert = jitbot::ports::Notice {
         to: jitbot::ports::Audience::Alert,
@@ -739,17 +740,18 @@ async fn notices_reach_channels_and_people() {
     assert_eq!(err, jitbot::ports::ChatError::RateLimited(7));
 }
 
+crate::both_stores!(approval_through_slack_changes_membership_in_slapd);
 /// The whole flow against a real slapd: carol approves through nested
 /// groups (security ⊂ approvers), alice's DN appears in `member`, and is
 /// gone again after expiry.
-#[tokio::test]
-async fn approval_through_slack_changes_membership_in_slapd() {
+async fn approval_through_slack_changes_membership_in_slapd(backend: Backend) {
     use crate::support::slapd::{self, Slapd};
     let server = Slapd::start();
     let groups = slapd::group_configs();
     let ldap =
         jitbot::directory::ldap::LdapDirectory::new(&server.ldap_config(), &groups).expect("ldap directory");
-    let bot = TestBot::builder()
+    let bot = backend
+        .builder()
         .wrap(|_| Arc::new(ldap))
         .policy(|p| p.groups = groups.iter().map(|g| g.to_policy()).collect())
         .build();
@@ -812,8 +814,9 @@ const ONCALL: &str = "cn=oncall,ou=groups,dc=example,dc=org";
 /// bob and frank by name and the `security` group, which holds alice (the
 /// requester) and, through the nested `oncall`, carol. frank has a mail
 /// that no Slack user has.
-fn dm_bot(delivery: jitbot_core::policy::CardDelivery) -> TestBot {
-    let bot = TestBot::builder()
+fn dm_bot(backend: Backend, delivery: jitbot_core::policy::CardDelivery) -> TestBot {
+    let bot = backend
+        .builder()
         .policy(|p| {
             let db = &mut p.groups[0];
             db.approval_cards = delivery;
@@ -852,9 +855,9 @@ async fn updated(h: &Harness, channel: &str, ts: &str, what: &str, pred: impl Fn
     .await
 }
 
-#[tokio::test]
-async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+crate::both_stores!(approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated);
+async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm)).await;
     let n = h
         .command("alice", "request db-admins 2h fixing replication")
         .await;
@@ -950,9 +953,9 @@ async fn approval_cards_by_dm_reach_every_approver_and_every_copy_is_updated() {
         .await;
 }
 
-#[tokio::test]
-async fn approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached() {
-    let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
+crate::both_stores!(approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached);
+async fn approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached(backend: Backend) {
+    let bot = dm_bot(backend, jitbot_core::policy::CardDelivery::Dm);
     // frank gets a Slack account with his directory mail.
     let h = harness_with(bot).await;
     h.slack.add_user("UFRANK", "frank@example.org");
@@ -992,9 +995,9 @@ async fn approval_cards_by_dm_skip_the_channel_when_every_approver_is_reached() 
     assert_eq!(frank_lookups, 1, "lookups are cached");
 }
 
-#[tokio::test]
-async fn approver_lookup_rate_limit_is_retried_after_its_pause() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Both)).await;
+crate::both_stores!(approver_lookup_rate_limit_is_retried_after_its_pause);
+async fn approver_lookup_rate_limit_is_retried_after_its_pause(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Both)).await;
     h.slack.rate_limit("users.lookupByEmail", 1, 2);
     let started = tokio::time::Instant::now();
     let n = h
@@ -1020,6 +1023,7 @@ async fn approver_lookup_rate_limit_is_retried_after_its_pause() {
 
 // Adversarial review of issue 14 (approver DMs).
 
+crate::both_stores!(one_uneditable_dm_copy_does_not_keep_the_decision_off_the_others);
 /// One copy that Slack will no longer let jitbot edit (the approver was
 /// deactivated while the card waited, so their DM is read-only; or, with
 /// `both`, the bot was removed from the channel, and the channel copy is the
@@ -1027,9 +1031,8 @@ async fn approver_lookup_rate_limit_is_retried_after_its_pause() {
 /// Before the fix the outbox's update loop stops at the first failed copy (`?`), and
 /// every retry stops at the same copy, so carol's DM and the channel card
 /// keep their Approve buttons and never say the request was decided.
-#[tokio::test]
-async fn one_uneditable_dm_copy_does_not_keep_the_decision_off_the_others() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+async fn one_uneditable_dm_copy_does_not_keep_the_decision_off_the_others(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm)).await;
     let n = h
         .command("alice", "request db-admins 2h fixing replication")
         .await;
@@ -1078,6 +1081,7 @@ async fn one_uneditable_dm_copy_does_not_keep_the_decision_off_the_others() {
     }
 }
 
+crate::both_stores!(a_failed_channel_post_after_the_dms_is_retried_without_orphaning_the_dm_copies);
 /// With `approval_cards = "dm"` and an approver no DM reaches, the card
 /// goes to the channel after the DMs. When that channel post fails once
 /// (a Slack hiccup), the DMs already sent are recorded and the retry posts
@@ -1085,9 +1089,8 @@ async fn one_uneditable_dm_copy_does_not_keep_the_decision_off_the_others() {
 /// reaches every copy. (Before the fix the DMs' refs were dropped with the
 /// error, the retry posted them again, and the first copies kept live
 /// Approve buttons.)
-#[tokio::test]
-async fn a_failed_channel_post_after_the_dms_is_retried_without_orphaning_the_dm_copies() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+async fn a_failed_channel_post_after_the_dms_is_retried_without_orphaning_the_dm_copies(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm)).await;
     let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let next_ts = Arc::new(AtomicU32::new(100));
     {
@@ -1164,6 +1167,7 @@ async fn a_failed_channel_post_after_the_dms_is_retried_without_orphaning_the_dm
     assert_eq!(dms_to_bob, 1, "bob got the card {dms_to_bob} times");
 }
 
+crate::both_stores!(a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable);
 /// A 429 from Slack while opening an approver's DM is a "not yet", not a
 /// "this person cannot be reached": the copy is retried after the
 /// `Retry-After` (by the outbox, not slept on in the delivery worker). (Before
@@ -1171,9 +1175,8 @@ async fn a_failed_channel_post_after_the_dms_is_retried_without_orphaning_the_dm
 /// it) moved bob for good from his DM to the channel card's "Could not reach
 /// by DM" list.) Meanwhile the channel card lists the approvers whose DM is
 /// still pending, and once every DM is out it no longer does.
-#[tokio::test]
-async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm)).await;
     h.slack.add_user("UFRANK", "frank@example.org");
     h.slack.rate_limit("conversations.open", 1, 1);
     let n = h
@@ -1210,13 +1213,8 @@ async fn a_rate_limited_dm_open_is_retried_later_not_taken_as_unreachable() {
 }
 
 /// Slack's HTTP mode as a [`crate::contract::Platform`].
-pub(crate) async fn contract_platform() -> impl crate::contract::Platform {
-    harness_with(
-        TestBot::builder()
-            .settings(|s| s.max_pending_per_user = 1)
-            .build(),
-    )
-    .await
+pub(crate) async fn contract_platform(backend: Backend) -> impl crate::contract::Platform {
+    harness_with(backend.builder().settings(|s| s.max_pending_per_user = 1).build()).await
 }
 
 impl Harness {
@@ -1374,13 +1372,13 @@ fn dm_open_answer(c: &Call) -> Value {
     json!({"ok": true, "channel": {"id": format!("D{user}")}})
 }
 
+crate::both_stores!(a_retry_never_takes_a_dm_copy_for_the_channel_card);
 /// Each copy is recorded with what it is, so a retry never takes an
 /// approver's DM copy for the channel card (as it did when the channel copy
 /// was inferred from "in no DM of this attempt"): frank, whom no DM reaches,
 /// is listed on a real channel card, and carol's DM is never rewritten as one.
-#[tokio::test]
-async fn a_retry_never_takes_a_dm_copy_for_the_channel_card() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+async fn a_retry_never_takes_a_dm_copy_for_the_channel_card(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm)).await;
     // bob's DM cannot be opened for now (429 three times), so the first
     // attempts leave bob and carol pending; frank has no Slack user. carol's
     // DM goes out once the limit is over, and is recorded as hers.
@@ -1431,12 +1429,16 @@ async fn a_retry_never_takes_a_dm_copy_for_the_channel_card() {
     );
 }
 
+crate::both_stores!(
+    a_crash_during_the_dm_fanout_posts_no_completed_copy_again,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// Each copy is recorded as soon as it is posted: a crash in the middle of
 /// the DM fan-out (bob's DM out, carol's in flight) posts again at most the
 /// copy in flight, never bob's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_during_the_dm_fanout_posts_no_completed_copy_again() {
-    let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
+async fn a_crash_during_the_dm_fanout_posts_no_completed_copy_again(backend: Backend) {
+    let bot = dm_bot(backend, jitbot_core::policy::CardDelivery::Dm);
     let policy = bot.engine.policy().clone();
     let slack = FakeSlack::start().await;
     for u in ["alice", "bob", "carol", "frank"] {
@@ -1487,13 +1489,13 @@ async fn a_crash_during_the_dm_fanout_posts_no_completed_copy_again() {
     );
 }
 
+crate::both_stores!(a_retry_opens_no_dm_of_an_approver_already_reached);
 /// A retry skips, without any call (no `conversations.open`), the approvers
 /// whose copy is recorded, so the approvers already reached do not spend the
 /// rate-limit budget of every retry; and after a 429 on opening a DM, the
 /// other opens of that attempt wait too.
-#[tokio::test]
-async fn a_retry_opens_no_dm_of_an_approver_already_reached() {
-    let bot = dm_bot(jitbot_core::policy::CardDelivery::Dm);
+async fn a_retry_opens_no_dm_of_an_approver_already_reached(backend: Backend) {
+    let bot = dm_bot(backend, jitbot_core::policy::CardDelivery::Dm);
     let h = harness_with(bot).await;
     h.slack.add_user("UFRANK", "frank@example.org");
     // bob's DM cannot be opened for now (three 429s), carol's and frank's go out.
@@ -1524,12 +1526,12 @@ async fn a_retry_opens_no_dm_of_an_approver_already_reached() {
     );
 }
 
+crate::both_stores!(an_endless_dm_rate_limit_still_shows_the_card_in_the_channel);
 /// While `conversations.open` stays rate limited, a `dm` card is still posted
 /// in the channel, listing the approvers whose DM is pending (frank among
 /// them), before the post fails for the deferred DMs.
-#[tokio::test]
-async fn an_endless_dm_rate_limit_still_shows_the_card_in_the_channel() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+async fn an_endless_dm_rate_limit_still_shows_the_card_in_the_channel(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm)).await;
     h.slack.rate_limit("conversations.open", 100_000, 1);
     let n = h
         .command("alice", "request db-admins 2h fixing replication")
@@ -1548,12 +1550,12 @@ async fn an_endless_dm_rate_limit_still_shows_the_card_in_the_channel() {
     );
 }
 
+crate::both_stores!(a_dm_open_rate_limit_never_holds_back_security_alerts);
 /// A 429 on opening a card's DM is not slept on inside the delivery worker,
 /// nor does it pause the platform: the card is retried after the pause, and
 /// a security alert queued meanwhile goes out at once.
-#[tokio::test]
-async fn a_dm_open_rate_limit_never_holds_back_security_alerts() {
-    let h = harness_with(dm_bot(jitbot_core::policy::CardDelivery::Dm)).await;
+async fn a_dm_open_rate_limit_never_holds_back_security_alerts(backend: Backend) {
+    let h = harness_with(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm)).await;
     h.slack.add_user("UFRANK", "frank@example.org");
     h.slack.rate_limit("conversations.open", 100_000, 2);
     let n = h

@@ -4,7 +4,7 @@
 //! the outbox and the Slack adapter run against the Web API fake (as
 //! `slack.rs` runs them), with the scheduler and the outbox worker running.
 
-use crate::support::bot::{TestBot, DB};
+use crate::support::bot::{Backend, TestBot, DB};
 use crate::support::fake_slack::{Call, FakeSlack};
 use crate::support::net::eventually;
 use jitbot::chat::slack::SlackAdapter;
@@ -30,13 +30,14 @@ fn slack_id(user: &str) -> String {
 /// db-admins with `approval_cards = delivery`, two approvals needed,
 /// approvers bob and frank by name and `security` (alice, the requester,
 /// and through `oncall` carol). frank has no Slack account.
-fn dm_bot(delivery: jitbot_core::policy::CardDelivery) -> TestBot {
-    dm_bot_with(delivery, &[])
+fn dm_bot(backend: Backend, delivery: jitbot_core::policy::CardDelivery) -> TestBot {
+    dm_bot_with(backend, delivery, &[])
 }
 
 /// [`dm_bot`] with `more` approvers by name.
-fn dm_bot_with(delivery: jitbot_core::policy::CardDelivery, more: &[&str]) -> TestBot {
-    let bot = TestBot::builder()
+fn dm_bot_with(backend: Backend, delivery: jitbot_core::policy::CardDelivery, more: &[&str]) -> TestBot {
+    let bot = backend
+        .builder()
         .policy(|p| {
             let db = &mut p.groups[0];
             for user in more {
@@ -107,14 +108,14 @@ impl SlackDms {
     }
 }
 
+crate::both_stores!(a_dm_card_never_goes_to_a_user_of_another_workspace);
 /// `users.lookupByEmail` answers with whoever has that address anywhere
 /// Slack can see, so the user it returns can belong to another workspace
 /// (`team_id` not `slack.team_id`), whose clicks jitbot refuses. Such an
 /// approver (like a deactivated or bot account) is unreachable: no DM copy
 /// with buttons that could never work, and the channel card lists them.
-#[tokio::test]
-async fn a_dm_card_never_goes_to_a_user_of_another_workspace() {
-    let h = slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Dm), |slack| {
+async fn a_dm_card_never_goes_to_a_user_of_another_workspace(backend: Backend) {
+    let h = slack_dms(dm_bot(backend, jitbot_core::policy::CardDelivery::Dm), |slack| {
         slack.answer_with("users.lookupByEmail", |c| {
             let email = c.body["email"].as_str().unwrap_or_default().to_ascii_lowercase();
             let Some(name) = email.strip_suffix("@example.org") else {
@@ -169,6 +170,7 @@ async fn a_dm_card_never_goes_to_a_user_of_another_workspace() {
     assert!(!h.bot.is_member(DB, "alice"));
 }
 
+crate::both_stores!(a_transient_slack_error_on_the_decision_is_retried_until_every_copy_shows_it);
 /// Slack reports its own hiccups inside HTTP 200 answers: `internal_error`,
 /// `fatal_error`, `service_unavailable` and `request_timeout` are in the
 /// documented error list of `chat.update` ("likely due to a transient issue
@@ -176,28 +178,30 @@ async fn a_dm_card_never_goes_to_a_user_of_another_workspace() {
 /// permanent "no": two `internal_error` answers on carol's DM copy while
 /// the decision goes out (the decision's update and the one after the
 /// grant) still leave her copy showing the decision, not live buttons.
-#[tokio::test]
-async fn a_transient_slack_error_on_the_decision_is_retried_until_every_copy_shows_it() {
+async fn a_transient_slack_error_on_the_decision_is_retried_until_every_copy_shows_it(backend: Backend) {
     let failed = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let shown = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let h = {
         let failed = failed.clone();
         let shown = shown.clone();
-        slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Both), move |slack| {
-            slack.answer_with("chat.update", move |c| {
-                let decision = c.body.to_string().contains("approved by bob, carol");
-                // Slack's hiccup: the first two decision updates of
-                // carol's DM copy are answered internal_error.
-                if c.body["channel"] == "DUCAROL" && decision {
-                    if failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
-                        return json!({"ok": false, "error": "internal_error"});
+        slack_dms(
+            dm_bot(backend, jitbot_core::policy::CardDelivery::Both),
+            move |slack| {
+                slack.answer_with("chat.update", move |c| {
+                    let decision = c.body.to_string().contains("approved by bob, carol");
+                    // Slack's hiccup: the first two decision updates of
+                    // carol's DM copy are answered internal_error.
+                    if c.body["channel"] == "DUCAROL" && decision {
+                        if failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                            return json!({"ok": false, "error": "internal_error"});
+                        }
+                        shown.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
-                    shown.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                json!({"ok": true, "channel": c.body["channel"], "ts": c.body["ts"],
+                    json!({"ok": true, "channel": c.body["channel"], "ts": c.body["ts"],
                        "text": c.body["text"], "message": {"text": c.body["text"]}})
-            });
-        })
+                });
+            },
+        )
         .await
     };
     let id = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
@@ -243,6 +247,7 @@ async fn a_transient_slack_error_on_the_decision_is_retried_until_every_copy_sho
     );
 }
 
+crate::both_stores!(a_rate_limit_smaller_than_the_copies_still_brings_every_copy_up_to_date);
 /// With `approval_cards = "dm"`/`"both"` every decision is one `chat.update`
 /// per copy, and Slack's per-method budget (Tier 3 for chat.update: about
 /// 50 a minute per workspace) is shared by all of them, so a large approver
@@ -251,9 +256,12 @@ async fn a_transient_slack_error_on_the_decision_is_retried_until_every_copy_sho
 /// resumes at the copies still behind instead of spending the budget again
 /// on those already up to date. Here: 5 copies and a budget of 3 per 2 s
 /// window; all 5 show the decision within a few windows.
-#[tokio::test]
-async fn a_rate_limit_smaller_than_the_copies_still_brings_every_copy_up_to_date() {
-    let bot = dm_bot_with(jitbot_core::policy::CardDelivery::Both, &["dave", "erin"]);
+async fn a_rate_limit_smaller_than_the_copies_still_brings_every_copy_up_to_date(backend: Backend) {
+    let bot = dm_bot_with(
+        backend,
+        jitbot_core::policy::CardDelivery::Both,
+        &["dave", "erin"],
+    );
     let h = slack_dms(bot, |_| {}).await;
     let id = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
     let copies = ["DUBOB", "DUCAROL", "DUDAVE", "DUERIN", CDB];
@@ -298,46 +306,49 @@ async fn a_rate_limit_smaller_than_the_copies_still_brings_every_copy_up_to_date
     );
 }
 
+crate::both_stores!(a_replaced_slack_account_is_found_again_when_slack_refuses_the_cached_id);
 /// `users.lookupByEmail` answers are cached (for an hour). When a person's
 /// Slack account is replaced (deactivated and provisioned again by SCIM, or
 /// moved between workspaces of an org), the mail belongs to a new Slack user
 /// and the old id is disabled: when Slack refuses the cached id
 /// (`user_disabled`), the cache entry is dropped and the mail looked up
 /// again, so bob's new account gets the next card.
-#[tokio::test]
-async fn a_replaced_slack_account_is_found_again_when_slack_refuses_the_cached_id() {
+async fn a_replaced_slack_account_is_found_again_when_slack_refuses_the_cached_id(backend: Backend) {
     let replaced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let h = {
         let replaced_lookup = replaced.clone();
         let replaced_open = replaced.clone();
-        slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Both), move |slack| {
-            slack.answer_with("users.lookupByEmail", move |c| {
-                let email = c.body["email"].as_str().unwrap_or_default().to_ascii_lowercase();
-                let Some(name) = email.strip_suffix("@example.org") else {
-                    return json!({"ok": false, "error": "users_not_found"});
-                };
-                if !["alice", "bob", "carol", "dave", "erin"].contains(&name) {
-                    return json!({"ok": false, "error": "users_not_found"});
-                }
-                let mut id = slack_id(name);
-                if name == "bob" && replaced_lookup.load(std::sync::atomic::Ordering::SeqCst) {
-                    id = "UBOB2".into();
-                }
-                json!({"ok": true, "user": {"id": id, "team_id": "T1", "name": name,
+        slack_dms(
+            dm_bot(backend, jitbot_core::policy::CardDelivery::Both),
+            move |slack| {
+                slack.answer_with("users.lookupByEmail", move |c| {
+                    let email = c.body["email"].as_str().unwrap_or_default().to_ascii_lowercase();
+                    let Some(name) = email.strip_suffix("@example.org") else {
+                        return json!({"ok": false, "error": "users_not_found"});
+                    };
+                    if !["alice", "bob", "carol", "dave", "erin"].contains(&name) {
+                        return json!({"ok": false, "error": "users_not_found"});
+                    }
+                    let mut id = slack_id(name);
+                    if name == "bob" && replaced_lookup.load(std::sync::atomic::Ordering::SeqCst) {
+                        id = "UBOB2".into();
+                    }
+                    json!({"ok": true, "user": {"id": id, "team_id": "T1", "name": name,
                        "deleted": false, "is_bot": false, "profile": {"email": email}}})
-            });
-            slack.answer_with("conversations.open", move |c| {
-                let user = match &c.body["users"] {
-                    Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or_default().to_string(),
-                    Value::String(s) => s.clone(),
-                    _ => String::new(),
-                };
-                if user == "UBOB" && replaced_open.load(std::sync::atomic::Ordering::SeqCst) {
-                    return json!({"ok": false, "error": "user_disabled"});
-                }
-                json!({"ok": true, "channel": {"id": format!("D{user}")}})
-            });
-        })
+                });
+                slack.answer_with("conversations.open", move |c| {
+                    let user = match &c.body["users"] {
+                        Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or_default().to_string(),
+                        Value::String(s) => s.clone(),
+                        _ => String::new(),
+                    };
+                    if user == "UBOB" && replaced_open.load(std::sync::atomic::Ordering::SeqCst) {
+                        return json!({"ok": false, "error": "user_disabled"});
+                    }
+                    json!({"ok": true, "channel": {"id": format!("D{user}")}})
+                });
+            },
+        )
         .await
     };
     let first = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
@@ -379,6 +390,7 @@ async fn a_replaced_slack_account_is_found_again_when_slack_refuses_the_cached_i
     );
 }
 
+crate::both_stores!(an_outage_answer_to_a_dm_open_delays_the_copy_and_never_drops_it);
 /// ARCHITECTURE.md: "a rate limit or outage is never 'unreachable': the
 /// approver is listed as pending on the channel card and the post fails
 /// for later". Slack reports its outages inside HTTP 200 answers
@@ -386,22 +398,24 @@ async fn a_replaced_slack_account_is_found_again_when_slack_refuses_the_cached_i
 /// `request_timeout` are documented errors of `conversations.open` and
 /// `users.lookupByEmail`): one `service_unavailable` while the card goes
 /// out delays bob's DM copy, it does not cost it.
-#[tokio::test]
-async fn an_outage_answer_to_a_dm_open_delays_the_copy_and_never_drops_it() {
-    let h = slack_dms(dm_bot(jitbot_core::policy::CardDelivery::Both), |slack| {
-        let once = std::sync::atomic::AtomicBool::new(false);
-        slack.answer_with("conversations.open", move |c| {
-            let user = match &c.body["users"] {
-                Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or_default().to_string(),
-                Value::String(s) => s.clone(),
-                _ => String::new(),
-            };
-            if user == "UBOB" && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                return json!({"ok": false, "error": "service_unavailable"});
-            }
-            json!({"ok": true, "channel": {"id": format!("D{user}")}})
-        });
-    })
+async fn an_outage_answer_to_a_dm_open_delays_the_copy_and_never_drops_it(backend: Backend) {
+    let h = slack_dms(
+        dm_bot(backend, jitbot_core::policy::CardDelivery::Both),
+        |slack| {
+            let once = std::sync::atomic::AtomicBool::new(false);
+            slack.answer_with("conversations.open", move |c| {
+                let user = match &c.body["users"] {
+                    Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or_default().to_string(),
+                    Value::String(s) => s.clone(),
+                    _ => String::new(),
+                };
+                if user == "UBOB" && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return json!({"ok": false, "error": "service_unavailable"});
+                }
+                json!({"ok": true, "channel": {"id": format!("D{user}")}})
+            });
+        },
+    )
     .await;
     let id = TestBot::request_id(&h.bot.ok("alice", "request db-admins 2h fixing replication").await);
     eventually(WAIT, "the channel card and carol's DM", || {

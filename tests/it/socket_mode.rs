@@ -1,7 +1,9 @@
 //! Slack Socket Mode, the default Slack mode, end to end: the real
-//! `jitbot run` binary against a real slapd and a Socket Mode fake written
-//! from Slack's protocol description (`support::fake_socket_mode`).
+//! `jitbot run` binary (its store on sled or PostgreSQL) against a real
+//! slapd and a Socket Mode fake written from Slack's protocol description
+//! (`support::fake_socket_mode`).
 
+use crate::support::bot::Backend;
 use crate::support::fake_slack::{Call, FakeSlack};
 use crate::support::fake_socket_mode::{slash_payload, FakeSocketMode};
 use crate::support::net::eventually;
@@ -88,21 +90,22 @@ pub(crate) struct Setup {
     bot: Jitbot,
 }
 
-async fn setup() -> Setup {
-    setup_with("").await
+async fn setup(backend: Backend) -> Setup {
+    setup_with(backend, "").await
 }
 
 /// [`setup`] with `extra` appended to the config.
-async fn setup_with(extra: &str) -> Setup {
+async fn setup_with(backend: Backend, extra: &str) -> Setup {
     let server = Slapd::start();
     let slack = FakeSlack::start().await;
     for user in ["alice", "bob", "carol", "eve"] {
         slack.add_user(&slack_id(user), &format!("{user}@example.org"));
     }
     let sm = FakeSocketMode::start(slack.clone(), APP_TOKEN).await;
+    let store = backend.run_store();
     let bot = Jitbot::start(
-        &(config(&server, &slack) + extra),
-        &[("SM_BOT_TOKEN", BOT_TOKEN), ("SM_APP_TOKEN", APP_TOKEN)],
+        &store.config(&(config(&server, &slack) + extra)),
+        &store.with_env(&[("SM_BOT_TOKEN", BOT_TOKEN), ("SM_APP_TOKEN", APP_TOKEN)]),
     )
     .await;
     Setup { server, sm, bot }
@@ -200,11 +203,15 @@ fn action_id(body: &Value, prefix: &str) -> Option<String> {
     Some(text[start..end].to_string())
 }
 
+crate::both_stores!(
+    request_approve_expire_through_socket_mode,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// `/jit request` → card → a refused self-approval → a double click by an
 /// approver (one grant) → member in slapd → expiry → removed → notice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_approve_expire_through_socket_mode() {
-    let s = setup().await;
+async fn request_approve_expire_through_socket_mode(backend: Backend) {
+    let s = setup(backend).await;
     s.sm.wait_live(1).await;
     let opened = s.sm.opens();
     assert!(opened[0].granted, "apps.connections.open with the app token");
@@ -307,13 +314,17 @@ async fn request_approve_expire_through_socket_mode() {
     assert_eq!(s.cards().len(), 1);
 }
 
+crate::both_stores!(
+    reconnects_and_redeliveries_lose_nothing_and_repeat_nothing,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// Connections rotated by Slack (`disconnect`: refresh_requested, warning)
 /// or dropped without a word are reopened with a fresh ticket; an envelope
 /// redelivered after a lost ack is acknowledged again but acted on once;
 /// a deny reason arrives as a `view_submission`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
-    let s = setup().await;
+async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing(backend: Backend) {
+    let s = setup(backend).await;
     // slack-morphism keeps two connections; the second opens a little later.
     s.sm.wait_live(2).await;
     let live = s.sm.live();
@@ -431,11 +442,15 @@ async fn reconnects_and_redeliveries_lose_nothing_and_repeat_nothing() {
     s.sm.assert_all_acked();
 }
 
+crate::both_stores!(
+    a_failed_reconnect_is_retried_after_a_pause,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// A reconnect that fails (`apps.connections.open` errors) is retried after
 /// a pause, not in a tight loop, and the connection comes back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_reconnect_is_retried_after_a_pause() {
-    let s = setup().await;
+async fn a_failed_reconnect_is_retried_after_a_pause(backend: Backend) {
+    let s = setup(backend).await;
     let first = s.sm.wait_live(1).await;
     s.sm.wait_live(2).await;
     let before = s.sm.opens().len();
@@ -465,14 +480,18 @@ async fn a_failed_reconnect_is_retried_after_a_pause() {
 
 // From the adversarial review of issue 14.
 
+crate::both_stores!(
+    a_deny_reason_is_taken_in_socket_mode_with_app_id_set,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// With `slack.app_id` set (as SECURITY.md recommends for a shared
 /// workspace), a deny reason submitted in Socket Mode must still deny.
 /// slack-morphism's `view_submission` type has no `api_app_id`, so a
 /// handler that re-serialised its event read the payload as coming from app
 /// `(none)` and refused it: the deny modal opened, the submit did nothing.
 /// Clicks carry the field and pass.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
+async fn a_deny_reason_is_taken_in_socket_mode_with_app_id_set(backend: Backend) {
     let server = Slapd::start();
     let slack = FakeSlack::start().await;
     for user in ["alice", "bob", "carol", "eve"] {
@@ -487,7 +506,12 @@ async fn a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
         ),
     );
     assert!(cfg.contains("app_id = "));
-    let bot = Jitbot::start(&cfg, &[("SM_BOT_TOKEN", BOT_TOKEN), ("SM_APP_TOKEN", APP_TOKEN)]).await;
+    let store = backend.run_store();
+    let bot = Jitbot::start(
+        &store.config(&cfg),
+        &store.with_env(&[("SM_BOT_TOKEN", BOT_TOKEN), ("SM_APP_TOKEN", APP_TOKEN)]),
+    )
+    .await;
     let s = Setup { server, sm, bot };
     s.sm.wait_live(1).await;
 
@@ -539,8 +563,8 @@ async fn a_deny_reason_is_taken_in_socket_mode_with_app_id_set() {
 
 /// Slack's Socket Mode, through the real binary, as a
 /// [`crate::contract::Platform`].
-pub(crate) async fn contract_platform() -> Setup {
-    let s = setup_with(&contract_config()).await;
+pub(crate) async fn contract_platform(backend: Backend) -> Setup {
+    let s = setup_with(backend, &contract_config()).await;
     s.sm.wait_live(1).await;
     s
 }
@@ -713,6 +737,11 @@ impl crate::contract::Platform for Setup {
     }
 }
 
+crate::both_stores!(
+    a_graceful_stop_finishes_an_acknowledged_command,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// Socket Mode acknowledges an envelope as soon as the work is spawned (as
 /// slack-morphism requires), so once acked Slack never delivers it again:
 /// jitbot alone owes the person the command. A graceful stop (SIGTERM, as
@@ -720,9 +749,8 @@ impl crate::contract::Platform for Setup {
 /// `server.shutdown_grace` before the process exits. Here the command's
 /// `users.info` is held until jitbot is stopping (it logged that it waits,
 /// or it exited), then answered: the command must still be carried out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_stop_finishes_an_acknowledged_command() {
-    let mut s = setup().await;
+async fn a_graceful_stop_finishes_an_acknowledged_command(backend: Backend) {
+    let mut s = setup(backend).await;
     let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
@@ -802,14 +830,18 @@ async fn a_graceful_stop_finishes_an_acknowledged_command() {
     );
 }
 
+crate::both_stores!(
+    a_command_from_another_workspace_is_acknowledged_with_the_refusal,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
 /// A slash command from another workspace (an org-wide install on
 /// Enterprise Grid delivers every workspace's commands over the one socket)
 /// is refused by the workspace binding and nothing more happens, so its ack
 /// carries the refusal, not a promise of work ("Working on it…") that never
 /// comes. (HTTP mode answers 403 with the same explanation.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_from_another_workspace_is_acknowledged_with_the_refusal() {
-    let s = setup().await;
+async fn a_command_from_another_workspace_is_acknowledged_with_the_refusal(backend: Backend) {
+    let s = setup(backend).await;
     s.sm.wait_live(1).await;
     let mut payload = slash_payload(
         s.slack(),

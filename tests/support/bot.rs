@@ -279,6 +279,72 @@ impl Backend {
             Backend::Postgres => TestBot::builder().postgres(),
         }
     }
+
+    /// A test bot on this store, with the defaults.
+    pub fn bot(self) -> TestBot {
+        self.builder().build()
+    }
+
+    /// Where a `jitbot run` process keeps its store on this backend (a new
+    /// database with PostgreSQL).
+    pub fn run_store(self) -> RunStore {
+        RunStore {
+            db: match self {
+                Backend::Sled => None,
+                Backend::Postgres => Some(Database::create()),
+            },
+        }
+    }
+}
+
+/// The store of a `jitbot run` process under test: sled in the config's
+/// `[store] path`, or a database on the test PostgreSQL with that path as
+/// the replica's mirror.
+pub struct RunStore {
+    /// The database, on PostgreSQL.
+    pub db: Option<Database>,
+}
+
+/// The environment variable a PostgreSQL `[store]` reads its password from.
+const PG_PASSWORD_ENV: &str = "JITBOT_TEST_PGPW";
+
+impl RunStore {
+    /// `config` (a TOML text with a `[store]` table) with this store's keys
+    /// added at the top of that table: nothing for sled; `kind`, `url` and
+    /// `password` for PostgreSQL.
+    pub fn config(&self, config: &str) -> String {
+        let Some(db) = &self.db else {
+            return config.to_string();
+        };
+        assert!(
+            config.contains("[store]\n"),
+            "the config has no [store] table to put the PostgreSQL keys in:\n{config}"
+        );
+        let keys = format!(
+            "[store]\nkind = \"postgres\"\nurl = \"{}\"\npassword = {{ env = \"{PG_PASSWORD_ENV}\" }}\n",
+            db.settings().url
+        );
+        config.replacen("[store]\n", &keys, 1)
+    }
+
+    /// The environment the keys of [`RunStore::config`] read.
+    pub fn env(&self) -> &'static [(&'static str, &'static str)] {
+        match self.db {
+            Some(_) => &[(PG_PASSWORD_ENV, super::postgres::PASSWORD)],
+            None => &[],
+        }
+    }
+
+    /// `env` followed by [`RunStore::env`].
+    pub fn with_env<'a>(&self, env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        env.iter().chain(self.env()).copied().collect()
+    }
+
+    /// Opens the store a stopped process kept at `path` (its sled directory,
+    /// or its mirror of the database).
+    pub fn open(&self, path: &std::path::Path) -> Store {
+        open_store(path, self.db.as_ref()).expect("open the store the process kept")
+    }
 }
 
 /// Runs `async fn $name(backend: Backend)` as two tests, `$name::sled` and
