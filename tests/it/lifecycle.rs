@@ -443,13 +443,27 @@ async fn audit_tampering_is_found_at_the_record() {
     let bot = TestBot::new();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
-    let tree = bot.engine.store().audit_tree();
-    let (key, value) = tree.iter().nth(2).unwrap().unwrap();
-    let mut bytes = value.to_vec();
-    let pos = bytes.iter().position(|b| *b == b'a').unwrap();
-    bytes[pos] = b'b';
-    tree.insert(key, bytes).unwrap();
-    match bot.engine.store().verify_audit().unwrap() {
+    let records = bot.engine.store().audit(0).count() as u64;
+    assert!(records >= 3, "{records} audit records");
+    assert_eq!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact { records }
+    );
+    // The attacker edits the stopped store's files, one byte of record 3.
+    let TestBot { engine, path, .. } = bot;
+    drop(engine);
+    {
+        let raw = crate::support::open_raw_sled(&path);
+        let tree = raw.open_tree("audit").unwrap();
+        let (key, value) = tree.iter().nth(2).unwrap().unwrap();
+        let mut bytes = value.to_vec();
+        let pos = bytes.iter().position(|b| *b == b'a').unwrap();
+        bytes[pos] = b'b';
+        tree.insert(key, bytes).unwrap();
+        raw.flush().unwrap();
+    }
+    let store = jitbot::store::Store::open(&path, 16).unwrap();
+    match store.verify_audit().unwrap() {
         AuditCheck::Broken { seq, .. } => assert_eq!(seq, 3),
         other => panic!("tampering not found: {other:?}"),
     }
