@@ -444,7 +444,6 @@ impl Replica {
         self.leadership.send(job(reply)).map_err(|_| stopped())?;
         answer.recv().map_err(|_| stopped())?
     }
-
 }
 
 impl Backend for Replica {

@@ -449,7 +449,9 @@ async fn audit_tampering_is_found_at_the_record() {
         bot.engine.store().verify_audit().unwrap(),
         AuditCheck::Intact { records }
     );
-    // The attacker edits the stopped store's files, one byte of record 3.
+    // The attacker edits the stopped store's files: one letter more in
+    // record 3's detail, so it still reads as a record and only the chain
+    // can tell.
     let TestBot { engine, path, .. } = bot;
     drop(engine);
     {
@@ -457,14 +459,18 @@ async fn audit_tampering_is_found_at_the_record() {
         let tree = raw.open_tree("audit").unwrap();
         let (key, value) = tree.iter().nth(2).unwrap().unwrap();
         let mut bytes = value.to_vec();
-        let pos = bytes.iter().position(|b| *b == b'a').unwrap();
-        bytes[pos] = b'b';
+        let field = b"\"detail\":\"";
+        let pos = bytes.windows(field.len()).position(|w| w == field).unwrap();
+        bytes.insert(pos + field.len(), b'x');
         tree.insert(key, bytes).unwrap();
         raw.flush().unwrap();
     }
     let store = jitbot::store::Store::open(&path, 16).unwrap();
     match store.verify_audit().unwrap() {
-        AuditCheck::Broken { seq, .. } => assert_eq!(seq, 3),
+        AuditCheck::Broken { seq, problem } => {
+            assert_eq!(seq, 3, "{problem}");
+            assert!(problem.contains("no longer match the hash"), "{problem}");
+        }
         other => panic!("tampering not found: {other:?}"),
     }
 }
