@@ -243,7 +243,9 @@ pub(super) fn apply(
         }
     }
     let mut trees: Vec<&sled::Tree> = touched.iter().map(|t| store.tree(*t)).collect();
-    trees.push(&store.inner.mirror);
+    if !bookkeeping.is_empty() {
+        trees.push(&store.inner.mirror);
+    }
     let applied = trees.as_slice().transaction(|views| {
         for c in changes {
             let at = touched.iter().position(|t| *t == c.tree).unwrap_or(0);
@@ -252,8 +254,8 @@ pub(super) fn apply(
                 None => views[at].remove(c.key.as_slice())?,
             };
         }
-        let mirror = &views[touched.len()];
         for (key, value) in bookkeeping {
+            let mirror = &views[touched.len()];
             match value {
                 Some(v) => mirror.insert(*key, *v)?,
                 None => mirror.remove(*key)?,
