@@ -1,19 +1,26 @@
-//! The storage under the store: ordered byte trees and one atomic
+//! The storage port under the store: ordered byte trees and one atomic
 //! multi-tree commit, [`Writer::transact`], which every write in `store/`
-//! goes through. Its views record each write (tree, key, value or
-//! deletion), so a backend other than sled can commit the same change:
-//! with [`Backend::Sled`] the sled transaction simply commits; with
-//! PostgreSQL (`pg.rs`) it is aborted, its log committed to PostgreSQL
-//! first and only then applied to the local sled mirror.
+//! goes through, over a [`Backend`] that decides where a change becomes
+//! durable.
+//!
+//! Reads are always from the local sled index: on sled it is the store
+//! itself, with PostgreSQL (`pg.rs`) this replica's mirror of the
+//! database. A transaction runs on that index with its writes recorded
+//! (tree, key, value or deletion) and the sled transaction aborted; the
+//! [`Commit`] the backend opened then commits the captured log where the
+//! truth is ([`SledBackend`]: the local index itself; PostgreSQL: the
+//! database first) and applies it to the local index ([`apply`]).
 
 use super::{Store, StoreError};
 use sled::transaction::{
     ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
 };
 use sled::{IVec, Transactional};
+use std::any::Any;
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::MutexGuard;
+use std::time::Duration;
 
 /// A transaction closure's error: sled's conflict, or a store error that
 /// aborts the whole change.
@@ -121,24 +128,155 @@ impl View<'_> {
     }
 }
 
-/// Which storage commits a transaction.
-pub(super) enum Backend {
-    /// sled is the store itself.
-    Sled,
-    /// PostgreSQL is the truth; sled is this replica's mirror of it.
-    Postgres(super::pg::Replica),
+/// The storage port: what differs between keeping the store in sled
+/// alone and keeping its truth elsewhere with sled as the local index.
+/// Everything above it (the trees, the invariants, the reads) is the same
+/// code on every backend.
+pub(super) trait Backend: Send + Sync + 'static {
+    /// Called with the writer lock held, before the transaction reads
+    /// anything: brings the local index up to the truth and opens the
+    /// commit (which, dropped without committing, rolls back).
+    fn begin<'s>(&'s self, store: &'s Store) -> Result<Box<dyn Commit + 's>, StoreError>;
+
+    /// Brings the local index up to the truth without writing (called with
+    /// the writer lock held); whether anything changed.
+    fn refresh(&self, store: &Store) -> Result<bool, StoreError>;
+
+    /// When a committed change is durable.
+    fn durability(&self) -> Durability;
+
+    /// Leadership among the processes sharing this store's truth, or
+    /// `None` when only this process opens it (it always leads).
+    fn election(&self) -> Option<&dyn Election>;
+
+    /// For the backend's own test hooks.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// One open commit of a [`Backend`], taken under the writer lock.
+pub(super) trait Commit {
+    /// Commits `log`, the writes of a transaction run on the local index
+    /// (in order; a key may be written more than once), where the store's
+    /// truth is, and applies it to the local index. Nothing is applied
+    /// when it fails.
+    fn commit(self: Box<Self>, log: Vec<Change>) -> Result<(), StoreError>;
+}
+
+/// When a commit is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// Once the local sled files are flushed (the store's group commit).
+    LocalFlush,
+    /// When [`Commit::commit`] returns: the local index need not reach the
+    /// disk first, it is rebuilt from the truth.
+    AtCommit,
+}
+
+/// Leadership among replicas (`leader.rs`): a term with a fencing token.
+pub(super) trait Election {
+    /// Takes the leadership for `holder` (free or expired) or renews it
+    /// (held by `holder`) for `ttl`: the term's token, or `None` while
+    /// another replica leads.
+    fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError>;
+
+    /// Gives up the term `token` of `holder`, if it still holds it.
+    fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError>;
+}
+
+/// The default backend: sled is the store itself, so a commit applies the
+/// log to it and is durable once flushed.
+pub(super) struct SledBackend;
+
+impl Backend for SledBackend {
+    fn begin<'s>(&'s self, store: &'s Store) -> Result<Box<dyn Commit + 's>, StoreError> {
+        Ok(Box::new(SledCommit { store }))
+    }
+
+    fn refresh(&self, _store: &Store) -> Result<bool, StoreError> {
+        // Nobody else writes a sled store: it is always current.
+        Ok(false)
+    }
+
+    fn durability(&self) -> Durability {
+        Durability::LocalFlush
+    }
+
+    fn election(&self) -> Option<&dyn Election> {
+        // sled lets one process open the store: it always leads.
+        None
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+struct SledCommit<'s> {
+    store: &'s Store,
+}
+
+impl Commit for SledCommit<'_> {
+    fn commit(self: Box<Self>, log: Vec<Change>) -> Result<(), StoreError> {
+        apply(self.store, &log, &[])
+    }
+}
+
+/// A write to the local index's own `mirror` tree (`pg.rs`'s position),
+/// made in the same sled transaction as the changes it accounts for:
+/// `None` removes the key.
+pub(super) type Bookkeeping<'a> = (&'a [u8], Option<&'a [u8]>);
+
+/// Applies `changes` to the local index, and `bookkeeping` to its `mirror`
+/// tree, in one sled transaction over the trees they touch.
+pub(super) fn apply(
+    store: &Store,
+    changes: &[Change],
+    bookkeeping: &[Bookkeeping<'_>],
+) -> Result<(), StoreError> {
+    if changes.is_empty() && bookkeeping.is_empty() {
+        return Ok(());
+    }
+    let mut touched: Vec<TreeId> = Vec::new();
+    for c in changes {
+        if !touched.contains(&c.tree) {
+            touched.push(c.tree);
+        }
+    }
+    let mut trees: Vec<&sled::Tree> = touched.iter().map(|t| store.tree(*t)).collect();
+    if !bookkeeping.is_empty() {
+        trees.push(&store.inner.mirror);
+    }
+    let applied = trees.as_slice().transaction(|views| {
+        for c in changes {
+            let at = touched.iter().position(|t| *t == c.tree).unwrap_or(0);
+            match &c.value {
+                Some(v) => views[at].insert(c.key.as_slice(), v.as_slice())?,
+                None => views[at].remove(c.key.as_slice())?,
+            };
+        }
+        for (key, value) in bookkeeping {
+            let mirror = &views[touched.len()];
+            match value {
+                Some(v) => mirror.insert(*key, *v)?,
+                None => mirror.remove(*key)?,
+            };
+        }
+        Ok::<(), ConflictableTransactionError<StoreError>>(())
+    });
+    applied.map_err(tx_error)
 }
 
 /// The store's writer lock, held: nothing else in this process changes the
-/// store meanwhile. With PostgreSQL it also holds the database's store-wide
-/// row lock, and the mirror has been brought up to date, so every read made
-/// under it sees the current state of every replica's commits.
+/// store meanwhile. The backend's commit has been opened: with PostgreSQL
+/// that holds the database's store-wide row lock and has brought the
+/// mirror up to date, so every read made under it sees the current state
+/// of every replica's commits.
 pub(super) struct Writer<'s> {
     store: &'s Store,
-    /// The open PostgreSQL transaction (rolled back if dropped). Declared
-    /// before the lock, so it is dropped first: the rollback reaches the
-    /// connection before another writer's BEGIN can.
-    pg: Option<super::pg::Open<'s>>,
+    /// The open commit (rolled back if dropped). Declared before the lock,
+    /// so it is dropped first: a PostgreSQL rollback reaches the connection
+    /// before another writer's BEGIN can.
+    commit: Box<dyn Commit + 's>,
     _lock: MutexGuard<'s, ()>,
 }
 
@@ -149,8 +287,8 @@ fn tx_error(e: TransactionError<StoreError>) -> StoreError {
     }
 }
 
-/// How a sled transaction run for PostgreSQL ends: aborted on purpose,
-/// carrying what the closure returned and wrote.
+/// How a sled transaction run on the local index ends: aborted on
+/// purpose, carrying what the closure returned and wrote.
 enum Ending<T> {
     Failed(StoreError),
     Captured(T, Vec<Change>),
@@ -161,13 +299,10 @@ impl Store {
     pub(super) fn writer(&self) -> Result<Writer<'_>, StoreError> {
         self.check_healthy()?;
         let lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let pg = match &self.inner.backend {
-            Backend::Sled => None,
-            Backend::Postgres(replica) => Some(replica.begin(self)?),
-        };
+        let commit = self.inner.backend.begin(self)?;
         Ok(Writer {
             store: self,
-            pg,
+            commit,
             _lock: lock,
         })
     }
@@ -191,67 +326,61 @@ impl Store {
 }
 
 impl Writer<'_> {
-    /// Runs `f` over `trees` as one atomic change and commits it: to sled,
-    /// or to PostgreSQL and then the mirror. `f` may run more than once
-    /// (sled retries on a conflict); its error aborts everything. Counts
-    /// as a commit for the group-commit flush.
+    /// Runs `f` over `trees` as one atomic change and commits it through
+    /// the backend (see the module's documentation). `f` may run more than
+    /// once (sled retries on a conflict); its error aborts everything.
+    /// Counts as a commit for the group-commit flush.
     pub(super) fn transact<const N: usize, T>(
         self,
         trees: [TreeId; N],
         f: impl Fn(&[View<'_>; N]) -> Result<T, Abort>,
     ) -> Result<T, StoreError> {
-        let store = self.store;
+        let Writer {
+            store,
+            commit,
+            _lock: lock,
+        } = self;
         let sled_trees: Vec<&sled::Tree> = trees.iter().map(|t| store.tree(*t)).collect();
-        let run = |views: &Vec<TransactionalTree>, log: &RefCell<Vec<Change>>| {
+        let ended = sled_trees.as_slice().transaction::<_, ()>(|views| {
+            let log = RefCell::new(Vec::new());
             let views: [View<'_>; N] = std::array::from_fn(|i| View {
                 tree: &views[i],
                 id: trees[i],
-                log,
+                log: &log,
             });
-            f(&views)
+            let ending = match f(&views) {
+                Ok(value) => Ending::Captured(value, log.into_inner()),
+                Err(ConflictableTransactionError::Abort(e)) => Ending::Failed(e),
+                Err(ConflictableTransactionError::Conflict) => {
+                    return Err(ConflictableTransactionError::Conflict)
+                }
+                Err(ConflictableTransactionError::Storage(e)) => {
+                    Ending::Failed(StoreError::Io(e.to_string()))
+                }
+            };
+            // Never let this transaction commit: the backend commits the log.
+            Err(ConflictableTransactionError::Abort(ending))
+        });
+        let captured = match ended {
+            Err(TransactionError::Abort(Ending::Captured(value, log))) => Ok((value, log)),
+            Err(TransactionError::Abort(Ending::Failed(e))) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Io(e.to_string())),
+            Ok(()) => unreachable_commit(),
         };
-        let value = match self.pg {
-            None => {
-                let value = sled_trees.as_slice().transaction(|views| {
-                    let log = RefCell::new(Vec::new());
-                    run(views, &log)
-                });
-                value.map_err(tx_error)?
-            }
-            Some(open) => {
-                let ended = sled_trees.as_slice().transaction::<_, ()>(|views| {
-                    let log = RefCell::new(Vec::new());
-                    let ending = match run(views, &log) {
-                        Ok(value) => Ending::Captured(value, log.into_inner()),
-                        Err(ConflictableTransactionError::Abort(e)) => Ending::Failed(e),
-                        Err(ConflictableTransactionError::Conflict) => {
-                            return Err(ConflictableTransactionError::Conflict)
-                        }
-                        Err(ConflictableTransactionError::Storage(e)) => {
-                            Ending::Failed(StoreError::Io(e.to_string()))
-                        }
-                    };
-                    // Never let sled commit: PostgreSQL commits first.
-                    Err(ConflictableTransactionError::Abort(ending))
-                });
-                let (value, log) = match ended {
-                    Err(TransactionError::Abort(Ending::Captured(value, log))) => (value, log),
-                    Err(TransactionError::Abort(Ending::Failed(e))) => return Err(e),
-                    Err(TransactionError::Storage(e)) => return Err(StoreError::Io(e.to_string())),
-                    Ok(()) => unreachable_commit()?,
-                };
-                open.commit(log)?;
-                value
-            }
-        };
-        store.inner.committed.fetch_add(1, Ordering::SeqCst);
-        Ok(value)
+        // A failed capture drops `commit` unused here: it rolls back while
+        // the lock is still held.
+        let committed = captured.and_then(|(value, log)| commit.commit(log).map(|()| value));
+        if committed.is_ok() {
+            store.inner.committed.fetch_add(1, Ordering::SeqCst);
+        }
+        drop(lock);
+        committed
     }
 }
 
 /// The closure above never returns `Ok`, so sled never commits it.
 fn unreachable_commit<T>() -> Result<T, StoreError> {
     Err(StoreError::Io(
-        "the mirror committed a transaction meant for PostgreSQL first; report this bug".into(),
+        "the local index committed a transaction before its backend did; report this bug".into(),
     ))
 }

@@ -13,7 +13,6 @@
 //! two thirds of a term after its last renewal began, and no directory
 //! call of it outlives that point.
 
-use super::kv::Backend;
 use super::{Store, StoreError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -73,13 +72,14 @@ impl Store {
     /// directory work follows the term ([`Store::directory_window`]).
     pub fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
         self.check_healthy()?;
-        match &self.inner.backend {
-            Backend::Sled => Ok(Some(1)),
-            Backend::Postgres(replica) => {
+        match self.inner.backend.election() {
+            // The only process on this store: it always leads.
+            None => Ok(Some(1)),
+            Some(election) => {
                 let leadership = &self.inner.leadership;
                 leadership.joined.store(true, Ordering::SeqCst);
                 let started = Instant::now();
-                let token = replica.lead(holder, ttl)?;
+                let token = election.lead(holder, ttl)?;
                 let mut term = leadership.term.lock().unwrap_or_else(|p| p.into_inner());
                 *term = token.map(|token| {
                     let call = ttl / CALL_SHARE;
@@ -151,11 +151,11 @@ impl Store {
     /// Gives up the term `token` of `holder` (at shutdown), so another
     /// replica takes over without waiting for it to expire.
     pub fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError> {
-        match &self.inner.backend {
-            Backend::Sled => Ok(()),
-            Backend::Postgres(replica) => {
+        match self.inner.backend.election() {
+            None => Ok(()),
+            Some(election) => {
                 self.step_down();
-                replica.resign(holder, token)
+                election.resign(holder, token)
             }
         }
     }

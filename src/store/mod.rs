@@ -39,7 +39,7 @@ pub use records::{AuditEntry, LeaseRecord, OutboxItem, RequestRecord};
 pub use timers::{Timer, TimerKind};
 
 use jitbot_core::{GroupName, Instant, LeaseId, LeaseState, RequestId, UserId};
-use kv::{Backend, TreeId, Writer};
+use kv::{Backend, Durability, SledBackend, TreeId, Writer};
 use records::{StoredAudit, StoredLease, StoredRequest};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -112,8 +112,9 @@ struct Inner {
     /// The mirror's own bookkeeping with PostgreSQL (`pg.rs`); never
     /// replicated, backed up or copied.
     mirror: sled::Tree,
-    /// Where commits go: sled itself, or PostgreSQL first.
-    backend: Backend,
+    /// Where commits become durable: sled itself ([`SledBackend`]), or
+    /// PostgreSQL first (`pg::Replica`). Reads stay on the sled trees above.
+    backend: Box<dyn Backend>,
     /// The leader's fencing token every commit is checked against, while
     /// this replica leads (0: none; see `leader.rs`).
     fence: std::sync::atomic::AtomicI64,
@@ -443,7 +444,7 @@ fn read_lease(tree: &sled::Tree, id: &LeaseId) -> Result<Option<LeaseRecord>, St
 impl Store {
     /// Opens (or creates) the store. `cache_mb` bounds sled's page cache.
     pub fn open(path: &Path, cache_mb: u64) -> Result<Store, StoreError> {
-        let store = Store::open_sled(path, cache_mb, Backend::Sled)?;
+        let store = Store::open_sled(path, cache_mb, Box::new(SledBackend))?;
         store.upgrade()?;
         Ok(store)
     }
@@ -453,7 +454,7 @@ impl Store {
     /// migrations first when `settings.migrate` is on.
     pub fn open_postgres(path: &Path, cache_mb: u64, settings: &PgSettings) -> Result<Store, StoreError> {
         let replica = pg::Replica::start(settings)?;
-        let store = Store::open_sled(path, cache_mb, Backend::Postgres(replica))?;
+        let store = Store::open_sled(path, cache_mb, Box::new(replica))?;
         if pg::holds_sled_store(&store)? {
             return Err(StoreError::Io(format!(
                 "{} holds a sled store, not a mirror of PostgreSQL; move its data with \
@@ -467,7 +468,7 @@ impl Store {
         Ok(store)
     }
 
-    fn open_sled(path: &Path, cache_mb: u64, backend: Backend) -> Result<Store, StoreError> {
+    fn open_sled(path: &Path, cache_mb: u64, backend: Box<dyn Backend>) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_mb.max(1) * 1024 * 1024)
@@ -683,8 +684,8 @@ impl Store {
     /// blocking flush runs on tokio's blocking pool instead.
     async fn flush_committed(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
-        if matches!(self.inner.backend, Backend::Postgres(_)) {
-            // PostgreSQL committed it durably; the mirror is rebuilt from
+        if self.inner.backend.durability() == Durability::AtCommit {
+            // Durable where the truth is; the local index is rebuilt from
             // there, so it need not reach the disk first.
             return self.check_healthy();
         }
@@ -951,11 +952,5 @@ impl Store {
             let stored: StoredAudit = decode(&k, &v)?;
             Ok(stored.into_entry())
         })
-    }
-
-    /// Raw access for tests that tamper with the audit trail.
-    #[doc(hidden)]
-    pub fn audit_tree(&self) -> &sled::Tree {
-        &self.inner.audit
     }
 }

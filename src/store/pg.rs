@@ -9,11 +9,12 @@
 //! `jitbot_head`'s one row the version of the last commit: `SELECT … FOR
 //! UPDATE` on it is the store-wide writer lock across replicas.
 //!
-//! A transaction ([`Replica::begin`], then `Open::commit`): lock the head,
-//! pull what other replicas committed since the mirror's version into the
-//! mirror, run the sled transaction with its writes captured and aborted
-//! (`kv.rs`), write them to PostgreSQL under the next version, COMMIT, and
-//! only then apply them to the mirror with the new version. A failed or
+//! [`Replica`] is the store's [`Backend`](super::kv::Backend) here. A
+//! transaction (`Backend::begin`, then `Commit::commit` of `Open`): lock
+//! the head, pull what other replicas committed since the mirror's version
+//! into the mirror, run the sled transaction with its writes captured and
+//! aborted (`kv.rs`), write them to PostgreSQL under the next version,
+//! COMMIT, and only then apply them to the mirror with the new version. A failed or
 //! unknown COMMIT leaves the mirror untouched and fails the caller, so
 //! nothing acts on a change PostgreSQL does not hold; the next transaction
 //! pulls whatever did land.
@@ -24,9 +25,10 @@
 //! `block_on` there. A caller waits for the database on its own thread, as
 //! it waits for the writer lock.
 
-use super::kv::{Change, TreeId};
+use super::kv::{Backend, Bookkeeping, Change, Commit, Durability, Election, TreeId};
 use super::{Store, StoreError};
 use crate::secret::Secret;
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -442,7 +444,9 @@ impl Replica {
         self.leadership.send(job(reply)).map_err(|_| stopped())?;
         answer.recv().map_err(|_| stopped())?
     }
+}
 
+impl Backend for Replica {
     /// BEGIN and lock the head, then bring the mirror up to date. Called
     /// with the store's writer lock held. A mirror that must reload
     /// everything, or apply more than [`BIG_PULL`] changes, does so without
@@ -450,7 +454,7 @@ impl Replica {
     /// replica's writes, and outlast the idle timeout), then locks again to
     /// pull what landed meanwhile. A lock held elsewhere past `lock_timeout` is
     /// tried for again, [`LOCK_TRIES`] times in all.
-    pub(super) fn begin<'s>(&'s self, store: &'s Store) -> Result<Open<'s>, StoreError> {
+    fn begin<'s>(&'s self, store: &'s Store) -> Result<Box<dyn Commit + 's>, StoreError> {
         let mut busy_tries = 0;
         let mut reloaded = false;
         loop {
@@ -483,12 +487,36 @@ impl Replica {
                 continue;
             }
             catch_up(store, &head, pulled)?;
-            return Ok(open);
+            return Ok(Box::new(open));
         }
     }
 
+    /// Brings the mirror up to date without taking the database's lock.
+    /// Called with the store's writer lock held.
+    fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
+        let since = mirror_position(store)?;
+        let (head, pulled) = self.ask(|reply| Job::Refresh { since, reply })?;
+        catch_up(store, &head, pulled)
+    }
+
+    fn durability(&self) -> Durability {
+        // PostgreSQL committed it durably; the mirror is rebuilt from
+        // there, so it need not reach the disk first.
+        Durability::AtCommit
+    }
+
+    fn election(&self) -> Option<&dyn Election> {
+        Some(self)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Election for Replica {
     /// Takes or renews the leadership on leadership's own connection.
-    pub(super) fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+    fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
         self.ask_leadership(|reply| Job::Lead {
             holder: holder.to_string(),
             ttl: ttl.as_secs_f64(),
@@ -497,20 +525,12 @@ impl Replica {
     }
 
     /// Gives the term up on leadership's own connection.
-    pub(super) fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError> {
+    fn resign(&self, holder: &str, token: i64) -> Result<(), StoreError> {
         self.ask_leadership(|reply| Job::Resign {
             holder: holder.to_string(),
             token,
             reply,
         })
-    }
-
-    /// Brings the mirror up to date without taking the database's lock.
-    /// Called with the store's writer lock held.
-    pub(super) fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
-        let since = mirror_position(store)?;
-        let (head, pulled) = self.ask(|reply| Job::Refresh { since, reply })?;
-        catch_up(store, &head, pulled)
     }
 }
 
@@ -522,11 +542,11 @@ impl Drop for Open<'_> {
     }
 }
 
-impl Open<'_> {
+impl Commit for Open<'_> {
     /// Writes `log` to PostgreSQL as the next version and commits; then
     /// applies it to the mirror. With nothing written, just ends the
     /// transaction.
-    pub(super) fn commit(mut self, log: Vec<Change>) -> Result<(), StoreError> {
+    fn commit(mut self: Box<Self>, log: Vec<Change>) -> Result<(), StoreError> {
         self.done = true;
         if log.is_empty() {
             let _ = self.replica.jobs.send(Job::Rollback);
@@ -634,36 +654,15 @@ fn apply(
     db: Option<&str>,
     commit: Option<&str>,
 ) -> Result<(), StoreError> {
-    use sled::transaction::{ConflictableTransactionError, TransactionError};
-    use sled::Transactional;
-    let mut trees: Vec<&sled::Tree> = TreeId::ALL.iter().map(|t| store.tree(*t)).collect();
-    trees.push(&store.inner.mirror);
-    let index = |t: TreeId| TreeId::ALL.iter().position(|x| *x == t).unwrap_or(0);
-    trees
-        .as_slice()
-        .transaction(|views| {
-            for c in changes {
-                let view = &views[index(c.tree)];
-                match &c.value {
-                    Some(v) => view.insert(c.key.as_slice(), v.as_slice())?,
-                    None => view.remove(c.key.as_slice())?,
-                };
-            }
-            let mirror = &views[TreeId::ALL.len()];
-            mirror.insert(MIRROR_VERSION, &version.to_be_bytes())?;
-            if let Some(db) = db {
-                mirror.insert(MIRROR_DB, db.as_bytes())?;
-            }
-            match commit {
-                Some(c) => mirror.insert(MIRROR_COMMIT, c.as_bytes())?,
-                None => mirror.remove(MIRROR_COMMIT)?,
-            };
-            Ok::<(), ConflictableTransactionError<StoreError>>(())
-        })
-        .map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Io(e.to_string()),
-        })
+    let version = version.to_be_bytes();
+    let mut position: Vec<Bookkeeping<'_>> = vec![
+        (MIRROR_VERSION, Some(&version)),
+        (MIRROR_COMMIT, commit.map(str::as_bytes)),
+    ];
+    if let Some(db) = db {
+        position.push((MIRROR_DB, Some(db.as_bytes())));
+    }
+    super::kv::apply(store, changes, &position)
 }
 
 /// Replaces the whole mirror with the database's contents. The mirror's
@@ -715,11 +714,16 @@ pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
 }
 
 impl Store {
+    /// This store's link to PostgreSQL, when it is a replica.
+    fn replica(&self) -> Option<&Replica> {
+        self.inner.backend.as_any().downcast_ref::<Replica>()
+    }
+
     /// Test hook: the next PostgreSQL COMMIT fails (a failing statement is
     /// sent in the transaction, so PostgreSQL rolls it back).
     #[doc(hidden)]
     pub fn fail_next_pg_commit(&self) {
-        if let super::kv::Backend::Postgres(r) = &self.inner.backend {
+        if let Some(r) = self.replica() {
             r.fail_next_commit.store(true, Ordering::SeqCst);
         }
     }
@@ -728,7 +732,7 @@ impl Store {
     /// replica's mirror, as if the process were killed in between.
     #[doc(hidden)]
     pub fn lose_next_mirror_apply(&self) {
-        if let super::kv::Backend::Postgres(r) = &self.inner.backend {
+        if let Some(r) = self.replica() {
             r.lose_next_apply.store(true, Ordering::SeqCst);
         }
     }
@@ -737,7 +741,7 @@ impl Store {
     /// versions every `every` versions (instead of 100,000 and 1,000).
     #[doc(hidden)]
     pub fn set_pg_gc(&self, keep: i64, every: i64) {
-        if let super::kv::Backend::Postgres(r) = &self.inner.backend {
+        if let Some(r) = self.replica() {
             *r.gc.lock().unwrap_or_else(|p| p.into_inner()) = Gc {
                 keep,
                 every: every.max(1),
@@ -751,18 +755,13 @@ impl Store {
     /// fresh. Returns whether anything changed.
     pub fn refresh(&self) -> Result<bool, StoreError> {
         self.check_healthy()?;
-        match &self.inner.backend {
-            super::kv::Backend::Postgres(replica) => {
-                let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-                replica.refresh(self)
-            }
-            super::kv::Backend::Sled => Ok(false),
-        }
+        let _lock = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner.backend.refresh(self)
     }
 
     /// Whether this store is a replica of PostgreSQL.
     pub fn is_postgres(&self) -> bool {
-        matches!(self.inner.backend, super::kv::Backend::Postgres(_))
+        self.replica().is_some()
     }
 }
 

@@ -443,14 +443,34 @@ async fn audit_tampering_is_found_at_the_record() {
     let bot = TestBot::new();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
-    let tree = bot.engine.store().audit_tree();
-    let (key, value) = tree.iter().nth(2).unwrap().unwrap();
-    let mut bytes = value.to_vec();
-    let pos = bytes.iter().position(|b| *b == b'a').unwrap();
-    bytes[pos] = b'b';
-    tree.insert(key, bytes).unwrap();
-    match bot.engine.store().verify_audit().unwrap() {
-        AuditCheck::Broken { seq, .. } => assert_eq!(seq, 3),
+    let records = bot.engine.store().audit(0).count() as u64;
+    assert!(records >= 3, "{records} audit records");
+    assert_eq!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact { records }
+    );
+    // The attacker edits the stopped store's files: one letter more in
+    // record 3's detail, so it still reads as a record and only the chain
+    // can tell.
+    let TestBot { engine, path, .. } = bot;
+    drop(engine);
+    {
+        let raw = crate::support::open_raw_sled(&path);
+        let tree = raw.open_tree("audit").unwrap();
+        let (key, value) = tree.iter().nth(2).unwrap().unwrap();
+        let mut bytes = value.to_vec();
+        let field = b"\"detail\":\"";
+        let pos = bytes.windows(field.len()).position(|w| w == field).unwrap();
+        bytes.insert(pos + field.len(), b'x');
+        tree.insert(key, bytes).unwrap();
+        raw.flush().unwrap();
+    }
+    let store = jitbot::store::Store::open(&path, 16).unwrap();
+    match store.verify_audit().unwrap() {
+        AuditCheck::Broken { seq, problem } => {
+            assert_eq!(seq, 3, "{problem}");
+            assert!(problem.contains("no longer match the hash"), "{problem}");
+        }
         other => panic!("tampering not found: {other:?}"),
     }
 }

@@ -217,10 +217,24 @@ fn broken(check: AuditCheck) -> (u64, String) {
     }
 }
 
+/// The attacker, with the store closed: rewrites the stored audit record
+/// `seq` in the store's files with `forge`; returns the record it held.
+fn rewrite_audit_record(db: &Path, seq: u64, forge: impl FnOnce(String) -> String) -> String {
+    let raw = crate::support::open_raw_sled(db);
+    let audit = raw.open_tree("audit").unwrap();
+    let key = seq.to_be_bytes();
+    let held = audit.get(key).unwrap().expect("the record is in the store");
+    let held = String::from_utf8(held.to_vec()).unwrap();
+    audit.insert(key, forge(held.clone()).as_bytes()).unwrap();
+    raw.flush().unwrap();
+    held
+}
+
 #[tokio::test]
 async fn archive_and_store_verify_end_to_end_and_tampering_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    let db = tmp.path().join("db");
+    let store = Store::open(&db, 16).unwrap();
     write_audit(&store, 35).await;
     let s = RetentionSettings {
         batch: 4,
@@ -310,16 +324,19 @@ async fn archive_and_store_verify_end_to_end_and_tampering_names_the_file() {
         std::fs::write(&files[gone], saved).unwrap();
     }
     // The store's own record altered: named as the store's.
-    let key = 35u64.to_be_bytes();
-    let held = store.audit_tree().get(key).unwrap().unwrap();
-    let forged = String::from_utf8(held.to_vec())
-        .unwrap()
-        .replace("record 35", "record 53");
-    store.audit_tree().insert(key, forged.as_bytes()).unwrap();
+    drop(store);
+    let held = rewrite_audit_record(&db, 35, |r| r.replace("record 35", "record 53"));
+    let store = Store::open(&db, 16).unwrap();
     let (seq, problem) = broken(store.verify_audit_with_archive(&s.archive_dir, None).unwrap());
     assert_eq!(seq, 35, "{problem}");
     assert!(problem.contains("the store"), "{problem}");
-    store.audit_tree().insert(key, held).unwrap();
+    drop(store);
+    rewrite_audit_record(&db, 35, |_| held);
+    let store = Store::open(&db, 16).unwrap();
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 35 }
+    );
     // A missing archive file stops the next pass rather than widening the gap.
     std::fs::remove_file(&files[3]).unwrap();
     write_audit(&store, 1).await;
@@ -387,18 +404,14 @@ async fn a_crash_between_the_archive_write_and_the_removal_loses_and_duplicates_
 
     // A store record that differs from its archived copy is never removed.
     let store2_dir = tempfile::tempdir().unwrap();
-    let other = Store::open(&store2_dir.path().join("db"), 16).unwrap();
+    let other_db = store2_dir.path().join("db");
+    let other = Store::open(&other_db, 16).unwrap();
     write_audit(&other, 12).await;
     let s2 = settings(store2_dir.path());
     other.archive_then_stop(now, &s2).unwrap().expect("a file");
-    let held = other.audit_tree().get(5u64.to_be_bytes()).unwrap().unwrap();
-    let changed = String::from_utf8(held.to_vec())
-        .unwrap()
-        .replace("record 5", "record 6");
-    other
-        .audit_tree()
-        .insert(5u64.to_be_bytes(), changed.as_bytes())
-        .unwrap();
+    drop(other);
+    rewrite_audit_record(&other_db, 5, |r| r.replace("record 5", "record 6"));
+    let other = Store::open(&other_db, 16).unwrap();
     let (seq, problem) = match other.verify_audit_with_archive(&s2.archive_dir, None) {
         Err(e) => (5, e.to_string()),
         Ok(check) => broken(check),

@@ -330,8 +330,8 @@ async fn audit_anchors_catch_rewritten_history() {
     // Offline, with write access to the store: every record is keyed, so
     // the attacker rewrites record 1 and re-links the chain with SHA-256.
     {
-        let store = jitbot::store::Store::open(&tmp.path().join("db"), 16).unwrap();
-        let tree = store.audit_tree();
+        let db = crate::support::open_raw_sled(tmp.path().join("db"));
+        let tree = db.open_tree("audit").unwrap();
         let raw: Vec<(sled::IVec, sled::IVec)> = tree.iter().map(|i| i.unwrap()).collect();
         assert!(!raw.is_empty());
         for (_, v) in &raw {
@@ -353,7 +353,7 @@ async fn audit_anchors_catch_rewritten_history() {
             prev = hex::encode(sha2::Sha256::digest(&bytes));
             tree.insert(k, bytes).unwrap();
         }
-        store.flush().await.unwrap();
+        db.flush().unwrap();
     }
     let first_logs = std::fs::read_to_string(tmp.path().join("anchor.log")).unwrap();
     assert!(
