@@ -138,6 +138,9 @@ max_duration = "4h"
     )
 }
 
+/// Each lease created: its id and when it ends.
+type Created = Arc<Mutex<Vec<(String, DateTime<Utc>)>>>;
+
 const ENV: [(&str, &str); 1] = [("JITBOT_TEST_PGPW", PASSWORD)];
 
 /// `/readyz` of `bot`'s admin listener ("" when it does not answer).
@@ -166,7 +169,7 @@ async fn create_leases(
     server: Arc<Slapd>,
     store: Store,
     life: Duration,
-    created: Arc<Mutex<Vec<(String, DateTime<Utc>)>>>,
+    created: Created,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let group = GroupPolicy::new("db-admins", slapd::DB_ADMINS);
@@ -309,7 +312,7 @@ pub async fn run(plan: &Plan) -> Result<Report, String> {
     leader(&replicas, Duration::from_secs(30)).await?;
     replicas[1] = Some(Jitbot::start(&config, &ENV).await);
 
-    let created = Arc::new(Mutex::new(Vec::new()));
+    let created: Created = Arc::default();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let creator = tokio::spawn(create_leases(
         server.clone(),
