@@ -9,8 +9,9 @@
 //! JITBOT_BENCH_BACKEND=postgres JITBOT_PG_FSYNC=on cargo bench --bench jitbot -- store grant
 //! ```
 //!
-//! `store` and `grant` run on sled, or with `JITBOT_BENCH_BACKEND=postgres`
-//! on a replica of a new database in the test harness's PostgreSQL 15
+//! `store`, `grant`, `revocation` and `restart` run on sled, or with
+//! `JITBOT_BENCH_BACKEND=postgres` on a replica of a new database in the
+//! test harness's PostgreSQL 15
 //! (`tests/support/postgres.rs`, on loopback; `JITBOT_PG_FSYNC=on` makes
 //! its commits reach the disk, as sled's flushes do).
 //!
@@ -454,14 +455,24 @@ async fn bench_mass(server: &Slapd) {
 }
 
 /// Restart with many leases in the store: time to open and schedule,
-/// time to revoke the overdue ones, memory per scheduled lease.
+/// time to revoke the overdue ones, memory per scheduled lease. With
+/// `JITBOT_BENCH_BACKEND=postgres` the leases go into a new database
+/// through a replica whose mirror is the store directory: the restarted
+/// process is that replica again (its mirror on disk, it pulls what
+/// changed), and a second probe is a new replica with no mirror yet (a
+/// new pod), which loads everything from PostgreSQL.
 async fn bench_restart(server: &Slapd) {
     let n = env_usize("JITBOT_BENCH_RESTART_LEASES", 100_000);
     let overdue = env_usize("JITBOT_BENCH_RESTART_OVERDUE", 1000).min(n);
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("db");
+    let db = on_postgres().then(postgres::Database::create);
+    let open = |path: &std::path::Path| match &db {
+        Some(db) => Store::open_postgres(path, 64, &db.settings()).expect("PostgreSQL store"),
+        None => Store::open(path, 64).unwrap(),
+    };
     {
-        let store = Store::open(&path, 64).unwrap();
+        let store = open(&path);
         let now = Utc::now();
         let seeding = Instant::now();
         seed_leases(&store, n, |i| {
@@ -479,22 +490,40 @@ async fn bench_restart(server: &Slapd) {
     }
     // A fresh process opens the store and starts scheduling: its time and
     // memory are what a restarted jitbot pays.
-    let probe = std::process::Command::new(std::env::current_exe().unwrap())
-        .arg("restart-probe")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let probe = String::from_utf8_lossy(&probe.stdout).to_string();
-    let field = |name: &str| -> f64 {
-        probe
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("probe said {probe:?}"))
+    let probe = |path: &std::path::Path| -> (f64, f64) {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.arg("restart-probe").arg(path);
+        if let Some(db) = &db {
+            cmd.arg(db.settings().url);
+        }
+        let out = cmd.output().unwrap();
+        let probe = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |name: &str| -> f64 {
+            probe
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("probe said {probe:?} {}", String::from_utf8_lossy(&out.stderr)))
+        };
+        (field("open_secs"), field("rss_kib"))
     };
-    let (open_secs, rss) = (field("open_secs"), field("rss_kib"));
+    let (open_secs, rss) = probe(&path);
+    if db.is_some() {
+        let (fresh_secs, fresh_rss) = probe(&tmp.path().join("fresh"));
+        println!(
+            "restart (PostgreSQL): a new replica with no mirror loads {n} leases and has its next timer in {fresh_secs:.3}s; RSS {:.0} MiB = {:.0} bytes per scheduled lease (sled cache 64 MiB)",
+            fresh_rss / 1024.0,
+            fresh_rss * 1024.0 / n as f64,
+        );
+    }
     add_members(server, 0, overdue).await;
-    let engine = engine_on(&path, directory(server), Span::from_hours(24 * 365));
+    let engine = Engine::new(
+        policy(Span::from_hours(24 * 365)),
+        open(&path),
+        directory(server),
+        Arc::new(SystemClock),
+        EngineSettings::default(),
+    );
     let secs = run_scheduler_until_done(&engine, Utc::now(), 600).await;
     println!(
         "restart: {n} leases in the store: a fresh process opens it and has its next timer in {open_secs:.3}s (the schedule is the store's timer index; nothing is loaded into memory); RSS {:.0} MiB = {:.0} bytes per scheduled lease (sled cache 64 MiB); {overdue} overdue leases revoked in {secs:.2}s ({:.0}/s)",
@@ -589,15 +618,28 @@ async fn bench_ack(server: &Slapd) {
     }
 }
 
-/// The child side of the restart benchmark: open, find the next timer, report.
-fn restart_probe(path: &str) {
+/// The child side of the restart benchmark: open, find the next timer,
+/// report. With a PostgreSQL URL, `path` is a replica's mirror.
+fn restart_probe(path: &str, pg_url: Option<&str>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let started = Instant::now();
-        let store = Store::open(std::path::Path::new(path), 64).unwrap();
+        let path = std::path::Path::new(path);
+        let store = match pg_url {
+            Some(url) => {
+                let settings = jitbot::store::PgSettings {
+                    url: url.to_string(),
+                    password: Some(jitbot::secret::Secret::new(postgres::PASSWORD)),
+                    migrate: false,
+                    ca_file: None,
+                };
+                Store::open_postgres(path, 64, &settings).unwrap()
+            }
+            None => Store::open(path, 64).unwrap(),
+        };
         let next = store.next_due().unwrap();
         let batch = store.due_timers(Utc::now(), 32).unwrap();
         let secs = started.elapsed().as_secs_f64();
@@ -609,7 +651,7 @@ fn restart_probe(path: &str) {
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("restart-probe") {
-        return restart_probe(&argv[2]);
+        return restart_probe(&argv[2], argv.get(3).map(String::as_str));
     }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

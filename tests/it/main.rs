@@ -9,6 +9,7 @@ mod console;
 mod contract;
 mod deploy;
 mod discord;
+mod failover;
 mod faults;
 mod gateway;
 mod hardening;

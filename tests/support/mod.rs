@@ -2,6 +2,7 @@
 
 pub mod bot;
 pub mod browser;
+pub mod failover;
 pub mod fake_discord;
 pub mod fake_gateway;
 pub mod fake_slack;
