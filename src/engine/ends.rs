@@ -58,18 +58,20 @@ impl Engine {
         let mut expiring = Vec::new();
         let mut revoking = Vec::new();
         for timer in timers {
-            let late = (self.now() - timer.due).to_std().unwrap_or_default();
-            crate::metrics::stage("timer_lateness", late);
-            if !seen.insert(timer.id.clone()) {
+            if !matches!(timer.kind, TimerKind::Expire | TimerKind::Revoke) {
+                // Not a revocation: runs on its own, as ever.
+                self.fire_other(timer).await;
                 continue;
             }
+            let late = (self.now() - timer.due).to_std().unwrap_or_default();
+            crate::metrics::stage("timer_lateness", late);
             match timer.kind {
                 TimerKind::Expire => expiring.push(timer.id),
-                TimerKind::Revoke => revoking.push(LeaseId::new(timer.id.as_str())),
-                // Not a revocation: runs on its own, as ever.
-                _ => self.fire_other(timer).await,
+                _ => revoking.push(LeaseId::new(timer.id.as_str())),
             }
         }
+        expiring.sort();
+        expiring.dedup();
         if !expiring.is_empty() {
             let committing = std::time::Instant::now();
             match self.begin_expiries(&expiring).await {
@@ -90,6 +92,8 @@ impl Engine {
                 }
             }
         }
+        // One lease is driven once, whichever of its timers came.
+        revoking.retain(|id| seen.insert(id.clone()));
         if let [id] = revoking.as_slice() {
             if let Err(e) = self.drive(id).await {
                 self.retry_timer(TimerKind::Revoke, id.as_str(), &e).await;

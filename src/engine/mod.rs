@@ -373,7 +373,10 @@ impl Engine {
             TimerKind::Grant | TimerKind::Revoke => {
                 self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await
             }
-            TimerKind::Expire => self.begin_expiries(&[timer.id.clone()]).await.map(|_| ()),
+            TimerKind::Expire => self
+                .begin_expiries(std::slice::from_ref(&timer.id))
+                .await
+                .map(|_| ()),
             TimerKind::RequestTimeout => self.time_out(&timer.id).await,
             TimerKind::Warn => self.warn(&timer.id).await,
         };
