@@ -14,8 +14,14 @@
 //! commits the lease as revoking with a `Revoke` timer due at once and then
 //! removes the membership itself, so starting that `Revoke` timer meanwhile
 //! would only queue behind the lease's lock and commit a second time.
+//!
+//! Due `Expire` and `Revoke` timers found in one pass go together, up to
+//! [`REVOCATION_BATCH`], to one [`Engine::fire_revocations`], which takes
+//! one of the `concurrency` slots: a mass expiry is then one commit to start
+//! each batch and few combined modifies, not a commit and a modify slot per
+//! lease (see `engine/ends.rs`).
 
-use crate::engine::Engine;
+use crate::engine::{Engine, REVOCATION_BATCH};
 use crate::store::{Timer, TimerKind};
 use std::collections::{HashMap, HashSet};
 
@@ -52,8 +58,8 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watch::Receiver<bool>) {
     let mut in_flight: HashSet<Subject> = HashSet::new();
     let mut tasks: JoinSet<()> = JoinSet::new();
-    // Task id → its timer, so that even a panicking task frees its slot.
-    let mut running: HashMap<tokio::task::Id, Subject> = HashMap::new();
+    // Task id → its timers, so that even a panicking task frees its slot.
+    let mut running: HashMap<tokio::task::Id, Vec<Subject>> = HashMap::new();
     let batch = settings.concurrency.max(1);
     let mut last_probe = std::time::Instant::now();
     tracing::info!(timers = engine.store().timer_count(), "scheduler started");
@@ -64,30 +70,54 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
         let now = engine.now();
         // Start due work, skipping timers already being worked on.
         let mut next_due: Option<jitbot_core::Instant> = None;
+        // Due revocations found in this pass: one task, one slot.
+        let mut revocations: Vec<Timer> = Vec::new();
         // A subject in flight has at most one timer of each kind, so this
-        // many keys always include `batch` timers of other subjects.
-        let scan = in_flight.len() * (TimerKind::MAX as usize) + batch;
-        match engine.store().timers_from(scan) {
-            Ok(timers) => {
-                for Timer { due, kind, id } in timers {
-                    let key = subject(kind, &id);
-                    if in_flight.contains(&key) {
-                        continue;
-                    }
-                    if due > now || tasks.len() >= batch {
-                        next_due = Some(next_due.map_or(due, |n| n.min(due)));
+        // many keys always include `batch` timers and a batch of
+        // revocations of other subjects (the scan stops at the first timer
+        // not yet due).
+        let scan = in_flight.len() * (TimerKind::MAX as usize) + batch + REVOCATION_BATCH;
+        if tasks.len() < batch {
+            match engine.store().timers_from(scan) {
+                Ok(timers) => {
+                    for Timer { due, kind, id } in timers {
+                        let key = subject(kind, &id);
+                        if in_flight.contains(&key) {
+                            continue;
+                        }
                         if due > now {
+                            next_due = Some(next_due.map_or(due, |n| n.min(due)));
                             break;
                         }
-                        continue;
+                        let slots_used = tasks.len() + usize::from(!revocations.is_empty());
+                        let revocation = matches!(kind, TimerKind::Expire | TimerKind::Revoke);
+                        let joins = revocation
+                            && revocations.len() < REVOCATION_BATCH
+                            && (!revocations.is_empty() || slots_used < batch);
+                        if joins {
+                            in_flight.insert(key);
+                            revocations.push(Timer { due, kind, id });
+                            continue;
+                        }
+                        if slots_used >= batch || revocation {
+                            // No slot (or the batch is full): the next pass.
+                            next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                            continue;
+                        }
+                        in_flight.insert(key.clone());
+                        let engine = engine.clone();
+                        let handle = tasks.spawn(async move { engine.fire(Timer { due, kind, id }).await });
+                        running.insert(handle.id(), vec![key]);
                     }
-                    in_flight.insert(key.clone());
-                    let engine = engine.clone();
-                    let handle = tasks.spawn(async move { engine.fire(Timer { due, kind, id }).await });
-                    running.insert(handle.id(), key);
                 }
+                Err(e) => tracing::error!(error = %e, "cannot read timers; retrying"),
             }
-            Err(e) => tracing::error!(error = %e, "cannot read timers; retrying"),
+        }
+        if !revocations.is_empty() {
+            let keys = revocations.iter().map(|t| subject(t.kind, &t.id)).collect();
+            let engine = engine.clone();
+            let handle = tasks.spawn(async move { engine.fire_revocations(revocations).await });
+            running.insert(handle.id(), keys);
         }
         let mut wait = match next_due {
             Some(due) if tasks.len() < batch => (due - engine.now()).to_std().unwrap_or(Duration::ZERO),
@@ -121,7 +151,7 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
                             e.id()
                         }
                     };
-                    if let Some(key) = running.remove(&id) {
+                    for key in running.remove(&id).unwrap_or_default() {
                         in_flight.remove(&key);
                     }
                 }

@@ -62,6 +62,26 @@ impl LeaseLocks {
     }
 }
 
+/// The state fence of every lease transition, inside a store transaction:
+/// stages `change` only if lease `id` is in one of the states `from`, then
+/// writes the lease back. `None` (nothing staged) when it is not, or gone.
+pub(super) fn fenced<T>(
+    tx: &mut Tx<'_>,
+    id: &LeaseId,
+    from: &[LeaseState],
+    change: impl FnOnce(&mut Tx<'_>, &mut LeaseRecord) -> Result<T, EngineError>,
+) -> Result<Option<T>, EngineError> {
+    let Some(mut rec) = tx.lease(id)? else {
+        return Ok(None);
+    };
+    if !from.contains(&rec.lease.state) {
+        return Ok(None);
+    }
+    let value = change(tx, &mut rec)?;
+    tx.put_lease(rec);
+    Ok(Some(value))
+}
+
 impl Engine {
     /// Commits `change` to lease `id` only if its state is one of `from`;
     /// otherwise commits nothing and returns `None`. `change` stages the new
@@ -75,17 +95,7 @@ impl Engine {
     ) -> Result<Option<T>, EngineError> {
         self.inner
             .store
-            .update(self.now(), |tx| {
-                let Some(mut rec) = tx.lease(id)? else {
-                    return Ok(None);
-                };
-                if !from.contains(&rec.lease.state) {
-                    return Ok(None);
-                }
-                let value = change(tx, &mut rec)?;
-                tx.put_lease(rec);
-                Ok(Some(value))
-            })
+            .update(self.now(), |tx| fenced(tx, id, from, change))
             .await
     }
 
@@ -102,20 +112,9 @@ impl Engine {
         self.inner
             .store
             .update(self.now(), |tx| {
-                let mut out = Vec::with_capacity(jobs.len());
-                for (id, job) in jobs {
-                    let Some(mut rec) = tx.lease(id)? else {
-                        out.push(None);
-                        continue;
-                    };
-                    if !from.contains(&rec.lease.state) {
-                        out.push(None);
-                        continue;
-                    }
-                    out.push(Some(change(tx, &mut rec, job)?));
-                    tx.put_lease(rec);
-                }
-                Ok(out)
+                jobs.iter()
+                    .map(|(id, job)| fenced(tx, id, from, |tx, rec| change(tx, rec, job)))
+                    .collect()
             })
             .await
     }

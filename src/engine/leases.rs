@@ -2,6 +2,7 @@
 //! warn. The directory work itself is the executor's (`executor.rs`).
 
 use super::audit::{about_lease, about_request, AuditAction};
+use super::executor::fenced;
 use super::{notice, Caller, Engine, EngineError, Reply, ENGINE_ACTOR};
 use crate::messages::Audience;
 use crate::store::{LeaseRecord, OutboxItem, RequestRecord, TimerKind, Tx};
@@ -30,38 +31,38 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(format!("there is no lease {id}; `/jit list` shows yours")))
     }
 
-    /// An `Expire` timer fired: start revoking if the lease really is due.
-    pub(crate) async fn expire(&self, id: &str) -> Result<(), EngineError> {
-        let committing = std::time::Instant::now();
-        let revoke = self
-            .inner
+    /// `Expire` timers fired for `ids`: those leases that really are due
+    /// start revoking, all in one store commit (durable when this returns),
+    /// each fenced like any transition: only an `Active` lease moves. A
+    /// lease extended meanwhile (or seen before its end after the clock
+    /// moved back) gets its `Expire` timer at its real end. Returns the
+    /// leases that started revoking: their memberships are for the caller
+    /// to remove.
+    pub(super) async fn begin_expiries(&self, ids: &[String]) -> Result<Vec<LeaseId>, EngineError> {
+        self.inner
             .store
             .update(self.now(), |tx| {
-                tx.clear_timer(TimerKind::Expire, id);
-                let Some(mut rec) = tx.lease(&LeaseId::new(id))? else {
-                    return Ok(false);
-                };
-                let now = tx.now();
-                if rec.lease.state != LeaseState::Active {
-                    return Ok(false);
+                let mut begun = Vec::new();
+                for id in ids {
+                    tx.clear_timer(TimerKind::Expire, id);
+                    let lease = LeaseId::new(id.as_str());
+                    let moved = fenced(tx, &lease, &[LeaseState::Active], |tx, rec| {
+                        let now = tx.now();
+                        if !rec.lease.is_due(now) {
+                            tx.set_timer(TimerKind::Expire, id, rec.lease.expires_at);
+                            return Ok(false);
+                        }
+                        rec.lease.begin_revoke(EndReason::Expired, now)?;
+                        self.revoking(tx, rec, ENGINE_ACTOR, "expired");
+                        Ok(true)
+                    })?;
+                    if moved == Some(true) {
+                        begun.push(lease);
+                    }
                 }
-                if !rec.lease.is_due(now) {
-                    // Extended, or the clock moved back: wait for the real end.
-                    tx.set_timer(TimerKind::Expire, id, rec.lease.expires_at);
-                    return Ok(false);
-                }
-                rec.lease.begin_revoke(EndReason::Expired, now)?;
-                self.revoking(tx, &rec, ENGINE_ACTOR, "expired");
-                tx.put_lease(rec);
-                Ok::<_, EngineError>(true)
+                Ok::<_, EngineError>(begun)
             })
-            .await?;
-        if revoke {
-            crate::metrics::stage("commit_before", committing.elapsed());
-            self.changed();
-            self.drive(&LeaseId::new(id)).await?;
-        }
-        Ok(())
+            .await
     }
 
     /// Stages the move to `Revoking`: the `Revoke` timer is due now and stays

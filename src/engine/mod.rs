@@ -22,6 +22,7 @@ mod requests;
 mod zsp;
 
 pub use admin::leases_outside_config;
+pub use ends::REVOCATION_BATCH;
 pub use zsp::Drift;
 
 use crate::clock::Clock;
@@ -354,34 +355,51 @@ impl Engine {
     }
 
     /// Runs one due timer. Always clears or moves it, so it never fires twice
-    /// for the same work.
+    /// for the same work. (`Expire` and `Revoke` go through
+    /// [`Engine::fire_revocations`], the path the scheduler takes for many.)
     pub async fn fire(&self, timer: Timer) {
-        if matches!(timer.kind, TimerKind::Expire | TimerKind::Revoke) {
-            let late = (self.now() - timer.due).to_std().unwrap_or_default();
-            crate::metrics::stage("timer_lateness", late);
+        match timer.kind {
+            TimerKind::Expire | TimerKind::Revoke => self.fire_revocations(vec![timer]).await,
+            _ => self.fire_other(timer).await,
         }
+    }
+
+    /// A timer on its own: a grant to finish, a request timing out, a
+    /// warning. (Revocations come through [`Engine::fire_revocations`]; an
+    /// `Expire` here only starts revoking, and the `Revoke` timer that
+    /// commits, due at once, removes the membership.)
+    async fn fire_other(&self, timer: Timer) {
         let outcome = match timer.kind {
             TimerKind::Grant | TimerKind::Revoke => {
                 self.drive(&jitbot_core::LeaseId::new(timer.id.as_str())).await
             }
-            TimerKind::Expire => self.expire(&timer.id).await,
+            TimerKind::Expire => self
+                .begin_expiries(std::slice::from_ref(&timer.id))
+                .await
+                .map(|_| ()),
             TimerKind::RequestTimeout => self.time_out(&timer.id).await,
             TimerKind::Warn => self.warn(&timer.id).await,
         };
         if let Err(e) = outcome {
-            tracing::error!(kind = ?timer.kind, id = %timer.id, error = %e, "timer work failed; retrying later");
-            let retry = self.now() + self.inner.settings.retry_base.to_chrono();
-            let moved = self
-                .inner
-                .store
-                .update(self.now(), |tx| {
-                    tx.set_timer(timer.kind, &timer.id, retry);
-                    Ok::<(), StoreError>(())
-                })
-                .await;
-            if let Err(e) = moved {
-                tracing::error!(error = %e, "cannot reschedule timer");
-            }
+            self.retry_timer(timer.kind, &timer.id, &e).await;
+        }
+    }
+
+    /// Timer work failed: its timer moves `retry_base` out (the work is
+    /// retried then, never dropped).
+    async fn retry_timer(&self, kind: TimerKind, id: &str, error: &EngineError) {
+        tracing::error!(kind = ?kind, id = %id, error = %error, "timer work failed; retrying later");
+        let retry = self.now() + self.inner.settings.retry_base.to_chrono();
+        let moved = self
+            .inner
+            .store
+            .update(self.now(), |tx| {
+                tx.set_timer(kind, id, retry);
+                Ok::<(), StoreError>(())
+            })
+            .await;
+        if let Err(e) = moved {
+            tracing::error!(error = %e, "cannot reschedule timer");
         }
     }
 }

@@ -597,6 +597,134 @@ async fn leases_expiring_together_each_end_once() {
     assert_eq!(bot.audit_actions().len(), actions.len(), "nothing ends twice");
 }
 
+/// Expiries handed to the engine together (as the scheduler hands a mass
+/// expiry) start revoking in one commit that is durable before any
+/// removal, and their removals run at once, not one after the other: a
+/// crash right after the removals (the directory never answers) finds
+/// every lease revoking and none lost. A lease in the batch that is not
+/// due after all (extended meanwhile) stays active with its expiry at its
+/// real end. After a restart each ends exactly once.
+#[tokio::test]
+async fn expiries_due_together_begin_in_one_commit_and_are_removed_at_once() {
+    let memory = crate::support::bot::seeded();
+    let hang: Arc<dyn Directory> = Arc::new(Hang {
+        inner: memory.clone(),
+        at: "after-remove",
+    });
+    let bot = TestBot::builder().wrap(|_| hang).build();
+    for (user, group, hours) in [
+        ("alice", "db-admins", 1),
+        ("dave", "db-admins", 1),
+        ("alice", "web-admins", 1),
+        ("erin", "db-admins", 2),
+    ] {
+        let id = TestBot::request_id(&bot.ok(user, &format!("request {group} {hours}h x")).await);
+        bot.ok("bob", &format!("approve {id}")).await;
+    }
+    bot.advance(Duration::hours(1));
+    let now = bot.engine.now();
+    let mut expiring: Vec<jitbot::store::Timer> = bot
+        .engine
+        .store()
+        .due_timers(now, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.kind == jitbot::store::TimerKind::Expire)
+        .collect();
+    assert_eq!(expiring.len(), 3, "{expiring:?}");
+    let leases = bot.engine.store().leases().unwrap();
+    let erin = leases
+        .iter()
+        .find(|l| l.lease.user == UserId::new("erin"))
+        .unwrap()
+        .lease
+        .clone();
+    // As if erin's lease had been extended after its timer was read.
+    expiring.push(jitbot::store::Timer {
+        due: now,
+        kind: jitbot::store::TimerKind::Expire,
+        id: erin.id.to_string(),
+    });
+    let batch = bot.engine.fire_revocations(expiring);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(300), batch)
+            .await
+            .is_err(),
+        "the removals should hang after reaching the directory"
+    );
+    assert!(!memory.members(DB).contains("alice"));
+    assert!(
+        !memory.members(DB).contains("dave"),
+        "removed at once, not after alice's"
+    );
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "removed at once, not after the others"
+    );
+    assert!(memory.members(DB).contains("erin"));
+    // The removals' tasks were aborted with the batch: let them go (and
+    // their hold on the store) before the restart, as a crash would.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+    let bot = bot.restart(memory.clone(), policy());
+    let states = |bot: &TestBot| -> Vec<(String, LeaseState)> {
+        let mut all: Vec<_> = bot
+            .engine
+            .store()
+            .leases()
+            .unwrap()
+            .into_iter()
+            .map(|l| (format!("{}@{}", l.lease.user, l.lease.group), l.lease.state))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    };
+    assert_eq!(
+        states(&bot),
+        vec![
+            ("alice@db-admins".into(), LeaseState::Revoking),
+            ("alice@web-admins".into(), LeaseState::Revoking),
+            ("dave@db-admins".into(), LeaseState::Revoking),
+            ("erin@db-admins".into(), LeaseState::Active),
+        ]
+    );
+    let erin_expiry = bot
+        .engine
+        .store()
+        .timers_of(jitbot::store::TimerKind::Expire)
+        .unwrap();
+    assert_eq!(erin_expiry.len(), 1, "{erin_expiry:?}");
+    assert_eq!(
+        (erin_expiry[0].id.as_str(), erin_expiry[0].due),
+        (erin.id.as_str(), erin.expires_at)
+    );
+
+    bot.run_due().await;
+    assert_eq!(
+        states(&bot),
+        vec![
+            ("alice@db-admins".into(), LeaseState::Ended),
+            ("alice@web-admins".into(), LeaseState::Ended),
+            ("dave@db-admins".into(), LeaseState::Ended),
+            ("erin@db-admins".into(), LeaseState::Active),
+        ]
+    );
+    let actions = bot.audit_actions();
+    for (action, count) in [("lease.revoking", 3), ("lease.ended", 3)] {
+        assert_eq!(
+            actions.iter().filter(|a| *a == action).count(),
+            count,
+            "{action}: {actions:?}"
+        );
+    }
+    assert_eq!(
+        bot.engine.store().verify_audit().unwrap(),
+        AuditCheck::Intact {
+            records: actions.len() as u64
+        }
+    );
+}
+
 /// What `/metrics` shows comes from the timer index: active leases,
 /// pending requests, and the most overdue lease — an active one whose
 /// expiry is due, or one whose revocation keeps failing.
