@@ -468,22 +468,33 @@ impl Store {
     }
 
     fn open_sled(path: &Path, cache_mb: u64, backend: Backend) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_mb.max(1) * 1024 * 1024)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked {
-                        path: path.display().to_string(),
-                    }
-                }
-                sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
-                    path: path.display().to_string(),
-                },
-                other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
-            })?;
+        // zstd level of sled's page compression: sled's default.
+        const COMPRESSION_LEVEL: i32 = 5;
+        let config = |compressed: bool| {
+            sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_mb.max(1) * 1024 * 1024)
+                .flush_every_ms(Some(500))
+                .use_compression(compressed)
+                .compression_factor(COMPRESSION_LEVEL)
+        };
+        // New stores are zstd-compressed (about half the disk per
+        // lifecycle). sled fixes the setting when it creates a store and
+        // refuses to open it with another one, so a store created before
+        // compression keeps opening as it was written, uncompressed.
+        let db = match config(true).open() {
+            Err(sled::Error::Unsupported(why)) if why.contains("use_compression") => config(false).open(),
+            other => other,
+        }
+        .map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => StoreError::Locked {
+                path: path.display().to_string(),
+            },
+            sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
+                path: path.display().to_string(),
+            },
+            other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
+        })?;
         let inner = Inner {
             requests: db.open_tree("requests")?,
             leases: db.open_tree("leases")?,
