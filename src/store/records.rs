@@ -579,7 +579,8 @@ mod tests {
         let compact = serde_json::to_string(&StoredRequest::from(&old)).unwrap();
         assert!(compact.len() + 150 < request.len(), "{compact}");
         assert!(!compact.contains("null") && !compact.contains("[]"), "{compact}");
-        let again = RequestRecord::try_from(serde_json::from_str::<StoredRequest>(&compact).unwrap()).unwrap();
+        let again =
+            RequestRecord::try_from(serde_json::from_str::<StoredRequest>(&compact).unwrap()).unwrap();
         assert_eq!(again, old);
 
         let old = LeaseRecord::try_from(serde_json::from_str::<StoredLease>(lease).unwrap()).unwrap();

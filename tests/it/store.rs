@@ -133,7 +133,10 @@ async fn a_store_created_before_compression_keeps_opening_uncompressed_and_new_o
         let lease = store.lease(&LeaseId::new("l-1")).unwrap().expect("the old lease");
         assert_eq!(lease.lease.request, RequestId::new("r-1"));
         audit(&store).await;
-        assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: round });
+        assert_eq!(
+            store.verify_audit().unwrap(),
+            AuditCheck::Intact { records: round }
+        );
         store.flush().await.unwrap();
     }
     assert!(!compressed(&old), "an old store stays as it was written");
@@ -142,7 +145,10 @@ async fn a_store_created_before_compression_keeps_opening_uncompressed_and_new_o
     for round in 1..=2 {
         let store = reopen(&new);
         audit(&store).await;
-        assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: round });
+        assert_eq!(
+            store.verify_audit().unwrap(),
+            AuditCheck::Intact { records: round }
+        );
         store.flush().await.unwrap();
     }
     assert!(compressed(&new), "a new store is compressed");
