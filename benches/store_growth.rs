@@ -307,7 +307,12 @@ async fn run() {
         // sled 0.34 has no compaction call: its export/import rewrites every
         // tree into a fresh database, the most compact layout it produces.
         let db = loop {
-            match sled::Config::new().path(&path).cache_capacity(64 << 20).open() {
+            match sled::Config::new()
+                .path(&path)
+                .cache_capacity(64 << 20)
+                .use_compression(true)
+                .open()
+            {
                 Ok(db) => break db,
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
@@ -315,6 +320,7 @@ async fn run() {
         let fresh = sled::Config::new()
             .path(&compacted)
             .cache_capacity(64 << 20)
+            .use_compression(true)
             .open()
             .expect("fresh db");
         let mut logical = Vec::new();

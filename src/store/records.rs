@@ -1,6 +1,11 @@
 //! Stored formats: versioned structs, kept apart from the domain types so
 //! that the domain can change without breaking databases already on disk.
 //! Each record is JSON tagged with its version (`"v": 1`).
+//!
+//! Requests and leases leave out fields that hold nothing (`null`, `false`,
+//! `[]`, zero attempts): they are most of an ended record's bytes, and a
+//! year of records is kept. Reading fills them back in, so records written
+//! in full by earlier releases read the same.
 
 use crate::messages::{ChatRef, MessageRef, Notice, Tone};
 use jitbot_core::lease::{EndReason, LeaseState, Membership};
@@ -36,6 +41,7 @@ pub(super) enum StoredRequest {
 #[derive(Serialize, Deserialize)]
 pub(super) struct RequestV1 {
     id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     extends: Option<String>,
     group: String,
     requester: String,
@@ -44,15 +50,25 @@ pub(super) struct RequestV1 {
     created_at: Instant,
     decide_by: Instant,
     state: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     approvals: Vec<DecisionV1>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     denials: Vec<DecisionV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     cancelled_by: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
     auto_approved: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     break_glass_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     break_glass_ack: Option<DecisionV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     decided_at: Option<Instant>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<ChatRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     messages: Vec<MessageRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     lease: Option<String>,
 }
 
@@ -60,8 +76,18 @@ pub(super) struct RequestV1 {
 struct DecisionV1 {
     by: String,
     at: Instant,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     duration_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl From<&Decision> for DecisionV1 {
@@ -195,16 +221,24 @@ pub(super) struct LeaseV1 {
     expires_at: Instant,
     latest_end: Instant,
     state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     preexisting: Option<bool>,
     /// What the grant wrote; absent in records written before it was kept.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     membership: Option<MembershipV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     end: Option<EndV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     ended_at: Option<Instant>,
+    #[serde(default, skip_serializing_if = "is_zero")]
     revoke_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
     alerted: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
     warned: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<ChatRef>,
 }
 
@@ -530,5 +564,47 @@ mod tests {
         let text = serde_json::to_string(&MembershipV1::from(&m)).unwrap();
         let back: Membership = serde_json::from_str::<MembershipV1>(&text).unwrap().into();
         assert_eq!(back, m);
+    }
+    /// A request and a lease as earlier releases stored them, every field
+    /// written out: each reads as the same record it reads as after being
+    /// written again in today's shorter form.
+    #[test]
+    fn records_written_in_full_by_earlier_releases_read_the_same_as_compact_ones() {
+        let request = r#"{"v":"1","id":"r-1","extends":null,"group":"db","requester":"alice","duration_secs":3600,"reason":"deploy","created_at":"2026-01-01T00:00:00Z","decide_by":"2026-01-01T01:00:00Z","state":"approved","approvals":[{"by":"carol","at":"2026-01-01T00:01:00Z","duration_secs":null,"reason":null}],"denials":[],"cancelled_by":null,"auto_approved":false,"break_glass_reason":null,"break_glass_ack":null,"decided_at":"2026-01-01T00:01:00Z","origin":null,"messages":[],"lease":"l-1"}"#;
+        let lease = r#"{"v":"1","id":"l-1","request":"r-1","group":"db","user":"alice","starts_at":"2026-01-01T00:01:00Z","expires_at":"2026-01-01T01:01:00Z","latest_end":"2026-01-01T04:01:00Z","state":"ended","preexisting":false,"membership":{"group_dn":"cn=db,dc=x","attribute":"member","value":"uid=alice,dc=x"},"end":{"kind":"expired"},"ended_at":"2026-01-01T01:01:00Z","revoke_attempts":0,"last_error":null,"alerted":false,"warned":false,"origin":null}"#;
+
+        let old = RequestRecord::try_from(serde_json::from_str::<StoredRequest>(request).unwrap()).unwrap();
+        assert_eq!(old.request.approvals.len(), 1);
+        assert_eq!(old.lease, Some(LeaseId::new("l-1")));
+        let compact = serde_json::to_string(&StoredRequest::from(&old)).unwrap();
+        assert!(compact.len() + 150 < request.len(), "{compact}");
+        assert!(!compact.contains("null") && !compact.contains("[]"), "{compact}");
+        let again =
+            RequestRecord::try_from(serde_json::from_str::<StoredRequest>(&compact).unwrap()).unwrap();
+        assert_eq!(again, old);
+
+        let old = LeaseRecord::try_from(serde_json::from_str::<StoredLease>(lease).unwrap()).unwrap();
+        assert_eq!(old.lease.preexisting, Some(false));
+        assert_eq!(old.lease.end_reason, Some(EndReason::Expired));
+        let compact = serde_json::to_string(&StoredLease::from(&old)).unwrap();
+        assert!(compact.len() + 70 < lease.len(), "{compact}");
+        assert!(!compact.contains("null"), "{compact}");
+        let again = LeaseRecord::try_from(serde_json::from_str::<StoredLease>(&compact).unwrap()).unwrap();
+        assert_eq!(again, old);
+
+        // Fields holding something are still written and read back.
+        let mut busy = old.clone();
+        busy.lease.revoke_attempts = 3;
+        busy.lease.alerted = true;
+        busy.lease.warned = true;
+        busy.lease.last_error = Some("slapd down".into());
+        busy.origin = Some(ChatRef {
+            platform: "slack".into(),
+            user: "U1".into(),
+            channel: None,
+        });
+        let text = serde_json::to_string(&StoredLease::from(&busy)).unwrap();
+        let back = LeaseRecord::try_from(serde_json::from_str::<StoredLease>(&text).unwrap()).unwrap();
+        assert_eq!(back, busy);
     }
 }

@@ -90,6 +90,11 @@ async fn live_slots_written_before_case_folding_still_hold_their_lease() {
         let folded = b"db-admins\0alice";
         let lease = live.remove(folded).expect("remove").expect("the folded slot");
         live.insert(b"db-admins\0Alice", lease).expect("insert");
+        // A store of the previous release has never been folded.
+        let meta = db.open_tree("meta").expect("meta tree");
+        meta.remove(b"live_folded")
+            .expect("remove")
+            .expect("a folded store says so");
         db.flush().expect("flush");
     }
     let engine = Engine::new(

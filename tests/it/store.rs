@@ -72,3 +72,84 @@ async fn due_timers_never_hands_out_a_timer_before_its_instant(backend: Backend)
         "at {now} the timer due {due} was handed out: {early:?}"
     );
 }
+
+/// Opens the store at `path`, waiting for a flush of a dropped store that
+/// still holds the database.
+fn reopen(path: &std::path::Path) -> jitbot::store::Store {
+    for _ in 0..100 {
+        match jitbot::store::Store::open(path, 16) {
+            Err(StoreError::Locked { .. }) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            other => return other.expect("reopen store"),
+        }
+    }
+    panic!("the store stayed locked");
+}
+
+/// What sled's `conf` file in a store says about compression.
+fn compressed(path: &std::path::Path) -> bool {
+    let conf = std::fs::read(path.join("conf")).expect("sled writes conf when it creates a store");
+    let conf = String::from_utf8_lossy(&conf);
+    assert!(conf.contains("use_compression:"), "{conf}");
+    conf.contains("use_compression: true")
+}
+
+#[tokio::test]
+async fn a_store_created_before_compression_keeps_opening_uncompressed_and_new_ones_are_compressed() {
+    use jitbot_core::{LeaseId, RequestId};
+    let tmp = tempfile::tempdir().unwrap();
+    let old = tmp.path().join("old");
+    {
+        // A store as earlier releases created it (sled's defaults: no
+        // compression), holding a lease record as they stored it.
+        let db = sled::Config::new().path(&old).open().unwrap();
+        db.open_tree("leases")
+            .unwrap()
+            .insert(
+                "l-1",
+                r#"{"v":"1","id":"l-1","request":"r-1","group":"db","user":"alice","starts_at":"2026-01-01T00:00:00Z","expires_at":"2026-01-01T01:00:00Z","latest_end":"2026-01-01T04:00:00Z","state":"ended","preexisting":false,"membership":null,"end":{"kind":"expired"},"ended_at":"2026-01-01T01:00:00Z","revoke_attempts":0,"last_error":null,"alerted":false,"warned":false,"origin":null}"#,
+            )
+            .unwrap();
+        db.flush().unwrap();
+    }
+    assert!(!compressed(&old));
+    let audit = |store: &jitbot::store::Store| {
+        let store = store.clone();
+        async move {
+            store
+                .update(Utc::now(), |tx| {
+                    tx.audit(AuditDraft {
+                        actor: "test".into(),
+                        action: "test.write".into(),
+                        ..Default::default()
+                    });
+                    Ok::<(), StoreError>(())
+                })
+                .await
+                .unwrap()
+        }
+    };
+    for round in 1..=2 {
+        let store = reopen(&old);
+        let lease = store.lease(&LeaseId::new("l-1")).unwrap().expect("the old lease");
+        assert_eq!(lease.lease.request, RequestId::new("r-1"));
+        audit(&store).await;
+        assert_eq!(
+            store.verify_audit().unwrap(),
+            AuditCheck::Intact { records: round }
+        );
+        store.flush().await.unwrap();
+    }
+    assert!(!compressed(&old), "an old store stays as it was written");
+
+    let new = tmp.path().join("new");
+    for round in 1..=2 {
+        let store = reopen(&new);
+        audit(&store).await;
+        assert_eq!(
+            store.verify_audit().unwrap(),
+            AuditCheck::Intact { records: round }
+        );
+        store.flush().await.unwrap();
+    }
+    assert!(compressed(&new), "a new store is compressed");
+}

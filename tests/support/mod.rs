@@ -22,7 +22,13 @@ pub fn open_raw_sled(path: impl AsRef<std::path::Path>) -> sled::Db {
     let path = path.as_ref();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match sled::open(path) {
+        // Stores are compressed unless created before jitbot compressed
+        // them; sled opens each only with the setting it was created with.
+        let opened = match sled::Config::new().path(path).use_compression(true).open() {
+            Err(sled::Error::Unsupported(why)) if why.contains("use_compression") => sled::open(path),
+            other => other,
+        };
+        match opened {
             Ok(db) => return db,
             Err(sled::Error::Io(e)) if std::time::Instant::now() < deadline && is_lock_error(&e) => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
