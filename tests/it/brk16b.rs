@@ -1,0 +1,263 @@
+//! Review brk16b of issue 16 (PostgreSQL, replicas, the storage port):
+//! each test here states a guarantee the issue or ARCHITECTURE.md makes
+//! and shows it broken on the real servers (PostgreSQL 15, the real
+//! `jitbot run` binary, the gateway fake). Findings and suggested fixes:
+//! `notes/brk16b-findings.md` of the review.
+
+use crate::support::fake_discord::{FakeDiscord, APP_ID};
+use crate::support::fake_gateway::{FakeGateway, GUILD};
+use crate::support::postgres::{cluster, Database, PASSWORD};
+use crate::support::process::Jitbot;
+use chrono::Utc;
+use jitbot::store::{AuditDraft, Store, StoreError, TimerKind};
+use std::time::Duration;
+
+/// Commits one timer and one audit record.
+async fn write(store: &Store, timer: &str) -> Result<(), StoreError> {
+    store
+        .update(Utc::now(), |tx| {
+            tx.set_timer(TimerKind::Warn, timer, Utc::now());
+            tx.audit(AuditDraft {
+                actor: "test".into(),
+                action: "test.write".into(),
+                ..Default::default()
+            });
+            Ok::<(), StoreError>(())
+        })
+        .await
+}
+
+/// `[store] url` asks for `sslmode=verify-full` (and `[store] ca_file` is
+/// set), followed by a second `sslmode=disable`, as a URL template plus
+/// an appended default can produce. The check finds the first `sslmode`
+/// (verify-full: accepted), the driver reads the last (disable): the
+/// replica talks to PostgreSQL in clear, password and all, while the
+/// operator asked for verified TLS. Either refuse the URL or encrypt.
+#[tokio::test]
+async fn brk16b_verify_full_url_with_a_second_sslmode_connects_in_clear() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = db.settings();
+    settings.url = settings
+        .url
+        .replace("sslmode=disable", "sslmode=verify-full&sslmode=disable");
+    settings.ca_file = Some(cluster().ca_file.clone());
+    let store = match Store::open_postgres(&tmp.path().join("a"), 16, &settings) {
+        // Refused: the guarantee holds.
+        Err(e) => {
+            assert!(
+                e.to_string().contains("sslmode"),
+                "refused, but without saying why: {e}"
+            );
+            return;
+        }
+        Ok(store) => store,
+    };
+    write(&store, "in-clear").await.unwrap();
+    let plain = db.value(
+        "SELECT count(*)::text FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE NOT ssl AND application_name = 'jitbot' AND datname = current_database()",
+    );
+    assert_eq!(
+        plain, "0",
+        "[store] url {} asks for sslmode=verify-full with ca_file set, yet {plain} of jitbot's connections \
+         to PostgreSQL are not encrypted (the second sslmode=disable wins in the driver, the check reads \
+         the first): the password and every lease went over the wire in clear",
+        settings.url
+    );
+}
+
+/// A mirror's reload (`pg.rs` `reload`) first removes the mirror's
+/// position (version, database, commit) and flushes, "so a crash
+/// half-way reloads again"; a replica's very first catch-up writes the
+/// trees before its position, too. The state a SIGKILL leaves there — a
+/// mirror with data and no position — is exactly what
+/// `holds_sled_store` takes for a sled store: the replica refuses to start
+/// ("holds a sled store, not a mirror of PostgreSQL; … jitbot store
+/// copy"), and keeps refusing on every restart (a crash-looping pod with
+/// a persistent volume) until someone deletes the mirror by hand. Here the
+/// state is made as the reload's first step makes it, on a real mirror.
+#[tokio::test]
+async fn brk16b_a_replica_killed_during_a_mirror_reload_cannot_start_again() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mirror");
+    {
+        let store = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+        write(&store, "before-the-reload").await.unwrap();
+        store.flush().await.unwrap();
+    }
+    // The reload's first step, flushed: position gone, trees not yet cleared.
+    {
+        let sled_db = sled::open(&path).expect("open the closed mirror with sled");
+        let mirror = sled_db.open_tree("mirror").unwrap();
+        assert!(
+            mirror.get(b"db_id").unwrap().is_some(),
+            "the mirror tree is where pg.rs keeps the mirror's position"
+        );
+        for key in [&b"version"[..], b"db_id", b"commit_id"] {
+            mirror.remove(key).unwrap();
+        }
+        sled_db.flush().unwrap();
+    }
+    let reopened = Store::open_postgres(&path, 16, &db.settings());
+    let err = reopened.as_ref().err().map(|e| e.to_string());
+    assert!(
+        err.is_none(),
+        "a replica killed during its mirror's reload (position removed and flushed, trees not yet \
+         cleared) must reload again at the next start, as pg.rs's reload promises; instead it refuses \
+         to start: {}",
+        err.unwrap_or_default()
+    );
+    let store = reopened.unwrap();
+    assert!(
+        store
+            .timers_of(TimerKind::Warn)
+            .unwrap()
+            .iter()
+            .any(|t| t.id == "before-the-reload"),
+        "the reloaded mirror lost the database's timer"
+    );
+}
+
+/// The URL `FakeDiscord` serves, and the config of a `jitbot run` replica
+/// on `url` in Discord gateway mode (memory directory).
+fn gateway_replica_config(url: &str, discord: &FakeDiscord) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[discord]
+mode = "gateway"
+bot_token = {{ env = "GW_BOT_TOKEN" }}
+api_url = "{api}"
+application_id = "{APP_ID}"
+guild_id = "{GUILD}"
+default_channel = "500"
+channels = {{ db-admins = "510" }}
+users = {{ "1000000000000000001" = "alice", "1000000000000000002" = "bob" }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        api = discord.base,
+    )
+}
+
+/// Issue 16: "only the leader runs the scheduler, the outbox worker, the
+/// ZSP monitor and the Discord gateway connection". `app::run` spawns the
+/// gateway task (`chat::configure`'s `tasks`) on every replica, outside
+/// the leadership loop: two replicas on one database both IDENTIFY and
+/// both hold a session, so every interaction reaches whichever session
+/// Discord picks (both, in this fake's docs-based model the last one),
+/// each replica spends the bot's daily session starts, and a follower
+/// answers Discord although it does no leader work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16b_the_discord_gateway_runs_on_a_follower_too() {
+    let db = Database::create();
+    let url = cluster().url(&db.name);
+    let discord = FakeDiscord::start().await;
+    let gw = FakeGateway::start(discord.clone(), Duration::from_millis(1000)).await;
+    let config = gateway_replica_config(&url, &discord);
+    let env = [
+        ("JITBOT_TEST_PGPW", PASSWORD),
+        ("GW_BOT_TOKEN", "brk16b-bot-token"),
+    ];
+    let a = Jitbot::start(&config, &env).await;
+    gw.wait_op(2, 1, Duration::from_secs(20)).await;
+    let b = Jitbot::start(&config, &env).await;
+    // Long enough for b to connect if it does, and for the term to settle
+    // (a term is 6 s; b must not lead while a renews).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The leader logs that it leads (readyz here says the fake lacks a
+    // route the readiness check asks for, not the role).
+    let leaders: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|bot| bot.log_text().contains("this replica leads"))
+        .collect();
+    let leading = leaders.iter().filter(|l| **l).count();
+    assert_eq!(leading, 1, "exactly one replica leads (a, b): {leaders:?}");
+    let identified: std::collections::BTreeSet<u64> = gw.ops(2).iter().map(|f| f.connection).collect();
+    assert!(
+        identified.len() <= 1 && gw.live().len() <= 1,
+        "two replicas on one database (leading: a, b = {leaders:?}) hold {} gateway connections and identified on \
+         {:?}: the Discord gateway must run on the leader only (issue 16); a's log:\n{}\nb's log:\n{}",
+        gw.live().len(),
+        identified,
+        tail(&a.log_text()),
+        tail(&b.log_text()),
+    );
+}
+
+/// The gateway and leadership lines of a log, without colours, for
+/// assertion messages.
+fn tail(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An ANSI colour: ESC [ … m.
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let lines: Vec<&str> = plain
+        .lines()
+        .filter(|l| l.contains("Discord gateway") || l.contains("this replica leads"))
+        .collect();
+    lines[lines.len().saturating_sub(6)..].join("\n")
+}
+
+/// A database migrated by a newer jitbot (schema 4), opened by this one
+/// with `[store] migrate = false`: the refusal tells the operator to "run
+/// `jitbot migrate` (or leave [store] migrate on)", which cannot help (the
+/// migrate then refuses the newer schema); the error must say the schema
+/// is newer and to run the newer release, as the migrating path does.
+#[tokio::test]
+async fn brk16b_a_newer_schema_without_migrate_is_refused_with_the_wrong_advice() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    drop(Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap());
+    db.run("INSERT INTO jitbot_schema (version) VALUES (4)");
+    let mut settings = db.settings();
+    settings.migrate = false;
+    let err = Store::open_postgres(&tmp.path().join("b"), 16, &settings)
+        .err()
+        .expect("a newer schema is refused")
+        .to_string();
+    assert!(
+        err.contains("newer") && !err.contains("run `jitbot migrate`"),
+        "a database at schema 4 opened by a jitbot that knows 3, with migrate off, must be refused as \
+         newer (run the newer release); jitbot says: {err}"
+    );
+}
