@@ -217,6 +217,12 @@ async fn brk16b_the_discord_gateway_runs_on_a_follower_too() {
 /// The gateway and leadership lines of a log, without colours, for
 /// assertion messages.
 fn tail(log: &str) -> String {
+    tail_matching(log, &["Discord gateway", "this replica leads"])
+}
+
+/// The last lines of a log that contain one of `patterns`, without
+/// colours, for assertion messages.
+fn tail_matching(log: &str, patterns: &[&str]) -> String {
     let mut plain = String::with_capacity(log.len());
     let mut chars = log.chars();
     while let Some(c) = chars.next() {
@@ -233,9 +239,9 @@ fn tail(log: &str) -> String {
     }
     let lines: Vec<&str> = plain
         .lines()
-        .filter(|l| l.contains("Discord gateway") || l.contains("this replica leads"))
+        .filter(|l| patterns.iter().any(|p| l.contains(p)))
         .collect();
-    lines[lines.len().saturating_sub(6)..].join("\n")
+    lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
 /// A database migrated by a newer jitbot (schema 4), opened by this one
@@ -260,4 +266,190 @@ async fn brk16b_a_newer_schema_without_migrate_is_refused_with_the_wrong_advice(
         "a database at schema 4 opened by a jitbot that knows 3, with migrate off, must be refused as \
          newer (run the newer release); jitbot says: {err}"
     );
+}
+
+/// A Slack Web API fake that answers every `chat.postMessage` after
+/// `delay` (a platform a little slow, as under load) and records the
+/// number of every `brk16b-notice-<n>` it was asked to post.
+async fn slow_slack(delay: Duration) -> (String, crate::support::net::Recorder<u32>) {
+    use axum::body::Bytes;
+    use axum::extract::Path;
+    use axum::routing::post;
+    let posted = crate::support::net::Recorder::<u32>::default();
+    let rec = posted.clone();
+    let app = axum::Router::new().route(
+        "/api/{method}",
+        post(move |Path(method): Path<String>, body: Bytes| {
+            let rec = rec.clone();
+            async move {
+                let body = String::from_utf8_lossy(&body).into_owned();
+                let answer = match method.as_str() {
+                    "chat.postMessage" => {
+                        tokio::time::sleep(delay).await;
+                        if let Some(at) = body.find("brk16b-notice-") {
+                            let digits: String = body[at + "brk16b-notice-".len()..]
+                                .chars()
+                                .take_while(char::is_ascii_digit)
+                                .collect();
+                            if let Ok(n) = digits.parse() {
+                                rec.push(n);
+                            }
+                        }
+                        serde_json::json!({"ok": true, "channel": "CJIT", "ts": "1700000000.000100",
+                            "message": {"type": "message", "ts": "1700000000.000100", "text": "", "bot_id": "B1"}})
+                    }
+                    "auth.test" => serde_json::json!({
+                        "ok": true, "user_id": "UBOT", "team_id": "T1", "bot_id": "B1",
+                        "user": "jitbot", "team": "test", "url": "https://test.slack.com/"
+                    }),
+                    _ => serde_json::json!({"ok": true}),
+                };
+                axum::Json(answer)
+            }
+        }),
+    );
+    let base = crate::support::net::serve(app, "slow Slack fake").await;
+    (format!("{base}/api"), posted)
+}
+
+fn slack_replica_config(url: &str, slack_api: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[slack]
+mode = "http"
+bot_token = {{ env = "BRK16B_BOT" }}
+signing_secret = {{ env = "BRK16B_SIGNING" }}
+team_id = "T1"
+api_url = "{slack_api}"
+default_channel = "CJIT"
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    )
+}
+
+fn signal(bot: &Jitbot, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &bot.pid().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {}", bot.pid());
+}
+
+/// A leader paused (SIGSTOP: a VM pause, a stop-the-world stall, a swap
+/// storm) past its term, while its outbox worker was working through a
+/// batch of notices; the other replica takes over and delivers them. On
+/// SIGCONT the deposed leader's outbox worker goes on posting from the
+/// batch it read before the pause — and on stop makes "one last pass" —
+/// although each of those notices was delivered by the new leader and its
+/// own `outbox_finish` is refused (`Deposed`): nothing fenced stands
+/// between a deposed leader and the chat platform. ARCHITECTURE.md allows
+/// at most the one post in flight to show twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16b_a_paused_leader_resumed_posts_notices_the_new_leader_already_delivered() {
+    use crate::support::net::eventually;
+    use jitbot::messages::{Audience, Notice, Tone};
+    use jitbot::store::OutboxItem;
+    const NOTICES: u32 = 40;
+    let db = Database::create();
+    let url = cluster().url(&db.name);
+    let (api, posted) = slow_slack(Duration::from_millis(200)).await;
+    let config = slack_replica_config(&url, &api);
+    let env = [
+        ("JITBOT_TEST_PGPW", PASSWORD),
+        ("BRK16B_BOT", "xoxb-brk16b"),
+        ("BRK16B_SIGNING", "brk16b-signing-secret"),
+    ];
+    let a = Jitbot::start(&config, &env).await;
+    eventually(Duration::from_secs(20), "replica a to lead", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+
+    // A third replica (this test) queues the notices; a's refresh pulls them.
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Store::open_postgres(&tmp.path().join("c"), 16, &db.settings()).unwrap();
+    c.update(Utc::now(), |tx| {
+        for n in 0..NOTICES {
+            tx.outbox(OutboxItem::Send {
+                notice: Notice {
+                    to: Audience::Group(jitbot_core::GroupName::new("db-admins")),
+                    text: format!("brk16b-notice-{n}"),
+                    buttons: Vec::new(),
+                    tone: Tone::Plain,
+                },
+            });
+        }
+        Ok::<(), StoreError>(())
+    })
+    .await
+    .unwrap();
+
+    eventually(Duration::from_secs(20), "a to post a few notices", || {
+        (posted.all().len() >= 3).then_some(())
+    })
+    .await;
+    signal(&a, "-STOP");
+    let at_pause = posted.all().len();
+    eventually(
+        Duration::from_secs(40),
+        "b to take over and post every notice",
+        || {
+            let all = posted.all();
+            (0..NOTICES).all(|n| all.contains(&n)).then_some(())
+        },
+    )
+    .await;
+    let before_resume = posted.all().len();
+    signal(&a, "-CONT");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let all = posted.all();
+    let mut twice: Vec<u32> = (0..NOTICES)
+        .filter(|n| all.iter().filter(|m| *m == n).count() > 1)
+        .collect();
+    twice.sort_unstable();
+    assert!(
+        twice.len() <= 1,
+        "{} notices were posted twice ({twice:?}); {at_pause} posts before a was paused, {before_resume} \
+         when b had posted everything, {} after a resumed: the deposed leader went on posting from its \
+         stale batch after its term had passed to b; a's log:\n{}",
+        twice.len(),
+        all.len(),
+        tail_matching(
+            &a.log_text(),
+            &["leadership", "outbox", "notice", "deposed", "Deposed", "stopping"]
+        ),
+    );
+    drop(b);
 }
