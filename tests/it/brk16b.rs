@@ -453,3 +453,73 @@ async fn brk16b_a_paused_leader_resumed_posts_notices_the_new_leader_already_del
     );
     drop(b);
 }
+
+/// ARCHITECTURE.md: "Reads between transactions come from the mirror, at
+/// most MIRROR_REFRESH (1 s) behind other replicas". A mirror that must
+/// reload (the database lost commits it saw: a failover to a standby that
+/// was behind; or a mirror behind the deletion horizon) clears every tree
+/// and refills it under the writer lock, but readers take no lock: for
+/// the length of the reload the mirror reads as an empty store. The
+/// leader's ZSP monitor, run then, finds alice in the ZSP group with no
+/// live lease and reports drift (a security alert and a `zsp.drift`
+/// audit record) for a membership jitbot itself granted; `list`, the
+/// dashboard and the scheduler read the same empty store. 100,000
+/// replay-window entries stand in for a big store (a reload of seconds);
+/// the lost commit is simulated by changing the head's commit identity,
+/// as a failover to a lagging standby does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16b_a_mirror_reload_makes_the_zsp_monitor_report_a_leased_membership_as_drift() {
+    use jitbot_core::{GroupName, UserId};
+    let bot = crate::support::bot::TestBot::builder().postgres().build();
+    let text = bot.ok("alice", "request db-admins 1h brk16b").await;
+    let id = crate::support::bot::TestBot::request_id(&text);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert!(
+        bot.is_member(crate::support::bot::DB, "alice"),
+        "alice holds db-admins under her lease"
+    );
+    let store = bot.engine.store().clone();
+    let (group, alice) = (GroupName::new("db-admins"), UserId::new("alice"));
+    assert!(store.live_lease(&group, &alice).unwrap().is_some());
+    assert!(
+        bot.engine.check_zsp().await.unwrap().is_empty(),
+        "no drift before the reload"
+    );
+
+    let db = bot.pg.clone().expect("a PostgreSQL bot");
+    db.run(
+        "INSERT INTO jitbot_kv (tree, key, value, version) \
+         SELECT 'seen', convert_to('brk16b-' || g, 'UTF8'), int8send(4102444800), 1 \
+         FROM generate_series(1, 100000) g",
+    );
+    db.run(
+        "UPDATE jitbot_commits SET commit_id = 'brk16b-lost' \
+         WHERE version = (SELECT version FROM jitbot_head)",
+    );
+    let reload = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.refresh())
+    };
+    // The ZSP monitor's next run falls within the reload.
+    let started = std::time::Instant::now();
+    while store.live_lease(&group, &alice).unwrap().is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the reload never emptied the mirror"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let drift = bot.engine.check_zsp().await.unwrap();
+    reload.await.unwrap().expect("the reload");
+    assert!(
+        store.live_lease(&group, &alice).unwrap().is_some(),
+        "after the reload alice's lease is live again"
+    );
+    assert!(
+        drift.is_empty(),
+        "the ZSP monitor, run while the mirror reloaded, reported alice's membership, held under her live \
+         lease, as drift ({drift:?}); audit now: {:?}",
+        bot.audit_actions()
+    );
+}
