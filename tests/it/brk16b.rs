@@ -523,3 +523,36 @@ async fn brk16b_a_mirror_reload_makes_the_zsp_monitor_report_a_leased_membership
         bot.audit_actions()
     );
 }
+
+/// `Store::restore` "must be empty": it checks `requests`, `leases` and
+/// `audit` of the local index before it takes the writer lock, and never
+/// again under it. On PostgreSQL the local index is this replica's
+/// mirror, which may not yet hold what another replica committed: the
+/// check passes on a stale mirror, the restore's transaction then pulls
+/// the other replica's commits and writes the backup over them, and the
+/// database ends up holding two histories (the audit chain of one with
+/// records of the other).
+#[tokio::test]
+async fn brk16b_restore_checks_emptiness_on_a_stale_mirror_and_merges_into_a_non_empty_database() {
+    let source = crate::support::bot::TestBot::new();
+    source.ok("alice", "request db-admins 1h from the backup").await;
+    let mut backup = Vec::new();
+    source.engine.store().backup(&mut backup).unwrap();
+
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    // Replica b commits; a's mirror has not refreshed yet.
+    for n in 0..3 {
+        write(&b, &format!("b-{n}")).await.unwrap();
+    }
+    let restored = a.restore(std::io::Cursor::new(&backup)).await;
+    let audit = a.verify_audit();
+    assert!(
+        restored.is_err(),
+        "a restore into a database that already holds another replica's commits (3 audit records) was \
+         accepted ({restored:?}); the store's audit chain now checks as {audit:?} and holds b's timers: {}",
+        a.timers_of(TimerKind::Warn).map(|t| t.len()).unwrap_or_default()
+    );
+}
