@@ -557,3 +557,41 @@ async fn brk16b_restore_checks_emptiness_on_a_stale_mirror_and_merges_into_a_non
         a.timers_of(TimerKind::Warn).map(|t| t.len()).unwrap_or_default()
     );
 }
+
+/// Turning `[audit] key` on with two replicas (a rolling restart): the
+/// restarted replica keys the chain at start-up (`seal_unkeyed_history`),
+/// while the other, still running with the old config, goes on appending.
+/// On sled one process owns the chain and `check_audit_key` refuses a
+/// keyed store opened without the key; on PostgreSQL nothing stops the
+/// unkeyed replica: `audit::append` writes plain records after the keying
+/// and leaves the head's MAC behind, so the chain no longer verifies under
+/// the key — a permanent tamper alarm for an ordinary rollout, and the same
+/// writes an attacker's downgrade would make.
+#[tokio::test]
+async fn brk16b_an_unkeyed_replica_appends_to_a_chain_another_replica_keyed() {
+    use jitbot::secret::Secret;
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    write(&a, "before-keying").await.unwrap();
+    // a restarts with the key (here: the same store given it, then sealed).
+    a.set_audit_key(Secret::new("brk16b-audit-key-0123456789abcdef0123456789"));
+    a.seal_unkeyed_history(Utc::now()).await.unwrap();
+    write(&a, "keyed").await.unwrap();
+    assert!(
+        matches!(
+            a.verify_audit().unwrap(),
+            jitbot::store::AuditCheck::Intact { .. }
+        ),
+        "the keyed chain verifies before b writes"
+    );
+    // b, still on the old config, commits.
+    let unkeyed = write(&b, "from-the-unkeyed-replica").await;
+    let check = a.verify_audit().unwrap();
+    assert!(
+        unkeyed.is_err() || matches!(check, jitbot::store::AuditCheck::Intact { .. }),
+        "replica b, without [audit] key, committed into the chain replica a had keyed ({unkeyed:?}); the \
+         chain now checks under the key as {check:?}"
+    );
+}
