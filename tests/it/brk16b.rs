@@ -170,15 +170,14 @@ max_duration = "4h"
 }
 
 /// Issue 16: "only the leader runs the scheduler, the outbox worker, the
-/// ZSP monitor and the Discord gateway connection". `app::run` spawns the
-/// gateway task (`chat::configure`'s `tasks`) on every replica, outside
-/// the leadership loop: two replicas on one database both IDENTIFY and
-/// both hold a session, so every interaction reaches whichever session
-/// Discord picks (both, in this fake's docs-based model the last one),
-/// each replica spends the bot's daily session starts, and a follower
-/// answers Discord although it does no leader work.
+/// ZSP monitor and the Discord gateway connection". The gateway task is a
+/// leader task (`chat::Adapters::leader_tasks`, run in `app::start`'s
+/// work): of two replicas on one database only the leader IDENTIFYs and
+/// holds a session (review brk16b finding 1: it ran on every replica, each
+/// spending the bot's daily session starts, the follower answering
+/// Discord).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk16b_the_discord_gateway_runs_on_a_follower_too() {
+async fn only_the_leader_holds_a_discord_gateway_session() {
     let db = Database::create();
     let url = cluster().url(&db.name);
     let discord = FakeDiscord::start().await;
@@ -368,14 +367,13 @@ fn signal(bot: &Jitbot, sig: &str) {
 /// A leader paused (SIGSTOP: a VM pause, a stop-the-world stall, a swap
 /// storm) past its term, while its outbox worker was working through a
 /// batch of notices; the other replica takes over and delivers them. On
-/// SIGCONT the deposed leader's outbox worker goes on posting from the
-/// batch it read before the pause — and on stop makes "one last pass" —
-/// although each of those notices was delivered by the new leader and its
-/// own `outbox_finish` is refused (`Deposed`): nothing fenced stands
-/// between a deposed leader and the chat platform. ARCHITECTURE.md allows
-/// at most the one post in flight to show twice.
+/// SIGCONT the deposed leader posts nothing more: the outbox checks the
+/// term before every post and stops its pass once the term's step-down
+/// point has passed, and a lost term gets no "last pass". ARCHITECTURE.md
+/// allows at most the one post in flight to show twice (review brk16b
+/// finding 2: the deposed leader went on posting from its stale batch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn brk16b_a_paused_leader_resumed_posts_notices_the_new_leader_already_delivered() {
+async fn a_paused_leader_resumed_posts_no_notice_the_new_leader_delivered() {
     use crate::support::net::eventually;
     use jitbot::messages::{Audience, Notice, Tone};
     use jitbot::store::OutboxItem;
