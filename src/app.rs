@@ -37,9 +37,13 @@ pub struct Parts {
     pub scheduler: SchedulerSettings,
     /// How often the ZSP monitor runs (it also runs at start-up).
     pub zsp_interval: Duration,
-    /// With replicas (PostgreSQL): the scheduler, the outbox worker and the
-    /// ZSP monitor run only while this replica leads. `None`: always.
+    /// With replicas (PostgreSQL): the scheduler, the outbox worker, the
+    /// ZSP monitor and `leader_tasks` run only while this replica leads.
+    /// `None`: always.
     pub leader: Option<LeaderSettings>,
+    /// The chat adapters' leader-only tasks (the Discord gateway), started
+    /// with each term and stopped with it.
+    pub leader_tasks: Vec<crate::chat::LeaderTask>,
 }
 
 /// How this replica takes part in leadership (`store::leader`).
@@ -145,12 +149,15 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
             }
         });
     }
-    let (work_engine, notifier, schedule, zsp) = (
+    let (work_engine, notifier, schedule, zsp, leader_tasks) = (
         engine.clone(),
         parts.notifier,
         parts.scheduler,
         parts.zsp_interval,
+        parts.leader_tasks,
     );
+    // Tells the outbox a stop at shutdown (a last pass) from a lost term.
+    let shutdown = rx.clone();
     // The work only one replica does at a time.
     let work = move |stop: watch::Receiver<bool>| {
         let mut set = JoinSet::new();
@@ -159,11 +166,15 @@ pub fn start(parts: Parts, listener: TcpListener, admin: Option<TcpListener>) ->
             schedule.clone(),
             stop.clone(),
         ));
-        set.spawn(crate::chat::outbox::run(
+        set.spawn(crate::chat::outbox::run_for_term(
             work_engine.clone(),
             notifier.clone(),
             stop.clone(),
+            shutdown.clone(),
         ));
+        for task in &leader_tasks {
+            set.spawn(task(stop.clone()));
+        }
         set.spawn(zsp_monitor(work_engine.clone(), zsp, stop));
         set
     };
@@ -573,6 +584,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 holder: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
                 ttl: LEADER_TTL,
             }),
+            leader_tasks: extra.leader_tasks,
         },
         listener,
         Some(admin_listener),

@@ -195,6 +195,7 @@ pub async fn start_demo_with(options: DemoOptions) -> anyhow::Result<(Running, D
             },
             zsp_interval: Duration::from_secs(30),
             leader: None,
+            leader_tasks: Vec::new(),
         },
         listener,
         None,

@@ -22,10 +22,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// A background task of an adapter (Socket Mode, a gateway), given the
-/// shutdown signal.
+/// A background task of an adapter that may run on every replica (Socket
+/// Mode), given the shutdown signal.
 pub type AdapterTask =
     Box<dyn FnOnce(watch::Receiver<bool>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// A background task of an adapter that only the leader runs (the Discord
+/// gateway connection, HTTP mode's command registration): started each
+/// time this replica takes a term, given a signal that turns true when the
+/// term or the process ends. Alone (sled), it runs once, until shutdown.
+pub type LeaderTask =
+    Arc<dyn Fn(watch::Receiver<bool>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// What the configured chat adapters add to a running jitbot.
 #[derive(Default)]
@@ -34,7 +41,10 @@ pub struct Adapters {
     pub routers: Vec<Router>,
     /// Routes for the admin listener (the dashboard).
     pub admin_routers: Vec<Router>,
+    /// Tasks every replica runs until shutdown (Socket Mode).
     pub tasks: Vec<AdapterTask>,
+    /// Tasks only the leader runs, with its term (`app::start`'s work).
+    pub leader_tasks: Vec<LeaderTask>,
 }
 
 /// Builds the chat adapters the config names, registering their notifiers.
@@ -82,7 +92,7 @@ pub fn configure(
         let (adapter, router, task) = discord::configure(cfg, engine, clock.clone())?;
         platforms.push(("discord".into(), adapter));
         adapters.routers.extend(router);
-        adapters.tasks.extend(task);
+        adapters.leader_tasks.extend(task);
     }
     if config.server.dashboard {
         let token = config

@@ -5,15 +5,17 @@
 //! a backoff; a destination that fails or is rate limited (even forever)
 //! delays nobody else; alerts are retried until delivered. Delivery never
 //! holds up a grant or a revocation: those were committed before the notice
-//! was queued.
+//! was queued. With replicas only the leader delivers, and only within its
+//! term ([`Tenure`]).
 
 use crate::engine::Engine;
 use crate::ports::{Audience, ChatError, CopyLog, MessageRef, Notifier, PostError};
-use crate::store::{OutboxItem, OutboxJob, StoreError};
+use crate::store::leader::Window;
+use crate::store::{OutboxItem, OutboxJob, Store, StoreError};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::request::RequestState;
 use jitbot_core::{Instant, RequestId};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
@@ -119,17 +121,34 @@ fn forget_unconfigured(engine: &Engine, dests: &[(String, bool)]) {
 
 /// Runs until shutdown: one task fans new entries out, one task per
 /// destination delivers its queue.
-pub async fn run(engine: Engine, notifier: Arc<dyn Notifier>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(engine: Engine, notifier: Arc<dyn Notifier>, shutdown: watch::Receiver<bool>) {
+    run_for_term(engine, notifier, shutdown.clone(), shutdown).await
+}
+
+/// [`run`] on a leader: until `stop` turns true (its term ended, or
+/// shutdown). Only at `shutdown` does each destination make a last pass,
+/// and only within the term; a stop for a lost term leaves the queue to the
+/// next leader at once.
+pub async fn run_for_term(
+    engine: Engine,
+    notifier: Arc<dyn Notifier>,
+    mut stop: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+) {
     let dests = destinations(&notifier);
     let names: Vec<(String, bool)> = dests.iter().map(|(n, _, own)| (n.clone(), *own)).collect();
     forget_unconfigured(&engine, &names);
-    let (stop, stopped) = watch::channel(false);
+    let (stop_workers, stopped) = watch::channel(false);
     let mut workers = tokio::task::JoinSet::new();
     let mut wakes = Vec::new();
     for (name, n, own) in dests {
         let wake = Arc::new(Notify::new());
         wakes.push(wake.clone());
-        workers.spawn(deliver_loop(engine.clone(), name, n, own, wake, stopped.clone()));
+        let signals = Signals {
+            stop: stopped.clone(),
+            shutdown: shutdown.clone(),
+        };
+        workers.spawn(deliver_loop(engine.clone(), name, n, own, wake, signals));
     }
     loop {
         fan_out(&engine, &names);
@@ -139,18 +158,73 @@ pub async fn run(engine: Engine, notifier: Arc<dyn Notifier>, mut shutdown: watc
         tokio::select! {
             _ = tokio::time::sleep(MAX_WAIT) => {}
             _ = engine.outbox_changed().notified() => {}
-            r = shutdown.changed() => {
-                if r.is_err() || *shutdown.borrow() {
-                    // Queue what the last transitions wrote; each destination
-                    // then makes one last pass, so announcements of final
-                    // revocations go out.
-                    fan_out(&engine, &names);
-                    let _ = stop.send(true);
+            r = stop.changed() => {
+                if r.is_err() || *stop.borrow() {
+                    if *shutdown.borrow() {
+                        // Queue what the last transitions wrote; each
+                        // destination then makes one last pass, so
+                        // announcements of final revocations go out.
+                        fan_out(&engine, &names);
+                    }
+                    let _ = stop_workers.send(true);
                     while workers.join_next().await.is_some() {}
                     return;
                 }
             }
         }
+    }
+}
+
+/// What ends a destination's worker: `stop` (the term or the process
+/// ended), and whether that is `shutdown` (a last pass is owed).
+struct Signals {
+    stop: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The window in which this replica may post: always without leadership
+/// (sled, or a store that never asked to lead); with replicas, only before
+/// its term's step-down point ([`Store::acts_until`]), the bound its
+/// directory calls keep too. Checked before every post, so a leader paused
+/// past its term (a VM pause, a stall) and resumed posts nothing the next
+/// leader may have delivered, but the one post in flight when it paused.
+/// The last step-down point seen is kept: at shutdown the leadership loop
+/// forgets the term before the worker's last pass, which may still post
+/// until then (no other replica acts before it).
+struct Tenure {
+    until: Mutex<Option<std::time::Instant>>,
+}
+
+impl Tenure {
+    fn new(store: &Store) -> Tenure {
+        let tenure = Tenure {
+            until: Mutex::new(None),
+        };
+        tenure.open(store);
+        tenure
+    }
+
+    /// Whether this replica may post now.
+    fn open(&self, store: &Store) -> bool {
+        if store.directory_window() == Window::Unbounded {
+            return true;
+        }
+        let mut until = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(now_until) = store.acts_until() {
+            *until = Some(now_until);
+        }
+        until.is_some_and(|u| std::time::Instant::now() < u)
+    }
+
+    /// [`Tenure::open`] as a delivery error, for the checks inside one
+    /// delivery (before each post or update of a card's copies).
+    fn check(&self, store: &Store) -> Result<(), ChatError> {
+        if self.open(store) {
+            return Ok(());
+        }
+        Err(ChatError::Unavailable(
+            "this replica's term as leader ended; the next leader delivers the rest".into(),
+        ))
     }
 }
 
@@ -186,19 +260,21 @@ async fn deliver_loop(
     notifier: Arc<dyn Notifier>,
     own_messages_only: bool,
     wake: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
+    signals: Signals,
 ) {
+    let Signals { mut stop, shutdown } = signals;
     let dest = Dest {
         name: &name,
         notifier: notifier.as_ref(),
         own_messages_only,
     };
+    let tenure = Tenure::new(engine.store());
     let mut clock = Floor::new(engine.now());
     // A rate limit pauses the whole destination, whatever wakes it.
     let mut resume_at = tokio::time::Instant::now();
     loop {
         let wait = if tokio::time::Instant::now() >= resume_at {
-            let pass = deliver_due(&engine, dest, clock.now(engine.now())).await;
+            let pass = deliver_due(&engine, dest, &tenure, clock.now(engine.now())).await;
             if let Some(pause) = pass.pause {
                 resume_at = tokio::time::Instant::now() + pause;
             }
@@ -211,8 +287,10 @@ async fn deliver_loop(
             _ = wake.notified() => {}
             r = stop.changed() => {
                 if r.is_err() || *stop.borrow() {
-                    if tokio::time::Instant::now() >= resume_at {
-                        deliver_due(&engine, dest, clock.now(engine.now())).await;
+                    // A lost term leaves the queue to the next leader; at
+                    // shutdown, a last pass within the term.
+                    if *shutdown.borrow() && tokio::time::Instant::now() >= resume_at {
+                        deliver_due(&engine, dest, &tenure, clock.now(engine.now())).await;
                     }
                     return;
                 }
@@ -270,9 +348,10 @@ pub async fn drain(engine: &Engine, notifier: &dyn Notifier) -> Duration {
         .map(|d| (d.name.to_string(), d.own_messages_only))
         .collect();
     fan_out(engine, &names);
+    let tenure = Tenure::new(engine.store());
     let mut wait = None::<Duration>;
     for dest in dests {
-        let pass = deliver_due(engine, dest, engine.now()).await;
+        let pass = deliver_due(engine, dest, &tenure, engine.now()).await;
         if pass.pause.is_some() || pass.next_due.is_some() {
             let this = pass.wait();
             wait = Some(wait.map_or(this, |w| w.min(this)));
@@ -281,9 +360,22 @@ pub async fn drain(engine: &Engine, notifier: &dyn Notifier) -> Duration {
     wait.unwrap_or(MAX_WAIT)
 }
 
-/// Delivers what is due on `dest` at `now`.
-async fn deliver_due(engine: &Engine, dest: Dest<'_>, now: Instant) -> Pass {
+/// Delivers what is due on `dest` at `now`, while `tenure` is open.
+async fn deliver_due(engine: &Engine, dest: Dest<'_>, tenure: &Tenure, now: Instant) -> Pass {
     let store = engine.store();
+    // The term ended: the rest of the batch (read from this replica's
+    // mirror, perhaps before a pause) is the next leader's, and so is the
+    // outcome of a delivery cut short by the end of the term.
+    let ended = || {
+        tracing::info!(
+            platform = dest.name,
+            "this replica's term as leader ended; it delivers no more notices"
+        );
+        Pass {
+            next_due: Some(Duration::from_secs(1)),
+            pause: None,
+        }
+    };
     let jobs = match store.outbox_due(dest.name, now, BATCH) {
         Ok(jobs) => jobs,
         Err(e) => {
@@ -296,12 +388,18 @@ async fn deliver_due(engine: &Engine, dest: Dest<'_>, now: Instant) -> Pass {
     };
     let full = jobs.len() == BATCH;
     for job in jobs {
-        let Err(e) = deliver(engine, dest, &job).await else {
+        if !tenure.open(store) {
+            return ended();
+        }
+        let Err(e) = deliver(engine, dest, tenure, &job).await else {
             if let Err(e) = store.outbox_finish(job.id, dest.name) {
                 tracing::error!(platform = dest.name, error = %e, "cannot mark a delivered notice; it may be sent again");
             }
             continue;
         };
+        if !tenure.open(store) {
+            return ended();
+        }
         if let Some(pause) = failed(engine, dest, &job, &e.error, e.deferred, now).await {
             // The platform asked for a pause: the rest of its queue waits.
             return Pass {
@@ -422,8 +520,10 @@ async fn failed(
     pause
 }
 
-async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(), PostError> {
+/// Delivers one job to `dest`, checking `tenure` before each post or update.
+async fn deliver(engine: &Engine, dest: Dest<'_>, tenure: &Tenure, job: &OutboxJob) -> Result<(), PostError> {
     let store_err = |e: StoreError| ChatError::Unavailable(e.to_string());
+    let store = engine.store();
     match &job.item {
         OutboxItem::Send { notice } => Ok(match &notice.to {
             Audience::User { user, chat } => {
@@ -434,9 +534,13 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                     _ => dest.notifier.contact_attributes(),
                 };
                 let contact = engine.contact(user, &attributes).await;
+                tenure.check(store)?;
                 dest.notifier.send_to(notice, &contact).await
             }
-            _ => dest.notifier.send(notice).await,
+            _ => {
+                tenure.check(store)?;
+                dest.notifier.send(notice).await
+            }
         }?),
         OutboxItem::PostApproval { request } => {
             let Some(rec) = engine.store().request(request).map_err(store_err)? else {
@@ -470,6 +574,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             let card = engine
                 .card_to_post(&rec, &dest.notifier.contact_attributes())
                 .await;
+            tenure.check(store)?;
             engine
                 .store()
                 .outbox_start_post(job.id, dest.name)
@@ -478,7 +583,11 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             // Copies earlier attempts recorded are left out, and brought up
             // to date after the missing ones are posted; each new copy is
             // recorded as soon as it is posted.
-            let log = RecordCopies { engine, request };
+            let log = RecordCopies {
+                engine,
+                request,
+                tenure,
+            };
             dest.notifier.post_missing_copies(&card, &posted, &log).await?;
             if !posted.is_empty() {
                 // As recorded now (the channel copy may list others).
@@ -488,7 +597,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
                         .iter()
                         .filter(|m| posted.iter().any(|p| p.same_message(m)))
                         .collect();
-                    update_every_copy(engine, dest, request, fresh, &engine.card(&rec)).await?;
+                    update_every_copy(engine, dest, tenure, request, fresh, &engine.card(&rec)).await?;
                 }
             }
             engine
@@ -504,17 +613,19 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, job: &OutboxJob) -> Result<(),
             };
             let card = engine.card(&rec);
             let copies: Vec<&MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).collect();
-            Ok(update_every_copy(engine, dest, request, copies, &card).await?)
+            Ok(update_every_copy(engine, dest, tenure, request, copies, &card).await?)
         }
     }
 }
 
 /// Records the copies of one request's card, each in its own durable
 /// change, as the platform posts them: a crash part way posts again at
-/// most the copy in flight.
+/// most the copy in flight. Once the term has ended, it stops the posting
+/// after recording the copy just posted.
 struct RecordCopies<'a> {
     engine: &'a Engine,
     request: &'a RequestId,
+    tenure: &'a Tenure,
 }
 
 #[async_trait::async_trait]
@@ -536,7 +647,8 @@ impl CopyLog for RecordCopies<'_> {
             .await
             .map_err(|e| {
                 ChatError::Unavailable(format!("cannot record a posted copy of the approval card: {e}"))
-            })
+            })?;
+        self.tenure.check(self.engine.store())
     }
 }
 
@@ -551,6 +663,7 @@ impl CopyLog for RecordCopies<'_> {
 async fn update_every_copy(
     engine: &Engine,
     dest: Dest<'_>,
+    tenure: &Tenure,
     request: &RequestId,
     copies: Vec<&MessageRef>,
     card: &crate::ports::ApprovalCard,
@@ -561,6 +674,7 @@ async fn update_every_copy(
         if m.shows.as_deref() == Some(shows.as_str()) {
             continue;
         }
+        tenure.check(engine.store())?;
         match dest.notifier.update_approval(m, card).await {
             Ok(()) => record_shown(engine, request, m, shows).await?,
             Err(ChatError::Refused(why)) => {

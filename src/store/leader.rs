@@ -137,6 +137,23 @@ impl Store {
         term.map(|t| t.act_from)
     }
 
+    /// The step-down point of the term this replica leads by now, its store
+    /// fenced with the term's token: the leader's work on the chat
+    /// platforms (the outbox) acts only before it, as its directory calls
+    /// end before it. `None`: no such term (a follower, a replica that
+    /// stepped down, or a store that never asked to lead: see
+    /// [`Store::directory_window`] for that case).
+    pub fn acts_until(&self) -> Option<Instant> {
+        let term = *self
+            .inner
+            .leadership
+            .term
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        term.filter(|t| self.fence() == Some(t.token))
+            .map(|t| t.act_until)
+    }
+
     /// Forgets this replica's term (it stepped down or lost it): from now
     /// on it calls the directory for no lease until it leads again.
     pub fn step_down(&self) {

@@ -2,12 +2,13 @@
 //! interaction into the shared [`Incoming`] and answers with what
 //! [`DiscordHandler::handle`] returns. The gateway URL comes from
 //! `GET /gateway/bot` at `discord.api_url`; `tests/it/gateway.rs` runs it
-//! against a gateway v10 fake. Registration runs in both modes.
+//! against a gateway v10 fake. Registration runs in both modes. Both are
+//! leader tasks: with replicas only the leader holds a gateway session.
 
 use super::handle::DiscordHandler;
 use super::interaction::{Incoming, Rejected};
 use super::DiscordAdapter;
-use crate::chat::AdapterTask;
+use crate::chat::LeaderTask;
 use crate::secret::Secret;
 use async_trait::async_trait;
 use serenity::all::{
@@ -84,9 +85,10 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     }
 }
 
-/// HTTP mode's start-up task: register `/jit`, then nothing more.
-pub fn register_task(adapter: Arc<DiscordAdapter>) -> AdapterTask {
-    Box::new(move |mut shutdown| {
+/// HTTP mode's leader task: register `/jit`, then nothing more.
+pub fn register_task(adapter: Arc<DiscordAdapter>) -> LeaderTask {
+    Arc::new(move |mut shutdown| {
+        let adapter = adapter.clone();
         Box::pin(async move {
             tokio::select! {
                 _ = register(&adapter) => {}
@@ -134,12 +136,14 @@ async fn gateway_url(adapter: &DiscordAdapter, shutdown: &mut watch::Receiver<bo
     }
 }
 
-/// Gateway mode's task: register `/jit`, then hold the gateway connection
-/// (serenity reconnects and resumes by itself) until shutdown.
+/// Gateway mode's leader task: register `/jit`, then hold the gateway
+/// connection (serenity reconnects and resumes by itself) until the term or
+/// the process ends.
 /// Interactions arrive with no intent at all, so jitbot asks for none: no
 /// guild, message or presence events reach it.
-pub fn task(token: Secret, handler: Arc<DiscordHandler>, adapter: Arc<DiscordAdapter>) -> AdapterTask {
-    Box::new(move |mut shutdown| {
+pub fn task(token: Secret, handler: Arc<DiscordHandler>, adapter: Arc<DiscordAdapter>) -> LeaderTask {
+    Arc::new(move |mut shutdown| {
+        let (token, handler, adapter) = (token.clone(), handler.clone(), adapter.clone());
         Box::pin(async move {
             tokio::select! {
                 _ = register(&adapter) => {}

@@ -388,8 +388,8 @@ impl DiscordAdapter {
 }
 
 /// Builds the Discord adapter from config: the notifier, the interactions
-/// endpoint in HTTP mode, and a start-up task that registers `/jit` (and, in
-/// gateway mode, then runs the gateway connection until shutdown).
+/// endpoint in HTTP mode, and a leader task that registers `/jit` (and, in
+/// gateway mode, then runs the gateway connection until the term ends).
 pub fn configure(
     config: &DiscordConfig,
     engine: &Engine,
@@ -397,7 +397,7 @@ pub fn configure(
 ) -> anyhow::Result<(
     Arc<DiscordAdapter>,
     Option<axum::Router>,
-    Option<crate::chat::AdapterTask>,
+    Option<crate::chat::LeaderTask>,
 )> {
     let token = config.bot_token.resolve().map_err(DiscordSetupError::from)?;
     let adapter = Arc::new(DiscordAdapter::with_token(config, token.clone())?);

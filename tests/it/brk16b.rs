@@ -1,0 +1,595 @@
+//! Review brk16b of issue 16 (PostgreSQL, replicas, the storage port):
+//! each test here states a guarantee the issue or ARCHITECTURE.md makes
+//! and shows it broken on the real servers (PostgreSQL 15, the real
+//! `jitbot run` binary, the gateway fake). Findings and suggested fixes:
+//! `notes/brk16b-findings.md` of the review.
+
+use crate::support::fake_discord::{FakeDiscord, APP_ID};
+use crate::support::fake_gateway::{FakeGateway, GUILD};
+use crate::support::postgres::{cluster, Database, PASSWORD};
+use crate::support::process::Jitbot;
+use chrono::Utc;
+use jitbot::store::{AuditDraft, Store, StoreError, TimerKind};
+use std::time::Duration;
+
+/// Commits one timer and one audit record.
+async fn write(store: &Store, timer: &str) -> Result<(), StoreError> {
+    store
+        .update(Utc::now(), |tx| {
+            tx.set_timer(TimerKind::Warn, timer, Utc::now());
+            tx.audit(AuditDraft {
+                actor: "test".into(),
+                action: "test.write".into(),
+                ..Default::default()
+            });
+            Ok::<(), StoreError>(())
+        })
+        .await
+}
+
+/// `[store] url` asks for `sslmode=verify-full` (and `[store] ca_file` is
+/// set), followed by a second `sslmode=disable`, as a URL template plus
+/// an appended default can produce. The check finds the first `sslmode`
+/// (verify-full: accepted), the driver reads the last (disable): the
+/// replica talks to PostgreSQL in clear, password and all, while the
+/// operator asked for verified TLS. Either refuse the URL or encrypt.
+#[tokio::test]
+async fn brk16b_verify_full_url_with_a_second_sslmode_connects_in_clear() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut settings = db.settings();
+    settings.url = settings
+        .url
+        .replace("sslmode=disable", "sslmode=verify-full&sslmode=disable");
+    settings.ca_file = Some(cluster().ca_file.clone());
+    let store = match Store::open_postgres(&tmp.path().join("a"), 16, &settings) {
+        // Refused: the guarantee holds.
+        Err(e) => {
+            assert!(
+                e.to_string().contains("sslmode"),
+                "refused, but without saying why: {e}"
+            );
+            return;
+        }
+        Ok(store) => store,
+    };
+    write(&store, "in-clear").await.unwrap();
+    let plain = db.value(
+        "SELECT count(*)::text FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE NOT ssl AND application_name = 'jitbot' AND datname = current_database()",
+    );
+    assert_eq!(
+        plain, "0",
+        "[store] url {} asks for sslmode=verify-full with ca_file set, yet {plain} of jitbot's connections \
+         to PostgreSQL are not encrypted (the second sslmode=disable wins in the driver, the check reads \
+         the first): the password and every lease went over the wire in clear",
+        settings.url
+    );
+}
+
+/// A mirror's reload (`pg.rs` `reload`) first removes the mirror's
+/// position (version, database, commit) and flushes, "so a crash
+/// half-way reloads again"; a replica's very first catch-up writes the
+/// trees before its position, too. The state a SIGKILL leaves there — a
+/// mirror with data and no position — is exactly what
+/// `holds_sled_store` takes for a sled store: the replica refuses to start
+/// ("holds a sled store, not a mirror of PostgreSQL; … jitbot store
+/// copy"), and keeps refusing on every restart (a crash-looping pod with
+/// a persistent volume) until someone deletes the mirror by hand. Here the
+/// state is made as the reload's first step makes it, on a real mirror.
+#[tokio::test]
+async fn brk16b_a_replica_killed_during_a_mirror_reload_cannot_start_again() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mirror");
+    {
+        let store = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+        write(&store, "before-the-reload").await.unwrap();
+        store.flush().await.unwrap();
+    }
+    // The reload's first step, flushed: position gone, trees not yet cleared.
+    {
+        let sled_db = sled::open(&path).expect("open the closed mirror with sled");
+        let mirror = sled_db.open_tree("mirror").unwrap();
+        assert!(
+            mirror.get(b"db_id").unwrap().is_some(),
+            "the mirror tree is where pg.rs keeps the mirror's position"
+        );
+        for key in [&b"version"[..], b"db_id", b"commit_id"] {
+            mirror.remove(key).unwrap();
+        }
+        sled_db.flush().unwrap();
+    }
+    let reopened = Store::open_postgres(&path, 16, &db.settings());
+    let err = reopened.as_ref().err().map(|e| e.to_string());
+    assert!(
+        err.is_none(),
+        "a replica killed during its mirror's reload (position removed and flushed, trees not yet \
+         cleared) must reload again at the next start, as pg.rs's reload promises; instead it refuses \
+         to start: {}",
+        err.unwrap_or_default()
+    );
+    let store = reopened.unwrap();
+    assert!(
+        store
+            .timers_of(TimerKind::Warn)
+            .unwrap()
+            .iter()
+            .any(|t| t.id == "before-the-reload"),
+        "the reloaded mirror lost the database's timer"
+    );
+}
+
+/// The URL `FakeDiscord` serves, and the config of a `jitbot run` replica
+/// on `url` in Discord gateway mode (memory directory).
+fn gateway_replica_config(url: &str, discord: &FakeDiscord) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[discord]
+mode = "gateway"
+bot_token = {{ env = "GW_BOT_TOKEN" }}
+api_url = "{api}"
+application_id = "{APP_ID}"
+guild_id = "{GUILD}"
+default_channel = "500"
+channels = {{ db-admins = "510" }}
+users = {{ "1000000000000000001" = "alice", "1000000000000000002" = "bob" }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        api = discord.base,
+    )
+}
+
+/// Issue 16: "only the leader runs the scheduler, the outbox worker, the
+/// ZSP monitor and the Discord gateway connection". The gateway task is a
+/// leader task (`chat::Adapters::leader_tasks`, run in `app::start`'s
+/// work): of two replicas on one database only the leader IDENTIFYs and
+/// holds a session (review brk16b finding 1: it ran on every replica, each
+/// spending the bot's daily session starts, the follower answering
+/// Discord).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_holds_a_discord_gateway_session() {
+    let db = Database::create();
+    let url = cluster().url(&db.name);
+    let discord = FakeDiscord::start().await;
+    let gw = FakeGateway::start(discord.clone(), Duration::from_millis(1000)).await;
+    let config = gateway_replica_config(&url, &discord);
+    let env = [
+        ("JITBOT_TEST_PGPW", PASSWORD),
+        ("GW_BOT_TOKEN", "brk16b-bot-token"),
+    ];
+    let a = Jitbot::start(&config, &env).await;
+    gw.wait_op(2, 1, Duration::from_secs(20)).await;
+    let b = Jitbot::start(&config, &env).await;
+    // Long enough for b to connect if it does, and for the term to settle
+    // (a term is 6 s; b must not lead while a renews).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The leader logs that it leads (readyz here says the fake lacks a
+    // route the readiness check asks for, not the role).
+    let leaders: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|bot| bot.log_text().contains("this replica leads"))
+        .collect();
+    let leading = leaders.iter().filter(|l| **l).count();
+    assert_eq!(leading, 1, "exactly one replica leads (a, b): {leaders:?}");
+    let identified: std::collections::BTreeSet<u64> = gw.ops(2).iter().map(|f| f.connection).collect();
+    assert!(
+        identified.len() <= 1 && gw.live().len() <= 1,
+        "two replicas on one database (leading: a, b = {leaders:?}) hold {} gateway connections and identified on \
+         {:?}: the Discord gateway must run on the leader only (issue 16); a's log:\n{}\nb's log:\n{}",
+        gw.live().len(),
+        identified,
+        tail(&a.log_text()),
+        tail(&b.log_text()),
+    );
+}
+
+/// The gateway and leadership lines of a log, without colours, for
+/// assertion messages.
+fn tail(log: &str) -> String {
+    tail_matching(log, &["Discord gateway", "this replica leads"])
+}
+
+/// The last lines of a log that contain one of `patterns`, without
+/// colours, for assertion messages.
+fn tail_matching(log: &str, patterns: &[&str]) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An ANSI colour: ESC [ … m.
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let lines: Vec<&str> = plain
+        .lines()
+        .filter(|l| patterns.iter().any(|p| l.contains(p)))
+        .collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
+}
+
+/// A database migrated by a newer jitbot (schema 4), opened by this one
+/// with `[store] migrate = false`: the refusal tells the operator to "run
+/// `jitbot migrate` (or leave [store] migrate on)", which cannot help (the
+/// migrate then refuses the newer schema); the error must say the schema
+/// is newer and to run the newer release, as the migrating path does.
+#[tokio::test]
+async fn brk16b_a_newer_schema_without_migrate_is_refused_with_the_wrong_advice() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    drop(Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap());
+    db.run("INSERT INTO jitbot_schema (version) VALUES (4)");
+    let mut settings = db.settings();
+    settings.migrate = false;
+    let err = Store::open_postgres(&tmp.path().join("b"), 16, &settings)
+        .err()
+        .expect("a newer schema is refused")
+        .to_string();
+    assert!(
+        err.contains("newer") && !err.contains("run `jitbot migrate`"),
+        "a database at schema 4 opened by a jitbot that knows 3, with migrate off, must be refused as \
+         newer (run the newer release); jitbot says: {err}"
+    );
+}
+
+/// A Slack Web API fake that answers every `chat.postMessage` after
+/// `delay` (a platform a little slow, as under load) and records the
+/// number of every `brk16b-notice-<n>` it was asked to post.
+async fn slow_slack(delay: Duration) -> (String, crate::support::net::Recorder<u32>) {
+    use axum::body::Bytes;
+    use axum::extract::Path;
+    use axum::routing::post;
+    let posted = crate::support::net::Recorder::<u32>::default();
+    let rec = posted.clone();
+    let app = axum::Router::new().route(
+        "/api/{method}",
+        post(move |Path(method): Path<String>, body: Bytes| {
+            let rec = rec.clone();
+            async move {
+                let body = String::from_utf8_lossy(&body).into_owned();
+                let answer = match method.as_str() {
+                    "chat.postMessage" => {
+                        tokio::time::sleep(delay).await;
+                        if let Some(at) = body.find("brk16b-notice-") {
+                            let digits: String = body[at + "brk16b-notice-".len()..]
+                                .chars()
+                                .take_while(char::is_ascii_digit)
+                                .collect();
+                            if let Ok(n) = digits.parse() {
+                                rec.push(n);
+                            }
+                        }
+                        serde_json::json!({"ok": true, "channel": "CJIT", "ts": "1700000000.000100",
+                            "message": {"type": "message", "ts": "1700000000.000100", "text": "", "bot_id": "B1"}})
+                    }
+                    "auth.test" => serde_json::json!({
+                        "ok": true, "user_id": "UBOT", "team_id": "T1", "bot_id": "B1",
+                        "user": "jitbot", "team": "test", "url": "https://test.slack.com/"
+                    }),
+                    _ => serde_json::json!({"ok": true}),
+                };
+                axum::Json(answer)
+            }
+        }),
+    );
+    let base = crate::support::net::serve(app, "slow Slack fake").await;
+    (format!("{base}/api"), posted)
+}
+
+fn slack_replica_config(url: &str, slack_api: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+
+[slack]
+mode = "http"
+bot_token = {{ env = "BRK16B_BOT" }}
+signing_secret = {{ env = "BRK16B_SIGNING" }}
+team_id = "T1"
+api_url = "{slack_api}"
+default_channel = "CJIT"
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    )
+}
+
+fn signal(bot: &Jitbot, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &bot.pid().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {}", bot.pid());
+}
+
+/// A leader paused (SIGSTOP: a VM pause, a stop-the-world stall, a swap
+/// storm) past its term, while its outbox worker was working through a
+/// batch of notices; the other replica takes over and delivers them. On
+/// SIGCONT the deposed leader posts nothing more: the outbox checks the
+/// term before every post and stops its pass once the term's step-down
+/// point has passed, and a lost term gets no "last pass". ARCHITECTURE.md
+/// allows at most the one post in flight to show twice (review brk16b
+/// finding 2: the deposed leader went on posting from its stale batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_resumed_posts_no_notice_the_new_leader_delivered() {
+    use crate::support::net::eventually;
+    use jitbot::messages::{Audience, Notice, Tone};
+    use jitbot::store::OutboxItem;
+    const NOTICES: u32 = 40;
+    let db = Database::create();
+    let url = cluster().url(&db.name);
+    let (api, posted) = slow_slack(Duration::from_millis(200)).await;
+    let config = slack_replica_config(&url, &api);
+    let env = [
+        ("JITBOT_TEST_PGPW", PASSWORD),
+        ("BRK16B_BOT", "xoxb-brk16b"),
+        ("BRK16B_SIGNING", "brk16b-signing-secret"),
+    ];
+    let a = Jitbot::start(&config, &env).await;
+    eventually(Duration::from_secs(20), "replica a to lead", || {
+        a.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    let b = Jitbot::start(&config, &env).await;
+
+    // A third replica (this test) queues the notices; a's refresh pulls them.
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Store::open_postgres(&tmp.path().join("c"), 16, &db.settings()).unwrap();
+    c.update(Utc::now(), |tx| {
+        for n in 0..NOTICES {
+            tx.outbox(OutboxItem::Send {
+                notice: Notice {
+                    to: Audience::Group(jitbot_core::GroupName::new("db-admins")),
+                    text: format!("brk16b-notice-{n}"),
+                    buttons: Vec::new(),
+                    tone: Tone::Plain,
+                },
+            });
+        }
+        Ok::<(), StoreError>(())
+    })
+    .await
+    .unwrap();
+
+    eventually(Duration::from_secs(20), "a to post a few notices", || {
+        (posted.all().len() >= 3).then_some(())
+    })
+    .await;
+    signal(&a, "-STOP");
+    let at_pause = posted.all().len();
+    eventually(
+        Duration::from_secs(40),
+        "b to take over and post every notice",
+        || {
+            let all = posted.all();
+            (0..NOTICES).all(|n| all.contains(&n)).then_some(())
+        },
+    )
+    .await;
+    let before_resume = posted.all().len();
+    signal(&a, "-CONT");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let all = posted.all();
+    let mut twice: Vec<u32> = (0..NOTICES)
+        .filter(|n| all.iter().filter(|m| *m == n).count() > 1)
+        .collect();
+    twice.sort_unstable();
+    assert!(
+        twice.len() <= 1,
+        "{} notices were posted twice ({twice:?}); {at_pause} posts before a was paused, {before_resume} \
+         when b had posted everything, {} after a resumed: the deposed leader went on posting from its \
+         stale batch after its term had passed to b; a's log:\n{}",
+        twice.len(),
+        all.len(),
+        tail_matching(
+            &a.log_text(),
+            &["leadership", "outbox", "notice", "deposed", "Deposed", "stopping"]
+        ),
+    );
+    drop(b);
+}
+
+/// ARCHITECTURE.md: "Reads between transactions come from the mirror, at
+/// most MIRROR_REFRESH (1 s) behind other replicas". A mirror that must
+/// reload (the database lost commits it saw: a failover to a standby that
+/// was behind; or a mirror behind the deletion horizon) clears every tree
+/// and refills it under the writer lock, but readers take no lock: for
+/// the length of the reload the mirror reads as an empty store. The
+/// leader's ZSP monitor, run then, finds alice in the ZSP group with no
+/// live lease and reports drift (a security alert and a `zsp.drift`
+/// audit record) for a membership jitbot itself granted; `list`, the
+/// dashboard and the scheduler read the same empty store. 100,000
+/// replay-window entries stand in for a big store (a reload of seconds);
+/// the lost commit is simulated by changing the head's commit identity,
+/// as a failover to a lagging standby does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16b_a_mirror_reload_makes_the_zsp_monitor_report_a_leased_membership_as_drift() {
+    use jitbot_core::{GroupName, UserId};
+    let bot = crate::support::bot::TestBot::builder().postgres().build();
+    let text = bot.ok("alice", "request db-admins 1h brk16b").await;
+    let id = crate::support::bot::TestBot::request_id(&text);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert!(
+        bot.is_member(crate::support::bot::DB, "alice"),
+        "alice holds db-admins under her lease"
+    );
+    let store = bot.engine.store().clone();
+    let (group, alice) = (GroupName::new("db-admins"), UserId::new("alice"));
+    assert!(store.live_lease(&group, &alice).unwrap().is_some());
+    assert!(
+        bot.engine.check_zsp().await.unwrap().is_empty(),
+        "no drift before the reload"
+    );
+
+    let db = bot.pg.clone().expect("a PostgreSQL bot");
+    db.run(
+        "INSERT INTO jitbot_kv (tree, key, value, version) \
+         SELECT 'seen', convert_to('brk16b-' || g, 'UTF8'), int8send(4102444800), 1 \
+         FROM generate_series(1, 100000) g",
+    );
+    db.run(
+        "UPDATE jitbot_commits SET commit_id = 'brk16b-lost' \
+         WHERE version = (SELECT version FROM jitbot_head)",
+    );
+    let reload = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.refresh())
+    };
+    // The ZSP monitor's next run falls within the reload (if the reload
+    // ever shows readers an empty store; a fixed one never does).
+    let started = std::time::Instant::now();
+    while !reload.is_finished() && store.live_lease(&group, &alice).unwrap().is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the reload did not end within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let drift = bot.engine.check_zsp().await.unwrap();
+    reload.await.unwrap().expect("the reload");
+    assert!(
+        store.live_lease(&group, &alice).unwrap().is_some(),
+        "after the reload alice's lease is live again"
+    );
+    assert!(
+        drift.is_empty(),
+        "the ZSP monitor, run while the mirror reloaded, reported alice's membership, held under her live \
+         lease, as drift ({drift:?}); audit now: {:?}",
+        bot.audit_actions()
+    );
+}
+
+/// `Store::restore` "must be empty": it checks `requests`, `leases` and
+/// `audit` of the local index before it takes the writer lock, and never
+/// again under it. On PostgreSQL the local index is this replica's
+/// mirror, which may not yet hold what another replica committed: the
+/// check passes on a stale mirror, the restore's transaction then pulls
+/// the other replica's commits and writes the backup over them, and the
+/// database ends up holding two histories (the audit chain of one with
+/// records of the other).
+#[tokio::test]
+async fn brk16b_restore_checks_emptiness_on_a_stale_mirror_and_merges_into_a_non_empty_database() {
+    let source = crate::support::bot::TestBot::new();
+    source.ok("alice", "request db-admins 1h from the backup").await;
+    let mut backup = Vec::new();
+    source.engine.store().backup(&mut backup).unwrap();
+
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    // Replica b commits; a's mirror has not refreshed yet.
+    for n in 0..3 {
+        write(&b, &format!("b-{n}")).await.unwrap();
+    }
+    let restored = a.restore(std::io::Cursor::new(&backup)).await;
+    let audit = a.verify_audit();
+    assert!(
+        restored.is_err(),
+        "a restore into a database that already holds another replica's commits (3 audit records) was \
+         accepted ({restored:?}); the store's audit chain now checks as {audit:?} and holds b's timers: {}",
+        a.timers_of(TimerKind::Warn).map(|t| t.len()).unwrap_or_default()
+    );
+}
+
+/// Turning `[audit] key` on with two replicas (a rolling restart): the
+/// restarted replica keys the chain at start-up (`seal_unkeyed_history`),
+/// while the other, still running with the old config, goes on appending.
+/// On sled one process owns the chain and `check_audit_key` refuses a
+/// keyed store opened without the key; on PostgreSQL nothing stops the
+/// unkeyed replica: `audit::append` writes plain records after the keying
+/// and leaves the head's MAC behind, so the chain no longer verifies under
+/// the key — a permanent tamper alarm for an ordinary rollout, and the same
+/// writes an attacker's downgrade would make.
+#[tokio::test]
+async fn brk16b_an_unkeyed_replica_appends_to_a_chain_another_replica_keyed() {
+    use jitbot::secret::Secret;
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    write(&a, "before-keying").await.unwrap();
+    // a restarts with the key (here: the same store given it, then sealed).
+    a.set_audit_key(Secret::new("brk16b-audit-key-0123456789abcdef0123456789"));
+    a.seal_unkeyed_history(Utc::now()).await.unwrap();
+    write(&a, "keyed").await.unwrap();
+    assert!(
+        matches!(
+            a.verify_audit().unwrap(),
+            jitbot::store::AuditCheck::Intact { .. }
+        ),
+        "the keyed chain verifies before b writes"
+    );
+    // b, still on the old config, commits.
+    let unkeyed = write(&b, "from-the-unkeyed-replica").await;
+    let check = a.verify_audit().unwrap();
+    assert!(
+        unkeyed.is_err() || matches!(check, jitbot::store::AuditCheck::Intact { .. }),
+        "replica b, without [audit] key, committed into the chain replica a had keyed ({unkeyed:?}); the \
+         chain now checks under the key as {check:?}"
+    );
+}
