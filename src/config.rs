@@ -969,7 +969,9 @@ impl Config {
                     .unwrap_or("")
                     .trim()
                     .eq_ignore_ascii_case("password")
-            }) || params.iter().any(|p| p.key.trim().eq_ignore_ascii_case("password"));
+            }) || params
+                .iter()
+                .any(|p| p.key.trim().eq_ignore_ascii_case("password"));
             if userinfo.matches(':').count() > 1 || in_query {
                 issue(
                     "store.url".into(),

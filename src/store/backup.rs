@@ -197,11 +197,15 @@ impl Store {
             return Ok(());
         }
         Err(StoreError::Io(match self.inner.backend.durability() {
-            Durability::LocalFlush => "the target store is not empty; restore into a new --data directory".into(),
-            Durability::AtCommit => "the target PostgreSQL database already holds a jitbot store (requests, leases \
+            Durability::LocalFlush => {
+                "the target store is not empty; restore into a new --data directory".into()
+            }
+            Durability::AtCommit => {
+                "the target PostgreSQL database already holds a jitbot store (requests, leases \
                  or audit records, possibly written by another replica); restore into a new, empty database \
                  ([store] url naming a database no jitbot has written to), never into one in use"
-                .into(),
+                    .into()
+            }
         }))
     }
 }

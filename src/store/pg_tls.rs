@@ -176,7 +176,10 @@ fn asked(url: &str, ca_file: Option<&Path>) -> Result<Asked, StoreError> {
             )));
         }
         let key = p.key.to_ascii_lowercase();
-        if matches!(key.as_str(), "sslrootcert" | "sslcert" | "sslkey" | "sslcrl" | "sslcrldir") {
+        if matches!(
+            key.as_str(),
+            "sslrootcert" | "sslcert" | "sslkey" | "sslcrl" | "sslcrldir"
+        ) {
             return Err(StoreError::Io(format!(
                 "[store] url sets `{key}`, which jitbot does not read; remove it and give the CA that signed the \
                  PostgreSQL server's certificate as [store] ca_file (with sslmode=verify-full)"
@@ -278,11 +281,20 @@ mod tests {
         let url = "postgres://jitbot@db:5432/jitbot?sslmode=verify-full&connect_timeout=5";
         let config = driver_config(url, ca).unwrap();
         assert_eq!(config.get_ssl_mode(), SslMode::Require);
-        assert_eq!(config.get_connect_timeout(), Some(&std::time::Duration::from_secs(5)));
+        assert_eq!(
+            config.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(5))
+        );
         assert_eq!(config.get_dbname(), Some("jitbot"));
         assert_eq!(mode("host=db sslmode=VERIFY-FULL dbname=j", ca), SslMode::Require);
-        assert_eq!(mode("host=db sslmode = 'verify-full' dbname=j", ca), SslMode::Require);
-        assert_eq!(mode("postgres://db/j?sslmode=verify%2Dfull", ca), SslMode::Require);
+        assert_eq!(
+            mode("host=db sslmode = 'verify-full' dbname=j", ca),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgres://db/j?sslmode=verify%2Dfull", ca),
+            SslMode::Require
+        );
         let refused = |url: &str, ca: Option<&Path>| driver_config(url, ca).unwrap_err().to_string();
         assert!(refused(url, None).contains("ca_file is not set"));
         assert!(refused("postgres://db/j?sslmode=require", ca).contains("verify-full"));
@@ -314,22 +326,25 @@ mod tests {
 
     #[test]
     fn parameters_are_read_as_the_driver_reads_them() {
-        let kv = |params: Vec<Param>| {
-            params
-                .into_iter()
-                .map(|p| (p.key, p.value))
-                .collect::<Vec<_>>()
-        };
+        let kv = |params: Vec<Param>| params.into_iter().map(|p| (p.key, p.value)).collect::<Vec<_>>();
         let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
         // The user info ends at the first `@`; the query starts at the next `?`.
         assert_eq!(
-            kv(parameters("postgres://u%3F@db/j?application_name=a%20b&sslmode=disable")),
+            kv(parameters(
+                "postgres://u%3F@db/j?application_name=a%20b&sslmode=disable"
+            )),
             [pair("application_name", "a b"), pair("sslmode", "disable")]
         );
         assert_eq!(kv(parameters("postgresql://db/j")), []);
         assert_eq!(
-            kv(parameters(r"host=db  application_name = 'it\'s x'  sslmode=disable")),
-            [pair("host", "db"), pair("application_name", "it's x"), pair("sslmode", "disable")]
+            kv(parameters(
+                r"host=db  application_name = 'it\'s x'  sslmode=disable"
+            )),
+            [
+                pair("host", "db"),
+                pair("application_name", "it's x"),
+                pair("sslmode", "disable")
+            ]
         );
     }
 }

@@ -607,7 +607,9 @@ async fn an_unkeyed_replica_refuses_to_append_to_a_chain_another_replica_keyed()
     assert!(
         matches!(err, StoreError::AuditKey(_))
             && err.to_string().contains("keyed (HMAC) since record 2")
-            && err.to_string().contains("Set the same [audit] key on every replica"),
+            && err
+                .to_string()
+                .contains("Set the same [audit] key on every replica"),
         "refused, but without saying what to fix: {err}"
     );
     // Restarted with the key, b writes again and the chain stays intact.
@@ -642,7 +644,10 @@ async fn a_replica_with_another_audit_key_refuses_to_append_to_the_keyed_chain()
         "replica b, with another [audit] key, appended to the chain a keyed: {other:?}; the chain checks \
          as {check:?}"
     );
-    assert!(matches!(check, jitbot::store::AuditCheck::Intact { .. }), "{check:?}");
+    assert!(
+        matches!(check, jitbot::store::AuditCheck::Intact { .. }),
+        "{check:?}"
+    );
 }
 
 /// Two replicas started with the same new `[audit] key` at once both find
@@ -671,5 +676,8 @@ async fn two_replicas_keying_the_chain_at_once_seal_it_once() {
         .filter(|e| e.as_ref().is_ok_and(|e| e.action == "audit.keyed"))
         .count();
     assert_eq!(seals, 1, "the chain was sealed {seals} times");
-    assert_eq!(a.verify_audit().unwrap(), jitbot::store::AuditCheck::Intact { records: 2 });
+    assert_eq!(
+        a.verify_audit().unwrap(),
+        jitbot::store::AuditCheck::Intact { records: 2 }
+    );
 }
