@@ -905,9 +905,30 @@ impl Config {
             );
         }
         if let Some(url) = &self.store.url {
-            let lowered = url.to_ascii_lowercase();
-            let verify_full = lowered.contains("sslmode=verify-full");
-            if lowered.contains("sslmode=require") || lowered.contains("sslmode=verify-ca") {
+            // Read as the driver reads them: a check of the first `sslmode`
+            // while the driver applies the last would pass a downgrade.
+            let params = crate::store::pg_tls::parameters(url);
+            let repeated = params
+                .iter()
+                .enumerate()
+                .find(|(i, p)| params[..*i].iter().any(|q| q.key.eq_ignore_ascii_case(&p.key)))
+                .map(|(_, p)| p.key.clone());
+            let sslmode = params
+                .iter()
+                .find(|p| p.key.eq_ignore_ascii_case("sslmode"))
+                .map(|p| p.value.to_ascii_lowercase());
+            let verify_full = sslmode.as_deref() == Some("verify-full");
+            if let Some(key) = repeated {
+                issue(
+                    "store.url".into(),
+                    key_line(text, "store", "url"),
+                    format!(
+                        "gives the connection parameter `{key}` more than once; the PostgreSQL driver would use \
+                         the last one, so which TLS mode or server applies would depend on the order. Give each \
+                         parameter once"
+                    ),
+                );
+            } else if matches!(sslmode.as_deref(), Some("require" | "verify-ca")) {
                 issue(
                     "store.url".into(),
                     key_line(text, "store", "url"),
@@ -948,7 +969,9 @@ impl Config {
                     .unwrap_or("")
                     .trim()
                     .eq_ignore_ascii_case("password")
-            });
+            }) || params
+                .iter()
+                .any(|p| p.key.trim().eq_ignore_ascii_case("password"));
             if userinfo.matches(':').count() > 1 || in_query {
                 issue(
                     "store.url".into(),
@@ -1222,6 +1245,10 @@ max_duration = "4h"
             (
                 "kind = \"postgres\"\nurl = \"postgres://u@db/jitbot?Password=pw\"",
                 "store.password",
+            ),
+            (
+                "kind = \"postgres\"\nurl = \"postgres://db/jitbot?sslmode=verify-full&sslmode=disable\"\nca_file = \"/ca.pem\"",
+                "`sslmode` more than once",
             ),
             ("kind = \"mysql\"", "unknown variant"),
         ] {

@@ -205,6 +205,10 @@ pub(super) fn append(
         return Ok(());
     }
     let head = parse_head(meta.get(AUDIT_HEAD)?.as_deref()).map_err(ConflictableTransactionError::Abort)?;
+    // Read here, inside the commit: with PostgreSQL another replica may
+    // have keyed the chain (or keyed it under another key) since this one
+    // started, and only the caught-up mirror under the writer lock says so.
+    refuse_a_foreign_key(audit, meta, &head, key)?;
     // A head behind the records (reset, or restored from elsewhere) would
     // make this commit overwrite them.
     if audit.get((head.seq + 1).to_be_bytes())?.is_some() {
@@ -243,6 +247,76 @@ pub(super) fn append(
         let head = Anchor { seq, hash: prev };
         let m = head_mac(key, &head).map_err(|e| ConflictableTransactionError::Abort(StoreError::Io(e)))?;
         meta.insert(HEAD_MAC, m.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Refuses to append to a chain this replica cannot extend: keyed (a
+/// keyed-since marker, a head MAC or a keyed head record) while this
+/// replica has no `[audit] key`, or keyed under another key (none of the
+/// marker, the head MAC and the head record's link verifies under this
+/// one, as [`Store::check_audit_key`] decides at start-up). With several
+/// replicas on PostgreSQL the chain can be keyed after this replica
+/// started: the first replica of a rolling restart that turns the key on
+/// keys it. Unkeyed records after that point would break the chain for
+/// good, so the replicas still on the old configuration fail closed
+/// instead (their changes are not committed) until they are restarted
+/// with the key.
+fn refuse_a_foreign_key(
+    audit: &View<'_>,
+    meta: &View<'_>,
+    head: &Anchor,
+    key: Option<&Secret>,
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    let refused = |why: String| ConflictableTransactionError::Abort(StoreError::AuditKey(why));
+    let marker = meta.get(KEYED_SINCE)?;
+    let stored_mac = meta.get(HEAD_MAC)?;
+    let head_record = match head.seq {
+        0 => None,
+        seq => audit
+            .get(seq.to_be_bytes())?
+            .filter(|v| serde_json::from_slice::<StoredAudit>(v).is_ok_and(|s| s.keyed())),
+    };
+    let Some(key) = key else {
+        if marker.is_none() && stored_mac.is_none() && head_record.is_none() {
+            return Ok(());
+        }
+        let since = marker
+            .as_deref()
+            .and_then(|m| std::str::from_utf8(m).ok())
+            .and_then(|t| t.split_once(':'))
+            .map(|(n, _)| format!(" since record {n}"))
+            .unwrap_or_default();
+        return Err(refused(format!(
+            "the audit chain is keyed (HMAC){since}, by a jitbot replica that has an [audit] key, but this \
+             replica has no [audit] key: an unkeyed record would break the chain for good, so this change was \
+             not committed. Set the same [audit] key on every replica and restart this one; when turning the \
+             key on, restart every replica with it (replicas still on the old configuration refuse every \
+             change that writes an audit record, revocations included, until they are restarted)"
+        )));
+    };
+    let mut checked = 0;
+    let mut verified = 0;
+    if let Some(m) = marker.as_deref() {
+        checked += 1;
+        verified += usize::from(check_keyed_since(key, Some(m)).is_ok());
+    }
+    if let Some(m) = stored_mac.as_deref() {
+        checked += 1;
+        verified += usize::from(head_mac(key, head).is_ok_and(|e| e.as_bytes() == m));
+    }
+    if let Some(bytes) = head_record.as_deref() {
+        checked += 1;
+        verified += usize::from(link(bytes, true, Some(key)).is_ok_and(|h| h == head.hash));
+    }
+    if checked > 0 && verified == 0 {
+        return Err(refused(
+            "the audit chain is keyed under another [audit] key than this replica's (neither its keyed-since \
+             marker, nor its head MAC, nor its last record verifies under this one): another replica writes \
+             with a different key, so this change was not committed. Give every replica the same [audit] key \
+             and restart this one"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -310,7 +384,13 @@ impl Store {
             && self.inner.meta.get(HEAD_MAC)?.is_none()
             && !self.any_keyed_record()?;
         if never_keyed {
-            return self.key_first_time(now, key).await;
+            if let Some(sealing) = self.key_first_time(now, key).await? {
+                return Ok(sealing);
+            }
+            // Another replica keyed the chain since this one looked (two
+            // replicas started with the key at once): check this key
+            // against it, as at any start on a keyed chain.
+            self.check_audit_key()?;
         }
         let (seq, problem) = match self.verify_audit()? {
             AuditCheck::Intact { .. } => return Ok(Sealing::Intact),
@@ -442,8 +522,9 @@ impl Store {
     }
 
     /// The first keying: the seal record (for a legacy chain), the marker
-    /// and the head's MAC in one commit.
-    async fn key_first_time(&self, now: Instant, key: &Secret) -> Result<Sealing, StoreError> {
+    /// and the head's MAC in one commit. `None` when, under the writer
+    /// lock, the chain turns out keyed already (by another replica).
+    async fn key_first_time(&self, now: Instant, key: &Secret) -> Result<Option<Sealing>, StoreError> {
         self.check_healthy()?;
         let seal = [AuditDraft {
             actor: "jitbot".into(),
@@ -455,6 +536,9 @@ impl Store {
         let legacy = self
             .writer()?
             .transact([TreeId::Audit, TreeId::Meta], |[audit, meta]| {
+                if meta.get(KEYED_SINCE)?.is_some() || meta.get(HEAD_MAC)?.is_some() {
+                    return Ok(None);
+                }
                 let head = parse_head(meta.get(AUDIT_HEAD)?.as_deref())
                     .map_err(ConflictableTransactionError::Abort)?;
                 if head.seq > 0 {
@@ -464,13 +548,16 @@ impl Store {
                 }
                 let marker = keyed_since_marker(key, head.seq + 1).map_err(abort)?;
                 meta.insert(KEYED_SINCE, marker.as_bytes())?;
-                Ok(head.seq)
+                Ok(Some(head.seq))
             })?;
+        let Some(legacy) = legacy else {
+            return Ok(None);
+        };
         self.flush_committed().await?;
-        Ok(Sealing::FirstKeyed {
+        Ok(Some(Sealing::FirstKeyed {
             since: legacy + 1,
             legacy,
-        })
+        }))
     }
 
     /// The chain's head: the anchor to publish.

@@ -6,7 +6,7 @@
 //! empty store.
 
 use super::check::{problems, Snapshot};
-use super::kv::TreeId;
+use super::kv::{Durability, TreeId};
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
@@ -123,11 +123,9 @@ impl Store {
     /// the outbox); an inconsistent file is refused with what is wrong, and
     /// nothing is written.
     pub async fn restore(&self, input: impl BufRead) -> Result<u64, StoreError> {
-        if !self.inner.requests.is_empty() || !self.inner.leases.is_empty() || !self.inner.audit.is_empty() {
-            return Err(StoreError::Io(
-                "the target store is not empty; restore into a new --data directory".into(),
-            ));
-        }
+        // A first look, so a full store refuses before a long file is read;
+        // the check that decides is made again under the writer lock below.
+        self.refuse_a_non_empty_target()?;
         let bad = |line: usize, what: &str| StoreError::Corrupt {
             key: format!("backup line {line}"),
             error: what.to_string(),
@@ -171,7 +169,13 @@ impl Store {
             });
         }
         // One transaction: a restore that stops half-way leaves nothing.
-        self.writer()?.transact(TreeId::ALL, |views| {
+        // Emptiness is decided under the writer lock: with PostgreSQL the
+        // mirror is only current once `writer` has locked the head and
+        // pulled what other replicas committed (a refusal drops the writer,
+        // which rolls back).
+        let writer = self.writer()?;
+        self.refuse_a_non_empty_target()?;
+        writer.transact(TreeId::ALL, |views| {
             for (view, name) in views.iter().zip(TREES) {
                 for (k, v) in snap.tree(name) {
                     view.insert(k, v)?;
@@ -181,5 +185,27 @@ impl Store {
         })?;
         self.flush().await?;
         Ok(count)
+    }
+
+    /// Refuses a target that holds requests, leases or audit records (a
+    /// restore writes a whole store's history; merged with another it
+    /// breaks the audit chain and mixes two stores' leases). Read from
+    /// the local index: current only under the writer lock on PostgreSQL.
+    fn refuse_a_non_empty_target(&self) -> Result<(), StoreError> {
+        let s = &*self.inner;
+        if s.requests.is_empty() && s.leases.is_empty() && s.audit.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::Io(match self.inner.backend.durability() {
+            Durability::LocalFlush => {
+                "the target store is not empty; restore into a new --data directory".into()
+            }
+            Durability::AtCommit => {
+                "the target PostgreSQL database already holds a jitbot store (requests, leases \
+                 or audit records, possibly written by another replica); restore into a new, empty database \
+                 ([store] url naming a database no jitbot has written to), never into one in use"
+                    .into()
+            }
+        }))
     }
 }

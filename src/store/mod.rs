@@ -24,7 +24,7 @@ mod kv;
 pub mod leader;
 mod outbox;
 pub mod pg;
-mod pg_tls;
+pub(crate) mod pg_tls;
 mod records;
 pub mod retention;
 pub mod seen;

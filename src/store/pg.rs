@@ -138,12 +138,7 @@ pub struct PgSettings {
 
 impl PgSettings {
     fn config(&self) -> Result<postgres::Config, StoreError> {
-        let url = super::pg_tls::driver_url(&self.url, self.ca_file.as_deref())?;
-        let mut config: postgres::Config = url.parse().map_err(|e| {
-            StoreError::Io(format!(
-                "[store] url is not a PostgreSQL connection URL ({e}); write it as postgres://user@host:5432/dbname"
-            ))
-        })?;
+        let mut config = super::pg_tls::driver_config(&self.url, self.ca_file.as_deref())?;
         if let Some(password) = &self.password {
             config.password(password.expose());
         }
@@ -247,10 +242,7 @@ fn migrate_with(client: &mut postgres::Client) -> Result<usize, StoreError> {
         .map_err(|e| pg_error("reading the schema version", &e))?
         .get(0);
     if current > SCHEMA_VERSION {
-        return Err(StoreError::Io(format!(
-            "the database's jitbot schema is version {current}, newer than this jitbot's ({SCHEMA_VERSION}); \
-             run the newer jitbot release, or restore the database from before the upgrade"
-        )));
+        return Err(newer_schema(current));
     }
     let mut applied = 0;
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
@@ -263,6 +255,17 @@ fn migrate_with(client: &mut postgres::Client) -> Result<usize, StoreError> {
     tx.commit()
         .map_err(|e| pg_error("COMMIT of the migrations", &e))?;
     Ok(applied)
+}
+
+/// The refusal of a database a newer jitbot migrated: neither `jitbot
+/// migrate` nor `[store] migrate` can help (migrations only go forward),
+/// so it says what can.
+fn newer_schema(found: i32) -> StoreError {
+    StoreError::Io(format!(
+        "the database's jitbot schema is version {found}, newer than this jitbot's ({SCHEMA_VERSION}): a newer \
+         jitbot release has migrated it. Run that release (or a later one) on every replica — replicas of \
+         mixed versions cannot share one database — or restore the database from before the upgrade"
+    ))
 }
 
 fn schema_version(client: &mut postgres::Client) -> Result<i32, StoreError> {
@@ -397,6 +400,7 @@ impl Replica {
                     }
                     match schema_version(&mut client)? {
                         SCHEMA_VERSION => Ok(client),
+                        found if found > SCHEMA_VERSION => Err(newer_schema(found)),
                         found => Err(StoreError::Io(format!(
                             "the database's jitbot schema is version {found}, this jitbot needs {SCHEMA_VERSION}; \
                              run `jitbot migrate` (or leave [store] migrate on)"

@@ -34,7 +34,7 @@ async fn write(store: &Store, timer: &str) -> Result<(), StoreError> {
 /// replica talks to PostgreSQL in clear, password and all, while the
 /// operator asked for verified TLS. Either refuse the URL or encrypt.
 #[tokio::test]
-async fn brk16b_verify_full_url_with_a_second_sslmode_connects_in_clear() {
+async fn a_url_giving_sslmode_twice_is_refused_never_connected_in_clear() {
     let db = Database::create();
     let tmp = tempfile::tempdir().unwrap();
     let mut settings = db.settings();
@@ -46,7 +46,7 @@ async fn brk16b_verify_full_url_with_a_second_sslmode_connects_in_clear() {
         // Refused: the guarantee holds.
         Err(e) => {
             assert!(
-                e.to_string().contains("sslmode"),
+                e.to_string().contains("`sslmode` more than once"),
                 "refused, but without saying why: {e}"
             );
             return;
@@ -249,7 +249,7 @@ fn tail_matching(log: &str, patterns: &[&str]) -> String {
 /// migrate then refuses the newer schema); the error must say the schema
 /// is newer and to run the newer release, as the migrating path does.
 #[tokio::test]
-async fn brk16b_a_newer_schema_without_migrate_is_refused_with_the_wrong_advice() {
+async fn a_newer_schema_without_migrate_is_refused_as_newer_with_upgrade_advice() {
     let db = Database::create();
     let tmp = tempfile::tempdir().unwrap();
     drop(Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap());
@@ -532,7 +532,7 @@ async fn brk16b_a_mirror_reload_makes_the_zsp_monitor_report_a_leased_membership
 /// database ends up holding two histories (the audit chain of one with
 /// records of the other).
 #[tokio::test]
-async fn brk16b_restore_checks_emptiness_on_a_stale_mirror_and_merges_into_a_non_empty_database() {
+async fn restore_checks_emptiness_under_the_writer_lock_and_refuses_a_database_another_replica_wrote() {
     let source = crate::support::bot::TestBot::new();
     source.ok("alice", "request db-admins 1h from the backup").await;
     let mut backup = Vec::new();
@@ -548,12 +548,21 @@ async fn brk16b_restore_checks_emptiness_on_a_stale_mirror_and_merges_into_a_non
     }
     let restored = a.restore(std::io::Cursor::new(&backup)).await;
     let audit = a.verify_audit();
+    let err = match &restored {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!(
+            "a restore into a database that already holds another replica's commits (3 audit records) was \
+             accepted ({restored:?}); the store's audit chain now checks as {audit:?} and holds b's timers: {}",
+            a.timers_of(TimerKind::Warn).map(|t| t.len()).unwrap_or_default()
+        ),
+    };
     assert!(
-        restored.is_err(),
-        "a restore into a database that already holds another replica's commits (3 audit records) was \
-         accepted ({restored:?}); the store's audit chain now checks as {audit:?} and holds b's timers: {}",
-        a.timers_of(TimerKind::Warn).map(|t| t.len()).unwrap_or_default()
+        err.contains("already holds a jitbot store") && err.contains("new, empty database"),
+        "refused, but without saying what to do: {err}"
     );
+    // Nothing of the backup was written: b's history is intact.
+    assert_eq!(audit.unwrap(), jitbot::store::AuditCheck::Intact { records: 3 });
+    assert_eq!(a.timers_of(TimerKind::Warn).unwrap().len(), 3);
 }
 
 /// Turning `[audit] key` on with two replicas (a rolling restart): the
@@ -566,7 +575,7 @@ async fn brk16b_restore_checks_emptiness_on_a_stale_mirror_and_merges_into_a_non
 /// the key — a permanent tamper alarm for an ordinary rollout, and the same
 /// writes an attacker's downgrade would make.
 #[tokio::test]
-async fn brk16b_an_unkeyed_replica_appends_to_a_chain_another_replica_keyed() {
+async fn an_unkeyed_replica_refuses_to_append_to_a_chain_another_replica_keyed() {
     use jitbot::secret::Secret;
     let db = Database::create();
     let tmp = tempfile::tempdir().unwrap();
@@ -588,8 +597,85 @@ async fn brk16b_an_unkeyed_replica_appends_to_a_chain_another_replica_keyed() {
     let unkeyed = write(&b, "from-the-unkeyed-replica").await;
     let check = a.verify_audit().unwrap();
     assert!(
-        unkeyed.is_err() || matches!(check, jitbot::store::AuditCheck::Intact { .. }),
+        unkeyed.is_err() && matches!(check, jitbot::store::AuditCheck::Intact { .. }),
         "replica b, without [audit] key, committed into the chain replica a had keyed ({unkeyed:?}); the \
          chain now checks under the key as {check:?}"
+    );
+    let err = unkeyed.unwrap_err();
+    assert!(
+        matches!(err, StoreError::AuditKey(_))
+            && err.to_string().contains("keyed (HMAC) since record 2")
+            && err
+                .to_string()
+                .contains("Set the same [audit] key on every replica"),
+        "refused, but without saying what to fix: {err}"
+    );
+    // Restarted with the key, b writes again and the chain stays intact.
+    b.set_audit_key(Secret::new("brk16b-audit-key-0123456789abcdef0123456789"));
+    b.check_audit_key().unwrap();
+    write(&b, "b-keyed").await.unwrap();
+    assert!(matches!(
+        a.verify_audit().unwrap(),
+        jitbot::store::AuditCheck::Intact { .. }
+    ));
+}
+
+/// A replica started with another `[audit] key` than the one the chain
+/// was keyed with (after another replica's start-up check passed on an
+/// unkeyed chain, or with a stale secret) must not append under its key:
+/// the chain would stop verifying under either.
+#[tokio::test]
+async fn a_replica_with_another_audit_key_refuses_to_append_to_the_keyed_chain() {
+    use jitbot::secret::Secret;
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    write(&a, "before-keying").await.unwrap();
+    a.set_audit_key(Secret::new("first-audit-key-0123456789abcdef0123456789"));
+    b.set_audit_key(Secret::new("other-audit-key-0123456789abcdef0123456789"));
+    a.seal_unkeyed_history(Utc::now()).await.unwrap();
+    let other = write(&b, "under-another-key").await;
+    let check = a.verify_audit().unwrap();
+    assert!(
+        matches!(other, Err(StoreError::AuditKey(ref m)) if m.contains("another [audit] key")),
+        "replica b, with another [audit] key, appended to the chain a keyed: {other:?}; the chain checks \
+         as {check:?}"
+    );
+    assert!(
+        matches!(check, jitbot::store::AuditCheck::Intact { .. }),
+        "{check:?}"
+    );
+}
+
+/// Two replicas started with the same new `[audit] key` at once both find
+/// the chain unkeyed; only the first keys it (one `audit.keyed` seal), the
+/// second finds it keyed under the writer lock and checks it instead.
+#[tokio::test]
+async fn two_replicas_keying_the_chain_at_once_seal_it_once() {
+    use jitbot::secret::Secret;
+    let key = "same-audit-key-0123456789abcdef0123456789";
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    write(&a, "before-keying").await.unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    a.set_audit_key(Secret::new(key));
+    b.set_audit_key(Secret::new(key));
+    assert!(matches!(
+        a.seal_unkeyed_history(Utc::now()).await.unwrap(),
+        jitbot::store::Sealing::FirstKeyed { since: 2, legacy: 1 }
+    ));
+    // b's mirror still shows the unkeyed chain it opened.
+    let second = b.seal_unkeyed_history(Utc::now()).await.unwrap();
+    assert_eq!(second, jitbot::store::Sealing::Intact);
+    let seals = b
+        .audit(1)
+        .filter(|e| e.as_ref().is_ok_and(|e| e.action == "audit.keyed"))
+        .count();
+    assert_eq!(seals, 1, "the chain was sealed {seals} times");
+    assert_eq!(
+        a.verify_audit().unwrap(),
+        jitbot::store::AuditCheck::Intact { records: 2 }
     );
 }
