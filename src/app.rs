@@ -289,12 +289,22 @@ async fn lead<F>(
                 running = Some(work(stopped.clone()));
             }
             let step_down_at = renewed + settings.ttl * 2 / 3;
+            // Until the work runs, wake when the takeover wait ends, not
+            // only at the next renewal: that would add up to a renewal
+            // period to every failover.
+            let wait_over = match (&running, store.acts_from()) {
+                (None, Some(from)) if Instant::from_std(from) > Instant::now() => {
+                    Some(Instant::from_std(from))
+                }
+                _ => None,
+            };
             tokio::select! {
                 _ = sleep_until(step_down_at) => {
                     tracing::warn!(token, "cannot renew the leadership in time; stopping this replica's work");
                     break false;
                 }
                 _ = sleep_until(next_try) => {}
+                _ = sleep_until(wait_over.unwrap_or(next_try)), if wait_over.is_some() => continue,
                 _ = shutdown.changed() => break true,
             }
             let attempt = Instant::now();
