@@ -54,7 +54,8 @@ pub struct LeaderSettings {
 
 /// A leader's term: long enough to ride out a slow renewal, short enough
 /// that another replica revokes on time after a leader dies (it takes over
-/// at most this plus a third of it after the last renewal).
+/// at most this plus a twelfth of it after the last renewal, and acts a
+/// third of a term after that).
 pub const LEADER_TTL: Duration = Duration::from_secs(6);
 
 /// A running jitbot.
@@ -244,6 +245,11 @@ async fn lead<F>(
 {
     use tokio::time::{sleep_until, timeout_at, Instant};
     let renew = settings.ttl / 3;
+    // A follower asks for the term this often: the term expires a whole
+    // term after the leader's last renewal whenever the leader dies, and
+    // each try is one cheap statement, so trying only every renewal
+    // period would add up to that period to every failover.
+    let follow = settings.ttl / 12;
     let kind = if store.is_postgres() { "postgres" } else { "sled" };
     let renewal = || {
         let (holder, ttl) = (settings.holder.clone(), settings.ttl);
@@ -257,7 +263,7 @@ async fn lead<F>(
             Ok(Ok(Some(token))) => token,
             Ok(Ok(None)) => {
                 tokio::select! {
-                    _ = sleep_until(started + renew) => continue,
+                    _ = sleep_until(started + follow) => continue,
                     _ = shutdown.changed() => return,
                 }
             }
