@@ -1532,13 +1532,6 @@ fn write(
         tx.execute("SELECT 1 / 0", &[])
             .map_err(|e| pg_error("COMMIT (test hook)", &e))?;
     }
-    tx.execute(
-        "INSERT INTO jitbot_kv (tree, key, value, version) \
-         SELECT t, k, v, $4 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(t, k, v) \
-         ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value, version = excluded.version",
-        &[&trees, &keys, &values, &version],
-    )
-    .map_err(|e| pg_error("writing the change", &e))?;
     let mut gc = head.gc_version;
     if version % gc_at.every == 0 && version > gc_at.keep {
         gc = version - gc_at.keep;
@@ -1551,12 +1544,27 @@ fn write(
         tx.execute("DELETE FROM jitbot_commits WHERE version < $1", &[&gc])
             .map_err(|e| pg_error("collecting old commit records", &e))?;
     }
-    let commit_id = record_commit(&mut tx, version)?;
-    tx.execute(
-        "UPDATE jitbot_head SET version = $1, gc_version = $2 WHERE id = 1",
-        &[&version, &gc],
-    )
-    .map_err(|e| pg_error("advancing jitbot_head", &e))?;
+    // One round trip: the keys, the commit's new identity (replacing the
+    // record of a commit the database lost, if it kept one) and the head.
+    // The collection above touches only versions at or below `gc`, far
+    // below this one.
+    let row = tx
+        .query_one(
+            "WITH kv AS ( \
+               INSERT INTO jitbot_kv (tree, key, value, version) \
+               SELECT t, k, v, $4 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(t, k, v) \
+               ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value, version = excluded.version \
+             ), head AS ( \
+               UPDATE jitbot_head SET version = $4, gc_version = $5 WHERE id = 1 \
+             ) \
+             INSERT INTO jitbot_commits (version, commit_id) \
+             VALUES ($4, md5(random()::text || clock_timestamp()::text)) \
+             ON CONFLICT (version) DO UPDATE SET commit_id = excluded.commit_id \
+             RETURNING commit_id",
+            &[&trees, &keys, &values, &version, &gc],
+        )
+        .map_err(|e| pg_error("writing the change", &e))?;
+    let commit_id: String = row.get(0);
     tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
     Ok((version, commit_id))
 }
