@@ -896,6 +896,10 @@ pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
     Ok(false)
 }
 
+/// One key of a mirror (`Store::mirror_rows`): tree name, key, value.
+#[doc(hidden)]
+pub type MirrorRow = (&'static str, Vec<u8>, Vec<u8>);
+
 impl Store {
     /// This store's link to PostgreSQL, when it is a replica.
     fn replica(&self) -> Option<&Replica> {
@@ -943,7 +947,7 @@ impl Store {
     /// Test hook: every key of every tree of this replica's mirror, as
     /// (tree, key, value), by tree name and key.
     #[doc(hidden)]
-    pub fn mirror_rows(&self) -> Result<Vec<(&'static str, Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn mirror_rows(&self) -> Result<Vec<MirrorRow>, StoreError> {
         let mut rows = Vec::new();
         for t in TreeId::ALL {
             for kv in self.tree(t).iter() {
