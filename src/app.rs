@@ -58,7 +58,8 @@ pub struct LeaderSettings {
 
 /// A leader's term: long enough to ride out a slow renewal, short enough
 /// that another replica revokes on time after a leader dies (it takes over
-/// at most this plus a third of it after the last renewal).
+/// at most this plus a twelfth of it after the last renewal, and acts a
+/// third of a term after that).
 pub const LEADER_TTL: Duration = Duration::from_secs(6);
 
 /// A running jitbot.
@@ -255,6 +256,11 @@ async fn lead<F>(
 {
     use tokio::time::{sleep_until, timeout_at, Instant};
     let renew = settings.ttl / 3;
+    // A follower asks for the term this often: the term expires a whole
+    // term after the leader's last renewal whenever the leader dies, and
+    // each try is one cheap statement, so trying only every renewal
+    // period would add up to that period to every failover.
+    let follow = settings.ttl / 12;
     let kind = if store.is_postgres() { "postgres" } else { "sled" };
     let renewal = || {
         let (holder, ttl) = (settings.holder.clone(), settings.ttl);
@@ -268,7 +274,7 @@ async fn lead<F>(
             Ok(Ok(Some(token))) => token,
             Ok(Ok(None)) => {
                 tokio::select! {
-                    _ = sleep_until(started + renew) => continue,
+                    _ = sleep_until(started + follow) => continue,
                     _ = shutdown.changed() => return,
                 }
             }
@@ -300,12 +306,22 @@ async fn lead<F>(
                 running = Some(work(stopped.clone()));
             }
             let step_down_at = renewed + settings.ttl * 2 / 3;
+            // Until the work runs, wake when the takeover wait ends, not
+            // only at the next renewal: that would add up to a renewal
+            // period to every failover.
+            let wait_over = match (&running, store.acts_from()) {
+                (None, Some(from)) if Instant::from_std(from) > Instant::now() => {
+                    Some(Instant::from_std(from))
+                }
+                _ => None,
+            };
             tokio::select! {
                 _ = sleep_until(step_down_at) => {
                     tracing::warn!(token, "cannot renew the leadership in time; stopping this replica's work");
                     break false;
                 }
                 _ = sleep_until(next_try) => {}
+                _ = sleep_until(wait_over.unwrap_or(next_try)), if wait_over.is_some() => continue,
                 _ = shutdown.changed() => break true,
             }
             let attempt = Instant::now();

@@ -30,7 +30,7 @@ use super::{Store, StoreError};
 use crate::secret::Secret;
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -117,6 +117,28 @@ const LOCK_TIMEOUT: &str = "10s";
 /// A catch-up with more changes than this is applied to the mirror
 /// outside the head's lock, before the transaction locks it again.
 const BIG_PULL: usize = 1_000;
+
+/// A reload or big catch-up reaches the mirror in chunks of this many
+/// rows (a portal in the database's snapshot, handed over a channel that
+/// holds one chunk), so its memory is bounded, not the database's size.
+const PULL_CHUNK: usize = 10_000;
+
+/// How many catch-ups a writer makes outside the head's lock before it
+/// streams one under it (others kept committing many changes meanwhile).
+const OUTSIDE_TRIES: usize = 2;
+
+/// How long a read-only snapshot that streams rows may sit idle between
+/// chunks (the mirror applying one, or clearing its trees for a reload):
+/// it holds no lock a writer waits for, only the snapshot.
+const STREAM_IDLE: &str = "60s";
+
+/// How a pull reads: rows per chunk, and the most changes applied under
+/// the head's lock.
+#[derive(Clone, Copy, Debug)]
+struct PullSize {
+    chunk: usize,
+    big: usize,
+}
 
 /// How many times a writer tries for `jitbot_head`'s lock before it fails
 /// its caller.
@@ -308,9 +330,34 @@ struct Position {
 enum Pulled {
     /// Apply these changes; the mirror is then at `head`.
     Changes(Vec<Change>),
-    /// Replace the mirror with these (every key that has a value); with
-    /// `lost`, why the mirror held history the database no longer has.
-    Reload { rows: Vec<Change>, lost: Option<String> },
+    /// More changes than may be applied under the head's lock, or a
+    /// reload: nothing was read; catch up outside the lock first.
+    Behind,
+    /// The rows follow on the job's row channel, in chunks ([`Chunk`]):
+    /// with `reload`, every key that has a value, to replace the mirror
+    /// with (and with `lost`, why the mirror held history the database
+    /// no longer has); else the changes since the mirror's version.
+    Streamed { reload: bool, lost: Option<String> },
+}
+
+/// One message of a streamed pull.
+enum Chunk {
+    Rows(Vec<Change>),
+    /// Every row was sent.
+    End,
+    Failed(StoreError),
+}
+
+/// The receiving end of a streamed pull: it holds one chunk, so the
+/// database thread reads the next while the mirror applies one.
+type Rows = mpsc::SyncSender<Chunk>;
+
+/// What the database thread streams after answering.
+enum Stream {
+    /// Every key that has a value.
+    Everything,
+    /// The changes committed after this version.
+    Since(i64),
 }
 
 /// The answer to a `Begin`.
@@ -329,6 +376,10 @@ enum Job {
     /// (of database `db`); then wait for `Commit` or `Rollback`.
     Begin {
         since: Option<Position>,
+        size: PullSize,
+        /// Stream a big pull under the lock rather than answer `Behind`.
+        stream_big: bool,
+        rows: Rows,
         reply: Reply<Began>,
     },
     /// Write `changes` as version head + 1 and COMMIT; answers the new
@@ -356,6 +407,8 @@ enum Job {
     /// Catch up without locking (a read-only snapshot).
     Refresh {
         since: Option<Position>,
+        size: PullSize,
+        rows: Rows,
         reply: Reply<(Head, Pulled)>,
     },
 }
@@ -374,6 +427,11 @@ pub(crate) struct Replica {
     /// Test hook: the next commit reaches PostgreSQL but not the mirror,
     /// as if the process died in between.
     lose_next_apply: AtomicBool,
+    /// Rows per chunk of a streamed pull (a test hook makes it small).
+    chunk: AtomicUsize,
+    /// Test hook: a streamed pull stops after applying this many chunks,
+    /// as if the process died there (0: never).
+    die_after_chunks: AtomicUsize,
 }
 
 /// An open PostgreSQL transaction holding the head's row lock.
@@ -428,7 +486,32 @@ impl Replica {
             gc: std::sync::Mutex::new(GC),
             fail_next_commit: AtomicBool::new(false),
             lose_next_apply: AtomicBool::new(false),
+            chunk: AtomicUsize::new(PULL_CHUNK),
+            die_after_chunks: AtomicUsize::new(0),
         })
+    }
+
+    fn pull_size(&self) -> PullSize {
+        let chunk = self.chunk.load(Ordering::SeqCst).max(1);
+        PullSize {
+            chunk,
+            big: BIG_PULL.min(chunk),
+        }
+    }
+
+    /// Brings the mirror up to date from a read-only snapshot, streaming
+    /// whatever is big. Called with the store's writer lock held.
+    fn catch_up_outside(&self, store: &Store) -> Result<bool, StoreError> {
+        let since = mirror_position(store)?;
+        let size = self.pull_size();
+        let (rows, chunks) = mpsc::sync_channel(1);
+        let (head, pulled) = self.ask(|reply| Job::Refresh {
+            since,
+            size,
+            rows,
+            reply,
+        })?;
+        catch_up(store, &head, pulled, &chunks, self)
     }
 
     fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
@@ -460,10 +543,20 @@ impl Backend for Replica {
     /// tried for again, [`LOCK_TRIES`] times in all.
     fn begin<'s>(&'s self, store: &'s Store) -> Result<Box<dyn Commit + 's>, StoreError> {
         let mut busy_tries = 0;
-        let mut reloaded = false;
+        let mut outside = 0;
         loop {
             let since = mirror_position(store)?;
-            let (head, pulled) = match self.ask(|reply| Job::Begin { since, reply })? {
+            let size = self.pull_size();
+            let stream_big = outside >= OUTSIDE_TRIES;
+            let (rows, chunks) = mpsc::sync_channel(1);
+            let began = self.ask(|reply| Job::Begin {
+                since,
+                size,
+                stream_big,
+                rows,
+                reply,
+            })?;
+            let (head, pulled) = match began {
                 Began::Locked(head, pulled) => (head, pulled),
                 Began::Busy(why) => {
                     busy_tries += 1;
@@ -480,17 +573,13 @@ impl Backend for Replica {
                 store,
                 done: false,
             };
-            let big = match &pulled {
-                Pulled::Reload { .. } => true,
-                Pulled::Changes(changes) => changes.len() > BIG_PULL,
-            };
-            if big && !reloaded {
-                reloaded = true;
+            if let Pulled::Behind = pulled {
+                outside += 1;
                 drop(open);
-                catch_up(store, &head, pulled)?;
+                self.catch_up_outside(store)?;
                 continue;
             }
-            catch_up(store, &head, pulled)?;
+            catch_up(store, &head, pulled, &chunks, self)?;
             return Ok(Box::new(open));
         }
     }
@@ -498,9 +587,7 @@ impl Backend for Replica {
     /// Brings the mirror up to date without taking the database's lock.
     /// Called with the store's writer lock held.
     fn refresh(&self, store: &Store) -> Result<bool, StoreError> {
-        let since = mirror_position(store)?;
-        let (head, pulled) = self.ask(|reply| Job::Refresh { since, reply })?;
-        catch_up(store, &head, pulled)
+        self.catch_up_outside(store)
     }
 
     fn durability(&self) -> Durability {
@@ -621,8 +708,15 @@ fn mirror_position(store: &Store) -> Result<Option<Position>, StoreError> {
     })
 }
 
-/// Brings the mirror to `head`; whether anything changed.
-fn catch_up(store: &Store, head: &Head, pulled: Pulled) -> Result<bool, StoreError> {
+/// Brings the mirror to `head`; whether anything changed. A streamed
+/// pull's rows come from `chunks`.
+fn catch_up(
+    store: &Store,
+    head: &Head,
+    pulled: Pulled,
+    chunks: &mpsc::Receiver<Chunk>,
+    replica: &Replica,
+) -> Result<bool, StoreError> {
     match pulled {
         Pulled::Changes(changes) => {
             if changes.is_empty()
@@ -634,7 +728,18 @@ fn catch_up(store: &Store, head: &Head, pulled: Pulled) -> Result<bool, StoreErr
             apply(store, &changes, head.version, None, head.commit_id.as_deref())?;
             Ok(!changes.is_empty())
         }
-        Pulled::Reload { rows, lost } => {
+        Pulled::Behind => Err(StoreError::Io(
+            "PostgreSQL answered a catch-up with nothing to apply; report this bug".into(),
+        )),
+        Pulled::Streamed { reload: false, .. } => {
+            let mut feed = Feed {
+                chunks,
+                replica,
+                applied: 0,
+            };
+            apply_streamed(store, head, &mut feed)
+        }
+        Pulled::Streamed { reload: true, lost } => {
             if let Some(lost) = lost {
                 tracing::error!(
                     what = %lost,
@@ -644,9 +749,84 @@ fn catch_up(store: &Store, head: &Head, pulled: Pulled) -> Result<bool, StoreErr
                      directory's memberships and the audit log against what users were told"
                 );
             }
-            reload(store, head, rows).map(|()| true)
+            let mut feed = Feed {
+                chunks,
+                replica,
+                applied: 0,
+            };
+            reload(store, head, &mut feed).map(|()| true)
         }
     }
+}
+
+/// The chunks of a streamed pull, as the mirror takes them.
+struct Feed<'a> {
+    chunks: &'a mpsc::Receiver<Chunk>,
+    replica: &'a Replica,
+    /// Chunks applied so far.
+    applied: usize,
+}
+
+impl Feed<'_> {
+    /// The next chunk, or `None` after the last.
+    fn next(&mut self) -> Result<Option<Vec<Change>>, StoreError> {
+        let die_after = self.replica.die_after_chunks.load(Ordering::SeqCst);
+        if die_after > 0 && self.applied >= die_after {
+            self.replica.die_after_chunks.store(0, Ordering::SeqCst);
+            return Err(StoreError::Io(format!(
+                "test hook: the catch-up stopped after {} chunks, as if the process died",
+                self.applied
+            )));
+        }
+        match self.chunks.recv() {
+            Ok(Chunk::Rows(rows)) => Ok(Some(rows)),
+            Ok(Chunk::End) => Ok(None),
+            Ok(Chunk::Failed(e)) => Err(e),
+            Err(_) => Err(StoreError::Io(
+                "the PostgreSQL thread stopped in the middle of a catch-up; nothing was acted on, try again"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Applies streamed changes. One chunk goes in with the new version in
+/// one sled transaction, as a small pull does; more than one cannot, so
+/// the mirror's version goes first and a crash half-way reloads (a
+/// mirror holding part of the changes at its old version would keep
+/// them even if the database later lost those commits).
+fn apply_streamed(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<bool, StoreError> {
+    let Some(first) = feed.next()? else {
+        apply(store, &[], head.version, None, head.commit_id.as_deref())?;
+        return Ok(false);
+    };
+    feed.applied += 1;
+    let Some(second) = feed.next()? else {
+        apply(store, &first, head.version, None, head.commit_id.as_deref())?;
+        return Ok(!first.is_empty());
+    };
+    forget_position(store)?;
+    super::kv::apply(store, &first, &[])?;
+    drop(first);
+    let mut next = Some(second);
+    while let Some(chunk) = next {
+        super::kv::apply(store, &chunk, &[])?;
+        feed.applied += 1;
+        drop(chunk);
+        next = feed.next()?;
+    }
+    apply(store, &[], head.version, None, head.commit_id.as_deref())?;
+    Ok(true)
+}
+
+/// Removes the mirror's version (keeping which database it mirrors, so it
+/// is still known as a mirror), on disk before anything else changes: a
+/// crash from here on leaves a mirror without a version, which reloads.
+fn forget_position(store: &Store) -> Result<(), StoreError> {
+    store.inner.mirror.remove(MIRROR_VERSION)?;
+    store.inner.mirror.remove(MIRROR_COMMIT)?;
+    store.inner.db.flush()?;
+    Ok(())
 }
 
 /// Applies `changes` to the mirror and sets its version (and commit
@@ -669,30 +849,33 @@ fn apply(
     super::kv::apply(store, changes, &position)
 }
 
-/// Replaces the whole mirror with the database's contents. The mirror's
-/// version goes first, so a crash half-way reloads again.
-fn reload(store: &Store, head: &Head, rows: Vec<Change>) -> Result<(), StoreError> {
+/// Replaces the whole mirror with the database's contents, chunk by
+/// chunk. The mirror's version goes first, so a crash half-way reloads
+/// again; the database it mirrors is recorded first too, so a half-loaded
+/// mirror is not taken for a sled store at the next start.
+fn reload(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<(), StoreError> {
     store.inner.mirror.remove(MIRROR_VERSION)?;
-    store.inner.mirror.remove(MIRROR_DB)?;
     store.inner.mirror.remove(MIRROR_COMMIT)?;
-    // On disk before anything is cleared: a crash from here on leaves a
-    // mirror without a version, which reloads.
+    store.inner.mirror.insert(MIRROR_DB, head.db_id.as_bytes())?;
     store.inner.db.flush()?;
     for t in TreeId::ALL {
         store.tree(t).clear()?;
     }
-    let mut batches: BTreeMap<&'static str, (TreeId, sled::Batch)> = BTreeMap::new();
-    for row in rows {
-        if let Some(v) = row.value {
-            batches
-                .entry(row.tree.name())
-                .or_insert_with(|| (row.tree, sled::Batch::default()))
-                .1
-                .insert(row.key, v);
+    while let Some(rows) = feed.next()? {
+        let mut batches: BTreeMap<&'static str, (TreeId, sled::Batch)> = BTreeMap::new();
+        for row in rows {
+            if let Some(v) = row.value {
+                batches
+                    .entry(row.tree.name())
+                    .or_insert_with(|| (row.tree, sled::Batch::default()))
+                    .1
+                    .insert(row.key, v);
+            }
         }
-    }
-    for (_, (tree, batch)) in batches {
-        store.tree(tree).apply_batch(batch)?;
+        for (_, (tree, batch)) in batches {
+            store.tree(tree).apply_batch(batch)?;
+        }
+        feed.applied += 1;
     }
     apply(
         store,
@@ -717,6 +900,10 @@ pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
     Ok(false)
 }
 
+/// One key of a mirror (`Store::mirror_rows`): tree name, key, value.
+#[doc(hidden)]
+pub type MirrorRow = (&'static str, Vec<u8>, Vec<u8>);
+
 impl Store {
     /// This store's link to PostgreSQL, when it is a replica.
     fn replica(&self) -> Option<&Replica> {
@@ -739,6 +926,41 @@ impl Store {
         if let Some(r) = self.replica() {
             r.lose_next_apply.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Test hook: this replica's catch-ups read `rows` rows per chunk
+    /// (instead of 10,000), and apply at most that many changes under
+    /// the head's lock (instead of 1,000).
+    #[doc(hidden)]
+    pub fn set_pg_pull_chunk(&self, rows: usize) {
+        if let Some(r) = self.replica() {
+            r.chunk.store(rows.max(1), Ordering::SeqCst);
+        }
+    }
+
+    /// Test hook: the next streamed catch-up stops after applying
+    /// `chunks` chunks and fails, leaving the mirror as if the process
+    /// had been killed there.
+    #[doc(hidden)]
+    pub fn die_in_pg_pull_after(&self, chunks: usize) {
+        if let Some(r) = self.replica() {
+            r.die_after_chunks.store(chunks, Ordering::SeqCst);
+        }
+    }
+
+    /// Test hook: every key of every tree of this replica's mirror, as
+    /// (tree, key, value), by tree name and key.
+    #[doc(hidden)]
+    pub fn mirror_rows(&self) -> Result<Vec<MirrorRow>, StoreError> {
+        let mut rows = Vec::new();
+        for t in TreeId::ALL {
+            for kv in self.tree(t).iter() {
+                let (k, v) = kv?;
+                rows.push((t.name(), k.to_vec(), v.to_vec()));
+            }
+        }
+        rows.sort();
+        Ok(rows)
     }
 
     /// Test hook: this replica collects deletions older than `keep`
@@ -821,7 +1043,13 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
     };
     while let Ok(job) = inbox.recv() {
         match job {
-            Job::Begin { since, reply } => {
+            Job::Begin {
+                since,
+                size,
+                stream_big,
+                rows,
+                reply,
+            } => {
                 let client = match conn.client() {
                     Ok(c) => c,
                     Err(e) => {
@@ -829,12 +1057,19 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
                         continue;
                     }
                 };
-                in_transaction(client, since, reply, &inbox);
+                in_transaction(client, since, size, stream_big, rows, reply, &inbox);
             }
-            Job::Refresh { since, reply } => {
-                let answer = conn.client().and_then(|c| snapshot(c, since));
-                let _ = reply.send(answer);
-            }
+            Job::Refresh {
+                since,
+                size,
+                rows,
+                reply,
+            } => match conn.client() {
+                Ok(c) => snapshot(c, since, size, rows, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             // A rollback or commit without a transaction: the caller gave
             // up on a `Begin` that failed.
             Job::Rollback => {}
@@ -922,6 +1157,9 @@ fn busy() -> StoreError {
 fn in_transaction(
     client: &mut postgres::Client,
     since: Option<Position>,
+    size: PullSize,
+    stream_big: bool,
+    rows: Rows,
     reply: Reply<Began>,
     inbox: &mpsc::Receiver<Job>,
 ) {
@@ -933,12 +1171,17 @@ fn in_transaction(
         }
     };
     let head = match read_head(&mut tx, "FOR UPDATE").and_then(|mut head| {
-        let pulled = pull(&mut tx, &mut head, since)?;
+        let pulled = pull(&mut tx, &mut head, since, size, stream_big)?;
         Ok((head, pulled))
     }) {
-        Ok((head, pulled)) => {
+        Ok((head, (pulled, stream))) => {
             if reply.send(Ok(Began::Locked(head.clone(), pulled))).is_err() {
                 return;
+            }
+            if let Some(stream) = stream {
+                if send_rows(&mut tx, stream, size, &rows).is_err() {
+                    return;
+                }
             }
             head
         }
@@ -1045,15 +1288,20 @@ fn commit_ids(
 }
 
 /// What the mirror at `since` must do to reach `head` (whose commit
-/// identity this fills in). The mirror's history must be the database's:
-/// a head behind the mirror, or a different commit recorded for the
-/// mirror's version, means the database lost commits the mirror holds (a
-/// failover to a standby that was behind), and the mirror reloads.
+/// identity this fills in), and what to stream after answering. The
+/// mirror's history must be the database's: a head behind the mirror, or
+/// a different commit recorded for the mirror's version, means the
+/// database lost commits the mirror holds (a failover to a standby that
+/// was behind), and the mirror reloads. At most `size.big` changes are
+/// read here; more, or a reload, are streamed, or (without `stream_big`)
+/// answered with [`Pulled::Behind`].
 fn pull(
     tx: &mut postgres::Transaction<'_>,
     head: &mut Head,
     since: Option<Position>,
-) -> Result<Pulled, StoreError> {
+    size: PullSize,
+    stream_big: bool,
+) -> Result<(Pulled, Option<Stream>), StoreError> {
     let mut versions = vec![head.version];
     if let Some(p) = &since {
         versions.push(p.version);
@@ -1089,27 +1337,82 @@ fn pull(
         _ => None,
     };
     let Some(from) = from else {
-        let rows = tx
-            .query(
-                "SELECT tree, key, value FROM jitbot_kv WHERE value IS NOT NULL",
-                &[],
-            )
-            .map_err(|e| pg_error("reading the store", &e))?;
-        return Ok(Pulled::Reload {
-            rows: changes_of(rows)?,
-            lost,
-        });
+        if !stream_big {
+            return Ok((Pulled::Behind, None));
+        }
+        return Ok((Pulled::Streamed { reload: true, lost }, Some(Stream::Everything)));
     };
     if from == head.version {
-        return Ok(Pulled::Changes(Vec::new()));
+        return Ok((Pulled::Changes(Vec::new()), None));
     }
+    let limit = i64::try_from(size.big).unwrap_or(i64::MAX).saturating_add(1);
     let rows = tx
         .query(
-            "SELECT tree, key, value FROM jitbot_kv WHERE version > $1 ORDER BY version",
-            &[&from],
+            "SELECT tree, key, value FROM jitbot_kv WHERE version > $1 ORDER BY version LIMIT $2",
+            &[&from, &limit],
         )
         .map_err(|e| pg_error("reading changes from other replicas", &e))?;
-    Ok(Pulled::Changes(changes_of(rows)?))
+    if rows.len() <= size.big {
+        return Ok((Pulled::Changes(changes_of(rows)?), None));
+    }
+    if !stream_big {
+        return Ok((Pulled::Behind, None));
+    }
+    Ok((
+        Pulled::Streamed {
+            reload: false,
+            lost: None,
+        },
+        Some(Stream::Since(from)),
+    ))
+}
+
+/// Streams `stream`'s rows to `rows` in chunks of `size.chunk` through a
+/// portal in `tx` (one snapshot, however long it takes), then
+/// [`Chunk::End`]; a failure is sent as [`Chunk::Failed`]. An error here
+/// means the transaction is unusable (or nobody reads the rows any more).
+fn send_rows(
+    tx: &mut postgres::Transaction<'_>,
+    stream: Stream,
+    size: PullSize,
+    rows: &Rows,
+) -> Result<(), ()> {
+    let gone = |_| ();
+    let read = |tx: &mut postgres::Transaction<'_>| -> Result<postgres::Portal, StoreError> {
+        match stream {
+            Stream::Everything => tx.bind(
+                "SELECT tree, key, value FROM jitbot_kv WHERE value IS NOT NULL",
+                &[],
+            ),
+            Stream::Since(from) => tx.bind(
+                "SELECT tree, key, value FROM jitbot_kv WHERE version > $1",
+                &[&from],
+            ),
+        }
+        .map_err(|e| pg_error("reading the store", &e))
+    };
+    let portal = match read(tx) {
+        Ok(portal) => portal,
+        Err(e) => return rows.send(Chunk::Failed(e)).map_err(gone).and(Err(())),
+    };
+    let max = i32::try_from(size.chunk).unwrap_or(i32::MAX);
+    loop {
+        let chunk = tx
+            .query_portal(&portal, max)
+            .map_err(|e| pg_error("reading the store", &e))
+            .and_then(changes_of);
+        match chunk {
+            Ok(chunk) if chunk.is_empty() => return rows.send(Chunk::End).map_err(gone),
+            Ok(chunk) => {
+                let last = chunk.len() < size.chunk;
+                rows.send(Chunk::Rows(chunk)).map_err(gone)?;
+                if last {
+                    return rows.send(Chunk::End).map_err(gone);
+                }
+            }
+            Err(e) => return rows.send(Chunk::Failed(e)).map_err(gone).and(Err(())),
+        }
+    }
 }
 
 fn changes_of(rows: Vec<postgres::Row>) -> Result<Vec<Change>, StoreError> {
@@ -1129,17 +1432,62 @@ fn changes_of(rows: Vec<postgres::Row>) -> Result<Vec<Change>, StoreError> {
         .collect()
 }
 
-fn snapshot(client: &mut postgres::Client, since: Option<Position>) -> Result<(Head, Pulled), StoreError> {
-    let mut tx = client
+/// Catches up from a read-only snapshot: answers `reply`, then streams
+/// what is big to `rows` from the same snapshot.
+fn snapshot(
+    client: &mut postgres::Client,
+    since: Option<Position>,
+    size: PullSize,
+    rows: Rows,
+    reply: Reply<(Head, Pulled)>,
+) {
+    let began = client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
-        .map_err(|e| pg_error("BEGIN", &e))?;
-    let mut head = read_head(&mut tx, "")?;
-    let pulled = pull(&mut tx, &mut head, since)?;
-    tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
-    Ok((head, pulled))
+        .map_err(|e| pg_error("BEGIN", &e));
+    let mut tx = match began {
+        Ok(tx) => tx,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
+        }
+    };
+    let pulled = read_head(&mut tx, "")
+        .map_err(StoreError::from)
+        .and_then(|mut head| {
+            let pulled = pull(&mut tx, &mut head, since, size, true)?;
+            Ok((head, pulled))
+        });
+    match pulled {
+        Ok((head, (pulled, None))) => {
+            let _ = reply.send(
+                tx.commit()
+                    .map_err(|e| pg_error("COMMIT", &e))
+                    .map(|()| (head, pulled)),
+            );
+        }
+        Ok((head, (pulled, Some(stream)))) => {
+            // Applying a chunk, or clearing the mirror for a reload, may
+            // keep this snapshot idle for longer than a writer may be.
+            if let Err(e) = tx.batch_execute(&format!(
+                "SET LOCAL idle_in_transaction_session_timeout = '{STREAM_IDLE}'"
+            )) {
+                let _ = reply.send(Err(pg_error("setting the snapshot's timeout", &e)));
+                return;
+            }
+            if reply.send(Ok((head, pulled))).is_err() {
+                return;
+            }
+            if send_rows(&mut tx, stream, size, &rows).is_ok() {
+                let _ = tx.commit();
+            }
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
+    }
 }
 
 /// Takes the leadership when it is free or expired, or renews it when
@@ -1192,13 +1540,6 @@ fn write(
         tx.execute("SELECT 1 / 0", &[])
             .map_err(|e| pg_error("COMMIT (test hook)", &e))?;
     }
-    tx.execute(
-        "INSERT INTO jitbot_kv (tree, key, value, version) \
-         SELECT t, k, v, $4 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(t, k, v) \
-         ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value, version = excluded.version",
-        &[&trees, &keys, &values, &version],
-    )
-    .map_err(|e| pg_error("writing the change", &e))?;
     let mut gc = head.gc_version;
     if version % gc_at.every == 0 && version > gc_at.keep {
         gc = version - gc_at.keep;
@@ -1211,12 +1552,27 @@ fn write(
         tx.execute("DELETE FROM jitbot_commits WHERE version < $1", &[&gc])
             .map_err(|e| pg_error("collecting old commit records", &e))?;
     }
-    let commit_id = record_commit(&mut tx, version)?;
-    tx.execute(
-        "UPDATE jitbot_head SET version = $1, gc_version = $2 WHERE id = 1",
-        &[&version, &gc],
-    )
-    .map_err(|e| pg_error("advancing jitbot_head", &e))?;
+    // One round trip: the keys, the commit's new identity (replacing the
+    // record of a commit the database lost, if it kept one) and the head.
+    // The collection above touches only versions at or below `gc`, far
+    // below this one.
+    let row = tx
+        .query_one(
+            "WITH kv AS ( \
+               INSERT INTO jitbot_kv (tree, key, value, version) \
+               SELECT t, k, v, $4 FROM unnest($1::text[], $2::bytea[], $3::bytea[]) AS u(t, k, v) \
+               ON CONFLICT (tree, key) DO UPDATE SET value = excluded.value, version = excluded.version \
+             ), head AS ( \
+               UPDATE jitbot_head SET version = $4, gc_version = $5 WHERE id = 1 \
+             ) \
+             INSERT INTO jitbot_commits (version, commit_id) \
+             VALUES ($4, md5(random()::text || clock_timestamp()::text)) \
+             ON CONFLICT (version) DO UPDATE SET commit_id = excluded.commit_id \
+             RETURNING commit_id",
+            &[&trees, &keys, &values, &version, &gc],
+        )
+        .map_err(|e| pg_error("writing the change", &e))?;
+    let commit_id: String = row.get(0);
     tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
     Ok((version, commit_id))
 }

@@ -1537,3 +1537,167 @@ async fn a_leader_whose_renewal_hangs_steps_down_before_its_term_expires() {
     );
     assert!(log.contains("cannot renew the leadership in time"), "{log}");
 }
+
+// Issue 16, the failover bench's finding: a new replica (or one reloading
+// after the deletion horizon or lost commits) held the whole database in
+// memory. Catch-ups now stream in chunks; these tests make the chunks 7
+// rows.
+
+/// Every key with a value in the database, one `tree key value` line each
+/// (hex), in the order of `Store::mirror_rows`.
+fn database_rows(db: &Database) -> String {
+    db.value(
+        "SELECT coalesce(string_agg(tree || ' ' || encode(key, 'hex') || ' ' || encode(value, 'hex'), \
+         E'\\n' ORDER BY tree COLLATE \"C\", key), '') FROM jitbot_kv WHERE value IS NOT NULL",
+    )
+}
+
+/// The replica's whole mirror, as `database_rows` writes the database.
+fn mirrored_rows(store: &Store) -> String {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    store
+        .mirror_rows()
+        .expect("read the mirror")
+        .into_iter()
+        .map(|(tree, k, v)| format!("{tree} {} {}", hex(&k), hex(&v)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Commits `n` timers named `{prefix}-{i}` and one audit record, then
+/// moves every third of them (deleting its old key), in two commits.
+async fn many_timers(store: &Store, prefix: &str, n: usize) {
+    store
+        .update(Utc::now(), |tx| {
+            for i in 0..n {
+                tx.set_timer(TimerKind::Warn, &format!("{prefix}-{i}"), Utc::now());
+            }
+            tx.audit(draft("test.many"));
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+    store
+        .update(Utc::now(), |tx| {
+            for i in (0..n).step_by(3) {
+                tx.set_timer(
+                    TimerKind::Warn,
+                    &format!("{prefix}-{i}"),
+                    Utc::now() + Duration::minutes(5),
+                );
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+}
+
+/// Puts `b`'s mirror behind the deletion horizon `a` moves: `b` reloads
+/// at its next catch-up.
+async fn past_the_horizon(a: &Store) {
+    a.set_pg_gc(5, 5);
+    for i in 0..12 {
+        a.update(Utc::now() + Duration::seconds(i), |tx| {
+            tx.set_timer(TimerKind::Expire, "moving", tx.now());
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_reload_in_chunks_of_seven_rows_leaves_the_mirror_equal_to_the_database() {
+    let (db, _tmp, a, b) = two_replicas();
+    many_timers(&a, "t", 150).await;
+    b.refresh().unwrap();
+    past_the_horizon(&a).await;
+    many_timers(&a, "u", 40).await;
+    let truth = database_rows(&db);
+    assert!(truth.lines().count() > 300, "{} rows", truth.lines().count());
+    b.set_pg_pull_chunk(7);
+    assert!(b.refresh().unwrap(), "b reloaded");
+    assert_eq!(mirrored_rows(&b), truth, "b's mirror after the chunked reload");
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+    assert!(b.check_consistency().unwrap().is_empty());
+    // And it goes on from there, committing and catching up.
+    write(&b, "after").await.unwrap();
+    a.refresh().unwrap();
+    assert_eq!(mirrored_rows(&a), database_rows(&db));
+}
+
+#[tokio::test]
+async fn a_big_catch_up_in_chunks_of_seven_rows_leaves_the_mirror_equal_to_the_database() {
+    let (db, _tmp, a, b) = two_replicas();
+    write(&b, "first").await.unwrap();
+    b.set_pg_pull_chunk(7);
+    many_timers(&a, "t", 120).await;
+    // A refresh streams the changes from a snapshot...
+    assert!(b.refresh().unwrap());
+    assert_eq!(mirrored_rows(&b), database_rows(&db));
+    // ...and a writer catches up outside the head's lock first, then
+    // commits.
+    many_timers(&a, "u", 120).await;
+    write(&b, "second").await.unwrap();
+    assert_eq!(mirrored_rows(&b), database_rows(&db));
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 4 });
+    assert!(b.check_consistency().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_replica_killed_half_way_through_a_chunked_reload_reloads_at_its_next_start() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let path = tmp.path().join("b");
+    let b = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+    many_timers(&a, "t", 150).await;
+    b.refresh().unwrap();
+    past_the_horizon(&a).await;
+    b.set_pg_pull_chunk(7);
+    b.die_in_pg_pull_after(3);
+    let died = b.refresh();
+    assert!(died.is_err(), "the test hook stops the reload: {died:?}");
+    drop(b);
+    // Opening the half-loaded mirror again reloads it (it is not taken
+    // for a sled store, nor for a mirror at its old version).
+    let b = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+    assert_eq!(mirrored_rows(&b), database_rows(&db));
+    assert!(b.check_consistency().unwrap().is_empty());
+}
+
+/// A replica killed half-way through a big catch-up holds part of the
+/// changes; if the database then loses those commits (a failover to a
+/// standby that had not received them), the replica must not keep them.
+#[tokio::test]
+async fn a_replica_killed_half_way_through_a_chunked_catch_up_keeps_none_of_it() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let path = tmp.path().join("b");
+    let b = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+    write(&a, "before").await.unwrap();
+    b.refresh().unwrap();
+    db.run(
+        "CREATE TABLE standby_kv AS SELECT * FROM jitbot_kv; \
+         CREATE TABLE standby_head AS SELECT * FROM jitbot_head",
+    );
+    many_timers(&a, "lost", 120).await;
+    b.set_pg_pull_chunk(7);
+    b.die_in_pg_pull_after(4);
+    assert!(b.refresh().is_err(), "the test hook stops the catch-up");
+    drop(b);
+    db.run(
+        "BEGIN; DELETE FROM jitbot_kv; INSERT INTO jitbot_kv SELECT * FROM standby_kv; \
+         UPDATE jitbot_head h SET version = s.version, gc_version = s.gc_version, db_id = s.db_id \
+           FROM standby_head s; \
+         DROP TABLE standby_kv; DROP TABLE standby_head; COMMIT",
+    );
+    let b = Store::open_postgres(&path, 16, &db.settings()).unwrap();
+    assert_eq!(
+        mirrored_rows(&b),
+        database_rows(&db),
+        "b kept part of a catch-up of commits the database no longer has"
+    );
+    assert_eq!(b.timer_count(), 1);
+}
