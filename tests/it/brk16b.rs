@@ -89,7 +89,11 @@ async fn a_replica_killed_during_a_mirror_reload_starts_again_and_reloads() {
     }
     // The reload's first step, flushed: position gone, trees not yet cleared.
     {
-        let sled_db = sled::open(&path).expect("open the closed mirror with sled");
+        let sled_db = sled::Config::new()
+            .path(&path)
+            .use_compression(true)
+            .open()
+            .expect("open the closed mirror with sled");
         let mirror = sled_db.open_tree("mirror").unwrap();
         assert!(
             mirror.get(b"db_id").unwrap().is_some(),
