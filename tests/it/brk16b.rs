@@ -89,11 +89,15 @@ async fn a_replica_killed_during_a_mirror_reload_starts_again_and_reloads() {
     }
     // The reload's first step, flushed: position gone, trees not yet cleared.
     {
-        let sled_db = sled::Config::new()
-            .path(&path)
-            .use_compression(true)
-            .open()
-            .expect("open the closed mirror with sled");
+        // sled's flusher thread lets go of the closed store shortly after.
+        let open = || sled::Config::new().path(&path).use_compression(true).open();
+        let started = std::time::Instant::now();
+        let mut opened = open();
+        while opened.is_err() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+            opened = open();
+        }
+        let sled_db = opened.expect("open the closed mirror with sled");
         let mirror = sled_db.open_tree("mirror").unwrap();
         assert!(
             mirror.get(b"db_id").unwrap().is_some(),
