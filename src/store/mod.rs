@@ -539,15 +539,9 @@ impl Store {
     /// The open-time upgrades of older stored formats, each a transaction.
     fn upgrade(&self) -> Result<(), StoreError> {
         if self.inner.meta.get(SCHEMA)?.is_none() {
-            // A new store has no legacy live slots: marked folded in the
-            // same commit (one version for a new PostgreSQL store's start).
-            let empty = self.inner.live.is_empty();
             self.writer()?.transact([TreeId::Meta], |[meta]| {
                 if meta.get(SCHEMA)?.is_none() {
                     meta.insert(SCHEMA, b"1")?;
-                    if empty && meta.get(LIVE_FOLDED)?.is_none() {
-                        meta.insert(LIVE_FOLDED, b"1")?;
-                    }
                 }
                 Ok(())
             })?;
