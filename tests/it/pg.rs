@@ -1323,6 +1323,9 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
 
     // bob approves on the leader; its add is slow to reach the directory.
+    // A fresh renewal first: a's window to start a call lasts two thirds of
+    // its 3 s term, which a loaded machine could spend before the add.
+    assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     slow.hold.store(true, std::sync::atomic::Ordering::SeqCst);
     let approving = {
         let a = bot.engine.clone();
@@ -1332,7 +1335,9 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
                 .await
         })
     };
-    slow.reached.notified().await;
+    tokio::time::timeout(std::time::Duration::from_secs(30), slow.reached.notified())
+        .await
+        .expect("a's add reached the directory within 30 s (did a's window close before the call?)");
 
     // a's term runs out; b takes over and first waits out a's last call.
     let db = bot.pg.clone().expect("postgres");
@@ -1345,7 +1350,10 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
         "b waits out a's calls"
     );
     let started = std::time::Instant::now();
-    let reply = approving.await.expect("approve task");
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(30), approving)
+        .await
+        .expect("the approval returned within 30 s")
+        .expect("approve task");
     assert!(reply.ok, "{}", reply.text);
     assert!(
         started.elapsed() < std::time::Duration::from_millis(1500),
