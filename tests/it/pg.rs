@@ -72,8 +72,9 @@ async fn a_write_on_one_replica_is_seen_by_the_others_next_transaction() {
     let c = Store::open_postgres(&tmp.path().join("c"), 16, &db.settings()).unwrap();
     assert_eq!(c.timer_count(), 2);
     assert_eq!(c.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
-    // One version per commit: the schema marker written at the first open, then the two writes.
-    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3");
+    // One version per commit: the schema and live-fold markers written at the first open, then
+    // the two writes.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "4");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,10 +220,10 @@ async fn a_crash_between_the_database_commit_and_the_mirror_loses_nothing() {
         let lost = write(&a, "x-2").await;
         assert!(lost.is_err(), "the caller is told: nothing acts on it");
         assert_eq!(a.timer_count(), 1, "the mirror did not take it");
-        // Versions: the schema marker, x-1, x-2.
+        // Versions: the schema and live-fold markers, x-1, x-2.
         assert_eq!(
             db.value("SELECT version::text FROM jitbot_head"),
-            "3",
+            "4",
             "the database did"
         );
     }
@@ -246,8 +247,8 @@ async fn a_failed_commit_leaves_neither_the_database_nor_the_mirror_changed() {
     let err = failed.expect_err("the commit failed");
     assert!(err.to_string().contains("nothing was acted on"), "{err}");
     assert_eq!(a.timer_count(), 1, "the mirror is unchanged");
-    // Versions: the schema marker, x-1; nothing since.
-    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "2");
+    // Versions: the schema and live-fold markers, x-1; nothing since.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3");
     assert_eq!(
         db.value("SELECT count(*)::text FROM jitbot_kv WHERE tree = 'timers'"),
         "1",
