@@ -424,6 +424,28 @@ impl Store {
         })
     }
 
+    /// Why this replica cannot append to the audit chain as it stands, if
+    /// it cannot: the chain is keyed (a keyed-since marker or a head MAC,
+    /// written by a replica that has an `[audit] key`) and this one has no
+    /// key. Cheap (two reads), so leadership asks it at every renewal: a
+    /// replica that could not write the audit record of a revocation must
+    /// not be the one that revokes.
+    pub(super) fn cannot_append_audit(&self) -> Result<Option<String>, StoreError> {
+        if self.audit_key().is_some() {
+            return Ok(None);
+        }
+        let meta = &self.inner.meta;
+        if meta.get(KEYED_SINCE)?.is_none() && meta.get(HEAD_MAC)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(
+            "the audit chain is keyed (HMAC) by a replica with an [audit] key, and this replica has none: \
+             it would fail every change that writes an audit record, revocations included, so it does not lead. \
+             Set the same [audit] key on every replica and restart this one"
+                .into(),
+        ))
+    }
+
     /// Refuses, writing nothing, a start that would poison a keyed chain:
     /// no `[audit] key` although the chain is keyed (it has a keyed-since
     /// marker, a head MAC or ends in a keyed record), or a key under which

@@ -78,6 +78,18 @@ impl Store {
             Some(election) => {
                 let leadership = &self.inner.leadership;
                 leadership.joined.store(true, Ordering::SeqCst);
+                if let Some(why) = self.cannot_append_audit()? {
+                    tracing::error!(error = %why, "this replica does not lead");
+                    let held = leadership
+                        .term
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .map(|t| t.token);
+                    if let Some(token) = held {
+                        self.resign(holder, token)?;
+                    }
+                    return Ok(None);
+                }
                 let started = Instant::now();
                 let token = election.lead(holder, ttl)?;
                 let mut term = leadership.term.lock().unwrap_or_else(|p| p.into_inner());

@@ -628,6 +628,35 @@ async fn an_unkeyed_replica_refuses_to_append_to_a_chain_another_replica_keyed()
     ));
 }
 
+/// A leader still on the old configuration when another replica keys the
+/// chain would fail every revocation (each writes an audit record): it
+/// gives up its term at its next renewal, and the keyed replica leads.
+#[tokio::test]
+async fn an_unkeyed_leader_steps_down_once_another_replica_keys_the_chain() {
+    use jitbot::secret::Secret;
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    let term = std::time::Duration::from_secs(30);
+    let token = b.lead("b", term).unwrap().expect("unkeyed b leads");
+    write(&a, "before-keying").await.unwrap();
+    a.set_audit_key(Secret::new("brk16b-audit-key-0123456789abcdef0123456789"));
+    a.seal_unkeyed_history(Utc::now()).await.unwrap();
+    assert_eq!(a.lead("a", term).unwrap(), None, "b's term still runs");
+    b.refresh().unwrap();
+    assert_eq!(
+        b.lead("b", term).unwrap(),
+        None,
+        "b, without the [audit] key the chain now needs, renewed its term (token {token}): every \
+         revocation it drives would be refused"
+    );
+    assert!(
+        a.lead("a", term).unwrap().is_some(),
+        "b resigned: the keyed replica a takes over at once"
+    );
+}
+
 /// A replica started with another `[audit] key` than the one the chain
 /// was keyed with (after another replica's start-up check passed on an
 /// unkeyed chain, or with a stale secret) must not append under its key:

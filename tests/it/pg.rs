@@ -72,8 +72,9 @@ async fn a_write_on_one_replica_is_seen_by_the_others_next_transaction() {
     let c = Store::open_postgres(&tmp.path().join("c"), 16, &db.settings()).unwrap();
     assert_eq!(c.timer_count(), 2);
     assert_eq!(c.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
-    // One version per commit: the schema marker written at the first open, then the two writes.
-    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3");
+    // One version per commit: the schema and live-fold markers written at the first open, then
+    // the two writes.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "4");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,10 +220,10 @@ async fn a_crash_between_the_database_commit_and_the_mirror_loses_nothing() {
         let lost = write(&a, "x-2").await;
         assert!(lost.is_err(), "the caller is told: nothing acts on it");
         assert_eq!(a.timer_count(), 1, "the mirror did not take it");
-        // Versions: the schema marker, x-1, x-2.
+        // Versions: the schema and live-fold markers, x-1, x-2.
         assert_eq!(
             db.value("SELECT version::text FROM jitbot_head"),
-            "3",
+            "4",
             "the database did"
         );
     }
@@ -246,8 +247,8 @@ async fn a_failed_commit_leaves_neither_the_database_nor_the_mirror_changed() {
     let err = failed.expect_err("the commit failed");
     assert!(err.to_string().contains("nothing was acted on"), "{err}");
     assert_eq!(a.timer_count(), 1, "the mirror is unchanged");
-    // Versions: the schema marker, x-1; nothing since.
-    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "2");
+    // Versions: the schema and live-fold markers, x-1; nothing since.
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), "3");
     assert_eq!(
         db.value("SELECT count(*)::text FROM jitbot_kv WHERE tree = 'timers'"),
         "1",
@@ -1323,6 +1324,9 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
 
     // bob approves on the leader; its add is slow to reach the directory.
+    // A fresh renewal first: a's window to start a call lasts two thirds of
+    // its 3 s term, which a loaded machine could spend before the add.
+    assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     slow.hold.store(true, std::sync::atomic::Ordering::SeqCst);
     let approving = {
         let a = bot.engine.clone();
@@ -1332,7 +1336,9 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
                 .await
         })
     };
-    slow.reached.notified().await;
+    tokio::time::timeout(std::time::Duration::from_secs(30), slow.reached.notified())
+        .await
+        .expect("a's add reached the directory within 30 s (did a's window close before the call?)");
 
     // a's term runs out; b takes over and first waits out a's last call.
     let db = bot.pg.clone().expect("postgres");
@@ -1345,7 +1351,10 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
         "b waits out a's calls"
     );
     let started = std::time::Instant::now();
-    let reply = approving.await.expect("approve task");
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(30), approving)
+        .await
+        .expect("the approval returned within 30 s")
+        .expect("approve task");
     assert!(reply.ok, "{}", reply.text);
     assert!(
         started.elapsed() < std::time::Duration::from_millis(1500),
