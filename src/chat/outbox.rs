@@ -11,7 +11,7 @@
 use crate::engine::Engine;
 use crate::ports::{Audience, ChatError, CopyLog, MessageRef, Notifier, PostError};
 use crate::store::leader::Window;
-use crate::store::{OutboxItem, OutboxJob, Store, StoreError};
+use crate::store::{OutboxItem, OutboxJob, RequestRecord, Store, StoreError};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::request::RequestState;
 use jitbot_core::{Instant, RequestId};
@@ -543,7 +543,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, tenure: &Tenure, job: &OutboxJ
             }
         }?),
         OutboxItem::PostApproval { request } => {
-            let Some(rec) = engine.store().request(request).map_err(store_err)? else {
+            let Some(rec) = request_of(engine, request).await? else {
                 return Ok(());
             };
             let posted: Vec<MessageRef> = rec.messages.iter().filter(|m| dest.owns(m)).cloned().collect();
@@ -608,7 +608,7 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, tenure: &Tenure, job: &OutboxJ
             Ok(())
         }
         OutboxItem::UpdateApproval { request } => {
-            let Some(rec) = engine.store().request(request).map_err(store_err)? else {
+            let Some(rec) = request_of(engine, request).await? else {
                 return Ok(());
             };
             let card = engine.card(&rec);
@@ -616,6 +616,23 @@ async fn deliver(engine: &Engine, dest: Dest<'_>, tenure: &Tenure, job: &OutboxJ
             Ok(update_every_copy(engine, dest, tenure, request, copies, &card).await?)
         }
     }
+}
+
+/// The request a card is about. A request the local index does not hold is
+/// looked for again under the writer lock: with PostgreSQL the index is a
+/// mirror, empty for a while as it reloads, and finishing the job on that
+/// read would drop the card. `None` only when the store, current under
+/// the lock, has no such request (retention removed it).
+async fn request_of(engine: &Engine, request: &RequestId) -> Result<Option<RequestRecord>, ChatError> {
+    let store_err = |e: StoreError| ChatError::Unavailable(e.to_string());
+    if let Some(rec) = engine.store().request(request).map_err(store_err)? {
+        return Ok(Some(rec));
+    }
+    engine
+        .store()
+        .update(engine.now(), |tx| tx.request(request))
+        .await
+        .map_err(store_err)
 }
 
 /// Records the copies of one request's card, each in its own durable

@@ -96,6 +96,12 @@ impl Engine {
             if self.inner.store.live_lease(&policy.name, &who)?.is_some() {
                 continue;
             }
+            // The reads above are of the local index, which a replica's
+            // mirror reload empties for a while: drift is only what the
+            // store, current under the writer lock, confirms.
+            if !self.confirmed_unleased(policy, &who).await? {
+                continue;
+            }
             // A primary group is no member value: nothing jitbot can remove.
             let removable = !matches!(member.kind, MemberKind::PrimaryGroup(_));
             let remediated =
@@ -127,6 +133,18 @@ impl Engine {
             }
         }
         Ok(found)
+    }
+
+    /// Whether `who` still has no live lease in `policy`'s group, read under
+    /// the writer lock (with PostgreSQL: on the mirror caught up with every
+    /// replica, never in the middle of its reload).
+    async fn confirmed_unleased(&self, policy: &GroupPolicy, who: &UserId) -> Result<bool, EngineError> {
+        self.inner
+            .store
+            .update(self.now(), |tx| {
+                Ok::<_, EngineError>(tx.live_lease(&policy.name, who)?.is_none())
+            })
+            .await
     }
 
     /// Writes a remediation lease for a direct value (the removal runs

@@ -468,6 +468,7 @@ impl Store {
                 path.display()
             )));
         }
+        pg::mark_mirror(&store)?;
         store.refresh()?;
         store.upgrade()?;
         Ok(store)

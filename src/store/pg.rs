@@ -99,6 +99,11 @@ const MIGRATION_LOCK: i64 = 0x6a69_7462_6f74_6d67;
 const MIRROR_VERSION: &[u8] = b"version";
 const MIRROR_DB: &[u8] = b"db_id";
 const MIRROR_COMMIT: &[u8] = b"commit_id";
+/// Written when a directory first becomes a mirror and never removed (a
+/// reload or a catch-up removes only the position): a directory with data
+/// and this mark is a mirror, whatever state a crash left it in.
+const MIRROR_KIND: &[u8] = b"kind";
+const MIRROR_KIND_POSTGRES: &[u8] = b"postgres";
 
 /// How long a session may sit idle inside a transaction before PostgreSQL
 /// ends it. A jitbot transaction never waits for anything outside the
@@ -851,8 +856,11 @@ fn apply(
 
 /// Replaces the whole mirror with the database's contents, chunk by
 /// chunk. The mirror's version goes first, so a crash half-way reloads
-/// again; the database it mirrors is recorded first too, so a half-loaded
-/// mirror is not taken for a sled store at the next start.
+/// again (the mirror's kind mark stays, so a half-loaded mirror is not
+/// taken for a sled store at the next start). Readers that do not take the
+/// writer lock see the trees emptied and refilled meanwhile: whatever acts
+/// on a missing record (the ZSP monitor's drift, the outbox's missing
+/// request) confirms it under the writer lock first.
 fn reload(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<(), StoreError> {
     store.inner.mirror.remove(MIRROR_VERSION)?;
     store.inner.mirror.remove(MIRROR_COMMIT)?;
@@ -888,8 +896,12 @@ fn reload(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<(), StoreEr
 
 /// Whether a sled directory holds data but is no mirror: pointing the
 /// PostgreSQL backend at an existing sled store would throw its data away.
+/// A mirror is known by its kind mark ([`mark_mirror`]), or, made before
+/// the mark existed, by the database it mirrors; a mirror without a
+/// position (a crash during a reload or a big catch-up) is still a mirror,
+/// and reloads.
 pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
-    if store.inner.mirror.get(MIRROR_DB)?.is_some() {
+    if store.inner.mirror.get(MIRROR_KIND)?.is_some() || store.inner.mirror.get(MIRROR_DB)?.is_some() {
         return Ok(false);
     }
     for t in TreeId::ALL {
@@ -898,6 +910,17 @@ pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
         }
     }
     Ok(false)
+}
+
+/// Marks the directory as a mirror of PostgreSQL, on disk, before anything
+/// is written to it (called once [`holds_sled_store`] said it is no sled
+/// store); the mark is never removed.
+pub(super) fn mark_mirror(store: &Store) -> Result<(), StoreError> {
+    if store.inner.mirror.get(MIRROR_KIND)?.as_deref() != Some(MIRROR_KIND_POSTGRES) {
+        store.inner.mirror.insert(MIRROR_KIND, MIRROR_KIND_POSTGRES)?;
+        store.inner.db.flush()?;
+    }
+    Ok(())
 }
 
 /// One key of a mirror (`Store::mirror_rows`): tree name, key, value.
