@@ -5,7 +5,6 @@ mod support;
 
 mod ad;
 mod backup;
-mod brk16b;
 mod console;
 mod contract;
 mod deploy;
@@ -23,6 +22,7 @@ mod observability;
 mod ops;
 mod outbox;
 mod pg;
+mod replicas;
 mod retention;
 mod safeguards;
 #[path = "../sim/mod.rs"]

@@ -1,8 +1,10 @@
-//! Review brk16b of issue 16 (PostgreSQL, replicas, the storage port):
-//! each test here states a guarantee the issue or ARCHITECTURE.md makes
-//! and shows it broken on the real servers (PostgreSQL 15, the real
-//! `jitbot run` binary, the gateway fake). Findings and suggested fixes:
-//! `notes/brk16b-findings.md` of the review.
+//! Replicas on PostgreSQL against the review of issue 16 (brk16b): only
+//! the leader holds the Discord gateway and posts notices, a mirror reload
+//! neither wedges a restart nor shows a leased membership as drift, the
+//! database URL's security cannot be overridden by a repeated parameter,
+//! restore refuses a database another replica wrote, and the audit key
+//! holds across replicas. Each test once failed on the real servers
+//! (PostgreSQL 15, the real `jitbot run` binary, the gateway fake).
 
 use crate::support::fake_discord::{FakeDiscord, APP_ID};
 use crate::support::fake_gateway::{FakeGateway, GUILD};
