@@ -1393,39 +1393,7 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
 
 /// Two replicas' config on database `url` (memory directory).
 fn replica_config(url: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "{{listen}}"
-admin_token = {{admin}}
-shutdown_grace = "2s"
-
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ env = "JITBOT_TEST_PGPW" }}
-path = "{{store}}"
-cache_mb = 16
-
-[scheduler]
-max_wait = "1s"
-retry_base = "1s"
-
-[directory]
-kind = "memory"
-
-[memory]
-groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
-
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
-"#
-    )
+    crate::support::postgres::memory_replica_config(url, "")
 }
 
 /// Holds `lock` (a `SELECT … FOR UPDATE`) in a session of its own, with

@@ -133,30 +133,8 @@ async fn a_replica_killed_during_a_mirror_reload_starts_again_and_reloads() {
 /// The URL `FakeDiscord` serves, and the config of a `jitbot run` replica
 /// on `url` in Discord gateway mode (memory directory).
 fn gateway_replica_config(url: &str, discord: &FakeDiscord) -> String {
-    format!(
+    let chat = format!(
         r#"
-[server]
-listen = "{{listen}}"
-admin_token = {{admin}}
-shutdown_grace = "2s"
-
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ env = "JITBOT_TEST_PGPW" }}
-path = "{{store}}"
-cache_mb = 16
-
-[scheduler]
-max_wait = "1s"
-retry_base = "1s"
-
-[directory]
-kind = "memory"
-
-[memory]
-groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
-
 [discord]
 mode = "gateway"
 bot_token = {{ env = "GW_BOT_TOKEN" }}
@@ -167,16 +145,10 @@ default_channel = "500"
 channels = {{ db-admins = "510" }}
 users = {{ "1000000000000000001" = "alice", "1000000000000000002" = "bob" }}
 
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
 "#,
         api = discord.base,
-    )
+    );
+    crate::support::postgres::memory_replica_config(url, &chat)
 }
 
 /// Issue 16: "only the leader runs the scheduler, the outbox worker, the
@@ -322,30 +294,8 @@ async fn slow_slack(delay: Duration) -> (String, crate::support::net::Recorder<u
 }
 
 fn slack_replica_config(url: &str, slack_api: &str) -> String {
-    format!(
+    let chat = format!(
         r#"
-[server]
-listen = "{{listen}}"
-admin_token = {{admin}}
-shutdown_grace = "2s"
-
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ env = "JITBOT_TEST_PGPW" }}
-path = "{{store}}"
-cache_mb = 16
-
-[scheduler]
-max_wait = "1s"
-retry_base = "1s"
-
-[directory]
-kind = "memory"
-
-[memory]
-groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
-
 [slack]
 mode = "http"
 bot_token = {{ env = "BRK16B_BOT" }}
@@ -354,15 +304,9 @@ team_id = "T1"
 api_url = "{slack_api}"
 default_channel = "CJIT"
 
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
 "#
-    )
+    );
+    crate::support::postgres::memory_replica_config(url, &chat)
 }
 
 fn signal(bot: &Jitbot, sig: &str) {

@@ -261,3 +261,44 @@ impl Database {
         cluster().query_one(&self.name, sql)
     }
 }
+
+/// The config of a `jitbot run` replica on database `url` (its password
+/// from `JITBOT_TEST_PGPW`), with a memory directory where alice is in
+/// db-admins, the group db-admins that alice may request and bob approve,
+/// and `chat`'s sections (none: no chat platform). `{listen}`, `{admin}`
+/// and `{store}` are left for `process.rs` to fill.
+pub fn memory_replica_config(url: &str, chat: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+admin_token = {{admin}}
+shutdown_grace = "2s"
+
+[store]
+kind = "postgres"
+url = "{url}"
+password = {{ env = "JITBOT_TEST_PGPW" }}
+path = "{{store}}"
+cache_mb = 16
+
+[scheduler]
+max_wait = "1s"
+retry_base = "1s"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = ["alice"] }}
+{chat}
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    )
+}
