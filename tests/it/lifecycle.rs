@@ -465,7 +465,7 @@ async fn audit_tampering_is_found_at_the_record() {
         tree.insert(key, bytes).unwrap();
         raw.flush().unwrap();
     }
-    let store = jitbot::store::Store::open(&path, 16).unwrap();
+    let store = crate::support::reopen_store(&path);
     match store.verify_audit().unwrap() {
         AuditCheck::Broken { seq, problem } => {
             assert_eq!(seq, 3, "{problem}");

@@ -326,13 +326,13 @@ async fn archive_and_store_verify_end_to_end_and_tampering_names_the_file() {
     // The store's own record altered: named as the store's.
     drop(store);
     let held = rewrite_audit_record(&db, 35, |r| r.replace("record 35", "record 53"));
-    let store = Store::open(&db, 16).unwrap();
+    let store = crate::support::reopen_store(&db);
     let (seq, problem) = broken(store.verify_audit_with_archive(&s.archive_dir, None).unwrap());
     assert_eq!(seq, 35, "{problem}");
     assert!(problem.contains("the store"), "{problem}");
     drop(store);
     rewrite_audit_record(&db, 35, |_| held);
-    let store = Store::open(&db, 16).unwrap();
+    let store = crate::support::reopen_store(&db);
     assert_eq!(
         store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
         AuditCheck::Intact { records: 35 }
@@ -411,7 +411,7 @@ async fn a_crash_between_the_archive_write_and_the_removal_loses_and_duplicates_
     other.archive_then_stop(now, &s2).unwrap().expect("a file");
     drop(other);
     rewrite_audit_record(&other_db, 5, |r| r.replace("record 5", "record 6"));
-    let other = Store::open(&other_db, 16).unwrap();
+    let other = crate::support::reopen_store(&other_db);
     let (seq, problem) = match other.verify_audit_with_archive(&s2.archive_dir, None) {
         Err(e) => (5, e.to_string()),
         Ok(check) => broken(check),

@@ -13,6 +13,21 @@ pub mod process;
 pub mod samba;
 pub mod slapd;
 
+/// Opens the store at `path` again once a raw sled handle a tamper step
+/// used ([`open_raw_sled`]) has let go of the directory: its drop finishes
+/// a flush on a thread of its own, holding the lock a moment longer.
+pub fn reopen_store(path: impl AsRef<std::path::Path>) -> jitbot::store::Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match jitbot::store::Store::open(path.as_ref(), 16) {
+            Err(jitbot::store::StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            opened => return opened.expect("reopen the store"),
+        }
+    }
+}
+
 /// Opens a store's sled directory directly, for tests that tamper with it.
 ///
 /// A store just dropped may still be finishing a flush on tokio's blocking
