@@ -179,7 +179,7 @@ impl Setup {
             .discord()
             .wait_for(WAIT, |c| c.method == "POST" && c.path == callback)
             .await
-            .unwrap_or_else(|| panic!("no answer to {id}; jitbot's log:\n{}", self.bot.log_text()));
+            .unwrap_or_else(|| self.no_answer(id));
         let deferred = call.body["type"] == 5 || call.body["type"] == 6;
         let mut text = call.body.to_string();
         if deferred {
@@ -192,6 +192,16 @@ impl Setup {
             text.push_str(&edited.body.to_string());
         }
         text
+    }
+
+    /// Fails a test whose interaction `id` got no answer, with what the
+    /// fake saw of the gateway and jitbot's log.
+    fn no_answer(&self, id: &str) -> ! {
+        panic!(
+            "waited {WAIT:?} for an answer to {id}\n{}\njitbot's log:\n{}",
+            self.gw.describe(),
+            self.bot.log_text()
+        )
     }
 
     async fn member(&self, user: &str) -> bool {
@@ -405,6 +415,7 @@ async fn zombie_reconnect_and_invalid_session_are_recovered(backend: Backend) {
 pub(crate) async fn contract_platform(backend: Backend) -> Setup {
     let s = setup_with(backend, &contract_config()).await;
     s.gw.wait_op(2, 1, WAIT).await;
+    s.gw.session_connection().await;
     s
 }
 
@@ -417,10 +428,11 @@ impl Setup {
         let callback = format!("/interactions/{id}/{token}/callback");
         let before = self.discord().calls_to("POST", &callback).len();
         self.gw.dispatch_interaction(interaction);
-        let call = eventually(WAIT, &format!("an answer to {id}"), || {
+        let answered = crate::support::net::within(WAIT, || {
             self.discord().calls_to("POST", &callback).into_iter().nth(before)
         })
         .await;
+        let call = answered.unwrap_or_else(|| self.no_answer(id));
         if call.body["type"] == 5 {
             let edit = format!("/webhooks/{APP_ID}/{token}/messages/@original");
             let edited = self
@@ -486,8 +498,34 @@ impl crate::contract::Platform for Setup {
         self.read(&interaction).await
     }
 
+    /// Discord answers a replayed interaction with "already handled", or,
+    /// when the replay arrives while jitbot is still sending its first
+    /// answer (this test replays the moment the fake has that answer, before
+    /// jitbot has its HTTP response back), not at all: jitbot logs that it
+    /// ignored the replay in flight (`gateway::a_replayed_interaction_in_flight_…`).
     async fn press_again(&self, user: &str, action: &str, click: u32) -> crate::contract::Replay {
-        crate::contract::Replay::Answered(self.press(user, action, click).await)
+        use crate::contract::Replay;
+        let mut interaction = self.click(user, action);
+        let id = format!("82000000000000{click:04}");
+        interaction["id"] = serde_json::json!(id);
+        interaction["token"] = serde_json::json!(format!("contract-token-{click}"));
+        let callback = format!("/interactions/{id}/contract-token-{click}/callback");
+        let before = self.discord().calls_to("POST", &callback).len();
+        self.gw.dispatch_interaction(&interaction);
+        let in_flight =
+            format!("interaction {id} arrived again while its first delivery is still being answered");
+        let replay = crate::support::net::within(WAIT, || {
+            if let Some(call) = self.discord().calls_to("POST", &callback).into_iter().nth(before) {
+                let text = call.body["data"]["content"].as_str().unwrap_or_default();
+                return Some(Replay::Answered(text.to_string()));
+            }
+            self.bot
+                .log_text()
+                .contains(&in_flight)
+                .then_some(Replay::Dropped)
+        })
+        .await;
+        replay.unwrap_or_else(|| self.no_answer(&id))
     }
 
     async fn deny_with_reason(&self, user: &str, request: &str, reason: &str) -> String {

@@ -421,20 +421,9 @@ async fn the_leader_gauge_names_one_replica_and_follows_a_failover() {
     use crate::support::postgres::{cluster, Database, PASSWORD};
     let db = Database::create();
     let url = cluster().url(&db.name);
+    let head = crate::support::postgres::replica_sections(&url);
     let config = format!(
-        r#"
-[server]
-listen = "{{listen}}"
-admin_token = {{admin}}
-shutdown_grace = "2s"
-
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ env = "OBS_PGPW" }}
-path = "{{store}}"
-cache_mb = 16
-
+        r#"{head}
 [directory]
 kind = "memory"
 
@@ -450,7 +439,7 @@ default_duration = "1h"
 max_duration = "4h"
 "#
     );
-    let env = [("OBS_PGPW", PASSWORD)];
+    let env = [("JITBOT_TEST_PGPW", PASSWORD)];
     let leader = r#"jitbot_leader{store="postgres"}"#;
     let a = Jitbot::start(&config, &env).await;
     eventually(Duration::from_secs(10), "replica a leads", || {

@@ -91,20 +91,9 @@ fn config(url: &str, server: &Slapd) -> String {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
+    let head = super::postgres::replica_sections(url);
     format!(
-        r#"
-[server]
-listen = "{{listen}}"
-admin_token = {{admin}}
-shutdown_grace = "2s"
-
-[store]
-kind = "postgres"
-url = "{url}"
-password = {{ env = "JITBOT_TEST_PGPW" }}
-path = "{{store}}"
-cache_mb = 16
-
+        r#"{head}
 [scheduler]
 max_wait = "1s"
 retry_base = "1s"

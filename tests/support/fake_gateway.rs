@@ -173,9 +173,36 @@ impl FakeGateway {
     /// Dispatches `INTERACTION_CREATE` in the current session (sent at once
     /// when that session's connection is up, else replayed on RESUME).
     pub fn dispatch_interaction(&self, interaction: &Value) {
+        let mut sessions = self.inner.sessions.lock().unwrap();
         let current = self.inner.current.lock().unwrap().clone();
         let session = current.expect("no session: nobody identified yet");
-        dispatch(&self.inner, &session, "INTERACTION_CREATE", interaction.clone());
+        dispatch(
+            &self.inner,
+            &mut sessions,
+            &session,
+            "INTERACTION_CREATE",
+            interaction.clone(),
+        );
+    }
+
+    /// What the fake saw of the client's connections and sessions, for a
+    /// failure message.
+    pub fn describe(&self) -> String {
+        let live: Vec<(u64, Option<String>)> = {
+            let live = self.inner.live.lock().unwrap();
+            live.iter().map(|c| (c.id, c.session.clone())).collect()
+        };
+        let sessions: Vec<(String, u64)> = {
+            let sessions = self.inner.sessions.lock().unwrap();
+            sessions.iter().map(|(k, v)| (k.clone(), v.seq)).collect()
+        };
+        format!(
+            "gateway fake: {} connections opened, {} IDENTIFY, {} RESUME; live (connection, session): {live:?}; current session {:?}; sessions (name, last seq): {sessions:?}",
+            self.connects().len(),
+            self.ops(2).len(),
+            self.ops(6).len(),
+            self.inner.current.lock().unwrap(),
+        )
     }
 
     /// A fresh interaction id and token.
@@ -248,16 +275,15 @@ impl FakeGateway {
 }
 
 /// Numbers `d` in `session`, keeps it for RESUME, and sends it if the
-/// session's connection is up.
-fn dispatch(inner: &Inner, session: &str, t: &str, d: Value) {
-    let frame = {
-        let mut sessions = inner.sessions.lock().unwrap();
-        let s = sessions.entry(session.to_string()).or_default();
-        s.seq += 1;
-        let frame = json!({"op": 0, "s": s.seq, "t": t, "d": d});
-        s.events.push((s.seq, frame.clone()));
-        frame
-    };
+/// session's connection is up. The caller holds the sessions lock: IDENTIFY and RESUME
+/// hold it from attaching a connection until READY or the replay is queued,
+/// so a dispatch made meanwhile comes after them on the new connection,
+/// never before READY and never lost (lock order: sessions, then live).
+fn dispatch(inner: &Inner, sessions: &mut HashMap<String, Session>, session: &str, t: &str, d: Value) {
+    let s = sessions.entry(session.to_string()).or_default();
+    s.seq += 1;
+    let frame = json!({"op": 0, "s": s.seq, "t": t, "d": d});
+    s.events.push((s.seq, frame.clone()));
     let live = inner.live.lock().unwrap();
     if let Some(c) = live.iter().find(|c| c.session.as_deref() == Some(session)) {
         let _ = c.tx.send(Out::Text(frame.to_string()));
@@ -347,8 +373,9 @@ fn received(inner: &Inner, conn: u64, text: &str) {
         }
         2 => {
             let session = format!("session-{}", inner.next.fetch_add(1, Ordering::SeqCst));
+            let mut sessions = inner.sessions.lock().unwrap();
             attach(inner, conn, &session);
-            dispatch(inner, &session, "READY", ready(inner, &session));
+            dispatch(inner, &mut sessions, &session, "READY", ready(inner, &session));
         }
         6 => {
             let session = d["session_id"].as_str().unwrap_or_default().to_string();
@@ -358,17 +385,12 @@ fn received(inner: &Inner, conn: u64, text: &str) {
                 send(inner, conn, json!({"op": 9, "d": false, "s": null, "t": null}));
                 return;
             }
-            let missed: Vec<Value> = inner.sessions.lock().unwrap()[&session]
-                .events
-                .iter()
-                .filter(|(seq, _)| *seq > after)
-                .map(|(_, f)| f.clone())
-                .collect();
-            for f in missed {
-                send(inner, conn, f);
+            let mut sessions = inner.sessions.lock().unwrap();
+            for (_, f) in sessions[&session].events.iter().filter(|(seq, _)| *seq > after) {
+                send(inner, conn, f.clone());
             }
             attach(inner, conn, &session);
-            dispatch(inner, &session, "RESUMED", json!({}));
+            dispatch(inner, &mut sessions, &session, "RESUMED", json!({}));
         }
         _ => {}
     }

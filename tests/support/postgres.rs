@@ -262,12 +262,10 @@ impl Database {
     }
 }
 
-/// The config of a `jitbot run` replica on database `url` (its password
-/// from `JITBOT_TEST_PGPW`), with a memory directory where alice is in
-/// db-admins, the group db-admins that alice may request and bob approve,
-/// and `chat`'s sections (none: no chat platform). `{listen}`, `{admin}`
-/// and `{store}` are left for `process.rs` to fill.
-pub fn memory_replica_config(url: &str, chat: &str) -> String {
+/// The `[server]` and `[store]` sections of a `jitbot run` replica on
+/// database `url` (its password from `JITBOT_TEST_PGPW`); `{listen}`,
+/// `{admin}` and `{store}` are left for `process.rs` to fill.
+pub fn replica_sections(url: &str) -> String {
     format!(
         r#"
 [server]
@@ -281,7 +279,18 @@ url = "{url}"
 password = {{ env = "JITBOT_TEST_PGPW" }}
 path = "{{store}}"
 cache_mb = 16
+"#
+    )
+}
 
+/// The config of a `jitbot run` replica on database `url`
+/// ([`replica_sections`]), with a memory directory where alice is in
+/// db-admins, the group db-admins that alice may request and bob approve,
+/// and `chat`'s sections (none: no chat platform).
+pub fn memory_replica_config(url: &str, chat: &str) -> String {
+    let head = replica_sections(url);
+    format!(
+        r#"{head}
 [scheduler]
 max_wait = "1s"
 retry_base = "1s"
