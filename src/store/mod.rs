@@ -569,7 +569,7 @@ impl Store {
         E: From<StoreError>,
     {
         self.check_healthy()?;
-        let value = {
+        let value = self.waiting_for_backend(|| {
             let writer = self.writer()?;
             let mut tx = Tx {
                 store: &self.inner,
@@ -588,10 +588,27 @@ impl Store {
                 return Err(StoreError::Invariant(violation).into());
             }
             self.commit(writer, tx)?;
-            value
-        };
+            Ok::<T, E>(value)
+        })?;
         self.flush_committed().await?;
         Ok(value)
+    }
+
+    /// Runs `f`, a synchronous step that may wait for PostgreSQL (the
+    /// writer lock's catch-up, a commit's round trips), without holding up
+    /// the async tasks queued on this tokio worker: on a multi-threaded
+    /// runtime tokio hands them to another thread meanwhile
+    /// (`block_in_place`). With sled, and outside a multi-threaded runtime
+    /// (tests, the leadership thread's blocking calls), `f` just runs.
+    fn waiting_for_backend<T>(&self, f: impl FnOnce() -> T) -> T {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let multi_thread =
+            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+        if multi_thread && self.inner.backend.durability() == Durability::AtCommit {
+            tokio::task::block_in_place(f)
+        } else {
+            f()
+        }
     }
 
     fn commit(&self, writer: Writer<'_>, tx: Tx<'_>) -> Result<(), StoreError> {

@@ -179,7 +179,7 @@ impl Store {
         flush: bool,
         f: impl Fn(&View<'_>, &View<'_>, &View<'_>) -> Result<T, Abort>,
     ) -> Result<T, StoreError> {
-        let value = self.outbox_write_now(f)?;
+        let value = self.waiting_for_backend(|| self.outbox_write_now(f))?;
         if flush {
             self.flush_committed().await?;
         }

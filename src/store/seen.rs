@@ -42,13 +42,15 @@ impl Store {
     /// still refused.
     pub async fn first_sighting(&self, key: &str, until: Instant, now: Instant) -> Result<bool, StoreError> {
         let value = until.timestamp().to_be_bytes();
-        let first = self.writer()?.transact([TreeId::Seen], |[seen]| {
-            let current = seen.get(key)?;
-            if current.as_deref().is_some_and(|v| expiry(v) > now.timestamp()) {
-                return Ok(false);
-            }
-            seen.insert(key, value)?;
-            Ok(true)
+        let first = self.waiting_for_backend(|| {
+            self.writer()?.transact([TreeId::Seen], |[seen]| {
+                let current = seen.get(key)?;
+                if current.as_deref().is_some_and(|v| expiry(v) > now.timestamp()) {
+                    return Ok(false);
+                }
+                seen.insert(key, value)?;
+                Ok(true)
+            })
         })?;
         if !first {
             return Ok(false);
