@@ -514,3 +514,44 @@ async fn brk16c_a_deposed_leaders_add_delayed_on_the_wire_lands_after_its_lease_
         bot.audit_actions()
     );
 }
+
+/// A PostgreSQL restart (or a failover, or a proxy such as PgBouncer
+/// recycling its server connections) ends every session; here the
+/// server's side of each jitbot session is ended the way a restart does
+/// (`pg_terminate_backend`: FATAL 57P01), and the database is up again at
+/// once. The replica's connection thread only notices a closed connection
+/// when it next uses it (`Conn::client` checks `is_closed`, which the
+/// blocking client learns by failing a statement), so the first
+/// transaction after the restart fails — a command, an approval or a
+/// revocation's commit, refused with "PostgreSQL BEGIN failed" although
+/// the database is up — and so does the first leadership renewal. Nothing
+/// was sent that could have committed: BEGIN on a dead connection can be
+/// retried on a new one.
+#[tokio::test]
+async fn brk16c_the_first_commit_after_postgres_restarts_fails_though_the_database_is_up() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let term = Duration::from_secs(30);
+    let token = a.lead("a", term).unwrap().expect("a leads");
+    a.set_fence(Some(token));
+    write(&a, "before-the-restart").await.unwrap();
+    cluster()
+        .admin(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{}' AND application_name = 'jitbot'",
+            db.name
+        ))
+        .expect("end the replica's sessions");
+    // The server is up again at once (a restart from the clients' side).
+    std::thread::sleep(Duration::from_millis(200));
+    let renewed = a.lead("a", term);
+    let committed = write(&a, "after-the-restart").await;
+    assert!(
+        committed.is_ok() && matches!(renewed, Ok(Some(t)) if t == token),
+        "PostgreSQL restarted and is up, yet the replica's first commit after it was {committed:?} and its \
+         first leadership renewal {renewed:?}: a connection closed by the server is found only by failing \
+         the caller's statement. A BEGIN (or a renewal) that fails because the connection was closed \
+         before anything was sent must be retried once on a new connection"
+    );
+}
