@@ -444,7 +444,9 @@ async fn brk16c_a_deposed_leaders_add_delayed_on_the_wire_lands_after_its_lease_
         Arc::new(bot.clock.clone()),
         bot.engine.settings().clone(),
     );
-    let term = Duration::from_secs(3);
+    // Calls of at most 4 s, started up to 4 s after a renewal: room for
+    // the approval's lookups and commit before its add on a loaded machine.
+    let term = Duration::from_secs(12);
     let a = bot.engine.clone();
     let token = a.store().lead("a", term).unwrap().expect("a leads");
     a.store().set_fence(Some(token));
