@@ -557,3 +557,51 @@ async fn brk16c_the_first_commit_after_postgres_restarts_fails_though_the_databa
          before anything was sent must be retried once on a new connection"
     );
 }
+
+/// The admin API and `jitbot` admin CLI work "against any replica". On a
+/// follower, `revoke_as_admin` commits the lease's move to `Revoking` and
+/// calls `drive`, which on a follower does nothing (the leader drives);
+/// it then answers "lease … revoked" — while the membership is untouched,
+/// and stays so until a leader's scheduler picks the `Revoke` timer up:
+/// about a second with a live leader, up to a failover (≈ 10 s) when the
+/// leader is gone, indefinitely when no replica can lead. An admin
+/// revoking a compromised account in an incident reads "revoked" and moves
+/// on. Here the leader (a) is gone (it stopped renewing; its term has not
+/// expired yet) and the admin asks the follower (b).
+#[tokio::test]
+async fn brk16c_an_admin_revoke_on_a_follower_says_revoked_while_the_membership_stays() {
+    use crate::support::bot::{open_store, policy, TestBot, WEB};
+    use jitbot::engine::Engine;
+    use std::sync::Arc;
+    let bot = TestBot::builder().postgres().build();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Engine::new(
+        policy(),
+        open_store(&tmp.path().join("b"), bot.pg.as_deref()).expect("open replica b"),
+        bot.dir.clone(),
+        Arc::new(bot.clock.clone()),
+        bot.engine.settings().clone(),
+    );
+    let term = Duration::from_secs(30);
+    let token = bot.engine.store().lead("a", term).unwrap().expect("a leads");
+    bot.engine.store().set_fence(Some(token));
+    assert_eq!(b.store().lead("b", term).unwrap(), None, "b follows");
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert!(bot.is_member(WEB, "alice"), "a granted the lease");
+    let lease = bot.lease().id;
+
+    // a is gone from here on; the admin asks b.
+    let said = b
+        .revoke_as_admin(lease.as_str(), "compromised account", "admin-api")
+        .await
+        .expect("the follower takes the revoke");
+    let still = bot.is_member(WEB, "alice");
+    assert!(
+        !(said.contains("revoked") && still),
+        "the follower answered {said:?} to an admin revoke, and alice still holds web-admins: nothing \
+         removed it (a follower's drive does nothing; the leader's scheduler would, and the leader is \
+         gone). Say what is true (\"revocation committed; the leader removes the membership\"), or wait for \
+         the leader to end the lease before answering"
+    );
+}
