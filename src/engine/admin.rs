@@ -3,6 +3,7 @@
 
 use super::audit::{about_lease, about_request, AuditAction};
 use super::{Engine, EngineError, ENGINE_ACTOR};
+use crate::store::leader::Window;
 use crate::store::{OutboxItem, TimerKind};
 use jitbot_core::{EndReason, LeaseId, LeaseState, Refusal, RequestId, UserId};
 
@@ -33,8 +34,26 @@ impl Engine {
             })
             .await?;
         self.changed();
-        self.drive(&LeaseId::new(id)).await?;
-        Ok(format!("lease {id} revoked"))
+        let lease = LeaseId::new(id);
+        self.drive(&lease).await?;
+        // Say what is true: on a follower the leader removes the
+        // membership, and a removal that failed is retried.
+        let ended = self
+            .inner
+            .store
+            .lease(&lease)?
+            .is_none_or(|rec| rec.lease.state == LeaseState::Ended);
+        Ok(if ended {
+            format!("lease {id} revoked: the membership is removed")
+        } else if self.inner.store.directory_window() == Window::Closed {
+            format!(
+                "lease {id}: revocation committed; this replica does not lead, so the leader removes the membership                  (within seconds, or after a failover); `GET /admin/leases` shows the lease as ended once it has"
+            )
+        } else {
+            format!(
+                "lease {id}: revocation committed, but removing the membership failed for now; jitbot retries until                  it is removed (the lease shows as revoking meanwhile; see `GET /admin/leases` and the log)"
+            )
+        })
     }
 
     /// Cancels a pending request on an admin's word.
