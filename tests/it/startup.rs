@@ -153,7 +153,10 @@ async fn a_backup_from_an_older_release_restored_into_a_started_store_is_still_a
     let memory = new.dir.clone();
     let new = new.restart(memory, policy());
     assert_eq!(new.engine.adopt_legacy_leases().await.expect("adopt"), 1);
-    assert_eq!(new.engine.leases_outside_config().expect("check"), Vec::<String>::new());
+    assert_eq!(
+        new.engine.leases_outside_config().expect("check"),
+        Vec::<String>::new()
+    );
 }
 
 crate::both_stores!(start_up_names_the_leases_outside_the_config_at_every_start_until_they_end);
@@ -166,7 +169,10 @@ async fn start_up_names_the_leases_outside_the_config_at_every_start_until_they_
     let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
-    assert_eq!(bot.engine.leases_outside_config().expect("check"), Vec::<String>::new());
+    assert_eq!(
+        bot.engine.leases_outside_config().expect("check"),
+        Vec::<String>::new()
+    );
     let alices = live_lease_of(&bot, "alice");
 
     let mut moved = policy();
@@ -235,7 +241,10 @@ async fn a_start_reads_no_lease_of_a_group_whose_dn_it_found_all_leases_under(ba
     let bot = backend.builder().build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
-    assert_eq!(bot.engine.leases_outside_config().expect("check"), Vec::<String>::new());
+    assert_eq!(
+        bot.engine.leases_outside_config().expect("check"),
+        Vec::<String>::new()
+    );
 
     plant_granted_in(&bot, "l-planted", "erin", WEB).await;
     let memory = bot.dir.clone();
@@ -256,5 +265,10 @@ async fn a_start_reads_no_lease_of_a_group_whose_dn_it_found_all_leases_under(ba
     let bot = bot.restart(memory, moved);
     let notes = bot.engine.leases_outside_config().expect("check");
     assert_eq!(notes.len(), 2, "{notes:?}");
-    assert!(notes[1].contains(&format!("lease l-planted (erin on `db-admins`) was granted in {WEB}")), "{notes:?}");
+    assert!(
+        notes[1].contains(&format!(
+            "lease l-planted (erin on `db-admins`) was granted in {WEB}"
+        )),
+        "{notes:?}"
+    );
 }
