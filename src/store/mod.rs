@@ -28,6 +28,7 @@ pub(crate) mod pg_tls;
 mod records;
 pub mod retention;
 pub mod seen;
+mod startup;
 mod timers;
 
 pub use archive::ArchiveFile;
