@@ -457,7 +457,11 @@ mod tests {
         let mut queued: Vec<_> = (0..MAX_BATCH + 5)
             .map(|_| combiner.join(&key(), &item()).err().expect("queued"))
             .collect();
-        assert_eq!(combiner.take(&key(), MAX_BATCH).len(), MAX_BATCH - 1, "batches are capped");
+        assert_eq!(
+            combiner.take(&key(), MAX_BATCH).len(),
+            MAX_BATCH - 1,
+            "batches are capped"
+        );
         drop(leader);
         assert!(matches!(queued[MAX_BATCH - 1].try_recv(), Ok(Turn::Lead(_))));
         // A leader that took callers and was cancelled drops their senders:
