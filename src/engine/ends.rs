@@ -27,8 +27,10 @@ use tokio::sync::oneshot;
 
 /// The most `Expire` and `Revoke` timers the scheduler hands to one
 /// [`Engine::fire_revocations`]: as many values as the LDAP directory puts
-/// in one modify, so one batch can become one combined modify.
-pub const REVOCATION_BATCH: usize = 256;
+/// in one modify on OpenLDAP (`MAX_BATCH`), so a mass expiry of that many
+/// leases is one commit to start them, one combined modify and one commit
+/// (or two) to end them.
+pub const REVOCATION_BATCH: usize = 2048;
 
 /// `None`: the lease had left `Revoking` (nothing committed for it);
 /// `Some(expired_at)`: ended, with its expiry instant if it expired.
