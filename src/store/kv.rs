@@ -10,6 +10,10 @@
 //! [`Commit`] the backend opened then commits the captured log where the
 //! truth is ([`SledBackend`]: the local index itself; PostgreSQL: the
 //! database first) and applies it to the local index ([`apply`]).
+//!
+//! The trees are read through [`Store::tree`], in their current
+//! generation ([`Trees`]): a mirror reload fills the next one and swaps
+//! it in whole, so readers never see it half-done.
 
 use super::{Store, StoreError};
 use sled::transaction::{
