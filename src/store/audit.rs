@@ -944,8 +944,7 @@ mod tests {
         assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 5 });
         let text = String::from_utf8(
             store
-                .inner
-                .audit
+                .tree(TreeId::Audit)
                 .get(5u64.to_be_bytes())
                 .unwrap()
                 .unwrap()
@@ -955,8 +954,7 @@ mod tests {
         assert!(text.contains("\"v\":\"1-hmac\""), "{text}");
         let third = String::from_utf8(
             store
-                .inner
-                .audit
+                .tree(TreeId::Audit)
                 .get(3u64.to_be_bytes())
                 .unwrap()
                 .unwrap()
@@ -1001,8 +999,7 @@ mod tests {
         store.seal_unkeyed_history(now()).await.unwrap();
         write(&store, 2).await.unwrap();
         let records: Vec<(Vec<u8>, Vec<u8>)> = store
-            .inner
-            .audit
+            .tree(TreeId::Audit)
             .iter()
             .map(|i| i.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
             .collect();
@@ -1074,8 +1071,7 @@ mod tests {
         }
         let last = store.tree(TreeId::Audit).len();
         store
-            .inner
-            .meta
+            .tree(TreeId::Meta)
             .insert(AUDIT_HEAD, format!("{last}:{prev}").as_bytes())
             .unwrap();
     }
