@@ -814,17 +814,31 @@ fn apply_streamed(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<boo
         return Ok(!first.is_empty());
     };
     forget_position(store)?;
-    super::kv::apply(store, &first, &[])?;
+    apply_rows(store, &first)?;
     drop(first);
     let mut next = Some(second);
     while let Some(chunk) = next {
-        super::kv::apply(store, &chunk, &[])?;
+        apply_rows(store, &chunk)?;
         feed.applied += 1;
         drop(chunk);
         next = feed.next()?;
     }
     apply(store, &[], head.version, None, head.commit_id.as_deref())?;
     Ok(true)
+}
+
+/// Applies a chunk of a big catch-up row by row, not as one sled
+/// transaction, which would pin sled's epoch for the whole chunk (see
+/// [`reload`]); the mirror has no position meanwhile.
+fn apply_rows(store: &Store, rows: &[Change]) -> Result<(), StoreError> {
+    let trees = store.inner.trees();
+    for row in rows {
+        match &row.value {
+            Some(v) => trees.get(row.tree).insert(row.key.as_slice(), v.as_slice())?,
+            None => trees.get(row.tree).remove(row.key.as_slice())?,
+        };
+    }
+    Ok(())
 }
 
 /// Removes the mirror's version (keeping which database it mirrors, so it
@@ -888,19 +902,17 @@ fn reload(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<(), StoreEr
     while let Some(rows) = feed.next()? {
         // One insert per row, not one `apply_batch` per tree: sled pins
         // its epoch for a whole batch, so the old versions of every node
-        // the batch rewrote stay allocated until long after it ends (12.9
-        // GiB for 1,000,000 leases); an insert pins and unpins, and sled
-        // frees them as it goes. Nothing needs the chunk atomic: the
-        // mirror has no position until the last one is in.
+        // the batch rewrote stay allocated until well after it (a new
+        // replica peaked at 12.9 GiB with 1,000,000 leases); an insert
+        // pins and unpins, and sled frees them as it goes (BENCHMARKS.md,
+        // "A new replica's memory"). Nothing needs a chunk atomic: the
+        // generation is not read, and has no position, until all are in.
         for row in rows {
             if let Some(v) = row.value {
                 loading.get(row.tree).insert(row.key, v)?;
             }
         }
         feed.applied += 1;
-        // Hand the chunk's dirty pages to the disk, so the page cache can
-        // evict them before the next chunk.
-        store.inner.db.flush()?;
     }
     let generation = loading.generation().to_be_bytes();
     let version = head.version.to_be_bytes();
