@@ -1686,7 +1686,7 @@ async fn a_replica_killed_half_way_through_a_chunked_catch_up_keeps_none_of_it()
 #[tokio::test]
 async fn readers_never_see_a_mirror_emptied_or_half_loaded_by_a_reload() {
     const LEASES: usize = 40;
-    let (db, _tmp, a, b) = two_replicas();
+    let (db, tmp, a, b) = two_replicas();
     a.update(Utc::now(), |tx| {
         for i in 0..LEASES {
             // l-1 … l-40, from the store's id counter.
@@ -1743,4 +1743,16 @@ async fn readers_never_see_a_mirror_emptied_or_half_loaded_by_a_reload() {
     write(&b, "after").await.unwrap();
     assert_eq!(mirrored_rows(&b), database_rows(&db));
     assert_eq!(b.check_consistency().unwrap(), Vec::<String>::new());
+    // The replaced generation's trees are gone from the directory, not
+    // kept beside the new one.
+    drop(b);
+    let names: Vec<String> = crate::support::open_raw_sled(tmp.path().join("b"))
+        .tree_names()
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "leases@1") && !names.iter().any(|n| n == "leases"),
+        "{names:?}"
+    );
 }
