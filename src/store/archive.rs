@@ -14,6 +14,7 @@
 //! checks they are the same bytes and finishes the move.
 
 use super::audit::{audit_chain, Keyed, HEAD_MAC, KEYED_SINCE};
+use super::kv::TreeId;
 use super::records::StoredAudit;
 use super::{Anchor, AuditCheck, AuditEntry, Store, StoreError, AUDIT_HEAD};
 use flate2::read::MultiGzDecoder;
@@ -277,7 +278,7 @@ impl Store {
     /// Where the store's audit records start: the last archived record and
     /// its hash ([`Anchor::GENESIS`] while nothing was archived).
     pub fn audit_base(&self) -> Result<Anchor, StoreError> {
-        parse_base(self.inner.meta.get(AUDIT_BASE)?.as_deref())
+        parse_base(self.tree(TreeId::Meta).get(AUDIT_BASE)?.as_deref())
     }
 
     /// Names the audit archive directory of this jitbot (`[store]
@@ -306,9 +307,9 @@ impl Store {
         let (head, head_mac, keyed_since) = {
             let _guard = self.writer()?;
             (
-                self.inner.meta.get(AUDIT_HEAD)?,
-                self.inner.meta.get(HEAD_MAC)?,
-                self.inner.meta.get(KEYED_SINCE)?,
+                self.tree(TreeId::Meta).get(AUDIT_HEAD)?,
+                self.tree(TreeId::Meta).get(HEAD_MAC)?,
+                self.tree(TreeId::Meta).get(KEYED_SINCE)?,
             )
         };
         let head_seq = super::audit::parse_head(head.as_deref())?.seq;
@@ -339,6 +340,9 @@ impl Store {
             Archive(Reader<'static>),
             Store(sled::Iter),
         }
+        // Held while the chain is read: a mirror reload's new generation
+        // of the trees replaces it, and this one is dropped only after.
+        let audit_tree = self.tree(TreeId::Audit);
         let mut part = Part::Archive(Reader::owned(files.clone()));
         let mut next = 1u64;
         let mut archived_to = last_archived;
@@ -349,9 +353,9 @@ impl Store {
                     // in both places are compared); after a re-listing, on
                     // from the next record.
                     None if archived_to > last_archived => {
-                        part = Part::Store(self.inner.audit.range(next.to_be_bytes()..))
+                        part = Part::Store(audit_tree.range(next.to_be_bytes()..))
                     }
-                    None => part = Part::Store(self.inner.audit.iter()),
+                    None => part = Part::Store(audit_tree.iter()),
                     Some(Err(e)) => return Some(Err(e)),
                     Some(Ok(rec)) if rec.seq < next => {}
                     Some(Ok(rec)) => {
@@ -436,7 +440,7 @@ impl Store {
     /// reaching past the store's first record is read.
     fn overlap(&self, files: &[ArchiveFile]) -> Result<BTreeMap<u64, (usize, Vec<u8>)>, StoreError> {
         let mut out = BTreeMap::new();
-        let first_held = match self.inner.audit.first()? {
+        let first_held = match self.tree(TreeId::Audit).first()? {
             Some((k, _)) => <[u8; 8]>::try_from(k.as_ref())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0),

@@ -380,8 +380,8 @@ impl Store {
         let Some(key) = self.audit_key() else {
             return Ok(Sealing::Unkeyed);
         };
-        let never_keyed = self.inner.meta.get(KEYED_SINCE)?.is_none()
-            && self.inner.meta.get(HEAD_MAC)?.is_none()
+        let never_keyed = self.tree(TreeId::Meta).get(KEYED_SINCE)?.is_none()
+            && self.tree(TreeId::Meta).get(HEAD_MAC)?.is_none()
             && !self.any_keyed_record()?;
         if never_keyed {
             if let Some(sealing) = self.key_first_time(now, key).await? {
@@ -434,7 +434,7 @@ impl Store {
         if self.audit_key().is_some() {
             return Ok(None);
         }
-        let meta = &self.inner.meta;
+        let meta = &self.tree(TreeId::Meta);
         if meta.get(KEYED_SINCE)?.is_none() && meta.get(HEAD_MAC)?.is_none() {
             return Ok(None);
         }
@@ -454,7 +454,7 @@ impl Store {
     /// verifies some of them but not others, the chain was tampered with:
     /// that is for [`Store::seal_unkeyed_history`] to record, not refused.
     pub fn check_audit_key(&self) -> Result<(), StoreError> {
-        let meta = &self.inner.meta;
+        let meta = &self.tree(TreeId::Meta);
         let marker = meta.get(KEYED_SINCE)?;
         let stored_mac = meta.get(HEAD_MAC)?;
         let head = meta.get(AUDIT_HEAD)?;
@@ -485,7 +485,7 @@ impl Store {
             verified += usize::from(head_mac(key, head).is_ok_and(|e| e.as_bytes() == m));
         }
         if let Some((seq, bytes)) = last_keyed {
-            let next = match self.inner.audit.get((seq + 1).to_be_bytes())? {
+            let next = match self.tree(TreeId::Audit).get((seq + 1).to_be_bytes())? {
                 Some(v) => serde_json::from_slice::<StoredAudit>(&v)
                     .ok()
                     .map(|s| s.into_entry().prev),
@@ -511,7 +511,7 @@ impl Store {
 
     /// The newest keyed record (`seq` and stored bytes), if any.
     fn last_keyed_record(&self) -> Result<Option<(u64, sled::IVec)>, StoreError> {
-        for item in self.inner.audit.iter().rev() {
+        for item in self.tree(TreeId::Audit).iter().rev() {
             let (k, v) = item?;
             if serde_json::from_slice::<StoredAudit>(&v).is_ok_and(|s| s.keyed()) {
                 let seq = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes).ok();
@@ -522,7 +522,7 @@ impl Store {
     }
 
     fn recorded_tampering(&self) -> Result<bool, StoreError> {
-        for item in self.inner.audit.iter().rev() {
+        for item in self.tree(TreeId::Audit).iter().rev() {
             let (_, v) = item?;
             if serde_json::from_slice::<StoredAudit>(&v)
                 .is_ok_and(|s| s.keyed() && s.into_entry().action == TAMPERED)
@@ -534,7 +534,7 @@ impl Store {
     }
 
     fn any_keyed_record(&self) -> Result<bool, StoreError> {
-        for item in self.inner.audit.iter() {
+        for item in self.tree(TreeId::Audit).iter() {
             let (_, v) = item?;
             if serde_json::from_slice::<StoredAudit>(&v).is_ok_and(|s| s.keyed()) {
                 return Ok(true);
@@ -584,7 +584,7 @@ impl Store {
 
     /// The chain's head: the anchor to publish.
     pub fn audit_head(&self) -> Result<Anchor, StoreError> {
-        parse_head(self.inner.meta.get(AUDIT_HEAD)?.as_deref())
+        parse_head(self.tree(TreeId::Meta).get(AUDIT_HEAD)?.as_deref())
     }
 
     /// Checks the audit hash chain from the first record to the stored head.
@@ -599,8 +599,8 @@ impl Store {
     /// reading the records and the head (and its MAC) and pass for a break.
     pub fn verify_audit_against(&self, anchor: Option<&Anchor>) -> Result<AuditCheck, StoreError> {
         let _guard = self.writer()?;
-        let keyed_since = self.inner.meta.get(KEYED_SINCE)?;
-        let head_mac = self.inner.meta.get(HEAD_MAC)?;
+        let keyed_since = self.tree(TreeId::Meta).get(KEYED_SINCE)?;
+        let head_mac = self.tree(TreeId::Meta).get(HEAD_MAC)?;
         let keyed = match self.audit_key() {
             Some(key) => Keyed::With {
                 key,
@@ -609,10 +609,12 @@ impl Store {
             },
             None => Keyed::Missing,
         };
-        let head = self.inner.meta.get(AUDIT_HEAD)?;
+        let head = self.tree(TreeId::Meta).get(AUDIT_HEAD)?;
         audit_chain(
             &self.audit_base()?,
-            self.inner.audit.iter().map(|item| item.map_err(StoreError::from)),
+            self.tree(TreeId::Audit)
+                .iter()
+                .map(|item| item.map_err(StoreError::from)),
             head.as_deref(),
             keyed,
             anchor,
@@ -867,21 +869,35 @@ mod tests {
     async fn a_corrupt_or_missing_head_fails_the_commit_and_keeps_record_one() {
         let (_dir, store) = open();
         write(&store, 2).await.unwrap();
-        let first = store.inner.audit.get(1u64.to_be_bytes()).unwrap().unwrap();
+        let first = store
+            .tree(TreeId::Audit)
+            .get(1u64.to_be_bytes())
+            .unwrap()
+            .unwrap();
         for bad in [&b"garbage"[..], b"2:nothex", b"", b"\xff\xfe"] {
-            store.inner.meta.insert(AUDIT_HEAD, bad).unwrap();
+            store.tree(TreeId::Meta).insert(AUDIT_HEAD, bad).unwrap();
             let err = write(&store, 1).await.unwrap_err();
             let msg = err.to_string();
             assert!(msg.contains("audit_head") && msg.contains("restore"), "{msg}");
         }
         // A head that went missing (or was reset) while records exist.
-        store.inner.meta.remove(AUDIT_HEAD).unwrap();
+        store.tree(TreeId::Meta).remove(AUDIT_HEAD).unwrap();
         assert!(write(&store, 1).await.is_err());
         let behind = format!("1:{}", "0".repeat(64));
-        store.inner.meta.insert(AUDIT_HEAD, behind.as_bytes()).unwrap();
+        store
+            .tree(TreeId::Meta)
+            .insert(AUDIT_HEAD, behind.as_bytes())
+            .unwrap();
         assert!(write(&store, 1).await.is_err(), "a head behind the records");
-        assert_eq!(store.inner.audit.get(1u64.to_be_bytes()).unwrap().unwrap(), first);
-        assert_eq!(store.inner.audit.len(), 2, "nothing was written");
+        assert_eq!(
+            store
+                .tree(TreeId::Audit)
+                .get(1u64.to_be_bytes())
+                .unwrap()
+                .unwrap(),
+            first
+        );
+        assert_eq!(store.tree(TreeId::Audit).len(), 2, "nothing was written");
     }
 
     #[tokio::test]
@@ -928,8 +944,7 @@ mod tests {
         assert_eq!(store.verify_audit().unwrap(), AuditCheck::Intact { records: 5 });
         let text = String::from_utf8(
             store
-                .inner
-                .audit
+                .tree(TreeId::Audit)
                 .get(5u64.to_be_bytes())
                 .unwrap()
                 .unwrap()
@@ -939,8 +954,7 @@ mod tests {
         assert!(text.contains("\"v\":\"1-hmac\""), "{text}");
         let third = String::from_utf8(
             store
-                .inner
-                .audit
+                .tree(TreeId::Audit)
                 .get(3u64.to_be_bytes())
                 .unwrap()
                 .unwrap()
@@ -985,12 +999,15 @@ mod tests {
         store.seal_unkeyed_history(now()).await.unwrap();
         write(&store, 2).await.unwrap();
         let records: Vec<(Vec<u8>, Vec<u8>)> = store
-            .inner
-            .audit
+            .tree(TreeId::Audit)
             .iter()
             .map(|i| i.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
             .collect();
-        let head = store.inner.meta.get(AUDIT_HEAD).unwrap().map(|h| h.to_vec());
+        let head = store
+            .tree(TreeId::Meta)
+            .get(AUDIT_HEAD)
+            .unwrap()
+            .map(|h| h.to_vec());
         let check = |records: &[(Vec<u8>, Vec<u8>)], head: Option<&[u8]>| {
             audit_chain(
                 &Anchor::GENESIS,
@@ -1028,7 +1045,7 @@ mod tests {
     fn rewrite_from(store: &Store, from: u64, key: Option<&str>) {
         let key = key.map(Secret::new);
         let mut prev = String::new();
-        for item in store.inner.audit.iter() {
+        for item in store.tree(TreeId::Audit).iter() {
             let (k, v) = item.unwrap();
             let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap());
             let stored: StoredAudit = serde_json::from_slice(&v).unwrap();
@@ -1044,7 +1061,7 @@ mod tests {
                     None => StoredAudit::V1(entry),
                 };
                 let bytes = encode(&rewritten);
-                store.inner.audit.insert(&k, bytes.clone()).unwrap();
+                store.tree(TreeId::Audit).insert(&k, bytes.clone()).unwrap();
                 prev = link(&bytes, key.is_some(), key.as_ref()).unwrap();
                 continue;
             } else {
@@ -1052,10 +1069,9 @@ mod tests {
             };
             prev = link(&bytes, keyed, store.audit_key()).unwrap();
         }
-        let last = store.inner.audit.len();
+        let last = store.tree(TreeId::Audit).len();
         store
-            .inner
-            .meta
+            .tree(TreeId::Meta)
             .insert(AUDIT_HEAD, format!("{last}:{prev}").as_bytes())
             .unwrap();
     }

@@ -192,8 +192,11 @@ impl Store {
     /// breaks the audit chain and mixes two stores' leases). Read from
     /// the local index: current only under the writer lock on PostgreSQL.
     fn refuse_a_non_empty_target(&self) -> Result<(), StoreError> {
-        let s = &*self.inner;
-        if s.requests.is_empty() && s.leases.is_empty() && s.audit.is_empty() {
+        let trees = self.inner.trees();
+        if [TreeId::Requests, TreeId::Leases, TreeId::Audit]
+            .into_iter()
+            .all(|t| trees.get(t).is_empty())
+        {
             return Ok(());
         }
         Err(StoreError::Io(match self.inner.backend.durability() {

@@ -11,6 +11,10 @@
 //! truth is (PostgreSQL: the database first) and applies it to the local
 //! index ([`apply`]). On [`SledBackend`] the local index is the truth, so
 //! the transaction simply commits where it ran (`commits_in_place`).
+//!
+//! The trees are read through [`Store::tree`], in their current
+//! generation ([`Trees`]): a mirror reload fills the next one and swaps
+//! it in whole, so readers never see it half-done.
 
 use super::{Store, StoreError};
 use sled::transaction::{
@@ -20,7 +24,7 @@ use sled::{IVec, Transactional};
 use std::any::Any;
 use std::cell::RefCell;
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 /// A transaction closure's error: sled's conflict, or a store error that
@@ -78,6 +82,108 @@ impl TreeId {
 
     pub(super) fn from_name(name: &str) -> Option<TreeId> {
         TreeId::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// The sled tree holding this tree in `generation` (see [`Trees`]):
+    /// the plain name in generation 0, `<name>@<generation>` after.
+    fn stored_name(self, generation: u64) -> String {
+        match generation {
+            0 => self.name().to_string(),
+            g => format!("{}@{g}", self.name()),
+        }
+    }
+
+    /// Which tree and generation a sled tree name holds, if it is one.
+    fn parse_stored_name(stored: &[u8]) -> Option<(TreeId, u64)> {
+        let stored = std::str::from_utf8(stored).ok()?;
+        match stored.split_once('@') {
+            None => Some((TreeId::from_name(stored)?, 0)),
+            Some((name, g)) => Some((TreeId::from_name(name)?, g.parse().ok()?)),
+        }
+    }
+
+    fn index(self) -> usize {
+        TreeId::ALL.iter().position(|t| *t == self).unwrap_or(0)
+    }
+}
+
+/// Key of the `mirror` tree naming the generation of the trees in use
+/// (none: generation 0). Written, and flushed, only once that generation
+/// is complete.
+pub(super) const GENERATION: &[u8] = b"generation";
+
+/// One generation of the store's trees, read through [`Store::tree`]. A
+/// sled store has one for good (generation 0, the plain names). A mirror
+/// of PostgreSQL loads a reload into the next generation while readers
+/// go on reading the current one, then swaps it in whole
+/// ([`Store::install`]): no reader sees a store emptied or half-loaded.
+pub(super) struct Trees {
+    generation: u64,
+    trees: Vec<sled::Tree>,
+}
+
+impl Trees {
+    /// Opens (creating them if missing) the trees of `generation`.
+    pub(super) fn open(db: &sled::Db, generation: u64) -> Result<Trees, StoreError> {
+        let trees = TreeId::ALL
+            .iter()
+            .map(|t| db.open_tree(t.stored_name(generation)))
+            .collect::<Result<_, _>>()?;
+        Ok(Trees { generation, trees })
+    }
+
+    /// Opens the generation `mirror` names as current, after dropping the
+    /// trees of any other: an older generation a crash kept from being
+    /// dropped, or a newer one a crash left half-loaded (the reload that
+    /// made it starts again, as the mirror has no position).
+    pub(super) fn open_current(db: &sled::Db, mirror: &sled::Tree) -> Result<Trees, StoreError> {
+        let generation = match mirror.get(GENERATION)? {
+            Some(g) if g.len() == 8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&g);
+                u64::from_be_bytes(b)
+            }
+            _ => 0,
+        };
+        for stored in db.tree_names() {
+            if TreeId::parse_stored_name(&stored).is_some_and(|(_, g)| g != generation) {
+                db.drop_tree(&stored)?;
+            }
+        }
+        Trees::open(db, generation)
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(super) fn get(&self, id: TreeId) -> &sled::Tree {
+        &self.trees[id.index()]
+    }
+
+    /// Removes the trees of `generation` from `db`, those it has (nobody
+    /// may read them).
+    pub(super) fn drop_generation(db: &sled::Db, generation: u64) -> Result<(), StoreError> {
+        for t in TreeId::ALL {
+            db.drop_tree(t.stored_name(generation))?;
+        }
+        Ok(())
+    }
+}
+
+/// One tree of the generation that was current when it was taken; it
+/// keeps that generation from being dropped while it is held (an
+/// iterator over it must be used while its `TreeRef` lives).
+pub(super) struct TreeRef {
+    trees: Arc<Trees>,
+    id: TreeId,
+}
+
+impl std::ops::Deref for TreeRef {
+    type Target = sled::Tree;
+
+    fn deref(&self) -> &sled::Tree {
+        self.trees.get(self.id)
     }
 }
 
@@ -255,7 +361,8 @@ pub(super) fn apply(
             touched.push(c.tree);
         }
     }
-    let mut trees: Vec<&sled::Tree> = touched.iter().map(|t| store.tree(*t)).collect();
+    let generation = store.inner.trees();
+    let mut trees: Vec<&sled::Tree> = touched.iter().map(|t| generation.get(*t)).collect();
     if !bookkeeping.is_empty() {
         trees.push(&store.inner.mirror);
     }
@@ -320,20 +427,57 @@ impl Store {
         })
     }
 
-    pub(super) fn tree(&self, id: TreeId) -> &sled::Tree {
-        let s = &*self.inner;
-        match id {
-            TreeId::Requests => &s.requests,
-            TreeId::Leases => &s.leases,
-            TreeId::Timers => &s.timers,
-            TreeId::TimerIx => &s.timer_ix,
-            TreeId::Live => &s.live,
-            TreeId::Audit => &s.audit,
-            TreeId::Outbox => &s.outbox,
-            TreeId::OutboxDue => &s.outbox_due,
-            TreeId::Meta => &s.meta,
-            TreeId::Review => &s.review,
-            TreeId::Seen => &s.seen,
+    /// One tree of the current generation.
+    pub(super) fn tree(&self, id: TreeId) -> TreeRef {
+        self.inner.tree(id)
+    }
+
+    /// Makes `next` the current generation: readers from now on read it;
+    /// the one it replaces is dropped once no reader holds it
+    /// ([`Store::drop_retired`]). Called with the writer lock held, after
+    /// `next` was marked current on disk.
+    pub(super) fn install(&self, next: Arc<Trees>) {
+        let old = {
+            let mut current = self.inner.trees.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *current, next)
+        };
+        self.inner
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(old);
+        self.drop_retired();
+    }
+
+    /// Drops the trees of replaced generations no reader holds any more
+    /// (the others at a later call, or at the next open).
+    pub(super) fn drop_retired(&self) {
+        let mut retired = self.inner.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|old| {
+            // Only `retired` holds it: no reader can take it again.
+            if Arc::strong_count(old) > 1 {
+                return true;
+            }
+            if let Err(e) = Trees::drop_generation(&self.inner.db, old.generation()) {
+                tracing::warn!(error = %e, generation = old.generation(),
+                    "cannot drop a replaced generation of the mirror's trees; it is dropped at the next start");
+            }
+            false
+        });
+    }
+}
+
+impl super::Inner {
+    /// The current generation of the trees.
+    pub(super) fn trees(&self) -> Arc<Trees> {
+        self.trees.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// One tree of the current generation.
+    pub(super) fn tree(&self, id: TreeId) -> TreeRef {
+        TreeRef {
+            trees: self.trees(),
+            id,
         }
     }
 }
@@ -353,7 +497,8 @@ impl Writer<'_> {
             commit,
             _lock: lock,
         } = self;
-        let sled_trees: Vec<&sled::Tree> = trees.iter().map(|t| store.tree(*t)).collect();
+        let generation = store.inner.trees();
+        let sled_trees: Vec<&sled::Tree> = trees.iter().map(|t| generation.get(*t)).collect();
         let in_place = store.inner.backend.commits_in_place();
         let ended = sled_trees.as_slice().transaction::<_, T>(|views| {
             let log = RefCell::new(Vec::new());

@@ -104,20 +104,14 @@ pub struct Store {
 
 struct Inner {
     db: sled::Db,
-    requests: sled::Tree,
-    leases: sled::Tree,
-    timers: sled::Tree,
-    timer_ix: sled::Tree,
-    live: sled::Tree,
-    audit: sled::Tree,
-    outbox: sled::Tree,
-    /// Each destination's outbox queue in due order (see `outbox.rs`).
-    outbox_due: sled::Tree,
-    meta: sled::Tree,
-    /// Requests approved by break-glass and not yet acknowledged.
-    review: sled::Tree,
-    /// Chat payload ids recently taken (replay protection).
-    seen: sled::Tree,
+    /// The trees of [`TreeId`] (`outbox_due`: each destination's outbox
+    /// queue in due order, see `outbox.rs`; `review`: requests approved
+    /// by break-glass and not yet acknowledged; `seen`: chat payload ids
+    /// recently taken), in their current generation (`kv::Trees`): read
+    /// them through `Store::tree`.
+    trees: std::sync::RwLock<Arc<kv::Trees>>,
+    /// Generations a mirror reload replaced, until no reader holds them.
+    retired: Mutex<Vec<Arc<kv::Trees>>>,
     /// The mirror's own bookkeeping with PostgreSQL (`pg.rs`); never
     /// replicated, backed up or copied.
     mirror: sled::Tree,
@@ -177,8 +171,7 @@ fn live_key(group: &GroupName, user: &UserId) -> Vec<u8> {
 /// are both kept and logged: a person must look at them.
 fn fold_live_slots(store: &Store) -> Result<(), StoreError> {
     let legacy: Vec<(sled::IVec, sled::IVec)> = store
-        .inner
-        .live
+        .tree(TreeId::Live)
         .iter()
         .filter_map(|item| match item {
             Ok((k, v)) if k.iter().any(u8::is_ascii_uppercase) => Some(Ok((k, v))),
@@ -306,14 +299,14 @@ impl<'a> Tx<'a> {
         if let Some(staged) = self.requests.get(id.as_str()) {
             return Ok(staged.clone());
         }
-        read_request(&self.store.requests, id)
+        read_request(&self.store.tree(TreeId::Requests), id)
     }
 
     pub fn lease(&self, id: &LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
         if let Some(staged) = self.leases.get(id.as_str()) {
             return Ok(staged.clone());
         }
-        read_lease(&self.store.leases, id)
+        read_lease(&self.store.tree(TreeId::Leases), id)
     }
 
     /// The lease `user` holds on `group` that has not ended, if any.
@@ -324,7 +317,7 @@ impl<'a> Tx<'a> {
         }
         Ok(self
             .store
-            .live
+            .tree(TreeId::Live)
             .get(&key)?
             .map(|v| LeaseId::new(String::from_utf8_lossy(&v).into_owned())))
     }
@@ -336,7 +329,11 @@ impl<'a> Tx<'a> {
         group: &GroupName,
         user: &UserId,
     ) -> Result<Option<RequestId>, StoreError> {
-        for item in self.store.timer_ix.scan_prefix([TimerKind::RequestTimeout as u8]) {
+        for item in self
+            .store
+            .tree(TreeId::TimerIx)
+            .scan_prefix([TimerKind::RequestTimeout as u8])
+        {
             let (k, _) = item?;
             let id = RequestId::new(String::from_utf8_lossy(&k[1..]).into_owned());
             if let Some(rec) = self.request(&id)? {
@@ -414,7 +411,7 @@ impl<'a> Tx<'a> {
     pub fn new_id(&mut self, prefix: &str) -> Result<String, StoreError> {
         let next = match self.next_id {
             Some(n) => n,
-            None => counter(&self.store.meta, NEXT_ID)?,
+            None => counter(&self.store.tree(TreeId::Meta), NEXT_ID)?,
         };
         self.next_id = Some(next + 1);
         Ok(format!("{prefix}-{next}"))
@@ -518,19 +515,11 @@ impl Store {
             },
             other => StoreError::Io(format!("cannot open {}: {other}", path.display())),
         })?;
+        let mirror = db.open_tree("mirror")?;
         let inner = Inner {
-            requests: db.open_tree("requests")?,
-            leases: db.open_tree("leases")?,
-            timers: db.open_tree("timers")?,
-            timer_ix: db.open_tree("timer_ix")?,
-            live: db.open_tree("live")?,
-            audit: db.open_tree("audit")?,
-            outbox: db.open_tree("outbox")?,
-            outbox_due: db.open_tree("outbox_due")?,
-            meta: db.open_tree("meta")?,
-            review: db.open_tree("review")?,
-            seen: db.open_tree("seen")?,
-            mirror: db.open_tree("mirror")?,
+            trees: std::sync::RwLock::new(Arc::new(kv::Trees::open_current(&db, &mirror)?)),
+            retired: Mutex::new(Vec::new()),
+            mirror,
             backend,
             fence: Default::default(),
             leadership: Default::default(),
@@ -554,7 +543,7 @@ impl Store {
 
     /// The open-time upgrades of older stored formats, each a transaction.
     fn upgrade(&self) -> Result<(), StoreError> {
-        if self.inner.meta.get(SCHEMA)?.is_none() {
+        if self.tree(TreeId::Meta).get(SCHEMA)?.is_none() {
             self.writer()?.transact([TreeId::Meta], |[meta]| {
                 if meta.get(SCHEMA)?.is_none() {
                     meta.insert(SCHEMA, b"1")?;
@@ -564,7 +553,7 @@ impl Store {
         }
         outbox::upgrade_v1(self)?;
         outbox::upgrade_due_keys(self)?;
-        if self.inner.meta.get(LIVE_FOLDED)?.is_none() {
+        if self.tree(TreeId::Meta).get(LIVE_FOLDED)?.is_none() {
             fold_live_slots(self)?;
             self.writer()?.transact([TreeId::Meta], |[meta]| {
                 meta.insert(LIVE_FOLDED, b"1")?;
@@ -628,10 +617,9 @@ impl Store {
     }
 
     fn commit(&self, writer: Writer<'_>, tx: Tx<'_>) -> Result<(), StoreError> {
-        let s = &*self.inner;
         // Outbox keys come from a counter committed with the entries (the
         // writer lock makes reading it here safe).
-        let first_outbox = counter(&s.meta, NEXT_OUTBOX)?;
+        let first_outbox = counter(&self.tree(TreeId::Meta), NEXT_OUTBOX)?;
         let outbox_ids: Vec<u64> = (0..tx.outbox.len() as u64).map(|i| first_outbox + i).collect();
         let trees = [
             TreeId::Requests,
@@ -790,17 +778,17 @@ impl Store {
 
     pub fn request(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
         self.check_healthy()?;
-        read_request(&self.inner.requests, id)
+        read_request(&self.tree(TreeId::Requests), id)
     }
 
     pub fn lease(&self, id: &LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
         self.check_healthy()?;
-        read_lease(&self.inner.leases, id)
+        read_lease(&self.tree(TreeId::Leases), id)
     }
 
     pub fn requests(&self) -> Result<Vec<RequestRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.requests.iter() {
+        for item in self.tree(TreeId::Requests).iter() {
             let (k, v) = item?;
             let stored: StoredRequest = decode(&k, &v)?;
             out.push(
@@ -815,7 +803,7 @@ impl Store {
 
     pub fn leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.leases.iter() {
+        for item in self.tree(TreeId::Leases).iter() {
             let (k, v) = item?;
             let stored: StoredLease = decode(&k, &v)?;
             out.push(
@@ -833,7 +821,7 @@ impl Store {
         let mut prefix = group.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
-        for item in self.inner.live.scan_prefix(&prefix) {
+        for item in self.tree(TreeId::Live).scan_prefix(&prefix) {
             let (k, v) = item?;
             let user = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             out.push((
@@ -847,7 +835,7 @@ impl Store {
     /// Every lease that has not ended, from the `live` index (no full scan).
     pub fn live_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.live.iter() {
+        for item in self.tree(TreeId::Live).iter() {
             let (_, v) = item?;
             if let Some(rec) = self.lease(&LeaseId::new(String::from_utf8_lossy(&v).into_owned()))? {
                 out.push(rec);
@@ -859,14 +847,15 @@ impl Store {
     /// Pending requests: exactly those with a decision-window timer.
     pub fn pending_requests(&self) -> Result<Vec<RequestRecord>, StoreError> {
         self.requests_by_ids(
-            self.inner.timer_ix.scan_prefix([TimerKind::RequestTimeout as u8]),
+            self.tree(TreeId::TimerIx)
+                .scan_prefix([TimerKind::RequestTimeout as u8]),
             1,
         )
     }
 
     /// Break-glass requests that no approver has acknowledged yet.
     pub fn requests_awaiting_review(&self) -> Result<Vec<RequestRecord>, StoreError> {
-        self.requests_by_ids(self.inner.review.iter(), 0)
+        self.requests_by_ids(self.tree(TreeId::Review).iter(), 0)
     }
 
     fn requests_by_ids(&self, keys: sled::Iter, skip: usize) -> Result<Vec<RequestRecord>, StoreError> {
@@ -883,8 +872,7 @@ impl Store {
 
     pub fn live_lease(&self, group: &GroupName, user: &UserId) -> Result<Option<LeaseId>, StoreError> {
         Ok(self
-            .inner
-            .live
+            .tree(TreeId::Live)
             .get(live_key(group, user))?
             .map(|v| LeaseId::new(String::from_utf8_lossy(&v).into_owned())))
     }
@@ -899,7 +887,7 @@ impl Store {
         end.push(TimerKind::MAX as u8);
         end.extend_from_slice("\u{10FFFF}".as_bytes());
         let mut out = Vec::new();
-        for item in self.inner.timers.range(..=end).take(limit) {
+        for item in self.tree(TreeId::Timers).range(..=end).take(limit) {
             let (k, _) = item?;
             if let Some(t) = timers::parse_key(&k) {
                 out.push(t);
@@ -912,7 +900,7 @@ impl Store {
     pub fn timers_from(&self, limit: usize) -> Result<Vec<Timer>, StoreError> {
         self.check_healthy()?;
         let mut out = Vec::new();
-        for item in self.inner.timers.iter().take(limit) {
+        for item in self.tree(TreeId::Timers).iter().take(limit) {
             let (k, _) = item?;
             if let Some(t) = timers::parse_key(&k) {
                 out.push(t);
@@ -926,7 +914,7 @@ impl Store {
     pub fn timers_of(&self, kind: TimerKind) -> Result<Vec<Timer>, StoreError> {
         self.check_healthy()?;
         let mut out = Vec::new();
-        for item in self.inner.timer_ix.scan_prefix([kind as u8]) {
+        for item in self.tree(TreeId::TimerIx).scan_prefix([kind as u8]) {
             let (_, key) = item?;
             if let Some(t) = timers::parse_key(&key) {
                 out.push(t);
@@ -941,7 +929,7 @@ impl Store {
     pub fn count_timers(&self, kind: TimerKind) -> Result<usize, StoreError> {
         self.check_healthy()?;
         let mut n = 0;
-        for item in self.inner.timer_ix.scan_prefix([kind as u8]).keys() {
+        for item in self.tree(TreeId::TimerIx).scan_prefix([kind as u8]).keys() {
             item?;
             n += 1;
         }
@@ -953,7 +941,7 @@ impl Store {
     pub fn live_count(&self) -> Result<usize, StoreError> {
         self.check_healthy()?;
         let mut n = 0;
-        for item in self.inner.live.iter().keys() {
+        for item in self.tree(TreeId::Live).iter().keys() {
             item?;
             n += 1;
         }
@@ -961,12 +949,12 @@ impl Store {
     }
 
     pub fn timer_count(&self) -> usize {
-        self.inner.timers.len()
+        self.tree(TreeId::Timers).len()
     }
 
     /// The earliest timer's due time.
     pub fn next_due(&self) -> Result<Option<Instant>, StoreError> {
-        Ok(match self.inner.timers.first()? {
+        Ok(match self.tree(TreeId::Timers).first()? {
             Some((k, _)) => timers::parse_key(&k).map(|t| t.due),
             None => None,
         })
@@ -992,7 +980,7 @@ impl Store {
     /// When the latest audit record was committed: no transition is older,
     /// so a restarted clock must not start before it.
     pub fn last_audit_time(&self) -> Result<Option<Instant>, StoreError> {
-        match self.inner.audit.last()? {
+        match self.tree(TreeId::Audit).last()? {
             Some((k, v)) => {
                 let stored: StoredAudit = decode(&k, &v)?;
                 Ok(Some(stored.into_entry().at))
@@ -1003,7 +991,11 @@ impl Store {
 
     /// Audit records with `seq >= from`, in order.
     pub fn audit(&self, from: u64) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
-        self.inner.audit.range(from.to_be_bytes()..).map(|item| {
+        let tree = self.tree(TreeId::Audit);
+        let records = tree.range(from.to_be_bytes()..);
+        records.map(move |item| {
+            // The iterator holds its generation of the trees (see `TreeRef`).
+            let _generation = &tree;
             let (k, v) = item?;
             let stored: StoredAudit = decode(&k, &v)?;
             Ok(stored.into_entry())

@@ -200,7 +200,7 @@ impl Store {
     /// made on them.
     pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxItem, u32)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.inner.outbox.iter().take(limit) {
+        for item in self.tree(TreeId::Outbox).iter().take(limit) {
             let (k, v) = item?;
             let entry = upgrade(decode(&k, &v)?);
             let attempts = entry.dests.values().map(|d| d.attempts).max().unwrap_or(0);
@@ -222,12 +222,12 @@ impl Store {
     ) -> Result<usize, StoreError> {
         self.check_healthy()?;
         let mut plan = Vec::new();
-        for item in self.inner.outbox_due.scan_prefix(prefix("")).take(limit) {
+        for item in self.tree(TreeId::OutboxDue).scan_prefix(prefix("")).take(limit) {
             let (k, _) = item?;
             let Some((_, _, id)) = parse_due_key(&k) else {
                 continue;
             };
-            let Some(bytes) = self.inner.outbox.get(id.to_be_bytes())? else {
+            let Some(bytes) = self.tree(TreeId::Outbox).get(id.to_be_bytes())? else {
                 plan.push((k.to_vec(), id, Vec::new()));
                 continue;
             };
@@ -283,7 +283,7 @@ impl Store {
                 p
             };
             let end = due_key(dest, priority, now, u64::MAX);
-            for item in self.inner.outbox_due.range(start..=end) {
+            for item in self.tree(TreeId::OutboxDue).range(start..=end) {
                 if out.len() >= limit {
                     return Ok(out);
                 }
@@ -291,7 +291,7 @@ impl Store {
                 let Some((_, _, id)) = parse_due_key(&k) else {
                     continue;
                 };
-                let Some(bytes) = self.inner.outbox.get(id.to_be_bytes())? else {
+                let Some(bytes) = self.tree(TreeId::Outbox).get(id.to_be_bytes())? else {
                     continue;
                 };
                 let entry = upgrade(decode(&id.to_be_bytes(), &bytes)?);
@@ -317,7 +317,7 @@ impl Store {
         for priority in PRIORITIES {
             let mut p = prefix(dest);
             p.push(priority as u8);
-            if let Some(item) = self.inner.outbox_due.scan_prefix(p).next() {
+            if let Some(item) = self.tree(TreeId::OutboxDue).scan_prefix(p).next() {
                 let (k, _) = item?;
                 if let Some((_, due, _)) = parse_due_key(&k) {
                     next = Some(next.map_or(due, |n| n.min(due)));
@@ -330,7 +330,7 @@ impl Store {
     /// Destinations that have entries queued (not counting new entries).
     pub fn outbox_destinations(&self) -> Result<BTreeSet<String>, StoreError> {
         let mut out = BTreeSet::new();
-        for item in self.inner.outbox_due.iter() {
+        for item in self.tree(TreeId::OutboxDue).iter() {
             let (k, _) = item?;
             if let Some((dest, _, _)) = parse_due_key(&k) {
                 if !dest.is_empty() {
@@ -345,7 +345,7 @@ impl Store {
     /// configured); returns the items it held, for the log.
     pub fn outbox_drop_destination(&self, dest: &str) -> Result<Vec<OutboxItem>, StoreError> {
         let mut keys = Vec::new();
-        for item in self.inner.outbox_due.scan_prefix(prefix(dest)) {
+        for item in self.tree(TreeId::OutboxDue).scan_prefix(prefix(dest)) {
             let (k, _) = item?;
             if let Some((_, _, id)) = parse_due_key(&k) {
                 keys.push((k.to_vec(), id));
@@ -467,7 +467,7 @@ fn finish(outbox: &View<'_>, due: &View<'_>, id: u64, dest: &str) -> Result<(), 
 /// again as new (it may reach a platform that already had it once).
 pub(super) fn upgrade_v1(store: &Store) -> Result<usize, StoreError> {
     let mut old = Vec::new();
-    for item in store.inner.outbox.iter() {
+    for item in store.tree(TreeId::Outbox).iter() {
         let (k, v) = item?;
         if let StoredOutbox::V1 { .. } = decode::<StoredOutbox>(&k, &v)? {
             if let Some(id) = entry_id(&k) {
@@ -493,13 +493,13 @@ pub(super) fn upgrade_v1(store: &Store) -> Result<usize, StoreError> {
 /// user traffic. Returns how many were re-keyed.
 pub(super) fn upgrade_due_keys(store: &Store) -> Result<usize, StoreError> {
     let mut old = Vec::new();
-    for item in store.inner.outbox_due.iter() {
+    for item in store.tree(TreeId::OutboxDue).iter() {
         let (k, _) = item?;
         if !is_legacy(&k) {
             continue;
         }
         if let Some((dest, at, id)) = parse_due_key(&k) {
-            let priority = match store.inner.outbox.get(id.to_be_bytes())? {
+            let priority = match store.tree(TreeId::Outbox).get(id.to_be_bytes())? {
                 Some(bytes) => Priority::of(&upgrade(decode(&id.to_be_bytes(), &bytes)?).item),
                 None => Priority::Normal,
             };

@@ -25,13 +25,13 @@
 //! `block_on` there. A caller waits for the database on its own thread, as
 //! it waits for the writer lock.
 
-use super::kv::{Backend, Bookkeeping, Change, Commit, Durability, Election, TreeId};
+use super::kv::{Backend, Bookkeeping, Change, Commit, Durability, Election, TreeId, Trees, GENERATION};
 use super::{Store, StoreError};
 use crate::secret::Secret;
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 /// The schema, one migration per version, applied in order by [`migrate`].
@@ -722,6 +722,9 @@ fn catch_up(
     chunks: &mpsc::Receiver<Chunk>,
     replica: &Replica,
 ) -> Result<bool, StoreError> {
+    // A generation a reload replaced while a reader held it goes once
+    // the reader is done.
+    store.drop_retired();
     match pulled {
         Pulled::Changes(changes) => {
             if changes.is_empty()
@@ -811,17 +814,31 @@ fn apply_streamed(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<boo
         return Ok(!first.is_empty());
     };
     forget_position(store)?;
-    super::kv::apply(store, &first, &[])?;
+    apply_rows(store, &first)?;
     drop(first);
     let mut next = Some(second);
     while let Some(chunk) = next {
-        super::kv::apply(store, &chunk, &[])?;
+        apply_rows(store, &chunk)?;
         feed.applied += 1;
         drop(chunk);
         next = feed.next()?;
     }
     apply(store, &[], head.version, None, head.commit_id.as_deref())?;
     Ok(true)
+}
+
+/// Applies a chunk of a big catch-up row by row, not as one sled
+/// transaction, which would pin sled's epoch for the whole chunk (see
+/// [`reload`]); the mirror has no position meanwhile.
+fn apply_rows(store: &Store, rows: &[Change]) -> Result<(), StoreError> {
+    let trees = store.inner.trees();
+    for row in rows {
+        match &row.value {
+            Some(v) => trees.get(row.tree).insert(row.key.as_slice(), v.as_slice())?,
+            None => trees.get(row.tree).remove(row.key.as_slice())?,
+        };
+    }
+    Ok(())
 }
 
 /// Removes the mirror's version (keeping which database it mirrors, so it
@@ -855,43 +872,65 @@ fn apply(
 }
 
 /// Replaces the whole mirror with the database's contents, chunk by
-/// chunk. The mirror's version goes first, so a crash half-way reloads
-/// again (the mirror's kind mark stays, so a half-loaded mirror is not
-/// taken for a sled store at the next start). Readers that do not take the
-/// writer lock see the trees emptied and refilled meanwhile: whatever acts
-/// on a missing record (the ZSP monitor's drift, the outbox's missing
-/// request) confirms it under the writer lock first.
+/// chunk, into the next generation of the trees (`kv::Trees`) while
+/// readers go on reading the current one; the new generation becomes
+/// current at once when complete, so no reader sees the store emptied or
+/// half-loaded. The mirror's version goes first, so a crash half-way
+/// reloads again (the mirror's kind mark stays, so the mirror is not taken
+/// for a sled store at the next start, and the half-loaded generation is
+/// dropped there). The generation in use is marked with the new position,
+/// in one sled transaction, flushed, before it is installed.
 fn reload(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<(), StoreError> {
     store.inner.mirror.remove(MIRROR_VERSION)?;
     store.inner.mirror.remove(MIRROR_COMMIT)?;
     store.inner.mirror.insert(MIRROR_DB, head.db_id.as_bytes())?;
     store.inner.db.flush()?;
-    for t in TreeId::ALL {
-        store.tree(t).clear()?;
-    }
+    let current = store.inner.trees();
+    // An empty mirror (a new replica) has nothing to hide from readers:
+    // it loads in place. Otherwise into the next generation, after
+    // dropping what a reload that failed earlier in this process left of
+    // it (nobody reads it).
+    let in_place = TreeId::ALL.iter().all(|t| current.get(*t).is_empty());
+    let loading = if in_place {
+        current
+    } else {
+        let next = current.generation() + 1;
+        drop(current);
+        Trees::drop_generation(&store.inner.db, next)?;
+        Arc::new(Trees::open(&store.inner.db, next)?)
+    };
     while let Some(rows) = feed.next()? {
-        let mut batches: BTreeMap<&'static str, (TreeId, sled::Batch)> = BTreeMap::new();
+        // One insert per row, not one `apply_batch` per tree: sled pins
+        // its epoch for a whole batch, so the old versions of every node
+        // the batch rewrote stay allocated until well after it (a new
+        // replica peaked at 12.9 GiB with 1,000,000 leases); an insert
+        // pins and unpins, and sled frees them as it goes (BENCHMARKS.md,
+        // "A new replica's memory"). Nothing needs a chunk atomic: the
+        // generation is not read, and has no position, until all are in.
         for row in rows {
             if let Some(v) = row.value {
-                batches
-                    .entry(row.tree.name())
-                    .or_insert_with(|| (row.tree, sled::Batch::default()))
-                    .1
-                    .insert(row.key, v);
+                loading.get(row.tree).insert(row.key, v)?;
             }
-        }
-        for (_, (tree, batch)) in batches {
-            store.tree(tree).apply_batch(batch)?;
         }
         feed.applied += 1;
     }
-    apply(
+    let generation = loading.generation().to_be_bytes();
+    let version = head.version.to_be_bytes();
+    super::kv::apply(
         store,
         &[],
-        head.version,
-        Some(&head.db_id),
-        head.commit_id.as_deref(),
-    )
+        &[
+            (GENERATION, Some(&generation)),
+            (MIRROR_VERSION, Some(&version)),
+            (MIRROR_COMMIT, head.commit_id.as_deref().map(str::as_bytes)),
+            (MIRROR_DB, Some(head.db_id.as_bytes())),
+        ],
+    )?;
+    store.inner.db.flush()?;
+    if !in_place {
+        store.install(loading);
+    }
+    Ok(())
 }
 
 /// Whether a sled directory holds data but is no mirror: pointing the

@@ -16,6 +16,7 @@
 //! notice still in the outbox.
 
 use super::archive::{self, AUDIT_BASE};
+use super::kv::TreeId;
 use super::records::{StoredAudit, StoredLease, StoredRequest};
 use super::timers::{index_key, TimerKind};
 use super::{decode, read_lease, LeaseRecord, OutboxItem, RequestRecord, Store, StoreError};
@@ -125,14 +126,14 @@ pub fn request_prunable(request: &AccessRequest, cutoff: Instant, lease: LeaseFa
 /// above it.
 fn outbox_mark(store: &Store) -> Result<u64, StoreError> {
     let _guard = store.writer()?;
-    super::counter(&store.inner.meta, super::NEXT_OUTBOX)
+    super::counter(&store.tree(TreeId::Meta), super::NEXT_OUTBOX)
 }
 
 /// The ids (requests and leases) named by outbox entries still to deliver
 /// whose entry id is `from` or later.
 fn outbox_references(store: &Store, from: u64) -> Result<BTreeSet<String>, StoreError> {
     let mut out = BTreeSet::new();
-    for entry in store.inner.outbox.range(from.to_be_bytes()..) {
+    for entry in store.tree(TreeId::Outbox).range(from.to_be_bytes()..) {
         let (k, v) = entry?;
         let item = super::outbox::upgrade(decode(&k, &v)?).item;
         match item {
@@ -175,7 +176,7 @@ fn has_timer(store: &Store, id: &str) -> Result<bool, StoreError> {
         TimerKind::RequestTimeout,
         TimerKind::Warn,
     ] {
-        if store.inner.timer_ix.contains_key(index_key(kind, id))? {
+        if store.tree(TreeId::TimerIx).contains_key(index_key(kind, id))? {
             return Ok(true);
         }
     }
@@ -230,7 +231,7 @@ impl Store {
     }
 
     fn lease_fate(&self, id: &LeaseId) -> Result<LeaseFate, StoreError> {
-        Ok(match read_lease(&self.inner.leases, id)? {
+        Ok(match read_lease(&self.tree(TreeId::Leases), id)? {
             None => LeaseFate::Gone,
             Some(rec) if rec.lease.state == LeaseState::Ended => LeaseFate::Ended,
             Some(_) => LeaseFate::Live,
@@ -265,7 +266,7 @@ impl Store {
         let holds = Holds {
             timer: has_timer(self, id)?,
             outbox: outbox.contains(id),
-            review: self.inner.review.contains_key(id)?,
+            review: self.tree(TreeId::Review).contains_key(id)?,
         };
         // The cheap checks first: most records are kept or pruned on them.
         if !request_prunable(&rec.request, cutoff, LeaseFate::NoLease, holds) {
@@ -290,7 +291,9 @@ impl Store {
             timer: has_timer(self, id)?,
             outbox: outbox.contains(id),
             // A break-glass grant's lease stays while its review is open.
-            review: self.inner.review.contains_key(rec.lease.request.as_str())?,
+            review: self
+                .tree(TreeId::Review)
+                .contains_key(rec.lease.request.as_str())?,
         };
         Ok(lease_prunable(&rec.lease, cutoff, holds))
     }
@@ -308,7 +311,7 @@ impl Store {
             })
         };
         self.prune_tree(
-            &self.inner.requests,
+            &self.tree(TreeId::Requests),
             "request",
             batch,
             outbox,
@@ -331,7 +334,7 @@ impl Store {
             })
         };
         self.prune_tree(
-            &self.inner.leases,
+            &self.tree(TreeId::Leases),
             "lease",
             batch,
             outbox,
@@ -497,13 +500,13 @@ impl Store {
         cutoff: Instant,
         chunk: usize,
     ) -> Result<(Vec<(u64, Vec<u8>)>, Option<Instant>), StoreError> {
-        let last = match self.inner.audit.last()? {
+        let last = match self.tree(TreeId::Audit).last()? {
             Some((k, _)) => k,
             None => return Ok((Vec::new(), None)),
         };
         let mut out = Vec::new();
         let mut oldest = None;
-        for item in self.inner.audit.range(..last).take(chunk) {
+        for item in self.tree(TreeId::Audit).range(..last).take(chunk) {
             let (k, v) = item?;
             let stored: StoredAudit = decode(&k, &v)?;
             let entry = stored.into_entry();

@@ -67,7 +67,7 @@ impl Store {
         // Under the writer lock: with PostgreSQL, the mirror is current.
         let writer = self.writer()?;
         let mut expired = Vec::new();
-        for item in self.inner.seen.iter() {
+        for item in self.tree(TreeId::Seen).iter() {
             let (key, value) = item?;
             if expiry(&value) <= now.timestamp() {
                 expired.push(key);
@@ -91,7 +91,7 @@ impl Store {
 
     /// How many payload ids are remembered (for tests and diagnostics).
     pub fn seen_len(&self) -> usize {
-        self.inner.seen.len()
+        self.tree(TreeId::Seen).len()
     }
 }
 

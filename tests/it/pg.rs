@@ -1678,3 +1678,81 @@ async fn a_replica_killed_half_way_through_a_chunked_catch_up_keeps_none_of_it()
     );
     assert_eq!(b.timer_count(), 1);
 }
+
+/// Issue 16: readers that do not take the writer lock (the admin API,
+/// `/jit list`, the dashboard, the gauges) read the mirror while it
+/// reloads. They must see it as it was until the reload is complete, then
+/// as it is: never emptied, never half-loaded.
+#[tokio::test]
+async fn readers_never_see_a_mirror_emptied_or_half_loaded_by_a_reload() {
+    const LEASES: usize = 40;
+    let (db, tmp, a, b) = two_replicas();
+    a.update(Utc::now(), |tx| {
+        for i in 0..LEASES {
+            // l-1 … l-40, from the store's id counter.
+            let id = tx.new_id("l")?;
+            tx.put_lease(granting(&id, &format!("user{i}"), tx.now()));
+            tx.set_timer(TimerKind::Grant, &id, tx.now() + Duration::hours(1));
+        }
+        Ok::<(), StoreError>(())
+    })
+    .await
+    .unwrap();
+    many_timers(&a, "t", 60).await;
+    b.refresh().unwrap();
+    assert_eq!(b.live_count().unwrap(), LEASES);
+    past_the_horizon(&a).await;
+    b.set_pg_pull_chunk(3);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, reading) = std::sync::mpsc::channel();
+    let reader = {
+        let (b, stop) = (b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let known = LeaseId::new("l-7");
+            let (mut reads, mut fewest, mut lost_known) = (0usize, usize::MAX, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                fewest = fewest
+                    .min(b.live_count().unwrap())
+                    .min(b.live_leases().unwrap().len());
+                if b.lease(&known).unwrap().is_none() {
+                    lost_known += 1;
+                }
+                reads += 1;
+                if reads == 1 {
+                    started.send(()).unwrap();
+                }
+            }
+            (reads, fewest, lost_known)
+        })
+    };
+    reading.recv().unwrap();
+    assert!(b.refresh().unwrap(), "b reloaded");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (reads, fewest, lost_known) = reader.join().unwrap();
+    assert!(reads > 1, "the reader read during the reload");
+    assert_eq!(
+        fewest, LEASES,
+        "a reader saw {fewest} live leases of {LEASES} while the mirror reloaded ({reads} reads)"
+    );
+    assert_eq!(
+        lost_known, 0,
+        "a reader did not find lease l-7 while the mirror reloaded"
+    );
+    // The reload is complete and current, and the mirror goes on from there.
+    assert_eq!(b.live_count().unwrap(), LEASES);
+    write(&b, "after").await.unwrap();
+    assert_eq!(mirrored_rows(&b), database_rows(&db));
+    assert_eq!(b.check_consistency().unwrap(), Vec::<String>::new());
+    // The replaced generation's trees are gone from the directory, not
+    // kept beside the new one.
+    drop(b);
+    let names: Vec<String> = crate::support::open_raw_sled(tmp.path().join("b"))
+        .tree_names()
+        .iter()
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "leases@1") && !names.iter().any(|n| n == "leases"),
+        "{names:?}"
+    );
+}
