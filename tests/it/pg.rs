@@ -1001,6 +1001,19 @@ async fn verify_full_connects_over_tls_with_the_servers_ca_and_refuses_anything_
 // Review brk16, finding 3: a replica stalled inside a transaction held
 // jitbot_head's lock for up to a minute (idle_in_transaction 60 s, lock_timeout 30 s).
 
+/// Takes the term for `holder` on `store` and fences it, waits out the
+/// takeover wait every term this replica did not hold starts with (a third
+/// of `term`: the last leader's calls, token 1 included), and renews: from
+/// here, for a while, `store` drives the directory. The term's token.
+async fn lead_and_act(store: &Store, holder: &str, term: std::time::Duration) -> i64 {
+    let token = store.lead(holder, term).unwrap().expect("takes the term");
+    store.set_fence(Some(token));
+    let from = store.acts_from().expect("leads");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(from)).await;
+    assert_eq!(store.lead(holder, term).unwrap(), Some(token), "renews its term");
+    token
+}
+
 /// What a replica's scheduler does once its mirror refresh woke it: every
 /// timer due now, fired until none is left.
 async fn run_due(engine: &Engine) {
@@ -1332,9 +1345,10 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     let bot = TestBot::builder().postgres().build();
     let tmp = tempfile::tempdir().unwrap();
     let b = second_replica(&bot, &tmp);
-    let term = std::time::Duration::from_secs(30);
-    let token = bot.engine.store().lead("a", term).unwrap().expect("a leads");
-    bot.engine.store().set_fence(Some(token));
+    // A call may take 3 s: a waits that long before it acts, then acts
+    // for 3 s after each renewal.
+    let term = std::time::Duration::from_secs(9);
+    let token = lead_and_act(bot.engine.store(), "a", term).await;
     assert_eq!(b.store().lead("b", term).unwrap(), None, "a leads, b follows");
 
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
@@ -1349,6 +1363,7 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     );
 
     // The leader's mirror refresh wakes its scheduler: it grants.
+    assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     run_due(&bot.engine).await;
     assert!(bot.is_member(WEB, "alice"));
     assert_eq!(bot.lease().state, LeaseState::Active);
@@ -1366,6 +1381,7 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     );
 
     bot.advance(Duration::hours(2));
+    assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     run_due(&bot.engine).await;
     assert_eq!(bot.lease().state, LeaseState::Ended, "{:?}", bot.audit_actions());
     assert!(
@@ -1472,8 +1488,11 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
 
     // bob approves on the leader; its add is slow to reach the directory.
-    // A fresh renewal first: a's window to start a call lasts two thirds of
-    // its 3 s term, which a loaded machine could spend before the add.
+    // a first waits out its new term's takeover wait (1 s), then renews:
+    // a's window to start a call lasts two thirds of its 3 s term, which a
+    // loaded machine could spend before the add.
+    let acts_from = bot.engine.store().acts_from().expect("a leads");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(acts_from)).await;
     assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     slow.hold.store(true, std::sync::atomic::Ordering::SeqCst);
     let approving = {
