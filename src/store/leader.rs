@@ -1,10 +1,14 @@
 //! Leadership among replicas on PostgreSQL: one row, `jitbot_leader`,
-//! holds the leader's name, its fencing token (one more every new term)
-//! and when its term expires by the database's clock. The leader renews
-//! it; any replica takes it once it has expired. While this replica leads,
-//! its store is fenced: every commit checks, in the same PostgreSQL
-//! transaction, that the token still holds ([`StoreError::Deposed`]
-//! otherwise). With sled there is one process and it always leads.
+//! holds the leader's name (the holder, unique per process), its fencing
+//! token (one more every new term) and when its term expires by the
+//! database's clock. The leader renews it; any replica takes it once it
+//! has expired. While this replica leads, its store is fenced: every
+//! commit checks, in the same PostgreSQL transaction, that this holder
+//! still holds the term with that token ([`StoreError::Deposed`]
+//! otherwise). The token alone is not enough: a database that lost the
+//! row (a failover to a standby that was behind) issues the same tokens
+//! again, to another holder. With sled there is one process and it always
+//! leads.
 //!
 //! Directory side effects are bounded by the term too ([`Window`]): a
 //! replica that takes part in leadership drives leases only while it leads,
@@ -31,6 +35,17 @@ pub(super) struct Leadership {
     /// in tests and tools) drives every lease without a bound.
     joined: AtomicBool,
     term: Mutex<Option<Term>>,
+    /// The name this replica asks for the leadership as (`Store::lead`):
+    /// the fence's holder.
+    holder: Mutex<Option<String>>,
+}
+
+/// What a leader's commit is checked against, in its own transaction:
+/// `holder` still holds the term `token`, and it has not expired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Fence {
+    pub(super) holder: String,
+    pub(super) token: i64,
 }
 
 /// The term this replica last took or renewed.
@@ -78,6 +93,7 @@ impl Store {
             Some(election) => {
                 let leadership = &self.inner.leadership;
                 leadership.joined.store(true, Ordering::SeqCst);
+                *leadership.holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(holder.to_string());
                 if let Some(why) = self.cannot_append_audit()? {
                     tracing::error!(error = %why, "this replica does not lead");
                     let held = leadership
@@ -97,8 +113,10 @@ impl Store {
                     let call = ttl / CALL_SHARE;
                     let act_from = match *term {
                         Some(t) if t.token == token => t.act_from,
-                        // Token 1 is the first term ever: nobody led before.
-                        _ if token == 1 => started,
+                        // A term this replica did not hold, even token 1:
+                        // a database that lost the row (a failover to a
+                        // standby that was behind) issues token 1 again,
+                        // while the leader it forgot may still be calling.
                         // The old term has expired by now (that is how this
                         // one began), and every call of the old leader ended
                         // by its step-down point, before that; the extra
@@ -190,7 +208,10 @@ impl Store {
     }
 
     /// Fences every commit of this store with the leader's token (`None`:
-    /// commits are not fenced, as on a follower).
+    /// commits are not fenced, as on a follower): a commit lands only while
+    /// the holder this store asked to lead as ([`Store::lead`]) holds the
+    /// term with that token. A store that never asked to lead cannot
+    /// commit fenced ([`StoreError::Deposed`]).
     pub fn set_fence(&self, token: Option<i64>) {
         self.inner.fence.store(token.unwrap_or(0), Ordering::SeqCst);
     }
@@ -201,5 +222,23 @@ impl Store {
             0 => None,
             token => Some(token),
         }
+    }
+
+    /// What a commit is fenced with now: the token and the holder this
+    /// store leads as (`None`: not fenced).
+    pub(super) fn commit_fence(&self) -> Result<Option<Fence>, StoreError> {
+        let Some(token) = self.fence() else {
+            return Ok(None);
+        };
+        let holder = self
+            .inner
+            .leadership
+            .holder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Fenced without having asked to lead: it holds no term.
+        let holder = holder.ok_or(StoreError::Deposed)?;
+        Ok(Some(Fence { holder, token }))
     }
 }

@@ -392,8 +392,9 @@ enum Job {
     Commit {
         changes: Vec<Change>,
         gc: Gc,
-        /// The leader's fencing token this replica commits under, if any.
-        fence: Option<i64>,
+        /// The leader's holder and fencing token this replica commits
+        /// under, if any.
+        fence: Option<super::leader::Fence>,
         reply: Reply<(i64, String)>,
     },
     /// Take or renew the leadership for `holder` for `ttl` seconds.
@@ -643,11 +644,14 @@ impl Commit for Open<'_> {
     /// applies it to the mirror. With nothing written, just ends the
     /// transaction.
     fn commit(mut self: Box<Self>, log: Vec<Change>) -> Result<(), StoreError> {
-        self.done = true;
         if log.is_empty() {
+            self.done = true;
             let _ = self.replica.jobs.send(Job::Rollback);
             return Ok(());
         }
+        // Before `done`: a store fenced without a holder rolls back.
+        let fence = self.store.commit_fence()?;
+        self.done = true;
         // The last write of each key is the one that counts.
         let mut last: BTreeMap<(&'static str, Vec<u8>), Change> = BTreeMap::new();
         for change in log {
@@ -667,7 +671,6 @@ impl Commit for Open<'_> {
             })?;
         }
         let gc = *self.replica.gc.lock().unwrap_or_else(|p| p.into_inner());
-        let fence = self.store.fence();
         let (version, commit_id) = self.replica.ask(|reply| Job::Commit {
             gc,
             fence,
@@ -1103,6 +1106,27 @@ impl Conn {
             .as_mut()
             .ok_or_else(|| StoreError::Io("no PostgreSQL connection".into()))
     }
+
+    /// Runs `job` on the connection; when it fails and the connection
+    /// turns out closed, reconnects and runs it once more. The blocking
+    /// client learns that the server ended its session (a restart, a
+    /// failover, a pooler recycling it) only by failing a statement, and
+    /// the database may well be up again. `job` must fail only where it
+    /// can run again: before it answered anyone, and before anything
+    /// could have been committed, or with a statement that does the same
+    /// when run twice.
+    fn once_more<T>(
+        &mut self,
+        mut job: impl FnMut(&mut postgres::Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let failed = match job(self.client()?) {
+            Err(e) if self.client.as_ref().is_some_and(|c| c.is_closed()) => e,
+            done => return done,
+        };
+        tracing::info!(error = %failed, "PostgreSQL ended this replica's session; connecting again");
+        self.client = None;
+        job(self.client()?)
+    }
 }
 
 fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<Job>) {
@@ -1119,26 +1143,24 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
                 rows,
                 reply,
             } => {
-                let client = match conn.client() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        continue;
-                    }
-                };
-                in_transaction(client, since, size, stream_big, rows, reply, &inbox);
+                let locked = conn.once_more(|client| {
+                    in_transaction(client, since.clone(), size, stream_big, &rows, &reply, &inbox)
+                });
+                if let Err(e) = locked {
+                    let _ = reply.send(Err(e));
+                }
             }
             Job::Refresh {
                 since,
                 size,
                 rows,
                 reply,
-            } => match conn.client() {
-                Ok(c) => snapshot(c, since, size, rows, reply),
-                Err(e) => {
+            } => {
+                let read = conn.once_more(|client| snapshot(client, since.clone(), size, &rows, &reply));
+                if let Err(e) = read {
                     let _ = reply.send(Err(e));
                 }
-            },
+            }
             // A rollback or commit without a transaction: the caller gave
             // up on a `Begin` that failed.
             Job::Rollback => {}
@@ -1146,21 +1168,10 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
                 let _ = reply.send(Err(StoreError::Io("no PostgreSQL transaction is open".into())));
             }
             Job::Lead { holder, ttl, reply } => {
-                let _ = reply.send(conn.client().and_then(|c| lead(c, &holder, ttl)));
+                let _ = reply.send(conn.once_more(|c| lead(c, &holder, ttl)));
             }
             Job::Resign { holder, token, reply } => {
-                let answer = conn.client().and_then(|c| {
-                    c.execute(
-                        // Expired, not deleted: the next term's token must
-                        // still be larger than this one's.
-                        "UPDATE jitbot_leader SET expires_at = clock_timestamp() \
-                         WHERE id = 1 AND holder = $1 AND token = $2",
-                        &[&holder, &token],
-                    )
-                    .map(|_| ())
-                    .map_err(|e| pg_error("resigning the leadership", &e))
-                });
-                let _ = reply.send(answer);
+                let _ = reply.send(conn.once_more(|c| resign(c, &holder, token)));
             }
         }
     }
@@ -1180,11 +1191,14 @@ fn serve_leadership(settings: PgSettings) -> Result<mpsc::Sender<Job>, StoreErro
             };
             while let Ok(job) = inbox.recv() {
                 match job {
+                    // Both statements may run twice: a second renewal by
+                    // the same holder keeps its token, a second resign
+                    // finds the term expired already.
                     Job::Lead { holder, ttl, reply } => {
-                        let _ = reply.send(conn.client().and_then(|c| lead(c, &holder, ttl)));
+                        let _ = reply.send(conn.once_more(|c| lead(c, &holder, ttl)));
                     }
                     Job::Resign { holder, token, reply } => {
-                        let _ = reply.send(conn.client().and_then(|c| resign(c, &holder, token)));
+                        let _ = reply.send(conn.once_more(|c| resign(c, &holder, token)));
                     }
                     Job::Begin { reply, .. } => {
                         let _ = reply.send(Err(busy()));
@@ -1222,46 +1236,39 @@ fn busy() -> StoreError {
 }
 
 /// Runs one locked transaction: the head lock and catch-up, then whatever
-/// the writer sends until it commits or rolls back.
+/// the writer sends until it commits or rolls back. An error is returned,
+/// not sent, when it came before `reply` was answered: BEGIN, the head's
+/// lock or the catch-up failed, and nothing was written.
 fn in_transaction(
     client: &mut postgres::Client,
     since: Option<Position>,
     size: PullSize,
     stream_big: bool,
-    rows: Rows,
-    reply: Reply<Began>,
+    rows: &Rows,
+    reply: &Reply<Began>,
     inbox: &mpsc::Receiver<Job>,
-) {
-    let mut tx = match client.transaction() {
-        Ok(tx) => tx,
-        Err(e) => {
-            let _ = reply.send(Err(pg_error("BEGIN", &e)));
-            return;
-        }
-    };
+) -> Result<(), StoreError> {
+    let mut tx = client.transaction().map_err(|e| pg_error("BEGIN", &e))?;
     let head = match read_head(&mut tx, "FOR UPDATE").and_then(|mut head| {
         let pulled = pull(&mut tx, &mut head, since, size, stream_big)?;
         Ok((head, pulled))
     }) {
         Ok((head, (pulled, stream))) => {
             if reply.send(Ok(Began::Locked(head.clone(), pulled))).is_err() {
-                return;
+                return Ok(());
             }
             if let Some(stream) = stream {
-                if send_rows(&mut tx, stream, size, &rows).is_err() {
-                    return;
+                if send_rows(&mut tx, stream, size, rows).is_err() {
+                    return Ok(());
                 }
             }
             head
         }
         Err(HeadError::Busy(why)) => {
             let _ = reply.send(Ok(Began::Busy(why)));
-            return;
+            return Ok(());
         }
-        Err(HeadError::Store(e)) => {
-            let _ = reply.send(Err(e));
-            return;
-        }
+        Err(HeadError::Store(e)) => return Err(e),
     };
     loop {
         match inbox.recv() {
@@ -1272,9 +1279,9 @@ fn in_transaction(
                 reply,
             }) => {
                 let _ = reply.send(write(tx, &head, &changes, gc, fence));
-                return;
+                return Ok(());
             }
-            Ok(Job::Rollback) | Err(_) => return,
+            Ok(Job::Rollback) | Err(_) => return Ok(()),
             Ok(Job::Begin { reply, .. }) => {
                 let _ = reply.send(Err(busy()));
             }
@@ -1502,61 +1509,44 @@ fn changes_of(rows: Vec<postgres::Row>) -> Result<Vec<Change>, StoreError> {
 }
 
 /// Catches up from a read-only snapshot: answers `reply`, then streams
-/// what is big to `rows` from the same snapshot.
+/// what is big to `rows` from the same snapshot. An error is returned, not
+/// sent, when it came before `reply` was answered (the transaction is
+/// read-only: it may run again).
 fn snapshot(
     client: &mut postgres::Client,
     since: Option<Position>,
     size: PullSize,
-    rows: Rows,
-    reply: Reply<(Head, Pulled)>,
-) {
-    let began = client
+    rows: &Rows,
+    reply: &Reply<(Head, Pulled)>,
+) -> Result<(), StoreError> {
+    let mut tx = client
         .build_transaction()
         .isolation_level(postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
-        .map_err(|e| pg_error("BEGIN", &e));
-    let mut tx = match began {
-        Ok(tx) => tx,
-        Err(e) => {
-            let _ = reply.send(Err(e));
-            return;
+        .map_err(|e| pg_error("BEGIN", &e))?;
+    let mut head = read_head(&mut tx, "")?;
+    match pull(&mut tx, &mut head, since, size, true)? {
+        (pulled, None) => {
+            tx.commit().map_err(|e| pg_error("COMMIT", &e))?;
+            let _ = reply.send(Ok((head, pulled)));
         }
-    };
-    let pulled = read_head(&mut tx, "")
-        .map_err(StoreError::from)
-        .and_then(|mut head| {
-            let pulled = pull(&mut tx, &mut head, since, size, true)?;
-            Ok((head, pulled))
-        });
-    match pulled {
-        Ok((head, (pulled, None))) => {
-            let _ = reply.send(
-                tx.commit()
-                    .map_err(|e| pg_error("COMMIT", &e))
-                    .map(|()| (head, pulled)),
-            );
-        }
-        Ok((head, (pulled, Some(stream)))) => {
+        (pulled, Some(stream)) => {
             // Applying a chunk, or clearing the mirror for a reload, may
             // keep this snapshot idle for longer than a writer may be.
-            if let Err(e) = tx.batch_execute(&format!(
+            tx.batch_execute(&format!(
                 "SET LOCAL idle_in_transaction_session_timeout = '{STREAM_IDLE}'"
-            )) {
-                let _ = reply.send(Err(pg_error("setting the snapshot's timeout", &e)));
-                return;
-            }
+            ))
+            .map_err(|e| pg_error("setting the snapshot's timeout", &e))?;
             if reply.send(Ok((head, pulled))).is_err() {
-                return;
+                return Ok(());
             }
-            if send_rows(&mut tx, stream, size, &rows).is_ok() {
+            if send_rows(&mut tx, stream, size, rows).is_ok() {
                 let _ = tx.commit();
             }
         }
-        Err(e) => {
-            let _ = reply.send(Err(e));
-        }
     }
+    Ok(())
 }
 
 /// Takes the leadership when it is free or expired, or renews it when
@@ -1585,16 +1575,18 @@ fn write(
     head: &Head,
     changes: &[Change],
     gc_at: Gc,
-    fence: Option<i64>,
+    fence: Option<super::leader::Fence>,
 ) -> Result<(i64, String), StoreError> {
-    if let Some(token) = fence {
+    if let Some(fence) = fence {
         // FOR SHARE: a takeover (an UPDATE of this row) waits for this
         // COMMIT, so no change of a deposed leader lands in a later term.
+        // The holder too: a database that lost the row issues a token
+        // again, to another replica.
         let held = tx
             .query(
-                "SELECT token FROM jitbot_leader WHERE id = 1 AND token = $1 \
+                "SELECT token FROM jitbot_leader WHERE id = 1 AND token = $1 AND holder = $2 \
                  AND expires_at > clock_timestamp() FOR SHARE",
-                &[&token],
+                &[&fence.token, &fence.holder],
             )
             .map_err(|e| pg_error("checking the leadership", &e))?;
         if held.is_empty() {

@@ -297,6 +297,16 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported(backend: Backend)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    if matches!(backend, Backend::Postgres) {
+        // On PostgreSQL the grant waits for the leader's scheduler, which
+        // starts once the replica's new term has waited out the last
+        // leader's calls (a third of a term): a 2 s lease approved before
+        // then would run out before its grant.
+        crate::support::net::eventually(Duration::from_secs(20), "the replica leads", || {
+            bot.log_text().contains("this replica leads").then_some(())
+        })
+        .await;
+    }
     let payload = json!({
         "type": "block_actions",
         "team": {"id": "T1"},

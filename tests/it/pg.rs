@@ -5,7 +5,7 @@
 //! nothing, and the engine's whole flow runs on it against slapd.
 
 use crate::support::bot::{open_store, policy, TestBot, DB};
-use crate::support::postgres::Database;
+use crate::support::postgres::{cluster, Database};
 use crate::support::slapd::{self, Slapd, DB_ADMINS};
 use chrono::{Duration, Utc};
 use jitbot::directory::ldap::LdapDirectory;
@@ -630,6 +630,154 @@ async fn one_replica_leads_at_a_time_and_a_deposed_leader_commits_nothing() {
     assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 4 });
 }
 
+// ---- brk16c findings 5 and 6: fence on holder and token; reconnect once ----
+
+/// pg.rs plans for a database that loses commits (a failover to an
+/// asynchronous standby that was behind: commit identities, mirror
+/// reloads). Lose the takeover: a's term expired (a hung), b took over
+/// with token 2 and leads; the standby promoted still has a's expired row
+/// with token 1. The next replica to ask — a, back — gets "a new term",
+/// token 2 again. Now a leads term 2, and b, deposed, still holds token 2
+/// as its fence until its leadership loop next renews: its commits must
+/// not land ("a deposed leader must not commit a transition after it lost
+/// leadership"), so the fence checks whose the token is, not only the
+/// token.
+#[tokio::test]
+async fn a_deposed_leader_cannot_commit_under_its_token_reissued_to_another_after_the_database_lost_its_takeover(
+) {
+    let (db, _tmp, a, b) = two_replicas();
+    let term = std::time::Duration::from_secs(30);
+    let first = a.lead("a", term).unwrap().expect("a leads");
+    a.set_fence(Some(first));
+    write(&a, "a-leads").await.unwrap();
+
+    // a hangs; its term runs out; b takes over and leads.
+    db.run("UPDATE jitbot_leader SET expires_at = clock_timestamp() - interval '1 second'");
+    a.step_down();
+    a.set_fence(None);
+    let second = b.lead("b", term).unwrap().expect("b takes the expired term");
+    assert!(second > first);
+    b.set_fence(Some(second));
+    write(&b, "b-leads").await.unwrap();
+
+    // The primary is lost; the standby promoted had not received b's
+    // takeover: its jitbot_leader row is a's, expired.
+    db.run(&format!(
+        "UPDATE jitbot_leader SET holder = 'a', token = {first}, \
+         expires_at = clock_timestamp() - interval '1 second'"
+    ));
+    let third = a.lead("a", term).unwrap().expect("a takes the (expired) term");
+    assert_eq!(third, second, "the database issued b's token again, to a");
+    a.set_fence(Some(third));
+    assert_eq!(
+        b.lead("b", term).unwrap(),
+        None,
+        "a holds the term now: b is deposed"
+    );
+    // b's leadership loop has not renewed yet: its fence is still its token.
+    let head = db.value("SELECT version::text FROM jitbot_head");
+    let deposed = write(&b, "deposed-b-commits").await;
+    assert!(
+        matches!(deposed, Err(StoreError::Deposed)),
+        "b was deposed (a holds the term, token {third}; b's fence is {second}) yet its commit was {deposed:?}: \
+         the database went from version {head} to {}. After the database lost b's takeover, the next term \
+         re-used token {second}: the fence must check the holder too",
+        db.value("SELECT version::text FROM jitbot_head")
+    );
+    assert_eq!(db.value("SELECT version::text FROM jitbot_head"), head);
+    write(&a, "a-leads-again")
+        .await
+        .expect("a, which holds the term, commits");
+}
+
+/// A database that lost the leader row altogether (the standby promoted
+/// had never received it) issues token 1 again, though replicas led
+/// before and the last of them may still have a directory call under way.
+/// Whoever takes that term waits out one call's length like any new
+/// leader: token 1 is no proof that nobody led before.
+#[tokio::test]
+async fn a_term_taken_after_the_database_lost_the_leader_row_waits_out_the_old_leaders_calls_even_as_token_1()
+{
+    use jitbot::store::leader::Window;
+    let (db, _tmp, a, b) = two_replicas();
+    let term = std::time::Duration::from_secs(30);
+    let token = a.lead("a", term).unwrap().expect("a leads");
+    a.set_fence(Some(token));
+    // a drives the directory (its term is 30 s: a call may take 10 s).
+
+    // The primary is lost; the standby promoted has no leader row.
+    db.run("DELETE FROM jitbot_leader");
+    let taken = std::time::Instant::now();
+    let reissued = b.lead("b", term).unwrap().expect("b takes the lost term");
+    assert_eq!(reissued, 1, "the database issued token 1 again");
+    b.set_fence(Some(reissued));
+    assert_eq!(
+        b.directory_window(),
+        Window::Closed,
+        "b took token 1 of a database that lost its leader row, and called the directory at once, while a's \
+         last call (up to 10 s) may still be under way"
+    );
+    let acts_from = b.acts_from().expect("b leads");
+    assert!(
+        acts_from >= taken + term / 3,
+        "b waits out one call's length (10 s) from taking the term: it acts {:?} after",
+        acts_from.saturating_duration_since(taken)
+    );
+}
+
+/// A PostgreSQL restart (or a failover, or a proxy such as PgBouncer
+/// recycling its server connections) ends every session; here the
+/// server's side of each jitbot session is ended the way a restart does
+/// (`pg_terminate_backend`: FATAL 57P01), and the database is up again at
+/// once. The replica's connection thread only notices a closed connection
+/// when it next uses it (the blocking client learns it by failing a
+/// statement), so the first transaction after the restart would fail — a
+/// command, an approval or a revocation's commit, refused with
+/// "PostgreSQL BEGIN failed" although the database is up — and so would
+/// the first leadership renewal. Nothing was sent that could have
+/// committed: BEGIN on a dead connection is run again on a new one, as is
+/// the renewal (the same holder renewing twice keeps its token) and a
+/// read-only refresh.
+#[tokio::test]
+async fn the_first_commit_renewal_and_refresh_after_postgres_ended_the_sessions_reconnect_and_succeed() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let term = std::time::Duration::from_secs(30);
+    let token = a.lead("a", term).unwrap().expect("a leads");
+    a.set_fence(Some(token));
+    write(&a, "before-the-restart").await.unwrap();
+    let end_sessions = || {
+        cluster()
+            .admin(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{}' AND application_name = 'jitbot'",
+                db.name
+            ))
+            .expect("end the replica's sessions");
+        // The server is up again at once (a restart from the clients' side).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    end_sessions();
+    let renewed = a.lead("a", term);
+    let committed = write(&a, "after-the-restart").await;
+    assert!(
+        committed.is_ok() && matches!(renewed, Ok(Some(t)) if t == token),
+        "PostgreSQL restarted and is up, yet the replica's first commit after it was {committed:?} and its \
+         first leadership renewal {renewed:?}: a connection closed by the server is found only by failing \
+         the caller's statement. A BEGIN (or a renewal) that fails because the connection was closed \
+         before anything was sent must be retried once on a new connection"
+    );
+    end_sessions();
+    let refreshed = a.refresh();
+    assert!(
+        refreshed.is_ok(),
+        "the first refresh (a read-only snapshot) after the sessions ended failed: {refreshed:?}"
+    );
+    assert_eq!(a.timer_count(), 2);
+    assert_eq!(a.verify_audit().unwrap(), AuditCheck::Intact { records: 2 });
+}
+
 /// Failover through the real binaries: two `jitbot run` replicas, the
 /// leader is SIGKILLed before a lease is due, and the other takes over and
 /// revokes it; the lease ends once.
@@ -852,6 +1000,19 @@ async fn verify_full_connects_over_tls_with_the_servers_ca_and_refuses_anything_
 
 // Review brk16, finding 3: a replica stalled inside a transaction held
 // jitbot_head's lock for up to a minute (idle_in_transaction 60 s, lock_timeout 30 s).
+
+/// Takes the term for `holder` on `store` and fences it, waits out the
+/// takeover wait every term this replica did not hold starts with (a third
+/// of `term`: the last leader's calls, token 1 included), and renews: from
+/// here, for a while, `store` drives the directory. The term's token.
+async fn lead_and_act(store: &Store, holder: &str, term: std::time::Duration) -> i64 {
+    let token = store.lead(holder, term).unwrap().expect("takes the term");
+    store.set_fence(Some(token));
+    let from = store.acts_from().expect("leads");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(from)).await;
+    assert_eq!(store.lead(holder, term).unwrap(), Some(token), "renews its term");
+    token
+}
 
 /// What a replica's scheduler does once its mirror refresh woke it: every
 /// timer due now, fired until none is left.
@@ -1184,9 +1345,10 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     let bot = TestBot::builder().postgres().build();
     let tmp = tempfile::tempdir().unwrap();
     let b = second_replica(&bot, &tmp);
-    let term = std::time::Duration::from_secs(30);
-    let token = bot.engine.store().lead("a", term).unwrap().expect("a leads");
-    bot.engine.store().set_fence(Some(token));
+    // A call may take 3 s: a waits that long before it acts, then acts
+    // for 3 s after each renewal.
+    let term = std::time::Duration::from_secs(9);
+    let token = lead_and_act(bot.engine.store(), "a", term).await;
     assert_eq!(b.store().lead("b", term).unwrap(), None, "a leads, b follows");
 
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
@@ -1201,6 +1363,7 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     );
 
     // The leader's mirror refresh wakes its scheduler: it grants.
+    assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     run_due(&bot.engine).await;
     assert!(bot.is_member(WEB, "alice"));
     assert_eq!(bot.lease().state, LeaseState::Active);
@@ -1218,6 +1381,7 @@ async fn a_grant_approved_on_a_follower_is_driven_by_the_leader_alone() {
     );
 
     bot.advance(Duration::hours(2));
+    assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     run_due(&bot.engine).await;
     assert_eq!(bot.lease().state, LeaseState::Ended, "{:?}", bot.audit_actions());
     assert!(
@@ -1324,8 +1488,11 @@ async fn a_deposed_leaders_slow_add_is_abandoned_before_the_new_leader_acts() {
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
 
     // bob approves on the leader; its add is slow to reach the directory.
-    // A fresh renewal first: a's window to start a call lasts two thirds of
-    // its 3 s term, which a loaded machine could spend before the add.
+    // a first waits out its new term's takeover wait (1 s), then renews:
+    // a's window to start a call lasts two thirds of its 3 s term, which a
+    // loaded machine could spend before the add.
+    let acts_from = bot.engine.store().acts_from().expect("a leads");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(acts_from)).await;
     assert_eq!(bot.engine.store().lead("a", term).unwrap(), Some(token));
     slow.hold.store(true, std::sync::atomic::Ordering::SeqCst);
     let approving = {
