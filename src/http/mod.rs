@@ -89,7 +89,7 @@ pub fn admin_router(state: HttpState, extra: Vec<Router>) -> Router {
 /// Ready when the store answers, the directory answers and every chat
 /// platform accepts jitbot's credentials; the error says which did not.
 async fn check_ready(state: &HttpState) -> Result<(), String> {
-    store_up(state.engine.store()).await?;
+    store_up(state.engine.store())?;
     directory_up(&state.engine).await?;
     if let Some(chat) = &state.chat {
         if let Err(e) = chat.ready().await {
@@ -99,34 +99,18 @@ async fn check_ready(state: &HttpState) -> Result<(), String> {
     Ok(())
 }
 
-/// How long readiness waits for PostgreSQL to answer.
-const STORE_READY_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Whether the store answers. A replica on PostgreSQL asks the database
-/// (its mirror catching up is a round trip): one that cannot reach it can
-/// commit nothing, so it must not take traffic.
-async fn store_up(store: &crate::store::Store) -> Result<(), String> {
-    if !store.is_postgres() {
-        return store
-            .next_due()
-            .map(|_| ())
-            .map_err(|e| format!("store unavailable: {e}"));
+/// Whether the store answers. A replica on PostgreSQL that the database
+/// stopped answering can commit nothing, so it must not take traffic: its
+/// leadership statements, asked every few seconds on a connection of their
+/// own, say whether the database answers it.
+fn store_up(store: &crate::store::Store) -> Result<(), String> {
+    if store.database_answers() == Some(false) {
+        return Err(
+            "store unavailable: PostgreSQL does not answer this replica (its leadership statements fail; see the log)"
+                .into(),
+        );
     }
-    let s = store.clone();
-    match tokio::time::timeout(
-        STORE_READY_TIMEOUT,
-        tokio::task::spawn_blocking(move || s.refresh()),
-    )
-    .await
-    {
-        Ok(Ok(Ok(_))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(format!("store unavailable: {e}")),
-        Ok(Err(e)) => Err(format!("store unavailable: the check failed ({e})")),
-        Err(_) => Err(format!(
-            "store unavailable: PostgreSQL did not answer within {} s",
-            STORE_READY_TIMEOUT.as_secs()
-        )),
-    }
+    store.next_due().map(|_| ()).map_err(|e| format!("store unavailable: {e}"))
 }
 
 /// The detailed readiness, for operators on the admin listener.

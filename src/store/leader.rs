@@ -38,6 +38,16 @@ pub(super) struct Leadership {
     /// The name this replica asks for the leadership as (`Store::lead`):
     /// the fence's holder.
     holder: Mutex<Option<String>>,
+    /// When this replica last asked the database for the leadership, with
+    /// the term asked for, and whether it answered ([`Store::database_answers`]).
+    contact: Mutex<Option<Contact>>,
+}
+
+#[derive(Clone, Copy)]
+struct Contact {
+    at: Instant,
+    ttl: Duration,
+    answered: bool,
 }
 
 /// What a leader's commit is checked against, in its own transaction:
@@ -107,7 +117,13 @@ impl Store {
                     return Ok(None);
                 }
                 let started = Instant::now();
-                let token = election.lead(holder, ttl)?;
+                let asked = election.lead(holder, ttl);
+                *leadership.contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Contact {
+                    at: started,
+                    ttl,
+                    answered: asked.is_ok(),
+                });
+                let token = asked?;
                 let mut term = leadership.term.lock().unwrap_or_else(|p| p.into_inner());
                 *term = token.map(|token| {
                     let call = ttl / CALL_SHARE;
@@ -133,6 +149,21 @@ impl Store {
                 Ok(token)
             }
         }
+    }
+
+    /// Whether the database answered this replica's last leadership
+    /// statement (asked every few seconds, on a connection of its own, so
+    /// a writer waiting for another replica's lock does not hold it up),
+    /// and within a term. `None`: this store takes no part in leadership
+    /// (sled, or a tool's store), or has not asked yet.
+    pub fn database_answers(&self) -> Option<bool> {
+        let contact = *self
+            .inner
+            .leadership
+            .contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        contact.map(|c| c.answered && c.at.elapsed() <= c.ttl)
     }
 
     /// Whether, and how long, this replica may call the directory for a
