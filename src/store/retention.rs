@@ -174,6 +174,7 @@ fn has_timer(store: &Store, id: &str) -> Result<bool, StoreError> {
         TimerKind::Revoke,
         TimerKind::RequestTimeout,
         TimerKind::Warn,
+        TimerKind::Recheck,
     ] {
         if store.inner.timer_ix.contains_key(index_key(kind, id))? {
             return Ok(true);

@@ -230,6 +230,7 @@ fn settings() -> EngineSettings {
         // The simulator checks the lease guarantees, not flood control: no
         // cap, so its request mix is not thinned out.
         max_pending_per_user: usize::MAX,
+        recheck_after: Span::from_secs(30),
     }
 }
 
