@@ -75,6 +75,18 @@ impl Engine {
             }
             return Ok(());
         }
+        // The timer as it is now: the end's commit may have moved it out
+        // since the scheduler read it (or another pass dropped it).
+        let due = self
+            .inner
+            .store
+            .timers_of(TimerKind::Recheck)?
+            .into_iter()
+            .find(|t| t.id == id.as_str())
+            .map(|t| t.due);
+        if due.is_none_or(|due| due > self.now()) {
+            return Ok(());
+        }
         let Some(rec) = self.inner.store.lease(&id)? else {
             return self.recheck_done(&id, None).await;
         };
