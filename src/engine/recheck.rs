@@ -32,6 +32,10 @@ enum Found {
     /// The membership is there, but a live lease of the same user and
     /// group holds it now: that lease decides (removes what it owns).
     HeldBy(LeaseId),
+    /// The membership is there, and the live lease of the same user and
+    /// group took it for standing: it may be this lease's add arriving
+    /// late, so that lease now claims it and removes it at its end.
+    ClaimedBy(LeaseId),
 }
 
 impl Engine {
@@ -103,7 +107,12 @@ impl Engine {
             .await?;
             return Ok(());
         }
-        let Some(m) = rec.lease.membership.clone().filter(|_| rec.lease.owns_membership()) else {
+        let Some(m) = rec
+            .lease
+            .membership
+            .clone()
+            .filter(|_| rec.lease.owns_membership())
+        else {
             // Nothing of jitbot's to look for.
             return self.recheck_done(&id, None).await;
         };
@@ -113,7 +122,7 @@ impl Engine {
             return self.recheck_done(&id, Some(Found::Absent)).await;
         }
         if let Some(holder) = self.inner.store.live_lease(&rec.lease.group, &rec.lease.user)? {
-            return self.recheck_done(&id, Some(Found::HeldBy(holder))).await;
+            return self.leave_to(&id, &holder).await;
         }
         // Write-ahead: the removal is on record, and retried if it fails
         // or this process stops, before the modify is sent.
@@ -165,6 +174,53 @@ impl Engine {
         Ok(())
     }
 
+    /// The membership is there and live lease `holder` of the same user and
+    /// group holds the slot. A holder that owns it removes it at its end; a
+    /// holder that found it standing may have found this lease's late add,
+    /// so it claims it (audited `lease.add_ambiguous`, as any membership
+    /// whose owner cannot be told); a holder that has not looked yet is
+    /// waited for.
+    async fn leave_to(&self, id: &LeaseId, holder: &LeaseId) -> Result<(), EngineError> {
+        let settle = self.settle();
+        let live = [LeaseState::Granting, LeaseState::Active, LeaseState::Revoking];
+        let ours = id.clone();
+        let claimed = self
+            .transition(holder, &live, |tx, rec| {
+                Ok(match rec.lease.preexisting {
+                    None => {
+                        tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
+                        None
+                    }
+                    Some(false) => Some(false),
+                    Some(true) => {
+                        rec.lease.preexisting = Some(false);
+                        tx.audit(
+                            about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                                format!(
+                                    "the membership this lease found standing may be lease {ours}'s add \
+                                     that arrived after it ended; jitbot claims it and removes it when this \
+                                     lease ends"
+                                ),
+                            ),
+                        );
+                        Some(true)
+                    }
+                })
+            })
+            .await?;
+        match claimed {
+            // It left the live states meanwhile: look again.
+            None => Ok(()),
+            // Not checked yet: the timer moved out above.
+            Some(None) => Ok(()),
+            Some(Some(false)) => self.recheck_done(id, Some(Found::HeldBy(holder.clone()))).await,
+            Some(Some(true)) => {
+                self.recheck_done(id, Some(Found::ClaimedBy(holder.clone())))
+                    .await
+            }
+        }
+    }
+
     /// A directory answer, with the outage bookkeeping every step does.
     fn directory_result<T>(&self, r: Result<T, crate::ports::DirectoryError>) -> Result<T, EngineError> {
         r.map_err(|e| {
@@ -186,12 +242,16 @@ impl Engine {
                     return Ok::<_, EngineError>(());
                 };
                 let detail = match found {
-                    Found::Absent => format!(
-                        "membership absent {settle} after the lease ended: no late add arrived"
-                    ),
+                    Found::Absent => {
+                        format!("membership absent {settle} after the lease ended: no late add arrived")
+                    }
                     Found::HeldBy(holder) => format!(
                         "membership present, held by live lease {holder} of the same user and group; \
                          left to that lease"
+                    ),
+                    Found::ClaimedBy(holder) => format!(
+                        "membership present, taken for standing by live lease {holder}, which now claims \
+                         it and removes it at its end"
                     ),
                 };
                 tx.audit(about_lease(ENGINE_ACTOR, AuditAction::LeaseRechecked, &rec.lease).detail(detail));

@@ -639,14 +639,18 @@ impl Directory for LateAdd {
     }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         self.on_the_wire.lock().unwrap().push(m.clone());
-        Err(DirectoryError::Unavailable("the directory did not answer the add".into()))
+        Err(DirectoryError::Unavailable(
+            "the directory did not answer the add".into(),
+        ))
     }
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
         let failing = self
             .failing_removals
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if failing.is_ok() {
-            return Err(DirectoryError::Unavailable("the directory did not answer the removal".into()));
+            return Err(DirectoryError::Unavailable(
+                "the directory did not answer the removal".into(),
+            ));
         }
         self.memory.remove_membership(m).await
     }
@@ -687,7 +691,10 @@ async fn ended_with_an_add_on_the_wire() -> (TestBot, Arc<LateAdd>, Arc<MemoryDi
     bot.run_due().await;
     assert_eq!(bot.lease().state, LeaseState::Ended);
     assert!(bot.audit_actions().iter().any(|a| a == "lease.add_ambiguous"));
-    assert!(!memory.members(DB).contains("alice"), "the add has not landed yet");
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "the add has not landed yet"
+    );
     (bot, late, memory)
 }
 
@@ -726,11 +733,20 @@ async fn an_add_without_an_answer_that_lands_after_its_lease_ended_is_removed_by
     let actions = bot.audit_actions();
     let found = actions.iter().position(|a| a == "lease.late_add_found");
     let removed = actions.iter().position(|a| a == "lease.late_add_removed");
-    assert!(found.is_some() && found < removed, "write-ahead, then done: {actions:?}");
-    assert_eq!(rechecks(&bot), 0, "the re-check is dropped once the removal is read back");
+    assert!(
+        found.is_some() && found < removed,
+        "write-ahead, then done: {actions:?}"
+    );
+    assert_eq!(
+        rechecks(&bot),
+        0,
+        "the re-check is dropped once the removal is read back"
+    );
     let alerts = bot.engine.store().outbox(1000).unwrap();
     assert!(
-        alerts.iter().any(|(_, item, _)| format!("{item:?}").contains("after lease")),
+        alerts
+            .iter()
+            .any(|(_, item, _)| format!("{item:?}").contains("after lease")),
         "the admins are told: {alerts:?}"
     );
 }

@@ -968,7 +968,9 @@ impl SwallowingProxy {
         let (sw, ended) = (swallowing.clone(), client_ended.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
                 let (mut client_rx, mut client_tx) = client.into_split();
                 let (mut server_rx, mut server_tx) = server.into_split();
                 tokio::spawn(async move {
@@ -1013,13 +1015,19 @@ async fn a_call_given_up_on_closes_its_connection_instead_of_reusing_it() {
     let mut config = slapd.ldap_config();
     config.url = format!("ldap://127.0.0.1:{}", proxy.port);
     let dir = directory(&config);
-    let m = dir.membership_of(&group(DB_ADMINS), &user("alice")).await.unwrap();
+    let m = dir
+        .membership_of(&group(DB_ADMINS), &user("alice"))
+        .await
+        .unwrap();
     assert!(!dir.has_membership(&m).await.unwrap());
     assert_eq!(proxy.client_ended.load(Ordering::SeqCst), 0);
 
     proxy.swallowing.store(true, Ordering::SeqCst);
     let given_up = tokio::time::timeout(std::time::Duration::from_millis(300), dir.add_membership(&m)).await;
-    assert!(given_up.is_err(), "the add cannot have been answered: {given_up:?}");
+    assert!(
+        given_up.is_err(),
+        "the add cannot have been answered: {given_up:?}"
+    );
     let mut closed = false;
     for _ in 0..40 {
         if proxy.client_ended.load(Ordering::SeqCst) > 0 {

@@ -217,7 +217,8 @@ impl Supervisor {
             Some(h) => h,
         };
         let address = format!("{host}:{port}");
-        let cannot = |e: std::io::Error| DirectoryError::Unavailable(format!("cannot connect to {}: {e}", self.url));
+        let cannot =
+            |e: std::io::Error| DirectoryError::Unavailable(format!("cannot connect to {}: {e}", self.url));
         let stream = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(&address))
             .await
             .map_err(|_| DirectoryError::Unavailable(format!("{}: connect timed out", self.url)))?
