@@ -179,12 +179,14 @@ impl Engine {
             Window::Closed => Err(DirectoryError::Unavailable(format!(
                 "this replica's leadership term is ending; the {op} is left to the next leader"
             ))),
-            Window::Open(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-                Err(DirectoryError::Unavailable(format!(
-                    "the directory did not answer the {op} within {limit:?}; abandoned before this \
+            Window::Open(limit) => tokio::time::timeout(limit, crate::ports::given_up_on_closes(call))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(DirectoryError::Unavailable(format!(
+                        "the directory did not answer the {op} within {limit:?}; abandoned before this \
                      replica's leadership term could end"
-                )))
-            }),
+                    )))
+                }),
         }
     }
 

@@ -782,3 +782,42 @@ async fn a_recheck_that_finds_nothing_is_audited_and_dropped() {
     assert!(!bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
     assert_eq!(rechecks(&bot), 0);
 }
+
+/// The late add lands, and before the re-check looks alice gets a new
+/// lease, whose check takes the membership for standing (so it would never
+/// remove it). The re-check cannot tell it from a person's add: the new
+/// lease claims it (audited `lease.add_ambiguous`) and removes it at its
+/// end, so no privilege is left behind.
+#[tokio::test]
+async fn a_late_add_a_new_lease_took_for_standing_is_claimed_by_that_lease() {
+    let (bot, late, memory) = ended_with_an_add_on_the_wire().await;
+    late.land().await;
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    let leases = bot.engine.store().leases().unwrap();
+    let new = leases
+        .iter()
+        .find(|l| l.lease.state == LeaseState::Active)
+        .expect("alice's new lease is active");
+    assert_eq!(
+        new.lease.preexisting,
+        Some(true),
+        "it found the late add standing"
+    );
+    bot.advance(Duration::seconds(SETTLE as i64 + 1));
+    bot.run_due().await;
+    let claimed = bot.engine.store().lease(&new.lease.id).unwrap().unwrap();
+    assert!(
+        claimed.lease.owns_membership(),
+        "the new lease claims the membership"
+    );
+    assert_eq!(rechecks(&bot), 0);
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "the late add is gone with the lease that claimed it: {:?}",
+        bot.audit_actions()
+    );
+}

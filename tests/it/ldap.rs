@@ -1003,8 +1003,9 @@ impl SwallowingProxy {
 }
 
 /// Issue 16 (brk16c finding 1): a call the engine gives up on at its
-/// bound (its future dropped) must not leave its request on a connection
-/// that stays open and is reused: the connection is reset at once, so the
+/// bound (its future dropped under `given_up_on_closes`, as the engine's
+/// act-until bound does) must not leave its request on a connection that
+/// stays open and is reused: the connection is reset at once, so the
 /// kernel stops trying to deliver the request, and the next call opens a
 /// new one.
 #[tokio::test]
@@ -1023,7 +1024,11 @@ async fn a_call_given_up_on_closes_its_connection_instead_of_reusing_it() {
     assert_eq!(proxy.client_ended.load(Ordering::SeqCst), 0);
 
     proxy.swallowing.store(true, Ordering::SeqCst);
-    let given_up = tokio::time::timeout(std::time::Duration::from_millis(300), dir.add_membership(&m)).await;
+    let given_up = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        jitbot::ports::given_up_on_closes(dir.add_membership(&m)),
+    )
+    .await;
     assert!(
         given_up.is_err(),
         "the add cannot have been answered: {given_up:?}"

@@ -7,7 +7,8 @@
 //! operation timeout: bytes left unacknowledged that long make the kernel
 //! drop the connection, and the request with it, instead of retransmitting
 //! for many minutes), and so that a call given up on — ldap3's own timeout,
-//! or the caller dropping it at its bound — closes its connection at once
+//! or the caller dropping it at its bound (`ports::given_up_on_closes`:
+//! the engine's act-until bound with replicas) — closes its connection at once
 //! with a reset (linger 0), throwing away whatever the kernel had not sent
 //! yet, rather than leaving the request to be delivered later. Bytes the
 //! server's kernel already acknowledged still execute: the engine's
@@ -131,12 +132,13 @@ impl Supervisor {
         loop {
             let (generation, fresh, mut ldap) = self.handle().await?;
             ldap.with_timeout(self.op_timeout);
-            // Dropped before the answer (the caller's bound ran out): the
-            // guard closes the connection the request went out on.
+            // Dropped before the answer under the caller's bound
+            // (`ports::given_up_on_closes`): the guard closes the
+            // connection the request went out on.
             let mut in_flight = InFlight {
                 supervisor: self,
                 generation,
-                answered: false,
+                answered: !crate::ports::closes_when_given_up(),
             };
             let outcome = op(ldap).await;
             in_flight.answered = true;
