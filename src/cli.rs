@@ -393,9 +393,9 @@ async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<(
                         problems.push(format!("audit.key: {e}"));
                     }
                 }
-                match store.live_leases() {
-                    Ok(live) => {
-                        for note in crate::engine::leases_outside_config(&config.policy(), &live) {
+                match crate::engine::leases_outside_config(&config.policy(), &store) {
+                    Ok(notes) => {
+                        for note in notes {
                             println!("  note: {note}");
                         }
                     }

@@ -73,21 +73,18 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
         // Due revocations found in this pass: one task, one slot.
         let mut revocations: Vec<Timer> = Vec::new();
         // A subject in flight has at most one timer of each kind, so this
-        // many keys always include `batch` timers and a batch of
-        // revocations of other subjects (the scan stops at the first timer
-        // not yet due).
+        // many due keys always include `batch` timers and a batch of
+        // revocations of other subjects. Only due keys are read: a pass
+        // costs what is due, not `REVOCATION_BATCH` keys of the schedule.
         let scan = in_flight.len() * (TimerKind::MAX as usize) + batch + REVOCATION_BATCH;
         if tasks.len() < batch {
-            match engine.store().timers_from(scan) {
+            match engine.store().due_timers(now, scan) {
                 Ok(timers) => {
+                    let read = timers.len();
                     for Timer { due, kind, id } in timers {
                         let key = subject(kind, &id);
                         if in_flight.contains(&key) {
                             continue;
-                        }
-                        if due > now {
-                            next_due = Some(next_due.map_or(due, |n| n.min(due)));
-                            break;
                         }
                         let slots_used = tasks.len() + usize::from(!revocations.is_empty());
                         let revocation = matches!(kind, TimerKind::Expire | TimerKind::Revoke);
@@ -108,6 +105,14 @@ pub async fn run(engine: Engine, settings: SchedulerSettings, mut shutdown: watc
                         let engine = engine.clone();
                         let handle = tasks.spawn(async move { engine.fire(Timer { due, kind, id }).await });
                         running.insert(handle.id(), vec![key]);
+                    }
+                    if read < scan && next_due.is_none() {
+                        // Every due timer was seen: sleep until the first
+                        // one after them (a timer set meanwhile wakes us).
+                        match engine.store().timers_from(read + 1) {
+                            Ok(timers) => next_due = timers.into_iter().map(|t| t.due).find(|due| *due > now),
+                            Err(e) => tracing::error!(error = %e, "cannot read timers; retrying"),
+                        }
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read timers; retrying"),

@@ -3,6 +3,7 @@
 
 use super::audit::{about_lease, about_request, AuditAction};
 use super::{Engine, EngineError, ENGINE_ACTOR};
+use crate::store::leader::Window;
 use crate::store::{OutboxItem, TimerKind};
 use jitbot_core::{EndReason, LeaseId, LeaseState, Refusal, RequestId, UserId};
 
@@ -33,8 +34,26 @@ impl Engine {
             })
             .await?;
         self.changed();
-        self.drive(&LeaseId::new(id)).await?;
-        Ok(format!("lease {id} revoked"))
+        let lease = LeaseId::new(id);
+        self.drive(&lease).await?;
+        // Say what is true: on a follower the leader removes the
+        // membership, and a removal that failed is retried.
+        let ended = self
+            .inner
+            .store
+            .lease(&lease)?
+            .is_none_or(|rec| rec.lease.state == LeaseState::Ended);
+        Ok(if ended {
+            format!("lease {id} revoked: the membership is removed")
+        } else if self.inner.store.directory_window() == Window::Closed {
+            format!(
+                "lease {id}: revocation committed; this replica does not lead, so the leader removes the membership                  (within seconds, or after a failover); `GET /admin/leases` shows the lease as ended once it has"
+            )
+        } else {
+            format!(
+                "lease {id}: revocation committed, but removing the membership failed for now; jitbot retries until                  it is removed (the lease shows as revoking meanwhile; see `GET /admin/leases` and the log)"
+            )
+        })
     }
 
     /// Cancels a pending request on an admin's word.
@@ -131,26 +150,36 @@ impl Engine {
     /// config), so that a later `dn` change cannot misdirect their removal.
     /// A lease whose group or user cannot be resolved is left as it was and
     /// named in the log; its removal then falls back to today's config.
+    ///
+    /// The pass runs until a store has been adopted once: when it leaves
+    /// nothing unresolved, it marks the store (`meta/legacy_adopted`), and
+    /// later starts read no lease. A lease it could not resolve (the
+    /// directory down, its group gone from the config) keeps the pass
+    /// pending for the next start. It reads the live leases one at a time
+    /// and keeps only the legacy ones.
     pub async fn adopt_legacy_leases(&self) -> Result<usize, EngineError> {
-        let mut adopted = 0;
-        for rec in self.inner.store.live_leases()? {
-            if rec.lease.membership.is_some() || !rec.lease.owns_membership() {
-                continue;
+        let store = &self.inner.store;
+        if store.legacy_adopted()? {
+            return Ok(0);
+        }
+        let mut legacy = Vec::new();
+        store.visit_live_leases(|rec| {
+            if rec.lease.membership.is_none() && rec.lease.owns_membership() {
+                legacy.push((rec.lease.id, rec.lease.group, rec.lease.user));
             }
-            let id = rec.lease.id.clone();
-            let resolved = match self.inner.policy.group(&rec.lease.group) {
-                Ok(policy) => {
-                    self.inner
-                        .directory
-                        .membership_of(&policy.dn, &rec.lease.user)
-                        .await
-                }
+        })?;
+        let mut adopted = 0;
+        let mut unresolved = 0;
+        for (id, group, user) in legacy {
+            let resolved = match self.inner.policy.group(&group) {
+                Ok(policy) => self.inner.directory.membership_of(&policy.dn, &user).await,
                 Err(e) => Err(crate::ports::DirectoryError::Refused(e.to_string())),
             };
             let m = match resolved {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!(lease = %id, error = %e, "cannot record the membership of a lease from an older jitbot; it will be removed as today's config says");
+                    unresolved += 1;
+                    tracing::warn!(lease = %id, error = %e, "cannot record the membership of a lease from an older jitbot; it will be removed as today's config says (the next start tries again)");
                     continue;
                 }
             };
@@ -169,6 +198,9 @@ impl Engine {
                 .await?;
             adopted += usize::from(done.is_some());
         }
+        if unresolved == 0 {
+            store.mark_legacy_adopted()?;
+        }
         Ok(adopted)
     }
 
@@ -176,47 +208,104 @@ impl Engine {
     /// changed, worded for the operator. They are revoked as recorded (from
     /// the DN they were granted in); this says so at start-up and in
     /// `check-config`.
+    ///
+    /// Start-up's own check: besides the notes, it records for each group
+    /// of the config whether all of its live leases are recorded under its
+    /// DN (see [`leases_outside_config`]), so that the next start reads
+    /// only the leases of groups whose DN changed since.
     pub fn leases_outside_config(&self) -> Result<Vec<String>, EngineError> {
-        Ok(leases_outside_config(
-            &self.inner.policy,
-            &self.inner.store.live_leases()?,
-        ))
+        let store = &self.inner.store;
+        let found = outside_config(&self.inner.policy, store)?;
+        for (group, dn) in &found.checked {
+            store.set_group_dn_checked(group, dn.as_deref())?;
+        }
+        Ok(found.notes)
     }
 }
 
-/// See [`Engine::leases_outside_config`].
+/// See [`Engine::leases_outside_config`]; this one (`check-config`'s)
+/// records nothing.
+///
+/// It reads no lease of a group whose DN is the one under which all of
+/// the group's live leases were found recorded at the last start: the
+/// config does not change while jitbot runs, so every lease granted since
+/// was recorded under it too. It reads every live lease of a group that
+/// left the config, and of a group whose DN changed or had leases under
+/// another DN at the last start.
 pub fn leases_outside_config(
     policy: &jitbot_core::policy::Policy,
-    live: &[crate::store::LeaseRecord],
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for rec in live {
-        let l = &rec.lease;
-        let written = l
-            .membership
-            .as_ref()
-            .map_or_else(|| "its group's DN".to_string(), |m| m.group.to_string());
-        match policy.group(&l.group) {
-            Err(_) => out.push(format!(
-                "lease {} ({} on `{}`, {}) is for a group no longer in the config; it will still be removed from {written} when it ends",
-                l.id,
-                l.user,
-                l.group,
-                l.state.describe()
-            )),
-            Ok(p) => {
-                if let Some(m) = &l.membership {
-                    if !m.group.as_str().eq_ignore_ascii_case(p.dn.as_str()) {
-                        out.push(format!(
-                            "lease {} ({} on `{}`) was granted in {}, but the config now says {}; it will be removed from {} when it ends",
-                            l.id, l.user, l.group, m.group, p.dn, m.group
-                        ));
-                    }
+    store: &crate::store::Store,
+) -> Result<Vec<String>, crate::store::StoreError> {
+    Ok(outside_config(policy, store)?.notes)
+}
+
+/// What [`leases_outside_config`] found.
+struct OutsideConfig {
+    /// The notes for the operator, in the `live` index's order.
+    notes: Vec<String>,
+    /// For each group of the config that was checked: its DN when every
+    /// live lease of it is recorded there (or it has none), `None` when
+    /// some lease is not.
+    checked: Vec<(jitbot_core::GroupName, Option<String>)>,
+}
+
+fn outside_config(
+    policy: &jitbot_core::policy::Policy,
+    store: &crate::store::Store,
+) -> Result<OutsideConfig, crate::store::StoreError> {
+    let mut notes = Vec::new();
+    let mut checked = Vec::new();
+    let live_groups = store.live_groups()?;
+    for group in &live_groups {
+        let p = match policy.group(group) {
+            Ok(p) => p,
+            Err(_) => {
+                store.visit_live_leases_in(group, |rec| {
+                    let l = &rec.lease;
+                    let written = l
+                        .membership
+                        .as_ref()
+                        .map_or_else(|| "its group's DN".to_string(), |m| m.group.to_string());
+                    notes.push(format!(
+                        "lease {} ({} on `{}`, {}) is for a group no longer in the config; it will still be removed from {written} when it ends",
+                        l.id,
+                        l.user,
+                        l.group,
+                        l.state.describe()
+                    ));
+                })?;
+                continue;
+            }
+        };
+        let dn = p.dn.as_str();
+        if store
+            .group_dn_checked(group)?
+            .is_some_and(|was| was.eq_ignore_ascii_case(dn))
+        {
+            continue;
+        }
+        let before = notes.len();
+        store.visit_live_leases_in(group, |rec| {
+            let l = &rec.lease;
+            if let Some(m) = &l.membership {
+                if !m.group.as_str().eq_ignore_ascii_case(dn) {
+                    notes.push(format!(
+                        "lease {} ({} on `{}`) was granted in {}, but the config now says {}; it will be removed from {} when it ends",
+                        l.id, l.user, l.group, m.group, p.dn, m.group
+                    ));
                 }
             }
+        })?;
+        checked.push((group.clone(), (notes.len() == before).then(|| dn.to_string())));
+    }
+    // A group without live leases: every lease it gets is granted under
+    // today's DN.
+    for p in &policy.groups {
+        if !live_groups.contains(&p.name) {
+            checked.push((p.name.clone(), Some(p.dn.as_str().to_string())));
         }
     }
-    out
+    Ok(OutsideConfig { notes, checked })
 }
 
 /// How many due timers a scrape looks through for an overdue `Expire`.

@@ -89,9 +89,7 @@ pub fn admin_router(state: HttpState, extra: Vec<Router>) -> Router {
 /// Ready when the store answers, the directory answers and every chat
 /// platform accepts jitbot's credentials; the error says which did not.
 async fn check_ready(state: &HttpState) -> Result<(), String> {
-    if state.engine.store().next_due().is_err() {
-        return Err("store unavailable".into());
-    }
+    store_up(state.engine.store()).await?;
     directory_up(&state.engine).await?;
     if let Some(chat) = &state.chat {
         if let Err(e) = chat.ready().await {
@@ -99,6 +97,36 @@ async fn check_ready(state: &HttpState) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// How long readiness waits for PostgreSQL to answer.
+const STORE_READY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether the store answers. A replica on PostgreSQL asks the database
+/// (its mirror catching up is a round trip): one that cannot reach it can
+/// commit nothing, so it must not take traffic.
+async fn store_up(store: &crate::store::Store) -> Result<(), String> {
+    if !store.is_postgres() {
+        return store
+            .next_due()
+            .map(|_| ())
+            .map_err(|e| format!("store unavailable: {e}"));
+    }
+    let s = store.clone();
+    match tokio::time::timeout(
+        STORE_READY_TIMEOUT,
+        tokio::task::spawn_blocking(move || s.refresh()),
+    )
+    .await
+    {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(format!("store unavailable: {e}")),
+        Ok(Err(e)) => Err(format!("store unavailable: the check failed ({e})")),
+        Err(_) => Err(format!(
+            "store unavailable: PostgreSQL did not answer within {} s",
+            STORE_READY_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 /// The detailed readiness, for operators on the admin listener.

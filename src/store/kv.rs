@@ -8,8 +8,9 @@
 //! database. A transaction runs on that index with its writes recorded
 //! (tree, key, value or deletion) and the sled transaction aborted; the
 //! [`Commit`] the backend opened then commits the captured log where the
-//! truth is ([`SledBackend`]: the local index itself; PostgreSQL: the
-//! database first) and applies it to the local index ([`apply`]).
+//! truth is (PostgreSQL: the database first) and applies it to the local
+//! index ([`apply`]). On [`SledBackend`] the local index is the truth, so
+//! the transaction simply commits where it ran (`commits_in_place`).
 
 use super::{Store, StoreError};
 use sled::transaction::{
@@ -151,6 +152,13 @@ pub(super) trait Backend: Send + Sync + 'static {
 
     /// For the backend's own test hooks.
     fn as_any(&self) -> &dyn Any;
+
+    /// Whether the local index is where the truth is, so the sled
+    /// transaction [`Writer::transact`] runs on it is the commit itself
+    /// (instead of being captured, aborted and applied a second time).
+    fn commits_in_place(&self) -> bool {
+        false
+    }
 }
 
 /// One open commit of a [`Backend`], taken under the writer lock.
@@ -208,6 +216,11 @@ impl Backend for SledBackend {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn commits_in_place(&self) -> bool {
+        // sled is the store: its transaction commits, once, where it ran.
+        true
     }
 }
 
@@ -341,7 +354,8 @@ impl Writer<'_> {
             _lock: lock,
         } = self;
         let sled_trees: Vec<&sled::Tree> = trees.iter().map(|t| store.tree(*t)).collect();
-        let ended = sled_trees.as_slice().transaction::<_, ()>(|views| {
+        let in_place = store.inner.backend.commits_in_place();
+        let ended = sled_trees.as_slice().transaction::<_, T>(|views| {
             let log = RefCell::new(Vec::new());
             let views: [View<'_>; N] = std::array::from_fn(|i| View {
                 tree: &views[i],
@@ -349,6 +363,9 @@ impl Writer<'_> {
                 log: &log,
             });
             let ending = match f(&views) {
+                // sled is the truth (`SledBackend`): this transaction is
+                // the commit, and nothing is applied twice.
+                Ok(value) if in_place => return Ok(value),
                 Ok(value) => Ending::Captured(value, log.into_inner()),
                 Err(ConflictableTransactionError::Abort(e)) => Ending::Failed(e),
                 Err(ConflictableTransactionError::Conflict) => {
@@ -358,18 +375,24 @@ impl Writer<'_> {
                     Ending::Failed(StoreError::Io(e.to_string()))
                 }
             };
-            // Never let this transaction commit: the backend commits the log.
+            // Otherwise never let this transaction commit: the backend
+            // commits the log.
             Err(ConflictableTransactionError::Abort(ending))
         });
         let captured = match ended {
-            Err(TransactionError::Abort(Ending::Captured(value, log))) => Ok((value, log)),
+            Err(TransactionError::Abort(Ending::Captured(value, log))) => Ok((value, Some(log))),
             Err(TransactionError::Abort(Ending::Failed(e))) => Err(e),
             Err(TransactionError::Storage(e)) => Err(StoreError::Io(e.to_string())),
-            Ok(()) => unreachable_commit(),
+            Ok(value) if in_place => Ok((value, None)),
+            Ok(_) => unreachable_commit(),
         };
         // A failed capture drops `commit` unused here: it rolls back while
         // the lock is still held.
-        let committed = captured.and_then(|(value, log)| commit.commit(log).map(|()| value));
+        let committed = captured.and_then(|(value, log)| match log {
+            Some(log) => commit.commit(log).map(|()| value),
+            // Committed in place: the backend's commit has nothing to do.
+            None => Ok(value),
+        });
         if committed.is_ok() {
             store.inner.committed.fetch_add(1, Ordering::SeqCst);
         }

@@ -28,6 +28,7 @@ pub(crate) mod pg_tls;
 mod records;
 pub mod retention;
 pub mod seen;
+mod startup;
 mod timers;
 
 pub use archive::ArchiveFile;
@@ -79,6 +80,14 @@ pub enum StoreError {
     /// since every record written now would break the chain for good.
     #[error("{0}")]
     AuditKey(String),
+    /// The directory is a PostgreSQL replica's local mirror, opened as a
+    /// sled store.
+    #[error(
+        "{path} is the local mirror of a PostgreSQL replica, not a sled store: jitbot's data is in that PostgreSQL \
+         database. To run this replica, set [store] kind = \"postgres\" with its url; to back up or move the data, \
+         use the database (pg_dump), not this directory"
+    )]
+    Mirror { path: String },
 }
 
 impl From<sled::Error> for StoreError {
@@ -459,6 +468,13 @@ impl Store {
     /// Opens (or creates) the store. `cache_mb` bounds sled's page cache.
     pub fn open(path: &Path, cache_mb: u64) -> Result<Store, StoreError> {
         let store = Store::open_sled(path, cache_mb, Box::new(SledBackend))?;
+        if pg::is_mirror(&store)? {
+            // Committing to a copy of the database would lead alone,
+            // unfenced, on stale data (or copy stale data elsewhere).
+            return Err(StoreError::Mirror {
+                path: path.display().to_string(),
+            });
+        }
         store.upgrade()?;
         Ok(store)
     }

@@ -901,7 +901,7 @@ fn reload(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<(), StoreEr
 /// position (a crash during a reload or a big catch-up) is still a mirror,
 /// and reloads.
 pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
-    if store.inner.mirror.get(MIRROR_KIND)?.is_some() || store.inner.mirror.get(MIRROR_DB)?.is_some() {
+    if is_mirror(store)? {
         return Ok(false);
     }
     for t in TreeId::ALL {
@@ -910,6 +910,13 @@ pub(super) fn holds_sled_store(store: &Store) -> Result<bool, StoreError> {
         }
     }
     Ok(false)
+}
+
+/// Whether a sled directory is a mirror of PostgreSQL: its kind mark
+/// ([`mark_mirror`]), or, made before the mark existed, the database it
+/// mirrors.
+pub(super) fn is_mirror(store: &Store) -> Result<bool, StoreError> {
+    Ok(store.inner.mirror.get(MIRROR_KIND)?.is_some() || store.inner.mirror.get(MIRROR_DB)?.is_some())
 }
 
 /// Marks the directory as a mirror of PostgreSQL, on disk, before anything

@@ -31,4 +31,5 @@ mod sim;
 mod slack;
 mod slack_dm_delivery;
 mod socket_mode;
+mod startup;
 mod store;

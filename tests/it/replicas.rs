@@ -8,10 +8,11 @@
 
 use crate::support::fake_discord::{FakeDiscord, APP_ID};
 use crate::support::fake_gateway::{FakeGateway, GUILD};
-use crate::support::postgres::{cluster, Database, PASSWORD};
+use crate::support::postgres::{cluster, memory_replica_config, Database, PASSWORD};
 use crate::support::process::Jitbot;
 use chrono::Utc;
 use jitbot::store::{AuditDraft, Store, StoreError, TimerKind};
+use std::path::Path;
 use std::time::Duration;
 
 /// Commits one timer and one audit record.
@@ -660,6 +661,208 @@ async fn two_replicas_keying_the_chain_at_once_seal_it_once() {
     assert_eq!(
         a.verify_audit().unwrap(),
         jitbot::store::AuditCheck::Intact { records: 2 }
+    );
+}
+
+/// Opens `path` as a sled store the way every sled entry point does
+/// (`Store::open`), waiting (up to 10 s) for a store just dropped to let
+/// go of the directory's lock.
+fn open_as_sled(path: &Path) -> Result<Store, StoreError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(path, 16) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// A replica's mirror on `db` at `path`, with two commits in it, closed
+/// again (as when its pod is stopped and the volume kept).
+async fn a_closed_mirror(db: &Database, path: &Path) {
+    let store = Store::open_postgres(path, 16, &db.settings()).expect("open a replica");
+    write(&store, "before").await.unwrap();
+    write(&store, "also-before").await.unwrap();
+    store.flush().await.unwrap();
+}
+
+/// Review brk16c, finding 2: `Store::open`, the sled open, is what
+/// `jitbot run` uses with `[store] kind = "sled"` (a config rolled back, a
+/// replica's `kind` line lost), and what `restore`, `backup`, `audit
+/// verify` and `store copy --from` open. Opened there, a replica's mirror
+/// would take commits alone, unfenced, on a stale copy, and `jitbot run`
+/// would lead by itself beside the replicas' leader. The sled open refuses
+/// a directory with the mirror's mark and says what to do.
+#[tokio::test]
+async fn a_replicas_mirror_is_refused_by_the_sled_open_with_what_to_do() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mirror");
+    a_closed_mirror(&db, &path).await;
+    let opened = open_as_sled(&path);
+    let Ok(store) = opened else {
+        let e = opened.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("PostgreSQL") || e.contains("mirror"),
+            "refused, but without saying it is a mirror of PostgreSQL or what to do: {e}"
+        );
+        return;
+    };
+    let split = write(&store, "split-brain").await;
+    let head = db.value("SELECT version::text FROM jitbot_head");
+    panic!(
+        "Store::open (sled: `jitbot run` with [store] kind = \"sled\", restore, store copy --from) opened a \
+         PostgreSQL replica's mirror at {} as a sled store and committed to it ({split:?}) while the database \
+         stayed at version {head}: that process would lead alone, unfenced, on a stale copy, beside the \
+         replicas' leader. A directory marked `mirror/kind = postgres` must be refused by the sled open too, \
+         saying to set [store] kind = \"postgres\" (or to give a sled store's path)",
+        path.display()
+    );
+}
+
+/// Review brk16c, finding 3: `jitbot store copy --from <dir>` is for a
+/// stopped sled store. Given a replica's mirror (a possibly stale copy of
+/// a database other replicas keep writing), it once copied and "verified"
+/// that snapshot; it refuses it now, saying the source is a mirror.
+#[tokio::test]
+async fn store_copy_refuses_a_replicas_mirror_as_its_source() {
+    let live = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mirror");
+    a_closed_mirror(&live, &path).await;
+    // Another replica keeps writing to the live database meanwhile.
+    let other = Store::open_postgres(&tmp.path().join("other"), 16, &live.settings()).unwrap();
+    write(&other, "after-the-mirror-closed").await.unwrap();
+    let target = Database::create();
+    let settings = target.settings();
+    let from = path.clone();
+    let copied = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::copy_to_postgres(&from, &settings, None) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                done => return done,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    match copied {
+        Err(e) => assert!(
+            e.to_string().contains("PostgreSQL") || e.to_string().contains("mirror"),
+            "refused, but without saying the source is a replica's mirror: {e}"
+        ),
+        Ok(report) => panic!(
+            "`jitbot store copy --from {}` copied a PostgreSQL replica's mirror into a new database and \
+             verified it ({report:?}): the live database holds {} timers, the copy {}; a mirror is not a \
+             stopped sled store, and the copy must refuse it",
+            path.display(),
+            live.value("SELECT count(*)::text FROM jitbot_kv WHERE tree = 'timers' AND value IS NOT NULL"),
+            target.value("SELECT count(*)::text FROM jitbot_kv WHERE tree = 'timers' AND value IS NOT NULL"),
+        ),
+    }
+}
+
+/// Review brk16c, finding 4: `/readyz` is "ready when the store answers".
+/// A replica that cannot reach PostgreSQL commits nothing, so it must not
+/// take Slack and Discord traffic (or count as available for a
+/// PodDisruptionBudget): readiness asks the database, not only the local
+/// mirror. Here the database refuses the replica's connections
+/// (ALLOW_CONNECTIONS false, its sessions ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_reach_postgres_is_not_ready() {
+    let db = Database::create();
+    let url = cluster().url(&db.name);
+    let env = [("JITBOT_TEST_PGPW", PASSWORD)];
+    let bot = Jitbot::start(&memory_replica_config(&url, ""), &env).await;
+    crate::support::net::eventually(Duration::from_secs(15), "the replica leads", || {
+        bot.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    cluster()
+        .admin(&format!(
+            "ALTER DATABASE {0} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}'",
+            db.name
+        ))
+        .expect("cut the replica off");
+    // It notices: its leadership renewals fail and it steps down.
+    crate::support::net::eventually(
+        Duration::from_secs(15),
+        "the replica fails to reach PostgreSQL",
+        || bot.log_text().contains("cannot reach PostgreSQL").then_some(()),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let resp = http
+            .get(format!("{}/readyz", bot.admin_base))
+            .send()
+            .await
+            .expect("admin /readyz answers");
+        answers.push((resp.status().as_u16(), resp.text().await.unwrap_or_default()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = cluster().admin(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name));
+    assert!(
+        answers.iter().all(|(status, _)| *status == 503),
+        "a replica that cannot reach PostgreSQL (its leadership renewals fail: \"cannot reach PostgreSQL\"; \
+         every command it takes fails) must not answer /readyz with ready; it answered {answers:?}. \
+         check_ready asks the local mirror (next_due), never the database"
+    );
+}
+
+/// Review brk16c, finding 7: the admin API and CLI work against any
+/// replica. On a follower, an admin revoke commits the lease's move to
+/// `Revoking`; the leader removes the membership (about a second with a
+/// live leader, after a failover when it is gone). The answer once said
+/// "lease … revoked" while the membership stayed; it now says what is
+/// true. Here the leader (a) is gone (it stopped renewing; its term has
+/// not expired yet) and the admin asks the follower (b).
+#[tokio::test]
+async fn an_admin_revoke_on_a_follower_says_the_leader_removes_the_membership() {
+    use crate::support::bot::{open_store, policy, TestBot, WEB};
+    use jitbot::engine::Engine;
+    use std::sync::Arc;
+    let bot = TestBot::builder().postgres().build();
+    let tmp = tempfile::tempdir().unwrap();
+    let b = Engine::new(
+        policy(),
+        open_store(&tmp.path().join("b"), bot.pg.as_deref()).expect("open replica b"),
+        bot.dir.clone(),
+        Arc::new(bot.clock.clone()),
+        bot.engine.settings().clone(),
+    );
+    let term = Duration::from_secs(30);
+    let token = bot.engine.store().lead("a", term).unwrap().expect("a leads");
+    bot.engine.store().set_fence(Some(token));
+    assert_eq!(b.store().lead("b", term).unwrap(), None, "b follows");
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    assert!(bot.is_member(WEB, "alice"), "a granted the lease");
+    let lease = bot.lease().id;
+
+    // a is gone from here on; the admin asks b.
+    let said = b
+        .revoke_as_admin(lease.as_str(), "compromised account", "admin-api")
+        .await
+        .expect("the follower takes the revoke");
+    let still = bot.is_member(WEB, "alice");
+    assert!(
+        !(said.contains("revoked") && still),
+        "the follower answered {said:?} to an admin revoke, and alice still holds web-admins: nothing \
+         removed it (a follower's drive does nothing; the leader's scheduler would, and the leader is \
+         gone). Say what is true (\"revocation committed; the leader removes the membership\"), or wait for \
+         the leader to end the lease before answering"
+    );
+    assert!(
+        said.contains("the leader removes the membership"),
+        "the follower's answer says who removes the membership: {said:?}"
     );
 }
 

@@ -6,7 +6,8 @@
 //! at once, one value per modify, is slow. So a change to a group that arrives
 //! while a modify of that group is in flight waits in a queue; when the modify
 //! finishes, the first caller queued takes everything queued (up to
-//! [`MAX_BATCH`] values) and sends it as one multi-value modify. A change to an
+//! [`MAX_BATCH`] values, [`AD_MAX_BATCH`] on Active Directory) and sends it as
+//! one multi-value modify. A change to an
 //! idle group goes straight away: nothing ever waits for a timer.
 //!
 //! A multi-value modify succeeds or fails as a whole: 16 (noSuchAttribute)
@@ -25,8 +26,18 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 
-/// The most values one modify carries.
-pub const MAX_BATCH: usize = 256;
+/// The most values one modify carries on OpenLDAP and other servers. slapd
+/// rewrites the whole entry per modify, so one modify of 2,000 values costs
+/// little more than one of 256 (the mass-expiry bench: tens of ms for all
+/// 2,000 against 9 modifies of ~222 taking 8–32 ms each); its only limit is
+/// the request size (`sockbuf_max_incoming_auth`, 4 MiB by default: some
+/// 20,000 values of a DN this long).
+pub const MAX_BATCH: usize = 2048;
+
+/// The most values one modify carries on Active Directory: kept at the
+/// size checked there, well below `MaxValRange` (1,500 values per read),
+/// as a read-back of a batch names every value in one filter.
+pub const AD_MAX_BATCH: usize = 256;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Change {
@@ -151,12 +162,12 @@ impl Combiner {
         }
     }
 
-    /// Up to `MAX_BATCH - 1` queued callers, for the leader to send with its own.
-    fn take(&self, key: &Key) -> Vec<Waiting> {
+    /// Up to `max - 1` queued callers, for the leader to send with its own.
+    fn take(&self, key: &Key, max: usize) -> Vec<Waiting> {
         let mut map = lock(&self.queues);
         match map.get_mut(key) {
             Some(queue) => {
-                let n = queue.len().min(MAX_BATCH - 1);
+                let n = queue.len().min(max.max(1) - 1);
                 queue.drain(..n).collect()
             }
             None => Vec::new(),
@@ -194,7 +205,7 @@ impl LdapDirectory {
                 },
             }
         };
-        let others = self.combiner.take(&key);
+        let others = self.combiner.take(&key, self.max_batch());
         if change == Change::Remove {
             crate::metrics::stage("batch_wait", arrived.elapsed());
             for waiting in &others {
@@ -215,6 +226,15 @@ impl LdapDirectory {
         }
         own.unwrap_or_else(|| Err(DirectoryError::Refused("combined modify gave no result".into())))
             .map(|already| already && !maybe_sent)
+    }
+
+    /// The most values one modify of this directory carries.
+    fn max_batch(&self) -> usize {
+        if self.active_directory {
+            AD_MAX_BATCH
+        } else {
+            MAX_BATCH
+        }
     }
 
     /// Sends `items` as one modify and reads them back; one result per item,
@@ -397,7 +417,7 @@ mod tests {
     fn the_first_caller_leads_at_once_and_the_group_goes_idle_after() {
         let combiner = Combiner::default();
         let leader = combiner.join(&key(), &item()).ok().expect("leads");
-        assert!(combiner.take(&key()).is_empty());
+        assert!(combiner.take(&key(), MAX_BATCH).is_empty());
         drop(leader);
         assert!(idle(&combiner));
         // Another change kind on the same group has its own queue.
@@ -437,7 +457,11 @@ mod tests {
         let mut queued: Vec<_> = (0..MAX_BATCH + 5)
             .map(|_| combiner.join(&key(), &item()).err().expect("queued"))
             .collect();
-        assert_eq!(combiner.take(&key()).len(), MAX_BATCH - 1, "batches are capped");
+        assert_eq!(
+            combiner.take(&key(), MAX_BATCH).len(),
+            MAX_BATCH - 1,
+            "batches are capped"
+        );
         drop(leader);
         assert!(matches!(queued[MAX_BATCH - 1].try_recv(), Ok(Turn::Lead(_))));
         // A leader that took callers and was cancelled drops their senders:
