@@ -439,6 +439,24 @@ pub async fn directory(config: &Config) -> anyhow::Result<Arc<dyn Directory>> {
     })
 }
 
+/// How long after a lease whose add got no answer has ended jitbot looks
+/// for that add once more: one LDAP operation timeout for the request to
+/// reach the server's kernel (`TCP_USER_TIMEOUT` on the LDAP sockets is the
+/// operation timeout: bytes unacknowledged that long make the kernel drop
+/// the connection and the request with it), one more for the server to
+/// execute it, and one leadership term, the longest a deposed leader's
+/// call can be issued before a new leader acts. A request held longer (a
+/// proxy that keeps it, a server stalled past that) can still land later:
+/// the bound narrows the window, it cannot close it.
+fn recheck_after(config: &Config) -> jitbot_core::Span {
+    let operation = config
+        .ldap
+        .as_ref()
+        .map(|l| l.operation_timeout.to_std())
+        .unwrap_or(Duration::from_secs(10));
+    jitbot_core::Span::from_secs((2 * operation + LEADER_TTL).as_secs().max(1))
+}
+
 /// Engine settings from a config.
 pub fn engine_settings(config: &Config) -> EngineSettings {
     EngineSettings {
@@ -446,6 +464,7 @@ pub fn engine_settings(config: &Config) -> EngineSettings {
         retry_max: config.scheduler.retry_max,
         alert_after: config.scheduler.alert_after,
         max_pending_per_user: config.policy.max_pending_per_user,
+        recheck_after: recheck_after(config),
     }
 }
 

@@ -11,6 +11,26 @@ pub use crate::messages::{
     ApprovalCard, Audience, CardCopy, ChatRef, Contact, MessageRef, Notice, Recipients,
 };
 
+tokio::task_local! {
+    /// Set while a directory call runs under a bound its caller enforces
+    /// by dropping it ([`given_up_on_closes`]).
+    static GIVEN_UP_CLOSES: ();
+}
+
+/// Runs `call` so that, if it is dropped before it finishes (its caller's
+/// bound ran out), the directory closes the connection its request went
+/// out on instead of reusing it: the kernel then stops trying to deliver
+/// the request. Other drops (a command whose client hung up, a shutdown)
+/// leave the shared connection to the calls still on it.
+pub async fn given_up_on_closes<T>(call: impl std::future::Future<Output = T>) -> T {
+    GIVEN_UP_CLOSES.scope((), call).await
+}
+
+/// Whether the current call runs under [`given_up_on_closes`].
+pub fn closes_when_given_up() -> bool {
+    GIVEN_UP_CLOSES.try_with(|_| ()).is_ok()
+}
+
 /// Why a directory operation failed, worded for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DirectoryError {

@@ -169,7 +169,7 @@ impl Engine {
     /// Runs one directory call of a lease within this replica's window: a
     /// leader's call that would outlive its step-down point is abandoned
     /// (dropped, closing its request) and fails as unanswered.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         op: &str,
         call: impl std::future::Future<Output = Result<T, DirectoryError>>,
@@ -179,12 +179,14 @@ impl Engine {
             Window::Closed => Err(DirectoryError::Unavailable(format!(
                 "this replica's leadership term is ending; the {op} is left to the next leader"
             ))),
-            Window::Open(limit) => tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-                Err(DirectoryError::Unavailable(format!(
-                    "the directory did not answer the {op} within {limit:?}; abandoned before this \
+            Window::Open(limit) => tokio::time::timeout(limit, crate::ports::given_up_on_closes(call))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(DirectoryError::Unavailable(format!(
+                        "the directory did not answer the {op} within {limit:?}; abandoned before this \
                      replica's leadership term could end"
-                )))
-            }),
+                    )))
+                }),
         }
     }
 
@@ -324,6 +326,7 @@ impl Engine {
                              earlier add from someone else's, so it will remove it when the lease ends",
                         ),
                     );
+                    self.arm_recheck(tx, rec);
                     Ok(())
                 })
                 .await?;
@@ -356,6 +359,7 @@ impl Engine {
                             about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease)
                                 .detail(detail),
                         );
+                        self.arm_recheck(tx, rec);
                         Ok(())
                     })
                     .await?;
@@ -436,6 +440,10 @@ impl Engine {
             let now = tx.now();
             if add_never_sent {
                 rec.lease.never_added();
+            } else {
+                // An earlier pass (a process that stopped, a deposed
+                // leader) may have sent an add that is still on its way.
+                self.arm_recheck(tx, rec);
             }
             rec.lease.begin_revoke(EndReason::Expired, now)?;
             tx.clear_timer(TimerKind::Grant, id.as_str());
@@ -634,6 +642,7 @@ impl Engine {
         let id = rec.lease.id.clone();
         rec.lease.finish()?;
         tx.clear_timer(TimerKind::Revoke, id.as_str());
+        self.recheck_from_end(tx, &id)?;
         let reason = rec.lease.end_reason.clone().unwrap_or(EndReason::Expired);
         let expired_at = matches!(reason, EndReason::Expired).then_some(rec.lease.expires_at);
         tx.audit(

@@ -17,6 +17,7 @@ mod floods;
 mod leases;
 mod outage;
 mod queries;
+mod recheck;
 mod recipients;
 mod requests;
 mod zsp;
@@ -45,6 +46,10 @@ pub struct EngineSettings {
     pub alert_after: u32,
     /// Requests one person may have waiting for a decision at once.
     pub max_pending_per_user: usize,
+    /// How long after a lease whose add got no answer has ended jitbot
+    /// looks for that add once more (`engine/recheck.rs`): long enough for
+    /// a request still on the wire to have arrived or died.
+    pub recheck_after: Span,
 }
 
 impl Default for EngineSettings {
@@ -54,6 +59,7 @@ impl Default for EngineSettings {
             retry_max: Span::from_mins(5),
             alert_after: 5,
             max_pending_per_user: 5,
+            recheck_after: Span::from_secs(30),
         }
     }
 }
@@ -379,6 +385,7 @@ impl Engine {
                 .map(|_| ()),
             TimerKind::RequestTimeout => self.time_out(&timer.id).await,
             TimerKind::Warn => self.warn(&timer.id).await,
+            TimerKind::Recheck => self.recheck(&timer.id).await,
         };
         if let Err(e) = outcome {
             self.retry_timer(timer.kind, &timer.id, &e).await;

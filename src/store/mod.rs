@@ -395,6 +395,15 @@ impl<'a> Tx<'a> {
         self.timers.push((kind, id.to_string(), None));
     }
 
+    /// Whether `id` has a timer of this kind, counting what this
+    /// transaction staged.
+    pub fn has_timer(&self, kind: TimerKind, id: &str) -> Result<bool, StoreError> {
+        if let Some((_, _, due)) = self.timers.iter().rev().find(|(k, i, _)| *k == kind && i == id) {
+            return Ok(due.is_some());
+        }
+        Ok(self.store.tree(TreeId::TimerIx).contains_key(timers::index_key(kind, id))?)
+    }
+
     pub fn audit(&mut self, draft: AuditDraft) {
         self.audit.push(draft);
     }

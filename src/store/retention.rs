@@ -175,6 +175,7 @@ fn has_timer(store: &Store, id: &str) -> Result<bool, StoreError> {
         TimerKind::Revoke,
         TimerKind::RequestTimeout,
         TimerKind::Warn,
+        TimerKind::Recheck,
     ] {
         if store.tree(TreeId::TimerIx).contains_key(index_key(kind, id))? {
             return Ok(true);

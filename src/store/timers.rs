@@ -15,10 +15,13 @@ pub enum TimerKind {
     RequestTimeout = 4,
     /// Warn the holder that the lease ends soon.
     Warn = 5,
+    /// Look once more, a settle delay after a lease whose add got no
+    /// answer has ended, for that add arriving late (`engine/recheck.rs`).
+    Recheck = 6,
 }
 
 impl TimerKind {
-    pub const MAX: TimerKind = TimerKind::Warn;
+    pub const MAX: TimerKind = TimerKind::Recheck;
 
     fn from_byte(b: u8) -> Option<TimerKind> {
         Some(match b {
@@ -27,6 +30,7 @@ impl TimerKind {
             3 => TimerKind::Revoke,
             4 => TimerKind::RequestTimeout,
             5 => TimerKind::Warn,
+            6 => TimerKind::Recheck,
             _ => return None,
         })
     }

@@ -604,3 +604,220 @@ async fn a_refused_first_add_undoes_nothing_and_a_persons_add_stays() {
     );
     assert!(!bot.audit_actions().iter().any(|a| a == "lease.add_ambiguous"));
 }
+
+/// An add that gets no answer and reaches the directory later, when the
+/// test says (`land`): a request held on the wire by a proxy or a
+/// congested link, executed by the server whenever it arrives.
+struct LateAdd {
+    memory: Arc<MemoryDirectory>,
+    on_the_wire: std::sync::Mutex<Vec<Membership>>,
+    /// Removals still to fail (an outage after the read).
+    failing_removals: AtomicU32,
+}
+
+impl LateAdd {
+    /// The held adds reach the directory now.
+    async fn land(&self) {
+        let held = std::mem::take(&mut *self.on_the_wire.lock().unwrap());
+        assert!(!held.is_empty(), "no add was on the wire");
+        for m in held {
+            self.memory.add_membership(&m).await.unwrap();
+        }
+    }
+}
+
+#[async_trait]
+impl Directory for LateAdd {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.memory.find_user(a, v).await
+    }
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.memory.membership_of(g, u).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.memory.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        self.on_the_wire.lock().unwrap().push(m.clone());
+        Err(DirectoryError::Unavailable(
+            "the directory did not answer the add".into(),
+        ))
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        let failing = self
+            .failing_removals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(DirectoryError::Unavailable(
+                "the directory did not answer the removal".into(),
+            ));
+        }
+        self.memory.remove_membership(m).await
+    }
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.memory, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.memory.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+/// The re-check's settle delay in these tests.
+const SETTLE: u64 = 30;
+
+/// alice's lease whose add got no answer, ended (its undo found nothing
+/// to remove), with the add still on the wire.
+async fn ended_with_an_add_on_the_wire() -> (TestBot, Arc<LateAdd>, Arc<MemoryDirectory>) {
+    let memory = seeded();
+    let late = Arc::new(LateAdd {
+        memory: memory.clone(),
+        on_the_wire: Default::default(),
+        failing_removals: AtomicU32::new(0),
+    });
+    let dir: Arc<dyn Directory> = late.clone();
+    let bot = TestBot::builder()
+        .wrap(|_| dir)
+        .settings(|s| s.recheck_after = Span::from_secs(SETTLE))
+        .build();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.add_ambiguous"));
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "the add has not landed yet"
+    );
+    (bot, late, memory)
+}
+
+fn rechecks(bot: &TestBot) -> usize {
+    bot.engine
+        .store()
+        .timers_of(jitbot::store::TimerKind::Recheck)
+        .unwrap()
+        .len()
+}
+
+/// Issue 16 (brk16c finding 1), on sled: an add that got no answer lands
+/// after its lease ended, when the undo had found nothing to remove. The
+/// `Recheck` timer armed with the ambiguity looks again a settle delay
+/// after the end, finds the membership, records the removal before making
+/// it (`lease.late_add_found`), removes it and reads it back
+/// (`lease.late_add_removed`), then drops the timer and alerts.
+#[tokio::test]
+async fn an_add_without_an_answer_that_lands_after_its_lease_ended_is_removed_by_the_recheck() {
+    let (bot, late, memory) = ended_with_an_add_on_the_wire().await;
+    assert_eq!(rechecks(&bot), 1, "the ambiguous add left a re-check armed");
+    late.land().await;
+    assert!(memory.members(DB).contains("alice"), "the late add landed");
+    // Due a settle delay after the end, not before.
+    bot.advance(Duration::seconds(SETTLE as i64 - 5));
+    bot.run_due().await;
+    assert!(memory.members(DB).contains("alice"));
+    assert_eq!(rechecks(&bot), 1);
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "the re-check removes the late add: {:?}",
+        bot.audit_actions()
+    );
+    let actions = bot.audit_actions();
+    let found = actions.iter().position(|a| a == "lease.late_add_found");
+    let removed = actions.iter().position(|a| a == "lease.late_add_removed");
+    assert!(
+        found.is_some() && found < removed,
+        "write-ahead, then done: {actions:?}"
+    );
+    assert_eq!(
+        rechecks(&bot),
+        0,
+        "the re-check is dropped once the removal is read back"
+    );
+    let alerts = bot.engine.store().outbox(1000).unwrap();
+    assert!(
+        alerts
+            .iter()
+            .any(|(_, item, _)| format!("{item:?}").contains("after lease")),
+        "the admins are told: {alerts:?}"
+    );
+}
+
+/// The removal of a late add that fails is retried (the intent is on
+/// record before the modify, and the timer stays) until it succeeds.
+#[tokio::test]
+async fn a_failed_removal_of_a_late_add_is_retried_until_it_is_gone() {
+    let (bot, late, memory) = ended_with_an_add_on_the_wire().await;
+    late.land().await;
+    late.failing_removals.store(1, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE as i64 + 1));
+    bot.run_due().await;
+    assert!(memory.members(DB).contains("alice"), "the first removal failed");
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+    assert!(!bot.audit_actions().iter().any(|a| a == "lease.late_add_removed"));
+    assert_eq!(rechecks(&bot), 1, "and is retried");
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+    assert!(!memory.members(DB).contains("alice"));
+    assert_eq!(rechecks(&bot), 0);
+}
+
+/// When nothing arrives late, the re-check looks once, says so in the
+/// audit and is dropped; the membership stays absent.
+#[tokio::test]
+async fn a_recheck_that_finds_nothing_is_audited_and_dropped() {
+    let (bot, _late, memory) = ended_with_an_add_on_the_wire().await;
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(!memory.members(DB).contains("alice"));
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.rechecked"));
+    assert!(!bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+    assert_eq!(rechecks(&bot), 0);
+}
+
+/// The late add lands, and before the re-check looks alice gets a new
+/// lease, whose check takes the membership for standing (so it would never
+/// remove it). The re-check cannot tell it from a person's add: the new
+/// lease claims it (audited `lease.add_ambiguous`) and removes it at its
+/// end, so no privilege is left behind.
+#[tokio::test]
+async fn a_late_add_a_new_lease_took_for_standing_is_claimed_by_that_lease() {
+    let (bot, late, memory) = ended_with_an_add_on_the_wire().await;
+    late.land().await;
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    let leases = bot.engine.store().leases().unwrap();
+    let new = leases
+        .iter()
+        .find(|l| l.lease.state == LeaseState::Active)
+        .expect("alice's new lease is active");
+    assert_eq!(
+        new.lease.preexisting,
+        Some(true),
+        "it found the late add standing"
+    );
+    bot.advance(Duration::seconds(SETTLE as i64 + 1));
+    bot.run_due().await;
+    let claimed = bot.engine.store().lease(&new.lease.id).unwrap().unwrap();
+    assert!(
+        claimed.lease.owns_membership(),
+        "the new lease claims the membership"
+    );
+    assert_eq!(rechecks(&bot), 0);
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "the late add is gone with the lease that claimed it: {:?}",
+        bot.audit_actions()
+    );
+}

@@ -990,3 +990,108 @@ async fn a_refint_move_then_a_new_person_at_the_old_dn_keeps_their_standing_memb
         "alice's leased membership (under her new DN) outlived the lease ({removed:?}): {left:?}"
     );
 }
+
+/// A TCP proxy in front of slapd that, once `swallowing`, reads what
+/// clients send and drops it (a link that delivers nothing), and records
+/// when a client's side of a connection ends (FIN or reset).
+struct SwallowingProxy {
+    port: u16,
+    swallowing: Arc<std::sync::atomic::AtomicBool>,
+    client_ended: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SwallowingProxy {
+    async fn start(upstream: u16) -> SwallowingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let swallowing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let client_ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (sw, ended) = (swallowing.clone(), client_ended.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                });
+                let (sw, ended) = (sw.clone(), ended.clone());
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match client_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) if !sw.load(Ordering::SeqCst) => {
+                                if server_tx.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                    ended.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        SwallowingProxy {
+            port,
+            swallowing,
+            client_ended,
+        }
+    }
+}
+
+/// Issue 16 (brk16c finding 1): a call the engine gives up on at its
+/// bound (its future dropped under `given_up_on_closes`, as the engine's
+/// act-until bound does) must not leave its request on a connection that
+/// stays open and is reused: the connection is reset at once, so the
+/// kernel stops trying to deliver the request, and the next call opens a
+/// new one.
+#[tokio::test]
+async fn a_call_given_up_on_closes_its_connection_instead_of_reusing_it() {
+    use std::sync::atomic::Ordering;
+    let slapd = Slapd::start();
+    let proxy = SwallowingProxy::start(slapd.port()).await;
+    let mut config = slapd.ldap_config();
+    config.url = format!("ldap://127.0.0.1:{}", proxy.port);
+    let dir = directory(&config);
+    let m = dir
+        .membership_of(&group(DB_ADMINS), &user("alice"))
+        .await
+        .unwrap();
+    assert!(!dir.has_membership(&m).await.unwrap());
+    assert_eq!(proxy.client_ended.load(Ordering::SeqCst), 0);
+
+    proxy.swallowing.store(true, Ordering::SeqCst);
+    let given_up = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        jitbot::ports::given_up_on_closes(dir.add_membership(&m)),
+    )
+    .await;
+    assert!(
+        given_up.is_err(),
+        "the add cannot have been answered: {given_up:?}"
+    );
+    let mut closed = false;
+    for _ in 0..40 {
+        if proxy.client_ended.load(Ordering::SeqCst) > 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        closed,
+        "the connection the abandoned add went out on is still open: its request could still be delivered"
+    );
+
+    proxy.swallowing.store(false, Ordering::SeqCst);
+    assert!(
+        !dir.has_membership(&m).await.unwrap(),
+        "the next call works on a new connection, and the swallowed add never landed"
+    );
+}

@@ -5,7 +5,7 @@
 use super::world::{dns_of, Violation, World, MANAGED};
 use jitbot::store::AuditCheck;
 use jitbot_core::LeaseState;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 fn violation(invariant: &'static str, detail: String) -> Violation {
     Violation { invariant, detail }
@@ -62,6 +62,12 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             format!("{user} holds {} live leases on {group}: {ids:?}", ids.len()),
         ));
     }
+    let rechecking: BTreeSet<String> = store
+        .timers_of(jitbot::store::TimerKind::Recheck)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
     for dn in MANAGED {
         let members = world.dir.members(dn);
         let standing = world.standing.get(dn).cloned().unwrap_or_default();
@@ -125,6 +131,15 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
                 .iter()
                 .filter(on_dn)
                 .any(|l| l.lease.state != LeaseState::Ended)
+            {
+                continue;
+            }
+            // An ended lease whose add got no answer is finished only when
+            // its re-check has looked (an add arriving late, `Outcome::Late`).
+            if leases
+                .iter()
+                .filter(on_dn)
+                .any(|l| rechecking.contains(l.lease.id.as_str()))
             {
                 continue;
             }

@@ -23,6 +23,11 @@ pub enum Outcome {
     AppliedButLost,
     /// Not forwarded: the server refused (rc 65 on the last member, rights).
     Refused,
+    /// An add held on the wire: the caller sees `Unavailable` now, and the
+    /// add reaches the directory later, before the simulated clock moves
+    /// on (`World::land`), so within any settle delay. Other calls: as
+    /// `Unavailable`.
+    Late,
 }
 
 /// A call waiting for the simulator.
@@ -65,6 +70,8 @@ impl Gate {
 pub struct SimDirectory {
     pub inner: Arc<MemoryDirectory>,
     pub gate: Arc<Gate>,
+    /// Adds released `Late`, still on the wire (they survive a crash).
+    pub on_the_wire: Arc<Mutex<Vec<Membership>>>,
 }
 
 impl SimDirectory {
@@ -92,6 +99,7 @@ impl SimDirectory {
     fn lost<T>(outcome: Outcome, result: Result<T, DirectoryError>) -> Result<T, DirectoryError> {
         match (outcome, result) {
             (Outcome::AppliedButLost, Ok(_)) => Err(DirectoryError::Unavailable("sim: answer lost".into())),
+            (Outcome::Late, _) => Err(DirectoryError::Unavailable("sim: no answer".into())),
             (_, result) => result,
         }
     }
@@ -117,6 +125,13 @@ impl Directory for SimDirectory {
         let o = self
             .park(format!("add_membership {} {}", m.value, m.group))
             .await?;
+        if o == Outcome::Late {
+            self.on_the_wire
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(m.clone());
+            return Err(DirectoryError::Unavailable("sim: add held on the wire".into()));
+        }
         Self::lost(o, self.inner.add_membership(m).await)
     }
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {

@@ -106,7 +106,8 @@ pub fn generate(rng: &mut StdRng, parked: usize) -> Op {
         let outcome = match rng.gen_range(0..100u32) {
             0..=69 => Outcome::Ok,
             70..=84 => Outcome::Unavailable,
-            85..=94 => Outcome::AppliedButLost,
+            85..=91 => Outcome::AppliedButLost,
+            92..=94 => Outcome::Late,
             _ => Outcome::Refused,
         };
         return Op::Directory { pick, outcome };

@@ -198,6 +198,8 @@ pub struct World {
     pub clock: ManualClock,
     pub dir: Arc<MemoryDirectory>,
     pub gate: Arc<Gate>,
+    /// Adds held on the wire (`Outcome::Late`), landed by [`World::land`].
+    pub on_the_wire: Arc<Mutex<Vec<jitbot::ports::Membership>>>,
     pub chat: Arc<SimChat>,
     pub variant: u8,
     /// Members people put in groups (not jitbot), by group DN.
@@ -230,6 +232,7 @@ fn settings() -> EngineSettings {
         // The simulator checks the lease guarantees, not flood control: no
         // cap, so its request mix is not thinned out.
         max_pending_per_user: usize::MAX,
+        recheck_after: Span::from_secs(30),
     }
 }
 
@@ -285,6 +288,7 @@ impl World {
             ),
             dir: Arc::new(dir),
             gate: Arc::new(Gate::default()),
+            on_the_wire: Default::default(),
             chat: Arc::new(SimChat::default()),
             variant: 0,
             standing,
@@ -308,6 +312,7 @@ impl World {
         let directory = Arc::new(SimDirectory {
             inner: self.dir.clone(),
             gate: self.gate.clone(),
+            on_the_wire: self.on_the_wire.clone(),
         });
         let jitter = self.jitter.clone();
         let engine = Engine::new(
@@ -524,6 +529,7 @@ impl World {
             Op::Directory { pick, outcome } => self.release(pick, outcome).await,
             Op::Fire => self.fire().await,
             Op::Advance { secs } => {
+                self.land().await;
                 self.clock.advance(Duration::seconds(i64::from(secs)));
                 Ok(())
             }
@@ -657,6 +663,19 @@ impl World {
         self.fire().await
     }
 
+    /// Adds held on the wire reach the directory now: always before the
+    /// clock moves on, so within any settle delay after they were sent.
+    async fn land(&mut self) {
+        let held = std::mem::take(&mut *self.on_the_wire.lock().unwrap_or_else(|p| p.into_inner()));
+        for m in held {
+            self.note(format!(
+                "    directory: late add of {} to {} lands",
+                m.value, m.group
+            ));
+            let _ = jitbot::ports::Directory::add_membership(self.dir.as_ref(), &m).await;
+        }
+    }
+
     /// Answers one parked directory call; its task runs to its next park.
     async fn release(&mut self, pick: u32, outcome: Outcome) -> Result<(), Violation> {
         if let Some(call) = self.gate.take(pick as usize) {
@@ -705,6 +724,7 @@ impl World {
     /// until nothing moves; then one retry window later the same. Leases
     /// that were past their end before must have ended (I3).
     pub async fn quiesce(&mut self) -> Result<(), Violation> {
+        self.land().await;
         self.run_out().await?;
         let now0 = self.engine().now();
         let overdue: Vec<String> = self

@@ -1,17 +1,30 @@
 //! The supervised LDAP connection: one shared `ldap3::Ldap` handle, bound as
 //! the service account, rebuilt on the next operation after the server drops
 //! it. ldap3 has neither a pool nor reconnection of its own.
+//!
+//! jitbot opens the TCP connection itself and hands it to ldap3
+//! (`set_std_stream`), so that the socket carries `TCP_USER_TIMEOUT` (the
+//! operation timeout: bytes left unacknowledged that long make the kernel
+//! drop the connection, and the request with it, instead of retransmitting
+//! for many minutes), and so that a call given up on — ldap3's own timeout,
+//! or the caller dropping it at its bound (`ports::given_up_on_closes`:
+//! the engine's act-until bound with replicas) — closes its connection at once
+//! with a reset (linger 0), throwing away whatever the kernel had not sent
+//! yet, rather than leaving the request to be delivered later. Bytes the
+//! server's kernel already acknowledged still execute: the engine's
+//! re-check (`engine/recheck.rs`) is the net for those.
 
 use crate::config::LdapConfig;
 use crate::ports::DirectoryError;
 use crate::secret::Secret;
-use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, LdapResult};
+use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, LdapResult, StdStream};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -42,7 +55,14 @@ pub struct Supervisor {
     bind_dn: String,
     password: Secret,
     op_timeout: Duration,
+    connect_timeout: Duration,
     slot: Mutex<Slot>,
+    /// A second handle on the current connection's TCP socket, with the
+    /// generation it belongs to: what [`Supervisor::close`] resets.
+    socket: std::sync::Mutex<Option<(u64, std::net::TcpStream)>>,
+    /// The latest generation closed by an abandoned call: never handed out
+    /// again, even before ldap3 has noticed the reset.
+    closed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -77,7 +97,10 @@ impl Supervisor {
             bind_dn: config.bind_dn.clone(),
             password,
             op_timeout: config.operation_timeout.to_std(),
+            connect_timeout: config.connect_timeout.to_std(),
             slot: Mutex::new(Slot::default()),
+            socket: std::sync::Mutex::new(None),
+            closed: AtomicU64::new(0),
         })
     }
 
@@ -109,11 +132,22 @@ impl Supervisor {
         loop {
             let (generation, fresh, mut ldap) = self.handle().await?;
             ldap.with_timeout(self.op_timeout);
-            match op(ldap).await {
+            // Dropped before the answer under the caller's bound
+            // (`ports::given_up_on_closes`): the guard closes the
+            // connection the request went out on.
+            let mut in_flight = InFlight {
+                supervisor: self,
+                generation,
+                answered: !crate::ports::closes_when_given_up(),
+            };
+            let outcome = op(ldap).await;
+            in_flight.answered = true;
+            match outcome {
                 Ok(v) => return Ok((v, retried)),
                 Err(e) => match classify(e) {
                     Failure::Final(e) => return Err(e),
                     Failure::Hung(why) => {
+                        self.close(generation);
                         self.discard(generation).await;
                         return Err(DirectoryError::Unavailable(format!("{}: {why}", self.url)));
                     }
@@ -138,15 +172,65 @@ impl Supervisor {
         let mut slot = self.slot.lock().await;
         let generation = slot.generation;
         if let Some(ldap) = slot.ldap.as_mut() {
-            if !ldap.is_closed() {
+            if !ldap.is_closed() && self.closed.load(Ordering::SeqCst) != generation {
                 return Ok((generation, false, ldap.clone()));
             }
         }
         slot.ldap = None;
-        let ldap = self.connect().await?;
+        let (ldap, socket) = self.connect().await?;
         slot.generation += 1;
         slot.ldap = Some(ldap.clone());
+        *lock(&self.socket) = socket.map(|s| (slot.generation, s));
         Ok((slot.generation, true, ldap))
+    }
+
+    /// Resets the connection of `generation` (if it is still the current
+    /// one): linger 0, so the final close sends a reset and drops what the
+    /// kernel has not sent yet, and the read side shut, so ldap3's task
+    /// sees the end at once and closes its side. Every call still on it
+    /// fails as a lost connection.
+    fn close(&self, generation: u64) {
+        self.closed.fetch_max(generation, Ordering::SeqCst);
+        let mut socket = lock(&self.socket);
+        if let Some((g, stream)) = socket.as_ref() {
+            if *g == generation {
+                let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+                let _ = stream.shutdown(std::net::Shutdown::Read);
+                *socket = None;
+                tracing::info!(url = %self.url, "LDAP call given up on; its connection is reset, not reused");
+            }
+        }
+    }
+
+    /// A TCP connection to the server of an `ldap://` or `ldaps://` URL
+    /// with `TCP_USER_TIMEOUT` set to the operation timeout, for ldap3 to
+    /// run over, and a second handle on it for [`Supervisor::close`].
+    /// `None` for other URLs (`ldapi://`: a local socket), which ldap3 opens.
+    async fn tcp(&self) -> Result<Option<(std::net::TcpStream, std::net::TcpStream)>, DirectoryError> {
+        let url = url::Url::parse(&self.url)
+            .map_err(|e| DirectoryError::Refused(format!("ldap.url {}: {e}", self.url)))?;
+        let port = match url.scheme() {
+            "ldap" => url.port().unwrap_or(389),
+            "ldaps" => url.port().unwrap_or(636),
+            _ => return Ok(None),
+        };
+        let host = match url.host_str() {
+            Some("") | None => "localhost",
+            Some(h) => h,
+        };
+        let address = format!("{host}:{port}");
+        let cannot =
+            |e: std::io::Error| DirectoryError::Unavailable(format!("cannot connect to {}: {e}", self.url));
+        let stream = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(&address))
+            .await
+            .map_err(|_| DirectoryError::Unavailable(format!("{}: connect timed out", self.url)))?
+            .map_err(cannot)?;
+        socket2::SockRef::from(&stream)
+            .set_tcp_user_timeout(Some(self.op_timeout))
+            .map_err(cannot)?;
+        let stream = stream.into_std().map_err(cannot)?;
+        let second = stream.try_clone().map_err(cannot)?;
+        Ok(Some((stream, second)))
     }
 
     async fn discard(&self, generation: u64) {
@@ -156,8 +240,14 @@ impl Supervisor {
         }
     }
 
-    async fn connect(&self) -> Result<Ldap, DirectoryError> {
-        let (conn, mut ldap) = LdapConnAsync::with_settings(self.settings.clone(), &self.url)
+    async fn connect(&self) -> Result<(Ldap, Option<std::net::TcpStream>), DirectoryError> {
+        let mut settings = self.settings.clone();
+        let mut second = None;
+        if let Some((stream, kept)) = self.tcp().await? {
+            settings = settings.set_std_stream(StdStream::Tcp(stream));
+            second = Some(kept);
+        }
+        let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &self.url)
             .await
             .map_err(|e| connect_error(&self.url, e))?;
         ldap3::drive!(conn);
@@ -172,7 +262,7 @@ impl Supervisor {
         match result.rc {
             rc::SUCCESS => {
                 tracing::debug!(url = %self.url, bind_dn = %self.bind_dn, "LDAP connection bound");
-                Ok(ldap)
+                Ok((ldap, second))
             }
             rc::INVALID_CREDENTIALS => match ad_bind_problem(&result.text) {
                 Some(problem) => {
@@ -211,6 +301,26 @@ impl Supervisor {
             ))),
         }
     }
+}
+
+/// A call under way on the connection of `generation`: dropped before
+/// its answer, it closes that connection ([`Supervisor::close`]).
+struct InFlight<'a> {
+    supervisor: &'a Supervisor,
+    generation: u64,
+    answered: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.supervisor.close(self.generation);
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Active Directory words a refused bind (49) in its diagnostic as `data

@@ -1,0 +1,262 @@
+//! The re-check after an add that got no answer: a lease whose add may
+//! still be on its way to the directory (`lease.add_ambiguous`) keeps a
+//! durable `Recheck` timer, due a settle delay after the lease has ended,
+//! that looks for the membership once more and removes it if it arrived
+//! late.
+//!
+//! Why: a call's bound (and, with replicas, the act-until window and the
+//! new leader's takeover wait) is kept by the client only. An LDAP request
+//! already written to the socket is not taken back when its future is
+//! dropped (ldap3 sends no Abandon; a proxy or a congested link can hold
+//! the bytes), and the server executes it whenever it arrives — possibly
+//! after the lease's removal found nothing and the lease ended. The
+//! timer is staged in the commit that records the ambiguity, so a crash
+//! or a change of leader keeps it; the commit that ends the lease moves it
+//! to [`EngineSettings::recheck_after`](super::EngineSettings) after that
+//! end. When it fires (on the leader, through the scheduler), the removal
+//! is write-ahead like any revocation: `lease.late_add_found` is committed,
+//! with the timer moved out for a retry, before the modify; the timer is
+//! dropped only once the removal is read back (`lease.late_add_removed`).
+
+use super::audit::{about_lease, AuditAction};
+use super::{notice, Engine, EngineError, ENGINE_ACTOR};
+use crate::messages::Audience;
+use crate::store::leader::Window;
+use crate::store::{LeaseRecord, TimerKind, Tx};
+use jitbot_core::{LeaseId, LeaseState};
+
+/// What one re-check found and did, for its audit record.
+enum Found {
+    /// The membership is not there: nothing arrived late.
+    Absent,
+    /// The membership is there, but a live lease of the same user and
+    /// group holds it now: that lease decides (removes what it owns).
+    HeldBy(LeaseId),
+    /// The membership is there, and the live lease of the same user and
+    /// group took it for standing: it may be this lease's add arriving
+    /// late, so that lease now claims it and removes it at its end.
+    ClaimedBy(LeaseId),
+}
+
+impl Engine {
+    fn settle(&self) -> chrono::Duration {
+        self.inner.settings.recheck_after.to_chrono()
+    }
+
+    /// Stages the re-check of lease `rec`, whose add got no answer and may
+    /// still land: called in the commit that records the ambiguity. Due no
+    /// earlier than a settle delay after the lease's end; the commit that
+    /// ends it moves it to a settle delay after that ([`Engine::recheck_from_end`]).
+    pub(super) fn arm_recheck(&self, tx: &mut Tx<'_>, rec: &LeaseRecord) {
+        if !rec.lease.owns_membership() {
+            return;
+        }
+        let due = rec.lease.expires_at.max(tx.now()) + self.settle();
+        tx.set_timer(TimerKind::Recheck, rec.lease.id.as_str(), due);
+    }
+
+    /// In the commit that ends lease `id`: a re-check armed for it becomes
+    /// due a settle delay from now, when an add still on its way has
+    /// arrived or died.
+    pub(super) fn recheck_from_end(&self, tx: &mut Tx<'_>, id: &LeaseId) -> Result<(), EngineError> {
+        if tx.has_timer(TimerKind::Recheck, id.as_str())? {
+            let due = tx.now() + self.settle();
+            tx.set_timer(TimerKind::Recheck, id.as_str(), due);
+        }
+        Ok(())
+    }
+
+    /// Runs a due `Recheck` timer of lease `id`. An error leaves the timer
+    /// to [`Engine::fire`]'s retry: it is never dropped before the
+    /// membership has been read absent, or removed and read back.
+    pub(super) async fn recheck(&self, id: &str) -> Result<(), EngineError> {
+        let id = LeaseId::new(id);
+        if self.inner.store.directory_window() == Window::Closed {
+            tracing::debug!(lease = %id, "not leading: the leader re-checks this lease");
+            if self.inner.store.fence().is_some() {
+                // A leader whose term is ending: the due timer must not spin.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            return Ok(());
+        }
+        // The timer as it is now: the end's commit may have moved it out
+        // since the scheduler read it (or another pass dropped it).
+        let due = self
+            .inner
+            .store
+            .timers_of(TimerKind::Recheck)?
+            .into_iter()
+            .find(|t| t.id == id.as_str())
+            .map(|t| t.due);
+        if due.is_none_or(|due| due > self.now()) {
+            return Ok(());
+        }
+        let Some(rec) = self.inner.store.lease(&id)? else {
+            return self.recheck_done(&id, None).await;
+        };
+        if rec.lease.state != LeaseState::Ended {
+            // Not over yet (the end's commit moves the timer): look again
+            // a settle delay after its end at the earliest.
+            let settle = self.settle();
+            let live = [LeaseState::Granting, LeaseState::Active, LeaseState::Revoking];
+            self.transition(&id, &live, |tx, rec| {
+                let due = rec.lease.expires_at.max(tx.now()) + settle;
+                tx.set_timer(TimerKind::Recheck, id.as_str(), due);
+                Ok(())
+            })
+            .await?;
+            return Ok(());
+        }
+        let Some(m) = rec
+            .lease
+            .membership
+            .clone()
+            .filter(|_| rec.lease.owns_membership())
+        else {
+            // Nothing of jitbot's to look for.
+            return self.recheck_done(&id, None).await;
+        };
+        let dir = &self.inner.directory;
+        let present = self.directory_result(self.bounded("re-check", dir.has_membership(&m)).await)?;
+        if !present {
+            return self.recheck_done(&id, Some(Found::Absent)).await;
+        }
+        if let Some(holder) = self.inner.store.live_lease(&rec.lease.group, &rec.lease.user)? {
+            return self.leave_to(&id, &holder).await;
+        }
+        // Write-ahead: the removal is on record, and retried if it fails
+        // or this process stops, before the modify is sent.
+        let retry = self.inner.settings.retry_base.to_chrono();
+        let found = self
+            .transition(&id, &[LeaseState::Ended], |tx, rec| {
+                if tx.live_lease(&rec.lease.group, &rec.lease.user)?.is_some() {
+                    // A new lease took the slot meanwhile: the next pass
+                    // (due now) leaves the membership to it.
+                    return Ok(false);
+                }
+                tx.set_timer(TimerKind::Recheck, id.as_str(), tx.now() + retry);
+                tx.audit(
+                    about_lease(ENGINE_ACTOR, AuditAction::LeaseLateAddFound, &rec.lease).detail(
+                        "the membership is in the directory after the lease ended: jitbot's add that got no \
+                         answer arrived late (or somebody added it); removing it",
+                    ),
+                );
+                Ok(true)
+            })
+            .await?;
+        if found != Some(true) {
+            return Ok(());
+        }
+        tracing::warn!(lease = %id, group = %rec.lease.group, user = %rec.lease.user,
+            "membership found after its lease ended (a late add); removing it");
+        let note = self.directory_result(self.bounded("removal", dir.revoke_membership(&m)).await)?;
+        let note = note.map(|n| format!(" ({n})")).unwrap_or_default();
+        self.transition(&id, &[LeaseState::Ended], |tx, rec| {
+            tx.clear_timer(TimerKind::Recheck, id.as_str());
+            tx.audit(
+                about_lease(ENGINE_ACTOR, AuditAction::LeaseLateAddRemoved, &rec.lease)
+                    .detail(format!("membership removed after the lease ended{note}")),
+            );
+            tx.outbox(notice(
+                Audience::Alert,
+                format!(
+                    "jitbot removed {} from `{}` after lease {} had ended: an add that got no answer \
+                     reached the directory late. Nothing to do; check the directory's network path if \
+                     this repeats.",
+                    rec.lease.user, rec.lease.group, rec.lease.id
+                ),
+                vec![],
+            ));
+            Ok(())
+        })
+        .await?;
+        self.changed();
+        Ok(())
+    }
+
+    /// The membership is there and live lease `holder` of the same user and
+    /// group holds the slot. A holder that owns it removes it at its end; a
+    /// holder that found it standing may have found this lease's late add,
+    /// so it claims it (audited `lease.add_ambiguous`, as any membership
+    /// whose owner cannot be told); a holder that has not looked yet is
+    /// waited for.
+    async fn leave_to(&self, id: &LeaseId, holder: &LeaseId) -> Result<(), EngineError> {
+        let settle = self.settle();
+        let live = [LeaseState::Granting, LeaseState::Active, LeaseState::Revoking];
+        let ours = id.clone();
+        let claimed = self
+            .transition(holder, &live, |tx, rec| {
+                Ok(match rec.lease.preexisting {
+                    None => {
+                        tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
+                        None
+                    }
+                    Some(false) => Some(false),
+                    Some(true) => {
+                        rec.lease.preexisting = Some(false);
+                        tx.audit(
+                            about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                                format!(
+                                    "the membership this lease found standing may be lease {ours}'s add \
+                                     that arrived after it ended; jitbot claims it and removes it when this \
+                                     lease ends"
+                                ),
+                            ),
+                        );
+                        Some(true)
+                    }
+                })
+            })
+            .await?;
+        match claimed {
+            // It left the live states meanwhile: look again.
+            None => Ok(()),
+            // Not checked yet: the timer moved out above.
+            Some(None) => Ok(()),
+            Some(Some(false)) => self.recheck_done(id, Some(Found::HeldBy(holder.clone()))).await,
+            Some(Some(true)) => {
+                self.recheck_done(id, Some(Found::ClaimedBy(holder.clone())))
+                    .await
+            }
+        }
+    }
+
+    /// A directory answer, with the outage bookkeeping every step does.
+    fn directory_result<T>(&self, r: Result<T, crate::ports::DirectoryError>) -> Result<T, EngineError> {
+        r.map_err(|e| {
+            if e.is_transient() {
+                self.directory_failed();
+            }
+            EngineError::Directory(e)
+        })
+    }
+
+    /// Drops the re-check of `id`, with its audit record when it looked.
+    async fn recheck_done(&self, id: &LeaseId, found: Option<Found>) -> Result<(), EngineError> {
+        let settle = self.inner.settings.recheck_after;
+        self.inner
+            .store
+            .update(self.now(), |tx| {
+                tx.clear_timer(TimerKind::Recheck, id.as_str());
+                let (Some(found), Some(rec)) = (found, tx.lease(id)?) else {
+                    return Ok::<_, EngineError>(());
+                };
+                let detail = match found {
+                    Found::Absent => {
+                        format!("membership absent {settle} after the lease ended: no late add arrived")
+                    }
+                    Found::HeldBy(holder) => format!(
+                        "membership present, held by live lease {holder} of the same user and group; \
+                         left to that lease"
+                    ),
+                    Found::ClaimedBy(holder) => format!(
+                        "membership present, taken for standing by live lease {holder}, which now claims \
+                         it and removes it at its end"
+                    ),
+                };
+                tx.audit(about_lease(ENGINE_ACTOR, AuditAction::LeaseRechecked, &rec.lease).detail(detail));
+                Ok(())
+            })
+            .await
+    }
+}
