@@ -110,7 +110,10 @@ fn store_up(store: &crate::store::Store) -> Result<(), String> {
                 .into(),
         );
     }
-    store.next_due().map(|_| ()).map_err(|e| format!("store unavailable: {e}"))
+    store
+        .next_due()
+        .map(|_| ())
+        .map_err(|e| format!("store unavailable: {e}"))
 }
 
 /// The detailed readiness, for operators on the admin listener.

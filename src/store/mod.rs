@@ -401,7 +401,10 @@ impl<'a> Tx<'a> {
         if let Some((_, _, due)) = self.timers.iter().rev().find(|(k, i, _)| *k == kind && i == id) {
             return Ok(due.is_some());
         }
-        Ok(self.store.tree(TreeId::TimerIx).contains_key(timers::index_key(kind, id))?)
+        Ok(self
+            .store
+            .tree(TreeId::TimerIx)
+            .contains_key(timers::index_key(kind, id))?)
     }
 
     pub fn audit(&mut self, draft: AuditDraft) {

@@ -1078,6 +1078,9 @@ async fn a_deposed_leaders_add_delayed_on_the_wire_past_its_lease_is_removed_by_
     assert_eq!(b.store().lead("b", term).unwrap(), None);
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h x").await);
 
+    // A new term waits out the old leader's calls before acting.
+    let acts_from = a.store().acts_from().expect("a leads");
+    tokio::time::sleep_until(tokio::time::Instant::from_std(acts_from)).await;
     // carol approves on the leader; its add goes out and is delayed.
     assert_eq!(a.store().lead("a", term).unwrap(), Some(token));
     proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
