@@ -1016,7 +1016,7 @@ async fn lead_and_act(store: &Store, holder: &str, term: std::time::Duration) ->
 
 /// What a replica's scheduler does once its mirror refresh woke it: every
 /// timer due now, fired until none is left.
-async fn run_due(engine: &Engine) {
+pub(crate) async fn run_due(engine: &Engine) {
     engine.store().refresh().expect("refresh");
     for _ in 0..100 {
         let due = engine.store().due_timers(engine.now(), 1000).expect("timers");

@@ -1003,21 +1003,6 @@ async fn pump(
     }
 }
 
-/// Fires every due timer of `engine` until none is left.
-async fn run_due(engine: &jitbot::engine::Engine) {
-    engine.store().refresh().expect("refresh");
-    for _ in 0..100 {
-        let due = engine.store().due_timers(engine.now(), 1000).expect("timers");
-        if due.is_empty() {
-            return;
-        }
-        for t in due {
-            engine.fire(t).await;
-        }
-    }
-    panic!("timers keep firing");
-}
-
 /// The act-until bound on directory calls is enforced on the client
 /// only: a leader's call is "abandoned" (its future dropped) after
 /// `ttl / 3`, and a new leader acts `ttl / 3` after taking over, "the old
@@ -1113,7 +1098,7 @@ async fn a_deposed_leaders_add_delayed_on_the_wire_past_its_lease_is_removed_by_
 
     // By the time b's scheduler looks, the lease is past its end: b ends it.
     bot.advance(chrono::Duration::hours(2));
-    run_due(&b).await;
+    crate::pg::run_due(&b).await;
     let leases = b.store().leases().unwrap();
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].lease.state, LeaseState::Ended, "b ended the lease");
@@ -1138,7 +1123,7 @@ async fn a_deposed_leaders_add_delayed_on_the_wire_past_its_lease_is_removed_by_
     // past the end by b's end commit, finds the late add and removes it.
     assert_eq!(b.store().lead("b", term).unwrap(), Some(next));
     bot.advance(chrono::Duration::from_std(b.settings().recheck_after.to_std()).unwrap());
-    run_due(&b).await;
+    crate::pg::run_due(&b).await;
     let audit: Vec<String> = b.store().audit(0).map(|e| e.unwrap().action).collect();
     assert!(
         !server.values(WEB_ADMINS, "member").await.contains(&alice),
