@@ -230,7 +230,10 @@ impl Engine {
         // the directory was slow) would hand out privilege nobody may hold
         // any more. Checked here, before the add, and again when activating.
         if self.now() >= rec.lease.expires_at {
-            return self.too_late(&id, false).await.map(Ok);
+            // An earlier pass that recorded the membership may have sent
+            // an add that got no answer.
+            let in_flight = rec.lease.preexisting.is_some();
+            return self.too_late(&id, false, in_flight).await.map(Ok);
         }
         let dir = &self.inner.directory;
         // Only the add that follows jitbot's own membership check can tell
@@ -273,18 +276,19 @@ impl Engine {
                     .await?;
                 match recorded {
                     None => return Ok(Ok(())),
-                    Some(false) => return self.activate(&id).await.map(Ok),
+                    Some(false) => return self.activate(&id, false).await.map(Ok),
                     Some(true) => {}
                 }
                 m
             }
         };
         if rec.lease.preexisting == Some(true) {
-            return self.activate(&id).await.map(Ok);
+            return self.activate(&id, false).await.map(Ok);
         }
         if self.now() >= rec.lease.expires_at {
-            // After jitbot's own check in this pass, no add was ever sent.
-            return self.too_late(&id, first_add).await.map(Ok);
+            // After jitbot's own check in this pass, no add was ever sent;
+            // otherwise an earlier pass's may still be on its way.
+            return self.too_late(&id, first_add, !first_add).await.map(Ok);
         }
         if self.inner.store.directory_window() == Window::Closed {
             // Nothing sent: the Grant timer brings it to the next leader.
@@ -367,7 +371,9 @@ impl Engine {
                 return self.grant_failed(&id, &e.to_string()).await.map(Ok);
             }
         }
-        self.activate(&id).await.map(Ok)
+        // This pass's add was answered; an earlier pass's (after a crash,
+        // or a deposed leader's) may still be on its way.
+        self.activate(&id, !first_add).await.map(Ok)
     }
 
     /// The directory could not be asked before the add (it is down or
@@ -435,14 +441,22 @@ impl Engine {
 
     /// `Granting` → `Revoking` for a lease that ran out before its grant
     /// finished: whatever jitbot may have added is removed, nothing more.
-    async fn too_late(&self, id: &LeaseId, add_never_sent: bool) -> Result<(), EngineError> {
+    /// `in_flight`: an earlier pass (a process that stopped, a deposed
+    /// leader) may have sent an add whose answer nobody read, still on its
+    /// way: it is ambiguous, and re-checked after the end. An add this pass
+    /// sent and saw answered is not.
+    async fn too_late(&self, id: &LeaseId, add_never_sent: bool, in_flight: bool) -> Result<(), EngineError> {
         self.transition(id, &[LeaseState::Granting], |tx, rec| {
             let now = tx.now();
             if add_never_sent {
                 rec.lease.never_added();
-            } else {
-                // An earlier pass (a process that stopped, a deposed
-                // leader) may have sent an add that is still on its way.
+            } else if in_flight && rec.lease.owns_membership() {
+                tx.audit(
+                    about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                        "an earlier attempt's add may still be on its way; jitbot removes the membership and \
+                         looks for it again after the lease has ended",
+                    ),
+                );
                 self.arm_recheck(tx, rec);
             }
             rec.lease.begin_revoke(EndReason::Expired, now)?;
@@ -462,10 +476,11 @@ impl Engine {
     /// `Granting` → `Active`: the membership is in place (or was never
     /// jitbot's to add). Arms the expiry and warning timers. A lease that ran
     /// out meanwhile is not activated: it goes to revoking instead.
-    async fn activate(&self, id: &LeaseId) -> Result<(), EngineError> {
+    /// `in_flight`: as for [`Engine::too_late`].
+    async fn activate(&self, id: &LeaseId, in_flight: bool) -> Result<(), EngineError> {
         if let Some(rec) = self.inner.store.lease(id)? {
             if rec.lease.state == LeaseState::Granting && self.now() >= rec.lease.expires_at {
-                return self.too_late(id, false).await;
+                return self.too_late(id, false, in_flight).await;
             }
         }
         let done = self

@@ -94,7 +94,7 @@ impl TreeId {
     }
 
     /// Which tree and generation a sled tree name holds, if it is one.
-    fn parse_stored_name(stored: &[u8]) -> Option<(TreeId, u64)> {
+    pub(super) fn parse_stored_name(stored: &[u8]) -> Option<(TreeId, u64)> {
         let stored = std::str::from_utf8(stored).ok()?;
         match stored.split_once('@') {
             None => Some((TreeId::from_name(stored)?, 0)),

@@ -436,9 +436,12 @@ impl Store {
         (scanned, mark): (&BTreeSet<String>, u64),
         still: impl Fn(&str, &OutboxRefs<'_>) -> Result<bool, StoreError>,
     ) -> Result<u64, StoreError> {
-        let id = super::kv::TreeId::from_name(&String::from_utf8_lossy(&tree.name())).ok_or_else(|| {
-            StoreError::Io("retention pruned a tree the store does not know; report this bug".into())
-        })?;
+        // Any generation's tree (a mirror that reloaded has `leases@1`).
+        let id = super::kv::TreeId::parse_stored_name(&tree.name())
+            .map(|(id, _)| id)
+            .ok_or_else(|| {
+                StoreError::Io("retention pruned a tree the store does not know; report this bug".into())
+            })?;
         let writer = self.writer()?;
         let outbox = OutboxRefs {
             scanned,

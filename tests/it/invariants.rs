@@ -821,3 +821,89 @@ async fn a_late_add_a_new_lease_took_for_standing_is_claimed_by_that_lease() {
         bot.audit_actions()
     );
 }
+
+/// A directory whose add is answered only after two hours on `clock`:
+/// the lease runs out while its only add is in flight, and the add is
+/// answered (applied) all the same.
+struct AnsweredAfterTheEnd {
+    memory: Arc<MemoryDirectory>,
+    clock: std::sync::OnceLock<jitbot::clock::ManualClock>,
+}
+
+#[async_trait]
+impl Directory for AnsweredAfterTheEnd {
+    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
+        self.memory.find_user(a, v).await
+    }
+    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
+        self.memory.membership_of(g, u).await
+    }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.memory.has_membership(m).await
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        if let Some(clock) = self.clock.get() {
+            clock.advance(Duration::hours(2));
+        }
+        self.memory.add_membership(m).await
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        self.memory.remove_membership(m).await
+    }
+    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
+        Directory::members(&*self.memory, g).await
+    }
+    async fn groups_of(
+        &self,
+        u: &UserId,
+        among: &BTreeSet<GroupDn>,
+    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
+        self.memory.groups_of(u, among).await
+    }
+    async fn ping(&self) -> Result<(), DirectoryError> {
+        Ok(())
+    }
+}
+
+/// Simulator seed 800144 (session 6, I1-standing): a grant whose only add
+/// was answered after its lease had run out is revoked at once
+/// (`lease.grant_too_late`). No add of jitbot's is left on its way, so no
+/// re-check is armed, and a membership a person adds after the end stays.
+/// (The re-check was armed for every grant finished too late, and removed
+/// the person's membership a settle delay later.)
+#[tokio::test]
+async fn an_add_answered_after_its_lease_ran_out_arms_no_recheck_and_a_later_standing_membership_stays() {
+    let memory = seeded();
+    let slow = Arc::new(AnsweredAfterTheEnd {
+        memory: memory.clone(),
+        clock: std::sync::OnceLock::new(),
+    });
+    let dir: Arc<dyn Directory> = slow.clone();
+    let bot = TestBot::builder()
+        .wrap(|_| dir)
+        .settings(|s| s.recheck_after = Span::from_secs(SETTLE))
+        .build();
+    assert!(slow.clock.set(bot.clock.clone()).is_ok());
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
+    bot.say("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.grant_too_late"));
+    assert!(!memory.members(DB).contains("alice"), "the late grant was undone");
+    assert_eq!(
+        rechecks(&bot),
+        0,
+        "the only add was answered: nothing to look for again"
+    );
+
+    // A person adds alice after the lease ended.
+    let mut members = memory.members(DB);
+    members.insert("alice".to_string());
+    memory.add_group(DB, members.iter().map(String::as_str));
+    bot.advance(Duration::seconds(SETTLE as i64 + 1));
+    bot.run_due().await;
+    assert!(
+        memory.members(DB).contains("alice"),
+        "a membership a person added after the lease ended is theirs: jitbot removed it"
+    );
+}

@@ -839,3 +839,44 @@ async fn a_commit_during_a_pass_waits_for_no_outbox_scan() {
         "a commit waited {worst:?} behind the pass (commits alone: {baseline:?})"
     );
 }
+
+/// Review brk16d, finding 5: a replica's mirror that reloaded once keeps
+/// its trees in generation 1 (`leases@1`, …). Retention found which tree
+/// it prunes from the sled tree's name and knew only the plain names, so
+/// every pass failed ("report this bug"), on every restart too, and the
+/// store grew without bound. It now knows every generation's names.
+#[tokio::test]
+async fn retention_prunes_on_a_replica_whose_mirror_reloaded() {
+    let bot = TestBot::builder().postgres().build();
+    let store = bot.engine.store().clone();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h old work").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    bot.advance(Duration::days(40));
+    let now = bot.engine.now();
+    store.outbox_fan_out(now, 100_000, |_| Vec::new()).unwrap();
+
+    // The mirror reloads (as after a failover to a standby that lost its
+    // last commit): the head's commit identity no longer matches.
+    let db = bot.pg.clone().expect("a PostgreSQL bot");
+    db.run("UPDATE jitbot_commits SET commit_id = 'lost' WHERE version = (SELECT version FROM jitbot_head)");
+    assert!(
+        store.refresh().expect("the reload"),
+        "the refresh reloaded the mirror"
+    );
+    assert_eq!(bot.lease().state, LeaseState::Ended, "the reload kept the lease");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = RetentionSettings::new(Span::parse_long("30d").unwrap(), tmp.path().join("archive"));
+    let pruned = store
+        .prune(now, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("retention on a replica whose mirror reloaded once failed: {e}"));
+    assert_eq!(
+        pruned.leases, 1,
+        "the 40-day-old ended lease is pruned: {pruned:?}"
+    );
+}
