@@ -303,7 +303,23 @@ impl Engine {
             Ok(_) => self.directory_answered().await,
         }
         match added {
-            Ok(Added::Added) => {}
+            Ok(Added::Added) if first_add => {}
+            // A retry after a crash or a deposed leader: this add is
+            // answered, but the earlier one may still be on its way and
+            // land after the lease ended.
+            Ok(Added::Added) => {
+                self.transition(&id, &granting, |tx, rec| {
+                    tx.audit(
+                        about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
+                            "an add sent before this retry got no answer and may still be on its way; jitbot \
+                             looks for the membership again after the lease has ended",
+                        ),
+                    );
+                    self.arm_recheck(tx, rec);
+                    Ok(())
+                })
+                .await?;
+            }
             // Only jitbot's first add can tell: after a crash the earlier
             // attempt may have landed, and then "already there" is ours.
             Ok(Added::AlreadyPresent) if first_add => {

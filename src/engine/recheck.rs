@@ -187,7 +187,14 @@ impl Engine {
         let claimed = self
             .transition(holder, &live, |tx, rec| {
                 Ok(match rec.lease.preexisting {
+                    // Not checked yet, or checked and its add not answered
+                    // yet: that answer ("already there" would make the
+                    // membership standing to it) decides; look again.
                     None => {
+                        tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
+                        None
+                    }
+                    Some(false) if rec.lease.state == LeaseState::Granting => {
                         tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
                         None
                     }
@@ -211,7 +218,7 @@ impl Engine {
         match claimed {
             // It left the live states meanwhile: look again.
             None => Ok(()),
-            // Not checked yet: the timer moved out above.
+            // Not settled yet: the timer moved out above.
             Some(None) => Ok(()),
             Some(Some(false)) => self.recheck_done(id, Some(Found::HeldBy(holder.clone()))).await,
             Some(Some(true)) => {

@@ -22,6 +22,7 @@ mod observability;
 mod ops;
 mod outbox;
 mod pg;
+mod recheck;
 mod replicas;
 mod retention;
 mod safeguards;
