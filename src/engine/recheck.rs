@@ -121,18 +121,24 @@ impl Engine {
         if !present {
             return self.recheck_done(&id, Some(Found::Absent)).await;
         }
-        if let Some(holder) = self.inner.store.live_lease(&rec.lease.group, &rec.lease.user)? {
-            return self.leave_to(&id, &holder).await;
+        let holder = self.inner.store.live_lease(&rec.lease.group, &rec.lease.user)?;
+        if let Some(holder) = holder {
+            let holder_rec = self.inner.store.lease(&holder)?;
+            if holder_rec.is_some_and(|h| holds_the_same_group(&h, &m)) {
+                return self.leave_to(&id, &holder).await;
+            }
         }
         // Write-ahead: the removal is on record, and retried if it fails
         // or this process stops, before the modify is sent.
         let retry = self.inner.settings.retry_base.to_chrono();
         let found = self
             .transition(&id, &[LeaseState::Ended], |tx, rec| {
-                if tx.live_lease(&rec.lease.group, &rec.lease.user)?.is_some() {
-                    // A new lease took the slot meanwhile: the next pass
-                    // (due now) leaves the membership to it.
-                    return Ok(false);
+                if let Some(holder) = tx.live_lease(&rec.lease.group, &rec.lease.user)? {
+                    if tx.lease(&holder)?.is_some_and(|h| holds_the_same_group(&h, &m)) {
+                        // A new lease took the slot meanwhile: the next pass
+                        // (due now) leaves the membership to it.
+                        return Ok(false);
+                    }
                 }
                 tx.set_timer(TimerKind::Recheck, id.as_str(), tx.now() + retry);
                 tx.audit(
@@ -266,4 +272,18 @@ impl Engine {
             })
             .await
     }
+}
+
+/// Whether live lease `holder` (of the same user and group name) speaks
+/// for membership `m`: it writes in the same directory group, or has not
+/// recorded where it writes yet (its check is still to come). After a
+/// `dn` change the group's name is the same and the directory group is
+/// not: the new lease holds the new one, and the late add in the old one
+/// is nobody's.
+fn holds_the_same_group(holder: &LeaseRecord, m: &jitbot_core::Membership) -> bool {
+    holder
+        .lease
+        .membership
+        .as_ref()
+        .is_none_or(|h| h.group.as_str().eq_ignore_ascii_case(m.group.as_str()))
 }

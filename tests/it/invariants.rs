@@ -907,3 +907,44 @@ async fn an_add_answered_after_its_lease_ran_out_arms_no_recheck_and_a_later_sta
         "a membership a person added after the lease ended is theirs: jitbot removed it"
     );
 }
+
+/// Simulator seed 900550 (session 6, I2): a lease whose add got no answer
+/// ended; the group's `dn` then changed, and a new lease of the same user
+/// and group name was granted in the new directory group. The old add
+/// landed in the old one, and the re-check left it to the new lease (same
+/// group name), which writes elsewhere: left for good. A re-check now
+/// leaves a late add only to a lease that writes in the same directory
+/// group.
+#[tokio::test]
+async fn a_late_add_in_the_old_dn_is_removed_though_a_new_lease_holds_the_group_under_its_new_dn() {
+    let (bot, late, memory) = ended_with_an_add_on_the_wire().await;
+    // The config moves db-admins to another directory group; alice's new
+    // lease is granted there.
+    const MOVED: &str = "cn=db-ops,ou=groups,dc=example,dc=org";
+    memory.add_group(MOVED, []);
+    let mut moved = policy();
+    moved.groups[0].dn = GroupDn::new(MOVED);
+    let bot = bot.restart(memory.clone(), moved);
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert!(
+        memory.members(MOVED).contains("alice"),
+        "the new lease is granted"
+    );
+
+    // The old add lands in the old group; the re-check falls due.
+    late.land().await;
+    assert!(memory.members(DB).contains("alice"));
+    bot.advance(Duration::seconds(SETTLE as i64 + 1));
+    bot.run_due().await;
+    assert!(
+        !memory.members(DB).contains("alice"),
+        "the late add in the old directory group was left to the new lease, which writes in {MOVED}: {:?}",
+        bot.audit_actions()
+    );
+    assert!(
+        memory.members(MOVED).contains("alice"),
+        "the new lease keeps its membership"
+    );
+}
