@@ -57,15 +57,20 @@ impl Store {
 
     /// Records (`Some`) that every live lease of `group` is recorded under
     /// `dn`, or forgets (`None`) that it was, when some lease is not.
-    /// Writes nothing when the record is already so, or (for `Some`) on a
-    /// store without lease records.
+    /// Writes nothing when the record is already so. On a store without
+    /// lease records (see the module's documentation; retention can empty
+    /// a store that had markers) a new `dn` is not recorded, and an older
+    /// one is forgotten: a marker naming the DN of before a change would
+    /// otherwise let the start-up after the change is rolled back skip the
+    /// leases granted under the changed DN.
     pub fn set_group_dn_checked(&self, group: &GroupName, dn: Option<&str>) -> Result<(), StoreError> {
         let key = group_dn_key(group);
         let now = self.tree(TreeId::Meta).get(&key)?;
         if now.as_deref() == dn.map(str::as_bytes) {
             return Ok(());
         }
-        if dn.is_some() && self.tree(TreeId::Leases).is_empty() {
+        let dn = dn.filter(|_| !self.tree(TreeId::Leases).is_empty());
+        if now.is_none() && dn.is_none() {
             return Ok(());
         }
         self.writer()?.transact([TreeId::Meta], |[meta]| {

@@ -272,3 +272,66 @@ async fn a_start_reads_no_lease_of_a_group_whose_dn_it_found_all_leases_under(ba
         "{notes:?}"
     );
 }
+
+/// Review brk16d, finding 7. The DN marker is not written on a store
+/// without lease records, and retention can empty the `leases` tree of a
+/// store that has markers. web-admins at DN W; start-up marks W; every
+/// lease is pruned; the DN is changed to W2 (nothing to record, so the
+/// old W must be forgotten, not kept); alice is granted web-admins under
+/// W2; the change is rolled back to W. The start-up after the rollback
+/// must read the group's leases and name alice's, granted in W2.
+#[tokio::test]
+async fn a_dn_changed_and_rolled_back_after_retention_emptied_the_leases_is_still_reported() {
+    use jitbot::store::retention::RetentionSettings;
+    use jitbot_core::Span;
+    const WEB2: &str = "cn=web-admins-2,ou=groups,dc=example,dc=org";
+    let memory = crate::support::bot::seeded();
+    memory.add_group(WEB2, []);
+    let dir: std::sync::Arc<dyn jitbot::ports::Directory> = memory.clone();
+    let bot = TestBot::builder().directory(dir.clone()).build();
+    let store = bot.engine.store().clone();
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h first").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    bot.advance(chrono::Duration::hours(2));
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert!(bot.engine.leases_outside_config().unwrap().is_empty());
+    assert_eq!(
+        store
+            .group_dn_checked(&jitbot_core::GroupName::new("web-admins"))
+            .unwrap()
+            .as_deref(),
+        Some(WEB),
+        "start-up marked web-admins' DN"
+    );
+    // Retention empties the leases tree (an outbox entry naming a lease
+    // keeps it, so the notices are delivered first).
+    bot.advance(chrono::Duration::days(40));
+    let now = bot.engine.now();
+    store.outbox_fan_out(now, 100_000, |_| Vec::new()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = RetentionSettings::new(Span::parse_long("30d").unwrap(), tmp.path().join("archive"));
+    let pruned = store.prune(now, &settings).await.unwrap();
+    assert_eq!(pruned.leases, 1, "{pruned:?}");
+    drop(store);
+
+    // A restart with web-admins moved to W2; alice is granted it there.
+    let mut moved = policy();
+    moved.groups[1].dn = GroupDn::new(WEB2);
+    let bot = bot.restart(dir.clone(), moved);
+    assert!(bot.engine.leases_outside_config().unwrap().is_empty());
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 4h second").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert!(memory.members(WEB2).contains("alice"), "granted under W2");
+
+    // The DN change is rolled back.
+    let bot = bot.restart(dir, policy());
+    let notes = bot.engine.leases_outside_config().unwrap();
+    assert!(
+        notes.iter().any(|n| n.contains(WEB2)),
+        "alice's live lease was granted in {WEB2} and the config now says {WEB}, yet start-up says \
+         nothing about it (notes: {notes:?}): the group's DN marker still names the DN of before the change",
+    );
+}

@@ -132,6 +132,19 @@ impl Slapd {
         }
     }
 
+    /// Sends `sig` (as `kill` spells it: `-STOP`, `-CONT`) to the server:
+    /// a stopped slapd accepts connections and requests and answers none,
+    /// so the test decides when a modify in flight finishes.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("slapd is running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     fn wait_until_listening(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         let ports: Vec<u16> = std::iter::once(self.port).chain(self.ldaps_port).collect();
