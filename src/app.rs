@@ -510,7 +510,20 @@ pub fn pg_settings(store: &crate::config::StoreConfig) -> anyhow::Result<Option<
 pub fn open_store(store: &crate::config::StoreConfig) -> anyhow::Result<Store> {
     Ok(match pg_settings(store)? {
         Some(settings) => Store::open_postgres(&store.path, store.cache_mb, &settings)?,
-        None => Store::open(&store.path, store.cache_mb)?,
+        None => {
+            let opened = Store::open_with(&store.path, store.cache_mb, store.compression)?;
+            if opened.compression() != store.compression {
+                tracing::warn!(
+                    "[store] compression = \"{}\", but the store at {} was created with \"{}\" and keeps it \
+                     (sled fixes it at creation); to change it, `jitbot backup` this store and \
+                     `jitbot restore` it into a new, empty directory",
+                    store.compression,
+                    store.path.display(),
+                    opened.compression()
+                );
+            }
+            opened
+        }
     })
 }
 

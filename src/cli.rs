@@ -89,6 +89,10 @@ pub enum Cmd {
         /// The new store directory (store.path in the config).
         #[arg(long)]
         data: PathBuf,
+        /// How the new store is written (`[store] compression`): `zstd`
+        /// (smallest) or `off` (fastest writes).
+        #[arg(long, value_enum, default_value_t = crate::store::Compression::Zstd)]
+        compression: crate::store::Compression,
     },
     /// Apply the PostgreSQL schema migrations of `[store]` (kind =
     /// "postgres"); `jitbot run` also does at start-up unless `migrate = false`.
@@ -294,12 +298,20 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Restore { from, data } => {
+        Cmd::Restore {
+            from,
+            data,
+            compression,
+        } => {
             let file =
                 std::fs::File::open(&from).with_context(|| format!("cannot open {}", from.display()))?;
-            let store = crate::store::Store::open(&data, 16)?;
+            let store = crate::store::Store::open_with(&data, 16, compression)?;
             let n = store.restore(std::io::BufReader::new(file)).await?;
-            println!("restored {n} records into {}", data.display());
+            println!(
+                "restored {n} records into {} (compression {})",
+                data.display(),
+                store.compression()
+            );
             Ok(())
         }
     }

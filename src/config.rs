@@ -155,6 +155,12 @@ pub struct StoreConfig {
     /// sled's page cache, in MiB (sled's own default is 1 GiB).
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// How sled writes a new store's pages: `"zstd"` (the default: about a
+    /// quarter of the disk) or `"off"` (the fastest writes: revocation
+    /// lag, mass expiry). Chosen when the store is created; an existing
+    /// store keeps its own (see `crate::store::Compression`).
+    #[serde(default)]
+    pub compression: crate::store::Compression,
     /// How long ended leases, finished requests and audit records stay in
     /// the store (`"400d"`); unset keeps everything forever. Audit records
     /// older than this move to compressed files in `archive_dir`.
@@ -1199,6 +1205,26 @@ max_duration = "4h"
         let p = c.policy();
         assert_eq!(p.groups[0].max_total_duration, Span::from_hours(4));
         assert_eq!(c.store.cache_mb, 64);
+    }
+
+    #[test]
+    fn store_compression_is_zstd_unless_turned_off_and_a_typo_names_the_choices() {
+        use crate::store::Compression;
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.store.compression, Compression::Zstd);
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "path = \"/tmp/x\"",
+                &format!("path = \"/tmp/x\"\ncompression = \"{v}\""),
+            )
+        };
+        let off = Config::parse(&with("off"), "t.toml").unwrap();
+        assert_eq!(off.store.compression, Compression::Off);
+        let err = Config::parse(&with("lz4"), "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("compression") && err.contains("zstd") && err.contains("off"),
+            "{err}"
+        );
     }
 
     #[test]

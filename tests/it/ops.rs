@@ -337,17 +337,24 @@ async fn the_binary_serves_operates_and_stops_cleanly(backend: Backend) {
     assert!(matches!(store.verify_audit().unwrap(), AuditCheck::Intact { .. }));
     drop(store);
 
-    // The backup restores into a new store with the same leases.
+    // The backup restores into a new store with the same leases, written
+    // uncompressed as asked (and kept so when opened with the default).
     let restored_path = tmp.path().join("restored");
     let out = jitbot()
-        .args(["restore", "--from"])
+        .args(["restore", "--compression", "off", "--from"])
         .arg(&backup)
         .arg("--data")
         .arg(&restored_path)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("(compression off)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let restored = Store::open(&restored_path, 16).unwrap();
+    assert_eq!(restored.compression(), jitbot::store::Compression::Off);
     assert_eq!(restored.leases().unwrap().len(), 3);
     assert!(matches!(
         restored.verify_audit().unwrap(),

@@ -153,3 +153,25 @@ async fn a_store_created_before_compression_keeps_opening_uncompressed_and_new_o
     }
     assert!(compressed(&new), "a new store is compressed");
 }
+
+/// `[store] compression` is chosen when a store is created: a store keeps
+/// the compression it was created with whatever a later open asks for
+/// (sled refuses to open a store with another setting), and says which.
+#[test]
+fn a_store_keeps_the_compression_it_was_created_with() {
+    use jitbot::store::{Compression, Store};
+    let tmp = tempfile::tempdir().unwrap();
+    for (created, asked_later) in [
+        (Compression::Off, Compression::Zstd),
+        (Compression::Zstd, Compression::Off),
+    ] {
+        let path = tmp.path().join(created.to_string());
+        let store = Store::open_with(&path, 8, created).unwrap();
+        assert_eq!(store.compression(), created);
+        drop(store);
+        let store = Store::open_with(&path, 8, asked_later).unwrap();
+        assert_eq!(store.compression(), created, "reopened asking for {asked_later}");
+    }
+    let default = Store::open(&tmp.path().join("default"), 8).unwrap();
+    assert_eq!(default.compression(), Compression::Zstd);
+}
