@@ -6,6 +6,7 @@
 
 use crate::support::bot::{Backend, TestBot, DB};
 use crate::support::fake_discord::{dm_channel, FakeDiscord, APP_ID};
+use crate::support::forward::{Forward, Hooks};
 use crate::support::slapd::{group_configs, Slapd, DB_ADMINS};
 use ed25519_dalek::{Signer, SigningKey};
 use jitbot::chat::discord::{routes, DiscordAdapter};
@@ -13,7 +14,7 @@ use jitbot::clock::Clock;
 use jitbot::config::{DiscordConfig, DiscordMode};
 use jitbot::directory::ldap::LdapDirectory;
 use jitbot::directory::memory::MemoryDirectory;
-use jitbot::ports::{Added, ChatError, Directory, DirectoryError, GroupMember, Membership, Notifier};
+use jitbot::ports::{ChatError, Directory, DirectoryError, GroupMember, Notifier};
 use jitbot::secret::{Secret, SecretSource};
 use jitbot_core::request::RequestState;
 use jitbot_core::{GroupDn, RequestId, Span, UserId};
@@ -512,35 +513,13 @@ async fn self_approval_is_refused_and_changes_nothing(backend: Backend) {
 struct SlowLookups(Arc<MemoryDirectory>, Duration);
 
 #[async_trait::async_trait]
-impl Directory for SlowLookups {
+impl Hooks for SlowLookups {
+    fn inner(&self) -> &dyn Directory {
+        &*self.0
+    }
     async fn find_user(&self, attribute: &str, value: &str) -> Result<Option<UserId>, DirectoryError> {
         tokio::time::sleep(self.1).await;
         self.0.find_user(attribute, value).await
-    }
-    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
-        self.0.membership_of(group, user).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.0.has_membership(m).await
-    }
-    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
-        self.0.add_membership(m).await
-    }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.0.remove_membership(m).await
-    }
-    async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.0, group).await
-    }
-    async fn groups_of(
-        &self,
-        user: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.0.groups_of(user, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        self.0.ping().await
     }
 }
 
@@ -556,7 +535,7 @@ async fn slow_work_is_deferred_and_the_answer_edits_the_original_response(backen
                 "alice",
                 [("mail", "alice@example.org"), ("discordId", discord_id.as_str())],
             );
-            Arc::new(SlowLookups(dir, Duration::from_millis(400)))
+            Arc::new(Forward(SlowLookups(dir, Duration::from_millis(400))))
         })
         .build();
     let h = start(bot, Duration::from_millis(50), |c| {
@@ -1361,44 +1340,15 @@ async fn a_card_decided_before_any_copy_is_not_posted_in_a_dm_group(backend: Bac
 struct SecListingFailsOnce(Arc<MemoryDirectory>, std::sync::atomic::AtomicBool);
 
 #[async_trait::async_trait]
-impl Directory for SecListingFailsOnce {
-    async fn find_user(&self, attribute: &str, value: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.0.find_user(attribute, value).await
-    }
-    async fn membership_of(&self, group: &GroupDn, user: &UserId) -> Result<Membership, DirectoryError> {
-        self.0.membership_of(group, user).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.0.has_membership(m).await
-    }
-    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
-        self.0.add_membership(m).await
-    }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.0.remove_membership(m).await
+impl Hooks for SecListingFailsOnce {
+    fn inner(&self) -> &dyn Directory {
+        &*self.0
     }
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
         if group.as_str() == SEC && !self.1.swap(true, Ordering::SeqCst) {
             return Err(DirectoryError::Unavailable("timed out".into()));
         }
         Directory::members(&*self.0, group).await
-    }
-    async fn groups_of(
-        &self,
-        user: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.0.groups_of(user, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        self.0.ping().await
-    }
-    async fn user_attributes(
-        &self,
-        user: &UserId,
-        attributes: &[String],
-    ) -> Result<std::collections::BTreeMap<String, String>, DirectoryError> {
-        self.0.user_attributes(user, attributes).await
     }
 }
 
@@ -1418,7 +1368,7 @@ async fn a_failed_approver_group_listing_is_retried_for_its_members(backend: Bac
         .wrap(|dir| {
             dir.add_group(ONCALL, ["carol"]);
             dir.add_group(SEC, [ONCALL]);
-            Arc::new(SecListingFailsOnce(dir, Default::default()))
+            Arc::new(Forward(SecListingFailsOnce(dir, Default::default())))
         })
         .build();
     let h = start(bot, Duration::from_secs(2), |_| {}).await;

@@ -3,6 +3,7 @@
 //! is named for the defect it found.
 
 use crate::support::bot::{policy, TestBot, DB};
+use crate::support::forward::{Forward, Hooks};
 use async_trait::async_trait;
 use chrono::Duration;
 use jitbot::directory::memory::MemoryDirectory;
@@ -10,7 +11,6 @@ use jitbot::engine::{Caller, Engine};
 use jitbot::ports::{Added, Audience, Directory, DirectoryError, GroupMember, Membership};
 use jitbot::store::{OutboxItem, Store, StoreError};
 use jitbot_core::{Command, GroupDn, LeaseState, UserId};
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -150,14 +150,14 @@ struct Gated {
 }
 
 impl Gated {
-    fn new(inner: Arc<MemoryDirectory>) -> Arc<Gated> {
-        Arc::new(Gated {
+    fn new(inner: Arc<MemoryDirectory>) -> Arc<Forward<Gated>> {
+        Arc::new(Forward(Gated {
             inner,
             hold_members: AtomicBool::new(false),
             hold_checks: AtomicBool::new(false),
             reached: Notify::new(),
             release: Notify::new(),
-        })
+        }))
     }
 
     async fn hold(&self) {
@@ -167,24 +167,15 @@ impl Gated {
 }
 
 #[async_trait]
-impl Directory for Gated {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.inner.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.inner.membership_of(g, u).await
+impl Hooks for Gated {
+    fn inner(&self) -> &dyn Directory {
+        &*self.inner
     }
     async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
         if self.hold_checks.swap(false, Ordering::SeqCst) {
             self.hold().await;
         }
         self.inner.has_membership(m).await
-    }
-    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
-        self.inner.add_membership(m).await
-    }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.inner.remove_membership(m).await
     }
     async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
         let read = Directory::members(&*self.inner, g).await;
@@ -193,21 +184,11 @@ impl Directory for Gated {
         }
         read
     }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.inner.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
-    }
 }
 
 /// A bot over a gated directory, with alice holding an active lease on
 /// the ZSP group `db-admins` (remediation on).
-async fn alice_holds_db_admins() -> (TestBot, Arc<Gated>, Arc<MemoryDirectory>) {
+async fn alice_holds_db_admins() -> (TestBot, Arc<Forward<Gated>>, Arc<MemoryDirectory>) {
     let memory = crate::support::bot::seeded();
     let gated = Gated::new(memory.clone());
     let dir: Arc<dyn Directory> = gated.clone();

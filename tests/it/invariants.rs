@@ -4,16 +4,16 @@
 //! recorded memberships.
 
 use crate::support::bot::{policy, seeded, Backend, TestBot, DB, WEB};
+use crate::support::forward::{Forward, Hooks};
 use crate::support::slapd::{self, Slapd, DB_ADMINS};
 use async_trait::async_trait;
 use chrono::Duration;
 use jitbot::directory::ldap::LdapDirectory;
 use jitbot::directory::memory::MemoryDirectory;
-use jitbot::ports::{Added, Directory, DirectoryError, GroupMember, Membership};
+use jitbot::ports::{Added, Directory, DirectoryError, Membership};
 use jitbot::store::{LeaseRecord, StoreError};
 use jitbot_core::policy::Policy;
 use jitbot_core::{GroupDn, Lease, LeaseId, LeaseState, RequestId, Span, UserId};
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -70,12 +70,9 @@ struct RacingChecks {
 }
 
 #[async_trait]
-impl Directory for RacingChecks {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.inner.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.inner.membership_of(g, u).await
+impl Hooks for RacingChecks {
+    fn inner(&self) -> &dyn Directory {
+        &*self.inner
     }
     async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
         match self.calls.fetch_add(1, Ordering::SeqCst) {
@@ -85,25 +82,6 @@ impl Directory for RacingChecks {
         }
         self.inner.has_membership(m).await
     }
-    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
-        self.inner.add_membership(m).await
-    }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.inner.remove_membership(m).await
-    }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.inner, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.inner.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
-    }
 }
 
 crate::both_stores!(a_grant_run_twice_at_once_never_strands_a_membership);
@@ -111,11 +89,11 @@ crate::both_stores!(a_grant_run_twice_at_once_never_strands_a_membership);
 /// work on one lease at once, and no step acts on a lease that moved on.
 async fn a_grant_run_twice_at_once_never_strands_a_membership(backend: Backend) {
     let memory = seeded();
-    let racing = Arc::new(RacingChecks {
+    let racing = Arc::new(Forward(RacingChecks {
         inner: memory.clone(),
         calls: AtomicU32::new(0),
         release: Notify::new(),
-    });
+    }));
     let dir: Arc<dyn Directory> = racing.clone();
     let bot = backend.builder().wrap(|_| dir).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
@@ -358,34 +336,12 @@ async fn a_deleted_user_is_removed_by_the_dn_written_at_grant(backend: Backend) 
 struct HangingAdd(Arc<MemoryDirectory>);
 
 #[async_trait]
-impl Directory for HangingAdd {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.0.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.0.membership_of(g, u).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.0.has_membership(m).await
+impl Hooks for HangingAdd {
+    fn inner(&self) -> &dyn Directory {
+        &*self.0
     }
     async fn add_membership(&self, _: &Membership) -> Result<Added, DirectoryError> {
         std::future::pending().await
-    }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.0.remove_membership(m).await
-    }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.0, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.0.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
     }
 }
 
@@ -393,7 +349,7 @@ crate::both_stores!(a_grant_finished_after_its_lease_expired_adds_nothing);
 /// Defect 9: a grant whose lease ran out while jitbot was down adds nothing.
 async fn a_grant_finished_after_its_lease_expired_adds_nothing(backend: Backend) {
     let memory = seeded();
-    let hanging: Arc<dyn Directory> = Arc::new(HangingAdd(memory.clone()));
+    let hanging: Arc<dyn Directory> = Arc::new(Forward(HangingAdd(memory.clone())));
     let bot = backend.builder().wrap(|_| hanging).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     let text = format!("approve {id}");
@@ -419,37 +375,15 @@ async fn a_grant_finished_after_its_lease_expired_adds_nothing(backend: Backend)
 struct AddedMeanwhile(Arc<MemoryDirectory>);
 
 #[async_trait]
-impl Directory for AddedMeanwhile {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.0.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.0.membership_of(g, u).await
+impl Hooks for AddedMeanwhile {
+    fn inner(&self) -> &dyn Directory {
+        &*self.0
     }
     async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
         let was = self.0.has_membership(m).await?;
         // An operator adds it right after jitbot looked.
         self.0.add_membership(m).await?;
         Ok(was)
-    }
-    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
-        self.0.add_membership(m).await
-    }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.0.remove_membership(m).await
-    }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.0, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.0.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
     }
 }
 
@@ -458,7 +392,7 @@ crate::both_stores!(a_membership_added_by_someone_else_during_the_grant_is_never
 /// membership: recorded as standing, audited, never removed.
 async fn a_membership_added_by_someone_else_during_the_grant_is_never_removed(backend: Backend) {
     let memory = seeded();
-    let dir: Arc<dyn Directory> = Arc::new(AddedMeanwhile(memory.clone()));
+    let dir: Arc<dyn Directory> = Arc::new(Forward(AddedMeanwhile(memory.clone())));
     let bot = backend.builder().wrap(|_| dir).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
@@ -531,44 +465,22 @@ struct AddFailsAfterAPersonAdds {
 }
 
 #[async_trait]
-impl Directory for AddFailsAfterAPersonAdds {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.memory.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.memory.membership_of(g, u).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.memory.has_membership(m).await
+impl Hooks for AddFailsAfterAPersonAdds {
+    fn inner(&self) -> &dyn Directory {
+        &*self.memory
     }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         self.memory.add_membership(m).await?;
         Err((self.outcome)())
     }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.memory.remove_membership(m).await
-    }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.memory, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.memory.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
-    }
 }
 
 async fn grant_through(outcome: fn() -> DirectoryError) -> (TestBot, Arc<MemoryDirectory>) {
     let memory = seeded();
-    let dir: Arc<dyn Directory> = Arc::new(AddFailsAfterAPersonAdds {
+    let dir: Arc<dyn Directory> = Arc::new(Forward(AddFailsAfterAPersonAdds {
         memory: memory.clone(),
         outcome,
-    });
+    }));
     let bot = TestBot::builder().wrap(|_| dir).build();
     let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
     bot.ok("bob", &format!("approve {id}")).await;
@@ -627,15 +539,9 @@ impl LateAdd {
 }
 
 #[async_trait]
-impl Directory for LateAdd {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.memory.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.memory.membership_of(g, u).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.memory.has_membership(m).await
+impl Hooks for LateAdd {
+    fn inner(&self) -> &dyn Directory {
+        &*self.memory
     }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         self.on_the_wire.lock().unwrap().push(m.clone());
@@ -654,19 +560,6 @@ impl Directory for LateAdd {
         }
         self.memory.remove_membership(m).await
     }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.memory, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.memory.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
-    }
 }
 
 /// The re-check's settle delay in these tests.
@@ -674,13 +567,13 @@ const SETTLE: u64 = 30;
 
 /// alice's lease whose add got no answer, ended (its undo found nothing
 /// to remove), with the add still on the wire.
-async fn ended_with_an_add_on_the_wire() -> (TestBot, Arc<LateAdd>, Arc<MemoryDirectory>) {
+async fn ended_with_an_add_on_the_wire() -> (TestBot, Arc<Forward<LateAdd>>, Arc<MemoryDirectory>) {
     let memory = seeded();
-    let late = Arc::new(LateAdd {
+    let late = Arc::new(Forward(LateAdd {
         memory: memory.clone(),
         on_the_wire: Default::default(),
         failing_removals: AtomicU32::new(0),
-    });
+    }));
     let dir: Arc<dyn Directory> = late.clone();
     let bot = TestBot::builder()
         .wrap(|_| dir)
@@ -831,37 +724,15 @@ struct AnsweredAfterTheEnd {
 }
 
 #[async_trait]
-impl Directory for AnsweredAfterTheEnd {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.memory.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.memory.membership_of(g, u).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.memory.has_membership(m).await
+impl Hooks for AnsweredAfterTheEnd {
+    fn inner(&self) -> &dyn Directory {
+        &*self.memory
     }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         if let Some(clock) = self.clock.get() {
             clock.advance(Duration::hours(2));
         }
         self.memory.add_membership(m).await
-    }
-    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
-        self.memory.remove_membership(m).await
-    }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.memory, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.memory.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
     }
 }
 
@@ -874,10 +745,10 @@ impl Directory for AnsweredAfterTheEnd {
 #[tokio::test]
 async fn an_add_answered_after_its_lease_ran_out_arms_no_recheck_and_a_later_standing_membership_stays() {
     let memory = seeded();
-    let slow = Arc::new(AnsweredAfterTheEnd {
+    let slow = Arc::new(Forward(AnsweredAfterTheEnd {
         memory: memory.clone(),
         clock: std::sync::OnceLock::new(),
-    });
+    }));
     let dir: Arc<dyn Directory> = slow.clone();
     let bot = TestBot::builder()
         .wrap(|_| dir)

@@ -3,13 +3,13 @@
 //! directory call hangs, then reopening the store.
 
 use crate::support::bot::{policy, Backend, TestBot, DB, WEB};
+use crate::support::forward::{Forward, Hooks};
 use async_trait::async_trait;
 use chrono::Duration;
 use jitbot::directory::memory::MemoryDirectory;
-use jitbot::ports::{Added, Directory, DirectoryError, GroupMember, Membership};
+use jitbot::ports::{Added, Directory, DirectoryError, Membership};
 use jitbot::store::AuditCheck;
-use jitbot_core::{EndReason, GroupDn, LeaseState, UserId};
-use std::collections::BTreeSet;
+use jitbot_core::{EndReason, LeaseState, UserId};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -224,15 +224,9 @@ struct Hang {
 }
 
 #[async_trait]
-impl Directory for Hang {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.inner.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.inner.membership_of(g, u).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.inner.has_membership(m).await
+impl Hooks for Hang {
+    fn inner(&self) -> &dyn Directory {
+        &*self.inner
     }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         if self.at == "before-add" {
@@ -254,19 +248,6 @@ impl Directory for Hang {
         }
         Ok(())
     }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.inner, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.inner.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
-    }
 }
 
 crate::both_stores!(crash_during_grant_is_finished_on_restart);
@@ -275,10 +256,10 @@ crate::both_stores!(crash_during_grant_is_finished_on_restart);
 async fn crash_during_grant_is_finished_on_restart(backend: Backend) {
     for at in ["before-add", "after-add"] {
         let memory = crate::support::bot::seeded();
-        let hang: Arc<dyn Directory> = Arc::new(Hang {
+        let hang: Arc<dyn Directory> = Arc::new(Forward(Hang {
             inner: memory.clone(),
             at,
-        });
+        }));
         let bot = backend.builder().wrap(|_| hang).build();
         let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
         let text = format!("approve {id}");
@@ -312,10 +293,10 @@ crate::both_stores!(crash_during_revoke_is_finished_on_restart);
 async fn crash_during_revoke_is_finished_on_restart(backend: Backend) {
     for at in ["before-remove", "after-remove"] {
         let memory = crate::support::bot::seeded();
-        let hang: Arc<dyn Directory> = Arc::new(Hang {
+        let hang: Arc<dyn Directory> = Arc::new(Forward(Hang {
             inner: memory.clone(),
             at,
-        });
+        }));
         let bot = backend.builder().wrap(|_| hang).build();
         let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h x").await);
         bot.ok("bob", &format!("approve {id}")).await;
@@ -607,10 +588,10 @@ async fn leases_expiring_together_each_end_once() {
 #[tokio::test]
 async fn expiries_due_together_begin_in_one_commit_and_are_removed_at_once() {
     let memory = crate::support::bot::seeded();
-    let hang: Arc<dyn Directory> = Arc::new(Hang {
+    let hang: Arc<dyn Directory> = Arc::new(Forward(Hang {
         inner: memory.clone(),
         at: "after-remove",
-    });
+    }));
     let bot = TestBot::builder().wrap(|_| hang).build();
     for (user, group, hours) in [
         ("alice", "db-admins", 1),

@@ -7,6 +7,7 @@ pub mod fake_discord;
 pub mod fake_gateway;
 pub mod fake_slack;
 pub mod fake_socket_mode;
+pub mod forward;
 pub mod net;
 pub mod postgres;
 pub mod process;
