@@ -269,12 +269,15 @@ async fn bench_grant(server: &Slapd) {
     );
 }
 
-/// Writes `n` active leases (bulk, 10k per commit) expiring at `expiry(i)`.
+/// Writes `n` active leases (bulk, 2,000 per commit: a PostgreSQL
+/// transaction must not sit idle past the session's 5 s
+/// `idle_in_transaction_session_timeout` while a loaded machine builds a
+/// bigger one) expiring at `expiry(i)`.
 async fn seed_leases(store: &Store, n: usize, expiry: impl Fn(usize) -> chrono::DateTime<Utc>) {
     let p = policy(Span::from_hours(24 * 365));
     let group = &p.groups[0];
     let now = Utc::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
         store
             .update(now, |tx| {
                 for &i in chunk {
