@@ -25,7 +25,7 @@ use crate::store::leader::Window;
 use crate::store::{LeaseRecord, TimerKind, Tx};
 use jitbot_core::backoff::retry_delay;
 use jitbot_core::command::Action;
-use jitbot_core::{EndReason, LeaseId, LeaseState, Membership, Span};
+use jitbot_core::{EndReason, GroupDn, LeaseId, LeaseState, Membership, Span, UserId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -39,25 +39,70 @@ enum GrantStep {
     Waiting,
 }
 
-/// Per-lease locks: held while a lease's directory work runs.
+/// Locks taken around directory work: one per lease (held while a lease's
+/// directory work runs, [`Engine::drive`]) and one per membership (a user
+/// in a directory group), which keeps the re-check's removal of a late add
+/// and a grant's check and add of the same membership from overlapping
+/// (see `recheck.rs`). The re-check acts for a lease that has left its
+/// slot, so the slot rule cannot keep it apart from a new lease's grant.
+/// In-process: with replicas only the leader calls the directory.
 #[derive(Default)]
 pub(super) struct LeaseLocks {
-    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    leases: Named,
+    memberships: Named,
 }
 
 impl LeaseLocks {
-    fn get(&self, id: &LeaseId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(id.to_string()).or_default().clone()
+    /// Waits for lease `id`'s turn.
+    async fn lease(&self, id: &LeaseId) -> Turn<'_> {
+        self.leases.turn(id.to_string()).await
     }
 
-    /// Forgets the lock of `id` when nobody holds or waits for it. Every
-    /// clone is made under the map's mutex, so the count cannot rise here.
-    fn release(&self, id: &LeaseId, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        drop(lock);
-        if map.get(id.as_str()).is_some_and(|l| Arc::strong_count(l) == 1) {
-            map.remove(id.as_str());
+    /// Waits for the turn of `user`'s membership of directory group `dn`
+    /// (compared as the directory compares them: ASCII case ignored).
+    pub(super) async fn membership(&self, dn: &GroupDn, user: &UserId) -> Turn<'_> {
+        let key = format!("{}\n{}", dn.as_str().to_ascii_lowercase(), user.folded());
+        self.memberships.turn(key).await
+    }
+}
+
+/// Locks by name, made on first use and forgotten when nobody holds or
+/// waits for them.
+#[derive(Default)]
+struct Named {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Named {
+    async fn turn(&self, key: String) -> Turn<'_> {
+        let lock = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        Turn {
+            guard: Some(lock.lock_owned().await),
+            named: self,
+            key,
+        }
+    }
+}
+
+/// A held lock of [`Named`]: released when dropped (also when the task
+/// holding it is cancelled), and forgotten when nobody else waits for it.
+pub(super) struct Turn<'a> {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    named: &'a Named,
+    key: String,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        // Every clone is made under the map's mutex, so the count cannot
+        // rise between the release and the check.
+        let mut map = self.named.map.lock().unwrap_or_else(|p| p.into_inner());
+        self.guard.take();
+        if map.get(&self.key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(&self.key);
         }
     }
 }
@@ -136,13 +181,8 @@ impl Engine {
             }
             return Ok(());
         }
-        let lock = self.inner.lease_locks.get(id);
-        let result = {
-            let _turn = lock.lock().await;
-            self.drive_locked(id).await
-        };
-        self.inner.lease_locks.release(id, lock);
-        result
+        let _turn = self.inner.lease_locks.lease(id).await;
+        self.drive_locked(id).await
     }
 
     async fn drive_locked(&self, id: &LeaseId) -> Result<(), EngineError> {
@@ -239,8 +279,15 @@ impl Engine {
         // Only the add that follows jitbot's own membership check can tell
         // that "already there" means somebody else.
         let first_add = rec.lease.preexisting.is_none();
+        // The membership's turn, from the check through the commit of the
+        // add's answer: a re-check removing a late add of the same
+        // membership (an ended lease's) finishes first, or starts after.
+        let _turn;
         let membership = match (rec.lease.preexisting, rec.lease.membership.clone()) {
-            (Some(_), Some(m)) => m,
+            (Some(_), Some(m)) => {
+                _turn = self.inner.lease_locks.membership(&m.group, &rec.lease.user).await;
+                m
+            }
             _ => {
                 // The only moment today's configuration is read for a lease:
                 // which group DN, and which value stands for the user.
@@ -256,6 +303,7 @@ impl Engine {
                     Err(e) if e.is_transient() => return Ok(Err(e)),
                     Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
+                _turn = self.inner.lease_locks.membership(&m.group, &rec.lease.user).await;
                 let was_member = match self.bounded("check", dir.has_membership(&m)).await {
                     Ok(was) => was,
                     Err(e) if e.is_transient() => return Ok(Err(e)),

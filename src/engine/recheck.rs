@@ -17,6 +17,12 @@
 //! is write-ahead like any revocation: `lease.late_add_found` is committed,
 //! with the timer moved out for a retry, before the modify; the timer is
 //! dropped only once the removal is read back (`lease.late_add_removed`).
+//!
+//! The lease re-checked has left its slot, so the slot rule does not keep
+//! the re-check apart from a new lease of the same user and group: the
+//! two take turns under the membership's lock (`LeaseLocks::membership`),
+//! and the membership goes to a live lease only once that lease is
+//! `Active` (a revoking one may have made its removal already).
 
 use super::audit::{about_lease, AuditAction};
 use super::{notice, Engine, EngineError, ENGINE_ACTOR};
@@ -36,6 +42,17 @@ enum Found {
     /// group took it for standing: it may be this lease's add arriving
     /// late, so that lease now claims it and removes it at its end.
     ClaimedBy(LeaseId),
+}
+
+/// What the live lease of the same user and group does with the membership.
+enum Heir {
+    /// Its grant has not settled, or its removal may already be made:
+    /// the re-check looks again later.
+    NotYet,
+    /// Active and owning the membership: it removes it at its end.
+    Owns,
+    /// Active and holding it as standing: it claims it now.
+    Claims,
 }
 
 impl Engine {
@@ -116,6 +133,12 @@ impl Engine {
             // Nothing of jitbot's to look for.
             return self.recheck_done(&id, None).await;
         };
+        // The membership's turn, from the look through the commit of the
+        // removal's read-back: a new lease's grant checks it before the
+        // removal is sent, or after it is read back, never while it is
+        // on its way (it would take the late add for standing, then lose
+        // it to the removal).
+        let _turn = self.inner.lease_locks.membership(&m.group, &rec.lease.user).await;
         let dir = &self.inner.directory;
         let present = self.directory_result(self.bounded("re-check", dir.has_membership(&m)).await)?;
         if !present {
@@ -181,31 +204,26 @@ impl Engine {
     }
 
     /// The membership is there and live lease `holder` of the same user and
-    /// group holds the slot. A holder that owns it removes it at its end; a
-    /// holder that found it standing may have found this lease's late add,
-    /// so it claims it (audited `lease.add_ambiguous`, as any membership
-    /// whose owner cannot be told); a holder that has not looked yet is
-    /// waited for.
+    /// group holds the slot. An active holder that owns it removes it at
+    /// its end; an active holder that found it standing may have found
+    /// this lease's late add, so it claims it (audited `lease.add_ambiguous`,
+    /// as any membership whose owner cannot be told). A holder that has
+    /// not settled its grant yet is waited for, and so is a revoking one:
+    /// its removal may already be made, so it is no heir; once it has
+    /// ended, the next look finds no live lease and removes the late add.
+    /// An `Active` holder at this commit removes later: its `Active` →
+    /// `Revoking` commit comes first, and the removal reads the lease
+    /// after it.
     async fn leave_to(&self, id: &LeaseId, holder: &LeaseId) -> Result<(), EngineError> {
         let settle = self.settle();
         let live = [LeaseState::Granting, LeaseState::Active, LeaseState::Revoking];
         let ours = id.clone();
-        let claimed = self
+        let heir = self
             .transition(holder, &live, |tx, rec| {
+                let settled = rec.lease.state == LeaseState::Active;
                 Ok(match rec.lease.preexisting {
-                    // Not checked yet, or checked and its add not answered
-                    // yet: that answer ("already there" would make the
-                    // membership standing to it) decides; look again.
-                    None => {
-                        tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
-                        None
-                    }
-                    Some(false) if rec.lease.state == LeaseState::Granting => {
-                        tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
-                        None
-                    }
-                    Some(false) => Some(false),
-                    Some(true) => {
+                    Some(false) if settled => Heir::Owns,
+                    Some(true) if settled => {
                         rec.lease.preexisting = Some(false);
                         tx.audit(
                             about_lease(ENGINE_ACTOR, AuditAction::LeaseAddAmbiguous, &rec.lease).detail(
@@ -216,18 +234,25 @@ impl Engine {
                                 ),
                             ),
                         );
-                        Some(true)
+                        Heir::Claims
+                    }
+                    // Not checked yet, its add not answered yet ("already
+                    // there" would make the membership standing to it), or
+                    // its removal possibly made: look again later.
+                    _ => {
+                        tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
+                        Heir::NotYet
                     }
                 })
             })
             .await?;
-        match claimed {
+        match heir {
             // It left the live states meanwhile: look again.
             None => Ok(()),
             // Not settled yet: the timer moved out above.
-            Some(None) => Ok(()),
-            Some(Some(false)) => self.recheck_done(id, Some(Found::HeldBy(holder.clone()))).await,
-            Some(Some(true)) => {
+            Some(Heir::NotYet) => Ok(()),
+            Some(Heir::Owns) => self.recheck_done(id, Some(Found::HeldBy(holder.clone()))).await,
+            Some(Heir::Claims) => {
                 self.recheck_done(id, Some(Found::ClaimedBy(holder.clone())))
                     .await
             }

@@ -1,7 +1,10 @@
 //! The re-check after an add that got no answer (`src/engine/recheck.rs`)
 //! against the fourth review of issue 16 (brk16d): a late add that lands
-//! while a new lease of the same user and group is being granted, and an
-//! add sent before a restart whose retry was answered. The in-memory
+//! while a new lease of the same user and group is being granted, an add
+//! sent before a restart whose retry was answered, a new lease granted
+//! while the re-check's removal is on its way (or recorded before a
+//! restart), and a late add found while the live lease's removal may
+//! already be made. The in-memory
 //! directory sits behind a [`Wire`] the test controls: an add can be held
 //! on the wire and land later, or hang unanswered.
 
@@ -182,6 +185,21 @@ async fn fire_rechecks(bot: &TestBot) {
     assert_eq!(fired, 1, "one re-check was due");
 }
 
+/// Fires the due `Recheck` timer on a task of its own (the test holds its
+/// removal at the gate).
+fn fire_the_recheck_on_a_task(bot: &TestBot) -> tokio::task::JoinHandle<()> {
+    let engine = bot.engine.clone();
+    let due = bot
+        .engine
+        .store()
+        .due_timers(bot.engine.now(), 1000)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.kind == TimerKind::Recheck)
+        .expect("the re-check is due");
+    tokio::spawn(async move { engine.fire(due).await })
+}
+
 /// Approves request `id` as bob on a task of its own (the approval
 /// drives the grant, which the test holds at the gate).
 fn approve_on_a_task(bot: &TestBot, id: &str) -> tokio::task::JoinHandle<jitbot::engine::Reply> {
@@ -196,8 +214,9 @@ fn approve_on_a_task(bot: &TestBot, id: &str) -> tokio::task::JoinHandle<jitbot:
 /// lease's re-check falls due while L2's add is unanswered. The re-check
 /// once left the membership to L2 and dropped itself; L2's add was then
 /// answered "already there", L2 took it for a person's, and nobody removed
-/// it. The re-check now waits until L2's grant has settled, then finds L2
-/// holding it as standing and makes L2 claim it, so L2's end removes it.
+/// it. The re-check now waits until L2's grant has settled (it takes the
+/// membership's turn after L2's add is answered), then finds L2 holding it
+/// as standing and makes L2 claim it, so L2's end removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_add_landing_between_a_new_leases_check_and_its_add_is_claimed_by_that_lease() {
     let (bot, wire, memory) = wired_bot();
@@ -208,15 +227,17 @@ async fn a_late_add_landing_between_a_new_leases_check_and_its_add_is_claimed_by
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
     let approving = approve_on_a_task(&bot, &id);
     wire.wait_at_gate(1).await;
-    // The first lease's add lands; its re-check falls due and runs.
+    // The first lease's add lands; its re-check falls due and waits for
+    // the membership's turn while L2's add is unanswered.
     wire.land().await;
     assert!(memory.members(WEB).contains("alice"));
     bot.advance(Duration::seconds(SETTLE + 1));
-    fire_rechecks(&bot).await;
+    let rechecking = fire_the_recheck_on_a_task(&bot);
     // L2's add arrives: "already there".
     wire.open();
     let reply = approving.await.unwrap();
     assert!(reply.ok, "the approval: {}", reply.text);
+    rechecking.await.unwrap();
     assert!(memory.members(WEB).contains("alice"));
 
     // L2 runs out.
@@ -283,4 +304,186 @@ async fn an_add_sent_before_a_restart_that_lands_after_the_lease_ended_is_rechec
         rechecks(&bot),
         bot.audit_actions()
     );
+}
+
+/// Review brk16d, finding 3: the first lease's add landed late; its
+/// re-check falls due, finds the membership and no live lease, records
+/// `lease.late_add_found` and sends the removal. While the removal is on
+/// its way, alice's new request is approved. Her new lease L2's check
+/// once found the membership (the late add, not yet removed) and took it
+/// for standing, so L2 added nothing and went active ("You have
+/// `web-admins` until …"); then the re-check's removal landed: alice held
+/// an active lease and was not in the group, and L2, taking it for
+/// standing, never added it back. The re-check acts for a lease that left
+/// the slot, so the slot rule cannot keep the two apart: the re-check's
+/// removal and a grant's check and add of the same membership now take
+/// turns, and L2 checks after the removal, finds nothing and adds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_lease_granted_while_a_recheck_removes_a_late_add_keeps_its_membership() {
+    let (bot, wire, memory) = wired_bot();
+    an_add_on_the_wire(&bot, &wire, &memory).await;
+    wire.land().await;
+
+    // The re-check's removal waits on its way.
+    wire.gate_removals.store(true, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE + 1));
+    let rechecking = fire_the_recheck_on_a_task(&bot);
+    wire.wait_at_gate(1).await;
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+
+    // alice's new lease is approved meanwhile. Its grant is given a second
+    // to run ahead of the removal (before the fix it did: it found the late
+    // add, took it for standing and went active).
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    let mut approving = approve_on_a_task(&bot, &id);
+    let early = tokio::time::timeout(std::time::Duration::from_secs(1), &mut approving).await;
+    // The removal lands.
+    wire.open();
+    rechecking.await.unwrap();
+    let reply = match early {
+        Ok(reply) => reply.unwrap(),
+        Err(_) => approving.await.unwrap(),
+    };
+    assert!(reply.ok, "the approval: {}", reply.text);
+    bot.run_due().await;
+
+    let live = bot.engine.store().live_leases().unwrap();
+    assert_eq!(live.len(), 1, "alice's new lease: {live:?}");
+    assert_eq!(live[0].lease.state, LeaseState::Active);
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "alice's new lease {} is active (she was told she has web-admins until {}), yet she is not \
+         in web-admins: the first lease's re-check removed it after the new lease took it for standing; \
+         audit: {:?}",
+        live[0].lease.id,
+        live[0].lease.expires_at,
+        bot.audit_actions()
+    );
+    assert_eq!(
+        live[0].lease.preexisting,
+        Some(false),
+        "the new lease added the membership itself, after the removal"
+    );
+    // The new lease ends and removes what it added; nothing is left over.
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(!memory.members(WEB).contains("alice"));
+    assert_eq!(rechecks(&bot), 0);
+}
+
+/// The crash between finding 3's two steps: the re-check records
+/// `lease.late_add_found` and jitbot stops before the modify is sent.
+/// After the restart, alice's new lease L2 is granted before the
+/// re-check's retry: its check finds the late add and takes it for
+/// standing. The retried re-check then finds L2 holding the membership as
+/// standing and makes it claim it (`lease.add_ambiguous`): alice keeps
+/// web-admins while L2 lasts, and L2's end removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_add_whose_removal_was_recorded_before_a_restart_is_claimed_by_the_next_lease() {
+    let (bot, wire, memory) = wired_bot();
+    an_add_on_the_wire(&bot, &wire, &memory).await;
+    wire.land().await;
+
+    // The re-check records the removal; jitbot stops before the modify.
+    wire.gate_removals.store(true, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE + 1));
+    let rechecking = fire_the_recheck_on_a_task(&bot);
+    wire.wait_at_gate(1).await;
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+    rechecking.abort();
+    assert!(
+        rechecking.await.is_err(),
+        "the re-check was stopped before its modify"
+    );
+    let directory: Arc<dyn Directory> = wire.clone();
+    let bot = bot.restart(directory, crate::support::bot::policy());
+    assert!(memory.members(WEB).contains("alice"), "no removal was made");
+    assert_eq!(rechecks(&bot), 1, "the re-check is kept for its retry");
+
+    // alice's new lease is granted before the re-check's retry is due.
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
+    assert_eq!(l2.state, LeaseState::Active);
+    assert_eq!(l2.preexisting, Some(true), "L2 took the late add for standing");
+
+    // The re-check's retry: L2 claims the membership.
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+    assert_eq!(rechecks(&bot), 0, "the re-check is done");
+    let l2 = bot.engine.store().lease(&l2.id).unwrap().unwrap().lease;
+    assert_eq!(l2.state, LeaseState::Active);
+    assert_eq!(
+        l2.preexisting,
+        Some(false),
+        "L2 claims the membership; audit: {:?}",
+        bot.audit_actions()
+    );
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "alice keeps it while L2 lasts"
+    );
+
+    // L2 ends and removes it.
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "both of alice's leases ended, yet she is in web-admins; audit: {:?}",
+        bot.audit_actions()
+    );
+}
+
+/// Review brk16d, finding 4: the first lease's add is on the wire;
+/// alice's second lease L2 is granted (its own add, answered) and she
+/// releases it. L2's removal is made by the directory, and while its
+/// answer is on the way back the first add lands and the first lease's
+/// re-check falls due: it finds the membership and L2 live (revoking) and
+/// owning it. It once dropped itself there ("held by live lease L2; left
+/// to that lease"), but L2's removal had already been made: L2 ended
+/// "membership removed", and the late add stayed with nobody to remove
+/// it. A holder whose removal may be behind it is no heir: the re-check
+/// waits until L2 has ended, looks again, finds no live lease and removes
+/// the late add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_add_is_not_left_to_a_lease_whose_removal_may_already_be_made() {
+    let (bot, wire, memory) = wired_bot();
+    an_add_on_the_wire(&bot, &wire, &memory).await;
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert!(memory.members(WEB).contains("alice"), "L2 granted");
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.id.to_string();
+
+    // alice releases L2; the directory removes the value, and the answer
+    // is on its way back.
+    wire.gate_removal_answers.store(true, Ordering::SeqCst);
+    let releasing = {
+        let engine = bot.engine.clone();
+        let cmd = Command::parse(&format!("release {l2}")).unwrap();
+        tokio::spawn(async move { engine.execute(&Caller::new("alice", None), cmd).await })
+    };
+    wire.wait_at_gate(1).await;
+    assert!(!memory.members(WEB).contains("alice"), "L2's removal is made");
+    // The first lease's add lands; its re-check falls due and runs.
+    wire.land().await;
+    bot.advance(Duration::seconds(SETTLE + 1));
+    fire_rechecks(&bot).await;
+    // L2's removal is answered: L2 ends.
+    wire.open();
+    let reply = releasing.await.unwrap();
+    assert!(reply.ok, "the release: {}", reply.text);
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    let leases = bot.engine.store().leases().unwrap();
+    assert!(leases.iter().all(|l| l.lease.state == LeaseState::Ended));
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "both of alice's leases ended, yet the first lease's late add stays in web-admins with nothing to \
+         remove it (re-checks left {}); audit: {:?}",
+        rechecks(&bot),
+        bot.audit_actions()
+    );
+    assert_eq!(rechecks(&bot), 0);
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_removed"));
 }
