@@ -9,14 +9,14 @@
 //! on the wire and land later, or hang unanswered.
 
 use crate::support::bot::{seeded, TestBot, WEB};
+use crate::support::forward::{Forward, Hooks};
 use async_trait::async_trait;
 use chrono::Duration;
 use jitbot::directory::memory::MemoryDirectory;
 use jitbot::engine::Caller;
-use jitbot::ports::{Added, Directory, DirectoryError, GroupMember};
+use jitbot::ports::{Added, Directory, DirectoryError};
 use jitbot::store::TimerKind;
-use jitbot_core::{Command, GroupDn, LeaseState, Membership, Span, UserId};
-use std::collections::BTreeSet;
+use jitbot_core::{Command, LeaseState, Membership, Span};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -40,8 +40,8 @@ struct Wire {
 }
 
 impl Wire {
-    fn new(memory: Arc<MemoryDirectory>) -> Arc<Wire> {
-        Arc::new(Wire {
+    fn new(memory: Arc<MemoryDirectory>) -> Arc<Forward<Wire>> {
+        Arc::new(Forward(Wire {
             memory,
             held: Mutex::new(Vec::new()),
             hold_adds: AtomicU32::new(0),
@@ -51,7 +51,7 @@ impl Wire {
             gate_removal_answers: AtomicBool::new(false),
             at_gate: AtomicU32::new(0),
             gate: tokio::sync::Semaphore::new(0),
-        })
+        }))
     }
 
     /// The adds held on the wire reach the directory now.
@@ -88,15 +88,9 @@ impl Wire {
 }
 
 #[async_trait]
-impl Directory for Wire {
-    async fn find_user(&self, a: &str, v: &str) -> Result<Option<UserId>, DirectoryError> {
-        self.memory.find_user(a, v).await
-    }
-    async fn membership_of(&self, g: &GroupDn, u: &UserId) -> Result<Membership, DirectoryError> {
-        self.memory.membership_of(g, u).await
-    }
-    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
-        self.memory.has_membership(m).await
+impl Hooks for Wire {
+    fn inner(&self) -> &dyn Directory {
+        &*self.memory
     }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
         let hold = self
@@ -125,26 +119,13 @@ impl Directory for Wire {
         self.pass_gate(&self.gate_removal_answers).await;
         removed
     }
-    async fn members(&self, g: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
-        Directory::members(&*self.memory, g).await
-    }
-    async fn groups_of(
-        &self,
-        u: &UserId,
-        among: &BTreeSet<GroupDn>,
-    ) -> Result<BTreeSet<GroupDn>, DirectoryError> {
-        self.memory.groups_of(u, among).await
-    }
-    async fn ping(&self) -> Result<(), DirectoryError> {
-        Ok(())
-    }
 }
 
 /// The re-check's settle delay in these tests.
 const SETTLE: i64 = 30;
 
 /// A sled bot on a [`Wire`] directory, with its memory.
-fn wired_bot() -> (TestBot, Arc<Wire>, Arc<MemoryDirectory>) {
+fn wired_bot() -> (TestBot, Arc<Forward<Wire>>, Arc<MemoryDirectory>) {
     let memory = seeded();
     let wire = Wire::new(memory.clone());
     let dir: Arc<dyn Directory> = wire.clone();
