@@ -16,6 +16,11 @@
 //! calls have ended or been abandoned by then) until the step-down point,
 //! two thirds of a term after its last renewal began, and no directory
 //! call of it outlives that point.
+//!
+//! A replica that cannot commit does not lead: when its commit and pull
+//! session has had no answer for two thirds of a term
+//! (`Store::commits_unanswered`), it declines the term and gives up the
+//! one it holds, until that session answers again.
 
 use super::{Store, StoreError};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1841,3 +1841,29 @@ pub(super) fn copy_into(
         Ok(counts)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Heard;
+
+    #[test]
+    fn a_session_answers_until_a_round_trip_fails_without_an_answer() {
+        let heard = Heard::default();
+        assert_eq!(heard.silence(), None, "nothing asked yet");
+        heard.asking();
+        assert_eq!(heard.silence(), None, "a round trip under way, well within a lock's wait");
+        heard.settled(true);
+        assert_eq!(heard.silence(), None, "it came back");
+        heard.asking();
+        heard.settled(false);
+        let first = heard.silence().expect("a round trip failed without an answer");
+        heard.asking();
+        heard.settled(false);
+        let second = heard.silence().expect("and the next one too");
+        assert!(second >= first, "counted from the first unanswered round trip");
+        heard.asking();
+        assert!(heard.silence().is_some(), "a retry under way does not hide the failure");
+        heard.answered();
+        assert_eq!(heard.silence(), None, "answered again");
+    }
+}
