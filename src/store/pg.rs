@@ -25,7 +25,9 @@
 //! `block_on` there. A caller waits for the database on its own thread, as
 //! it waits for the writer lock.
 
-use super::kv::{Backend, Bookkeeping, Change, Commit, Durability, Election, Staged, TreeId, Trees, GENERATION};
+use super::kv::{
+    Backend, Bookkeeping, Change, Commit, Durability, Election, Staged, TreeId, Trees, GENERATION,
+};
 use super::{Store, StoreError};
 use crate::secret::Secret;
 use std::any::Any;
@@ -219,8 +221,8 @@ impl Heard {
     }
 }
 
-/// Whether the session is still there after a round trip failed: the
-/// server sent the error (it answered), rather than the link breaking.
+/// Whether the session is still there after a round trip: it came back
+/// (an error the server sent included), rather than the link breaking.
 fn came_back(client: &postgres::Client) -> bool {
     !client.is_closed()
 }
@@ -1256,7 +1258,16 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
                 reply,
             } => {
                 let locked = conn.once_more(|client| {
-                    in_transaction(client, since.clone(), size, stream_big, &rows, &reply, &inbox, heard)
+                    in_transaction(
+                        client,
+                        since.clone(),
+                        size,
+                        stream_big,
+                        &rows,
+                        &reply,
+                        &inbox,
+                        heard,
+                    )
                 });
                 heard.settled(conn.open());
                 if let Err(e) = locked {
@@ -1269,7 +1280,8 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
                 rows,
                 reply,
             } => {
-                let read = conn.once_more(|client| snapshot(client, since.clone(), size, &rows, &reply, heard));
+                let read =
+                    conn.once_more(|client| snapshot(client, since.clone(), size, &rows, &reply, heard));
                 heard.settled(conn.open());
                 if let Err(e) = read {
                     let _ = reply.send(Err(e));
@@ -1851,7 +1863,11 @@ mod tests {
         let heard = Heard::default();
         assert_eq!(heard.silence(), None, "nothing asked yet");
         heard.asking();
-        assert_eq!(heard.silence(), None, "a round trip under way, well within a lock's wait");
+        assert_eq!(
+            heard.silence(),
+            None,
+            "a round trip under way, well within a lock's wait"
+        );
         heard.settled(true);
         assert_eq!(heard.silence(), None, "it came back");
         heard.asking();
@@ -1862,7 +1878,10 @@ mod tests {
         let second = heard.silence().expect("and the next one too");
         assert!(second >= first, "counted from the first unanswered round trip");
         heard.asking();
-        assert!(heard.silence().is_some(), "a retry under way does not hide the failure");
+        assert!(
+            heard.silence().is_some(),
+            "a retry under way does not hide the failure"
+        );
         heard.answered();
         assert_eq!(heard.silence(), None, "answered again");
     }

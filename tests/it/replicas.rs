@@ -890,10 +890,14 @@ async fn a_replica_that_cannot_commit_is_not_ready_and_gives_up_its_leadership()
         tail_matching(&bot.log_text(), &["leadership", "this replica leads"])
     );
     // Its commits reach the database again: it is ready, and leads again.
-    crate::support::net::eventually(Duration::from_secs(20), "the replica is ready and leads again", || {
-        let log = bot.log_text();
-        (log.matches("this replica leads").count() >= 2).then_some(())
-    })
+    crate::support::net::eventually(
+        Duration::from_secs(20),
+        "the replica is ready and leads again",
+        || {
+            let log = bot.log_text();
+            (log.matches("this replica leads").count() >= 2).then_some(())
+        },
+    )
     .await;
     let resp = http
         .get(format!("{}/readyz", bot.admin_base))
