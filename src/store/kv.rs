@@ -225,8 +225,9 @@ impl<'s> Staged<'s> {
     /// sled transaction or batch would pin sled's epoch for all of them:
     /// see `pg.rs`'s `reload`). Called with the writer lock held and the
     /// reader gate closed ([`Store::applying`]).
-    pub(super) fn apply(&self) -> Result<(), StoreError> {
+    pub(super) fn apply(&self) -> Result<usize, StoreError> {
         let trees = self.store.inner.trees();
+        let mut applied = 0;
         for row in self.rows.iter() {
             let (key, value) = row?;
             let Some((tree, key)) = key
@@ -241,8 +242,9 @@ impl<'s> Staged<'s> {
                 Some((1, v)) => trees.get(tree).insert(key, v)?,
                 _ => trees.get(tree).remove(key)?,
             };
+            applied += 1;
         }
-        Ok(())
+        Ok(applied)
     }
 }
 

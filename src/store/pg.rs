@@ -918,17 +918,26 @@ fn apply_streamed(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<boo
     }
     forget_position(store)?;
     let readers_wait = store.applying()?;
+    let started = std::time::Instant::now();
     let applied = staged
         .apply()
-        .and_then(|()| apply(store, &[], head.version, None, head.commit_id.as_deref()));
-    if let Err(e) = applied {
-        // Half applied, and the local store failing: fail closed; the
-        // restart reloads (the mirror has no position).
-        let why = format!("the local mirror could not take a catch-up from PostgreSQL ({e})");
-        let _ = store.inner.failed.set(why.clone());
-        return Err(StoreError::Failed(why));
-    }
+        .and_then(|rows| apply(store, &[], head.version, None, head.commit_id.as_deref()).map(|()| rows));
+    let rows = match applied {
+        Ok(rows) => rows,
+        Err(e) => {
+            // Half applied, and the local store failing: fail closed; the
+            // restart reloads (the mirror has no position).
+            let why = format!("the local mirror could not take a catch-up from PostgreSQL ({e})");
+            let _ = store.inner.failed.set(why.clone());
+            return Err(StoreError::Failed(why));
+        }
+    };
     drop(readers_wait);
+    tracing::info!(
+        rows,
+        readers_waited_ms = started.elapsed().as_millis(),
+        "applied a big catch-up from PostgreSQL to the mirror; reads waited for it"
+    );
     Ok(true)
 }
 
