@@ -100,10 +100,21 @@ async fn check_ready(state: &HttpState) -> Result<(), String> {
 }
 
 /// Whether the store answers. A replica on PostgreSQL that the database
-/// stopped answering can commit nothing, so it must not take traffic: its
-/// leadership statements, asked every few seconds on a connection of their
-/// own, say whether the database answers it.
+/// stopped answering can commit nothing, so it must not take traffic. It
+/// talks to the database on two sessions, and both must answer: the one
+/// every commit and every refresh (each second) goes through
+/// (`Store::commits_unanswered`: a round trip failed without an answer
+/// since the last one came back, or one has hung longer than a lock may
+/// take), and the leadership's, asked every few seconds on a connection of
+/// its own (`Store::database_answers`).
 fn store_up(store: &crate::store::Store) -> Result<(), String> {
+    if let Some(silent) = store.commits_unanswered() {
+        return Err(format!(
+            "store unavailable: PostgreSQL has not answered this replica's commits and pulls for {:.1} s (its \
+             session ended and no new one is let in, or it hangs; see the log)",
+            silent.as_secs_f64()
+        ));
+    }
     if store.database_answers() == Some(false) {
         return Err(
             "store unavailable: PostgreSQL does not answer this replica (its leadership statements fail; see the log)"

@@ -584,6 +584,7 @@ impl Store {
 
     /// The chain's head: the anchor to publish.
     pub fn audit_head(&self) -> Result<Anchor, StoreError> {
+        let _whole = self.reading();
         parse_head(self.tree(TreeId::Meta).get(AUDIT_HEAD)?.as_deref())
     }
 

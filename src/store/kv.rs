@@ -14,7 +14,10 @@
 //!
 //! The trees are read through [`Store::tree`], in their current
 //! generation ([`Trees`]): a mirror reload fills the next one and swaps
-//! it in whole, so readers never see it half-done.
+//! it in whole, so readers never see it half-done. A big catch-up is
+//! staged ([`Staged`]) and then applied in place behind the reader gate
+//! ([`Store::reading`], [`Store::applying`]), so readers never see it
+//! half-done either.
 
 use super::{Store, StoreError};
 use sled::transaction::{
@@ -22,9 +25,9 @@ use sled::transaction::{
 };
 use sled::{IVec, Transactional};
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 /// A transaction closure's error: sled's conflict, or a store error that
@@ -102,7 +105,7 @@ impl TreeId {
         }
     }
 
-    fn index(self) -> usize {
+    pub(super) fn index(self) -> usize {
         TreeId::ALL.iter().position(|t| *t == self).unwrap_or(0)
     }
 }
@@ -150,6 +153,8 @@ impl Trees {
                 db.drop_tree(&stored)?;
             }
         }
+        // What a catch-up staged before a crash: it starts again.
+        db.drop_tree(STAGED)?;
         Trees::open(db, generation)
     }
 
@@ -168,6 +173,104 @@ impl Trees {
             db.drop_tree(t.stored_name(generation))?;
         }
         Ok(())
+    }
+}
+
+/// The sled tree a big catch-up stages its rows in ([`Staged`]); never
+/// read by anything else, dropped once applied and at every open.
+const STAGED: &str = "mirror_staged";
+
+/// A big catch-up's changes, held on disk (the `mirror_staged` tree, one
+/// insert per row, so memory stays bounded) until every chunk has come,
+/// then applied to the current generation in place behind the reader
+/// gate. Staging first means a stream that breaks leaves the mirror as it
+/// was, whole, at its old position; and the readers wait only for the
+/// local apply, never for the database. Dropping it drops the tree.
+pub(super) struct Staged<'s> {
+    store: &'s Store,
+    rows: sled::Tree,
+}
+
+impl<'s> Staged<'s> {
+    /// An empty staging tree (whatever an earlier catch-up of this process
+    /// left there is dropped first).
+    pub(super) fn new(store: &'s Store) -> Result<Staged<'s>, StoreError> {
+        store.inner.db.drop_tree(STAGED)?;
+        let rows = store.inner.db.open_tree(STAGED)?;
+        Ok(Staged { store, rows })
+    }
+
+    /// Stages `changes`, one row at a time (a later change of a key
+    /// replaces an earlier one).
+    pub(super) fn put(&self, changes: &[Change]) -> Result<(), StoreError> {
+        for c in changes {
+            let mut key = Vec::with_capacity(c.key.len() + 1);
+            key.push(c.tree.index() as u8);
+            key.extend_from_slice(&c.key);
+            let value = match &c.value {
+                Some(v) => {
+                    let mut staged = Vec::with_capacity(v.len() + 1);
+                    staged.push(1);
+                    staged.extend_from_slice(v);
+                    staged
+                }
+                None => vec![0],
+            };
+            self.rows.insert(key, value)?;
+        }
+        Ok(())
+    }
+
+    /// Applies every staged row to the current generation, row by row (a
+    /// sled transaction or batch would pin sled's epoch for all of them:
+    /// see `pg.rs`'s `reload`). Called with the writer lock held and the
+    /// reader gate closed ([`Store::applying`]).
+    pub(super) fn apply(&self) -> Result<usize, StoreError> {
+        let trees = self.store.inner.trees();
+        let mut applied = 0;
+        for row in self.rows.iter() {
+            let (key, value) = row?;
+            let Some((tree, key)) = key
+                .split_first()
+                .and_then(|(t, k)| Some((*TreeId::ALL.get(usize::from(*t))?, k)))
+            else {
+                return Err(StoreError::Io(
+                    "a staged catch-up holds a row of no known tree; report this bug".into(),
+                ));
+            };
+            match value.split_first() {
+                Some((1, v)) => trees.get(tree).insert(key, v)?,
+                _ => trees.get(tree).remove(key)?,
+            };
+            applied += 1;
+        }
+        Ok(applied)
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.inner.db.drop_tree(STAGED) {
+            tracing::warn!(error = %e, "cannot drop a staged catch-up of the mirror; it is dropped at the next one");
+        }
+    }
+}
+
+thread_local! {
+    /// How many reader-gate guards ([`Reading`]) this thread holds: a read
+    /// inside a read does not wait at the gate again (a writer waiting
+    /// there would make it wait for itself).
+    static READING: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A read call's hold on the reader gate ([`Store::reading`]).
+pub(super) struct Reading<'s> {
+    _gate: Option<RwLockReadGuard<'s, ()>>,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        READING.with(|n| n.set(n.get().saturating_sub(1)));
     }
 }
 
@@ -430,6 +533,41 @@ impl Store {
     /// One tree of the current generation.
     pub(super) fn tree(&self, id: TreeId) -> TreeRef {
         self.inner.tree(id)
+    }
+
+    /// Holds the reader gate open for one read call of a reader outside
+    /// the writer lock (the admin API, `/jit list`, the dashboard, the
+    /// gauges, the outbox worker): while a big catch-up is applied in
+    /// place ([`Store::applying`]) the call waits for it, so it sees the
+    /// mirror before or after it, never half-way. Taken per call, and per
+    /// item of a lazy iterator, never across one: a slow consumer must not
+    /// hold up every writer. A read inside a read takes nothing more.
+    pub(super) fn reading(&self) -> Reading<'_> {
+        let nested = READING.with(|n| {
+            let held = n.get();
+            n.set(held + 1);
+            held > 0
+        });
+        let gate = if nested {
+            None
+        } else {
+            Some(self.inner.gate.read().unwrap_or_else(|p| p.into_inner()))
+        };
+        Reading { _gate: gate }
+    }
+
+    /// Closes the reader gate while a big catch-up is applied in place
+    /// (`pg.rs`): read calls wait until the guard is dropped. Called with
+    /// the writer lock held; refused inside a read call of this thread,
+    /// which it would wait for forever.
+    pub(super) fn applying(&self) -> Result<RwLockWriteGuard<'_, ()>, StoreError> {
+        if READING.with(Cell::get) > 0 {
+            return Err(StoreError::Io(
+                "a catch-up of the mirror was started inside a read of it; nothing was applied, report this bug"
+                    .into(),
+            ));
+        }
+        Ok(self.inner.gate.write().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Makes `next` the current generation: readers from now on read it;

@@ -16,6 +16,11 @@
 //! calls have ended or been abandoned by then) until the step-down point,
 //! two thirds of a term after its last renewal began, and no directory
 //! call of it outlives that point.
+//!
+//! A replica that cannot commit does not lead: when its commit and pull
+//! session has had no answer for two thirds of a term
+//! (`Store::commits_unanswered`), it declines the term and gives up the
+//! one it holds, until that session answers again.
 
 use super::{Store, StoreError};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +46,10 @@ pub(super) struct Leadership {
     /// When this replica last asked the database for the leadership, with
     /// the term asked for, and whether it answered ([`Store::database_answers`]).
     contact: Mutex<Option<Contact>>,
+    /// Whether this replica declines the leadership because its commits do
+    /// not reach the database ([`Store::lead`]): said once, and once again
+    /// when they do.
+    declined: AtomicBool,
 }
 
 #[derive(Clone, Copy)]
@@ -104,6 +113,14 @@ impl Store {
                 let leadership = &self.inner.leadership;
                 leadership.joined.store(true, Ordering::SeqCst);
                 *leadership.holder.lock().unwrap_or_else(|p| p.into_inner()) = Some(holder.to_string());
+                if let Some(silent) = self.commits_unanswered().filter(|s| *s > ttl * 2 / 3) {
+                    return self.decline(holder, ttl, silent);
+                }
+                if leadership.declined.swap(false, Ordering::SeqCst) {
+                    tracing::info!(
+                        "this replica's commit session answers PostgreSQL again; it may lead again"
+                    );
+                }
                 if let Some(why) = self.cannot_append_audit()? {
                     tracing::error!(error = %why, "this replica does not lead");
                     let held = leadership
@@ -149,6 +166,37 @@ impl Store {
                 Ok(token)
             }
         }
+    }
+
+    /// Declines the leadership (and gives up the term it holds) because
+    /// this replica's commit and pull session has not answered for
+    /// `silent`, over two thirds of a term: a leader that cannot commit
+    /// revokes nothing, and renewing its term would keep a replica that
+    /// can from taking over. It may lead again once its commits reach the
+    /// database.
+    fn decline(&self, holder: &str, ttl: Duration, silent: Duration) -> Result<Option<i64>, StoreError> {
+        let leadership = &self.inner.leadership;
+        let held = leadership
+            .term
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.token);
+        if !leadership.declined.swap(true, Ordering::SeqCst) || held.is_some() {
+            tracing::error!(
+                silent_secs = silent.as_secs_f64(),
+                term_secs = ttl.as_secs_f64(),
+                leads = held.is_some(),
+                "this replica's commits and pulls have had no answer from PostgreSQL for over two thirds of a \
+                 term (the server ended its session and refuses a new one, or the link hangs), while its \
+                 leadership statements may still pass: it gives up the leadership, so that a replica that can \
+                 commit takes over, and leads again once its commits reach the database. Check the server's \
+                 connection limits (max_connections, ALLOW_CONNECTIONS) and its log"
+            );
+        }
+        if let Some(token) = held {
+            self.resign(holder, token)?;
+        }
+        Ok(None)
     }
 
     /// Whether the database answered this replica's last leadership

@@ -112,6 +112,9 @@ struct Inner {
     trees: std::sync::RwLock<Arc<kv::Trees>>,
     /// Generations a mirror reload replaced, until no reader holds them.
     retired: Mutex<Vec<Arc<kv::Trees>>>,
+    /// The reader gate: read calls hold it for reading (`Store::reading`),
+    /// a big catch-up applied in place for writing (`kv.rs`).
+    gate: std::sync::RwLock<()>,
     /// The mirror's own bookkeeping with PostgreSQL (`pg.rs`); never
     /// replicated, backed up or copied.
     mirror: sled::Tree,
@@ -580,6 +583,7 @@ impl Store {
         let inner = Inner {
             trees: std::sync::RwLock::new(Arc::new(kv::Trees::open_current(&db, &mirror)?)),
             retired: Mutex::new(Vec::new()),
+            gate: std::sync::RwLock::new(()),
             mirror,
             backend,
             fence: Default::default(),
@@ -844,16 +848,19 @@ impl Store {
     }
 
     pub fn request(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         read_request(&self.tree(TreeId::Requests), id)
     }
 
     pub fn lease(&self, id: &LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         read_lease(&self.tree(TreeId::Leases), id)
     }
 
     pub fn requests(&self) -> Result<Vec<RequestRecord>, StoreError> {
+        let _whole = self.reading();
         let mut out = Vec::new();
         for item in self.tree(TreeId::Requests).iter() {
             let (k, v) = item?;
@@ -869,6 +876,7 @@ impl Store {
     }
 
     pub fn leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let _whole = self.reading();
         let mut out = Vec::new();
         for item in self.tree(TreeId::Leases).iter() {
             let (k, v) = item?;
@@ -885,6 +893,7 @@ impl Store {
 
     /// Leases of one group that have not ended (granting, active or revoking).
     pub fn live_leases_in(&self, group: &GroupName) -> Result<Vec<(UserId, LeaseId)>, StoreError> {
+        let _whole = self.reading();
         let mut prefix = group.as_str().as_bytes().to_vec();
         prefix.push(0);
         let mut out = Vec::new();
@@ -901,6 +910,7 @@ impl Store {
 
     /// Every lease that has not ended, from the `live` index (no full scan).
     pub fn live_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let _whole = self.reading();
         let mut out = Vec::new();
         for item in self.tree(TreeId::Live).iter() {
             let (_, v) = item?;
@@ -913,6 +923,7 @@ impl Store {
 
     /// Pending requests: exactly those with a decision-window timer.
     pub fn pending_requests(&self) -> Result<Vec<RequestRecord>, StoreError> {
+        let _whole = self.reading();
         self.requests_by_ids(
             self.tree(TreeId::TimerIx)
                 .scan_prefix([TimerKind::RequestTimeout as u8]),
@@ -922,6 +933,7 @@ impl Store {
 
     /// Break-glass requests that no approver has acknowledged yet.
     pub fn requests_awaiting_review(&self) -> Result<Vec<RequestRecord>, StoreError> {
+        let _whole = self.reading();
         self.requests_by_ids(self.tree(TreeId::Review).iter(), 0)
     }
 
@@ -938,6 +950,7 @@ impl Store {
     }
 
     pub fn live_lease(&self, group: &GroupName, user: &UserId) -> Result<Option<LeaseId>, StoreError> {
+        let _whole = self.reading();
         Ok(self
             .tree(TreeId::Live)
             .get(live_key(group, user))?
@@ -946,6 +959,7 @@ impl Store {
 
     /// Timers due at or before `now`, earliest first, at most `limit`.
     pub fn due_timers(&self, now: Instant, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         // Keys hold a due time rounded *up* to the ms, so a key's ms at or
         // before `now` rounded *down* is due; one in `now`'s own ms may not be.
@@ -965,6 +979,7 @@ impl Store {
 
     /// Timers in due order starting after `after` (for skipping ones in flight).
     pub fn timers_from(&self, limit: usize) -> Result<Vec<Timer>, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         let mut out = Vec::new();
         for item in self.tree(TreeId::Timers).iter().take(limit) {
@@ -979,6 +994,7 @@ impl Store {
     /// Every timer of one kind, from the `timer_ix` index (no scan of the
     /// schedule): the revocations and grants waiting out a backoff are few.
     pub fn timers_of(&self, kind: TimerKind) -> Result<Vec<Timer>, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         let mut out = Vec::new();
         for item in self.tree(TreeId::TimerIx).scan_prefix([kind as u8]) {
@@ -994,6 +1010,7 @@ impl Store {
     /// alone (no record is read): the gauges' count of pending requests
     /// (`RequestTimeout`).
     pub fn count_timers(&self, kind: TimerKind) -> Result<usize, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         let mut n = 0;
         for item in self.tree(TreeId::TimerIx).scan_prefix([kind as u8]).keys() {
@@ -1006,6 +1023,7 @@ impl Store {
     /// How many leases hold a (group, user) slot: those not ended, from
     /// the `live` index's keys alone.
     pub fn live_count(&self) -> Result<usize, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         let mut n = 0;
         for item in self.tree(TreeId::Live).iter().keys() {
@@ -1016,11 +1034,13 @@ impl Store {
     }
 
     pub fn timer_count(&self) -> usize {
+        let _whole = self.reading();
         self.tree(TreeId::Timers).len()
     }
 
     /// The earliest timer's due time.
     pub fn next_due(&self) -> Result<Option<Instant>, StoreError> {
+        let _whole = self.reading();
         Ok(match self.tree(TreeId::Timers).first()? {
             Some((k, _)) => timers::parse_key(&k).map(|t| t.due),
             None => None,
@@ -1047,6 +1067,7 @@ impl Store {
     /// When the latest audit record was committed: no transition is older,
     /// so a restarted clock must not start before it.
     pub fn last_audit_time(&self) -> Result<Option<Instant>, StoreError> {
+        let _whole = self.reading();
         match self.tree(TreeId::Audit).last()? {
             Some((k, v)) => {
                 let stored: StoredAudit = decode(&k, &v)?;
@@ -1059,13 +1080,17 @@ impl Store {
     /// Audit records with `seq >= from`, in order.
     pub fn audit(&self, from: u64) -> impl Iterator<Item = Result<AuditEntry, StoreError>> + '_ {
         let tree = self.tree(TreeId::Audit);
-        let records = tree.range(from.to_be_bytes()..);
-        records.map(move |item| {
-            // The iterator holds its generation of the trees (see `TreeRef`).
+        let mut records = tree.range(from.to_be_bytes()..);
+        std::iter::from_fn(move || {
+            // The iterator holds its generation of the trees (see `TreeRef`),
+            // and the reader gate one record at a time (`Store::reading`).
             let _generation = &tree;
-            let (k, v) = item?;
-            let stored: StoredAudit = decode(&k, &v)?;
-            Ok(stored.into_entry())
+            let _whole = self.reading();
+            let item = records.next()?;
+            Some(item.map_err(StoreError::from).and_then(|(k, v)| {
+                let stored: StoredAudit = decode(&k, &v)?;
+                Ok(stored.into_entry())
+            }))
         })
     }
 }

@@ -199,6 +199,7 @@ impl Store {
     /// Outbox entries in order, with the most attempts any destination has
     /// made on them.
     pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxItem, u32)>, StoreError> {
+        let _whole = self.reading();
         let mut out = Vec::new();
         for item in self.tree(TreeId::Outbox).iter().take(limit) {
             let (k, v) = item?;
@@ -274,6 +275,7 @@ impl Store {
     /// Up to `limit` entries due on `dest` at `now`: urgent ones first,
     /// then earliest first.
     pub fn outbox_due(&self, dest: &str, now: Instant, limit: usize) -> Result<Vec<OutboxJob>, StoreError> {
+        let _whole = self.reading();
         self.check_healthy()?;
         let mut out = Vec::new();
         for priority in PRIORITIES {
@@ -313,6 +315,7 @@ impl Store {
     /// When the earliest entry queued on `dest` is due (`""`: entries not
     /// fanned out yet), whatever its priority.
     pub fn outbox_next_due(&self, dest: &str) -> Result<Option<Instant>, StoreError> {
+        let _whole = self.reading();
         let mut next: Option<Instant> = None;
         for priority in PRIORITIES {
             let mut p = prefix(dest);
@@ -329,6 +332,7 @@ impl Store {
 
     /// Destinations that have entries queued (not counting new entries).
     pub fn outbox_destinations(&self) -> Result<BTreeSet<String>, StoreError> {
+        let _whole = self.reading();
         let mut out = BTreeSet::new();
         for item in self.tree(TreeId::OutboxDue).iter() {
             let (k, _) = item?;

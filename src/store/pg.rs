@@ -25,7 +25,9 @@
 //! `block_on` there. A caller waits for the database on its own thread, as
 //! it waits for the writer lock.
 
-use super::kv::{Backend, Bookkeeping, Change, Commit, Durability, Election, TreeId, Trees, GENERATION};
+use super::kv::{
+    Backend, Bookkeeping, Change, Commit, Durability, Election, Staged, TreeId, Trees, GENERATION,
+};
 use super::{Store, StoreError};
 use crate::secret::Secret;
 use std::any::Any;
@@ -148,6 +150,82 @@ struct PullSize {
 /// How many times a writer tries for `jitbot_head`'s lock before it fails
 /// its caller.
 const LOCK_TRIES: usize = 3;
+
+/// How long a round trip on the commit and pull session may be under way
+/// and still count as answering: a statement waits at most
+/// [`LOCK_TIMEOUT`] for another session's lock before the server answers
+/// it (busy), and a replica waiting for another's lock is not one that
+/// cannot commit. Plus a little for the answer to come back.
+const LOCK_WAIT: Duration = Duration::from_secs(12);
+
+/// What this replica heard from PostgreSQL on its commit and pull session
+/// ([`Store::commits_unanswered`]), kept by the connection thread. Any
+/// round trip that came back counts as an answer, an error the server
+/// sent (a busy lock, a failed statement) too; one that did not (the
+/// session ended and no new one was let in, the link gone) is a failure.
+#[derive(Default)]
+struct Heard(std::sync::Mutex<Hearing>);
+
+#[derive(Clone, Copy, Default)]
+struct Hearing {
+    /// When the first round trip since the last answer was sent.
+    unanswered_since: Option<std::time::Instant>,
+    /// Whether a round trip since the last answer failed to come back.
+    failed: bool,
+    /// When the round trip now under way was sent.
+    in_flight: Option<std::time::Instant>,
+}
+
+impl Heard {
+    fn with(&self, f: impl FnOnce(&mut Hearing)) {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// A round trip is sent.
+    fn asking(&self) {
+        let now = std::time::Instant::now();
+        self.with(|h| {
+            h.in_flight = Some(now);
+            h.unanswered_since.get_or_insert(now);
+        });
+    }
+
+    /// A round trip came back.
+    fn answered(&self) {
+        self.with(|h| *h = Hearing::default());
+    }
+
+    /// A round trip ended: it came back, or it failed without an answer.
+    fn settled(&self, came_back: bool) {
+        if came_back {
+            self.answered();
+        } else {
+            self.with(|h| {
+                h.in_flight = None;
+                h.failed = true;
+            });
+        }
+    }
+
+    /// How long the session has gone without answering, counted from the
+    /// first round trip sent since its last answer: `None` while it
+    /// answers (every round trip since came back, or the one under way
+    /// has not waited longer than a lock may take).
+    fn silence(&self) -> Option<Duration> {
+        let h = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let overdue = h.in_flight.is_some_and(|at| at.elapsed() > LOCK_WAIT);
+        match h.unanswered_since {
+            Some(since) if h.failed || overdue => Some(since.elapsed()),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the session is still there after a round trip: it came back
+/// (an error the server sent included), rather than the link breaking.
+fn came_back(client: &postgres::Client) -> bool {
+    !client.is_closed()
+}
 
 /// How to reach PostgreSQL (`[store] kind = "postgres"`).
 #[derive(Clone, Debug)]
@@ -438,6 +516,8 @@ pub(crate) struct Replica {
     /// Test hook: a streamed pull stops after applying this many chunks,
     /// as if the process died there (0: never).
     die_after_chunks: AtomicUsize,
+    /// What the commit and pull session last heard from the database.
+    heard: Arc<Heard>,
 }
 
 /// An open PostgreSQL transaction holding the head's row lock.
@@ -452,6 +532,8 @@ impl Replica {
     /// before returning, so a bad URL or password fails the start.
     pub(super) fn start(settings: &PgSettings) -> Result<Replica, StoreError> {
         let (jobs, inbox) = mpsc::channel();
+        let heard = Arc::new(Heard::default());
+        let heard_by_thread = heard.clone();
         let (ready, started) = mpsc::sync_channel(1);
         let settings_for_leadership = settings.clone();
         let settings = settings.clone();
@@ -474,7 +556,7 @@ impl Replica {
                 match client {
                     Ok(client) => {
                         let _ = ready.send(Ok(()));
-                        serve(client, settings, inbox);
+                        serve(client, settings, inbox, &heard_by_thread);
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -494,6 +576,7 @@ impl Replica {
             lose_next_apply: AtomicBool::new(false),
             chunk: AtomicUsize::new(PULL_CHUNK),
             die_after_chunks: AtomicUsize::new(0),
+            heard,
         })
     }
 
@@ -802,10 +885,17 @@ impl Feed<'_> {
 }
 
 /// Applies streamed changes. One chunk goes in with the new version in
-/// one sled transaction, as a small pull does; more than one cannot, so
-/// the mirror's version goes first and a crash half-way reloads (a
-/// mirror holding part of the changes at its old version would keep
-/// them even if the database later lost those commits).
+/// one sled transaction, as a small pull does. More than one cannot (a
+/// sled transaction pins its epoch for all its writes), and the stream
+/// is the latest value of each key, in no order: no part of it is a state
+/// any commit left. So every chunk is staged first ([`Staged`], on disk,
+/// one row at a time), while readers go on reading the mirror as it was;
+/// a stream that breaks leaves the mirror untouched at its old position.
+/// Once all have come, the reader gate is closed and the staged rows are
+/// applied in place, the mirror's version going first, so a crash
+/// half-way reloads (a mirror holding part of the changes at its old
+/// version would keep them even if the database later lost those
+/// commits). Readers wait for that local apply, never for the database.
 fn apply_streamed(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<bool, StoreError> {
     let Some(first) = feed.next()? else {
         apply(store, &[], head.version, None, head.commit_id.as_deref())?;
@@ -816,32 +906,39 @@ fn apply_streamed(store: &Store, head: &Head, feed: &mut Feed<'_>) -> Result<boo
         apply(store, &first, head.version, None, head.commit_id.as_deref())?;
         return Ok(!first.is_empty());
     };
-    forget_position(store)?;
-    apply_rows(store, &first)?;
+    let staged = Staged::new(store)?;
+    staged.put(&first)?;
     drop(first);
     let mut next = Some(second);
     while let Some(chunk) = next {
-        apply_rows(store, &chunk)?;
+        staged.put(&chunk)?;
         feed.applied += 1;
         drop(chunk);
         next = feed.next()?;
     }
-    apply(store, &[], head.version, None, head.commit_id.as_deref())?;
+    forget_position(store)?;
+    let readers_wait = store.applying()?;
+    let started = std::time::Instant::now();
+    let applied = staged
+        .apply()
+        .and_then(|rows| apply(store, &[], head.version, None, head.commit_id.as_deref()).map(|()| rows));
+    let rows = match applied {
+        Ok(rows) => rows,
+        Err(e) => {
+            // Half applied, and the local store failing: fail closed; the
+            // restart reloads (the mirror has no position).
+            let why = format!("the local mirror could not take a catch-up from PostgreSQL ({e})");
+            let _ = store.inner.failed.set(why.clone());
+            return Err(StoreError::Failed(why));
+        }
+    };
+    drop(readers_wait);
+    tracing::info!(
+        rows,
+        readers_waited_ms = started.elapsed().as_millis(),
+        "applied a big catch-up from PostgreSQL to the mirror; reads waited for it"
+    );
     Ok(true)
-}
-
-/// Applies a chunk of a big catch-up row by row, not as one sled
-/// transaction, which would pin sled's epoch for the whole chunk (see
-/// [`reload`]); the mirror has no position meanwhile.
-fn apply_rows(store: &Store, rows: &[Change]) -> Result<(), StoreError> {
-    let trees = store.inner.trees();
-    for row in rows {
-        match &row.value {
-            Some(v) => trees.get(row.tree).insert(row.key.as_slice(), v.as_slice())?,
-            None => trees.get(row.tree).remove(row.key.as_slice())?,
-        };
-    }
-    Ok(())
 }
 
 /// Removes the mirror's version (keeping which database it mirrors, so it
@@ -1057,6 +1154,18 @@ impl Store {
         self.inner.backend.refresh(self)
     }
 
+    /// How long this replica's commit and pull session (every commit and
+    /// every refresh goes through it) has gone without an answer from
+    /// PostgreSQL: since the first round trip after its last answer, once
+    /// one failed without an answer (the server ended the session and
+    /// refuses a new one) or has waited longer than a lock may make it
+    /// ([`LOCK_WAIT`]). `None` while it answers, and on sled. A writer
+    /// waiting for another replica's lock is answering: the server
+    /// answers it within `lock_timeout`, busy or not.
+    pub fn commits_unanswered(&self) -> Option<Duration> {
+        self.replica().and_then(|r| r.heard.silence())
+    }
+
     /// Whether this store is a replica of PostgreSQL.
     pub fn is_postgres(&self) -> bool {
         self.replica().is_some()
@@ -1129,12 +1238,26 @@ impl Conn {
     }
 }
 
-fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<Job>) {
+impl Conn {
+    /// Whether the session is there (after a round trip: whether it came
+    /// back).
+    fn open(&self) -> bool {
+        self.client.as_ref().is_some_and(came_back)
+    }
+}
+
+/// Serves the commit and pull session's jobs, noting in `heard` whether
+/// each round trip came back.
+fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<Job>, heard: &Heard) {
     let mut conn = Conn {
         client: Some(client),
         settings,
     };
+    heard.answered();
     while let Ok(job) = inbox.recv() {
+        if !matches!(job, Job::Rollback | Job::Commit { .. }) {
+            heard.asking();
+        }
         match job {
             Job::Begin {
                 since,
@@ -1144,8 +1267,18 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
                 reply,
             } => {
                 let locked = conn.once_more(|client| {
-                    in_transaction(client, since.clone(), size, stream_big, &rows, &reply, &inbox)
+                    in_transaction(
+                        client,
+                        since.clone(),
+                        size,
+                        stream_big,
+                        &rows,
+                        &reply,
+                        &inbox,
+                        heard,
+                    )
                 });
+                heard.settled(conn.open());
                 if let Err(e) = locked {
                     let _ = reply.send(Err(e));
                 }
@@ -1156,7 +1289,9 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
                 rows,
                 reply,
             } => {
-                let read = conn.once_more(|client| snapshot(client, since.clone(), size, &rows, &reply));
+                let read =
+                    conn.once_more(|client| snapshot(client, since.clone(), size, &rows, &reply, heard));
+                heard.settled(conn.open());
                 if let Err(e) = read {
                     let _ = reply.send(Err(e));
                 }
@@ -1169,9 +1304,11 @@ fn serve(client: postgres::Client, settings: PgSettings, inbox: mpsc::Receiver<J
             }
             Job::Lead { holder, ttl, reply } => {
                 let _ = reply.send(conn.once_more(|c| lead(c, &holder, ttl)));
+                heard.settled(conn.open());
             }
             Job::Resign { holder, token, reply } => {
                 let _ = reply.send(conn.once_more(|c| resign(c, &holder, token)));
+                heard.settled(conn.open());
             }
         }
     }
@@ -1239,6 +1376,7 @@ fn busy() -> StoreError {
 /// the writer sends until it commits or rolls back. An error is returned,
 /// not sent, when it came before `reply` was answered: BEGIN, the head's
 /// lock or the catch-up failed, and nothing was written.
+#[allow(clippy::too_many_arguments)]
 fn in_transaction(
     client: &mut postgres::Client,
     since: Option<Position>,
@@ -1247,6 +1385,7 @@ fn in_transaction(
     rows: &Rows,
     reply: &Reply<Began>,
     inbox: &mpsc::Receiver<Job>,
+    heard: &Heard,
 ) -> Result<(), StoreError> {
     let mut tx = client.transaction().map_err(|e| pg_error("BEGIN", &e))?;
     let head = match read_head(&mut tx, "FOR UPDATE").and_then(|mut head| {
@@ -1254,17 +1393,20 @@ fn in_transaction(
         Ok((head, pulled))
     }) {
         Ok((head, (pulled, stream))) => {
+            heard.answered();
             if reply.send(Ok(Began::Locked(head.clone(), pulled))).is_err() {
                 return Ok(());
             }
             if let Some(stream) = stream {
-                if send_rows(&mut tx, stream, size, rows).is_err() {
+                if send_rows(&mut tx, stream, size, rows, heard).is_err() {
                     return Ok(());
                 }
             }
             head
         }
         Err(HeadError::Busy(why)) => {
+            // The server answered: the lock is another replica's.
+            heard.answered();
             let _ = reply.send(Ok(Began::Busy(why)));
             return Ok(());
         }
@@ -1278,7 +1420,10 @@ fn in_transaction(
                 fence,
                 reply,
             }) => {
-                let _ = reply.send(write(tx, &head, &changes, gc, fence));
+                heard.asking();
+                let written = write(tx, &head, &changes, gc, fence);
+                heard.settled(came_back(client));
+                let _ = reply.send(written);
                 return Ok(());
             }
             Ok(Job::Rollback) | Err(_) => return Ok(()),
@@ -1452,6 +1597,7 @@ fn send_rows(
     stream: Stream,
     size: PullSize,
     rows: &Rows,
+    heard: &Heard,
 ) -> Result<(), ()> {
     let gone = |_| ();
     let read = |tx: &mut postgres::Transaction<'_>| -> Result<postgres::Portal, StoreError> {
@@ -1473,8 +1619,10 @@ fn send_rows(
     };
     let max = i32::try_from(size.chunk).unwrap_or(i32::MAX);
     loop {
-        let chunk = tx
-            .query_portal(&portal, max)
+        heard.asking();
+        let read = tx.query_portal(&portal, max);
+        heard.settled(read.as_ref().map_or_else(|e| !e.is_closed(), |_| true));
+        let chunk = read
             .map_err(|e| pg_error("reading the store", &e))
             .and_then(changes_of);
         match chunk {
@@ -1518,6 +1666,7 @@ fn snapshot(
     size: PullSize,
     rows: &Rows,
     reply: &Reply<(Head, Pulled)>,
+    heard: &Heard,
 ) -> Result<(), StoreError> {
     let mut tx = client
         .build_transaction()
@@ -1541,7 +1690,8 @@ fn snapshot(
             if reply.send(Ok((head, pulled))).is_err() {
                 return Ok(());
             }
-            if send_rows(&mut tx, stream, size, rows).is_ok() {
+            heard.answered();
+            if send_rows(&mut tx, stream, size, rows, heard).is_ok() {
                 let _ = tx.commit();
             }
         }
@@ -1711,4 +1861,37 @@ pub(super) fn copy_into(
         tx.commit().map_err(|e| pg_error("COMMIT of the copy", &e))?;
         Ok(counts)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Heard;
+
+    #[test]
+    fn a_session_answers_until_a_round_trip_fails_without_an_answer() {
+        let heard = Heard::default();
+        assert_eq!(heard.silence(), None, "nothing asked yet");
+        heard.asking();
+        assert_eq!(
+            heard.silence(),
+            None,
+            "a round trip under way, well within a lock's wait"
+        );
+        heard.settled(true);
+        assert_eq!(heard.silence(), None, "it came back");
+        heard.asking();
+        heard.settled(false);
+        let first = heard.silence().expect("a round trip failed without an answer");
+        heard.asking();
+        heard.settled(false);
+        let second = heard.silence().expect("and the next one too");
+        assert!(second >= first, "counted from the first unanswered round trip");
+        heard.asking();
+        assert!(
+            heard.silence().is_some(),
+            "a retry under way does not hide the failure"
+        );
+        heard.answered();
+        assert_eq!(heard.silence(), None, "answered again");
+    }
 }

@@ -1846,6 +1846,115 @@ async fn a_replica_killed_half_way_through_a_chunked_catch_up_keeps_none_of_it()
     assert_eq!(b.timer_count(), 1);
 }
 
+/// Commits one audit record (and with it the chain's head) to `store`.
+async fn audit_once(store: &Store, n: usize) {
+    store
+        .update(Utc::now(), |tx| {
+            tx.audit(draft(&format!("test.catch_up.{n}")));
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+}
+
+/// Review brk16d, finding 6. "A reader never sees a mirror half-reloaded"
+/// holds for a reload, which fills the next generation of the trees; a big
+/// catch-up (more than `BIG_PULL` changes in more than one chunk: a
+/// follower that was paused, restarted or starved for a few seconds under
+/// a mass expiry) was applied row by row to the generation readers read
+/// (`pg.rs` `apply_streamed` → `apply_rows`), in no order (`SELECT …
+/// WHERE version > $1`, no `ORDER BY`). Readers outside the writer lock
+/// (admin API, `/jit list`, the dashboard, gauges, `audit verify` through
+/// the admin API) saw commits half applied — here an audit chain whose
+/// head and records disagree — for the whole catch-up, and, when the
+/// stream breaks (the connection drops mid-way), until the reload that
+/// follows has loaded the whole store into a new generation.
+#[tokio::test]
+async fn a_reader_never_sees_a_catch_up_half_applied_even_when_its_stream_breaks() {
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let b = Store::open_postgres(&tmp.path().join("b"), 16, &db.settings()).unwrap();
+    audit_once(&a, 0).await;
+    b.refresh().unwrap();
+    assert_eq!(b.audit_head().unwrap().seq, 1);
+    // b falls behind by three commits; its catch-up streams in chunks of
+    // one row and the stream breaks after two.
+    for n in 1..=3 {
+        audit_once(&a, n).await;
+    }
+    b.set_pg_pull_chunk(1);
+    b.die_in_pg_pull_after(2);
+    let caught_up = b.refresh();
+    assert!(caught_up.is_err(), "the test hook broke the catch-up");
+    // What a reader on b sees now (and for as long as the catch-up, or
+    // the reload after it, takes).
+    let head = b.audit_head().unwrap().seq;
+    let seqs: Vec<u64> = b.audit(0).map(|e| e.unwrap().seq).collect();
+    let whole = (1..=head).collect::<Vec<u64>>();
+    assert_eq!(
+        seqs, whole,
+        "a reader of follower b sees the audit head at record {head} and the records {seqs:?}: commits half \
+         applied (the database holds records 1 to 4 and its head at 4)"
+    );
+    // The next catch-up brings all of it, and b goes on from there.
+    assert!(b.refresh().unwrap(), "b caught up");
+    assert_eq!(b.audit_head().unwrap().seq, 4);
+    assert_eq!(b.verify_audit().unwrap(), AuditCheck::Intact { records: 4 });
+    assert_eq!(mirrored_rows(&b), database_rows(&db));
+}
+
+/// Finding 6 again, while the catch-up runs: a reader on follower b reads
+/// the audit records, then the head, over and over, while b applies a big
+/// catch-up (hundreds of changes in chunks of seven rows). Commits only
+/// add records and move the head on, so every read must find the records
+/// 1 to n without a gap and then a head at n or later: never records the
+/// head does not reach yet (the head's row came last in the stream).
+#[tokio::test]
+async fn readers_never_see_a_big_catch_up_half_applied() {
+    const COMMITS: usize = 150;
+    let (db, _tmp, a, b) = two_replicas();
+    audit_once(&a, 0).await;
+    b.refresh().unwrap();
+    for n in 1..=COMMITS {
+        audit_once(&a, n).await;
+    }
+    b.set_pg_pull_chunk(7);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, reading) = std::sync::mpsc::channel();
+    let reader = {
+        let (b, stop) = (b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0usize;
+            let mut torn = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let seqs: Vec<u64> = b.audit(0).map(|e| e.unwrap().seq).collect();
+                let head = b.audit_head().unwrap().seq;
+                let whole = seqs.iter().copied().eq(1..=seqs.len() as u64) && head >= seqs.len() as u64;
+                if !whole && torn.len() < 5 {
+                    torn.push((head, seqs));
+                }
+                reads += 1;
+                if reads == 1 {
+                    started.send(()).unwrap();
+                }
+            }
+            (reads, torn)
+        })
+    };
+    reading.recv().unwrap();
+    assert!(b.refresh().unwrap(), "b caught up");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (reads, torn) = reader.join().unwrap();
+    assert!(reads > 1, "the reader read during the catch-up");
+    assert!(
+        torn.is_empty(),
+        "a reader of b saw the catch-up half applied ({reads} reads; head and records of the first): {torn:?}"
+    );
+    assert_eq!(b.audit_head().unwrap().seq, COMMITS as u64 + 1);
+    assert_eq!(mirrored_rows(&b), database_rows(&db));
+}
+
 /// Issue 16: readers that do not take the writer lock (the admin API,
 /// `/jit list`, the dashboard, the gauges) read the mirror while it
 /// reloads. They must see it as it was until the reload is complete, then

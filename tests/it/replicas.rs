@@ -817,6 +817,96 @@ async fn a_replica_that_cannot_reach_postgres_is_not_ready() {
     );
 }
 
+/// Review brk16d, finding 8. Readiness on PostgreSQL followed only the
+/// answers to the replica's *leadership* statements
+/// (`Store::database_answers`), made on a connection of their own; every
+/// commit and every refresh goes through the other one. When only that
+/// one is lost and cannot come back — the server ended it (an idle or
+/// idle-in-transaction timeout, a pooler, a restart) and refuses new
+/// connections (`max_connections` reached in a shared cluster,
+/// `ALLOW_CONNECTIONS false` for maintenance) while the leadership session
+/// lives on — the replica commits nothing (every command, grant and
+/// revocation fails) yet answered `/readyz` "ready", and, as leader, kept
+/// renewing its term, so no healthy replica took over the revocations.
+/// Now it is not ready, gives its term up, and leads again once its
+/// commits reach the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_commit_is_not_ready_and_gives_up_its_leadership() {
+    let db = Database::create();
+    let url = cluster().url(&db.name);
+    let env = [("JITBOT_TEST_PGPW", PASSWORD)];
+    let bot = Jitbot::start(&memory_replica_config(&url, ""), &env).await;
+    crate::support::net::eventually(Duration::from_secs(15), "the replica leads", || {
+        bot.log_text().contains("this replica leads").then_some(())
+    })
+    .await;
+    // New connections refused; the session that is not the leadership's
+    // (the one whose last statement did not touch jitbot_leader) ended.
+    cluster()
+        .admin(&format!(
+            "ALTER DATABASE {0} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{0}' AND query NOT LIKE '%jitbot_leader%'",
+            db.name
+        ))
+        .expect("end the replica's commit session");
+    crate::support::net::eventually(
+        Duration::from_secs(15),
+        "the replica fails to pull or commit",
+        || {
+            bot.log_text()
+                .contains("cannot pull other replicas' changes from PostgreSQL")
+                .then_some(())
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let resp = http
+            .get(format!("{}/readyz", bot.admin_base))
+            .send()
+            .await
+            .expect("admin /readyz answers");
+        answers.push((resp.status().as_u16(), resp.text().await.unwrap_or_default()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Within two thirds of a term (4 s) of its commit session's last
+    // answer, the leader gives its term up, so a replica that can commit
+    // takes over.
+    let gave_up = crate::support::net::within(Duration::from_secs(10), || {
+        bot.log_text().contains("gives up the leadership").then_some(())
+    })
+    .await;
+    let _ = cluster().admin(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name));
+    assert!(
+        answers.iter().all(|(status, _)| *status == 503),
+        "the replica cannot commit or pull anything (its commit session is gone and PostgreSQL refuses a \
+         new one), yet /readyz answered {answers:?}: readiness asks only the leadership session"
+    );
+    assert!(
+        gave_up.is_some(),
+        "the leader that cannot commit kept renewing its term, so no replica that can commit takes over:\n{}",
+        tail_matching(&bot.log_text(), &["leadership", "this replica leads"])
+    );
+    // Its commits reach the database again: it is ready, and leads again.
+    crate::support::net::eventually(
+        Duration::from_secs(20),
+        "the replica is ready and leads again",
+        || {
+            let log = bot.log_text();
+            (log.matches("this replica leads").count() >= 2).then_some(())
+        },
+    )
+    .await;
+    let resp = http
+        .get(format!("{}/readyz", bot.admin_base))
+        .send()
+        .await
+        .expect("admin /readyz answers");
+    assert_eq!(resp.text().await.unwrap_or_default(), "ready (leader)\n");
+}
+
 /// Review brk16c, finding 7: the admin API and CLI work against any
 /// replica. On a follower, an admin revoke commits the lease's move to
 /// `Revoking`; the leader removes the membership (about a second with a
