@@ -816,6 +816,7 @@ fn restart_probe(path: &str, pg_url: Option<&str>) {
                     password: Some(jitbot::secret::Secret::new(postgres::PASSWORD)),
                     migrate: false,
                     ca_file: None,
+                    mirror_compression: Default::default(),
                 };
                 Store::open_postgres(path, 64, &settings).unwrap()
             }

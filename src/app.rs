@@ -502,29 +502,35 @@ pub fn pg_settings(store: &crate::config::StoreConfig) -> anyhow::Result<Option<
         password,
         migrate: store.migrate,
         ca_file: store.ca_file.clone(),
+        mirror_compression: store.compression,
     }))
 }
 
 /// Opens the store `[store]` names: the sled directory, or a replica of
 /// the PostgreSQL database with its mirror in `path`.
 pub fn open_store(store: &crate::config::StoreConfig) -> anyhow::Result<Store> {
-    Ok(match pg_settings(store)? {
+    let opened = match pg_settings(store)? {
         Some(settings) => Store::open_postgres(&store.path, store.cache_mb, &settings)?,
-        None => {
-            let opened = Store::open_with(&store.path, store.cache_mb, store.compression)?;
-            if opened.compression() != store.compression {
-                tracing::warn!(
-                    "[store] compression = \"{}\", but the store at {} was created with \"{}\" and keeps it \
-                     (sled fixes it at creation); to change it, `jitbot backup` this store and \
-                     `jitbot restore` it into a new, empty directory",
-                    store.compression,
-                    store.path.display(),
-                    opened.compression()
-                );
+        None => Store::open_with(&store.path, store.cache_mb, store.compression)?,
+    };
+    if opened.compression() != store.compression {
+        let change = match store.kind {
+            crate::config::StoreKind::Sled => {
+                "`jitbot backup` this store and `jitbot restore --compression …` it into a new, empty directory"
             }
-            opened
-        }
-    })
+            crate::config::StoreKind::Postgres => {
+                "stop this replica and give [store] path a new, empty directory: the mirror is rebuilt from the database"
+            }
+        };
+        tracing::warn!(
+            "[store] compression = \"{}\", but the store at {} was created with \"{}\" and keeps it \
+             (sled fixes it at creation); to change it, {change}",
+            store.compression,
+            store.path.display(),
+            opened.compression()
+        );
+    }
+    Ok(opened)
 }
 
 /// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.

@@ -283,6 +283,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
                 migrate: true,
                 // libpq's variable for the CA of sslmode=verify-full.
                 ca_file: std::env::var_os("PGSSLROOTCERT").map(std::path::PathBuf::from),
+                mirror_compression: crate::store::Compression::default(),
             };
             let report = tokio::task::spawn_blocking(move || {
                 crate::store::Store::copy_to_postgres(&from, &settings, key)

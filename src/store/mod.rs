@@ -524,7 +524,7 @@ impl Store {
     /// migrations first when `settings.migrate` is on.
     pub fn open_postgres(path: &Path, cache_mb: u64, settings: &PgSettings) -> Result<Store, StoreError> {
         let replica = pg::Replica::start(settings)?;
-        let store = Store::open_sled(path, cache_mb, Compression::Zstd, Box::new(replica))?;
+        let store = Store::open_sled(path, cache_mb, settings.mirror_compression, Box::new(replica))?;
         if pg::holds_sled_store(&store)? {
             return Err(StoreError::Io(format!(
                 "{} holds a sled store, not a mirror of PostgreSQL; move its data with \

@@ -239,6 +239,9 @@ pub struct PgSettings {
     /// With `sslmode=verify-full` in the url: the CA that signed the
     /// server's certificate (`[store] ca_file`).
     pub ca_file: Option<std::path::PathBuf>,
+    /// How this replica's mirror is written when it is created (`[store]
+    /// compression`; a mirror that exists keeps its own).
+    pub mirror_compression: super::Compression,
 }
 
 impl PgSettings {

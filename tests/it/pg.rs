@@ -1298,6 +1298,7 @@ async fn a_password_in_the_url_query_is_refused_by_the_config_check() {
         password: None,
         migrate: true,
         ca_file: None,
+        mirror_compression: Default::default(),
     };
     let tmp = tempfile::tempdir().unwrap();
     jitbot::store::Store::open_postgres(&tmp.path().join("m"), 16, &settings)
@@ -2030,5 +2031,27 @@ async fn readers_never_see_a_mirror_emptied_or_half_loaded_by_a_reload() {
     assert!(
         names.iter().any(|n| n == "leases@1") && !names.iter().any(|n| n == "leases"),
         "{names:?}"
+    );
+}
+
+/// `[store] compression` applies to a replica's mirror when it is created,
+/// and a mirror that exists keeps its own, as a sled store does.
+#[test]
+fn a_replicas_mirror_is_created_with_the_compression_asked_for_and_keeps_it() {
+    use jitbot::store::Compression;
+    let db = crate::support::postgres::Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mirror");
+    let mut settings = db.settings();
+    settings.mirror_compression = Compression::Off;
+    let store = jitbot::store::Store::open_postgres(&path, 8, &settings).unwrap();
+    assert_eq!(store.compression(), Compression::Off);
+    drop(store);
+    settings.mirror_compression = Compression::Zstd;
+    let store = jitbot::store::Store::open_postgres(&path, 8, &settings).unwrap();
+    assert_eq!(
+        store.compression(),
+        Compression::Off,
+        "the mirror keeps what it was created with"
     );
 }

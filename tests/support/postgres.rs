@@ -246,6 +246,7 @@ impl Database {
             password: Some(Secret::new(PASSWORD)),
             migrate: true,
             ca_file: None,
+            mirror_compression: Default::default(),
         }
     }
 
