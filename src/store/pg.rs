@@ -151,12 +151,28 @@ struct PullSize {
 /// its caller.
 const LOCK_TRIES: usize = 3;
 
+/// The longest a statement runs before PostgreSQL cancels it (and so
+/// answers it, with an error).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a round trip on the commit and pull session may be under way
-/// and still count as answering: a statement waits at most
-/// [`LOCK_TIMEOUT`] for another session's lock before the server answers
-/// it (busy), and a replica waiting for another's lock is not one that
-/// cannot commit. Plus a little for the answer to come back.
-const LOCK_WAIT: Duration = Duration::from_secs(12);
+/// and still count as answering: the server answers every statement
+/// within [`STATEMENT_TIMEOUT`] (a lock wait within [`LOCK_TIMEOUT`],
+/// busy or not), so one under way longer got lost; plus a little for the
+/// answer to come back. A slow database (a commit waiting for a
+/// synchronous standby, a checkpoint on a slow disk) is answering: giving
+/// the term to another replica would not make it faster, since every
+/// replica commits to the same database. A link that stopped carrying
+/// data is cut sooner, by [`TCP_USER_TIMEOUT`].
+const ANSWER_WAIT: Duration = Duration::from_secs(STATEMENT_TIMEOUT.as_secs() + 2);
+
+/// How long data sent to PostgreSQL may go unacknowledged before the
+/// connection is closed (`TCP_USER_TIMEOUT`; the url's `tcp_user_timeout`
+/// wins): a link that went dark (a dropped route, a NAT that forgot the
+/// connection) fails the round trip within this, so a leader whose session
+/// cannot reach the database gives its term up in time for another
+/// replica to revoke what is due within the 10 s failover goal.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// What this replica heard from PostgreSQL on its commit and pull session
 /// ([`Store::commits_unanswered`]), kept by the connection thread. Any
@@ -213,7 +229,7 @@ impl Heard {
     /// has not waited longer than a lock may take).
     fn silence(&self) -> Option<Duration> {
         let h = *self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let overdue = h.in_flight.is_some_and(|at| at.elapsed() > LOCK_WAIT);
+        let overdue = h.in_flight.is_some_and(|at| at.elapsed() > ANSWER_WAIT);
         match h.unanswered_since {
             Some(since) if h.failed || overdue => Some(since.elapsed()),
             _ => None,
@@ -255,6 +271,9 @@ impl PgSettings {
         }
         config.application_name("jitbot");
         config.keepalives(true);
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         Ok(config)
     }
 
@@ -283,8 +302,9 @@ impl PgSettings {
         // every other replica: the server ends such a transaction.
         client
             .batch_execute(&format!(
-                "SET statement_timeout = '30s'; SET lock_timeout = '{LOCK_TIMEOUT}'; \
-                 SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION}'"
+                "SET statement_timeout = '{}s'; SET lock_timeout = '{LOCK_TIMEOUT}'; \
+                 SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION}'",
+                STATEMENT_TIMEOUT.as_secs()
             ))
             .map_err(|e| pg_error("setting the session's timeouts", &e))?;
         Ok(client)
@@ -1161,10 +1181,10 @@ impl Store {
     /// every refresh goes through it) has gone without an answer from
     /// PostgreSQL: since the first round trip after its last answer, once
     /// one failed without an answer (the server ended the session and
-    /// refuses a new one) or has waited longer than a lock may make it
-    /// ([`LOCK_WAIT`]). `None` while it answers, and on sled. A writer
-    /// waiting for another replica's lock is answering: the server
-    /// answers it within `lock_timeout`, busy or not.
+    /// refuses a new one, the link went dark) or has waited longer than
+    /// the server takes to answer any statement ([`ANSWER_WAIT`]). `None`
+    /// while it answers, and on sled. A writer waiting for another
+    /// replica's lock, or for a slow commit, is answering.
     pub fn commits_unanswered(&self) -> Option<Duration> {
         self.replica().and_then(|r| r.heard.silence())
     }

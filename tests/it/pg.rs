@@ -2055,3 +2055,76 @@ fn a_replicas_mirror_is_created_with_the_compression_asked_for_and_keeps_it() {
         "the mirror keeps what it was created with"
     );
 }
+
+/// Review brk16e, finding 4: a slow but working database is answering.
+/// A leader whose commit takes 14 s (here a trigger sleeps; in production
+/// synchronous replication to a slow standby, a checkpoint on a slow disk,
+/// a big retention or mass-expiry commit) keeps its term at every renewal
+/// and its commit succeeds: the server answers every statement within the
+/// session's `statement_timeout` (30 s), and the next leader's commits
+/// would go through the same slow database. (It used to count a round
+/// trip under way for more than 12 s as no answer, give its term up and
+/// take a new one: leadership flapping under a slow database.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_commit_is_slow_but_answered_keeps_its_term() {
+    use crate::support::postgres::Database;
+    use jitbot::store::{AuditDraft, Store};
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let term = jitbot::app::LEADER_TTL;
+    let token = a.lead("a", term).unwrap().expect("a takes the term");
+
+    // The next statement writing jitbot_kv takes 14 s (once).
+    db.run(
+        "CREATE TABLE slow_once (once boolean); INSERT INTO slow_once VALUES (true); \
+         CREATE FUNCTION slow_once() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ \
+         BEGIN IF EXISTS (SELECT 1 FROM slow_once) THEN DELETE FROM slow_once; \
+         PERFORM pg_sleep(14); END IF; RETURN NULL; END $$; \
+         CREATE TRIGGER slow_once BEFORE INSERT OR UPDATE ON jitbot_kv \
+         FOR EACH STATEMENT EXECUTE FUNCTION slow_once();",
+    );
+
+    let writer = a.clone();
+    let started = std::time::Instant::now();
+    let committing = tokio::spawn(async move {
+        writer
+            .update(chrono::Utc::now(), |tx| {
+                tx.set_timer(jitbot::store::TimerKind::Warn, "slow", chrono::Utc::now());
+                tx.audit(AuditDraft {
+                    actor: "test".into(),
+                    action: "test.slow_commit".into(),
+                    ..Default::default()
+                });
+                Ok::<(), jitbot::store::StoreError>(())
+            })
+            .await
+    });
+    // The leader renews every third of a term, as `app.rs` does.
+    let mut renewals = Vec::new();
+    while !committing.is_finished() {
+        tokio::time::sleep(term / 3).await;
+        let renewed = tokio::task::block_in_place(|| a.lead("a", term));
+        renewals.push((
+            started.elapsed().as_secs_f64().round(),
+            format!("{renewed:?}"),
+            a.commits_unanswered().map(|d| d.as_secs_f64().round()),
+        ));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(40),
+            "the commit did not end within 40 s"
+        );
+    }
+    let committed = committing.await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        committed.is_ok(),
+        "the slow commit itself failed after {took:?}: {committed:?}"
+    );
+    let expected = format!("Ok(Some({token}))");
+    assert!(
+        renewals.iter().all(|(_, r, _)| *r == expected),
+        "a commit answered and successful after {took:?} (the session's statement_timeout is 30 s) made \
+         the leader give up its term: renewals (seconds, lead(), commits_unanswered) = {renewals:?}"
+    );
+}
