@@ -1891,6 +1891,26 @@ mod tests {
     use super::Heard;
 
     #[test]
+    fn sockets_to_postgres_carry_a_tcp_user_timeout_unless_the_url_sets_one() {
+        let settings = |url: &str| super::PgSettings {
+            url: url.into(),
+            password: None,
+            migrate: false,
+            ca_file: None,
+            mirror_compression: Default::default(),
+        };
+        let config = settings("postgres://jitbot@db:5432/jitbot").config().unwrap();
+        assert_eq!(config.get_tcp_user_timeout(), Some(&super::TCP_USER_TIMEOUT));
+        let config = settings("postgres://jitbot@db:5432/jitbot?tcp_user_timeout=9")
+            .config()
+            .unwrap();
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&std::time::Duration::from_secs(9))
+        );
+    }
+
+    #[test]
     fn a_session_answers_until_a_round_trip_fails_without_an_answer() {
         let heard = Heard::default();
         assert_eq!(heard.silence(), None, "nothing asked yet");
