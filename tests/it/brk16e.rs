@@ -1,0 +1,191 @@
+//! Issue 16, fifth review (brk16e): where the re-check's membership lock
+//! and the replicas' guarantees still break. Every test here fails on
+//! `main` at 84315a8 with an assertion that says what went wrong; the
+//! findings are written up in `/work/notes/brk16e-findings.md`. The
+//! in-memory directory sits behind a [`Wire`] the test controls: an add
+//! or a removal can get no answer and be held on the wire until it lands.
+
+use crate::support::bot::{seeded, TestBot, WEB};
+use crate::support::forward::{Forward, Hooks};
+use async_trait::async_trait;
+use chrono::Duration;
+use jitbot::directory::memory::MemoryDirectory;
+use jitbot::ports::{Added, Directory, DirectoryError};
+use jitbot::store::TimerKind;
+use jitbot_core::{LeaseState, Membership, Span};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The in-memory directory behind a network path the test controls: the
+/// next `hold_adds` adds and `hold_removals` removals get no answer (an
+/// `Unavailable` error, as a timed-out modify) and are held on the wire
+/// until they land (`land_adds`, `land_removals`).
+struct Wire {
+    memory: Arc<MemoryDirectory>,
+    held_adds: Mutex<Vec<Membership>>,
+    held_removals: Mutex<Vec<Membership>>,
+    hold_adds: AtomicU32,
+    hold_removals: AtomicU32,
+}
+
+impl Wire {
+    fn new(memory: Arc<MemoryDirectory>) -> Arc<Forward<Wire>> {
+        Arc::new(Forward(Wire {
+            memory,
+            held_adds: Mutex::new(Vec::new()),
+            held_removals: Mutex::new(Vec::new()),
+            hold_adds: AtomicU32::new(0),
+            hold_removals: AtomicU32::new(0),
+        }))
+    }
+
+    /// The adds held on the wire reach the directory now.
+    async fn land_adds(&self) {
+        let held = std::mem::take(&mut *self.held_adds.lock().unwrap());
+        assert!(!held.is_empty(), "no add was on the wire");
+        for m in held {
+            self.memory.add_membership(&m).await.unwrap();
+        }
+    }
+
+    /// The removals held on the wire reach the directory now.
+    async fn land_removals(&self) {
+        let held = std::mem::take(&mut *self.held_removals.lock().unwrap());
+        assert!(!held.is_empty(), "no removal was on the wire");
+        for m in held {
+            self.memory.remove_membership(&m).await.unwrap();
+        }
+    }
+}
+
+fn take_one(n: &AtomicU32) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+#[async_trait]
+impl Hooks for Wire {
+    fn inner(&self) -> &dyn Directory {
+        &*self.memory
+    }
+    async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        if take_one(&self.hold_adds) {
+            self.held_adds.lock().unwrap().push(m.clone());
+            return Err(DirectoryError::Unavailable(
+                "the directory did not answer the add".into(),
+            ));
+        }
+        self.memory.add_membership(m).await
+    }
+    async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        if take_one(&self.hold_removals) {
+            self.held_removals.lock().unwrap().push(m.clone());
+            return Err(DirectoryError::Unavailable(
+                "the directory did not answer the removal".into(),
+            ));
+        }
+        self.memory.remove_membership(m).await
+    }
+}
+
+/// The re-check's settle delay in these tests.
+const SETTLE: i64 = 30;
+
+/// A sled bot on a [`Wire`] directory, with its memory.
+fn wired_bot() -> (TestBot, Arc<Forward<Wire>>, Arc<MemoryDirectory>) {
+    let memory = seeded();
+    let wire = Wire::new(memory.clone());
+    let dir: Arc<dyn Directory> = wire.clone();
+    let bot = TestBot::builder()
+        .wrap(|_| dir)
+        .settings(|s| s.recheck_after = Span::from_secs(SETTLE as u64))
+        .build();
+    (bot, wire, memory)
+}
+
+fn rechecks(bot: &TestBot) -> usize {
+    bot.engine.store().timers_of(TimerKind::Recheck).unwrap().len()
+}
+
+/// Fires the due `Recheck` timers only.
+async fn fire_rechecks(bot: &TestBot) {
+    let due = bot.engine.store().due_timers(bot.engine.now(), 1000).unwrap();
+    let mut fired = 0;
+    for t in due.into_iter().filter(|t| t.kind == TimerKind::Recheck) {
+        bot.engine.fire(t).await;
+        fired += 1;
+    }
+    assert_eq!(fired, 1, "one re-check was due");
+}
+
+/// alice's web-admins lease L1 (no ZSP group: no drift monitor looks at
+/// it): its add gets no answer and is held on the wire, the undo finds
+/// nothing, L1 ends with its re-check armed. Then the add lands.
+async fn a_late_add_landed(bot: &TestBot, wire: &Wire, memory: &MemoryDirectory) {
+    wire.hold_adds.store(1, Ordering::SeqCst);
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h first").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Ended);
+    assert_eq!(rechecks(bot), 1, "the ambiguous add armed a re-check");
+    assert!(!memory.members(WEB).contains("alice"), "not landed yet");
+    wire.land_adds().await;
+    assert!(memory.members(WEB).contains("alice"), "the late add landed");
+}
+
+/// The membership lock keeps a grant's check apart from the re-check's
+/// removal only while the removal is answered. A removal that gets no
+/// answer (a timed-out modify: the same ambiguity as the add that armed
+/// the re-check) ends the re-check's pass with an error, releases the
+/// membership's turn and leaves the timer for a retry, while the modify
+/// may still land. alice's new lease L2 is granted in that gap: its check
+/// finds the late add, takes it for standing and goes active ("you have
+/// web-admins until …"); the removal lands; the re-check's retry finds
+/// the membership absent and is done. alice holds an active lease and is
+/// not in the group, and L2 never adds it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16e_a_recheck_removal_without_answer_strips_a_new_leases_membership() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+
+    // The re-check's removal gets no answer; it is on the wire.
+    wire.hold_removals.store(1, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE + 1));
+    fire_rechecks(&bot).await;
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+    assert_eq!(rechecks(&bot), 1, "the re-check is kept for its retry");
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "the removal has not landed yet"
+    );
+
+    // alice asks again and bob approves before the retry is due.
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    let reply = bot.ok("bob", &format!("approve {id}")).await;
+    let live = bot.engine.store().live_leases().unwrap();
+    assert_eq!(live.len(), 1, "alice's new lease: {live:?}; approval: {reply}");
+    let l2 = live[0].lease.clone();
+
+    // The removal lands; the re-check's retry runs.
+    wire.land_removals().await;
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+
+    let l2 = bot.engine.store().lease(&l2.id).unwrap().unwrap().lease;
+    if l2.state == LeaseState::Active {
+        assert!(
+            memory.members(WEB).contains("alice"),
+            "alice's new lease {} is active (she was told she has web-admins until {}), yet she is not \
+             in web-admins: it took the late add for standing (preexisting {:?}) while the first \
+             lease's re-check's removal was on the wire, and the removal landed after; audit: {:?}",
+            l2.id,
+            l2.expires_at,
+            l2.preexisting,
+            bot.audit_actions()
+        );
+    }
+    // Whatever happened, nothing is left once every lease has ended.
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(!memory.members(WEB).contains("alice"));
+}
