@@ -26,6 +26,8 @@ struct Wire {
     held_removals: Mutex<Vec<Membership>>,
     hold_adds: AtomicU32,
     hold_removals: AtomicU32,
+    /// Removals still to hang: sent (held on the wire) and never answered.
+    hang_removals: AtomicU32,
 }
 
 impl Wire {
@@ -36,6 +38,7 @@ impl Wire {
             held_removals: Mutex::new(Vec::new()),
             hold_adds: AtomicU32::new(0),
             hold_removals: AtomicU32::new(0),
+            hang_removals: AtomicU32::new(0),
         }))
     }
 
@@ -83,6 +86,10 @@ impl Hooks for Wire {
             return Err(DirectoryError::Unavailable(
                 "the directory did not answer the removal".into(),
             ));
+        }
+        if take_one(&self.hang_removals) {
+            self.held_removals.lock().unwrap().push(m.clone());
+            return std::future::pending().await;
         }
         self.memory.remove_membership(m).await
     }
@@ -185,6 +192,81 @@ async fn brk16e_a_recheck_removal_without_answer_strips_a_new_leases_membership(
         );
     }
     // Whatever happened, nothing is left once every lease has ended.
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(!memory.members(WEB).contains("alice"));
+}
+
+/// The membership lock is in-process, and the removal's write-ahead record
+/// (`lease.late_add_found`) does not keep a new grant away from the
+/// membership: the re-check sends its removal, and jitbot stops (crash,
+/// OOM kill, deploy; with replicas, the leader's term ends) while the
+/// modify is on the wire. After the restart alice's new lease L2 is
+/// granted before the re-check's retry: its check finds the late add and
+/// takes it for standing. The retry makes L2 claim it. Then the removal
+/// sent before the restart lands: alice holds an active lease that now
+/// owns a membership that is gone, and nothing adds it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16e_a_recheck_removal_sent_before_a_restart_strips_the_next_leases_membership() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+
+    // The re-check sends its removal, which hangs on the wire; jitbot stops.
+    wire.hang_removals.store(1, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE + 1));
+    let engine = bot.engine.clone();
+    let due = bot
+        .engine
+        .store()
+        .due_timers(bot.engine.now(), 1000)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.kind == TimerKind::Recheck)
+        .expect("the re-check is due");
+    let rechecking = tokio::spawn(async move { engine.fire(due).await });
+    let started = std::time::Instant::now();
+    while wire.held_removals.lock().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the re-check sent no removal within 10 s; audit: {:?}",
+            bot.audit_actions()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    rechecking.abort();
+    assert!(rechecking.await.is_err(), "jitbot stopped during the removal");
+    let directory: Arc<dyn Directory> = wire.clone();
+    let bot = bot.restart(directory, crate::support::bot::policy());
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "the removal has not landed yet"
+    );
+
+    // alice's new lease is granted at once after the restart.
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
+
+    // The re-check's retry runs, then the removal sent before the restart lands.
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+    wire.land_removals().await;
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+
+    let l2 = bot.engine.store().lease(&l2.id).unwrap().unwrap().lease;
+    if l2.state == LeaseState::Active {
+        assert!(
+            memory.members(WEB).contains("alice"),
+            "alice's new lease {} is active (she was told she has web-admins until {}, preexisting {:?}), \
+             yet she is not in web-admins: the first lease's re-check's removal, sent before the restart, \
+             landed after L2 had taken the membership; audit: {:?}",
+            l2.id,
+            l2.expires_at,
+            l2.preexisting,
+            bot.audit_actions()
+        );
+    }
     bot.advance(Duration::hours(2));
     bot.run_due().await;
     assert!(!memory.members(WEB).contains("alice"));
