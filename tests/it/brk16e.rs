@@ -12,7 +12,7 @@ use chrono::Duration;
 use jitbot::directory::memory::MemoryDirectory;
 use jitbot::ports::{Added, Directory, DirectoryError};
 use jitbot::store::TimerKind;
-use jitbot_core::{LeaseState, Membership, Span};
+use jitbot_core::{GroupDn, LeaseState, Membership, Span};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -61,6 +61,24 @@ impl Wire {
     }
 }
 
+/// `m` with its group DN spelled as the in-memory directory holds it,
+/// when it names the same entry as the directory compares DNs (LDAP
+/// servers ignore case and the spaces around separators, so
+/// `cn=web-admins, ou=groups, …` is the entry `cn=web-admins,ou=groups,…`).
+fn as_the_server_reads(m: &Membership) -> Membership {
+    let spelled = |dn: &str| {
+        dn.split(',')
+            .map(|rdn| rdn.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut m = m.clone();
+    if spelled(m.group.as_str()) == spelled(WEB) {
+        m.group = GroupDn::new(WEB);
+    }
+    m
+}
+
 fn take_one(n: &AtomicU32) -> bool {
     n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
@@ -71,7 +89,11 @@ impl Hooks for Wire {
     fn inner(&self) -> &dyn Directory {
         &*self.memory
     }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.memory.has_membership(&as_the_server_reads(m)).await
+    }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        let m = &as_the_server_reads(m);
         if take_one(&self.hold_adds) {
             self.held_adds.lock().unwrap().push(m.clone());
             return Err(DirectoryError::Unavailable(
@@ -81,6 +103,7 @@ impl Hooks for Wire {
         self.memory.add_membership(m).await
     }
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        let m = &as_the_server_reads(m);
         if take_one(&self.hold_removals) {
             self.held_removals.lock().unwrap().push(m.clone());
             return Err(DirectoryError::Unavailable(
@@ -270,4 +293,57 @@ async fn brk16e_a_recheck_removal_sent_before_a_restart_strips_the_next_leases_m
     bot.advance(Duration::hours(2));
     bot.run_due().await;
     assert!(!memory.members(WEB).contains("alice"));
+}
+
+/// The re-check tells "the same directory group" by comparing the DN
+/// strings (ASCII case ignored, `holds_the_same_group`), and the
+/// membership lock is keyed the same way; the directory compares DNs as
+/// DNs. An operator who re-spells a group's `dn` (spaces after the commas,
+/// as LDAP tools print them; the same entry) makes every lease granted
+/// after it "another group" to a re-check of a lease granted before it.
+/// L1's add got no answer and landed late; the config's `dn` of
+/// web-admins is re-spelled and jitbot restarted; alice's new lease L2
+/// finds the membership (standing) and goes active; L1's re-check then
+/// finds the membership present and no live lease "of the same group",
+/// and removes it: alice holds an active lease and is not in the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16e_a_respelled_group_dn_makes_the_recheck_remove_a_live_leases_membership() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+
+    // The operator re-spells web-admins' DN (the same entry) and restarts.
+    let respelled = "cn=web-admins, ou=groups, dc=example, dc=org";
+    let mut policy = crate::support::bot::policy();
+    for g in policy.groups.iter_mut() {
+        if g.dn.as_str() == WEB {
+            g.dn = GroupDn::new(respelled);
+        }
+    }
+    let directory: Arc<dyn Directory> = wire.clone();
+    let bot = bot.restart(directory, policy);
+
+    // alice's new lease is granted before the re-check is due.
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
+    assert_eq!(l2.state, LeaseState::Active);
+    assert!(memory.members(WEB).contains("alice"));
+
+    // L1's re-check falls due.
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    assert_eq!(rechecks(&bot), 0, "the re-check is done");
+
+    let l2 = bot.engine.store().lease(&l2.id).unwrap().unwrap().lease;
+    assert_eq!(l2.state, LeaseState::Active);
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "alice's new lease {} is active in `{}` (the same directory entry as `{}`, spelled with spaces), \
+         yet the first lease's re-check removed her from web-admins, taking L2 for a lease of another \
+         directory group; audit: {:?}",
+        l2.id,
+        respelled,
+        WEB,
+        bot.audit_actions()
+    );
 }
