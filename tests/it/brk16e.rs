@@ -4,6 +4,7 @@
 //! findings are written up in `/work/notes/brk16e-findings.md`. The
 //! in-memory directory sits behind a [`Wire`] the test controls: an add
 //! or a removal can get no answer and be held on the wire until it lands.
+//! The leadership test runs on the real PostgreSQL of `support::postgres`.
 
 use crate::support::bot::{seeded, TestBot, WEB};
 use crate::support::forward::{Forward, Hooks};
@@ -345,5 +346,80 @@ async fn brk16e_a_respelled_group_dn_makes_the_recheck_remove_a_live_leases_memb
         respelled,
         WEB,
         bot.audit_actions()
+    );
+}
+
+/// A slow but working database: `commits_unanswered` counts a round trip
+/// of the commit session under way for more than `LOCK_WAIT` (12 s) as no
+/// answer, although the session sets `statement_timeout = 30s` and the
+/// server is answering it. A leader whose commit takes 14 s (here a
+/// trigger sleeps; in production synchronous replication to a slow
+/// standby, a checkpoint on a slow disk, a big retention or mass-expiry
+/// commit) declines its next renewal and gives up its term (two thirds
+/// of the 6 s default term after its "silence" began), and `/readyz`
+/// says the store is unavailable — though the commit is answered, and
+/// succeeds, well inside the statement timeout. The next leader's
+/// commits go through the same slow database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk16e_a_leader_whose_commit_is_slow_but_answered_gives_up_its_term() {
+    use crate::support::postgres::Database;
+    use jitbot::store::{AuditDraft, Store};
+    let db = Database::create();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = Store::open_postgres(&tmp.path().join("a"), 16, &db.settings()).unwrap();
+    let term = jitbot::app::LEADER_TTL;
+    let token = a.lead("a", term).unwrap().expect("a takes the term");
+
+    // The next statement writing jitbot_kv takes 14 s (once).
+    db.run(
+        "CREATE TABLE brk16e_slow (once boolean); INSERT INTO brk16e_slow VALUES (true); \
+         CREATE FUNCTION brk16e_slow() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$ \
+         BEGIN IF EXISTS (SELECT 1 FROM brk16e_slow) THEN DELETE FROM brk16e_slow; \
+         PERFORM pg_sleep(14); END IF; RETURN NULL; END $$; \
+         CREATE TRIGGER brk16e_slow BEFORE INSERT OR UPDATE ON jitbot_kv \
+         FOR EACH STATEMENT EXECUTE FUNCTION brk16e_slow();",
+    );
+
+    let writer = a.clone();
+    let started = std::time::Instant::now();
+    let committing = tokio::spawn(async move {
+        writer
+            .update(chrono::Utc::now(), |tx| {
+                tx.set_timer(TimerKind::Warn, "slow", chrono::Utc::now());
+                tx.audit(AuditDraft {
+                    actor: "test".into(),
+                    action: "test.slow_commit".into(),
+                    ..Default::default()
+                });
+                Ok::<(), jitbot::store::StoreError>(())
+            })
+            .await
+    });
+    // The leader renews every third of a term, as `app.rs` does.
+    let mut renewals = Vec::new();
+    while !committing.is_finished() {
+        tokio::time::sleep(term / 3).await;
+        let renewed = tokio::task::block_in_place(|| a.lead("a", term));
+        renewals.push((
+            started.elapsed().as_secs_f64().round(),
+            format!("{renewed:?}"),
+            a.commits_unanswered().map(|d| d.as_secs_f64().round()),
+        ));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(40),
+            "the commit did not end within 40 s"
+        );
+    }
+    let committed = committing.await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        committed.is_ok(),
+        "the slow commit itself failed after {took:?}: {committed:?}"
+    );
+    let expected = format!("Ok(Some({token}))");
+    assert!(
+        renewals.iter().all(|(_, r, _)| *r == expected),
+        "a commit answered and successful after {took:?} (the session's statement_timeout is 30 s) made \
+         the leader give up its term: renewals (seconds, lead(), commits_unanswered) = {renewals:?}"
     );
 }
