@@ -45,7 +45,10 @@ enum Hold {
     Directory(DirectoryError),
     /// Lease `lease`'s re-check, due at `due`, may have a removal of this
     /// membership on its way.
-    Recheck { lease: LeaseId, due: jitbot_core::Instant },
+    Recheck {
+        lease: LeaseId,
+        due: jitbot_core::Instant,
+    },
 }
 
 /// Locks taken around directory work: one per lease (held while a lease's

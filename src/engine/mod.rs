@@ -397,7 +397,14 @@ impl Engine {
     /// way keeps its later due.
     async fn retry_timer(&self, kind: TimerKind, id: &str, error: &EngineError) {
         tracing::error!(kind = ?kind, id = %id, error = %error, "timer work failed; retrying later");
-        let retry = self.recheck_retry_due(kind, id);
+        let retry = self.retry_of(kind, id).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the timer to retry; retrying it as it fired");
+            Some((kind, self.now() + self.inner.settings.retry_base.to_chrono()))
+        });
+        let Some((kind, retry)) = retry else {
+            // A re-check that finished meanwhile: nothing to retry.
+            return;
+        };
         let moved = self
             .inner
             .store

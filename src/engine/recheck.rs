@@ -72,7 +72,12 @@ impl Engine {
     /// The pending re-check timer of lease `id` (either kind) and its due.
     fn recheck_due(&self, id: &LeaseId) -> Result<Option<(TimerKind, Instant)>, EngineError> {
         for kind in TimerKind::RECHECKS {
-            let found = self.inner.store.timers_of(kind)?.into_iter().find(|t| t.id == id.as_str());
+            let found = self
+                .inner
+                .store
+                .timers_of(kind)?
+                .into_iter()
+                .find(|t| t.id == id.as_str());
             if let Some(t) = found {
                 return Ok(Some((kind, t.due)));
             }
@@ -98,7 +103,11 @@ impl Engine {
                 continue;
             };
             let same = rec.lease.user.folded() == user.folded()
-                && rec.lease.membership.as_ref().is_some_and(|m| same_group(&m.group, dn));
+                && rec
+                    .lease
+                    .membership
+                    .as_ref()
+                    .is_some_and(|m| same_group(&m.group, dn));
             if same && rec.lease.state == LeaseState::Ended {
                 return Ok(Some((id, t.due)));
             }
@@ -106,18 +115,27 @@ impl Engine {
         Ok(None)
     }
 
-    /// When a re-check's work failed: the `RecheckRemoval` timer keeps its
-    /// due (a removal may still be on its way), pushed out to a retry at
-    /// the earliest; a `Recheck` is retried as any timer.
-    pub(super) fn recheck_retry_due(&self, kind: TimerKind, id: &str) -> Instant {
+    /// When timer work of `kind` failed: the timer to set, and when. A
+    /// re-check is retried under the kind it has now (its pass may have
+    /// replaced a `Recheck` by a `RecheckRemoval`, or finished it: then
+    /// nothing), and a `RecheckRemoval` keeps its due (a removal may still
+    /// be on its way), a retry from now at the earliest. Any other timer
+    /// is retried `retry_base` from now.
+    pub(super) fn retry_of(
+        &self,
+        kind: TimerKind,
+        id: &str,
+    ) -> Result<Option<(TimerKind, Instant)>, EngineError> {
         let retry = self.now() + self.inner.settings.retry_base.to_chrono();
-        if kind != TimerKind::RecheckRemoval {
-            return retry;
+        if !TimerKind::RECHECKS.contains(&kind) {
+            return Ok(Some((kind, retry)));
         }
-        match self.recheck_due(&LeaseId::new(id)) {
-            Ok(Some((TimerKind::RecheckRemoval, due))) => due.max(retry),
-            _ => retry,
-        }
+        Ok(self
+            .recheck_due(&LeaseId::new(id))?
+            .map(|(now_kind, due)| match now_kind {
+                TimerKind::RecheckRemoval => (now_kind, due.max(retry)),
+                _ => (now_kind, retry),
+            }))
     }
 
     /// Stages the re-check of lease `rec`, whose add got no answer and may
@@ -406,4 +424,3 @@ pub(super) fn same_group(a: &GroupDn, b: &GroupDn) -> bool {
 pub(super) fn group_key(dn: &GroupDn) -> String {
     crate::directory::ldap::dn::normalize(dn.as_str())
 }
-

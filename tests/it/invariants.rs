@@ -592,11 +592,10 @@ async fn ended_with_an_add_on_the_wire() -> (TestBot, Arc<Forward<LateAdd>>, Arc
 }
 
 fn rechecks(bot: &TestBot) -> usize {
-    bot.engine
-        .store()
-        .timers_of(jitbot::store::TimerKind::Recheck)
-        .unwrap()
-        .len()
+    jitbot::store::TimerKind::RECHECKS
+        .iter()
+        .map(|k| bot.engine.store().timers_of(*k).unwrap().len())
+        .sum()
 }
 
 /// Issue 16 (brk16c finding 1), on sled: an add that got no answer lands
