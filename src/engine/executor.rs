@@ -39,6 +39,18 @@ enum GrantStep {
     Waiting,
 }
 
+/// Why a grant's pass stopped before its add, to be tried again later.
+enum Hold {
+    /// The directory could not be asked (down, or timed out).
+    Directory(DirectoryError),
+    /// Lease `lease`'s re-check, due at `due`, may have a removal of this
+    /// membership on its way.
+    Recheck {
+        lease: LeaseId,
+        due: jitbot_core::Instant,
+    },
+}
+
 /// Locks taken around directory work: one per lease (held while a lease's
 /// directory work runs, [`Engine::drive`]) and one per membership (a user
 /// in a directory group), which keeps the re-check's removal of a late add
@@ -59,9 +71,10 @@ impl LeaseLocks {
     }
 
     /// Waits for the turn of `user`'s membership of directory group `dn`
-    /// (compared as the directory compares them: ASCII case ignored).
+    /// (compared as the directory compares them: case and the spaces
+    /// around separators ignored).
     pub(super) async fn membership(&self, dn: &GroupDn, user: &UserId) -> Turn<'_> {
-        let key = format!("{}\n{}", dn.as_str().to_ascii_lowercase(), user.folded());
+        let key = format!("{}\n{}", super::recheck::group_key(dn), user.folded());
         self.memberships.turn(key).await
     }
 }
@@ -255,15 +268,54 @@ impl Engine {
     async fn grant_step(&self, rec: LeaseRecord) -> Result<GrantStep, EngineError> {
         let id = rec.lease.id.clone();
         match self.try_grant(rec).await? {
-            Err(e) => self.grant_retry(&id, &e).await,
+            Err(Hold::Directory(e)) => self.grant_retry(&id, &e).await,
+            Err(Hold::Recheck { lease, due }) => self.grant_waits_for_recheck(&id, &lease, due).await,
             Ok(()) => Ok(GrantStep::Moved),
         }
+    }
+
+    /// Another lease's re-check has found a late add of this grant's
+    /// membership and may have its removal on the way: nothing was
+    /// checked or added, the lease stays `Granting` and its `Grant` timer
+    /// tries again a retry after that re-check is due (then the membership
+    /// is absent and the grant adds its own). Audited and told once.
+    async fn grant_waits_for_recheck(
+        &self,
+        id: &LeaseId,
+        other: &LeaseId,
+        due: jitbot_core::Instant,
+    ) -> Result<GrantStep, EngineError> {
+        let retry = self.inner.settings.retry_base.to_chrono();
+        let why = format!("waiting for lease {other}'s re-check to remove a late add of this membership");
+        let first = self
+            .transition(id, &[LeaseState::Granting], |tx, rec| {
+                let next = (due.max(tx.now()) + retry).min(rec.lease.expires_at);
+                tx.set_timer(TimerKind::Grant, id.as_str(), next);
+                let first = rec.lease.last_error.as_deref() != Some(why.as_str());
+                if first {
+                    rec.lease.last_error = Some(why.clone());
+                    tx.audit(
+                        about_lease(ENGINE_ACTOR, AuditAction::LeaseGrantRetry, &rec.lease).detail(format!(
+                            "{why}: an earlier lease's add that got no answer arrived after it ended, and \
+                             jitbot's removal of it may still be on its way; nothing was added; the grant \
+                             goes on once it is done"
+                        )),
+                    );
+                }
+                Ok(first)
+            })
+            .await?;
+        if first == Some(true) {
+            tracing::warn!(lease = %id, other = %other, "grant waits for a re-check's removal of a late add");
+            self.changed();
+        }
+        Ok(GrantStep::Waiting)
     }
 
     /// The grant itself. A transient directory error met before the add is
     /// sent comes back as `Ok(Err(_))`: nothing was written, so the grant
     /// can simply be tried again.
-    async fn try_grant(&self, rec: LeaseRecord) -> Result<Result<(), DirectoryError>, EngineError> {
+    async fn try_grant(&self, rec: LeaseRecord) -> Result<Result<(), Hold>, EngineError> {
         let id = rec.lease.id.clone();
         let granting = [LeaseState::Granting];
         // A grant finished after its lease has run out (jitbot was down, or
@@ -300,13 +352,18 @@ impl Engine {
                     .await
                 {
                     Ok(m) => m,
-                    Err(e) if e.is_transient() => return Ok(Err(e)),
+                    Err(e) if e.is_transient() => return Ok(Err(Hold::Directory(e))),
                     Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
                 _turn = self.inner.lease_locks.membership(&m.group, &rec.lease.user).await;
+                // Under the turn: a re-check that found a late add commits
+                // its claim (durable, unlike the turn) before its removal.
+                if let Some((lease, due)) = self.recheck_removal_pending(&m.group, &rec.lease.user)? {
+                    return Ok(Err(Hold::Recheck { lease, due }));
+                }
                 let was_member = match self.bounded("check", dir.has_membership(&m)).await {
                     Ok(was) => was,
-                    Err(e) if e.is_transient() => return Ok(Err(e)),
+                    Err(e) if e.is_transient() => return Ok(Err(Hold::Directory(e))),
                     Err(e) => return self.grant_failed(&id, &e.to_string()).await.map(Ok),
                 };
                 self.directory_answered().await;

@@ -385,7 +385,7 @@ impl Engine {
                 .map(|_| ()),
             TimerKind::RequestTimeout => self.time_out(&timer.id).await,
             TimerKind::Warn => self.warn(&timer.id).await,
-            TimerKind::Recheck => self.recheck(&timer.id).await,
+            TimerKind::Recheck | TimerKind::RecheckRemoval => self.recheck(&timer.id).await,
         };
         if let Err(e) = outcome {
             self.retry_timer(timer.kind, &timer.id, &e).await;
@@ -393,10 +393,18 @@ impl Engine {
     }
 
     /// Timer work failed: its timer moves `retry_base` out (the work is
-    /// retried then, never dropped).
+    /// retried then, never dropped); a re-check whose removal may be on its
+    /// way keeps its later due.
     async fn retry_timer(&self, kind: TimerKind, id: &str, error: &EngineError) {
         tracing::error!(kind = ?kind, id = %id, error = %error, "timer work failed; retrying later");
-        let retry = self.now() + self.inner.settings.retry_base.to_chrono();
+        let retry = self.retry_of(kind, id).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the timer to retry; retrying it as it fired");
+            Some((kind, self.now() + self.inner.settings.retry_base.to_chrono()))
+        });
+        let Some((kind, retry)) = retry else {
+            // A re-check that finished meanwhile: nothing to retry.
+            return;
+        };
         let moved = self
             .inner
             .store

@@ -15,21 +15,30 @@
 //! to [`EngineSettings::recheck_after`](super::EngineSettings) after that
 //! end. When it fires (on the leader, through the scheduler), the removal
 //! is write-ahead like any revocation: `lease.late_add_found` is committed,
-//! with the timer moved out for a retry, before the modify; the timer is
-//! dropped only once the removal is read back (`lease.late_add_removed`).
+//! with the `Recheck` timer replaced by a `RecheckRemoval` one due a settle
+//! delay later, before the modify; that timer is dropped only once the
+//! removal is read back (`lease.late_add_removed`) or the membership is
+//! read absent. A removal that gets no answer, or that a stopped process
+//! (or a deposed leader) sent, may land any time until then, so the next
+//! look waits a settle delay, not a retry.
 //!
 //! The lease re-checked has left its slot, so the slot rule does not keep
 //! the re-check apart from a new lease of the same user and group: the
 //! two take turns under the membership's lock (`LeaseLocks::membership`),
 //! and the membership goes to a live lease only once that lease is
-//! `Active` (a revoking one may have made its removal already).
+//! `Active` (a revoking one may have made its removal already). The lock
+//! lasts only while the removal is answered and the process runs: the
+//! durable claim is the `RecheckRemoval` timer, and a grant of the same
+//! user and directory group waits while one is pending
+//! ([`Engine::recheck_removal_pending`]). Directory groups are the same
+//! when their normalised DNs are ([`same_group`]).
 
 use super::audit::{about_lease, AuditAction};
 use super::{notice, Engine, EngineError, ENGINE_ACTOR};
 use crate::messages::Audience;
 use crate::store::leader::Window;
 use crate::store::{LeaseRecord, TimerKind, Tx};
-use jitbot_core::{LeaseId, LeaseState};
+use jitbot_core::{GroupDn, Instant, LeaseId, LeaseState, UserId};
 
 /// What one re-check found and did, for its audit record.
 enum Found {
@@ -58,6 +67,75 @@ enum Heir {
 impl Engine {
     fn settle(&self) -> chrono::Duration {
         self.inner.settings.recheck_after.to_chrono()
+    }
+
+    /// The pending re-check timer of lease `id` (either kind) and its due.
+    fn recheck_due(&self, id: &LeaseId) -> Result<Option<(TimerKind, Instant)>, EngineError> {
+        for kind in TimerKind::RECHECKS {
+            let found = self
+                .inner
+                .store
+                .timers_of(kind)?
+                .into_iter()
+                .find(|t| t.id == id.as_str());
+            if let Some(t) = found {
+                return Ok(Some((kind, t.due)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The ended lease, and its re-check's due, whose re-check has found a
+    /// late add of `user`'s membership of directory group `dn` and may
+    /// have a removal of it on its way (a `RecheckRemoval` timer: durable,
+    /// so it holds across a lost answer, a restart and a change of
+    /// leader). A grant of that membership waits until it is gone: it
+    /// would take the late add for standing, then lose it to the removal.
+    /// Normally there is none, and the scan is of an empty list.
+    pub(super) fn recheck_removal_pending(
+        &self,
+        dn: &GroupDn,
+        user: &UserId,
+    ) -> Result<Option<(LeaseId, Instant)>, EngineError> {
+        for t in self.inner.store.timers_of(TimerKind::RecheckRemoval)? {
+            let id = LeaseId::new(t.id.as_str());
+            let Some(rec) = self.inner.store.lease(&id)? else {
+                continue;
+            };
+            let same = rec.lease.user.folded() == user.folded()
+                && rec
+                    .lease
+                    .membership
+                    .as_ref()
+                    .is_some_and(|m| same_group(&m.group, dn));
+            if same && rec.lease.state == LeaseState::Ended {
+                return Ok(Some((id, t.due)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// When timer work of `kind` failed: the timer to set, and when. A
+    /// re-check is retried under the kind it has now (its pass may have
+    /// replaced a `Recheck` by a `RecheckRemoval`, or finished it: then
+    /// nothing), and a `RecheckRemoval` keeps its due (a removal may still
+    /// be on its way), a retry from now at the earliest. Any other timer
+    /// is retried `retry_base` from now.
+    pub(super) fn retry_of(
+        &self,
+        kind: TimerKind,
+        id: &str,
+    ) -> Result<Option<(TimerKind, Instant)>, EngineError> {
+        let retry = self.now() + self.inner.settings.retry_base.to_chrono();
+        if !TimerKind::RECHECKS.contains(&kind) {
+            return Ok(Some((kind, retry)));
+        }
+        Ok(self
+            .recheck_due(&LeaseId::new(id))?
+            .map(|(now_kind, due)| match now_kind {
+                TimerKind::RecheckRemoval => (now_kind, due.max(retry)),
+                _ => (now_kind, retry),
+            }))
     }
 
     /// Stages the re-check of lease `rec`, whose add got no answer and may
@@ -98,16 +176,16 @@ impl Engine {
         }
         // The timer as it is now: the end's commit may have moved it out
         // since the scheduler read it (or another pass dropped it).
-        let due = self
-            .inner
-            .store
-            .timers_of(TimerKind::Recheck)?
-            .into_iter()
-            .find(|t| t.id == id.as_str())
-            .map(|t| t.due);
-        if due.is_none_or(|due| due > self.now()) {
+        let Some((kind, due)) = self.recheck_due(&id)? else {
+            return Ok(());
+        };
+        if due > self.now() {
             return Ok(());
         }
+        // After `lease.late_add_found` a grant of the same membership
+        // waits for this re-check (`recheck_removal_pending`): one that
+        // has not checked the directory yet is no heir to wait for.
+        let removing = kind == TimerKind::RecheckRemoval;
         let Some(rec) = self.inner.store.lease(&id)? else {
             return self.recheck_done(&id, None).await;
         };
@@ -147,23 +225,29 @@ impl Engine {
         let holder = self.inner.store.live_lease(&rec.lease.group, &rec.lease.user)?;
         if let Some(holder) = holder {
             let holder_rec = self.inner.store.lease(&holder)?;
-            if holder_rec.is_some_and(|h| holds_the_same_group(&h, &m)) {
+            if holder_rec.is_some_and(|h| is_heir(&h, &m, removing)) {
                 return self.leave_to(&id, &holder).await;
             }
         }
         // Write-ahead: the removal is on record, and retried if it fails
         // or this process stops, before the modify is sent.
-        let retry = self.inner.settings.retry_base.to_chrono();
+        let settle = self.settle();
         let found = self
             .transition(&id, &[LeaseState::Ended], |tx, rec| {
                 if let Some(holder) = tx.live_lease(&rec.lease.group, &rec.lease.user)? {
-                    if tx.lease(&holder)?.is_some_and(|h| holds_the_same_group(&h, &m)) {
+                    if tx.lease(&holder)?.is_some_and(|h| is_heir(&h, &m, removing)) {
                         // A new lease took the slot meanwhile: the next pass
                         // (due now) leaves the membership to it.
                         return Ok(false);
                     }
                 }
-                tx.set_timer(TimerKind::Recheck, id.as_str(), tx.now() + retry);
+                // The claim on the membership, durable: until it is cleared
+                // no grant of the same user and group takes the membership,
+                // and the next look comes when a removal still on its way
+                // (unanswered, or sent by a process that stopped) has
+                // landed or died.
+                tx.clear_timer(TimerKind::Recheck, id.as_str());
+                tx.set_timer(TimerKind::RecheckRemoval, id.as_str(), tx.now() + settle);
                 tx.audit(
                     about_lease(ENGINE_ACTOR, AuditAction::LeaseLateAddFound, &rec.lease).detail(
                         "the membership is in the directory after the lease ended: jitbot's add that got no \
@@ -182,6 +266,7 @@ impl Engine {
         let note = note.map(|n| format!(" ({n})")).unwrap_or_default();
         self.transition(&id, &[LeaseState::Ended], |tx, rec| {
             tx.clear_timer(TimerKind::Recheck, id.as_str());
+            tx.clear_timer(TimerKind::RecheckRemoval, id.as_str());
             tx.audit(
                 about_lease(ENGINE_ACTOR, AuditAction::LeaseLateAddRemoved, &rec.lease)
                     .detail(format!("membership removed after the lease ended{note}")),
@@ -240,7 +325,12 @@ impl Engine {
                     // there" would make the membership standing to it), or
                     // its removal possibly made: look again later.
                     _ => {
-                        tx.set_timer(TimerKind::Recheck, ours.as_str(), tx.now() + settle);
+                        let kind = if tx.has_timer(TimerKind::RecheckRemoval, ours.as_str())? {
+                            TimerKind::RecheckRemoval
+                        } else {
+                            TimerKind::Recheck
+                        };
+                        tx.set_timer(kind, ours.as_str(), tx.now() + settle);
                         Heir::NotYet
                     }
                 })
@@ -276,6 +366,7 @@ impl Engine {
             .store
             .update(self.now(), |tx| {
                 tx.clear_timer(TimerKind::Recheck, id.as_str());
+                tx.clear_timer(TimerKind::RecheckRemoval, id.as_str());
                 let (Some(found), Some(rec)) = (found, tx.lease(id)?) else {
                     return Ok::<_, EngineError>(());
                 };
@@ -310,5 +401,26 @@ fn holds_the_same_group(holder: &LeaseRecord, m: &jitbot_core::Membership) -> bo
         .lease
         .membership
         .as_ref()
-        .is_none_or(|h| h.group.as_str().eq_ignore_ascii_case(m.group.as_str()))
+        .is_none_or(|h| same_group(&h.group, &m.group))
+}
+
+/// Whether live lease `holder` is the one the membership goes to. While
+/// the re-check's removal may be on its way (`removing`), a grant that has
+/// not checked the directory yet waits for the re-check to finish, and
+/// then adds its own: it is no heir.
+fn is_heir(holder: &LeaseRecord, m: &jitbot_core::Membership, removing: bool) -> bool {
+    let waits = removing && holder.lease.state == LeaseState::Granting && holder.lease.preexisting.is_none();
+    holds_the_same_group(holder, m) && !waits
+}
+
+/// Whether two group DNs name the same directory entry, as the directory
+/// compares them (case and the spaces around separators ignored): a `dn`
+/// re-spelled in the config is the same group.
+pub(super) fn same_group(a: &GroupDn, b: &GroupDn) -> bool {
+    group_key(a) == group_key(b)
+}
+
+/// A group DN in one spelling per directory entry, for comparing and keying.
+pub(super) fn group_key(dn: &GroupDn) -> String {
+    crate::directory::ldap::dn::normalize(dn.as_str())
 }

@@ -176,6 +176,7 @@ fn has_timer(store: &Store, id: &str) -> Result<bool, StoreError> {
         TimerKind::RequestTimeout,
         TimerKind::Warn,
         TimerKind::Recheck,
+        TimerKind::RecheckRemoval,
     ] {
         if store.tree(TreeId::TimerIx).contains_key(index_key(kind, id))? {
             return Ok(true);

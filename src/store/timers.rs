@@ -18,10 +18,19 @@ pub enum TimerKind {
     /// Look once more, a settle delay after a lease whose add got no
     /// answer has ended, for that add arriving late (`engine/recheck.rs`).
     Recheck = 6,
+    /// The same re-check (`engine/recheck.rs`) once it has found a late
+    /// add and committed its removal (`lease.late_add_found`): while this
+    /// timer is pending a removal may be on its way, so no grant of the
+    /// same user and directory group may take the membership for its own.
+    RecheckRemoval = 7,
 }
 
 impl TimerKind {
-    pub const MAX: TimerKind = TimerKind::Recheck;
+    /// The kinds of the re-check after an ambiguous add: the same handler
+    /// runs both (`engine/recheck.rs`), and a lease has at most one.
+    pub const RECHECKS: [TimerKind; 2] = [TimerKind::Recheck, TimerKind::RecheckRemoval];
+
+    pub const MAX: TimerKind = TimerKind::RecheckRemoval;
 
     fn from_byte(b: u8) -> Option<TimerKind> {
         Some(match b {
@@ -31,6 +40,7 @@ impl TimerKind {
             4 => TimerKind::RequestTimeout,
             5 => TimerKind::Warn,
             6 => TimerKind::Recheck,
+            7 => TimerKind::RecheckRemoval,
             _ => return None,
         })
     }

@@ -5,6 +5,7 @@ mod support;
 
 mod ad;
 mod backup;
+mod brk16e;
 mod console;
 mod contract;
 mod deploy;

@@ -4,9 +4,12 @@
 //! sent before a restart whose retry was answered, a new lease granted
 //! while the re-check's removal is on its way (or recorded before a
 //! restart), and a late add found while the live lease's removal may
-//! already be made. The in-memory
-//! directory sits behind a [`Wire`] the test controls: an add can be held
-//! on the wire and land later, or hang unanswered.
+//! already be made; and against the fifth review (brk16e): a re-check's
+//! removal that gets no answer, or is sent before a restart, and a group
+//! `dn` re-spelled in the config. The in-memory directory sits behind a
+//! [`Wire`] the test controls: an add or a removal can be held on the
+//! wire and land later, or hang unanswered; and it compares group DNs as
+//! an LDAP server does.
 
 use crate::support::bot::{seeded, TestBot, WEB};
 use crate::support::forward::{Forward, Hooks};
@@ -16,18 +19,24 @@ use jitbot::directory::memory::MemoryDirectory;
 use jitbot::engine::Caller;
 use jitbot::ports::{Added, Directory, DirectoryError};
 use jitbot::store::TimerKind;
-use jitbot_core::{Command, LeaseState, Membership, Span};
+use jitbot_core::{Command, GroupDn, LeaseState, Membership, Span};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The in-memory directory behind a network path the test controls: an
 /// add can get no answer and be held on the wire (`hold_adds`) until it
-/// lands (`land`), and the next add or removal can be held at a gate
+/// lands (`land`), so can a removal (`hold_removals`, `hang_removals`;
+/// `land_removals`), and the next add or removal can be held at a gate
 /// (`gate_adds`, `gate_removals`) until the test opens it (`open`).
 struct Wire {
     memory: Arc<MemoryDirectory>,
     held: Mutex<Vec<Membership>>,
+    held_removals: Mutex<Vec<Membership>>,
     hold_adds: AtomicU32,
+    /// Removals still to get no answer: held on the wire, failing `Unavailable`.
+    hold_removals: AtomicU32,
+    /// Removals still to hang: sent (held on the wire) and never answered.
+    hang_removals: AtomicU32,
     /// Adds still to hang: sent (held on the wire) and never answered.
     hang_adds: AtomicU32,
     gate_adds: AtomicBool,
@@ -44,7 +53,10 @@ impl Wire {
         Arc::new(Forward(Wire {
             memory,
             held: Mutex::new(Vec::new()),
+            held_removals: Mutex::new(Vec::new()),
             hold_adds: AtomicU32::new(0),
+            hold_removals: AtomicU32::new(0),
+            hang_removals: AtomicU32::new(0),
             hang_adds: AtomicU32::new(0),
             gate_adds: AtomicBool::new(false),
             gate_removals: AtomicBool::new(false),
@@ -60,6 +72,27 @@ impl Wire {
         assert!(!held.is_empty(), "no add was on the wire");
         for m in held {
             self.memory.add_membership(&m).await.unwrap();
+        }
+    }
+
+    /// The removals held on the wire reach the directory now.
+    async fn land_removals(&self) {
+        let held = std::mem::take(&mut *self.held_removals.lock().unwrap());
+        assert!(!held.is_empty(), "no removal was on the wire");
+        for m in held {
+            self.memory.remove_membership(&m).await.unwrap();
+        }
+    }
+
+    /// Waits until a removal is on the wire.
+    async fn wait_for_a_removal(&self) {
+        let started = std::time::Instant::now();
+        while self.held_removals.lock().unwrap().is_empty() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "no removal was sent within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 
@@ -87,12 +120,39 @@ impl Wire {
     }
 }
 
+/// `m` with its group DN spelled as the in-memory directory holds it,
+/// when it names the same entry as the directory compares DNs (LDAP
+/// servers ignore case and the spaces around separators, so
+/// `cn=web-admins, ou=groups, …` is the entry `cn=web-admins,ou=groups,…`).
+fn as_the_server_reads(m: &Membership) -> Membership {
+    let spelled = |dn: &str| {
+        dn.split(',')
+            .map(|rdn| rdn.trim().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut m = m.clone();
+    if spelled(m.group.as_str()) == spelled(WEB) {
+        m.group = GroupDn::new(WEB);
+    }
+    m
+}
+
+fn take_one(n: &AtomicU32) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
 #[async_trait]
 impl Hooks for Wire {
     fn inner(&self) -> &dyn Directory {
         &*self.memory
     }
+    async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
+        self.memory.has_membership(&as_the_server_reads(m)).await
+    }
     async fn add_membership(&self, m: &Membership) -> Result<Added, DirectoryError> {
+        let m = &as_the_server_reads(m);
         let hold = self
             .hold_adds
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
@@ -114,6 +174,17 @@ impl Hooks for Wire {
         self.memory.add_membership(m).await
     }
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
+        let m = &as_the_server_reads(m);
+        if take_one(&self.hold_removals) {
+            self.held_removals.lock().unwrap().push(m.clone());
+            return Err(DirectoryError::Unavailable(
+                "the directory did not answer the removal".into(),
+            ));
+        }
+        if take_one(&self.hang_removals) {
+            self.held_removals.lock().unwrap().push(m.clone());
+            return std::future::pending().await;
+        }
         self.pass_gate(&self.gate_removals).await;
         let removed = self.memory.remove_membership(m).await;
         self.pass_gate(&self.gate_removal_answers).await;
@@ -150,16 +221,30 @@ async fn an_add_on_the_wire(bot: &TestBot, wire: &Wire, memory: &MemoryDirectory
     assert!(!memory.members(WEB).contains("alice"), "not landed yet");
 }
 
+/// Pending re-checks, of either kind (`RecheckRemoval` once a late add
+/// was found and its removal recorded).
 fn rechecks(bot: &TestBot) -> usize {
-    bot.engine.store().timers_of(TimerKind::Recheck).unwrap().len()
+    TimerKind::RECHECKS
+        .iter()
+        .map(|k| bot.engine.store().timers_of(*k).unwrap().len())
+        .sum()
 }
 
-/// Fires the due `Recheck` timers only (as the scheduler's pass would,
+/// Whether the re-check has recorded a removal that may be on its way.
+fn removing(bot: &TestBot) -> bool {
+    !bot.engine
+        .store()
+        .timers_of(TimerKind::RecheckRemoval)
+        .unwrap()
+        .is_empty()
+}
+
+/// Fires the due re-check timers only (as the scheduler's pass would,
 /// while other work of the same moment is still under way).
 async fn fire_rechecks(bot: &TestBot) {
     let due = bot.engine.store().due_timers(bot.engine.now(), 1000).unwrap();
     let mut fired = 0;
-    for t in due.into_iter().filter(|t| t.kind == TimerKind::Recheck) {
+    for t in due.into_iter().filter(|t| TimerKind::RECHECKS.contains(&t.kind)) {
         bot.engine.fire(t).await;
         fired += 1;
     }
@@ -176,7 +261,7 @@ fn fire_the_recheck_on_a_task(bot: &TestBot) -> tokio::task::JoinHandle<()> {
         .due_timers(bot.engine.now(), 1000)
         .unwrap()
         .into_iter()
-        .find(|t| t.kind == TimerKind::Recheck)
+        .find(|t| TimerKind::RECHECKS.contains(&t.kind))
         .expect("the re-check is due");
     tokio::spawn(async move { engine.fire(due).await })
 }
@@ -354,13 +439,14 @@ async fn a_new_lease_granted_while_a_recheck_removes_a_late_add_keeps_its_member
 
 /// The crash between finding 3's two steps: the re-check records
 /// `lease.late_add_found` and jitbot stops before the modify is sent.
-/// After the restart, alice's new lease L2 is granted before the
-/// re-check's retry: its check finds the late add and takes it for
-/// standing. The retried re-check then finds L2 holding the membership as
-/// standing and makes it claim it (`lease.add_ambiguous`): alice keeps
-/// web-admins while L2 lasts, and L2's end removes it.
+/// After the restart, alice's new lease L2 is approved before the
+/// re-check's retry. Its check once found the late add and took it for
+/// standing (then claimed it at the retry). The record of the removal is
+/// now a durable claim on the membership (a `RecheckRemoval` timer): L2
+/// waits; the retried re-check removes the late add; L2 then finds
+/// nothing and adds its own, and its end removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_add_whose_removal_was_recorded_before_a_restart_is_claimed_by_the_next_lease() {
+async fn a_late_add_whose_removal_was_recorded_before_a_restart_is_removed_before_the_next_lease_adds() {
     let (bot, wire, memory) = wired_bot();
     an_add_on_the_wire(&bot, &wire, &memory).await;
     wire.land().await;
@@ -380,29 +466,34 @@ async fn a_late_add_whose_removal_was_recorded_before_a_restart_is_claimed_by_th
     let bot = bot.restart(directory, crate::support::bot::policy());
     assert!(memory.members(WEB).contains("alice"), "no removal was made");
     assert_eq!(rechecks(&bot), 1, "the re-check is kept for its retry");
+    assert!(removing(&bot), "the removal is on record");
 
-    // alice's new lease is granted before the re-check's retry is due.
+    // alice's new lease is approved before the re-check's retry is due:
+    // it waits for the re-check.
     let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
     bot.ok("bob", &format!("approve {id}")).await;
     let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
-    assert_eq!(l2.state, LeaseState::Active);
-    assert_eq!(l2.preexisting, Some(true), "L2 took the late add for standing");
+    assert_eq!(
+        l2.state,
+        LeaseState::Granting,
+        "L2 waits for the re-check; audit: {:?}",
+        bot.audit_actions()
+    );
+    assert_eq!(l2.preexisting, None, "L2 has not taken the late add");
 
-    // The re-check's retry: L2 claims the membership.
+    // The re-check's retry removes the late add; L2 then adds its own.
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
     bot.advance(Duration::seconds(10));
     bot.run_due().await;
     assert_eq!(rechecks(&bot), 0, "the re-check is done");
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_removed"));
     let l2 = bot.engine.store().lease(&l2.id).unwrap().unwrap().lease;
-    assert_eq!(l2.state, LeaseState::Active);
-    assert_eq!(
-        l2.preexisting,
-        Some(false),
-        "L2 claims the membership; audit: {:?}",
-        bot.audit_actions()
-    );
+    assert_eq!(l2.state, LeaseState::Active, "audit: {:?}", bot.audit_actions());
+    assert_eq!(l2.preexisting, Some(false), "L2 added the membership itself");
     assert!(
         memory.members(WEB).contains("alice"),
-        "alice keeps it while L2 lasts"
+        "alice has it while L2 lasts"
     );
 
     // L2 ends and removes it.
@@ -467,4 +558,221 @@ async fn a_late_add_is_not_left_to_a_lease_whose_removal_may_already_be_made() {
     );
     assert_eq!(rechecks(&bot), 0);
     assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_removed"));
+}
+
+/// alice's first lease's add got no answer and landed after the lease
+/// ended.
+async fn a_late_add_landed(bot: &TestBot, wire: &Wire, memory: &MemoryDirectory) {
+    an_add_on_the_wire(bot, wire, memory).await;
+    wire.land().await;
+    assert!(memory.members(WEB).contains("alice"), "the late add landed");
+}
+
+/// After a new lease's grant: it waited for the re-check, which is done,
+/// then added its own membership; alice has it while the lease lasts,
+/// and nothing is left once it ends.
+async fn the_new_lease_added_its_own(bot: &TestBot, memory: &MemoryDirectory, l2: &jitbot_core::LeaseId) {
+    let l2 = bot.engine.store().lease(l2).unwrap().unwrap().lease;
+    assert_eq!(rechecks(bot), 0, "the re-check is done");
+    assert_eq!(
+        l2.state,
+        LeaseState::Active,
+        "alice's new lease; audit: {:?}",
+        bot.audit_actions()
+    );
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "alice's new lease {} is active (she was told she has web-admins until {}), yet she is not \
+         in web-admins (preexisting {:?}); audit: {:?}",
+        l2.id,
+        l2.expires_at,
+        l2.preexisting,
+        bot.audit_actions()
+    );
+    assert_eq!(
+        l2.preexisting,
+        Some(false),
+        "the new lease added the membership itself"
+    );
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "nothing is left once every lease has ended"
+    );
+    assert_eq!(rechecks(bot), 0);
+}
+
+/// Review brk16e, finding 1. The membership lock kept a grant's check
+/// apart from the re-check's removal only while the removal was answered.
+/// A removal that gets no answer (a timed-out modify: the same ambiguity
+/// as the add that armed the re-check) ends the re-check's pass with an
+/// error, releases the membership's turn and leaves the timer for a
+/// retry, while the modify may still land. alice's new lease L2 was
+/// granted in that gap: its check found the late add, took it for
+/// standing and went active ("you have web-admins until …"); the removal
+/// landed; the re-check's retry found the membership absent and was done.
+/// alice held an active lease and was not in the group, and L2 never
+/// added it back. Now L2 waits while the re-check's removal is on record
+/// (its retry comes a settle delay later, when the removal has landed or
+/// died), then adds its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_lease_waits_for_a_recheck_removal_that_got_no_answer_then_adds_its_own() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+
+    // The re-check's removal gets no answer; it is on the wire.
+    wire.hold_removals.store(1, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE + 1));
+    fire_rechecks(&bot).await;
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+    assert_eq!(rechecks(&bot), 1, "the re-check is kept for its retry");
+    assert!(removing(&bot), "the removal is on record");
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "the removal has not landed yet"
+    );
+
+    // alice asks again and bob approves before the retry is due: the
+    // grant waits for the re-check.
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    let reply = bot.ok("bob", &format!("approve {id}")).await;
+    let live = bot.engine.store().live_leases().unwrap();
+    assert_eq!(live.len(), 1, "alice's new lease: {live:?}; approval: {reply}");
+    let l2 = live[0].lease.clone();
+    assert_eq!(
+        l2.state,
+        LeaseState::Granting,
+        "L2 waits; audit: {:?}",
+        bot.audit_actions()
+    );
+
+    // The removal lands; the re-check's retry, then L2's grant, run.
+    wire.land_removals().await;
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+    the_new_lease_added_its_own(&bot, &memory, &l2.id).await;
+}
+
+/// Review brk16e, finding 2. The membership lock is in-process: the
+/// re-check sends its removal, and jitbot stops (crash, OOM kill, deploy;
+/// with replicas, the leader's term ends) while the modify is on the
+/// wire. After the restart alice's new lease L2 was granted before the
+/// re-check's retry: its check found the late add and took it for
+/// standing; the retry made L2 claim it; then the removal sent before the
+/// restart landed: alice held an active lease owning a membership that
+/// was gone. Now the removal's record is durable (`RecheckRemoval`): L2
+/// waits for the re-check, which looks again a settle delay after the
+/// removal was sent, finds it landed, and is done; L2 adds its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_lease_after_a_restart_waits_for_a_recheck_removal_sent_before_it_then_adds_its_own() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+
+    // The re-check sends its removal, which hangs on the wire; jitbot stops.
+    wire.hang_removals.store(1, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE + 1));
+    let rechecking = fire_the_recheck_on_a_task(&bot);
+    wire.wait_for_a_removal().await;
+    rechecking.abort();
+    assert!(rechecking.await.is_err(), "jitbot stopped during the removal");
+    let directory: Arc<dyn Directory> = wire.clone();
+    let bot = bot.restart(directory, crate::support::bot::policy());
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "the removal has not landed yet"
+    );
+    assert!(removing(&bot), "the removal is on record");
+
+    // alice's new lease is approved at once after the restart: it waits.
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
+    assert_eq!(
+        l2.state,
+        LeaseState::Granting,
+        "L2 waits; audit: {:?}",
+        bot.audit_actions()
+    );
+
+    // A retry's worth later nothing has moved; then the removal sent
+    // before the restart lands, and the re-check and L2's grant run.
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+    assert!(
+        removing(&bot),
+        "the re-check waits for the removal to land or die"
+    );
+    wire.land_removals().await;
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+    the_new_lease_added_its_own(&bot, &memory, &l2.id).await;
+}
+
+/// Review brk16e, finding 3. The re-check told "the same directory group"
+/// by comparing the DN strings (ASCII case ignored), and the membership
+/// lock was keyed the same way; the directory compares DNs as DNs. An
+/// operator who re-spells a group's `dn` (spaces after the commas, as
+/// LDAP tools print them; the same entry) made every lease granted after
+/// it "another group" to a re-check of a lease granted before it. L1's
+/// add got no answer and landed late; the config's `dn` of web-admins is
+/// re-spelled and jitbot restarted; alice's new lease L2 finds the
+/// membership (standing) and goes active; L1's re-check then found no
+/// live lease "of the same group" and removed it. Now groups are compared
+/// by their normalised DN: L2 is the heir, claims the membership, keeps
+/// it while it lasts and removes it at its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_respelled_group_dn_is_the_same_group_to_the_recheck_and_the_live_lease_keeps_its_membership() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+
+    // The operator re-spells web-admins' DN (the same entry) and restarts.
+    let respelled = "cn=web-admins, ou=groups, dc=example, dc=org";
+    let mut policy = crate::support::bot::policy();
+    for g in policy.groups.iter_mut() {
+        if g.dn.as_str() == WEB {
+            g.dn = GroupDn::new(respelled);
+        }
+    }
+    let directory: Arc<dyn Directory> = wire.clone();
+    let bot = bot.restart(directory, policy);
+
+    // alice's new lease is granted before the re-check is due.
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
+    assert_eq!(l2.state, LeaseState::Active);
+    assert!(memory.members(WEB).contains("alice"));
+
+    // L1's re-check falls due.
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    assert_eq!(rechecks(&bot), 0, "the re-check is done");
+
+    let l2 = bot.engine.store().lease(&l2.id).unwrap().unwrap().lease;
+    assert_eq!(l2.state, LeaseState::Active);
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "alice's new lease {} is active in `{}` (the same directory entry as `{}`, spelled with spaces), \
+         yet the first lease's re-check removed her from web-admins, taking L2 for a lease of another \
+         directory group; audit: {:?}",
+        l2.id,
+        respelled,
+        WEB,
+        bot.audit_actions()
+    );
+    assert_eq!(l2.preexisting, Some(false), "L2 claims the membership it found");
+    assert!(!bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+
+    // L2 ends and removes it.
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "nothing is left once every lease has ended"
+    );
 }

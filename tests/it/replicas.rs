@@ -1223,5 +1223,7 @@ async fn a_deposed_leaders_add_delayed_on_the_wire_past_its_lease_is_removed_by_
          and the re-check did not remove it (audit: {audit:?})"
     );
     assert!(audit.iter().any(|a| a == "lease.late_add_removed"), "{audit:?}");
-    assert!(b.store().timers_of(TimerKind::Recheck).unwrap().is_empty());
+    for kind in TimerKind::RECHECKS {
+        assert!(b.store().timers_of(kind).unwrap().is_empty());
+    }
 }

@@ -62,10 +62,9 @@ pub fn check(world: &mut World, audit: bool) -> Vec<Violation> {
             format!("{user} holds {} live leases on {group}: {ids:?}", ids.len()),
         ));
     }
-    let rechecking: BTreeSet<String> = store
-        .timers_of(jitbot::store::TimerKind::Recheck)
-        .unwrap_or_default()
-        .into_iter()
+    let rechecking: BTreeSet<String> = jitbot::store::TimerKind::RECHECKS
+        .iter()
+        .flat_map(|k| store.timers_of(*k).unwrap_or_default())
         .map(|t| t.id)
         .collect();
     for dn in MANAGED {
