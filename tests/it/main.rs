@@ -5,7 +5,6 @@ mod support;
 
 mod ad;
 mod backup;
-mod brk16e;
 mod console;
 mod contract;
 mod deploy;
