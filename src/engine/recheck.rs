@@ -391,17 +391,25 @@ impl Engine {
 }
 
 /// Whether live lease `holder` (of the same user and group name) speaks
-/// for membership `m`: it writes in the same directory group, or has not
-/// recorded where it writes yet (its check is still to come). After a
-/// `dn` change the group's name is the same and the directory group is
-/// not: the new lease holds the new one, and the late add in the old one
-/// is nobody's.
+/// for membership `m`: it writes the same value of the same attribute in
+/// the same directory group, or has not recorded what it writes yet (its
+/// check is still to come). After a `dn` change the group's name is the
+/// same and the directory group is not: the new lease holds the new one,
+/// and the late add in the old one is nobody's. Likewise after the user's
+/// entry moved (a DN-valued `member` without referential integrity): the
+/// new lease adds and removes the new DN, and the late add of the old one
+/// is nobody's. Two values with the same recorded identity (objectGUID,
+/// entryUUID) are one member: Active Directory links the object, not the
+/// DN, so a late add of the old DN reads as the new one, which the new
+/// lease removes by its identity.
 fn holds_the_same_group(holder: &LeaseRecord, m: &jitbot_core::Membership) -> bool {
-    holder
-        .lease
-        .membership
-        .as_ref()
-        .is_none_or(|h| same_group(&h.group, &m.group))
+    use crate::directory::ldap::dn::normalize;
+    holder.lease.membership.as_ref().is_none_or(|h| {
+        let same_identity = h.identity.is_some() && h.identity == m.identity;
+        same_group(&h.group, &m.group)
+            && h.attribute.eq_ignore_ascii_case(&m.attribute)
+            && (same_identity || normalize(&h.value) == normalize(&m.value))
+    })
 }
 
 /// Whether live lease `holder` is the one the membership goes to. While

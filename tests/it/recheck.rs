@@ -46,6 +46,9 @@ struct Wire {
     /// Calls that reached the gate.
     at_gate: AtomicU32,
     gate: tokio::sync::Semaphore,
+    /// The member value the directory gives every user from now on (their
+    /// entry moved), when set.
+    moved: Mutex<Option<String>>,
 }
 
 impl Wire {
@@ -63,6 +66,7 @@ impl Wire {
             gate_removal_answers: AtomicBool::new(false),
             at_gate: AtomicU32::new(0),
             gate: tokio::sync::Semaphore::new(0),
+            moved: Mutex::new(None),
         }))
     }
 
@@ -147,6 +151,17 @@ fn take_one(n: &AtomicU32) -> bool {
 impl Hooks for Wire {
     fn inner(&self) -> &dyn Directory {
         &*self.memory
+    }
+    async fn membership_of(
+        &self,
+        g: &GroupDn,
+        u: &jitbot_core::UserId,
+    ) -> Result<Membership, DirectoryError> {
+        let mut m = self.memory.membership_of(g, u).await?;
+        if let Some(value) = self.moved.lock().unwrap().clone() {
+            m.value = value;
+        }
+        Ok(m)
     }
     async fn has_membership(&self, m: &Membership) -> Result<bool, DirectoryError> {
         self.memory.has_membership(&as_the_server_reads(m)).await
@@ -774,5 +789,48 @@ async fn a_respelled_group_dn_is_the_same_group_to_the_recheck_and_the_live_leas
     assert!(
         !memory.members(WEB).contains("alice"),
         "nothing is left once every lease has ended"
+    );
+}
+
+/// Review brk16e (a suspicion, proven here): the re-check left a late add
+/// to a live lease of the same user and group that writes another value.
+/// alice's first lease's add got no answer and landed late, as her old
+/// member value; then her entry moved (a DN-valued `member` without
+/// referential integrity) and her new lease L2 added the new value. L2
+/// owns its own value and removes only that one at its end; the late add
+/// of the old value is nobody's, and the re-check removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_add_of_the_users_old_member_value_is_removed_though_a_new_lease_holds_the_new_one() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+    *wire.moved.lock().unwrap() = Some("alice-moved".into());
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
+    assert_eq!(l2.state, LeaseState::Active);
+    assert!(
+        memory.members(WEB).contains("alice-moved"),
+        "L2 added the new value"
+    );
+
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "the late add of alice's old member value stays though no lease writes it (L2 writes the new \
+         one); audit: {:?}",
+        bot.audit_actions()
+    );
+    assert!(memory.members(WEB).contains("alice-moved"), "L2 keeps its own");
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_removed"));
+    assert_eq!(rechecks(&bot), 0);
+
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    let members = memory.members(WEB);
+    assert!(
+        !members.contains("alice") && !members.contains("alice-moved"),
+        "nothing is left once every lease has ended: {members:?}"
     );
 }
