@@ -38,7 +38,7 @@ use super::{notice, Engine, EngineError, ENGINE_ACTOR};
 use crate::messages::Audience;
 use crate::store::leader::Window;
 use crate::store::{LeaseRecord, TimerKind, Tx};
-use jitbot_core::{GroupDn, Instant, LeaseId, LeaseState, UserId};
+use jitbot_core::{GroupDn, GroupName, Instant, LeaseId, LeaseState, UserId};
 
 /// What one re-check found and did, for its audit record.
 enum Found {
@@ -161,6 +161,20 @@ impl Engine {
         Ok(())
     }
 
+    /// The group names whose live leases may hold a membership of directory
+    /// group `dn`: the re-checked lease's own, and every configured group
+    /// naming the same entry (a group renamed in the config, its `dn`
+    /// kept, writes in the same directory group under a new name).
+    fn groups_writing_in(&self, own: &GroupName, dn: &GroupDn) -> Vec<GroupName> {
+        let mut groups = vec![own.clone()];
+        for g in &self.inner.policy.groups {
+            if same_group(&g.dn, dn) && !groups.contains(&g.name) {
+                groups.push(g.name.clone());
+            }
+        }
+        groups
+    }
+
     /// Runs a due `Recheck` timer of lease `id`. An error leaves the timer
     /// to [`Engine::fire`]'s retry: it is never dropped before the
     /// membership has been read absent, or removed and read back.
@@ -222,11 +236,17 @@ impl Engine {
         if !present {
             return self.recheck_done(&id, Some(Found::Absent)).await;
         }
-        let holder = self.inner.store.live_lease(&rec.lease.group, &rec.lease.user)?;
-        if let Some(holder) = holder {
-            let holder_rec = self.inner.store.lease(&holder)?;
-            if holder_rec.is_some_and(|h| is_heir(&h, &m, removing)) {
-                return self.leave_to(&id, &holder).await;
+        let groups = self.groups_writing_in(&rec.lease.group, &m.group);
+        for group in &groups {
+            if let Some(holder) = self.inner.store.live_lease(group, &rec.lease.user)? {
+                if self
+                    .inner
+                    .store
+                    .lease(&holder)?
+                    .is_some_and(|h| is_heir(&h, &m, removing))
+                {
+                    return self.leave_to(&id, &holder).await;
+                }
             }
         }
         // Write-ahead: the removal is on record, and retried if it fails
@@ -234,11 +254,13 @@ impl Engine {
         let settle = self.settle();
         let found = self
             .transition(&id, &[LeaseState::Ended], |tx, rec| {
-                if let Some(holder) = tx.live_lease(&rec.lease.group, &rec.lease.user)? {
-                    if tx.lease(&holder)?.is_some_and(|h| is_heir(&h, &m, removing)) {
-                        // A new lease took the slot meanwhile: the next pass
-                        // (due now) leaves the membership to it.
-                        return Ok(false);
+                for group in &groups {
+                    if let Some(holder) = tx.live_lease(group, &rec.lease.user)? {
+                        if tx.lease(&holder)?.is_some_and(|h| is_heir(&h, &m, removing)) {
+                            // A new lease took the slot meanwhile: the next
+                            // pass (due now) leaves the membership to it.
+                            return Ok(false);
+                        }
                     }
                 }
                 // The claim on the membership, durable: until it is cleared

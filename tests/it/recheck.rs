@@ -834,3 +834,57 @@ async fn a_late_add_of_the_users_old_member_value_is_removed_though_a_new_lease_
         "nothing is left once every lease has ended: {members:?}"
     );
 }
+
+/// Review brk16f, finding 1. The group's config key renamed
+/// (`web-admins` → `webadmins`), its `dn` unchanged: the same directory
+/// group. L1's add got no answer and landed late; the operator renames the
+/// group and restarts; alice's new lease L2 (in `webadmins`) finds the
+/// membership, takes it for standing and goes active. L1's re-check looked
+/// for a live lease by the old group *name* only, found none, and removed
+/// L2's membership. It now looks under every configured name of the same
+/// directory group: L2 claims the late add, and removes it at its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_renamed_in_the_config_keeps_its_live_leases_membership_through_a_recheck() {
+    let (bot, wire, memory) = wired_bot();
+    a_late_add_landed(&bot, &wire, &memory).await;
+
+    // The operator renames web-admins (same dn) and restarts.
+    let mut policy = crate::support::bot::policy();
+    for g in policy.groups.iter_mut() {
+        if g.dn.as_str() == WEB {
+            g.name = jitbot_core::GroupName::new("webadmins");
+        }
+    }
+    let directory: Arc<dyn Directory> = wire.clone();
+    let bot = bot.restart(directory, policy);
+
+    // alice's new lease is granted before the re-check is due.
+    let id = TestBot::request_id(&bot.ok("alice", "request webadmins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    let live = bot.engine.store().live_leases().unwrap();
+    assert_eq!(live.len(), 1, "alice's new lease: {live:?}");
+    let l2 = live[0].lease.clone();
+    assert_eq!(l2.state, LeaseState::Active, "audit: {:?}", bot.audit_actions());
+
+    // L1's re-check falls due.
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    let l2 = bot.engine.store().lease(&l2.id).unwrap().unwrap().lease;
+    assert_eq!(l2.state, LeaseState::Active);
+    assert!(
+        memory.members(WEB).contains("alice"),
+        "alice's new lease {} in `webadmins` is active, yet the first lease's re-check removed her from \
+         {WEB}; preexisting {:?}; audit: {:?}",
+        l2.id,
+        l2.preexisting,
+        bot.audit_actions()
+    );
+    assert_eq!(l2.preexisting, Some(false), "L2 claimed the late add");
+    assert_eq!(rechecks(&bot), 0);
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert!(
+        !memory.members(WEB).contains("alice"),
+        "nothing is left once every lease has ended"
+    );
+}
