@@ -108,6 +108,13 @@ pub trait Directory: Send + Sync + 'static {
     async fn has_membership(&self, membership: &Membership) -> Result<bool, DirectoryError>;
     async fn add_membership(&self, membership: &Membership) -> Result<Added, DirectoryError>;
     async fn remove_membership(&self, membership: &Membership) -> Result<(), DirectoryError>;
+    /// The value `membership` stands for in its group today: the recorded
+    /// one, or the user's current DN where the directory rewrote it (a
+    /// renamed or moved user; Active Directory always), as a removal would
+    /// find it. `None` when nothing stands for it any more.
+    async fn current_value(&self, membership: &Membership) -> Result<Option<String>, DirectoryError> {
+        Ok(Some(membership.value.clone()))
+    }
     /// [`Directory::remove_membership`], and a note for the audit when the
     /// value removed was not the one recorded (the user renamed, moved or
     /// deleted during the lease). The default removes and has nothing to say.

@@ -236,6 +236,9 @@ impl Engine {
         if !present {
             return self.recheck_done(&id, Some(Found::Absent)).await;
         }
+        // The value the membership stands for in the group today: a
+        // holder writing that value holds it.
+        let today = self.directory_result(self.bounded("re-check", dir.current_value(&m)).await)?;
         let groups = self.groups_writing_in(&rec.lease.group, &m.group);
         for group in &groups {
             if let Some(holder) = self.inner.store.live_lease(group, &rec.lease.user)? {
@@ -243,7 +246,7 @@ impl Engine {
                     .inner
                     .store
                     .lease(&holder)?
-                    .is_some_and(|h| is_heir(&h, &m, removing))
+                    .is_some_and(|h| is_heir(&h, &m, today.as_deref(), removing))
                 {
                     return self.leave_to(&id, &holder).await;
                 }
@@ -256,7 +259,10 @@ impl Engine {
             .transition(&id, &[LeaseState::Ended], |tx, rec| {
                 for group in &groups {
                     if let Some(holder) = tx.live_lease(group, &rec.lease.user)? {
-                        if tx.lease(&holder)?.is_some_and(|h| is_heir(&h, &m, removing)) {
+                        if tx
+                            .lease(&holder)?
+                            .is_some_and(|h| is_heir(&h, &m, today.as_deref(), removing))
+                        {
                             // A new lease took the slot meanwhile: the next
                             // pass (due now) leaves the membership to it.
                             return Ok(false);
@@ -412,25 +418,25 @@ impl Engine {
     }
 }
 
-/// Whether live lease `holder` (of the same user and group name) speaks
-/// for membership `m`: it writes the same value of the same attribute in
-/// the same directory group, or has not recorded what it writes yet (its
-/// check is still to come). After a `dn` change the group's name is the
-/// same and the directory group is not: the new lease holds the new one,
-/// and the late add in the old one is nobody's. Likewise after the user's
-/// entry moved (a DN-valued `member` without referential integrity): the
-/// new lease adds and removes the new DN, and the late add of the old one
-/// is nobody's. Two values with the same recorded identity (objectGUID,
-/// entryUUID) are one member: Active Directory links the object, not the
-/// DN, so a late add of the old DN reads as the new one, which the new
-/// lease removes by its identity.
-fn holds_the_same_group(holder: &LeaseRecord, m: &jitbot_core::Membership) -> bool {
+/// Whether live lease `holder` (of the same user and group) speaks for
+/// membership `m`: it writes the same value of the same attribute in the
+/// same directory group — the value recorded, or the one `m` stands for
+/// in the group `today` (the user's current DN where the directory
+/// rewrote it: Active Directory links the object, and a late add of the
+/// old DN reads as the new one, which the holder removes) — or has not
+/// recorded what it writes yet (its check is still to come). After a `dn`
+/// change the directory group is not the same: the new lease holds the
+/// new one, and the late add in the old one is nobody's. Likewise a late
+/// add of a moved user's old DN that the directory kept as written (plain
+/// OpenLDAP): the new lease adds and removes the new DN, and the old one
+/// is nobody's.
+fn holds_the_same_group(holder: &LeaseRecord, m: &jitbot_core::Membership, today: Option<&str>) -> bool {
     use crate::directory::ldap::dn::normalize;
     holder.lease.membership.as_ref().is_none_or(|h| {
-        let same_identity = h.identity.is_some() && h.identity == m.identity;
+        let value = normalize(&h.value);
         same_group(&h.group, &m.group)
             && h.attribute.eq_ignore_ascii_case(&m.attribute)
-            && (same_identity || normalize(&h.value) == normalize(&m.value))
+            && (value == normalize(&m.value) || today.is_some_and(|t| value == normalize(t)))
     })
 }
 
@@ -438,9 +444,9 @@ fn holds_the_same_group(holder: &LeaseRecord, m: &jitbot_core::Membership) -> bo
 /// the re-check's removal may be on its way (`removing`), a grant that has
 /// not checked the directory yet waits for the re-check to finish, and
 /// then adds its own: it is no heir.
-fn is_heir(holder: &LeaseRecord, m: &jitbot_core::Membership, removing: bool) -> bool {
+fn is_heir(holder: &LeaseRecord, m: &jitbot_core::Membership, today: Option<&str>, removing: bool) -> bool {
     let waits = removing && holder.lease.state == LeaseState::Granting && holder.lease.preexisting.is_none();
-    holds_the_same_group(holder, m) && !waits
+    holds_the_same_group(holder, m, today) && !waits
 }
 
 /// Whether two group DNs name the same directory entry, as the directory

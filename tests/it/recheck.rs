@@ -49,6 +49,9 @@ struct Wire {
     /// The member value the directory gives every user from now on (their
     /// entry moved), when set.
     moved: Mutex<Option<String>>,
+    /// The identity (`entryUUID:…`) the directory records for every
+    /// membership from now on, when set.
+    identity: Mutex<Option<String>>,
 }
 
 impl Wire {
@@ -67,6 +70,7 @@ impl Wire {
             at_gate: AtomicU32::new(0),
             gate: tokio::sync::Semaphore::new(0),
             moved: Mutex::new(None),
+            identity: Mutex::new(None),
         }))
     }
 
@@ -160,6 +164,9 @@ impl Hooks for Wire {
         let mut m = self.memory.membership_of(g, u).await?;
         if let Some(value) = self.moved.lock().unwrap().clone() {
             m.value = value;
+        }
+        if let Some(identity) = self.identity.lock().unwrap().clone() {
+            m.identity = Some(identity);
         }
         Ok(m)
     }
@@ -886,5 +893,54 @@ async fn a_group_renamed_in_the_config_keeps_its_live_leases_membership_through_
     assert!(
         !memory.members(WEB).contains("alice"),
         "nothing is left once every lease has ended"
+    );
+}
+
+/// Review brk16f, finding 2. Plain OpenLDAP with `entryUUID` identities
+/// and no referential integrity: L1's add of alice's member value landed
+/// late; then alice's entry moved (a new DN, the same `entryUUID`) and her
+/// new lease L2 added the new value. The old value stays in the group as
+/// written (the directory's `current_value` of L1's membership is still
+/// the old DN), so two values are two members: L2 is no heir to the old
+/// one, and the re-check removes it. (The same identity made L2 its heir,
+/// and the old value stayed for good — a member for whoever is created at
+/// the old DN.) On Active Directory, which links the object, the late add
+/// of the old DN reads as the new one: `current_value` says so, and the
+/// membership goes to L2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_add_of_a_moved_users_old_value_is_removed_though_both_leases_record_one_identity() {
+    let (bot, wire, memory) = wired_bot();
+    let uuid = "entryUUID:1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    *wire.identity.lock().unwrap() = Some(uuid.into());
+    a_late_add_landed(&bot, &wire, &memory).await;
+    let m1 = bot.lease().membership.expect("L1 recorded its membership");
+    assert_eq!(m1.identity.as_deref(), Some(uuid));
+
+    *wire.moved.lock().unwrap() = Some("alice-moved".into());
+    let id = TestBot::request_id(&bot.ok("alice", "request web-admins 1h again").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    let l2 = bot.engine.store().live_leases().unwrap()[0].lease.clone();
+    assert_eq!(l2.state, LeaseState::Active);
+    assert!(
+        memory.members(WEB).contains("alice-moved"),
+        "L2 added the new value"
+    );
+
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    bot.advance(Duration::hours(2));
+    bot.run_due().await;
+    assert_eq!(
+        bot.engine.store().live_leases().unwrap().len(),
+        0,
+        "every lease has ended"
+    );
+    assert_eq!(rechecks(&bot), 0, "the re-check is done");
+    let members = memory.members(WEB);
+    assert!(
+        !members.contains("alice") && !members.contains("alice-moved"),
+        "every lease has ended, yet {members:?} are in {WEB}; audit: {:?}",
+        bot.audit_actions()
     );
 }

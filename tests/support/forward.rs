@@ -30,6 +30,9 @@ pub trait Hooks: Send + Sync + 'static {
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
         self.inner().remove_membership(m).await
     }
+    async fn current_value(&self, m: &Membership) -> Result<Option<String>, DirectoryError> {
+        self.inner().current_value(m).await
+    }
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
         self.inner().members(group).await
     }
@@ -79,6 +82,9 @@ impl<H: Hooks> Directory for Forward<H> {
     }
     async fn remove_membership(&self, m: &Membership) -> Result<(), DirectoryError> {
         self.0.remove_membership(m).await
+    }
+    async fn current_value(&self, m: &Membership) -> Result<Option<String>, DirectoryError> {
+        self.0.current_value(m).await
     }
     async fn members(&self, group: &GroupDn) -> Result<Vec<GroupMember>, DirectoryError> {
         self.0.members(group).await

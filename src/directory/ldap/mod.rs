@@ -481,6 +481,14 @@ impl Directory for LdapDirectory {
         self.revoke_membership(m).await.map(|_| ())
     }
 
+    async fn current_value(&self, m: &Membership) -> Result<Option<String>, DirectoryError> {
+        if m.attribute.eq_ignore_ascii_case(members::PRIMARY_GROUP) {
+            return Ok(Some(m.value.clone()));
+        }
+        let kind = valid_member_attribute(&m.attribute)?;
+        Ok(self.resolve(m, kind).await?.value)
+    }
+
     /// Removes the value the group holds for the recorded user *today*
     /// (renamed or moved users resolved by their recorded identity), and
     /// says how when that differs from the recorded value.
