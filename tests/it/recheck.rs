@@ -590,6 +590,15 @@ async fn a_late_add_landed(bot: &TestBot, wire: &Wire, memory: &MemoryDirectory)
     assert!(memory.members(WEB).contains("alice"), "the late add landed");
 }
 
+/// The re-check's retry falls due and runs (a settle delay on), then the
+/// waiting grant's retry.
+async fn the_recheck_then_the_grant_run(bot: &TestBot) {
+    bot.advance(Duration::seconds(SETTLE + 1));
+    bot.run_due().await;
+    bot.advance(Duration::seconds(10));
+    bot.run_due().await;
+}
+
 /// After a new lease's grant: it waited for the re-check, which is done,
 /// then added its own membership; alice has it while the lease lasts,
 /// and nothing is left once it ends.
@@ -671,10 +680,7 @@ async fn a_new_lease_waits_for_a_recheck_removal_that_got_no_answer_then_adds_it
 
     // The removal lands; the re-check's retry, then L2's grant, run.
     wire.land_removals().await;
-    bot.advance(Duration::seconds(SETTLE + 1));
-    bot.run_due().await;
-    bot.advance(Duration::seconds(10));
-    bot.run_due().await;
+    the_recheck_then_the_grant_run(&bot).await;
     the_new_lease_added_its_own(&bot, &memory, &l2.id).await;
 }
 
@@ -728,10 +734,7 @@ async fn a_new_lease_after_a_restart_waits_for_a_recheck_removal_sent_before_it_
         "the re-check waits for the removal to land or die"
     );
     wire.land_removals().await;
-    bot.advance(Duration::seconds(SETTLE + 1));
-    bot.run_due().await;
-    bot.advance(Duration::seconds(10));
-    bot.run_due().await;
+    the_recheck_then_the_grant_run(&bot).await;
     the_new_lease_added_its_own(&bot, &memory, &l2.id).await;
 }
 

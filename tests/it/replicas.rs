@@ -767,6 +767,23 @@ async fn store_copy_refuses_a_replicas_mirror_as_its_source() {
     }
 }
 
+/// Six answers of `bot`'s admin `/readyz` (status, body), half a second
+/// apart: three seconds of what a load balancer or kubelet would see.
+async fn readyz_answers(bot: &Jitbot) -> Vec<(u16, String)> {
+    let http = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for _ in 0..6 {
+        let resp = http
+            .get(format!("{}/readyz", bot.admin_base))
+            .send()
+            .await
+            .expect("admin /readyz answers");
+        answers.push((resp.status().as_u16(), resp.text().await.unwrap_or_default()));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    answers
+}
+
 /// Review brk16c, finding 4: `/readyz` is "ready when the store answers".
 /// A replica that cannot reach PostgreSQL commits nothing, so it must not
 /// take Slack and Discord traffic (or count as available for a
@@ -797,17 +814,7 @@ async fn a_replica_that_cannot_reach_postgres_is_not_ready() {
         || bot.log_text().contains("cannot reach PostgreSQL").then_some(()),
     )
     .await;
-    let http = reqwest::Client::new();
-    let mut answers = Vec::new();
-    for _ in 0..6 {
-        let resp = http
-            .get(format!("{}/readyz", bot.admin_base))
-            .send()
-            .await
-            .expect("admin /readyz answers");
-        answers.push((resp.status().as_u16(), resp.text().await.unwrap_or_default()));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let answers = readyz_answers(&bot).await;
     let _ = cluster().admin(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name));
     assert!(
         answers.iter().all(|(status, _)| *status == 503),
@@ -860,17 +867,7 @@ async fn a_replica_that_cannot_commit_is_not_ready_and_gives_up_its_leadership()
         },
     )
     .await;
-    let http = reqwest::Client::new();
-    let mut answers = Vec::new();
-    for _ in 0..6 {
-        let resp = http
-            .get(format!("{}/readyz", bot.admin_base))
-            .send()
-            .await
-            .expect("admin /readyz answers");
-        answers.push((resp.status().as_u16(), resp.text().await.unwrap_or_default()));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let answers = readyz_answers(&bot).await;
     // Within two thirds of a term (4 s) of its commit session's last
     // answer, the leader gives its term up, so a replica that can commit
     // takes over.
@@ -899,9 +896,7 @@ async fn a_replica_that_cannot_commit_is_not_ready_and_gives_up_its_leadership()
         },
     )
     .await;
-    let resp = http
-        .get(format!("{}/readyz", bot.admin_base))
-        .send()
+    let resp = reqwest::get(format!("{}/readyz", bot.admin_base))
         .await
         .expect("admin /readyz answers");
     assert_eq!(resp.text().await.unwrap_or_default(), "ready (leader)\n");
