@@ -1,0 +1,247 @@
+//! Review brk17b (issue 17): failing tests for breaks found in retention,
+//! the audit archive and the operator assets (Prometheus alerts, Grafana
+//! dashboard). Each test names the guarantee it breaks; the findings and
+//! suggested fixes are in the review notes.
+
+use crate::support::bot::TestBot;
+use chrono::{Duration, TimeZone, Utc};
+use flate2::read::MultiGzDecoder;
+use flate2::write::GzEncoder;
+use jitbot::config::Config;
+use jitbot::store::retention::RetentionSettings;
+use jitbot::store::{AuditCheck, AuditDraft, Store, StoreError};
+use jitbot_core::{Instant, LeaseState, Span};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+fn t0() -> Instant {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+/// `n` audit records, one commit each, a minute apart from `t0`.
+async fn write_audit(store: &Store, n: u64) {
+    for i in 0..n {
+        store
+            .update(t0() + Duration::minutes(i as i64), |tx| {
+                tx.audit(AuditDraft {
+                    actor: "alice".into(),
+                    action: "request.opened".into(),
+                    detail: format!("record {}", i + 1),
+                    ..AuditDraft::default()
+                });
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    let mut text = String::new();
+    MultiGzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    let mut gz = GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::default(),
+    );
+    for l in lines {
+        gz.write_all(l.as_bytes()).unwrap();
+        gz.write_all(b"\n").unwrap();
+    }
+    gz.finish().unwrap();
+}
+
+fn archive_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// A store of 35 audit records, 1..=34 archived in files of at most 10.
+async fn archived_store(tmp: &Path) -> (Store, RetentionSettings) {
+    let store = Store::open(&tmp.join("db"), 16).unwrap();
+    write_audit(&store, 35).await;
+    let s = RetentionSettings {
+        batch: 4,
+        archive_chunk: 10,
+        ..RetentionSettings::new(Span::parse_long("30d").unwrap(), tmp.join("audit-archive"))
+    };
+    let pruned = store.prune(t0() + Duration::days(100), &s).await.unwrap();
+    assert_eq!(pruned.audit, 34, "all but the store's last record");
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 35 }
+    );
+    (store, s)
+}
+
+/// Finding 1. "`jitbot audit verify --archive DIR` ... detects a missing,
+/// altered, reordered or duplicated archive file/record." An archive file
+/// holding, right after a record, a second, altered copy of it (record 14
+/// says "record 41" in its copy) verifies intact: the reader skips any
+/// record whose sequence number was already read without comparing it.
+/// `audit export` skips it as silently; whichever copy comes first wins.
+#[tokio::test]
+async fn brk17b_a_forged_second_copy_of_an_archived_record_verifies_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s) = archived_store(tmp.path()).await;
+    let files = archive_files(&s.archive_dir);
+    let file = files[1].clone();
+    let mut lines = read_lines(&file);
+    assert!(lines[3].contains("\"record 14\""), "{}", lines[3]);
+    let forged = lines[3].replace("record 14", "record 41");
+    lines.insert(4, forged);
+    write_lines(&file, &lines);
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    match store.verify_audit_with_archive(&s.archive_dir, None) {
+        Err(e) => assert!(e.to_string().contains(&name), "{e}"),
+        Ok(AuditCheck::Broken { problem, .. }) => assert!(problem.contains(&name), "{problem}"),
+        Ok(check) => panic!(
+            "{name} holds a second, altered copy of audit record 14 (\"record 41\"), and \
+             `audit verify --archive` says {check:?}: a duplicated, altered archive record goes undetected"
+        ),
+    }
+}
+
+/// Finding 1, the same with a whole extra file: `audit-12-19.jsonl.gz`, a
+/// forged copy of records 12..=19 (each altered), beside the genuine files.
+/// The reader reads it after the genuine file holding 11..=20 and skips
+/// every record in it: verify says intact.
+#[tokio::test]
+async fn brk17b_a_forged_duplicate_archive_file_verifies_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s) = archived_store(tmp.path()).await;
+    let files = archive_files(&s.archive_dir);
+    let genuine = read_lines(&files[1]);
+    assert!(genuine.len() >= 4, "{genuine:?}");
+    let seq = |l: &str| -> u64 {
+        serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no seq in {l}"))
+    };
+    // All but the genuine file's first and last record, each altered.
+    let forged: Vec<String> = genuine[1..genuine.len() - 1]
+        .iter()
+        .map(|l| l.replace("request.opened", "request.cancelled"))
+        .collect();
+    let name = format!(
+        "audit-{}-{}.jsonl.gz",
+        seq(&forged[0]),
+        seq(&forged[forged.len() - 1])
+    );
+    write_lines(&s.archive_dir.join(&name), &forged);
+    match store.verify_audit_with_archive(&s.archive_dir, None) {
+        Err(e) => assert!(e.to_string().contains(&name), "{e}"),
+        Ok(AuditCheck::Broken { problem, .. }) => assert!(problem.contains(&name), "{problem}"),
+        Ok(check) => panic!(
+            "the archive holds a second file, {name}, with altered copies of records already archived, \
+             and `audit verify --archive` says {check:?}: a duplicated, altered archive file goes undetected"
+        ),
+    }
+}
+
+/// Finding 2. "Hostile or broken config (... missing archive dir) gets a
+/// clear error at config check, not silent data loss"; "on PostgreSQL
+/// replicas ... the archive directory is shared". With `kind =
+/// "postgres"`, `retain` set and no `archive_dir`, the archive defaults to
+/// `audit-archive` beside `store.path` — the replica's own mirror
+/// directory, local to each replica (an `emptyDir` in
+/// deploy/kubernetes/jitbot-postgres.yaml). Archived records leave
+/// PostgreSQL for one pod's scratch disk: lost when the pod goes, and after
+/// a failover the new leader's archive is empty, so its passes fail
+/// ("archive files are missing") and `audit export` there cannot read the
+/// trail. The config is accepted without a word.
+#[test]
+fn brk17b_postgres_retain_without_a_shared_archive_dir_is_accepted() {
+    let config = r#"
+[store]
+kind = "postgres"
+url = "postgres://jitbot@db:5432/jitbot"
+password = { env = "PGPW" }
+path = "/var/lib/jitbot/mirror"
+retain = "400d"
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = { users = ["alice"] }
+approvers = { users = ["bob"] }
+default_duration = "1h"
+max_duration = "4h"
+"#;
+    match Config::parse(config, "jitbot.toml") {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("store.archive_dir"), "{text}");
+        }
+        Ok(c) => panic!(
+            "kind = \"postgres\" with retain and no archive_dir is accepted: the archive goes to {} \
+             beside this replica's mirror, on its own disk, not a directory the replicas share; \
+             archived audit records leave PostgreSQL for one replica's local disk",
+            c.store.archive_dir().display()
+        ),
+    }
+}
+
+/// Finding 3. The alert `JitbotRevocationOverdue` ("A membership outlived
+/// its lease by …"; "A lease ended more than 2 minutes ago and its
+/// membership is not gone yet") reads `jitbot_revocation_overdue_seconds`,
+/// which `Engine::scrape_counts` measures from a revoking lease's
+/// `expires_at`. A lease released (or revoked by an admin, or by `/jit
+/// revoke` when someone leaves) keeps its planned `expires_at`; it ended at
+/// `ended_at`. Its removal failing for 30 minutes shows as 0 overdue, so
+/// the alert never fires until the planned end — here an hour later, and up
+/// to the group's maximum duration.
+#[tokio::test]
+async fn brk17b_a_released_lease_whose_removal_keeps_failing_is_never_overdue() {
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 4h incident").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    bot.advance(Duration::minutes(5));
+    // The directory refuses every change from now on.
+    bot.dir.fail_next(1_000_000);
+    let reply = bot.say("alice", "release db-admins").await;
+    assert_eq!(
+        bot.lease().state,
+        LeaseState::Revoking,
+        "the release started the revocation: {}",
+        reply.text
+    );
+    let ended = bot.lease().ended_at.expect("ended_at set by the release");
+    for _ in 0..30 {
+        bot.advance(Duration::minutes(1));
+        bot.run_due().await;
+    }
+    assert_eq!(
+        bot.lease().state,
+        LeaseState::Revoking,
+        "the removal keeps failing"
+    );
+    assert!(
+        bot.is_member(crate::support::bot::DB, "alice"),
+        "the membership is still there"
+    );
+    let behind = (bot.engine.now() - ended).to_std().unwrap();
+    let (_, _, overdue) = bot.engine.scrape_counts().unwrap();
+    assert!(
+        overdue >= behind - std::time::Duration::from_secs(1),
+        "the lease ended {behind:?} ago (released) and its membership is still there, but \
+         jitbot_revocation_overdue_seconds says {overdue:?}: JitbotRevocationOverdue (> 120 s) \
+         never fires for a released or revoked lease until its planned expiry"
+    );
+}
