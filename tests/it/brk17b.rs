@@ -301,3 +301,140 @@ async fn brk17b_audit_export_silently_starts_after_a_missing_first_archive_file(
         ),
     }
 }
+
+/// Runs promtool; a machine without it fails here, loudly.
+fn promtool(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run promtool ({e}): install Debian's `prometheus` package \
+                 (scripts/test installs it when missing)"
+            )
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn alerts_yml() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml")
+}
+
+/// The value of the unlabelled series `name` in a Prometheus exposition.
+fn gauge(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{exposition}"))
+}
+
+/// Finding 5. `JitbotOutboxBacklogGrowing` ("Chat notices pile up ... the
+/// number keeps growing") fires on `jitbot_outbox_backlog` rising, and
+/// `jitbot_outbox_backlog` ("Notices waiting in the outbox") is the length
+/// of `Store::outbox(OUTBOX_GAUGE_CAP)`: at most 10,000. A chat platform
+/// down for long enough that more than 10,000 notices wait makes the gauge
+/// flat at 10,000 while the backlog keeps growing, so the alert resolves
+/// exactly when things get worse, and the dashboard's backlog stat and
+/// graph stop at 10,000. Here jitbot's own `/metrics` is scraped (in
+/// process) at six points 5 minutes apart while the backlog grows from
+/// 10,500 to 13,000, and the scraped values go through promtool against
+/// deploy/prometheus/alerts.yml.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk17b_the_outbox_backlog_alert_resolves_while_the_backlog_grows_past_10000() {
+    use jitbot::http::{self, HttpState, Limits};
+    use jitbot::store::OutboxItem;
+    use jitbot_core::RequestId;
+    let bot = TestBot::new();
+    let store = bot.engine.store().clone();
+    let now = bot.engine.now();
+    store.outbox_fan_out(now, 100_000, |_| Vec::new()).unwrap();
+    assert!(store.outbox(10).unwrap().is_empty());
+    let state = HttpState::new(bot.engine.clone(), None, jitbot::metrics::install(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(http::serve(
+        listener,
+        http::admin_router(state, Vec::new()),
+        Limits::default(),
+        stopped,
+    ));
+    let mut queued = 0u64;
+    let mut scraped = Vec::new();
+    for step in 0..6u64 {
+        // Slack is down: card updates pile up, 10,500 first, then 500 more
+        // every 5 minutes.
+        let add = if step == 0 { 10_500 } else { 500 };
+        for chunk in 0..add / 500 {
+            store
+                .update(now, |tx| {
+                    for i in 0..500 {
+                        tx.outbox(OutboxItem::UpdateApproval {
+                            request: RequestId::new(format!("r-backlog-{step}-{chunk}-{i}")),
+                        });
+                    }
+                    Ok::<(), StoreError>(())
+                })
+                .await
+                .unwrap();
+        }
+        queued += add;
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        scraped.push((queued, gauge(&text, "jitbot_outbox_backlog")));
+    }
+    let values: Vec<String> = scraped.iter().map(|(_, v)| format!("{v}")).collect();
+    let last = scraped.last().unwrap().1;
+    let tmp = tempfile::tempdir().unwrap();
+    let test = tmp.path().join("backlog.test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            r#"rule_files:
+  - {rules}
+evaluation_interval: 1m
+tests:
+  - interval: 5m
+    input_series:
+      - series: 'jitbot_outbox_backlog{{instance="bot:8080"}}'
+        values: '{values}'
+    alert_rule_test:
+      - eval_time: 25m
+        alertname: JitbotOutboxBacklogGrowing
+        exp_alerts:
+          - exp_labels:
+              severity: warning
+              instance: bot:8080
+            exp_annotations:
+              summary: "Chat notices pile up on bot:8080"
+              description: "{last} notices wait in the outbox and the number keeps growing: the chat platform refuses or throttles jitbot. Check jitbot_chat_api_errors_total and the bot token."
+"#,
+            rules = alerts_yml().display(),
+            values = values.join(" "),
+        ),
+    )
+    .unwrap();
+    let (fired, out) = promtool(&["test", "rules", test.to_str().unwrap()]);
+    assert!(
+        fired,
+        "the outbox backlog grew from 10,500 to 13,000 over 25 minutes (queued, scraped: {scraped:?}) \
+         and JitbotOutboxBacklogGrowing does not fire on what jitbot exports:\n{out}"
+    );
+    for (queued, gauge) in scraped {
+        assert_eq!(
+            gauge, queued as f64,
+            "jitbot_outbox_backlog says {gauge} while {queued} notices wait"
+        );
+    }
+}
