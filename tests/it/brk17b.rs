@@ -438,3 +438,99 @@ tests:
         );
     }
 }
+
+/// Finding 4, inside a file: a record deleted from the middle of an
+/// archive file (the file keeps its first and last record, so its name
+/// still matches) is left out of `audit export` without a word. Someone
+/// who can write the archive hides a record from every export; only
+/// `verify --archive`, run on its own, sees the jump.
+#[tokio::test]
+async fn brk17b_audit_export_silently_drops_a_record_deleted_inside_an_archive_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s) = archived_store(tmp.path()).await;
+    let files = archive_files(&s.archive_dir);
+    let mut lines = read_lines(&files[1]);
+    assert!(lines[3].contains("\"record 14\""), "{}", lines[3]);
+    lines.remove(3);
+    write_lines(&files[1], &lines);
+    assert!(
+        matches!(
+            store.verify_audit_with_archive(&s.archive_dir, None),
+            Ok(AuditCheck::Broken { seq: 15, .. })
+        ),
+        "verify sees the jump from 13 to 15"
+    );
+    match exported(&store, &s.archive_dir) {
+        Err(e) => assert!(e.contains("14"), "{e}"),
+        Ok(seqs) => assert!(
+            seqs.contains(&14),
+            "record 14 was deleted from {} and `audit export` returned the other {} records without a word",
+            files[1].display(),
+            seqs.len()
+        ),
+    }
+}
+
+/// Finding 6. "Hostile or broken config (... missing archive dir) gets a
+/// clear error at config check." `jitbot check-config` (directory checks
+/// and all) says OK for an `archive_dir` jitbot can never create or write
+/// — here a path under a regular file; in production the usual case is
+/// the shipped systemd unit (`ProtectSystem=strict`, only the state
+/// directory writable) with `archive_dir` on another path, or a share that
+/// is not mounted. `jitbot run` then starts and serves; every retention
+/// pass fails with a warning in the log and nothing else (no metric, no
+/// alert), so old audit records are never archived and the store grows.
+#[test]
+fn brk17b_check_config_passes_an_archive_dir_that_cannot_be_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("not-a-directory");
+    std::fs::write(&blocker, b"a file where the archive directory's parent should be").unwrap();
+    let archive = blocker.join("audit-archive");
+    let config = format!(
+        r#"
+[store]
+path = "{store}"
+retain = "400d"
+archive_dir = "{archive}"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        store = tmp.path().join("db").display(),
+        archive = archive.display(),
+    );
+    let path = tmp.path().join("jitbot.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jitbot"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run jitbot check-config");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::create_dir_all(&archive).is_err(),
+        "the archive directory cannot be made"
+    );
+    assert!(
+        !out.status.success() && text.contains("archive_dir"),
+        "`jitbot check-config` accepts store.archive_dir = {}, which cannot be created or written \
+         (exit {:?}):\n{text}",
+        archive.display(),
+        out.status.code()
+    );
+}
