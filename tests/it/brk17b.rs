@@ -534,3 +534,140 @@ max_duration = "4h"
         out.status.code()
     );
 }
+
+/// Finding 7. deploy/kubernetes/jitbot-postgres.yaml runs two replicas,
+/// and every replica's `/metrics` reports the store-wide gauges
+/// (`jitbot_active_leases`, `jitbot_pending_requests`,
+/// `jitbot_outbox_backlog`) read from its own mirror of the one database.
+/// The dashboard adds them up over instances (`sum(jitbot_active_leases{…})`),
+/// so with two replicas its "Active leases" and "Pending requests" panels
+/// show twice the real number. Two real `jitbot run` replicas on one
+/// database holding one active lease and one pending request are scraped,
+/// and each such dashboard query is evaluated by promtool on what they
+/// export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brk17b_the_dashboard_counts_each_lease_once_per_replica() {
+    use crate::support::postgres::{cluster, replica_sections, PASSWORD};
+    use crate::support::process::Jitbot;
+    let bot = TestBot::builder().postgres().build();
+    // The replicas run on the wall clock: the history is made at today's date.
+    bot.advance(Utc::now() - bot.engine.now());
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 4h on call").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    bot.ok("erin", "request db-admins 1h later").await;
+    let (active, pending, _) = bot.engine.scrape_counts().unwrap();
+    assert_eq!((active, pending), (1, 1), "one active lease, one pending request");
+
+    let db = bot.pg.clone().expect("a PostgreSQL bot");
+    let url = cluster().url(&db.name);
+    let head = replica_sections(&url);
+    let config = format!(
+        r#"{head}
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "{dn}" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "{dn}"
+requesters = {{ users = ["alice", "erin"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        dn = crate::support::bot::DB
+    );
+    let env = [("JITBOT_TEST_PGPW", PASSWORD)];
+    let a = Jitbot::start(&config, &env).await;
+    let b = Jitbot::start(&config, &env).await;
+    let scrape = |bot: &Jitbot| {
+        let url = format!("{}/metrics", bot.admin_base);
+        async move { reqwest::get(url).await.ok()?.text().await.ok() }
+    };
+    let mut scraped = Vec::new();
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let text = loop {
+            if let Some(text) = scrape(replica).await {
+                if gauge(&text, "jitbot_active_leases") == 1.0
+                    && gauge(&text, "jitbot_pending_requests") == 1.0
+                {
+                    break text;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {name} never showed the lease and the request; log:\n{}",
+                replica.log_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        scraped.push((name, text));
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/jitbot.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    fn exprs(panel: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                out.push((panel["title"].as_str().unwrap_or("").to_string(), e.to_string()));
+            }
+        }
+        for p in panel["panels"].as_array().into_iter().flatten() {
+            exprs(p, out);
+        }
+    }
+    let mut all = Vec::new();
+    exprs(&dashboard, &mut all);
+    let mut series = String::new();
+    for (name, text) in &scraped {
+        for metric in ["jitbot_active_leases", "jitbot_pending_requests"] {
+            series.push_str(&format!(
+                "      - series: '{metric}{{instance=\"{name}:9090\",job=\"jitbot\"}}'\n        values: '{}x10'\n",
+                gauge(text, metric)
+            ));
+        }
+    }
+    let mut cases = String::new();
+    let mut checked = Vec::new();
+    for (title, expr) in &all {
+        let truth = if expr.contains("jitbot_active_leases") {
+            active
+        } else if expr.contains("jitbot_pending_requests") {
+            pending
+        } else {
+            continue;
+        };
+        let expr = expr.replace("$instance", ".*");
+        cases.push_str(&format!(
+            "      - expr: '{expr}'\n        eval_time: 5m\n        exp_samples:\n          - labels: '{{}}'\n            value: {truth}\n"
+        ));
+        checked.push(format!("{title}: {expr}"));
+    }
+    assert!(
+        checked.len() >= 2,
+        "the dashboard shows active leases and pending requests: {all:?}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let test = tmp.path().join("replicas.test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            "rule_files: []\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n{cases}"
+        ),
+    )
+    .unwrap();
+    let (right, out) = promtool(&["test", "rules", test.to_str().unwrap()]);
+    assert!(
+        right,
+        "one active lease and one pending request, two replicas: the dashboard's queries\n{}\n\
+         evaluated on what the replicas export do not show 1:\n{out}",
+        checked.join("\n")
+    );
+}
