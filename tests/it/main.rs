@@ -6,6 +6,7 @@ mod support;
 mod ad;
 mod backup;
 mod brk17b;
+mod brk17b_ops;
 mod console;
 mod contract;
 mod deploy;
