@@ -551,6 +551,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sealing = store.seal_unkeyed_history(chrono::Utc::now()).await?;
     let retention = config.store.retain.map(|retain| {
         let settings = RetentionSettings::new(retain, config.store.archive_dir());
+        // Not fatal: revocations must run whatever the archive's state;
+        // every failing pass is counted and alerted on.
+        if let Err(e) = crate::store::check_archive_dir(&settings.archive_dir) {
+            tracing::error!("retention cannot archive audit records until this is fixed: {e}");
+        }
         store.set_archive_dir(settings.archive_dir.clone());
         settings
     });

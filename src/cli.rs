@@ -375,6 +375,11 @@ async fn check_config(path: &std::path::Path, offline: bool) -> anyhow::Result<(
             }
         }
     }
+    if config.store.retain.is_some() && !offline {
+        if let Err(e) = crate::store::check_archive_dir(&config.store.archive_dir()) {
+            problems.push(format!("store.archive_dir: {e}"));
+        }
+    }
     let postgres = config.store.kind == crate::config::StoreKind::Postgres;
     if (postgres && !offline) || (!postgres && config.store.path.exists()) {
         let opened = match crate::app::pg_settings(&config.store) {

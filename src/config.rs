@@ -986,6 +986,19 @@ impl Config {
                 );
             }
         }
+        if self.store.kind == StoreKind::Postgres
+            && self.store.retain.is_some()
+            && self.store.archive_dir.is_none()
+        {
+            issue(
+                "store.archive_dir".into(),
+                key_line(text, "store", "retain"),
+                "must be set when kind = \"postgres\" and retain is: archived audit records leave the database, \
+                 so they must go to a directory every replica mounts (a shared volume), not beside one replica's \
+                 mirror (store.path). Set archive_dir to that shared directory"
+                    .into(),
+            );
+        }
         if self.store.archive_dir.is_some() && self.store.retain.is_none() {
             issue(
                 "store.archive_dir".into(),

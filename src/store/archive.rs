@@ -113,7 +113,25 @@ pub(super) fn write_file(dir: &Path, records: &[(u64, Vec<u8>)]) -> Result<Archi
     file.sync_all().map_err(|e| io("sync a file", e))?;
     drop(file);
     let path = dir.join(&name);
-    std::fs::rename(&tmp, &path).map_err(|e| io("rename a file", e))?;
+    // jitbot never writes the same records twice (a crash after the rename
+    // is finished by `reconcile_archive`, not rewritten), so a file of this
+    // name with other bytes belongs to another store sharing the directory:
+    // refuse rather than replace its records.
+    if let Ok(existing) = std::fs::read(&path) {
+        let mine = std::fs::read(&tmp).map_err(|e| io("read a file", e))?;
+        let _ = std::fs::remove_file(&tmp);
+        if existing != mine {
+            return Err(archive_error(format!(
+                "{} already exists in {} with other records, so it was left as it is and nothing was \
+                 archived: is another jitbot store archiving into this directory? Give each store its own \
+                 store.archive_dir",
+                name,
+                dir.display()
+            )));
+        }
+    } else {
+        std::fs::rename(&tmp, &path).map_err(|e| io("rename a file", e))?;
+    }
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io("sync the directory", e))?;
@@ -122,6 +140,26 @@ pub(super) fn write_file(dir: &Path, records: &[(u64, Vec<u8>)]) -> Result<Archi
         first: *first,
         last: *last,
     })
+}
+
+/// Checks that jitbot can write archive files in `dir`: creates it if
+/// needed, then writes, syncs and removes a probe file. `jitbot
+/// check-config` and `jitbot run`'s start-up call it when retention is on,
+/// so a directory no pass could ever write is named before the first pass.
+pub fn check_writable(dir: &Path) -> Result<(), StoreError> {
+    let fix = "create it and give jitbot's user write access to it (under systemd's \
+               ProtectSystem=strict, list it in ReadWritePaths=), or set store.archive_dir to a \
+               directory jitbot can write";
+    let io = |what: &str, e: std::io::Error| {
+        archive_error(format!("cannot {what} in {}: {e}; {fix}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io("create the directory", e))?;
+    let probe = dir.join(format!(".{PREFIX}write-check-{}.tmp", std::process::id()));
+    let written = std::fs::File::create(&probe)
+        .and_then(|mut f| f.write_all(b"jitbot write check\n").and_then(|()| f.sync_all()));
+    let removed = std::fs::remove_file(&probe);
+    written.map_err(|e| io("write a file", e))?;
+    removed.map_err(|e| io("remove a file", e))
 }
 
 /// Removes temporary files a pass interrupted by a crash left behind (their
@@ -201,6 +239,24 @@ impl Iterator for Reader<'_> {
                 let ix = self.next_file;
                 let file = self.files.get(ix)?;
                 self.next_file += 1;
+                // jitbot writes each record into one file only: files whose
+                // ranges overlap hold a copy or a forgery.
+                if let Some(before) = ix.checked_sub(1).map(|b| &self.files[b]) {
+                    if file.first <= before.last {
+                        let what = format!(
+                            "its records {} to {} overlap those of {} ({} to {}), and jitbot never writes a \
+                             record into two files: one of the two is a copy or was altered. Find out which \
+                             belongs (`audit verify --archive` on a copy of the directory holding only one of \
+                             them) and move the other out of the archive directory",
+                            file.first,
+                            file.last,
+                            before.name(),
+                            before.first,
+                            before.last
+                        );
+                        return self.fail(ix, what);
+                    }
+                }
                 match std::fs::File::open(&file.path) {
                     Ok(f) => {
                         let lines = BufReader::new(MultiGzDecoder::new(f)).split(b'\n');
@@ -243,6 +299,16 @@ impl Iterator for Reader<'_> {
                             );
                         }
                     };
+                    if let Some((_, before)) = self.seen.filter(|(_, before)| seq <= *before) {
+                        return self.fail(
+                            ix,
+                            format!(
+                                "record {seq} comes after record {before} in it: records are repeated or out of \
+                                 order, and jitbot writes each once, in order, so the file was altered. Put back \
+                                 the file from a copy of the archive"
+                            ),
+                        );
+                    }
                     self.seen = Some(match self.seen {
                         None => (seq, seq),
                         Some((a, _)) => (a, seq),
@@ -476,8 +542,23 @@ impl Store {
         loop {
             for rec in Reader::new(&files) {
                 let rec = rec?;
+                // Records read from the store before a pass moved them
+                // into a file that appeared since.
                 if rec.seq < next {
                     continue;
+                }
+                if rec.seq > next {
+                    let range = match rec.seq - 1 {
+                        last if last == next => format!("audit record {next} is"),
+                        last => format!("audit records {next} to {last} are"),
+                    };
+                    return Err(StoreError::Invariant(format!(
+                        "{range} missing from the audit archive: the next record there, {}, is in {}. An \
+                         archive file is missing or records were removed from one; `jitbot audit verify \
+                         --archive DIR` says where. Put the files back from a copy of the archive",
+                        rec.seq,
+                        files[rec.file].name()
+                    )));
                 }
                 let stored: StoredAudit = super::decode(&rec.seq.to_be_bytes(), &rec.bytes)?;
                 next = rec.seq + 1;
@@ -516,5 +597,43 @@ impl Store {
             }
             files = appeared;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_of_the_same_name_with_other_records_is_never_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ours = vec![(1, b"{\"seq\":1}".to_vec()), (2, b"{\"seq\":2}".to_vec())];
+        let file = write_file(dir, &ours).unwrap();
+        let written = std::fs::read(&file.path).unwrap();
+        // The same records again (a pass repeated): the file stays, no error.
+        assert_eq!(write_file(dir, &ours).unwrap(), file);
+        // Another store's records 1 and 2: refused, ours kept as they were.
+        let theirs = vec![(1, b"{\"seq\":1,\"x\":1}".to_vec()), (2, b"{\"seq\":2}".to_vec())];
+        let err = write_file(dir, &theirs).unwrap_err().to_string();
+        assert!(err.contains("another jitbot store"), "{err}");
+        assert_eq!(std::fs::read(&file.path).unwrap(), written);
+        let names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![file.name()], "no temporary file is left behind");
+    }
+
+    #[test]
+    fn check_writable_names_the_directory_and_what_to_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ok = tmp.path().join("archive");
+        check_writable(&ok).unwrap();
+        assert_eq!(std::fs::read_dir(&ok).unwrap().count(), 0, "the probe is removed");
+        let blocker = tmp.path().join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let err = check_writable(&blocker.join("archive")).unwrap_err().to_string();
+        assert!(err.contains("archive_dir") && err.contains("ReadWritePaths"), "{err}");
     }
 }

@@ -31,7 +31,7 @@ pub mod seen;
 mod startup;
 mod timers;
 
-pub use archive::ArchiveFile;
+pub use archive::{check_writable as check_archive_dir, ArchiveFile};
 pub use audit::{Anchor, AuditCheck, Sealing};
 pub use copy::CopyReport;
 pub use outbox::OutboxJob;
