@@ -634,6 +634,9 @@ mod tests {
         let blocker = tmp.path().join("file");
         std::fs::write(&blocker, b"x").unwrap();
         let err = check_writable(&blocker.join("archive")).unwrap_err().to_string();
-        assert!(err.contains("archive_dir") && err.contains("ReadWritePaths"), "{err}");
+        assert!(
+            err.contains("archive_dir") && err.contains("ReadWritePaths"),
+            "{err}"
+        );
     }
 }
