@@ -89,7 +89,10 @@ impl Engine {
     /// `Revoke` timers), pending requests (one decision-window timer each),
     /// and how long the most overdue lease is past its end — an active
     /// lease whose `Expire` timer is due, or one still being granted or
-    /// revoked.
+    /// revoked. A revoking lease is overdue from when its revocation
+    /// became due: its `ended_at` (a release, an admin's or offboarding's
+    /// revoke end it before its planned `expires_at`), or its planned end
+    /// when that came first.
     pub fn scrape_counts(&self) -> Result<(usize, usize, std::time::Duration), EngineError> {
         let store = &self.inner.store;
         let now = self.now();
@@ -105,7 +108,10 @@ impl Engine {
                 if rec.lease.state != state {
                     continue;
                 }
-                let end = rec.lease.expires_at;
+                let end = rec
+                    .lease
+                    .ended_at
+                    .map_or(rec.lease.expires_at, |ended| ended.min(rec.lease.expires_at));
                 oldest = Some(oldest.map_or(end, |o| o.min(end)));
                 if store.live_lease(&rec.lease.group, &rec.lease.user)? == Some(id) {
                     settling += 1;
