@@ -728,6 +728,7 @@ mod tests {
             last_error: None,
             alerted: false,
             warned: false,
+            late_add_found_at: None,
         }
     }
 
