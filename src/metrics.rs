@@ -193,7 +193,9 @@ fn head_wait(
     }
 }
 
-/// How far past its end the most overdue live lease is (0 when none is).
+/// How long the most overdue revocation has been due (0 when none is): a
+/// lease past its end — its expiry, or the release or revoke that ended
+/// it — whose membership is not gone yet, or a late add being removed.
 pub fn set_overdue_revocation(overdue: Duration) {
     gauge!("jitbot_revocation_overdue_seconds").set(overdue.as_secs_f64());
 }
@@ -314,7 +316,7 @@ fn register_all() {
     describe_gauge!(
         "jitbot_revocation_overdue_seconds",
         Unit::Seconds,
-        "How far past its end the most overdue live lease is."
+        "How long the most overdue revocation has been due: a lease past its end (expiry, release or revoke) whose membership is not gone yet, or a late add being removed."
     );
     describe_gauge!(
         "jitbot_directory_up",
