@@ -152,6 +152,12 @@ pub fn take_samples() -> HashMap<&'static str, Vec<f64>> {
 /// from when this process first saw it at the head: (its id, first seen).
 static OUTBOX_HEAD: Mutex<Option<(u64, std::time::Instant)>> = Mutex::new(None);
 
+/// The most outbox entries a scrape counts (keys only, no entry decoded),
+/// so a scrape stays bounded with any backlog: `jitbot_outbox_backlog` at
+/// this value means at least this many, and `JitbotOutboxBacklogGrowing`
+/// fires on it (deploy/prometheus/alerts.yml).
+pub const OUTBOX_BACKLOG_CAP: usize = 1_000_000;
+
 /// Notices waiting in the outbox (`backlog`) and the id of the oldest
 /// (`head`), as read at a scrape. Sets `jitbot_outbox_backlog` and
 /// `jitbot_outbox_oldest_seconds`: how long that head has been waiting as far
@@ -187,7 +193,9 @@ fn head_wait(
     }
 }
 
-/// How far past its end the most overdue live lease is (0 when none is).
+/// How long the most overdue revocation has been due (0 when none is): a
+/// lease past its end — its expiry, or the release or revoke that ended
+/// it — whose membership is not gone yet, or a late add being removed.
 pub fn set_overdue_revocation(overdue: Duration) {
     gauge!("jitbot_revocation_overdue_seconds").set(overdue.as_secs_f64());
 }
@@ -294,7 +302,12 @@ fn register_all() {
     }
     describe_gauge!("jitbot_active_leases", "Leases whose membership is in force.");
     describe_gauge!("jitbot_pending_requests", "Requests waiting for approval.");
-    describe_gauge!("jitbot_outbox_backlog", "Notices waiting in the outbox.");
+    describe_gauge!(
+        "jitbot_outbox_backlog",
+        format!(
+            "Notices waiting in the outbox, counted up to {OUTBOX_BACKLOG_CAP} (the cap): at the cap, at least that many."
+        )
+    );
     describe_gauge!(
         "jitbot_outbox_oldest_seconds",
         Unit::Seconds,
@@ -303,7 +316,7 @@ fn register_all() {
     describe_gauge!(
         "jitbot_revocation_overdue_seconds",
         Unit::Seconds,
-        "How far past its end the most overdue live lease is."
+        "How long the most overdue revocation has been due: a lease past its end (expiry, release or revoke) whose membership is not gone yet, or a late add being removed."
     );
     describe_gauge!(
         "jitbot_directory_up",
@@ -338,6 +351,11 @@ fn register_all() {
         "Audit records moved from the store to the audit archive by [store] retain."
     );
     counter!("jitbot_audit_archived_total").increment(0);
+    describe_counter!(
+        "jitbot_retention_failures_total",
+        "Retention passes ([store] retain) that failed; the next runs at the next interval."
+    );
+    counter!("jitbot_retention_failures_total").increment(0);
     set_gauges(0, 0);
     observe_outbox(0, None);
     set_overdue_revocation(Duration::ZERO);
@@ -350,6 +368,11 @@ pub fn store_pruned(kind: &'static str, n: u64) {
 /// Audit records moved from the store to the archive by retention.
 pub fn audit_archived(n: u64) {
     counter!("jitbot_audit_archived_total").increment(n);
+}
+/// A retention pass failed (`JitbotRetentionFailing` fires when they keep
+/// failing): nothing more is archived or pruned until one succeeds.
+pub fn retention_failed() {
+    counter!("jitbot_retention_failures_total").increment(1);
 }
 
 /// A notice, card or card update that failed on one platform (`kind`:

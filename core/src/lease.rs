@@ -114,6 +114,12 @@ pub struct Lease {
     pub alerted: bool,
     /// The expiry warning went out.
     pub warned: bool,
+    /// When the re-check after an add that got no answer first found that
+    /// add in the directory after this lease had ended (a late add), and
+    /// started removing it; kept while that removal is retried, so its
+    /// delay shows as overdue from then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_add_found_at: Option<Instant>,
 }
 
 impl Lease {
@@ -143,6 +149,7 @@ impl Lease {
             last_error: None,
             alerted: false,
             warned: false,
+            late_add_found_at: None,
         }
     }
 
@@ -182,6 +189,7 @@ impl Lease {
             last_error: None,
             alerted: false,
             warned: false,
+            late_add_found_at: None,
         }
     }
 

@@ -89,7 +89,12 @@ impl Engine {
     /// `Revoke` timers), pending requests (one decision-window timer each),
     /// and how long the most overdue lease is past its end — an active
     /// lease whose `Expire` timer is due, or one still being granted or
-    /// revoked.
+    /// revoked, or an ended one whose late add (an add that got no answer,
+    /// landed after the end) is being removed. A revoking lease is overdue
+    /// from when its revocation became due: its `ended_at` (a release, an
+    /// admin's or offboarding's revoke end it before its planned
+    /// `expires_at`), or its planned end when that came first; a late add
+    /// from when the re-check found it.
     pub fn scrape_counts(&self) -> Result<(usize, usize, std::time::Duration), EngineError> {
         let store = &self.inner.store;
         let now = self.now();
@@ -105,11 +110,25 @@ impl Engine {
                 if rec.lease.state != state {
                     continue;
                 }
-                let end = rec.lease.expires_at;
+                let end = rec
+                    .lease
+                    .ended_at
+                    .map_or(rec.lease.expires_at, |ended| ended.min(rec.lease.expires_at));
                 oldest = Some(oldest.map_or(end, |o| o.min(end)));
                 if store.live_lease(&rec.lease.group, &rec.lease.user)? == Some(id) {
                     settling += 1;
                 }
+            }
+        }
+        // A late add found after its lease ended whose removal has not
+        // been read back yet (normally none): overdue from when it was
+        // found.
+        for t in store.timers_of(TimerKind::RecheckRemoval)? {
+            let Some(rec) = store.lease(&LeaseId::new(t.id))? else {
+                continue;
+            };
+            if let (LeaseState::Ended, Some(found)) = (rec.lease.state, rec.lease.late_add_found_at) {
+                oldest = Some(oldest.map_or(found, |o| o.min(found)));
             }
         }
         let active = store.live_count()?.saturating_sub(settling);

@@ -276,6 +276,9 @@ impl Engine {
                 // landed or died.
                 tx.clear_timer(TimerKind::Recheck, id.as_str());
                 tx.set_timer(TimerKind::RecheckRemoval, id.as_str(), tx.now() + settle);
+                // The first find: a removal that keeps failing is overdue
+                // from here (`jitbot_revocation_overdue_seconds`).
+                rec.lease.late_add_found_at.get_or_insert(tx.now());
                 tx.audit(
                     about_lease(ENGINE_ACTOR, AuditAction::LeaseLateAddFound, &rec.lease).detail(
                         "the membership is in the directory after the lease ended: jitbot's add that got no \
@@ -290,8 +293,13 @@ impl Engine {
         }
         tracing::warn!(lease = %id, group = %rec.lease.group, user = %rec.lease.user,
             "membership found after its lease ended (a late add); removing it");
-        let note = self.directory_result(self.bounded("removal", dir.revoke_membership(&m)).await)?;
-        let note = note.map(|n| format!(" ({n})")).unwrap_or_default();
+        let removal = self.directory_result(self.bounded("removal", dir.revoke_membership(&m)).await);
+        if removal.is_err() {
+            // Retried like any failed revocation, and counted as one
+            // (`JitbotRevocationFailing`).
+            crate::metrics::revoke_retry();
+        }
+        let note = removal?.map(|n| format!(" ({n})")).unwrap_or_default();
         self.transition(&id, &[LeaseState::Ended], |tx, rec| {
             tx.clear_timer(TimerKind::Recheck, id.as_str());
             tx.clear_timer(TimerKind::RecheckRemoval, id.as_str());

@@ -172,8 +172,8 @@ fn refresh_gauges(engine: &Engine) {
         crate::metrics::set_gauges(active, pending);
         crate::metrics::set_overdue_revocation(overdue);
     }
-    if let Ok(outbox) = engine.store().outbox(OUTBOX_GAUGE_CAP) {
-        crate::metrics::observe_outbox(outbox.len(), outbox.first().map(|(id, _, _)| *id));
+    if let Ok((backlog, head)) = engine.store().outbox_backlog(crate::metrics::OUTBOX_BACKLOG_CAP) {
+        crate::metrics::observe_outbox(backlog, head);
     }
 }
 
@@ -194,8 +194,6 @@ async fn directory_up(engine: &Engine) -> Result<(), String> {
 
 /// A scrape must not hang on a directory that stopped answering.
 const DIRECTORY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// The outbox gauge reads at most this many entries per scrape.
-const OUTBOX_GAUGE_CAP: usize = 10_000;
 
 /// How long a directory ping's answer is reused by `/metrics`: several
 /// Prometheus servers, or a flood of scrapes, cost one ping per period.

@@ -212,6 +212,24 @@ impl Store {
         Ok(out)
     }
 
+    /// How many entries the outbox holds, up to `cap`, and the id of the
+    /// first (the oldest): what a metrics scrape shows. Counted from the
+    /// keys alone, no entry decoded, so a scrape stays cheap with a large
+    /// backlog; a count of `cap` means at least that many.
+    pub fn outbox_backlog(&self, cap: usize) -> Result<(usize, Option<u64>), StoreError> {
+        let _whole = self.reading();
+        let mut count = 0;
+        let mut head = None;
+        for key in self.tree(TreeId::Outbox).iter().keys().take(cap) {
+            let key = key?;
+            if head.is_none() {
+                head = entry_id(&key);
+            }
+            count += 1;
+        }
+        Ok((count, head))
+    }
+
     /// Decides the destinations of up to `limit` new entries (`targets`
     /// names them; none means the entry is done) and queues each there, due
     /// `now`. Returns how many entries were fanned out.

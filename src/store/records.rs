@@ -238,6 +238,10 @@ pub(super) struct LeaseV1 {
     alerted: bool,
     #[serde(default, skip_serializing_if = "is_false")]
     warned: bool,
+    /// When a late add of this ended lease was first found; absent when
+    /// none was (and in records written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    late_add_found_at: Option<Instant>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<ChatRef>,
 }
@@ -354,6 +358,7 @@ impl From<&LeaseRecord> for StoredLease {
             last_error: l.last_error.clone(),
             alerted: l.alerted,
             warned: l.warned,
+            late_add_found_at: l.late_add_found_at,
             origin: rec.origin.clone(),
         })
     }
@@ -381,6 +386,7 @@ impl TryFrom<StoredLease> for LeaseRecord {
                 last_error: v.last_error,
                 alerted: v.alerted,
                 warned: v.warned,
+                late_add_found_at: v.late_add_found_at,
             },
             origin: v.origin,
         })

@@ -194,8 +194,19 @@ impl Store {
     /// finishes an archive move a crash interrupted, and archives old audit
     /// records. Each of the three runs even when another failed (an
     /// unwritable archive directory stops no pruning); the first error is
-    /// returned. Counts what it removed in the metrics as it goes.
+    /// returned. Counts what it removed in the metrics as it goes, and a
+    /// failed pass in `jitbot_retention_failures_total`: here, so that the
+    /// background loop of either store (sled's [`run`], a replica's on the
+    /// leader) counts it.
     pub async fn prune(&self, now: Instant, settings: &RetentionSettings) -> Result<Pruned, StoreError> {
+        let pass = self.prune_pass(now, settings).await;
+        if pass.is_err() {
+            crate::metrics::retention_failed();
+        }
+        pass
+    }
+
+    async fn prune_pass(&self, now: Instant, settings: &RetentionSettings) -> Result<Pruned, StoreError> {
         self.check_healthy()?;
         let cutoff = settings.retain.before(now);
         // One scan of the outbox per pass, shared by both trees.
@@ -717,6 +728,7 @@ mod tests {
             last_error: None,
             alerted: false,
             warned: false,
+            late_add_found_at: None,
         }
     }
 

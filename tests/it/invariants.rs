@@ -667,6 +667,54 @@ async fn a_failed_removal_of_a_late_add_is_retried_until_it_is_gone() {
     assert_eq!(rechecks(&bot), 0);
 }
 
+/// A late add whose removal keeps failing leaves a membership no lease
+/// accounts for: `jitbot_revocation_overdue_seconds` counts it from when
+/// the re-check found it (not from each retry's new look), so
+/// `JitbotRevocationOverdue` pages; it is back to 0 once the removal is
+/// read back. Review brk17b's last suspicion ("a late add whose removal
+/// keeps failing pages no one").
+#[tokio::test]
+async fn a_late_add_whose_removal_keeps_failing_is_overdue_from_when_it_was_found() {
+    let (bot, late, memory) = ended_with_an_add_on_the_wire().await;
+    late.land().await;
+    late.failing_removals.store(1_000, Ordering::SeqCst);
+    let overdue = |bot: &TestBot| bot.engine.scrape_counts().unwrap().2;
+    assert_eq!(overdue(&bot), std::time::Duration::ZERO, "nothing found yet");
+    bot.advance(Duration::seconds(SETTLE as i64 + 1));
+    bot.run_due().await;
+    let found = bot
+        .lease()
+        .late_add_found_at
+        .expect("the re-check found the late add");
+    assert!(bot.audit_actions().iter().any(|a| a == "lease.late_add_found"));
+    // Ten minutes of removals failing, a look every settle delay.
+    for _ in 0..20 {
+        bot.advance(Duration::seconds(SETTLE as i64));
+        bot.run_due().await;
+    }
+    assert!(memory.members(DB).contains("alice"), "the removal keeps failing");
+    assert_eq!(rechecks(&bot), 1, "and is retried");
+    assert_eq!(
+        bot.lease().late_add_found_at,
+        Some(found),
+        "a later look does not move the find"
+    );
+    let since = (bot.engine.now() - found).to_std().unwrap();
+    assert!(since >= std::time::Duration::from_secs(600));
+    assert_eq!(
+        overdue(&bot),
+        since,
+        "the late add found {since:?} ago is still in the directory"
+    );
+    // The directory answers again: removed, read back, nothing overdue.
+    late.failing_removals.store(0, Ordering::SeqCst);
+    bot.advance(Duration::seconds(SETTLE as i64));
+    bot.run_due().await;
+    assert!(!memory.members(DB).contains("alice"));
+    assert_eq!(rechecks(&bot), 0);
+    assert_eq!(overdue(&bot), std::time::Duration::ZERO);
+}
+
 /// When nothing arrives late, the re-check looks once, says so in the
 /// audit and is dropped; the membership stays absent.
 #[tokio::test]

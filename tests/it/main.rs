@@ -5,7 +5,6 @@ mod support;
 
 mod ad;
 mod backup;
-mod brk17b_ops;
 mod console;
 mod contract;
 mod deploy;

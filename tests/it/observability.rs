@@ -2,9 +2,15 @@
 //! `promtool check rules` and their unit tests, every dashboard query is valid
 //! PromQL, and every metric the dashboard and the rules name is one a running
 //! jitbot exports (on sled and on PostgreSQL); the leader gauge names one
-//! leader among replicas (PostgreSQL only: sled has no replicas).
+//! leader among replicas (PostgreSQL only: sled has no replicas). The
+//! gauges say what the alerts read them for: a released lease whose
+//! removal fails is overdue from its release, the outbox backlog keeps
+//! counting past 10,000 (to a cap the alert covers), a failed retention
+//! pass is counted; and with replicas, the dashboard and the alerts show
+//! store-wide figures once, not once per replica (review brk17b, findings
+//! 3, 5, 6 and 7).
 
-use crate::support::bot::Backend;
+use crate::support::bot::{Backend, TestBot};
 use crate::support::fake_slack::FakeSlack;
 use crate::support::process::Jitbot;
 use jitbot::chat::slack::signature::sign;
@@ -21,8 +27,9 @@ fn deploy(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(path)
 }
 
-/// Runs promtool; a machine without it fails here, loudly.
-fn promtool(args: &[&str]) -> String {
+/// Runs promtool: whether it succeeded, and what it said. A machine
+/// without it fails here, loudly.
+fn promtool_outcome(args: &[&str]) -> (bool, String) {
     let out = Command::new("promtool").args(args).output().unwrap_or_else(|e| {
         panic!(
             "cannot run promtool ({e}): install Debian's `prometheus` package \
@@ -34,7 +41,13 @@ fn promtool(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    (out.status.success(), text)
+}
+
+/// Runs promtool, which must succeed.
+fn promtool(args: &[&str]) -> String {
+    let (ok, text) = promtool_outcome(args);
+    assert!(ok, "promtool {args:?} failed:\n{text}");
     text
 }
 
@@ -102,6 +115,7 @@ fn alerting_rules_pass_promtool_check_and_their_unit_tests() {
         "JitbotRefusedSignaturesSpike",
         "JitbotDirectoryUnavailable",
         "JitbotNoLeader",
+        "JitbotRetentionFailing",
     ] {
         assert!(
             alerts.iter().any(|a| a == required),
@@ -386,6 +400,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported(backend: Backend)
     // Metrics no event has touched are there too, at zero.
     assert_eq!(value(&exposition, "jitbot_revocation_failures_total"), 0.0);
     assert_eq!(value(&exposition, "jitbot_zsp_drift_total"), 0.0);
+    assert_eq!(value(&exposition, "jitbot_retention_failures_total"), 0.0);
     assert_eq!(
         value(
             &exposition,
@@ -484,4 +499,403 @@ max_duration = "4h"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The store-wide gauges: every replica reads them from the one shared
+/// store, so added up over replicas they count each lease twice.
+const STORE_WIDE: [&str; 5] = [
+    "jitbot_active_leases",
+    "jitbot_pending_requests",
+    "jitbot_outbox_backlog",
+    "jitbot_outbox_oldest_seconds",
+    "jitbot_revocation_overdue_seconds",
+];
+
+/// A released lease (or one an admin revoked, or offboarding) ended at
+/// its release, hours before its planned expiry. Its removal failing for
+/// 30 minutes is 30 minutes overdue, so `JitbotRevocationOverdue` (> 2
+/// minutes) pages, rather than staying silent until the planned end.
+#[tokio::test]
+async fn a_released_lease_whose_removal_keeps_failing_counts_as_overdue_from_its_release() {
+    use chrono::Duration as D;
+    use jitbot_core::LeaseState;
+    let bot = TestBot::new();
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 4h incident").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    bot.advance(D::minutes(5));
+    // The directory refuses every change from now on.
+    bot.dir.fail_next(1_000_000);
+    let reply = bot.say("alice", "release db-admins").await;
+    assert_eq!(
+        bot.lease().state,
+        LeaseState::Revoking,
+        "the release started the revocation: {}",
+        reply.text
+    );
+    let ended = bot.lease().ended_at.expect("ended_at set by the release");
+    assert!(
+        bot.lease().expires_at > ended + D::hours(3),
+        "planned end hours away"
+    );
+    for _ in 0..30 {
+        bot.advance(D::minutes(1));
+        bot.run_due().await;
+    }
+    assert_eq!(
+        bot.lease().state,
+        LeaseState::Revoking,
+        "the removal keeps failing"
+    );
+    assert!(
+        bot.is_member(crate::support::bot::DB, "alice"),
+        "the membership is still there"
+    );
+    let behind = (bot.engine.now() - ended).to_std().unwrap();
+    let (_, _, overdue) = bot.engine.scrape_counts().unwrap();
+    assert_eq!(
+        overdue, behind,
+        "the lease ended {behind:?} ago (released) and its membership is still there: \
+         jitbot_revocation_overdue_seconds must count from the release, and says {overdue:?}"
+    );
+}
+
+/// Finding 5: `jitbot_outbox_backlog` counts past 10,000, so
+/// `JitbotOutboxBacklogGrowing` fires on what jitbot's own `/metrics`
+/// (scraped in process at six points 5 minutes apart, through promtool
+/// against deploy/prometheus/alerts.yml) shows while a backlog grows from
+/// 10,500 to 13,000. Then the backlog grows to 100,000 and a scrape's time
+/// is printed (keys counted, no entry decoded), beside what decoding every
+/// entry would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_backlog_gauge_counts_past_10000_and_its_alert_fires_while_it_grows() {
+    use jitbot::http::{self, HttpState, Limits};
+    use jitbot::store::{OutboxItem, StoreError};
+    use jitbot_core::RequestId;
+    let bot = TestBot::new();
+    let store = bot.engine.store().clone();
+    let now = bot.engine.now();
+    store.outbox_fan_out(now, 100_000, |_| Vec::new()).unwrap();
+    assert!(store.outbox(10).unwrap().is_empty());
+    let state = HttpState::new(bot.engine.clone(), None, jitbot::metrics::install(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(http::serve(
+        listener,
+        http::admin_router(state, Vec::new()),
+        Limits::default(),
+        stopped,
+    ));
+    let queue = |tag: String, n: u64| {
+        let store = store.clone();
+        async move {
+            store
+                .update(now, |tx| {
+                    for i in 0..n {
+                        tx.outbox(OutboxItem::UpdateApproval {
+                            request: RequestId::new(format!("r-backlog-{tag}-{i}")),
+                        });
+                    }
+                    Ok::<(), StoreError>(())
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let mut queued = 0u64;
+    let mut scraped = Vec::new();
+    for step in 0..6u64 {
+        // Slack is down: card updates pile up, 10,500 first, then 500 more
+        // every 5 minutes.
+        let add = if step == 0 { 10_500 } else { 500 };
+        for chunk in 0..add / 500 {
+            queue(format!("{step}-{chunk}"), 500).await;
+        }
+        queued += add;
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        scraped.push((queued, value(&text, "jitbot_outbox_backlog")));
+    }
+    for (queued, gauge) in &scraped {
+        assert_eq!(
+            *gauge, *queued as f64,
+            "jitbot_outbox_backlog says {gauge} while {queued} notices wait (all scrapes: {scraped:?})"
+        );
+    }
+    let values: Vec<String> = scraped.iter().map(|(_, v)| format!("{v}")).collect();
+    let last = scraped.last().unwrap().1;
+    let tmp = tempfile::tempdir().unwrap();
+    let test = tmp.path().join("backlog.test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            r#"rule_files:
+  - {rules}
+evaluation_interval: 1m
+tests:
+  - interval: 5m
+    input_series:
+      - series: 'jitbot_outbox_backlog{{job="jitbot",instance="bot:8080"}}'
+        values: '{values}'
+    alert_rule_test:
+      - eval_time: 25m
+        alertname: JitbotOutboxBacklogGrowing
+        exp_alerts:
+          - exp_labels:
+              severity: warning
+              job: jitbot
+            exp_annotations:
+              summary: "Chat notices pile up in the outbox (jitbot)"
+              description: "{last} notices wait in the outbox and the number keeps growing (or has reached the gauge's cap of 1000000): the chat platform refuses or throttles jitbot. Check jitbot_chat_api_errors_total and the bot token."
+"#,
+            rules = deploy("prometheus/alerts.yml").display(),
+            values = values.join(" "),
+        ),
+    )
+    .unwrap();
+    let (fired, out) = promtool_outcome(&["test", "rules", test.to_str().unwrap()]);
+    assert!(
+        fired,
+        "the outbox backlog grew from 10,500 to 13,000 over 25 minutes (queued, scraped: {scraped:?}) \
+         and JitbotOutboxBacklogGrowing does not fire on what jitbot exports:\n{out}"
+    );
+
+    // 100,000 waiting: a scrape counts them all, cheaply.
+    while queued < 100_000 {
+        let n = (100_000 - queued).min(5_000);
+        queue(format!("bulk-{queued}"), n).await;
+        queued += n;
+    }
+    let started = Instant::now();
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = started.elapsed();
+    assert_eq!(value(&text, "jitbot_outbox_backlog"), 100_000.0);
+    let started = Instant::now();
+    let (counted, _) = store.outbox_backlog(jitbot::metrics::OUTBOX_BACKLOG_CAP).unwrap();
+    let counting = started.elapsed();
+    assert_eq!(counted, 100_000);
+    let started = Instant::now();
+    let decoded = store.outbox(200_000).unwrap().len();
+    let decoding = started.elapsed();
+    assert_eq!(decoded, 100_000);
+    eprintln!(
+        "with 100,000 queued notices: a /metrics scrape took {scrape:?}, of which counting the \
+         outbox's keys about {counting:?}; reading and decoding every entry instead takes {decoding:?}"
+    );
+}
+
+// Once, not per store: the deploy files alone, no jitbot.
+/// Every replica exports the store-wide gauges, so the dashboard combines
+/// them with `max` (never `sum`), and their alerts take the max over
+/// replicas (`max without (instance, pod)`), firing once.
+#[test]
+fn store_wide_gauges_are_combined_with_max_over_replicas() {
+    for expr in dashboard_exprs(&dashboard()) {
+        for gauge in STORE_WIDE {
+            if metric_names(&expr).contains(gauge) {
+                assert!(
+                    !expr.contains("sum(") && !expr.contains("sum by"),
+                    "the dashboard adds up {gauge}, a store-wide gauge every replica reports, over \
+                     replicas: {expr}; use max(...)"
+                );
+                assert!(
+                    expr.starts_with("max("),
+                    "the dashboard shows {gauge} per replica or otherwise than the max: {expr}"
+                );
+            }
+        }
+    }
+    let rules = std::fs::read_to_string(deploy("prometheus/alerts.yml")).unwrap();
+    let mut checked = 0;
+    // Each rule, from its `- alert:` line to the next.
+    for rule in rules.split("- alert:").skip(1) {
+        let name = rule.lines().next().unwrap_or("?").trim();
+        let expr = rule.split("annotations:").next().unwrap_or(rule);
+        let names = metric_names(expr);
+        for gauge in STORE_WIDE.iter().filter(|g| names.contains(**g)) {
+            checked += 1;
+            let bare = expr.matches(gauge).count();
+            let combined = expr
+                .matches(&format!("max without (instance, pod) ({gauge}"))
+                .count()
+                + expr
+                    .matches(&format!("max without (instance, pod) (delta({gauge}"))
+                    .count();
+            assert_eq!(
+                bare, combined,
+                "alert {name} reads {gauge}, a store-wide gauge every replica reports, per replica: \
+                 it fires once per replica; take `max without (instance, pod)`:\n{expr}"
+            );
+        }
+    }
+    assert!(
+        checked >= 3,
+        "the overdue and outbox alerts read store-wide gauges"
+    );
+}
+
+/// Finding 7: two real `jitbot run` replicas on one database holding one
+/// active lease and one pending request each report both; the dashboard's
+/// queries, evaluated by promtool on what they export, show 1 of each,
+/// not 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_replicas_the_dashboard_counts_each_lease_and_request_once() {
+    use crate::support::postgres::{cluster, replica_sections, PASSWORD};
+    use jitbot_core::LeaseState;
+    let bot = TestBot::builder().postgres().build();
+    // The replicas run on the wall clock: the history is made at today's date.
+    bot.advance(chrono::Utc::now() - bot.engine.now());
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 4h on call").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    assert_eq!(bot.lease().state, LeaseState::Active);
+    bot.ok("erin", "request db-admins 1h later").await;
+    let (active, pending, _) = bot.engine.scrape_counts().unwrap();
+    assert_eq!((active, pending), (1, 1), "one active lease, one pending request");
+
+    let db = bot.pg.clone().expect("a PostgreSQL bot");
+    let url = cluster().url(&db.name);
+    let head = replica_sections(&url);
+    let config = format!(
+        r#"{head}
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "{dn}" = ["alice"] }}
+
+[[group]]
+name = "db-admins"
+dn = "{dn}"
+requesters = {{ users = ["alice", "erin"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        dn = crate::support::bot::DB
+    );
+    let env = [("JITBOT_TEST_PGPW", PASSWORD)];
+    let a = Jitbot::start(&config, &env).await;
+    let b = Jitbot::start(&config, &env).await;
+    let mut scraped = Vec::new();
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let text = loop {
+            let text = scrape(replica).await;
+            if value(&text, "jitbot_active_leases") == 1.0 && value(&text, "jitbot_pending_requests") == 1.0 {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {name} never showed the lease and the request; log:\n{}",
+                replica.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        scraped.push((name, text));
+    }
+    let mut series = String::new();
+    for (name, text) in &scraped {
+        for metric in ["jitbot_active_leases", "jitbot_pending_requests"] {
+            series.push_str(&format!(
+                "      - series: '{metric}{{instance=\"{name}:9090\",job=\"jitbot\"}}'\n        values: '{}x10'\n",
+                value(text, metric)
+            ));
+        }
+    }
+    let mut cases = String::new();
+    let mut checked = Vec::new();
+    for expr in dashboard_exprs(&dashboard()) {
+        let truth = if expr.contains("jitbot_active_leases") {
+            active
+        } else if expr.contains("jitbot_pending_requests") {
+            pending
+        } else {
+            continue;
+        };
+        let expr = expr.replace("$instance", ".*");
+        cases.push_str(&format!(
+            "      - expr: '{expr}'\n        eval_time: 5m\n        exp_samples:\n          - labels: '{{}}'\n            value: {truth}\n"
+        ));
+        checked.push(expr);
+    }
+    assert!(
+        checked.len() >= 2,
+        "the dashboard shows active leases and pending requests: {checked:?}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let test = tmp.path().join("replicas.test.yml");
+    std::fs::write(
+        &test,
+        format!(
+            "rule_files: []\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n{series}    promql_expr_test:\n{cases}"
+        ),
+    )
+    .unwrap();
+    let (right, out) = promtool_outcome(&["test", "rules", test.to_str().unwrap()]);
+    assert!(
+        right,
+        "one active lease and one pending request, two replicas: the dashboard's queries\n{}\n\
+         evaluated on what the replicas export do not show 1:\n{out}",
+        checked.join("\n")
+    );
+}
+
+/// A retention pass that fails (here its `archive_dir` lies under a
+/// regular file, so it can be neither read nor created) is counted in
+/// `jitbot_retention_failures_total`, once per failed pass, by the
+/// background loop: `JitbotRetentionFailing` reads it. Before, a failing
+/// pass made only a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_retention_pass_is_counted_for_its_alert() {
+    use jitbot::store::retention::{self, RetentionSettings};
+    use jitbot_core::Span;
+    let handle = jitbot::metrics::install().expect("the process's metrics recorder");
+    let failures = || value(&handle.render(), "jitbot_retention_failures_total");
+    let bot = TestBot::new();
+    // Audit records old enough to archive.
+    let id = TestBot::request_id(&bot.ok("alice", "request db-admins 1h old work").await);
+    bot.ok("bob", &format!("approve {id}")).await;
+    bot.run_due().await;
+    bot.advance(chrono::Duration::days(30));
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let settings = RetentionSettings {
+        every: Duration::from_millis(100),
+        ..RetentionSettings::new(Span::parse_long("1d").unwrap(), file.join("audit-archive"))
+    };
+    let before = failures();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let passes = tokio::spawn(retention::run(
+        bot.engine.store().clone(),
+        std::sync::Arc::new(bot.clock.clone()),
+        settings,
+        stopped,
+    ));
+    crate::support::net::eventually(
+        Duration::from_secs(10),
+        "two failed retention passes counted in jitbot_retention_failures_total",
+        || (failures() >= before + 2.0).then_some(()),
+    )
+    .await;
+    stop.send(true).unwrap();
+    passes.await.unwrap();
+    assert!(
+        handle
+            .render()
+            .contains("# HELP jitbot_retention_failures_total Retention passes"),
+        "the counter has its help text"
+    );
 }
