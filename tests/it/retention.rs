@@ -767,8 +767,9 @@ async fn audit_export_from_a_changed_archive_dir_names_the_missing_records() {
 /// thread, as a revocation's task shares a worker with the pass: a scan on
 /// it stalls every commit for the whole scan (seconds in a debug build).
 /// The bound is the worst commit of as long a stretch without a pass plus
-/// 100 ms, so the disk's own sync tail on a shared machine (up to ~90 ms
-/// seen here) is not counted against the pass. (Review brk17.)
+/// half a scan of the backlog (at least 100 ms), so the disk's own sync
+/// tail on a shared machine is not counted against the pass, while a
+/// commit that waited for a scan is. (Review brk17.)
 #[tokio::test(flavor = "current_thread")]
 async fn a_commit_during_a_pass_waits_for_no_outbox_scan() {
     let bot = TestBot::new();
@@ -834,9 +835,19 @@ async fn a_commit_during_a_pass_waits_for_no_outbox_scan() {
     }
     let pruned = pass.await.unwrap().unwrap();
     assert!(pruned.requests >= 3, "{pruned:?}");
+    // What a commit waits if a scan of the backlog is made under the
+    // writer lock or on this thread (the defect): the scan itself, timed
+    // now, on a machine as loaded as it was during the pass. Half of it,
+    // and at least 100 ms, is the margin for the disk's own sync tail.
+    let scan = {
+        let started = std::time::Instant::now();
+        assert!(store.outbox(usize::MAX).unwrap().len() >= 60_000);
+        started.elapsed()
+    };
+    let margin = (scan / 2).max(std::time::Duration::from_millis(100));
     assert!(
-        worst < baseline + std::time::Duration::from_millis(100),
-        "a commit waited {worst:?} behind the pass (commits alone: {baseline:?})"
+        worst < baseline + margin,
+        "a commit waited {worst:?} behind the pass (commits alone: {baseline:?}; a scan of the backlog takes {scan:?})"
     );
 }
 
