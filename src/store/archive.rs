@@ -186,15 +186,28 @@ pub struct Archived {
     pub bytes: Vec<u8>,
 }
 
-/// Reads the records of archive files in order. An unreadable file, a line
-/// that is not an audit record, or a file whose records are not the range
-/// its name says, ends the reading with an error naming the file.
+/// Reads the records of archive files in order, each once. An unreadable
+/// file, a line that is not an audit record, a record repeated or out of
+/// order in a file, or a file whose records are not the range its name
+/// says, ends the reading with an error naming the file.
+///
+/// Files whose ranges overlap are legitimate only as exact copies: a
+/// leader deposed between writing a file and removing its records leaves
+/// a file whose records the next leader archives again, in a file of
+/// another range. A record already read from an earlier file is compared
+/// with that copy and skipped; one that differs ends the reading, naming
+/// both files.
 pub struct Reader<'a> {
     files: std::borrow::Cow<'a, [ArchiveFile]>,
     next_file: usize,
     current: Option<(usize, std::io::Split<BufReader<MultiGzDecoder<std::fs::File>>>)>,
     /// (first, last) seq read from the current file.
     seen: Option<(u64, u64)>,
+    /// The highest seq handed out so far.
+    covered: Option<u64>,
+    /// Records handed out that a later file's range also covers: seq →
+    /// (file index, bytes), to compare that file's copies with.
+    copies: BTreeMap<u64, (usize, Vec<u8>)>,
     done: bool,
 }
 
@@ -214,6 +227,8 @@ impl<'a> Reader<'a> {
             next_file: 0,
             current: None,
             seen: None,
+            covered: None,
+            copies: BTreeMap::new(),
             done: false,
         }
     }
@@ -239,24 +254,8 @@ impl Iterator for Reader<'_> {
                 let ix = self.next_file;
                 let file = self.files.get(ix)?;
                 self.next_file += 1;
-                // jitbot writes each record into one file only: files whose
-                // ranges overlap hold a copy or a forgery.
-                if let Some(before) = ix.checked_sub(1).map(|b| &self.files[b]) {
-                    if file.first <= before.last {
-                        let what = format!(
-                            "its records {} to {} overlap those of {} ({} to {}), and jitbot never writes a \
-                             record into two files: one of the two is a copy or was altered. Find out which \
-                             belongs (`audit verify --archive` on a copy of the directory holding only one of \
-                             them) and move the other out of the archive directory",
-                            file.first,
-                            file.last,
-                            before.name(),
-                            before.first,
-                            before.last
-                        );
-                        return self.fail(ix, what);
-                    }
-                }
+                // Copies kept for an earlier file's overlap are done with.
+                self.copies = self.copies.split_off(&file.first);
                 match std::fs::File::open(&file.path) {
                     Ok(f) => {
                         let lines = BufReader::new(MultiGzDecoder::new(f)).split(b'\n');
@@ -313,6 +312,39 @@ impl Iterator for Reader<'_> {
                         None => (seq, seq),
                         Some((a, _)) => (a, seq),
                     });
+                    if self.covered.is_some_and(|c| seq <= c) {
+                        match self.copies.get(&seq) {
+                            Some((_, first)) if *first == line => continue,
+                            Some((earlier, _)) => {
+                                let what = format!(
+                                    "record {seq} in it differs from the copy of record {seq} in {}: jitbot \
+                                     writes the same bytes whenever it archives a record again, so one of them \
+                                     was altered. Find out which file belongs (`audit verify --archive` on a copy \
+                                     of the directory holding only one of them) and move the other out",
+                                    self.files[*earlier].name()
+                                );
+                                return self.fail(ix, what);
+                            }
+                            // Below the file's own first record: its name
+                            // check at the end would say so; say it now.
+                            None => {
+                                let file = &self.files[ix];
+                                return self.fail(
+                                    ix,
+                                    format!(
+                                        "it holds record {seq}, outside the records {} to {} its name says",
+                                        file.first, file.last
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                    self.covered = Some(seq);
+                    // Files are in (first, last) order: the next one has
+                    // the lowest first record of those after this one.
+                    if self.files.get(ix + 1).is_some_and(|next| next.first <= seq) {
+                        self.copies.insert(seq, (ix, line.clone()));
+                    }
                     return Some(Ok(Archived {
                         file: ix,
                         seq,
