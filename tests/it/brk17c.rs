@@ -271,3 +271,98 @@ async fn brk17c_audit_export_hands_out_an_altered_archive_record_the_store_contr
         );
     }
 }
+
+/// Finding 3: `/metrics` counts the outbox (up to 1,000,000 keys, under the
+/// store's read gate) inside the async handler, on a runtime thread: with
+/// a large backlog — exactly when the gauge matters — every scrape stalls
+/// that thread for as long as the count takes, and every task queued on it
+/// (a revocation's commit, the scheduler) waits. Here 200,000 queued
+/// notices; a ticker on the same runtime measures the stall, which must
+/// stay well under the time the count itself takes (it should run off the
+/// runtime, or be a counter kept by the outbox's commits).
+#[tokio::test]
+async fn brk17c_a_metrics_scrape_with_a_large_outbox_backlog_stalls_the_runtime() {
+    use crate::support::bot::TestBot;
+    use jitbot::http::{self, HttpState, Limits};
+    use jitbot::store::OutboxItem;
+    use jitbot_core::RequestId;
+    const QUEUED: u64 = 200_000;
+    let bot = TestBot::new();
+    let store = bot.engine.store().clone();
+    let now = bot.engine.now();
+    store.outbox_fan_out(now, 100_000, |_| Vec::new()).unwrap();
+    let mut queued = 0;
+    while queued < QUEUED {
+        let n = (QUEUED - queued).min(5_000);
+        store
+            .update(now, |tx| {
+                for i in 0..n {
+                    tx.outbox(OutboxItem::UpdateApproval {
+                        request: RequestId::new(format!("r-brk17c-{queued}-{i}")),
+                    });
+                }
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        queued += n;
+    }
+    let state = HttpState::new(bot.engine.clone(), None, jitbot::metrics::install(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(http::serve(
+        listener,
+        http::admin_router(state, Vec::new()),
+        Limits::default(),
+        stopped,
+    ));
+    // Warm: the first scrape also pings the directory and fills caches.
+    reqwest::get(format!("{base}/metrics")).await.unwrap();
+    // The count alone, as warm as the scrape's will be.
+    let started = std::time::Instant::now();
+    let (counted, _) = store.outbox_backlog(jitbot::metrics::OUTBOX_BACKLOG_CAP).unwrap();
+    let counting = started.elapsed();
+    assert_eq!(counted, QUEUED as usize);
+    // A task of the same runtime that wants to run every 2 ms.
+    let stall = std::sync::Arc::new(std::sync::Mutex::new(std::time::Duration::ZERO));
+    let (done, mut finished) = tokio::sync::watch::channel(false);
+    let ticker = {
+        let stall = stall.clone();
+        tokio::spawn(async move {
+            let mut last = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
+                    _ = finished.changed() => return,
+                }
+                let gap = last.elapsed();
+                let mut worst = stall.lock().unwrap();
+                *worst = (*worst).max(gap);
+                last = std::time::Instant::now();
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    done.send(true).unwrap();
+    ticker.await.unwrap();
+    // (The gauge's value is not checked: the metrics recorder is process-wide and
+    // another test may scrape at the same moment.)
+    assert!(text.contains("jitbot_outbox_backlog"), "{text}");
+    let stalled = *stall.lock().unwrap();
+    // A quarter of the count (the count off the runtime) or 50 ms (a count
+    // that costs nothing), whichever is more.
+    let bound = (counting / 4).max(std::time::Duration::from_millis(50));
+    assert!(
+        stalled < bound,
+        "a /metrics scrape with {QUEUED} queued notices held the runtime thread for {stalled:?} \
+         (counting the outbox's keys takes {counting:?}; up to 1,000,000 keys are counted per scrape): \
+         every task on that thread — a revocation's commit, the scheduler — waited that long"
+    );
+}
