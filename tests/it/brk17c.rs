@@ -366,3 +366,65 @@ async fn brk17c_a_metrics_scrape_with_a_large_outbox_backlog_stalls_the_runtime(
          every task on that thread — a revocation's commit, the scheduler — waited that long"
     );
 }
+
+/// Finding 4: on PostgreSQL, `archive_dir` must now be set (brk17b finding
+/// 2), but the value config/jitbot.example.toml itself suggests,
+/// `/var/lib/jitbot/audit-archive`, is exactly the default the rule was
+/// meant to keep out: beside `store.path` (`/var/lib/jitbot/mirror`, as in
+/// deploy/kubernetes/jitbot-postgres.yaml), on the `/var/lib/jitbot`
+/// emptyDir of one pod. Uncommenting the example's line passes `Config::parse`.
+#[test]
+fn brk17c_postgres_accepts_the_example_archive_dir_beside_the_mirror() {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/jitbot.example.toml")).unwrap();
+    let suggested = example
+        .lines()
+        .find_map(|l| l.strip_prefix("# archive_dir = "))
+        .expect("the example suggests an archive_dir")
+        .trim()
+        .to_string();
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/jitbot-postgres.yaml"
+    ))
+    .unwrap();
+    assert!(
+        manifest.contains("path = \"/var/lib/jitbot/mirror\"")
+            && manifest.contains("mountPath: /var/lib/jitbot }")
+            && manifest.contains("emptyDir"),
+        "the manifest keeps the mirror on the /var/lib/jitbot emptyDir"
+    );
+    let config = format!(
+        r#"
+[store]
+kind = "postgres"
+url = "postgres://jitbot@db:5432/jitbot"
+password = {{ env = "PGPW" }}
+path = "/var/lib/jitbot/mirror"
+retain = "400d"
+archive_dir = {suggested}
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    if let Ok(c) = jitbot::config::Config::parse(&config, "jitbot.toml") {
+        panic!(
+            "kind = \"postgres\" with retain and archive_dir = {suggested} (the example's value) is \
+             accepted: that is {}, the very default beside the mirror that must be refused, on the \
+             manifest's per-pod emptyDir; archived audit records would leave PostgreSQL for one pod's \
+             scratch disk",
+            c.store.archive_dir().display()
+        );
+    }
+}
