@@ -5,6 +5,7 @@ mod support;
 
 mod ad;
 mod backup;
+mod brk17c;
 mod console;
 mod contract;
 mod deploy;

@@ -1,0 +1,430 @@
+//! Review brk17c (issue 17, second review): the fixes of review brk17b
+//! attacked. Each test fails on the main it was written against, with an
+//! assertion naming what broke; /work/notes/brk17c-findings.md gives each
+//! finding's scenario, severity and a suggested fix. Product code unchanged.
+
+use chrono::{Duration, TimeZone, Utc};
+use jitbot::store::retention::RetentionSettings;
+use jitbot::store::{AuditCheck, AuditDraft, Store, StoreError};
+use jitbot_core::{Instant, Span};
+use std::path::{Path, PathBuf};
+
+fn t0() -> Instant {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+/// One audit record at `at`, in a commit of its own.
+async fn audit_at(store: &Store, at: Instant, detail: String) {
+    store
+        .update(at, |tx| {
+            tx.audit(AuditDraft {
+                actor: "alice".into(),
+                action: "request.opened".into(),
+                detail,
+                ..AuditDraft::default()
+            });
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+}
+
+fn settings(dir: PathBuf) -> RetentionSettings {
+    RetentionSettings {
+        batch: 7,
+        ..RetentionSettings::new(Span::parse_long("30d").unwrap(), dir)
+    }
+}
+
+/// The archive a PostgreSQL failover can leave, built on one sled store:
+///
+/// - 40 audit records: 1..=39 a minute apart from `t0`, record 40 a month later.
+/// - Leader A's pass (cutoff `t0` + 20 min) reads records 1..=20 and writes
+///   them as `audit-1-20`; its `write_file` then stalls before the rename
+///   (the archive is a network share and A's host is partitioned, which
+///   also costs A its PostgreSQL term). Here that file is written to a
+///   staging directory, as far as A got.
+/// - Leader B's pass, later, archives records 1..=39 as `audit-1-39` and
+///   removes them from the store. The trail is intact (checked).
+/// - A's write finishes: the rename puts `audit-1-20` into the archive
+///   (`write_file` finds no file of that name, so it renames). A's removal
+///   then fails (it no longer leads); the store is untouched.
+///
+/// `audit-1-20` holds byte-identical copies of records 1..=20: nothing is
+/// missing, repeated with other bytes, altered or reordered.
+async fn archive_with_a_deposed_leaders_late_file(tmp: &Path) -> (Store, RetentionSettings, PathBuf) {
+    let store = Store::open(&tmp.join("db"), 16).unwrap();
+    for i in 0..39 {
+        audit_at(&store, t0() + Duration::minutes(i), format!("record {}", i + 1)).await;
+    }
+    audit_at(&store, t0() + Duration::days(31), "record 40".into()).await;
+    let s = settings(tmp.join("audit-archive"));
+    let staging = settings(tmp.join("leader-a-staging"));
+    let a_now = t0() + Duration::days(30) + Duration::minutes(20);
+    let a_file = store
+        .archive_then_stop(a_now, &staging)
+        .unwrap()
+        .expect("leader A's file");
+    assert_eq!((a_file.first, a_file.last), (1, 20), "leader A's range");
+    let pruned = store
+        .prune(t0() + Duration::days(31) + Duration::hours(2), &s)
+        .await
+        .unwrap();
+    assert_eq!(pruned.audit, 39, "leader B archives all but the last record");
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 40 },
+        "the trail is intact before A's late rename"
+    );
+    let late = s.archive_dir.join(a_file.path.file_name().unwrap());
+    std::fs::rename(&a_file.path, &late).unwrap();
+    (store, s, late)
+}
+
+/// Finding 1: a deposed leader's late archive file — an exact copy of
+/// records the new leader archived too — makes `audit verify --archive`
+/// and `audit export` refuse an intact trail (the new rule "files whose
+/// ranges overlap hold a copy or a forgery"), and the message says one
+/// file "is a copy or was altered", though both are jitbot's own.
+#[tokio::test]
+async fn brk17c_a_deposed_leaders_late_copy_of_archived_records_makes_verify_and_export_refuse_an_intact_trail(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s, late) = archive_with_a_deposed_leaders_late_file(tmp.path()).await;
+    let verified = store.verify_audit_with_archive(&s.archive_dir, None);
+    let exported = store
+        .audit_with_archive(Some(&s.archive_dir))
+        .map(|all| all.iter().map(|e| e.seq).collect::<Vec<_>>());
+    let intact = matches!(verified, Ok(AuditCheck::Intact { records: 40 }));
+    let whole = exported
+        .as_ref()
+        .is_ok_and(|seqs| *seqs == (1..=40).collect::<Vec<_>>());
+    assert!(
+        intact && whole,
+        "{} (a byte-identical copy of records 1..=20 that a deposed leader's pass renamed in late) \
+         must not make the intact trail fail:\n  verify --archive: {verified:?}\n  export: {:?}",
+        late.display(),
+        exported.map(|seqs| seqs.len())
+    );
+}
+
+/// Finding 1, its worst consequence: with `[audit] anchor_file` and
+/// retention on, start-up checks the chain through the archive and any
+/// archive error ends `jitbot run` (`verify_audit_with_archive(..)?` in
+/// `app::run`). The deposed leader's late copy therefore stops every
+/// replica at its next start: no scheduler, no revocation.
+#[tokio::test]
+async fn brk17c_a_deposed_leaders_late_archive_copy_stops_jitbot_run_from_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s, _late) = archive_with_a_deposed_leaders_late_file(tmp.path()).await;
+    let anchors = tmp.path().join("anchors");
+    store.set_anchor_file(anchors.clone());
+    store
+        .record_published_anchor(&store.audit_head().unwrap())
+        .unwrap();
+    drop(store);
+    let db = tmp.path().join("db");
+    let mut tries = 0;
+    while let Err(StoreError::Locked { .. }) = Store::open(&db, 16).map(drop) {
+        tries += 1;
+        assert!(tries < 100, "the store stays locked");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_token = {{ env = "BRK17C_ADMIN_TOKEN" }}
+shutdown_grace = "2s"
+
+[store]
+path = "{}"
+cache_mb = 16
+retain = "30d"
+archive_dir = "{}"
+
+[audit]
+anchor_file = "{}"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        db.display(),
+        s.archive_dir.display(),
+        anchors.display()
+    );
+    let path = tmp.path().join("jitbot.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = tmp.path().join("jitbot.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jitbot"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("JITBOT_LOG", "info")
+        .env("BRK17C_ADMIN_TOKEN", "brk17c-admin-token")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn jitbot");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let outcome = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Err(format!("jitbot run exited ({status})"));
+        }
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+            if r.status().is_success() {
+                break Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            break Err("jitbot run did not come up in 30 s".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(what) = outcome {
+        panic!(
+            "{what}: an intact archive (plus a byte-identical copy of records 1..=20 a deposed leader \
+             renamed in late) must not stop jitbot from starting and revoking. Its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::default(),
+    );
+    for l in lines {
+        gz.write_all(l.as_bytes()).unwrap();
+        gz.write_all(b"\n").unwrap();
+    }
+    gz.finish().unwrap();
+}
+
+/// Finding 2: `audit export` never compares what it reads. After a pass
+/// stopped between the archive write and the removal (the state
+/// `reconcile_archive` finishes), the store still holds records 1..=34,
+/// and the archive file holds them too. Someone who can write the archive
+/// directory (not the store) alters record 14 in the file. `audit verify
+/// --archive` names the difference; `audit export` hands out the altered
+/// record as the trail, ignoring the store's own copy that contradicts it.
+#[tokio::test]
+async fn brk17c_audit_export_hands_out_an_altered_archive_record_the_store_contradicts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    for i in 0..35 {
+        audit_at(&store, t0() + Duration::minutes(i), format!("record {}", i + 1)).await;
+    }
+    let s = settings(tmp.path().join("audit-archive"));
+    let file = store
+        .archive_then_stop(t0() + Duration::days(40), &s)
+        .unwrap()
+        .expect("a file");
+    assert_eq!((file.first, file.last), (1, 34));
+    let mut lines = read_lines(&file.path);
+    assert!(lines[13].contains("\"record 14\""), "{}", lines[13]);
+    lines[13] = lines[13].replace("\"record 14\"", "\"record 14: bob approved his own request\"");
+    write_lines(&file.path, &lines);
+    let verified = store.verify_audit_with_archive(&s.archive_dir, None);
+    assert!(
+        !matches!(verified, Ok(AuditCheck::Intact { .. })),
+        "verify names the altered copy: {verified:?}"
+    );
+    let exported = store.audit_with_archive(Some(&s.archive_dir));
+    if let Ok(all) = &exported {
+        let fourteen = all.iter().find(|e| e.seq == 14).expect("record 14 exported");
+        let store_copy = store.audit(14).next().expect("record 14 in the store").unwrap();
+        assert_eq!(
+            fourteen.detail, store_copy.detail,
+            "audit export returned record 14 altered in the archive file ({:?}) although the store \
+             still holds it as {:?}: export must refuse (or use the store's copy), as verify does",
+            fourteen.detail, store_copy.detail
+        );
+    }
+}
+
+/// Finding 3: `/metrics` counts the outbox (up to 1,000,000 keys, under the
+/// store's read gate) inside the async handler, on a runtime thread: with
+/// a large backlog — exactly when the gauge matters — every scrape stalls
+/// that thread for as long as the count takes, and every task queued on it
+/// (a revocation's commit, the scheduler) waits. Here 200,000 queued
+/// notices; a ticker on the same runtime measures the stall, which must
+/// stay well under the time the count itself takes (it should run off the
+/// runtime, or be a counter kept by the outbox's commits).
+#[tokio::test]
+async fn brk17c_a_metrics_scrape_with_a_large_outbox_backlog_stalls_the_runtime() {
+    use crate::support::bot::TestBot;
+    use jitbot::http::{self, HttpState, Limits};
+    use jitbot::store::OutboxItem;
+    use jitbot_core::RequestId;
+    const QUEUED: u64 = 200_000;
+    let bot = TestBot::new();
+    let store = bot.engine.store().clone();
+    let now = bot.engine.now();
+    store.outbox_fan_out(now, 100_000, |_| Vec::new()).unwrap();
+    let mut queued = 0;
+    while queued < QUEUED {
+        let n = (QUEUED - queued).min(5_000);
+        store
+            .update(now, |tx| {
+                for i in 0..n {
+                    tx.outbox(OutboxItem::UpdateApproval {
+                        request: RequestId::new(format!("r-brk17c-{queued}-{i}")),
+                    });
+                }
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .unwrap();
+        queued += n;
+    }
+    let state = HttpState::new(bot.engine.clone(), None, jitbot::metrics::install(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(http::serve(
+        listener,
+        http::admin_router(state, Vec::new()),
+        Limits::default(),
+        stopped,
+    ));
+    // Warm: the first scrape also pings the directory and fills caches.
+    reqwest::get(format!("{base}/metrics")).await.unwrap();
+    // The count alone, as warm as the scrape's will be.
+    let started = std::time::Instant::now();
+    let (counted, _) = store.outbox_backlog(jitbot::metrics::OUTBOX_BACKLOG_CAP).unwrap();
+    let counting = started.elapsed();
+    assert_eq!(counted, QUEUED as usize);
+    // A task of the same runtime that wants to run every 2 ms.
+    let stall = std::sync::Arc::new(std::sync::Mutex::new(std::time::Duration::ZERO));
+    let (done, mut finished) = tokio::sync::watch::channel(false);
+    let ticker = {
+        let stall = stall.clone();
+        tokio::spawn(async move {
+            let mut last = std::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
+                    _ = finished.changed() => return,
+                }
+                let gap = last.elapsed();
+                let mut worst = stall.lock().unwrap();
+                *worst = (*worst).max(gap);
+                last = std::time::Instant::now();
+            }
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    done.send(true).unwrap();
+    ticker.await.unwrap();
+    // (The gauge's value is not checked: the metrics recorder is process-wide and
+    // another test may scrape at the same moment.)
+    assert!(text.contains("jitbot_outbox_backlog"), "{text}");
+    let stalled = *stall.lock().unwrap();
+    // A quarter of the count (the count off the runtime) or 50 ms (a count
+    // that costs nothing), whichever is more.
+    let bound = (counting / 4).max(std::time::Duration::from_millis(50));
+    assert!(
+        stalled < bound,
+        "a /metrics scrape with {QUEUED} queued notices held the runtime thread for {stalled:?} \
+         (counting the outbox's keys takes {counting:?}; up to 1,000,000 keys are counted per scrape): \
+         every task on that thread — a revocation's commit, the scheduler — waited that long"
+    );
+}
+
+/// Finding 4: on PostgreSQL, `archive_dir` must now be set (brk17b finding
+/// 2), but the value config/jitbot.example.toml itself suggests,
+/// `/var/lib/jitbot/audit-archive`, is exactly the default the rule was
+/// meant to keep out: beside `store.path` (`/var/lib/jitbot/mirror`, as in
+/// deploy/kubernetes/jitbot-postgres.yaml), on the `/var/lib/jitbot`
+/// emptyDir of one pod. Uncommenting the example's line passes `Config::parse`.
+#[test]
+fn brk17c_postgres_accepts_the_example_archive_dir_beside_the_mirror() {
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/jitbot.example.toml")).unwrap();
+    let suggested = example
+        .lines()
+        .find_map(|l| l.strip_prefix("# archive_dir = "))
+        .expect("the example suggests an archive_dir")
+        .trim()
+        .to_string();
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/jitbot-postgres.yaml"
+    ))
+    .unwrap();
+    assert!(
+        manifest.contains("path = \"/var/lib/jitbot/mirror\"")
+            && manifest.contains("mountPath: /var/lib/jitbot }")
+            && manifest.contains("emptyDir"),
+        "the manifest keeps the mirror on the /var/lib/jitbot emptyDir"
+    );
+    let config = format!(
+        r#"
+[store]
+kind = "postgres"
+url = "postgres://jitbot@db:5432/jitbot"
+password = {{ env = "PGPW" }}
+path = "/var/lib/jitbot/mirror"
+retain = "400d"
+archive_dir = {suggested}
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    );
+    if let Ok(c) = jitbot::config::Config::parse(&config, "jitbot.toml") {
+        panic!(
+            "kind = \"postgres\" with retain and archive_dir = {suggested} (the example's value) is \
+             accepted: that is {}, the very default beside the mirror that must be refused, on the \
+             manifest's per-pod emptyDir; archived audit records would leave PostgreSQL for one pod's \
+             scratch disk",
+            c.store.archive_dir().display()
+        );
+    }
+}
