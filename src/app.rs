@@ -563,20 +563,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store.set_anchor_file(path.clone());
         // A rollback of the chain with its meta verifies under the key; the
         // last anchor jitbot published outside the store catches it.
-        if let Some(anchor) = store.last_published_anchor()? {
-            // With retention on, the anchor may lie in the archived part.
-            let checked = match &retention {
-                Some(settings) => store.verify_audit_with_archive(&settings.archive_dir, Some(&anchor))?,
+        // Whatever is found here is an alarm, never a reason to stop: a
+        // file outside the store (the anchor file, the archive) that
+        // someone damaged must not keep jitbot, and its revocations, from
+        // starting.
+        let checked = match store.last_published_anchor() {
+            Ok(None) => None,
+            Ok(Some(anchor)) => Some(match &retention {
+                // With retention on, the anchor may lie in the archived part.
+                Some(settings) => match store.verify_audit_with_archive(&settings.archive_dir, Some(&anchor))
+                {
+                    Ok(check) => check,
+                    Err(e) => crate::store::AuditCheck::Broken {
+                        seq: anchor.seq,
+                        problem: format!(
+                            "the audit archive in {} cannot be checked: {e}",
+                            settings.archive_dir.display()
+                        ),
+                    },
+                },
                 None => store.verify_audit_against(Some(&anchor))?,
-            };
-            if let crate::store::AuditCheck::Broken { seq, problem } = checked {
-                if !matches!(sealing, crate::store::Sealing::Tampered { .. }) {
-                    sealing = crate::store::Sealing::Tampered {
-                        seq,
-                        problem: format!("against the last anchor in audit.anchor_file: {problem}"),
-                        recorded: false,
-                    };
-                }
+            }),
+            Err(e) => Some(crate::store::AuditCheck::Broken {
+                seq: store.audit_head()?.seq,
+                problem: format!("it cannot be read: {e}"),
+            }),
+        };
+        if let Some(crate::store::AuditCheck::Broken { seq, problem }) = checked {
+            if !matches!(sealing, crate::store::Sealing::Tampered { .. }) {
+                sealing = crate::store::Sealing::Tampered {
+                    seq,
+                    problem: format!("against the last anchor in audit.anchor_file: {problem}"),
+                    recorded: false,
+                };
             }
         }
     }

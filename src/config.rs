@@ -986,18 +986,36 @@ impl Config {
                 );
             }
         }
-        if self.store.kind == StoreKind::Postgres
-            && self.store.retain.is_some()
-            && self.store.archive_dir.is_none()
-        {
-            issue(
-                "store.archive_dir".into(),
-                key_line(text, "store", "retain"),
-                "must be set when kind = \"postgres\" and retain is: archived audit records leave the database, \
-                 so they must go to a directory every replica mounts (a shared volume), not beside one replica's \
-                 mirror (store.path). Set archive_dir to that shared directory"
-                    .into(),
-            );
+        if self.store.kind == StoreKind::Postgres && self.store.retain.is_some() {
+            // The mirror's directory (and the one holding it) is each
+            // replica's own state: an emptyDir, a local disk.
+            let mirror = &self.store.path;
+            let local = mirror
+                .parent()
+                .filter(|p| p.components().count() > 1)
+                .unwrap_or(mirror);
+            match &self.store.archive_dir {
+                None => issue(
+                    "store.archive_dir".into(),
+                    key_line(text, "store", "retain"),
+                    "must be set when kind = \"postgres\" and retain is: archived audit records leave the database, \
+                     so they must go to a directory every replica mounts (a shared volume), not beside one replica's \
+                     mirror (store.path). Set archive_dir to that shared directory"
+                        .into(),
+                ),
+                Some(dir) if dir.starts_with(local) => issue(
+                    "store.archive_dir".into(),
+                    key_line(text, "store", "archive_dir"),
+                    format!(
+                        "= \"{}\" is inside {}, where this replica keeps its own mirror (store.path): with kind = \
+                         \"postgres\" archived audit records leave the database, so they must go to a volume every \
+                         replica mounts, outside that directory (for example /mnt/jitbot-audit)",
+                        dir.display(),
+                        local.display()
+                    ),
+                ),
+                Some(_) => {}
+            }
         }
         if self.store.archive_dir.is_some() && self.store.retain.is_none() {
             issue(

@@ -200,7 +200,13 @@ const DIRECTORY_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 const SCRAPE_PING_CACHE: Duration = Duration::from_secs(5);
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    refresh_gauges(&state.engine);
+    // Store reads (a count of the outbox's keys among them) on the
+    // blocking pool: on a runtime worker they would stall every task
+    // queued there, a revocation's included, for as long as they take.
+    let engine = state.engine.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || refresh_gauges(&engine)).await {
+        tracing::warn!(error = %e, "reading the store's gauges for a scrape failed");
+    }
     {
         let mut pinged = state.pinged.lock().await;
         if !pinged.is_some_and(|at| at.elapsed() < SCRAPE_PING_CACHE) {

@@ -571,9 +571,29 @@ impl Store {
         };
         let mut out = Vec::new();
         let mut next = 1u64;
+        // Records a crash left in both places (a pass stopped between its
+        // file and the removal) must be the same bytes, as verify checks.
+        let first_held = match self.tree(TreeId::Audit).first()? {
+            Some((k, _)) => <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes),
+            None => u64::MAX,
+        };
         loop {
             for rec in Reader::new(&files) {
                 let rec = rec?;
+                if rec.seq >= first_held {
+                    let held = self.tree(TreeId::Audit).get(rec.seq.to_be_bytes())?;
+                    if held.is_some_and(|held| held.as_ref() != rec.bytes.as_slice()) {
+                        return Err(StoreError::Corrupt {
+                            key: format!("audit record {}", rec.seq),
+                            error: format!(
+                                "it is in the store and in the archive ({}), and the two differ, so nothing \
+                                 was exported; `jitbot audit verify --archive DIR` checks which one the chain \
+                                 holds",
+                                files[rec.file].name()
+                            ),
+                        });
+                    }
+                }
                 // Records read from the store before a pass moved them
                 // into a file that appeared since.
                 if rec.seq < next {

@@ -4,8 +4,8 @@
 mod support;
 
 mod ad;
+mod archive_copies;
 mod backup;
-mod brk17c;
 mod console;
 mod contract;
 mod deploy;

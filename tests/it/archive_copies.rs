@@ -1,7 +1,9 @@
-//! Review brk17c (issue 17, second review): the fixes of review brk17b
-//! attacked. Each test fails on the main it was written against, with an
-//! assertion naming what broke; /work/notes/brk17c-findings.md gives each
-//! finding's scenario, severity and a suggested fix. Product code unchanged.
+//! The audit archive's copies and the operator's guard rails, from review
+//! brk17c (issue 17's second review of retention): a deposed leader's late
+//! copy of archived records is read as the copy it is and stops nothing;
+//! `audit export` refuses an archived record the store contradicts; a
+//! `/metrics` scrape never stalls the runtime counting the outbox; on
+//! PostgreSQL the archive may not sit beside one replica's mirror.
 
 use chrono::{Duration, TimeZone, Utc};
 use jitbot::store::retention::RetentionSettings;
@@ -81,14 +83,12 @@ async fn archive_with_a_deposed_leaders_late_file(tmp: &Path) -> (Store, Retenti
     (store, s, late)
 }
 
-/// Finding 1: a deposed leader's late archive file — an exact copy of
-/// records the new leader archived too — makes `audit verify --archive`
-/// and `audit export` refuse an intact trail (the new rule "files whose
-/// ranges overlap hold a copy or a forgery"), and the message says one
-/// file "is a copy or was altered", though both are jitbot's own.
+/// A deposed leader's late archive file — an exact copy of records the new
+/// leader archived too, in a file of another range — is read as a copy:
+/// `audit verify --archive` says intact and `audit export` gives each
+/// record once (review brk17c finding 1: the overlap rule refused it).
 #[tokio::test]
-async fn brk17c_a_deposed_leaders_late_copy_of_archived_records_makes_verify_and_export_refuse_an_intact_trail(
-) {
+async fn a_deposed_leaders_late_copy_of_archived_records_is_read_as_a_copy_by_verify_and_export() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, s, late) = archive_with_a_deposed_leaders_late_file(tmp.path()).await;
     let verified = store.verify_audit_with_archive(&s.archive_dir, None);
@@ -108,37 +108,90 @@ async fn brk17c_a_deposed_leaders_late_copy_of_archived_records_makes_verify_and
     );
 }
 
-/// Finding 1, its worst consequence: with `[audit] anchor_file` and
-/// retention on, start-up checks the chain through the archive and any
-/// archive error ends `jitbot run` (`verify_audit_with_archive(..)?` in
-/// `app::run`). The deposed leader's late copy therefore stops every
-/// replica at its next start: no scheduler, no revocation.
+/// With `[audit] anchor_file` and retention on, start-up checks the chain
+/// through the archive; the deposed leader's late copy does not stop
+/// `jitbot run` (review brk17c finding 1: any archive error ended it, so
+/// no replica would have started, and nothing would have been revoked).
 #[tokio::test]
-async fn brk17c_a_deposed_leaders_late_archive_copy_stops_jitbot_run_from_starting() {
+async fn a_deposed_leaders_late_archive_copy_does_not_stop_jitbot_run() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, s, _late) = archive_with_a_deposed_leaders_late_file(tmp.path()).await;
-    let anchors = tmp.path().join("anchors");
+    if let (Err(what), log) = start_with_an_anchor_file(tmp.path(), store, &s).await {
+        panic!(
+            "{what}: an intact archive (plus a byte-identical copy of records 1..=20 a deposed leader \
+             renamed in late) must not stop jitbot from starting and revoking. Its log:\n{log}"
+        );
+    }
+}
+
+/// The new leader's file with record 14 altered (by someone who can write
+/// the archive directory), so it contradicts the deposed leader's copy:
+/// the archive cannot be read through. Start-up reports that as tampering,
+/// and jitbot starts and serves anyway — a damaged file outside the store
+/// must not keep the revocations from running (it used to end `jitbot
+/// run`, from the same review's finding 1).
+#[tokio::test]
+async fn a_contradicted_archive_copy_is_reported_at_start_up_and_jitbot_run_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, s, late) = archive_with_a_deposed_leaders_late_file(tmp.path()).await;
+    let theirs = std::fs::read_dir(&s.archive_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| *p != late)
+        .expect("the new leader's file");
+    let mut lines = read_lines(&theirs);
+    assert!(lines[13].contains("\"record 14\""), "{}", lines[13]);
+    lines[13] = lines[13].replace("record 14", "record 41");
+    write_lines(&theirs, &lines);
+    assert!(
+        store.verify_audit_with_archive(&s.archive_dir, None).is_err(),
+        "the archive cannot be read through"
+    );
+    let (outcome, log) = start_with_an_anchor_file(tmp.path(), store, &s).await;
+    if let Err(what) = outcome {
+        panic!("{what}: a damaged archive file must not stop jitbot from starting. Its log:\n{log}");
+    }
+    let name = theirs.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        log.contains("cannot be checked") && log.contains(&name),
+        "start-up reports the damaged file: {log}"
+    );
+}
+
+/// Publishes the store's head to an anchor file, then runs `jitbot run`
+/// with retention on that archive until `/healthz` answers (or it exits,
+/// or 30 s pass). Returns the outcome and its log.
+async fn start_with_an_anchor_file(
+    tmp: &Path,
+    store: Store,
+    s: &RetentionSettings,
+) -> (Result<(), String>, String) {
+    let anchors = tmp.join("anchors");
     store.set_anchor_file(anchors.clone());
     store
         .record_published_anchor(&store.audit_head().unwrap())
         .unwrap();
     drop(store);
-    let db = tmp.path().join("db");
+    let db = tmp.join("db");
     let mut tries = 0;
     while let Err(StoreError::Locked { .. }) = Store::open(&db, 16).map(drop) {
         tries += 1;
         assert!(tries < 100, "the store stays locked");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, admin_port) = (free(), free());
     let config = format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
 admin_token = {{ env = "BRK17C_ADMIN_TOKEN" }}
 shutdown_grace = "2s"
 
@@ -169,9 +222,9 @@ max_duration = "4h"
         s.archive_dir.display(),
         anchors.display()
     );
-    let path = tmp.path().join("jitbot.toml");
+    let path = tmp.join("jitbot.toml");
     std::fs::write(&path, config).unwrap();
-    let log = tmp.path().join("jitbot.log");
+    let log = tmp.join("jitbot.log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jitbot"))
         .args(["run", "--config"])
         .arg(&path)
@@ -199,13 +252,7 @@ max_duration = "4h"
     };
     let _ = child.kill();
     let _ = child.wait();
-    if let Err(what) = outcome {
-        panic!(
-            "{what}: an intact archive (plus a byte-identical copy of records 1..=20 a deposed leader \
-             renamed in late) must not stop jitbot from starting and revoking. Its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
+    (outcome, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 fn read_lines(path: &Path) -> Vec<String> {
@@ -230,15 +277,13 @@ fn write_lines(path: &Path, lines: &[String]) {
     gz.finish().unwrap();
 }
 
-/// Finding 2: `audit export` never compares what it reads. After a pass
-/// stopped between the archive write and the removal (the state
-/// `reconcile_archive` finishes), the store still holds records 1..=34,
-/// and the archive file holds them too. Someone who can write the archive
-/// directory (not the store) alters record 14 in the file. `audit verify
-/// --archive` names the difference; `audit export` hands out the altered
-/// record as the trail, ignoring the store's own copy that contradicts it.
+/// After a pass stopped between the archive write and the removal, the
+/// store and the archive both hold records 1..=34; record 14 altered in
+/// the file (by someone who can write the archive, not the store) makes
+/// `audit export` refuse, naming the record, instead of handing out the
+/// altered copy (review brk17c finding 2).
 #[tokio::test]
-async fn brk17c_audit_export_hands_out_an_altered_archive_record_the_store_contradicts() {
+async fn audit_export_refuses_an_archived_record_the_store_contradicts() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(&tmp.path().join("db"), 16).unwrap();
     for i in 0..35 {
@@ -272,16 +317,13 @@ async fn brk17c_audit_export_hands_out_an_altered_archive_record_the_store_contr
     }
 }
 
-/// Finding 3: `/metrics` counts the outbox (up to 1,000,000 keys, under the
-/// store's read gate) inside the async handler, on a runtime thread: with
-/// a large backlog — exactly when the gauge matters — every scrape stalls
-/// that thread for as long as the count takes, and every task queued on it
-/// (a revocation's commit, the scheduler) waits. Here 200,000 queued
-/// notices; a ticker on the same runtime measures the stall, which must
-/// stay well under the time the count itself takes (it should run off the
-/// runtime, or be a counter kept by the outbox's commits).
+/// A `/metrics` scrape counts the outbox (up to 1,000,000 keys) off the
+/// runtime: with 200,000 queued notices — exactly when the gauge matters —
+/// a ticker on the same runtime stalls for well under the count's own time
+/// (review brk17c finding 3: the count ran in the async handler and every
+/// task queued on that thread, a revocation's commit included, waited).
 #[tokio::test]
-async fn brk17c_a_metrics_scrape_with_a_large_outbox_backlog_stalls_the_runtime() {
+async fn a_metrics_scrape_with_a_large_outbox_backlog_does_not_stall_the_runtime() {
     use crate::support::bot::TestBot;
     use jitbot::http::{self, HttpState, Limits};
     use jitbot::store::OutboxItem;
@@ -367,14 +409,13 @@ async fn brk17c_a_metrics_scrape_with_a_large_outbox_backlog_stalls_the_runtime(
     );
 }
 
-/// Finding 4: on PostgreSQL, `archive_dir` must now be set (brk17b finding
-/// 2), but the value config/jitbot.example.toml itself suggests,
-/// `/var/lib/jitbot/audit-archive`, is exactly the default the rule was
-/// meant to keep out: beside `store.path` (`/var/lib/jitbot/mirror`, as in
-/// deploy/kubernetes/jitbot-postgres.yaml), on the `/var/lib/jitbot`
-/// emptyDir of one pod. Uncommenting the example's line passes `Config::parse`.
+/// On PostgreSQL, the `archive_dir` the example once suggested,
+/// `/var/lib/jitbot/audit-archive`, beside `store.path`
+/// (`/var/lib/jitbot/mirror`, each pod's emptyDir in
+/// deploy/kubernetes/jitbot-postgres.yaml), is refused (review brk17c
+/// finding 4).
 #[test]
-fn brk17c_postgres_accepts_the_example_archive_dir_beside_the_mirror() {
+fn postgres_refuses_an_archive_dir_beside_the_mirror() {
     let example =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/jitbot.example.toml")).unwrap();
     let suggested = example
