@@ -6,6 +6,7 @@ mod support;
 mod ad;
 mod archive_copies;
 mod backup;
+mod brk17d;
 mod console;
 mod contract;
 mod deploy;

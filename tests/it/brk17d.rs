@@ -1,0 +1,274 @@
+//! Review brk17d (issue 17's third review of retention): the newest fixes
+//! attacked. Findings and suggested fixes: /work/notes/brk17d-findings.md.
+//! Each test fails on the main it was written against (8d5bb98).
+
+use chrono::{Duration, TimeZone, Utc};
+use jitbot::store::retention::RetentionSettings;
+use jitbot::store::{AuditCheck, AuditDraft, Store, StoreError};
+use jitbot_core::{Instant, Span};
+use std::path::Path;
+
+fn t0() -> Instant {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+}
+
+/// One audit record at `at`, in a commit of its own.
+async fn audit_at(store: &Store, at: Instant, detail: String) {
+    store
+        .update(at, |tx| {
+            tx.audit(AuditDraft {
+                actor: "alice".into(),
+                action: "request.opened".into(),
+                detail,
+                ..AuditDraft::default()
+            });
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .unwrap();
+}
+
+/// A store of 40 records, 1..=39 a minute apart from `t0` and record 40 a
+/// month later, with records 1..=39 archived into `tmp/audit-archive` and
+/// removed from the store. The store is dropped (its lock released).
+async fn archived_store(tmp: &Path) -> RetentionSettings {
+    let store = Store::open(&tmp.join("db"), 16).unwrap();
+    for i in 0..39 {
+        audit_at(&store, t0() + Duration::minutes(i), format!("record {}", i + 1)).await;
+    }
+    audit_at(&store, t0() + Duration::days(31), "record 40".into()).await;
+    let s = RetentionSettings {
+        batch: 7,
+        ..RetentionSettings::new(Span::parse_long("30d").unwrap(), tmp.join("audit-archive"))
+    };
+    let pruned = store
+        .prune(t0() + Duration::days(31) + Duration::hours(2), &s)
+        .await
+        .unwrap();
+    assert_eq!(pruned.audit, 39, "the pass archives all but the last record");
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 40 },
+        "the trail is intact before the attack"
+    );
+    s
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("run mkfifo (coreutils)");
+    assert!(status.success(), "mkfifo {} failed", path.display());
+}
+
+/// Runs `jitbot run` on the store in `tmp/db` (memory directory) with
+/// `extra` appended to `[store]` and an `[audit]` section naming `anchors`,
+/// until `/healthz` answers, it exits, or 20 s pass. Returns the outcome
+/// and its log.
+async fn run_until_healthy(tmp: &Path, store_extra: &str, anchors: &Path) -> (Result<(), String>, String) {
+    let db = tmp.join("db");
+    let mut tries = 0;
+    while let Err(StoreError::Locked { .. }) = Store::open(&db, 16).map(drop) {
+        tries += 1;
+        assert!(tries < 100, "the store stays locked");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (port, admin_port) = (free(), free());
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+admin_token = {{ env = "BRK17D_ADMIN_TOKEN" }}
+shutdown_grace = "2s"
+
+[store]
+path = "{}"
+cache_mb = 16
+{store_extra}
+
+[audit]
+anchor_file = "{}"
+
+[directory]
+kind = "memory"
+
+[memory]
+groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#,
+        db.display(),
+        anchors.display()
+    );
+    let path = tmp.join("jitbot.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = tmp.join("jitbot.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jitbot"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("JITBOT_LOG", "info")
+        .env("BRK17D_ADMIN_TOKEN", "brk17d-admin-token")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn jitbot");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let outcome = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Err(format!("jitbot run exited ({status})"));
+        }
+        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
+            if r.status().is_success() {
+                break Ok(());
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            break Err("jitbot run did not come up in 20 s".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    (outcome, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// `[audit] anchor_file` names a FIFO (anyone who can write its directory
+/// can put one there, or a mistaken config names one): start-up's
+/// `last_published_anchor` reads it with `read_to_string`, which waits for
+/// a writer that never comes. `jitbot run` never serves, never revokes.
+#[tokio::test]
+async fn brk17d_an_anchor_file_that_is_a_fifo_keeps_jitbot_run_from_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    audit_at(&store, t0(), "record 1".into()).await;
+    drop(store);
+    let anchors = tmp.path().join("anchors");
+    mkfifo(&anchors);
+    let (outcome, log) = run_until_healthy(tmp.path(), "", &anchors).await;
+    if let Err(what) = outcome {
+        panic!(
+            "{what}: audit.anchor_file {} is a FIFO, and start-up waits forever reading it. Whatever is \
+             in the anchor file, jitbot must start (report it as tampering, as for an unreadable file). \
+             Its log:\n{log}",
+            anchors.display()
+        );
+    }
+}
+
+/// A FIFO in the archive directory under an archive file's name (the
+/// archive share is often writable by more people than the store): with an
+/// anchor file and retention on, start-up's `verify_audit_with_archive`
+/// opens it with `File::open`, which waits for a writer that never comes.
+/// `jitbot run` never serves, never revokes.
+#[tokio::test]
+async fn brk17d_a_fifo_named_as_an_archive_file_keeps_jitbot_run_from_starting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = archived_store(tmp.path()).await;
+    let anchors = tmp.path().join("anchors");
+    {
+        let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+        store.set_anchor_file(anchors.clone());
+        store
+            .record_published_anchor(&store.audit_head().unwrap())
+            .unwrap();
+    }
+    let fifo = s.archive_dir.join("audit-40-41.jsonl.gz");
+    mkfifo(&fifo);
+    let extra = format!(
+        "retain = \"30d\"\narchive_dir = \"{}\"",
+        s.archive_dir.display()
+    );
+    let (outcome, log) = run_until_healthy(tmp.path(), &extra, &anchors).await;
+    if let Err(what) = outcome {
+        panic!(
+            "{what}: {} is a FIFO named as an archive file, and start-up's archive check waits forever \
+             opening it. Whatever is in the archive, jitbot must start (report it as tampering). Its \
+             log:\n{log}",
+            fifo.display()
+        );
+    }
+}
+
+/// Records 1..=39 are archived and gone from the store. Someone who can
+/// write the archive directory rewrites record 14 in the file (same seq,
+/// same place, same file name). `audit verify --archive` sees the broken
+/// chain; `audit export` (`GET /admin/audit`) hands out the altered record
+/// as the trail, because it checks no hash: it only compares records the
+/// store still holds (brk17c finding 2's fix), and here it holds none.
+#[tokio::test]
+async fn brk17d_audit_export_hands_out_an_altered_record_only_the_archive_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = archived_store(tmp.path()).await;
+    // Files are named audit-<first>-<last>.jsonl.gz.
+    let (path, first) = std::fs::read_dir(&s.archive_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find_map(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            let range = name.strip_prefix("audit-")?.strip_suffix(".jsonl.gz")?;
+            let (a, b) = range.split_once('-')?;
+            let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+            (a <= 14 && 14 <= b).then_some((p, a))
+        })
+        .expect("the file holding record 14");
+    let mut lines = read_lines(&path);
+    let at = (14 - first) as usize;
+    assert!(lines[at].contains("\"record 14\""), "{}", lines[at]);
+    lines[at] = lines[at].replace("\"record 14\"", "\"record 14: bob approved his own request\"");
+    write_lines(&path, &lines);
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    let verified = store.verify_audit_with_archive(&s.archive_dir, None);
+    assert!(
+        matches!(verified, Ok(AuditCheck::Broken { .. })),
+        "control: verify --archive sees the altered record: {verified:?}"
+    );
+    let exported = store.audit_with_archive(Some(&s.archive_dir));
+    if let Ok(all) = &exported {
+        let fourteen = all.iter().find(|e| e.seq == 14).map(|e| e.detail.clone());
+        panic!(
+            "audit export returned the whole trail ({} records) with record 14 altered in {} ({fourteen:?}), \
+             which verify --archive calls broken ({verified:?}). Export must check the chain (prev hashes, \
+             and the MAC when keyed) of what it hands out and refuse, naming the record and file",
+            all.len(),
+            path.display()
+        );
+    }
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines().map(str::to_string).collect()
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::default(),
+    );
+    for l in lines {
+        gz.write_all(l.as_bytes()).unwrap();
+        gz.write_all(b"\n").unwrap();
+    }
+    gz.finish().unwrap();
+}
