@@ -159,6 +159,10 @@ async fn brk17d_an_anchor_file_that_is_a_fifo_keeps_jitbot_run_from_starting() {
     audit_at(&store, t0(), "record 1".into()).await;
     drop(store);
     let anchors = tmp.path().join("anchors");
+    // Control: without the FIFO the same store and config come up.
+    let (control, log) = run_until_healthy(tmp.path(), "", &anchors).await;
+    assert!(control.is_ok(), "control: {control:?}; log:\n{log}");
+    std::fs::remove_file(&anchors).ok();
     mkfifo(&anchors);
     let (outcome, log) = run_until_healthy(tmp.path(), "", &anchors).await;
     if let Err(what) = outcome {
@@ -188,12 +192,15 @@ async fn brk17d_a_fifo_named_as_an_archive_file_keeps_jitbot_run_from_starting()
             .record_published_anchor(&store.audit_head().unwrap())
             .unwrap();
     }
-    let fifo = s.archive_dir.join("audit-40-41.jsonl.gz");
-    mkfifo(&fifo);
     let extra = format!(
         "retain = \"30d\"\narchive_dir = \"{}\"",
         s.archive_dir.display()
     );
+    // Control: without the FIFO the same store, archive and config come up.
+    let (control, log) = run_until_healthy(tmp.path(), &extra, &anchors).await;
+    assert!(control.is_ok(), "control: {control:?}; log:\n{log}");
+    let fifo = s.archive_dir.join("audit-40-41.jsonl.gz");
+    mkfifo(&fifo);
     let (outcome, log) = run_until_healthy(tmp.path(), &extra, &anchors).await;
     if let Err(what) = outcome {
         panic!(
