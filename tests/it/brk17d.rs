@@ -279,3 +279,78 @@ fn write_lines(path: &Path, lines: &[String]) {
     }
     gz.finish().unwrap();
 }
+
+/// A deposed leader's late file that reaches past a later file's range.
+///
+/// - 40 records, 1..=39 a minute apart from `t0`, record 40 a month later.
+/// - Leader A (its clock ahead of B's, or its cutoff otherwise later)
+///   reads records 1..=39 for a pass and stalls in `write_file` (the
+///   archive is a network share, A's host is partitioned and loses its
+///   term). Here: `archive_then_stop` into a staging directory.
+/// - Leader B runs two passes meanwhile: `audit-1-4`, then `audit-5-10`,
+///   each removed from the store. The trail is intact (checked).
+/// - A's write finishes: `audit-1-39` is renamed into the archive.
+///
+/// The archive lists as (1,4), (1,39), (5,10): the file sorted last is not
+/// the one reaching furthest. Every shared record is a byte-identical copy
+/// and the trail is whole, so verify must say intact — the case the newest
+/// fix ("overlapping files are read as exact copies") is for. But
+/// `verify_audit_with_archive` takes `files.last().last` (10) as where the
+/// archive ends, so the store's records 11..=39, which the archive also
+/// holds, are fed to the chain a second time after record 39 (and
+/// `overlap`'s `partition_point` assumes the files' last records ascend).
+#[tokio::test]
+async fn brk17d_a_late_copy_reaching_past_a_later_file_makes_verify_refuse_an_intact_trail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+    for i in 0..39 {
+        audit_at(&store, t0() + Duration::minutes(i), format!("record {}", i + 1)).await;
+    }
+    audit_at(&store, t0() + Duration::days(31), "record 40".into()).await;
+    let settings = |dir: std::path::PathBuf| RetentionSettings {
+        batch: 7,
+        ..RetentionSettings::new(Span::parse_long("30d").unwrap(), dir)
+    };
+    let s = settings(tmp.path().join("audit-archive"));
+    let staging = settings(tmp.path().join("leader-a-staging"));
+    let month = Duration::days(30);
+    let a_file = store
+        .archive_then_stop(t0() + month + Duration::minutes(38) + Duration::seconds(30), &staging)
+        .unwrap()
+        .expect("leader A's file");
+    assert_eq!((a_file.first, a_file.last), (1, 39), "leader A's range");
+    // B's passes, each a file written and its records removed (the two
+    // steps of `archive_audit`; a whole pass would wait for a full chunk).
+    for (cut, range) in [(3, (1, 4)), (9, (5, 10))] {
+        let file = store
+            .archive_then_stop(t0() + month + Duration::minutes(cut) + Duration::seconds(30), &s)
+            .unwrap()
+            .expect("leader B's file");
+        assert_eq!((file.first, file.last), range, "leader B's pass up to minute {cut}");
+        let removed = store.reconcile_archive(&s).await.unwrap();
+        assert_eq!(removed, range.1 - range.0 + 1, "leader B removes what it archived");
+    }
+    assert_eq!(
+        store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
+        AuditCheck::Intact { records: 40 },
+        "the trail is intact before A's late rename"
+    );
+    let late = s.archive_dir.join(a_file.path.file_name().unwrap());
+    std::fs::rename(&a_file.path, &late).unwrap();
+    let verified = store.verify_audit_with_archive(&s.archive_dir, None);
+    let exported = store
+        .audit_with_archive(Some(&s.archive_dir))
+        .map(|all| all.iter().map(|e| e.seq).collect::<Vec<_>>());
+    let intact = matches!(verified, Ok(AuditCheck::Intact { records: 40 }));
+    let whole = exported
+        .as_ref()
+        .is_ok_and(|seqs| *seqs == (1..=40).collect::<Vec<_>>());
+    assert!(
+        intact && whole,
+        "{} (byte-identical copies of records 1..=39, renamed in late beside audit-1-4 and audit-5-10, \
+         the store still holding 11..=40) must not make the intact trail fail:\n  verify --archive: \
+         {verified:?}\n  export: {:?}",
+        late.display(),
+        exported.map(|seqs| seqs.len())
+    );
+}
