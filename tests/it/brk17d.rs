@@ -354,3 +354,74 @@ async fn brk17d_a_late_copy_reaching_past_a_later_file_makes_verify_refuse_an_in
         exported.map(|seqs| seqs.len())
     );
 }
+
+/// A PostgreSQL config with retention: `store.path` and `archive_dir` as
+/// given.
+fn postgres_config(path: &str, archive_dir: &str) -> String {
+    format!(
+        r#"
+[store]
+kind = "postgres"
+url = "postgres://jitbot@db:5432/jitbot"
+password = {{ env = "PGPW" }}
+path = "{path}"
+retain = "400d"
+archive_dir = "{archive_dir}"
+
+[directory]
+kind = "memory"
+
+[memory]
+
+[[group]]
+name = "db-admins"
+dn = "cn=db-admins,ou=groups,dc=example,dc=org"
+requesters = {{ users = ["alice"] }}
+approvers = {{ users = ["bob"] }}
+default_duration = "1h"
+max_duration = "4h"
+"#
+    )
+}
+
+/// The rule "on PostgreSQL the archive may not sit in the directory
+/// holding the mirror" takes the mirror's *parent* as the replica's own
+/// state, whatever it is. A mirror one level under a mount root —
+/// `/mnt/jitbot-mirror`, `/srv/jitbot-mirror` — makes every sibling mount
+/// refused, the error's own suggestion (`/mnt/jitbot-audit`) included,
+/// though each is a separate (shared) volume and nothing there is the
+/// mirror's directory.
+#[test]
+fn brk17d_postgres_refuses_a_shared_archive_mount_beside_a_mirror_under_mnt() {
+    for (mirror, shared) in [
+        ("/mnt/jitbot-mirror", "/mnt/jitbot-audit"),
+        ("/srv/jitbot-mirror", "/srv/jitbot-audit"),
+    ] {
+        if let Err(e) = jitbot::config::Config::parse(&postgres_config(mirror, shared), "jitbot.toml") {
+            panic!(
+                "kind = \"postgres\", store.path = {mirror:?}, archive_dir = {shared:?} (a shared volume of \
+                 its own, outside the mirror's directory) is refused: {e:#}. Only the mirror's own directory \
+                 (and a parent that is a state directory, not /mnt or /srv) is the replica's"
+            );
+        }
+    }
+}
+
+/// Relative paths: `store.path = "mirror"` and `archive_dir =
+/// "audit-archive"` sit side by side in the same working directory (the
+/// pod's or the unit's own), which is exactly the layout the rule is for.
+/// `Path::parent` of a one-part relative path is empty, so the rule
+/// compares with "mirror" alone and accepts it.
+#[test]
+fn brk17d_postgres_accepts_a_relative_archive_dir_beside_the_mirror() {
+    let config = postgres_config("mirror", "audit-archive");
+    if let Ok(c) = jitbot::config::Config::parse(&config, "jitbot.toml") {
+        panic!(
+            "kind = \"postgres\", store.path = \"mirror\", archive_dir = \"audit-archive\" is accepted \
+             (as {} beside {}): both are in the same working directory, one replica's own, so archived \
+             records would leave PostgreSQL for one replica's disk",
+            c.store.archive_dir().display(),
+            c.store.path.display()
+        );
+    }
+}
