@@ -192,10 +192,7 @@ async fn brk17d_a_fifo_named_as_an_archive_file_keeps_jitbot_run_from_starting()
             .record_published_anchor(&store.audit_head().unwrap())
             .unwrap();
     }
-    let extra = format!(
-        "retain = \"30d\"\narchive_dir = \"{}\"",
-        s.archive_dir.display()
-    );
+    let extra = format!("retain = \"30d\"\narchive_dir = \"{}\"", s.archive_dir.display());
     // Control: without the FIFO the same store, archive and config come up.
     let (control, log) = run_until_healthy(tmp.path(), &extra, &anchors).await;
     assert!(control.is_ok(), "control: {control:?}; log:\n{log}");
@@ -315,7 +312,10 @@ async fn brk17d_a_late_copy_reaching_past_a_later_file_makes_verify_refuse_an_in
     let staging = settings(tmp.path().join("leader-a-staging"));
     let month = Duration::days(30);
     let a_file = store
-        .archive_then_stop(t0() + month + Duration::minutes(38) + Duration::seconds(30), &staging)
+        .archive_then_stop(
+            t0() + month + Duration::minutes(38) + Duration::seconds(30),
+            &staging,
+        )
         .unwrap()
         .expect("leader A's file");
     assert_eq!((a_file.first, a_file.last), (1, 39), "leader A's range");
@@ -326,9 +326,17 @@ async fn brk17d_a_late_copy_reaching_past_a_later_file_makes_verify_refuse_an_in
             .archive_then_stop(t0() + month + Duration::minutes(cut) + Duration::seconds(30), &s)
             .unwrap()
             .expect("leader B's file");
-        assert_eq!((file.first, file.last), range, "leader B's pass up to minute {cut}");
+        assert_eq!(
+            (file.first, file.last),
+            range,
+            "leader B's pass up to minute {cut}"
+        );
         let removed = store.reconcile_archive(&s).await.unwrap();
-        assert_eq!(removed, range.1 - range.0 + 1, "leader B removes what it archived");
+        assert_eq!(
+            removed,
+            range.1 - range.0 + 1,
+            "leader B removes what it archived"
+        );
     }
     assert_eq!(
         store.verify_audit_with_archive(&s.archive_dir, None).unwrap(),
