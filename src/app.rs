@@ -533,6 +533,54 @@ pub fn open_store(store: &crate::config::StoreConfig) -> anyhow::Result<Store> {
     Ok(opened)
 }
 
+/// A rollback of the chain with its meta verifies under the key; the last
+/// anchor jitbot published outside the store (`[audit] anchor_file`)
+/// catches it. Checked in the background once jitbot runs, through the
+/// archive when retention is on (the anchor may lie in the archived part):
+/// what it reads lives outside the store, and a file someone damaged or
+/// replaced (a FIFO, a copy that differs, a huge file) must neither stop
+/// nor delay start-up, and with it the revocations. Whatever it finds is
+/// reported as tampering, through the alert path.
+fn check_against_the_last_anchor(engine: &Engine, archive: Option<std::path::PathBuf>) {
+    use crate::store::{AuditCheck, Sealing};
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let store = engine.store().clone();
+        let checked = tokio::task::spawn_blocking(move || match store.last_published_anchor() {
+            Ok(None) => Ok(AuditCheck::Intact { records: 0 }),
+            Ok(Some(anchor)) => match &archive {
+                Some(dir) => store.verify_audit_with_archive(dir, Some(&anchor)).map_err(|e| {
+                    (
+                        anchor.seq,
+                        format!("the audit archive in {} cannot be checked: {e}", dir.display()),
+                    )
+                }),
+                None => store
+                    .verify_audit_against(Some(&anchor))
+                    .map_err(|e| (anchor.seq, format!("the store's audit chain cannot be read: {e}"))),
+            },
+            Err(e) => Err((0, format!("it cannot be read: {e}"))),
+        })
+        .await;
+        let (seq, problem) = match checked {
+            Ok(Ok(AuditCheck::Intact { .. })) => return,
+            Ok(Ok(AuditCheck::Broken { seq, problem })) | Ok(Err((seq, problem))) => (seq, problem),
+            Err(e) => {
+                tracing::error!(error = %e, "the check against the last published anchor did not finish");
+                return;
+            }
+        };
+        let tampered = Sealing::Tampered {
+            seq,
+            problem: format!("against the last anchor in audit.anchor_file: {problem}"),
+            recorded: false,
+        };
+        if let Err(e) = engine.report_audit_keying(&tampered).await {
+            tracing::error!(error = %e, "cannot queue the audit chain alert: {tampered:?}");
+        }
+    });
+}
+
 /// `jitbot run`: everything from the config, until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     for warning in config.warnings() {
@@ -548,7 +596,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     // Before anything is written: a keyed chain opened without its key, or
     // with another key, is refused here (`StoreError::AuditKey`, exit 64).
-    let mut sealing = store.seal_unkeyed_history(chrono::Utc::now()).await?;
+    let sealing = store.seal_unkeyed_history(chrono::Utc::now()).await?;
     let retention = config.store.retain.map(|retain| {
         let settings = RetentionSettings::new(retain, config.store.archive_dir());
         // Not fatal: revocations must run whatever the archive's state;
@@ -561,43 +609,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     if let Some(path) = &config.audit.anchor_file {
         store.set_anchor_file(path.clone());
-        // A rollback of the chain with its meta verifies under the key; the
-        // last anchor jitbot published outside the store catches it.
-        // Whatever is found here is an alarm, never a reason to stop: a
-        // file outside the store (the anchor file, the archive) that
-        // someone damaged must not keep jitbot, and its revocations, from
-        // starting.
-        let checked = match store.last_published_anchor() {
-            Ok(None) => None,
-            Ok(Some(anchor)) => Some(match &retention {
-                // With retention on, the anchor may lie in the archived part.
-                Some(settings) => match store.verify_audit_with_archive(&settings.archive_dir, Some(&anchor))
-                {
-                    Ok(check) => check,
-                    Err(e) => crate::store::AuditCheck::Broken {
-                        seq: anchor.seq,
-                        problem: format!(
-                            "the audit archive in {} cannot be checked: {e}",
-                            settings.archive_dir.display()
-                        ),
-                    },
-                },
-                None => store.verify_audit_against(Some(&anchor))?,
-            }),
-            Err(e) => Some(crate::store::AuditCheck::Broken {
-                seq: store.audit_head()?.seq,
-                problem: format!("it cannot be read: {e}"),
-            }),
-        };
-        if let Some(crate::store::AuditCheck::Broken { seq, problem }) = checked {
-            if !matches!(sealing, crate::store::Sealing::Tampered { .. }) {
-                sealing = crate::store::Sealing::Tampered {
-                    seq,
-                    problem: format!("against the last anchor in audit.anchor_file: {problem}"),
-                    recorded: false,
-                };
-            }
-        }
     }
     let directory = directory(&config).await?;
     let clock: Arc<dyn Clock> = Arc::new(SteadyClock::system());
@@ -612,6 +623,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Through the alert path: delivered once the platforms are up.
     if let Err(e) = engine.report_audit_keying(&sealing).await {
         tracing::error!(error = %e, "cannot queue the audit chain alert: {sealing:?}");
+    }
+    if config.audit.anchor_file.is_some() && !matches!(sealing, crate::store::Sealing::Tampered { .. }) {
+        check_against_the_last_anchor(&engine, retention.as_ref().map(|s| s.archive_dir.clone()));
     }
     let anchor_engine = engine.clone();
     let mut platforms: Vec<(String, Arc<dyn Notifier>)> = Vec::new();

@@ -987,13 +987,12 @@ impl Config {
             }
         }
         if self.store.kind == StoreKind::Postgres && self.store.retain.is_some() {
-            // The mirror's directory (and the one holding it) is each
-            // replica's own state: an emptyDir, a local disk.
+            // The mirror's directory is each replica's own (an emptyDir, a
+            // local disk), and so is the default archive beside it.
             let mirror = &self.store.path;
-            let local = mirror
+            let beside = mirror
                 .parent()
-                .filter(|p| p.components().count() > 1)
-                .unwrap_or(mirror);
+                .map_or_else(|| PathBuf::from("audit-archive"), |p| p.join("audit-archive"));
             match &self.store.archive_dir {
                 None => issue(
                     "store.archive_dir".into(),
@@ -1003,15 +1002,16 @@ impl Config {
                      mirror (store.path). Set archive_dir to that shared directory"
                         .into(),
                 ),
-                Some(dir) if dir.starts_with(local) => issue(
+                Some(dir) if dir.starts_with(mirror) || *dir == beside => issue(
                     "store.archive_dir".into(),
                     key_line(text, "store", "archive_dir"),
                     format!(
-                        "= \"{}\" is inside {}, where this replica keeps its own mirror (store.path): with kind = \
-                         \"postgres\" archived audit records leave the database, so they must go to a volume every \
-                         replica mounts, outside that directory (for example /mnt/jitbot-audit)",
+                        "= \"{}\" is {} this replica's own mirror ({}): with kind = \"postgres\" archived audit \
+                         records leave the database, so they must go to a volume every replica mounts, not to one \
+                         replica's disk. Mount a shared volume and point archive_dir at it",
                         dir.display(),
-                        local.display()
+                        if dir.starts_with(mirror) { "inside" } else { "the default place beside" },
+                        mirror.display()
                     ),
                 ),
                 Some(_) => {}

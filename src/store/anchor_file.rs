@@ -26,6 +26,7 @@ impl Store {
                 path.display()
             ))
         };
+        not_special(path)?;
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -41,6 +42,7 @@ impl Store {
         let Some(path) = self.inner.anchor_file.get() else {
             return Ok(None);
         };
+        not_special(path)?;
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -58,5 +60,17 @@ impl Store {
             key: format!("audit.anchor_file {}", path.display()),
             error: e,
         })
+    }
+}
+
+/// Refuses an anchor file that exists and is not a regular file: opening a
+/// FIFO would block start-up (or the anchor task) for good.
+fn not_special(path: &std::path::Path) -> Result<(), StoreError> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(StoreError::Io(format!(
+            "audit.anchor_file {} is not a regular file; point it at the file jitbot appends its anchors to",
+            path.display()
+        ))),
+        _ => Ok(()),
     }
 }

@@ -87,6 +87,11 @@ pub fn list(dir: &Path) -> Result<Vec<ArchiveFile>, StoreError> {
     Ok(files)
 }
 
+/// The highest record the archive files hold (0 for none).
+pub(super) fn highest_archived(files: &[ArchiveFile]) -> u64 {
+    files.iter().map(|f| f.last).max().unwrap_or(0)
+}
+
 /// Writes `records` (seq, stored bytes; consecutive) as one archive file
 /// and makes it durable: temporary name, fsync, rename, fsync of the
 /// directory. Returns the file.
@@ -419,7 +424,9 @@ impl Store {
             },
             None => Keyed::Missing,
         };
-        let last_archived = files.last().map(|f| f.last).unwrap_or(0);
+        // The highest record in any file: a late copy may reach past files
+        // sorted after it.
+        let last_archived = highest_archived(&files);
         // Records a crash left in both places must be the same bytes.
         let overlap = self.overlap(&files)?;
         // Where the last two records came from: a broken chain is reported
@@ -504,7 +511,7 @@ impl Store {
                             Err(e) => return Some(Err(e)),
                         };
                         if appeared.first().is_some_and(|f| f.first <= next) {
-                            archived_to = appeared.last().map_or(archived_to, |f| f.last);
+                            archived_to = archived_to.max(highest_archived(&appeared));
                             part = Part::Archive(Reader::owned(appeared));
                             continue;
                         }
@@ -544,7 +551,12 @@ impl Store {
                 .unwrap_or(0),
             None => return Ok(out),
         };
-        let from = files.partition_point(|f| f.last < first_held);
+        // Not a binary search: with a late copy in the archive, the files'
+        // last records do not ascend.
+        let from = files
+            .iter()
+            .position(|f| f.last >= first_held)
+            .unwrap_or(files.len());
         let tail = &files[from..];
         for rec in Reader::new(tail) {
             let rec = rec?;

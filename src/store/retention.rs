@@ -604,7 +604,7 @@ impl Store {
         archive::remove_leftovers(&s.archive_dir)?;
         let files = archive::list(&s.archive_dir)?;
         let base = self.audit_base()?;
-        let archived_to = files.last().map(|f| f.last).unwrap_or(0);
+        let archived_to = archive::highest_archived(&files);
         if archived_to < base.seq {
             return Err(StoreError::Invariant(format!(
                 "the audit archive in {} ends at record {archived_to} but the store's records start after record {}: \
@@ -616,7 +616,12 @@ impl Store {
         }
         // Every file past the base: a backup from before a pass may be
         // restored next to files the pass wrote later.
-        let from = files.partition_point(|f| f.last <= base.seq);
+        // Not a binary search: with a late copy in the archive, the files'
+        // last records do not ascend.
+        let from = files
+            .iter()
+            .position(|f| f.last > base.seq)
+            .unwrap_or(files.len());
         let tail = &files[from..];
         if tail.is_empty() {
             return Ok(0);

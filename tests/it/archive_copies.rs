@@ -160,7 +160,7 @@ async fn a_contradicted_archive_copy_is_reported_at_start_up_and_jitbot_run_star
 
 /// Publishes the store's head to an anchor file, then runs `jitbot run`
 /// with retention on that archive until `/healthz` answers (or it exits,
-/// or 30 s pass). Returns the outcome and its log.
+/// or 60 s pass). Returns the outcome and its log.
 async fn start_with_an_anchor_file(
     tmp: &Path,
     store: Store,
@@ -235,7 +235,7 @@ max_duration = "4h"
         .spawn()
         .expect("spawn jitbot");
     let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let outcome = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Err(format!("jitbot run exited ({status})"));
@@ -246,7 +246,7 @@ max_duration = "4h"
             }
         }
         if std::time::Instant::now() > deadline {
-            break Err("jitbot run did not come up in 30 s".into());
+            break Err("jitbot run did not come up in 60 s".into());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };

@@ -5,8 +5,8 @@ mod support;
 
 mod ad;
 mod archive_copies;
+mod archive_edges;
 mod backup;
-mod brk17d;
 mod console;
 mod contract;
 mod deploy;
