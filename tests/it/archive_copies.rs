@@ -11,12 +11,12 @@ use jitbot::store::{AuditCheck, AuditDraft, Store, StoreError};
 use jitbot_core::{Instant, Span};
 use std::path::{Path, PathBuf};
 
-fn t0() -> Instant {
+pub(crate) fn t0() -> Instant {
     Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
 }
 
 /// One audit record at `at`, in a commit of its own.
-async fn audit_at(store: &Store, at: Instant, detail: String) {
+pub(crate) async fn audit_at(store: &Store, at: Instant, detail: String) {
     store
         .update(at, |tx| {
             tx.audit(AuditDraft {
@@ -139,10 +139,10 @@ async fn a_contradicted_archive_copy_is_reported_at_start_up_and_jitbot_run_star
         .map(|e| e.unwrap().path())
         .find(|p| *p != late)
         .expect("the new leader's file");
-    let mut lines = read_lines(&theirs);
+    let mut lines = crate::retention::read_lines(&theirs);
     assert!(lines[13].contains("\"record 14\""), "{}", lines[13]);
     lines[13] = lines[13].replace("record 14", "record 41");
-    write_lines(&theirs, &lines);
+    crate::retention::write_lines(&theirs, &lines);
     assert!(
         store.verify_audit_with_archive(&s.archive_dir, None).is_err(),
         "the archive cannot be read through"
@@ -172,109 +172,8 @@ async fn start_with_an_anchor_file(
         .record_published_anchor(&store.audit_head().unwrap())
         .unwrap();
     drop(store);
-    let db = tmp.join("db");
-    let mut tries = 0;
-    while let Err(StoreError::Locked { .. }) = Store::open(&db, 16).map(drop) {
-        tries += 1;
-        assert!(tries < 100, "the store stays locked");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, admin_port) = (free(), free());
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin_port}"
-admin_token = {{ env = "BRK17C_ADMIN_TOKEN" }}
-shutdown_grace = "2s"
-
-[store]
-path = "{}"
-cache_mb = 16
-retain = "30d"
-archive_dir = "{}"
-
-[audit]
-anchor_file = "{}"
-
-[directory]
-kind = "memory"
-
-[memory]
-groups = {{ "cn=db-admins,ou=groups,dc=example,dc=org" = [] }}
-
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
-"#,
-        db.display(),
-        s.archive_dir.display(),
-        anchors.display()
-    );
-    let path = tmp.join("jitbot.toml");
-    std::fs::write(&path, config).unwrap();
-    let log = tmp.join("jitbot.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_jitbot"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("JITBOT_LOG", "info")
-        .env("BRK17C_ADMIN_TOKEN", "brk17c-admin-token")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn jitbot");
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let outcome = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Err(format!("jitbot run exited ({status})"));
-        }
-        if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/healthz")).send().await {
-            if r.status().is_success() {
-                break Ok(());
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            break Err("jitbot run did not come up in 60 s".into());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    (outcome, std::fs::read_to_string(&log).unwrap_or_default())
-}
-
-fn read_lines(path: &Path) -> Vec<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
-    text.lines().map(str::to_string).collect()
-}
-
-fn write_lines(path: &Path, lines: &[String]) {
-    use std::io::Write;
-    let mut gz = flate2::write::GzEncoder::new(
-        std::fs::File::create(path).unwrap(),
-        flate2::Compression::default(),
-    );
-    for l in lines {
-        gz.write_all(l.as_bytes()).unwrap();
-        gz.write_all(b"\n").unwrap();
-    }
-    gz.finish().unwrap();
+    let retention = format!("retain = \"30d\"\narchive_dir = \"{}\"", s.archive_dir.display());
+    crate::archive_edges::run_until_healthy(tmp, &retention, &anchors).await
 }
 
 /// After a pass stopped between the archive write and the removal, the
@@ -295,10 +194,10 @@ async fn audit_export_refuses_an_archived_record_the_store_contradicts() {
         .unwrap()
         .expect("a file");
     assert_eq!((file.first, file.last), (1, 34));
-    let mut lines = read_lines(&file.path);
+    let mut lines = crate::retention::read_lines(&file.path);
     assert!(lines[13].contains("\"record 14\""), "{}", lines[13]);
     lines[13] = lines[13].replace("\"record 14\"", "\"record 14: bob approved his own request\"");
-    write_lines(&file.path, &lines);
+    crate::retention::write_lines(&file.path, &lines);
     let verified = store.verify_audit_with_archive(&s.archive_dir, None);
     assert!(
         !matches!(verified, Ok(AuditCheck::Intact { .. })),

@@ -5,31 +5,13 @@
 //! PostgreSQL archive rule refuses the mirror's own places and nothing
 //! else. Each test failed on 8d5bb98.
 
-use chrono::{Duration, TimeZone, Utc};
+use chrono::Duration;
 use jitbot::store::retention::RetentionSettings;
-use jitbot::store::{AuditCheck, AuditDraft, Store, StoreError};
-use jitbot_core::{Instant, Span};
+use jitbot::store::{AuditCheck, Store, StoreError};
+use jitbot_core::Span;
 use std::path::Path;
 
-fn t0() -> Instant {
-    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
-}
-
-/// One audit record at `at`, in a commit of its own.
-async fn audit_at(store: &Store, at: Instant, detail: String) {
-    store
-        .update(at, |tx| {
-            tx.audit(AuditDraft {
-                actor: "alice".into(),
-                action: "request.opened".into(),
-                detail,
-                ..AuditDraft::default()
-            });
-            Ok::<(), StoreError>(())
-        })
-        .await
-        .unwrap();
-}
+use crate::archive_copies::{audit_at, t0};
 
 /// A store of 40 records, 1..=39 a minute apart from `t0` and record 40 a
 /// month later, with records 1..=39 archived into `tmp/audit-archive` and
@@ -69,7 +51,11 @@ fn mkfifo(path: &Path) {
 /// `extra` appended to `[store]` and an `[audit]` section naming `anchors`,
 /// until `/healthz` answers, it exits, or 60 s pass. Returns the outcome
 /// and its log.
-async fn run_until_healthy(tmp: &Path, store_extra: &str, anchors: &Path) -> (Result<(), String>, String) {
+pub(crate) async fn run_until_healthy(
+    tmp: &Path,
+    store_extra: &str,
+    anchors: &Path,
+) -> (Result<(), String>, String) {
     let db = tmp.join("db");
     let mut tries = 0;
     while let Err(StoreError::Locked { .. }) = Store::open(&db, 16).map(drop) {
@@ -90,7 +76,7 @@ async fn run_until_healthy(tmp: &Path, store_extra: &str, anchors: &Path) -> (Re
 [server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
-admin_token = {{ env = "BRK17D_ADMIN_TOKEN" }}
+admin_token = {{ env = "JITBOT_TEST_ADMIN_TOKEN" }}
 shutdown_grace = "2s"
 
 [store]
@@ -125,7 +111,7 @@ max_duration = "4h"
         .args(["run", "--config"])
         .arg(&path)
         .env("JITBOT_LOG", "info")
-        .env("BRK17D_ADMIN_TOKEN", "brk17d-admin-token")
+        .env("JITBOT_TEST_ADMIN_TOKEN", "archive-edges-admin-token")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -152,9 +138,10 @@ max_duration = "4h"
 }
 
 /// `[audit] anchor_file` names a FIFO (anyone who can write its directory
-/// can put one there, or a mistaken config names one): start-up's
-/// `last_published_anchor` reads it with `read_to_string`, which waits for
-/// a writer that never comes. `jitbot run` never serves, never revokes.
+/// can put one there, or a mistaken config names one): `jitbot run` starts
+/// and serves; the anchor check runs in the background and refuses the
+/// special file. (Review brk17d finding 1: start-up read it and waited for
+/// a writer that never came, so jitbot never served and never revoked.)
 #[tokio::test]
 async fn an_anchor_file_that_is_a_fifo_does_not_keep_jitbot_run_from_starting() {
     let tmp = tempfile::tempdir().unwrap();
@@ -179,17 +166,18 @@ async fn an_anchor_file_that_is_a_fifo_does_not_keep_jitbot_run_from_starting() 
 }
 
 /// A FIFO in the archive directory under an archive file's name (the
-/// archive share is often writable by more people than the store): with an
-/// anchor file and retention on, start-up's `verify_audit_with_archive`
-/// opens it with `File::open`, which waits for a writer that never comes.
-/// `jitbot run` never serves, never revokes.
+/// archive share is often writable by more people than the store), with an
+/// anchor file and retention on: `jitbot run` starts and serves. (Review
+/// brk17d finding 2: start-up's archive check opened it and waited
+/// forever.) The FIFO still stalls the background check and retention
+/// passes, not start-up or revocations.
 #[tokio::test]
 async fn a_fifo_named_as_an_archive_file_does_not_keep_jitbot_run_from_starting() {
     let tmp = tempfile::tempdir().unwrap();
     let s = archived_store(tmp.path()).await;
     let anchors = tmp.path().join("anchors");
     {
-        let store = Store::open(&tmp.path().join("db"), 16).unwrap();
+        let store = crate::support::reopen_store(tmp.path().join("db"));
         store.set_anchor_file(anchors.clone());
         store
             .record_published_anchor(&store.audit_head().unwrap())

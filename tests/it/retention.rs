@@ -181,7 +181,7 @@ async fn write_audit(store: &Store, n: u64) {
     }
 }
 
-fn read_lines(path: &Path) -> Vec<String> {
+pub(crate) fn read_lines(path: &Path) -> Vec<String> {
     let mut text = String::new();
     MultiGzDecoder::new(std::fs::File::open(path).unwrap())
         .read_to_string(&mut text)
@@ -189,7 +189,7 @@ fn read_lines(path: &Path) -> Vec<String> {
     text.lines().map(str::to_string).collect()
 }
 
-fn write_lines(path: &Path, lines: &[String]) {
+pub(crate) fn write_lines(path: &Path, lines: &[String]) {
     let mut gz = GzEncoder::new(
         std::fs::File::create(path).unwrap(),
         flate2::Compression::default(),
