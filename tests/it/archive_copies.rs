@@ -334,30 +334,7 @@ fn postgres_refuses_an_archive_dir_beside_the_mirror() {
             && manifest.contains("emptyDir"),
         "the manifest keeps the mirror on the /var/lib/jitbot emptyDir"
     );
-    let config = format!(
-        r#"
-[store]
-kind = "postgres"
-url = "postgres://jitbot@db:5432/jitbot"
-password = {{ env = "PGPW" }}
-path = "/var/lib/jitbot/mirror"
-retain = "400d"
-archive_dir = {suggested}
-
-[directory]
-kind = "memory"
-
-[memory]
-
-[[group]]
-name = "db-admins"
-dn = "cn=db-admins,ou=groups,dc=example,dc=org"
-requesters = {{ users = ["alice"] }}
-approvers = {{ users = ["bob"] }}
-default_duration = "1h"
-max_duration = "4h"
-"#
-    );
+    let config = crate::archive_edges::postgres_config("/var/lib/jitbot/mirror", suggested.trim_matches('"'));
     if let Ok(c) = jitbot::config::Config::parse(&config, "jitbot.toml") {
         panic!(
             "kind = \"postgres\" with retain and archive_dir = {suggested} (the example's value) is \

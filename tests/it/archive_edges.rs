@@ -288,7 +288,7 @@ async fn a_late_copy_reaching_past_a_later_file_still_verifies_intact() {
 
 /// A PostgreSQL config with retention: `store.path` and `archive_dir` as
 /// given.
-fn postgres_config(path: &str, archive_dir: &str) -> String {
+pub(crate) fn postgres_config(path: &str, archive_dir: &str) -> String {
     format!(
         r#"
 [store]
